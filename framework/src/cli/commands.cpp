@@ -1,0 +1,295 @@
+#include "cli/commands.h"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <cstdio>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "engine/engine.h"
+#include "engine/generation.h"
+#include "gguf/gguf.h"
+#include "model/model.h"
+
+namespace inferlab::cli {
+
+namespace {
+
+int g_exit_code = 0;
+
+int fail(const std::string& message) {
+  std::fprintf(stderr, "inferlab: %s\n", message.c_str());
+  return 1;
+}
+
+struct EngineArgs {
+  std::string model = "smollm2-135m";
+  int32_t threads = 0;
+  int32_t page_size = 16;
+  int32_t max_context = 0;
+};
+
+void add_engine_options(CLI::App* cmd, EngineArgs& args) {
+  cmd->add_option("-m,--model", args.model, "model short name or .gguf path")->capture_default_str();
+  cmd->add_option("-t,--threads", args.threads, "CPU threads (0: all cores)")->check(CLI::NonNegativeNumber);
+  cmd->add_option("--page-size", args.page_size, "KV cache page size in tokens")
+      ->check(CLI::Range(1, 65536))
+      ->capture_default_str();
+  cmd->add_option("--max-context", args.max_context, "context limit (0: the model's)")->check(CLI::NonNegativeNumber);
+}
+
+Result<std::unique_ptr<Engine>> open_engine(const EngineArgs& args) {
+  auto path = resolve_model(args.model);
+  if (!path) return path.error();
+  auto model = Model::load(*path);
+  if (!model) return model.error();
+  return Engine::create(*model, EngineOptions{args.page_size, args.max_context, args.threads});
+}
+
+Result<std::string> read_text_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return Error{fmt::format("{}: cannot open for reading", path)};
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+Result<std::vector<int32_t>> parse_token_list(const std::string& text) {
+  std::vector<int32_t> tokens;
+  std::stringstream ss(text);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    try {
+      size_t used = 0;
+      const long v = std::stol(item, &used);
+      if (used != item.size() || v < 0 || v > INT32_MAX) throw std::invalid_argument(item);
+      tokens.push_back(int32_t(v));
+    } catch (const std::exception&) {
+      return Error{fmt::format("--tokens: '{}' is not a token id", item)};
+    }
+  }
+  if (tokens.empty()) return Error{"--tokens: no token ids given"};
+  return tokens;
+}
+
+int run_model_info(const std::string& name) {
+  auto path = resolve_model(name);
+  if (!path) return fail(path.message());
+  auto file = gguf::File::open(*path);
+  if (!file) return fail(file.message());
+  auto config = read_model_config(**file);
+  if (!config) return fail(config.message());
+  auto checksum = sha256_file(*path);
+  if (!checksum) return fail(checksum.message());
+  const ModelConfig& c = *config;
+  std::map<std::string, int64_t> type_counts;
+  int64_t params = 0;
+  for (const auto& t : (*file)->tensors()) {
+    type_counts[std::string(gguf::type_name(t.type))] += 1;
+    params += t.n_elems();
+  }
+  std::vector<std::string> types;
+  for (const auto& [name_, count] : type_counts) types.push_back(fmt::format("{} x{}", name_, count));
+  fmt::print("file            {}\n", path->string());
+  fmt::print("sha256          {}\n", *checksum);
+  fmt::print("size            {:.1f} MiB (GGUF v{}, {} tensors)\n", double((*file)->file_size()) / (1 << 20),
+             (*file)->version(), (*file)->tensors().size());
+  fmt::print("name            {}\n", c.name);
+  fmt::print("architecture    {}\n", c.architecture);
+  fmt::print("parameters      {} ({:.1f}M)\n", params, double(params) / 1e6);
+  fmt::print("layers          {}\n", c.n_layers);
+  fmt::print("embedding       {}\n", c.n_embd);
+  fmt::print("feed-forward    {}\n", c.n_ff);
+  fmt::print("heads           {} query, {} kv (group {}), head dim {}\n", c.n_heads, c.n_kv_heads, c.group_size(),
+             c.head_dim);
+  fmt::print("rope            theta {}, {} dims, {}\n", c.rope_theta, c.rope_dim, c.rope_neox ? "neox" : "normal");
+  fmt::print("rms norm eps    {}\n", c.rms_eps);
+  fmt::print("context length  {}\n", c.context_length);
+  fmt::print("vocabulary      {} ({})\n", c.n_vocab, (*file)->get_string("tokenizer.ggml.model").value_or("?"));
+  fmt::print("embeddings      {}\n", c.tied_embeddings ? "tied" : "untied");
+  fmt::print("tensor types    {}\n", fmt::join(types, ", "));
+  return 0;
+}
+
+struct GenerateArgs {
+  EngineArgs engine;
+  std::string prompt;
+  int32_t max_tokens = 64;
+  float temperature = 0.0f;
+  float top_p = 1.0f;
+  uint64_t seed = 0;
+  bool raw = false;
+  bool stats = false;
+};
+
+int run_generate(const GenerateArgs& args) {
+  auto engine = open_engine(args.engine);
+  if (!engine) return fail(engine.message());
+  const Tokenizer& tok = (*engine)->model().tokenizer();
+  auto prompt = tok.encode(args.prompt, tok.add_bos_default(), /*parse_special=*/true);
+  if (prompt.empty()) return fail("the prompt encodes to no tokens");
+  std::fputs(args.raw ? "" : args.prompt.c_str(), stdout);
+  auto result = generate(**engine, prompt, args.max_tokens, SamplerOptions{args.temperature, args.top_p, args.seed},
+                         [](const std::string& text) {
+                           std::fputs(text.c_str(), stdout);
+                           std::fflush(stdout);
+                         });
+  std::fputs("\n", stdout);
+  if (!result) return fail(result.message());
+  if (args.stats) {
+    double decode_total = 0;
+    for (double s : result->decode_seconds) decode_total += s;
+    fmt::print(stderr, "prompt {} tokens, TTFT {:.1f} ms; generated {} tokens, {:.2f} tokens/s decode\n",
+               prompt.size(), result->prefill_seconds * 1e3, result->tokens.size(),
+               result->decode_seconds.empty() ? 0.0 : double(result->decode_seconds.size()) / decode_total);
+  }
+  return 0;
+}
+
+struct PerplexityArgs {
+  EngineArgs engine;
+  std::string text_file;
+  int32_t ctx = 512;
+  int32_t stride = 0;
+  int64_t max_tokens = 0;
+  bool json = false;
+};
+
+int run_perplexity(const PerplexityArgs& args) {
+  auto text = read_text_file(args.text_file);
+  if (!text) return fail(text.message());
+  auto engine = open_engine(args.engine);
+  if (!engine) return fail(engine.message());
+  const Tokenizer& tok = (*engine)->model().tokenizer();
+  auto tokens = tok.encode(*text, tok.add_bos_default(), /*parse_special=*/false);
+  if (args.max_tokens > 0 && int64_t(tokens.size()) > args.max_tokens) tokens.resize(size_t(args.max_tokens));
+  const int32_t stride = args.stride > 0 ? args.stride : args.ctx;
+  auto result = perplexity(**engine, tokens, args.ctx, stride);
+  if (!result) return fail(result.message());
+  if (args.json) {
+    nlohmann::json j = {{"ppl", result->ppl},          {"tokens", result->tokens_scored},
+                        {"seconds", result->seconds},  {"mean_nll", result->mean_nll},
+                        {"windows", result->windows},  {"ctx", args.ctx},
+                        {"stride", stride},            {"model", (*engine)->model().path().string()}};
+    fmt::print("{}\n", j.dump());
+  } else {
+    fmt::print("perplexity {:.4f} over {} tokens ({} windows of {} tokens, stride {}) in {:.1f} s\n", result->ppl,
+               result->tokens_scored, result->windows, args.ctx, stride, result->seconds);
+  }
+  return 0;
+}
+
+struct LogitsArgs {
+  EngineArgs engine;
+  std::string prompt;
+  std::string tokens;
+  std::string out;
+};
+
+int run_logits(const LogitsArgs& args) {
+  auto engine = open_engine(args.engine);
+  if (!engine) return fail(engine.message());
+  const Tokenizer& tok = (*engine)->model().tokenizer();
+  std::vector<int32_t> tokens;
+  if (!args.tokens.empty()) {
+    auto parsed = parse_token_list(args.tokens);
+    if (!parsed) return fail(parsed.message());
+    tokens = *parsed;
+  } else {
+    tokens = tok.encode(args.prompt, tok.add_bos_default(), true);
+  }
+  std::ofstream out;
+  if (!args.out.empty()) {
+    out.open(args.out, std::ios::binary | std::ios::trunc);
+    if (!out) return fail(fmt::format("{}: cannot open for writing", args.out));
+  }
+  auto seq = (*engine)->new_sequence();
+  std::vector<int32_t> top1;
+  auto status = (*engine)->forward(*seq, tokens, 0, [&](int64_t, std::span<const float> logits) {
+    top1.push_back(int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin()));
+    if (out) out.write(reinterpret_cast<const char*>(logits.data()), std::streamsize(logits.size_bytes()));
+  });
+  if (!status) return fail(status.message());
+  if (out && !out.flush()) return fail(fmt::format("{}: write failed", args.out));
+  nlohmann::json j = {{"tokens", tokens}, {"n_vocab", (*engine)->config().n_vocab}, {"top1", top1}, {"out", args.out}};
+  fmt::print("{}\n", j.dump());
+  return 0;
+}
+
+int run_tokenize(const std::string& model_name, const std::string& prompt, bool no_special) {
+  auto path = resolve_model(model_name);
+  if (!path) return fail(path.message());
+  auto file = gguf::File::open(*path);
+  if (!file) return fail(file.message());
+  auto tok = Tokenizer::from_gguf(**file);
+  if (!tok) return fail(tok.message());
+  auto tokens = (*tok)->encode(prompt, false, !no_special);
+  std::vector<std::string> pieces;
+  for (int32_t t : tokens) pieces.push_back((*tok)->token_to_piece(t));
+  nlohmann::json j = {{"tokens", tokens}, {"pieces", nlohmann::json(pieces)}};
+  fmt::print("{}\n", j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
+  return 0;
+}
+
+}  // namespace
+
+int exit_code() { return g_exit_code; }
+
+void register_commands(CLI::App& app) {
+  // model info
+  auto* model = app.add_subcommand("model", "inspect model files");
+  model->require_subcommand(1);
+  auto* info = model->add_subcommand("info", "architecture, shapes, tensor types, parameters, checksum");
+  static std::string info_model;
+  info->add_option("model", info_model, "model short name or .gguf path")->required();
+  info->callback([] { g_exit_code = run_model_info(info_model); });
+
+  static GenerateArgs gen;
+  auto* g = app.add_subcommand("generate", "generate text from a prompt (streams to stdout)");
+  add_engine_options(g, gen.engine);
+  g->add_option("-p,--prompt", gen.prompt, "prompt text")->required();
+  g->add_option("-n,--max-tokens", gen.max_tokens, "tokens to generate")->check(CLI::NonNegativeNumber)->capture_default_str();
+  g->add_option("--temperature", gen.temperature, "0 = greedy")->check(CLI::NonNegativeNumber)->capture_default_str();
+  g->add_option("--top-p", gen.top_p, "nucleus sampling mass")->check(CLI::Range(0.0f, 1.0f))->capture_default_str();
+  g->add_option("--seed", gen.seed, "sampling seed")->capture_default_str();
+  g->add_flag("--raw", gen.raw, "do not echo the prompt");
+  g->add_flag("--stats", gen.stats, "print TTFT and decode speed to stderr");
+  g->callback([] { g_exit_code = run_generate(gen); });
+
+  static PerplexityArgs ppl;
+  auto* p = app.add_subcommand("perplexity", "perplexity of a text file in windows of --ctx tokens");
+  add_engine_options(p, ppl.engine);
+  p->add_option("--text", ppl.text_file, "UTF-8 text file")->required();
+  p->add_option("--ctx", ppl.ctx, "window length in tokens")->check(CLI::Range(2, 1 << 20))->capture_default_str();
+  p->add_option("--stride", ppl.stride, "window advance (default: --ctx)")->check(CLI::PositiveNumber);
+  p->add_option("--max-tokens", ppl.max_tokens, "use only the first N tokens of the text")->check(CLI::NonNegativeNumber);
+  p->add_flag("--json", ppl.json, "print one JSON object");
+  p->callback([] { g_exit_code = run_perplexity(ppl); });
+
+  static LogitsArgs lg;
+  auto* l = app.add_subcommand("logits", "logits of every position of a prompt (for comparisons)");
+  add_engine_options(l, lg.engine);
+  auto* lp = l->add_option("-p,--prompt", lg.prompt, "prompt text");
+  auto* lt = l->add_option("--tokens", lg.tokens, "comma-separated token ids");
+  lp->excludes(lt);
+  l->add_option("--out", lg.out, "write float32 logits (n_tokens, n_vocab) row-major here");
+  l->callback([lp, lt] {
+    if (lp->count() + lt->count() == 0) {
+      g_exit_code = fail("logits: give --prompt or --tokens");
+      return;
+    }
+    g_exit_code = run_logits(lg);
+  });
+
+  static std::string tok_model = "smollm2-135m", tok_prompt;
+  static bool tok_no_special = false;
+  auto* t = app.add_subcommand("tokenize", "token ids and pieces of a text (JSON)");
+  t->add_option("-m,--model", tok_model, "model short name or .gguf path")->capture_default_str();
+  t->add_option("-p,--prompt", tok_prompt, "text")->required();
+  t->add_flag("--no-special", tok_no_special, "treat special-token text as plain text");
+  t->callback([] { g_exit_code = run_tokenize(tok_model, tok_prompt, tok_no_special); });
+}
+
+}  // namespace inferlab::cli

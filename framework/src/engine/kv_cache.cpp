@@ -1,0 +1,96 @@
+#include "engine/kv_cache.h"
+
+#include <algorithm>
+#include <cstring>
+
+namespace inferlab {
+
+KvPagePool::KvPagePool(const KvCacheShape& shape, int32_t pages_per_chunk)
+    : shape_(shape),
+      pages_per_chunk_(pages_per_chunk),
+      page_floats_(2 * int64_t(shape.page_size) * shape.head_dim) {}
+
+int32_t KvPagePool::allocate() {
+  if (free_pages_.empty()) {
+    const int32_t first = int32_t(chunks_.size()) * pages_per_chunk_;
+    chunks_.push_back(std::make_unique<float[]>(size_t(page_floats_ * pages_per_chunk_)));
+    page_used_.resize(page_used_.size() + size_t(pages_per_chunk_), 0);
+    // Push in reverse so the lowest id is handed out first.
+    for (int32_t p = first + pages_per_chunk_ - 1; p >= first; --p) free_pages_.push_back(p);
+  }
+  const int32_t page = free_pages_.back();
+  free_pages_.pop_back();
+  page_used_[size_t(page)] = 1;
+  ++pages_in_use_;
+  peak_pages_in_use_ = std::max(peak_pages_in_use_, pages_in_use_);
+  return page;
+}
+
+void KvPagePool::release(int32_t page) {
+  if (page < 0 || size_t(page) >= page_used_.size() || page_used_[size_t(page)] == 0) return;
+  page_used_[size_t(page)] = 0;
+  free_pages_.push_back(page);
+  --pages_in_use_;
+}
+
+void KvPagePool::trim() {
+  bool trimmed = false;
+  while (!chunks_.empty()) {
+    const size_t first = (chunks_.size() - 1) * size_t(pages_per_chunk_);
+    if (std::any_of(page_used_.begin() + long(first), page_used_.end(), [](uint8_t u) { return u != 0; })) break;
+    chunks_.pop_back();
+    page_used_.resize(first);
+    trimmed = true;
+  }
+  if (trimmed) {
+    const int32_t limit = int32_t(page_used_.size());
+    std::erase_if(free_pages_, [limit](int32_t p) { return p >= limit; });
+  }
+}
+
+KvSequence::KvSequence(std::shared_ptr<KvPagePool> pool) : pool_(std::move(pool)) {
+  tables_.resize(size_t(pool_->shape().n_layers) * size_t(pool_->shape().n_kv_heads));
+}
+
+KvSequence::~KvSequence() { clear(); }
+
+void KvSequence::append(int32_t layer, int32_t kv_head, const float* k, const float* v, int32_t position) {
+  HeadPageTable& t = table(layer, kv_head);
+  const int32_t page_size = pool_->shape().page_size;
+  const int32_t slot = t.n_tokens() % page_size;
+  if (slot == 0) t.pages.push_back(pool_->allocate());
+  const int32_t page = t.pages.back();
+  const size_t row_bytes = size_t(pool_->shape().head_dim) * sizeof(float);
+  std::memcpy(pool_->k(page) + int64_t(slot) * pool_->shape().head_dim, k, row_bytes);
+  std::memcpy(pool_->v(page) + int64_t(slot) * pool_->shape().head_dim, v, row_bytes);
+  t.positions.push_back(position);
+}
+
+const float* KvSequence::k_row(int32_t layer, int32_t kv_head, int32_t i) const {
+  const HeadPageTable& t = table(layer, kv_head);
+  const int32_t ps = pool_->shape().page_size;
+  return pool_->k(t.pages[size_t(i / ps)]) + int64_t(i % ps) * pool_->shape().head_dim;
+}
+
+const float* KvSequence::v_row(int32_t layer, int32_t kv_head, int32_t i) const {
+  const HeadPageTable& t = table(layer, kv_head);
+  const int32_t ps = pool_->shape().page_size;
+  return pool_->v(t.pages[size_t(i / ps)]) + int64_t(i % ps) * pool_->shape().head_dim;
+}
+
+void KvSequence::clear() {
+  for (auto& t : tables_) {
+    for (int32_t p : t.pages) pool_->release(p);
+    t.pages.clear();
+    t.positions.clear();
+  }
+  n_past_ = 0;
+}
+
+int64_t KvSequence::pages_held() const {
+  int64_t n = 0;
+  for (const auto& t : tables_) n += int64_t(t.pages.size());
+  return n;
+}
+
+}  // namespace inferlab

@@ -1,0 +1,147 @@
+#include "model/model.h"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <openssl/evp.h>
+
+#include <array>
+#include <cstdlib>
+#include <fstream>
+
+#include "gguf/gguf.h"
+
+namespace inferlab {
+
+namespace {
+
+struct KnownModel {
+  const char* short_name;
+  const char* file_name;
+};
+constexpr std::array<KnownModel, 1> kKnownModels{{
+    {"smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf"},
+}};
+
+Result<std::vector<float>> load_tensor(const gguf::File& file, const std::string& name,
+                                       const std::vector<int64_t>& dims) {
+  const gguf::TensorInfo* t = file.find_tensor(name);
+  if (t == nullptr) return Error{fmt::format("{}: missing tensor {}", file.path().string(), name)};
+  if (t->dims != dims)
+    return Error{fmt::format("{}: tensor {} has shape {} but the model needs {}", file.path().string(), name,
+                             fmt::join(t->dims, "x"), fmt::join(dims, "x"))};
+  auto data = gguf::dequantize(*t);
+  if (!data) return Error{fmt::format("{}: tensor {}: {}", file.path().string(), name, data.message())};
+  return std::move(data).value();
+}
+
+}  // namespace
+
+Result<std::shared_ptr<Model>> Model::load(const std::filesystem::path& path) {
+  auto file_result = gguf::File::open(path);
+  if (!file_result) return file_result.error();
+  const gguf::File& file = **file_result;
+  auto config = read_model_config(file);
+  if (!config) return config.error();
+  auto tokenizer = Tokenizer::from_gguf(file);
+  if (!tokenizer) return tokenizer.error();
+
+  auto model = std::make_shared<Model>();
+  model->path_ = path;
+  model->file_size_ = file.file_size();
+  model->config_ = *config;
+  model->tokenizer_ = std::move(tokenizer).value();
+  const ModelConfig& c = model->config_;
+  if (model->tokenizer_->vocab_size() != c.n_vocab)
+    return Error{fmt::format("{}: tokenizer has {} tokens but {} has {} rows", path.string(),
+                             model->tokenizer_->vocab_size(), kTokenEmbeddingName, c.n_vocab)};
+
+  ModelWeights& w = model->weights_;
+  std::vector<std::string> problems;
+  auto take = [&](std::vector<float>& dst, const std::string& name, const std::vector<int64_t>& dims) {
+    auto data = load_tensor(file, name, dims);
+    if (!data) {
+      problems.push_back(data.message());
+      return;
+    }
+    dst = std::move(data).value();
+    model->parameter_count_ += int64_t(dst.size());
+  };
+  take(w.token_embd, kTokenEmbeddingName, {c.n_embd, c.n_vocab});
+  take(w.output_norm, kOutputNormName, {c.n_embd});
+  if (!c.tied_embeddings) take(w.output, kOutputName, {c.n_embd, c.n_vocab});
+  w.layers.resize(size_t(c.n_layers));
+  for (int32_t l = 0; l < c.n_layers && problems.empty(); ++l) {
+    LayerWeights& lw = w.layers[size_t(l)];
+    std::array<std::pair<LayerTensor, std::vector<float>*>, kLayerTensorCount> slots{{
+        {LayerTensor::attn_norm, &lw.attn_norm}, {LayerTensor::attn_q, &lw.wq},
+        {LayerTensor::attn_k, &lw.wk},           {LayerTensor::attn_v, &lw.wv},
+        {LayerTensor::attn_output, &lw.wo},      {LayerTensor::ffn_norm, &lw.ffn_norm},
+        {LayerTensor::ffn_gate, &lw.w_gate},     {LayerTensor::ffn_up, &lw.w_up},
+        {LayerTensor::ffn_down, &lw.w_down},
+    }};
+    for (auto& [id, dst] : slots) take(*dst, layer_tensor_name(l, id), layer_tensor_dims(c, id));
+  }
+  if (!problems.empty()) {
+    // Each problem already names the file; report the first few.
+    if (problems.size() > 3) problems.resize(3), problems.push_back("...");
+    return Error{fmt::format("{}", fmt::join(problems, "\n"))};
+  }
+  return model;
+}
+
+const std::string& Model::checksum() const {
+  if (checksum_.empty()) {
+    auto sum = sha256_file(path_);
+    checksum_ = sum ? *sum : std::string("unavailable");
+  }
+  return checksum_;
+}
+
+Result<std::string> sha256_file(const std::filesystem::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return Error{fmt::format("{}: cannot open for reading", path.string())};
+  std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> ctx(EVP_MD_CTX_new(), EVP_MD_CTX_free);
+  if (!ctx || EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr) != 1)
+    return Error{"sha256: OpenSSL digest initialisation failed"};
+  std::vector<char> buffer(1 << 20);
+  while (in) {
+    in.read(buffer.data(), std::streamsize(buffer.size()));
+    if (in.gcount() > 0) EVP_DigestUpdate(ctx.get(), buffer.data(), size_t(in.gcount()));
+  }
+  if (in.bad()) return Error{fmt::format("{}: read error", path.string())};
+  std::array<unsigned char, EVP_MAX_MD_SIZE> digest{};
+  unsigned int len = 0;
+  EVP_DigestFinal_ex(ctx.get(), digest.data(), &len);
+  std::string hex;
+  for (unsigned int i = 0; i < len; ++i) hex += fmt::format("{:02x}", digest[i]);
+  return hex;
+}
+
+std::filesystem::path model_cache_dir() {
+  if (const char* dir = std::getenv("INFERLAB_MODEL_DIR"); dir != nullptr && *dir != '\0') return dir;
+  const char* home = std::getenv("HOME");
+  return std::filesystem::path(home != nullptr ? home : ".") / ".cache" / "inferlab" / "models";
+}
+
+Result<std::filesystem::path> resolve_model(const std::string& name_or_path) {
+  for (const auto& known : kKnownModels) {
+    if (name_or_path != known.short_name) continue;
+    auto path = model_cache_dir() / known.file_name;
+    if (!std::filesystem::exists(path))
+      return Error{fmt::format("model '{}' is not installed (expected {}); run scripts/fetch-model.sh",
+                               name_or_path, path.string())};
+    return path;
+  }
+  std::filesystem::path path(name_or_path);
+  if (!std::filesystem::exists(path)) {
+    std::vector<std::string> names;
+    for (const auto& known : kKnownModels) names.push_back(known.short_name);
+    return Error{fmt::format("model '{}': no such file (known short names: {})", name_or_path,
+                             fmt::join(names, ", "))};
+  }
+  if (std::filesystem::is_directory(path))
+    return Error{fmt::format("model '{}' is a directory, not a .gguf file", name_or_path)};
+  return path;
+}
+
+}  // namespace inferlab

@@ -1,0 +1,69 @@
+// A loaded model: hyper-parameters, tokenizer and float32 weights (quantized
+// GGUF tensors are dequantized on load).
+#pragma once
+
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "inferlab/result.h"
+#include "model/model_config.h"
+#include "tokenizer/tokenizer.h"
+
+namespace inferlab {
+
+struct LayerWeights {
+  std::vector<float> attn_norm;  // (n_embd)
+  std::vector<float> wq;         // (q_dim, n_embd)
+  std::vector<float> wk;         // (kv_dim, n_embd)
+  std::vector<float> wv;         // (kv_dim, n_embd)
+  std::vector<float> wo;         // (n_embd, q_dim)
+  std::vector<float> ffn_norm;   // (n_embd)
+  std::vector<float> w_gate;     // (n_ff, n_embd)
+  std::vector<float> w_up;       // (n_ff, n_embd)
+  std::vector<float> w_down;     // (n_embd, n_ff)
+};
+
+struct ModelWeights {
+  std::vector<float> token_embd;   // (n_vocab, n_embd)
+  std::vector<float> output_norm;  // (n_embd)
+  std::vector<float> output;       // (n_vocab, n_embd); empty when tied
+  std::vector<LayerWeights> layers;
+  const float* lm_head() const { return output.empty() ? token_embd.data() : output.data(); }
+};
+
+class Model {
+ public:
+  // Opens, validates (every tensor present with the expected shape and a
+  // supported type) and dequantizes. Errors name the file and the fault.
+  static Result<std::shared_ptr<Model>> load(const std::filesystem::path& path);
+
+  const ModelConfig& config() const { return config_; }
+  const ModelWeights& weights() const { return weights_; }
+  const Tokenizer& tokenizer() const { return *tokenizer_; }
+  const std::filesystem::path& path() const { return path_; }
+  uint64_t file_size() const { return file_size_; }
+  int64_t parameter_count() const { return parameter_count_; }
+  // SHA-256 of the file, hex; computed on first use.
+  const std::string& checksum() const;
+
+ private:
+  std::filesystem::path path_;
+  uint64_t file_size_ = 0;
+  int64_t parameter_count_ = 0;
+  ModelConfig config_;
+  ModelWeights weights_;
+  std::unique_ptr<Tokenizer> tokenizer_;
+  mutable std::string checksum_;
+};
+
+// SHA-256 of a file as lowercase hex.
+Result<std::string> sha256_file(const std::filesystem::path& path);
+
+// Short names for known models ("smollm2-135m") or a path to any .gguf file.
+// Short names resolve inside $INFERLAB_MODEL_DIR (default ~/.cache/inferlab/models).
+Result<std::filesystem::path> resolve_model(const std::string& name_or_path);
+std::filesystem::path model_cache_dir();
+
+}  // namespace inferlab

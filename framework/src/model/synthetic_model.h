@@ -1,0 +1,36 @@
+// Llama models with random weights written as GGUF, for tests (tiny shapes, no
+// download) and for timing (real shapes). Deterministic for a given seed.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <string>
+
+#include "gguf/gguf.h"
+#include "inferlab/result.h"
+
+namespace inferlab {
+
+struct SyntheticModelSpec {
+  std::string name = "synthetic-llama";
+  int32_t n_layers = 2;
+  int32_t n_embd = 64;
+  int32_t n_ff = 160;
+  int32_t n_heads = 4;
+  int32_t n_kv_heads = 2;
+  int32_t context_length = 1024;
+  float rope_theta = 10000.0f;
+  float rms_eps = 1e-5f;
+  bool tied_embeddings = true;
+  // Type of the 2-D weight matrices (norms stay F32). F32, F16, BF16, Q8_0, Q4_0, Q4_1.
+  gguf::TensorType weight_type = gguf::TensorType::F32;
+  // Extra BPE merges on top of the 256 byte tokens (vocab = 256 + merges + 3 specials).
+  int32_t n_merges = 64;
+  uint64_t seed = 1;
+};
+
+// The tokenizer is byte-level BPE: 256 byte tokens, `n_merges` merges learnt from
+// a fixed English snippet, and <|endoftext|> (BOS/EOS), <|im_start|>, <|im_end|>.
+Status write_synthetic_model(const SyntheticModelSpec& spec, const std::filesystem::path& path);
+
+}  // namespace inferlab

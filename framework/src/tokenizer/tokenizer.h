@@ -1,0 +1,79 @@
+// Tokenizer built from the vocabulary stored in a GGUF file.
+// Supported: byte-level BPE with merges (tokenizer.ggml.model = "gpt2"), with the
+// pre-tokenizer chosen by tokenizer.ggml.pre, and special/control tokens.
+//
+// Pre-tokenizers by tokenizer.ggml.pre (the regexes llama.cpp and HF use):
+//   "smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b":
+//        every \p{N} is its own piece, then the GPT-2 pattern
+//   "llama3", "llama-v3", "llama-bpe": the Llama-3 pattern (and a piece that is
+//        itself a vocabulary token is emitted whole, before merges)
+//   "default", "gpt2", "gpt-2", "mpt", "olmo", "phi-2", and any name not listed:
+//        the GPT-2 pattern. An unknown name is NOT an error: it falls back to
+//        GPT-2, which is right for many vocabularies and close for most others.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "gguf/gguf.h"
+#include "inferlab/result.h"
+
+namespace inferlab {
+
+using TokenId = int32_t;
+
+// tokenizer.ggml.token_type values (llama.cpp's numbering; do not renumber).
+enum class TokenType : int32_t {
+  Undefined = 0,    // treated as Normal
+  Normal = 1,
+  Unknown = 2,
+  Control = 3,      // <|im_start|> etc.: matched in text only with parse_special
+  UserDefined = 4,  // always matched in text, rendered as its raw text
+  Unused = 5,
+  Byte = 6,         // "<0xHH>"
+};
+
+// Everything a tokenizer is built from: what from_gguf reads out of the file.
+// Tests and tools may fill it directly.
+struct TokenizerVocab {
+  std::string source = "<memory>";  // named in error messages (the GGUF path)
+  std::string model = "gpt2";       // tokenizer.ggml.model
+  std::string pre = "default";      // tokenizer.ggml.pre
+  std::vector<std::string> tokens;  // byte-level text (GPT-2 bytes_to_unicode)
+  std::vector<TokenType> types;     // empty: all Normal; else one per token
+  std::vector<std::string> merges;  // "left right"; rank = index
+  TokenId bos = -1, eos = -1, unknown = -1, padding = -1;  // -1: none
+  bool add_bos = false;
+};
+
+class Tokenizer {
+ public:
+  static Result<std::unique_ptr<Tokenizer>> from_gguf(const gguf::File& file);
+  // Validates the vocabulary (ids in range, merges resolvable) first.
+  static Result<std::unique_ptr<Tokenizer>> from_vocab(TokenizerVocab vocab);
+  virtual ~Tokenizer() = default;
+
+  // `parse_special`: text like "<|im_start|>" maps to its special token instead of
+  // being split into ordinary pieces. `add_bos` prepends BOS when the model has one.
+  // User-defined tokens are matched whatever `parse_special` says (as in HF and
+  // llama.cpp). Any bytes are accepted; invalid UTF-8 is encoded byte by byte.
+  virtual std::vector<TokenId> encode(std::string_view text, bool add_bos,
+                                      bool parse_special) const = 0;
+  // Concatenated bytes of the tokens (special tokens rendered as their text;
+  // ids out of range render as nothing).
+  virtual std::string decode(const std::vector<TokenId>& tokens) const = 0;
+  // Bytes of one token; streaming callers must buffer incomplete UTF-8 themselves.
+  virtual std::string token_to_piece(TokenId token) const = 0;
+
+  virtual int32_t vocab_size() const = 0;
+  virtual TokenId bos() const = 0;  // -1 when none
+  virtual TokenId eos() const = 0;  // -1 when none
+  virtual bool add_bos_default() const = 0;  // tokenizer.ggml.add_bos_token
+  // Control and unknown tokens, BOS and EOS: not text a user wrote.
+  virtual bool is_special(TokenId token) const = 0;
+};
+
+}  // namespace inferlab

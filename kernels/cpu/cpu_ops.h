@@ -1,0 +1,49 @@
+// CPU reference kernels. Plain float32, row-major. Every CUDA kernel in
+// kernels/cuda has its twin here; the engine's CPU backend calls these.
+#pragma once
+
+#include <cstdint>
+
+namespace inferlab::kernels::cpu {
+
+// out(rows, n) = x(rows, n) * rsqrt(mean(x^2) + eps) * weight(n)
+void rmsnorm(float* out, const float* x, const float* weight, int64_t rows, int64_t n, float eps);
+
+// Rotary embedding applied in place to x(rows, n_heads, head_dim), row r at
+// position positions[r]. Only the first rope_dim dims of a head rotate.
+// neox = false: pairs (2i, 2i+1) (GGUF "llama"); neox = true: pairs (i, i + rope_dim/2).
+void rope(float* x, int64_t rows, int64_t n_heads, int64_t head_dim, int64_t rope_dim,
+          const int32_t* positions, float theta, bool neox);
+
+// gate(rows, n) = silu(gate) * up, in place.
+void silu_mul(float* gate, const float* up, int64_t rows, int64_t n);
+
+// y(rows, n) += x(rows, n)
+void add_inplace(float* y, const float* x, int64_t rows, int64_t n);
+
+// Y(m, n) = X(m, k) * W(n, k)^T — W is the GGUF/row-major (out, in) layout.
+// Uses GEMV when m == 1.
+void matmul_xwt(float* y, const float* x, const float* w, int64_t m, int64_t n, int64_t k);
+
+// One page of one KV head: `n_tokens` rows of K and V, each (n_tokens, head_dim).
+struct KvPageRef {
+  const float* k;
+  const float* v;
+  int32_t n_tokens;
+};
+
+// Attention of `n_q` query rows of one head against the concatenation of `pages`
+// (one KV head): scores for one query row at a time (never an (n_q, n_keys)
+// matrix), exact softmax. Query row i sees the first
+// n_visible[i] keys of the concatenation (causality and any prefix restriction).
+// q(n_q, head_dim) with row stride q_stride; out likewise with out_stride.
+// If key_mass is non-null, the softmax probability each key receives is added to
+// key_mass[key_index] (attention statistics).
+void attention_paged(const float* q, int64_t n_q, int64_t q_stride, const KvPageRef* pages,
+                     int64_t n_pages, const int32_t* n_visible, int64_t head_dim, float scale,
+                     float* out, int64_t out_stride, float* key_mass);
+
+// Index of the largest value (first on ties).
+int64_t argmax(const float* x, int64_t n);
+
+}  // namespace inferlab::kernels::cpu

@@ -1,0 +1,13 @@
+// Host-side queries of the CUDA runtime. Safe to call without a GPU or driver.
+#pragma once
+
+#include <string>
+
+namespace inferlab::kernels::cuda {
+
+// Number of usable CUDA devices; 0 when there is no driver or no GPU.
+int device_count();
+// "NVIDIA H100 80GB HBM3 (sm_90, 79.1 GiB)" or the runtime's error text.
+std::string device_description(int device);
+
+}  // namespace inferlab::kernels::cuda

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Configures and builds inferlab (Release) into build/.
+#   INFERLAB_CUDA=AUTO|ON|OFF   CUDA backend (default AUTO: built when nvcc is found)
+#   INFERLAB_BUILD_DIR=DIR      build directory (default build)
+#   INFERLAB_JOBS=N             parallel jobs (default: number of cores)
+set -euo pipefail
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo_root"
+
+build_dir="${INFERLAB_BUILD_DIR:-build}"
+jobs="${INFERLAB_JOBS:-$(nproc 2>/dev/null || echo 2)}"
+
+cmake -S . -B "$build_dir" -DCMAKE_BUILD_TYPE=Release -DINFERLAB_CUDA="${INFERLAB_CUDA:-AUTO}"
+cmake --build "$build_dir" -j"$jobs"

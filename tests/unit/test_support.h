@@ -1,0 +1,43 @@
+// Shared helpers for unit tests: temp paths and tiny synthetic models.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <unistd.h>
+
+#include "model/model.h"
+#include "model/synthetic_model.h"
+
+namespace inferlab::test {
+
+// A fresh path under $INFERLAB_TEST_TMP (or the system temp dir), unique per process.
+inline std::filesystem::path temp_path(const std::string& name) {
+  static std::atomic<int> counter{0};
+  const char* root = std::getenv("INFERLAB_TEST_TMP");
+  std::filesystem::path dir = root != nullptr ? std::filesystem::path(root) : std::filesystem::temp_directory_path();
+  dir /= "inferlab-tests-" + std::to_string(::getpid());
+  std::filesystem::create_directories(dir);
+  return dir / (std::to_string(counter++) + "-" + name);
+}
+
+inline std::shared_ptr<Model> load_synthetic(const SyntheticModelSpec& spec) {
+  const auto path = temp_path(spec.name + ".gguf");
+  auto written = write_synthetic_model(spec, path);
+  EXPECT_TRUE(written.ok()) << (written.ok() ? "" : written.message());
+  auto model = Model::load(path);
+  EXPECT_TRUE(model.ok()) << (model.ok() ? "" : model.message());
+  return model.ok() ? *model : nullptr;
+}
+
+// Real default model, or nullptr when it is not installed (tests then skip).
+inline std::filesystem::path default_model_path() {
+  auto resolved = resolve_model("smollm2-135m");
+  return resolved.ok() ? *resolved : std::filesystem::path();
+}
+
+}  // namespace inferlab::test
