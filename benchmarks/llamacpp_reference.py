@@ -54,6 +54,48 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU time of the whole machine so far, in clock ticks (/proc/stat)."""
+    with open("/proc/stat") as f:
+        user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    busy = user + nice + system + irq + softirq + steal
+    return busy, busy + idle + iowait
+
+
+class OtherLoad:
+    """Share of the machine's CPU time that other processes used while the block ran.
+
+    llama.cpp's threads spin while they wait for each other, so on a 2-core
+    machine any other load slows it down many times over; this makes that visible.
+    """
+
+    def __enter__(self) -> "OtherLoad":
+        self.start = cpu_jiffies(), sum(os.times()[:2])
+        return self
+
+    def __exit__(self, *exc) -> None:
+        (busy0, total0), own0 = self.start
+        busy1, total1 = cpu_jiffies()
+        hz = os.sysconf("SC_CLK_TCK")
+        own = sum(os.times()[:2]) - own0
+        self.fraction = max(0.0, ((busy1 - busy0) / hz - own) / max(1e-9, (total1 - total0) / hz))
+
+
+def wait_for_idle(max_wait_s: float, threshold: float = 0.05) -> None:
+    """Waits up to max_wait_s until other processes use less than `threshold` of the CPU."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        with OtherLoad() as load:
+            time.sleep(3.0)
+        if load.fraction <= threshold:
+            return
+        if time.monotonic() >= deadline:
+            print(f"llamacpp_reference: warning: other processes use {load.fraction:.0%} of the CPU; "
+                  "the numbers will be low and noisy", file=sys.stderr)
+            return
+        print(f"  waiting for an idle machine (other load {load.fraction:.0%})", file=sys.stderr)
+
+
 def token_ids(n: int, n_vocab: int, seed: int) -> list[int]:
     # Ordinary (non-special) ids; the content does not change the cost.
     rng = np.random.default_rng(seed)
@@ -86,6 +128,7 @@ def time_decode(llm: Llama, n_context: int, n_steps: int, repetitions: int) -> l
 
 
 def bench_model(path: Path, args: argparse.Namespace) -> list[dict]:
+    wait_for_idle(args.wait_idle)
     n_ctx = max(max(args.prefill), max(args.decode) + args.decode_steps) + 64
     llm = Llama(str(path), n_ctx=n_ctx, n_batch=args.n_batch, n_ubatch=args.n_ubatch,
                 n_threads=args.threads, n_threads_batch=args.threads,
@@ -94,14 +137,18 @@ def bench_model(path: Path, args: argparse.Namespace) -> list[dict]:
 
     rows = []
     for n in args.prefill:
-        seconds = statistics.median(time_prefill(llm, n, args.repetitions))
+        with OtherLoad() as load:
+            seconds = statistics.median(time_prefill(llm, n, args.repetitions))
         rows.append({"model": path.name, "test": f"prefill {n}", "tokens": n,
-                     "tokens_per_s": n / seconds, "ms_per_token": 1e3 * seconds / n})
+                     "tokens_per_s": n / seconds, "ms_per_token": 1e3 * seconds / n,
+                     "other_load": load.fraction})
         print(f"  {path.name}: prefill {n}: {n / seconds:.1f} tok/s", file=sys.stderr)
     for n in args.decode:
-        seconds = statistics.median(time_decode(llm, n, args.decode_steps, args.repetitions))
+        with OtherLoad() as load:
+            seconds = statistics.median(time_decode(llm, n, args.decode_steps, args.repetitions))
         rows.append({"model": path.name, "test": f"decode @ ctx {n}", "tokens": args.decode_steps,
-                     "tokens_per_s": 1.0 / seconds, "ms_per_token": 1e3 * seconds})
+                     "tokens_per_s": 1.0 / seconds, "ms_per_token": 1e3 * seconds,
+                     "other_load": load.fraction})
         print(f"  {path.name}: decode @ {n}: {1.0 / seconds:.1f} tok/s", file=sys.stderr)
     del llm
     return rows
@@ -111,10 +158,13 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     print(f"llama.cpp via llama-cpp-python {llama_cpp.__version__}, {cpu_name()}, "
           f"{args.threads} threads, n_batch {args.n_batch}, n_ubatch {args.n_ubatch}, "
           f"median of {args.repetitions}\n")
-    print("| model | test | tokens/s | ms/token |")
-    print("|---|---|---:|---:|")
+    print("| model | test | tokens/s | ms/token | other load |")
+    print("|---|---|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['model']} | {r['test']} | {r['tokens_per_s']:.1f} | {r['ms_per_token']:.2f} |")
+        print(f"| {r['model']} | {r['test']} | {r['tokens_per_s']:.1f} | {r['ms_per_token']:.2f} "
+              f"| {r['other_load']:.0%} |")
+    if any(r["other_load"] > 0.05 for r in rows):
+        print("\nwarning: other processes used the CPU during some tests; rerun those on an idle machine")
 
 
 def main() -> int:
@@ -128,6 +178,8 @@ def main() -> int:
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--n-batch", type=int, default=2048)
     parser.add_argument("--n-ubatch", type=int, default=512)
+    parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                        help="before each model, wait up to this long for other CPU load to stop")
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     args = parser.parse_args()
 

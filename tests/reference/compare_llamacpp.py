@@ -30,11 +30,15 @@ from pathlib import Path
 import numpy as np
 
 try:
+    import llama_cpp
     from llama_cpp import Llama
 except ImportError:  # pragma: no cover - depends on the environment
     print("compare_llamacpp: llama-cpp-python is missing; run scripts/setup-reference.sh "
           "and use .venv-ref/bin/python", file=sys.stderr)
     sys.exit(2)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from convert_gguf_f32 import default_output  # noqa: E402  (sibling script)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_DIR = Path(os.environ.get("INFERLAB_MODEL_DIR",
@@ -110,6 +114,8 @@ class PromptResult:
     max_abs: float
     mean_abs: float
     mismatches: list[tuple[int, int, int, float]]  # (position, ours, reference, reference margin)
+    ours_tokens: list[int]
+    ref_tokens: list[int]
 
     @property
     def agree_fraction(self) -> float:
@@ -131,12 +137,10 @@ def our_tokens(inferlab: Path, model: Path, text: str) -> list[int]:
     return [int(t) for t in run_cli(inferlab, ["tokenize", "--model", str(model), "--prompt", text])["tokens"]]
 
 
-def our_logits(inferlab: Path, model: Path, tokens: list[int], threads: int | None) -> np.ndarray:
+def our_logits(inferlab: Path, model: Path, tokens: list[int]) -> np.ndarray:
     with tempfile.TemporaryDirectory(prefix="inferlab-compare-") as tmp:
         out = Path(tmp) / "logits.f32"
         args = ["logits", "--model", str(model), "--tokens", ",".join(map(str, tokens)), "--out", str(out)]
-        env_threads = {"OMP_NUM_THREADS": str(threads)} if threads else {}
-        os.environ.update(env_threads)
         reply = run_cli(inferlab, args)
         if [int(t) for t in reply["tokens"]] != tokens:
             raise SetupError("`inferlab logits` evaluated other tokens than it was given")
@@ -167,24 +171,29 @@ def compare(name: str, ours_tok: list[int], ref_tok: list[int], ours: np.ndarray
         mismatches.append((int(pos), int(ours_top1[pos]), int(ref_top1[pos]), float(top2[1] - top2[0])))
     return PromptResult(name, len(ref_tok), first_mismatch is None, first_mismatch,
                         int((ours_top1 == ref_top1).sum()), float(diff.max()), float(diff.mean()),
-                        mismatches)
+                        mismatches, ours_tok, ref_tok)
 
 
 def print_report(results: list[PromptResult], args: argparse.Namespace) -> None:
-    print(f"inferlab ({args.model.name}) vs llama.cpp ({args.reference_model.name}), "
-          "same token ids, logits at every position\n")
+    print(f"inferlab ({args.model.name}) vs llama.cpp ({args.reference_model.name}, "
+          f"{args.kv_type} KV cache), same token ids, logits at every position\n")
     print("| prompt | tokens | tokenization | top-1 agreement | max abs diff | mean abs diff |")
     print("|---|---:|---|---:|---:|---:|")
     for r in results:
         tok = "same" if r.tokens_agree else f"DIFFERS at {r.first_token_mismatch}"
         print(f"| {r.name} | {r.n_tokens} | {tok} | {100 * r.agree_fraction:.1f}% "
-              f"({r.top1_agree}/{r.n_tokens}) | {r.max_abs:.4f} | {r.mean_abs:.4f} |")
+              f"({r.top1_agree}/{r.n_tokens}) | {r.max_abs:.2e} | {r.mean_abs:.2e} |")
+    notes = []
     for r in results:
+        if not r.tokens_agree:
+            i = r.first_token_mismatch
+            notes.append(f"{r.name}: tokenization differs from position {i}: "
+                         f"ours {r.ours_tokens[i:i + 8]}, llama.cpp {r.ref_tokens[i:i + 8]}")
         for pos, ours, ref, margin in r.mismatches[:5]:
-            print(f"\n{r.name}: position {pos}: ours top-1 {ours}, llama.cpp top-1 {ref} "
-                  f"(llama.cpp's top-2 margin {margin:.4f})", end="")
-    if any(r.mismatches for r in results):
-        print()
+            notes.append(f"{r.name}: position {pos}: top-1 ours {ours}, llama.cpp {ref} "
+                         f"(llama.cpp's top-2 margin {margin:.4f})")
+    if notes:
+        print("\n" + "\n".join(notes))
 
 
 def main() -> int:
@@ -194,34 +203,41 @@ def main() -> int:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
                         help="GGUF model that inferlab loads (default: the Q4_1 SmolLM2-135M)")
     parser.add_argument("--reference-model", type=Path, default=None,
-                        help="GGUF model that llama.cpp loads (default: --model; "
-                             "an F32 copy from convert_gguf_f32.py removes quantized arithmetic)")
+                        help="GGUF model that llama.cpp loads (default: the F32 copy of --model "
+                             "that convert_gguf_f32.py writes, so that both sides compute in f32)")
     parser.add_argument("--min-agree", type=float, default=1.0,
                         help="minimum top-1 agreement per prompt, 0..1 (default 1.0)")
     parser.add_argument("--ignore-tokenization", action="store_true",
                         help="do not fail when the tokenizers disagree")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--kv-type", choices=("f32", "f16"), default="f32",
+                        help="llama.cpp's KV cache type (default f32, as inferlab's cache)")
+    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
     parser.add_argument("--prompts", nargs="+", choices=sorted(PROMPTS), default=list(PROMPTS))
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args()
     args.model = args.model.expanduser()
-    args.reference_model = (args.reference_model or args.model).expanduser()
+    args.reference_model = (args.reference_model or default_output(args.model, "f32")).expanduser()
 
     try:
         for path, what in ((args.inferlab, "inferlab binary (scripts/build.sh)"),
                            (args.model, "model (scripts/fetch-model.sh)"),
-                           (args.reference_model, "reference model")):
+                           (args.reference_model,
+                            "reference model (tests/reference/convert_gguf_f32.py writes the F32 copy; "
+                            "or pass --reference-model MODEL.gguf --min-agree 0.9 to compare against "
+                            "llama.cpp's quantized arithmetic)")):
             if not path.is_file():
                 raise SetupError(f"{path}: not found; need the {what}")
+        kv_type = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16}[args.kv_type]
         llm = Llama(str(args.reference_model), logits_all=True, n_ctx=2048, n_batch=2048,
-                    n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
+                    n_threads=args.threads, n_threads_batch=args.threads,
+                    type_k=kv_type, type_v=kv_type, verbose=False)
         results = []
         for name in args.prompts:
             text = PROMPTS[name]
             ref_tok = [int(t) for t in llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)]
             ours_tok = our_tokens(args.inferlab, args.model, text)
             ref = reference_logits(llm, ref_tok)
-            ours = our_logits(args.inferlab, args.model, ref_tok, args.threads)
+            ours = our_logits(args.inferlab, args.model, ref_tok)
             results.append(compare(name, ours_tok, ref_tok, ours, ref))
             print(f"  {name}: {len(ref_tok)} tokens done", file=sys.stderr)
     except SetupError as e:

@@ -53,6 +53,8 @@ CASES = [
     "combining: e\u0301 a\u0308 n\u0303",
     "unicode digits: ١٢٣ ½ ² ⅷ",
     "nbsp\u00a0here and\u2003em space",
+    # U+180E is not White_Space for HF (Oniguruma) but is \s for PCRE2; U+0085 is.
+    "vowel\u180e separator \u180e\u180e next\u0085line",
     "URL: https://example.com/path?q=1&x=y#frag, email@example.org",
     "---===***!!!??? ... ;;",
     "CAPS LOCK and MiXeD CaSe",

@@ -1,5 +1,7 @@
 // GGUF reader, writer, type table, (de)quantization and half-float conversion.
 // Malformed files are built byte by byte with RawGguf, independently of the Writer.
+#include <fcntl.h>
+#include <gtest/gtest.h>
 #include <unistd.h>
 
 #include <cmath>
@@ -12,8 +14,6 @@
 #include <random>
 #include <string>
 #include <vector>
-
-#include <gtest/gtest.h>
 
 #include "gguf/gguf.h"
 #include "gguf/half.h"
@@ -38,9 +38,9 @@ class TempFile {
   TempFile() {
     static int counter = 0;
     const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    path_ = test_dir() / ("gguf_" + std::string(info->test_suite_name()) + "_" + info->name() +
-                          "_" + std::to_string(::getpid()) + "_" + std::to_string(counter++) +
-                          ".gguf");
+    path_ =
+        test_dir() / ("gguf_" + std::string(info->test_suite_name()) + "_" + info->name() + "_" +
+                      std::to_string(::getpid()) + "_" + std::to_string(counter++) + ".gguf");
   }
   ~TempFile() {
     std::error_code ec;
@@ -165,16 +165,16 @@ TEST(GgufHalf, KnownValues) {
 }
 
 TEST(GgufHalf, RoundsToNearestEven) {
-  const float ulp = std::ldexp(1.0f, -10);  // spacing of halves in [1, 2)
+  const float ulp = std::ldexp(1.0f, -10);              // spacing of halves in [1, 2)
   EXPECT_EQ(fp32_to_fp16(1.0f + ulp / 2), 0x3c00);      // tie, even stays
   EXPECT_EQ(fp32_to_fp16(1.0f + 3 * ulp / 2), 0x3c02);  // tie, odd rounds up
   EXPECT_EQ(fp32_to_fp16(1.0f + ulp * 0.51f), 0x3c01);
   EXPECT_EQ(fp32_to_fp16(65519.0f), 0x7bff);
   EXPECT_EQ(fp32_to_fp16(65520.0f), 0x7c00);  // rounds past the largest half
   EXPECT_EQ(fp32_to_fp16(1e10f), 0x7c00);
-  EXPECT_EQ(fp32_to_fp16(std::ldexp(1.0f, -25)), 0x0000);          // tie to even (0)
+  EXPECT_EQ(fp32_to_fp16(std::ldexp(1.0f, -25)), 0x0000);  // tie to even (0)
   EXPECT_EQ(fp32_to_fp16(std::ldexp(1.5f, -25)), 0x0001);
-  EXPECT_EQ(fp32_to_fp16(std::ldexp(3.0f, -25)), 0x0002);          // tie 1.5 -> 2
+  EXPECT_EQ(fp32_to_fp16(std::ldexp(3.0f, -25)), 0x0002);  // tie 1.5 -> 2
   EXPECT_EQ(fp32_to_fp16(std::ldexp(1.0f, -30)), 0x0000);
   EXPECT_EQ(fp32_to_fp16(std::numeric_limits<float>::infinity()), 0x7c00);
   const uint16_t nan = fp32_to_fp16(std::numeric_limits<float>::quiet_NaN());
@@ -262,7 +262,8 @@ TEST(GgufDequantize, F32F16Bf16) {
 TEST(GgufDequantize, Q8_0) {
   std::vector<uint8_t> block(34);
   put_half(block, 0, 0.5f);
-  for (int j = 0; j < 32; ++j) block[2 + j] = static_cast<uint8_t>(static_cast<int8_t>(j * 8 - 128));
+  for (int j = 0; j < 32; ++j)
+    block[2 + j] = static_cast<uint8_t>(static_cast<int8_t>(j * 8 - 128));
   const auto y = dequantize_block(TensorType::Q8_0, block);
   for (int j = 0; j < 32; ++j) EXPECT_EQ(y[j], (j * 8 - 128) * 0.5f) << j;
 }
@@ -361,7 +362,7 @@ TEST(GgufDequantize, Q5_K) {
   put_half(block, 2, 0.5f);
   const auto scales = pack_k_scales(sc, mn);
   std::copy(scales.begin(), scales.end(), block.begin() + 4);
-  auto q_of = [](int e) { return (e * 7 + 3) % 32; };
+  auto q_of = [](int e) { return (e * 7 + e / 32 * 5 + 3) % 32; };
   for (int e = 0; e < 256; ++e) {
     const int s = e / 32, l = e % 32;
     block[48 + 32 * (s / 2) + l] |= static_cast<uint8_t>((q_of(e) & 0x0f) << (s % 2 ? 4 : 0));
@@ -429,7 +430,7 @@ TEST(GgufDequantize, Q3_K) {
     block[96 + 8 + i % 4] |= static_cast<uint8_t>((scales[i] >> 4) << (2 * (i / 4)));
   }
   put_half(block, 108, 0.5f);
-  auto q_of = [](int e) { return (e * 5 + e / 32) % 8; };  // 3-bit value 0..7
+  auto q_of = [](int e) { return (e * 5 + e / 16) % 8; };  // 3-bit value 0..7
   for (int e = 0; e < 256; ++e) {
     const int h = e / 128, j = (e % 128) / 32, p = (e % 32) / 16, l = e % 16;
     block[32 + 32 * h + 16 * p + l] |= static_cast<uint8_t>((q_of(e) & 3) << (2 * j));
@@ -615,8 +616,7 @@ TEST(GgufRoundTrip, MetadataAndTensorsOfEveryType) {
   EXPECT_EQ(f.get_string_array("a.strings"),
             (std::vector<std::string>{"a", "", "ĠHello", std::string("nul\0byte", 8)}));
   EXPECT_EQ(f.get_int_array("a.ints"), (std::vector<int64_t>{1, -2, 2147483647}));
-  EXPECT_EQ(f.get_float_array("a.floats"),
-            (std::vector<double>{0.5, static_cast<double>(-1e-6f)}));
+  EXPECT_EQ(f.get_float_array("a.floats"), (std::vector<double>{0.5, static_cast<double>(-1e-6f)}));
   EXPECT_EQ(f.get_float_array("a.ints"), (std::vector<double>{1, -2, 2147483647}));
   EXPECT_EQ(f.get_int_array("a.empty_ints"), std::vector<int64_t>{});
   const Value* v = f.find("a.ints");
@@ -684,6 +684,18 @@ TEST(GgufRoundTrip, CustomAlignment) {
   EXPECT_EQ(b->offset, 64u);
   EXPECT_EQ((b->data - (*f)->bytes()) % 64, 0);
   EXPECT_EQ(*dequantize(*b), (std::vector<float>{4, 5, 6, 7, 8}));
+
+  // general.alignment set as a plain key is honored by the writer too.
+  Writer plain;
+  plain.set_u32("general.alignment", 128);
+  ASSERT_TRUE(plain.add_tensor_f32("a", TensorType::F32, {3}, {1, 2, 3}).ok());
+  ASSERT_TRUE(plain.add_tensor_f32("b", TensorType::F32, {1}, {9}).ok());
+  ASSERT_TRUE(plain.write(file.path()).ok());
+  auto g = File::open(file.path());
+  ASSERT_TRUE(g.ok()) << g.message();
+  EXPECT_EQ((*g)->alignment(), 128u);
+  EXPECT_EQ((*g)->find_tensor("b")->offset, 128u);
+  EXPECT_EQ(*dequantize(*(*g)->find_tensor("b")), std::vector<float>{9});
 }
 
 TEST(GgufRoundTrip, Version2) {
@@ -700,7 +712,8 @@ TEST(GgufRoundTrip, Version2) {
   ASSERT_TRUE(f.ok()) << f.message();
   EXPECT_EQ((*f)->version(), 2u);
   EXPECT_EQ((*f)->get_string("general.name"), "v2");
-  EXPECT_EQ(*dequantize(*(*f)->find_tensor("w")), round_trip(TensorType::Q8_0, random_floats(32, 4)));
+  EXPECT_EQ(*dequantize(*(*f)->find_tensor("w")),
+            round_trip(TensorType::Q8_0, random_floats(32, 4)));
 }
 
 // Every value type, including those the Writer does not expose, and nested arrays.
@@ -767,10 +780,12 @@ TEST(GgufWriter, RejectsBadTensors) {
   EXPECT_NE(s.message().find("16"), std::string::npos) << s.message();
   EXPECT_FALSE(w.add_tensor("zero", TensorType::F32, {4, 0}, {}).ok());
   EXPECT_FALSE(w.add_tensor("neg", TensorType::F32, {-4}, {}).ok());
-  EXPECT_FALSE(w.add_tensor("five", TensorType::F32, {1, 1, 1, 1, 1}, std::vector<uint8_t>(4)).ok());
+  EXPECT_FALSE(
+      w.add_tensor("five", TensorType::F32, {1, 1, 1, 1, 1}, std::vector<uint8_t>(4)).ok());
   EXPECT_FALSE(w.add_tensor("none", TensorType::F32, {}, std::vector<uint8_t>(4)).ok());
   EXPECT_FALSE(w.add_tensor("block", TensorType::Q8_0, {16, 2}, std::vector<uint8_t>(34)).ok());
-  EXPECT_FALSE(w.add_tensor("type", static_cast<TensorType>(99), {4}, std::vector<uint8_t>(4)).ok());
+  EXPECT_FALSE(
+      w.add_tensor("type", static_cast<TensorType>(99), {4}, std::vector<uint8_t>(4)).ok());
   EXPECT_FALSE(w.add_tensor_f32("count", TensorType::F32, {4}, {1, 2, 3}).ok());
   ASSERT_TRUE(w.add_tensor_f32("dup", TensorType::F32, {1}, {1}).ok());
   s = w.add_tensor_f32("dup", TensorType::F32, {1}, {1});
@@ -846,9 +861,11 @@ TEST(GgufReaderErrors, TruncatedAtEveryByte) {
     data_end = static_cast<size_t>(last.data - (*f)->bytes()) + last.n_bytes;
   }
   ASSERT_LE(data_end, bytes.size());
+  // Shrink one copy from the end: one truncate() per length instead of a rewrite.
   TempFile cut;
-  for (size_t n = 0; n < bytes.size(); ++n) {
-    write_bytes(cut.path(), bytes, n);
+  write_bytes(cut.path(), bytes);
+  for (size_t n = bytes.size(); n-- > 0;) {
+    ASSERT_EQ(::truncate(cut.str().c_str(), static_cast<off_t>(n)), 0);
     auto f = File::open(cut.path());
     if (n >= data_end) {  // only trailing padding is missing: still a complete file
       EXPECT_TRUE(f.ok()) << n << ": " << f.message();
@@ -867,15 +884,51 @@ TEST(GgufReaderErrors, TruncatedAtEveryByte) {
   }
 }
 
+// Random byte corruption of a valid file: every open either succeeds or returns a
+// one-line error naming the file; none may crash (run under ASan to see overreads).
+TEST(GgufReaderErrors, CorruptedBytesNeverCrash) {
+  Writer w;
+  w.set_string("general.architecture", "llama");
+  w.set_string_array("tokenizer.ggml.tokens", {"<s>", "a", "bc"});
+  w.set_i32_array("tokenizer.ggml.token_type", {3, 1, 1});
+  ASSERT_TRUE(w.add_tensor_f32("a", TensorType::Q4_1, {32, 2}, random_floats(64, 8)).ok());
+  ASSERT_TRUE(w.add_tensor_f32("b", TensorType::F16, {4}, random_floats(4, 9)).ok());
+  TempFile file;
+  ASSERT_TRUE(w.write(file.path()).ok());
+  const auto original = read_bytes(file.path());
+  std::mt19937 rng(1234);
+  int opened = 0;
+  for (int iter = 0; iter < 2000; ++iter) {
+    auto bytes = original;
+    const int flips = 1 + static_cast<int>(rng() % 4);
+    for (int k = 0; k < flips; ++k) {
+      // Mostly the header and directory, where the structure is.
+      const size_t at = rng() % std::min<size_t>(bytes.size(), rng() % 2 ? 256 : bytes.size());
+      bytes[at] = static_cast<uint8_t>(rng() % 3 == 0 ? 0xff : rng());
+    }
+    const int fd = ::open(file.str().c_str(), O_WRONLY);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(::pwrite(fd, bytes.data(), bytes.size(), 0), static_cast<ssize_t>(bytes.size()));
+    ::close(fd);
+    auto f = File::open(file.path());
+    if (f.ok()) {
+      ++opened;
+      for (const TensorInfo& t : (*f)->tensors()) (void)dequantize(t);
+      continue;
+    }
+    ASSERT_EQ(f.message().rfind(file.str() + ": ", 0), 0u) << f.message();
+    ASSERT_EQ(f.message().find('\n'), std::string::npos) << f.message();
+  }
+  EXPECT_GT(opened, 0);  // some flips land in data and leave the file valid
+  EXPECT_LT(opened, 2000);
+}
+
 TEST(GgufReaderErrors, TruncatedDirectoryEntryNamesTheEntry) {
   RawGguf raw;
   raw.header(2, 0).tensor("first", {8}, 0, 0).str("blk.0.attn_q.weight").u32(2).u64(8);
-  // The dims of entry 1 end mid-way: 8 bytes of dims missing and the rest.
-  raw.zeros(40);  // enough bytes to pass the tensor-count sanity check
-  std::vector<uint8_t> cut(raw.b.begin(), raw.b.end() - 40);
-  cut.resize(cut.size() + 4);  // 4 stray bytes: half of the second dimension
-  expect_open_error(cut, {"truncated", "tensor directory entry 1 ('blk.0.attn_q.weight')",
-                          "ends at byte", "but the file has"});
+  raw.zeros(4);  // half of the second dimension, then the file ends
+  expect_open_error(raw.b, {"truncated", "tensor directory entry 1 ('blk.0.attn_q.weight')",
+                            "ends at byte", "but the file has"});
 }
 
 TEST(GgufReaderErrors, UnknownValueType) {
@@ -893,7 +946,8 @@ TEST(GgufReaderErrors, StringLengthPastEnd) {
   expect_open_error(key.b, {"metadata entry 0", "string length 1000", "past the end"});
   RawGguf value;
   value.header(0, 1).key("general.name", ValueType::STRING).u64(~0ull).zeros(4);
-  expect_open_error(value.b, {"'general.name'", "string length 18446744073709551615", "past the end"});
+  expect_open_error(value.b,
+                    {"'general.name'", "string length 18446744073709551615", "past the end"});
   RawGguf element;
   element.header(0, 1).key("tokens", ValueType::ARRAY).u32(8).u64(2).str("ok").u64(50).zeros(3);
   expect_open_error(element.b, {"'tokens'", "element 1", "string length 50"});
@@ -930,8 +984,8 @@ TEST(GgufReaderErrors, BadAlignment) {
   for (uint32_t bad : {0u, 3u, 48u}) {
     RawGguf raw;
     raw.header(1, 1).kv_u32("general.alignment", bad).tensor("x", {8}, 0, 0).pad(64).zeros(64);
-    expect_open_error(raw.b, {"general.alignment must be a nonzero power of two",
-                              "got " + std::to_string(bad)});
+    expect_open_error(
+        raw.b, {"general.alignment must be a nonzero power of two", "got " + std::to_string(bad)});
   }
   RawGguf str;
   str.header(0, 1).key("general.alignment", ValueType::STRING).str("32");
@@ -998,8 +1052,8 @@ TEST(GgufReaderErrors, BadDimensions) {
     raw.header(1, 0).str("w").u32(n_dims);
     for (uint32_t i = 0; i < n_dims; ++i) raw.u64(1);
     raw.u32(0).u64(0).pad().zeros(64);
-    expect_open_error(raw.b, {"tensor 'w'", "has " + std::to_string(n_dims) + " dimensions",
-                              "must be 1 to 4"});
+    expect_open_error(
+        raw.b, {"tensor 'w'", "has " + std::to_string(n_dims) + " dimensions", "must be 1 to 4"});
   }
   RawGguf zero;
   zero.header(1, 0).tensor("w", {4, 0}, 0, 0).pad().zeros(64);
@@ -1008,7 +1062,10 @@ TEST(GgufReaderErrors, BadDimensions) {
   huge.header(1, 0).tensor("w", {1ull << 32, 1ull << 32}, 0, 0).pad().zeros(64);
   expect_open_error(huge.b, {"tensor 'w'", "overflow"});
   RawGguf block;
-  block.header(1, 0).tensor("w", {16, 2}, static_cast<uint32_t>(TensorType::Q8_0), 0).pad().zeros(64);
+  block.header(1, 0)
+      .tensor("w", {16, 2}, static_cast<uint32_t>(TensorType::Q8_0), 0)
+      .pad()
+      .zeros(64);
   expect_open_error(block.b, {"tensor 'w'", "dims[0] = 16", "Q8_0 block size 32"});
 }
 

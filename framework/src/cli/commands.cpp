@@ -33,11 +33,11 @@ struct EngineArgs {
 
 void add_engine_options(CLI::App* cmd, EngineArgs& args) {
   cmd->add_option("-m,--model", args.model, "model short name or .gguf path")->capture_default_str();
-  cmd->add_option("-t,--threads", args.threads, "CPU threads (0: all cores)")->check(CLI::NonNegativeNumber);
+  cmd->add_option("-t,--threads", args.threads, "CPU threads (0: all cores)")->check(CLI::Range(0, 1 << 30));
   cmd->add_option("--page-size", args.page_size, "KV cache page size in tokens")
       ->check(CLI::Range(1, 65536))
       ->capture_default_str();
-  cmd->add_option("--max-context", args.max_context, "context limit (0: the model's)")->check(CLI::NonNegativeNumber);
+  cmd->add_option("--max-context", args.max_context, "context limit (0: the model's)")->check(CLI::Range(0, 1 << 30));
 }
 
 Result<std::unique_ptr<Engine>> open_engine(const EngineArgs& args) {
@@ -250,8 +250,8 @@ void register_commands(CLI::App& app) {
   auto* g = app.add_subcommand("generate", "generate text from a prompt (streams to stdout)");
   add_engine_options(g, gen.engine);
   g->add_option("-p,--prompt", gen.prompt, "prompt text")->required();
-  g->add_option("-n,--max-tokens", gen.max_tokens, "tokens to generate")->check(CLI::NonNegativeNumber)->capture_default_str();
-  g->add_option("--temperature", gen.temperature, "0 = greedy")->check(CLI::NonNegativeNumber)->capture_default_str();
+  g->add_option("-n,--max-tokens", gen.max_tokens, "tokens to generate")->check(CLI::Range(0, 1 << 30))->capture_default_str();
+  g->add_option("--temperature", gen.temperature, "0 = greedy")->check(CLI::Range(0.0f, 100.0f))->capture_default_str();
   g->add_option("--top-p", gen.top_p, "nucleus sampling mass")->check(CLI::Range(0.0f, 1.0f))->capture_default_str();
   g->add_option("--seed", gen.seed, "sampling seed")->capture_default_str();
   g->add_flag("--raw", gen.raw, "do not echo the prompt");
@@ -263,8 +263,8 @@ void register_commands(CLI::App& app) {
   add_engine_options(p, ppl.engine);
   p->add_option("--text", ppl.text_file, "UTF-8 text file")->required();
   p->add_option("--ctx", ppl.ctx, "window length in tokens")->check(CLI::Range(2, 1 << 20))->capture_default_str();
-  p->add_option("--stride", ppl.stride, "window advance (default: --ctx)")->check(CLI::PositiveNumber);
-  p->add_option("--max-tokens", ppl.max_tokens, "use only the first N tokens of the text")->check(CLI::NonNegativeNumber);
+  p->add_option("--stride", ppl.stride, "window advance (default: --ctx)")->check(CLI::Range(1, 1 << 30));
+  p->add_option("--max-tokens", ppl.max_tokens, "use only the first N tokens of the text")->check(CLI::Range(0, 1 << 30));
   p->add_flag("--json", ppl.json, "print one JSON object");
   p->callback([] { g_exit_code = run_perplexity(ppl); });
 

@@ -1,11 +1,12 @@
 // Tensor type table, dequantization and reference quantization. Block layouts are
 // ggml's (ggml-common.h); every multi-byte field is little-endian and unaligned.
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstring>
-
-#include <fmt/format.h>
+#include <utility>
 
 #include "gguf/gguf.h"
 #include "gguf/half.h"
@@ -24,18 +25,15 @@ struct TypeRow {
 // Q8_1 and Q8_K are ggml's intermediate types for dot products; model files do
 // not store them, so we know their sizes but do not dequantize them.
 constexpr TypeRow kTypes[] = {
-    {0, {"F32", 1, 4, true}},        {1, {"F16", 1, 2, true}},
-    {2, {"Q4_0", 32, 18, true}},     {3, {"Q4_1", 32, 20, true}},
-    {6, {"Q5_0", 32, 22, true}},     {7, {"Q5_1", 32, 24, true}},
-    {8, {"Q8_0", 32, 34, true}},     {9, {"Q8_1", 32, 36, false}},
-    {10, {"Q2_K", 256, 84, true}},   {11, {"Q3_K", 256, 110, true}},
-    {12, {"Q4_K", 256, 144, true}},  {13, {"Q5_K", 256, 176, true}},
-    {14, {"Q6_K", 256, 210, true}},  {15, {"Q8_K", 256, 292, false}},
-    {30, {"BF16", 1, 2, true}},
+    {0, {"F32", 1, 4, true}},       {1, {"F16", 1, 2, true}},        {2, {"Q4_0", 32, 18, true}},
+    {3, {"Q4_1", 32, 20, true}},    {6, {"Q5_0", 32, 22, true}},     {7, {"Q5_1", 32, 24, true}},
+    {8, {"Q8_0", 32, 34, true}},    {9, {"Q8_1", 32, 36, false}},    {10, {"Q2_K", 256, 84, true}},
+    {11, {"Q3_K", 256, 110, true}}, {12, {"Q4_K", 256, 144, true}},  {13, {"Q5_K", 256, 176, true}},
+    {14, {"Q6_K", 256, 210, true}}, {15, {"Q8_K", 256, 292, false}}, {30, {"BF16", 1, 2, true}},
 };
 
 // Below this many elements the OpenMP fork/join costs more than it saves.
-constexpr int64_t kParallelMinElems = 1 << 16;
+[[maybe_unused]] constexpr int64_t kParallelMinElems = 1 << 16;
 
 uint16_t load_u16(const uint8_t* p) {
   uint16_t v;
@@ -168,7 +166,9 @@ void dequant_block_q3_k(const uint8_t* b, float* y) {
 // 6-bit mins. Entries 0..3 sit in the low 6 bits of bytes 0..3 (scales) and
 // 4..7 (mins); entries 4..7 take their low 4 bits from bytes 8..11 and their top
 // 2 bits from the spare top bits of bytes 0..7.
-void k_scale_min(int j, const uint8_t* s, int& scale, int& min) {
+// Returns sub-block j's (scale * d, min * dmin).
+std::pair<float, float> k_scale_min(int j, const uint8_t* s, float d, float dmin) {
+  int scale, min;
   if (j < 4) {
     scale = s[j] & 63;
     min = s[j + 4] & 63;
@@ -176,6 +176,7 @@ void k_scale_min(int j, const uint8_t* s, int& scale, int& min) {
     scale = (s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4);
     min = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
   }
+  return {d * static_cast<float>(scale), dmin * static_cast<float>(min)};
 }
 
 // Q4_K: fp16 d, fp16 dmin, 12 bytes of scales/mins, 128 bytes of nibbles. Each
@@ -186,11 +187,8 @@ void dequant_block_q4_k(const uint8_t* b, float* y) {
   const uint8_t* scales = b + 4;
   const uint8_t* q = b + 16;
   for (int sub = 0; sub < 8; sub += 2, q += 32) {
-    int sc, mn;
-    k_scale_min(sub, scales, sc, mn);
-    const float d1 = d * static_cast<float>(sc), m1 = dmin * static_cast<float>(mn);
-    k_scale_min(sub + 1, scales, sc, mn);
-    const float d2 = d * static_cast<float>(sc), m2 = dmin * static_cast<float>(mn);
+    const auto [d1, m1] = k_scale_min(sub, scales, d, dmin);
+    const auto [d2, m2] = k_scale_min(sub + 1, scales, d, dmin);
     for (int l = 0; l < 32; ++l) y[l] = d1 * static_cast<float>(q[l] & 0x0f) - m1;
     for (int l = 0; l < 32; ++l) y[l + 32] = d2 * static_cast<float>(q[l] >> 4) - m2;
     y += 64;
@@ -205,11 +203,8 @@ void dequant_block_q5_k(const uint8_t* b, float* y) {
   const uint8_t* qh = b + 16;
   const uint8_t* q = b + 48;
   for (int sub = 0; sub < 8; sub += 2, q += 32) {
-    int sc, mn;
-    k_scale_min(sub, scales, sc, mn);
-    const float d1 = d * static_cast<float>(sc), m1 = dmin * static_cast<float>(mn);
-    k_scale_min(sub + 1, scales, sc, mn);
-    const float d2 = d * static_cast<float>(sc), m2 = dmin * static_cast<float>(mn);
+    const auto [d1, m1] = k_scale_min(sub, scales, d, dmin);
+    const auto [d2, m2] = k_scale_min(sub + 1, scales, d, dmin);
     for (int l = 0; l < 32; ++l) {
       const int hi = ((qh[l] >> sub) & 1) << 4;
       y[l] = d1 * static_cast<float>((q[l] & 0x0f) | hi) - m1;
@@ -344,19 +339,44 @@ Status dequantize(TensorType type, const void* src, float* dst, int64_t n_elems)
     case TensorType::F32:
       if (n_elems > 0) std::memcpy(dst, in, static_cast<size_t>(n_elems) * sizeof(float));
       break;
-    case TensorType::F16: dequant_16bit<fp16_to_fp32>(in, dst, n_elems); break;
-    case TensorType::BF16: dequant_16bit<bf16_to_fp32>(in, dst, n_elems); break;
-    case TensorType::Q4_0: dequant_blocks<dequant_block_q4_0, 32, 18>(in, dst, n_elems); break;
-    case TensorType::Q4_1: dequant_blocks<dequant_block_q4_1, 32, 20>(in, dst, n_elems); break;
-    case TensorType::Q5_0: dequant_blocks<dequant_block_q5_0, 32, 22>(in, dst, n_elems); break;
-    case TensorType::Q5_1: dequant_blocks<dequant_block_q5_1, 32, 24>(in, dst, n_elems); break;
-    case TensorType::Q8_0: dequant_blocks<dequant_block_q8_0, 32, 34>(in, dst, n_elems); break;
-    case TensorType::Q2_K: dequant_blocks<dequant_block_q2_k, 256, 84>(in, dst, n_elems); break;
-    case TensorType::Q3_K: dequant_blocks<dequant_block_q3_k, 256, 110>(in, dst, n_elems); break;
-    case TensorType::Q4_K: dequant_blocks<dequant_block_q4_k, 256, 144>(in, dst, n_elems); break;
-    case TensorType::Q5_K: dequant_blocks<dequant_block_q5_k, 256, 176>(in, dst, n_elems); break;
-    case TensorType::Q6_K: dequant_blocks<dequant_block_q6_k, 256, 210>(in, dst, n_elems); break;
-    default: return Error{fmt::format("unsupported tensor type {}", traits->name)};
+    case TensorType::F16:
+      dequant_16bit<fp16_to_fp32>(in, dst, n_elems);
+      break;
+    case TensorType::BF16:
+      dequant_16bit<bf16_to_fp32>(in, dst, n_elems);
+      break;
+    case TensorType::Q4_0:
+      dequant_blocks<dequant_block_q4_0, 32, 18>(in, dst, n_elems);
+      break;
+    case TensorType::Q4_1:
+      dequant_blocks<dequant_block_q4_1, 32, 20>(in, dst, n_elems);
+      break;
+    case TensorType::Q5_0:
+      dequant_blocks<dequant_block_q5_0, 32, 22>(in, dst, n_elems);
+      break;
+    case TensorType::Q5_1:
+      dequant_blocks<dequant_block_q5_1, 32, 24>(in, dst, n_elems);
+      break;
+    case TensorType::Q8_0:
+      dequant_blocks<dequant_block_q8_0, 32, 34>(in, dst, n_elems);
+      break;
+    case TensorType::Q2_K:
+      dequant_blocks<dequant_block_q2_k, 256, 84>(in, dst, n_elems);
+      break;
+    case TensorType::Q3_K:
+      dequant_blocks<dequant_block_q3_k, 256, 110>(in, dst, n_elems);
+      break;
+    case TensorType::Q4_K:
+      dequant_blocks<dequant_block_q4_k, 256, 144>(in, dst, n_elems);
+      break;
+    case TensorType::Q5_K:
+      dequant_blocks<dequant_block_q5_k, 256, 176>(in, dst, n_elems);
+      break;
+    case TensorType::Q6_K:
+      dequant_blocks<dequant_block_q6_k, 256, 210>(in, dst, n_elems);
+      break;
+    default:
+      return Error{fmt::format("unsupported tensor type {}", traits->name)};
   }
   return ok_status();
 }
@@ -421,7 +441,8 @@ Result<std::vector<uint8_t>> quantize(TensorType type, const float* src, int64_t
     case TensorType::Q4_1:
       for (int64_t i = 0; i < n_blocks; ++i) quant_block_q4_1(src + 32 * i, dst + 20 * i);
       break;
-    default: break;  // excluded by can_quantize
+    default:
+      break;  // excluded by can_quantize
   }
   return out;
 }

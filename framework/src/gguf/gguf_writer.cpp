@@ -1,11 +1,11 @@
 // GGUF writer (version 3): header, metadata, tensor directory, then each tensor's
 // data at an offset aligned to the file's alignment.
+#include <fmt/format.h>
+
 #include <bit>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
-
-#include <fmt/format.h>
 
 #include "gguf/gguf.h"
 
@@ -55,18 +55,42 @@ class ByteSink {
 
 void ByteSink::put_value(const Value& v) {
   switch (v.type) {
-    case ValueType::UINT8: put(static_cast<uint8_t>(std::get<uint64_t>(v.scalar))); break;
-    case ValueType::UINT16: put(static_cast<uint16_t>(std::get<uint64_t>(v.scalar))); break;
-    case ValueType::UINT32: put(static_cast<uint32_t>(std::get<uint64_t>(v.scalar))); break;
-    case ValueType::UINT64: put(std::get<uint64_t>(v.scalar)); break;
-    case ValueType::INT8: put(static_cast<int8_t>(std::get<int64_t>(v.scalar))); break;
-    case ValueType::INT16: put(static_cast<int16_t>(std::get<int64_t>(v.scalar))); break;
-    case ValueType::INT32: put(static_cast<int32_t>(std::get<int64_t>(v.scalar))); break;
-    case ValueType::INT64: put(std::get<int64_t>(v.scalar)); break;
-    case ValueType::FLOAT32: put(static_cast<float>(std::get<double>(v.scalar))); break;
-    case ValueType::FLOAT64: put(std::get<double>(v.scalar)); break;
-    case ValueType::BOOL: put(static_cast<uint8_t>(std::get<bool>(v.scalar) ? 1 : 0)); break;
-    case ValueType::STRING: put_string(std::get<std::string>(v.scalar)); break;
+    case ValueType::UINT8:
+      put(static_cast<uint8_t>(std::get<uint64_t>(v.scalar)));
+      break;
+    case ValueType::UINT16:
+      put(static_cast<uint16_t>(std::get<uint64_t>(v.scalar)));
+      break;
+    case ValueType::UINT32:
+      put(static_cast<uint32_t>(std::get<uint64_t>(v.scalar)));
+      break;
+    case ValueType::UINT64:
+      put(std::get<uint64_t>(v.scalar));
+      break;
+    case ValueType::INT8:
+      put(static_cast<int8_t>(std::get<int64_t>(v.scalar)));
+      break;
+    case ValueType::INT16:
+      put(static_cast<int16_t>(std::get<int64_t>(v.scalar)));
+      break;
+    case ValueType::INT32:
+      put(static_cast<int32_t>(std::get<int64_t>(v.scalar)));
+      break;
+    case ValueType::INT64:
+      put(std::get<int64_t>(v.scalar));
+      break;
+    case ValueType::FLOAT32:
+      put(static_cast<float>(std::get<double>(v.scalar)));
+      break;
+    case ValueType::FLOAT64:
+      put(std::get<double>(v.scalar));
+      break;
+    case ValueType::BOOL:
+      put(static_cast<uint8_t>(std::get<bool>(v.scalar) ? 1 : 0));
+      break;
+    case ValueType::STRING:
+      put_string(std::get<std::string>(v.scalar));
+      break;
     case ValueType::ARRAY:
       put(static_cast<uint32_t>(v.elem_type));
       put<uint64_t>(v.array.size());
@@ -107,7 +131,8 @@ void Writer::set_string(const std::string& key, const std::string& v) {
   set_value(metadata_, key, scalar_value(ValueType::STRING, v));
 }
 void Writer::set_string_array(const std::string& key, const std::vector<std::string>& v) {
-  set_value(metadata_, key, array_value(ValueType::STRING, v, [](const std::string& s) { return s; }));
+  set_value(metadata_, key,
+            array_value(ValueType::STRING, v, [](const std::string& s) { return s; }));
 }
 void Writer::set_i32_array(const std::string& key, const std::vector<int32_t>& v) {
   set_value(metadata_, key, array_value(ValueType::INT32, v, [](int32_t x) { return int64_t{x}; }));
@@ -132,7 +157,8 @@ Status Writer::add_tensor(const std::string& name, TensorType type, std::vector<
   int64_t n_elems = 1;
   for (size_t i = 0; i < dims.size(); ++i) {
     if (dims[i] <= 0) {
-      return Error{fmt::format("tensor '{}' has dimension {} = {}; must be positive", name, i, dims[i])};
+      return Error{
+          fmt::format("tensor '{}' has dimension {} = {}; must be positive", name, i, dims[i])};
     }
     if (__builtin_mul_overflow(n_elems, dims[i], &n_elems)) {
       return Error{fmt::format("tensor '{}' has too many elements", name)};
@@ -184,7 +210,8 @@ Status Writer::write(const std::filesystem::path& path) const {
     alignment = std::get<uint64_t>(value.scalar);
   }
   if (alignment == 0 || !std::has_single_bit(alignment)) {
-    return Error{fmt::format("{}: alignment must be a nonzero power of two, got {}", shown, alignment)};
+    return Error{
+        fmt::format("{}: alignment must be a nonzero power of two, got {}", shown, alignment)};
   }
   ByteSink head;
   head.put<uint32_t>(0x46554747);  // "GGUF" read as a little-endian uint32

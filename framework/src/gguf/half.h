@@ -33,8 +33,8 @@ inline uint16_t fp32_to_fp16(float f) {
   }
   const int exponent = static_cast<int>(magnitude >> 23) - 127;
   if (exponent > 15) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 2^16 overflows to inf
-  if (exponent < -25) return sign;            // below half the smallest subnormal
-  if (exponent >= -14) {  // normal half: drop 13 mantissa bits
+  if (exponent < -25) return sign;  // below half the smallest subnormal
+  if (exponent >= -14) {            // normal half: drop 13 mantissa bits
     uint32_t significand =
         (static_cast<uint32_t>(exponent + 15) << 10) | ((magnitude >> 13) & 0x3ffu);
     const uint32_t rest = magnitude & 0x1fffu;

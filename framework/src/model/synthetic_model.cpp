@@ -8,30 +8,13 @@
 #include <random>
 
 #include "model/model_config.h"
+#include "tokenizer/tokenizer.h"
 
 namespace inferlab {
 
 namespace {
 
-// GPT-2's byte-to-code-point table: printable bytes map to themselves, the rest
-// to code points from 256 up, so every byte has a visible single-character piece.
-std::string byte_piece(uint8_t byte) {
-  auto printable = [](int b) { return (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255); };
-  int code = byte;
-  if (!printable(byte)) {
-    int shift = 0;
-    for (int b = 0; b < byte; ++b) shift += printable(b) ? 0 : 1;
-    code = 256 + shift;
-  }
-  std::string out;
-  if (code < 0x80) {
-    out += char(code);
-  } else {
-    out += char(0xC0 | (code >> 6));
-    out += char(0x80 | (code & 0x3F));
-  }
-  return out;
-}
+std::string byte_piece(uint8_t byte) { return byte_level_symbol(byte); }
 
 constexpr const char* kMergeCorpus =
     "the quick brown fox jumps over the lazy dog. the cat sat on the mat and the dog sat on the log. "

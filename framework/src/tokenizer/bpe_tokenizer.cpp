@@ -212,6 +212,7 @@ class BpeTokenizer final : public Tokenizer {
   TokenType type_of(TokenId id) const {
     return vocab_.types.empty() ? TokenType::Normal : vocab_.types[id];
   }
+  Status validate() const;
   Status build_merges();
   void encode_ordinary(std::string_view text, Scratch& scratch, std::vector<TokenId>& out) const;
   void encode_piece(std::string_view piece, Scratch& scratch, std::vector<TokenId>& out) const;
@@ -222,12 +223,16 @@ class BpeTokenizer final : public Tokenizer {
   std::unordered_map<std::string_view, TokenId> token_ids_;  // views into vocab_.tokens
   std::unordered_map<uint64_t, MergeResult> merges_;          // pair_key -> merge
   std::array<TokenId, 256> byte_tokens_{};                   // -1 when missing
+  // Stands for a byte with no token: the unknown token if it really is one
+  // (type Unknown), else -1 and the byte is dropped, as HF's BPE does without an
+  // unk_token. (SmolLM2 lacks 21 byte symbols and names <|endoftext|> unknown.)
+  TokenId missing_byte_token_ = -1;
   std::vector<std::string> pieces_;                          // bytes of each token
   SpecialMatcher user_defined_;  // matched always
   SpecialMatcher special_;       // matched with parse_special (includes user-defined)
 };
 
-Status BpeTokenizer::build() {
+Status BpeTokenizer::validate() const {
   const std::string& src = vocab_.source;
   const auto n_tokens = static_cast<int64_t>(vocab_.tokens.size());
   if (n_tokens == 0) return Error{src + ": tokenizer.ggml.tokens is empty"};
@@ -253,7 +258,12 @@ Status BpeTokenizer::build() {
                    " tokens)"};
     }
   }
+  return ok_status();
+}
 
+Status BpeTokenizer::build() {
+  if (Status valid = validate(); !valid) return valid;
+  const auto n_tokens = static_cast<TokenId>(vocab_.tokens.size());
   token_ids_.reserve(vocab_.tokens.size());
   pieces_.reserve(vocab_.tokens.size());
   for (TokenId id = 0; id < n_tokens; ++id) {
@@ -278,10 +288,11 @@ Status BpeTokenizer::build() {
   special_.finish();
 
   for (int b = 0; b < 256; ++b) {
-    std::string text;
-    append_utf8(byte_level().byte_to_cp[b], text);
-    auto it = token_ids_.find(text);
+    auto it = token_ids_.find(byte_level_symbol(static_cast<uint8_t>(b)));
     byte_tokens_[b] = it == token_ids_.end() ? -1 : it->second;
+  }
+  if (vocab_.unknown >= 0 && type_of(vocab_.unknown) == TokenType::Unknown) {
+    missing_byte_token_ = vocab_.unknown;
   }
   return build_merges();
 }
@@ -365,8 +376,8 @@ void BpeTokenizer::encode_piece(std::string_view piece, Scratch& scratch,
   auto emit = [&](TokenId id) {
     if (id >= 0) {
       out.push_back(id);
-    } else if (vocab_.unknown >= 0) {
-      out.push_back(vocab_.unknown);  // a byte the vocabulary lacks
+    } else if (missing_byte_token_ >= 0) {
+      out.push_back(missing_byte_token_);
     }
   };
   if (pre_.ignore_merges()) {
@@ -414,3 +425,13 @@ Result<std::unique_ptr<Tokenizer>> make_bpe_tokenizer(TokenizerVocab vocab) {
 }
 
 }  // namespace inferlab::tokenizer_detail
+
+namespace inferlab {
+
+std::string byte_level_symbol(uint8_t byte) {
+  std::string out;
+  tokenizer_detail::append_utf8(tokenizer_detail::byte_level().byte_to_cp[byte], out);
+  return out;
+}
+
+}  // namespace inferlab

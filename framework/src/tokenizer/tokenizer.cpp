@@ -8,6 +8,11 @@
 namespace inferlab {
 namespace {
 
+Error unsupported_model(const TokenizerVocab& vocab) {
+  return Error{vocab.source + ": unsupported tokenizer model '" + vocab.model +
+               "' (tokenizer.ggml.model); supported: gpt2 (byte-level BPE)"};
+}
+
 // Reads tokenizer.ggml.* keys; every error names the file and the key.
 class VocabReader {
  public:
@@ -71,12 +76,12 @@ class VocabReader {
   std::string path_;
 };
 
-// Assigns `result`'s value to `out` or returns its error from the caller.
-#define INFERLAB_TRY_ASSIGN(out, expr)      \
-  do {                                      \
-    auto try_result_ = (expr);              \
+// Moves the value of the Result `expr` into `out`, or returns its error.
+#define INFERLAB_TRY_ASSIGN(out, expr)            \
+  do {                                            \
+    auto try_result_ = (expr);                    \
     if (!try_result_) return try_result_.error(); \
-    out = std::move(try_result_.value());   \
+    out = std::move(try_result_.value());         \
   } while (0)
 
 Result<TokenizerVocab> read_vocab(const gguf::File& file) {
@@ -84,22 +89,15 @@ Result<TokenizerVocab> read_vocab(const gguf::File& file) {
   TokenizerVocab vocab;
   vocab.source = reader.path();
   INFERLAB_TRY_ASSIGN(vocab.model, reader.string("tokenizer.ggml.model"));
-  if (vocab.model != "gpt2") {
-    return Error{reader.path() + ": unsupported tokenizer model '" + vocab.model +
-                 "' (tokenizer.ggml.model); supported: gpt2 (byte-level BPE)"};
-  }
+  // Before the other keys: a vocabulary of another kind would fail on them first.
+  if (vocab.model != "gpt2") return unsupported_model(vocab);
   INFERLAB_TRY_ASSIGN(vocab.pre, reader.string("tokenizer.ggml.pre", "default"));
   INFERLAB_TRY_ASSIGN(vocab.tokens, reader.strings("tokenizer.ggml.tokens", true));
   INFERLAB_TRY_ASSIGN(vocab.merges, reader.strings("tokenizer.ggml.merges", true));
 
   std::vector<int64_t> types;
   INFERLAB_TRY_ASSIGN(types, reader.ints("tokenizer.ggml.token_type"));
-  if (!types.empty() && types.size() != vocab.tokens.size()) {
-    return Error{reader.path() + ": tokenizer.ggml.token_type has " +
-                 std::to_string(types.size()) + " entries but tokenizer.ggml.tokens has " +
-                 std::to_string(vocab.tokens.size())};
-  }
-  vocab.types.reserve(types.size());
+  vocab.types.reserve(types.size());  // its length is checked with the rest
   for (size_t i = 0; i < types.size(); ++i) {
     if (types[i] < 0 || types[i] > static_cast<int64_t>(TokenType::Byte)) {
       return Error{reader.path() + ": tokenizer.ggml.token_type[" + std::to_string(i) +
@@ -128,10 +126,7 @@ Result<std::unique_ptr<Tokenizer>> Tokenizer::from_gguf(const gguf::File& file) 
 }
 
 Result<std::unique_ptr<Tokenizer>> Tokenizer::from_vocab(TokenizerVocab vocab) {
-  if (vocab.model != "gpt2") {
-    return Error{vocab.source + ": unsupported tokenizer model '" + vocab.model +
-                 "' (tokenizer.ggml.model); supported: gpt2 (byte-level BPE)"};
-  }
+  if (vocab.model != "gpt2") return unsupported_model(vocab);
   return tokenizer_detail::make_bpe_tokenizer(std::move(vocab));
 }
 

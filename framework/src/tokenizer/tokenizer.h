@@ -49,6 +49,10 @@ struct TokenizerVocab {
   bool add_bos = false;
 };
 
+// GPT-2's printable stand-in for a byte (bytes_to_unicode), as UTF-8: how a
+// byte-level vocabulary spells the byte, e.g. ' ' -> "Ġ", '\n' -> "Ċ".
+std::string byte_level_symbol(uint8_t byte);
+
 class Tokenizer {
  public:
   static Result<std::unique_ptr<Tokenizer>> from_gguf(const gguf::File& file);
@@ -60,6 +64,9 @@ class Tokenizer {
   // being split into ordinary pieces. `add_bos` prepends BOS when the model has one.
   // User-defined tokens are matched whatever `parse_special` says (as in HF and
   // llama.cpp). Any bytes are accepted; invalid UTF-8 is encoded byte by byte.
+  // A byte whose symbol the vocabulary lacks becomes the unknown token if that
+  // has type Unknown, else it is dropped as HF does (SmolLM2 lacks 0x04 0x06
+  // 0x13 0x14 0x16 0x1D 0xC0 0xC1 0xF5-0xFF), so such text cannot round-trip.
   virtual std::vector<TokenId> encode(std::string_view text, bool add_bos,
                                       bool parse_special) const = 0;
   // Concatenated bytes of the tokens (special tokens rendered as their text;
