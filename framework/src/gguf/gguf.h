@@ -40,7 +40,9 @@ std::string_view type_name(TensorType type);
 // Bytes taken by `n_elems` elements (n_elems must be a multiple of block_elems).
 uint64_t type_bytes(TensorType type, int64_t n_elems);
 
-// One metadata value. Arrays keep their element type.
+// One metadata value. Arrays keep their element type. Scalars are stored as:
+// unsigned integers uint64_t, signed integers int64_t, FLOAT32/FLOAT64 double,
+// BOOL bool, STRING std::string.
 struct Value {
   ValueType type = ValueType::UINT8;
   std::variant<uint64_t, int64_t, double, bool, std::string> scalar;  // non-array
