@@ -81,19 +81,22 @@ class OtherLoad:
         self.fraction = max(0.0, ((busy1 - busy0) / hz - own) / max(1e-9, (total1 - total0) / hz))
 
 
-def wait_for_idle(max_wait_s: float, threshold: float = 0.05) -> None:
-    """Waits up to max_wait_s until other processes use less than `threshold` of the CPU."""
+def wait_for_idle(max_wait_s: float, threshold: float = 0.05, quiet_samples: int = 3) -> None:
+    """Waits up to max_wait_s until other processes have used less than `threshold`
+    of the CPU for `quiet_samples` consecutive 3-second samples."""
     deadline = time.monotonic() + max_wait_s
-    while True:
+    quiet_samples = quiet_samples if max_wait_s > 0 else 1
+    quiet = 0
+    while quiet < quiet_samples:
         with OtherLoad() as load:
             time.sleep(3.0)
-        if load.fraction <= threshold:
-            return
-        if time.monotonic() >= deadline:
+        quiet = quiet + 1 if load.fraction <= threshold else 0
+        if quiet == 0 and time.monotonic() >= deadline:
             print(f"llamacpp_reference: warning: other processes use {load.fraction:.0%} of the CPU; "
                   "the numbers will be low and noisy", file=sys.stderr)
             return
-        print(f"  waiting for an idle machine (other load {load.fraction:.0%})", file=sys.stderr)
+        if quiet == 0:
+            print(f"  waiting for an idle machine (other load {load.fraction:.0%})", file=sys.stderr)
 
 
 def token_ids(n: int, n_vocab: int, seed: int) -> list[int]:

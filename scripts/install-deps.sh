@@ -10,7 +10,7 @@ packages=(
     libtomlplusplus-dev libboost-dev libboost-filesystem-dev libfmt-dev
     libsqlite3-dev libgtest-dev libgmock-dev libopenblas-dev libcli11-dev
     libopenblas-openmp-dev  # CMakeLists.txt links the OpenMP build of OpenBLAS
-    nlohmann-json3-dev libpcre2-dev
+    nlohmann-json3-dev libpcre2-dev libssl-dev
     unzip ca-certificates
 )
 
