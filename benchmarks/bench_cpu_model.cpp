@@ -27,6 +27,7 @@ std::vector<int32_t> random_tokens(int32_t n_vocab, int64_t n) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  select_blas_kernels(argv);
   CLI::App app{"CPU prefill/decode throughput"};
   std::string model_name = "smollm2-135m";
   std::vector<int32_t> prefill_lengths{512, 2048}, decode_contexts{512, 4096};
@@ -52,7 +53,7 @@ int main(int argc, char** argv) {
 
   fmt::print("model: {} ({} params, weights f32), load {:.2f} s\n", path->filename().string(),
              (*model)->parameter_count(), load_s);
-  fmt::print("cpu: {}, threads: {}\n\n", cpu_description(), threads > 0 ? fmt::to_string(threads) : "all");
+  fmt::print("cpu: {}, BLAS core: {}, threads: {}\n\n", cpu_description(), blas_core_name(), threads > 0 ? fmt::to_string(threads) : "all");
   fmt::print("| test | tokens | seconds | tokens/s |\n|---|---:|---:|---:|\n");
   for (int32_t n : prefill_lengths) {
     const auto tokens = random_tokens(n_vocab, n);

@@ -6,8 +6,10 @@
 #include <cstdio>
 
 #include "cli/commands.h"
+#include "engine/device.h"
 
 int main(int argc, char** argv) {
+  inferlab::select_blas_kernels(argv);
   CLI::App app{"inferlab: a research framework for LLM inference-efficiency methods"};
   app.require_subcommand(1);
   app.set_version_flag("--version", INFERLAB_VERSION_STRING);

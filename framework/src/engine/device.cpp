@@ -1,6 +1,11 @@
 #include "engine/device.h"
 
+#include <cblas.h>
 #include <fmt/format.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <cstring>
 
 #include <fstream>
 #include <thread>
@@ -37,6 +42,23 @@ std::string cpu_description() {
     }
   }
   return fmt::format("{} ({} threads)", model, std::thread::hardware_concurrency());
+}
+
+std::string blas_core_name() {
+  const char* name = openblas_get_corename();
+  return name != nullptr ? name : "unknown";
+}
+
+void select_blas_kernels(char** argv) {
+  if (std::getenv("OPENBLAS_CORETYPE") != nullptr) return;
+  const std::string core = blas_core_name();
+  if (core != "Prescott" && core != "Core2" && core != "Nehalem" && core != "unknown") return;
+  const char* better = __builtin_cpu_supports("avx512f")  ? "SkylakeX"
+                       : __builtin_cpu_supports("avx2") ? "Haswell"
+                                                        : nullptr;
+  if (better == nullptr) return;
+  setenv("OPENBLAS_CORETYPE", better, 1);
+  execv("/proc/self/exe", argv);  // returns only on failure: keep the generic kernels
 }
 
 }  // namespace inferlab
