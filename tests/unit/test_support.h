@@ -21,6 +21,14 @@ inline std::filesystem::path temp_path(const std::string& name) {
   const char* root = std::getenv("INFERLAB_TEST_TMP");
   std::filesystem::path dir = root != nullptr ? std::filesystem::path(root) : std::filesystem::temp_directory_path();
   dir /= "inferlab-tests-" + std::to_string(::getpid());
+  // Removed when the test process exits.
+  static const struct Cleanup {
+    std::filesystem::path dir;
+    ~Cleanup() {
+      std::error_code ignored;
+      std::filesystem::remove_all(dir, ignored);
+    }
+  } cleanup{dir};
   std::filesystem::create_directories(dir);
   return dir / (std::to_string(counter++) + "-" + name);
 }
