@@ -14,8 +14,6 @@ namespace inferlab {
 
 namespace {
 
-std::string byte_piece(uint8_t byte) { return byte_level_symbol(byte); }
-
 constexpr const char* kMergeCorpus =
     "the quick brown fox jumps over the lazy dog. the cat sat on the mat and the dog sat on the log. "
     "in the beginning there was the word, and the word was with the model. the pass key is 12345. "
@@ -31,7 +29,7 @@ struct Vocab {
 Vocab build_vocab(int32_t n_merges) {
   Vocab v;
   for (int b = 0; b < 256; ++b) {
-    v.tokens.push_back(byte_piece(uint8_t(b)));
+    v.tokens.push_back(byte_level_symbol(uint8_t(b)));
     v.types.push_back(1);
   }
   // Words as sequences of pieces; a leading space belongs to the word (GPT-2 style).
@@ -41,7 +39,7 @@ Vocab build_vocab(int32_t n_merges) {
     size_t j = i + 1;
     while (j < corpus.size() && corpus[j] != ' ') ++j;
     std::vector<std::string> w;
-    for (size_t k = i; k < j; ++k) w.push_back(byte_piece(uint8_t(corpus[k])));
+    for (size_t k = i; k < j; ++k) w.push_back(byte_level_symbol(uint8_t(corpus[k])));
     words.push_back(std::move(w));
     i = j;
   }
