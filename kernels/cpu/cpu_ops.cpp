@@ -70,6 +70,31 @@ void matmul_xwt(float* y, const float* x, const float* w, int64_t m, int64_t n, 
               int(k), 0.0f, y, int(n));
 }
 
+void matmul_xwt_rows(float* y, const float* x, const float* w, const int32_t* rows, int64_t m, int64_t n_sel,
+                     int64_t k) {
+#pragma omp parallel for schedule(static) if (n_sel * k > (1 << 16))
+  for (int64_t j = 0; j < n_sel; ++j) {
+    const float* wr = w + int64_t(rows[j]) * k;
+    for (int64_t r = 0; r < m; ++r) y[r * n_sel + j] = cblas_sdot(int(k), x + r * k, 1, wr, 1);
+  }
+}
+
+void matmul_x_rows(float* y, const float* x, const float* w, const int32_t* rows, int64_t m, int64_t n_sel,
+                   int64_t n) {
+  // Parallel over output columns in blocks, so each thread owns its slice of y.
+  constexpr int64_t kBlock = 256;
+  const int64_t n_blocks = (n + kBlock - 1) / kBlock;
+#pragma omp parallel for schedule(static) if (n_sel * n > (1 << 16))
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    const int64_t c0 = b * kBlock, cols = std::min(kBlock, n - c0);
+    for (int64_t r = 0; r < m; ++r) {
+      float* yr = y + r * n + c0;
+      std::fill(yr, yr + cols, 0.0f);
+      for (int64_t j = 0; j < n_sel; ++j) cblas_saxpy(int(cols), x[r * n_sel + j], w + int64_t(rows[j]) * n + c0, 1, yr, 1);
+    }
+  }
+}
+
 namespace {
 
 float dot(const float* a, const float* b, int64_t n) {

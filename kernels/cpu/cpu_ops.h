@@ -25,6 +25,16 @@ void add_inplace(float* y, const float* x, int64_t rows, int64_t n);
 // Uses GEMV when m == 1.
 void matmul_xwt(float* y, const float* x, const float* w, int64_t m, int64_t n, int64_t k);
 
+// Y(m, n_sel) = X(m, k) * W[rows]^T: only the selected rows of W(·, k) are read
+// (sparse FFN up/gate projections). rows: n_sel ascending row indices.
+void matmul_xwt_rows(float* y, const float* x, const float* w, const int32_t* rows, int64_t m, int64_t n_sel,
+                     int64_t k);
+
+// Y(m, n) = X(m, n_sel) * W[rows]: W(·, n) row-major, only the selected rows are
+// read (sparse FFN down projection, with W the transposed down weight).
+void matmul_x_rows(float* y, const float* x, const float* w, const int32_t* rows, int64_t m, int64_t n_sel,
+                   int64_t n);
+
 // One page of one KV head: `n_tokens` rows of K and V, each (n_tokens, head_dim).
 struct KvPageRef {
   const float* k;

@@ -15,7 +15,6 @@ namespace cpu = kernels::cpu;
 
 namespace {
 constexpr int64_t kLogitsChunkRows = 64;  // rows of logits computed per GEMM
-constexpr int64_t kQueryChunkRows = 16;   // attention work item: (head, 16 query rows)
 }  // namespace
 
 Result<std::unique_ptr<Engine>> Engine::create(std::shared_ptr<const Model> model, EngineOptions options) {
@@ -53,6 +52,30 @@ void Engine::ensure_workspace(int64_t n) {
   workspace_tokens_ = n;
 }
 
+void Engine::set_method(Method* method, uint32_t hooks) {
+  method_ = method;
+  hooks_ = method != nullptr ? hooks : 0;
+}
+
+ModelShape Engine::shape() const {
+  const ModelConfig& c = config();
+  return ModelShape{c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim,   c.n_embd,
+                    c.n_ff,     c.n_vocab, max_context_, options_.page_size};
+}
+
+std::map<std::string, double> EngineCounters::as_map() const {
+  return {{"forward_calls", double(forward_calls)},
+          {"decode_steps", double(decode_steps)},
+          {"tokens_evicted", double(tokens_evicted)},
+          {"decode_keys_read", double(decode_keys_read)},
+          {"decode_keys_cached", double(decode_keys_cached)},
+          {"decode_pages_read", double(decode_pages_read)},
+          {"layers_skipped", double(layers_skipped)},
+          {"heads_skipped", double(heads_skipped)},
+          {"neurons_skipped", double(neurons_skipped)},
+          {"sparse_prefill_heads", double(sparse_prefill_heads)}};
+}
+
 Status Engine::forward(KvSequence& seq, std::span<const int32_t> tokens, int64_t logits_from,
                        const LogitsSink& sink) {
   const ModelConfig& c = config();
@@ -68,33 +91,35 @@ Status Engine::forward(KvSequence& seq, std::span<const int32_t> tokens, int64_t
                                c.n_vocab - 1)};
   ensure_workspace(n);
 
-  const int32_t n_cached_before = seq.n_past();
+  const StepInfo step{seq.forward_calls(), seq.n_past(), int32_t(n)};
   for (int64_t i = 0; i < n; ++i) {
-    positions_[size_t(i)] = n_cached_before + int32_t(i);
+    positions_[size_t(i)] = step.first_position + int32_t(i);
     std::memcpy(&x_[size_t(i * c.n_embd)], &w.token_embd[size_t(int64_t(tokens[size_t(i)]) * c.n_embd)],
                 size_t(c.n_embd) * sizeof(float));
   }
+  ++counters_.forward_calls;
+  if (step.decode()) ++counters_.decode_steps;
 
+  LayerPlan plan;
+  plan.run.assign(size_t(c.n_layers), 1);
+  if ((hooks_ & kHookLayerPlan) != 0 && method_->plan_layers(step, plan) &&
+      plan.run.size() != size_t(c.n_layers))
+    return Error{fmt::format("method: layer plan has {} entries, the model has {} layers", plan.run.size(),
+                             c.n_layers)};
+  bool exited = false;
   for (int32_t l = 0; l < c.n_layers; ++l) {
-    const LayerWeights& lw = w.layers[size_t(l)];
-    cpu::rmsnorm(xn_.data(), x_.data(), lw.attn_norm.data(), n, c.n_embd, c.rms_eps);
-    cpu::matmul_xwt(q_.data(), xn_.data(), lw.wq.data(), n, c.q_dim(), c.n_embd);
-    cpu::matmul_xwt(k_.data(), xn_.data(), lw.wk.data(), n, c.kv_dim(), c.n_embd);
-    cpu::matmul_xwt(v_.data(), xn_.data(), lw.wv.data(), n, c.kv_dim(), c.n_embd);
-    cpu::rope(q_.data(), n, c.n_heads, c.head_dim, c.rope_dim, positions_.data(), c.rope_theta, c.rope_neox);
-    cpu::rope(k_.data(), n, c.n_kv_heads, c.head_dim, c.rope_dim, positions_.data(), c.rope_theta, c.rope_neox);
-    attention_layer(seq, l, n, n_cached_before);
-    cpu::matmul_xwt(proj_.data(), attn_.data(), lw.wo.data(), n, c.n_embd, c.q_dim());
-    cpu::add_inplace(x_.data(), proj_.data(), n, c.n_embd);
-
-    cpu::rmsnorm(xn_.data(), x_.data(), lw.ffn_norm.data(), n, c.n_embd, c.rms_eps);
-    cpu::matmul_xwt(gate_.data(), xn_.data(), lw.w_gate.data(), n, c.n_ff, c.n_embd);
-    cpu::matmul_xwt(up_.data(), xn_.data(), lw.w_up.data(), n, c.n_ff, c.n_embd);
-    cpu::silu_mul(gate_.data(), up_.data(), n, c.n_ff);
-    cpu::matmul_xwt(proj_.data(), gate_.data(), lw.w_down.data(), n, c.n_embd, c.n_ff);
-    cpu::add_inplace(x_.data(), proj_.data(), n, c.n_embd);
+    if (exited || plan.run[size_t(l)] == 0) {
+      fill_skipped_layer(seq, step, l, plan.kv_fill);
+      ++counters_.layers_skipped;
+      continue;
+    }
+    if (auto s = run_layer(seq, step, l); !s) return s;
+    if ((hooks_ & kHookLayerPlan) != 0 && l + 1 < c.n_layers)
+      exited = method_->exit_after_layer(
+          step, l, std::span<const float>(&x_[size_t((n - 1) * c.n_embd)], size_t(c.n_embd)));
   }
-  seq.set_n_past(n_cached_before + int32_t(n));
+  seq.set_n_past(step.first_position + int32_t(n));
+  seq.count_forward_call();
 
   if (logits_from < 0) logits_from = 0;
   if (logits_from >= n || !sink) return ok_status();
@@ -111,41 +136,103 @@ Status Engine::forward(KvSequence& seq, std::span<const int32_t> tokens, int64_t
   return ok_status();
 }
 
-void Engine::attention_layer(KvSequence& seq, int32_t layer, int64_t n, int32_t n_cached_before) {
+namespace {
+
+Status check_component_mask(const ComponentMask& mask, const ModelConfig& c, int32_t layer) {
+  if (mask.heads.size() != size_t(c.n_heads))
+    return Error{fmt::format("method: component mask of layer {} has {} head entries, the model has {} heads",
+                             layer, mask.heads.size(), c.n_heads)};
+  if (mask.all_neurons) return ok_status();
+  for (size_t i = 0; i < mask.neurons.size(); ++i) {
+    const int32_t j = mask.neurons[i];
+    if (j < 0 || j >= c.n_ff || (i > 0 && j <= mask.neurons[i - 1]))
+      return Error{fmt::format(
+          "method: component mask of layer {}: neurons must be ascending within 0..{} (entry {} is {})", layer,
+          c.n_ff - 1, i, j)};
+  }
+  return ok_status();
+}
+
+}  // namespace
+
+Status Engine::run_layer(KvSequence& seq, const StepInfo& step, int32_t l) {
   const ModelConfig& c = config();
-  const int64_t hd = c.head_dim;
-  // Append the new K/V rows of every kv head, then attend over the pages.
-  std::vector<std::vector<cpu::KvPageRef>> page_refs(size_t(c.n_kv_heads));
-  std::vector<int32_t> cached_before(size_t(c.n_kv_heads));
-  for (int32_t g = 0; g < c.n_kv_heads; ++g) {
-    cached_before[size_t(g)] = seq.table(layer, g).n_tokens();
-    for (int64_t i = 0; i < n; ++i)
-      seq.append(layer, g, &k_[size_t(i * c.kv_dim() + g * hd)], &v_[size_t(i * c.kv_dim() + g * hd)],
-                 n_cached_before + int32_t(i));
-    const HeadPageTable& t = seq.table(layer, g);
-    const int32_t ps = seq.pool().shape().page_size;
-    auto& refs = page_refs[size_t(g)];
-    refs.reserve(t.pages.size());
-    for (size_t p = 0; p < t.pages.size(); ++p) {
-      const int32_t tokens_in_page = std::min<int32_t>(ps, t.n_tokens() - int32_t(p) * ps);
-      refs.push_back({seq.pool().k(t.pages[p]), seq.pool().v(t.pages[p]), tokens_in_page});
+  const LayerWeights& lw = model_->weights().layers[size_t(l)];
+  const int64_t n = step.n_tokens;
+  ComponentMask mask;
+  const ComponentMask* active_mask = nullptr;
+  if ((hooks_ & kHookComponentMask) != 0) {
+    mask.heads.assign(size_t(c.n_heads), 1);
+    if (method_->mask_components(step, l, std::span<const float>(x_.data(), size_t(n * c.n_embd)), mask)) {
+      if (auto s = check_component_mask(mask, c, l); !s) return s;
+      active_mask = &mask;
     }
   }
-  const float scale = 1.0f / std::sqrt(float(hd));
-  const int64_t n_chunks = (n + kQueryChunkRows - 1) / kQueryChunkRows;
-  const int64_t work = int64_t(c.n_heads) * n_chunks;
-#pragma omp parallel for schedule(dynamic) if (work > 1)
-  for (int64_t item = 0; item < work; ++item) {
-    const int32_t h = int32_t(item / n_chunks);
-    const int64_t i0 = (item % n_chunks) * kQueryChunkRows;
-    const int64_t rows = std::min(kQueryChunkRows, n - i0);
-    const int32_t g = h / c.group_size();
-    int32_t visible[kQueryChunkRows];
-    for (int64_t r = 0; r < rows; ++r) visible[r] = cached_before[size_t(g)] + int32_t(i0 + r) + 1;
-    const auto& refs = page_refs[size_t(g)];
-    cpu::attention_paged(&q_[size_t(i0 * c.q_dim() + h * hd)], rows, c.q_dim(), refs.data(), int64_t(refs.size()),
-                         visible, hd, scale, &attn_[size_t(i0 * c.q_dim() + h * hd)], c.q_dim(), nullptr);
+  cpu::rmsnorm(xn_.data(), x_.data(), lw.attn_norm.data(), n, c.n_embd, c.rms_eps);
+  cpu::matmul_xwt(q_.data(), xn_.data(), lw.wq.data(), n, c.q_dim(), c.n_embd);
+  cpu::matmul_xwt(k_.data(), xn_.data(), lw.wk.data(), n, c.kv_dim(), c.n_embd);
+  cpu::matmul_xwt(v_.data(), xn_.data(), lw.wv.data(), n, c.kv_dim(), c.n_embd);
+  cpu::rope(q_.data(), n, c.n_heads, c.head_dim, c.rope_dim, positions_.data(), c.rope_theta, c.rope_neox);
+  cpu::rope(k_.data(), n, c.n_kv_heads, c.head_dim, c.rope_dim, positions_.data(), c.rope_theta, c.rope_neox);
+  if (auto s = attention_layer(seq, step, l, active_mask); !s) return s;
+  cpu::matmul_xwt(proj_.data(), attn_.data(), lw.wo.data(), n, c.n_embd, c.q_dim());
+  cpu::add_inplace(x_.data(), proj_.data(), n, c.n_embd);
+
+  cpu::rmsnorm(xn_.data(), x_.data(), lw.ffn_norm.data(), n, c.n_embd, c.rms_eps);
+  if (auto s = ffn_layer(l, n, active_mask); !s) return s;
+  cpu::add_inplace(x_.data(), proj_.data(), n, c.n_embd);
+  return ok_status();
+}
+
+Status Engine::ffn_layer(int32_t l, int64_t n, const ComponentMask* mask) {
+  const ModelConfig& c = config();
+  const LayerWeights& lw = model_->weights().layers[size_t(l)];
+  if (mask == nullptr || mask->all_neurons) {
+    cpu::matmul_xwt(gate_.data(), xn_.data(), lw.w_gate.data(), n, c.n_ff, c.n_embd);
+    cpu::matmul_xwt(up_.data(), xn_.data(), lw.w_up.data(), n, c.n_ff, c.n_embd);
+    cpu::silu_mul(gate_.data(), up_.data(), n, c.n_ff);
+    cpu::matmul_xwt(proj_.data(), gate_.data(), lw.w_down.data(), n, c.n_embd, c.n_ff);
+    return ok_status();
   }
+  // Only the selected neurons' rows of gate/up and of the transposed down weight are read.
+  const int64_t k = int64_t(mask->neurons.size());
+  const int32_t* rows = mask->neurons.data();
+  cpu::matmul_xwt_rows(gate_.data(), xn_.data(), lw.w_gate.data(), rows, n, k, c.n_embd);
+  cpu::matmul_xwt_rows(up_.data(), xn_.data(), lw.w_up.data(), rows, n, k, c.n_embd);
+  cpu::silu_mul(gate_.data(), up_.data(), n, k);
+  cpu::matmul_x_rows(proj_.data(), gate_.data(), w_down_transposed(l).data(), rows, n, k, c.n_embd);
+  counters_.neurons_skipped += c.n_ff - k;
+  return ok_status();
+}
+
+const std::vector<float>& Engine::w_down_transposed(int32_t l) {
+  const ModelConfig& c = config();
+  if (w_down_t_.empty()) w_down_t_.resize(size_t(c.n_layers));
+  std::vector<float>& t = w_down_t_[size_t(l)];
+  if (t.empty()) {
+    const std::vector<float>& w = model_->weights().layers[size_t(l)].w_down;  // (n_embd, n_ff)
+    t.resize(w.size());
+    for (int64_t e = 0; e < c.n_embd; ++e)
+      for (int64_t j = 0; j < c.n_ff; ++j) t[size_t(j * c.n_embd + e)] = w[size_t(e * c.n_ff + j)];
+  }
+  return t;
+}
+
+void Engine::fill_skipped_layer(KvSequence& seq, const StepInfo& step, int32_t l, SkippedLayerKv fill) {
+  if (fill == SkippedLayerKv::None) return;
+  // The layer is an identity on the residual stream; its cache still gets the
+  // K/V of the hidden state that passes it, so later tokens can attend to it.
+  const ModelConfig& c = config();
+  const LayerWeights& lw = model_->weights().layers[size_t(l)];
+  const int64_t n = step.n_tokens, hd = c.head_dim;
+  cpu::rmsnorm(xn_.data(), x_.data(), lw.attn_norm.data(), n, c.n_embd, c.rms_eps);
+  cpu::matmul_xwt(k_.data(), xn_.data(), lw.wk.data(), n, c.kv_dim(), c.n_embd);
+  cpu::matmul_xwt(v_.data(), xn_.data(), lw.wv.data(), n, c.kv_dim(), c.n_embd);
+  cpu::rope(k_.data(), n, c.n_kv_heads, c.head_dim, c.rope_dim, positions_.data(), c.rope_theta, c.rope_neox);
+  for (int32_t g = 0; g < c.n_kv_heads; ++g)
+    for (int64_t i = 0; i < n; ++i)
+      seq.append(l, g, &k_[size_t(i * c.kv_dim() + g * hd)], &v_[size_t(i * c.kv_dim() + g * hd)],
+                 positions_[size_t(i)]);
 }
 
 Result<std::vector<float>> Engine::prefill(KvSequence& seq, std::span<const int32_t> tokens) {

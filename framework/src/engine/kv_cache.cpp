@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cstring>
 
+#include <fmt/format.h>
+
 namespace inferlab {
 
 KvPagePool::KvPagePool(const KvCacheShape& shape, int32_t pages_per_chunk)
@@ -78,6 +80,39 @@ const float* KvSequence::v_row(int32_t layer, int32_t kv_head, int32_t i) const 
   return pool_->v(t.pages[size_t(i / ps)]) + int64_t(i % ps) * pool_->shape().head_dim;
 }
 
+Result<int32_t> KvSequence::evict(int32_t layer, int32_t kv_head, std::vector<int32_t> drop) {
+  HeadPageTable& t = table(layer, kv_head);
+  const int32_t n = t.n_tokens();
+  std::sort(drop.begin(), drop.end());
+  drop.erase(std::unique(drop.begin(), drop.end()), drop.end());
+  if (drop.empty()) return 0;
+  if (drop.front() < 0 || drop.back() >= n)
+    return Error{fmt::format("eviction of token {} in (layer {}, kv head {}), which holds tokens 0..{}",
+                             drop.front() < 0 ? drop.front() : drop.back(), layer, kv_head, n - 1)};
+  // Compact in place: every kept token moves to the next free slot, in order.
+  const int32_t ps = pool_->shape().page_size;
+  const size_t row_bytes = size_t(pool_->shape().head_dim) * sizeof(float);
+  const int64_t hd = pool_->shape().head_dim;
+  int32_t write = drop.front();
+  size_t next_drop = 0;
+  for (int32_t read = drop.front(); read < n; ++read) {
+    if (next_drop < drop.size() && drop[next_drop] == read) {
+      ++next_drop;
+      continue;
+    }
+    const int32_t src = t.pages[size_t(read / ps)], dst = t.pages[size_t(write / ps)];
+    std::memcpy(pool_->k(dst) + int64_t(write % ps) * hd, pool_->k(src) + int64_t(read % ps) * hd, row_bytes);
+    std::memcpy(pool_->v(dst) + int64_t(write % ps) * hd, pool_->v(src) + int64_t(read % ps) * hd, row_bytes);
+    t.positions[size_t(write)] = t.positions[size_t(read)];
+    ++write;
+  }
+  t.positions.resize(size_t(write));
+  const size_t pages_needed = size_t((write + ps - 1) / ps);
+  for (size_t p = pages_needed; p < t.pages.size(); ++p) pool_->release(t.pages[p]);
+  t.pages.resize(pages_needed);
+  return int32_t(drop.size());
+}
+
 void KvSequence::clear() {
   for (auto& t : tables_) {
     for (int32_t p : t.pages) pool_->release(p);
@@ -85,6 +120,7 @@ void KvSequence::clear() {
     t.positions.clear();
   }
   n_past_ = 0;
+  forward_calls_ = 0;
 }
 
 int64_t KvSequence::pages_held() const {

@@ -80,10 +80,18 @@ class KvSequence {
   const float* k_row(int32_t layer, int32_t kv_head, int32_t i) const;
   const float* v_row(int32_t layer, int32_t kv_head, int32_t i) const;
 
+  // Drops stored tokens `drop` (indices into the table, any order, duplicates
+  // ignored) of (layer, kv_head): later tokens move down to keep the table
+  // dense, and pages left empty go back to the pool. Returns how many were dropped.
+  Result<int32_t> evict(int32_t layer, int32_t kv_head, std::vector<int32_t> drop);
+
   void clear();  // returns every page to the pool
   // Logical length: tokens processed so far (the next token's position).
   int32_t n_past() const { return n_past_; }
   void set_n_past(int32_t n) { n_past_ = n; }
+  // Forward calls made on this sequence since it was created or cleared.
+  int64_t forward_calls() const { return forward_calls_; }
+  void count_forward_call() { ++forward_calls_; }
   int64_t pages_held() const;
   KvPagePool& pool() { return *pool_; }
   const KvPagePool& pool() const { return *pool_; }
@@ -95,6 +103,7 @@ class KvSequence {
   std::shared_ptr<KvPagePool> pool_;
   std::vector<HeadPageTable> tables_;
   int32_t n_past_ = 0;
+  int64_t forward_calls_ = 0;
 };
 
 }  // namespace inferlab

@@ -1,0 +1,248 @@
+// The plugin SDK: the only contract between the inferlab host and a method
+// plugin. A plugin is a shared library that exports one factory (see
+// INFERLAB_PLUGIN at the end) returning a `Plugin`, which describes itself and
+// creates `Method` objects from resolved parameters.
+//
+// Mechanism lives in the engine, policy in the plugin: a Method only decides
+// (which tokens to evict, which pages to read, which layers to run ...); the
+// engine carries the decision out. A Method implements any subset of the hooks
+// below and declares which in PluginInfo::hooks; the engine calls only those.
+//
+// Changing anything in this header or in params.h that affects layout or
+// virtual tables requires bumping kPluginAbiVersion.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <span>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "inferlab/params.h"
+#include "inferlab/result.h"
+
+namespace inferlab {
+
+inline constexpr int32_t kPluginAbiVersion = 1;
+
+// Hooks, as bits of PluginInfo::hooks (DESIGN.md's table).
+enum PluginHook : uint32_t {
+  kHookLoad = 1u << 0,               // on_load: weights, calibration, cached artifacts
+  kHookPrefillPattern = 1u << 1,     // prefill_pattern: block-sparse prefill per head
+  kHookDecodeSelection = 1u << 2,    // select_kv: which cached pages/tokens a step reads
+  kHookAttentionFeedback = 1u << 3,  // on_attention: attention mass per key, head output norms
+  kHookEviction = 1u << 4,           // evict: which stored tokens to drop
+  kHookLayerPlan = 1u << 5,          // plan_layers / exit_after_layer: which layers run
+  kHookComponentMask = 1u << 6,      // mask_components: which heads and FFN neurons to compute
+};
+inline constexpr uint32_t kAllHooks = (1u << 7) - 1;
+
+inline std::vector<std::string> hook_names(uint32_t hooks) {
+  static const char* const names[] = {"load",     "prefill_pattern", "decode_selection", "attention_feedback",
+                                      "eviction", "layer_plan",      "component_mask"};
+  std::vector<std::string> out;
+  for (uint32_t i = 0; i < 7; ++i)
+    if (hooks & (1u << i)) out.emplace_back(names[i]);
+  return out;
+}
+
+struct ModelShape {
+  int32_t n_layers = 0;
+  int32_t n_heads = 0;      // query heads
+  int32_t n_kv_heads = 0;
+  int32_t head_dim = 0;
+  int32_t n_embd = 0;
+  int32_t n_ff = 0;
+  int32_t n_vocab = 0;
+  int32_t context_length = 0;
+  int32_t page_size = 0;    // KV cache tokens per page
+  int32_t group_size() const { return n_kv_heads > 0 ? n_heads / n_kv_heads : 0; }
+};
+
+// One forward call of the engine over a sequence.
+struct StepInfo {
+  int64_t step = 0;            // forward calls made on this sequence before this one
+  int32_t first_position = 0;  // position of the call's first new token
+  int32_t n_tokens = 0;        // new tokens in this call
+  // A decode step: one new token after a non-empty cache. Everything else is prefill.
+  bool decode() const { return n_tokens == 1 && first_position > 0; }
+};
+
+// Read-only view of one sequence's KV cache. Stored tokens of a (layer, kv_head)
+// are indexed 0..n_tokens-1 in order; stored token i lives in logical page
+// i / page_size(). Keys are stored after RoPE.
+class KvView {
+ public:
+  virtual int32_t page_size() const = 0;
+  virtual int32_t n_tokens(int32_t layer, int32_t kv_head) const = 0;
+  virtual std::span<const int32_t> positions(int32_t layer, int32_t kv_head) const = 0;  // original positions
+  virtual const float* key(int32_t layer, int32_t kv_head, int32_t token) const = 0;     // head_dim floats
+  virtual const float* value(int32_t layer, int32_t kv_head, int32_t token) const = 0;   // head_dim floats
+
+ protected:
+  ~KvView() = default;
+};
+
+// Read-only weights (float32, row-major (out, in) like GGUF). Names follow GGUF:
+// per layer "attn_q", "attn_k", "attn_v", "attn_output", "attn_norm", "ffn_gate",
+// "ffn_up", "ffn_down", "ffn_norm"; global (layer -1) "token_embd", "output",
+// "output_norm". An empty span: no such tensor (e.g. "output" when tied).
+class WeightView {
+ public:
+  virtual std::span<const float> tensor(const std::string& name, int32_t layer) const = 0;
+
+ protected:
+  ~WeightView() = default;
+};
+
+struct LoadContext {
+  ModelShape shape;
+  std::string model_checksum;  // SHA-256 of the model file: key cached artifacts by it
+  std::string artifact_dir;    // a folder for this plugin's cached artifacts (exists)
+  const WeightView* weights = nullptr;
+};
+
+// Decode selection: which cached tokens a step attends to, for one (layer, kv_head).
+// Indices refer to tokens stored before this call, ascending, no duplicates. The
+// call's own new tokens are always attended to (causally).
+struct KvSelection {
+  enum class Unit { Pages, Tokens };
+  Unit unit = Unit::Pages;
+  std::vector<int32_t> indices;  // logical page indices or stored-token indices
+};
+
+// Attention statistics of one (layer, kv_head) for one forward call.
+struct AttentionStats {
+  int32_t layer = 0;
+  int32_t kv_head = 0;
+  // Per stored token (after this call's append): softmax probability it received,
+  // summed over the query heads of the group and the call's query rows.
+  std::span<const float> key_mass;
+  // Per query head of the group: L2 norm of its attention output, summed over rows.
+  std::span<const float> head_output_norm;
+};
+
+// Block-sparse prefill for one query head: the (query block, key block) pairs to
+// compute, blocks of block_size positions. Causality still applies inside a
+// block; a query row with no allowed key gets a zero attention output.
+struct BlockPattern {
+  int32_t block_size = 64;
+  std::vector<std::pair<int32_t, int32_t>> blocks;  // (query block, key block), key block <= query block
+};
+
+// How a skipped layer's KV cache is filled for the tokens that skip it.
+enum class SkippedLayerKv {
+  None,        // nothing is stored: later tokens never see these tokens in that layer
+  FromHidden,  // K/V projected from the hidden state that skips the layer (CALM's propagation)
+};
+
+struct LayerPlan {
+  std::vector<uint8_t> run;  // per layer, 1 = compute; preset to all 1
+  SkippedLayerKv kv_fill = SkippedLayerKv::FromHidden;
+};
+
+// Which parts of one layer to compute for a call. Skipped heads contribute zero
+// to the attention output; skipped FFN neurons contribute zero to the FFN output.
+struct ComponentMask {
+  std::vector<uint8_t> heads;    // per query head, 1 = compute; preset to all 1
+  bool all_neurons = true;
+  std::vector<int32_t> neurons;  // when !all_neurons: FFN neurons to compute, ascending
+};
+
+// One configured instance of a method. The host creates one per run and calls
+// begin_sequence before every sample.
+class Method {
+ public:
+  virtual ~Method() = default;
+
+  // kHookLoad: called once after creation, before any sequence.
+  virtual Status on_load(const LoadContext& context) { (void)context; return ok_status(); }
+  // Every plugin: a new sample starts; reset per-sequence state.
+  virtual void begin_sequence(const ModelShape& shape) { (void)shape; }
+
+  // kHookPrefillPattern: return true and fill `pattern` to make this head's
+  // attention block-sparse for this call; false computes it densely.
+  virtual bool prefill_pattern(const StepInfo& step, int32_t layer, int32_t head, BlockPattern& pattern) {
+    (void)step; (void)layer; (void)head; (void)pattern;
+    return false;
+  }
+
+  // kHookDecodeSelection: return true and fill `selection` to restrict which
+  // cached tokens this call reads. `queries` holds the group's query rows
+  // (group_size, head_dim) for the call's last new token, after RoPE.
+  virtual bool select_kv(const StepInfo& step, const KvView& kv, int32_t layer, int32_t kv_head,
+                         std::span<const float> queries, KvSelection& selection) {
+    (void)step; (void)kv; (void)layer; (void)kv_head; (void)queries; (void)selection;
+    return false;
+  }
+
+  // kHookAttentionFeedback: statistics of a layer's attention, per kv head,
+  // delivered after the layer's attention and before eviction.
+  virtual void on_attention(const StepInfo& step, const KvView& kv, const AttentionStats& stats) {
+    (void)step; (void)kv; (void)stats;
+  }
+
+  // kHookEviction: stored-token indices of (layer, kv_head) to drop, after the
+  // layer's attention in every call. The engine compacts the pages and returns
+  // freed pages to the pool.
+  virtual void evict(const StepInfo& step, const KvView& kv, int32_t layer, int32_t kv_head,
+                     std::vector<int32_t>& drop) {
+    (void)step; (void)kv; (void)layer; (void)kv_head; (void)drop;
+  }
+
+  // kHookLayerPlan: which layers this call runs (return false to run all).
+  virtual bool plan_layers(const StepInfo& step, LayerPlan& plan) { (void)step; (void)plan; return false; }
+  // kHookLayerPlan: after each layer that ran, may end the call early; the
+  // remaining layers are skipped with the plan's kv_fill. `hidden` is the
+  // residual stream (n_embd) of the call's last token.
+  virtual bool exit_after_layer(const StepInfo& step, int32_t layer, std::span<const float> hidden) {
+    (void)step; (void)layer; (void)hidden;
+    return false;
+  }
+
+  // kHookComponentMask: which heads and FFN neurons of `layer` to compute;
+  // `hidden` is the layer's input residual stream (n_tokens, n_embd).
+  virtual bool mask_components(const StepInfo& step, int32_t layer, std::span<const float> hidden,
+                               ComponentMask& mask) {
+    (void)step; (void)layer; (void)hidden; (void)mask;
+    return false;
+  }
+
+  // Every plugin: what it did, accumulated since on_load (e.g. "heavy_hitters_kept").
+  virtual std::map<std::string, double> counters() const { return {}; }
+};
+
+struct PluginInfo {
+  std::string name;         // what configs write as `plugin = "..."`
+  std::string version;      // part of every run's hash: bump it when results change
+  std::string description;  // one line
+  uint32_t hooks = 0;       // PluginHook bits the Method implements
+  std::vector<ParamSpec> params;
+};
+
+class Plugin {
+ public:
+  virtual ~Plugin() = default;
+  virtual PluginInfo info() const = 0;
+  // `params` holds every declared parameter, validated against the schema.
+  virtual Result<std::unique_ptr<Method>> create(const ParamValues& params) const = 0;
+};
+
+}  // namespace inferlab
+
+// Exports a plugin class (default-constructible, derived from inferlab::Plugin)
+// from a shared library: the ABI version and the factory, as Boost.DLL aliases.
+// Use once per library, at namespace scope.
+#include <boost/dll/alias.hpp>
+
+#define INFERLAB_PLUGIN(PluginClass)                                                      \
+  namespace inferlab_plugin_export {                                                      \
+  inline std::unique_ptr<::inferlab::Plugin> make_plugin() {                              \
+    return std::make_unique<PluginClass>();                                               \
+  }                                                                                       \
+  inline const int32_t abi_version = ::inferlab::kPluginAbiVersion;                       \
+  }                                                                                       \
+  BOOST_DLL_ALIAS(inferlab_plugin_export::make_plugin, inferlab_plugin_factory)           \
+  BOOST_DLL_ALIAS(inferlab_plugin_export::abi_version, inferlab_plugin_abi_version)
