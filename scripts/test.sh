@@ -8,6 +8,7 @@ cd "$repo_root"
 
 bash scripts/install-deps.sh
 bash scripts/fetch-model.sh
+bash scripts/fetch-corpus.sh
 bash scripts/build.sh
 
 ctest --test-dir "${INFERLAB_BUILD_DIR:-build}" --output-on-failure -j"${INFERLAB_TEST_JOBS:-2}"

@@ -236,6 +236,7 @@ int run_tokenize(const std::string& model_name, const std::string& prompt, bool 
 }  // namespace
 
 int exit_code() { return g_exit_code; }
+void set_exit_code(int code) { g_exit_code = code; }
 
 void register_commands(CLI::App& app) {
   // model info

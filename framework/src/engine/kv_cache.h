@@ -42,6 +42,7 @@ class KvPagePool {
   int64_t bytes_in_use() const { return pages_in_use_ * page_bytes(); }
   int64_t bytes_reserved() const { return pages_reserved() * page_bytes(); }
   int64_t peak_bytes_in_use() const { return peak_pages_in_use_ * page_bytes(); }
+  void reset_peak() { peak_pages_in_use_ = pages_in_use_; }
 
  private:
   float* page_base(int32_t page) {

@@ -1,0 +1,146 @@
+// Experiment subcommands: run, plugins, query, report, merge.
+#include <fmt/format.h>
+
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "cli/commands.h"
+#include "experiment/runner.h"
+#include "plugins/plugin_host.h"
+#include "results/database.h"
+#include "results/report.h"
+
+namespace inferlab::cli {
+
+namespace {
+
+constexpr const char* kDefaultDb = "results/inferlab.db";
+
+int fail(const std::string& message) {
+  std::fprintf(stderr, "inferlab: %s\n", message.c_str());
+  return 1;
+}
+
+struct RunArgs {
+  std::string config;
+  std::string db = kDefaultDb;
+  std::string shard;
+  bool dry_run = false;
+};
+
+int run_run(const RunArgs& args) {
+  RunnerOptions options;
+  options.db_path = args.db;
+  options.shard = args.shard;
+  options.dry_run = args.dry_run;
+  auto summary = run_experiment(args.config, options);
+  if (!summary) return fail(summary.message());
+  return summary->failed > 0 ? 1 : 0;
+}
+
+std::string describe_default(const ParamSpec& p) {
+  if (std::holds_alternative<std::string>(p.default_value)) return "\"" + std::get<std::string>(p.default_value) + "\"";
+  return param_value_to_string(p.default_value);
+}
+
+std::string describe_range(const ParamSpec& p) {
+  if (!p.choices.empty()) return fmt::format("one of {}", fmt::join(p.choices, "|"));
+  if (!p.min && !p.max) return "";
+  return fmt::format("{}..{}", p.min ? fmt::format("{}", *p.min) : "", p.max ? fmt::format("{}", *p.max) : "");
+}
+
+int run_plugins() {
+  PluginRegistry registry;
+  if (auto s = registry.scan(PluginRegistry::default_search_path()); !s) return fail(s.message());
+  for (const PluginEntry& e : registry.entries()) {
+    const auto hooks = hook_names(e.hooks);
+    fmt::print("{} {}  {}\n", e.name, e.version, e.description);
+    fmt::print("  file   {}\n", e.path);
+    fmt::print("  hooks  {}\n", hooks.empty() ? "none" : fmt::format("{}", fmt::join(hooks, ", ")));
+    if (e.params.empty()) fmt::print("  params none\n");
+    for (const ParamSpec& p : e.params)
+      fmt::print("  param  {:<18} {:<6} default {:<10} {:<14} {}\n", p.name, param_type_name(p.type),
+                 describe_default(p), describe_range(p), p.help);
+    fmt::print("\n");
+  }
+  for (const auto& problem : registry.problems()) std::fprintf(stderr, "inferlab: warning: %s\n", problem.c_str());
+  if (registry.entries().empty()) return fail("no plugins found (searched $INFERLAB_PLUGIN_PATH and the plugins folder)");
+  return 0;
+}
+
+Result<ResultsDb> open_existing(const std::string& path) {
+  if (!std::filesystem::exists(path))
+    return Error{fmt::format("{}: no results database here (run an experiment first, or pass --db)", path)};
+  return ResultsDb::open(path);
+}
+
+int run_query(const std::string& db_path, const std::string& sql, bool csv, bool json) {
+  auto db = open_existing(db_path);
+  if (!db) return fail(db.message());
+  auto result = db->query(sql);
+  if (!result) return fail(result.message());
+  const std::string text = csv ? format_csv(*result) : json ? format_json(*result) : format_table(*result);
+  std::fwrite(text.data(), 1, text.size(), stdout);
+  return 0;
+}
+
+int run_report(const std::string& db_path, const std::string& experiment) {
+  auto db = open_existing(db_path);
+  if (!db) return fail(db.message());
+  auto text = render_report(*db, experiment);
+  if (!text) return fail(text.message());
+  std::fwrite(text->data(), 1, text->size(), stdout);
+  return 0;
+}
+
+int run_merge(const std::string& out, const std::vector<std::string>& inputs) {
+  auto db = ResultsDb::open(out);
+  if (!db) return fail(db.message());
+  for (const auto& in : inputs) {
+    if (!std::filesystem::exists(in)) return fail(fmt::format("{}: no such database", in));
+    auto added = db->merge_from(in);
+    if (!added) return fail(added.message());
+    fmt::print("{}: {} runs added\n", in, *added);
+  }
+  return 0;
+}
+
+}  // namespace
+
+void register_experiment_commands(CLI::App& app) {
+  static RunArgs run;
+  auto* r = app.add_subcommand("run", "run an experiment config (skips runs already in the database)");
+  r->add_option("config", run.config, "experiment .toml file")->required();
+  r->add_option("--db", run.db, "results database")->capture_default_str();
+  r->add_option("--shard", run.shard, "run only shard i of N of the grid, as i/N (1-based)");
+  r->add_flag("--dry-run", run.dry_run, "list the runs (and which are done) without running");
+  r->callback([] { set_exit_code(run_run(run)); });
+
+  auto* p = app.add_subcommand("plugins", "list plugins: version, hooks and parameters");
+  p->callback([] { set_exit_code(run_plugins()); });
+
+  static std::string q_db = kDefaultDb, q_sql;
+  static bool q_csv = false, q_json = false;
+  auto* q = app.add_subcommand("query", "run SQL on the results database");
+  q->add_option("sql", q_sql, "one SQL statement, e.g. \"SELECT * FROM run_metrics\"")->required();
+  q->add_option("--db", q_db, "results database")->capture_default_str();
+  auto* csv = q->add_flag("--csv", q_csv, "CSV output");
+  q->add_flag("--json", q_json, "JSON output")->excludes(csv);
+  q->callback([] { set_exit_code(run_query(q_db, q_sql, q_csv, q_json)); });
+
+  static std::string rep_db = kDefaultDb, rep_experiment;
+  auto* rep = app.add_subcommand("report", "tables of each method beside the dense baseline");
+  rep->add_option("experiment", rep_experiment, "experiment name (default: the latest)");
+  rep->add_option("--db", rep_db, "results database")->capture_default_str();
+  rep->callback([] { set_exit_code(run_report(rep_db, rep_experiment)); });
+
+  static std::string m_out;
+  static std::vector<std::string> m_in;
+  auto* m = app.add_subcommand("merge", "merge shard databases into one, without duplicating runs");
+  m->add_option("out", m_out, "database to merge into (created if missing)")->required();
+  m->add_option("inputs", m_in, "databases to merge from")->required();
+  m->callback([] { set_exit_code(run_merge(m_out, m_in)); });
+}
+
+}  // namespace inferlab::cli

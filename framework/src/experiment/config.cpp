@@ -1,0 +1,645 @@
+#include "experiment/config.h"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <openssl/evp.h>
+#include <toml++/toml.h>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <array>
+#include <cctype>
+#include <charconv>
+#include <cmath>
+#include <fstream>
+#include <optional>
+#include <set>
+#include <sstream>
+#include <tuple>
+
+namespace inferlab {
+
+namespace {
+
+namespace fs = std::filesystem;
+
+// Every problem found in a config, so a researcher can fix them all in one pass.
+class Diagnostics {
+ public:
+  explicit Diagnostics(std::string source) : source_(std::move(source)) {}
+
+  void add(const toml::source_region& where, const std::string& key, const std::string& message) {
+    // Implicitly created tables have no position: point at the start of the file.
+    const uint32_t line = std::max<uint32_t>(where.begin.line, 1);
+    const uint32_t column = std::max<uint32_t>(where.begin.column, 1);
+    entries_.push_back({line, column, fmt::format("{}:{}:{}: {}: {}", source_, line, column, key, message)});
+  }
+  bool empty() const { return entries_.empty(); }
+
+  // One line per problem, in file order (tables iterate their keys sorted by name).
+  Error error() const {
+    auto sorted = entries_;
+    std::stable_sort(sorted.begin(), sorted.end(), [](const Entry& a, const Entry& b) {
+      return std::tie(a.line, a.column) < std::tie(b.line, b.column);
+    });
+    std::string text;
+    for (const auto& e : sorted) text += (text.empty() ? "" : "\n") + e.text;
+    return Error{text};
+  }
+
+ private:
+  struct Entry {
+    uint32_t line, column;
+    std::string text;
+  };
+  std::string source_;
+  std::vector<Entry> entries_;
+};
+
+const char* type_phrase(ParamType type) {
+  switch (type) {
+    case ParamType::Int: return "an integer";
+    case ParamType::Float: return "a number";
+    case ParamType::Bool: return "true or false";
+    case ParamType::String: return "a string";
+  }
+  return "?";
+}
+
+// How a TOML value reads in a message: its kind, and its text for scalars.
+std::string describe(const toml::node& node) {
+  if (const auto* v = node.as_integer()) return fmt::format("an integer ({})", v->get());
+  if (const auto* v = node.as_floating_point()) return fmt::format("a float ({})", param_value_to_string(v->get()));
+  if (const auto* v = node.as_boolean()) return fmt::format("a boolean ({})", v->get() ? "true" : "false");
+  if (const auto* v = node.as_string()) return fmt::format("a string (\"{}\")", v->get());
+  if (node.is_array()) return "a list";
+  if (node.is_table()) return "a table";
+  return "a date/time";
+}
+
+// The TOML value as `type`: integers widen to floats; nothing else converts
+// (a bool is never a number, a float never silently truncates to an integer).
+std::optional<ParamValue> as_param_type(const toml::node& node, ParamType type) {
+  switch (type) {
+    case ParamType::Int:
+      if (const auto* v = node.as_integer()) return ParamValue{int64_t(v->get())};
+      break;
+    case ParamType::Float:
+      if (const auto* v = node.as_floating_point()) return ParamValue{v->get()};
+      if (const auto* v = node.as_integer()) return ParamValue{double(v->get())};
+      break;
+    case ParamType::Bool:
+      if (const auto* v = node.as_boolean()) return ParamValue{v->get()};
+      break;
+    case ParamType::String:
+      if (const auto* v = node.as_string()) return ParamValue{v->get()};
+      break;
+  }
+  return std::nullopt;
+}
+
+std::string bound_text(double bound, ParamType type) {
+  return type == ParamType::Int ? std::to_string(int64_t(bound)) : param_value_to_string(bound);
+}
+
+// Why `value` breaks `spec`'s range or choices; empty when it does not.
+std::string limit_violation(const ParamValue& value, const ParamSpec& spec) {
+  if (const auto* s = std::get_if<std::string>(&value)) {
+    if (spec.choices.empty() || std::find(spec.choices.begin(), spec.choices.end(), *s) != spec.choices.end())
+      return "";
+    return fmt::format("\"{}\" is not one of: {}", *s, fmt::join(spec.choices, ", "));
+  }
+  if (std::holds_alternative<bool>(value)) return "";
+  const double x = std::holds_alternative<int64_t>(value) ? double(std::get<int64_t>(value)) : std::get<double>(value);
+  const std::string text = param_value_to_string(value);
+  if (std::isnan(x)) return "nan is not a usable value";
+  if (spec.min && x < *spec.min)
+    return fmt::format("value {} is below the minimum {}", text, bound_text(*spec.min, spec.type));
+  if (spec.max && x > *spec.max)
+    return fmt::format("value {} is above the maximum {}", text, bound_text(*spec.max, spec.type));
+  return "";
+}
+
+std::string names_of(const std::vector<ParamSpec>& specs) {
+  std::vector<std::string> names;
+  for (const auto& s : specs) names.push_back(s.name);
+  return fmt::format("{}", fmt::join(names, ", "));
+}
+
+std::string unknown_parameter(const std::string& kind, const std::string& name, const std::vector<ParamSpec>& specs) {
+  if (specs.empty()) return fmt::format("unknown parameter: {} \"{}\" takes no parameters", kind, name);
+  return fmt::format("unknown parameter of {} \"{}\" (its parameters: {})", kind, name, names_of(specs));
+}
+
+bool is_valid_name(const std::string& name) {
+  return !name.empty() && std::all_of(name.begin(), name.end(), [](unsigned char c) {
+    return std::isalnum(c) != 0 || c == '_' || c == '.' || c == '-';
+  });
+}
+
+bool ends_with(const std::string& text, std::string_view suffix) {
+  return text.size() >= suffix.size() && text.compare(text.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// A task parameter that names a file ("path", "corpus_path", ...).
+bool is_path_param(const ParamSpec& spec) {
+  return spec.type == ParamType::String && (spec.name == "path" || ends_with(spec.name, "_path"));
+}
+
+// Parses one config document against the catalog, collecting every problem.
+class ConfigParser {
+ public:
+  ConfigParser(std::string source, const Catalog& catalog)
+      : source_(std::move(source)), diag_(source_), catalog_(catalog), base_dir_(folder_of(source_)) {}
+
+  Result<ExperimentConfig> parse(const toml::table& root) {
+    ExperimentConfig config;
+    config.path = source_;
+    check_top_level(root);
+    parse_experiment_section(root, config);
+    parse_model_section(root, config.model);
+    parse_tasks(root, config.tasks);
+    parse_methods(root, config.methods);
+    if (!diag_.empty()) return diag_.error();
+    return config;
+  }
+
+ private:
+  using TableList = std::vector<std::pair<const toml::table*, std::string>>;
+
+  static fs::path folder_of(const std::string& source) {
+    std::error_code ec;
+    const fs::path file = source.empty() ? fs::path("config.toml") : fs::path(source);
+    const fs::path absolute = fs::absolute(file, ec);
+    return (ec ? file : absolute).lexically_normal().parent_path();
+  }
+
+  // Relative paths in a config mean "next to the config", not "wherever inferlab runs".
+  std::string resolve_path(const std::string& text) const {
+    const fs::path path(text);
+    return (path.is_absolute() ? path : base_dir_ / path).lexically_normal().string();
+  }
+
+  void check_top_level(const toml::table& root) {
+    static const std::set<std::string, std::less<>> known = {"experiment", "model", "task", "method"};
+    for (auto&& [name, node] : root) {
+      if (known.count(name.str()) != 0) continue;
+      diag_.add(name.source(), std::string(name.str()),
+                fmt::format("unknown {} (a config has [experiment], [model], [task] or [[task]], and [[method]])",
+                            node.is_table() ? "table" : "key"));
+    }
+  }
+
+  // A section that must be one table; nullptr (reported when required) otherwise.
+  const toml::table* section(const toml::table& root, std::string_view name, bool required) {
+    const toml::node* node = root.get(name);
+    if (node == nullptr) {
+      if (required) diag_.add(root.source(), std::string(name), fmt::format("missing: add a [{}] table", name));
+      return nullptr;
+    }
+    if (const auto* table = node->as_table()) return table;
+    diag_.add(node->source(), std::string(name), fmt::format("expected a [{}] table, got {}", name, describe(*node)));
+    return nullptr;
+  }
+
+  // A section written as one [name] table or as [[name]] tables, each with its key path.
+  TableList table_list(const toml::node& node, const std::string& name) {
+    if (const auto* table = node.as_table()) return {{table, name}};
+    const auto* array = node.as_array();
+    if (array == nullptr || array->empty()) {
+      diag_.add(node.source(), name, fmt::format("expected [{0}] or [[{0}]] tables, got {1}", name,
+                                                 array ? "an empty list" : describe(node)));
+      return {};
+    }
+    TableList tables;
+    for (size_t i = 0; i < array->size(); ++i) {
+      const std::string key = fmt::format("{}[{}]", name, i + 1);
+      if (const auto* table = (*array)[i].as_table()) tables.emplace_back(table, key);
+      else diag_.add((*array)[i].source(), key, "expected a table, got " + describe((*array)[i]));
+    }
+    return tables;
+  }
+
+  // One value checked against `spec`; reported and nullopt when it does not fit.
+  std::optional<ParamValue> convert(const toml::node& node, const ParamSpec& spec, const std::string& key) {
+    auto value = as_param_type(node, spec.type);
+    if (!value) {
+      diag_.add(node.source(), key, fmt::format("expected {}, got {}", type_phrase(spec.type), describe(node)));
+      return std::nullopt;
+    }
+    if (const std::string why = limit_violation(*value, spec); !why.empty()) {
+      diag_.add(node.source(), key, why);
+      return std::nullopt;
+    }
+    return value;
+  }
+
+  // A scalar (a one-element list) or a non-empty list, every element checked.
+  std::optional<std::vector<ParamValue>> convert_list(const toml::node& node, const ParamSpec& spec,
+                                                      const std::string& key) {
+    const auto* array = node.as_array();
+    if (array == nullptr) {
+      auto value = convert(node, spec, key);
+      if (!value) return std::nullopt;
+      return std::vector<ParamValue>{std::move(*value)};
+    }
+    if (array->empty()) {
+      diag_.add(node.source(), key, "empty list: give at least one value");
+      return std::nullopt;
+    }
+    std::vector<ParamValue> values;
+    for (const toml::node& element : *array)
+      if (auto value = convert(element, spec, key)) values.push_back(std::move(*value));
+    if (values.size() != array->size()) return std::nullopt;
+    return values;
+  }
+
+  // A table of scalar keys declared in `specs`, defaults filled in.
+  ParamValues read_scalars(const toml::table& table, const std::string& key, const std::vector<ParamSpec>& specs) {
+    ParamValues values;
+    for (const auto& spec : specs) values.set(spec.name, spec.default_value);
+    for (auto&& [name, node] : table) {
+      const std::string full = key + "." + std::string(name.str());
+      const auto spec =
+          std::find_if(specs.begin(), specs.end(), [&](const ParamSpec& s) { return s.name == name.str(); });
+      if (spec == specs.end()) {
+        diag_.add(name.source(), full, fmt::format("unknown key (known keys: {})", names_of(specs)));
+        continue;
+      }
+      if (auto value = convert(node, *spec, full)) values.set(spec->name, std::move(*value));
+    }
+    return values;
+  }
+
+  // A string a section cannot do without.
+  std::optional<std::string> required_string(const toml::table& table, std::string_view name, const std::string& key,
+                                             const std::string& hint) {
+    const std::string full = key + "." + std::string(name);
+    const toml::node* node = table.get(name);
+    if (node == nullptr) {
+      diag_.add(table.source(), full, "missing: " + hint);
+      return std::nullopt;
+    }
+    if (const auto* text = node->as_string()) return text->get();
+    diag_.add(node->source(), full, "expected a string, got " + describe(*node));
+    return std::nullopt;
+  }
+
+  void parse_experiment_section(const toml::table& root, ExperimentConfig& config) {
+    static const std::vector<ParamSpec> specs = {
+        ParamSpec::string("name", "", {}, ""), ParamSpec::integer("seed", 0, 0, std::nullopt, ""),
+        ParamSpec::string("backend", "cpu", {"cpu", "cuda", "auto"}, ""), ParamSpec::string("description", "", {}, "")};
+    const toml::table* table = section(root, "experiment", true);
+    if (table == nullptr) return;
+    const ParamValues values = read_scalars(*table, "experiment", specs);
+    config.name = values.get_string("name");
+    config.seed = values.get_int("seed");
+    config.backend = values.get_string("backend");
+    config.description = values.get_string("description");
+    const toml::node* name = table->get("name");
+    if (name == nullptr)
+      diag_.add(table->source(), "experiment.name", "missing: name the experiment (letters, digits, '_', '.', '-')");
+    else if (name->is_string() && !is_valid_name(config.name))
+      diag_.add(name->source(), "experiment.name",
+                fmt::format("\"{}\" is not a valid name: use letters, digits, '_', '.' and '-'", config.name));
+  }
+
+  void parse_model_section(const toml::table& root, ModelSection& model) {
+    static const std::vector<ParamSpec> specs = {
+        ParamSpec::string("name", "", {}, ""), ParamSpec::integer("page_size", 16, 1, 65536, ""),
+        ParamSpec::integer("max_context", 0, 0, std::nullopt, ""),
+        ParamSpec::integer("threads", 0, 0, std::nullopt, ""),
+        ParamSpec::integer("prefill_chunk", 0, 0, std::nullopt, "")};
+    const toml::table* table = section(root, "model", true);
+    if (table == nullptr) return;
+    const ParamValues values = read_scalars(*table, "model", specs);
+    model.name = values.get_string("name");
+    model.page_size = values.get_int("page_size");
+    model.max_context = values.get_int("max_context");
+    model.threads = values.get_int("threads");
+    model.prefill_chunk = values.get_int("prefill_chunk");
+    const toml::node* name = table->get("name");
+    if (name == nullptr || (name->is_string() && model.name.empty()))
+      diag_.add(name ? name->source() : table->source(), "model.name",
+                "missing: give a model short name (e.g. smollm2-135m) or a .gguf path");
+    // A short name stays as written; anything that looks like a file is made absolute.
+    if (model.name.find('/') != std::string::npos || ends_with(model.name, ".gguf"))
+      model.name = resolve_path(model.name);
+  }
+
+  void parse_tasks(const toml::table& root, std::vector<TaskSection>& tasks) {
+    const toml::node* node = root.get("task");
+    if (node == nullptr) {
+      diag_.add(root.source(), "task", "missing: add a [task] table (or several [[task]] tables)");
+      return;
+    }
+    for (const auto& [table, key] : table_list(*node, "task"))
+      if (auto task = parse_task(*table, key)) tasks.push_back(std::move(*task));
+  }
+
+  // The catalog name a section is about (a task's type, a method's plugin), when it is known.
+  std::optional<std::string> catalog_name(const toml::table& table, std::string_view field, const std::string& key,
+                                          const std::string& kind, const std::vector<std::string>& known) {
+    const std::string list = known.empty() ? std::string("none found") : fmt::format("{}", fmt::join(known, ", "));
+    const auto name = required_string(table, field, key, fmt::format("name the {}, one of: {}", kind, list));
+    if (!name || std::find(known.begin(), known.end(), *name) != known.end()) return name;
+    diag_.add(table.get(field)->source(), key + "." + std::string(field),
+              fmt::format("unknown {} \"{}\" (known {}s: {})", kind, *name, kind, list));
+    return std::nullopt;
+  }
+
+  std::optional<TaskSection> parse_task(const toml::table& table, const std::string& key) {
+    std::vector<std::string> known;
+    for (const auto& t : catalog_.tasks) known.push_back(t.name);
+    const auto type = catalog_name(table, "type", key, "task", known);
+    if (!type) return std::nullopt;
+    const TaskInfo* info = catalog_.find_task(*type);
+    TaskSection task{*type, {}};
+    for (auto&& [name, node] : table) {
+      if (name == "type") continue;
+      const std::string full = key + "." + std::string(name.str());
+      const auto spec = std::find_if(info->params.begin(), info->params.end(),
+                                     [&](const TaskParamSpec& p) { return p.spec.name == name.str(); });
+      if (spec == info->params.end()) {
+        std::vector<ParamSpec> specs;
+        for (const auto& p : info->params) specs.push_back(p.spec);
+        diag_.add(name.source(), full, unknown_parameter("task", info->name, specs));
+      } else if (auto values = task_param_values(node, *spec, full)) {
+        task.params.set(spec->spec.name, std::move(*values));
+      }
+    }
+    for (const auto& p : info->params)
+      if (!task.params.has(p.spec.name)) task.params.set(p.spec.name, p.default_values());
+    return task;
+  }
+
+  std::optional<std::vector<ParamValue>> task_param_values(const toml::node& node, const TaskParamSpec& param,
+                                                           const std::string& key) {
+    if (!param.list && node.is_array()) {
+      diag_.add(node.source(), key, "takes one value, not a list (task parameters are not grid axes)");
+      return std::nullopt;
+    }
+    auto values = convert_list(node, param.spec, key);
+    if (!values || !is_path_param(param.spec)) return values;
+    // Bare names such as "kjv" are corpus short names, not files.
+    for (auto& value : *values) {
+      auto& text = std::get<std::string>(value);
+      if (text.find('/') != std::string::npos || ends_with(text, ".txt")) text = resolve_path(text);
+    }
+    return values;
+  }
+
+  void parse_methods(const toml::table& root, std::vector<MethodSection>& methods) {
+    const toml::node* node = root.get("method");
+    if (node == nullptr) return;
+    for (const auto& [table, key] : table_list(*node, "method"))
+      if (auto method = parse_method(*table, key)) methods.push_back(std::move(*method));
+  }
+
+  std::optional<MethodSection> parse_method(const toml::table& table, const std::string& key) {
+    std::vector<std::string> known;
+    for (const auto& p : catalog_.plugins) known.push_back(p.name);
+    const auto plugin = catalog_name(table, "plugin", key, "plugin", known);
+    if (!plugin) return std::nullopt;
+    const PluginEntry* entry = catalog_.find_plugin(*plugin);
+    MethodSection method{*plugin, *plugin, entry->version, {}};
+    for (auto&& [name, node] : table) {
+      const std::string full = key + "." + std::string(name.str());
+      if (name == "plugin") continue;
+      if (name == "name") {
+        read_label(node, full, method.label);
+        continue;
+      }
+      const auto spec = std::find_if(entry->params.begin(), entry->params.end(),
+                                     [&](const ParamSpec& s) { return s.name == name.str(); });
+      if (spec == entry->params.end())
+        diag_.add(name.source(), full, unknown_parameter("plugin", entry->name, entry->params));
+      else if (auto values = convert_list(node, *spec, full))
+        method.axes[spec->name] = std::move(*values);
+    }
+    for (const auto& spec : entry->params)
+      method.axes.try_emplace(spec.name, std::vector<ParamValue>{spec.default_value});
+    return method;
+  }
+
+  void read_label(const toml::node& node, const std::string& key, std::string& label) {
+    const auto* text = node.as_string();
+    if (text == nullptr || text->get().empty())
+      diag_.add(node.source(), key, "expected a non-empty label, got " + describe(node));
+    else
+      label = text->get();
+  }
+
+  std::string source_;
+  Diagnostics diag_;
+  const Catalog& catalog_;
+  fs::path base_dir_;
+};
+
+Result<toml::table> parse_toml(std::string_view text, const std::string& source_name) {
+  const auto syntax_error = [&](const toml::parse_error& e) {
+    return Error{fmt::format("{}:{}:{}: TOML syntax error: {}", source_name, e.source().begin.line,
+                             e.source().begin.column, e.description())};
+  };
+#if TOML_EXCEPTIONS
+  try {
+    return toml::parse(text, std::string_view(source_name));
+  } catch (const toml::parse_error& e) {
+    return syntax_error(e);
+  }
+#else
+  toml::parse_result parsed = toml::parse(text, std::string_view(source_name));
+  if (!parsed) return syntax_error(parsed.error());
+  return std::move(parsed).table();
+#endif
+}
+
+}  // namespace
+
+Result<ExperimentConfig> parse_experiment(std::string_view toml_text, const std::string& source_name,
+                                          const Catalog& catalog) {
+  auto root = parse_toml(toml_text, source_name);
+  if (!root) return root.error();
+  return ConfigParser(source_name, catalog).parse(*root);
+}
+
+Result<ExperimentConfig> load_experiment(const std::filesystem::path& file, const Catalog& catalog) {
+  const std::string name = file.string();
+  std::error_code ec;
+  if (!std::filesystem::exists(file, ec)) return Error{fmt::format("{}: experiment config file not found", name)};
+  if (std::filesystem::is_directory(file, ec))
+    return Error{fmt::format("{}: is a folder, not an experiment config file", name)};
+  std::ifstream in(file, std::ios::binary);
+  if (!in) return Error{fmt::format("{}: cannot open the experiment config for reading", name)};
+  std::ostringstream text;
+  text << in.rdbuf();
+  auto config = parse_experiment(text.str(), name, catalog);
+  if (config) config->path = std::filesystem::absolute(file, ec).lexically_normal().string();
+  return config;
+}
+
+namespace {
+
+// Floats as their shortest round-trip text, so the JSON (and so the hash)
+// never depends on how a JSON library prints doubles.
+nlohmann::json param_json(const ParamValue& value) {
+  if (std::holds_alternative<double>(value)) return param_value_to_string(value);
+  return std::visit([](const auto& v) { return nlohmann::json(v); }, value);
+}
+
+std::string canonical_config_json(const RunSpec& run) {
+  nlohmann::json task_params = nlohmann::json::object();
+  for (const auto& [name, values] : run.task.params.all()) {
+    nlohmann::json list = nlohmann::json::array();
+    for (const auto& v : values) list.push_back(param_json(v));
+    task_params[name] = std::move(list);
+  }
+  nlohmann::json params = nlohmann::json::object();
+  for (const auto& [name, value] : run.params.all()) params[name] = param_json(value);
+  // nlohmann::json objects are std::maps: keys come out sorted.
+  const nlohmann::json json = {
+      {"experiment", run.experiment},
+      {"seed", run.seed},
+      {"backend", run.backend},
+      {"model",
+       {{"name", run.model.name}, {"checksum", run.model_checksum}, {"page_size", run.model.page_size},
+        {"max_context", run.model.max_context}, {"prefill_chunk", run.model.prefill_chunk}}},
+      {"task", {{"type", run.task.type}, {"params", std::move(task_params)}}},
+      {"plugin", {{"name", run.plugin}, {"version", run.plugin_version}}},
+      {"params", std::move(params)}};
+  return json.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+}
+
+using Axes = std::map<std::string, std::vector<ParamValue>>;
+
+// Every point of a method's grid: axes in the plugin's declaration order, the last one fastest.
+std::vector<ParamValues> grid_points(const PluginEntry& plugin, const Axes& axes) {
+  std::vector<ParamValues> points(1);
+  for (const ParamSpec& spec : plugin.params) {
+    const auto axis = axes.find(spec.name);
+    const std::vector<ParamValue> values =
+        axis != axes.end() && !axis->second.empty() ? axis->second : std::vector<ParamValue>{spec.default_value};
+    std::vector<ParamValues> next;
+    for (const ParamValues& point : points)
+      for (const ParamValue& value : values) {
+        next.push_back(point);
+        next.back().set(spec.name, value);
+      }
+    points = std::move(next);
+  }
+  return points;
+}
+
+// The method label plus the axes that vary, so runs of one method tell apart.
+std::string point_label(const std::string& base, const PluginEntry& plugin, const Axes& axes,
+                        const ParamValues& point) {
+  std::string label = base;
+  for (const ParamSpec& spec : plugin.params) {
+    const auto axis = axes.find(spec.name);
+    if (axis != axes.end() && axis->second.size() > 1)
+      label += fmt::format(" {}={}", spec.name, param_value_to_string(point.all().at(spec.name)));
+  }
+  return label;
+}
+
+RunSpec make_run(const ExperimentConfig& config, const std::string& checksum, const TaskSection& task,
+                 const PluginEntry& plugin, ParamValues params, std::string label) {
+  RunSpec run;
+  run.experiment = config.name;
+  run.seed = config.seed;
+  run.backend = config.backend;
+  run.model = config.model;
+  run.model_checksum = checksum;
+  run.task = task;
+  run.plugin = plugin.name;
+  run.plugin_version = plugin.version;
+  run.label = std::move(label);
+  run.params = std::move(params);
+  run.config_json = canonical_config_json(run);
+  run.hash = sha256_hex(run.config_json);
+  return run;
+}
+
+std::string plugin_names(const Catalog& catalog) {
+  std::vector<std::string> names;
+  for (const auto& p : catalog.plugins) names.push_back(p.name);
+  return names.empty() ? std::string("none") : fmt::format("{}", fmt::join(names, ", "));
+}
+
+}  // namespace
+
+Result<std::vector<RunSpec>> expand_grid(const ExperimentConfig& config, const Catalog& catalog,
+                                         const std::string& model_checksum) {
+  const PluginEntry* dense = catalog.find_plugin("dense");
+  if (dense == nullptr)
+    return Error{fmt::format("the \"dense\" plugin, every experiment's baseline, was not found (plugins found: {})",
+                             plugin_names(catalog))};
+  std::vector<RunSpec> runs;
+  std::set<std::string> seen;
+  const auto add = [&](RunSpec run) {
+    if (!seen.insert(run.hash).second) return;
+    run.index = int64_t(runs.size());
+    runs.push_back(std::move(run));
+  };
+  for (const TaskSection& task : config.tasks) {
+    RunSpec baseline = make_run(config, model_checksum, task, *dense, grid_points(*dense, {}).front(), "dense");
+    baseline.baseline = true;
+    add(std::move(baseline));
+    for (size_t m = 0; m < config.methods.size(); ++m) {
+      const MethodSection& method = config.methods[m];
+      const PluginEntry* plugin = catalog.find_plugin(method.plugin);
+      if (plugin == nullptr)
+        return Error{fmt::format("method[{}]: plugin \"{}\" was not found (plugins found: {})", m + 1, method.plugin,
+                                 plugin_names(catalog))};
+      for (ParamValues& point : grid_points(*plugin, method.axes)) {
+        std::string label = point_label(method.label, *plugin, method.axes, point);
+        add(make_run(config, model_checksum, task, *plugin, std::move(point), std::move(label)));
+      }
+    }
+  }
+  return runs;
+}
+
+namespace {
+
+std::optional<int64_t> parse_whole_number(std::string_view text) {
+  int64_t value = 0;
+  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (text.empty() || ec != std::errc() || end != text.data() + text.size()) return std::nullopt;
+  return value;
+}
+
+}  // namespace
+
+Result<Shard> parse_shard(const std::string& text) {
+  const auto invalid = [&](const std::string& why) {
+    return Error{fmt::format("\"{}\": {}; write i/N with 1 <= i <= N, e.g. 1/4", text, why)};
+  };
+  const size_t slash = text.find('/');
+  if (slash == std::string::npos) return invalid("no '/' between the shard number and the shard count");
+  const auto number = parse_whole_number(std::string_view(text).substr(0, slash));
+  const auto count = parse_whole_number(std::string_view(text).substr(slash + 1));
+  if (!number || !count) return invalid("the shard number and count must be whole numbers");
+  if (*count < 1) return invalid("the shard count must be at least 1");
+  if (*number < 1 || *number > *count) return invalid(fmt::format("the shard number must be between 1 and {}", *count));
+  return Shard{*number - 1, *count};
+}
+
+std::vector<RunSpec> select_shard(const std::vector<RunSpec>& runs, Shard shard) {
+  if (shard.count <= 1) return runs;
+  std::vector<RunSpec> selected;
+  for (const RunSpec& run : runs)
+    if (run.index % shard.count == shard.index) selected.push_back(run);
+  return selected;
+}
+
+std::string sha256_hex(std::string_view text) {
+  std::array<unsigned char, EVP_MAX_MD_SIZE> digest{};
+  unsigned int length = 0;
+  EVP_Digest(text.data(), text.size(), digest.data(), &length, EVP_sha256(), nullptr);
+  std::string hex;
+  for (unsigned int i = 0; i < length; ++i) hex += fmt::format("{:02x}", digest[i]);
+  return hex;
+}
+
+}  // namespace inferlab

@@ -1,0 +1,98 @@
+// Experiment configs: a TOML file parsed and validated against the catalog
+// (every error reported at once, each as `file:line:column: key: message`),
+// expanded into a grid of runs, each with a stable hash of its resolved
+// configuration, and split into shards for cluster job arrays.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "experiment/catalog.h"
+#include "inferlab/params.h"
+#include "inferlab/result.h"
+
+namespace inferlab {
+
+struct ModelSection {
+  std::string name;  // short name, or an absolute .gguf path (relative paths resolved against the config)
+  int64_t page_size = 16;
+  int64_t max_context = 0;    // 0: the model's own
+  int64_t threads = 0;        // 0: all cores
+  int64_t prefill_chunk = 0;  // tokens per forward call during prefill; 0: the whole prompt
+};
+
+struct TaskSection {
+  std::string type;
+  TaskParams params;  // every declared parameter present, defaults filled in
+};
+
+struct MethodSection {
+  std::string plugin;
+  std::string label;  // the config's `name`, or the plugin name
+  std::string plugin_version;
+  // Every declared parameter present; a scalar or a default is a one-element list.
+  std::map<std::string, std::vector<ParamValue>> axes;
+};
+
+struct ExperimentConfig {
+  std::string path;  // the config file (absolute when loaded from disk)
+  std::string name, description, backend;
+  int64_t seed = 0;
+  ModelSection model;
+  std::vector<TaskSection> tasks;
+  std::vector<MethodSection> methods;
+};
+
+// Reads and validates an experiment file; on failure the message holds one
+// line per problem found.
+Result<ExperimentConfig> load_experiment(const std::filesystem::path& file, const Catalog& catalog);
+
+// The same from text; `source_name` names the text in messages, and relative
+// paths in the config resolve against its folder.
+Result<ExperimentConfig> parse_experiment(std::string_view toml_text, const std::string& source_name,
+                                          const Catalog& catalog);
+
+// One point of an experiment's grid: everything needed to execute and record a run.
+struct RunSpec {
+  int64_t index = 0;  // position in the grid (0-based), stable
+  std::string experiment;
+  int64_t seed = 0;
+  std::string backend;
+  ModelSection model;
+  std::string model_checksum;
+  TaskSection task;
+  std::string plugin, plugin_version;
+  std::string label;   // e.g. "dense" or "h2o-small heavy=32": the method label plus the axes that vary
+  ParamValues params;  // every declared parameter present
+  bool baseline = false;  // the dense baseline run of its task
+  // Canonical JSON (sorted keys) of everything that changes the run's results;
+  // index, label and threads are left out.
+  std::string config_json;
+  std::string hash;  // sha256 hex of config_json
+};
+
+// Per task, in config order: the dense baseline, then each method's cartesian
+// product of its axes (declaration order, last axis fastest). A point whose
+// hash equals an earlier run's is dropped. Errors when "dense" is not in the catalog.
+Result<std::vector<RunSpec>> expand_grid(const ExperimentConfig& config, const Catalog& catalog,
+                                         const std::string& model_checksum);
+
+struct Shard {
+  int64_t index = 0;  // 0-based
+  int64_t count = 1;
+};
+
+// "i/N" with 1 <= i <= N, as written on the command line.
+Result<Shard> parse_shard(const std::string& text);
+
+// The runs whose grid index falls in `shard` (index % count), in grid order.
+std::vector<RunSpec> select_shard(const std::vector<RunSpec>& runs, Shard shard);
+
+// sha256 of `text` as lowercase hex.
+std::string sha256_hex(std::string_view text);
+
+}  // namespace inferlab

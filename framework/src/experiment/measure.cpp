@@ -1,0 +1,324 @@
+#include "experiment/measure.h"
+
+#include <fmt/format.h>
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <nlohmann/json.hpp>
+#include <numeric>
+
+namespace inferlab {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+int32_t argmax(std::span<const float> logits) {
+  return int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
+}
+
+// Everything measured over a run's samples, before it becomes metrics.
+struct Tally {
+  int64_t samples = 0;
+  double score_sum = 0;
+  int64_t scored = 0;
+  std::vector<double> ttft, tpot;  // seconds
+  double prefill_seconds = 0, decode_seconds = 0;
+  int64_t prefill_tokens = 0, decode_tokens = 0;
+  double nll_sum = 0;
+  int64_t nll_count = 0;
+  int64_t fidelity_positions = 0, fidelity_agree = 0;
+  double kl_sum = 0;
+  int64_t kl_count = 0;
+  int64_t kv_peak = 0;
+  double kv_final_sum = 0;
+};
+
+// One sequence under the context's method: prefill in chunks, then decode.
+class SampleRunner {
+ public:
+  SampleRunner(MeasureContext& ctx, Tally& tally) : ctx_(ctx), tally_(tally), engine_(*ctx.engine) {}
+
+  // Prefills `prompt`; `sink` sees every row's logits (row = index in prompt).
+  Status prefill(const std::vector<int32_t>& prompt, int64_t chunk, const LogitsSink& sink) {
+    if (ctx_.method != nullptr) ctx_.method->begin_sequence(engine_.shape());
+    seq_ = engine_.new_sequence();
+    engine_.pool().reset_peak();
+    const int64_t n = int64_t(prompt.size());
+    if (chunk <= 0) chunk = n;
+    const auto t0 = Clock::now();
+    for (int64_t start = 0; start < n; start += chunk) {
+      const int64_t len = std::min(chunk, n - start);
+      auto s = engine_.forward(*seq_, std::span<const int32_t>(prompt.data() + start, size_t(len)), 0,
+                               [&](int64_t row, std::span<const float> l) { sink(start + row, l); });
+      if (!s) return s;
+    }
+    tally_.prefill_seconds += since(t0);
+    tally_.prefill_tokens += n;
+    return ok_status();
+  }
+
+  // One decode step; `sink` sees its logits. Adds the step to TPOT.
+  Status decode(int32_t token, const std::function<void(std::span<const float>)>& sink) {
+    const auto t0 = Clock::now();
+    auto s = engine_.forward(*seq_, std::span<const int32_t>(&token, 1), 0,
+                             [&](int64_t, std::span<const float> l) { sink(l); });
+    const double dt = since(t0);
+    tally_.tpot.push_back(dt);
+    tally_.decode_seconds += dt;
+    ++tally_.decode_tokens;
+    return s;
+  }
+
+  bool context_full() const { return seq_->n_past() >= engine_.max_context(); }
+
+  void finish() {
+    tally_.kv_peak = std::max(tally_.kv_peak, engine_.pool().peak_bytes_in_use());
+    tally_.kv_final_sum += double(seq_->pages_held() * engine_.pool().page_bytes());
+    seq_.reset();
+  }
+
+ private:
+  MeasureContext& ctx_;
+  Tally& tally_;
+  Engine& engine_;
+  std::unique_ptr<KvSequence> seq_;
+};
+
+struct Generated {
+  std::vector<int32_t> tokens;
+  double ttft = 0, seconds = 0;
+};
+
+// Greedy generation of up to max_new tokens, stopping at EOS.
+Result<Generated> generate_greedy(MeasureContext& ctx, Tally& tally, const TaskSample& sample,
+                                  std::vector<float>* logits_out) {
+  SampleRunner runner(ctx, tally);
+  Generated out;
+  const auto t0 = Clock::now();
+  std::vector<float> last;
+  const int64_t n = int64_t(sample.prompt_tokens.size());
+  auto s = runner.prefill(sample.prompt_tokens, ctx.prefill_chunk, [&](int64_t row, std::span<const float> l) {
+    if (row == n - 1) last.assign(l.begin(), l.end());
+  });
+  if (!s) return s.error();
+  int32_t next = argmax(last);
+  out.ttft = since(t0);
+  const int32_t eos = ctx.engine->model().tokenizer().eos();
+  for (int32_t i = 0; i < sample.max_new_tokens && next != eos; ++i) {
+    out.tokens.push_back(next);
+    if (logits_out != nullptr) logits_out->insert(logits_out->end(), last.begin(), last.end());
+    if (i + 1 == sample.max_new_tokens || runner.context_full()) break;
+    s = runner.decode(next, [&](std::span<const float> l) { last.assign(l.begin(), l.end()); });
+    if (!s) return s.error();
+    next = argmax(last);
+  }
+  out.seconds = since(t0);
+  runner.finish();
+  return out;
+}
+
+std::string sample_key(const MeasureContext& ctx, size_t index) { return fmt::format("{}#{}", ctx.task_key, index); }
+
+// Dense's greedy output for a sample: from the cache, or computed now with the
+// method switched off.
+Result<const DenseReference*> dense_reference(MeasureContext& ctx, size_t index, bool with_logits) {
+  const std::string key = sample_key(ctx, index);
+  if (auto it = ctx.dense->find(key); it != ctx.dense->end()) return &it->second;
+  MeasureContext dense = ctx;
+  dense.method = nullptr;
+  ctx.engine->set_method(nullptr, 0);
+  Tally scratch;
+  DenseReference ref;
+  auto gen = generate_greedy(dense, scratch, (*ctx.samples)[index], with_logits ? &ref.logits : nullptr);
+  ctx.engine->set_method(ctx.method, ctx.hooks);
+  if (!gen) return gen.error();
+  ref.tokens = gen->tokens;
+  DenseReference& stored = (*ctx.dense)[key];
+  stored = std::move(ref);
+  return &stored;
+}
+
+Result<SampleRow> generation_sample(MeasureContext& ctx, Tally& tally, size_t index) {
+  const TaskSample& sample = (*ctx.samples)[index];
+  auto gen = generate_greedy(ctx, tally, sample, nullptr);
+  if (!gen) return gen.error();
+  const std::string text = ctx.engine->model().tokenizer().decode(gen->tokens);
+  const double score = ctx.task->score(sample, text);
+  tally.score_sum += score;
+  ++tally.scored;
+  tally.ttft.push_back(gen->ttft);
+  if (ctx.method == nullptr) {
+    (*ctx.dense)[sample_key(ctx, index)].tokens = gen->tokens;
+  } else {
+    auto ref = dense_reference(ctx, index, false);
+    if (!ref) return ref.error();
+    const auto& d = (*ref)->tokens;
+    const size_t common = std::min(d.size(), gen->tokens.size());
+    for (size_t i = 0; i < common; ++i) tally.fidelity_agree += d[i] == gen->tokens[i];
+    tally.fidelity_positions += int64_t(std::max(d.size(), gen->tokens.size()));
+  }
+  std::string expected;
+  for (const auto& e : sample.expected) expected += (expected.empty() ? "" : " | ") + e;
+  nlohmann::json detail = {{"id", sample.id}, {"score", score}, {"ttft_ms", gen->ttft * 1e3},
+                           {"generated_tokens", gen->tokens.size()}};
+  for (const auto& [k, v] : sample.tags) detail[k] = v;
+  return SampleRow{int64_t(index), int64_t(sample.prompt_tokens.size()), expected, text, score >= 1.0,
+                   gen->seconds, detail.dump()};
+}
+
+Result<SampleRow> perplexity_sample(MeasureContext& ctx, Tally& tally, size_t index) {
+  const TaskSample& sample = (*ctx.samples)[index];
+  const auto& tokens = sample.prompt_tokens;
+  const int64_t chunk = ctx.task_params->has("chunk") ? ctx.task_params->get_int("chunk") : 0;
+  SampleRunner runner(ctx, tally);
+  double nll = 0;
+  int64_t count = 0;
+  const auto t0 = Clock::now();
+  auto s = runner.prefill(tokens, chunk, [&](int64_t row, std::span<const float> l) {
+    if (row + 1 >= int64_t(tokens.size())) return;
+    nll -= log_softmax(l)[size_t(tokens[size_t(row + 1)])];
+    ++count;
+  });
+  if (!s) return s.error();
+  const double seconds = since(t0);
+  runner.finish();
+  tally.nll_sum += nll;
+  tally.nll_count += count;
+  nlohmann::json detail = {{"id", sample.id}, {"nll_mean", count > 0 ? nll / double(count) : 0.0},
+                           {"perplexity", count > 0 ? std::exp(nll / double(count)) : 0.0}};
+  return SampleRow{int64_t(index), int64_t(tokens.size()), "", "", std::nullopt, seconds, detail.dump()};
+}
+
+// Teacher-forced comparison with dense over dense's generated tokens.
+Result<SampleRow> fidelity_sample(MeasureContext& ctx, Tally& tally, size_t index) {
+  const TaskSample& sample = (*ctx.samples)[index];
+  auto ref = dense_reference(ctx, index, true);
+  if (!ref) return ref.error();
+  const DenseReference& d = **ref;
+  const size_t v = size_t(ctx.engine->config().n_vocab);
+  SampleRunner runner(ctx, tally);
+  const auto t0 = Clock::now();
+  std::vector<float> last;
+  const int64_t n = int64_t(sample.prompt_tokens.size());
+  auto s = runner.prefill(sample.prompt_tokens, ctx.prefill_chunk, [&](int64_t row, std::span<const float> l) {
+    if (row == n - 1) last.assign(l.begin(), l.end());
+  });
+  if (!s) return s.error();
+  tally.ttft.push_back(since(t0));
+  int64_t agree = 0;
+  double kl = 0;
+  for (size_t k = 0; k < d.tokens.size(); ++k) {
+    const std::span<const float> dense_row(d.logits.data() + k * v, v);
+    agree += argmax(last) == argmax(dense_row);
+    const auto lp = log_softmax(dense_row), lq = log_softmax(last);
+    for (size_t i = 0; i < v; ++i) kl += std::exp(lp[i]) * (lp[i] - lq[i]);
+    if (k + 1 == d.tokens.size()) break;
+    s = runner.decode(d.tokens[k], [&](std::span<const float> l) { last.assign(l.begin(), l.end()); });
+    if (!s) return s.error();
+  }
+  runner.finish();
+  const int64_t positions = int64_t(d.tokens.size());
+  tally.fidelity_agree += agree;
+  tally.fidelity_positions += positions;
+  tally.kl_sum += kl;
+  tally.kl_count += positions;
+  nlohmann::json detail = {{"id", sample.id},
+                           {"top1_agreement", positions > 0 ? double(agree) / double(positions) : 1.0},
+                           {"kl_mean", positions > 0 ? kl / double(positions) : 0.0}};
+  return SampleRow{int64_t(index), n, "", "", std::nullopt, since(t0), detail.dump()};
+}
+
+double percentile(std::vector<double> v, double p) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const double rank = p * double(v.size() - 1);
+  const size_t lo = size_t(std::floor(rank)), hi = size_t(std::ceil(rank));
+  return v[lo] + (v[hi] - v[lo]) * (rank - double(lo));
+}
+
+double mean(const std::vector<double>& v) {
+  return v.empty() ? 0.0 : std::accumulate(v.begin(), v.end(), 0.0) / double(v.size());
+}
+
+int64_t peak_rss_bytes() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return int64_t(usage.ru_maxrss) * 1024;
+}
+
+std::vector<MetricValue> tally_metrics(const MeasureContext& ctx, const Tally& t) {
+  std::vector<MetricValue> m;
+  m.push_back({"samples", double(t.samples), "count"});
+  if (t.scored > 0) m.push_back({"accuracy", t.score_sum / double(t.scored), "fraction"});
+  if (t.nll_count > 0) m.push_back({"perplexity", std::exp(t.nll_sum / double(t.nll_count)), "ppl"});
+  if (t.fidelity_positions > 0)
+    m.push_back({"fidelity_top1", double(t.fidelity_agree) / double(t.fidelity_positions), "fraction"});
+  if (t.kl_count > 0) m.push_back({"fidelity_kl", t.kl_sum / double(t.kl_count), "nats"});
+  if (!t.ttft.empty()) m.push_back({"ttft_ms", mean(t.ttft) * 1e3, "ms"});
+  if (!t.tpot.empty()) {
+    m.push_back({"tpot_mean_ms", mean(t.tpot) * 1e3, "ms"});
+    m.push_back({"tpot_p50_ms", percentile(t.tpot, 0.50) * 1e3, "ms"});
+    m.push_back({"tpot_p99_ms", percentile(t.tpot, 0.99) * 1e3, "ms"});
+    m.push_back({"decode_tokens_per_s", double(t.decode_tokens) / t.decode_seconds, "tokens/s"});
+  }
+  if (t.prefill_seconds > 0) {
+    m.push_back({"prefill_tokens_per_s", double(t.prefill_tokens) / t.prefill_seconds, "tokens/s"});
+    m.push_back({"prefill_ms", t.prefill_seconds * 1e3 / double(std::max<int64_t>(1, t.samples)), "ms"});
+  }
+  m.push_back({"kv_bytes_peak", double(t.kv_peak), "bytes"});
+  m.push_back({"kv_bytes_final", t.kv_final_sum / double(std::max<int64_t>(1, t.samples)), "bytes"});
+  m.push_back({"peak_rss_bytes", double(peak_rss_bytes()), "bytes"});
+  for (const auto& [name, value] : ctx.engine->counters().as_map()) m.push_back({"engine." + name, value, "count"});
+  if (ctx.method != nullptr)
+    for (const auto& [name, value] : ctx.method->counters()) m.push_back({"plugin." + name, value, ""});
+  return m;
+}
+
+}  // namespace
+
+std::vector<double> log_softmax(std::span<const float> logits) {
+  const double mx = double(*std::max_element(logits.begin(), logits.end()));
+  double sum = 0;
+  for (float l : logits) sum += std::exp(double(l) - mx);
+  const double log_sum = std::log(sum) + mx;
+  std::vector<double> out(logits.size());
+  for (size_t i = 0; i < logits.size(); ++i) out[i] = double(logits[i]) - log_sum;
+  return out;
+}
+
+Result<RunMeasurements> measure_run(MeasureContext& ctx) {
+  ctx.engine->set_method(ctx.method, ctx.hooks);
+  // Dense references first, so the run's counters and timings are its own.
+  const TaskKind kind = ctx.task->kind();
+  if (kind == TaskKind::Fidelity || (kind == TaskKind::Generation && ctx.method != nullptr))
+    for (size_t i = 0; i < ctx.samples->size(); ++i)
+      if (auto ref = dense_reference(ctx, i, kind == TaskKind::Fidelity); !ref)
+        return Error{fmt::format("dense reference of sample {}: {}", i, ref.message())};
+  ctx.engine->reset_counters();
+  Tally tally;
+  RunMeasurements out;
+  for (size_t i = 0; i < ctx.samples->size(); ++i) {
+    Result<SampleRow> row = Error{""};
+    switch (kind) {
+      case TaskKind::Generation: row = generation_sample(ctx, tally, i); break;
+      case TaskKind::Perplexity: row = perplexity_sample(ctx, tally, i); break;
+      case TaskKind::Fidelity: row = fidelity_sample(ctx, tally, i); break;
+    }
+    if (!row) {
+      ctx.engine->set_method(nullptr, 0);
+      return Error{fmt::format("sample {} ({}): {}", i, (*ctx.samples)[i].id, row.message())};
+    }
+    out.samples.push_back(std::move(*row));
+    ++tally.samples;
+    if (ctx.on_sample) ctx.on_sample(int64_t(i + 1));
+  }
+  out.metrics = tally_metrics(ctx, tally);
+  ctx.engine->set_method(nullptr, 0);
+  return out;
+}
+
+}  // namespace inferlab

@@ -1,0 +1,49 @@
+// Runs one configured method over a task's samples on the engine and measures
+// what DESIGN.md lists per run: accuracy, perplexity, fidelity to dense,
+// TTFT, TPOT, throughput, KV bytes, and the engine's and plugin's counters.
+#pragma once
+
+#include <functional>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "datasets/tasks.h"
+#include "engine/engine.h"
+#include "experiment/catalog.h"
+#include "results/database.h"
+
+namespace inferlab {
+
+// Dense outputs of a task's samples, computed once per process and shared by
+// every method run of that task (fidelity needs them).
+struct DenseReference {
+  std::vector<int32_t> tokens;  // greedy tokens dense generated
+  std::vector<float> logits;    // (tokens, n_vocab): fidelity tasks only
+};
+using DenseCache = std::map<std::string, DenseReference>;  // key: task key + "#" + sample index
+
+struct MeasureContext {
+  Engine* engine = nullptr;
+  Method* method = nullptr;  // nullptr: the dense baseline
+  uint32_t hooks = 0;
+  int64_t prefill_chunk = 0;  // tokens per forward call while prefilling (0: whole prompt)
+  const Task* task = nullptr;
+  const TaskParams* task_params = nullptr;
+  const std::vector<TaskSample>* samples = nullptr;
+  std::string task_key;       // identifies (task, params) for the dense cache
+  DenseCache* dense = nullptr;
+  std::function<void(int64_t samples_done)> on_sample;
+};
+
+struct RunMeasurements {
+  std::vector<MetricValue> metrics;
+  std::vector<SampleRow> samples;
+};
+
+Result<RunMeasurements> measure_run(MeasureContext& context);
+
+// Log-softmax of a logits row, in double.
+std::vector<double> log_softmax(std::span<const float> logits);
+
+}  // namespace inferlab

@@ -1,0 +1,273 @@
+#include "experiment/runner.h"
+
+#include <fmt/format.h>
+
+#include <chrono>
+#include <cstdio>
+#include <map>
+#include <memory>
+
+#include "datasets/tasks.h"
+#include "engine/device.h"
+#include "engine/engine.h"
+#include "experiment/config.h"
+#include "experiment/measure.h"
+#include "experiment/progress.h"
+#include "plugins/method_context.h"
+#include "plugins/plugin_host.h"
+#include "results/database.h"
+
+#ifndef INFERLAB_SOURCE_DIR
+#define INFERLAB_SOURCE_DIR ""
+#endif
+
+namespace inferlab {
+
+namespace {
+
+double unix_now() {
+  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
+std::string run_command(const std::string& command) {
+  std::string out;
+  if (std::FILE* pipe = ::popen(command.c_str(), "r"); pipe != nullptr) {
+    char buf[256];
+    while (std::fgets(buf, sizeof(buf), pipe) != nullptr) out += buf;
+    if (::pclose(pipe) != 0) return "";
+  }
+  while (!out.empty() && (out.back() == '\n' || out.back() == '\r')) out.pop_back();
+  return out;
+}
+
+// Which backend a run uses; the CPU backend is the only one in this build.
+Result<std::string> resolve_backend(const std::string& requested) {
+  if (requested == "cpu" || requested == "auto") return std::string("cpu");
+  return Error{fmt::format("experiment.backend = \"{}\": the CUDA backend is not available in this build; use "
+                           "\"cpu\" or \"auto\"", requested)};
+}
+
+std::string device_description(const Engine& engine) {
+  (void)engine;
+  return fmt::format("{}; OpenBLAS {}", cpu_description(), blas_core_name());
+}
+
+// The model, engine and task samples shared by every run of an experiment.
+struct Workbench {
+  std::shared_ptr<Model> model;
+  std::unique_ptr<Engine> engine;
+  std::map<size_t, std::unique_ptr<Task>> tasks;               // by task index in the config
+  std::map<size_t, std::vector<TaskSample>> samples;
+  DenseCache dense;
+};
+
+Result<Workbench> open_workbench(const ExperimentConfig& config) {
+  Workbench bench;
+  auto path = resolve_model(config.model.name);
+  if (!path) return Error{fmt::format("model.name: {}", path.message())};
+  auto model = Model::load(*path);
+  if (!model) return model.error();
+  bench.model = *model;
+  auto engine = Engine::create(bench.model, EngineOptions{int32_t(config.model.page_size),
+                                                          int32_t(config.model.max_context),
+                                                          int32_t(config.model.threads)});
+  if (!engine) return engine.error();
+  bench.engine = std::move(*engine);
+  return bench;
+}
+
+std::string task_key(const TaskSection& task) {
+  std::string key = task.type;
+  for (const auto& [name, values] : task.params.all()) {
+    key += ";" + name + "=";
+    for (const auto& v : values) key += param_value_to_string(v) + ",";
+  }
+  return key;
+}
+
+Result<size_t> task_index(const ExperimentConfig& config, const RunSpec& run) {
+  for (size_t i = 0; i < config.tasks.size(); ++i)
+    if (task_key(config.tasks[i]) == task_key(run.task)) return i;
+  return Error{"internal: a run's task is not in the config"};
+}
+
+Status prepare_task(Workbench& bench, const ExperimentConfig& config, size_t index) {
+  if (bench.tasks.count(index) != 0) return ok_status();
+  const TaskSection& section = config.tasks[index];
+  auto task = make_task(section.type, section.params);
+  if (!task) return Error{fmt::format("task[{}] ({}): {}", index + 1, section.type, task.message())};
+  auto samples = (*task)->samples(bench.model->tokenizer(), bench.engine->max_context(), uint64_t(config.seed));
+  if (!samples) return Error{fmt::format("task[{}] ({}): {}", index + 1, section.type, samples.message())};
+  bench.samples[index] = std::move(*samples);
+  bench.tasks[index] = std::move(*task);
+  return ok_status();
+}
+
+RunRecord base_record(const ExperimentConfig& config, const RunSpec& run, const Workbench& bench,
+                      const std::string& backend) {
+  RunRecord r;
+  r.hash = run.hash;
+  r.experiment = config.name;
+  r.experiment_description = config.description;
+  r.config_path = config.path;
+  r.label = run.label;
+  r.plugin = run.plugin;
+  r.plugin_version = run.plugin_version;
+  r.task = run.task.type;
+  r.config_json = run.config_json;
+  r.model = config.model.name;
+  r.model_checksum = run.model_checksum;
+  r.backend = backend;
+  r.device = device_description(*bench.engine);
+  r.git_revision = source_revision();
+  r.baseline = run.baseline;
+  return r;
+}
+
+// Executes one run; a failure becomes a "failed" record, not an exception.
+RunRecord execute_run(const ExperimentConfig& config, const RunSpec& run, Workbench& bench,
+                      const PluginRegistry& registry, const std::string& backend, Progress& progress) {
+  RunRecord record = base_record(config, run, bench, backend);
+  record.started_at = unix_now();
+  auto fail = [&](const std::string& message) {
+    record.status = "failed";
+    record.error = message;
+    record.finished_at = unix_now();
+    return record;
+  };
+  auto index = task_index(config, run);
+  if (!index) return fail(index.message());
+  if (auto s = prepare_task(bench, config, *index); !s) return fail(s.message());
+  const PluginEntry* entry = registry.find(run.plugin);
+  if (entry == nullptr) return fail(fmt::format("plugin {} is no longer loaded", run.plugin));
+  auto handle = registry.create(run.plugin, run.params);
+  if (!handle) return fail(handle.message());
+  if (auto s = load_method(*handle->get(), *entry, *bench.engine); !s) return fail(s.message());
+
+  MeasureContext ctx;
+  ctx.engine = bench.engine.get();
+  ctx.method = run.baseline ? nullptr : handle->get();
+  ctx.hooks = entry->hooks;
+  ctx.prefill_chunk = config.model.prefill_chunk;
+  ctx.task = bench.tasks[*index].get();
+  ctx.task_params = &config.tasks[*index].params;
+  ctx.samples = &bench.samples[*index];
+  ctx.task_key = task_key(config.tasks[*index]);
+  ctx.dense = &bench.dense;
+  ctx.on_sample = [&](int64_t done) { progress.sample_done(done); };
+  auto measured = measure_run(ctx);
+  if (!measured) return fail(fmt::format("plugin {}: {}", run.plugin, measured.message()));
+  record.metrics = std::move(measured->metrics);
+  record.samples = std::move(measured->samples);
+  record.status = "finished";
+  record.finished_at = unix_now();
+  return record;
+}
+
+std::string outcome_line(const RunRecord& r) {
+  if (r.status != "finished") return "FAILED: " + r.error;
+  std::string line = "done";
+  for (const char* key : {"accuracy", "perplexity", "fidelity_top1", "decode_tokens_per_s"})
+    for (const auto& m : r.metrics)
+      if (m.name == key) line += fmt::format(", {} {:.4g}", key, m.value);
+  return line;
+}
+
+void print_plan(std::FILE* out, const std::vector<RunSpec>& runs, ResultsDb* db) {
+  fmt::print(out, "{:>4}  {:<12}  {:<18}  {:<40}  {}\n", "#", "hash", "task", "method", "status");
+  for (const RunSpec& r : runs) {
+    std::string status = "pending";
+    if (db != nullptr) {
+      auto done = db->has_finished_run(r.hash);
+      if (done.ok() && *done) status = "done";
+    }
+    fmt::print(out, "{:>4}  {:<12}  {:<18}  {:<40}  {}\n", r.index + 1, r.hash.substr(0, 12), r.task.type, r.label,
+               status);
+  }
+}
+
+Result<Catalog> build_catalog(PluginRegistry& registry, const RunnerOptions& options, std::FILE* warn) {
+  const auto paths = options.plugin_path.empty() ? PluginRegistry::default_search_path() : options.plugin_path;
+  if (auto s = registry.scan(paths); !s) return s.error();
+  for (const auto& p : registry.problems()) fmt::print(warn, "inferlab: warning: {}\n", p);
+  return Catalog{task_catalog(), registry.entries()};
+}
+
+}  // namespace
+
+std::string source_revision() {
+  const std::string dir = INFERLAB_SOURCE_DIR;
+  if (dir.empty()) return "unknown";
+  const std::string rev = run_command("git -C '" + dir + "' rev-parse --short=12 HEAD 2>/dev/null");
+  if (rev.empty()) return "unknown";
+  const std::string dirty = run_command("git -C '" + dir + "' status --porcelain --untracked-files=no 2>/dev/null");
+  return dirty.empty() ? rev : rev + "-dirty";
+}
+
+Result<RunnerSummary> run_experiment(const std::filesystem::path& config_file, const RunnerOptions& options) {
+  PluginRegistry registry;
+  auto catalog = build_catalog(registry, options, options.progress);
+  if (!catalog) return catalog.error();
+  auto config = load_experiment(config_file, *catalog);
+  if (!config) return config.error();
+  auto backend = resolve_backend(config->backend);
+  if (!backend) return Error{fmt::format("{}: {}", config_file.string(), backend.message())};
+  Shard shard;
+  if (!options.shard.empty()) {
+    auto parsed = parse_shard(options.shard);
+    if (!parsed) return Error{fmt::format("--shard: {}", parsed.message())};
+    shard = *parsed;
+  }
+  auto bench = open_workbench(*config);
+  if (!bench) return bench.error();
+  auto grid = expand_grid(*config, *catalog, bench->model->checksum());
+  if (!grid) return grid.error();
+  const std::vector<RunSpec> runs = select_shard(*grid, shard);
+
+  RunnerSummary summary{config->name, int64_t(runs.size()), 0, 0, 0};
+  if (options.dry_run) {
+    std::unique_ptr<ResultsDb> db;
+    if (std::filesystem::exists(options.db_path)) {
+      auto opened = ResultsDb::open(options.db_path);
+      if (!opened) return opened.error();
+      db = std::make_unique<ResultsDb>(std::move(*opened));
+    }
+    print_plan(options.out, runs, db.get());
+    return summary;
+  }
+  auto db = ResultsDb::open(options.db_path);
+  if (!db) return db.error();
+  for (size_t t = 0; t < config->tasks.size(); ++t)
+    if (auto s = prepare_task(*bench, *config, t); !s) return s.error();
+  int64_t total_samples = 0;
+  for (const RunSpec& r : runs) {
+    auto index = task_index(*config, r);
+    if (index) total_samples += int64_t(bench->samples[*index].size());
+  }
+  Progress progress(options.progress, summary.runs, total_samples);
+  int64_t position = 0;
+  for (const RunSpec& run : runs) {
+    ++position;
+    auto index = task_index(*config, run);
+    const int64_t n_samples = index ? int64_t(bench->samples[*index].size()) : 0;
+    const std::string title = fmt::format("{} · {}", run.task.type, run.label);
+    progress.start_run(position, title, n_samples);
+    auto done = db->has_finished_run(run.hash);
+    if (!done) return done.error();
+    if (*done) {
+      ++summary.skipped;
+      progress.end_run("already in the database, skipped");
+      continue;
+    }
+    RunRecord record = execute_run(*config, run, *bench, registry, *backend, progress);
+    if (auto s = db->record_run(record); !s) return s.error();
+    (record.status == "finished" ? summary.finished : summary.failed) += 1;
+    progress.end_run(outcome_line(record));
+  }
+  fmt::print(options.out, "experiment {}: {} runs, {} finished, {} skipped (already done), {} failed; results in {}\n",
+             summary.experiment, summary.runs, summary.finished, summary.skipped, summary.failed,
+             options.db_path.string());
+  return summary;
+}
+
+}  // namespace inferlab

@@ -1,0 +1,38 @@
+// `inferlab run`: validates an experiment config, expands its grid, skips runs
+// already finished in the results database, and executes the rest, writing
+// each finished run in one transaction.
+#pragma once
+
+#include <cstdio>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "inferlab/result.h"
+
+namespace inferlab {
+
+struct RunnerOptions {
+  std::filesystem::path db_path = "results/inferlab.db";
+  std::string shard;  // "i/N", empty: the whole grid
+  bool dry_run = false;
+  std::vector<std::filesystem::path> plugin_path;  // empty: PluginRegistry::default_search_path()
+  std::FILE* out = stdout;   // the plan and the summary
+  std::FILE* progress = stderr;
+};
+
+struct RunnerSummary {
+  std::string experiment;
+  int64_t runs = 0;      // in this shard of the grid
+  int64_t skipped = 0;   // already finished in the database
+  int64_t finished = 0;
+  int64_t failed = 0;
+};
+
+Result<RunnerSummary> run_experiment(const std::filesystem::path& config_file, const RunnerOptions& options);
+
+// The git revision of the source tree this binary was built from, with
+// "-dirty" when it has uncommitted changes ("unknown" outside a checkout).
+std::string source_revision();
+
+}  // namespace inferlab

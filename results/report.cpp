@@ -1,0 +1,235 @@
+#include "results/report.h"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <optional>
+#include <vector>
+
+namespace inferlab {
+
+namespace {
+
+// Rounds first so that a value that prints as zero has no sign ("0.0", not "-0.0").
+std::string fixed(double v, int digits, bool sign = false) {
+  const double scale = std::pow(10.0, digits);
+  double rounded = std::round(v * scale) / scale;
+  if (rounded == 0) rounded = 0;
+  return sign ? fmt::format("{:+.{}f}", rounded, digits) : fmt::format("{:.{}f}", rounded, digits);
+}
+
+std::string percent(double v) { return fixed(100 * v, 1); }
+std::string mib(double v) { return fixed(v / (1024.0 * 1024.0), 1); }
+std::string delta_points(double v, double base) { return fixed(100 * (v - base), 1, true); }
+std::string ratio(double v, double base) { return base != 0 ? fixed(v / base, 2) + "×" : ""; }
+
+// One metric's column, and optionally a second one comparing it with dense.
+struct MetricColumn {
+  const char* metric;
+  const char* header;
+  std::string (*format)(double);
+  const char* compare_header = nullptr;
+  std::string (*compare)(double value, double baseline) = nullptr;
+};
+
+const MetricColumn kColumns[] = {
+    {"accuracy", "accuracy %", percent, "Δ pts", delta_points},
+    {"perplexity", "perplexity", [](double v) { return fixed(v, 2); }, "ppl ratio", ratio},
+    {"fidelity_top1", "top-1 agree %", percent},
+    {"fidelity_kl", "KL nats", [](double v) { return fixed(v, 4); }},
+    {"ttft_ms", "TTFT ms", [](double v) { return fixed(v, 1); }},
+    {"tpot_mean_ms", "TPOT ms", [](double v) { return fixed(v, 2); }},
+    {"decode_tokens_per_s", "decode tok/s", [](double v) { return fixed(v, 1); }, "speedup", ratio},
+    {"kv_bytes_peak", "KV MiB", mib, "KV ratio", ratio},
+    {"peak_rss_bytes", "RSS MiB", mib},
+};
+
+// The metric's value, or nullopt when the run lacks it (or stored NaN).
+std::optional<double> metric(const StoredRun& run, const std::string& name) {
+  const auto it = run.metrics.find(name);
+  if (it == run.metrics.end() || std::isnan(it->second.value)) return std::nullopt;
+  return it->second.value;
+}
+
+std::string one_line(std::string s) {
+  for (char& ch : s)
+    if (ch == '\n' || ch == '\r') ch = ' ';
+  return s;
+}
+
+// A label as a markdown table cell: one line, '|' escaped so it does not split the cell.
+std::string cell_text(const std::string& s) {
+  std::string out;
+  for (char ch : one_line(s)) out += ch == '|' ? std::string("\\|") : std::string(1, ch);
+  return out;
+}
+
+struct Table {
+  std::vector<std::string> header;
+  std::vector<bool> right;  // numbers are right-aligned
+  std::vector<std::vector<std::string>> rows;
+};
+
+// Markdown, padded so it also reads well in a terminal.
+std::string render_markdown(const Table& t) {
+  std::vector<size_t> width(t.header.size());
+  for (size_t i = 0; i < width.size(); ++i) {
+    width[i] = std::max<size_t>(3, display_width(t.header[i]));
+    for (const auto& row : t.rows) width[i] = std::max(width[i], display_width(row[i]));
+  }
+  const auto line = [&](auto&& text_of) {
+    std::string s = "|";
+    for (size_t i = 0; i < width.size(); ++i) {
+      const std::string text = text_of(i);
+      const std::string fill(width[i] - display_width(text), ' ');
+      s += " " + (t.right[i] ? fill + text : text + fill) + " |";
+    }
+    return s + "\n";
+  };
+  std::string out = line([&](size_t i) { return t.header[i]; });
+  out += "|";
+  for (size_t i = 0; i < width.size(); ++i)
+    out += t.right[i] ? std::string(width[i] + 1, '-') + ":|" : ":" + std::string(width[i] + 1, '-') + "|";
+  out += "\n";
+  for (const auto& row : t.rows) out += line([&](size_t i) { return row[i]; });
+  return out;
+}
+
+// runs: the task's finished runs, baseline first; baseline may be null.
+Table task_table(const std::vector<const StoredRun*>& runs, const StoredRun* baseline) {
+  Table t{{"method"}, {false}, std::vector<std::vector<std::string>>(runs.size())};
+  for (size_t r = 0; r < runs.size(); ++r) t.rows[r].push_back(cell_text(runs[r]->label));
+  for (const MetricColumn& col : kColumns) {
+    bool present = false;
+    for (const StoredRun* run : runs) present = present || metric(*run, col.metric).has_value();
+    if (!present) continue;
+    const std::optional<double> base = baseline ? metric(*baseline, col.metric) : std::nullopt;
+    const bool compare = col.compare != nullptr && base.has_value();
+    t.header.push_back(col.header);
+    t.right.push_back(true);
+    if (compare) {
+      t.header.push_back(col.compare_header);
+      t.right.push_back(true);
+    }
+    for (size_t r = 0; r < runs.size(); ++r) {
+      const std::optional<double> v = metric(*runs[r], col.metric);
+      t.rows[r].push_back(v ? col.format(*v) : "");
+      if (compare) t.rows[r].push_back(v ? col.compare(*v, *base) : "");
+    }
+  }
+  return t;
+}
+
+// " engine.x=1 plugin.y=2": what the method reports it did.
+std::string counters_of(const StoredRun& run) {
+  std::string counters;
+  for (const auto& [name, m] : run.metrics)
+    if (name.starts_with("plugin.") || name.starts_with("engine."))
+      counters += fmt::format(" {}={}", name, format_real(m.value));
+  return counters;
+}
+
+// One line per run, so a method that silently did nothing is visible.
+std::string counter_lines(const std::vector<const StoredRun*>& runs) {
+  std::string out;
+  bool any = false;
+  for (const StoredRun* run : runs) {
+    const std::string counters = counters_of(*run);
+    any = any || !counters.empty();
+    out += fmt::format("- {}:{}\n", one_line(run->label), counters.empty() ? " none reported" : counters);
+  }
+  return any ? "Plugin counters:\n" + out : "Plugin counters: none reported by any run.\n";
+}
+
+std::string task_section(const std::string& task, const std::vector<const StoredRun*>& task_runs) {
+  const StoredRun* baseline = nullptr;
+  for (const StoredRun* run : task_runs)
+    if (run->baseline && baseline == nullptr) baseline = run;
+  std::vector<const StoredRun*> ordered;  // dense first, then grid order
+  if (baseline != nullptr) ordered.push_back(baseline);
+  for (const StoredRun* run : task_runs)
+    if (run != baseline) ordered.push_back(run);
+  std::string out = fmt::format("## {}\n\n", task);
+  if (baseline == nullptr) out += "No dense baseline finished for this task: no comparisons.\n\n";
+  out += render_markdown(task_table(ordered, baseline));
+  return out + "\n" + counter_lines(ordered) + "\n";
+}
+
+// "model: a · backend: cpu · ...", each field listing its distinct values.
+std::string provenance(const std::vector<const StoredRun*>& runs) {
+  const std::pair<const char*, std::string StoredRun::*> fields[] = {{"model", &StoredRun::model},
+                                                                     {"backend", &StoredRun::backend},
+                                                                     {"device", &StoredRun::device},
+                                                                     {"git", &StoredRun::git_revision}};
+  std::vector<std::string> parts;
+  for (const auto& [name, member] : fields) {
+    std::vector<std::string> values;
+    for (const StoredRun* run : runs)
+      if (!(run->*member).empty() && std::find(values.begin(), values.end(), run->*member) == values.end())
+        values.push_back(run->*member);
+    if (!values.empty()) parts.push_back(fmt::format("{}: {}", name, fmt::join(values, ", ")));
+  }
+  return fmt::format("{}", fmt::join(parts, " · "));
+}
+
+std::string known_experiments(const std::vector<ExperimentInfo>& all) {
+  if (all.empty()) return "none yet (run one with `inferlab run <config.toml>`)";
+  std::vector<std::string> names;
+  for (const auto& e : all) names.push_back(fmt::format("{} ({} run{})", e.name, e.runs, e.runs == 1 ? "" : "s"));
+  return fmt::format("{}", fmt::join(names, ", "));
+}
+
+Result<const ExperimentInfo*> find_experiment(const ResultsDb& db, const std::vector<ExperimentInfo>& all,
+                                              const std::string& wanted) {
+  if (all.empty()) return Error{fmt::format("{}: no experiments recorded; known experiments: {}", db.path().string(),
+                                            known_experiments(all))};
+  if (wanted.empty()) return &all.front();  // most recently created
+  for (const auto& e : all)
+    if (e.name == wanted) return &e;
+  return Error{fmt::format("{}: no experiment named '{}'; known experiments: {}", db.path().string(), wanted,
+                           known_experiments(all))};
+}
+
+std::string failed_section(const std::vector<StoredRun>& runs) {
+  std::string out;
+  for (const StoredRun& run : runs)
+    if (run.status != "finished")
+      out += fmt::format("- {} ({}): {}\n", one_line(run.label), run.task, one_line(run.error));
+  return out.empty() ? "" : "## Failed runs\n\n" + out + "\n";
+}
+
+}  // namespace
+
+Result<std::string> render_report(ResultsDb& db, const std::string& experiment) {
+  auto all = db.experiments();
+  if (!all) return all.error();
+  auto found = find_experiment(db, *all, experiment);
+  if (!found) return found.error();
+  const ExperimentInfo& info = **found;
+  auto runs = db.experiment_runs(info.name);
+  if (!runs) return runs.error();
+
+  std::vector<const StoredRun*> finished;
+  std::vector<std::string> tasks;  // in order of first appearance
+  std::map<std::string, std::vector<const StoredRun*>> by_task;
+  for (const StoredRun& run : *runs) {
+    if (run.status != "finished") continue;
+    finished.push_back(&run);
+    if (by_task[run.task].empty()) tasks.push_back(run.task);
+    by_task[run.task].push_back(&run);
+  }
+  if (finished.empty())
+    return Error{fmt::format("{}: experiment '{}' has no finished runs ({} failed; see `inferlab query`); known "
+                             "experiments: {}", db.path().string(), info.name, runs->size(), known_experiments(*all))};
+
+  std::string out = fmt::format("# {}\n\n", info.name);
+  if (!info.description.empty()) out += one_line(info.description) + "\n\n";
+  out += provenance(finished) + "\n\n";
+  for (const std::string& task : tasks) out += task_section(task, by_task[task]);
+  return out + failed_section(*runs);
+}
+
+}  // namespace inferlab
