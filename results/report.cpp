@@ -176,7 +176,7 @@ std::string provenance(const std::vector<const StoredRun*>& runs) {
 }
 
 std::string known_experiments(const std::vector<ExperimentInfo>& all) {
-  if (all.empty()) return "none yet (run one with `inferlab run <config.toml>`)";
+  if (all.empty()) return "none";
   std::vector<std::string> names;
   for (const auto& e : all) names.push_back(fmt::format("{} ({} run{})", e.name, e.runs, e.runs == 1 ? "" : "s"));
   return fmt::format("{}", fmt::join(names, ", "));
@@ -184,8 +184,9 @@ std::string known_experiments(const std::vector<ExperimentInfo>& all) {
 
 Result<const ExperimentInfo*> find_experiment(const ResultsDb& db, const std::vector<ExperimentInfo>& all,
                                               const std::string& wanted) {
-  if (all.empty()) return Error{fmt::format("{}: no experiments recorded; known experiments: {}", db.path().string(),
-                                            known_experiments(all))};
+  if (all.empty())
+    return Error{fmt::format("{}: no experiments recorded yet; run one with `inferlab run <config.toml>`",
+                             db.path().string())};
   if (wanted.empty()) return &all.front();  // most recently created
   for (const auto& e : all)
     if (e.name == wanted) return &e;

@@ -105,5 +105,98 @@ TEST(Cli, ModelInfoAndLogits) {
   EXPECT_EQ(std::filesystem::file_size(out), uint64_t(3 * n_vocab * 4));
 }
 
+// ---- experiment commands: run, plugins, query, report, merge ----
+
+std::filesystem::path cli_experiment(const std::string& name, const std::string& method_block) {
+  const auto corpus = test::temp_path(name + "-corpus.txt");
+  {
+    std::ofstream out(corpus);
+    for (int i = 0; i < 200; ++i) out << "A quiet morning by the sea, wave " << i << ".\n";
+  }
+  const auto path = test::temp_path(name + ".toml");
+  std::ofstream out(path);
+  out << "[experiment]\nname = \"" << name << "\"\n[model]\nname = \"" << tiny_model().string() << "\"\n"
+      << "[task]\ntype = \"perplexity\"\npath = \"" << corpus.string() << "\"\nlength = 32\nsamples = 2\n"
+      << method_block;
+  return path;
+}
+
+const std::string kProbeEnv =
+    std::string("INFERLAB_PLUGIN_PATH=") + INFERLAB_TEST_PLUGIN_DIR + "/inferlab-plugin-probe.so ";
+
+CommandResult run_cli_env(const std::string& env, const std::string& args) {
+  const std::string command = env + std::string(INFERLAB_CLI_PATH) + " " + args + " 2>&1";
+  CommandResult result;
+  FILE* pipe = popen(command.c_str(), "r");
+  if (pipe == nullptr) return result;
+  std::array<char, 4096> buffer{};
+  for (size_t n; (n = fread(buffer.data(), 1, buffer.size(), pipe)) > 0;) result.output.append(buffer.data(), n);
+  const int status = pclose(pipe);
+  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return result;
+}
+
+TEST(CliExperiment, RunQueryReportAndMerge) {
+  const auto config = cli_experiment("cli-exp", "[[method]]\nplugin = \"probe\"\nneuron_stride = [2, 4]\n");
+  const auto db = test::temp_path("cli.db");
+  auto dry = run_cli_env(kProbeEnv, "run " + config.string() + " --db " + db.string() + " --dry-run");
+  ASSERT_EQ(dry.exit_code, 0) << dry.output;
+  EXPECT_NE(dry.output.find("probe neuron_stride=4"), std::string::npos) << dry.output;
+  auto run = run_cli_env(kProbeEnv, "run " + config.string() + " --db " + db.string());
+  ASSERT_EQ(run.exit_code, 0) << run.output;
+  EXPECT_NE(run.output.find("3 finished"), std::string::npos) << run.output;
+
+  auto csv = run_cli("query \"SELECT label, value FROM run_metrics WHERE metric='perplexity' ORDER BY label\" --csv --db " +
+                     db.string());
+  ASSERT_EQ(csv.exit_code, 0) << csv.output;
+  EXPECT_EQ(csv.output.rfind("label,value\ndense,", 0), 0u) << csv.output;
+  auto json = run_cli("query \"SELECT COUNT(*) AS n FROM runs\" --json --db " + db.string());
+  ASSERT_EQ(json.exit_code, 0) << json.output;
+  EXPECT_EQ(nlohmann::json::parse(json.output)[0]["n"], 3);
+  auto bad_sql = run_cli("query \"SELECT nope FROM nowhere\" --db " + db.string());
+  EXPECT_NE(bad_sql.exit_code, 0);
+  EXPECT_NE(bad_sql.output.find("nowhere"), std::string::npos) << bad_sql.output;
+
+  auto report = run_cli("report cli-exp --db " + db.string());
+  ASSERT_EQ(report.exit_code, 0) << report.output;
+  EXPECT_NE(report.output.find("| dense"), std::string::npos) << report.output;
+  EXPECT_NE(report.output.find("probe neuron_stride=2"), std::string::npos) << report.output;
+  EXPECT_NE(run_cli("report no-such-experiment --db " + db.string()).exit_code, 0);
+
+  const auto merged = test::temp_path("merged.db");
+  auto merge = run_cli("merge " + merged.string() + " " + db.string() + " " + db.string());
+  ASSERT_EQ(merge.exit_code, 0) << merge.output;
+  EXPECT_NE(merge.output.find("3 runs added"), std::string::npos) << merge.output;
+  EXPECT_NE(merge.output.find("0 runs added"), std::string::npos) << merge.output;
+}
+
+TEST(CliExperiment, BadConfigAndArgumentsAreRefused) {
+  const auto config = cli_experiment("cli-bad", "[[method]]\nplugin = \"probe\"\nneuron_stride = 0\n");
+  auto r = run_cli_env(kProbeEnv, "run " + config.string() + " --db " + test::temp_path("bad.db").string());
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find(config.string() + ":12:17:"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("method[1].neuron_stride"), std::string::npos) << r.output;
+  auto shard = run_cli("run " + cli_experiment("cli-shard", "").string() + " --shard 3/2");
+  EXPECT_NE(shard.exit_code, 0);
+  EXPECT_NE(shard.output.find("--shard"), std::string::npos) << shard.output;
+  auto missing = run_cli("run /nonexistent/exp.toml");
+  EXPECT_NE(missing.exit_code, 0);
+  EXPECT_NE(missing.output.find("/nonexistent/exp.toml"), std::string::npos) << missing.output;
+  auto no_db = run_cli("query \"SELECT 1\" --db /nonexistent/x.db");
+  EXPECT_NE(no_db.exit_code, 0);
+  EXPECT_NE(no_db.output.find("/nonexistent/x.db"), std::string::npos) << no_db.output;
+}
+
+TEST(CliExperiment, PluginsListsVersionsHooksAndParameters) {
+  auto r = run_cli_env(kProbeEnv, "plugins");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("dense 1.0.0"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("probe 1.0.0"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("decode_selection"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("neuron_stride"), std::string::npos) << r.output;
+  auto refused = run_cli_env(std::string("INFERLAB_PLUGIN_PATH=") + INFERLAB_TEST_PLUGIN_DIR + " ", "plugins");
+  EXPECT_NE(refused.output.find("wrong_abi.so: built for plugin ABI version"), std::string::npos) << refused.output;
+}
+
 }  // namespace
 }  // namespace inferlab

@@ -516,7 +516,7 @@ TEST(ConfigGrid, ConfigJsonIsCanonicalAndHashedWithSha256) {
   // Pinned: a change here changes every stored run hash, so old results stop matching.
   EXPECT_EQ(runs[0].config_json,
             R"({"backend":"cpu","experiment":"quickstart","model":{"checksum":"abc123","max_context":0,)"
-            R"("name":"smollm2-135m","page_size":16,"prefill_chunk":0},"params":{},"plugin":{"name":"dense",)"
+            R"("page_size":16,"prefill_chunk":0},"params":{},"plugin":{"name":"dense",)"
             R"("version":"1.0.0"},"seed":0,"task":{"params":{"depths":["0.5"],"lengths":[64,128],"samples":[4]},)"
             R"("type":"passkey"}})");
   EXPECT_EQ(runs[0].hash, sha256_hex(runs[0].config_json));

@@ -501,8 +501,10 @@ std::string canonical_config_json(const RunSpec& run) {
       {"experiment", run.experiment},
       {"seed", run.seed},
       {"backend", run.backend},
+      // The model is identified by its checksum, not its name or path, so moving
+      // a model file (or the experiment folder) keeps finished runs finished.
       {"model",
-       {{"name", run.model.name}, {"checksum", run.model_checksum}, {"page_size", run.model.page_size},
+       {{"checksum", run.model_checksum}, {"page_size", run.model.page_size},
         {"max_context", run.model.max_context}, {"prefill_chunk", run.model.prefill_chunk}}},
       {"task", {{"type", run.task.type}, {"params", std::move(task_params)}}},
       {"plugin", {{"name", run.plugin}, {"version", run.plugin_version}}},
