@@ -23,6 +23,11 @@ void rmsnorm(float* out, const float* x, const float* weight, int64_t rows, int6
 
 void rope(float* x, int64_t rows, int64_t n_heads, int64_t head_dim, int64_t rope_dim,
           const int32_t* positions, float theta, bool neox) {
+  rope_strided(x, rows, n_heads * head_dim, n_heads, head_dim, rope_dim, positions, theta, neox);
+}
+
+void rope_strided(float* x, int64_t rows, int64_t row_stride, int64_t n_heads, int64_t head_dim, int64_t rope_dim,
+                  const int32_t* positions, float theta, bool neox) {
   const int64_t half = rope_dim / 2;
   // Inverse frequencies: theta^(-2i/rope_dim), computed once per call.
   std::vector<float> inv_freq(static_cast<size_t>(half));
@@ -35,7 +40,7 @@ void rope(float* x, int64_t rows, int64_t n_heads, int64_t head_dim, int64_t rop
       const float angle = pos * inv_freq[size_t(i)];
       const float c = std::cos(angle), s = std::sin(angle);
       for (int64_t h = 0; h < n_heads; ++h) {
-        float* head = x + (r * n_heads + h) * head_dim;
+        float* head = x + r * row_stride + h * head_dim;
         const int64_t a = neox ? i : 2 * i;
         const int64_t b = neox ? i + half : 2 * i + 1;
         const float x0 = head[a], x1 = head[b];

@@ -15,6 +15,10 @@ void rmsnorm(float* out, const float* x, const float* weight, int64_t rows, int6
 void rope(float* x, int64_t rows, int64_t n_heads, int64_t head_dim, int64_t rope_dim,
           const int32_t* positions, float theta, bool neox);
 
+// The same on rows `row_stride` floats apart, each holding n_heads heads.
+void rope_strided(float* x, int64_t rows, int64_t row_stride, int64_t n_heads, int64_t head_dim, int64_t rope_dim,
+                  const int32_t* positions, float theta, bool neox);
+
 // gate(rows, n) = silu(gate) * up, in place.
 void silu_mul(float* gate, const float* up, int64_t rows, int64_t n);
 

@@ -40,7 +40,12 @@ class ProbeMethod final : public Method {
         exit_step_(p.get_int("exit_step")),
         mask_heads_(parse_list(p.get_string("mask_heads"))),
         neuron_stride_(int32_t(p.get_int("neuron_stride"))),
-        write_artifact_(p.get_bool("write_artifact")) {}
+        write_artifact_(p.get_bool("write_artifact")),
+        cache_positions_(p.get_bool("cache_positions")) {}
+
+  KvPositions kv_positions() const override {
+    return cache_positions_ ? KvPositions::Cache : KvPositions::Original;
+  }
 
   Status on_load(const LoadContext& ctx) override {
     shape_ = ctx.shape;
@@ -168,6 +173,7 @@ class ProbeMethod final : public Method {
   std::vector<int32_t> mask_heads_;
   int32_t neuron_stride_;
   bool write_artifact_;
+  bool cache_positions_;
   ModelShape shape_;
   std::map<std::pair<int32_t, int32_t>, std::set<int32_t>> selected_;
   std::map<std::pair<int32_t, int32_t>, int32_t> cached_before_;
@@ -196,6 +202,7 @@ class ProbePlugin final : public Plugin {
                 ParamSpec::string("mask_heads", "", {}, "query heads not computed"),
                 ParamSpec::integer("neuron_stride", 1, 1, 1024, "compute FFN neurons j with j % stride == 0"),
                 ParamSpec::boolean("write_artifact", false, "on_load writes a file into the artifact folder"),
+                ParamSpec::boolean("cache_positions", false, "RoPE positions are cache indices"),
             }};
   }
   Result<std::unique_ptr<Method>> create(const ParamValues& params) const override {

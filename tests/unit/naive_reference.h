@@ -24,6 +24,10 @@ struct NaivePolicy {
   std::function<bool(int32_t layer, int64_t t)> runs_layer;
   // For tokens that skip a layer: true = they store no K/V there.
   bool skipped_kv_none = false;
+  // RoPE positions (default: the token's own position): query t, and key j as
+  // query t sees it (cache-index positions move as tokens are evicted).
+  std::function<int64_t(int64_t t)> query_position;
+  std::function<int64_t(int64_t t, int64_t j)> key_position;
   std::function<bool(int32_t layer, int32_t head)> head_on;
   std::function<bool(int32_t layer, int32_t neuron)> neuron_on;
 };
@@ -73,8 +77,8 @@ inline std::vector<double> naive_forward(const Model& model, const std::vector<i
       q[size_t(t)] = matvec(lw.wq, xn, c.q_dim(), d);
       k[size_t(t)] = matvec(lw.wk, xn, c.kv_dim(), d);
       v[size_t(t)] = matvec(lw.wv, xn, c.kv_dim(), d);
-      rope(q[size_t(t)], c.n_heads, t);
-      rope(k[size_t(t)], c.n_kv_heads, t);
+      rope(q[size_t(t)], c.n_heads, policy.query_position ? policy.query_position(t) : t);
+      if (!policy.key_position) rope(k[size_t(t)], c.n_kv_heads, t);
     }
     for (int64_t t = 0; t < n; ++t) {
       if (!runs(l, t)) continue;
@@ -91,8 +95,10 @@ inline std::vector<double> naive_forward(const Model& model, const std::vector<i
         if (keys.empty()) continue;
         std::vector<double> s;
         for (int64_t j : keys) {
+          std::vector<double> kj = k[size_t(j)];
+          if (policy.key_position) rope(kj, c.n_kv_heads, policy.key_position(t, j));
           double dot = 0;
-          for (int64_t i = 0; i < hd; ++i) dot += q[size_t(t)][size_t(h * hd + i)] * k[size_t(j)][size_t(g * hd + i)];
+          for (int64_t i = 0; i < hd; ++i) dot += q[size_t(t)][size_t(h * hd + i)] * kj[size_t(g * hd + i)];
           s.push_back(dot / std::sqrt(double(hd)));
         }
         const double mx = *std::max_element(s.begin(), s.end());

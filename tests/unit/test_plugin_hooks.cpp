@@ -86,6 +86,45 @@ TEST(PluginHooks, EvictionInsideAPageDuringDecode) {
   EXPECT_EQ(run.engine.tokens_evicted, hook_model()->config().n_layers * hook_model()->config().n_kv_heads);
 }
 
+TEST(PluginHooks, CachePositionsReRotateKeysAfterEviction) {
+  // Positions 4..7 leave after the prefill call; later tokens take cache indices
+  // as positions, and the keys behind the gap move down by 4.
+  NaivePolicy policy;
+  policy.key_visible = [](int32_t, int32_t, int64_t t, int64_t j) { return !(j >= 4 && j <= 7 && call_of(t) > 0); };
+  policy.query_position = [](int64_t t) { return call_of(t) == 0 ? t : t - 4; };
+  policy.key_position = [](int64_t t, int64_t j) { return call_of(t) == 0 || j < 4 ? j : j - 4; };
+  expect_matches_reference(params({{"evict_positions", std::string("4,5,6,7")}, {"cache_positions", true}}), policy);
+  // Without eviction, cache indices are the positions: dense.
+  EXPECT_DENSE_EQUIVALENT(hook_model(), "probe", params({{"cache_positions", true}}));
+}
+
+TEST(PluginHooks, CachePositionsStreamPastTheContextLength) {
+  auto model = hook_model();
+  auto engine = Engine::create(model, EngineOptions{kPageSize, 24, 0});
+  ASSERT_TRUE(engine.ok());
+  // Evict position p - 16 when token p arrives: at most 17 tokens are ever stored.
+  std::string evict;
+  for (int p = 0; p < 80; ++p) evict += std::to_string(p) + ",";
+  for (bool cache : {true, false}) {
+    test::ActiveMethod active = test::activate_method(
+        **engine, "probe", params({{"evict_positions", evict}, {"evict_step", int64_t{-1}}, {"cache_positions", cache}}));
+    ASSERT_NE(active.handle.get(), nullptr);
+    // The probe drops every listed position present, so feed 16 tokens, then evict only what falls out.
+    auto seq = (*engine)->new_sequence();
+    active.handle->begin_sequence((*engine)->shape());
+    Status s = ok_status();
+    for (int p = 0; p < 60 && s.ok(); ++p) s = (*engine)->forward(*seq, std::vector<int32_t>{p % 50}, 1, {});
+    if (cache) {
+      EXPECT_TRUE(s.ok()) << s.message();
+      EXPECT_EQ(seq->n_past(), 60);
+      EXPECT_LE(seq->table(0, 0).n_tokens(), 1);
+    } else {
+      ASSERT_FALSE(s.ok());
+      EXPECT_NE(s.message().find("context length exceeded"), std::string::npos) << s.message();
+    }
+  }
+}
+
 TEST(PluginHooks, EvictionReturnsPagesToTheFreeList) {
   auto model = hook_model();
   const auto& c = model->config();

@@ -25,7 +25,7 @@
 
 namespace inferlab {
 
-inline constexpr int32_t kPluginAbiVersion = 1;
+inline constexpr int32_t kPluginAbiVersion = 2;
 
 // Hooks, as bits of PluginInfo::hooks (DESIGN.md's table).
 enum PluginHook : uint32_t {
@@ -151,6 +151,16 @@ struct ComponentMask {
   std::vector<int32_t> neurons;  // when !all_neurons: FFN neurons to compute, ascending
 };
 
+// Which positions RoPE gives the keys and queries of a sequence.
+enum class KvPositions {
+  Original,  // a token keeps its position in the sequence
+  // Positions are indices in the (compacted) cache: when eviction moves a token
+  // its key is re-rotated, and a new token's position is the number of tokens
+  // stored before it. Sequences can then run past the model's context length
+  // (StreamingLLM). Indices are per (layer, kv head).
+  Cache,
+};
+
 // One configured instance of a method. The host creates one per run and calls
 // begin_sequence before every sample.
 class Method {
@@ -209,6 +219,13 @@ class Method {
     (void)step; (void)layer; (void)hidden; (void)mask;
     return false;
   }
+
+  // Every plugin: how RoPE positions keys and queries (read once per sequence).
+  virtual KvPositions kv_positions() const { return KvPositions::Original; }
+  // Every plugin: true when prefill under this method is exactly dense (no hook
+  // changes it and no hook needs to see it), so the host may start its samples
+  // from a saved dense prefill instead of recomputing it.
+  virtual bool dense_prefill() const { return false; }
 
   // Every plugin: what it did, accumulated since on_load (e.g. "heavy_hitters_kept").
   virtual std::map<std::string, double> counters() const { return {}; }

@@ -82,9 +82,19 @@ Status Engine::forward(KvSequence& seq, std::span<const int32_t> tokens, int64_t
   const ModelWeights& w = model_->weights();
   const int64_t n = int64_t(tokens.size());
   if (n == 0) return ok_status();
-  if (int64_t(seq.n_past()) + n > max_context_)
+  cache_positions_ = method_ != nullptr && method_->kv_positions() == KvPositions::Cache;
+  if (cache_positions_) {
+    // Positions are cache indices: only what is stored counts against the context.
+    int64_t stored = 0;
+    for (int32_t l = 0; l < c.n_layers; ++l)
+      for (int32_t g = 0; g < c.n_kv_heads; ++g) stored = std::max<int64_t>(stored, seq.table(l, g).n_tokens());
+    if (stored + n > max_context_)
+      return Error{fmt::format("context length exceeded: {} stored + {} new tokens > max context {}", stored, n,
+                               max_context_)};
+  } else if (int64_t(seq.n_past()) + n > max_context_) {
     return Error{fmt::format("context length exceeded: {} cached + {} new tokens > max context {}", seq.n_past(),
                              n, max_context_)};
+  }
   for (int64_t i = 0; i < n; ++i)
     if (tokens[size_t(i)] < 0 || tokens[size_t(i)] >= c.n_vocab)
       return Error{fmt::format("token id {} at index {} is outside the vocabulary (0..{})", tokens[size_t(i)], i,
@@ -172,8 +182,7 @@ Status Engine::run_layer(KvSequence& seq, const StepInfo& step, int32_t l) {
   cpu::matmul_xwt(q_.data(), xn_.data(), lw.wq.data(), n, c.q_dim(), c.n_embd);
   cpu::matmul_xwt(k_.data(), xn_.data(), lw.wk.data(), n, c.kv_dim(), c.n_embd);
   cpu::matmul_xwt(v_.data(), xn_.data(), lw.wv.data(), n, c.kv_dim(), c.n_embd);
-  cpu::rope(q_.data(), n, c.n_heads, c.head_dim, c.rope_dim, positions_.data(), c.rope_theta, c.rope_neox);
-  cpu::rope(k_.data(), n, c.n_kv_heads, c.head_dim, c.rope_dim, positions_.data(), c.rope_theta, c.rope_neox);
+  apply_rope(seq, l, n, true);
   if (auto s = attention_layer(seq, step, l, active_mask); !s) return s;
   cpu::matmul_xwt(proj_.data(), attn_.data(), lw.wo.data(), n, c.n_embd, c.q_dim());
   cpu::add_inplace(x_.data(), proj_.data(), n, c.n_embd);
@@ -228,11 +237,50 @@ void Engine::fill_skipped_layer(KvSequence& seq, const StepInfo& step, int32_t l
   cpu::rmsnorm(xn_.data(), x_.data(), lw.attn_norm.data(), n, c.n_embd, c.rms_eps);
   cpu::matmul_xwt(k_.data(), xn_.data(), lw.wk.data(), n, c.kv_dim(), c.n_embd);
   cpu::matmul_xwt(v_.data(), xn_.data(), lw.wv.data(), n, c.kv_dim(), c.n_embd);
-  cpu::rope(k_.data(), n, c.n_kv_heads, c.head_dim, c.rope_dim, positions_.data(), c.rope_theta, c.rope_neox);
+  apply_rope(seq, l, n, false);
   for (int32_t g = 0; g < c.n_kv_heads; ++g)
     for (int64_t i = 0; i < n; ++i)
       seq.append(l, g, &k_[size_t(i * c.kv_dim() + g * hd)], &v_[size_t(i * c.kv_dim() + g * hd)],
-                 positions_[size_t(i)]);
+                 positions_[size_t(i)], rotary_position(g, i));
+}
+
+void Engine::apply_rope(KvSequence& seq, int32_t l, int64_t n, bool queries) {
+  const ModelConfig& c = config();
+  if (!cache_positions_) {
+    if (queries)
+      cpu::rope(q_.data(), n, c.n_heads, c.head_dim, c.rope_dim, positions_.data(), c.rope_theta, c.rope_neox);
+    cpu::rope(k_.data(), n, c.n_kv_heads, c.head_dim, c.rope_dim, positions_.data(), c.rope_theta, c.rope_neox);
+    return;
+  }
+  // Each kv head's new tokens continue its own stored count.
+  const int64_t hd = c.head_dim, gs = c.group_size();
+  group_positions_.resize(size_t(c.n_kv_heads * n));
+  call_tokens_ = n;
+  for (int32_t g = 0; g < c.n_kv_heads; ++g) {
+    int32_t* pos = &group_positions_[size_t(g * n)];
+    for (int64_t i = 0; i < n; ++i) pos[i] = seq.table(l, g).n_tokens() + int32_t(i);
+    cpu::rope_strided(&k_[size_t(g * hd)], n, c.kv_dim(), 1, hd, c.rope_dim, pos, c.rope_theta, c.rope_neox);
+    if (queries)
+      cpu::rope_strided(&q_[size_t(g * gs * hd)], n, c.q_dim(), gs, hd, c.rope_dim, pos, c.rope_theta, c.rope_neox);
+  }
+}
+
+int32_t Engine::rotary_position(int32_t g, int64_t i) const {
+  return cache_positions_ ? group_positions_[size_t(g * call_tokens_ + i)] : positions_[size_t(i)];
+}
+
+void Engine::rerotate_keys(KvSequence& seq, int32_t l, int32_t g) {
+  // RoPE rotations compose: turning a key by (new - old) positions equals
+  // rotating the unrotated key at its new position.
+  const ModelConfig& c = config();
+  HeadPageTable& t = seq.table(l, g);
+  for (int32_t i = 0; i < t.n_tokens(); ++i) {
+    const int32_t delta = i - t.rotary[size_t(i)];
+    if (delta == 0) continue;
+    cpu::rope_strided(seq.k_row_mutable(l, g, i), 1, c.head_dim, 1, c.head_dim, c.rope_dim, &delta, c.rope_theta,
+                      c.rope_neox);
+    t.rotary[size_t(i)] = i;
+  }
 }
 
 Result<std::vector<float>> Engine::prefill(KvSequence& seq, std::span<const int32_t> tokens) {

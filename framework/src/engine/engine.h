@@ -84,6 +84,9 @@ class Engine {
   Status feedback_and_evict(KvSequence& seq, const StepInfo& step, LayerCall& call);
   Status ffn_layer(int32_t layer, int64_t n, const ComponentMask* mask);
   const std::vector<float>& w_down_transposed(int32_t layer);
+  void apply_rope(KvSequence& seq, int32_t layer, int64_t n, bool queries);
+  int32_t rotary_position(int32_t kv_head, int64_t row) const;
+  void rerotate_keys(KvSequence& seq, int32_t layer, int32_t kv_head);
 
   std::shared_ptr<const Model> model_;
   EngineOptions options_;
@@ -106,6 +109,9 @@ class Engine {
 
   Method* method_ = nullptr;
   uint32_t hooks_ = 0;
+  bool cache_positions_ = false;        // this call's method uses KvPositions::Cache
+  std::vector<int32_t> group_positions_;  // (n_kv_heads, call_tokens_) RoPE positions in cache mode
+  int64_t call_tokens_ = 0;
   EngineCounters counters_;
   std::vector<std::vector<float>> w_down_t_;  // per layer (n_ff, n_embd), built when a neuron mask first needs it
 };

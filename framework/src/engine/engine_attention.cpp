@@ -177,7 +177,7 @@ Status Engine::gather_keys(KvSequence& seq, const StepInfo& step, LayerCall& cal
     }
     for (int64_t i = 0; i < n; ++i)
       seq.append(l, g, &k_[size_t(i * c.kv_dim() + g * hd)], &v_[size_t(i * c.kv_dim() + g * hd)],
-                 positions_[size_t(i)]);
+                 positions_[size_t(i)], rotary_position(g, i));
     ranges.push_back({cached, int32_t(n)});
     ranges_to_refs(seq, l, g, ranges, call.refs[size_t(g)], call.ref_start[size_t(g)]);
     call.old_visible[size_t(g)] = old;
@@ -301,6 +301,7 @@ Status Engine::feedback_and_evict(KvSequence& seq, const StepInfo& step, LayerCa
     auto dropped = seq.evict(call.layer, g, std::move(drop));
     if (!dropped) return Error{"method: " + dropped.message()};
     counters_.tokens_evicted += *dropped;
+    if (cache_positions_) rerotate_keys(seq, call.layer, g);
     drop = {};
   }
   return ok_status();

@@ -56,7 +56,8 @@ KvSequence::KvSequence(std::shared_ptr<KvPagePool> pool) : pool_(std::move(pool)
 
 KvSequence::~KvSequence() { clear(); }
 
-void KvSequence::append(int32_t layer, int32_t kv_head, const float* k, const float* v, int32_t position) {
+void KvSequence::append(int32_t layer, int32_t kv_head, const float* k, const float* v, int32_t position,
+                        int32_t rotary) {
   HeadPageTable& t = table(layer, kv_head);
   const int32_t page_size = pool_->shape().page_size;
   const int32_t slot = t.n_tokens() % page_size;
@@ -66,6 +67,25 @@ void KvSequence::append(int32_t layer, int32_t kv_head, const float* k, const fl
   std::memcpy(pool_->k(page) + int64_t(slot) * pool_->shape().head_dim, k, row_bytes);
   std::memcpy(pool_->v(page) + int64_t(slot) * pool_->shape().head_dim, v, row_bytes);
   t.positions.push_back(position);
+  t.rotary.push_back(rotary < 0 ? position : rotary);
+}
+
+std::unique_ptr<KvSequence> KvSequence::clone() const {
+  auto copy = std::make_unique<KvSequence>(pool_);
+  const size_t page_bytes = size_t(pool_->page_bytes());
+  for (size_t i = 0; i < tables_.size(); ++i) {
+    HeadPageTable& dst = copy->tables_[i];
+    dst.positions = tables_[i].positions;
+    dst.rotary = tables_[i].rotary;
+    for (int32_t page : tables_[i].pages) {
+      const int32_t fresh = pool_->allocate();
+      std::memcpy(pool_->k(fresh), pool_->k(page), page_bytes);  // K and V are one block
+      dst.pages.push_back(fresh);
+    }
+  }
+  copy->n_past_ = n_past_;
+  copy->forward_calls_ = forward_calls_;
+  return copy;
 }
 
 const float* KvSequence::k_row(int32_t layer, int32_t kv_head, int32_t i) const {
@@ -104,9 +124,11 @@ Result<int32_t> KvSequence::evict(int32_t layer, int32_t kv_head, std::vector<in
     std::memcpy(pool_->k(dst) + int64_t(write % ps) * hd, pool_->k(src) + int64_t(read % ps) * hd, row_bytes);
     std::memcpy(pool_->v(dst) + int64_t(write % ps) * hd, pool_->v(src) + int64_t(read % ps) * hd, row_bytes);
     t.positions[size_t(write)] = t.positions[size_t(read)];
+    t.rotary[size_t(write)] = t.rotary[size_t(read)];
     ++write;
   }
   t.positions.resize(size_t(write));
+  t.rotary.resize(size_t(write));
   const size_t pages_needed = size_t((write + ps - 1) / ps);
   for (size_t p = pages_needed; p < t.pages.size(); ++p) pool_->release(t.pages[p]);
   t.pages.resize(pages_needed);
@@ -118,6 +140,7 @@ void KvSequence::clear() {
     for (int32_t p : t.pages) pool_->release(p);
     t.pages.clear();
     t.positions.clear();
+    t.rotary.clear();
   }
   n_past_ = 0;
   forward_calls_ = 0;

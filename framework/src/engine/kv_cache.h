@@ -62,6 +62,7 @@ class KvPagePool {
 struct HeadPageTable {
   std::vector<int32_t> pages;
   std::vector<int32_t> positions;  // original position of each stored token
+  std::vector<int32_t> rotary;     // the RoPE position its key was rotated with
   int32_t n_tokens() const { return int32_t(positions.size()); }
 };
 
@@ -75,8 +76,15 @@ class KvSequence {
   HeadPageTable& table(int32_t layer, int32_t kv_head) { return tables_[index(layer, kv_head)]; }
   const HeadPageTable& table(int32_t layer, int32_t kv_head) const { return tables_[index(layer, kv_head)]; }
 
-  // Appends one token's K and V rows (head_dim each) to (layer, kv_head).
-  void append(int32_t layer, int32_t kv_head, const float* k, const float* v, int32_t position);
+  // Appends one token's K and V rows (head_dim each) to (layer, kv_head); its key
+  // was rotated with `rotary` (default: its position).
+  void append(int32_t layer, int32_t kv_head, const float* k, const float* v, int32_t position,
+              int32_t rotary = -1);
+  // A deep copy (own pages from the same pool): a saved prefill to start from.
+  std::unique_ptr<KvSequence> clone() const;
+  float* k_row_mutable(int32_t layer, int32_t kv_head, int32_t i) {
+    return const_cast<float*>(k_row(layer, kv_head, i));
+  }
   // Pointer to the K / V row of stored token `i` of (layer, kv_head).
   const float* k_row(int32_t layer, int32_t kv_head, int32_t i) const;
   const float* v_row(int32_t layer, int32_t kv_head, int32_t i) const;

@@ -1,0 +1,138 @@
+// H2O (Zhang et al., "H2O: Heavy-Hitter Oracle for Efficient Generative
+// Inference of Large Language Models", NeurIPS 2023): keep the tokens with the
+// largest accumulated attention ("heavy hitters") plus a window of recent
+// tokens, evicting the rest after every forward call, prefill included.
+// Attention mass is summed over the query heads of a KV group (GQA).
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <sstream>
+
+#include "inferlab/plugin.h"
+
+namespace {
+
+using namespace inferlab;
+
+struct Budget {
+  double heavy = 0, recent = 0;  // token counts, or fractions of the sequence when `ratio`
+  bool ratio = false;
+};
+
+// Overrides "KEY=heavy:recent;..." where KEY is a layer ("3") or a layer and
+// kv head ("3.1"). Values are token counts, or fractions when the base budget is a ratio.
+Result<std::map<std::pair<int32_t, int32_t>, Budget>> parse_overrides(const std::string& text, bool ratio) {
+  std::map<std::pair<int32_t, int32_t>, Budget> out;
+  std::stringstream items(text);
+  for (std::string item; std::getline(items, item, ';');) {
+    if (item.empty()) continue;
+    int32_t layer = -1, head = -1;
+    double heavy = 0, recent = 0;
+    char sep = 0;
+    std::istringstream in(item);
+    bool ok = static_cast<bool>(in >> layer);
+    if (ok && in.peek() == '.') ok = static_cast<bool>(in.get(sep) >> head);
+    ok = ok && in.get(sep) && sep == '=' && (in >> heavy) && in.get(sep) && sep == ':' && (in >> recent);
+    if (!ok || !(in >> std::ws).eof() || layer < 0 || heavy < 0 || recent < 0)
+      return Error{"overrides: cannot read \"" + item + "\"; write LAYER=heavy:recent or LAYER.KVHEAD=heavy:recent"};
+    out[{layer, head}] = Budget{heavy, recent, ratio};
+  }
+  return out;
+}
+
+class H2o final : public Method {
+ public:
+  H2o(Budget base, std::map<std::pair<int32_t, int32_t>, Budget> overrides)
+      : base_(base), overrides_(std::move(overrides)) {}
+
+  void begin_sequence(const ModelShape& shape) override {
+    shape_ = shape;
+    scores_.assign(size_t(shape.n_layers) * size_t(shape.n_kv_heads), {});
+  }
+
+  void on_attention(const StepInfo&, const KvView&, const AttentionStats& stats) override {
+    std::vector<float>& s = scores(stats.layer, stats.kv_head);
+    s.resize(stats.key_mass.size(), 0.0f);  // new tokens start with no mass
+    for (size_t i = 0; i < s.size(); ++i) s[i] += stats.key_mass[i];
+  }
+
+  void evict(const StepInfo&, const KvView& kv, int32_t layer, int32_t kv_head, std::vector<int32_t>& drop) override {
+    const int32_t n = kv.n_tokens(layer, kv_head);
+    const auto positions = kv.positions(layer, kv_head);
+    const int32_t seen = n > 0 ? positions[size_t(n - 1)] + 1 : 0;
+    const auto [heavy, recent] = budget(layer, kv_head, seen);
+    if (n <= heavy + recent) return;
+    std::vector<float>& s = scores(layer, kv_head);
+    s.resize(size_t(n), 0.0f);
+    // Candidates are all but the recent window; the `heavy` largest scores stay.
+    const int32_t candidates = n - recent;
+    std::vector<int32_t> order(static_cast<size_t>(candidates));
+    std::iota(order.begin(), order.end(), 0);
+    std::nth_element(order.begin(), order.begin() + heavy, order.end(),
+                     [&](int32_t a, int32_t b) { return s[size_t(a)] > s[size_t(b)] || (s[size_t(a)] == s[size_t(b)] && a < b); });
+    drop.assign(order.begin() + heavy, order.end());
+    std::sort(drop.begin(), drop.end());
+    // Keep our scores aligned with the engine's compaction (stable order).
+    std::vector<float> kept;
+    kept.reserve(size_t(n) - drop.size());
+    for (int32_t i = 0, d = 0; i < n; ++i) {
+      if (d < int32_t(drop.size()) && drop[size_t(d)] == i) {
+        ++d;
+        continue;
+      }
+      kept.push_back(s[size_t(i)]);
+    }
+    s = std::move(kept);
+    evictions_ += double(drop.size());
+  }
+
+  std::map<std::string, double> counters() const override { return {{"tokens_dropped", evictions_}}; }
+
+ private:
+  std::vector<float>& scores(int32_t layer, int32_t kv_head) {
+    return scores_[size_t(layer) * size_t(shape_.n_kv_heads) + size_t(kv_head)];
+  }
+
+  std::pair<int32_t, int32_t> budget(int32_t layer, int32_t kv_head, int32_t seen) const {
+    Budget b = base_;
+    if (auto it = overrides_.find({layer, -1}); it != overrides_.end()) b = it->second;
+    if (auto it = overrides_.find({layer, kv_head}); it != overrides_.end()) b = it->second;
+    if (!b.ratio) return {int32_t(b.heavy), int32_t(b.recent)};
+    return {int32_t(std::ceil(b.heavy * seen)), int32_t(std::ceil(b.recent * seen))};
+  }
+
+  Budget base_;
+  std::map<std::pair<int32_t, int32_t>, Budget> overrides_;
+  ModelShape shape_;
+  std::vector<std::vector<float>> scores_;  // per (layer, kv head): accumulated mass per stored token
+  double evictions_ = 0;
+};
+
+class H2oPlugin final : public Plugin {
+ public:
+  PluginInfo info() const override {
+    return {"h2o",
+            "1.0.0",
+            "heavy hitters by accumulated attention + recent window (Zhang et al. 2023)",
+            kHookAttentionFeedback | kHookEviction,
+            {ParamSpec::integer("heavy", 64, 0, 1 << 24, "heavy-hitter tokens kept (when heavy_ratio is 0)"),
+             ParamSpec::integer("recent", 64, 0, 1 << 24, "recent tokens kept (when recent_ratio is 0)"),
+             ParamSpec::real("heavy_ratio", 0.0, 0.0, 1.0, "heavy hitters as a fraction of the sequence so far"),
+             ParamSpec::real("recent_ratio", 0.0, 0.0, 1.0, "recent window as a fraction of the sequence so far"),
+             ParamSpec::string("overrides", "", {},
+                               "per layer / kv head budgets: \"LAYER=heavy:recent;LAYER.KVHEAD=heavy:recent\" "
+                               "(fractions when the ratios are used)")}};
+  }
+  Result<std::unique_ptr<Method>> create(const ParamValues& p) const override {
+    const bool ratio = p.get_float("heavy_ratio") > 0 || p.get_float("recent_ratio") > 0;
+    const Budget base = ratio ? Budget{p.get_float("heavy_ratio"), p.get_float("recent_ratio"), true}
+                              : Budget{double(p.get_int("heavy")), double(p.get_int("recent")), false};
+    auto overrides = parse_overrides(p.get_string("overrides"), ratio);
+    if (!overrides) return overrides.error();
+    return std::unique_ptr<Method>(std::make_unique<H2o>(base, std::move(*overrides)));
+  }
+};
+
+}  // namespace
+
+INFERLAB_PLUGIN(H2oPlugin)

@@ -1,0 +1,143 @@
+// Quest (Tang et al., "Quest: Query-Aware Sparsity for Efficient Long-Context
+// LLM Inference", ICML 2024): per page of `page_size` tokens, the per-channel
+// minimum and maximum of the keys; at each decode step and head, a page's
+// score is the upper bound sum_i max(q_i * min_i, q_i * max_i) of its attention
+// logits, and only the top token_budget / page_size pages (always including the
+// last page) are read. The first `dense_layers` layers and prefill stay dense;
+// nothing is evicted. With grouped-query attention a KV head's page score is
+// the sum of the bounds of its query heads.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+
+#include "inferlab/plugin.h"
+
+namespace {
+
+using namespace inferlab;
+
+// Per-channel key bounds of every page of one (layer, kv head), updated as tokens arrive.
+struct PageBounds {
+  int32_t summarized = 0;   // tokens folded into the bounds so far
+  std::vector<float> mins;  // (pages, head_dim)
+  std::vector<float> maxs;
+};
+
+class Quest final : public Method {
+ public:
+  Quest(int32_t budget, int32_t page_size, int32_t dense_layers)
+      : budget_(budget), page_size_(page_size), dense_layers_(dense_layers) {}
+
+  bool dense_prefill() const override { return true; }
+
+  void begin_sequence(const ModelShape& shape) override {
+    shape_ = shape;
+    bounds_.assign(size_t(shape.n_layers) * size_t(shape.n_kv_heads), {});
+  }
+
+  bool select_kv(const StepInfo& step, const KvView& kv, int32_t layer, int32_t kv_head, std::span<const float> q,
+                 KvSelection& selection) override {
+    if (!step.decode() || layer < dense_layers_) return false;
+    const int32_t n = kv.n_tokens(layer, kv_head);
+    const int32_t n_pages = (n + page_size_ - 1) / page_size_;
+    const int32_t keep = std::max(1, budget_ / page_size_);
+    PageBounds& b = bounds_[size_t(layer) * size_t(shape_.n_kv_heads) + size_t(kv_head)];
+    update_bounds(kv, layer, kv_head, n, b);
+    ++steps_;
+    pages_total_ += n_pages;
+    if (n_pages <= keep) {
+      pages_selected_ += n_pages;
+      return false;  // the budget covers everything: dense
+    }
+    const std::vector<int32_t> pages = top_pages(b, q, n_pages, keep);
+    pages_selected_ += double(pages.size());
+    if (page_size_ == kv.page_size()) {
+      selection.unit = KvSelection::Unit::Pages;
+      selection.indices = pages;
+    } else {
+      selection.unit = KvSelection::Unit::Tokens;
+      for (int32_t p : pages)
+        for (int32_t t = p * page_size_; t < std::min(n, (p + 1) * page_size_); ++t) selection.indices.push_back(t);
+    }
+    return true;
+  }
+
+  std::map<std::string, double> counters() const override {
+    return {{"decode_selections", steps_},
+            {"pages_selected", pages_selected_},
+            {"pages_available", pages_total_},
+            {"selected_fraction", pages_total_ > 0 ? pages_selected_ / pages_total_ : 1.0}};
+  }
+
+ private:
+  void update_bounds(const KvView& kv, int32_t layer, int32_t kv_head, int32_t n, PageBounds& b) const {
+    const int32_t hd = shape_.head_dim;
+    const size_t needed = size_t((n + page_size_ - 1) / page_size_) * size_t(hd);
+    b.mins.resize(needed, std::numeric_limits<float>::infinity());
+    b.maxs.resize(needed, -std::numeric_limits<float>::infinity());
+    for (; b.summarized < n; ++b.summarized) {
+      const float* k = kv.key(layer, kv_head, b.summarized);
+      float* lo = &b.mins[size_t(b.summarized / page_size_) * size_t(hd)];
+      float* hi = &b.maxs[size_t(b.summarized / page_size_) * size_t(hd)];
+      for (int32_t i = 0; i < hd; ++i) {
+        lo[i] = std::min(lo[i], k[i]);
+        hi[i] = std::max(hi[i], k[i]);
+      }
+    }
+  }
+
+  // The last page always, plus the best-scoring others up to `keep` in all.
+  std::vector<int32_t> top_pages(const PageBounds& b, std::span<const float> q, int32_t n_pages,
+                                 int32_t keep) const {
+    const int32_t hd = shape_.head_dim, heads = int32_t(q.size()) / hd;
+    std::vector<float> score(size_t(n_pages - 1), 0.0f);
+    for (int32_t p = 0; p + 1 < n_pages; ++p) {
+      const float* lo = &b.mins[size_t(p) * size_t(hd)];
+      const float* hi = &b.maxs[size_t(p) * size_t(hd)];
+      float s = 0;
+      for (int32_t h = 0; h < heads; ++h)
+        for (int32_t i = 0; i < hd; ++i) {
+          const float qi = q[size_t(h * hd + i)];
+          s += std::max(qi * lo[i], qi * hi[i]);
+        }
+      score[size_t(p)] = s;
+    }
+    std::vector<int32_t> order(size_t(n_pages - 1));
+    std::iota(order.begin(), order.end(), 0);
+    const int32_t others = std::min(keep - 1, n_pages - 1);
+    std::partial_sort(order.begin(), order.begin() + others, order.end(), [&](int32_t a, int32_t c) {
+      return score[size_t(a)] > score[size_t(c)] || (score[size_t(a)] == score[size_t(c)] && a < c);
+    });
+    order.resize(size_t(others));
+    order.push_back(n_pages - 1);
+    std::sort(order.begin(), order.end());
+    return order;
+  }
+
+  int32_t budget_, page_size_, dense_layers_;
+  ModelShape shape_;
+  std::vector<PageBounds> bounds_;
+  double steps_ = 0, pages_selected_ = 0, pages_total_ = 0;
+};
+
+class QuestPlugin final : public Plugin {
+ public:
+  PluginInfo info() const override {
+    return {"quest",
+            "1.0.0",
+            "query-aware page selection by key min/max bounds (Tang et al. 2024)",
+            kHookDecodeSelection,
+            {ParamSpec::integer("token_budget", 256, 1, 1 << 24, "tokens read per decode step and head"),
+             ParamSpec::integer("page_size", 16, 1, 4096, "tokens per page (best equal to the KV page size)"),
+             ParamSpec::integer("dense_layers", 2, 0, 4096, "first layers that stay dense")}};
+  }
+  Result<std::unique_ptr<Method>> create(const ParamValues& p) const override {
+    return std::unique_ptr<Method>(std::make_unique<Quest>(
+        int32_t(p.get_int("token_budget")), int32_t(p.get_int("page_size")), int32_t(p.get_int("dense_layers"))));
+  }
+};
+
+}  // namespace
+
+INFERLAB_PLUGIN(QuestPlugin)

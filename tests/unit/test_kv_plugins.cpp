@@ -1,0 +1,225 @@
+// StreamingLLM, H2O and Quest: dense equivalence at budgets that keep
+// everything, each policy on crafted inputs (which tokens or pages are kept),
+// and what the engine then does (memory bounded, pages read).
+#include <gtest/gtest.h>
+
+#include <set>
+
+#include "plugin_test_support.h"
+
+namespace inferlab {
+namespace {
+
+std::shared_ptr<Model> kv_model() {
+  static std::shared_ptr<Model> model = [] {
+    SyntheticModelSpec spec;
+    spec.name = "kv-plugins";
+    spec.n_layers = 2;
+    return test::load_synthetic(spec);
+  }();
+  return model;
+}
+
+ParamValues params(std::initializer_list<std::pair<const std::string, ParamValue>> values) {
+  return ParamValues(std::map<std::string, ParamValue>(values));
+}
+
+MethodHandle make(const std::string& plugin, const ParamValues& p) {
+  auto handle = test::plugin_registry().create(plugin, p);
+  EXPECT_TRUE(handle.ok()) << (handle.ok() ? "" : handle.message());
+  return handle.ok() ? std::move(*handle) : MethodHandle{};
+}
+
+// A KV cache of one (layer, kv head) written by the test.
+class FakeKv final : public KvView {
+ public:
+  FakeKv(int32_t page_size, int32_t head_dim) : page_size_(page_size), head_dim_(head_dim) {}
+  void add(int32_t position, std::vector<float> key) {
+    positions_.push_back(position);
+    keys_.push_back(std::move(key));
+  }
+  void keep(const std::vector<int32_t>& drop) {
+    std::vector<int32_t> p;
+    std::vector<std::vector<float>> k;
+    for (size_t i = 0; i < keys_.size(); ++i)
+      if (std::find(drop.begin(), drop.end(), int32_t(i)) == drop.end()) {
+        p.push_back(positions_[i]);
+        k.push_back(keys_[i]);
+      }
+    positions_ = p;
+    keys_ = k;
+  }
+  int32_t page_size() const override { return page_size_; }
+  int32_t n_tokens(int32_t, int32_t) const override { return int32_t(keys_.size()); }
+  std::span<const int32_t> positions(int32_t, int32_t) const override { return positions_; }
+  const float* key(int32_t, int32_t, int32_t t) const override { return keys_[size_t(t)].data(); }
+  const float* value(int32_t, int32_t, int32_t t) const override { return keys_[size_t(t)].data(); }
+
+ private:
+  int32_t page_size_, head_dim_;
+  std::vector<int32_t> positions_;
+  std::vector<std::vector<float>> keys_;
+};
+
+ModelShape tiny_shape(int32_t n_layers = 2, int32_t n_kv_heads = 2, int32_t head_dim = 4, int32_t page_size = 4) {
+  return ModelShape{n_layers, n_kv_heads, n_kv_heads, head_dim, 16, 32, 100, 1024, page_size};
+}
+
+TEST(KvPlugins, KeepingEverythingIsDense) {
+  EXPECT_DENSE_EQUIVALENT(kv_model(), "streamingllm", params({{"window", int64_t{100000}}}));
+  EXPECT_DENSE_EQUIVALENT(kv_model(), "h2o", params({{"heavy", int64_t{100000}}, {"recent", int64_t{100000}}}));
+  EXPECT_DENSE_EQUIVALENT(kv_model(), "h2o", params({{"recent_ratio", 1.0}}));
+  EXPECT_DENSE_EQUIVALENT(kv_model(), "quest", params({{"token_budget", int64_t{100000}}, {"page_size", int64_t{4}}}));
+  EXPECT_DENSE_EQUIVALENT(kv_model(), "quest", params({{"token_budget", int64_t{4}}, {"dense_layers", int64_t{2}}}));
+}
+
+TEST(KvPlugins, StreamingLlmKeepsSinksAndTheRecentWindow) {
+  auto engine = Engine::create(kv_model(), EngineOptions{4, 0, 0});
+  ASSERT_TRUE(engine.ok());
+  test::ActiveMethod active =
+      test::activate_method(**engine, "streamingllm", params({{"sink_tokens", int64_t{2}}, {"window", int64_t{6}}}));
+  ASSERT_NE(active.handle.get(), nullptr);
+  active.handle->begin_sequence((*engine)->shape());
+  auto seq = (*engine)->new_sequence();
+  ASSERT_TRUE((*engine)->prefill(*seq, test::random_tokens(100, 20, 1)).ok());
+  for (int32_t l = 0; l < 2; ++l)
+    for (int32_t g = 0; g < 2; ++g)
+      EXPECT_EQ(seq->table(l, g).positions, (std::vector<int32_t>{0, 1, 14, 15, 16, 17, 18, 19}));
+  ASSERT_TRUE((*engine)->decode(*seq, 5).ok());
+  EXPECT_EQ(seq->table(1, 1).positions, (std::vector<int32_t>{0, 1, 15, 16, 17, 18, 19, 20}));
+  // Cache positions: the keys are rotated as if they sat at indices 0..7.
+  EXPECT_EQ(seq->table(1, 1).rotary, (std::vector<int32_t>{0, 1, 2, 3, 4, 5, 6, 7}));
+}
+
+TEST(KvPlugins, StreamingLlmMemoryStaysBoundedPastTheContextLength) {
+  auto engine = Engine::create(kv_model(), EngineOptions{4, 32, 0});
+  ASSERT_TRUE(engine.ok());
+  for (const std::string positions : {"cache", "original"}) {
+    test::ActiveMethod active = test::activate_method(
+        **engine, "streamingllm",
+        params({{"sink_tokens", int64_t{4}}, {"window", int64_t{12}}, {"positions", positions}}));
+    ASSERT_NE(active.handle.get(), nullptr);
+    active.handle->begin_sequence((*engine)->shape());
+    auto seq = (*engine)->new_sequence();
+    Status s = ok_status();
+    int64_t max_pages = 0;
+    for (int32_t t = 0; t < 200 && s.ok(); ++t) {
+      auto logits = (*engine)->decode(*seq, t % 90);
+      s = logits.ok() ? ok_status() : Status(logits.error());
+      max_pages = std::max(max_pages, (*engine)->pool().pages_in_use());
+    }
+    if (positions == "cache") {
+      ASSERT_TRUE(s.ok()) << s.message();
+      EXPECT_EQ(seq->n_past(), 200);  // far past max_context = 32
+      EXPECT_EQ(seq->table(0, 0).n_tokens(), 16);
+      EXPECT_LE(max_pages, 5 * 2 * 2);  // 17 tokens at most: 5 pages per (layer, kv head)
+    } else {
+      EXPECT_FALSE(s.ok());  // original positions cannot pass the context length
+    }
+  }
+}
+
+TEST(KvPlugins, H2oKeepsHeavyHittersAndTheRecentWindow) {
+  MethodHandle h2o = make("h2o", params({{"heavy", int64_t{2}}, {"recent", int64_t{2}}}));
+  ASSERT_NE(h2o.get(), nullptr);
+  h2o->begin_sequence(tiny_shape());
+  FakeKv kv(4, 4);
+  for (int32_t p = 0; p < 8; ++p) kv.add(p, {1, 0, 0, 0});
+  const std::vector<float> mass = {0.1f, 5.0f, 0.2f, 3.0f, 0.1f, 0.1f, 0.1f, 0.1f};
+  const StepInfo prefill{0, 0, 8};
+  h2o->on_attention(prefill, kv, AttentionStats{0, 0, mass, {}});
+  std::vector<int32_t> drop;
+  h2o->evict(prefill, kv, 0, 0, drop);
+  EXPECT_EQ(drop, (std::vector<int32_t>{0, 2, 4, 5}));  // keeps 1 and 3 (heavy), 6 and 7 (recent)
+  kv.keep(drop);
+  // Next step: scores stay aligned with the compacted cache. Token at old index 6
+  // now gains the most mass and becomes a heavy hitter; old 3 loses its place.
+  kv.add(8, {1, 0, 0, 0});
+  const std::vector<float> mass2 = {0.1f, 0.0f, 9.0f, 0.1f, 0.1f};  // stored: 1, 3, 6, 7, 8
+  const StepInfo decode{1, 8, 1};
+  h2o->on_attention(decode, kv, AttentionStats{0, 0, mass2, {}});
+  drop.clear();
+  h2o->evict(decode, kv, 0, 0, drop);
+  EXPECT_EQ(drop, (std::vector<int32_t>{1}));  // scores: 5.1, 3.0, 9.1 | recent: 7, 8
+  EXPECT_EQ(h2o->counters().at("tokens_dropped"), 5.0);
+}
+
+TEST(KvPlugins, H2oBudgetsByRatioAndPerLayerAndHead) {
+  MethodHandle h2o = make("h2o", params({{"heavy", int64_t{2}}, {"recent", int64_t{2}}, {"overrides", std::string("1=1:1;1.1=3:0")}}));
+  ASSERT_NE(h2o.get(), nullptr);
+  h2o->begin_sequence(tiny_shape());
+  auto kept = [&](Method& m, int32_t layer, int32_t head) {
+    FakeKv kv(4, 4);
+    for (int32_t p = 0; p < 8; ++p) kv.add(p, {1, 0, 0, 0});
+    std::vector<float> mass(8, 0.0f);
+    mass[2] = 1;
+    mass[4] = 2;
+    mass[5] = 3;
+    m.on_attention(StepInfo{0, 0, 8}, kv, AttentionStats{layer, head, mass, {}});
+    std::vector<int32_t> drop;
+    m.evict(StepInfo{0, 0, 8}, kv, layer, head, drop);
+    return 8 - int32_t(drop.size());
+  };
+  EXPECT_EQ(kept(*h2o.get(), 0, 0), 4);
+  EXPECT_EQ(kept(*h2o.get(), 1, 0), 2);
+  EXPECT_EQ(kept(*h2o.get(), 1, 1), 3);
+  MethodHandle ratio = make("h2o", params({{"heavy_ratio", 0.25}, {"recent_ratio", 0.125}}));
+  ratio->begin_sequence(tiny_shape());
+  EXPECT_EQ(kept(*ratio.get(), 0, 0), 3);  // ceil(0.25 * 8) + ceil(0.125 * 8)
+  auto bad = test::plugin_registry().create("h2o", params({{"overrides", std::string("1=x")}}));
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.message().find("1=x"), std::string::npos) << bad.message();
+}
+
+TEST(KvPlugins, QuestSelectsThePagesWithTheLargestBoundPlusTheLast) {
+  MethodHandle quest =
+      make("quest", params({{"token_budget", int64_t{8}}, {"page_size", int64_t{4}}, {"dense_layers", int64_t{1}}}));
+  ASSERT_NE(quest.get(), nullptr);
+  quest->begin_sequence(tiny_shape());
+  FakeKv kv(4, 4);
+  // 20 tokens, 5 pages; page 2 holds one key far along +x, page 3 one far along -x.
+  for (int32_t p = 0; p < 20; ++p) kv.add(p, {p == 9 ? 5.0f : 0.1f, p == 13 ? -6.0f : 0.0f, 0, 0});
+  const std::vector<float> q = {1, 0, 0, 0, 0.5f, 0, 0, 0};  // two query heads of the group
+  KvSelection sel;
+  EXPECT_TRUE(quest->select_kv(StepInfo{3, 20, 1}, kv, 1, 0, q, sel));
+  EXPECT_EQ(sel.unit, KvSelection::Unit::Pages);
+  EXPECT_EQ(sel.indices, (std::vector<int32_t>{2, 4}));
+  // A query along -y bounds page 3 highest (its -6 times a negative query).
+  KvSelection neg;
+  const std::vector<float> qn = {0, -1, 0, 0, 0, -1, 0, 0};
+  EXPECT_TRUE(quest->select_kv(StepInfo{3, 20, 1}, kv, 1, 0, qn, neg));
+  EXPECT_EQ(neg.indices, (std::vector<int32_t>{3, 4}));
+  // Dense layers, prefill, and a budget that covers everything are left alone.
+  KvSelection none;
+  EXPECT_FALSE(quest->select_kv(StepInfo{3, 20, 1}, kv, 0, 0, q, none));
+  EXPECT_FALSE(quest->select_kv(StepInfo{0, 0, 20}, kv, 1, 0, q, none));
+  MethodHandle wide = make("quest", params({{"token_budget", int64_t{64}}, {"page_size", int64_t{4}}}));
+  wide->begin_sequence(tiny_shape());
+  EXPECT_FALSE(wide->select_kv(StepInfo{3, 20, 1}, kv, 1, 0, q, none));
+  // Bounds follow new tokens: a key appended to page 4 changes nothing selected,
+  // one that lands in a new page makes that page the last.
+  for (int32_t p = 20; p < 22; ++p) kv.add(p, {0.1f, 0, 0, 0});
+  KvSelection later;
+  EXPECT_TRUE(quest->select_kv(StepInfo{4, 22, 1}, kv, 1, 0, q, later));
+  EXPECT_EQ(later.indices, (std::vector<int32_t>{2, 5}));
+  EXPECT_TRUE(quest->dense_prefill());
+}
+
+TEST(KvPlugins, QuestReadsOnlyItsBudgetInTheEngine) {
+  auto engine = Engine::create(kv_model(), EngineOptions{4, 0, 0});
+  ASSERT_TRUE(engine.ok());
+  test::ActiveMethod active = test::activate_method(
+      **engine, "quest", params({{"token_budget", int64_t{8}}, {"page_size", int64_t{4}}, {"dense_layers", int64_t{1}}}));
+  ASSERT_NE(active.handle.get(), nullptr);
+  const auto trace = test::run_trace(**engine, active.handle.get(), test::random_tokens(100, 40, 2), 5);
+  const EngineCounters& c = (*engine)->counters();
+  // Layer 0 dense (40..44 cached tokens: 10, 11, 11, 11, 11 pages), layer 1: 2
+  // pages; per kv head and step.
+  EXPECT_EQ(c.decode_steps, 5);
+  EXPECT_EQ(c.decode_pages_read, 2 * (10 + 11 + 11 + 11 + 11) + 2 * 2 * 5);
+  EXPECT_LT(c.decode_keys_read, c.decode_keys_cached);
+  EXPECT_EQ(c.tokens_evicted, 0);
+}
+
+}  // namespace
+}  // namespace inferlab
