@@ -41,7 +41,10 @@ class ProbeMethod final : public Method {
         mask_heads_(parse_list(p.get_string("mask_heads"))),
         neuron_stride_(int32_t(p.get_int("neuron_stride"))),
         write_artifact_(p.get_bool("write_artifact")),
-        cache_positions_(p.get_bool("cache_positions")) {}
+        cache_positions_(p.get_bool("cache_positions")),
+        dense_prefill_(p.get_bool("dense_prefill")) {}
+
+  bool dense_prefill() const override { return dense_prefill_; }
 
   KvPositions kv_positions() const override {
     return cache_positions_ ? KvPositions::Cache : KvPositions::Original;
@@ -174,6 +177,7 @@ class ProbeMethod final : public Method {
   int32_t neuron_stride_;
   bool write_artifact_;
   bool cache_positions_;
+  bool dense_prefill_;
   ModelShape shape_;
   std::map<std::pair<int32_t, int32_t>, std::set<int32_t>> selected_;
   std::map<std::pair<int32_t, int32_t>, int32_t> cached_before_;
@@ -203,6 +207,7 @@ class ProbePlugin final : public Plugin {
                 ParamSpec::integer("neuron_stride", 1, 1, 1024, "compute FFN neurons j with j % stride == 0"),
                 ParamSpec::boolean("write_artifact", false, "on_load writes a file into the artifact folder"),
                 ParamSpec::boolean("cache_positions", false, "RoPE positions are cache indices"),
+                ParamSpec::boolean("dense_prefill", false, "declare the prefill dense (allows prefill reuse)"),
             }};
   }
   Result<std::unique_ptr<Method>> create(const ParamValues& params) const override {

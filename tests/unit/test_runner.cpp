@@ -4,6 +4,7 @@
 // refused before anything runs.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <fstream>
 
 #include "experiment/runner.h"
@@ -154,6 +155,36 @@ TEST(ExperimentRunner, ShardsPartitionTheGridAndMergeBack) {
   ASSERT_TRUE(full.ok());
   EXPECT_EQ(full->skipped, 9);
   EXPECT_FALSE(run_experiment(config, options(a, "3/2")).ok());
+}
+
+TEST(ExperimentRunner, PrefillReuseGivesIdenticalResults) {
+  // A method whose prefill is dense (decode-only page selection) starts from the
+  // saved dense prefill; everything it produces must equal a full recomputation.
+  const std::string method =
+      "\n[[method]]\nplugin = \"probe\"\nname = \"pages\"\ndense_prefill = true\nselect_pages = \"0,2,5\"\n";
+  const auto config = write_config("reuse", method);
+  const auto with = test::temp_path("reuse-on.db"), without = test::temp_path("reuse-off.db");
+  auto on = options(with), off = options(without);
+  off.reuse_prefill = false;
+  ASSERT_TRUE(run_experiment(config, on).ok());
+  ASSERT_TRUE(run_experiment(config, off).ok());
+  auto a = ResultsDb::open(with), b = ResultsDb::open(without);
+  ASSERT_TRUE(a.ok() && b.ok());
+  const std::string samples =
+      "SELECT r.task, s.idx, s.produced, s.correct FROM samples s JOIN runs r ON r.id = s.run_id "
+      "WHERE r.label = 'pages' ORDER BY r.task, s.idx";
+  auto sa = a->query(samples), sb = b->query(samples);
+  ASSERT_TRUE(sa.ok() && sb.ok());
+  EXPECT_EQ(sa->rows.size(), 6u);  // 2 samples each of passkey, fidelity and perplexity (never reused)
+  EXPECT_EQ(sa->rows, sb->rows);
+  for (const char* m : {"accuracy", "fidelity_top1", "fidelity_kl", "engine.decode_keys_read", "engine.decode_pages_read"})
+    for (const char* task : {"passkey", "fidelity"}) {
+      const double x = metric(*a, task, "pages", m), y = metric(*b, task, "pages", m);
+      if (std::isnan(x) && std::isnan(y)) continue;
+      EXPECT_DOUBLE_EQ(x, y) << task << " " << m;
+    }
+  // The reuse really happened: fewer forward calls (the prefill was not recomputed).
+  EXPECT_LT(metric(*a, "passkey", "pages", "engine.forward_calls"), metric(*b, "passkey", "pages", "engine.forward_calls"));
 }
 
 TEST(ExperimentRunner, DryRunListsRunsAndWritesNothing) {

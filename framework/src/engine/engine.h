@@ -70,6 +70,7 @@ class Engine {
   const EngineOptions& options() const { return options_; }
   int32_t max_context() const { return max_context_; }
   KvPagePool& pool() { return *pool_; }
+  std::shared_ptr<KvPagePool> shared_pool() const { return pool_; }
 
  private:
   Engine(std::shared_ptr<const Model> model, EngineOptions options);

@@ -70,16 +70,17 @@ void KvSequence::append(int32_t layer, int32_t kv_head, const float* k, const fl
   t.rotary.push_back(rotary < 0 ? position : rotary);
 }
 
-std::unique_ptr<KvSequence> KvSequence::clone() const {
-  auto copy = std::make_unique<KvSequence>(pool_);
+std::unique_ptr<KvSequence> KvSequence::clone(std::shared_ptr<KvPagePool> pool) const {
+  if (!pool) pool = pool_;
+  auto copy = std::make_unique<KvSequence>(pool);
   const size_t page_bytes = size_t(pool_->page_bytes());
   for (size_t i = 0; i < tables_.size(); ++i) {
     HeadPageTable& dst = copy->tables_[i];
     dst.positions = tables_[i].positions;
     dst.rotary = tables_[i].rotary;
     for (int32_t page : tables_[i].pages) {
-      const int32_t fresh = pool_->allocate();
-      std::memcpy(pool_->k(fresh), pool_->k(page), page_bytes);  // K and V are one block
+      const int32_t fresh = pool->allocate();
+      std::memcpy(pool->k(fresh), pool_->k(page), page_bytes);  // K and V are one block
       dst.pages.push_back(fresh);
     }
   }

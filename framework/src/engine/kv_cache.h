@@ -80,8 +80,9 @@ class KvSequence {
   // was rotated with `rotary` (default: its position).
   void append(int32_t layer, int32_t kv_head, const float* k, const float* v, int32_t position,
               int32_t rotary = -1);
-  // A deep copy (own pages from the same pool): a saved prefill to start from.
-  std::unique_ptr<KvSequence> clone() const;
+  // A deep copy with its own pages from `pool` (default: this sequence's pool,
+  // which must have the same shape): a saved prefill to start from.
+  std::unique_ptr<KvSequence> clone(std::shared_ptr<KvPagePool> pool = nullptr) const;
   float* k_row_mutable(int32_t layer, int32_t kv_head, int32_t i) {
     return const_cast<float*>(k_row(layer, kv_head, i));
   }

@@ -73,6 +73,23 @@ class SampleRunner {
     return s;
   }
 
+  // Starts from a saved dense prefill instead of computing it.
+  void start_from(const PrefillSnapshot& snapshot, int64_t prompt_tokens) {
+    if (ctx_.method != nullptr) ctx_.method->begin_sequence(engine_.shape());
+    seq_ = snapshot.seq->clone(engine_.shared_pool());
+    engine_.pool().reset_peak();
+    tally_.prefill_seconds += snapshot.seconds;
+    tally_.prefill_tokens += prompt_tokens;
+  }
+
+  // Saves the current sequence (right after a dense prefill) for reuse.
+  void save(PrefillCache& cache, const std::string& key, const std::vector<float>& last, double seconds) {
+    if (cache.snapshots.count(key) != 0) return;
+    if (!cache.pool) cache.pool = std::make_shared<KvPagePool>(engine_.pool().shape());
+    if (cache.pool->bytes_in_use() + seq_->pages_held() * cache.pool->page_bytes() > cache.max_bytes) return;
+    cache.snapshots[key] = PrefillSnapshot{seq_->clone(cache.pool), last, seconds};
+  }
+
   bool context_full() const { return seq_->n_past() >= engine_.max_context(); }
 
   void finish() {
@@ -88,25 +105,55 @@ class SampleRunner {
   std::unique_ptr<KvSequence> seq_;
 };
 
+std::string sample_key(const MeasureContext& ctx, size_t index) { return fmt::format("{}#{}", ctx.task_key, index); }
+
+bool reuses_prefill(const MeasureContext& ctx) {
+  return ctx.prefills != nullptr && ctx.method != nullptr && ctx.method->dense_prefill();
+}
+
+struct FirstLogits {
+  std::vector<float> logits;  // of the prompt's last token
+  double reused_seconds = 0;  // > 0: the prefill came from a snapshot that took this long
+};
+
+// Prefills a sample's prompt, or starts from its saved dense prefill when the
+// method's prefill is dense. Dense runs save their prefill for later methods.
+Result<FirstLogits> start_sample(MeasureContext& ctx, SampleRunner& runner, size_t index) {
+  const TaskSample& sample = (*ctx.samples)[index];
+  const int64_t n = int64_t(sample.prompt_tokens.size());
+  const std::string key = sample_key(ctx, index);
+  if (reuses_prefill(ctx))
+    if (auto it = ctx.prefills->snapshots.find(key); it != ctx.prefills->snapshots.end()) {
+      runner.start_from(it->second, n);
+      return FirstLogits{it->second.last_logits, it->second.seconds};
+    }
+  FirstLogits first;
+  const auto t0 = Clock::now();
+  auto s = runner.prefill(sample.prompt_tokens, ctx.prefill_chunk, [&](int64_t row, std::span<const float> l) {
+    if (row == n - 1) first.logits.assign(l.begin(), l.end());
+  });
+  if (!s) return s.error();
+  if (ctx.prefills != nullptr && ctx.method == nullptr) runner.save(*ctx.prefills, key, first.logits, since(t0));
+  return first;
+}
+
 struct Generated {
   std::vector<int32_t> tokens;
   double ttft = 0, seconds = 0;
 };
 
 // Greedy generation of up to max_new tokens, stopping at EOS.
-Result<Generated> generate_greedy(MeasureContext& ctx, Tally& tally, const TaskSample& sample,
-                                  std::vector<float>* logits_out) {
+Result<Generated> generate_greedy(MeasureContext& ctx, Tally& tally, size_t index, std::vector<float>* logits_out) {
+  const TaskSample& sample = (*ctx.samples)[index];
   SampleRunner runner(ctx, tally);
   Generated out;
   const auto t0 = Clock::now();
-  std::vector<float> last;
-  const int64_t n = int64_t(sample.prompt_tokens.size());
-  auto s = runner.prefill(sample.prompt_tokens, ctx.prefill_chunk, [&](int64_t row, std::span<const float> l) {
-    if (row == n - 1) last.assign(l.begin(), l.end());
-  });
-  if (!s) return s.error();
+  auto first = start_sample(ctx, runner, index);
+  if (!first) return first.error();
+  std::vector<float> last = std::move(first->logits);
   int32_t next = argmax(last);
-  out.ttft = since(t0);
+  out.ttft = first->reused_seconds > 0 ? first->reused_seconds + since(t0) : since(t0);
+  Status s = ok_status();
   const int32_t eos = ctx.engine->model().tokenizer().eos();
   for (int32_t i = 0; i < sample.max_new_tokens && next != eos; ++i) {
     out.tokens.push_back(next);
@@ -121,8 +168,6 @@ Result<Generated> generate_greedy(MeasureContext& ctx, Tally& tally, const TaskS
   return out;
 }
 
-std::string sample_key(const MeasureContext& ctx, size_t index) { return fmt::format("{}#{}", ctx.task_key, index); }
-
 // Dense's greedy output for a sample: from the cache, or computed now with the
 // method switched off.
 Result<const DenseReference*> dense_reference(MeasureContext& ctx, size_t index, bool with_logits) {
@@ -133,7 +178,7 @@ Result<const DenseReference*> dense_reference(MeasureContext& ctx, size_t index,
   ctx.engine->set_method(nullptr, 0);
   Tally scratch;
   DenseReference ref;
-  auto gen = generate_greedy(dense, scratch, (*ctx.samples)[index], with_logits ? &ref.logits : nullptr);
+  auto gen = generate_greedy(dense, scratch, index, with_logits ? &ref.logits : nullptr);
   ctx.engine->set_method(ctx.method, ctx.hooks);
   if (!gen) return gen.error();
   ref.tokens = gen->tokens;
@@ -142,9 +187,25 @@ Result<const DenseReference*> dense_reference(MeasureContext& ctx, size_t index,
   return &stored;
 }
 
+// Dense prefills of every sample not saved yet, with the method switched off.
+Status ensure_snapshots(MeasureContext& ctx) {
+  MeasureContext dense = ctx;
+  dense.method = nullptr;
+  ctx.engine->set_method(nullptr, 0);
+  for (size_t i = 0; i < ctx.samples->size(); ++i) {
+    if (ctx.prefills->snapshots.count(sample_key(ctx, i)) != 0) continue;
+    Tally scratch;
+    SampleRunner runner(dense, scratch);
+    auto first = start_sample(dense, runner, i);
+    if (!first) return first.error();
+  }
+  ctx.engine->set_method(ctx.method, ctx.hooks);
+  return ok_status();
+}
+
 Result<SampleRow> generation_sample(MeasureContext& ctx, Tally& tally, size_t index) {
   const TaskSample& sample = (*ctx.samples)[index];
-  auto gen = generate_greedy(ctx, tally, sample, nullptr);
+  auto gen = generate_greedy(ctx, tally, index, nullptr);
   if (!gen) return gen.error();
   const std::string text = ctx.engine->model().tokenizer().decode(gen->tokens);
   const double score = ctx.task->score(sample, text);
@@ -202,13 +263,12 @@ Result<SampleRow> fidelity_sample(MeasureContext& ctx, Tally& tally, size_t inde
   const size_t v = size_t(ctx.engine->config().n_vocab);
   SampleRunner runner(ctx, tally);
   const auto t0 = Clock::now();
-  std::vector<float> last;
   const int64_t n = int64_t(sample.prompt_tokens.size());
-  auto s = runner.prefill(sample.prompt_tokens, ctx.prefill_chunk, [&](int64_t row, std::span<const float> l) {
-    if (row == n - 1) last.assign(l.begin(), l.end());
-  });
-  if (!s) return s.error();
-  tally.ttft.push_back(since(t0));
+  auto first = start_sample(ctx, runner, index);
+  if (!first) return first.error();
+  std::vector<float> last = std::move(first->logits);
+  tally.ttft.push_back(first->reused_seconds + since(t0));
+  Status s = ok_status();
   int64_t agree = 0;
   double kl = 0;
   for (size_t k = 0; k < d.tokens.size(); ++k) {
@@ -298,6 +358,8 @@ Result<RunMeasurements> measure_run(MeasureContext& ctx) {
     for (size_t i = 0; i < ctx.samples->size(); ++i)
       if (auto ref = dense_reference(ctx, i, kind == TaskKind::Fidelity); !ref)
         return Error{fmt::format("dense reference of sample {}: {}", i, ref.message())};
+  if (reuses_prefill(ctx) && kind != TaskKind::Perplexity)
+    if (auto s = ensure_snapshots(ctx); !s) return s.error();
   ctx.engine->reset_counters();
   Tally tally;
   RunMeasurements out;

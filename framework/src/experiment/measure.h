@@ -23,6 +23,20 @@ struct DenseReference {
 };
 using DenseCache = std::map<std::string, DenseReference>;  // key: task key + "#" + sample index
 
+// Dense prefills of samples, kept in their own page pool (so they never count
+// as a run's KV memory), for methods whose prefill is dense (Method::dense_prefill):
+// their samples start from a copy instead of recomputing the prompt.
+struct PrefillSnapshot {
+  std::unique_ptr<KvSequence> seq;
+  std::vector<float> last_logits;
+  double seconds = 0;  // the dense prefill's time, reported as the run's prefill time
+};
+struct PrefillCache {
+  std::shared_ptr<KvPagePool> pool;
+  std::map<std::string, PrefillSnapshot> snapshots;  // key: as DenseCache
+  int64_t max_bytes = int64_t(4) << 30;              // snapshots beyond this are not kept
+};
+
 struct MeasureContext {
   Engine* engine = nullptr;
   Method* method = nullptr;  // nullptr: the dense baseline
@@ -33,6 +47,7 @@ struct MeasureContext {
   const std::vector<TaskSample>* samples = nullptr;
   std::string task_key;       // identifies (task, params) for the dense cache
   DenseCache* dense = nullptr;
+  PrefillCache* prefills = nullptr;  // nullptr: never reuse a prefill
   std::function<void(int64_t samples_done)> on_sample;
 };
 

@@ -59,6 +59,8 @@ struct Workbench {
   std::map<size_t, std::unique_ptr<Task>> tasks;               // by task index in the config
   std::map<size_t, std::vector<TaskSample>> samples;
   DenseCache dense;
+  PrefillCache prefills;
+  bool reuse_prefill = true;
 };
 
 Result<Workbench> open_workbench(const ExperimentConfig& config) {
@@ -154,6 +156,7 @@ RunRecord execute_run(const ExperimentConfig& config, const RunSpec& run, Workbe
   ctx.samples = &bench.samples[*index];
   ctx.task_key = task_key(config.tasks[*index]);
   ctx.dense = &bench.dense;
+  ctx.prefills = bench.reuse_prefill ? &bench.prefills : nullptr;
   ctx.on_sample = [&](int64_t done) { progress.sample_done(done); };
   auto measured = measure_run(ctx);
   if (!measured) return fail(fmt::format("plugin {}: {}", run.plugin, measured.message()));
@@ -220,6 +223,7 @@ Result<RunnerSummary> run_experiment(const std::filesystem::path& config_file, c
   }
   auto bench = open_workbench(*config);
   if (!bench) return bench.error();
+  bench->reuse_prefill = options.reuse_prefill;
   auto grid = expand_grid(*config, *catalog, bench->model->checksum());
   if (!grid) return grid.error();
   const std::vector<RunSpec> runs = select_shard(*grid, shard);

@@ -16,6 +16,9 @@ struct RunnerOptions {
   std::filesystem::path db_path = "results/inferlab.db";
   std::string shard;  // "i/N", empty: the whole grid
   bool dry_run = false;
+  // Start the samples of methods whose prefill is dense from a saved dense
+  // prefill (results are identical; a grid then costs little more than its decode steps).
+  bool reuse_prefill = true;
   std::vector<std::filesystem::path> plugin_path;  // empty: PluginRegistry::default_search_path()
   std::FILE* out = stdout;   // the plan and the summary
   std::FILE* progress = stderr;
