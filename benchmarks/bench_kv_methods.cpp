@@ -1,0 +1,98 @@
+// Decode-step time of the KV-cache methods against dense on the CPU backend:
+// one dense prefill per context length, then each method decodes from a copy of
+// it. Prints per-step time, the keys attention read per step and KV head, and
+// the resident KV memory, as a markdown table.
+//   bench_kv_methods [--model smollm2-135m] [--contexts 2048,8000] [--steps 32]
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+
+#include <chrono>
+#include <random>
+
+#include "engine/device.h"
+#include "engine/engine.h"
+#include "plugins/method_context.h"
+#include "plugins/plugin_host.h"
+
+using namespace inferlab;
+
+namespace {
+using Clock = std::chrono::steady_clock;
+double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+struct Setting {
+  std::string plugin, label;
+  ParamValues params;
+};
+
+std::vector<Setting> settings() {
+  auto p = [](std::initializer_list<std::pair<const std::string, ParamValue>> v) {
+    return ParamValues(std::map<std::string, ParamValue>(v));
+  };
+  return {{"dense", "dense", {}},
+          {"quest", "quest budget 256", p({{"token_budget", int64_t{256}}})},
+          {"quest", "quest budget 1024", p({{"token_budget", int64_t{1024}}})},
+          {"streamingllm", "streamingllm 4+508", p({{"sink_tokens", int64_t{4}}, {"window", int64_t{508}}})},
+          {"h2o", "h2o 256+256", p({{"heavy", int64_t{256}}, {"recent", int64_t{256}}})}};
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  select_blas_kernels(argv);
+  CLI::App app{"KV-cache methods: decode step time vs dense"};
+  std::string model_name = "smollm2-135m";
+  std::vector<int32_t> contexts{2048, 8000};
+  int32_t steps = 32, threads = 0;
+  app.add_option("-m,--model", model_name);
+  app.add_option("--contexts", contexts)->delimiter(',');
+  app.add_option("--steps", steps)->check(CLI::PositiveNumber);
+  app.add_option("-t,--threads", threads);
+  CLI11_PARSE(app, argc, argv);
+
+  auto path = resolve_model(model_name);
+  if (!path) return fmt::print(stderr, "bench: {}\n", path.message()), 1;
+  auto model = Model::load(*path);
+  if (!model) return fmt::print(stderr, "bench: {}\n", model.message()), 1;
+  auto engine = Engine::create(*model, EngineOptions{.n_threads = threads});
+  if (!engine) return fmt::print(stderr, "bench: {}\n", engine.message()), 1;
+  Engine& e = **engine;
+  PluginRegistry registry;
+  if (auto s = registry.scan(PluginRegistry::default_search_path()); !s) return fmt::print(stderr, "bench: {}\n", s.message()), 1;
+
+  fmt::print("model: {}, cpu: {}, BLAS core: {}, threads: {}, decode steps: {}\n\n", path->filename().string(),
+             cpu_description(), blas_core_name(), threads > 0 ? fmt::to_string(threads) : "all", steps);
+  fmt::print("| context | method | ms/step | × dense | keys read/step/head | KV MiB resident |\n");
+  fmt::print("|---:|---|---:|---:|---:|---:|\n");
+  std::mt19937 rng(7);
+  for (int32_t ctx : contexts) {
+    std::vector<int32_t> prompt(static_cast<size_t>(ctx));
+    for (auto& t : prompt) t = int32_t(rng() % uint32_t(e.config().n_vocab));
+    e.set_method(nullptr, 0);
+    auto base = e.new_sequence();
+    if (auto r = e.prefill(*base, prompt); !r) return fmt::print(stderr, "bench: {}\n", r.message()), 1;
+    double dense_ms = 0;
+    for (const Setting& s : settings()) {
+      auto handle = registry.create(s.plugin, s.params);
+      if (!handle) return fmt::print(stderr, "bench: {}\n", handle.message()), 1;
+      const PluginEntry* entry = registry.find(s.plugin);
+      if (auto st = load_method(*handle->get(), *entry, e); !st) return fmt::print(stderr, "bench: {}\n", st.message()), 1;
+      auto seq = base->clone();
+      (*handle)->begin_sequence(e.shape());
+      e.set_method(s.plugin == "dense" ? nullptr : handle->get(), entry->hooks);
+      // The first step lets eviction methods trim the prefill to their budget.
+      if (auto r = e.decode(*seq, 1); !r) return fmt::print(stderr, "bench: {}\n", r.message()), 1;
+      e.reset_counters();
+      const auto t0 = Clock::now();
+      for (int32_t i = 0; i < steps; ++i)
+        if (auto r = e.decode(*seq, 2 + i % 100); !r) return fmt::print(stderr, "bench: {}\n", r.message()), 1;
+      const double ms = since(t0) * 1e3 / steps;
+      if (s.plugin == "dense") dense_ms = ms;
+      const double heads = double(e.config().n_layers) * e.config().n_kv_heads * steps;
+      fmt::print("| {} | {} | {:.2f} | {:.2f}× | {:.0f} | {:.1f} |\n", ctx, s.label, ms, dense_ms / ms,
+                 double(e.counters().decode_keys_read) / heads,
+                 double(seq->pages_held() * e.pool().page_bytes()) / (1 << 20));
+      e.set_method(nullptr, 0);
+    }
+  }
+  return 0;
+}
