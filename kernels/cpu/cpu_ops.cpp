@@ -51,6 +51,27 @@ void rope_strided(float* x, int64_t rows, int64_t row_stride, int64_t n_heads, i
   }
 }
 
+void rope_shift(float* x, int64_t rows, int64_t row_stride, int64_t head_dim, int64_t rope_dim, int32_t delta,
+                float theta, bool neox) {
+  (void)head_dim;
+  const int64_t half = rope_dim / 2;
+  std::vector<float> cs(static_cast<size_t>(2 * half));
+  for (int64_t i = 0; i < half; ++i) {
+    const float angle = float(delta) * std::pow(theta, -float(2 * i) / float(rope_dim));
+    cs[size_t(2 * i)] = std::cos(angle);
+    cs[size_t(2 * i + 1)] = std::sin(angle);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    float* head = x + r * row_stride;
+    for (int64_t i = 0; i < half; ++i) {
+      const int64_t a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
+      const float c = cs[size_t(2 * i)], s = cs[size_t(2 * i + 1)], x0 = head[a], x1 = head[b];
+      head[a] = x0 * c - x1 * s;
+      head[b] = x0 * s + x1 * c;
+    }
+  }
+}
+
 void silu_mul(float* gate, const float* up, int64_t rows, int64_t n) {
   const int64_t total = rows * n;
 #pragma omp parallel for if (total > 65536)

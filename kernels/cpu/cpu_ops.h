@@ -19,6 +19,11 @@ void rope(float* x, int64_t rows, int64_t n_heads, int64_t head_dim, int64_t rop
 void rope_strided(float* x, int64_t rows, int64_t row_stride, int64_t n_heads, int64_t head_dim, int64_t rope_dim,
                   const int32_t* positions, float theta, bool neox);
 
+// Rotates `rows` single-head rows (row_stride floats apart) by the same RoPE
+// position offset `delta` (rotations compose): the angles are computed once.
+void rope_shift(float* x, int64_t rows, int64_t row_stride, int64_t head_dim, int64_t rope_dim, int32_t delta,
+                float theta, bool neox);
+
 // gate(rows, n) = silu(gate) * up, in place.
 void silu_mul(float* gate, const float* up, int64_t rows, int64_t n);
 

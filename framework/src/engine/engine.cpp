@@ -272,14 +272,21 @@ int32_t Engine::rotary_position(int32_t g, int64_t i) const {
 void Engine::rerotate_keys(KvSequence& seq, int32_t l, int32_t g) {
   // RoPE rotations compose: turning a key by (new - old) positions equals
   // rotating the unrotated key at its new position.
+  // Eviction shifts runs of tokens by the same amount: rotate each run (within
+  // a page, where rows are contiguous) with one set of angles.
   const ModelConfig& c = config();
   HeadPageTable& t = seq.table(l, g);
-  for (int32_t i = 0; i < t.n_tokens(); ++i) {
+  const int32_t ps = seq.pool().shape().page_size;
+  for (int32_t i = 0; i < t.n_tokens();) {
     const int32_t delta = i - t.rotary[size_t(i)];
-    if (delta == 0) continue;
-    cpu::rope_strided(seq.k_row_mutable(l, g, i), 1, c.head_dim, 1, c.head_dim, c.rope_dim, &delta, c.rope_theta,
+    int32_t end = i + 1;
+    while (end < t.n_tokens() && end % ps != 0 && end - t.rotary[size_t(end)] == delta) ++end;
+    if (delta != 0) {
+      cpu::rope_shift(seq.k_row_mutable(l, g, i), end - i, c.head_dim, c.head_dim, c.rope_dim, delta, c.rope_theta,
                       c.rope_neox);
-    t.rotary[size_t(i)] = i;
+      for (int32_t j = i; j < end; ++j) t.rotary[size_t(j)] = j;
+    }
+    i = end;
   }
 }
 
