@@ -17,8 +17,9 @@ struct CommandResult {
   std::string output;  // stdout and stderr together
 };
 
-CommandResult run_cli(const std::string& args) {
-  const std::string command = std::string(INFERLAB_CLI_PATH) + " " + args + " 2>&1";
+// Runs the CLI with `env` (e.g. "VAR=value ") prepended to the command line.
+CommandResult run_cli_env(const std::string& env, const std::string& args) {
+  const std::string command = env + std::string(INFERLAB_CLI_PATH) + " " + args + " 2>&1";
   CommandResult result;
   FILE* pipe = popen(command.c_str(), "r");
   if (pipe == nullptr) return result;
@@ -29,6 +30,8 @@ CommandResult run_cli(const std::string& args) {
   result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   return result;
 }
+
+CommandResult run_cli(const std::string& args) { return run_cli_env("", args); }
 
 int count_lines(const std::string& s) { return int(std::count(s.begin(), s.end(), '\n')); }
 
@@ -123,18 +126,6 @@ std::filesystem::path cli_experiment(const std::string& name, const std::string&
 
 const std::string kProbeEnv =
     std::string("INFERLAB_PLUGIN_PATH=") + INFERLAB_TEST_PLUGIN_DIR + "/inferlab-plugin-probe.so ";
-
-CommandResult run_cli_env(const std::string& env, const std::string& args) {
-  const std::string command = env + std::string(INFERLAB_CLI_PATH) + " " + args + " 2>&1";
-  CommandResult result;
-  FILE* pipe = popen(command.c_str(), "r");
-  if (pipe == nullptr) return result;
-  std::array<char, 4096> buffer{};
-  for (size_t n; (n = fread(buffer.data(), 1, buffer.size(), pipe)) > 0;) result.output.append(buffer.data(), n);
-  const int status = pclose(pipe);
-  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return result;
-}
 
 TEST(CliExperiment, RunQueryReportAndMerge) {
   const auto config = cli_experiment("cli-exp", "[[method]]\nplugin = \"probe\"\nneuron_stride = [2, 4]\n");

@@ -11,6 +11,7 @@ namespace inferlab {
 namespace {
 using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+}  // namespace
 
 // Log-softmax of logits at index `target`, computed in double for stability.
 double log_prob(std::span<const float> logits, int32_t target) {
@@ -19,7 +20,6 @@ double log_prob(std::span<const float> logits, int32_t target) {
   for (float l : logits) sum += std::exp(double(l) - double(max_logit));
   return double(logits[size_t(target)]) - double(max_logit) - std::log(sum);
 }
-}  // namespace
 
 Result<GenerationResult> generate(Engine& engine, const std::vector<int32_t>& prompt, int32_t max_tokens,
                                   const SamplerOptions& sampling,

@@ -24,6 +24,9 @@ Result<GenerationResult> generate(Engine& engine, const std::vector<int32_t>& pr
                                   const SamplerOptions& sampling,
                                   const std::function<void(const std::string&)>& on_text);
 
+// log softmax(logits)[target], computed in double for stability.
+double log_prob(std::span<const float> logits, int32_t target);
+
 struct PerplexityResult {
   double ppl = 0.0;
   double mean_nll = 0.0;

@@ -1,5 +1,7 @@
 #include "experiment/measure.h"
 
+#include "engine/generation.h"
+
 #include <fmt/format.h>
 #include <sys/resource.h>
 
@@ -241,7 +243,7 @@ Result<SampleRow> perplexity_sample(MeasureContext& ctx, Tally& tally, size_t in
   const auto t0 = Clock::now();
   auto s = runner.prefill(tokens, chunk, [&](int64_t row, std::span<const float> l) {
     if (row + 1 >= int64_t(tokens.size())) return;
-    nll -= log_softmax(l)[size_t(tokens[size_t(row + 1)])];
+    nll -= log_prob(l, tokens[size_t(row + 1)]);
     ++count;
   });
   if (!s) return s.error();
