@@ -1,0 +1,93 @@
+// Descriptors shared by the CUDA kernels (kernels/cuda) and their CPU twins
+// (kernels/cpu): plain structs of pointers and sizes, no CUDA types, so host
+// code, the twins and the tests describe a call exactly as the GPU sees it.
+// Pointers point to device memory for a CUDA launcher and to host memory for
+// a CPU twin.
+#pragma once
+
+#include <cstdint>
+
+namespace inferlab::kernels {
+
+// Element type of weights, activations fed to GEMMs, and the KV cache.
+enum class DType : int32_t { F32 = 0, F16 = 1, BF16 = 2 };
+
+inline int32_t dtype_bytes(DType t) { return t == DType::F32 ? 4 : 2; }
+inline const char* dtype_name(DType t) { return t == DType::F32 ? "f32" : t == DType::F16 ? "f16" : "bf16"; }
+
+// A pool of KV pages. Page p lives at
+//   chunk_base[p / pages_per_chunk] + (p % pages_per_chunk) * page_elems()
+// and holds K rows (page_size, head_dim) followed by V rows (page_size, head_dim),
+// elements of `dtype`. The engine owns the pages; kernels only read the tables.
+struct KvPages {
+  void* const* chunk_base = nullptr;  // (n_chunks) base pointers
+  int32_t pages_per_chunk = 0;
+  int32_t page_size = 0;              // tokens per page
+  int32_t head_dim = 0;
+  DType dtype = DType::F16;
+  int64_t page_elems() const { return 2 * int64_t(page_size) * head_dim; }
+};
+
+// The page table of one layer: row g (kv head) lists the physical page of each
+// logical page of that head's stored tokens; stored token t of head g lives in
+// page table[g * stride + t / page_size], slot t % page_size.
+struct LayerPageTable {
+  const int32_t* pages = nullptr;  // (n_kv_heads, stride)
+  int32_t stride = 0;
+};
+
+// Which cached tokens (stored before this call) a kv head reads.
+enum class KeySelect : uint8_t {
+  All = 0,     // every cached token, in order
+  Pages = 1,   // the listed logical pages (a page's slots >= n_cached are skipped)
+  Tokens = 2,  // the listed stored-token indices
+};
+
+// One layer's attention over the paged cache for `n_rows` new tokens, whose K/V
+// are already appended after each head's n_cached stored tokens.
+//
+// Keys of kv head g, in order: its selected cached tokens (KeySelect), then the
+// call's new tokens. Query row i (new token i) sees all selected cached keys
+// and new tokens 0..i (causal). With a block pattern on query head h, row i sees
+// instead only stored tokens t <= self (self = n_cached[g] + i) whose block
+// t / block_size is listed for the row's query block self / block_size; a row
+// with nothing allowed outputs zeros.
+struct AttentionCall {
+  int32_t n_rows = 0;
+  int32_t n_heads = 0;     // query heads
+  int32_t n_kv_heads = 0;  // query head h reads kv head h / (n_heads / n_kv_heads)
+  int32_t head_dim = 0;
+  float scale = 0.0f;      // usually 1/sqrt(head_dim)
+
+  const float* q = nullptr;  // (n_rows, n_heads * head_dim), after RoPE
+  float* out = nullptr;      // (n_rows, n_heads * head_dim)
+  const int32_t* n_cached = nullptr;  // (n_kv_heads) stored tokens before this call
+
+  KvPages kv;
+  LayerPageTable table;
+
+  // Decode selection; null select: KeySelect::All for every head.
+  const uint8_t* select = nullptr;        // (n_kv_heads) KeySelect
+  const int32_t* select_indptr = nullptr; // (n_kv_heads + 1) ranges of select_index
+  const int32_t* select_index = nullptr;  // logical pages or stored tokens, ascending per head
+
+  // Head mask; null: every head computed. A head with 0 outputs zeros.
+  const uint8_t* head_active = nullptr;   // (n_heads)
+
+  // Block-sparse prefill; null block_sparse: dense for every head.
+  const uint8_t* block_sparse = nullptr;  // (n_heads) 1: head uses its block list
+  int32_t block_size = 0;
+  int32_t n_query_blocks = 0;             // blocks covering stored tokens 0 .. max(n_cached) + n_rows - 1
+  const int32_t* block_indptr = nullptr;  // (n_heads, n_query_blocks + 1) ranges of block_keys
+  const int32_t* block_keys = nullptr;    // allowed key blocks per (head, query block), ascending
+
+  // Attention statistics; null: none. key_mass[g * mass_stride + t] += the
+  // softmax probability stored token t received, summed over the group's query
+  // heads and the call's rows (t indexes stored tokens after the append).
+  float* key_mass = nullptr;              // (n_kv_heads, mass_stride)
+  int32_t mass_stride = 0;
+
+  int32_t group_size() const { return n_heads / n_kv_heads; }
+};
+
+}  // namespace inferlab::kernels
