@@ -29,6 +29,8 @@ struct EngineArgs {
   int32_t threads = 0;
   int32_t page_size = 16;
   int32_t max_context = 0;
+  std::string backend = "cpu";
+  std::string dtype = "f16";
 };
 
 void add_engine_options(CLI::App* cmd, EngineArgs& args) {
@@ -38,6 +40,12 @@ void add_engine_options(CLI::App* cmd, EngineArgs& args) {
       ->check(CLI::Range(1, 65536))
       ->capture_default_str();
   cmd->add_option("--max-context", args.max_context, "context limit (0: the model's)")->check(CLI::Range(0, 1 << 30));
+  cmd->add_option("--backend", args.backend, "cpu, cuda, or auto (CUDA when a GPU is present)")
+      ->check(CLI::IsMember({"cpu", "cuda", "auto"}))
+      ->capture_default_str();
+  cmd->add_option("--dtype", args.dtype, "CUDA backend: weights and KV cache in f16 or bf16")
+      ->check(CLI::IsMember({"f16", "bf16"}))
+      ->capture_default_str();
 }
 
 Result<std::unique_ptr<Engine>> open_engine(const EngineArgs& args) {
@@ -45,7 +53,14 @@ Result<std::unique_ptr<Engine>> open_engine(const EngineArgs& args) {
   if (!path) return path.error();
   auto model = Model::load(*path);
   if (!model) return model.error();
-  return Engine::create(*model, EngineOptions{args.page_size, args.max_context, args.threads});
+  EngineOptions options{args.page_size, args.max_context, args.threads};
+  auto backend = parse_backend(args.backend);
+  if (!backend) return Error{"--backend: " + backend.message()};
+  auto dtype = parse_gpu_dtype(args.dtype);
+  if (!dtype) return Error{"--dtype: " + dtype.message()};
+  options.backend = *backend;
+  options.gpu_dtype = *dtype;
+  return Engine::create(*model, options);
 }
 
 Result<std::string> read_text_file(const std::string& path) {

@@ -27,6 +27,7 @@ struct RunArgs {
   std::string db = kDefaultDb;
   std::string shard;
   bool dry_run = false;
+  std::string backend;
   bool no_prefill_reuse = false;
 };
 
@@ -35,6 +36,7 @@ int run_run(const RunArgs& args) {
   options.db_path = args.db;
   options.shard = args.shard;
   options.dry_run = args.dry_run;
+  options.backend = args.backend;
   options.reuse_prefill = !args.no_prefill_reuse;
   auto summary = run_experiment(args.config, options);
   if (!summary) return fail(summary.message());
@@ -117,6 +119,8 @@ void register_experiment_commands(CLI::App& app) {
   r->add_option("--db", run.db, "results database")->capture_default_str();
   r->add_option("--shard", run.shard, "run only shard i of N of the grid, as i/N (1-based)");
   r->add_flag("--dry-run", run.dry_run, "list the runs (and which are done) without running");
+  r->add_option("--backend", run.backend, "override experiment.backend: cpu, cuda or auto")
+      ->check(CLI::IsMember({"cpu", "cuda", "auto"}));
   r->add_flag("--no-prefill-reuse", run.no_prefill_reuse,
               "recompute every prefill (by default methods with a dense prefill start from a saved one)");
   r->callback([] { set_exit_code(run_run(run)); });

@@ -1,4 +1,4 @@
-#include "engine/engine.h"
+#include "engine/cpu_engine.h"
 
 #include <fmt/format.h>
 #include <omp.h>
@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "cpu/cpu_ops.h"
+#include "engine/device.h"
 
 namespace inferlab {
 
@@ -17,26 +18,18 @@ namespace {
 constexpr int64_t kLogitsChunkRows = 64;  // rows of logits computed per GEMM
 }  // namespace
 
-Result<std::unique_ptr<Engine>> Engine::create(std::shared_ptr<const Model> model, EngineOptions options) {
-  if (!model) return Error{"engine: no model"};
-  if (options.page_size <= 0 || options.page_size > 65536)
-    return Error{fmt::format("engine: page_size {} is out of range (1..65536)", options.page_size)};
-  if (options.max_context < 0) return Error{fmt::format("engine: max_context {} is negative", options.max_context)};
-  if (options.n_threads < 0) return Error{fmt::format("engine: n_threads {} is negative", options.n_threads)};
-  return std::unique_ptr<Engine>(new Engine(std::move(model), options));
-}
-
-Engine::Engine(std::shared_ptr<const Model> model, EngineOptions options)
-    : model_(std::move(model)), options_(options) {
+CpuEngine::CpuEngine(std::shared_ptr<const Model> model, EngineOptions options)
+    : Engine(std::move(model), options) {
   const ModelConfig& c = model_->config();
-  max_context_ = options_.max_context > 0 ? options_.max_context : c.context_length;
   pool_ = std::make_shared<KvPagePool>(KvCacheShape{c.n_layers, c.n_kv_heads, c.head_dim, options_.page_size});
   if (options_.n_threads > 0) omp_set_num_threads(options_.n_threads);
 }
 
-std::unique_ptr<KvSequence> Engine::new_sequence() const { return std::make_unique<KvSequence>(pool_); }
+std::string CpuEngine::device_description() const { return "cpu: " + cpu_description(); }
 
-void Engine::ensure_workspace(int64_t n) {
+int64_t CpuEngine::weight_bytes() const { return model_->parameter_count() * int64_t(sizeof(float)); }
+
+void CpuEngine::ensure_workspace(int64_t n) {
   if (n <= workspace_tokens_) return;
   const ModelConfig& c = config();
   x_.resize(size_t(n * c.n_embd));
@@ -52,53 +45,13 @@ void Engine::ensure_workspace(int64_t n) {
   workspace_tokens_ = n;
 }
 
-void Engine::set_method(Method* method, uint32_t hooks) {
-  method_ = method;
-  hooks_ = method != nullptr ? hooks : 0;
-}
-
-ModelShape Engine::shape() const {
-  const ModelConfig& c = config();
-  return ModelShape{c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim,   c.n_embd,
-                    c.n_ff,     c.n_vocab, max_context_, options_.page_size};
-}
-
-std::map<std::string, double> EngineCounters::as_map() const {
-  return {{"forward_calls", double(forward_calls)},
-          {"decode_steps", double(decode_steps)},
-          {"tokens_evicted", double(tokens_evicted)},
-          {"decode_keys_read", double(decode_keys_read)},
-          {"decode_keys_cached", double(decode_keys_cached)},
-          {"decode_pages_read", double(decode_pages_read)},
-          {"layers_skipped", double(layers_skipped)},
-          {"heads_skipped", double(heads_skipped)},
-          {"neurons_skipped", double(neurons_skipped)},
-          {"sparse_prefill_heads", double(sparse_prefill_heads)}};
-}
-
-Status Engine::forward(KvSequence& seq, std::span<const int32_t> tokens, int64_t logits_from,
+Status CpuEngine::forward(KvSequence& seq, std::span<const int32_t> tokens, int64_t logits_from,
                        const LogitsSink& sink) {
   const ModelConfig& c = config();
   const ModelWeights& w = model_->weights();
   const int64_t n = int64_t(tokens.size());
   if (n == 0) return ok_status();
-  cache_positions_ = method_ != nullptr && method_->kv_positions() == KvPositions::Cache;
-  if (cache_positions_) {
-    // Positions are cache indices: only what is stored counts against the context.
-    int64_t stored = 0;
-    for (int32_t l = 0; l < c.n_layers; ++l)
-      for (int32_t g = 0; g < c.n_kv_heads; ++g) stored = std::max<int64_t>(stored, seq.table(l, g).n_tokens());
-    if (stored + n > max_context_)
-      return Error{fmt::format("context length exceeded: {} stored + {} new tokens > max context {}", stored, n,
-                               max_context_)};
-  } else if (int64_t(seq.n_past()) + n > max_context_) {
-    return Error{fmt::format("context length exceeded: {} cached + {} new tokens > max context {}", seq.n_past(),
-                             n, max_context_)};
-  }
-  for (int64_t i = 0; i < n; ++i)
-    if (tokens[size_t(i)] < 0 || tokens[size_t(i)] >= c.n_vocab)
-      return Error{fmt::format("token id {} at index {} is outside the vocabulary (0..{})", tokens[size_t(i)], i,
-                               c.n_vocab - 1)};
+  if (auto s = check_call(seq, tokens); !s) return s;
   ensure_workspace(n);
 
   const StepInfo step{seq.forward_calls(), seq.n_past(), int32_t(n)};
@@ -146,26 +99,7 @@ Status Engine::forward(KvSequence& seq, std::span<const int32_t> tokens, int64_t
   return ok_status();
 }
 
-namespace {
-
-Status check_component_mask(const ComponentMask& mask, const ModelConfig& c, int32_t layer) {
-  if (mask.heads.size() != size_t(c.n_heads))
-    return Error{fmt::format("method: component mask of layer {} has {} head entries, the model has {} heads",
-                             layer, mask.heads.size(), c.n_heads)};
-  if (mask.all_neurons) return ok_status();
-  for (size_t i = 0; i < mask.neurons.size(); ++i) {
-    const int32_t j = mask.neurons[i];
-    if (j < 0 || j >= c.n_ff || (i > 0 && j <= mask.neurons[i - 1]))
-      return Error{fmt::format(
-          "method: component mask of layer {}: neurons must be ascending within 0..{} (entry {} is {})", layer,
-          c.n_ff - 1, i, j)};
-  }
-  return ok_status();
-}
-
-}  // namespace
-
-Status Engine::run_layer(KvSequence& seq, const StepInfo& step, int32_t l) {
+Status CpuEngine::run_layer(KvSequence& seq, const StepInfo& step, int32_t l) {
   const ModelConfig& c = config();
   const LayerWeights& lw = model_->weights().layers[size_t(l)];
   const int64_t n = step.n_tokens;
@@ -193,7 +127,7 @@ Status Engine::run_layer(KvSequence& seq, const StepInfo& step, int32_t l) {
   return ok_status();
 }
 
-Status Engine::ffn_layer(int32_t l, int64_t n, const ComponentMask* mask) {
+Status CpuEngine::ffn_layer(int32_t l, int64_t n, const ComponentMask* mask) {
   const ModelConfig& c = config();
   const LayerWeights& lw = model_->weights().layers[size_t(l)];
   if (mask == nullptr || mask->all_neurons) {
@@ -214,7 +148,7 @@ Status Engine::ffn_layer(int32_t l, int64_t n, const ComponentMask* mask) {
   return ok_status();
 }
 
-const std::vector<float>& Engine::w_down_transposed(int32_t l) {
+const std::vector<float>& CpuEngine::w_down_transposed(int32_t l) {
   const ModelConfig& c = config();
   if (w_down_t_.empty()) w_down_t_.resize(size_t(c.n_layers));
   std::vector<float>& t = w_down_t_[size_t(l)];
@@ -227,7 +161,7 @@ const std::vector<float>& Engine::w_down_transposed(int32_t l) {
   return t;
 }
 
-void Engine::fill_skipped_layer(KvSequence& seq, const StepInfo& step, int32_t l, SkippedLayerKv fill) {
+void CpuEngine::fill_skipped_layer(KvSequence& seq, const StepInfo& step, int32_t l, SkippedLayerKv fill) {
   if (fill == SkippedLayerKv::None) return;
   // The layer is an identity on the residual stream; its cache still gets the
   // K/V of the hidden state that passes it, so later tokens can attend to it.
@@ -244,7 +178,7 @@ void Engine::fill_skipped_layer(KvSequence& seq, const StepInfo& step, int32_t l
                  positions_[size_t(i)], rotary_position(g, i));
 }
 
-void Engine::apply_rope(KvSequence& seq, int32_t l, int64_t n, bool queries) {
+void CpuEngine::apply_rope(KvSequence& seq, int32_t l, int64_t n, bool queries) {
   const ModelConfig& c = config();
   if (!cache_positions_) {
     if (queries)
@@ -265,11 +199,11 @@ void Engine::apply_rope(KvSequence& seq, int32_t l, int64_t n, bool queries) {
   }
 }
 
-int32_t Engine::rotary_position(int32_t g, int64_t i) const {
+int32_t CpuEngine::rotary_position(int32_t g, int64_t i) const {
   return cache_positions_ ? group_positions_[size_t(g * call_tokens_ + i)] : positions_[size_t(i)];
 }
 
-void Engine::rerotate_keys(KvSequence& seq, int32_t l, int32_t g) {
+void CpuEngine::rerotate_keys(KvSequence& seq, int32_t l, int32_t g) {
   // RoPE rotations compose: turning a key by (new - old) positions equals
   // rotating the unrotated key at its new position.
   // Eviction shifts runs of tokens by the same amount: rotate each run (within
@@ -288,18 +222,6 @@ void Engine::rerotate_keys(KvSequence& seq, int32_t l, int32_t g) {
     }
     i = end;
   }
-}
-
-Result<std::vector<float>> Engine::prefill(KvSequence& seq, std::span<const int32_t> tokens) {
-  std::vector<float> last;
-  auto status = forward(seq, tokens, int64_t(tokens.size()) - 1,
-                        [&](int64_t, std::span<const float> logits) { last.assign(logits.begin(), logits.end()); });
-  if (!status) return status.error();
-  return last;
-}
-
-Result<std::vector<float>> Engine::decode(KvSequence& seq, int32_t token) {
-  return prefill(seq, std::span<const int32_t>(&token, 1));
 }
 
 }  // namespace inferlab

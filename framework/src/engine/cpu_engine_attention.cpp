@@ -10,7 +10,7 @@
 #include <optional>
 
 #include "cpu/cpu_ops.h"
-#include "engine/engine.h"
+#include "engine/cpu_engine.h"
 
 namespace inferlab {
 
@@ -95,7 +95,7 @@ int64_t pages_touched(const std::vector<KeyRange>& ranges, int32_t page_size) {
 
 }  // namespace
 
-struct Engine::LayerCall {
+struct CpuEngine::LayerCall {
   int32_t layer = 0;
   int64_t n = 0;  // new tokens
   const KvSequence* seq = nullptr;
@@ -111,7 +111,7 @@ struct Engine::LayerCall {
   std::vector<std::vector<float>> head_mass;  // attention mass per stored token (statistics only)
 };
 
-Status Engine::attention_layer(KvSequence& seq, const StepInfo& step, int32_t layer, const ComponentMask* mask) {
+Status CpuEngine::attention_layer(KvSequence& seq, const StepInfo& step, int32_t layer, const ComponentMask* mask) {
   const ModelConfig& c = config();
   LayerCall call;
   call.layer = layer;
@@ -143,7 +143,7 @@ Status Engine::attention_layer(KvSequence& seq, const StepInfo& step, int32_t la
   return feedback_and_evict(seq, step, call);
 }
 
-Status Engine::gather_keys(KvSequence& seq, const StepInfo& step, LayerCall& call) {
+Status CpuEngine::gather_keys(KvSequence& seq, const StepInfo& step, LayerCall& call) {
   const ModelConfig& c = config();
   const int64_t hd = c.head_dim, n = call.n;
   const int32_t ps = seq.pool().shape().page_size, l = call.layer;
@@ -186,7 +186,7 @@ Status Engine::gather_keys(KvSequence& seq, const StepInfo& step, LayerCall& cal
   return ok_status();
 }
 
-Status Engine::collect_prefill_patterns(const StepInfo& step, LayerCall& call) {
+Status CpuEngine::collect_prefill_patterns(const StepInfo& step, LayerCall& call) {
   const ModelConfig& c = config();
   call.patterns.resize(size_t(c.n_heads));
   if ((hooks_ & kHookPrefillPattern) == 0 || step.decode()) return ok_status();
@@ -210,7 +210,7 @@ Status Engine::collect_prefill_patterns(const StepInfo& step, LayerCall& call) {
 
 // Attention of query rows [r0, r1) of head h. With key_mass (per stored token),
 // adds each key's softmax probability to it.
-void Engine::attend_head(const LayerCall& call, int32_t h, int64_t r0, int64_t r1, float* key_mass) {
+void CpuEngine::attend_head(const LayerCall& call, int32_t h, int64_t r0, int64_t r1, float* key_mass) {
   const ModelConfig& c = config();
   const int64_t hd = c.head_dim;
   const int32_t g = h / c.group_size();
@@ -268,7 +268,7 @@ void Engine::attend_head(const LayerCall& call, int32_t h, int64_t r0, int64_t r
   }
 }
 
-Status Engine::feedback_and_evict(KvSequence& seq, const StepInfo& step, LayerCall& call) {
+Status CpuEngine::feedback_and_evict(KvSequence& seq, const StepInfo& step, LayerCall& call) {
   const ModelConfig& c = config();
   const SequenceKvView view(seq);
   const int32_t gs = c.group_size();

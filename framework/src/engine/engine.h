@@ -1,4 +1,6 @@
-// The common transformer's forward pass over a paged KV cache (CPU backend).
+// The common transformer's forward pass over a paged KV cache. `Engine` is the
+// interface every backend implements (CpuEngine in cpu_engine.h, the reference;
+// CudaEngine in cuda/cuda_engine.h); Engine::create picks one from the options.
 #pragma once
 
 #include <cstdint>
@@ -16,10 +18,23 @@
 
 namespace inferlab {
 
+enum class Backend { Cpu, Cuda };
+const char* backend_name(Backend backend);
+// "cpu", "cuda", or "auto" (CUDA when this build has it and a GPU is present).
+Result<Backend> parse_backend(const std::string& name);
+
+// Element type of the CUDA backend's weights and KV cache (the CPU backend is float32).
+enum class GpuDType { F16, BF16 };
+Result<GpuDType> parse_gpu_dtype(const std::string& name);  // "f16"/"fp16"/"float16", "bf16"/"bfloat16"
+
 struct EngineOptions {
   int32_t page_size = 16;     // tokens per KV page
   int32_t max_context = 0;    // 0: the model's context length
   int32_t n_threads = 0;      // 0: OpenMP's default (all cores)
+  Backend backend = Backend::Cpu;
+  GpuDType gpu_dtype = GpuDType::F16;
+  bool cuda_graphs = true;    // decode steps replay a captured CUDA graph where the shapes allow it
+  int32_t device = 0;         // CUDA device index
 };
 
 // Receives the logits of one row of a forward pass: `row` indexes the tokens
@@ -44,15 +59,20 @@ struct EngineCounters {
 
 class Engine {
  public:
+  // The backend options.backend names; an error when it is unavailable here.
   static Result<std::unique_ptr<Engine>> create(std::shared_ptr<const Model> model, EngineOptions options = {});
+  virtual ~Engine() = default;
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
 
   // A new empty sequence whose pages come from this engine's pool.
-  std::unique_ptr<KvSequence> new_sequence() const;
+  std::unique_ptr<KvSequence> new_sequence() const { return std::make_unique<KvSequence>(pool_); }
 
   // Runs `tokens` through the model at positions seq.n_past() .. + n - 1, appending
   // their K/V to the cache. Logits are computed for rows [logits_from, n) and handed
-  // to `sink` in order (pass logits_from = n for none).
-  Status forward(KvSequence& seq, std::span<const int32_t> tokens, int64_t logits_from, const LogitsSink& sink);
+  // to `sink` in order (pass logits_from = n for none). `seq` must come from this engine.
+  virtual Status forward(KvSequence& seq, std::span<const int32_t> tokens, int64_t logits_from,
+                         const LogitsSink& sink) = 0;
 
   // Convenience: logits of the last token only.
   Result<std::vector<float>> prefill(KvSequence& seq, std::span<const int32_t> tokens);
@@ -65,6 +85,12 @@ class Engine {
   void reset_counters() { counters_ = {}; }
   ModelShape shape() const;
 
+  Backend backend() const { return options_.backend; }
+  // "cpu: <model name>, N cores" / "cuda: NVIDIA H100 ..., f16": recorded with every run.
+  virtual std::string device_description() const = 0;
+  // Bytes of weights resident on the backend's device.
+  virtual int64_t weight_bytes() const = 0;
+
   const Model& model() const { return *model_; }
   const ModelConfig& config() const { return model_->config(); }
   const EngineOptions& options() const { return options_; }
@@ -72,49 +98,23 @@ class Engine {
   KvPagePool& pool() { return *pool_; }
   std::shared_ptr<KvPagePool> shared_pool() const { return pool_; }
 
- private:
+ protected:
   Engine(std::shared_ptr<const Model> model, EngineOptions options);
-  struct LayerCall;  // per-layer state of one forward call (engine.cpp)
-  void ensure_workspace(int64_t n_tokens);
-  Status run_layer(KvSequence& seq, const StepInfo& step, int32_t layer);
-  void fill_skipped_layer(KvSequence& seq, const StepInfo& step, int32_t layer, SkippedLayerKv fill);
-  Status attention_layer(KvSequence& seq, const StepInfo& step, int32_t layer, const ComponentMask* mask);
-  Status gather_keys(KvSequence& seq, const StepInfo& step, LayerCall& call);
-  Status collect_prefill_patterns(const StepInfo& step, LayerCall& call);
-  void attend_head(const LayerCall& call, int32_t head, int64_t row_begin, int64_t row_end, float* key_mass);
-  Status feedback_and_evict(KvSequence& seq, const StepInfo& step, LayerCall& call);
-  Status ffn_layer(int32_t layer, int64_t n, const ComponentMask* mask);
-  const std::vector<float>& w_down_transposed(int32_t layer);
-  void apply_rope(KvSequence& seq, int32_t layer, int64_t n, bool queries);
-  int32_t rotary_position(int32_t kv_head, int64_t row) const;
-  void rerotate_keys(KvSequence& seq, int32_t layer, int32_t kv_head);
+  // Checks tokens against the vocabulary and the context (stored tokens in
+  // cache-position mode, else n_past); sets cache_positions_ for this call.
+  Status check_call(const KvSequence& seq, std::span<const int32_t> tokens);
 
   std::shared_ptr<const Model> model_;
   EngineOptions options_;
   int32_t max_context_ = 0;
   std::shared_ptr<KvPagePool> pool_;
-
-  // Workspace, grown on demand. Shapes for n tokens of this call:
-  std::vector<float> x_;         // (n, n_embd) residual stream
-  std::vector<float> xn_;        // (n, n_embd) normed input
-  std::vector<float> q_;         // (n, q_dim)
-  std::vector<float> k_;         // (n, kv_dim)
-  std::vector<float> v_;         // (n, kv_dim)
-  std::vector<float> attn_;      // (n, q_dim)
-  std::vector<float> proj_;      // (n, n_embd)
-  std::vector<float> gate_;      // (n, n_ff)
-  std::vector<float> up_;        // (n, n_ff)
-  std::vector<float> logits_;    // (logits_chunk, n_vocab)
-  std::vector<int32_t> positions_;  // (n)
-  int64_t workspace_tokens_ = 0;
-
   Method* method_ = nullptr;
   uint32_t hooks_ = 0;
-  bool cache_positions_ = false;        // this call's method uses KvPositions::Cache
-  std::vector<int32_t> group_positions_;  // (n_kv_heads, call_tokens_) RoPE positions in cache mode
-  int64_t call_tokens_ = 0;
+  bool cache_positions_ = false;  // this call's method uses KvPositions::Cache
   EngineCounters counters_;
-  std::vector<std::vector<float>> w_down_t_;  // per layer (n_ff, n_embd), built when a neuron mask first needs it
 };
+
+// Checks the shape of a component mask a method returned for `layer`.
+Status check_component_mask(const ComponentMask& mask, const ModelConfig& config, int32_t layer);
 
 }  // namespace inferlab

@@ -1,21 +1,68 @@
 #include "engine/kv_cache.h"
 
 #include <algorithm>
+#include <atomic>
+#include <new>
 #include <cstring>
 
 #include <fmt/format.h>
 
 namespace inferlab {
 
-KvPagePool::KvPagePool(const KvCacheShape& shape, int32_t pages_per_chunk)
+namespace {
+
+class HostPageStorage final : public KvPageStorage {
+ public:
+  int32_t element_bytes() const override { return int32_t(sizeof(float)); }
+  bool host_accessible() const override { return true; }
+  void* allocate_chunk(int64_t bytes) override { return new (std::nothrow) float[size_t(bytes) / sizeof(float)](); }
+  void free_chunk(void* chunk) override { delete[] static_cast<float*>(chunk); }
+  void move_rows(KvPagePool& pool, const std::vector<KvRowMove>& moves) override {
+    // Compaction moves rows to lower stored indices in order, so copying in
+    // order never overwrites a row before it is read.
+    const int64_t hd = pool.shape().head_dim;
+    const size_t row_bytes = size_t(hd) * sizeof(float);
+    for (const KvRowMove& m : moves) {
+      std::memcpy(pool.k(m.dst_page) + m.dst_slot * hd, pool.k(m.src_page) + m.src_slot * hd, row_bytes);
+      std::memcpy(pool.v(m.dst_page) + m.dst_slot * hd, pool.v(m.src_page) + m.src_slot * hd, row_bytes);
+    }
+  }
+  void copy_pages(const KvPagePool& src, const std::vector<int32_t>& src_pages, KvPagePool& dst,
+                  const std::vector<int32_t>& dst_pages) override {
+    for (size_t i = 0; i < src_pages.size(); ++i)
+      std::memcpy(dst.page_data(dst_pages[i]), src.page_data(src_pages[i]), size_t(src.page_bytes()));
+  }
+  std::unique_ptr<KvPageStorage> sibling() const override { return std::make_unique<HostPageStorage>(); }
+};
+
+std::atomic<uint64_t> next_sequence_id{1};
+
+}  // namespace
+
+std::unique_ptr<KvPageStorage> make_host_page_storage() { return std::make_unique<HostPageStorage>(); }
+
+KvPagePool::KvPagePool(const KvCacheShape& shape, int32_t pages_per_chunk, std::unique_ptr<KvPageStorage> storage)
     : shape_(shape),
       pages_per_chunk_(pages_per_chunk),
-      page_floats_(2 * int64_t(shape.page_size) * shape.head_dim) {}
+      page_elems_(2 * int64_t(shape.page_size) * shape.head_dim),
+      storage_(storage ? std::move(storage) : make_host_page_storage()) {}
+
+KvPagePool::~KvPagePool() {
+  for (void* chunk : chunks_) storage_->free_chunk(chunk);
+}
+
+std::shared_ptr<KvPagePool> KvPagePool::sibling() const {
+  return std::make_shared<KvPagePool>(shape_, pages_per_chunk_, storage_->sibling());
+}
 
 int32_t KvPagePool::allocate() {
   if (free_pages_.empty()) {
     const int32_t first = int32_t(chunks_.size()) * pages_per_chunk_;
-    chunks_.push_back(std::make_unique<float[]>(size_t(page_floats_ * pages_per_chunk_)));
+    void* chunk = storage_->allocate_chunk(page_bytes() * pages_per_chunk_);
+    if (chunk == nullptr)
+      throw std::bad_alloc();  // out of (device) memory: nothing sensible can continue this step
+    chunks_.push_back(chunk);
+    storage_->chunks_changed(chunks_);
     page_used_.resize(page_used_.size() + size_t(pages_per_chunk_), 0);
     // Push in reverse so the lowest id is handed out first.
     for (int32_t p = first + pages_per_chunk_ - 1; p >= first; --p) free_pages_.push_back(p);
@@ -40,6 +87,7 @@ void KvPagePool::trim() {
   while (!chunks_.empty()) {
     const size_t first = (chunks_.size() - 1) * size_t(pages_per_chunk_);
     if (std::any_of(page_used_.begin() + long(first), page_used_.end(), [](uint8_t u) { return u != 0; })) break;
+    storage_->free_chunk(chunks_.back());
     chunks_.pop_back();
     page_used_.resize(first);
     trimmed = true;
@@ -47,10 +95,11 @@ void KvPagePool::trim() {
   if (trimmed) {
     const int32_t limit = int32_t(page_used_.size());
     std::erase_if(free_pages_, [limit](int32_t p) { return p >= limit; });
+    storage_->chunks_changed(chunks_);
   }
 }
 
-KvSequence::KvSequence(std::shared_ptr<KvPagePool> pool) : pool_(std::move(pool)) {
+KvSequence::KvSequence(std::shared_ptr<KvPagePool> pool) : pool_(std::move(pool)), id_(next_sequence_id++) {
   tables_.resize(size_t(pool_->shape().n_layers) * size_t(pool_->shape().n_kv_heads));
 }
 
@@ -70,20 +119,34 @@ void KvSequence::append(int32_t layer, int32_t kv_head, const float* k, const fl
   t.rotary.push_back(rotary < 0 ? position : rotary);
 }
 
+int32_t KvSequence::reserve(int32_t layer, int32_t kv_head, int32_t n, const int32_t* positions,
+                            const int32_t* rotary) {
+  HeadPageTable& t = table(layer, kv_head);
+  const int32_t page_size = pool_->shape().page_size, first = t.n_tokens();
+  for (int32_t i = 0; i < n; ++i) {
+    if ((first + i) % page_size == 0) t.pages.push_back(pool_->allocate());
+    t.positions.push_back(positions[i]);
+    t.rotary.push_back(rotary != nullptr ? rotary[i] : positions[i]);
+  }
+  return first;
+}
+
 std::unique_ptr<KvSequence> KvSequence::clone(std::shared_ptr<KvPagePool> pool) const {
   if (!pool) pool = pool_;
   auto copy = std::make_unique<KvSequence>(pool);
-  const size_t page_bytes = size_t(pool_->page_bytes());
+  std::vector<int32_t> src_pages, dst_pages;
   for (size_t i = 0; i < tables_.size(); ++i) {
     HeadPageTable& dst = copy->tables_[i];
     dst.positions = tables_[i].positions;
     dst.rotary = tables_[i].rotary;
     for (int32_t page : tables_[i].pages) {
       const int32_t fresh = pool->allocate();
-      std::memcpy(pool->k(fresh), pool_->k(page), page_bytes);  // K and V are one block
+      src_pages.push_back(page);
+      dst_pages.push_back(fresh);
       dst.pages.push_back(fresh);
     }
   }
+  pool_->storage().copy_pages(*pool_, src_pages, *pool, dst_pages);
   copy->n_past_ = n_past_;
   copy->forward_calls_ = forward_calls_;
   return copy;
@@ -112,8 +175,7 @@ Result<int32_t> KvSequence::evict(int32_t layer, int32_t kv_head, std::vector<in
                              drop.front() < 0 ? drop.front() : drop.back(), layer, kv_head, n - 1)};
   // Compact in place: every kept token moves to the next free slot, in order.
   const int32_t ps = pool_->shape().page_size;
-  const size_t row_bytes = size_t(pool_->shape().head_dim) * sizeof(float);
-  const int64_t hd = pool_->shape().head_dim;
+  std::vector<KvRowMove> moves;
   int32_t write = drop.front();
   size_t next_drop = 0;
   for (int32_t read = drop.front(); read < n; ++read) {
@@ -121,15 +183,15 @@ Result<int32_t> KvSequence::evict(int32_t layer, int32_t kv_head, std::vector<in
       ++next_drop;
       continue;
     }
-    const int32_t src = t.pages[size_t(read / ps)], dst = t.pages[size_t(write / ps)];
-    std::memcpy(pool_->k(dst) + int64_t(write % ps) * hd, pool_->k(src) + int64_t(read % ps) * hd, row_bytes);
-    std::memcpy(pool_->v(dst) + int64_t(write % ps) * hd, pool_->v(src) + int64_t(read % ps) * hd, row_bytes);
+    moves.push_back({t.pages[size_t(read / ps)], read % ps, t.pages[size_t(write / ps)], write % ps});
     t.positions[size_t(write)] = t.positions[size_t(read)];
     t.rotary[size_t(write)] = t.rotary[size_t(read)];
     ++write;
   }
+  pool_->storage().move_rows(*pool_, moves);
   t.positions.resize(size_t(write));
   t.rotary.resize(size_t(write));
+  ++t.rewrites;
   const size_t pages_needed = size_t((write + ps - 1) / ps);
   for (size_t p = pages_needed; p < t.pages.size(); ++p) pool_->release(t.pages[p]);
   t.pages.resize(pages_needed);
@@ -142,6 +204,7 @@ void KvSequence::clear() {
     t.pages.clear();
     t.positions.clear();
     t.rotary.clear();
+    ++t.rewrites;
   }
   n_past_ = 0;
   forward_calls_ = 0;

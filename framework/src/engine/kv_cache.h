@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <vector>
 
 #include "inferlab/result.h"
@@ -20,23 +21,68 @@ struct KvCacheShape {
   int32_t page_size = 16;  // tokens per page
 };
 
+// One K/V row move of eviction compaction: stored token at (src_page, src_slot)
+// goes to (dst_page, dst_slot).
+struct KvRowMove {
+  int32_t src_page, src_slot, dst_page, dst_slot;
+};
+
+// Where a pool's pages live: host float32 (CPU backend) or device memory in
+// f16/bf16 (CUDA backend). The pool does the bookkeeping; the storage owns the
+// bytes and the row copies.
+class KvPageStorage {
+ public:
+  virtual ~KvPageStorage() = default;
+  virtual int32_t element_bytes() const = 0;
+  virtual bool host_accessible() const = 0;  // page_data() may be read and written by the host
+  virtual void* allocate_chunk(int64_t bytes) = 0;  // nullptr when out of memory
+  virtual void free_chunk(void* chunk) = 0;
+  // The pool's chunk list changed (device storage keeps a device copy of it).
+  virtual void chunks_changed(const std::vector<void*>& chunks) { (void)chunks; }
+  // K and V rows; every source is read before any destination is written.
+  virtual void move_rows(class KvPagePool& pool, const std::vector<KvRowMove>& moves) = 0;
+  // Whole pages from `src` (same shape and storage kind) into `dst`.
+  virtual void copy_pages(const class KvPagePool& src, const std::vector<int32_t>& src_pages,
+                          class KvPagePool& dst, const std::vector<int32_t>& dst_pages) = 0;
+  // An empty storage of the same kind (for another pool of the same shape).
+  virtual std::unique_ptr<KvPageStorage> sibling() const = 0;
+};
+
+// float32 pages in host memory.
+std::unique_ptr<KvPageStorage> make_host_page_storage();
+
 // Physical storage. Pages are allocated in chunks on demand; fully-free chunks at
 // the end of the pool are returned to the system by `trim()`.
 class KvPagePool {
  public:
-  explicit KvPagePool(const KvCacheShape& shape, int32_t pages_per_chunk = 256);
+  explicit KvPagePool(const KvCacheShape& shape, int32_t pages_per_chunk = 256,
+                      std::unique_ptr<KvPageStorage> storage = nullptr);  // default: host float32
+  ~KvPagePool();
+  KvPagePool(const KvPagePool&) = delete;
+  KvPagePool& operator=(const KvPagePool&) = delete;
+  // A new empty pool with this pool's shape and storage kind.
+  std::shared_ptr<KvPagePool> sibling() const;
 
   int32_t allocate();            // a page id; grows the pool when the free list is empty
   void release(int32_t page);
   void trim();                   // frees trailing chunks whose pages are all free
 
-  float* k(int32_t page) { return page_base(page); }                          // (page_size, head_dim)
-  float* v(int32_t page) { return page_base(page) + page_floats_ / 2; }       // (page_size, head_dim)
+  // Host storage only: (page_size, head_dim) floats of K / V.
+  float* k(int32_t page) { return static_cast<float*>(page_data(page)); }
+  float* v(int32_t page) { return k(page) + page_elems_ / 2; }
   const float* k(int32_t page) const { return const_cast<KvPagePool*>(this)->k(page); }
   const float* v(int32_t page) const { return const_cast<KvPagePool*>(this)->v(page); }
+  // Base of a page in the storage's memory (device memory for device storage).
+  void* page_data(int32_t page) const {
+    return static_cast<char*>(chunks_[size_t(page / pages_per_chunk_)]) +
+           int64_t(page % pages_per_chunk_) * page_bytes();
+  }
 
   const KvCacheShape& shape() const { return shape_; }
-  int64_t page_bytes() const { return page_floats_ * int64_t(sizeof(float)); }
+  KvPageStorage& storage() const { return *storage_; }
+  const std::vector<void*>& chunks() const { return chunks_; }
+  int32_t pages_per_chunk() const { return pages_per_chunk_; }
+  int64_t page_bytes() const { return page_elems_ * storage_->element_bytes(); }
   int64_t pages_in_use() const { return pages_in_use_; }
   int64_t pages_reserved() const { return int64_t(chunks_.size()) * pages_per_chunk_; }
   int64_t bytes_in_use() const { return pages_in_use_ * page_bytes(); }
@@ -45,13 +91,11 @@ class KvPagePool {
   void reset_peak() { peak_pages_in_use_ = pages_in_use_; }
 
  private:
-  float* page_base(int32_t page) {
-    return chunks_[size_t(page / pages_per_chunk_)].get() + int64_t(page % pages_per_chunk_) * page_floats_;
-  }
   KvCacheShape shape_;
   int32_t pages_per_chunk_;
-  int64_t page_floats_;  // K and V of one page
-  std::vector<std::unique_ptr<float[]>> chunks_;
+  int64_t page_elems_;  // K and V of one page
+  std::unique_ptr<KvPageStorage> storage_;
+  std::vector<void*> chunks_;
   std::vector<int32_t> free_pages_;  // LIFO
   std::vector<uint8_t> page_used_;
   int64_t pages_in_use_ = 0;
@@ -63,6 +107,9 @@ struct HeadPageTable {
   std::vector<int32_t> pages;
   std::vector<int32_t> positions;  // original position of each stored token
   std::vector<int32_t> rotary;     // the RoPE position its key was rotated with
+  // Bumped whenever `pages` changes other than by appending (eviction, clear),
+  // so a device copy of the table knows to re-read it whole.
+  uint32_t rewrites = 0;
   int32_t n_tokens() const { return int32_t(positions.size()); }
 };
 
@@ -78,15 +125,20 @@ class KvSequence {
 
   // Appends one token's K and V rows (head_dim each) to (layer, kv_head); its key
   // was rotated with `rotary` (default: its position).
+  // Host storage only.
   void append(int32_t layer, int32_t kv_head, const float* k, const float* v, int32_t position,
               int32_t rotary = -1);
+  // Appends the bookkeeping of `n` tokens (pages allocated, positions, rotary)
+  // without writing their rows: a device kernel writes them. Returns the stored
+  // index of the first.
+  int32_t reserve(int32_t layer, int32_t kv_head, int32_t n, const int32_t* positions, const int32_t* rotary);
   // A deep copy with its own pages from `pool` (default: this sequence's pool,
   // which must have the same shape): a saved prefill to start from.
   std::unique_ptr<KvSequence> clone(std::shared_ptr<KvPagePool> pool = nullptr) const;
   float* k_row_mutable(int32_t layer, int32_t kv_head, int32_t i) {
     return const_cast<float*>(k_row(layer, kv_head, i));
   }
-  // Pointer to the K / V row of stored token `i` of (layer, kv_head).
+  // Pointer to the K / V row of stored token `i` of (layer, kv_head); host storage only.
   const float* k_row(int32_t layer, int32_t kv_head, int32_t i) const;
   const float* v_row(int32_t layer, int32_t kv_head, int32_t i) const;
 
@@ -103,6 +155,8 @@ class KvSequence {
   int64_t forward_calls() const { return forward_calls_; }
   void count_forward_call() { ++forward_calls_; }
   int64_t pages_held() const;
+  // Unique among the sequences of this process (device page-table caches key on it).
+  uint64_t id() const { return id_; }
   KvPagePool& pool() { return *pool_; }
   const KvPagePool& pool() const { return *pool_; }
 
@@ -114,6 +168,7 @@ class KvSequence {
   std::vector<HeadPageTable> tables_;
   int32_t n_past_ = 0;
   int64_t forward_calls_ = 0;
+  uint64_t id_ = 0;
 };
 
 }  // namespace inferlab

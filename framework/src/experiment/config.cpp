@@ -309,7 +309,8 @@ class ConfigParser {
         ParamSpec::string("name", "", {}, ""), ParamSpec::integer("page_size", 16, 1, 65536, ""),
         ParamSpec::integer("max_context", 0, 0, std::nullopt, ""),
         ParamSpec::integer("threads", 0, 0, std::nullopt, ""),
-        ParamSpec::integer("prefill_chunk", 0, 0, std::nullopt, "")};
+        ParamSpec::integer("prefill_chunk", 0, 0, std::nullopt, ""),
+        ParamSpec::string("dtype", "f16", {"f16", "bf16"}, "")};
     const toml::table* table = section(root, "model", true);
     if (table == nullptr) return;
     const ParamValues values = read_scalars(*table, "model", specs);
@@ -318,6 +319,7 @@ class ConfigParser {
     model.max_context = values.get_int("max_context");
     model.threads = values.get_int("threads");
     model.prefill_chunk = values.get_int("prefill_chunk");
+    model.dtype = values.get_string("dtype");
     const toml::node* name = table->get("name");
     if (name == nullptr || (name->is_string() && model.name.empty()))
       diag_.add(name ? name->source() : table->source(), "model.name",
@@ -497,15 +499,19 @@ std::string canonical_config_json(const RunSpec& run) {
   nlohmann::json params = nlohmann::json::object();
   for (const auto& [name, value] : run.params.all()) params[name] = param_json(value);
   // nlohmann::json objects are std::maps: keys come out sorted.
+  nlohmann::json model = {{"checksum", run.model_checksum},
+                          {"page_size", run.model.page_size},
+                          {"max_context", run.model.max_context},
+                          {"prefill_chunk", run.model.prefill_chunk}};
+  // The element type only exists on the GPU; CPU runs keep their hashes.
+  if (run.backend == "cuda") model["dtype"] = run.model.dtype;
   const nlohmann::json json = {
       {"experiment", run.experiment},
       {"seed", run.seed},
       {"backend", run.backend},
       // The model is identified by its checksum, not its name or path, so moving
       // a model file (or the experiment folder) keeps finished runs finished.
-      {"model",
-       {{"checksum", run.model_checksum}, {"page_size", run.model.page_size},
-        {"max_context", run.model.max_context}, {"prefill_chunk", run.model.prefill_chunk}}},
+      {"model", std::move(model)},
       {"task", {{"type", run.task.type}, {"params", std::move(task_params)}}},
       {"plugin", {{"name", run.plugin}, {"version", run.plugin_version}}},
       {"params", std::move(params)}};

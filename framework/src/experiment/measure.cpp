@@ -87,7 +87,7 @@ class SampleRunner {
   // Saves the current sequence (right after a dense prefill) for reuse.
   void save(PrefillCache& cache, const std::string& key, const std::vector<float>& last, double seconds) {
     if (cache.snapshots.count(key) != 0) return;
-    if (!cache.pool) cache.pool = std::make_shared<KvPagePool>(engine_.pool().shape());
+    if (!cache.pool) cache.pool = engine_.pool().sibling();
     if (cache.pool->bytes_in_use() + seq_->pages_held() * cache.pool->page_bytes() > cache.max_bytes) return;
     cache.snapshots[key] = PrefillSnapshot{seq_->clone(cache.pool), last, seconds};
   }

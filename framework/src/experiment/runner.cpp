@@ -40,15 +40,16 @@ std::string run_command(const std::string& command) {
   return out;
 }
 
-// Which backend a run uses; the CPU backend is the only one in this build.
+// Which backend the runs use: "auto" is resolved here, so a run's hash and
+// record name the backend that really ran it.
 Result<std::string> resolve_backend(const std::string& requested) {
-  if (requested == "cpu" || requested == "auto") return std::string("cpu");
-  return Error{fmt::format("experiment.backend = \"{}\": the CUDA backend is not available in this build; use "
-                           "\"cpu\" or \"auto\"", requested)};
+  auto backend = parse_backend(requested);
+  if (!backend) return Error{fmt::format("experiment.backend: {}", backend.message())};
+  return std::string(backend_name(*backend));
 }
 
 std::string device_description(const Engine& engine) {
-  (void)engine;
+  if (engine.backend() == Backend::Cuda) return engine.device_description();
   return fmt::format("{}; OpenBLAS {}", cpu_description(), blas_core_name());
 }
 
@@ -70,9 +71,13 @@ Result<Workbench> open_workbench(const ExperimentConfig& config) {
   auto model = Model::load(*path);
   if (!model) return model.error();
   bench.model = *model;
-  auto engine = Engine::create(bench.model, EngineOptions{int32_t(config.model.page_size),
-                                                          int32_t(config.model.max_context),
-                                                          int32_t(config.model.threads)});
+  EngineOptions options{int32_t(config.model.page_size), int32_t(config.model.max_context),
+                        int32_t(config.model.threads)};
+  options.backend = config.backend == "cuda" ? Backend::Cuda : Backend::Cpu;
+  auto dtype = parse_gpu_dtype(config.model.dtype);
+  if (!dtype) return Error{fmt::format("model.dtype: {}", dtype.message())};
+  options.gpu_dtype = *dtype;
+  auto engine = Engine::create(bench.model, options);
   if (!engine) return engine.error();
   bench.engine = std::move(*engine);
   return bench;
@@ -213,8 +218,10 @@ Result<RunnerSummary> run_experiment(const std::filesystem::path& config_file, c
   if (!catalog) return catalog.error();
   auto config = load_experiment(config_file, *catalog);
   if (!config) return config.error();
+  if (!options.backend.empty()) config->backend = options.backend;
   auto backend = resolve_backend(config->backend);
   if (!backend) return Error{fmt::format("{}: {}", config_file.string(), backend.message())};
+  config->backend = *backend;
   Shard shard;
   if (!options.shard.empty()) {
     auto parsed = parse_shard(options.shard);

@@ -16,6 +16,7 @@ struct RunnerOptions {
   std::filesystem::path db_path = "results/inferlab.db";
   std::string shard;  // "i/N", empty: the whole grid
   bool dry_run = false;
+  std::string backend;  // overrides experiment.backend when not empty ("cpu", "cuda", "auto")
   // Start the samples of methods whose prefill is dense from a saved dense
   // prefill (results are identical; a grid then costs little more than its decode steps).
   bool reuse_prefill = true;

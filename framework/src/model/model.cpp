@@ -89,6 +89,17 @@ Result<std::shared_ptr<Model>> Model::load(const std::filesystem::path& path) {
   return model;
 }
 
+std::shared_ptr<Model> Model::shape_only(const ModelConfig& config, const std::string& checksum) {
+  auto model = std::make_shared<Model>();
+  model->config_ = config;
+  model->checksum_ = checksum;
+  const int64_t e = config.n_embd, per_layer = 2 * e + e * (config.q_dim() + 2 * config.kv_dim()) +
+                                                config.q_dim() * e + 3 * e * int64_t(config.n_ff);
+  model->parameter_count_ = int64_t(config.n_layers) * per_layer + e +
+                            int64_t(config.n_vocab) * e * (config.tied_embeddings ? 1 : 2);
+  return model;
+}
+
 const std::string& Model::checksum() const {
   if (checksum_.empty()) {
     auto sum = sha256_file(path_);

@@ -39,6 +39,12 @@ class Model {
   // supported type) and dequantizes. Errors name the file and the fault.
   static Result<std::shared_ptr<Model>> load(const std::filesystem::path& path);
 
+  // A model of this shape without weights or tokenizer: a backend fills its own
+  // weights (random, for GPU timing at real shapes). `checksum` names it in results.
+  static std::shared_ptr<Model> shape_only(const ModelConfig& config, const std::string& checksum);
+  bool has_weights() const { return !weights_.layers.empty(); }
+  bool has_tokenizer() const { return tokenizer_ != nullptr; }
+
   const ModelConfig& config() const { return config_; }
   const ModelWeights& weights() const { return weights_; }
   const Tokenizer& tokenizer() const { return *tokenizer_; }

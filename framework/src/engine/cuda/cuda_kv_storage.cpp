@@ -1,0 +1,122 @@
+#include "engine/cuda/cuda_kv_storage.h"
+
+#include <stdexcept>
+#include <vector>
+
+#include "cuda/kv_cache_ops.cuh"
+#include "cuda/kv_pool.cuh"
+#include "engine/cuda/device_memory.h"
+
+namespace inferlab {
+
+namespace {
+
+constexpr int32_t kMaxChunks = 1 << 16;  // the chunk table never moves: CUDA graphs keep its address
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
+}
+
+}  // namespace
+
+class CudaPageStorage final : public KvPageStorage {
+ public:
+  CudaPageStorage(kernels::DType dtype, cudaStream_t stream) : dtype_(dtype), stream_(stream) {
+    if (!chunk_table_.reserve(kMaxChunks * sizeof(void*)) || !host_table_.reserve(kMaxChunks * sizeof(void*)))
+      throw std::bad_alloc();
+  }
+  int32_t element_bytes() const override { return kernels::dtype_bytes(dtype_); }
+  bool host_accessible() const override { return false; }
+  void* allocate_chunk(int64_t bytes) override {
+    void* chunk = nullptr;
+    if (cudaMalloc(&chunk, size_t(bytes)) != cudaSuccess) {
+      cudaGetLastError();
+      return nullptr;
+    }
+    return chunk;
+  }
+  void free_chunk(void* chunk) override {
+    cudaStreamSynchronize(stream_);  // kernels in flight may still read it
+    cudaFree(chunk);
+  }
+  void chunks_changed(const std::vector<void*>& chunks) override {
+    if (chunks.size() > size_t(kMaxChunks)) throw std::bad_alloc();
+    // The pinned copy may still feed an earlier upload: wait for the stream first.
+    check(cudaStreamSynchronize(stream_), "KV chunk table");
+    void** host = host_table_.as<void*>();
+    for (size_t i = 0; i < chunks.size(); ++i) host[i] = chunks[i];
+    if (!chunks.empty())
+      check(cudaMemcpyAsync(chunk_table_.as(), host, chunks.size() * sizeof(void*), cudaMemcpyHostToDevice,
+                            stream_),
+            "KV chunk table");
+  }
+  void move_rows(KvPagePool& pool, const std::vector<KvRowMove>& moves) override {
+    if (moves.empty()) return;
+    const int32_t n = int32_t(moves.size());
+    // (4, n): src_page, src_slot, dst_page, dst_slot
+    staged_.assign(size_t(4 * n), 0);
+    for (int32_t i = 0; i < n; ++i) {
+      staged_[size_t(i)] = moves[size_t(i)].src_page;
+      staged_[size_t(n + i)] = moves[size_t(i)].src_slot;
+      staged_[size_t(2 * n + i)] = moves[size_t(i)].dst_page;
+      staged_[size_t(3 * n + i)] = moves[size_t(i)].dst_slot;
+    }
+    const kernels::KvPages kv = cuda_kv_pages(pool);
+    const size_t scratch = kernels::cuda::kv_move_scratch_bytes(kv, n);
+    if (!indices_.reserve(staged_.size() * sizeof(int32_t)) || !scratch_.reserve(scratch)) throw std::bad_alloc();
+    const int32_t* d = indices_.as<int32_t>();
+    check(cudaMemcpyAsync(indices_.as(), staged_.data(), staged_.size() * sizeof(int32_t), cudaMemcpyHostToDevice,
+                          stream_),
+          "KV eviction");
+    check(kernels::cuda::kv_move_rows(kv, d, d + n, d + 2 * n, d + 3 * n, n, scratch_.as(), stream_),
+          "KV eviction");
+    check(cudaStreamSynchronize(stream_), "KV eviction");  // staged_ is pageable and reused
+  }
+  void copy_pages(const KvPagePool& src, const std::vector<int32_t>& src_pages, KvPagePool& dst,
+                  const std::vector<int32_t>& dst_pages) override {
+    const int32_t n = int32_t(src_pages.size());
+    if (n == 0) return;
+    staged_.assign(src_pages.begin(), src_pages.end());
+    staged_.insert(staged_.end(), dst_pages.begin(), dst_pages.end());
+    if (!indices_.reserve(staged_.size() * sizeof(int32_t))) throw std::bad_alloc();
+    const int32_t* d = indices_.as<int32_t>();
+    check(cudaMemcpyAsync(indices_.as(), staged_.data(), staged_.size() * sizeof(int32_t), cudaMemcpyHostToDevice,
+                          stream_),
+          "KV copy");
+    check(kernels::cuda::kv_copy_pages_between(cuda_kv_pages(src), cuda_kv_pages(dst), d, d + n, n, stream_),
+          "KV copy");
+    check(cudaStreamSynchronize(stream_), "KV copy");
+  }
+  std::unique_ptr<KvPageStorage> sibling() const override {
+    return std::make_unique<CudaPageStorage>(dtype_, stream_);
+  }
+
+  kernels::DType dtype() const { return dtype_; }
+  void* const* chunk_table() const { return chunk_table_.as<void*>(); }
+
+ private:
+  kernels::DType dtype_;
+  cudaStream_t stream_;
+  DeviceMemory chunk_table_;  // (kMaxChunks) device copy of the pool's chunk bases
+  PinnedMemory host_table_;
+  DeviceMemory indices_, scratch_;
+  std::vector<int32_t> staged_;
+};
+
+std::unique_ptr<KvPageStorage> make_cuda_page_storage(kernels::DType dtype, cudaStream_t stream) {
+  return std::make_unique<CudaPageStorage>(dtype, stream);
+}
+
+kernels::KvPages cuda_kv_pages(const KvPagePool& pool) {
+  const auto* storage = dynamic_cast<const CudaPageStorage*>(&pool.storage());
+  kernels::KvPages kv;
+  if (storage == nullptr) return kv;
+  kv.chunk_base = storage->chunk_table();
+  kv.pages_per_chunk = pool.pages_per_chunk();
+  kv.page_size = pool.shape().page_size;
+  kv.head_dim = pool.shape().head_dim;
+  kv.dtype = storage->dtype();
+  return kv;
+}
+
+}  // namespace inferlab

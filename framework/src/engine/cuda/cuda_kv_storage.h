@@ -1,0 +1,21 @@
+// KV pages in device memory (f16/bf16) for the CUDA backend's pools.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <memory>
+
+#include "engine/kv_cache.h"
+#include "kernel_types.h"
+
+namespace inferlab {
+
+class CudaPageStorage;
+
+// Device storage of element type `dtype`, using `stream` for its copies.
+std::unique_ptr<KvPageStorage> make_cuda_page_storage(kernels::DType dtype, cudaStream_t stream);
+
+// The kernels' descriptor of a pool with CUDA storage (chunk table in device memory).
+kernels::KvPages cuda_kv_pages(const KvPagePool& pool);
+
+}  // namespace inferlab
