@@ -1,0 +1,43 @@
+// attention(): argument checks and the choice between the decode and prefill
+// kernels (attention_decode.cu, attention_prefill.cu).
+#include "cuda/attention.cuh"
+#include "cuda/attention_common.cuh"
+
+namespace inferlab::kernels::cuda {
+namespace {
+
+bool valid_call(const AttentionCall& c) {
+  const bool shapes = c.n_rows >= 0 && c.n_heads > 0 && c.n_kv_heads > 0 && c.n_heads % c.n_kv_heads == 0 &&
+                      (c.head_dim == 64 || c.head_dim == 128) && c.kv.head_dim == c.head_dim &&
+                      c.kv.page_size > 0 && c.kv.pages_per_chunk > 0;
+  const bool dtype = c.kv.dtype == DType::F16 || c.kv.dtype == DType::BF16;
+  const bool pointers = c.q != nullptr && c.out != nullptr && c.n_cached != nullptr && c.kv.chunk_base != nullptr &&
+                        c.table.pages != nullptr;
+  const bool select = c.select == nullptr || (c.select_indptr != nullptr && c.select_index != nullptr);
+  const bool sparse = c.block_sparse == nullptr ||
+                      (c.block_size > 0 && c.block_indptr != nullptr && c.block_keys != nullptr);
+  return shapes && dtype && pointers && select && sparse;
+}
+
+}  // namespace
+
+bool attention_uses_decode(const AttentionCall& call) {
+  return call.n_rows >= 1 && call.n_rows <= kDecodeMaxRows && call.block_sparse == nullptr &&
+         call.n_kv_heads > 0 && call.n_rows * call.group_size() <= kDecodeMaxQueries;
+}
+
+size_t attention_workspace_bytes(const AttentionCall& call, int32_t max_keys) {
+  return attention_uses_decode(call) ? attn::decode_workspace_bytes(call, max_keys) : 0;
+}
+
+cudaError_t attention(const AttentionCall& call, int32_t max_keys, void* workspace, size_t workspace_bytes,
+                      cudaStream_t stream) {
+  if (!valid_call(call)) return cudaErrorInvalidValue;
+  if (call.n_rows == 0) return cudaSuccess;
+  if (!attention_uses_decode(call)) return attn::launch_prefill(call, stream);
+  const size_t needed = attn::decode_workspace_bytes(call, max_keys);
+  if (workspace_bytes < needed || workspace == nullptr) return cudaErrorInvalidValue;
+  return attn::launch_decode(call, max_keys, workspace, stream);
+}
+
+}  // namespace inferlab::kernels::cuda
