@@ -7,12 +7,19 @@
 
 #include <cstdint>
 
+// Small accessors usable in host and device code.
+#if defined(__CUDACC__)
+#define INFERLAB_HOST_DEVICE __host__ __device__
+#else
+#define INFERLAB_HOST_DEVICE
+#endif
+
 namespace inferlab::kernels {
 
 // Element type of weights, activations fed to GEMMs, and the KV cache.
 enum class DType : int32_t { F32 = 0, F16 = 1, BF16 = 2 };
 
-inline int32_t dtype_bytes(DType t) { return t == DType::F32 ? 4 : 2; }
+INFERLAB_HOST_DEVICE inline int32_t dtype_bytes(DType t) { return t == DType::F32 ? 4 : 2; }
 inline const char* dtype_name(DType t) { return t == DType::F32 ? "f32" : t == DType::F16 ? "f16" : "bf16"; }
 
 // A pool of KV pages. Page p lives at
@@ -25,7 +32,7 @@ struct KvPages {
   int32_t page_size = 0;              // tokens per page
   int32_t head_dim = 0;
   DType dtype = DType::F16;
-  int64_t page_elems() const { return 2 * int64_t(page_size) * head_dim; }
+  INFERLAB_HOST_DEVICE int64_t page_elems() const { return 2 * int64_t(page_size) * head_dim; }
 };
 
 // The page table of one layer: row g (kv head) lists the physical page of each
@@ -87,7 +94,7 @@ struct AttentionCall {
   float* key_mass = nullptr;              // (n_kv_heads, mass_stride)
   int32_t mass_stride = 0;
 
-  int32_t group_size() const { return n_heads / n_kv_heads; }
+  INFERLAB_HOST_DEVICE int32_t group_size() const { return n_heads / n_kv_heads; }
 };
 
 }  // namespace inferlab::kernels

@@ -12,6 +12,7 @@
 #include "engine/generation.h"
 #include "gguf/gguf.h"
 #include "model/model.h"
+#include "model/synthetic_model.h"
 
 namespace inferlab::cli {
 
@@ -250,6 +251,27 @@ int run_tokenize(const std::string& model_name, const std::string& prompt, bool 
 
 }  // namespace
 
+struct SynthArgs {
+  std::string preset;
+  std::string out;
+  std::string type = "f16";
+  int32_t layers = 0;
+  uint64_t seed = 1;
+};
+
+int run_synth(const SynthArgs& args) {
+  auto spec = synthetic_preset(args.preset, args.layers);
+  if (!spec) return fail(spec.message());
+  spec->seed = args.seed;
+  spec->weight_type = args.type == "f32" ? gguf::TensorType::F32
+                      : args.type == "q8_0" ? gguf::TensorType::Q8_0
+                                            : gguf::TensorType::F16;
+  if (auto s = write_synthetic_model(*spec, args.out); !s) return fail(s.message());
+  std::printf("wrote %s (%s, %d layers, seed %llu)\n", args.out.c_str(), spec->name.c_str(), spec->n_layers,
+              static_cast<unsigned long long>(args.seed));
+  return 0;
+}
+
 int exit_code() { return g_exit_code; }
 void set_exit_code(int code) { g_exit_code = code; }
 
@@ -257,6 +279,14 @@ void register_commands(CLI::App& app) {
   // model info
   auto* model = app.add_subcommand("model", "inspect model files");
   model->require_subcommand(1);
+  static SynthArgs synth;
+  auto* sy = model->add_subcommand("synth", "write a model of a real shape with random weights (GGUF), for timing");
+  sy->add_option("--preset", synth.preset, "llama2-7b, llama3-8b, llama2-7b-128k or tiny")->required();
+  sy->add_option("-o,--out", synth.out, "output .gguf path")->required();
+  sy->add_option("--layers", synth.layers, "keep only the first N layers (0: all)")->check(CLI::Range(0, 1024));
+  sy->add_option("--type", synth.type, "weight type")->check(CLI::IsMember({"f16", "f32", "q8_0"}))->capture_default_str();
+  sy->add_option("--seed", synth.seed, "random seed")->capture_default_str();
+  sy->callback([] { set_exit_code(run_synth(synth)); });
   auto* info = model->add_subcommand("info", "architecture, shapes, tensor types, parameters, checksum");
   static std::string info_model;
   info->add_option("model", info_model, "model short name or .gguf path")->required();

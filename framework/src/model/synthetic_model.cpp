@@ -23,6 +23,7 @@ struct Vocab {
   std::vector<std::string> tokens;
   std::vector<int32_t> types;
   std::vector<std::string> merges;
+  int32_t end_of_text = 0;
 };
 
 // Learns `n_merges` BPE merges greedily from kMergeCorpus (most frequent pair first).
@@ -67,11 +68,20 @@ Vocab build_vocab(int32_t n_merges) {
       w = std::move(merged);
     }
   }
+  v.end_of_text = int32_t(v.tokens.size());
   for (const char* special : {"<|endoftext|>", "<|im_start|>", "<|im_end|>"}) {
     v.tokens.push_back(special);
     v.types.push_back(3);
   }
   return v;
+}
+
+// Unused tokens (GGUF type 5) up to `size`: never produced by tokenizing text.
+void pad_vocab(Vocab& v, int32_t size) {
+  for (int32_t i = int32_t(v.tokens.size()); i < size; ++i) {
+    v.tokens.push_back("<|unused_" + std::to_string(i) + "|>");
+    v.types.push_back(5);
+  }
 }
 
 }  // namespace
@@ -81,7 +91,8 @@ Status write_synthetic_model(const SyntheticModelSpec& spec, const std::filesyst
       spec.n_heads % spec.n_kv_heads != 0 || spec.n_embd % spec.n_heads != 0 ||
       (spec.n_embd / spec.n_heads) % 2 != 0 || spec.context_length <= 0)
     return Error{fmt::format("synthetic model '{}': inconsistent shape", spec.name)};
-  const Vocab vocab = build_vocab(spec.n_merges);
+  Vocab vocab = build_vocab(spec.n_merges);
+  pad_vocab(vocab, spec.n_vocab);
   const int32_t n_vocab = int32_t(vocab.tokens.size());
   const int32_t head_dim = spec.n_embd / spec.n_heads;
 
@@ -103,7 +114,7 @@ Status write_synthetic_model(const SyntheticModelSpec& spec, const std::filesyst
   w.set_string_array("tokenizer.ggml.tokens", vocab.tokens);
   w.set_i32_array("tokenizer.ggml.token_type", vocab.types);
   w.set_string_array("tokenizer.ggml.merges", vocab.merges);
-  const uint32_t eot = uint32_t(n_vocab - 3);
+  const uint32_t eot = uint32_t(vocab.end_of_text);
   w.set_u32("tokenizer.ggml.bos_token_id", eot);
   w.set_u32("tokenizer.ggml.eos_token_id", eot);
   w.set_bool("tokenizer.ggml.add_bos_token", false);
@@ -157,6 +168,64 @@ Status write_synthetic_model(const SyntheticModelSpec& spec, const std::filesyst
     add(kOutputName, spec.weight_type, {spec.n_embd, n_vocab}, random_matrix(int64_t(n_vocab) * spec.n_embd, in_scale));
   if (!problems.empty()) return Error{fmt::format("synthetic model '{}': {}", spec.name, problems.front())};
   return w.write(path);
+}
+
+std::vector<std::string> synthetic_preset_names() { return {"llama2-7b", "llama3-8b", "llama2-7b-128k", "tiny"}; }
+
+Result<SyntheticModelSpec> synthetic_preset(const std::string& name, int32_t n_layers) {
+  SyntheticModelSpec spec;
+  spec.name = "synthetic-" + name;
+  spec.tied_embeddings = false;
+  spec.weight_type = gguf::TensorType::F16;
+  if (name == "llama2-7b" || name == "llama2-7b-128k") {
+    spec.n_layers = 32;
+    spec.n_embd = 4096;
+    spec.n_ff = 11008;
+    spec.n_heads = 32;
+    spec.n_kv_heads = 32;
+    spec.n_vocab = 32000;
+    spec.context_length = name == "llama2-7b" ? 4096 : 131072;
+    spec.rope_theta = name == "llama2-7b" ? 10000.0f : 1.0e6f;
+  } else if (name == "llama3-8b") {
+    spec.n_layers = 32;
+    spec.n_embd = 4096;
+    spec.n_ff = 14336;
+    spec.n_heads = 32;
+    spec.n_kv_heads = 8;
+    spec.n_vocab = 128256;
+    spec.context_length = 8192;
+    spec.rope_theta = 500000.0f;
+  } else if (name == "tiny") {
+    spec.tied_embeddings = true;
+    spec.weight_type = gguf::TensorType::F32;
+  } else {
+    std::string known;
+    for (const auto& n : synthetic_preset_names()) known += (known.empty() ? "" : ", ") + n;
+    return Error{fmt::format("synthetic model preset \"{}\" is not one of {}", name, known)};
+  }
+  if (n_layers < 0 || n_layers > spec.n_layers)
+    return Error{fmt::format("synthetic model preset {}: layers {} is outside 1..{}", name, n_layers, spec.n_layers)};
+  if (n_layers > 0) spec.n_layers = n_layers;
+  return spec;
+}
+
+ModelConfig synthetic_config(const SyntheticModelSpec& spec) {
+  ModelConfig c;
+  c.architecture = "llama";
+  c.name = spec.name;
+  c.n_layers = spec.n_layers;
+  c.n_embd = spec.n_embd;
+  c.n_ff = spec.n_ff;
+  c.n_heads = spec.n_heads;
+  c.n_kv_heads = spec.n_kv_heads;
+  c.head_dim = spec.n_embd / spec.n_heads;
+  c.rope_dim = c.head_dim;
+  c.n_vocab = std::max(spec.n_vocab, int32_t(build_vocab(spec.n_merges).tokens.size()));
+  c.context_length = spec.context_length;
+  c.rope_theta = spec.rope_theta;
+  c.rms_eps = spec.rms_eps;
+  c.tied_embeddings = spec.tied_embeddings;
+  return c;
 }
 
 }  // namespace inferlab

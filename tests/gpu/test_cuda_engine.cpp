@@ -1,0 +1,226 @@
+// Whole-model CUDA vs CPU: the same tokens through both backends give the same
+// logits (within f16/bf16 rounding), with and without CUDA graphs, for a small
+// model, for the real default model when it is present, and for the first
+// layers of 7B-shaped models; every method hook (driven by the probe plugin)
+// gives the same logits on both backends; eviction frees device pages.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "engine/cuda/cuda_engine.h"
+#include "gpu_test_support.h"
+#include "model/synthetic_model.h"
+#include "plugin_test_support.h"
+
+namespace inferlab {
+namespace {
+
+// Normalized error over all rows: ||a - b|| / ||b||.
+double relative_error(const std::vector<float>& a, const std::vector<float>& b) {
+  return gpu_test::normalized_error(a, b);
+}
+
+// Fraction of rows (of `vocab` logits) with the same argmax.
+double top1_agreement(const std::vector<float>& a, const std::vector<float>& b, int64_t vocab) {
+  const size_t rows = std::min(a.size(), b.size()) / size_t(vocab);
+  size_t same = 0;
+  for (size_t r = 0; r < rows; ++r) {
+    const auto* x = a.data() + r * size_t(vocab);
+    const auto* y = b.data() + r * size_t(vocab);
+    same += std::max_element(x, x + vocab) - x == std::max_element(y, y + vocab) - y;
+  }
+  return rows == 0 ? 0.0 : double(same) / double(rows);
+}
+
+std::shared_ptr<Model> small_model() {
+  static std::shared_ptr<Model> model = [] {
+    SyntheticModelSpec spec;
+    spec.name = "gpu-small";
+    spec.n_layers = 3;
+    spec.n_embd = 256;  // head_dim 64, the attention kernels' smallest
+    spec.n_heads = 4;
+    spec.n_kv_heads = 2;
+    spec.n_ff = 512;
+    spec.context_length = 2048;
+    return test::load_synthetic(spec);
+  }();
+  return model;
+}
+
+std::unique_ptr<Engine> make_engine(std::shared_ptr<const Model> model, Backend backend, int32_t page_size = 16,
+                                    GpuDType dtype = GpuDType::F16, bool graphs = true) {
+  EngineOptions options;
+  options.page_size = page_size;
+  options.backend = backend;
+  options.gpu_dtype = dtype;
+  options.cuda_graphs = graphs;
+  auto engine = Engine::create(std::move(model), options);
+  EXPECT_TRUE(engine.ok()) << (engine.ok() ? "" : engine.message());
+  return engine.ok() ? std::move(*engine) : nullptr;
+}
+
+struct Comparison {
+  double error = 0;
+  double top1 = 0;
+};
+
+// Prefill `prompt_len` tokens, then `decode` forced tokens, on both backends.
+Comparison compare_backends(std::shared_ptr<const Model> model, int prompt_len, int decode, int32_t page_size,
+                            GpuDType dtype, bool graphs, const std::string& plugin = "",
+                            const ParamValues& params = ParamValues{}) {
+  auto cpu = make_engine(model, Backend::Cpu, page_size);
+  auto gpu = make_engine(model, Backend::Cuda, page_size, dtype, graphs);
+  if (!cpu || !gpu) return {1e9, 0};
+  const auto tokens = test::random_tokens(model->config().n_vocab, prompt_len + decode, 11);
+  const std::vector<int32_t> prompt(tokens.begin(), tokens.begin() + prompt_len);
+  const std::vector<int32_t> forced(tokens.begin() + prompt_len, tokens.end());
+  std::vector<float> logits[2];
+  Engine* engines[2] = {cpu.get(), gpu.get()};
+  for (int i = 0; i < 2; ++i) {
+    test::ActiveMethod active;
+    if (!plugin.empty()) active = test::activate_method(*engines[i], plugin, params);
+    logits[i] = test::run_trace(*engines[i], active.handle.get(), prompt, decode, forced).logits;
+  }
+  EXPECT_EQ(logits[0].size(), logits[1].size());
+  return {relative_error(logits[1], logits[0]), top1_agreement(logits[1], logits[0], model->config().n_vocab)};
+}
+
+class CudaEngineVsCpu : public ::testing::TestWithParam<std::tuple<int, int, bool>> {};
+
+TEST_P(CudaEngineVsCpu, SmallModelLogitsMatch) {
+  INFERLAB_REQUIRE_GPU();
+  const auto [prompt, page_size, graphs] = GetParam();
+  const auto f16 = compare_backends(small_model(), prompt, 12, page_size, GpuDType::F16, graphs);
+  EXPECT_LT(f16.error, 1e-2);
+  EXPECT_GE(f16.top1, 0.95);
+  const auto bf16 = compare_backends(small_model(), prompt, 12, page_size, GpuDType::BF16, graphs);
+  EXPECT_LT(bf16.error, 4e-2);
+  EXPECT_GE(bf16.top1, 0.9);
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, CudaEngineVsCpu,
+                         ::testing::Values(std::tuple{1, 16, true}, std::tuple{17, 16, true}, std::tuple{255, 16, false},
+                                           std::tuple{300, 7, true}, std::tuple{1000, 16, true}),
+                         [](const auto& info) {
+                           return "prompt" + std::to_string(std::get<0>(info.param)) + "_page" +
+                                  std::to_string(std::get<1>(info.param)) +
+                                  (std::get<2>(info.param) ? "_graphs" : "_nographs");
+                         });
+
+TEST(CudaEngine, DecodeStepsReplayAGraphAndMatchTheUncapturedPath) {
+  INFERLAB_REQUIRE_GPU();
+  auto model = small_model();
+  auto with = make_engine(model, Backend::Cuda, 16, GpuDType::F16, true);
+  auto without = make_engine(model, Backend::Cuda, 16, GpuDType::F16, false);
+  ASSERT_TRUE(with && without);
+  const auto prompt = test::random_tokens(model->config().n_vocab, 40, 3);
+  // Crossing 1024 keys makes the graph be captured again for a larger bound.
+  const auto a = test::run_trace(*with, nullptr, prompt, 20).logits;
+  const auto b = test::run_trace(*without, nullptr, prompt, 20).logits;
+  EXPECT_LT(relative_error(a, b), 1e-5);
+  EXPECT_EQ(static_cast<CudaEngine*>(with.get())->graph_replays(), 20);
+  EXPECT_EQ(static_cast<CudaEngine*>(without.get())->graph_replays(), 0);
+}
+
+TEST(CudaEngine, RealDefaultModelMatchesCpu) {
+  INFERLAB_REQUIRE_GPU();
+  auto path = resolve_model("smollm2-135m");
+  if (!path || !std::filesystem::exists(*path)) GTEST_SKIP() << "default model not present";
+  auto model = Model::load(*path);
+  ASSERT_TRUE(model.ok()) << model.message();
+  const auto c = compare_backends(*model, 200, 20, 16, GpuDType::F16, true);
+  EXPECT_LT(c.error, 2e-2);
+  EXPECT_GE(c.top1, 0.95);
+}
+
+// The first two layers of 7B-shaped models (full width, vocabulary and head count).
+class CudaEngine7B : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(CudaEngine7B, FirstLayersMatchCpu) {
+  INFERLAB_REQUIRE_GPU();
+  auto spec = synthetic_preset(GetParam(), 2);
+  ASSERT_TRUE(spec.ok()) << spec.message();
+  auto model = test::load_synthetic(*spec);
+  ASSERT_NE(model, nullptr);
+  const auto c = compare_backends(model, 64, 4, 16, GpuDType::F16, true);
+  EXPECT_LT(c.error, 2e-2);
+  EXPECT_GE(c.top1, 0.9);
+}
+
+INSTANTIATE_TEST_SUITE_P(Presets, CudaEngine7B, ::testing::Values("llama2-7b", "llama3-8b"),
+                         [](const auto& info) {
+                           std::string name = info.param;
+                           std::replace(name.begin(), name.end(), '-', '_');
+                           return name;
+                         });
+
+ParamValues params(std::initializer_list<std::pair<const std::string, ParamValue>> values) {
+  return ParamValues(std::map<std::string, ParamValue>(values));
+}
+
+// Every hook's decision, carried out by both backends, gives the same logits.
+class CudaHooks : public ::testing::TestWithParam<std::pair<std::string, ParamValues>> {};
+
+TEST_P(CudaHooks, SameLogitsAsCpu) {
+  INFERLAB_REQUIRE_GPU();
+  const auto& [name, p] = GetParam();
+  const auto c = compare_backends(small_model(), 40, 10, 4, GpuDType::F16, true, "probe", p);
+  EXPECT_LT(c.error, 1e-2) << name;
+  EXPECT_GE(c.top1, 0.95) << name;
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Probe, CudaHooks,
+    ::testing::Values(
+        std::pair{std::string("evict_after_prefill"), params({{"evict_positions", std::string("4,5,6,7,21")}})},
+        std::pair{std::string("evict_in_decode"),
+                  params({{"evict_positions", std::string("5,30")}, {"evict_step", int64_t{2}}})},
+        std::pair{std::string("cache_positions"),
+                  params({{"evict_positions", std::string("4,5,6,7")}, {"cache_positions", true}})},
+        std::pair{std::string("select_pages"), params({{"select_pages", std::string("0,2,3,7")}})},
+        std::pair{std::string("select_tokens"), params({{"select_tokens", std::string("0,1,5,9,10,33")}})},
+        std::pair{std::string("block_sparse_prefill"),
+                  params({{"pattern_block", int64_t{8}}, {"pattern_window", int64_t{2}}})},
+        std::pair{std::string("skip_layers_fill"), params({{"skip_layers", std::string("1")}})},
+        std::pair{std::string("skip_layers_none"),
+                  params({{"skip_layers", std::string("1")}, {"kv_fill", std::string("none")}})},
+        std::pair{std::string("early_exit"), params({{"exit_after_layer", int64_t{0}}})},
+        std::pair{std::string("mask_heads"), params({{"mask_heads", std::string("1,2")}})},
+        std::pair{std::string("neuron_subset"), params({{"neuron_stride", int64_t{3}}})}),
+    [](const auto& info) { return info.param.first; });
+
+TEST(CudaEngine, EvictionFreesDevicePages) {
+  INFERLAB_REQUIRE_GPU();
+  auto model = small_model();
+  const auto& c = model->config();
+  auto engine = make_engine(model, Backend::Cuda, 4);
+  ASSERT_NE(engine, nullptr);
+  test::ActiveMethod active = test::activate_method(*engine, "probe", params({{"evict_positions", std::string("4,5,6,7,9")}}));
+  ASSERT_NE(active.handle.get(), nullptr);
+  auto seq = engine->new_sequence();
+  active.handle->begin_sequence(engine->shape());
+  ASSERT_TRUE(engine->prefill(*seq, test::random_tokens(c.n_vocab, 20, 3)).ok());
+  // 20 tokens - 5 evicted = 15 stored: 4 pages of 4 per (layer, kv head) instead of 5.
+  EXPECT_EQ(engine->pool().pages_in_use(), int64_t(c.n_layers) * c.n_kv_heads * 4);
+  EXPECT_EQ(engine->pool().bytes_in_use(), engine->pool().pages_in_use() * 2 * 4 * c.head_dim * 2);
+}
+
+TEST(CudaEngine, RandomSevenBillionShapeRunsADecodeStep) {
+  INFERLAB_REQUIRE_GPU();
+  auto spec = synthetic_preset("llama2-7b", 4);
+  ASSERT_TRUE(spec.ok());
+  EngineOptions options;
+  options.backend = Backend::Cuda;
+  auto engine = CudaEngine::create_random(synthetic_config(*spec), 7, options);
+  ASSERT_TRUE(engine.ok()) << engine.message();
+  auto seq = (*engine)->new_sequence();
+  auto logits = (*engine)->prefill(*seq, test::random_tokens(32000, 100, 1));
+  ASSERT_TRUE(logits.ok()) << logits.message();
+  auto next = (*engine)->decode(*seq, 17);
+  ASSERT_TRUE(next.ok()) << next.message();
+  for (float x : *next) ASSERT_TRUE(std::isfinite(x));
+}
+
+}  // namespace
+}  // namespace inferlab
