@@ -295,7 +295,7 @@ std::string CudaEngine::device_description() const {
 }
 
 std::vector<float> CudaEngine::download(const float* device, int64_t count) {
-  std::vector<float> host(size_t(count));
+  std::vector<float> host(static_cast<size_t>(count));
   cudaMemcpyAsync(host.data(), device, size_t(count) * 4, cudaMemcpyDeviceToHost, stream_);
   cudaStreamSynchronize(stream_);
   return host;
@@ -424,7 +424,7 @@ Status CudaEngine::sync_table(const KvSequence& seq, int32_t l, int32_t g) {
 
 Status CudaEngine::append_kv(KvSequence& seq, int32_t l, int64_t n) {
   const ModelConfig& c = config();
-  std::vector<int32_t> rotary(size_t(n));
+  std::vector<int32_t> rotary(static_cast<size_t>(n));
   for (int32_t g = 0; g < c.n_kv_heads; ++g) {
     const int32_t stored = seq.table(l, g).n_tokens();
     for (int64_t i = 0; i < n; ++i) rotary[size_t(i)] = cache_positions_ ? stored + int32_t(i) : host_positions_[size_t(i)];
