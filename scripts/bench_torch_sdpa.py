@@ -13,7 +13,6 @@ the kv heads, as the paged kernel reads them).
   python3 scripts/bench_torch_sdpa.py [--mode all|decode|prefill] [--reps 50] [--peak-gbs 3350]
 """
 import argparse
-import inspect
 
 import torch
 import torch.nn.functional as F
@@ -32,10 +31,13 @@ def time_us(fn, reps):
 
 
 def supports_enable_gqa():
+    q = torch.zeros(1, 2, 1, 8, device="cuda", dtype=torch.float16)
+    kv = torch.zeros(1, 1, 1, 8, device="cuda", dtype=torch.float16)
     try:
-        return "enable_gqa" in inspect.signature(F.scaled_dot_product_attention).parameters
-    except (TypeError, ValueError):  # builtin without a Python signature
-        return torch.__version__ >= "2.5"
+        F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
+        return True
+    except (TypeError, RuntimeError):
+        return False
 
 
 def sdpa_call(q, k, v, causal):

@@ -13,9 +13,9 @@ bool valid_call(const AttentionCall& c) {
   const bool dtype = c.kv.dtype == DType::F16 || c.kv.dtype == DType::BF16;
   const bool pointers = c.q != nullptr && c.out != nullptr && c.n_cached != nullptr && c.kv.chunk_base != nullptr &&
                         c.table.pages != nullptr;
-  const bool select = c.select == nullptr || (c.select_indptr != nullptr && c.select_index != nullptr);
-  const bool sparse = c.block_sparse == nullptr ||
-                      (c.block_size > 0 && c.block_indptr != nullptr && c.block_keys != nullptr);
+  // select_index / block_keys may be null when every list is empty.
+  const bool select = c.select == nullptr || c.select_indptr != nullptr;
+  const bool sparse = c.block_sparse == nullptr || (c.block_size > 0 && c.block_indptr != nullptr);
   return shapes && dtype && pointers && select && sparse;
 }
 

@@ -185,6 +185,15 @@ __device__ __forceinline__ void load_kv_tile(Smem& sm, int buf, int64_t v_offset
 
 // --- Launchers (attention_prefill.cu, attention_decode.cu) -------------------
 
+// Lets `kernel` use `bytes` of dynamic shared memory and asks for the largest
+// shared-memory carveout, so two such CTAs fit on an SM.
+template <typename Kernel>
+cudaError_t configure_smem(Kernel kernel, int bytes) {
+  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (e != cudaSuccess) return e;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, int(cudaSharedmemCarveoutMaxShared));
+}
+
 cudaError_t launch_prefill(const AttentionCall& c, cudaStream_t stream);
 size_t decode_workspace_bytes(const AttentionCall& c, int32_t max_keys);
 cudaError_t launch_decode(const AttentionCall& c, int32_t max_keys, void* workspace, cudaStream_t stream);

@@ -2,7 +2,7 @@
 // kv head) holds all of the group's query rows (n_rows * group_size <= 16
 // queries), so each K/V row is read from memory once per group; a split takes
 // a contiguous share of the head's key list, streams it in 64-key tiles
-// through shared memory with cp.async (double-buffered, 16-byte copies), and
+// through shared memory with cp.async (16-byte copies, 2-3 tiles in flight), and
 // writes its partial (max, sum, unnormalized output) per query. A merge kernel
 // combines the splits; with statistics, a third kernel re-reads K and adds
 // each key's probability to key_mass. Work is on CUDA cores: at <= 16 queries
@@ -15,14 +15,16 @@ namespace inferlab::kernels::cuda::attn {
 namespace {
 
 constexpr int kThreads = 128;
-constexpr int kMinKeysPerSplit = 256;
+constexpr int kMinKeysPerSplit = 128;
 constexpr int kCtasPerSm = 2;  // resident decode CTAs per SM (shared memory bound)
 
 template <typename T, int D, int NQ>
 struct DecodeSmem {
-  T k[2][kTileKeys][D + kRowPad];  // K tiles, double-buffered
-  T v[2][kTileKeys][D + kRowPad];  // V tiles
-  const T* row[2][kTileKeys];      // K row of each key of a tile; null: no key (zeros)
+  // Tiles in flight: three when two CTAs of that size still fit an SM (H100: 228 KiB).
+  static constexpr int kStages = NQ <= 4 ? 3 : 2;
+  T k[kStages][kTileKeys][D + kRowPad];  // K tiles
+  T v[kStages][kTileKeys][D + kRowPad];  // V tiles
+  const T* row[kStages][kTileKeys];      // K row of each key of a tile; null: no key (zeros)
   float q[NQ][D];                  // queries * scale * log2(e); zeros for inactive heads and padding
   float p[NQ][kTileKeys];          // a tile's scores, then probabilities
   float out[NQ][D];                // sum of the key slices' partial outputs
@@ -189,17 +191,23 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const AttentionC
   const int64_t v_offset = int64_t(c.kv.page_size) * D;
   const int32_t n_tiles = ceil_div_dev(cta.k_end - cta.k_begin, kTileKeys);
   float acc[NQ][8] = {};
-  if (n_tiles > 0) plan_decode_tile(c, cta, sm, 0, cta.k_begin);
+  constexpr int kStages = DecodeSmem<T, D, NQ>::kStages;
+  for (int s = 0; s < kStages - 1; ++s)
+    if (s < n_tiles) plan_decode_tile(c, cta, sm, s, cta.k_begin + s * kTileKeys);
   __syncthreads();
-  if (n_tiles > 0) load_kv_tile<T, D>(sm, 0, v_offset, true);
-  cp_async_commit();
-  for (int32_t n = 0; n < n_tiles; ++n) {
-    const int cur = n & 1, nxt = cur ^ 1;
-    if (n + 1 < n_tiles) plan_decode_tile(c, cta, sm, nxt, cta.k_begin + (n + 1) * kTileKeys);
-    __syncthreads();
-    if (n + 1 < n_tiles) load_kv_tile<T, D>(sm, nxt, v_offset, true);
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < n_tiles) load_kv_tile<T, D>(sm, s, v_offset, true);
     cp_async_commit();
-    cp_async_wait<1>();
+  }
+  for (int32_t n = 0; n < n_tiles; ++n) {
+    // Tile n + kStages - 1 starts loading into the slot tile n - 1 used.
+    const int32_t ahead = n + kStages - 1;
+    const int cur = n % kStages, slot = ahead % kStages;
+    if (ahead < n_tiles) plan_decode_tile(c, cta, sm, slot, cta.k_begin + ahead * kTileKeys);
+    __syncthreads();
+    if (ahead < n_tiles) load_kv_tile<T, D>(sm, slot, v_offset, true);
+    cp_async_commit();
+    cp_async_wait<kStages - 1>();  // tile n has landed
     __syncthreads();
     decode_scores(cta, sm, cur, cta.k_begin + n * kTileKeys);
     __syncthreads();
@@ -282,8 +290,7 @@ __global__ void __launch_bounds__(kThreads) decode_mass_kernel(const AttentionCa
 template <typename T, int D, int NQ>
 cudaError_t launch_decode_typed(const AttentionCall& c, int32_t n_splits, DecodeWorkspace ws, cudaStream_t stream) {
   constexpr int smem = int(sizeof(DecodeSmem<T, D, NQ>));
-  static const cudaError_t configured =
-      cudaFuncSetAttribute(decode_split_kernel<T, D, NQ>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  static const cudaError_t configured = configure_smem(decode_split_kernel<T, D, NQ>, smem);
   if (configured != cudaSuccess) return configured;
   const dim3 grid(unsigned(n_splits), unsigned(c.n_kv_heads));
   decode_split_kernel<T, D, NQ><<<grid, kThreads, smem, stream>>>(c, ws);
