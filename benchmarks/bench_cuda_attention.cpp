@@ -13,12 +13,12 @@
 
 #include <algorithm>
 #include <numeric>
-#include <optional>
 #include <random>
 #include <vector>
 
 #include "cuda/attention.cuh"
 #include "cuda/device_info.cuh"
+#include "engine/cuda/device_memory.h"
 #include "experiment/runner.h"
 
 using namespace inferlab;
@@ -34,27 +34,18 @@ namespace {
     }                                                                                                 \
   } while (0)
 
-// A device allocation freed on destruction.
-class DeviceMemory {
- public:
-  explicit DeviceMemory(size_t bytes) : bytes_(bytes) {
-    if (bytes > 0) BENCH_CUDA(cudaMalloc(&ptr_, bytes));
-  }
-  template <typename T>
-  explicit DeviceMemory(const std::vector<T>& host) : DeviceMemory(host.size() * sizeof(T)) {
-    if (!host.empty()) BENCH_CUDA(cudaMemcpy(ptr_, host.data(), bytes_, cudaMemcpyHostToDevice));
-  }
-  ~DeviceMemory() { cudaFree(ptr_); }
-  DeviceMemory(const DeviceMemory&) = delete;
-  DeviceMemory& operator=(const DeviceMemory&) = delete;
-  template <typename T = void>
-  T* get() const { return static_cast<T*>(ptr_); }
-  size_t bytes() const { return bytes_; }
+DeviceMemory device_alloc(size_t bytes) {
+  DeviceMemory m;
+  if (!m.reserve(std::max<size_t>(bytes, 1))) fmt::print(stderr, "bench_cuda_attention: out of device memory\n"), std::exit(1);
+  return m;
+}
 
- private:
-  void* ptr_ = nullptr;
-  size_t bytes_ = 0;
-};
+template <typename T>
+DeviceMemory upload(const std::vector<T>& host) {
+  DeviceMemory m = device_alloc(host.size() * sizeof(T));
+  if (!host.empty()) BENCH_CUDA(cudaMemcpy(m.as(), host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
+  return m;
+}
 
 struct Shape {
   int32_t n_rows = 1, n_heads = 32, n_kv_heads = 8, head_dim = 128, n_cached = 0, page_size = 16;
@@ -66,8 +57,7 @@ struct Shape {
 struct Problem {
   Shape shape;
   int32_t n_stored, pages_per_head, max_keys;
-  DeviceMemory pool, chunk_base, table, n_cached, q, out, select, select_indptr, select_index;
-  std::optional<DeviceMemory> workspace;
+  DeviceMemory pool, chunk_base, table, n_cached, q, out, select, select_indptr, select_index, workspace;
   AttentionCall call;
 
   static std::vector<int32_t> shuffled_pages(int32_t n) {
@@ -99,37 +89,37 @@ struct Problem {
         n_stored(s.n_cached + s.n_rows),
         pages_per_head((n_stored + s.page_size - 1) / s.page_size),
         max_keys(s.pages.empty() ? n_stored : int32_t(s.pages.size()) * s.page_size + s.n_rows),
-        pool(size_t(s.n_kv_heads) * pages_per_head * 2 * s.page_size * s.head_dim * 2),
-        chunk_base(std::vector<void*>{pool.get()}),
-        table(shuffled_pages(s.n_kv_heads * pages_per_head)),
-        n_cached(std::vector<int32_t>(size_t(s.n_kv_heads), s.n_cached)),
-        q(random_queries(size_t(s.n_rows) * s.n_heads * s.head_dim)),
-        out(size_t(s.n_rows) * s.n_heads * s.head_dim * sizeof(float)),
-        select(std::vector<uint8_t>(size_t(s.n_kv_heads), uint8_t(kernels::KeySelect::Pages))),
-        select_indptr(indptr(s)),
-        select_index(repeated(s.pages, s.n_kv_heads)) {
-    BENCH_CUDA(cudaMemset(pool.get(), 0x2c, pool.bytes()));  // f16 0x2c2c ~ 0.06
+        pool(device_alloc(size_t(s.n_kv_heads) * pages_per_head * 2 * s.page_size * s.head_dim * 2)),
+        chunk_base(upload(std::vector<void*>{pool.as()})),
+        table(upload(shuffled_pages(s.n_kv_heads * pages_per_head))),
+        n_cached(upload(std::vector<int32_t>(size_t(s.n_kv_heads), s.n_cached))),
+        q(upload(random_queries(size_t(s.n_rows) * s.n_heads * s.head_dim))),
+        out(device_alloc(size_t(s.n_rows) * s.n_heads * s.head_dim * sizeof(float))),
+        select(upload(std::vector<uint8_t>(size_t(s.n_kv_heads), uint8_t(kernels::KeySelect::Pages)))),
+        select_indptr(upload(indptr(s))),
+        select_index(upload(repeated(s.pages, s.n_kv_heads))) {
+    BENCH_CUDA(cudaMemset(pool.as(), 0x2c, pool.bytes()));  // f16 0x2c2c ~ 0.06
     call.n_rows = s.n_rows;
     call.n_heads = s.n_heads;
     call.n_kv_heads = s.n_kv_heads;
     call.head_dim = s.head_dim;
     call.scale = 1.0f / std::sqrt(float(s.head_dim));
-    call.q = q.get<float>();
-    call.out = out.get<float>();
-    call.n_cached = n_cached.get<int32_t>();
-    call.kv = {chunk_base.get<void* const>(), s.n_kv_heads * pages_per_head, s.page_size, s.head_dim,
+    call.q = q.as<float>();
+    call.out = out.as<float>();
+    call.n_cached = n_cached.as<int32_t>();
+    call.kv = {chunk_base.as<void* const>(), s.n_kv_heads * pages_per_head, s.page_size, s.head_dim,
                kernels::DType::F16};
-    call.table = {table.get<int32_t>(), pages_per_head};
+    call.table = {table.as<int32_t>(), pages_per_head};
     if (!s.pages.empty()) {
-      call.select = select.get<uint8_t>();
-      call.select_indptr = select_indptr.get<int32_t>();
-      call.select_index = select_index.get<int32_t>();
+      call.select = select.as<uint8_t>();
+      call.select_indptr = select_indptr.as<int32_t>();
+      call.select_index = select_index.as<int32_t>();
     }
-    workspace.emplace(kernels::cuda::attention_workspace_bytes(call, max_keys));
+    workspace = device_alloc(kernels::cuda::attention_workspace_bytes(call, max_keys));
   }
 
   void run() const {
-    BENCH_CUDA(kernels::cuda::attention(call, max_keys, workspace->get(), workspace->bytes(), nullptr));
+    BENCH_CUDA(kernels::cuda::attention(call, max_keys, workspace.as(), workspace.bytes(), nullptr));
   }
 
   // Mean microseconds per call over `reps` after two warm-up calls.
