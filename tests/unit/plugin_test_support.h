@@ -12,15 +12,25 @@
 #include "engine/engine.h"
 #include "naive_reference.h"
 #include "plugins/method_context.h"
+#include <cstdlib>
+
 #include "plugins/plugin_host.h"
 #include "test_support.h"
 
 namespace inferlab::test {
 
+// The folders the build put the plugins in, unless the environment names others
+// (a bundle of the test binaries run on another machine, e.g. the GPU machine).
+inline std::string plugin_dir(const char* variable, const char* built) {
+  const char* value = std::getenv(variable);
+  return value != nullptr && *value != '\0' ? value : built;
+}
+
 inline PluginRegistry& plugin_registry() {
   static PluginRegistry* registry = [] {
     auto* r = new PluginRegistry();
-    auto s = r->scan({INFERLAB_HOST_PLUGIN_DIR, std::string(INFERLAB_TEST_PLUGIN_DIR) + "/inferlab-plugin-probe.so"});
+    auto s = r->scan({plugin_dir("INFERLAB_HOST_PLUGIN_DIR", INFERLAB_HOST_PLUGIN_DIR),
+                      plugin_dir("INFERLAB_TEST_PLUGIN_DIR", INFERLAB_TEST_PLUGIN_DIR) + "/inferlab-plugin-probe.so"});
     EXPECT_TRUE(s.ok()) << (s.ok() ? "" : s.message());
     return r;
   }();

@@ -7,6 +7,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "engine/device.h"
 #include "test_support.h"
 
 namespace inferlab {
@@ -187,6 +188,27 @@ TEST(CliExperiment, PluginsListsVersionsHooksAndParameters) {
   EXPECT_NE(r.output.find("neuron_stride"), std::string::npos) << r.output;
   auto refused = run_cli_env(std::string("INFERLAB_PLUGIN_PATH=") + INFERLAB_TEST_PLUGIN_DIR + " ", "plugins");
   EXPECT_NE(refused.output.find("wrong_abi.so: built for plugin ABI version"), std::string::npos) << refused.output;
+}
+
+TEST(CliBackend, SynthWritesALoadablePresetModel) {
+  const auto path = test::temp_path("synth-tiny.gguf");
+  auto r = run_cli("model synth --preset tiny -o " + path.string() + " --type f32");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  auto model = Model::load(path);
+  ASSERT_TRUE(model.ok()) << model.message();
+  auto bad = run_cli("model synth --preset llama9 -o " + path.string());
+  EXPECT_EQ(bad.exit_code, 1);
+  EXPECT_NE(bad.output.find("preset \"llama9\""), std::string::npos) << bad.output;
+}
+
+TEST(CliBackend, CudaWithoutAGpuIsOneClearLine) {
+  if (cuda_compiled() && cuda_device_count() > 0) GTEST_SKIP() << "this machine has a GPU";
+  auto r = run_cli("generate --model " + tiny_model().string() + " --prompt hi --backend cuda");
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_EQ(count_lines(r.output), 1) << r.output;
+  EXPECT_NE(r.output.find("--backend"), std::string::npos) << r.output;
+  auto bad = run_cli("generate --model " + tiny_model().string() + " --prompt hi --backend tpu");
+  EXPECT_NE(bad.exit_code, 0);
 }
 
 }  // namespace

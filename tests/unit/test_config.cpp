@@ -241,6 +241,30 @@ type = "perplexity"
             std::string::npos) << backend;
 }
 
+TEST(ConfigErrors, GpuDtypeMustBeKnown) {
+  const std::string message = errors_of(R"([experiment]
+name = "x"
+[model]
+name = "smollm2-135m"
+dtype = "fp8"
+[task]
+type = "perplexity"
+)");
+  EXPECT_NE(message.find("exp.toml:5:9: model.dtype: \"fp8\" is not one of: f16, bf16"), std::string::npos) << message;
+}
+
+TEST(ConfigHash, GpuDtypeChangesOnlyCudaRunHashes) {
+  auto with_dtype = [](const std::string& backend, const std::string& dtype) {
+    return hashes_of(grid_of("[experiment]\nname = \"x\"\nbackend = \"" + backend +
+                             "\"\n[model]\nname = \"smollm2-135m\"\ndtype = \"" + dtype +
+                             "\"\n[task]\ntype = \"perplexity\"\n"));
+  };
+  // CPU runs have no element type to vary: their hashes stay as they were.
+  EXPECT_EQ(with_dtype("cpu", "f16"), with_dtype("cpu", "bf16"));
+  EXPECT_NE(with_dtype("cuda", "f16"), with_dtype("cuda", "bf16"));
+  EXPECT_NE(with_dtype("cpu", "f16"), with_dtype("cuda", "f16"));
+}
+
 TEST(ConfigErrors, UnknownPluginListsTheKnownOnes) {
   const std::string message = errors_of(kBase + "[[method]]\nplugin = \"h2\"\n");
   EXPECT_NE(message.find("exp.toml:14:10: method[2].plugin: unknown plugin \"h2\" (known plugins: dense, h2o)"),

@@ -149,11 +149,11 @@ Result<std::unique_ptr<CudaEngine>> CudaEngine::create_random(const ModelConfig&
 
 Status CudaEngine::init_device() {
   const ModelConfig& c = config();
+  const int devices = kc::device_count();
+  if (devices == 0) return Error{"cuda engine: no CUDA GPU is visible on this machine"};
   if (c.head_dim != 64 && c.head_dim != 128)
     return Error{fmt::format("cuda engine: head_dim {} is not supported by the attention kernels (64, 128)",
                              c.head_dim)};
-  const int devices = kc::device_count();
-  if (devices == 0) return Error{"cuda engine: no CUDA GPU is visible"};
   if (options_.device < 0 || options_.device >= devices)
     return Error{fmt::format("cuda engine: device {} does not exist ({} visible)", options_.device, devices)};
   CUDA_TRY(cudaSetDevice(options_.device), "select device");
