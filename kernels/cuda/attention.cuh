@@ -36,8 +36,10 @@ size_t attention_workspace_bytes(const AttentionCall& call, int32_t max_keys);
 // Runs one layer's attention on `stream`. All pointers in `call` are device
 // pointers; KV elements are f16 or bf16 (F32 and head dims other than 64 and
 // 128 return cudaErrorInvalidValue, as does a workspace smaller than
-// attention_workspace_bytes). Selections and block lists must be ascending.
-// With key_mass, the kernels atomically add the key probabilities to it.
+// attention_workspace_bytes). Chunk bases must be 16-byte aligned; selections
+// and block lists ascending without repeats. max_keys only sizes the decode
+// split count (any value is correct; a close bound balances the splits). With
+// key_mass, the kernels atomically add the key probabilities to it.
 cudaError_t attention(const AttentionCall& call, int32_t max_keys, void* workspace, size_t workspace_bytes,
                       cudaStream_t stream);
 
