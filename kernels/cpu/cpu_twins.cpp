@@ -1,0 +1,154 @@
+#include "cpu/cpu_twins.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+#include "cpu/cpu_ops.h"
+#include "cpu/half_convert.h"
+
+namespace inferlab::kernels::cpu {
+
+namespace {
+
+float load(const void* base, DType dtype, int64_t i) {
+  switch (dtype) {
+    case DType::F16: return f16_to_float(static_cast<const uint16_t*>(base)[i]);
+    case DType::BF16: return bf16_to_float(static_cast<const uint16_t*>(base)[i]);
+    default: return static_cast<const float*>(base)[i];
+  }
+}
+
+void store(void* base, DType dtype, int64_t i, float x) {
+  switch (dtype) {
+    case DType::F16: static_cast<uint16_t*>(base)[i] = float_to_f16(x); break;
+    case DType::BF16: static_cast<uint16_t*>(base)[i] = float_to_bf16(x); break;
+    default: static_cast<float*>(base)[i] = x; break;
+  }
+}
+
+// Start of the K row of (page, slot), as bytes; the V row is page_size rows further.
+char* key_row(const KvPages& kv, int32_t page, int32_t slot) {
+  const int64_t row_bytes = int64_t(kv.head_dim) * dtype_bytes(kv.dtype);
+  return static_cast<char*>(kv.chunk_base[page / kv.pages_per_chunk]) +
+         (int64_t(page % kv.pages_per_chunk) * 2 * kv.page_size + slot) * row_bytes;
+}
+
+char* value_row(const KvPages& kv, int32_t page, int32_t slot) {
+  return key_row(kv, page, slot) + int64_t(kv.page_size) * kv.head_dim * dtype_bytes(kv.dtype);
+}
+
+}  // namespace
+
+void convert_from_float(const float* x, int64_t n, void* out, DType dtype) {
+  for (int64_t i = 0; i < n; ++i) store(out, dtype, i, x[i]);
+}
+
+void convert_to_float(const void* x, DType dtype, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = load(x, dtype, i);
+}
+
+void embedding_lookup(const void* table, DType dtype, int64_t n_embd, const int32_t* ids, int64_t n, float* out) {
+  const int64_t row_bytes = n_embd * dtype_bytes(dtype);
+  for (int64_t r = 0; r < n; ++r)
+    convert_to_float(static_cast<const char*>(table) + ids[r] * row_bytes, dtype, n_embd, out + r * n_embd);
+}
+
+void head_output_norms(const float* attn, int32_t n_rows, int32_t n_heads, int32_t head_dim, float* norms) {
+  for (int32_t h = 0; h < n_heads; ++h) {
+    double total = 0.0;
+    for (int32_t r = 0; r < n_rows; ++r) {
+      const float* head = attn + (int64_t(r) * n_heads + h) * head_dim;
+      double sum_sq = 0.0;
+      for (int32_t d = 0; d < head_dim; ++d) sum_sq += double(head[d]) * head[d];
+      total += std::sqrt(sum_sq);
+    }
+    norms[h] = float(total);
+  }
+}
+
+void gather_rows(const void* w, DType dtype, int64_t row_len, const int32_t* rows, int64_t n_rows, void* out) {
+  const int64_t row_bytes = row_len * dtype_bytes(dtype);
+  for (int64_t i = 0; i < n_rows; ++i)
+    std::memcpy(static_cast<char*>(out) + i * row_bytes, static_cast<const char*>(w) + rows[i] * row_bytes,
+                size_t(row_bytes));
+}
+
+void kv_append(const KvPages& kv, LayerPageTable table, const int32_t* first_token, const float* k, const float* v,
+               int32_t n_rows, int32_t n_kv_heads) {
+  for (int32_t g = 0; g < n_kv_heads; ++g) {
+    for (int32_t i = 0; i < n_rows; ++i) {
+      const int32_t t = first_token[g] + i;
+      const int32_t page = table.pages[int64_t(g) * table.stride + t / kv.page_size], slot = t % kv.page_size;
+      const int64_t src = (int64_t(i) * n_kv_heads + g) * kv.head_dim;
+      convert_from_float(k + src, kv.head_dim, key_row(kv, page, slot), kv.dtype);
+      convert_from_float(v + src, kv.head_dim, value_row(kv, page, slot), kv.dtype);
+    }
+  }
+}
+
+void kv_move_rows(const KvPages& kv, const int32_t* src_page, const int32_t* src_slot, const int32_t* dst_page,
+                  const int32_t* dst_slot, int32_t n_moves) {
+  // Gather every source first (moves may chain), then scatter: scratch (n_moves, 2, row_bytes).
+  const size_t row_bytes = size_t(kv.head_dim) * size_t(dtype_bytes(kv.dtype));
+  std::vector<char> scratch(size_t(n_moves) * 2 * row_bytes);
+  for (int32_t j = 0; j < n_moves; ++j) {
+    std::memcpy(&scratch[2 * j * row_bytes], key_row(kv, src_page[j], src_slot[j]), row_bytes);
+    std::memcpy(&scratch[(2 * j + 1) * row_bytes], value_row(kv, src_page[j], src_slot[j]), row_bytes);
+  }
+  for (int32_t j = 0; j < n_moves; ++j) {
+    std::memcpy(key_row(kv, dst_page[j], dst_slot[j]), &scratch[2 * j * row_bytes], row_bytes);
+    std::memcpy(value_row(kv, dst_page[j], dst_slot[j]), &scratch[(2 * j + 1) * row_bytes], row_bytes);
+  }
+}
+
+void kv_rope_shift(const KvPages& kv, const int32_t* page, const int32_t* slot, const int32_t* delta, int32_t n,
+                   int32_t rope_dim, float theta, bool neox) {
+  std::vector<float> row(size_t(kv.head_dim));
+  for (int32_t j = 0; j < n; ++j) {
+    char* stored = key_row(kv, page[j], slot[j]);
+    convert_to_float(stored, kv.dtype, kv.head_dim, row.data());
+    rope_shift(row.data(), 1, kv.head_dim, kv.head_dim, rope_dim, delta[j], theta, neox);
+    convert_from_float(row.data(), kv.head_dim, stored, kv.dtype);
+  }
+}
+
+void kv_copy_pages(const KvPages& kv, const int32_t* src, const int32_t* dst, int32_t n) {
+  const size_t page_bytes = size_t(kv.page_elems()) * size_t(dtype_bytes(kv.dtype));
+  for (int32_t j = 0; j < n; ++j) std::memcpy(key_row(kv, dst[j], 0), key_row(kv, src[j], 0), page_bytes);
+}
+
+float kv_load(const KvPages& kv, int32_t page, int32_t slot, bool value, int32_t index) {
+  return load(value ? value_row(kv, page, slot) : key_row(kv, page, slot), kv.dtype, index);
+}
+
+int32_t sample_top_p(const float* logits, int64_t n, float temperature, float top_p, float uniform) {
+  // Descending logits, lower id first on ties (stable sort of ascending ids).
+  std::vector<int32_t> order(static_cast<size_t>(n));
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
+  if (!(temperature > 0.0f)) return order[0];
+  std::vector<double> cumulative(static_cast<size_t>(n));
+  double sum = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    sum += std::exp((double(logits[order[size_t(i)]]) - double(logits[order[0]])) / double(temperature));
+    cumulative[size_t(i)] = sum;
+  }
+  // Kept: tokens 0..last, the first prefix whose mass reaches top_p.
+  const auto first_reaching = [&](int64_t end, auto pred) {
+    return std::min<int64_t>(std::find_if(cumulative.begin(), cumulative.begin() + end + 1, pred) - cumulative.begin(),
+                             end);
+  };
+  const double need = double(top_p) * sum;
+  const int64_t last = first_reaching(n - 1, [&](double c) { return c >= need; });
+  const double target = double(uniform) * cumulative[size_t(last)];
+  return order[size_t(first_reaching(last, [&](double c) { return c > target; }))];
+}
+
+void fill_random_normal(void* out, DType dtype, int64_t n, uint64_t seed, float stddev) {
+  for (int64_t i = 0; i < n; ++i) store(out, dtype, i, stddev * random_normal_value(seed, i));
+}
+
+}  // namespace inferlab::kernels::cpu

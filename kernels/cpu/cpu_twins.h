@@ -1,0 +1,52 @@
+// CPU twins of the CUDA kernels that have no counterpart in cpu_ops.h (those
+// of rmsnorm, rope, silu_mul, add_inplace and argmax are the twins already).
+// Same descriptors and layouts as the kernels, over host memory: KvPages'
+// chunk_base holds host pointers. The GPU tests compare each kernel with these.
+#pragma once
+
+#include <cstdint>
+
+#include "counter_rng.h"
+#include "kernel_types.h"
+
+namespace inferlab::kernels::cpu {
+
+// out(n) of dtype = x(n), round to nearest even; and back.
+void convert_from_float(const float* x, int64_t n, void* out, DType dtype);
+void convert_to_float(const void* x, DType dtype, int64_t n, float* out);
+
+// out(n, n_embd) float = table[ids[i], :]; table (n_vocab, n_embd) of dtype
+// (f16/bf16 as their uint16 bits).
+void embedding_lookup(const void* table, DType dtype, int64_t n_embd, const int32_t* ids, int64_t n, float* out);
+
+// norms(n_heads)[h] = sum over rows of ||attn[r, h*head_dim : (h+1)*head_dim]||_2,
+// attn (n_rows, n_heads * head_dim).
+void head_output_norms(const float* attn, int32_t n_rows, int32_t n_heads, int32_t head_dim, float* norms);
+
+// out(n_rows, row_len) = w[rows[i], :], both of dtype.
+void gather_rows(const void* w, DType dtype, int64_t row_len, const int32_t* rows, int64_t n_rows, void* out);
+
+// KV cache twins: see kernels/cuda/kv_cache_ops.cuh for the contracts.
+void kv_append(const KvPages& kv, LayerPageTable table, const int32_t* first_token, const float* k, const float* v,
+               int32_t n_rows, int32_t n_kv_heads);
+void kv_move_rows(const KvPages& kv, const int32_t* src_page, const int32_t* src_slot, const int32_t* dst_page,
+                  const int32_t* dst_slot, int32_t n_moves);
+void kv_rope_shift(const KvPages& kv, const int32_t* page, const int32_t* slot, const int32_t* delta, int32_t n,
+                   int32_t rope_dim, float theta, bool neox);
+void kv_copy_pages(const KvPages& kv, const int32_t* src, const int32_t* dst, int32_t n);
+
+// Element `index` of a K (value = false) or V row at (page, slot), widened to float.
+float kv_load(const KvPages& kv, int32_t page, int32_t slot, bool value, int32_t index);
+
+// A token drawn from softmax(logits(n) / temperature) restricted to the
+// smallest most-probable set of mass >= top_p (cuda::sample_top_p's contract),
+// in double precision.
+int32_t sample_top_p(const float* logits, int64_t n, float temperature, float top_p, float uniform);
+
+// The standard normal of (seed, i), bit-identical to the device's.
+using kernels::random_normal_value;
+
+// out(n) of dtype = stddev * random_normal_value(seed, i), rounded to dtype.
+void fill_random_normal(void* out, DType dtype, int64_t n, uint64_t seed, float stddev);
+
+}  // namespace inferlab::kernels::cpu

@@ -1,0 +1,43 @@
+// Writes and moves of the paged KV cache (layout: KvPages in kernel_types.h).
+// The engine owns the pages and the tables; these kernels only follow them.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kernel_types.h"
+
+namespace inferlab::kernels::cuda {
+
+// Appends n_rows new tokens to each of n_kv_heads heads: k, v (n_rows,
+// n_kv_heads * head_dim) float. Row i of kv head g becomes stored token
+// t = first_token[g] + i, written in kv.dtype at page
+// table.pages[g * table.stride + t / page_size], slot t % page_size.
+// first_token: (n_kv_heads) device array.
+cudaError_t kv_append(const KvPages& kv, LayerPageTable table, const int32_t* first_token, const float* k,
+                      const float* v, int32_t n_rows, int32_t n_kv_heads, cudaStream_t stream);
+
+// Bytes of the scratch kv_move_rows needs: (n_moves, 2, head_dim) elements of kv.dtype.
+size_t kv_move_scratch_bytes(const KvPages& kv, int32_t n_moves);
+
+// Moves the K and V rows at (src_page[j], src_slot[j]) to (dst_page[j],
+// dst_slot[j]), j < n_moves. Every source is read before any destination is
+// written (a gather kernel into scratch, then a scatter kernel), so moves may
+// chain: compaction moves rows down in place. Destinations must be distinct.
+cudaError_t kv_move_rows(const KvPages& kv, const int32_t* src_page, const int32_t* src_slot,
+                         const int32_t* dst_page, const int32_t* dst_slot, int32_t n_moves, void* scratch,
+                         cudaStream_t stream);
+
+// Rotates the K row at (page[j], slot[j]) by delta[j] RoPE positions
+// (cpu::rope_shift's math), in the storage dtype, for j < n.
+cudaError_t kv_rope_shift(const KvPages& kv, const int32_t* page, const int32_t* slot, const int32_t* delta,
+                          int32_t n, int32_t rope_dim, float theta, bool neox, cudaStream_t stream);
+
+// Copies whole pages src[j] -> dst[j], j < n. No page may be both a source and
+// a destination of one call. Chunk bases must be 16-byte aligned (cudaMalloc's are).
+cudaError_t kv_copy_pages(const KvPages& kv, const int32_t* src, const int32_t* dst, int32_t n,
+                          cudaStream_t stream);
+
+}  // namespace inferlab::kernels::cuda

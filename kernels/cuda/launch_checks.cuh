@@ -1,0 +1,56 @@
+// Argument checks and grid sizes shared by the small kernels' launchers.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "kernel_types.h"
+
+namespace inferlab::kernels::cuda {
+
+inline bool valid_dtype(DType t) { return t == DType::F32 || t == DType::F16 || t == DType::BF16; }
+
+// Blocks of a grid-stride loop over n elements: enough to fill an H100
+// (132 SMs x 16 blocks of 256 threads) without a block per element.
+inline unsigned grid_stride_blocks(int64_t n, int threads) {
+  return unsigned(std::clamp<int64_t>((n + threads - 1) / threads, 1, 132 * 16));
+}
+
+// Loop of element i over [0, n) for a grid of grid_stride_blocks.
+#define INFERLAB_GRID_STRIDE(i, n) \
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); i += int64_t(gridDim.x) * blockDim.x)
+
+// Largest grid dimension x accepted (blocks indexed by a row up to 2^31 - 1).
+constexpr int64_t kMaxGridX = 2147483647;
+
+}  // namespace inferlab::kernels::cuda
+
+namespace inferlab::kernels::cuda {
+
+// Widest copy unit (16, 4 or 2 bytes) that divides `bytes` and aligns every
+// pointer: raw row and page copies move uint4 when they can.
+inline int copy_unit_bytes(int64_t bytes, const void* a, const void* b) {
+  const auto aligned = [&](int64_t unit) {
+    return bytes % unit == 0 && reinterpret_cast<uintptr_t>(a) % unit == 0 && reinterpret_cast<uintptr_t>(b) % unit == 0;
+  };
+  return aligned(16) ? 16 : aligned(4) ? 4 : 2;
+}
+
+// Runs `body` with U = the unsigned type of a copy unit.
+#define INFERLAB_DISPATCH_COPY_UNIT(unit_bytes, U, ...) \
+  switch (unit_bytes) {                                 \
+    case 16: {                                          \
+      using U = uint4;                                  \
+      __VA_ARGS__;                                      \
+    } break;                                            \
+    case 4: {                                           \
+      using U = uint32_t;                               \
+      __VA_ARGS__;                                      \
+    } break;                                            \
+    default: {                                          \
+      using U = uint16_t;                               \
+      __VA_ARGS__;                                      \
+    } break;                                            \
+  }
+
+}  // namespace inferlab::kernels::cuda
