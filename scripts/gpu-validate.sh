@@ -18,8 +18,8 @@ case ${1:-tests} in
     "$dev/bin/inferlab_gpu_tests" --gtest_output="xml:$out/gpu_tests.xml" 2>&1 | tee "$out/gpu_tests.log" | tail -40
     ;;
   bench)
-    "$dev/bin/bench_cuda_attention" 2>&1 | tee "$out/bench_cuda_attention.md"
-    python3 "$root/scripts/bench_torch_sdpa.py" 2>&1 | tee "$out/bench_torch_sdpa.md" || true
+    "$dev/bin/bench_cuda_attention" --mode all 2>&1 | tee "$out/bench_cuda_attention.md"
+    python3 "$root/scripts/bench_torch_sdpa.py" --mode all 2>&1 | tee "$out/bench_torch_sdpa.md" || true
     "$dev/bin/bench_cuda_decode" --preset llama2-7b-128k --contexts 1024,4096,16384,32768 2>&1 |
       tee "$out/bench_cuda_decode.md"
     ;;
