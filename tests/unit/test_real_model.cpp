@@ -51,7 +51,9 @@ TEST(EngineRealModel, Top1MatchesLlamaCpp) {
     ASSERT_EQ(ours.size(), top1.size());
     for (size_t i = 0; i < ours.size(); ++i) {
       // Both compute in f32; a tie closer than rounding noise may flip.
-      if (margin[i] > 1e-3) EXPECT_EQ(ours[i], top1[i]) << c.at("name") << " position " << i;
+      if (margin[i] > 1e-3) {
+        EXPECT_EQ(ours[i], top1[i]) << c.at("name") << " position " << i;
+      }
     }
   }
 }

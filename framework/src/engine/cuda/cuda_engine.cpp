@@ -283,11 +283,14 @@ Status CudaEngine::ensure_workspace(int64_t n) {
       host_logits_.reserve(size_t(kLogitsChunkRows) * size_t(c.n_vocab) * 4) && host_small_.reserve(rows * 8);
   if (!ok) return Error{fmt::format("cuda engine: out of GPU memory for a call of {} tokens", n)};
   workspace_rows_ = n;
-  if (graph_ != nullptr) {  // it holds the old addresses
-    cudaGraphExecDestroy(graph_);
-    graph_ = nullptr;
-  }
+  drop_graph();  // it holds the old addresses
   return ok_status();
+}
+
+void CudaEngine::drop_graph() {
+  if (graph_ != nullptr) cudaGraphExecDestroy(graph_);
+  graph_ = nullptr;
+  graph_max_keys_ = 0;
 }
 
 std::string CudaEngine::device_description() const {
@@ -511,6 +514,7 @@ Status CudaEngine::attention(KvSequence& seq, const StepInfo& step, int32_t l, c
     call.mass_stride = max_context_;
   }
   const size_t ws = kc::attention_workspace_bytes(call, max_keys);
+  if (ws > attention_ws_.bytes()) drop_graph();  // it holds the workspace's old address
   if (!attention_ws_.reserve(ws)) return Error{"cuda engine: out of GPU memory for the attention workspace"};
   CUDA_TRY(kc::attention(call, max_keys, attention_ws_.as(), attention_ws_.bytes(), stream_), "attention");
   return feedback_and_evict(seq, step, l);
@@ -795,10 +799,8 @@ Status CudaEngine::decode_graph_step(KvSequence& seq, const StepInfo& step, int3
   while (bound < max_keys) bound *= 2;
   bound = std::min(bound, std::max(max_context_, max_keys));
   if (graph_ == nullptr || bound != graph_max_keys_) {
-    if (graph_ != nullptr) cudaGraphExecDestroy(graph_);
-    graph_ = nullptr;
-    kernels::AttentionCall probe = base_call(0, 1);
-    if (!attention_ws_.reserve(kc::attention_workspace_bytes(probe, bound)))
+    drop_graph();
+    if (!attention_ws_.reserve(kc::attention_workspace_bytes(base_call(0, 1), bound)))
       return Error{"cuda engine: out of GPU memory for the attention workspace"};
     cudaGraph_t graph = nullptr;
     CUDA_TRY(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "graph capture");

@@ -78,6 +78,7 @@ class CudaEngine final : public Engine {
   Status logits(int64_t n, int64_t logits_from, const LogitsSink& sink);
   Status decode_graph_step(KvSequence& seq, const StepInfo& step, int32_t token, const LogitsSink& sink);
   bool graph_eligible(const StepInfo& step) const;
+  void drop_graph();
   Status gemm(const void* x, const void* w, float* y, int64_t m, int64_t n, int64_t k);
   kernels::AttentionCall base_call(int32_t layer, int64_t n) const;
   const void* w_down_transposed(int32_t layer);
