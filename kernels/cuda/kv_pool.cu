@@ -23,7 +23,8 @@ cudaError_t kv_copy_pages_between(const KvPages& src, const KvPages& dst, const 
                                   const int32_t* dst_pages, int32_t n, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
   const int64_t page_bytes = src.page_elems() * dtype_bytes(src.dtype);
-  if (page_bytes % 16 != 0 || src.page_elems() != dst.page_elems() || src.dtype != dst.dtype)
+  // 32: the descriptor below holds half a page's words in head_dim.
+  if (page_bytes % 32 != 0 || src.page_elems() != dst.page_elems() || src.dtype != dst.dtype)
     return cudaErrorInvalidValue;
   // page_base<int4> scales the in-chunk offset by page_elems() int4 words: give
   // it a descriptor whose page_elems() is the page size in 16-byte words.

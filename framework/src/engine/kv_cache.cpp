@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <new>
+#include <stdexcept>
 #include <cstring>
 
 #include <fmt/format.h>
@@ -62,7 +63,13 @@ int32_t KvPagePool::allocate() {
     if (chunk == nullptr)
       throw std::bad_alloc();  // out of (device) memory: nothing sensible can continue this step
     chunks_.push_back(chunk);
-    storage_->chunks_changed(chunks_);
+    try {
+      storage_->chunks_changed(chunks_);
+    } catch (...) {  // keep chunks_ and page_used_ in step, or later page ids overrun page_used_
+      chunks_.pop_back();
+      storage_->free_chunk(chunk);
+      throw;
+    }
     page_used_.resize(page_used_.size() + size_t(pages_per_chunk_), 0);
     // Push in reverse so the lowest id is handed out first.
     for (int32_t p = first + pages_per_chunk_ - 1; p >= first; --p) free_pages_.push_back(p);
@@ -133,6 +140,12 @@ int32_t KvSequence::reserve(int32_t layer, int32_t kv_head, int32_t n, const int
 
 std::unique_ptr<KvSequence> KvSequence::clone(std::shared_ptr<KvPagePool> pool) const {
   if (!pool) pool = pool_;
+  const KvCacheShape &a = pool_->shape(), &b = pool->shape();
+  // The source storage copies the pages: both pools must lay them out alike.
+  if (a.n_layers != b.n_layers || a.n_kv_heads != b.n_kv_heads || a.head_dim != b.head_dim ||
+      a.page_size != b.page_size || pool->page_bytes() != pool_->page_bytes() ||
+      pool->storage().host_accessible() != pool_->storage().host_accessible())
+    throw std::invalid_argument("KvSequence::clone: the target pool has another shape or storage kind");
   auto copy = std::make_unique<KvSequence>(pool);
   std::vector<int32_t> src_pages, dst_pages;
   for (size_t i = 0; i < tables_.size(); ++i) {

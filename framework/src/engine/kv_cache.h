@@ -133,7 +133,8 @@ class KvSequence {
   // index of the first.
   int32_t reserve(int32_t layer, int32_t kv_head, int32_t n, const int32_t* positions, const int32_t* rotary);
   // A deep copy with its own pages from `pool` (default: this sequence's pool,
-  // which must have the same shape): a saved prefill to start from.
+  // which must have the same shape and storage kind, else std::invalid_argument):
+  // a saved prefill to start from.
   std::unique_ptr<KvSequence> clone(std::shared_ptr<KvPagePool> pool = nullptr) const;
   float* k_row_mutable(int32_t layer, int32_t kv_head, int32_t i) {
     return const_cast<float*>(k_row(layer, kv_head, i));

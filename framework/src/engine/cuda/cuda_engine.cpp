@@ -66,6 +66,8 @@ class DeviceKvView final : public KvView {
   const float* value(int32_t layer, int32_t kv_head, int32_t token) const override {
     return rows(layer, kv_head).v.data() + int64_t(token) * seq_.pool().shape().head_dim;
   }
+  // The rows of (layer, kv head) changed (eviction): the next read downloads them again.
+  void forget(int32_t layer, int32_t kv_head) const { cache_.erase({layer, kv_head}); }
 
  private:
   struct Rows {
@@ -127,7 +129,7 @@ CudaEngine::~CudaEngine() {
   pool_.reset();  // its pages before the stream they are copied on
   if (graph_ != nullptr) cudaGraphExecDestroy(graph_);
   if (cublas_ != nullptr) cublasDestroy(cublas_);
-  if (stream_ != nullptr) cudaStreamDestroy(stream_);
+  // stream_owner_ destroys the stream once no pool's storage holds it either.
 }
 
 Result<std::unique_ptr<CudaEngine>> CudaEngine::create(std::shared_ptr<const Model> model, EngineOptions options) {
@@ -158,6 +160,7 @@ Status CudaEngine::init_device() {
     return Error{fmt::format("cuda engine: device {} does not exist ({} visible)", options_.device, devices)};
   CUDA_TRY(cudaSetDevice(options_.device), "select device");
   CUDA_TRY(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "create stream");
+  stream_owner_.reset(stream_, [](cudaStream_t stream) { cudaStreamDestroy(stream); });
   if (cublasCreate(&cublas_) != CUBLAS_STATUS_SUCCESS) return Error{"cuda engine: cuBLAS initialisation failed"};
   cublasSetStream(cublas_, stream_);
   // A fixed cuBLAS workspace: GEMMs then allocate nothing, so they can be captured in a graph.
@@ -165,8 +168,12 @@ Status CudaEngine::init_device() {
   cublasSetWorkspace(cublas_, cublas_workspace_.as(), kCublasWorkspaceBytes);
   device_name_ = kc::device_description(options_.device);
 
-  pool_ = std::make_shared<KvPagePool>(KvCacheShape{c.n_layers, c.n_kv_heads, c.head_dim, options_.page_size}, 256,
-                                       make_cuda_page_storage(dtype_, stream_));
+  try {  // the storage allocates its chunk table; create() returns errors, never throws
+    pool_ = std::make_shared<KvPagePool>(KvCacheShape{c.n_layers, c.n_kv_heads, c.head_dim, options_.page_size},
+                                         256, make_cuda_page_storage(dtype_, stream_owner_));
+  } catch (const std::bad_alloc&) {
+    return Error{"cuda engine: out of GPU memory for the KV pool"};
+  }
   max_pages_ = (max_context_ + options_.page_size - 1) / options_.page_size;
   const size_t tables = size_t(c.n_layers) * size_t(c.n_kv_heads);
   table_sync_.assign(tables, TableSync{});
@@ -203,7 +210,10 @@ Status CudaEngine::upload_weights() {
   auto vector = [&](const std::vector<float>& host, const float*& out) -> Status {
     void* dst = weight_alloc(int64_t(host.size()), DType::F32);
     if (dst == nullptr) return Error{"cuda engine: out of GPU memory for weights"};
-    CUDA_TRY(cudaMemcpy(dst, host.data(), host.size() * 4, cudaMemcpyHostToDevice), "upload");
+    // On our non-blocking stream: a legacy-stream cudaMemcpy from pageable memory may
+    // return before the data lands, and our stream would not wait for it.
+    CUDA_TRY(cudaMemcpyAsync(dst, host.data(), host.size() * 4, cudaMemcpyHostToDevice, stream_), "upload");
+    CUDA_TRY(cudaStreamSynchronize(stream_), "upload");
     out = static_cast<const float*>(dst);
     return ok_status();
   };
@@ -271,6 +281,10 @@ Status CudaEngine::ensure_workspace(int64_t n) {
   if (n <= workspace_rows_) return ok_status();
   const ModelConfig& c = config();
   const size_t el = size_t(kernels::dtype_bytes(dtype_)), rows = size_t(n);
+  // Before any reserve: a buffer that moves, or fails and is left empty, must
+  // neither stay in a graph nor pass for a valid workspace on the next call.
+  drop_graph();
+  workspace_rows_ = 0;
   const bool ok =
       x_.reserve(rows * size_t(c.n_embd) * 4) && xn_.reserve(rows * size_t(c.n_embd) * el) &&
       q_.reserve(rows * size_t(c.q_dim()) * 4) && k_.reserve(rows * size_t(c.kv_dim()) * 4) &&
@@ -283,7 +297,6 @@ Status CudaEngine::ensure_workspace(int64_t n) {
       host_logits_.reserve(size_t(kLogitsChunkRows) * size_t(c.n_vocab) * 4) && host_small_.reserve(rows * 8);
   if (!ok) return Error{fmt::format("cuda engine: out of GPU memory for a call of {} tokens", n)};
   workspace_rows_ = n;
-  drop_graph();  // it holds the old addresses
   return ok_status();
 }
 
@@ -316,6 +329,9 @@ Status CudaEngine::forward(KvSequence& seq, std::span<const int32_t> tokens, int
   if (n == 0) return ok_status();
   if (auto s = check_call(seq, tokens); !s) return s;
   try {
+    // A failed call may have returned with uploads from the pinned staging
+    // buffers still queued; this call rewrites them.
+    CUDA_TRY(cudaStreamSynchronize(stream_), "forward");
     if (auto s = ensure_workspace(n); !s) return s;
     const StepInfo step{seq.forward_calls(), seq.n_past(), int32_t(n)};
     ++counters_.forward_calls;
@@ -507,7 +523,7 @@ Status CudaEngine::attention(KvSequence& seq, const StepInfo& step, int32_t l, c
   }
   if (auto s = select_keys(seq, step, l, call); !s) return s;  // sees the cache before this call's tokens
   if (auto s = append_kv(seq, l, n); !s) return s;
-  if (auto s = prefill_patterns(step, l, call); !s) return s;
+  if (auto s = prefill_patterns(seq, step, l, call); !s) return s;
   if ((hooks_ & kHookAttentionFeedback) != 0) {
     CUDA_TRY(cudaMemsetAsync(key_mass_.as(), 0, size_t(c.n_kv_heads) * size_t(max_context_) * 4, stream_), "stats");
     call.key_mass = key_mass_.as<float>();
@@ -529,7 +545,8 @@ Status CudaEngine::select_keys(KvSequence& seq, const StepInfo& step, int32_t l,
   const DeviceKvView view(seq, stream_);
   // Device layout (int32): indptr (n_kv_heads + 1), indices, then the modes as bytes.
   std::vector<int32_t> indptr{0}, indices;
-  std::vector<uint8_t> modes(size_t(c.n_kv_heads), uint8_t(kernels::KeySelect::All));
+  std::vector<uint8_t>& modes = select_modes_;
+  modes.assign(size_t(c.n_kv_heads), uint8_t(kernels::KeySelect::All));
   bool any = false;
   for (int32_t g = 0; g < c.n_kv_heads; ++g) {
     const int32_t cached = seq.table(l, g).n_tokens();
@@ -576,7 +593,8 @@ Status CudaEngine::select_keys(KvSequence& seq, const StepInfo& step, int32_t l,
   return ok_status();
 }
 
-Status CudaEngine::prefill_patterns(const StepInfo& step, int32_t l, kernels::AttentionCall& call) {
+Status CudaEngine::prefill_patterns(const KvSequence& seq, const StepInfo& step, int32_t l,
+                                    kernels::AttentionCall& call) {
   const ModelConfig& c = config();
   if ((hooks_ & kHookPrefillPattern) == 0 || step.decode()) return ok_status();
   std::vector<std::optional<BlockPattern>> patterns(size_t(c.n_heads));
@@ -589,8 +607,8 @@ Status CudaEngine::prefill_patterns(const StepInfo& step, int32_t l, kernels::At
     if (block_size != 0 && pattern.block_size != block_size)
       return Error{fmt::format("{}: block_size {} differs from another head's {} (the CUDA backend needs one per layer)",
                                where, pattern.block_size, block_size)};
-    if (call.select != nullptr)
-      return Error{fmt::format("{}: a decode selection was also given in this call", where)};
+    if (select_modes_[size_t(h / c.group_size())] != uint8_t(kernels::KeySelect::All))
+      return Error{fmt::format("{}: a decode selection was also given for its kv head", where)};
     for (const auto& [qb, kb] : pattern.blocks)
       if (kb < 0 || kb > qb)
         return Error{fmt::format("{}: block pair ({}, {}) must have 0 <= key block <= query block", where, qb, kb)};
@@ -601,8 +619,11 @@ Status CudaEngine::prefill_patterns(const StepInfo& step, int32_t l, kernels::At
     ++counters_.sparse_prefill_heads;
   }
   if (block_size == 0) return ok_status();
-  // Query blocks cover stored tokens 0 .. n_past + n - 1 (no head stores more).
-  const int32_t n_qb = (step.first_position + step.n_tokens + block_size - 1) / block_size;
+  // Query blocks cover every head's stored tokens (this call's are appended):
+  // the kernel gives rows past n_query_blocks no keys at all.
+  int32_t stored = 0;
+  for (int32_t g = 0; g < c.n_kv_heads; ++g) stored = std::max(stored, seq.table(l, g).n_tokens());
+  const int32_t n_qb = (stored + block_size - 1) / block_size;
   std::vector<int32_t> indptr, keys;
   std::vector<uint8_t> flags(size_t(c.n_heads), 0);
   for (int32_t h = 0; h < c.n_heads; ++h) {
@@ -660,6 +681,7 @@ Status CudaEngine::feedback_and_evict(KvSequence& seq, const StepInfo& step, int
     counters_.tokens_evicted += *dropped;
     if (cache_positions_)
       if (auto s = rerotate_keys(seq, l, g); !s) return s;
+    view.forget(l, g);  // the method may read this head again while evicting the next
     drop = {};
   }
   return ok_status();
@@ -736,8 +758,10 @@ const void* CudaEngine::w_down_transposed(int32_t l) {
   DeviceMemory& t = w_down_t_[size_t(l)];
   if (t.bytes() == 0) {
     if (!t.reserve(size_t(c.n_ff) * size_t(c.n_embd) * size_t(kernels::dtype_bytes(dtype_)))) return nullptr;
-    if (kc::transpose(layers_[size_t(l)].w_down, dtype_, c.n_embd, c.n_ff, t.as(), stream_) != cudaSuccess)
+    if (kc::transpose(layers_[size_t(l)].w_down, dtype_, c.n_embd, c.n_ff, t.as(), stream_) != cudaSuccess) {
+      t = DeviceMemory{};  // not transposed: the next call must not take it for done
       return nullptr;
+    }
   }
   return t.as();
 }

@@ -72,7 +72,7 @@ class CudaEngine final : public Engine {
   Status append_kv(KvSequence& seq, int32_t layer, int64_t n);
   Status sync_table(const KvSequence& seq, int32_t layer, int32_t kv_head);
   Status select_keys(KvSequence& seq, const StepInfo& step, int32_t layer, kernels::AttentionCall& call);
-  Status prefill_patterns(const StepInfo& step, int32_t layer, kernels::AttentionCall& call);
+  Status prefill_patterns(const KvSequence& seq, const StepInfo& step, int32_t layer, kernels::AttentionCall& call);
   Status feedback_and_evict(KvSequence& seq, const StepInfo& step, int32_t layer);
   Status rerotate_keys(KvSequence& seq, int32_t layer, int32_t kv_head);
   Status logits(int64_t n, int64_t logits_from, const LogitsSink& sink);
@@ -85,6 +85,7 @@ class CudaEngine final : public Engine {
   std::vector<float> download(const float* device, int64_t count);
 
   kernels::DType dtype_ = kernels::DType::F16;
+  std::shared_ptr<CUstream_st> stream_owner_;  // shared with the pools' storage, which may outlive us
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   std::string device_name_;
@@ -127,6 +128,7 @@ class CudaEngine final : public Engine {
   DeviceMemory key_mass_;     // (n_kv_heads, max_context) float
   DeviceMemory head_norms_;   // (n_heads) float
   DeviceMemory select_;       // selection: (n_kv_heads) mode, (n_kv_heads + 1) indptr, indices
+  std::vector<uint8_t> select_modes_;  // (n_kv_heads) KeySelect of the layer being computed
   DeviceMemory blocks_;       // block-sparse: flags, indptr, key blocks
   DeviceMemory attention_ws_;
   std::vector<int32_t> host_positions_;  // (n_kv_heads, n) RoPE positions of this call

@@ -1,6 +1,7 @@
 #include "engine/cuda/cuda_kv_storage.h"
 
 #include <stdexcept>
+#include <utility>
 #include <vector>
 
 #include "cuda/kv_cache_ops.cuh"
@@ -21,7 +22,8 @@ void check(cudaError_t err, const char* what) {
 
 class CudaPageStorage final : public KvPageStorage {
  public:
-  CudaPageStorage(kernels::DType dtype, cudaStream_t stream) : dtype_(dtype), stream_(stream) {
+  CudaPageStorage(kernels::DType dtype, std::shared_ptr<CUstream_st> stream)
+      : dtype_(dtype), stream_owner_(std::move(stream)), stream_(stream_owner_.get()) {
     if (!chunk_table_.reserve(kMaxChunks * sizeof(void*)) || !host_table_.reserve(kMaxChunks * sizeof(void*)))
       throw std::bad_alloc();
   }
@@ -76,6 +78,9 @@ class CudaPageStorage final : public KvPageStorage {
                   const std::vector<int32_t>& dst_pages) override {
     const int32_t n = int32_t(src_pages.size());
     if (n == 0) return;
+    const kernels::KvPages from = cuda_kv_pages(src), to = cuda_kv_pages(dst);
+    // A host pool has no chunk table: the kernel would dereference null.
+    if (to.chunk_base == nullptr) throw std::invalid_argument("KV copy: the destination pool is not on the GPU");
     staged_.assign(src_pages.begin(), src_pages.end());
     staged_.insert(staged_.end(), dst_pages.begin(), dst_pages.end());
     if (!indices_.reserve(staged_.size() * sizeof(int32_t))) throw std::bad_alloc();
@@ -83,12 +88,12 @@ class CudaPageStorage final : public KvPageStorage {
     check(cudaMemcpyAsync(indices_.as(), staged_.data(), staged_.size() * sizeof(int32_t), cudaMemcpyHostToDevice,
                           stream_),
           "KV copy");
-    check(kernels::cuda::kv_copy_pages_between(cuda_kv_pages(src), cuda_kv_pages(dst), d, d + n, n, stream_),
+    check(kernels::cuda::kv_copy_pages_between(from, to, d, d + n, n, stream_),
           "KV copy");
     check(cudaStreamSynchronize(stream_), "KV copy");
   }
   std::unique_ptr<KvPageStorage> sibling() const override {
-    return std::make_unique<CudaPageStorage>(dtype_, stream_);
+    return std::make_unique<CudaPageStorage>(dtype_, stream_owner_);
   }
 
   kernels::DType dtype() const { return dtype_; }
@@ -96,6 +101,7 @@ class CudaPageStorage final : public KvPageStorage {
 
  private:
   kernels::DType dtype_;
+  std::shared_ptr<CUstream_st> stream_owner_;
   cudaStream_t stream_;
   DeviceMemory chunk_table_;  // (kMaxChunks) device copy of the pool's chunk bases
   PinnedMemory host_table_;
@@ -103,8 +109,8 @@ class CudaPageStorage final : public KvPageStorage {
   std::vector<int32_t> staged_;
 };
 
-std::unique_ptr<KvPageStorage> make_cuda_page_storage(kernels::DType dtype, cudaStream_t stream) {
-  return std::make_unique<CudaPageStorage>(dtype, stream);
+std::unique_ptr<KvPageStorage> make_cuda_page_storage(kernels::DType dtype, std::shared_ptr<CUstream_st> stream) {
+  return std::make_unique<CudaPageStorage>(dtype, std::move(stream));
 }
 
 kernels::KvPages cuda_kv_pages(const KvPagePool& pool) {

@@ -12,8 +12,10 @@ namespace inferlab {
 
 class CudaPageStorage;
 
-// Device storage of element type `dtype`, using `stream` for its copies.
-std::unique_ptr<KvPageStorage> make_cuda_page_storage(kernels::DType dtype, cudaStream_t stream);
+// Device storage of element type `dtype`, using `stream` for its copies. The
+// storage (and its siblings) share the stream: a pool held by sequences or a
+// prefill cache may outlive the engine that created the stream.
+std::unique_ptr<KvPageStorage> make_cuda_page_storage(kernels::DType dtype, std::shared_ptr<CUstream_st> stream);
 
 // The kernels' descriptor of a pool with CUDA storage (chunk table in device memory).
 kernels::KvPages cuda_kv_pages(const KvPagePool& pool);
