@@ -8,6 +8,7 @@
 #include <map>
 #include <optional>
 #include <stdexcept>
+#include <tuple>
 
 #include "cpu/half_convert.h"
 #include "cuda/activation.cuh"
@@ -48,10 +49,11 @@ Error cuda_error(cudaError_t err, const std::string& what) {
 DType kernel_dtype(GpuDType t) { return t == GpuDType::BF16 ? DType::BF16 : DType::F16; }
 
 // The plugin SDK's read-only view of a sequence whose rows live on the GPU:
-// positions come from the host page tables; a (layer, kv head)'s rows are
-// downloaded (as float) the first time a method reads one. A method that reads
-// keys on every step pays that copy: such policies belong in an engine
-// mechanism on the GPU.
+// positions come from the host page tables; a page's rows are downloaded (as
+// float) the first time a method reads one of its tokens, so a method that
+// reads only new keys each step (Quest's page bounds) copies one page per
+// (layer, kv head). Policies that read many keys every step belong in an
+// engine mechanism on the GPU.
 class DeviceKvView final : public KvView {
  public:
   DeviceKvView(const KvSequence& seq, cudaStream_t stream) : seq_(seq), stream_(stream) {}
@@ -61,48 +63,43 @@ class DeviceKvView final : public KvView {
     return seq_.table(layer, kv_head).positions;
   }
   const float* key(int32_t layer, int32_t kv_head, int32_t token) const override {
-    return rows(layer, kv_head).k.data() + int64_t(token) * seq_.pool().shape().head_dim;
+    return row(layer, kv_head, token, false);
   }
   const float* value(int32_t layer, int32_t kv_head, int32_t token) const override {
-    return rows(layer, kv_head).v.data() + int64_t(token) * seq_.pool().shape().head_dim;
+    return row(layer, kv_head, token, true);
   }
   // The rows of (layer, kv head) changed (eviction): the next read downloads them again.
-  void forget(int32_t layer, int32_t kv_head) const { cache_.erase({layer, kv_head}); }
+  void forget(int32_t layer, int32_t kv_head) const {
+    std::erase_if(cache_, [&](const auto& entry) {
+      return std::get<0>(entry.first) == layer && std::get<1>(entry.first) == kv_head;
+    });
+  }
 
  private:
-  struct Rows {
-    std::vector<float> k, v;  // (n_tokens, head_dim)
-  };
-  const Rows& rows(int32_t layer, int32_t kv_head) const {
-    auto [it, fresh] = cache_.try_emplace({layer, kv_head});
-    if (fresh) load(seq_.table(layer, kv_head), it->second);
-    return it->second;
-  }
-  void load(const HeadPageTable& table, Rows& out) const {
+  using PageKey = std::tuple<int32_t, int32_t, int32_t>;  // layer, kv head, logical page
+  const float* row(int32_t layer, int32_t kv_head, int32_t token, bool value) const {
     const KvPagePool& pool = seq_.pool();
-    const int64_t hd = pool.shape().head_dim, ps = pool.shape().page_size, n = table.n_tokens();
-    const DType dtype = kc_dtype();
-    std::vector<uint16_t> page(size_t(2 * ps * hd));
-    out.k.assign(size_t(n * hd), 0.0f);
-    out.v.assign(size_t(n * hd), 0.0f);
-    cudaStreamSynchronize(stream_);
-    for (size_t p = 0; p < table.pages.size(); ++p) {
-      cudaMemcpy(page.data(), pool.page_data(table.pages[p]), size_t(pool.page_bytes()), cudaMemcpyDeviceToHost);
-      const int64_t rows = std::min<int64_t>(ps, n - int64_t(p) * ps);
-      for (int64_t i = 0; i < rows * hd; ++i) {
-        const int64_t at = int64_t(p) * ps * hd + i;
-        out.k[size_t(at)] = to_float(page[size_t(i)], dtype);
-        out.v[size_t(at)] = to_float(page[size_t(ps * hd + i)], dtype);
-      }
-    }
+    const int32_t ps = pool.shape().page_size, hd = pool.shape().head_dim;
+    auto [it, fresh] = cache_.try_emplace(PageKey{layer, kv_head, token / ps});
+    if (fresh) load(seq_.table(layer, kv_head).pages[size_t(token / ps)], it->second);
+    return it->second.data() + (int64_t(value) * ps + token % ps) * hd;
   }
-  DType kc_dtype() const { return cuda_kv_pages(seq_.pool()).dtype; }
-  static float to_float(uint16_t x, DType dtype) {
-    return dtype == DType::BF16 ? kernels::cpu::bf16_to_float(x) : kernels::cpu::f16_to_float(x);
+  // (2, page_size, head_dim) floats: K rows then V rows of one page.
+  void load(int32_t page, std::vector<float>& out) const {
+    const KvPagePool& pool = seq_.pool();
+    const DType dtype = cuda_kv_pages(pool).dtype;
+    const size_t elems = size_t(pool.page_bytes()) / 2;
+    std::vector<uint16_t> raw(elems);
+    cudaStreamSynchronize(stream_);  // the page may still be being written
+    cudaMemcpyAsync(raw.data(), pool.page_data(page), size_t(pool.page_bytes()), cudaMemcpyDeviceToHost, stream_);
+    cudaStreamSynchronize(stream_);
+    out.resize(elems);
+    for (size_t i = 0; i < elems; ++i)
+      out[i] = dtype == DType::BF16 ? kernels::cpu::bf16_to_float(raw[i]) : kernels::cpu::f16_to_float(raw[i]);
   }
   const KvSequence& seq_;
   cudaStream_t stream_;
-  mutable std::map<std::pair<int32_t, int32_t>, Rows> cache_;
+  mutable std::map<PageKey, std::vector<float>> cache_;
 };
 
 // Selection of one kv head as ascending stored-token ranges, validated like the CPU backend does.
