@@ -190,6 +190,37 @@ INSTANTIATE_TEST_SUITE_P(
         std::pair{std::string("neuron_subset"), params({{"neuron_stride", int64_t{3}}})}),
     [](const auto& info) { return info.param.first; });
 
+// The KV-cache method plugins on the CUDA backend decide as on the CPU: StreamingLLM
+// and Quest exactly (positions; key bounds), H2O by attention mass, where f16
+// rounding may flip a near-tie between two candidate heavy hitters.
+struct KvMethodCase {
+  std::string name, plugin;
+  ParamValues params;
+  double max_error, min_top1;
+};
+
+class CudaKvMethods : public ::testing::TestWithParam<KvMethodCase> {};
+
+TEST_P(CudaKvMethods, SameLogitsAsCpu) {
+  INFERLAB_REQUIRE_GPU();
+  const KvMethodCase& m = GetParam();
+  const auto c = compare_backends(small_model(), 120, 24, 16, GpuDType::F16, true, m.plugin, m.params);
+  EXPECT_LT(c.error, m.max_error) << m.name;
+  EXPECT_GE(c.top1, m.min_top1) << m.name;
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Plugins, CudaKvMethods,
+    ::testing::Values(
+        KvMethodCase{"streamingllm", "streamingllm", params({{"sink_tokens", int64_t{4}}, {"window", int64_t{40}}}),
+                     1e-2, 0.95},
+        KvMethodCase{"streamingllm_original_positions", "streamingllm",
+                     params({{"window", int64_t{40}}, {"positions", std::string("original")}}), 1e-2, 0.95},
+        KvMethodCase{"quest", "quest", params({{"token_budget", int64_t{48}}, {"dense_layers", int64_t{1}}}), 1e-2,
+                     0.95},
+        KvMethodCase{"h2o", "h2o", params({{"heavy", int64_t{24}}, {"recent", int64_t{24}}}), 5e-2, 0.85}),
+    [](const auto& info) { return info.param.name; });
+
 TEST(CudaEngine, EvictionFreesDevicePages) {
   INFERLAB_REQUIRE_GPU();
   auto model = small_model();
