@@ -6,6 +6,7 @@
 #include "engine/device.h"
 #include "engine/engine.h"
 #include "model/synthetic_model.h"
+#include "naive_reference.h"
 #include "test_support.h"
 
 namespace inferlab {
@@ -40,6 +41,22 @@ TEST(Backend, CudaEngineWithoutAGpuIsAnErrorNotACrash) {
   auto engine = Engine::create(model, options);
   ASSERT_FALSE(engine.ok());
   EXPECT_NE(engine.message().find("CUDA"), std::string::npos) << engine.message();
+}
+
+TEST(Backend, AttentionIsTimedOnlyWhenAsked) {
+  SyntheticModelSpec spec;
+  spec.name = "timed-tiny";
+  auto model = test::load_synthetic(spec);
+  for (bool timed : {false, true}) {
+    EngineOptions options;
+    options.time_attention = timed;
+    auto engine = Engine::create(model, options);
+    ASSERT_TRUE(engine.ok());
+    auto seq = (*engine)->new_sequence();
+    ASSERT_TRUE((*engine)->prefill(*seq, test::random_tokens(model->config().n_vocab, 64, 1)).ok());
+    EXPECT_EQ((*engine)->counters().attention_seconds > 0, timed);
+    EXPECT_EQ((*engine)->counters().as_map().count("attention_ms"), timed ? 1u : 0u);
+  }
 }
 
 TEST(SyntheticPresets, RealShapes) {

@@ -4,6 +4,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 
@@ -117,7 +118,10 @@ Status CpuEngine::run_layer(KvSequence& seq, const StepInfo& step, int32_t l) {
   cpu::matmul_xwt(k_.data(), xn_.data(), lw.wk.data(), n, c.kv_dim(), c.n_embd);
   cpu::matmul_xwt(v_.data(), xn_.data(), lw.wv.data(), n, c.kv_dim(), c.n_embd);
   apply_rope(seq, l, n, true);
+  const auto t0 = std::chrono::steady_clock::now();
   if (auto s = attention_layer(seq, step, l, active_mask); !s) return s;
+  if (options_.time_attention)
+    counters_.attention_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   cpu::matmul_xwt(proj_.data(), attn_.data(), lw.wo.data(), n, c.n_embd, c.q_dim());
   cpu::add_inplace(x_.data(), proj_.data(), n, c.n_embd);
 

@@ -65,7 +65,7 @@ ModelShape Engine::shape() const {
 }
 
 std::map<std::string, double> EngineCounters::as_map() const {
-  return {{"forward_calls", double(forward_calls)},
+  std::map<std::string, double> out = {{"forward_calls", double(forward_calls)},
           {"decode_steps", double(decode_steps)},
           {"tokens_evicted", double(tokens_evicted)},
           {"decode_keys_read", double(decode_keys_read)},
@@ -75,6 +75,8 @@ std::map<std::string, double> EngineCounters::as_map() const {
           {"heads_skipped", double(heads_skipped)},
           {"neurons_skipped", double(neurons_skipped)},
           {"sparse_prefill_heads", double(sparse_prefill_heads)}};
+  if (attention_seconds > 0) out["attention_ms"] = attention_seconds * 1e3;  // only when timed
+  return out;
 }
 
 Status Engine::check_call(const KvSequence& seq, std::span<const int32_t> tokens) {

@@ -34,6 +34,9 @@ struct EngineOptions {
   Backend backend = Backend::Cpu;
   GpuDType gpu_dtype = GpuDType::F16;
   bool cuda_graphs = true;    // decode steps replay a captured CUDA graph where the shapes allow it
+  // Time the attention kernels (counters().attention_seconds); on CUDA this
+  // records events around them and turns decode graphs off.
+  bool time_attention = false;
   int32_t device = 0;         // CUDA device index
 };
 
@@ -54,6 +57,7 @@ struct EngineCounters {
   int64_t heads_skipped = 0;         // (call, layer, head) not computed
   int64_t neurons_skipped = 0;       // (call, layer, FFN neuron) not computed
   int64_t sparse_prefill_heads = 0;  // (call, layer, head) computed block-sparse
+  double attention_seconds = 0;      // attention kernels' time, with EngineOptions::time_attention
   std::map<std::string, double> as_map() const;
 };
 

@@ -125,6 +125,7 @@ CudaEngine::~CudaEngine() {
   if (stream_ != nullptr) cudaStreamSynchronize(stream_);
   pool_.reset();  // its pages before the stream they are copied on
   if (graph_ != nullptr) cudaGraphExecDestroy(graph_);
+  for (cudaEvent_t e : events_) cudaEventDestroy(e);
   if (cublas_ != nullptr) cublasDestroy(cublas_);
   // stream_owner_ destroys the stream once no pool's storage holds it either.
 }
@@ -329,6 +330,7 @@ Status CudaEngine::forward(KvSequence& seq, std::span<const int32_t> tokens, int
     // A failed call may have returned with uploads from the pinned staging
     // buffers still queued; this call rewrites them.
     CUDA_TRY(cudaStreamSynchronize(stream_), "forward");
+    events_used_ = 0;  // pairs a failed call left unfinished are not counted
     if (auto s = ensure_workspace(n); !s) return s;
     const StepInfo step{seq.forward_calls(), seq.n_past(), int32_t(n)};
     ++counters_.forward_calls;
@@ -339,6 +341,7 @@ Status CudaEngine::forward(KvSequence& seq, std::span<const int32_t> tokens, int
     seq.count_forward_call();
     if (auto s = logits(n, std::max<int64_t>(logits_from, 0), sink); !s) return s;
     CUDA_TRY(cudaStreamSynchronize(stream_), "forward");
+    collect_attention_time();
     return ok_status();
   } catch (const std::bad_alloc&) {
     return Error{"cuda: out of GPU memory (KV cache pages)"};
@@ -529,7 +532,13 @@ Status CudaEngine::attention(KvSequence& seq, const StepInfo& step, int32_t l, c
   const size_t ws = kc::attention_workspace_bytes(call, max_keys);
   if (ws > attention_ws_.bytes()) drop_graph();  // it holds the workspace's old address
   if (!attention_ws_.reserve(ws)) return Error{"cuda engine: out of GPU memory for the attention workspace"};
+  cudaEvent_t* events = nullptr;
+  if (options_.time_attention) {
+    if (auto s = next_event_pair(events); !s) return s;
+    CUDA_TRY(cudaEventRecord(events[0], stream_), "attention timing");
+  }
   CUDA_TRY(kc::attention(call, max_keys, attention_ws_.as(), attention_ws_.bytes(), stream_), "attention");
+  if (events != nullptr) CUDA_TRY(cudaEventRecord(events[1], stream_), "attention timing");
   return feedback_and_evict(seq, step, l);
 }
 
@@ -786,7 +795,30 @@ Status CudaEngine::logits(int64_t n, int64_t from, const LogitsSink& sink) {
 
 bool CudaEngine::graph_eligible(const StepInfo& step) const {
   // Hooks that run on the host inside a step break the graph; load-time hooks don't.
-  return options_.cuda_graphs && step.decode() && (hooks_ & ~uint32_t(kHookLoad)) == 0 && !cache_positions_;
+  return options_.cuda_graphs && !options_.time_attention && step.decode() &&
+         (hooks_ & ~uint32_t(kHookLoad)) == 0 && !cache_positions_;
+}
+
+Status CudaEngine::next_event_pair(cudaEvent_t*& pair) {
+  if (events_used_ + 2 > events_.size()) {
+    for (int i = 0; i < 2; ++i) {
+      cudaEvent_t e = nullptr;
+      CUDA_TRY(cudaEventCreate(&e), "attention timing");
+      events_.push_back(e);
+    }
+  }
+  pair = &events_[events_used_];
+  events_used_ += 2;
+  return ok_status();
+}
+
+void CudaEngine::collect_attention_time() {
+  // Called after the stream was synchronized: every recorded pair has completed.
+  for (size_t i = 0; i + 1 < events_used_; i += 2) {
+    float ms = 0;
+    if (cudaEventElapsedTime(&ms, events_[i], events_[i + 1]) == cudaSuccess) counters_.attention_seconds += ms * 1e-3;
+  }
+  events_used_ = 0;
 }
 
 Status CudaEngine::decode_graph_step(KvSequence& seq, const StepInfo& step, int32_t token, const LogitsSink& sink) {

@@ -79,6 +79,8 @@ class CudaEngine final : public Engine {
   Status decode_graph_step(KvSequence& seq, const StepInfo& step, int32_t token, const LogitsSink& sink);
   bool graph_eligible(const StepInfo& step) const;
   void drop_graph();
+  Status next_event_pair(cudaEvent_t*& pair);  // (start, stop) events for one attention call
+  void collect_attention_time();
   Status gemm(const void* x, const void* w, float* y, int64_t m, int64_t n, int64_t k);
   kernels::AttentionCall base_call(int32_t layer, int64_t n) const;
   const void* w_down_transposed(int32_t layer);
@@ -137,6 +139,9 @@ class CudaEngine final : public Engine {
   cudaGraphExec_t graph_ = nullptr;
   int32_t graph_max_keys_ = 0;
   int64_t graph_replays_ = 0;
+
+  std::vector<cudaEvent_t> events_;  // pairs around attention kernels (time_attention)
+  size_t events_used_ = 0;
 };
 
 }  // namespace inferlab
