@@ -77,13 +77,20 @@ __device__ inline KeyList warp_key_list(const AttentionCall& c, int32_t g) {
   if (l.mode == KeySelect::All) return l;
   const int32_t begin = c.select_indptr[g], end = c.select_indptr[g + 1];
   l.index = c.select_index + begin;
-  int32_t count = 0;
+  // Tokens outside [0, n_cached) are skipped (as in the twin); ascending, the
+  // negative ones come first, so the list starts after them.
+  int32_t count = 0, negative = 0;
   for (int32_t j = begin + int32_t(threadIdx.x % 32); j < end; j += 32) {
     const int32_t x = c.select_index[j];
-    count += l.mode == KeySelect::Tokens ? (x < l.n_cached ? 1 : 0)
-                                         : min(max(l.n_cached - x * l.page_size, 0), l.page_size);
+    if (l.mode == KeySelect::Tokens) {
+      count += x >= 0 && x < l.n_cached ? 1 : 0;
+      negative += x < 0 ? 1 : 0;
+    } else {
+      count += min(max(l.n_cached - x * l.page_size, 0), l.page_size);
+    }
   }
   l.n_selected = warp_sum(count);
+  l.index += warp_sum(negative);
   return l;
 }
 
