@@ -8,13 +8,13 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${1:-$root/build}
 cmake -S "$root" -B "$build" -DINFERLAB_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_BUILD_TYPE=Release >/dev/null
-cmake --build "$build" -j"$(nproc)" --target inferlab inferlab_gpu_tests bench_cuda_attention bench_cuda_decode \
+cmake --build "$build" -j"$(nproc)" --target inferlab inferlab_gpu_tests bench_cuda_attention bench_cuda_decode bench_cuda_kv_methods \
   probe dense quest h2o streamingllm
 dev=$root/.device
 rm -rf "$dev/bin" "$dev/lib"
 mkdir -p "$dev/bin/plugins" "$dev/bin/test-plugins"
 cp "$build"/bin/inferlab "$build"/bin/inferlab_gpu_tests "$build"/bin/bench_cuda_attention \
-  "$build"/bin/bench_cuda_decode "$dev/bin/"
+  "$build"/bin/bench_cuda_decode "$build"/bin/bench_cuda_kv_methods "$dev/bin/"
 cp "$build"/bin/plugins/*.so "$dev/bin/plugins/"
 cp "$build"/tests/plugins/inferlab-plugin-probe.so "$dev/bin/test-plugins/"
 bundle=$root/../shared/device/bundle-libs.sh

@@ -4,6 +4,7 @@
 # (the device tool's output folder) or results/gpu/.
 #   scripts/gpu-validate.sh tests   # every gpu-labelled test: kernels vs CPU twins, CUDA vs CPU logits
 #   scripts/gpu-validate.sh bench   # attention and whole-model benchmarks, torch SDPA beside them
+#   scripts/gpu-validate.sh kv      # Quest, StreamingLLM and H2O vs dense at 32K on the 7B shape
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 dev=$root/.device
@@ -23,8 +24,11 @@ case ${1:-tests} in
     "$dev/bin/bench_cuda_decode" --preset llama2-7b-128k --contexts 1024,4096,16384,32768 2>&1 |
       tee "$out/bench_cuda_decode.md"
     ;;
+  kv)
+    "$dev/bin/bench_cuda_kv_methods" --preset llama2-7b-128k --context 32768 2>&1 | tee "$out/bench_cuda_kv_methods.md"
+    ;;
   *)
-    echo "usage: $0 tests|bench" >&2
+    echo "usage: $0 tests|bench|kv" >&2
     exit 2
     ;;
 esac

@@ -98,6 +98,7 @@ class Engine {
   const Model& model() const { return *model_; }
   const ModelConfig& config() const { return model_->config(); }
   const EngineOptions& options() const { return options_; }
+  void set_time_attention(bool on) { options_.time_attention = on; }
   int32_t max_context() const { return max_context_; }
   KvPagePool& pool() { return *pool_; }
   std::shared_ptr<KvPagePool> shared_pool() const { return pool_; }

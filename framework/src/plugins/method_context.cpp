@@ -14,7 +14,8 @@ std::span<const float> ModelWeightView::tensor(const std::string& name, int32_t 
     if (name == "output_norm") return w.output_norm;
     return {};
   }
-  if (layer >= model_.config().n_layers) return {};
+  // A shape-only model (random weights made on the GPU) has no host weights.
+  if (layer >= model_.config().n_layers || size_t(layer) >= w.layers.size()) return {};
   const LayerWeights& lw = w.layers[size_t(layer)];
   if (name == "attn_q") return lw.wq;
   if (name == "attn_k") return lw.wk;

@@ -1,0 +1,122 @@
+// The KV-cache methods on the CUDA backend at a long context, on a synthetic
+// model of a real shape (random weights made on the GPU): per decode step, the
+// whole-step time and the attention kernels' time against dense, the keys read,
+// and the resident KV memory. One dense prefill of the context; every method
+// decodes from a device copy of it. Prints a markdown table.
+//   bench_cuda_kv_methods [--preset llama2-7b-128k] [--context 32768] [--steps 16]
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+
+#include <chrono>
+#include <random>
+
+#include "engine/cuda/cuda_engine.h"
+#include "model/synthetic_model.h"
+#include "plugins/method_context.h"
+#include "plugins/plugin_host.h"
+
+using namespace inferlab;
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+struct Setting {
+  std::string plugin, label;
+  ParamValues params;
+};
+
+std::vector<Setting> settings() {
+  auto p = [](std::initializer_list<std::pair<const std::string, ParamValue>> v) {
+    return ParamValues(std::map<std::string, ParamValue>(v));
+  };
+  std::vector<Setting> out{{"dense", "dense", {}}};
+  for (int64_t budget : {256, 512, 1024, 2048, 4096})
+    out.push_back({"quest", fmt::format("quest budget {}", budget), p({{"token_budget", budget}})});
+  out.push_back({"streamingllm", "streamingllm 4+2044", p({{"sink_tokens", int64_t{4}}, {"window", int64_t{2044}}})});
+  out.push_back({"h2o", "h2o 1024+1024", p({{"heavy", int64_t{1024}}, {"recent", int64_t{1024}}})});
+  return out;
+}
+
+struct StepTimes {
+  double step_ms = 0, attention_ms = 0, keys_per_head = 0;
+};
+
+// `steps` decode steps of `seq`; attention timed when the engine is told to.
+Result<StepTimes> decode_steps(Engine& e, KvSequence& seq, int32_t steps) {
+  e.reset_counters();
+  const auto t0 = Clock::now();
+  for (int32_t i = 0; i < steps; ++i)
+    if (auto r = e.forward(seq, std::vector<int32_t>{2 + i % 100}, 0, [](int64_t, std::span<const float>) {}); !r)
+      return r.error();
+  StepTimes t;
+  t.step_ms = since(t0) * 1e3 / steps;
+  t.attention_ms = e.counters().attention_seconds * 1e3 / steps;
+  t.keys_per_head = double(e.counters().decode_keys_read) / (double(e.config().n_layers) * e.config().n_kv_heads * steps);
+  return t;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"KV-cache methods on the CUDA backend: decode step and attention time vs dense"};
+  std::string preset = "llama2-7b-128k";
+  int32_t context = 32768, steps = 16, chunk = 8192;
+  app.add_option("--preset", preset)->capture_default_str();
+  app.add_option("--context", context)->capture_default_str();
+  app.add_option("--steps", steps)->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--chunk", chunk, "tokens per prefill call")->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+
+  auto spec = synthetic_preset(preset);
+  if (!spec) return fmt::print(stderr, "bench: {}\n", spec.message()), 1;
+  EngineOptions options;
+  options.backend = Backend::Cuda;
+  options.max_context = context + 2 * steps + 2;
+  auto made = CudaEngine::create_random(synthetic_config(*spec), 1, options);
+  if (!made) return fmt::print(stderr, "bench: {}\n", made.message()), 1;
+  Engine& e = **made;
+  PluginRegistry registry;
+  if (auto s = registry.scan(PluginRegistry::default_search_path()); !s)
+    return fmt::print(stderr, "bench: {}\n", s.message()), 1;
+
+  std::mt19937 rng(7);
+  std::vector<int32_t> prompt(static_cast<size_t>(context));
+  for (auto& t : prompt) t = int32_t(rng() % uint32_t(e.config().n_vocab));
+  auto base = e.new_sequence();
+  for (size_t at = 0; at < prompt.size(); at += size_t(chunk)) {
+    const size_t len = std::min(prompt.size() - at, size_t(chunk));
+    if (auto s = e.forward(*base, std::span<const int32_t>(prompt.data() + at, len), int64_t(len), {}); !s)
+      return fmt::print(stderr, "bench: prefill: {}\n", s.message()), 1;
+  }
+  fmt::print("# {} at context {}, {}; {} decode steps per setting\n\n", spec->name, context, e.device_description(),
+             steps);
+  fmt::print("| method | ms/step | × dense | attention ms/step | attention × dense | keys read/step/head | KV MiB resident |\n");
+  fmt::print("|---|---:|---:|---:|---:|---:|---:|\n");
+  StepTimes dense;
+  for (const Setting& s : settings()) {
+    auto handle = registry.create(s.plugin, s.params);
+    if (!handle) return fmt::print(stderr, "bench: {}\n", handle.message()), 1;
+    const PluginEntry* entry = registry.find(s.plugin);
+    if (auto st = load_method(*handle->get(), *entry, e); !st) return fmt::print(stderr, "bench: {}\n", st.message()), 1;
+    auto seq = base->clone();
+    (*handle)->begin_sequence(e.shape());
+    e.set_method(s.plugin == "dense" ? nullptr : handle->get(), entry->hooks);
+    // The first step lets eviction methods trim the prefill to their budget (and captures graphs).
+    if (auto r = e.decode(*seq, 1); !r) return fmt::print(stderr, "bench: {}\n", r.message()), 1;
+    e.set_time_attention(false);
+    auto whole = decode_steps(e, *seq, steps);
+    e.set_time_attention(true);
+    auto timed = decode_steps(e, *seq, steps);
+    e.set_time_attention(false);
+    if (!whole || !timed) return fmt::print(stderr, "bench: {}\n", (whole ? timed : whole).message()), 1;
+    StepTimes t{whole->step_ms, timed->attention_ms, whole->keys_per_head};
+    if (s.plugin == "dense") dense = t;
+    fmt::print("| {} | {:.2f} | {:.2f}× | {:.3f} | {:.2f}× | {:.0f} | {:.0f} |\n", s.label, t.step_ms,
+               dense.step_ms / t.step_ms, t.attention_ms, dense.attention_ms / t.attention_ms, t.keys_per_head,
+               double(seq->pages_held() * e.pool().page_bytes()) / (1 << 20));
+    e.set_method(nullptr, 0);
+  }
+  return 0;
+}
