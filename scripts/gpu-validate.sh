@@ -10,10 +10,13 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 dev=$root/.device
 out=${OUT:-$root/results/gpu}
 mkdir -p "$out"
+if [[ ! -d $dev/bin ]]; then
+  tar -C "$dev" -xJf "$dev/bundle.tar.xz"
+fi
 export LD_LIBRARY_PATH=$dev/lib:${LD_LIBRARY_PATH:-}
 export INFERLAB_HOST_PLUGIN_DIR=$dev/bin/plugins INFERLAB_TEST_PLUGIN_DIR=$dev/bin/test-plugins
 export INFERLAB_TEST_TMP=${TMPDIR:-/tmp}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"; } | tee "$out/device.txt"
 case ${1:-tests} in
   tests)
     "$dev/bin/inferlab_gpu_tests" --gtest_output="xml:$out/gpu_tests.xml" 2>&1 | tee "$out/gpu_tests.log" | tail -40
