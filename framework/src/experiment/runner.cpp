@@ -163,7 +163,16 @@ RunRecord execute_run(const ExperimentConfig& config, const RunSpec& run, Workbe
   ctx.dense = &bench.dense;
   ctx.prefills = bench.reuse_prefill ? &bench.prefills : nullptr;
   ctx.on_sample = [&](int64_t done) { progress.sample_done(done); };
-  auto measured = measure_run(ctx);
+  Result<RunMeasurements> measured = Error{"not measured"};
+  try {
+    measured = measure_run(ctx);
+  } catch (const std::bad_alloc&) {
+    // Out of (device) memory for KV pages, e.g. copying a saved prefill: this
+    // run fails, the experiment goes on.
+    return fail(fmt::format("plugin {}: out of memory (KV cache)", run.plugin));
+  } catch (const std::exception& e) {
+    return fail(fmt::format("plugin {}: {}", run.plugin, e.what()));
+  }
   if (!measured) return fail(fmt::format("plugin {}: {}", run.plugin, measured.message()));
   record.metrics = std::move(measured->metrics);
   record.samples = std::move(measured->samples);

@@ -90,9 +90,11 @@ class DeviceKvView final : public KvView {
     const DType dtype = cuda_kv_pages(pool).dtype;
     const size_t elems = size_t(pool.page_bytes()) / 2;
     std::vector<uint16_t> raw(elems);
-    cudaStreamSynchronize(stream_);  // the page may still be being written
-    cudaMemcpyAsync(raw.data(), pool.page_data(page), size_t(pool.page_bytes()), cudaMemcpyDeviceToHost, stream_);
-    cudaStreamSynchronize(stream_);
+    // The page may still be being written: the copy queues behind that work.
+    cudaError_t err =
+        cudaMemcpyAsync(raw.data(), pool.page_data(page), size_t(pool.page_bytes()), cudaMemcpyDeviceToHost, stream_);
+    if (err == cudaSuccess) err = cudaStreamSynchronize(stream_);
+    if (err != cudaSuccess) throw std::runtime_error(std::string("KV view: ") + cudaGetErrorString(err));
     out.resize(elems);
     for (size_t i = 0; i < elems; ++i)
       out[i] = dtype == DType::BF16 ? kernels::cpu::bf16_to_float(raw[i]) : kernels::cpu::f16_to_float(raw[i]);
@@ -314,8 +316,10 @@ std::string CudaEngine::device_description() const {
 
 std::vector<float> CudaEngine::download(const float* device, int64_t count) {
   std::vector<float> host(static_cast<size_t>(count));
-  cudaMemcpyAsync(host.data(), device, size_t(count) * 4, cudaMemcpyDeviceToHost, stream_);
-  cudaStreamSynchronize(stream_);
+  cudaError_t err = cudaMemcpyAsync(host.data(), device, size_t(count) * 4, cudaMemcpyDeviceToHost, stream_);
+  if (err == cudaSuccess) err = cudaStreamSynchronize(stream_);
+  // A method must never decide on zeros that stand for a failed copy; forward() turns this into an Error.
+  if (err != cudaSuccess) throw std::runtime_error(std::string("download for a method hook: ") + cudaGetErrorString(err));
   return host;
 }
 
