@@ -216,11 +216,17 @@ Result<std::string> render_report(ResultsDb& db, const std::string& experiment) 
   std::vector<const StoredRun*> finished;
   std::vector<std::string> tasks;  // in order of first appearance
   std::map<std::string, std::vector<const StoredRun*>> by_task;
+  std::vector<std::string> backends;
+  for (const StoredRun& run : *runs)
+    if (run.status == "finished" && std::find(backends.begin(), backends.end(), run.backend) == backends.end())
+      backends.push_back(run.backend);
   for (const StoredRun& run : *runs) {
     if (run.status != "finished") continue;
     finished.push_back(&run);
-    if (by_task[run.task].empty()) tasks.push_back(run.task);
-    by_task[run.task].push_back(&run);
+    // Runs of one experiment on two backends are compared with their own backend's baseline.
+    const std::string key = backends.size() > 1 ? fmt::format("{} ({})", run.task, run.backend) : run.task;
+    if (by_task[key].empty()) tasks.push_back(key);
+    by_task[key].push_back(&run);
   }
   if (finished.empty())
     return Error{fmt::format("{}: experiment '{}' has no finished runs ({} failed; see `inferlab query`); known "

@@ -109,6 +109,27 @@ TEST(Report, PasskeyTableHasDenseFirstWithDeltasAndRatios) {
   EXPECT_EQ(rows[4], (Cells{"streaming sink=4", "75.0", "+0.0", "120.0", "1.20×", "2.0", "0.25×"}));
 }
 
+TEST(Report, RunsOnTwoBackendsAreComparedWithTheirOwnBaseline) {
+  auto opened = ResultsDb::open(test::temp_path("report-backends.db"));
+  ASSERT_TRUE(opened.ok()) << opened.message();
+  ResultsDb db = std::move(opened).value();
+  RunRecord cuda_dense = run("c-dense", "dense", "passkey", {{"decode_tokens_per_s", 1000, "tok/s"}}, true);
+  RunRecord cuda_h2o = run("c-h2o", "h2o heavy=32", "passkey", {{"decode_tokens_per_s", 1500, "tok/s"}});
+  cuda_dense.backend = cuda_h2o.backend = "cuda";
+  for (const RunRecord& r : {run("p-dense", "dense", "passkey", {{"decode_tokens_per_s", 100, "tok/s"}}, true),
+                             run("p-h2o", "h2o heavy=32", "passkey", {{"decode_tokens_per_s", 150, "tok/s"}}),
+                             cuda_dense, cuda_h2o})
+    ASSERT_TRUE(db.record_run(r).ok());
+  auto report = render_report(db, "");
+  ASSERT_TRUE(report.ok()) << report.message();
+  const auto cpu = table_rows(section(*report, "## passkey (cpu)"));
+  const auto cuda = table_rows(section(*report, "## passkey (cuda)"));
+  ASSERT_EQ(cpu.size(), 4u) << *report;
+  ASSERT_EQ(cuda.size(), 4u) << *report;
+  EXPECT_EQ(cpu[3], (Cells{"h2o heavy=32", "150.0", "1.50×"}));
+  EXPECT_EQ(cuda[3], (Cells{"h2o heavy=32", "1500.0", "1.50×"}));
+}
+
 TEST(Report, PerplexityTableShowsOnlyColumnsSomeRunHas) {
   ResultsDb db = sweep_db();
   auto report = render_report(db, "kv-sweep");
