@@ -72,12 +72,13 @@ __global__ void kv_rope_shift_kernel(const KvPages kv, const int32_t* page, cons
 
 // Block (pair j, slice of the page); U is the copy unit, page_bytes a multiple of it.
 template <typename U>
-__global__ void kv_copy_pages_kernel(const KvPages kv, const int32_t* src, const int32_t* dst, int64_t page_bytes) {
-  const auto page_start = [&](int32_t page) {
+__global__ void kv_copy_pages_kernel(const KvPages from_kv, const KvPages to_kv, const int32_t* src,
+                                     const int32_t* dst, int64_t page_bytes) {
+  const auto page_start = [&](const KvPages& kv, int32_t page) {
     return static_cast<char*>(kv.chunk_base[page / kv.pages_per_chunk]) + int64_t(page % kv.pages_per_chunk) * page_bytes;
   };
-  const U* from = reinterpret_cast<const U*>(page_start(src[blockIdx.x]));
-  U* to = reinterpret_cast<U*>(page_start(dst[blockIdx.x]));
+  const U* from = reinterpret_cast<const U*>(page_start(from_kv, src[blockIdx.x]));
+  U* to = reinterpret_cast<U*>(page_start(to_kv, dst[blockIdx.x]));
   const int64_t units = page_bytes / int64_t(sizeof(U));
   for (int64_t u = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; u < units; u += int64_t(gridDim.y) * blockDim.x)
     to[u] = from[u];
@@ -129,14 +130,20 @@ cudaError_t kv_rope_shift(const KvPages& kv, const int32_t* page, const int32_t*
 }
 
 cudaError_t kv_copy_pages(const KvPages& kv, const int32_t* src, const int32_t* dst, int32_t n, cudaStream_t stream) {
-  if (!valid_pages(kv) || n < 0) return cudaErrorInvalidValue;
+  return kv_copy_pages(kv, kv, src, dst, n, stream);
+}
+
+cudaError_t kv_copy_pages(const KvPages& from, const KvPages& to, const int32_t* src, const int32_t* dst, int32_t n,
+                          cudaStream_t stream) {
+  if (!valid_pages(from) || !valid_pages(to) || n < 0) return cudaErrorInvalidValue;
+  const int64_t page_bytes = from.page_elems() * dtype_bytes(from.dtype);
+  if (to.page_elems() * dtype_bytes(to.dtype) != page_bytes) return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
   // Pages start at multiples of the page's bytes from 16-byte aligned chunks.
-  const int64_t page_bytes = kv.page_elems() * dtype_bytes(kv.dtype);
   const int unit = page_bytes % 16 == 0 ? 16 : page_bytes % 4 == 0 ? 4 : 2;
   const unsigned slices = unsigned(std::min<int64_t>(8, (page_bytes / unit + 255) / 256));
   INFERLAB_DISPATCH_COPY_UNIT(unit, U,
-    kv_copy_pages_kernel<U><<<dim3(unsigned(n), slices), 256, 0, stream>>>(kv, src, dst, page_bytes));
+    kv_copy_pages_kernel<U><<<dim3(unsigned(n), slices), 256, 0, stream>>>(from, to, src, dst, page_bytes));
   return cudaGetLastError();
 }
 

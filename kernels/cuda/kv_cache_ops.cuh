@@ -40,4 +40,9 @@ cudaError_t kv_rope_shift(const KvPages& kv, const int32_t* page, const int32_t*
 cudaError_t kv_copy_pages(const KvPages& kv, const int32_t* src, const int32_t* dst, int32_t n,
                           cudaStream_t stream);
 
+// The same from the pages of pool `from` into those of pool `to` (same page
+// bytes; a saved prefill copied into the engine's pool).
+cudaError_t kv_copy_pages(const KvPages& from, const KvPages& to, const int32_t* src, const int32_t* dst, int32_t n,
+                          cudaStream_t stream);
+
 }  // namespace inferlab::kernels::cuda

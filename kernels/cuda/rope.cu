@@ -43,4 +43,22 @@ cudaError_t rope(float* x, int64_t rows, int64_t row_stride, int64_t n_heads, in
   return cudaGetLastError();
 }
 
+namespace {
+
+__global__ void cache_positions_kernel(const int32_t* n_cached, int32_t n_rows, int32_t* out) {
+  const int32_t g = blockIdx.y;
+  for (int32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n_rows; i += gridDim.x * blockDim.x)
+    out[int64_t(g) * n_rows + i] = n_cached[g] + i;
+}
+
+}  // namespace
+
+cudaError_t cache_positions(const int32_t* n_cached, int32_t n_kv_heads, int32_t n_rows, int32_t* out,
+                            cudaStream_t stream) {
+  if (n_kv_heads <= 0 || n_kv_heads > 65535 || n_rows <= 0) return cudaErrorInvalidValue;
+  const dim3 grid(std::min(unsigned((n_rows + 255) / 256), 1024u), unsigned(n_kv_heads));
+  cache_positions_kernel<<<grid, 256, 0, stream>>>(n_cached, n_rows, out);
+  return cudaGetLastError();
+}
+
 }  // namespace inferlab::kernels::cuda

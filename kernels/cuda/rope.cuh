@@ -15,4 +15,9 @@ namespace inferlab::kernels::cuda {
 cudaError_t rope(float* x, int64_t rows, int64_t row_stride, int64_t n_heads, int64_t head_dim, int64_t rope_dim,
                  const int32_t* positions, int32_t position_groups, float theta, bool neox, cudaStream_t stream);
 
+// Positions of a call's new rows when positions are cache indices, for rope's
+// per-kv-head groups: out[g * n_rows + i] = n_cached[g] + i.
+cudaError_t cache_positions(const int32_t* n_cached, int32_t n_kv_heads, int32_t n_rows, int32_t* out,
+                            cudaStream_t stream);
+
 }  // namespace inferlab::kernels::cuda

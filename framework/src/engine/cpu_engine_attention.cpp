@@ -63,15 +63,10 @@ void ranges_to_refs(const KvSequence& seq, int32_t layer, int32_t kv_head, const
 // Validates a method's selection and turns it into ascending stored-token ranges.
 Result<std::vector<KeyRange>> selection_ranges(const KvSelection& sel, int32_t cached, int32_t page_size,
                                                int32_t layer, int32_t kv_head) {
+  if (auto s = check_kv_selection(sel, cached, page_size, layer, kv_head); !s) return s.error();
   const bool pages = sel.unit == KvSelection::Unit::Pages;
-  const int32_t limit = pages ? (cached + page_size - 1) / page_size : cached;
   std::vector<KeyRange> ranges;
-  for (size_t i = 0; i < sel.indices.size(); ++i) {
-    const int32_t x = sel.indices[i];
-    if (x < 0 || x >= limit || (i > 0 && x <= sel.indices[i - 1]))
-      return Error{fmt::format("method: decode selection for (layer {}, kv head {}) must list ascending {} in "
-                               "0..{}; entry {} is {}",
-                               layer, kv_head, pages ? "pages" : "tokens", limit - 1, i, x)};
+  for (const int32_t x : sel.indices) {
     const int32_t start = pages ? x * page_size : x;
     const int32_t len = pages ? std::min(page_size, cached - start) : 1;
     if (!ranges.empty() && ranges.back().start + ranges.back().len == start)
@@ -193,15 +188,8 @@ Status CpuEngine::collect_prefill_patterns(const StepInfo& step, LayerCall& call
   for (int32_t h = 0; h < c.n_heads; ++h) {
     BlockPattern pattern;
     if (!method_->prefill_pattern(step, call.layer, h, pattern)) continue;
-    const auto where = fmt::format("method: prefill pattern of (layer {}, head {})", call.layer, h);
-    if (pattern.block_size <= 0) return Error{fmt::format("{}: block_size {} must be positive", where, pattern.block_size)};
-    if (call.selected[size_t(h / c.group_size())] != 0)
-      return Error{fmt::format("{}: a decode selection was also given for its kv head", where)};
-    for (const auto& [qb, kb] : pattern.blocks)
-      if (kb < 0 || kb > qb)
-        return Error{fmt::format("{}: block pair ({}, {}) must have 0 <= key block <= query block", where, qb, kb)};
-    std::sort(pattern.blocks.begin(), pattern.blocks.end());
-    pattern.blocks.erase(std::unique(pattern.blocks.begin(), pattern.blocks.end()), pattern.blocks.end());
+    if (auto s = normalize_block_pattern(pattern, call.layer, h, call.selected[size_t(h / c.group_size())] != 0); !s)
+      return s;
     call.patterns[size_t(h)] = std::move(pattern);
     ++counters_.sparse_prefill_heads;
   }

@@ -118,6 +118,31 @@ Status check_component_mask(const ComponentMask& mask, const ModelConfig& c, int
   return ok_status();
 }
 
+Status normalize_block_pattern(BlockPattern& pattern, int32_t layer, int32_t head, bool kv_head_selected) {
+  const auto where = fmt::format("method: prefill pattern of (layer {}, head {})", layer, head);
+  if (pattern.block_size <= 0) return Error{fmt::format("{}: block_size {} must be positive", where, pattern.block_size)};
+  if (kv_head_selected) return Error{fmt::format("{}: a decode selection was also given for its kv head", where)};
+  for (const auto& [qb, kb] : pattern.blocks)
+    if (kb < 0 || kb > qb)
+      return Error{fmt::format("{}: block pair ({}, {}) must have 0 <= key block <= query block", where, qb, kb)};
+  std::sort(pattern.blocks.begin(), pattern.blocks.end());
+  pattern.blocks.erase(std::unique(pattern.blocks.begin(), pattern.blocks.end()), pattern.blocks.end());
+  return ok_status();
+}
+
+Status check_kv_selection(const KvSelection& sel, int32_t cached, int32_t page_size, int32_t layer, int32_t kv_head) {
+  const bool pages = sel.unit == KvSelection::Unit::Pages;
+  const int32_t limit = pages ? (cached + page_size - 1) / page_size : cached;
+  for (size_t i = 0; i < sel.indices.size(); ++i) {
+    const int32_t x = sel.indices[i];
+    if (x < 0 || x >= limit || (i > 0 && x <= sel.indices[i - 1]))
+      return Error{fmt::format("method: decode selection for (layer {}, kv head {}) must list ascending {} in "
+                               "0..{}; entry {} is {}",
+                               layer, kv_head, pages ? "pages" : "tokens", limit - 1, i, x)};
+  }
+  return ok_status();
+}
+
 Result<std::vector<float>> Engine::prefill(KvSequence& seq, std::span<const int32_t> tokens) {
   std::vector<float> last;
   auto status = forward(seq, tokens, int64_t(tokens.size()) - 1,

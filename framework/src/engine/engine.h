@@ -121,5 +121,13 @@ class Engine {
 
 // Checks the shape of a component mask a method returned for `layer`.
 Status check_component_mask(const ComponentMask& mask, const ModelConfig& config, int32_t layer);
+// Checks a decode selection for (layer, kv_head) of `cached` stored tokens:
+// ascending, no repeats, every page or token index in range.
+// Checks a block pattern a method returned for (layer, head) and sorts its
+// pairs without repeats; a head whose kv head has a decode selection in the
+// same call may not have one.
+Status normalize_block_pattern(BlockPattern& pattern, int32_t layer, int32_t head, bool kv_head_selected);
+Status check_kv_selection(const KvSelection& selection, int32_t cached, int32_t page_size, int32_t layer,
+                          int32_t kv_head);
 
 }  // namespace inferlab

@@ -18,7 +18,6 @@
 #include "cuda/gemm.cuh"
 #include "cuda/init.cuh"
 #include "cuda/kv_cache_ops.cuh"
-#include "cuda/kv_pool.cuh"
 #include "cuda/rmsnorm.cuh"
 #include "cuda/rope.cuh"
 #include "engine/cuda/cuda_kv_storage.h"
@@ -104,18 +103,31 @@ class DeviceKvView final : public KvView {
   mutable std::map<PageKey, std::vector<float>> cache_;
 };
 
-// Selection of one kv head as ascending stored-token ranges, validated like the CPU backend does.
-Status check_selection(const KvSelection& sel, int32_t cached, int32_t page_size, int32_t layer, int32_t kv_head) {
-  const bool pages = sel.unit == KvSelection::Unit::Pages;
-  const int32_t limit = pages ? (cached + page_size - 1) / page_size : cached;
-  for (size_t i = 0; i < sel.indices.size(); ++i) {
-    const int32_t x = sel.indices[i];
-    if (x < 0 || x >= limit || (i > 0 && x <= sel.indices[i - 1]))
-      return Error{fmt::format("method: decode selection for (layer {}, kv head {}) must list ascending {} in "
-                               "0..{}; entry {} is {}",
-                               layer, kv_head, pages ? "pages" : "tokens", limit - 1, i, x)};
-  }
-  return ok_status();
+// A CSR list (indptr, items) and a byte per head, as the attention kernels read them.
+struct DeviceCsr {
+  const int32_t* indptr;
+  const int32_t* items;
+  const uint8_t* flags;
+};
+
+// Copies the three into `buffer` (indptr, items, flags) and waits: the host
+// vectors are the caller's and may go out of scope.
+Result<DeviceCsr> upload_csr(DeviceMemory& buffer, const std::vector<int32_t>& indptr,
+                             const std::vector<int32_t>& items, const std::vector<uint8_t>& flags,
+                             cudaStream_t stream, const char* what) {
+  const size_t indptr_bytes = indptr.size() * 4, items_bytes = items.size() * 4;
+  if (!buffer.reserve(indptr_bytes + items_bytes + flags.size()))
+    return Error{fmt::format("cuda engine: out of GPU memory for a {}", what)};
+  char* base = buffer.as<char>();
+  CUDA_TRY(cudaMemcpyAsync(base, indptr.data(), indptr_bytes, cudaMemcpyHostToDevice, stream), what);
+  if (items_bytes > 0)
+    CUDA_TRY(cudaMemcpyAsync(base + indptr_bytes, items.data(), items_bytes, cudaMemcpyHostToDevice, stream), what);
+  CUDA_TRY(cudaMemcpyAsync(base + indptr_bytes + items_bytes, flags.data(), flags.size(), cudaMemcpyHostToDevice,
+                           stream),
+           what);
+  CUDA_TRY(cudaStreamSynchronize(stream), what);
+  return DeviceCsr{reinterpret_cast<const int32_t*>(base), reinterpret_cast<const int32_t*>(base + indptr_bytes),
+                   reinterpret_cast<const uint8_t*>(base + indptr_bytes + items_bytes)};
 }
 
 }  // namespace
@@ -570,7 +582,7 @@ Status CudaEngine::select_keys(KvSequence& seq, const StepInfo& step, int32_t l,
                                    std::span<const float>(queries.data() + int64_t(g) * gs * c.head_dim,
                                                           size_t(gs * c.head_dim)),
                                    sel)) {
-      if (auto s = check_selection(sel, cached, ps, l, g); !s) return s;
+      if (auto s = check_kv_selection(sel, cached, ps, l, g); !s) return s;
       any = true;
       const bool by_page = sel.unit == KvSelection::Unit::Pages;
       modes[size_t(g)] = uint8_t(by_page ? kernels::KeySelect::Pages : kernels::KeySelect::Tokens);
@@ -593,17 +605,11 @@ Status CudaEngine::select_keys(KvSequence& seq, const StepInfo& step, int32_t l,
     }
   }
   if (!any) return ok_status();
-  std::vector<int32_t> packed = indptr;
-  packed.insert(packed.end(), indices.begin(), indices.end());
-  const size_t int_bytes = packed.size() * 4;
-  if (!select_.reserve(int_bytes + modes.size())) return Error{"cuda engine: out of GPU memory for a selection"};
-  CUDA_TRY(cudaMemcpyAsync(select_.as(), packed.data(), int_bytes, cudaMemcpyHostToDevice, stream_), "selection");
-  CUDA_TRY(cudaMemcpyAsync(select_.as<char>() + int_bytes, modes.data(), modes.size(), cudaMemcpyHostToDevice, stream_),
-           "selection");
-  CUDA_TRY(cudaStreamSynchronize(stream_), "selection");  // the host vectors go out of scope
-  call.select_indptr = select_.as<int32_t>();
-  call.select_index = select_.as<int32_t>() + indptr.size();
-  call.select = reinterpret_cast<const uint8_t*>(select_.as<char>() + int_bytes);
+  auto csr = upload_csr(select_, indptr, indices, modes, stream_, "selection");
+  if (!csr) return csr.error();
+  call.select_indptr = csr->indptr;
+  call.select_index = csr->items;
+  call.select = csr->flags;
   return ok_status();
 }
 
@@ -616,18 +622,12 @@ Status CudaEngine::prefill_patterns(const KvSequence& seq, const StepInfo& step,
   for (int32_t h = 0; h < c.n_heads; ++h) {
     BlockPattern pattern;
     if (!method_->prefill_pattern(step, l, h, pattern)) continue;
-    const auto where = fmt::format("method: prefill pattern of (layer {}, head {})", l, h);
-    if (pattern.block_size <= 0) return Error{fmt::format("{}: block_size {} must be positive", where, pattern.block_size)};
+    const bool selected = select_modes_[size_t(h / c.group_size())] != uint8_t(kernels::KeySelect::All);
+    if (auto s = normalize_block_pattern(pattern, l, h, selected); !s) return s;
     if (block_size != 0 && pattern.block_size != block_size)
-      return Error{fmt::format("{}: block_size {} differs from another head's {} (the CUDA backend needs one per layer)",
-                               where, pattern.block_size, block_size)};
-    if (select_modes_[size_t(h / c.group_size())] != uint8_t(kernels::KeySelect::All))
-      return Error{fmt::format("{}: a decode selection was also given for its kv head", where)};
-    for (const auto& [qb, kb] : pattern.blocks)
-      if (kb < 0 || kb > qb)
-        return Error{fmt::format("{}: block pair ({}, {}) must have 0 <= key block <= query block", where, qb, kb)};
-    std::sort(pattern.blocks.begin(), pattern.blocks.end());
-    pattern.blocks.erase(std::unique(pattern.blocks.begin(), pattern.blocks.end()), pattern.blocks.end());
+      return Error{fmt::format("method: prefill pattern of (layer {}, head {}): block_size {} differs from another "
+                               "head's {} (the CUDA backend needs one per layer)",
+                               l, h, pattern.block_size, block_size)};
     block_size = pattern.block_size;
     patterns[size_t(h)] = std::move(pattern);
     ++counters_.sparse_prefill_heads;
@@ -651,19 +651,13 @@ Status CudaEngine::prefill_patterns(const KvSequence& seq, const StepInfo& step,
       for (; at < p->blocks.size() && p->blocks[at].first == qb; ++at) keys.push_back(p->blocks[at].second);
     }
   }
-  std::vector<int32_t> packed = indptr;
-  packed.insert(packed.end(), keys.begin(), keys.end());
-  const size_t int_bytes = packed.size() * 4;
-  if (!blocks_.reserve(int_bytes + flags.size())) return Error{"cuda engine: out of GPU memory for a block pattern"};
-  CUDA_TRY(cudaMemcpyAsync(blocks_.as(), packed.data(), int_bytes, cudaMemcpyHostToDevice, stream_), "block pattern");
-  CUDA_TRY(cudaMemcpyAsync(blocks_.as<char>() + int_bytes, flags.data(), flags.size(), cudaMemcpyHostToDevice, stream_),
-           "block pattern");
-  CUDA_TRY(cudaStreamSynchronize(stream_), "block pattern");
+  auto csr = upload_csr(blocks_, indptr, keys, flags, stream_, "block pattern");
+  if (!csr) return csr.error();
   call.block_size = block_size;
   call.n_query_blocks = n_qb;
-  call.block_indptr = blocks_.as<int32_t>();
-  call.block_keys = blocks_.as<int32_t>() + indptr.size();
-  call.block_sparse = reinterpret_cast<const uint8_t*>(blocks_.as<char>() + int_bytes);
+  call.block_indptr = csr->indptr;
+  call.block_keys = csr->items;
+  call.block_sparse = csr->flags;
   return ok_status();
 }
 

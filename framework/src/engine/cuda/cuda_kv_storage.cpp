@@ -5,7 +5,6 @@
 #include <vector>
 
 #include "cuda/kv_cache_ops.cuh"
-#include "cuda/kv_pool.cuh"
 #include "engine/cuda/device_memory.h"
 
 namespace inferlab {
@@ -64,12 +63,8 @@ class CudaPageStorage final : public KvPageStorage {
       staged_[size_t(3 * n + i)] = moves[size_t(i)].dst_slot;
     }
     const kernels::KvPages kv = cuda_kv_pages(pool);
-    const size_t scratch = kernels::cuda::kv_move_scratch_bytes(kv, n);
-    if (!indices_.reserve(staged_.size() * sizeof(int32_t)) || !scratch_.reserve(scratch)) throw std::bad_alloc();
-    const int32_t* d = indices_.as<int32_t>();
-    check(cudaMemcpyAsync(indices_.as(), staged_.data(), staged_.size() * sizeof(int32_t), cudaMemcpyHostToDevice,
-                          stream_),
-          "KV eviction");
+    if (!scratch_.reserve(kernels::cuda::kv_move_scratch_bytes(kv, n))) throw std::bad_alloc();
+    const int32_t* d = upload_staged("KV eviction");
     check(kernels::cuda::kv_move_rows(kv, d, d + n, d + 2 * n, d + 3 * n, n, scratch_.as(), stream_),
           "KV eviction");
     check(cudaStreamSynchronize(stream_), "KV eviction");  // staged_ is pageable and reused
@@ -83,14 +78,9 @@ class CudaPageStorage final : public KvPageStorage {
     if (to.chunk_base == nullptr) throw std::invalid_argument("KV copy: the destination pool is not on the GPU");
     staged_.assign(src_pages.begin(), src_pages.end());
     staged_.insert(staged_.end(), dst_pages.begin(), dst_pages.end());
-    if (!indices_.reserve(staged_.size() * sizeof(int32_t))) throw std::bad_alloc();
-    const int32_t* d = indices_.as<int32_t>();
-    check(cudaMemcpyAsync(indices_.as(), staged_.data(), staged_.size() * sizeof(int32_t), cudaMemcpyHostToDevice,
-                          stream_),
-          "KV copy");
-    check(kernels::cuda::kv_copy_pages_between(from, to, d, d + n, n, stream_),
-          "KV copy");
-    check(cudaStreamSynchronize(stream_), "KV copy");
+    const int32_t* d = upload_staged("KV copy");
+    check(kernels::cuda::kv_copy_pages(from, to, d, d + n, n, stream_), "KV copy");
+    check(cudaStreamSynchronize(stream_), "KV copy");  // staged_ is pageable and reused
   }
   std::unique_ptr<KvPageStorage> sibling() const override {
     return std::make_unique<CudaPageStorage>(dtype_, stream_owner_);
@@ -100,6 +90,15 @@ class CudaPageStorage final : public KvPageStorage {
   void* const* chunk_table() const { return chunk_table_.as<void*>(); }
 
  private:
+  // Queues the copy of staged_ into device memory; the caller syncs before reusing staged_.
+  const int32_t* upload_staged(const char* what) {
+    if (!indices_.reserve(staged_.size() * sizeof(int32_t))) throw std::bad_alloc();
+    check(cudaMemcpyAsync(indices_.as(), staged_.data(), staged_.size() * sizeof(int32_t), cudaMemcpyHostToDevice,
+                          stream_),
+          what);
+    return indices_.as<int32_t>();
+  }
+
   kernels::DType dtype_;
   std::shared_ptr<CUstream_st> stream_owner_;
   cudaStream_t stream_;
