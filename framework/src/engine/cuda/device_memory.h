@@ -9,26 +9,28 @@
 
 namespace inferlab {
 
-// Device memory of `bytes`, freed on destruction; grows by reallocation (contents lost).
-class DeviceMemory {
+// `bytes` of memory from Allocator (allocate/release), freed on destruction;
+// grows by reallocation (contents lost).
+template <typename Allocator>
+class CudaBuffer {
  public:
-  DeviceMemory() = default;
-  ~DeviceMemory() { cudaFree(ptr_); }
-  DeviceMemory(const DeviceMemory&) = delete;
-  DeviceMemory& operator=(const DeviceMemory&) = delete;
-  DeviceMemory(DeviceMemory&& o) noexcept : ptr_(std::exchange(o.ptr_, nullptr)), bytes_(std::exchange(o.bytes_, 0)) {}
-  DeviceMemory& operator=(DeviceMemory&& o) noexcept {
+  CudaBuffer() = default;
+  ~CudaBuffer() { Allocator::release(ptr_); }
+  CudaBuffer(const CudaBuffer&) = delete;
+  CudaBuffer& operator=(const CudaBuffer&) = delete;
+  CudaBuffer(CudaBuffer&& o) noexcept : ptr_(std::exchange(o.ptr_, nullptr)), bytes_(std::exchange(o.bytes_, 0)) {}
+  CudaBuffer& operator=(CudaBuffer&& o) noexcept {
     std::swap(ptr_, o.ptr_);
     std::swap(bytes_, o.bytes_);
     return *this;
   }
-  // Makes room for at least `bytes`; false when the device is out of memory.
+  // Makes room for at least `bytes`; false when out of memory.
   bool reserve(size_t bytes) {
     if (bytes <= bytes_) return true;
-    cudaFree(ptr_);
+    Allocator::release(ptr_);
     ptr_ = nullptr;
     bytes_ = 0;
-    if (cudaMalloc(&ptr_, bytes) != cudaSuccess) {
+    if (Allocator::allocate(&ptr_, bytes) != cudaSuccess) {
       cudaGetLastError();
       return false;
     }
@@ -44,31 +46,18 @@ class DeviceMemory {
   size_t bytes_ = 0;
 };
 
-// Page-locked host memory, so asynchronous copies really are asynchronous.
-class PinnedMemory {
- public:
-  PinnedMemory() = default;
-  ~PinnedMemory() { cudaFreeHost(ptr_); }
-  PinnedMemory(const PinnedMemory&) = delete;
-  PinnedMemory& operator=(const PinnedMemory&) = delete;
-  bool reserve(size_t bytes) {
-    if (bytes <= bytes_) return true;
-    cudaFreeHost(ptr_);
-    ptr_ = nullptr;
-    bytes_ = 0;
-    if (cudaMallocHost(&ptr_, bytes) != cudaSuccess) {
-      cudaGetLastError();
-      return false;
-    }
-    bytes_ = bytes;
-    return true;
-  }
-  template <typename T = void>
-  T* as() const { return static_cast<T*>(ptr_); }
-
- private:
-  void* ptr_ = nullptr;
-  size_t bytes_ = 0;
+struct DeviceAllocator {
+  static cudaError_t allocate(void** ptr, size_t bytes) { return cudaMalloc(ptr, bytes); }
+  static void release(void* ptr) { cudaFree(ptr); }
 };
+
+struct PinnedAllocator {
+  static cudaError_t allocate(void** ptr, size_t bytes) { return cudaMallocHost(ptr, bytes); }
+  static void release(void* ptr) { cudaFreeHost(ptr); }
+};
+
+using DeviceMemory = CudaBuffer<DeviceAllocator>;
+// Page-locked host memory, so asynchronous copies really are asynchronous.
+using PinnedMemory = CudaBuffer<PinnedAllocator>;
 
 }  // namespace inferlab
