@@ -12,25 +12,18 @@
 
 #include "engine/cuda/cuda_engine.h"
 #include "model/synthetic_model.h"
-#include "plugins/method_context.h"
-#include "plugins/plugin_host.h"
+#include "bench_support.h"
 
 using namespace inferlab;
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
-double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
-
-struct Setting {
-  std::string plugin, label;
-  ParamValues params;
-};
+using bench::Clock;
+using bench::Setting;
+using bench::since;
 
 std::vector<Setting> settings() {
-  auto p = [](std::initializer_list<std::pair<const std::string, ParamValue>> v) {
-    return ParamValues(std::map<std::string, ParamValue>(v));
-  };
+  const auto p = bench::params;
   std::vector<Setting> out{{"dense", "dense", {}}};
   for (int64_t budget : {256, 512, 1024, 2048, 4096})
     out.push_back({"quest", fmt::format("quest budget {}", budget), p({{"token_budget", budget}})});
@@ -96,15 +89,9 @@ int main(int argc, char** argv) {
   fmt::print("|---|---:|---:|---:|---:|---:|---:|\n");
   StepTimes dense;
   for (const Setting& s : settings()) {
-    auto handle = registry.create(s.plugin, s.params);
-    if (!handle) return fmt::print(stderr, "bench: {}\n", handle.message()), 1;
-    const PluginEntry* entry = registry.find(s.plugin);
-    if (auto st = load_method(*handle->get(), *entry, e); !st) return fmt::print(stderr, "bench: {}\n", st.message()), 1;
-    auto seq = base->clone();
-    (*handle)->begin_sequence(e.shape());
-    e.set_method(s.plugin == "dense" ? nullptr : handle->get(), entry->hooks);
-    // The first step lets eviction methods trim the prefill to their budget (and captures graphs).
-    if (auto r = e.decode(*seq, 1); !r) return fmt::print(stderr, "bench: {}\n", r.message()), 1;
+    auto active = bench::start_setting(registry, e, s, *base);
+    if (!active) return fmt::print(stderr, "bench: {}\n", active.message()), 1;
+    KvSequence* seq = active->seq.get();
     e.set_time_attention(false);
     auto whole = decode_steps(e, *seq, steps);
     e.set_time_attention(true);

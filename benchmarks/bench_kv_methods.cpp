@@ -11,24 +11,17 @@
 
 #include "engine/device.h"
 #include "engine/engine.h"
-#include "plugins/method_context.h"
-#include "plugins/plugin_host.h"
+#include "bench_support.h"
 
 using namespace inferlab;
 
 namespace {
-using Clock = std::chrono::steady_clock;
-double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
-
-struct Setting {
-  std::string plugin, label;
-  ParamValues params;
-};
+using bench::Clock;
+using bench::Setting;
+using bench::since;
 
 std::vector<Setting> settings() {
-  auto p = [](std::initializer_list<std::pair<const std::string, ParamValue>> v) {
-    return ParamValues(std::map<std::string, ParamValue>(v));
-  };
+  const auto p = bench::params;
   return {{"dense", "dense", {}},
           {"quest", "quest budget 256", p({{"token_budget", int64_t{256}}})},
           {"quest", "quest budget 1024", p({{"token_budget", int64_t{1024}}})},
@@ -72,15 +65,9 @@ int main(int argc, char** argv) {
     if (auto r = e.prefill(*base, prompt); !r) return fmt::print(stderr, "bench: {}\n", r.message()), 1;
     double dense_ms = 0;
     for (const Setting& s : settings()) {
-      auto handle = registry.create(s.plugin, s.params);
-      if (!handle) return fmt::print(stderr, "bench: {}\n", handle.message()), 1;
-      const PluginEntry* entry = registry.find(s.plugin);
-      if (auto st = load_method(*handle->get(), *entry, e); !st) return fmt::print(stderr, "bench: {}\n", st.message()), 1;
-      auto seq = base->clone();
-      (*handle)->begin_sequence(e.shape());
-      e.set_method(s.plugin == "dense" ? nullptr : handle->get(), entry->hooks);
-      // The first step lets eviction methods trim the prefill to their budget.
-      if (auto r = e.decode(*seq, 1); !r) return fmt::print(stderr, "bench: {}\n", r.message()), 1;
+      auto active = bench::start_setting(registry, e, s, *base);
+      if (!active) return fmt::print(stderr, "bench: {}\n", active.message()), 1;
+      KvSequence* seq = active->seq.get();
       e.reset_counters();
       const auto t0 = Clock::now();
       for (int32_t i = 0; i < steps; ++i)

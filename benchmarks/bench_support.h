@@ -1,0 +1,51 @@
+// Shared by the benchmarks that run KV-cache methods against dense: timing,
+// the settings they compare, and starting a method on a copy of a prefill.
+#pragma once
+
+#include <chrono>
+#include <initializer_list>
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+
+#include "engine/engine.h"
+#include "plugins/method_context.h"
+#include "plugins/plugin_host.h"
+
+namespace inferlab::bench {
+
+using Clock = std::chrono::steady_clock;
+inline double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+inline ParamValues params(std::initializer_list<std::pair<const std::string, ParamValue>> values) {
+  return ParamValues(std::map<std::string, ParamValue>(values));
+}
+
+struct Setting {
+  std::string plugin, label;
+  ParamValues params;
+};
+
+struct ActiveSetting {
+  MethodHandle handle;
+  std::unique_ptr<KvSequence> seq;
+};
+
+// Creates and loads the setting's method, installs it on `engine` (dense: no
+// method) and decodes one step from a copy of `base`: eviction methods trim the
+// prefill to their budget there, and a decode graph is captured.
+inline Result<ActiveSetting> start_setting(PluginRegistry& registry, Engine& engine, const Setting& setting,
+                                           const KvSequence& base) {
+  auto handle = registry.create(setting.plugin, setting.params);
+  if (!handle) return handle.error();
+  const PluginEntry* entry = registry.find(setting.plugin);
+  if (auto s = load_method(*handle->get(), *entry, engine); !s) return s.error();
+  ActiveSetting active{std::move(*handle), base.clone()};
+  active.handle->begin_sequence(engine.shape());
+  engine.set_method(setting.plugin == "dense" ? nullptr : active.handle.get(), entry->hooks);
+  if (auto r = engine.decode(*active.seq, 1); !r) return r.error();
+  return active;
+}
+
+}  // namespace inferlab::bench
