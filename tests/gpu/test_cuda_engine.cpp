@@ -16,11 +16,6 @@
 namespace inferlab {
 namespace {
 
-// Normalized error over all rows: ||a - b|| / ||b||.
-double relative_error(const std::vector<float>& a, const std::vector<float>& b) {
-  return gpu_test::normalized_error(a, b);
-}
-
 // Fraction of rows (of `vocab` logits) with the same argmax.
 double top1_agreement(const std::vector<float>& a, const std::vector<float>& b, int64_t vocab) {
   const size_t rows = std::min(a.size(), b.size()) / size_t(vocab);
@@ -83,7 +78,7 @@ Comparison compare_backends(std::shared_ptr<const Model> model, int prompt_len, 
     logits[i] = test::run_trace(*engines[i], active.handle.get(), prompt, decode, forced).logits;
   }
   EXPECT_EQ(logits[0].size(), logits[1].size());
-  return {relative_error(logits[1], logits[0]), top1_agreement(logits[1], logits[0], model->config().n_vocab)};
+  return {gpu_test::normalized_error(logits[1], logits[0]), top1_agreement(logits[1], logits[0], model->config().n_vocab)};
 }
 
 class CudaEngineVsCpu : public ::testing::TestWithParam<std::tuple<int, int, bool>> {};
@@ -118,7 +113,7 @@ TEST(CudaEngine, DecodeStepsReplayAGraphAndMatchTheUncapturedPath) {
   // Crossing 1024 keys makes the graph be captured again for a larger bound.
   const auto a = test::run_trace(*with, nullptr, prompt, 20).logits;
   const auto b = test::run_trace(*without, nullptr, prompt, 20).logits;
-  EXPECT_LT(relative_error(a, b), 1e-5);
+  EXPECT_LT(gpu_test::normalized_error(a, b), 1e-5);
   EXPECT_EQ(static_cast<CudaEngine*>(with.get())->graph_replays(), 20);
   EXPECT_EQ(static_cast<CudaEngine*>(without.get())->graph_replays(), 0);
 }

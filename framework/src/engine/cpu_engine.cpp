@@ -118,7 +118,7 @@ Status CpuEngine::run_layer(KvSequence& seq, const StepInfo& step, int32_t l) {
   cpu::matmul_xwt(k_.data(), xn_.data(), lw.wk.data(), n, c.kv_dim(), c.n_embd);
   cpu::matmul_xwt(v_.data(), xn_.data(), lw.wv.data(), n, c.kv_dim(), c.n_embd);
   apply_rope(seq, l, n, true);
-  const auto t0 = std::chrono::steady_clock::now();
+  const auto t0 = options_.time_attention ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
   if (auto s = attention_layer(seq, step, l, active_mask); !s) return s;
   if (options_.time_attention)
     counters_.attention_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
