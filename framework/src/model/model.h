@@ -43,7 +43,6 @@ class Model {
   // weights (random, for GPU timing at real shapes). `checksum` names it in results.
   static std::shared_ptr<Model> shape_only(const ModelConfig& config, const std::string& checksum);
   bool has_weights() const { return !weights_.layers.empty(); }
-  bool has_tokenizer() const { return tokenizer_ != nullptr; }
 
   const ModelConfig& config() const { return config_; }
   const ModelWeights& weights() const { return weights_; }

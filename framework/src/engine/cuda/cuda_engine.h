@@ -34,7 +34,6 @@ class CudaEngine final : public Engine {
 
   // Decode steps served from a CUDA graph so far (tests and benchmarks check it).
   int64_t graph_replays() const { return graph_replays_; }
-  cudaStream_t stream() const { return stream_; }
 
  private:
   struct DeviceLayer {
