@@ -1,7 +1,8 @@
 // The KV-cache methods on the CUDA backend at a long context, on a synthetic
 // model of a real shape (random weights made on the GPU): per decode step, the
-// whole-step time and the attention kernels' time against dense, the keys read,
-// and the resident KV memory. One dense prefill of the context; every method
+// whole-step time and the attention kernels' time against dense (for Quest
+// including the kernels that refresh page bounds and select pages), the keys
+// read, and the resident KV pages (Quest's page bounds add 1/page_size to them). One dense prefill of the context; every method
 // decodes from a device copy of it. Prints a markdown table.
 //   bench_cuda_kv_methods [--preset llama2-7b-128k] [--context 32768] [--steps 16]
 #include <CLI/CLI.hpp>

@@ -97,4 +97,35 @@ struct AttentionCall {
   INFERLAB_HOST_DEVICE int32_t group_size() const { return n_heads / n_kv_heads; }
 };
 
+// Key bounds of KV pages (Quest): for physical page p, bounds holds the
+// per-channel minimum then maximum of the page's keys,
+//   bounds[(p * 2 + 0) * head_dim + i] = min over its filled slots of K[slot][i]
+//   bounds[(p * 2 + 1) * head_dim + i] = max ...
+// in the pool's dtype (the extrema of stored keys are exact in it).
+//
+// Selection by bound for one layer, from the query rows of the call's last
+// token. For kv head g with keep[g] > 0 (and keep[g] < its pages
+// n_pages = ceil(n_cached[g] / page_size)), a logical page p's score is
+//   sum over the group's query heads h, then channels i, of
+//   max(q[h][i] * min_p[i], q[h][i] * max_p[i])
+// and out[out_offset[g] ...] receives keep[g] logical pages, ascending: the
+// keep[g] - 1 best-scoring of pages 0 .. n_pages - 2 (ties to the lower page),
+// then page n_pages - 1. Heads with keep[g] == 0 are left alone.
+struct PageSelectCall {
+  int32_t n_kv_heads = 0;
+  int32_t group_size = 0;     // query heads per kv head
+  int32_t head_dim = 0;
+  int32_t page_size = 0;
+  DType dtype = DType::F16;   // of bounds
+  const void* bounds = nullptr;  // (physical pages, 2, head_dim)
+  LayerPageTable table;
+  const float* q = nullptr;          // (n_kv_heads * group_size, head_dim), after RoPE
+  const int32_t* n_cached = nullptr; // (n_kv_heads) stored tokens
+  const int32_t* keep = nullptr;     // (n_kv_heads) pages to select; 0: none
+  const int32_t* out_offset = nullptr;  // (n_kv_heads) first slot of head g's pages in out
+  int32_t* out = nullptr;
+  float* scores = nullptr;           // scratch (n_kv_heads, score_stride)
+  int32_t score_stride = 0;          // >= the largest n_pages
+};
+
 }  // namespace inferlab::kernels

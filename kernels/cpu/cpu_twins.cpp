@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -118,6 +119,64 @@ void kv_rope_shift(const KvPages& kv, const int32_t* page, const int32_t* slot, 
 void kv_copy_pages(const KvPages& kv, const int32_t* src, const int32_t* dst, int32_t n) {
   const size_t page_bytes = size_t(kv.page_elems()) * size_t(dtype_bytes(kv.dtype));
   for (int32_t j = 0; j < n; ++j) std::memcpy(key_row(kv, dst[j], 0), key_row(kv, src[j], 0), page_bytes);
+}
+
+void page_bounds_update(const KvPages& kv, void* bounds, const int32_t* pages, const int32_t* counts, int32_t n) {
+  const int32_t hd = kv.head_dim;
+  std::vector<float> lo(static_cast<size_t>(hd)), hi(static_cast<size_t>(hd)), key(static_cast<size_t>(hd));
+  for (int32_t j = 0; j < n; ++j) {
+    std::fill(lo.begin(), lo.end(), std::numeric_limits<float>::infinity());
+    std::fill(hi.begin(), hi.end(), -std::numeric_limits<float>::infinity());
+    for (int32_t slot = 0; slot < counts[j]; ++slot) {
+      convert_to_float(key_row(kv, pages[j], slot), kv.dtype, hd, key.data());
+      for (int32_t i = 0; i < hd; ++i) {
+        lo[size_t(i)] = std::min(lo[size_t(i)], key[size_t(i)]);
+        hi[size_t(i)] = std::max(hi[size_t(i)], key[size_t(i)]);
+      }
+    }
+    const int64_t base = int64_t(pages[j]) * 2 * hd;
+    for (int32_t i = 0; i < hd; ++i) {
+      store(bounds, kv.dtype, base + i, lo[size_t(i)]);
+      store(bounds, kv.dtype, base + hd + i, hi[size_t(i)]);
+    }
+  }
+}
+
+void page_select(const PageSelectCall& call) {
+  const int32_t hd = call.head_dim, gs = call.group_size;
+  std::vector<float> lo(static_cast<size_t>(hd)), hi(static_cast<size_t>(hd));
+  std::vector<int32_t> order;
+  for (int32_t g = 0; g < call.n_kv_heads; ++g) {
+    const int32_t keep = call.keep[g];
+    if (keep <= 0) continue;
+    const int32_t n_pages = (call.n_cached[g] + call.page_size - 1) / call.page_size;
+    float* score = call.scores + int64_t(g) * call.score_stride;
+    const float* q = call.q + int64_t(g) * gs * hd;
+    for (int32_t p = 0; p + 1 < n_pages; ++p) {
+      const int64_t base = int64_t(call.table.pages[int64_t(g) * call.table.stride + p]) * 2 * hd;
+      for (int32_t i = 0; i < hd; ++i) {
+        lo[size_t(i)] = load(call.bounds, call.dtype, base + i);
+        hi[size_t(i)] = load(call.bounds, call.dtype, base + hd + i);
+      }
+      float s = 0;
+      for (int32_t h = 0; h < gs; ++h)
+        for (int32_t i = 0; i < hd; ++i) {
+          const float qi = q[int64_t(h) * hd + i];
+          s += std::max(qi * lo[size_t(i)], qi * hi[size_t(i)]);
+        }
+      score[p] = s;
+    }
+    order.resize(size_t(n_pages - 1));
+    std::iota(order.begin(), order.end(), 0);
+    const int32_t others = std::min(keep - 1, n_pages - 1);
+    std::partial_sort(order.begin(), order.begin() + others, order.end(), [&](int32_t a, int32_t b) {
+      return score[a] > score[b] || (score[a] == score[b] && a < b);
+    });
+    order.resize(size_t(others));
+    std::sort(order.begin(), order.end());
+    order.push_back(n_pages - 1);
+    std::copy(order.begin(), order.end(), call.out + call.out_offset[g]);
+  }
 }
 
 float kv_load(const KvPages& kv, int32_t page, int32_t slot, bool value, int32_t index) {

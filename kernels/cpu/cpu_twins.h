@@ -35,6 +35,14 @@ void kv_rope_shift(const KvPages& kv, const int32_t* page, const int32_t* slot, 
                    int32_t rope_dim, float theta, bool neox);
 void kv_copy_pages(const KvPages& kv, const int32_t* src, const int32_t* dst, int32_t n);
 
+// Key bounds of pages (layout: PageSelectCall in kernel_types.h): for j < n,
+// the bounds of physical page pages[j] become the extrema of its first
+// counts[j] slots' keys (counts[j] >= 1), stored in kv.dtype.
+void page_bounds_update(const KvPages& kv, void* bounds, const int32_t* pages, const int32_t* counts, int32_t n);
+// The selection by bound of PageSelectCall. A score accumulates in float, over
+// query heads then channels, in that order (the CPU engine's reference).
+void page_select(const PageSelectCall& call);
+
 // Element `index` of a K (value = false) or V row at (page, slot), widened to float.
 float kv_load(const KvPages& kv, int32_t page, int32_t slot, bool value, int32_t index);
 

@@ -10,11 +10,6 @@ namespace inferlab::kernels::cuda {
 
 namespace {
 
-bool valid_pages(const KvPages& kv) {
-  return kv.chunk_base != nullptr && kv.pages_per_chunk > 0 && kv.page_size > 0 && kv.head_dim > 0 &&
-         valid_dtype(kv.dtype);
-}
-
 // K row of (page, slot); its V row is page_size * head_dim further. The page
 // size is spelled out rather than page_base's KvPages::page_elems, which was
 // host-only when this was written.
@@ -83,8 +78,6 @@ __global__ void kv_copy_pages_kernel(const KvPages from_kv, const KvPages to_kv,
   for (int64_t u = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; u < units; u += int64_t(gridDim.y) * blockDim.x)
     to[u] = from[u];
 }
-
-int row_threads(int32_t head_dim) { return int(std::min<int64_t>(256, (head_dim + 31) / 32 * 32)); }
 
 }  // namespace
 

@@ -10,6 +10,15 @@ namespace inferlab::kernels::cuda {
 
 inline bool valid_dtype(DType t) { return t == DType::F32 || t == DType::F16 || t == DType::BF16; }
 
+// A page pool a KV kernel may follow.
+inline bool valid_pages(const KvPages& kv) {
+  return kv.chunk_base != nullptr && kv.pages_per_chunk > 0 && kv.page_size > 0 && kv.head_dim > 0 &&
+         valid_dtype(kv.dtype);
+}
+
+// Threads of a block per KV row: a thread per channel, whole warps, at most 256.
+inline int row_threads(int32_t head_dim) { return int(std::min<int64_t>(256, (head_dim + 31) / 32 * 32)); }
+
 // Blocks of a grid-stride loop over n elements: enough to fill an H100
 // (132 SMs x 16 blocks of 256 threads) without a block per element.
 inline unsigned grid_stride_blocks(int64_t n, int threads) {

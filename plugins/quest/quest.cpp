@@ -6,6 +6,11 @@
 // last page) are read. The first `dense_layers` layers and prefill stay dense;
 // nothing is evicted. With grouped-query attention a KV head's page score is
 // the sum of the bounds of its query heads.
+//
+// When `page_size` equals the KV cache's page size, the engine keeps the bounds
+// and selects the pages (kHookPageBudget: on CUDA, in device kernels); the
+// plugin only says how many. Otherwise the plugin keeps its own bounds over its
+// pages and selects their tokens through select_kv, on the host.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -36,30 +41,26 @@ class Quest final : public Method {
     bounds_.assign(size_t(shape.n_layers) * size_t(shape.n_kv_heads), {});
   }
 
+  int32_t page_budget(const StepInfo& step, const KvView& kv, int32_t layer, int32_t kv_head) override {
+    if (page_size_ != kv.page_size()) return -1;  // select_kv over this plugin's own pages
+    if (!step.decode() || layer < dense_layers_) return 0;
+    const int32_t n_pages = (kv.n_tokens(layer, kv_head) + page_size_ - 1) / page_size_;
+    count_step(n_pages);
+    return n_pages <= keep() ? 0 : keep();
+  }
+
   bool select_kv(const StepInfo& step, const KvView& kv, int32_t layer, int32_t kv_head, std::span<const float> q,
                  KvSelection& selection) override {
-    if (!step.decode() || layer < dense_layers_) return false;
+    if (!step.decode() || layer < dense_layers_ || page_size_ == kv.page_size()) return false;
     const int32_t n = kv.n_tokens(layer, kv_head);
     const int32_t n_pages = (n + page_size_ - 1) / page_size_;
-    const int32_t keep = std::max(1, budget_ / page_size_);
     PageBounds& b = bounds_[size_t(layer) * size_t(shape_.n_kv_heads) + size_t(kv_head)];
     update_bounds(kv, layer, kv_head, n, b);
-    ++steps_;
-    pages_total_ += n_pages;
-    if (n_pages <= keep) {
-      pages_selected_ += n_pages;
-      return false;  // the budget covers everything: dense
-    }
-    const std::vector<int32_t> pages = top_pages(b, q, n_pages, keep);
-    pages_selected_ += double(pages.size());
-    if (page_size_ == kv.page_size()) {
-      selection.unit = KvSelection::Unit::Pages;
-      selection.indices = pages;
-    } else {
-      selection.unit = KvSelection::Unit::Tokens;
-      for (int32_t p : pages)
-        for (int32_t t = p * page_size_; t < std::min(n, (p + 1) * page_size_); ++t) selection.indices.push_back(t);
-    }
+    count_step(n_pages);
+    if (n_pages <= keep()) return false;  // the budget covers everything: dense
+    selection.unit = KvSelection::Unit::Tokens;
+    for (int32_t p : top_pages(b, q, n_pages, keep()))
+      for (int32_t t = p * page_size_; t < std::min(n, (p + 1) * page_size_); ++t) selection.indices.push_back(t);
     return true;
   }
 
@@ -71,6 +72,14 @@ class Quest final : public Method {
   }
 
  private:
+  int32_t keep() const { return std::max(1, budget_ / page_size_); }
+
+  void count_step(int32_t n_pages) {
+    ++steps_;
+    pages_total_ += n_pages;
+    pages_selected_ += std::min(n_pages, keep());
+  }
+
   void update_bounds(const KvView& kv, int32_t layer, int32_t kv_head, int32_t n, PageBounds& b) const {
     const int32_t hd = shape_.head_dim;
     const size_t needed = size_t((n + page_size_ - 1) / page_size_) * size_t(hd);
@@ -127,7 +136,7 @@ class QuestPlugin final : public Plugin {
     return {"quest",
             "1.0.0",
             "query-aware page selection by key min/max bounds (Tang et al. 2024)",
-            kHookDecodeSelection,
+            kHookPageBudget | kHookDecodeSelection,
             {ParamSpec::integer("token_budget", 256, 1, 1 << 24, "tokens read per decode step and head"),
              ParamSpec::integer("page_size", 16, 1, 4096, "tokens per page (best equal to the KV page size)"),
              ParamSpec::integer("dense_layers", 2, 0, 4096, "first layers that stay dense")}};

@@ -10,6 +10,7 @@
 
 #include "engine/cuda/cuda_engine.h"
 #include "gpu_test_support.h"
+#include "bound_reference_method.h"
 #include "model/synthetic_model.h"
 #include "plugin_test_support.h"
 
@@ -175,6 +176,7 @@ INSTANTIATE_TEST_SUITE_P(
                   params({{"evict_positions", std::string("4,5,6,7")}, {"cache_positions", true}})},
         std::pair{std::string("select_pages"), params({{"select_pages", std::string("0,2,3,7")}})},
         std::pair{std::string("select_tokens"), params({{"select_tokens", std::string("0,1,5,9,10,33")}})},
+        std::pair{std::string("page_budget"), params({{"page_budget", int64_t{3}}})},
         std::pair{std::string("block_sparse_prefill"),
                   params({{"pattern_block", int64_t{8}}, {"pattern_window", int64_t{2}}})},
         std::pair{std::string("skip_layers_fill"), params({{"skip_layers", std::string("1")}})},
@@ -215,6 +217,40 @@ INSTANTIATE_TEST_SUITE_P(
                      0.95},
         KvMethodCase{"h2o", "h2o", params({{"heavy", int64_t{24}}, {"recent", int64_t{24}}}), 5e-2, 0.85}),
     [](const auto& info) { return info.param.name; });
+
+// The device's selection by key bound (page_bounds.cu) picks what a method
+// computing the bounds itself from the (downloaded) keys picks, on the same
+// backend, through eviction and a cloned sequence: same pages, same logits.
+std::vector<float> bound_trace(test::BoundMethod& method, const std::vector<int32_t>& tokens, int32_t prompt) {
+  auto engine = make_engine(small_model(), Backend::Cuda, 16);
+  EXPECT_NE(engine, nullptr);
+  if (engine == nullptr) return {};
+  engine->set_method(&method, method.hooks());
+  method.begin_sequence(engine->shape());
+  auto seq = engine->new_sequence();
+  std::vector<float> out;
+  auto keep = [&](Result<std::vector<float>> r) {
+    EXPECT_TRUE(r.ok()) << (r.ok() ? "" : r.message());
+    if (r.ok()) out.insert(out.end(), r->begin(), r->end());
+  };
+  keep(engine->prefill(*seq, std::vector<int32_t>(tokens.begin(), tokens.begin() + prompt)));
+  for (size_t i = size_t(prompt); i < tokens.size(); ++i) keep(engine->decode(*seq, tokens[i]));
+  auto copy = seq->clone();
+  for (size_t i = size_t(prompt); i < tokens.size(); ++i) keep(engine->decode(*copy, tokens[i]));
+  return out;
+}
+
+TEST(CudaPageBudget, DeviceSelectsWhatTheReferenceSelects) {
+  INFERLAB_REQUIRE_GPU();
+  const auto tokens = test::random_tokens(small_model()->config().n_vocab, 300 + 12, 21);
+  for (const auto& [budget, drop] : {std::pair{3, std::set<int32_t>{}}, std::pair{8, std::set<int32_t>{}},
+                                     std::pair{5, std::set<int32_t>{40, 41, 200}}}) {
+    test::BoundMethod device(true, budget, drop, 2), reference(false, budget, drop, 2);
+    const auto got = bound_trace(device, tokens, 300), want = bound_trace(reference, tokens, 300);
+    ASSERT_EQ(got.size(), want.size());
+    EXPECT_LT(gpu_test::normalized_error(got, want), 1e-6) << "budget " << budget;
+  }
+}
 
 TEST(CudaEngine, EvictionFreesDevicePages) {
   INFERLAB_REQUIRE_GPU();

@@ -19,12 +19,18 @@
 #include "cuda/rmsnorm.cuh"
 #include "cuda/rope.cuh"
 #include "cuda/sampling.cuh"
+#include "gpu_kernel_support.h"
 #include "gpu_test_support.h"
 
 namespace inferlab::kernels {
 namespace {
 
 using gpu_test::DeviceBuffer;
+using gpu_test::MirrorPool;
+using gpu_test::param_name;
+using gpu_test::shuffled_ids;
+using gpu_test::to_bytes;
+using gpu_test::to_floats;
 using gpu_test::normalized_error;
 using gpu_test::random_floats;
 
@@ -32,36 +38,12 @@ const std::vector<DType> kAllDtypes = {DType::F32, DType::F16, DType::BF16};
 
 double tolerance(DType stored) { return stored == DType::F32 ? 1e-5 : stored == DType::F16 ? 1e-3 : 1e-2; }
 
-// Bytes of n elements of dtype holding x, and the floats they hold.
-std::vector<uint8_t> to_bytes(const std::vector<float>& x, DType dtype) {
-  std::vector<uint8_t> out(x.size() * size_t(dtype_bytes(dtype)));
-  cpu::convert_from_float(x.data(), int64_t(x.size()), out.data(), dtype);
-  return out;
-}
-
-std::vector<float> to_floats(const std::vector<uint8_t>& bytes, DType dtype) {
-  std::vector<float> out(bytes.size() / size_t(dtype_bytes(dtype)));
-  cpu::convert_to_float(bytes.data(), dtype, int64_t(out.size()), out.data());
-  return out;
-}
-
 std::vector<int32_t> random_ids(size_t n, int32_t bound, uint64_t seed) {
   std::mt19937_64 rng(seed);
   std::vector<int32_t> ids(n);
   for (int32_t& id : ids) id = int32_t(rng() % uint64_t(bound));
   return ids;
 }
-
-// 0 .. n-1 in a random order.
-std::vector<int32_t> shuffled_ids(int32_t n, uint32_t seed) {
-  std::vector<int32_t> ids(static_cast<size_t>(n));
-  std::iota(ids.begin(), ids.end(), 0);
-  std::shuffle(ids.begin(), ids.end(), std::mt19937(seed));
-  return ids;
-}
-
-template <typename Param>
-std::string param_name(const testing::TestParamInfo<Param>& info) { return info.param.name(); }
 
 // ---- embedding ----------------------------------------------------------
 
@@ -319,54 +301,6 @@ INSTANTIATE_TEST_SUITE_P(CudaOps, GatherRows,
                          param_name<GatherCase>);
 
 // ---- KV cache ---------------------------------------------------------------
-
-// The same page pool on the host and the device, filled with random values of
-// the dtype; chunks of 5 pages.
-class MirrorPool {
- public:
-  MirrorPool(DType dtype, int32_t n_pages, int32_t page_size, int32_t head_dim, uint64_t seed) {
-    host_kv_ = {nullptr, kPagesPerChunk, page_size, head_dim, dtype};
-    const int64_t chunk_elems = kPagesPerChunk * host_kv_.page_elems();
-    for (int32_t c = 0; c * kPagesPerChunk < n_pages; ++c) {
-      host_.push_back(to_bytes(random_floats(size_t(chunk_elems), seed + uint64_t(c)), dtype));
-      device_.emplace_back(host_.back());
-      host_bases_.push_back(host_.back().data());
-      device_bases_.push_back(device_.back().get());
-    }
-    d_bases_ = std::make_unique<DeviceBuffer<void*>>(device_bases_);
-    host_kv_.chunk_base = host_bases_.data();
-    device_kv_ = host_kv_;
-    device_kv_.chunk_base = d_bases_->get();
-  }
-  const KvPages& host() const { return host_kv_; }
-  const KvPages& device() const { return device_kv_; }
-  // Every chunk of the device pool equals the host's.
-  void expect_bit_equal() const {
-    for (size_t c = 0; c < host_.size(); ++c) EXPECT_EQ(device_[c].download(), host_[c]) << "chunk " << c;
-  }
-  // The K rows at (page[j], slot[j]) of the host pool, or of the device pool's download.
-  std::vector<float> key_rows(bool device, const std::vector<int32_t>& page, const std::vector<int32_t>& slot) const {
-    std::vector<std::vector<uint8_t>> chunks = host_;
-    if (device)
-      for (size_t c = 0; c < chunks.size(); ++c) chunks[c] = device_[c].download();
-    std::vector<void*> bases;
-    for (auto& chunk : chunks) bases.push_back(chunk.data());
-    KvPages kv = host_kv_;
-    kv.chunk_base = bases.data();
-    std::vector<float> rows;
-    for (size_t j = 0; j < page.size(); ++j)
-      for (int32_t d = 0; d < kv.head_dim; ++d) rows.push_back(cpu::kv_load(kv, page[j], slot[j], false, d));
-    return rows;
-  }
-
- private:
-  static constexpr int32_t kPagesPerChunk = 5;
-  KvPages host_kv_, device_kv_;
-  std::vector<std::vector<uint8_t>> host_;
-  std::vector<DeviceBuffer<uint8_t>> device_;
-  std::vector<void*> host_bases_, device_bases_;
-  std::unique_ptr<DeviceBuffer<void*>> d_bases_;  // (n_chunks) device chunk pointers
-};
 
 struct KvCase {
   DType dtype;

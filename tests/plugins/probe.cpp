@@ -31,6 +31,7 @@ class ProbeMethod final : public Method {
         evict_step_(p.get_int("evict_step")),
         select_pages_(parse_list(p.get_string("select_pages"))),
         select_tokens_(parse_list(p.get_string("select_tokens"))),
+        page_budget_(int32_t(p.get_int("page_budget"))),
         pattern_block_(int32_t(p.get_int("pattern_block"))),
         pattern_window_(int32_t(p.get_int("pattern_window"))),
         skip_layers_(parse_list(p.get_string("skip_layers"))),
@@ -81,6 +82,12 @@ class ProbeMethod final : public Method {
       for (int32_t kb = std::max(1, qb - pattern_window_ + 1); kb <= qb; ++kb) pattern.blocks.emplace_back(qb, kb);
     }
     return true;
+  }
+
+  int32_t page_budget(const StepInfo& step, const KvView&, int32_t, int32_t) override {
+    if (page_budget_ == 0) return -1;
+    count("page_budget_calls");
+    return step.decode() ? page_budget_ : 0;
   }
 
   bool select_kv(const StepInfo& step, const KvView& kv, int32_t layer, int32_t kv_head, std::span<const float> q,
@@ -167,6 +174,7 @@ class ProbeMethod final : public Method {
   std::vector<int32_t> evict_positions_;
   int64_t evict_step_;
   std::vector<int32_t> select_pages_, select_tokens_;
+  int32_t page_budget_ = 0;
   int32_t pattern_block_, pattern_window_;
   std::vector<int32_t> skip_layers_;
   int64_t skip_step_;
@@ -196,6 +204,7 @@ class ProbePlugin final : public Plugin {
                 ParamSpec::integer("evict_step", 0, -1, std::nullopt, "forward call that evicts (-1: every call)"),
                 ParamSpec::string("select_pages", "", {}, "pages each decode step reads"),
                 ParamSpec::string("select_tokens", "", {}, "stored tokens each decode step reads"),
+                ParamSpec::integer("page_budget", 0, 0, 1 << 20, "pages each decode step reads, chosen by key bound (0: off)"),
                 ParamSpec::integer("pattern_block", 0, 0, 4096, "prefill block size (0: dense prefill)"),
                 ParamSpec::integer("pattern_window", 1, 1, 4096, "key blocks before the diagonal, plus block 0"),
                 ParamSpec::string("skip_layers", "", {}, "layers the plan skips"),

@@ -171,24 +171,33 @@ TEST(KvPlugins, H2oBudgetsByRatioAndPerLayerAndHead) {
   EXPECT_NE(bad.message().find("1=x"), std::string::npos) << bad.message();
 }
 
+// Quest pages that are not the cache's pages: the plugin keeps its own bounds
+// and selects tokens through select_kv.
 TEST(KvPlugins, QuestSelectsThePagesWithTheLargestBoundPlusTheLast) {
   MethodHandle quest =
       make("quest", params({{"token_budget", int64_t{8}}, {"page_size", int64_t{4}}, {"dense_layers", int64_t{1}}}));
   ASSERT_NE(quest.get(), nullptr);
   quest->begin_sequence(tiny_shape());
-  FakeKv kv(4, 4);
+  FakeKv kv(2, 4);  // cache pages of 2 tokens; Quest pages of 4
   // 20 tokens, 5 pages; page 2 holds one key far along +x, page 3 one far along -x.
   for (int32_t p = 0; p < 20; ++p) kv.add(p, {p == 9 ? 5.0f : 0.1f, p == 13 ? -6.0f : 0.0f, 0, 0});
+  auto tokens_of = [](std::initializer_list<std::pair<int32_t, int32_t>> ranges) {
+    std::vector<int32_t> out;
+    for (auto [a, b] : ranges)
+      for (int32_t t = a; t < b; ++t) out.push_back(t);
+    return out;
+  };
+  EXPECT_LT(quest->page_budget(StepInfo{3, 20, 1}, kv, 1, 0), 0);  // not the cache's pages: select_kv decides
   const std::vector<float> q = {1, 0, 0, 0, 0.5f, 0, 0, 0};  // two query heads of the group
   KvSelection sel;
   EXPECT_TRUE(quest->select_kv(StepInfo{3, 20, 1}, kv, 1, 0, q, sel));
-  EXPECT_EQ(sel.unit, KvSelection::Unit::Pages);
-  EXPECT_EQ(sel.indices, (std::vector<int32_t>{2, 4}));
+  EXPECT_EQ(sel.unit, KvSelection::Unit::Tokens);
+  EXPECT_EQ(sel.indices, tokens_of({{8, 12}, {16, 20}}));  // pages 2 and 4
   // A query along -y bounds page 3 highest (its -6 times a negative query).
   KvSelection neg;
   const std::vector<float> qn = {0, -1, 0, 0, 0, -1, 0, 0};
   EXPECT_TRUE(quest->select_kv(StepInfo{3, 20, 1}, kv, 1, 0, qn, neg));
-  EXPECT_EQ(neg.indices, (std::vector<int32_t>{3, 4}));
+  EXPECT_EQ(neg.indices, tokens_of({{12, 20}}));  // pages 3 and 4
   // Dense layers, prefill, and a budget that covers everything are left alone.
   KvSelection none;
   EXPECT_FALSE(quest->select_kv(StepInfo{3, 20, 1}, kv, 0, 0, q, none));
@@ -201,8 +210,49 @@ TEST(KvPlugins, QuestSelectsThePagesWithTheLargestBoundPlusTheLast) {
   for (int32_t p = 20; p < 22; ++p) kv.add(p, {0.1f, 0, 0, 0});
   KvSelection later;
   EXPECT_TRUE(quest->select_kv(StepInfo{4, 22, 1}, kv, 1, 0, q, later));
-  EXPECT_EQ(later.indices, (std::vector<int32_t>{2, 5}));
+  EXPECT_EQ(later.indices, tokens_of({{8, 12}, {20, 22}}));  // pages 2 and 5
   EXPECT_TRUE(quest->dense_prefill());
+}
+
+// Quest pages that are the cache's pages: the plugin gives the engine a page
+// budget (the engine's selection: test_page_budget.cpp, test_page_bounds_twin.cpp).
+TEST(KvPlugins, QuestGivesTheEngineItsBudgetWhenItsPagesAreTheCachePages) {
+  MethodHandle quest =
+      make("quest", params({{"token_budget", int64_t{8}}, {"page_size", int64_t{4}}, {"dense_layers", int64_t{1}}}));
+  ASSERT_NE(quest.get(), nullptr);
+  quest->begin_sequence(tiny_shape());
+  FakeKv kv(4, 4);
+  for (int32_t p = 0; p < 20; ++p) kv.add(p, {0.1f, 0, 0, 0});
+  EXPECT_EQ(quest->page_budget(StepInfo{3, 20, 1}, kv, 1, 0), 2);  // 8 tokens / 4 per page, of 5 pages
+  EXPECT_EQ(quest->page_budget(StepInfo{3, 20, 1}, kv, 0, 0), 0);  // a dense layer
+  EXPECT_EQ(quest->page_budget(StepInfo{0, 0, 20}, kv, 1, 0), 0);  // prefill
+  KvSelection none;
+  EXPECT_FALSE(quest->select_kv(StepInfo{3, 20, 1}, kv, 1, 0, std::vector<float>(8, 1.0f), none));
+  MethodHandle wide = make("quest", params({{"token_budget", int64_t{64}}, {"page_size", int64_t{4}}}));
+  wide->begin_sequence(tiny_shape());
+  EXPECT_EQ(wide->page_budget(StepInfo{3, 20, 1}, kv, 1, 0), 0);  // 16 pages cover all 5
+  const auto counters = quest->counters();
+  EXPECT_EQ(counters.at("decode_selections"), 1);  // the decode step of a sparse layer
+  EXPECT_EQ(counters.at("pages_selected"), 2);
+  EXPECT_EQ(counters.at("pages_available"), 5);
+}
+
+// The plugin's own pages and the engine's give the same attention when they coincide.
+TEST(KvPlugins, QuestOnCachePagesMatchesQuestOnItsOwnPages) {
+  const auto prompt = test::random_tokens(100, 40, 2), forced = test::random_tokens(100, 6, 3);
+  std::vector<std::vector<float>> logits;
+  std::vector<int64_t> keys;
+  for (int32_t cache_page : {4, 2}) {
+    auto engine = Engine::create(kv_model(), EngineOptions{cache_page, 0, 0});
+    ASSERT_TRUE(engine.ok());
+    test::ActiveMethod active = test::activate_method(
+        **engine, "quest", params({{"token_budget", int64_t{8}}, {"page_size", int64_t{4}}, {"dense_layers", int64_t{1}}}));
+    ASSERT_NE(active.handle.get(), nullptr);
+    logits.push_back(test::run_trace(**engine, active.handle.get(), prompt, 6, forced).logits);
+    keys.push_back((*engine)->counters().decode_keys_read);
+  }
+  EXPECT_EQ(keys[0], keys[1]);
+  EXPECT_LT(test::normalized_max_error(logits[0], logits[1]), 1e-5);
 }
 
 TEST(KvPlugins, QuestReadsOnlyItsBudgetInTheEngine) {

@@ -25,7 +25,7 @@
 
 namespace inferlab {
 
-inline constexpr int32_t kPluginAbiVersion = 2;
+inline constexpr int32_t kPluginAbiVersion = 3;
 
 // Hooks, as bits of PluginInfo::hooks (DESIGN.md's table).
 enum PluginHook : uint32_t {
@@ -36,14 +36,15 @@ enum PluginHook : uint32_t {
   kHookEviction = 1u << 4,           // evict: which stored tokens to drop
   kHookLayerPlan = 1u << 5,          // plan_layers / exit_after_layer: which layers run
   kHookComponentMask = 1u << 6,      // mask_components: which heads and FFN neurons to compute
+  kHookPageBudget = 1u << 7,         // page_budget: read the pages with the largest key bounds
 };
-inline constexpr uint32_t kAllHooks = (1u << 7) - 1;
+inline constexpr uint32_t kAllHooks = (1u << 8) - 1;
 
 inline std::vector<std::string> hook_names(uint32_t hooks) {
   static const char* const names[] = {"load",     "prefill_pattern", "decode_selection", "attention_feedback",
-                                      "eviction", "layer_plan",      "component_mask"};
+                                      "eviction", "layer_plan",      "component_mask",   "page_budget"};
   std::vector<std::string> out;
-  for (uint32_t i = 0; i < 7; ++i)
+  for (uint32_t i = 0; i < 8; ++i)
     if (hooks & (1u << i)) out.emplace_back(names[i]);
   return out;
 }
@@ -186,6 +187,20 @@ class Method {
                          std::span<const float> queries, KvSelection& selection) {
     (void)step; (void)kv; (void)layer; (void)kv_head; (void)queries; (void)selection;
     return false;
+  }
+
+  // kHookPageBudget: how many KV pages (of kv.page_size() tokens) of (layer,
+  // kv_head) this call reads, chosen by the engine. The engine keeps the
+  // per-channel minimum and maximum of every page's keys, as tokens are stored,
+  // and bounds a page's attention logits with the call's last query rows of the
+  // group: sum over query heads h and channels i of max(q_hi * min_i, q_hi * max_i).
+  // It reads the last page always, plus the pages with the largest bounds
+  // (ties to the lower page). Return a count >= 1 (a count covering every page
+  // reads them all), 0 to read every page, or a negative value to leave the
+  // head to select_kv (when kHookDecodeSelection is declared) or dense.
+  virtual int32_t page_budget(const StepInfo& step, const KvView& kv, int32_t layer, int32_t kv_head) {
+    (void)step; (void)kv; (void)layer; (void)kv_head;
+    return -1;
   }
 
   // kHookAttentionFeedback: statistics of a layer's attention, per kv head,

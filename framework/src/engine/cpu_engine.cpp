@@ -23,6 +23,7 @@ CpuEngine::CpuEngine(std::shared_ptr<const Model> model, EngineOptions options)
     : Engine(std::move(model), options) {
   const ModelConfig& c = model_->config();
   pool_ = std::make_shared<KvPagePool>(KvCacheShape{c.n_layers, c.n_kv_heads, c.head_dim, options_.page_size});
+  bound_sync_.assign(size_t(c.n_layers) * size_t(c.n_kv_heads), PageBoundSync{});
   if (options_.n_threads > 0) omp_set_num_threads(options_.n_threads);
 }
 

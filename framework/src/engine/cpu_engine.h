@@ -22,6 +22,8 @@ class CpuEngine final : public Engine {
   void fill_skipped_layer(KvSequence& seq, const StepInfo& step, int32_t layer, SkippedLayerKv fill);
   Status attention_layer(KvSequence& seq, const StepInfo& step, int32_t layer, const ComponentMask* mask);
   Status gather_keys(KvSequence& seq, const StepInfo& step, LayerCall& call);
+  std::vector<KvSelection> select_by_bound(KvSequence& seq, const StepInfo& step, int32_t layer,
+                                           std::vector<int32_t>& budgets);
   Status collect_prefill_patterns(const StepInfo& step, LayerCall& call);
   void attend_head(const LayerCall& call, int32_t head, int64_t row_begin, int64_t row_end, float* key_mass);
   Status feedback_and_evict(KvSequence& seq, const StepInfo& step, LayerCall& call);
@@ -48,6 +50,11 @@ class CpuEngine final : public Engine {
   std::vector<int32_t> group_positions_;  // (n_kv_heads, call_tokens_) RoPE positions in cache mode
   int64_t call_tokens_ = 0;
   std::vector<std::vector<float>> w_down_t_;  // per layer (n_ff, n_embd), built when a neuron mask first needs it
+  // Key bounds of the pool's pages (kHookPageBudget): (pages_reserved, 2, head_dim)
+  // indexed by physical page, what each (layer, kv head) has folded in, and scratch.
+  std::vector<float> page_bounds_;
+  std::vector<PageBoundSync> bound_sync_;  // (n_layers, n_kv_heads)
+  std::vector<float> bound_scores_;
 };
 
 }  // namespace inferlab

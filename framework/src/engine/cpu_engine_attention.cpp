@@ -10,6 +10,7 @@
 #include <optional>
 
 #include "cpu/cpu_ops.h"
+#include "cpu/cpu_twins.h"
 #include "engine/cpu_engine.h"
 
 namespace inferlab {
@@ -148,14 +149,20 @@ Status CpuEngine::gather_keys(KvSequence& seq, const StepInfo& step, LayerCall& 
   call.old_visible.assign(size_t(c.n_kv_heads), 0);
   call.cached_before.assign(size_t(c.n_kv_heads), 0);
   call.selected.assign(size_t(c.n_kv_heads), 0);
+  std::vector<int32_t> budgets(static_cast<size_t>(c.n_kv_heads), -1);
+  std::vector<KvSelection> by_bound;
+  if ((hooks_ & kHookPageBudget) != 0) by_bound = select_by_bound(seq, step, l, budgets);
   for (int32_t g = 0; g < c.n_kv_heads; ++g) {
     const int32_t cached = seq.table(l, g).n_tokens();
     std::vector<KeyRange> ranges;
     KvSelection selection;
     const float* queries = &q_[size_t((n - 1) * c.q_dim() + int64_t(g) * c.group_size() * hd)];
-    if ((hooks_ & kHookDecodeSelection) != 0 &&
-        method_->select_kv(step, view, l, g, std::span<const float>(queries, size_t(c.group_size() * hd)),
-                           selection)) {
+    const int32_t budget = budgets[size_t(g)];
+    if (budget > 0) selection = std::move(by_bound[size_t(g)]);
+    if (budget > 0 ||
+        (budget < 0 && (hooks_ & kHookDecodeSelection) != 0 &&
+         method_->select_kv(step, view, l, g, std::span<const float>(queries, size_t(c.group_size() * hd)),
+                            selection))) {
       auto selected = selection_ranges(selection, cached, ps, l, g);
       if (!selected) return selected.error();
       ranges = std::move(*selected);
@@ -179,6 +186,71 @@ Status CpuEngine::gather_keys(KvSequence& seq, const StepInfo& step, LayerCall& 
     call.cached_before[size_t(g)] = cached;
   }
   return ok_status();
+}
+
+// Page budgets of the layer's kv heads (Engine::page_budget) and, for those
+// with one, the pages the bounds select: bounds of stale pages are refreshed
+// first (cpu::page_bounds_update), then every such head is scored at once.
+std::vector<KvSelection> CpuEngine::select_by_bound(KvSequence& seq, const StepInfo& step, int32_t l,
+                                                    std::vector<int32_t>& budgets) {
+  const ModelConfig& c = config();
+  const int32_t ps = seq.pool().shape().page_size;
+  const SequenceKvView view(seq);
+  std::vector<KvSelection> out(static_cast<size_t>(c.n_kv_heads));
+  std::vector<int32_t> cached(static_cast<size_t>(c.n_kv_heads)), offsets(static_cast<size_t>(c.n_kv_heads));
+  std::vector<int32_t> stale_pages, stale_counts;
+  int32_t total = 0, max_pages = 0;
+  for (int32_t g = 0; g < c.n_kv_heads; ++g) {
+    cached[size_t(g)] = seq.table(l, g).n_tokens();
+    const int32_t pages = (cached[size_t(g)] + ps - 1) / ps;
+    budgets[size_t(g)] = page_budget(step, view, l, g, pages);
+    if (budgets[size_t(g)] <= 0) continue;
+    stale_bound_pages(seq, l, g, cached[size_t(g)], bound_sync_[size_t(l) * size_t(c.n_kv_heads) + size_t(g)],
+                      stale_pages, stale_counts);
+    offsets[size_t(g)] = total;
+    total += budgets[size_t(g)];
+    max_pages = std::max(max_pages, pages);
+  }
+  if (total == 0) return out;
+  const kernels::KvPages kv{seq.pool().chunks().data(), seq.pool().pages_per_chunk(), ps, int32_t(c.head_dim),
+                            kernels::DType::F32};
+  page_bounds_.resize(size_t(seq.pool().pages_reserved()) * 2 * size_t(c.head_dim));
+  cpu::page_bounds_update(kv, page_bounds_.data(), stale_pages.data(), stale_counts.data(),
+                          int32_t(stale_pages.size()));
+  std::vector<int32_t> table, selected(static_cast<size_t>(total));
+  const int32_t stride = max_pages;
+  table.assign(size_t(c.n_kv_heads) * size_t(stride), 0);
+  for (int32_t g = 0; g < c.n_kv_heads; ++g)
+    if (budgets[size_t(g)] > 0) {
+      const auto& pages = seq.table(l, g).pages;
+      std::copy(pages.begin(), pages.end(), table.begin() + int64_t(g) * stride);
+    }
+  bound_scores_.resize(size_t(c.n_kv_heads) * size_t(stride));
+  kernels::PageSelectCall call;
+  call.n_kv_heads = c.n_kv_heads;
+  call.group_size = c.group_size();
+  call.head_dim = int32_t(c.head_dim);
+  call.page_size = ps;
+  call.dtype = kernels::DType::F32;
+  call.bounds = page_bounds_.data();
+  call.table = {table.data(), stride};
+  call.q = &q_[size_t((step.n_tokens - 1) * c.q_dim())];
+  std::vector<int32_t> keep(budgets);
+  for (int32_t& k : keep) k = std::max(k, 0);
+  call.n_cached = cached.data();
+  call.keep = keep.data();
+  call.out_offset = offsets.data();
+  call.out = selected.data();
+  call.scores = bound_scores_.data();
+  call.score_stride = stride;
+  cpu::page_select(call);
+  for (int32_t g = 0; g < c.n_kv_heads; ++g)
+    if (budgets[size_t(g)] > 0) {
+      out[size_t(g)].unit = KvSelection::Unit::Pages;
+      out[size_t(g)].indices.assign(selected.begin() + offsets[size_t(g)],
+                                    selected.begin() + offsets[size_t(g)] + budgets[size_t(g)]);
+    }
+  return out;
 }
 
 Status CpuEngine::collect_prefill_patterns(const StepInfo& step, LayerCall& call) {

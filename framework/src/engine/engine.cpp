@@ -143,6 +143,28 @@ Status check_kv_selection(const KvSelection& sel, int32_t cached, int32_t page_s
   return ok_status();
 }
 
+void stale_bound_pages(const KvSequence& seq, int32_t layer, int32_t kv_head, int32_t n, PageBoundSync& sync,
+                       std::vector<int32_t>& pages, std::vector<int32_t>& counts) {
+  const HeadPageTable& t = seq.table(layer, kv_head);
+  const int32_t ps = seq.pool().shape().page_size;
+  const bool current = sync.seq_id == seq.id() && sync.rewrites == t.rewrites && sync.tokens <= n;
+  const int32_t from = current ? sync.tokens : 0;
+  if (from < n)
+    for (int32_t p = from / ps; p * ps < n; ++p) {
+      pages.push_back(t.pages[size_t(p)]);
+      counts.push_back(std::min(ps, n - p * ps));
+    }
+  sync = PageBoundSync{seq.id(), t.rewrites, n};
+}
+
+int32_t Engine::page_budget(const StepInfo& step, const KvView& view, int32_t layer, int32_t kv_head,
+                            int32_t cached_pages) {
+  if ((hooks_ & kHookPageBudget) == 0) return -1;
+  const int32_t budget = method_->page_budget(step, view, layer, kv_head);
+  if (budget < 0) return -1;
+  return budget > 0 && budget < cached_pages ? budget : 0;
+}
+
 Result<std::vector<float>> Engine::prefill(KvSequence& seq, std::span<const int32_t> tokens) {
   std::vector<float> last;
   auto status = forward(seq, tokens, int64_t(tokens.size()) - 1,

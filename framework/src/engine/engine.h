@@ -61,6 +61,21 @@ struct EngineCounters {
   std::map<std::string, double> as_map() const;
 };
 
+// What the engine-kept key bounds of one (layer, kv head) cover (kHookPageBudget):
+// the first `tokens` stored tokens of sequence `seq_id` as of `rewrites`.
+struct PageBoundSync {
+  uint64_t seq_id = 0;
+  uint32_t rewrites = 0;
+  int32_t tokens = 0;
+};
+
+// The pages of (layer, kv head) whose bounds must be recomputed to cover its
+// first `n` stored tokens: appends each one's physical page and filled slots to
+// `pages` / `counts`, and records the new coverage in `sync`. Everything when
+// the sequence or its table was rewritten since `sync`.
+void stale_bound_pages(const KvSequence& seq, int32_t layer, int32_t kv_head, int32_t n, PageBoundSync& sync,
+                       std::vector<int32_t>& pages, std::vector<int32_t>& counts);
+
 class Engine {
  public:
   // The backend options.backend names; an error when it is unavailable here.
@@ -113,6 +128,11 @@ class Engine {
   EngineOptions options_;
   int32_t max_context_ = 0;
   std::shared_ptr<KvPagePool> pool_;
+  // The method's page budget for (layer, kv head) in this call: > 0 pages to
+  // select by key bound when that is fewer than the head's `cached_pages`;
+  // 0 when the head is dense or selection by bound does not apply; < 0 to ask select_kv.
+  int32_t page_budget(const StepInfo& step, const KvView& view, int32_t layer, int32_t kv_head, int32_t cached_pages);
+
   Method* method_ = nullptr;
   uint32_t hooks_ = 0;
   bool cache_positions_ = false;  // this call's method uses KvPositions::Cache

@@ -18,6 +18,7 @@
 #include "cuda/gemm.cuh"
 #include "cuda/init.cuh"
 #include "cuda/kv_cache_ops.cuh"
+#include "cuda/page_bounds.cuh"
 #include "cuda/rmsnorm.cuh"
 #include "cuda/rope.cuh"
 #include "engine/cuda/cuda_kv_storage.h"
@@ -193,6 +194,7 @@ Status CudaEngine::init_device() {
   max_pages_ = (max_context_ + options_.page_size - 1) / options_.page_size;
   const size_t tables = size_t(c.n_layers) * size_t(c.n_kv_heads);
   table_sync_.assign(tables, TableSync{});
+  bound_sync_.assign(tables, PageBoundSync{});
   if (!tables_.reserve(tables * size_t(max_pages_) * 4) || !host_tables_.reserve(tables * size_t(max_pages_) * 4) ||
       !n_cached_.reserve(tables * 4) || !host_n_cached_.reserve(tables * 4) || !head_active_.reserve(size_t(c.n_heads)) ||
       !key_mass_.reserve(size_t(c.n_kv_heads) * size_t(max_context_) * 4) ||
@@ -565,23 +567,43 @@ Status CudaEngine::attention(KvSequence& seq, const StepInfo& step, int32_t l, c
 Status CudaEngine::select_keys(KvSequence& seq, const StepInfo& step, int32_t l, kernels::AttentionCall& call) {
   const ModelConfig& c = config();
   const int32_t ps = options_.page_size, gs = c.group_size();
-  const bool hook = (hooks_ & kHookDecodeSelection) != 0;
+  const DeviceKvView view(seq, stream_);
+  std::vector<int32_t> budgets(static_cast<size_t>(c.n_kv_heads), -1);
+  bool ask = false, by_bound = false;
+  int32_t bound_pages = 0;  // the most pages of a head selected by bound
+  for (int32_t g = 0; g < c.n_kv_heads; ++g) {
+    const int32_t pages = (seq.table(l, g).n_tokens() + ps - 1) / ps;
+    budgets[size_t(g)] = page_budget(step, view, l, g, pages);
+    ask = ask || budgets[size_t(g)] < 0;
+    if (budgets[size_t(g)] > 0) {
+      by_bound = true;
+      bound_pages = std::max(bound_pages, pages);
+    }
+  }
+  const bool hook = ask && (hooks_ & kHookDecodeSelection) != 0;
   std::vector<float> queries;
   if (hook) queries = download(q_.as<float>() + (step.n_tokens - 1) * c.q_dim(), c.q_dim());
-  const DeviceKvView view(seq, stream_);
-  // Device layout (int32): indptr (n_kv_heads + 1), indices, then the modes as bytes.
+  // Device layout (int32): indptr (n_kv_heads + 1), indices, then the modes as
+  // bytes. Heads selected by bound get `budget` slots that page_select fills.
   std::vector<int32_t> indptr{0}, indices;
   std::vector<uint8_t>& modes = select_modes_;
   modes.assign(size_t(c.n_kv_heads), uint8_t(kernels::KeySelect::All));
   bool any = false;
   for (int32_t g = 0; g < c.n_kv_heads; ++g) {
-    const int32_t cached = seq.table(l, g).n_tokens();
+    const int32_t cached = seq.table(l, g).n_tokens(), budget = budgets[size_t(g)];
     KvSelection sel;
     int64_t keys = cached, pages = (cached + ps - 1) / ps;
-    if (hook && method_->select_kv(step, view, l, g,
-                                   std::span<const float>(queries.data() + int64_t(g) * gs * c.head_dim,
-                                                          size_t(gs * c.head_dim)),
-                                   sel)) {
+    if (budget > 0) {
+      any = true;
+      modes[size_t(g)] = uint8_t(kernels::KeySelect::Pages);
+      indices.insert(indices.end(), size_t(budget), 0);
+      keys = int64_t(budget - 1) * ps + (cached - (pages - 1) * ps);  // full pages, then the last
+      pages = budget;
+    } else if (budget < 0 && hook &&
+               method_->select_kv(step, view, l, g,
+                                  std::span<const float>(queries.data() + int64_t(g) * gs * c.head_dim,
+                                                         size_t(gs * c.head_dim)),
+                                  sel)) {
       if (auto s = check_kv_selection(sel, cached, ps, l, g); !s) return s;
       any = true;
       const bool by_page = sel.unit == KvSelection::Unit::Pages;
@@ -610,6 +632,76 @@ Status CudaEngine::select_keys(KvSequence& seq, const StepInfo& step, int32_t l,
   call.select_indptr = csr->indptr;
   call.select_index = csr->items;
   call.select = csr->flags;
+  if (!by_bound) return ok_status();
+  return select_by_bound(seq, step, l, budgets, bound_pages, csr->indptr, const_cast<int32_t*>(csr->items));
+}
+
+// Refreshes the key bounds of the stale pages of every head with a budget,
+// then scores and selects on the device into the selection's slots.
+Status CudaEngine::select_by_bound(KvSequence& seq, const StepInfo& step, int32_t l,
+                                   const std::vector<int32_t>& budgets, int32_t max_pages, const int32_t* offsets,
+                                   int32_t* out) {
+  const ModelConfig& c = config();
+  const int32_t nkv = c.n_kv_heads;
+  // Bounds live per physical page: grow (keeping what they hold) with the pool.
+  const int64_t page_bound_bytes = 2 * int64_t(c.head_dim) * kernels::dtype_bytes(dtype_);
+  const int64_t needed = pool_->pages_reserved();
+  if (needed > bound_pages_) {
+    const int64_t grown = std::max(needed, bound_pages_ + bound_pages_ / 4);
+    DeviceMemory bigger;
+    if (!bigger.reserve(size_t(grown * page_bound_bytes))) return Error{"cuda engine: out of GPU memory for page bounds"};
+    if (bound_pages_ > 0)
+      CUDA_TRY(cudaMemcpyAsync(bigger.as(), page_bounds_.as(), size_t(bound_pages_ * page_bound_bytes),
+                               cudaMemcpyDeviceToDevice, stream_),
+               "grow page bounds");
+    CUDA_TRY(cudaStreamSynchronize(stream_), "grow page bounds");
+    page_bounds_ = std::move(bigger);
+    bound_pages_ = grown;
+  }
+  // Staged (int32): keep (n_kv_heads), then the stale pages and their filled slots.
+  std::vector<int32_t> staged(budgets.begin(), budgets.end()), pages, counts;
+  for (int32_t& k : staged) k = std::max(k, 0);
+  for (int32_t g = 0; g < nkv; ++g)
+    if (budgets[size_t(g)] > 0) {
+      if (auto s = sync_table(seq, l, g); !s) return s;  // the kernels read it before this call's append
+      stale_bound_pages(seq, l, g, seq.table(l, g).n_tokens(), bound_sync_[size_t(l) * size_t(nkv) + size_t(g)],
+                        pages, counts);
+    }
+  const int32_t stale = int32_t(pages.size());
+  staged.insert(staged.end(), pages.begin(), pages.end());
+  staged.insert(staged.end(), counts.begin(), counts.end());
+  if (!bound_work_.reserve(staged.size() * 4) ||
+      !bound_scores_.reserve(size_t(nkv) * size_t(max_pages) * 4))
+    return Error{"cuda engine: out of GPU memory for page selection"};
+  CUDA_TRY(cudaMemcpyAsync(bound_work_.as(), staged.data(), staged.size() * 4, cudaMemcpyHostToDevice, stream_),
+           "upload page bounds work");
+  const int32_t* keep = bound_work_.as<int32_t>();
+  const kernels::KvPages kv = cuda_kv_pages(*pool_);
+  cudaEvent_t* events = nullptr;  // the selection counts as attention time, as in Quest's kernel timings
+  if (options_.time_attention) {
+    if (auto s = next_event_pair(events); !s) return s;
+    CUDA_TRY(cudaEventRecord(events[0], stream_), "attention timing");
+  }
+  CUDA_TRY(kc::page_bounds_update(kv, page_bounds_.as(), keep + nkv, keep + nkv + stale, stale, stream_),
+           "page bounds");
+  kernels::PageSelectCall call;
+  call.n_kv_heads = nkv;
+  call.group_size = c.group_size();
+  call.head_dim = c.head_dim;
+  call.page_size = options_.page_size;
+  call.dtype = dtype_;
+  call.bounds = page_bounds_.as();
+  call.table = {tables_.as<int32_t>() + int64_t(l) * nkv * max_pages_, max_pages_};
+  call.q = q_.as<float>() + (step.n_tokens - 1) * c.q_dim();
+  call.n_cached = n_cached_.as<int32_t>() + int64_t(l) * nkv;
+  call.keep = keep;
+  call.out_offset = offsets;
+  call.out = out;
+  call.scores = bound_scores_.as<float>();
+  call.score_stride = max_pages;
+  CUDA_TRY(kc::page_select(call, max_pages, stream_), "page selection");
+  if (events != nullptr) CUDA_TRY(cudaEventRecord(events[1], stream_), "attention timing");
+  // `staged` may go: an asynchronous copy from pageable memory has taken it when it returns.
   return ok_status();
 }
 

@@ -71,6 +71,8 @@ class CudaEngine final : public Engine {
   Status append_kv(KvSequence& seq, int32_t layer, int64_t n);
   Status sync_table(const KvSequence& seq, int32_t layer, int32_t kv_head);
   Status select_keys(KvSequence& seq, const StepInfo& step, int32_t layer, kernels::AttentionCall& call);
+  Status select_by_bound(KvSequence& seq, const StepInfo& step, int32_t layer, const std::vector<int32_t>& budgets,
+                         int32_t max_pages, const int32_t* offsets, int32_t* out);
   Status prefill_patterns(const KvSequence& seq, const StepInfo& step, int32_t layer, kernels::AttentionCall& call);
   Status feedback_and_evict(KvSequence& seq, const StepInfo& step, int32_t layer);
   Status rerotate_keys(KvSequence& seq, int32_t layer, int32_t kv_head);
@@ -130,6 +132,13 @@ class CudaEngine final : public Engine {
   DeviceMemory head_norms_;   // (n_heads) float
   DeviceMemory select_;       // selection: (n_kv_heads) mode, (n_kv_heads + 1) indptr, indices
   std::vector<uint8_t> select_modes_;  // (n_kv_heads) KeySelect of the layer being computed
+  // Key bounds of the pool's pages (kHookPageBudget): (bound_pages_, 2, head_dim)
+  // of dtype_ indexed by physical page; what each (layer, kv head) has folded in.
+  DeviceMemory page_bounds_;
+  int64_t bound_pages_ = 0;
+  std::vector<PageBoundSync> bound_sync_;  // (n_layers, n_kv_heads)
+  DeviceMemory bound_work_;    // keep per head, stale pages, their filled slots
+  DeviceMemory bound_scores_;  // (n_kv_heads, pages) float
   DeviceMemory blocks_;       // block-sparse: flags, indptr, key blocks
   DeviceMemory attention_ws_;
   std::vector<int32_t> host_positions_;  // (n_kv_heads, n) RoPE positions of this call

@@ -1,0 +1,191 @@
+// Quest's key bounds and selection by bound. The selection is two kernels, so
+// it can be captured in a graph: a warp per candidate page writes its score to
+// the caller's scratch, then a block per kv head radix-selects the best
+// scores and compacts the chosen pages in index order (block scans from CUB).
+#include "cuda/page_bounds.cuh"
+
+#include <cub/cub.cuh>
+
+#include <algorithm>
+
+#include "cuda/block_reduce.cuh"
+#include "cuda/cuda_common.cuh"
+#include "cuda/launch_checks.cuh"
+
+namespace inferlab::kernels::cuda {
+
+namespace {
+
+constexpr int kScoreWarps = 8;        // pages per scoring block, a warp each
+constexpr int kSelectThreads = 512;   // threads of a head's selection block
+static_assert(kSelectThreads < (1 << 15), "a chunk's counts are packed in 16 bits");
+
+// Block per listed page; a thread per channel keeps its running extrema, in the
+// twin's order and with its comparisons, so the stored bounds are bit-identical.
+template <typename T>
+__global__ void page_bounds_kernel(const KvPages kv, T* bounds, const int32_t* pages, const int32_t* counts) {
+  const int32_t page = pages[blockIdx.x], count = min(counts[blockIdx.x], kv.page_size);
+  const T* keys = page_base<T>(kv, page);  // (page_size, head_dim) K rows
+  T* out = bounds + int64_t(page) * 2 * kv.head_dim;
+  for (int32_t i = threadIdx.x; i < kv.head_dim; i += blockDim.x) {
+    float lo = INFINITY, hi = -INFINITY;
+    for (int32_t slot = 0; slot < count; ++slot) {
+      const float x = to_float(keys[int64_t(slot) * kv.head_dim + i]);
+      lo = x < lo ? x : lo;  // std::min(lo, x)
+      hi = hi < x ? x : hi;  // std::max(hi, x)
+    }
+    out[i] = from_float<T>(lo);
+    out[kv.head_dim + i] = from_float<T>(hi);
+  }
+}
+
+// Logical pages of kv head g, at most max_pages (the launch's bound on them).
+__device__ __forceinline__ int32_t head_pages(const PageSelectCall& c, int32_t g, int32_t max_pages) {
+  return int32_t(min((int64_t(c.n_cached[g]) + c.page_size - 1) / c.page_size, int64_t(max_pages)));
+}
+
+// Block (slice of kScoreWarps candidate pages, kv head g); a warp per page,
+// its lanes over channels.
+template <typename T>
+__global__ void page_score_kernel(const PageSelectCall c, int32_t max_pages) {
+  const int32_t g = blockIdx.y, lane = threadIdx.x % 32;
+  const int32_t p = blockIdx.x * kScoreWarps + threadIdx.x / 32;
+  if (c.keep[g] <= 0 || p + 1 >= head_pages(c, g, max_pages)) return;  // whole warps leave
+  const int32_t hd = c.head_dim;
+  const T* bound = static_cast<const T*>(c.bounds) + int64_t(c.table.pages[int64_t(g) * c.table.stride + p]) * 2 * hd;
+  const float* q = c.q + int64_t(g) * c.group_size * hd;  // (group_size, head_dim)
+  float score = 0.0f;
+  for (int32_t i = lane; i < hd; i += 32) {
+    const float lo = to_float(bound[i]), hi = to_float(bound[hd + i]);
+    for (int32_t h = 0; h < c.group_size; ++h) {
+      const float qi = q[int64_t(h) * hd + i];
+      score += fmaxf(qi * lo, qi * hi);
+    }
+  }
+  score = warp_sum(score);
+  if (lane == 0) c.scores[int64_t(g) * c.score_stride + p] = score;
+}
+
+// Unsigned key ordered like the float, with -0.0 and +0.0 equal (the twin
+// compares floats).
+__device__ __forceinline__ uint32_t order_key(float x) {
+  uint32_t bits = __float_as_uint(x);
+  if ((bits & 0x7fffffffu) == 0) bits = 0;
+  return (bits & 0x80000000u) ? ~bits : bits | 0x80000000u;
+}
+
+struct SelectShared {
+  int32_t histogram[256];
+  uint32_t digit;
+  int32_t above;  // keys under the prefix with a larger digit
+  cub::BlockScan<int32_t, kSelectThreads>::TempStorage scan;
+};
+
+// The k-th largest key of score[0, n) (1 <= k <= n), eight bits a pass from the
+// top; *need: how many keys equal to it the k largest take (the others are
+// greater). Called by the whole block.
+__device__ void radix_select(const float* score, int32_t n, int32_t k, SelectShared& sm, uint32_t* threshold,
+                             int32_t* need) {
+  uint32_t prefix = 0, prefix_mask = 0;
+  int32_t remaining = k;  // still to take among keys under the prefix; <= their count
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int b = threadIdx.x; b < 256; b += blockDim.x) sm.histogram[b] = 0;
+    __syncthreads();
+    for (int32_t p = threadIdx.x; p < n; p += blockDim.x) {
+      const uint32_t key = order_key(score[p]);
+      if ((key & prefix_mask) == prefix) atomicAdd(&sm.histogram[(key >> shift) & 255u], 1);
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) {
+      // Lane l counts digits 255 - 8l down to 248 - 8l; a scan over lanes gives
+      // the keys above each lane's digits, and one lane holds the k-th key.
+      const int lane = threadIdx.x;
+      int32_t count[8], total = 0;
+      for (int j = 0; j < 8; ++j) total += count[j] = sm.histogram[255 - 8 * lane - j];
+      int32_t through = total;
+      for (int offset = 1; offset < 32; offset <<= 1) {
+        const int32_t v = __shfl_up_sync(0xffffffffu, through, offset);
+        if (lane >= offset) through += v;
+      }
+      int32_t above = through - total;
+      if (above < remaining && remaining <= through)
+        for (int j = 0; j < 8; ++j) {
+          if (above + count[j] >= remaining) {
+            sm.digit = uint32_t(255 - 8 * lane - j);
+            sm.above = above;
+            break;
+          }
+          above += count[j];
+        }
+    }
+    __syncthreads();
+    prefix |= sm.digit << shift;
+    prefix_mask |= 255u << shift;
+    remaining -= sm.above;
+  }
+  *threshold = prefix;
+  *need = remaining;
+}
+
+// Block per kv head: out[out_offset[g] ...] = the keep - 1 best candidates
+// (keys above the threshold, then the first `need` equal to it), ascending,
+// then the last page.
+__global__ void page_select_kernel(const PageSelectCall c, int32_t max_pages) {
+  __shared__ SelectShared sm;
+  const int32_t g = blockIdx.x, keep = c.keep[g], n_pages = head_pages(c, g, max_pages);
+  if (keep <= 0 || n_pages <= 0) return;  // uniform over the block
+  const int32_t n = n_pages - 1, k = min(keep - 1, n);
+  int32_t* out = c.out + c.out_offset[g];
+  if (threadIdx.x == 0) out[k] = n_pages - 1;
+  if (k == 0) return;
+  const float* score = c.scores + int64_t(g) * c.score_stride;
+  uint32_t threshold;
+  int32_t need;
+  radix_select(score, n, k, sm, &threshold, &need);
+  // A chosen page's slot: the greater keys before it plus the equal ones taken
+  // before it. One scan counts both: greater in the low 16 bits, equal above.
+  int32_t greater_seen = 0, equal_seen = 0;
+  for (int32_t first = 0; first < n; first += kSelectThreads) {
+    const int32_t p = first + threadIdx.x;
+    const uint32_t key = p < n ? order_key(score[p]) : 0u;
+    const bool greater = p < n && key > threshold, equal = p < n && key == threshold;
+    int32_t before, chunk;
+    cub::BlockScan<int32_t, kSelectThreads>(sm.scan).ExclusiveSum(int32_t(greater) | int32_t(equal) << 16, before,
+                                                                  chunk);
+    const int32_t greater_before = greater_seen + (before & 0xffff), equal_before = equal_seen + (before >> 16);
+    if (greater || (equal && equal_before < need)) out[greater_before + min(equal_before, need)] = p;
+    greater_seen += chunk & 0xffff;
+    equal_seen += chunk >> 16;
+    if (greater_seen + min(equal_seen, need) == k) break;  // uniform: the aggregate reaches every thread
+    __syncthreads();  // sm.scan is reused by the next chunk
+  }
+}
+
+}  // namespace
+
+cudaError_t page_bounds_update(const KvPages& kv, void* bounds, const int32_t* pages, const int32_t* counts,
+                               int32_t n, cudaStream_t stream) {
+  if (!valid_pages(kv) || n < 0) return cudaErrorInvalidValue;
+  if (n == 0) return cudaSuccess;
+  if (bounds == nullptr || pages == nullptr || counts == nullptr) return cudaErrorInvalidValue;
+  INFERLAB_DISPATCH_DTYPE(kv.dtype, T,
+    page_bounds_kernel<T><<<unsigned(n), row_threads(kv.head_dim), 0, stream>>>(kv, static_cast<T*>(bounds), pages, counts));
+  return cudaGetLastError();
+}
+
+cudaError_t page_select(const PageSelectCall& c, int32_t max_pages, cudaStream_t stream) {
+  if (c.n_kv_heads < 0 || c.n_kv_heads > 65535 || c.group_size <= 0 || c.head_dim <= 0 || c.page_size <= 0 ||
+      !valid_dtype(c.dtype) || c.table.stride < 0 || max_pages < 0 || max_pages > c.score_stride)
+    return cudaErrorInvalidValue;
+  if (c.n_kv_heads == 0 || max_pages == 0) return cudaSuccess;
+  if (c.bounds == nullptr || c.table.pages == nullptr || c.q == nullptr || c.n_cached == nullptr ||
+      c.keep == nullptr || c.out_offset == nullptr || c.out == nullptr || c.scores == nullptr)
+    return cudaErrorInvalidValue;
+  // Stream order makes the selection wait for every score.
+  const dim3 score_grid(unsigned(ceil_div(max_pages, kScoreWarps)), unsigned(c.n_kv_heads));
+  INFERLAB_DISPATCH_DTYPE(c.dtype, T, page_score_kernel<T><<<score_grid, kScoreWarps * 32, 0, stream>>>(c, max_pages));
+  page_select_kernel<<<unsigned(c.n_kv_heads), kSelectThreads, 0, stream>>>(c, max_pages);
+  return cudaGetLastError();
+}
+
+}  // namespace inferlab::kernels::cuda

@@ -1,0 +1,86 @@
+// A method that reads `budget` KV pages per (layer, kv head) at each decode
+// step, chosen by Quest's key bound, either through the engine's mechanism
+// (kHookPageBudget) or by computing the bounds itself from the KvView and
+// returning the pages through select_kv: the reference the engine's
+// mechanism is checked against, on either backend. It can also evict listed
+// positions in one forward call, which makes the engine rebuild its bounds.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <set>
+#include <span>
+#include <vector>
+
+#include "inferlab/plugin.h"
+
+namespace inferlab::test {
+
+class BoundMethod final : public Method {
+ public:
+  BoundMethod(bool engine_side, int32_t budget, std::set<int32_t> evict_positions = {}, int64_t evict_step = -1)
+      : engine_side_(engine_side), budget_(budget), evict_(std::move(evict_positions)), evict_step_(evict_step) {}
+
+  uint32_t hooks() const { return (engine_side_ ? kHookPageBudget : kHookDecodeSelection) | kHookEviction; }
+
+  int32_t page_budget(const StepInfo& step, const KvView&, int32_t, int32_t) override {
+    return step.decode() ? budget_ : 0;
+  }
+
+  bool select_kv(const StepInfo& step, const KvView& kv, int32_t layer, int32_t kv_head, std::span<const float> q,
+                 KvSelection& selection) override {
+    if (!step.decode()) return false;
+    const int32_t n = kv.n_tokens(layer, kv_head), ps = kv.page_size(), pages = (n + ps - 1) / ps;
+    if (pages <= budget_) return false;
+    const int32_t hd = int32_t(q.size()) / shape_.group_size();
+    std::vector<float> score(static_cast<size_t>(pages - 1)), lo(static_cast<size_t>(hd)), hi(static_cast<size_t>(hd));
+    for (int32_t p = 0; p + 1 < pages; ++p) {
+      std::fill(lo.begin(), lo.end(), std::numeric_limits<float>::infinity());
+      std::fill(hi.begin(), hi.end(), -std::numeric_limits<float>::infinity());
+      for (int32_t t = p * ps; t < std::min(n, (p + 1) * ps); ++t) {
+        const float* k = kv.key(layer, kv_head, t);
+        for (int32_t i = 0; i < hd; ++i) {
+          lo[size_t(i)] = std::min(lo[size_t(i)], k[i]);
+          hi[size_t(i)] = std::max(hi[size_t(i)], k[i]);
+        }
+      }
+      float s = 0;
+      for (int32_t h = 0; h < shape_.group_size(); ++h)
+        for (int32_t i = 0; i < hd; ++i) {
+          const float qi = q[size_t(h * hd + i)];
+          s += std::max(qi * lo[size_t(i)], qi * hi[size_t(i)]);
+        }
+      score[size_t(p)] = s;
+    }
+    std::vector<int32_t> order(static_cast<size_t>(pages - 1));
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return score[size_t(a)] > score[size_t(b)]; });
+    order.resize(size_t(budget_ - 1));
+    std::sort(order.begin(), order.end());
+    order.push_back(pages - 1);
+    selection.unit = KvSelection::Unit::Pages;
+    selection.indices = order;
+    return true;
+  }
+
+  void evict(const StepInfo& step, const KvView& kv, int32_t layer, int32_t kv_head,
+             std::vector<int32_t>& drop) override {
+    if (step.step != evict_step_) return;
+    const auto positions = kv.positions(layer, kv_head);
+    for (int32_t i = 0; i < int32_t(positions.size()); ++i)
+      if (evict_.count(positions[size_t(i)]) != 0) drop.push_back(i);
+  }
+
+  void begin_sequence(const ModelShape& shape) override { shape_ = shape; }
+
+ private:
+  bool engine_side_;
+  int32_t budget_;
+  std::set<int32_t> evict_;
+  int64_t evict_step_;
+  ModelShape shape_;
+};
+
+}  // namespace inferlab::test
