@@ -154,15 +154,20 @@ void page_select(const PageSelectCall& call) {
     const float* q = call.q + int64_t(g) * gs * hd;
     for (int32_t p = 0; p + 1 < n_pages; ++p) {
       const int64_t base = int64_t(call.table.pages[int64_t(g) * call.table.stride + p]) * 2 * hd;
-      for (int32_t i = 0; i < hd; ++i) {
-        lo[size_t(i)] = load(call.bounds, call.dtype, base + i);
-        hi[size_t(i)] = load(call.bounds, call.dtype, base + hd + i);
+      const float *page_lo = lo.data(), *page_hi = hi.data();
+      if (call.dtype == DType::F32) {  // the CPU engine's bounds: read in place
+        page_lo = static_cast<const float*>(call.bounds) + base;
+        page_hi = page_lo + hd;
+      } else {
+        const char* bytes = static_cast<const char*>(call.bounds) + base * dtype_bytes(call.dtype);
+        convert_to_float(bytes, call.dtype, hd, lo.data());
+        convert_to_float(bytes + int64_t(hd) * dtype_bytes(call.dtype), call.dtype, hd, hi.data());
       }
       float s = 0;
       for (int32_t h = 0; h < gs; ++h)
         for (int32_t i = 0; i < hd; ++i) {
           const float qi = q[int64_t(h) * hd + i];
-          s += std::max(qi * lo[size_t(i)], qi * hi[size_t(i)]);
+          s += std::max(qi * page_lo[i], qi * page_hi[i]);
         }
       score[p] = s;
     }
