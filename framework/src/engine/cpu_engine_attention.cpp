@@ -199,14 +199,16 @@ std::vector<KvSelection> CpuEngine::select_by_bound(KvSequence& seq, const StepI
   std::vector<KvSelection> out(static_cast<size_t>(c.n_kv_heads));
   std::vector<int32_t> cached(static_cast<size_t>(c.n_kv_heads)), offsets(static_cast<size_t>(c.n_kv_heads));
   std::vector<int32_t> stale_pages, stale_counts;
+  std::vector<PageBoundSync> covered(static_cast<size_t>(c.n_kv_heads));
   int32_t total = 0, max_pages = 0;
   for (int32_t g = 0; g < c.n_kv_heads; ++g) {
     cached[size_t(g)] = seq.table(l, g).n_tokens();
     const int32_t pages = (cached[size_t(g)] + ps - 1) / ps;
     budgets[size_t(g)] = page_budget(step, view, l, g, pages);
     if (budgets[size_t(g)] <= 0) continue;
-    stale_bound_pages(seq, l, g, cached[size_t(g)], bound_sync_[size_t(l) * size_t(c.n_kv_heads) + size_t(g)],
-                      stale_pages, stale_counts);
+    covered[size_t(g)] = stale_bound_pages(seq, l, g, cached[size_t(g)],
+                                           bound_sync_[size_t(l) * size_t(c.n_kv_heads) + size_t(g)], stale_pages,
+                                           stale_counts);
     offsets[size_t(g)] = total;
     total += budgets[size_t(g)];
     max_pages = std::max(max_pages, pages);
@@ -217,6 +219,8 @@ std::vector<KvSelection> CpuEngine::select_by_bound(KvSequence& seq, const StepI
   page_bounds_.resize(size_t(seq.pool().pages_reserved()) * 2 * size_t(c.head_dim));
   cpu::page_bounds_update(kv, page_bounds_.data(), stale_pages.data(), stale_counts.data(),
                           int32_t(stale_pages.size()));
+  for (int32_t g = 0; g < c.n_kv_heads; ++g)
+    if (budgets[size_t(g)] > 0) bound_sync_[size_t(l) * size_t(c.n_kv_heads) + size_t(g)] = covered[size_t(g)];
   std::vector<int32_t> table, selected(static_cast<size_t>(total));
   const int32_t stride = max_pages;
   table.assign(size_t(c.n_kv_heads) * size_t(stride), 0);

@@ -143,8 +143,8 @@ Status check_kv_selection(const KvSelection& sel, int32_t cached, int32_t page_s
   return ok_status();
 }
 
-void stale_bound_pages(const KvSequence& seq, int32_t layer, int32_t kv_head, int32_t n, PageBoundSync& sync,
-                       std::vector<int32_t>& pages, std::vector<int32_t>& counts) {
+PageBoundSync stale_bound_pages(const KvSequence& seq, int32_t layer, int32_t kv_head, int32_t n,
+                                const PageBoundSync& sync, std::vector<int32_t>& pages, std::vector<int32_t>& counts) {
   const HeadPageTable& t = seq.table(layer, kv_head);
   const int32_t ps = seq.pool().shape().page_size;
   const bool current = sync.seq_id == seq.id() && sync.rewrites == t.rewrites && sync.tokens <= n;
@@ -154,7 +154,7 @@ void stale_bound_pages(const KvSequence& seq, int32_t layer, int32_t kv_head, in
       pages.push_back(t.pages[size_t(p)]);
       counts.push_back(std::min(ps, n - p * ps));
     }
-  sync = PageBoundSync{seq.id(), t.rewrites, n};
+  return PageBoundSync{seq.id(), t.rewrites, n};
 }
 
 int32_t Engine::page_budget(const StepInfo& step, const KvView& view, int32_t layer, int32_t kv_head,

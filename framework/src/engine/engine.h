@@ -70,11 +70,12 @@ struct PageBoundSync {
 };
 
 // The pages of (layer, kv head) whose bounds must be recomputed to cover its
-// first `n` stored tokens: appends each one's physical page and filled slots to
-// `pages` / `counts`, and records the new coverage in `sync`. Everything when
-// the sequence or its table was rewritten since `sync`.
-void stale_bound_pages(const KvSequence& seq, int32_t layer, int32_t kv_head, int32_t n, PageBoundSync& sync,
-                       std::vector<int32_t>& pages, std::vector<int32_t>& counts);
+// first `n` stored tokens, given what `sync` covers: appends each one's physical
+// page and filled slots to `pages` / `counts` and returns the coverage once they
+// are recomputed (record it only then). Everything when the sequence or its
+// table was rewritten since `sync`.
+PageBoundSync stale_bound_pages(const KvSequence& seq, int32_t layer, int32_t kv_head, int32_t n,
+                                const PageBoundSync& sync, std::vector<int32_t>& pages, std::vector<int32_t>& counts);
 
 class Engine {
  public:

@@ -660,12 +660,13 @@ Status CudaEngine::select_by_bound(KvSequence& seq, const StepInfo& step, int32_
   }
   // Staged (int32): keep (n_kv_heads), then the stale pages and their filled slots.
   std::vector<int32_t> staged(budgets.begin(), budgets.end()), pages, counts;
+  std::vector<PageBoundSync> covered(static_cast<size_t>(nkv));  // recorded once the kernels are launched
   for (int32_t& k : staged) k = std::max(k, 0);
   for (int32_t g = 0; g < nkv; ++g)
     if (budgets[size_t(g)] > 0) {
       if (auto s = sync_table(seq, l, g); !s) return s;  // the kernels read it before this call's append
-      stale_bound_pages(seq, l, g, seq.table(l, g).n_tokens(), bound_sync_[size_t(l) * size_t(nkv) + size_t(g)],
-                        pages, counts);
+      covered[size_t(g)] = stale_bound_pages(seq, l, g, seq.table(l, g).n_tokens(),
+                                             bound_sync_[size_t(l) * size_t(nkv) + size_t(g)], pages, counts);
     }
   const int32_t stale = int32_t(pages.size());
   staged.insert(staged.end(), pages.begin(), pages.end());
@@ -675,6 +676,7 @@ Status CudaEngine::select_by_bound(KvSequence& seq, const StepInfo& step, int32_
     return Error{"cuda engine: out of GPU memory for page selection"};
   CUDA_TRY(cudaMemcpyAsync(bound_work_.as(), staged.data(), staged.size() * 4, cudaMemcpyHostToDevice, stream_),
            "upload page bounds work");
+  CUDA_TRY(cudaStreamSynchronize(stream_), "upload page bounds work");  // `staged` is pageable and ours
   const int32_t* keep = bound_work_.as<int32_t>();
   const kernels::KvPages kv = cuda_kv_pages(*pool_);
   cudaEvent_t* events = nullptr;  // the selection counts as attention time, as in Quest's kernel timings
@@ -701,7 +703,8 @@ Status CudaEngine::select_by_bound(KvSequence& seq, const StepInfo& step, int32_
   call.score_stride = max_pages;
   CUDA_TRY(kc::page_select(call, max_pages, stream_), "page selection");
   if (events != nullptr) CUDA_TRY(cudaEventRecord(events[1], stream_), "attention timing");
-  // `staged` may go: an asynchronous copy from pageable memory has taken it when it returns.
+  for (int32_t g = 0; g < nkv; ++g)
+    if (budgets[size_t(g)] > 0) bound_sync_[size_t(l) * size_t(nkv) + size_t(g)] = covered[size_t(g)];
   return ok_status();
 }
 
