@@ -108,7 +108,8 @@ struct AttentionCall {
 // n_pages = ceil(n_cached[g] / page_size)), a logical page p's score is
 //   sum over the group's query heads h, then channels i, of
 //   max(q[h][i] * min_p[i], q[h][i] * max_p[i])
-// and out[out_offset[g] ...] receives keep[g] logical pages, ascending: the
+// (max as fmaxf: a NaN product, a zero query channel times an infinite bound,
+// gives way to the other; a NaN score counts as -infinity) and out[out_offset[g] ...] receives keep[g] logical pages, ascending: the
 // keep[g] - 1 best-scoring of pages 0 .. n_pages - 2 (ties to the lower page),
 // then page n_pages - 1. Heads with keep[g] == 0 are left alone.
 struct PageSelectCall {

@@ -166,10 +166,10 @@ void page_select(const PageSelectCall& call) {
       float s = 0;
       for (int32_t h = 0; h < gs; ++h)
         for (int32_t i = 0; i < hd; ++i) {
-          const float qi = q[int64_t(h) * hd + i];
-          s += std::max(qi * page_lo[i], qi * page_hi[i]);
+          const float qi = q[int64_t(h) * hd + i], a = qi * page_lo[i], b = qi * page_hi[i];
+          s += a < b || a != a ? b : a;  // fmaxf: a NaN product (0 * an infinite bound) gives way
         }
-      score[p] = s;
+      score[p] = std::isnan(s) ? -std::numeric_limits<float>::infinity() : s;  // both products NaN: ranks last
     }
     order.resize(size_t(n_pages - 1));
     std::iota(order.begin(), order.end(), 0);

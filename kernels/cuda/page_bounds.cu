@@ -63,7 +63,7 @@ __global__ void page_score_kernel(const PageSelectCall c, int32_t max_pages) {
     }
   }
   score = warp_sum(score);
-  if (lane == 0) c.scores[int64_t(g) * c.score_stride + p] = score;
+  if (lane == 0) c.scores[int64_t(g) * c.score_stride + p] = isnan(score) ? -INFINITY : score;  // as the twin
 }
 
 // Unsigned key ordered like the float, with -0.0 and +0.0 equal (the twin

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "cpu/cpu_twins.h"
@@ -107,6 +108,25 @@ TEST(CpuTwinsPageBounds, EqualScoresGoToTheLowerPages) {
   page_select({1, 1, 1, 1, DType::F32, bounds.data(), {table.data(), 10}, q.data(), n_cached.data(), keep.data(),
                offset.data(), out.data(), scores.data(), 10});
   EXPECT_EQ(out, (std::vector<int32_t>{0, 1, 2, 9}));
+}
+
+TEST(CpuTwinsPageBounds, InfiniteBoundsTimesAZeroQueryChannel) {
+  // Keys that overflowed f16 leave infinite bounds; the query's channel 1 is 0.
+  // A NaN product gives way to the other one (fmaxf); a page whose products
+  // are both NaN scores -infinity and ranks last.
+  const float inf = std::numeric_limits<float>::infinity();
+  const std::vector<float> bounds = {9, -inf, 9, inf,  // page 0: both products of channel 1 NaN
+                                     1, 0, 1, inf,     // page 1: 1 + max(0, NaN) = 1
+                                     0.5f, 0, 0.5f, 0, // page 2: 0.5
+                                     0, 0, 0, 0},      // page 3, the last
+      q = {1, 0};
+  const std::vector<int32_t> table = {0, 1, 2, 3}, n_cached = {4}, keep = {3}, offset = {0};
+  std::vector<int32_t> out(3, -1);
+  std::vector<float> scores(4);
+  page_select({1, 1, 2, 1, DType::F32, bounds.data(), {table.data(), 4}, q.data(), n_cached.data(), keep.data(),
+               offset.data(), out.data(), scores.data(), 4});
+  EXPECT_EQ(std::vector<float>(scores.begin(), scores.begin() + 3), (std::vector<float>{-inf, 1, 0.5f}));
+  EXPECT_EQ(out, (std::vector<int32_t>{1, 2, 3}));
 }
 
 }  // namespace
