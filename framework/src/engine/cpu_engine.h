@@ -23,7 +23,7 @@ class CpuEngine final : public Engine {
   Status attention_layer(KvSequence& seq, const StepInfo& step, int32_t layer, const ComponentMask* mask);
   Status gather_keys(KvSequence& seq, const StepInfo& step, LayerCall& call);
   std::vector<KvSelection> select_by_bound(KvSequence& seq, const StepInfo& step, int32_t layer,
-                                           std::vector<int32_t>& budgets);
+                                           const std::vector<int32_t>& budgets);
   Status collect_prefill_patterns(const StepInfo& step, LayerCall& call);
   void attend_head(const LayerCall& call, int32_t head, int64_t row_begin, int64_t row_end, float* key_mass);
   Status feedback_and_evict(KvSequence& seq, const StepInfo& step, LayerCall& call);

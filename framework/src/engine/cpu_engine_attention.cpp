@@ -149,9 +149,10 @@ Status CpuEngine::gather_keys(KvSequence& seq, const StepInfo& step, LayerCall& 
   call.old_visible.assign(size_t(c.n_kv_heads), 0);
   call.cached_before.assign(size_t(c.n_kv_heads), 0);
   call.selected.assign(size_t(c.n_kv_heads), 0);
-  std::vector<int32_t> budgets(static_cast<size_t>(c.n_kv_heads), -1);
+  const std::vector<int32_t> budgets = page_budgets(step, view, seq, l);
   std::vector<KvSelection> by_bound;
-  if ((hooks_ & kHookPageBudget) != 0) by_bound = select_by_bound(seq, step, l, budgets);
+  if (std::any_of(budgets.begin(), budgets.end(), [](int32_t b) { return b > 0; }))
+    by_bound = select_by_bound(seq, step, l, budgets);
   for (int32_t g = 0; g < c.n_kv_heads; ++g) {
     const int32_t cached = seq.table(l, g).n_tokens();
     std::vector<KeyRange> ranges;
@@ -188,14 +189,13 @@ Status CpuEngine::gather_keys(KvSequence& seq, const StepInfo& step, LayerCall& 
   return ok_status();
 }
 
-// Page budgets of the layer's kv heads (Engine::page_budget) and, for those
-// with one, the pages the bounds select: bounds of stale pages are refreshed
-// first (cpu::page_bounds_update), then every such head is scored at once.
+// For the kv heads with a page budget, the pages the bounds select: bounds of
+// stale pages are refreshed first (cpu::page_bounds_update), then every such
+// head is scored at once.
 std::vector<KvSelection> CpuEngine::select_by_bound(KvSequence& seq, const StepInfo& step, int32_t l,
-                                                    std::vector<int32_t>& budgets) {
+                                                    const std::vector<int32_t>& budgets) {
   const ModelConfig& c = config();
   const int32_t ps = seq.pool().shape().page_size;
-  const SequenceKvView view(seq);
   std::vector<KvSelection> out(static_cast<size_t>(c.n_kv_heads));
   std::vector<int32_t> cached(static_cast<size_t>(c.n_kv_heads)), offsets(static_cast<size_t>(c.n_kv_heads));
   std::vector<int32_t> stale_pages, stale_counts;
@@ -203,17 +203,14 @@ std::vector<KvSelection> CpuEngine::select_by_bound(KvSequence& seq, const StepI
   int32_t total = 0, max_pages = 0;
   for (int32_t g = 0; g < c.n_kv_heads; ++g) {
     cached[size_t(g)] = seq.table(l, g).n_tokens();
-    const int32_t pages = (cached[size_t(g)] + ps - 1) / ps;
-    budgets[size_t(g)] = page_budget(step, view, l, g, pages);
     if (budgets[size_t(g)] <= 0) continue;
     covered[size_t(g)] = stale_bound_pages(seq, l, g, cached[size_t(g)],
                                            bound_sync_[size_t(l) * size_t(c.n_kv_heads) + size_t(g)], stale_pages,
                                            stale_counts);
     offsets[size_t(g)] = total;
     total += budgets[size_t(g)];
-    max_pages = std::max(max_pages, pages);
+    max_pages = std::max(max_pages, (cached[size_t(g)] + ps - 1) / ps);
   }
-  if (total == 0) return out;
   const kernels::KvPages kv{seq.pool().chunks().data(), seq.pool().pages_per_chunk(), ps, int32_t(c.head_dim),
                             kernels::DType::F32};
   page_bounds_.resize(size_t(seq.pool().pages_reserved()) * 2 * size_t(c.head_dim));

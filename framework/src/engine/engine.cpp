@@ -157,12 +157,17 @@ PageBoundSync stale_bound_pages(const KvSequence& seq, int32_t layer, int32_t kv
   return PageBoundSync{seq.id(), t.rewrites, n};
 }
 
-int32_t Engine::page_budget(const StepInfo& step, const KvView& view, int32_t layer, int32_t kv_head,
-                            int32_t cached_pages) {
-  if ((hooks_ & kHookPageBudget) == 0) return -1;
-  const int32_t budget = method_->page_budget(step, view, layer, kv_head);
-  if (budget < 0) return -1;
-  return budget > 0 && budget < cached_pages ? budget : 0;
+std::vector<int32_t> Engine::page_budgets(const StepInfo& step, const KvView& view, const KvSequence& seq,
+                                          int32_t layer) {
+  std::vector<int32_t> budgets(static_cast<size_t>(config().n_kv_heads), -1);
+  if ((hooks_ & kHookPageBudget) == 0) return budgets;
+  const int32_t ps = seq.pool().shape().page_size;
+  for (int32_t g = 0; g < config().n_kv_heads; ++g) {
+    const int32_t budget = method_->page_budget(step, view, layer, g);
+    const int32_t pages = (seq.table(layer, g).n_tokens() + ps - 1) / ps;
+    budgets[size_t(g)] = budget < 0 ? -1 : budget > 0 && budget < pages ? budget : 0;
+  }
+  return budgets;
 }
 
 Result<std::vector<float>> Engine::prefill(KvSequence& seq, std::span<const int32_t> tokens) {

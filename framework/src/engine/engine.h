@@ -129,10 +129,11 @@ class Engine {
   EngineOptions options_;
   int32_t max_context_ = 0;
   std::shared_ptr<KvPagePool> pool_;
-  // The method's page budget for (layer, kv head) in this call: > 0 pages to
-  // select by key bound when that is fewer than the head's `cached_pages`;
-  // 0 when the head is dense or selection by bound does not apply; < 0 to ask select_kv.
-  int32_t page_budget(const StepInfo& step, const KvView& view, int32_t layer, int32_t kv_head, int32_t cached_pages);
+  // The method's page budget for each kv head of `layer` in this call: > 0
+  // pages to select by key bound when that is fewer than the head's cached
+  // pages; 0 when the head is dense; < 0 (every head without kHookPageBudget)
+  // to ask select_kv.
+  std::vector<int32_t> page_budgets(const StepInfo& step, const KvView& view, const KvSequence& seq, int32_t layer);
 
   Method* method_ = nullptr;
   uint32_t hooks_ = 0;

@@ -568,16 +568,14 @@ Status CudaEngine::select_keys(KvSequence& seq, const StepInfo& step, int32_t l,
   const ModelConfig& c = config();
   const int32_t ps = options_.page_size, gs = c.group_size();
   const DeviceKvView view(seq, stream_);
-  std::vector<int32_t> budgets(static_cast<size_t>(c.n_kv_heads), -1);
+  const std::vector<int32_t> budgets = page_budgets(step, view, seq, l);
   bool ask = false, by_bound = false;
   int32_t bound_pages = 0;  // the most pages of a head selected by bound
   for (int32_t g = 0; g < c.n_kv_heads; ++g) {
-    const int32_t pages = (seq.table(l, g).n_tokens() + ps - 1) / ps;
-    budgets[size_t(g)] = page_budget(step, view, l, g, pages);
     ask = ask || budgets[size_t(g)] < 0;
     if (budgets[size_t(g)] > 0) {
       by_bound = true;
-      bound_pages = std::max(bound_pages, pages);
+      bound_pages = std::max(bound_pages, (seq.table(l, g).n_tokens() + ps - 1) / ps);
     }
   }
   const bool hook = ask && (hooks_ & kHookDecodeSelection) != 0;
