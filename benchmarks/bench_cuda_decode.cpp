@@ -12,7 +12,7 @@
 #include <chrono>
 #include <random>
 
-#include "engine/cuda/cuda_engine.h"
+#include "engine/engine.h"
 #include "model/synthetic_model.h"
 
 using namespace inferlab;
@@ -73,15 +73,15 @@ int main(int argc, char** argv) {
   if (!dtype) return std::fprintf(stderr, "--dtype: %s\n", dtype.message().c_str()), 1;
   const ModelConfig config = synthetic_config(*spec);
   EngineOptions options;
-  options.backend = Backend::Cuda;
+  options.backend = BackendKind::Cuda;
   options.gpu_dtype = *dtype;
   options.cuda_graphs = !no_graphs;
   int64_t longest = prefill_tokens;
   for (int64_t c : contexts) longest = std::max(longest, c + steps);
   options.max_context = int32_t(std::min<int64_t>(longest, config.context_length));
-  auto made = CudaEngine::create_random(config, 1, options);
+  auto made = Engine::create_random(config, 1, options);
   if (!made) return std::fprintf(stderr, "%s\n", made.message().c_str()), 1;
-  CudaEngine& engine = **made;
+  Engine& engine = **made;
   if (peak_gbs <= 0) peak_gbs = device_peak_gbs();
 
   const int64_t kv_bytes_per_token =

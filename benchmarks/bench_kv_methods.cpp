@@ -60,7 +60,7 @@ int main(int argc, char** argv) {
   for (int32_t ctx : contexts) {
     std::vector<int32_t> prompt(static_cast<size_t>(ctx));
     for (auto& t : prompt) t = int32_t(rng() % uint32_t(e.config().n_vocab));
-    e.set_method(nullptr, 0);
+    (void)e.set_method(nullptr, 0);
     auto base = e.new_sequence();
     if (auto r = e.prefill(*base, prompt); !r) return fmt::print(stderr, "bench: {}\n", r.message()), 1;
     double dense_ms = 0;
@@ -78,7 +78,7 @@ int main(int argc, char** argv) {
       fmt::print("| {} | {} | {:.2f} | {:.2f}× | {:.0f} | {:.1f} |\n", ctx, s.label, ms, dense_ms / ms,
                  double(e.counters().decode_keys_read) / heads,
                  double(seq->pages_held() * e.pool().page_bytes()) / (1 << 20));
-      e.set_method(nullptr, 0);
+      (void)e.set_method(nullptr, 0);
     }
   }
   return 0;

@@ -30,6 +30,7 @@ struct Setting {
 struct ActiveSetting {
   MethodHandle handle;
   std::unique_ptr<KvSequence> seq;
+  std::unique_ptr<WeightOverrides> overrides = std::make_unique<WeightOverrides>();
 };
 
 // Creates and loads the setting's method, installs it on `engine` (dense: no
@@ -40,10 +41,14 @@ inline Result<ActiveSetting> start_setting(PluginRegistry& registry, Engine& eng
   auto handle = registry.create(setting.plugin, setting.params);
   if (!handle) return handle.error();
   const PluginEntry* entry = registry.find(setting.plugin);
-  if (auto s = load_method(*handle->get(), *entry, engine); !s) return s.error();
-  ActiveSetting active{std::move(*handle), base.clone()};
+  auto overrides = std::make_unique<WeightOverrides>();
+  if (auto s = load_method(*handle->get(), *entry, engine, {}, overrides.get()); !s) return s.error();
+  ActiveSetting active{std::move(*handle), base.clone(), std::move(overrides)};
   active.handle->begin_sequence(engine.shape());
-  engine.set_method(setting.plugin == "dense" ? nullptr : active.handle.get(), entry->hooks);
+  if (auto s = engine.set_method(setting.plugin == "dense" ? nullptr : active.handle.get(), entry->hooks,
+                                 active.overrides.get(), setting.plugin);
+      !s)
+    return s.error();
   if (auto r = engine.decode(*active.seq, 1); !r) return r.error();
   return active;
 }

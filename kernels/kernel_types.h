@@ -129,4 +129,34 @@ struct PageSelectCall {
   int32_t score_stride = 0;          // >= the largest n_pages
 };
 
+// Engine-side retention of one layer. The score of stored token t of kv head g
+// lives in a slot plane: plane[table.pages[g * table.stride + t / page_size]
+// * page_size + t % page_size]. After a call of n_rows new tokens (head g then
+// stores n_g = n_cached[g] + n_rows tokens):
+//   update: score = score + mass (rule 0, accumulated) or mass (rule 1, last
+//           call only), mass = key_mass[g * mass_stride + t] of the call; new
+//           tokens start from 0. scores[g * stride + t] receives it (a NaN as
+//           -infinity).
+//   select: with budget (sink, recent, heavy) = budget[3g .. 3g + 2], heavy >= 0
+//           and n_g > sink + recent + heavy, the candidates sink .. n_g - recent - 1
+//           keep their `heavy` best scores (ties to the earlier token) and the
+//           others are listed ascending in drops[g * stride ...], their count in
+//           n_drops[g] (0 when nothing leaves).
+struct RetentionCall {
+  int32_t n_kv_heads = 0;
+  int32_t page_size = 0;
+  LayerPageTable table;
+  float* plane = nullptr;             // (physical pages * page_size) scores
+  const int32_t* n_cached = nullptr;  // (n_kv_heads) stored before the call
+  int32_t n_rows = 0;
+  const float* mass = nullptr;        // (n_kv_heads, mass_stride)
+  int32_t mass_stride = 0;
+  int32_t rule = 0;                   // 0 accumulated, 1 last call
+  const int32_t* budget = nullptr;    // (n_kv_heads, 3) sink, recent, heavy
+  float* scores = nullptr;            // (n_kv_heads, stride) scratch, stored order
+  int32_t* drops = nullptr;           // (n_kv_heads, stride)
+  int32_t* n_drops = nullptr;         // (n_kv_heads)
+  int32_t stride = 0;                 // >= n_g of every head
+};
+
 }  // namespace inferlab::kernels

@@ -79,7 +79,65 @@ __global__ void kv_copy_pages_kernel(const KvPages from_kv, const KvPages to_kv,
     to[u] = from[u];
 }
 
+// Slot planes: thread per value.
+__global__ void slot_plane_fill_kernel(LayerPageTable table, const int32_t* first_token, int32_t n_rows,
+                                       int32_t page_size, uint32_t* plane, uint32_t value) {
+  const int32_t g = blockIdx.y, i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n_rows) return;
+  const int32_t t = first_token[g] + i;
+  plane[int64_t(table.pages[int64_t(g) * table.stride + t / page_size]) * page_size + t % page_size] = value;
+}
+
+template <bool kToScratch>
+__global__ void slot_plane_move_kernel(uint32_t* plane, int32_t page_size, const int32_t* page, const int32_t* slot,
+                                       int32_t n, uint32_t* scratch) {
+  const int32_t j = blockIdx.x * blockDim.x + threadIdx.x;
+  if (j >= n) return;
+  uint32_t& value = plane[int64_t(page[j]) * page_size + slot[j]];
+  if (kToScratch) scratch[j] = value;
+  else value = scratch[j];
+}
+
+// Block (pair j); a thread per slot.
+__global__ void slot_plane_copy_kernel(const uint32_t* from, uint32_t* to, int32_t page_size, const int32_t* src,
+                                       const int32_t* dst) {
+  for (int32_t s = threadIdx.x; s < page_size; s += blockDim.x)
+    to[int64_t(dst[blockIdx.x]) * page_size + s] = from[int64_t(src[blockIdx.x]) * page_size + s];
+}
+
 }  // namespace
+
+cudaError_t slot_plane_fill(LayerPageTable table, const int32_t* first_token, int32_t n_rows, int32_t n_kv_heads,
+                            int32_t page_size, uint32_t* plane, uint32_t value, cudaStream_t stream) {
+  if (n_rows < 0 || n_kv_heads < 0 || n_kv_heads > 65535 || page_size <= 0) return cudaErrorInvalidValue;
+  if (n_rows == 0 || n_kv_heads == 0) return cudaSuccess;
+  if (plane == nullptr || table.pages == nullptr || first_token == nullptr) return cudaErrorInvalidValue;
+  slot_plane_fill_kernel<<<dim3(unsigned(ceil_div(n_rows, 128)), unsigned(n_kv_heads)), 128, 0, stream>>>(
+      table, first_token, n_rows, page_size, plane, value);
+  return cudaGetLastError();
+}
+
+cudaError_t slot_plane_move(uint32_t* plane, int32_t page_size, const int32_t* src_page, const int32_t* src_slot,
+                            const int32_t* dst_page, const int32_t* dst_slot, int32_t n_moves, uint32_t* scratch,
+                            cudaStream_t stream) {
+  if (n_moves < 0 || page_size <= 0) return cudaErrorInvalidValue;
+  if (n_moves == 0) return cudaSuccess;
+  if (plane == nullptr || scratch == nullptr) return cudaErrorInvalidValue;
+  const unsigned blocks = unsigned(ceil_div(n_moves, 256));
+  // Stream order makes the scatter wait for the whole gather.
+  slot_plane_move_kernel<true><<<blocks, 256, 0, stream>>>(plane, page_size, src_page, src_slot, n_moves, scratch);
+  slot_plane_move_kernel<false><<<blocks, 256, 0, stream>>>(plane, page_size, dst_page, dst_slot, n_moves, scratch);
+  return cudaGetLastError();
+}
+
+cudaError_t slot_plane_copy_pages(const uint32_t* from, uint32_t* to, int32_t page_size, const int32_t* src,
+                                  const int32_t* dst, int32_t n, cudaStream_t stream) {
+  if (n < 0 || page_size <= 0) return cudaErrorInvalidValue;
+  if (n == 0) return cudaSuccess;
+  if (from == nullptr || to == nullptr) return cudaErrorInvalidValue;
+  slot_plane_copy_kernel<<<unsigned(n), unsigned(std::min(page_size, 256)), 0, stream>>>(from, to, page_size, src, dst);
+  return cudaGetLastError();
+}
 
 cudaError_t kv_append(const KvPages& kv, LayerPageTable table, const int32_t* first_token, const float* k,
                       const float* v, int32_t n_rows, int32_t n_kv_heads, cudaStream_t stream) {

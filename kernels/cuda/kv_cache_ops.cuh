@@ -45,4 +45,19 @@ cudaError_t kv_copy_pages(const KvPages& kv, const int32_t* src, const int32_t* 
 cudaError_t kv_copy_pages(const KvPages& from, const KvPages& to, const int32_t* src, const int32_t* dst, int32_t n,
                           cudaStream_t stream);
 
+// Slot planes (SlotPlane in the engine's KV cache): one 4-byte value per
+// physical slot, at plane[page * page_size + slot].
+// Sets the values of each kv head's new tokens first_token[g] .. + n_rows - 1
+// (first_token a device array, as for kv_append).
+cudaError_t slot_plane_fill(LayerPageTable table, const int32_t* first_token, int32_t n_rows, int32_t n_kv_heads,
+                            int32_t page_size, uint32_t* plane, uint32_t value, cudaStream_t stream);
+// The values of kv_move_rows' moves, every source read before any destination
+// is written (through scratch: n_moves values).
+cudaError_t slot_plane_move(uint32_t* plane, int32_t page_size, const int32_t* src_page, const int32_t* src_slot,
+                            const int32_t* dst_page, const int32_t* dst_slot, int32_t n_moves, uint32_t* scratch,
+                            cudaStream_t stream);
+// The values of whole pages: to[dst[j] * page_size ...] = from[src[j] * page_size ...], j < n.
+cudaError_t slot_plane_copy_pages(const uint32_t* from, uint32_t* to, int32_t page_size, const int32_t* src,
+                                  const int32_t* dst, int32_t n, cudaStream_t stream);
+
 }  // namespace inferlab::kernels::cuda

@@ -4,27 +4,25 @@
 // scores and compacts the chosen pages in index order (block scans from CUB).
 #include "cuda/page_bounds.cuh"
 
-#include <cub/cub.cuh>
-
 #include <algorithm>
 
 #include "cuda/block_reduce.cuh"
 #include "cuda/cuda_common.cuh"
 #include "cuda/launch_checks.cuh"
+#include "cuda/select_common.cuh"
 
 namespace inferlab::kernels::cuda {
 
 namespace {
 
 constexpr int kScoreWarps = 8;        // pages per scoring block, a warp each
-constexpr int kSelectThreads = 512;   // threads of a head's selection block
-static_assert(kSelectThreads < (1 << 15), "a chunk's counts are packed in 16 bits");
 
 // Block per listed page; a thread per channel keeps its running extrema, in the
 // twin's order and with its comparisons, so the stored bounds are bit-identical.
 template <typename T>
 __global__ void page_bounds_kernel(const KvPages kv, T* bounds, const int32_t* pages, const int32_t* counts) {
   const int32_t page = pages[blockIdx.x], count = min(counts[blockIdx.x], kv.page_size);
+  if (count <= 0) return;  // an unused slot (a replayed step stages one per head)
   const T* keys = page_base<T>(kv, page);  // (page_size, head_dim) K rows
   T* out = bounds + int64_t(page) * 2 * kv.head_dim;
   for (int32_t i = threadIdx.x; i < kv.head_dim; i += blockDim.x) {
@@ -64,67 +62,6 @@ __global__ void page_score_kernel(const PageSelectCall c, int32_t max_pages) {
   }
   score = warp_sum(score);
   if (lane == 0) c.scores[int64_t(g) * c.score_stride + p] = isnan(score) ? -INFINITY : score;  // as the twin
-}
-
-// Unsigned key ordered like the float, with -0.0 and +0.0 equal (the twin
-// compares floats).
-__device__ __forceinline__ uint32_t order_key(float x) {
-  uint32_t bits = __float_as_uint(x);
-  if ((bits & 0x7fffffffu) == 0) bits = 0;
-  return (bits & 0x80000000u) ? ~bits : bits | 0x80000000u;
-}
-
-struct SelectShared {
-  int32_t histogram[256];
-  uint32_t digit;
-  int32_t above;  // keys under the prefix with a larger digit
-  cub::BlockScan<int32_t, kSelectThreads>::TempStorage scan;
-};
-
-// The k-th largest key of score[0, n) (1 <= k <= n), eight bits a pass from the
-// top; *need: how many keys equal to it the k largest take (the others are
-// greater). Called by the whole block.
-__device__ void radix_select(const float* score, int32_t n, int32_t k, SelectShared& sm, uint32_t* threshold,
-                             int32_t* need) {
-  uint32_t prefix = 0, prefix_mask = 0;
-  int32_t remaining = k;  // still to take among keys under the prefix; <= their count
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    for (int b = threadIdx.x; b < 256; b += blockDim.x) sm.histogram[b] = 0;
-    __syncthreads();
-    for (int32_t p = threadIdx.x; p < n; p += blockDim.x) {
-      const uint32_t key = order_key(score[p]);
-      if ((key & prefix_mask) == prefix) atomicAdd(&sm.histogram[(key >> shift) & 255u], 1);
-    }
-    __syncthreads();
-    if (threadIdx.x < 32) {
-      // Lane l counts digits 255 - 8l down to 248 - 8l; a scan over lanes gives
-      // the keys above each lane's digits, and one lane holds the k-th key.
-      const int lane = threadIdx.x;
-      int32_t count[8], total = 0;
-      for (int j = 0; j < 8; ++j) total += count[j] = sm.histogram[255 - 8 * lane - j];
-      int32_t through = total;
-      for (int offset = 1; offset < 32; offset <<= 1) {
-        const int32_t v = __shfl_up_sync(0xffffffffu, through, offset);
-        if (lane >= offset) through += v;
-      }
-      int32_t above = through - total;
-      if (above < remaining && remaining <= through)
-        for (int j = 0; j < 8; ++j) {
-          if (above + count[j] >= remaining) {
-            sm.digit = uint32_t(255 - 8 * lane - j);
-            sm.above = above;
-            break;
-          }
-          above += count[j];
-        }
-    }
-    __syncthreads();
-    prefix |= sm.digit << shift;
-    prefix_mask |= 255u << shift;
-    remaining -= sm.above;
-  }
-  *threshold = prefix;
-  *need = remaining;
 }
 
 // Block per kv head: out[out_offset[g] ...] = the keep - 1 best candidates

@@ -8,7 +8,7 @@
 #include <algorithm>
 #include <cmath>
 
-#include "engine/cuda/cuda_engine.h"
+#include "engine/engine.h"
 #include "gpu_test_support.h"
 #include "bound_reference_method.h"
 #include "model/synthetic_model.h"
@@ -44,7 +44,7 @@ std::shared_ptr<Model> small_model() {
   return model;
 }
 
-std::unique_ptr<Engine> make_engine(std::shared_ptr<const Model> model, Backend backend, int32_t page_size = 16,
+std::unique_ptr<Engine> make_engine(std::shared_ptr<const Model> model, BackendKind backend, int32_t page_size = 16,
                                     GpuDType dtype = GpuDType::F16, bool graphs = true) {
   EngineOptions options;
   options.page_size = page_size;
@@ -65,8 +65,8 @@ struct Comparison {
 Comparison compare_backends(std::shared_ptr<const Model> model, int prompt_len, int decode, int32_t page_size,
                             GpuDType dtype, bool graphs, const std::string& plugin = "",
                             const ParamValues& params = ParamValues{}) {
-  auto cpu = make_engine(model, Backend::Cpu, page_size);
-  auto gpu = make_engine(model, Backend::Cuda, page_size, dtype, graphs);
+  auto cpu = make_engine(model, BackendKind::Cpu, page_size);
+  auto gpu = make_engine(model, BackendKind::Cuda, page_size, dtype, graphs);
   if (!cpu || !gpu) return {1e9, 0};
   const auto tokens = test::random_tokens(model->config().n_vocab, prompt_len + decode, 11);
   const std::vector<int32_t> prompt(tokens.begin(), tokens.begin() + prompt_len);
@@ -107,16 +107,16 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaEngineVsCpu,
 TEST(CudaEngine, DecodeStepsReplayAGraphAndMatchTheUncapturedPath) {
   INFERLAB_REQUIRE_GPU();
   auto model = small_model();
-  auto with = make_engine(model, Backend::Cuda, 16, GpuDType::F16, true);
-  auto without = make_engine(model, Backend::Cuda, 16, GpuDType::F16, false);
+  auto with = make_engine(model, BackendKind::Cuda, 16, GpuDType::F16, true);
+  auto without = make_engine(model, BackendKind::Cuda, 16, GpuDType::F16, false);
   ASSERT_TRUE(with && without);
   const auto prompt = test::random_tokens(model->config().n_vocab, 40, 3);
   // Crossing 1024 keys makes the graph be captured again for a larger bound.
   const auto a = test::run_trace(*with, nullptr, prompt, 20).logits;
   const auto b = test::run_trace(*without, nullptr, prompt, 20).logits;
   EXPECT_LT(gpu_test::normalized_error(a, b), 1e-5);
-  EXPECT_EQ(static_cast<CudaEngine*>(with.get())->graph_replays(), 20);
-  EXPECT_EQ(static_cast<CudaEngine*>(without.get())->graph_replays(), 0);
+  EXPECT_EQ(with->counters().graph_replays, 20);
+  EXPECT_EQ(without->counters().graph_replays, 0);
 }
 
 TEST(CudaEngine, RealDefaultModelMatchesCpu) {
@@ -226,10 +226,10 @@ INSTANTIATE_TEST_SUITE_P(
 // fixed and such a near tie among a few dozen random scores is unlikely; if
 // this fails, first check the two selections' scores for one.)
 std::vector<float> bound_trace(test::BoundMethod& method, const std::vector<int32_t>& tokens, int32_t prompt) {
-  auto engine = make_engine(small_model(), Backend::Cuda, 16);
+  auto engine = make_engine(small_model(), BackendKind::Cuda, 16);
   EXPECT_NE(engine, nullptr);
   if (engine == nullptr) return {};
-  engine->set_method(&method, method.hooks());
+  EXPECT_TRUE(engine->set_method(&method, method.hooks()).ok());
   method.begin_sequence(engine->shape());
   auto seq = engine->new_sequence();
   std::vector<float> out;
@@ -260,7 +260,7 @@ TEST(CudaEngine, EvictionFreesDevicePages) {
   INFERLAB_REQUIRE_GPU();
   auto model = small_model();
   const auto& c = model->config();
-  auto engine = make_engine(model, Backend::Cuda, 4);
+  auto engine = make_engine(model, BackendKind::Cuda, 4);
   ASSERT_NE(engine, nullptr);
   test::ActiveMethod active = test::activate_method(*engine, "probe", params({{"evict_positions", std::string("4,5,6,7,9")}}));
   ASSERT_NE(active.handle.get(), nullptr);
@@ -277,8 +277,8 @@ TEST(CudaEngine, RandomSevenBillionShapeRunsADecodeStep) {
   auto spec = synthetic_preset("llama2-7b", 4);
   ASSERT_TRUE(spec.ok());
   EngineOptions options;
-  options.backend = Backend::Cuda;
-  auto engine = CudaEngine::create_random(synthetic_config(*spec), 7, options);
+  options.backend = BackendKind::Cuda;
+  auto engine = Engine::create_random(synthetic_config(*spec), 7, options);
   ASSERT_TRUE(engine.ok()) << engine.message();
   auto seq = (*engine)->new_sequence();
   auto logits = (*engine)->prefill(*seq, test::random_tokens(32000, 100, 1));

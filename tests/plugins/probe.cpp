@@ -43,9 +43,33 @@ class ProbeMethod final : public Method {
         neuron_stride_(int32_t(p.get_int("neuron_stride"))),
         write_artifact_(p.get_bool("write_artifact")),
         cache_positions_(p.get_bool("cache_positions")),
-        dense_prefill_(p.get_bool("dense_prefill")) {}
+        dense_prefill_(p.get_bool("dense_prefill")),
+        retain_(RetentionBudget{int32_t(p.get_int("retain_sink")), int32_t(p.get_int("retain_recent")),
+                                int32_t(p.get_int("retain_heavy"))}),
+        retain_policy_{p.get_string("retain_score") == "last" ? RetentionScore::LastMass
+                                                               : RetentionScore::AccumulatedMass,
+                       p.get_string("retain_scope") == "sequence" ? RetentionScope::PerSequence
+                                                                   : RetentionScope::PerHead},
+        kv_pages_(p.get_string("kv_pages")),
+        scale_tensor_(p.get_string("scale_tensor")),
+        scale_layer_(int32_t(p.get_int("scale_layer"))),
+        scale_by_(p.get_float("scale_by")) {}
 
   bool dense_prefill() const override { return dense_prefill_; }
+
+  KvPageFormat kv_page_format() const override {
+    if (kv_pages_ == "f32") return KvPageFormat::F32;
+    if (kv_pages_ == "f16") return KvPageFormat::F16;
+    if (kv_pages_ == "bf16") return KvPageFormat::BF16;
+    return KvPageFormat::Any;
+  }
+
+  RetentionPolicy retention_policy() const override { return retain_policy_; }
+
+  RetentionBudget retention_budget(const StepInfo&, int32_t, int32_t) override {
+    if (retain_.heavy >= 0) count("retention_budget_calls");
+    return retain_;
+  }
 
   KvPositions kv_positions() const override {
     return cache_positions_ ? KvPositions::Cache : KvPositions::Original;
@@ -58,6 +82,13 @@ class ProbeMethod final : public Method {
     for (float w : ctx.weights->tensor("token_embd", -1)) sum += w;
     counters_["weights_token_embd_sum"] = sum;
     counters_["weights_attn_q_layer0_size"] = double(ctx.weights->tensor("attn_q", 0).size());
+    if (!scale_tensor_.empty()) {  // this run's copy of one projection, scaled
+      const auto w = ctx.weights->tensor(scale_tensor_, scale_layer_);
+      std::vector<float> scaled(w.begin(), w.end());
+      for (float& x : scaled) x = float(x * scale_by_);
+      if (auto s = ctx.overrides->replace(scale_tensor_, scale_layer_, scaled); !s) return s;
+      count("weights_replaced");
+    }
     if (write_artifact_) {
       std::ofstream out(std::filesystem::path(ctx.artifact_dir) / "probe-artifact.txt");
       out << ctx.model_checksum << "\n";
@@ -186,6 +217,12 @@ class ProbeMethod final : public Method {
   bool write_artifact_;
   bool cache_positions_;
   bool dense_prefill_;
+  RetentionBudget retain_;
+  RetentionPolicy retain_policy_;
+  std::string kv_pages_;
+  std::string scale_tensor_;
+  int32_t scale_layer_;
+  double scale_by_;
   ModelShape shape_;
   std::map<std::pair<int32_t, int32_t>, std::set<int32_t>> selected_;
   std::map<std::pair<int32_t, int32_t>, int32_t> cached_before_;
@@ -217,6 +254,15 @@ class ProbePlugin final : public Plugin {
                 ParamSpec::boolean("write_artifact", false, "on_load writes a file into the artifact folder"),
                 ParamSpec::boolean("cache_positions", false, "RoPE positions are cache indices"),
                 ParamSpec::boolean("dense_prefill", false, "declare the prefill dense (allows prefill reuse)"),
+                ParamSpec::integer("retain_heavy", -1, -1, 1 << 24, "engine retention: best-scoring tokens kept (-1: off)"),
+                ParamSpec::integer("retain_recent", 0, 0, 1 << 24, "engine retention: recent tokens kept"),
+                ParamSpec::integer("retain_sink", 0, 0, 1 << 24, "engine retention: first tokens kept"),
+                ParamSpec::string("retain_score", "accumulated", {"accumulated", "last"}, "engine retention score"),
+                ParamSpec::string("retain_scope", "head", {"head", "sequence"}, "engine retention scope"),
+                ParamSpec::string("kv_pages", "any", {"any", "f32", "f16", "bf16"}, "KV page format the method needs"),
+                ParamSpec::string("scale_tensor", "", {}, "a projection this run replaces by a scaled copy"),
+                ParamSpec::integer("scale_layer", 0, -1, 4096, "its layer (-1: output)"),
+                ParamSpec::real("scale_by", 1.0, -16.0, 16.0, "the scale"),
             }};
   }
   Result<std::unique_ptr<Method>> create(const ParamValues& params) const override {

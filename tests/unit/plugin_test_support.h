@@ -41,6 +41,7 @@ inline PluginRegistry& plugin_registry() {
 struct ActiveMethod {
   MethodHandle handle;
   const PluginEntry* entry = nullptr;
+  std::unique_ptr<WeightOverrides> overrides = std::make_unique<WeightOverrides>();
 };
 
 inline ActiveMethod activate_method(Engine& engine, const std::string& plugin, const ParamValues& params) {
@@ -52,9 +53,10 @@ inline ActiveMethod activate_method(Engine& engine, const std::string& plugin, c
   EXPECT_TRUE(handle.ok()) << (handle.ok() ? "" : handle.message());
   if (!handle.ok()) return active;
   active.handle = std::move(*handle);
-  auto loaded = load_method(*active.handle.get(), *active.entry, engine, temp_path("artifacts"));
+  auto loaded = load_method(*active.handle.get(), *active.entry, engine, temp_path("artifacts"), active.overrides.get());
   EXPECT_TRUE(loaded.ok()) << (loaded.ok() ? "" : loaded.message());
-  engine.set_method(active.handle.get(), active.entry->hooks);
+  auto set = engine.set_method(active.handle.get(), active.entry->hooks, active.overrides.get(), plugin);
+  EXPECT_TRUE(set.ok()) << (set.ok() ? "" : set.message());
   return active;
 }
 
@@ -103,12 +105,12 @@ inline DenseEquivalence compare_with_dense(std::shared_ptr<const Model> model, c
   int64_t agree = 0;
   for (uint64_t seed : {1u, 2u}) {
     const auto prompt = random_tokens(int32_t(v), prompt_tokens, seed);
-    (*engine)->set_method(nullptr, 0);
+    (void)(*engine)->set_method(nullptr, 0);
     const ForwardTrace dense = run_trace(**engine, nullptr, prompt, decode_steps);
     ActiveMethod active = activate_method(**engine, plugin, params);
     if (active.handle.get() == nullptr) return result;
     const ForwardTrace got = run_trace(**engine, active.handle.get(), prompt, decode_steps, dense.tokens);
-    (*engine)->set_method(nullptr, 0);
+    (void)(*engine)->set_method(nullptr, 0);
     result.max_error = std::max(result.max_error, normalized_max_error(got.logits, dense.logits));
     for (size_t r = 0; r * size_t(v) < dense.logits.size() && r * size_t(v) < got.logits.size(); ++r) {
       const float* a = dense.logits.data() + r * size_t(v);

@@ -13,16 +13,16 @@ namespace inferlab {
 namespace {
 
 TEST(Backend, NamesParseAndAutoFollowsTheMachine) {
-  EXPECT_EQ(*parse_backend("cpu"), Backend::Cpu);
+  EXPECT_EQ(*parse_backend("cpu"), BackendKind::Cpu);
   const bool gpu = cuda_compiled() && cuda_device_count() > 0;
-  EXPECT_EQ(*parse_backend("auto"), gpu ? Backend::Cuda : Backend::Cpu);
+  EXPECT_EQ(*parse_backend("auto"), gpu ? BackendKind::Cuda : BackendKind::Cpu);
   auto cuda = parse_backend("cuda");
   EXPECT_EQ(cuda.ok(), gpu);
   if (!gpu) EXPECT_NE(cuda.message().find("backend \"cuda\""), std::string::npos) << cuda.message();
   auto bad = parse_backend("tpu");
   ASSERT_FALSE(bad.ok());
   EXPECT_NE(bad.message().find("not one of cpu, cuda, auto"), std::string::npos);
-  EXPECT_STREQ(backend_name(Backend::Cuda), "cuda");
+  EXPECT_STREQ(backend_name(BackendKind::Cuda), "cuda");
 }
 
 TEST(Backend, GpuDtypeNames) {
@@ -37,7 +37,7 @@ TEST(Backend, CudaEngineWithoutAGpuIsAnErrorNotACrash) {
   spec.name = "backend-tiny";
   auto model = test::load_synthetic(spec);
   EngineOptions options;
-  options.backend = Backend::Cuda;
+  options.backend = BackendKind::Cuda;
   auto engine = Engine::create(model, options);
   ASSERT_FALSE(engine.ok());
   EXPECT_NE(engine.message().find("CUDA"), std::string::npos) << engine.message();

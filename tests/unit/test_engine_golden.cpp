@@ -110,7 +110,7 @@ nlohmann::json summarize_row(std::span<const float> row) {
 std::vector<std::vector<float>> run_case(Engine& engine, const GoldenCase& c, const std::vector<int32_t>& tokens) {
   std::vector<std::vector<float>> rows;
   test::ActiveMethod active;
-  engine.set_method(nullptr, 0);
+  (void)engine.set_method(nullptr, 0);
   if (!c.plugin.empty()) {
     active = test::activate_method(engine, c.plugin, c.params);
     if (active.handle.get() == nullptr) return rows;
@@ -122,7 +122,7 @@ std::vector<std::vector<float>> run_case(Engine& engine, const GoldenCase& c, co
   for (int32_t i = 0; i < kDecode && s.ok(); ++i)
     s = engine.forward(*seq, std::span<const int32_t>(&tokens[size_t(kPrompt + i)], 1), 0, sink);
   EXPECT_TRUE(s.ok()) << c.name << ": " << s.message();
-  engine.set_method(nullptr, 0);
+  (void)engine.set_method(nullptr, 0);
   return rows;
 }
 

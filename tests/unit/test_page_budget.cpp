@@ -36,7 +36,7 @@ struct MethodRun {
 MethodRun run(BoundMethod& method, const std::vector<int32_t>& tokens, int32_t prompt) {
   auto engine = Engine::create(gqa_model(), EngineOptions{kPageSize, 0, 0});
   EXPECT_TRUE(engine.ok());
-  (*engine)->set_method(&method, method.hooks());
+  EXPECT_TRUE((*engine)->set_method(&method, method.hooks()).ok());
   const std::vector<int32_t> head(tokens.begin(), tokens.begin() + prompt);
   const std::vector<int32_t> forced(tokens.begin() + prompt, tokens.end());
   const auto trace = test::run_trace(**engine, &method, head, int(forced.size()), forced);
@@ -75,7 +75,7 @@ TEST(PageBudget, BoundsAreRebuiltAfterEviction) {
 std::vector<float> interleaved(BoundMethod& method) {
   auto engine = Engine::create(gqa_model(), EngineOptions{kPageSize, 0, 0});
   EXPECT_TRUE(engine.ok());
-  (*engine)->set_method(&method, method.hooks());
+  EXPECT_TRUE((*engine)->set_method(&method, method.hooks()).ok());
   method.begin_sequence((*engine)->shape());
   const int32_t v = gqa_model()->config().n_vocab;
   auto a = (*engine)->new_sequence(), b = (*engine)->new_sequence();

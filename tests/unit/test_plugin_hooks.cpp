@@ -149,7 +149,7 @@ TEST(PluginHooks, EvictionReturnsPagesToTheFreeList) {
   // Freed pages are reused before the pool grows.
   const int64_t reserved = (*engine)->pool().pages_reserved();
   auto other = (*engine)->new_sequence();
-  (*engine)->set_method(nullptr, 0);
+  (void)(*engine)->set_method(nullptr, 0);
   ASSERT_TRUE((*engine)->prefill(*other, std::vector<int32_t>(size_t(kPageSize), 1)).ok());
   EXPECT_EQ((*engine)->pool().pages_reserved(), reserved);
   // Compaction kept the remaining rows intact: keys equal a fresh dense cache's.
@@ -305,7 +305,7 @@ TEST(PluginHooks, InvalidDecisionsAreReportedAsErrors) {
   for (int mode = 0; mode < 4; ++mode) {
     BadMethod bad;
     bad.mode = mode;
-    (*engine)->set_method(&bad, kAllHooks);
+    ASSERT_TRUE((*engine)->set_method(&bad, kAllHooks).ok());
     auto seq = (*engine)->new_sequence();
     auto s = (*engine)->forward(*seq, std::vector<int32_t>(12, 3), 12, {});
     if (s.ok()) s = (*engine)->forward(*seq, std::vector<int32_t>{4}, 1, {});

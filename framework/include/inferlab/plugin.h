@@ -25,7 +25,7 @@
 
 namespace inferlab {
 
-inline constexpr int32_t kPluginAbiVersion = 3;
+inline constexpr int32_t kPluginAbiVersion = 4;
 
 // Hooks, as bits of PluginInfo::hooks (DESIGN.md's table).
 enum PluginHook : uint32_t {
@@ -37,14 +37,16 @@ enum PluginHook : uint32_t {
   kHookLayerPlan = 1u << 5,          // plan_layers / exit_after_layer: which layers run
   kHookComponentMask = 1u << 6,      // mask_components: which heads and FFN neurons to compute
   kHookPageBudget = 1u << 7,         // page_budget: read the pages with the largest key bounds
+  kHookRetention = 1u << 8,          // retention_budget: the engine keeps the best-scoring tokens
 };
-inline constexpr uint32_t kAllHooks = (1u << 8) - 1;
+inline constexpr uint32_t kAllHooks = (1u << 9) - 1;
 
 inline std::vector<std::string> hook_names(uint32_t hooks) {
-  static const char* const names[] = {"load",     "prefill_pattern", "decode_selection", "attention_feedback",
-                                      "eviction", "layer_plan",      "component_mask",   "page_budget"};
+  static const char* const names[] = {"load",       "prefill_pattern", "decode_selection",
+                                      "attention_feedback", "eviction", "layer_plan",
+                                      "component_mask",     "page_budget", "retention"};
   std::vector<std::string> out;
-  for (uint32_t i = 0; i < 8; ++i)
+  for (uint32_t i = 0; i < 9; ++i)
     if (hooks & (1u << i)) out.emplace_back(names[i]);
   return out;
 }
@@ -67,6 +69,7 @@ struct StepInfo {
   int64_t step = 0;            // forward calls made on this sequence before this one
   int32_t first_position = 0;  // position of the call's first new token
   int32_t n_tokens = 0;        // new tokens in this call
+  uint64_t sequence = 0;       // the sequence this call extends: per-sequence state keys on it
   // A decode step: one new token after a non-empty cache. Everything else is prefill.
   bool decode() const { return n_tokens == 1 && first_position > 0; }
 };
@@ -98,11 +101,24 @@ class WeightView {
   ~WeightView() = default;
 };
 
+// Weights a method changes for its own runs: the engine applies them while the
+// method is set and the shared model stays untouched for every other run.
+class WeightEditor {
+ public:
+  // Replaces projection `tensor` ("attn_q" ... "ffn_down", or "output" at layer
+  // -1) of `layer` by `data`, float32 in the tensor's (out, in) layout.
+  virtual Status replace(const std::string& tensor, int32_t layer, std::span<const float> data) = 0;
+
+ protected:
+  ~WeightEditor() = default;
+};
+
 struct LoadContext {
   ModelShape shape;
   std::string model_checksum;  // SHA-256 of the model file: key cached artifacts by it
   std::string artifact_dir;    // a folder for this plugin's cached artifacts (exists)
   const WeightView* weights = nullptr;
+  WeightEditor* overrides = nullptr;  // this method's weight changes (never the shared model)
 };
 
 // Decode selection: which cached tokens a step attends to, for one (layer, kv_head).
@@ -151,6 +167,35 @@ struct ComponentMask {
   bool all_neurons = true;
   std::vector<int32_t> neurons;  // when !all_neurons: FFN neurons to compute, ascending
 };
+
+// Engine-side retention (kHookRetention): after each layer's attention the
+// engine scores every stored token where the cache lives (on the GPU for the
+// CUDA backend) and keeps the first `sink` tokens, the last `recent` and the
+// `heavy` best-scoring others (ties to the earlier token); the rest leave the
+// cache. The method only picks the rule and the budgets.
+enum class RetentionScore : int32_t {
+  AccumulatedMass = 0,  // attention probability received, summed over every call so far (H2O)
+  LastMass = 1,         // the probability received in the latest call only (TOVA)
+};
+enum class RetentionScope : int32_t {
+  PerHead = 0,  // each (layer, kv head) scores and keeps its own tokens
+  // One score per token of the sequence, summed over layers and kv heads; a
+  // token dropped at layer l leaves every later layer too (SpAtten's cascade).
+  // Every kv head of a layer keeps the same tokens (the budget of kv head 0).
+  PerSequence = 1,
+};
+struct RetentionPolicy {
+  RetentionScore score = RetentionScore::AccumulatedMass;
+  RetentionScope scope = RetentionScope::PerHead;
+};
+struct RetentionBudget {
+  int32_t sink = 0;
+  int32_t recent = 0;
+  int32_t heavy = -1;  // < 0: keep everything after this call
+};
+
+// Storage of the KV cache's pages.
+enum class KvPageFormat : int32_t { Any = 0, F32 = 1, F16 = 2, BF16 = 3 };
 
 // Which positions RoPE gives the keys and queries of a sequence.
 enum class KvPositions {
@@ -235,6 +280,19 @@ class Method {
     return false;
   }
 
+  // kHookRetention: how many tokens of (layer, kv_head) stay after this call;
+  // asked before the call's first layer (the cache then holds what it held
+  // before the call, plus step.n_tokens new tokens after the append).
+  virtual RetentionBudget retention_budget(const StepInfo& step, int32_t layer, int32_t kv_head) {
+    (void)step; (void)layer; (void)kv_head;
+    return {};
+  }
+  // kHookRetention: how the engine scores tokens (read when the method is set).
+  virtual RetentionPolicy retention_policy() const { return {}; }
+
+  // Every plugin: the KV page format its decisions need (Any: whatever the
+  // backend stores). A backend without it refuses the method before any token.
+  virtual KvPageFormat kv_page_format() const { return KvPageFormat::Any; }
   // Every plugin: how RoPE positions keys and queries (read once per sequence).
   virtual KvPositions kv_positions() const { return KvPositions::Original; }
   // Every plugin: true when prefill under this method is exactly dense (no hook

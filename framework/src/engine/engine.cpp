@@ -3,26 +3,26 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cmath>
 
-#include "engine/cpu_engine.h"
+#include "engine/backend_factory.h"
 #include "engine/device.h"
-#ifdef INFERLAB_HAVE_CUDA
-#include "engine/cuda/cuda_engine.h"
-#endif
+#include "engine/forward_pass.h"
 
 namespace inferlab {
 
-const char* backend_name(Backend backend) { return backend == Backend::Cuda ? "cuda" : "cpu"; }
+const char* backend_name(BackendKind backend) { return backend == BackendKind::Cuda ? "cuda" : "cpu"; }
 
-Result<Backend> parse_backend(const std::string& name) {
-  if (name == "cpu") return Backend::Cpu;
+Result<BackendKind> parse_backend(const std::string& name) {
+  if (name == "cpu") return BackendKind::Cpu;
   if (name == "cuda") {
     if (!cuda_compiled())
       return Error{"backend \"cuda\": this build has no CUDA backend (rebuild with -DINFERLAB_CUDA=ON); use \"cpu\""};
     if (cuda_device_count() == 0) return Error{"backend \"cuda\": no CUDA GPU is visible on this machine; use \"cpu\""};
-    return Backend::Cuda;
+    return BackendKind::Cuda;
   }
-  if (name == "auto") return cuda_compiled() && cuda_device_count() > 0 ? Backend::Cuda : Backend::Cpu;
+  if (name == "auto") return cuda_compiled() && cuda_device_count() > 0 ? BackendKind::Cuda : BackendKind::Cpu;
   return Error{fmt::format("backend \"{}\" is not one of cpu, cuda, auto", name)};
 }
 
@@ -32,30 +32,174 @@ Result<GpuDType> parse_gpu_dtype(const std::string& name) {
   return Error{fmt::format("dtype \"{}\" is not one of f16, bf16", name)};
 }
 
+const char* feature_name(Feature f) {
+  switch (f) {
+    case Feature::TokenSelection: return "decode selection of tokens";
+    case Feature::PageSelection: return "decode selection of pages";
+    case Feature::BoundSelection: return "page selection by key bound";
+    case Feature::BlockSparsePrefill: return "block-sparse prefill";
+    case Feature::AttentionStatistics: return "attention statistics on the host";
+    case Feature::Eviction: return "KV eviction";
+    case Feature::CachePositions: return "RoPE at cache positions";
+    case Feature::LayerSkip: return "layer skipping";
+    case Feature::HeadMask: return "head masks";
+    case Feature::NeuronSubset: return "FFN neuron subsets";
+    case Feature::Retention: return "engine-side retention";
+    case Feature::RetentionPerSequence: return "engine-side retention per sequence";
+    case Feature::WeightReplace: return "per-run weight replacement";
+    case Feature::KvPagesF32: return "KV pages in f32";
+    case Feature::KvPagesF16: return "KV pages in f16";
+    case Feature::KvPagesBF16: return "KV pages in bf16";
+    case Feature::Graphs: return "graph capture";
+  }
+  return "?";
+}
+
+namespace {
+constexpr const char* kProjNames[kProjCount] = {"attn_q", "attn_k", "attn_v", "attn_output",
+                                                "ffn_gate", "ffn_up", "ffn_down", "output"};
+}  // namespace
+
+const char* proj_name(Proj p) { return kProjNames[int32_t(p)]; }
+
+Result<Proj> parse_proj(const std::string& name) {
+  for (int32_t i = 0; i < kProjCount; ++i)
+    if (name == kProjNames[i]) return Proj(i);
+  return Error{fmt::format("\"{}\" is not a projection (attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, "
+                           "ffn_down, output)",
+                           name)};
+}
+
+// (out, in) of a projection.
+std::pair<int64_t, int64_t> proj_shape(const ModelConfig& c, Proj p) {
+  switch (p) {
+    case Proj::Q: return {c.q_dim(), c.n_embd};
+    case Proj::K:
+    case Proj::V: return {c.kv_dim(), c.n_embd};
+    case Proj::O: return {c.n_embd, c.q_dim()};
+    case Proj::Gate:
+    case Proj::Up: return {c.n_ff, c.n_embd};
+    case Proj::Down: return {c.n_embd, c.n_ff};
+    case Proj::Output: return {c.n_vocab, c.n_embd};
+  }
+  return {0, 0};
+}
+
+namespace {
+std::atomic<uint64_t> next_overrides_serial{1};
+}  // namespace
+
+WeightOverrides::WeightOverrides() : serial(next_overrides_serial++) {}
+
+Status WeightOverrides::replace(const std::string& tensor, int32_t layer, std::span<const float> data) {
+  auto proj = parse_proj(tensor);
+  if (!proj) return Error{"weight replacement: " + proj.message()};
+  const bool global = *proj == Proj::Output;
+  if (config == nullptr) return Error{"weight replacement: no model to check against"};
+  if (global ? layer != -1 : (layer < 0 || layer >= config->n_layers))
+    return Error{fmt::format("weight replacement of {}: layer {} is not {}", tensor, layer,
+                             global ? "-1 (a global tensor)" : fmt::format("in 0..{}", config->n_layers - 1))};
+  const auto [out, in] = proj_shape(*config, *proj);
+  if (int64_t(data.size()) != out * in)
+    return Error{fmt::format("weight replacement of {} (layer {}): {} values given, the tensor has {} x {} = {}",
+                             tensor, layer, data.size(), out, in, out * in)};
+  for (float x : data)
+    if (!std::isfinite(x)) return Error{fmt::format("weight replacement of {} (layer {}): a value is not finite", tensor, layer)};
+  std::erase_if(items, [&](const WeightOverride& o) { return o.proj == *proj && o.layer == layer; });
+  items.push_back({*proj, layer, std::vector<float>(data.begin(), data.end())});
+  serial = next_overrides_serial++;
+  return ok_status();
+}
+
 Result<std::unique_ptr<Engine>> Engine::create(std::shared_ptr<const Model> model, EngineOptions options) {
   if (!model) return Error{"engine: no model"};
   if (options.page_size <= 0 || options.page_size > 65536)
     return Error{fmt::format("engine: page_size {} is out of range (1..65536)", options.page_size)};
   if (options.max_context < 0) return Error{fmt::format("engine: max_context {} is negative", options.max_context)};
   if (options.n_threads < 0) return Error{fmt::format("engine: n_threads {} is negative", options.n_threads)};
-  if (options.backend == Backend::Cpu) return std::unique_ptr<Engine>(new CpuEngine(std::move(model), options));
-#ifdef INFERLAB_HAVE_CUDA
-  auto engine = CudaEngine::create(std::move(model), options);
-  if (!engine) return engine.error();
-  return std::unique_ptr<Engine>(std::move(*engine));
-#else
-  return Error{"engine: this build has no CUDA backend (rebuild with -DINFERLAB_CUDA=ON)"};
-#endif
+  const int32_t max_context = options.max_context > 0 ? options.max_context : model->config().context_length;
+  auto backend = options.backend == BackendKind::Cpu ? make_cpu_backend(model, options, max_context)
+                                                     : make_cuda_backend(model, options, max_context);
+  if (!backend) return backend.error();
+  return std::unique_ptr<Engine>(new Engine(std::move(model), options, std::move(*backend)));
 }
 
-Engine::Engine(std::shared_ptr<const Model> model, EngineOptions options)
-    : model_(std::move(model)), options_(options) {
+Result<std::unique_ptr<Engine>> Engine::create_random(const ModelConfig& config, uint64_t seed, EngineOptions options) {
+  if (options.backend != BackendKind::Cuda) return Error{"engine: random weights are made on the GPU (backend cuda)"};
+  std::shared_ptr<const Model> model = Model::shape_only(config, fmt::format("random:{}:seed{}", config.name, seed));
+  const int32_t max_context = options.max_context > 0 ? options.max_context : config.context_length;
+  auto backend = make_cuda_random_backend(model, options, max_context, seed);
+  if (!backend) return backend.error();
+  return std::unique_ptr<Engine>(new Engine(std::move(model), options, std::move(*backend)));
+}
+
+Engine::Engine(std::shared_ptr<const Model> model, EngineOptions options, std::unique_ptr<Backend> backend)
+    : model_(std::move(model)), options_(options), backend_(std::move(backend)) {
   max_context_ = options_.max_context > 0 ? options_.max_context : model_->config().context_length;
+  pool_ = backend_->pool();
 }
 
-void Engine::set_method(Method* method, uint32_t hooks) {
+Engine::~Engine() {
+  pool_.reset();
+  backend_.reset();
+}
+
+void Engine::set_time_attention(bool on) {
+  options_.time_attention = on;
+  backend_->set_time_attention(on);
+}
+
+std::vector<Feature> method_features(const Method& method, uint32_t hooks) {
+  std::vector<Feature> out;
+  auto need = [&](uint32_t hook, std::initializer_list<Feature> features) {
+    if ((hooks & hook) != 0) out.insert(out.end(), features);
+  };
+  need(kHookDecodeSelection, {Feature::TokenSelection, Feature::PageSelection});
+  need(kHookPageBudget, {Feature::BoundSelection});
+  need(kHookPrefillPattern, {Feature::BlockSparsePrefill});
+  need(kHookAttentionFeedback, {Feature::AttentionStatistics});
+  need(kHookEviction, {Feature::Eviction});
+  need(kHookLayerPlan, {Feature::LayerSkip});
+  need(kHookComponentMask, {Feature::HeadMask, Feature::NeuronSubset});
+  need(kHookRetention, {Feature::Retention, Feature::Eviction});
+  if ((hooks & kHookRetention) != 0 && method.retention_policy().scope == RetentionScope::PerSequence)
+    out.push_back(Feature::RetentionPerSequence);
+  if (method.kv_positions() == KvPositions::Cache) out.push_back(Feature::CachePositions);
+  switch (method.kv_page_format()) {
+    case KvPageFormat::Any: break;
+    case KvPageFormat::F32: out.push_back(Feature::KvPagesF32); break;
+    case KvPageFormat::F16: out.push_back(Feature::KvPagesF16); break;
+    case KvPageFormat::BF16: out.push_back(Feature::KvPagesBF16); break;
+  }
+  return out;
+}
+
+Status Engine::set_method(Method* method, uint32_t hooks, const WeightOverrides* overrides, const std::string& name) {
+  std::vector<Feature> needed;
+  if (method != nullptr) needed = method_features(*method, hooks);
+  if (overrides != nullptr && !overrides->items.empty()) needed.push_back(Feature::WeightReplace);
+  for (Feature f : needed)
+    if (!backend_->supports(f))
+      return Error{fmt::format("method {} needs {}, which the {} backend does not support", name, feature_name(f),
+                               backend_->name())};
+  // Weights of the previous method come back before this one's go in.
+  const WeightOverrides* next = method != nullptr && overrides != nullptr && !overrides->items.empty() ? overrides : nullptr;
+  const uint64_t serial = next != nullptr ? next->serial : 0;
+  if (serial != overrides_applied_) {
+    for (const auto& [proj, layer] : overridden_)
+      if (auto s = backend_->set_weight_override(proj, layer, {}); !s) return s;
+    overridden_.clear();
+    overrides_applied_ = 0;
+    if (next != nullptr)
+      for (const auto& o : next->items) {
+        if (auto s = backend_->set_weight_override(o.proj, o.layer, o.data); !s) return s;
+        overridden_.emplace_back(o.proj, o.layer);
+      }
+    overrides_applied_ = serial;
+  }
   method_ = method;
   hooks_ = method != nullptr ? hooks : 0;
+  return ok_status();
 }
 
 ModelShape Engine::shape() const {
@@ -66,25 +210,26 @@ ModelShape Engine::shape() const {
 
 std::map<std::string, double> EngineCounters::as_map() const {
   std::map<std::string, double> out = {{"forward_calls", double(forward_calls)},
-          {"decode_steps", double(decode_steps)},
-          {"tokens_evicted", double(tokens_evicted)},
-          {"decode_keys_read", double(decode_keys_read)},
-          {"decode_keys_cached", double(decode_keys_cached)},
-          {"decode_pages_read", double(decode_pages_read)},
-          {"layers_skipped", double(layers_skipped)},
-          {"heads_skipped", double(heads_skipped)},
-          {"neurons_skipped", double(neurons_skipped)},
-          {"sparse_prefill_heads", double(sparse_prefill_heads)}};
+                                       {"decode_steps", double(decode_steps)},
+                                       {"tokens_evicted", double(tokens_evicted)},
+                                       {"decode_keys_read", double(decode_keys_read)},
+                                       {"decode_keys_cached", double(decode_keys_cached)},
+                                       {"decode_pages_read", double(decode_pages_read)},
+                                       {"decode_kv_bytes_read", double(decode_kv_bytes_read)},
+                                       {"layers_skipped", double(layers_skipped)},
+                                       {"heads_skipped", double(heads_skipped)},
+                                       {"neurons_skipped", double(neurons_skipped)},
+                                       {"sparse_prefill_heads", double(sparse_prefill_heads)},
+                                       {"graph_replays", double(graph_replays)}};
   if (attention_seconds > 0) out["attention_ms"] = attention_seconds * 1e3;  // only when timed
   return out;
 }
 
-Status Engine::check_call(const KvSequence& seq, std::span<const int32_t> tokens) {
+Status Engine::check_call(const KvSequence& seq, std::span<const int32_t> tokens, bool cache_positions) const {
   const ModelConfig& c = config();
   const int64_t n = int64_t(tokens.size());
   if (&seq.pool() != pool_.get()) return Error{"engine: the sequence was not created by this engine"};
-  cache_positions_ = method_ != nullptr && method_->kv_positions() == KvPositions::Cache;
-  if (cache_positions_) {
+  if (cache_positions) {
     // Positions are cache indices: only what is stored counts against the context.
     int64_t stored = 0;
     for (int32_t l = 0; l < c.n_layers; ++l)
@@ -101,6 +246,31 @@ Status Engine::check_call(const KvSequence& seq, std::span<const int32_t> tokens
       return Error{fmt::format("token id {} at index {} is outside the vocabulary (0..{})", tokens[size_t(i)], i,
                                c.n_vocab - 1)};
   return ok_status();
+}
+
+Status Engine::forward(KvSequence& seq, std::span<const int32_t> tokens, int64_t logits_from, const LogitsSink& sink) {
+  if (tokens.empty()) return ok_status();
+  MethodCall call;
+  call.method = method_;
+  call.hooks = hooks_;
+  call.cache_positions = method_ != nullptr && method_->kv_positions() == KvPositions::Cache;
+  if (call.has(kHookRetention)) call.retention = method_->retention_policy();
+  if (auto s = check_call(seq, tokens, call.cache_positions); !s) return s;
+  try {
+    ForwardPass pass(*backend_, config(), options_, call, counters_, seq, tokens);
+    return pass.run(logits_from, sink);
+  } catch (const std::bad_alloc&) {
+    return Error{fmt::format("{}: out of memory for KV cache pages", backend_->name())};
+  } catch (const std::exception& e) {
+    return Error{fmt::format("{}: {}", backend_->name(), e.what())};
+  }
+}
+
+Status Engine::truncate(KvSequence& seq, int32_t n) {
+  if (&seq.pool() != pool_.get()) return Error{"engine: the sequence was not created by this engine"};
+  if (n < 0 || n > seq.n_past())
+    return Error{fmt::format("truncate: {} tokens asked, the sequence has {}", n, seq.n_past())};
+  return backend_->truncate(seq, n);
 }
 
 Status check_component_mask(const ComponentMask& mask, const ModelConfig& c, int32_t layer) {
@@ -155,19 +325,6 @@ PageBoundSync stale_bound_pages(const KvSequence& seq, int32_t layer, int32_t kv
       counts.push_back(std::min(ps, n - p * ps));
     }
   return PageBoundSync{seq.id(), t.rewrites, n};
-}
-
-std::vector<int32_t> Engine::page_budgets(const StepInfo& step, const KvView& view, const KvSequence& seq,
-                                          int32_t layer) {
-  std::vector<int32_t> budgets(static_cast<size_t>(config().n_kv_heads), -1);
-  if ((hooks_ & kHookPageBudget) == 0) return budgets;
-  const int32_t ps = seq.pool().shape().page_size;
-  for (int32_t g = 0; g < config().n_kv_heads; ++g) {
-    const int32_t budget = method_->page_budget(step, view, layer, g);
-    const int32_t pages = (seq.table(layer, g).n_tokens() + ps - 1) / ps;
-    budgets[size_t(g)] = budget < 0 ? -1 : budget > 0 && budget < pages ? budget : 0;
-  }
-  return budgets;
 }
 
 Result<std::vector<float>> Engine::prefill(KvSequence& seq, std::span<const int32_t> tokens) {

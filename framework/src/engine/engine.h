@@ -1,16 +1,18 @@
-// The common transformer's forward pass over a paged KV cache. `Engine` is the
-// interface every backend implements (CpuEngine in cpu_engine.h, the reference;
-// CudaEngine in cuda/cuda_engine.h); Engine::create picks one from the options.
+// The common transformer's forward pass over a paged KV cache. An Engine owns
+// a backend (backend.h: the op table of one device) and runs every call
+// through the one forward schedule (forward_pass.h), which is where a method's
+// hooks are called. Engine::create picks the backend from the options.
 #pragma once
 
 #include <cstdint>
 #include <functional>
 #include <map>
 #include <memory>
-#include <string>
 #include <span>
+#include <string>
 #include <vector>
 
+#include "engine/backend.h"
 #include "engine/kv_cache.h"
 #include "inferlab/plugin.h"
 #include "inferlab/result.h"
@@ -18,10 +20,10 @@
 
 namespace inferlab {
 
-enum class Backend { Cpu, Cuda };
-const char* backend_name(Backend backend);
+enum class BackendKind { Cpu, Cuda };
+const char* backend_name(BackendKind backend);
 // "cpu", "cuda", or "auto" (CUDA when this build has it and a GPU is present).
-Result<Backend> parse_backend(const std::string& name);
+Result<BackendKind> parse_backend(const std::string& name);
 
 // Element type of the CUDA backend's weights and KV cache (the CPU backend is float32).
 enum class GpuDType { F16, BF16 };
@@ -31,21 +33,19 @@ struct EngineOptions {
   int32_t page_size = 16;     // tokens per KV page
   int32_t max_context = 0;    // 0: the model's context length
   int32_t n_threads = 0;      // 0: OpenMP's default (all cores)
-  Backend backend = Backend::Cpu;
+  BackendKind backend = BackendKind::Cpu;
   GpuDType gpu_dtype = GpuDType::F16;
-  bool cuda_graphs = true;    // decode steps replay a captured CUDA graph where the shapes allow it
+  bool cuda_graphs = true;    // decode steps replay a captured CUDA graph where their plan allows it
   // Time the attention kernels (counters().attention_seconds); on CUDA this
   // records events around them and turns decode graphs off.
   bool time_attention = false;
   int32_t device = 0;         // CUDA device index
 };
 
-// Receives the logits of one row of a forward pass: `row` indexes the tokens
-// passed to that call. The span is valid only during the call.
-using LogitsSink = std::function<void(int64_t row, std::span<const float> logits)>;
-
 // What the engine did on behalf of a method, so a run that silently did nothing
-// shows in the results. Counts accumulate until reset_counters().
+// shows in the results. Counts accumulate until reset_counters(). The traffic
+// counters (keys, pages, bytes) come from each step's plan, on every backend
+// and for every method including dense, so tables compare one quantity.
 struct EngineCounters {
   int64_t forward_calls = 0;
   int64_t decode_steps = 0;
@@ -53,13 +53,116 @@ struct EngineCounters {
   int64_t decode_keys_read = 0;      // cached keys attended to in decode steps, per (layer, kv head)
   int64_t decode_keys_cached = 0;    // cached keys that were available to those steps
   int64_t decode_pages_read = 0;     // pages those keys were read from
+  int64_t decode_kv_bytes_read = 0;  // K and V bytes of those keys, in the KV pages' format
   int64_t layers_skipped = 0;        // (call, layer) pairs not computed
   int64_t heads_skipped = 0;         // (call, layer, head) not computed
   int64_t neurons_skipped = 0;       // (call, layer, FFN neuron) not computed
   int64_t sparse_prefill_heads = 0;  // (call, layer, head) computed block-sparse
+  int64_t graph_replays = 0;         // decode steps served by a captured graph
   double attention_seconds = 0;      // attention kernels' time, with EngineOptions::time_attention
   std::map<std::string, double> as_map() const;
 };
+
+// A method as the engine runs it: its hooks, and the weights it replaced for
+// its runs (LoadContext::overrides), applied while it is the engine's method.
+struct WeightOverride {
+  Proj proj = Proj::Q;
+  int32_t layer = 0;
+  std::vector<float> data;  // float32, (out, in)
+};
+struct WeightOverrides final : public WeightEditor {
+  WeightOverrides();
+  Status replace(const std::string& tensor, int32_t layer, std::span<const float> data) override;
+  const ModelConfig* config = nullptr;  // shapes to check against
+  std::vector<WeightOverride> items;
+  uint64_t serial = 0;  // unique per object and content: the engine knows what it applied without keeping a pointer
+};
+
+class Engine {
+ public:
+  // The backend options.backend names; an error when it is unavailable here.
+  static Result<std::unique_ptr<Engine>> create(std::shared_ptr<const Model> model, EngineOptions options = {});
+  // A model of this shape with random weights made on the GPU from `seed`
+  // (the scales of write_synthetic_model): 7B-sized timing without a file.
+  // CUDA backend only.
+  static Result<std::unique_ptr<Engine>> create_random(const ModelConfig& config, uint64_t seed,
+                                                       EngineOptions options);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // A new empty sequence whose pages come from this engine's pool.
+  std::unique_ptr<KvSequence> new_sequence() const { return std::make_unique<KvSequence>(pool_); }
+
+  // Runs `tokens` through the model at positions seq.n_past() .. + n - 1, appending
+  // their K/V to the cache. Logits are computed for rows [logits_from, n) and handed
+  // to `sink` in order (pass logits_from = n for none). `seq` must come from this engine.
+  Status forward(KvSequence& seq, std::span<const int32_t> tokens, int64_t logits_from, const LogitsSink& sink);
+
+  // Convenience: logits of the last token only.
+  Result<std::vector<float>> prefill(KvSequence& seq, std::span<const int32_t> tokens);
+  Result<std::vector<float>> decode(KvSequence& seq, int32_t token);
+
+  // Back to the sequence's first n tokens (speculative decoding, preemption):
+  // every stored token at a position >= n leaves the cache and n_past becomes n.
+  Status truncate(KvSequence& seq, int32_t n);
+
+  // The method whose hooks run inside forward() (nullptr: dense). `hooks` is the
+  // PluginHook set the method declared; only those hooks are called. Refused,
+  // before any token, when the backend lacks a feature the method needs.
+  // `name` (the plugin's) is for messages.
+  Status set_method(Method* method, uint32_t hooks, const WeightOverrides* overrides = nullptr,
+                    const std::string& name = "method");
+  const EngineCounters& counters() const { return counters_; }
+  void reset_counters() { counters_ = {}; }
+  ModelShape shape() const;
+
+  BackendKind backend() const { return options_.backend; }
+  Backend& ops() { return *backend_; }
+  // "cpu: <model name>, N cores" / "cuda: NVIDIA H100 ..., f16": recorded with every run.
+  std::string device_description() const { return backend_->device_description(); }
+  // Bytes of weights resident on the backend's device.
+  int64_t weight_bytes() const { return backend_->weight_bytes(); }
+
+  const Model& model() const { return *model_; }
+  const ModelConfig& config() const { return model_->config(); }
+  const EngineOptions& options() const { return options_; }
+  void set_time_attention(bool on);
+  int32_t max_context() const { return max_context_; }
+  KvPagePool& pool() { return *pool_; }
+  std::shared_ptr<KvPagePool> shared_pool() const { return pool_; }
+
+ private:
+  Engine(std::shared_ptr<const Model> model, EngineOptions options, std::unique_ptr<Backend> backend);
+  // Checks tokens against the vocabulary and the context (stored tokens in
+  // cache-position mode, else n_past).
+  Status check_call(const KvSequence& seq, std::span<const int32_t> tokens, bool cache_positions) const;
+
+  std::shared_ptr<const Model> model_;
+  EngineOptions options_;
+  int32_t max_context_ = 0;
+  std::unique_ptr<Backend> backend_;
+  std::shared_ptr<KvPagePool> pool_;
+  Method* method_ = nullptr;
+  uint32_t hooks_ = 0;
+  uint64_t overrides_applied_ = 0;                     // serial of the overrides the backend holds (0: none)
+  std::vector<std::pair<Proj, int32_t>> overridden_;  // what they replaced
+  EngineCounters counters_;
+};
+
+// The features a method with these hooks and declarations needs from a backend.
+std::vector<Feature> method_features(const Method& method, uint32_t hooks);
+
+// Checks the shape of a component mask a method returned for `layer`.
+Status check_component_mask(const ComponentMask& mask, const ModelConfig& config, int32_t layer);
+// Checks a block pattern a method returned for (layer, head) and sorts its
+// pairs without repeats; a head whose kv head has a decode selection in the
+// same call may not have one.
+Status normalize_block_pattern(BlockPattern& pattern, int32_t layer, int32_t head, bool kv_head_selected);
+// Checks a decode selection for (layer, kv_head) of `cached` stored tokens:
+// ascending, no repeats, every page or token index in range.
+Status check_kv_selection(const KvSelection& selection, int32_t cached, int32_t page_size, int32_t layer,
+                          int32_t kv_head);
 
 // What the engine-kept key bounds of one (layer, kv head) cover (kHookPageBudget):
 // the first `tokens` stored tokens of sequence `seq_id` as of `rewrites`.
@@ -76,80 +179,5 @@ struct PageBoundSync {
 // table was rewritten since `sync`.
 PageBoundSync stale_bound_pages(const KvSequence& seq, int32_t layer, int32_t kv_head, int32_t n,
                                 const PageBoundSync& sync, std::vector<int32_t>& pages, std::vector<int32_t>& counts);
-
-class Engine {
- public:
-  // The backend options.backend names; an error when it is unavailable here.
-  static Result<std::unique_ptr<Engine>> create(std::shared_ptr<const Model> model, EngineOptions options = {});
-  virtual ~Engine() = default;
-  Engine(const Engine&) = delete;
-  Engine& operator=(const Engine&) = delete;
-
-  // A new empty sequence whose pages come from this engine's pool.
-  std::unique_ptr<KvSequence> new_sequence() const { return std::make_unique<KvSequence>(pool_); }
-
-  // Runs `tokens` through the model at positions seq.n_past() .. + n - 1, appending
-  // their K/V to the cache. Logits are computed for rows [logits_from, n) and handed
-  // to `sink` in order (pass logits_from = n for none). `seq` must come from this engine.
-  virtual Status forward(KvSequence& seq, std::span<const int32_t> tokens, int64_t logits_from,
-                         const LogitsSink& sink) = 0;
-
-  // Convenience: logits of the last token only.
-  Result<std::vector<float>> prefill(KvSequence& seq, std::span<const int32_t> tokens);
-  Result<std::vector<float>> decode(KvSequence& seq, int32_t token);
-
-  // The method whose hooks run inside forward() (nullptr: dense). `hooks` is the
-  // PluginHook set the method declared; only those hooks are called.
-  void set_method(Method* method, uint32_t hooks);
-  const EngineCounters& counters() const { return counters_; }
-  void reset_counters() { counters_ = {}; }
-  ModelShape shape() const;
-
-  Backend backend() const { return options_.backend; }
-  // "cpu: <model name>, N cores" / "cuda: NVIDIA H100 ..., f16": recorded with every run.
-  virtual std::string device_description() const = 0;
-  // Bytes of weights resident on the backend's device.
-  virtual int64_t weight_bytes() const = 0;
-
-  const Model& model() const { return *model_; }
-  const ModelConfig& config() const { return model_->config(); }
-  const EngineOptions& options() const { return options_; }
-  void set_time_attention(bool on) { options_.time_attention = on; }
-  int32_t max_context() const { return max_context_; }
-  KvPagePool& pool() { return *pool_; }
-  std::shared_ptr<KvPagePool> shared_pool() const { return pool_; }
-
- protected:
-  Engine(std::shared_ptr<const Model> model, EngineOptions options);
-  // Checks tokens against the vocabulary and the context (stored tokens in
-  // cache-position mode, else n_past); sets cache_positions_ for this call.
-  Status check_call(const KvSequence& seq, std::span<const int32_t> tokens);
-
-  std::shared_ptr<const Model> model_;
-  EngineOptions options_;
-  int32_t max_context_ = 0;
-  std::shared_ptr<KvPagePool> pool_;
-  // The method's page budget for each kv head of `layer` in this call: > 0
-  // pages to select by key bound when that is fewer than the head's cached
-  // pages; 0 when the head is dense; < 0 (every head without kHookPageBudget)
-  // to ask select_kv.
-  std::vector<int32_t> page_budgets(const StepInfo& step, const KvView& view, const KvSequence& seq, int32_t layer);
-
-  Method* method_ = nullptr;
-  uint32_t hooks_ = 0;
-  bool cache_positions_ = false;  // this call's method uses KvPositions::Cache
-  EngineCounters counters_;
-};
-
-// Checks the shape of a component mask a method returned for `layer`.
-Status check_component_mask(const ComponentMask& mask, const ModelConfig& config, int32_t layer);
-// Checks a decode selection for (layer, kv_head) of `cached` stored tokens:
-// ascending, no repeats, every page or token index in range.
-// Checks a block pattern a method returned for (layer, head) and sorts its
-// pairs without repeats; a head whose kv head has a decode selection in the
-// same call may not have one.
-Status normalize_block_pattern(BlockPattern& pattern, int32_t layer, int32_t head, bool kv_head_selected);
-Status check_kv_selection(const KvSelection& selection, int32_t cached, int32_t page_size, int32_t layer,
-                          int32_t kv_head);
 
 }  // namespace inferlab

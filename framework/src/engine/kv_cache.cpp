@@ -18,22 +18,35 @@ class HostPageStorage final : public KvPageStorage {
   bool host_accessible() const override { return true; }
   void* allocate_chunk(int64_t bytes) override { return new (std::nothrow) float[size_t(bytes) / sizeof(float)](); }
   void free_chunk(void* chunk) override { delete[] static_cast<float*>(chunk); }
+  void chunks_changed(const KvPagePool& pool) override {
+    for (auto& p : planes_) p.resize(size_t(pool.pages_reserved()) * size_t(pool.shape().page_size), 0);
+  }
+  void* plane(SlotPlane p) const override { return const_cast<uint32_t*>(planes_[size_t(p)].data()); }
   void move_rows(KvPagePool& pool, const std::vector<KvRowMove>& moves) override {
     // Compaction moves rows to lower stored indices in order, so copying in
     // order never overwrites a row before it is read.
-    const int64_t hd = pool.shape().head_dim;
+    const int64_t hd = pool.shape().head_dim, ps = pool.shape().page_size;
     const size_t row_bytes = size_t(hd) * sizeof(float);
     for (const KvRowMove& m : moves) {
       std::memcpy(pool.k(m.dst_page) + m.dst_slot * hd, pool.k(m.src_page) + m.src_slot * hd, row_bytes);
       std::memcpy(pool.v(m.dst_page) + m.dst_slot * hd, pool.v(m.src_page) + m.src_slot * hd, row_bytes);
+      for (auto& p : planes_) p[size_t(m.dst_page * ps + m.dst_slot)] = p[size_t(m.src_page * ps + m.src_slot)];
     }
   }
   void copy_pages(const KvPagePool& src, const std::vector<int32_t>& src_pages, KvPagePool& dst,
                   const std::vector<int32_t>& dst_pages) override {
-    for (size_t i = 0; i < src_pages.size(); ++i)
+    const int32_t ps = src.shape().page_size;
+    for (size_t i = 0; i < src_pages.size(); ++i) {
       std::memcpy(dst.page_data(dst_pages[i]), src.page_data(src_pages[i]), size_t(src.page_bytes()));
+      for (int32_t p = 0; p < kSlotPlanes; ++p)
+        std::memcpy(dst.plane<uint32_t>(SlotPlane(p)) + int64_t(dst_pages[i]) * ps,
+                    src.plane<uint32_t>(SlotPlane(p)) + int64_t(src_pages[i]) * ps, size_t(ps) * 4);
+    }
   }
   std::unique_ptr<KvPageStorage> sibling() const override { return std::make_unique<HostPageStorage>(); }
+
+ private:
+  std::vector<uint32_t> planes_[kSlotPlanes];  // (pages_reserved * page_size) each
 };
 
 std::atomic<uint64_t> next_sequence_id{1};
@@ -64,7 +77,7 @@ int32_t KvPagePool::allocate() {
       throw std::bad_alloc();  // out of (device) memory: nothing sensible can continue this step
     chunks_.push_back(chunk);
     try {
-      storage_->chunks_changed(chunks_);
+      storage_->chunks_changed(*this);
     } catch (...) {  // keep chunks_ and page_used_ in step, or later page ids overrun page_used_
       chunks_.pop_back();
       storage_->free_chunk(chunk);
@@ -102,7 +115,7 @@ void KvPagePool::trim() {
   if (trimmed) {
     const int32_t limit = int32_t(page_used_.size());
     std::erase_if(free_pages_, [limit](int32_t p) { return p >= limit; });
-    storage_->chunks_changed(chunks_);
+    storage_->chunks_changed(*this);
   }
 }
 
@@ -209,6 +222,21 @@ Result<int32_t> KvSequence::evict(int32_t layer, int32_t kv_head, std::vector<in
   for (size_t p = pages_needed; p < t.pages.size(); ++p) pool_->release(t.pages[p]);
   t.pages.resize(pages_needed);
   return int32_t(drop.size());
+}
+
+void KvSequence::truncate(int32_t n) {
+  const int32_t ps = pool_->shape().page_size;
+  for (auto& t : tables_) {
+    const auto keep = int32_t(std::lower_bound(t.positions.begin(), t.positions.end(), n) - t.positions.begin());
+    if (keep == t.n_tokens()) continue;
+    t.positions.resize(size_t(keep));
+    t.rotary.resize(size_t(keep));
+    const size_t pages_needed = size_t((keep + ps - 1) / ps);
+    for (size_t p = pages_needed; p < t.pages.size(); ++p) pool_->release(t.pages[p]);
+    t.pages.resize(pages_needed);
+    ++t.rewrites;  // what was derived from the last page (key bounds) no longer holds
+  }
+  n_past_ = std::min(n_past_, n);
 }
 
 void KvSequence::clear() {

@@ -21,6 +21,13 @@ struct KvCacheShape {
   int32_t page_size = 16;  // tokens per page
 };
 
+// Per-slot values kept beside the K/V rows of every page, one 4-byte element
+// per stored token, moved (eviction), copied (clone) and dropped with its rows:
+// where engine mechanisms keep per-token state (retention scores). A plane is
+// indexed by physical slot, page * page_size + slot.
+enum class SlotPlane : int32_t { Score = 0 };  // float: retention score
+inline constexpr int32_t kSlotPlanes = 1;
+
 // One K/V row move of eviction compaction: stored token at (src_page, src_slot)
 // goes to (dst_page, dst_slot).
 struct KvRowMove {
@@ -37,11 +44,17 @@ class KvPageStorage {
   virtual bool host_accessible() const = 0;  // page_data() may be read and written by the host
   virtual void* allocate_chunk(int64_t bytes) = 0;  // nullptr when out of memory
   virtual void free_chunk(void* chunk) = 0;
-  // The pool's chunk list changed (device storage keeps a device copy of it).
-  virtual void chunks_changed(const std::vector<void*>& chunks) { (void)chunks; }
-  // K and V rows; every source is read before any destination is written.
+  // The pool's chunk list changed: device storage keeps a device copy of it,
+  // and every storage grows its slot planes to the pool's pages.
+  virtual void chunks_changed(const class KvPagePool& pool) = 0;
+  // Base of a slot plane: (pages_reserved * page_size) 4-byte values, in the
+  // storage's memory (device memory for device storage).
+  virtual void* plane(SlotPlane plane) const = 0;
+  // K and V rows and their slot-plane values; every source is read before any
+  // destination is written.
   virtual void move_rows(class KvPagePool& pool, const std::vector<KvRowMove>& moves) = 0;
-  // Whole pages from `src` (same shape and storage kind) into `dst`.
+  // Whole pages (and their slot-plane values) from `src` (same shape and
+  // storage kind) into `dst`.
   virtual void copy_pages(const class KvPagePool& src, const std::vector<int32_t>& src_pages,
                           class KvPagePool& dst, const std::vector<int32_t>& dst_pages) = 0;
   // An empty storage of the same kind (for another pool of the same shape).
@@ -72,6 +85,9 @@ class KvPagePool {
   float* v(int32_t page) { return k(page) + page_elems_ / 2; }
   const float* k(int32_t page) const { return const_cast<KvPagePool*>(this)->k(page); }
   const float* v(int32_t page) const { return const_cast<KvPagePool*>(this)->v(page); }
+  // A slot plane's values (host storage only when dereferenced on the host).
+  template <typename T = float>
+  T* plane(SlotPlane p) const { return static_cast<T*>(storage_->plane(p)); }
   // Base of a page in the storage's memory (device memory for device storage).
   void* page_data(int32_t page) const {
     return static_cast<char*>(chunks_[size_t(page / pages_per_chunk_)]) +
@@ -142,6 +158,11 @@ class KvSequence {
   // Pointer to the K / V row of stored token `i` of (layer, kv_head); host storage only.
   const float* k_row(int32_t layer, int32_t kv_head, int32_t i) const;
   const float* v_row(int32_t layer, int32_t kv_head, int32_t i) const;
+
+  // Back to the first n tokens: every stored token whose position is >= n
+  // leaves (a suffix of each table, positions being ascending), pages left
+  // empty return to the pool, and n_past becomes n (n <= n_past()).
+  void truncate(int32_t n);
 
   // Drops stored tokens `drop` (indices into the table, any order, duplicates
   // ignored) of (layer, kv_head): later tokens move down to keep the table

@@ -107,6 +107,12 @@ class SampleRunner {
   std::unique_ptr<KvSequence> seq_;
 };
 
+// The context's method on its engine (dense when there is none).
+Status install_method(MeasureContext& ctx) {
+  return ctx.engine->set_method(ctx.method, ctx.hooks, ctx.overrides,
+                                ctx.method_name.empty() ? std::string("method") : ctx.method_name);
+}
+
 std::string sample_key(const MeasureContext& ctx, size_t index) { return fmt::format("{}#{}", ctx.task_key, index); }
 
 bool reuses_prefill(const MeasureContext& ctx) {
@@ -177,11 +183,11 @@ Result<const DenseReference*> dense_reference(MeasureContext& ctx, size_t index,
   if (auto it = ctx.dense->find(key); it != ctx.dense->end()) return &it->second;
   MeasureContext dense = ctx;
   dense.method = nullptr;
-  ctx.engine->set_method(nullptr, 0);
+  (void)ctx.engine->set_method(nullptr, 0);
   Tally scratch;
   DenseReference ref;
   auto gen = generate_greedy(dense, scratch, index, with_logits ? &ref.logits : nullptr);
-  ctx.engine->set_method(ctx.method, ctx.hooks);
+  if (auto s = install_method(ctx); !s) return s.error();
   if (!gen) return gen.error();
   ref.tokens = gen->tokens;
   DenseReference& stored = (*ctx.dense)[key];
@@ -193,7 +199,7 @@ Result<const DenseReference*> dense_reference(MeasureContext& ctx, size_t index,
 Status ensure_snapshots(MeasureContext& ctx) {
   MeasureContext dense = ctx;
   dense.method = nullptr;
-  ctx.engine->set_method(nullptr, 0);
+  (void)ctx.engine->set_method(nullptr, 0);
   for (size_t i = 0; i < ctx.samples->size(); ++i) {
     if (ctx.prefills->snapshots.count(sample_key(ctx, i)) != 0) continue;
     Tally scratch;
@@ -201,8 +207,7 @@ Status ensure_snapshots(MeasureContext& ctx) {
     auto first = start_sample(dense, runner, i);
     if (!first) return first.error();
   }
-  ctx.engine->set_method(ctx.method, ctx.hooks);
-  return ok_status();
+  return install_method(ctx);
 }
 
 Result<SampleRow> generation_sample(MeasureContext& ctx, Tally& tally, size_t index) {
@@ -353,7 +358,8 @@ std::vector<double> log_softmax(std::span<const float> logits) {
 }
 
 Result<RunMeasurements> measure_run(MeasureContext& ctx) {
-  ctx.engine->set_method(ctx.method, ctx.hooks);
+  // A backend without what the method needs refuses it here, before any token.
+  if (auto s = install_method(ctx); !s) return s.error();
   // Dense references first, so the run's counters and timings are its own.
   const TaskKind kind = ctx.task->kind();
   if (kind == TaskKind::Fidelity || (kind == TaskKind::Generation && ctx.method != nullptr))
@@ -373,7 +379,7 @@ Result<RunMeasurements> measure_run(MeasureContext& ctx) {
       case TaskKind::Fidelity: row = fidelity_sample(ctx, tally, i); break;
     }
     if (!row) {
-      ctx.engine->set_method(nullptr, 0);
+      (void)ctx.engine->set_method(nullptr, 0);
       return Error{fmt::format("sample {} ({}): {}", i, (*ctx.samples)[i].id, row.message())};
     }
     out.samples.push_back(std::move(*row));
@@ -381,7 +387,7 @@ Result<RunMeasurements> measure_run(MeasureContext& ctx) {
     if (ctx.on_sample) ctx.on_sample(int64_t(i + 1));
   }
   out.metrics = tally_metrics(ctx, tally);
-  ctx.engine->set_method(nullptr, 0);
+  (void)ctx.engine->set_method(nullptr, 0);
   return out;
 }
 

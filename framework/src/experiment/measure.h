@@ -41,6 +41,8 @@ struct MeasureContext {
   Engine* engine = nullptr;
   Method* method = nullptr;  // nullptr: the dense baseline
   uint32_t hooks = 0;
+  std::string method_name;   // the plugin's, for messages
+  const WeightOverrides* overrides = nullptr;  // weights the method replaced for its runs
   int64_t prefill_chunk = 0;  // tokens per forward call while prefilling (0: whole prompt)
   const Task* task = nullptr;
   const TaskParams* task_params = nullptr;

@@ -49,7 +49,7 @@ Result<std::string> resolve_backend(const std::string& requested) {
 }
 
 std::string device_description(const Engine& engine) {
-  if (engine.backend() == Backend::Cuda) return engine.device_description();
+  if (engine.backend() == BackendKind::Cuda) return engine.device_description();
   return fmt::format("{}; OpenBLAS {}", cpu_description(), blas_core_name());
 }
 
@@ -73,7 +73,7 @@ Result<Workbench> open_workbench(const ExperimentConfig& config) {
   bench.model = *model;
   EngineOptions options{int32_t(config.model.page_size), int32_t(config.model.max_context),
                         int32_t(config.model.threads)};
-  options.backend = config.backend == "cuda" ? Backend::Cuda : Backend::Cpu;
+  options.backend = config.backend == "cuda" ? BackendKind::Cuda : BackendKind::Cpu;
   auto dtype = parse_gpu_dtype(config.model.dtype);
   if (!dtype) return Error{fmt::format("model.dtype: {}", dtype.message())};
   options.gpu_dtype = *dtype;
@@ -149,12 +149,15 @@ RunRecord execute_run(const ExperimentConfig& config, const RunSpec& run, Workbe
   if (entry == nullptr) return fail(fmt::format("plugin {} is no longer loaded", run.plugin));
   auto handle = registry.create(run.plugin, run.params);
   if (!handle) return fail(handle.message());
-  if (auto s = load_method(*handle->get(), *entry, *bench.engine); !s) return fail(s.message());
+  WeightOverrides overrides;
+  if (auto s = load_method(*handle->get(), *entry, *bench.engine, {}, &overrides); !s) return fail(s.message());
 
   MeasureContext ctx;
   ctx.engine = bench.engine.get();
   ctx.method = run.baseline ? nullptr : handle->get();
   ctx.hooks = entry->hooks;
+  ctx.method_name = run.plugin;
+  ctx.overrides = &overrides;
   ctx.prefill_chunk = config.model.prefill_chunk;
   ctx.task = bench.tasks[*index].get();
   ctx.task_params = &config.tasks[*index].params;

@@ -42,7 +42,7 @@ std::filesystem::path artifact_dir(const std::string& plugin, const std::string&
 }
 
 Status load_method(Method& method, const PluginEntry& plugin, const Engine& engine,
-                   const std::filesystem::path& artifact_root) {
+                   const std::filesystem::path& artifact_root, WeightOverrides* overrides) {
   if ((plugin.hooks & kHookLoad) == 0) return ok_status();
   const std::string& checksum = engine.model().checksum();
   const auto dir = artifact_dir(plugin.name, checksum, artifact_root);
@@ -51,12 +51,18 @@ Status load_method(Method& method, const PluginEntry& plugin, const Engine& engi
   if (ec) return Error{fmt::format("plugin {}: cannot create artifact folder {}: {}", plugin.name, dir.string(),
                                    ec.message())};
   const ModelWeightView weights(engine.model());
-  const LoadContext context{engine.shape(), checksum, dir.string(), &weights};
+  WeightOverrides local;
+  WeightOverrides& edits = overrides != nullptr ? *overrides : local;
+  edits.config = &engine.config();
+  edits.items.clear();
+  const LoadContext context{engine.shape(), checksum, dir.string(), &weights, &edits};
   try {
     if (auto s = method.on_load(context); !s) return Error{fmt::format("plugin {}: on_load: {}", plugin.name, s.message())};
   } catch (const std::exception& e) {
     return Error{fmt::format("plugin {}: on_load threw: {}", plugin.name, e.what())};
   }
+  if (overrides == nullptr && !local.items.empty())
+    return Error{fmt::format("plugin {}: replaces weights, which this caller cannot apply", plugin.name)};
   return ok_status();
 }
 

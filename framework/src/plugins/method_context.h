@@ -28,8 +28,10 @@ std::filesystem::path artifact_dir(const std::string& plugin, const std::string&
                                    const std::filesystem::path& root = {});
 
 // Calls on_load when the plugin declares kHookLoad (creating its artifact
-// folder); errors name the plugin.
+// folder); errors name the plugin. Weights the method replaces for its runs
+// go to `overrides` (give them to Engine::set_method with the method); with
+// none given, a method that replaces weights is an error.
 Status load_method(Method& method, const PluginEntry& plugin, const Engine& engine,
-                   const std::filesystem::path& artifact_root = {});
+                   const std::filesystem::path& artifact_root = {}, WeightOverrides* overrides = nullptr);
 
 }  // namespace inferlab

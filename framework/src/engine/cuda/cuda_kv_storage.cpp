@@ -1,5 +1,6 @@
 #include "engine/cuda/cuda_kv_storage.h"
 
+#include <algorithm>
 #include <stdexcept>
 #include <utility>
 #include <vector>
@@ -40,7 +41,8 @@ class CudaPageStorage final : public KvPageStorage {
     cudaStreamSynchronize(stream_);  // kernels in flight may still read it
     cudaFree(chunk);
   }
-  void chunks_changed(const std::vector<void*>& chunks) override {
+  void chunks_changed(const KvPagePool& pool) override {
+    const std::vector<void*>& chunks = pool.chunks();
     if (chunks.size() > size_t(kMaxChunks)) throw std::bad_alloc();
     // The pinned copy may still feed an earlier upload: wait for the stream first.
     check(cudaStreamSynchronize(stream_), "KV chunk table");
@@ -50,7 +52,21 @@ class CudaPageStorage final : public KvPageStorage {
       check(cudaMemcpyAsync(chunk_table_.as(), host, chunks.size() * sizeof(void*), cudaMemcpyHostToDevice,
                             stream_),
             "KV chunk table");
+    // Slot planes grow with the pool, keeping their values (they never shrink).
+    const size_t bytes = size_t(pool.pages_reserved()) * size_t(pool.shape().page_size) * 4;
+    for (DeviceMemory& plane : planes_) {
+      if (bytes <= plane.bytes()) continue;
+      DeviceMemory bigger;
+      if (!bigger.reserve(bytes)) throw std::bad_alloc();
+      check(cudaMemsetAsync(bigger.as(), 0, bytes, stream_), "KV slot plane");
+      if (plane.bytes() > 0)
+        check(cudaMemcpyAsync(bigger.as(), plane.as(), plane.bytes(), cudaMemcpyDeviceToDevice, stream_),
+              "KV slot plane");
+      check(cudaStreamSynchronize(stream_), "KV slot plane");
+      plane = std::move(bigger);
+    }
   }
+  void* plane(SlotPlane p) const override { return planes_[size_t(p)].as(); }
   void move_rows(KvPagePool& pool, const std::vector<KvRowMove>& moves) override {
     if (moves.empty()) return;
     const int32_t n = int32_t(moves.size());
@@ -63,10 +79,16 @@ class CudaPageStorage final : public KvPageStorage {
       staged_[size_t(3 * n + i)] = moves[size_t(i)].dst_slot;
     }
     const kernels::KvPages kv = cuda_kv_pages(pool);
-    if (!scratch_.reserve(kernels::cuda::kv_move_scratch_bytes(kv, n))) throw std::bad_alloc();
+    if (!scratch_.reserve(std::max(kernels::cuda::kv_move_scratch_bytes(kv, n), size_t(n) * 4)))
+      throw std::bad_alloc();
     const int32_t* d = upload_staged("KV eviction");
     check(kernels::cuda::kv_move_rows(kv, d, d + n, d + 2 * n, d + 3 * n, n, scratch_.as(), stream_),
           "KV eviction");
+    // Stream order: the planes' moves reuse the scratch after the rows' scatter.
+    for (int32_t p = 0; p < kSlotPlanes; ++p)
+      check(kernels::cuda::slot_plane_move(pool.plane<uint32_t>(SlotPlane(p)), pool.shape().page_size, d, d + n,
+                                           d + 2 * n, d + 3 * n, n, scratch_.as<uint32_t>(), stream_),
+            "KV eviction");
     check(cudaStreamSynchronize(stream_), "KV eviction");  // staged_ is pageable and reused
   }
   void copy_pages(const KvPagePool& src, const std::vector<int32_t>& src_pages, KvPagePool& dst,
@@ -80,6 +102,10 @@ class CudaPageStorage final : public KvPageStorage {
     staged_.insert(staged_.end(), dst_pages.begin(), dst_pages.end());
     const int32_t* d = upload_staged("KV copy");
     check(kernels::cuda::kv_copy_pages(from, to, d, d + n, n, stream_), "KV copy");
+    for (int32_t p = 0; p < kSlotPlanes; ++p)
+      check(kernels::cuda::slot_plane_copy_pages(src.plane<uint32_t>(SlotPlane(p)), dst.plane<uint32_t>(SlotPlane(p)),
+                                                 src.shape().page_size, d, d + n, n, stream_),
+            "KV copy");
     check(cudaStreamSynchronize(stream_), "KV copy");  // staged_ is pageable and reused
   }
   std::unique_ptr<KvPageStorage> sibling() const override {
@@ -105,6 +131,7 @@ class CudaPageStorage final : public KvPageStorage {
   DeviceMemory chunk_table_;  // (kMaxChunks) device copy of the pool's chunk bases
   PinnedMemory host_table_;
   DeviceMemory indices_, scratch_;
+  DeviceMemory planes_[kSlotPlanes];  // (pages_reserved * page_size) 4-byte values each
   std::vector<int32_t> staged_;
 };
 

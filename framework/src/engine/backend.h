@@ -1,0 +1,178 @@
+// A backend is a small table of operations on one device: the forward schedule
+// (forward_pass.h) calls them in order and never touches device memory itself;
+// a backend never calls a method hook. Activations of the call in flight live
+// in the backend (its workspace); ops name which by their role. Every backend
+// answers supports(), asked when a method is set, so a limit is refused before
+// the first token instead of surfacing mid-run.
+//
+//   CpuBackend  (cpu_backend.h)         float32, OpenBLAS, the reference
+//   CudaBackend (cuda/cuda_backend.h)   f16/bf16 weights and KV, cuBLAS, kernels/cuda, CUDA graphs
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "engine/kv_cache.h"
+#include "engine/plans.h"
+#include "inferlab/plugin.h"
+#include "inferlab/result.h"
+
+namespace inferlab {
+
+// What a backend can do. The schedule derives the features a method needs
+// from its hooks and declarations (method_features) and asks for each.
+enum class Feature : int32_t {
+  TokenSelection,       // a key plan lists stored tokens (KeySelect::Tokens)
+  PageSelection,        // a key plan lists pages
+  BoundSelection,       // pages selected by key bound on the device (page_budget)
+  BlockSparsePrefill,   // a block plan (prefill_pattern)
+  AttentionStatistics,  // key mass and head output norms delivered to the host (on_attention)
+  Eviction,             // compaction of a head's stored tokens (evict)
+  CachePositions,       // RoPE at cache indices, keys re-rotated after eviction
+  LayerSkip,            // layers skipped, KV filled from the hidden state (plan_layers, exit_after_layer)
+  HeadMask,             // heads not computed (mask_components)
+  NeuronSubset,         // FFN neurons gathered (mask_components)
+  Retention,            // engine-side retention (Method::retention): scores kept where the KV lives
+  RetentionPerSequence, // ... with one score per token across layers and heads (SpAtten's cascade)
+  WeightReplace,        // a projection replaced for one run (LoadContext::overlays)
+  KvPagesF32,           // KV pages stored as float32
+  KvPagesF16,
+  KvPagesBF16,
+  Graphs,               // decode steps captured once and replayed
+};
+const char* feature_name(Feature feature);
+
+// The projections of one layer (and the output head): the one linear operation
+// every weight goes through, so adapters, other weight storages and gathered
+// rows have one place to live.
+enum class Proj : int32_t { Q, K, V, O, Gate, Up, Down, Output };
+inline constexpr int32_t kProjCount = 8;
+const char* proj_name(Proj p);            // GGUF tensor name: "attn_q", ... "output"
+Result<Proj> parse_proj(const std::string& gguf_name);
+
+// Which normalization feeds the next projections (the output norm is part of
+// the logits op).
+enum class Norm : int32_t { Attention, Ffn };
+
+// Receives the logits of one row of a forward pass: `row` indexes the tokens
+// passed to that call. The span is valid only during the call.
+using LogitsSink = std::function<void(int64_t row, std::span<const float> logits)>;
+
+// Statistics of one layer's attention, on the host (Feature::AttentionStatistics).
+struct LayerStatistics {
+  std::vector<std::vector<float>> key_mass;  // per kv head: (stored tokens) probability received
+  std::vector<float> head_norms;             // per query head: sum over rows of ||output||
+};
+
+// A KvView over a sequence on some device; the schedule creates one per hook
+// phase and tells it when the rows of a head changed.
+class BackendKvView : public KvView {
+ public:
+  virtual ~BackendKvView() = default;
+  virtual void forget(int32_t layer, int32_t kv_head) const { (void)layer; (void)kv_head; }
+};
+
+// Per-call inputs the schedule hands to begin_call.
+struct CallSetup {
+  std::span<const int32_t> tokens;
+  int32_t first_position = 0;
+  bool cache_positions = false;  // RoPE at cache indices (KvPositions::Cache)
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  virtual const char* name() const = 0;  // "cpu", "cuda"
+  virtual bool supports(Feature feature) const = 0;
+  virtual std::string device_description() const = 0;
+  virtual int64_t weight_bytes() const = 0;
+  virtual std::shared_ptr<KvPagePool> pool() const = 0;
+  virtual std::unique_ptr<BackendKvView> kv_view(const KvSequence& seq) const = 0;
+
+  // --- one forward call -----------------------------------------------------
+  // Makes room for the call's rows and stages its token ids and positions.
+  virtual Status begin_call(const CallSetup& call) = 0;
+  virtual Status embed() = 0;                                  // x = token_embd[ids]
+  virtual Status rmsnorm(Norm norm, int32_t layer) = 0;        // xn = norm(x) (Attention, Ffn)
+  // y = x W^T for one projection: Q, K, V read xn and write q, k, v; O reads
+  // the attention output and writes proj; Gate/Up read xn and write gate/up
+  // (only `rows` of W when given: gathered neurons, ascending, maybe none);
+  // Down reads the activation (its `rows` columns when given) and writes proj.
+  virtual Status linear(Proj proj, int32_t layer, const std::vector<int32_t>* rows = nullptr) = 0;
+  virtual Status swiglu(int64_t cols) = 0;                     // act = silu(gate) * up over `cols` columns
+  virtual Status add_residual() = 0;                           // x += proj
+  // RoPE of q (queries) and k for layer `layer`: at the call's positions, or
+  // at each kv head's stored count when positions are cache indices.
+  virtual Status rope(const KvSequence& seq, int32_t layer, bool queries) = 0;
+  // Stages the call's new K/V rows of `layer` in the cache (pages reserved,
+  // positions and rotary recorded) and writes them from k, v.
+  virtual Status append_kv(KvSequence& seq, int32_t layer) = 0;
+  // Fills the slots of the plan's heads with a page budget (KeyPlan::budget)
+  // with the pages their key bounds select, from the queries' last row.
+  virtual Status select_by_bound(const KvSequence& seq, int32_t layer, KeyPlan& plan) = 0;
+  // Attention of the call's rows over each kv head's planned keys then its new
+  // tokens (appended already); statistics kept for read_statistics when asked.
+  virtual Status attention(const KvSequence& seq, const LayerAttention& work) = 0;
+  virtual Status read_statistics(const KvSequence& seq, int32_t layer, LayerStatistics& out) = 0;
+  // The call's residual stream (n_tokens, n_embd) from row `row_from`, or the
+  // queries' last row (group heads of every kv head), for host-side hooks.
+  virtual Status read_hidden(int64_t row_from, std::vector<float>& out) = 0;
+  virtual Status read_last_queries(std::vector<float>& out) = 0;
+  // Engine-side retention (Feature::Retention) of `layer`, after its attention
+  // with statistics: each stored token's score takes this call's key mass by
+  // the policy's rule (the score lives in a slot plane beside the token's K/V
+  // rows, so it moves and is copied with them), then each kv head whose budget
+  // has heavy >= 0 lists in drops[g] the stored tokens outside its sink, its
+  // recent window and its `heavy` best-scoring others (ascending).
+  virtual Status retain(const KvSequence& seq, int32_t layer, const RetentionPolicy& policy,
+                        std::span<const RetentionBudget> budgets, std::vector<std::vector<int32_t>>& drops) = 0;
+  // Drops stored tokens of one head (compaction, pages returned to the pool).
+  virtual Result<int32_t> evict(KvSequence& seq, int32_t layer, int32_t kv_head, std::vector<int32_t> drop) = 0;
+  // Keys whose rotary position differs from their cache index are turned to it.
+  virtual Status rerotate(KvSequence& seq, int32_t layer, int32_t kv_head) = 0;
+  // Output norm and head over rows [from, from + rows) of the call; the logits
+  // are handed to `sink` in order.
+  // In capture mode the rows are computed only; replay() hands them over.
+  virtual Status logits(int64_t from, int64_t rows, const LogitsSink& sink) = 0;
+  // The call is complete (waits for the device; attention time collected).
+  virtual Status end_call(double& attention_seconds) = 0;
+
+  // Back to the first n tokens: every stored token at a position >= n leaves.
+  virtual Status truncate(KvSequence& seq, int32_t n) = 0;
+
+  // A weight of this engine replaced for the runs of one method (or restored
+  // with an empty span): `data` holds the projection in float32, (out, in).
+  virtual Status set_weight_override(Proj proj, int32_t layer, std::span<const float> data) = 0;
+
+  // Timing of attention kernels: the backend measures its own.
+  virtual void set_time_attention(bool on) = 0;
+
+  // --- graphs (Feature::Graphs) ---------------------------------------------
+  // A decode step whose plan needs nothing from the host mid-step may be
+  // captured once, by running the same schedule in capture mode, and replayed.
+  // prepare_replay stages what the captured step reads (for every layer);
+  // false when this step cannot be replayed (the schedule then runs it eagerly).
+  // `keys` holds every running layer's key plan (decided from the step plan).
+  virtual Result<bool> prepare_replay(KvSequence& seq, const StepPlan& plan, std::vector<KeyPlan>& keys) {
+    (void)seq; (void)plan; (void)keys;
+    return false;
+  }
+  virtual bool has_graph(const StepPlan& plan) const { (void)plan; return false; }
+  virtual Status capture_begin() { return Error{"graphs are not supported by this backend"}; }
+  // Ends the capture started by capture_begin (also after a failed body: `ok` false drops it).
+  virtual Status capture_end(const StepPlan& plan, bool ok) {
+    (void)plan; (void)ok;
+    return Error{"graphs are not supported by this backend"};
+  }
+  virtual Status replay(const StepPlan& plan, const LogitsSink& sink) {
+    (void)plan; (void)sink;
+    return Error{"graphs are not supported by this backend"};
+  }
+};
+
+}  // namespace inferlab

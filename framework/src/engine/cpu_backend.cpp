@@ -1,0 +1,292 @@
+#include "engine/cpu_backend.h"
+
+#include <fmt/format.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "engine/backend_factory.h"
+#include "engine/device.h"
+
+namespace inferlab {
+
+namespace cpu = kernels::cpu;
+
+namespace {
+
+constexpr int64_t kLogitsChunkRows = 64;  // rows of logits computed per GEMM
+
+class SequenceKvView final : public BackendKvView {
+ public:
+  explicit SequenceKvView(const KvSequence& seq) : seq_(seq) {}
+  int32_t page_size() const override { return seq_.pool().shape().page_size; }
+  int32_t n_tokens(int32_t layer, int32_t kv_head) const override { return seq_.table(layer, kv_head).n_tokens(); }
+  std::span<const int32_t> positions(int32_t layer, int32_t kv_head) const override {
+    return seq_.table(layer, kv_head).positions;
+  }
+  const float* key(int32_t layer, int32_t kv_head, int32_t token) const override {
+    return seq_.k_row(layer, kv_head, token);
+  }
+  const float* value(int32_t layer, int32_t kv_head, int32_t token) const override {
+    return seq_.v_row(layer, kv_head, token);
+  }
+
+ private:
+  const KvSequence& seq_;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<Backend>> make_cpu_backend(std::shared_ptr<const Model> model, const EngineOptions& options,
+                                                  int32_t) {
+  if (!model->has_weights()) return Error{"cpu backend: the model has no weights"};
+  return std::unique_ptr<Backend>(std::make_unique<CpuBackend>(std::move(model), options));
+}
+
+CpuBackend::CpuBackend(std::shared_ptr<const Model> model, const EngineOptions& options)
+    : model_(std::move(model)), config_(model_->config()), time_attention_(options.time_attention) {
+  const ModelConfig& c = config_;
+  pool_ = std::make_shared<KvPagePool>(KvCacheShape{c.n_layers, c.n_kv_heads, c.head_dim, options.page_size});
+  bound_sync_.assign(size_t(c.n_layers) * size_t(c.n_kv_heads), PageBoundSync{});
+  overrides_.assign(size_t(kProjCount), std::vector<std::vector<float>>(size_t(std::max(1, c.n_layers))));
+  if (options.n_threads > 0) omp_set_num_threads(options.n_threads);
+}
+
+bool CpuBackend::supports(Feature feature) const {
+  switch (feature) {
+    case Feature::KvPagesF16:
+    case Feature::KvPagesBF16:
+    case Feature::RetentionPerSequence:
+    case Feature::Graphs:
+      return false;
+    default:
+      return true;
+  }
+}
+
+std::string CpuBackend::device_description() const { return "cpu: " + cpu_description(); }
+
+std::unique_ptr<BackendKvView> CpuBackend::kv_view(const KvSequence& seq) const {
+  return std::make_unique<SequenceKvView>(seq);
+}
+
+Status CpuBackend::begin_call(const CallSetup& call) {
+  const ModelConfig& c = config_;
+  const int64_t n = int64_t(call.tokens.size());
+  tokens_.assign(call.tokens.begin(), call.tokens.end());
+  n_ = n;
+  cache_positions_ = call.cache_positions;
+  stats_layer_ = -1;
+  if (n > workspace_tokens_) {
+    x_.resize(size_t(n * c.n_embd));
+    xn_.resize(size_t(n * c.n_embd));
+    q_.resize(size_t(n * c.q_dim()));
+    k_.resize(size_t(n * c.kv_dim()));
+    v_.resize(size_t(n * c.kv_dim()));
+    attn_.resize(size_t(n * c.q_dim()));
+    proj_.resize(size_t(n * c.n_embd));
+    gate_.resize(size_t(n * c.n_ff));
+    up_.resize(size_t(n * c.n_ff));
+    positions_.resize(size_t(n));
+    workspace_tokens_ = n;
+  }
+  for (int64_t i = 0; i < n; ++i) positions_[size_t(i)] = call.first_position + int32_t(i);
+  return ok_status();
+}
+
+Status CpuBackend::embed() {
+  const int64_t e = config_.n_embd;
+  const auto& table = model_->weights().token_embd;
+  for (int64_t i = 0; i < n_; ++i)
+    std::memcpy(&x_[size_t(i * e)], &table[size_t(int64_t(tokens_[size_t(i)]) * e)], size_t(e) * sizeof(float));
+  return ok_status();
+}
+
+Status CpuBackend::rmsnorm(Norm norm, int32_t l) {
+  const LayerWeights& lw = model_->weights().layers[size_t(l)];
+  const auto& weight = norm == Norm::Attention ? lw.attn_norm : lw.ffn_norm;
+  cpu::rmsnorm(xn_.data(), x_.data(), weight.data(), n_, config_.n_embd, config_.rms_eps);
+  return ok_status();
+}
+
+const float* CpuBackend::weight(Proj p, int32_t l) const {
+  const auto& own = overrides_[size_t(p)][size_t(std::max(l, 0))];
+  if (!own.empty()) return own.data();
+  const ModelWeights& w = model_->weights();
+  if (p == Proj::Output) return w.lm_head();
+  const LayerWeights& lw = w.layers[size_t(l)];
+  switch (p) {
+    case Proj::Q: return lw.wq.data();
+    case Proj::K: return lw.wk.data();
+    case Proj::V: return lw.wv.data();
+    case Proj::O: return lw.wo.data();
+    case Proj::Gate: return lw.w_gate.data();
+    case Proj::Up: return lw.w_up.data();
+    case Proj::Down: return lw.w_down.data();
+    case Proj::Output: break;
+  }
+  return nullptr;
+}
+
+Status CpuBackend::linear(Proj p, int32_t l, const std::vector<int32_t>* rows) {
+  const ModelConfig& c = config_;
+  const float* w = weight(p, l);
+  switch (p) {
+    case Proj::Q: cpu::matmul_xwt(q_.data(), xn_.data(), w, n_, c.q_dim(), c.n_embd); break;
+    case Proj::K: cpu::matmul_xwt(k_.data(), xn_.data(), w, n_, c.kv_dim(), c.n_embd); break;
+    case Proj::V: cpu::matmul_xwt(v_.data(), xn_.data(), w, n_, c.kv_dim(), c.n_embd); break;
+    case Proj::O: cpu::matmul_xwt(proj_.data(), attn_.data(), w, n_, c.n_embd, c.q_dim()); break;
+    case Proj::Gate:
+    case Proj::Up: {
+      float* out = p == Proj::Gate ? gate_.data() : up_.data();
+      if (rows == nullptr) cpu::matmul_xwt(out, xn_.data(), w, n_, c.n_ff, c.n_embd);
+      else cpu::matmul_xwt_rows(out, xn_.data(), w, rows->data(), n_, int64_t(rows->size()), c.n_embd);
+      break;
+    }
+    case Proj::Down:
+      if (rows == nullptr) cpu::matmul_xwt(proj_.data(), gate_.data(), w, n_, c.n_embd, c.n_ff);
+      else  // the selected rows of the transposed down weight: its selected columns
+        cpu::matmul_x_rows(proj_.data(), gate_.data(), w_down_transposed(l).data(), rows->data(), n_,
+                           int64_t(rows->size()), c.n_embd);
+      break;
+    case Proj::Output: return Error{"cpu backend: the output projection runs inside the logits op"};
+  }
+  return ok_status();
+}
+
+const std::vector<float>& CpuBackend::w_down_transposed(int32_t l) {
+  const ModelConfig& c = config_;
+  if (w_down_t_.empty()) w_down_t_.resize(size_t(c.n_layers));
+  std::vector<float>& t = w_down_t_[size_t(l)];
+  if (t.empty()) {
+    const float* w = weight(Proj::Down, l);  // (n_embd, n_ff)
+    t.resize(size_t(c.n_embd) * size_t(c.n_ff));
+    for (int64_t e = 0; e < c.n_embd; ++e)
+      for (int64_t j = 0; j < c.n_ff; ++j) t[size_t(j * c.n_embd + e)] = w[size_t(e * c.n_ff + j)];
+  }
+  return t;
+}
+
+Status CpuBackend::swiglu(int64_t cols) {
+  cpu::silu_mul(gate_.data(), up_.data(), n_, cols);
+  return ok_status();
+}
+
+Status CpuBackend::add_residual() {
+  cpu::add_inplace(x_.data(), proj_.data(), n_, config_.n_embd);
+  return ok_status();
+}
+
+Status CpuBackend::rope(const KvSequence& seq, int32_t l, bool queries) {
+  const ModelConfig& c = config_;
+  if (!cache_positions_) {
+    if (queries)
+      cpu::rope(q_.data(), n_, c.n_heads, c.head_dim, c.rope_dim, positions_.data(), c.rope_theta, c.rope_neox);
+    cpu::rope(k_.data(), n_, c.n_kv_heads, c.head_dim, c.rope_dim, positions_.data(), c.rope_theta, c.rope_neox);
+    return ok_status();
+  }
+  // Each kv head's new tokens continue its own stored count.
+  const int64_t hd = c.head_dim, gs = c.group_size(), n = n_;
+  group_positions_.resize(size_t(c.n_kv_heads * n));
+  for (int32_t g = 0; g < c.n_kv_heads; ++g) {
+    int32_t* pos = &group_positions_[size_t(g * n)];
+    for (int64_t i = 0; i < n; ++i) pos[i] = seq.table(l, g).n_tokens() + int32_t(i);
+    cpu::rope_strided(&k_[size_t(g * hd)], n, c.kv_dim(), 1, hd, c.rope_dim, pos, c.rope_theta, c.rope_neox);
+    if (queries)
+      cpu::rope_strided(&q_[size_t(g * gs * hd)], n, c.q_dim(), gs, hd, c.rope_dim, pos, c.rope_theta, c.rope_neox);
+  }
+  return ok_status();
+}
+
+int32_t CpuBackend::rotary_position(int32_t g, int64_t i) const {
+  return cache_positions_ ? group_positions_[size_t(g * n_ + i)] : positions_[size_t(i)];
+}
+
+Status CpuBackend::append_kv(KvSequence& seq, int32_t l) {
+  const ModelConfig& c = config_;
+  const int64_t hd = c.head_dim;
+  const int32_t ps = pool_->shape().page_size;
+  for (int32_t g = 0; g < c.n_kv_heads; ++g)
+    for (int64_t i = 0; i < n_; ++i) {
+      seq.append(l, g, &k_[size_t(i * c.kv_dim() + g * hd)], &v_[size_t(i * c.kv_dim() + g * hd)],
+                 positions_[size_t(i)], rotary_position(g, i));
+      // A new token has no retention score yet (read after the append: the pool may have grown).
+      const HeadPageTable& t = seq.table(l, g);
+      pool_->plane(SlotPlane::Score)[int64_t(t.pages.back()) * ps + (t.n_tokens() - 1) % ps] = 0.0f;
+    }
+  return ok_status();
+}
+
+Status CpuBackend::read_hidden(int64_t row_from, std::vector<float>& out) {
+  out.assign(x_.begin() + row_from * config_.n_embd, x_.begin() + n_ * config_.n_embd);
+  return ok_status();
+}
+
+Status CpuBackend::read_last_queries(std::vector<float>& out) {
+  out.assign(q_.begin() + (n_ - 1) * config_.q_dim(), q_.begin() + n_ * config_.q_dim());
+  return ok_status();
+}
+
+Result<int32_t> CpuBackend::evict(KvSequence& seq, int32_t l, int32_t g, std::vector<int32_t> drop) {
+  return seq.evict(l, g, std::move(drop));
+}
+
+Status CpuBackend::rerotate(KvSequence& seq, int32_t l, int32_t g) {
+  // RoPE rotations compose: turning a key by (new - old) positions equals
+  // rotating the unrotated key at its new position. Eviction shifts runs of
+  // tokens by the same amount: rotate each run (within a page, where rows are
+  // contiguous) with one set of angles.
+  const ModelConfig& c = config_;
+  HeadPageTable& t = seq.table(l, g);
+  const int32_t ps = pool_->shape().page_size;
+  for (int32_t i = 0; i < t.n_tokens();) {
+    const int32_t delta = i - t.rotary[size_t(i)];
+    int32_t end = i + 1;
+    while (end < t.n_tokens() && end % ps != 0 && end - t.rotary[size_t(end)] == delta) ++end;
+    if (delta != 0) {
+      cpu::rope_shift(seq.k_row_mutable(l, g, i), end - i, c.head_dim, c.head_dim, c.rope_dim, delta, c.rope_theta,
+                      c.rope_neox);
+      for (int32_t j = i; j < end; ++j) t.rotary[size_t(j)] = j;
+    }
+    i = end;
+  }
+  return ok_status();
+}
+
+Status CpuBackend::logits(int64_t from, int64_t n_rows, const LogitsSink& sink) {
+  const ModelConfig& c = config_;
+  const ModelWeights& w = model_->weights();
+  if (n_rows <= 0 || !sink) return ok_status();
+  cpu::rmsnorm(xn_.data(), x_.data() + from * c.n_embd, w.output_norm.data(), n_rows, c.n_embd, c.rms_eps);
+  const int64_t chunk = std::min(n_rows, kLogitsChunkRows);
+  logits_.resize(size_t(chunk * c.n_vocab));
+  const float* head = weight(Proj::Output, -1);
+  for (int64_t r0 = 0; r0 < n_rows; r0 += chunk) {
+    const int64_t rows = std::min(chunk, n_rows - r0);
+    cpu::matmul_xwt(logits_.data(), xn_.data() + r0 * c.n_embd, head, rows, c.n_vocab, c.n_embd);
+    for (int64_t r = 0; r < rows; ++r)
+      sink(from + r0 + r, std::span<const float>(logits_.data() + r * c.n_vocab, size_t(c.n_vocab)));
+  }
+  return ok_status();
+}
+
+Status CpuBackend::end_call(double& attention_seconds) {
+  attention_seconds = attention_seconds_;
+  attention_seconds_ = 0;
+  return ok_status();
+}
+
+Status CpuBackend::truncate(KvSequence& seq, int32_t n) {
+  seq.truncate(n);
+  return ok_status();
+}
+
+Status CpuBackend::set_weight_override(Proj p, int32_t l, std::span<const float> data) {
+  overrides_[size_t(p)][size_t(std::max(l, 0))].assign(data.begin(), data.end());
+  if (p == Proj::Down && !w_down_t_.empty()) w_down_t_[size_t(l)].clear();  // transposed again when needed
+  return ok_status();
+}
+
+}  // namespace inferlab

@@ -1,0 +1,95 @@
+// The CPU backend: the reference implementation of every op (float32,
+// OpenBLAS GEMMs, OpenMP attention over host pages).
+#pragma once
+
+#include <array>
+#include <memory>
+#include <vector>
+
+#include "cpu/cpu_ops.h"
+#include "engine/backend.h"
+#include "engine/engine.h"
+
+namespace inferlab {
+
+class CpuBackend final : public Backend {
+ public:
+  CpuBackend(std::shared_ptr<const Model> model, const EngineOptions& options);
+
+  const char* name() const override { return "cpu"; }
+  bool supports(Feature feature) const override;
+  std::string device_description() const override;
+  int64_t weight_bytes() const override { return model_->parameter_count() * int64_t(sizeof(float)); }
+  std::shared_ptr<KvPagePool> pool() const override { return pool_; }
+  std::unique_ptr<BackendKvView> kv_view(const KvSequence& seq) const override;
+
+  Status begin_call(const CallSetup& call) override;
+  Status embed() override;
+  Status rmsnorm(Norm norm, int32_t layer) override;
+  Status linear(Proj proj, int32_t layer, const std::vector<int32_t>* rows) override;
+  Status swiglu(int64_t cols) override;
+  Status add_residual() override;
+  Status rope(const KvSequence& seq, int32_t layer, bool queries) override;
+  Status append_kv(KvSequence& seq, int32_t layer) override;
+  Status select_by_bound(const KvSequence& seq, int32_t layer, KeyPlan& plan) override;
+  Status attention(const KvSequence& seq, const LayerAttention& work) override;
+  Status read_statistics(const KvSequence& seq, int32_t layer, LayerStatistics& out) override;
+  Status retain(const KvSequence& seq, int32_t layer, const RetentionPolicy& policy,
+                std::span<const RetentionBudget> budgets, std::vector<std::vector<int32_t>>& drops) override;
+  Status read_hidden(int64_t row_from, std::vector<float>& out) override;
+  Status read_last_queries(std::vector<float>& out) override;
+  Result<int32_t> evict(KvSequence& seq, int32_t layer, int32_t kv_head, std::vector<int32_t> drop) override;
+  Status rerotate(KvSequence& seq, int32_t layer, int32_t kv_head) override;
+  Status logits(int64_t from, int64_t rows, const LogitsSink& sink) override;
+  Status end_call(double& attention_seconds) override;
+  Status truncate(KvSequence& seq, int32_t n) override;
+  Status set_weight_override(Proj proj, int32_t layer, std::span<const float> data) override;
+  void set_time_attention(bool on) override { time_attention_ = on; }
+
+ private:
+  struct AttentionRefs;  // the pages each kv head reads (cpu_backend_attention.cpp)
+  const float* weight(Proj proj, int32_t layer) const;
+  const std::vector<float>& w_down_transposed(int32_t layer);
+  int32_t rotary_position(int32_t kv_head, int64_t row) const;
+  void attend_head(const AttentionRefs& refs, int32_t head, int64_t r0, int64_t r1, float* key_mass);
+  void group_mass(int32_t kv_head, std::vector<float>& mass) const;
+
+  std::shared_ptr<const Model> model_;
+  const ModelConfig& config_;
+  std::shared_ptr<KvPagePool> pool_;
+  bool time_attention_ = false;
+  double attention_seconds_ = 0;
+
+  // The call in flight.
+  std::vector<int32_t> tokens_;
+  int64_t n_ = 0;
+  bool cache_positions_ = false;
+  // Workspace, grown on demand. Shapes for n tokens of this call:
+  std::vector<float> x_;         // (n, n_embd) residual stream
+  std::vector<float> xn_;        // (n, n_embd) normed input
+  std::vector<float> q_;         // (n, q_dim)
+  std::vector<float> k_;         // (n, kv_dim)
+  std::vector<float> v_;         // (n, kv_dim)
+  std::vector<float> attn_;      // (n, q_dim)
+  std::vector<float> proj_;      // (n, n_embd)
+  std::vector<float> gate_;      // (n, n_ff); also the activation
+  std::vector<float> up_;        // (n, n_ff)
+  std::vector<float> logits_;    // (logits_chunk, n_vocab)
+  std::vector<int32_t> positions_;  // (n)
+  int64_t workspace_tokens_ = 0;
+  std::vector<int32_t> group_positions_;  // (n_kv_heads, n) RoPE positions in cache mode
+  // Statistics of the layer last computed: per query head, mass per stored token.
+  std::vector<std::vector<float>> head_mass_;
+  int32_t stats_layer_ = -1;
+
+  // Weights replaced for the current method's runs: (projection, layer) -> (out, in).
+  std::vector<std::vector<std::vector<float>>> overrides_;   // [proj][layer or 0 for output]
+  std::vector<std::vector<float>> w_down_t_;  // per layer (n_ff, n_embd), built when a neuron mask first needs it
+  // Key bounds of the pool's pages (kHookPageBudget): (pages_reserved, 2, head_dim)
+  // indexed by physical page, what each (layer, kv head) has folded in, and scratch.
+  std::vector<float> page_bounds_;
+  std::vector<PageBoundSync> bound_sync_;  // (n_layers, n_kv_heads)
+  std::vector<float> bound_scores_;
+};
+
+}  // namespace inferlab

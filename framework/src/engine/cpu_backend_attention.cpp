@@ -1,0 +1,289 @@
+// The CPU backend's attention: key plans and block plans turned into page
+// references, attention over them, statistics, selection by key bound, and
+// engine-side retention.
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <numeric>
+
+#include "cpu/cpu_ops.h"
+#include "cpu/cpu_twins.h"
+#include "engine/cpu_backend.h"
+#include "engine/retention.h"
+
+namespace inferlab {
+
+namespace cpu = kernels::cpu;
+
+namespace {
+
+constexpr int64_t kQueryChunkRows = 16;  // attention work item: (head, 16 query rows)
+
+struct KeyRange {
+  int32_t start = 0;  // stored-token index
+  int32_t len = 0;
+};
+
+// Splits stored-token ranges of one (layer, kv head) into page references.
+void ranges_to_refs(const KvSequence& seq, int32_t layer, int32_t kv_head, const std::vector<KeyRange>& ranges,
+                    std::vector<cpu::KvPageRef>& refs, std::vector<int32_t>& ref_start) {
+  const HeadPageTable& t = seq.table(layer, kv_head);
+  const int32_t ps = seq.pool().shape().page_size;
+  const int64_t hd = seq.pool().shape().head_dim;
+  for (const KeyRange& r : ranges)
+    for (int32_t i = r.start; i < r.start + r.len;) {
+      const int32_t page = t.pages[size_t(i / ps)], off = i % ps;
+      const int32_t count = std::min(ps - off, r.start + r.len - i);
+      refs.push_back({seq.pool().k(page) + off * hd, seq.pool().v(page) + off * hd, count});
+      ref_start.push_back(i);
+      i += count;
+    }
+}
+
+// A head's planned cached keys as ascending stored-token ranges.
+std::vector<KeyRange> plan_ranges(const KeyPlan& plan, int32_t g, int32_t page_size) {
+  const int32_t cached = plan.cached[size_t(g)];
+  std::vector<KeyRange> ranges;
+  if (plan.mode[size_t(g)] == kernels::KeySelect::All) {
+    if (cached > 0) ranges.push_back({0, cached});
+    return ranges;
+  }
+  const bool pages = plan.mode[size_t(g)] == kernels::KeySelect::Pages;
+  for (const int32_t x : plan.head(g)) {
+    const int32_t start = pages ? x * page_size : x;
+    const int32_t len = pages ? std::min(page_size, cached - start) : 1;
+    if (!ranges.empty() && ranges.back().start + ranges.back().len == start)
+      ranges.back().len += len;
+    else
+      ranges.push_back({start, len});
+  }
+  return ranges;
+}
+
+}  // namespace
+
+struct CpuBackend::AttentionRefs {
+  int32_t layer = 0;
+  const KvSequence* seq = nullptr;
+  const ComponentMask* mask = nullptr;
+  const BlockPlan* blocks = nullptr;
+  // Per kv head: the keys this call reads (cached selection, then the new tokens).
+  std::vector<std::vector<cpu::KvPageRef>> refs;
+  std::vector<std::vector<int32_t>> ref_start;  // stored index of each ref's first key
+  std::vector<int32_t> old_visible;             // cached keys in refs, before the new tokens
+  std::vector<int32_t> cached_before;           // stored tokens before this call's append
+};
+
+Status CpuBackend::attention(const KvSequence& seq, const LayerAttention& work) {
+  const ModelConfig& c = config_;
+  const auto t0 = time_attention_ ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
+  const int32_t ps = pool_->shape().page_size, nkv = c.n_kv_heads;
+  AttentionRefs call;
+  call.layer = work.layer;
+  call.seq = &seq;
+  call.mask = work.mask;
+  call.blocks = work.blocks != nullptr && work.blocks->active() ? work.blocks : nullptr;
+  call.refs.resize(size_t(nkv));
+  call.ref_start.resize(size_t(nkv));
+  call.old_visible.assign(size_t(nkv), 0);
+  call.cached_before = work.keys->cached;
+  for (int32_t g = 0; g < nkv; ++g) {
+    std::vector<KeyRange> ranges = plan_ranges(*work.keys, g, ps);
+    for (const KeyRange& r : ranges) call.old_visible[size_t(g)] += r.len;
+    ranges.push_back({call.cached_before[size_t(g)], int32_t(n_)});
+    ranges_to_refs(seq, work.layer, g, ranges, call.refs[size_t(g)], call.ref_start[size_t(g)]);
+  }
+  const int64_t n = n_;
+  if (work.statistics) {
+    head_mass_.resize(size_t(c.n_heads));
+    for (int32_t h = 0; h < c.n_heads; ++h)
+      head_mass_[size_t(h)].assign(size_t(call.cached_before[size_t(h / c.group_size())] + n), 0.0f);
+    stats_layer_ = work.layer;
+    // One work item per head, so each head's statistics have a single writer.
+#pragma omp parallel for schedule(dynamic)
+    for (int32_t h = 0; h < c.n_heads; ++h) attend_head(call, h, 0, n, head_mass_[size_t(h)].data());
+  } else {
+    const int64_t n_chunks = (n + kQueryChunkRows - 1) / kQueryChunkRows;
+    const int64_t items = int64_t(c.n_heads) * n_chunks;
+#pragma omp parallel for schedule(dynamic) if (items > 1)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t i0 = (item % n_chunks) * kQueryChunkRows;
+      attend_head(call, int32_t(item / n_chunks), i0, std::min(n, i0 + kQueryChunkRows), nullptr);
+    }
+  }
+  if (time_attention_)
+    attention_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return ok_status();
+}
+
+// Attention of query rows [r0, r1) of head h. With key_mass (per stored token),
+// adds each key's softmax probability to it.
+void CpuBackend::attend_head(const AttentionRefs& call, int32_t h, int64_t r0, int64_t r1, float* key_mass) {
+  const ModelConfig& c = config_;
+  const int64_t hd = c.head_dim;
+  const int32_t g = h / c.group_size();
+  const float scale = 1.0f / std::sqrt(float(hd));
+  float* out = &attn_[size_t(r0 * c.q_dim() + h * hd)];
+  const float* q = &q_[size_t(r0 * c.q_dim() + h * hd)];
+  if (call.mask != nullptr && call.mask->heads[size_t(h)] == 0) {
+    for (int64_t i = r0; i < r1; ++i) std::fill_n(&attn_[size_t(i * c.q_dim() + h * hd)], hd, 0.0f);
+    return;
+  }
+  std::vector<float> concat_mass;
+  auto scatter = [&](const std::vector<cpu::KvPageRef>& refs, const std::vector<int32_t>& starts) {
+    for (size_t r = 0, at = 0; r < refs.size(); at += size_t(refs[r].n_tokens), ++r)
+      for (int32_t t = 0; t < refs[r].n_tokens; ++t) key_mass[starts[r] + t] += concat_mass[at + size_t(t)];
+  };
+  if (call.blocks == nullptr || call.blocks->sparse[size_t(h)] == 0) {
+    const auto& refs = call.refs[size_t(g)];
+    if (key_mass != nullptr) concat_mass.assign(size_t(call.old_visible[size_t(g)] + n_), 0.0f);
+    for (int64_t i0 = r0; i0 < r1; i0 += kQueryChunkRows) {
+      const int64_t rows = std::min(kQueryChunkRows, r1 - i0);
+      int32_t visible[kQueryChunkRows];
+      for (int64_t r = 0; r < rows; ++r) visible[r] = call.old_visible[size_t(g)] + int32_t(i0 + r) + 1;
+      cpu::attention_paged(q + (i0 - r0) * c.q_dim(), rows, c.q_dim(), refs.data(), int64_t(refs.size()), visible,
+                           hd, scale, out + (i0 - r0) * c.q_dim(), c.q_dim(),
+                           key_mass != nullptr ? concat_mass.data() : nullptr);
+    }
+    if (key_mass != nullptr) scatter(refs, call.ref_start[size_t(g)]);
+    return;
+  }
+  // Block-sparse: each row reads the allowed key blocks of its query block.
+  const int32_t bs = call.blocks->block_size;
+  std::vector<KeyRange> ranges;
+  std::vector<cpu::KvPageRef> refs;
+  std::vector<int32_t> starts;
+  for (int64_t i = r0; i < r1; ++i) {
+    const int32_t self = call.cached_before[size_t(g)] + int32_t(i);
+    ranges.clear();
+    for (const int32_t kb : call.blocks->key_blocks(h, self))
+      ranges.push_back({kb * bs, std::min(kb * bs + bs, self + 1) - kb * bs});
+    refs.clear();
+    starts.clear();
+    ranges_to_refs(*call.seq, call.layer, g, ranges, refs, starts);
+    int32_t total = 0;
+    for (const auto& r : refs) total += r.n_tokens;
+    float* row_out = out + (i - r0) * c.q_dim();
+    if (total == 0) {
+      std::fill_n(row_out, hd, 0.0f);
+      continue;
+    }
+    if (key_mass != nullptr) concat_mass.assign(size_t(total), 0.0f);
+    cpu::attention_paged(q + (i - r0) * c.q_dim(), 1, c.q_dim(), refs.data(), int64_t(refs.size()), &total, hd,
+                         scale, row_out, c.q_dim(), key_mass != nullptr ? concat_mass.data() : nullptr);
+    if (key_mass != nullptr) scatter(refs, starts);
+  }
+}
+
+// Mass per stored token of kv head g: its query heads' statistics, summed in order.
+void CpuBackend::group_mass(int32_t g, std::vector<float>& mass) const {
+  const int32_t gs = config_.group_size();
+  mass.assign(head_mass_[size_t(g * gs)].size(), 0.0f);
+  for (int32_t j = 0; j < gs; ++j) {
+    const auto& hm = head_mass_[size_t(g * gs + j)];
+    for (size_t t = 0; t < mass.size(); ++t) mass[t] += hm[t];
+  }
+}
+
+Status CpuBackend::read_statistics(const KvSequence&, int32_t l, LayerStatistics& out) {
+  const ModelConfig& c = config_;
+  if (stats_layer_ != l) return Error{fmt::format("cpu backend: no attention statistics for layer {}", l)};
+  out.key_mass.resize(size_t(c.n_kv_heads));
+  for (int32_t g = 0; g < c.n_kv_heads; ++g) group_mass(g, out.key_mass[size_t(g)]);
+  out.head_norms.assign(size_t(c.n_heads), 0.0f);
+  for (int32_t h = 0; h < c.n_heads; ++h) {
+    double norm = 0;
+    for (int64_t i = 0; i < n_; ++i) {
+      const float* o = &attn_[size_t(i * c.q_dim() + int64_t(h) * c.head_dim)];
+      double ss = 0;
+      for (int64_t d = 0; d < c.head_dim; ++d) ss += double(o[d]) * o[d];
+      norm += std::sqrt(ss);
+    }
+    out.head_norms[size_t(h)] = float(norm);
+  }
+  return ok_status();
+}
+
+Status CpuBackend::retain(const KvSequence& seq, int32_t l, const RetentionPolicy& policy,
+                          std::span<const RetentionBudget> budgets, std::vector<std::vector<int32_t>>& drops) {
+  const ModelConfig& c = config_;
+  if (stats_layer_ != l) return Error{fmt::format("cpu backend: no attention statistics for layer {}", l)};
+  if (policy.scope != RetentionScope::PerHead)
+    return Error{"cpu backend: retention per sequence is not supported"};
+  const int32_t ps = pool_->shape().page_size;
+  float* plane = pool_->plane(SlotPlane::Score);
+  drops.assign(size_t(c.n_kv_heads), {});
+  std::vector<float> mass, score;
+  for (int32_t g = 0; g < c.n_kv_heads; ++g) {
+    group_mass(g, mass);
+    const HeadPageTable& t = seq.table(l, g);
+    const int32_t n = t.n_tokens();
+    score.resize(size_t(n));
+    for (int32_t i = 0; i < n; ++i) {
+      float& s = plane[int64_t(t.pages[size_t(i / ps)]) * ps + i % ps];
+      s = policy.score == RetentionScore::LastMass ? mass[size_t(i)] : s + mass[size_t(i)];
+      score[size_t(i)] = s;
+    }
+    const RetentionBudget& b = budgets[size_t(g)];
+    if (b.heavy < 0 || int64_t(n) <= int64_t(b.sink) + b.recent + b.heavy) continue;
+    retention_drops(score, b, drops[size_t(g)]);
+  }
+  return ok_status();
+}
+
+Status CpuBackend::select_by_bound(const KvSequence& seq, int32_t l, KeyPlan& plan) {
+  // Bounds of stale pages are refreshed first (cpu::page_bounds_update), then
+  // every head with a budget is scored at once.
+  const ModelConfig& c = config_;
+  const auto t0 = time_attention_ ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
+  const int32_t ps = pool_->shape().page_size, nkv = c.n_kv_heads;
+  std::vector<int32_t> stale_pages, stale_counts;
+  std::vector<PageBoundSync> covered(static_cast<size_t>(nkv));
+  int32_t max_pages = 0;
+  for (int32_t g = 0; g < nkv; ++g) {
+    if (plan.budget[size_t(g)] <= 0) continue;
+    const int32_t cached = plan.cached[size_t(g)];
+    covered[size_t(g)] = stale_bound_pages(seq, l, g, cached, bound_sync_[size_t(l) * size_t(nkv) + size_t(g)],
+                                           stale_pages, stale_counts);
+    max_pages = std::max(max_pages, (cached + ps - 1) / ps);
+  }
+  const kernels::KvPages kv{pool_->chunks().data(), pool_->pages_per_chunk(), ps, int32_t(c.head_dim),
+                            kernels::DType::F32};
+  page_bounds_.resize(size_t(pool_->pages_reserved()) * 2 * size_t(c.head_dim));
+  cpu::page_bounds_update(kv, page_bounds_.data(), stale_pages.data(), stale_counts.data(),
+                          int32_t(stale_pages.size()));
+  for (int32_t g = 0; g < nkv; ++g)
+    if (plan.budget[size_t(g)] > 0) bound_sync_[size_t(l) * size_t(nkv) + size_t(g)] = covered[size_t(g)];
+  const int32_t stride = max_pages;
+  std::vector<int32_t> table(size_t(nkv) * size_t(stride), 0);
+  for (int32_t g = 0; g < nkv; ++g)
+    if (plan.budget[size_t(g)] > 0) {
+      const auto& pages = seq.table(l, g).pages;
+      std::copy(pages.begin(), pages.begin() + (plan.cached[size_t(g)] + ps - 1) / ps,
+                table.begin() + int64_t(g) * stride);
+    }
+  bound_scores_.resize(size_t(nkv) * size_t(stride));
+  kernels::PageSelectCall call;
+  call.n_kv_heads = nkv;
+  call.group_size = c.group_size();
+  call.head_dim = int32_t(c.head_dim);
+  call.page_size = ps;
+  call.dtype = kernels::DType::F32;
+  call.bounds = page_bounds_.data();
+  call.table = {table.data(), stride};
+  call.q = &q_[size_t((n_ - 1) * c.q_dim())];
+  call.n_cached = plan.cached.data();
+  call.keep = plan.budget.data();
+  call.out_offset = plan.indptr.data();
+  call.out = plan.indices.data();
+  call.scores = bound_scores_.data();
+  call.score_stride = stride;
+  cpu::page_select(call);
+  if (time_attention_)
+    attention_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return ok_status();
+}
+
+}  // namespace inferlab

@@ -1,0 +1,287 @@
+// The CUDA backend's attention half of a layer: stored counts and KV append,
+// the key plan of each layer in its own device region (so a captured step
+// finds every layer's plan at a fixed address), selection by key bound, block
+// plans, the attention kernels and their statistics.
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "cuda/activation.cuh"
+#include "cuda/attention.cuh"
+#include "cuda/kv_cache_ops.cuh"
+#include "cuda/page_bounds.cuh"
+#include "engine/cuda/cuda_backend.h"
+#include "engine/cuda/cuda_check.h"
+#include "engine/cuda/cuda_kv_storage.h"
+
+namespace inferlab {
+
+namespace kc = kernels::cuda;
+
+// Stored counts of `layer` before this call: the first new token's index per kv head.
+Status CudaBackend::stage_counts(const KvSequence& seq, int32_t l) {
+  const int32_t nkv = config_.n_kv_heads;
+  int32_t* counts = host_n_cached_.as<int32_t>() + int64_t(l) * nkv;
+  for (int32_t g = 0; g < nkv; ++g) counts[g] = seq.table(l, g).n_tokens();
+  CUDA_TRY(cudaMemcpyAsync(n_cached_.as<int32_t>() + int64_t(l) * nkv, counts, size_t(nkv) * 4, cudaMemcpyHostToDevice,
+                           stream_),
+           "upload stored counts");
+  return ok_status();
+}
+
+// Pages and bookkeeping for the call's `n` new tokens of `layer`; the device
+// copy of its page tables follows.
+Status CudaBackend::stage_append(KvSequence& seq, int32_t l, int32_t n) {
+  std::vector<int32_t> rotary(static_cast<size_t>(n));
+  for (int32_t g = 0; g < config_.n_kv_heads; ++g) {
+    const int32_t stored = seq.table(l, g).n_tokens();
+    for (int32_t i = 0; i < n; ++i) rotary[size_t(i)] = cache_positions_ ? stored + i : host_positions_[size_t(i)];
+    seq.reserve(l, g, n, host_positions_.data(), rotary.data());
+    if (auto s = sync_table(seq, l, g); !s) return s;
+  }
+  return ok_status();
+}
+
+Status CudaBackend::append_kv(KvSequence& seq, int32_t l) {
+  const ModelConfig& c = config_;
+  if (!capturing_)
+    if (auto s = stage_append(seq, l, int32_t(n_)); !s) return s;
+  const kernels::LayerPageTable table{tables_.as<int32_t>() + int64_t(l) * c.n_kv_heads * max_pages_, max_pages_};
+  CUDA_TRY(kc::kv_append(cuda_kv_pages(*pool_), table, n_cached_.as<int32_t>() + int64_t(l) * c.n_kv_heads,
+                         k_.as<float>(), v_.as<float>(), int32_t(n_), c.n_kv_heads, stream_),
+           "KV append");
+  // A new token has no retention score yet.
+  CUDA_TRY(kc::slot_plane_fill(table, n_cached_.as<int32_t>() + int64_t(l) * c.n_kv_heads, int32_t(n_), c.n_kv_heads,
+                               options_.page_size, pool_->plane<uint32_t>(SlotPlane::Score), 0u, stream_),
+           "KV append");
+  return ok_status();
+}
+
+// Regions: indptr (nkv + 1), keep (nkv), stale pages (nkv), stale counts (nkv),
+// indices (capacity), modes (nkv bytes, rounded up to ints).
+Status CudaBackend::ensure_plan_capacity(int64_t indices) {
+  if (indices <= plan_capacity_ && plans_.bytes() > 0) return ok_status();
+  const int64_t nkv = config_.n_kv_heads;
+  const int64_t capacity = std::max({indices, 2 * plan_capacity_, int64_t(64)});
+  const int64_t ints = 4 * nkv + 1 + capacity + (nkv + 3) / 4;
+  CUDA_TRY(cudaStreamSynchronize(stream_), "key plans");  // earlier layers' kernels may still read the old regions
+  drop_graphs();
+  plan_capacity_ = 0;
+  region_ints_ = 0;
+  const size_t bytes = size_t(config_.n_layers) * size_t(ints) * 4;
+  if (!plans_.reserve(bytes) || !host_plans_.reserve(bytes)) return Error{"cuda engine: out of GPU memory for key plans"};
+  plan_capacity_ = capacity;
+  region_ints_ = ints;
+  return ok_status();
+}
+
+CudaBackend::PlanRegion CudaBackend::plan_region(int32_t l, bool host) const {
+  const int64_t nkv = config_.n_kv_heads;
+  int32_t* base = (host ? host_plans_.as<int32_t>() : plans_.as<int32_t>()) + int64_t(l) * region_ints_;
+  return PlanRegion{base, base + nkv + 1, base + 2 * nkv + 1, base + 3 * nkv + 1, base + 4 * nkv + 1,
+                    reinterpret_cast<uint8_t*>(base + 4 * nkv + 1 + plan_capacity_)};
+}
+
+// The layer's key plan into its region, and up to the device.
+Status CudaBackend::stage_key_plan(int32_t l, const KeyPlan& plan) {
+  const int32_t nkv = config_.n_kv_heads;
+  if (auto s = ensure_plan_capacity(int64_t(plan.indices.size())); !s) return s;
+  const PlanRegion r = plan_region(l, true);
+  std::copy(plan.indptr.begin(), plan.indptr.end(), r.indptr);
+  std::copy(plan.budget.begin(), plan.budget.end(), r.keep);
+  std::copy(plan.indices.begin(), plan.indices.end(), r.indices);
+  for (int32_t g = 0; g < nkv; ++g) r.modes[g] = uint8_t(plan.mode[size_t(g)]);
+  CUDA_TRY(cudaMemcpyAsync(plan_region(l, false).indptr, r.indptr, size_t(region_ints_) * 4, cudaMemcpyHostToDevice,
+                           stream_),
+           "upload key plan");
+  return ok_status();
+}
+
+kernels::AttentionCall CudaBackend::base_call(int32_t l, int64_t n) const {
+  const ModelConfig& c = config_;
+  kernels::AttentionCall call;
+  call.n_rows = int32_t(n);
+  call.n_heads = c.n_heads;
+  call.n_kv_heads = c.n_kv_heads;
+  call.head_dim = c.head_dim;
+  call.scale = 1.0f / std::sqrt(float(c.head_dim));
+  call.q = q_.as<float>();
+  call.out = attn_.as<float>();
+  call.n_cached = n_cached_.as<int32_t>() + int64_t(l) * c.n_kv_heads;
+  call.kv = cuda_kv_pages(*pool_);
+  call.table = {tables_.as<int32_t>() + int64_t(l) * c.n_kv_heads * max_pages_, max_pages_};
+  return call;
+}
+
+// Bounds live per physical page: they grow (keeping what they hold) with the pool.
+Status CudaBackend::ensure_page_bounds() {
+  const int64_t page_bound_bytes = 2 * int64_t(config_.head_dim) * kernels::dtype_bytes(dtype_);
+  const int64_t needed = pool_->pages_reserved();
+  if (needed <= bound_pages_) return ok_status();
+  const int64_t grown = std::max(needed, bound_pages_ + bound_pages_ / 4);
+  DeviceMemory bigger;
+  if (!bigger.reserve(size_t(grown * page_bound_bytes))) return Error{"cuda engine: out of GPU memory for page bounds"};
+  if (bound_pages_ > 0)
+    CUDA_TRY(cudaMemcpyAsync(bigger.as(), page_bounds_.as(), size_t(bound_pages_ * page_bound_bytes),
+                             cudaMemcpyDeviceToDevice, stream_),
+             "grow page bounds");
+  CUDA_TRY(cudaStreamSynchronize(stream_), "grow page bounds");
+  drop_graphs();  // they hold the old address
+  page_bounds_ = std::move(bigger);
+  bound_pages_ = grown;
+  return ok_status();
+}
+
+kernels::PageSelectCall CudaBackend::select_call(int32_t l, const int32_t* keep, const int32_t* offsets, int32_t* out,
+                                                 int32_t max_pages) const {
+  const ModelConfig& c = config_;
+  kernels::PageSelectCall call;
+  call.n_kv_heads = c.n_kv_heads;
+  call.group_size = c.group_size();
+  call.head_dim = c.head_dim;
+  call.page_size = options_.page_size;
+  call.dtype = dtype_;
+  call.bounds = page_bounds_.as();
+  call.table = {tables_.as<int32_t>() + int64_t(l) * c.n_kv_heads * max_pages_, max_pages_};
+  call.q = q_.as<float>() + (n_ - 1) * c.q_dim();
+  call.n_cached = n_cached_.as<int32_t>() + int64_t(l) * c.n_kv_heads;
+  call.keep = keep;
+  call.out_offset = offsets;
+  call.out = out;
+  call.scores = bound_scores_.as<float>();
+  call.score_stride = max_pages;
+  return call;
+}
+
+// Refreshes the key bounds of the stale pages of every head with a budget,
+// then scores and selects on the device into the plan region's slots. A
+// replayed step has its (one per head) stale pages staged in the region.
+Status CudaBackend::select_by_bound(const KvSequence& seq, int32_t l, KeyPlan& plan) {
+  const ModelConfig& c = config_;
+  const int32_t nkv = c.n_kv_heads, ps = options_.page_size;
+  int32_t max_pages = 0;
+  for (int32_t g = 0; g < nkv; ++g)
+    if (plan.budget[size_t(g)] > 0) max_pages = std::max(max_pages, (plan.cached[size_t(g)] + ps - 1) / ps);
+  const kernels::KvPages kv = cuda_kv_pages(*pool_);
+  const PlanRegion region = plan_region(l, false);
+  cudaEvent_t* events = nullptr;  // the selection counts as attention time, as in Quest's kernel timings
+  if (capturing_) {
+    max_pages = (graph_bound_ + ps - 1) / ps;  // the grid the graph was captured with
+    CUDA_TRY(kc::page_bounds_update(kv, page_bounds_.as(), region.stale_pages, region.stale_counts, nkv, stream_),
+             "page bounds");
+  } else {
+    if (auto s = ensure_page_bounds(); !s) return s;
+    if (auto s = stage_key_plan(l, plan); !s) return s;
+    std::vector<int32_t> pages, counts;
+    std::vector<PageBoundSync> covered(static_cast<size_t>(nkv));  // recorded once the kernels are launched
+    for (int32_t g = 0; g < nkv; ++g)
+      if (plan.budget[size_t(g)] > 0)
+        covered[size_t(g)] = stale_bound_pages(seq, l, g, plan.cached[size_t(g)],
+                                               bound_sync_[size_t(l) * size_t(nkv) + size_t(g)], pages, counts);
+    const int32_t stale = int32_t(pages.size());
+    pages.insert(pages.end(), counts.begin(), counts.end());
+    if (!bound_work_.reserve(pages.size() * 4) || !bound_scores_.reserve(size_t(nkv) * size_t(max_pages) * 4))
+      return Error{"cuda engine: out of GPU memory for page selection"};
+    if (!pages.empty())
+      CUDA_TRY(cudaMemcpyAsync(bound_work_.as(), pages.data(), pages.size() * 4, cudaMemcpyHostToDevice, stream_),
+               "upload page bounds work");
+    CUDA_TRY(cudaStreamSynchronize(stream_), "upload page bounds work");  // `pages` is pageable and ours
+    if (auto s = next_event_pair(events); !s) return s;
+    if (events != nullptr) CUDA_TRY(cudaEventRecord(events[0], stream_), "attention timing");
+    CUDA_TRY(kc::page_bounds_update(kv, page_bounds_.as(), bound_work_.as<int32_t>(),
+                                    bound_work_.as<int32_t>() + stale, stale, stream_),
+             "page bounds");
+    for (int32_t g = 0; g < nkv; ++g)
+      if (plan.budget[size_t(g)] > 0) bound_sync_[size_t(l) * size_t(nkv) + size_t(g)] = covered[size_t(g)];
+  }
+  const auto call = select_call(l, region.keep, region.indptr, region.indices, max_pages);
+  CUDA_TRY(kc::page_select(call, max_pages, stream_), "page selection");
+  if (events != nullptr) CUDA_TRY(cudaEventRecord(events[1], stream_), "attention timing");
+  return ok_status();
+}
+
+Status CudaBackend::stage_block_plan(const BlockPlan& plan, kernels::AttentionCall& call) {
+  const size_t indptr_bytes = plan.indptr.size() * 4, keys_bytes = plan.keys.size() * 4;
+  if (!blocks_.reserve(indptr_bytes + keys_bytes + plan.sparse.size()))
+    return Error{"cuda engine: out of GPU memory for a block pattern"};
+  char* base = blocks_.as<char>();
+  CUDA_TRY(cudaMemcpyAsync(base, plan.indptr.data(), indptr_bytes, cudaMemcpyHostToDevice, stream_), "block plan");
+  if (keys_bytes > 0)
+    CUDA_TRY(cudaMemcpyAsync(base + indptr_bytes, plan.keys.data(), keys_bytes, cudaMemcpyHostToDevice, stream_),
+             "block plan");
+  CUDA_TRY(cudaMemcpyAsync(base + indptr_bytes + keys_bytes, plan.sparse.data(), plan.sparse.size(),
+                           cudaMemcpyHostToDevice, stream_),
+           "block plan");
+  CUDA_TRY(cudaStreamSynchronize(stream_), "block plan");  // the plan is the caller's
+  call.block_size = plan.block_size;
+  call.n_query_blocks = plan.n_query_blocks;
+  call.block_indptr = reinterpret_cast<const int32_t*>(base);
+  call.block_keys = reinterpret_cast<const int32_t*>(base + indptr_bytes);
+  call.block_sparse = reinterpret_cast<const uint8_t*>(base + indptr_bytes + keys_bytes);
+  return ok_status();
+}
+
+Status CudaBackend::attention(const KvSequence&, const LayerAttention& work) {
+  const ModelConfig& c = config_;
+  const int32_t l = work.layer;
+  kernels::AttentionCall call = base_call(l, n_);
+  int32_t max_keys = 0;
+  for (int32_t cached : work.keys->cached) max_keys = std::max(max_keys, cached);
+  max_keys += int32_t(n_);
+  if (capturing_) max_keys = graph_bound_;
+  if (work.mask != nullptr) {
+    CUDA_TRY(cudaMemcpyAsync(head_active_.as(), work.mask->heads.data(), size_t(c.n_heads), cudaMemcpyHostToDevice,
+                             stream_),
+             "upload head mask");
+    CUDA_TRY(cudaStreamSynchronize(stream_), "upload head mask");
+    call.head_active = head_active_.as<uint8_t>();
+  }
+  if (work.keys->any_selected()) {
+    // Heads selected by bound were staged (and filled) by select_by_bound.
+    if (!capturing_ && !work.keys->any_by_bound())
+      if (auto s = stage_key_plan(l, *work.keys); !s) return s;
+    const PlanRegion region = plan_region(l, false);
+    call.select = region.modes;
+    call.select_indptr = region.indptr;
+    call.select_index = region.indices;
+  }
+  if (work.blocks != nullptr && work.blocks->active())
+    if (auto s = stage_block_plan(*work.blocks, call); !s) return s;
+  if (work.statistics) {
+    CUDA_TRY(cudaMemsetAsync(key_mass_.as(), 0, size_t(c.n_kv_heads) * size_t(max_context_) * 4, stream_), "stats");
+    call.key_mass = key_mass_.as<float>();
+    call.mass_stride = max_context_;
+  }
+  const size_t ws = kc::attention_workspace_bytes(call, max_keys);
+  if (ws > attention_ws_.bytes()) {
+    if (capturing_) return Error{"cuda engine: the attention workspace was not staged for this graph"};
+    drop_graphs();  // they hold the workspace's old address
+    if (!attention_ws_.reserve(ws)) return Error{"cuda engine: out of GPU memory for the attention workspace"};
+  }
+  cudaEvent_t* events = nullptr;
+  if (auto s = next_event_pair(events); !s) return s;
+  if (events != nullptr) CUDA_TRY(cudaEventRecord(events[0], stream_), "attention timing");
+  CUDA_TRY(kc::attention(call, max_keys, attention_ws_.as(), attention_ws_.bytes(), stream_), "attention");
+  if (events != nullptr) CUDA_TRY(cudaEventRecord(events[1], stream_), "attention timing");
+  return ok_status();
+}
+
+Status CudaBackend::read_statistics(const KvSequence& seq, int32_t l, LayerStatistics& out) {
+  const ModelConfig& c = config_;
+  CUDA_TRY(kc::head_output_norms(attn_.as<float>(), int32_t(n_), c.n_heads, c.head_dim, head_norms_.as<float>(),
+                                 stream_),
+           "head norms");
+  out.head_norms.resize(size_t(c.n_heads));
+  if (auto s = download(head_norms_.as<float>(), out.head_norms.size() * 4, out.head_norms.data()); !s) return s;
+  out.key_mass.resize(size_t(c.n_kv_heads));
+  for (int32_t g = 0; g < c.n_kv_heads; ++g) {
+    auto& mass = out.key_mass[size_t(g)];
+    mass.resize(size_t(seq.table(l, g).n_tokens()));
+    if (auto s = download(key_mass_.as<float>() + int64_t(g) * max_context_, mass.size() * 4, mass.data()); !s)
+      return s;
+  }
+  return ok_status();
+}
+
+}  // namespace inferlab

@@ -1,0 +1,217 @@
+// The CUDA backend: weights in f16/bf16 on the GPU, GEMMs through cuBLAS, the
+// KV cache in device pages, attention by the kernels in kernels/cuda, and
+// decode steps captured once and replayed as CUDA graphs when their plan
+// needs nothing from the host mid-step. Its ops are split by job:
+//   cuda_backend.cpp      setup, workspace, call begin/end, timing, views
+//   cuda_weights.cpp      weights: upload, random init, per-run replacement
+//   cuda_layer_ops.cpp    embed, norms, linear, activations, rope, logits
+//   cuda_attention.cpp    KV append, key and block plans, selection by bound, attention, statistics
+//   cuda_kv_ops.cpp       eviction, re-rotation, truncation, retention, page tables
+//   cuda_graph.cpp        staging, capture and replay of decode steps
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine/backend.h"
+#include "engine/cuda/device_memory.h"
+#include "engine/engine.h"
+#include "kernel_types.h"
+
+namespace inferlab {
+
+class CudaBackend final : public Backend {
+ public:
+  CudaBackend(std::shared_ptr<const Model> model, const EngineOptions& options, int32_t max_context);
+  ~CudaBackend() override;
+  // Device, stream, cuBLAS, KV pool and page tables; then weights from the
+  // model (upload) or from a seed (random_weights).
+  Status init_device();
+  Status upload_weights();
+  Status random_weights(uint64_t seed);
+
+  const char* name() const override { return "cuda"; }
+  bool supports(Feature feature) const override;
+  std::string device_description() const override;
+  int64_t weight_bytes() const override { return weight_bytes_; }
+  std::shared_ptr<KvPagePool> pool() const override { return pool_; }
+  std::unique_ptr<BackendKvView> kv_view(const KvSequence& seq) const override;
+
+  Status begin_call(const CallSetup& call) override;
+  Status embed() override;
+  Status rmsnorm(Norm norm, int32_t layer) override;
+  Status linear(Proj proj, int32_t layer, const std::vector<int32_t>* rows) override;
+  Status swiglu(int64_t cols) override;
+  Status add_residual() override;
+  Status rope(const KvSequence& seq, int32_t layer, bool queries) override;
+  Status append_kv(KvSequence& seq, int32_t layer) override;
+  Status select_by_bound(const KvSequence& seq, int32_t layer, KeyPlan& plan) override;
+  Status attention(const KvSequence& seq, const LayerAttention& work) override;
+  Status read_statistics(const KvSequence& seq, int32_t layer, LayerStatistics& out) override;
+  Status retain(const KvSequence& seq, int32_t layer, const RetentionPolicy& policy,
+                std::span<const RetentionBudget> budgets, std::vector<std::vector<int32_t>>& drops) override;
+  Status read_hidden(int64_t row_from, std::vector<float>& out) override;
+  Status read_last_queries(std::vector<float>& out) override;
+  Result<int32_t> evict(KvSequence& seq, int32_t layer, int32_t kv_head, std::vector<int32_t> drop) override;
+  Status rerotate(KvSequence& seq, int32_t layer, int32_t kv_head) override;
+  Status logits(int64_t from, int64_t rows, const LogitsSink& sink) override;
+  Status end_call(double& attention_seconds) override;
+  Status truncate(KvSequence& seq, int32_t n) override;
+  Status set_weight_override(Proj proj, int32_t layer, std::span<const float> data) override;
+  void set_time_attention(bool on) override { time_attention_ = on; }
+
+  Result<bool> prepare_replay(KvSequence& seq, const StepPlan& plan, std::vector<KeyPlan>& keys) override;
+  bool has_graph(const StepPlan& plan) const override;
+  Status capture_begin() override;
+  Status capture_end(const StepPlan& plan, bool ok) override;
+  Status replay(const StepPlan& plan, const LogitsSink& sink) override;
+
+ private:
+  struct TableSync {  // what the device copy of one (layer, kv head) page table holds
+    uint64_t seq_id = 0;
+    uint32_t rewrites = 0;
+    int32_t pages = 0;
+  };
+  // Device copies of a layer's key plan: a fixed region per layer, so a
+  // captured step reads every layer's plan at an address that does not move.
+  struct PlanRegion {
+    int32_t* indptr;        // (n_kv_heads + 1)
+    int32_t* keep;          // (n_kv_heads) page budgets
+    int32_t* stale_pages;   // (n_kv_heads) a replayed step's one stale page per head
+    int32_t* stale_counts;  // (n_kv_heads) its filled slots (0: none)
+    int32_t* indices;       // (plan_capacity_)
+    uint8_t* modes;         // (n_kv_heads) KeySelect
+  };
+  // The graph of one decode-step shape.
+  struct Graph {
+    cudaGraphExec_t exec = nullptr;
+  };
+
+  // cuda_backend.cpp
+  Status ensure_workspace(int64_t rows);
+  void drop_graphs();
+  Status next_event_pair(cudaEvent_t*& pair);  // null pair: not timing
+  Status download(const void* device, size_t bytes, void* host);
+  // cuda_weights.cpp
+  void* weight_alloc(int64_t elems, kernels::DType dtype);
+  const void* weight(Proj proj, int32_t layer) const;
+  const void* w_down_transposed(int32_t layer);
+  Status gemm(const void* x, const void* w, float* y, int64_t m, int64_t n, int64_t k);
+  // cuda_attention.cpp
+  Status stage_counts(const KvSequence& seq, int32_t layer);
+  Status stage_append(KvSequence& seq, int32_t layer, int32_t n);
+  Status ensure_plan_capacity(int64_t indices);
+  PlanRegion plan_region(int32_t layer, bool host) const;
+  Status stage_key_plan(int32_t layer, const KeyPlan& plan);
+  Status stage_block_plan(const BlockPlan& plan, kernels::AttentionCall& call);
+  Status ensure_page_bounds();
+  kernels::AttentionCall base_call(int32_t layer, int64_t n) const;
+  kernels::PageSelectCall select_call(int32_t layer, const int32_t* keep, const int32_t* offsets, int32_t* out,
+                                      int32_t max_pages) const;
+  // cuda_kv_ops.cpp
+  Status sync_table(const KvSequence& seq, int32_t layer, int32_t kv_head);
+  // cuda_graph.cpp
+  int32_t key_bound(int32_t max_keys) const;
+  std::string graph_key(const StepPlan& plan) const;
+
+  std::shared_ptr<const Model> model_;
+  const ModelConfig& config_;
+  EngineOptions options_;
+  int32_t max_context_ = 0;
+  kernels::DType dtype_ = kernels::DType::F16;
+  bool time_attention_ = false;
+  std::shared_ptr<CUstream_st> stream_owner_;  // shared with the pools' storage, which may outlive us
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t cublas_ = nullptr;
+  std::string device_name_;
+  DeviceMemory cublas_workspace_;
+  std::shared_ptr<KvPagePool> pool_;
+
+  // Weights: per projection and layer (Output: layer 0), the model's or this
+  // run's replacement; token_embd and the norms.
+  struct DeviceLayerNorms {
+    const float* attn = nullptr;  // (n_embd)
+    const float* ffn = nullptr;   // (n_embd)
+  };
+  std::vector<DeviceMemory> weight_buffers_;
+  int64_t weight_bytes_ = 0;
+  const void* token_embd_ = nullptr;    // (n_vocab, n_embd)
+  const float* output_norm_ = nullptr;  // (n_embd)
+  std::vector<std::vector<const void*>> weights_;         // [proj][layer] (out, in) of dtype_
+  std::vector<DeviceLayerNorms> norms_;
+  std::map<std::pair<int32_t, int32_t>, DeviceMemory> overrides_;  // (proj, layer) -> this run's weight
+  std::vector<DeviceMemory> w_down_t_;  // per layer (n_ff, n_embd), built when a neuron mask first needs it
+
+  // The call in flight.
+  int64_t n_ = 0;
+  bool cache_positions_ = false;
+  int32_t first_position_ = 0;
+  bool capturing_ = false;
+  // Workspace for n rows (n = workspace_rows_):
+  DeviceMemory x_;       // (n, n_embd) float residual stream
+  DeviceMemory xn_;      // (n, n_embd) dtype, normed input of a GEMM
+  DeviceMemory q_;       // (n, q_dim) float
+  DeviceMemory k_, v_;   // (n, kv_dim) float
+  DeviceMemory attn_;    // (n, q_dim) float
+  DeviceMemory attn_t_;  // (n, q_dim) dtype
+  DeviceMemory proj_;    // (n, n_embd) float
+  DeviceMemory gate_, up_;  // (n, n_ff) float
+  DeviceMemory act_;     // (n, n_ff) dtype
+  DeviceMemory w_sel_;   // (n_ff, n_embd) dtype: selected weight rows (neuron masks)
+  DeviceMemory rows_;    // (n_ff) int32 selected neurons
+  DeviceMemory logits_;  // (logits_chunk, n_vocab) float
+  DeviceMemory ids_;     // (n) int32
+  DeviceMemory positions_;  // (n_kv_heads, n) int32
+  int64_t workspace_rows_ = 0;
+  PinnedMemory host_logits_;  // (logits_chunk, n_vocab)
+  PinnedMemory host_small_;   // staging of per-call host data (positions, ids)
+  std::vector<int32_t> host_positions_;  // (n) positions of this call
+
+  // Device state shared by all calls:
+  int32_t max_pages_ = 0;     // page-table row length
+  DeviceMemory tables_;       // (n_layers, n_kv_heads, max_pages) int32 physical pages
+  PinnedMemory host_tables_;  // host copy of tables_
+  std::vector<TableSync> table_sync_;  // (n_layers, n_kv_heads)
+  DeviceMemory n_cached_;     // (n_layers, n_kv_heads) int32: stored tokens before this call
+  PinnedMemory host_n_cached_;
+  DeviceMemory plans_;        // (n_layers) key-plan regions
+  PinnedMemory host_plans_;
+  int64_t plan_capacity_ = 0;  // indices per region
+  int64_t region_ints_ = 0;
+  DeviceMemory head_active_;  // (n_heads) uint8
+  DeviceMemory key_mass_;     // (n_kv_heads, max_context) float
+  DeviceMemory head_norms_;   // (n_heads) float
+  DeviceMemory blocks_;       // block-sparse: flags, indptr, key blocks
+  DeviceMemory scratch_;      // re-rotation moves and other one-off uploads
+  // Key bounds of the pool's pages (kHookPageBudget): (bound_pages_, 2, head_dim)
+  // of dtype_ indexed by physical page; what each (layer, kv head) has folded in.
+  DeviceMemory page_bounds_;
+  int64_t bound_pages_ = 0;
+  std::vector<PageBoundSync> bound_sync_;  // (n_layers, n_kv_heads)
+  DeviceMemory bound_work_;    // stale pages and their filled slots (eager steps)
+  DeviceMemory bound_scores_;  // (n_kv_heads, pages) float
+  DeviceMemory attention_ws_;
+  // Retention: budgets (n_kv_heads, 3), scores scratch, drop lists.
+  DeviceMemory retention_budgets_;
+  PinnedMemory host_retention_budgets_;
+  DeviceMemory retention_scores_;  // (n_kv_heads, max_context) float
+  DeviceMemory retention_drops_;   // (n_kv_heads, max_context) int32
+  DeviceMemory retention_counts_;  // (n_kv_heads) int32
+  PinnedMemory host_drops_;
+
+  // Decode graphs by plan shape, valid while the buffers they captured stay.
+  std::map<std::string, Graph> graphs_;
+  int32_t graph_bound_ = 0;          // key bound of the step being captured or replayed
+  const void* plane_at_capture_ = nullptr;  // the slot plane the graphs write
+  std::vector<std::pair<size_t, PageBoundSync>> pending_bounds_;  // coverage a replay makes true
+
+  std::vector<cudaEvent_t> events_;  // pairs around attention kernels (time_attention)
+  size_t events_used_ = 0;
+};
+
+}  // namespace inferlab

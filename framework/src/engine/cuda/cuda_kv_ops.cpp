@@ -1,0 +1,134 @@
+// The CUDA backend's changes to a sequence's cache: page-table copies on the
+// device, eviction, re-rotation of moved keys, truncation, and engine-side
+// retention (scores and the choice of what leaves, on the device).
+#include <fmt/format.h>
+
+#include <algorithm>
+
+#include "cuda/kv_cache_ops.cuh"
+#include "cuda/retention.cuh"
+#include "engine/cuda/cuda_backend.h"
+#include "engine/cuda/cuda_check.h"
+#include "engine/cuda/cuda_kv_storage.h"
+
+namespace inferlab {
+
+namespace kc = kernels::cuda;
+
+Status CudaBackend::sync_table(const KvSequence& seq, int32_t l, int32_t g) {
+  const size_t index = size_t(l) * size_t(config_.n_kv_heads) + size_t(g);
+  const HeadPageTable& t = seq.table(l, g);
+  TableSync& s = table_sync_[index];
+  const int32_t pages = int32_t(t.pages.size());
+  if (pages > max_pages_) return Error{fmt::format("cuda engine: page table of {} pages exceeds {}", pages, max_pages_)};
+  const int32_t from = s.seq_id == seq.id() && s.rewrites == t.rewrites ? std::min(s.pages, pages) : 0;
+  if (from < pages) {
+    int32_t* host = host_tables_.as<int32_t>() + index * size_t(max_pages_);
+    std::copy(t.pages.begin() + from, t.pages.end(), host + from);
+    int32_t* device = tables_.as<int32_t>() + index * size_t(max_pages_);
+    CUDA_TRY(cudaMemcpyAsync(device + from, host + from, size_t(pages - from) * 4, cudaMemcpyHostToDevice, stream_),
+             "upload page table");
+  }
+  s = TableSync{seq.id(), t.rewrites, pages};
+  return ok_status();
+}
+
+Result<int32_t> CudaBackend::evict(KvSequence& seq, int32_t l, int32_t g, std::vector<int32_t> drop) {
+  // The pinned host tables may still feed an upload of this head's row.
+  CUDA_TRY(cudaStreamSynchronize(stream_), "eviction");
+  return seq.evict(l, g, std::move(drop));
+}
+
+Status CudaBackend::rerotate(KvSequence& seq, int32_t l, int32_t g) {
+  // RoPE rotations compose: turning a key by (new - old) positions equals
+  // rotating the unrotated key at its new position.
+  const ModelConfig& c = config_;
+  HeadPageTable& t = seq.table(l, g);
+  const int32_t ps = options_.page_size;
+  std::vector<int32_t> page, slot, delta;
+  for (int32_t i = 0; i < t.n_tokens(); ++i) {
+    if (t.rotary[size_t(i)] == i) continue;
+    page.push_back(t.pages[size_t(i / ps)]);
+    slot.push_back(i % ps);
+    delta.push_back(i - t.rotary[size_t(i)]);
+    t.rotary[size_t(i)] = i;
+  }
+  if (page.empty()) return ok_status();
+  const int32_t n = int32_t(page.size());
+  std::vector<int32_t> moved = page;  // (3, n): page, slot, delta
+  moved.insert(moved.end(), slot.begin(), slot.end());
+  moved.insert(moved.end(), delta.begin(), delta.end());
+  if (!scratch_.reserve(moved.size() * 4)) return Error{"cuda engine: out of GPU memory for re-rotation"};
+  const int32_t* d = scratch_.as<int32_t>();
+  CUDA_TRY(cudaMemcpyAsync(scratch_.as(), moved.data(), moved.size() * 4, cudaMemcpyHostToDevice, stream_),
+           "re-rotate");
+  CUDA_TRY(kc::kv_rope_shift(cuda_kv_pages(*pool_), d, d + n, d + 2 * n, n, c.rope_dim, c.rope_theta, c.rope_neox,
+                             stream_),
+           "re-rotate");
+  CUDA_TRY(cudaStreamSynchronize(stream_), "re-rotate");  // `moved` is pageable and ours
+  return ok_status();
+}
+
+Status CudaBackend::truncate(KvSequence& seq, int32_t n) {
+  CUDA_TRY(cudaStreamSynchronize(stream_), "truncate");  // kernels in flight may still read the pages
+  seq.truncate(n);
+  return ok_status();
+}
+
+Status CudaBackend::retain(const KvSequence& seq, int32_t l, const RetentionPolicy& policy,
+                           std::span<const RetentionBudget> budgets, std::vector<std::vector<int32_t>>& drops) {
+  const ModelConfig& c = config_;
+  const int32_t nkv = c.n_kv_heads;
+  if (policy.scope != RetentionScope::PerHead) return Error{"cuda backend: retention per sequence is not supported"};
+  int32_t* staged = host_retention_budgets_.as<int32_t>();
+  int32_t max_tokens = 0;
+  for (int32_t g = 0; g < nkv; ++g) {
+    staged[3 * g] = budgets[size_t(g)].sink;
+    staged[3 * g + 1] = budgets[size_t(g)].recent;
+    staged[3 * g + 2] = budgets[size_t(g)].heavy;
+    max_tokens = std::max(max_tokens, seq.table(l, g).n_tokens());
+  }
+  const size_t per_head = size_t(max_context_);
+  if (!retention_scores_.reserve(size_t(nkv) * per_head * 4) || !retention_drops_.reserve(size_t(nkv) * per_head * 4) ||
+      !host_drops_.reserve(size_t(nkv) * per_head * 4))
+    return Error{"cuda engine: out of GPU memory for retention"};
+  CUDA_TRY(cudaMemcpyAsync(retention_budgets_.as(), staged, size_t(nkv) * 3 * 4, cudaMemcpyHostToDevice, stream_),
+           "upload retention budgets");
+  kernels::RetentionCall call;
+  call.n_kv_heads = nkv;
+  call.page_size = options_.page_size;
+  call.table = {tables_.as<int32_t>() + int64_t(l) * nkv * max_pages_, max_pages_};
+  call.plane = pool_->plane<float>(SlotPlane::Score);
+  call.n_cached = n_cached_.as<int32_t>() + int64_t(l) * nkv;
+  call.n_rows = int32_t(n_);
+  call.mass = key_mass_.as<float>();
+  call.mass_stride = max_context_;
+  call.rule = policy.score == RetentionScore::LastMass ? 1 : 0;
+  call.budget = retention_budgets_.as<int32_t>();
+  call.scores = retention_scores_.as<float>();
+  call.drops = retention_drops_.as<int32_t>();
+  call.n_drops = retention_counts_.as<int32_t>();
+  call.stride = max_context_;
+  CUDA_TRY(kc::retention_update(call, max_tokens, stream_), "retention scores");
+  CUDA_TRY(kc::retention_select(call, stream_), "retention");
+  // What leaves crosses to the host (the compaction's bookkeeping lives there).
+  int32_t* host = host_drops_.as<int32_t>();
+  CUDA_TRY(cudaMemcpyAsync(host, retention_counts_.as(), size_t(nkv) * 4, cudaMemcpyDeviceToHost, stream_),
+           "retention");
+  CUDA_TRY(cudaStreamSynchronize(stream_), "retention");
+  std::vector<int32_t> counts(host, host + nkv);
+  drops.assign(size_t(nkv), {});
+  for (int32_t g = 0; g < nkv; ++g)
+    if (counts[size_t(g)] > 0)
+      CUDA_TRY(cudaMemcpyAsync(host + int64_t(g) * max_context_, retention_drops_.as<int32_t>() + int64_t(g) * max_context_,
+                               size_t(counts[size_t(g)]) * 4, cudaMemcpyDeviceToHost, stream_),
+               "retention");
+  CUDA_TRY(cudaStreamSynchronize(stream_), "retention");
+  for (int32_t g = 0; g < nkv; ++g) {
+    const int32_t* first = host + int64_t(g) * max_context_;
+    drops[size_t(g)].assign(first, first + counts[size_t(g)]);
+  }
+  return ok_status();
+}
+
+}  // namespace inferlab

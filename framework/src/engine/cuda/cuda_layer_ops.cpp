@@ -1,0 +1,143 @@
+// The CUDA backend's dense ops of a layer: embedding, norms, the linear
+// projections (gathered neuron rows included), activations, RoPE and logits.
+#include <fmt/format.h>
+
+#include "cuda/activation.cuh"
+#include "cuda/embedding.cuh"
+#include "cuda/gemm.cuh"
+#include "cuda/rmsnorm.cuh"
+#include "cuda/rope.cuh"
+#include "engine/cuda/cuda_backend.h"
+#include "engine/cuda/cuda_check.h"
+
+namespace inferlab {
+
+namespace kc = kernels::cuda;
+
+Status CudaBackend::embed() {
+  CUDA_TRY(kc::embedding_lookup(token_embd_, dtype_, config_.n_embd, ids_.as<int32_t>(), n_, x_.as<float>(), stream_),
+           "embedding");
+  return ok_status();
+}
+
+Status CudaBackend::rmsnorm(Norm norm, int32_t l) {
+  const DeviceLayerNorms& d = norms_[size_t(l)];
+  CUDA_TRY(kc::rmsnorm(x_.as<float>(), norm == Norm::Attention ? d.attn : d.ffn, n_, config_.n_embd, config_.rms_eps,
+                       xn_.as(), dtype_, stream_),
+           "rmsnorm");
+  return ok_status();
+}
+
+Status CudaBackend::linear(Proj p, int32_t l, const std::vector<int32_t>* rows) {
+  const ModelConfig& c = config_;
+  const void* w = weight(p, l);
+  switch (p) {
+    case Proj::Q: return gemm(xn_.as(), w, q_.as<float>(), n_, c.q_dim(), c.n_embd);
+    case Proj::K: return gemm(xn_.as(), w, k_.as<float>(), n_, c.kv_dim(), c.n_embd);
+    case Proj::V: return gemm(xn_.as(), w, v_.as<float>(), n_, c.kv_dim(), c.n_embd);
+    case Proj::O:
+      CUDA_TRY(kc::convert_from_float(attn_.as<float>(), n_ * c.q_dim(), attn_t_.as(), dtype_, stream_), "convert");
+      return gemm(attn_t_.as(), w, proj_.as<float>(), n_, c.n_embd, c.q_dim());
+    case Proj::Output: return Error{"cuda backend: the output projection runs inside the logits op"};
+    default: break;
+  }
+  float* out = p == Proj::Gate ? gate_.as<float>() : up_.as<float>();
+  if (rows == nullptr) {
+    if (p == Proj::Down) return gemm(act_.as(), w, proj_.as<float>(), n_, c.n_embd, c.n_ff);
+    return gemm(xn_.as(), w, out, n_, c.n_ff, c.n_embd);
+  }
+  // Only the selected neurons: rows of gate/up, rows of the transposed down weight.
+  const int64_t k = int64_t(rows->size());
+  if (k == 0) {
+    if (p == Proj::Down) CUDA_TRY(cudaMemsetAsync(proj_.as(), 0, size_t(n_ * c.n_embd) * 4, stream_), "ffn");
+    return ok_status();
+  }
+  const size_t el = size_t(kernels::dtype_bytes(dtype_));
+  if (!w_sel_.reserve(size_t(k) * size_t(c.n_embd) * el) || !rows_.reserve(size_t(k) * 4))
+    return Error{"cuda engine: out of GPU memory for a neuron subset"};
+  CUDA_TRY(cudaMemcpyAsync(rows_.as(), rows->data(), size_t(k) * 4, cudaMemcpyHostToDevice, stream_), "neuron subset");
+  if (p == Proj::Down) {
+    const void* down_t = w_down_transposed(l);
+    if (down_t == nullptr) return Error{"cuda engine: out of GPU memory for a transposed down projection"};
+    CUDA_TRY(kc::gather_rows(down_t, dtype_, c.n_embd, rows_.as<int32_t>(), k, w_sel_.as(), stream_), "gather");
+    if (kc::gemm_xw(cublas_, act_.as(), w_sel_.as(), dtype_, proj_.as<float>(), n_, c.n_embd, k) !=
+        CUBLAS_STATUS_SUCCESS)
+      return Error{"cuda: cuBLAS GEMM of the selected down rows failed"};
+  } else {
+    CUDA_TRY(kc::gather_rows(w, dtype_, c.n_embd, rows_.as<int32_t>(), k, w_sel_.as(), stream_), "gather");
+    if (auto s = gemm(xn_.as(), w_sel_.as(), out, n_, k, c.n_embd); !s) return s;
+  }
+  CUDA_TRY(cudaStreamSynchronize(stream_), "neuron subset");  // `rows` is the caller's
+  return ok_status();
+}
+
+Status CudaBackend::swiglu(int64_t cols) {
+  if (cols == 0) return ok_status();
+  CUDA_TRY(kc::silu_mul(gate_.as<float>(), up_.as<float>(), n_ * cols, act_.as(), dtype_, stream_), "swiglu");
+  return ok_status();
+}
+
+Status CudaBackend::add_residual() {
+  CUDA_TRY(kc::add_inplace(x_.as<float>(), proj_.as<float>(), n_ * config_.n_embd, stream_), "residual");
+  return ok_status();
+}
+
+Status CudaBackend::rope(const KvSequence& seq, int32_t l, bool queries) {
+  const ModelConfig& c = config_;
+  if (!capturing_)  // a replayed step staged every layer's counts beforehand
+    if (auto s = stage_counts(seq, l); !s) return s;
+  const int32_t* device_counts = n_cached_.as<int32_t>() + int64_t(l) * c.n_kv_heads;
+  int32_t groups = 1;
+  if (cache_positions_) {
+    CUDA_TRY(kc::cache_positions(device_counts, c.n_kv_heads, int32_t(n_), positions_.as<int32_t>(), stream_),
+             "cache positions");
+    groups = c.n_kv_heads;
+  }
+  const int32_t* pos = positions_.as<int32_t>();
+  if (queries)
+    CUDA_TRY(kc::rope(q_.as<float>(), n_, c.q_dim(), c.n_heads, c.head_dim, c.rope_dim, pos, groups, c.rope_theta,
+                      c.rope_neox, stream_),
+             "rope");
+  CUDA_TRY(kc::rope(k_.as<float>(), n_, c.kv_dim(), c.n_kv_heads, c.head_dim, c.rope_dim, pos, groups, c.rope_theta,
+                    c.rope_neox, stream_),
+           "rope");
+  return ok_status();
+}
+
+Status CudaBackend::logits(int64_t from, int64_t rows, const LogitsSink& sink) {
+  const ModelConfig& c = config_;
+  if (rows <= 0 || (!sink && !capturing_)) return ok_status();
+  const int64_t el = kernels::dtype_bytes(dtype_);
+  CUDA_TRY(kc::rmsnorm(x_.as<float>() + from * c.n_embd, output_norm_, rows, c.n_embd, c.rms_eps, xn_.as(), dtype_,
+                       stream_),
+           "rmsnorm");
+  const void* head = weight(Proj::Output, -1);
+  if (capturing_)  // one row, handed over after the replay
+    return gemm(xn_.as(), head, logits_.as<float>(), 1, c.n_vocab, c.n_embd);
+  float* host = host_logits_.as<float>();
+  for (int64_t r0 = 0; r0 < rows; r0 += kLogitsChunkRows) {
+    const int64_t chunk = std::min(kLogitsChunkRows, rows - r0);
+    if (auto s = gemm(xn_.as<char>() + r0 * c.n_embd * el, head, logits_.as<float>(), chunk, c.n_vocab, c.n_embd); !s)
+      return s;
+    CUDA_TRY(cudaMemcpyAsync(host, logits_.as(), size_t(chunk * c.n_vocab) * 4, cudaMemcpyDeviceToHost, stream_),
+             "download logits");
+    CUDA_TRY(cudaStreamSynchronize(stream_), "logits");
+    for (int64_t r = 0; r < chunk; ++r)
+      sink(from + r0 + r, std::span<const float>(host + r * c.n_vocab, size_t(c.n_vocab)));
+  }
+  return ok_status();
+}
+
+Status CudaBackend::read_hidden(int64_t row_from, std::vector<float>& out) {
+  const int64_t e = config_.n_embd;
+  out.resize(size_t((n_ - row_from) * e));
+  return download(x_.as<float>() + row_from * e, out.size() * 4, out.data());
+}
+
+Status CudaBackend::read_last_queries(std::vector<float>& out) {
+  const int64_t q = config_.q_dim();
+  out.resize(size_t(q));
+  return download(q_.as<float>() + (n_ - 1) * q, out.size() * 4, out.data());
+}
+
+}  // namespace inferlab

@@ -1,0 +1,362 @@
+#include "engine/forward_pass.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+
+namespace inferlab {
+
+ForwardPass::ForwardPass(Backend& backend, const ModelConfig& config, const EngineOptions& options,
+                         const MethodCall& method, EngineCounters& counters, KvSequence& seq,
+                         std::span<const int32_t> tokens)
+    : backend_(backend),
+      config_(config),
+      options_(options),
+      method_(method),
+      counters_(counters),
+      seq_(seq),
+      tokens_(tokens),
+      step_{seq.forward_calls(), seq.n_past(), int32_t(tokens.size()), seq.id()} {}
+
+Status ForwardPass::run(int64_t logits_from, const LogitsSink& sink) {
+  const int64_t n = int64_t(tokens_.size());
+  if (auto s = plan_step(); !s) return s;
+  ++counters_.forward_calls;
+  if (step_.decode()) ++counters_.decode_steps;
+  if (auto s = backend_.begin_call({tokens_, step_.first_position, method_.cache_positions}); !s) return s;
+  logits_from = std::max<int64_t>(logits_from, 0);
+  const LogitsSink wanted = logits_from < n && sink ? sink : LogitsSink{};
+  if (options_.cuda_graphs && !options_.time_attention && plan_.replayable() && backend_.supports(Feature::Graphs)) {
+    auto replayed = try_replay(logits_from == 0 ? wanted : LogitsSink{});
+    if (!replayed) return replayed.error();
+    if (*replayed) {
+      double attention_seconds = 0;
+      return backend_.end_call(attention_seconds);
+    }
+  }
+  if (auto s = run_layers(); !s) return s;
+  finish_call();
+  if (wanted)
+    if (auto s = backend_.logits(logits_from, n - logits_from, wanted); !s) return s;
+  double attention_seconds = 0;
+  auto s = backend_.end_call(attention_seconds);
+  counters_.attention_seconds += attention_seconds;
+  return s;
+}
+
+void ForwardPass::finish_call() {
+  seq_.set_n_past(step_.first_position + step_.n_tokens);
+  seq_.count_forward_call();
+}
+
+// Everything decided before the first op: which layers run, each head's page
+// budget, each head's retention budget, and what the step needs from the host.
+Status ForwardPass::plan_step() {
+  const int32_t L = config_.n_layers, nkv = config_.n_kv_heads, ps = seq_.pool().shape().page_size;
+  plan_.step = step_;
+  plan_.run.assign(size_t(L), 1);
+  if (method_.has(kHookLayerPlan)) {
+    LayerPlan layers;
+    layers.run.assign(size_t(L), 1);
+    if (method_.method->plan_layers(step_, layers)) {
+      if (layers.run.size() != size_t(L))
+        return Error{fmt::format("method: layer plan has {} entries, the model has {} layers", layers.run.size(), L)};
+      plan_.run = std::move(layers.run);
+      plan_.kv_fill = layers.kv_fill;
+    }
+  }
+  plan_.budgets.assign(size_t(L), std::vector<int32_t>(size_t(nkv), -1));
+  plan_.max_keys = 0;
+  std::unique_ptr<BackendKvView> view;
+  if (method_.has(kHookPageBudget)) view = backend_.kv_view(seq_);
+  for (int32_t l = 0; l < L; ++l)
+    for (int32_t g = 0; g < nkv; ++g) {
+      const int32_t cached = seq_.table(l, g).n_tokens();
+      plan_.max_keys = std::max(plan_.max_keys, cached + step_.n_tokens);
+      if (!view || plan_.run[size_t(l)] == 0) continue;
+      const int32_t budget = method_.method->page_budget(step_, *view, l, g), pages = (cached + ps - 1) / ps;
+      plan_.budgets[size_t(l)][size_t(g)] = budget < 0 ? -1 : budget > 0 && budget < pages ? budget : 0;
+    }
+  plan_.retention.clear();
+  if (method_.has(kHookRetention)) {
+    plan_.retention.assign(size_t(L), std::vector<RetentionBudget>(size_t(nkv)));
+    for (int32_t l = 0; l < L; ++l)
+      for (int32_t g = 0; g < nkv && plan_.run[size_t(l)] != 0; ++g)
+        plan_.retention[size_t(l)][size_t(g)] = method_.method->retention_budget(step_, l, g);
+  }
+  bool ask_selection = false;
+  for (int32_t l = 0; l < L; ++l)
+    for (int32_t b : plan_.budgets[size_t(l)]) ask_selection = ask_selection || b < 0;
+  plan_.host_reads = (ask_selection && method_.has(kHookDecodeSelection)) || method_.has(kHookComponentMask) ||
+                     method_.has(kHookAttentionFeedback) || (method_.has(kHookLayerPlan) && L > 1);
+  plan_.host_changes = method_.has(kHookEviction) || method_.has(kHookRetention);
+  return ok_status();
+}
+
+// A decode step that needs nothing from the host between ops: staged for every
+// layer at once, captured the first time its plan's shape is seen (the same
+// schedule, run in capture mode), then replayed. False: run it eagerly.
+Result<bool> ForwardPass::try_replay(const LogitsSink& sink) {
+  staged_.assign(size_t(config_.n_layers), KeyPlan{});
+  for (int32_t l = 0; l < config_.n_layers; ++l)
+    if (plan_.run[size_t(l)] != 0) plan_from_budgets(l, staged_[size_t(l)]);
+  auto ready = backend_.prepare_replay(seq_, plan_, staged_);
+  if (!ready || !*ready) {
+    staged_.clear();
+    return ready;
+  }
+  if (!backend_.has_graph(plan_)) {
+    Status body = backend_.capture_begin();
+    if (body) {
+      capturing_ = true;
+      body = run_layers();
+      if (body) body = backend_.logits(0, 1, {});
+      capturing_ = false;
+      auto end = backend_.capture_end(plan_, body.ok());
+      if (body) body = end;
+    }
+    if (!body) {
+      // No graph: the step runs eagerly instead, from the cache as it was.
+      staged_.clear();
+      if (auto s = backend_.truncate(seq_, step_.first_position); !s) return s.error();
+      return false;
+    }
+  }
+  if (auto s = backend_.replay(plan_, sink); !s) return s.error();
+  for (int32_t l = 0; l < config_.n_layers; ++l) {
+    if (plan_.run[size_t(l)] != 0) count_keys(staged_[size_t(l)]);
+    else ++counters_.layers_skipped;
+  }
+  ++counters_.graph_replays;
+  finish_call();
+  return true;
+}
+
+Status ForwardPass::run_layers() {
+  const int32_t L = config_.n_layers;
+  if (auto s = backend_.embed(); !s) return s;
+  bool exited = false;
+  std::vector<float> hidden;
+  for (int32_t l = 0; l < L; ++l) {
+    if (exited || plan_.run[size_t(l)] == 0) {
+      if (auto s = skip_layer(l); !s) return s;
+      continue;
+    }
+    if (auto s = run_layer(l); !s) return s;
+    if (method_.has(kHookLayerPlan) && l + 1 < L) {
+      if (auto s = backend_.read_hidden(step_.n_tokens - 1, hidden); !s) return s;
+      exited = method_.method->exit_after_layer(step_, l, hidden);
+    }
+  }
+  return ok_status();
+}
+
+// The layer is an identity on the residual stream; unless the plan says
+// otherwise its cache still gets the K/V of the hidden state that passes it,
+// so later tokens can attend to it.
+Status ForwardPass::skip_layer(int32_t l) {
+  if (!capturing_) ++counters_.layers_skipped;
+  if (plan_.kv_fill == SkippedLayerKv::None) return ok_status();
+  if (auto s = backend_.rmsnorm(Norm::Attention, l); !s) return s;
+  if (auto s = backend_.linear(Proj::K, l); !s) return s;
+  if (auto s = backend_.linear(Proj::V, l); !s) return s;
+  if (auto s = backend_.rope(seq_, l, false); !s) return s;
+  return backend_.append_kv(seq_, l);
+}
+
+Status ForwardPass::run_layer(int32_t l) {
+  ComponentMask mask;
+  const ComponentMask* active = nullptr;
+  if (auto s = decide_mask(l, mask, active); !s) return s;
+  if (auto s = backend_.rmsnorm(Norm::Attention, l); !s) return s;
+  for (Proj p : {Proj::Q, Proj::K, Proj::V})
+    if (auto s = backend_.linear(p, l); !s) return s;
+  if (auto s = backend_.rope(seq_, l, true); !s) return s;
+
+  KeyPlan decided;
+  KeyPlan& keys = staged_.empty() ? decided : staged_[size_t(l)];
+  if (staged_.empty()) {
+    if (auto s = decide_keys(l, keys); !s) return s;
+    count_keys(keys);
+  }
+  if (keys.any_by_bound())  // sees the cache before this call's tokens
+    if (auto s = backend_.select_by_bound(seq_, l, keys); !s) return s;
+  if (auto s = backend_.append_kv(seq_, l); !s) return s;
+  BlockPlan blocks;
+  if (auto s = decide_blocks(l, keys, blocks); !s) return s;
+  const bool statistics_wanted = method_.has(kHookAttentionFeedback) || method_.has(kHookRetention);
+  if (auto s = backend_.attention(seq_, LayerAttention{l, &keys, &blocks, active, statistics_wanted}); !s) return s;
+  if (active != nullptr && !capturing_)
+    counters_.heads_skipped += std::count(active->heads.begin(), active->heads.end(), uint8_t{0});
+  if (auto s = statistics(l); !s) return s;
+  if (auto s = retain(l); !s) return s;
+  if (auto s = evict(l); !s) return s;
+
+  if (auto s = backend_.linear(Proj::O, l); !s) return s;
+  if (auto s = backend_.add_residual(); !s) return s;
+  if (auto s = backend_.rmsnorm(Norm::Ffn, l); !s) return s;
+  if (auto s = ffn(l, active); !s) return s;
+  return backend_.add_residual();
+}
+
+Status ForwardPass::decide_mask(int32_t l, ComponentMask& mask, const ComponentMask*& active) {
+  if (!method_.has(kHookComponentMask)) return ok_status();
+  std::vector<float> hidden;
+  if (auto s = backend_.read_hidden(0, hidden); !s) return s;
+  mask.heads.assign(size_t(config_.n_heads), 1);
+  if (!method_.method->mask_components(step_, l, hidden, mask)) return ok_status();
+  if (auto s = check_component_mask(mask, config_, l); !s) return s;
+  active = &mask;
+  return ok_status();
+}
+
+// The key plan a layer's page budgets alone give: dense heads, and heads whose
+// pages the backend selects by key bound.
+void ForwardPass::plan_from_budgets(int32_t l, KeyPlan& plan) const {
+  const int32_t nkv = config_.n_kv_heads;
+  plan.mode.assign(size_t(nkv), kernels::KeySelect::All);
+  plan.budget.assign(size_t(nkv), 0);
+  plan.cached.assign(size_t(nkv), 0);
+  plan.indptr.assign(1, 0);
+  plan.indices.clear();
+  for (int32_t g = 0; g < nkv; ++g) {
+    plan.cached[size_t(g)] = seq_.table(l, g).n_tokens();
+    if (const int32_t budget = plan_.budgets[size_t(l)][size_t(g)]; budget > 0) {
+      plan.mode[size_t(g)] = kernels::KeySelect::Pages;
+      plan.budget[size_t(g)] = budget;
+      plan.indices.insert(plan.indices.end(), size_t(budget), 0);
+    }
+    plan.indptr.push_back(int32_t(plan.indices.size()));
+  }
+}
+
+// Page budgets, then select_kv for the heads without one: which cached keys
+// each kv head reads, as one CSR key plan.
+Status ForwardPass::decide_keys(int32_t l, KeyPlan& plan) {
+  plan_from_budgets(l, plan);
+  const auto& budgets = plan_.budgets[size_t(l)];
+  if (!method_.has(kHookDecodeSelection) || std::none_of(budgets.begin(), budgets.end(), [](int32_t b) { return b < 0; }))
+    return ok_status();
+  const int32_t nkv = config_.n_kv_heads, ps = seq_.pool().shape().page_size;
+  const int64_t group = int64_t(config_.group_size()) * config_.head_dim;
+  std::vector<float> queries;
+  if (auto s = backend_.read_last_queries(queries); !s) return s;
+  const auto view = backend_.kv_view(seq_);
+  std::vector<int32_t> indices;
+  std::vector<int32_t> indptr{0};
+  for (int32_t g = 0; g < nkv; ++g) {
+    const auto own = plan.head(g);
+    indices.insert(indices.end(), own.begin(), own.end());
+    KvSelection sel;
+    if (budgets[size_t(g)] < 0 &&
+        method_.method->select_kv(step_, *view, l, g,
+                                  std::span<const float>(queries.data() + g * group, size_t(group)), sel)) {
+      if (auto s = check_kv_selection(sel, plan.cached[size_t(g)], ps, l, g); !s) return s;
+      plan.mode[size_t(g)] = sel.unit == KvSelection::Unit::Pages ? kernels::KeySelect::Pages : kernels::KeySelect::Tokens;
+      indices.insert(indices.end(), sel.indices.begin(), sel.indices.end());
+    }
+    indptr.push_back(int32_t(indices.size()));
+  }
+  plan.indices = std::move(indices);
+  plan.indptr = std::move(indptr);
+  return ok_status();
+}
+
+void ForwardPass::count_keys(const KeyPlan& plan) {
+  if (!step_.decode()) return;
+  const int32_t ps = seq_.pool().shape().page_size;
+  const int64_t row_bytes = 2 * int64_t(config_.head_dim) * seq_.pool().storage().element_bytes();
+  for (int32_t g = 0; g < config_.n_kv_heads; ++g) {
+    const HeadTraffic t = head_traffic(plan, g, ps);
+    counters_.decode_keys_read += t.keys;
+    counters_.decode_keys_cached += plan.cached[size_t(g)];
+    counters_.decode_pages_read += t.pages;
+    counters_.decode_kv_bytes_read += t.keys * row_bytes;
+  }
+}
+
+Status ForwardPass::decide_blocks(int32_t l, const KeyPlan& keys, BlockPlan& blocks) {
+  if (!method_.has(kHookPrefillPattern) || step_.decode()) return ok_status();
+  const int32_t gs = config_.group_size();
+  std::vector<std::optional<BlockPattern>> patterns(size_t(config_.n_heads));
+  bool any = false;
+  for (int32_t h = 0; h < config_.n_heads; ++h) {
+    BlockPattern pattern;
+    if (!method_.method->prefill_pattern(step_, l, h, pattern)) continue;
+    const bool selected = keys.mode[size_t(h / gs)] != kernels::KeySelect::All;
+    if (auto s = normalize_block_pattern(pattern, l, h, selected); !s) return s;
+    patterns[size_t(h)] = std::move(pattern);
+    ++counters_.sparse_prefill_heads;
+    any = true;
+  }
+  if (!any) return ok_status();
+  int32_t stored = 0;  // this call's tokens are appended already
+  for (int32_t g = 0; g < config_.n_kv_heads; ++g) stored = std::max(stored, seq_.table(l, g).n_tokens());
+  blocks = make_block_plan(patterns, stored);
+  return ok_status();
+}
+
+Status ForwardPass::statistics(int32_t l) {
+  if (!method_.has(kHookAttentionFeedback)) return ok_status();
+  LayerStatistics stats;
+  if (auto s = backend_.read_statistics(seq_, l, stats); !s) return s;
+  const auto view = backend_.kv_view(seq_);
+  const int32_t gs = config_.group_size();
+  for (int32_t g = 0; g < config_.n_kv_heads; ++g)
+    method_.method->on_attention(
+        step_, *view,
+        AttentionStats{l, g, stats.key_mass[size_t(g)],
+                       std::span<const float>(stats.head_norms.data() + int64_t(g) * gs, size_t(gs))});
+  return ok_status();
+}
+
+Status ForwardPass::retain(int32_t l) {
+  if (!method_.has(kHookRetention)) return ok_status();
+  std::vector<std::vector<int32_t>> drops;
+  if (auto s = backend_.retain(seq_, l, method_.retention, plan_.retention[size_t(l)], drops); !s) return s;
+  for (int32_t g = 0; g < config_.n_kv_heads; ++g)
+    if (!drops[size_t(g)].empty())
+      if (auto s = drop_tokens(l, g, std::move(drops[size_t(g)])); !s) return s;
+  return ok_status();
+}
+
+Status ForwardPass::evict(int32_t l) {
+  if (!method_.has(kHookEviction)) return ok_status();
+  const auto view = backend_.kv_view(seq_);
+  std::vector<int32_t> drop;
+  for (int32_t g = 0; g < config_.n_kv_heads; ++g) {
+    drop.clear();
+    method_.method->evict(step_, *view, l, g, drop);
+    if (drop.empty()) continue;
+    if (auto s = drop_tokens(l, g, std::move(drop)); !s) return s;
+    view->forget(l, g);  // the method may read this head again while evicting the next
+    drop = {};
+  }
+  return ok_status();
+}
+
+Status ForwardPass::drop_tokens(int32_t l, int32_t g, std::vector<int32_t> drop) {
+  auto dropped = backend_.evict(seq_, l, g, std::move(drop));
+  if (!dropped) return Error{"method: " + dropped.message()};
+  counters_.tokens_evicted += *dropped;
+  if (method_.cache_positions) return backend_.rerotate(seq_, l, g);
+  return ok_status();
+}
+
+Status ForwardPass::ffn(int32_t l, const ComponentMask* mask) {
+  if (mask == nullptr || mask->all_neurons) {
+    for (Proj p : {Proj::Gate, Proj::Up})
+      if (auto s = backend_.linear(p, l); !s) return s;
+    if (auto s = backend_.swiglu(config_.n_ff); !s) return s;
+    return backend_.linear(Proj::Down, l);
+  }
+  // Only the selected neurons' rows of gate/up and columns of down are read.
+  const auto* rows = &mask->neurons;
+  for (Proj p : {Proj::Gate, Proj::Up})
+    if (auto s = backend_.linear(p, l, rows); !s) return s;
+  if (auto s = backend_.swiglu(int64_t(rows->size())); !s) return s;
+  if (!capturing_) counters_.neurons_skipped += config_.n_ff - int64_t(rows->size());
+  return backend_.linear(Proj::Down, l, rows);
+}
+
+}  // namespace inferlab

@@ -1,0 +1,75 @@
+// The one forward schedule: a forward call of the engine from start to end,
+// on any backend. It decides (by asking the method's hooks: each is called
+// from exactly one place, here) and the backend carries the decisions out:
+//
+//   plan the step: layer plan, page budgets, retention budgets  (before any op)
+//   embed
+//   per layer:  component mask -> rmsnorm -> linear(q, k, v) -> rope
+//               -> decide the key plan (page budgets, select_kv) -> select by bound
+//               -> append -> decide the block plan (prefill_pattern) -> attention
+//               -> statistics (on_attention) -> retention -> eviction (evict) -> re-rotation
+//               -> linear(o) -> residual -> rmsnorm -> ffn: linear(gate, up) -> swiglu -> linear(down) -> residual
+//               -> early exit (exit_after_layer)
+//   logits, counters
+//
+// A decode step whose plan needs nothing from the host between ops runs the
+// same per-layer function once in capture mode and is replayed afterwards.
+#pragma once
+
+#include <memory>
+#include <optional>
+#include <span>
+#include <vector>
+
+#include "engine/backend.h"
+#include "engine/engine.h"
+
+namespace inferlab {
+
+// The method as one call sees it.
+struct MethodCall {
+  Method* method = nullptr;
+  uint32_t hooks = 0;
+  bool cache_positions = false;  // KvPositions::Cache
+  RetentionPolicy retention;     // with kHookRetention
+  bool has(uint32_t hook) const { return method != nullptr && (hooks & hook) != 0; }
+};
+
+class ForwardPass {
+ public:
+  ForwardPass(Backend& backend, const ModelConfig& config, const EngineOptions& options, const MethodCall& method,
+              EngineCounters& counters, KvSequence& seq, std::span<const int32_t> tokens);
+  Status run(int64_t logits_from, const LogitsSink& sink);
+
+ private:
+  Status plan_step();
+  Result<bool> try_replay(const LogitsSink& sink);
+  Status run_layers();
+  Status run_layer(int32_t layer);
+  Status skip_layer(int32_t layer);
+  Status decide_mask(int32_t layer, ComponentMask& mask, const ComponentMask*& active);
+  Status decide_keys(int32_t layer, KeyPlan& plan);
+  void plan_from_budgets(int32_t layer, KeyPlan& plan) const;
+  Status decide_blocks(int32_t layer, const KeyPlan& keys, BlockPlan& blocks);
+  Status statistics(int32_t layer);
+  Status retain(int32_t layer);
+  Status evict(int32_t layer);
+  Status drop_tokens(int32_t layer, int32_t kv_head, std::vector<int32_t> drop);
+  Status ffn(int32_t layer, const ComponentMask* mask);
+  void count_keys(const KeyPlan& plan);
+  void finish_call();
+
+  Backend& backend_;
+  const ModelConfig& config_;
+  const EngineOptions& options_;
+  const MethodCall& method_;
+  EngineCounters& counters_;
+  KvSequence& seq_;
+  std::span<const int32_t> tokens_;
+  StepInfo step_;
+  StepPlan plan_;
+  std::vector<KeyPlan> staged_;  // every layer's key plan, decided before a replayed step
+  bool capturing_ = false;
+};
+
+}  // namespace inferlab

@@ -1,0 +1,89 @@
+// What the forward schedule decides and a backend carries out: which cached
+// keys each kv head reads (KeyPlan), which prefill blocks each query head
+// computes (BlockPlan), and what a whole step will need (StepPlan). Plans are
+// host data in the CSR layouts the attention kernels read (kernel_types.h),
+// so a backend uploads them as they are.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "inferlab/plugin.h"
+#include "kernel_types.h"
+
+namespace inferlab {
+
+// The cached keys (stored before this call) each kv head of one layer reads:
+// KeySelect::All, or the listed logical pages or stored tokens. A head with a
+// page budget lists `budget` slots (mode Pages) that the backend fills with
+// the pages its key bounds select (Backend::select_by_bound).
+struct KeyPlan {
+  std::vector<kernels::KeySelect> mode;  // (n_kv_heads)
+  std::vector<int32_t> budget;           // (n_kv_heads) > 0: pages selected by key bound
+  std::vector<int32_t> indptr;           // (n_kv_heads + 1) ranges of indices
+  std::vector<int32_t> indices;          // ascending logical pages or stored tokens per head
+  std::vector<int32_t> cached;           // (n_kv_heads) stored tokens before this call
+
+  bool any_selected() const;
+  bool any_by_bound() const;
+  std::span<const int32_t> head(int32_t g) const {
+    return {indices.data() + indptr[size_t(g)], size_t(indptr[size_t(g) + 1] - indptr[size_t(g)])};
+  }
+};
+
+// Keys and pages a kv head reads under its plan: one definition for every
+// backend and for graph replays, so the traffic counters agree by construction.
+struct HeadTraffic {
+  int64_t keys = 0, pages = 0;
+};
+HeadTraffic head_traffic(const KeyPlan& plan, int32_t kv_head, int32_t page_size);
+
+// Block-sparse prefill of one layer at one block size (the gcd of the heads'
+// patterns, each refined to it exactly). For query head h with sparse[h], the
+// key blocks its query block qb may read are
+// keys[indptr[h * (n_query_blocks + 1) + qb] .. indptr[... + qb + 1]).
+struct BlockPlan {
+  int32_t block_size = 0;  // 0: every head dense
+  int32_t n_query_blocks = 0;
+  std::vector<uint8_t> sparse;   // (n_heads)
+  std::vector<int32_t> indptr;   // (n_heads * (n_query_blocks + 1))
+  std::vector<int32_t> keys;
+
+  bool active() const { return block_size > 0; }
+  // The key blocks row `self` (a stored-token index) of head h may read.
+  std::span<const int32_t> key_blocks(int32_t head, int32_t self) const;
+};
+
+// Builds the block plan of one layer from the heads' patterns (nullopt: dense).
+// `stored` is the most tokens any kv head holds after this call's append.
+BlockPlan make_block_plan(const std::vector<std::optional<BlockPattern>>& patterns, int32_t stored);
+
+// Everything one layer's attention op needs.
+struct LayerAttention {
+  int32_t layer = 0;
+  const KeyPlan* keys = nullptr;
+  const BlockPlan* blocks = nullptr;    // null or inactive: dense prefill
+  const ComponentMask* mask = nullptr;  // null: every head computed
+  bool statistics = false;              // keep key mass and head norms for read_statistics
+};
+
+// A step decided before its first op: which layers run, the page budgets of
+// every (layer, kv head), and whether anything in the step needs the host
+// between ops (a hook that reads device data or changes the cache mid-step).
+// A step that needs nothing from the host can be captured and replayed.
+struct StepPlan {
+  StepInfo step;
+  std::vector<uint8_t> run;                   // (n_layers) 1 = computed
+  SkippedLayerKv kv_fill = SkippedLayerKv::FromHidden;
+  std::vector<std::vector<int32_t>> budgets;  // (n_layers, n_kv_heads): > 0 by bound, 0 all, < 0 ask select_kv
+  std::vector<std::vector<RetentionBudget>> retention;  // (n_layers, n_kv_heads) with kHookRetention
+  bool host_reads = false;    // a hook reads device data mid-step (hidden, queries, statistics)
+  bool host_changes = false;  // a hook changes the cache mid-step (evict)
+  int32_t max_keys = 0;       // most keys a head reads: stored + new
+
+  bool replayable() const { return step.decode() && !host_reads && !host_changes; }
+  bool any_bound(int32_t layer) const;
+};
+
+}  // namespace inferlab
