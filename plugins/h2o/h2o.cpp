@@ -2,10 +2,11 @@
 // Inference of Large Language Models", NeurIPS 2023): keep the tokens with the
 // largest accumulated attention ("heavy hitters") plus a window of recent
 // tokens, evicting the rest after every forward call, prefill included.
-// Attention mass is summed over the query heads of a KV group (GQA).
+// Attention mass is summed over the query heads of a KV group (GQA). The
+// engine's retention mechanism keeps the scores and evicts (kHookRetention);
+// this plugin picks the rule and the budgets, any per layer and kv head.
 #include <algorithm>
 #include <cmath>
-#include <numeric>
 #include <sstream>
 
 #include "inferlab/plugin.h"
@@ -45,54 +46,23 @@ class H2o final : public Method {
   H2o(Budget base, std::map<std::pair<int32_t, int32_t>, Budget> overrides)
       : base_(base), overrides_(std::move(overrides)) {}
 
-  void begin_sequence(const ModelShape& shape) override {
-    shape_ = shape;
-    scores_.assign(size_t(shape.n_layers) * size_t(shape.n_kv_heads), {});
+  // The engine keeps every token's accumulated attention mass beside its K/V
+  // (on the GPU for the CUDA backend) and evicts after every call, prefill
+  // included; the plugin only says how many tokens stay.
+  RetentionPolicy retention_policy() const override {
+    return {RetentionScore::AccumulatedMass, RetentionScope::PerHead};
   }
 
-  void on_attention(const StepInfo&, const KvView&, const AttentionStats& stats) override {
-    std::vector<float>& s = scores(stats.layer, stats.kv_head);
-    s.resize(stats.key_mass.size(), 0.0f);  // new tokens start with no mass
-    for (size_t i = 0; i < s.size(); ++i) s[i] += stats.key_mass[i];
-  }
-
-  void evict(const StepInfo&, const KvView& kv, int32_t layer, int32_t kv_head, std::vector<int32_t>& drop) override {
-    const int32_t n = kv.n_tokens(layer, kv_head);
-    const auto positions = kv.positions(layer, kv_head);
-    const int32_t seen = n > 0 ? positions[size_t(n - 1)] + 1 : 0;
+  RetentionBudget retention_budget(const StepInfo& step, int32_t layer, int32_t kv_head) override {
+    const int32_t seen = step.first_position + step.n_tokens;  // tokens of the sequence after this call
     const auto [heavy, recent] = budget(layer, kv_head, seen);
-    if (n <= heavy + recent) return;
-    std::vector<float>& s = scores(layer, kv_head);
-    s.resize(size_t(n), 0.0f);
-    // Candidates are all but the recent window; the `heavy` largest scores stay.
-    const int32_t candidates = n - recent;
-    std::vector<int32_t> order(static_cast<size_t>(candidates));
-    std::iota(order.begin(), order.end(), 0);
-    std::nth_element(order.begin(), order.begin() + heavy, order.end(),
-                     [&](int32_t a, int32_t b) { return s[size_t(a)] > s[size_t(b)] || (s[size_t(a)] == s[size_t(b)] && a < b); });
-    drop.assign(order.begin() + heavy, order.end());
-    std::sort(drop.begin(), drop.end());
-    // Keep our scores aligned with the engine's compaction (stable order).
-    std::vector<float> kept;
-    kept.reserve(size_t(n) - drop.size());
-    for (int32_t i = 0, d = 0; i < n; ++i) {
-      if (d < int32_t(drop.size()) && drop[size_t(d)] == i) {
-        ++d;
-        continue;
-      }
-      kept.push_back(s[size_t(i)]);
-    }
-    s = std::move(kept);
-    evictions_ += double(drop.size());
+    ++budgets_asked_;
+    return RetentionBudget{0, recent, heavy};
   }
 
-  std::map<std::string, double> counters() const override { return {{"tokens_dropped", evictions_}}; }
+  std::map<std::string, double> counters() const override { return {{"budgets_asked", budgets_asked_}}; }
 
  private:
-  std::vector<float>& scores(int32_t layer, int32_t kv_head) {
-    return scores_[size_t(layer) * size_t(shape_.n_kv_heads) + size_t(kv_head)];
-  }
-
   std::pair<int32_t, int32_t> budget(int32_t layer, int32_t kv_head, int32_t seen) const {
     Budget b = base_;
     if (auto it = overrides_.find({layer, -1}); it != overrides_.end()) b = it->second;
@@ -103,18 +73,16 @@ class H2o final : public Method {
 
   Budget base_;
   std::map<std::pair<int32_t, int32_t>, Budget> overrides_;
-  ModelShape shape_;
-  std::vector<std::vector<float>> scores_;  // per (layer, kv head): accumulated mass per stored token
-  double evictions_ = 0;
+  double budgets_asked_ = 0;
 };
 
 class H2oPlugin final : public Plugin {
  public:
   PluginInfo info() const override {
     return {"h2o",
-            "1.0.0",
+            "1.1.0",
             "heavy hitters by accumulated attention + recent window (Zhang et al. 2023)",
-            kHookAttentionFeedback | kHookEviction,
+            kHookRetention,
             {ParamSpec::integer("heavy", 64, 0, 1 << 24, "heavy-hitter tokens kept (when heavy_ratio is 0)"),
              ParamSpec::integer("recent", 64, 0, 1 << 24, "recent tokens kept (when recent_ratio is 0)"),
              ParamSpec::real("heavy_ratio", 0.0, 0.0, 1.0, "heavy hitters as a fraction of the sequence so far"),

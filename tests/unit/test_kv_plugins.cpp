@@ -119,53 +119,34 @@ TEST(KvPlugins, StreamingLlmMemoryStaysBoundedPastTheContextLength) {
   }
 }
 
-TEST(KvPlugins, H2oKeepsHeavyHittersAndTheRecentWindow) {
+// H2O's policy is the engine's retention (tests/unit/test_retention.cpp); the
+// plugin names the rule and the budgets, per layer and kv head.
+TEST(KvPlugins, H2oAsksTheEngineToKeepHeavyHittersAndTheRecentWindow) {
   MethodHandle h2o = make("h2o", params({{"heavy", int64_t{2}}, {"recent", int64_t{2}}}));
   ASSERT_NE(h2o.get(), nullptr);
-  h2o->begin_sequence(tiny_shape());
-  FakeKv kv(4, 4);
-  for (int32_t p = 0; p < 8; ++p) kv.add(p, {1, 0, 0, 0});
-  const std::vector<float> mass = {0.1f, 5.0f, 0.2f, 3.0f, 0.1f, 0.1f, 0.1f, 0.1f};
-  const StepInfo prefill{0, 0, 8};
-  h2o->on_attention(prefill, kv, AttentionStats{0, 0, mass, {}});
-  std::vector<int32_t> drop;
-  h2o->evict(prefill, kv, 0, 0, drop);
-  EXPECT_EQ(drop, (std::vector<int32_t>{0, 2, 4, 5}));  // keeps 1 and 3 (heavy), 6 and 7 (recent)
-  kv.keep(drop);
-  // Next step: scores stay aligned with the compacted cache. Token at old index 6
-  // now gains the most mass and becomes a heavy hitter; old 3 loses its place.
-  kv.add(8, {1, 0, 0, 0});
-  const std::vector<float> mass2 = {0.1f, 0.0f, 9.0f, 0.1f, 0.1f};  // stored: 1, 3, 6, 7, 8
-  const StepInfo decode{1, 8, 1};
-  h2o->on_attention(decode, kv, AttentionStats{0, 0, mass2, {}});
-  drop.clear();
-  h2o->evict(decode, kv, 0, 0, drop);
-  EXPECT_EQ(drop, (std::vector<int32_t>{1}));  // scores: 5.1, 3.0, 9.1 | recent: 7, 8
-  EXPECT_EQ(h2o->counters().at("tokens_dropped"), 5.0);
+  const RetentionPolicy policy = h2o->retention_policy();
+  EXPECT_EQ(policy.score, RetentionScore::AccumulatedMass);
+  EXPECT_EQ(policy.scope, RetentionScope::PerHead);
+  const RetentionBudget b = h2o->retention_budget(StepInfo{0, 0, 8}, 0, 0);
+  EXPECT_EQ(b.sink, 0);
+  EXPECT_EQ(b.recent, 2);
+  EXPECT_EQ(b.heavy, 2);
 }
 
 TEST(KvPlugins, H2oBudgetsByRatioAndPerLayerAndHead) {
   MethodHandle h2o = make("h2o", params({{"heavy", int64_t{2}}, {"recent", int64_t{2}}, {"overrides", std::string("1=1:1;1.1=3:0")}}));
   ASSERT_NE(h2o.get(), nullptr);
-  h2o->begin_sequence(tiny_shape());
   auto kept = [&](Method& m, int32_t layer, int32_t head) {
-    FakeKv kv(4, 4);
-    for (int32_t p = 0; p < 8; ++p) kv.add(p, {1, 0, 0, 0});
-    std::vector<float> mass(8, 0.0f);
-    mass[2] = 1;
-    mass[4] = 2;
-    mass[5] = 3;
-    m.on_attention(StepInfo{0, 0, 8}, kv, AttentionStats{layer, head, mass, {}});
-    std::vector<int32_t> drop;
-    m.evict(StepInfo{0, 0, 8}, kv, layer, head, drop);
-    return 8 - int32_t(drop.size());
+    const RetentionBudget b = m.retention_budget(StepInfo{0, 0, 8}, layer, head);
+    return b.sink + b.recent + b.heavy;
   };
   EXPECT_EQ(kept(*h2o.get(), 0, 0), 4);
   EXPECT_EQ(kept(*h2o.get(), 1, 0), 2);
   EXPECT_EQ(kept(*h2o.get(), 1, 1), 3);
   MethodHandle ratio = make("h2o", params({{"heavy_ratio", 0.25}, {"recent_ratio", 0.125}}));
-  ratio->begin_sequence(tiny_shape());
-  EXPECT_EQ(kept(*ratio.get(), 0, 0), 3);  // ceil(0.25 * 8) + ceil(0.125 * 8)
+  EXPECT_EQ(kept(*ratio.get(), 0, 0), 3);  // ceil(0.25 * 8) + ceil(0.125 * 8) of the 8 tokens seen
+  EXPECT_EQ(kept(*ratio.get(), 0, 0), 3);
+  EXPECT_EQ(ratio->retention_budget(StepInfo{5, 99, 1}, 0, 0).heavy, 25);  // 100 tokens seen after the call
   auto bad = test::plugin_registry().create("h2o", params({{"overrides", std::string("1=x")}}));
   ASSERT_FALSE(bad.ok());
   EXPECT_NE(bad.message().find("1=x"), std::string::npos) << bad.message();
