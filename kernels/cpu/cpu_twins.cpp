@@ -215,4 +215,63 @@ void fill_random_normal(void* out, DType dtype, int64_t n, uint64_t seed, float 
   for (int64_t i = 0; i < n; ++i) store(out, dtype, i, stddev * random_normal_value(seed, i));
 }
 
+void slot_plane_fill(LayerPageTable table, const int32_t* first_token, int32_t n_rows, int32_t n_kv_heads,
+                     int32_t page_size, uint32_t* plane, uint32_t value) {
+  for (int32_t g = 0; g < n_kv_heads; ++g)
+    for (int32_t i = 0; i < n_rows; ++i) {
+      const int32_t t = first_token[g] + i;
+      plane[int64_t(table.pages[int64_t(g) * table.stride + t / page_size]) * page_size + t % page_size] = value;
+    }
+}
+
+void slot_plane_move(uint32_t* plane, int32_t page_size, const int32_t* src_page, const int32_t* src_slot,
+                     const int32_t* dst_page, const int32_t* dst_slot, int32_t n) {
+  std::vector<uint32_t> saved(static_cast<size_t>(std::max(n, 0)));
+  for (int32_t j = 0; j < n; ++j) saved[size_t(j)] = plane[int64_t(src_page[j]) * page_size + src_slot[j]];
+  for (int32_t j = 0; j < n; ++j) plane[int64_t(dst_page[j]) * page_size + dst_slot[j]] = saved[size_t(j)];
+}
+
+void slot_plane_copy_pages(const uint32_t* from, uint32_t* to, int32_t page_size, const int32_t* src,
+                           const int32_t* dst, int32_t n) {
+  for (int32_t j = 0; j < n; ++j)
+    std::memcpy(to + int64_t(dst[j]) * page_size, from + int64_t(src[j]) * page_size, size_t(page_size) * 4);
+}
+
+void retention_drops(const float* score, int32_t n, int32_t sink, int32_t recent, int32_t heavy,
+                     std::vector<int32_t>& drop) {
+  drop.clear();
+  if (heavy < 0 || int64_t(n) <= int64_t(sink) + recent + heavy) return;
+  auto key = [&](int32_t i) { return std::isnan(score[i]) ? -std::numeric_limits<float>::infinity() : score[i]; };
+  std::vector<int32_t> order(static_cast<size_t>(n - recent - sink));  // candidates sink .. n - recent - 1
+  std::iota(order.begin(), order.end(), sink);
+  std::nth_element(order.begin(), order.begin() + heavy, order.end(),
+                   [&](int32_t a, int32_t c) { return key(a) > key(c) || (key(a) == key(c) && a < c); });
+  drop.assign(order.begin() + heavy, order.end());
+  std::sort(drop.begin(), drop.end());
+}
+
+void retention_update(const RetentionCall& c) {
+  for (int32_t g = 0; g < c.n_kv_heads; ++g) {
+    const int32_t cached = c.n_cached[g];
+    for (int32_t t = 0; t < cached + c.n_rows; ++t) {
+      float& s = c.plane[int64_t(c.table.pages[int64_t(g) * c.table.stride + t / c.page_size]) * c.page_size +
+                         t % c.page_size];
+      const float mass = c.mass[int64_t(g) * c.mass_stride + t];
+      const float old = t >= cached ? 0.0f : s;
+      s = c.rule == 1 ? mass : old + mass;
+      c.scores[int64_t(g) * c.stride + t] = std::isnan(s) ? -std::numeric_limits<float>::infinity() : s;
+    }
+  }
+}
+
+void retention_select(const RetentionCall& c) {
+  std::vector<int32_t> drop;
+  for (int32_t g = 0; g < c.n_kv_heads; ++g) {
+    retention_drops(c.scores + int64_t(g) * c.stride, c.n_cached[g] + c.n_rows, c.budget[3 * g], c.budget[3 * g + 1],
+                    c.budget[3 * g + 2], drop);
+    c.n_drops[g] = int32_t(drop.size());
+    std::copy(drop.begin(), drop.end(), c.drops + int64_t(g) * c.stride);
+  }
+}
+
 }  // namespace inferlab::kernels::cpu

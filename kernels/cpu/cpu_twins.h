@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "counter_rng.h"
 #include "kernel_types.h"
@@ -42,6 +43,26 @@ void page_bounds_update(const KvPages& kv, void* bounds, const int32_t* pages, c
 // The selection by bound of PageSelectCall. A score accumulates in float, over
 // query heads then channels, in that order (the CPU engine's reference).
 void page_select(const PageSelectCall& call);
+
+// Slot planes (kv_cache_ops.cuh): one 4-byte value per physical slot.
+void slot_plane_fill(LayerPageTable table, const int32_t* first_token, int32_t n_rows, int32_t n_kv_heads,
+                     int32_t page_size, uint32_t* plane, uint32_t value);
+void slot_plane_move(uint32_t* plane, int32_t page_size, const int32_t* src_page, const int32_t* src_slot,
+                     const int32_t* dst_page, const int32_t* dst_slot, int32_t n_moves);
+void slot_plane_copy_pages(const uint32_t* from, uint32_t* to, int32_t page_size, const int32_t* src,
+                           const int32_t* dst, int32_t n);
+
+// Engine-side retention (RetentionCall in kernel_types.h). The choice itself:
+// the stored tokens of one head that leave (ascending), all but its first
+// `sink`, its last `recent` and its `heavy` best-scoring others (score
+// descending, ties to the earlier token; a NaN ranks last). Nothing when heavy
+// < 0 or n <= sink + recent + heavy. The CPU backend and the device kernels
+// make exactly this choice.
+void retention_drops(const float* score, int32_t n, int32_t sink, int32_t recent, int32_t heavy,
+                     std::vector<int32_t>& drop);
+// The kernels' twins over host arrays (max_tokens as for the kernel).
+void retention_update(const RetentionCall& call);
+void retention_select(const RetentionCall& call);
 
 // Element `index` of a K (value = false) or V row at (page, slot), widened to float.
 float kv_load(const KvPages& kv, int32_t page, int32_t slot, bool value, int32_t index);

@@ -9,6 +9,7 @@
 #include <cmath>
 
 #include "engine/engine.h"
+#include "gpu_engine_support.h"
 #include "gpu_test_support.h"
 #include "bound_reference_method.h"
 #include "model/synthetic_model.h"
@@ -17,44 +18,9 @@
 namespace inferlab {
 namespace {
 
-// Fraction of rows (of `vocab` logits) with the same argmax.
-double top1_agreement(const std::vector<float>& a, const std::vector<float>& b, int64_t vocab) {
-  const size_t rows = std::min(a.size(), b.size()) / size_t(vocab);
-  size_t same = 0;
-  for (size_t r = 0; r < rows; ++r) {
-    const auto* x = a.data() + r * size_t(vocab);
-    const auto* y = b.data() + r * size_t(vocab);
-    same += std::max_element(x, x + vocab) - x == std::max_element(y, y + vocab) - y;
-  }
-  return rows == 0 ? 0.0 : double(same) / double(rows);
-}
-
-std::shared_ptr<Model> small_model() {
-  static std::shared_ptr<Model> model = [] {
-    SyntheticModelSpec spec;
-    spec.name = "gpu-small";
-    spec.n_layers = 3;
-    spec.n_embd = 256;  // head_dim 64, the attention kernels' smallest
-    spec.n_heads = 4;
-    spec.n_kv_heads = 2;
-    spec.n_ff = 512;
-    spec.context_length = 2048;
-    return test::load_synthetic(spec);
-  }();
-  return model;
-}
-
-std::unique_ptr<Engine> make_engine(std::shared_ptr<const Model> model, BackendKind backend, int32_t page_size = 16,
-                                    GpuDType dtype = GpuDType::F16, bool graphs = true) {
-  EngineOptions options;
-  options.page_size = page_size;
-  options.backend = backend;
-  options.gpu_dtype = dtype;
-  options.cuda_graphs = graphs;
-  auto engine = Engine::create(std::move(model), options);
-  EXPECT_TRUE(engine.ok()) << (engine.ok() ? "" : engine.message());
-  return engine.ok() ? std::move(*engine) : nullptr;
-}
+using gpu_test::make_engine;
+using gpu_test::small_model;
+using gpu_test::top1_agreement;
 
 struct Comparison {
   double error = 0;
@@ -112,11 +78,13 @@ TEST(CudaEngine, DecodeStepsReplayAGraphAndMatchTheUncapturedPath) {
   ASSERT_TRUE(with && without);
   const auto prompt = test::random_tokens(model->config().n_vocab, 40, 3);
   // Crossing 1024 keys makes the graph be captured again for a larger bound.
-  const auto a = test::run_trace(*with, nullptr, prompt, 20).logits;
-  const auto b = test::run_trace(*without, nullptr, prompt, 20).logits;
+  const auto long_prompt = test::random_tokens(model->config().n_vocab, 1010, 3);
+  const auto a = test::run_trace(*with, nullptr, long_prompt, 30).logits;
+  const auto b = test::run_trace(*without, nullptr, long_prompt, 30).logits;
   EXPECT_LT(gpu_test::normalized_error(a, b), 1e-5);
-  EXPECT_EQ(with->counters().graph_replays, 20);
+  EXPECT_EQ(with->counters().graph_replays, 30);
   EXPECT_EQ(without->counters().graph_replays, 0);
+  (void)prompt;
 }
 
 TEST(CudaEngine, RealDefaultModelMatchesCpu) {

@@ -111,7 +111,9 @@ TEST(Truncate, ThenDecodingAgainEqualsAFreshRun) {
     test::BoundMethod method(true, 3);
     auto engine = cpu_engine();
     ASSERT_NE(engine, nullptr);
-    if (bounds) ASSERT_TRUE(engine->set_method(&method, method.hooks()).ok());
+    if (bounds) {
+      ASSERT_TRUE(engine->set_method(&method, method.hooks()).ok());
+    }
     method.begin_sequence(engine->shape());
     auto seq = engine->new_sequence();
     ASSERT_TRUE(engine->prefill(*seq, std::vector<int32_t>(tokens.begin(), tokens.begin() + 30)).ok());

@@ -9,7 +9,7 @@
 
 #include <limits>
 
-#include "engine/retention.h"
+#include "cpu/cpu_twins.h"
 #include "plugin_test_support.h"
 #include "retention_reference_method.h"
 
@@ -18,7 +18,7 @@ namespace {
 
 std::vector<int32_t> drops_of(const std::vector<float>& score, RetentionBudget b) {
   std::vector<int32_t> drop;
-  retention_drops(score, b, drop);
+  kernels::cpu::retention_drops(score.data(), int32_t(score.size()), b.sink, b.recent, b.heavy, drop);
   return drop;
 }
 

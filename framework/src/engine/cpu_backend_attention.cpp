@@ -11,7 +11,6 @@
 #include "cpu/cpu_ops.h"
 #include "cpu/cpu_twins.h"
 #include "engine/cpu_backend.h"
-#include "engine/retention.h"
 
 namespace inferlab {
 
@@ -228,7 +227,7 @@ Status CpuBackend::retain(const KvSequence& seq, int32_t l, const RetentionPolic
     }
     const RetentionBudget& b = budgets[size_t(g)];
     if (b.heavy < 0 || int64_t(n) <= int64_t(b.sink) + b.recent + b.heavy) continue;
-    retention_drops(score, b, drops[size_t(g)]);
+    cpu::retention_drops(score.data(), n, b.sink, b.recent, b.heavy, drops[size_t(g)]);
   }
   return ok_status();
 }
