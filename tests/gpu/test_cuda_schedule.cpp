@@ -10,6 +10,7 @@
 #include "bound_reference_method.h"
 #include "gpu_engine_support.h"
 #include "gpu_test_support.h"
+#include "mixed_blocks_method.h"
 #include "plugin_test_support.h"
 #include "retention_reference_method.h"
 
@@ -206,6 +207,29 @@ TEST(CudaSchedule, CountersEqualTheCpuBackends) {
     EXPECT_EQ(counted[0].tokens_evicted, counted[1].tokens_evicted) << plugin;
     EXPECT_EQ(counted[1].decode_kv_bytes_read, counted[0].decode_kv_bytes_read / 2) << plugin;  // f16 rows, f32 on the CPU
   }
+}
+
+// Prefill patterns of block sizes 8 and 4 on different heads, refined to one
+// block plan by the schedule, run through the block-sparse kernel as on the CPU.
+TEST(CudaSchedule, MixedBlockSizesGiveTheCpuLogits) {
+  INFERLAB_REQUIRE_GPU();
+  auto model = small_model();
+  const auto tokens = test::random_tokens(model->config().n_vocab, 200, 13);
+  std::vector<float> logits[2];
+  int i = 0;
+  for (BackendKind backend : {BackendKind::Cpu, BackendKind::Cuda}) {
+    test::MixedBlocks method(false, 256);
+    auto engine = make_engine(model, backend);
+    ASSERT_NE(engine, nullptr);
+    ASSERT_TRUE(engine->set_method(&method, kHookPrefillPattern).ok());
+    auto seq = engine->new_sequence();
+    auto& out = logits[i++];
+    ASSERT_TRUE(engine->forward(*seq, tokens, 0, [&](int64_t, std::span<const float> l) {
+      out.insert(out.end(), l.begin(), l.end());
+    }).ok());
+  }
+  EXPECT_LT(gpu_test::normalized_error(logits[1], logits[0]), 1e-2);
+  EXPECT_GE(gpu_test::top1_agreement(logits[1], logits[0], model->config().n_vocab), 0.95);
 }
 
 TEST(CudaSchedule, RefusesF32PagesBeforeAnyToken) {

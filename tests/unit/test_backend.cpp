@@ -18,7 +18,9 @@ TEST(Backend, NamesParseAndAutoFollowsTheMachine) {
   EXPECT_EQ(*parse_backend("auto"), gpu ? BackendKind::Cuda : BackendKind::Cpu);
   auto cuda = parse_backend("cuda");
   EXPECT_EQ(cuda.ok(), gpu);
-  if (!gpu) EXPECT_NE(cuda.message().find("backend \"cuda\""), std::string::npos) << cuda.message();
+  if (!gpu) {
+    EXPECT_NE(cuda.message().find("backend \"cuda\""), std::string::npos) << cuda.message();
+  }
   auto bad = parse_backend("tpu");
   ASSERT_FALSE(bad.ok());
   EXPECT_NE(bad.message().find("not one of cpu, cuda, auto"), std::string::npos);

@@ -11,6 +11,7 @@
 #include <set>
 
 #include "bound_reference_method.h"
+#include "mixed_blocks_method.h"
 #include "engine/plans.h"
 #include "plugin_test_support.h"
 
@@ -186,37 +187,11 @@ TEST(BlockPlan, PatternsOfDifferentBlockSizesAreRefinedToOne) {
 
 // Patterns at block sizes 8 and 4 on different heads give what the same
 // patterns written at 4 give.
-class MixedBlocks final : public Method {
- public:
-  explicit MixedBlocks(bool refined) : refined_(refined) {}
-  bool prefill_pattern(const StepInfo&, int32_t, int32_t head, BlockPattern& p) override {
-    const int32_t bs = head % 2 == 0 && !refined_ ? 8 : 4, f = 8 / 4;
-    p.block_size = bs;
-    for (int32_t qb = 0; qb * bs < 64; ++qb) {
-      p.blocks.emplace_back(qb, 0);
-      if (qb > 0) p.blocks.emplace_back(qb, qb - 1);
-      p.blocks.emplace_back(qb, qb);
-    }
-    if (head % 2 == 0 && refined_) {  // the 8-pattern written at 4
-      p.blocks.clear();
-      for (int32_t qb = 0; qb * 8 < 64; ++qb)
-        for (int32_t kb : {0, qb - 1, qb})
-          if (kb >= 0)
-            for (int32_t qs = qb * f; qs < qb * f + f; ++qs)
-              for (int32_t ks = kb * f; ks < kb * f + f && ks <= qs; ++ks) p.blocks.emplace_back(qs, ks);
-    }
-    return true;
-  }
-
- private:
-  bool refined_;
-};
-
 TEST(BlockPlan, MixedBlockSizesGiveTheLogitsOfTheRefinedPatterns) {
   const auto tokens = test::random_tokens(model()->config().n_vocab, 40, 6);
   std::vector<float> logits[2];
   for (int refined = 0; refined < 2; ++refined) {
-    MixedBlocks method(refined == 1);
+    test::MixedBlocks method(refined == 1);
     auto engine = cpu_engine();
     ASSERT_TRUE(engine->set_method(&method, kHookPrefillPattern).ok());
     auto seq = engine->new_sequence();

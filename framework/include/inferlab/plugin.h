@@ -6,7 +6,10 @@
 // Mechanism lives in the engine, policy in the plugin: a Method only decides
 // (which tokens to evict, which pages to read, which layers to run ...); the
 // engine carries the decision out. A Method implements any subset of the hooks
-// below and declares which in PluginInfo::hooks; the engine calls only those.
+// below and declares which in PluginInfo::hooks; the engine calls only those,
+// from one forward schedule for every backend. A backend that lacks what a
+// method needs (hooks' mechanisms, kv_page_format(), retention_policy(), weight
+// replacement) refuses the method when it is set, before any token.
 //
 // Changing anything in this header or in params.h that affects layout or
 // virtual tables requires bumping kPluginAbiVersion.
@@ -27,7 +30,7 @@ namespace inferlab {
 
 inline constexpr int32_t kPluginAbiVersion = 4;
 
-// Hooks, as bits of PluginInfo::hooks (DESIGN.md's table).
+// Hooks, as bits of PluginInfo::hooks (docs/architecture.md has the table).
 enum PluginHook : uint32_t {
   kHookLoad = 1u << 0,               // on_load: weights, calibration, cached artifacts
   kHookPrefillPattern = 1u << 1,     // prefill_pattern: block-sparse prefill per head

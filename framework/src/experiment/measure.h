@@ -1,5 +1,5 @@
 // Runs one configured method over a task's samples on the engine and measures
-// what DESIGN.md lists per run: accuracy, perplexity, fidelity to dense,
+// what every run records: accuracy, perplexity, fidelity to dense,
 // TTFT, TPOT, throughput, KV bytes, and the engine's and plugin's counters.
 #pragma once
 
