@@ -100,29 +100,40 @@ Result<bool> ForwardPass::try_replay(const LogitsSink& sink) {
   staged_.assign(size_t(config_.n_layers), KeyPlan{});
   for (int32_t l = 0; l < config_.n_layers; ++l)
     if (plan_.run[size_t(l)] != 0) plan_from_budgets(l, staged_[size_t(l)]);
-  auto ready = backend_.prepare_replay(seq_, plan_, staged_);
-  if (!ready || !*ready) {
+  // What staging reserved for the new token goes when the step does not happen.
+  auto undo = [&](const Status& why) -> Status {
     staged_.clear();
-    return ready;
+    if (auto s = backend_.truncate(seq_, step_.first_position); !s) return s;
+    return why;
+  };
+  auto ready = backend_.prepare_replay(seq_, plan_, staged_);
+  if (!ready) return undo(ready.error()).error();
+  if (!*ready) {
+    staged_.clear();
+    return false;
   }
   if (!backend_.has_graph(plan_)) {
     Status body = backend_.capture_begin();
     if (body) {
       capturing_ = true;
-      body = run_layers();
-      if (body) body = backend_.logits(0, 1, {});
+      try {
+        body = run_layers();
+        if (body) body = backend_.logits(0, 1, {});
+      } catch (...) {  // the capture must end whatever happens, or the stream stays in it
+        capturing_ = false;
+        (void)backend_.capture_end(plan_, false);
+        throw;
+      }
       capturing_ = false;
       auto end = backend_.capture_end(plan_, body.ok());
       if (body) body = end;
     }
-    if (!body) {
-      // No graph: the step runs eagerly instead, from the cache as it was.
-      staged_.clear();
-      if (auto s = backend_.truncate(seq_, step_.first_position); !s) return s.error();
+    if (!body) {  // no graph: the step runs eagerly instead, from the cache as it was
+      if (auto s = undo(ok_status()); !s) return s.error();
       return false;
     }
   }
-  if (auto s = backend_.replay(plan_, sink); !s) return s.error();
+  if (auto s = backend_.replay(plan_, sink); !s) return undo(s).error();
   for (int32_t l = 0; l < config_.n_layers; ++l) {
     if (plan_.run[size_t(l)] != 0) count_keys(staged_[size_t(l)]);
     else ++counters_.layers_skipped;
@@ -265,7 +276,7 @@ Status ForwardPass::decide_keys(int32_t l, KeyPlan& plan) {
 void ForwardPass::count_keys(const KeyPlan& plan) {
   if (!step_.decode()) return;
   const int32_t ps = seq_.pool().shape().page_size;
-  const int64_t row_bytes = 2 * int64_t(config_.head_dim) * seq_.pool().storage().element_bytes();
+  const int64_t row_bytes = seq_.pool().token_bytes();  // K and V, in the pages' format
   for (int32_t g = 0; g < config_.n_kv_heads; ++g) {
     const HeadTraffic t = head_traffic(plan, g, ps);
     counters_.decode_keys_read += t.keys;

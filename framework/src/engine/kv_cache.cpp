@@ -15,6 +15,7 @@ namespace {
 class HostPageStorage final : public KvPageStorage {
  public:
   int32_t element_bytes() const override { return int32_t(sizeof(float)); }
+  KvPageFormat format() const override { return KvPageFormat::F32; }
   bool host_accessible() const override { return true; }
   void* allocate_chunk(int64_t bytes) override { return new (std::nothrow) float[size_t(bytes) / sizeof(float)](); }
   void free_chunk(void* chunk) override { delete[] static_cast<float*>(chunk); }

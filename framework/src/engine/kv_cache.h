@@ -10,6 +10,7 @@
 #include <span>
 #include <vector>
 
+#include "inferlab/plugin.h"
 #include "inferlab/result.h"
 
 namespace inferlab {
@@ -41,6 +42,9 @@ class KvPageStorage {
  public:
   virtual ~KvPageStorage() = default;
   virtual int32_t element_bytes() const = 0;
+  // The pages' format (the attention kernels dispatch on it; a backend says
+  // which it supports). Bytes of one stored token's K and V rows follow from it.
+  virtual KvPageFormat format() const = 0;
   virtual bool host_accessible() const = 0;  // page_data() may be read and written by the host
   virtual void* allocate_chunk(int64_t bytes) = 0;  // nullptr when out of memory
   virtual void free_chunk(void* chunk) = 0;
@@ -50,6 +54,8 @@ class KvPageStorage {
   // Base of a slot plane: (pages_reserved * page_size) 4-byte values, in the
   // storage's memory (device memory for device storage).
   virtual void* plane(SlotPlane plane) const = 0;
+  // Changes whenever a slot plane moves (captured device work holds its address).
+  virtual uint64_t planes_generation() const { return 0; }
   // K and V rows and their slot-plane values; every source is read before any
   // destination is written.
   virtual void move_rows(class KvPagePool& pool, const std::vector<KvRowMove>& moves) = 0;
@@ -99,6 +105,9 @@ class KvPagePool {
   const std::vector<void*>& chunks() const { return chunks_; }
   int32_t pages_per_chunk() const { return pages_per_chunk_; }
   int64_t page_bytes() const { return page_elems_ * storage_->element_bytes(); }
+  KvPageFormat format() const { return storage_->format(); }
+  // K and V bytes of one stored token of one (layer, kv head).
+  int64_t token_bytes() const { return 2 * int64_t(shape_.head_dim) * storage_->element_bytes(); }
   int64_t pages_in_use() const { return pages_in_use_; }
   int64_t pages_reserved() const { return int64_t(chunks_.size()) * pages_per_chunk_; }
   int64_t bytes_in_use() const { return pages_in_use_ * page_bytes(); }

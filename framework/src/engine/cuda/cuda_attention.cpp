@@ -181,12 +181,15 @@ Status CudaBackend::select_by_bound(const KvSequence& seq, int32_t l, KeyPlan& p
                                                bound_sync_[size_t(l) * size_t(nkv) + size_t(g)], pages, counts);
     const int32_t stale = int32_t(pages.size());
     pages.insert(pages.end(), counts.begin(), counts.end());
-    if (!bound_work_.reserve(pages.size() * 4) || !bound_scores_.reserve(size_t(nkv) * size_t(max_pages) * 4))
+    const size_t score_bytes = size_t(nkv) * size_t(max_pages) * 4;
+    if (score_bytes > bound_scores_.bytes()) drop_graphs();  // they hold the scores' address
+    if (!bound_work_.reserve(pages.size() * 4) || !bound_scores_.reserve(score_bytes))
       return Error{"cuda engine: out of GPU memory for page selection"};
-    if (!pages.empty())
+    if (!pages.empty()) {
       CUDA_TRY(cudaMemcpyAsync(bound_work_.as(), pages.data(), pages.size() * 4, cudaMemcpyHostToDevice, stream_),
                "upload page bounds work");
-    CUDA_TRY(cudaStreamSynchronize(stream_), "upload page bounds work");  // `pages` is pageable and ours
+      CUDA_TRY(cudaStreamSynchronize(stream_), "upload page bounds work");  // `pages` is pageable and ours
+    }
     if (auto s = next_event_pair(events); !s) return s;
     if (events != nullptr) CUDA_TRY(cudaEventRecord(events[0], stream_), "attention timing");
     CUDA_TRY(kc::page_bounds_update(kv, page_bounds_.as(), bound_work_.as<int32_t>(),

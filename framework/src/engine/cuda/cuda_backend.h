@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 
 #include <map>
+#include <set>
 #include <memory>
 #include <string>
 #include <vector>
@@ -207,7 +208,8 @@ class CudaBackend final : public Backend {
   // Decode graphs by plan shape, valid while the buffers they captured stay.
   std::map<std::string, Graph> graphs_;
   int32_t graph_bound_ = 0;          // key bound of the step being captured or replayed
-  const void* plane_at_capture_ = nullptr;  // the slot plane the graphs write
+  uint64_t planes_at_capture_ = 0;   // the slot planes the graphs write (their storage's generation)
+  std::set<std::string> failed_keys_;  // plan shapes whose capture failed: they run eagerly
   std::vector<std::pair<size_t, PageBoundSync>> pending_bounds_;  // coverage a replay makes true
 
   std::vector<cudaEvent_t> events_;  // pairs around attention kernels (time_attention)

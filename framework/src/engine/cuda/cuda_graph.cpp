@@ -39,6 +39,7 @@ bool CudaBackend::has_graph(const StepPlan& plan) const { return graphs_.count(g
 Result<bool> CudaBackend::prepare_replay(KvSequence& seq, const StepPlan& plan, std::vector<KeyPlan>& keys) {
   const ModelConfig& c = config_;
   const int32_t L = c.n_layers, nkv = c.n_kv_heads, ps = options_.page_size;
+  if (failed_keys_.count(graph_key(plan)) != 0) return false;  // its capture failed once: eager
   // First what decides whether this step can be replayed; nothing changes yet.
   // The key bounds take one stale page per head (the page of last step's token).
   std::vector<int32_t> stale_pages(size_t(L) * size_t(nkv), 0), stale_counts(size_t(L) * size_t(nkv), 0);
@@ -77,7 +78,6 @@ Result<bool> CudaBackend::prepare_replay(KvSequence& seq, const StepPlan& plan, 
     drop_graphs();
     if (!attention_ws_.reserve(ws)) return Error{"cuda engine: out of GPU memory for the attention workspace"};
   }
-  if (plane_at_capture_ != pool_->plane(SlotPlane::Score)) drop_graphs();  // the pool grew its slot planes
 
   // Staging: counts, the new token's slots and page tables, the key plans.
   int32_t* counts = host_n_cached_.as<int32_t>();
@@ -88,6 +88,8 @@ Result<bool> CudaBackend::prepare_replay(KvSequence& seq, const StepPlan& plan, 
   for (int32_t l = 0; l < L; ++l)
     if (plan.run[size_t(l)] != 0 || plan.kv_fill == SkippedLayerKv::FromHidden)
       if (auto s = stage_append(seq, l, 1); !s) return s.error();
+  // The new slots may have grown the pool and moved its slot plane, which the graphs write.
+  if (planes_at_capture_ != pool_->storage().planes_generation()) drop_graphs();
   for (int32_t l = 0; l < L; ++l) {
     if (plan.run[size_t(l)] == 0 || !keys[size_t(l)].any_selected()) continue;
     const KeyPlan& k = keys[size_t(l)];
@@ -124,6 +126,7 @@ Status CudaBackend::capture_end(const StepPlan& plan, bool ok) {
   if (!ok || end != cudaSuccess) {
     if (graph != nullptr) cudaGraphDestroy(graph);
     cudaGetLastError();
+    failed_keys_.insert(graph_key(plan));  // steps of this shape run eagerly from now on
     if (!ok) return ok_status();  // the body's own error is the one to report
     return cuda_error(end, "graph capture");
   }
@@ -131,8 +134,8 @@ Status CudaBackend::capture_end(const StepPlan& plan, bool ok) {
   const cudaError_t inst = cudaGraphInstantiate(&exec, graph, 0);
   cudaGraphDestroy(graph);
   CUDA_TRY(inst, "graph instantiate");
+  if (graphs_.empty()) planes_at_capture_ = pool_->storage().planes_generation();
   graphs_[graph_key(plan)].exec = exec;
-  plane_at_capture_ = pool_->plane(SlotPlane::Score);
   return ok_status();
 }
 

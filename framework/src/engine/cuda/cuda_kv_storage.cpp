@@ -28,6 +28,9 @@ class CudaPageStorage final : public KvPageStorage {
       throw std::bad_alloc();
   }
   int32_t element_bytes() const override { return kernels::dtype_bytes(dtype_); }
+  KvPageFormat format() const override {
+    return dtype_ == kernels::DType::BF16 ? KvPageFormat::BF16 : KvPageFormat::F16;
+  }
   bool host_accessible() const override { return false; }
   void* allocate_chunk(int64_t bytes) override {
     void* chunk = nullptr;
@@ -64,8 +67,10 @@ class CudaPageStorage final : public KvPageStorage {
               "KV slot plane");
       check(cudaStreamSynchronize(stream_), "KV slot plane");
       plane = std::move(bigger);
+      ++planes_generation_;
     }
   }
+  uint64_t planes_generation() const override { return planes_generation_; }
   void* plane(SlotPlane p) const override { return planes_[size_t(p)].as(); }
   void move_rows(KvPagePool& pool, const std::vector<KvRowMove>& moves) override {
     if (moves.empty()) return;
@@ -132,6 +137,7 @@ class CudaPageStorage final : public KvPageStorage {
   PinnedMemory host_table_;
   DeviceMemory indices_, scratch_;
   DeviceMemory planes_[kSlotPlanes];  // (pages_reserved * page_size) 4-byte values each
+  uint64_t planes_generation_ = 0;
   std::vector<int32_t> staged_;
 };
 
