@@ -233,7 +233,7 @@ class ProbePlugin final : public Plugin {
  public:
   PluginInfo info() const override {
     return {"probe",
-            "1.0.0",
+            "1.1.0",
             "test plugin: every hook, decisions set by parameters",
             kAllHooks,
             {

@@ -183,7 +183,7 @@ TEST(CliExperiment, PluginsListsVersionsHooksAndParameters) {
   auto r = run_cli_env(kProbeEnv, "plugins");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("dense 1.0.0"), std::string::npos) << r.output;
-  EXPECT_NE(r.output.find("probe 1.0.0"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("probe 1.1.0"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("decode_selection"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("neuron_stride"), std::string::npos) << r.output;
   auto refused = run_cli_env(std::string("INFERLAB_PLUGIN_PATH=") + INFERLAB_TEST_PLUGIN_DIR + " ", "plugins");
