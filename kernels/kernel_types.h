@@ -159,4 +159,31 @@ struct RetentionCall {
   int32_t stride = 0;                 // >= n_g of every head
 };
 
+// Engine-side retention per sequence (SpAtten's cascade) of one layer whose kv
+// heads all hold the same n_tokens tokens, at `positions` (ascending). Scores
+// and drop marks are per sequence, indexed by position:
+//   update: score[positions[t]] += sum over kv heads g, in order, of
+//           mass[g * mass_stride + t], for t < n_tokens;
+//   select: a token with 0 < dropped_at[position] <= layer leaves (a shallower
+//           layer dropped it). Among the others, the candidates in stored
+//           order, the first `sink`, the last `recent` and the `heavy`
+//           best-scoring (ties to the earlier; a NaN score ranks last) stay;
+//           with heavy < 0 or no more candidates than that, all stay. Those
+//           that leave now get dropped_at = layer + 1. drops lists every
+//           leaving stored index ascending; n_drops[0] counts them.
+struct SequenceRetentionCall {
+  int32_t n_kv_heads = 0;
+  int32_t n_tokens = 0;
+  int32_t layer = 0;
+  const int32_t* positions = nullptr;  // (n_tokens)
+  const float* mass = nullptr;         // (n_kv_heads, mass_stride)
+  int32_t mass_stride = 0;
+  float* score = nullptr;              // (positions capacity)
+  int32_t* dropped_at = nullptr;       // (positions capacity)
+  int32_t sink = 0, recent = 0, heavy = -1;
+  int32_t* scratch = nullptr;          // (3, n_tokens)
+  int32_t* drops = nullptr;            // (n_tokens)
+  int32_t* n_drops = nullptr;          // (1)
+};
+
 }  // namespace inferlab::kernels

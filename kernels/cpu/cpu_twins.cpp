@@ -274,4 +274,36 @@ void retention_select(const RetentionCall& c) {
   }
 }
 
+void sequence_retention_update(const SequenceRetentionCall& c) {
+  for (int32_t t = 0; t < c.n_tokens; ++t) {
+    float sum = c.score[c.positions[t]];
+    for (int32_t g = 0; g < c.n_kv_heads; ++g) sum += c.mass[int64_t(g) * c.mass_stride + t];
+    c.score[c.positions[t]] = sum;
+  }
+}
+
+void sequence_retention_select(const SequenceRetentionCall& c) {
+  std::vector<int32_t> candidates;  // stored indices
+  std::vector<float> score;
+  for (int32_t t = 0; t < c.n_tokens; ++t) {
+    const int32_t mark = c.dropped_at[c.positions[t]];
+    if (mark > 0 && mark <= c.layer) continue;  // dropped by a shallower layer
+    candidates.push_back(t);
+    score.push_back(c.score[c.positions[t]]);
+  }
+  std::vector<int32_t> leave;  // candidate indices
+  retention_drops(score.data(), int32_t(score.size()), c.sink, c.recent, c.heavy, leave);
+  std::vector<uint8_t> gone(size_t(c.n_tokens), 1);
+  for (int32_t t : candidates) gone[size_t(t)] = 0;
+  for (int32_t i : leave) {
+    const int32_t t = candidates[size_t(i)];
+    gone[size_t(t)] = 1;
+    c.dropped_at[c.positions[t]] = c.layer + 1;
+  }
+  int32_t n = 0;
+  for (int32_t t = 0; t < c.n_tokens; ++t)
+    if (gone[size_t(t)] != 0) c.drops[n++] = t;
+  c.n_drops[0] = n;
+}
+
 }  // namespace inferlab::kernels::cpu

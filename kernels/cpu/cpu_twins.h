@@ -64,6 +64,10 @@ void retention_drops(const float* score, int32_t n, int32_t sink, int32_t recent
 void retention_update(const RetentionCall& call);
 void retention_select(const RetentionCall& call);
 
+// Retention per sequence (SequenceRetentionCall in kernel_types.h); scratch unused.
+void sequence_retention_update(const SequenceRetentionCall& call);
+void sequence_retention_select(const SequenceRetentionCall& call);
+
 // Element `index` of a K (value = false) or V row at (page, slot), widened to float.
 float kv_load(const KvPages& kv, int32_t page, int32_t slot, bool value, int32_t index);
 

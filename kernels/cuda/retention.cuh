@@ -16,4 +16,9 @@ namespace inferlab::kernels::cuda {
 cudaError_t retention_update(const RetentionCall& call, int32_t max_tokens, cudaStream_t stream);
 cudaError_t retention_select(const RetentionCall& call, cudaStream_t stream);
 
+// Retention per sequence (SequenceRetentionCall): the update, a thread per
+// token; the selection, one block for the layer (its scratch: 3 * n_tokens).
+cudaError_t sequence_retention_update(const SequenceRetentionCall& call, cudaStream_t stream);
+cudaError_t sequence_retention_select(const SequenceRetentionCall& call, cudaStream_t stream);
+
 }  // namespace inferlab::kernels::cuda

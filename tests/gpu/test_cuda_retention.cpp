@@ -118,6 +118,86 @@ INSTANTIATE_TEST_SUITE_P(
                     RetentionCase{"one_head_page1", 1, 1, 3, 40, 1, 0, false}),
     gpu_test::param_name<RetentionCase>);
 
+// Retention per sequence: scores by position summed over heads, drops that
+// cascade from shallower layers, the same choice as the twin.
+struct SequenceCase {
+  std::string label;
+  int32_t n_kv_heads, n_tokens, layer, sink, recent, heavy;
+  int32_t levels;  // 0: continuous scores
+  std::string name() const { return label; }
+};
+
+class CudaSequenceRetention : public testing::TestWithParam<SequenceCase> {};
+
+TEST_P(CudaSequenceRetention, ScoresAndDropsMatchTheTwin) {
+  INFERLAB_REQUIRE_GPU();
+  const SequenceCase& p = GetParam();
+  std::mt19937_64 rng(23);
+  const int32_t n = p.n_tokens, capacity = 2 * n + 10;
+  std::vector<int32_t> positions;
+  for (int32_t pos = 0; int32_t(positions.size()) < n; ++pos)
+    if (rng() % 4 != 0) positions.push_back(pos);  // gaps: tokens evicted earlier
+  auto draw = [&] {
+    std::uniform_real_distribution<float> u(0.0f, 1.0f);
+    return p.levels > 0 ? float(rng() % uint64_t(p.levels)) / float(p.levels) : u(rng);
+  };
+  std::vector<float> score(static_cast<size_t>(capacity), 0.0f), mass(size_t(p.n_kv_heads) * size_t(n), 0.0f);
+  for (float& x : score) x = draw();
+  for (float& x : mass) x = draw();
+  std::vector<int32_t> dropped_at(size_t(capacity), 0);
+  for (int32_t& d : dropped_at) d = rng() % 5 == 0 ? int32_t(rng() % uint64_t(p.layer + 3)) : 0;  // some before, some after this layer
+
+  DeviceBuffer<int32_t> d_positions(positions), d_dropped(dropped_at), d_scratch(size_t(3 * n));
+  DeviceBuffer<int32_t> d_drops{static_cast<size_t>(n)}, d_count{size_t(1)};
+  DeviceBuffer<float> d_score(score), d_mass(mass);
+  SequenceRetentionCall call;
+  call.n_kv_heads = p.n_kv_heads;
+  call.n_tokens = n;
+  call.layer = p.layer;
+  call.positions = d_positions.get();
+  call.mass = d_mass.get();
+  call.mass_stride = n;
+  call.score = d_score.get();
+  call.dropped_at = d_dropped.get();
+  call.sink = p.sink;
+  call.recent = p.recent;
+  call.heavy = p.heavy;
+  call.scratch = d_scratch.get();
+  call.drops = d_drops.get();
+  call.n_drops = d_count.get();
+  INFERLAB_CUDA_OK(cuda::sequence_retention_update(call, nullptr));
+  INFERLAB_CUDA_OK(cuda::sequence_retention_select(call, nullptr));
+  INFERLAB_CUDA_OK(cudaDeviceSynchronize());
+
+  std::vector<int32_t> drops(static_cast<size_t>(n), 0), count(1, 0);
+  SequenceRetentionCall twin = call;
+  twin.positions = positions.data();
+  twin.mass = mass.data();
+  twin.score = score.data();
+  twin.dropped_at = dropped_at.data();
+  twin.scratch = nullptr;
+  twin.drops = drops.data();
+  twin.n_drops = count.data();
+  cpu::sequence_retention_update(twin);
+  cpu::sequence_retention_select(twin);
+
+  EXPECT_EQ(d_score.download(), score);
+  EXPECT_EQ(d_dropped.download(), dropped_at);
+  ASSERT_EQ(d_count.download()[0], count[0]);
+  const auto got = d_drops.download();
+  EXPECT_EQ(std::vector<int32_t>(got.begin(), got.begin() + count[0]),
+            std::vector<int32_t>(drops.begin(), drops.begin() + count[0]));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, CudaSequenceRetention,
+    testing::Values(SequenceCase{"gqa8_layer3", 8, 700, 3, 4, 16, 100, 0},
+                    SequenceCase{"ties", 2, 2000, 1, 0, 8, 500, 3},
+                    SequenceCase{"heavy0_layer0", 4, 100, 0, 2, 2, 0, 0},
+                    SequenceCase{"keep_all_but_cascade", 4, 300, 2, 0, 0, -1, 0},
+                    SequenceCase{"long", 1, 40000, 5, 4, 64, 4000, 16}),
+    gpu_test::param_name<SequenceCase>);
+
 TEST(CudaSlotPlanes, FillMoveAndCopyMatchTheTwins) {
   INFERLAB_REQUIRE_GPU();
   const int32_t ps = 16, nkv = 3, pages = 40;

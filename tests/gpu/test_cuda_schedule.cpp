@@ -180,6 +180,32 @@ TEST(CudaSchedule, RetentionMatchesAMethodKeepingTheScoresItself) {
   }
 }
 
+TEST(CudaSchedule, SequenceRetentionMatchesAMethodKeepingTheScoresItself) {
+  INFERLAB_REQUIRE_GPU();
+  auto model = small_model();
+  const auto tokens = test::random_tokens(model->config().n_vocab, 200, 15);
+  const std::vector<RetentionBudget> budgets = {{4, 16, 40}, {4, 16, 24}, {4, 16, 12}};  // deeper layers keep fewer
+  std::vector<float> logits[2];
+  std::vector<int32_t> kept[2];
+  for (int engine_side = 0; engine_side < 2; ++engine_side) {
+    test::SequenceRetentionMethod method(engine_side == 1, budgets);
+    auto engine = make_engine(model, BackendKind::Cuda);
+    ASSERT_NE(engine, nullptr);
+    ASSERT_TRUE(engine->set_method(&method, method.hooks()).ok());
+    method.begin_sequence(engine->shape());
+    auto seq = engine->new_sequence();
+    auto sink = [&](int64_t, std::span<const float> l) {
+      logits[engine_side].insert(logits[engine_side].end(), l.begin(), l.end());
+    };
+    ASSERT_TRUE(engine->forward(*seq, std::span<const int32_t>(tokens.data(), 150), 0, sink).ok());
+    for (size_t at = 150; at < tokens.size(); ++at)
+      ASSERT_TRUE(engine->forward(*seq, std::span<const int32_t>(&tokens[at], 1), 0, sink).ok());
+    kept[engine_side] = seq->table(2, 1).positions;
+  }
+  EXPECT_EQ(kept[1], kept[0]);
+  EXPECT_LT(gpu_test::normalized_error(logits[1], logits[0]), 1e-6);
+}
+
 TEST(CudaSchedule, CountersEqualTheCpuBackends) {
   INFERLAB_REQUIRE_GPU();
   auto model = small_model();

@@ -46,8 +46,7 @@ TEST(Features, ABackendWithoutAFeatureRefusesTheMethodBeforeAnyToken) {
   auto engine = cpu_engine();
   ASSERT_NE(engine, nullptr);
   for (const auto& [key, value, needed] :
-       {std::tuple{"kv_pages", "f16", "KV pages in f16"}, std::tuple{"kv_pages", "bf16", "KV pages in bf16"},
-        std::tuple{"retain_scope", "sequence", "engine-side retention per sequence"}}) {
+       {std::tuple{"kv_pages", "f16", "KV pages in f16"}, std::tuple{"kv_pages", "bf16", "KV pages in bf16"}}) {
     auto handle = test::plugin_registry().create("probe", params({{key, std::string(value)}}));
     ASSERT_TRUE(handle.ok()) << handle.message();
     const PluginEntry* entry = test::plugin_registry().find("probe");

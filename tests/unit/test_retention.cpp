@@ -7,6 +7,7 @@
 #include <cmath>
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <limits>
 
 #include "cpu/cpu_twins.h"
@@ -122,6 +123,58 @@ TEST(Retention, ScoresAreCopiedWithTheirPages) {
   }
   EXPECT_EQ(seq->table(1, 1).positions, copy->table(1, 1).positions);
 }
+
+// Retention per sequence (SpAtten's cascade): one score per position, the
+// same tokens in every kv head of a layer, a token dropped at layer l gone from
+// every later layer; against the same choice made on the host.
+class SequenceRetentionOnCpu
+    : public ::testing::TestWithParam<std::tuple<std::vector<RetentionBudget>, RetentionScore, int32_t>> {};
+
+TEST_P(SequenceRetentionOnCpu, MatchesAMethodKeepingTheScoresItself) {
+  const auto& [budgets, score, page_size] = GetParam();
+  const auto tokens = test::random_tokens(gqa_model()->config().n_vocab, 64, 7);
+  Traced traced[2];
+  for (int engine_side = 0; engine_side < 2; ++engine_side) {
+    test::SequenceRetentionMethod method(engine_side == 1, budgets, score);
+    auto engine = Engine::create(gqa_model(), EngineOptions{page_size, 0, 0});
+    ASSERT_TRUE(engine.ok());
+    ASSERT_TRUE((*engine)->set_method(&method, method.hooks()).ok());
+    method.begin_sequence((*engine)->shape());
+    auto seq = (*engine)->new_sequence();
+    auto sink = [&](int64_t, std::span<const float> l) {
+      traced[engine_side].logits.insert(traced[engine_side].logits.end(), l.begin(), l.end());
+    };
+    ASSERT_TRUE((*engine)->forward(*seq, std::span<const int32_t>(tokens.data(), 30), 0, sink).ok());
+    for (size_t at = 30; at < tokens.size(); ++at)
+      ASSERT_TRUE((*engine)->forward(*seq, std::span<const int32_t>(&tokens[at], 1), 0, sink).ok());
+    for (int32_t l = 0; l < 2; ++l)
+      for (int32_t g = 0; g < 2; ++g) traced[engine_side].positions.push_back(seq->table(l, g).positions);
+    traced[engine_side].evicted = (*engine)->counters().tokens_evicted;
+  }
+  const auto& got = traced[1];
+  EXPECT_EQ(got.positions, traced[0].positions);
+  EXPECT_EQ(got.logits, traced[0].logits);
+  EXPECT_GT(got.evicted, 0);
+  // Every kv head of a layer holds the same tokens; a deeper layer holds a subset.
+  EXPECT_EQ(got.positions[0], got.positions[1]);
+  EXPECT_EQ(got.positions[2], got.positions[3]);
+  for (int32_t p : got.positions[2])
+    EXPECT_TRUE(std::binary_search(got.positions[0].begin(), got.positions[0].end(), p)) << p;
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Budgets, SequenceRetentionOnCpu,
+    ::testing::Values(
+        std::tuple{std::vector<RetentionBudget>{{2, 4, 10}, {2, 4, 4}}, RetentionScore::AccumulatedMass, 4},
+        std::tuple{std::vector<RetentionBudget>{{0, 8, 8}, {0, 8, 8}}, RetentionScore::AccumulatedMass, 7},
+        std::tuple{std::vector<RetentionBudget>{{4, 4, -1}, {1, 3, 2}}, RetentionScore::LastMass, 16}),
+    [](const auto& info) {
+      const auto& b = std::get<0>(info.param);
+      return fmt::format("layer0_{}_{}_{}_layer1_{}_{}_{}_{}_page{}", b[0].sink, b[0].recent, b[0].heavy < 0 ? 99 : b[0].heavy,
+                         b[1].sink, b[1].recent, b[1].heavy,
+                         std::get<1>(info.param) == RetentionScore::LastMass ? "last" : "accumulated",
+                         std::get<2>(info.param));
+    });
 
 }  // namespace
 }  // namespace inferlab

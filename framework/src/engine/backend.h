@@ -129,7 +129,7 @@ class Backend {
   // rows, so it moves and is copied with them), then each kv head whose budget
   // has heavy >= 0 lists in drops[g] the stored tokens outside its sink, its
   // recent window and its `heavy` best-scoring others (ascending).
-  virtual Status retain(const KvSequence& seq, int32_t layer, const RetentionPolicy& policy,
+  virtual Status retain(KvSequence& seq, int32_t layer, const RetentionPolicy& policy,
                         std::span<const RetentionBudget> budgets, std::vector<std::vector<int32_t>>& drops) = 0;
   // Drops stored tokens of one head (compaction, pages returned to the pool).
   virtual Result<int32_t> evict(KvSequence& seq, int32_t layer, int32_t kv_head, std::vector<int32_t> drop) = 0;

@@ -40,13 +40,16 @@ class SequenceKvView final : public BackendKvView {
 }  // namespace
 
 Result<std::unique_ptr<Backend>> make_cpu_backend(std::shared_ptr<const Model> model, const EngineOptions& options,
-                                                  int32_t) {
+                                                  int32_t max_context) {
   if (!model->has_weights()) return Error{"cpu backend: the model has no weights"};
-  return std::unique_ptr<Backend>(std::make_unique<CpuBackend>(std::move(model), options));
+  return std::unique_ptr<Backend>(std::make_unique<CpuBackend>(std::move(model), options, max_context));
 }
 
-CpuBackend::CpuBackend(std::shared_ptr<const Model> model, const EngineOptions& options)
-    : model_(std::move(model)), config_(model_->config()), time_attention_(options.time_attention) {
+CpuBackend::CpuBackend(std::shared_ptr<const Model> model, const EngineOptions& options, int32_t max_context)
+    : model_(std::move(model)),
+      config_(model_->config()),
+      time_attention_(options.time_attention),
+      max_context_(max_context) {
   const ModelConfig& c = config_;
   pool_ = std::make_shared<KvPagePool>(KvCacheShape{c.n_layers, c.n_kv_heads, c.head_dim, options.page_size});
   bound_sync_.assign(size_t(c.n_layers) * size_t(c.n_kv_heads), PageBoundSync{});
@@ -58,7 +61,6 @@ bool CpuBackend::supports(Feature feature) const {
   switch (feature) {
     case Feature::KvPagesF16:
     case Feature::KvPagesBF16:
-    case Feature::RetentionPerSequence:
     case Feature::Graphs:
       return false;
     default:
@@ -79,6 +81,7 @@ Status CpuBackend::begin_call(const CallSetup& call) {
   n_ = n;
   cache_positions_ = call.cache_positions;
   stats_layer_ = -1;
+  sequence_retention_started_ = false;
   if (n > workspace_tokens_) {
     x_.resize(size_t(n * c.n_embd));
     xn_.resize(size_t(n * c.n_embd));

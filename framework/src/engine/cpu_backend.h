@@ -14,7 +14,7 @@ namespace inferlab {
 
 class CpuBackend final : public Backend {
  public:
-  CpuBackend(std::shared_ptr<const Model> model, const EngineOptions& options);
+  CpuBackend(std::shared_ptr<const Model> model, const EngineOptions& options, int32_t max_context);
 
   const char* name() const override { return "cpu"; }
   bool supports(Feature feature) const override;
@@ -34,7 +34,7 @@ class CpuBackend final : public Backend {
   Status select_by_bound(const KvSequence& seq, int32_t layer, KeyPlan& plan) override;
   Status attention(const KvSequence& seq, const LayerAttention& work) override;
   Status read_statistics(const KvSequence& seq, int32_t layer, LayerStatistics& out) override;
-  Status retain(const KvSequence& seq, int32_t layer, const RetentionPolicy& policy,
+  Status retain(KvSequence& seq, int32_t layer, const RetentionPolicy& policy,
                 std::span<const RetentionBudget> budgets, std::vector<std::vector<int32_t>>& drops) override;
   Status read_hidden(int64_t row_from, std::vector<float>& out) override;
   Status read_last_queries(std::vector<float>& out) override;
@@ -53,15 +53,19 @@ class CpuBackend final : public Backend {
   int32_t rotary_position(int32_t kv_head, int64_t row) const;
   void attend_head(const AttentionRefs& refs, int32_t head, int64_t r0, int64_t r1, float* key_mass);
   void group_mass(int32_t kv_head, std::vector<float>& mass) const;
+  Status retain_sequence(KvSequence& seq, int32_t layer, const RetentionPolicy& policy,
+                         const RetentionBudget& budget, std::vector<std::vector<int32_t>>& drops);
 
   std::shared_ptr<const Model> model_;
   const ModelConfig& config_;
   std::shared_ptr<KvPagePool> pool_;
   bool time_attention_ = false;
   double attention_seconds_ = 0;
+  int32_t max_context_ = 0;
 
   // The call in flight.
   std::vector<int32_t> tokens_;
+  bool sequence_retention_started_ = false;  // this call's new positions are reset
   int64_t n_ = 0;
   bool cache_positions_ = false;
   // Workspace, grown on demand. Shapes for n tokens of this call:

@@ -205,12 +205,11 @@ Status CpuBackend::read_statistics(const KvSequence&, int32_t l, LayerStatistics
   return ok_status();
 }
 
-Status CpuBackend::retain(const KvSequence& seq, int32_t l, const RetentionPolicy& policy,
+Status CpuBackend::retain(KvSequence& seq, int32_t l, const RetentionPolicy& policy,
                           std::span<const RetentionBudget> budgets, std::vector<std::vector<int32_t>>& drops) {
   const ModelConfig& c = config_;
   if (stats_layer_ != l) return Error{fmt::format("cpu backend: no attention statistics for layer {}", l)};
-  if (policy.scope != RetentionScope::PerHead)
-    return Error{"cpu backend: retention per sequence is not supported"};
+  if (policy.scope == RetentionScope::PerSequence) return retain_sequence(seq, l, policy, budgets[0], drops);
   const int32_t ps = pool_->shape().page_size;
   float* plane = pool_->plane(SlotPlane::Score);
   drops.assign(size_t(c.n_kv_heads), {});
@@ -229,6 +228,55 @@ Status CpuBackend::retain(const KvSequence& seq, int32_t l, const RetentionPolic
     if (b.heavy < 0 || int64_t(n) <= int64_t(b.sink) + b.recent + b.heavy) continue;
     cpu::retention_drops(score.data(), n, b.sink, b.recent, b.heavy, drops[size_t(g)]);
   }
+  return ok_status();
+}
+
+// One score per position of the sequence, summed over layers and kv heads, in
+// the sequence's planes; every kv head of the layer keeps the same tokens.
+Status CpuBackend::retain_sequence(KvSequence& seq, int32_t l, const RetentionPolicy& policy,
+                                   const RetentionBudget& budget, std::vector<std::vector<int32_t>>& drops) {
+  const ModelConfig& c = config_;
+  const HeadPageTable& head0 = seq.table(l, 0);
+  const int32_t n = head0.n_tokens();
+  for (int32_t g = 1; g < c.n_kv_heads; ++g)
+    if (seq.table(l, g).positions != head0.positions)
+      return Error{fmt::format("retention per sequence: the kv heads of layer {} hold different tokens (a method "
+                               "that evicts per head cannot also retain per sequence)",
+                               l)};
+  const int32_t capacity = sequence_plane_capacity(max_context_, positions_[0] + int32_t(n_));
+  auto* score = static_cast<float*>(seq.sequence_plane(SequencePlane::Score, capacity));
+  auto* dropped_at = static_cast<int32_t*>(seq.sequence_plane(SequencePlane::DroppedAt, capacity));
+  if (!sequence_retention_started_) {  // this call's tokens are new at their positions
+    sequence_retention_started_ = true;
+    const int32_t first = positions_[0];
+    std::fill(score + first, score + first + n_, 0.0f);
+    std::fill(dropped_at + first, dropped_at + first + n_, 0);
+    if (policy.score == RetentionScore::LastMass) std::fill(score, score + capacity, 0.0f);
+  }
+  std::vector<float> mass(size_t(c.n_kv_heads) * size_t(n)), one;
+  for (int32_t g = 0; g < c.n_kv_heads; ++g) {
+    group_mass(g, one);
+    std::copy(one.begin(), one.end(), mass.begin() + int64_t(g) * n);
+  }
+  std::vector<int32_t> out(static_cast<size_t>(n));
+  int32_t n_out = 0;
+  kernels::SequenceRetentionCall call;
+  call.n_kv_heads = c.n_kv_heads;
+  call.n_tokens = n;
+  call.layer = l;
+  call.positions = head0.positions.data();
+  call.mass = mass.data();
+  call.mass_stride = n;
+  call.score = score;
+  call.dropped_at = dropped_at;
+  call.sink = budget.sink;
+  call.recent = budget.recent;
+  call.heavy = budget.heavy;
+  call.drops = out.data();
+  call.n_drops = &n_out;
+  cpu::sequence_retention_update(call);
+  cpu::sequence_retention_select(call);
+  drops.assign(size_t(c.n_kv_heads), std::vector<int32_t>(out.begin(), out.begin() + n_out));
   return ok_status();
 }
 

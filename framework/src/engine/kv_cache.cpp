@@ -44,6 +44,9 @@ class HostPageStorage final : public KvPageStorage {
                     src.plane<uint32_t>(SlotPlane(p)) + int64_t(src_pages[i]) * ps, size_t(ps) * 4);
     }
   }
+  void* allocate_values(int64_t count) override { return new (std::nothrow) uint32_t[size_t(count)](); }
+  void free_values(void* values) override { delete[] static_cast<uint32_t*>(values); }
+  void copy_values(void* dst, const void* src, int64_t count) override { std::memcpy(dst, src, size_t(count) * 4); }
   std::unique_ptr<KvPageStorage> sibling() const override { return std::make_unique<HostPageStorage>(); }
 
  private:
@@ -124,7 +127,27 @@ KvSequence::KvSequence(std::shared_ptr<KvPagePool> pool) : pool_(std::move(pool)
   tables_.resize(size_t(pool_->shape().n_layers) * size_t(pool_->shape().n_kv_heads));
 }
 
-KvSequence::~KvSequence() { clear(); }
+KvSequence::~KvSequence() {
+  clear();
+  for (void* plane : planes_)
+    if (plane != nullptr) pool_->storage().free_values(plane);
+}
+
+void* KvSequence::sequence_plane(SequencePlane p, int32_t capacity) {
+  if (capacity > plane_capacity_) {  // every plane grows together, keeping its values
+    for (void*& plane : planes_) {
+      void* bigger = pool_->storage().allocate_values(capacity);
+      if (bigger == nullptr) throw std::bad_alloc();
+      if (plane != nullptr) {
+        pool_->storage().copy_values(bigger, plane, plane_capacity_);
+        pool_->storage().free_values(plane);
+      }
+      plane = bigger;
+    }
+    plane_capacity_ = capacity;
+  }
+  return planes_[size_t(p)];
+}
 
 void KvSequence::append(int32_t layer, int32_t kv_head, const float* k, const float* v, int32_t position,
                         int32_t rotary) {
@@ -174,6 +197,10 @@ std::unique_ptr<KvSequence> KvSequence::clone(std::shared_ptr<KvPagePool> pool) 
     }
   }
   pool_->storage().copy_pages(*pool_, src_pages, *pool, dst_pages);
+  if (plane_capacity_ > 0)
+    for (int32_t p = 0; p < kSequencePlanes; ++p)
+      pool->storage().copy_values(copy->sequence_plane(SequencePlane(p), plane_capacity_), planes_[size_t(p)],
+                                  plane_capacity_);
   copy->n_past_ = n_past_;
   copy->forward_calls_ = forward_calls_;
   return copy;

@@ -5,6 +5,7 @@
 // when a sequence releases them.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -28,6 +29,24 @@ struct KvCacheShape {
 // indexed by physical slot, page * page_size + slot.
 enum class SlotPlane : int32_t { Score = 0 };  // float: retention score
 inline constexpr int32_t kSlotPlanes = 1;
+
+// Per-sequence values by position (0 .. capacity - 1), 4 bytes each, in the
+// storage's memory: engine mechanisms' state of a whole sequence (retention
+// per sequence). Copied by clone; freed with the sequence.
+enum class SequencePlane : int32_t {
+  Score = 0,      // float: a token's retention score, summed over layers and heads
+  DroppedAt = 1,  // int32: 1 + the layer that dropped the token, 0 while it is stored
+};
+inline constexpr int32_t kSequencePlanes = 2;
+
+// Positions a sequence plane holds for a sequence whose positions end before
+// `end`: the context length, or (streaming past it with cache positions) the
+// next power of two, so a growing sequence reallocates rarely.
+inline int32_t sequence_plane_capacity(int32_t max_context, int32_t end) {
+  int32_t capacity = std::max(max_context, 1);
+  while (capacity < end) capacity *= 2;
+  return capacity;
+}
 
 // One K/V row move of eviction compaction: stored token at (src_page, src_slot)
 // goes to (dst_page, dst_slot).
@@ -63,6 +82,11 @@ class KvPageStorage {
   // storage kind) into `dst`.
   virtual void copy_pages(const class KvPagePool& src, const std::vector<int32_t>& src_pages,
                           class KvPagePool& dst, const std::vector<int32_t>& dst_pages) = 0;
+  // Per-sequence value arrays (SequencePlane): `count` 4-byte values, zeroed
+  // (nullptr when out of memory); freed; copied within this storage kind.
+  virtual void* allocate_values(int64_t count) = 0;
+  virtual void free_values(void* values) = 0;
+  virtual void copy_values(void* dst, const void* src, int64_t count) = 0;
   // An empty storage of the same kind (for another pool of the same shape).
   virtual std::unique_ptr<KvPageStorage> sibling() const = 0;
 };
@@ -168,6 +192,11 @@ class KvSequence {
   const float* k_row(int32_t layer, int32_t kv_head, int32_t i) const;
   const float* v_row(int32_t layer, int32_t kv_head, int32_t i) const;
 
+  // A per-sequence plane with room for `capacity` positions, allocated (zeroed)
+  // on first use in the pool's storage (std::bad_alloc when out of memory).
+  // Its values are the engine's to keep; a larger capacity later keeps them.
+  void* sequence_plane(SequencePlane plane, int32_t capacity);
+
   // Back to the first n tokens: every stored token whose position is >= n
   // leaves (a suffix of each table, positions being ascending), pages left
   // empty return to the pool, and n_past becomes n (n <= n_past()).
@@ -197,6 +226,8 @@ class KvSequence {
   }
   std::shared_ptr<KvPagePool> pool_;
   std::vector<HeadPageTable> tables_;
+  void* planes_[kSequencePlanes] = {};
+  int32_t plane_capacity_ = 0;
   int32_t n_past_ = 0;
   int64_t forward_calls_ = 0;
   uint64_t id_ = 0;

@@ -122,7 +122,6 @@ bool CudaBackend::supports(Feature feature) const {
     case Feature::KvPagesF32: return false;  // the attention kernels read f16/bf16 pages
     case Feature::KvPagesF16: return dtype_ == DType::F16;
     case Feature::KvPagesBF16: return dtype_ == DType::BF16;
-    case Feature::RetentionPerSequence: return false;
     default: return true;
   }
 }
@@ -223,6 +222,7 @@ Status CudaBackend::begin_call(const CallSetup& call) {
   n_ = n;
   cache_positions_ = call.cache_positions;
   first_position_ = call.first_position;
+  sequence_retention_started_ = false;
   int32_t* staged = host_small_.as<int32_t>();  // (2, n): ids, positions
   host_positions_.resize(size_t(n));
   for (int64_t i = 0; i < n; ++i) {

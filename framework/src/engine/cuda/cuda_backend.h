@@ -54,7 +54,7 @@ class CudaBackend final : public Backend {
   Status select_by_bound(const KvSequence& seq, int32_t layer, KeyPlan& plan) override;
   Status attention(const KvSequence& seq, const LayerAttention& work) override;
   Status read_statistics(const KvSequence& seq, int32_t layer, LayerStatistics& out) override;
-  Status retain(const KvSequence& seq, int32_t layer, const RetentionPolicy& policy,
+  Status retain(KvSequence& seq, int32_t layer, const RetentionPolicy& policy,
                 std::span<const RetentionBudget> budgets, std::vector<std::vector<int32_t>>& drops) override;
   Status read_hidden(int64_t row_from, std::vector<float>& out) override;
   Status read_last_queries(std::vector<float>& out) override;
@@ -116,6 +116,8 @@ class CudaBackend final : public Backend {
                                       int32_t max_pages) const;
   // cuda_kv_ops.cpp
   Status sync_table(const KvSequence& seq, int32_t layer, int32_t kv_head);
+  Status retain_sequence(KvSequence& seq, int32_t layer, const RetentionPolicy& policy,
+                         const RetentionBudget& budget, std::vector<std::vector<int32_t>>& drops);
   // cuda_graph.cpp
   int32_t key_bound(int32_t max_keys) const;
   std::string graph_key(const StepPlan& plan) const;
@@ -204,6 +206,8 @@ class CudaBackend final : public Backend {
   DeviceMemory retention_drops_;   // (n_kv_heads, max_context) int32
   DeviceMemory retention_counts_;  // (n_kv_heads) int32
   PinnedMemory host_drops_;
+  DeviceMemory sequence_work_;     // retention per sequence: positions, scratch, drops
+  bool sequence_retention_started_ = false;  // this call's new positions are reset
 
   // Decode graphs by plan shape, valid while the buffers they captured stay.
   std::map<std::string, Graph> graphs_;

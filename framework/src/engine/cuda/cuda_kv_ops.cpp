@@ -75,11 +75,11 @@ Status CudaBackend::truncate(KvSequence& seq, int32_t n) {
   return ok_status();
 }
 
-Status CudaBackend::retain(const KvSequence& seq, int32_t l, const RetentionPolicy& policy,
+Status CudaBackend::retain(KvSequence& seq, int32_t l, const RetentionPolicy& policy,
                            std::span<const RetentionBudget> budgets, std::vector<std::vector<int32_t>>& drops) {
   const ModelConfig& c = config_;
   const int32_t nkv = c.n_kv_heads;
-  if (policy.scope != RetentionScope::PerHead) return Error{"cuda backend: retention per sequence is not supported"};
+  if (policy.scope == RetentionScope::PerSequence) return retain_sequence(seq, l, policy, budgets[0], drops);
   int32_t* staged = host_retention_budgets_.as<int32_t>();
   int32_t max_tokens = 0;
   for (int32_t g = 0; g < nkv; ++g) {
@@ -128,6 +128,63 @@ Status CudaBackend::retain(const KvSequence& seq, int32_t l, const RetentionPoli
     const int32_t* first = host + int64_t(g) * max_context_;
     drops[size_t(g)].assign(first, first + counts[size_t(g)]);
   }
+  return ok_status();
+}
+
+// One score per position of the sequence, summed over layers and kv heads, in
+// the sequence's planes on the device; every kv head of the layer keeps the
+// same tokens. The layer's positions go up (4 bytes a token); what leaves comes back.
+Status CudaBackend::retain_sequence(KvSequence& seq, int32_t l, const RetentionPolicy& policy,
+                                    const RetentionBudget& budget, std::vector<std::vector<int32_t>>& drops) {
+  const ModelConfig& c = config_;
+  const HeadPageTable& head0 = seq.table(l, 0);
+  const int32_t n = head0.n_tokens();
+  for (int32_t g = 1; g < c.n_kv_heads; ++g)
+    if (seq.table(l, g).positions != head0.positions)
+      return Error{fmt::format("retention per sequence: the kv heads of layer {} hold different tokens (a method "
+                               "that evicts per head cannot also retain per sequence)",
+                               l)};
+  const int32_t capacity = sequence_plane_capacity(max_context_, first_position_ + int32_t(n_));
+  auto* score = static_cast<float*>(seq.sequence_plane(SequencePlane::Score, capacity));
+  auto* dropped_at = static_cast<int32_t*>(seq.sequence_plane(SequencePlane::DroppedAt, capacity));
+  if (!sequence_retention_started_) {  // this call's tokens are new at their positions
+    sequence_retention_started_ = true;
+    CUDA_TRY(cudaMemsetAsync(score + first_position_, 0, size_t(n_) * 4, stream_), "retention");
+    CUDA_TRY(cudaMemsetAsync(dropped_at + first_position_, 0, size_t(n_) * 4, stream_), "retention");
+    if (policy.score == RetentionScore::LastMass)
+      CUDA_TRY(cudaMemsetAsync(score, 0, size_t(capacity) * 4, stream_), "retention");
+  }
+  // positions (n), scratch (3n), drops (n), count (1)
+  if (!sequence_work_.reserve(size_t(6 * int64_t(n) + 1) * 4) || !host_drops_.reserve(size_t(n + 1) * 4))
+    return Error{"cuda engine: out of GPU memory for retention"};
+  int32_t* d = sequence_work_.as<int32_t>();
+  CUDA_TRY(cudaMemcpyAsync(d, head0.positions.data(), size_t(n) * 4, cudaMemcpyHostToDevice, stream_), "retention");
+  kernels::SequenceRetentionCall call;
+  call.n_kv_heads = c.n_kv_heads;
+  call.n_tokens = n;
+  call.layer = l;
+  call.positions = d;
+  call.mass = key_mass_.as<float>();
+  call.mass_stride = max_context_;
+  call.score = score;
+  call.dropped_at = dropped_at;
+  call.sink = budget.sink;
+  call.recent = budget.recent;
+  call.heavy = budget.heavy;
+  call.scratch = d + n;
+  call.drops = d + 4 * int64_t(n);
+  call.n_drops = d + 5 * int64_t(n);
+  CUDA_TRY(kc::sequence_retention_update(call, stream_), "retention scores");
+  CUDA_TRY(kc::sequence_retention_select(call, stream_), "retention");
+  int32_t* host = host_drops_.as<int32_t>();
+  CUDA_TRY(cudaMemcpyAsync(host, call.n_drops, 4, cudaMemcpyDeviceToHost, stream_), "retention");
+  CUDA_TRY(cudaStreamSynchronize(stream_), "retention");  // also ends the upload from the pageable positions
+  const int32_t count = host[0];
+  if (count > 0) {
+    CUDA_TRY(cudaMemcpyAsync(host, call.drops, size_t(count) * 4, cudaMemcpyDeviceToHost, stream_), "retention");
+    CUDA_TRY(cudaStreamSynchronize(stream_), "retention");
+  }
+  drops.assign(size_t(c.n_kv_heads), std::vector<int32_t>(host, host + count));
   return ok_status();
 }
 

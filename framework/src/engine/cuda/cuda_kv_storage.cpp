@@ -113,6 +113,24 @@ class CudaPageStorage final : public KvPageStorage {
             "KV copy");
     check(cudaStreamSynchronize(stream_), "KV copy");  // staged_ is pageable and reused
   }
+  void* allocate_values(int64_t count) override {
+    void* values = nullptr;
+    if (cudaMalloc(&values, size_t(count) * 4) != cudaSuccess) {
+      cudaGetLastError();
+      return nullptr;
+    }
+    check(cudaMemsetAsync(values, 0, size_t(count) * 4, stream_), "sequence plane");
+    check(cudaStreamSynchronize(stream_), "sequence plane");
+    return values;
+  }
+  void free_values(void* values) override {
+    cudaStreamSynchronize(stream_);  // kernels in flight may still read them
+    cudaFree(values);
+  }
+  void copy_values(void* dst, const void* src, int64_t count) override {
+    check(cudaMemcpyAsync(dst, src, size_t(count) * 4, cudaMemcpyDeviceToDevice, stream_), "sequence plane");
+    check(cudaStreamSynchronize(stream_), "sequence plane");
+  }
   std::unique_ptr<KvPageStorage> sibling() const override {
     return std::make_unique<CudaPageStorage>(dtype_, stream_owner_);
   }
