@@ -46,8 +46,8 @@ struct LayerPageTable {
 // Which cached tokens (stored before this call) a kv head reads.
 enum class KeySelect : uint8_t {
   All = 0,     // every cached token, in order
-  Pages = 1,   // the listed logical pages (a page's slots >= n_cached are skipped)
-  Tokens = 2,  // the listed stored-token indices
+  Pages = 1,   // the listed logical pages (a page's slots >= n_cached, and negative pages, are skipped)
+  Tokens = 2,  // the listed stored-token indices (negative ones and ones >= n_cached are skipped)
 };
 
 // One layer's attention over the paged cache for `n_rows` new tokens, whose K/V

@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
 # Builds the CUDA backend here (sm_90) and packs what the GPU validation needs
-# into .device/bundle.tar.xz (git-ignored; a device call carries at most 64 MiB):
-# the test and benchmark binaries, the plugins, and the shared libraries the GPU
-# machine lacks. Then, on the GPU machine (device tool), carrying .device:
-#   bash scripts/gpu-validate.sh tests   (then  ... bench  and  ... kv)
+# into .device/bundle.tar.xz (git-ignored): the test and benchmark binaries, the
+# plugins, and the shared libraries a GPU machine lacks (scripts/bundle-libs.sh:
+# everything but the C/C++ runtimes and NVIDIA's own). Nothing is built on the
+# GPU machine, which needs only a driver, the CUDA toolkit's runtime and cuBLAS
+# (13.x, as this build), and python3 with PyTorch for the SDPA comparison.
+#
+# A remote GPU host, step by step:
+#   1. here:  bash scripts/gpu-bundle.sh           (about 10 MB; keep it under 32 MiB)
+#   2. copy the repository and .device/bundle.tar.xz to the GPU host
+#   3. there: OUT=some/folder bash scripts/gpu-validate.sh all     (at most 6 minutes)
+#   4. copy OUT back into results/gpu/<date>-<gpu>/ and commit it; results/gpu/latest/steps.tsv
+#      is what `scripts/gpu-validate.sh failed` reruns in the next window
 # usage: scripts/gpu-bundle.sh [BUILD_DIR]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -18,13 +26,10 @@ cp "$build"/bin/inferlab "$build"/bin/inferlab_gpu_tests "$build"/bin/bench_cuda
   "$build"/bin/bench_cuda_decode "$build"/bin/bench_cuda_kv_methods "$dev/bin/"
 cp "$build"/bin/plugins/*.so "$dev/bin/plugins/"
 cp "$build"/tests/plugins/inferlab-plugin-probe.so "$dev/bin/test-plugins/"
-bundle=$root/../shared/device/bundle-libs.sh
-if [[ -x $bundle ]]; then
-  "$bundle" "$dev/lib" "$dev/bin" >/dev/null
-else
-  echo "gpu-bundle: $bundle not found; copy the non-CUDA shared libraries into $dev/lib yourself" >&2
-fi
+bash "$root/scripts/bundle-libs.sh" "$dev/lib" "$dev/bin" >/dev/null
 strip --strip-unneeded "$dev"/bin/* "$dev"/bin/plugins/*.so "$dev"/bin/test-plugins/*.so "$dev"/lib/* 2>/dev/null || true
 tar -C "$dev" -cJf "$dev/bundle.tar.xz" bin lib
 rm -rf "$dev/bin" "$dev/lib"
-du -sh "$dev/bundle.tar.xz"
+size=$(stat -c %s "$dev/bundle.tar.xz")
+echo "gpu-bundle: $dev/bundle.tar.xz, $((size / 1024 / 1024)) MiB"
+((size <= 32 * 1024 * 1024)) || { echo "gpu-bundle: over 32 MiB" >&2; exit 1; }

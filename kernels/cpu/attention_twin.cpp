@@ -123,8 +123,9 @@ std::vector<int32_t> selected_cached_tokens(const AttentionCall& call, int32_t g
   const int32_t ps = call.kv.page_size;
   for (int32_t j = call.select_indptr[g]; j < call.select_indptr[g + 1]; ++j) {
     const int32_t x = call.select_index[j];
+    if (x < 0) continue;  // outside the cache, like an index past it
     if (mode == KeySelect::Tokens) {
-      if (x >= 0 && x < n_cached) tokens.push_back(x);
+      if (x < n_cached) tokens.push_back(x);
     } else {
       for (int32_t t = x * ps; t < std::min(x * ps + ps, n_cached); ++t) tokens.push_back(t);
     }

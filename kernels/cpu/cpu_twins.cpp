@@ -188,16 +188,19 @@ float kv_load(const KvPages& kv, int32_t page, int32_t slot, bool value, int32_t
   return load(value ? value_row(kv, page, slot) : key_row(kv, page, slot), kv.dtype, index);
 }
 
-int32_t sample_top_p(const float* logits, int64_t n, float temperature, float top_p, float uniform) {
-  // Descending logits, lower id first on ties (stable sort of ascending ids).
+int32_t sample_top_p(const float* raw, int64_t n, float temperature, float top_p, float uniform) {
+  // Descending logits, lower id first on ties (stable sort of ascending ids); a NaN counts as -infinity.
+  std::vector<float> logits(raw, raw + n);
+  for (float& x : logits)
+    if (std::isnan(x)) x = -std::numeric_limits<float>::infinity();
   std::vector<int32_t> order(static_cast<size_t>(n));
   std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
+  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return logits[size_t(a)] > logits[size_t(b)]; });
   if (!(temperature > 0.0f)) return order[0];
   std::vector<double> cumulative(static_cast<size_t>(n));
   double sum = 0.0;
   for (int64_t i = 0; i < n; ++i) {
-    sum += std::exp((double(logits[order[size_t(i)]]) - double(logits[order[0]])) / double(temperature));
+    sum += std::exp((double(logits[size_t(order[size_t(i)])]) - double(logits[size_t(order[0])])) / double(temperature));
     cumulative[size_t(i)] = sum;
   }
   // Kept: tokens 0..last, the first prefix whose mass reaches top_p.

@@ -8,6 +8,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <mutex>
+#include <set>
 
 #include "cuda/attention.cuh"
 #include "cuda/cuda_common.cuh"
@@ -77,17 +79,16 @@ __device__ inline KeyList warp_key_list(const AttentionCall& c, int32_t g) {
   if (l.mode == KeySelect::All) return l;
   const int32_t begin = c.select_indptr[g], end = c.select_indptr[g + 1];
   l.index = c.select_index + begin;
-  // Tokens outside [0, n_cached) are skipped (as in the twin); ascending, the
-  // negative ones come first, so the list starts after them.
+  // Tokens and pages outside the cache are skipped (as in the twin);
+  // ascending, the negative ones come first, so the list starts after them.
   int32_t count = 0, negative = 0;
   for (int32_t j = begin + int32_t(threadIdx.x % 32); j < end; j += 32) {
     const int32_t x = c.select_index[j];
-    if (l.mode == KeySelect::Tokens) {
+    negative += x < 0 ? 1 : 0;
+    if (l.mode == KeySelect::Tokens)
       count += x >= 0 && x < l.n_cached ? 1 : 0;
-      negative += x < 0 ? 1 : 0;
-    } else {
+    else if (x >= 0)
       count += min(max(l.n_cached - x * l.page_size, 0), l.page_size);
-    }
   }
   l.n_selected = warp_sum(count);
   l.index += warp_sum(negative);
@@ -199,6 +200,22 @@ cudaError_t configure_smem(Kernel kernel, int bytes) {
   const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (e != cudaSuccess) return e;
   return cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, int(cudaSharedmemCarveoutMaxShared));
+}
+
+// configure_smem once per (kernel, device): the attributes belong to the
+// device that is current when they are set, so a process on two GPUs sets them
+// on each. A failure is not remembered (the next launch tries again).
+template <typename Kernel>
+cudaError_t configure_smem_once(Kernel kernel, int bytes) {
+  static std::mutex mutex;
+  static std::set<int> configured;  // devices (one set per kernel instantiation)
+  int device = 0;
+  if (const cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (configured.count(device) != 0) return cudaSuccess;
+  const cudaError_t e = configure_smem(kernel, bytes);
+  if (e == cudaSuccess) configured.insert(device);
+  return e;
 }
 
 cudaError_t launch_prefill(const AttentionCall& c, cudaStream_t stream);

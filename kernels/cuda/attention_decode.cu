@@ -290,7 +290,7 @@ __global__ void __launch_bounds__(kThreads) decode_mass_kernel(const AttentionCa
 template <typename T, int D, int NQ>
 cudaError_t launch_decode_typed(const AttentionCall& c, int32_t n_splits, DecodeWorkspace ws, cudaStream_t stream) {
   constexpr int smem = int(sizeof(DecodeSmem<T, D, NQ>));
-  static const cudaError_t configured = configure_smem(decode_split_kernel<T, D, NQ>, smem);
+  const cudaError_t configured = configure_smem_once(decode_split_kernel<T, D, NQ>, smem);
   if (configured != cudaSuccess) return configured;
   const dim3 grid(unsigned(n_splits), unsigned(c.n_kv_heads));
   decode_split_kernel<T, D, NQ><<<grid, kThreads, smem, stream>>>(c, ws);

@@ -373,7 +373,7 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const AttentionCall c
 template <typename T, int D>
 cudaError_t launch_prefill_typed(const AttentionCall& c, cudaStream_t stream) {
   constexpr int smem = int(sizeof(PrefillSmem<T, D>));
-  static const cudaError_t configured = configure_smem(prefill_kernel<T, D>, smem);
+  const cudaError_t configured = configure_smem_once(prefill_kernel<T, D>, smem);
   if (configured != cudaSuccess) return configured;
   const dim3 grid(unsigned(ceil_div(c.n_rows, kQueryRows)), unsigned(c.n_heads));
   prefill_kernel<T, D><<<grid, kThreads, smem, stream>>>(c);

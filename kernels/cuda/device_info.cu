@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdio>
+#include <string>
 
 namespace inferlab::kernels::cuda {
 
@@ -23,6 +24,25 @@ std::string device_description(int device) {
   std::snprintf(text, sizeof(text), "%s (sm_%d%d, %.1f GiB)", prop.name, prop.major, prop.minor,
                 double(prop.totalGlobalMem) / double(1ull << 30));
   return text;
+}
+
+namespace {
+__global__ void probe_kernel() {}
+}  // namespace
+
+std::string kernel_image_problem(int device) {
+  int previous = 0;
+  if (cudaGetDevice(&previous) != cudaSuccess || cudaSetDevice(device) != cudaSuccess) {
+    cudaGetLastError();
+    return "device " + std::to_string(device) + " cannot be selected";
+  }
+  cudaFuncAttributes attributes{};
+  const cudaError_t err = cudaFuncGetAttributes(&attributes, probe_kernel);
+  cudaGetLastError();
+  cudaSetDevice(previous);
+  if (err == cudaSuccess) return {};
+  return device_description(device) + ": this build has no kernels for it (" + cudaGetErrorString(err) +
+         "); rebuild with CMAKE_CUDA_ARCHITECTURES set to its architecture";
 }
 
 }  // namespace inferlab::kernels::cuda

@@ -9,5 +9,9 @@ namespace inferlab::kernels::cuda {
 int device_count();
 // "NVIDIA H100 80GB HBM3 (sm_90, 79.1 GiB)" or the runtime's error text.
 std::string device_description(int device);
+// Empty when this build's kernels run on `device`, else why not (a GPU older
+// than the architectures the kernels were built for, e.g. sm_80 under an
+// sm_90 build).
+std::string kernel_image_problem(int device);
 
 }  // namespace inferlab::kernels::cuda

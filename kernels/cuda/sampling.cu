@@ -60,8 +60,14 @@ SampleBuffers carve(void* workspace, int64_t n) {
   return b;
 }
 
-__global__ void iota_kernel(int32_t* ids, int64_t n) {
-  INFERLAB_GRID_STRIDE(i, n) ids[i] = int32_t(i);
+// Sort keys: a NaN logit counts as -infinity and -0 as +0 (the radix sort
+// orders bits; the twin compares floats), with the ids to sort along.
+__global__ void sort_input_kernel(const float* logits, int64_t n, float* keys, int32_t* ids) {
+  INFERLAB_GRID_STRIDE(i, n) {
+    const float x = logits[i];
+    keys[i] = isnan(x) ? -INFINITY : x == 0.0f ? 0.0f : x;
+    ids[i] = int32_t(i);
+  }
 }
 
 __global__ void softmax_weights_kernel(const float* sorted_logits, int64_t n, float inv_temperature, float* weights) {
@@ -115,10 +121,11 @@ cudaError_t sample_top_p(const float* logits, int64_t n, float temperature, floa
     return cudaErrorInvalidValue;
   const SampleBuffers b = carve(workspace, n);
   const unsigned blocks = grid_stride_blocks(n, 256);
-  iota_kernel<<<blocks, 256, 0, stream>>>(b.ids, n);
+  // The weights' array holds the sort keys until the weights are computed.
+  sort_input_kernel<<<blocks, 256, 0, stream>>>(logits, n, b.weights, b.ids);
   size_t temp_bytes = b.cub_temp_bytes;
-  cudaError_t err = cub::DeviceRadixSort::SortPairsDescending(b.cub_temp, temp_bytes, logits, b.sorted_logits, b.ids,
-                                                              b.sorted_ids, int(n), 0, 32, stream);
+  cudaError_t err = cub::DeviceRadixSort::SortPairsDescending(b.cub_temp, temp_bytes, b.weights, b.sorted_logits,
+                                                              b.ids, b.sorted_ids, int(n), 0, 32, stream);
   if (err != cudaSuccess) return err;
   const bool greedy = !(temperature > 0.0f);
   if (!greedy) {

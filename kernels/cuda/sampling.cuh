@@ -21,7 +21,7 @@ size_t sample_workspace_bytes(int64_t n);
 // renormalized: walking tokens in descending probability (ties: lower id
 // first), the first whose cumulative kept mass exceeds uniform * kept mass.
 // uniform in [0, 1); top_p <= 0 keeps one token (argmax), >= 1 keeps all;
-// temperature <= 0 is greedy. twin: cpu::sample_top_p.
+// temperature <= 0 is greedy; a NaN logit counts as -infinity. twin: cpu::sample_top_p.
 cudaError_t sample_top_p(const float* logits, int64_t n, float temperature, float top_p, float uniform, int32_t* out,
                          void* workspace, size_t workspace_bytes, cudaStream_t stream);
 

@@ -8,16 +8,20 @@
 #include <cmath>
 #include <cstdint>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "cuda/device_info.cuh"
 
 namespace inferlab::gpu_test {
 
-// Skips the calling test when this machine has no usable GPU.
-#define INFERLAB_REQUIRE_GPU()                                                    \
-  do {                                                                            \
-    if (::inferlab::kernels::cuda::device_count() == 0) GTEST_SKIP() << "no GPU"; \
+// Skips the calling test when this machine has no GPU this build's kernels run
+// on (none, or one older than the architectures they were built for).
+#define INFERLAB_REQUIRE_GPU()                                                                   \
+  do {                                                                                           \
+    if (::inferlab::kernels::cuda::device_count() == 0) GTEST_SKIP() << "no GPU";                \
+    if (const std::string why = ::inferlab::kernels::cuda::kernel_image_problem(0); !why.empty()) \
+      GTEST_SKIP() << why;                                                                       \
   } while (0)
 
 #define INFERLAB_CUDA_OK(expr) ASSERT_EQ((expr), cudaSuccess) << cudaGetErrorString(cudaGetLastError())

@@ -189,10 +189,6 @@ INSTANTIATE_TEST_SUITE_P(
 // The device's selection by key bound (page_bounds.cu) picks what a method
 // computing the bounds itself from the (downloaded) keys picks, on the same
 // backend, through eviction and a cloned sequence: same pages, same logits.
-// (The device sums a page's score in another order than the reference; a page
-// pair within float rounding of each other at the cut could flip. The data are
-// fixed and such a near tie among a few dozen random scores is unlikely; if
-// this fails, first check the two selections' scores for one.)
 std::vector<float> bound_trace(test::BoundMethod& method, const std::vector<int32_t>& tokens, int32_t prompt) {
   auto engine = make_engine(small_model(), BackendKind::Cuda, 16);
   EXPECT_NE(engine, nullptr);
@@ -217,7 +213,8 @@ TEST(CudaPageBudget, DeviceSelectsWhatTheReferenceSelects) {
   const auto tokens = test::random_tokens(small_model()->config().n_vocab, 300 + 12, 21);
   for (const auto& [budget, drop] : {std::pair{3, std::set<int32_t>{}}, std::pair{8, std::set<int32_t>{}},
                                      std::pair{5, std::set<int32_t>{40, 41, 200}}}) {
-    test::BoundMethod device(true, budget, drop, 2), reference(false, budget, drop, 2);
+    // The reference sums scores in the scoring kernel's order: no near tie can fall differently.
+    test::BoundMethod device(true, budget, drop, 2), reference(false, budget, drop, 2, true);
     const auto got = bound_trace(device, tokens, 300), want = bound_trace(reference, tokens, 300);
     ASSERT_EQ(got.size(), want.size());
     EXPECT_LT(gpu_test::normalized_error(got, want), 1e-6) << "budget " << budget;

@@ -3,7 +3,9 @@
 // inputs. Float ops must agree to a normalized error of 1e-5; ops that store
 // f16 / bf16 to 1e-3 / 1e-2; copies, conversions and the random fill bit for bit.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <numeric>
 #include <set>
@@ -462,6 +464,27 @@ TEST_P(Sampling, SampleTopPMatchesTwin) {
                                        << got << " expected " << expected;
       }
   EXPECT_GE(exact, total - 2);
+}
+
+// NaN logits (a broken method's output) rank last, as -infinity, and the
+// sample stays among the real tokens; -0 and +0 tie (lower id first).
+TEST(CudaOpsSampling, NanLogitsRankLast) {
+  INFERLAB_REQUIRE_GPU();
+  auto logits = random_floats(1000, 31, 2.0f);
+  for (size_t i = 0; i < logits.size(); i += 7) logits[i] = std::numeric_limits<float>::quiet_NaN();
+  logits[3] = -0.0f;
+  logits[4] = 0.0f;
+  DeviceBuffer<float> d_logits(logits);
+  DeviceBuffer<uint8_t> workspace(cuda::sample_workspace_bytes(int64_t(logits.size())));
+  DeviceBuffer<int32_t> d_out(1);
+  for (float temperature : {0.0f, 1.0f})
+    for (float uniform : {0.0f, 0.5f, 0.999f}) {
+      INFERLAB_CUDA_OK(cuda::sample_top_p(d_logits.get(), int64_t(logits.size()), temperature, 1.0f, uniform,
+                                          d_out.get(), workspace.get(), workspace.size(), nullptr));
+      const int32_t got = d_out.download()[0];
+      EXPECT_FALSE(std::isnan(logits[size_t(got)])) << "T=" << temperature << " u=" << uniform;
+      EXPECT_EQ(got, cpu::sample_top_p(logits.data(), int64_t(logits.size()), temperature, 1.0f, uniform));
+    }
 }
 
 INSTANTIATE_TEST_SUITE_P(CudaOps, Sampling,

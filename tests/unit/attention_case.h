@@ -155,6 +155,9 @@ inline void fill_selection(AttentionCase& c, std::mt19937_64& rng) {
                                             : kernels::KeySelect::Tokens;
     c.select.push_back(uint8_t(mode));
     const int32_t n_pages = (c.n_cached[size_t(g)] + s.n_rows + s.page_size - 1) / s.page_size;
+    // Odd heads list indices below the cache too (skipped, as those past it are).
+    if (g % 2 == 1 && mode == kernels::KeySelect::Pages) c.select_index.push_back(-2);
+    if (g % 2 == 1 && mode == kernels::KeySelect::Tokens) c.select_index.insert(c.select_index.end(), {-3, -1});
     if (mode == kernels::KeySelect::Pages) select_pages(rng, c.n_cached[size_t(g)], n_pages, s.page_size, c.select_index);
     if (mode == kernels::KeySelect::Tokens) select_tokens(rng, c.n_cached[size_t(g)], c.select_index);
     c.select_indptr.push_back(int32_t(c.select_index.size()));

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <numeric>
@@ -20,8 +21,18 @@ namespace inferlab::test {
 
 class BoundMethod final : public Method {
  public:
-  BoundMethod(bool engine_side, int32_t budget, std::set<int32_t> evict_positions = {}, int64_t evict_step = -1)
-      : engine_side_(engine_side), budget_(budget), evict_(std::move(evict_positions)), evict_step_(evict_step) {}
+  // warp_order: sum each page's score in the order of the CUDA scoring kernel
+  // (32 lanes over strided channels, heads inside, then a butterfly sum) so a
+  // reference on the CUDA backend rounds exactly as the device does and a near
+  // tie at the selection cut cannot fall differently; otherwise in the CPU
+  // twin's order (heads, then channels).
+  BoundMethod(bool engine_side, int32_t budget, std::set<int32_t> evict_positions = {}, int64_t evict_step = -1,
+              bool warp_order = false)
+      : engine_side_(engine_side),
+        budget_(budget),
+        evict_(std::move(evict_positions)),
+        evict_step_(evict_step),
+        warp_order_(warp_order) {}
 
   uint32_t hooks() const { return (engine_side_ ? kHookPageBudget : kHookDecodeSelection) | kHookEviction; }
 
@@ -46,13 +57,7 @@ class BoundMethod final : public Method {
           hi[size_t(i)] = std::max(hi[size_t(i)], k[i]);
         }
       }
-      float s = 0;
-      for (int32_t h = 0; h < shape_.group_size(); ++h)
-        for (int32_t i = 0; i < hd; ++i) {
-          const float qi = q[size_t(h * hd + i)];
-          s += std::max(qi * lo[size_t(i)], qi * hi[size_t(i)]);
-        }
-      score[size_t(p)] = s;
+      score[size_t(p)] = warp_order_ ? warp_score(q, lo, hi, hd) : twin_score(q, lo, hi, hd);
     }
     std::vector<int32_t> order(static_cast<size_t>(pages - 1));
     std::iota(order.begin(), order.end(), 0);
@@ -76,10 +81,41 @@ class BoundMethod final : public Method {
   void begin_sequence(const ModelShape& shape) override { shape_ = shape; }
 
  private:
+  float twin_score(std::span<const float> q, const std::vector<float>& lo, const std::vector<float>& hi,
+                   int32_t hd) const {
+    float s = 0;
+    for (int32_t h = 0; h < shape_.group_size(); ++h)
+      for (int32_t i = 0; i < hd; ++i) {
+        const float qi = q[size_t(h * hd + i)];
+        s += std::max(qi * lo[size_t(i)], qi * hi[size_t(i)]);
+      }
+    return s;
+  }
+  float warp_score(std::span<const float> q, const std::vector<float>& lo, const std::vector<float>& hi,
+                   int32_t hd) const {
+    float lane[32];
+    for (int32_t l = 0; l < 32; ++l) {
+      float s = 0;
+      for (int32_t i = l; i < hd; i += 32)
+        for (int32_t h = 0; h < shape_.group_size(); ++h) {
+          const float qi = q[size_t(h * hd + i)];
+          s += std::fmax(qi * lo[size_t(i)], qi * hi[size_t(i)]);
+        }
+      lane[l] = s;
+    }
+    for (int32_t offset = 16; offset > 0; offset >>= 1) {
+      float next[32];
+      for (int32_t l = 0; l < 32; ++l) next[l] = lane[l] + lane[l ^ offset];
+      std::copy(next, next + 32, lane);
+    }
+    return lane[0];
+  }
+
   bool engine_side_;
   int32_t budget_;
   std::set<int32_t> evict_;
   int64_t evict_step_;
+  bool warp_order_;
   ModelShape shape_;
 };
 

@@ -135,6 +135,8 @@ Status CudaBackend::init_device() {
                              c.head_dim)};
   if (options_.device < 0 || options_.device >= devices)
     return Error{fmt::format("cuda engine: device {} does not exist ({} visible)", options_.device, devices)};
+  if (const std::string why = kc::kernel_image_problem(options_.device); !why.empty())
+    return Error{"cuda engine: " + why};
   CUDA_TRY(cudaSetDevice(options_.device), "select device");
   CUDA_TRY(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "create stream");
   stream_owner_.reset(stream_, [](cudaStream_t stream) { cudaStreamDestroy(stream); });
