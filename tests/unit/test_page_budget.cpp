@@ -15,18 +15,7 @@ using test::BoundMethod;
 
 constexpr int32_t kPageSize = 4;
 
-std::shared_ptr<Model> gqa_model() {
-  static std::shared_ptr<Model> model = [] {
-    SyntheticModelSpec spec;
-    spec.name = "bounds";
-    spec.n_layers = 2;
-    spec.n_heads = 4;
-    spec.n_kv_heads = 2;  // two query heads per kv head: their bounds add up
-    spec.seed = 7;
-    return test::load_synthetic(spec);
-  }();
-  return model;
-}
+std::shared_ptr<Model> gqa_model() { return test::gqa_test_model("bounds", 7); }
 
 struct MethodRun {
   std::vector<float> logits;

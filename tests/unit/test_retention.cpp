@@ -37,18 +37,7 @@ TEST(Retention, ReferenceKeepsSinksTheRecentWindowAndTheBestScores) {
   EXPECT_EQ(drops_of(inf, {0, 0, 1}), (std::vector<int32_t>{0, 1}));
 }
 
-std::shared_ptr<Model> gqa_model() {
-  static std::shared_ptr<Model> model = [] {
-    SyntheticModelSpec spec;
-    spec.name = "retention";
-    spec.n_layers = 2;
-    spec.n_heads = 4;
-    spec.n_kv_heads = 2;  // two query heads per kv head: their mass adds up
-    spec.seed = 11;
-    return test::load_synthetic(spec);
-  }();
-  return model;
-}
+std::shared_ptr<Model> gqa_model() { return test::gqa_test_model("retention", 11); }
 
 struct Traced {
   std::vector<float> logits;

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <filesystem>
+#include <map>
 #include <memory>
 #include <string>
 #include <unistd.h>
@@ -40,6 +41,23 @@ inline std::shared_ptr<Model> load_synthetic(const SyntheticModelSpec& spec) {
   auto model = Model::load(path);
   EXPECT_TRUE(model.ok()) << (model.ok() ? "" : model.message());
   return model.ok() ? *model : nullptr;
+}
+
+// A small model with grouped-query attention (4 query heads, 2 kv heads), the
+// shape the engine mechanism tests share; one per (name, seed) for the process.
+inline std::shared_ptr<Model> gqa_test_model(const std::string& name, uint64_t seed) {
+  static std::map<std::pair<std::string, uint64_t>, std::shared_ptr<Model>> models;
+  auto& model = models[{name, seed}];
+  if (!model) {
+    SyntheticModelSpec spec;
+    spec.name = name;
+    spec.n_layers = 2;
+    spec.n_heads = 4;
+    spec.n_kv_heads = 2;
+    spec.seed = seed;
+    model = load_synthetic(spec);
+  }
+  return model;
 }
 
 // Real default model, or nullptr when it is not installed (tests then skip).

@@ -130,7 +130,9 @@ TEST(TaskCatalog, DepthsDefaultToStartMiddleAndEnd) {
   ASSERT_TRUE(task.ok()) << task.message();
   for (const auto& info : task_catalog())
     for (const auto& p : info.params)
-      if (p.spec.name == "depths") EXPECT_EQ(p.default_values().size(), 3u) << info.name;
+      if (p.spec.name == "depths") {
+        EXPECT_EQ(p.default_values().size(), 3u) << info.name;
+      }
 }
 
 TEST(TaskCatalog, UnknownTypeNamesTheKnownOnes) {

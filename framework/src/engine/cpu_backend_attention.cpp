@@ -236,13 +236,8 @@ Status CpuBackend::retain(KvSequence& seq, int32_t l, const RetentionPolicy& pol
 Status CpuBackend::retain_sequence(KvSequence& seq, int32_t l, const RetentionPolicy& policy,
                                    const RetentionBudget& budget, std::vector<std::vector<int32_t>>& drops) {
   const ModelConfig& c = config_;
-  const HeadPageTable& head0 = seq.table(l, 0);
+  const HeadPageTable& head0 = seq.table(l, 0);  // every kv head holds these tokens (the schedule checked)
   const int32_t n = head0.n_tokens();
-  for (int32_t g = 1; g < c.n_kv_heads; ++g)
-    if (seq.table(l, g).positions != head0.positions)
-      return Error{fmt::format("retention per sequence: the kv heads of layer {} hold different tokens (a method "
-                               "that evicts per head cannot also retain per sequence)",
-                               l)};
   const int32_t capacity = sequence_plane_capacity(max_context_, positions_[0] + int32_t(n_));
   auto* score = static_cast<float*>(seq.sequence_plane(SequencePlane::Score, capacity));
   auto* dropped_at = static_cast<int32_t*>(seq.sequence_plane(SequencePlane::DroppedAt, capacity));

@@ -323,6 +323,12 @@ Status ForwardPass::statistics(int32_t l) {
 
 Status ForwardPass::retain(int32_t l) {
   if (!method_.has(kHookRetention)) return ok_status();
+  if (method_.retention.scope == RetentionScope::PerSequence)  // one token set per layer
+    for (int32_t g = 1; g < config_.n_kv_heads; ++g)
+      if (seq_.table(l, g).positions != seq_.table(l, 0).positions)
+        return Error{fmt::format("retention per sequence: the kv heads of layer {} hold different tokens (a method "
+                                 "that evicts per head cannot also retain per sequence)",
+                                 l)};
   std::vector<std::vector<int32_t>> drops;
   if (auto s = backend_.retain(seq_, l, method_.retention, plan_.retention[size_t(l)], drops); !s) return s;
   for (int32_t g = 0; g < config_.n_kv_heads; ++g)
