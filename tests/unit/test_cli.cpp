@@ -96,6 +96,20 @@ TEST(Cli, PerplexityJson) {
   EXPECT_NE(missing.output.find("/nonexistent.txt"), std::string::npos);
 }
 
+TEST(Cli, PerplexityCountsOnlyPredictedTokens) {
+  auto text = test::temp_path("long.txt");
+  {
+    std::ofstream out(text);
+    for (int i = 0; i < 3000; ++i) out << "the cat sat on the mat " << i << ". ";
+  }
+  auto r = run_cli("perplexity --model " + tiny_model().string() + " --text " + text.string() +
+                   " --ctx 512 --max-tokens 4096 --json");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  auto j = nlohmann::json::parse(r.output);
+  EXPECT_EQ(j.at("tokens").get<int64_t>(), 4088);  // 8 windows of 512, each scoring its last 511
+  EXPECT_EQ(j.at("windows").get<int64_t>(), 8);
+}
+
 TEST(Cli, ModelInfoAndLogits) {
   auto info = run_cli("model info " + tiny_model().string());
   ASSERT_EQ(info.exit_code, 0) << info.output;

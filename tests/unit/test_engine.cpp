@@ -188,6 +188,34 @@ TEST(Engine, PerplexityWindowsScoreEveryTokenOnce) {
   EXPECT_EQ(windows->tokens_scored, 99);
   EXPECT_GT(windows->windows, 5);
   EXPECT_FALSE(perplexity(**engine, tokens, 32, 64).ok());
+  // Windows that do not overlap: nothing predicts a window's first token, so
+  // it is not scored (31 + 31 + 31 + 3 of the 100).
+  auto apart = perplexity(**engine, tokens, 32, 32);
+  ASSERT_TRUE(apart.ok());
+  EXPECT_EQ(apart->windows, 4);
+  EXPECT_EQ(apart->tokens_scored, 96);
+  double by_window = 0;
+  for (size_t begin = 0; begin < tokens.size(); begin += 32) {
+    const std::vector<int32_t> window(tokens.begin() + long(begin), tokens.begin() + long(std::min(begin + 32, tokens.size())));
+    auto one = perplexity(**engine, window, 32, 32);
+    ASSERT_TRUE(one.ok());
+    by_window += one->mean_nll * double(one->tokens_scored);
+  }
+  EXPECT_NEAR(apart->mean_nll, by_window / 96.0, 1e-9);
+}
+
+TEST(Engine, PerplexityOf4096TokensInWindowsOf512Scores4088) {
+  SyntheticModelSpec spec;
+  spec.name = "ppl4096";
+  auto model = load_synthetic(spec);
+  ASSERT_TRUE(model);
+  auto engine = Engine::create(model);
+  ASSERT_TRUE(engine.ok());
+  const auto tokens = random_tokens(model->config().n_vocab, 4096, 6);
+  auto r = perplexity(**engine, tokens, 512, 512);
+  ASSERT_TRUE(r.ok()) << r.message();
+  EXPECT_EQ(r->windows, 8);
+  EXPECT_EQ(r->tokens_scored, 8 * 511);
 }
 
 TEST(Engine, GreedyGenerationIsDeterministicAndStreamsWholeCharacters) {

@@ -73,14 +73,16 @@ Result<PerplexityResult> perplexity(Engine& engine, const std::vector<int32_t>& 
     if (end <= scored_until) continue;
     auto seq = engine.new_sequence();
     std::span<const int32_t> window(tokens.data() + begin, size_t(end - begin));
-    // Row r predicts token begin + r + 1; score targets in [scored_until, end).
-    const int64_t first_row = scored_until - 1 - begin;
-    auto status = engine.forward(*seq, window, first_row, [&](int64_t row, std::span<const float> logits) {
+    // Row r predicts token begin + r + 1; score targets in [first, end). A
+    // window's first token is predicted by nothing in it: with windows that do
+    // not overlap (stride = ctx) it stays unscored.
+    const int64_t first = std::max(scored_until, begin + 1);
+    auto status = engine.forward(*seq, window, first - 1 - begin, [&](int64_t row, std::span<const float> logits) {
       const int64_t target = begin + row + 1;
       if (target < end) nll_sum -= log_prob(logits, tokens[size_t(target)]);
     });
     if (!status) return status.error();
-    result.tokens_scored += end - scored_until;
+    result.tokens_scored += end - first;
     scored_until = end;
     ++result.windows;
   }

@@ -507,6 +507,7 @@ std::string canonical_config_json(const RunSpec& run) {
   if (run.backend == "cuda") model["dtype"] = run.model.dtype;
   const nlohmann::json json = {
       {"experiment", run.experiment},
+      {"measurement", kMeasurementVersion},
       {"seed", run.seed},
       {"backend", run.backend},
       // The model is identified by its checksum, not its name or path, so moving

@@ -58,6 +58,13 @@ Result<ExperimentConfig> parse_experiment(std::string_view toml_text, const std:
                                           const Catalog& catalog);
 
 // One point of an experiment's grid: everything needed to execute and record a run.
+// The version of what every run measures, part of every run hash: bump it
+// when a metric's definition or computation changes, so numbers measured the
+// old way are never mixed with new ones (their runs become pending again).
+//   1  (no field) up to 2026-11
+//   2  perplexity windows no longer count a window's unpredicted first token
+inline constexpr int32_t kMeasurementVersion = 2;
+
 struct RunSpec {
   int64_t index = 0;  // position in the grid (0-based), stable
   std::string experiment;
