@@ -4,6 +4,8 @@
 // refused before anything runs.
 #include <gtest/gtest.h>
 
+#include <regex>
+
 #include <cmath>
 #include <fstream>
 
@@ -108,7 +110,9 @@ TEST(ExperimentRunner, RunsTheGridAndRecordsMetricsAndSamples) {
   for (const char* name : {"ttft_ms", "tpot_mean_ms", "tpot_p50_ms", "tpot_p99_ms", "decode_tokens_per_s",
                            "prefill_tokens_per_s", "kv_bytes_peak", "kv_bytes_final", "peak_rss_bytes"})
     EXPECT_GT(metric(*db, "passkey", "dense", name), 0.0) << name;
-  EXPECT_FALSE(scalar(*db, "SELECT git_revision FROM runs LIMIT 1").empty());
+  // The revision the binary was built from, recorded at build time.
+  EXPECT_EQ(scalar(*db, "SELECT git_revision FROM runs LIMIT 1"), build_revision());
+  EXPECT_TRUE(std::regex_match(build_revision(), std::regex("[0-9a-f]{12}(-dirty)?|unknown"))) << build_revision();
   // Plain progress lines when the output is not a terminal.
   const std::string progress = read_all(o.progress);
   EXPECT_NE(progress.find("[run 9/9]"), std::string::npos) << progress;

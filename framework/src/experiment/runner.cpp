@@ -17,9 +17,6 @@
 #include "plugins/plugin_host.h"
 #include "results/database.h"
 
-#ifndef INFERLAB_SOURCE_DIR
-#define INFERLAB_SOURCE_DIR ""
-#endif
 
 namespace inferlab {
 
@@ -27,17 +24,6 @@ namespace {
 
 double unix_now() {
   return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
-}
-
-std::string run_command(const std::string& command) {
-  std::string out;
-  if (std::FILE* pipe = ::popen(command.c_str(), "r"); pipe != nullptr) {
-    char buf[256];
-    while (std::fgets(buf, sizeof(buf), pipe) != nullptr) out += buf;
-    if (::pclose(pipe) != 0) return "";
-  }
-  while (!out.empty() && (out.back() == '\n' || out.back() == '\r')) out.pop_back();
-  return out;
 }
 
 // Which backend the runs use: "auto" is resolved here, so a run's hash and
@@ -215,14 +201,7 @@ Result<Catalog> build_catalog(PluginRegistry& registry, const RunnerOptions& opt
 
 }  // namespace
 
-std::string source_revision() {
-  const std::string dir = INFERLAB_SOURCE_DIR;
-  if (dir.empty()) return "unknown";
-  const std::string rev = run_command("git -C '" + dir + "' rev-parse --short=12 HEAD 2>/dev/null");
-  if (rev.empty()) return "unknown";
-  const std::string dirty = run_command("git -C '" + dir + "' status --porcelain --untracked-files=no 2>/dev/null");
-  return dirty.empty() ? rev : rev + "-dirty";
-}
+std::string source_revision() { return build_revision(); }
 
 Result<RunnerSummary> run_experiment(const std::filesystem::path& config_file, const RunnerOptions& options) {
   PluginRegistry registry;

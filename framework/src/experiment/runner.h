@@ -35,8 +35,10 @@ struct RunnerSummary {
 
 Result<RunnerSummary> run_experiment(const std::filesystem::path& config_file, const RunnerOptions& options);
 
-// The git revision of the source tree this binary was built from, with
-// "-dirty" when it has uncommitted changes ("unknown" outside a checkout).
+// The git revision of the source tree this binary was built from, read when
+// it was built (cmake/WriteRevision.cmake), with "-dirty" when tracked files
+// had uncommitted changes ("unknown" outside a checkout).
+std::string build_revision();
 std::string source_revision();
 
 }  // namespace inferlab
