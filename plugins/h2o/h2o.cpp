@@ -9,7 +9,7 @@
 #include <cmath>
 #include <sstream>
 
-#include "inferlab/plugin.h"
+#include "inferlab/plugin_export.h"
 
 namespace {
 
@@ -82,7 +82,7 @@ class H2oPlugin final : public Plugin {
     return {"h2o",
             "1.1.0",
             "heavy hitters by accumulated attention + recent window (Zhang et al. 2023)",
-            kHookRetention,
+            hooks_of<H2o>(),
             {ParamSpec::integer("heavy", 64, 0, 1 << 24, "heavy-hitter tokens kept (when heavy_ratio is 0)"),
              ParamSpec::integer("recent", 64, 0, 1 << 24, "recent tokens kept (when recent_ratio is 0)"),
              ParamSpec::real("heavy_ratio", 0.0, 0.0, 1.0, "heavy hitters as a fraction of the sequence so far"),

@@ -16,7 +16,7 @@
 #include <limits>
 #include <numeric>
 
-#include "inferlab/plugin.h"
+#include "inferlab/plugin_export.h"
 
 namespace {
 
@@ -136,7 +136,7 @@ class QuestPlugin final : public Plugin {
     return {"quest",
             "1.0.0",
             "query-aware page selection by key min/max bounds (Tang et al. 2024)",
-            kHookPageBudget | kHookDecodeSelection,
+            hooks_of<Quest>(),
             {ParamSpec::integer("token_budget", 256, 1, 1 << 24, "tokens read per decode step and head"),
              ParamSpec::integer("page_size", 16, 1, 4096, "tokens per page (best equal to the KV page size)"),
              ParamSpec::integer("dense_layers", 2, 0, 4096, "first layers that stay dense")}};

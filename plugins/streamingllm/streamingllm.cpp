@@ -5,7 +5,7 @@
 // so a sequence can stream past the model's context length.
 #include <algorithm>
 
-#include "inferlab/plugin.h"
+#include "inferlab/plugin_export.h"
 
 namespace {
 
@@ -41,7 +41,7 @@ class StreamingLlmPlugin final : public Plugin {
     return {"streamingllm",
             "1.0.0",
             "attention sinks + recent window; evicts as tokens arrive (Xiao et al. 2024)",
-            kHookEviction,
+            hooks_of<StreamingLlm>(),
             {ParamSpec::integer("sink_tokens", 4, 0, 1 << 20, "first tokens always kept (attention sinks)"),
              ParamSpec::integer("window", 256, 1, 1 << 24, "most recent tokens kept"),
              ParamSpec::string("positions", "cache", {"cache", "original"},

@@ -8,7 +8,7 @@
 #include <set>
 #include <sstream>
 
-#include "inferlab/plugin.h"
+#include "inferlab/plugin_export.h"
 
 namespace {
 
@@ -235,7 +235,7 @@ class ProbePlugin final : public Plugin {
     return {"probe",
             "1.1.0",
             "test plugin: every hook, decisions set by parameters",
-            kAllHooks,
+            hooks_of<ProbeMethod>(),
             {
                 ParamSpec::string("evict_positions", "", {}, "comma-separated positions to evict"),
                 ParamSpec::integer("evict_step", 0, -1, std::nullopt, "forward call that evicts (-1: every call)"),

@@ -2,7 +2,7 @@
 // calling its factory (which would abort the test if it were called).
 #include <cstdlib>
 
-#include "inferlab/plugin.h"
+#include "inferlab/plugin_export.h"
 
 namespace wrong_abi {
 std::unique_ptr<inferlab::Plugin> make_plugin() { std::abort(); }

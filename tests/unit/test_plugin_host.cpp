@@ -103,3 +103,30 @@ TEST(PluginHost, CreateFillsDefaultsAndRejectsBadParameters) {
 
 }  // namespace
 }  // namespace inferlab
+
+namespace inferlab {
+namespace {
+
+// A method's hooks are read off its overrides (hooks_of), so they are declared once.
+struct OnlyEvicts : Method {
+  void evict(const StepInfo&, const KvView&, int32_t, int32_t, std::vector<int32_t>&) override {}
+};
+struct ExitsAndLoads : Method {
+  Status on_load(const LoadContext&) override { return ok_status(); }
+  bool exit_after_layer(const StepInfo&, int32_t, std::span<const float>) override { return false; }
+};
+struct Derived final : OnlyEvicts {
+  RetentionBudget retention_budget(const StepInfo&, int32_t, int32_t) override { return {}; }
+};
+
+TEST(PluginSdk, HooksAreReadOffTheOverrides) {
+  static_assert(hooks_of<Method>() == 0);
+  static_assert(hooks_of<OnlyEvicts>() == kHookEviction);
+  static_assert(hooks_of<ExitsAndLoads>() == (kHookLoad | kHookLayerPlan));
+  static_assert(hooks_of<Derived>() == (kHookEviction | kHookRetention));
+  EXPECT_EQ(test::plugin_registry().find("probe")->hooks, kAllHooks);
+  EXPECT_EQ(test::plugin_registry().find("dense")->hooks, 0u);
+}
+
+}  // namespace
+}  // namespace inferlab

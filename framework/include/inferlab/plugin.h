@@ -1,7 +1,7 @@
 // The plugin SDK: the only contract between the inferlab host and a method
-// plugin. A plugin is a shared library that exports one factory (see
-// INFERLAB_PLUGIN at the end) returning a `Plugin`, which describes itself and
-// creates `Method` objects from resolved parameters.
+// plugin. A plugin is a shared library that exports one factory (with
+// INFERLAB_PLUGIN from inferlab/plugin_export.h) returning a `Plugin`, which
+// describes itself and creates `Method` objects from resolved parameters.
 //
 // Mechanism lives in the engine, policy in the plugin: a Method only decides
 // (which tokens to evict, which pages to read, which layers to run ...); the
@@ -20,6 +20,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -307,11 +308,32 @@ class Method {
   virtual std::map<std::string, double> counters() const { return {}; }
 };
 
+// The hooks a Method class implements, read off what it overrides: a plugin
+// declares its hooks once, by overriding them, and fills PluginInfo::hooks with
+// hooks_of<MyMethod>() (so the bits cannot disagree with the code).
+template <class M>
+constexpr uint32_t hooks_of() {
+  static_assert(std::is_base_of_v<Method, M>, "hooks_of<M>: M must derive from inferlab::Method");
+#define INFERLAB_OVERRIDES(fn) (!std::is_same_v<decltype(&M::fn), decltype(&Method::fn)>)
+  uint32_t hooks = 0;
+  if (INFERLAB_OVERRIDES(on_load)) hooks |= kHookLoad;
+  if (INFERLAB_OVERRIDES(prefill_pattern)) hooks |= kHookPrefillPattern;
+  if (INFERLAB_OVERRIDES(select_kv)) hooks |= kHookDecodeSelection;
+  if (INFERLAB_OVERRIDES(on_attention)) hooks |= kHookAttentionFeedback;
+  if (INFERLAB_OVERRIDES(evict)) hooks |= kHookEviction;
+  if (INFERLAB_OVERRIDES(plan_layers) || INFERLAB_OVERRIDES(exit_after_layer)) hooks |= kHookLayerPlan;
+  if (INFERLAB_OVERRIDES(mask_components)) hooks |= kHookComponentMask;
+  if (INFERLAB_OVERRIDES(page_budget)) hooks |= kHookPageBudget;
+  if (INFERLAB_OVERRIDES(retention_budget)) hooks |= kHookRetention;
+#undef INFERLAB_OVERRIDES
+  return hooks;
+}
+
 struct PluginInfo {
   std::string name;         // what configs write as `plugin = "..."`
   std::string version;      // part of every run's hash: bump it when results change
   std::string description;  // one line
-  uint32_t hooks = 0;       // PluginHook bits the Method implements
+  uint32_t hooks = 0;       // PluginHook bits the Method implements: hooks_of<MyMethod>()
   std::vector<ParamSpec> params;
 };
 
@@ -324,18 +346,3 @@ class Plugin {
 };
 
 }  // namespace inferlab
-
-// Exports a plugin class (default-constructible, derived from inferlab::Plugin)
-// from a shared library: the ABI version and the factory, as Boost.DLL aliases.
-// Use once per library, at namespace scope.
-#include <boost/dll/alias.hpp>
-
-#define INFERLAB_PLUGIN(PluginClass)                                                      \
-  namespace inferlab_plugin_export {                                                      \
-  inline std::unique_ptr<::inferlab::Plugin> make_plugin() {                              \
-    return std::make_unique<PluginClass>();                                               \
-  }                                                                                       \
-  inline const int32_t abi_version = ::inferlab::kPluginAbiVersion;                       \
-  }                                                                                       \
-  BOOST_DLL_ALIAS(inferlab_plugin_export::make_plugin, inferlab_plugin_factory)           \
-  BOOST_DLL_ALIAS(inferlab_plugin_export::abi_version, inferlab_plugin_abi_version)

@@ -127,7 +127,7 @@ Status PluginRegistry::load(const std::filesystem::path& file) {
   if (ec) return Error{fmt::format("{}: not a loadable shared library: {}", where, ec.message())};
   if (!library->has("inferlab_plugin_abi_version") || !library->has("inferlab_plugin_factory"))
     return Error{fmt::format("{}: not an inferlab plugin (it exports no inferlab_plugin_abi_version / "
-                             "inferlab_plugin_factory; use INFERLAB_PLUGIN from inferlab/plugin.h)", where)};
+                             "inferlab_plugin_factory; use INFERLAB_PLUGIN from inferlab/plugin_export.h)", where)};
   const int32_t abi = library->get_alias<const int32_t>("inferlab_plugin_abi_version");
   if (abi != kPluginAbiVersion)
     return Error{fmt::format("{}: built for plugin ABI version {}, this inferlab uses version {}; rebuild the plugin "
