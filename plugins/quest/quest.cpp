@@ -29,6 +29,12 @@ struct PageBounds {
   std::vector<float> maxs;
 };
 
+// The bounds of one sequence's pages (own page size only): per (layer, kv head).
+struct QuestState final : SequenceState {
+  std::vector<PageBounds> bounds;
+  std::unique_ptr<SequenceState> clone() const override { return std::make_unique<QuestState>(*this); }
+};
+
 class Quest final : public Method {
  public:
   Quest(int32_t budget, int32_t page_size, int32_t dense_layers)
@@ -36,9 +42,13 @@ class Quest final : public Method {
 
   bool dense_prefill() const override { return true; }
 
-  void begin_sequence(const ModelShape& shape) override {
+  void begin_sequence(const ModelShape& shape) override { shape_ = shape; }
+
+  std::unique_ptr<SequenceState> new_sequence_state(const ModelShape& shape) override {
     shape_ = shape;
-    bounds_.assign(size_t(shape.n_layers) * size_t(shape.n_kv_heads), {});
+    auto state = std::make_unique<QuestState>();
+    state->bounds.assign(size_t(shape.n_layers) * size_t(shape.n_kv_heads), {});
+    return state;
   }
 
   int32_t page_budget(const StepInfo& step, const KvView& kv, int32_t layer, int32_t kv_head) override {
@@ -54,7 +64,7 @@ class Quest final : public Method {
     if (!step.decode() || layer < dense_layers_ || page_size_ == kv.page_size()) return false;
     const int32_t n = kv.n_tokens(layer, kv_head);
     const int32_t n_pages = (n + page_size_ - 1) / page_size_;
-    PageBounds& b = bounds_[size_t(layer) * size_t(shape_.n_kv_heads) + size_t(kv_head)];
+    PageBounds& b = static_cast<QuestState*>(step.state)->bounds[size_t(layer) * size_t(shape_.n_kv_heads) + size_t(kv_head)];
     update_bounds(kv, layer, kv_head, n, b);
     count_step(n_pages);
     if (n_pages <= keep()) return false;  // the budget covers everything: dense
@@ -126,7 +136,6 @@ class Quest final : public Method {
 
   int32_t budget_, page_size_, dense_layers_;
   ModelShape shape_;
-  std::vector<PageBounds> bounds_;
   double steps_ = 0, pages_selected_ = 0, pages_total_ = 0;
 };
 

@@ -68,12 +68,24 @@ struct ModelShape {
   int32_t group_size() const { return n_kv_heads > 0 ? n_heads / n_kv_heads : 0; }
 };
 
+// What a method keeps per sequence (Method::new_sequence_state): the engine
+// keeps one with each sequence the method runs on, hands it to every hook of
+// that sequence (StepInfo::state), copies it when the sequence is copied (a
+// saved prefill) and destroys it with the sequence. Methods that keep state in
+// here run correctly on interleaved sequences.
+class SequenceState {
+ public:
+  virtual ~SequenceState() = default;
+  virtual std::unique_ptr<SequenceState> clone() const = 0;
+};
+
 // One forward call of the engine over a sequence.
 struct StepInfo {
   int64_t step = 0;            // forward calls made on this sequence before this one
   int32_t first_position = 0;  // position of the call's first new token
   int32_t n_tokens = 0;        // new tokens in this call
-  uint64_t sequence = 0;       // the sequence this call extends: per-sequence state keys on it
+  uint64_t sequence = 0;       // the sequence this call extends (unique in the process)
+  SequenceState* state = nullptr;  // this method's state for the sequence (null when it keeps none)
   // A decode step: one new token after a non-empty cache. Everything else is prefill.
   bool decode() const { return n_tokens == 1 && first_position > 0; }
 };
@@ -219,8 +231,14 @@ class Method {
 
   // kHookLoad: called once after creation, before any sequence.
   virtual Status on_load(const LoadContext& context) { (void)context; return ok_status(); }
-  // Every plugin: a new sample starts; reset per-sequence state.
+  // Every plugin: a new sample starts (the runner calls it before each).
   virtual void begin_sequence(const ModelShape& shape) { (void)shape; }
+  // Every plugin: the state it keeps for a sequence, made when it first runs on
+  // one (nullptr: none). See SequenceState.
+  virtual std::unique_ptr<SequenceState> new_sequence_state(const ModelShape& shape) {
+    (void)shape;
+    return nullptr;
+  }
 
   // kHookPrefillPattern: return true and fill `pattern` to make this head's
   // attention block-sparse for this call; false computes it densely.
@@ -306,6 +324,10 @@ class Method {
 
   // Every plugin: what it did, accumulated since on_load (e.g. "heavy_hitters_kept").
   virtual std::map<std::string, double> counters() const { return {}; }
+
+  // Set by the engine the first time this object is its method: sequences
+  // keep this method's state under it (an address can be reused, this cannot).
+  uint64_t engine_instance = 0;
 };
 
 // The hooks a Method class implements, read off what it overrides: a plugin

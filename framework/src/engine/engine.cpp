@@ -197,6 +197,8 @@ Status Engine::set_method(Method* method, uint32_t hooks, const WeightOverrides*
       }
     overrides_applied_ = serial;
   }
+  static std::atomic<uint64_t> next_instance{1};
+  if (method != nullptr && method->engine_instance == 0) method->engine_instance = next_instance++;
   method_ = method;
   hooks_ = method != nullptr ? hooks : 0;
   return ok_status();
@@ -257,6 +259,8 @@ Status Engine::forward(KvSequence& seq, std::span<const int32_t> tokens, int64_t
   if (call.has(kHookRetention)) call.retention = method_->retention_policy();
   if (auto s = check_call(seq, tokens, call.cache_positions); !s) return s;
   try {
+    if (method_ != nullptr)
+      call.state = seq.method_state(method_->engine_instance, [&] { return method_->new_sequence_state(shape()); });
     ForwardPass pass(*backend_, config(), options_, call, counters_, seq, tokens);
     return pass.run(logits_from, sink);
   } catch (const std::bad_alloc&) {

@@ -16,7 +16,7 @@ ForwardPass::ForwardPass(Backend& backend, const ModelConfig& config, const Engi
       counters_(counters),
       seq_(seq),
       tokens_(tokens),
-      step_{seq.forward_calls(), seq.n_past(), int32_t(tokens.size()), seq.id()} {}
+      step_{seq.forward_calls(), seq.n_past(), int32_t(tokens.size()), seq.id(), method.state} {}
 
 Status ForwardPass::run(int64_t logits_from, const LogitsSink& sink) {
   const int64_t n = int64_t(tokens_.size());

@@ -133,6 +133,14 @@ KvSequence::~KvSequence() {
     if (plane != nullptr) pool_->storage().free_values(plane);
 }
 
+SequenceState* KvSequence::method_state(uint64_t instance,
+                                        const std::function<std::unique_ptr<SequenceState>()>& make) {
+  for (auto& [owner, state] : method_states_)
+    if (owner == instance) return state.get();
+  method_states_.emplace_back(instance, make());
+  return method_states_.back().second.get();
+}
+
 void* KvSequence::sequence_plane(SequencePlane p, int32_t capacity) {
   if (capacity > plane_capacity_) {  // every plane grows together, keeping its values
     for (void*& plane : planes_) {
@@ -201,6 +209,8 @@ std::unique_ptr<KvSequence> KvSequence::clone(std::shared_ptr<KvPagePool> pool) 
     for (int32_t p = 0; p < kSequencePlanes; ++p)
       pool->storage().copy_values(copy->sequence_plane(SequencePlane(p), plane_capacity_), planes_[size_t(p)],
                                   plane_capacity_);
+  for (const auto& [owner, state] : method_states_)
+    copy->method_states_.emplace_back(owner, state ? state->clone() : nullptr);
   copy->n_past_ = n_past_;
   copy->forward_calls_ = forward_calls_;
   return copy;
@@ -275,6 +285,7 @@ void KvSequence::clear() {
     t.rotary.clear();
     ++t.rewrites;
   }
+  method_states_.clear();
   n_past_ = 0;
   forward_calls_ = 0;
 }

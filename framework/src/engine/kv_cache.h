@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <vector>
@@ -197,6 +198,10 @@ class KvSequence {
   // Its values are the engine's to keep; a larger capacity later keeps them.
   void* sequence_plane(SequencePlane plane, int32_t capacity);
 
+  // The state method `instance` (Method::engine_instance) keeps with this
+  // sequence; `make` creates it the first time (it may return nullptr: none).
+  SequenceState* method_state(uint64_t instance, const std::function<std::unique_ptr<SequenceState>()>& make);
+
   // Back to the first n tokens: every stored token whose position is >= n
   // leaves (a suffix of each table, positions being ascending), pages left
   // empty return to the pool, and n_past becomes n (n <= n_past()).
@@ -227,6 +232,7 @@ class KvSequence {
   std::shared_ptr<KvPagePool> pool_;
   std::vector<HeadPageTable> tables_;
   void* planes_[kSequencePlanes] = {};
+  std::vector<std::pair<uint64_t, std::unique_ptr<SequenceState>>> method_states_;  // by method instance
   int32_t plane_capacity_ = 0;
   int32_t n_past_ = 0;
   int64_t forward_calls_ = 0;
