@@ -1,4 +1,5 @@
 // The task catalog, parameter checking, scoring and helpers every task shares.
+#include "plugins/param_check.h"
 #include "datasets/tasks.h"
 
 #include <fmt/format.h>
@@ -75,28 +76,8 @@ const std::vector<TaskInfo>& task_catalog() {
 
 namespace {
 
-std::string describe(const ParamValue& v) {
-  if (std::holds_alternative<std::string>(v)) return fmt::format("\"{}\"", std::get<std::string>(v));
-  return param_value_to_string(v);
-}
-
 Status check_value(const std::string& where, const ParamSpec& spec, const ParamValue& v) {
-  const bool type_ok = (spec.type == ParamType::Int && std::holds_alternative<int64_t>(v)) ||
-                       (spec.type == ParamType::Float &&
-                        (std::holds_alternative<double>(v) || std::holds_alternative<int64_t>(v))) ||
-                       (spec.type == ParamType::Bool && std::holds_alternative<bool>(v)) ||
-                       (spec.type == ParamType::String && std::holds_alternative<std::string>(v));
-  if (!type_ok) return Error{fmt::format("{}: expected {}, got {}", where, param_type_name(spec.type), describe(v))};
-  if (spec.type == ParamType::Int || spec.type == ParamType::Float) {
-    const double d = std::holds_alternative<int64_t>(v) ? double(std::get<int64_t>(v)) : std::get<double>(v);
-    if ((spec.min && d < *spec.min) || (spec.max && d > *spec.max))
-      return Error{fmt::format("{}: {} is outside [{}, {}]", where, describe(v),
-                               spec.min ? param_value_to_string(*spec.min) : "-inf",
-                               spec.max ? param_value_to_string(*spec.max) : "inf")};
-  }
-  if (spec.type == ParamType::String && !spec.choices.empty() &&
-      std::find(spec.choices.begin(), spec.choices.end(), std::get<std::string>(v)) == spec.choices.end())
-    return Error{fmt::format("{}: {} is not one of {}", where, describe(v), fmt::join(spec.choices, ", "))};
+  if (const std::string why = param_problem(spec, v); !why.empty()) return Error{fmt::format("{}: {}", where, why)};
   return ok_status();
 }
 

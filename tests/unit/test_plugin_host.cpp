@@ -97,7 +97,7 @@ TEST(PluginHost, CreateFillsDefaultsAndRejectsBadParameters) {
   EXPECT_NE(choice.message().find("not one of"), std::string::npos) << choice.message();
   auto type = registry.create("probe", ParamValues({{"pattern_block", std::string("4")}}));
   ASSERT_FALSE(type.ok());
-  EXPECT_NE(type.message().find("type int"), std::string::npos) << type.message();
+  EXPECT_NE(type.message().find("pattern_block: expected int, got \"4\""), std::string::npos) << type.message();
   EXPECT_FALSE(registry.create("nonexistent", ParamValues{}).ok());
 }
 

@@ -1,5 +1,8 @@
 #include "experiment/config.h"
 
+#include "model/model.h"
+#include "plugins/param_check.h"
+
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <openssl/evp.h>
@@ -62,6 +65,10 @@ const char* type_phrase(ParamType type) {
     case ParamType::Float: return "a number";
     case ParamType::Bool: return "true or false";
     case ParamType::String: return "a string";
+    case ParamType::Path: return "a file path (a string)";
+    case ParamType::Schedule: return "a per-layer schedule (a string like \"0-1=1.0; 2-9=0.5\")";
+    case ParamType::IntList: return "a list of integers";
+    case ParamType::FloatList: return "a list of numbers";
   }
   return "?";
 }
@@ -92,32 +99,28 @@ std::optional<ParamValue> as_param_type(const toml::node& node, ParamType type) 
       if (const auto* v = node.as_boolean()) return ParamValue{v->get()};
       break;
     case ParamType::String:
+    case ParamType::Path:
+    case ParamType::Schedule:
       if (const auto* v = node.as_string()) return ParamValue{v->get()};
       break;
+    case ParamType::IntList:
+    case ParamType::FloatList: {
+      const auto* array = node.as_array();
+      if (array == nullptr) break;
+      std::vector<int64_t> ints;
+      std::vector<double> reals;
+      for (const toml::node& element : *array) {
+        const ParamType scalar = type == ParamType::IntList ? ParamType::Int : ParamType::Float;
+        const auto one = as_param_type(element, scalar);
+        if (!one) return std::nullopt;
+        if (type == ParamType::IntList) ints.push_back(std::get<int64_t>(*one));
+        else reals.push_back(std::get<double>(*one));
+      }
+      if (type == ParamType::IntList) return ParamValue{std::move(ints)};
+      return ParamValue{std::move(reals)};
+    }
   }
   return std::nullopt;
-}
-
-std::string bound_text(double bound, ParamType type) {
-  return type == ParamType::Int ? std::to_string(int64_t(bound)) : param_value_to_string(bound);
-}
-
-// Why `value` breaks `spec`'s range or choices; empty when it does not.
-std::string limit_violation(const ParamValue& value, const ParamSpec& spec) {
-  if (const auto* s = std::get_if<std::string>(&value)) {
-    if (spec.choices.empty() || std::find(spec.choices.begin(), spec.choices.end(), *s) != spec.choices.end())
-      return "";
-    return fmt::format("\"{}\" is not one of: {}", *s, fmt::join(spec.choices, ", "));
-  }
-  if (std::holds_alternative<bool>(value)) return "";
-  const double x = std::holds_alternative<int64_t>(value) ? double(std::get<int64_t>(value)) : std::get<double>(value);
-  const std::string text = param_value_to_string(value);
-  if (std::isnan(x)) return "nan is not a usable value";
-  if (spec.min && x < *spec.min)
-    return fmt::format("value {} is below the minimum {}", text, bound_text(*spec.min, spec.type));
-  if (spec.max && x > *spec.max)
-    return fmt::format("value {} is above the maximum {}", text, bound_text(*spec.max, spec.type));
-  return "";
 }
 
 std::string names_of(const std::vector<ParamSpec>& specs) {
@@ -227,17 +230,30 @@ class ConfigParser {
       diag_.add(node.source(), key, fmt::format("expected {}, got {}", type_phrase(spec.type), describe(node)));
       return std::nullopt;
     }
-    if (const std::string why = limit_violation(*value, spec); !why.empty()) {
+    if (const std::string why = param_problem(spec, *value); !why.empty()) {
       diag_.add(node.source(), key, why);
       return std::nullopt;
+    }
+    if (spec.type == ParamType::Path && !std::get<std::string>(*value).empty()) {
+      // Next to the config when relative; it must be there now (its content enters the run hash).
+      const std::string path = resolve_path(std::get<std::string>(*value));
+      std::error_code ec;
+      if (!fs::is_regular_file(path, ec)) {
+        diag_.add(node.source(), key, fmt::format("file not found: {}", path));
+        return std::nullopt;
+      }
+      value = ParamValue{path};
     }
     return value;
   }
 
   // A scalar (a one-element list) or a non-empty list, every element checked.
+  // For a list-typed parameter a list is one value and a list of lists the axis.
   std::optional<std::vector<ParamValue>> convert_list(const toml::node& node, const ParamSpec& spec,
                                                       const std::string& key) {
     const auto* array = node.as_array();
+    if (array != nullptr && param_type_is_list(spec.type) && (array->empty() || !(*array)[0].is_array()))
+      array = nullptr;  // the value itself
     if (array == nullptr) {
       auto value = convert(node, spec, key);
       if (!value) return std::nullopt;
@@ -486,6 +502,11 @@ namespace {
 // never depends on how a JSON library prints doubles.
 nlohmann::json param_json(const ParamValue& value) {
   if (std::holds_alternative<double>(value)) return param_value_to_string(value);
+  if (const auto* list = std::get_if<std::vector<double>>(&value)) {
+    nlohmann::json out = nlohmann::json::array();
+    for (double x : *list) out.push_back(param_value_to_string(x));
+    return out;
+  }
   return std::visit([](const auto& v) { return nlohmann::json(v); }, value);
 }
 
@@ -497,7 +518,11 @@ std::string canonical_config_json(const RunSpec& run) {
     task_params[name] = std::move(list);
   }
   nlohmann::json params = nlohmann::json::object();
-  for (const auto& [name, value] : run.params.all()) params[name] = param_json(value);
+  for (const auto& [name, value] : run.params.all()) {
+    // A file enters by its content, so an edited file makes the run pending again.
+    const auto digest = run.file_digests.find(name);
+    params[name] = digest != run.file_digests.end() ? nlohmann::json(digest->second) : param_json(value);
+  }
   // nlohmann::json objects are std::maps: keys come out sorted.
   nlohmann::json model = {{"checksum", run.model_checksum},
                           {"page_size", run.model.page_size},
@@ -551,8 +576,8 @@ std::string point_label(const std::string& base, const PluginEntry& plugin, cons
   return label;
 }
 
-RunSpec make_run(const ExperimentConfig& config, const std::string& checksum, const TaskSection& task,
-                 const PluginEntry& plugin, ParamValues params, std::string label) {
+Result<RunSpec> make_run(const ExperimentConfig& config, const std::string& checksum, const TaskSection& task,
+                         const PluginEntry& plugin, ParamValues params, std::string label) {
   RunSpec run;
   run.experiment = config.name;
   run.seed = config.seed;
@@ -564,6 +589,13 @@ RunSpec make_run(const ExperimentConfig& config, const std::string& checksum, co
   run.plugin_version = plugin.version;
   run.label = std::move(label);
   run.params = std::move(params);
+  for (const ParamSpec& spec : plugin.params) {
+    if (spec.type != ParamType::Path || !run.params.has(spec.name) || run.params.get_string(spec.name).empty()) continue;
+    auto digest = sha256_file(run.params.get_string(spec.name));
+    if (!digest)
+      return Error{fmt::format("parameter {} of plugin {}: {}", spec.name, plugin.name, digest.message())};
+    run.file_digests[spec.name] = "sha256:" + *digest;
+  }
   run.config_json = canonical_config_json(run);
   run.hash = sha256_hex(run.config_json);
   return run;
@@ -591,9 +623,10 @@ Result<std::vector<RunSpec>> expand_grid(const ExperimentConfig& config, const C
     runs.push_back(std::move(run));
   };
   for (const TaskSection& task : config.tasks) {
-    RunSpec baseline = make_run(config, model_checksum, task, *dense, grid_points(*dense, {}).front(), "dense");
-    baseline.baseline = true;
-    add(std::move(baseline));
+    auto baseline = make_run(config, model_checksum, task, *dense, grid_points(*dense, {}).front(), "dense");
+    if (!baseline) return baseline.error();
+    baseline->baseline = true;
+    add(std::move(*baseline));
     for (size_t m = 0; m < config.methods.size(); ++m) {
       const MethodSection& method = config.methods[m];
       const PluginEntry* plugin = catalog.find_plugin(method.plugin);
@@ -602,7 +635,9 @@ Result<std::vector<RunSpec>> expand_grid(const ExperimentConfig& config, const C
                                  plugin_names(catalog))};
       for (ParamValues& point : grid_points(*plugin, method.axes)) {
         std::string label = point_label(method.label, *plugin, method.axes, point);
-        add(make_run(config, model_checksum, task, *plugin, std::move(point), std::move(label)));
+        auto run = make_run(config, model_checksum, task, *plugin, std::move(point), std::move(label));
+        if (!run) return run.error();
+        add(std::move(*run));
       }
     }
   }

@@ -76,6 +76,7 @@ struct RunSpec {
   std::string plugin, plugin_version;
   std::string label;   // e.g. "dense" or "h2o-small heavy=32": the method label plus the axes that vary
   ParamValues params;  // every declared parameter present
+  std::map<std::string, std::string> file_digests;  // Path parameters: "sha256:<hex>" of the file's content
   bool baseline = false;  // the dense baseline run of its task
   // Canonical JSON (sorted keys) of everything that changes the run's results;
   // index, label and threads are left out.

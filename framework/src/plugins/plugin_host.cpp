@@ -1,5 +1,7 @@
 #include "plugins/plugin_host.h"
 
+#include "plugins/param_check.h"
+
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -13,21 +15,6 @@ namespace inferlab {
 namespace {
 
 using Factory = std::unique_ptr<Plugin>();
-
-std::string describe_value(const ParamValue& v) {
-  if (std::holds_alternative<std::string>(v)) return fmt::format("\"{}\"", std::get<std::string>(v));
-  return param_value_to_string(v);
-}
-
-bool value_has_type(const ParamValue& v, ParamType t) {
-  switch (t) {
-    case ParamType::Int: return std::holds_alternative<int64_t>(v);
-    case ParamType::Float: return std::holds_alternative<double>(v) || std::holds_alternative<int64_t>(v);
-    case ParamType::Bool: return std::holds_alternative<bool>(v);
-    case ParamType::String: return std::holds_alternative<std::string>(v);
-  }
-  return false;
-}
 
 // The plugin's own description must be usable before anything trusts it.
 Status check_info(const PluginInfo& info) {
@@ -53,21 +40,8 @@ Status check_info(const PluginInfo& info) {
 }  // namespace
 
 Status check_param_value(const ParamSpec& spec, const ParamValue& value) {
-  if (!value_has_type(value, spec.type))
-    return Error{fmt::format("{} must be of type {}, got {}", spec.name, param_type_name(spec.type),
-                             describe_value(value))};
-  if (spec.type == ParamType::Int || spec.type == ParamType::Float) {
-    const double x = std::holds_alternative<int64_t>(value) ? double(std::get<int64_t>(value))
-                                                            : std::get<double>(value);
-    if (spec.min && x < *spec.min)
-      return Error{fmt::format("{} = {} is below the minimum {}", spec.name, describe_value(value), *spec.min)};
-    if (spec.max && x > *spec.max)
-      return Error{fmt::format("{} = {} is above the maximum {}", spec.name, describe_value(value), *spec.max)};
-  }
-  if (spec.type == ParamType::String && !spec.choices.empty() &&
-      std::find(spec.choices.begin(), spec.choices.end(), std::get<std::string>(value)) == spec.choices.end())
-    return Error{fmt::format("{} = {} is not one of: {}", spec.name, describe_value(value),
-                             fmt::join(spec.choices, ", "))};
+  if (const std::string why = param_problem(spec, value); !why.empty())
+    return Error{fmt::format("{}: {}", spec.name, why)};
   return ok_status();
 }
 
