@@ -13,6 +13,7 @@
 #include <random>
 #include <vector>
 
+#include "inferlab/testing/support.h"
 #include "model/model.h"
 
 namespace inferlab::test {
@@ -128,25 +129,6 @@ inline std::vector<double> naive_forward(const Model& model, const std::vector<i
     logits.insert(logits.end(), row.begin(), row.end());
   }
   return logits;
-}
-
-inline std::vector<int32_t> random_tokens(int32_t n_vocab, int n, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::uniform_int_distribution<int32_t> dist(0, n_vocab - 1);
-  std::vector<int32_t> t(static_cast<size_t>(n));
-  for (auto& x : t) x = dist(rng);
-  return t;
-}
-
-// Max |a-b| relative to the largest |b|.
-template <typename A, typename B>
-double normalized_max_error(const A& a, const B& b) {
-  double err = 0, scale = 1e-12;
-  for (size_t i = 0; i < a.size(); ++i) {
-    err = std::max(err, std::abs(double(a[i]) - double(b[i])));
-    scale = std::max(scale, std::abs(double(b[i])));
-  }
-  return err / scale;
 }
 
 }  // namespace inferlab::test

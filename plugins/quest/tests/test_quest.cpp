@@ -1,0 +1,167 @@
+// Quest: dense when its budget covers everything; the pages it selects on its
+// own pages (select_kv) and the budget it gives the engine on the cache's
+// pages; both paths agree; its bounds live with each sequence.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "inferlab/testing.h"
+
+namespace inferlab {
+namespace {
+
+// The project's small GQA test model (2 layers, 4 query heads, 2 kv heads).
+std::shared_ptr<Model> model() { return test::gqa_test_model("kv-plugins", 1); }
+
+TEST(Quest, KeepingEverythingIsDense) {
+  EXPECT_DENSE_EQUIVALENT(model(), "quest", test::params({{"token_budget", int64_t{100000}}, {"page_size", int64_t{4}}}));
+  EXPECT_DENSE_EQUIVALENT(model(), "quest", test::params({{"token_budget", int64_t{4}}, {"dense_layers", int64_t{2}}}));
+}
+
+// Quest pages that are not the cache's pages: the plugin keeps its own bounds
+// and selects tokens through select_kv.
+TEST(Quest, QuestSelectsThePagesWithTheLargestBoundPlusTheLast) {
+  MethodHandle quest =
+      test::make_method("quest", test::params({{"token_budget", int64_t{8}}, {"page_size", int64_t{4}}, {"dense_layers", int64_t{1}}}));
+  ASSERT_NE(quest.get(), nullptr);
+  quest->begin_sequence(test::tiny_shape());
+  const auto state = quest->new_sequence_state(test::tiny_shape());  // its own pages' bounds, per sequence
+  ASSERT_NE(state, nullptr);
+  auto at = [&](int64_t step, int32_t first, int32_t n) { return StepInfo{step, first, n, 1, state.get()}; };
+  test::FakeKv kv(2, 4);  // cache pages of 2 tokens; Quest pages of 4
+  // 20 tokens, 5 pages; page 2 holds one key far along +x, page 3 one far along -x.
+  for (int32_t p = 0; p < 20; ++p) kv.add(p, {p == 9 ? 5.0f : 0.1f, p == 13 ? -6.0f : 0.0f, 0, 0});
+  auto tokens_of = [](std::initializer_list<std::pair<int32_t, int32_t>> ranges) {
+    std::vector<int32_t> out;
+    for (auto [a, b] : ranges)
+      for (int32_t t = a; t < b; ++t) out.push_back(t);
+    return out;
+  };
+  EXPECT_LT(quest->page_budget(StepInfo{3, 20, 1}, kv, 1, 0), 0);  // not the cache's pages: select_kv decides
+  const std::vector<float> q = {1, 0, 0, 0, 0.5f, 0, 0, 0};  // two query heads of the group
+  KvSelection sel;
+  EXPECT_TRUE(quest->select_kv(at(3, 20, 1), kv, 1, 0, q, sel));
+  EXPECT_EQ(sel.unit, KvSelection::Unit::Tokens);
+  EXPECT_EQ(sel.indices, tokens_of({{8, 12}, {16, 20}}));  // pages 2 and 4
+  // A query along -y bounds page 3 highest (its -6 times a negative query).
+  KvSelection neg;
+  const std::vector<float> qn = {0, -1, 0, 0, 0, -1, 0, 0};
+  EXPECT_TRUE(quest->select_kv(at(3, 20, 1), kv, 1, 0, qn, neg));
+  EXPECT_EQ(neg.indices, tokens_of({{12, 20}}));  // pages 3 and 4
+  // Dense layers, prefill, and a budget that covers everything are left alone.
+  KvSelection none;
+  EXPECT_FALSE(quest->select_kv(at(3, 20, 1), kv, 0, 0, q, none));
+  EXPECT_FALSE(quest->select_kv(at(0, 0, 20), kv, 1, 0, q, none));
+  MethodHandle wide = test::make_method("quest", test::params({{"token_budget", int64_t{64}}, {"page_size", int64_t{4}}}));
+  wide->begin_sequence(test::tiny_shape());
+  const auto wide_state = wide->new_sequence_state(test::tiny_shape());
+  EXPECT_FALSE(wide->select_kv(StepInfo{3, 20, 1, 2, wide_state.get()}, kv, 1, 0, q, none));
+  // Bounds follow new tokens: a key appended to page 4 changes nothing selected,
+  // one that lands in a new page makes that page the last.
+  for (int32_t p = 20; p < 22; ++p) kv.add(p, {0.1f, 0, 0, 0});
+  KvSelection later;
+  EXPECT_TRUE(quest->select_kv(at(4, 22, 1), kv, 1, 0, q, later));
+  EXPECT_EQ(later.indices, tokens_of({{8, 12}, {20, 22}}));  // pages 2 and 5
+  EXPECT_TRUE(quest->dense_prefill());
+}
+
+// Quest pages that are the cache's pages: the plugin gives the engine a page
+// budget (the engine's selection: test_page_budget.cpp, test_page_bounds_twin.cpp).
+TEST(Quest, QuestGivesTheEngineItsBudgetWhenItsPagesAreTheCachePages) {
+  MethodHandle quest =
+      test::make_method("quest", test::params({{"token_budget", int64_t{8}}, {"page_size", int64_t{4}}, {"dense_layers", int64_t{1}}}));
+  ASSERT_NE(quest.get(), nullptr);
+  quest->begin_sequence(test::tiny_shape());
+  test::FakeKv kv(4, 4);
+  for (int32_t p = 0; p < 20; ++p) kv.add(p, {0.1f, 0, 0, 0});
+  EXPECT_EQ(quest->page_budget(StepInfo{3, 20, 1}, kv, 1, 0), 2);  // 8 tokens / 4 per page, of 5 pages
+  EXPECT_EQ(quest->page_budget(StepInfo{3, 20, 1}, kv, 0, 0), 0);  // a dense layer
+  EXPECT_EQ(quest->page_budget(StepInfo{0, 0, 20}, kv, 1, 0), 0);  // prefill
+  KvSelection none;
+  EXPECT_FALSE(quest->select_kv(StepInfo{3, 20, 1}, kv, 1, 0, std::vector<float>(8, 1.0f), none));
+  MethodHandle wide = test::make_method("quest", test::params({{"token_budget", int64_t{64}}, {"page_size", int64_t{4}}}));
+  wide->begin_sequence(test::tiny_shape());
+  EXPECT_EQ(wide->page_budget(StepInfo{3, 20, 1}, kv, 1, 0), 0);  // 16 pages cover all 5
+  const auto counters = quest->counters();
+  EXPECT_EQ(counters.at("decode_selections"), 1);  // the decode step of a sparse layer
+  EXPECT_EQ(counters.at("pages_selected"), 2);
+  EXPECT_EQ(counters.at("pages_available"), 5);
+}
+
+// The plugin's own pages and the engine's give the same attention when they coincide.
+TEST(Quest, QuestOnCachePagesMatchesQuestOnItsOwnPages) {
+  const auto prompt = test::random_tokens(100, 40, 2), forced = test::random_tokens(100, 6, 3);
+  std::vector<std::vector<float>> logits;
+  std::vector<int64_t> keys;
+  for (int32_t cache_page : {4, 2}) {
+    auto engine = Engine::create(model(), EngineOptions{cache_page, 0, 0});
+    ASSERT_TRUE(engine.ok());
+    test::ActiveMethod active = test::activate_method(
+        **engine, "quest", test::params({{"token_budget", int64_t{8}}, {"page_size", int64_t{4}}, {"dense_layers", int64_t{1}}}));
+    ASSERT_NE(active.handle.get(), nullptr);
+    logits.push_back(test::run_trace(**engine, active.handle.get(), prompt, 6, forced).logits);
+    keys.push_back((*engine)->counters().decode_keys_read);
+  }
+  EXPECT_EQ(keys[0], keys[1]);
+  EXPECT_LT(test::normalized_max_error(logits[0], logits[1]), 1e-5);
+}
+
+TEST(Quest, QuestReadsOnlyItsBudgetInTheEngine) {
+  auto engine = Engine::create(model(), EngineOptions{4, 0, 0});
+  ASSERT_TRUE(engine.ok());
+  test::ActiveMethod active = test::activate_method(
+      **engine, "quest", test::params({{"token_budget", int64_t{8}}, {"page_size", int64_t{4}}, {"dense_layers", int64_t{1}}}));
+  ASSERT_NE(active.handle.get(), nullptr);
+  const auto trace = test::run_trace(**engine, active.handle.get(), test::random_tokens(100, 40, 2), 5);
+  const EngineCounters& c = (*engine)->counters();
+  // Layer 0 dense (40..44 cached tokens: 10, 11, 11, 11, 11 pages), layer 1: 2
+  // pages; per kv head and step.
+  EXPECT_EQ(c.decode_steps, 5);
+  EXPECT_EQ(c.decode_pages_read, 2 * (10 + 11 + 11 + 11 + 11) + 2 * 2 * 5);
+  EXPECT_LT(c.decode_keys_read, c.decode_keys_cached);
+  EXPECT_EQ(c.tokens_evicted, 0);
+}
+
+// Quest's own-page bounds live with each sequence (SequenceState): two
+// sequences decoded in turn give what each gives alone, and a copied sequence
+// carries its bounds along.
+TEST(Quest, QuestKeepsItsBoundsPerSequence) {
+  auto engine = Engine::create(model(), EngineOptions{16, 0, 0});  // Quest's pages of 4 are its own
+  ASSERT_TRUE(engine.ok());
+  const ParamValues p = test::params({{"token_budget", int64_t{12}}, {"page_size", int64_t{4}}, {"dense_layers", int64_t{0}}});
+  const auto a = test::random_tokens(model()->config().n_vocab, 60, 1), b = test::random_tokens(model()->config().n_vocab, 60, 2);
+  auto alone = [&](const std::vector<int32_t>& tokens) {
+    test::ActiveMethod active = test::activate_method(**engine, "quest", p);
+    const std::vector<int32_t> prompt(tokens.begin(), tokens.begin() + 40), forced(tokens.begin() + 40, tokens.end());
+    return test::run_trace(**engine, active.handle.get(), prompt, 20, forced).logits;
+  };
+  const auto want_a = alone(a), want_b = alone(b);
+  test::ActiveMethod active = test::activate_method(**engine, "quest", p);
+  auto sa = (*engine)->new_sequence(), sb = (*engine)->new_sequence();
+  std::vector<float> got_a, got_b;
+  auto keep = [](std::vector<float>& into) {
+    return [&into](int64_t, std::span<const float> l) { into.insert(into.end(), l.begin(), l.end()); };
+  };
+  ASSERT_TRUE((*engine)->forward(*sa, std::span<const int32_t>(a.data(), 40), 0, keep(got_a)).ok());
+  ASSERT_TRUE((*engine)->forward(*sb, std::span<const int32_t>(b.data(), 40), 0, keep(got_b)).ok());
+  std::unique_ptr<KvSequence> copy;
+  for (size_t i = 40; i < 60; ++i) {
+    ASSERT_TRUE((*engine)->forward(*sa, std::span<const int32_t>(&a[i], 1), 0, keep(got_a)).ok());
+    ASSERT_TRUE((*engine)->forward(*sb, std::span<const int32_t>(&b[i], 1), 0, keep(got_b)).ok());
+    if (i == 50) copy = sa->clone();
+  }
+  EXPECT_EQ(got_a, want_a);
+  EXPECT_EQ(got_b, want_b);
+  EXPECT_GT(active.handle->counters().at("decode_selections"), 0);
+  // The copy made after step 50 continues as the original did.
+  std::vector<float> from_copy;
+  ASSERT_NE(copy, nullptr);
+  for (size_t i = 51; i < 60; ++i)
+    ASSERT_TRUE((*engine)->forward(*copy, std::span<const int32_t>(&a[i], 1), 0, keep(from_copy)).ok());
+  const size_t v = size_t(model()->config().n_vocab);
+  EXPECT_EQ(from_copy, std::vector<float>(want_a.end() - long(9 * v), want_a.end()));
+}
+
+}  // namespace
+}  // namespace inferlab
