@@ -180,4 +180,16 @@ Result<std::unique_ptr<Task>> make_fidelity(const TaskParams& params) {
 }
 
 }  // namespace tasks
+
+Result<std::vector<std::vector<int32_t>>> corpus_windows(const Tokenizer& tok, const std::string& corpus,
+                                                         int64_t count, int64_t length, uint64_t seed) {
+  if (count <= 0 || length < 2) return Error{fmt::format("corpus windows: {} windows of {} tokens", count, length)};
+  tasks::Rng rng(seed);
+  auto segments = tasks::corpus_segments(tok, corpus, count, length, rng);
+  if (!segments) return segments.error();
+  std::vector<std::vector<int32_t>> out;
+  for (auto& s : *segments) out.push_back(std::move(s.tokens));
+  return out;
+}
+
 }  // namespace inferlab

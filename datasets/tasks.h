@@ -75,4 +75,10 @@ std::filesystem::path corpus_dir();
 // says how to get it.
 Result<std::filesystem::path> resolve_corpus(const std::string& name_or_path);
 
+// `count` windows of `length` tokens (BOS first when the tokenizer adds one)
+// drawn from a corpus ("kjv" or a text file's path), the same for a seed
+// (calibration samples).
+Result<std::vector<std::vector<int32_t>>> corpus_windows(const Tokenizer& tok, const std::string& corpus,
+                                                         int64_t count, int64_t length, uint64_t seed);
+
 }  // namespace inferlab

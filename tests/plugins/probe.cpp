@@ -2,6 +2,7 @@
 // and reports what it saw through counters. Engine tests configure it, run the
 // engine, and compare against an independent reference that applies the same
 // decisions (tests/unit/test_plugin_hooks.cpp).
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -53,7 +54,44 @@ class ProbeMethod final : public Method {
         kv_pages_(p.get_string("kv_pages")),
         scale_tensor_(p.get_string("scale_tensor")),
         scale_layer_(int32_t(p.get_int("scale_layer"))),
-        scale_by_(p.get_float("scale_by")) {}
+        scale_by_(p.get_float("scale_by")),
+        calibrate_samples_(int32_t(p.get_int("calibrate_samples"))),
+        calibrate_tokens_(int32_t(p.get_int("calibrate_tokens"))),
+        calibrate_corpus_(p.get_string("calibrate_corpus")) {}
+
+  // Calibration: every tap, checked for size; the artifact is the number of
+  // samples and the sum of layer 0's input, which on_load reads back.
+  CalibrationRequest calibration(const ModelShape& shape) override {
+    shape_ = shape;
+    const uint32_t all = kTapHiddenIn | kTapQueries | kTapKeys | kTapAttentionOut | kTapFfnActivation | kTapLogits;
+    return {calibrate_corpus_, calibrate_samples_, calibrate_tokens_, all};
+  }
+
+  void on_calibration(const CalibrationTaps& t) override {
+    const auto rows = size_t(t.n_tokens);
+    if (t.layer < 0) {
+      count("calibration_logits");
+      if (t.logits.size() != rows * size_t(shape_.n_vocab)) count("tap_size_wrong");
+      return;
+    }
+    count("calibration_layers");
+    const size_t q = size_t(shape_.n_heads * shape_.head_dim), kv = size_t(shape_.n_kv_heads * shape_.head_dim);
+    if (t.hidden_in.size() != rows * size_t(shape_.n_embd) || t.queries.size() != rows * q ||
+        t.keys.size() != rows * kv || t.attention_out.size() != rows * q ||
+        t.ffn_activation.size() != rows * size_t(shape_.n_ff) || t.tokens.size() != rows)
+      count("tap_size_wrong");
+    if (t.layer == 0)
+      for (float x : t.hidden_in) hidden_sum_ += x;
+    samples_seen_ = std::max(samples_seen_, t.sample + 1);
+  }
+
+  Status finish_calibration(const std::string& dir) override {
+    count("calibration_finished");
+    std::ofstream out(std::filesystem::path(dir) / "probe-calibration.txt");
+    out.precision(17);
+    out << samples_seen_ << " " << hidden_sum_ << "\n";
+    return out ? ok_status() : Error{"probe: cannot write the calibration file in " + dir};
+  }
 
   bool dense_prefill() const override { return dense_prefill_; }
 
@@ -88,6 +126,13 @@ class ProbeMethod final : public Method {
       for (float& x : scaled) x = float(x * scale_by_);
       if (auto s = ctx.overrides->replace(scale_tensor_, scale_layer_, scaled); !s) return s;
       count("weights_replaced");
+    }
+    if (calibrate_samples_ > 0) {
+      std::ifstream in(std::filesystem::path(ctx.artifact_dir) / "probe-calibration.txt");
+      double samples = 0, sum = 0;
+      if (!(in >> samples >> sum)) return Error{"probe: no calibration file in " + ctx.artifact_dir};
+      counters_["calibration_read_samples"] = samples;
+      counters_["calibration_read_hidden_sum"] = sum;
     }
     if (write_artifact_) {
       std::ofstream out(std::filesystem::path(ctx.artifact_dir) / "probe-artifact.txt");
@@ -223,6 +268,10 @@ class ProbeMethod final : public Method {
   std::string scale_tensor_;
   int32_t scale_layer_;
   double scale_by_;
+  int32_t calibrate_samples_, calibrate_tokens_;
+  std::string calibrate_corpus_;
+  int32_t samples_seen_ = 0;
+  double hidden_sum_ = 0;
   ModelShape shape_;
   std::map<std::pair<int32_t, int32_t>, std::set<int32_t>> selected_;
   std::map<std::pair<int32_t, int32_t>, int32_t> cached_before_;
@@ -233,7 +282,7 @@ class ProbePlugin final : public Plugin {
  public:
   PluginInfo info() const override {
     return {"probe",
-            "1.1.0",
+            "1.2.0",
             "test plugin: every hook, decisions set by parameters",
             hooks_of<ProbeMethod>(),
             {
@@ -263,6 +312,9 @@ class ProbePlugin final : public Plugin {
                 ParamSpec::string("scale_tensor", "", {}, "a projection this run replaces by a scaled copy"),
                 ParamSpec::integer("scale_layer", 0, -1, 4096, "its layer (-1: output)"),
                 ParamSpec::real("scale_by", 1.0, -16.0, 16.0, "the scale"),
+                ParamSpec::integer("calibrate_samples", 0, 0, 64, "calibration samples (0: none)"),
+                ParamSpec::integer("calibrate_tokens", 16, 2, 4096, "tokens per calibration sample"),
+                ParamSpec::string("calibrate_corpus", "kjv", {}, "calibration corpus: kjv or a text file"),
             }};
   }
   Result<std::unique_ptr<Method>> create(const ParamValues& params) const override {

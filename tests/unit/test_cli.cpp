@@ -176,6 +176,27 @@ TEST(CliExperiment, RunQueryReportAndMerge) {
   EXPECT_NE(merge.output.find("0 runs added"), std::string::npos) << merge.output;
 }
 
+TEST(CliExperiment, CalibrateRunsACalibrationOnceThenFindsIt) {
+  const auto corpus = test::temp_path("cli-calibration.txt");
+  {
+    std::ofstream out(corpus);
+    for (int i = 0; i < 200; ++i) out << "Calibration line " << i << " about hills.\n";
+  }
+  const auto config = cli_experiment("cli-cal", "[[method]]\nplugin = \"probe\"\ncalibrate_samples = 2\n"
+                                                "calibrate_corpus = \"" + corpus.string() + "\"\n");
+  const std::string env = kProbeEnv + "INFERLAB_ARTIFACT_DIR=" + test::temp_path("cli-artifacts").string() + " ";
+  auto first = run_cli_env(env, "calibrate " + config.string());
+  ASSERT_EQ(first.exit_code, 0) << first.output;
+  EXPECT_NE(first.output.find("probe: calibrated on 2 samples of 16 tokens"), std::string::npos) << first.output;
+  EXPECT_NE(first.output.find("1 calibrations run, 0 found"), std::string::npos) << first.output;
+  auto second = run_cli_env(env, "calibrate " + config.string());
+  ASSERT_EQ(second.exit_code, 0) << second.output;
+  EXPECT_NE(second.output.find("0 calibrations run, 1 found"), std::string::npos) << second.output;
+  auto missing = run_cli("calibrate /nonexistent/cal.toml");
+  EXPECT_NE(missing.exit_code, 0);
+  EXPECT_NE(missing.output.find("/nonexistent/cal.toml"), std::string::npos) << missing.output;
+}
+
 TEST(CliExperiment, BadConfigAndArgumentsAreRefused) {
   const auto config = cli_experiment("cli-bad", "[[method]]\nplugin = \"probe\"\nneuron_stride = 0\n");
   auto r = run_cli_env(kProbeEnv, "run " + config.string() + " --db " + test::temp_path("bad.db").string());
@@ -197,7 +218,7 @@ TEST(CliExperiment, PluginsListsVersionsHooksAndParameters) {
   auto r = run_cli_env(kProbeEnv, "plugins");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("dense 1.0.0"), std::string::npos) << r.output;
-  EXPECT_NE(r.output.find("probe 1.1.0"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("probe 1.2.0"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("decode_selection"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("neuron_stride"), std::string::npos) << r.output;
   auto refused = run_cli_env(std::string("INFERLAB_PLUGIN_PATH=") + INFERLAB_TEST_PLUGIN_DIR + " ", "plugins");

@@ -191,6 +191,40 @@ TEST(ExperimentRunner, PrefillReuseGivesIdenticalResults) {
   EXPECT_LT(metric(*a, "passkey", "pages", "engine.forward_calls"), metric(*b, "passkey", "pages", "engine.forward_calls"));
 }
 
+TEST(ExperimentRunner, CalibratesOnceAheadOrBeforeItsRun) {
+  // A calibrating method: `inferlab calibrate` runs its calibration once and
+  // then finds it; `inferlab run` loads the artifact and counts none of the
+  // calibration's forward calls in the run's metrics.
+  const std::string method = "\n[[method]]\nplugin = \"probe\"\nname = \"calibrated\"\ncalibrate_samples = 2\n"
+                             "calibrate_tokens = 24\ncalibrate_corpus = \"" + fixture().corpus.string() + "\"\n";
+  const auto config = write_config("calibrate", method);
+  auto o = options(test::temp_path("calibrate.db"));
+  o.artifact_root = test::temp_path("calibrate-artifacts");
+  auto first = calibrate_experiment(config, o);
+  ASSERT_TRUE(first.ok()) << first.message();
+  EXPECT_EQ(first->calibrated, 1);  // one method point calibrates, over three tasks
+  EXPECT_EQ(first->found, 0);
+  const std::string printed = read_all(o.out);
+  EXPECT_NE(printed.find("calibrated: calibrated on 2 samples of 24 tokens"), std::string::npos) << printed;
+  auto second = calibrate_experiment(config, o);
+  ASSERT_TRUE(second.ok());
+  EXPECT_EQ(second->calibrated, 0);
+  EXPECT_EQ(second->found, 1);
+
+  auto summary = run_experiment(config, o);
+  ASSERT_TRUE(summary.ok()) << summary.message();
+  EXPECT_EQ(summary->failed, 0);
+  auto db = ResultsDb::open(o.db_path);
+  ASSERT_TRUE(db.ok());
+  for (const char* task : {"passkey", "fidelity"}) {
+    EXPECT_EQ(metric(*db, task, "calibrated", "plugin.calibration_read_samples"), 2.0) << task;
+    EXPECT_TRUE(std::isnan(metric(*db, task, "calibrated", "plugin.calibration_layers"))) << "calibrated again";
+    EXPECT_EQ(metric(*db, task, "calibrated", "engine.forward_calls"),
+              metric(*db, task, "sparse-ffn neuron_stride=1", "engine.forward_calls"))
+        << task;
+  }
+}
+
 TEST(ExperimentRunner, DryRunListsRunsAndWritesNothing) {
   const auto db_path = test::temp_path("dry.db");
   auto o = options(db_path);

@@ -42,15 +42,16 @@ enum PluginHook : uint32_t {
   kHookComponentMask = 1u << 6,      // mask_components: which heads and FFN neurons to compute
   kHookPageBudget = 1u << 7,         // page_budget: read the pages with the largest key bounds
   kHookRetention = 1u << 8,          // retention_budget: the engine keeps the best-scoring tokens
+  kHookCalibrate = 1u << 9,          // calibration / on_calibration / finish_calibration: dense passes before the runs
 };
-inline constexpr uint32_t kAllHooks = (1u << 9) - 1;
+inline constexpr uint32_t kAllHooks = (1u << 10) - 1;
 
 inline std::vector<std::string> hook_names(uint32_t hooks) {
   static const char* const names[] = {"load",       "prefill_pattern", "decode_selection",
                                       "attention_feedback", "eviction", "layer_plan",
-                                      "component_mask",     "page_budget", "retention"};
+                                      "component_mask",     "page_budget", "retention", "calibrate"};
   std::vector<std::string> out;
-  for (uint32_t i = 0; i < 9; ++i)
+  for (uint32_t i = 0; i < 10; ++i)
     if (hooks & (1u << i)) out.emplace_back(names[i]);
   return out;
 }
@@ -213,6 +214,38 @@ struct RetentionBudget {
 // Storage of the KV cache's pages.
 enum class KvPageFormat : int32_t { Any = 0, F32 = 1, F16 = 2, BF16 = 3 };
 
+// Calibration (kHookCalibrate): before a method's runs the host runs dense
+// passes over `samples` windows of `tokens` tokens of a corpus ("kjv", or a
+// text file's path) and hands the method, per sample and layer, the
+// intermediates it asked for (`taps`), then the logits of every row. The
+// method condenses them into artifacts (finish_calibration writes them into
+// its artifact folder), which its on_load then reads. The artifacts are kept by
+// model checksum, plugin version and the values of all its parameters: a run
+// with the same three finds them and calibrates nothing.
+enum CalibrationTap : uint32_t {
+  kTapHiddenIn = 1u << 0,        // the layer's input residual stream (n_tokens, n_embd)
+  kTapQueries = 1u << 1,         // queries after RoPE (n_tokens, n_heads * head_dim)
+  kTapKeys = 1u << 2,            // keys after RoPE (n_tokens, n_kv_heads * head_dim)
+  kTapAttentionOut = 1u << 3,    // attention output per head, before W_o (n_tokens, n_heads * head_dim)
+  kTapFfnActivation = 1u << 4,   // silu(gate) * up (n_tokens, n_ff)
+  kTapLogits = 1u << 5,          // every row's logits (n_tokens, n_vocab), after the last layer
+};
+struct CalibrationRequest {
+  std::string corpus = "kjv";  // or the path of a text file
+  int32_t samples = 0;         // 0: no calibration
+  int32_t tokens = 256;        // per sample
+  uint32_t taps = 0;           // CalibrationTap bits
+};
+// What one layer of one calibration sample showed (empty spans: not asked for).
+// layer = -1 carries the logits.
+struct CalibrationTaps {
+  int32_t sample = 0;
+  int32_t layer = 0;
+  int32_t n_tokens = 0;
+  std::span<const int32_t> tokens;
+  std::span<const float> hidden_in, queries, keys, attention_out, ffn_activation, logits;
+};
+
 // Which positions RoPE gives the keys and queries of a sequence.
 enum class KvPositions {
   Original,  // a token keeps its position in the sequence
@@ -229,8 +262,21 @@ class Method {
  public:
   virtual ~Method() = default;
 
-  // kHookLoad: called once after creation, before any sequence.
+  // kHookLoad: called once after creation, before any sequence (after calibration).
   virtual Status on_load(const LoadContext& context) { (void)context; return ok_status(); }
+
+  // kHookCalibrate: what calibration this method wants (samples 0: none).
+  virtual CalibrationRequest calibration(const ModelShape& shape) {
+    (void)shape;
+    return {};
+  }
+  // kHookCalibrate: the taps of one layer of one sample, in order.
+  virtual void on_calibration(const CalibrationTaps& taps) { (void)taps; }
+  // kHookCalibrate: writes the artifacts into `artifact_dir` (which exists).
+  virtual Status finish_calibration(const std::string& artifact_dir) {
+    (void)artifact_dir;
+    return ok_status();
+  }
   // Every plugin: a new sample starts (the runner calls it before each).
   virtual void begin_sequence(const ModelShape& shape) { (void)shape; }
   // Every plugin: the state it keeps for a sequence, made when it first runs on
@@ -347,6 +393,7 @@ constexpr uint32_t hooks_of() {
   if (INFERLAB_OVERRIDES(mask_components)) hooks |= kHookComponentMask;
   if (INFERLAB_OVERRIDES(page_budget)) hooks |= kHookPageBudget;
   if (INFERLAB_OVERRIDES(retention_budget)) hooks |= kHookRetention;
+  if (INFERLAB_OVERRIDES(on_calibration)) hooks |= kHookCalibrate;
 #undef INFERLAB_OVERRIDES
   return hooks;
 }

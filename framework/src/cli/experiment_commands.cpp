@@ -1,4 +1,4 @@
-// Experiment subcommands: run, plugins, query, report, merge.
+// Experiment subcommands: run, calibrate, plugins, query, report, merge.
 #include <fmt/format.h>
 
 #include <cstdio>
@@ -41,6 +41,13 @@ int run_run(const RunArgs& args) {
   auto summary = run_experiment(args.config, options);
   if (!summary) return fail(summary.message());
   return summary->failed > 0 ? 1 : 0;
+}
+
+int run_calibrate(const RunArgs& args) {
+  RunnerOptions options;
+  options.backend = args.backend;
+  auto summary = calibrate_experiment(args.config, options);
+  return summary ? 0 : fail(summary.message());
 }
 
 std::string describe_default(const ParamSpec& p) {
@@ -124,6 +131,13 @@ void register_experiment_commands(CLI::App& app) {
   r->add_flag("--no-prefill-reuse", run.no_prefill_reuse,
               "recompute every prefill (by default methods with a dense prefill start from a saved one)");
   r->callback([] { set_exit_code(run_run(run)); });
+
+  static RunArgs calibrate;
+  auto* cal = app.add_subcommand("calibrate", "run the calibrations a config's methods need, ahead of `run`");
+  cal->add_option("config", calibrate.config, "experiment .toml file")->required();
+  cal->add_option("--backend", calibrate.backend, "override experiment.backend: cpu, cuda or auto")
+      ->check(CLI::IsMember({"cpu", "cuda", "auto"}));
+  cal->callback([] { set_exit_code(run_calibrate(calibrate)); });
 
   auto* p = app.add_subcommand("plugins", "list plugins: version, hooks and parameters");
   p->callback([] { set_exit_code(run_plugins()); });

@@ -54,6 +54,15 @@ inline constexpr int32_t kProjCount = 8;
 const char* proj_name(Proj p);            // GGUF tensor name: "attn_q", ... "output"
 Result<Proj> parse_proj(const std::string& gguf_name);
 
+// Intermediates a forward call can hand to an observer (calibration).
+enum class Tap : int32_t {
+  HiddenIn,       // the layer's input residual stream (n, n_embd)
+  Queries,        // after RoPE (n, q_dim)
+  Keys,           // after RoPE (n, kv_dim)
+  AttentionOut,   // per head, before the output projection (n, q_dim)
+  FfnActivation,  // silu(gate) * up (n, n_ff)
+};
+
 // Which normalization feeds the next projections (the output norm is part of
 // the logits op).
 enum class Norm : int32_t { Attention, Ffn };
@@ -123,6 +132,8 @@ class Backend {
   // queries' last row (group heads of every kv head), for host-side hooks.
   virtual Status read_hidden(int64_t row_from, std::vector<float>& out) = 0;
   virtual Status read_last_queries(std::vector<float>& out) = 0;
+  // An intermediate of the call, as float32, for an observer (calibration).
+  virtual Status read_tap(Tap tap, std::vector<float>& out) = 0;
   // Engine-side retention (Feature::Retention) of `layer`, after its attention
   // with statistics: each stored token's score takes this call's key mass by
   // the policy's rule (the score lives in a slot plane beside the token's K/V

@@ -232,6 +232,19 @@ Status CpuBackend::read_last_queries(std::vector<float>& out) {
   return ok_status();
 }
 
+Status CpuBackend::read_tap(Tap tap, std::vector<float>& out) {
+  const ModelConfig& c = config_;
+  auto take = [&](const std::vector<float>& from, int64_t cols) { out.assign(from.begin(), from.begin() + n_ * cols); };
+  switch (tap) {
+    case Tap::HiddenIn: take(x_, c.n_embd); break;
+    case Tap::Queries: take(q_, c.q_dim()); break;
+    case Tap::Keys: take(k_, c.kv_dim()); break;
+    case Tap::AttentionOut: take(attn_, c.q_dim()); break;
+    case Tap::FfnActivation: take(gate_, c.n_ff); break;  // swiglu wrote it over gate
+  }
+  return ok_status();
+}
+
 Result<int32_t> CpuBackend::evict(KvSequence& seq, int32_t l, int32_t g, std::vector<int32_t> drop) {
   return seq.evict(l, g, std::move(drop));
 }

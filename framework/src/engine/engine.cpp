@@ -250,7 +250,8 @@ Status Engine::check_call(const KvSequence& seq, std::span<const int32_t> tokens
   return ok_status();
 }
 
-Status Engine::forward(KvSequence& seq, std::span<const int32_t> tokens, int64_t logits_from, const LogitsSink& sink) {
+Status Engine::forward(KvSequence& seq, std::span<const int32_t> tokens, int64_t logits_from, const LogitsSink& sink,
+                       ForwardObserver* observer) {
   if (tokens.empty()) return ok_status();
   MethodCall call;
   call.method = method_;
@@ -261,7 +262,7 @@ Status Engine::forward(KvSequence& seq, std::span<const int32_t> tokens, int64_t
   try {
     if (method_ != nullptr)
       call.state = seq.method_state(method_->engine_instance, [&] { return method_->new_sequence_state(shape()); });
-    ForwardPass pass(*backend_, config(), options_, call, counters_, seq, tokens);
+    ForwardPass pass(*backend_, config(), options_, call, counters_, seq, tokens, observer);
     return pass.run(logits_from, sink);
   } catch (const std::bad_alloc&) {
     return Error{fmt::format("{}: out of memory for KV cache pages", backend_->name())};

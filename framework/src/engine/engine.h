@@ -78,6 +78,15 @@ struct WeightOverrides final : public WeightEditor {
   uint64_t serial = 0;  // unique per object and content: the engine knows what it applied without keeping a pointer
 };
 
+// Sees a forward call's intermediates, layer by layer (calibration): the
+// host's, not a method's. A call with an observer never replays a graph.
+class ForwardObserver {
+ public:
+  virtual ~ForwardObserver() = default;
+  virtual uint32_t taps() const = 0;  // CalibrationTap bits (kTapLogits is the caller's, from the sink)
+  virtual void on_layer(const CalibrationTaps& taps) = 0;
+};
+
 class Engine {
  public:
   // The backend options.backend names; an error when it is unavailable here.
@@ -97,7 +106,8 @@ class Engine {
   // Runs `tokens` through the model at positions seq.n_past() .. + n - 1, appending
   // their K/V to the cache. Logits are computed for rows [logits_from, n) and handed
   // to `sink` in order (pass logits_from = n for none). `seq` must come from this engine.
-  Status forward(KvSequence& seq, std::span<const int32_t> tokens, int64_t logits_from, const LogitsSink& sink);
+  Status forward(KvSequence& seq, std::span<const int32_t> tokens, int64_t logits_from, const LogitsSink& sink,
+                 ForwardObserver* observer = nullptr);
 
   // Convenience: logits of the last token only.
   Result<std::vector<float>> prefill(KvSequence& seq, std::span<const int32_t> tokens);

@@ -8,7 +8,7 @@ namespace inferlab {
 
 ForwardPass::ForwardPass(Backend& backend, const ModelConfig& config, const EngineOptions& options,
                          const MethodCall& method, EngineCounters& counters, KvSequence& seq,
-                         std::span<const int32_t> tokens)
+                         std::span<const int32_t> tokens, ForwardObserver* observer)
     : backend_(backend),
       config_(config),
       options_(options),
@@ -16,7 +16,8 @@ ForwardPass::ForwardPass(Backend& backend, const ModelConfig& config, const Engi
       counters_(counters),
       seq_(seq),
       tokens_(tokens),
-      step_{seq.forward_calls(), seq.n_past(), int32_t(tokens.size()), seq.id(), method.state} {}
+      step_{seq.forward_calls(), seq.n_past(), int32_t(tokens.size()), seq.id(), method.state},
+      observer_(observer) {}
 
 Status ForwardPass::run(int64_t logits_from, const LogitsSink& sink) {
   const int64_t n = int64_t(tokens_.size());
@@ -90,6 +91,7 @@ Status ForwardPass::plan_step() {
   plan_.host_reads = (ask_selection && method_.has(kHookDecodeSelection)) || method_.has(kHookComponentMask) ||
                      method_.has(kHookAttentionFeedback) || (method_.has(kHookLayerPlan) && L > 1);
   plan_.host_changes = method_.has(kHookEviction) || method_.has(kHookRetention);
+  if (observer_ != nullptr) plan_.host_reads = true;
   return ok_status();
 }
 
@@ -175,14 +177,24 @@ Status ForwardPass::skip_layer(int32_t l) {
   return backend_.append_kv(seq_, l);
 }
 
+// An intermediate for the observer, when it asked for it.
+Status ForwardPass::tap(Tap which, uint32_t bit, std::vector<float>& out) {
+  if (observer_ == nullptr || (observer_->taps() & bit) == 0) return ok_status();
+  return backend_.read_tap(which, out);
+}
+
 Status ForwardPass::run_layer(int32_t l) {
   ComponentMask mask;
   const ComponentMask* active = nullptr;
+  std::vector<float> hidden_in, queries, key_rows, attention_out, ffn_activation;  // taps, when observed
+  if (auto s = tap(Tap::HiddenIn, kTapHiddenIn, hidden_in); !s) return s;
   if (auto s = decide_mask(l, mask, active); !s) return s;
   if (auto s = backend_.rmsnorm(Norm::Attention, l); !s) return s;
   for (Proj p : {Proj::Q, Proj::K, Proj::V})
     if (auto s = backend_.linear(p, l); !s) return s;
   if (auto s = backend_.rope(seq_, l, true); !s) return s;
+  if (auto s = tap(Tap::Queries, kTapQueries, queries); !s) return s;
+  if (auto s = tap(Tap::Keys, kTapKeys, key_rows); !s) return s;
 
   KeyPlan decided;
   KeyPlan& keys = staged_.empty() ? decided : staged_[size_t(l)];
@@ -202,12 +214,17 @@ Status ForwardPass::run_layer(int32_t l) {
   if (auto s = statistics(l); !s) return s;
   if (auto s = retain(l); !s) return s;
   if (auto s = evict(l); !s) return s;
+  if (auto s = tap(Tap::AttentionOut, kTapAttentionOut, attention_out); !s) return s;
 
   if (auto s = backend_.linear(Proj::O, l); !s) return s;
   if (auto s = backend_.add_residual(); !s) return s;
   if (auto s = backend_.rmsnorm(Norm::Ffn, l); !s) return s;
-  if (auto s = ffn(l, active); !s) return s;
-  return backend_.add_residual();
+  if (auto s = ffn(l, active, ffn_activation); !s) return s;
+  if (auto s = backend_.add_residual(); !s) return s;
+  if (observer_ != nullptr)
+    observer_->on_layer(CalibrationTaps{0, l, step_.n_tokens, tokens_, hidden_in, queries, key_rows, attention_out,
+                                        ffn_activation, {}});
+  return ok_status();
 }
 
 Status ForwardPass::decide_mask(int32_t l, ComponentMask& mask, const ComponentMask*& active) {
@@ -360,11 +377,12 @@ Status ForwardPass::drop_tokens(int32_t l, int32_t g, std::vector<int32_t> drop)
   return ok_status();
 }
 
-Status ForwardPass::ffn(int32_t l, const ComponentMask* mask) {
+Status ForwardPass::ffn(int32_t l, const ComponentMask* mask, std::vector<float>& activation) {
   if (mask == nullptr || mask->all_neurons) {
     for (Proj p : {Proj::Gate, Proj::Up})
       if (auto s = backend_.linear(p, l); !s) return s;
     if (auto s = backend_.swiglu(config_.n_ff); !s) return s;
+    if (auto s = tap(Tap::FfnActivation, kTapFfnActivation, activation); !s) return s;
     return backend_.linear(Proj::Down, l);
   }
   // Only the selected neurons' rows of gate/up and columns of down are read.

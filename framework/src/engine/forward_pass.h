@@ -39,7 +39,8 @@ struct MethodCall {
 class ForwardPass {
  public:
   ForwardPass(Backend& backend, const ModelConfig& config, const EngineOptions& options, const MethodCall& method,
-              EngineCounters& counters, KvSequence& seq, std::span<const int32_t> tokens);
+              EngineCounters& counters, KvSequence& seq, std::span<const int32_t> tokens,
+              ForwardObserver* observer = nullptr);
   Status run(int64_t logits_from, const LogitsSink& sink);
 
  private:
@@ -56,9 +57,10 @@ class ForwardPass {
   Status retain(int32_t layer);
   Status evict(int32_t layer);
   Status drop_tokens(int32_t layer, int32_t kv_head, std::vector<int32_t> drop);
-  Status ffn(int32_t layer, const ComponentMask* mask);
+  Status ffn(int32_t layer, const ComponentMask* mask, std::vector<float>& activation);
   void count_keys(const KeyPlan& plan);
   void finish_call();
+  Status tap(Tap tap, uint32_t bit, std::vector<float>& out);
 
   Backend& backend_;
   const ModelConfig& config_;
@@ -71,6 +73,7 @@ class ForwardPass {
   StepPlan plan_;
   std::vector<KeyPlan> staged_;  // every layer's key plan, decided before a replayed step
   bool capturing_ = false;
+  ForwardObserver* observer_ = nullptr;
 };
 
 }  // namespace inferlab

@@ -6,10 +6,12 @@
 #include <cstdio>
 #include <map>
 #include <memory>
+#include <set>
 
 #include "datasets/tasks.h"
 #include "engine/device.h"
 #include "engine/engine.h"
+#include "experiment/calibration.h"
 #include "experiment/config.h"
 #include "experiment/measure.h"
 #include "experiment/progress.h"
@@ -48,6 +50,7 @@ struct Workbench {
   DenseCache dense;
   PrefillCache prefills;
   bool reuse_prefill = true;
+  std::filesystem::path artifact_root;
 };
 
 Result<Workbench> open_workbench(const ExperimentConfig& config) {
@@ -135,8 +138,9 @@ RunRecord execute_run(const ExperimentConfig& config, const RunSpec& run, Workbe
   if (entry == nullptr) return fail(fmt::format("plugin {} is no longer loaded", run.plugin));
   auto handle = registry.create(run.plugin, run.params);
   if (!handle) return fail(handle.message());
-  WeightOverrides overrides;
-  if (auto s = load_method(*handle->get(), *entry, *bench.engine, {}, &overrides); !s) return fail(s.message());
+  WeightOverrides overrides;  // calibrated first when the method asks (and its artifacts are not there yet)
+  if (auto s = prepare_method(*handle->get(), *entry, run.params, *bench.engine, bench.artifact_root, &overrides); !s)
+    return fail(s.message());
 
   MeasureContext ctx;
   ctx.engine = bench.engine.get();
@@ -222,6 +226,7 @@ Result<RunnerSummary> run_experiment(const std::filesystem::path& config_file, c
   auto bench = open_workbench(*config);
   if (!bench) return bench.error();
   bench->reuse_prefill = options.reuse_prefill;
+  bench->artifact_root = options.artifact_root;
   auto grid = expand_grid(*config, *catalog, bench->model->checksum());
   if (!grid) return grid.error();
   const std::vector<RunSpec> runs = select_shard(*grid, shard);
@@ -269,6 +274,47 @@ Result<RunnerSummary> run_experiment(const std::filesystem::path& config_file, c
   fmt::print(options.out, "experiment {}: {} runs, {} finished, {} skipped (already done), {} failed; results in {}\n",
              summary.experiment, summary.runs, summary.finished, summary.skipped, summary.failed,
              options.db_path.string());
+  return summary;
+}
+
+Result<CalibrationSummary> calibrate_experiment(const std::filesystem::path& config_file, const RunnerOptions& options) {
+  PluginRegistry registry;
+  auto catalog = build_catalog(registry, options, options.progress);
+  if (!catalog) return catalog.error();
+  auto config = load_experiment(config_file, *catalog);
+  if (!config) return config.error();
+  if (!options.backend.empty()) config->backend = options.backend;
+  auto backend = resolve_backend(config->backend);
+  if (!backend) return Error{fmt::format("{}: {}", config_file.string(), backend.message())};
+  config->backend = *backend;
+  auto bench = open_workbench(*config);
+  if (!bench) return bench.error();
+  auto grid = expand_grid(*config, *catalog, bench->model->checksum());
+  if (!grid) return grid.error();
+  CalibrationSummary summary;
+  std::set<std::filesystem::path> seen;
+  for (const RunSpec& run : *grid) {
+    const PluginEntry* entry = catalog->find_plugin(run.plugin);
+    if (entry == nullptr || (entry->hooks & kHookCalibrate) == 0) continue;
+    auto handle = registry.create(run.plugin, run.params);
+    if (!handle) return Error{fmt::format("{}: {}", run.label, handle.message())};
+    const auto started = std::chrono::steady_clock::now();
+    auto prepared = ensure_calibrated(*handle->get(), *entry, run.params, *bench->engine, options.artifact_root);
+    if (!prepared) return Error{fmt::format("{}: {}", run.label, prepared.message())};
+    if (prepared->artifact_dir.empty() || !seen.insert(prepared->artifact_dir).second) continue;
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+    const CalibrationRequest& q = prepared->request;
+    if (prepared->calibrated) {
+      ++summary.calibrated;
+      fmt::print(options.out, "{}: calibrated on {} samples of {} tokens ({}) in {:.1f} s -> {}\n", run.label,
+                 q.samples, q.tokens, q.corpus, seconds, prepared->artifact_dir.string());
+    } else {
+      ++summary.found;
+      fmt::print(options.out, "{}: calibration found -> {}\n", run.label, prepared->artifact_dir.string());
+    }
+  }
+  fmt::print(options.out, "experiment {}: {} calibrations run, {} found\n", config->name, summary.calibrated,
+             summary.found);
   return summary;
 }
 

@@ -21,6 +21,7 @@ struct RunnerOptions {
   // prefill (results are identical; a grid then costs little more than its decode steps).
   bool reuse_prefill = true;
   std::vector<std::filesystem::path> plugin_path;  // empty: PluginRegistry::default_search_path()
+  std::filesystem::path artifact_root;  // methods' artifacts and calibrations; empty: $INFERLAB_ARTIFACT_DIR or ~/.cache/inferlab/artifacts
   std::FILE* out = stdout;   // the plan and the summary
   std::FILE* progress = stderr;
 };
@@ -34,6 +35,16 @@ struct RunnerSummary {
 };
 
 Result<RunnerSummary> run_experiment(const std::filesystem::path& config_file, const RunnerOptions& options);
+
+// `inferlab calibrate`: runs, for every point of the grid whose method
+// calibrates (kHookCalibrate), the calibration its artifacts need when they
+// are not there yet (experiment/calibration.h). `inferlab run` does the same
+// before each such run; this does it ahead, on its own.
+struct CalibrationSummary {
+  int64_t calibrated = 0;  // run now
+  int64_t found = 0;       // already there
+};
+Result<CalibrationSummary> calibrate_experiment(const std::filesystem::path& config_file, const RunnerOptions& options);
 
 // The git revision of the source tree this binary was built from, read when
 // it was built (cmake/WriteRevision.cmake), with "-dirty" when tracked files

@@ -42,10 +42,11 @@ std::filesystem::path artifact_dir(const std::string& plugin, const std::string&
 }
 
 Status load_method(Method& method, const PluginEntry& plugin, const Engine& engine,
-                   const std::filesystem::path& artifact_root, WeightOverrides* overrides) {
+                   const std::filesystem::path& artifact_root, WeightOverrides* overrides,
+                   const std::filesystem::path& exact_dir) {
   if ((plugin.hooks & kHookLoad) == 0) return ok_status();
   const std::string& checksum = engine.model().checksum();
-  const auto dir = artifact_dir(plugin.name, checksum, artifact_root);
+  const auto dir = exact_dir.empty() ? artifact_dir(plugin.name, checksum, artifact_root) : exact_dir;
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
   if (ec) return Error{fmt::format("plugin {}: cannot create artifact folder {}: {}", plugin.name, dir.string(),

@@ -31,7 +31,10 @@ std::filesystem::path artifact_dir(const std::string& plugin, const std::string&
 // folder); errors name the plugin. Weights the method replaces for its runs
 // go to `overrides` (give them to Engine::set_method with the method); with
 // none given, a method that replaces weights is an error.
+// `artifact_dir` (when given) replaces the plugin's folder for this model
+// (a calibrated method's folder for its parameters, experiment/calibration.h).
 Status load_method(Method& method, const PluginEntry& plugin, const Engine& engine,
-                   const std::filesystem::path& artifact_root = {}, WeightOverrides* overrides = nullptr);
+                   const std::filesystem::path& artifact_root = {}, WeightOverrides* overrides = nullptr,
+                   const std::filesystem::path& artifact_dir = {});
 
 }  // namespace inferlab

@@ -58,6 +58,7 @@ class CudaBackend final : public Backend {
                 std::span<const RetentionBudget> budgets, std::vector<std::vector<int32_t>>& drops) override;
   Status read_hidden(int64_t row_from, std::vector<float>& out) override;
   Status read_last_queries(std::vector<float>& out) override;
+  Status read_tap(Tap tap, std::vector<float>& out) override;
   Result<int32_t> evict(KvSequence& seq, int32_t layer, int32_t kv_head, std::vector<int32_t> drop) override;
   Status rerotate(KvSequence& seq, int32_t layer, int32_t kv_head) override;
   Status logits(int64_t from, int64_t rows, const LogitsSink& sink) override;

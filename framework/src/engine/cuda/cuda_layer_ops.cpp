@@ -2,6 +2,7 @@
 // projections (gathered neuron rows included), activations, RoPE and logits.
 #include <fmt/format.h>
 
+#include "cpu/half_convert.h"
 #include "cuda/activation.cuh"
 #include "cuda/embedding.cuh"
 #include "cuda/gemm.cuh"
@@ -138,6 +139,29 @@ Status CudaBackend::read_last_queries(std::vector<float>& out) {
   const int64_t q = config_.q_dim();
   out.resize(size_t(q));
   return download(q_.as<float>() + (n_ - 1) * q, out.size() * 4, out.data());
+}
+
+Status CudaBackend::read_tap(Tap tap, std::vector<float>& out) {
+  const ModelConfig& c = config_;
+  auto take = [&](const DeviceMemory& from, int64_t cols) {
+    out.resize(size_t(n_ * cols));
+    return download(from.as(), out.size() * 4, out.data());
+  };
+  switch (tap) {
+    case Tap::HiddenIn: return take(x_, c.n_embd);
+    case Tap::Queries: return take(q_, c.q_dim());
+    case Tap::Keys: return take(k_, c.kv_dim());
+    case Tap::AttentionOut: return take(attn_, c.q_dim());
+    case Tap::FfnActivation: {  // the activation is kept in the GEMM's type
+      std::vector<uint16_t> raw(size_t(n_ * c.n_ff));
+      if (auto s = download(act_.as(), raw.size() * 2, raw.data()); !s) return s;
+      out.resize(raw.size());
+      for (size_t i = 0; i < raw.size(); ++i)
+        out[i] = dtype_ == kernels::DType::BF16 ? kernels::cpu::bf16_to_float(raw[i]) : kernels::cpu::f16_to_float(raw[i]);
+      return ok_status();
+    }
+  }
+  return ok_status();
 }
 
 }  // namespace inferlab

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "engine/engine.h"
+#include "experiment/calibration.h"
 #include "inferlab/testing/support.h"
 #include "plugins/method_context.h"
 #include "plugins/plugin_host.h"
@@ -52,7 +53,11 @@ inline ActiveMethod activate_method(Engine& engine, const std::string& plugin, c
   EXPECT_TRUE(handle.ok()) << (handle.ok() ? "" : handle.message());
   if (!handle.ok()) return active;
   active.handle = std::move(*handle);
-  auto loaded = load_method(*active.handle.get(), *active.entry, engine, temp_path("artifacts"), active.overrides.get());
+  ParamValues resolved;  // every parameter, defaults filled in (calibration keys on them)
+  for (const ParamSpec& spec : active.entry->params) resolved.set(spec.name, spec.default_value);
+  for (const auto& [name, value] : params.all()) resolved.set(name, value);
+  auto loaded = prepare_method(*active.handle.get(), *active.entry, resolved, engine, temp_path("artifacts"),
+                               active.overrides.get());
   EXPECT_TRUE(loaded.ok()) << (loaded.ok() ? "" : loaded.message());
   auto set = engine.set_method(active.handle.get(), active.entry->hooks, active.overrides.get(), plugin);
   EXPECT_TRUE(set.ok()) << (set.ok() ? "" : set.message());

@@ -1,0 +1,146 @@
+#include "experiment/calibration.h"
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include <fstream>
+
+#include "datasets/tasks.h"
+#include "experiment/config.h"
+#include "model/model.h"
+#include "plugins/method_context.h"
+
+namespace inferlab {
+
+namespace {
+
+constexpr const char* kDoneMarker = "calibration.json";
+
+// Hands each layer's taps of one sample to the method.
+class Tapper final : public ForwardObserver {
+ public:
+  Tapper(Method& method, uint32_t taps) : method_(method), taps_(taps) {}
+  uint32_t taps() const override { return taps_; }
+  void on_layer(const CalibrationTaps& taps) override {
+    CalibrationTaps t = taps;
+    t.sample = sample;
+    method_.on_calibration(t);
+  }
+  int32_t sample = 0;
+
+ private:
+  Method& method_;
+  uint32_t taps_;
+};
+
+Status calibrate(Method& method, const CalibrationRequest& request, Engine& engine, const std::filesystem::path& dir,
+                 const nlohmann::json& record) {
+  auto windows = corpus_windows(engine.model().tokenizer(), request.corpus, request.samples, request.tokens, 0);
+  if (!windows) return Error{"calibration: " + windows.message()};
+  if (auto s = engine.set_method(nullptr, 0); !s) return s;
+  Tapper tapper(method, request.taps);
+  std::vector<float> logits;
+  const int64_t vocab = engine.config().n_vocab;
+  for (size_t i = 0; i < windows->size(); ++i) {
+    const auto& tokens = (*windows)[i];
+    tapper.sample = int32_t(i);
+    auto seq = engine.new_sequence();
+    logits.clear();
+    const bool want_logits = (request.taps & kTapLogits) != 0;
+    auto s = engine.forward(*seq, tokens, want_logits ? 0 : int64_t(tokens.size()),
+                            [&](int64_t, std::span<const float> row) { logits.insert(logits.end(), row.begin(), row.end()); },
+                            &tapper);
+    if (!s) return Error{"calibration: " + s.message()};
+    if (want_logits)
+      method.on_calibration(CalibrationTaps{int32_t(i), -1, int32_t(tokens.size()), tokens, {}, {}, {}, {}, {},
+                                            std::span<const float>(logits.data(), tokens.size() * size_t(vocab))});
+  }
+  if (auto s = method.finish_calibration(dir.string()); !s) return Error{"calibration: " + s.message()};
+  // Written last: a folder without it is an unfinished calibration, done again.
+  std::ofstream(dir / kDoneMarker) << record.dump(1) << "\n";
+  return ok_status();
+}
+
+}  // namespace
+
+std::string arithmetic(const Engine& engine) {
+  if (engine.backend() == BackendKind::Cpu) return "cpu-f32";
+  return engine.options().gpu_dtype == GpuDType::BF16 ? "cuda-bf16" : "cuda-f16";
+}
+
+Result<std::filesystem::path> calibration_dir(const PluginEntry& plugin, const ParamValues& params,
+                                              const CalibrationRequest& request,
+                                              const std::string& model_checksum, const std::string& arithmetic,
+                                              const std::filesystem::path& artifact_root) {
+  nlohmann::json key = {{"plugin", plugin.name}, {"version", plugin.version}, {"arithmetic", arithmetic},
+                        {"samples", request.samples},
+                        {"tokens", request.tokens}, {"taps", request.taps}, {"corpus", request.corpus}};
+  if (request.corpus != "kjv") {
+    auto corpus = resolve_corpus(request.corpus);
+    if (!corpus) return Error{fmt::format("plugin {}: calibration corpus: {}", plugin.name, corpus.message())};
+    auto digest = sha256_file(corpus->string());
+    if (!digest) return Error{fmt::format("plugin {}: calibration corpus: {}", plugin.name, digest.message())};
+    key["corpus"] = "sha256:" + *digest;
+  }
+  for (const ParamSpec& spec : plugin.params) {
+    if (!params.has(spec.name)) continue;
+    const ParamValue& value = params.all().at(spec.name);
+    if (spec.type == ParamType::Path && !std::get<std::string>(value).empty()) {
+      auto digest = sha256_file(std::get<std::string>(value));
+      if (!digest) return Error{fmt::format("parameter {} of plugin {}: {}", spec.name, plugin.name, digest.message())};
+      key["params"][spec.name] = "sha256:" + *digest;
+    } else {
+      key["params"][spec.name] = param_value_to_string(value);
+    }
+  }
+  return artifact_dir(plugin.name, model_checksum, artifact_root) / sha256_hex(key.dump()).substr(0, 16);
+}
+
+Result<PreparedMethod> ensure_calibrated(Method& method, const PluginEntry& plugin, const ParamValues& params,
+                                         Engine& engine, const std::filesystem::path& artifact_root) {
+  PreparedMethod out;
+  if ((plugin.hooks & kHookCalibrate) == 0) return out;
+  try {
+    out.request = method.calibration(engine.shape());
+  } catch (const std::exception& e) {
+    return Error{fmt::format("plugin {}: calibration() threw: {}", plugin.name, e.what())};
+  }
+  const CalibrationRequest& request = out.request;
+  if (request.samples < 0 || (request.samples > 0 && request.tokens < 2))
+    return Error{fmt::format("plugin {}: calibration asks for {} samples of {} tokens", plugin.name, request.samples,
+                             request.tokens)};
+  if (request.samples == 0) return out;
+  auto dir = calibration_dir(plugin, params, request, engine.model().checksum(), arithmetic(engine), artifact_root);
+  if (!dir) return dir.error();
+  out.artifact_dir = *dir;
+  std::error_code ec;
+  if (std::filesystem::exists(*dir / kDoneMarker, ec)) {
+    out.reused = true;
+    return out;
+  }
+  std::filesystem::create_directories(*dir, ec);
+  if (ec) return Error{fmt::format("plugin {}: cannot create {}: {}", plugin.name, dir->string(), ec.message())};
+  const nlohmann::json record = {{"plugin", plugin.name}, {"version", plugin.version},
+                                 {"model_checksum", engine.model().checksum()}, {"arithmetic", arithmetic(engine)},
+                                 {"corpus", request.corpus},
+                                 {"samples", request.samples}, {"tokens", request.tokens}, {"taps", request.taps}};
+  try {
+    if (auto s = calibrate(method, request, engine, *dir, record); !s)
+      return Error{fmt::format("plugin {}: {}", plugin.name, s.message())};
+  } catch (const std::exception& e) {
+    return Error{fmt::format("plugin {}: calibration threw: {}", plugin.name, e.what())};
+  }
+  out.calibrated = true;
+  return out;
+}
+
+Result<PreparedMethod> prepare_method(Method& method, const PluginEntry& plugin, const ParamValues& params,
+                                      Engine& engine, const std::filesystem::path& artifact_root,
+                                      WeightOverrides* overrides) {
+  auto out = ensure_calibrated(method, plugin, params, engine, artifact_root);
+  if (!out) return out;
+  if (auto s = load_method(method, plugin, engine, artifact_root, overrides, out->artifact_dir); !s) return s.error();
+  return out;
+}
+
+}  // namespace inferlab
