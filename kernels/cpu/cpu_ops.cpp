@@ -96,6 +96,15 @@ void matmul_xwt(float* y, const float* x, const float* w, int64_t m, int64_t n, 
               int(k), 0.0f, y, int(n));
 }
 
+void matmul_xwt_add(float* y, const float* x, const float* w, int64_t m, int64_t n, int64_t k) {
+  if (m == 1) {
+    cblas_sgemv(CblasRowMajor, CblasNoTrans, int(n), int(k), 1.0f, w, int(k), x, 1, 1.0f, y, 1);
+    return;
+  }
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(m), int(n), int(k), 1.0f, x, int(k), w,
+              int(k), 1.0f, y, int(n));
+}
+
 void matmul_xwt_rows(float* y, const float* x, const float* w, const int32_t* rows, int64_t m, int64_t n_sel,
                      int64_t k) {
 #pragma omp parallel for schedule(static) if (n_sel * k > (1 << 16))

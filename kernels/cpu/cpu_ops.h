@@ -33,6 +33,8 @@ void add_inplace(float* y, const float* x, int64_t rows, int64_t n);
 // Y(m, n) = X(m, k) * W(n, k)^T — W is the GGUF/row-major (out, in) layout.
 // Uses GEMV when m == 1.
 void matmul_xwt(float* y, const float* x, const float* w, int64_t m, int64_t n, int64_t k);
+// Y(m, n) += X(m, k) * W(n, k)^T (adapters on top of a projection).
+void matmul_xwt_add(float* y, const float* x, const float* w, int64_t m, int64_t n, int64_t k);
 
 // Y(m, n_sel) = X(m, k) * W[rows]^T: only the selected rows of W(·, k) are read
 // (sparse FFN up/gate projections). rows: n_sel ascending row indices.

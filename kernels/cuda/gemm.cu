@@ -21,6 +21,14 @@ cublasStatus_t gemm_xwt(cublasHandle_t handle, const void* x, const void* w, DTy
                       &beta, y, CUDA_R_32F, int(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
 }
 
+cublasStatus_t gemm_xwt_add(cublasHandle_t handle, const void* x, const void* w, DType dtype, float* y, int64_t m,
+                            int64_t n, int64_t k) {
+  const float alpha = 1.0f, beta = 1.0f;
+  const cudaDataType_t t = cuda_type(dtype);
+  return cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, int(n), int(m), int(k), &alpha, w, t, int(k), x, t, int(k),
+                      &beta, y, CUDA_R_32F, int(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+}
+
 cublasStatus_t gemm_xw(cublasHandle_t handle, const void* x, const void* w, DType dtype, float* y, int64_t m,
                        int64_t n, int64_t k) {
   // Column-major view: y^T (n, m) = w ((n, k) col-major) * x^T ((k, m) col-major).

@@ -16,6 +16,10 @@ namespace inferlab::kernels::cuda {
 cublasStatus_t gemm_xwt(cublasHandle_t handle, const void* x, const void* w, DType dtype, float* y, int64_t m,
                         int64_t n, int64_t k);
 
+// y(m, n) += x(m, k) * w(n, k)^T (adapters on top of a projection).
+cublasStatus_t gemm_xwt_add(cublasHandle_t handle, const void* x, const void* w, DType dtype, float* y, int64_t m,
+                            int64_t n, int64_t k);
+
 // y(m, n) = x(m, k) * w(k, n), w row-major (a transposed weight, e.g. selected
 // rows of the down projection).
 cublasStatus_t gemm_xw(cublasHandle_t handle, const void* x, const void* w, DType dtype, float* y, int64_t m,

@@ -109,7 +109,8 @@ class KvView {
 // Read-only weights (float32, row-major (out, in) like GGUF). Names follow GGUF:
 // per layer "attn_q", "attn_k", "attn_v", "attn_output", "attn_norm", "ffn_gate",
 // "ffn_up", "ffn_down", "ffn_norm"; global (layer -1) "token_embd", "output",
-// "output_norm". An empty span: no such tensor (e.g. "output" when tied).
+// "output_norm" ("output" of a model with tied embeddings is the embedding). An
+// empty span: no such tensor.
 class WeightView {
  public:
   virtual std::span<const float> tensor(const std::string& name, int32_t layer) const = 0;
@@ -118,13 +119,31 @@ class WeightView {
   ~WeightView() = default;
 };
 
+// A low-rank adapter on one projection (LoRA): y = W x + scale * B (A x), with
+// A (rank, in) and B (out, rank) float32 row-major. Unmerged, the engine runs
+// two skinny GEMMs after the projection's own on every call (several adapters
+// on one projection add up); merged, it folds scale * B A into this run's copy
+// of W once, and a call costs what a dense one does.
+struct LowRankAdapter {
+  int32_t rank = 0;
+  std::vector<float> a;  // (rank, in)
+  std::vector<float> b;  // (out, rank)
+  float scale = 1.0f;    // alpha / rank, or alpha / sqrt(rank) (rsLoRA)
+  bool merge = false;
+};
+
 // Weights a method changes for its own runs: the engine applies them while the
 // method is set and the shared model stays untouched for every other run.
 class WeightEditor {
  public:
   // Replaces projection `tensor` ("attn_q" ... "ffn_down", or "output" at layer
-  // -1) of `layer` by `data`, float32 in the tensor's (out, in) layout.
+  // -1) of `layer` by `data`, float32 in the tensor's (out, in) layout
+  // (adapters merged into it before are replaced with it).
   virtual Status replace(const std::string& tensor, int32_t layer, std::span<const float> data) = 0;
+  // Adds a low-rank adapter to projection `tensor` of `layer`. A merged one
+  // applies to the weight as replaced so far; an unmerged one to the weight
+  // the run ends up with. The output projection takes merged adapters only.
+  virtual Status add_adapter(const std::string& tensor, int32_t layer, const LowRankAdapter& adapter) = 0;
 
  protected:
   ~WeightEditor() = default;

@@ -38,7 +38,8 @@ enum class Feature : int32_t {
   NeuronSubset,         // FFN neurons gathered (mask_components)
   Retention,            // engine-side retention (Method::retention): scores kept where the KV lives
   RetentionPerSequence, // ... with one score per token across layers and heads (SpAtten's cascade)
-  WeightReplace,        // a projection replaced for one run (LoadContext::overlays)
+  WeightReplace,        // a projection replaced for one run (LoadContext::overrides)
+  WeightAdapters,       // unmerged low-rank adapters on projections, for one run
   KvPagesF32,           // KV pages stored as float32
   KvPagesF16,
   KvPagesBF16,
@@ -159,6 +160,11 @@ class Backend {
   // A weight of this engine replaced for the runs of one method (or restored
   // with an empty span): `data` holds the projection in float32, (out, in).
   virtual Status set_weight_override(Proj proj, int32_t layer, std::span<const float> data) = 0;
+  // The unmerged adapters of a projection for the runs of one method (rank 0:
+  // none): linear() then adds x A^T B^T, A (rank, in), B (out, rank) with the
+  // scales folded in (engine.h, WeightAdapter).
+  virtual Status set_weight_adapter(Proj proj, int32_t layer, int32_t rank, std::span<const float> a,
+                                    std::span<const float> b) = 0;
 
   // Timing of attention kernels: the backend measures its own.
   virtual void set_time_attention(bool on) = 0;

@@ -54,6 +54,7 @@ CpuBackend::CpuBackend(std::shared_ptr<const Model> model, const EngineOptions& 
   pool_ = std::make_shared<KvPagePool>(KvCacheShape{c.n_layers, c.n_kv_heads, c.head_dim, options.page_size});
   bound_sync_.assign(size_t(c.n_layers) * size_t(c.n_kv_heads), PageBoundSync{});
   overrides_.assign(size_t(kProjCount), std::vector<std::vector<float>>(size_t(std::max(1, c.n_layers))));
+  adapters_.assign(size_t(kProjCount), std::vector<Adapter>(size_t(std::max(1, c.n_layers))));
   if (options.n_threads > 0) omp_set_num_threads(options.n_threads);
 }
 
@@ -136,26 +137,39 @@ const float* CpuBackend::weight(Proj p, int32_t l) const {
 Status CpuBackend::linear(Proj p, int32_t l, const std::vector<int32_t>* rows) {
   const ModelConfig& c = config_;
   const float* w = weight(p, l);
+  const float* x = xn_.data();
+  float* y = nullptr;
+  int64_t in = c.n_embd, out = 0;
   switch (p) {
-    case Proj::Q: cpu::matmul_xwt(q_.data(), xn_.data(), w, n_, c.q_dim(), c.n_embd); break;
-    case Proj::K: cpu::matmul_xwt(k_.data(), xn_.data(), w, n_, c.kv_dim(), c.n_embd); break;
-    case Proj::V: cpu::matmul_xwt(v_.data(), xn_.data(), w, n_, c.kv_dim(), c.n_embd); break;
-    case Proj::O: cpu::matmul_xwt(proj_.data(), attn_.data(), w, n_, c.n_embd, c.q_dim()); break;
+    case Proj::Q: y = q_.data(), out = c.q_dim(); break;
+    case Proj::K: y = k_.data(), out = c.kv_dim(); break;
+    case Proj::V: y = v_.data(), out = c.kv_dim(); break;
+    case Proj::O: x = attn_.data(), y = proj_.data(), in = c.q_dim(), out = c.n_embd; break;
     case Proj::Gate:
-    case Proj::Up: {
-      float* out = p == Proj::Gate ? gate_.data() : up_.data();
-      if (rows == nullptr) cpu::matmul_xwt(out, xn_.data(), w, n_, c.n_ff, c.n_embd);
-      else cpu::matmul_xwt_rows(out, xn_.data(), w, rows->data(), n_, int64_t(rows->size()), c.n_embd);
-      break;
-    }
-    case Proj::Down:
-      if (rows == nullptr) cpu::matmul_xwt(proj_.data(), gate_.data(), w, n_, c.n_embd, c.n_ff);
-      else  // the selected rows of the transposed down weight: its selected columns
-        cpu::matmul_x_rows(proj_.data(), gate_.data(), w_down_transposed(l).data(), rows->data(), n_,
-                           int64_t(rows->size()), c.n_embd);
-      break;
+    case Proj::Up: y = p == Proj::Gate ? gate_.data() : up_.data(), out = c.n_ff; break;
+    case Proj::Down: x = gate_.data(), y = proj_.data(), in = c.n_ff, out = c.n_embd; break;
     case Proj::Output: return Error{"cpu backend: the output projection runs inside the logits op"};
   }
+  if (rows != nullptr) {  // a neuron subset of the FFN
+    if (adapters_[size_t(p)][size_t(l)].rank > 0)
+      return Error{fmt::format("cpu backend: an unmerged adapter on {} with a neuron subset (merge it)", proj_name(p))};
+    if (p == Proj::Down)  // the selected rows of the transposed down weight: its selected columns
+      cpu::matmul_x_rows(y, x, w_down_transposed(l).data(), rows->data(), n_, int64_t(rows->size()), out);
+    else
+      cpu::matmul_xwt_rows(y, x, w, rows->data(), n_, int64_t(rows->size()), in);
+    return ok_status();
+  }
+  cpu::matmul_xwt(y, x, w, n_, out, in);
+  return apply_adapter(p, l, x, y, in, out);
+}
+
+// y += (x A^T) B^T: the unmerged adapters of (p, l), scales folded into B.
+Status CpuBackend::apply_adapter(Proj p, int32_t l, const float* x, float* y, int64_t in, int64_t out) {
+  const Adapter& ad = adapters_[size_t(p)][size_t(l)];
+  if (ad.rank == 0) return ok_status();
+  adapter_tmp_.resize(size_t(n_ * ad.rank));
+  cpu::matmul_xwt(adapter_tmp_.data(), x, ad.a.data(), n_, ad.rank, in);
+  cpu::matmul_xwt_add(y, adapter_tmp_.data(), ad.b.data(), n_, out, ad.rank);
   return ok_status();
 }
 
@@ -296,6 +310,13 @@ Status CpuBackend::end_call(double& attention_seconds) {
 
 Status CpuBackend::truncate(KvSequence& seq, int32_t n) {
   seq.truncate(n);
+  return ok_status();
+}
+
+Status CpuBackend::set_weight_adapter(Proj p, int32_t l, int32_t rank, std::span<const float> a,
+                                      std::span<const float> b) {
+  if (p == Proj::Output) return Error{"cpu backend: no unmerged adapter on the output projection"};
+  adapters_[size_t(p)][size_t(l)] = Adapter{rank, {a.begin(), a.end()}, {b.begin(), b.end()}};
   return ok_status();
 }
 

@@ -39,6 +39,8 @@ class CpuBackend final : public Backend {
   Status read_hidden(int64_t row_from, std::vector<float>& out) override;
   Status read_last_queries(std::vector<float>& out) override;
   Status read_tap(Tap tap, std::vector<float>& out) override;
+  Status set_weight_adapter(Proj proj, int32_t layer, int32_t rank, std::span<const float> a,
+                            std::span<const float> b) override;
   Result<int32_t> evict(KvSequence& seq, int32_t layer, int32_t kv_head, std::vector<int32_t> drop) override;
   Status rerotate(KvSequence& seq, int32_t layer, int32_t kv_head) override;
   Status logits(int64_t from, int64_t rows, const LogitsSink& sink) override;
@@ -89,6 +91,13 @@ class CpuBackend final : public Backend {
 
   // Weights replaced for the current method's runs: (projection, layer) -> (out, in).
   std::vector<std::vector<std::vector<float>>> overrides_;   // [proj][layer or 0 for output]
+  struct Adapter {
+    int32_t rank = 0;
+    std::vector<float> a, b;  // (rank, in), (out, rank), scales folded in
+  };
+  std::vector<std::vector<Adapter>> adapters_;  // [proj][layer]
+  std::vector<float> adapter_tmp_;              // (n, rank)
+  Status apply_adapter(Proj p, int32_t layer, const float* x, float* y, int64_t in, int64_t out);
   std::vector<std::vector<float>> w_down_t_;  // per layer (n_ff, n_embd), built when a neuron mask first needs it
   // Key bounds of the pool's pages (kHookPageBudget): (pages_reserved, 2, head_dim)
   // indexed by physical page, what each (layer, kv head) has folded in, and scratch.

@@ -47,6 +47,7 @@ const char* feature_name(Feature f) {
     case Feature::Retention: return "engine-side retention";
     case Feature::RetentionPerSequence: return "engine-side retention per sequence";
     case Feature::WeightReplace: return "per-run weight replacement";
+    case Feature::WeightAdapters: return "unmerged low-rank adapters";
     case Feature::KvPagesF32: return "KV pages in f32";
     case Feature::KvPagesF16: return "KV pages in f16";
     case Feature::KvPagesBF16: return "KV pages in bf16";
@@ -107,6 +108,69 @@ Status WeightOverrides::replace(const std::string& tensor, int32_t layer, std::s
     if (!std::isfinite(x)) return Error{fmt::format("weight replacement of {} (layer {}): a value is not finite", tensor, layer)};
   std::erase_if(items, [&](const WeightOverride& o) { return o.proj == *proj && o.layer == layer; });
   items.push_back({*proj, layer, std::vector<float>(data.begin(), data.end())});
+  serial = next_overrides_serial++;
+  return ok_status();
+}
+
+Status WeightOverrides::add_adapter(const std::string& tensor, int32_t layer, const LowRankAdapter& adapter) {
+  auto proj = parse_proj(tensor);
+  if (!proj) return Error{"adapter: " + proj.message()};
+  const bool global = *proj == Proj::Output;
+  if (config == nullptr) return Error{"adapter: no model to check against"};
+  if (global ? layer != -1 : (layer < 0 || layer >= config->n_layers))
+    return Error{fmt::format("adapter on {}: layer {} is not {}", tensor, layer,
+                             global ? "-1 (a global tensor)" : fmt::format("in 0..{}", config->n_layers - 1))};
+  const auto [out, in] = proj_shape(*config, *proj);
+  const int64_t r = adapter.rank;
+  if (r <= 0 || r > std::min(out, in))
+    return Error{fmt::format("adapter on {} (layer {}): rank {} is not in 1..{}", tensor, layer, r, std::min(out, in))};
+  if (int64_t(adapter.a.size()) != r * in || int64_t(adapter.b.size()) != out * r)
+    return Error{fmt::format("adapter on {} (layer {}): A has {} values and B {}; rank {} needs A {} x {} = {} and "
+                             "B {} x {} = {}",
+                             tensor, layer, adapter.a.size(), adapter.b.size(), r, r, in, r * in, out, r, out * r)};
+  auto finite = [](const std::vector<float>& v) {
+    return std::all_of(v.begin(), v.end(), [](float x) { return std::isfinite(x); });
+  };
+  if (!finite(adapter.a) || !finite(adapter.b) || !std::isfinite(adapter.scale))
+    return Error{fmt::format("adapter on {} (layer {}): a value is not finite", tensor, layer)};
+  if (adapter.merge) {  // W + scale * B A into this run's copy of W
+    std::vector<float> w;
+    auto replaced = std::find_if(items.begin(), items.end(),
+                                 [&](const WeightOverride& o) { return o.proj == *proj && o.layer == layer; });
+    if (replaced != items.end()) {
+      w = replaced->data;
+    } else {
+      if (base == nullptr) return Error{fmt::format("adapter on {} (layer {}): merging needs the model's weights", tensor, layer)};
+      const auto src = base->tensor(tensor, layer);
+      if (int64_t(src.size()) != out * in)
+        return Error{fmt::format("adapter on {} (layer {}): the model's weight is not available to merge into", tensor,
+                                 layer)};
+      w.assign(src.begin(), src.end());
+    }
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t k = 0; k < r; ++k) {
+        const float s = adapter.scale * adapter.b[size_t(o * r + k)];
+        if (s == 0.0f) continue;
+        const float* a = &adapter.a[size_t(k * in)];
+        float* row = &w[size_t(o * in)];
+        for (int64_t i = 0; i < in; ++i) row[i] += s * a[i];
+      }
+    return replace(tensor, layer, w);
+  }
+  if (global)
+    return Error{fmt::format("adapter on {}: the output projection takes merged adapters only (merge = true)", tensor)};
+  auto it = std::find_if(adapters.begin(), adapters.end(),
+                         [&](const WeightAdapter& x) { return x.proj == *proj && x.layer == layer; });
+  if (it == adapters.end()) it = adapters.insert(adapters.end(), WeightAdapter{*proj, layer, 0, {}, {}});
+  // A stacked below the earlier adapters' rows; B's rows widened by r columns.
+  it->a.insert(it->a.end(), adapter.a.begin(), adapter.a.end());
+  std::vector<float> b(size_t(out * (it->rank + r)));
+  for (int64_t o = 0; o < out; ++o) {
+    std::copy_n(it->b.begin() + o * it->rank, it->rank, b.begin() + o * (it->rank + r));
+    for (int64_t k = 0; k < r; ++k) b[size_t(o * (it->rank + r) + it->rank + k)] = adapter.scale * adapter.b[size_t(o * r + k)];
+  }
+  it->b = std::move(b);
+  it->rank += int32_t(r);
   serial = next_overrides_serial++;
   return ok_status();
 }
@@ -178,23 +242,32 @@ Status Engine::set_method(Method* method, uint32_t hooks, const WeightOverrides*
   std::vector<Feature> needed;
   if (method != nullptr) needed = method_features(*method, hooks);
   if (overrides != nullptr && !overrides->items.empty()) needed.push_back(Feature::WeightReplace);
+  if (overrides != nullptr && !overrides->adapters.empty()) needed.push_back(Feature::WeightAdapters);
   for (Feature f : needed)
     if (!backend_->supports(f))
       return Error{fmt::format("method {} needs {}, which the {} backend does not support", name, feature_name(f),
                                backend_->name())};
   // Weights of the previous method come back before this one's go in.
-  const WeightOverrides* next = method != nullptr && overrides != nullptr && !overrides->items.empty() ? overrides : nullptr;
+  const WeightOverrides* next = method != nullptr && overrides != nullptr && !overrides->empty() ? overrides : nullptr;
   const uint64_t serial = next != nullptr ? next->serial : 0;
   if (serial != overrides_applied_) {
     for (const auto& [proj, layer] : overridden_)
       if (auto s = backend_->set_weight_override(proj, layer, {}); !s) return s;
+    for (const auto& [proj, layer] : adapted_)
+      if (auto s = backend_->set_weight_adapter(proj, layer, 0, {}, {}); !s) return s;
     overridden_.clear();
+    adapted_.clear();
     overrides_applied_ = 0;
-    if (next != nullptr)
+    if (next != nullptr) {
       for (const auto& o : next->items) {
         if (auto s = backend_->set_weight_override(o.proj, o.layer, o.data); !s) return s;
         overridden_.emplace_back(o.proj, o.layer);
       }
+      for (const auto& a : next->adapters) {
+        if (auto s = backend_->set_weight_adapter(a.proj, a.layer, a.rank, a.a, a.b); !s) return s;
+        adapted_.emplace_back(a.proj, a.layer);
+      }
+    }
     overrides_applied_ = serial;
   }
   static std::atomic<uint64_t> next_instance{1};

@@ -70,11 +70,23 @@ struct WeightOverride {
   int32_t layer = 0;
   std::vector<float> data;  // float32, (out, in)
 };
+// The unmerged adapters of one projection, concatenated: A (rank, in) stacked,
+// B (out, rank) side by side with each adapter's scale folded in.
+struct WeightAdapter {
+  Proj proj = Proj::Q;
+  int32_t layer = 0;
+  int32_t rank = 0;
+  std::vector<float> a, b;
+};
 struct WeightOverrides final : public WeightEditor {
   WeightOverrides();
   Status replace(const std::string& tensor, int32_t layer, std::span<const float> data) override;
+  Status add_adapter(const std::string& tensor, int32_t layer, const LowRankAdapter& adapter) override;
   const ModelConfig* config = nullptr;  // shapes to check against
+  const WeightView* base = nullptr;     // the model's weights (merging; set during on_load)
   std::vector<WeightOverride> items;
+  std::vector<WeightAdapter> adapters;
+  bool empty() const { return items.empty() && adapters.empty(); }
   uint64_t serial = 0;  // unique per object and content: the engine knows what it applied without keeping a pointer
 };
 
@@ -157,6 +169,7 @@ class Engine {
   uint32_t hooks_ = 0;
   uint64_t overrides_applied_ = 0;                     // serial of the overrides the backend holds (0: none)
   std::vector<std::pair<Proj, int32_t>> overridden_;  // what they replaced
+  std::vector<std::pair<Proj, int32_t>> adapted_;     // where they put unmerged adapters
   EngineCounters counters_;
 };
 

@@ -10,7 +10,7 @@ std::span<const float> ModelWeightView::tensor(const std::string& name, int32_t 
   const ModelWeights& w = model_.weights();
   if (layer < 0) {
     if (name == "token_embd") return w.token_embd;
-    if (name == "output") return w.output;
+    if (name == "output") return w.output.empty() ? w.token_embd : w.output;  // tied: the embedding is the head
     if (name == "output_norm") return w.output_norm;
     return {};
   }
@@ -56,13 +56,19 @@ Status load_method(Method& method, const PluginEntry& plugin, const Engine& engi
   WeightOverrides& edits = overrides != nullptr ? *overrides : local;
   edits.config = &engine.config();
   edits.items.clear();
+  edits.adapters.clear();
+  edits.base = &weights;  // for merged adapters, while on_load runs
   const LoadContext context{engine.shape(), checksum, dir.string(), &weights, &edits};
+  Status loaded = ok_status();
   try {
-    if (auto s = method.on_load(context); !s) return Error{fmt::format("plugin {}: on_load: {}", plugin.name, s.message())};
+    loaded = method.on_load(context);
   } catch (const std::exception& e) {
+    edits.base = nullptr;
     return Error{fmt::format("plugin {}: on_load threw: {}", plugin.name, e.what())};
   }
-  if (overrides == nullptr && !local.items.empty())
+  edits.base = nullptr;
+  if (!loaded) return Error{fmt::format("plugin {}: on_load: {}", plugin.name, loaded.message())};
+  if (overrides == nullptr && !local.empty())
     return Error{fmt::format("plugin {}: replaces weights, which this caller cannot apply", plugin.name)};
   return ok_status();
 }

@@ -190,6 +190,7 @@ Status CudaBackend::ensure_workspace(int64_t n) {
       logits_.reserve(size_t(kLogitsChunkRows) * size_t(c.n_vocab) * 4) &&
       host_logits_.reserve(size_t(kLogitsChunkRows) * size_t(c.n_vocab) * 4) && host_small_.reserve(rows * 8);
   if (!ok) return Error{fmt::format("cuda engine: out of GPU memory for a call of {} tokens", n)};
+  if (auto s = reserve_adapter_workspace(n); !s) return s;
   workspace_rows_ = n;
   return ok_status();
 }

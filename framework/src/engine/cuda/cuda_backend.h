@@ -59,6 +59,8 @@ class CudaBackend final : public Backend {
   Status read_hidden(int64_t row_from, std::vector<float>& out) override;
   Status read_last_queries(std::vector<float>& out) override;
   Status read_tap(Tap tap, std::vector<float>& out) override;
+  Status set_weight_adapter(Proj proj, int32_t layer, int32_t rank, std::span<const float> a,
+                            std::span<const float> b) override;
   Result<int32_t> evict(KvSequence& seq, int32_t layer, int32_t kv_head, std::vector<int32_t> drop) override;
   Status rerotate(KvSequence& seq, int32_t layer, int32_t kv_head) override;
   Status logits(int64_t from, int64_t rows, const LogitsSink& sink) override;
@@ -104,6 +106,9 @@ class CudaBackend final : public Backend {
   const void* weight(Proj proj, int32_t layer) const;
   const void* w_down_transposed(int32_t layer);
   Status gemm(const void* x, const void* w, float* y, int64_t m, int64_t n, int64_t k);
+  // cuda_adapters.cpp
+  Status apply_adapter(Proj proj, int32_t layer, const void* x, float* y, int64_t in, int64_t out);
+  Status reserve_adapter_workspace(int64_t rows);
   // cuda_attention.cpp
   Status stage_counts(const KvSequence& seq, int32_t layer);
   Status stage_append(KvSequence& seq, int32_t layer, int32_t n);
@@ -150,6 +155,13 @@ class CudaBackend final : public Backend {
   std::vector<DeviceLayerNorms> norms_;
   std::map<std::pair<int32_t, int32_t>, DeviceMemory> overrides_;  // (proj, layer) -> this run's weight
   std::vector<DeviceMemory> w_down_t_;  // per layer (n_ff, n_embd), built when a neuron mask first needs it
+  struct DeviceAdapter {
+    int32_t rank = 0;
+    DeviceMemory a, b;  // (rank, in), (out, rank) of dtype_, scales folded into b
+  };
+  std::map<std::pair<int32_t, int32_t>, DeviceAdapter> adapters_;  // (proj, layer) -> this run's unmerged adapters
+  int32_t adapter_rank_max_ = 0;
+  DeviceMemory adapter_tmp_, adapter_tmp_t_;  // (rows, rank_max): float, then dtype_
 
   // The call in flight.
   int64_t n_ = 0;

@@ -32,21 +32,28 @@ Status CudaBackend::rmsnorm(Norm norm, int32_t l) {
 Status CudaBackend::linear(Proj p, int32_t l, const std::vector<int32_t>* rows) {
   const ModelConfig& c = config_;
   const void* w = weight(p, l);
+  const void* x = xn_.as();
+  float* y = nullptr;
+  int64_t in = c.n_embd, out = 0;
   switch (p) {
-    case Proj::Q: return gemm(xn_.as(), w, q_.as<float>(), n_, c.q_dim(), c.n_embd);
-    case Proj::K: return gemm(xn_.as(), w, k_.as<float>(), n_, c.kv_dim(), c.n_embd);
-    case Proj::V: return gemm(xn_.as(), w, v_.as<float>(), n_, c.kv_dim(), c.n_embd);
+    case Proj::Q: y = q_.as<float>(), out = c.q_dim(); break;
+    case Proj::K: y = k_.as<float>(), out = c.kv_dim(); break;
+    case Proj::V: y = v_.as<float>(), out = c.kv_dim(); break;
     case Proj::O:
       CUDA_TRY(kc::convert_from_float(attn_.as<float>(), n_ * c.q_dim(), attn_t_.as(), dtype_, stream_), "convert");
-      return gemm(attn_t_.as(), w, proj_.as<float>(), n_, c.n_embd, c.q_dim());
+      x = attn_t_.as(), y = proj_.as<float>(), in = c.q_dim(), out = c.n_embd;
+      break;
+    case Proj::Gate:
+    case Proj::Up: y = p == Proj::Gate ? gate_.as<float>() : up_.as<float>(), out = c.n_ff; break;
+    case Proj::Down: x = act_.as(), y = proj_.as<float>(), in = c.n_ff, out = c.n_embd; break;
     case Proj::Output: return Error{"cuda backend: the output projection runs inside the logits op"};
-    default: break;
   }
-  float* out = p == Proj::Gate ? gate_.as<float>() : up_.as<float>();
   if (rows == nullptr) {
-    if (p == Proj::Down) return gemm(act_.as(), w, proj_.as<float>(), n_, c.n_embd, c.n_ff);
-    return gemm(xn_.as(), w, out, n_, c.n_ff, c.n_embd);
+    if (auto s = gemm(x, w, y, n_, out, in); !s) return s;
+    return apply_adapter(p, l, x, y, in, out);
   }
+  if (adapters_.count({int32_t(p), l}) != 0)
+    return Error{fmt::format("cuda backend: an unmerged adapter on {} with a neuron subset (merge it)", proj_name(p))};
   // Only the selected neurons: rows of gate/up, rows of the transposed down weight.
   const int64_t k = int64_t(rows->size());
   if (k == 0) {
@@ -66,7 +73,7 @@ Status CudaBackend::linear(Proj p, int32_t l, const std::vector<int32_t>* rows) 
       return Error{"cuda: cuBLAS GEMM of the selected down rows failed"};
   } else {
     CUDA_TRY(kc::gather_rows(w, dtype_, c.n_embd, rows_.as<int32_t>(), k, w_sel_.as(), stream_), "gather");
-    if (auto s = gemm(xn_.as(), w_sel_.as(), out, n_, k, c.n_embd); !s) return s;
+    if (auto s = gemm(xn_.as(), w_sel_.as(), y, n_, k, c.n_embd); !s) return s;
   }
   CUDA_TRY(cudaStreamSynchronize(stream_), "neuron subset");  // `rows` is the caller's
   return ok_status();
