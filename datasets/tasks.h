@@ -11,7 +11,7 @@
 #include <string>
 #include <vector>
 
-#include "experiment/catalog.h"
+#include "datasets/task_info.h"
 #include "inferlab/result.h"
 #include "tokenizer/tokenizer.h"
 

@@ -197,7 +197,7 @@ Result<const ExperimentInfo*> find_experiment(const ResultsDb& db, const std::ve
 std::string failed_section(const std::vector<StoredRun>& runs) {
   std::string out;
   for (const StoredRun& run : runs)
-    if (run.status != "finished")
+    if (run.status != RunStatus::Finished)
       out += fmt::format("- {} ({}): {}\n", one_line(run.label), run.task, one_line(run.error));
   return out.empty() ? "" : "## Failed runs\n\n" + out + "\n";
 }
@@ -218,10 +218,10 @@ Result<std::string> render_report(ResultsDb& db, const std::string& experiment) 
   std::map<std::string, std::vector<const StoredRun*>> by_task;
   std::vector<std::string> backends;
   for (const StoredRun& run : *runs)
-    if (run.status == "finished" && std::find(backends.begin(), backends.end(), run.backend) == backends.end())
+    if (run.status == RunStatus::Finished && std::find(backends.begin(), backends.end(), run.backend) == backends.end())
       backends.push_back(run.backend);
   for (const StoredRun& run : *runs) {
-    if (run.status != "finished") continue;
+    if (run.status != RunStatus::Finished) continue;
     finished.push_back(&run);
     // Runs of one experiment on two backends are compared with their own backend's baseline.
     const std::string key = backends.size() > 1 ? fmt::format("{} ({})", run.task, run.backend) : run.task;

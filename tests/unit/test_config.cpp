@@ -499,6 +499,7 @@ heavy = [8, 16]
     EXPECT_EQ(runs[i].task.type, expected[i].first) << i;
     EXPECT_EQ(runs[i].label, expected[i].second) << i;
     EXPECT_EQ(runs[i].baseline, expected[i].second == "dense") << i;
+    EXPECT_EQ(runs[i].task_index, i / 3) << i;  // the run carries its task's place in the config
   }
 }
 

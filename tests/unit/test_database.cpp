@@ -43,7 +43,7 @@ RunRecord make_run(const std::string& experiment, const std::string& hash, const
   r.backend = "cpu";
   r.device = "test cpu";
   r.git_revision = "deadbeef";
-  r.status = "finished";
+  r.status = RunStatus::Finished;
   r.started_at = 1000;
   r.finished_at = 1002.5;
   for (int i = 0; i < n_metrics; ++i) r.metrics.push_back({fmt::format("m{}", i), 0.25 * i, "u"});
@@ -190,7 +190,7 @@ TEST(ResultsDb, RecordsAndReadsBackRunWithMetricsAndSamples) {
   EXPECT_EQ(got.plugin, "h2o");
   EXPECT_EQ(got.config_json, R"({"seed":1})");
   EXPECT_EQ(got.git_revision, "deadbeef");
-  EXPECT_EQ(got.status, "finished");
+  EXPECT_EQ(got.status, RunStatus::Finished);
   EXPECT_DOUBLE_EQ(got.finished_at, 1002.5);
   ASSERT_EQ(got.metrics.size(), 4u);
   EXPECT_DOUBLE_EQ(got.metrics.at("m2").value, 0.5);
@@ -215,7 +215,7 @@ TEST(ResultsDb, HasFinishedRunOnlyForFinishedRuns) {
   ResultsDb db = open_db(test::temp_path("finished.db"));
   EXPECT_FALSE(*db.has_finished_run("h1"));
   RunRecord failed = make_run("e", "h1", "dense");
-  failed.status = "failed";
+  failed.status = RunStatus::Failed;
   failed.error = "out of memory";
   record(db, failed);
   EXPECT_FALSE(*db.has_finished_run("h1"));
@@ -227,7 +227,7 @@ TEST(ResultsDb, HasFinishedRunOnlyForFinishedRuns) {
 TEST(ResultsDb, FailedRunIsReplacedByFinishedOne) {
   ResultsDb db = open_db(test::temp_path("replace.db"));
   RunRecord failed = make_run("e", "h1", "dense", 5, 7);
-  failed.status = "failed";
+  failed.status = RunStatus::Failed;
   failed.error = "plugin crashed";
   record(db, failed);
   record(db, make_run("e", "h1", "dense", 2, 3));
@@ -244,24 +244,24 @@ TEST(ResultsDb, FinishedRunIsNotDuplicatedNorOverwritten) {
   again.metrics[1].value = 99;
   record(db, again);
   RunRecord failed = again;
-  failed.status = "failed";
+  failed.status = RunStatus::Failed;
   record(db, failed);
   EXPECT_EQ(scalar(db, "SELECT count(*) FROM runs"), "1");
   EXPECT_EQ(scalar(db, "SELECT value FROM metrics WHERE name = 'm1'"), "0.25");
   EXPECT_EQ(scalar(db, "SELECT status FROM runs"), "finished");
 }
 
-TEST(ResultsDb, RejectsUnknownStatusAndDuplicateMetricWithoutWriting) {
+TEST(ResultsDb, StatusNamesRoundTrip) {
+  for (RunStatus status : {RunStatus::Finished, RunStatus::Failed})
+    EXPECT_EQ(parse_run_status(run_status_name(status)), status);
+  EXPECT_EQ(parse_run_status("running"), std::nullopt);
+}
+
+TEST(ResultsDb, RejectsDuplicateMetricWithoutWriting) {
   ResultsDb db = open_db(test::temp_path("bad.db"));
   RunRecord run = make_run("e", "h1", "dense");
-  run.status = "running";
-  auto s = db.record_run(run);
-  ASSERT_FALSE(s.ok());
-  EXPECT_NE(s.message().find("status must be \"finished\" or \"failed\""), std::string::npos) << s.message();
-
-  run.status = "finished";
   run.metrics.push_back(run.metrics[0]);
-  s = db.record_run(run);
+  auto s = db.record_run(run);
   ASSERT_FALSE(s.ok());
   EXPECT_NE(s.message().find("recording metric m0 of run dense on passkey (h1)"), std::string::npos) << s.message();
   EXPECT_EQ(scalar(db, "SELECT count(*) FROM runs"), "0");  // rolled back whole
@@ -357,12 +357,12 @@ TEST(ResultsDbMerge, MergesShardsWithoutDuplicates) {
     record(b, make_run("sweep", "h2", "h2o", 3, 2));    // also in A
     record(b, make_run("sweep", "h3", "streaming", 4, 1));
     RunRecord failed = make_run("sweep", "h5", "calm");
-    failed.status = "failed";
+    failed.status = RunStatus::Failed;
     record(b, failed);
   }
   ResultsDb merged = open_db(test::temp_path("merged.db"));
   RunRecord failed_here = make_run("sweep", "h3", "streaming");
-  failed_here.status = "failed";
+  failed_here.status = RunStatus::Failed;
   record(merged, failed_here);           // a finished h3 from B replaces it
   record(merged, make_run("mine", "h0", "dense"));
 

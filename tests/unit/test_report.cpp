@@ -25,7 +25,7 @@ RunRecord run(const std::string& hash, const std::string& label, const std::stri
   r.backend = "cpu";
   r.device = "test cpu";
   r.git_revision = "abc1234";
-  r.status = "finished";
+  r.status = RunStatus::Finished;
   r.baseline = baseline;
   r.metrics = std::move(metrics);
   return r;
@@ -57,7 +57,7 @@ ResultsDb sweep_db() {
   };
   for (const RunRecord& r : runs) EXPECT_TRUE(db->record_run(r).ok());
   RunRecord failed = run("t-quest", "quest pages=8", "perplexity", {});
-  failed.status = "failed";
+  failed.status = RunStatus::Failed;
   failed.error = "plugin quest: page size 0";
   EXPECT_TRUE(db->record_run(failed).ok());
   return std::move(db).value();
@@ -173,7 +173,7 @@ TEST(Report, UnknownOrEmptyExperimentIsAClearError) {
 
   RunRecord failed = run("f1", "dense", "passkey", {}, true);
   failed.experiment = "broken";
-  failed.status = "failed";
+  failed.status = RunStatus::Failed;
   ASSERT_TRUE(db.record_run(failed).ok());
   auto broken = render_report(db, "broken");
   ASSERT_FALSE(broken.ok());

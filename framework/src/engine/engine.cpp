@@ -277,6 +277,8 @@ Status Engine::set_method(Method* method, uint32_t hooks, const WeightOverrides*
   return ok_status();
 }
 
+MethodScope::~MethodScope() { (void)engine_->set_method(nullptr, 0); }
+
 ModelShape Engine::shape() const {
   const ModelConfig& c = config();
   return ModelShape{c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim,   c.n_embd,

@@ -99,6 +99,21 @@ class ForwardObserver {
   virtual void on_layer(const CalibrationTaps& taps) = 0;
 };
 
+class Engine;
+
+// A method installed on an engine for a scope: on every way out (an error, an
+// exception) the engine is left dense and keeps no pointer to the method.
+class MethodScope {
+ public:
+  explicit MethodScope(Engine& engine) : engine_(&engine) {}
+  MethodScope(const MethodScope&) = delete;
+  MethodScope& operator=(const MethodScope&) = delete;
+  ~MethodScope();
+
+ private:
+  Engine* engine_;
+};
+
 class Engine {
  public:
   // The backend options.backend names; an error when it is unavailable here.
@@ -149,6 +164,7 @@ class Engine {
   const Model& model() const { return *model_; }
   const ModelConfig& config() const { return model_->config(); }
   const EngineOptions& options() const { return options_; }
+  bool has_method() const { return method_ != nullptr; }
   void set_time_attention(bool on);
   int32_t max_context() const { return max_context_; }
   KvPagePool& pool() { return *pool_; }

@@ -576,8 +576,9 @@ std::string point_label(const std::string& base, const PluginEntry& plugin, cons
   return label;
 }
 
-Result<RunSpec> make_run(const ExperimentConfig& config, const std::string& checksum, const TaskSection& task,
+Result<RunSpec> make_run(const ExperimentConfig& config, const std::string& checksum, size_t task_index,
                          const PluginEntry& plugin, ParamValues params, std::string label) {
+  const TaskSection& task = config.tasks[task_index];
   RunSpec run;
   run.experiment = config.name;
   run.seed = config.seed;
@@ -585,6 +586,7 @@ Result<RunSpec> make_run(const ExperimentConfig& config, const std::string& chec
   run.model = config.model;
   run.model_checksum = checksum;
   run.task = task;
+  run.task_index = task_index;
   run.plugin = plugin.name;
   run.plugin_version = plugin.version;
   run.label = std::move(label);
@@ -622,7 +624,7 @@ Result<std::vector<RunSpec>> expand_grid(const ExperimentConfig& config, const C
     run.index = int64_t(runs.size());
     runs.push_back(std::move(run));
   };
-  for (const TaskSection& task : config.tasks) {
+  for (size_t task = 0; task < config.tasks.size(); ++task) {
     auto baseline = make_run(config, model_checksum, task, *dense, grid_points(*dense, {}).front(), "dense");
     if (!baseline) return baseline.error();
     baseline->baseline = true;

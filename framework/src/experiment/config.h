@@ -73,6 +73,7 @@ struct RunSpec {
   ModelSection model;
   std::string model_checksum;
   TaskSection task;
+  size_t task_index = 0;  // its task's position in the config's [[task]] list (not part of the hash)
   std::string plugin, plugin_version;
   std::string label;   // e.g. "dense" or "h2o-small heavy=32": the method label plus the axes that vary
   ParamValues params;  // every declared parameter present

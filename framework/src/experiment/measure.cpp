@@ -360,6 +360,7 @@ std::vector<double> log_softmax(std::span<const float> logits) {
 Result<RunMeasurements> measure_run(MeasureContext& ctx) {
   // A backend without what the method needs refuses it here, before any token.
   if (auto s = install_method(ctx); !s) return s.error();
+  const MethodScope installed(*ctx.engine);  // dense again on every way out
   // Dense references first, so the run's counters and timings are its own.
   const TaskKind kind = ctx.task->kind();
   if (kind == TaskKind::Fidelity || (kind == TaskKind::Generation && ctx.method != nullptr))
@@ -378,16 +379,12 @@ Result<RunMeasurements> measure_run(MeasureContext& ctx) {
       case TaskKind::Perplexity: row = perplexity_sample(ctx, tally, i); break;
       case TaskKind::Fidelity: row = fidelity_sample(ctx, tally, i); break;
     }
-    if (!row) {
-      (void)ctx.engine->set_method(nullptr, 0);
-      return Error{fmt::format("sample {} ({}): {}", i, (*ctx.samples)[i].id, row.message())};
-    }
+    if (!row) return Error{fmt::format("sample {} ({}): {}", i, (*ctx.samples)[i].id, row.message())};
     out.samples.push_back(std::move(*row));
     ++tally.samples;
     if (ctx.on_sample) ctx.on_sample(int64_t(i + 1));
   }
   out.metrics = tally_metrics(ctx, tally);
-  (void)ctx.engine->set_method(nullptr, 0);
   return out;
 }
 

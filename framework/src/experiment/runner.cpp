@@ -81,12 +81,6 @@ std::string task_key(const TaskSection& task) {
   return key;
 }
 
-Result<size_t> task_index(const ExperimentConfig& config, const RunSpec& run) {
-  for (size_t i = 0; i < config.tasks.size(); ++i)
-    if (task_key(config.tasks[i]) == task_key(run.task)) return i;
-  return Error{"internal: a run's task is not in the config"};
-}
-
 Status prepare_task(Workbench& bench, const ExperimentConfig& config, size_t index) {
   if (bench.tasks.count(index) != 0) return ok_status();
   const TaskSection& section = config.tasks[index];
@@ -126,14 +120,13 @@ RunRecord execute_run(const ExperimentConfig& config, const RunSpec& run, Workbe
   RunRecord record = base_record(config, run, bench, backend);
   record.started_at = unix_now();
   auto fail = [&](const std::string& message) {
-    record.status = "failed";
+    record.status = RunStatus::Failed;
     record.error = message;
     record.finished_at = unix_now();
     return record;
   };
-  auto index = task_index(config, run);
-  if (!index) return fail(index.message());
-  if (auto s = prepare_task(bench, config, *index); !s) return fail(s.message());
+  const size_t index = run.task_index;
+  if (auto s = prepare_task(bench, config, index); !s) return fail(s.message());
   const PluginEntry* entry = registry.find(run.plugin);
   if (entry == nullptr) return fail(fmt::format("plugin {} is no longer loaded", run.plugin));
   auto handle = registry.create(run.plugin, run.params);
@@ -149,10 +142,10 @@ RunRecord execute_run(const ExperimentConfig& config, const RunSpec& run, Workbe
   ctx.method_name = run.plugin;
   ctx.overrides = &overrides;
   ctx.prefill_chunk = config.model.prefill_chunk;
-  ctx.task = bench.tasks[*index].get();
-  ctx.task_params = &config.tasks[*index].params;
-  ctx.samples = &bench.samples[*index];
-  ctx.task_key = task_key(config.tasks[*index]);
+  ctx.task = bench.tasks[index].get();
+  ctx.task_params = &config.tasks[index].params;
+  ctx.samples = &bench.samples[index];
+  ctx.task_key = task_key(config.tasks[index]);
   ctx.dense = &bench.dense;
   ctx.prefills = bench.reuse_prefill ? &bench.prefills : nullptr;
   ctx.on_sample = [&](int64_t done) { progress.sample_done(done); };
@@ -169,13 +162,13 @@ RunRecord execute_run(const ExperimentConfig& config, const RunSpec& run, Workbe
   if (!measured) return fail(fmt::format("plugin {}: {}", run.plugin, measured.message()));
   record.metrics = std::move(measured->metrics);
   record.samples = std::move(measured->samples);
-  record.status = "finished";
+  record.status = RunStatus::Finished;
   record.finished_at = unix_now();
   return record;
 }
 
 std::string outcome_line(const RunRecord& r) {
-  if (r.status != "finished") return "FAILED: " + r.error;
+  if (r.status != RunStatus::Finished) return "FAILED: " + r.error;
   std::string line = "done";
   for (const char* key : {"accuracy", "perplexity", "fidelity_top1", "decode_tokens_per_s"})
     for (const auto& m : r.metrics)
@@ -247,16 +240,12 @@ Result<RunnerSummary> run_experiment(const std::filesystem::path& config_file, c
   for (size_t t = 0; t < config->tasks.size(); ++t)
     if (auto s = prepare_task(*bench, *config, t); !s) return s.error();
   int64_t total_samples = 0;
-  for (const RunSpec& r : runs) {
-    auto index = task_index(*config, r);
-    if (index) total_samples += int64_t(bench->samples[*index].size());
-  }
+  for (const RunSpec& r : runs) total_samples += int64_t(bench->samples[r.task_index].size());
   Progress progress(options.progress, summary.runs, total_samples);
   int64_t position = 0;
   for (const RunSpec& run : runs) {
     ++position;
-    auto index = task_index(*config, run);
-    const int64_t n_samples = index ? int64_t(bench->samples[*index].size()) : 0;
+    const int64_t n_samples = int64_t(bench->samples[run.task_index].size());
     const std::string title = fmt::format("{} · {}", run.task.type, run.label);
     progress.start_run(position, title, n_samples);
     auto done = db->has_finished_run(run.hash);
@@ -268,7 +257,7 @@ Result<RunnerSummary> run_experiment(const std::filesystem::path& config_file, c
     }
     RunRecord record = execute_run(*config, run, *bench, registry, *backend, progress);
     if (auto s = db->record_run(record); !s) return s.error();
-    (record.status == "finished" ? summary.finished : summary.failed) += 1;
+    (record.status == RunStatus::Finished ? summary.finished : summary.failed) += 1;
     progress.end_run(outcome_line(record));
   }
   fmt::print(options.out, "experiment {}: {} runs, {} finished, {} skipped (already done), {} failed; results in {}\n",

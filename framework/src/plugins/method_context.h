@@ -6,7 +6,7 @@
 #include <string>
 
 #include "engine/engine.h"
-#include "experiment/catalog.h"
+#include "plugins/plugin_entry.h"
 #include "inferlab/plugin.h"
 
 namespace inferlab {

@@ -11,7 +11,7 @@
 #include <string>
 #include <vector>
 
-#include "experiment/catalog.h"
+#include "plugins/plugin_entry.h"
 #include "inferlab/plugin.h"
 #include "inferlab/result.h"
 

@@ -208,7 +208,7 @@ Result<int64_t> insert_run(const Conn& c, int64_t experiment_id, const RunRecord
   st->bind(1, experiment_id).bind(2, run.hash).bind(3, run.label).bind(4, run.plugin).bind(5, run.plugin_version);
   st->bind(6, run.task).bind(7, run.baseline).bind(8, run.config_json).bind(9, run.model);
   st->bind(10, run.model_checksum).bind(11, run.backend).bind(12, run.device).bind(13, run.git_revision);
-  st->bind(14, run.status).bind(15, run.error).bind(16, run.started_at).bind(17, run.finished_at);
+  st->bind(14, std::string(run_status_name(run.status))).bind(15, run.error).bind(16, run.started_at).bind(17, run.finished_at);
   st->bind(18, run.finished_at - run.started_at);
   if (!st->run()) return c.fail("recording " + describe(run));
   return int64_t(sqlite3_last_insert_rowid(c.db));
@@ -309,12 +309,26 @@ Result<int64_t> count_merged_runs(const Conn& c) {
   return count->int64(0);
 }
 
+}  // namespace
+
+const char* run_status_name(RunStatus status) { return status == RunStatus::Finished ? "finished" : "failed"; }
+
+std::optional<RunStatus> parse_run_status(std::string_view name) {
+  if (name == "finished") return RunStatus::Finished;
+  if (name == "failed") return RunStatus::Failed;
+  return std::nullopt;
+}
+
+namespace {
+
 StoredRun read_run_row(Statement& st) {
   StoredRun r;
   r.id = st.int64(0);
+  std::string status;
   std::string* text[] = {&r.hash, &r.label, &r.plugin, &r.plugin_version, &r.task, &r.config_json, &r.model,
-                         &r.model_checksum, &r.backend, &r.device, &r.git_revision, &r.status, &r.error};
+                         &r.model_checksum, &r.backend, &r.device, &r.git_revision, &status, &r.error};
   for (size_t i = 0; i < std::size(text); ++i) *text[i] = st.text(int(i) + 1);
+  r.status = parse_run_status(status).value_or(RunStatus::Failed);  // anything else is not finished
   r.baseline = st.int64(14) != 0;
   r.started_at = st.real(15);
   r.finished_at = st.real(16);
@@ -387,9 +401,6 @@ Result<bool> ResultsDb::has_finished_run(const std::string& hash) {
 
 Status ResultsDb::record_run(const RunRecord& run) {
   const Conn c{db_.get(), path_};
-  if (run.status != "finished" && run.status != "failed")
-    return Error{fmt::format("{}: {}: status must be \"finished\" or \"failed\", not \"{}\"", path_.string(),
-                             describe(run), run.status)};
   Transaction tx(c.db);
   if (!tx.started()) return c.fail("cannot lock the database to record " + describe(run));
   auto existing = find_run(c, run.hash);

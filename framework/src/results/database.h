@@ -34,10 +34,17 @@ struct SampleRow {
   std::string detail_json;
 };
 
+// How a run ended; stored as "finished" or "failed" (a failed run is pending:
+// the next `inferlab run` does it again).
+enum class RunStatus { Finished, Failed };
+const char* run_status_name(RunStatus status);
+std::optional<RunStatus> parse_run_status(std::string_view name);
+
 // Everything the runner knows about one run of the grid.
 struct RunRecord {
   std::string hash, experiment, experiment_description, config_path, label, plugin, plugin_version, task, config_json,
-      model, model_checksum, backend, device, git_revision, status /* "finished" | "failed" */, error;
+      model, model_checksum, backend, device, git_revision, error;
+  RunStatus status = RunStatus::Failed;
   bool baseline = false;
   double started_at = 0, finished_at = 0;  // unix seconds
   std::vector<MetricValue> metrics;
@@ -60,7 +67,8 @@ struct ExperimentInfo {
 struct StoredRun {
   int64_t id = 0;
   std::string hash, label, plugin, plugin_version, task, config_json, model, model_checksum, backend, device,
-      git_revision, status, error;
+      git_revision, error;
+  RunStatus status = RunStatus::Failed;
   bool baseline = false;
   double started_at = 0, finished_at = 0;
   std::map<std::string, MetricValue> metrics;  // by name
