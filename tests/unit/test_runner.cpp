@@ -225,6 +225,22 @@ TEST(ExperimentRunner, CalibratesOnceAheadOrBeforeItsRun) {
   }
 }
 
+TEST(ExperimentRunner, PromptLogitsAreComputedOnlyWhereTheyAreUsed) {
+  // Generation needs the prompt's last row (its first token) and one row per
+  // decode step; perplexity every row of its window. TTFT then times no output
+  // projection of rows nobody reads.
+  const auto config = write_config("logits-rows");
+  auto o = options(test::temp_path("logits-rows.db"));
+  ASSERT_TRUE(run_experiment(config, o).ok());
+  auto db = ResultsDb::open(o.db_path);
+  ASSERT_TRUE(db.ok());
+  for (const char* label : {"dense", "sparse-ffn neuron_stride=1"}) {
+    const double decode_steps = metric(*db, "passkey", label, "engine.decode_steps");
+    EXPECT_EQ(metric(*db, "passkey", label, "engine.logits_rows"), 2 + decode_steps) << label;  // 2 samples
+    EXPECT_EQ(metric(*db, "perplexity", label, "engine.logits_rows"), 2 * 48) << label;          // 2 windows of 48
+  }
+}
+
 TEST(ExperimentRunner, DryRunListsRunsAndWritesNothing) {
   const auto db_path = test::temp_path("dry.db");
   auto o = options(db_path);

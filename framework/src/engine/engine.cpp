@@ -297,7 +297,8 @@ std::map<std::string, double> EngineCounters::as_map() const {
                                        {"heads_skipped", double(heads_skipped)},
                                        {"neurons_skipped", double(neurons_skipped)},
                                        {"sparse_prefill_heads", double(sparse_prefill_heads)},
-                                       {"graph_replays", double(graph_replays)}};
+                                       {"graph_replays", double(graph_replays)},
+                                       {"logits_rows", double(logits_rows)}};
   if (attention_seconds > 0) out["attention_ms"] = attention_seconds * 1e3;  // only when timed
   return out;
 }

@@ -59,6 +59,7 @@ struct EngineCounters {
   int64_t neurons_skipped = 0;       // (call, layer, FFN neuron) not computed
   int64_t sparse_prefill_heads = 0;  // (call, layer, head) computed block-sparse
   int64_t graph_replays = 0;         // decode steps served by a captured graph
+  int64_t logits_rows = 0;           // rows whose logits were computed (the output projection's work)
   double attention_seconds = 0;      // attention kernels' time, with EngineOptions::time_attention
   std::map<std::string, double> as_map() const;
 };

@@ -31,14 +31,17 @@ Status ForwardPass::run(int64_t logits_from, const LogitsSink& sink) {
     auto replayed = try_replay(logits_from == 0 ? wanted : LogitsSink{});
     if (!replayed) return replayed.error();
     if (*replayed) {
+      if (logits_from == 0 && wanted) ++counters_.logits_rows;
       double attention_seconds = 0;
       return backend_.end_call(attention_seconds);
     }
   }
   if (auto s = run_layers(); !s) return s;
   finish_call();
-  if (wanted)
+  if (wanted) {
     if (auto s = backend_.logits(logits_from, n - logits_from, wanted); !s) return s;
+    counters_.logits_rows += n - logits_from;
+  }
   double attention_seconds = 0;
   auto s = backend_.end_call(attention_seconds);
   counters_.attention_seconds += attention_seconds;

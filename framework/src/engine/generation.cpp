@@ -21,6 +21,23 @@ double log_prob(std::span<const float> logits, int32_t target) {
   return double(logits[size_t(target)]) - double(max_logit) - std::log(sum);
 }
 
+Result<TokenLoopResult> run_token_loop(std::vector<float> logits, int32_t max_tokens, int32_t eos,
+                                       const TokenLoop& loop) {
+  TokenLoopResult out;
+  for (int32_t i = 0; i < max_tokens; ++i) {
+    const int32_t next = loop.choose(logits);
+    if (next == eos) {
+      out.stopped_at_eos = true;
+      break;
+    }
+    out.tokens.push_back(next);
+    if (loop.on_token) loop.on_token(next, logits);
+    if (i + 1 == max_tokens || loop.context_full()) break;
+    if (auto s = loop.decode(next, logits); !s) return s.error();
+  }
+  return out;
+}
+
 Result<GenerationResult> generate(Engine& engine, const std::vector<int32_t>& prompt, int32_t max_tokens,
                                   const SamplerOptions& sampling,
                                   const std::function<void(const std::string&)>& on_text) {
@@ -37,23 +54,57 @@ Result<GenerationResult> generate(Engine& engine, const std::vector<int32_t>& pr
   auto t0 = Clock::now();
   auto logits = engine.prefill(*seq, prompt);
   if (!logits) return logits.error();
-  for (int32_t i = 0; i < max_tokens; ++i) {
-    const int32_t next = sampler->sample(*logits);
-    if (i == 0) result.prefill_seconds = seconds_since(t0);
-    else result.decode_seconds.push_back(seconds_since(t0));
-    if (next == tok.eos()) {
-      result.stopped_at_eos = true;
-      break;
-    }
-    result.tokens.push_back(next);
-    if (on_text) on_text(stream.push(tok.token_to_piece(next)));
-    if (i + 1 == max_tokens || seq->n_past() >= engine.max_context()) break;
+  bool first = true;
+  TokenLoop loop;
+  loop.choose = [&](std::span<const float> l) {  // TTFT and each step's time end with the token chosen
+    const int32_t next = sampler->sample(l);
+    (first ? result.prefill_seconds : result.decode_seconds.emplace_back()) = seconds_since(t0);
+    first = false;
+    return next;
+  };
+  loop.decode = [&](int32_t token, std::vector<float>& out) -> Status {
     t0 = Clock::now();
-    logits = engine.decode(*seq, next);
-    if (!logits) return logits.error();
-  }
+    auto next = engine.decode(*seq, token);
+    if (!next) return next.error();
+    out = std::move(*next);
+    return ok_status();
+  };
+  loop.context_full = [&] { return seq->n_past() >= engine.max_context(); };
+  loop.on_token = [&](int32_t token, std::span<const float>) {
+    if (on_text) on_text(stream.push(tok.token_to_piece(token)));
+  };
+  auto tokens = run_token_loop(std::move(*logits), max_tokens, tok.eos(), loop);
+  if (!tokens) return tokens.error();
+  result.tokens = std::move(tokens->tokens);
+  result.stopped_at_eos = tokens->stopped_at_eos;
   if (on_text) on_text(stream.flush());
   return result;
+}
+
+std::vector<PerplexityWindow> perplexity_windows(int64_t n, int32_t ctx, int32_t stride) {
+  std::vector<PerplexityWindow> out;
+  int64_t scored_until = 1;  // tokens [1, scored_until) have been scored
+  for (int64_t begin = 0; scored_until < n; begin += stride) {
+    const int64_t end = std::min(begin + ctx, n);
+    if (end <= scored_until) continue;
+    out.push_back({begin, end, std::max(scored_until, begin + 1)});
+    scored_until = end;
+  }
+  return out;
+}
+
+Result<NllSum> score_window(std::span<const int32_t> tokens, const PerplexityWindow& w, const WindowFeed& feed) {
+  NllSum sum;
+  const auto window = tokens.subspan(size_t(w.begin), size_t(w.end - w.begin));
+  // Row r predicts token begin + r + 1.
+  auto status = feed(window, w.first - 1 - w.begin, [&](int64_t row, std::span<const float> logits) {
+    const int64_t target = w.begin + row + 1;
+    if (target < w.first || target >= w.end) return;
+    sum.nll -= log_prob(logits, tokens[size_t(target)]);
+    ++sum.count;
+  });
+  if (!status) return status.error();
+  return sum;
 }
 
 Result<PerplexityResult> perplexity(Engine& engine, const std::vector<int32_t>& tokens, int32_t ctx,
@@ -64,26 +115,17 @@ Result<PerplexityResult> perplexity(Engine& engine, const std::vector<int32_t>& 
   if (stride < 1 || stride > ctx) return Error{fmt::format("perplexity: stride {} must be in 1..ctx ({})", stride, ctx)};
   if (tokens.size() < 2) return Error{"perplexity: the text has fewer than 2 tokens"};
   PerplexityResult result;
-  auto t0 = Clock::now();
+  const auto t0 = Clock::now();
   double nll_sum = 0.0;
-  const int64_t n = int64_t(tokens.size());
-  int64_t scored_until = 1;  // tokens [1, scored_until) have been scored
-  for (int64_t begin = 0; scored_until < n; begin += stride) {
-    const int64_t end = std::min(begin + ctx, n);
-    if (end <= scored_until) continue;
+  const WindowFeed feed = [&](std::span<const int32_t> window, int64_t logits_from, const LogitsSink& sink) {
     auto seq = engine.new_sequence();
-    std::span<const int32_t> window(tokens.data() + begin, size_t(end - begin));
-    // Row r predicts token begin + r + 1; score targets in [first, end). A
-    // window's first token is predicted by nothing in it: with windows that do
-    // not overlap (stride = ctx) it stays unscored.
-    const int64_t first = std::max(scored_until, begin + 1);
-    auto status = engine.forward(*seq, window, first - 1 - begin, [&](int64_t row, std::span<const float> logits) {
-      const int64_t target = begin + row + 1;
-      if (target < end) nll_sum -= log_prob(logits, tokens[size_t(target)]);
-    });
-    if (!status) return status.error();
-    result.tokens_scored += end - first;
-    scored_until = end;
+    return engine.forward(*seq, window, logits_from, sink);
+  };
+  for (const PerplexityWindow& w : perplexity_windows(int64_t(tokens.size()), ctx, stride)) {
+    auto scored = score_window(tokens, w, feed);
+    if (!scored) return scored.error();
+    nll_sum += scored->nll;
+    result.tokens_scored += scored->count;
     ++result.windows;
   }
   result.mean_nll = nll_sum / double(result.tokens_scored);

@@ -1,4 +1,6 @@
-// Text generation and perplexity on top of the engine.
+// Text generation and perplexity on top of the engine: the one token loop and
+// the one window scorer that `inferlab generate | perplexity` and the
+// experiment tasks (experiment/measure.cpp) share.
 #pragma once
 
 #include <cstdint>
@@ -19,6 +21,21 @@ struct GenerationResult {
   bool stopped_at_eos = false;
 };
 
+// The token loop: choose a token from the current logits; stop at EOS; keep
+// it; stop when max_tokens are kept or the context is full; else decode it
+// for the next logits.
+struct TokenLoop {
+  std::function<int32_t(std::span<const float>)> choose;                  // argmax, or a sampler
+  std::function<Status(int32_t token, std::vector<float>& logits)> decode;  // the token's step: its logits
+  std::function<bool()> context_full;
+  std::function<void(int32_t token, std::span<const float> from)> on_token;  // optional: each kept token
+};
+struct TokenLoopResult {
+  std::vector<int32_t> tokens;  // kept (EOS is not)
+  bool stopped_at_eos = false;
+};
+Result<TokenLoopResult> run_token_loop(std::vector<float> logits, int32_t max_tokens, int32_t eos, const TokenLoop& loop);
+
 // Streams text pieces through `on_text` (whole UTF-8 characters only).
 Result<GenerationResult> generate(Engine& engine, const std::vector<int32_t>& prompt, int32_t max_tokens,
                                   const SamplerOptions& sampling,
@@ -34,6 +51,26 @@ struct PerplexityResult {
   int64_t windows = 0;
   double seconds = 0.0;
 };
+
+// One perplexity window: tokens [begin, end) fed to a fresh sequence; targets
+// [first, end) scored, each predicted by the row before it.
+struct PerplexityWindow {
+  int64_t begin = 0, end = 0, first = 1;
+};
+// The windows of ctx tokens advanced by stride over n tokens: each scores the
+// tokens no earlier window scored (a window's first token is predicted by
+// nothing in it, so with stride = ctx it stays unscored).
+std::vector<PerplexityWindow> perplexity_windows(int64_t n, int32_t ctx, int32_t stride);
+
+struct NllSum {
+  double nll = 0;     // summed negative log-likelihood of the scored targets
+  int64_t count = 0;  // targets scored
+};
+// Scores one window: `feed` runs the window's tokens through a fresh sequence,
+// computing logits from row `logits_from` on and handing each (window row,
+// logits) to the sink.
+using WindowFeed = std::function<Status(std::span<const int32_t> window, int64_t logits_from, const LogitsSink& sink)>;
+Result<NllSum> score_window(std::span<const int32_t> tokens, const PerplexityWindow& window, const WindowFeed& feed);
 
 // Perplexity of `tokens` in windows of `ctx` tokens advanced by `stride`: each
 // window scores only the tokens not scored by an earlier window, conditioned on

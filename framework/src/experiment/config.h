@@ -63,7 +63,9 @@ Result<ExperimentConfig> parse_experiment(std::string_view toml_text, const std:
 // old way are never mixed with new ones (their runs become pending again).
 //   1  (no field) up to 2026-11
 //   2  perplexity windows no longer count a window's unpredicted first token
-inline constexpr int32_t kMeasurementVersion = 2;
+//   3  TTFT: a prompt's logits are computed for its last row only (before, every
+//      prompt row's logits were computed and all but the last thrown away)
+inline constexpr int32_t kMeasurementVersion = 3;
 
 struct RunSpec {
   int64_t index = 0;  // position in the grid (0-based), stable

@@ -44,8 +44,8 @@ class SampleRunner {
  public:
   SampleRunner(MeasureContext& ctx, Tally& tally) : ctx_(ctx), tally_(tally), engine_(*ctx.engine) {}
 
-  // Prefills `prompt`; `sink` sees every row's logits (row = index in prompt).
-  Status prefill(const std::vector<int32_t>& prompt, int64_t chunk, const LogitsSink& sink) {
+  // Prefills `prompt`; `sink` sees the logits of rows logits_from.. (row = index in prompt).
+  Status prefill(std::span<const int32_t> prompt, int64_t chunk, const LogitsSink& sink, int64_t logits_from = 0) {
     if (ctx_.method != nullptr) ctx_.method->begin_sequence(engine_.shape());
     seq_ = engine_.new_sequence();
     engine_.pool().reset_peak();
@@ -54,7 +54,8 @@ class SampleRunner {
     const auto t0 = Clock::now();
     for (int64_t start = 0; start < n; start += chunk) {
       const int64_t len = std::min(chunk, n - start);
-      auto s = engine_.forward(*seq_, std::span<const int32_t>(prompt.data() + start, size_t(len)), 0,
+      const int64_t from = std::clamp<int64_t>(logits_from - start, 0, len);
+      auto s = engine_.forward(*seq_, prompt.subspan(size_t(start), size_t(len)), from,
                                [&](int64_t row, std::span<const float> l) { sink(start + row, l); });
       if (!s) return s;
     }
@@ -137,9 +138,12 @@ Result<FirstLogits> start_sample(MeasureContext& ctx, SampleRunner& runner, size
     }
   FirstLogits first;
   const auto t0 = Clock::now();
-  auto s = runner.prefill(sample.prompt_tokens, ctx.prefill_chunk, [&](int64_t row, std::span<const float> l) {
-    if (row == n - 1) first.logits.assign(l.begin(), l.end());
-  });
+  auto s = runner.prefill(
+      sample.prompt_tokens, ctx.prefill_chunk,
+      [&](int64_t row, std::span<const float> l) {
+        if (row == n - 1) first.logits.assign(l.begin(), l.end());
+      },
+      n - 1);
   if (!s) return s.error();
   if (ctx.prefills != nullptr && ctx.method == nullptr) runner.save(*ctx.prefills, key, first.logits, since(t0));
   return first;
@@ -158,19 +162,19 @@ Result<Generated> generate_greedy(MeasureContext& ctx, Tally& tally, size_t inde
   const auto t0 = Clock::now();
   auto first = start_sample(ctx, runner, index);
   if (!first) return first.error();
-  std::vector<float> last = std::move(first->logits);
-  int32_t next = argmax(last);
   out.ttft = first->reused_seconds > 0 ? first->reused_seconds + since(t0) : since(t0);
-  Status s = ok_status();
-  const int32_t eos = ctx.engine->model().tokenizer().eos();
-  for (int32_t i = 0; i < sample.max_new_tokens && next != eos; ++i) {
-    out.tokens.push_back(next);
-    if (logits_out != nullptr) logits_out->insert(logits_out->end(), last.begin(), last.end());
-    if (i + 1 == sample.max_new_tokens || runner.context_full()) break;
-    s = runner.decode(next, [&](std::span<const float> l) { last.assign(l.begin(), l.end()); });
-    if (!s) return s.error();
-    next = argmax(last);
-  }
+  TokenLoop loop;  // greedy, the loop `inferlab generate` runs
+  loop.choose = argmax;
+  loop.decode = [&](int32_t token, std::vector<float>& logits) {
+    return runner.decode(token, [&](std::span<const float> l) { logits.assign(l.begin(), l.end()); });
+  };
+  loop.context_full = [&] { return runner.context_full(); };
+  if (logits_out != nullptr)
+    loop.on_token = [&](int32_t, std::span<const float> l) { logits_out->insert(logits_out->end(), l.begin(), l.end()); };
+  auto tokens = run_token_loop(std::move(first->logits), sample.max_new_tokens,
+                               ctx.engine->model().tokenizer().eos(), loop);
+  if (!tokens) return tokens.error();
+  out.tokens = std::move(tokens->tokens);
   out.seconds = since(t0);
   runner.finish();
   return out;
@@ -243,15 +247,15 @@ Result<SampleRow> perplexity_sample(MeasureContext& ctx, Tally& tally, size_t in
   const auto& tokens = sample.prompt_tokens;
   const int64_t chunk = ctx.task_params->has("chunk") ? ctx.task_params->get_int("chunk") : 0;
   SampleRunner runner(ctx, tally);
-  double nll = 0;
-  int64_t count = 0;
   const auto t0 = Clock::now();
-  auto s = runner.prefill(tokens, chunk, [&](int64_t row, std::span<const float> l) {
-    if (row + 1 >= int64_t(tokens.size())) return;
-    nll -= log_prob(l, tokens[size_t(row + 1)]);
-    ++count;
-  });
-  if (!s) return s.error();
+  // One window over the whole sample, scored as `inferlab perplexity` scores its windows.
+  auto scored = score_window(tokens, PerplexityWindow{0, int64_t(tokens.size()), 1},
+                             [&](std::span<const int32_t> window, int64_t logits_from, const LogitsSink& sink) {
+                               return runner.prefill(window, chunk, sink, logits_from);
+                             });
+  if (!scored) return scored.error();
+  const double nll = scored->nll;
+  const int64_t count = scored->count;
   const double seconds = since(t0);
   runner.finish();
   tally.nll_sum += nll;
