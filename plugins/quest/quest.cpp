@@ -148,7 +148,7 @@ class QuestPlugin final : public Plugin {
             hooks_of<Quest>(),
             {ParamSpec::integer("token_budget", 256, 1, 1 << 24, "tokens read per decode step and head"),
              ParamSpec::integer("page_size", 16, 1, 4096, "tokens per page (best equal to the KV page size)"),
-             ParamSpec::integer("dense_layers", 2, 0, 4096, "first layers that stay dense")}};
+             ParamSpec::dense_layers(2)}};
   }
   Result<std::unique_ptr<Method>> create(const ParamValues& p) const override {
     return std::unique_ptr<Method>(std::make_unique<Quest>(

@@ -119,6 +119,26 @@ struct Derived final : OnlyEvicts {
   RetentionBudget retention_budget(const StepInfo&, int32_t, int32_t) override { return {}; }
 };
 
+TEST(PluginHost, SharedParameterNamesMeanTheSameInEveryPlugin) {
+  PluginInfo info{"layers", "1.0.0", "", kHookLoad, {ParamSpec::dense_layers(2)}};
+  EXPECT_TRUE(check_plugin_info(info).ok());
+  for (const ParamSpec& other : {ParamSpec::real("dense_layers", 0.5, 0.0, 1.0, "fraction of layers left dense"),
+                                 ParamSpec::integer("dense_layers", 2, -1, 8, "-1: all")}) {
+    info.params = {other};
+    auto s = check_plugin_info(info);
+    ASSERT_FALSE(s.ok()) << other.help;
+    EXPECT_NE(s.message().find("plugin layers declares dense_layers otherwise than every plugin"), std::string::npos)
+        << s.message();
+  }
+  // Quest declares it the shared way.
+  const PluginEntry* quest = test::plugin_registry().find("quest");
+  ASSERT_NE(quest, nullptr);
+  const auto it = std::find_if(quest->params.begin(), quest->params.end(),
+                               [](const ParamSpec& p) { return p.name == "dense_layers"; });
+  ASSERT_NE(it, quest->params.end());
+  EXPECT_EQ(it->help, ParamSpec::dense_layers(0).help);
+}
+
 TEST(PluginSdk, HooksAreReadOffTheOverrides) {
   static_assert(hooks_of<Method>() == 0);
   static_assert(hooks_of<OnlyEvicts>() == kHookEviction);

@@ -61,6 +61,12 @@ struct ParamSpec {
                            std::string help) {
     return {std::move(name), ParamType::Int, def, lo, hi, {}, std::move(help)};
   }
+  // Shared names mean the same in every plugin (the host refuses another
+  // declaration of them): `dense_layers` is the count of first layers a method
+  // leaves dense.
+  static ParamSpec dense_layers(int64_t def) {
+    return integer("dense_layers", def, 0, std::nullopt, "count of first layers left dense");
+  }
   static ParamSpec real(std::string name, double def, std::optional<double> lo, std::optional<double> hi,
                         std::string help) {
     return {std::move(name), ParamType::Float, def, lo, hi, {}, std::move(help)};

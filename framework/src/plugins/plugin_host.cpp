@@ -16,8 +16,10 @@ namespace {
 
 using Factory = std::unique_ptr<Plugin>();
 
+}  // namespace
+
 // The plugin's own description must be usable before anything trusts it.
-Status check_info(const PluginInfo& info) {
+Status check_plugin_info(const PluginInfo& info) {
   static const std::regex name_re("[a-z0-9][a-z0-9_-]*");
   if (!std::regex_match(info.name, name_re))
     return Error{fmt::format("plugin name \"{}\" must match [a-z0-9][a-z0-9_-]*", info.name)};
@@ -33,11 +35,13 @@ Status check_info(const PluginInfo& info) {
     seen.push_back(p.name);
     if (auto s = check_param_value(p, p.default_value); !s)
       return Error{fmt::format("plugin {}: the default of {} is invalid: {}", info.name, p.name, s.message())};
+    if (p.name == "dense_layers" && (p.type != ParamType::Int || p.min != 0.0))
+      return Error{fmt::format("plugin {} declares dense_layers otherwise than every plugin: it is the count of first "
+                               "layers left dense, an int from 0 (declare it with ParamSpec::dense_layers)",
+                               info.name)};
   }
   return ok_status();
 }
-
-}  // namespace
 
 Status check_param_value(const ParamSpec& spec, const ParamValue& value) {
   if (const std::string why = param_problem(spec, value); !why.empty())
@@ -115,7 +119,7 @@ Status PluginRegistry::load(const std::filesystem::path& file) {
   } catch (const std::exception& e) {
     return Error{fmt::format("{}: the plugin factory threw: {}", where, e.what())};
   }
-  if (auto s = check_info(loaded->info); !s) return Error{fmt::format("{}: {}", where, s.message())};
+  if (auto s = check_plugin_info(loaded->info); !s) return Error{fmt::format("{}: {}", where, s.message())};
   if (const PluginEntry* other = find(loaded->info.name); other != nullptr) {
     loaded->plugin.reset();
     return Error{fmt::format("{}: plugin name \"{}\" is already taken by {}; ignored", where, loaded->info.name,

@@ -76,6 +76,11 @@ class PluginRegistry {
   std::vector<std::string> problems_;
 };
 
+// Checks what a plugin declares: its name, version, hooks, and parameters
+// (unique, valid defaults, shared names such as dense_layers declared as in
+// every plugin).
+Status check_plugin_info(const PluginInfo& info);
+
 // Checks a value against its spec; the error says what is wrong with it.
 Status check_param_value(const ParamSpec& spec, const ParamValue& value);
 
