@@ -82,16 +82,16 @@ class AdapterMethod final : public Method {
   ModelShape shape_;
 };
 
-// Loads `method` (null: dense; its adapters go into the run's overrides), then
-// prefills all but the last `decode` tokens and decodes those one by one;
-// every row's logits.
-inline Result<std::vector<float>> run_with_adapters(Engine& engine, AdapterMethod* method,
-                                                    const std::vector<int32_t>& tokens, int64_t decode) {
+// Loads `method` (null: dense; the weights it changes go into the run's
+// overrides) with `hooks`, then prefills all but the last `decode` tokens and
+// decodes those one by one; every row's logits.
+inline Result<std::vector<float>> run_with_method(Engine& engine, Method* method, uint32_t hooks,
+                                                  const std::vector<int32_t>& tokens, int64_t decode) {
   static const PluginEntry entry{"adapters", "1", "", kHookLoad, {}, ""};
   WeightOverrides overrides;
   if (method != nullptr)
     if (auto s = load_method(*method, entry, engine, temp_path("artifacts"), &overrides); !s) return s.error();
-  if (auto s = engine.set_method(method, method != nullptr ? method->hooks() : 0, &overrides, "adapters"); !s)
+  if (auto s = engine.set_method(method, method != nullptr ? hooks : 0, &overrides, "adapters"); !s)
     return s.error();
   std::vector<float> logits;
   auto seq = engine.new_sequence();
@@ -103,6 +103,11 @@ inline Result<std::vector<float>> run_with_adapters(Engine& engine, AdapterMetho
   (void)engine.set_method(nullptr, 0);
   if (!s) return s.error();
   return logits;
+}
+
+inline Result<std::vector<float>> run_with_adapters(Engine& engine, AdapterMethod* method,
+                                                    const std::vector<int32_t>& tokens, int64_t decode) {
+  return run_with_method(engine, method, method != nullptr ? method->hooks() : 0, tokens, decode);
 }
 
 }  // namespace inferlab::test

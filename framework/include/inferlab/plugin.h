@@ -132,6 +132,20 @@ struct LowRankAdapter {
   bool merge = false;
 };
 
+// Another storage of a projection's weight for one run (QLoRA's base weights):
+// the engine quantizes the weight the run would use (the model's, or its
+// replacement with merged adapters) when the method is installed, keeps it in
+// that format only, and computes through it; unmerged adapters stay on top.
+//   NF4: 4-bit NormalFloat, blocks of `block_size` values with a float32
+//   absmax (4.5 bits per parameter at 64); double_quant: the absmaxes in 8
+//   bits as well (blocks of 256 around their mean; 4.127 bits at 64).
+enum class WeightFormat : int32_t { Model = 0, NF4 = 1 };
+struct WeightStorage {
+  WeightFormat format = WeightFormat::Model;
+  int32_t block_size = 64;  // even, 2..4096
+  bool double_quant = false;
+};
+
 // Weights a method changes for its own runs: the engine applies them while the
 // method is set and the shared model stays untouched for every other run.
 class WeightEditor {
@@ -144,6 +158,10 @@ class WeightEditor {
   // applies to the weight as replaced so far; an unmerged one to the weight
   // the run ends up with. The output projection takes merged adapters only.
   virtual Status add_adapter(const std::string& tensor, int32_t layer, const LowRankAdapter& adapter) = 0;
+  // Stores projection `tensor` of `layer` in another format for this run
+  // (WeightFormat::Model: as the model has it). The output projection, the
+  // embedding and the norms keep theirs, as QLoRA keeps them.
+  virtual Status set_storage(const std::string& tensor, int32_t layer, const WeightStorage& storage) = 0;
 
  protected:
   ~WeightEditor() = default;

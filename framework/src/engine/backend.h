@@ -14,10 +14,12 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "engine/kv_cache.h"
 #include "engine/plans.h"
+#include "model/model_config.h"
 #include "inferlab/plugin.h"
 #include "inferlab/result.h"
 
@@ -40,6 +42,7 @@ enum class Feature : int32_t {
   RetentionPerSequence, // ... with one score per token across layers and heads (SpAtten's cascade)
   WeightReplace,        // a projection replaced for one run (LoadContext::overrides)
   WeightAdapters,       // unmerged low-rank adapters on projections, for one run
+  WeightStorageNF4,     // projections stored in 4-bit NormalFloat, for one run
   KvPagesF32,           // KV pages stored as float32
   KvPagesF16,
   KvPagesBF16,
@@ -54,6 +57,7 @@ enum class Proj : int32_t { Q, K, V, O, Gate, Up, Down, Output };
 inline constexpr int32_t kProjCount = 8;
 const char* proj_name(Proj p);            // GGUF tensor name: "attn_q", ... "output"
 Result<Proj> parse_proj(const std::string& gguf_name);
+std::pair<int64_t, int64_t> proj_shape(const ModelConfig& config, Proj p);  // (out, in)
 
 // Intermediates a forward call can hand to an observer (calibration).
 enum class Tap : int32_t {
@@ -165,6 +169,11 @@ class Backend {
   // scales folded in (engine.h, WeightAdapter).
   virtual Status set_weight_adapter(Proj proj, int32_t layer, int32_t rank, std::span<const float> a,
                                     std::span<const float> b) = 0;
+  // A projection stored in another format for the runs of one method
+  // (WeightFormat::Model: back to the weight it had), quantized from `weight`
+  // (float32, (out, in): the weight it has now, replaced or not).
+  virtual Status set_weight_storage(Proj proj, int32_t layer, const WeightStorage& storage,
+                                    std::span<const float> weight) = 0;
 
   // Timing of attention kernels: the backend measures its own.
   virtual void set_time_attention(bool on) = 0;

@@ -55,6 +55,8 @@ CpuBackend::CpuBackend(std::shared_ptr<const Model> model, const EngineOptions& 
   bound_sync_.assign(size_t(c.n_layers) * size_t(c.n_kv_heads), PageBoundSync{});
   overrides_.assign(size_t(kProjCount), std::vector<std::vector<float>>(size_t(std::max(1, c.n_layers))));
   adapters_.assign(size_t(kProjCount), std::vector<Adapter>(size_t(std::max(1, c.n_layers))));
+  stored_.resize(size_t(kProjCount));
+  for (auto& per_layer : stored_) per_layer.resize(size_t(std::max(1, c.n_layers)));
   if (options.n_threads > 0) omp_set_num_threads(options.n_threads);
 }
 
@@ -150,7 +152,10 @@ Status CpuBackend::linear(Proj p, int32_t l, const std::vector<int32_t>* rows) {
     case Proj::Down: x = gate_.data(), y = proj_.data(), in = c.n_ff, out = c.n_embd; break;
     case Proj::Output: return Error{"cpu backend: the output projection runs inside the logits op"};
   }
+  const kernels::cpu::Nf4Tensor* stored = stored_[size_t(p)][size_t(l)].get();
   if (rows != nullptr) {  // a neuron subset of the FFN
+    if (stored != nullptr)
+      return Error{fmt::format("cpu backend: a neuron subset of {}, stored in NF4 for this run", proj_name(p))};
     if (adapters_[size_t(p)][size_t(l)].rank > 0)
       return Error{fmt::format("cpu backend: an unmerged adapter on {} with a neuron subset (merge it)", proj_name(p))};
     if (p == Proj::Down)  // the selected rows of the transposed down weight: its selected columns
@@ -159,7 +164,8 @@ Status CpuBackend::linear(Proj p, int32_t l, const std::vector<int32_t>* rows) {
       cpu::matmul_xwt_rows(y, x, w, rows->data(), n_, int64_t(rows->size()), in);
     return ok_status();
   }
-  cpu::matmul_xwt(y, x, w, n_, out, in);
+  if (stored != nullptr) cpu::nf4_matmul_xwt(y, x, *stored, n_, dequant_scratch_);
+  else cpu::matmul_xwt(y, x, w, n_, out, in);
   return apply_adapter(p, l, x, y, in, out);
 }
 
@@ -317,6 +323,20 @@ Status CpuBackend::set_weight_adapter(Proj p, int32_t l, int32_t rank, std::span
                                       std::span<const float> b) {
   if (p == Proj::Output) return Error{"cpu backend: no unmerged adapter on the output projection"};
   adapters_[size_t(p)][size_t(l)] = Adapter{rank, {a.begin(), a.end()}, {b.begin(), b.end()}};
+  return ok_status();
+}
+
+Status CpuBackend::set_weight_storage(Proj p, int32_t l, const WeightStorage& storage, std::span<const float> weight) {
+  auto& slot = stored_[size_t(p)][size_t(std::max(l, 0))];
+  if (storage.format == WeightFormat::Model) {
+    slot.reset();
+    return ok_status();
+  }
+  const auto [out, in] = proj_shape(config_, p);
+  if (int64_t(weight.size()) != out * in)
+    return Error{fmt::format("cpu backend: {} has {} values to quantize, not {} x {}", proj_name(p), weight.size(), out, in)};
+  slot = std::make_unique<cpu::Nf4Tensor>(
+      cpu::nf4_quantize(weight.data(), out, in, storage.block_size, storage.double_quant));
   return ok_status();
 }
 

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "cpu/cpu_ops.h"
+#include "cpu/nf4.h"
 #include "engine/backend.h"
 #include "engine/engine.h"
 
@@ -41,6 +42,8 @@ class CpuBackend final : public Backend {
   Status read_tap(Tap tap, std::vector<float>& out) override;
   Status set_weight_adapter(Proj proj, int32_t layer, int32_t rank, std::span<const float> a,
                             std::span<const float> b) override;
+  Status set_weight_storage(Proj proj, int32_t layer, const WeightStorage& storage,
+                            std::span<const float> weight) override;
   Result<int32_t> evict(KvSequence& seq, int32_t layer, int32_t kv_head, std::vector<int32_t> drop) override;
   Status rerotate(KvSequence& seq, int32_t layer, int32_t kv_head) override;
   Status logits(int64_t from, int64_t rows, const LogitsSink& sink) override;
@@ -97,6 +100,8 @@ class CpuBackend final : public Backend {
   };
   std::vector<std::vector<Adapter>> adapters_;  // [proj][layer]
   std::vector<float> adapter_tmp_;              // (n, rank)
+  std::vector<std::vector<std::unique_ptr<kernels::cpu::Nf4Tensor>>> stored_;  // [proj][layer]: NF4 for this run
+  std::vector<float> dequant_scratch_;          // a stored projection dequantized for a many-row call
   Status apply_adapter(Proj p, int32_t layer, const float* x, float* y, int64_t in, int64_t out);
   std::vector<std::vector<float>> w_down_t_;  // per layer (n_ff, n_embd), built when a neuron mask first needs it
   // Key bounds of the pool's pages (kHookPageBudget): (pages_reserved, 2, head_dim)

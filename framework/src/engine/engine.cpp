@@ -48,6 +48,7 @@ const char* feature_name(Feature f) {
     case Feature::RetentionPerSequence: return "engine-side retention per sequence";
     case Feature::WeightReplace: return "per-run weight replacement";
     case Feature::WeightAdapters: return "unmerged low-rank adapters";
+    case Feature::WeightStorageNF4: return "weights stored in NF4";
     case Feature::KvPagesF32: return "KV pages in f32";
     case Feature::KvPagesF16: return "KV pages in f16";
     case Feature::KvPagesBF16: return "KV pages in bf16";
@@ -175,6 +176,26 @@ Status WeightOverrides::add_adapter(const std::string& tensor, int32_t layer, co
   return ok_status();
 }
 
+Status WeightOverrides::set_storage(const std::string& tensor, int32_t layer, const WeightStorage& storage) {
+  auto proj = parse_proj(tensor);
+  if (!proj) return Error{"weight storage: " + proj.message()};
+  if (config == nullptr) return Error{"weight storage: no model to check against"};
+  if (*proj == Proj::Output)
+    return Error{fmt::format("weight storage of {}: the output projection keeps the model's (as QLoRA keeps it)", tensor)};
+  if (layer < 0 || layer >= config->n_layers)
+    return Error{fmt::format("weight storage of {}: layer {} is not in 0..{}", tensor, layer, config->n_layers - 1)};
+  if (storage.format != WeightFormat::Model && storage.format != WeightFormat::NF4)
+    return Error{fmt::format("weight storage of {} (layer {}): unknown format {}", tensor, layer, int32_t(storage.format))};
+  if (storage.format == WeightFormat::NF4 &&
+      (storage.block_size < 2 || storage.block_size > 4096 || storage.block_size % 2 != 0))
+    return Error{fmt::format("weight storage of {} (layer {}): block size {} is not an even number in 2..4096", tensor,
+                             layer, storage.block_size)};
+  std::erase_if(storages, [&](const WeightStorageItem& s) { return s.proj == *proj && s.layer == layer; });
+  if (storage.format != WeightFormat::Model) storages.push_back({*proj, layer, storage});
+  serial = next_overrides_serial++;
+  return ok_status();
+}
+
 Result<std::unique_ptr<Engine>> Engine::create(std::shared_ptr<const Model> model, EngineOptions options) {
   if (!model) return Error{"engine: no model"};
   if (options.page_size <= 0 || options.page_size > 65536)
@@ -213,6 +234,25 @@ void Engine::set_time_attention(bool on) {
   backend_->set_time_attention(on);
 }
 
+// A projection's float32 weight as the model has it (empty for a shape-only model).
+static std::span<const float> model_weight(const Model& model, Proj p, int32_t layer) {
+  const ModelWeights& w = model.weights();
+  if (p == Proj::Output) return w.output.empty() ? std::span<const float>(w.token_embd) : std::span<const float>(w.output);
+  if (size_t(layer) >= w.layers.size()) return {};
+  const LayerWeights& lw = w.layers[size_t(layer)];
+  switch (p) {
+    case Proj::Q: return lw.wq;
+    case Proj::K: return lw.wk;
+    case Proj::V: return lw.wv;
+    case Proj::O: return lw.wo;
+    case Proj::Gate: return lw.w_gate;
+    case Proj::Up: return lw.w_up;
+    case Proj::Down: return lw.w_down;
+    case Proj::Output: break;
+  }
+  return {};
+}
+
 std::vector<Feature> method_features(const Method& method, uint32_t hooks) {
   std::vector<Feature> out;
   auto need = [&](uint32_t hook, std::initializer_list<Feature> features) {
@@ -243,6 +283,7 @@ Status Engine::set_method(Method* method, uint32_t hooks, const WeightOverrides*
   if (method != nullptr) needed = method_features(*method, hooks);
   if (overrides != nullptr && !overrides->items.empty()) needed.push_back(Feature::WeightReplace);
   if (overrides != nullptr && !overrides->adapters.empty()) needed.push_back(Feature::WeightAdapters);
+  if (overrides != nullptr && !overrides->storages.empty()) needed.push_back(Feature::WeightStorageNF4);
   for (Feature f : needed)
     if (!backend_->supports(f))
       return Error{fmt::format("method {} needs {}, which the {} backend does not support", name, feature_name(f),
@@ -255,8 +296,11 @@ Status Engine::set_method(Method* method, uint32_t hooks, const WeightOverrides*
       if (auto s = backend_->set_weight_override(proj, layer, {}); !s) return s;
     for (const auto& [proj, layer] : adapted_)
       if (auto s = backend_->set_weight_adapter(proj, layer, 0, {}, {}); !s) return s;
+    for (const auto& [proj, layer] : stored_)
+      if (auto s = backend_->set_weight_storage(proj, layer, WeightStorage{}, {}); !s) return s;
     overridden_.clear();
     adapted_.clear();
+    stored_.clear();
     overrides_applied_ = 0;
     if (next != nullptr) {
       for (const auto& o : next->items) {
@@ -266,6 +310,16 @@ Status Engine::set_method(Method* method, uint32_t hooks, const WeightOverrides*
       for (const auto& a : next->adapters) {
         if (auto s = backend_->set_weight_adapter(a.proj, a.layer, a.rank, a.a, a.b); !s) return s;
         adapted_.emplace_back(a.proj, a.layer);
+      }
+      for (const auto& st : next->storages) {  // quantized from the weight as replaced
+        std::span<const float> weight = model_weight(*model_, st.proj, st.layer);
+        for (const auto& o : next->items)
+          if (o.proj == st.proj && o.layer == st.layer) weight = o.data;
+        if (weight.empty())
+          return Error{fmt::format("method {}: {} of layer {} has no host weights to quantize (a shape-only model)",
+                                   name, proj_name(st.proj), st.layer)};
+        if (auto s = backend_->set_weight_storage(st.proj, st.layer, st.storage, weight); !s) return s;
+        stored_.emplace_back(st.proj, st.layer);
       }
     }
     overrides_applied_ = serial;

@@ -79,15 +79,22 @@ struct WeightAdapter {
   int32_t rank = 0;
   std::vector<float> a, b;
 };
+struct WeightStorageItem {
+  Proj proj = Proj::Q;
+  int32_t layer = 0;
+  WeightStorage storage;
+};
 struct WeightOverrides final : public WeightEditor {
   WeightOverrides();
   Status replace(const std::string& tensor, int32_t layer, std::span<const float> data) override;
   Status add_adapter(const std::string& tensor, int32_t layer, const LowRankAdapter& adapter) override;
+  Status set_storage(const std::string& tensor, int32_t layer, const WeightStorage& storage) override;
   const ModelConfig* config = nullptr;  // shapes to check against
   const WeightView* base = nullptr;     // the model's weights (merging; set during on_load)
   std::vector<WeightOverride> items;
   std::vector<WeightAdapter> adapters;
-  bool empty() const { return items.empty() && adapters.empty(); }
+  std::vector<WeightStorageItem> storages;
+  bool empty() const { return items.empty() && adapters.empty() && storages.empty(); }
   uint64_t serial = 0;  // unique per object and content: the engine knows what it applied without keeping a pointer
 };
 
@@ -187,6 +194,7 @@ class Engine {
   uint64_t overrides_applied_ = 0;                     // serial of the overrides the backend holds (0: none)
   std::vector<std::pair<Proj, int32_t>> overridden_;  // what they replaced
   std::vector<std::pair<Proj, int32_t>> adapted_;     // where they put unmerged adapters
+  std::vector<std::pair<Proj, int32_t>> stored_;      // what they stored in another format
   EngineCounters counters_;
 };
 

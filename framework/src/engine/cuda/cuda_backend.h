@@ -61,6 +61,8 @@ class CudaBackend final : public Backend {
   Status read_tap(Tap tap, std::vector<float>& out) override;
   Status set_weight_adapter(Proj proj, int32_t layer, int32_t rank, std::span<const float> a,
                             std::span<const float> b) override;
+  Status set_weight_storage(Proj proj, int32_t layer, const WeightStorage& storage,
+                            std::span<const float> weight) override;
   Result<int32_t> evict(KvSequence& seq, int32_t layer, int32_t kv_head, std::vector<int32_t> drop) override;
   Status rerotate(KvSequence& seq, int32_t layer, int32_t kv_head) override;
   Status logits(int64_t from, int64_t rows, const LogitsSink& sink) override;
@@ -109,6 +111,8 @@ class CudaBackend final : public Backend {
   // cuda_adapters.cpp
   Status apply_adapter(Proj proj, int32_t layer, const void* x, float* y, int64_t in, int64_t out);
   Status reserve_adapter_workspace(int64_t rows);
+  // cuda_weight_storage.cpp
+  const void* stored_weight(Proj proj, int32_t layer, Status& status);  // dequantized now; null: not stored
   // cuda_attention.cpp
   Status stage_counts(const KvSequence& seq, int32_t layer);
   Status stage_append(KvSequence& seq, int32_t layer, int32_t n);
@@ -162,6 +166,15 @@ class CudaBackend final : public Backend {
   std::map<std::pair<int32_t, int32_t>, DeviceAdapter> adapters_;  // (proj, layer) -> this run's unmerged adapters
   int32_t adapter_rank_max_ = 0;
   DeviceMemory adapter_tmp_, adapter_tmp_t_;  // (rows, rank_max): float, then dtype_
+  struct DeviceNf4 {
+    DeviceMemory codes, absmax, absmax_codes, absmax_scale;
+    float absmax_offset = 0;
+    int32_t block = 64;
+    int64_t n = 0;
+  };
+  std::map<std::pair<int32_t, int32_t>, DeviceNf4> stored_;  // (proj, layer) -> this run's NF4 weight
+  DeviceMemory dynamic_map_;     // double quantization's 256-entry map
+  DeviceMemory dequant_scratch_; // the largest stored projection, dequantized into dtype_
 
   // The call in flight.
   int64_t n_ = 0;

@@ -49,9 +49,14 @@ Status CudaBackend::linear(Proj p, int32_t l, const std::vector<int32_t>* rows) 
     case Proj::Output: return Error{"cuda backend: the output projection runs inside the logits op"};
   }
   if (rows == nullptr) {
+    Status dequantized = ok_status();
+    if (const void* stored = stored_weight(p, l, dequantized); stored != nullptr) w = stored;
+    if (!dequantized) return dequantized;
     if (auto s = gemm(x, w, y, n_, out, in); !s) return s;
     return apply_adapter(p, l, x, y, in, out);
   }
+  if (stored_.count({int32_t(p), l}) != 0)
+    return Error{fmt::format("cuda backend: a neuron subset of {}, stored in NF4 for this run", proj_name(p))};
   if (adapters_.count({int32_t(p), l}) != 0)
     return Error{fmt::format("cuda backend: an unmerged adapter on {} with a neuron subset (merge it)", proj_name(p))};
   // Only the selected neurons: rows of gate/up, rows of the transposed down weight.
