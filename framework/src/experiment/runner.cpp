@@ -200,52 +200,76 @@ Result<Catalog> build_catalog(PluginRegistry& registry, const RunnerOptions& opt
 
 std::string source_revision() { return build_revision(); }
 
-Result<RunnerSummary> run_experiment(const std::filesystem::path& config_file, const RunnerOptions& options) {
-  PluginRegistry registry;
-  auto catalog = build_catalog(registry, options, options.progress);
+// An experiment ready to run or calibrate: its plugins, config (backend
+// resolved), model and engine, and grid.
+struct OpenedExperiment {
+  std::unique_ptr<PluginRegistry> registry = std::make_unique<PluginRegistry>();
+  Catalog catalog;
+  ExperimentConfig config;
+  Workbench bench;
+  std::vector<RunSpec> grid;
+};
+
+Result<OpenedExperiment> open_experiment(const std::filesystem::path& config_file, const RunnerOptions& options) {
+  OpenedExperiment e;
+  auto catalog = build_catalog(*e.registry, options, options.progress);
   if (!catalog) return catalog.error();
-  auto config = load_experiment(config_file, *catalog);
+  e.catalog = std::move(*catalog);
+  auto config = load_experiment(config_file, e.catalog);
   if (!config) return config.error();
-  if (!options.backend.empty()) config->backend = options.backend;
-  auto backend = resolve_backend(config->backend);
+  e.config = std::move(*config);
+  if (!options.backend.empty()) e.config.backend = options.backend;
+  auto backend = resolve_backend(e.config.backend);
   if (!backend) return Error{fmt::format("{}: {}", config_file.string(), backend.message())};
-  config->backend = *backend;
+  e.config.backend = *backend;
+  auto bench = open_workbench(e.config);
+  if (!bench) return bench.error();
+  e.bench = std::move(*bench);
+  e.bench.reuse_prefill = options.reuse_prefill;
+  e.bench.artifact_root = options.artifact_root;
+  auto grid = expand_grid(e.config, e.catalog, e.bench.model->checksum());
+  if (!grid) return grid.error();
+  e.grid = std::move(*grid);
+  return e;
+}
+
+Result<RunnerSummary> run_experiment(const std::filesystem::path& config_file, const RunnerOptions& options) {
   Shard shard;
   if (!options.shard.empty()) {
     auto parsed = parse_shard(options.shard);
     if (!parsed) return Error{fmt::format("--shard: {}", parsed.message())};
     shard = *parsed;
   }
-  auto bench = open_workbench(*config);
-  if (!bench) return bench.error();
-  bench->reuse_prefill = options.reuse_prefill;
-  bench->artifact_root = options.artifact_root;
-  auto grid = expand_grid(*config, *catalog, bench->model->checksum());
-  if (!grid) return grid.error();
-  const std::vector<RunSpec> runs = select_shard(*grid, shard);
+  auto opened = open_experiment(config_file, options);
+  if (!opened) return opened.error();
+  const ExperimentConfig& config = opened->config;
+  Workbench& bench = opened->bench;
+  PluginRegistry& registry = *opened->registry;
+  const std::string& backend = config.backend;
+  const std::vector<RunSpec> runs = select_shard(opened->grid, shard);
 
-  RunnerSummary summary{config->name, int64_t(runs.size()), 0, 0, 0};
+  RunnerSummary summary{config.name, int64_t(runs.size()), 0, 0, 0};
   if (options.dry_run) {
     std::unique_ptr<ResultsDb> db;
     if (std::filesystem::exists(options.db_path)) {
-      auto opened = ResultsDb::open(options.db_path);
-      if (!opened) return opened.error();
-      db = std::make_unique<ResultsDb>(std::move(*opened));
+      auto existing = ResultsDb::open(options.db_path);
+      if (!existing) return existing.error();
+      db = std::make_unique<ResultsDb>(std::move(*existing));
     }
     print_plan(options.out, runs, db.get());
     return summary;
   }
   auto db = ResultsDb::open(options.db_path);
   if (!db) return db.error();
-  for (size_t t = 0; t < config->tasks.size(); ++t)
-    if (auto s = prepare_task(*bench, *config, t); !s) return s.error();
+  for (size_t t = 0; t < config.tasks.size(); ++t)
+    if (auto s = prepare_task(bench, config, t); !s) return s.error();
   int64_t total_samples = 0;
-  for (const RunSpec& r : runs) total_samples += int64_t(bench->samples[r.task_index].size());
+  for (const RunSpec& r : runs) total_samples += int64_t(bench.samples[r.task_index].size());
   Progress progress(options.progress, summary.runs, total_samples);
   int64_t position = 0;
   for (const RunSpec& run : runs) {
     ++position;
-    const int64_t n_samples = int64_t(bench->samples[run.task_index].size());
+    const int64_t n_samples = int64_t(bench.samples[run.task_index].size());
     const std::string title = fmt::format("{} · {}", run.task.type, run.label);
     progress.start_run(position, title, n_samples);
     auto done = db->has_finished_run(run.hash);
@@ -255,7 +279,7 @@ Result<RunnerSummary> run_experiment(const std::filesystem::path& config_file, c
       progress.end_run("already in the database, skipped");
       continue;
     }
-    RunRecord record = execute_run(*config, run, *bench, registry, *backend, progress);
+    RunRecord record = execute_run(config, run, bench, registry, backend, progress);
     if (auto s = db->record_run(record); !s) return s.error();
     (record.status == RunStatus::Finished ? summary.finished : summary.failed) += 1;
     progress.end_run(outcome_line(record));
@@ -267,28 +291,22 @@ Result<RunnerSummary> run_experiment(const std::filesystem::path& config_file, c
 }
 
 Result<CalibrationSummary> calibrate_experiment(const std::filesystem::path& config_file, const RunnerOptions& options) {
-  PluginRegistry registry;
-  auto catalog = build_catalog(registry, options, options.progress);
-  if (!catalog) return catalog.error();
-  auto config = load_experiment(config_file, *catalog);
-  if (!config) return config.error();
-  if (!options.backend.empty()) config->backend = options.backend;
-  auto backend = resolve_backend(config->backend);
-  if (!backend) return Error{fmt::format("{}: {}", config_file.string(), backend.message())};
-  config->backend = *backend;
-  auto bench = open_workbench(*config);
-  if (!bench) return bench.error();
-  auto grid = expand_grid(*config, *catalog, bench->model->checksum());
-  if (!grid) return grid.error();
+  auto opened = open_experiment(config_file, options);
+  if (!opened) return opened.error();
+  const ExperimentConfig& config = opened->config;
+  Workbench& bench = opened->bench;
+  const Catalog& catalog = opened->catalog;
+  PluginRegistry& registry = *opened->registry;
+  const std::vector<RunSpec>& grid = opened->grid;
   CalibrationSummary summary;
   std::set<std::filesystem::path> seen;
-  for (const RunSpec& run : *grid) {
-    const PluginEntry* entry = catalog->find_plugin(run.plugin);
+  for (const RunSpec& run : grid) {
+    const PluginEntry* entry = catalog.find_plugin(run.plugin);
     if (entry == nullptr || (entry->hooks & kHookCalibrate) == 0) continue;
     auto handle = registry.create(run.plugin, run.params);
     if (!handle) return Error{fmt::format("{}: {}", run.label, handle.message())};
     const auto started = std::chrono::steady_clock::now();
-    auto prepared = ensure_calibrated(*handle->get(), *entry, run.params, *bench->engine, options.artifact_root);
+    auto prepared = ensure_calibrated(*handle->get(), *entry, run.params, *bench.engine, options.artifact_root);
     if (!prepared) return Error{fmt::format("{}: {}", run.label, prepared.message())};
     if (prepared->artifact_dir.empty() || !seen.insert(prepared->artifact_dir).second) continue;
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
@@ -302,7 +320,7 @@ Result<CalibrationSummary> calibrate_experiment(const std::filesystem::path& con
       fmt::print(options.out, "{}: calibration found -> {}\n", run.label, prepared->artifact_dir.string());
     }
   }
-  fmt::print(options.out, "experiment {}: {} calibrations run, {} found\n", config->name, summary.calibrated,
+  fmt::print(options.out, "experiment {}: {} calibrations run, {} found\n", config.name, summary.calibrated,
              summary.found);
   return summary;
 }
