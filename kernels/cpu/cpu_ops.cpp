@@ -87,22 +87,24 @@ void add_inplace(float* y, const float* x, int64_t rows, int64_t n) {
   for (int64_t i = 0; i < total; ++i) y[i] += x[i];
 }
 
-void matmul_xwt(float* y, const float* x, const float* w, int64_t m, int64_t n, int64_t k) {
+namespace {
+// Y = X * W^T + beta * Y (GEMV for one row).
+void matmul_xwt_beta(float* y, const float* x, const float* w, int64_t m, int64_t n, int64_t k, float beta) {
   if (m == 1) {
-    cblas_sgemv(CblasRowMajor, CblasNoTrans, int(n), int(k), 1.0f, w, int(k), x, 1, 0.0f, y, 1);
+    cblas_sgemv(CblasRowMajor, CblasNoTrans, int(n), int(k), 1.0f, w, int(k), x, 1, beta, y, 1);
     return;
   }
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(m), int(n), int(k), 1.0f, x, int(k), w,
-              int(k), 0.0f, y, int(n));
+              int(k), beta, y, int(n));
+}
+}  // namespace
+
+void matmul_xwt(float* y, const float* x, const float* w, int64_t m, int64_t n, int64_t k) {
+  matmul_xwt_beta(y, x, w, m, n, k, 0.0f);
 }
 
 void matmul_xwt_add(float* y, const float* x, const float* w, int64_t m, int64_t n, int64_t k) {
-  if (m == 1) {
-    cblas_sgemv(CblasRowMajor, CblasNoTrans, int(n), int(k), 1.0f, w, int(k), x, 1, 1.0f, y, 1);
-    return;
-  }
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(m), int(n), int(k), 1.0f, x, int(k), w,
-              int(k), 1.0f, y, int(n));
+  matmul_xwt_beta(y, x, w, m, n, k, 1.0f);
 }
 
 void matmul_xwt_rows(float* y, const float* x, const float* w, const int32_t* rows, int64_t m, int64_t n_sel,

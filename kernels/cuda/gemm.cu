@@ -12,21 +12,26 @@ cudaDataType_t cuda_type(DType dtype) {
 
 }  // namespace
 
-cublasStatus_t gemm_xwt(cublasHandle_t handle, const void* x, const void* w, DType dtype, float* y, int64_t m,
-                        int64_t n, int64_t k) {
+namespace {
+// y = x * w^T + beta * y.
+cublasStatus_t gemm_xwt_beta(cublasHandle_t handle, const void* x, const void* w, DType dtype, float* y, int64_t m,
+                             int64_t n, int64_t k, float beta) {
   // Column-major view: y^T (n, m) = w (stored (k, n) col-major, transposed) * x^T ((k, m) col-major).
-  const float alpha = 1.0f, beta = 0.0f;
+  const float alpha = 1.0f;
   const cudaDataType_t t = cuda_type(dtype);
   return cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, int(n), int(m), int(k), &alpha, w, t, int(k), x, t, int(k),
                       &beta, y, CUDA_R_32F, int(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
 }
+}  // namespace
+
+cublasStatus_t gemm_xwt(cublasHandle_t handle, const void* x, const void* w, DType dtype, float* y, int64_t m,
+                        int64_t n, int64_t k) {
+  return gemm_xwt_beta(handle, x, w, dtype, y, m, n, k, 0.0f);
+}
 
 cublasStatus_t gemm_xwt_add(cublasHandle_t handle, const void* x, const void* w, DType dtype, float* y, int64_t m,
                             int64_t n, int64_t k) {
-  const float alpha = 1.0f, beta = 1.0f;
-  const cudaDataType_t t = cuda_type(dtype);
-  return cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, int(n), int(m), int(k), &alpha, w, t, int(k), x, t, int(k),
-                      &beta, y, CUDA_R_32F, int(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+  return gemm_xwt_beta(handle, x, w, dtype, y, m, n, k, 1.0f);
 }
 
 cublasStatus_t gemm_xw(cublasHandle_t handle, const void* x, const void* w, DType dtype, float* y, int64_t m,

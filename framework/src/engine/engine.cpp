@@ -93,14 +93,22 @@ std::atomic<uint64_t> next_overrides_serial{1};
 
 WeightOverrides::WeightOverrides() : serial(next_overrides_serial++) {}
 
-Status WeightOverrides::replace(const std::string& tensor, int32_t layer, std::span<const float> data) {
+// The projection an edit names, checked against the model: `what` is
+// "weight replacement of", "adapter on", ... for the message.
+Result<Proj> WeightOverrides::target(const char* what, const std::string& tensor, int32_t layer) const {
   auto proj = parse_proj(tensor);
-  if (!proj) return Error{"weight replacement: " + proj.message()};
+  if (!proj) return Error{fmt::format("{} {}", what, proj.message())};
+  if (config == nullptr) return Error{fmt::format("{} {}: no model to check against", what, tensor)};
   const bool global = *proj == Proj::Output;
-  if (config == nullptr) return Error{"weight replacement: no model to check against"};
   if (global ? layer != -1 : (layer < 0 || layer >= config->n_layers))
-    return Error{fmt::format("weight replacement of {}: layer {} is not {}", tensor, layer,
+    return Error{fmt::format("{} {}: layer {} is not {}", what, tensor, layer,
                              global ? "-1 (a global tensor)" : fmt::format("in 0..{}", config->n_layers - 1))};
+  return *proj;
+}
+
+Status WeightOverrides::replace(const std::string& tensor, int32_t layer, std::span<const float> data) {
+  auto proj = target("weight replacement of", tensor, layer);
+  if (!proj) return proj.error();
   const auto [out, in] = proj_shape(*config, *proj);
   if (int64_t(data.size()) != out * in)
     return Error{fmt::format("weight replacement of {} (layer {}): {} values given, the tensor has {} x {} = {}",
@@ -114,13 +122,9 @@ Status WeightOverrides::replace(const std::string& tensor, int32_t layer, std::s
 }
 
 Status WeightOverrides::add_adapter(const std::string& tensor, int32_t layer, const LowRankAdapter& adapter) {
-  auto proj = parse_proj(tensor);
-  if (!proj) return Error{"adapter: " + proj.message()};
+  auto proj = target("adapter on", tensor, layer);
+  if (!proj) return proj.error();
   const bool global = *proj == Proj::Output;
-  if (config == nullptr) return Error{"adapter: no model to check against"};
-  if (global ? layer != -1 : (layer < 0 || layer >= config->n_layers))
-    return Error{fmt::format("adapter on {}: layer {} is not {}", tensor, layer,
-                             global ? "-1 (a global tensor)" : fmt::format("in 0..{}", config->n_layers - 1))};
   const auto [out, in] = proj_shape(*config, *proj);
   const int64_t r = adapter.rank;
   if (r <= 0 || r > std::min(out, in))
@@ -177,13 +181,10 @@ Status WeightOverrides::add_adapter(const std::string& tensor, int32_t layer, co
 }
 
 Status WeightOverrides::set_storage(const std::string& tensor, int32_t layer, const WeightStorage& storage) {
-  auto proj = parse_proj(tensor);
-  if (!proj) return Error{"weight storage: " + proj.message()};
-  if (config == nullptr) return Error{"weight storage: no model to check against"};
-  if (*proj == Proj::Output)
+  if (tensor == "output")
     return Error{fmt::format("weight storage of {}: the output projection keeps the model's (as QLoRA keeps it)", tensor)};
-  if (layer < 0 || layer >= config->n_layers)
-    return Error{fmt::format("weight storage of {}: layer {} is not in 0..{}", tensor, layer, config->n_layers - 1)};
+  auto proj = target("weight storage of", tensor, layer);
+  if (!proj) return proj.error();
   if (storage.format != WeightFormat::Model && storage.format != WeightFormat::NF4)
     return Error{fmt::format("weight storage of {} (layer {}): unknown format {}", tensor, layer, int32_t(storage.format))};
   if (storage.format == WeightFormat::NF4 &&

@@ -95,6 +95,11 @@ struct WeightOverrides final : public WeightEditor {
   std::vector<WeightAdapter> adapters;
   std::vector<WeightStorageItem> storages;
   bool empty() const { return items.empty() && adapters.empty() && storages.empty(); }
+
+ private:
+  Result<Proj> target(const char* what, const std::string& tensor, int32_t layer) const;
+
+ public:
   uint64_t serial = 0;  // unique per object and content: the engine knows what it applied without keeping a pointer
 };
 
