@@ -58,6 +58,9 @@ class CpuBackend final : public Backend {
   const std::vector<float>& w_down_transposed(int32_t layer);
   int32_t rotary_position(int32_t kv_head, int64_t row) const;
   void attend_head(const AttentionRefs& refs, int32_t head, int64_t r0, int64_t r1, float* key_mass);
+  void attend_groups(const AttentionRefs& refs, bool keep_stats);
+  void add_key_mass(const AttentionRefs& refs, int32_t head);
+  void attend_split_keys(const AttentionRefs& refs);
   void group_mass(int32_t kv_head, std::vector<float>& mass) const;
   Status retain_sequence(KvSequence& seq, int32_t layer, const RetentionPolicy& policy,
                          const RetentionBudget& budget, std::vector<std::vector<int32_t>>& drops);
@@ -85,6 +88,8 @@ class CpuBackend final : public Backend {
   std::vector<float> gate_;      // (n, n_ff); also the activation
   std::vector<float> up_;        // (n, n_ff)
   std::vector<float> logits_;    // (logits_chunk, n_vocab)
+  std::vector<float> stats_ml_;  // attention statistics: per query head, each row's softmax max then sum
+  std::vector<float> split_o_, split_ml_;  // split-key decode partials: (items, rows x group, head_dim), (items, 2, ...)
   std::vector<int32_t> positions_;  // (n)
   int64_t workspace_tokens_ = 0;
   std::vector<int32_t> group_positions_;  // (n_kv_heads, n) RoPE positions in cache mode

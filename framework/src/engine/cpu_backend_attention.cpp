@@ -8,6 +8,9 @@
 #include <cmath>
 #include <numeric>
 
+#include <omp.h>
+
+#include "cpu/attention_tiled.h"
 #include "cpu/cpu_ops.h"
 #include "cpu/cpu_twins.h"
 #include "engine/cpu_backend.h"
@@ -18,7 +21,9 @@ namespace cpu = kernels::cpu;
 
 namespace {
 
-constexpr int64_t kQueryChunkRows = 16;  // attention work item: (head, 16 query rows)
+constexpr int64_t kQueryChunkRows = 16;  // attention work item: (head or kv group, 16 query rows)
+constexpr int64_t kSplitKeyRows = 4;     // calls with at most this many rows split keys across threads
+constexpr int64_t kMinSplitKeys = 128;   // the least keys worth a split of their own
 
 struct KeyRange {
   int32_t start = 0;  // stored-token index
@@ -100,10 +105,16 @@ Status CpuBackend::attention(const KvSequence& seq, const LayerAttention& work) 
     for (int32_t h = 0; h < c.n_heads; ++h)
       head_mass_[size_t(h)].assign(size_t(call.cached_before[size_t(h / c.group_size())] + n), 0.0f);
     stats_layer_ = work.layer;
-    // One work item per head, so each head's statistics have a single writer.
+    if (call.blocks != nullptr || !cpu::attention_tiled_supports(c.head_dim)) {
+      // One work item per head, so each head's statistics have a single writer.
 #pragma omp parallel for schedule(dynamic)
-    for (int32_t h = 0; h < c.n_heads; ++h) attend_head(call, h, 0, n, head_mass_[size_t(h)].data());
-  } else {
+      for (int32_t h = 0; h < c.n_heads; ++h) attend_head(call, h, 0, n, head_mass_[size_t(h)].data());
+    } else {  // the same outputs as without statistics, then the probabilities from each row's final max and sum
+      attend_groups(call, true);
+#pragma omp parallel for schedule(dynamic)
+      for (int32_t h = 0; h < c.n_heads; ++h) add_key_mass(call, h);
+    }
+  } else if (call.blocks != nullptr || !cpu::attention_tiled_supports(c.head_dim)) {
     const int64_t n_chunks = (n + kQueryChunkRows - 1) / kQueryChunkRows;
     const int64_t items = int64_t(c.n_heads) * n_chunks;
 #pragma omp parallel for schedule(dynamic) if (items > 1)
@@ -111,7 +122,15 @@ Status CpuBackend::attention(const KvSequence& seq, const LayerAttention& work) 
       const int64_t i0 = (item % n_chunks) * kQueryChunkRows;
       attend_head(call, int32_t(item / n_chunks), i0, std::min(n, i0 + kQueryChunkRows), nullptr);
     }
+  } else if (n <= kSplitKeyRows) {
+    attend_split_keys(call);
+  } else {
+    attend_groups(call, false);
   }
+  if (call.mask != nullptr)  // masked heads output zeros (the grouped kernels computed them with the group)
+    for (int32_t h = 0; h < c.n_heads; ++h)
+      if (call.mask->heads[size_t(h)] == 0)
+        for (int64_t i = 0; i < n; ++i) std::fill_n(&attn_[size_t(i * c.q_dim() + h * c.head_dim)], c.head_dim, 0.0f);
   if (time_attention_)
     attention_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return ok_status();
@@ -142,6 +161,12 @@ void CpuBackend::attend_head(const AttentionRefs& call, int32_t h, int64_t r0, i
       const int64_t rows = std::min(kQueryChunkRows, r1 - i0);
       int32_t visible[kQueryChunkRows];
       for (int64_t r = 0; r < rows; ++r) visible[r] = call.old_visible[size_t(g)] + int32_t(i0 + r) + 1;
+      if (key_mass == nullptr && cpu::attention_tiled_supports(hd)) {
+        const cpu::QueryTile tile{q + (i0 - r0) * c.q_dim(), rows, 1, c.q_dim(), hd, visible,
+                                  out + (i0 - r0) * c.q_dim(), c.q_dim(), hd};
+        cpu::attention_tiled(tile, refs.data(), int64_t(refs.size()), hd, scale);
+        continue;
+      }
       cpu::attention_paged(q + (i0 - r0) * c.q_dim(), rows, c.q_dim(), refs.data(), int64_t(refs.size()), visible,
                            hd, scale, out + (i0 - r0) * c.q_dim(), c.q_dim(),
                            key_mass != nullptr ? concat_mass.data() : nullptr);
@@ -169,10 +194,118 @@ void CpuBackend::attend_head(const AttentionRefs& call, int32_t h, int64_t r0, i
       std::fill_n(row_out, hd, 0.0f);
       continue;
     }
+    if (key_mass == nullptr && cpu::attention_tiled_supports(hd)) {
+      const cpu::QueryTile tile{q + (i - r0) * c.q_dim(), 1, 1, c.q_dim(), hd, &total, row_out, c.q_dim(), hd};
+      cpu::attention_tiled(tile, refs.data(), int64_t(refs.size()), hd, scale);
+      continue;
+    }
     if (key_mass != nullptr) concat_mass.assign(size_t(total), 0.0f);
     cpu::attention_paged(q + (i - r0) * c.q_dim(), 1, c.q_dim(), refs.data(), int64_t(refs.size()), &total, hd,
                          scale, row_out, c.q_dim(), key_mass != nullptr ? concat_mass.data() : nullptr);
     if (key_mass != nullptr) scatter(refs, starts);
+  }
+}
+
+// Prefill: a work item is a kv group's query heads x 16 rows, so each tile of
+// keys is read once for all of them. Later rows see more keys: they go first.
+// With keep_stats, each query vector's final softmax max and sum are kept
+// (stats_ml_: per head, n maxima then n sums) for add_key_mass.
+void CpuBackend::attend_groups(const AttentionRefs& call, bool keep_stats) {
+  const ModelConfig& c = config_;
+  const int64_t n = n_, gs = c.group_size(), hd = c.head_dim, qd = c.q_dim(), nkv = c.n_kv_heads;
+  const float scale = 1.0f / std::sqrt(float(hd));
+  const int64_t n_chunks = (n + kQueryChunkRows - 1) / kQueryChunkRows;
+  if (keep_stats) stats_ml_.resize(size_t(c.n_heads * 2 * n));
+#pragma omp parallel for schedule(dynamic)
+  for (int64_t item = 0; item < nkv * n_chunks; ++item) {
+    const int32_t g = int32_t(item % nkv);
+    const int64_t i0 = (n_chunks - 1 - item / nkv) * kQueryChunkRows, i1 = std::min(n, i0 + kQueryChunkRows);
+    int32_t visible[kQueryChunkRows];
+    for (int64_t i = i0; i < i1; ++i) visible[i - i0] = call.old_visible[size_t(g)] + int32_t(i) + 1;
+    const auto& refs = call.refs[size_t(g)];
+    const int64_t at = i0 * qd + g * gs * hd;
+    const cpu::QueryTile tile{&q_[size_t(at)], i1 - i0, gs, qd, hd, visible, &attn_[size_t(at)], qd, hd};
+    if (!keep_stats) {
+      cpu::attention_tiled(tile, refs.data(), int64_t(refs.size()), hd, scale);
+      continue;
+    }
+    thread_local std::vector<float> o, ml;
+    o.resize(size_t(tile.n_vectors() * hd));
+    ml.resize(size_t(2 * tile.n_vectors()));
+    const cpu::SoftmaxPartial part{o.data(), ml.data(), ml.data() + tile.n_vectors()};
+    cpu::attention_tiled_partial(tile, refs.data(), int64_t(refs.size()), hd, scale, 0, INT32_MAX, part);
+    cpu::attention_merge(tile, &part, 1, hd);
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t j = 0; j < gs; ++j) {
+        float* head_ml = &stats_ml_[size_t((g * gs + j) * 2 * n)];
+        head_ml[i] = part.m[(i - i0) * gs + j];
+        head_ml[n + i] = part.l[(i - i0) * gs + j];
+      }
+  }
+}
+
+// Head h's statistics of the call attend_groups computed: the probability each
+// key received from each row, summed per stored token.
+void CpuBackend::add_key_mass(const AttentionRefs& call, int32_t h) {
+  const ModelConfig& c = config_;
+  const int64_t n = n_, hd = c.head_dim;
+  const int32_t g = h / c.group_size();
+  if (call.mask != nullptr && call.mask->heads[size_t(h)] == 0) return;
+  std::vector<int32_t> visible(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) visible[size_t(i)] = call.old_visible[size_t(g)] + int32_t(i) + 1;
+  const cpu::QueryTile tile{&q_[size_t(h * hd)], n, 1, c.q_dim(), 0, visible.data(), nullptr, 0, 0};
+  std::vector<float> concat_mass(size_t(call.old_visible[size_t(g)] + n), 0.0f);
+  const float* ml = &stats_ml_[size_t(h * 2 * n)];
+  const auto& refs = call.refs[size_t(g)];
+  cpu::attention_key_mass(tile, refs.data(), int64_t(refs.size()), hd, 1.0f / std::sqrt(float(hd)), ml, ml + n,
+                          concat_mass.data());
+  float* key_mass = head_mass_[size_t(h)].data();
+  const auto& starts = call.ref_start[size_t(g)];
+  for (size_t r = 0, at = 0; r < refs.size(); at += size_t(refs[r].n_tokens), ++r)
+    for (int32_t t = 0; t < refs[r].n_tokens; ++t) key_mass[starts[r] + t] += concat_mass[at + size_t(t)];
+}
+
+// Decode (a few rows): each kv group's keys are cut into slices, one work item
+// per (group, slice) writing softmax partials, then each group merges its slices
+// (flash-decoding, as the CUDA backend's split-K kernel).
+void CpuBackend::attend_split_keys(const AttentionRefs& call) {
+  const ModelConfig& c = config_;
+  const int64_t n = n_, gs = c.group_size(), hd = c.head_dim, qd = c.q_dim(), nkv = c.n_kv_heads, nv = n * gs;
+  const float scale = 1.0f / std::sqrt(float(hd));
+  const int64_t max_splits = std::max<int64_t>(1, (8 * omp_get_max_threads() + nkv - 1) / nkv);
+  std::vector<int64_t> first(size_t(nkv + 1), 0), slice(static_cast<size_t>(nkv));
+  for (int64_t g = 0; g < nkv; ++g) {
+    const int64_t keys = call.old_visible[size_t(g)] + n;
+    const int64_t splits = std::clamp<int64_t>(keys / kMinSplitKeys, 1, max_splits);
+    slice[size_t(g)] = (keys + splits - 1) / splits;
+    first[size_t(g + 1)] = first[size_t(g)] + splits;
+  }
+  const int64_t items = first[size_t(nkv)];
+  split_o_.resize(size_t(items * nv * hd));
+  split_ml_.resize(size_t(items * nv * 2));
+  auto part = [&](int64_t item) {
+    return cpu::SoftmaxPartial{&split_o_[size_t(item * nv * hd)], &split_ml_[size_t(item * nv * 2)],
+                               &split_ml_[size_t(item * nv * 2 + nv)]};
+  };
+  auto tile_of = [&](int64_t g, int32_t* visible) {
+    for (int64_t i = 0; i < n; ++i) visible[i] = call.old_visible[size_t(g)] + int32_t(i) + 1;
+    const int64_t at = g * gs * hd;
+    return cpu::QueryTile{&q_[size_t(at)], n, gs, qd, hd, visible, &attn_[size_t(at)], qd, hd};
+  };
+#pragma omp parallel for schedule(dynamic) if (items > 1)
+  for (int64_t item = 0; item < items; ++item) {
+    const int64_t g = std::upper_bound(first.begin(), first.end(), item) - first.begin() - 1;
+    const int64_t s = item - first[size_t(g)];
+    int32_t visible[kSplitKeyRows];
+    const auto& refs = call.refs[size_t(g)];
+    cpu::attention_tiled_partial(tile_of(g, visible), refs.data(), int64_t(refs.size()), hd, scale,
+                                 s * slice[size_t(g)], (s + 1) * slice[size_t(g)], part(item));
+  }
+  for (int64_t g = 0; g < nkv; ++g) {
+    int32_t visible[kSplitKeyRows];
+    std::vector<cpu::SoftmaxPartial> parts;
+    for (int64_t item = first[size_t(g)]; item < first[size_t(g + 1)]; ++item) parts.push_back(part(item));
+    cpu::attention_merge(tile_of(g, visible), parts.data(), int64_t(parts.size()), hd);
   }
 }
 
