@@ -38,6 +38,9 @@ int main(int argc, char** argv) {
   app.add_option("--decode-steps", decode_steps)->check(CLI::PositiveNumber);
   app.add_option("--repeats", repeats)->check(CLI::PositiveNumber);
   app.add_option("-t,--threads", threads);
+  std::string weights_name = "f32";
+  app.add_option("--weights", weights_name, "f32 or file (the model's quantized blocks)")
+      ->check(CLI::IsMember({"f32", "file"}));
   CLI11_PARSE(app, argc, argv);
 
   auto path = resolve_model(model_name);
@@ -46,13 +49,14 @@ int main(int argc, char** argv) {
   auto model = Model::load(*path);
   if (!model) return fmt::print(stderr, "bench: {}\n", model.message()), 1;
   const double load_s = since(t_load);
-  auto engine = Engine::create(*model, EngineOptions{.n_threads = threads});
+  const WeightSource weights = *parse_weight_source(weights_name);
+  auto engine = Engine::create(*model, EngineOptions{.n_threads = threads, .weights = weights});
   if (!engine) return fmt::print(stderr, "bench: {}\n", engine.message()), 1;
   Engine& e = **engine;
   const int32_t n_vocab = e.config().n_vocab;
 
-  fmt::print("model: {} ({} params, weights f32), load {:.2f} s\n", path->filename().string(),
-             (*model)->parameter_count(), load_s);
+  fmt::print("model: {} ({} params, weights {}), load {:.2f} s\n", path->filename().string(),
+             (*model)->parameter_count(), weight_source_name(weights), load_s);
   fmt::print("cpu: {}, BLAS core: {}, threads: {}\n\n", cpu_description(), blas_core_name(), threads > 0 ? fmt::to_string(threads) : "all");
   fmt::print("| test | tokens | seconds | tokens/s |\n|---|---:|---:|---:|\n");
   for (int32_t n : prefill_lengths) {

@@ -253,6 +253,28 @@ type = "perplexity"
   EXPECT_NE(message.find("exp.toml:5:9: model.dtype: \"fp8\" is not one of: f16, bf16"), std::string::npos) << message;
 }
 
+TEST(ConfigErrors, WeightSourceMustBeKnown) {
+  const std::string message = errors_of(R"([experiment]
+name = "x"
+[model]
+name = "smollm2-135m"
+weights = "q4"
+[task]
+type = "perplexity"
+)");
+  EXPECT_NE(message.find("exp.toml:5:11: model.weights: \"q4\" is not one of: f32, file"), std::string::npos)
+      << message;
+}
+
+TEST(ConfigHash, FileWeightsAreAnotherRunAndF32RunsKeepTheirHashes) {
+  auto with_weights = [](const std::string& weights) {
+    return hashes_of(grid_of("[experiment]\nname = \"x\"\n[model]\nname = \"smollm2-135m\"\n" + weights +
+                             "[task]\ntype = \"perplexity\"\n"));
+  };
+  EXPECT_EQ(with_weights(""), with_weights("weights = \"f32\"\n"));
+  EXPECT_NE(with_weights(""), with_weights("weights = \"file\"\n"));
+}
+
 TEST(ConfigHash, GpuDtypeChangesOnlyCudaRunHashes) {
   auto with_dtype = [](const std::string& backend, const std::string& dtype) {
     return hashes_of(grid_of("[experiment]\nname = \"x\"\nbackend = \"" + backend +

@@ -32,6 +32,7 @@ struct EngineArgs {
   int32_t max_context = 0;
   std::string backend = "cpu";
   std::string dtype = "f16";
+  std::string weights = "f32";
 };
 
 void add_engine_options(CLI::App* cmd, EngineArgs& args) {
@@ -47,6 +48,10 @@ void add_engine_options(CLI::App* cmd, EngineArgs& args) {
   cmd->add_option("--dtype", args.dtype, "CUDA backend: weights and KV cache in f16 or bf16")
       ->check(CLI::IsMember({"f16", "bf16"}))
       ->capture_default_str();
+  cmd->add_option("--weights", args.weights,
+                  "CPU backend: f32 (reference) or file (the model's quantized blocks, as llama.cpp computes)")
+      ->check(CLI::IsMember({"f32", "file"}))
+      ->capture_default_str();
 }
 
 Result<std::unique_ptr<Engine>> open_engine(const EngineArgs& args) {
@@ -61,6 +66,9 @@ Result<std::unique_ptr<Engine>> open_engine(const EngineArgs& args) {
   if (!dtype) return Error{"--dtype: " + dtype.message()};
   options.backend = *backend;
   options.gpu_dtype = *dtype;
+  auto weights = parse_weight_source(args.weights);
+  if (!weights) return Error{"--weights: " + weights.message()};
+  options.weights = *weights;
   return Engine::create(*model, options);
 }
 

@@ -37,6 +37,22 @@ class SequenceKvView final : public BackendKvView {
   const KvSequence& seq_;
 };
 
+// The kernels' view of a file tensor; rows == 0 for a type they do not compute with.
+cpu::QuantMatrixRef quant_ref(const FileTensor& t) {
+  cpu::QuantMatrixRef ref;
+  switch (t.type) {  // GGUF type ids
+    case 2: ref.type = cpu::QuantType::Q4_0; break;
+    case 3: ref.type = cpu::QuantType::Q4_1; break;
+    case 8: ref.type = cpu::QuantType::Q8_0; break;
+    default: return ref;
+  }
+  if (t.empty() || t.cols % cpu::kQuantBlock != 0) return ref;
+  ref.data = t.bytes.data();
+  ref.rows = t.rows;
+  ref.cols = t.cols;
+  return ref;
+}
+
 }  // namespace
 
 Result<std::unique_ptr<Backend>> make_cpu_backend(std::shared_ptr<const Model> model, const EngineOptions& options,
@@ -58,6 +74,31 @@ CpuBackend::CpuBackend(std::shared_ptr<const Model> model, const EngineOptions& 
   stored_.resize(size_t(kProjCount));
   for (auto& per_layer : stored_) per_layer.resize(size_t(std::max(1, c.n_layers)));
   if (options.n_threads > 0) omp_set_num_threads(options.n_threads);
+  file_weights_.assign(size_t(kProjCount), std::vector<cpu::QuantMatrixRef>(size_t(std::max(1, c.n_layers))));
+  if (options.weights == WeightSource::File) {
+    const ModelWeights& w = model_->weights();
+    static constexpr std::pair<Proj, LayerTensor> kTensors[] = {
+        {Proj::Q, LayerTensor::attn_q},        {Proj::K, LayerTensor::attn_k},       {Proj::V, LayerTensor::attn_v},
+        {Proj::O, LayerTensor::attn_output},   {Proj::Gate, LayerTensor::ffn_gate},  {Proj::Up, LayerTensor::ffn_up},
+        {Proj::Down, LayerTensor::ffn_down}};
+    for (int32_t l = 0; l < c.n_layers; ++l)
+      for (const auto& [p, t] : kTensors) file_weights_[size_t(p)][size_t(l)] = quant_ref(w.layers[size_t(l)].file[size_t(t)]);
+    file_weights_[size_t(Proj::Output)][0] = quant_ref(w.lm_head_file());
+  }
+}
+
+int64_t CpuBackend::weight_bytes() const {
+  int64_t bytes = model_->parameter_count() * int64_t(sizeof(float));
+  for (const auto& per_layer : file_weights_)
+    for (const auto& q : per_layer) bytes += q.rows * q.row_bytes();
+  return bytes;
+}
+
+const cpu::QuantMatrixRef* CpuBackend::file_weight(Proj p, int32_t l) const {
+  const size_t at = size_t(std::max(l, 0));
+  const cpu::QuantMatrixRef& q = file_weights_[size_t(p)][at];
+  if (q.rows == 0 || !overrides_[size_t(p)][at].empty() || stored_[size_t(p)][at] != nullptr) return nullptr;
+  return &q;
 }
 
 bool CpuBackend::supports(Feature feature) const {
@@ -165,6 +206,7 @@ Status CpuBackend::linear(Proj p, int32_t l, const std::vector<int32_t>* rows) {
     return ok_status();
   }
   if (stored != nullptr) cpu::nf4_matmul_xwt(y, x, *stored, n_, dequant_scratch_);
+  else if (const cpu::QuantMatrixRef* q = file_weight(p, l)) cpu::quant_matmul_xwt(y, x, *q, n_, quant_scratch_);
   else cpu::matmul_xwt(y, x, w, n_, out, in);
   return apply_adapter(p, l, x, y, in, out);
 }
@@ -301,7 +343,10 @@ Status CpuBackend::logits(int64_t from, int64_t n_rows, const LogitsSink& sink) 
   const float* head = weight(Proj::Output, -1);
   for (int64_t r0 = 0; r0 < n_rows; r0 += chunk) {
     const int64_t rows = std::min(chunk, n_rows - r0);
-    cpu::matmul_xwt(logits_.data(), xn_.data() + r0 * c.n_embd, head, rows, c.n_vocab, c.n_embd);
+    if (const cpu::QuantMatrixRef* q = file_weight(Proj::Output, -1))
+      cpu::quant_matmul_xwt(logits_.data(), xn_.data() + r0 * c.n_embd, *q, rows, quant_scratch_);
+    else
+      cpu::matmul_xwt(logits_.data(), xn_.data() + r0 * c.n_embd, head, rows, c.n_vocab, c.n_embd);
     for (int64_t r = 0; r < rows; ++r)
       sink(from + r0 + r, std::span<const float>(logits_.data() + r * c.n_vocab, size_t(c.n_vocab)));
   }

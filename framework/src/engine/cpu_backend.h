@@ -8,6 +8,7 @@
 
 #include "cpu/cpu_ops.h"
 #include "cpu/nf4.h"
+#include "cpu/quant_matmul.h"
 #include "engine/backend.h"
 #include "engine/engine.h"
 
@@ -20,7 +21,8 @@ class CpuBackend final : public Backend {
   const char* name() const override { return "cpu"; }
   bool supports(Feature feature) const override;
   std::string device_description() const override;
-  int64_t weight_bytes() const override { return model_->parameter_count() * int64_t(sizeof(float)); }
+  // The float32 weights, plus the file's quantized blocks when they are computed with.
+  int64_t weight_bytes() const override;
   std::shared_ptr<KvPagePool> pool() const override { return pool_; }
   std::unique_ptr<BackendKvView> kv_view(const KvSequence& seq) const override;
 
@@ -55,6 +57,9 @@ class CpuBackend final : public Backend {
  private:
   struct AttentionRefs;  // the pages each kv head reads (cpu_backend_attention.cpp)
   const float* weight(Proj proj, int32_t layer) const;
+  // The file's quantized weight of (proj, layer) when this run computes with it:
+  // weights = file, a type the kernels know, no replacement or NF4 storage.
+  const kernels::cpu::QuantMatrixRef* file_weight(Proj proj, int32_t layer) const;
   const std::vector<float>& w_down_transposed(int32_t layer);
   int32_t rotary_position(int32_t kv_head, int64_t row) const;
   void attend_head(const AttentionRefs& refs, int32_t head, int64_t r0, int64_t r1, float* key_mass);
@@ -107,6 +112,10 @@ class CpuBackend final : public Backend {
   std::vector<float> adapter_tmp_;              // (n, rank)
   std::vector<std::vector<std::unique_ptr<kernels::cpu::Nf4Tensor>>> stored_;  // [proj][layer]: NF4 for this run
   std::vector<float> dequant_scratch_;          // a stored projection dequantized for a many-row call
+  // weights = file: the model's quantized projections [proj][layer or 0 for output]
+  // (rows == 0: none, computed in float32), and the kernels' scratch.
+  std::vector<std::vector<kernels::cpu::QuantMatrixRef>> file_weights_;
+  kernels::cpu::QuantScratch quant_scratch_;
   Status apply_adapter(Proj p, int32_t layer, const float* x, float* y, int64_t in, int64_t out);
   std::vector<std::vector<float>> w_down_t_;  // per layer (n_ff, n_embd), built when a neuron mask first needs it
   // Key bounds of the pool's pages (kHookPageBudget): (pages_reserved, 2, head_dim)

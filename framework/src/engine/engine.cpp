@@ -32,6 +32,14 @@ Result<GpuDType> parse_gpu_dtype(const std::string& name) {
   return Error{fmt::format("dtype \"{}\" is not one of f16, bf16", name)};
 }
 
+const char* weight_source_name(WeightSource source) { return source == WeightSource::File ? "file" : "f32"; }
+
+Result<WeightSource> parse_weight_source(const std::string& name) {
+  if (name == "f32") return WeightSource::F32;
+  if (name == "file") return WeightSource::File;
+  return Error{fmt::format("weights \"{}\" is not one of f32, file", name)};
+}
+
 const char* feature_name(Feature f) {
   switch (f) {
     case Feature::TokenSelection: return "decode selection of tokens";
@@ -203,6 +211,9 @@ Result<std::unique_ptr<Engine>> Engine::create(std::shared_ptr<const Model> mode
     return Error{fmt::format("engine: page_size {} is out of range (1..65536)", options.page_size)};
   if (options.max_context < 0) return Error{fmt::format("engine: max_context {} is negative", options.max_context)};
   if (options.n_threads < 0) return Error{fmt::format("engine: n_threads {} is negative", options.n_threads)};
+  if (options.weights == WeightSource::File && options.backend != BackendKind::Cpu)
+    return Error{"engine: weights = file (the model's quantized blocks) runs on the CPU backend only; "
+                 "the CUDA backend computes in f16 or bf16 (model.dtype)"};
   const int32_t max_context = options.max_context > 0 ? options.max_context : model->config().context_length;
   auto backend = options.backend == BackendKind::Cpu ? make_cpu_backend(model, options, max_context)
                                                      : make_cuda_backend(model, options, max_context);

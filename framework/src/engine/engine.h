@@ -29,6 +29,13 @@ Result<BackendKind> parse_backend(const std::string& name);
 enum class GpuDType { F16, BF16 };
 Result<GpuDType> parse_gpu_dtype(const std::string& name);  // "f16"/"fp16"/"float16", "bf16"/"bfloat16"
 
+// The weights the CPU backend computes with: float32 copies (the reference) or
+// the model file's own quantized blocks (Q4_0, Q4_1, Q8_0), computed as
+// llama.cpp does; tensors of other types stay float32.
+enum class WeightSource { F32, File };
+const char* weight_source_name(WeightSource source);
+Result<WeightSource> parse_weight_source(const std::string& name);  // "f32", "file"
+
 struct EngineOptions {
   int32_t page_size = 16;     // tokens per KV page
   int32_t max_context = 0;    // 0: the model's context length
@@ -40,6 +47,7 @@ struct EngineOptions {
   // records events around them and turns decode graphs off.
   bool time_attention = false;
   int32_t device = 0;         // CUDA device index
+  WeightSource weights = WeightSource::F32;  // CPU backend
 };
 
 // What the engine did on behalf of a method, so a run that silently did nothing

@@ -326,7 +326,8 @@ class ConfigParser {
         ParamSpec::integer("max_context", 0, 0, std::nullopt, ""),
         ParamSpec::integer("threads", 0, 0, std::nullopt, ""),
         ParamSpec::integer("prefill_chunk", 0, 0, std::nullopt, ""),
-        ParamSpec::string("dtype", "f16", {"f16", "bf16"}, "")};
+        ParamSpec::string("dtype", "f16", {"f16", "bf16"}, ""),
+        ParamSpec::string("weights", "f32", {"f32", "file"}, "")};
     const toml::table* table = section(root, "model", true);
     if (table == nullptr) return;
     const ParamValues values = read_scalars(*table, "model", specs);
@@ -336,6 +337,7 @@ class ConfigParser {
     model.threads = values.get_int("threads");
     model.prefill_chunk = values.get_int("prefill_chunk");
     model.dtype = values.get_string("dtype");
+    model.weights = values.get_string("weights");
     const toml::node* name = table->get("name");
     if (name == nullptr || (name->is_string() && model.name.empty()))
       diag_.add(name ? name->source() : table->source(), "model.name",
@@ -530,6 +532,8 @@ std::string canonical_config_json(const RunSpec& run) {
                           {"prefill_chunk", run.model.prefill_chunk}};
   // The element type only exists on the GPU; CPU runs keep their hashes.
   if (run.backend == "cuda") model["dtype"] = run.model.dtype;
+  // Runs on the float32 weights keep the hashes they had before the choice existed.
+  if (run.model.weights != "f32") model["weights"] = run.model.weights;
   const nlohmann::json json = {
       {"experiment", run.experiment},
       {"measurement", kMeasurementVersion},

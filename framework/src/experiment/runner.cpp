@@ -66,6 +66,9 @@ Result<Workbench> open_workbench(const ExperimentConfig& config) {
   auto dtype = parse_gpu_dtype(config.model.dtype);
   if (!dtype) return Error{fmt::format("model.dtype: {}", dtype.message())};
   options.gpu_dtype = *dtype;
+  auto weights = parse_weight_source(config.model.weights);
+  if (!weights) return Error{fmt::format("model.weights: {}", weights.message())};
+  options.weights = *weights;
   auto engine = Engine::create(bench.model, options);
   if (!engine) return engine.error();
   bench.engine = std::move(*engine);

@@ -22,6 +22,19 @@ constexpr std::array<KnownModel, 1> kKnownModels{{
     {"smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf"},
 }};
 
+// A block-quantized tensor's bytes (empty for float types).
+FileTensor file_tensor(const gguf::File& file, const std::string& name) {
+  const gguf::TensorInfo* t = file.find_tensor(name);
+  FileTensor out;
+  const auto traits = t != nullptr ? gguf::type_traits(uint32_t(t->type)) : std::nullopt;
+  if (!traits || traits->block_elems == 1 || t->dims.size() != 2) return out;
+  out.type = uint32_t(t->type);
+  out.cols = t->dims[0];
+  out.rows = t->dims[1];
+  out.bytes.assign(t->data, t->data + t->n_bytes);
+  return out;
+}
+
 Result<std::vector<float>> load_tensor(const gguf::File& file, const std::string& name,
                                        const std::vector<int64_t>& dims) {
   const gguf::TensorInfo* t = file.find_tensor(name);
@@ -67,8 +80,12 @@ Result<std::shared_ptr<Model>> Model::load(const std::filesystem::path& path) {
     model->parameter_count_ += int64_t(dst.size());
   };
   take(w.token_embd, kTokenEmbeddingName, {c.n_embd, c.n_vocab});
+  w.token_embd_file = file_tensor(file, kTokenEmbeddingName);
   take(w.output_norm, kOutputNormName, {c.n_embd});
-  if (!c.tied_embeddings) take(w.output, kOutputName, {c.n_embd, c.n_vocab});
+  if (!c.tied_embeddings) {
+    take(w.output, kOutputName, {c.n_embd, c.n_vocab});
+    w.output_file = file_tensor(file, kOutputName);
+  }
   w.layers.resize(size_t(c.n_layers));
   for (int32_t l = 0; l < c.n_layers && problems.empty(); ++l) {
     LayerWeights& lw = w.layers[size_t(l)];
@@ -79,7 +96,10 @@ Result<std::shared_ptr<Model>> Model::load(const std::filesystem::path& path) {
         {LayerTensor::ffn_gate, &lw.w_gate},     {LayerTensor::ffn_up, &lw.w_up},
         {LayerTensor::ffn_down, &lw.w_down},
     }};
-    for (auto& [id, dst] : slots) take(*dst, layer_tensor_name(l, id), layer_tensor_dims(c, id));
+    for (auto& [id, dst] : slots) {
+      take(*dst, layer_tensor_name(l, id), layer_tensor_dims(c, id));
+      lw.file[size_t(id)] = file_tensor(file, layer_tensor_name(l, id));
+    }
   }
   if (!problems.empty()) {
     // Each problem already names the file; report the first few.
@@ -87,6 +107,13 @@ Result<std::shared_ptr<Model>> Model::load(const std::filesystem::path& path) {
     return Error{fmt::format("{}", fmt::join(problems, "\n"))};
   }
   return model;
+}
+
+int64_t ModelWeights::file_tensor_bytes() const {
+  int64_t n = int64_t(token_embd_file.bytes.size() + output_file.bytes.size());
+  for (const LayerWeights& lw : layers)
+    for (const FileTensor& t : lw.file) n += int64_t(t.bytes.size());
+  return n;
 }
 
 std::shared_ptr<Model> Model::shape_only(const ModelConfig& config, const std::string& checksum) {

@@ -1,7 +1,9 @@
 // A loaded model: hyper-parameters, tokenizer and float32 weights (quantized
-// GGUF tensors are dequantized on load).
+// GGUF tensors are dequantized on load; their file bytes are kept as well, for
+// backends that compute with the model's own precision).
 #pragma once
 
+#include <array>
 #include <filesystem>
 #include <memory>
 #include <string>
@@ -13,6 +15,15 @@
 
 namespace inferlab {
 
+// A weight as the file stores it (block-quantized GGUF types only), for
+// backends that compute with quantized weights; empty for float tensors.
+struct FileTensor {
+  uint32_t type = 0;                // GGUF tensor type id (gguf::TensorType)
+  int64_t rows = 0, cols = 0;       // (out, in); cols is the contiguous dimension
+  std::vector<uint8_t> bytes;       // rows x (cols / block) blocks, the file's layout
+  bool empty() const { return bytes.empty(); }
+};
+
 struct LayerWeights {
   std::vector<float> attn_norm;  // (n_embd)
   std::vector<float> wq;         // (q_dim, n_embd)
@@ -23,6 +34,7 @@ struct LayerWeights {
   std::vector<float> w_gate;     // (n_ff, n_embd)
   std::vector<float> w_up;       // (n_ff, n_embd)
   std::vector<float> w_down;     // (n_embd, n_ff)
+  std::array<FileTensor, kLayerTensorCount> file;  // by LayerTensor: the file's quantized projections
 };
 
 struct ModelWeights {
@@ -30,7 +42,11 @@ struct ModelWeights {
   std::vector<float> output_norm;  // (n_embd)
   std::vector<float> output;       // (n_vocab, n_embd); empty when tied
   std::vector<LayerWeights> layers;
+  FileTensor token_embd_file, output_file;  // quantized in the file (output_file empty when tied)
   const float* lm_head() const { return output.empty() ? token_embd.data() : output.data(); }
+  const FileTensor& lm_head_file() const { return output.empty() ? token_embd_file : output_file; }
+  // Bytes of the quantized file tensors kept.
+  int64_t file_tensor_bytes() const;
 };
 
 class Model {

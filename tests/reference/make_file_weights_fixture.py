@@ -1,0 +1,53 @@
+#!/usr/bin/env python3
+"""Writes tests/reference/smollm2_llamacpp_q4_1.json: llama.cpp computing with
+the Q4_1 file itself (its quantized weights, f32 KV cache), for the prompts of
+make_top1_fixture.py: at every position the top-8 token ids with their logits
+and the log-sum-exp of the row. The unit test
+EngineRealModel.FileWeightsMatchLlamaCppOnTheSameFile checks inferlab's
+`weights = file` path (the same block arithmetic) against it.
+
+Regenerate (after scripts/setup-reference.sh):
+  .venv-ref/bin/python tests/reference/make_file_weights_fixture.py
+"""
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+from llama_cpp import Llama
+
+from make_top1_fixture import PROMPTS
+
+TOP = 8
+
+
+def main() -> None:
+    models = Path(os.environ.get("INFERLAB_MODEL_DIR", Path.home() / ".cache/inferlab/models"))
+    q41 = models / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    llm = Llama(str(q41), logits_all=True, n_ctx=512, n_threads=2, type_k=llama_cpp.GGML_TYPE_F32,
+                type_v=llama_cpp.GGML_TYPE_F32, verbose=False)
+    cases = []
+    for name, text in PROMPTS.items():
+        tokens = [int(t) for t in llm.tokenize(text.encode(), add_bos=False, special=True)]
+        llm.reset()
+        llm.eval(tokens)
+        logits = np.array(llm.scores[: len(tokens)], dtype=np.float64)
+        rows = []
+        for row in logits:
+            top = np.argsort(row)[::-1][:TOP]
+            m = row.max()
+            lse = m + np.log(np.exp(row - m).sum())
+            rows.append({"top": [[int(i), round(float(row[i]), 5)] for i in top], "lse": round(float(lse), 5)})
+        cases.append({"name": name, "tokens": tokens, "rows": rows})
+    fixture = {"model_sha256": hashlib.sha256(q41.read_bytes()).hexdigest(),
+               "reference": f"llama-cpp-python {llama_cpp.__version__}, Q4_1 file, f32 KV cache, 2 threads",
+               "cases": cases}
+    out = Path(__file__).parent / "smollm2_llamacpp_q4_1.json"
+    out.write_text(json.dumps(fixture, indent=1) + "\n")
+    print(f"wrote {out}: {sum(len(c['tokens']) for c in cases)} positions")
+
+
+if __name__ == "__main__":
+    main()
