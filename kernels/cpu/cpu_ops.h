@@ -36,6 +36,15 @@ void matmul_xwt(float* y, const float* x, const float* w, int64_t m, int64_t n, 
 // Y(m, n) += X(m, k) * W(n, k)^T (adapters on top of a projection).
 void matmul_xwt_add(float* y, const float* x, const float* w, int64_t m, int64_t n, int64_t k);
 
+// One row x(k) against several matrices: targets[i].y(n) = W_i(n, k) x, in
+// one parallel region (Q, K and V; gate and up).
+struct GemvTarget {
+  float* y = nullptr;
+  const float* w = nullptr;
+  int64_t n = 0;
+};
+void gemv_group(const GemvTarget* targets, int count, const float* x, int64_t k);
+
 // Y(m, n_sel) = X(m, k) * W[rows]^T: only the selected rows of W(·, k) are read
 // (sparse FFN up/gate projections). rows: n_sel ascending row indices.
 void matmul_xwt_rows(float* y, const float* x, const float* w, const int32_t* rows, int64_t m, int64_t n_sel,

@@ -199,21 +199,44 @@ void integer_rows(float* y, const QuantActs& a, const QuantMatrixRef& w, int64_t
   for (; r < r1; ++r) tile.template operator()<1>(r);
 }
 
-template <QuantType T>
-void integer_matmul(float* y, const float* x, const QuantMatrixRef& w, int64_t m, QuantScratch& scratch) {
-  const QuantActs a = quantize_acts(x, m, w.cols, scratch.activations);
-  constexpr int64_t G = 4;  // threads get whole groups of G rows (a multiple of every tile), contiguous
-  const int64_t groups = (w.rows + G - 1) / G;
-#pragma omp parallel if (w.rows * w.cols >= kParallelMinWork)
+// Output rows [r0, r1) of w, whatever its type.
+void integer_rows_any(float* y, const QuantActs& a, const QuantMatrixRef& w, int64_t m, int64_t r0, int64_t r1) {
+  auto run = [&]<QuantType T>() {
+    if (tile_rows(T, m) == 4) integer_rows<T, 4>(y, a, w, m, r0, r1);
+    else if (tile_rows(T, m) == 2) integer_rows<T, 2>(y, a, w, m, r0, r1);
+    else integer_rows<T, 1>(y, a, w, m, r0, r1);
+  };
+  switch (w.type) {
+    case QuantType::Q4_0: return run.template operator()<QuantType::Q4_0>();
+    case QuantType::Q4_1: return run.template operator()<QuantType::Q4_1>();
+    case QuantType::Q8_0: return run.template operator()<QuantType::Q8_0>();
+  }
+}
+
+// The targets' output rows as one list cut into equal contiguous slices, one
+// per thread, in groups of G rows (a multiple of every tile): one fork and join
+// for several matrices that read the same activations (Q, K, V; gate, up).
+void integer_group(const QuantTarget* targets, int count, const float* x, int64_t m, QuantScratch& scratch) {
+  const QuantActs a = quantize_acts(x, m, targets[0].w.cols, scratch.activations);
+  constexpr int64_t G = 4;
+  std::vector<int64_t> first(size_t(count) + 1, 0);  // first group of each target
+  int64_t work = 0;
+  for (int i = 0; i < count; ++i) {
+    first[size_t(i) + 1] = first[size_t(i)] + (targets[i].w.rows + G - 1) / G;
+    work += targets[i].w.rows * targets[i].w.cols;
+  }
+  const int64_t groups = first[size_t(count)];
+#pragma omp parallel if (work >= kParallelMinWork)
   {
     const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
-    const int64_t r0 = std::min(w.rows, groups * t / nt * G), r1 = std::min(w.rows, groups * (t + 1) / nt * G);
-    if (tile_rows(T, m) == 4)
-      integer_rows<T, 4>(y, a, w, m, r0, r1);
-    else if (tile_rows(T, m) == 2)
-      integer_rows<T, 2>(y, a, w, m, r0, r1);
-    else
-      integer_rows<T, 1>(y, a, w, m, r0, r1);
+    const int64_t g0 = groups * t / nt, g1 = groups * (t + 1) / nt;
+    for (int i = 0; i < count; ++i) {
+      const int64_t lo = std::max(g0, first[size_t(i)]), hi = std::min(g1, first[size_t(i) + 1]);
+      if (lo >= hi) continue;
+      const QuantMatrixRef& w = targets[i].w;
+      const int64_t r0 = (lo - first[size_t(i)]) * G, r1 = std::min(w.rows, (hi - first[size_t(i)]) * G);
+      integer_rows_any(targets[i].y, a, w, m, r0, r1);
+    }
   }
 }
 
@@ -283,11 +306,8 @@ void quant_matmul_xwt(float* y, const float* x, const QuantMatrixRef& w, int64_t
   const int64_t n = w.rows, k = w.cols;
   if (m <= 0 || n <= 0) return;
   if (m <= kQuantMatmulMaxIntegerRows) {
-    switch (w.type) {
-      case QuantType::Q4_0: return integer_matmul<QuantType::Q4_0>(y, x, w, m, scratch);
-      case QuantType::Q4_1: return integer_matmul<QuantType::Q4_1>(y, x, w, m, scratch);
-      case QuantType::Q8_0: return integer_matmul<QuantType::Q8_0>(y, x, w, m, scratch);
-    }
+    const QuantTarget one{y, w};
+    return integer_group(&one, 1, x, m, scratch);
   }
   // Prefill: dequantize a few MiB of rows at a time (bounded scratch, still in
   // L3 when sgemm packs them) and multiply into the matching columns of y.
@@ -299,6 +319,12 @@ void quant_matmul_xwt(float* y, const float* x, const QuantMatrixRef& w, int64_t
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(m), int(rows), int(k), 1.0f, x, int(k),
                 scratch.dequant.data(), int(k), 0.0f, y + r0, int(n));
   }
+}
+
+void quant_matmul_group(const QuantTarget* targets, int count, const float* x, int64_t m, QuantScratch& scratch) {
+  if (count <= 0 || m <= 0) return;
+  if (m <= kQuantMatmulMaxIntegerRows) return integer_group(targets, count, x, m, scratch);
+  for (int i = 0; i < count; ++i) quant_matmul_xwt(targets[i].y, x, targets[i].w, m, scratch);
 }
 
 }  // namespace inferlab::kernels::cpu

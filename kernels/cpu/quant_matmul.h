@@ -50,6 +50,15 @@ inline constexpr int64_t kQuantMatmulMaxIntegerRows = 16;
 // Y(m, n) = X(m, k) * W^T with n = w.rows, k = w.cols; y and x row-major.
 void quant_matmul_xwt(float* y, const float* x, const QuantMatrixRef& w, int64_t m, QuantScratch& scratch);
 
+// Several products of the same X (m rows) with matrices of the same input
+// width: targets[i].y(m, rows_i) = X * targets[i].w^T. Decode-sized batches
+// quantize X once and share one parallel region among all the matrices' rows.
+struct QuantTarget {
+  float* y = nullptr;
+  QuantMatrixRef w;
+};
+void quant_matmul_group(const QuantTarget* targets, int count, const float* x, int64_t m, QuantScratch& scratch);
+
 // Rows [r0, r0 + count) of w, dequantized into out (count * cols floats):
 // embedding lookups; bit-identical to ggml's dequantize_row_* (q * d is exact in float).
 void quant_dequantize_rows(const QuantMatrixRef& w, int64_t r0, int64_t count, float* out);

@@ -3,7 +3,8 @@
 // must stay bit-for-bit equal on the CPU backend, H2O within the tolerance its
 // README states. History: committed before the forward pass was reshaped (one
 // forward schedule); rewritten when the CPU attention became tiled (online
-// softmax), after the new logits were checked against the old fixture within
+// softmax) and when one-row products left OpenBLAS (gemv_group), each time after
+// the new logits were checked against the old fixture within
 // the tolerance below.
 //
 // The prompt is long enough that every method acts: 640 tokens in pages of 16,

@@ -118,6 +118,13 @@ class Backend {
   // (only `rows` of W when given: gathered neurons, ascending, maybe none);
   // Down reads the activation (its `rows` columns when given) and writes proj.
   virtual Status linear(Proj proj, int32_t layer, const std::vector<int32_t>* rows = nullptr) = 0;
+  // The same for projections that read the same input (Q, K, V; Gate, Up), as
+  // one operation where the backend can share work among them.
+  virtual Status linear_group(std::span<const Proj> projs, int32_t layer) {
+    for (const Proj p : projs)
+      if (auto s = linear(p, layer); !s) return s;
+    return ok_status();
+  }
   virtual Status swiglu(int64_t cols) = 0;                     // act = silu(gate) * up over `cols` columns
   virtual Status add_residual() = 0;                           // x += proj
   // RoPE of q (queries) and k for layer `layer`: at the call's positions, or

@@ -177,22 +177,55 @@ const float* CpuBackend::weight(Proj p, int32_t l) const {
   return nullptr;
 }
 
-Status CpuBackend::linear(Proj p, int32_t l, const std::vector<int32_t>* rows) {
+CpuBackend::LinearIo CpuBackend::linear_io(Proj p) {
   const ModelConfig& c = config_;
-  const float* w = weight(p, l);
-  const float* x = xn_.data();
-  float* y = nullptr;
-  int64_t in = c.n_embd, out = 0;
   switch (p) {
-    case Proj::Q: y = q_.data(), out = c.q_dim(); break;
-    case Proj::K: y = k_.data(), out = c.kv_dim(); break;
-    case Proj::V: y = v_.data(), out = c.kv_dim(); break;
-    case Proj::O: x = attn_.data(), y = proj_.data(), in = c.q_dim(), out = c.n_embd; break;
-    case Proj::Gate:
-    case Proj::Up: y = p == Proj::Gate ? gate_.data() : up_.data(), out = c.n_ff; break;
-    case Proj::Down: x = gate_.data(), y = proj_.data(), in = c.n_ff, out = c.n_embd; break;
-    case Proj::Output: return Error{"cpu backend: the output projection runs inside the logits op"};
+    case Proj::Q: return {xn_.data(), q_.data(), c.n_embd, c.q_dim()};
+    case Proj::K: return {xn_.data(), k_.data(), c.n_embd, c.kv_dim()};
+    case Proj::V: return {xn_.data(), v_.data(), c.n_embd, c.kv_dim()};
+    case Proj::O: return {attn_.data(), proj_.data(), c.q_dim(), c.n_embd};
+    case Proj::Gate: return {xn_.data(), gate_.data(), c.n_embd, c.n_ff};
+    case Proj::Up: return {xn_.data(), up_.data(), c.n_embd, c.n_ff};
+    case Proj::Down: return {gate_.data(), proj_.data(), c.n_ff, c.n_embd};
+    case Proj::Output: break;
   }
+  return {nullptr, nullptr, 0, 0};
+}
+
+// Decode-sized calls: the group's matrices in one parallel region (one
+// quantization of the input for file weights), when every one of them is read
+// the same way (all file blocks, or all float32 for one row); adapters after.
+Status CpuBackend::linear_group(std::span<const Proj> projs, int32_t l) {
+  const int64_t in = linear_io(projs[0]).in;
+  bool all_file = true, all_f32 = n_ == 1;
+  for (const Proj p : projs) {
+    if (p == Proj::Output || linear_io(p).x != linear_io(projs[0]).x) return Backend::linear_group(projs, l);
+    const bool stored = stored_[size_t(p)][size_t(l)] != nullptr, file = file_weight(p, l) != nullptr;
+    all_file = all_file && file;
+    all_f32 = all_f32 && !stored && !file;
+  }
+  if (all_file && n_ <= cpu::kQuantMatmulMaxIntegerRows) {
+    std::vector<cpu::QuantTarget> targets;
+    for (const Proj p : projs) targets.push_back({linear_io(p).y, *file_weight(p, l)});
+    cpu::quant_matmul_group(targets.data(), int(targets.size()), xn_.data(), n_, quant_scratch_);
+  } else if (all_f32) {
+    std::vector<cpu::GemvTarget> targets;
+    for (const Proj p : projs) targets.push_back({linear_io(p).y, weight(p, l), linear_io(p).out});
+    cpu::gemv_group(targets.data(), int(targets.size()), xn_.data(), in);
+  } else {
+    return Backend::linear_group(projs, l);
+  }
+  for (const Proj p : projs) {
+    const LinearIo io = linear_io(p);
+    if (auto s = apply_adapter(p, l, io.x, io.y, io.in, io.out); !s) return s;
+  }
+  return ok_status();
+}
+
+Status CpuBackend::linear(Proj p, int32_t l, const std::vector<int32_t>* rows) {
+  if (p == Proj::Output) return Error{"cpu backend: the output projection runs inside the logits op"};
+  const float* w = weight(p, l);
+  const auto [x, y, in, out] = linear_io(p);
   const kernels::cpu::Nf4Tensor* stored = stored_[size_t(p)][size_t(l)].get();
   if (rows != nullptr) {  // a neuron subset of the FFN
     if (stored != nullptr)

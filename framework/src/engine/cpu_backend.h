@@ -30,6 +30,7 @@ class CpuBackend final : public Backend {
   Status embed() override;
   Status rmsnorm(Norm norm, int32_t layer) override;
   Status linear(Proj proj, int32_t layer, const std::vector<int32_t>* rows) override;
+  Status linear_group(std::span<const Proj> projs, int32_t layer) override;
   Status swiglu(int64_t cols) override;
   Status add_residual() override;
   Status rope(const KvSequence& seq, int32_t layer, bool queries) override;
@@ -57,6 +58,12 @@ class CpuBackend final : public Backend {
  private:
   struct AttentionRefs;  // the pages each kv head reads (cpu_backend_attention.cpp)
   const float* weight(Proj proj, int32_t layer) const;
+  struct LinearIo {  // a projection's input and output rows in the workspace
+    const float* x;
+    float* y;
+    int64_t in, out;
+  };
+  LinearIo linear_io(Proj proj);
   // The file's quantized weight of (proj, layer) when this run computes with it:
   // weights = file, a type the kernels know, no replacement or NF4 storage.
   const kernels::cpu::QuantMatrixRef* file_weight(Proj proj, int32_t layer) const;

@@ -193,8 +193,8 @@ Status ForwardPass::run_layer(int32_t l) {
   if (auto s = tap(Tap::HiddenIn, kTapHiddenIn, hidden_in); !s) return s;
   if (auto s = decide_mask(l, mask, active); !s) return s;
   if (auto s = backend_.rmsnorm(Norm::Attention, l); !s) return s;
-  for (Proj p : {Proj::Q, Proj::K, Proj::V})
-    if (auto s = backend_.linear(p, l); !s) return s;
+  static constexpr Proj kQkv[] = {Proj::Q, Proj::K, Proj::V};
+  if (auto s = backend_.linear_group(kQkv, l); !s) return s;
   if (auto s = backend_.rope(seq_, l, true); !s) return s;
   if (auto s = tap(Tap::Queries, kTapQueries, queries); !s) return s;
   if (auto s = tap(Tap::Keys, kTapKeys, key_rows); !s) return s;
@@ -382,8 +382,8 @@ Status ForwardPass::drop_tokens(int32_t l, int32_t g, std::vector<int32_t> drop)
 
 Status ForwardPass::ffn(int32_t l, const ComponentMask* mask, std::vector<float>& activation) {
   if (mask == nullptr || mask->all_neurons) {
-    for (Proj p : {Proj::Gate, Proj::Up})
-      if (auto s = backend_.linear(p, l); !s) return s;
+    static constexpr Proj kGateUp[] = {Proj::Gate, Proj::Up};
+    if (auto s = backend_.linear_group(kGateUp, l); !s) return s;
     if (auto s = backend_.swiglu(config_.n_ff); !s) return s;
     if (auto s = tap(Tap::FfnActivation, kTapFfnActivation, activation); !s) return s;
     return backend_.linear(Proj::Down, l);

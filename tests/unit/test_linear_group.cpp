@@ -1,0 +1,80 @@
+// Products that share one input row in one parallel region: the float32
+// GEMV group (cpu_ops) and the quantized group (quant_matmul) against the
+// products taken one at a time.
+#include <gtest/gtest.h>
+
+#include <cblas.h>
+
+#include <random>
+
+#include "cpu/cpu_ops.h"
+#include "cpu/quant_matmul.h"
+#include "gguf/gguf.h"
+
+namespace inferlab {
+namespace {
+
+namespace kc = kernels::cpu;
+
+std::vector<float> normal(int64_t n, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  std::vector<float> v(static_cast<size_t>(n));
+  for (float& x : v) x = d(rng);
+  return v;
+}
+
+// Row counts of Q, K, V of a small GQA layer, one of them not a multiple of the
+// four-row tiles, and input widths on and off the 16-float vectors.
+TEST(LinearGroup, FloatGroupEqualsEachGemv) {
+  for (const int64_t k : {576, 136, 64}) {
+    const std::vector<int64_t> rows{576, 190, 3};
+    const auto x = normal(k, 1);
+    std::vector<std::vector<float>> w, y, want;
+    std::vector<kc::GemvTarget> targets;
+    for (size_t i = 0; i < rows.size(); ++i) {
+      w.push_back(normal(rows[i] * k, 10 + i));
+      y.emplace_back(size_t(rows[i]), -1.0f);
+      want.emplace_back(size_t(rows[i]));
+      cblas_sgemv(CblasRowMajor, CblasNoTrans, int(rows[i]), int(k), 1.0f, w[i].data(), int(k), x.data(), 1, 0.0f,
+                  want[i].data(), 1);
+    }
+    for (size_t i = 0; i < rows.size(); ++i) targets.push_back({y[i].data(), w[i].data(), rows[i]});
+    kc::gemv_group(targets.data(), int(targets.size()), x.data(), k);
+    for (size_t i = 0; i < rows.size(); ++i)
+      for (int64_t r = 0; r < rows[i]; ++r)
+        ASSERT_NEAR(y[i][size_t(r)], want[i][size_t(r)], 1e-4f * std::sqrt(float(k))) << "k " << k << " matrix " << i;
+  }
+}
+
+TEST(LinearGroup, QuantizedGroupEqualsEachProductBitForBit) {
+  const int64_t k = 256;
+  const std::vector<std::pair<gguf::TensorType, kc::QuantType>> types{
+      {gguf::TensorType::Q4_1, kc::QuantType::Q4_1}, {gguf::TensorType::Q8_0, kc::QuantType::Q8_0},
+      {gguf::TensorType::Q4_0, kc::QuantType::Q4_0}};
+  const std::vector<int64_t> rows{130, 64, 7};
+  for (const int64_t m : {int64_t(1), int64_t(3)}) {
+    const auto x = normal(m * k, 2);
+    std::vector<std::vector<uint8_t>> blocks;
+    std::vector<std::vector<float>> y, want;
+    std::vector<kc::QuantTarget> targets;
+    kc::QuantScratch scratch;
+    for (size_t i = 0; i < rows.size(); ++i) {  // a different type per matrix: one activation format serves all
+      auto q = gguf::quantize(types[i].first, normal(rows[i] * k, 20 + i).data(), rows[i] * k);
+      ASSERT_TRUE(q.ok());
+      blocks.push_back(std::move(*q));
+      y.emplace_back(size_t(m * rows[i]), -1.0f);
+      want.emplace_back(size_t(m * rows[i]));
+    }
+    for (size_t i = 0; i < rows.size(); ++i) {
+      const kc::QuantMatrixRef w{types[i].second, blocks[i].data(), rows[i], k};
+      kc::quant_matmul_xwt(want[i].data(), x.data(), w, m, scratch);
+      targets.push_back({y[i].data(), w});
+    }
+    kc::quant_matmul_group(targets.data(), int(targets.size()), x.data(), m, scratch);
+    for (size_t i = 0; i < rows.size(); ++i) EXPECT_EQ(y[i], want[i]) << "m " << m << " matrix " << i;
+  }
+}
+
+}  // namespace
+}  // namespace inferlab
