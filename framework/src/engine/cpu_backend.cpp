@@ -17,6 +17,8 @@ namespace cpu = kernels::cpu;
 namespace {
 
 constexpr int64_t kLogitsChunkRows = 64;  // rows of logits computed per GEMM
+constexpr int64_t kDecodeSizedRows = 16;  // calls this small run as many threads as the governor says
+constexpr int64_t kLoadEveryCalls = 8;    // the machine's other load is read every 8 of them
 
 class SequenceKvView final : public BackendKvView {
  public:
@@ -74,6 +76,8 @@ CpuBackend::CpuBackend(std::shared_ptr<const Model> model, const EngineOptions& 
   stored_.resize(size_t(kProjCount));
   for (auto& per_layer : stored_) per_layer.resize(size_t(std::max(1, c.n_layers)));
   if (options.n_threads > 0) omp_set_num_threads(options.n_threads);
+  max_threads_ = omp_get_max_threads();
+  governor_ = ThreadGovernor(max_threads_);
   file_weights_.assign(size_t(kProjCount), std::vector<cpu::QuantMatrixRef>(size_t(std::max(1, c.n_layers))));
   if (options.weights == WeightSource::File) {
     const ModelWeights& w = model_->weights();
@@ -140,6 +144,10 @@ Status CpuBackend::begin_call(const CallSetup& call) {
     workspace_tokens_ = n;
   }
   for (int64_t i = 0; i < n; ++i) positions_[size_t(i)] = call.first_position + int32_t(i);
+  governed_call_ = n <= kDecodeSizedRows && max_threads_ > 1;
+  if (governed_call_ && governed_calls_++ % kLoadEveryCalls == 0) governor_.observe_load(other_load_.sample());
+  omp_set_num_threads(governed_call_ ? governor_.next_call() : max_threads_);
+  call_start_ = std::chrono::steady_clock::now();
   return ok_status();
 }
 
@@ -387,6 +395,8 @@ Status CpuBackend::logits(int64_t from, int64_t n_rows, const LogitsSink& sink) 
 }
 
 Status CpuBackend::end_call(double& attention_seconds) {
+  if (governed_call_)
+    governor_.record(std::chrono::duration<double>(std::chrono::steady_clock::now() - call_start_).count());
   attention_seconds = attention_seconds_;
   attention_seconds_ = 0;
   return ok_status();

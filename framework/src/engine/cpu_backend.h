@@ -3,6 +3,7 @@
 #pragma once
 
 #include <array>
+#include <chrono>
 #include <memory>
 #include <vector>
 
@@ -11,6 +12,7 @@
 #include "cpu/quant_matmul.h"
 #include "engine/backend.h"
 #include "engine/engine.h"
+#include "engine/thread_governor.h"
 
 namespace inferlab {
 
@@ -83,6 +85,14 @@ class CpuBackend final : public Backend {
   bool time_attention_ = false;
   double attention_seconds_ = 0;
   int32_t max_context_ = 0;
+
+  // Threads: all of them for long calls; decode-sized calls as the governor says.
+  int32_t max_threads_ = 1;
+  ThreadGovernor governor_{1};
+  OtherLoad other_load_;
+  int64_t governed_calls_ = 0;
+  bool governed_call_ = false;
+  std::chrono::steady_clock::time_point call_start_;
 
   // The call in flight.
   std::vector<int32_t> tokens_;

@@ -8,8 +8,6 @@
 #include <cmath>
 #include <numeric>
 
-#include <omp.h>
-
 #include "cpu/attention_tiled.h"
 #include "cpu/cpu_ops.h"
 #include "cpu/cpu_twins.h"
@@ -24,6 +22,7 @@ namespace {
 constexpr int64_t kQueryChunkRows = 16;  // attention work item: (head or kv group, 16 query rows)
 constexpr int64_t kSplitKeyRows = 4;     // calls with at most this many rows split keys across threads
 constexpr int64_t kMinSplitKeys = 128;   // the least keys worth a split of their own
+constexpr int64_t kMaxSplits = 16;       // per kv group; from the key count alone, so results do not depend on threads
 
 struct KeyRange {
   int32_t start = 0;  // stored-token index
@@ -272,11 +271,10 @@ void CpuBackend::attend_split_keys(const AttentionRefs& call) {
   const ModelConfig& c = config_;
   const int64_t n = n_, gs = c.group_size(), hd = c.head_dim, qd = c.q_dim(), nkv = c.n_kv_heads, nv = n * gs;
   const float scale = 1.0f / std::sqrt(float(hd));
-  const int64_t max_splits = std::max<int64_t>(1, (8 * omp_get_max_threads() + nkv - 1) / nkv);
   std::vector<int64_t> first(size_t(nkv + 1), 0), slice(static_cast<size_t>(nkv));
   for (int64_t g = 0; g < nkv; ++g) {
     const int64_t keys = call.old_visible[size_t(g)] + n;
-    const int64_t splits = std::clamp<int64_t>(keys / kMinSplitKeys, 1, max_splits);
+    const int64_t splits = std::clamp<int64_t>(keys / kMinSplitKeys, 1, kMaxSplits);
     slice[size_t(g)] = (keys + splits - 1) / splits;
     first[size_t(g + 1)] = first[size_t(g)] + splits;
   }
