@@ -10,7 +10,6 @@ Regenerate (after scripts/setup-reference.sh):
   .venv-ref/bin/python tests/reference/make_file_weights_fixture.py
 """
 import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import llama_cpp
 import numpy as np
 from llama_cpp import Llama
 
-from make_top1_fixture import PROMPTS
+from make_top1_fixture import PROMPTS, write_fixture
 
 TOP = 8
 
@@ -44,9 +43,7 @@ def main() -> None:
     fixture = {"model_sha256": hashlib.sha256(q41.read_bytes()).hexdigest(),
                "reference": f"llama-cpp-python {llama_cpp.__version__}, Q4_1 file, f32 KV cache, 2 threads",
                "cases": cases}
-    out = Path(__file__).parent / "smollm2_llamacpp_q4_1.json"
-    out.write_text(json.dumps(fixture, indent=1) + "\n")
-    print(f"wrote {out}: {sum(len(c['tokens']) for c in cases)} positions")
+    write_fixture(fixture, "smollm2_llamacpp_q4_1.json")
 
 
 if __name__ == "__main__":

@@ -43,9 +43,14 @@ def main() -> None:
     fixture = {"model_sha256": hashlib.sha256(q41.read_bytes()).hexdigest(),
                "reference": f"llama-cpp-python {llama_cpp.__version__}, F32 copy, f32 KV cache",
                "cases": cases}
-    out = Path(__file__).parent / "smollm2_llamacpp_top1.json"
+    write_fixture(fixture, "smollm2_llamacpp_top1.json")
+
+
+def write_fixture(fixture: dict, name: str) -> None:
+    """Writes a fixture next to this script and says how many positions it holds."""
+    out = Path(__file__).parent / name
     out.write_text(json.dumps(fixture, indent=1) + "\n")
-    print(f"wrote {out}: {sum(len(c['tokens']) for c in cases)} positions")
+    print(f"wrote {out}: {sum(len(c['tokens']) for c in fixture['cases'])} positions")
 
 
 if __name__ == "__main__":
