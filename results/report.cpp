@@ -3,11 +3,15 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <nlohmann/json.hpp>
+
 #include <algorithm>
 #include <cmath>
 #include <map>
 #include <optional>
 #include <vector>
+
+#include "results/statistics.h"
 
 namespace inferlab {
 
@@ -98,6 +102,91 @@ std::string render_markdown(const Table& t) {
   return out;
 }
 
+// ---- statistics over the stored samples ----------------------------------
+
+// Solved or not, by sample index (samples with a right answer only).
+std::map<int64_t, bool> outcomes(const StoredRun& run) {
+  std::map<int64_t, bool> out;
+  for (const StoredSample& s : run.samples)
+    if (s.correct) out[s.index] = *s.correct;
+  return out;
+}
+
+// Each sample's summed NLL and scored tokens (perplexity tasks): from the
+// detail, or for older rows from its mean over the sample's tokens but the first.
+void sample_nll(const StoredRun& run, std::vector<double>& nll, std::vector<int64_t>& count) {
+  for (const StoredSample& s : run.samples) {
+    const auto d = nlohmann::json::parse(s.detail_json, nullptr, false);
+    if (d.is_discarded() || !d.is_object() || !d.contains("nll_mean")) continue;
+    const int64_t n = d.contains("scored") ? d["scored"].get<int64_t>() : std::max<int64_t>(0, s.input_tokens - 1);
+    nll.push_back(d.contains("nll_sum") ? d["nll_sum"].get<double>() : d["nll_mean"].get<double>() * double(n));
+    count.push_back(n);
+  }
+}
+
+std::string range(Interval i, double scale, int digits) {
+  return fixed(scale * i.lo, digits) + "–" + fixed(scale * i.hi, digits);
+}
+
+// Accuracy's interval and sample count; against dense on the same samples, the
+// ones the method lost and gained and McNemar's exact p.
+void accuracy_statistics(Table& t, const std::vector<const StoredRun*>& runs, const StoredRun* baseline) {
+  std::vector<std::map<int64_t, bool>> out;
+  bool any = false;
+  for (const StoredRun* run : runs) {
+    out.push_back(outcomes(*run));
+    any = any || !out.back().empty();
+  }
+  if (!any) return;
+  const std::map<int64_t, bool> base = baseline ? outcomes(*baseline) : std::map<int64_t, bool>{};
+  const bool paired = !base.empty();
+  t.header.insert(t.header.end(), {"95% CI", "n"});
+  t.right.insert(t.right.end(), {true, true});
+  if (paired) {
+    t.header.insert(t.header.end(), {"lost/gained", "McNemar p"});
+    t.right.insert(t.right.end(), {true, true});
+  }
+  for (size_t r = 0; r < runs.size(); ++r) {
+    const auto& o = out[r];
+    int64_t solved = 0;
+    for (const auto& [idx, ok] : o) solved += ok;
+    const int64_t n = int64_t(o.size());
+    t.rows[r].push_back(n > 0 ? range(wilson_interval(solved, n), 100, 1) : "");
+    t.rows[r].push_back(n > 0 ? std::to_string(n) : "");
+    if (!paired) continue;
+    if (runs[r] == baseline || o.empty()) {
+      t.rows[r].insert(t.rows[r].end(), {"", ""});
+      continue;
+    }
+    int64_t lost = 0, gained = 0;
+    for (const auto& [idx, ok] : o) {
+      const auto b = base.find(idx);
+      if (b == base.end()) continue;
+      lost += b->second && !ok;
+      gained += !b->second && ok;
+    }
+    t.rows[r].push_back(fmt::format("{}/{}", lost, gained));
+    t.rows[r].push_back(fixed(mcnemar_exact_p(lost, gained), 3));
+  }
+}
+
+// Perplexity's bootstrap interval over the samples (windows).
+void perplexity_statistics(Table& t, const std::vector<const StoredRun*>& runs) {
+  std::vector<std::string> cells;
+  bool any = false;
+  for (const StoredRun* run : runs) {
+    std::vector<double> nll;
+    std::vector<int64_t> count;
+    sample_nll(*run, nll, count);
+    any = any || nll.size() > 1;
+    cells.push_back(nll.size() > 1 ? range(bootstrap_perplexity(nll, count), 1, 2) : "");
+  }
+  if (!any) return;
+  t.header.push_back("95% CI");
+  t.right.push_back(true);
+  for (size_t r = 0; r < runs.size(); ++r) t.rows[r].push_back(cells[r]);
+}
+
 // runs: the task's finished runs, baseline first; baseline may be null.
 Table task_table(const std::vector<const StoredRun*>& runs, const StoredRun* baseline) {
   Table t{{"method"}, {false}, std::vector<std::vector<std::string>>(runs.size())};
@@ -119,6 +208,8 @@ Table task_table(const std::vector<const StoredRun*>& runs, const StoredRun* bas
       t.rows[r].push_back(v ? col.format(*v) : "");
       if (compare) t.rows[r].push_back(v ? col.compare(*v, *base) : "");
     }
+    if (std::string(col.metric) == "accuracy") accuracy_statistics(t, runs, baseline);
+    if (std::string(col.metric) == "perplexity") perplexity_statistics(t, runs);
   }
   return t;
 }

@@ -100,6 +100,13 @@ TEST(ExperimentRunner, RunsTheGridAndRecordsMetricsAndSamples) {
   EXPECT_LE(acc, 1.0);
   const double ppl = metric(*db, "perplexity", "dense", "perplexity");
   EXPECT_GT(ppl, 1.0);
+  // Each window keeps its summed NLL and scored tokens (the report's bootstrap interval): they add up to the metric.
+  const double nll = std::stod(scalar(*db, "SELECT SUM(json_extract(s.detail_json, '$.nll_sum')) FROM samples s "
+                                           "JOIN runs r ON r.id = s.run_id WHERE r.task='perplexity' AND r.label='dense'"));
+  const double scored = std::stod(scalar(*db, "SELECT SUM(json_extract(s.detail_json, '$.scored')) FROM samples s "
+                                              "JOIN runs r ON r.id = s.run_id WHERE r.task='perplexity' AND r.label='dense'"));
+  EXPECT_EQ(scored, 2 * 47.0);  // 2 windows of 48 tokens, each scoring all but its first
+  EXPECT_NEAR(nll / scored, std::log(ppl), 1e-4);  // values read back as text, with limited digits
   // Keeping every neuron is dense; computing half of them is not.
   EXPECT_NEAR(metric(*db, "perplexity", "sparse-ffn neuron_stride=1", "perplexity"), ppl, 1e-6 * ppl);
   EXPECT_EQ(metric(*db, "fidelity", "sparse-ffn neuron_stride=1", "fidelity_top1"), 1.0);

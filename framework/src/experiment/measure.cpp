@@ -261,7 +261,8 @@ Result<SampleRow> perplexity_sample(MeasureContext& ctx, Tally& tally, size_t in
   tally.nll_sum += nll;
   tally.nll_count += count;
   nlohmann::json detail = {{"id", sample.id}, {"nll_mean", count > 0 ? nll / double(count) : 0.0},
-                           {"perplexity", count > 0 ? std::exp(nll / double(count)) : 0.0}};
+                           {"perplexity", count > 0 ? std::exp(nll / double(count)) : 0.0},
+                           {"nll_sum", nll}, {"scored", count}};
   return SampleRow{int64_t(index), int64_t(tokens.size()), "", "", std::nullopt, seconds, detail.dump()};
 }
 

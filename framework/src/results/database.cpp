@@ -519,6 +519,19 @@ Result<std::vector<StoredRun>> ResultsDb::experiment_runs(const std::string& exp
     out[it->second].metrics[metrics->text(1)] = MetricValue{metrics->text(1), value, metrics->text(3)};
   }
   if (rc != SQLITE_DONE) return c.fail("reading the metrics of experiment " + experiment);
+
+  auto samples = c.prepare(
+      "SELECT s.run_id, s.idx, s.input_tokens, s.correct, s.detail_json FROM samples s JOIN runs r ON r.id = s.run_id "
+      "JOIN experiments e ON e.id = r.experiment_id WHERE e.name = ?1 ORDER BY s.run_id, s.idx");
+  if (!samples) return samples.error();
+  for (samples->bind(1, experiment); (rc = samples->step()) == SQLITE_ROW;) {
+    const auto it = by_id.find(samples->int64(0));
+    if (it == by_id.end()) continue;
+    StoredSample sample{samples->int64(1), samples->int64(2), std::nullopt, samples->text(4)};
+    if (!samples->is_null(3)) sample.correct = samples->int64(3) != 0;
+    out[it->second].samples.push_back(std::move(sample));
+  }
+  if (rc != SQLITE_DONE) return c.fail("reading the samples of experiment " + experiment);
   return out;
 }
 

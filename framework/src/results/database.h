@@ -63,7 +63,16 @@ struct ExperimentInfo {
   int64_t runs = 0;       // finished and failed
 };
 
-// A run as read back for reports (samples are left in the database).
+// A run as read back for reports, with its metrics and (from experiment_runs) its samples.
+// What the report needs of a stored sample: whether it was solved, and the
+// task's per-sample detail (JSON).
+struct StoredSample {
+  int64_t index = 0;
+  int64_t input_tokens = 0;
+  std::optional<bool> correct;
+  std::string detail_json;
+};
+
 struct StoredRun {
   int64_t id = 0;
   std::string hash, label, plugin, plugin_version, task, config_json, model, model_checksum, backend, device,
@@ -72,6 +81,7 @@ struct StoredRun {
   bool baseline = false;
   double started_at = 0, finished_at = 0;
   std::map<std::string, MetricValue> metrics;  // by name
+  std::vector<StoredSample> samples;           // by index (experiment_runs only)
 };
 
 class ResultsDb {
