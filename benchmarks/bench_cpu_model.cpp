@@ -38,6 +38,8 @@ int main(int argc, char** argv) {
   app.add_option("--decode-steps", decode_steps)->check(CLI::PositiveNumber);
   app.add_option("--repeats", repeats)->check(CLI::PositiveNumber);
   app.add_option("-t,--threads", threads);
+  int32_t page_size = 16;
+  app.add_option("--page-size", page_size, "KV page size in tokens")->check(CLI::Range(1, 65536));
   std::string weights_name = "f32";
   app.add_option("--weights", weights_name, "f32 or file (the model's quantized blocks)")
       ->check(CLI::IsMember({"f32", "file"}));
@@ -50,7 +52,7 @@ int main(int argc, char** argv) {
   if (!model) return fmt::print(stderr, "bench: {}\n", model.message()), 1;
   const double load_s = since(t_load);
   const WeightSource weights = *parse_weight_source(weights_name);
-  auto engine = Engine::create(*model, EngineOptions{.n_threads = threads, .weights = weights});
+  auto engine = Engine::create(*model, EngineOptions{.page_size = page_size, .n_threads = threads, .weights = weights});
   if (!engine) return fmt::print(stderr, "bench: {}\n", engine.message()), 1;
   Engine& e = **engine;
   const int32_t n_vocab = e.config().n_vocab;
