@@ -78,21 +78,7 @@ std::vector<std::string> lines_of(const std::string& text) {
   return lines;
 }
 
-// The trimmed cells of each table row, in order.
-std::vector<std::vector<std::string>> table_rows(const std::string& text) {
-  std::vector<std::vector<std::string>> rows;
-  for (const std::string& line : lines_of(text)) {
-    if (line.empty() || line[0] != '|') continue;
-    std::vector<std::string> cells;
-    std::istringstream in(line.substr(1));
-    for (std::string cell; std::getline(in, cell, '|');) {
-      const size_t a = cell.find_first_not_of(' '), b = cell.find_last_not_of(' ');
-      cells.push_back(a == std::string::npos ? "" : cell.substr(a, b - a + 1));
-    }
-    rows.push_back(cells);
-  }
-  return rows;
-}
+using test::table_rows;
 
 using Cells = std::vector<std::string>;
 

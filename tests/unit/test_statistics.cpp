@@ -5,7 +5,6 @@
 #include <fmt/format.h>
 
 #include <cmath>
-#include <sstream>
 
 #include "results/database.h"
 #include "results/report.h"
@@ -59,23 +58,6 @@ TEST(Statistics, BootstrapIntervalOfAPerplexity) {
   EXPECT_GT(few.hi - few.lo, a.hi - a.lo);
 }
 
-// The trimmed cells of every table row of a report.
-std::vector<std::vector<std::string>> cells(const std::string& report) {
-  std::vector<std::vector<std::string>> rows;
-  std::istringstream lines(report);
-  for (std::string line; std::getline(lines, line);) {
-    if (line.empty() || line[0] != '|') continue;
-    std::vector<std::string> row;
-    std::istringstream in(line.substr(1));
-    for (std::string cell; std::getline(in, cell, '|');) {
-      const size_t a = cell.find_first_not_of(' '), b = cell.find_last_not_of(' ');
-      row.push_back(a == std::string::npos ? "" : cell.substr(a, b - a + 1));
-    }
-    rows.push_back(row);
-  }
-  return rows;
-}
-
 RunRecord passkey_run(const std::string& hash, const std::string& label, int solved, bool baseline) {
   RunRecord r;
   r.hash = hash;
@@ -116,7 +98,7 @@ TEST(Statistics, ReportShowsIntervalsAndThePairedComparison) {
   ASSERT_TRUE(db->record_run(ppl_method).ok());
   auto report = render_report(*db, "stats");
   ASSERT_TRUE(report.ok()) << report.message();
-  const auto rows = cells(*report);
+  const auto rows = test::table_rows(*report);
   using Cells = std::vector<std::string>;
   ASSERT_EQ(rows.size(), 8u) << *report;  // two tables: header, rule, two runs each
   EXPECT_EQ(rows[0], (Cells{"method", "accuracy %", "Δ pts", "95% CI", "n", "lost/gained", "McNemar p"}));
