@@ -13,10 +13,6 @@
 namespace inferlab {
 namespace {
 
-ParamValues params(std::initializer_list<std::pair<const std::string, ParamValue>> values) {
-  return ParamValues(std::map<std::string, ParamValue>(values));
-}
-
 std::filesystem::path write_corpus() {
   const auto path = test::temp_path("calibration-corpus.txt");
   std::ofstream out(path);
@@ -37,7 +33,9 @@ class Recorder final : public Method {
   CalibrationRequest calibration(const ModelShape&) override { return request_; }
   void on_calibration(const CalibrationTaps& t) override {
     if (fail_) throw std::runtime_error("recorder failed on purpose");
-    Record r{t.sample, t.layer, t.n_tokens, {t.tokens.begin(), t.tokens.end()}};
+    Record r;
+    r.sample = t.sample, r.layer = t.layer, r.n_tokens = t.n_tokens;
+    r.tokens.assign(t.tokens.begin(), t.tokens.end());
     for (auto [to, from] : {std::pair{&r.hidden_in, t.hidden_in}, {&r.queries, t.queries}, {&r.keys, t.keys},
                             {&r.attention_out, t.attention_out}, {&r.ffn_activation, t.ffn_activation},
                             {&r.logits, t.logits}})

@@ -108,7 +108,9 @@ TEST(EngineRealModel, FileWeightsMatchLlamaCppOnTheSameFile) {
     }
     std::cout << "[ info ] top-8 logits vs llama.cpp: worst " << worst << ", first tokens " << worst_first
               << "; clear top-1 agreement " << agree << "/" << decided << "\n";
-    if (one_at_a_time) EXPECT_LT(worst_first, 0.05);
+    if (one_at_a_time) {
+      EXPECT_LT(worst_first, 0.05);
+    }
     EXPECT_LT(worst, 1.5);
     EXPECT_GT(decided, 40);
     EXPECT_EQ(agree, decided);

@@ -51,7 +51,9 @@ TEST(Nf4, ValuesAreTheNearestLevelTimesTheBlockAbsmax) {
   }
   // Each block's largest value comes back exactly (level +-1 times itself).
   for (size_t i = 0; i < w.size(); ++i)
-    if (std::fabs(w[i]) == q.block_absmax(int64_t(i) / 64)) ASSERT_EQ(back[i], w[i]) << "value " << i;
+    if (std::fabs(w[i]) == q.block_absmax(int64_t(i) / 64)) {
+      ASSERT_EQ(back[i], w[i]) << "value " << i;
+    }
   // One row dequantized alone is the same row.
   std::vector<float> row(static_cast<size_t>(cols));
   kc::nf4_dequantize_row(q, 5, row.data());
