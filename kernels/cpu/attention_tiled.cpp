@@ -111,15 +111,15 @@ inline void accumulate(float* o, float alpha, const float* p, const float* const
   for (int u = 0; u < NV; ++u) _mm256_storeu_ps(o + 8 * u, acc[u]);
 }
 
-// One query vector against one tile: updates (o, m, l) with its `count` visible keys.
-void tile_update(const float* q, const KeyTile& tile, int count, int64_t hd, float scale2, float* o, float& m,
-                 float& l) {
-  alignas(32) float s[kTileKeys];
+// Scores s (raw dot products, `count` of them visible) of one query against a
+// tile become probabilities exp2(s * scale2 - m_new); m and l are updated and
+// the factor the old output is scaled by is returned.
+float softmax_step(float* s, int count, float scale2, float& m, float& l) {
   const int groups = (count + 7) / 8;
   __m256 vmax = _mm256_set1_ps(kNegInf);
   const __m256 sc = _mm256_set1_ps(scale2);
   for (int g = 0; g < groups; ++g) {
-    __m256 v = _mm256_mul_ps(dot8(q, tile.k + 8 * g, hd), sc);
+    __m256 v = _mm256_mul_ps(_mm256_load_ps(s + 8 * g), sc);
     if (8 * g + 8 > count) {  // mask the keys this query does not see
       const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
       const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(count - 8 * g), lane));
@@ -145,9 +145,92 @@ void tile_update(const float* q, const KeyTile& tile, int count, int64_t hd, flo
   s4 = _mm_hadd_ps(s4, s4);
   l = l * alpha + _mm_cvtss_f32(s4);
   m = m_new;
+  return alpha;
+}
+
+// One query vector against one tile: updates (o, m, l) with its `count` visible keys.
+void tile_update(const float* q, const KeyTile& tile, int count, int64_t hd, float scale2, float* o, float& m,
+                 float& l) {
+  alignas(32) float s[kTileKeys];
+  for (int g = 0; g < (count + 7) / 8; ++g) _mm256_store_ps(s + 8 * g, dot8(q, tile.k + 8 * g, hd));
+  const float alpha = softmax_step(s, count, scale2, m, l);
   int64_t d = 0;
   for (; d + 64 <= hd; d += 64) accumulate<8>(o + d, alpha, s, tile.v, count, d);
   for (; d + 8 <= hd; d += 8) accumulate<1>(o + d, alpha, s, tile.v, count, d);
+}
+
+// NQ query vectors (heads of one kv group, same visible keys) against one tile:
+// each K and V row is loaded once for all of them (decode reads every key from
+// memory once; the queries share the load). Scores four keys at a time,
+// values 32 dimensions at a time.
+template <int NQ>
+void tile_update_heads(const float* const* q, const KeyTile& tile, int count, int64_t hd, float scale2,
+                       float* const* o, float* m, float* l) {
+  alignas(32) float s[NQ][kTileKeys];
+  for (int g = 0; g < (count + 3) / 4; ++g) {
+    __m256 acc[NQ][4];
+    for (int j = 0; j < NQ; ++j)
+      for (int t = 0; t < 4; ++t) acc[j][t] = _mm256_setzero_ps();
+    const float* const* k = tile.k + 4 * g;
+    for (int64_t d = 0; d < hd; d += 8) {
+      const __m256 k0 = _mm256_loadu_ps(k[0] + d), k1 = _mm256_loadu_ps(k[1] + d), k2 = _mm256_loadu_ps(k[2] + d),
+                   k3 = _mm256_loadu_ps(k[3] + d);
+      for (int j = 0; j < NQ; ++j) {
+        const __m256 qv = _mm256_loadu_ps(q[j] + d);
+        acc[j][0] = _mm256_fmadd_ps(qv, k0, acc[j][0]);
+        acc[j][1] = _mm256_fmadd_ps(qv, k1, acc[j][1]);
+        acc[j][2] = _mm256_fmadd_ps(qv, k2, acc[j][2]);
+        acc[j][3] = _mm256_fmadd_ps(qv, k3, acc[j][3]);
+      }
+    }
+    for (int j = 0; j < NQ; ++j) {
+      const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(acc[j][0], acc[j][1]), _mm256_hadd_ps(acc[j][2], acc[j][3]));
+      _mm_store_ps(&s[j][4 * g], _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)));
+    }
+  }
+  float alpha[NQ];
+  for (int j = 0; j < NQ; ++j) alpha[j] = softmax_step(s[j], count, scale2, m[j], l[j]);
+  int64_t d = 0;
+  for (; d + 32 <= hd; d += 32) {
+    __m256 acc[NQ][4];
+    for (int j = 0; j < NQ; ++j)
+      for (int u = 0; u < 4; ++u) acc[j][u] = _mm256_mul_ps(_mm256_set1_ps(alpha[j]), _mm256_loadu_ps(o[j] + d + 8 * u));
+    for (int t = 0; t < count; ++t) {
+      const float* vt = tile.v[t] + d;
+      const __m256 v0 = _mm256_loadu_ps(vt), v1 = _mm256_loadu_ps(vt + 8), v2 = _mm256_loadu_ps(vt + 16),
+                   v3 = _mm256_loadu_ps(vt + 24);
+      for (int j = 0; j < NQ; ++j) {
+        const __m256 p = _mm256_set1_ps(s[j][t]);
+        acc[j][0] = _mm256_fmadd_ps(p, v0, acc[j][0]);
+        acc[j][1] = _mm256_fmadd_ps(p, v1, acc[j][1]);
+        acc[j][2] = _mm256_fmadd_ps(p, v2, acc[j][2]);
+        acc[j][3] = _mm256_fmadd_ps(p, v3, acc[j][3]);
+      }
+    }
+    for (int j = 0; j < NQ; ++j)
+      for (int u = 0; u < 4; ++u) _mm256_storeu_ps(o[j] + d + 8 * u, acc[j][u]);
+  }
+  for (; d + 8 <= hd; d += 8)
+    for (int j = 0; j < NQ; ++j) accumulate<1>(o[j] + d, alpha[j], s[j], tile.v, count, d);
+}
+
+// The heads of row i from head j on, at most three at a time.
+void update_heads(const QueryTile& tile, int64_t i, const KeyTile& kt, int count, int64_t hd, float scale2,
+                  const SoftmaxPartial& part) {
+  for (int64_t j = 0; j < tile.n_heads;) {
+    const int n = int(std::min<int64_t>(3, tile.n_heads - j));
+    const float* q[3];
+    float* o[3];
+    const int64_t v0 = i * tile.n_heads + j;
+    for (int x = 0; x < n; ++x) {
+      q[x] = tile.q + i * tile.row_stride + (j + x) * tile.head_stride;
+      o[x] = part.o + (v0 + x) * hd;
+    }
+    if (n == 3) tile_update_heads<3>(q, kt, count, hd, scale2, o, part.m + v0, part.l + v0);
+    else if (n == 2) tile_update_heads<2>(q, kt, count, hd, scale2, o, part.m + v0, part.l + v0);
+    else tile_update(q[0], kt, count, hd, scale2, o[0], part.m[v0], part.l[v0]);
+    j += n;
+  }
 }
 
 // p[t] = exp2(q . k[t] * scale2 - m) * inv_l for the tile's first `count` keys.
@@ -193,6 +276,15 @@ void tile_update(const float* q, const KeyTile& tile, int count, int64_t hd, flo
   }
 }
 
+void update_heads(const QueryTile& tile, int64_t i, const KeyTile& kt, int count, int64_t hd, float scale2,
+                  const SoftmaxPartial& part) {
+  for (int64_t j = 0; j < tile.n_heads; ++j) {
+    const int64_t v = i * tile.n_heads + j;
+    tile_update(tile.q + i * tile.row_stride + j * tile.head_stride, kt, count, hd, scale2, part.o + v * hd,
+                part.m[v], part.l[v]);
+  }
+}
+
 #endif
 
 }  // namespace
@@ -216,11 +308,7 @@ void attention_tiled_partial(const QueryTile& tile, const KvPageRef* pages, int6
     for (int64_t i = 0; i < tile.n_rows; ++i) {
       const int count = int(std::min<int64_t>(kt.count, int64_t(tile.n_visible[i]) - kt.first));
       if (count <= 0) continue;
-      for (int64_t j = 0; j < tile.n_heads; ++j) {
-        const int64_t v = i * tile.n_heads + j;
-        tile_update(tile.q + i * tile.row_stride + j * tile.head_stride, kt, count, head_dim, scale2,
-                    part.o + v * head_dim, part.m[v], part.l[v]);
-      }
+      update_heads(tile, i, kt, count, head_dim, scale2, part);
     }
   }
 }

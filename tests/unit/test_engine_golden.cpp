@@ -3,7 +3,8 @@
 // must stay bit-for-bit equal on the CPU backend, H2O within the tolerance its
 // README states. History: committed before the forward pass was reshaped (one
 // forward schedule); rewritten when the CPU attention became tiled (online
-// softmax) and when one-row products left OpenBLAS (gemv_group), each time after
+// softmax), when one-row products left OpenBLAS (gemv_group) and when a kv
+// group's heads began sharing each K/V row load (tile_update_heads), each time after
 // the new logits were checked against the old fixture within
 // the tolerance below.
 //
