@@ -10,29 +10,18 @@ Regenerate (after scripts/setup-reference.sh):
   .venv-ref/bin/python tests/reference/make_file_weights_fixture.py
 """
 import hashlib
-import os
-from pathlib import Path
-
 import llama_cpp
 import numpy as np
-from llama_cpp import Llama
 
-from make_top1_fixture import PROMPTS, write_fixture
+from make_top1_fixture import Q4_1_MODEL, prompt_logits, write_fixture
 
 TOP = 8
 
 
 def main() -> None:
-    models = Path(os.environ.get("INFERLAB_MODEL_DIR", Path.home() / ".cache/inferlab/models"))
-    q41 = models / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    llm = Llama(str(q41), logits_all=True, n_ctx=512, n_threads=2, type_k=llama_cpp.GGML_TYPE_F32,
-                type_v=llama_cpp.GGML_TYPE_F32, verbose=False)
+    q41 = Q4_1_MODEL
     cases = []
-    for name, text in PROMPTS.items():
-        tokens = [int(t) for t in llm.tokenize(text.encode(), add_bos=False, special=True)]
-        llm.reset()
-        llm.eval(tokens)
-        logits = np.array(llm.scores[: len(tokens)], dtype=np.float64)
+    for name, _, tokens, logits in prompt_logits(q41):
         rows = []
         for row in logits:
             top = np.argsort(row)[::-1][:TOP]

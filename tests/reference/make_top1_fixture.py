@@ -24,18 +24,26 @@ PROMPTS = {
 }
 
 
-def main() -> None:
-    models = Path(os.environ.get("INFERLAB_MODEL_DIR", Path.home() / ".cache/inferlab/models"))
-    q41 = models / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    f32 = models / "SmolLM2-135M-Instruct.F32.gguf"
-    llm = Llama(str(f32), logits_all=True, n_ctx=512, n_threads=2, type_k=llama_cpp.GGML_TYPE_F32,
+MODELS = Path(os.environ.get("INFERLAB_MODEL_DIR", Path.home() / ".cache/inferlab/models"))
+Q4_1_MODEL = MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def prompt_logits(model: Path):
+    """(name, text, token ids, logits of every position) of each prompt, from llama.cpp
+    on `model` with an f32 KV cache and 2 threads."""
+    llm = Llama(str(model), logits_all=True, n_ctx=512, n_threads=2, type_k=llama_cpp.GGML_TYPE_F32,
                 type_v=llama_cpp.GGML_TYPE_F32, verbose=False)
-    cases = []
     for name, text in PROMPTS.items():
         tokens = [int(t) for t in llm.tokenize(text.encode(), add_bos=False, special=True)]
         llm.reset()
         llm.eval(tokens)
-        logits = np.array(llm.scores[: len(tokens)], dtype=np.float32)
+        yield name, text, tokens, np.array(llm.scores[: len(tokens)], dtype=np.float64)
+
+
+def main() -> None:
+    q41 = Q4_1_MODEL
+    cases = []
+    for name, text, tokens, logits in prompt_logits(MODELS / "SmolLM2-135M-Instruct.F32.gguf"):
         top2 = np.sort(logits, axis=1)[:, -2:]
         cases.append({"name": name, "text": text, "tokens": tokens,
                       "top1": [int(i) for i in logits.argmax(axis=1)],
