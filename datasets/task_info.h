@@ -18,7 +18,7 @@ namespace inferlab {
 struct TaskParamSpec {
   ParamSpec spec;
   bool list = false;
-  std::vector<ParamValue> list_default;  // list parameters: the default list (empty: {spec.default_value})
+  std::vector<ParamValue> list_default = {};  // list parameters: the default list (empty: {spec.default_value})
 
   std::vector<ParamValue> default_values() const {
     return list && !list_default.empty() ? list_default : std::vector<ParamValue>{spec.default_value};
