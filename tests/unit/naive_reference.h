@@ -31,6 +31,9 @@ struct NaivePolicy {
   std::function<int64_t(int64_t t, int64_t j)> key_position;
   std::function<bool(int32_t layer, int32_t head)> head_on;
   std::function<bool(int32_t layer, int32_t neuron)> neuron_on;
+  // Called with every softmax probability: query row t of query head `head`
+  // gave key position j probability p (attention statistics, key by key).
+  std::function<void(int32_t layer, int32_t head, int64_t t, int64_t j, double p)> on_probability;
 };
 
 // Logits (n_tokens, n_vocab) for a whole prompt at positions 0..n-1.
@@ -105,6 +108,8 @@ inline std::vector<double> naive_forward(const Model& model, const std::vector<i
         const double mx = *std::max_element(s.begin(), s.end());
         double sum = 0;
         for (double& e : s) sum += (e = std::exp(e - mx));
+        if (policy.on_probability)
+          for (size_t kk = 0; kk < keys.size(); ++kk) policy.on_probability(l, int32_t(h), t, keys[kk], s[kk] / sum);
         for (size_t kk = 0; kk < keys.size(); ++kk)
           for (int64_t i = 0; i < hd; ++i)
             attn[size_t(h * hd + i)] += s[kk] / sum * v[size_t(keys[kk])][size_t(g * hd + i)];
