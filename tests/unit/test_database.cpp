@@ -446,7 +446,9 @@ void wait_for_runs(const fs::path& path, int runs) {
       auto opened = ResultsDb::open(path);  // the child may still be creating it
       if (opened) watcher.emplace(std::move(opened).value());
     }
-    if (watcher && std::stoi("0" + scalar(*watcher, "SELECT count(*) FROM runs")) >= runs) return;
+    if (!watcher) continue;
+    const std::string count = scalar(*watcher, "SELECT count(*) FROM runs");  // empty while the schema is being made
+    if (!count.empty() && std::stoi(count) >= runs) return;
   }
 }
 
