@@ -9,6 +9,7 @@
 
 #include "engine/backend_factory.h"
 #include "engine/device.h"
+#include "gguf/gguf.h"
 
 namespace inferlab {
 
@@ -42,10 +43,10 @@ class SequenceKvView final : public BackendKvView {
 // The kernels' view of a file tensor; rows == 0 for a type they do not compute with.
 cpu::QuantMatrixRef quant_ref(const FileTensor& t) {
   cpu::QuantMatrixRef ref;
-  switch (t.type) {  // GGUF type ids
-    case 2: ref.type = cpu::QuantType::Q4_0; break;
-    case 3: ref.type = cpu::QuantType::Q4_1; break;
-    case 8: ref.type = cpu::QuantType::Q8_0; break;
+  switch (gguf::TensorType(t.type)) {
+    case gguf::TensorType::Q4_0: ref.type = cpu::QuantType::Q4_0; break;
+    case gguf::TensorType::Q4_1: ref.type = cpu::QuantType::Q4_1; break;
+    case gguf::TensorType::Q8_0: ref.type = cpu::QuantType::Q8_0; break;
     default: return ref;
   }
   if (t.empty() || t.cols % cpu::kQuantBlock != 0) return ref;
