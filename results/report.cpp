@@ -31,17 +31,24 @@ std::string delta_points(double v, double base) { return fixed(100 * (v - base),
 std::string ratio(double v, double base) { return base != 0 ? fixed(v / base, 2) + "×" : ""; }
 
 // One metric's column, and optionally a second one comparing it with dense.
+struct Table;
+
 struct MetricColumn {
   const char* metric;
   const char* header;
   std::string (*format)(double);
   const char* compare_header = nullptr;
   std::string (*compare)(double value, double baseline) = nullptr;
+  // Columns of statistics from the stored samples, after the metric's own.
+  void (*statistics)(Table& t, const std::vector<const StoredRun*>& runs, const StoredRun* baseline) = nullptr;
 };
 
+void accuracy_statistics(Table& t, const std::vector<const StoredRun*>& runs, const StoredRun* baseline);
+void perplexity_statistics(Table& t, const std::vector<const StoredRun*>& runs, const StoredRun* baseline);
+
 const MetricColumn kColumns[] = {
-    {"accuracy", "accuracy %", percent, "Δ pts", delta_points},
-    {"perplexity", "perplexity", [](double v) { return fixed(v, 2); }, "ppl ratio", ratio},
+    {"accuracy", "accuracy %", percent, "Δ pts", delta_points, accuracy_statistics},
+    {"perplexity", "perplexity", [](double v) { return fixed(v, 2); }, "ppl ratio", ratio, perplexity_statistics},
     {"fidelity_top1", "top-1 agree %", percent},
     {"fidelity_kl", "KL nats", [](double v) { return fixed(v, 4); }},
     {"ttft_ms", "TTFT ms", [](double v) { return fixed(v, 1); }},
@@ -171,7 +178,7 @@ void accuracy_statistics(Table& t, const std::vector<const StoredRun*>& runs, co
 }
 
 // Perplexity's bootstrap interval over the samples (windows).
-void perplexity_statistics(Table& t, const std::vector<const StoredRun*>& runs) {
+void perplexity_statistics(Table& t, const std::vector<const StoredRun*>& runs, const StoredRun*) {
   std::vector<std::string> cells;
   bool any = false;
   for (const StoredRun* run : runs) {
@@ -208,8 +215,7 @@ Table task_table(const std::vector<const StoredRun*>& runs, const StoredRun* bas
       t.rows[r].push_back(v ? col.format(*v) : "");
       if (compare) t.rows[r].push_back(v ? col.compare(*v, *base) : "");
     }
-    if (std::string(col.metric) == "accuracy") accuracy_statistics(t, runs, baseline);
-    if (std::string(col.metric) == "perplexity") perplexity_statistics(t, runs);
+    if (col.statistics != nullptr) col.statistics(t, runs, baseline);
   }
   return t;
 }
