@@ -42,13 +42,13 @@ inline std::vector<double> naive_forward(const Model& model, const std::vector<i
   const ModelConfig& c = model.config();
   const ModelWeights& w = model.weights();
   const int64_t n = int64_t(tokens.size()), d = c.n_embd, hd = c.head_dim;
-  auto matvec = [](const std::vector<float>& m, const std::vector<double>& x, int64_t rows, int64_t cols) {
+  auto matvec = [](const WeightVector& m, const std::vector<double>& x, int64_t rows, int64_t cols) {
     std::vector<double> y(size_t(rows), 0.0);
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t k = 0; k < cols; ++k) y[size_t(r)] += double(m[size_t(r * cols + k)]) * x[size_t(k)];
     return y;
   };
-  auto rmsnorm = [&](const std::vector<double>& x, const std::vector<float>& g) {
+  auto rmsnorm = [&](const std::vector<double>& x, const WeightVector& g) {
     double ss = 0;
     for (double v : x) ss += v * v;
     const double inv = 1.0 / std::sqrt(ss / double(x.size()) + double(c.rms_eps));
@@ -127,7 +127,7 @@ inline std::vector<double> naive_forward(const Model& model, const std::vector<i
       for (int64_t i = 0; i < d; ++i) x[size_t(t)][size_t(i)] += down[size_t(i)];
     }
   }
-  const std::vector<float>& head = w.output.empty() ? w.token_embd : w.output;
+  const WeightVector& head = w.output.empty() ? w.token_embd : w.output;
   std::vector<double> logits;
   for (int64_t t = 0; t < n; ++t) {
     auto row = matvec(head, rmsnorm(x[size_t(t)], w.output_norm), c.n_vocab, d);

@@ -70,7 +70,11 @@ CpuBackend::CpuBackend(std::shared_ptr<const Model> model, const EngineOptions& 
       time_attention_(options.time_attention),
       max_context_(max_context) {
   const ModelConfig& c = config_;
-  pool_ = std::make_shared<KvPagePool>(KvCacheShape{c.n_layers, c.n_kv_heads, c.head_dim, options.page_size});
+  // Chunks of at least 2 MiB, so that the host storage maps them in huge pages.
+  const int64_t page_bytes = int64_t(options.page_size) * c.head_dim * 2 * int64_t(sizeof(float));
+  const auto pages_per_chunk = int32_t(std::max<int64_t>(256, (int64_t(kHugePageBytes) + page_bytes - 1) / page_bytes));
+  pool_ = std::make_shared<KvPagePool>(KvCacheShape{c.n_layers, c.n_kv_heads, c.head_dim, options.page_size},
+                                       pages_per_chunk);
   bound_sync_.assign(size_t(c.n_layers) * size_t(c.n_kv_heads), PageBoundSync{});
   overrides_.assign(size_t(kProjCount), std::vector<std::vector<float>>(size_t(std::max(1, c.n_layers))));
   adapters_.assign(size_t(kProjCount), std::vector<Adapter>(size_t(std::max(1, c.n_layers))));

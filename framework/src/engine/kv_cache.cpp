@@ -8,6 +8,8 @@
 
 #include <fmt/format.h>
 
+#include "model/host_memory.h"
+
 namespace inferlab {
 
 namespace {
@@ -17,8 +19,17 @@ class HostPageStorage final : public KvPageStorage {
   int32_t element_bytes() const override { return int32_t(sizeof(float)); }
   KvPageFormat format() const override { return KvPageFormat::F32; }
   bool host_accessible() const override { return true; }
-  void* allocate_chunk(int64_t bytes) override { return new (std::nothrow) float[size_t(bytes) / sizeof(float)](); }
-  void free_chunk(void* chunk) override { delete[] static_cast<float*>(chunk); }
+  // A pool's chunks all have one size; from 2 MiB up they are huge-page mappings
+  // (decode attention streams them), smaller ones come from the heap.
+  void* allocate_chunk(int64_t bytes) override {
+    chunk_bytes_ = size_t(bytes);
+    if (chunk_bytes_ >= kHugePageBytes) return map_huge(chunk_bytes_);
+    return new (std::nothrow) float[chunk_bytes_ / sizeof(float)]();
+  }
+  void free_chunk(void* chunk) override {
+    if (chunk_bytes_ >= kHugePageBytes) unmap_huge(chunk, chunk_bytes_);
+    else delete[] static_cast<float*>(chunk);
+  }
   void chunks_changed(const KvPagePool& pool) override {
     for (auto& p : planes_) p.resize(size_t(pool.pages_reserved()) * size_t(pool.shape().page_size), 0);
   }
@@ -51,6 +62,7 @@ class HostPageStorage final : public KvPageStorage {
 
  private:
   std::vector<uint32_t> planes_[kSlotPlanes];  // (pages_reserved * page_size) each
+  size_t chunk_bytes_ = 0;
 };
 
 std::atomic<uint64_t> next_sequence_id{1};

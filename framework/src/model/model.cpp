@@ -23,9 +23,10 @@ constexpr std::array<KnownModel, 1> kKnownModels{{
 }};
 
 // A block-quantized tensor's bytes (empty for float types).
-FileTensor file_tensor(const gguf::File& file, const std::string& name) {
+FileTensor file_tensor(const gguf::File& file, const std::string& name, const WeightAllocator<unsigned char>& in) {
   const gguf::TensorInfo* t = file.find_tensor(name);
   FileTensor out;
+  out.bytes = WeightBytes(in);
   const auto traits = t != nullptr ? gguf::type_traits(uint32_t(t->type)) : std::nullopt;
   if (!traits || traits->block_elems == 1 || t->dims.size() != 2) return out;
   out.type = uint32_t(t->type);
@@ -35,16 +36,22 @@ FileTensor file_tensor(const gguf::File& file, const std::string& name) {
   return out;
 }
 
-Result<std::vector<float>> load_tensor(const gguf::File& file, const std::string& name,
-                                       const std::vector<int64_t>& dims) {
+// Dequantized to float32, into `dst` (allocated from dst's arena).
+Status load_tensor(const gguf::File& file, const std::string& name, const std::vector<int64_t>& dims,
+                   WeightVector& dst) {
   const gguf::TensorInfo* t = file.find_tensor(name);
   if (t == nullptr) return Error{fmt::format("{}: missing tensor {}", file.path().string(), name)};
   if (t->dims != dims)
     return Error{fmt::format("{}: tensor {} has shape {} but the model needs {}", file.path().string(), name,
                              fmt::join(t->dims, "x"), fmt::join(dims, "x"))};
-  auto data = gguf::dequantize(*t);
-  if (!data) return Error{fmt::format("{}: tensor {}: {}", file.path().string(), name, data.message())};
-  return std::move(data).value();
+  const int64_t n = t->n_elems();
+  if (t->data == nullptr || gguf::type_bytes(t->type, n) != t->n_bytes)
+    return Error{fmt::format("{}: tensor {}: {} bytes do not hold {} elements of {}", file.path().string(), name,
+                             t->n_bytes, n, gguf::type_name(t->type))};
+  dst.resize(size_t(n));
+  Status status = gguf::dequantize(t->type, t->data, dst.data(), n);
+  if (!status) return Error{fmt::format("{}: tensor {}: {}", file.path().string(), name, status.message())};
+  return ok_status();
 }
 
 }  // namespace
@@ -69,27 +76,28 @@ Result<std::shared_ptr<Model>> Model::load(const std::filesystem::path& path) {
                              model->tokenizer_->vocab_size(), kTokenEmbeddingName, c.n_vocab)};
 
   ModelWeights& w = model->weights_;
+  const WeightAllocator<float> arena(std::make_shared<WeightArena>());
+  const WeightAllocator<unsigned char> arena_bytes(arena);
   std::vector<std::string> problems;
-  auto take = [&](std::vector<float>& dst, const std::string& name, const std::vector<int64_t>& dims) {
-    auto data = load_tensor(file, name, dims);
-    if (!data) {
-      problems.push_back(data.message());
+  auto take = [&](WeightVector& dst, const std::string& name, const std::vector<int64_t>& dims) {
+    dst = WeightVector(arena);
+    if (Status s = load_tensor(file, name, dims, dst); !s) {
+      problems.push_back(s.message());
       return;
     }
-    dst = std::move(data).value();
     model->parameter_count_ += int64_t(dst.size());
   };
   take(w.token_embd, kTokenEmbeddingName, {c.n_embd, c.n_vocab});
-  w.token_embd_file = file_tensor(file, kTokenEmbeddingName);
+  w.token_embd_file = file_tensor(file, kTokenEmbeddingName, arena_bytes);
   take(w.output_norm, kOutputNormName, {c.n_embd});
   if (!c.tied_embeddings) {
     take(w.output, kOutputName, {c.n_embd, c.n_vocab});
-    w.output_file = file_tensor(file, kOutputName);
+    w.output_file = file_tensor(file, kOutputName, arena_bytes);
   }
   w.layers.resize(size_t(c.n_layers));
   for (int32_t l = 0; l < c.n_layers && problems.empty(); ++l) {
     LayerWeights& lw = w.layers[size_t(l)];
-    std::array<std::pair<LayerTensor, std::vector<float>*>, kLayerTensorCount> slots{{
+    std::array<std::pair<LayerTensor, WeightVector*>, kLayerTensorCount> slots{{
         {LayerTensor::attn_norm, &lw.attn_norm}, {LayerTensor::attn_q, &lw.wq},
         {LayerTensor::attn_k, &lw.wk},           {LayerTensor::attn_v, &lw.wv},
         {LayerTensor::attn_output, &lw.wo},      {LayerTensor::ffn_norm, &lw.ffn_norm},
@@ -98,7 +106,7 @@ Result<std::shared_ptr<Model>> Model::load(const std::filesystem::path& path) {
     }};
     for (auto& [id, dst] : slots) {
       take(*dst, layer_tensor_name(l, id), layer_tensor_dims(c, id));
-      lw.file[size_t(id)] = file_tensor(file, layer_tensor_name(l, id));
+      lw.file[size_t(id)] = file_tensor(file, layer_tensor_name(l, id), arena_bytes);
     }
   }
   if (!problems.empty()) {

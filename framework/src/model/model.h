@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "inferlab/result.h"
+#include "model/host_memory.h"
 #include "model/model_config.h"
 #include "tokenizer/tokenizer.h"
 
@@ -20,27 +21,27 @@ namespace inferlab {
 struct FileTensor {
   uint32_t type = 0;                // GGUF tensor type id (gguf::TensorType)
   int64_t rows = 0, cols = 0;       // (out, in); cols is the contiguous dimension
-  std::vector<uint8_t> bytes;       // rows x (cols / block) blocks, the file's layout
+  WeightBytes bytes;                // rows x (cols / block) blocks, the file's layout
   bool empty() const { return bytes.empty(); }
 };
 
 struct LayerWeights {
-  std::vector<float> attn_norm;  // (n_embd)
-  std::vector<float> wq;         // (q_dim, n_embd)
-  std::vector<float> wk;         // (kv_dim, n_embd)
-  std::vector<float> wv;         // (kv_dim, n_embd)
-  std::vector<float> wo;         // (n_embd, q_dim)
-  std::vector<float> ffn_norm;   // (n_embd)
-  std::vector<float> w_gate;     // (n_ff, n_embd)
-  std::vector<float> w_up;       // (n_ff, n_embd)
-  std::vector<float> w_down;     // (n_embd, n_ff)
+  WeightVector attn_norm;        // (n_embd)
+  WeightVector wq;               // (q_dim, n_embd)
+  WeightVector wk;               // (kv_dim, n_embd)
+  WeightVector wv;               // (kv_dim, n_embd)
+  WeightVector wo;               // (n_embd, q_dim)
+  WeightVector ffn_norm;         // (n_embd)
+  WeightVector w_gate;           // (n_ff, n_embd)
+  WeightVector w_up;             // (n_ff, n_embd)
+  WeightVector w_down;           // (n_embd, n_ff)
   std::array<FileTensor, kLayerTensorCount> file;  // by LayerTensor: the file's quantized projections
 };
 
 struct ModelWeights {
-  std::vector<float> token_embd;   // (n_vocab, n_embd)
-  std::vector<float> output_norm;  // (n_embd)
-  std::vector<float> output;       // (n_vocab, n_embd); empty when tied
+  WeightVector token_embd;         // (n_vocab, n_embd)
+  WeightVector output_norm;        // (n_embd)
+  WeightVector output;             // (n_vocab, n_embd); empty when tied
   std::vector<LayerWeights> layers;
   FileTensor token_embd_file, output_file;  // quantized in the file (output_file empty when tied)
   const float* lm_head() const { return output.empty() ? token_embd.data() : output.data(); }
@@ -49,6 +50,8 @@ struct ModelWeights {
   int64_t file_tensor_bytes() const;
 };
 
+// Weights live in huge-page mappings (model/host_memory.h) owned by the model's
+// WeightArena; containers filled without one use the ordinary heap.
 class Model {
  public:
   // Opens, validates (every tensor present with the expected shape and a

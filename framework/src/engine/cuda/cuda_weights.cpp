@@ -30,7 +30,7 @@ Status CudaBackend::upload_weights() {
   const ModelWeights& w = model_->weights();
   DeviceMemory staging;
   // One float32 tensor through a staging buffer, converted to the GPU type.
-  auto matrix = [&](const std::vector<float>& host, const void*& out) -> Status {
+  auto matrix = [&](const WeightVector& host, const void*& out) -> Status {
     void* dst = weight_alloc(int64_t(host.size()), dtype_);
     if (dst == nullptr || !staging.reserve(host.size() * 4)) return Error{"cuda engine: out of GPU memory for weights"};
     CUDA_TRY(cudaMemcpyAsync(staging.as(), host.data(), host.size() * 4, cudaMemcpyHostToDevice, stream_), "upload");
@@ -39,7 +39,7 @@ Status CudaBackend::upload_weights() {
     out = dst;
     return ok_status();
   };
-  auto vector = [&](const std::vector<float>& host, const float*& out) -> Status {
+  auto vector = [&](const WeightVector& host, const float*& out) -> Status {
     void* dst = weight_alloc(int64_t(host.size()), DType::F32);
     if (dst == nullptr) return Error{"cuda engine: out of GPU memory for weights"};
     // On our non-blocking stream: a legacy-stream cudaMemcpy from pageable memory may
