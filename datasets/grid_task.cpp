@@ -12,7 +12,14 @@ GridTask::GridTask(std::string name, const TaskParams& params, bool has_depths)
       lengths_(params.get_int_list("lengths")),
       depths_(has_depths ? params.get_float_list("depths") : std::vector<double>{0.0}),
       has_depths_(has_depths),
-      samples_(params.get_int("samples")) {}
+      samples_(params.get_int("samples")),
+      decode_question_(params.has("question") && params.get_string("question") == "decode"),
+      answer_logprob_(params.has("answer_logprob") && params.get_bool("answer_logprob")) {}
+
+void GridTask::set_protocol(TaskSample& sample, const BuiltPrompt& built, const std::string& answer) const {
+  if (decode_question_) sample.question_tokens = built.tail_tokens;
+  if (answer_logprob_) sample.answer = answer;
+}
 
 Result<std::vector<TaskSample>> GridTask::samples(const Tokenizer& tok, int32_t max_context, uint64_t seed) const {
   for (int64_t length : lengths_)
@@ -41,8 +48,23 @@ Result<TaskSample> GridTask::make_sample(const Tokenizer& tok, int64_t length, d
     return Error{fmt::format("task '{}' sample {}: {}", name_, sample.id, s.message())};
   sample.max_new_tokens = max_new_tokens_;
   sample.tags["context_tokens"] = double(sample.prompt_tokens.size());
+  sample.tags["length"] = double(length);  // the nominal length the sample was built for
   if (has_depths_) sample.tags["depth"] = depth;
   return sample;
+}
+
+TaskParamSpec question_param() {
+  return {ParamSpec::string("question", "prefill", {"prefill", "decode"},
+                            "prefill: the whole prompt in one prefill; decode: the context prefilled, then the "
+                            "question fed one token per decode step through the method (Quest's passkey protocol)"),
+          false};
+}
+
+TaskParamSpec answer_logprob_param() {
+  return {ParamSpec::boolean("answer_logprob", true,
+                             "also teacher-force the answer after the prompt and record its log-probability "
+                             "(answer_logprob) and per-digit top-1 accuracy (answer_digit_accuracy)"),
+          false};
 }
 
 TaskParamSpec lengths_param() {

@@ -86,6 +86,17 @@ std::string assemble(const HaystackSpec& spec, const Filler& f) {
   return text + spec.tail;
 }
 
+// How many of the prompt's last tokens encode the tail: those after the longest
+// common prefix with the encoding of the text before the tail (a token that
+// straddles the boundary counts as the question's).
+int32_t tail_token_count(const Tokenizer& tok, const BuiltPrompt& built, const std::string& tail) {
+  const auto before = encode_prompt(tok, built.text.substr(0, built.text.size() - tail.size()));
+  const auto& t = built.tokens;
+  size_t i = 0;
+  while (i < before.size() && i < t.size() && before[i] == t[i]) ++i;
+  return int32_t(t.size() - i);
+}
+
 }  // namespace
 
 Result<BuiltPrompt> build_haystack(const Tokenizer& tok, const HaystackSpec& spec, Rng& rng) {
@@ -108,7 +119,10 @@ Result<BuiltPrompt> build_haystack(const Tokenizer& tok, const HaystackSpec& spe
     }
     if (n > spec.length)
       return Error{fmt::format("length {} is too short for this prompt ({} tokens without filler)", spec.length, n)};
-    if (spec.length - n < filler.min_tokens || round >= 8) return built;
+    if (spec.length - n < filler.min_tokens || round >= 8) {
+      built.tail_tokens = tail_token_count(tok, built, spec.tail);
+      return built;
+    }
     add_filler(filler, spec.length - n, rng);
   }
 }

@@ -26,6 +26,7 @@ class PasskeyTask final : public GridTask {
                       int32_t(length)};
     auto built = build_haystack(tok, spec, rng);
     if (!built) return built.error();
+    set_protocol(sample, *built, " " + key);
     sample.prompt_tokens = std::move(built->tokens);
     sample.expected = {key};
     return ok_status();
@@ -40,6 +41,8 @@ std::vector<TaskParamSpec> passkey_params() {
       depths_param("where the key sits in the filler: 0 at the start, 1 at the end (e.g. [0.0, 0.5, 1.0])"),
       samples_param(2, "samples per (length, depth)"),
       max_new_tokens_param(8),
+      question_param(),
+      answer_logprob_param(),
   };
 }
 

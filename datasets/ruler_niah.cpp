@@ -63,6 +63,8 @@ class RulerNiahTask final : public GridTask {
     spec.length = int32_t(length);
     auto built = build_haystack(tok, spec, rng);
     if (!built) return built.error();
+    // One value asked for: its teacher-forced probability is a continuous score.
+    set_protocol(sample, *built, sample.expected.size() == 1 ? " " + sample.expected[0] : std::string());
     sample.prompt_tokens = std::move(built->tokens);
     sample.tags["num_needles"] = num_needles_;
     return ok_status();
@@ -87,6 +89,8 @@ std::vector<TaskParamSpec> ruler_niah_params() {
                           "multikey: needles in all (one target); multivalue: values of the key; single: unused"),
        false},
       max_new_tokens_param(0),
+      question_param(),
+      answer_logprob_param(),
   };
 }
 

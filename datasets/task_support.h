@@ -64,6 +64,7 @@ struct HaystackSpec {
 struct BuiltPrompt {
   std::string text;
   std::vector<int32_t> tokens;  // never more than spec.length, a few fewer at most
+  int32_t tail_tokens = 0;      // the last tokens that encode spec.tail (the question)
 };
 
 // Fails when the head, tail and inserts alone do not fit in the length.
@@ -85,6 +86,9 @@ class GridTask : public Task {
   virtual Status fill(const Tokenizer& tok, int64_t length, double depth, Rng& rng, TaskSample& sample) const = 0;
   // Parameters besides length and depth that shape a sample, mixed into its seed.
   virtual std::string seed_key() const { return ""; }
+  // The protocol options of a haystack prompt (question_param, answer_logprob_param):
+  // marks its question tokens, and its teacher-forced answer when it has one.
+  void set_protocol(TaskSample& sample, const BuiltPrompt& built, const std::string& answer) const;
   int32_t max_new_tokens_ = 0;  // resolved: subclasses replace an "auto" 0
 
  private:
@@ -95,6 +99,8 @@ class GridTask : public Task {
   std::vector<double> depths_;
   bool has_depths_;
   int64_t samples_;
+  bool decode_question_ = false;  // question = "decode"
+  bool answer_logprob_ = false;
 };
 
 // Parameters the generation tasks share.
@@ -102,6 +108,10 @@ TaskParamSpec lengths_param();
 TaskParamSpec depths_param(const std::string& help);
 TaskParamSpec samples_param(int64_t default_value, const std::string& help);
 TaskParamSpec max_new_tokens_param(int64_t default_value);
+// question = "prefill" | "decode" (TaskSample::question_tokens).
+TaskParamSpec question_param();
+// answer_logprob = true | false (TaskSample::answer).
+TaskParamSpec answer_logprob_param();
 
 // Default for an "auto" (0) max_new_tokens: room for `answers` answers of up to
 // `answer_chars` characters each, separated by ", ", plus a margin. Counted in

@@ -34,6 +34,14 @@ struct TaskSample {
   // 1..n-1, each predicted from the tokens before it).
   std::vector<int32_t> target_tokens;
   std::map<std::string, double> tags;  // per-sample attributes for reports: context_tokens, depth, ...
+  // Generation, question = "decode": the last question_tokens prompt tokens (the
+  // question) are fed one decode step at a time through the method, after the
+  // context before them was prefilled (Quest's passkey protocol). 0: all prefilled.
+  int32_t question_tokens = 0;
+  // Generation: the continuation whose teacher-forced log-probability under the
+  // method is the sample's answer_logprob (e.g. " 48213" after "The pass key is");
+  // empty: the task scores no answer that way.
+  std::string answer;
 };
 
 class Task {

@@ -71,6 +71,7 @@ class VariableTrackingTask final : public GridTask {
     spec.length = int32_t(length);
     auto built = build_haystack(tok, spec, rng);
     if (!built) return built.error();
+    set_protocol(sample, *built, "");  // several names in any order: no single continuation to score
     sample.prompt_tokens = std::move(built->tokens);
     sample.tags["num_chains"] = num_chains_;
     sample.tags["num_hops"] = num_hops_;
@@ -91,6 +92,7 @@ std::vector<TaskParamSpec> variable_tracking_params() {
        false},
       {ParamSpec::integer("num_hops", 4, 1, 32, "assignments copying a variable per chain (chain length - 1)"), false},
       max_new_tokens_param(0),
+      question_param(),
   };
 }
 

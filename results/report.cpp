@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <map>
 #include <optional>
 #include <vector>
@@ -45,14 +46,19 @@ struct MetricColumn {
 
 void accuracy_statistics(Table& t, const std::vector<const StoredRun*>& runs, const StoredRun* baseline);
 void perplexity_statistics(Table& t, const std::vector<const StoredRun*>& runs, const StoredRun* baseline);
+void answer_statistics(Table& t, const std::vector<const StoredRun*>& runs, const StoredRun* baseline);
 
 const MetricColumn kColumns[] = {
     {"accuracy", "accuracy %", percent, "Δ pts", delta_points, accuracy_statistics},
     {"perplexity", "perplexity", [](double v) { return fixed(v, 2); }, "ppl ratio", ratio, perplexity_statistics},
+    {"answer_logprob", "answer logprob", [](double v) { return fixed(v, 3); }, "Δ nats",
+     [](double v, double base) { return fixed(v - base, 3, true); }, answer_statistics},
+    {"answer_digit_accuracy", "digit acc %", percent, "Δ pts", delta_points},
     {"fidelity_top1", "top-1 agree %", percent},
     {"fidelity_kl", "KL nats", [](double v) { return fixed(v, 4); }},
     {"ttft_ms", "TTFT ms", [](double v) { return fixed(v, 1); }},
     {"tpot_mean_ms", "TPOT ms", [](double v) { return fixed(v, 2); }},
+    {"keys_read_per_step", "keys read/step", [](double v) { return fixed(v, 1); }},
     {"decode_tokens_per_s", "decode tok/s", [](double v) { return fixed(v, 1); }, "speedup", ratio},
     {"kv_bytes_peak", "KV MiB", mib, "KV ratio", ratio},
     {"peak_rss_bytes", "RSS MiB", mib},
@@ -194,6 +200,122 @@ void perplexity_statistics(Table& t, const std::vector<const StoredRun*>& runs, 
   for (size_t r = 0; r < runs.size(); ++r) t.rows[r].push_back(cells[r]);
 }
 
+// A sample field of the stored details, by sample index (samples that have it).
+std::map<int64_t, double> sample_values(const StoredRun& run, const char* field) {
+  std::map<int64_t, double> out;
+  for (const StoredSample& s : run.samples) {
+    const auto d = nlohmann::json::parse(s.detail_json, nullptr, false);
+    if (d.is_object() && d.contains(field) && d[field].is_number()) out[s.index] = d[field].get<double>();
+  }
+  return out;
+}
+
+// The answer log-probability's bootstrap interval over samples; against dense,
+// the interval of the mean paired difference on the same samples.
+void answer_statistics(Table& t, const std::vector<const StoredRun*>& runs, const StoredRun* baseline) {
+  std::vector<std::map<int64_t, double>> values;
+  for (const StoredRun* run : runs) values.push_back(sample_values(*run, "answer_logprob"));
+  const std::map<int64_t, double> base = baseline ? sample_values(*baseline, "answer_logprob") : std::map<int64_t, double>{};
+  const bool paired = !base.empty();
+  t.header.insert(t.header.end(), {"95% CI", "n"});
+  t.right.insert(t.right.end(), {true, true});
+  if (paired) {
+    t.header.push_back("Δ 95% CI");
+    t.right.push_back(true);
+  }
+  for (size_t r = 0; r < runs.size(); ++r) {
+    std::vector<double> v, diff;
+    for (const auto& [idx, lp] : values[r]) {
+      v.push_back(lp);
+      if (const auto b = base.find(idx); b != base.end()) diff.push_back(lp - b->second);
+    }
+    t.rows[r].push_back(v.size() > 1 ? range(bootstrap_mean(v), 1, 3) : "");
+    t.rows[r].push_back(v.empty() ? "" : std::to_string(v.size()));
+    if (paired) t.rows[r].push_back(runs[r] != baseline && diff.size() > 1 ? range(bootstrap_mean(diff), 1, 3) : "");
+  }
+}
+
+// ---- per-depth breakdown -----------------------------------------------
+
+// Where a sample sits in a task's grid: its nominal length and depth.
+struct GridCell {
+  int64_t length = 0;
+  double depth = 0;
+  auto operator<=>(const GridCell&) const = default;
+};
+
+struct CellTally {
+  int64_t solved = 0, n = 0;
+  double logprob_sum = 0;
+  int64_t logprob_n = 0;
+};
+
+// A run's samples by (length, depth); samples without a depth are left out.
+// The nominal length is the "length" tag, or for older rows the id's "len<N>".
+std::map<GridCell, CellTally> grid_tallies(const StoredRun& run) {
+  std::map<GridCell, CellTally> out;
+  for (const StoredSample& s : run.samples) {
+    const auto d = nlohmann::json::parse(s.detail_json, nullptr, false);
+    if (!d.is_object() || !d.contains("depth") || !d["depth"].is_number()) continue;
+    GridCell cell{0, d["depth"].get<double>()};
+    if (d.contains("length") && d["length"].is_number()) {
+      cell.length = int64_t(d["length"].get<double>());
+    } else if (d.contains("id") && d["id"].is_string()) {
+      const std::string id = d["id"].get<std::string>();
+      if (id.starts_with("len")) cell.length = std::atoll(id.c_str() + 3);
+    }
+    CellTally& c = out[cell];
+    if (s.correct) c.solved += *s.correct, ++c.n;
+    if (d.contains("answer_logprob") && d["answer_logprob"].is_number())
+      c.logprob_sum += d["answer_logprob"].get<double>(), ++c.logprob_n;
+  }
+  return out;
+}
+
+// One table per length: methods by depth, each cell "solved/n" and, where
+// recorded, the mean answer log-probability. Empty when the task has one depth.
+std::string depth_tables(const std::vector<const StoredRun*>& runs) {
+  std::vector<std::map<GridCell, CellTally>> tallies;
+  std::map<int64_t, std::vector<double>> depths;  // by length, sorted
+  for (const StoredRun* run : runs) {
+    tallies.push_back(grid_tallies(*run));
+    for (const auto& [cell, tally] : tallies.back()) {
+      auto& d = depths[cell.length];
+      if (std::find(d.begin(), d.end(), cell.depth) == d.end()) d.insert(std::upper_bound(d.begin(), d.end(), cell.depth), cell.depth);
+    }
+  }
+  std::string out;
+  for (const auto& [length, ds] : depths) {
+    if (ds.size() < 2) continue;
+    Table t{{"method"}, {false}, std::vector<std::vector<std::string>>(runs.size())};
+    for (double depth : ds) {
+      t.header.push_back(fmt::format("depth {}", format_real(depth)));
+      t.right.push_back(true);
+    }
+    for (size_t r = 0; r < runs.size(); ++r) {
+      t.rows[r].push_back(cell_text(runs[r]->label));
+      for (double depth : ds) {
+        const auto it = tallies[r].find(GridCell{length, depth});
+        if (it == tallies[r].end()) {
+          t.rows[r].push_back("");
+          continue;
+        }
+        const CellTally& c = it->second;
+        std::string text = c.n > 0 ? fmt::format("{}/{}", c.solved, c.n) : "";
+        if (c.logprob_n > 0) text += (text.empty() ? "" : ", ") + fixed(c.logprob_sum / double(c.logprob_n), 2);
+        t.rows[r].push_back(text);
+      }
+    }
+    const bool logprob = std::any_of(tallies.begin(), tallies.end(), [](const auto& m) {
+      return std::any_of(m.begin(), m.end(), [](const auto& e) { return e.second.logprob_n > 0; });
+    });
+    out += fmt::format("By depth{}: solved/n{}\n\n", length > 0 ? fmt::format(", {} tokens", length) : "",
+                       logprob ? ", mean answer logprob (nats)" : "");
+    out += render_markdown(t) + "\n";
+  }
+  return out;
+}
+
 // runs: the task's finished runs, baseline first; baseline may be null.
 Table task_table(const std::vector<const StoredRun*>& runs, const StoredRun* baseline) {
   Table t{{"method"}, {false}, std::vector<std::vector<std::string>>(runs.size())};
@@ -251,8 +373,9 @@ std::string task_section(const std::string& task, const std::vector<const Stored
     if (run != baseline) ordered.push_back(run);
   std::string out = fmt::format("## {}\n\n", task);
   if (baseline == nullptr) out += "No dense baseline finished for this task: no comparisons.\n\n";
-  out += render_markdown(task_table(ordered, baseline));
-  return out + "\n" + counter_lines(ordered) + "\n";
+  out += render_markdown(task_table(ordered, baseline)) + "\n";
+  out += depth_tables(ordered);
+  return out + counter_lines(ordered) + "\n";
 }
 
 // "model: a · backend: cpu · ...", each field listing its distinct values.

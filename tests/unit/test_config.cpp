@@ -562,7 +562,7 @@ TEST(ConfigGrid, ConfigJsonIsCanonicalAndHashedWithSha256) {
   ASSERT_FALSE(runs.empty());
   // Pinned: a change here changes every stored run hash, so old results stop matching.
   EXPECT_EQ(runs[0].config_json,
-            R"({"backend":"cpu","experiment":"quickstart","measurement":3,"model":{"checksum":"abc123","max_context":0,)"
+            R"({"backend":"cpu","experiment":"quickstart","measurement":4,"model":{"checksum":"abc123","max_context":0,)"
             R"("page_size":16,"prefill_chunk":0},"params":{},"plugin":{"name":"dense",)"
             R"("version":"1.0.0"},"seed":0,"task":{"params":{"depths":["0.5"],"lengths":[64,128],"samples":[4]},)"
             R"("type":"passkey"}})");

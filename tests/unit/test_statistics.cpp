@@ -113,5 +113,56 @@ TEST(Statistics, ReportShowsIntervalsAndThePairedComparison) {
   EXPECT_GT(lo, 8.0);
 }
 
+TEST(Statistics, BootstrapIntervalOfAMean) {
+  const Interval same = bootstrap_mean({-2.0, -2.0, -2.0});
+  EXPECT_DOUBLE_EQ(same.lo, -2.0);
+  EXPECT_DOUBLE_EQ(same.hi, -2.0);
+  std::vector<double> v;
+  for (int i = 0; i < 30; ++i) v.push_back(-1.0 - 0.1 * (i % 5));  // mean -1.2
+  const Interval a = bootstrap_mean(v);
+  EXPECT_LT(a.lo, -1.2);
+  EXPECT_GT(a.hi, -1.2);
+  EXPECT_GT(a.lo, -1.4);
+  EXPECT_LT(a.hi, -1.0);
+  EXPECT_EQ(bootstrap_mean(v).lo, a.lo);  // deterministic for a seed
+}
+
+// A passkey run whose samples sit at two depths of one length, with answer log-probabilities.
+RunRecord answer_run(const std::string& hash, const std::string& label, double logprob_shift, bool baseline) {
+  RunRecord r = passkey_run(hash, label, baseline ? 20 : 15, baseline);
+  r.metrics.push_back({"answer_logprob", -1.0 + logprob_shift, "nats"});
+  for (SampleRow& s : r.samples) {
+    const double depth = s.index < 10 ? 0.1 : 0.9;
+    const double lp = -1.0 + logprob_shift + 0.1 * double(s.index % 3 - 1);
+    s.detail_json = fmt::format(R"({{"id": "len512-depth{}-s{}", "depth": {}, "length": 512, "answer_logprob": {}}})",
+                                depth, s.index, depth, lp);
+  }
+  return r;
+}
+
+TEST(Statistics, ReportShowsAnswerLogprobIntervalsAndPerDepthTables) {
+  auto db = ResultsDb::open(test::temp_path("answers.db"));
+  ASSERT_TRUE(db.ok()) << db.message();
+  ASSERT_TRUE(db->record_run(answer_run("d", "dense", 0.0, true)).ok());
+  ASSERT_TRUE(db->record_run(answer_run("q", "quest", -0.5, false)).ok());
+  auto report = render_report(*db, "stats");
+  ASSERT_TRUE(report.ok()) << report.message();
+  const auto rows = test::table_rows(*report);
+  using Cells = std::vector<std::string>;
+  ASSERT_EQ(rows.size(), 8u) << *report;  // the run table and one per-depth table
+  EXPECT_EQ(rows[0], (Cells{"method", "accuracy %", "Δ pts", "95% CI", "n", "lost/gained", "McNemar p",
+                            "answer logprob", "Δ nats", "95% CI", "n", "Δ 95% CI"}));
+  EXPECT_EQ(rows[3][8], "-0.500");
+  EXPECT_EQ(rows[3][10], "20");
+  // Every sample is exactly 0.5 nats below dense: the paired interval is that point.
+  EXPECT_EQ(rows[3][11], "-0.500–-0.500");
+  EXPECT_EQ(rows[2][11], "");
+  EXPECT_NE(report->find("By depth, 512 tokens: solved/n, mean answer logprob (nats)"), std::string::npos) << *report;
+  EXPECT_EQ(rows[4], (Cells{"method", "depth 0.1", "depth 0.9"}));
+  EXPECT_EQ(rows[6], (Cells{"dense", "10/10, -1.01", "10/10, -1.00"})) << *report;
+  EXPECT_EQ(rows[7], (Cells{"quest", "10/10, -1.51", "5/10, -1.50"})) << *report;
+  EXPECT_EQ(rows[3][7], "-1.500");
+}
+
 }  // namespace
 }  // namespace inferlab

@@ -260,6 +260,46 @@ TEST_P(TaskGeneration, PasskeySitsAtItsDepth) {
   }
 }
 
+TEST_P(TaskGeneration, DecodedQuestionMarksTheQuestionTokens) {
+  auto base = params({{"lengths", {int64_t{256}, int64_t{700}}}, {"depths", {0.0, 1.0}}});
+  auto decoded = base;
+  decoded.set("question", {std::string("decode")});
+  const auto prefilled = generate(*make("passkey", base), *tok_);
+  const auto fed = generate(*make("passkey", decoded), *tok_);
+  ASSERT_EQ(prefilled.size(), fed.size());
+  for (size_t i = 0; i < fed.size(); ++i) {
+    const TaskSample& s = fed[i];
+    EXPECT_EQ(prefilled[i].question_tokens, 0) << "question = prefill is the default";
+    EXPECT_EQ(s.prompt_tokens, prefilled[i].prompt_tokens) << "the protocol does not change the prompt";
+    ASSERT_GT(s.question_tokens, 0) << s.id;
+    ASSERT_LT(size_t(s.question_tokens), s.prompt_tokens.size());
+    const auto split = s.prompt_tokens.end() - s.question_tokens;
+    const std::string question = tok_->decode({split, s.prompt_tokens.end()});
+    const std::string context = tok_->decode({s.prompt_tokens.begin(), split});
+    EXPECT_TRUE(question.ends_with("What is the pass key? The pass key is")) << question;
+    EXPECT_LE(question.size(), std::string("\nWhat is the pass key? The pass key is").size() + 4) << question;
+    EXPECT_EQ(context.find("What is the pass key?"), std::string::npos);
+    EXPECT_EQ(count_of(context, s.expected[0]), 1u) << "the key stays in the prefilled context";
+  }
+}
+
+TEST_P(TaskGeneration, AnswersToTeacherForceAreTheAskedContinuation) {
+  for (const auto& s : generate(*make("passkey", params({{"lengths", {int64_t{256}}}})), *tok_))
+    EXPECT_EQ(s.answer, " " + s.expected.at(0));
+  auto off = params({{"lengths", {int64_t{256}}}, {"answer_logprob", {false}}});
+  for (const auto& s : generate(*make("passkey", off), *tok_)) EXPECT_TRUE(s.answer.empty());
+  for (const char* variant : {"single", "multikey"})
+    for (const auto& s : generate(*make("ruler_niah", params({{"variant", {std::string(variant)}},
+                                                              {"lengths", {int64_t{512}}}})),
+                                  *tok_))
+      EXPECT_EQ(s.answer, " " + s.expected.at(0)) << variant;
+  // Several values in any order: no single continuation.
+  for (const auto& s : generate(*make("ruler_niah", params({{"variant", {std::string("multivalue")}},
+                                                            {"lengths", {int64_t{512}}}})),
+                                *tok_))
+    EXPECT_TRUE(s.answer.empty());
+}
+
 // ---- RULER needle in a haystack ---------------------------------------------------------------
 
 struct Needles {

@@ -66,7 +66,10 @@ Result<ExperimentConfig> parse_experiment(std::string_view toml_text, const std:
 //   2  perplexity windows no longer count a window's unpredicted first token
 //   3  TTFT: a prompt's logits are computed for its last row only (before, every
 //      prompt row's logits were computed and all but the last thrown away)
-inline constexpr int32_t kMeasurementVersion = 3;
+//   4  generation tasks with an answer record answer_logprob and
+//      answer_digit_accuracy; every run records keys_read_per_step; tasks gain
+//      the question and answer_logprob parameters
+inline constexpr int32_t kMeasurementVersion = 4;
 
 struct RunSpec {
   int64_t index = 0;  // position in the grid (0-based), stable

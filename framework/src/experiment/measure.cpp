@@ -64,6 +64,17 @@ class SampleRunner {
     return ok_status();
   }
 
+  // One prompt token fed as a decode step (a question under question = "decode"):
+  // counted as prompt processing, not as a generated token.
+  Status feed(int32_t token, const std::function<void(std::span<const float>)>& sink) {
+    const auto t0 = Clock::now();
+    auto s = engine_.forward(*seq_, std::span<const int32_t>(&token, 1), 0,
+                             [&](int64_t, std::span<const float> l) { sink(l); });
+    tally_.prefill_seconds += since(t0);
+    ++tally_.prefill_tokens;
+    return s;
+  }
+
   // One decode step; `sink` sees its logits. Adds the step to TPOT.
   Status decode(int32_t token, const std::function<void(std::span<const float>)>& sink) {
     const auto t0 = Clock::now();
@@ -125,27 +136,48 @@ struct FirstLogits {
   double reused_seconds = 0;  // > 0: the prefill came from a snapshot that took this long
 };
 
+// How a sample starts: which saved prefills it may use, and whether its question is fed.
+struct StartOptions {
+  bool reuse_dense_own = false;  // the dense run itself may start from its saved prefill
+  bool feed_question = true;     // false: stop after the context (saving snapshots only)
+};
+
 // Prefills a sample's prompt, or starts from its saved dense prefill when the
 // method's prefill is dense. Dense runs save their prefill for later methods.
-Result<FirstLogits> start_sample(MeasureContext& ctx, SampleRunner& runner, size_t index) {
+// Under question = "decode" only the context is prefilled (and saved); the
+// question's tokens then go through the method one decode step each.
+Result<FirstLogits> start_sample(MeasureContext& ctx, SampleRunner& runner, size_t index,
+                                 StartOptions options = {}) {
   const TaskSample& sample = (*ctx.samples)[index];
-  const int64_t n = int64_t(sample.prompt_tokens.size());
+  const std::span<const int32_t> prompt(sample.prompt_tokens);
+  const int64_t n = int64_t(prompt.size());
+  const int64_t question = std::clamp<int64_t>(sample.question_tokens, 0, n - 1);
+  const int64_t context = n - question;
   const std::string key = sample_key(ctx, index);
-  if (reuses_prefill(ctx))
-    if (auto it = ctx.prefills->snapshots.find(key); it != ctx.prefills->snapshots.end()) {
-      runner.start_from(it->second, n);
-      return FirstLogits{it->second.last_logits, it->second.seconds};
-    }
   FirstLogits first;
-  const auto t0 = Clock::now();
-  auto s = runner.prefill(
-      sample.prompt_tokens, ctx.prefill_chunk,
-      [&](int64_t row, std::span<const float> l) {
-        if (row == n - 1) first.logits.assign(l.begin(), l.end());
-      },
-      n - 1);
-  if (!s) return s.error();
-  if (ctx.prefills != nullptr && ctx.method == nullptr) runner.save(*ctx.prefills, key, first.logits, since(t0));
+  const bool reuse = reuses_prefill(ctx) || (options.reuse_dense_own && ctx.method == nullptr && ctx.prefills);
+  const PrefillSnapshot* saved = nullptr;
+  if (reuse)
+    if (auto it = ctx.prefills->snapshots.find(key); it != ctx.prefills->snapshots.end()) saved = &it->second;
+  if (saved != nullptr) {
+    runner.start_from(*saved, context);
+    first = FirstLogits{saved->last_logits, saved->seconds};
+  } else {
+    const auto t0 = Clock::now();
+    auto s = runner.prefill(
+        prompt.first(size_t(context)), ctx.prefill_chunk,
+        [&](int64_t row, std::span<const float> l) {
+          if (row == context - 1) first.logits.assign(l.begin(), l.end());
+        },
+        context - 1);
+    if (!s) return s.error();
+    if (ctx.prefills != nullptr && ctx.method == nullptr) runner.save(*ctx.prefills, key, first.logits, since(t0));
+  }
+  if (!options.feed_question) return first;
+  for (int64_t i = context; i < n; ++i)
+    if (auto s = runner.feed(prompt[size_t(i)], [&](std::span<const float> l) { first.logits.assign(l.begin(), l.end()); });
+        !s)
+      return s.error();
   return first;
 }
 
@@ -208,7 +240,7 @@ Status ensure_snapshots(MeasureContext& ctx) {
     if (ctx.prefills->snapshots.count(sample_key(ctx, i)) != 0) continue;
     Tally scratch;
     SampleRunner runner(dense, scratch);
-    auto first = start_sample(dense, runner, i);
+    auto first = start_sample(dense, runner, i, StartOptions{.feed_question = false});
     if (!first) return first.error();
   }
   return install_method(ctx);
@@ -304,6 +336,62 @@ Result<SampleRow> fidelity_sample(MeasureContext& ctx, Tally& tally, size_t inde
   return SampleRow{int64_t(index), n, "", "", std::nullopt, since(t0), detail.dump()};
 }
 
+// The teacher-forced answer of every sample that has one: its log-probability
+// under the method and how many of its digit tokens are the method's top-1.
+// Runs after the run's other metrics are taken, so its steps count nowhere else.
+struct AnswerTally {
+  double logprob_sum = 0;
+  int64_t samples = 0, digits = 0, digits_right = 0;
+};
+
+bool has_digit(const std::string& s) {
+  return std::any_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; });
+}
+
+Status score_answers(MeasureContext& ctx, RunMeasurements& out, AnswerTally& answers) {
+  const Tokenizer& tok = ctx.engine->model().tokenizer();
+  for (size_t i = 0; i < ctx.samples->size(); ++i) {
+    const TaskSample& sample = (*ctx.samples)[i];
+    if (sample.answer.empty()) continue;
+    const std::vector<int32_t> answer = tok.encode(sample.answer, false, /*parse_special=*/false);
+    if (answer.empty()) continue;
+    Tally scratch;
+    SampleRunner runner(ctx, scratch);
+    auto first = start_sample(ctx, runner, i, StartOptions{.reuse_dense_own = true});
+    if (!first) return Error{fmt::format("sample {} ({}) answer: {}", i, sample.id, first.message())};
+    std::vector<float> logits = std::move(first->logits);
+    double logprob = 0;
+    int64_t digits = 0, right = 0;
+    for (size_t k = 0; k < answer.size(); ++k) {
+      logprob += log_softmax(logits)[size_t(answer[k])];
+      if (has_digit(tok.decode({answer[k]}))) {
+        ++digits;
+        right += argmax(logits) == answer[k];
+      }
+      if (k + 1 == answer.size()) break;
+      auto s = runner.decode(answer[k], [&](std::span<const float> l) { logits.assign(l.begin(), l.end()); });
+      if (!s) return Error{fmt::format("sample {} ({}) answer: {}", i, sample.id, s.message())};
+    }
+    runner.finish();
+    answers.logprob_sum += logprob;
+    ++answers.samples;
+    answers.digits += digits;
+    answers.digits_right += right;
+    auto detail = nlohmann::json::parse(out.samples[i].detail_json, nullptr, false);
+    if (detail.is_object()) {
+      detail["answer_logprob"] = logprob;
+      detail["answer_tokens"] = answer.size();
+      if (digits > 0) detail["answer_digits"] = digits, detail["answer_digits_right"] = right;
+      out.samples[i].detail_json = detail.dump();
+    }
+  }
+  if (answers.samples > 0)
+    out.metrics.push_back({"answer_logprob", answers.logprob_sum / double(answers.samples), "nats"});
+  if (answers.digits > 0)
+    out.metrics.push_back({"answer_digit_accuracy", double(answers.digits_right) / double(answers.digits), "fraction"});
+  return ok_status();
+}
+
 double percentile(std::vector<double> v, double p) {
   if (v.empty()) return 0;
   std::sort(v.begin(), v.end());
@@ -344,7 +432,12 @@ std::vector<MetricValue> tally_metrics(const MeasureContext& ctx, const Tally& t
   m.push_back({"kv_bytes_peak", double(t.kv_peak), "bytes"});
   m.push_back({"kv_bytes_final", t.kv_final_sum / double(std::max<int64_t>(1, t.samples)), "bytes"});
   m.push_back({"peak_rss_bytes", double(peak_rss_bytes()), "bytes"});
-  for (const auto& [name, value] : ctx.engine->counters().as_map()) m.push_back({"engine." + name, value, "count"});
+  const EngineCounters& counters = ctx.engine->counters();
+  const int64_t heads = int64_t(ctx.engine->config().n_layers) * ctx.engine->config().n_kv_heads;
+  if (counters.decode_steps > 0 && heads > 0)  // the budget a method actually ran at, beside its nominal one
+    m.push_back({"keys_read_per_step", double(counters.decode_keys_read) / double(counters.decode_steps * heads),
+                 "keys"});
+  for (const auto& [name, value] : counters.as_map()) m.push_back({"engine." + name, value, "count"});
   if (ctx.method != nullptr)
     for (const auto& [name, value] : ctx.method->counters()) m.push_back({"plugin." + name, value, ""});
   return m;
@@ -390,6 +483,10 @@ Result<RunMeasurements> measure_run(MeasureContext& ctx) {
     if (ctx.on_sample) ctx.on_sample(int64_t(i + 1));
   }
   out.metrics = tally_metrics(ctx, tally);
+  if (kind == TaskKind::Generation) {
+    AnswerTally answers;
+    if (auto s = score_answers(ctx, out, answers); !s) return s.error();
+  }
   return out;
 }
 

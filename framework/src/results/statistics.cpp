@@ -25,6 +25,34 @@ double mcnemar_exact_p(int64_t b, int64_t c) {
   return std::min(1.0, 2 * tail);
 }
 
+namespace {
+
+// The central `level` share of sorted bootstrap replicates.
+Interval percentile_interval(std::vector<double>& replicates, double level) {
+  std::sort(replicates.begin(), replicates.end());
+  const double tail = (1 - level) / 2;
+  auto at = [&](double q) {
+    return replicates[std::min(replicates.size() - 1, size_t(q * double(replicates.size() - 1) + 0.5))];
+  };
+  return {at(tail), at(1 - tail)};
+}
+
+}  // namespace
+
+Interval bootstrap_mean(const std::vector<double>& values, int replicates, double level, uint64_t seed) {
+  const size_t n = values.size();
+  if (n == 0 || replicates <= 0) return {0, 0};
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<size_t> pick(0, n - 1);
+  std::vector<double> means(static_cast<size_t>(replicates));
+  for (double& out : means) {
+    double sum = 0;
+    for (size_t i = 0; i < n; ++i) sum += values[pick(rng)];
+    out = sum / double(n);
+  }
+  return percentile_interval(means, level);
+}
+
 Interval bootstrap_perplexity(const std::vector<double>& nll_sums, const std::vector<int64_t>& counts,
                               int replicates, double level, uint64_t seed) {
   const size_t n = std::min(nll_sums.size(), counts.size());
@@ -42,10 +70,7 @@ Interval bootstrap_perplexity(const std::vector<double>& nll_sums, const std::ve
     }
     out = count > 0 ? std::exp(nll / double(count)) : 0.0;
   }
-  std::sort(ppl.begin(), ppl.end());
-  const double tail = (1 - level) / 2;
-  auto at = [&](double q) { return ppl[std::min(ppl.size() - 1, size_t(q * double(ppl.size() - 1) + 0.5))]; };
-  return {at(tail), at(1 - tail)};
+  return percentile_interval(ppl, level);
 }
 
 }  // namespace inferlab

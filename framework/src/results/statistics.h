@@ -24,4 +24,8 @@ double mcnemar_exact_p(int64_t b, int64_t c);
 Interval bootstrap_perplexity(const std::vector<double>& nll_sums, const std::vector<int64_t>& counts,
                               int replicates = 2000, double level = 0.95, uint64_t seed = 1);
 
+// Percentile bootstrap interval of the mean of `values`; deterministic for a seed.
+Interval bootstrap_mean(const std::vector<double>& values, int replicates = 2000, double level = 0.95,
+                        uint64_t seed = 1);
+
 }  // namespace inferlab
