@@ -4,9 +4,11 @@
 // tokens, evicting the rest after every forward call, prefill included.
 // Attention mass is summed over the query heads of a KV group (GQA). The
 // engine's retention mechanism keeps the scores and evicts (kHookRetention);
-// this plugin picks the rule and the budgets, any per layer and kv head.
+// this plugin picks the rule and the budgets, any per layer and kv head. The
+// first `dense_layers` layers keep every token.
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <sstream>
 
 #include "inferlab/plugin_export.h"
@@ -43,8 +45,8 @@ Result<std::map<std::pair<int32_t, int32_t>, Budget>> parse_overrides(const std:
 
 class H2o final : public Method {
  public:
-  H2o(Budget base, std::map<std::pair<int32_t, int32_t>, Budget> overrides)
-      : base_(base), overrides_(std::move(overrides)) {}
+  H2o(Budget base, std::map<std::pair<int32_t, int32_t>, Budget> overrides, int32_t dense_layers)
+      : base_(base), overrides_(std::move(overrides)), dense_layers_(dense_layers) {}
 
   // The engine keeps every token's accumulated attention mass beside its K/V
   // (on the GPU for the CUDA backend) and evicts after every call, prefill
@@ -54,9 +56,10 @@ class H2o final : public Method {
   }
 
   RetentionBudget retention_budget(const StepInfo& step, int32_t layer, int32_t kv_head) override {
+    ++budgets_asked_;
+    if (layer < dense_layers_) return RetentionBudget{};  // heavy < 0: the engine keeps everything
     const int32_t seen = step.first_position + step.n_tokens;  // tokens of the sequence after this call
     const auto [heavy, recent] = budget(layer, kv_head, seen);
-    ++budgets_asked_;
     return RetentionBudget{0, recent, heavy};
   }
 
@@ -73,6 +76,7 @@ class H2o final : public Method {
 
   Budget base_;
   std::map<std::pair<int32_t, int32_t>, Budget> overrides_;
+  int32_t dense_layers_;
   double budgets_asked_ = 0;
 };
 
@@ -89,7 +93,8 @@ class H2oPlugin final : public Plugin {
              ParamSpec::real("recent_ratio", 0.0, 0.0, 1.0, "recent window as a fraction of the sequence so far"),
              ParamSpec::string("overrides", "", {},
                                "per layer / kv head budgets: \"LAYER=heavy:recent;LAYER.KVHEAD=heavy:recent\" "
-                               "(fractions when the ratios are used)")}};
+                               "(fractions when the ratios are used); layers below dense_layers stay dense"),
+             ParamSpec::dense_layers(0)}};
   }
   Result<std::unique_ptr<Method>> create(const ParamValues& p) const override {
     const bool ratio = p.get_float("heavy_ratio") > 0 || p.get_float("recent_ratio") > 0;
@@ -97,7 +102,10 @@ class H2oPlugin final : public Plugin {
                               : Budget{double(p.get_int("heavy")), double(p.get_int("recent")), false};
     auto overrides = parse_overrides(p.get_string("overrides"), ratio);
     if (!overrides) return overrides.error();
-    return std::unique_ptr<Method>(std::make_unique<H2o>(base, std::move(*overrides)));
+    // Past the model's layer count means every layer dense, as in Quest; clamped so int32 cannot wrap.
+    const auto dense_layers =
+        int32_t(std::min<int64_t>(p.get_int("dense_layers"), std::numeric_limits<int32_t>::max()));
+    return std::unique_ptr<Method>(std::make_unique<H2o>(base, std::move(*overrides), dense_layers));
   }
 };
 

@@ -3,7 +3,8 @@
 // minimum and maximum of the keys; at each decode step and head, a page's
 // score is the upper bound sum_i max(q_i * min_i, q_i * max_i) of its attention
 // logits, and only the top token_budget / page_size pages (always including the
-// last page) are read. The first `dense_layers` layers and prefill stay dense;
+// last page, and at least `min_pages`: the reference implementation reads at
+// least 3) are read. The first `dense_layers` layers and prefill stay dense;
 // nothing is evicted. With grouped-query attention a KV head's page score is
 // the sum of the bounds of its query heads.
 //
@@ -37,8 +38,8 @@ struct QuestState final : SequenceState {
 
 class Quest final : public Method {
  public:
-  Quest(int32_t budget, int32_t page_size, int32_t dense_layers)
-      : budget_(budget), page_size_(page_size), dense_layers_(dense_layers) {}
+  Quest(int32_t budget, int32_t page_size, int32_t dense_layers, int32_t min_pages)
+      : budget_(budget), page_size_(page_size), dense_layers_(dense_layers), min_pages_(min_pages) {}
 
   bool dense_prefill() const override { return true; }
 
@@ -82,7 +83,8 @@ class Quest final : public Method {
   }
 
  private:
-  int32_t keep() const { return std::max(1, budget_ / page_size_); }
+  // The last page is always read, so min_pages 0 and 1 are the same floor.
+  int32_t keep() const { return std::max({1, min_pages_, budget_ / page_size_}); }
 
   void count_step(int32_t n_pages) {
     ++steps_;
@@ -134,7 +136,7 @@ class Quest final : public Method {
     return order;
   }
 
-  int32_t budget_, page_size_, dense_layers_;
+  int32_t budget_, page_size_, dense_layers_, min_pages_;
   ModelShape shape_;
   double steps_ = 0, pages_selected_ = 0, pages_total_ = 0;
 };
@@ -148,11 +150,17 @@ class QuestPlugin final : public Plugin {
             hooks_of<Quest>(),
             {ParamSpec::integer("token_budget", 256, 1, 1 << 24, "tokens read per decode step and head"),
              ParamSpec::integer("page_size", 16, 1, 4096, "tokens per page (best equal to the KV page size)"),
-             ParamSpec::dense_layers(2)}};
+             ParamSpec::dense_layers(2),
+             ParamSpec::integer("min_pages", 1, 0, 1 << 20,
+                                "pages read at least per decode step and kv head, the last included (reference: 3)")}};
   }
   Result<std::unique_ptr<Method>> create(const ParamValues& p) const override {
-    return std::unique_ptr<Method>(std::make_unique<Quest>(
-        int32_t(p.get_int("token_budget")), int32_t(p.get_int("page_size")), int32_t(p.get_int("dense_layers"))));
+    // Past the model's layer count means every layer dense; clamped so int32 cannot wrap.
+    const auto dense_layers =
+        int32_t(std::min<int64_t>(p.get_int("dense_layers"), std::numeric_limits<int32_t>::max()));
+    return std::unique_ptr<Method>(std::make_unique<Quest>(int32_t(p.get_int("token_budget")),
+                                                           int32_t(p.get_int("page_size")), dense_layers,
+                                                           int32_t(p.get_int("min_pages"))));
   }
 };
 

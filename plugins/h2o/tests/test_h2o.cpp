@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <numeric>
 #include <vector>
 
 #include "inferlab/testing.h"
@@ -49,6 +50,49 @@ TEST(H2o, H2oBudgetsByRatioAndPerLayerAndHead) {
   auto bad = test::plugin_registry().create("h2o", test::params({{"overrides", std::string("1=x")}}));
   ASSERT_FALSE(bad.ok());
   EXPECT_NE(bad.message().find("1=x"), std::string::npos) << bad.message();
+}
+
+// dense_layers: the first layers keep every token (heavy < 0 asks the engine
+// to keep everything); the others keep their budget as before.
+TEST(H2o, H2oDenseLayersKeepEveryToken) {
+  const auto with = [](int64_t dense_layers) {
+    return test::params({{"heavy", int64_t{2}}, {"recent", int64_t{2}}, {"dense_layers", dense_layers}});
+  };
+  // Every layer dense, and a count past the model's 2 layers, give dense logits at a budget of 4 tokens.
+  EXPECT_DENSE_EQUIVALENT(model(), "h2o", with(2));
+  EXPECT_DENSE_EQUIVALENT(model(), "h2o", with(5));
+
+  MethodHandle h2o = test::make_method("h2o", with(1));
+  ASSERT_NE(h2o.get(), nullptr);
+  EXPECT_LT(h2o->retention_budget(StepInfo{0, 0, 8}, 0, 1).heavy, 0);
+  const RetentionBudget b = h2o->retention_budget(StepInfo{0, 0, 8}, 1, 1);
+  EXPECT_EQ(b.recent, 2);
+  EXPECT_EQ(b.heavy, 2);
+
+  // In the engine: 20 prompt tokens, then 2 decode steps; tokens stored per (layer, kv head).
+  for (int64_t dense_layers : {0, 1}) {
+    auto engine = Engine::create(model(), EngineOptions{4, 0, 0});
+    ASSERT_TRUE(engine.ok());
+    test::ActiveMethod active = test::activate_method(**engine, "h2o", with(dense_layers));
+    ASSERT_NE(active.handle.get(), nullptr);
+    active.handle->begin_sequence((*engine)->shape());
+    auto seq = (*engine)->new_sequence();
+    ASSERT_TRUE((*engine)->prefill(*seq, test::random_tokens(100, 20, 1)).ok());
+    ASSERT_TRUE((*engine)->decode(*seq, 5).ok());
+    ASSERT_TRUE((*engine)->decode(*seq, 6).ok());
+    std::vector<int32_t> all(22);
+    std::iota(all.begin(), all.end(), 0);
+    for (int32_t g = 0; g < 2; ++g) {
+      if (dense_layers == 1) {
+        EXPECT_EQ(seq->table(0, g).positions, all);
+      } else {
+        EXPECT_EQ(seq->table(0, g).n_tokens(), 4);
+      }
+      EXPECT_EQ(seq->table(1, g).n_tokens(), 4);
+    }
+    // Per evicting (layer, kv head): 16 after the prompt, 1 per decode step.
+    EXPECT_EQ((*engine)->counters().tokens_evicted, (2 - dense_layers) * 2 * (16 + 2));
+  }
 }
 
 }  // namespace

@@ -123,6 +123,68 @@ TEST(Quest, QuestReadsOnlyItsBudgetInTheEngine) {
   EXPECT_EQ(c.tokens_evicted, 0);
 }
 
+// min_pages: a budget of fewer pages still reads min_pages pages (the
+// reference reads at least 3), the last page among them; the default, 1, and 0
+// read what token_budget says, at least the last page.
+TEST(Quest, QuestReadsAtLeastMinPages) {
+  const auto with = [](int64_t min_pages) {
+    return test::params({{"token_budget", int64_t{4}}, {"page_size", int64_t{4}}, {"dense_layers", int64_t{1}},
+                         {"min_pages", min_pages}});
+  };
+  test::FakeKv kv(4, 4);
+  for (int32_t p = 0; p < 20; ++p) kv.add(p, {0.1f, 0, 0, 0});
+  for (int64_t min_pages : {0, 1, 3}) {
+    MethodHandle quest = test::make_method("quest", with(min_pages));
+    ASSERT_NE(quest.get(), nullptr);
+    quest->begin_sequence(test::tiny_shape());
+    EXPECT_EQ(quest->page_budget(StepInfo{3, 20, 1}, kv, 1, 0), std::max<int64_t>(min_pages, 1));  // of 5 pages
+  }
+  MethodHandle covering = test::make_method("quest", with(5));  // 5 pages of 5: every page, read densely
+  covering->begin_sequence(test::tiny_shape());
+  EXPECT_EQ(covering->page_budget(StepInfo{3, 20, 1}, kv, 1, 0), 0);
+  EXPECT_DENSE_EQUIVALENT(model(), "quest", with(100000));
+
+  // On its own pages (select_kv): page 2 bounds highest, pages 0, 1 and 3 tie
+  // (the lower wins), page 4 is the last.
+  test::FakeKv own(2, 4);
+  for (int32_t p = 0; p < 20; ++p) own.add(p, {p == 9 ? 5.0f : 0.1f, p == 13 ? -6.0f : 0.0f, 0, 0});
+  MethodHandle quest = test::make_method("quest", with(3));
+  quest->begin_sequence(test::tiny_shape());
+  const auto state = quest->new_sequence_state(test::tiny_shape());
+  const std::vector<float> q = {1, 0, 0, 0, 0.5f, 0, 0, 0};
+  KvSelection sel;
+  EXPECT_TRUE(quest->select_kv(StepInfo{3, 20, 1, 1, state.get()}, own, 1, 0, q, sel));
+  std::vector<int32_t> want;
+  for (int32_t p : {0, 2, 4})
+    for (int32_t t = 4 * p; t < 4 * p + 4; ++t) want.push_back(t);
+  EXPECT_EQ(sel.indices, want);
+
+  // In the engine, on the cache's pages (page 4) and on its own (cache page 2):
+  // layer 0 dense (40..44 cached tokens: 10, 11, 11, 11, 11 pages), layer 1
+  // min_pages pages per kv head and step.
+  const auto prompt = test::random_tokens(100, 40, 2), forced = test::random_tokens(100, 5, 3);
+  const int64_t dense_pages = 2 * (10 + 11 + 11 + 11 + 11);
+  std::vector<int64_t> keys;
+  for (int32_t cache_page : {4, 2})
+    for (int64_t min_pages : {1, 3}) {
+      auto engine = Engine::create(model(), EngineOptions{cache_page, 0, 0});
+      ASSERT_TRUE(engine.ok());
+      test::ActiveMethod active = test::activate_method(**engine, "quest", with(min_pages));
+      ASSERT_NE(active.handle.get(), nullptr);
+      test::run_trace(**engine, active.handle.get(), prompt, 5, forced);
+      const EngineCounters& c = (*engine)->counters();
+      EXPECT_EQ(c.decode_steps, 5);
+      if (cache_page == 4) {  // pages of the cache; on its own pages the plugin selects tokens
+        EXPECT_EQ(c.decode_pages_read, dense_pages + 2 * min_pages * 5);
+      }
+      EXPECT_EQ(active.handle->counters().at("pages_selected"), 2 * min_pages * 5);
+      keys.push_back(c.decode_keys_read);
+    }
+  EXPECT_EQ(keys[0], keys[2]);  // the same keys on either path
+  EXPECT_EQ(keys[1], keys[3]);
+  EXPECT_LT(keys[0], keys[1]);
+}
+
 // Quest's own-page bounds live with each sequence (SequenceState): two
 // sequences decoded in turn give what each gives alone, and a copied sequence
 // carries its bounds along.
