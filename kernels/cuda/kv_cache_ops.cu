@@ -65,6 +65,28 @@ __global__ void kv_rope_shift_kernel(const KvPages kv, const int32_t* page, cons
   }
 }
 
+// Block per key row; a thread takes pairs, each read (and saved) before it is written.
+template <typename T>
+__global__ void kv_rope_from_originals_kernel(const KvPages kv, const int32_t* page, const int32_t* slot,
+                                              const int32_t* origin_page, const int32_t* delta, const int32_t* save,
+                                              const RopeFreqs freqs) {
+  T* row = key_row<T>(kv, page[blockIdx.x], slot[blockIdx.x]);
+  T* original = key_row<T>(kv, origin_page[blockIdx.x], slot[blockIdx.x]);
+  const bool first = save[blockIdx.x] != 0;
+  const int32_t shift = delta[blockIdx.x];
+  for (int32_t i = threadIdx.x; i < freqs.half; i += blockDim.x) {
+    float c, s;
+    rope_cos_sin(freqs, i, shift, &c, &s);
+    rope_rotate_pair(freqs, i, c, s,
+                     [&](int32_t d) {
+                       const T x = first ? row[d] : original[d];
+                       if (first) original[d] = x;
+                       return to_float(x);
+                     },
+                     [&](int32_t d, float x) { row[d] = from_float<T>(x); });
+  }
+}
+
 // Block (pair j, slice of the page); U is the copy unit, page_bytes a multiple of it.
 template <typename U>
 __global__ void kv_copy_pages_kernel(const KvPages from_kv, const KvPages to_kv, const int32_t* src,
@@ -177,6 +199,20 @@ cudaError_t kv_rope_shift(const KvPages& kv, const int32_t* page, const int32_t*
   const int threads = int(std::min<int64_t>(128, (freqs.half + 31) / 32 * 32));
   INFERLAB_DISPATCH_DTYPE(kv.dtype, T,
     kv_rope_shift_kernel<T><<<unsigned(n), threads, 0, stream>>>(kv, page, slot, delta, freqs));
+  return cudaGetLastError();
+}
+
+cudaError_t kv_rope_from_originals(const KvPages& kv, const int32_t* page, const int32_t* slot,
+                                   const int32_t* origin_page, const int32_t* delta, const int32_t* save, int32_t n,
+                                   int32_t rope_dim, float theta, bool neox, cudaStream_t stream) {
+  RopeFreqs freqs;
+  if (!valid_pages(kv) || n < 0 || rope_dim > kv.head_dim || !make_rope_freqs(rope_dim, theta, neox, &freqs))
+    return cudaErrorInvalidValue;
+  if (n == 0) return cudaSuccess;
+  const int threads = int(std::min<int64_t>(128, (freqs.half + 31) / 32 * 32));
+  INFERLAB_DISPATCH_DTYPE(kv.dtype, T,
+    kv_rope_from_originals_kernel<T><<<unsigned(n), threads, 0, stream>>>(kv, page, slot, origin_page, delta, save,
+                                                                          freqs));
   return cudaGetLastError();
 }
 

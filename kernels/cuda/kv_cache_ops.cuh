@@ -35,6 +35,15 @@ cudaError_t kv_move_rows(const KvPages& kv, const int32_t* src_page, const int32
 cudaError_t kv_rope_shift(const KvPages& kv, const int32_t* page, const int32_t* slot, const int32_t* delta,
                           int32_t n, int32_t rope_dim, float theta, bool neox, cudaStream_t stream);
 
+// Turns the K row at (page[j], slot[j]) to delta[j] RoPE positions from its
+// original, the K row at (origin_page[j], slot[j]) (cpu::rope_shift's math on
+// the original, one rounding to kv.dtype), j < n. Where save[j] != 0 the row
+// is its own original: its rotary dims are first copied there. (page, slot)
+// pairs must be distinct, and no origin page a page of the call.
+cudaError_t kv_rope_from_originals(const KvPages& kv, const int32_t* page, const int32_t* slot,
+                                   const int32_t* origin_page, const int32_t* delta, const int32_t* save, int32_t n,
+                                   int32_t rope_dim, float theta, bool neox, cudaStream_t stream);
+
 // Copies whole pages src[j] -> dst[j], j < n. No page may be both a source and
 // a destination of one call. Chunk bases must be 16-byte aligned (cudaMalloc's are).
 cudaError_t kv_copy_pages(const KvPages& kv, const int32_t* src, const int32_t* dst, int32_t n,

@@ -181,6 +181,10 @@ void KvSequence::append(int32_t layer, int32_t kv_head, const float* k, const fl
   std::memcpy(pool_->v(page) + int64_t(slot) * pool_->shape().head_dim, v, row_bytes);
   t.positions.push_back(position);
   t.rotary.push_back(rotary < 0 ? position : rotary);
+  if (!t.origin.empty()) {
+    t.origin.push_back(-1);
+    t.origin_pages.resize(t.pages.size(), -1);
+  }
 }
 
 int32_t KvSequence::reserve(int32_t layer, int32_t kv_head, int32_t n, const int32_t* positions,
@@ -192,7 +196,22 @@ int32_t KvSequence::reserve(int32_t layer, int32_t kv_head, int32_t n, const int
     t.positions.push_back(positions[i]);
     t.rotary.push_back(rotary != nullptr ? rotary[i] : positions[i]);
   }
+  if (!t.origin.empty()) {
+    t.origin.resize(t.positions.size(), -1);
+    t.origin_pages.resize(t.pages.size(), -1);
+  }
   return first;
+}
+
+int32_t KvSequence::origin_page(int32_t layer, int32_t kv_head, int32_t p) {
+  HeadPageTable& t = table(layer, kv_head);
+  if (t.origin.empty()) {
+    t.origin.assign(t.positions.size(), -1);
+    t.origin_pages.assign(t.pages.size(), -1);
+  }
+  int32_t& page = t.origin_pages[size_t(p)];
+  if (page < 0) page = pool_->allocate();
+  return page;
 }
 
 std::unique_ptr<KvSequence> KvSequence::clone(std::shared_ptr<KvPagePool> pool) const {
@@ -209,11 +228,18 @@ std::unique_ptr<KvSequence> KvSequence::clone(std::shared_ptr<KvPagePool> pool) 
     HeadPageTable& dst = copy->tables_[i];
     dst.positions = tables_[i].positions;
     dst.rotary = tables_[i].rotary;
+    dst.origin = tables_[i].origin;
     for (int32_t page : tables_[i].pages) {
       const int32_t fresh = pool->allocate();
       src_pages.push_back(page);
       dst_pages.push_back(fresh);
       dst.pages.push_back(fresh);
+    }
+    for (int32_t page : tables_[i].origin_pages) {
+      dst.origin_pages.push_back(page < 0 ? -1 : pool->allocate());
+      if (page < 0) continue;
+      src_pages.push_back(page);
+      dst_pages.push_back(dst.origin_pages.back());
     }
   }
   pool_->storage().copy_pages(*pool_, src_pages, *pool, dst_pages);
@@ -251,17 +277,26 @@ Result<int32_t> KvSequence::evict(int32_t layer, int32_t kv_head, std::vector<in
                              drop.front() < 0 ? drop.front() : drop.back(), layer, kv_head, n - 1)};
   // Compact in place: every kept token moves to the next free slot, in order.
   const int32_t ps = pool_->shape().page_size;
+  std::vector<int32_t> kept;  // tokens from the first dropped one on that stay
+  for (int32_t read = drop.front(), next = 0; read < n; ++read)
+    if (size_t(next) < drop.size() && drop[size_t(next)] == read) ++next;
+    else kept.push_back(read);
+  const bool originals = !t.origin.empty();
+  if (originals)  // saved originals move with their tokens: their new pages need origin pages first
+    for (size_t j = 0; j < kept.size(); ++j) {
+      const int32_t write = drop.front() + int32_t(j);
+      if (t.origin[size_t(kept[j])] >= 0 && t.origin_pages[size_t(write / ps)] < 0)
+        t.origin_pages[size_t(write / ps)] = pool_->allocate();
+    }
   std::vector<KvRowMove> moves;
   int32_t write = drop.front();
-  size_t next_drop = 0;
-  for (int32_t read = drop.front(); read < n; ++read) {
-    if (next_drop < drop.size() && drop[next_drop] == read) {
-      ++next_drop;
-      continue;
-    }
+  for (int32_t read : kept) {
     moves.push_back({t.pages[size_t(read / ps)], read % ps, t.pages[size_t(write / ps)], write % ps});
+    if (originals && t.origin[size_t(read)] >= 0)
+      moves.push_back({t.origin_pages[size_t(read / ps)], read % ps, t.origin_pages[size_t(write / ps)], write % ps});
     t.positions[size_t(write)] = t.positions[size_t(read)];
     t.rotary[size_t(write)] = t.rotary[size_t(read)];
+    if (originals) t.origin[size_t(write)] = t.origin[size_t(read)];
     ++write;
   }
   pool_->storage().move_rows(*pool_, moves);
@@ -269,9 +304,17 @@ Result<int32_t> KvSequence::evict(int32_t layer, int32_t kv_head, std::vector<in
   t.rotary.resize(size_t(write));
   ++t.rewrites;
   const size_t pages_needed = size_t((write + ps - 1) / ps);
-  for (size_t p = pages_needed; p < t.pages.size(); ++p) pool_->release(t.pages[p]);
-  t.pages.resize(pages_needed);
+  release_tail(t, pages_needed);
   return int32_t(drop.size());
+}
+
+void KvSequence::release_tail(HeadPageTable& t, size_t pages) {
+  for (size_t p = pages; p < t.pages.size(); ++p) pool_->release(t.pages[p]);
+  for (size_t p = pages; p < t.origin_pages.size(); ++p)
+    if (t.origin_pages[p] >= 0) pool_->release(t.origin_pages[p]);
+  t.pages.resize(std::min(t.pages.size(), pages));
+  t.origin_pages.resize(std::min(t.origin_pages.size(), pages));
+  t.origin.resize(t.origin.empty() ? 0 : t.positions.size());
 }
 
 void KvSequence::truncate(int32_t n) {
@@ -281,9 +324,7 @@ void KvSequence::truncate(int32_t n) {
     if (keep == t.n_tokens()) continue;
     t.positions.resize(size_t(keep));
     t.rotary.resize(size_t(keep));
-    const size_t pages_needed = size_t((keep + ps - 1) / ps);
-    for (size_t p = pages_needed; p < t.pages.size(); ++p) pool_->release(t.pages[p]);
-    t.pages.resize(pages_needed);
+    release_tail(t, size_t((keep + ps - 1) / ps));
     ++t.rewrites;  // what was derived from the last page (key bounds) no longer holds
   }
   n_past_ = std::min(n_past_, n);
@@ -291,10 +332,9 @@ void KvSequence::truncate(int32_t n) {
 
 void KvSequence::clear() {
   for (auto& t : tables_) {
-    for (int32_t p : t.pages) pool_->release(p);
-    t.pages.clear();
     t.positions.clear();
     t.rotary.clear();
+    release_tail(t, 0);
     ++t.rewrites;
   }
   method_states_.clear();
@@ -304,7 +344,10 @@ void KvSequence::clear() {
 
 int64_t KvSequence::pages_held() const {
   int64_t n = 0;
-  for (const auto& t : tables_) n += int64_t(t.pages.size());
+  for (const auto& t : tables_) {
+    n += int64_t(t.pages.size());
+    n += std::count_if(t.origin_pages.begin(), t.origin_pages.end(), [](int32_t p) { return p >= 0; });
+  }
   return n;
 }
 

@@ -157,6 +157,13 @@ struct HeadPageTable {
   std::vector<int32_t> pages;
   std::vector<int32_t> positions;  // original position of each stored token
   std::vector<int32_t> rotary;     // the RoPE position its key was rotated with
+  // Keys as first written, for re-rotation of f16/bf16 pages (cache
+  // positions): a moved key is turned from its original so it is rounded once,
+  // not at every eviction. Token i's original, rotated at origin[i] (-1: none
+  // saved), is the K row of its slot in pool page origin_pages[i / page_size]
+  // (-1: none). Both empty until KvSequence::origin_page starts them.
+  std::vector<int32_t> origin;
+  std::vector<int32_t> origin_pages;
   // Bumped whenever `pages` changes other than by appending (eviction, clear),
   // so a device copy of the table knows to re-read it whole.
   uint32_t rewrites = 0;
@@ -198,6 +205,12 @@ class KvSequence {
   // Its values are the engine's to keep; a larger capacity later keeps them.
   void* sequence_plane(SequencePlane plane, int32_t capacity);
 
+  // The pool page holding the saved original keys (HeadPageTable::origin) of
+  // logical page `p` of (layer, kv_head), allocated on first use
+  // (std::bad_alloc when out of memory). Origin pages move with their tokens,
+  // are copied by clone and freed with the tokens; pages_held counts them.
+  int32_t origin_page(int32_t layer, int32_t kv_head, int32_t p);
+
   // The state method `instance` (Method::engine_instance) keeps with this
   // sequence; `make` creates it the first time (it may return nullptr: none).
   SequenceState* method_state(uint64_t instance, const std::function<std::unique_ptr<SequenceState>()>& make);
@@ -226,6 +239,9 @@ class KvSequence {
   const KvPagePool& pool() const { return *pool_; }
 
  private:
+  // Frees the pages (and origin pages) of `t` from logical page `pages` on;
+  // its origins follow its positions, which the caller has cut already.
+  void release_tail(HeadPageTable& t, size_t pages);
   size_t index(int32_t layer, int32_t kv_head) const {
     return size_t(layer) * size_t(pool_->shape().n_kv_heads) + size_t(kv_head);
   }

@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "cuda/kv_cache_ops.cuh"
 #include "cuda/retention.cuh"
@@ -40,30 +41,38 @@ Result<int32_t> CudaBackend::evict(KvSequence& seq, int32_t l, int32_t g, std::v
 }
 
 Status CudaBackend::rerotate(KvSequence& seq, int32_t l, int32_t g) {
-  // RoPE rotations compose: turning a key by (new - old) positions equals
-  // rotating the unrotated key at its new position.
+  // RoPE rotations compose, so a key moved to index i is its original (the
+  // row as first written, saved in an origin page at its first move) turned
+  // by i - origin: one rounding to f16/bf16 however often it moves. Turning
+  // the stored key by each eviction's delta rounded every time and drifted.
   const ModelConfig& c = config_;
   HeadPageTable& t = seq.table(l, g);
-  const int32_t ps = options_.page_size;
-  std::vector<int32_t> page, slot, delta;
-  for (int32_t i = 0; i < t.n_tokens(); ++i) {
-    if (t.rotary[size_t(i)] == i) continue;
-    page.push_back(t.pages[size_t(i / ps)]);
-    slot.push_back(i % ps);
-    delta.push_back(i - t.rotary[size_t(i)]);
+  const int32_t ps = options_.page_size, n_tokens = t.n_tokens();
+  std::vector<int32_t> moved;  // then (5, n): page, slot, origin page, delta, save
+  for (int32_t i = 0; i < n_tokens; ++i)
+    if (t.rotary[size_t(i)] != i) moved.push_back(i);
+  if (moved.empty()) return ok_status();
+  const int32_t n = int32_t(moved.size());
+  if (!scratch_.reserve(size_t(5 * n) * 4)) return Error{"cuda engine: out of GPU memory for re-rotation"};
+  // Origin pages before any bookkeeping changes (allocation may throw std::bad_alloc).
+  for (int32_t i : moved) seq.origin_page(l, g, i / ps);
+  moved.resize(size_t(5 * n));
+  for (int32_t j = 0; j < n; ++j) {
+    const int32_t i = moved[size_t(j)];
+    int32_t& origin = t.origin[size_t(i)];
+    moved[size_t(4 * n + j)] = origin < 0;
+    if (origin < 0) origin = t.rotary[size_t(i)];
+    moved[size_t(j)] = t.pages[size_t(i / ps)];
+    moved[size_t(n + j)] = i % ps;
+    moved[size_t(2 * n + j)] = t.origin_pages[size_t(i / ps)];
+    moved[size_t(3 * n + j)] = i - origin;
     t.rotary[size_t(i)] = i;
   }
-  if (page.empty()) return ok_status();
-  const int32_t n = int32_t(page.size());
-  std::vector<int32_t> moved = page;  // (3, n): page, slot, delta
-  moved.insert(moved.end(), slot.begin(), slot.end());
-  moved.insert(moved.end(), delta.begin(), delta.end());
-  if (!scratch_.reserve(moved.size() * 4)) return Error{"cuda engine: out of GPU memory for re-rotation"};
   const int32_t* d = scratch_.as<int32_t>();
   CUDA_TRY(cudaMemcpyAsync(scratch_.as(), moved.data(), moved.size() * 4, cudaMemcpyHostToDevice, stream_),
            "re-rotate");
-  CUDA_TRY(kc::kv_rope_shift(cuda_kv_pages(*pool_), d, d + n, d + 2 * n, n, c.rope_dim, c.rope_theta, c.rope_neox,
-                             stream_),
+  CUDA_TRY(kc::kv_rope_from_originals(cuda_kv_pages(*pool_), d, d + n, d + 2 * n, d + 3 * n, d + 4 * n, n, c.rope_dim,
+                                      c.rope_theta, c.rope_neox, stream_),
            "re-rotate");
   CUDA_TRY(cudaStreamSynchronize(stream_), "re-rotate");  // `moved` is pageable and ours
   return ok_status();
