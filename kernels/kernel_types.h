@@ -77,6 +77,11 @@ struct AttentionCall {
   const uint8_t* select = nullptr;        // (n_kv_heads) KeySelect
   const int32_t* select_indptr = nullptr; // (n_kv_heads + 1) ranges of select_index
   const int32_t* select_index = nullptr;  // logical pages or stored tokens, ascending per head
+  // Per query head selection; null: every query head of a group reads its kv
+  // head's whole selection. Else select_heads[j] (beside select_index[j]) has
+  // bit i set when query head g * group_size + i reads that entry; the others
+  // do not see its keys (new tokens are seen by all).
+  const uint32_t* select_heads = nullptr;
 
   // Head mask; null: every head computed. A head with 0 outputs zeros.
   const uint8_t* head_active = nullptr;   // (n_heads)
@@ -112,6 +117,15 @@ struct AttentionCall {
 // gives way to the other; a NaN score counts as -infinity) and out[out_offset[g] ...] receives keep[g] logical pages, ascending: the
 // keep[g] - 1 best-scoring of pages 0 .. n_pages - 2 (ties to the lower page),
 // then page n_pages - 1. Heads with keep[g] == 0 are left alone.
+//
+// per_head: each query head h of the group scores the pages alone (the sum
+// above over h only) and selects its own keep[g] pages as above; kv head g's
+// slots out[out_offset[g] .. + group_size * (keep[g] - 1) + 1) receive the
+// union of its heads' pages ascending, after as many -1 as slots are left
+// over, and out_heads the same slots' masks (bit i: query head
+// g * group_size + i selected the page; 0 for a -1). scores then holds
+// (n_kv_heads * group_size, score_stride) and marks (n_kv_heads,
+// score_stride) is scratch.
 struct PageSelectCall {
   int32_t n_kv_heads = 0;
   int32_t group_size = 0;     // query heads per kv head
@@ -127,6 +141,9 @@ struct PageSelectCall {
   int32_t* out = nullptr;
   float* scores = nullptr;           // scratch (n_kv_heads, score_stride)
   int32_t score_stride = 0;          // >= the largest n_pages
+  int32_t per_head = 0;              // 1: a selection per query head, their union per kv head
+  uint32_t* out_heads = nullptr;     // per_head: beside out, the query heads of each page
+  uint32_t* marks = nullptr;         // per_head: scratch (n_kv_heads, score_stride)
 };
 
 // Engine-side retention of one layer. The score of stored token t of kv head g

@@ -112,7 +112,7 @@ void attend_head(const AttentionCall& call, int32_t h, const HeadKv& kv, const s
 
 }  // namespace
 
-std::vector<int32_t> selected_cached_tokens(const AttentionCall& call, int32_t g) {
+std::vector<int32_t> selected_cached_tokens(const AttentionCall& call, int32_t g, int32_t head_bit) {
   const int32_t n_cached = call.n_cached[g];
   const auto mode = call.select != nullptr ? KeySelect(call.select[g]) : KeySelect::All;
   std::vector<int32_t> tokens;
@@ -124,6 +124,7 @@ std::vector<int32_t> selected_cached_tokens(const AttentionCall& call, int32_t g
   for (int32_t j = call.select_indptr[g]; j < call.select_indptr[g + 1]; ++j) {
     const int32_t x = call.select_index[j];
     if (x < 0) continue;  // outside the cache, like an index past it
+    if (head_bit >= 0 && call.select_heads != nullptr && ((call.select_heads[j] >> head_bit) & 1u) == 0) continue;
     if (mode == KeySelect::Tokens) {
       if (x < n_cached) tokens.push_back(x);
     } else {
@@ -139,15 +140,15 @@ void attention_twin(const AttentionCall& call) {
   for (int32_t g = 0; g < call.n_kv_heads; ++g) {
     const int32_t n_cached = call.n_cached[g], n_stored = n_cached + call.n_rows;
     const HeadKv kv = decode_head(call, g, n_stored);
-    std::vector<int32_t> keys = selected_cached_tokens(call, g);
-    const auto n_selected = int32_t(keys.size());
-    for (int32_t i = 0; i < call.n_rows; ++i) keys.push_back(n_cached + i);
     float* mass = call.key_mass != nullptr ? call.key_mass + int64_t(g) * call.mass_stride : nullptr;
     for (int32_t h = g * group; h < (g + 1) * group; ++h) {
       if (call.head_active != nullptr && call.head_active[h] == 0) {
         for (int32_t i = 0; i < call.n_rows; ++i) std::fill_n(call.out + (int64_t(i) * call.n_heads + h) * hd, hd, 0.0f);
         continue;
       }
+      std::vector<int32_t> keys = selected_cached_tokens(call, g, h - g * group);  // this head's own, with select_heads
+      const auto n_selected = int32_t(keys.size());
+      for (int32_t i = 0; i < call.n_rows; ++i) keys.push_back(n_cached + i);
       attend_head(call, h, kv, keys, n_selected, n_cached, mass);
     }
   }

@@ -17,7 +17,8 @@ namespace inferlab::kernels::cpu {
 void attention_twin(const AttentionCall& call);
 
 // The cached tokens (stored before the call) kv head g reads before its new
-// tokens, in order, as its KeySelect says.
-std::vector<int32_t> selected_cached_tokens(const AttentionCall& call, int32_t g);
+// tokens, in order, as its KeySelect says: all of them (head_bit -1, their
+// union), or those query head g * group_size + head_bit reads (select_heads).
+std::vector<int32_t> selected_cached_tokens(const AttentionCall& call, int32_t g, int32_t head_bit = -1);
 
 }  // namespace inferlab::kernels::cpu

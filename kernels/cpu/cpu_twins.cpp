@@ -144,43 +144,68 @@ void page_bounds_update(const KvPages& kv, void* bounds, const int32_t* pages, c
 
 void page_select(const PageSelectCall& call) {
   const int32_t hd = call.head_dim, gs = call.group_size;
+  const int32_t selections = call.per_head != 0 ? gs : 1;  // per kv head
   std::vector<float> lo(static_cast<size_t>(hd)), hi(static_cast<size_t>(hd));
   std::vector<int32_t> order;
+  std::vector<uint32_t> marks;
   for (int32_t g = 0; g < call.n_kv_heads; ++g) {
     const int32_t keep = call.keep[g];
     if (keep <= 0) continue;
     const int32_t n_pages = (call.n_cached[g] + call.page_size - 1) / call.page_size;
-    float* score = call.scores + int64_t(g) * call.score_stride;
     const float* q = call.q + int64_t(g) * gs * hd;
-    for (int32_t p = 0; p + 1 < n_pages; ++p) {
-      const int64_t base = int64_t(call.table.pages[int64_t(g) * call.table.stride + p]) * 2 * hd;
-      const float *page_lo = lo.data(), *page_hi = hi.data();
-      if (call.dtype == DType::F32) {  // the CPU engine's bounds: read in place
-        page_lo = static_cast<const float*>(call.bounds) + base;
-        page_hi = page_lo + hd;
-      } else {
-        const char* bytes = static_cast<const char*>(call.bounds) + base * dtype_bytes(call.dtype);
-        convert_to_float(bytes, call.dtype, hd, lo.data());
-        convert_to_float(bytes + int64_t(hd) * dtype_bytes(call.dtype), call.dtype, hd, hi.data());
-      }
-      float s = 0;
-      for (int32_t h = 0; h < gs; ++h)
-        for (int32_t i = 0; i < hd; ++i) {
-          const float qi = q[int64_t(h) * hd + i], a = qi * page_lo[i], b = qi * page_hi[i];
-          s += a < b || a != a ? b : a;  // fmaxf: a NaN product (0 * an infinite bound) gives way
+    if (call.per_head != 0) marks.assign(size_t(n_pages), 0u);
+    for (int32_t sel = 0; sel < selections; ++sel) {
+      // The query heads this selection scores with: the group, or head `sel` alone.
+      const int32_t h_begin = call.per_head != 0 ? sel : 0, h_end = call.per_head != 0 ? sel + 1 : gs;
+      float* score = call.scores + (int64_t(g) * selections + sel) * call.score_stride;
+      for (int32_t p = 0; p + 1 < n_pages; ++p) {
+        const int64_t base = int64_t(call.table.pages[int64_t(g) * call.table.stride + p]) * 2 * hd;
+        const float *page_lo = lo.data(), *page_hi = hi.data();
+        if (call.dtype == DType::F32) {  // the CPU engine's bounds: read in place
+          page_lo = static_cast<const float*>(call.bounds) + base;
+          page_hi = page_lo + hd;
+        } else {
+          const char* bytes = static_cast<const char*>(call.bounds) + base * dtype_bytes(call.dtype);
+          convert_to_float(bytes, call.dtype, hd, lo.data());
+          convert_to_float(bytes + int64_t(hd) * dtype_bytes(call.dtype), call.dtype, hd, hi.data());
         }
-      score[p] = std::isnan(s) ? -std::numeric_limits<float>::infinity() : s;  // both products NaN: ranks last
+        float s = 0;
+        for (int32_t h = h_begin; h < h_end; ++h)
+          for (int32_t i = 0; i < hd; ++i) {
+            const float qi = q[int64_t(h) * hd + i], a = qi * page_lo[i], b = qi * page_hi[i];
+            s += a < b || a != a ? b : a;  // fmaxf: a NaN product (0 * an infinite bound) gives way
+          }
+        score[p] = std::isnan(s) ? -std::numeric_limits<float>::infinity() : s;  // both products NaN: ranks last
+      }
+      order.resize(size_t(n_pages - 1));
+      std::iota(order.begin(), order.end(), 0);
+      const int32_t others = std::min(keep - 1, n_pages - 1);
+      std::partial_sort(order.begin(), order.begin() + others, order.end(), [&](int32_t a, int32_t b) {
+        return score[a] > score[b] || (score[a] == score[b] && a < b);
+      });
+      order.resize(size_t(others));
+      std::sort(order.begin(), order.end());
+      order.push_back(n_pages - 1);
+      if (call.per_head == 0) {
+        std::copy(order.begin(), order.end(), call.out + call.out_offset[g]);
+        continue;
+      }
+      for (int32_t p : order) marks[size_t(p)] |= 1u << sel;
     }
-    order.resize(size_t(n_pages - 1));
-    std::iota(order.begin(), order.end(), 0);
-    const int32_t others = std::min(keep - 1, n_pages - 1);
-    std::partial_sort(order.begin(), order.begin() + others, order.end(), [&](int32_t a, int32_t b) {
-      return score[a] > score[b] || (score[a] == score[b] && a < b);
-    });
-    order.resize(size_t(others));
-    std::sort(order.begin(), order.end());
-    order.push_back(n_pages - 1);
-    std::copy(order.begin(), order.end(), call.out + call.out_offset[g]);
+    if (call.per_head == 0) continue;
+    // The union, ascending, at the end of the kv head's slots; unused slots first.
+    const int32_t slots = gs * (keep - 1) + 1;
+    int32_t at = call.out_offset[g] + slots;
+    for (int32_t p = n_pages - 1; p >= 0; --p)
+      if (marks[size_t(p)] != 0) {
+        --at;
+        call.out[at] = p;
+        call.out_heads[at] = marks[size_t(p)];
+      }
+    for (int32_t j = call.out_offset[g]; j < at; ++j) {
+      call.out[j] = -1;
+      call.out_heads[j] = 0;
+    }
   }
 }
 

@@ -41,7 +41,8 @@ void kv_copy_pages(const KvPages& kv, const int32_t* src, const int32_t* dst, in
 // counts[j] slots' keys (counts[j] >= 1), stored in kv.dtype.
 void page_bounds_update(const KvPages& kv, void* bounds, const int32_t* pages, const int32_t* counts, int32_t n);
 // The selection by bound of PageSelectCall. A score accumulates in float, over
-// query heads then channels, in that order (the CPU engine's reference).
+// query heads then channels, in that order (the CPU engine's reference). With
+// per_head, marks is not used (call.scores still is).
 void page_select(const PageSelectCall& call);
 
 // Slot planes (kv_cache_ops.cuh): one 4-byte value per physical slot.

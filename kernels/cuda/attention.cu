@@ -15,8 +15,9 @@ bool valid_call(const AttentionCall& c) {
                         c.table.pages != nullptr;
   // select_index / block_keys may be null when every list is empty.
   const bool select = c.select == nullptr || c.select_indptr != nullptr;
+  const bool heads = c.select_heads == nullptr || (c.select != nullptr && c.n_kv_heads > 0 && c.n_heads <= 32 * c.n_kv_heads);
   const bool sparse = c.block_sparse == nullptr || (c.block_size > 0 && c.block_indptr != nullptr);
-  return shapes && dtype && pointers && select && sparse;
+  return shapes && dtype && pointers && select && heads && sparse;
 }
 
 }  // namespace

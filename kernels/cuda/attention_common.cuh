@@ -57,7 +57,8 @@ __device__ __forceinline__ int32_t warp_min(int32_t x) {
 struct KeyList {
   KeySelect mode = KeySelect::All;
   int32_t n_cached = 0, n_selected = 0, n_rows = 0, page_size = 1;
-  const int32_t* index = nullptr;  // the head's select_index range
+  const int32_t* index = nullptr;   // the head's select_index range
+  const uint32_t* heads = nullptr;  // beside index: the group's query heads of each entry; null: all
 
   __device__ int32_t n_keys() const { return n_selected + n_rows; }
   __device__ int32_t token(int32_t k) const {
@@ -65,6 +66,11 @@ struct KeyList {
     if (mode == KeySelect::Tokens) return index[k];
     if (mode == KeySelect::Pages) return index[k / page_size] * page_size + k % page_size;
     return k;
+  }
+  // The group's query heads that read key k (bit i: head i of the group).
+  __device__ uint32_t key_heads(int32_t k) const {
+    if (heads == nullptr || k >= n_selected) return ~0u;
+    return mode == KeySelect::Tokens ? heads[k] : heads[k / page_size];
   }
 };
 
@@ -91,7 +97,9 @@ __device__ inline KeyList warp_key_list(const AttentionCall& c, int32_t g) {
       count += min(max(l.n_cached - x * l.page_size, 0), l.page_size);
   }
   l.n_selected = warp_sum(count);
-  l.index += warp_sum(negative);
+  negative = warp_sum(negative);
+  l.index += negative;
+  if (c.select_heads != nullptr) l.heads = c.select_heads + begin + negative;
   return l;
 }
 

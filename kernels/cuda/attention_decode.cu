@@ -25,6 +25,7 @@ struct DecodeSmem {
   T k[kStages][kTileKeys][D + kRowPad];  // K tiles
   T v[kStages][kTileKeys][D + kRowPad];  // V tiles
   const T* row[kStages][kTileKeys];      // K row of each key of a tile; null: no key (zeros)
+  uint32_t heads[kStages][kTileKeys];    // the group's query heads that read each key (bit per head)
   float q[NQ][D];                  // queries * scale * log2(e); zeros for inactive heads and padding
   float p[NQ][kTileKeys];          // a tile's scores, then probabilities
   float out[NQ][D];                // sum of the key slices' partial outputs
@@ -101,6 +102,7 @@ __device__ void plan_decode_tile(const AttentionCall& c, const DecodeCta& cta, D
   if (threadIdx.x >= kTileKeys) return;
   const int32_t k = start + int32_t(threadIdx.x);
   sm.row[buf][threadIdx.x] = k < cta.k_end ? key_row<T>(c, cta.g, cta.list.token(k)) : nullptr;
+  sm.heads[buf][threadIdx.x] = k < cta.k_end ? cta.list.key_heads(k) : 0u;
 }
 
 __device__ __forceinline__ float dot8(const float* q, const float (&k)[8]) {
@@ -123,10 +125,12 @@ __device__ void decode_scores(const DecodeCta& cta, DecodeSmem<T, D, NQ>& sm, in
       if (part + 2 * i < NQ) acc[i] += dot8(&sm.q[part + 2 * i][ch * 8], kf);
   }
   const int32_t k = start + key;
+  const uint32_t readers = sm.heads[buf][key];  // per query head selections: a head sees only its own keys
 #pragma unroll
   for (int i = 0; i < kPerThread; ++i) {
     const int qi = part + 2 * i;
-    if (qi < NQ) sm.p[qi][key] = k < cta.k_end && k < sm.lim[qi] ? acc[i] : -INFINITY;
+    if (qi < NQ)
+      sm.p[qi][key] = k < cta.k_end && k < sm.lim[qi] && ((readers >> (qi % cta.group)) & 1u) ? acc[i] : -INFINITY;
   }
 }
 
@@ -279,10 +283,11 @@ __global__ void __launch_bounds__(kThreads) decode_mass_kernel(const AttentionCa
 #pragma unroll
       for (int qi = 0; qi < NQ; ++qi) s[qi] += dot8(&q[qi][ch * 8], kf);
     }
+    const uint32_t readers = cta.list.key_heads(k);
     float p = 0.0f;
 #pragma unroll
     for (int qi = 0; qi < NQ; ++qi)
-      if (k < lim[qi]) p += exp2f(s[qi] - lse[qi]);
+      if (k < lim[qi] && ((readers >> (qi % cta.group)) & 1u)) p += exp2f(s[qi] - lse[qi]);
     if (p != 0.0f) atomicAdd(&c.key_mass[int64_t(cta.g) * c.mass_stride + t], p);
   }
 }

@@ -131,9 +131,12 @@ __device__ void plan_tile(const AttentionCall& c, const PrefillCta& cta, TilePla
   const int lane = int(threadIdx.x % 32);
   if (lane == 0) sm.start[buf] = start;
   if (start < 0) return;
+  const int32_t bit = cta.h % (c.n_heads / c.n_kv_heads);  // this head in its group
   for (int k = lane; k < kTileKeys; k += 32) {
     const int32_t pos = start + k;
-    const bool valid = cta.sparse ? pos <= cta.self_hi : pos < cta.key_end;
+    // A key of another query head's own selection is no key for this head.
+    const bool valid = cta.sparse ? pos <= cta.self_hi
+                                  : pos < cta.key_end && ((cta.list.key_heads(pos) >> bit) & 1u) != 0;
     const int32_t t = !valid ? -1 : cta.sparse ? pos : cta.list.token(pos);
     sm.token[buf][k] = t;
     sm.row[buf][k] = valid ? key_row<T>(c, cta.g, t) : nullptr;
@@ -237,9 +240,11 @@ __device__ void tile_scores(const T (*k)[D + kRowPad], const uint32_t (&qf)[D / 
     }
 }
 
-// -inf for keys a row may not read: causality (and the key list's end), and
-// for block-sparse rows the listed blocks.
-__device__ void mask_scores(float (&s)[kKeyFrags][4], int32_t start, const RowInfo& r, const uint64_t* allowed) {
+// -inf for keys a row may not read: causality (and the key list's end), for
+// block-sparse rows the listed blocks, and with per query head selections
+// (token: the tile's stored tokens) the keys planned as none (-1).
+__device__ void mask_scores(float (&s)[kKeyFrags][4], int32_t start, const RowInfo& r, const uint64_t* allowed,
+                            const int32_t* token) {
   const int lane = int(threadIdx.x % 32);
 #pragma unroll
   for (int j = 0; j < kKeyFrags; ++j)
@@ -248,6 +253,7 @@ __device__ void mask_scores(float (&s)[kKeyFrags][4], int32_t start, const RowIn
       const int key = j * 8 + (lane % 4) * 2 + (e & 1), half = e >> 1;
       bool visible = start + key < r.lim[half];
       if (allowed != nullptr) visible = visible && ((allowed[key] >> r.qbit[half]) & 1u);
+      if (token != nullptr) visible = visible && token[key] >= 0;
       if (!visible) s[j][e] = -INFINITY;
     }
 }
@@ -353,7 +359,7 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const AttentionCall c
   for_each_tile<T, D, false>(c, cta, sm, [&](int buf, int32_t start) {
     float s[kKeyFrags][4];
     tile_scores<T, D>(sm.k[buf], qf, s);
-    mask_scores(s, start, r, cta.sparse ? sm.allowed[buf] : nullptr);
+    mask_scores(s, start, r, cta.sparse ? sm.allowed[buf] : nullptr, c.select_heads != nullptr ? sm.token[buf] : nullptr);
     online_softmax<D>(s, m, l, o);
     tile_pv<T, D>(sm.v[buf], s, o);
   });
@@ -365,7 +371,7 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const AttentionCall c
   for_each_tile<T, D, true>(c, cta, sm, [&](int buf, int32_t start) {
     float s[kKeyFrags][4];
     tile_scores<T, D>(sm.k[buf], qf, s);
-    mask_scores(s, start, r, cta.sparse ? sm.allowed[buf] : nullptr);
+    mask_scores(s, start, r, cta.sparse ? sm.allowed[buf] : nullptr, c.select_heads != nullptr ? sm.token[buf] : nullptr);
     add_tile_mass(s, lse, sm.mass);
   });
 }

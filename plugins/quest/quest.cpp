@@ -5,8 +5,11 @@
 // logits, and only the top token_budget / page_size pages (always including the
 // last page, and at least `min_pages`: the reference implementation reads at
 // least 3) are read. The first `dense_layers` layers and prefill stay dense;
-// nothing is evicted. With grouped-query attention a KV head's page score is
-// the sum of the bounds of its query heads.
+// nothing is evicted. With grouped-query attention (`gqa`), either a KV head's
+// page score is the sum of the bounds of its query heads ("sum"), or each query
+// head selects its own pages by its own bound and attends only to them, the KV
+// head reading their union ("per_head", the reference evaluation's semantics:
+// its models are multi-head, where a head is a KV head).
 //
 // When `page_size` equals the KV cache's page size, the engine keeps the bounds
 // and selects the pages (kHookPageBudget: on CUDA, in device kernels); the
@@ -38,10 +41,11 @@ struct QuestState final : SequenceState {
 
 class Quest final : public Method {
  public:
-  Quest(int32_t budget, int32_t page_size, int32_t dense_layers, int32_t min_pages)
-      : budget_(budget), page_size_(page_size), dense_layers_(dense_layers), min_pages_(min_pages) {}
+  Quest(int32_t budget, int32_t page_size, int32_t dense_layers, int32_t min_pages, bool per_head)
+      : budget_(budget), page_size_(page_size), dense_layers_(dense_layers), min_pages_(min_pages), per_head_(per_head) {}
 
   bool dense_prefill() const override { return true; }
+  BoundScope bound_scope() const override { return per_head_ ? BoundScope::QueryHead : BoundScope::KvHead; }
 
   void begin_sequence(const ModelShape& shape) override { shape_ = shape; }
 
@@ -70,8 +74,23 @@ class Quest final : public Method {
     count_step(n_pages);
     if (n_pages <= keep()) return false;  // the budget covers everything: dense
     selection.unit = KvSelection::Unit::Tokens;
-    for (int32_t p : top_pages(b, q, n_pages, keep()))
-      for (int32_t t = p * page_size_; t < std::min(n, (p + 1) * page_size_); ++t) selection.indices.push_back(t);
+    if (!per_head_) {
+      for (int32_t p : top_pages(b, q, n_pages, keep()))
+        for (int32_t t = p * page_size_; t < std::min(n, (p + 1) * page_size_); ++t) selection.indices.push_back(t);
+      return true;
+    }
+    // Each query head's own pages; the KV head reads their union.
+    const size_t hd = size_t(shape_.head_dim);
+    std::vector<uint32_t> heads(size_t(n_pages), 0u);
+    for (size_t h = 0; h < q.size() / hd; ++h)
+      for (int32_t p : top_pages(b, q.subspan(h * hd, hd), n_pages, keep())) heads[size_t(p)] |= 1u << h;
+    for (int32_t p = 0; p < n_pages; ++p) {
+      if (heads[size_t(p)] == 0) continue;
+      for (int32_t t = p * page_size_; t < std::min(n, (p + 1) * page_size_); ++t) {
+        selection.indices.push_back(t);
+        selection.heads.push_back(heads[size_t(p)]);
+      }
+    }
     return true;
   }
 
@@ -137,6 +156,7 @@ class Quest final : public Method {
   }
 
   int32_t budget_, page_size_, dense_layers_, min_pages_;
+  bool per_head_;
   ModelShape shape_;
   double steps_ = 0, pages_selected_ = 0, pages_total_ = 0;
 };
@@ -152,15 +172,18 @@ class QuestPlugin final : public Plugin {
              ParamSpec::integer("page_size", 16, 1, 4096, "tokens per page (best equal to the KV page size)"),
              ParamSpec::dense_layers(2),
              ParamSpec::integer("min_pages", 1, 0, 1 << 20,
-                                "pages read at least per decode step and kv head, the last included (reference: 3)")}};
+                                "pages read at least per decode step and kv head, the last included (reference: 3)"),
+             ParamSpec::string("gqa", "sum", {"sum", "per_head"},
+                               "grouped-query models: a kv head's pages by the sum of its query heads' bounds, or "
+                               "each query head's own pages (the reference's semantics), the kv head reading their union")}};
   }
   Result<std::unique_ptr<Method>> create(const ParamValues& p) const override {
     // Past the model's layer count means every layer dense; clamped so int32 cannot wrap.
     const auto dense_layers =
         int32_t(std::min<int64_t>(p.get_int("dense_layers"), std::numeric_limits<int32_t>::max()));
-    return std::unique_ptr<Method>(std::make_unique<Quest>(int32_t(p.get_int("token_budget")),
-                                                           int32_t(p.get_int("page_size")), dense_layers,
-                                                           int32_t(p.get_int("min_pages"))));
+    return std::unique_ptr<Method>(std::make_unique<Quest>(
+        int32_t(p.get_int("token_budget")), int32_t(p.get_int("page_size")), dense_layers,
+        int32_t(p.get_int("min_pages")), p.get_string("gqa") == "per_head"));
   }
 };
 

@@ -37,6 +37,7 @@ struct DeviceCase {
   DeviceBuffer<void*> chunk_base;
   DeviceBuffer<int32_t> table, n_cached, select_indptr, select_index, block_indptr, block_keys;
   DeviceBuffer<uint8_t> select, head_active, block_sparse;
+  DeviceBuffer<uint32_t> select_heads;
   DeviceBuffer<float> q, out, key_mass;
   kernels::AttentionCall call;
 
@@ -52,6 +53,7 @@ struct DeviceCase {
         select(c.select),
         head_active(c.head_active),
         block_sparse(c.block_sparse),
+        select_heads(c.select_heads),
         q(c.q),
         out(c.out),  // NaN: every element must be written
         key_mass(c.key_mass),
@@ -64,6 +66,7 @@ struct DeviceCase {
     call.select = c.select.empty() ? nullptr : select.get();
     call.select_indptr = c.select.empty() ? nullptr : select_indptr.get();
     call.select_index = c.select.empty() || c.select_index.empty() ? nullptr : select_index.get();
+    call.select_heads = c.select_heads.empty() ? nullptr : select_heads.get();
     call.head_active = c.head_active.empty() ? nullptr : head_active.get();
     call.block_sparse = c.block_sparse.empty() ? nullptr : block_sparse.get();
     call.block_indptr = c.block_sparse.empty() ? nullptr : block_indptr.get();
@@ -157,6 +160,33 @@ std::vector<AttentionSpec> decode_select_specs() {
   return specs;
 }
 
+// Each query head its own part of the selection (select_heads, Quest per
+// query head): the decode kernel (GQA 4, 3, 1) and the prefill kernel (6 rows
+// x group 3), with statistics and masks.
+std::vector<AttentionSpec> head_select_specs() {
+  std::vector<AttentionSpec> specs;
+  uint64_t seed = 150;
+  for (Select sel : {Select::Pages, Select::Tokens, Select::Mixed})
+    for (auto [h, kv, rows, ps] : {std::tuple{32, 8, 1, 16}, std::tuple{9, 3, 1, 5}, std::tuple{4, 4, 1, 16},
+                                   std::tuple{9, 3, 6, 16}}) {
+      AttentionSpec s = shape(h, kv, h == 32 ? 128 : 64, rows, 1000, seed % 2 == 0 ? DType::F16 : DType::BF16);
+      s.select = sel;
+      s.head_selects = true;
+      s.page_size = ps;
+      s.cached_step = 7;
+      s.stats = true;
+      s.head_mask = rows == 6;
+      s.seed = seed++;
+      specs.push_back(s);
+    }
+  AttentionSpec s = shape(8, 2, 128, 100, 500, DType::F16);  // prefill rows over a per-head selection
+  s.select = Select::Pages;
+  s.head_selects = true;
+  s.seed = seed++;
+  specs.push_back(s);
+  return specs;
+}
+
 // Prefill: with and without cached tokens, odd lengths across tiles and pages.
 std::vector<AttentionSpec> prefill_specs() {
   std::vector<AttentionSpec> specs;
@@ -210,6 +240,7 @@ TEST_P(CudaAttention, MatchesTwin) {
 const auto spec_name = [](const testing::TestParamInfo<AttentionSpec>& info) { return info.param.name(); };
 INSTANTIATE_TEST_SUITE_P(Decode, CudaAttention, testing::ValuesIn(decode_specs()), spec_name);
 INSTANTIATE_TEST_SUITE_P(DecodeSelect, CudaAttention, testing::ValuesIn(decode_select_specs()), spec_name);
+INSTANTIATE_TEST_SUITE_P(HeadSelect, CudaAttention, testing::ValuesIn(head_select_specs()), spec_name);
 INSTANTIATE_TEST_SUITE_P(Prefill, CudaAttention, testing::ValuesIn(prefill_specs()), spec_name);
 INSTANTIATE_TEST_SUITE_P(PrefillSparse, CudaAttention, testing::ValuesIn(prefill_sparse_specs()), spec_name);
 

@@ -183,17 +183,24 @@ INSTANTIATE_TEST_SUITE_P(
                      params({{"window", int64_t{40}}, {"positions", std::string("original")}}), 1e-2, 0.95},
         KvMethodCase{"quest", "quest", params({{"token_budget", int64_t{48}}, {"dense_layers", int64_t{1}}}), 1e-2,
                      0.95},
+        // Each query head its own pages, the kv head reading their union (device selection and attention).
+        KvMethodCase{"quest_per_head", "quest",
+                     params({{"token_budget", int64_t{48}}, {"dense_layers", int64_t{1}},
+                             {"gqa", std::string("per_head")}}),
+                     1e-2, 0.95},
         KvMethodCase{"h2o", "h2o", params({{"heavy", int64_t{24}}, {"recent", int64_t{24}}}), 5e-2, 0.85}),
     [](const auto& info) { return info.param.name; });
 
 // The device's selection by key bound (page_bounds.cu) picks what a method
 // computing the bounds itself from the (downloaded) keys picks, on the same
 // backend, through eviction and a cloned sequence: same pages, same logits.
-std::vector<float> bound_trace(test::BoundMethod& method, const std::vector<int32_t>& tokens, int32_t prompt) {
+std::vector<float> bound_trace(test::BoundMethod& method, const std::vector<int32_t>& tokens, int32_t prompt,
+                               EngineCounters* counters = nullptr, bool evicts = true) {
   auto engine = make_engine(small_model(), BackendKind::Cuda, 16);
   EXPECT_NE(engine, nullptr);
   if (engine == nullptr) return {};
-  EXPECT_TRUE(engine->set_method(&method, method.hooks()).ok());
+  // Without the eviction hook a page-budget step is replayable.
+  EXPECT_TRUE(engine->set_method(&method, evicts ? method.hooks() : method.hooks() & ~uint32_t(kHookEviction)).ok());
   method.begin_sequence(engine->shape());
   auto seq = engine->new_sequence();
   std::vector<float> out;
@@ -205,6 +212,7 @@ std::vector<float> bound_trace(test::BoundMethod& method, const std::vector<int3
   for (size_t i = size_t(prompt); i < tokens.size(); ++i) keep(engine->decode(*seq, tokens[i]));
   auto copy = seq->clone();
   for (size_t i = size_t(prompt); i < tokens.size(); ++i) keep(engine->decode(*copy, tokens[i]));
+  if (counters != nullptr) *counters = engine->counters();
   return out;
 }
 
@@ -218,6 +226,31 @@ TEST(CudaPageBudget, DeviceSelectsWhatTheReferenceSelects) {
     const auto got = bound_trace(device, tokens, 300), want = bound_trace(reference, tokens, 300);
     ASSERT_EQ(got.size(), want.size());
     EXPECT_LT(gpu_test::normalized_error(got, want), 1e-6) << "budget " << budget;
+  }
+}
+
+// Per query head: the device's scores per head, top-k per head and union give
+// what the reference computes from the keys (select_kv with head masks), with
+// graphs replaying the device's steps, and the same traffic counters (the
+// union, read back from the device after each step or replay).
+TEST(CudaPageBudget, PerQueryHeadDeviceSelectsWhatTheReferenceSelects) {
+  INFERLAB_REQUIRE_GPU();
+  const auto tokens = test::random_tokens(small_model()->config().n_vocab, 300 + 12, 22);
+  for (const auto& [budget, drop] : {std::pair{3, std::set<int32_t>{}}, std::pair{8, std::set<int32_t>{}},
+                                     std::pair{5, std::set<int32_t>{40, 41, 200}}}) {
+    // The reference sums scores in the per-head scoring kernel's order.
+    test::BoundMethod device(true, budget, drop, 2, false, true), reference(false, budget, drop, 2, true, true);
+    EngineCounters got_counters, want_counters;
+    const bool evicts = !drop.empty();
+    const auto got = bound_trace(device, tokens, 300, &got_counters, evicts);
+    const auto want = bound_trace(reference, tokens, 300, &want_counters, evicts);
+    ASSERT_EQ(got.size(), want.size());
+    EXPECT_LT(gpu_test::normalized_error(got, want), 1e-6) << "budget " << budget;
+    if (!evicts) {
+      EXPECT_GT(got_counters.graph_replays, 0) << "budget " << budget;
+    }
+    EXPECT_EQ(got_counters.decode_pages_read, want_counters.decode_pages_read) << "budget " << budget;
+    EXPECT_EQ(got_counters.decode_keys_read, want_counters.decode_keys_read) << "budget " << budget;
   }
 }
 

@@ -4,6 +4,7 @@
 // with the twin's exactly only where scores are far apart or exactly equal; on
 // random scores the GPU's pages must be the best by its own scores.
 #include <algorithm>
+#include <map>
 #include <memory>
 #include <numeric>
 #include <string>
@@ -329,6 +330,129 @@ TEST(PageBoundsSelectGraph, ReplayReadsNewQueriesCountsAndKeeps) {
   cudaStreamDestroy(stream);
 }
 
+// ---- selection per query head --------------------------------------------------
+
+// Per query head (PageSelectCall::per_head): scores per query head, and each kv
+// head's slots (group_size * (keep - 1) + 1 of them) hold the union of its
+// heads' pages, with masks beside. alternate: odd heads of a group negate the
+// separating channels, so they rank the pages in the opposite order.
+struct PerHeadProblem {
+  SelectProblem p;
+  std::vector<uint32_t> heads, marks;
+  PageSelectCall call() {
+    PageSelectCall c = p.call();
+    c.per_head = 1;
+    c.out_heads = heads.data();
+    c.marks = marks.data();
+    return c;
+  }
+};
+
+PerHeadProblem make_per_head_problem(const SelectCase& c, uint64_t seed, bool alternate) {
+  PerHeadProblem h{make_problem(c, seed), {}, {}};
+  SelectProblem& p = h.p;
+  const int32_t gs = c.group_size, n = SelectProblem::kNumHeads;
+  for (int32_t row = 0; alternate && row < n * gs; ++row)
+    if (row % gs % 2 == 1) {
+      float* q = p.q.data() + int64_t(row) * c.head_dim;
+      q[0] = -q[0];
+      q[1] = -q[1];
+    }
+  int32_t at = 0;
+  for (int32_t g = 0; g < n; ++g) {
+    p.out_offset[size_t(g)] = at;
+    at += std::max(gs * (p.keep[size_t(g)] - 1) + 1, 3);
+  }
+  p.out.assign(size_t(at), SelectProblem::kUntouched);
+  h.heads.assign(size_t(at), 0xdeadbeefu);
+  p.scores.assign(size_t(n) * size_t(gs) * size_t(p.score_stride), 0.0f);
+  h.marks.assign(size_t(n) * size_t(p.score_stride), 0u);
+  return h;
+}
+
+// Scores per head at 1e-5 of the twin's; each kv head's slots are the union of
+// its heads' best pages by the GPU's own scores (unused slots -1 first, masks
+// beside); with exact, slots and masks equal the twin's.
+void expect_union_matches_twin(PerHeadProblem& h, DeviceProblem& d, const DeviceBuffer<uint32_t>& heads, bool exact,
+                               const std::string& what) {
+  SelectProblem& p = h.p;
+  const int32_t gs = p.c.group_size;
+  const std::vector<float> gpu_scores = d.scores.download();
+  const std::vector<int32_t> gpu_out = d.out.download();
+  const std::vector<uint32_t> gpu_heads = heads.download();
+  cpu::page_select(h.call());
+  std::vector<float> got, expected;
+  for (int32_t g = 0; g < SelectProblem::kNumHeads; ++g) {
+    const int32_t n_pages = p.pages_of(g), keep = p.keep[size_t(g)], off = p.out_offset[size_t(g)];
+    if (keep == 0) {
+      for (int32_t j = 0; j < 3; ++j) {
+        EXPECT_EQ(gpu_out[size_t(off + j)], SelectProblem::kUntouched) << what << " head " << g;
+      }
+      continue;
+    }
+    std::map<int32_t, uint32_t> chosen;  // page -> the heads that chose it
+    for (int32_t j = 0; j < gs; ++j) {
+      const size_t first = (size_t(g) * size_t(gs) + size_t(j)) * size_t(p.score_stride);
+      got.insert(got.end(), gpu_scores.begin() + first, gpu_scores.begin() + first + size_t(n_pages - 1));
+      expected.insert(expected.end(), p.scores.begin() + first, p.scores.begin() + first + size_t(n_pages - 1));
+      for (int32_t page : best_pages(gpu_scores.data() + first, n_pages, keep)) chosen[page] |= 1u << j;
+    }
+    const int32_t slots = gs * (keep - 1) + 1;
+    std::vector<int32_t> want_out(size_t(slots) - chosen.size(), -1);
+    std::vector<uint32_t> want_heads(want_out.size(), 0u);
+    for (const auto& [page, mask] : chosen) {
+      want_out.push_back(page);
+      want_heads.push_back(mask);
+    }
+    EXPECT_EQ(std::vector<int32_t>(gpu_out.begin() + off, gpu_out.begin() + off + slots), want_out)
+        << what << " head " << g;
+    EXPECT_EQ(std::vector<uint32_t>(gpu_heads.begin() + off, gpu_heads.begin() + off + slots), want_heads)
+        << what << " head " << g;
+  }
+  EXPECT_LT(normalized_error(got, expected), 1e-5) << what;
+  if (exact) {
+    EXPECT_EQ(gpu_out, p.out) << what;
+    EXPECT_EQ(gpu_heads, h.heads) << what;
+  }
+}
+
+std::vector<SelectCase> per_head_cases() {
+  std::vector<SelectCase> cases;
+  for (DType dtype : {DType::F32, DType::F16, DType::BF16})
+    for (auto [gs, hd] : {std::pair{1, 64}, std::pair{3, 80}, std::pair{4, 128}}) {
+      for (int32_t pages : {2, 3, 33, 1000}) cases.push_back({Scores::Separated, dtype, gs, hd, pages});
+      cases.push_back({Scores::Random, dtype, gs, hd, 777});
+    }
+  const std::vector<SelectCase> more = {{Scores::Levels, DType::F16, 4, 128, 1000},
+                                        {Scores::Identical, DType::BF16, 3, 80, 1000},
+                                        {Scores::ZeroQuery, DType::F32, 4, 128, 33},
+                                        {Scores::Separated, DType::F16, 4, 128, 8192}};
+  cases.insert(cases.end(), more.begin(), more.end());
+  return cases;
+}
+
+class PageBoundsSelectPerHead : public testing::TestWithParam<SelectCase> {};
+
+TEST_P(PageBoundsSelectPerHead, MatchesTwin) {
+  INFERLAB_REQUIRE_GPU();
+  const auto& c = GetParam();
+  PerHeadProblem h = make_per_head_problem(c, 54, c.scores == Scores::Separated);
+  DeviceProblem d(h.p);
+  DeviceBuffer<uint32_t> heads(h.heads), marks(h.marks);
+  d.call.per_head = 1;
+  d.call.out_heads = heads.get();
+  d.call.marks = marks.get();
+  INFERLAB_CUDA_OK(cuda::page_select(d.call, c.max_pages, nullptr));
+  INFERLAB_CUDA_OK(cudaDeviceSynchronize());
+  expect_union_matches_twin(h, d, heads, c.scores != Scores::Random, c.name());
+  // Run again on the same buffers: the marks are cleared by the launch itself.
+  INFERLAB_CUDA_OK(cuda::page_select(d.call, c.max_pages, nullptr));
+  INFERLAB_CUDA_OK(cudaDeviceSynchronize());
+  expect_union_matches_twin(h, d, heads, c.scores != Scores::Random, c.name() + " again");
+}
+
+INSTANTIATE_TEST_SUITE_P(Cuda, PageBoundsSelectPerHead, testing::ValuesIn(per_head_cases()), param_name<SelectCase>);
+
 TEST(PageBoundsArguments, LaunchersRejectBadSizes) {
   INFERLAB_REQUIRE_GPU();
   MirrorPool pool(DType::F16, 5, 16, 64, 61);
@@ -356,6 +480,24 @@ TEST(PageBoundsArguments, LaunchersRejectBadSizes) {
   EXPECT_TRUE(rejects([](PageSelectCall& c) { c.dtype = DType(7); }, 8));
   EXPECT_TRUE(rejects([](PageSelectCall&) {}, -1));
   EXPECT_TRUE(rejects([](PageSelectCall&) {}, p.score_stride + 1));
+  DeviceBuffer<uint32_t> per_head_buffer(size_t(p.score_stride) * 5);
+  const auto per_head = [&](PageSelectCall& c) {
+    c.per_head = 1;
+    c.out_heads = per_head_buffer.get();
+    c.marks = per_head_buffer.get();
+  };
+  EXPECT_TRUE(rejects([&](PageSelectCall& c) {
+    per_head(c);
+    c.out_heads = nullptr;
+  }, 8));
+  EXPECT_TRUE(rejects([&](PageSelectCall& c) {
+    per_head(c);
+    c.marks = nullptr;
+  }, 8));
+  EXPECT_TRUE(rejects([&](PageSelectCall& c) {
+    per_head(c);
+    c.group_size = 33;
+  }, 8));
   PageSelectCall empty = d.call;
   empty.n_kv_heads = 0;
   EXPECT_EQ(cuda::page_select(empty, 8, nullptr), cudaSuccess);

@@ -33,6 +33,7 @@ struct AttentionSpec {
   int32_t cached_step = 0;
   kernels::DType dtype = kernels::DType::F32;
   Select select = Select::None;
+  bool head_selects = false;  // each listed entry is read by a random non-empty subset of its group (select_heads)
   bool head_mask = false;
   bool block_sparse = false;  // even query heads get a random block pattern
   int32_t block_size = 4;
@@ -42,9 +43,9 @@ struct AttentionSpec {
 
   std::string name() const {
     static const char* selects[] = {"", "_all", "_pages", "_tokens", "_mixed"};
-    return fmt::format("h{}kv{}_d{}_ps{}_rows{}_cached{}{}{}_{}{}{}{}", n_heads, n_kv_heads, head_dim, page_size,
+    return fmt::format("h{}kv{}_d{}_ps{}_rows{}_cached{}{}{}{}_{}{}{}{}", n_heads, n_kv_heads, head_dim, page_size,
                        n_rows, n_cached, cached_step != 0 ? fmt::format("step{}", cached_step) : "",
-                       selects[int(select)], kernels::dtype_name(dtype),
+                       selects[int(select)], head_selects ? "_heads" : "", kernels::dtype_name(dtype),
                        block_sparse ? fmt::format("_sparse{}", block_size) : "", head_mask ? "_mask" : "",
                        stats ? "_stats" : "");
   }
@@ -66,6 +67,7 @@ struct AttentionCase {
   std::vector<float> q, out;       // (n_rows, n_heads * head_dim)
   std::vector<uint8_t> select;     // (n_kv_heads) KeySelect, empty: none
   std::vector<int32_t> select_indptr, select_index;
+  std::vector<uint32_t> select_heads;  // beside select_index, empty: none
   std::vector<uint8_t> head_active;   // (n_heads), empty: none
   std::vector<uint8_t> block_sparse;  // (n_heads), empty: none
   int32_t n_query_blocks = 0;
@@ -91,6 +93,7 @@ struct AttentionCase {
     c.select = ptr(select);
     c.select_indptr = ptr(select_indptr);
     c.select_index = ptr(select_index);
+    c.select_heads = ptr(select_heads);
     c.head_active = ptr(head_active);
     c.block_sparse = ptr(block_sparse);
     c.block_size = spec.block_size;
@@ -240,6 +243,11 @@ inline AttentionCase make_attention_case(const AttentionSpec& s) {
   c.out.assign(c.q.size(), std::numeric_limits<float>::quiet_NaN());
 
   fill_selection(c, rng);
+  if (s.head_selects) {
+    const uint32_t group = s.n_heads / s.n_kv_heads;
+    std::uniform_int_distribution<uint32_t> subset(1u, (1u << group) - 1u);
+    for (size_t j = 0; j < c.select_index.size(); ++j) c.select_heads.push_back(subset(rng));
+  }
   if (s.head_mask) {
     std::bernoulli_distribution on(0.6);
     for (int32_t h = 0; h < s.n_heads; ++h) c.head_active.push_back(h == 0 ? 0 : h == 1 ? 1 : on(rng) ? 1 : 0);

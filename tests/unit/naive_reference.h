@@ -34,6 +34,13 @@ struct NaivePolicy {
   // Called with every softmax probability: query row t of query head `head`
   // gave key position j probability p (attention statistics, key by key).
   std::function<void(int32_t layer, int32_t head, int64_t t, int64_t j, double p)> on_probability;
+  // Keys chosen from the reference's own vectors (a selection by key value,
+  // as Quest's): query t of (layer, head) with its query `q` (head_dim, after
+  // RoPE) and the keys of its kv head at positions 0..t (after RoPE) returns
+  // t + 1 flags, true for the keys it reads (besides key_visible).
+  std::function<std::vector<bool>(int32_t layer, int32_t head, int64_t t, const std::vector<double>& q,
+                                  const std::vector<std::vector<double>>& keys)>
+      select_keys;
 };
 
 // Logits (n_tokens, n_vocab) for a whole prompt at positions 0..n-1.
@@ -90,10 +97,18 @@ inline std::vector<double> naive_forward(const Model& model, const std::vector<i
       for (int64_t h = 0; h < c.n_heads; ++h) {
         if (policy.head_on && !policy.head_on(l, int32_t(h))) continue;
         const int64_t g = h / c.group_size();
+        std::vector<bool> chosen;
+        if (policy.select_keys) {
+          const std::vector<double> qh(q[size_t(t)].begin() + h * hd, q[size_t(t)].begin() + (h + 1) * hd);
+          std::vector<std::vector<double>> kg;
+          for (int64_t j = 0; j <= t; ++j) kg.emplace_back(k[size_t(j)].begin() + g * hd, k[size_t(j)].begin() + (g + 1) * hd);
+          chosen = policy.select_keys(l, int32_t(h), t, qh, kg);
+        }
         std::vector<int64_t> keys;
         for (int64_t j = 0; j <= t; ++j) {
           if (policy.skipped_kv_none && !runs(l, j)) continue;
           if (policy.key_visible && !policy.key_visible(l, int32_t(h), t, j)) continue;
+          if (!chosen.empty() && !chosen[size_t(j)]) continue;
           keys.push_back(j);
         }
         if (keys.empty()) continue;

@@ -28,7 +28,10 @@ struct Visibility {
   Visibility(const AttentionCase& c_, int32_t h_) : c(c_), h(h_), g(h_ / (c_.spec.n_heads / c_.spec.n_kv_heads)) {
     if (!c.select.empty()) {
       mode = KeySelect(c.select[size_t(g)]);
-      for (int32_t j = c.select_indptr[size_t(g)]; j < c.select_indptr[size_t(g) + 1]; ++j) listed.insert(c.select_index[size_t(j)]);
+      const int32_t bit = h % (c.spec.n_heads / c.spec.n_kv_heads);
+      for (int32_t j = c.select_indptr[size_t(g)]; j < c.select_indptr[size_t(g) + 1]; ++j)
+        if (c.select_heads.empty() || ((c.select_heads[size_t(j)] >> bit) & 1u) != 0)  // this head's entries
+          listed.insert(c.select_index[size_t(j)]);
     }
     sparse = !c.block_sparse.empty() && c.block_sparse[size_t(h)] != 0;
     for (int32_t qb = 0; sparse && qb < c.n_query_blocks; ++qb) {
@@ -146,6 +149,31 @@ std::vector<AttentionSpec> twin_specs() {
   return specs;
 }
 
+// Each query head reads its own part of the kv head's selection (select_heads).
+std::vector<AttentionSpec> head_select_specs() {
+  std::vector<AttentionSpec> specs;
+  uint64_t seed = 50;
+  for (auto [heads, kv] : {std::pair{6, 2}, std::pair{8, 2}, std::pair{2, 2}})
+    for (Select sel : {Select::Pages, Select::Tokens, Select::Mixed})
+      for (int32_t rows : {1, 9}) {
+        AttentionSpec s;
+        s.n_heads = heads;
+        s.n_kv_heads = kv;
+        s.page_size = 5;
+        s.select = sel;
+        s.head_selects = true;
+        s.n_rows = rows;
+        s.n_cached = 37;
+        s.cached_step = 6;
+        s.dtype = seed % 2 == 0 ? DType::F16 : DType::F32;
+        s.head_mask = seed % 3 == 0;
+        s.stats = seed % 2 == 1;
+        s.seed = seed++;
+        specs.push_back(s);
+      }
+  return specs;
+}
+
 std::vector<AttentionSpec> sparse_specs() {
   std::vector<AttentionSpec> specs;
   uint64_t seed = 100;
@@ -172,6 +200,8 @@ class AttentionTwin : public testing::TestWithParam<AttentionSpec> {};
 
 TEST_P(AttentionTwin, MatchesNaiveDense) { check_twin(GetParam()); }
 
+INSTANTIATE_TEST_SUITE_P(HeadSelects, AttentionTwin, testing::ValuesIn(head_select_specs()),
+                         [](const auto& info) { return info.param.name(); });
 INSTANTIATE_TEST_SUITE_P(Dense, AttentionTwin, testing::ValuesIn(twin_specs()),
                          [](const auto& info) { return info.param.name(); });
 INSTANTIATE_TEST_SUITE_P(BlockSparse, AttentionTwin, testing::ValuesIn(sparse_specs()),

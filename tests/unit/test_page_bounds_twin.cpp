@@ -93,6 +93,36 @@ TEST(CpuTwinsPageBounds, SelectKeepsTheBestPagesAscendingThenTheLast) {
   EXPECT_EQ(s.select(4), (std::vector<int32_t>{1, 2, 3, 4, -1, -1, -1, 2, -1}));
 }
 
+// Per query head: head 0's query heads score pages 0 .. 3 on their own as
+// (1, 4, 1, 10) and (2, 0, 3, 0); head 2's two heads are equal, so their union
+// is one selection and leaves a slot unused (-1, first).
+TEST(CpuTwinsPageBounds, PerHeadSelectsTheUnionOfEachHeadsBestPages) {
+  CraftedSelection s;
+  auto select = [&](int32_t keep0) {
+    s.keep = {keep0, 0, 2};
+    const std::vector<int32_t> offset = {0, 2 * (keep0 - 1) + 1, 2 * (keep0 - 1) + 1};
+    std::vector<int32_t> out(size_t(offset[2] + 3), -5);
+    std::vector<uint32_t> heads(out.size(), 99u);
+    std::vector<float> scores(3 * 2 * 5, kSentinel);  // (kv heads, query heads of the group, stride 5)
+    PageSelectCall call{3, 2, 2, 4, DType::F32, s.bounds.data(), {s.table.data(), 5}, s.q.data(), s.n_cached.data(),
+                        s.keep.data(), offset.data(), out.data(), scores.data(), 5};
+    call.per_head = 1;
+    call.out_heads = heads.data();
+    page_select(call);
+    EXPECT_EQ(std::vector<float>(scores.begin(), scores.begin() + 4), (std::vector<float>{1, 4, 1, 10}));
+    EXPECT_EQ(std::vector<float>(scores.begin() + 5, scores.begin() + 9), (std::vector<float>{2, 0, 3, 0}));
+    return std::pair{out, heads};
+  };
+  // keep 2: head 0 reads page 3, head 1 page 2, both the last.
+  EXPECT_EQ(select(2), std::pair(std::vector<int32_t>{2, 3, 4, -1, 0, 2},
+                                 std::vector<uint32_t>{0b10, 0b01, 0b11, 0, 0b11, 0b11}));
+  // keep 3: pages 3 and 1 for head 0, 2 and 0 for head 1: every page, in 5 slots.
+  EXPECT_EQ(select(3), std::pair(std::vector<int32_t>{0, 1, 2, 3, 4, -1, 0, 2},
+                                 std::vector<uint32_t>{0b10, 0b01, 0b10, 0b01, 0b11, 0, 0b11, 0b11}));
+  // keep 1: the last page, for both.
+  EXPECT_EQ(select(1), std::pair(std::vector<int32_t>{4, -1, 0, 2}, std::vector<uint32_t>{0b11, 0, 0b11, 0b11}));
+}
+
 TEST(CpuTwinsPageBounds, KeepOneSelectsOnlyTheLastPage) {
   CraftedSelection s;
   EXPECT_EQ(s.select(1), (std::vector<int32_t>{4, -1, -1, -1, -1, -1, -1, 2, -1}));

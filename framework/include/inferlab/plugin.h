@@ -29,7 +29,7 @@
 
 namespace inferlab {
 
-inline constexpr int32_t kPluginAbiVersion = 4;
+inline constexpr int32_t kPluginAbiVersion = 5;
 
 // Hooks, as bits of PluginInfo::hooks (docs/architecture.md has the table).
 enum PluginHook : uint32_t {
@@ -177,11 +177,17 @@ struct LoadContext {
 
 // Decode selection: which cached tokens a step attends to, for one (layer, kv_head).
 // Indices refer to tokens stored before this call, ascending, no duplicates. The
-// call's own new tokens are always attended to (causally).
+// call's own new tokens are always attended to (causally). With `heads`, each
+// query head of the group attends only to the indices whose bit it has; the kv
+// head reads them all (their union), and the traffic counters count that.
 struct KvSelection {
   enum class Unit { Pages, Tokens };
   Unit unit = Unit::Pages;
   std::vector<int32_t> indices;  // logical page indices or stored-token indices
+  // Empty: every query head of the group reads every index. Otherwise one mask
+  // per index, non-zero: bit j = query head kv_head * group_size + j reads it
+  // (group sizes up to 32).
+  std::vector<uint32_t> heads;
 };
 
 // Attention statistics of one (layer, kv_head) for one forward call.
@@ -246,6 +252,18 @@ struct RetentionBudget {
   int32_t sink = 0;
   int32_t recent = 0;
   int32_t heavy = -1;  // < 0: keep everything after this call
+};
+
+// How the engine selects pages by key bound (kHookPageBudget) for a kv head
+// that a group of query heads shares (GQA).
+enum class BoundScope : int32_t {
+  // One selection per kv head: a page's score is the sum over the group's
+  // query heads of each head's bound; every head attends to those pages.
+  KvHead = 0,
+  // Each query head selects its own `budget` pages by its own bound and
+  // attends only to them; the kv head reads their union (as per-head Quest on
+  // a multi-head model). Group sizes up to 32.
+  QueryHead = 1,
 };
 
 // Storage of the KV cache's pages.
@@ -347,7 +365,9 @@ class Method {
   // It reads the last page always, plus the pages with the largest bounds
   // (ties to the lower page). Return a count >= 1 (a count covering every page
   // reads them all), 0 to read every page, or a negative value to leave the
-  // head to select_kv (when kHookDecodeSelection is declared) or dense.
+  // head to select_kv (when kHookDecodeSelection is declared) or dense. With
+  // bound_scope() QueryHead, each query head of the group picks its own `count`
+  // pages by its own bound instead, and the kv head reads their union.
   virtual int32_t page_budget(const StepInfo& step, const KvView& kv, int32_t layer, int32_t kv_head) {
     (void)step; (void)kv; (void)layer; (void)kv_head;
     return -1;
@@ -394,6 +414,9 @@ class Method {
   }
   // kHookRetention: how the engine scores tokens (read when the method is set).
   virtual RetentionPolicy retention_policy() const { return {}; }
+  // kHookPageBudget: one selection per kv head, or per query head (read when
+  // the method is set).
+  virtual BoundScope bound_scope() const { return BoundScope::KvHead; }
 
   // Every plugin: the KV page format its decisions need (Any: whatever the
   // backend stores). A backend without it refuses the method before any token.

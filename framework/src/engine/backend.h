@@ -31,6 +31,7 @@ enum class Feature : int32_t {
   TokenSelection,       // a key plan lists stored tokens (KeySelect::Tokens)
   PageSelection,        // a key plan lists pages
   BoundSelection,       // pages selected by key bound on the device (page_budget)
+  QueryHeadSelection,   // keys selected per query head of a group, the kv head reading their union
   BlockSparsePrefill,   // a block plan (prefill_pattern)
   AttentionStatistics,  // key mass and head output norms delivered to the host (on_attention)
   Eviction,             // compaction of a head's stored tokens (evict)
@@ -134,8 +135,16 @@ class Backend {
   // positions and rotary recorded) and writes them from k, v.
   virtual Status append_kv(KvSequence& seq, int32_t layer) = 0;
   // Fills the slots of the plan's heads with a page budget (KeyPlan::budget)
-  // with the pages their key bounds select, from the queries' last row.
+  // with the pages their key bounds select, from the queries' last row (per
+  // query head with KeyPlan::by_bound_per_head: the union and its head masks).
   virtual Status select_by_bound(const KvSequence& seq, int32_t layer, KeyPlan& plan) = 0;
+  // The slots select_by_bound filled, into the host plan, where they were
+  // filled on the device: the traffic counters count a per-query-head union,
+  // whose size only the selection knows. A host backend filled them already.
+  virtual Status read_bound_selection(int32_t layer, KeyPlan& plan) {
+    (void)layer; (void)plan;
+    return ok_status();
+  }
   // Attention of the call's rows over each kv head's planned keys then its new
   // tokens (appended already); statistics kept for read_statistics when asked.
   virtual Status attention(const KvSequence& seq, const LayerAttention& work) = 0;

@@ -45,8 +45,9 @@ void ranges_to_refs(const KvSequence& seq, int32_t layer, int32_t kv_head, const
     }
 }
 
-// A head's planned cached keys as ascending stored-token ranges.
-std::vector<KeyRange> plan_ranges(const KeyPlan& plan, int32_t g, int32_t page_size) {
+// A kv head's planned cached keys as ascending stored-token ranges: all of
+// them, or (head_bit >= 0, with head masks) those its query head head_bit reads.
+std::vector<KeyRange> plan_ranges(const KeyPlan& plan, int32_t g, int32_t page_size, int32_t head_bit = -1) {
   const int32_t cached = plan.cached[size_t(g)];
   std::vector<KeyRange> ranges;
   if (plan.mode[size_t(g)] == kernels::KeySelect::All) {
@@ -54,7 +55,10 @@ std::vector<KeyRange> plan_ranges(const KeyPlan& plan, int32_t g, int32_t page_s
     return ranges;
   }
   const bool pages = plan.mode[size_t(g)] == kernels::KeySelect::Pages;
-  for (const int32_t x : plan.head(g)) {
+  for (int32_t j = plan.indptr[size_t(g)]; j < plan.indptr[size_t(g) + 1]; ++j) {
+    const int32_t x = plan.indices[size_t(j)];
+    if (x < 0) continue;  // an unused slot of a per-query-head union
+    if (head_bit >= 0 && !plan.heads.empty() && ((plan.heads[size_t(j)] >> head_bit) & 1u) == 0) continue;
     const int32_t start = pages ? x * page_size : x;
     const int32_t len = pages ? std::min(page_size, cached - start) : 1;
     if (!ranges.empty() && ranges.back().start + ranges.back().len == start)
@@ -67,36 +71,46 @@ std::vector<KeyRange> plan_ranges(const KeyPlan& plan, int32_t g, int32_t page_s
 
 }  // namespace
 
+// The keys a call reads, per unit of work: a kv group, whose query heads share
+// its keys (each tile of keys is read once for all of them), or a single
+// query head when the plan gives each head its own keys (KeyPlan::heads).
 struct CpuBackend::AttentionRefs {
   int32_t layer = 0;
   const KvSequence* seq = nullptr;
   const ComponentMask* mask = nullptr;
   const BlockPlan* blocks = nullptr;
-  // Per kv head: the keys this call reads (cached selection, then the new tokens).
+  int32_t unit_heads = 1;  // query heads per unit: the group size, or 1
+  // Per unit: the keys this call reads (cached selection, then the new tokens).
   std::vector<std::vector<cpu::KvPageRef>> refs;
   std::vector<std::vector<int32_t>> ref_start;  // stored index of each ref's first key
   std::vector<int32_t> old_visible;             // cached keys in refs, before the new tokens
-  std::vector<int32_t> cached_before;           // stored tokens before this call's append
+  std::vector<int32_t> cached_before;           // per kv head: stored tokens before this call's append
+  int32_t n_units() const { return int32_t(refs.size()); }
+  int32_t unit_of(int32_t head) const { return head / unit_heads; }
 };
 
 Status CpuBackend::attention(const KvSequence& seq, const LayerAttention& work) {
   const ModelConfig& c = config_;
   const auto t0 = time_attention_ ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
-  const int32_t ps = pool_->shape().page_size, nkv = c.n_kv_heads;
+  const int32_t ps = pool_->shape().page_size, gs = c.group_size();
   AttentionRefs call;
   call.layer = work.layer;
   call.seq = &seq;
   call.mask = work.mask;
   call.blocks = work.blocks != nullptr && work.blocks->active() ? work.blocks : nullptr;
-  call.refs.resize(size_t(nkv));
-  call.ref_start.resize(size_t(nkv));
-  call.old_visible.assign(size_t(nkv), 0);
+  const bool per_head = !work.keys->heads.empty();
+  call.unit_heads = per_head ? 1 : gs;
+  const int32_t units = c.n_heads / call.unit_heads;
+  call.refs.resize(size_t(units));
+  call.ref_start.resize(size_t(units));
+  call.old_visible.assign(size_t(units), 0);
   call.cached_before = work.keys->cached;
-  for (int32_t g = 0; g < nkv; ++g) {
-    std::vector<KeyRange> ranges = plan_ranges(*work.keys, g, ps);
-    for (const KeyRange& r : ranges) call.old_visible[size_t(g)] += r.len;
+  for (int32_t u = 0; u < units; ++u) {
+    const int32_t g = u * call.unit_heads / gs;
+    std::vector<KeyRange> ranges = plan_ranges(*work.keys, g, ps, per_head ? u % gs : -1);
+    for (const KeyRange& r : ranges) call.old_visible[size_t(u)] += r.len;
     ranges.push_back({call.cached_before[size_t(g)], int32_t(n_)});
-    ranges_to_refs(seq, work.layer, g, ranges, call.refs[size_t(g)], call.ref_start[size_t(g)]);
+    ranges_to_refs(seq, work.layer, g, ranges, call.refs[size_t(u)], call.ref_start[size_t(u)]);
   }
   const int64_t n = n_;
   if (work.statistics) {
@@ -140,7 +154,7 @@ Status CpuBackend::attention(const KvSequence& seq, const LayerAttention& work) 
 void CpuBackend::attend_head(const AttentionRefs& call, int32_t h, int64_t r0, int64_t r1, float* key_mass) {
   const ModelConfig& c = config_;
   const int64_t hd = c.head_dim;
-  const int32_t g = h / c.group_size();
+  const int32_t g = h / c.group_size(), u = call.unit_of(h);
   const float scale = 1.0f / std::sqrt(float(hd));
   float* out = &attn_[size_t(r0 * c.q_dim() + h * hd)];
   const float* q = &q_[size_t(r0 * c.q_dim() + h * hd)];
@@ -154,12 +168,12 @@ void CpuBackend::attend_head(const AttentionRefs& call, int32_t h, int64_t r0, i
       for (int32_t t = 0; t < refs[r].n_tokens; ++t) key_mass[starts[r] + t] += concat_mass[at + size_t(t)];
   };
   if (call.blocks == nullptr || call.blocks->sparse[size_t(h)] == 0) {
-    const auto& refs = call.refs[size_t(g)];
-    if (key_mass != nullptr) concat_mass.assign(size_t(call.old_visible[size_t(g)] + n_), 0.0f);
+    const auto& refs = call.refs[size_t(u)];
+    if (key_mass != nullptr) concat_mass.assign(size_t(call.old_visible[size_t(u)] + n_), 0.0f);
     for (int64_t i0 = r0; i0 < r1; i0 += kQueryChunkRows) {
       const int64_t rows = std::min(kQueryChunkRows, r1 - i0);
       int32_t visible[kQueryChunkRows];
-      for (int64_t r = 0; r < rows; ++r) visible[r] = call.old_visible[size_t(g)] + int32_t(i0 + r) + 1;
+      for (int64_t r = 0; r < rows; ++r) visible[r] = call.old_visible[size_t(u)] + int32_t(i0 + r) + 1;
       if (key_mass == nullptr && cpu::attention_tiled_supports(hd)) {
         const cpu::QueryTile tile{q + (i0 - r0) * c.q_dim(), rows, 1, c.q_dim(), hd, visible,
                                   out + (i0 - r0) * c.q_dim(), c.q_dim(), hd};
@@ -170,7 +184,7 @@ void CpuBackend::attend_head(const AttentionRefs& call, int32_t h, int64_t r0, i
                            hd, scale, out + (i0 - r0) * c.q_dim(), c.q_dim(),
                            key_mass != nullptr ? concat_mass.data() : nullptr);
     }
-    if (key_mass != nullptr) scatter(refs, call.ref_start[size_t(g)]);
+    if (key_mass != nullptr) scatter(refs, call.ref_start[size_t(u)]);
     return;
   }
   // Block-sparse: each row reads the allowed key blocks of its query block.
@@ -205,19 +219,19 @@ void CpuBackend::attend_head(const AttentionRefs& call, int32_t h, int64_t r0, i
   }
 }
 
-// Prefill: a work item is a kv group's query heads x 16 rows, so each tile of
-// keys is read once for all of them. Later rows see more keys: they go first.
-// With keep_stats, each query vector's final softmax max and sum are kept
-// (stats_ml_: per head, n maxima then n sums) for add_key_mass.
+// Prefill: a work item is a unit's query heads (a kv group's) x 16 rows, so
+// each tile of keys is read once for all of them. Later rows see more keys:
+// they go first. With keep_stats, each query vector's final softmax max and
+// sum are kept (stats_ml_: per head, n maxima then n sums) for add_key_mass.
 void CpuBackend::attend_groups(const AttentionRefs& call, bool keep_stats) {
   const ModelConfig& c = config_;
-  const int64_t n = n_, gs = c.group_size(), hd = c.head_dim, qd = c.q_dim(), nkv = c.n_kv_heads;
+  const int64_t n = n_, gs = call.unit_heads, hd = c.head_dim, qd = c.q_dim(), nkv = call.n_units();
   const float scale = 1.0f / std::sqrt(float(hd));
   const int64_t n_chunks = (n + kQueryChunkRows - 1) / kQueryChunkRows;
   if (keep_stats) stats_ml_.resize(size_t(c.n_heads * 2 * n));
 #pragma omp parallel for schedule(dynamic)
   for (int64_t item = 0; item < nkv * n_chunks; ++item) {
-    const int32_t g = int32_t(item % nkv);
+    const int32_t g = int32_t(item % nkv);  // the unit
     const int64_t i0 = (n_chunks - 1 - item / nkv) * kQueryChunkRows, i1 = std::min(n, i0 + kQueryChunkRows);
     int32_t visible[kQueryChunkRows];
     for (int64_t i = i0; i < i1; ++i) visible[i - i0] = call.old_visible[size_t(g)] + int32_t(i) + 1;
@@ -248,7 +262,7 @@ void CpuBackend::attend_groups(const AttentionRefs& call, bool keep_stats) {
 void CpuBackend::add_key_mass(const AttentionRefs& call, int32_t h) {
   const ModelConfig& c = config_;
   const int64_t n = n_, hd = c.head_dim;
-  const int32_t g = h / c.group_size();
+  const int32_t g = call.unit_of(h);
   if (call.mask != nullptr && call.mask->heads[size_t(h)] == 0) return;
   std::vector<int32_t> visible(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) visible[size_t(i)] = call.old_visible[size_t(g)] + int32_t(i) + 1;
@@ -264,12 +278,12 @@ void CpuBackend::add_key_mass(const AttentionRefs& call, int32_t h) {
     for (int32_t t = 0; t < refs[r].n_tokens; ++t) key_mass[starts[r] + t] += concat_mass[at + size_t(t)];
 }
 
-// Decode (a few rows): each kv group's keys are cut into slices, one work item
-// per (group, slice) writing softmax partials, then each group merges its slices
-// (flash-decoding, as the CUDA backend's split-K kernel).
+// Decode (a few rows): each unit's (kv group's) keys are cut into slices, one
+// work item per (unit, slice) writing softmax partials, then each unit merges
+// its slices (flash-decoding, as the CUDA backend's split-K kernel).
 void CpuBackend::attend_split_keys(const AttentionRefs& call) {
   const ModelConfig& c = config_;
-  const int64_t n = n_, gs = c.group_size(), hd = c.head_dim, qd = c.q_dim(), nkv = c.n_kv_heads, nv = n * gs;
+  const int64_t n = n_, gs = call.unit_heads, hd = c.head_dim, qd = c.q_dim(), nkv = call.n_units(), nv = n * gs;
   const float scale = 1.0f / std::sqrt(float(hd));
   std::vector<int64_t> first(size_t(nkv + 1), 0), slice(static_cast<size_t>(nkv));
   for (int64_t g = 0; g < nkv; ++g) {
@@ -437,7 +451,8 @@ Status CpuBackend::select_by_bound(const KvSequence& seq, int32_t l, KeyPlan& pl
       std::copy(pages.begin(), pages.begin() + (plan.cached[size_t(g)] + ps - 1) / ps,
                 table.begin() + int64_t(g) * stride);
     }
-  bound_scores_.resize(size_t(nkv) * size_t(stride));
+  const int32_t selections = plan.by_bound_per_head ? c.group_size() : 1;  // per kv head
+  bound_scores_.resize(size_t(nkv) * size_t(selections) * size_t(stride));
   kernels::PageSelectCall call;
   call.n_kv_heads = nkv;
   call.group_size = c.group_size();
@@ -453,6 +468,8 @@ Status CpuBackend::select_by_bound(const KvSequence& seq, int32_t l, KeyPlan& pl
   call.out = plan.indices.data();
   call.scores = bound_scores_.data();
   call.score_stride = stride;
+  call.per_head = plan.by_bound_per_head ? 1 : 0;
+  call.out_heads = plan.by_bound_per_head ? plan.heads.data() : nullptr;
   cpu::page_select(call);
   if (time_attention_)
     attention_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

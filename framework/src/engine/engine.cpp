@@ -45,6 +45,7 @@ const char* feature_name(Feature f) {
     case Feature::TokenSelection: return "decode selection of tokens";
     case Feature::PageSelection: return "decode selection of pages";
     case Feature::BoundSelection: return "page selection by key bound";
+    case Feature::QueryHeadSelection: return "key selection per query head";
     case Feature::BlockSparsePrefill: return "block-sparse prefill";
     case Feature::AttentionStatistics: return "attention statistics on the host";
     case Feature::Eviction: return "KV eviction";
@@ -280,6 +281,8 @@ std::vector<Feature> method_features(const Method& method, uint32_t hooks) {
   need(kHookRetention, {Feature::Retention, Feature::Eviction});
   if ((hooks & kHookRetention) != 0 && method.retention_policy().scope == RetentionScope::PerSequence)
     out.push_back(Feature::RetentionPerSequence);
+  if ((hooks & kHookPageBudget) != 0 && method.bound_scope() == BoundScope::QueryHead)
+    out.push_back(Feature::QueryHeadSelection);
   if (method.kv_positions() == KvPositions::Cache) out.push_back(Feature::CachePositions);
   switch (method.kv_page_format()) {
     case KvPageFormat::Any: break;
@@ -300,6 +303,11 @@ Status Engine::set_method(Method* method, uint32_t hooks, const WeightOverrides*
     if (!backend_->supports(f))
       return Error{fmt::format("method {} needs {}, which the {} backend does not support", name, feature_name(f),
                                backend_->name())};
+  if (std::find(needed.begin(), needed.end(), Feature::QueryHeadSelection) != needed.end() &&
+      config().group_size() > kMaxSelectionGroup)
+    return Error{fmt::format("method {} needs key selection per query head, which takes groups of at most {} "
+                             "query heads; this model has {}",
+                             name, kMaxSelectionGroup, config().group_size())};
   // Weights of the previous method come back before this one's go in.
   const WeightOverrides* next = method != nullptr && overrides != nullptr && !overrides->empty() ? overrides : nullptr;
   const uint64_t serial = next != nullptr ? next->serial : 0;
@@ -400,6 +408,7 @@ Status Engine::forward(KvSequence& seq, std::span<const int32_t> tokens, int64_t
   call.hooks = hooks_;
   call.cache_positions = method_ != nullptr && method_->kv_positions() == KvPositions::Cache;
   if (call.has(kHookRetention)) call.retention = method_->retention_policy();
+  call.bound_per_head = call.has(kHookPageBudget) && method_->bound_scope() == BoundScope::QueryHead;
   if (auto s = check_call(seq, tokens, call.cache_positions); !s) return s;
   try {
     if (method_ != nullptr)
@@ -447,7 +456,8 @@ Status normalize_block_pattern(BlockPattern& pattern, int32_t layer, int32_t hea
   return ok_status();
 }
 
-Status check_kv_selection(const KvSelection& sel, int32_t cached, int32_t page_size, int32_t layer, int32_t kv_head) {
+Status check_kv_selection(const KvSelection& sel, int32_t cached, int32_t page_size, int32_t layer, int32_t kv_head,
+                          int32_t group_size) {
   const bool pages = sel.unit == KvSelection::Unit::Pages;
   const int32_t limit = pages ? (cached + page_size - 1) / page_size : cached;
   for (size_t i = 0; i < sel.indices.size(); ++i) {
@@ -457,6 +467,20 @@ Status check_kv_selection(const KvSelection& sel, int32_t cached, int32_t page_s
                                "0..{}; entry {} is {}",
                                layer, kv_head, pages ? "pages" : "tokens", limit - 1, i, x)};
   }
+  if (sel.heads.empty()) return ok_status();
+  if (group_size > kMaxSelectionGroup)
+    return Error{fmt::format("method: decode selection for (layer {}, kv head {}) lists query heads, which takes "
+                             "groups of at most {} query heads; this model has {}",
+                             layer, kv_head, kMaxSelectionGroup, group_size)};
+  if (sel.heads.size() != sel.indices.size())
+    return Error{fmt::format("method: decode selection for (layer {}, kv head {}) has {} head masks for {} indices",
+                             layer, kv_head, sel.heads.size(), sel.indices.size())};
+  const uint32_t group = group_mask(group_size);
+  for (size_t i = 0; i < sel.heads.size(); ++i)
+    if (sel.heads[i] == 0 || (sel.heads[i] & ~group) != 0)
+      return Error{fmt::format("method: decode selection for (layer {}, kv head {}): head mask {:#x} of entry {} "
+                               "must name some of the group's {} query heads",
+                               layer, kv_head, sel.heads[i], i, group_size)};
   return ok_status();
 }
 

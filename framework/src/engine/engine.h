@@ -221,9 +221,16 @@ Status check_component_mask(const ComponentMask& mask, const ModelConfig& config
 // same call may not have one.
 Status normalize_block_pattern(BlockPattern& pattern, int32_t layer, int32_t head, bool kv_head_selected);
 // Checks a decode selection for (layer, kv_head) of `cached` stored tokens:
-// ascending, no repeats, every page or token index in range.
+// ascending, no repeats, every page or token index in range, and head masks
+// (when given) one per index, each naming some of the group's query heads.
 Status check_kv_selection(const KvSelection& selection, int32_t cached, int32_t page_size, int32_t layer,
-                          int32_t kv_head);
+                          int32_t kv_head, int32_t group_size = 1);
+
+// Key selection per query head keeps a 32-bit mask of the group's heads per index.
+inline constexpr int32_t kMaxSelectionGroup = 32;
+inline uint32_t group_mask(int32_t group_size) {
+  return group_size >= 32 ? ~0u : (1u << group_size) - 1u;
+}
 
 // What the engine-kept key bounds of one (layer, kv head) cover (kHookPageBudget):
 // the first `tokens` stored tokens of sequence `seq_id` as of `rewrites`.

@@ -58,6 +58,7 @@ void ForwardPass::finish_call() {
 Status ForwardPass::plan_step() {
   const int32_t L = config_.n_layers, nkv = config_.n_kv_heads, ps = seq_.pool().shape().page_size;
   plan_.step = step_;
+  plan_.bound_per_head = method_.bound_per_head;
   plan_.run.assign(size_t(L), 1);
   if (method_.has(kHookLayerPlan)) {
     LayerPlan layers;
@@ -140,8 +141,14 @@ Result<bool> ForwardPass::try_replay(const LogitsSink& sink) {
   }
   if (auto s = backend_.replay(plan_, sink); !s) return undo(s).error();
   for (int32_t l = 0; l < config_.n_layers; ++l) {
-    if (plan_.run[size_t(l)] != 0) count_keys(staged_[size_t(l)]);
-    else ++counters_.layers_skipped;
+    if (plan_.run[size_t(l)] == 0) {
+      ++counters_.layers_skipped;
+      continue;
+    }
+    KeyPlan& keys = staged_[size_t(l)];
+    if (keys.by_bound_per_head && keys.any_by_bound())  // the union's size: known once selected
+      if (auto s = backend_.read_bound_selection(l, keys); !s) return s.error();
+    count_keys(keys);
   }
   ++counters_.graph_replays;
   finish_call();
@@ -201,12 +208,15 @@ Status ForwardPass::run_layer(int32_t l) {
 
   KeyPlan decided;
   KeyPlan& keys = staged_.empty() ? decided : staged_[size_t(l)];
-  if (staged_.empty()) {
+  if (staged_.empty())
     if (auto s = decide_keys(l, keys); !s) return s;
-    count_keys(keys);
-  }
   if (keys.any_by_bound())  // sees the cache before this call's tokens
     if (auto s = backend_.select_by_bound(seq_, l, keys); !s) return s;
+  if (staged_.empty()) {  // a replayed step counts after the replay
+    if (keys.by_bound_per_head && keys.any_by_bound() && step_.decode())
+      if (auto s = backend_.read_bound_selection(l, keys); !s) return s;
+    count_keys(keys);
+  }
   if (auto s = backend_.append_kv(seq_, l); !s) return s;
   BlockPlan blocks;
   if (auto s = decide_blocks(l, keys, blocks); !s) return s;
@@ -242,23 +252,29 @@ Status ForwardPass::decide_mask(int32_t l, ComponentMask& mask, const ComponentM
 }
 
 // The key plan a layer's page budgets alone give: dense heads, and heads whose
-// pages the backend selects by key bound.
+// pages the backend selects by key bound (per query head: room for the union
+// of the group's selections, each head's own pages being `budget - 1` of the
+// same candidates plus the last page).
 void ForwardPass::plan_from_budgets(int32_t l, KeyPlan& plan) const {
-  const int32_t nkv = config_.n_kv_heads;
+  const int32_t nkv = config_.n_kv_heads, gs = config_.group_size();
   plan.mode.assign(size_t(nkv), kernels::KeySelect::All);
   plan.budget.assign(size_t(nkv), 0);
   plan.cached.assign(size_t(nkv), 0);
   plan.indptr.assign(1, 0);
   plan.indices.clear();
+  plan.heads.clear();
+  plan.by_bound_per_head = plan_.bound_per_head && plan_.any_bound(l);
   for (int32_t g = 0; g < nkv; ++g) {
     plan.cached[size_t(g)] = seq_.table(l, g).n_tokens();
     if (const int32_t budget = plan_.budgets[size_t(l)][size_t(g)]; budget > 0) {
       plan.mode[size_t(g)] = kernels::KeySelect::Pages;
       plan.budget[size_t(g)] = budget;
-      plan.indices.insert(plan.indices.end(), size_t(budget), 0);
+      const int32_t slots = plan.by_bound_per_head ? gs * (budget - 1) + 1 : budget;
+      plan.indices.insert(plan.indices.end(), size_t(slots), 0);
     }
     plan.indptr.push_back(int32_t(plan.indices.size()));
   }
+  if (plan.by_bound_per_head) plan.heads.assign(plan.indices.size(), 0);
 }
 
 // Page budgets, then select_kv for the heads without one: which cached keys
@@ -268,28 +284,41 @@ Status ForwardPass::decide_keys(int32_t l, KeyPlan& plan) {
   const auto& budgets = plan_.budgets[size_t(l)];
   if (!method_.has(kHookDecodeSelection) || std::none_of(budgets.begin(), budgets.end(), [](int32_t b) { return b < 0; }))
     return ok_status();
-  const int32_t nkv = config_.n_kv_heads, ps = seq_.pool().shape().page_size;
-  const int64_t group = int64_t(config_.group_size()) * config_.head_dim;
+  const int32_t nkv = config_.n_kv_heads, ps = seq_.pool().shape().page_size, gs = config_.group_size();
+  const int64_t group = int64_t(gs) * config_.head_dim;
   std::vector<float> queries;
   if (auto s = backend_.read_last_queries(queries); !s) return s;
   const auto view = backend_.kv_view(seq_);
   std::vector<int32_t> indices;
   std::vector<int32_t> indptr{0};
+  // Head masks for every index, kept when some head selects per query head.
+  std::vector<uint32_t> heads;
+  bool masked = !plan.heads.empty();
   for (int32_t g = 0; g < nkv; ++g) {
     const auto own = plan.head(g);
     indices.insert(indices.end(), own.begin(), own.end());
+    if (plan.heads.empty()) heads.insert(heads.end(), own.size(), group_mask(gs));
+    else heads.insert(heads.end(), plan.heads.begin() + plan.indptr[size_t(g)], plan.heads.begin() + plan.indptr[size_t(g) + 1]);
     KvSelection sel;
     if (budgets[size_t(g)] < 0 &&
         method_.method->select_kv(step_, *view, l, g,
                                   std::span<const float>(queries.data() + g * group, size_t(group)), sel)) {
-      if (auto s = check_kv_selection(sel, plan.cached[size_t(g)], ps, l, g); !s) return s;
+      if (auto s = check_kv_selection(sel, plan.cached[size_t(g)], ps, l, g, gs); !s) return s;
+      if (!sel.heads.empty() && !backend_.supports(Feature::QueryHeadSelection))
+        return Error{fmt::format("method: decode selection for (layer {}, kv head {}) lists query heads: {}, which "
+                                 "the {} backend does not support",
+                                 l, g, feature_name(Feature::QueryHeadSelection), backend_.name())};
       plan.mode[size_t(g)] = sel.unit == KvSelection::Unit::Pages ? kernels::KeySelect::Pages : kernels::KeySelect::Tokens;
       indices.insert(indices.end(), sel.indices.begin(), sel.indices.end());
+      if (sel.heads.empty()) heads.insert(heads.end(), sel.indices.size(), group_mask(gs));
+      else heads.insert(heads.end(), sel.heads.begin(), sel.heads.end());
+      masked = masked || !sel.heads.empty();
     }
     indptr.push_back(int32_t(indices.size()));
   }
   plan.indices = std::move(indices);
   plan.indptr = std::move(indptr);
+  if (masked) plan.heads = std::move(heads);
   return ok_status();
 }
 

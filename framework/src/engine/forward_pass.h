@@ -32,6 +32,7 @@ struct MethodCall {
   uint32_t hooks = 0;
   bool cache_positions = false;  // KvPositions::Cache
   RetentionPolicy retention;     // with kHookRetention
+  bool bound_per_head = false;   // kHookPageBudget with BoundScope::QueryHead
   SequenceState* state = nullptr;  // the method's state for this sequence
   bool has(uint32_t hook) const { return method != nullptr && (hooks & hook) != 0; }
 };

@@ -20,17 +20,22 @@ HeadTraffic head_traffic(const KeyPlan& plan, int32_t g, int32_t ps) {
     case kernels::KeySelect::All:
       return {cached, all_pages};
     case kernels::KeySelect::Pages: {
-      if (const int32_t budget = plan.budget[size_t(g)]; budget > 0)  // full pages, then the last one
+      const int32_t budget = plan.budget[size_t(g)];
+      if (budget > 0 && !plan.by_bound_per_head)  // full pages, then the last one
         return {int64_t(budget - 1) * ps + (cached - (all_pages - 1) * ps), budget};
       HeadTraffic t;
-      for (int32_t p : plan.head(g)) t.keys += std::min(ps, cached - p * ps);
-      t.pages = int64_t(plan.head(g).size());
+      for (int32_t p : plan.head(g)) {
+        if (p < 0) continue;  // an unused slot of a per-query-head union
+        t.keys += std::min(ps, cached - p * ps);
+        ++t.pages;
+      }
       return t;
     }
     case kernels::KeySelect::Tokens: {
       HeadTraffic t;
       int32_t last_page = -1;
       for (int32_t x : plan.head(g)) {
+        if (x < 0) continue;
         ++t.keys;
         t.pages += x / ps != last_page;
         last_page = x / ps;

@@ -17,13 +17,19 @@ namespace inferlab {
 // The cached keys (stored before this call) each kv head of one layer reads:
 // KeySelect::All, or the listed logical pages or stored tokens. A head with a
 // page budget lists `budget` slots (mode Pages) that the backend fills with
-// the pages its key bounds select (Backend::select_by_bound).
+// the pages its key bounds select (Backend::select_by_bound). Per query head
+// (by_bound_per_head) it lists group * (budget - 1) + 1 slots: the union of
+// its query heads' pages, ascending after the unused slots (-1), with `heads`.
 struct KeyPlan {
   std::vector<kernels::KeySelect> mode;  // (n_kv_heads)
   std::vector<int32_t> budget;           // (n_kv_heads) > 0: pages selected by key bound
   std::vector<int32_t> indptr;           // (n_kv_heads + 1) ranges of indices
   std::vector<int32_t> indices;          // ascending logical pages or stored tokens per head
   std::vector<int32_t> cached;           // (n_kv_heads) stored tokens before this call
+  // Empty: every query head of a group reads its kv head's keys. Otherwise
+  // one mask per index: bit j = query head g * group + j reads it.
+  std::vector<uint32_t> heads;
+  bool by_bound_per_head = false;        // budgets select per query head (BoundScope::QueryHead)
 
   bool any_selected() const;
   bool any_by_bound() const;
@@ -34,6 +40,7 @@ struct KeyPlan {
 
 // Keys and pages a kv head reads under its plan: one definition for every
 // backend and for graph replays, so the traffic counters agree by construction.
+// A per-query-head selection by bound counts the union in its filled slots.
 struct HeadTraffic {
   int64_t keys = 0, pages = 0;
 };
@@ -78,6 +85,7 @@ struct StepPlan {
   SkippedLayerKv kv_fill = SkippedLayerKv::FromHidden;
   std::vector<std::vector<int32_t>> budgets;  // (n_layers, n_kv_heads): > 0 by bound, 0 all, < 0 ask select_kv
   std::vector<std::vector<RetentionBudget>> retention;  // (n_layers, n_kv_heads) with kHookRetention
+  bool bound_per_head = false;  // page budgets select per query head (BoundScope::QueryHead)
   bool host_reads = false;    // a hook reads device data mid-step (hidden, queries, statistics)
   bool host_changes = false;  // a hook changes the cache mid-step (evict)
   int32_t max_keys = 0;       // most keys a head reads: stored + new

@@ -185,6 +185,76 @@ TEST(Quest, QuestReadsAtLeastMinPages) {
   EXPECT_LT(keys[0], keys[1]);
 }
 
+// gqa = "per_head": on its own pages each query head of a group selects its
+// pages by its own bound and the selection lists their union, each token with
+// the heads that read it; on the cache's pages the engine does the same
+// (BoundScope::QueryHead; the mechanism: test_page_budget_per_head.cpp).
+TEST(Quest, PerHeadSelectsEachQueryHeadsOwnPages) {
+  const auto with = [](const std::string& gqa) {
+    return test::params({{"token_budget", int64_t{8}}, {"page_size", int64_t{4}}, {"dense_layers", int64_t{1}},
+                         {"gqa", gqa}});
+  };
+  MethodHandle per_head = test::make_method("quest", with("per_head"));
+  MethodHandle summed = test::make_method("quest", with("sum"));
+  ASSERT_NE(per_head.get(), nullptr);
+  ASSERT_NE(summed.get(), nullptr);
+  EXPECT_EQ(per_head->bound_scope(), BoundScope::QueryHead);
+  EXPECT_EQ(summed->bound_scope(), BoundScope::KvHead);
+  ModelShape shape = test::tiny_shape();
+  shape.n_heads = 4;  // groups of two query heads
+  per_head->begin_sequence(shape);
+  const auto state = per_head->new_sequence_state(shape);
+  test::FakeKv kv(2, 4);  // cache pages of 2 tokens; Quest pages of 4
+  // Page 2 holds a key far along +x, page 3 one far along -y.
+  for (int32_t p = 0; p < 20; ++p) kv.add(p, {p == 9 ? 5.0f : 0.1f, p == 13 ? -6.0f : 0.0f, 0, 0});
+  // Head 0 looks along +x (page 2 bounds highest), head 1 along -y (page 3).
+  const std::vector<float> q = {1, 0, 0, 0, 0, -1, 0, 0};
+  KvSelection sel;
+  EXPECT_TRUE(per_head->select_kv(StepInfo{3, 20, 1, 1, state.get()}, kv, 1, 0, q, sel));
+  EXPECT_EQ(sel.unit, KvSelection::Unit::Tokens);
+  std::vector<int32_t> tokens;
+  std::vector<uint32_t> heads;
+  for (auto [page, mask] : {std::pair{2, 0b01u}, std::pair{3, 0b10u}, std::pair{4, 0b11u}})  // the last: both
+    for (int32_t t = 4 * page; t < 4 * page + 4; ++t) {
+      tokens.push_back(t);
+      heads.push_back(mask);
+    }
+  EXPECT_EQ(sel.indices, tokens);
+  EXPECT_EQ(sel.heads, heads);
+  // Summed over the group, page 3 (6.1) beats page 2 (5): both heads read pages 3 and 4.
+  summed->begin_sequence(shape);
+  const auto summed_state = summed->new_sequence_state(shape);
+  KvSelection one;
+  EXPECT_TRUE(summed->select_kv(StepInfo{3, 20, 1, 1, summed_state.get()}, kv, 1, 0, q, one));
+  EXPECT_TRUE(one.heads.empty());
+  EXPECT_EQ(one.indices, std::vector<int32_t>(tokens.begin() + 4, tokens.end()));
+  // On the cache's pages the engine selects: the plugin only gives the budget, as with "sum".
+  test::FakeKv cache(4, 4);
+  for (int32_t p = 0; p < 20; ++p) cache.add(p, {0.1f, 0, 0, 0});
+  EXPECT_EQ(per_head->page_budget(StepInfo{3, 20, 1}, cache, 1, 0), 2);
+}
+
+// Both paths of per_head read the same keys and give the same attention when
+// Quest's pages coincide with the cache's.
+TEST(Quest, PerHeadOnCachePagesMatchesPerHeadOnItsOwnPages) {
+  const auto prompt = test::random_tokens(100, 40, 2), forced = test::random_tokens(100, 6, 3);
+  std::vector<std::vector<float>> logits;
+  std::vector<int64_t> keys;
+  for (int32_t cache_page : {4, 2}) {
+    auto engine = Engine::create(model(), EngineOptions{cache_page, 0, 0});
+    ASSERT_TRUE(engine.ok());
+    test::ActiveMethod active = test::activate_method(
+        **engine, "quest",
+        test::params({{"token_budget", int64_t{8}}, {"page_size", int64_t{4}}, {"dense_layers", int64_t{1}},
+                      {"gqa", std::string("per_head")}}));
+    ASSERT_NE(active.handle.get(), nullptr);
+    logits.push_back(test::run_trace(**engine, active.handle.get(), prompt, 6, forced).logits);
+    keys.push_back((*engine)->counters().decode_keys_read);
+  }
+  EXPECT_EQ(keys[0], keys[1]);
+  EXPECT_LT(test::normalized_max_error(logits[0], logits[1]), 1e-5);
+}
+
 // Quest's own-page bounds live with each sequence (SequenceState): two
 // sequences decoded in turn give what each gives alone, and a copied sequence
 // carries its bounds along.

@@ -59,12 +59,12 @@ Status CudaBackend::append_kv(KvSequence& seq, int32_t l) {
 }
 
 // Regions: indptr (nkv + 1), keep (nkv), stale pages (nkv), stale counts (nkv),
-// indices (capacity), modes (nkv bytes, rounded up to ints).
+// indices (capacity), heads (capacity), modes (nkv bytes, rounded up to ints).
 Status CudaBackend::ensure_plan_capacity(int64_t indices) {
   if (indices <= plan_capacity_ && plans_.bytes() > 0) return ok_status();
   const int64_t nkv = config_.n_kv_heads;
   const int64_t capacity = std::max({indices, 2 * plan_capacity_, int64_t(64)});
-  const int64_t ints = 4 * nkv + 1 + capacity + (nkv + 3) / 4;
+  const int64_t ints = 4 * nkv + 1 + 2 * capacity + (nkv + 3) / 4;
   CUDA_TRY(cudaStreamSynchronize(stream_), "key plans");  // earlier layers' kernels may still read the old regions
   drop_graphs();
   plan_capacity_ = 0;
@@ -79,8 +79,13 @@ Status CudaBackend::ensure_plan_capacity(int64_t indices) {
 CudaBackend::PlanRegion CudaBackend::plan_region(int32_t l, bool host) const {
   const int64_t nkv = config_.n_kv_heads;
   int32_t* base = (host ? host_plans_.as<int32_t>() : plans_.as<int32_t>()) + int64_t(l) * region_ints_;
-  return PlanRegion{base, base + nkv + 1, base + 2 * nkv + 1, base + 3 * nkv + 1, base + 4 * nkv + 1,
-                    reinterpret_cast<uint8_t*>(base + 4 * nkv + 1 + plan_capacity_)};
+  return PlanRegion{base,
+                    base + nkv + 1,
+                    base + 2 * nkv + 1,
+                    base + 3 * nkv + 1,
+                    base + 4 * nkv + 1,
+                    reinterpret_cast<uint32_t*>(base + 4 * nkv + 1 + plan_capacity_),
+                    reinterpret_cast<uint8_t*>(base + 4 * nkv + 1 + 2 * plan_capacity_)};
 }
 
 // The layer's key plan into its region, and up to the device.
@@ -91,11 +96,20 @@ Status CudaBackend::stage_key_plan(int32_t l, const KeyPlan& plan) {
   std::copy(plan.indptr.begin(), plan.indptr.end(), r.indptr);
   std::copy(plan.budget.begin(), plan.budget.end(), r.keep);
   std::copy(plan.indices.begin(), plan.indices.end(), r.indices);
+  std::copy(plan.heads.begin(), plan.heads.end(), r.heads);
   for (int32_t g = 0; g < nkv; ++g) r.modes[g] = uint8_t(plan.mode[size_t(g)]);
   CUDA_TRY(cudaMemcpyAsync(plan_region(l, false).indptr, r.indptr, size_t(region_ints_) * 4, cudaMemcpyHostToDevice,
                            stream_),
            "upload key plan");
   return ok_status();
+}
+
+// The slots (and head masks) select_by_bound filled on the device, for the
+// traffic counters: the size of a per-query-head union is known only there.
+Status CudaBackend::read_bound_selection(int32_t l, KeyPlan& plan) {
+  const PlanRegion r = plan_region(l, false);
+  if (auto s = download(r.indices, plan.indices.size() * 4, plan.indices.data()); !s) return s;
+  return download(r.heads, plan.heads.size() * 4, plan.heads.data());
 }
 
 kernels::AttentionCall CudaBackend::base_call(int32_t l, int64_t n) const {
@@ -133,8 +147,13 @@ Status CudaBackend::ensure_page_bounds() {
   return ok_status();
 }
 
-kernels::PageSelectCall CudaBackend::select_call(int32_t l, const int32_t* keep, const int32_t* offsets, int32_t* out,
-                                                 int32_t max_pages) const {
+size_t CudaBackend::bound_scratch_bytes(int32_t max_pages, bool per_head) const {
+  const size_t per_page = per_head ? size_t(config_.n_heads) + size_t(config_.n_kv_heads) : size_t(config_.n_kv_heads);
+  return per_page * size_t(max_pages) * 4;
+}
+
+kernels::PageSelectCall CudaBackend::select_call(int32_t l, const PlanRegion& region, int32_t max_pages,
+                                                 bool per_head) const {
   const ModelConfig& c = config_;
   kernels::PageSelectCall call;
   call.n_kv_heads = c.n_kv_heads;
@@ -146,11 +165,16 @@ kernels::PageSelectCall CudaBackend::select_call(int32_t l, const int32_t* keep,
   call.table = {tables_.as<int32_t>() + int64_t(l) * c.n_kv_heads * max_pages_, max_pages_};
   call.q = q_.as<float>() + (n_ - 1) * c.q_dim();
   call.n_cached = n_cached_.as<int32_t>() + int64_t(l) * c.n_kv_heads;
-  call.keep = keep;
-  call.out_offset = offsets;
-  call.out = out;
+  call.keep = region.keep;
+  call.out_offset = region.indptr;
+  call.out = region.indices;
   call.scores = bound_scores_.as<float>();
   call.score_stride = max_pages;
+  if (per_head) {  // scores per query head, then the marks of the union
+    call.per_head = 1;
+    call.out_heads = region.heads;
+    call.marks = reinterpret_cast<uint32_t*>(bound_scores_.as<float>() + int64_t(c.n_heads) * max_pages);
+  }
   return call;
 }
 
@@ -181,7 +205,7 @@ Status CudaBackend::select_by_bound(const KvSequence& seq, int32_t l, KeyPlan& p
                                                bound_sync_[size_t(l) * size_t(nkv) + size_t(g)], pages, counts);
     const int32_t stale = int32_t(pages.size());
     pages.insert(pages.end(), counts.begin(), counts.end());
-    const size_t score_bytes = size_t(nkv) * size_t(max_pages) * 4;
+    const size_t score_bytes = bound_scratch_bytes(max_pages, plan.by_bound_per_head);
     if (score_bytes > bound_scores_.bytes()) drop_graphs();  // they hold the scores' address
     if (!bound_work_.reserve(pages.size() * 4) || !bound_scores_.reserve(score_bytes))
       return Error{"cuda engine: out of GPU memory for page selection"};
@@ -198,7 +222,7 @@ Status CudaBackend::select_by_bound(const KvSequence& seq, int32_t l, KeyPlan& p
     for (int32_t g = 0; g < nkv; ++g)
       if (plan.budget[size_t(g)] > 0) bound_sync_[size_t(l) * size_t(nkv) + size_t(g)] = covered[size_t(g)];
   }
-  const auto call = select_call(l, region.keep, region.indptr, region.indices, max_pages);
+  const auto call = select_call(l, region, max_pages, plan.by_bound_per_head);
   CUDA_TRY(kc::page_select(call, max_pages, stream_), "page selection");
   if (events != nullptr) CUDA_TRY(cudaEventRecord(events[1], stream_), "attention timing");
   return ok_status();
@@ -248,6 +272,7 @@ Status CudaBackend::attention(const KvSequence&, const LayerAttention& work) {
     call.select = region.modes;
     call.select_indptr = region.indptr;
     call.select_index = region.indices;
+    if (!work.keys->heads.empty()) call.select_heads = region.heads;  // each query head its own keys
   }
   if (work.blocks != nullptr && work.blocks->active())
     if (auto s = stage_block_plan(*work.blocks, call); !s) return s;

@@ -52,6 +52,7 @@ class CudaBackend final : public Backend {
   Status rope(const KvSequence& seq, int32_t layer, bool queries) override;
   Status append_kv(KvSequence& seq, int32_t layer) override;
   Status select_by_bound(const KvSequence& seq, int32_t layer, KeyPlan& plan) override;
+  Status read_bound_selection(int32_t layer, KeyPlan& plan) override;
   Status attention(const KvSequence& seq, const LayerAttention& work) override;
   Status read_statistics(const KvSequence& seq, int32_t layer, LayerStatistics& out) override;
   Status retain(KvSequence& seq, int32_t layer, const RetentionPolicy& policy,
@@ -91,6 +92,7 @@ class CudaBackend final : public Backend {
     int32_t* stale_pages;   // (n_kv_heads) a replayed step's one stale page per head
     int32_t* stale_counts;  // (n_kv_heads) its filled slots (0: none)
     int32_t* indices;       // (plan_capacity_)
+    uint32_t* heads;        // (plan_capacity_) beside indices: query heads of each entry (KeyPlan::heads)
     uint8_t* modes;         // (n_kv_heads) KeySelect
   };
   // The graph of one decode-step shape.
@@ -122,8 +124,10 @@ class CudaBackend final : public Backend {
   Status stage_block_plan(const BlockPlan& plan, kernels::AttentionCall& call);
   Status ensure_page_bounds();
   kernels::AttentionCall base_call(int32_t layer, int64_t n) const;
-  kernels::PageSelectCall select_call(int32_t layer, const int32_t* keep, const int32_t* offsets, int32_t* out,
-                                      int32_t max_pages) const;
+  kernels::PageSelectCall select_call(int32_t layer, const PlanRegion& region, int32_t max_pages,
+                                      bool per_head) const;
+  // Scratch of a selection by bound over at most max_pages pages per head.
+  size_t bound_scratch_bytes(int32_t max_pages, bool per_head) const;
   // cuda_kv_ops.cpp
   Status sync_table(const KvSequence& seq, int32_t layer, int32_t kv_head);
   Status retain_sequence(KvSequence& seq, int32_t layer, const RetentionPolicy& policy,
@@ -223,7 +227,7 @@ class CudaBackend final : public Backend {
   int64_t bound_pages_ = 0;
   std::vector<PageBoundSync> bound_sync_;  // (n_layers, n_kv_heads)
   DeviceMemory bound_work_;    // stale pages and their filled slots (eager steps)
-  DeviceMemory bound_scores_;  // (n_kv_heads, pages) float
+  DeviceMemory bound_scores_;  // (n_kv_heads, pages) float scores; per query head (n_heads, pages), then marks
   DeviceMemory attention_ws_;
   // Retention: budgets (n_kv_heads, 3), scores scratch, drop lists.
   DeviceMemory retention_budgets_;

@@ -4,7 +4,8 @@
 // stored counts, page tables, every layer's key plan (page budgets and one
 // stale page per head for the key bounds). A graph belongs to a plan's shape:
 // the key bound (a power of two: the split-K grid and the selection grid
-// depend on it), which layers run, and which select pages by bound.
+// depend on it), which layers run, and which select pages by bound (per kv
+// head or per query head: different kernels).
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -30,7 +31,7 @@ int32_t CudaBackend::key_bound(int32_t max_keys) const {
 std::string CudaBackend::graph_key(const StepPlan& plan) const {
   std::string key = fmt::format("{}|{}|", key_bound(plan.max_keys), int(plan.kv_fill));
   for (int32_t l = 0; l < config_.n_layers; ++l)
-    key += plan.run[size_t(l)] == 0 ? '-' : plan.any_bound(l) ? 'b' : 'd';
+    key += plan.run[size_t(l)] == 0 ? '-' : !plan.any_bound(l) ? 'd' : plan.bound_per_head ? 'h' : 'b';
   return key + (cache_positions_ ? "|cache" : "");
 }
 
@@ -67,7 +68,7 @@ Result<bool> CudaBackend::prepare_replay(KvSequence& seq, const StepPlan& plan, 
   if (auto s = ensure_plan_capacity(indices); !s) return s.error();
   if (any_bound) {
     if (auto s = ensure_page_bounds(); !s) return s.error();
-    const size_t score_bytes = size_t(nkv) * size_t((bound + ps - 1) / ps) * 4;
+    const size_t score_bytes = bound_scratch_bytes((bound + ps - 1) / ps, plan.bound_per_head);
     if (score_bytes > bound_scores_.bytes()) {
       drop_graphs();
       if (!bound_scores_.reserve(score_bytes)) return Error{"cuda engine: out of GPU memory for page selection"};
@@ -97,6 +98,7 @@ Result<bool> CudaBackend::prepare_replay(KvSequence& seq, const StepPlan& plan, 
     std::copy(k.indptr.begin(), k.indptr.end(), r.indptr);
     std::copy(k.budget.begin(), k.budget.end(), r.keep);
     std::copy(k.indices.begin(), k.indices.end(), r.indices);
+    std::copy(k.heads.begin(), k.heads.end(), r.heads);
     std::copy(stale_pages.begin() + l * nkv, stale_pages.begin() + (l + 1) * nkv, r.stale_pages);
     std::copy(stale_counts.begin() + l * nkv, stale_counts.begin() + (l + 1) * nkv, r.stale_counts);
     for (int32_t g = 0; g < nkv; ++g) r.modes[g] = uint8_t(k.mode[size_t(g)]);
