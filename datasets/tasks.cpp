@@ -84,7 +84,8 @@ Status check_value(const std::string& where, const ParamSpec& spec, const ParamV
 // Fills defaults and checks every value against the schema, so a task can read
 // its parameters without further checks.
 Result<TaskParams> resolve_params(const TaskInfo& info, const TaskParams& given) {
-  for (const auto& [name, values] : given.all()) {
+  for (const auto& entry : given.all()) {
+    const std::string& name = entry.first;
     const bool known = std::any_of(info.params.begin(), info.params.end(),
                                    [&](const TaskParamSpec& p) { return p.spec.name == name; });
     if (!known) {

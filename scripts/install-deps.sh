@@ -12,6 +12,7 @@ packages=(
     libopenblas-openmp-dev  # CMakeLists.txt links the OpenMP build of OpenBLAS
     nlohmann-json3-dev libpcre2-dev libssl-dev
     unzip ca-certificates
+    clang libclang-rt-14-dev  # scripts/sanitize.sh: ASan/UBSan tests and libFuzzer targets
 )
 
 is_installed() {

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Installs the system packages, fetches the default model, builds, and runs
-# every test with ctest (which prints its summary). The exit status is ctest's.
+# every test with ctest (which prints its summary); then the CPU tests again
+# under AddressSanitizer + UndefinedBehaviorSanitizer and each fuzz target for a
+# minute (scripts/sanitize.sh; INFERLAB_SANITIZE=0 skips that part). Fails when
+# either part fails.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -11,4 +14,9 @@ bash scripts/fetch-model.sh
 bash scripts/fetch-corpus.sh
 bash scripts/build.sh
 
-ctest --test-dir "${INFERLAB_BUILD_DIR:-build}" --output-on-failure -j"${INFERLAB_TEST_JOBS:-2}"
+status=0
+ctest --test-dir "${INFERLAB_BUILD_DIR:-build}" --output-on-failure -j"${INFERLAB_TEST_JOBS:-2}" || status=$?
+if [[ "${INFERLAB_SANITIZE:-1}" != "0" ]]; then
+    bash scripts/sanitize.sh || status=$?
+fi
+exit "$status"

@@ -160,7 +160,13 @@ TEST(EngineGolden, KvMethodsMatchTheCommittedLogits) {
   ASSERT_EQ((*model)->checksum(), golden.at("model_sha256").get<std::string>());
   ASSERT_EQ(tokens, golden.at("tokens").get<std::vector<int32_t>>()) << "the tokenizer changed";
   // Another OpenBLAS kernel sums GEMMs in another order: bits may differ, values may not.
-  const bool same_blas = core == golden.at("openblas_core").get<std::string>();
+  bool same_blas = core == golden.at("openblas_core").get<std::string>();
+#if defined(__clang__)
+  // The fixture comes from a GCC build; clang (the sanitizer build) contracts and
+  // vectorizes float code differently, so only values are comparable.
+  same_blas = false;
+  std::cout << "[ note ] built with clang, the fixture with GCC: comparing values, not bits\n";
+#endif
   if (!same_blas)
     std::cout << "[ note ] OpenBLAS core " << core << " differs from the fixture's "
               << golden.at("openblas_core").get<std::string>() << ": comparing values, not bits\n";

@@ -597,6 +597,23 @@ TEST(GgufRoundTrip, MetadataAndTensorsOfEveryType) {
 
   auto opened = File::open(file.path());
   ASSERT_TRUE(opened.ok()) << opened.message();
+  // The same bytes from memory parse to the same file; cut short, the error names them.
+  std::ifstream in(file.path(), std::ios::binary);
+  std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  auto in_memory = File::from_bytes(bytes, "memory.gguf");
+  ASSERT_TRUE(in_memory.ok()) << in_memory.message();
+  EXPECT_EQ((*in_memory)->metadata().size(), (*opened)->metadata().size());
+  ASSERT_EQ((*in_memory)->tensors().size(), (*opened)->tensors().size());
+  for (size_t i = 0; i < (*opened)->tensors().size(); ++i) {
+    const TensorInfo& a = (*opened)->tensors()[i];
+    const TensorInfo& b = (*in_memory)->tensors()[i];
+    EXPECT_EQ(a.name, b.name);
+    EXPECT_EQ(std::memcmp(a.data, b.data, a.n_bytes), 0) << a.name;
+  }
+  bytes.resize(bytes.size() / 2);
+  auto cut = File::from_bytes(bytes, "memory.gguf");
+  ASSERT_FALSE(cut.ok());
+  EXPECT_NE(cut.message().find("memory.gguf"), std::string::npos) << cut.message();
   const File& f = **opened;
   EXPECT_EQ(f.version(), 3u);
   EXPECT_EQ(f.alignment(), 32u);

@@ -277,7 +277,7 @@ class ConfigParser {
     for (auto&& [name, node] : table) {
       const std::string full = key + "." + std::string(name.str());
       const auto spec =
-          std::find_if(specs.begin(), specs.end(), [&](const ParamSpec& s) { return s.name == name.str(); });
+          std::find_if(specs.begin(), specs.end(), [wanted = std::string(name.str())](const ParamSpec& s) { return s.name == wanted; });
       if (spec == specs.end()) {
         diag_.add(name.source(), full, fmt::format("unknown key (known keys: {})", names_of(specs)));
         continue;
@@ -379,7 +379,7 @@ class ConfigParser {
       if (name == "type") continue;
       const std::string full = key + "." + std::string(name.str());
       const auto spec = std::find_if(info->params.begin(), info->params.end(),
-                                     [&](const TaskParamSpec& p) { return p.spec.name == name.str(); });
+                                     [wanted = std::string(name.str())](const TaskParamSpec& p) { return p.spec.name == wanted; });
       if (spec == info->params.end()) {
         std::vector<ParamSpec> specs;
         for (const auto& p : info->params) specs.push_back(p.spec);
@@ -431,7 +431,7 @@ class ConfigParser {
         continue;
       }
       const auto spec = std::find_if(entry->params.begin(), entry->params.end(),
-                                     [&](const ParamSpec& s) { return s.name == name.str(); });
+                                     [wanted = std::string(name.str())](const ParamSpec& s) { return s.name == wanted; });
       if (spec == entry->params.end())
         diag_.add(name.source(), full, unknown_parameter("plugin", entry->name, entry->params));
       else if (auto values = convert_list(node, *spec, full))

@@ -65,6 +65,9 @@ class File {
   // Maps the file and validates header, metadata, tensor directory, alignment and
   // that every tensor lies inside the file. Errors name the file and the fault.
   static Result<std::shared_ptr<File>> open(const std::filesystem::path& path);
+  // The same checks on bytes in memory (fuzzing, tests); `name` stands for the
+  // path in messages.
+  static Result<std::shared_ptr<File>> from_bytes(std::vector<uint8_t> bytes, const std::string& name);
   ~File();
   File(const File&) = delete;
   File& operator=(const File&) = delete;
@@ -91,11 +94,14 @@ class File {
 
  private:
   File() = default;
+  static Result<std::shared_ptr<File>> parse_into(std::shared_ptr<File> file, const std::string& shown);
   std::filesystem::path path_;
   uint32_t version_ = 0;
   uint64_t alignment_ = 32;
   uint64_t size_ = 0;
   const uint8_t* base_ = nullptr;
+  bool mapped_ = false;          // base_ is a mapping (else it points into owned_)
+  std::vector<uint8_t> owned_;
   std::map<std::string, Value> metadata_;
   std::vector<TensorInfo> tensors_;
   std::map<std::string, size_t, std::less<>> tensor_index_;

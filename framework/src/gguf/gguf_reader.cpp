@@ -489,8 +489,22 @@ Result<std::shared_ptr<File>> File::open(const std::filesystem::path& path) {
   }
   ::close(fd);  // the mapping keeps the file alive
 
+  file->mapped_ = file->base_ != nullptr;
+  return parse_into(std::move(file), shown);  // on error, ~File unmaps
+}
+
+Result<std::shared_ptr<File>> File::from_bytes(std::vector<uint8_t> bytes, const std::string& name) {
+  std::shared_ptr<File> file(new File());
+  file->path_ = name;
+  file->owned_ = std::move(bytes);
+  file->size_ = file->owned_.size();
+  file->base_ = file->owned_.empty() ? nullptr : file->owned_.data();
+  return parse_into(std::move(file), name);
+}
+
+Result<std::shared_ptr<File>> File::parse_into(std::shared_ptr<File> file, const std::string& shown) {
   Parser parser(shown, file->base_, file->size_);
-  if (Status s = parser.parse(); !s) return s.error();  // ~File unmaps
+  if (Status s = parser.parse(); !s) return s.error();
   file->version_ = parser.version;
   file->alignment_ = parser.alignment;
   file->metadata_ = std::move(parser.metadata);
@@ -500,7 +514,7 @@ Result<std::shared_ptr<File>> File::open(const std::filesystem::path& path) {
 }
 
 File::~File() {
-  if (base_ != nullptr) ::munmap(const_cast<uint8_t*>(base_), static_cast<size_t>(size_));
+  if (mapped_) ::munmap(const_cast<uint8_t*>(base_), static_cast<size_t>(size_));
 }
 
 const Value* File::find(std::string_view key) const {

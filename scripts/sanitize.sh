@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The CPU test suite under AddressSanitizer + UndefinedBehaviorSanitizer (built
+# with clang, CUDA off), then each fuzz target (fuzz/) for a bounded time from
+# its committed seed corpus. scripts/test.sh runs it after the main suite, so CI
+# does too. A crash leaves its input under <build>/fuzz-artifacts/; copy it into
+# fuzz/regressions/<target>/ (every build replays those) and fix the parser.
+#   INFERLAB_SANITIZE_BUILD_DIR (default build-asan), INFERLAB_FUZZ_SECONDS per
+#   target (default 60; 0 skips fuzzing), INFERLAB_BUILD_JOBS.
+set -euo pipefail
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo_root"
+build_dir="${INFERLAB_SANITIZE_BUILD_DIR:-build-asan}"
+fuzz_seconds="${INFERLAB_FUZZ_SECONDS:-60}"
+jobs="${INFERLAB_BUILD_JOBS:-$(nproc)}"
+
+if ! command -v clang++ >/dev/null 2>&1; then
+    echo "sanitize: clang++ not found; run scripts/install-deps.sh" >&2
+    exit 1
+fi
+
+CC=clang CXX=clang++ cmake -S . -B "$build_dir" -DCMAKE_BUILD_TYPE=Release -DINFERLAB_CUDA=OFF \
+    -DINFERLAB_SANITIZE=ON -DINFERLAB_FUZZ=ON -DINFERLAB_CPU_ARCH=x86-64-v3
+cmake --build "$build_dir" -j"$jobs"
+
+export ASAN_OPTIONS="detect_leaks=1:abort_on_error=1:strict_string_checks=1"
+export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
+ctest --test-dir "$build_dir" --output-on-failure -j"${INFERLAB_TEST_JOBS:-2}" -L cpu
+
+if [[ "$fuzz_seconds" == "0" ]]; then
+    echo "sanitize: fuzzing skipped (INFERLAB_FUZZ_SECONDS=0)"
+    exit 0
+fi
+artifacts="$build_dir/fuzz-artifacts"
+mkdir -p "$artifacts"
+for target in gguf experiment_config tokenizer; do
+    work="$build_dir/fuzz-corpus/$target"  # new inputs go here, never into the repository
+    mkdir -p "$work"
+    echo "sanitize: fuzzing $target for ${fuzz_seconds}s"
+    "$build_dir/bin/fuzz_$target" -max_total_time="$fuzz_seconds" -print_final_stats=1 -timeout=10 \
+        -rss_limit_mb=2048 -artifact_prefix="$artifacts/$target-" "$work" "fuzz/corpus/$target"
+done
+echo "sanitize: sanitizer tests and fuzzing passed"
