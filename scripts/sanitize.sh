@@ -36,8 +36,14 @@ mkdir -p "$artifacts"
 for target in gguf experiment_config tokenizer; do
     work="$build_dir/fuzz-corpus/$target"  # new inputs go here, never into the repository
     mkdir -p "$work"
-    echo "sanitize: fuzzing $target for ${fuzz_seconds}s"
-    "$build_dir/bin/fuzz_$target" -max_total_time="$fuzz_seconds" -print_final_stats=1 -timeout=10 \
-        -rss_limit_mb=2048 -artifact_prefix="$artifacts/$target-" "$work" "fuzz/corpus/$target"
+    log="$build_dir/fuzz-$target.log"  # libFuzzer reports every new input: keep it out of the CI log
+    echo "sanitize: fuzzing $target for ${fuzz_seconds}s (log: $log)"
+    if ! "$build_dir/bin/fuzz_$target" -max_total_time="$fuzz_seconds" -print_final_stats=1 -timeout=10 \
+        -rss_limit_mb=2048 -artifact_prefix="$artifacts/$target-" "$work" "fuzz/corpus/$target" >"$log" 2>&1; then
+        tail -n 80 "$log"
+        echo "sanitize: fuzz_$target failed; the input is under $artifacts/" >&2
+        exit 1
+    fi
+    grep -E "^Done [0-9]+ runs|^stat::(number_of_executed_runs|peak_rss_mb)" "$log" || true
 done
 echo "sanitize: sanitizer tests and fuzzing passed"
