@@ -36,10 +36,17 @@ mkdir -p "$artifacts"
 for target in gguf experiment_config tokenizer; do
     work="$build_dir/fuzz-corpus/$target"  # new inputs go here, never into the repository
     mkdir -p "$work"
+    seeds=("fuzz/corpus/$target")
+    case "$target" in
+        experiment_config) seeds+=(experiments) ;;  # the shipped configs
+        gguf)  # a whole (tiny) model as the framework writes it; models stay out of git
+            "$build_dir/bin/inferlab" model synth --preset tiny --layers 1 --type q8_0 \
+                -o "$work/synthetic_tiny_1layer_q8_0.gguf" >/dev/null ;;
+    esac
     log="$build_dir/fuzz-$target.log"  # libFuzzer reports every new input: keep it out of the CI log
     echo "sanitize: fuzzing $target for ${fuzz_seconds}s (log: $log)"
     if ! "$build_dir/bin/fuzz_$target" -max_total_time="$fuzz_seconds" -print_final_stats=1 -timeout=10 \
-        -rss_limit_mb=2048 -artifact_prefix="$artifacts/$target-" "$work" "fuzz/corpus/$target" >"$log" 2>&1; then
+        -rss_limit_mb=2048 -artifact_prefix="$artifacts/$target-" "$work" "${seeds[@]}" >"$log" 2>&1; then
         tail -n 80 "$log"
         echo "sanitize: fuzz_$target failed; the input is under $artifacts/" >&2
         exit 1

@@ -89,8 +89,9 @@ TEST(Quest, QuestGivesTheEngineItsBudgetWhenItsPagesAreTheCachePages) {
   EXPECT_EQ(counters.at("pages_available"), 5);
 }
 
-// The plugin's own pages and the engine's give the same attention when they coincide.
-TEST(Quest, QuestOnCachePagesMatchesQuestOnItsOwnPages) {
+// Quest with its own pages of 4 on caches with pages of 4 and 2: the same keys
+// read and the same attention (its pages coincide with the cache's in the first).
+void expect_own_pages_match_cache_pages(const std::string& gqa) {
   const auto prompt = test::random_tokens(100, 40, 2), forced = test::random_tokens(100, 6, 3);
   std::vector<std::vector<float>> logits;
   std::vector<int64_t> keys;
@@ -98,7 +99,9 @@ TEST(Quest, QuestOnCachePagesMatchesQuestOnItsOwnPages) {
     auto engine = Engine::create(model(), EngineOptions{cache_page, 0, 0});
     ASSERT_TRUE(engine.ok());
     test::ActiveMethod active = test::activate_method(
-        **engine, "quest", test::params({{"token_budget", int64_t{8}}, {"page_size", int64_t{4}}, {"dense_layers", int64_t{1}}}));
+        **engine, "quest",
+        test::params({{"token_budget", int64_t{8}}, {"page_size", int64_t{4}}, {"dense_layers", int64_t{1}},
+                      {"gqa", gqa}}));
     ASSERT_NE(active.handle.get(), nullptr);
     logits.push_back(test::run_trace(**engine, active.handle.get(), prompt, 6, forced).logits);
     keys.push_back((*engine)->counters().decode_keys_read);
@@ -106,6 +109,9 @@ TEST(Quest, QuestOnCachePagesMatchesQuestOnItsOwnPages) {
   EXPECT_EQ(keys[0], keys[1]);
   EXPECT_LT(test::normalized_max_error(logits[0], logits[1]), 1e-5);
 }
+
+// The plugin's own pages and the engine's give the same attention when they coincide.
+TEST(Quest, QuestOnCachePagesMatchesQuestOnItsOwnPages) { expect_own_pages_match_cache_pages("sum"); }
 
 TEST(Quest, QuestReadsOnlyItsBudgetInTheEngine) {
   auto engine = Engine::create(model(), EngineOptions{4, 0, 0});
@@ -236,24 +242,7 @@ TEST(Quest, PerHeadSelectsEachQueryHeadsOwnPages) {
 
 // Both paths of per_head read the same keys and give the same attention when
 // Quest's pages coincide with the cache's.
-TEST(Quest, PerHeadOnCachePagesMatchesPerHeadOnItsOwnPages) {
-  const auto prompt = test::random_tokens(100, 40, 2), forced = test::random_tokens(100, 6, 3);
-  std::vector<std::vector<float>> logits;
-  std::vector<int64_t> keys;
-  for (int32_t cache_page : {4, 2}) {
-    auto engine = Engine::create(model(), EngineOptions{cache_page, 0, 0});
-    ASSERT_TRUE(engine.ok());
-    test::ActiveMethod active = test::activate_method(
-        **engine, "quest",
-        test::params({{"token_budget", int64_t{8}}, {"page_size", int64_t{4}}, {"dense_layers", int64_t{1}},
-                      {"gqa", std::string("per_head")}}));
-    ASSERT_NE(active.handle.get(), nullptr);
-    logits.push_back(test::run_trace(**engine, active.handle.get(), prompt, 6, forced).logits);
-    keys.push_back((*engine)->counters().decode_keys_read);
-  }
-  EXPECT_EQ(keys[0], keys[1]);
-  EXPECT_LT(test::normalized_max_error(logits[0], logits[1]), 1e-5);
-}
+TEST(Quest, PerHeadOnCachePagesMatchesPerHeadOnItsOwnPages) { expect_own_pages_match_cache_pages("per_head"); }
 
 // Quest's own-page bounds live with each sequence (SequenceState): two
 // sequences decoded in turn give what each gives alone, and a copied sequence
