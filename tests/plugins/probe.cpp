@@ -148,7 +148,7 @@ class ProbeMethod final : public Method {
     count("sequences");
   }
 
-  bool prefill_pattern(const StepInfo&, int32_t, int32_t, BlockPattern& pattern) override {
+  bool prefill_pattern(const StepInfo&, int32_t, int32_t, PrefillPattern& pattern) override {
     if (pattern_block_ <= 0) return false;
     count("prefill_pattern_calls");
     pattern.block_size = pattern_block_;

@@ -14,7 +14,7 @@ class MixedBlocks final : public Method {
  public:
   // Patterns cover positions 0 .. span - 1.
   explicit MixedBlocks(bool refined, int32_t span = 64) : refined_(refined), span_(span) {}
-  bool prefill_pattern(const StepInfo&, int32_t, int32_t head, BlockPattern& p) override {
+  bool prefill_pattern(const StepInfo&, int32_t, int32_t head, PrefillPattern& p) override {
     const int32_t bs = head % 2 == 0 && !refined_ ? 8 : 4, f = 8 / 4;
     p.block_size = bs;
     for (int32_t qb = 0; qb * bs < span_; ++qb) {

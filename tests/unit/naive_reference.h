@@ -41,6 +41,11 @@ struct NaivePolicy {
   std::function<std::vector<bool>(int32_t layer, int32_t head, int64_t t, const std::vector<double>& q,
                                   const std::vector<std::vector<double>>& keys)>
       select_keys;
+  // Called once per layer, before its attention, with every token's queries
+  // (n, q_dim) and keys (n, kv_dim) after RoPE (patterns estimated from them).
+  std::function<void(int32_t layer, const std::vector<std::vector<double>>& q,
+                     const std::vector<std::vector<double>>& k)>
+      on_queries_keys;
 };
 
 // Logits (n_tokens, n_vocab) for a whole prompt at positions 0..n-1.
@@ -91,6 +96,7 @@ inline std::vector<double> naive_forward(const Model& model, const std::vector<i
       rope(q[size_t(t)], c.n_heads, policy.query_position ? policy.query_position(t) : t);
       if (!policy.key_position) rope(k[size_t(t)], c.n_kv_heads, t);
     }
+    if (policy.on_queries_keys) policy.on_queries_keys(l, q, k);
     for (int64_t t = 0; t < n; ++t) {
       if (!runs(l, t)) continue;
       std::vector<double> attn(size_t(c.q_dim()), 0.0);

@@ -167,7 +167,7 @@ TEST(TrafficCounters, EveryMethodCountsKeysPagesAndBytesFromItsPlan) {
 }
 
 TEST(BlockPlan, PatternsOfDifferentBlockSizesAreRefinedToOne) {
-  BlockPattern coarse{8, {{0, 0}, {1, 0}, {1, 1}}}, fine{4, {{0, 0}, {2, 0}, {3, 2}, {3, 3}}};
+  PrefillPattern coarse{8, {{0, 0}, {1, 0}, {1, 1}}}, fine{4, {{0, 0}, {2, 0}, {3, 2}, {3, 3}}};
   const BlockPlan plan = make_block_plan({coarse, std::nullopt, fine}, 16);
   EXPECT_EQ(plan.block_size, 4);
   EXPECT_EQ(plan.n_query_blocks, 4);
@@ -213,7 +213,7 @@ class SequenceWitness final : public Method {
     note("select_kv", s);
     return false;
   }
-  bool prefill_pattern(const StepInfo& s, int32_t, int32_t, BlockPattern&) override { note("prefill_pattern", s); return false; }
+  bool prefill_pattern(const StepInfo& s, int32_t, int32_t, PrefillPattern&) override { note("prefill_pattern", s); return false; }
   void on_attention(const StepInfo& s, const KvView&, const AttentionStats&) override { note("on_attention", s); }
   void evict(const StepInfo& s, const KvView&, int32_t, int32_t, std::vector<int32_t>&) override { note("evict", s); }
   bool exit_after_layer(const StepInfo& s, int32_t, std::span<const float>) override { note("exit_after_layer", s); return false; }

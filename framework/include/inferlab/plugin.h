@@ -29,12 +29,12 @@
 
 namespace inferlab {
 
-inline constexpr int32_t kPluginAbiVersion = 5;
+inline constexpr int32_t kPluginAbiVersion = 6;
 
 // Hooks, as bits of PluginInfo::hooks (docs/architecture.md has the table).
 enum PluginHook : uint32_t {
   kHookLoad = 1u << 0,               // on_load: weights, calibration, cached artifacts
-  kHookPrefillPattern = 1u << 1,     // prefill_pattern: block-sparse prefill per head
+  kHookPrefillPattern = 1u << 1,     // prefill_pattern: sparse prefill per query head
   kHookDecodeSelection = 1u << 2,    // select_kv: which cached pages/tokens a step reads
   kHookAttentionFeedback = 1u << 3,  // on_attention: attention mass per key, head output norms
   kHookEviction = 1u << 4,           // evict: which stored tokens to drop
@@ -201,12 +201,47 @@ struct AttentionStats {
   std::span<const float> head_output_norm;
 };
 
-// Block-sparse prefill for one query head: the (query block, key block) pairs to
-// compute, blocks of block_size positions. Causality still applies inside a
-// block; a query row with no allowed key gets a zero attention output.
-struct BlockPattern {
+// Sparse prefill for one query head (kHookPrefillPattern): which keys each
+// query row of this call computes. Rows are grouped in query blocks of
+// block_size stored positions; a row at stored position `self` in block
+// [q0, q1) reads the keys its block's pattern allows, always only keys <= self
+// (causality), and a row with no allowed key gets a zero attention output.
+// The method picks the kind and the budgets; the engine estimates the indices
+// of the estimated kinds from this call's own queries and keys, on the device.
+//
+//   Blocks         the listed (query block, key block) pairs, key blocks of
+//                  block_size positions
+//   VerticalSlash  MInference's vertical-slash head: the last `last_q` query
+//                  rows of the call score every key they see (softmax of
+//                  scale * q.k); a key column's score is the probability it got,
+//                  summed over those rows, and diagonal d's score is the sum of
+//                  the probabilities at (row, row - d). The `verticals` best
+//                  columns and the `slashes` best diagonals are kept (columns
+//                  below keep_first_columns and diagonals below
+//                  keep_last_diagonals score +infinity; ties to the lower
+//                  index). Diagonal d becomes the key range [q0 - d, q1 - d) of
+//                  block [q0, q1) (a block-wide range along the diagonal), and
+//                  overlapping ranges merge; a kept column outside every range
+//                  is read on its own.
+//   BlockTopK      MInference's block-sparse head: queries (this call's rows)
+//                  and keys mean-pooled per block_size positions, scores = the
+//                  pooled dot products (no scale, no softmax); each query block
+//                  reads its `top_k` best key blocks at or before it (ties to
+//                  the lower block).
+//   AShape         StreamingLLM's shape: keys [0, sink) and [q0 - local, q1).
+struct PrefillPattern {
+  enum class Kind : int32_t { Blocks = 0, VerticalSlash = 1, BlockTopK = 2, AShape = 3 };
   int32_t block_size = 64;
-  std::vector<std::pair<int32_t, int32_t>> blocks;  // (query block, key block), key block <= query block
+  std::vector<std::pair<int32_t, int32_t>> blocks;  // Blocks: (query block, key block), key block <= query block
+  Kind kind = Kind::Blocks;
+  int32_t verticals = 0;             // VerticalSlash: key columns kept
+  int32_t slashes = 0;               // VerticalSlash: diagonals kept
+  int32_t last_q = 64;               // VerticalSlash: query rows that score them (the call's last)
+  int32_t keep_first_columns = 30;   // VerticalSlash: always kept (MInference: 30)
+  int32_t keep_last_diagonals = 100; // VerticalSlash: always kept (MInference: 100)
+  int32_t top_k = 0;                 // BlockTopK: key blocks per query block
+  int32_t sink = 0;                  // AShape: first keys
+  int32_t local = 0;                 // AShape: keys before each query block
 };
 
 // How a skipped layer's KV cache is filled for the tokens that skip it.
@@ -341,9 +376,9 @@ class Method {
     return nullptr;
   }
 
-  // kHookPrefillPattern: return true and fill `pattern` to make this head's
-  // attention block-sparse for this call; false computes it densely.
-  virtual bool prefill_pattern(const StepInfo& step, int32_t layer, int32_t head, BlockPattern& pattern) {
+  // kHookPrefillPattern: return true and fill `pattern` to make this query
+  // head's attention sparse for this prefill call; false computes it densely.
+  virtual bool prefill_pattern(const StepInfo& step, int32_t layer, int32_t head, PrefillPattern& pattern) {
     (void)step; (void)layer; (void)head; (void)pattern;
     return false;
   }

@@ -9,9 +9,12 @@
 //   CudaBackend (cuda/cuda_backend.h)   f16/bf16 weights and KV, cuBLAS, kernels/cuda, CUDA graphs
 #pragma once
 
+#include <fmt/format.h>
+
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <utility>
@@ -32,7 +35,8 @@ enum class Feature : int32_t {
   PageSelection,        // a key plan lists pages
   BoundSelection,       // pages selected by key bound on the device (page_budget)
   QueryHeadSelection,   // keys selected per query head of a group, the kv head reading their union
-  BlockSparsePrefill,   // a block plan (prefill_pattern)
+  BlockSparsePrefill,   // a block plan (prefill_pattern, kind blocks)
+  SparsePrefill,        // a sparse plan of every kind: estimated indices, ranges and columns (plan_sparse_prefill)
   AttentionStatistics,  // key mass and head output norms delivered to the host (on_attention)
   Eviction,             // compaction of a head's stored tokens (evict)
   CachePositions,       // RoPE at cache indices, keys re-rotated after eviction
@@ -138,6 +142,15 @@ class Backend {
   // with the pages their key bounds select, from the queries' last row (per
   // query head with KeyPlan::by_bound_per_head: the union and its head masks).
   virtual Status select_by_bound(const KvSequence& seq, int32_t layer, KeyPlan& plan) = 0;
+  // Feature::SparsePrefill: the sparse prefill plan of `layer` from the query
+  // heads' patterns (nullopt: dense), normalized; the indices of estimated
+  // kinds come from this call's queries and the cache (the call's tokens
+  // appended).
+  virtual Status plan_sparse_prefill(const KvSequence& seq, int32_t layer,
+                                     std::span<const std::optional<PrefillPattern>> patterns, SparsePlan& plan) {
+    (void)seq; (void)layer; (void)patterns; (void)plan;
+    return Error{fmt::format("the {} backend has no sparse prefill plans", name())};
+  }
   // The slots select_by_bound filled, into the host plan, where they were
   // filled on the device: the traffic counters count a per-query-head union,
   // whose size only the selection knows. A host backend filled them already.

@@ -38,6 +38,8 @@ class CpuBackend final : public Backend {
   Status rope(const KvSequence& seq, int32_t layer, bool queries) override;
   Status append_kv(KvSequence& seq, int32_t layer) override;
   Status select_by_bound(const KvSequence& seq, int32_t layer, KeyPlan& plan) override;
+  Status plan_sparse_prefill(const KvSequence& seq, int32_t layer,
+                             std::span<const std::optional<PrefillPattern>> patterns, SparsePlan& plan) override;
   Status attention(const KvSequence& seq, const LayerAttention& work) override;
   Status read_statistics(const KvSequence& seq, int32_t layer, LayerStatistics& out) override;
   Status retain(KvSequence& seq, int32_t layer, const RetentionPolicy& policy,
@@ -72,6 +74,7 @@ class CpuBackend final : public Backend {
   const std::vector<float>& w_down_transposed(int32_t layer);
   int32_t rotary_position(int32_t kv_head, int64_t row) const;
   void attend_head(const AttentionRefs& refs, int32_t head, int64_t r0, int64_t r1, float* key_mass);
+  void attend_sparse_block(const AttentionRefs& refs, int32_t head, int32_t query_block, float* key_mass);
   void attend_groups(const AttentionRefs& refs, bool keep_stats);
   void add_key_mass(const AttentionRefs& refs, int32_t head);
   void attend_split_keys(const AttentionRefs& refs);

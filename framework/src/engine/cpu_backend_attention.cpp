@@ -6,11 +6,13 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <limits>
 #include <numeric>
 
 #include "cpu/attention_tiled.h"
 #include "cpu/cpu_ops.h"
 #include "cpu/cpu_twins.h"
+#include "cpu/sparse_prefill.h"
 #include "engine/cpu_backend.h"
 
 namespace inferlab {
@@ -78,7 +80,7 @@ struct CpuBackend::AttentionRefs {
   int32_t layer = 0;
   const KvSequence* seq = nullptr;
   const ComponentMask* mask = nullptr;
-  const BlockPlan* blocks = nullptr;
+  const SparsePlan* sparse = nullptr;
   int32_t unit_heads = 1;  // query heads per unit: the group size, or 1
   // Per unit: the keys this call reads (cached selection, then the new tokens).
   std::vector<std::vector<cpu::KvPageRef>> refs;
@@ -97,7 +99,7 @@ Status CpuBackend::attention(const KvSequence& seq, const LayerAttention& work) 
   call.layer = work.layer;
   call.seq = &seq;
   call.mask = work.mask;
-  call.blocks = work.blocks != nullptr && work.blocks->active() ? work.blocks : nullptr;
+  call.sparse = work.sparse != nullptr && work.sparse->active() ? work.sparse : nullptr;
   const bool per_head = !work.keys->heads.empty();
   call.unit_heads = per_head ? 1 : gs;
   const int32_t units = c.n_heads / call.unit_heads;
@@ -118,7 +120,7 @@ Status CpuBackend::attention(const KvSequence& seq, const LayerAttention& work) 
     for (int32_t h = 0; h < c.n_heads; ++h)
       head_mass_[size_t(h)].assign(size_t(call.cached_before[size_t(h / c.group_size())] + n), 0.0f);
     stats_layer_ = work.layer;
-    if (call.blocks != nullptr || !cpu::attention_tiled_supports(c.head_dim)) {
+    if (call.sparse != nullptr || !cpu::attention_tiled_supports(c.head_dim)) {
       // One work item per head, so each head's statistics have a single writer.
 #pragma omp parallel for schedule(dynamic)
       for (int32_t h = 0; h < c.n_heads; ++h) attend_head(call, h, 0, n, head_mass_[size_t(h)].data());
@@ -127,7 +129,36 @@ Status CpuBackend::attention(const KvSequence& seq, const LayerAttention& work) 
 #pragma omp parallel for schedule(dynamic)
       for (int32_t h = 0; h < c.n_heads; ++h) add_key_mass(call, h);
     }
-  } else if (call.blocks != nullptr || !cpu::attention_tiled_supports(c.head_dim)) {
+  } else if (call.sparse != nullptr) {
+    // Work items: a sparse head's query blocks, a dense head's chunks of rows;
+    // the later rows (more keys) first.
+    struct Item {
+      int32_t head, block;  // block < 0: dense rows [-block - 1 chunks]
+    };
+    std::vector<Item> items;
+    const int64_t n_chunks = (n + kQueryChunkRows - 1) / kQueryChunkRows;
+    for (int32_t h = 0; h < c.n_heads; ++h) {
+      if (call.sparse->sparse(h)) {
+        const auto& sh = call.sparse->heads[size_t(h)];
+        for (int32_t b = sh.first_block + sh.n_blocks - 1; b >= sh.first_block; --b) items.push_back({h, b});
+      } else {
+        for (int64_t k = n_chunks - 1; k >= 0; --k) items.push_back({h, -int32_t(k) - 1});
+      }
+    }
+    std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) {
+      return (a.block >= 0 ? a.block : -a.block) > (b.block >= 0 ? b.block : -b.block);
+    });
+#pragma omp parallel for schedule(dynamic) if (items.size() > 1)
+    for (size_t k = 0; k < items.size(); ++k) {
+      const Item it = items[k];
+      if (it.block >= 0) {
+        attend_sparse_block(call, it.head, it.block, nullptr);
+      } else {
+        const int64_t i0 = int64_t(-it.block - 1) * kQueryChunkRows;
+        attend_head(call, it.head, i0, std::min(n, i0 + kQueryChunkRows), nullptr);
+      }
+    }
+  } else if (!cpu::attention_tiled_supports(c.head_dim)) {
     const int64_t n_chunks = (n + kQueryChunkRows - 1) / kQueryChunkRows;
     const int64_t items = int64_t(c.n_heads) * n_chunks;
 #pragma omp parallel for schedule(dynamic) if (items > 1)
@@ -167,7 +198,13 @@ void CpuBackend::attend_head(const AttentionRefs& call, int32_t h, int64_t r0, i
     for (size_t r = 0, at = 0; r < refs.size(); at += size_t(refs[r].n_tokens), ++r)
       for (int32_t t = 0; t < refs[r].n_tokens; ++t) key_mass[starts[r] + t] += concat_mass[at + size_t(t)];
   };
-  if (call.blocks == nullptr || call.blocks->sparse[size_t(h)] == 0) {
+  if (call.sparse != nullptr && call.sparse->sparse(h)) {  // called with all rows (statistics): block by block
+    const int32_t bs = call.sparse->heads[size_t(h)].block_size, cached = call.cached_before[size_t(g)];
+    for (int32_t b = (cached + int32_t(r0)) / bs; b * bs < cached + int32_t(r1); ++b)
+      attend_sparse_block(call, h, b, key_mass);
+    return;
+  }
+  {
     const auto& refs = call.refs[size_t(u)];
     if (key_mass != nullptr) concat_mass.assign(size_t(call.old_visible[size_t(u)] + n_), 0.0f);
     for (int64_t i0 = r0; i0 < r1; i0 += kQueryChunkRows) {
@@ -187,36 +224,77 @@ void CpuBackend::attend_head(const AttentionRefs& call, int32_t h, int64_t r0, i
     if (key_mass != nullptr) scatter(refs, call.ref_start[size_t(u)]);
     return;
   }
-  // Block-sparse: each row reads the allowed key blocks of its query block.
-  const int32_t bs = call.blocks->block_size;
-  std::vector<KeyRange> ranges;
-  std::vector<cpu::KvPageRef> refs;
-  std::vector<int32_t> starts;
-  for (int64_t i = r0; i < r1; ++i) {
-    const int32_t self = call.cached_before[size_t(g)] + int32_t(i);
-    ranges.clear();
-    for (const int32_t kb : call.blocks->key_blocks(h, self))
-      ranges.push_back({kb * bs, std::min(kb * bs + bs, self + 1) - kb * bs});
-    refs.clear();
-    starts.clear();
-    ranges_to_refs(*call.seq, call.layer, g, ranges, refs, starts);
-    int32_t total = 0;
-    for (const auto& r : refs) total += r.n_tokens;
-    float* row_out = out + (i - r0) * c.q_dim();
-    if (total == 0) {
-      std::fill_n(row_out, hd, 0.0f);
-      continue;
-    }
-    if (key_mass == nullptr && cpu::attention_tiled_supports(hd)) {
-      const cpu::QueryTile tile{q + (i - r0) * c.q_dim(), 1, 1, c.q_dim(), hd, &total, row_out, c.q_dim(), hd};
-      cpu::attention_tiled(tile, refs.data(), int64_t(refs.size()), hd, scale);
-      continue;
-    }
-    if (key_mass != nullptr) concat_mass.assign(size_t(total), 0.0f);
-    cpu::attention_paged(q + (i - r0) * c.q_dim(), 1, c.q_dim(), refs.data(), int64_t(refs.size()), &total, hd,
-                         scale, row_out, c.q_dim(), key_mass != nullptr ? concat_mass.data() : nullptr);
-    if (key_mass != nullptr) scatter(refs, starts);
+}
+
+// Query block `qb` of sparse head h (its rows of this call): one online-softmax
+// pass over the block's ranges and columns, merged in stored order, each row
+// seeing the listed keys <= its own position. With key_mass (per stored
+// token), the exact kernel adds each key's probability to it.
+void CpuBackend::attend_sparse_block(const AttentionRefs& call, int32_t h, int32_t qb, float* key_mass) {
+  const ModelConfig& c = config_;
+  const int64_t hd = c.head_dim, qd = c.q_dim();
+  const int32_t g = h / c.group_size();
+  const int32_t bs = call.sparse->heads[size_t(h)].block_size, cached = call.cached_before[size_t(g)];
+  const int64_t i0 = std::max<int64_t>(0, int64_t(qb) * bs - cached);
+  const int64_t i1 = std::min<int64_t>(n_, int64_t(qb + 1) * bs - cached);
+  if (i1 <= i0) return;
+  const float scale = 1.0f / std::sqrt(float(hd));
+  if (call.mask != nullptr && call.mask->heads[size_t(h)] == 0) {
+    for (int64_t i = i0; i < i1; ++i) std::fill_n(&attn_[size_t(i * qd + h * hd)], hd, 0.0f);
+    return;
   }
+  // The block's keys in stored order: ranges and columns are disjoint.
+  thread_local std::vector<KeyRange> keys;
+  thread_local std::vector<cpu::KvPageRef> refs;
+  thread_local std::vector<int32_t> starts, visible;
+  keys.clear();
+  const auto ranges = call.sparse->block_ranges(h, qb);
+  const auto columns = call.sparse->block_columns(h, qb);
+  size_t r = 0, k = 0;
+  while (r < ranges.size() || k < columns.size()) {
+    const bool take_range = k == columns.size() || (r < ranges.size() && ranges[r] < columns[k]);
+    const KeyRange next = take_range ? KeyRange{ranges[r], ranges[r + 1] - ranges[r]} : KeyRange{columns[k], 1};
+    if (take_range) r += 2; else ++k;
+    if (!keys.empty() && keys.back().start + keys.back().len == next.start)
+      keys.back().len += next.len;
+    else
+      keys.push_back(next);
+  }
+  refs.clear();
+  starts.clear();
+  ranges_to_refs(*call.seq, call.layer, g, keys, refs, starts);
+  // Row self sees the keys <= self: a prefix of the stored-order list.
+  visible.resize(size_t(i1 - i0));
+  int32_t full = 0;
+  size_t j = 0;
+  for (int64_t i = i0; i < i1; ++i) {
+    const int32_t self = cached + int32_t(i);
+    while (j < keys.size() && keys[j].start + keys[j].len <= self + 1) full += keys[j++].len;
+    visible[size_t(i - i0)] = full + (j < keys.size() && keys[j].start <= self ? self + 1 - keys[j].start : 0);
+  }
+  const float* q = &q_[size_t(i0 * qd + h * hd)];
+  float* out = &attn_[size_t(i0 * qd + h * hd)];
+  if (key_mass == nullptr && cpu::attention_tiled_supports(hd)) {
+    const cpu::QueryTile tile{q, i1 - i0, 1, qd, hd, visible.data(), out, qd, hd};
+    cpu::attention_tiled(tile, refs.data(), int64_t(refs.size()), hd, scale);
+    return;
+  }
+  int64_t total = 0;
+  for (const KeyRange& kr : keys) total += kr.len;
+  std::vector<float> concat_mass(key_mass != nullptr ? size_t(total) : 0, 0.0f);
+  for (int64_t i = i0; i < i1; ++i) {
+    const int32_t v = visible[size_t(i - i0)];
+    if (v == 0) {
+      std::fill_n(out + (i - i0) * qd, hd, 0.0f);
+      continue;
+    }
+    cpu::attention_paged(q + (i - i0) * qd, 1, qd, refs.data(), int64_t(refs.size()), &v, hd, scale,
+                         out + (i - i0) * qd, qd, key_mass != nullptr ? concat_mass.data() : nullptr);
+  }
+  if (key_mass == nullptr) return;
+  for (size_t p = 0, at = 0; p < refs.size() && at < concat_mass.size(); at += size_t(refs[p].n_tokens), ++p)
+    for (int32_t t = 0; t < refs[p].n_tokens && at + size_t(t) < concat_mass.size(); ++t)
+      key_mass[starts[p] + t] += concat_mass[at + size_t(t)];
 }
 
 // Prefill: a work item is a unit's query heads (a kv group's) x 16 rows, so
@@ -473,6 +551,92 @@ Status CpuBackend::select_by_bound(const KvSequence& seq, int32_t l, KeyPlan& pl
   cpu::page_select(call);
   if (time_attention_)
     attention_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return ok_status();
+}
+
+
+// The indices of estimated heads first (in parallel, each head alone), then
+// every head's blocks in order.
+Status CpuBackend::plan_sparse_prefill(const KvSequence& seq, int32_t l,
+                                       std::span<const std::optional<PrefillPattern>> patterns, SparsePlan& plan) {
+  using Kind = PrefillPattern::Kind;
+  const ModelConfig& c = config_;
+  const auto t0 = std::chrono::steady_clock::now();
+  const int64_t hd = c.head_dim, qd = c.q_dim(), n = n_;
+  const int32_t nh = c.n_heads, gs = c.group_size();
+  const float scale = 1.0f / std::sqrt(float(hd));
+  // Per head: kept columns and diagonals (VerticalSlash), or per query block
+  // of the call the kept key blocks (BlockTopK).
+  std::vector<std::vector<int32_t>> columns(static_cast<size_t>(nh)), diagonals(static_cast<size_t>(nh));
+  std::vector<std::vector<std::vector<int32_t>>> key_blocks(static_cast<size_t>(nh));
+#pragma omp parallel for schedule(dynamic)
+  for (int32_t h = 0; h < nh; ++h) {
+    const auto& p = patterns[size_t(h)];
+    if (!p || (p->kind != Kind::VerticalSlash && p->kind != Kind::BlockTopK)) continue;
+    const int32_t g = h / gs, stored = seq.table(l, g).n_tokens(), cached = stored - int32_t(n);
+    std::vector<cpu::KvPageRef> refs;
+    std::vector<int32_t> starts;
+    ranges_to_refs(seq, l, g, {KeyRange{0, stored}}, refs, starts);
+    if (p->kind == Kind::VerticalSlash) {
+      const int64_t rows = std::min<int64_t>(p->last_q, n);
+      std::vector<int32_t> self(static_cast<size_t>(rows));
+      for (int64_t i = 0; i < rows; ++i) self[size_t(i)] = cached + int32_t(n - rows + i);
+      std::vector<float> vertical(size_t(stored), 0.0f), slash(size_t(stored), 0.0f), scratch;
+      cpu::vertical_slash_scores(&q_[size_t((n - rows) * qd + h * hd)], rows, qd, self.data(), refs.data(),
+                                 int64_t(refs.size()), hd, scale, vertical.data(), slash.data(), scratch);
+      const float inf = std::numeric_limits<float>::infinity();
+      std::fill_n(vertical.begin(), std::min(p->keep_first_columns, stored), inf);
+      std::fill_n(slash.begin(), std::min(p->keep_last_diagonals, stored), inf);
+      cpu::top_k_ascending(vertical.data(), stored, p->verticals, columns[size_t(h)]);
+      cpu::top_k_ascending(slash.data(), stored, p->slashes, diagonals[size_t(h)]);
+    } else {
+      const int64_t bs = p->block_size, n_kb = (stored + bs - 1) / bs, first_qb = cached / bs;
+      const int64_t n_qb = (stored - 1) / bs - first_qb + 1;
+      std::vector<float> pooled_k(static_cast<size_t>(n_kb * hd)), pooled_q(static_cast<size_t>(n_qb * hd)),
+          scores(static_cast<size_t>(n_kb));
+      cpu::mean_pool_keys(refs.data(), int64_t(refs.size()), stored, hd, bs, pooled_k.data());
+      cpu::mean_pool_rows(&q_[size_t(h * hd)], n, qd, cached, hd, bs, pooled_q.data());
+      auto& chosen = key_blocks[size_t(h)];
+      chosen.resize(size_t(n_qb));
+      for (int64_t b = 0; b < n_qb; ++b) {
+        const int64_t qb = first_qb + b;
+        for (int64_t kb = 0; kb <= qb; ++kb) {
+          float dot = 0.0f;
+          for (int64_t d = 0; d < hd; ++d) dot += pooled_q[size_t(b * hd + d)] * pooled_k[size_t(kb * hd + d)];
+          scores[size_t(kb)] = dot;
+        }
+        cpu::top_k_ascending(scores.data(), qb + 1, p->top_k, chosen[size_t(b)]);
+      }
+    }
+  }
+  SparsePlanBuilder builder(nh);
+  std::vector<std::pair<int32_t, int32_t>> ranges;
+  for (int32_t h = 0; h < nh; ++h) {
+    const auto& p = patterns[size_t(h)];
+    if (!p) continue;
+    const int32_t stored = seq.table(l, h / gs).n_tokens(), cached = stored - int32_t(n), bs = p->block_size;
+    builder.begin_head(h, bs, cached, stored);
+    for (int32_t qb = cached / bs, b = 0; qb * bs < stored; ++qb, ++b) {
+      ranges.clear();
+      std::span<const int32_t> cols;
+      switch (p->kind) {
+        case Kind::Blocks:
+        case Kind::AShape:
+          pattern_block_ranges(*p, qb, ranges);
+          break;
+        case Kind::VerticalSlash:
+          slash_ranges(diagonals[size_t(h)], qb * bs, qb * bs + bs, ranges);
+          cols = columns[size_t(h)];
+          break;
+        case Kind::BlockTopK:
+          for (const int32_t kb : key_blocks[size_t(h)][size_t(b)]) ranges.emplace_back(kb * bs, kb * bs + bs);
+          break;
+      }
+      builder.add_block(ranges, cols);
+    }
+  }
+  plan = builder.finish();
+  plan.plan_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return ok_status();
 }
 

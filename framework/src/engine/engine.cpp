@@ -47,6 +47,7 @@ const char* feature_name(Feature f) {
     case Feature::BoundSelection: return "page selection by key bound";
     case Feature::QueryHeadSelection: return "key selection per query head";
     case Feature::BlockSparsePrefill: return "block-sparse prefill";
+    case Feature::SparsePrefill: return "sparse prefill (estimated, ranges and columns)";
     case Feature::AttentionStatistics: return "attention statistics on the host";
     case Feature::Eviction: return "KV eviction";
     case Feature::CachePositions: return "RoPE at cache positions";
@@ -371,9 +372,12 @@ std::map<std::string, double> EngineCounters::as_map() const {
                                        {"heads_skipped", double(heads_skipped)},
                                        {"neurons_skipped", double(neurons_skipped)},
                                        {"sparse_prefill_heads", double(sparse_prefill_heads)},
+                                       {"sparse_prefill_keys_read", double(sparse_prefill_keys_read)},
+                                       {"sparse_prefill_keys_causal", double(sparse_prefill_keys_causal)},
                                        {"graph_replays", double(graph_replays)},
                                        {"logits_rows", double(logits_rows)}};
   if (attention_seconds > 0) out["attention_ms"] = attention_seconds * 1e3;  // only when timed
+  if (sparse_plan_seconds > 0) out["sparse_plan_ms"] = sparse_plan_seconds * 1e3;
   return out;
 }
 
@@ -444,16 +448,35 @@ Status check_component_mask(const ComponentMask& mask, const ModelConfig& c, int
   return ok_status();
 }
 
-Status normalize_block_pattern(BlockPattern& pattern, int32_t layer, int32_t head, bool kv_head_selected) {
+Status normalize_prefill_pattern(PrefillPattern& pattern, int32_t layer, int32_t head, bool kv_head_selected) {
   const auto where = fmt::format("method: prefill pattern of (layer {}, head {})", layer, head);
   if (pattern.block_size <= 0) return Error{fmt::format("{}: block_size {} must be positive", where, pattern.block_size)};
   if (kv_head_selected) return Error{fmt::format("{}: a decode selection was also given for its kv head", where)};
-  for (const auto& [qb, kb] : pattern.blocks)
-    if (kb < 0 || kb > qb)
-      return Error{fmt::format("{}: block pair ({}, {}) must have 0 <= key block <= query block", where, qb, kb)};
-  std::sort(pattern.blocks.begin(), pattern.blocks.end());
-  pattern.blocks.erase(std::unique(pattern.blocks.begin(), pattern.blocks.end()), pattern.blocks.end());
-  return ok_status();
+  using Kind = PrefillPattern::Kind;
+  switch (pattern.kind) {
+    case Kind::Blocks:
+      for (const auto& [qb, kb] : pattern.blocks)
+        if (kb < 0 || kb > qb)
+          return Error{fmt::format("{}: block pair ({}, {}) must have 0 <= key block <= query block", where, qb, kb)};
+      std::sort(pattern.blocks.begin(), pattern.blocks.end());
+      pattern.blocks.erase(std::unique(pattern.blocks.begin(), pattern.blocks.end()), pattern.blocks.end());
+      return ok_status();
+    case Kind::VerticalSlash:
+      for (const auto& [name, value] : {std::pair{"verticals", pattern.verticals}, {"slashes", pattern.slashes},
+                                        {"keep_first_columns", pattern.keep_first_columns},
+                                        {"keep_last_diagonals", pattern.keep_last_diagonals}})
+        if (value < 0) return Error{fmt::format("{}: {} {} must be >= 0", where, name, value)};
+      if (pattern.last_q <= 0) return Error{fmt::format("{}: last_q {} must be positive", where, pattern.last_q)};
+      return ok_status();
+    case Kind::BlockTopK:
+      if (pattern.top_k < 0) return Error{fmt::format("{}: top_k {} must be >= 0", where, pattern.top_k)};
+      return ok_status();
+    case Kind::AShape:
+      if (pattern.sink < 0 || pattern.local < 0)
+        return Error{fmt::format("{}: sink {} and local {} must be >= 0", where, pattern.sink, pattern.local)};
+      return ok_status();
+  }
+  return Error{fmt::format("{}: unknown kind {}", where, int32_t(pattern.kind))};
 }
 
 Status check_kv_selection(const KvSelection& sel, int32_t cached, int32_t page_size, int32_t layer, int32_t kv_head,

@@ -65,7 +65,10 @@ struct EngineCounters {
   int64_t layers_skipped = 0;        // (call, layer) pairs not computed
   int64_t heads_skipped = 0;         // (call, layer, head) not computed
   int64_t neurons_skipped = 0;       // (call, layer, FFN neuron) not computed
-  int64_t sparse_prefill_heads = 0;  // (call, layer, head) computed block-sparse
+  int64_t sparse_prefill_heads = 0;  // (call, layer, head) computed with a prefill pattern
+  int64_t sparse_prefill_keys_read = 0;    // keys those heads' rows read, summed over rows
+  int64_t sparse_prefill_keys_causal = 0;  // keys the same rows read densely (causal)
+  double sparse_plan_seconds = 0;          // estimating and building sparse prefill plans
   int64_t graph_replays = 0;         // decode steps served by a captured graph
   int64_t logits_rows = 0;           // rows whose logits were computed (the output projection's work)
   double attention_seconds = 0;      // attention kernels' time, with EngineOptions::time_attention
@@ -216,10 +219,11 @@ std::vector<Feature> method_features(const Method& method, uint32_t hooks);
 
 // Checks the shape of a component mask a method returned for `layer`.
 Status check_component_mask(const ComponentMask& mask, const ModelConfig& config, int32_t layer);
-// Checks a block pattern a method returned for (layer, head) and sorts its
-// pairs without repeats; a head whose kv head has a decode selection in the
-// same call may not have one.
-Status normalize_block_pattern(BlockPattern& pattern, int32_t layer, int32_t head, bool kv_head_selected);
+// Checks a prefill pattern a method returned for (layer, head) (a positive
+// block size, budgets >= 0, block pairs with 0 <= key block <= query block)
+// and sorts its pairs without repeats; a head whose kv head has a decode
+// selection in the same call may not have one.
+Status normalize_prefill_pattern(PrefillPattern& pattern, int32_t layer, int32_t head, bool kv_head_selected);
 // Checks a decode selection for (layer, kv_head) of `cached` stored tokens:
 // ascending, no repeats, every page or token index in range, and head masks
 // (when given) one per index, each naming some of the group's query heads.

@@ -219,9 +219,11 @@ Status ForwardPass::run_layer(int32_t l) {
   }
   if (auto s = backend_.append_kv(seq_, l); !s) return s;
   BlockPlan blocks;
-  if (auto s = decide_blocks(l, keys, blocks); !s) return s;
+  SparsePlan sparse;
+  if (auto s = decide_sparse(l, keys, blocks, sparse); !s) return s;
   const bool statistics_wanted = method_.has(kHookAttentionFeedback) || method_.has(kHookRetention);
-  if (auto s = backend_.attention(seq_, LayerAttention{l, &keys, &blocks, active, statistics_wanted}); !s) return s;
+  if (auto s = backend_.attention(seq_, LayerAttention{l, &keys, &blocks, &sparse, active, statistics_wanted}); !s)
+    return s;
   if (active != nullptr && !capturing_)
     counters_.heads_skipped += std::count(active->heads.begin(), active->heads.end(), uint8_t{0});
   if (auto s = statistics(l); !s) return s;
@@ -335,21 +337,33 @@ void ForwardPass::count_keys(const KeyPlan& plan) {
   }
 }
 
-Status ForwardPass::decide_blocks(int32_t l, const KeyPlan& keys, BlockPlan& blocks) {
+Status ForwardPass::decide_sparse(int32_t l, const KeyPlan& keys, BlockPlan& blocks, SparsePlan& sparse) {
   if (!method_.has(kHookPrefillPattern) || step_.decode()) return ok_status();
   const int32_t gs = config_.group_size();
-  std::vector<std::optional<BlockPattern>> patterns(size_t(config_.n_heads));
-  bool any = false;
+  std::vector<std::optional<PrefillPattern>> patterns(size_t(config_.n_heads));
+  bool any = false, explicit_only = true;
   for (int32_t h = 0; h < config_.n_heads; ++h) {
-    BlockPattern pattern;
+    PrefillPattern pattern;
     if (!method_.method->prefill_pattern(step_, l, h, pattern)) continue;
     const bool selected = keys.mode[size_t(h / gs)] != kernels::KeySelect::All;
-    if (auto s = normalize_block_pattern(pattern, l, h, selected); !s) return s;
+    if (auto s = normalize_prefill_pattern(pattern, l, h, selected); !s) return s;
+    explicit_only = explicit_only && pattern.kind == PrefillPattern::Kind::Blocks;
     patterns[size_t(h)] = std::move(pattern);
     ++counters_.sparse_prefill_heads;
     any = true;
   }
   if (!any) return ok_status();
+  if (backend_.supports(Feature::SparsePrefill)) {
+    if (auto s = backend_.plan_sparse_prefill(seq_, l, patterns, sparse); !s) return s;
+    counters_.sparse_prefill_keys_read += sparse.keys_read;
+    counters_.sparse_prefill_keys_causal += sparse.keys_causal;
+    counters_.sparse_plan_seconds += sparse.plan_seconds;
+    return ok_status();
+  }
+  if (!explicit_only)
+    return Error{fmt::format("the {} backend computes prefill patterns of kind blocks only (layer {} asks for "
+                             "estimated or A-shape patterns)",
+                             backend_.name(), l)};
   int32_t stored = 0;  // this call's tokens are appended already
   for (int32_t g = 0; g < config_.n_kv_heads; ++g) stored = std::max(stored, seq_.table(l, g).n_tokens());
   blocks = make_block_plan(patterns, stored);

@@ -6,7 +6,7 @@
 //   embed
 //   per layer:  component mask -> rmsnorm -> linear(q, k, v) -> rope
 //               -> decide the key plan (page budgets, select_kv) -> select by bound
-//               -> append -> decide the block plan (prefill_pattern) -> attention
+//               -> append -> decide the sparse prefill plan (prefill_pattern) -> attention
 //               -> statistics (on_attention) -> retention -> eviction (evict) -> re-rotation
 //               -> linear(o) -> residual -> rmsnorm -> ffn: linear(gate, up) -> swiglu -> linear(down) -> residual
 //               -> early exit (exit_after_layer)
@@ -53,7 +53,9 @@ class ForwardPass {
   Status decide_mask(int32_t layer, ComponentMask& mask, const ComponentMask*& active);
   Status decide_keys(int32_t layer, KeyPlan& plan);
   void plan_from_budgets(int32_t layer, KeyPlan& plan) const;
-  Status decide_blocks(int32_t layer, const KeyPlan& keys, BlockPlan& blocks);
+  // The layer's sparse prefill: a SparsePlan where the backend builds one, else
+  // a BlockPlan (explicit block patterns only).
+  Status decide_sparse(int32_t layer, const KeyPlan& keys, BlockPlan& blocks, SparsePlan& sparse);
   Status statistics(int32_t layer);
   Status retain(int32_t layer);
   Status evict(int32_t layer);

@@ -7,6 +7,8 @@
 
 #include <cstdint>
 #include <optional>
+#include <span>
+#include <utility>
 #include <vector>
 
 #include "inferlab/plugin.h"
@@ -64,13 +66,68 @@ struct BlockPlan {
 
 // Builds the block plan of one layer from the heads' patterns (nullopt: dense).
 // `stored` is the most tokens any kv head holds after this call's append.
-BlockPlan make_block_plan(const std::vector<std::optional<BlockPattern>>& patterns, int32_t stored);
+BlockPlan make_block_plan(const std::vector<std::optional<PrefillPattern>>& patterns, int32_t stored);
+
+// Sparse prefill of one layer (PrefillPattern), the form every kind takes: per
+// query head with a pattern, per query block of its block size that holds rows
+// of this call, ascending disjoint key ranges [begin, end) and ascending single
+// key columns outside them (stored-token indices). A row at stored position
+// `self` reads the listed keys <= self. Built by Backend::plan_sparse_prefill.
+struct SparsePlan {
+  struct Head {
+    int32_t block_size = 0;   // 0: the head is dense
+    int32_t first_block = 0;  // its first query block (the one holding the call's first row)
+    int32_t n_blocks = 0;
+    int32_t at = 0;           // index of its first block in range_indptr / column_indptr
+  };
+  std::vector<Head> heads;            // (n_heads)
+  std::vector<int32_t> range_indptr;  // (blocks + 1) ranges of `ranges` (pairs)
+  std::vector<int32_t> ranges;        // begin, end, begin, end, ...
+  std::vector<int32_t> column_indptr; // (blocks + 1) ranges of `columns`
+  std::vector<int32_t> columns;
+  int64_t keys_read = 0;    // sum over the sparse heads' rows of the keys they read
+  int64_t keys_causal = 0;  // ... and of the keys a dense row reads (self + 1)
+  double plan_seconds = 0;  // the backend's time to estimate and build it
+
+  bool active() const { return !range_indptr.empty(); }
+  bool sparse(int32_t head) const { return active() && heads[size_t(head)].block_size > 0; }
+  // Query block qb (absolute) of head h: its ranges (pairs) and its columns.
+  std::span<const int32_t> block_ranges(int32_t head, int32_t qb) const;
+  std::span<const int32_t> block_columns(int32_t head, int32_t qb) const;
+};
+
+// Builds a SparsePlan head by head, block by block: ranges in any order are
+// sorted, clipped to [0, q1) and merged; columns are kept when below q1 and
+// outside every range. Counts keys_read and keys_causal for the rows
+// [row_begin, row_end) (stored positions) of each block.
+class SparsePlanBuilder {
+ public:
+  explicit SparsePlanBuilder(int32_t n_heads);
+  // Head h's blocks follow, block_size > 0, the call's rows at stored positions [row_begin, row_end).
+  void begin_head(int32_t head, int32_t block_size, int32_t row_begin, int32_t row_end);
+  // The next query block of the current head.
+  void add_block(std::vector<std::pair<int32_t, int32_t>>& ranges, std::span<const int32_t> columns);
+  SparsePlan finish();
+
+ private:
+  SparsePlan plan_;
+  int32_t head_ = -1, row_begin_ = 0, row_end_ = 0, next_block_ = 0;
+};
+
+// The ranges of query block qb of a kind needing no estimation (Blocks with
+// its pairs sorted, AShape), appended to `ranges`.
+void pattern_block_ranges(const PrefillPattern& pattern, int32_t qb, std::vector<std::pair<int32_t, int32_t>>& ranges);
+
+// VerticalSlash's ranges of block [q0, q1) from kept diagonals (any order).
+void slash_ranges(std::span<const int32_t> diagonals, int32_t q0, int32_t q1,
+                  std::vector<std::pair<int32_t, int32_t>>& ranges);
 
 // Everything one layer's attention op needs.
 struct LayerAttention {
   int32_t layer = 0;
   const KeyPlan* keys = nullptr;
-  const BlockPlan* blocks = nullptr;    // null or inactive: dense prefill
+  const BlockPlan* blocks = nullptr;    // null or inactive: dense prefill (the CUDA backend's explicit blocks)
+  const SparsePlan* sparse = nullptr;   // null or inactive: dense prefill (Feature::SparsePrefill)
   const ComponentMask* mask = nullptr;  // null: every head computed
   bool statistics = false;              // keep key mass and head norms for read_statistics
 };

@@ -120,6 +120,7 @@ CudaBackend::~CudaBackend() {
 bool CudaBackend::supports(Feature feature) const {
   switch (feature) {
     case Feature::KvPagesF32: return false;  // the attention kernels read f16/bf16 pages
+    case Feature::SparsePrefill: return false;  // explicit block patterns only, through the block plan
     case Feature::KvPagesF16: return dtype_ == DType::F16;
     case Feature::KvPagesBF16: return dtype_ == DType::BF16;
     default: return true;
