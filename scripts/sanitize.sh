@@ -33,7 +33,7 @@ if [[ "$fuzz_seconds" == "0" ]]; then
 fi
 artifacts="$build_dir/fuzz-artifacts"
 mkdir -p "$artifacts"
-for target in gguf experiment_config tokenizer; do
+for target in gguf experiment_config tokenizer minference_patterns; do
     work="$build_dir/fuzz-corpus/$target"  # new inputs go here, never into the repository
     mkdir -p "$work"
     seeds=("fuzz/corpus/$target")

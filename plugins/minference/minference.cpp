@@ -1,0 +1,194 @@
+// MInference (Jiang et al., "MInference 1.0: Accelerating Pre-filling for
+// Long-Context LLMs via Dynamic Sparse Attention", NeurIPS 2024): each query
+// head's prefill attention follows one of three patterns, assigned offline
+// (the pattern file, MInference's own JSON layout: pattern_file.h), with the
+// indices estimated online from the call's own queries and keys by the engine
+// (PrefillPattern):
+//   vertical_and_slash  the `a` key columns and `b` diagonals the last
+//                       `last_q` queries attend to most
+//   stream_llm          the first `a` keys and a local window of `b` (A-shape)
+//   block_sparse        the top `block_top_k` key blocks per query block of
+//                       `kernel_block` positions, by mean-pooled scores
+// Decode stays dense. Budgets in the file are absolute token counts; with
+// `reference_context` > 0 they scale with the context: budget * context /
+// reference_context (a file searched at 128K tokens keeps its sparsity at 8K),
+// then the reference's floors apply (at least 30 verticals and 50 slashes,
+// never more than the context).
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+
+#include <nlohmann/json.hpp>
+
+#include "inferlab/plugin_export.h"
+#include "pattern_file.h"
+
+namespace {
+
+using namespace inferlab;
+using minference::HeadPattern;
+using minference::HeadType;
+
+struct Options {
+  std::string config;
+  bool allow_other_model = false;
+  HeadType default_type = HeadType::VerticalSlash;
+  int64_t vertical = 1000, slash = 6096, n_init = 128, n_local = 3968, block_top_k = 100;
+  int32_t last_q = 64, kernel_block = 64, dense_layers = 0, min_context = 0;
+  int64_t reference_context = 0;
+};
+
+class MInference final : public Method {
+ public:
+  explicit MInference(Options o) : o_(std::move(o)) {}
+
+  Status on_load(const LoadContext& context) override {
+    shape_ = context.shape;
+    patterns_.assign(size_t(shape_.n_layers),
+                     std::vector<HeadPattern>(size_t(shape_.n_heads), default_pattern()));
+    if (!o_.config.empty()) {
+      auto file = minference::read_pattern_file(o_.config, shape_.n_layers, shape_.n_heads);
+      if (!file.ok()) return file.error();
+      if (auto s = check_model(context.model_checksum); !s) return s;
+      patterns_ = std::move(file->layers);
+    }
+    heads_by_type_.fill(0);
+    for (const auto& layer : patterns_)
+      for (const HeadPattern& p : layer) ++heads_by_type_[size_t(p.type)];
+    return ok_status();
+  }
+
+  bool prefill_pattern(const StepInfo& step, int32_t layer, int32_t head, PrefillPattern& out) override {
+    if (step.decode() || layer < o_.dense_layers) return false;
+    const int64_t context = int64_t(step.first_position) + step.n_tokens;
+    if (context < o_.min_context || size_t(layer) >= patterns_.size()) return false;
+    const HeadPattern& p = patterns_[size_t(layer)][size_t(head)];
+    out.block_size = o_.kernel_block;
+    switch (p.type) {
+      case HeadType::VerticalSlash:
+        out.kind = PrefillPattern::Kind::VerticalSlash;
+        // The reference's floors: at least 30 verticals and 50 slashes, at most the context.
+        out.verticals = int32_t(std::min(context, std::max<int64_t>(scaled(p.a, context), 30)));
+        out.slashes = int32_t(std::min(context, std::max<int64_t>(scaled(p.b, context), 50)));
+        out.last_q = o_.last_q;
+        break;
+      case HeadType::StreamLlm:
+        out.kind = PrefillPattern::Kind::AShape;
+        out.sink = int32_t(std::min(context, scaled(p.a, context)));
+        out.local = int32_t(std::min(context, scaled(p.b, context)));
+        break;
+      case HeadType::BlockSparse:
+        out.kind = PrefillPattern::Kind::BlockTopK;
+        out.top_k = int32_t(std::min<int64_t>(std::max<int64_t>(1, scaled(o_.block_top_k, context)),
+                                              std::numeric_limits<int32_t>::max()));
+        break;
+    }
+    ++sparse_heads_;
+    return true;
+  }
+
+  std::map<std::string, double> counters() const override {
+    return {{"heads_vertical_and_slash", double(heads_by_type_[0])},
+            {"heads_stream_llm", double(heads_by_type_[1])},
+            {"heads_block_sparse", double(heads_by_type_[2])},
+            {"sparse_head_calls", double(sparse_heads_)}};
+  }
+
+ private:
+  HeadPattern default_pattern() const {
+    switch (o_.default_type) {
+      case HeadType::StreamLlm: return {HeadType::StreamLlm, o_.n_init, o_.n_local, 0.0};
+      case HeadType::BlockSparse: return {HeadType::BlockSparse, o_.block_top_k, 0, 0.0};
+      case HeadType::VerticalSlash: break;
+    }
+    return {HeadType::VerticalSlash, o_.vertical, o_.slash, 0.0};
+  }
+
+  int64_t scaled(int64_t budget, int64_t context) const {
+    if (o_.reference_context <= 0) return budget;
+    return int64_t(std::ceil(double(budget) * double(context) / double(o_.reference_context)));
+  }
+
+  // A file this plugin's search wrote carries the model it was searched on
+  // (NAME.meta.json beside it); a file without one (the reference's) is taken
+  // on its shape alone.
+  Status check_model(const std::string& checksum) const {
+    const std::string meta_path = o_.config + ".meta.json";
+    if (!std::filesystem::exists(meta_path)) return ok_status();
+    std::ifstream in(meta_path);
+    nlohmann::json meta;
+    try {
+      in >> meta;
+    } catch (const nlohmann::json::exception& e) {
+      return Error{meta_path + ": not valid JSON (" + e.what() + ")"};
+    }
+    const std::string searched = meta.value("model_checksum", std::string());
+    if (!searched.empty() && searched != checksum && !o_.allow_other_model)
+      return Error{o_.config + ": searched on another model (checksum " + searched.substr(0, 12) + "..., this one " +
+                   checksum.substr(0, 12) + "...); set allow_other_model = true to use it anyway"};
+    return ok_status();
+  }
+
+  Options o_;
+  ModelShape shape_;
+  std::vector<std::vector<HeadPattern>> patterns_;
+  std::array<int64_t, 3> heads_by_type_{};
+  int64_t sparse_heads_ = 0;
+};
+
+HeadType parse_type(const std::string& s) {
+  if (s == "stream_llm") return HeadType::StreamLlm;
+  if (s == "block_sparse") return HeadType::BlockSparse;
+  return HeadType::VerticalSlash;
+}
+
+class MInferencePlugin final : public Plugin {
+ public:
+  PluginInfo info() const override {
+    const double big = double(std::numeric_limits<int32_t>::max());
+    return {"minference",
+            "1.0.0",
+            "dynamic sparse prefill: vertical-slash, A-shape and block-sparse heads (Jiang et al. 2024)",
+            hooks_of<MInference>(),
+            {ParamSpec::path("config", "pattern file in MInference's JSON layout (none: every head default_pattern)"),
+             ParamSpec::boolean("allow_other_model", false,
+                                "use a pattern file searched on another model (its .meta.json names the model)"),
+             ParamSpec::string("default_pattern", "vertical_and_slash", {"vertical_and_slash", "stream_llm", "block_sparse"},
+                               "every head's pattern when no config is given"),
+             ParamSpec::integer("vertical", 1000, 0, big, "default vertical_and_slash: key columns kept"),
+             ParamSpec::integer("slash", 6096, 0, big, "default vertical_and_slash: diagonals kept"),
+             ParamSpec::integer("n_init", 128, 0, big, "default stream_llm: first tokens kept"),
+             ParamSpec::integer("n_local", 3968, 0, big, "default stream_llm: local window"),
+             ParamSpec::integer("block_top_k", 100, 1, big, "block_sparse: key blocks kept per query block"),
+             ParamSpec::integer("last_q", 64, 1, big, "vertical_and_slash: query rows (the last) that estimate the indices"),
+             ParamSpec::integer("kernel_block", 64, 1, 4096, "query (and key) block size of the sparse kernel"),
+             ParamSpec::integer("reference_context", 0, 0, big,
+                                "budgets scale by context / reference_context (0: as written)"),
+             ParamSpec::integer("min_context", 0, 0, big, "prefills with fewer tokens (context) stay dense"),
+             ParamSpec::dense_layers(0)}};
+  }
+  Result<std::unique_ptr<Method>> create(const ParamValues& p) const override {
+    Options o;
+    o.config = p.get_string("config");
+    o.allow_other_model = p.get_bool("allow_other_model");
+    o.default_type = parse_type(p.get_string("default_pattern"));
+    o.vertical = p.get_int("vertical");
+    o.slash = p.get_int("slash");
+    o.n_init = p.get_int("n_init");
+    o.n_local = p.get_int("n_local");
+    o.block_top_k = p.get_int("block_top_k");
+    o.last_q = int32_t(p.get_int("last_q"));
+    o.kernel_block = int32_t(p.get_int("kernel_block"));
+    o.reference_context = p.get_int("reference_context");
+    o.min_context = int32_t(p.get_int("min_context"));
+    o.dense_layers = int32_t(std::min<int64_t>(p.get_int("dense_layers"), std::numeric_limits<int32_t>::max()));
+    return std::unique_ptr<Method>(std::make_unique<MInference>(std::move(o)));
+  }
+};
+
+}  // namespace
+
+INFERLAB_PLUGIN(MInferencePlugin)
