@@ -67,11 +67,31 @@ struct Segment {
 
 // `count` segments of `length` tokens (BOS included) drawn from the first
 // 4 * count * length corpus tokens, each gap between them uniformly random.
+// The built-in "kv_retrieval" corpus: a long JSON object of random UUID keys
+// and values, as in LongChat's key-value retrieval task (the kind of prompt
+// MInference searches its head patterns on). Deterministic; about 1 MB.
+std::string kv_retrieval_text() {
+  Rng rng(0x6b76);
+  auto uuid = [&] {
+    static const char* hex = "0123456789abcdef";
+    std::string u;
+    for (int i = 0; i < 32; ++i) {
+      if (i == 8 || i == 12 || i == 16 || i == 20) u += '-';
+      u += hex[rng.below(16)];
+    }
+    return u;
+  };
+  std::string text = "JSON data:\n{";
+  for (int i = 0; i < 12000; ++i) text += fmt::format("{}\"{}\": \"{}\"", i == 0 ? "" : ", ", uuid(), uuid());
+  return text + "}\n";
+}
+
 Result<std::vector<Segment>> corpus_segments(const Tokenizer& tok, const std::string& corpus, int64_t count,
                                              int64_t length, Rng& rng) {
-  auto path = resolve_corpus(corpus);
+  const bool builtin = corpus == "kv_retrieval";
+  auto path = builtin ? Result<std::filesystem::path>(std::filesystem::path("kv_retrieval")) : resolve_corpus(corpus);
   if (!path) return path.error();
-  auto text = read_corpus(*path);
+  auto text = builtin ? Result<std::string>(kv_retrieval_text()) : read_corpus(*path);
   if (!text) return text.error();
   const bool bos = adds_bos(tok);
   const int64_t body = length - (bos ? 1 : 0), need = count * body;

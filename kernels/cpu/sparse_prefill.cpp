@@ -1,5 +1,7 @@
 #include "cpu/sparse_prefill.h"
 
+#include <cblas.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -7,36 +9,35 @@
 
 namespace inferlab::kernels::cpu {
 
-namespace {
-
-float dot(const float* a, const float* b, int64_t n) {
-  float s = 0.0f;
-  for (int64_t d = 0; d < n; ++d) s += a[d] * b[d];
-  return s;
-}
-
-}  // namespace
-
 void vertical_slash_scores(const float* q, int64_t n_rows, int64_t q_stride, const int32_t* self,
                            const KvPageRef* pages, int64_t n_pages, int64_t hd, float scale, float* vertical,
-                           float* slash, std::vector<float>& p) {
+                           float* slash, std::vector<float>& scratch) {
+  if (n_rows <= 0) return;
+  const int64_t n_keys = int64_t(*std::max_element(self, self + n_rows)) + 1;
+  // The keys, contiguous, then every row's scores in one GEMM: (rows, hd) x (hd, keys).
+  scratch.resize(size_t(n_keys * hd + n_rows * n_keys));
+  float* keys = scratch.data();
+  float* scores = keys + n_keys * hd;
+  int64_t k = 0;
+  for (int64_t r = 0; r < n_pages && k < n_keys; ++r) {
+    const int64_t take = std::min<int64_t>(pages[r].n_tokens, n_keys - k);
+    std::copy(pages[r].k, pages[r].k + take * hd, keys + k * hd);
+    k += take;
+  }
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(n_rows), int(k), int(hd), scale, q, int(q_stride), keys,
+              int(hd), 0.0f, scores, int(n_keys));
   for (int64_t i = 0; i < n_rows; ++i) {
-    const float* qi = q + i * q_stride;
-    const int64_t visible = int64_t(self[i]) + 1;
-    p.resize(size_t(visible));
-    int64_t k = 0;
-    for (int64_t r = 0; r < n_pages && k < visible; ++r)
-      for (int32_t t = 0; t < pages[r].n_tokens && k < visible; ++t, ++k)
-        p[size_t(k)] = scale * dot(qi, pages[r].k + t * hd, hd);
-    const float m = *std::max_element(p.begin(), p.begin() + k);
+    float* p = scores + i * n_keys;
+    const int64_t visible = std::min<int64_t>(int64_t(self[i]) + 1, k);
+    const float m = *std::max_element(p, p + visible);
     double sum = 0.0;
-    for (int64_t j = 0; j < k; ++j) {
-      p[size_t(j)] = std::exp(p[size_t(j)] - m);
-      sum += p[size_t(j)];
+    for (int64_t j = 0; j < visible; ++j) {
+      p[j] = std::exp(p[j] - m);
+      sum += p[j];
     }
     const float inv = float(1.0 / sum);
-    for (int64_t j = 0; j < k; ++j) {
-      const float pj = p[size_t(j)] * inv;
+    for (int64_t j = 0; j < visible; ++j) {
+      const float pj = p[j] * inv;
       vertical[j] += pj;
       slash[self[i] - j] += pj;
     }

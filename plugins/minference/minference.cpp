@@ -25,6 +25,7 @@
 
 #include "inferlab/plugin_export.h"
 #include "pattern_file.h"
+#include "search.h"
 
 namespace {
 
@@ -39,20 +40,79 @@ struct Options {
   int64_t vertical = 1000, slash = 6096, n_init = 128, n_local = 3968, block_top_k = 100;
   int32_t last_q = 64, kernel_block = 64, dense_layers = 0, min_context = 0;
   int64_t reference_context = 0;
+  // The offline search (when no config is given).
+  bool search = true;
+  bool relabel = false;
+  std::string search_corpus = "kv_retrieval";
+  int32_t search_tokens = 4096, search_samples = 1, search_skip_rows = 512;
 };
 
 class MInference final : public Method {
  public:
   explicit MInference(Options o) : o_(std::move(o)) {}
 
+  // The search runs when no pattern file is given: dense passes over
+  // `search_samples` prompts of `search_tokens` tokens, queries and keys of
+  // every layer.
+  CalibrationRequest calibration(const ModelShape& shape) override {
+    if (!searching()) return {};
+    shape_ = shape;
+    recall_.assign(size_t(shape.n_layers) * size_t(shape.n_heads), {});
+    return {o_.search_corpus, o_.search_samples, o_.search_tokens, kTapQueries | kTapKeys};
+  }
+
+  void on_calibration(const CalibrationTaps& taps) override {
+    if (taps.layer < 0 || taps.queries.empty()) return;
+    const int64_t n = taps.n_tokens, hd = shape_.head_dim, qd = int64_t(shape_.n_heads) * hd;
+    const int64_t kd = int64_t(shape_.n_kv_heads) * hd;
+    const auto candidates = search_candidates(n, false);
+    minference::SearchOptions so;
+    so.block = o_.kernel_block;
+    so.last_q = o_.last_q;
+    so.skip_rows = o_.search_skip_rows;
+    for (int32_t h = 0; h < shape_.n_heads; ++h) {
+      const int32_t g = h / shape_.group_size();
+      const auto r = minference::candidate_recall(taps.queries.data() + h * hd, qd, taps.keys.data() + g * hd, kd, n,
+                                                  hd, candidates, so);
+      auto& sum = recall_[size_t(taps.layer) * size_t(shape_.n_heads) + size_t(h)];
+      sum.resize(r.size(), 0.0);
+      for (size_t c = 0; c < r.size(); ++c) sum[c] += r[c];
+    }
+    ++layers_seen_;
+  }
+
+  // The winners, in MInference's layout (budgets in the file's own units:
+  // unscaled), into the artifact folder.
+  Status finish_calibration(const std::string& dir) override {
+    minference::PatternFile file;
+    const auto candidates = search_candidates(o_.search_tokens, true);
+    const double samples = double(layers_seen_) / double(std::max(1, shape_.n_layers));
+    for (int32_t l = 0; l < shape_.n_layers; ++l) {
+      file.layers.emplace_back();
+      for (int32_t h = 0; h < shape_.n_heads; ++h) {
+        std::vector<double> mean = recall_[size_t(l) * size_t(shape_.n_heads) + size_t(h)];
+        if (mean.empty()) return Error{"minference search: no calibration taps for layer " + std::to_string(l)};
+        for (double& m : mean) m /= samples;
+        file.layers.back().push_back(minference::choose(candidates, mean, o_.relabel, 1.0));
+      }
+    }
+    return minference::write_pattern_file(dir + "/patterns.json", file);
+  }
+
   Status on_load(const LoadContext& context) override {
     shape_ = context.shape;
     patterns_.assign(size_t(shape_.n_layers),
                      std::vector<HeadPattern>(size_t(shape_.n_heads), default_pattern()));
-    if (!o_.config.empty()) {
-      auto file = minference::read_pattern_file(o_.config, shape_.n_layers, shape_.n_heads);
+    std::string path = o_.config;
+    if (searching()) {  // the search's result, cached with the model's other artifacts
+      path = context.artifact_dir + "/patterns.json";
+      if (!std::filesystem::exists(path + ".meta.json"))
+        std::ofstream(path + ".meta.json") << nlohmann::json{{"model_checksum", context.model_checksum}}.dump() << "\n";
+    }
+    if (!path.empty()) {
+      auto file = minference::read_pattern_file(path, shape_.n_layers, shape_.n_heads);
       if (!file.ok()) return file.error();
-      if (auto s = check_model(context.model_checksum); !s) return s;
+      if (auto s = check_model(path, context.model_checksum); !s) return s;
       patterns_ = std::move(file->layers);
     }
     heads_by_type_.fill(0);
@@ -98,6 +158,17 @@ class MInference final : public Method {
   }
 
  private:
+  bool searching() const { return o_.config.empty() && o_.search; }
+
+  // The reference's candidates: `file_units` as they are written, else scaled
+  // to a prompt of n tokens as the budgets are at run time.
+  std::vector<minference::Candidate> search_candidates(int64_t n, bool file_units) const {
+    const double scale = file_units || o_.reference_context <= 0 ? 1.0 : double(n) / double(o_.reference_context);
+    auto c = minference::reference_candidates(scale, n, o_.kernel_block);
+    if (file_units) c.back() = {HeadType::BlockSparse, 8, 1};  // the reference writes its 1/8 ratio
+    return c;
+  }
+
   HeadPattern default_pattern() const {
     switch (o_.default_type) {
       case HeadType::StreamLlm: return {HeadType::StreamLlm, o_.n_init, o_.n_local, 0.0};
@@ -115,8 +186,8 @@ class MInference final : public Method {
   // A file this plugin's search wrote carries the model it was searched on
   // (NAME.meta.json beside it); a file without one (the reference's) is taken
   // on its shape alone.
-  Status check_model(const std::string& checksum) const {
-    const std::string meta_path = o_.config + ".meta.json";
+  Status check_model(const std::string& path, const std::string& checksum) const {
+    const std::string meta_path = path + ".meta.json";
     if (!std::filesystem::exists(meta_path)) return ok_status();
     std::ifstream in(meta_path);
     nlohmann::json meta;
@@ -127,7 +198,7 @@ class MInference final : public Method {
     }
     const std::string searched = meta.value("model_checksum", std::string());
     if (!searched.empty() && searched != checksum && !o_.allow_other_model)
-      return Error{o_.config + ": searched on another model (checksum " + searched.substr(0, 12) + "..., this one " +
+      return Error{path + ": searched on another model (checksum " + searched.substr(0, 12) + "..., this one " +
                    checksum.substr(0, 12) + "...); set allow_other_model = true to use it anyway"};
     return ok_status();
   }
@@ -137,6 +208,8 @@ class MInference final : public Method {
   std::vector<std::vector<HeadPattern>> patterns_;
   std::array<int64_t, 3> heads_by_type_{};
   int64_t sparse_heads_ = 0;
+  std::vector<std::vector<double>> recall_;  // search: per (layer, head), per candidate, summed over samples
+  int64_t layers_seen_ = 0;
 };
 
 HeadType parse_type(const std::string& s) {
@@ -168,7 +241,16 @@ class MInferencePlugin final : public Plugin {
              ParamSpec::integer("reference_context", 0, 0, big,
                                 "budgets scale by context / reference_context (0: as written)"),
              ParamSpec::integer("min_context", 0, 0, big, "prefills with fewer tokens (context) stay dense"),
-             ParamSpec::dense_layers(0)}};
+             ParamSpec::dense_layers(0),
+             ParamSpec::string("search", "recall", {"recall", "off"},
+                               "no config: search each head's pattern by attention recall (off: default_pattern)"),
+             ParamSpec::boolean("relabel", false,
+                                "the reference's relabelling: stream_llm and block_sparse winners become vertical_and_slash"),
+             ParamSpec::string("search_corpus", "kv_retrieval", {},
+                               "search prompts: kv_retrieval (built in), kjv, or a text file"),
+             ParamSpec::integer("search_tokens", 4096, 256, big, "tokens per search prompt"),
+             ParamSpec::integer("search_samples", 1, 1, 64, "search prompts"),
+             ParamSpec::integer("search_skip_rows", 512, 0, big, "recall is averaged over the rows from this one on")}};
   }
   Result<std::unique_ptr<Method>> create(const ParamValues& p) const override {
     Options o;
@@ -185,6 +267,12 @@ class MInferencePlugin final : public Plugin {
     o.reference_context = p.get_int("reference_context");
     o.min_context = int32_t(p.get_int("min_context"));
     o.dense_layers = int32_t(std::min<int64_t>(p.get_int("dense_layers"), std::numeric_limits<int32_t>::max()));
+    o.search = p.get_string("search") == "recall";
+    o.relabel = p.get_bool("relabel");
+    o.search_corpus = p.get_string("search_corpus");
+    o.search_tokens = int32_t(p.get_int("search_tokens"));
+    o.search_samples = int32_t(p.get_int("search_samples"));
+    o.search_skip_rows = int32_t(p.get_int("search_skip_rows"));
     return std::unique_ptr<Method>(std::make_unique<MInference>(std::move(o)));
   }
 };

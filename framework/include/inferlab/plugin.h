@@ -321,7 +321,7 @@ enum CalibrationTap : uint32_t {
   kTapLogits = 1u << 5,          // every row's logits (n_tokens, n_vocab), after the last layer
 };
 struct CalibrationRequest {
-  std::string corpus = "kjv";  // or the path of a text file
+  std::string corpus = "kjv";  // "kv_retrieval" (built in: random UUID key-value JSON), or a text file path
   int32_t samples = 0;         // 0: no calibration
   int32_t tokens = 256;        // per sample
   uint32_t taps = 0;           // CalibrationTap bits

@@ -75,7 +75,7 @@ Result<std::filesystem::path> calibration_dir(const PluginEntry& plugin, const P
   nlohmann::json key = {{"plugin", plugin.name}, {"version", plugin.version}, {"arithmetic", arithmetic},
                         {"samples", request.samples},
                         {"tokens", request.tokens}, {"taps", request.taps}, {"corpus", request.corpus}};
-  if (request.corpus != "kjv") {
+  if (request.corpus != "kjv" && request.corpus != "kv_retrieval") {  // a file: keyed by its content
     auto corpus = resolve_corpus(request.corpus);
     if (!corpus) return Error{fmt::format("plugin {}: calibration corpus: {}", plugin.name, corpus.message())};
     auto digest = sha256_file(corpus->string());

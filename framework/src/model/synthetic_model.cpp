@@ -170,7 +170,9 @@ Status write_synthetic_model(const SyntheticModelSpec& spec, const std::filesyst
   return w.write(path);
 }
 
-std::vector<std::string> synthetic_preset_names() { return {"llama2-7b", "llama3-8b", "llama2-7b-128k", "tiny"}; }
+std::vector<std::string> synthetic_preset_names() {
+  return {"llama2-7b", "llama3-8b", "llama2-7b-128k", "llama3-8b-1m", "tiny"};
+}
 
 Result<SyntheticModelSpec> synthetic_preset(const std::string& name, int32_t n_layers) {
   SyntheticModelSpec spec;
@@ -186,15 +188,18 @@ Result<SyntheticModelSpec> synthetic_preset(const std::string& name, int32_t n_l
     spec.n_vocab = 32000;
     spec.context_length = name == "llama2-7b" ? 4096 : 131072;
     spec.rope_theta = name == "llama2-7b" ? 10000.0f : 1.0e6f;
-  } else if (name == "llama3-8b") {
+  } else if (name == "llama3-8b" || name == "llama3-8b-1m") {
     spec.n_layers = 32;
     spec.n_embd = 4096;
     spec.n_ff = 14336;
     spec.n_heads = 32;
     spec.n_kv_heads = 8;
     spec.n_vocab = 128256;
-    spec.context_length = 8192;
-    spec.rope_theta = 500000.0f;
+    // The 1M variant: the long-context Llama-3-8B shape MInference measured
+    // (grouped-query 32/8), its context and RoPE base about as the
+    // 1M-token fine-tunes of Llama-3-8B-Instruct set them.
+    spec.context_length = name == "llama3-8b" ? 8192 : 1048576;
+    spec.rope_theta = name == "llama3-8b" ? 500000.0f : 3.58e9f;
   } else if (name == "tiny") {
     spec.tied_embeddings = true;
     spec.weight_type = gguf::TensorType::F32;

@@ -41,7 +41,9 @@ Status write_synthetic_model(const SyntheticModelSpec& spec, const std::filesyst
 // Real shapes for GPU timing: "llama2-7b" (32 layers, 4096 wide, 32 heads, MHA,
 // 11008 FFN, vocab 32000, 4K context), "llama3-8b" (GQA 32/8, 14336 FFN, vocab
 // 128256, 8K context, theta 500000), "llama2-7b-128k" (the 7B shape with a
-// 128K context and theta 1e6, as long-context 7B fine-tunes use), and "tiny".
+// 128K context and theta 1e6, as long-context 7B fine-tunes use), "llama3-8b-1m"
+// (the llama3-8b shape with a 1M context and theta 3.58e9, as the 1M-token
+// Llama-3-8B fine-tunes MInference measured), and "tiny".
 // `n_layers` > 0 keeps only the first layers (a 7B-wide model that fits a test).
 Result<SyntheticModelSpec> synthetic_preset(const std::string& name, int32_t n_layers = 0);
 std::vector<std::string> synthetic_preset_names();

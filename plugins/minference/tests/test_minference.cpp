@@ -10,6 +10,12 @@
 
 #include "inferlab/testing.h"
 #include "pattern_file.h"
+#include "search.h"
+
+#include <cmath>
+#include <numeric>
+#include <random>
+#include <set>
 
 namespace inferlab {
 namespace {
@@ -168,7 +174,8 @@ TEST(MInference, AFileSearchedOnAnotherModelIsRefusedUnlessAllowed) {
 
 TEST(MInference, BudgetsCoveringThePromptAreDense) {
   for (const char* pattern : {"vertical_and_slash", "stream_llm", "block_sparse"})
-    EXPECT_DENSE_EQUIVALENT(model(), "minference", test::params({{"default_pattern", std::string(pattern)}}));
+    EXPECT_DENSE_EQUIVALENT(model(), "minference",
+                            test::params({{"default_pattern", std::string(pattern)}, {"search", std::string("off")}}));
 }
 
 TEST(MInference, SmallBudgetsReadFewerKeysThanDense) {
@@ -179,6 +186,7 @@ TEST(MInference, SmallBudgetsReadFewerKeysThanDense) {
     SCOPED_TRACE(pattern);
     auto active = test::activate_method(**engine, "minference",
                                         test::params({{"default_pattern", std::string(pattern)},
+                                                      {"search", std::string("off")},
                                                       {"vertical", int64_t{0}},  // the floors: 30 and 50
                                                       {"slash", int64_t{0}},
                                                       {"n_init", int64_t{4}},
@@ -195,6 +203,132 @@ TEST(MInference, SmallBudgetsReadFewerKeysThanDense) {
     EXPECT_LT(c.sparse_prefill_keys_read, c.sparse_prefill_keys_causal * 3 / 4);
     (void)(*engine)->set_method(nullptr, 0);
   }
+}
+
+
+// --- the offline search -------------------------------------------------------
+
+// Recall by the definition of each kind, in double, for random queries and keys.
+TEST(MInferenceSearch, RecallOfEachCandidateMatchesTheDefinition) {
+  const int64_t n = 200, hd = 8, bs = 16;
+  std::mt19937 rng(3);
+  std::normal_distribution<float> normal(0.0f, 1.5f);
+  std::vector<float> q(size_t(n * hd)), k(size_t(n * hd));
+  for (auto* v : {&q, &k})
+    for (float& x : *v) x = normal(rng);
+  mi::SearchOptions o;
+  o.block = int32_t(bs);
+  o.last_q = 20;
+  o.keep_first_columns = 3;
+  o.keep_last_diagonals = 2;
+  o.skip_rows = 50;
+  const std::vector<mi::Candidate> cands = {{mi::HeadType::StreamLlm, 5, 20},   {mi::HeadType::VerticalSlash, 4, 6},
+                                            {mi::HeadType::VerticalSlash, 12, 3}, {mi::HeadType::BlockSparse, 3, 0},
+                                            {mi::HeadType::StreamLlm, 40, 8}};
+  const auto got = mi::candidate_recall(q.data(), hd, k.data(), hd, n, hd, cands, o);
+
+  // Dense probabilities.
+  std::vector<std::vector<double>> p(static_cast<size_t>(n));
+  for (int64_t t = 0; t < n; ++t) {
+    for (int64_t j = 0; j <= t; ++j) {
+      double d = 0;
+      for (int64_t i = 0; i < hd; ++i) d += double(q[size_t(t * hd + i)]) * k[size_t(j * hd + i)];
+      p[size_t(t)].push_back(d / std::sqrt(double(hd)));
+    }
+    const double m = *std::max_element(p[size_t(t)].begin(), p[size_t(t)].end());
+    double sum = 0;
+    for (double& x : p[size_t(t)]) sum += (x = std::exp(x - m));
+    for (double& x : p[size_t(t)]) x /= sum;
+  }
+  auto best = [](const std::vector<double>& s, int64_t kk) {
+    std::vector<int64_t> idx(s.size());
+    std::iota(idx.begin(), idx.end(), 0);
+    std::stable_sort(idx.begin(), idx.end(), [&](int64_t a, int64_t b) { return s[size_t(a)] > s[size_t(b)]; });
+    idx.resize(size_t(std::min<int64_t>(kk, int64_t(idx.size()))));
+    return std::set<int64_t>(idx.begin(), idx.end());
+  };
+  std::vector<double> vertical(size_t(n), 0.0), slash(size_t(n), 0.0);
+  for (int64_t t = n - o.last_q; t < n; ++t)
+    for (int64_t j = 0; j <= t; ++j) {
+      vertical[size_t(j)] += p[size_t(t)][size_t(j)];
+      slash[size_t(t - j)] += p[size_t(t)][size_t(j)];
+    }
+  for (int64_t j = 0; j < o.keep_first_columns; ++j) vertical[size_t(j)] = 1e9;
+  for (int64_t d = 0; d < o.keep_last_diagonals; ++d) slash[size_t(d)] = 1e9;
+  for (size_t c = 0; c < cands.size(); ++c) {
+    const mi::Candidate& cand = cands[c];
+    std::set<int64_t> cols, diags;
+    if (cand.type == mi::HeadType::VerticalSlash) cols = best(vertical, cand.a), diags = best(slash, cand.b);
+    double total = 0;
+    for (int64_t t = o.skip_rows; t < n; ++t) {
+      const int64_t q0 = t / bs * bs, q1 = q0 + bs;
+      std::set<int64_t> blocks;
+      if (cand.type == mi::HeadType::BlockSparse) {
+        std::vector<double> s;
+        for (int64_t kb = 0; kb <= t / bs; ++kb) {
+          double d = 0;
+          for (int64_t i = 0; i < hd; ++i) {
+            double mq = 0, mk = 0;
+            for (int64_t r = q0; r < std::min(q1, n); ++r) mq += q[size_t(r * hd + i)] / double(std::min(q1, n) - q0);
+            for (int64_t r = kb * bs; r < std::min(kb * bs + bs, n); ++r)
+              mk += k[size_t(r * hd + i)] / double(std::min(kb * bs + bs, n) - kb * bs);
+            d += mq * mk;
+          }
+          s.push_back(d);
+        }
+        blocks = best(s, cand.a);
+      }
+      for (int64_t j = 0; j <= t; ++j) {
+        bool in = false;
+        if (cand.type == mi::HeadType::StreamLlm) in = j < cand.a || j >= q0 - cand.b;
+        if (cand.type == mi::HeadType::BlockSparse) in = blocks.count(j / bs) > 0;
+        if (cand.type == mi::HeadType::VerticalSlash) {
+          in = cols.count(j) > 0;
+          for (int64_t d : diags) in = in || (j >= q0 - d && j < q1 - d);
+        }
+        if (in) total += p[size_t(t)][size_t(j)];
+      }
+    }
+    EXPECT_NEAR(got[c], total / double(n - o.skip_rows), 1e-4) << "candidate " << c;
+    EXPECT_GT(got[c], 0.0);
+    EXPECT_LT(got[c], 1.0);
+  }
+}
+
+TEST(MInferenceSearch, TheBestRecallWinsAndRelabellingFollowsTheReference) {
+  const auto cands = mi::reference_candidates(1.0, 4096, 64);
+  ASSERT_EQ(cands.size(), 6u);
+  EXPECT_EQ(cands[0].type, mi::HeadType::StreamLlm);
+  EXPECT_EQ(cands[5].a, 8);  // 64 blocks, 1/8 kept
+  std::vector<double> recall = {0.9, 0.5, 0.6, 0.7, 0.8, 0.95};
+  mi::HeadPattern p = mi::choose(cands, recall, false, 1.0);
+  EXPECT_EQ(p.type, mi::HeadType::BlockSparse);
+  EXPECT_DOUBLE_EQ(p.score, 0.95);
+  p = mi::choose(cands, recall, true, 1.0);  // block_sparse -> vertical_and_slash (1000, 6096)
+  EXPECT_EQ(p.type, mi::HeadType::VerticalSlash);
+  EXPECT_EQ(p.a, 1000);
+  EXPECT_EQ(p.b, 6096);
+  recall = {0.99, 0.5, 0.6, 0.7, 0.8, 0.95};
+  p = mi::choose(cands, recall, true, 1.0);  // stream_llm -> vertical_and_slash with its numbers
+  EXPECT_EQ(p.type, mi::HeadType::VerticalSlash);
+  EXPECT_EQ(p.a, 100);
+  EXPECT_EQ(p.b, 800);
+}
+
+// The search as the host runs it: calibration passes, the file in the
+// artifact folder, every head given a pattern.
+TEST(MInferenceSearch, TheSearchWritesAPatternFileTheMethodThenUses) {
+  auto engine = Engine::create(model(), EngineOptions{4, 0, 0});
+  ASSERT_TRUE(engine.ok());
+  auto active = test::activate_method(**engine, "minference",
+                                      test::params({{"search_tokens", int64_t{256}}, {"search_skip_rows", int64_t{64}},
+                                                    {"kernel_block", int64_t{16}}, {"reference_context", int64_t{2048}}}));
+  ASSERT_NE(active.handle.get(), nullptr);
+  const auto counters = active.handle->counters();
+  EXPECT_EQ(counters.at("heads_vertical_and_slash") + counters.at("heads_stream_llm") + counters.at("heads_block_sparse"),
+            2 * 4);
+  const auto trace = test::run_trace(**engine, active.handle.get(), test::random_tokens(model()->config().n_vocab, 300, 5), 0);
+  EXPECT_EQ((*engine)->counters().sparse_prefill_heads, 2 * 4);
 }
 
 }  // namespace
