@@ -76,7 +76,8 @@ int main(int argc, char** argv) {
     return fmt::print(stderr, "bench: {}\n", s.message()), 1;
 
   const auto p = bench::params;
-  const ParamValues common = p({{"reference_context", reference_context}});
+  // Every head the same pattern: the search is not run here.
+  const ParamValues common = p({{"reference_context", reference_context}, {"search", std::string("off")}});
   auto with = [&](std::initializer_list<std::pair<const std::string, ParamValue>> extra) {
     ParamValues v = common;
     for (const auto& [name, value] : extra) v.set(name, value);

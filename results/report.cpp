@@ -363,7 +363,22 @@ std::string counter_lines(const std::vector<const StoredRun*>& runs) {
   return any ? "Plugin counters:\n" + out : "Plugin counters: none reported by any run.\n";
 }
 
-std::string task_section(const std::string& task, const std::vector<const StoredRun*>& task_runs) {
+// A run's task parameters as recorded in its configuration (null when none).
+nlohmann::json task_params(const StoredRun& run) {
+  if (run.config_json.empty()) return nullptr;
+  const auto config = nlohmann::json::parse(run.config_json, nullptr, false);
+  if (config.is_discarded() || !config.is_object() || !config.contains("task")) return nullptr;
+  const auto& task = config["task"];
+  return task.is_object() && task.contains("params") ? task["params"] : nlohmann::json();
+}
+
+// A parameter value as a title shows it: a one-element list as its element, strings bare.
+std::string param_text(const nlohmann::json& v) {
+  if (v.is_array() && v.size() == 1) return param_text(v[0]);
+  return v.is_string() ? v.get<std::string>() : v.dump();
+}
+
+std::string task_section(const std::string& task, const std::vector<const StoredRun*>& task_runs, int superseded) {
   const StoredRun* baseline = nullptr;
   for (const StoredRun* run : task_runs)
     if (run->baseline && baseline == nullptr) baseline = run;
@@ -374,6 +389,10 @@ std::string task_section(const std::string& task, const std::vector<const Stored
   std::string out = fmt::format("## {}\n\n", task);
   if (baseline == nullptr) out += "No dense baseline finished for this task: no comparisons.\n\n";
   out += render_markdown(task_table(ordered, baseline)) + "\n";
+  if (superseded > 0)
+    out += fmt::format("{} earlier run{} of the same method and task (another configuration hash) {} the latest "
+                       "run's row.\n\n",
+                       superseded, superseded == 1 ? "" : "s", superseded == 1 ? "gives way to" : "give way to");
   out += depth_tables(ordered);
   return out + counter_lines(ordered) + "\n";
 }
@@ -434,19 +453,38 @@ Result<std::string> render_report(ResultsDb& db, const std::string& experiment) 
   if (!runs) return runs.error();
 
   std::vector<const StoredRun*> finished;
-  std::vector<std::string> tasks;  // in order of first appearance
-  std::map<std::string, std::vector<const StoredRun*>> by_task;
   std::vector<std::string> backends;
   for (const StoredRun& run : *runs)
     if (run.status == RunStatus::Finished && std::find(backends.begin(), backends.end(), run.backend) == backends.end())
       backends.push_back(run.backend);
+  // A section per task configuration: runs of one task type with different
+  // task parameters (two question protocols, say) are compared only with the
+  // baseline of theirs, and runs on two backends with their own backend's.
+  struct Group {
+    std::string task, backend;
+    nlohmann::json params;
+    std::vector<const StoredRun*> runs;
+    int superseded = 0;
+  };
+  std::vector<Group> groups;  // in order of first appearance
   for (const StoredRun& run : *runs) {
     if (run.status != RunStatus::Finished) continue;
     finished.push_back(&run);
-    // Runs of one experiment on two backends are compared with their own backend's baseline.
-    const std::string key = backends.size() > 1 ? fmt::format("{} ({})", run.task, run.backend) : run.task;
-    if (by_task[key].empty()) tasks.push_back(key);
-    by_task[key].push_back(&run);
+    const nlohmann::json params = task_params(run);
+    auto it = std::find_if(groups.begin(), groups.end(), [&](const Group& g) {
+      return g.task == run.task && g.params == params && (backends.size() < 2 || g.backend == run.backend);
+    });
+    if (it == groups.end()) it = groups.insert(groups.end(), Group{run.task, run.backend, params, {}, 0});
+    // A method run again under another configuration hash (a parameter added
+    // with its default, say) keeps one row: the latest.
+    auto same = std::find_if(it->runs.begin(), it->runs.end(),
+                             [&](const StoredRun* r) { return r->label == run.label && r->baseline == run.baseline; });
+    if (same == it->runs.end()) {
+      it->runs.push_back(&run);
+    } else {
+      if (run.finished_at >= (*same)->finished_at) *same = &run;
+      ++it->superseded;
+    }
   }
   if (finished.empty())
     return Error{fmt::format("{}: experiment '{}' has no finished runs ({} failed; see `inferlab query`); known "
@@ -455,7 +493,20 @@ Result<std::string> render_report(ResultsDb& db, const std::string& experiment) 
   std::string out = fmt::format("# {}\n\n", info.name);
   if (!info.description.empty()) out += one_line(info.description) + "\n\n";
   out += provenance(finished) + "\n\n";
-  for (const std::string& task : tasks) out += task_section(task, by_task[task]);
+  for (const Group& g : groups) {
+    // The title names what tells the sections of one task type apart.
+    std::vector<std::string> differing;
+    for (const auto& [key, value] : g.params.items())
+      for (const Group& other : groups)
+        if (&other != &g && other.task == g.task && other.params.value(key, nlohmann::json()) != value) {
+          differing.push_back(fmt::format("{} = {}", key, param_text(value)));
+          break;
+        }
+    if (backends.size() > 1) differing.push_back(g.backend);
+    const std::string title =
+        differing.empty() ? g.task : fmt::format("{} ({})", g.task, fmt::join(differing, ", "));
+    out += task_section(title, g.runs, g.superseded);
+  }
   return out + failed_section(*runs);
 }
 

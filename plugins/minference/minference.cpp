@@ -106,6 +106,10 @@ class MInference final : public Method {
     std::string path = o_.config;
     if (searching()) {  // the search's result, cached with the model's other artifacts
       path = context.artifact_dir + "/patterns.json";
+      if (!std::filesystem::exists(path))
+        return Error{"minference: no pattern file and no search result in " + context.artifact_dir +
+                     " (the search runs as the plugin's calibration: `inferlab run` and `inferlab calibrate` do it; "
+                     "or give config, or search = \"off\")"};
       if (!std::filesystem::exists(path + ".meta.json"))
         std::ofstream(path + ".meta.json") << nlohmann::json{{"model_checksum", context.model_checksum}}.dump() << "\n";
     }

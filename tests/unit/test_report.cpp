@@ -186,5 +186,41 @@ TEST(Report, WithoutBaselineShowsNoComparisons) {
   EXPECT_NE(report->find("No dense baseline"), std::string::npos);
 }
 
+
+// One task type run with two configurations (two question protocols) gives two
+// sections, each with its own baseline, titled by what differs; a method run
+// again under a new configuration hash keeps one row, the latest run's.
+TEST(Report, TaskConfigurationsGetTheirOwnSectionsAndRerunsKeepOneRow) {
+  auto db = ResultsDb::open(test::temp_path("report-protocols.db"));
+  ASSERT_TRUE(db.ok());
+  auto with_params = [](RunRecord r, const char* question, double finished_at) {
+    r.config_json = std::string(R"({"task": {"type": "passkey", "params": {"lengths": [512], "question": [")") +
+                    question + R"("]}}})";
+    r.finished_at = finished_at;
+    return r;
+  };
+  const std::vector<RunRecord> runs = {
+      with_params(run("a", "dense", "passkey", {{"accuracy", 0.9, ""}}, true), "prefill", 1),
+      with_params(run("b", "h2o heavy=32", "passkey", {{"accuracy", 0.5, ""}}), "prefill", 2),
+      with_params(run("c", "dense", "passkey", {{"accuracy", 0.8, ""}}, true), "decode", 3),
+      with_params(run("d", "h2o heavy=32", "passkey", {{"accuracy", 0.4, ""}}), "decode", 4),
+      with_params(run("e", "h2o heavy=32", "passkey", {{"accuracy", 0.6, ""}}), "prefill", 5),  // a rerun
+  };
+  for (const RunRecord& r : runs) ASSERT_TRUE(db->record_run(r).ok());
+  auto report = render_report(*db, "");
+  ASSERT_TRUE(report.ok()) << report.message();
+  const std::string prefill = section(*report, "## passkey (question = prefill)");
+  const std::string decode = section(*report, "## passkey (question = decode)");
+  const auto p_rows = table_rows(prefill), d_rows = table_rows(decode);
+  ASSERT_EQ(p_rows.size(), 4u) << *report;
+  ASSERT_EQ(d_rows.size(), 4u) << *report;
+  EXPECT_EQ(p_rows[2], (Cells{"dense", "90.0", "+0.0"}));
+  EXPECT_EQ(p_rows[3], (Cells{"h2o heavy=32", "60.0", "-30.0"}));  // the rerun's row
+  EXPECT_EQ(d_rows[2], (Cells{"dense", "80.0", "+0.0"}));
+  EXPECT_EQ(d_rows[3], (Cells{"h2o heavy=32", "40.0", "-40.0"}));
+  EXPECT_NE(prefill.find("1 earlier run of the same method and task"), std::string::npos) << prefill;
+  EXPECT_EQ(decode.find("earlier run"), std::string::npos);
+}
+
 }  // namespace
 }  // namespace inferlab
