@@ -203,4 +203,49 @@ struct SequenceRetentionCall {
   int32_t* n_drops = nullptr;          // (1)
 };
 
+
+// MInference's vertical-slash scores for sparse prefill (PrefillPattern), on
+// the device. For listed query head heads[i] (kv head g = heads[i] / group),
+// rows r of the call's last min(last_q[i], call_rows) rows, row at stored
+// position self = n_cached[g] + row: with p = softmax over keys 0 .. self of
+// scale * q . k, vertical[i * stride + k] += p[k] and
+// slash[i * stride + self - k] += p[k]. Both arrays are zeroed by the launch.
+// CPU twin: cpu::vertical_slash_scores on the same rows and keys.
+struct VerticalSlashCall {
+  KvPages kv;
+  LayerPageTable table;
+  int32_t n_heads = 0;      // query heads of the model
+  int32_t n_kv_heads = 0;
+  int32_t head_dim = 0;
+  float scale = 0.0f;
+  const float* q = nullptr;           // (call_rows, n_heads * head_dim), after RoPE
+  int32_t call_rows = 0;
+  const int32_t* n_cached = nullptr;  // (n_kv_heads) stored before the call
+  int32_t n_list = 0;                 // heads estimated
+  const int32_t* heads = nullptr;     // (n_list) query heads
+  const int32_t* last_q = nullptr;    // (n_list) rows that score, >= 1
+  int32_t max_last_q = 0;             // >= every min(last_q[i], call_rows) (sizes the grid)
+  float* vertical = nullptr;          // (n_list, stride)
+  float* slash = nullptr;             // (n_list, stride)
+  int32_t stride = 0;                 // >= n_cached[g] + call_rows of every listed head
+};
+
+// The k best entries of each segment of a score array, their indices
+// ascending: segment s is scores[s * stride .. + n[s]); entries below
+// keep_first[s] count as +infinity and NaNs as -infinity (both written back
+// into scores); ties go to the lower index. out[s * out_stride ..] receives
+// min(k[s], n[s]) indices, out_count[s] their number. CPU twin:
+// cpu::top_k_ascending (after the same +infinity).
+struct TopKCall {
+  float* scores = nullptr;
+  int32_t stride = 0;
+  int32_t n_segments = 0;
+  const int32_t* n = nullptr;           // (n_segments)
+  const int32_t* k = nullptr;           // (n_segments)
+  const int32_t* keep_first = nullptr;  // (n_segments) or null
+  int32_t* out = nullptr;               // (n_segments, out_stride), out_stride >= every min(k, n)
+  int32_t out_stride = 0;
+  int32_t* out_count = nullptr;         // (n_segments)
+};
+
 }  // namespace inferlab::kernels
