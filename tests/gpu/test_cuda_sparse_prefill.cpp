@@ -121,7 +121,7 @@ TEST(CudaTopKSegments, SameIndicesAsTheTwin) {
       scores[size_t(s * stride + p)] = v;
     }
   DeviceBuffer<float> d_scores(scores);
-  DeviceBuffer<int32_t> d_n(n), d_k(k), d_keep(keep), d_out(size_t(segs * out_stride)), d_count(size_t(segs));
+  DeviceBuffer<int32_t> d_n(n), d_k(k), d_keep(keep), d_out(size_t(segs * out_stride)), d_count(static_cast<size_t>(segs));
   TopKCall call;
   call.scores = d_scores.get();
   call.stride = stride;

@@ -193,37 +193,33 @@ void CpuBackend::attend_head(const AttentionRefs& call, int32_t h, int64_t r0, i
     for (int64_t i = r0; i < r1; ++i) std::fill_n(&attn_[size_t(i * c.q_dim() + h * hd)], hd, 0.0f);
     return;
   }
-  std::vector<float> concat_mass;
-  auto scatter = [&](const std::vector<cpu::KvPageRef>& refs, const std::vector<int32_t>& starts) {
-    for (size_t r = 0, at = 0; r < refs.size(); at += size_t(refs[r].n_tokens), ++r)
-      for (int32_t t = 0; t < refs[r].n_tokens; ++t) key_mass[starts[r] + t] += concat_mass[at + size_t(t)];
-  };
   if (call.sparse != nullptr && call.sparse->sparse(h)) {  // called with all rows (statistics): block by block
     const int32_t bs = call.sparse->heads[size_t(h)].block_size, cached = call.cached_before[size_t(g)];
     for (int32_t b = (cached + int32_t(r0)) / bs; b * bs < cached + int32_t(r1); ++b)
       attend_sparse_block(call, h, b, key_mass);
     return;
   }
-  {
-    const auto& refs = call.refs[size_t(u)];
-    if (key_mass != nullptr) concat_mass.assign(size_t(call.old_visible[size_t(u)] + n_), 0.0f);
-    for (int64_t i0 = r0; i0 < r1; i0 += kQueryChunkRows) {
-      const int64_t rows = std::min(kQueryChunkRows, r1 - i0);
-      int32_t visible[kQueryChunkRows];
-      for (int64_t r = 0; r < rows; ++r) visible[r] = call.old_visible[size_t(u)] + int32_t(i0 + r) + 1;
-      if (key_mass == nullptr && cpu::attention_tiled_supports(hd)) {
-        const cpu::QueryTile tile{q + (i0 - r0) * c.q_dim(), rows, 1, c.q_dim(), hd, visible,
-                                  out + (i0 - r0) * c.q_dim(), c.q_dim(), hd};
-        cpu::attention_tiled(tile, refs.data(), int64_t(refs.size()), hd, scale);
-        continue;
-      }
-      cpu::attention_paged(q + (i0 - r0) * c.q_dim(), rows, c.q_dim(), refs.data(), int64_t(refs.size()), visible,
-                           hd, scale, out + (i0 - r0) * c.q_dim(), c.q_dim(),
-                           key_mass != nullptr ? concat_mass.data() : nullptr);
+  const auto& refs = call.refs[size_t(u)];
+  std::vector<float> concat_mass;
+  if (key_mass != nullptr) concat_mass.assign(size_t(call.old_visible[size_t(u)] + n_), 0.0f);
+  for (int64_t i0 = r0; i0 < r1; i0 += kQueryChunkRows) {
+    const int64_t rows = std::min(kQueryChunkRows, r1 - i0);
+    int32_t visible[kQueryChunkRows];
+    for (int64_t r = 0; r < rows; ++r) visible[r] = call.old_visible[size_t(u)] + int32_t(i0 + r) + 1;
+    if (key_mass == nullptr && cpu::attention_tiled_supports(hd)) {
+      const cpu::QueryTile tile{q + (i0 - r0) * c.q_dim(), rows, 1, c.q_dim(), hd, visible,
+                                out + (i0 - r0) * c.q_dim(), c.q_dim(), hd};
+      cpu::attention_tiled(tile, refs.data(), int64_t(refs.size()), hd, scale);
+      continue;
     }
-    if (key_mass != nullptr) scatter(refs, call.ref_start[size_t(u)]);
-    return;
+    cpu::attention_paged(q + (i0 - r0) * c.q_dim(), rows, c.q_dim(), refs.data(), int64_t(refs.size()), visible, hd,
+                         scale, out + (i0 - r0) * c.q_dim(), c.q_dim(),
+                         key_mass != nullptr ? concat_mass.data() : nullptr);
   }
+  if (key_mass == nullptr) return;
+  const auto& starts = call.ref_start[size_t(u)];
+  for (size_t r = 0, at = 0; r < refs.size(); at += size_t(refs[r].n_tokens), ++r)
+    for (int32_t t = 0; t < refs[r].n_tokens; ++t) key_mass[starts[r] + t] += concat_mass[at + size_t(t)];
 }
 
 // Query block `qb` of sparse head h (its rows of this call): one online-softmax
