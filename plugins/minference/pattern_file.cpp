@@ -58,6 +58,8 @@ Result<PatternFile> parse_pattern_file(std::string_view text, const std::string&
     doc = json::parse(text.begin(), text.end());
   } catch (const json::parse_error& e) {
     return Error{name + ": not valid JSON at " + position_of(text, e.byte) + " (" + e.what() + ")"};
+  } catch (const json::exception& e) {  // e.g. a number too large for a double (out_of_range 406)
+    return Error{name + ": not valid JSON (" + std::string(e.what()) + ")"};
   }
   if (!doc.is_array())
     return Error{name + ": expected a JSON list with one object per layer (MInference's pattern file layout)"};

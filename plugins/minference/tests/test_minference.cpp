@@ -66,6 +66,7 @@ TEST(MInferencePatternFile, WrongFilesAreRefusedWithTheFileAndThePlaceAtFault) {
   const Case cases[] = {
       {"[{\"0\": [\"vertical_and_slash\", 1, 2, 0.5]", "line 1, column"},            // cut short
       {"{\"0\": []}", "expected a JSON list"},
+      {"[{\"0\": [\"stream_llm\", 1, 30e6096, 0.5]}]", "not valid JSON"},  // a number past double (found by fuzzing)
       {"[{}]", "1 layers, but the model has 2"},
       {"[{\"0\": [\"vertical_and_slash\", 1, 2, 0.5]}, {}]", "layer 0: 1 heads, but the model has 4"},
       {"[{\"0\": [\"diagonal\", 1, 2, 0.5], \"1\": [\"stream_llm\", 1, 2, 0], \"2\": [\"stream_llm\", 1, 2, 0], "
