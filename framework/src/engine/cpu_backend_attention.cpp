@@ -47,6 +47,14 @@ void ranges_to_refs(const KvSequence& seq, int32_t layer, int32_t kv_head, const
     }
 }
 
+// Adds the probabilities of a page concatenation's keys (concat_mass, in
+// concatenation order) to their stored tokens' entries of key_mass.
+void scatter_mass(const std::vector<cpu::KvPageRef>& refs, const std::vector<int32_t>& starts,
+                  const std::vector<float>& concat_mass, float* key_mass) {
+  for (size_t r = 0, at = 0; r < refs.size(); at += size_t(refs[r].n_tokens), ++r)
+    for (int32_t t = 0; t < refs[r].n_tokens; ++t) key_mass[starts[r] + t] += concat_mass[at + size_t(t)];
+}
+
 // A kv head's planned cached keys as ascending stored-token ranges: all of
 // them, or (head_bit >= 0, with head masks) those its query head head_bit reads.
 std::vector<KeyRange> plan_ranges(const KeyPlan& plan, int32_t g, int32_t page_size, int32_t head_bit = -1) {
@@ -216,10 +224,7 @@ void CpuBackend::attend_head(const AttentionRefs& call, int32_t h, int64_t r0, i
                          scale, out + (i0 - r0) * c.q_dim(), c.q_dim(),
                          key_mass != nullptr ? concat_mass.data() : nullptr);
   }
-  if (key_mass == nullptr) return;
-  const auto& starts = call.ref_start[size_t(u)];
-  for (size_t r = 0, at = 0; r < refs.size(); at += size_t(refs[r].n_tokens), ++r)
-    for (int32_t t = 0; t < refs[r].n_tokens; ++t) key_mass[starts[r] + t] += concat_mass[at + size_t(t)];
+  if (key_mass != nullptr) scatter_mass(refs, call.ref_start[size_t(u)], concat_mass, key_mass);
 }
 
 // Query block `qb` of sparse head h (its rows of this call): one online-softmax
@@ -287,10 +292,7 @@ void CpuBackend::attend_sparse_block(const AttentionRefs& call, int32_t h, int32
     cpu::attention_paged(q + (i - i0) * qd, 1, qd, refs.data(), int64_t(refs.size()), &v, hd, scale,
                          out + (i - i0) * qd, qd, key_mass != nullptr ? concat_mass.data() : nullptr);
   }
-  if (key_mass == nullptr) return;
-  for (size_t p = 0, at = 0; p < refs.size() && at < concat_mass.size(); at += size_t(refs[p].n_tokens), ++p)
-    for (int32_t t = 0; t < refs[p].n_tokens && at + size_t(t) < concat_mass.size(); ++t)
-      key_mass[starts[p] + t] += concat_mass[at + size_t(t)];
+  if (key_mass != nullptr) scatter_mass(refs, starts, concat_mass, key_mass);  // concat_mass covers every ref's keys
 }
 
 // Prefill: a work item is a unit's query heads (a kv group's) x 16 rows, so
@@ -346,10 +348,7 @@ void CpuBackend::add_key_mass(const AttentionRefs& call, int32_t h) {
   const auto& refs = call.refs[size_t(g)];
   cpu::attention_key_mass(tile, refs.data(), int64_t(refs.size()), hd, 1.0f / std::sqrt(float(hd)), ml, ml + n,
                           concat_mass.data());
-  float* key_mass = head_mass_[size_t(h)].data();
-  const auto& starts = call.ref_start[size_t(g)];
-  for (size_t r = 0, at = 0; r < refs.size(); at += size_t(refs[r].n_tokens), ++r)
-    for (int32_t t = 0; t < refs[r].n_tokens; ++t) key_mass[starts[r] + t] += concat_mass[at + size_t(t)];
+  scatter_mass(refs, call.ref_start[size_t(g)], concat_mass, head_mass_[size_t(h)].data());
 }
 
 // Decode (a few rows): each unit's (kv group's) keys are cut into slices, one

@@ -90,18 +90,23 @@ BlockPlan make_block_plan(const std::vector<std::optional<PrefillPattern>>& patt
   return plan;
 }
 
-std::span<const int32_t> SparsePlan::block_ranges(int32_t head, int32_t qb) const {
+// Index of (head, qb) in the per-block arrays, or -1 when the plan has no such block.
+int64_t SparsePlan::block_index(int32_t head, int32_t qb) const {
   const Head& h = heads[size_t(head)];
-  if (h.block_size == 0 || qb < h.first_block || qb >= h.first_block + h.n_blocks) return {};
-  const size_t b = size_t(h.at + qb - h.first_block);
-  return {ranges.data() + 2 * range_indptr[b], size_t(2 * (range_indptr[b + 1] - range_indptr[b]))};
+  if (h.block_size == 0 || qb < h.first_block || qb >= h.first_block + h.n_blocks) return -1;
+  return int64_t(h.at) + qb - h.first_block;
+}
+
+std::span<const int32_t> SparsePlan::block_ranges(int32_t head, int32_t qb) const {
+  const int64_t b = block_index(head, qb);
+  if (b < 0) return {};
+  return {ranges.data() + 2 * range_indptr[size_t(b)], size_t(2 * (range_indptr[size_t(b) + 1] - range_indptr[size_t(b)]))};
 }
 
 std::span<const int32_t> SparsePlan::block_columns(int32_t head, int32_t qb) const {
-  const Head& h = heads[size_t(head)];
-  if (h.block_size == 0 || qb < h.first_block || qb >= h.first_block + h.n_blocks) return {};
-  const size_t b = size_t(h.at + qb - h.first_block);
-  return {columns.data() + column_indptr[b], size_t(column_indptr[b + 1] - column_indptr[b])};
+  const int64_t b = block_index(head, qb);
+  if (b < 0) return {};
+  return {columns.data() + column_indptr[size_t(b)], size_t(column_indptr[size_t(b) + 1] - column_indptr[size_t(b)])};
 }
 
 SparsePlanBuilder::SparsePlanBuilder(int32_t n_heads) { plan_.heads.resize(size_t(n_heads)); }

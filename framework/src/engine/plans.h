@@ -94,6 +94,9 @@ struct SparsePlan {
   // Query block qb (absolute) of head h: its ranges (pairs) and its columns.
   std::span<const int32_t> block_ranges(int32_t head, int32_t qb) const;
   std::span<const int32_t> block_columns(int32_t head, int32_t qb) const;
+
+ private:
+  int64_t block_index(int32_t head, int32_t qb) const;
 };
 
 // Builds a SparsePlan head by head, block by block: ranges in any order are
