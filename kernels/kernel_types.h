@@ -55,10 +55,48 @@ enum class KeySelect : uint8_t {
 //
 // Keys of kv head g, in order: its selected cached tokens (KeySelect), then the
 // call's new tokens. Query row i (new token i) sees all selected cached keys
-// and new tokens 0..i (causal). With a block pattern on query head h, row i sees
-// instead only stored tokens t <= self (self = n_cached[g] + i) whose block
-// t / block_size is listed for the row's query block self / block_size; a row
-// with nothing allowed outputs zeros.
+// and new tokens 0..i (causal). With a sparse prefill plan on query head h,
+// row i sees instead only the stored tokens t <= self (self = n_cached[g] + i)
+// that its query block lists (SparseHead); a row with nothing allowed outputs
+// zeros.
+struct SparseHead {
+  int32_t block_size = 0;   // 0: the head is dense
+  int32_t first_block = 0;  // its first query block (the one holding the call's first row)
+  int32_t n_blocks = 0;
+  int32_t at = 0;           // index of its first block in the per-block arrays
+};
+
+// Sparse prefill of one layer: for query head h with heads[h].block_size > 0,
+// query block qb (the block of row position self is self / block_size) is
+// block b = heads[h].at + qb - heads[h].first_block of the per-block arrays.
+// It reads the ascending disjoint key ranges ranges[2 * j], ranges[2 * j + 1]
+// ([begin, end) stored tokens) for j in [range_begin[b], range_end[b]), and the
+// ascending single key columns columns[j], outside those ranges, for j in
+// [column_begin[b], column_end[b]). A CSR plan passes indptr and indptr + 1 as
+// begin and end; a plan with room per block passes its own ends.
+struct SparseLayout {
+  const SparseHead* heads = nullptr;  // (n_heads); null: every head dense
+  const int32_t* range_begin = nullptr;
+  const int32_t* range_end = nullptr;
+  const int32_t* ranges = nullptr;
+  const int32_t* column_begin = nullptr;
+  const int32_t* column_end = nullptr;
+  const int32_t* columns = nullptr;
+
+  INFERLAB_HOST_DEVICE bool sparse(int32_t h) const { return heads != nullptr && heads[h].block_size > 0; }
+};
+
+// Keys read by the rows at stored positions [r0, r1) from the key range
+// [b, e) under causality: the sum over rows r of max(0, min(r + 1, e) - b).
+// A single column c is the range [c, c + 1).
+INFERLAB_HOST_DEVICE inline int64_t sparse_range_reads(int64_t r0, int64_t r1, int64_t b, int64_t e) {
+  int64_t sum = 0;
+  const int64_t lo = r0 > b ? r0 : b, hi = r1 < e - 1 ? r1 : e - 1;  // rows b <= r < e - 1 read r + 1 - b
+  if (hi > lo) sum += (hi - lo) * (lo + hi + 1 - 2 * b) / 2;
+  const int64_t from = r0 > e - 1 ? r0 : e - 1;
+  return sum + (r1 > from ? r1 - from : 0) * (e - b);
+}
+
 struct AttentionCall {
   int32_t n_rows = 0;
   int32_t n_heads = 0;     // query heads
@@ -86,12 +124,8 @@ struct AttentionCall {
   // Head mask; null: every head computed. A head with 0 outputs zeros.
   const uint8_t* head_active = nullptr;   // (n_heads)
 
-  // Block-sparse prefill; null block_sparse: dense for every head.
-  const uint8_t* block_sparse = nullptr;  // (n_heads) 1: head uses its block list
-  int32_t block_size = 0;
-  int32_t n_query_blocks = 0;             // blocks covering stored tokens 0 .. max(n_cached) + n_rows - 1
-  const int32_t* block_indptr = nullptr;  // (n_heads, n_query_blocks + 1) ranges of block_keys
-  const int32_t* block_keys = nullptr;    // allowed key blocks per (head, query block), ascending
+  // Sparse prefill (ignores KeySelect); null sparse.heads: dense for every head.
+  SparseLayout sparse;
 
   // Attention statistics; null: none. key_mass[g * mass_stride + t] += the
   // softmax probability stored token t received, summed over the group's query
@@ -246,6 +280,75 @@ struct TopKCall {
   int32_t* out = nullptr;               // (n_segments, out_stride), out_stride >= every min(k, n)
   int32_t out_stride = 0;
   int32_t* out_count = nullptr;         // (n_segments)
+};
+
+// MInference's block-sparse scores on the device. For listed query head
+// heads[i] (kv head g, block size bs = block_size[i], stored tokens n_g =
+// n_cached[g] + call_rows after the call): pooled keys K_kb = the mean of keys
+// kb * bs .. min(n_g, kb * bs + bs) - 1; pooled queries Q_b = the mean of the
+// call's rows in query block qb = n_cached[g] / bs + b (by stored position);
+// scores[(segment_at[i] + b) * stride + kb] = Q_b . K_kb for kb <= qb (no
+// scale, no softmax). pooled_k (n_list, max_kb, head_dim) and pooled_q
+// (n_list, max_qb, head_dim) are scratch. CPU twins: cpu::mean_pool_keys,
+// cpu::mean_pool_rows and their dot products.
+struct BlockScoresCall {
+  KvPages kv;
+  LayerPageTable table;
+  int32_t n_heads = 0;
+  int32_t n_kv_heads = 0;
+  int32_t head_dim = 0;
+  const float* q = nullptr;           // (call_rows, n_heads * head_dim), after RoPE
+  int32_t call_rows = 0;
+  const int32_t* n_cached = nullptr;  // (n_kv_heads)
+  int32_t n_list = 0;
+  const int32_t* heads = nullptr;       // (n_list) query heads
+  const int32_t* block_size = nullptr;  // (n_list)
+  const int32_t* segment_at = nullptr;  // (n_list) first score row of the head
+  int32_t max_kb = 0;                   // >= every head's key blocks
+  int32_t max_qb = 0;                   // >= every head's query blocks of the call
+  float* pooled_k = nullptr;
+  float* pooled_q = nullptr;
+  float* scores = nullptr;
+  int32_t stride = 0;                   // >= max_kb
+};
+
+// Builds the device form of a SparsePlan (SparseLayout with room per block)
+// for estimated heads. For listed head i, block j (query block qb =
+// first_block + j, rows at stored positions [max(q0, row_begin), q1) with q0 =
+// qb * block_size, q1 = min(q0 + block_size, row_end)), written at b = at + j:
+//   VerticalSlash: one range [q0 - d, q0 + block_size - d) clipped to [0, q1)
+//     per kept diagonal d, merged when they touch, then the kept columns < q1
+//     outside them;
+//   BlockTopK: the range [kb * bs, kb * bs + bs) clipped to q1 of each kept
+//     key block of block j (key_blocks + j * key_block_stride, key_block_count[j]), merged.
+// range_begin[b] = range_base + j * range_room (pairs), range_end[b] after the
+// last; columns likewise; *keys_read += the keys the block's rows read
+// (sparse_range_reads). The CPU twin is SparsePlanBuilder (engine/plans.h).
+struct SparseBuildHead {
+  int32_t kind = 0;  // 1 VerticalSlash, 2 BlockTopK (PrefillPattern::Kind)
+  int32_t block_size = 0, first_block = 0, n_blocks = 0, at = 0;
+  int32_t row_begin = 0, row_end = 0;
+  int32_t range_base = 0, range_room = 0, column_base = 0, column_room = 0;
+  const int32_t* columns = nullptr;    // VerticalSlash: kept columns, ascending
+  int32_t n_columns = 0;
+  const int32_t* diagonals = nullptr;  // VerticalSlash: kept diagonals, ascending
+  int32_t n_diagonals = 0;
+  const int32_t* key_blocks = nullptr;       // BlockTopK: per block j, ascending
+  const int32_t* key_block_count = nullptr;  // BlockTopK: (n_blocks)
+  int32_t key_block_stride = 0;
+};
+
+struct SparseBuildCall {
+  int32_t n_list = 0;
+  const SparseBuildHead* heads = nullptr;  // (n_list), in device memory
+  int32_t max_blocks = 0;                  // >= every listed head's n_blocks
+  int32_t* range_begin = nullptr;
+  int32_t* range_end = nullptr;
+  int32_t* ranges = nullptr;
+  int32_t* column_begin = nullptr;
+  int32_t* column_end = nullptr;
+  int32_t* columns = nullptr;
+  unsigned long long* keys_read = nullptr;  // (1) added to
 };
 
 }  // namespace inferlab::kernels

@@ -110,7 +110,7 @@ step_ldd() {
 }
 
 # Test groups (gtest filters over inferlab_gpu_tests).
-filter_ops='CudaOps*:CudaOpsArguments*:CudaOpsSampling*:Cuda/PageBounds*:PageBounds*:Cases/CudaRetention*:Cases/CudaSequenceRetention*:CudaSlotPlanes*:Dtypes/CudaRerotationKernel*:Cuda/VerticalSlashScores*:CudaTopKSegments*'
+filter_ops='CudaOps*:CudaOpsArguments*:CudaOpsSampling*:Cuda/PageBounds*:PageBounds*:Cases/CudaRetention*:Cases/CudaSequenceRetention*:CudaSlotPlanes*:Dtypes/CudaRerotationKernel*:Cuda/VerticalSlashScores*:CudaTopKSegments*:CudaBlockScores*:CudaSparsePlanBuild*'
 filter_attention='*CudaAttention*'
 # Everything else, the 4096-token StreamingLLM streams (Dtypes/CudaRerotationStream*) included.
 filter_engine="-${filter_ops}:${filter_attention}"

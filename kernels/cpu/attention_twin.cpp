@@ -40,17 +40,20 @@ HeadKv decode_head(const AttentionCall& call, int32_t g, int32_t n_stored) {
   return out;
 }
 
-// Stored tokens row i of block-sparse query head h sees: those t <= self whose
-// block is listed for the row's query block.
+// Stored tokens row i of sparse query head h sees: those t <= self inside its
+// query block's ranges or among its columns, ascending.
 void sparse_row_keys(const AttentionCall& call, int32_t h, int32_t self, std::vector<int32_t>& keys) {
   keys.clear();
-  const int32_t bs = call.block_size, qb = self / bs;
-  if (qb >= call.n_query_blocks) return;
-  const int32_t* indptr = call.block_indptr + int64_t(h) * (call.n_query_blocks + 1);
-  for (int32_t j = indptr[qb]; j < indptr[qb + 1]; ++j) {
-    const int32_t kb = call.block_keys[j];
-    for (int32_t t = kb * bs; t < std::min(kb * bs + bs, self + 1); ++t) keys.push_back(t);
-  }
+  const SparseLayout& sp = call.sparse;
+  const SparseHead& head = sp.heads[h];
+  const int32_t i = self / head.block_size - head.first_block;
+  if (i < 0 || i >= head.n_blocks) return;
+  const int32_t b = head.at + i;
+  for (int32_t j = sp.range_begin[b]; j < sp.range_end[b]; ++j)
+    for (int32_t t = std::max(sp.ranges[2 * j], 0); t < std::min(sp.ranges[2 * j + 1], self + 1); ++t) keys.push_back(t);
+  for (int32_t j = sp.column_begin[b]; j < sp.column_end[b]; ++j)
+    if (sp.columns[j] <= self) keys.push_back(sp.columns[j]);
+  std::sort(keys.begin(), keys.end());
 }
 
 // One query row against `n_keys` stored tokens `keys`: out (head_dim) is the
@@ -84,7 +87,7 @@ void attend_row(const float* q, const HeadKv& kv, const int32_t* keys, size_t n_
 void attend_head(const AttentionCall& call, int32_t h, const HeadKv& kv, const std::vector<int32_t>& dense_keys,
                  int32_t n_selected, int32_t n_cached, float* mass) {
   const int64_t hd = call.head_dim, row_stride = int64_t(call.n_heads) * hd;
-  const bool sparse = call.block_sparse != nullptr && call.block_sparse[h] != 0;
+  const bool sparse = call.sparse.sparse(h);
   const int32_t n_stored = n_cached + call.n_rows;
 #pragma omp parallel
   {

@@ -13,17 +13,18 @@ bool valid_call(const AttentionCall& c) {
   const bool dtype = c.kv.dtype == DType::F16 || c.kv.dtype == DType::BF16;
   const bool pointers = c.q != nullptr && c.out != nullptr && c.n_cached != nullptr && c.kv.chunk_base != nullptr &&
                         c.table.pages != nullptr;
-  // select_index / block_keys may be null when every list is empty.
+  // select_index and the sparse ranges / columns may be null when every list is empty.
   const bool select = c.select == nullptr || c.select_indptr != nullptr;
   const bool heads = c.select_heads == nullptr || (c.select != nullptr && c.n_kv_heads > 0 && c.n_heads <= 32 * c.n_kv_heads);
-  const bool sparse = c.block_sparse == nullptr || (c.block_size > 0 && c.block_indptr != nullptr);
+  const bool sparse = c.sparse.heads == nullptr || (c.sparse.range_begin != nullptr && c.sparse.range_end != nullptr &&
+                                                    c.sparse.column_begin != nullptr && c.sparse.column_end != nullptr);
   return shapes && dtype && pointers && select && heads && sparse;
 }
 
 }  // namespace
 
 bool attention_uses_decode(const AttentionCall& call) {
-  return call.n_rows >= 1 && call.n_rows <= kDecodeMaxRows && call.block_sparse == nullptr &&
+  return call.n_rows >= 1 && call.n_rows <= kDecodeMaxRows && call.sparse.heads == nullptr &&
          call.n_kv_heads > 0 && call.n_rows * call.group_size() <= kDecodeMaxQueries;
 }
 

@@ -3,12 +3,12 @@
 // semantics of AttentionCall (kernel_types.h); kernels/cpu/attention_twin.h is
 // the CPU twin. Two kernels:
 //   - decode (n_rows <= kDecodeMaxRows, n_rows * group_size <= kDecodeMaxQueries,
-//     no block_sparse array): split-K flash-decoding, one CTA per (split, kv head)
+//     no sparse plan): split-K flash-decoding, one CTA per (split, kv head)
 //     holding all the group's query rows, so K/V are read once per group; a
 //     second kernel merges the splits.
 //   - prefill (otherwise): causal flash attention on tensor cores, a CTA per
 //     (64 query rows, query head), key tiles gathered through the page table,
-//     block-sparse heads visiting only their listed key blocks.
+//     a sparse head's tiles gathered from its query blocks' ranges and columns.
 // Both read n_cached, selections, masks and block lists from device memory;
 // the grid depends only on host fields of `call` and on max_keys, so a decode
 // call can be captured in a CUDA graph and replayed while those change.

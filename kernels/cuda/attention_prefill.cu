@@ -3,9 +3,11 @@
 // of 64 are gathered through the page table into shared memory with cp.async
 // (double-buffered); S = Q K^T and O += P V run on tensor cores (mma.sync
 // m16n8k16, f16/bf16 in, f32 accumulate) with the online softmax on the score
-// fragments in registers. Block-sparse heads visit only tiles that intersect a
-// listed key block of their rows' query blocks. With statistics, a second pass
-// over the same tiles adds exp(s - lse) of every key to key_mass.
+// fragments in registers. A sparse head (SparseLayout) gathers its tiles from
+// the union of the key ranges and columns of the query blocks its rows fall
+// in, each key marked with the blocks that list it, so the cost follows the
+// keys listed, not whole key blocks. With statistics, a second pass over the
+// same tiles adds exp(s - lse) of every key to key_mass.
 #include <climits>
 
 #include "cuda/attention_common.cuh"
@@ -23,21 +25,21 @@ struct PrefillSmem {
   T v[2][kTileKeys][D + kRowPad];  // V tiles
   const T* row[2][kTileKeys];      // K row of each key of a tile; null: no key (zeros)
   int32_t token[2][kTileKeys];     // stored token of each key, -1: none
-  uint64_t allowed[2][kTileKeys];  // block-sparse: bit j = query block qb_lo + j may read the key
-  int32_t start[2];                // a tile's first key position; -1: no more tiles
+  uint64_t allowed[2][kTileKeys];  // sparse: bit j = query block qb_lo + j lists the key
+  int32_t start[2];                // dense: a tile's first key position; sparse: 0; -1: no more tiles
   float mass[kTileKeys];           // statistics pass: the CTA's probability sum per key
 };
 
 // What one CTA reads. A key position is an index into the kv head's key list
-// (dense) or a stored token (block-sparse, which ignores KeySelect).
+// (dense); a sparse head's tiles list stored tokens (and ignore KeySelect).
 struct PrefillCta {
   int32_t h = 0, g = 0, r0 = 0, r_end = 0;
   KeyList list;
   bool sparse = false;
   int32_t key_end = 0;   // dense: keys [0, key_end) are visible to some row
   int32_t self_hi = 0;   // sparse: stored token of the last row
-  int32_t qb_lo = 0, n_qb = 0;        // sparse: query blocks of the rows (n_qb <= 64)
-  const int32_t* indptr = nullptr;    // sparse: block_indptr of head h (n_query_blocks + 1)
+  int32_t qb_lo = 0, n_qb = 0;  // sparse: query blocks of the rows (n_qb <= 64)
+  SparseHead head;              // sparse: head h's blocks
 };
 
 __device__ PrefillCta make_cta(const AttentionCall& c) {
@@ -48,78 +50,98 @@ __device__ PrefillCta make_cta(const AttentionCall& c) {
   cta.r0 = tile * kQueryRows;
   cta.r_end = min(c.n_rows, cta.r0 + kQueryRows);
   cta.list = warp_key_list(c, cta.g);
-  cta.sparse = c.block_sparse != nullptr && c.block_sparse[cta.h] != 0;
+  cta.sparse = c.sparse.sparse(cta.h);
   cta.key_end = min(cta.list.n_keys(), cta.list.n_selected + cta.r_end);
   if (cta.sparse) {
-    const int32_t bs = c.block_size;
+    cta.head = c.sparse.heads[cta.h];
+    const int32_t bs = cta.head.block_size;
     cta.self_hi = cta.list.n_cached + cta.r_end - 1;
     cta.qb_lo = (cta.list.n_cached + cta.r0) / bs;
     cta.n_qb = cta.self_hi / bs - cta.qb_lo + 1;
-    cta.indptr = c.block_indptr + int64_t(cta.h) * (c.n_query_blocks + 1);
   }
   return cta;
 }
 
-// Whether sorted keys[lo, hi) holds kb.
-__device__ bool listed(const int32_t* keys, int32_t lo, int32_t hi, int32_t kb) {
-  const int32_t end = hi;
-  while (lo < hi) {
-    const int32_t mid = (lo + hi) / 2;
-    if (keys[mid] < kb) lo = mid + 1;
-    else hi = mid;
-  }
-  return lo < end && keys[lo] == kb;
-}
-
-// Warp 0's walk over the CTA's tiles. Block-sparse: each lane keeps cursors
-// into the key-block lists of query blocks lane and lane + 32, so the next
-// tile starts at the first listed key block not yet visited.
+// Warp 0's walk over the CTA's keys. Dense: consecutive tiles of key
+// positions. Sparse: lane i follows query blocks qb_lo + i and qb_lo + i + 32
+// (slot 0 and 1), each a sequence of disjoint segments (its ranges and its
+// columns, ascending); a tile takes the next 64 keys of their union in runs
+// of keys that the same blocks list.
 struct TilePlanner {
-  int32_t pos = 0;  // first key position not yet visited
-  int32_t cur[2] = {0, 0}, end[2] = {0, 0};
+  int32_t pos = 0;  // first key position (sparse: stored token) not yet visited
+  // Sparse, per slot: cursors into the block's ranges and columns, and its
+  // current segment [seg_b, seg_e) at or after pos (seg_b INT_MAX: none left).
+  int32_t rc[2] = {0, 0}, re[2] = {0, 0}, cc[2] = {0, 0}, ce[2] = {0, 0};
+  int32_t seg_b[2] = {INT_MAX, INT_MAX}, seg_e[2] = {INT_MAX, INT_MAX};
+
+  __device__ void advance(const SparseLayout& sp, int i) {
+    while (rc[i] < re[i] && sp.ranges[2 * rc[i] + 1] <= pos) ++rc[i];
+    while (cc[i] < ce[i] && sp.columns[cc[i]] < pos) ++cc[i];
+    const int32_t rb = rc[i] < re[i] ? max(pos, sp.ranges[2 * rc[i]]) : INT_MAX;
+    const int32_t cb = cc[i] < ce[i] ? sp.columns[cc[i]] : INT_MAX;
+    if (rb == INT_MAX && cb == INT_MAX) {
+      seg_b[i] = seg_e[i] = INT_MAX;
+    } else if (rb <= cb) {
+      seg_b[i] = rb;
+      seg_e[i] = sp.ranges[2 * rc[i] + 1];
+    } else {
+      seg_b[i] = cb;
+      seg_e[i] = cb + 1;
+    }
+  }
 
   __device__ void reset(const AttentionCall& c, const PrefillCta& cta) {
     pos = 0;
+    if (!cta.sparse) return;
     for (int i = 0; i < 2; ++i) {
-      const int32_t j = int32_t(threadIdx.x % 32) + 32 * i, qb = cta.qb_lo + j;
-      const bool has = cta.sparse && j < cta.n_qb && qb < c.n_query_blocks;
-      cur[i] = has ? cta.indptr[qb] : 0;
-      end[i] = has ? cta.indptr[qb + 1] : 0;
+      const int32_t j = int32_t(threadIdx.x % 32) + 32 * i, b = cta.qb_lo + j - cta.head.first_block;
+      const bool has = j < cta.n_qb && b >= 0 && b < cta.head.n_blocks;
+      const int32_t at = cta.head.at + b;
+      rc[i] = has ? c.sparse.range_begin[at] : 0;
+      re[i] = has ? c.sparse.range_end[at] : 0;
+      cc[i] = has ? c.sparse.column_begin[at] : 0;
+      ce[i] = has ? c.sparse.column_end[at] : 0;
+      advance(c.sparse, i);
     }
   }
 
-  // The next tile's first key position (-1: none); moves past that tile.
-  __device__ int32_t next(const AttentionCall& c, const PrefillCta& cta) {
-    int32_t start;
-    if (!cta.sparse) {
-      start = pos < cta.key_end ? pos : -1;
-    } else {
-      const int32_t bs = c.block_size;
-      int32_t cand = INT_MAX;
-      for (int i = 0; i < 2; ++i) {
-        while (cur[i] < end[i] && (c.block_keys[cur[i]] + 1) * bs <= pos) ++cur[i];
-        if (cur[i] < end[i]) cand = min(cand, max(pos, c.block_keys[cur[i]] * bs));
-      }
-      cand = warp_min(cand);
-      start = cand <= cta.self_hi ? cand : -1;
-    }
+  // Dense: the next tile's first key position (-1: none); moves past that tile.
+  __device__ int32_t next_dense(const PrefillCta& cta) {
+    const int32_t start = pos < cta.key_end ? pos : -1;
     if (start >= 0) pos = start + kTileKeys;
     return start;
   }
 
-  // allowed[k] for the tile at `start`: bit j set when query block qb_lo + j
-  // lists the block of key start + k.
-  __device__ void fill_allowed(const AttentionCall& c, const PrefillCta& cta, int32_t start, uint64_t* allowed) const {
+  // Sparse: the next up to 64 keys of the union into token/allowed (the rest
+  // -1 / 0); returns how many.
+  __device__ int32_t next_sparse(const AttentionCall& c, const PrefillCta& cta, int32_t* token, uint64_t* allowed) {
     const int lane = int(threadIdx.x % 32);
-    uint64_t bits[2] = {0, 0};
-    for (int32_t j = 0; j < cta.n_qb; ++j) {
-      const int32_t lo = __shfl_sync(kFullMask, j < 32 ? cur[0] : cur[1], j % 32);
-      const int32_t hi = __shfl_sync(kFullMask, j < 32 ? end[0] : end[1], j % 32);
-      for (int i = 0; i < 2; ++i)
-        if (listed(c.block_keys, lo, hi, (start + lane + 32 * i) / c.block_size)) bits[i] |= 1ull << j;
+    int32_t filled = 0;
+    while (filled < kTileKeys) {
+      for (int i = 0; i < 2; ++i) {
+        if (seg_e[i] <= pos) advance(c.sparse, i);
+        else if (seg_b[i] != INT_MAX) seg_b[i] = max(seg_b[i], pos);
+      }
+      const int32_t b = warp_min(min(seg_b[0], seg_b[1]));
+      if (b > cta.self_hi) break;  // INT_MAX: no key left
+      // The run ends where a slot's membership changes.
+      int32_t change = INT_MAX;
+      for (int i = 0; i < 2; ++i) change = min(change, seg_b[i] == b ? seg_e[i] : seg_b[i]);
+      const int32_t end = min(min(warp_min(change), b + (kTileKeys - filled)), cta.self_hi + 1);
+      const uint64_t bits = uint64_t(__ballot_sync(kFullMask, seg_b[0] == b)) |
+                            (uint64_t(__ballot_sync(kFullMask, seg_b[1] == b)) << 32);
+      for (int32_t k = lane; k < end - b; k += 32) {
+        token[filled + k] = b + k;
+        allowed[filled + k] = bits;
+      }
+      filled += end - b;
+      pos = end;
     }
-    allowed[lane] = bits[0];
-    allowed[lane + 32] = bits[1];
+    for (int32_t k = filled + lane; k < kTileKeys; k += 32) {
+      token[k] = -1;
+      allowed[k] = 0;
+    }
+    return filled;
   }
 };
 
@@ -127,21 +149,29 @@ struct TilePlanner {
 template <typename T, int D>
 __device__ void plan_tile(const AttentionCall& c, const PrefillCta& cta, TilePlanner& planner,
                           PrefillSmem<T, D>& sm, int buf) {
-  const int32_t start = planner.next(c, cta);
   const int lane = int(threadIdx.x % 32);
+  if (cta.sparse) {
+    const int32_t n = planner.next_sparse(c, cta, sm.token[buf], sm.allowed[buf]);
+    __syncwarp();
+    if (lane == 0) sm.start[buf] = n > 0 ? 0 : -1;
+    for (int k = lane; k < kTileKeys; k += 32) {
+      const int32_t t = sm.token[buf][k];
+      sm.row[buf][k] = t >= 0 ? key_row<T>(c, cta.g, t) : nullptr;
+    }
+    return;
+  }
+  const int32_t start = planner.next_dense(cta);
   if (lane == 0) sm.start[buf] = start;
   if (start < 0) return;
   const int32_t bit = cta.h % (c.n_heads / c.n_kv_heads);  // this head in its group
   for (int k = lane; k < kTileKeys; k += 32) {
     const int32_t pos = start + k;
     // A key of another query head's own selection is no key for this head.
-    const bool valid = cta.sparse ? pos <= cta.self_hi
-                                  : pos < cta.key_end && ((cta.list.key_heads(pos) >> bit) & 1u) != 0;
-    const int32_t t = !valid ? -1 : cta.sparse ? pos : cta.list.token(pos);
+    const bool valid = pos < cta.key_end && ((cta.list.key_heads(pos) >> bit) & 1u) != 0;
+    const int32_t t = valid ? cta.list.token(pos) : -1;
     sm.token[buf][k] = t;
     sm.row[buf][k] = valid ? key_row<T>(c, cta.g, t) : nullptr;
   }
-  if (cta.sparse) planner.fill_allowed(c, cta, start, sm.allowed[buf]);
 }
 
 // Runs body(buf, start) on every tile of the CTA, loading tile n + 1 while
@@ -185,8 +215,8 @@ __device__ void for_each_tile(const AttentionCall& c, const PrefillCta& cta, Pre
 }
 
 // The thread's two rows (fragment rows lane/4 and lane/4 + 8 of its warp):
-// key positions < lim are causally visible; qbit is the row's query block
-// relative to qb_lo (block-sparse).
+// key positions (sparse: stored tokens) < lim are causally visible; qbit is
+// the row's query block relative to qb_lo (sparse).
 struct RowInfo {
   int32_t row[2], lim[2], qbit[2];
 };
@@ -198,7 +228,7 @@ __device__ RowInfo row_info(const AttentionCall& c, const PrefillCta& cta) {
     const int32_t self = cta.list.n_cached + r.row[half];
     const bool valid = r.row[half] < c.n_rows;
     r.lim[half] = !valid ? 0 : cta.sparse ? self + 1 : cta.list.n_selected + r.row[half] + 1;
-    r.qbit[half] = valid && cta.sparse ? self / c.block_size - cta.qb_lo : 0;
+    r.qbit[half] = valid && cta.sparse ? self / cta.head.block_size - cta.qb_lo : 0;
   }
   return r;
 }
@@ -240,9 +270,10 @@ __device__ void tile_scores(const T (*k)[D + kRowPad], const uint32_t (&qf)[D / 
     }
 }
 
-// -inf for keys a row may not read: causality (and the key list's end), for
-// block-sparse rows the listed blocks, and with per query head selections
-// (token: the tile's stored tokens) the keys planned as none (-1).
+// -inf for keys a row may not read: causality (and the key list's end), with
+// per query head selections (token: the tile's stored tokens) the keys planned
+// as none (-1); sparse (allowed: the listing blocks) causality by stored token
+// and the row's query block.
 __device__ void mask_scores(float (&s)[kKeyFrags][4], int32_t start, const RowInfo& r, const uint64_t* allowed,
                             const int32_t* token) {
   const int lane = int(threadIdx.x % 32);
@@ -251,9 +282,13 @@ __device__ void mask_scores(float (&s)[kKeyFrags][4], int32_t start, const RowIn
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int key = j * 8 + (lane % 4) * 2 + (e & 1), half = e >> 1;
-      bool visible = start + key < r.lim[half];
-      if (allowed != nullptr) visible = visible && ((allowed[key] >> r.qbit[half]) & 1u);
-      if (token != nullptr) visible = visible && token[key] >= 0;
+      bool visible;
+      if (allowed != nullptr) {
+        visible = token[key] >= 0 && token[key] < r.lim[half] && ((allowed[key] >> r.qbit[half]) & 1u);
+      } else {
+        visible = start + key < r.lim[half];
+        if (token != nullptr) visible = visible && token[key] >= 0;
+      }
       if (!visible) s[j][e] = -INFINITY;
     }
 }
@@ -359,7 +394,8 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const AttentionCall c
   for_each_tile<T, D, false>(c, cta, sm, [&](int buf, int32_t start) {
     float s[kKeyFrags][4];
     tile_scores<T, D>(sm.k[buf], qf, s);
-    mask_scores(s, start, r, cta.sparse ? sm.allowed[buf] : nullptr, c.select_heads != nullptr ? sm.token[buf] : nullptr);
+    mask_scores(s, start, r, cta.sparse ? sm.allowed[buf] : nullptr,
+                cta.sparse || c.select_heads != nullptr ? sm.token[buf] : nullptr);
     online_softmax<D>(s, m, l, o);
     tile_pv<T, D>(sm.v[buf], s, o);
   });
@@ -371,7 +407,8 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(const AttentionCall c
   for_each_tile<T, D, true>(c, cta, sm, [&](int buf, int32_t start) {
     float s[kKeyFrags][4];
     tile_scores<T, D>(sm.k[buf], qf, s);
-    mask_scores(s, start, r, cta.sparse ? sm.allowed[buf] : nullptr, c.select_heads != nullptr ? sm.token[buf] : nullptr);
+    mask_scores(s, start, r, cta.sparse ? sm.allowed[buf] : nullptr,
+                cta.sparse || c.select_heads != nullptr ? sm.token[buf] : nullptr);
     add_tile_mass(s, lse, sm.mass);
   });
 }

@@ -130,6 +130,116 @@ __global__ void __launch_bounds__(kSelectThreads) top_k_kernel(const TopKCall c)
 }
 
 template <typename T>
+__device__ const T* block_key(const BlockScoresCall& c, int32_t g, int32_t t) {
+  const int32_t ps = c.kv.page_size;
+  const int32_t page = c.table.pages[int64_t(g) * c.table.stride + t / ps];
+  const T* base = static_cast<const T*>(c.kv.chunk_base[page / c.kv.pages_per_chunk]);
+  return base + int64_t(page % c.kv.pages_per_chunk) * c.kv.page_elems() + int64_t(t % ps) * c.head_dim;
+}
+
+// One block per (key block, listed head), a thread per dimension.
+template <typename T>
+__global__ void pool_keys_kernel(const BlockScoresCall c) {
+  const int32_t i = int32_t(blockIdx.y), kb = int32_t(blockIdx.x), h = c.heads[i];
+  const int32_t g = h / (c.n_heads / c.n_kv_heads), bs = c.block_size[i];
+  const int32_t stored = c.n_cached[g] + c.call_rows, t0 = kb * bs, t1 = min(stored, t0 + bs);
+  if (t0 >= stored) return;
+  for (int32_t d = int32_t(threadIdx.x); d < c.head_dim; d += blockDim.x) {
+    float sum = 0.0f;
+    for (int32_t t = t0; t < t1; ++t) sum += to_float<T>(block_key<T>(c, g, t)[d]);
+    c.pooled_k[(int64_t(i) * c.max_kb + kb) * c.head_dim + d] = sum / float(t1 - t0);
+  }
+}
+
+// One block per (query block of the call, listed head), a thread per dimension.
+__global__ void pool_rows_kernel(const BlockScoresCall c) {
+  const int32_t i = int32_t(blockIdx.y), b = int32_t(blockIdx.x), h = c.heads[i];
+  const int32_t g = h / (c.n_heads / c.n_kv_heads), bs = c.block_size[i], cached = c.n_cached[g];
+  const int32_t qb = cached / bs + b;
+  const int32_t r0 = max(qb * bs, cached) - cached, r1 = min(qb * bs + bs, cached + c.call_rows) - cached;
+  if (r0 >= r1) return;
+  for (int32_t d = int32_t(threadIdx.x); d < c.head_dim; d += blockDim.x) {
+    float sum = 0.0f;
+    for (int32_t r = r0; r < r1; ++r) sum += c.q[int64_t(r) * c.n_heads * c.head_dim + int64_t(h) * c.head_dim + d];
+    c.pooled_q[(int64_t(i) * c.max_qb + b) * c.head_dim + d] = sum / float(r1 - r0);
+  }
+}
+
+// One block per (query block, listed head), a thread per key block <= qb.
+__global__ void block_dot_kernel(const BlockScoresCall c) {
+  extern __shared__ float pq[];
+  const int32_t i = int32_t(blockIdx.y), b = int32_t(blockIdx.x), h = c.heads[i];
+  const int32_t g = h / (c.n_heads / c.n_kv_heads), bs = c.block_size[i], cached = c.n_cached[g];
+  const int32_t qb = cached / bs + b;
+  if (qb * bs >= cached + c.call_rows) return;
+  const int32_t hd = c.head_dim;
+  for (int32_t d = int32_t(threadIdx.x); d < hd; d += blockDim.x) pq[d] = c.pooled_q[(int64_t(i) * c.max_qb + b) * hd + d];
+  __syncthreads();
+  float* out = c.scores + int64_t(c.segment_at[i] + b) * c.stride;
+  for (int32_t kb = int32_t(threadIdx.x); kb <= qb; kb += blockDim.x) {
+    const float* k = c.pooled_k + (int64_t(i) * c.max_kb + kb) * hd;
+    float dot = 0.0f;
+    for (int32_t d = 0; d < hd; ++d) dot += pq[d] * k[d];
+    out[kb] = dot;
+  }
+}
+
+// One thread per (block, listed head): the block's ranges, merged, then its
+// columns outside them, and the keys its rows read.
+__global__ void build_plan_kernel(const SparseBuildCall c) {
+  const int32_t j = int32_t(blockIdx.x * blockDim.x + threadIdx.x);
+  const SparseBuildHead& hd = c.heads[blockIdx.y];
+  if (j >= hd.n_blocks) return;
+  const int32_t bs = hd.block_size, q0 = (hd.first_block + j) * bs, q1 = min(q0 + bs, hd.row_end);
+  const int64_t r0 = max(q0, hd.row_begin), r1 = q1;
+  int32_t* ranges = c.ranges + 2 * (int64_t(hd.range_base) + int64_t(j) * hd.range_room);
+  int32_t n = 0;
+  auto add = [&](int32_t b, int32_t e) {
+    b = max(b, 0);
+    e = min(e, q1);
+    if (b >= e) return;
+    if (n > 0 && b <= ranges[2 * n - 1]) {
+      ranges[2 * n - 1] = max(ranges[2 * n - 1], e);
+    } else {
+      ranges[2 * n] = b;
+      ranges[2 * n + 1] = e;
+      ++n;
+    }
+  };
+  if (hd.kind == 1) {
+    for (int32_t k = hd.n_diagonals - 1; k >= 0; --k) add(q0 - hd.diagonals[k], q0 + bs - hd.diagonals[k]);
+  } else {
+    const int32_t* kbs = hd.key_blocks + int64_t(j) * hd.key_block_stride;
+    for (int32_t k = 0; k < hd.key_block_count[j]; ++k) add(kbs[k] * bs, kbs[k] * bs + bs);
+  }
+  const int32_t b = hd.at + j;
+  c.range_begin[b] = int32_t(ranges - c.ranges) / 2;
+  c.range_end[b] = c.range_begin[b] + n;
+  int64_t reads = 0;
+  for (int32_t k = 0; k < n; ++k) reads += sparse_range_reads(r0, r1, ranges[2 * k], ranges[2 * k + 1]);
+  int32_t* columns = c.columns + int64_t(hd.column_base) + int64_t(j) * hd.column_room;
+  int32_t m = 0, at = 0;
+  for (int32_t k = 0; hd.kind == 1 && k < hd.n_columns; ++k) {
+    const int32_t col = hd.columns[k];
+    if (col < 0) continue;
+    if (col >= q1) break;
+    while (at < n && ranges[2 * at + 1] <= col) ++at;
+    if (at < n && ranges[2 * at] <= col) continue;  // inside a range
+    columns[m++] = col;
+    reads += sparse_range_reads(r0, r1, col, col + 1);
+  }
+  c.column_begin[b] = int32_t(columns - c.columns);
+  c.column_end[b] = c.column_begin[b] + m;
+  atomicAdd(c.keys_read, static_cast<unsigned long long>(reads));
+}
+
+template <typename T>
+cudaError_t launch_pool_keys(const BlockScoresCall& c, cudaStream_t stream) {
+  pool_keys_kernel<T><<<dim3(unsigned(c.max_kb), unsigned(c.n_list)), 128, 0, stream>>>(c);
+  return cudaGetLastError();
+}
+
+template <typename T>
 cudaError_t launch_scores(const VerticalSlashCall& c, cudaStream_t stream) {
   const dim3 grid(unsigned(c.max_last_q), unsigned(c.n_list));
   vertical_slash_kernel<T><<<grid, kScoreThreads, size_t(c.head_dim) * sizeof(float), stream>>>(c);
@@ -149,6 +259,29 @@ cudaError_t vertical_slash_scores(const VerticalSlashCall& c, cudaStream_t strea
     case DType::F32: return launch_scores<float>(c, stream);
   }
   return cudaErrorInvalidValue;
+}
+
+cudaError_t block_scores(const BlockScoresCall& c, cudaStream_t stream) {
+  if (c.n_list <= 0 || c.max_qb <= 0) return cudaSuccess;
+  cudaError_t e = cudaErrorInvalidValue;
+  switch (c.kv.dtype) {
+    case DType::F16: e = launch_pool_keys<__half>(c, stream); break;
+    case DType::BF16: e = launch_pool_keys<__nv_bfloat16>(c, stream); break;
+    case DType::F32: e = launch_pool_keys<float>(c, stream); break;
+  }
+  if (e != cudaSuccess) return e;
+  const dim3 grid(unsigned(c.max_qb), unsigned(c.n_list));
+  pool_rows_kernel<<<grid, 128, 0, stream>>>(c);
+  if (auto err = cudaGetLastError(); err != cudaSuccess) return err;
+  block_dot_kernel<<<grid, 256, size_t(c.head_dim) * sizeof(float), stream>>>(c);
+  return cudaGetLastError();
+}
+
+cudaError_t build_sparse_plan(const SparseBuildCall& c, cudaStream_t stream) {
+  if (c.n_list <= 0 || c.max_blocks <= 0) return cudaSuccess;
+  const dim3 grid(unsigned((c.max_blocks + 127) / 128), unsigned(c.n_list));
+  build_plan_kernel<<<grid, 128, 0, stream>>>(c);
+  return cudaGetLastError();
 }
 
 cudaError_t top_k_segments(const TopKCall& c, cudaStream_t stream) {

@@ -33,6 +33,10 @@ using namespace inferlab;
 using minference::HeadPattern;
 using minference::HeadType;
 
+// What the offline search measures per candidate (search.h): the attention
+// mass it keeps, or how many output elements it changes by more than 5e-3.
+enum class SearchMode { Off, Recall, Output };
+
 struct Options {
   std::string config;
   bool allow_other_model = false;
@@ -41,10 +45,10 @@ struct Options {
   int32_t last_q = 64, kernel_block = 64, dense_layers = 0, min_context = 0;
   int64_t reference_context = 0;
   // The offline search (when no config is given).
-  bool search = true;
+  SearchMode search = SearchMode::Recall;
   bool relabel = false;
   std::string search_corpus = "kv_retrieval";
-  int32_t search_tokens = 4096, search_samples = 1, search_skip_rows = 512;
+  int32_t search_tokens = 4096, search_samples = 1, search_skip_rows = 512, search_row_stride = 15;
 };
 
 class MInference final : public Method {
@@ -53,16 +57,21 @@ class MInference final : public Method {
 
   // The search runs when no pattern file is given: dense passes over
   // `search_samples` prompts of `search_tokens` tokens, queries and keys of
-  // every layer.
+  // every layer (and values for the output search).
   CalibrationRequest calibration(const ModelShape& shape) override {
     if (!searching()) return {};
     shape_ = shape;
-    recall_.assign(size_t(shape.n_layers) * size_t(shape.n_heads), {});
-    return {o_.search_corpus, o_.search_samples, o_.search_tokens, kTapQueries | kTapKeys};
+    const size_t heads = size_t(shape.n_layers) * size_t(shape.n_heads);
+    recall_.assign(heads, {});
+    deviation_.assign(heads, {});
+    const uint32_t taps = kTapQueries | kTapKeys | (o_.search == SearchMode::Output ? kTapValues : 0u);
+    return {o_.search_corpus, o_.search_samples, o_.search_tokens, taps};
   }
 
   void on_calibration(const CalibrationTaps& taps) override {
     if (taps.layer < 0 || taps.queries.empty()) return;
+    const bool output = o_.search == SearchMode::Output;
+    if (output && taps.values.empty()) return;  // finish_calibration then names the layer
     const int64_t n = taps.n_tokens, hd = shape_.head_dim, qd = int64_t(shape_.n_heads) * hd;
     const int64_t kd = int64_t(shape_.n_kv_heads) * hd;
     const auto candidates = search_candidates(n, false);
@@ -70,19 +79,35 @@ class MInference final : public Method {
     so.block = o_.kernel_block;
     so.last_q = o_.last_q;
     so.skip_rows = o_.search_skip_rows;
+    so.row_stride = o_.search_row_stride;
     for (int32_t h = 0; h < shape_.n_heads; ++h) {
-      const int32_t g = h / shape_.group_size();
-      const auto r = minference::candidate_recall(taps.queries.data() + h * hd, qd, taps.keys.data() + g * hd, kd, n,
-                                                  hd, candidates, so);
-      auto& sum = recall_[size_t(taps.layer) * size_t(shape_.n_heads) + size_t(h)];
-      sum.resize(r.size(), 0.0);
-      for (size_t c = 0; c < r.size(); ++c) sum[c] += r[c];
+      const int32_t g = h / shape_.group_size();  // GQA: the query head reads its group's kv head
+      const size_t at = size_t(taps.layer) * size_t(shape_.n_heads) + size_t(h);
+      const float* q = taps.queries.data() + h * hd;
+      const float* k = taps.keys.data() + g * hd;
+      if (output) {
+        const auto d = minference::candidate_output_deviation(q, qd, k, kd, taps.values.data() + g * hd, kd, n, hd,
+                                                              candidates, so);
+        auto& sum = deviation_[at];
+        sum.resize(d.size());
+        for (size_t c = 0; c < d.size(); ++c) {
+          sum[c].deviating += d[c].deviating;
+          sum[c].elements += d[c].elements;
+        }
+      } else {
+        const auto r = minference::candidate_recall(q, qd, k, kd, n, hd, candidates, so);
+        auto& sum = recall_[at];
+        sum.resize(r.size(), 0.0);
+        for (size_t c = 0; c < r.size(); ++c) sum[c] += r[c];
+      }
     }
     ++layers_seen_;
   }
 
   // The winners, in MInference's layout (budgets in the file's own units:
-  // unscaled), into the artifact folder.
+  // unscaled), into the artifact folder. The score of an entry: the mean
+  // recall (recall search), or 1 - the share of its output elements off by
+  // more than 5e-3 over every sample's scored rows (output search).
   Status finish_calibration(const std::string& dir) override {
     minference::PatternFile file;
     const auto candidates = search_candidates(o_.search_tokens, true);
@@ -90,10 +115,14 @@ class MInference final : public Method {
     for (int32_t l = 0; l < shape_.n_layers; ++l) {
       file.layers.emplace_back();
       for (int32_t h = 0; h < shape_.n_heads; ++h) {
-        std::vector<double> mean = recall_[size_t(l) * size_t(shape_.n_heads) + size_t(h)];
-        if (mean.empty()) return Error{"minference search: no calibration taps for layer " + std::to_string(l)};
-        for (double& m : mean) m /= samples;
-        file.layers.back().push_back(minference::choose(candidates, mean, o_.relabel, 1.0));
+        const size_t at = size_t(l) * size_t(shape_.n_heads) + size_t(h);
+        std::vector<double> score;
+        if (o_.search == SearchMode::Output)
+          for (const minference::OutputDeviation& d : deviation_[at]) score.push_back(1.0 - d.share());
+        else
+          for (double r : recall_[at]) score.push_back(r / samples);
+        if (score.empty()) return Error{"minference search: no calibration taps for layer " + std::to_string(l)};
+        file.layers.back().push_back(minference::choose(candidates, score, o_.relabel, 1.0));
       }
     }
     return minference::write_pattern_file(dir + "/patterns.json", file);
@@ -162,7 +191,7 @@ class MInference final : public Method {
   }
 
  private:
-  bool searching() const { return o_.config.empty() && o_.search; }
+  bool searching() const { return o_.config.empty() && o_.search != SearchMode::Off; }
 
   // The reference's candidates: `file_units` as they are written, else scaled
   // to a prompt of n tokens as the budgets are at run time.
@@ -212,9 +241,18 @@ class MInference final : public Method {
   std::vector<std::vector<HeadPattern>> patterns_;
   std::array<int64_t, 3> heads_by_type_{};
   int64_t sparse_heads_ = 0;
-  std::vector<std::vector<double>> recall_;  // search: per (layer, head), per candidate, summed over samples
+  // The search, per (layer, head), per candidate, summed over samples: the
+  // recall search's recall, the output search's deviating elements.
+  std::vector<std::vector<double>> recall_;
+  std::vector<std::vector<minference::OutputDeviation>> deviation_;
   int64_t layers_seen_ = 0;
 };
+
+SearchMode parse_search(const std::string& s) {
+  if (s == "recall") return SearchMode::Recall;
+  if (s == "output") return SearchMode::Output;
+  return SearchMode::Off;
+}
 
 HeadType parse_type(const std::string& s) {
   if (s == "stream_llm") return HeadType::StreamLlm;
@@ -246,15 +284,18 @@ class MInferencePlugin final : public Plugin {
                                 "budgets scale by context / reference_context (0: as written)"),
              ParamSpec::integer("min_context", 0, 0, big, "prefills with fewer tokens (context) stay dense"),
              ParamSpec::dense_layers(0),
-             ParamSpec::string("search", "recall", {"recall", "off"},
-                               "no config: search each head's pattern by attention recall (off: default_pattern)"),
+             ParamSpec::string("search", "recall", {"recall", "output", "off"},
+                               "no config: search each head's pattern by attention recall, or by the fewest attention "
+                               "output elements off by more than 5e-3 (off: default_pattern)"),
              ParamSpec::boolean("relabel", false,
                                 "the reference's relabelling: stream_llm and block_sparse winners become vertical_and_slash"),
              ParamSpec::string("search_corpus", "kv_retrieval", {},
                                "search prompts: kv_retrieval (built in), kjv, or a text file"),
              ParamSpec::integer("search_tokens", 4096, 256, big, "tokens per search prompt"),
              ParamSpec::integer("search_samples", 1, 1, 64, "search prompts"),
-             ParamSpec::integer("search_skip_rows", 512, 0, big, "recall is averaged over the rows from this one on")}};
+             ParamSpec::integer("search_skip_rows", 512, 0, big, "the search scores the rows from this one on"),
+             ParamSpec::integer("search_row_stride", 15, 1, big,
+                                "output search: every search_row_stride-th of those rows (recall: every row)")}};
   }
   Result<std::unique_ptr<Method>> create(const ParamValues& p) const override {
     Options o;
@@ -271,12 +312,13 @@ class MInferencePlugin final : public Plugin {
     o.reference_context = p.get_int("reference_context");
     o.min_context = int32_t(p.get_int("min_context"));
     o.dense_layers = int32_t(std::min<int64_t>(p.get_int("dense_layers"), std::numeric_limits<int32_t>::max()));
-    o.search = p.get_string("search") == "recall";
+    o.search = parse_search(p.get_string("search"));
     o.relabel = p.get_bool("relabel");
     o.search_corpus = p.get_string("search_corpus");
     o.search_tokens = int32_t(p.get_int("search_tokens"));
     o.search_samples = int32_t(p.get_int("search_samples"));
     o.search_skip_rows = int32_t(p.get_int("search_skip_rows"));
+    o.search_row_stride = int32_t(p.get_int("search_row_stride"));
     return std::unique_ptr<Method>(std::make_unique<MInference>(std::move(o)));
   }
 };

@@ -1,9 +1,14 @@
 // MInference's offline pattern search, per query head, on the queries and keys
-// (after RoPE) of a calibration prompt: the dense attention probabilities of
-// the head, then for each candidate pattern the share of that probability
-// mass the pattern keeps (its attention recall), averaged over the rows from
-// `skip_rows` on; the candidate with the highest recall wins. Each candidate
-// keeps the keys the engine's sparse kernel would compute for it
+// (after RoPE) of a calibration prompt. Two measures, each the reference's:
+//   recall  (search_pattern) the dense attention probabilities of the head,
+//           then for each candidate pattern the share of that probability
+//           mass the pattern keeps, averaged over the rows from `skip_rows`
+//           on; the candidate with the highest recall wins.
+//   output  (search_pattern_v2) the head's attention output restricted to
+//           each candidate's keys against the dense output, on the values as
+//           well: the candidate with the fewest output elements off by more
+//           than `threshold` wins.
+// Each candidate keeps the keys the engine's sparse kernel would compute for it
 // (PrefillPattern): vertical-slash diagonals as block-wide ranges along the
 // diagonal, A-shape windows per query block, top-k blocks by mean-pooled
 // scores. (The reference scores single diagonals and 32-token blocks, what its
@@ -28,7 +33,18 @@ struct SearchOptions {
   int32_t last_q = 64;              // rows that estimate vertical-slash indices
   int32_t keep_first_columns = 30;  // always kept (the reference's search: 30)
   int32_t keep_last_diagonals = 30;
-  int64_t skip_rows = 0;            // rows averaged: skip_rows .. n - 1
+  int64_t skip_rows = 0;            // rows scored: skip_rows .. n - 1
+  // Output search: every row_stride-th of those rows (skip_rows, skip_rows +
+  // row_stride, ...); the recall search scores them all.
+  int64_t row_stride = 1;
+  double threshold = 5e-3;          // output search: an element deviates when |sparse - dense| > threshold
+};
+
+// What the output search found for one candidate.
+struct OutputDeviation {
+  int64_t deviating = 0;  // output elements off by more than the threshold
+  int64_t elements = 0;   // output elements compared: scored rows x head_dim
+  double share() const { return elements > 0 ? double(deviating) / double(elements) : 0.0; }
 };
 
 // The reference search's candidates (search_pattern in MInference), budgets
@@ -43,12 +59,23 @@ std::vector<double> candidate_recall(const float* q, int64_t q_stride, const flo
                                      int64_t head_dim, const std::vector<Candidate>& candidates,
                                      const SearchOptions& options);
 
-// The winner of one head (the first of equal recalls), as a file entry with
-// its recall as score. With `relabel`, the reference's relabelling: a winning
+// Output deviation of each candidate for one head: as candidate_recall, with
+// value row j at v + j * v_stride (the head's kv head). A row's output
+// restricted to key set S is sum_{j in S} p_j v_j / sum_{j in S} p_j with the
+// dense probabilities p (an empty S gives zeros, as the engine's kernel); the
+// dense output is the same sum over every key the row sees.
+std::vector<OutputDeviation> candidate_output_deviation(const float* q, int64_t q_stride, const float* k,
+                                                        int64_t k_stride, const float* v, int64_t v_stride, int64_t n,
+                                                        int64_t head_dim, const std::vector<Candidate>& candidates,
+                                                        const SearchOptions& options);
+
+// The winner of one head (the first of equal scores, higher is better: the
+// recall, or 1 - the share of deviating output elements), as a file entry with
+// that score. With `relabel`, the reference's relabelling: a winning
 // stream_llm becomes vertical_and_slash with the same two numbers, a winning
 // block_sparse becomes vertical_and_slash (1000, 6096) (scaled) — which is why
 // its shipped files are almost all vertical_and_slash.
-HeadPattern choose(const std::vector<Candidate>& candidates, const std::vector<double>& recall, bool relabel,
+HeadPattern choose(const std::vector<Candidate>& candidates, const std::vector<double>& score, bool relabel,
                    double scale);
 
 }  // namespace inferlab::minference

@@ -35,8 +35,10 @@ std::vector<void*> chunk_pointers(const std::vector<DeviceBuffer<uint32_t>>& chu
 struct DeviceCase {
   std::vector<DeviceBuffer<uint32_t>> chunks;
   DeviceBuffer<void*> chunk_base;
-  DeviceBuffer<int32_t> table, n_cached, select_indptr, select_index, block_indptr, block_keys;
-  DeviceBuffer<uint8_t> select, head_active, block_sparse;
+  DeviceBuffer<int32_t> table, n_cached, select_indptr, select_index;
+  DeviceBuffer<int32_t> range_begin, range_end, ranges, column_begin, column_end, columns;
+  DeviceBuffer<kernels::SparseHead> sparse_heads;
+  DeviceBuffer<uint8_t> select, head_active;
   DeviceBuffer<uint32_t> select_heads;
   DeviceBuffer<float> q, out, key_mass;
   kernels::AttentionCall call;
@@ -48,11 +50,15 @@ struct DeviceCase {
         n_cached(c.n_cached),
         select_indptr(c.select_indptr),
         select_index(c.select_index),
-        block_indptr(c.block_indptr),
-        block_keys(c.block_keys),
+        range_begin(c.range_begin),
+        range_end(c.range_end),
+        ranges(c.ranges),
+        column_begin(c.column_begin),
+        column_end(c.column_end),
+        columns(c.columns),
+        sparse_heads(c.sparse_heads),
         select(c.select),
         head_active(c.head_active),
-        block_sparse(c.block_sparse),
         select_heads(c.select_heads),
         q(c.q),
         out(c.out),  // NaN: every element must be written
@@ -68,9 +74,9 @@ struct DeviceCase {
     call.select_index = c.select.empty() || c.select_index.empty() ? nullptr : select_index.get();
     call.select_heads = c.select_heads.empty() ? nullptr : select_heads.get();
     call.head_active = c.head_active.empty() ? nullptr : head_active.get();
-    call.block_sparse = c.block_sparse.empty() ? nullptr : block_sparse.get();
-    call.block_indptr = c.block_sparse.empty() ? nullptr : block_indptr.get();
-    call.block_keys = c.block_sparse.empty() ? nullptr : block_keys.get();
+    if (!c.sparse_heads.empty())
+      call.sparse = {sparse_heads.get(), range_begin.get(), range_end.get(), ranges.get(),
+                     column_begin.get(),  column_end.get(), columns.get()};
     call.key_mass = c.key_mass.empty() ? nullptr : key_mass.get();
   }
 };
@@ -205,7 +211,8 @@ std::vector<AttentionSpec> prefill_specs() {
   return specs;
 }
 
-// Prefill kernel with selections, and block-sparse heads (incl. rows that see nothing).
+// Prefill kernel with selections, and sparse heads: ranges at any offset and
+// columns, several query blocks per CTA (incl. rows that see nothing).
 std::vector<AttentionSpec> prefill_sparse_specs() {
   std::vector<AttentionSpec> specs;
   uint64_t seed = 300;

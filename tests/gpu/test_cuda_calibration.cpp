@@ -15,17 +15,18 @@ namespace {
 using gpu_test::make_engine;
 using gpu_test::small_model;
 
-constexpr uint32_t kAllTaps = kTapHiddenIn | kTapQueries | kTapKeys | kTapAttentionOut | kTapFfnActivation;
+constexpr uint32_t kAllTaps =
+    kTapHiddenIn | kTapQueries | kTapKeys | kTapValues | kTapAttentionOut | kTapFfnActivation;
 
 struct Collected final : public ForwardObserver {
   uint32_t taps() const override { return kAllTaps; }
   void on_layer(const CalibrationTaps& t) override {
     auto& layer = layers.emplace_back();
     size_t i = 0;
-    for (auto tap : {t.hidden_in, t.queries, t.keys, t.attention_out, t.ffn_activation})
+    for (auto tap : {t.hidden_in, t.queries, t.keys, t.values, t.attention_out, t.ffn_activation})
       layer[i++].assign(tap.begin(), tap.end());
   }
-  std::vector<std::array<std::vector<float>, 5>> layers;
+  std::vector<std::array<std::vector<float>, 6>> layers;
 };
 
 Collected collect(Engine& engine, const std::vector<int32_t>& tokens) {
@@ -44,9 +45,9 @@ TEST(CudaCalibration, TapsMatchTheCpuBackend) {
   const Collected a = collect(*cpu, tokens), b = collect(*gpu, tokens);
   ASSERT_EQ(a.layers.size(), size_t(cpu->config().n_layers));
   ASSERT_EQ(b.layers.size(), a.layers.size());
-  const char* names[] = {"hidden_in", "queries", "keys", "attention_out", "ffn_activation"};
+  const char* names[] = {"hidden_in", "queries", "keys", "values", "attention_out", "ffn_activation"};
   for (size_t l = 0; l < a.layers.size(); ++l)
-    for (size_t t = 0; t < 5; ++t) {
+    for (size_t t = 0; t < 6; ++t) {
       ASSERT_EQ(a.layers[l][t].size(), b.layers[l][t].size()) << names[t] << " layer " << l;
       ASSERT_FALSE(a.layers[l][t].empty()) << names[t] << " layer " << l;
       EXPECT_LT(test::normalized_max_error(b.layers[l][t], a.layers[l][t]), 2e-2) << names[t] << " layer " << l;

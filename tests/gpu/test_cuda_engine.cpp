@@ -191,6 +191,34 @@ INSTANTIATE_TEST_SUITE_P(
         KvMethodCase{"h2o", "h2o", params({{"heavy", int64_t{24}}, {"recent", int64_t{24}}}), 5e-2, 0.85}),
     [](const auto& info) { return info.param.name; });
 
+// MInference's three patterns at 400 tokens (blocks of 16, small budgets):
+// estimated on the device, built there, read by the sparse prefill kernel,
+// against the CPU backend's. A-shape decides exactly as on the CPU; the
+// estimated kinds may flip a near-tie of f16 scores at a budget's edge.
+class CudaMInference : public ::testing::TestWithParam<KvMethodCase> {};
+
+TEST_P(CudaMInference, SameLogitsAsCpu) {
+  INFERLAB_REQUIRE_GPU();
+  const KvMethodCase& m = GetParam();
+  const auto c = compare_backends(small_model(), 400, 8, 16, GpuDType::F16, true, m.plugin, m.params);
+  EXPECT_LT(c.error, m.max_error) << m.name;
+  EXPECT_GE(c.top1, m.min_top1) << m.name;
+}
+
+ParamValues minference_params(const std::string& pattern) {
+  return params({{"search", std::string("off")}, {"default_pattern", pattern}, {"kernel_block", int64_t{16}},
+                 {"vertical", int64_t{40}}, {"slash", int64_t{60}}, {"last_q", int64_t{32}},
+                 {"n_init", int64_t{16}}, {"n_local", int64_t{48}}, {"block_top_k", int64_t{5}}});
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Patterns, CudaMInference,
+    ::testing::Values(KvMethodCase{"stream_llm", "minference", minference_params("stream_llm"), 1e-2, 0.95},
+                      KvMethodCase{"vertical_and_slash", "minference", minference_params("vertical_and_slash"), 5e-2,
+                                   0.85},
+                      KvMethodCase{"block_sparse", "minference", minference_params("block_sparse"), 5e-2, 0.85}),
+    [](const auto& info) { return info.param.name; });
+
 // The device's selection by key bound (page_bounds.cu) picks what a method
 // computing the bounds itself from the (downloaded) keys picks, on the same
 // backend, through eviction and a cloned sequence: same pages, same logits.

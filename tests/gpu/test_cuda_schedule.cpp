@@ -235,8 +235,8 @@ TEST(CudaSchedule, CountersEqualTheCpuBackends) {
   }
 }
 
-// Prefill patterns of block sizes 8 and 4 on different heads, refined to one
-// block plan by the schedule, run through the block-sparse kernel as on the CPU.
+// Prefill patterns of block sizes 8 and 4 on different heads, each head's plan
+// at its own block size, run through the sparse prefill kernel as on the CPU.
 TEST(CudaSchedule, MixedBlockSizesGiveTheCpuLogits) {
   INFERLAB_REQUIRE_GPU();
   auto model = small_model();

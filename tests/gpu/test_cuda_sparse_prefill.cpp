@@ -1,15 +1,20 @@
 // MInference's index estimation on the device (cuda/sparse_prefill.cuh)
 // against its CPU twins (cpu/sparse_prefill.h): vertical-slash scores from a
 // paged f16/bf16/f32 cache (GQA, two kv heads holding different counts, the
-// call's last rows), and the segmented top-k with ties, NaNs and always-kept
-// entries (exact, same indices).
+// call's last rows), pooled block scores at two block sizes, the segmented
+// top-k with ties, NaNs and always-kept entries (exact, same indices), and the
+// device plan build against SparsePlanBuilder (exact: same ranges, columns
+// and keys read).
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <numeric>
+#include <random>
 #include <string>
 #include <vector>
 
 #include "cpu/sparse_prefill.h"
+#include "engine/plans.h"
 #include "cuda/sparse_prefill.cuh"
 #include "gpu_kernel_support.h"
 #include "gpu_test_support.h"
@@ -146,6 +151,203 @@ TEST(CudaTopKSegments, SameIndicesAsTheTwin) {
                                    out.begin() + int64_t(s) * out_stride + count[size_t(s)]);
     EXPECT_EQ(got, want);
   }
+}
+
+TEST(CudaBlockScores, MatchTheTwin) {
+  INFERLAB_REQUIRE_GPU();
+  const int32_t n_heads = 4, n_kv = 2, ps = 16, hd = 64, call_rows = 45;
+  const std::vector<int32_t> stored = {150, 97};  // per kv head: 105 and 52 cached (unaligned to the blocks)
+  const int32_t pages_per_head = (150 + ps - 1) / ps, n_pool = 2 * pages_per_head + 3;
+  MirrorPool pool(DType::F16, n_pool, ps, hd, 71);
+  const auto order = shuffled_ids(n_pool, 72);
+  std::vector<int32_t> table(size_t(n_kv * pages_per_head));
+  for (size_t j = 0; j < table.size(); ++j) table[j] = order[j];
+  const std::vector<int32_t> n_cached = {stored[0] - call_rows, stored[1] - call_rows};
+  const auto q = random_floats(size_t(call_rows * n_heads * hd), 73);
+  const std::vector<int32_t> heads = {1, 2}, block_size = {16, 5};
+  std::vector<int32_t> segment_at, n_qb, n_kb;
+  int32_t segments = 0, max_kb = 0, max_qb = 0;
+  for (size_t i = 0; i < heads.size(); ++i) {
+    const int32_t g = heads[i] / 2, bs = block_size[i];
+    n_qb.push_back((stored[size_t(g)] - 1) / bs - n_cached[size_t(g)] / bs + 1);
+    n_kb.push_back((stored[size_t(g)] + bs - 1) / bs);
+    segment_at.push_back(segments);
+    segments += n_qb.back();
+    max_kb = std::max(max_kb, n_kb.back());
+    max_qb = std::max(max_qb, n_qb.back());
+  }
+  const int32_t n_list = int32_t(heads.size());
+  DeviceBuffer<int32_t> d_table(table), d_cached(n_cached), d_heads(heads), d_bs(block_size), d_at(segment_at);
+  DeviceBuffer<float> d_q(q), d_pk(size_t(n_list * max_kb * hd)), d_pq(size_t(n_list * max_qb * hd));
+  DeviceBuffer<float> d_scores(std::vector<float>(size_t(segments * max_kb), -7.0f));
+  BlockScoresCall call;
+  call.kv = pool.device();
+  call.table = {d_table.get(), pages_per_head};
+  call.n_heads = n_heads;
+  call.n_kv_heads = n_kv;
+  call.head_dim = hd;
+  call.q = d_q.get();
+  call.call_rows = call_rows;
+  call.n_cached = d_cached.get();
+  call.n_list = n_list;
+  call.heads = d_heads.get();
+  call.block_size = d_bs.get();
+  call.segment_at = d_at.get();
+  call.max_kb = max_kb;
+  call.max_qb = max_qb;
+  call.pooled_k = d_pk.get();
+  call.pooled_q = d_pq.get();
+  call.scores = d_scores.get();
+  call.stride = max_kb;
+  ASSERT_EQ(cuda::block_scores(call, nullptr), cudaSuccess);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const auto scores = d_scores.download();
+  for (int32_t i = 0; i < n_list; ++i) {
+    SCOPED_TRACE("listed head " + std::to_string(heads[size_t(i)]));
+    const int32_t h = heads[size_t(i)], g = h / 2, bs = block_size[size_t(i)], n_keys = stored[size_t(g)];
+    std::vector<int32_t> page, slot;
+    for (int32_t t = 0; t < n_keys; ++t) {
+      page.push_back(table[size_t(g * pages_per_head + t / ps)]);
+      slot.push_back(t % ps);
+    }
+    const auto keys = pool.key_rows(false, page, slot);
+    const cpu::KvPageRef ref{keys.data(), keys.data(), n_keys};
+    std::vector<float> pk(size_t(n_kb[size_t(i)] * hd)), pq(size_t(n_qb[size_t(i)] * hd));
+    cpu::mean_pool_keys(&ref, 1, n_keys, hd, bs, pk.data());
+    cpu::mean_pool_rows(q.data() + int64_t(h) * hd, call_rows, int64_t(n_heads) * hd, n_cached[size_t(g)], hd, bs,
+                        pq.data());
+    std::vector<float> want, got;
+    for (int32_t b = 0; b < n_qb[size_t(i)]; ++b) {
+      const int32_t qb = n_cached[size_t(g)] / bs + b;
+      for (int32_t kb = 0; kb <= qb; ++kb) {
+        float dot = 0;
+        for (int32_t d = 0; d < hd; ++d) dot += pq[size_t(b * hd + d)] * pk[size_t(kb * hd + d)];
+        want.push_back(dot);
+        got.push_back(scores[size_t((segment_at[size_t(i)] + b) * max_kb + kb)]);
+      }
+    }
+    EXPECT_LT(normalized_error(got, want), 1e-5);
+  }
+}
+
+// Random kept indices for two vertical-slash heads and one block top-k head
+// (unaligned first rows, partial last blocks, diagonals past the rows,
+// columns inside slash ranges): the device plan equals SparsePlanBuilder's.
+TEST(CudaSparsePlanBuild, SameRangesColumnsAndKeysReadAsTheBuilder) {
+  INFERLAB_REQUIRE_GPU();
+  struct Head {
+    int32_t kind, bs, row_begin, row_end;
+    std::vector<int32_t> columns, diagonals;     // VerticalSlash
+    std::vector<std::vector<int32_t>> key_blocks;  // BlockTopK, per block
+  };
+  std::mt19937_64 rng(81);
+  auto pick = [&](int32_t n, int32_t k) {
+    std::vector<int32_t> all(static_cast<size_t>(n));
+    std::iota(all.begin(), all.end(), 0);
+    std::shuffle(all.begin(), all.end(), rng);
+    all.resize(size_t(std::min(n, k)));
+    std::sort(all.begin(), all.end());
+    return all;
+  };
+  std::vector<Head> heads = {{1, 64, 37, 700, pick(700, 40), pick(700, 60), {}},
+                             {1, 16, 0, 333, pick(333, 5), pick(333, 120), {}},
+                             {2, 32, 100, 509, {}, {}, {}}};
+  for (int32_t qb = 100 / 32; qb * 32 < 509; ++qb) heads[2].key_blocks.push_back(pick(qb + 1, 6));
+
+  // The builder's plan (CPU twin).
+  SparsePlanBuilder builder(int32_t(heads.size()));
+  std::vector<std::pair<int32_t, int32_t>> ranges;
+  for (size_t h = 0; h < heads.size(); ++h) {
+    const Head& x = heads[h];
+    builder.begin_head(int32_t(h), x.bs, x.row_begin, x.row_end);
+    for (int32_t qb = x.row_begin / x.bs, j = 0; qb * x.bs < x.row_end; ++qb, ++j) {
+      ranges.clear();
+      if (x.kind == 1) {
+        slash_ranges(x.diagonals, qb * x.bs, qb * x.bs + x.bs, ranges);
+        builder.add_block(ranges, x.columns);
+      } else {
+        for (int32_t kb : x.key_blocks[size_t(j)]) ranges.emplace_back(kb * x.bs, kb * x.bs + x.bs);
+        builder.add_block(ranges, {});
+      }
+    }
+  }
+  const SparsePlan want = builder.finish();
+
+  // The device build from the same indices.
+  std::vector<int32_t> indices;
+  std::vector<SparseBuildHead> build;
+  std::vector<size_t> columns_at, diagonals_at, blocks_at, counts_at;
+  int32_t blocks = 0, pairs = 0, cols = 0, max_blocks = 0;
+  for (const Head& x : heads) {
+    SparseBuildHead b;
+    b.kind = x.kind;
+    b.block_size = x.bs;
+    b.first_block = x.row_begin / x.bs;
+    b.n_blocks = (x.row_end - 1) / x.bs - b.first_block + 1;
+    b.at = blocks;
+    b.row_begin = x.row_begin;
+    b.row_end = x.row_end;
+    b.range_base = pairs;
+    b.range_room = x.kind == 1 ? int32_t(x.diagonals.size()) : 6;
+    b.column_base = cols;
+    b.column_room = x.kind == 1 ? int32_t(x.columns.size()) : 0;
+    b.n_columns = int32_t(x.columns.size());
+    b.n_diagonals = int32_t(x.diagonals.size());
+    b.key_block_stride = 6;
+    columns_at.push_back(indices.size());
+    indices.insert(indices.end(), x.columns.begin(), x.columns.end());
+    diagonals_at.push_back(indices.size());
+    indices.insert(indices.end(), x.diagonals.begin(), x.diagonals.end());
+    blocks_at.push_back(indices.size());
+    for (const auto& kbs : x.key_blocks) {
+      indices.insert(indices.end(), kbs.begin(), kbs.end());
+      indices.insert(indices.end(), size_t(6) - kbs.size(), -1);
+    }
+    counts_at.push_back(indices.size());
+    for (const auto& kbs : x.key_blocks) indices.push_back(int32_t(kbs.size()));
+    blocks += b.n_blocks;
+    max_blocks = std::max(max_blocks, b.n_blocks);
+    pairs += b.n_blocks * b.range_room;
+    cols += b.n_blocks * b.column_room;
+    build.push_back(b);
+  }
+  DeviceBuffer<int32_t> d_indices(indices);
+  for (size_t h = 0; h < build.size(); ++h) {
+    build[h].columns = d_indices.get() + columns_at[h];
+    build[h].diagonals = d_indices.get() + diagonals_at[h];
+    build[h].key_blocks = d_indices.get() + blocks_at[h];
+    build[h].key_block_count = d_indices.get() + counts_at[h];
+  }
+  DeviceBuffer<SparseBuildHead> d_build(build);
+  DeviceBuffer<int32_t> d_bounds(size_t(4 * blocks)), d_ranges(size_t(2 * pairs)), d_columns(size_t(std::max(cols, 1)));
+  DeviceBuffer<unsigned long long> d_reads(std::vector<unsigned long long>{0});
+  SparseBuildCall call;
+  call.n_list = int32_t(build.size());
+  call.heads = d_build.get();
+  call.max_blocks = max_blocks;
+  call.range_begin = d_bounds.get();
+  call.range_end = d_bounds.get() + blocks;
+  call.column_begin = d_bounds.get() + 2 * blocks;
+  call.column_end = d_bounds.get() + 3 * blocks;
+  call.ranges = d_ranges.get();
+  call.columns = d_columns.get();
+  call.keys_read = d_reads.get();
+  ASSERT_EQ(cuda::build_sparse_plan(call, nullptr), cudaSuccess);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const auto bounds = d_bounds.download(), got_ranges = d_ranges.download(), got_columns = d_columns.download();
+  EXPECT_EQ(int64_t(d_reads.download()[0]), want.keys_read);
+  for (size_t h = 0; h < build.size(); ++h)
+    for (int32_t j = 0; j < build[h].n_blocks; ++j) {
+      SCOPED_TRACE("head " + std::to_string(h) + " block " + std::to_string(j));
+      const int32_t b = build[h].at + j, qb = build[h].first_block + j;
+      const std::vector<int32_t> r(got_ranges.begin() + 2 * bounds[size_t(b)],
+                                   got_ranges.begin() + 2 * bounds[size_t(blocks + b)]);
+      const std::vector<int32_t> c(got_columns.begin() + bounds[size_t(2 * blocks + b)],
+                                   got_columns.begin() + bounds[size_t(3 * blocks + b)]);
+      const auto wr = want.block_ranges(int32_t(h), qb), wc = want.block_columns(int32_t(h), qb);
+      EXPECT_EQ(r, std::vector<int32_t>(wr.begin(), wr.end()));
+      EXPECT_EQ(c, std::vector<int32_t>(wc.begin(), wc.end()));
+    }
 }
 
 }  // namespace

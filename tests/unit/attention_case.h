@@ -35,9 +35,9 @@ struct AttentionSpec {
   Select select = Select::None;
   bool head_selects = false;  // each listed entry is read by a random non-empty subset of its group (select_heads)
   bool head_mask = false;
-  bool block_sparse = false;  // even query heads get a random block pattern
+  bool block_sparse = false;  // even query heads get a random sparse plan (ranges and columns per query block)
   int32_t block_size = 4;
-  double block_density = 0.5;
+  double block_density = 0.5;  // chance of each candidate range and column
   bool stats = false;
   uint64_t seed = 1;
 
@@ -69,9 +69,8 @@ struct AttentionCase {
   std::vector<int32_t> select_indptr, select_index;
   std::vector<uint32_t> select_heads;  // beside select_index, empty: none
   std::vector<uint8_t> head_active;   // (n_heads), empty: none
-  std::vector<uint8_t> block_sparse;  // (n_heads), empty: none
-  int32_t n_query_blocks = 0;
-  std::vector<int32_t> block_indptr, block_keys;
+  std::vector<kernels::SparseHead> sparse_heads;  // (n_heads), empty: none
+  std::vector<int32_t> range_begin, range_end, ranges, column_begin, column_end, columns;
   std::vector<float> key_mass;     // (n_kv_heads, mass_stride), empty: no stats
   int32_t mass_stride = 0;
 
@@ -95,11 +94,8 @@ struct AttentionCase {
     c.select_index = ptr(select_index);
     c.select_heads = ptr(select_heads);
     c.head_active = ptr(head_active);
-    c.block_sparse = ptr(block_sparse);
-    c.block_size = spec.block_size;
-    c.n_query_blocks = n_query_blocks;
-    c.block_indptr = ptr(block_indptr);
-    c.block_keys = ptr(block_keys);
+    c.sparse = {ptr(sparse_heads), ptr(range_begin), ptr(range_end), ptr(ranges),
+                ptr(column_begin), ptr(column_end), ptr(columns)};
     c.key_mass = key_mass.empty() ? nullptr : key_mass.data();
     c.mass_stride = mass_stride;
     return c;
@@ -167,26 +163,64 @@ inline void fill_selection(AttentionCase& c, std::mt19937_64& rng) {
   }
 }
 
-// Block patterns: each (query block, key block <= query block) pair listed with
-// probability block_density; query head 0's first query block lists nothing,
-// so its first rows see no key.
-inline void fill_block_pattern(AttentionCase& c, std::mt19937_64& rng) {
+// Sparse plans on the even query heads: per query block of the call, up to
+// three key ranges at any offset (overlaps merged) and up to six single
+// columns outside them, each with probability block_density; query head 0's
+// first query block lists nothing, so its first rows see no key. Each block's
+// ranges and columns are followed by a poison entry (every key, or a column
+// not listed) that a kernel reading past a block's end would take.
+inline void fill_sparse_plan(AttentionCase& c, std::mt19937_64& rng) {
   const AttentionSpec& s = c.spec;
   if (!s.block_sparse) return;
-  const int32_t bs = s.block_size;
-  c.n_query_blocks = (c.max_stored + bs - 1) / bs;
+  const int32_t bs = s.block_size, group = s.n_heads / s.n_kv_heads;
   std::bernoulli_distribution pick(s.block_density);
-  const int32_t empty_qb = c.n_cached[0] / bs;
-  c.block_indptr.push_back(0);
+  int32_t blocks = 0;
   for (int32_t h = 0; h < s.n_heads; ++h) {
-    const bool sparse = h % 2 == 0;
-    c.block_sparse.push_back(sparse ? 1 : 0);
-    for (int32_t qb = 0; qb < c.n_query_blocks; ++qb) {
-      for (int32_t kb = 0; sparse && kb <= qb; ++kb)
-        if (pick(rng) && !(h == 0 && qb == empty_qb)) c.block_keys.push_back(kb);
-      c.block_indptr.push_back(int32_t(c.block_keys.size()));
+    kernels::SparseHead head;
+    if (h % 2 == 0) {
+      const int32_t cached = c.n_cached[size_t(h / group)], stored = cached + s.n_rows;
+      head = {bs, cached / bs, (stored - 1) / bs - cached / bs + 1, blocks};
+      for (int32_t i = 0; i < head.n_blocks; ++i) {
+        const int32_t q0 = (head.first_block + i) * bs, q1 = std::min(q0 + bs, stored);
+        std::vector<std::pair<int32_t, int32_t>> r;
+        std::vector<int32_t> cols;
+        if (!(h == 0 && i == 0)) {
+          for (int k = 0; k < 3; ++k)
+            if (pick(rng)) {
+              const int32_t b = std::uniform_int_distribution<int32_t>(0, q1 - 1)(rng);
+              r.emplace_back(b, std::min(q1, b + std::uniform_int_distribution<int32_t>(1, 2 * bs + 3)(rng)));
+            }
+          std::sort(r.begin(), r.end());
+          std::vector<std::pair<int32_t, int32_t>> merged;
+          for (const auto& x : r)
+            if (!merged.empty() && x.first <= merged.back().second) merged.back().second = std::max(merged.back().second, x.second);
+            else merged.push_back(x);
+          r = merged;
+          for (int k = 0; k < 6; ++k)
+            if (pick(rng)) {
+              const int32_t t = std::uniform_int_distribution<int32_t>(0, q1 - 1)(rng);
+              if (std::none_of(r.begin(), r.end(), [&](const auto& x) { return x.first <= t && t < x.second; }))
+                cols.push_back(t);
+            }
+          std::sort(cols.begin(), cols.end());
+          cols.erase(std::unique(cols.begin(), cols.end()), cols.end());
+        }
+        c.range_begin.push_back(int32_t(c.ranges.size() / 2));
+        for (const auto& x : r) c.ranges.insert(c.ranges.end(), {x.first, x.second});
+        c.range_end.push_back(int32_t(c.ranges.size() / 2));
+        c.ranges.insert(c.ranges.end(), {0, 1 << 30});  // poison
+        c.column_begin.push_back(int32_t(c.columns.size()));
+        c.columns.insert(c.columns.end(), cols.begin(), cols.end());
+        c.column_end.push_back(int32_t(c.columns.size()));
+        int32_t poison = 0;
+        while (poison < q1 && (std::count(cols.begin(), cols.end(), poison) != 0 ||
+                               std::any_of(r.begin(), r.end(), [&](const auto& x) { return x.first <= poison && poison < x.second; })))
+          ++poison;
+        c.columns.push_back(poison);
+      }
+      blocks += head.n_blocks;
     }
-    if (h + 1 < s.n_heads) c.block_indptr.push_back(int32_t(c.block_keys.size()));
+    c.sparse_heads.push_back(head);
   }
 }
 
@@ -252,7 +286,7 @@ inline AttentionCase make_attention_case(const AttentionSpec& s) {
     std::bernoulli_distribution on(0.6);
     for (int32_t h = 0; h < s.n_heads; ++h) c.head_active.push_back(h == 0 ? 0 : h == 1 ? 1 : on(rng) ? 1 : 0);
   }
-  fill_block_pattern(c, rng);
+  fill_sparse_plan(c, rng);
   if (s.stats) {
     c.mass_stride = c.max_stored + 3;
     c.key_mass.assign(size_t(s.n_kv_heads) * size_t(c.mass_stride), 0.0f);

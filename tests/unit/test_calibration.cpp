@@ -37,8 +37,8 @@ class Recorder final : public Method {
     r.sample = t.sample, r.layer = t.layer, r.n_tokens = t.n_tokens;
     r.tokens.assign(t.tokens.begin(), t.tokens.end());
     for (auto [to, from] : {std::pair{&r.hidden_in, t.hidden_in}, {&r.queries, t.queries}, {&r.keys, t.keys},
-                            {&r.attention_out, t.attention_out}, {&r.ffn_activation, t.ffn_activation},
-                            {&r.logits, t.logits}})
+                            {&r.values, t.values}, {&r.attention_out, t.attention_out},
+                            {&r.ffn_activation, t.ffn_activation}, {&r.logits, t.logits}})
       to->assign(from.begin(), from.end());
     records.push_back(std::move(r));
   }
@@ -56,7 +56,7 @@ class Recorder final : public Method {
   struct Record {
     int32_t sample, layer, n_tokens;
     std::vector<int32_t> tokens;
-    std::vector<float> hidden_in, queries, keys, attention_out, ffn_activation, logits;
+    std::vector<float> hidden_in, queries, keys, values, attention_out, ffn_activation, logits;
   };
   std::vector<Record> records;
   std::vector<float> embedding;
@@ -75,7 +75,8 @@ TEST(Calibration, TapsAreTheDenseForwardsOwnIntermediates) {
   auto engine = cpu_engine();
   ASSERT_NE(engine, nullptr);
   const auto corpus = write_corpus();
-  const uint32_t all = kTapHiddenIn | kTapQueries | kTapKeys | kTapAttentionOut | kTapFfnActivation | kTapLogits;
+  const uint32_t all =
+      kTapHiddenIn | kTapQueries | kTapKeys | kTapValues | kTapAttentionOut | kTapFfnActivation | kTapLogits;
   Recorder method(CalibrationRequest{corpus.string(), 2, 12, all});
   const auto root = test::temp_path("calibration-taps");
   auto prepared = prepare_method(method, recorder_entry(), {}, *engine, root);
@@ -104,6 +105,7 @@ TEST(Calibration, TapsAreTheDenseForwardsOwnIntermediates) {
     EXPECT_EQ(r.hidden_in.size(), n * size_t(c.n_embd));
     EXPECT_EQ(r.queries.size(), n * size_t(c.q_dim()));
     EXPECT_EQ(r.keys.size(), n * size_t(c.kv_dim()));
+    EXPECT_EQ(r.values.size(), n * size_t(c.kv_dim()));
     EXPECT_EQ(r.attention_out.size(), n * size_t(c.q_dim()));
     EXPECT_EQ(r.ffn_activation.size(), n * size_t(c.n_ff));
     EXPECT_TRUE(r.logits.empty());
@@ -134,7 +136,36 @@ TEST(Calibration, TapsAreTheDenseForwardsOwnIntermediates) {
   ASSERT_EQ(hidden_only.records.size(), size_t(c.n_layers));
   for (const auto& r : hidden_only.records) {
     EXPECT_EQ(r.hidden_in.size(), 8u * size_t(c.n_embd));
-    EXPECT_TRUE(r.queries.empty() && r.keys.empty() && r.attention_out.empty() && r.ffn_activation.empty());
+    EXPECT_TRUE(r.queries.empty() && r.keys.empty() && r.values.empty() && r.attention_out.empty() &&
+                r.ffn_activation.empty());
+  }
+}
+
+// The keys and values taps are the rows the forward stores: each equals what a
+// dense forward of the same tokens leaves in the cache (keys rotated, values not).
+TEST(Calibration, KeysAndValuesTapsAreTheRowsTheCacheStores) {
+  auto engine = cpu_engine();
+  ASSERT_NE(engine, nullptr);
+  Recorder method(CalibrationRequest{write_corpus().string(), 1, 12, kTapKeys | kTapValues});
+  ASSERT_TRUE(prepare_method(method, recorder_entry(), {}, *engine, test::temp_path("calibration-values")).ok());
+  const ModelConfig& c = engine->config();
+  ASSERT_EQ(method.records.size(), size_t(c.n_layers));
+  auto seq = engine->new_sequence();
+  ASSERT_TRUE(engine->forward(*seq, method.records[0].tokens, 12, [](int64_t, std::span<const float>) {}).ok());
+  const size_t kv = size_t(c.kv_dim()), hd = size_t(c.head_dim);
+  for (const auto& r : method.records) {
+    ASSERT_EQ(r.values.size(), 12 * kv);
+    ASSERT_EQ(r.keys.size(), 12 * kv);
+    EXPECT_TRUE(r.queries.empty());
+    EXPECT_NE(r.values, r.keys);
+    for (int32_t g = 0; g < c.n_kv_heads; ++g)
+      for (int32_t t = 0; t < 12; ++t)
+        for (size_t d = 0; d < hd; ++d) {
+          ASSERT_EQ(r.values[size_t(t) * kv + size_t(g) * hd + d], seq->v_row(r.layer, g, t)[d])
+              << "layer " << r.layer << " kv head " << g << " token " << t;
+          ASSERT_EQ(r.keys[size_t(t) * kv + size_t(g) * hd + d], seq->k_row(r.layer, g, t)[d])
+              << "layer " << r.layer << " kv head " << g << " token " << t;
+        }
   }
 }
 

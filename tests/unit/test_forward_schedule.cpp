@@ -166,27 +166,35 @@ TEST(TrafficCounters, EveryMethodCountsKeysPagesAndBytesFromItsPlan) {
   EXPECT_EQ(engine->counters().as_map().at("decode_kv_bytes_read"), double((4 + 3) * heads * 2 * c.head_dim * 4));
 }
 
-TEST(BlockPlan, PatternsOfDifferentBlockSizesAreRefinedToOne) {
-  PrefillPattern coarse{8, {{0, 0}, {1, 0}, {1, 1}}}, fine{4, {{0, 0}, {2, 0}, {3, 2}, {3, 3}}};
-  const BlockPlan plan = make_block_plan({coarse, std::nullopt, fine}, 16);
-  EXPECT_EQ(plan.block_size, 4);
-  EXPECT_EQ(plan.n_query_blocks, 4);
-  auto blocks = [&](int32_t head, int32_t self) {
-    const auto s = plan.key_blocks(head, self);
+TEST(SparsePlan, EachHeadKeepsItsOwnBlockSizeAndMergesAdjacentBlocks) {
+  const PrefillPattern coarse{8, {{0, 0}, {1, 0}, {1, 1}}}, fine{4, {{0, 0}, {2, 0}, {3, 2}, {3, 3}}};
+  SparsePlanBuilder builder(3);
+  std::vector<std::pair<int32_t, int32_t>> ranges;
+  for (auto [head, pattern] : {std::pair{0, &coarse}, std::pair{2, &fine}}) {
+    builder.begin_head(head, pattern->block_size, 0, 16);
+    for (int32_t qb = 0; qb * pattern->block_size < 16; ++qb) {
+      ranges.clear();
+      pattern_block_ranges(*pattern, qb, ranges);
+      builder.add_block(ranges, {});
+    }
+  }
+  const SparsePlan plan = builder.finish();
+  auto at = [&](int32_t head, int32_t qb) {
+    const auto s = plan.block_ranges(head, qb);
     return std::vector<int32_t>(s.begin(), s.end());
   };
-  // The coarse pattern's block (1, 0) at 8 = sub-blocks (2|3, 0|1) at 4; (0, 0) = (0, 0), (1, 0), (1, 1).
-  EXPECT_EQ(blocks(0, 5), (std::vector<int32_t>{0, 1}));
-  EXPECT_EQ(blocks(0, 9), (std::vector<int32_t>{0, 1, 2}));
-  EXPECT_EQ(blocks(0, 15), (std::vector<int32_t>{0, 1, 2, 3}));
-  EXPECT_TRUE(blocks(1, 15).empty());  // a dense head is not in the plan
-  EXPECT_EQ(blocks(2, 9), (std::vector<int32_t>{0}));
-  EXPECT_EQ(blocks(2, 13), (std::vector<int32_t>{2, 3}));
+  EXPECT_EQ(at(0, 0), (std::vector<int32_t>{0, 8}));
+  EXPECT_EQ(at(0, 1), (std::vector<int32_t>{0, 16}));  // key blocks 0 and 1 at 8: one range
+  EXPECT_FALSE(plan.sparse(1));                        // a dense head is not in the plan
+  EXPECT_EQ(at(2, 1), (std::vector<int32_t>{}));
+  EXPECT_EQ(at(2, 2), (std::vector<int32_t>{0, 4}));
+  EXPECT_EQ(at(2, 3), (std::vector<int32_t>{8, 16}));
+  EXPECT_EQ(plan.keys_causal, 2 * (16 * 17 / 2));
 }
 
 // Patterns at block sizes 8 and 4 on different heads give what the same
 // patterns written at 4 give.
-TEST(BlockPlan, MixedBlockSizesGiveTheLogitsOfTheRefinedPatterns) {
+TEST(SparsePlan, MixedBlockSizesGiveTheLogitsOfTheRefinedPatterns) {
   const auto tokens = test::random_tokens(model()->config().n_vocab, 40, 6);
   std::vector<float> logits[2];
   for (int refined = 0; refined < 2; ++refined) {

@@ -29,7 +29,7 @@
 
 namespace inferlab {
 
-inline constexpr int32_t kPluginAbiVersion = 6;
+inline constexpr int32_t kPluginAbiVersion = 7;
 
 // Hooks, as bits of PluginInfo::hooks (docs/architecture.md has the table).
 enum PluginHook : uint32_t {
@@ -319,6 +319,7 @@ enum CalibrationTap : uint32_t {
   kTapAttentionOut = 1u << 3,    // attention output per head, before W_o (n_tokens, n_heads * head_dim)
   kTapFfnActivation = 1u << 4,   // silu(gate) * up (n_tokens, n_ff)
   kTapLogits = 1u << 5,          // every row's logits (n_tokens, n_vocab), after the last layer
+  kTapValues = 1u << 6,          // values, as cached (n_tokens, n_kv_heads * head_dim)
 };
 struct CalibrationRequest {
   std::string corpus = "kjv";  // "kv_retrieval" (built in: random UUID key-value JSON), or a text file path
@@ -334,6 +335,7 @@ struct CalibrationTaps {
   int32_t n_tokens = 0;
   std::span<const int32_t> tokens;
   std::span<const float> hidden_in, queries, keys, attention_out, ffn_activation, logits;
+  std::span<const float> values;
 };
 
 // Which positions RoPE gives the keys and queries of a sequence.

@@ -35,7 +35,6 @@ enum class Feature : int32_t {
   PageSelection,        // a key plan lists pages
   BoundSelection,       // pages selected by key bound on the device (page_budget)
   QueryHeadSelection,   // keys selected per query head of a group, the kv head reading their union
-  BlockSparsePrefill,   // a block plan (prefill_pattern, kind blocks)
   SparsePrefill,        // a sparse plan of every kind: estimated indices, ranges and columns (plan_sparse_prefill)
   AttentionStatistics,  // key mass and head output norms delivered to the host (on_attention)
   Eviction,             // compaction of a head's stored tokens (evict)
@@ -71,6 +70,7 @@ enum class Tap : int32_t {
   Keys,           // after RoPE (n, kv_dim)
   AttentionOut,   // per head, before the output projection (n, q_dim)
   FfnActivation,  // silu(gate) * up (n, n_ff)
+  Values,         // the call's V rows before they are appended (n, kv_dim)
 };
 
 // Which normalization feeds the next projections (the output norm is part of

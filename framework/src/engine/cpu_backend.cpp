@@ -349,6 +349,7 @@ Status CpuBackend::read_tap(Tap tap, std::vector<float>& out) {
     case Tap::Keys: take(k_, c.kv_dim()); break;
     case Tap::AttentionOut: take(attn_, c.q_dim()); break;
     case Tap::FfnActivation: take(gate_, c.n_ff); break;  // swiglu wrote it over gate
+    case Tap::Values: take(v_, c.kv_dim()); break;
   }
   return ok_status();
 }

@@ -46,7 +46,6 @@ const char* feature_name(Feature f) {
     case Feature::PageSelection: return "decode selection of pages";
     case Feature::BoundSelection: return "page selection by key bound";
     case Feature::QueryHeadSelection: return "key selection per query head";
-    case Feature::BlockSparsePrefill: return "block-sparse prefill";
     case Feature::SparsePrefill: return "sparse prefill (estimated, ranges and columns)";
     case Feature::AttentionStatistics: return "attention statistics on the host";
     case Feature::Eviction: return "KV eviction";
@@ -274,7 +273,7 @@ std::vector<Feature> method_features(const Method& method, uint32_t hooks) {
   };
   need(kHookDecodeSelection, {Feature::TokenSelection, Feature::PageSelection});
   need(kHookPageBudget, {Feature::BoundSelection});
-  need(kHookPrefillPattern, {Feature::BlockSparsePrefill});
+  need(kHookPrefillPattern, {Feature::SparsePrefill});
   need(kHookAttentionFeedback, {Feature::AttentionStatistics});
   need(kHookEviction, {Feature::Eviction});
   need(kHookLayerPlan, {Feature::LayerSkip});

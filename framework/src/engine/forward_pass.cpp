@@ -196,7 +196,7 @@ Status ForwardPass::tap(Tap which, uint32_t bit, std::vector<float>& out) {
 Status ForwardPass::run_layer(int32_t l) {
   ComponentMask mask;
   const ComponentMask* active = nullptr;
-  std::vector<float> hidden_in, queries, key_rows, attention_out, ffn_activation;  // taps, when observed
+  std::vector<float> hidden_in, queries, key_rows, value_rows, attention_out, ffn_activation;  // taps, when observed
   if (auto s = tap(Tap::HiddenIn, kTapHiddenIn, hidden_in); !s) return s;
   if (auto s = decide_mask(l, mask, active); !s) return s;
   if (auto s = backend_.rmsnorm(Norm::Attention, l); !s) return s;
@@ -205,6 +205,7 @@ Status ForwardPass::run_layer(int32_t l) {
   if (auto s = backend_.rope(seq_, l, true); !s) return s;
   if (auto s = tap(Tap::Queries, kTapQueries, queries); !s) return s;
   if (auto s = tap(Tap::Keys, kTapKeys, key_rows); !s) return s;
+  if (auto s = tap(Tap::Values, kTapValues, value_rows); !s) return s;
 
   KeyPlan decided;
   KeyPlan& keys = staged_.empty() ? decided : staged_[size_t(l)];
@@ -218,11 +219,10 @@ Status ForwardPass::run_layer(int32_t l) {
     count_keys(keys);
   }
   if (auto s = backend_.append_kv(seq_, l); !s) return s;
-  BlockPlan blocks;
   SparsePlan sparse;
-  if (auto s = decide_sparse(l, keys, blocks, sparse); !s) return s;
+  if (auto s = decide_sparse(l, keys, sparse); !s) return s;
   const bool statistics_wanted = method_.has(kHookAttentionFeedback) || method_.has(kHookRetention);
-  if (auto s = backend_.attention(seq_, LayerAttention{l, &keys, &blocks, &sparse, active, statistics_wanted}); !s)
+  if (auto s = backend_.attention(seq_, LayerAttention{l, &keys, &sparse, active, statistics_wanted}); !s)
     return s;
   if (active != nullptr && !capturing_)
     counters_.heads_skipped += std::count(active->heads.begin(), active->heads.end(), uint8_t{0});
@@ -238,7 +238,7 @@ Status ForwardPass::run_layer(int32_t l) {
   if (auto s = backend_.add_residual(); !s) return s;
   if (observer_ != nullptr)
     observer_->on_layer(CalibrationTaps{0, l, step_.n_tokens, tokens_, hidden_in, queries, key_rows, attention_out,
-                                        ffn_activation, {}});
+                                        ffn_activation, {}, value_rows});
   return ok_status();
 }
 
@@ -337,36 +337,25 @@ void ForwardPass::count_keys(const KeyPlan& plan) {
   }
 }
 
-Status ForwardPass::decide_sparse(int32_t l, const KeyPlan& keys, BlockPlan& blocks, SparsePlan& sparse) {
+Status ForwardPass::decide_sparse(int32_t l, const KeyPlan& keys, SparsePlan& sparse) {
   if (!method_.has(kHookPrefillPattern) || step_.decode()) return ok_status();
   const int32_t gs = config_.group_size();
   std::vector<std::optional<PrefillPattern>> patterns(size_t(config_.n_heads));
-  bool any = false, explicit_only = true;
+  bool any = false;
   for (int32_t h = 0; h < config_.n_heads; ++h) {
     PrefillPattern pattern;
     if (!method_.method->prefill_pattern(step_, l, h, pattern)) continue;
     const bool selected = keys.mode[size_t(h / gs)] != kernels::KeySelect::All;
     if (auto s = normalize_prefill_pattern(pattern, l, h, selected); !s) return s;
-    explicit_only = explicit_only && pattern.kind == PrefillPattern::Kind::Blocks;
     patterns[size_t(h)] = std::move(pattern);
     ++counters_.sparse_prefill_heads;
     any = true;
   }
   if (!any) return ok_status();
-  if (backend_.supports(Feature::SparsePrefill)) {
-    if (auto s = backend_.plan_sparse_prefill(seq_, l, patterns, sparse); !s) return s;
-    counters_.sparse_prefill_keys_read += sparse.keys_read;
-    counters_.sparse_prefill_keys_causal += sparse.keys_causal;
-    counters_.sparse_plan_seconds += sparse.plan_seconds;
-    return ok_status();
-  }
-  if (!explicit_only)
-    return Error{fmt::format("the {} backend computes prefill patterns of kind blocks only (layer {} asks for "
-                             "estimated or A-shape patterns)",
-                             backend_.name(), l)};
-  int32_t stored = 0;  // this call's tokens are appended already
-  for (int32_t g = 0; g < config_.n_kv_heads; ++g) stored = std::max(stored, seq_.table(l, g).n_tokens());
-  blocks = make_block_plan(patterns, stored);
+  if (auto s = backend_.plan_sparse_prefill(seq_, l, patterns, sparse); !s) return s;
+  counters_.sparse_prefill_keys_read += sparse.keys_read;
+  counters_.sparse_prefill_keys_causal += sparse.keys_causal;
+  counters_.sparse_plan_seconds += sparse.plan_seconds;
   return ok_status();
 }
 

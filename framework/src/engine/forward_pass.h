@@ -53,9 +53,8 @@ class ForwardPass {
   Status decide_mask(int32_t layer, ComponentMask& mask, const ComponentMask*& active);
   Status decide_keys(int32_t layer, KeyPlan& plan);
   void plan_from_budgets(int32_t layer, KeyPlan& plan) const;
-  // The layer's sparse prefill: a SparsePlan where the backend builds one, else
-  // a BlockPlan (explicit block patterns only).
-  Status decide_sparse(int32_t layer, const KeyPlan& keys, BlockPlan& blocks, SparsePlan& sparse);
+  // The layer's sparse prefill plan, built by the backend from the heads' patterns.
+  Status decide_sparse(int32_t layer, const KeyPlan& keys, SparsePlan& sparse);
   Status statistics(int32_t layer);
   Status retain(int32_t layer);
   Status evict(int32_t layer);

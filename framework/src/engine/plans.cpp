@@ -47,49 +47,6 @@ HeadTraffic head_traffic(const KeyPlan& plan, int32_t g, int32_t ps) {
   return {};
 }
 
-std::span<const int32_t> BlockPlan::key_blocks(int32_t head, int32_t self) const {
-  const int32_t qb = self / block_size;
-  if (!active() || sparse[size_t(head)] == 0 || qb >= n_query_blocks) return {};
-  const size_t row = size_t(head) * size_t(n_query_blocks + 1) + size_t(qb);
-  return {keys.data() + indptr[row], size_t(indptr[row + 1] - indptr[row])};
-}
-
-BlockPlan make_block_plan(const std::vector<std::optional<PrefillPattern>>& patterns, int32_t stored) {
-  BlockPlan plan;
-  int32_t size = 0;
-  for (const auto& p : patterns)
-    if (p) size = std::gcd(size, p->block_size);
-  if (size == 0) return plan;
-  // A pattern at block size f * size is the same pattern at `size` with each
-  // pair split into f x f finer pairs (causality still applies inside blocks);
-  // finer key blocks past their query block hold only future keys: dropped.
-  plan.block_size = size;
-  plan.n_query_blocks = (stored + size - 1) / size;
-  const int32_t n_qb = plan.n_query_blocks;
-  plan.sparse.assign(patterns.size(), 0);
-  std::vector<std::vector<int32_t>> rows(static_cast<size_t>(n_qb));
-  for (size_t h = 0; h < patterns.size(); ++h) {
-    const auto& p = patterns[h];
-    plan.sparse[h] = p.has_value();
-    for (auto& r : rows) r.clear();
-    if (p) {
-      const int32_t f = p->block_size / size;
-      for (const auto& [qb, kb] : p->blocks)
-        for (int32_t qs = qb * f; qs < std::min(n_qb, qb * f + f); ++qs)
-          for (int32_t ks = kb * f; ks < kb * f + f && ks <= qs; ++ks) rows[size_t(qs)].push_back(ks);
-    }
-    for (int32_t qs = 0; qs <= n_qb; ++qs) {
-      plan.indptr.push_back(int32_t(plan.keys.size()));
-      if (qs == n_qb) break;
-      auto& r = rows[size_t(qs)];
-      std::sort(r.begin(), r.end());
-      r.erase(std::unique(r.begin(), r.end()), r.end());
-      plan.keys.insert(plan.keys.end(), r.begin(), r.end());
-    }
-  }
-  return plan;
-}
-
 // Index of (head, qb) in the per-block arrays, or -1 when the plan has no such block.
 int64_t SparsePlan::block_index(int32_t head, int32_t qb) const {
   const Head& h = heads[size_t(head)];
@@ -149,13 +106,8 @@ void SparsePlanBuilder::add_block(std::vector<std::pair<int32_t, int32_t>>& rang
   // Keys read by the block's rows [r0, r1): a range [b, e) gives row r
   // min(r + 1, e) - b keys when r >= b; a column c one key when r >= c.
   const int64_t r0 = std::max(q0, row_begin_), r1 = q1;
-  auto rows_reading = [&](int64_t b, int64_t e) {  // sum over rows of max(0, min(r + 1, e) - b)
-    int64_t sum = 0;
-    const int64_t lo = std::max(r0, b), hi = std::min(r1, e - 1);  // rows b <= r < e - 1 read r + 1 - b
-    if (hi > lo) sum += (hi - lo) * (lo + hi + 1 - 2 * b) / 2;
-    return sum + std::max<int64_t>(0, r1 - std::max(r0, e - 1)) * (e - b);
-  };
-  for (size_t i = first; i < plan_.ranges.size(); i += 2) plan_.keys_read += rows_reading(plan_.ranges[i], plan_.ranges[i + 1]);
+  for (size_t i = first; i < plan_.ranges.size(); i += 2)
+    plan_.keys_read += kernels::sparse_range_reads(r0, r1, plan_.ranges[i], plan_.ranges[i + 1]);
   size_t at = first;
   for (const int32_t c : columns) {
     if (c < 0) continue;
@@ -163,7 +115,7 @@ void SparsePlanBuilder::add_block(std::vector<std::pair<int32_t, int32_t>>& rang
     while (at < plan_.ranges.size() && plan_.ranges[at + 1] <= c) at += 2;
     if (at < plan_.ranges.size() && plan_.ranges[at] <= c) continue;  // inside a range
     plan_.columns.push_back(c);
-    plan_.keys_read += std::max<int64_t>(0, r1 - std::max<int64_t>(r0, c));
+    plan_.keys_read += kernels::sparse_range_reads(r0, r1, c, c + 1);
   }
   plan_.column_indptr.push_back(int32_t(plan_.columns.size()));
   for (int64_t r = r0; r < r1; ++r) plan_.keys_causal += r + 1;

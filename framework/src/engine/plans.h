@@ -1,6 +1,6 @@
 // What the forward schedule decides and a backend carries out: which cached
-// keys each kv head reads (KeyPlan), which prefill blocks each query head
-// computes (BlockPlan), and what a whole step will need (StepPlan). Plans are
+// keys each kv head reads (KeyPlan), which keys each query head's prefill rows
+// read (SparsePlan), and what a whole step will need (StepPlan). Plans are
 // host data in the CSR layouts the attention kernels read (kernel_types.h),
 // so a backend uploads them as they are.
 #pragma once
@@ -48,38 +48,16 @@ struct HeadTraffic {
 };
 HeadTraffic head_traffic(const KeyPlan& plan, int32_t kv_head, int32_t page_size);
 
-// Block-sparse prefill of one layer at one block size (the gcd of the heads'
-// patterns, each refined to it exactly). For query head h with sparse[h], the
-// key blocks its query block qb may read are
-// keys[indptr[h * (n_query_blocks + 1) + qb] .. indptr[... + qb + 1]).
-struct BlockPlan {
-  int32_t block_size = 0;  // 0: every head dense
-  int32_t n_query_blocks = 0;
-  std::vector<uint8_t> sparse;   // (n_heads)
-  std::vector<int32_t> indptr;   // (n_heads * (n_query_blocks + 1))
-  std::vector<int32_t> keys;
-
-  bool active() const { return block_size > 0; }
-  // The key blocks row `self` (a stored-token index) of head h may read.
-  std::span<const int32_t> key_blocks(int32_t head, int32_t self) const;
-};
-
-// Builds the block plan of one layer from the heads' patterns (nullopt: dense).
-// `stored` is the most tokens any kv head holds after this call's append.
-BlockPlan make_block_plan(const std::vector<std::optional<PrefillPattern>>& patterns, int32_t stored);
-
 // Sparse prefill of one layer (PrefillPattern), the form every kind takes: per
 // query head with a pattern, per query block of its block size that holds rows
 // of this call, ascending disjoint key ranges [begin, end) and ascending single
 // key columns outside them (stored-token indices). A row at stored position
 // `self` reads the listed keys <= self. Built by Backend::plan_sparse_prefill.
+// The CSR layout is kernels::SparseLayout's with begin = indptr and end =
+// indptr + 1. A backend that builds the plan where it computes (CUDA) leaves
+// the arrays empty and sets `device`; heads and the counters are filled.
 struct SparsePlan {
-  struct Head {
-    int32_t block_size = 0;   // 0: the head is dense
-    int32_t first_block = 0;  // its first query block (the one holding the call's first row)
-    int32_t n_blocks = 0;
-    int32_t at = 0;           // index of its first block in range_indptr / column_indptr
-  };
+  using Head = kernels::SparseHead;
   std::vector<Head> heads;            // (n_heads)
   std::vector<int32_t> range_indptr;  // (blocks + 1) ranges of `ranges` (pairs)
   std::vector<int32_t> ranges;        // begin, end, begin, end, ...
@@ -88,8 +66,9 @@ struct SparsePlan {
   int64_t keys_read = 0;    // sum over the sparse heads' rows of the keys they read
   int64_t keys_causal = 0;  // ... and of the keys a dense row reads (self + 1)
   double plan_seconds = 0;  // the backend's time to estimate and build it
+  bool device = false;      // built and kept by the backend (the arrays above are empty)
 
-  bool active() const { return !range_indptr.empty(); }
+  bool active() const { return device || !range_indptr.empty(); }
   bool sparse(int32_t head) const { return active() && heads[size_t(head)].block_size > 0; }
   // Query block qb (absolute) of head h: its ranges (pairs) and its columns.
   std::span<const int32_t> block_ranges(int32_t head, int32_t qb) const;
@@ -129,7 +108,6 @@ void slash_ranges(std::span<const int32_t> diagonals, int32_t q0, int32_t q1,
 struct LayerAttention {
   int32_t layer = 0;
   const KeyPlan* keys = nullptr;
-  const BlockPlan* blocks = nullptr;    // null or inactive: dense prefill (the CUDA backend's explicit blocks)
   const SparsePlan* sparse = nullptr;   // null or inactive: dense prefill (Feature::SparsePrefill)
   const ComponentMask* mask = nullptr;  // null: every head computed
   bool statistics = false;              // keep key mass and head norms for read_statistics

@@ -1,18 +1,22 @@
 // MInference: the pattern file in the reference's JSON layout (read, written,
 // refused when wrong), the patterns the plugin gives the engine per head, and
 // the engine results it leads to: dense when the budgets cover everything,
-// really sparse (keys read below the causal count) when they do not.
+// really sparse (keys read below the causal count) when they do not; the
+// offline searches (recall and output) against their definitions in double.
 #include <gtest/gtest.h>
 
 #include <filesystem>
 #include <fstream>
 #include <sstream>
 
+#include "datasets/tasks.h"
 #include "inferlab/testing.h"
 #include "pattern_file.h"
 #include "search.h"
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <set>
@@ -209,91 +213,189 @@ TEST(MInference, SmallBudgetsReadFewerKeysThanDense) {
 
 // --- the offline search -------------------------------------------------------
 
+// The indices of the kk largest of s (ties to the lower index).
+std::set<int64_t> best_of(const std::vector<double>& s, int64_t kk) {
+  std::vector<int64_t> idx(s.size());
+  std::iota(idx.begin(), idx.end(), 0);
+  std::stable_sort(idx.begin(), idx.end(), [&](int64_t a, int64_t b) { return s[size_t(a)] > s[size_t(b)]; });
+  idx.resize(size_t(std::min<int64_t>(kk, int64_t(idx.size()))));
+  return std::set<int64_t>(idx.begin(), idx.end());
+}
+
+// One head of random queries, keys and values, and the keys each candidate
+// keeps by the definition of its kind, in double. The rows hold two heads
+// (stride 2 * hd); the searches read the second.
+struct DefinedHead {
+  static constexpr int64_t n = 200, hd = 8, bs = 16, stride = 2 * hd;
+  mi::SearchOptions o;
+  std::vector<float> q, k, v;
+  std::vector<std::vector<double>> p;  // dense probabilities: p[t][j], j <= t
+  std::vector<double> vertical, slash;
+
+  DefinedHead() : q(size_t(n * stride)), k(q.size()), v(q.size()), p(size_t(n)), vertical(size_t(n)), slash(size_t(n)) {
+    o.block = int32_t(bs);
+    o.last_q = 20;
+    o.keep_first_columns = 3;
+    o.keep_last_diagonals = 2;
+    o.skip_rows = 50;
+    std::mt19937 rng(3);
+    std::normal_distribution<float> normal(0.0f, 1.5f);
+    for (auto* x : {&q, &k, &v})
+      for (float& e : *x) e = normal(rng);
+    for (int64_t t = 0; t < n; ++t) {
+      for (int64_t j = 0; j <= t; ++j) p[size_t(t)].push_back(score(t, j));
+      const double m = *std::max_element(p[size_t(t)].begin(), p[size_t(t)].end());
+      double sum = 0;
+      for (double& x : p[size_t(t)]) sum += (x = std::exp(x - m));
+      for (double& x : p[size_t(t)]) x /= sum;
+    }
+    for (int64_t t = n - o.last_q; t < n; ++t)
+      for (int64_t j = 0; j <= t; ++j) {
+        vertical[size_t(j)] += p[size_t(t)][size_t(j)];
+        slash[size_t(t - j)] += p[size_t(t)][size_t(j)];
+      }
+    for (int64_t j = 0; j < o.keep_first_columns; ++j) vertical[size_t(j)] = 1e9;
+    for (int64_t d = 0; d < o.keep_last_diagonals; ++d) slash[size_t(d)] = 1e9;
+  }
+
+  const float* qh() const { return q.data() + hd; }
+  const float* kh() const { return k.data() + hd; }
+  const float* vh() const { return v.data() + hd; }
+  double score(int64_t t, int64_t j) const {
+    double d = 0;
+    for (int64_t i = 0; i < hd; ++i) d += double(qh()[t * stride + i]) * kh()[j * stride + i];
+    return d / std::sqrt(double(hd));
+  }
+
+  // kept[j], j <= t: whether `cand` computes key j in row t.
+  std::vector<char> kept(const mi::Candidate& cand, int64_t t) const {
+    const int64_t q0 = t / bs * bs, q1 = q0 + bs;
+    std::set<int64_t> cols, diags, blocks;
+    if (cand.type == mi::HeadType::VerticalSlash) cols = best_of(vertical, cand.a), diags = best_of(slash, cand.b);
+    if (cand.type == mi::HeadType::BlockSparse) {
+      std::vector<double> s;
+      for (int64_t kb = 0; kb <= t / bs; ++kb) {
+        double d = 0;
+        for (int64_t i = 0; i < hd; ++i) {
+          double mq = 0, mk = 0;
+          for (int64_t r = q0; r < std::min(q1, n); ++r) mq += qh()[r * stride + i] / double(std::min(q1, n) - q0);
+          for (int64_t r = kb * bs; r < std::min(kb * bs + bs, n); ++r)
+            mk += kh()[r * stride + i] / double(std::min(kb * bs + bs, n) - kb * bs);
+          d += mq * mk;
+        }
+        s.push_back(d);
+      }
+      blocks = best_of(s, cand.a);
+    }
+    std::vector<char> in(size_t(t + 1), 0);
+    for (int64_t j = 0; j <= t; ++j) {
+      if (cand.type == mi::HeadType::StreamLlm) in[size_t(j)] = j < cand.a || j >= q0 - cand.b;
+      if (cand.type == mi::HeadType::BlockSparse) in[size_t(j)] = blocks.count(j / bs) > 0;
+      if (cand.type == mi::HeadType::VerticalSlash) {
+        in[size_t(j)] = cols.count(j) > 0;
+        for (int64_t d : diags) in[size_t(j)] = in[size_t(j)] || (j >= q0 - d && j < q1 - d);
+      }
+    }
+    return in;
+  }
+
+  // Row t's attention output over the keys `in` marks: the softmax of their
+  // scores alone (zeros when none is kept).
+  std::vector<double> output(int64_t t, const std::vector<char>& in) const {
+    double m = -std::numeric_limits<double>::infinity();
+    for (int64_t j = 0; j <= t; ++j)
+      if (in[size_t(j)]) m = std::max(m, score(t, j));
+    std::vector<double> out(size_t(hd), 0.0);
+    double sum = 0;
+    for (int64_t j = 0; j <= t; ++j) {
+      if (!in[size_t(j)]) continue;
+      const double w = std::exp(score(t, j) - m);
+      sum += w;
+      for (int64_t i = 0; i < hd; ++i) out[size_t(i)] += w * vh()[j * stride + i];
+    }
+    for (double& x : out) x = sum > 0 ? x / sum : 0.0;
+    return out;
+  }
+};
+
+const std::vector<mi::Candidate> kSomeCandidates = {
+    {mi::HeadType::StreamLlm, 5, 20},     {mi::HeadType::VerticalSlash, 4, 6}, {mi::HeadType::VerticalSlash, 12, 3},
+    {mi::HeadType::BlockSparse, 3, 0},    {mi::HeadType::StreamLlm, 40, 8}};
+
 // Recall by the definition of each kind, in double, for random queries and keys.
 TEST(MInferenceSearch, RecallOfEachCandidateMatchesTheDefinition) {
-  const int64_t n = 200, hd = 8, bs = 16;
-  std::mt19937 rng(3);
-  std::normal_distribution<float> normal(0.0f, 1.5f);
-  std::vector<float> q(size_t(n * hd)), k(size_t(n * hd));
-  for (auto* v : {&q, &k})
-    for (float& x : *v) x = normal(rng);
-  mi::SearchOptions o;
-  o.block = int32_t(bs);
-  o.last_q = 20;
-  o.keep_first_columns = 3;
-  o.keep_last_diagonals = 2;
-  o.skip_rows = 50;
-  const std::vector<mi::Candidate> cands = {{mi::HeadType::StreamLlm, 5, 20},   {mi::HeadType::VerticalSlash, 4, 6},
-                                            {mi::HeadType::VerticalSlash, 12, 3}, {mi::HeadType::BlockSparse, 3, 0},
-                                            {mi::HeadType::StreamLlm, 40, 8}};
-  const auto got = mi::candidate_recall(q.data(), hd, k.data(), hd, n, hd, cands, o);
-
-  // Dense probabilities.
-  std::vector<std::vector<double>> p(static_cast<size_t>(n));
-  for (int64_t t = 0; t < n; ++t) {
-    for (int64_t j = 0; j <= t; ++j) {
-      double d = 0;
-      for (int64_t i = 0; i < hd; ++i) d += double(q[size_t(t * hd + i)]) * k[size_t(j * hd + i)];
-      p[size_t(t)].push_back(d / std::sqrt(double(hd)));
-    }
-    const double m = *std::max_element(p[size_t(t)].begin(), p[size_t(t)].end());
-    double sum = 0;
-    for (double& x : p[size_t(t)]) sum += (x = std::exp(x - m));
-    for (double& x : p[size_t(t)]) x /= sum;
-  }
-  auto best = [](const std::vector<double>& s, int64_t kk) {
-    std::vector<int64_t> idx(s.size());
-    std::iota(idx.begin(), idx.end(), 0);
-    std::stable_sort(idx.begin(), idx.end(), [&](int64_t a, int64_t b) { return s[size_t(a)] > s[size_t(b)]; });
-    idx.resize(size_t(std::min<int64_t>(kk, int64_t(idx.size()))));
-    return std::set<int64_t>(idx.begin(), idx.end());
-  };
-  std::vector<double> vertical(size_t(n), 0.0), slash(size_t(n), 0.0);
-  for (int64_t t = n - o.last_q; t < n; ++t)
-    for (int64_t j = 0; j <= t; ++j) {
-      vertical[size_t(j)] += p[size_t(t)][size_t(j)];
-      slash[size_t(t - j)] += p[size_t(t)][size_t(j)];
-    }
-  for (int64_t j = 0; j < o.keep_first_columns; ++j) vertical[size_t(j)] = 1e9;
-  for (int64_t d = 0; d < o.keep_last_diagonals; ++d) slash[size_t(d)] = 1e9;
-  for (size_t c = 0; c < cands.size(); ++c) {
-    const mi::Candidate& cand = cands[c];
-    std::set<int64_t> cols, diags;
-    if (cand.type == mi::HeadType::VerticalSlash) cols = best(vertical, cand.a), diags = best(slash, cand.b);
+  const DefinedHead head;
+  const int64_t n = head.n;
+  const auto got = mi::candidate_recall(head.qh(), head.stride, head.kh(), head.stride, n, head.hd, kSomeCandidates,
+                                        head.o);
+  for (size_t c = 0; c < kSomeCandidates.size(); ++c) {
     double total = 0;
-    for (int64_t t = o.skip_rows; t < n; ++t) {
-      const int64_t q0 = t / bs * bs, q1 = q0 + bs;
-      std::set<int64_t> blocks;
-      if (cand.type == mi::HeadType::BlockSparse) {
-        std::vector<double> s;
-        for (int64_t kb = 0; kb <= t / bs; ++kb) {
-          double d = 0;
-          for (int64_t i = 0; i < hd; ++i) {
-            double mq = 0, mk = 0;
-            for (int64_t r = q0; r < std::min(q1, n); ++r) mq += q[size_t(r * hd + i)] / double(std::min(q1, n) - q0);
-            for (int64_t r = kb * bs; r < std::min(kb * bs + bs, n); ++r)
-              mk += k[size_t(r * hd + i)] / double(std::min(kb * bs + bs, n) - kb * bs);
-            d += mq * mk;
-          }
-          s.push_back(d);
-        }
-        blocks = best(s, cand.a);
-      }
-      for (int64_t j = 0; j <= t; ++j) {
-        bool in = false;
-        if (cand.type == mi::HeadType::StreamLlm) in = j < cand.a || j >= q0 - cand.b;
-        if (cand.type == mi::HeadType::BlockSparse) in = blocks.count(j / bs) > 0;
-        if (cand.type == mi::HeadType::VerticalSlash) {
-          in = cols.count(j) > 0;
-          for (int64_t d : diags) in = in || (j >= q0 - d && j < q1 - d);
-        }
-        if (in) total += p[size_t(t)][size_t(j)];
-      }
+    for (int64_t t = head.o.skip_rows; t < n; ++t) {
+      const auto in = head.kept(kSomeCandidates[c], t);
+      for (int64_t j = 0; j <= t; ++j)
+        if (in[size_t(j)]) total += head.p[size_t(t)][size_t(j)];
     }
-    EXPECT_NEAR(got[c], total / double(n - o.skip_rows), 1e-4) << "candidate " << c;
+    EXPECT_NEAR(got[c], total / double(n - head.o.skip_rows), 1e-4) << "candidate " << c;
     EXPECT_GT(got[c], 0.0);
     EXPECT_LT(got[c], 1.0);
   }
+}
+
+// The output search against each candidate's restricted softmax computed
+// directly, in double, on every row_stride-th row from skip_rows.
+TEST(MInferenceSearch, OutputDeviationCountsMatchTheRestrictedSoftmax) {
+  DefinedHead head;
+  head.o.row_stride = 7;
+  const int64_t n = head.n, hd = head.hd;
+  for (const double threshold : {5e-3, 0.2}) {
+    SCOPED_TRACE(threshold);
+    head.o.threshold = threshold;
+    const auto got = mi::candidate_output_deviation(head.qh(), head.stride, head.kh(), head.stride, head.vh(),
+                                                    head.stride, n, hd, kSomeCandidates, head.o);
+    ASSERT_EQ(got.size(), kSomeCandidates.size());
+    const int64_t rows = (n - head.o.skip_rows + 6) / 7;  // 50, 57, ..., 197
+    int64_t partial = 0;  // candidates with some but not all elements deviating
+    for (size_t c = 0; c < kSomeCandidates.size(); ++c) {
+      // Elements closer to the threshold than rounding may land either side.
+      int64_t surely = 0, maybe = 0;
+      for (int64_t t = head.o.skip_rows; t < n; t += 7) {
+        const auto sparse = head.output(t, head.kept(kSomeCandidates[c], t));
+        const auto dense = head.output(t, std::vector<char>(size_t(t + 1), 1));
+        for (int64_t i = 0; i < hd; ++i) {
+          const double off = std::abs(sparse[size_t(i)] - dense[size_t(i)]);
+          surely += off > threshold + 1e-9;
+          maybe += off > threshold - 1e-9;
+        }
+      }
+      EXPECT_EQ(got[c].elements, rows * hd) << "candidate " << c;
+      EXPECT_GE(got[c].deviating, surely) << "candidate " << c;
+      EXPECT_LE(got[c].deviating, maybe) << "candidate " << c;
+      EXPECT_DOUBLE_EQ(got[c].share(), double(got[c].deviating) / double(rows * hd));
+      partial += got[c].deviating > 0 && got[c].deviating < rows * hd;
+    }
+    EXPECT_GT(partial, 0);  // the counts tell the candidates apart
+  }
+}
+
+TEST(MInferenceSearch, ACandidateKeepingEveryKeyDeviatesNowhere) {
+  const DefinedHead head;
+  const int64_t n = head.n, blocks = (n + head.bs - 1) / head.bs;
+  const std::vector<mi::Candidate> everything = {{mi::HeadType::StreamLlm, n, 0},
+                                                 {mi::HeadType::StreamLlm, 0, n},
+                                                 {mi::HeadType::VerticalSlash, n, 0},
+                                                 {mi::HeadType::VerticalSlash, 0, n},
+                                                 {mi::HeadType::BlockSparse, blocks, 0},
+                                                 {mi::HeadType::StreamLlm, 5, 20}};  // the control: sparse
+  const auto got = mi::candidate_output_deviation(head.qh(), head.stride, head.kh(), head.stride, head.vh(),
+                                                  head.stride, n, head.hd, everything, head.o);
+  for (size_t c = 0; c + 1 < everything.size(); ++c) {
+    EXPECT_EQ(got[c].deviating, 0) << "candidate " << c;
+    EXPECT_EQ(got[c].elements, (n - head.o.skip_rows) * head.hd) << "candidate " << c;
+  }
+  EXPECT_GT(got.back().deviating, 0);
+  const auto recall = mi::candidate_recall(head.qh(), head.stride, head.kh(), head.stride, n, head.hd, everything,
+                                           head.o);
+  for (size_t c = 0; c + 1 < everything.size(); ++c) EXPECT_NEAR(recall[c], 1.0, 1e-12) << "candidate " << c;
 }
 
 TEST(MInferenceSearch, TheBestRecallWinsAndRelabellingFollowsTheReference) {
@@ -330,6 +432,96 @@ TEST(MInferenceSearch, TheSearchWritesAPatternFileTheMethodThenUses) {
             2 * 4);
   const auto trace = test::run_trace(**engine, active.handle.get(), test::random_tokens(model()->config().n_vocab, 300, 5), 0);
   EXPECT_EQ((*engine)->counters().sparse_prefill_heads, 2 * 4);
+}
+
+// The queries, keys and values of one dense forward, per layer.
+struct QkvTaps final : public ForwardObserver {
+  uint32_t taps() const override { return kTapQueries | kTapKeys | kTapValues; }
+  void on_layer(const CalibrationTaps& t) override {
+    q.emplace_back(t.queries.begin(), t.queries.end());
+    k.emplace_back(t.keys.begin(), t.keys.end());
+    v.emplace_back(t.values.begin(), t.values.end());
+  }
+  std::vector<std::vector<float>> q, k, v;
+};
+
+// The output search as the host runs it, beside the recall search in the same
+// artifact root: its own folder (the mode is part of the cache key), the
+// values tapped, each head's entry the candidate with the fewest deviating
+// output elements of the head's own queries and its kv head's keys and values
+// (GQA), scored 1 - their share; then the method runs on it.
+TEST(MInferenceSearch, TheOutputSearchRunsEndToEndApartFromTheRecallSearch) {
+  auto engine = Engine::create(model(), EngineOptions{4, 0, 0});
+  ASSERT_TRUE(engine.ok());
+  const PluginEntry* entry = test::plugin_registry().find("minference");
+  ASSERT_NE(entry, nullptr);
+  const auto root = test::temp_path("minference-search");
+  const int64_t tokens = 256, block = 16, context = 2048, skip = 64, stride = 15;
+  auto prepare = [&](const std::string& mode) {
+    ParamValues p;  // every parameter, as the config parser hands them
+    for (const ParamSpec& spec : entry->params) p.set(spec.name, spec.default_value);
+    p.set("search", mode);
+    p.set("search_tokens", tokens);
+    p.set("search_skip_rows", skip);
+    p.set("search_row_stride", stride);
+    p.set("kernel_block", block);
+    p.set("reference_context", context);
+    auto handle = test::plugin_registry().create("minference", p);
+    EXPECT_TRUE(handle.ok()) << (handle.ok() ? "" : handle.message());
+    auto prepared = prepare_method(*handle->get(), *entry, p, **engine, root);
+    EXPECT_TRUE(prepared.ok()) << (prepared.ok() ? "" : prepared.message());
+    return std::pair{std::move(*handle), prepared.ok() ? *prepared : PreparedMethod{}};
+  };
+  const PreparedMethod recalled = prepare("recall").second;
+  auto [method, searched] = prepare("output");
+  ASSERT_NE(method.get(), nullptr);
+  EXPECT_TRUE(searched.calibrated);
+  EXPECT_NE(searched.artifact_dir, recalled.artifact_dir);
+  EXPECT_NE(searched.request.taps & kTapValues, 0u);
+  EXPECT_EQ(recalled.request.taps & kTapValues, 0u);
+  auto file = mi::read_pattern_file((searched.artifact_dir / "patterns.json").string(), 2, 4);
+  ASSERT_TRUE(file.ok()) << file.message();
+
+  // The same search on the calibration prompt's taps.
+  auto prompt = corpus_windows((*engine)->model().tokenizer(), "kv_retrieval", 1, tokens, 0);
+  ASSERT_TRUE(prompt.ok()) << prompt.message();
+  QkvTaps taps;
+  auto seq = (*engine)->new_sequence();
+  ASSERT_TRUE((*engine)->forward(*seq, (*prompt)[0], tokens, [](int64_t, std::span<const float>) {}, &taps).ok());
+  const ModelShape shape = (*engine)->shape();
+  const int64_t hd = shape.head_dim, qd = shape.n_heads * hd, kd = shape.n_kv_heads * hd;
+  ASSERT_EQ(taps.v.size(), size_t(shape.n_layers));
+  const auto candidates = mi::reference_candidates(double(tokens) / double(context), tokens, int32_t(block));
+  auto written = mi::reference_candidates(1.0, tokens, int32_t(block));
+  written.back() = {mi::HeadType::BlockSparse, 8, 1};
+  mi::SearchOptions o;
+  o.block = int32_t(block);
+  o.skip_rows = skip;
+  o.row_stride = stride;
+  for (int32_t l = 0; l < shape.n_layers; ++l)
+    for (int32_t h = 0; h < shape.n_heads; ++h) {
+      SCOPED_TRACE("layer " + std::to_string(l) + " head " + std::to_string(h));
+      const int32_t g = h / shape.group_size();
+      const auto d = mi::candidate_output_deviation(taps.q[size_t(l)].data() + h * hd, qd, taps.k[size_t(l)].data() + g * hd,
+                                                    kd, taps.v[size_t(l)].data() + g * hd, kd, tokens, hd, candidates, o);
+      size_t best = 0;
+      for (size_t c = 1; c < d.size(); ++c)
+        if (d[c].deviating < d[best].deviating) best = c;
+      const mi::HeadPattern& got = file->layers[size_t(l)][size_t(h)];
+      EXPECT_EQ(got.type, written[best].type);
+      EXPECT_EQ(got.a, written[best].a);
+      EXPECT_EQ(got.b, written[best].b);
+      EXPECT_NEAR(got.score, 1.0 - d[best].share(), 1e-12);
+      EXPECT_EQ(d[best].elements, 13 * hd);  // rows 64, 79, ..., 244
+    }
+
+  ASSERT_TRUE((*engine)->set_method(method.get(), entry->hooks, nullptr, "minference").ok());
+  (*engine)->reset_counters();
+  test::run_trace(**engine, method.get(), test::random_tokens(model()->config().n_vocab, 300, 5), 0);
+  EXPECT_EQ((*engine)->counters().sparse_prefill_heads, 2 * 4);
+  const auto counters = method->counters();
+  EXPECT_EQ(counters.at("heads_vertical_and_slash") + counters.at("heads_stream_llm") + counters.at("heads_block_sparse"),
+            2 * 4);
 }
 
 }  // namespace

@@ -1,7 +1,7 @@
 // The CUDA backend's attention half of a layer: stored counts and KV append,
 // the key plan of each layer in its own device region (so a captured step
-// finds every layer's plan at a fixed address), selection by key bound, block
-// plans, the attention kernels and their statistics.
+// finds every layer's plan at a fixed address), selection by key bound, the
+// attention kernels and their statistics.
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -228,27 +228,6 @@ Status CudaBackend::select_by_bound(const KvSequence& seq, int32_t l, KeyPlan& p
   return ok_status();
 }
 
-Status CudaBackend::stage_block_plan(const BlockPlan& plan, kernels::AttentionCall& call) {
-  const size_t indptr_bytes = plan.indptr.size() * 4, keys_bytes = plan.keys.size() * 4;
-  if (!blocks_.reserve(indptr_bytes + keys_bytes + plan.sparse.size()))
-    return Error{"cuda engine: out of GPU memory for a block pattern"};
-  char* base = blocks_.as<char>();
-  CUDA_TRY(cudaMemcpyAsync(base, plan.indptr.data(), indptr_bytes, cudaMemcpyHostToDevice, stream_), "block plan");
-  if (keys_bytes > 0)
-    CUDA_TRY(cudaMemcpyAsync(base + indptr_bytes, plan.keys.data(), keys_bytes, cudaMemcpyHostToDevice, stream_),
-             "block plan");
-  CUDA_TRY(cudaMemcpyAsync(base + indptr_bytes + keys_bytes, plan.sparse.data(), plan.sparse.size(),
-                           cudaMemcpyHostToDevice, stream_),
-           "block plan");
-  CUDA_TRY(cudaStreamSynchronize(stream_), "block plan");  // the plan is the caller's
-  call.block_size = plan.block_size;
-  call.n_query_blocks = plan.n_query_blocks;
-  call.block_indptr = reinterpret_cast<const int32_t*>(base);
-  call.block_keys = reinterpret_cast<const int32_t*>(base + indptr_bytes);
-  call.block_sparse = reinterpret_cast<const uint8_t*>(base + indptr_bytes + keys_bytes);
-  return ok_status();
-}
-
 Status CudaBackend::attention(const KvSequence&, const LayerAttention& work) {
   const ModelConfig& c = config_;
   const int32_t l = work.layer;
@@ -274,8 +253,10 @@ Status CudaBackend::attention(const KvSequence&, const LayerAttention& work) {
     call.select_index = region.indices;
     if (!work.keys->heads.empty()) call.select_heads = region.heads;  // each query head its own keys
   }
-  if (work.blocks != nullptr && work.blocks->active())
-    if (auto s = stage_block_plan(*work.blocks, call); !s) return s;
+  if (work.sparse != nullptr && work.sparse->active()) {
+    if (!work.sparse->device) return Error{"cuda engine: a sparse prefill plan must be built by plan_sparse_prefill"};
+    call.sparse = sparse_layout_;
+  }
   if (work.statistics) {
     CUDA_TRY(cudaMemsetAsync(key_mass_.as(), 0, size_t(c.n_kv_heads) * size_t(max_context_) * 4, stream_), "stats");
     call.key_mass = key_mass_.as<float>();

@@ -113,6 +113,8 @@ CudaBackend::~CudaBackend() {
   pool_.reset();  // its pages before the stream they are copied on (the engine let go of its share first)
   drop_graphs();
   for (cudaEvent_t e : events_) cudaEventDestroy(e);
+  for (cudaEvent_t e : sparse_events_)
+    if (e != nullptr) cudaEventDestroy(e);
   if (cublas_ != nullptr) cublasDestroy(cublas_);
   // stream_owner_ destroys the stream once no pool's storage holds it either.
 }
@@ -120,7 +122,6 @@ CudaBackend::~CudaBackend() {
 bool CudaBackend::supports(Feature feature) const {
   switch (feature) {
     case Feature::KvPagesF32: return false;  // the attention kernels read f16/bf16 pages
-    case Feature::SparsePrefill: return false;  // explicit block patterns only, through the block plan
     case Feature::KvPagesF16: return dtype_ == DType::F16;
     case Feature::KvPagesBF16: return dtype_ == DType::BF16;
     default: return true;

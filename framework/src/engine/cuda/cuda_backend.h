@@ -5,7 +5,8 @@
 //   cuda_backend.cpp      setup, workspace, call begin/end, timing, views
 //   cuda_weights.cpp      weights: upload, random init, per-run replacement
 //   cuda_layer_ops.cpp    embed, norms, linear, activations, rope, logits
-//   cuda_attention.cpp    KV append, key and block plans, selection by bound, attention, statistics
+//   cuda_attention.cpp    KV append, key plans, selection by bound, attention, statistics
+//   cuda_sparse_prefill.cpp  sparse prefill plans: estimation and build on the device
 //   cuda_kv_ops.cpp       eviction, re-rotation, truncation, retention, page tables
 //   cuda_graph.cpp        staging, capture and replay of decode steps
 #pragma once
@@ -52,6 +53,8 @@ class CudaBackend final : public Backend {
   Status rope(const KvSequence& seq, int32_t layer, bool queries) override;
   Status append_kv(KvSequence& seq, int32_t layer) override;
   Status select_by_bound(const KvSequence& seq, int32_t layer, KeyPlan& plan) override;
+  Status plan_sparse_prefill(const KvSequence& seq, int32_t layer,
+                             std::span<const std::optional<PrefillPattern>> patterns, SparsePlan& plan) override;
   Status read_bound_selection(int32_t layer, KeyPlan& plan) override;
   Status attention(const KvSequence& seq, const LayerAttention& work) override;
   Status read_statistics(const KvSequence& seq, int32_t layer, LayerStatistics& out) override;
@@ -121,7 +124,6 @@ class CudaBackend final : public Backend {
   Status ensure_plan_capacity(int64_t indices);
   PlanRegion plan_region(int32_t layer, bool host) const;
   Status stage_key_plan(int32_t layer, const KeyPlan& plan);
-  Status stage_block_plan(const BlockPlan& plan, kernels::AttentionCall& call);
   Status ensure_page_bounds();
   kernels::AttentionCall base_call(int32_t layer, int64_t n) const;
   kernels::PageSelectCall select_call(int32_t layer, const PlanRegion& region, int32_t max_pages,
@@ -219,7 +221,11 @@ class CudaBackend final : public Backend {
   DeviceMemory head_active_;  // (n_heads) uint8
   DeviceMemory key_mass_;     // (n_kv_heads, max_context) float
   DeviceMemory head_norms_;   // (n_heads) float
-  DeviceMemory blocks_;       // block-sparse: flags, indptr, key blocks
+  // Sparse prefill (cuda_sparse_prefill.cpp): the layer's plan, estimation
+  // scratch and outputs; sparse_layout_ points into it for the attention kernel.
+  DeviceMemory sparse_;
+  kernels::SparseLayout sparse_layout_;
+  cudaEvent_t sparse_events_[2] = {nullptr, nullptr};
   DeviceMemory scratch_;      // re-rotation moves and other one-off uploads
   // Key bounds of the pool's pages (kHookPageBudget): (bound_pages_, 2, head_dim)
   // of dtype_ indexed by physical page; what each (layer, kv head) has folded in.

@@ -164,6 +164,7 @@ Status CudaBackend::read_tap(Tap tap, std::vector<float>& out) {
     case Tap::Queries: return take(q_, c.q_dim());
     case Tap::Keys: return take(k_, c.kv_dim());
     case Tap::AttentionOut: return take(attn_, c.q_dim());
+    case Tap::Values: return take(v_, c.kv_dim());
     case Tap::FfnActivation: {  // the activation is kept in the GEMM's type
       std::vector<uint16_t> raw(size_t(n_ * c.n_ff));
       if (auto s = download(act_.as(), raw.size() * 2, raw.data()); !s) return s;
