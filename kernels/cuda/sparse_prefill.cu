@@ -10,8 +10,9 @@ namespace {
 
 constexpr int kScoreThreads = 256;
 
-template <typename T>
-__device__ const T* key_of(const VerticalSlashCall& c, int32_t g, int32_t t) {
+// Key row of stored token t of kv head g (a call with kv, table and head_dim).
+template <typename T, typename Call>
+__device__ const T* key_of(const Call& c, int32_t g, int32_t t) {
   const int32_t ps = c.kv.page_size;
   const int32_t page = c.table.pages[int64_t(g) * c.table.stride + t / ps];
   const T* base = static_cast<const T*>(c.kv.chunk_base[page / c.kv.pages_per_chunk]);
@@ -129,14 +130,6 @@ __global__ void __launch_bounds__(kSelectThreads) top_k_kernel(const TopKCall c)
   if (threadIdx.x == 0) c.out_count[s] = carry_out;
 }
 
-template <typename T>
-__device__ const T* block_key(const BlockScoresCall& c, int32_t g, int32_t t) {
-  const int32_t ps = c.kv.page_size;
-  const int32_t page = c.table.pages[int64_t(g) * c.table.stride + t / ps];
-  const T* base = static_cast<const T*>(c.kv.chunk_base[page / c.kv.pages_per_chunk]);
-  return base + int64_t(page % c.kv.pages_per_chunk) * c.kv.page_elems() + int64_t(t % ps) * c.head_dim;
-}
-
 // One block per (key block, listed head), a thread per dimension.
 template <typename T>
 __global__ void pool_keys_kernel(const BlockScoresCall c) {
@@ -146,7 +139,7 @@ __global__ void pool_keys_kernel(const BlockScoresCall c) {
   if (t0 >= stored) return;
   for (int32_t d = int32_t(threadIdx.x); d < c.head_dim; d += blockDim.x) {
     float sum = 0.0f;
-    for (int32_t t = t0; t < t1; ++t) sum += to_float<T>(block_key<T>(c, g, t)[d]);
+    for (int32_t t = t0; t < t1; ++t) sum += to_float<T>(key_of<T>(c, g, t)[d]);
     c.pooled_k[(int64_t(i) * c.max_kb + kb) * c.head_dim + d] = sum / float(t1 - t0);
   }
 }

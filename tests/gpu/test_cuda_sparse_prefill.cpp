@@ -29,6 +29,55 @@ using gpu_test::param_name;
 using gpu_test::random_floats;
 using gpu_test::shuffled_ids;
 
+// A call of `call_rows` rows on 4 query heads over 2 kv heads that hold 150
+// and 97 tokens after it (so their first rows sit at different, unaligned
+// positions), in a shuffled paged pool mirrored on the host; the call's
+// queries; a kv head's keys read back from the host pool as f32 rows.
+struct PagedCall {
+  static constexpr int32_t n_heads = 4, n_kv = 2, ps = 16;
+  static constexpr int32_t pages_per_head = (150 + ps - 1) / ps, n_pool = 2 * pages_per_head + 3;
+  int32_t call_rows, head_dim;
+  std::vector<int32_t> stored = {150, 97}, n_cached, table;
+  MirrorPool pool;
+  std::vector<float> q;
+  DeviceBuffer<int32_t> d_table, d_cached;
+  DeviceBuffer<float> d_q;
+
+  PagedCall(DType dtype, int32_t hd, int32_t rows, uint64_t seed)
+      : call_rows(rows),
+        head_dim(hd),
+        n_cached{150 - rows, 97 - rows},
+        table(first_ids(shuffled_ids(n_pool, seed + 1), n_kv * pages_per_head)),
+        pool(dtype, n_pool, ps, hd, seed),
+        q(random_floats(size_t(rows * n_heads * hd), seed + 2)),
+        d_table(table),
+        d_cached(n_cached),
+        d_q(q) {}
+  static std::vector<int32_t> first_ids(std::vector<int32_t> ids, int32_t n) {
+    ids.resize(size_t(n));
+    return ids;
+  }
+  template <typename Call>
+  void describe(Call& call) const {
+    call.kv = pool.device();
+    call.table = {d_table.get(), pages_per_head};
+    call.n_heads = n_heads;
+    call.n_kv_heads = n_kv;
+    call.head_dim = head_dim;
+    call.q = d_q.get();
+    call.call_rows = call_rows;
+    call.n_cached = d_cached.get();
+  }
+  std::vector<float> keys(int32_t g) const {
+    std::vector<int32_t> page, slot;
+    for (int32_t t = 0; t < stored[size_t(g)]; ++t) {
+      page.push_back(table[size_t(g * pages_per_head + t / ps)]);
+      slot.push_back(t % ps);
+    }
+    return pool.key_rows(false, page, slot);
+  }
+};
+
 struct ScoresCase {
   DType dtype;
   int32_t head_dim;
@@ -40,30 +89,16 @@ class VerticalSlashScores : public testing::TestWithParam<ScoresCase> {};
 TEST_P(VerticalSlashScores, MatchTheTwin) {
   INFERLAB_REQUIRE_GPU();
   const ScoresCase& tc = GetParam();
-  const int32_t n_heads = 4, n_kv = 2, ps = 16, hd = tc.head_dim, call_rows = 40;
-  const std::vector<int32_t> stored = {150, 97};  // per kv head, after the call's append
-  const int32_t pages_per_head = (150 + ps - 1) / ps, n_pool = 2 * pages_per_head + 3;
-  MirrorPool pool(tc.dtype, n_pool, ps, hd, 51);
-  const auto order = shuffled_ids(n_pool, 52);
-  std::vector<int32_t> table(size_t(n_kv * pages_per_head));
-  for (size_t j = 0; j < table.size(); ++j) table[j] = order[j];
-  const std::vector<int32_t> n_cached = {stored[0] - call_rows, stored[1] - call_rows};
-  const auto q = random_floats(size_t(call_rows * n_heads * hd), 53);
+  const PagedCall pc(tc.dtype, tc.head_dim, 40, 51);
+  const int32_t n_heads = PagedCall::n_heads, hd = tc.head_dim, call_rows = pc.call_rows;
   const std::vector<int32_t> heads = {0, 3, 2}, last_q = {8, 64, 1};  // 64 > call_rows: all rows
   const int32_t stride = 160, n_list = int32_t(heads.size());
 
-  DeviceBuffer<int32_t> d_table(table), d_cached(n_cached), d_heads(heads), d_last(last_q);
-  DeviceBuffer<float> d_q(q), d_vertical(size_t(n_list * stride)), d_slash(size_t(n_list * stride));
+  DeviceBuffer<int32_t> d_heads(heads), d_last(last_q);
+  DeviceBuffer<float> d_vertical(size_t(n_list * stride)), d_slash(size_t(n_list * stride));
   VerticalSlashCall call;
-  call.kv = pool.device();
-  call.table = {d_table.get(), pages_per_head};
-  call.n_heads = n_heads;
-  call.n_kv_heads = n_kv;
-  call.head_dim = hd;
+  pc.describe(call);
   call.scale = 1.0f / std::sqrt(float(hd));
-  call.q = d_q.get();
-  call.call_rows = call_rows;
-  call.n_cached = d_cached.get();
   call.n_list = n_list;
   call.heads = d_heads.get();
   call.last_q = d_last.get();
@@ -77,20 +112,14 @@ TEST_P(VerticalSlashScores, MatchTheTwin) {
 
   for (int32_t i = 0; i < n_list; ++i) {
     SCOPED_TRACE("listed head " + std::to_string(heads[size_t(i)]));
-    const int32_t g = heads[size_t(i)] / (n_heads / n_kv), n_keys = stored[size_t(g)];
-    // The twin on the host pool's keys, as f32 rows.
-    std::vector<int32_t> page, slot;
-    for (int32_t t = 0; t < n_keys; ++t) {
-      page.push_back(table[size_t(g * pages_per_head + t / ps)]);
-      slot.push_back(t % ps);
-    }
-    const auto keys = pool.key_rows(false, page, slot);
+    const int32_t g = heads[size_t(i)] / (n_heads / PagedCall::n_kv), n_keys = pc.stored[size_t(g)];
+    const auto keys = pc.keys(g);  // the twin on the host pool's keys, as f32 rows
     const cpu::KvPageRef ref{keys.data(), keys.data(), n_keys};
     const int32_t rows = std::min(last_q[size_t(i)], call_rows);
     std::vector<int32_t> self;
-    for (int32_t r = 0; r < rows; ++r) self.push_back(n_cached[size_t(g)] + call_rows - rows + r);
+    for (int32_t r = 0; r < rows; ++r) self.push_back(pc.n_cached[size_t(g)] + call_rows - rows + r);
     std::vector<float> want_v(size_t(stride), 0.0f), want_s(size_t(stride), 0.0f), scratch;
-    const float* q0 = q.data() + int64_t(call_rows - rows) * n_heads * hd + int64_t(heads[size_t(i)]) * hd;
+    const float* q0 = pc.q.data() + int64_t(call_rows - rows) * n_heads * hd + int64_t(heads[size_t(i)]) * hd;
     cpu::vertical_slash_scores(q0, rows, int64_t(n_heads) * hd, self.data(), &ref, 1, hd, call.scale, want_v.data(),
                                want_s.data(), scratch);
     const std::vector<float> got_v(vertical.begin() + int64_t(i) * stride, vertical.begin() + int64_t(i + 1) * stride);
@@ -155,15 +184,10 @@ TEST(CudaTopKSegments, SameIndicesAsTheTwin) {
 
 TEST(CudaBlockScores, MatchTheTwin) {
   INFERLAB_REQUIRE_GPU();
-  const int32_t n_heads = 4, n_kv = 2, ps = 16, hd = 64, call_rows = 45;
-  const std::vector<int32_t> stored = {150, 97};  // per kv head: 105 and 52 cached (unaligned to the blocks)
-  const int32_t pages_per_head = (150 + ps - 1) / ps, n_pool = 2 * pages_per_head + 3;
-  MirrorPool pool(DType::F16, n_pool, ps, hd, 71);
-  const auto order = shuffled_ids(n_pool, 72);
-  std::vector<int32_t> table(size_t(n_kv * pages_per_head));
-  for (size_t j = 0; j < table.size(); ++j) table[j] = order[j];
-  const std::vector<int32_t> n_cached = {stored[0] - call_rows, stored[1] - call_rows};
-  const auto q = random_floats(size_t(call_rows * n_heads * hd), 73);
+  const PagedCall pc(DType::F16, 64, 45, 71);  // 105 and 52 cached: unaligned to the blocks
+  const int32_t n_heads = PagedCall::n_heads, hd = pc.head_dim, call_rows = pc.call_rows;
+  const std::vector<int32_t>& stored = pc.stored;
+  const std::vector<int32_t>& n_cached = pc.n_cached;
   const std::vector<int32_t> heads = {1, 2}, block_size = {16, 5};
   std::vector<int32_t> segment_at, n_qb, n_kb;
   int32_t segments = 0, max_kb = 0, max_qb = 0;
@@ -177,18 +201,11 @@ TEST(CudaBlockScores, MatchTheTwin) {
     max_qb = std::max(max_qb, n_qb.back());
   }
   const int32_t n_list = int32_t(heads.size());
-  DeviceBuffer<int32_t> d_table(table), d_cached(n_cached), d_heads(heads), d_bs(block_size), d_at(segment_at);
-  DeviceBuffer<float> d_q(q), d_pk(size_t(n_list * max_kb * hd)), d_pq(size_t(n_list * max_qb * hd));
+  DeviceBuffer<int32_t> d_heads(heads), d_bs(block_size), d_at(segment_at);
+  DeviceBuffer<float> d_pk(size_t(n_list * max_kb * hd)), d_pq(size_t(n_list * max_qb * hd));
   DeviceBuffer<float> d_scores(std::vector<float>(size_t(segments * max_kb), -7.0f));
   BlockScoresCall call;
-  call.kv = pool.device();
-  call.table = {d_table.get(), pages_per_head};
-  call.n_heads = n_heads;
-  call.n_kv_heads = n_kv;
-  call.head_dim = hd;
-  call.q = d_q.get();
-  call.call_rows = call_rows;
-  call.n_cached = d_cached.get();
+  pc.describe(call);
   call.n_list = n_list;
   call.heads = d_heads.get();
   call.block_size = d_bs.get();
@@ -205,16 +222,11 @@ TEST(CudaBlockScores, MatchTheTwin) {
   for (int32_t i = 0; i < n_list; ++i) {
     SCOPED_TRACE("listed head " + std::to_string(heads[size_t(i)]));
     const int32_t h = heads[size_t(i)], g = h / 2, bs = block_size[size_t(i)], n_keys = stored[size_t(g)];
-    std::vector<int32_t> page, slot;
-    for (int32_t t = 0; t < n_keys; ++t) {
-      page.push_back(table[size_t(g * pages_per_head + t / ps)]);
-      slot.push_back(t % ps);
-    }
-    const auto keys = pool.key_rows(false, page, slot);
+    const auto keys = pc.keys(g);
     const cpu::KvPageRef ref{keys.data(), keys.data(), n_keys};
     std::vector<float> pk(size_t(n_kb[size_t(i)] * hd)), pq(size_t(n_qb[size_t(i)] * hd));
     cpu::mean_pool_keys(&ref, 1, n_keys, hd, bs, pk.data());
-    cpu::mean_pool_rows(q.data() + int64_t(h) * hd, call_rows, int64_t(n_heads) * hd, n_cached[size_t(g)], hd, bs,
+    cpu::mean_pool_rows(pc.q.data() + int64_t(h) * hd, call_rows, int64_t(n_heads) * hd, n_cached[size_t(g)], hd, bs,
                         pq.data());
     std::vector<float> want, got;
     for (int32_t b = 0; b < n_qb[size_t(i)]; ++b) {

@@ -53,7 +53,7 @@ Status calibrate(Method& method, const CalibrationRequest& request, Engine& engi
     if (!s) return Error{"calibration: " + s.message()};
     if (want_logits)
       method.on_calibration(CalibrationTaps{int32_t(i), -1, int32_t(tokens.size()), tokens, {}, {}, {}, {}, {},
-                                            std::span<const float>(logits.data(), tokens.size() * size_t(vocab))});
+                                            std::span<const float>(logits.data(), tokens.size() * size_t(vocab)), {}});
   }
   if (auto s = method.finish_calibration(dir.string()); !s) return Error{"calibration: " + s.message()};
   // Written last: a folder without it is an unfinished calibration, done again.

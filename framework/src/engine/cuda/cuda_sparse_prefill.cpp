@@ -263,18 +263,21 @@ Status CudaBackend::plan_sparse_prefill(const KvSequence& seq, int32_t l,
   const kernels::KvPages kv = cuda_kv_pages(*pool_);
   const kernels::LayerPageTable table{tables_.as<int32_t>() + int64_t(l) * c.n_kv_heads * max_pages_, max_pages_};
   const int32_t* n_cached = n_cached_.as<int32_t>() + int64_t(l) * c.n_kv_heads;
-  float* const vs_scores = reinterpret_cast<float*>(base + at_vs_scores);
-  if (n_vs > 0) {
-    kernels::VerticalSlashCall call;
+  auto describe = [&](auto& call) {  // the fields both estimation calls share
     call.kv = kv;
     call.table = table;
     call.n_heads = nh;
     call.n_kv_heads = c.n_kv_heads;
     call.head_dim = hd;
-    call.scale = 1.0f / std::sqrt(float(hd));
     call.q = q_.as<float>();
     call.call_rows = n;
     call.n_cached = n_cached;
+  };
+  float* const vs_scores = reinterpret_cast<float*>(base + at_vs_scores);
+  if (n_vs > 0) {
+    kernels::VerticalSlashCall call;
+    describe(call);
+    call.scale = 1.0f / std::sqrt(float(hd));
     call.n_list = n_vs;
     call.heads = dev(at_vs_ints);
     call.last_q = dev(at_vs_ints) + n_vs;
@@ -305,14 +308,7 @@ Status CudaBackend::plan_sparse_prefill(const KvSequence& seq, int32_t l,
   }
   if (n_bt > 0) {
     kernels::BlockScoresCall call;
-    call.kv = kv;
-    call.table = table;
-    call.n_heads = nh;
-    call.n_kv_heads = c.n_kv_heads;
-    call.head_dim = hd;
-    call.q = q_.as<float>();
-    call.call_rows = n;
-    call.n_cached = n_cached;
+    describe(call);
     call.n_list = n_bt;
     const int32_t* ints = dev(at_bt_ints);
     call.heads = ints;
