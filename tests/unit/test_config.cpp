@@ -191,7 +191,8 @@ pagesize = 8
 [task]
 type = "perplexity"
 )");
-  EXPECT_NE(message.find("exp.toml:3:1: experiment.colour: unknown key (known keys: name, seed, backend, description)"),
+  EXPECT_NE(message.find("exp.toml:3:1: experiment.colour: unknown key (known keys: name, seed, backend, "
+                         "description, timeout, memory_limit_mb)"),
             std::string::npos) << message;
   EXPECT_NE(message.find("exp.toml:6:1: model.pagesize: unknown key"), std::string::npos) << message;
 }

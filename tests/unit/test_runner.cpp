@@ -57,6 +57,7 @@ RunnerOptions options(const std::filesystem::path& db, const std::string& shard 
   o.db_path = db;
   o.shard = shard;
   o.plugin_path = {INFERLAB_HOST_PLUGIN_DIR, std::string(INFERLAB_TEST_PLUGIN_DIR) + "/inferlab-plugin-probe.so"};
+  o.worker_executable = INFERLAB_CLI_PATH;  // runs execute in inferlab worker processes
   o.out = std::tmpfile();
   o.progress = std::tmpfile();
   return o;

@@ -7,6 +7,7 @@
 
 #include "cli/commands.h"
 #include "experiment/runner.h"
+#include "experiment/worker.h"
 #include "plugins/plugin_host.h"
 #include "results/database.h"
 #include "results/report.h"
@@ -29,7 +30,22 @@ struct RunArgs {
   bool dry_run = false;
   std::string backend;
   bool no_prefill_reuse = false;
+  // A worker of a parent `inferlab run` (experiment/worker.h), with the parent's
+  // memory limit, plugin folders and artifact folder.
+  bool worker = false;
+  int64_t memory_limit_mb = 0;
+  std::vector<std::string> plugin_path;
+  std::string artifact_dir;
 };
+
+int run_worker(const RunArgs& args, RunnerOptions options) {
+  auto channel = attach_worker(args.memory_limit_mb);
+  if (!channel) return fail(channel.message());
+  options.plugin_path.assign(args.plugin_path.begin(), args.plugin_path.end());
+  options.artifact_root = args.artifact_dir;
+  options.progress = nullptr;  // the parent reports progress, warnings and errors
+  return serve_runs(args.config, options, **channel, args.memory_limit_mb) ? 0 : 1;
+}
 
 int run_run(const RunArgs& args) {
   RunnerOptions options;
@@ -38,6 +54,10 @@ int run_run(const RunArgs& args) {
   options.dry_run = args.dry_run;
   options.backend = args.backend;
   options.reuse_prefill = !args.no_prefill_reuse;
+  if (args.worker) return run_worker(args, options);
+  // Workers run this very program: /proc/self/exe is the file this process
+  // started from, even when a build has replaced it since.
+  options.worker_executable = "/proc/self/exe";
   auto summary = run_experiment(args.config, options);
   if (!summary) return fail(summary.message());
   return summary->failed > 0 ? 1 : 0;
@@ -130,6 +150,11 @@ void register_experiment_commands(CLI::App& app) {
       ->check(CLI::IsMember({"cpu", "cuda", "auto"}));
   r->add_flag("--no-prefill-reuse", run.no_prefill_reuse,
               "recompute every prefill (by default methods with a dense prefill start from a saved one)");
+  // How `inferlab run` starts its workers; not for people (an empty group hides them from --help).
+  r->add_flag("--worker", run.worker, "run as a worker of a parent inferlab run")->group("");
+  r->add_option("--memory-limit-mb", run.memory_limit_mb, "memory the worker may allocate (MB)")->group("");
+  r->add_option("--plugin-path", run.plugin_path, "a plugin folder or file a worker loads")->group("");
+  r->add_option("--artifact-dir", run.artifact_dir, "a worker's artifact folder")->group("");
   r->callback([] { set_exit_code(run_run(run)); });
 
   static RunArgs calibrate;

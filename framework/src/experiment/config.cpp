@@ -304,7 +304,10 @@ class ConfigParser {
   void parse_experiment_section(const toml::table& root, ExperimentConfig& config) {
     static const std::vector<ParamSpec> specs = {
         ParamSpec::string("name", "", {}, ""), ParamSpec::integer("seed", 0, 0, std::nullopt, ""),
-        ParamSpec::string("backend", "cpu", {"cpu", "cuda", "auto"}, ""), ParamSpec::string("description", "", {}, "")};
+        ParamSpec::string("backend", "cpu", {"cpu", "cuda", "auto"}, ""), ParamSpec::string("description", "", {}, ""),
+        // Their default, 0, means "none" and "the machine's": not a value to write. Bounded so a
+        // deadline and a byte count stay representable; a limit leaves room for model and runtime.
+        ParamSpec::real("timeout", 0, 1, 1e7, ""), ParamSpec::integer("memory_limit_mb", 0, 64, 1 << 30, "")};
     const toml::table* table = section(root, "experiment", true);
     if (table == nullptr) return;
     const ParamValues values = read_scalars(*table, "experiment", specs);
@@ -312,6 +315,8 @@ class ConfigParser {
     config.seed = values.get_int("seed");
     config.backend = values.get_string("backend");
     config.description = values.get_string("description");
+    config.timeout = values.get_float("timeout");
+    config.memory_limit_mb = values.get_int("memory_limit_mb");
     const toml::node* name = table->get("name");
     if (name == nullptr)
       diag_.add(table->source(), "experiment.name", "missing: name the experiment (letters, digits, '_', '.', '-')");

@@ -44,6 +44,10 @@ struct ExperimentConfig {
   std::string path;  // the config file (absolute when loaded from disk)
   std::string name, description, backend;
   int64_t seed = 0;
+  // How runs are isolated (experiment/worker.h): neither changes a result, so
+  // neither enters a run's hash.
+  double timeout = 0;           // seconds a run may take, calibration included; 0: no limit
+  int64_t memory_limit_mb = 0;  // memory a worker process may allocate; 0: default_memory_limit_mb()
   ModelSection model;
   std::vector<TaskSection> tasks;
   std::vector<MethodSection> methods;

@@ -4,8 +4,10 @@
 
 #include <chrono>
 #include <cstdio>
+#include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 
 #include "datasets/tasks.h"
@@ -15,14 +17,19 @@
 #include "experiment/config.h"
 #include "experiment/measure.h"
 #include "experiment/progress.h"
+#include "experiment/tracked_method.h"
+#include "experiment/worker.h"
+#include "gguf/gguf.h"
+#include "model/model_config.h"
 #include "plugins/method_context.h"
 #include "plugins/plugin_host.h"
 #include "results/database.h"
 
-
 namespace inferlab {
 
 namespace {
+
+using Clock = std::chrono::steady_clock;
 
 double unix_now() {
   return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
@@ -53,11 +60,9 @@ struct Workbench {
   std::filesystem::path artifact_root;
 };
 
-Result<Workbench> open_workbench(const ExperimentConfig& config) {
+Result<Workbench> open_workbench(const ExperimentConfig& config, const std::filesystem::path& model_path) {
   Workbench bench;
-  auto path = resolve_model(config.model.name);
-  if (!path) return Error{fmt::format("model.name: {}", path.message())};
-  auto model = Model::load(*path);
+  auto model = Model::load(model_path);
   if (!model) return model.error();
   bench.model = *model;
   EngineOptions options{int32_t(config.model.page_size), int32_t(config.model.max_context),
@@ -84,20 +89,51 @@ std::string task_key(const TaskSection& task) {
   return key;
 }
 
-Status prepare_task(Workbench& bench, const ExperimentConfig& config, size_t index) {
-  if (bench.tasks.count(index) != 0) return ok_status();
+struct TaskWithSamples {
+  std::unique_ptr<Task> task;
+  std::vector<TaskSample> samples;
+};
+
+Result<TaskWithSamples> make_task_samples(const ExperimentConfig& config, size_t index, const Tokenizer& tokenizer,
+                                          int32_t max_context) {
   const TaskSection& section = config.tasks[index];
   auto task = make_task(section.type, section.params);
   if (!task) return Error{fmt::format("task[{}] ({}): {}", index + 1, section.type, task.message())};
-  auto samples = (*task)->samples(bench.model->tokenizer(), bench.engine->max_context(), uint64_t(config.seed));
+  auto samples = (*task)->samples(tokenizer, max_context, uint64_t(config.seed));
   if (!samples) return Error{fmt::format("task[{}] ({}): {}", index + 1, section.type, samples.message())};
-  bench.samples[index] = std::move(*samples);
-  bench.tasks[index] = std::move(*task);
+  return TaskWithSamples{std::move(*task), std::move(*samples)};
+}
+
+Status prepare_task(Workbench& bench, const ExperimentConfig& config, size_t index) {
+  if (bench.tasks.count(index) != 0) return ok_status();
+  auto made = make_task_samples(config, index, bench.model->tokenizer(), bench.engine->max_context());
+  if (!made) return made.error();
+  bench.samples[index] = std::move(made->samples);
+  bench.tasks[index] = std::move(made->task);
   return ok_status();
 }
 
-RunRecord base_record(const ExperimentConfig& config, const RunSpec& run, const Workbench& bench,
-                      const std::string& backend) {
+// How many samples each task has, for progress, from the model file's
+// tokenizer and context length alone (run_experiment never loads weights).
+Result<std::vector<int64_t>> count_samples(const ExperimentConfig& config, const std::filesystem::path& model_path) {
+  auto file = gguf::File::open(model_path);
+  if (!file) return file.error();
+  auto model = read_model_config(**file);
+  if (!model) return model.error();
+  auto tokenizer = Tokenizer::from_gguf(**file);
+  if (!tokenizer) return tokenizer.error();
+  // As Engine::create sets it.
+  const int32_t max_context = config.model.max_context > 0 ? int32_t(config.model.max_context) : model->context_length;
+  std::vector<int64_t> counts;
+  for (size_t t = 0; t < config.tasks.size(); ++t) {
+    auto made = make_task_samples(config, t, **tokenizer, max_context);
+    if (!made) return made.error();
+    counts.push_back(int64_t(made->samples.size()));
+  }
+  return counts;
+}
+
+RunRecord base_record(const ExperimentConfig& config, const RunSpec& run, const std::string& device) {
   RunRecord r;
   r.hash = run.hash;
   r.experiment = config.name;
@@ -110,17 +146,20 @@ RunRecord base_record(const ExperimentConfig& config, const RunSpec& run, const 
   r.config_json = run.config_json;
   r.model = config.model.name;
   r.model_checksum = run.model_checksum;
-  r.backend = backend;
-  r.device = device_description(*bench.engine);
+  r.backend = config.backend;
+  r.device = device;
   r.git_revision = source_revision();
   r.baseline = run.baseline;
   return r;
 }
 
-// Executes one run; a failure becomes a "failed" record, not an exception.
+// Executes one run in this process (a worker); a failure becomes a "failed"
+// record, not an exception. `memory_limit_mb` is the worker's, named when an
+// allocation failed under it.
 RunRecord execute_run(const ExperimentConfig& config, const RunSpec& run, Workbench& bench,
-                      const PluginRegistry& registry, const std::string& backend, Progress& progress) {
-  RunRecord record = base_record(config, run, bench, backend);
+                      const PluginRegistry& registry, int64_t memory_limit_mb,
+                      const std::function<void(int64_t)>& on_sample) {
+  RunRecord record = base_record(config, run, device_description(*bench.engine));
   record.started_at = unix_now();
   auto fail = [&](const std::string& message) {
     record.status = RunStatus::Failed;
@@ -128,19 +167,33 @@ RunRecord execute_run(const ExperimentConfig& config, const RunSpec& run, Workbe
     record.finished_at = unix_now();
     return record;
   };
+  // Put before a message when an allocation failed under the memory limit (the
+  // message may not say so: the engine reports any bad_alloc as out of KV memory).
+  WorkerState& state = worker_state();
+  const auto memory_note = [&] {
+    return state.allocation_failed.load() != 0
+               ? fmt::format("memory limit {} MB exceeded (an allocation failed): ", memory_limit_mb)
+               : std::string();
+  };
   const size_t index = run.task_index;
-  if (auto s = prepare_task(bench, config, index); !s) return fail(s.message());
+  if (auto s = prepare_task(bench, config, index); !s) return fail(memory_note() + s.message());
   const PluginEntry* entry = registry.find(run.plugin);
   if (entry == nullptr) return fail(fmt::format("plugin {} is no longer loaded", run.plugin));
   auto handle = registry.create(run.plugin, run.params);
-  if (!handle) return fail(handle.message());
+  if (!handle) return fail(memory_note() + handle.message());
+  TrackedMethod method(*handle->get(), state);  // names the hook under way, for a run that dies in one
+  // "plugin X", with the hook an exception came out of when one did.
+  const auto where = [&] {
+    const char* hook = method.threw_in();
+    return hook != nullptr ? fmt::format("plugin {}, hook {}", run.plugin, hook) : fmt::format("plugin {}", run.plugin);
+  };
   WeightOverrides overrides;  // calibrated first when the method asks (and its artifacts are not there yet)
-  if (auto s = prepare_method(*handle->get(), *entry, run.params, *bench.engine, bench.artifact_root, &overrides); !s)
-    return fail(s.message());
+  if (auto s = prepare_method(method, *entry, run.params, *bench.engine, bench.artifact_root, &overrides); !s)
+    return fail(memory_note() + s.message());
 
   MeasureContext ctx;
   ctx.engine = bench.engine.get();
-  ctx.method = run.baseline ? nullptr : handle->get();
+  ctx.method = run.baseline ? nullptr : &method;
   ctx.hooks = entry->hooks;
   ctx.method_name = run.plugin;
   ctx.overrides = &overrides;
@@ -151,18 +204,18 @@ RunRecord execute_run(const ExperimentConfig& config, const RunSpec& run, Workbe
   ctx.task_key = task_key(config.tasks[index]);
   ctx.dense = &bench.dense;
   ctx.prefills = bench.reuse_prefill ? &bench.prefills : nullptr;
-  ctx.on_sample = [&](int64_t done) { progress.sample_done(done); };
+  ctx.on_sample = on_sample;
   Result<RunMeasurements> measured = Error{"not measured"};
   try {
     measured = measure_run(ctx);
   } catch (const std::bad_alloc&) {
     // Out of (device) memory for KV pages, e.g. copying a saved prefill: this
     // run fails, the experiment goes on.
-    return fail(fmt::format("plugin {}: out of memory (KV cache)", run.plugin));
+    return fail(fmt::format("{}: {}out of memory (KV cache)", where(), memory_note()));
   } catch (const std::exception& e) {
-    return fail(fmt::format("plugin {}: {}", run.plugin, e.what()));
+    return fail(fmt::format("{}: {}{}", where(), memory_note(), e.what()));
   }
-  if (!measured) return fail(fmt::format("plugin {}: {}", run.plugin, measured.message()));
+  if (!measured) return fail(fmt::format("{}: {}{}", where(), memory_note(), measured.message()));
   record.metrics = std::move(measured->metrics);
   record.samples = std::move(measured->samples);
   record.status = RunStatus::Finished;
@@ -192,45 +245,157 @@ void print_plan(std::FILE* out, const std::vector<RunSpec>& runs, ResultsDb* db)
   }
 }
 
-Result<Catalog> build_catalog(PluginRegistry& registry, const RunnerOptions& options, std::FILE* warn) {
-  const auto paths = options.plugin_path.empty() ? PluginRegistry::default_search_path() : options.plugin_path;
-  if (auto s = registry.scan(paths); !s) return s.error();
-  for (const auto& p : registry.problems()) fmt::print(warn, "inferlab: warning: {}\n", p);
-  return Catalog{task_catalog(), registry.entries()};
+// An experiment's config (backend resolved) and the plugins its runs load.
+struct ExperimentPlan {
+  std::unique_ptr<PluginRegistry> registry = std::make_unique<PluginRegistry>();
+  std::vector<std::filesystem::path> plugin_path;  // where they were looked for
+  Catalog catalog;
+  ExperimentConfig config;
+  std::filesystem::path model_path;
+};
+
+Result<ExperimentPlan> open_plan(const std::filesystem::path& config_file, const RunnerOptions& options) {
+  ExperimentPlan plan;
+  plan.plugin_path = options.plugin_path.empty() ? PluginRegistry::default_search_path() : options.plugin_path;
+  if (auto s = plan.registry->scan(plan.plugin_path); !s) return s.error();
+  if (options.progress != nullptr)
+    for (const auto& p : plan.registry->problems()) fmt::print(options.progress, "inferlab: warning: {}\n", p);
+  plan.catalog = Catalog{task_catalog(), plan.registry->entries()};
+  auto config = load_experiment(config_file, plan.catalog);
+  if (!config) return config.error();
+  plan.config = std::move(*config);
+  if (!options.backend.empty()) plan.config.backend = options.backend;
+  auto backend = resolve_backend(plan.config.backend);
+  if (!backend) return Error{fmt::format("{}: {}", config_file.string(), backend.message())};
+  plan.config.backend = *backend;
+  auto path = resolve_model(plan.config.model.name);
+  if (!path) return Error{fmt::format("model.name: {}", path.message())};
+  plan.model_path = *path;
+  return plan;
 }
+
+// A worker's command line: the parent's plan, which the worker opens again
+// (backend resolved and plugin folders as the parent found them, so both
+// expand the same grid).
+std::vector<std::string> worker_argv(const ExperimentPlan& plan, const RunnerOptions& options,
+                                     int64_t memory_limit_mb) {
+  std::vector<std::string> argv = {options.worker_executable.string(), "run", plan.config.path, "--worker",
+                                   "--backend", plan.config.backend, "--memory-limit-mb", std::to_string(memory_limit_mb)};
+  if (!options.reuse_prefill) argv.emplace_back("--no-prefill-reuse");
+  if (!options.artifact_root.empty()) argv.insert(argv.end(), {"--artifact-dir", options.artifact_root.string()});
+  for (const auto& p : plan.plugin_path) argv.insert(argv.end(), {"--plugin-path", p.string()});
+  return argv;
+}
+
+// Executes runs in a worker process, one at a time, and keeps the worker for
+// the next run. What runs share — the model and engine, task samples, dense
+// references for fidelity and saved dense prefills — lives in the worker, as
+// it lived in the one process before: a worker started after a crash
+// recomputes what it needs of it on demand (measure.cpp makes a missing
+// reference or prefill when a run asks, as in a resumed grid), so results do
+// not depend on where a worker started and the parent owns none of it.
+class WorkerRunner {
+ public:
+  WorkerRunner(std::vector<std::string> argv, const ExperimentConfig& config, int64_t memory_limit_mb)
+      : argv_(std::move(argv)), config_(config), memory_limit_mb_(memory_limit_mb) {}
+
+  // The run's record: the worker's, or a failed one when the worker died or
+  // ran past the timeout (it is then gone; the next run starts another). An
+  // Error stops the grid: no worker started, or one could not go on.
+  Result<RunRecord> execute(const RunSpec& run, Progress& progress) {
+    if (!worker_)
+      if (auto s = start(); !s) return s.error();
+    WorkerState& state = worker_->state();
+    state.hook.store(-1);
+    state.allocation_failed.store(0);
+    const double started = unix_now();
+    std::optional<Clock::time_point> deadline;
+    if (config_.timeout > 0)
+      deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(config_.timeout));
+    // A worker that is gone fails the send; its end is then read below like any other.
+    (void)worker_->channel().send({{"run", run.hash}});
+    for (;;) {
+      nlohmann::json message;
+      auto got = worker_->channel().receive(message, deadline);
+      if (!got) return got.error();
+      if (*got == Channel::Received::Message) {
+        const std::string event = message.value("event", "");
+        if (event == "sample") {
+          progress.sample_done(message.value("done", int64_t(0)));
+          continue;
+        }
+        if (event == "record" && message.contains("record")) return record_from_json(message["record"]);
+        return Error{message.value("message", fmt::format("a worker sent an unknown message ({})", event))};
+      }
+      const bool timed_out = *got == Channel::Received::TimedOut;
+      const int status = timed_out ? worker_->kill() : worker_->wait();
+      std::string reason = timed_out ? fmt::format("timed out after {} s", config_.timeout)
+                                     : "the worker process " + describe_exit(status);
+      if (!timed_out && state.allocation_failed.load() != 0)
+        reason = fmt::format("memory limit {} MB exceeded (an allocation failed), then {}", memory_limit_mb_, reason);
+      const char* hook = hook_call_name(state.hook.load());
+      RunRecord record = base_record(config_, run, device_);
+      record.status = RunStatus::Failed;
+      record.error = fmt::format("plugin {}{}: {}", run.plugin, hook ? fmt::format(", hook {}", hook) : "", reason);
+      record.started_at = started;
+      record.finished_at = unix_now();
+      worker_.reset();
+      return record;
+    }
+  }
+
+ private:
+  // A new worker, once it has opened the experiment (no deadline: loading a model takes what it takes).
+  Status start() {
+    auto worker = WorkerProcess::start(argv_);
+    if (!worker) return worker.error();
+    nlohmann::json message;
+    auto got = (*worker)->channel().receive(message);
+    if (!got) return got.error();
+    if (*got != Channel::Received::Message) {
+      const int status = (*worker)->wait();
+      std::string why = "a worker process " + describe_exit(status) + " before its first run";
+      if ((*worker)->state().allocation_failed.load() != 0)
+        why += fmt::format(" (memory limit {} MB exceeded: an allocation failed)", memory_limit_mb_);
+      return Error{why};
+    }
+    if (message.value("event", "") != "ready")
+      return Error{message.value("message", std::string("a worker process did not start"))};
+    device_ = message.value("device", "");
+    worker_ = std::move(*worker);
+    return ok_status();
+  }
+
+  std::vector<std::string> argv_;
+  const ExperimentConfig& config_;
+  int64_t memory_limit_mb_;
+  std::unique_ptr<WorkerProcess> worker_;
+  std::string device_;  // as the worker describes it, for the records of runs it could not finish
+};
 
 }  // namespace
 
 std::string source_revision() { return build_revision(); }
 
-// An experiment ready to run or calibrate: its plugins, config (backend
-// resolved), model and engine, and grid.
+// An experiment ready to run or calibrate in this process: its plan, model
+// and engine, and grid.
 struct OpenedExperiment {
-  std::unique_ptr<PluginRegistry> registry = std::make_unique<PluginRegistry>();
-  Catalog catalog;
-  ExperimentConfig config;
+  ExperimentPlan plan;  // first: its plugin libraries outlive everything else
   Workbench bench;
   std::vector<RunSpec> grid;
 };
 
 Result<OpenedExperiment> open_experiment(const std::filesystem::path& config_file, const RunnerOptions& options) {
   OpenedExperiment e;
-  auto catalog = build_catalog(*e.registry, options, options.progress);
-  if (!catalog) return catalog.error();
-  e.catalog = std::move(*catalog);
-  auto config = load_experiment(config_file, e.catalog);
-  if (!config) return config.error();
-  e.config = std::move(*config);
-  if (!options.backend.empty()) e.config.backend = options.backend;
-  auto backend = resolve_backend(e.config.backend);
-  if (!backend) return Error{fmt::format("{}: {}", config_file.string(), backend.message())};
-  e.config.backend = *backend;
-  auto bench = open_workbench(e.config);
+  auto plan = open_plan(config_file, options);
+  if (!plan) return plan.error();
+  e.plan = std::move(*plan);
+  auto bench = open_workbench(e.plan.config, e.plan.model_path);
   if (!bench) return bench.error();
   e.bench = std::move(*bench);
   e.bench.reuse_prefill = options.reuse_prefill;
   e.bench.artifact_root = options.artifact_root;
-  auto grid = expand_grid(e.config, e.catalog, e.bench.model->checksum());
+  auto grid = expand_grid(e.plan.config, e.plan.catalog, e.bench.model->checksum());
   if (!grid) return grid.error();
   e.grid = std::move(*grid);
   return e;
@@ -243,13 +408,18 @@ Result<RunnerSummary> run_experiment(const std::filesystem::path& config_file, c
     if (!parsed) return Error{fmt::format("--shard: {}", parsed.message())};
     shard = *parsed;
   }
-  auto opened = open_experiment(config_file, options);
-  if (!opened) return opened.error();
-  const ExperimentConfig& config = opened->config;
-  Workbench& bench = opened->bench;
-  PluginRegistry& registry = *opened->registry;
-  const std::string& backend = config.backend;
-  const std::vector<RunSpec> runs = select_shard(opened->grid, shard);
+  auto plan = open_plan(config_file, options);
+  if (!plan) return plan.error();
+  const ExperimentConfig& config = plan->config;
+  // Only workers load the model's weights: the file is mapped only while a
+  // model loads, and the weights are dequantized into each process's own
+  // memory, so a parent holding them too would double a grid's memory. The
+  // parent needs the file's checksum (run hashes) and tokenizer (samples).
+  auto checksum = sha256_file(plan->model_path);
+  if (!checksum) return checksum.error();
+  auto grid = expand_grid(config, plan->catalog, *checksum);
+  if (!grid) return grid.error();
+  const std::vector<RunSpec> runs = select_shard(*grid, shard);
 
   RunnerSummary summary{config.name, int64_t(runs.size()), 0, 0, 0};
   if (options.dry_run) {
@@ -262,19 +432,22 @@ Result<RunnerSummary> run_experiment(const std::filesystem::path& config_file, c
     print_plan(options.out, runs, db.get());
     return summary;
   }
+  if (options.worker_executable.empty())
+    return Error{"run_experiment: RunnerOptions::worker_executable names no inferlab executable for the workers"};
   auto db = ResultsDb::open(options.db_path);
   if (!db) return db.error();
-  for (size_t t = 0; t < config.tasks.size(); ++t)
-    if (auto s = prepare_task(bench, config, t); !s) return s.error();
+  auto counts = count_samples(config, plan->model_path);
+  if (!counts) return counts.error();
   int64_t total_samples = 0;
-  for (const RunSpec& r : runs) total_samples += int64_t(bench.samples[r.task_index].size());
+  for (const RunSpec& r : runs) total_samples += (*counts)[r.task_index];
   Progress progress(options.progress, summary.runs, total_samples);
+  const int64_t memory_limit_mb = config.memory_limit_mb > 0 ? config.memory_limit_mb : default_memory_limit_mb();
+  WorkerRunner workers(worker_argv(*plan, options, memory_limit_mb), config, memory_limit_mb);
   int64_t position = 0;
   for (const RunSpec& run : runs) {
     ++position;
-    const int64_t n_samples = int64_t(bench.samples[run.task_index].size());
     const std::string title = fmt::format("{} · {}", run.task.type, run.label);
-    progress.start_run(position, title, n_samples);
+    progress.start_run(position, title, (*counts)[run.task_index]);
     auto done = db->has_finished_run(run.hash);
     if (!done) return done.error();
     if (*done) {
@@ -282,10 +455,11 @@ Result<RunnerSummary> run_experiment(const std::filesystem::path& config_file, c
       progress.end_run("already in the database, skipped");
       continue;
     }
-    RunRecord record = execute_run(config, run, bench, registry, backend, progress);
-    if (auto s = db->record_run(record); !s) return s.error();
-    (record.status == RunStatus::Finished ? summary.finished : summary.failed) += 1;
-    progress.end_run(outcome_line(record));
+    auto record = workers.execute(run, progress);
+    if (!record) return record.error();
+    if (auto s = db->record_run(*record); !s) return s.error();
+    (record->status == RunStatus::Finished ? summary.finished : summary.failed) += 1;
+    progress.end_run(outcome_line(*record));
   }
   fmt::print(options.out, "experiment {}: {} runs, {} finished, {} skipped (already done), {} failed; results in {}\n",
              summary.experiment, summary.runs, summary.finished, summary.skipped, summary.failed,
@@ -293,13 +467,45 @@ Result<RunnerSummary> run_experiment(const std::filesystem::path& config_file, c
   return summary;
 }
 
+Status serve_runs(const std::filesystem::path& config_file, const RunnerOptions& options, Channel& channel,
+                  int64_t memory_limit_mb) {
+  const auto stop = [&](const Error& error) -> Status {
+    (void)channel.send({{"event", "error"}, {"message", error.message}});
+    return error;
+  };
+  auto opened = open_experiment(config_file, options);
+  if (!opened) return stop(opened.error());
+  const ExperimentConfig& config = opened->plan.config;
+  Workbench& bench = opened->bench;
+  for (size_t t = 0; t < config.tasks.size(); ++t)
+    if (auto s = prepare_task(bench, config, t); !s) return stop(s.error());
+  std::map<std::string, const RunSpec*> by_hash;
+  for (const RunSpec& r : opened->grid) by_hash[r.hash] = &r;
+  if (auto s = channel.send({{"event", "ready"}, {"device", device_description(*bench.engine)}}); !s) return s;
+  for (;;) {
+    nlohmann::json command;
+    auto got = channel.receive(command);
+    if (!got) return got.error();
+    if (*got != Channel::Received::Message) return ok_status();  // the parent has no more runs
+    const auto run = by_hash.find(command.value("run", ""));
+    if (run == by_hash.end())
+      return stop(Error{fmt::format("{}: a run of the grid is not in it any more (was the config, or a file it "
+                                    "names, edited while the grid ran?)",
+                                    config_file.string())});
+    const RunRecord record =
+        execute_run(config, *run->second, bench, *opened->plan.registry, memory_limit_mb,
+                    [&](int64_t done) { (void)channel.send({{"event", "sample"}, {"done", done}}); });
+    if (auto s = channel.send({{"event", "record"}, {"record", record_to_json(record)}}); !s) return s;
+  }
+}
+
 Result<CalibrationSummary> calibrate_experiment(const std::filesystem::path& config_file, const RunnerOptions& options) {
   auto opened = open_experiment(config_file, options);
   if (!opened) return opened.error();
-  const ExperimentConfig& config = opened->config;
+  const ExperimentConfig& config = opened->plan.config;
   Workbench& bench = opened->bench;
-  const Catalog& catalog = opened->catalog;
-  PluginRegistry& registry = *opened->registry;
+  const Catalog& catalog = opened->plan.catalog;
+  PluginRegistry& registry = *opened->plan.registry;
   const std::vector<RunSpec>& grid = opened->grid;
   CalibrationSummary summary;
   std::set<std::filesystem::path> seen;

@@ -1,6 +1,8 @@
 // `inferlab run`: validates an experiment config, expands its grid, skips runs
-// already finished in the results database, and executes the rest, writing
-// each finished run in one transaction.
+// already finished in the results database, and executes the rest in worker
+// processes (experiment/worker.h), writing each run in one transaction. A run
+// whose worker dies (a signal, an exit, the experiment's timeout or memory
+// limit) is recorded failed with the reason; the next run gets a new worker.
 #pragma once
 
 #include <cstdio>
@@ -22,6 +24,9 @@ struct RunnerOptions {
   bool reuse_prefill = true;
   std::vector<std::filesystem::path> plugin_path;  // empty: PluginRegistry::default_search_path()
   std::filesystem::path artifact_root;  // methods' artifacts and calibrations; empty: $INFERLAB_ARTIFACT_DIR or ~/.cache/inferlab/artifacts
+  // The inferlab executable the workers run (`inferlab run` names itself);
+  // needed unless dry_run.
+  std::filesystem::path worker_executable;
   std::FILE* out = stdout;   // the plan and the summary
   std::FILE* progress = stderr;
 };
@@ -35,6 +40,14 @@ struct RunnerSummary {
 };
 
 Result<RunnerSummary> run_experiment(const std::filesystem::path& config_file, const RunnerOptions& options);
+
+class Channel;
+
+// `inferlab run --worker`: executes the runs its parent sends over `channel`
+// until the parent closes it (experiment/worker.h). An error that stops it
+// goes to the parent as well, which reports it.
+Status serve_runs(const std::filesystem::path& config_file, const RunnerOptions& options, Channel& channel,
+                  int64_t memory_limit_mb);
 
 // `inferlab calibrate`: runs, for every point of the grid whose method
 // calibrates (kHookCalibrate), the calibration its artifacts need when they

@@ -346,6 +346,7 @@ Result<ResultsDb> ResultsDb::open(const std::filesystem::path& path) {
   if (path.empty()) return Error{"the results database path is empty; pass a file path such as results/inferlab.db"};
   if (std::filesystem::is_directory(path, ec))
     return Error{fmt::format("{}: is a folder; pass the path of a results database file", path.string())};
+  ec.clear();  // is_directory sets it for a file not there yet: a bare name such as "x.db" is fine
   if (path.has_parent_path()) std::filesystem::create_directories(path.parent_path(), ec);
   if (ec)
     return Error{fmt::format("{}: cannot create its folder: {}", path.string(), ec.message())};
