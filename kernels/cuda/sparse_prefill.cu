@@ -206,7 +206,7 @@ __global__ void build_plan_kernel(const SparseBuildCall c) {
     for (int32_t k = 0; k < hd.key_block_count[j]; ++k) add(kbs[k] * bs, kbs[k] * bs + bs);
   }
   const int32_t b = hd.at + j;
-  c.range_begin[b] = int32_t(ranges - c.ranges) / 2;
+  c.range_begin[b] = int32_t((ranges - c.ranges) / 2);
   c.range_end[b] = c.range_begin[b] + n;
   int64_t reads = 0;
   for (int32_t k = 0; k < n; ++k) reads += sparse_range_reads(r0, r1, ranges[2 * k], ranges[2 * k + 1]);
