@@ -610,22 +610,19 @@ Status CpuBackend::plan_sparse_prefill(const KvSequence& seq, int32_t l,
     const auto& p = patterns[size_t(h)];
     if (!p) continue;
     const int32_t stored = seq.table(l, h / gs).n_tokens(), cached = stored - int32_t(n), bs = p->block_size;
+    if (p->kind == Kind::Blocks || p->kind == Kind::AShape) {
+      builder.add_fixed_head(h, *p, cached, stored);
+      continue;
+    }
     builder.begin_head(h, bs, cached, stored);
     for (int32_t qb = cached / bs, b = 0; qb * bs < stored; ++qb, ++b) {
       ranges.clear();
       std::span<const int32_t> cols;
-      switch (p->kind) {
-        case Kind::Blocks:
-        case Kind::AShape:
-          pattern_block_ranges(*p, qb, ranges);
-          break;
-        case Kind::VerticalSlash:
-          slash_ranges(diagonals[size_t(h)], qb * bs, qb * bs + bs, ranges);
-          cols = columns[size_t(h)];
-          break;
-        case Kind::BlockTopK:
-          for (const int32_t kb : key_blocks[size_t(h)][size_t(b)]) ranges.emplace_back(kb * bs, kb * bs + bs);
-          break;
+      if (p->kind == Kind::VerticalSlash) {
+        slash_ranges(diagonals[size_t(h)], qb * bs, qb * bs + bs, ranges);
+        cols = columns[size_t(h)];
+      } else {
+        for (const int32_t kb : key_blocks[size_t(h)][size_t(b)]) ranges.emplace_back(kb * bs, kb * bs + bs);
       }
       builder.add_block(ranges, cols);
     }

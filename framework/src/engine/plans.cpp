@@ -121,6 +121,16 @@ void SparsePlanBuilder::add_block(std::vector<std::pair<int32_t, int32_t>>& rang
   for (int64_t r = r0; r < r1; ++r) plan_.keys_causal += r + 1;
 }
 
+void SparsePlanBuilder::add_fixed_head(int32_t head, const PrefillPattern& p, int32_t row_begin, int32_t row_end) {
+  begin_head(head, p.block_size, row_begin, row_end);
+  std::vector<std::pair<int32_t, int32_t>> ranges;
+  for (int32_t qb = row_begin / p.block_size; qb * p.block_size < row_end; ++qb) {
+    ranges.clear();
+    pattern_block_ranges(p, qb, ranges);
+    add_block(ranges, {});
+  }
+}
+
 SparsePlan SparsePlanBuilder::finish() { return std::move(plan_); }
 
 void pattern_block_ranges(const PrefillPattern& p, int32_t qb, std::vector<std::pair<int32_t, int32_t>>& ranges) {

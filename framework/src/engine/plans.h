@@ -89,6 +89,9 @@ class SparsePlanBuilder {
   void begin_head(int32_t head, int32_t block_size, int32_t row_begin, int32_t row_end);
   // The next query block of the current head.
   void add_block(std::vector<std::pair<int32_t, int32_t>>& ranges, std::span<const int32_t> columns);
+  // A whole head of a kind needing no estimation (Blocks, AShape): begin_head
+  // and one add_block per query block from pattern_block_ranges.
+  void add_fixed_head(int32_t head, const PrefillPattern& pattern, int32_t row_begin, int32_t row_end);
   SparsePlan finish();
 
  private:

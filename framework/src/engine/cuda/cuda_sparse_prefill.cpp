@@ -55,7 +55,6 @@ Status CudaBackend::plan_sparse_prefill(const KvSequence& seq, int32_t l,
   };
   std::vector<Estimated> vs, bt;
   SparsePlanBuilder builder(nh);
-  std::vector<std::pair<int32_t, int32_t>> ranges;
   int32_t blocks = 0, max_blocks = 0;
   for (int32_t h = 0; h < nh; ++h) {
     const auto& p = patterns[size_t(h)];
@@ -68,14 +67,7 @@ Status CudaBackend::plan_sparse_prefill(const KvSequence& seq, int32_t l,
     plan.keys_causal += causal_keys(cached, stored);
     switch (p->kind) {
       case Kind::Blocks:
-      case Kind::AShape:
-        builder.begin_head(h, bs, cached, stored);
-        for (int32_t qb = head.first_block; qb < head.first_block + head.n_blocks; ++qb) {
-          ranges.clear();
-          pattern_block_ranges(*p, qb, ranges);
-          builder.add_block(ranges, {});
-        }
-        break;
+      case Kind::AShape: builder.add_fixed_head(h, *p, cached, stored); break;
       case Kind::VerticalSlash: vs.push_back({h, &*p, stored, cached}); break;
       case Kind::BlockTopK: bt.push_back({h, &*p, stored, cached}); break;
     }
