@@ -1,9 +1,10 @@
 // Decode-step time of the KV-cache methods against dense on the CPU backend:
 // one dense prefill per context length, then each method decodes from a copy of
-// it. Prints per-step time, the keys attention read per step and KV head, and
-// the resident KV memory, as a markdown table.
+// it. Prints the median per-step time (after --warmup untimed steps; the
+// 10th-90th percentile range beside it), the keys attention read per step and
+// KV head, and the resident KV memory, as a markdown table.
 //   bench_kv_methods [--model smollm2-135m] [--contexts 2048,8000] [--steps 32]
-//                    [--streaming 1024,2048,4096]
+//                    [--warmup 4] [--only quest] [--streaming 1024,2048,4096]
 // --streaming adds StreamingLLM's speed comparison (Xiao et al. 2024, Table/Fig.
 // "up to 22.2x"): per-token latency of StreamingLLM (4 sinks + window, the cache
 // held at L tokens, evicting and re-rotating as tokens arrive) against a sliding
@@ -41,10 +42,13 @@ int main(int argc, char** argv) {
   CLI::App app{"KV-cache methods: decode step time vs dense"};
   std::string model_name = "smollm2-135m";
   std::vector<int32_t> contexts{2048, 8000};
-  int32_t steps = 32, threads = 0;
+  int32_t steps = 32, warmup = 4, threads = 0;
+  std::string only;
   app.add_option("-m,--model", model_name);
   app.add_option("--contexts", contexts)->delimiter(',');
-  app.add_option("--steps", steps)->check(CLI::PositiveNumber);
+  app.add_option("--steps", steps, "timed decode steps per method")->check(CLI::PositiveNumber);
+  app.add_option("--warmup", warmup, "untimed decode steps before them")->check(CLI::NonNegativeNumber);
+  app.add_option("--only", only, "run dense and the settings whose label contains this text");
   app.add_option("-t,--threads", threads);
   std::vector<int32_t> streaming;
   app.add_option("--streaming", streaming, "cache sizes for StreamingLLM vs sliding window with re-computation")
@@ -63,8 +67,8 @@ int main(int argc, char** argv) {
 
   fmt::print("model: {}, cpu: {}, BLAS core: {}, threads: {}, decode steps: {}\n\n", path->filename().string(),
              cpu_description(), blas_core_name(), threads > 0 ? fmt::to_string(threads) : "all", steps);
-  fmt::print("| context | method | ms/step | × dense | keys read/step/head | KV MiB resident |\n");
-  fmt::print("|---:|---|---:|---:|---:|---:|\n");
+  fmt::print("| context | method | ms/step (median) | p10–p90 | × dense | keys read/step/head | KV MiB resident |\n");
+  fmt::print("|---:|---|---:|---:|---:|---:|---:|\n");
   std::mt19937 rng(7);
   for (int32_t ctx : contexts) {
     std::vector<int32_t> prompt(static_cast<size_t>(ctx));
@@ -74,18 +78,27 @@ int main(int argc, char** argv) {
     if (auto r = e.prefill(*base, prompt); !r) return fmt::print(stderr, "bench: {}\n", r.message()), 1;
     double dense_ms = 0;
     for (const Setting& s : settings()) {
+      if (s.plugin != "dense" && s.label.find(only) == std::string::npos) continue;
       auto active = bench::start_setting(registry, e, s, *base);
       if (!active) return fmt::print(stderr, "bench: {}\n", active.message()), 1;
       KvSequence* seq = active->seq.get();
-      e.reset_counters();
-      const auto t0 = Clock::now();
-      for (int32_t i = 0; i < steps; ++i)
+      for (int32_t i = 0; i < warmup; ++i)
         if (auto r = e.decode(*seq, 2 + i % 100); !r) return fmt::print(stderr, "bench: {}\n", r.message()), 1;
-      const double ms = since(t0) * 1e3 / steps;
+      e.reset_counters();
+      std::vector<double> step_ms;
+      for (int32_t i = 0; i < steps; ++i) {
+        const auto t0 = Clock::now();
+        if (auto r = e.decode(*seq, 2 + (warmup + i) % 100); !r)
+          return fmt::print(stderr, "bench: {}\n", r.message()), 1;
+        step_ms.push_back(since(t0) * 1e3);
+      }
+      const double ms = bench::median(step_ms);
+      std::sort(step_ms.begin(), step_ms.end());
+      const double p10 = step_ms[step_ms.size() / 10], p90 = step_ms[step_ms.size() * 9 / 10];
       if (s.plugin == "dense") dense_ms = ms;
       const double heads = double(e.config().n_layers) * e.config().n_kv_heads * steps;
-      fmt::print("| {} | {} | {:.2f} | {:.2f}× | {:.0f} | {:.1f} |\n", ctx, s.label, ms, dense_ms / ms,
-                 double(e.counters().decode_keys_read) / heads,
+      fmt::print("| {} | {} | {:.2f} | {:.1f}–{:.1f} | {:.2f}× | {:.0f} | {:.1f} |\n", ctx, s.label, ms, p10, p90,
+                 dense_ms / ms, double(e.counters().decode_keys_read) / heads,
                  double(seq->pages_held() * e.pool().page_bytes()) / (1 << 20));
       (void)e.set_method(nullptr, 0);
     }

@@ -30,6 +30,7 @@
 using namespace inferlab;
 
 namespace {
+using bench::median;
 
 using bench::Clock;
 using bench::Setting;
@@ -40,11 +41,6 @@ struct Measure {
   double keys_read = 0, keys_causal = 0;
 };
 
-double median(std::vector<double> v) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
 
 }  // namespace
 

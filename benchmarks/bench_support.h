@@ -2,12 +2,14 @@
 // the settings they compare, and starting a method on a copy of a prefill.
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <initializer_list>
 #include <map>
 #include <memory>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "engine/engine.h"
 #include "plugins/method_context.h"
@@ -17,6 +19,13 @@ namespace inferlab::bench {
 
 using Clock = std::chrono::steady_clock;
 inline double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// The median (upper middle for an even count); 0 for none.
+inline double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
 
 inline ParamValues params(std::initializer_list<std::pair<const std::string, ParamValue>> values) {
   return ParamValues(std::map<std::string, ParamValue>(values));
