@@ -163,11 +163,14 @@ class MInference final : public Method {
     switch (p.type) {
       case HeadType::VerticalSlash:
         out.kind = PrefillPattern::Kind::VerticalSlash;
-        // The reference's floors: at least 30 verticals and 50 slashes, at most the context.
-        out.verticals = int32_t(std::min(context, std::max<int64_t>(scaled(p.a, context), 30)));
-        out.slashes = int32_t(std::min(context, std::max<int64_t>(scaled(p.b, context), 50)));
+      {
+        const auto [verticals, slashes] = minference::vertical_slash_run_counts(scaled(p.a, context),
+                                                                                scaled(p.b, context), context);
+        out.verticals = int32_t(verticals);
+        out.slashes = int32_t(slashes);
         out.last_q = o_.last_q;
         break;
+      }
       case HeadType::StreamLlm:
         out.kind = PrefillPattern::Kind::AShape;
         out.sink = int32_t(std::min(context, scaled(p.a, context)));
@@ -197,8 +200,9 @@ class MInference final : public Method {
   // to a prompt of n tokens as the budgets are at run time.
   std::vector<minference::Candidate> search_candidates(int64_t n, bool file_units) const {
     const double scale = file_units || o_.reference_context <= 0 ? 1.0 : double(n) / double(o_.reference_context);
+    if (!file_units) return minference::run_candidates(scale, n, o_.kernel_block);
     auto c = minference::reference_candidates(scale, n, o_.kernel_block);
-    if (file_units) c.back() = {HeadType::BlockSparse, 8, 1};  // the reference writes its 1/8 ratio
+    c.back() = {HeadType::BlockSparse, 8, 1};  // the reference writes its 1/8 ratio
     return c;
   }
 

@@ -1,11 +1,13 @@
 #include "search.h"
 
+
 #include <cblas.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <tuple>
 
 namespace inferlab::minference {
 
@@ -182,6 +184,13 @@ std::vector<Candidate> reference_candidates(double scale, int64_t n_tokens, int3
           {HeadType::VerticalSlash, scaled(500, scale), scaled(700, scale)},
           {HeadType::VerticalSlash, scaled(3500, scale), scaled(100, scale)},
           {HeadType::BlockSparse, (blocks + 7) / 8, 0}};
+}
+
+std::vector<Candidate> run_candidates(double scale, int64_t n_tokens, int32_t block) {
+  auto candidates = reference_candidates(scale, n_tokens, block);
+  for (auto& c : candidates)
+    if (c.type == HeadType::VerticalSlash) std::tie(c.a, c.b) = vertical_slash_run_counts(c.a, c.b, n_tokens);
+  return candidates;
 }
 
 std::vector<double> candidate_recall(const float* q, int64_t q_stride, const float* k, int64_t k_stride, int64_t n,

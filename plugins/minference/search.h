@@ -15,6 +15,9 @@
 // search script builds, not what its kernels compute.)
 #pragma once
 
+#include <algorithm>
+#include <utility>
+
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -68,6 +71,18 @@ std::vector<OutputDeviation> candidate_output_deviation(const float* q, int64_t 
                                                         int64_t k_stride, const float* v, int64_t v_stride, int64_t n,
                                                         int64_t head_dim, const std::vector<Candidate>& candidates,
                                                         const SearchOptions& options);
+
+// The counts a vertical_and_slash head runs with at `context` tokens, from its
+// counts already scaled to that context: the reference's floors (at least 30
+// verticals and 50 slashes), at most the context.
+inline std::pair<int64_t, int64_t> vertical_slash_run_counts(int64_t verticals, int64_t slashes, int64_t context) {
+  return {std::min(context, std::max<int64_t>(verticals, 30)), std::min(context, std::max<int64_t>(slashes, 50))};
+}
+
+// The reference's candidates as a run at n_tokens gives them (scaled, then the
+// vertical_and_slash floors): what the search scores, so that a candidate is
+// judged by the keys it will really read.
+std::vector<Candidate> run_candidates(double scale, int64_t n_tokens, int32_t block);
 
 // The winner of one head (the first of equal scores, higher is better: the
 // recall, or 1 - the share of deviating output elements), as a file entry with

@@ -398,6 +398,28 @@ TEST(MInferenceSearch, ACandidateKeepingEveryKeyDeviatesNowhere) {
   for (size_t c = 0; c + 1 < everything.size(); ++c) EXPECT_NEAR(recall[c], 1.0, 1e-12) << "candidate " << c;
 }
 
+TEST(MInferenceSearch, CandidatesAreScoredWithTheCountsTheRunGivesThem) {
+  // 4,096 tokens against a 131,072-token reference: scaled by 1/32, then the
+  // run's floors (30 verticals, 50 slashes); stream_llm and block_sparse as scaled.
+  const auto run = mi::run_candidates(4096.0 / 131072.0, 4096, 64);
+  const auto scaled = mi::reference_candidates(4096.0 / 131072.0, 4096, 64);
+  ASSERT_EQ(run.size(), scaled.size());
+  const std::vector<std::pair<int64_t, int64_t>> counts = {{30, 50}, {30, 50}, {30, 50}, {110, 50}};
+  for (size_t c = 1; c <= 4; ++c) {
+    EXPECT_LT(scaled[c].b, 50) << "candidate " << c;
+    EXPECT_EQ(std::pair(run[c].a, run[c].b), counts[c - 1]) << "candidate " << c;
+  }
+  EXPECT_EQ(run[0].a, scaled[0].a);
+  EXPECT_EQ(run[0].b, scaled[0].b);
+  EXPECT_EQ(run[5].a, scaled[5].a);
+  // What the plugin runs with, for a file entry at this context, is the same.
+  EXPECT_EQ(mi::vertical_slash_run_counts(scaled[1].a, scaled[1].b, 4096), (std::pair<int64_t, int64_t>(30, 50)));
+  // Never more than the prompt.
+  const auto tiny = mi::run_candidates(1.0, 40, 64);
+  EXPECT_EQ(tiny[1].a, 30);
+  EXPECT_EQ(tiny[1].b, 40);
+}
+
 TEST(MInferenceSearch, TheBestRecallWinsAndRelabellingFollowsTheReference) {
   const auto cands = mi::reference_candidates(1.0, 4096, 64);
   ASSERT_EQ(cands.size(), 6u);
@@ -491,7 +513,7 @@ TEST(MInferenceSearch, TheOutputSearchRunsEndToEndApartFromTheRecallSearch) {
   const ModelShape shape = (*engine)->shape();
   const int64_t hd = shape.head_dim, qd = shape.n_heads * hd, kd = shape.n_kv_heads * hd;
   ASSERT_EQ(taps.v.size(), size_t(shape.n_layers));
-  const auto candidates = mi::reference_candidates(double(tokens) / double(context), tokens, int32_t(block));
+  const auto candidates = mi::run_candidates(double(tokens) / double(context), tokens, int32_t(block));
   auto written = mi::reference_candidates(1.0, tokens, int32_t(block));
   written.back() = {mi::HeadType::BlockSparse, 8, 1};
   mi::SearchOptions o;
