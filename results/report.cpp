@@ -59,6 +59,7 @@ const MetricColumn kColumns[] = {
     {"ttft_ms", "TTFT ms", [](double v) { return fixed(v, 1); }},
     {"tpot_mean_ms", "TPOT ms", [](double v) { return fixed(v, 2); }},
     {"keys_read_per_step", "keys read/step", [](double v) { return fixed(v, 1); }},
+    {"sparse_prefill_keys_share", "sparse prefill keys %", percent},
     {"decode_tokens_per_s", "decode tok/s", [](double v) { return fixed(v, 1); }, "speedup", ratio},
     {"kv_bytes_peak", "KV MiB", mib, "KV ratio", ratio},
     {"peak_rss_bytes", "RSS MiB", mib},

@@ -187,6 +187,7 @@ TEST(MeasureRun, DecodedQuestionFeedsItsTokensOneStepEach) {
   EXPECT_NEAR(keys->value * steps_b * c.n_layers * c.n_kv_heads, find_metric(*b, "engine.decode_keys_cached")->value,
               1e-6);
   EXPECT_GT(keys->value, 15.0);  // the first question step already sees the 15 context tokens
+  EXPECT_EQ(find_metric(*b, "sparse_prefill_keys_share"), nullptr);  // a dense prefill records none
 }
 
 }  // namespace

@@ -116,6 +116,23 @@ TEST(Report, RunsOnTwoBackendsAreComparedWithTheirOwnBaseline) {
   EXPECT_EQ(cuda[3], (Cells{"h2o heavy=32", "1500.0", "1.50×"}));
 }
 
+TEST(Report, SparsePrefillShowsTheShareOfKeysItsSparseHeadsRead) {
+  auto opened = ResultsDb::open(test::temp_path("report-sparse.db"));
+  ASSERT_TRUE(opened.ok()) << opened.message();
+  ResultsDb db = std::move(opened).value();
+  for (const RunRecord& r : {run("f-dense", "dense", "fidelity", {{"fidelity_top1", 1.0, ""}}, true),
+                             run("f-mi", "minference a-shape", "fidelity",
+                                 {{"fidelity_top1", 0.875, ""}, {"sparse_prefill_keys_share", 0.1234, "fraction"}})})
+    ASSERT_TRUE(db.record_run(r).ok());
+  auto report = render_report(db, "");
+  ASSERT_TRUE(report.ok()) << report.message();
+  const auto rows = table_rows(section(*report, "## fidelity"));
+  ASSERT_EQ(rows.size(), 4u) << *report;
+  EXPECT_EQ(rows[0], (Cells{"method", "top-1 agree %", "sparse prefill keys %"}));
+  EXPECT_EQ(rows[2], (Cells{"dense", "100.0", ""}));
+  EXPECT_EQ(rows[3], (Cells{"minference a-shape", "87.5", "12.3"}));
+}
+
 TEST(Report, PerplexityTableShowsOnlyColumnsSomeRunHas) {
   ResultsDb db = sweep_db();
   auto report = render_report(db, "kv-sweep");

@@ -437,6 +437,9 @@ std::vector<MetricValue> tally_metrics(const MeasureContext& ctx, const Tally& t
   if (counters.decode_steps > 0 && heads > 0)  // the budget a method actually ran at, beside its nominal one
     m.push_back({"keys_read_per_step", double(counters.decode_keys_read) / double(counters.decode_steps * heads),
                  "keys"});
+  if (counters.sparse_prefill_keys_causal > 0)  // a sparse prefill's achieved density, over its sparse heads
+    m.push_back({"sparse_prefill_keys_share",
+                 double(counters.sparse_prefill_keys_read) / double(counters.sparse_prefill_keys_causal), "fraction"});
   for (const auto& [name, value] : counters.as_map()) m.push_back({"engine." + name, value, "count"});
   if (ctx.method != nullptr)
     for (const auto& [name, value] : ctx.method->counters()) m.push_back({"plugin." + name, value, ""});
