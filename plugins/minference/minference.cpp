@@ -269,7 +269,7 @@ class MInferencePlugin final : public Plugin {
   PluginInfo info() const override {
     const double big = double(std::numeric_limits<int32_t>::max());
     return {"minference",
-            "1.0.0",
+            "1.1.0",
             "dynamic sparse prefill: vertical-slash, A-shape and block-sparse heads (Jiang et al. 2024)",
             hooks_of<MInference>(),
             {ParamSpec::path("config", "pattern file in MInference's JSON layout (none: every head default_pattern)"),
