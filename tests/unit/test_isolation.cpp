@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <iterator>
 #include <limits>
 #include <map>
 #include <thread>
@@ -19,6 +20,7 @@
 #include "datasets/tasks.h"
 #include "experiment/config.h"
 #include "experiment/worker.h"
+#include "model/synthetic_model.h"
 #include "results/database.h"
 #include "test_support.h"
 
@@ -250,6 +252,179 @@ TEST(RunIsolation, BadPluginsFailOnlyTheirOwnRuns) {
   ASSERT_EQ(plan.exit_code, 0) << plan.output;
   EXPECT_EQ(count(plan.output, "  done"), 3u) << plan.output;
   EXPECT_EQ(count(plan.output, "  pending"), 5u) << plan.output;
+}
+
+// A grid of dense and the probe plugin on a small synthetic model, its
+// results in `db`; returns the config's path.
+std::filesystem::path small_grid(const std::filesystem::path& dir, const std::string& name) {
+  std::filesystem::create_directories(dir);
+  SyntheticModelSpec spec;
+  spec.name = name;
+  const auto model = dir / (name + ".gguf");
+  EXPECT_TRUE(write_synthetic_model(spec, model).ok());
+  const auto corpus = dir / "corpus.txt";
+  {
+    std::ofstream out(corpus);
+    for (int i = 0; i < 100; ++i) out << "Rain over the hills, line " << i << ".\n";
+  }
+  const auto config = dir / (name + ".toml");
+  std::ofstream out(config);
+  out << "[experiment]\nname = \"" << name << "\"\n"
+      << "[model]\nname = \"" << model.string() << "\"\nthreads = 1\n"
+      << "[task]\ntype = \"perplexity\"\npath = \"" << corpus.string() << "\"\nlength = 24\nsamples = 1\n"
+      << "[[method]]\nplugin = \"probe\"\nneuron_stride = 2\n";
+  return config;
+}
+
+std::string probe_env() {
+  return "INFERLAB_PLUGIN_PATH=" + std::string(INFERLAB_TEST_PLUGIN_DIR) + "/inferlab-plugin-probe.so ";
+}
+
+// A database that cannot take writes is found before any run: locked by
+// another connection, not writable, or on a disk with too little free space.
+TEST(ResultsSafety, AnUnwritableDatabaseIsFoundBeforeAnyWork) {
+  const auto dir = test::temp_path("db-checks");
+  std::filesystem::create_directories(dir);
+  const auto path = dir / "locked.db";
+  auto holder = ResultsDb::open(path);
+  ASSERT_TRUE(holder.ok()) << holder.message();
+  auto other = ResultsDb::open(path);
+  ASSERT_TRUE(other.ok()) << other.message();
+  EXPECT_TRUE(other->check_writable(std::chrono::milliseconds(50), 0).ok());
+
+  // Another program holds the write lock.
+  ASSERT_TRUE(holder->query("BEGIN IMMEDIATE").ok());
+  auto locked = other->check_writable(std::chrono::milliseconds(200), 0);
+  ASSERT_FALSE(locked.ok());
+  EXPECT_EQ(locked.message(), path.string() + ": locked by another program (no write lock within 0.2 s: another "
+                                              "inferlab, or a database browser with uncommitted changes?); close it "
+                                              "or pass another --db");
+  ASSERT_TRUE(holder->query("ROLLBACK").ok());
+  EXPECT_TRUE(other->check_writable(std::chrono::milliseconds(50), 0).ok());
+
+  // Writes refused (as on a read-only file or file system; root passes file
+  // permissions, so the connection is made read-only here).
+  ASSERT_TRUE(other->query("PRAGMA query_only = 1").ok());
+  auto read_only = other->check_writable(std::chrono::milliseconds(50), 0);
+  ASSERT_FALSE(read_only.ok());
+  EXPECT_EQ(read_only.message(),
+            path.string() + ": read-only (the file, its folder or its file system); pass a writable --db");
+  ASSERT_TRUE(other->query("PRAGMA query_only = 0").ok());
+
+  // Too little free space: more than any disk has.
+  auto full = other->check_writable(std::chrono::milliseconds(50), std::uintmax_t(1) << 62);
+  ASSERT_FALSE(full.ok());
+  EXPECT_NE(full.message().find(path.string() + ": the disk holding it has "), std::string::npos) << full.message();
+  EXPECT_NE(full.message().find("MiB kept for recording runs (INFERLAB_DB_MIN_FREE_MB)"), std::string::npos)
+      << full.message();
+
+  // The same through `inferlab run`, before a worker starts: nothing recorded.
+  const auto config = small_grid(dir, "dbcheck");
+  const auto db_path = dir / "dbcheck.db";
+  auto refused = run_cli(probe_env() + "INFERLAB_DB_MIN_FREE_MB=4611686018427 ",
+                         "run " + config.string() + " --db " + db_path.string());
+  EXPECT_EQ(refused.exit_code, 1) << refused.output;
+  EXPECT_NE(refused.output.find(db_path.string() + ": the disk holding it has "), std::string::npos) << refused.output;
+  EXPECT_EQ(refused.output.find("[run 1/"), std::string::npos) << refused.output;
+}
+
+// A run that ends when the database cannot take it is kept beside the
+// database, the grid stops with the reason, and the next `inferlab run`
+// records it without running it again.
+TEST(ResultsSafety, ARunTheDatabaseRefusesIsKeptAndRecordedNextTime) {
+  const auto dir = test::temp_path("db-unsaved");
+  const auto config = small_grid(dir, "unsaved");
+  const auto db_path = dir / "unsaved.db";
+  {
+    auto db = ResultsDb::open(db_path);
+    ASSERT_TRUE(db.ok()) << db.message();
+    // Stands for a disk that fills up during the grid: the probe's run cannot be written.
+    ASSERT_TRUE(db->query("CREATE TRIGGER refuse_probe BEFORE INSERT ON runs WHEN NEW.label = 'probe' "
+                          "BEGIN SELECT RAISE(ABORT, 'disk I/O error (simulated)'); END")
+                    .ok());
+  }
+  const std::string args = "run " + config.string() + " --db " + db_path.string();
+  auto first = run_cli(probe_env(), args);
+  EXPECT_EQ(first.exit_code, 1) << first.output;
+  EXPECT_NE(first.output.find("run \"probe\" (finished) ended but could not be recorded: "), std::string::npos)
+      << first.output;
+  EXPECT_NE(first.output.find("disk I/O error (simulated)"), std::string::npos) << first.output;
+  std::vector<std::filesystem::path> kept;
+  for (const auto& entry : std::filesystem::directory_iterator(dir))
+    if (entry.path().filename().string().rfind("unsaved.db.unsaved-", 0) == 0) kept.push_back(entry.path());
+  ASSERT_EQ(kept.size(), 1u) << first.output;
+  EXPECT_NE(first.output.find("it is kept in " + kept[0].string()), std::string::npos) << first.output;
+
+  {
+    auto db = ResultsDb::open(db_path);
+    ASSERT_TRUE(db.ok()) << db.message();
+    ASSERT_TRUE(db->query("DROP TRIGGER refuse_probe").ok());
+    auto rows = db->query("SELECT label, status FROM runs ORDER BY id");
+    ASSERT_TRUE(rows.ok());
+    ASSERT_EQ(rows->rows.size(), 1u);  // dense, recorded before the probe
+    EXPECT_EQ(rows->rows[0][0].value_or(""), "dense");
+  }
+  auto second = run_cli(probe_env(), args);
+  EXPECT_EQ(second.exit_code, 0) << second.output;
+  EXPECT_NE(second.output.find("recorded run \"probe\" kept in " + kept[0].string()), std::string::npos)
+      << second.output;
+  EXPECT_NE(second.output.find("2 runs, 0 finished, 2 skipped (already done), 0 failed"), std::string::npos)
+      << second.output;
+  EXPECT_FALSE(std::filesystem::exists(kept[0]));
+  auto db = ResultsDb::open(db_path);
+  ASSERT_TRUE(db.ok()) << db.message();
+  auto rows = db->query("SELECT label, status FROM runs ORDER BY label");
+  ASSERT_TRUE(rows.ok());
+  ASSERT_EQ(rows->rows.size(), 2u);
+  EXPECT_EQ(rows->rows[1][0].value_or(""), "probe");
+  EXPECT_EQ(rows->rows[1][1].value_or(""), "finished");
+}
+
+// A grid whose runs cannot fit in the worker's memory limit is refused before
+// any run, with the estimate: here the f32 copy of a large vocabulary's
+// embedding (a 300,000-token vocabulary, 64 wide: 73 MiB as f32, 10 MiB as Q4_0 on disk).
+TEST(ResultsSafety, AGridAboveTheMemoryLimitIsRefusedWithTheEstimate) {
+  const auto dir = test::temp_path("memory-estimate");
+  std::filesystem::create_directories(dir);
+  SyntheticModelSpec spec;
+  spec.name = "wide-vocab";
+  spec.n_vocab = 300000;
+  spec.weight_type = gguf::TensorType::Q4_0;
+  const auto model = dir / "wide-vocab.gguf";
+  ASSERT_TRUE(write_synthetic_model(spec, model).ok());
+  const auto corpus = dir / "corpus.txt";
+  {
+    std::ofstream out(corpus);
+    for (int i = 0; i < 100; ++i) out << "Snow on the roofs, line " << i << ".\n";
+  }
+  const auto config = dir / "wide.toml";
+  {
+    std::ofstream out(config);
+    out << "[experiment]\nname = \"wide\"\nmemory_limit_mb = 64\n"
+        << "[model]\nname = \"" << model.string() << "\"\nthreads = 1\n"
+        << "[task]\ntype = \"perplexity\"\npath = \"" << corpus.string() << "\"\nlength = 24\nsamples = 1\n";
+  }
+  const auto db_path = dir / "wide.db";
+  auto refused = run_cli("", "run " + config.string() + " --db " + db_path.string());
+  EXPECT_EQ(refused.exit_code, 1) << refused.output;
+  EXPECT_NE(refused.output.find("experiment wide: a run needs at least "), std::string::npos) << refused.output;
+  EXPECT_NE(refused.output.find("(weights 7"), std::string::npos) << refused.output;
+  EXPECT_NE(refused.output.find("more than the worker's memory limit (memory_limit_mb) (64 MiB)"), std::string::npos)
+      << refused.output;
+  EXPECT_EQ(refused.output.find("[run 1/"), std::string::npos) << refused.output;
+  // With room, the same grid runs.
+  {
+    std::ofstream out(config, std::ios::app);
+  }
+  std::string text;
+  {
+    std::ifstream in(config);
+    text.assign(std::istreambuf_iterator<char>(in), {});
+  }
+  text.replace(text.find("memory_limit_mb = 64"), 20, "memory_limit_mb = 2048");
+  std::ofstream(config) << text;
+  auto ran = run_cli("", "run " + config.string() + " --db " + db_path.string());
+  EXPECT_EQ(ran.exit_code, 0) << ran.output;
 }
 
 TEST(RunIsolation, WorkerModeNeedsAParent) {

@@ -2,6 +2,11 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+#include <cinttypes>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
 #include <chrono>
 #include <cstdio>
 #include <functional>
@@ -9,6 +14,8 @@
 #include <memory>
 #include <optional>
 #include <set>
+
+#include <nlohmann/json.hpp>
 
 #include "datasets/tasks.h"
 #include "engine/device.h"
@@ -113,24 +120,37 @@ Status prepare_task(Workbench& bench, const ExperimentConfig& config, size_t ind
   return ok_status();
 }
 
-// How many samples each task has, for progress, from the model file's
-// tokenizer and context length alone (run_experiment never loads weights).
-Result<std::vector<int64_t>> count_samples(const ExperimentConfig& config, const std::filesystem::path& model_path) {
+// What the parent learns of a grid from the model file's header and
+// tokenizer alone (run_experiment never loads weights): the sample count of
+// each task, for progress, and what the memory estimate needs.
+struct GridFacts {
+  std::vector<int64_t> samples;   // per task
+  ModelConfig model;
+  int64_t weight_elements = 0;    // every tensor's element count
+  int64_t longest_sample = 0;     // prompt + generated tokens, over every task
+};
+
+Result<GridFacts> grid_facts(const ExperimentConfig& config, const std::filesystem::path& model_path) {
   auto file = gguf::File::open(model_path);
   if (!file) return file.error();
   auto model = read_model_config(**file);
   if (!model) return model.error();
   auto tokenizer = Tokenizer::from_gguf(**file);
   if (!tokenizer) return tokenizer.error();
+  GridFacts facts;
+  facts.model = *model;
+  for (const gguf::TensorInfo& t : (*file)->tensors()) facts.weight_elements += t.n_elems();
   // As Engine::create sets it.
   const int32_t max_context = config.model.max_context > 0 ? int32_t(config.model.max_context) : model->context_length;
-  std::vector<int64_t> counts;
   for (size_t t = 0; t < config.tasks.size(); ++t) {
     auto made = make_task_samples(config, t, **tokenizer, max_context);
     if (!made) return made.error();
-    counts.push_back(int64_t(made->samples.size()));
+    facts.samples.push_back(int64_t(made->samples.size()));
+    for (const TaskSample& sample : made->samples)
+      facts.longest_sample = std::max(facts.longest_sample, int64_t(sample.prompt_tokens.size()) +
+                                                                 std::max<int64_t>(sample.max_new_tokens, 1));
   }
-  return counts;
+  return facts;
 }
 
 RunRecord base_record(const ExperimentConfig& config, const RunSpec& run, const std::string& device) {
@@ -401,6 +421,107 @@ Result<OpenedExperiment> open_experiment(const std::filesystem::path& config_fil
   return e;
 }
 
+namespace {
+
+// Free space kept on the results database's disk before a grid starts;
+// INFERLAB_DB_MIN_FREE_MB overrides the 64 MiB default.
+std::uintmax_t db_min_free_bytes() {
+  std::uintmax_t mb = 64;
+  if (const char* env = std::getenv("INFERLAB_DB_MIN_FREE_MB"); env != nullptr && *env != '\0')
+    mb = std::strtoumax(env, nullptr, 10);
+  return mb << 20;
+}
+
+// Where a finished run goes when the database cannot take it: a JSON file
+// beside the database, which the next `inferlab run` on it records.
+std::filesystem::path unsaved_path(const std::filesystem::path& db, const std::string& hash) {
+  return db.parent_path() / (db.filename().string() + ".unsaved-" + hash.substr(0, 16) + ".json");
+}
+
+Error keep_unsaved_run(const RunRecord& record, const std::filesystem::path& db, const Error& why) {
+  const auto path = unsaved_path(db, record.hash);
+  const std::string text = record_to_json(record).dump();
+  {
+    std::ofstream out(path, std::ios::binary);
+    out << text;
+    out.flush();
+    if (out) {
+      out.close();
+      return Error{fmt::format("run \"{}\" ({}) ended but could not be recorded: {}; it is kept in {}, which the "
+                               "next `inferlab run` with this --db records; the grid stops here",
+                               record.label, run_status_name(record.status), why.message, path.string())};
+    }
+  }
+  std::error_code ec;
+  std::filesystem::remove(path, ec);
+  // Not even that file could be written: the record goes to the error output.
+  std::fprintf(stderr, "%s\n", text.c_str());
+  return Error{fmt::format("run \"{}\" ({}) ended but could not be recorded: {}; nor could {} be written, so its "
+                           "record (JSON) is on the error output above; the grid stops here",
+                           record.label, run_status_name(record.status), why.message, path.string())};
+}
+
+// Records the runs an earlier `inferlab run` kept beside the database.
+Status recover_unsaved_runs(ResultsDb& db, std::FILE* out) {
+  const auto folder = db.path().has_parent_path() ? db.path().parent_path() : std::filesystem::path(".");
+  const std::string prefix = db.path().filename().string() + ".unsaved-";
+  std::error_code ec;
+  std::vector<std::filesystem::path> files;
+  for (const auto& entry : std::filesystem::directory_iterator(folder, ec)) {
+    const std::string name = entry.path().filename().string();
+    if (name.rfind(prefix, 0) == 0 && entry.path().extension() == ".json") files.push_back(entry.path());
+  }
+  std::sort(files.begin(), files.end());
+  for (const auto& file : files) {
+    std::ifstream in(file, std::ios::binary);
+    nlohmann::json json;
+    try {
+      in >> json;
+    } catch (const nlohmann::json::exception& e) {
+      return Error{fmt::format("{}: a run kept by an earlier `inferlab run`, not valid JSON ({}); move it away to go "
+                               "on", file.string(), e.what())};
+    }
+    auto record = record_from_json(json);
+    if (!record)
+      return Error{fmt::format("{}: a run kept by an earlier `inferlab run`: {}; move it away to go on", file.string(),
+                               record.message())};
+    if (auto s = db.record_run(*record); !s) return s.error();
+    std::filesystem::remove(file, ec);
+    fmt::print(out, "recorded run \"{}\" kept in {} by an earlier `inferlab run`\n", record->label, file.string());
+  }
+  return ok_status();
+}
+
+// A lower bound of what one worker needs on the CPU backend: the weights as f32
+// copies, the KV cache of the longest sample (one sequence, f32), and the
+// activations of its prefill. A grid above the worker's memory limit (or the
+// machine's memory) is refused before any run, with the estimate.
+Status check_memory(const ExperimentConfig& config, const GridFacts& facts, int64_t memory_limit_mb) {
+  if (config.backend != "cpu") return ok_status();  // CUDA: the device's memory, checked by the engine
+  const ModelConfig& m = facts.model;
+  const double mib = 1024.0 * 1024.0;
+  const double tokens = double(facts.longest_sample);
+  const double weights = double(facts.weight_elements) * 4.0;
+  const double kv = tokens * double(m.n_layers) * double(m.kv_dim()) * 2.0 * 4.0;
+  const double activations =
+      tokens * double(2 * int64_t(m.n_embd) + m.q_dim() + 2 * m.kv_dim() + 3 * int64_t(m.n_ff)) * 4.0 +
+      double(m.n_vocab) * 4.0;
+  const double need = weights + kv + activations;
+  const double machine = double(physical_memory_bytes());
+  const double limit = std::min(double(memory_limit_mb) * mib, machine > 0 ? machine : 1e300);
+  if (need <= limit) return ok_status();
+  return Error{fmt::format(
+      "experiment {}: a run needs at least {:.0f} MiB (weights {:.0f} MiB as f32, KV cache {:.0f} MiB and prefill "
+      "activations {:.0f} MiB for the longest sample, {} tokens), more than {} ({:.0f} MiB); shorten the tasks, lower "
+      "[model] max_context, or raise [experiment] memory_limit_mb",
+      config.name, need / mib, weights / mib, kv / mib, activations / mib, facts.longest_sample,
+      double(memory_limit_mb) * mib <= machine || machine <= 0 ? "the worker's memory limit (memory_limit_mb)"
+                                                                : "this machine's memory",
+      limit / mib)};
+}
+
+}  // namespace
+
 Result<RunnerSummary> run_experiment(const std::filesystem::path& config_file, const RunnerOptions& options) {
   Shard shard;
   if (!options.shard.empty()) {
@@ -436,18 +557,23 @@ Result<RunnerSummary> run_experiment(const std::filesystem::path& config_file, c
     return Error{"run_experiment: RunnerOptions::worker_executable names no inferlab executable for the workers"};
   auto db = ResultsDb::open(options.db_path);
   if (!db) return db.error();
-  auto counts = count_samples(config, plan->model_path);
-  if (!counts) return counts.error();
+  if (auto s = db->check_writable(std::chrono::seconds(10), db_min_free_bytes()); !s) return s.error();
+  if (auto s = recover_unsaved_runs(*db, options.out); !s) return s.error();
+  auto facts = grid_facts(config, plan->model_path);
+  if (!facts) return facts.error();
+  const std::vector<int64_t>& counts = facts->samples;
   int64_t total_samples = 0;
-  for (const RunSpec& r : runs) total_samples += (*counts)[r.task_index];
-  Progress progress(options.progress, summary.runs, total_samples);
+  for (const RunSpec& r : runs) total_samples += counts[r.task_index];
   const int64_t memory_limit_mb = config.memory_limit_mb > 0 ? config.memory_limit_mb : default_memory_limit_mb();
+  if (!runs.empty())
+    if (auto s = check_memory(config, *facts, memory_limit_mb); !s) return s.error();
+  Progress progress(options.progress, summary.runs, total_samples);
   WorkerRunner workers(worker_argv(*plan, options, memory_limit_mb), config, memory_limit_mb);
   int64_t position = 0;
   for (const RunSpec& run : runs) {
     ++position;
     const std::string title = fmt::format("{} · {}", run.task.type, run.label);
-    progress.start_run(position, title, (*counts)[run.task_index]);
+    progress.start_run(position, title, counts[run.task_index]);
     auto done = db->has_finished_run(run.hash);
     if (!done) return done.error();
     if (*done) {
@@ -457,7 +583,7 @@ Result<RunnerSummary> run_experiment(const std::filesystem::path& config_file, c
     }
     auto record = workers.execute(run, progress);
     if (!record) return record.error();
-    if (auto s = db->record_run(*record); !s) return s.error();
+    if (auto s = db->record_run(*record); !s) return keep_unsaved_run(*record, options.db_path, s.error());
     (record->status == RunStatus::Finished ? summary.finished : summary.failed) += 1;
     progress.end_run(outcome_line(*record));
   }

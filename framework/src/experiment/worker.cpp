@@ -233,10 +233,12 @@ Result<std::unique_ptr<Channel>> attach_worker(int64_t memory_limit_mb) {
   return std::make_unique<Channel>(kWorkerChannelFd);
 }
 
-int64_t default_memory_limit_mb() {
-  const int64_t bytes = int64_t(::sysconf(_SC_PHYS_PAGES)) * int64_t(::sysconf(_SC_PAGESIZE));
-  return bytes / 10 * 9 >> 20;
+int64_t physical_memory_bytes() {
+  const long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGESIZE);
+  return pages > 0 && page > 0 ? int64_t(pages) * int64_t(page) : 0;
 }
+
+int64_t default_memory_limit_mb() { return physical_memory_bytes() / 10 * 9 >> 20; }
 
 nlohmann::json record_to_json(const RunRecord& r) {
   nlohmann::json metrics = nlohmann::json::array();

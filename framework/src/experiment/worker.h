@@ -111,6 +111,8 @@ Result<std::unique_ptr<Channel>> attach_worker(int64_t memory_limit_mb);
 // Nine tenths of physical memory: a worker that passes it fails its run
 // before the system's out-of-memory killer picks a process, perhaps another one.
 int64_t default_memory_limit_mb();
+// This machine's physical memory in bytes (0: unknown).
+int64_t physical_memory_bytes();
 
 // A run's record as a message and back.
 nlohmann::json record_to_json(const RunRecord& record);

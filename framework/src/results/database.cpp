@@ -400,6 +400,44 @@ Result<bool> ResultsDb::has_finished_run(const std::string& hash) {
   return existing->has_value() && (*existing)->finished;
 }
 
+Status ResultsDb::check_writable(std::chrono::milliseconds wait, std::uintmax_t min_free_bytes) {
+  const Conn c{db_.get(), path_};
+  std::error_code ec;
+  const auto folder = path_.has_parent_path() ? path_.parent_path() : std::filesystem::path(".");
+  const std::filesystem::space_info space = std::filesystem::space(folder, ec);
+  if (!ec && space.available < min_free_bytes)
+    return Error{fmt::format("{}: the disk holding it has {} MiB free, below the {} MiB kept for recording runs "
+                             "(INFERLAB_DB_MIN_FREE_MB); free some space or pass another --db",
+                             path_.string(), space.available >> 20, min_free_bytes >> 20)};
+  sqlite3_busy_timeout(c.db, int(wait.count()));
+  const int rc = sqlite3_exec(c.db, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr);
+  const std::string message = sqlite3_errmsg(c.db);
+  sqlite3_busy_timeout(c.db, 60'000);
+  if (rc == SQLITE_OK) {
+    // A write the rollback undoes: a read-only file, folder or file system, or a
+    // full disk, shows here rather than after the first run.
+    const int wrote = sqlite3_exec(c.db, "CREATE TABLE inferlab_write_probe (x)", nullptr, nullptr, nullptr);
+    const std::string write_message = sqlite3_errmsg(c.db);
+    sqlite3_exec(c.db, "ROLLBACK", nullptr, nullptr, nullptr);
+    if (wrote == SQLITE_OK) return ok_status();
+    return Error{fmt::format("{}: cannot be written: {}; pass a writable --db", path_.string(), write_message)};
+  }
+  switch (rc & 0xff) {
+    case SQLITE_BUSY:
+    case SQLITE_LOCKED:
+      return Error{fmt::format("{}: locked by another program (no write lock within {} s: another inferlab, or a "
+                               "database browser with uncommitted changes?); close it or pass another --db",
+                               path_.string(), double(wait.count()) / 1000.0)};
+    case SQLITE_READONLY:
+      return Error{fmt::format("{}: read-only (the file, its folder or its file system); pass a writable --db",
+                               path_.string())};
+    case SQLITE_FULL:
+      return Error{fmt::format("{}: the disk is full; free some space or pass another --db", path_.string())};
+    default:
+      return Error{fmt::format("{}: cannot be written: {}; pass a writable --db", path_.string(), message)};
+  }
+}
+
 Status ResultsDb::record_run(const RunRecord& run) {
   const Conn c{db_.get(), path_};
   Transaction tx(c.db);

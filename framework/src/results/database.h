@@ -4,6 +4,7 @@
 // processes (cluster shards, two terminals) may write to the same file at once.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <filesystem>
 #include <map>
@@ -103,6 +104,12 @@ class ResultsDb {
   const std::filesystem::path& path() const { return path_; }
 
   Result<bool> has_finished_run(const std::string& hash);
+
+  // Before a grid's work: that runs can be recorded here. Takes the write lock
+  // once (waiting at most `wait` for another writer) and checks that the disk
+  // holding the file has at least `min_free_bytes` free. Errors name the file
+  // and the cause: locked by another program, read-only, disk (nearly) full.
+  Status check_writable(std::chrono::milliseconds wait, std::uintmax_t min_free_bytes);
 
   // Writes the run, its metrics and samples in one transaction. A finished run
   // with the same hash is kept as it is; an unfinished one is replaced.
