@@ -76,11 +76,13 @@ TEST(PluginHost, SearchPathComesFromTheEnvironmentThenTheHostFolder) {
   ::setenv("INFERLAB_PLUGIN_PATH", "/a/b:/c::/d.so", 1);
   const auto paths = PluginRegistry::default_search_path();
   ::unsetenv("INFERLAB_PLUGIN_PATH");
-  ASSERT_EQ(paths.size(), 4u);
+  ASSERT_EQ(paths.size(), 5u);
   EXPECT_EQ(paths[0], "/a/b");
   EXPECT_EQ(paths[1], "/c");
   EXPECT_EQ(paths[2], "/d.so");
+  // Beside the executable (a build tree), then the installed prefix's plugin folder.
   EXPECT_EQ(paths[3].filename(), "plugins");
+  EXPECT_EQ(paths[4], paths[3].parent_path().parent_path() / "lib/inferlab/plugins");
 }
 
 TEST(PluginHost, CreateFillsDefaultsAndRejectsBadParameters) {

@@ -74,7 +74,11 @@ std::vector<std::filesystem::path> PluginRegistry::default_search_path() {
   }
   boost::system::error_code ec;
   const auto exe = boost::dll::program_location(ec);
-  if (!ec) paths.push_back(std::filesystem::path(exe.parent_path().string()) / "plugins");
+  if (!ec) {
+    const std::filesystem::path bin(exe.parent_path().string());
+    paths.push_back(bin / "plugins");                            // a build tree
+    paths.push_back(bin.parent_path() / "lib/inferlab/plugins");  // an installed prefix
+  }
   return paths;
 }
 
