@@ -10,7 +10,9 @@ cd "$repo_root"
 bash scripts/install-deps.sh
 bash scripts/fetch-model.sh
 bash scripts/fetch-corpus.sh
-bash scripts/build.sh
+# Only the host and its plugins (the plugins are dependencies of the host
+# target): the tests are built by scripts/test.sh.
+INFERLAB_TARGETS="${INFERLAB_TARGETS:-inferlab}" bash scripts/build.sh
 
 inferlab="${INFERLAB_BUILD_DIR:-build}/bin/inferlab"
 
