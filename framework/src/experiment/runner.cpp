@@ -3,12 +3,12 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cinttypes>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
-#include <chrono>
-#include <cstdio>
 #include <functional>
 #include <map>
 #include <memory>
@@ -497,7 +497,7 @@ Status recover_unsaved_runs(ResultsDb& db, std::FILE* out) {
 // activations of its prefill. A grid above the worker's memory limit (or the
 // machine's memory) is refused before any run, with the estimate.
 Status check_memory(const ExperimentConfig& config, const GridFacts& facts, int64_t memory_limit_mb) {
-  if (config.backend != "cpu") return ok_status();  // CUDA: the device's memory, checked by the engine
+  if (config.backend != "cpu") return ok_status();  // CUDA: weights and KV live in device memory, not estimated here
   const ModelConfig& m = facts.model;
   const double mib = 1024.0 * 1024.0;
   const double tokens = double(facts.longest_sample);
