@@ -9,6 +9,9 @@ set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
 
+# CI: the project's own sources must build without warnings.
+if [[ "${CI:-}" == "true" ]]; then export INFERLAB_WERROR="${INFERLAB_WERROR:-ON}"; fi
+
 bash scripts/install-deps.sh
 bash scripts/fetch-model.sh
 bash scripts/fetch-corpus.sh
