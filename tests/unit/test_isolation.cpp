@@ -165,6 +165,12 @@ CommandResult run_cli(const std::string& env, const std::string& args) {
   return result;
 }
 
+// A small text corpus for perplexity tasks: `lines` numbered lines.
+void write_corpus(const std::filesystem::path& path, const std::string& line, int lines) {
+  std::ofstream out(path);
+  for (int i = 0; i < lines; ++i) out << line << i << ".\n";
+}
+
 size_t count(const std::string& text, const std::string& what) {
   size_t n = 0;
   for (size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + what.size())) ++n;
@@ -179,10 +185,7 @@ TEST(RunIsolation, BadPluginsFailOnlyTheirOwnRuns) {
   const auto model = dir / "isolation.gguf";
   ASSERT_TRUE(write_synthetic_model(spec, model).ok());
   const auto corpus = dir / "corpus.txt";
-  {
-    std::ofstream out(corpus);
-    for (int i = 0; i < 200; ++i) out << "A quiet morning by the sea, wave " << i << ".\n";
-  }
+  write_corpus(corpus, "A quiet morning by the sea, wave ", 200);
   // One grid: dense, each fault of the faulty plugin with a healthy point
   // among them, and a healthy method after them all. A small timeout for the
   // hang, a memory limit of a few hundred MB for the hog (both larger under
@@ -263,10 +266,7 @@ std::filesystem::path small_grid(const std::filesystem::path& dir, const std::st
   const auto model = dir / (name + ".gguf");
   EXPECT_TRUE(write_synthetic_model(spec, model).ok());
   const auto corpus = dir / "corpus.txt";
-  {
-    std::ofstream out(corpus);
-    for (int i = 0; i < 100; ++i) out << "Rain over the hills, line " << i << ".\n";
-  }
+  write_corpus(corpus, "Rain over the hills, line ", 100);
   const auto config = dir / (name + ".toml");
   std::ofstream out(config);
   out << "[experiment]\nname = \"" << name << "\"\n"
@@ -393,10 +393,7 @@ TEST(ResultsSafety, AGridAboveTheMemoryLimitIsRefusedWithTheEstimate) {
   const auto model = dir / "wide-vocab.gguf";
   ASSERT_TRUE(write_synthetic_model(spec, model).ok());
   const auto corpus = dir / "corpus.txt";
-  {
-    std::ofstream out(corpus);
-    for (int i = 0; i < 100; ++i) out << "Snow on the roofs, line " << i << ".\n";
-  }
+  write_corpus(corpus, "Snow on the roofs, line ", 100);
   const auto config = dir / "wide.toml";
   {
     std::ofstream out(config);
@@ -413,9 +410,6 @@ TEST(ResultsSafety, AGridAboveTheMemoryLimitIsRefusedWithTheEstimate) {
       << refused.output;
   EXPECT_EQ(refused.output.find("[run 1/"), std::string::npos) << refused.output;
   // With room, the same grid runs.
-  {
-    std::ofstream out(config, std::ios::app);
-  }
   std::string text;
   {
     std::ifstream in(config);
