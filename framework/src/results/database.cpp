@@ -101,6 +101,9 @@ struct Conn {
   }
 };
 
+// How long a writer waits for another one's lock (ResultsDb::configure).
+constexpr int kBusyTimeoutMs = 60'000;
+
 double unix_now() {
   return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
 }
@@ -363,7 +366,7 @@ Status ResultsDb::configure() {
   const Conn c{db_.get(), path_};
   // Writers wait for each other instead of failing: a run's transaction is short,
   // but a shard may hold the lock while another one merges.
-  sqlite3_busy_timeout(c.db, 60'000);
+  sqlite3_busy_timeout(c.db, kBusyTimeoutMs);
   // Refuse a foreign or newer file before changing anything in it (WAL mode included).
   auto kind = inspect(c, path_, "main");
   if (!kind) return kind.error();
@@ -412,7 +415,7 @@ Status ResultsDb::check_writable(std::chrono::milliseconds wait, std::uintmax_t 
   sqlite3_busy_timeout(c.db, int(wait.count()));
   const int rc = sqlite3_exec(c.db, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr);
   const std::string message = sqlite3_errmsg(c.db);
-  sqlite3_busy_timeout(c.db, 60'000);
+  sqlite3_busy_timeout(c.db, kBusyTimeoutMs);
   if (rc == SQLITE_OK) {
     // A write the rollback undoes: a read-only file, folder or file system, or a
     // full disk, shows here rather than after the first run.
