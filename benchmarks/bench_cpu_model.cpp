@@ -43,6 +43,9 @@ int main(int argc, char** argv) {
   std::string weights_name = "f32";
   app.add_option("--weights", weights_name, "f32 or file (the model's quantized blocks)")
       ->check(CLI::IsMember({"f32", "file"}));
+  std::string kv_dtype_name = "f32";
+  app.add_option("--kv-dtype", kv_dtype_name, "KV cache pages: f32, f16 or bf16")
+      ->check(CLI::IsMember({"f32", "f16", "bf16"}));
   CLI11_PARSE(app, argc, argv);
 
   auto path = resolve_model(model_name);
@@ -52,13 +55,16 @@ int main(int argc, char** argv) {
   if (!model) return fmt::print(stderr, "bench: {}\n", model.message()), 1;
   const double load_s = since(t_load);
   const WeightSource weights = *parse_weight_source(weights_name);
-  auto engine = Engine::create(*model, EngineOptions{.page_size = page_size, .n_threads = threads, .weights = weights});
+  auto engine = Engine::create(*model, EngineOptions{.page_size = page_size,
+                                                     .n_threads = threads,
+                                                     .weights = weights,
+                                                     .kv_dtype = *parse_kv_dtype(kv_dtype_name)});
   if (!engine) return fmt::print(stderr, "bench: {}\n", engine.message()), 1;
   Engine& e = **engine;
   const int32_t n_vocab = e.config().n_vocab;
 
-  fmt::print("model: {} ({} params, weights {}), load {:.2f} s\n", path->filename().string(),
-             (*model)->parameter_count(), weight_source_name(weights), load_s);
+  fmt::print("model: {} ({} params, weights {}, KV cache {}), load {:.2f} s\n", path->filename().string(),
+             (*model)->parameter_count(), weight_source_name(weights), kv_dtype_name, load_s);
   fmt::print("cpu: {}, BLAS core: {}, threads: {}\n\n", cpu_description(), blas_core_name(), threads > 0 ? fmt::to_string(threads) : "all");
   fmt::print("| test | tokens | seconds | tokens/s |\n|---|---:|---:|---:|\n");
   for (int32_t n : prefill_lengths) {

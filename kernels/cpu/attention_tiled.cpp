@@ -29,12 +29,22 @@ struct KeyTile {
   int32_t count = 0;  // real rows
 };
 
-// Walks the page concatenation from key `begin` in tiles.
+// Walks the page concatenation from key `begin` in tiles. Rows of f16/bf16
+// pages are widened into the walker's staging rows (one tile's worth, in L1),
+// so the tile's consumers read float rows either way; a tile stays valid until
+// the next call.
 class TileWalker {
  public:
   TileWalker(const KvPageRef* pages, int64_t n_pages, int64_t head_dim, int64_t begin)
       : pages_(pages), n_pages_(n_pages), hd_(head_dim), key_(begin) {
     while (page_ < n_pages_ && offset_ + pages_[page_].n_tokens <= begin) offset_ += pages_[page_++].n_tokens;
+    for (int64_t p = 0; p < n_pages_; ++p)
+      if (pages_[p].dtype != DType::F32) {
+        thread_local std::vector<float> stage;
+        stage.resize(size_t(2 * kTileKeys * hd_));
+        stage_ = stage.data();
+        break;
+      }
   }
   // The next tile of keys below `end`; false when none is left.
   bool next(int64_t end, KeyTile& tile) {
@@ -48,8 +58,9 @@ class TileWalker {
         ++page_;
         continue;
       }
-      tile.k[tile.count] = p.k + in_page * hd_;
-      tile.v[tile.count] = p.v + in_page * hd_;
+      float* stage_k = stage_ + 2 * tile.count * hd_;
+      tile.k[tile.count] = kv_row_f32(p, false, in_page, hd_, stage_k);
+      tile.v[tile.count] = kv_row_f32(p, true, in_page, hd_, stage_k + hd_);
       ++tile.count;
       ++key_;
     }
@@ -62,6 +73,7 @@ class TileWalker {
   int64_t n_pages_, hd_;
   int64_t key_;
   int64_t page_ = 0, offset_ = 0;  // the page holding key_ and its first key's index
+  float* stage_ = nullptr;         // (kTileKeys, 2, head_dim) widened rows, for half-width pages
 };
 
 #if INFERLAB_TILED_AVX2

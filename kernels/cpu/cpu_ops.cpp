@@ -8,12 +8,47 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/half_convert.h"
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define INFERLAB_OPS_AVX2 1
 #endif
 
 namespace inferlab::kernels::cpu {
+
+void widen_to_float(const void* x, DType dtype, int64_t n, float* out) {
+  if (dtype == DType::F32) {
+    std::copy_n(static_cast<const float*>(x), n, out);
+    return;
+  }
+  const auto* h = static_cast<const uint16_t*>(x);
+  int64_t i = 0;
+#if INFERLAB_OPS_AVX2 && defined(__F16C__)
+  if (dtype == DType::F16)
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+  else
+    for (; i + 8 <= n; i += 8) {
+      const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i)));
+      _mm256_storeu_ps(out + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+    }
+#endif
+  for (; i < n; ++i) out[i] = dtype == DType::F16 ? f16_to_float(h[i]) : bf16_to_float(h[i]);
+}
+
+const float* kv_row_f32(const KvPageRef& page, bool value, int64_t t, int64_t head_dim, float* scratch) {
+  const void* base = value ? page.v : page.k;
+  if (page.dtype == DType::F32) return static_cast<const float*>(base) + t * head_dim;
+  widen_to_float(static_cast<const uint16_t*>(base) + t * head_dim, page.dtype, head_dim, scratch);
+  return scratch;
+}
+
+void load_kv_rows(const KvPageRef& page, bool value, int64_t t0, int64_t n, int64_t head_dim, float* out) {
+  const void* base = value ? page.v : page.k;
+  const int64_t eb = dtype_bytes(page.dtype);
+  widen_to_float(static_cast<const char*>(base) + t0 * head_dim * eb, page.dtype, n * head_dim, out);
+}
 
 void rmsnorm(float* out, const float* x, const float* weight, int64_t rows, int64_t n, float eps) {
 #pragma omp parallel for if (rows > 4)
@@ -252,7 +287,7 @@ void attention_paged(const float* q, int64_t n_q, int64_t q_stride, const KvPage
                      float* out, int64_t out_stride, float* key_mass) {
   // Two passes per query row over a row buffer of scores: (n_visible) floats,
   // never an (n_q, n_keys) matrix.
-  std::vector<float> scores;
+  std::vector<float> scores, row(static_cast<size_t>(head_dim));
   for (int64_t i = 0; i < n_q; ++i) {
     const float* qi = q + i * q_stride;
     float* oi = out + i * out_stride;
@@ -265,7 +300,7 @@ void attention_paged(const float* q, int64_t n_q, int64_t q_stride, const KvPage
     for (int64_t p = 0; p < n_pages && key < visible; ++p) {
       const int64_t take = std::min<int64_t>(pages[p].n_tokens, visible - key);
       for (int64_t t = 0; t < take; ++t) {
-        const float s = dot(qi, pages[p].k + t * head_dim, head_dim) * scale;
+        const float s = dot(qi, kv_row_f32(pages[p], false, t, head_dim, row.data()), head_dim) * scale;
         scores[size_t(key + t)] = s;
         max_score = std::max(max_score, s);
       }
@@ -283,7 +318,7 @@ void attention_paged(const float* q, int64_t n_q, int64_t q_stride, const KvPage
     for (int64_t p = 0; p < n_pages && key < n_keys; ++p) {
       const int64_t take = std::min<int64_t>(pages[p].n_tokens, n_keys - key);
       for (int64_t t = 0; t < take; ++t)
-        axpy(oi, scores[size_t(key + t)] * inv_sum, pages[p].v + t * head_dim, head_dim);
+        axpy(oi, scores[size_t(key + t)] * inv_sum, kv_row_f32(pages[p], true, t, head_dim, row.data()), head_dim);
       key += take;
     }
     if (key_mass != nullptr)

@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "kernel_types.h"
+
 namespace inferlab::kernels::cpu {
 
 // out(rows, n) = x(rows, n) * rsqrt(mean(x^2) + eps) * weight(n)
@@ -55,12 +57,24 @@ void matmul_xwt_rows(float* y, const float* x, const float* w, const int32_t* ro
 void matmul_x_rows(float* y, const float* x, const float* w, const int32_t* rows, int64_t m, int64_t n_sel,
                    int64_t n);
 
-// One page of one KV head: `n_tokens` rows of K and V, each (n_tokens, head_dim).
+// One page of one KV head: `n_tokens` rows of K and V, each (n_tokens,
+// head_dim), stored as `dtype` (f16/bf16 as their uint16 bits). Kernels widen
+// rows to float as they read them (kv_row_f32), so a half-width cache halves
+// the bytes attention streams.
 struct KvPageRef {
-  const float* k;
-  const float* v;
+  const void* k;
+  const void* v;
   int32_t n_tokens;
+  DType dtype = DType::F32;
 };
+
+// Row t of the page's K (value = false) or V as float: the stored row itself
+// for f32 pages, else widened into `scratch` (head_dim floats).
+const float* kv_row_f32(const KvPageRef& page, bool value, int64_t t, int64_t head_dim, float* scratch);
+// Rows [t0, t0 + n) of K or V widened into out (n, head_dim).
+void load_kv_rows(const KvPageRef& page, bool value, int64_t t0, int64_t n, int64_t head_dim, float* out);
+// n values of `dtype` widened to float (vectorized; cpu_twins' convert_to_float is the scalar reference).
+void widen_to_float(const void* x, DType dtype, int64_t n, float* out);
 
 // Attention of `n_q` query rows of one head against the concatenation of `pages`
 // (one KV head): scores for one query row at a time (never an (n_q, n_keys)

@@ -116,6 +116,21 @@ void kv_rope_shift(const KvPages& kv, const int32_t* page, const int32_t* slot, 
   }
 }
 
+void kv_rope_from_originals(const KvPages& kv, const int32_t* page, const int32_t* slot, const int32_t* origin_page,
+                            const int32_t* delta, const int32_t* save, int32_t n, int32_t rope_dim, float theta,
+                            bool neox) {
+  std::vector<float> row(size_t(kv.head_dim));
+  const size_t rotary_bytes = size_t(rope_dim) * size_t(dtype_bytes(kv.dtype));
+  for (int32_t j = 0; j < n; ++j) {
+    char* stored = key_row(kv, page[j], slot[j]);
+    char* original = key_row(kv, origin_page[j], slot[j]);
+    if (save[j] != 0) std::memcpy(original, stored, rotary_bytes);
+    convert_to_float(original, kv.dtype, rope_dim, row.data());
+    rope_shift(row.data(), 1, rope_dim, rope_dim, rope_dim, delta[j], theta, neox);
+    convert_from_float(row.data(), rope_dim, stored, kv.dtype);
+  }
+}
+
 void kv_copy_pages(const KvPages& kv, const int32_t* src, const int32_t* dst, int32_t n) {
   const size_t page_bytes = size_t(kv.page_elems()) * size_t(dtype_bytes(kv.dtype));
   for (int32_t j = 0; j < n; ++j) std::memcpy(key_row(kv, dst[j], 0), key_row(kv, src[j], 0), page_bytes);

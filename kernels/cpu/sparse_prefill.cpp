@@ -21,7 +21,7 @@ void vertical_slash_scores(const float* q, int64_t n_rows, int64_t q_stride, con
   int64_t k = 0;
   for (int64_t r = 0; r < n_pages && k < n_keys; ++r) {
     const int64_t take = std::min<int64_t>(pages[r].n_tokens, n_keys - k);
-    std::copy(pages[r].k, pages[r].k + take * hd, keys + k * hd);
+    load_kv_rows(pages[r], false, 0, take, hd, keys + k * hd);
     k += take;
   }
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(n_rows), int(k), int(hd), scale, q, int(q_stride), keys,
@@ -48,10 +48,11 @@ void mean_pool_keys(const KvPageRef* pages, int64_t n_pages, int64_t n_keys, int
   const int64_t n_blocks = (n_keys + bs - 1) / bs;
   std::fill(out, out + n_blocks * hd, 0.0f);
   int64_t k = 0;
+  std::vector<float> row(static_cast<size_t>(hd));
   for (int64_t r = 0; r < n_pages && k < n_keys; ++r)
     for (int32_t t = 0; t < pages[r].n_tokens && k < n_keys; ++t, ++k) {
       float* o = out + (k / bs) * hd;
-      const float* kt = pages[r].k + t * hd;
+      const float* kt = kv_row_f32(pages[r], false, t, hd, row.data());
       for (int64_t d = 0; d < hd; ++d) o[d] += kt[d];
     }
   for (int64_t b = 0; b < n_blocks; ++b) {

@@ -276,6 +276,31 @@ TEST(ConfigHash, FileWeightsAreAnotherRunAndF32RunsKeepTheirHashes) {
   EXPECT_NE(with_weights(""), with_weights("weights = \"file\"\n"));
 }
 
+TEST(ConfigErrors, KvDtypeMustBeKnown) {
+  const std::string message = errors_of(R"([experiment]
+name = "x"
+[model]
+name = "smollm2-135m"
+kv_dtype = "f8"
+[task]
+type = "perplexity"
+)");
+  EXPECT_NE(message.find("exp.toml:5:12: model.kv_dtype: \"f8\" is not one of: auto, f32, f16, bf16"),
+            std::string::npos)
+      << message;
+}
+
+TEST(ConfigHash, HalfWidthKvPagesAreAnotherRunAndFloatRunsKeepTheirHashes) {
+  auto with_kv = [](const std::string& kv) {
+    return hashes_of(grid_of("[experiment]\nname = \"x\"\n[model]\nname = \"smollm2-135m\"\n" + kv +
+                             "[task]\ntype = \"perplexity\"\n"));
+  };
+  EXPECT_EQ(with_kv(""), with_kv("kv_dtype = \"f32\"\n"));
+  EXPECT_EQ(with_kv(""), with_kv("kv_dtype = \"auto\"\n"));
+  EXPECT_NE(with_kv(""), with_kv("kv_dtype = \"f16\"\n"));
+  EXPECT_NE(with_kv("kv_dtype = \"f16\"\n"), with_kv("kv_dtype = \"bf16\"\n"));
+}
+
 TEST(ConfigHash, GpuDtypeChangesOnlyCudaRunHashes) {
   auto with_dtype = [](const std::string& backend, const std::string& dtype) {
     return hashes_of(grid_of("[experiment]\nname = \"x\"\nbackend = \"" + backend +

@@ -33,6 +33,7 @@ struct EngineArgs {
   std::string backend = "cpu";
   std::string dtype = "f16";
   std::string weights = "f32";
+  std::string kv_dtype = "auto";
 };
 
 void add_engine_options(CLI::App* cmd, EngineArgs& args) {
@@ -52,6 +53,10 @@ void add_engine_options(CLI::App* cmd, EngineArgs& args) {
                   "CPU backend: f32 (reference) or file (the model's quantized blocks, as llama.cpp computes)")
       ->check(CLI::IsMember({"f32", "file"}))
       ->capture_default_str();
+  cmd->add_option("--kv-dtype", args.kv_dtype,
+                  "KV cache pages: auto (CPU f32, CUDA its dtype), or on the CPU f32, f16 or bf16")
+      ->check(CLI::IsMember({"auto", "f32", "f16", "bf16"}))
+      ->capture_default_str();
 }
 
 Result<std::unique_ptr<Engine>> open_engine(const EngineArgs& args) {
@@ -69,6 +74,9 @@ Result<std::unique_ptr<Engine>> open_engine(const EngineArgs& args) {
   auto weights = parse_weight_source(args.weights);
   if (!weights) return Error{"--weights: " + weights.message()};
   options.weights = *weights;
+  auto kv_dtype = parse_kv_dtype(args.kv_dtype);
+  if (!kv_dtype) return Error{"--kv-dtype: " + kv_dtype.message()};
+  options.kv_dtype = *kv_dtype;
   return Engine::create(*model, options);
 }
 

@@ -6,7 +6,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <map>
 
+#include "cpu/cpu_twins.h"
 #include "engine/backend_factory.h"
 #include "engine/device.h"
 #include "gguf/gguf.h"
@@ -21,23 +23,46 @@ constexpr int64_t kLogitsChunkRows = 64;  // rows of logits computed per GEMM
 constexpr int64_t kDecodeSizedRows = 16;  // calls this small run as many threads as the governor says
 constexpr int64_t kLoadEveryCalls = 8;    // the machine's other load is read every 8 of them
 
+// A method's view of the cache: float32 rows as stored, or f16/bf16 rows
+// widened into a per-head copy made when the head is first read (forget()
+// drops it after the head changed).
 class SequenceKvView final : public BackendKvView {
  public:
-  explicit SequenceKvView(const KvSequence& seq) : seq_(seq) {}
+  explicit SequenceKvView(const KvSequence& seq) : seq_(seq), half_(seq.pool().dtype() != kernels::DType::F32) {}
   int32_t page_size() const override { return seq_.pool().shape().page_size; }
   int32_t n_tokens(int32_t layer, int32_t kv_head) const override { return seq_.table(layer, kv_head).n_tokens(); }
   std::span<const int32_t> positions(int32_t layer, int32_t kv_head) const override {
     return seq_.table(layer, kv_head).positions;
   }
   const float* key(int32_t layer, int32_t kv_head, int32_t token) const override {
-    return seq_.k_row(layer, kv_head, token);
+    if (!half_) return seq_.k_row(layer, kv_head, token);
+    return widened(layer, kv_head).data() + int64_t(2 * token) * seq_.pool().shape().head_dim;
   }
   const float* value(int32_t layer, int32_t kv_head, int32_t token) const override {
-    return seq_.v_row(layer, kv_head, token);
+    if (!half_) return seq_.v_row(layer, kv_head, token);
+    return widened(layer, kv_head).data() + int64_t(2 * token + 1) * seq_.pool().shape().head_dim;
   }
+  void forget(int32_t layer, int32_t kv_head) const override { rows_.erase({layer, kv_head}); }
 
  private:
+  // (tokens, 2, head_dim): each stored token's K then V row as float.
+  const std::vector<float>& widened(int32_t layer, int32_t kv_head) const {
+    auto [it, fresh] = rows_.try_emplace({layer, kv_head});
+    if (fresh) {
+      const int32_t n = seq_.table(layer, kv_head).n_tokens();
+      const int64_t hd = seq_.pool().shape().head_dim;
+      const kernels::DType dtype = seq_.pool().dtype();
+      it->second.resize(size_t(2 * n * hd));
+      for (int32_t i = 0; i < n; ++i) {
+        cpu::widen_to_float(seq_.k_bytes(layer, kv_head, i), dtype, hd, it->second.data() + 2 * i * hd);
+        cpu::widen_to_float(seq_.v_bytes(layer, kv_head, i), dtype, hd, it->second.data() + (2 * i + 1) * hd);
+      }
+    }
+    return it->second;
+  }
   const KvSequence& seq_;
+  bool half_;
+  mutable std::map<std::pair<int32_t, int32_t>, std::vector<float>> rows_;
 };
 
 // The kernels' view of a file tensor; rows == 0 for a type they do not compute with.
@@ -71,10 +96,13 @@ CpuBackend::CpuBackend(std::shared_ptr<const Model> model, const EngineOptions& 
       max_context_(max_context) {
   const ModelConfig& c = config_;
   // Chunks of at least 2 MiB, so that the host storage maps them in huge pages.
-  const int64_t page_bytes = int64_t(options.page_size) * c.head_dim * 2 * int64_t(sizeof(float));
+  const kernels::DType kv_dtype = options.kv_dtype == KvDType::F16    ? kernels::DType::F16
+                                  : options.kv_dtype == KvDType::BF16 ? kernels::DType::BF16
+                                                                      : kernels::DType::F32;
+  const int64_t page_bytes = int64_t(options.page_size) * c.head_dim * 2 * kernels::dtype_bytes(kv_dtype);
   const auto pages_per_chunk = int32_t(std::max<int64_t>(256, (int64_t(kHugePageBytes) + page_bytes - 1) / page_bytes));
   pool_ = std::make_shared<KvPagePool>(KvCacheShape{c.n_layers, c.n_kv_heads, c.head_dim, options.page_size},
-                                       pages_per_chunk);
+                                       pages_per_chunk, make_host_page_storage(kv_dtype));
   bound_sync_.assign(size_t(c.n_layers) * size_t(c.n_kv_heads), PageBoundSync{});
   overrides_.assign(size_t(kProjCount), std::vector<std::vector<float>>(size_t(std::max(1, c.n_layers))));
   adapters_.assign(size_t(kProjCount), std::vector<Adapter>(size_t(std::max(1, c.n_layers))));
@@ -112,8 +140,9 @@ const cpu::QuantMatrixRef* CpuBackend::file_weight(Proj p, int32_t l) const {
 
 bool CpuBackend::supports(Feature feature) const {
   switch (feature) {
-    case Feature::KvPagesF16:
-    case Feature::KvPagesBF16:
+    case Feature::KvPagesF32: return pool_->format() == KvPageFormat::F32;
+    case Feature::KvPagesF16: return pool_->format() == KvPageFormat::F16;
+    case Feature::KvPagesBF16: return pool_->format() == KvPageFormat::BF16;
     case Feature::Graphs:
       return false;
     default:
@@ -359,6 +388,7 @@ Result<int32_t> CpuBackend::evict(KvSequence& seq, int32_t l, int32_t g, std::ve
 }
 
 Status CpuBackend::rerotate(KvSequence& seq, int32_t l, int32_t g) {
+  if (pool_->dtype() != kernels::DType::F32) return rerotate_from_originals(seq, l, g);
   // RoPE rotations compose: turning a key by (new - old) positions equals
   // rotating the unrotated key at its new position. Eviction shifts runs of
   // tokens by the same amount: rotate each run (within a page, where rows are
@@ -377,6 +407,38 @@ Status CpuBackend::rerotate(KvSequence& seq, int32_t l, int32_t g) {
     }
     i = end;
   }
+  return ok_status();
+}
+
+// f16/bf16 pages: a key moved to index i is its original (the row as first
+// written, saved in an origin page at its first move) turned by i - origin,
+// rounded once however often it moves, as the CUDA backend does
+// (cpu::kv_rope_from_originals is its kernel's twin).
+Status CpuBackend::rerotate_from_originals(KvSequence& seq, int32_t l, int32_t g) {
+  const ModelConfig& c = config_;
+  HeadPageTable& t = seq.table(l, g);
+  const int32_t ps = pool_->shape().page_size, n_tokens = t.n_tokens();
+  std::vector<int32_t> moved;
+  for (int32_t i = 0; i < n_tokens; ++i)
+    if (t.rotary[size_t(i)] != i) moved.push_back(i);
+  if (moved.empty()) return ok_status();
+  for (int32_t i : moved) seq.origin_page(l, g, i / ps);  // before any bookkeeping changes (may throw bad_alloc)
+  const size_t n = moved.size();
+  std::vector<int32_t> page(n), slot(n), origin_page(n), delta(n), save(n);
+  for (size_t j = 0; j < n; ++j) {
+    const int32_t i = moved[j];
+    int32_t& origin = t.origin[size_t(i)];
+    save[j] = origin < 0;
+    if (origin < 0) origin = t.rotary[size_t(i)];
+    page[j] = t.pages[size_t(i / ps)];
+    slot[j] = i % ps;
+    origin_page[j] = t.origin_pages[size_t(i / ps)];
+    delta[j] = i - origin;
+    t.rotary[size_t(i)] = i;
+  }
+  const kernels::KvPages kv{pool_->chunks().data(), pool_->pages_per_chunk(), ps, int32_t(c.head_dim), pool_->dtype()};
+  cpu::kv_rope_from_originals(kv, page.data(), slot.data(), origin_page.data(), delta.data(), save.data(), int32_t(n),
+                              int32_t(c.rope_dim), c.rope_theta, c.rope_neox);
   return ok_status();
 }
 

@@ -79,6 +79,7 @@ class CpuBackend final : public Backend {
   void add_key_mass(const AttentionRefs& refs, int32_t head);
   void attend_split_keys(const AttentionRefs& refs);
   void group_mass(int32_t kv_head, std::vector<float>& mass) const;
+  Status rerotate_from_originals(KvSequence& seq, int32_t layer, int32_t kv_head);
   Status retain_sequence(KvSequence& seq, int32_t layer, const RetentionPolicy& policy,
                          const RetentionBudget& budget, std::vector<std::vector<int32_t>>& drops);
 

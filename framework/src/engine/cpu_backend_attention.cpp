@@ -35,13 +35,13 @@ struct KeyRange {
 void ranges_to_refs(const KvSequence& seq, int32_t layer, int32_t kv_head, const std::vector<KeyRange>& ranges,
                     std::vector<cpu::KvPageRef>& refs, std::vector<int32_t>& ref_start) {
   const HeadPageTable& t = seq.table(layer, kv_head);
-  const int32_t ps = seq.pool().shape().page_size;
-  const int64_t hd = seq.pool().shape().head_dim;
+  const KvPagePool& pool = seq.pool();
+  const int32_t ps = pool.shape().page_size;
   for (const KeyRange& r : ranges)
     for (int32_t i = r.start; i < r.start + r.len;) {
       const int32_t page = t.pages[size_t(i / ps)], off = i % ps;
       const int32_t count = std::min(ps - off, r.start + r.len - i);
-      refs.push_back({seq.pool().k(page) + off * hd, seq.pool().v(page) + off * hd, count});
+      refs.push_back({pool.k_bytes(page, off), pool.v_bytes(page, off), count, pool.dtype()});
       ref_start.push_back(i);
       i += count;
     }
@@ -510,8 +510,8 @@ Status CpuBackend::select_by_bound(const KvSequence& seq, int32_t l, KeyPlan& pl
     max_pages = std::max(max_pages, (cached + ps - 1) / ps);
   }
   const kernels::KvPages kv{pool_->chunks().data(), pool_->pages_per_chunk(), ps, int32_t(c.head_dim),
-                            kernels::DType::F32};
-  page_bounds_.resize(size_t(pool_->pages_reserved()) * 2 * size_t(c.head_dim));
+                            pool_->dtype()};
+  page_bounds_.resize(size_t(pool_->pages_reserved()) * 2 * size_t(c.head_dim));  // bounds in the pages' type fit
   cpu::page_bounds_update(kv, page_bounds_.data(), stale_pages.data(), stale_counts.data(),
                           int32_t(stale_pages.size()));
   for (int32_t g = 0; g < nkv; ++g)
@@ -531,7 +531,7 @@ Status CpuBackend::select_by_bound(const KvSequence& seq, int32_t l, KeyPlan& pl
   call.group_size = c.group_size();
   call.head_dim = int32_t(c.head_dim);
   call.page_size = ps;
-  call.dtype = kernels::DType::F32;
+  call.dtype = pool_->dtype();
   call.bounds = page_bounds_.data();
   call.table = {table.data(), stride};
   call.q = &q_[size_t((n_ - 1) * c.q_dim())];

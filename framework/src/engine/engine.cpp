@@ -32,6 +32,23 @@ Result<GpuDType> parse_gpu_dtype(const std::string& name) {
   return Error{fmt::format("dtype \"{}\" is not one of f16, bf16", name)};
 }
 
+Result<KvDType> parse_kv_dtype(const std::string& name) {
+  if (name == "auto") return KvDType::Auto;
+  if (name == "f32") return KvDType::F32;
+  if (name == "f16") return KvDType::F16;
+  if (name == "bf16") return KvDType::BF16;
+  return Error{fmt::format("KV dtype \"{}\" is not one of auto, f32, f16, bf16", name)};
+}
+
+const char* kv_dtype_name(KvDType dtype) {
+  switch (dtype) {
+    case KvDType::F32: return "f32";
+    case KvDType::F16: return "f16";
+    case KvDType::BF16: return "bf16";
+    default: return "auto";
+  }
+}
+
 const char* weight_source_name(WeightSource source) { return source == WeightSource::File ? "file" : "f32"; }
 
 Result<WeightSource> parse_weight_source(const std::string& name) {
@@ -215,6 +232,10 @@ Result<std::unique_ptr<Engine>> Engine::create(std::shared_ptr<const Model> mode
   if (options.weights == WeightSource::File && options.backend != BackendKind::Cpu)
     return Error{"engine: weights = file (the model's quantized blocks) runs on the CPU backend only; "
                  "the CUDA backend computes in f16 or bf16 (model.dtype)"};
+  if (options.backend == BackendKind::Cuda && options.kv_dtype != KvDType::Auto &&
+      options.kv_dtype != (options.gpu_dtype == GpuDType::BF16 ? KvDType::BF16 : KvDType::F16))
+    return Error{fmt::format("engine: the CUDA backend stores the KV cache in its compute type ({}), not {}",
+                             options.gpu_dtype == GpuDType::BF16 ? "bf16" : "f16", kv_dtype_name(options.kv_dtype))};
   const int32_t max_context = options.max_context > 0 ? options.max_context : model->config().context_length;
   auto backend = options.backend == BackendKind::Cpu ? make_cpu_backend(model, options, max_context)
                                                      : make_cuda_backend(model, options, max_context);

@@ -29,6 +29,13 @@ Result<BackendKind> parse_backend(const std::string& name);
 enum class GpuDType { F16, BF16 };
 Result<GpuDType> parse_gpu_dtype(const std::string& name);  // "f16"/"fp16"/"float16", "bf16"/"bfloat16"
 
+// Element type of the KV cache's pages. The CPU backend stores float32 (the
+// reference) unless told f16 or bf16, halving the bytes attention streams;
+// the CUDA backend stores its compute type (gpu_dtype). Auto: the backend's own.
+enum class KvDType { Auto, F32, F16, BF16 };
+Result<KvDType> parse_kv_dtype(const std::string& name);  // "auto", "f32", "f16", "bf16"
+const char* kv_dtype_name(KvDType dtype);
+
 // The weights the CPU backend computes with: float32 copies (the reference) or
 // the model file's own quantized blocks (Q4_0, Q4_1, Q8_0), computed as
 // llama.cpp does; tensors of other types stay float32.
@@ -48,6 +55,7 @@ struct EngineOptions {
   bool time_attention = false;
   int32_t device = 0;         // CUDA device index
   WeightSource weights = WeightSource::F32;  // CPU backend
+  KvDType kv_dtype = KvDType::Auto;          // CUDA: Auto or its gpu_dtype
 };
 
 // What the engine did on behalf of a method, so a run that silently did nothing

@@ -8,6 +8,7 @@
 
 #include <fmt/format.h>
 
+#include "cpu/cpu_twins.h"
 #include "model/host_memory.h"
 
 namespace inferlab {
@@ -16,8 +17,9 @@ namespace {
 
 class HostPageStorage final : public KvPageStorage {
  public:
-  int32_t element_bytes() const override { return int32_t(sizeof(float)); }
-  KvPageFormat format() const override { return KvPageFormat::F32; }
+  explicit HostPageStorage(kernels::DType dtype) : dtype_(dtype) {}
+  int32_t element_bytes() const override { return kernels::dtype_bytes(dtype_); }
+  KvPageFormat format() const override { return kv_page_format(dtype_); }
   bool host_accessible() const override { return true; }
   // A pool's chunks all have one size; from 2 MiB up they are huge-page mappings
   // (decode attention streams them), smaller ones come from the heap.
@@ -37,11 +39,11 @@ class HostPageStorage final : public KvPageStorage {
   void move_rows(KvPagePool& pool, const std::vector<KvRowMove>& moves) override {
     // Compaction moves rows to lower stored indices in order, so copying in
     // order never overwrites a row before it is read.
-    const int64_t hd = pool.shape().head_dim, ps = pool.shape().page_size;
-    const size_t row_bytes = size_t(hd) * sizeof(float);
+    const int64_t ps = pool.shape().page_size;
+    const size_t row_bytes = size_t(pool.token_bytes() / 2);
     for (const KvRowMove& m : moves) {
-      std::memcpy(pool.k(m.dst_page) + m.dst_slot * hd, pool.k(m.src_page) + m.src_slot * hd, row_bytes);
-      std::memcpy(pool.v(m.dst_page) + m.dst_slot * hd, pool.v(m.src_page) + m.src_slot * hd, row_bytes);
+      std::memcpy(pool.k_bytes(m.dst_page, m.dst_slot), pool.k_bytes(m.src_page, m.src_slot), row_bytes);
+      std::memcpy(pool.v_bytes(m.dst_page, m.dst_slot), pool.v_bytes(m.src_page, m.src_slot), row_bytes);
       for (auto& p : planes_) p[size_t(m.dst_page * ps + m.dst_slot)] = p[size_t(m.src_page * ps + m.src_slot)];
     }
   }
@@ -58,9 +60,10 @@ class HostPageStorage final : public KvPageStorage {
   void* allocate_values(int64_t count) override { return new (std::nothrow) uint32_t[size_t(count)](); }
   void free_values(void* values) override { delete[] static_cast<uint32_t*>(values); }
   void copy_values(void* dst, const void* src, int64_t count) override { std::memcpy(dst, src, size_t(count) * 4); }
-  std::unique_ptr<KvPageStorage> sibling() const override { return std::make_unique<HostPageStorage>(); }
+  std::unique_ptr<KvPageStorage> sibling() const override { return std::make_unique<HostPageStorage>(dtype_); }
 
  private:
+  kernels::DType dtype_;
   std::vector<uint32_t> planes_[kSlotPlanes];  // (pages_reserved * page_size) each
   size_t chunk_bytes_ = 0;
 };
@@ -69,7 +72,25 @@ std::atomic<uint64_t> next_sequence_id{1};
 
 }  // namespace
 
-std::unique_ptr<KvPageStorage> make_host_page_storage() { return std::make_unique<HostPageStorage>(); }
+std::unique_ptr<KvPageStorage> make_host_page_storage(kernels::DType dtype) {
+  return std::make_unique<HostPageStorage>(dtype);
+}
+
+KvPageFormat kv_page_format(kernels::DType dtype) {
+  switch (dtype) {
+    case kernels::DType::F16: return KvPageFormat::F16;
+    case kernels::DType::BF16: return KvPageFormat::BF16;
+    default: return KvPageFormat::F32;
+  }
+}
+
+kernels::DType kv_page_dtype(KvPageFormat format) {
+  switch (format) {
+    case KvPageFormat::F16: return kernels::DType::F16;
+    case KvPageFormat::BF16: return kernels::DType::BF16;
+    default: return kernels::DType::F32;
+  }
+}
 
 KvPagePool::KvPagePool(const KvCacheShape& shape, int32_t pages_per_chunk, std::unique_ptr<KvPageStorage> storage)
     : shape_(shape),
@@ -176,9 +197,15 @@ void KvSequence::append(int32_t layer, int32_t kv_head, const float* k, const fl
   const int32_t slot = t.n_tokens() % page_size;
   if (slot == 0) t.pages.push_back(pool_->allocate());
   const int32_t page = t.pages.back();
-  const size_t row_bytes = size_t(pool_->shape().head_dim) * sizeof(float);
-  std::memcpy(pool_->k(page) + int64_t(slot) * pool_->shape().head_dim, k, row_bytes);
-  std::memcpy(pool_->v(page) + int64_t(slot) * pool_->shape().head_dim, v, row_bytes);
+  const int64_t hd = pool_->shape().head_dim;
+  const kernels::DType dtype = pool_->dtype();
+  if (dtype == kernels::DType::F32) {
+    std::memcpy(pool_->k_bytes(page, slot), k, size_t(hd) * sizeof(float));
+    std::memcpy(pool_->v_bytes(page, slot), v, size_t(hd) * sizeof(float));
+  } else {
+    kernels::cpu::convert_from_float(k, hd, pool_->k_bytes(page, slot), dtype);
+    kernels::cpu::convert_from_float(v, hd, pool_->v_bytes(page, slot), dtype);
+  }
   t.positions.push_back(position);
   t.rotary.push_back(rotary < 0 ? position : rotary);
   if (!t.origin.empty()) {
@@ -255,15 +282,23 @@ std::unique_ptr<KvSequence> KvSequence::clone(std::shared_ptr<KvPagePool> pool) 
 }
 
 const float* KvSequence::k_row(int32_t layer, int32_t kv_head, int32_t i) const {
-  const HeadPageTable& t = table(layer, kv_head);
-  const int32_t ps = pool_->shape().page_size;
-  return pool_->k(t.pages[size_t(i / ps)]) + int64_t(i % ps) * pool_->shape().head_dim;
+  return static_cast<const float*>(k_bytes(layer, kv_head, i));
 }
 
 const float* KvSequence::v_row(int32_t layer, int32_t kv_head, int32_t i) const {
+  return static_cast<const float*>(v_bytes(layer, kv_head, i));
+}
+
+const void* KvSequence::k_bytes(int32_t layer, int32_t kv_head, int32_t i) const {
   const HeadPageTable& t = table(layer, kv_head);
   const int32_t ps = pool_->shape().page_size;
-  return pool_->v(t.pages[size_t(i / ps)]) + int64_t(i % ps) * pool_->shape().head_dim;
+  return pool_->k_bytes(t.pages[size_t(i / ps)], i % ps);
+}
+
+const void* KvSequence::v_bytes(int32_t layer, int32_t kv_head, int32_t i) const {
+  const HeadPageTable& t = table(layer, kv_head);
+  const int32_t ps = pool_->shape().page_size;
+  return pool_->v_bytes(t.pages[size_t(i / ps)], i % ps);
 }
 
 Result<int32_t> KvSequence::evict(int32_t layer, int32_t kv_head, std::vector<int32_t> drop) {

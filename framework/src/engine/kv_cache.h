@@ -14,6 +14,7 @@
 
 #include "inferlab/plugin.h"
 #include "inferlab/result.h"
+#include "kernel_types.h"
 
 namespace inferlab {
 
@@ -92,8 +93,13 @@ class KvPageStorage {
   virtual std::unique_ptr<KvPageStorage> sibling() const = 0;
 };
 
-// float32 pages in host memory.
-std::unique_ptr<KvPageStorage> make_host_page_storage();
+// Pages in host memory: float32 (the reference) or f16/bf16 (half the bytes
+// attention streams; rows rounded to nearest even as they are appended).
+std::unique_ptr<KvPageStorage> make_host_page_storage(kernels::DType dtype = kernels::DType::F32);
+
+// The page format of an element type, and back (Any and F32 -> F32).
+KvPageFormat kv_page_format(kernels::DType dtype);
+kernels::DType kv_page_dtype(KvPageFormat format);
 
 // Physical storage. Pages are allocated in chunks on demand; fully-free chunks at
 // the end of the pool are returned to the system by `trim()`.
@@ -111,11 +117,19 @@ class KvPagePool {
   void release(int32_t page);
   void trim();                   // frees trailing chunks whose pages are all free
 
-  // Host storage only: (page_size, head_dim) floats of K / V.
+  // Host float32 storage only: (page_size, head_dim) floats of K / V.
   float* k(int32_t page) { return static_cast<float*>(page_data(page)); }
   float* v(int32_t page) { return k(page) + page_elems_ / 2; }
   const float* k(int32_t page) const { return const_cast<KvPagePool*>(this)->k(page); }
   const float* v(int32_t page) const { return const_cast<KvPagePool*>(this)->v(page); }
+  // The K / V row of (page, slot) in the pages' element type (any storage,
+  // dereferenced on the host only for host storage).
+  void* k_bytes(int32_t page, int32_t slot) const {
+    return static_cast<char*>(page_data(page)) + int64_t(slot) * shape_.head_dim * storage_->element_bytes();
+  }
+  void* v_bytes(int32_t page, int32_t slot) const {
+    return static_cast<char*>(page_data(page)) + (page_elems_ / 2 + int64_t(slot) * shape_.head_dim) * storage_->element_bytes();
+  }
   // A slot plane's values (host storage only when dereferenced on the host).
   template <typename T = float>
   T* plane(SlotPlane p) const { return static_cast<T*>(storage_->plane(p)); }
@@ -131,6 +145,7 @@ class KvPagePool {
   int32_t pages_per_chunk() const { return pages_per_chunk_; }
   int64_t page_bytes() const { return page_elems_ * storage_->element_bytes(); }
   KvPageFormat format() const { return storage_->format(); }
+  kernels::DType dtype() const { return kv_page_dtype(storage_->format()); }
   // K and V bytes of one stored token of one (layer, kv head).
   int64_t token_bytes() const { return 2 * int64_t(shape_.head_dim) * storage_->element_bytes(); }
   int64_t pages_in_use() const { return pages_in_use_; }
@@ -180,9 +195,9 @@ class KvSequence {
   HeadPageTable& table(int32_t layer, int32_t kv_head) { return tables_[index(layer, kv_head)]; }
   const HeadPageTable& table(int32_t layer, int32_t kv_head) const { return tables_[index(layer, kv_head)]; }
 
-  // Appends one token's K and V rows (head_dim each) to (layer, kv_head); its key
-  // was rotated with `rotary` (default: its position).
-  // Host storage only.
+  // Appends one token's K and V rows (head_dim floats each, rounded to the
+  // pages' type) to (layer, kv_head); its key was rotated with `rotary`
+  // (default: its position). Host storage only.
   void append(int32_t layer, int32_t kv_head, const float* k, const float* v, int32_t position,
               int32_t rotary = -1);
   // Appends the bookkeeping of `n` tokens (pages allocated, positions, rotary)
@@ -196,9 +211,12 @@ class KvSequence {
   float* k_row_mutable(int32_t layer, int32_t kv_head, int32_t i) {
     return const_cast<float*>(k_row(layer, kv_head, i));
   }
-  // Pointer to the K / V row of stored token `i` of (layer, kv_head); host storage only.
+  // Pointer to the K / V row of stored token `i` of (layer, kv_head); host float32 storage only.
   const float* k_row(int32_t layer, int32_t kv_head, int32_t i) const;
   const float* v_row(int32_t layer, int32_t kv_head, int32_t i) const;
+  // The same row in the pages' element type (KvPagePool::dtype()).
+  const void* k_bytes(int32_t layer, int32_t kv_head, int32_t i) const;
+  const void* v_bytes(int32_t layer, int32_t kv_head, int32_t i) const;
 
   // A per-sequence plane with room for `capacity` positions, allocated (zeroed)
   // on first use in the pool's storage (std::bad_alloc when out of memory).

@@ -332,7 +332,8 @@ class ConfigParser {
         ParamSpec::integer("threads", 0, 0, std::nullopt, ""),
         ParamSpec::integer("prefill_chunk", 0, 0, std::nullopt, ""),
         ParamSpec::string("dtype", "f16", {"f16", "bf16"}, ""),
-        ParamSpec::string("weights", "f32", {"f32", "file"}, "")};
+        ParamSpec::string("weights", "f32", {"f32", "file"}, ""),
+        ParamSpec::string("kv_dtype", "auto", {"auto", "f32", "f16", "bf16"}, "")};
     const toml::table* table = section(root, "model", true);
     if (table == nullptr) return;
     const ParamValues values = read_scalars(*table, "model", specs);
@@ -343,6 +344,7 @@ class ConfigParser {
     model.prefill_chunk = values.get_int("prefill_chunk");
     model.dtype = values.get_string("dtype");
     model.weights = values.get_string("weights");
+    model.kv_dtype = values.get_string("kv_dtype");
     const toml::node* name = table->get("name");
     if (name == nullptr || (name->is_string() && model.name.empty()))
       diag_.add(name ? name->source() : table->source(), "model.name",
@@ -539,6 +541,9 @@ std::string canonical_config_json(const RunSpec& run) {
   if (run.backend == "cuda") model["dtype"] = run.model.dtype;
   // Runs on the float32 weights keep the hashes they had before the choice existed.
   if (run.model.weights != "f32") model["weights"] = run.model.weights;
+  // ... and CPU runs on float32 KV pages (auto or f32) those they had before half-width pages existed.
+  if (run.backend != "cuda" && run.model.kv_dtype != "auto" && run.model.kv_dtype != "f32")
+    model["kv_dtype"] = run.model.kv_dtype;
   const nlohmann::json json = {
       {"experiment", run.experiment},
       {"measurement", kMeasurementVersion},

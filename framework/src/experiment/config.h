@@ -25,6 +25,7 @@ struct ModelSection {
   int64_t prefill_chunk = 0;  // tokens per forward call during prefill; 0: the whole prompt
   std::string dtype = "f16";  // CUDA backend: weights and KV cache in f16 or bf16
   std::string weights = "f32";  // CPU backend: "f32" copies or the file's quantized blocks ("file")
+  std::string kv_dtype = "auto";  // KV pages: "auto" (CPU f32, CUDA its dtype), "f32", "f16", "bf16" (CPU)
 };
 
 struct TaskSection {

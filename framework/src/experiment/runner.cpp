@@ -81,6 +81,9 @@ Result<Workbench> open_workbench(const ExperimentConfig& config, const std::file
   auto weights = parse_weight_source(config.model.weights);
   if (!weights) return Error{fmt::format("model.weights: {}", weights.message())};
   options.weights = *weights;
+  auto kv_dtype = parse_kv_dtype(config.model.kv_dtype);
+  if (!kv_dtype) return Error{fmt::format("model.kv_dtype: {}", kv_dtype.message())};
+  options.kv_dtype = *kv_dtype;
   auto engine = Engine::create(bench.model, options);
   if (!engine) return engine.error();
   bench.engine = std::move(*engine);
@@ -493,7 +496,7 @@ Status recover_unsaved_runs(ResultsDb& db, std::FILE* out) {
 }
 
 // A lower bound of what one worker needs on the CPU backend: the weights as f32
-// copies, the KV cache of the longest sample (one sequence, f32), and the
+// copies, the KV cache of the longest sample (one sequence, in model.kv_dtype), and the
 // activations of its prefill. A grid above the worker's memory limit (or the
 // machine's memory) is refused before any run, with the estimate.
 Status check_memory(const ExperimentConfig& config, const GridFacts& facts, int64_t memory_limit_mb) {
@@ -502,7 +505,8 @@ Status check_memory(const ExperimentConfig& config, const GridFacts& facts, int6
   const double mib = 1024.0 * 1024.0;
   const double tokens = double(facts.longest_sample);
   const double weights = double(facts.weight_elements) * 4.0;
-  const double kv = tokens * double(m.n_layers) * double(m.kv_dim()) * 2.0 * 4.0;
+  const double kv_bytes = config.model.kv_dtype == "f16" || config.model.kv_dtype == "bf16" ? 2.0 : 4.0;
+  const double kv = tokens * double(m.n_layers) * double(m.kv_dim()) * 2.0 * kv_bytes;
   const double activations =
       tokens * double(2 * int64_t(m.n_embd) + m.q_dim() + 2 * m.kv_dim() + 3 * int64_t(m.n_ff)) * 4.0 +
       double(m.n_vocab) * 4.0;
