@@ -13,7 +13,8 @@ What is timed, on both sides:
               (llama.cpp: n_batch >= N, so one llama_decode; n_ubatch 512 as llama-bench);
   decode @ C  C random tokens prefilled untimed, then --decode-steps single-token
               evaluations timed; tokens/s = steps / seconds.
-llama.cpp runs with an f32 KV cache (as inferlab) and flash attention off,
+Both sides store the KV cache in --kv-dtype (default f32; f16 is llama.cpp's own
+default), llama.cpp with flash attention off,
 n_threads = n_threads_batch = --threads. Each inferlab run is one process
 (`bench_cpu_model --repeats 1`); its timings exclude the model load. Each run
 starts with an untimed warm-up, a prefill of --inferlab-warmup tokens and a decode
@@ -25,7 +26,8 @@ Usage:
   .venv-ref/bin/python tests/reference/convert_gguf_f32.py   # ...SmolLM2-135M-Instruct.F32.gguf
   .venv-ref/bin/python benchmarks/cpu_side_by_side.py [--model FILE.gguf] [--threads 2]
       [--prefill 2048,4000] [--decode 15,2048,4000] [--decode-steps 32] [--repeats 3]
-      [--bench build-cpu/bin/bench_cpu_model] [--inferlab-args "--weights file"] [--out report.md]
+      [--bench build-cpu/bin/bench_cpu_model] [--inferlab-args "--weights file"] [--kv-dtype f16]
+      [--out report.md]
 (plain python3 works too: the script restarts itself under .venv-ref/bin/python.)
 """
 
@@ -83,6 +85,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--inferlab-warmup", type=int, default=16, metavar="N",
                    help="each inferlab run starts with an untimed prefill of N tokens and decode at "
                         "context N (--decode-steps steps), rows dropped (default 16; 0: none)")
+    p.add_argument("--kv-dtype", choices=["f32", "f16"], default="f32",
+                   help="KV cache element type on both sides (default f32)")
     p.add_argument("--n-ubatch", type=int, default=512, help="llama.cpp n_ubatch (default 512, as llama-bench)")
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                    help="first wait up to this long for other CPU load to stop (default: do not wait)")
@@ -158,7 +162,7 @@ def bench_command(args: argparse.Namespace) -> list[str]:
             "--prefill", ",".join(map(str, warm + args.prefill)),
             "--decode", ",".join(map(str, warm + args.decode)),
             "--decode-steps", str(args.decode_steps), "--repeats", "1",
-            "--threads", str(args.threads), *args.extra]
+            "--threads", str(args.threads), "--kv-dtype", args.kv_dtype, *args.extra]
 
 
 def run_inferlab(args: argparse.Namespace, cmd: list[str]) -> tuple[dict[str, float], list[str]]:
@@ -194,10 +198,10 @@ def load_llama(args: argparse.Namespace):
     import llama_cpp
     n_ctx = max(max(args.prefill), max(args.decode) + args.decode_steps)
     n_batch = max(max(args.prefill), max(args.decode))  # every prefill is one eval, one llama_decode
-    f32 = getattr(llama_cpp, "GGML_TYPE_F32", 0)
+    kv_type = getattr(llama_cpp, "GGML_TYPE_F16", 1) if args.kv_dtype == "f16" else getattr(llama_cpp, "GGML_TYPE_F32", 0)
     llm = llama_cpp.Llama(str(args.model), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=min(args.n_ubatch, n_batch),
                           n_threads=args.threads, n_threads_batch=args.threads,
-                          type_k=f32, type_v=f32, flash_attn=False, logits_all=False, verbose=False)
+                          type_k=kv_type, type_v=kv_type, flash_attn=False, logits_all=False, verbose=False)
     # Warm-up as inferlab's (page in weights, first batch and single-token graphs).
     warm = max(1, args.inferlab_warmup)
     llm.reset()
@@ -338,7 +342,7 @@ def main() -> int:
             f"- inferlab: git {git_state()}; `{shlex.join(cmd)}`",
             *(f"  - bench header: {h}" for h in header),
             f"- llama.cpp: llama-cpp-python {llama_cpp.__version__}; n_ctx {llama_settings['n_ctx']}, "
-            f"n_batch {llama_settings['n_batch']}, n_ubatch {llama_settings['n_ubatch']}, f32 KV cache, "
+            f"n_batch {llama_settings['n_batch']}, n_ubatch {llama_settings['n_ubatch']}, {args.kv_dtype} KV cache, "
             f"flash attention off, n_threads = n_threads_batch = {args.threads}",
             f"- command: `{command}`",
             f"- method: prefill: one evaluation of N random tokens from an empty cache; {decode_note}. "

@@ -137,26 +137,24 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-// Rows [r0, r1) of y = W x + beta y, four rows at a time against one load of x.
+// Rows [r0, r1) of y = W x + beta y, one row at a time with four accumulators:
+// W is read as one sequential stream, which the hardware prefetcher follows at
+// close to the memory bandwidth (four rows interleaved, 2-6 KiB apart, ran
+// about 20% slower in decode on the 2-core EPYC VM).
 void gemv_slice(float* y, const float* x, const float* w, int64_t r0, int64_t r1, int64_t k, float beta) {
-  auto store = [&](int64_t r, float v) { y[r] = beta == 0.0f ? v : v + beta * y[r]; };
-  int64_t r = r0;
-  for (; r + 4 <= r1; r += 4) {
-    const float* w0 = w + r * k;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* wr = w + r * k;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t d = 0; d < k; d += 8) {
-      const __m256 xv = _mm256_loadu_ps(x + d);
-      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + d), xv, a0);
-      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + k + d), xv, a1);
-      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + 2 * k + d), xv, a2);
-      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + 3 * k + d), xv, a3);
+    int64_t d = 0;
+    for (; d + 32 <= k; d += 32) {
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + d), _mm256_loadu_ps(x + d), a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + d + 8), _mm256_loadu_ps(x + d + 8), a1);
+      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + d + 16), _mm256_loadu_ps(x + d + 16), a2);
+      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + d + 24), _mm256_loadu_ps(x + d + 24), a3);
     }
-    store(r, hsum(a0)), store(r + 1, hsum(a1)), store(r + 2, hsum(a2)), store(r + 3, hsum(a3));
-  }
-  for (; r < r1; ++r) {
-    __m256 a = _mm256_setzero_ps();
-    for (int64_t d = 0; d < k; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(w + r * k + d), _mm256_loadu_ps(x + d), a);
-    store(r, hsum(a));
+    for (; d < k; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + d), _mm256_loadu_ps(x + d), a0);
+    const float v = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    y[r] = beta == 0.0f ? v : v + beta * y[r];
   }
 }
 
@@ -168,21 +166,20 @@ __attribute__((target("avx512f,avx512dq"))) inline float hsum512(__m512 v) {
 // at run time; the build targets AVX2): decode streams W ~7% faster on Zen 4.
 __attribute__((target("avx512f,avx512dq"))) void gemv_slice_512(float* y, const float* x, const float* w, int64_t r0,
                                                        int64_t r1, int64_t k, float beta) {
-  auto store = [&](int64_t r, float v) { y[r] = beta == 0.0f ? v : v + beta * y[r]; };
-  int64_t r = r0;
-  for (; r + 4 <= r1; r += 4) {
-    const float* w0 = w + r * k;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* wr = w + r * k;
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t d = 0; d < k; d += 16) {
-      const __m512 xv = _mm512_loadu_ps(x + d);
-      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + d), xv, a0);
-      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + k + d), xv, a1);
-      a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + 2 * k + d), xv, a2);
-      a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + 3 * k + d), xv, a3);
+    int64_t d = 0;
+    for (; d + 64 <= k; d += 64) {
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + d), _mm512_loadu_ps(x + d), a0);
+      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + d + 16), _mm512_loadu_ps(x + d + 16), a1);
+      a2 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + d + 32), _mm512_loadu_ps(x + d + 32), a2);
+      a3 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + d + 48), _mm512_loadu_ps(x + d + 48), a3);
     }
-    store(r, hsum512(a0)), store(r + 1, hsum512(a1)), store(r + 2, hsum512(a2)), store(r + 3, hsum512(a3));
+    for (; d < k; d += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + d), _mm512_loadu_ps(x + d), a0);
+    const float v = hsum512(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    y[r] = beta == 0.0f ? v : v + beta * y[r];
   }
-  if (r < r1) gemv_slice(y, x, w, r, r1, k, beta);
 }
 
 const bool kHaveAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");

@@ -4,7 +4,8 @@
 // README states. History: committed before the forward pass was reshaped (one
 // forward schedule); rewritten when the CPU attention became tiled (online
 // softmax), when one-row products left OpenBLAS (gemv_group) and when a kv
-// group's heads began sharing each K/V row load (tile_update_heads), each time after
+// group's heads began sharing each K/V row load (tile_update_heads) and when
+// the one-row products began reading one weight row at a time, each time after
 // the new logits were checked against the old fixture within
 // the tolerance below.
 //
