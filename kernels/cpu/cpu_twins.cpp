@@ -57,16 +57,22 @@ void embedding_lookup(const void* table, DType dtype, int64_t n_embd, const int3
     convert_to_float(static_cast<const char*>(table) + ids[r] * row_bytes, dtype, n_embd, out + r * n_embd);
 }
 
-void head_output_norms(const float* attn, int32_t n_rows, int32_t n_heads, int32_t head_dim, float* norms) {
+void head_output_norms(const float* attn, int32_t n_rows, int32_t n_heads, int32_t head_dim, float* norms,
+                       float* l1) {
   for (int32_t h = 0; h < n_heads; ++h) {
-    double total = 0.0;
+    double total = 0.0, total_l1 = 0.0;
     for (int32_t r = 0; r < n_rows; ++r) {
       const float* head = attn + (int64_t(r) * n_heads + h) * head_dim;
-      double sum_sq = 0.0;
-      for (int32_t d = 0; d < head_dim; ++d) sum_sq += double(head[d]) * head[d];
+      double sum_sq = 0.0, sum_abs = 0.0;
+      for (int32_t d = 0; d < head_dim; ++d) {
+        sum_sq += double(head[d]) * head[d];
+        sum_abs += std::fabs(double(head[d]));
+      }
       total += std::sqrt(sum_sq);
+      total_l1 += sum_abs;
     }
     norms[h] = float(total);
+    if (l1 != nullptr) l1[h] = float(total_l1);
   }
 }
 

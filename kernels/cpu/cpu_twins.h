@@ -21,8 +21,10 @@ void convert_to_float(const void* x, DType dtype, int64_t n, float* out);
 void embedding_lookup(const void* table, DType dtype, int64_t n_embd, const int32_t* ids, int64_t n, float* out);
 
 // norms(n_heads)[h] = sum over rows of ||attn[r, h*head_dim : (h+1)*head_dim]||_2,
-// attn (n_rows, n_heads * head_dim).
-void head_output_norms(const float* attn, int32_t n_rows, int32_t n_heads, int32_t head_dim, float* norms);
+// attn (n_rows, n_heads * head_dim); l1 (when not null) the same with the L1
+// norm (sum of |x|), SpAtten's head importance.
+void head_output_norms(const float* attn, int32_t n_rows, int32_t n_heads, int32_t head_dim, float* norms,
+                       float* l1 = nullptr);
 
 // out(n_rows, row_len) = w[rows[i], :], both of dtype.
 void gather_rows(const void* w, DType dtype, int64_t row_len, const int32_t* rows, int64_t n_rows, void* out);

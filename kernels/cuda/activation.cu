@@ -29,17 +29,24 @@ __global__ void convert_kernel(const From* x, int64_t n, To* out) {
 
 // Block per head; warp w takes rows w, w + n_warps, ...
 __global__ void head_output_norms_kernel(const float* attn, int32_t n_rows, int32_t n_heads, int32_t head_dim,
-                                         float* norms) {
+                                         float* norms, float* l1) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
-  float total = 0.0f;  // this warp's rows, valid in lane 0
+  float total = 0.0f, total_l1 = 0.0f;  // this warp's rows, valid in lane 0
   for (int32_t r = warp; r < n_rows; r += n_warps) {
     const float* head = attn + (int64_t(r) * n_heads + blockIdx.x) * head_dim;
-    float sum_sq = 0.0f;
-    for (int32_t d = lane; d < head_dim; d += 32) sum_sq += head[d] * head[d];
+    float sum_sq = 0.0f, sum_abs = 0.0f;
+    for (int32_t d = lane; d < head_dim; d += 32) {
+      sum_sq += head[d] * head[d];
+      sum_abs += fabsf(head[d]);
+    }
     total += sqrtf(warp_sum(sum_sq));
+    total_l1 += warp_sum(sum_abs);
   }
   total = block_sum(lane == 0 ? total : 0.0f);
   if (threadIdx.x == 0) norms[blockIdx.x] = total;
+  if (l1 == nullptr) return;
+  total_l1 = block_sum(lane == 0 ? total_l1 : 0.0f);
+  if (threadIdx.x == 0) l1[blockIdx.x] = total_l1;
 }
 
 // Block per gathered row; U is the copy unit.
@@ -84,10 +91,10 @@ cudaError_t convert_to_float(const void* x, DType dtype, int64_t n, float* out, 
 }
 
 cudaError_t head_output_norms(const float* attn, int32_t n_rows, int32_t n_heads, int32_t head_dim, float* norms,
-                              cudaStream_t stream) {
+                              float* l1, cudaStream_t stream) {
   if (n_rows < 0 || n_heads < 0 || head_dim <= 0) return cudaErrorInvalidValue;
   if (n_heads == 0) return cudaSuccess;
-  head_output_norms_kernel<<<unsigned(n_heads), 512, 0, stream>>>(attn, n_rows, n_heads, head_dim, norms);
+  head_output_norms_kernel<<<unsigned(n_heads), 512, 0, stream>>>(attn, n_rows, n_heads, head_dim, norms, l1);
   return cudaGetLastError();
 }
 

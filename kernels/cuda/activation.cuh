@@ -23,9 +23,10 @@ cudaError_t convert_from_float(const float* x, int64_t n, void* out, DType dtype
 cudaError_t convert_to_float(const void* x, DType dtype, int64_t n, float* out, cudaStream_t stream);
 
 // norms(n_heads)[h] = sum over rows r of ||attn[r, h*head_dim : (h+1)*head_dim]||_2,
-// attn (n_rows, n_heads * head_dim). Overwrites norms; deterministic (no atomics).
+// attn (n_rows, n_heads * head_dim); l1 (when not null) the same with the L1
+// norm (sum of |x|). Overwrites them; deterministic (no atomics).
 cudaError_t head_output_norms(const float* attn, int32_t n_rows, int32_t n_heads, int32_t head_dim, float* norms,
-                              cudaStream_t stream);
+                              float* l1, cudaStream_t stream);
 
 // out(n_rows, row_len) = w[rows[i], :], w (·, row_len) of dtype, out the same
 // dtype (sparse FFN weight slices). rows are not range-checked.

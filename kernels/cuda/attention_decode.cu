@@ -79,6 +79,10 @@ __device__ DecodeCta make_decode_cta(const AttentionCall& c) {
   const int32_t share = ceil_div_dev(ceil_div_dev(n_keys, int32_t(gridDim.x)), kTileKeys) * kTileKeys;
   cta.k_begin = min(n_keys, int32_t(blockIdx.x) * share);
   cta.k_end = min(n_keys, cta.k_begin + share);
+  // A kv head whose query heads are all masked reads no key (its outputs are zeros).
+  bool any_active = false;
+  for (int32_t j = 0; j < cta.group; ++j) any_active = any_active || head_active(c, cta.g * cta.group + j);
+  if (!any_active) cta.k_begin = cta.k_end;
   return cta;
 }
 

@@ -260,11 +260,13 @@ TEST_P(HeadOutputNorms, MatchesTwin) {
   INFERLAB_REQUIRE_GPU();
   const auto& c = GetParam();
   const auto attn = random_floats(size_t(c.n_rows) * c.n_heads * c.head_dim, 12);
-  DeviceBuffer<float> d_attn(attn), d_norms(size_t(c.n_heads));
-  INFERLAB_CUDA_OK(cuda::head_output_norms(d_attn.get(), c.n_rows, c.n_heads, c.head_dim, d_norms.get(), nullptr));
-  std::vector<float> expected(size_t(c.n_heads));
-  cpu::head_output_norms(attn.data(), c.n_rows, c.n_heads, c.head_dim, expected.data());
+  DeviceBuffer<float> d_attn(attn), d_norms(size_t(c.n_heads)), d_l1(size_t(c.n_heads));
+  INFERLAB_CUDA_OK(
+      cuda::head_output_norms(d_attn.get(), c.n_rows, c.n_heads, c.head_dim, d_norms.get(), d_l1.get(), nullptr));
+  std::vector<float> expected(size_t(c.n_heads)), expected_l1(size_t(c.n_heads));
+  cpu::head_output_norms(attn.data(), c.n_rows, c.n_heads, c.head_dim, expected.data(), expected_l1.data());
   EXPECT_LT(normalized_error(d_norms.download(), expected), 1e-5);
+  EXPECT_LT(normalized_error(d_l1.download(), expected_l1), 1e-5);
 }
 
 INSTANTIATE_TEST_SUITE_P(CudaOps, HeadOutputNorms,

@@ -14,7 +14,9 @@
 #include <utility>
 #include <vector>
 
+#include "engine/kv_cache.h"
 #include "inferlab/plugin.h"
+#include "naive_reference.h"
 
 namespace inferlab::test {
 
@@ -77,86 +79,61 @@ class RetentionMethod final : public Method {
 
 namespace inferlab::test {
 
-// Retention per sequence (SpAtten's cascade): one score per position summed
-// over layers and kv heads, every kv head of a layer keeping the same tokens, a
-// token dropped at layer l gone from every later layer. Engine-side
-// (kHookRetention, RetentionScope::PerSequence) or kept here from on_attention
-// and carried out through evict: the host-side reference.
+// Retention per sequence (SpAtten's cascade) through the engine: one score
+// per position summed over layers and kv heads, every kv head of a layer
+// keeping the same tokens, a token dropped at layer l gone from every later
+// layer, per-layer budgets. CascadeTrace below says what each query then reads.
 class SequenceRetentionMethod final : public Method {
  public:
-  SequenceRetentionMethod(bool engine_side, std::vector<RetentionBudget> per_layer,
-                          RetentionScore score = RetentionScore::AccumulatedMass)
-      : engine_side_(engine_side), per_layer_(std::move(per_layer)), score_(score) {}
+  explicit SequenceRetentionMethod(std::vector<RetentionBudget> per_layer,
+                                   RetentionScore score = RetentionScore::AccumulatedMass)
+      : per_layer_(std::move(per_layer)), score_(score) {}
 
-  uint32_t hooks() const { return engine_side_ ? kHookRetention : kHookAttentionFeedback | kHookEviction; }
-
-  void begin_sequence(const ModelShape& shape) override {
-    shape_ = shape;
-    score_by_position_.clear();
-    dropped_at_.clear();
-  }
-
+  uint32_t hooks() const { return kHookRetention; }
   RetentionPolicy retention_policy() const override { return {score_, RetentionScope::PerSequence}; }
   RetentionBudget retention_budget(const StepInfo&, int32_t layer, int32_t) override {
     return per_layer_[size_t(layer)];
   }
 
-  void on_attention(const StepInfo& step, const KvView& kv, const AttentionStats& stats) override {
-    const int32_t end = step.first_position + step.n_tokens;
-    if (score_by_position_.size() < size_t(end)) {
-      score_by_position_.resize(size_t(end), 0.0f);
-      dropped_at_.resize(size_t(end), 0);
-    }
-    if (stats.layer == 0 && stats.kv_head == 0) {  // a new call: its tokens are new at their positions
-      for (int32_t p = step.first_position; p < end; ++p) score_by_position_[size_t(p)] = 0, dropped_at_[size_t(p)] = 0;
-      if (score_ == RetentionScore::LastMass) std::fill(score_by_position_.begin(), score_by_position_.end(), 0.0f);
-    }
-    const auto positions = kv.positions(stats.layer, stats.kv_head);
-    for (size_t t = 0; t < positions.size(); ++t) score_by_position_[size_t(positions[t])] += stats.key_mass[t];
-  }
-
-  void evict(const StepInfo&, const KvView& kv, int32_t layer, int32_t kv_head, std::vector<int32_t>& drop) override {
-    if (kv_head == 0) layer_drop_ = choose(kv.positions(layer, 0), layer);
-    drop = layer_drop_;
-  }
-
  private:
-  std::vector<int32_t> choose(std::span<const int32_t> positions, int32_t layer) {
-    std::vector<int32_t> candidates, out;
-    std::vector<std::pair<float, int32_t>> ranked;  // (score, candidate index)
-    for (int32_t t = 0; t < int32_t(positions.size()); ++t) {
-      const int32_t mark = dropped_at_[size_t(positions[size_t(t)])];
-      if (mark > 0 && mark <= layer) continue;
-      candidates.push_back(t);
-    }
-    std::vector<uint8_t> stays(positions.size(), 0);
-    for (int32_t t : candidates) stays[size_t(t)] = 1;
-    const RetentionBudget& b = per_layer_[size_t(layer)];
-    const int32_t n = int32_t(candidates.size());
-    if (b.heavy >= 0 && n > b.sink + b.recent + b.heavy) {
-      for (int32_t i = b.sink; i < n - b.recent; ++i) {
-        const float s = score_by_position_[size_t(positions[size_t(candidates[size_t(i)])])];
-        ranked.emplace_back(std::isnan(s) ? -std::numeric_limits<float>::infinity() : s, i);
-      }
-      std::stable_sort(ranked.begin(), ranked.end(), [](const auto& a, const auto& c) { return a.first > c.first; });
-      for (size_t j = size_t(b.heavy); j < ranked.size(); ++j) {
-        const int32_t t = candidates[size_t(ranked[j].second)];
-        stays[size_t(t)] = 0;
-        dropped_at_[size_t(positions[size_t(t)])] = layer + 1;
-      }
-    }
-    for (int32_t t = 0; t < int32_t(positions.size()); ++t)
-      if (stays[size_t(t)] == 0) out.push_back(t);
-    return out;
-  }
-
-  bool engine_side_;
   std::vector<RetentionBudget> per_layer_;
   RetentionScore score_;
-  ModelShape shape_;
-  std::vector<float> score_by_position_;
-  std::vector<int32_t> dropped_at_;  // 1 + the layer that dropped the position, 0 while stored
-  std::vector<int32_t> layer_drop_;
+};
+
+// The cache's tables around each forward call of a run under retention per
+// sequence, and what they imply each query read (for the naive reference): at
+// layer l, query t of a call read key j <= t when j was stored at layer l
+// before the call or is one of the call's rows, and (l > 0) layer l - 1 still
+// held j after the call: a token dropped at a shallower layer leaves before
+// the deeper layers' attention, a pruned row stops at the layer that dropped it.
+struct CascadeTrace {
+  using Tables = std::vector<std::vector<int32_t>>;  // per layer: kv head 0's positions
+  std::vector<int32_t> starts;  // each call's first position
+  std::vector<Tables> before, after;
+
+  static Tables snapshot(const KvSequence& seq) {
+    Tables t;
+    for (int32_t l = 0; l < seq.pool().shape().n_layers; ++l) t.push_back(seq.table(l, 0).positions);
+    return t;
+  }
+  static bool holds(const std::vector<int32_t>& positions, int64_t p) {
+    return std::binary_search(positions.begin(), positions.end(), int32_t(p));
+  }
+  void begin_call(const KvSequence& seq) {
+    starts.push_back(seq.n_past());
+    before.push_back(snapshot(seq));
+  }
+  void end_call(const KvSequence& seq) { after.push_back(snapshot(seq)); }
+  bool visible(int32_t layer, int64_t t, int64_t j) const {
+    const size_t k = size_t(std::upper_bound(starts.begin(), starts.end(), int32_t(t)) - starts.begin()) - 1;
+    const bool stored_or_new = j >= starts[k] || holds(before[k][size_t(layer)], j);
+    return stored_or_new && (layer == 0 || holds(after[k][size_t(layer - 1)], j));
+  }
+  NaivePolicy policy() const {
+    NaivePolicy p;
+    p.key_visible = [this](int32_t layer, int32_t, int64_t t, int64_t j) { return visible(layer, t, j); };
+    return p;
+  }
 };
 
 }  // namespace inferlab::test

@@ -79,10 +79,12 @@ TEST(CpuTwins, EmbeddingLookupWidensRows) {
 TEST(CpuTwins, HeadOutputNormsSumRowNorms) {
   // (2 rows, 2 heads, head_dim 2): head 0 rows (3,4), (0,1); head 1 rows (6,8), (5,12).
   const std::vector<float> attn = {3, 4, 6, 8, 0, 1, 5, 12};
-  std::vector<float> norms(2);
-  head_output_norms(attn.data(), 2, 2, 2, norms.data());
+  std::vector<float> norms(2), l1(2);
+  head_output_norms(attn.data(), 2, 2, 2, norms.data(), l1.data());
   EXPECT_FLOAT_EQ(norms[0], 5.0f + 1.0f);
   EXPECT_FLOAT_EQ(norms[1], 10.0f + 13.0f);
+  EXPECT_FLOAT_EQ(l1[0], 7.0f + 1.0f);
+  EXPECT_FLOAT_EQ(l1[1], 14.0f + 17.0f);
 }
 
 TEST(CpuTwins, GatherRowsCopiesSelectedRows) {

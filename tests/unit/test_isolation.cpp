@@ -421,6 +421,32 @@ TEST(ResultsSafety, AGridAboveTheMemoryLimitIsRefusedWithTheEstimate) {
   EXPECT_EQ(ran.exit_code, 0) << ran.output;
 }
 
+// A per-layer schedule naming a layer the model does not have is refused
+// before any run, naming the run and the key (SpAtten's keep, on a 2-layer model).
+TEST(ResultsSafety, ASchedulePastTheLastLayerIsRefusedBeforeAnyRun) {
+  const auto dir = test::temp_path("schedule-layers");
+  std::filesystem::create_directories(dir);
+  SyntheticModelSpec spec;
+  spec.name = "two-layers";
+  const auto model = dir / "two-layers.gguf";
+  ASSERT_TRUE(write_synthetic_model(spec, model).ok());
+  const auto corpus = dir / "corpus.txt";
+  write_corpus(corpus, "Rain over the hills, line ", 100);
+  const auto config = dir / "schedule.toml";
+  std::ofstream(config) << "[experiment]\nname = \"schedule\"\n"
+                        << "[model]\nname = \"" << model.string() << "\"\nthreads = 1\n"
+                        << "[task]\ntype = \"perplexity\"\npath = \"" << corpus.string()
+                        << "\"\nlength = 24\nsamples = 1\n"
+                        << "[[method]]\nplugin = \"spatten\"\nkeep = \"0-1=1.0; 5=0.5\"\n";
+  auto refused = run_cli("", "run " + config.string() + " --db " + (dir / "schedule.db").string());
+  EXPECT_EQ(refused.exit_code, 1) << refused.output;
+  EXPECT_NE(refused.output.find("keep = \"0-1=1.0; 5=0.5\": layer 5 is past the model's last layer 1 (the model "
+                                "has 2 layers)"),
+            std::string::npos)
+      << refused.output;
+  EXPECT_EQ(refused.output.find("[run 1/"), std::string::npos) << refused.output;
+}
+
 TEST(RunIsolation, WorkerModeNeedsAParent) {
   auto r = run_cli("", "run /nonexistent.toml --worker --memory-limit-mb 256 3<&- 4<&-");
   EXPECT_EQ(r.exit_code, 1);

@@ -12,6 +12,7 @@
 
 #include "cpu/cpu_twins.h"
 #include "plugin_test_support.h"
+#include "naive_reference.h"
 #include "retention_reference_method.h"
 
 namespace inferlab {
@@ -115,40 +116,69 @@ TEST(Retention, ScoresAreCopiedWithTheirPages) {
 
 // Retention per sequence (SpAtten's cascade): one score per position, the
 // same tokens in every kv head of a layer, a token dropped at layer l gone from
-// every later layer; against the same choice made on the host.
+// every later layer: before a deeper layer's attention, and, inside a prefill
+// call, as a row (no query, FFN or deeper K/V). Against the double-precision
+// reference told what each query may read: at layer l, a key stored before the
+// call (or one of the call's rows) that layer l held before the call and that
+// layer l - 1 still holds after it.
 class SequenceRetentionOnCpu
     : public ::testing::TestWithParam<std::tuple<std::vector<RetentionBudget>, RetentionScore, int32_t>> {};
 
-TEST_P(SequenceRetentionOnCpu, MatchesAMethodKeepingTheScoresItself) {
+TEST_P(SequenceRetentionOnCpu, QueriesReadWhatTheCascadeLeftThem) {
   const auto& [budgets, score, page_size] = GetParam();
-  const auto tokens = test::random_tokens(gqa_model()->config().n_vocab, 64, 7);
-  Traced traced[2];
-  for (int engine_side = 0; engine_side < 2; ++engine_side) {
-    test::SequenceRetentionMethod method(engine_side == 1, budgets, score);
-    auto engine = Engine::create(gqa_model(), EngineOptions{page_size, 0, 0});
-    ASSERT_TRUE(engine.ok());
-    ASSERT_TRUE((*engine)->set_method(&method, method.hooks()).ok());
-    method.begin_sequence((*engine)->shape());
-    auto seq = (*engine)->new_sequence();
-    auto sink = [&](int64_t, std::span<const float> l) {
-      traced[engine_side].logits.insert(traced[engine_side].logits.end(), l.begin(), l.end());
+  auto model = gqa_model();
+  const ModelConfig& c = model->config();
+  const auto tokens = test::random_tokens(c.n_vocab, 48, 7);
+  const int32_t prefill = 30;
+  test::SequenceRetentionMethod method(budgets, score);
+  auto engine = Engine::create(model, EngineOptions{page_size, 0, 0});
+  ASSERT_TRUE(engine.ok());
+  ASSERT_TRUE((*engine)->set_method(&method, method.hooks()).ok());
+  auto seq = (*engine)->new_sequence();
+  test::CascadeTrace trace;
+  std::vector<float> got;
+  std::vector<double> want_rows;
+  std::vector<int64_t> rows;  // positions whose logits came back
+  for (int32_t p0 = 0; p0 < int32_t(tokens.size()); p0 += p0 == 0 ? prefill : 1) {
+    const int32_t n = p0 == 0 ? prefill : 1;
+    trace.begin_call(*seq);
+    auto sink = [&](int64_t row, std::span<const float> l) {
+      rows.push_back(p0 + row);
+      got.insert(got.end(), l.begin(), l.end());
     };
-    ASSERT_TRUE((*engine)->forward(*seq, std::span<const int32_t>(tokens.data(), 30), 0, sink).ok());
-    for (size_t at = 30; at < tokens.size(); ++at)
-      ASSERT_TRUE((*engine)->forward(*seq, std::span<const int32_t>(&tokens[at], 1), 0, sink).ok());
-    for (int32_t l = 0; l < 2; ++l)
-      for (int32_t g = 0; g < 2; ++g) traced[engine_side].positions.push_back(seq->table(l, g).positions);
-    traced[engine_side].evicted = (*engine)->counters().tokens_evicted;
+    ASSERT_TRUE((*engine)->forward(*seq, std::span<const int32_t>(&tokens[size_t(p0)], size_t(n)), n - 1, sink).ok());
+    trace.end_call(*seq);
+    for (int32_t l = 0; l < c.n_layers; ++l)  // every kv head holds the same tokens; deeper layers a subset
+      for (int32_t g = 1; g < c.n_kv_heads; ++g) EXPECT_EQ(seq->table(l, g).positions, seq->table(l, 0).positions);
+    for (int32_t l = 1; l < c.n_layers; ++l)
+      for (int32_t p : trace.after.back()[size_t(l)])
+        EXPECT_TRUE(test::CascadeTrace::holds(trace.after.back()[size_t(l - 1)], p)) << l << " " << p;
   }
-  const auto& got = traced[1];
-  EXPECT_EQ(got.positions, traced[0].positions);
-  EXPECT_EQ(got.logits, traced[0].logits);
-  EXPECT_GT(got.evicted, 0);
-  // Every kv head of a layer holds the same tokens; a deeper layer holds a subset.
-  EXPECT_EQ(got.positions[0], got.positions[1]);
-  EXPECT_EQ(got.positions[2], got.positions[3]);
-  for (int32_t p : got.positions[2])
-    EXPECT_TRUE(std::binary_search(got.positions[0].begin(), got.positions[0].end(), p)) << p;
+  const EngineCounters& counters = (*engine)->counters();
+  EXPECT_GT(counters.tokens_evicted, 0);
+  if (budgets[0].heavy >= 0) {
+    EXPECT_GT(counters.rows_pruned, 0) << "the prefill call pruned no row";
+  }
+  const auto want = test::naive_forward(*model, tokens, trace.policy());
+  const size_t v = size_t(c.n_vocab);
+  ASSERT_EQ(rows.size(), trace.starts.size());  // the prefill's last row, then every decode step
+  for (int64_t p : rows) want_rows.insert(want_rows.end(), want.begin() + long(size_t(p) * v), want.begin() + long(size_t(p + 1) * v));
+  EXPECT_LT(test::normalized_max_error(got, want_rows), 1e-4);
+}
+
+TEST(SequenceRetention, AllLogitsOfAPrunedCallAreRefusedByRow) {
+  auto engine = Engine::create(gqa_model(), EngineOptions{4, 0, 0});
+  ASSERT_TRUE(engine.ok());
+  test::SequenceRetentionMethod method({{0, 4, 4}, {0, 4, 4}});
+  ASSERT_TRUE((*engine)->set_method(&method, method.hooks()).ok());
+  auto seq = (*engine)->new_sequence();
+  const auto tokens = test::random_tokens(gqa_model()->config().n_vocab, 20, 3);
+  const Status s = (*engine)->forward(*seq, tokens, 0, [](int64_t, std::span<const float>) {});
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("retention per sequence pruned row "), std::string::npos) << s.message();
+  EXPECT_NE(s.message().find(" of this 20-token call before its logits; score such a method token by token"),
+            std::string::npos)
+      << s.message();
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -156,7 +186,8 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(
         std::tuple{std::vector<RetentionBudget>{{2, 4, 10}, {2, 4, 4}}, RetentionScore::AccumulatedMass, 4},
         std::tuple{std::vector<RetentionBudget>{{0, 8, 8}, {0, 8, 8}}, RetentionScore::AccumulatedMass, 7},
-        std::tuple{std::vector<RetentionBudget>{{4, 4, -1}, {1, 3, 2}}, RetentionScore::LastMass, 16}),
+        std::tuple{std::vector<RetentionBudget>{{4, 4, -1}, {1, 3, 2}}, RetentionScore::LastMass, 16},
+        std::tuple{std::vector<RetentionBudget>{{1, 2, 3}, {0, 1, 2}}, RetentionScore::AccumulatedMass, 4}),
     [](const auto& info) {
       const auto& b = std::get<0>(info.param);
       return fmt::format("layer0_{}_{}_{}_layer1_{}_{}_{}_{}_page{}", b[0].sink, b[0].recent, b[0].heavy < 0 ? 99 : b[0].heavy,

@@ -29,7 +29,7 @@
 
 namespace inferlab {
 
-inline constexpr int32_t kPluginAbiVersion = 7;
+inline constexpr int32_t kPluginAbiVersion = 8;
 
 // Hooks, as bits of PluginInfo::hooks (docs/architecture.md has the table).
 enum PluginHook : uint32_t {
@@ -199,6 +199,9 @@ struct AttentionStats {
   std::span<const float> key_mass;
   // Per query head of the group: L2 norm of its attention output, summed over rows.
   std::span<const float> head_output_norm;
+  // Per query head of the group: L1 norm (sum of |x|) of its attention output,
+  // summed over rows (SpAtten's head importance).
+  std::span<const float> head_output_l1;
 };
 
 // Sparse prefill for one query head (kHookPrefillPattern): which keys each
@@ -275,8 +278,12 @@ enum class RetentionScore : int32_t {
 enum class RetentionScope : int32_t {
   PerHead = 0,  // each (layer, kv head) scores and keeps its own tokens
   // One score per token of the sequence, summed over layers and kv heads; a
-  // token dropped at layer l leaves every later layer too (SpAtten's cascade).
-  // Every kv head of a layer keeps the same tokens (the budget of kv head 0).
+  // token dropped at layer l leaves every later layer too (SpAtten's cascade):
+  // before a layer's attention the tokens shallower layers dropped in this
+  // call leave it, and a row of this call that leaves stops being computed
+  // (its query, FFN and the K/V of the layers above), so the call returns no
+  // logits for it (score such runs token by token). Every kv head of a layer
+  // keeps the same tokens (the budget of kv head 0); positions are original.
   PerSequence = 1,
 };
 struct RetentionPolicy {

@@ -84,7 +84,8 @@ using LogitsSink = std::function<void(int64_t row, std::span<const float> logits
 // Statistics of one layer's attention, on the host (Feature::AttentionStatistics).
 struct LayerStatistics {
   std::vector<std::vector<float>> key_mass;  // per kv head: (stored tokens) probability received
-  std::vector<float> head_norms;             // per query head: sum over rows of ||output||
+  std::vector<float> head_norms;             // per query head: sum over rows of ||output||_2
+  std::vector<float> head_l1;                // per query head: sum over rows of ||output||_1
 };
 
 // A KvView over a sequence on some device; the schedule creates one per hook
@@ -176,6 +177,11 @@ class Backend {
   // recent window and its `heavy` best-scoring others (ascending).
   virtual Status retain(KvSequence& seq, int32_t layer, const RetentionPolicy& policy,
                         std::span<const RetentionBudget> budgets, std::vector<std::vector<int32_t>>& drops) = 0;
+  // Only the call's rows `rows` (ascending indices into its current rows)
+  // stay in the residual stream, with their positions: later layers compute
+  // them alone (a token pruned inside a call by retention per sequence).
+  // Original positions only.
+  virtual Status keep_rows(std::span<const int32_t> rows) = 0;
   // Drops stored tokens of one head (compaction, pages returned to the pool).
   virtual Result<int32_t> evict(KvSequence& seq, int32_t layer, int32_t kv_head, std::vector<int32_t> drop) = 0;
   // Keys whose rotary position differs from their cache index are turned to it.

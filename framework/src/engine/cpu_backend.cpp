@@ -161,6 +161,8 @@ Status CpuBackend::begin_call(const CallSetup& call) {
   const int64_t n = int64_t(call.tokens.size());
   tokens_.assign(call.tokens.begin(), call.tokens.end());
   n_ = n;
+  call_rows_ = n;
+  call_first_position_ = call.first_position;
   cache_positions_ = call.cache_positions;
   stats_layer_ = -1;
   sequence_retention_started_ = false;
@@ -407,6 +409,21 @@ Status CpuBackend::rerotate(KvSequence& seq, int32_t l, int32_t g) {
     }
     i = end;
   }
+  return ok_status();
+}
+
+Status CpuBackend::keep_rows(std::span<const int32_t> rows) {
+  const int64_t d = config_.n_embd;
+  if (cache_positions_) return Error{"cpu backend: rows leave a call only with original positions"};
+  for (size_t j = 0; j < rows.size(); ++j) {  // ascending: row j moves down from rows[j] >= j
+    const auto i = size_t(rows[j]);
+    if (i == j) continue;
+    std::copy_n(&x_[i * size_t(d)], d, &x_[j * size_t(d)]);
+    positions_[j] = positions_[i];
+    tokens_[j] = tokens_[i];
+  }
+  n_ = int64_t(rows.size());
+  tokens_.resize(rows.size());
   return ok_status();
 }
 

@@ -53,6 +53,7 @@ class CpuBackend final : public Backend {
                             std::span<const float> weight) override;
   Result<int32_t> evict(KvSequence& seq, int32_t layer, int32_t kv_head, std::vector<int32_t> drop) override;
   Status rerotate(KvSequence& seq, int32_t layer, int32_t kv_head) override;
+  Status keep_rows(std::span<const int32_t> rows) override;
   Status logits(int64_t from, int64_t rows, const LogitsSink& sink) override;
   Status end_call(double& attention_seconds) override;
   Status truncate(KvSequence& seq, int32_t n) override;
@@ -101,7 +102,9 @@ class CpuBackend final : public Backend {
   // The call in flight.
   std::vector<int32_t> tokens_;
   bool sequence_retention_started_ = false;  // this call's new positions are reset
-  int64_t n_ = 0;
+  int64_t n_ = 0;            // rows of the call still computed
+  int64_t call_rows_ = 0;    // rows the call began with
+  int32_t call_first_position_ = 0;
   bool cache_positions_ = false;
   // Workspace, grown on demand. Shapes for n tokens of this call:
   std::vector<float> x_;         // (n, n_embd) residual stream

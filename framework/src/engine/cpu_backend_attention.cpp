@@ -97,6 +97,13 @@ struct CpuBackend::AttentionRefs {
   std::vector<int32_t> cached_before;           // per kv head: stored tokens before this call's append
   int32_t n_units() const { return int32_t(refs.size()); }
   int32_t unit_of(int32_t head) const { return head / unit_heads; }
+  // Every query head of unit u is masked: its keys are not read at all.
+  bool unit_masked(int32_t u) const {
+    if (mask == nullptr) return false;
+    for (int32_t j = 0; j < unit_heads; ++j)
+      if (mask->heads[size_t(u * unit_heads + j)] != 0) return false;
+    return true;
+  }
 };
 
 Status CpuBackend::attention(const KvSequence& seq, const LayerAttention& work) {
@@ -308,6 +315,7 @@ void CpuBackend::attend_groups(const AttentionRefs& call, bool keep_stats) {
 #pragma omp parallel for schedule(dynamic)
   for (int64_t item = 0; item < nkv * n_chunks; ++item) {
     const int32_t g = int32_t(item % nkv);  // the unit
+    if (call.unit_masked(g)) continue;      // zeros (attention() writes them); its keys are not read
     const int64_t i0 = (n_chunks - 1 - item / nkv) * kQueryChunkRows, i1 = std::min(n, i0 + kQueryChunkRows);
     int32_t visible[kQueryChunkRows];
     for (int64_t i = i0; i < i1; ++i) visible[i - i0] = call.old_visible[size_t(g)] + int32_t(i) + 1;
@@ -381,12 +389,14 @@ void CpuBackend::attend_split_keys(const AttentionRefs& call) {
   for (int64_t item = 0; item < items; ++item) {
     const int64_t g = std::upper_bound(first.begin(), first.end(), item) - first.begin() - 1;
     const int64_t s = item - first[size_t(g)];
+    if (call.unit_masked(int32_t(g))) continue;
     int32_t visible[kSplitKeyRows];
     const auto& refs = call.refs[size_t(g)];
     cpu::attention_tiled_partial(tile_of(g, visible), refs.data(), int64_t(refs.size()), hd, scale,
                                  s * slice[size_t(g)], (s + 1) * slice[size_t(g)], part(item));
   }
   for (int64_t g = 0; g < nkv; ++g) {
+    if (call.unit_masked(int32_t(g))) continue;
     int32_t visible[kSplitKeyRows];
     std::vector<cpu::SoftmaxPartial> parts;
     for (int64_t item = first[size_t(g)]; item < first[size_t(g + 1)]; ++item) parts.push_back(part(item));
@@ -410,16 +420,9 @@ Status CpuBackend::read_statistics(const KvSequence&, int32_t l, LayerStatistics
   out.key_mass.resize(size_t(c.n_kv_heads));
   for (int32_t g = 0; g < c.n_kv_heads; ++g) group_mass(g, out.key_mass[size_t(g)]);
   out.head_norms.assign(size_t(c.n_heads), 0.0f);
-  for (int32_t h = 0; h < c.n_heads; ++h) {
-    double norm = 0;
-    for (int64_t i = 0; i < n_; ++i) {
-      const float* o = &attn_[size_t(i * c.q_dim() + int64_t(h) * c.head_dim)];
-      double ss = 0;
-      for (int64_t d = 0; d < c.head_dim; ++d) ss += double(o[d]) * o[d];
-      norm += std::sqrt(ss);
-    }
-    out.head_norms[size_t(h)] = float(norm);
-  }
+  out.head_l1.assign(size_t(c.n_heads), 0.0f);
+  cpu::head_output_norms(attn_.data(), int32_t(n_), c.n_heads, int32_t(c.head_dim), out.head_norms.data(),
+                         out.head_l1.data());
   return ok_status();
 }
 
@@ -456,14 +459,14 @@ Status CpuBackend::retain_sequence(KvSequence& seq, int32_t l, const RetentionPo
   const ModelConfig& c = config_;
   const HeadPageTable& head0 = seq.table(l, 0);  // every kv head holds these tokens (the schedule checked)
   const int32_t n = head0.n_tokens();
-  const int32_t capacity = sequence_plane_capacity(max_context_, positions_[0] + int32_t(n_));
+  const int32_t capacity = sequence_plane_capacity(max_context_, call_first_position_ + int32_t(call_rows_));
   auto* score = static_cast<float*>(seq.sequence_plane(SequencePlane::Score, capacity));
   auto* dropped_at = static_cast<int32_t*>(seq.sequence_plane(SequencePlane::DroppedAt, capacity));
   if (!sequence_retention_started_) {  // this call's tokens are new at their positions
     sequence_retention_started_ = true;
-    const int32_t first = positions_[0];
-    std::fill(score + first, score + first + n_, 0.0f);
-    std::fill(dropped_at + first, dropped_at + first + n_, 0);
+    const int32_t first = call_first_position_;
+    std::fill(score + first, score + first + call_rows_, 0.0f);
+    std::fill(dropped_at + first, dropped_at + first + call_rows_, 0);
     if (policy.score == RetentionScore::LastMass) std::fill(score, score + capacity, 0.0f);
   }
   std::vector<float> mass(size_t(c.n_kv_heads) * size_t(n)), one;

@@ -390,6 +390,8 @@ std::map<std::string, double> EngineCounters::as_map() const {
                                        {"decode_kv_bytes_read", double(decode_kv_bytes_read)},
                                        {"layers_skipped", double(layers_skipped)},
                                        {"heads_skipped", double(heads_skipped)},
+                                       {"kv_heads_skipped", double(kv_heads_skipped)},
+                                       {"rows_pruned", double(rows_pruned)},
                                        {"neurons_skipped", double(neurons_skipped)},
                                        {"sparse_prefill_heads", double(sparse_prefill_heads)},
                                        {"sparse_prefill_keys_read", double(sparse_prefill_keys_read)},

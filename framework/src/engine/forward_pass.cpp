@@ -17,7 +17,10 @@ ForwardPass::ForwardPass(Backend& backend, const ModelConfig& config, const Engi
       seq_(seq),
       tokens_(tokens),
       step_{seq.forward_calls(), seq.n_past(), int32_t(tokens.size()), seq.id(), method.state},
-      observer_(observer) {}
+      observer_(observer) {
+  row_ids_.resize(tokens.size());
+  for (size_t i = 0; i < row_ids_.size(); ++i) row_ids_[i] = int32_t(i);
+}
 
 Status ForwardPass::run(int64_t logits_from, const LogitsSink& sink) {
   const int64_t n = int64_t(tokens_.size());
@@ -39,8 +42,19 @@ Status ForwardPass::run(int64_t logits_from, const LogitsSink& sink) {
   if (auto s = run_layers(); !s) return s;
   finish_call();
   if (wanted) {
-    if (auto s = backend_.logits(logits_from, n - logits_from, wanted); !s) return s;
-    counters_.logits_rows += n - logits_from;
+    // Rows pruned inside the call have no logits: the rows asked for must all be left.
+    const auto first = std::lower_bound(row_ids_.begin(), row_ids_.end(), int32_t(logits_from));
+    const int64_t from = first - row_ids_.begin(), count = int64_t(row_ids_.end() - first);
+    if (count != n - logits_from) {
+      int32_t missing = int32_t(logits_from);
+      for (auto it = first; it != row_ids_.end() && *it == missing; ++it) ++missing;
+      return Error{fmt::format("method: retention per sequence pruned row {} of this {}-token call before its "
+                               "logits; score such a method token by token (one token per call)",
+                               missing, n)};
+    }
+    const LogitsSink mapped = [&](int64_t row, std::span<const float> logits) { wanted(row_ids_[size_t(row)], logits); };
+    if (auto s = backend_.logits(from, count, count == n ? wanted : mapped); !s) return s;
+    counters_.logits_rows += count;
   }
   double attention_seconds = 0;
   auto s = backend_.end_call(attention_seconds);
@@ -167,7 +181,7 @@ Status ForwardPass::run_layers() {
     }
     if (auto s = run_layer(l); !s) return s;
     if (method_.has(kHookLayerPlan) && l + 1 < L) {
-      if (auto s = backend_.read_hidden(step_.n_tokens - 1, hidden); !s) return s;
+      if (auto s = backend_.read_hidden(rows() - 1, hidden); !s) return s;
       exited = method_.method->exit_after_layer(step_, l, hidden);
     }
   }
@@ -207,6 +221,7 @@ Status ForwardPass::run_layer(int32_t l) {
   if (auto s = tap(Tap::Keys, kTapKeys, key_rows); !s) return s;
   if (auto s = tap(Tap::Values, kTapValues, value_rows); !s) return s;
 
+  if (auto s = cascade(l); !s) return s;
   KeyPlan decided;
   KeyPlan& keys = staged_.empty() ? decided : staged_[size_t(l)];
   if (staged_.empty())
@@ -216,7 +231,7 @@ Status ForwardPass::run_layer(int32_t l) {
   if (staged_.empty()) {  // a replayed step counts after the replay
     if (keys.by_bound_per_head && keys.any_by_bound() && step_.decode())
       if (auto s = backend_.read_bound_selection(l, keys); !s) return s;
-    count_keys(keys);
+    count_keys(keys, active);
   }
   if (auto s = backend_.append_kv(seq_, l); !s) return s;
   SparsePlan sparse;
@@ -236,6 +251,7 @@ Status ForwardPass::run_layer(int32_t l) {
   if (auto s = backend_.rmsnorm(Norm::Ffn, l); !s) return s;
   if (auto s = ffn(l, active, ffn_activation); !s) return s;
   if (auto s = backend_.add_residual(); !s) return s;
+  if (auto s = prune_rows(l); !s) return s;
   if (observer_ != nullptr)
     observer_->on_layer(CalibrationTaps{0, l, step_.n_tokens, tokens_, hidden_in, queries, key_rows, attention_out,
                                         ffn_activation, {}, value_rows});
@@ -324,11 +340,17 @@ Status ForwardPass::decide_keys(int32_t l, KeyPlan& plan) {
   return ok_status();
 }
 
-void ForwardPass::count_keys(const KeyPlan& plan) {
+void ForwardPass::count_keys(const KeyPlan& plan, const ComponentMask* mask) {
   if (!step_.decode()) return;
-  const int32_t ps = seq_.pool().shape().page_size;
+  const int32_t ps = seq_.pool().shape().page_size, gs = config_.group_size();
   const int64_t row_bytes = seq_.pool().token_bytes();  // K and V, in the pages' format
   for (int32_t g = 0; g < config_.n_kv_heads; ++g) {
+    if (mask != nullptr && std::all_of(mask->heads.begin() + int64_t(g) * gs, mask->heads.begin() + int64_t(g + 1) * gs,
+                                       [](uint8_t on) { return on == 0; })) {
+      ++counters_.kv_heads_skipped;  // every query head masked: the backends read none of its keys
+      counters_.decode_keys_cached += plan.cached[size_t(g)];
+      continue;
+    }
     const HeadTraffic t = head_traffic(plan, g, ps);
     counters_.decode_keys_read += t.keys;
     counters_.decode_keys_cached += plan.cached[size_t(g)];
@@ -369,7 +391,8 @@ Status ForwardPass::statistics(int32_t l) {
     method_.method->on_attention(
         step_, *view,
         AttentionStats{l, g, stats.key_mass[size_t(g)],
-                       std::span<const float>(stats.head_norms.data() + int64_t(g) * gs, size_t(gs))});
+                       std::span<const float>(stats.head_norms.data() + int64_t(g) * gs, size_t(gs)),
+                       std::span<const float>(stats.head_l1.data() + int64_t(g) * gs, size_t(gs))});
   return ok_status();
 }
 
@@ -383,9 +406,56 @@ Status ForwardPass::retain(int32_t l) {
                                  l)};
   std::vector<std::vector<int32_t>> drops;
   if (auto s = backend_.retain(seq_, l, method_.retention, plan_.retention[size_t(l)], drops); !s) return s;
+  if (method_.retention.scope == RetentionScope::PerSequence && !drops.empty() && !drops[0].empty()) {
+    // The call's rows are the layer's last stored tokens: those dropped leave the call after this layer;
+    // every position dropped leaves the deeper layers before their attention.
+    const HeadPageTable& t = seq_.table(l, 0);
+    const int32_t first_row = t.n_tokens() - rows();
+    for (const int32_t d : drops[0]) {
+      if (d >= first_row) pruned_rows_.push_back(d - first_row);
+      cascade_positions_.push_back(t.positions[size_t(d)]);
+    }
+    std::sort(cascade_positions_.begin(), cascade_positions_.end());
+  }
   for (int32_t g = 0; g < config_.n_kv_heads; ++g)
     if (!drops[size_t(g)].empty())
       if (auto s = drop_tokens(l, g, std::move(drops[size_t(g)])); !s) return s;
+  return ok_status();
+}
+
+Status ForwardPass::cascade(int32_t l) {
+  if (cascade_positions_.empty()) return ok_status();
+  std::vector<int32_t> drop;
+  for (int32_t g = 0; g < config_.n_kv_heads; ++g) {
+    drop.clear();
+    const auto& positions = seq_.table(l, g).positions;
+    for (int32_t i = 0; i < int32_t(positions.size()); ++i)
+      if (std::binary_search(cascade_positions_.begin(), cascade_positions_.end(), positions[size_t(i)]))
+        drop.push_back(i);
+    if (!drop.empty())
+      if (auto s = drop_tokens(l, g, std::move(drop)); !s) return s;
+    drop = {};
+  }
+  return ok_status();
+}
+
+Status ForwardPass::prune_rows(int32_t l) {
+  if (pruned_rows_.empty()) return ok_status();
+  std::sort(pruned_rows_.begin(), pruned_rows_.end());
+  std::vector<int32_t> kept, kept_ids;
+  for (int32_t r = 0; r < rows(); ++r)
+    if (!std::binary_search(pruned_rows_.begin(), pruned_rows_.end(), r)) {
+      kept.push_back(r);
+      kept_ids.push_back(row_ids_[size_t(r)]);
+    }
+  if (kept.empty())
+    return Error{fmt::format("method: retention per sequence dropped every token of this call at layer {} (keep "
+                             "a recent window of at least one token)",
+                             l)};
+  counters_.rows_pruned += int64_t(pruned_rows_.size()) * (config_.n_layers - 1 - l);
+  pruned_rows_.clear();
+  if (auto s = backend_.keep_rows(kept); !s) return s;
+  row_ids_ = std::move(kept_ids);
   return ok_status();
 }
 

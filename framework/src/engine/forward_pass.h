@@ -57,10 +57,14 @@ class ForwardPass {
   Status decide_sparse(int32_t layer, const KeyPlan& keys, SparsePlan& sparse);
   Status statistics(int32_t layer);
   Status retain(int32_t layer);
+  // Retention per sequence: tokens shallower layers dropped in this call leave
+  // this layer before its attention; rows dropped at this layer leave the call.
+  Status cascade(int32_t layer);
+  Status prune_rows(int32_t layer);
   Status evict(int32_t layer);
   Status drop_tokens(int32_t layer, int32_t kv_head, std::vector<int32_t> drop);
   Status ffn(int32_t layer, const ComponentMask* mask, std::vector<float>& activation);
-  void count_keys(const KeyPlan& plan);
+  void count_keys(const KeyPlan& plan, const ComponentMask* mask = nullptr);
   void finish_call();
   Status tap(Tap tap, uint32_t bit, std::vector<float>& out);
 
@@ -76,6 +80,12 @@ class ForwardPass {
   std::vector<KeyPlan> staged_;  // every layer's key plan, decided before a replayed step
   bool capturing_ = false;
   ForwardObserver* observer_ = nullptr;
+  // Rows still computed: the call's row index of each (all of them unless
+  // retention per sequence pruned some), and what pruning decided so far.
+  std::vector<int32_t> row_ids_;
+  std::vector<int32_t> cascade_positions_;  // ascending: positions a layer of this call dropped
+  std::vector<int32_t> pruned_rows_;        // current rows the layer in progress dropped
+  int32_t rows() const { return int32_t(row_ids_.size()); }
 };
 
 }  // namespace inferlab

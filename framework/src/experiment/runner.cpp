@@ -495,6 +495,22 @@ Status recover_unsaved_runs(ResultsDb& db, std::FILE* out) {
   return ok_status();
 }
 
+// Per-layer schedules (ParamType::Schedule) name layers the model has: one
+// past its last layer is refused before any run, naming the run and the key.
+Status check_schedules(const std::vector<RunSpec>& runs, const Catalog& catalog, const ModelConfig& model) {
+  for (const RunSpec& run : runs) {
+    const PluginEntry* entry = catalog.find_plugin(run.plugin);
+    if (entry == nullptr) continue;
+    for (const ParamSpec& spec : entry->params) {
+      if (spec.type != ParamType::Schedule || !run.params.has(spec.name)) continue;
+      if (const std::string why = run.params.get_schedule(spec.name).check_layers(model.n_layers); !why.empty())
+        return Error{fmt::format("{}: {} = \"{}\": {} (the model has {} layers)", run.label, spec.name,
+                                 run.params.get_string(spec.name), why, model.n_layers)};
+    }
+  }
+  return ok_status();
+}
+
 // A lower bound of what one worker needs on the CPU backend: the weights as f32
 // copies, the KV cache of the longest sample (one sequence, in model.kv_dtype), and the
 // activations of its prefill. A grid above the worker's memory limit (or the
@@ -569,6 +585,7 @@ Result<RunnerSummary> run_experiment(const std::filesystem::path& config_file, c
   int64_t total_samples = 0;
   for (const RunSpec& r : runs) total_samples += counts[r.task_index];
   const int64_t memory_limit_mb = config.memory_limit_mb > 0 ? config.memory_limit_mb : default_memory_limit_mb();
+  if (auto s = check_schedules(runs, plan->catalog, facts->model); !s) return s.error();
   if (!runs.empty())
     if (auto s = check_memory(config, *facts, memory_limit_mb); !s) return s.error();
   Progress progress(options.progress, summary.runs, total_samples);

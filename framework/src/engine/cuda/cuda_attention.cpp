@@ -278,11 +278,14 @@ Status CudaBackend::attention(const KvSequence&, const LayerAttention& work) {
 
 Status CudaBackend::read_statistics(const KvSequence& seq, int32_t l, LayerStatistics& out) {
   const ModelConfig& c = config_;
-  CUDA_TRY(kc::head_output_norms(attn_.as<float>(), int32_t(n_), c.n_heads, c.head_dim, head_norms_.as<float>(),
+  float* norms = head_norms_.as<float>();  // (2, n_heads): L2 then L1
+  CUDA_TRY(kc::head_output_norms(attn_.as<float>(), int32_t(n_), c.n_heads, c.head_dim, norms, norms + c.n_heads,
                                  stream_),
            "head norms");
   out.head_norms.resize(size_t(c.n_heads));
-  if (auto s = download(head_norms_.as<float>(), out.head_norms.size() * 4, out.head_norms.data()); !s) return s;
+  out.head_l1.resize(size_t(c.n_heads));
+  if (auto s = download(norms, out.head_norms.size() * 4, out.head_norms.data()); !s) return s;
+  if (auto s = download(norms + c.n_heads, out.head_l1.size() * 4, out.head_l1.data()); !s) return s;
   out.key_mass.resize(size_t(c.n_kv_heads));
   for (int32_t g = 0; g < c.n_kv_heads; ++g) {
     auto& mass = out.key_mass[size_t(g)];

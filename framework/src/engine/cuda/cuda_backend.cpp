@@ -164,7 +164,7 @@ Status CudaBackend::init_device() {
   bound_sync_.assign(tables, PageBoundSync{});
   if (!tables_.reserve(tables * size_t(max_pages_) * 4) || !host_tables_.reserve(tables * size_t(max_pages_) * 4) ||
       !n_cached_.reserve(tables * 4) || !host_n_cached_.reserve(tables * 4) || !head_active_.reserve(size_t(c.n_heads)) ||
-      !key_mass_.reserve(nkv * size_t(max_context_) * 4) || !head_norms_.reserve(size_t(c.n_heads) * 4) ||
+      !key_mass_.reserve(nkv * size_t(max_context_) * 4) || !head_norms_.reserve(size_t(2 * c.n_heads) * 4) ||
       !retention_budgets_.reserve(nkv * 3 * 4) || !host_retention_budgets_.reserve(nkv * 3 * 4) ||
       !retention_counts_.reserve(nkv * 4))
     return Error{"cuda engine: out of GPU memory for the page tables"};
@@ -225,6 +225,7 @@ Status CudaBackend::begin_call(const CallSetup& call) {
   events_used_ = 0;  // pairs a failed call left unfinished are not counted
   if (auto s = ensure_workspace(n); !s) return s;
   n_ = n;
+  call_rows_ = n;
   cache_positions_ = call.cache_positions;
   first_position_ = call.first_position;
   sequence_retention_started_ = false;

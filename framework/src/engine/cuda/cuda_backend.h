@@ -69,6 +69,7 @@ class CudaBackend final : public Backend {
                             std::span<const float> weight) override;
   Result<int32_t> evict(KvSequence& seq, int32_t layer, int32_t kv_head, std::vector<int32_t> drop) override;
   Status rerotate(KvSequence& seq, int32_t layer, int32_t kv_head) override;
+  Status keep_rows(std::span<const int32_t> rows) override;
   Status logits(int64_t from, int64_t rows, const LogitsSink& sink) override;
   Status end_call(double& attention_seconds) override;
   Status truncate(KvSequence& seq, int32_t n) override;
@@ -183,7 +184,8 @@ class CudaBackend final : public Backend {
   DeviceMemory dequant_scratch_; // the largest stored projection, dequantized into dtype_
 
   // The call in flight.
-  int64_t n_ = 0;
+  int64_t n_ = 0;          // rows of the call still computed
+  int64_t call_rows_ = 0;  // rows the call began with
   bool cache_positions_ = false;
   int32_t first_position_ = 0;
   bool capturing_ = false;

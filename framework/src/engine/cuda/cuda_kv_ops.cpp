@@ -148,13 +148,13 @@ Status CudaBackend::retain_sequence(KvSequence& seq, int32_t l, const RetentionP
   const ModelConfig& c = config_;
   const HeadPageTable& head0 = seq.table(l, 0);  // every kv head holds these tokens (the schedule checked)
   const int32_t n = head0.n_tokens();
-  const int32_t capacity = sequence_plane_capacity(max_context_, first_position_ + int32_t(n_));
+  const int32_t capacity = sequence_plane_capacity(max_context_, first_position_ + int32_t(call_rows_));
   auto* score = static_cast<float*>(seq.sequence_plane(SequencePlane::Score, capacity));
   auto* dropped_at = static_cast<int32_t*>(seq.sequence_plane(SequencePlane::DroppedAt, capacity));
   if (!sequence_retention_started_) {  // this call's tokens are new at their positions
     sequence_retention_started_ = true;
-    CUDA_TRY(cudaMemsetAsync(score + first_position_, 0, size_t(n_) * 4, stream_), "retention");
-    CUDA_TRY(cudaMemsetAsync(dropped_at + first_position_, 0, size_t(n_) * 4, stream_), "retention");
+    CUDA_TRY(cudaMemsetAsync(score + first_position_, 0, size_t(call_rows_) * 4, stream_), "retention");
+    CUDA_TRY(cudaMemsetAsync(dropped_at + first_position_, 0, size_t(call_rows_) * 4, stream_), "retention");
     if (policy.score == RetentionScore::LastMass)
       CUDA_TRY(cudaMemsetAsync(score, 0, size_t(capacity) * 4, stream_), "retention");
   }

@@ -141,6 +141,29 @@ Status CudaBackend::logits(int64_t from, int64_t rows, const LogitsSink& sink) {
   return ok_status();
 }
 
+// The kept rows of the residual stream gathered into proj_ (free between
+// layers) and copied back, so x_ keeps its address (captured graphs hold it);
+// their positions staged again (the ids served the embedding only).
+Status CudaBackend::keep_rows(std::span<const int32_t> rows) {
+  const int64_t e = config_.n_embd, m = int64_t(rows.size());
+  if (cache_positions_) return Error{"cuda backend: rows leave a call only with original positions"};
+  if (m == n_) return ok_status();
+  int32_t* staged = host_small_.as<int32_t>();  // room for the call's ids and positions
+  CUDA_TRY(cudaStreamSynchronize(stream_), "keep rows");  // the staging buffer may still feed an upload
+  for (int64_t j = 0; j < m; ++j) host_positions_[size_t(j)] = host_positions_[size_t(rows[size_t(j)])];
+  host_positions_.resize(size_t(m));
+  if (!scratch_.reserve(size_t(m) * 4)) return Error{"cuda engine: out of GPU memory for kept rows"};
+  CUDA_TRY(cudaMemcpyAsync(scratch_.as(), rows.data(), size_t(m) * 4, cudaMemcpyHostToDevice, stream_), "keep rows");
+  CUDA_TRY(kc::gather_rows(x_.as(), kernels::DType::F32, e, scratch_.as<int32_t>(), m, proj_.as(), stream_),
+           "keep rows");
+  CUDA_TRY(cudaMemcpyAsync(x_.as(), proj_.as(), size_t(m * e) * 4, cudaMemcpyDeviceToDevice, stream_), "keep rows");
+  std::copy(host_positions_.begin(), host_positions_.end(), staged);
+  CUDA_TRY(cudaMemcpyAsync(positions_.as(), staged, size_t(m) * 4, cudaMemcpyHostToDevice, stream_), "keep rows");
+  CUDA_TRY(cudaStreamSynchronize(stream_), "keep rows");  // `rows` is the caller's, pageable
+  n_ = m;
+  return ok_status();
+}
+
 Status CudaBackend::read_hidden(int64_t row_from, std::vector<float>& out) {
   const int64_t e = config_.n_embd;
   out.resize(size_t((n_ - row_from) * e));
