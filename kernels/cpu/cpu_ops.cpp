@@ -323,6 +323,49 @@ void attention_paged(const float* q, int64_t n_q, int64_t q_stride, const KvPage
   }
 }
 
+int64_t attention_row_value_topk(const float* q, const KvPageRef* pages, int64_t n_pages, int64_t n_visible,
+                                 int64_t head_dim, float scale, double keep, bool renormalize, float* out,
+                                 float* probs, uint8_t* kept) {
+  std::fill(out, out + head_dim, 0.0f);
+  if (n_visible <= 0) return 0;
+  std::vector<float> row(static_cast<size_t>(head_dim));
+  // Every visible key's score, then its probability.
+  float max_score = -std::numeric_limits<float>::infinity();
+  std::vector<std::pair<int64_t, int64_t>> where;  // (page, slot) of each key
+  where.reserve(size_t(n_visible));
+  for (int64_t p = 0, key = 0; p < n_pages && key < n_visible; ++p)
+    for (int64_t t = 0; t < pages[p].n_tokens && key < n_visible; ++t, ++key) {
+      probs[key] = dot(q, kv_row_f32(pages[p], false, t, head_dim, row.data()), head_dim) * scale;
+      max_score = std::max(max_score, probs[key]);
+      where.emplace_back(p, t);
+    }
+  const int64_t n = int64_t(where.size());
+  float sum = 0.0f;
+  for (int64_t j = 0; j < n; ++j) sum += probs[j] = std::exp(probs[j] - max_score);
+  const float inv_sum = 1.0f / sum;
+  for (int64_t j = 0; j < n; ++j) probs[j] *= inv_sum;
+  // The k most probable, ties to the earlier key.
+  const int64_t k = std::clamp<int64_t>(int64_t(std::ceil(keep * double(n))), 1, n);
+  std::vector<int64_t> order(static_cast<size_t>(n));
+  for (int64_t j = 0; j < n; ++j) order[size_t(j)] = j;
+  std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), [&](int64_t a, int64_t b) {
+    return probs[a] > probs[b] || (probs[a] == probs[b] && a < b);
+  });
+  std::vector<uint8_t> mark(static_cast<size_t>(n), 0);
+  float kept_sum = 0.0f;
+  for (int64_t i = 0; i < k; ++i) mark[size_t(order[size_t(i)])] = 1;
+  for (int64_t j = 0; j < n; ++j)
+    if (mark[size_t(j)] != 0) kept_sum += probs[j];
+  const float scale_kept = renormalize && kept_sum > 0.0f ? 1.0f / kept_sum : 1.0f;
+  for (int64_t j = 0; j < n; ++j) {
+    if (kept != nullptr) kept[j] = mark[size_t(j)];
+    if (mark[size_t(j)] == 0) continue;
+    const auto [p, t] = where[size_t(j)];
+    axpy(out, probs[j] * scale_kept, kv_row_f32(pages[p], true, t, head_dim, row.data()), head_dim);
+  }
+  return k;
+}
+
 int64_t argmax(const float* x, int64_t n) {
   int64_t best = 0;
   for (int64_t i = 1; i < n; ++i)

@@ -87,6 +87,17 @@ void attention_paged(const float* q, int64_t n_q, int64_t q_stride, const KvPage
                      int64_t n_pages, const int32_t* n_visible, int64_t head_dim, float scale,
                      float* out, int64_t out_stride, float* key_mass);
 
+// One query row against the first n_visible keys of `pages` with local value
+// pruning (SpAtten): p = softmax(scale * q.k) over every visible key, then
+// out(head_dim) = sum over the kept keys of p * v (divided by their total when
+// renormalize), the kept keys being the ceil(keep * n_visible) largest p (ties
+// to the earlier key; at least one). probs (n_visible) receives every p; kept
+// (n_visible, when not null) 1 for the kept keys, else 0. Returns how many
+// were kept. The values are accumulated in key order.
+int64_t attention_row_value_topk(const float* q, const KvPageRef* pages, int64_t n_pages, int64_t n_visible,
+                                 int64_t head_dim, float scale, double keep, bool renormalize, float* out,
+                                 float* probs, uint8_t* kept);
+
 // Index of the largest value (first on ties).
 int64_t argmax(const float* x, int64_t n);
 

@@ -16,8 +16,12 @@
 //
 // The engine carries both out (retention per sequence: scores, the cascade and
 // pruned rows; head masks: a kv head whose query heads are all pruned is not
-// read). The plugin only picks the schedules. Local value pruning and
-// progressive quantization, SpAtten's other two parts, are not in this version.
+// read).
+//   values  each query row accumulates P·V over only its value_keep most
+//           probable keys (local value pruning); the engine scores every key
+//           and reads the V rows of the kept ones.
+// The plugin only picks the schedules and fractions. Progressive
+// quantization, SpAtten's fourth part, is not in this version.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -50,7 +54,9 @@ struct HeadState final : SequenceState {
 class SpAtten final : public Method {
  public:
   struct Options {
-    bool prune_tokens = true, prune_heads = true;
+    bool prune_tokens = true, prune_heads = true, prune_values = true;
+    double value_keep = 0.3;
+    bool renormalize = false;
     LayerSchedule keep, head_keep;
     bool keep_given = false, head_keep_given = false;
     double keep_min = 0.3, head_keep_min = 0.75;
@@ -58,6 +64,12 @@ class SpAtten final : public Method {
   };
   explicit SpAtten(Options o) : o_(std::move(o)) {}
   void begin_sequence(const ModelShape& shape) override { shape_ = shape; }
+
+  // --- values: the engine accumulates P·V over each row's most probable keys ---
+  ValuePruning value_pruning() const override {
+    if (!o_.prune_values) return {};
+    return {o_.value_keep, o_.renormalize};
+  }
 
   // --- tokens: the engine's retention per sequence ---
   RetentionPolicy retention_policy() const override {
@@ -149,12 +161,19 @@ class SpAttenPlugin final : public Plugin {
                                  "fraction of the query heads kept at each layer (layers not named: 1.0); empty: "
                                  "the default shape with head_keep_min"),
              ParamSpec::real("head_keep_min", 0.75, 0.001, 1.0, "the default head_keep shape's last value"),
+             ParamSpec::boolean("prune_values", true, "local value pruning"),
+             ParamSpec::real("value_keep", 0.3, 0.001, 1.0,
+                             "fraction of the keys a query row reads whose values it accumulates (the most probable)"),
+             ParamSpec::boolean("renormalize", false, "scale the kept probabilities to sum to 1"),
              ParamSpec::dense_layers(0)}};
   }
   Result<std::unique_ptr<Method>> create(const ParamValues& p) const override {
     SpAtten::Options o;
     o.prune_tokens = p.get_bool("prune_tokens");
     o.prune_heads = p.get_bool("prune_heads");
+    o.prune_values = p.get_bool("prune_values");
+    o.value_keep = p.get_float("value_keep");
+    o.renormalize = p.get_bool("renormalize");
     o.keep_given = !p.get_schedule("keep").ranges.empty();
     o.keep = p.get_schedule("keep");
     o.head_keep_given = !p.get_schedule("head_keep").ranges.empty();

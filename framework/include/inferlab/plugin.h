@@ -296,6 +296,18 @@ struct RetentionBudget {
   int32_t heavy = -1;  // < 0: keep everything after this call
 };
 
+// Local value pruning (SpAtten): each query row still scores every key it
+// reads (its softmax, and the attention statistics, cover all of them) but
+// accumulates P·V over only its ceil(keep * n) most probable keys (n: the keys
+// the row reads; ties to the earlier key; at least one); with `renormalize`
+// their probabilities are scaled to sum to 1. The V rows of the other keys are
+// not read. keep >= 1: every value (off).
+struct ValuePruning {
+  double keep = 1.0;
+  bool renormalize = false;
+  bool active() const { return keep < 1.0; }
+};
+
 // How the engine selects pages by key bound (kHookPageBudget) for a kv head
 // that a group of query heads shares (GQA).
 enum class BoundScope : int32_t {
@@ -462,6 +474,9 @@ class Method {
   // the method is set).
   virtual BoundScope bound_scope() const { return BoundScope::KvHead; }
 
+  // Every plugin: local value pruning of its attention, prefill and decode
+  // (read when the method is set).
+  virtual ValuePruning value_pruning() const { return {}; }
   // Every plugin: the KV page format its decisions need (Any: whatever the
   // backend stores). A backend without it refuses the method before any token.
   virtual KvPageFormat kv_page_format() const { return KvPageFormat::Any; }

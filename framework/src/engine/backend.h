@@ -44,6 +44,7 @@ enum class Feature : int32_t {
   NeuronSubset,         // FFN neurons gathered (mask_components)
   Retention,            // engine-side retention (Method::retention): scores kept where the KV lives
   RetentionPerSequence, // ... with one score per token across layers and heads (SpAtten's cascade)
+  ValuePruning,         // P·V over each row's most probable keys only (Method::value_pruning)
   WeightReplace,        // a projection replaced for one run (LoadContext::overrides)
   WeightAdapters,       // unmerged low-rank adapters on projections, for one run
   WeightStorageNF4,     // projections stored in 4-bit NormalFloat, for one run

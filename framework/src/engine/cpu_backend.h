@@ -77,6 +77,7 @@ class CpuBackend final : public Backend {
   void attend_head(const AttentionRefs& refs, int32_t head, int64_t r0, int64_t r1, float* key_mass);
   void attend_sparse_block(const AttentionRefs& refs, int32_t head, int32_t query_block, float* key_mass);
   void attend_groups(const AttentionRefs& refs, bool keep_stats);
+  void attend_values_pruned(const AttentionRefs& refs, const ValuePruning& values, bool keep_stats, int64_t* skipped);
   void add_key_mass(const AttentionRefs& refs, int32_t head);
   void attend_split_keys(const AttentionRefs& refs);
   void group_mass(int32_t kv_head, std::vector<float>& mass) const;

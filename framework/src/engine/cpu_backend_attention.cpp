@@ -130,6 +130,13 @@ Status CpuBackend::attention(const KvSequence& seq, const LayerAttention& work) 
     ranges_to_refs(seq, work.layer, g, ranges, call.refs[size_t(u)], call.ref_start[size_t(u)]);
   }
   const int64_t n = n_;
+  if (work.values != nullptr && work.values->active()) {
+    if (call.sparse != nullptr) return Error{"cpu backend: local value pruning with a sparse prefill plan"};
+    attend_values_pruned(call, *work.values, work.statistics, work.values_skipped);
+    if (time_attention_)
+      attention_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    return ok_status();
+  }
   if (work.statistics) {
     head_mass_.resize(size_t(c.n_heads));
     for (int32_t h = 0; h < c.n_heads; ++h)
@@ -232,6 +239,71 @@ void CpuBackend::attend_head(const AttentionRefs& call, int32_t h, int64_t r0, i
                          key_mass != nullptr ? concat_mass.data() : nullptr);
   }
   if (key_mass != nullptr) scatter_mass(refs, call.ref_start[size_t(u)], concat_mass, key_mass);
+}
+
+// Local value pruning: each head's rows one by one (every key scored, P·V over
+// the most probable only; cpu::attention_row_value_topk). With statistics,
+// each key's full probability goes into the head's mass. `skipped` (when not
+// null) gets, per kv head, the cached keys its rows read whose V row no query
+// head of the group accumulated.
+void CpuBackend::attend_values_pruned(const AttentionRefs& call, const ValuePruning& values, bool keep_stats,
+                                      int64_t* skipped) {
+  const ModelConfig& c = config_;
+  const int64_t n = n_, hd = c.head_dim, qd = c.q_dim();
+  const int32_t gs = c.group_size();
+  const float scale = 1.0f / std::sqrt(float(hd));
+  if (keep_stats) {
+    head_mass_.resize(size_t(c.n_heads));
+    for (int32_t h = 0; h < c.n_heads; ++h)
+      head_mass_[size_t(h)].assign(size_t(call.cached_before[size_t(h / gs)] + n), 0.0f);
+    stats_layer_ = call.layer;
+  }
+  // Per query head, which stored tokens' values it accumulated (any row).
+  std::vector<std::vector<uint8_t>> used(size_t(c.n_heads));
+#pragma omp parallel for schedule(dynamic)
+  for (int32_t h = 0; h < c.n_heads; ++h) {
+    const int32_t g = h / gs, u = call.unit_of(h);
+    const int32_t stored = call.cached_before[size_t(g)] + int32_t(n);
+    if (call.mask != nullptr && call.mask->heads[size_t(h)] == 0) {
+      for (int64_t i = 0; i < n; ++i) std::fill_n(&attn_[size_t(i * qd + h * hd)], hd, 0.0f);
+      continue;
+    }
+    const auto& refs = call.refs[size_t(u)];
+    const auto& starts = call.ref_start[size_t(u)];
+    used[size_t(h)].assign(size_t(stored), 0);
+    const int64_t total = call.old_visible[size_t(u)] + n;
+    std::vector<float> probs(static_cast<size_t>(total));
+    std::vector<uint8_t> kept(static_cast<size_t>(total));
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t visible = call.old_visible[size_t(u)] + i + 1;
+      cpu::attention_row_value_topk(&q_[size_t(i * qd + h * hd)], refs.data(), int64_t(refs.size()), visible, hd,
+                                    scale, values.keep, values.renormalize, &attn_[size_t(i * qd + h * hd)],
+                                    probs.data(), kept.data());
+      // Concatenation index -> stored token.
+      for (size_t r = 0, at = 0; r < refs.size() && int64_t(at) < visible; at += size_t(refs[r].n_tokens), ++r)
+        for (int32_t t = 0; t < refs[r].n_tokens && int64_t(at) + t < visible; ++t) {
+          const size_t j = at + size_t(t), token = size_t(starts[r] + t);
+          if (kept[j] != 0) used[size_t(h)][token] = 1;
+          if (keep_stats) head_mass_[size_t(h)][token] += probs[j];
+        }
+    }
+  }
+  if (skipped == nullptr) return;
+  *skipped = 0;
+  for (int32_t g = 0; g < c.n_kv_heads; ++g) {
+    const int32_t stored = call.cached_before[size_t(g)] + int32_t(n);
+    std::vector<uint8_t> read(static_cast<size_t>(stored), 0), accumulated(static_cast<size_t>(stored), 0);
+    for (int32_t j = 0; j < gs; ++j) {
+      const int32_t h = g * gs + j, u = call.unit_of(h);
+      if (used[size_t(h)].empty()) continue;  // masked: reads nothing
+      for (size_t r = 0; r < call.refs[size_t(u)].size(); ++r)
+        for (int32_t t = 0; t < call.refs[size_t(u)][r].n_tokens; ++t)
+          read[size_t(call.ref_start[size_t(u)][r] + t)] = 1;
+      for (int32_t t = 0; t < stored; ++t) accumulated[size_t(t)] |= used[size_t(h)][size_t(t)];
+    }
+    for (int32_t t = 0; t < call.cached_before[size_t(g)]; ++t)  // the cached keys (the traffic counters' own)
+      *skipped += read[size_t(t)] != 0 && accumulated[size_t(t)] == 0;
+  }
 }
 
 // Query block `qb` of sparse head h (its rows of this call): one online-softmax

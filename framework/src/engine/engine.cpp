@@ -72,6 +72,7 @@ const char* feature_name(Feature f) {
     case Feature::NeuronSubset: return "FFN neuron subsets";
     case Feature::Retention: return "engine-side retention";
     case Feature::RetentionPerSequence: return "engine-side retention per sequence";
+    case Feature::ValuePruning: return "local value pruning";
     case Feature::WeightReplace: return "per-run weight replacement";
     case Feature::WeightAdapters: return "unmerged low-rank adapters";
     case Feature::WeightStorageNF4: return "weights stored in NF4";
@@ -305,6 +306,7 @@ std::vector<Feature> method_features(const Method& method, uint32_t hooks) {
   if ((hooks & kHookPageBudget) != 0 && method.bound_scope() == BoundScope::QueryHead)
     out.push_back(Feature::QueryHeadSelection);
   if (method.kv_positions() == KvPositions::Cache) out.push_back(Feature::CachePositions);
+  if (method.value_pruning().active()) out.push_back(Feature::ValuePruning);
   switch (method.kv_page_format()) {
     case KvPageFormat::Any: break;
     case KvPageFormat::F32: out.push_back(Feature::KvPagesF32); break;
@@ -392,6 +394,7 @@ std::map<std::string, double> EngineCounters::as_map() const {
                                        {"heads_skipped", double(heads_skipped)},
                                        {"kv_heads_skipped", double(kv_heads_skipped)},
                                        {"rows_pruned", double(rows_pruned)},
+                                       {"decode_values_skipped", double(decode_values_skipped)},
                                        {"neurons_skipped", double(neurons_skipped)},
                                        {"sparse_prefill_heads", double(sparse_prefill_heads)},
                                        {"sparse_prefill_keys_read", double(sparse_prefill_keys_read)},
@@ -435,6 +438,7 @@ Status Engine::forward(KvSequence& seq, std::span<const int32_t> tokens, int64_t
   call.cache_positions = method_ != nullptr && method_->kv_positions() == KvPositions::Cache;
   if (call.has(kHookRetention)) call.retention = method_->retention_policy();
   call.bound_per_head = call.has(kHookPageBudget) && method_->bound_scope() == BoundScope::QueryHead;
+  if (method_ != nullptr) call.values = method_->value_pruning();
   if (auto s = check_call(seq, tokens, call.cache_positions); !s) return s;
   try {
     if (method_ != nullptr)

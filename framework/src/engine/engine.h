@@ -74,6 +74,7 @@ struct EngineCounters {
   int64_t heads_skipped = 0;         // (call, layer, head) not computed
   int64_t kv_heads_skipped = 0;      // (decode step, layer, kv head) whose query heads were all masked: no K/V read
   int64_t rows_pruned = 0;           // (row, layer) not computed: the row's token left inside its call
+  int64_t decode_values_skipped = 0; // V rows of keys read in decode steps that no query head accumulated (value pruning)
   int64_t neurons_skipped = 0;       // (call, layer, FFN neuron) not computed
   int64_t sparse_prefill_heads = 0;  // (call, layer, head) computed with a prefill pattern
   int64_t sparse_prefill_keys_read = 0;    // keys those heads' rows read, summed over rows

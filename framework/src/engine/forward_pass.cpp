@@ -237,8 +237,17 @@ Status ForwardPass::run_layer(int32_t l) {
   SparsePlan sparse;
   if (auto s = decide_sparse(l, keys, sparse); !s) return s;
   const bool statistics_wanted = method_.has(kHookAttentionFeedback) || method_.has(kHookRetention);
-  if (auto s = backend_.attention(seq_, LayerAttention{l, &keys, &sparse, active, statistics_wanted}); !s)
-    return s;
+  int64_t values_skipped = 0;
+  LayerAttention work{l, &keys, &sparse, active, statistics_wanted};
+  if (method_.values.active()) {
+    work.values = &method_.values;
+    work.values_skipped = &values_skipped;
+  }
+  if (auto s = backend_.attention(seq_, work); !s) return s;
+  if (step_.decode() && !capturing_ && values_skipped > 0) {  // their V bytes were not read
+    counters_.decode_values_skipped += values_skipped;
+    counters_.decode_kv_bytes_read -= values_skipped * (seq_.pool().token_bytes() / 2);
+  }
   if (active != nullptr && !capturing_)
     counters_.heads_skipped += std::count(active->heads.begin(), active->heads.end(), uint8_t{0});
   if (auto s = statistics(l); !s) return s;

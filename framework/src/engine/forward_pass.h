@@ -33,6 +33,7 @@ struct MethodCall {
   bool cache_positions = false;  // KvPositions::Cache
   RetentionPolicy retention;     // with kHookRetention
   bool bound_per_head = false;   // kHookPageBudget with BoundScope::QueryHead
+  ValuePruning values;           // Method::value_pruning
   SequenceState* state = nullptr;  // the method's state for this sequence
   bool has(uint32_t hook) const { return method != nullptr && (hooks & hook) != 0; }
 };

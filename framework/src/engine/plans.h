@@ -114,6 +114,11 @@ struct LayerAttention {
   const SparsePlan* sparse = nullptr;   // null or inactive: dense prefill (Feature::SparsePrefill)
   const ComponentMask* mask = nullptr;  // null: every head computed
   bool statistics = false;              // keep key mass and head norms for read_statistics
+  const ValuePruning* values = nullptr; // null or inactive: every value accumulated (Feature::ValuePruning)
+  // Out, with values: per kv head, the cached keys (stored before this call)
+  // its rows read whose V row no query head of the group accumulated (so
+  // never read), summed over the kv heads.
+  int64_t* values_skipped = nullptr;
 };
 
 // A step decided before its first op: which layers run, the page budgets of

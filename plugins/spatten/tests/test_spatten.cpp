@@ -20,8 +20,10 @@ std::shared_ptr<Model> model() { return test::gqa_test_model("spatten", 3); }
 
 TEST(SpAtten, KeepingEverythingIsDense) {
   EXPECT_DENSE_EQUIVALENT(model(), "spatten",
-                          test::params({{"keep", std::string("0-1=1.0")}, {"head_keep", std::string("0-1=1.0")}}));
-  EXPECT_DENSE_EQUIVALENT(model(), "spatten", test::params({{"prune_tokens", false}, {"prune_heads", false}}));
+                          test::params({{"keep", std::string("0-1=1.0")}, {"head_keep", std::string("0-1=1.0")},
+                                        {"value_keep", 1.0}}));
+  EXPECT_DENSE_EQUIVALENT(model(), "spatten",
+                          test::params({{"prune_tokens", false}, {"prune_heads", false}, {"prune_values", false}}));
 }
 
 ModelShape deep_shape() {
@@ -93,8 +95,9 @@ Traced run(const ParamValues& params) {
 }
 
 TEST(SpAtten, PrunedTokensLeaveTheDeeperLayersAndTheirRowsTheCall) {
-  const Traced dense = run(test::params({{"prune_tokens", false}, {"prune_heads", false}}));
-  const Traced got = run(test::params({{"keep", std::string("0=0.5; 1=0.25")}, {"prune_heads", false}}));
+  const Traced dense = run(test::params({{"prune_tokens", false}, {"prune_heads", false}, {"prune_values", false}}));
+  const Traced got =
+      run(test::params({{"keep", std::string("0=0.5; 1=0.25")}, {"prune_heads", false}, {"prune_values", false}}));
   ASSERT_EQ(got.positions.size(), 2u);
   // After the prompt each layer kept ceil(keep * 40), and every step keeps ceil(keep * seen).
   EXPECT_EQ(got.positions[0].size(), size_t(std::ceil(0.5 * 48)));
@@ -108,12 +111,27 @@ TEST(SpAtten, PrunedTokensLeaveTheDeeperLayersAndTheirRowsTheCall) {
 }
 
 TEST(SpAtten, PrunedHeadsStayPrunedInDeeperLayersAndLaterSteps) {
-  const Traced got = run(test::params({{"prune_tokens", false}, {"head_keep", std::string("0=0.5; 1=0.25")}}));
+  const Traced got = run(
+      test::params({{"prune_tokens", false}, {"prune_values", false}, {"head_keep", std::string("0=0.5; 1=0.25")}}));
   // Every call: 2 heads pruned in layer 0, 3 in layer 1 (the 2, then one more).
   EXPECT_EQ(got.counters.heads_skipped, int64_t(9) * (2 + 3));
   // 3 of 4 heads in 2 groups of 2: one kv head is not read at all in layer 1, in every decode step.
   EXPECT_GE(got.counters.kv_heads_skipped, 8);
   EXPECT_EQ(got.counters.tokens_evicted, 0);
+}
+
+TEST(SpAtten, ValuePruningLeavesTheSkippedValuesUnread) {
+  MethodHandle m = test::make_method("spatten", test::params({{"value_keep", 0.25}, {"renormalize", true}}));
+  ASSERT_NE(m.get(), nullptr);
+  EXPECT_DOUBLE_EQ(m->value_pruning().keep, 0.25);
+  EXPECT_TRUE(m->value_pruning().renormalize);
+  MethodHandle off = test::make_method("spatten", test::params({{"prune_values", false}}));
+  EXPECT_FALSE(off->value_pruning().active());
+  const Traced values = run(test::params({{"prune_tokens", false}, {"prune_heads", false}, {"value_keep", 0.25}}));
+  const Traced dense = run(test::params({{"prune_tokens", false}, {"prune_heads", false}, {"prune_values", false}}));
+  EXPECT_EQ(values.counters.decode_keys_read, dense.counters.decode_keys_read);  // every key scored
+  EXPECT_GT(values.counters.decode_values_skipped, 0);
+  EXPECT_LT(values.counters.decode_kv_bytes_read, dense.counters.decode_kv_bytes_read);
 }
 
 }  // namespace
