@@ -8,7 +8,9 @@
 
 #include "attention_case.h"
 #include "cpu/attention_twin.h"
+#include "cpu/cpu_ops.h"
 #include "cuda/attention.cuh"
+#include "cuda/value_topk.cuh"
 #include "gpu_test_support.h"
 
 namespace inferlab::test {
@@ -313,6 +315,58 @@ TEST(CudaAttentionArgs, RejectsF32AndOtherHeadDims) {
   AttentionCase host96 = make_attention_case(s);
   DeviceCase dev96(host96);
   EXPECT_EQ(kernels::cuda::attention(dev96.call, host96.max_keys(), nullptr, 0, nullptr), cudaErrorInvalidValue);
+}
+
+// Local value pruning (SpAtten) against its twin, row by row: GQA, head masks,
+// causal rows, f16 and bf16, with and without renormalization; the key mass of
+// every key (the full softmax) added as the attention kernels add it.
+TEST(CudaValueTopk, MatchesTheTwinRowByRow) {
+  INFERLAB_REQUIRE_GPU();
+  for (DType dtype : {DType::F16, DType::BF16})
+    for (int32_t rows : {1, 3})
+      for (bool renormalize : {false, true}) {
+        AttentionSpec spec;
+        spec.n_rows = rows;
+        spec.n_heads = 8;
+        spec.n_kv_heads = 2;
+        spec.head_dim = 64;
+        spec.n_cached = 300;
+        spec.cached_step = 7;
+        spec.dtype = dtype;
+        spec.head_mask = true;
+        spec.stats = true;
+        spec.seed = uint64_t(11 + rows);
+        AttentionCase host = make_attention_case(spec);
+        DeviceCase dev(host);
+        const int32_t max_keys = host.max_keys();
+        DeviceBuffer<uint8_t> scratch(kernels::cuda::value_topk_scratch_bytes(dev.call, max_keys));
+        INFERLAB_CUDA_OK(kernels::cuda::attention_value_topk(dev.call, max_keys, 0.3, renormalize, nullptr,
+                                                             scratch.get(), scratch.size(), nullptr));
+        INFERLAB_CUDA_OK(cudaDeviceSynchronize());
+        const auto out = dev.out.download();
+        std::vector<float> want(out.size(), 0.0f), probs(static_cast<size_t>(max_keys));
+        std::vector<float> mass(host.key_mass.size(), 0.0f);
+        const int32_t hd = spec.head_dim, gs = spec.n_heads / spec.n_kv_heads;
+        for (int32_t h = 0; h < spec.n_heads; ++h) {
+          if (!host.head_active.empty() && host.head_active[size_t(h)] == 0) continue;  // zeros
+          const int32_t g = h / gs, stored = host.n_cached[size_t(g)] + rows;
+          const float* k = host.k.data() + int64_t(g) * host.max_stored * hd;
+          const float* v = host.v.data() + int64_t(g) * host.max_stored * hd;
+          const kernels::cpu::KvPageRef page{k, v, stored, DType::F32};
+          for (int32_t r = 0; r < rows; ++r) {
+            const int64_t visible = host.n_cached[size_t(g)] + r + 1;
+            const int64_t at = (int64_t(r) * spec.n_heads + h) * hd;
+            kernels::cpu::attention_row_value_topk(host.q.data() + at, &page, 1, visible, hd,
+                                                   1.0f / std::sqrt(float(hd)), 0.3, renormalize, want.data() + at,
+                                                   probs.data(), nullptr);
+            for (int64_t t = 0; t < visible; ++t) mass[size_t(int64_t(g) * host.mass_stride + t)] += probs[size_t(t)];
+          }
+        }
+        const std::string what = fmt::format("{} rows {} renormalize {}", kernels::dtype_name(dtype), rows, renormalize);
+        EXPECT_TRUE(all_finite(out)) << what;
+        EXPECT_LT(normalized_error(out, want), tolerance(dtype)) << what;
+        EXPECT_LT(normalized_error(dev.key_mass.download(), mass), tolerance(dtype)) << what << " key_mass";
+      }
 }
 
 }  // namespace

@@ -110,6 +110,7 @@ Status ForwardPass::plan_step() {
                      method_.has(kHookAttentionFeedback) || (method_.has(kHookLayerPlan) && L > 1);
   plan_.host_changes = method_.has(kHookEviction) || method_.has(kHookRetention);
   if (observer_ != nullptr) plan_.host_reads = true;
+  if (method_.values.active()) plan_.host_reads = true;  // the kept values come back for the traffic counters
   return ok_status();
 }
 

@@ -11,6 +11,7 @@
 #include "cuda/attention.cuh"
 #include "cuda/kv_cache_ops.cuh"
 #include "cuda/page_bounds.cuh"
+#include "cuda/value_topk.cuh"
 #include "engine/cuda/cuda_backend.h"
 #include "engine/cuda/cuda_check.h"
 #include "engine/cuda/cuda_kv_storage.h"
@@ -262,6 +263,7 @@ Status CudaBackend::attention(const KvSequence&, const LayerAttention& work) {
     call.key_mass = key_mass_.as<float>();
     call.mass_stride = max_context_;
   }
+  if (work.values != nullptr && work.values->active()) return attention_values_pruned(work, call, max_keys);
   const size_t ws = kc::attention_workspace_bytes(call, max_keys);
   if (ws > attention_ws_.bytes()) {
     if (capturing_) return Error{"cuda engine: the attention workspace was not staged for this graph"};
@@ -273,6 +275,41 @@ Status CudaBackend::attention(const KvSequence&, const LayerAttention& work) {
   if (events != nullptr) CUDA_TRY(cudaEventRecord(events[0], stream_), "attention timing");
   CUDA_TRY(kc::attention(call, max_keys, attention_ws_.as(), attention_ws_.bytes(), stream_), "attention");
   if (events != nullptr) CUDA_TRY(cudaEventRecord(events[1], stream_), "attention timing");
+  return ok_status();
+}
+
+// Local value pruning (kc::attention_value_topk): every key scored, P·V over
+// each row's most probable. For the traffic counters, the last row's kept
+// keys come back and each kv head counts the cached keys none of its query
+// heads accumulated (their V rows were not read).
+Status CudaBackend::attention_values_pruned(const LayerAttention& work, const kernels::AttentionCall& call,
+                                            int32_t max_keys) {
+  const ModelConfig& c = config_;
+  if (call.sparse.heads != nullptr) return Error{"cuda engine: local value pruning with a sparse prefill plan"};
+  const size_t scratch = kc::value_topk_scratch_bytes(call, max_keys), kept_bytes = size_t(c.n_heads) * size_t(max_keys);
+  if (!value_work_.reserve(scratch + kept_bytes)) return Error{"cuda engine: out of GPU memory for value pruning"};
+  uint8_t* kept = work.values_skipped != nullptr ? value_work_.as<uint8_t>() + scratch : nullptr;
+  cudaEvent_t* events = nullptr;
+  if (auto s = next_event_pair(events); !s) return s;
+  if (events != nullptr) CUDA_TRY(cudaEventRecord(events[0], stream_), "attention timing");
+  CUDA_TRY(kc::attention_value_topk(call, max_keys, work.values->keep, work.values->renormalize, kept,
+                                    value_work_.as(), scratch, stream_),
+           "attention (value pruning)");
+  if (events != nullptr) CUDA_TRY(cudaEventRecord(events[1], stream_), "attention timing");
+  if (kept == nullptr) return ok_status();
+  std::vector<uint8_t> host(kept_bytes);
+  if (auto s = download(kept, kept_bytes, host.data()); !s) return s;
+  const int32_t gs = c.group_size(), ps = options_.page_size;
+  int64_t skipped = 0;
+  for (int32_t g = 0; g < c.n_kv_heads; ++g) {
+    const int64_t cached = head_traffic(*work.keys, g, ps).keys;  // the kv head's key list starts with them
+    for (int64_t k = 0; k < cached && k < max_keys; ++k) {
+      bool any = false;
+      for (int32_t j = 0; j < gs && !any; ++j) any = host[size_t(int64_t(g * gs + j) * max_keys + k)] != 0;
+      skipped += any ? 0 : 1;
+    }
+  }
+  *work.values_skipped = skipped;
   return ok_status();
 }
 

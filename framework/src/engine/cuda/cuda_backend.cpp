@@ -124,7 +124,6 @@ bool CudaBackend::supports(Feature feature) const {
     case Feature::KvPagesF32: return false;  // the attention kernels read f16/bf16 pages
     case Feature::KvPagesF16: return dtype_ == DType::F16;
     case Feature::KvPagesBF16: return dtype_ == DType::BF16;
-    case Feature::ValuePruning: return false;  // no device kernel yet: refused by name, before any token
     default: return true;
   }
 }

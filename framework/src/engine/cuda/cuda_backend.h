@@ -127,6 +127,7 @@ class CudaBackend final : public Backend {
   Status stage_key_plan(int32_t layer, const KeyPlan& plan);
   Status ensure_page_bounds();
   kernels::AttentionCall base_call(int32_t layer, int64_t n) const;
+  Status attention_values_pruned(const LayerAttention& work, const kernels::AttentionCall& call, int32_t max_keys);
   kernels::PageSelectCall select_call(int32_t layer, const PlanRegion& region, int32_t max_pages,
                                       bool per_head) const;
   // Scratch of a selection by bound over at most max_pages pages per head.
@@ -237,6 +238,7 @@ class CudaBackend final : public Backend {
   DeviceMemory bound_work_;    // stale pages and their filled slots (eager steps)
   DeviceMemory bound_scores_;  // (n_kv_heads, pages) float scores; per query head (n_heads, pages), then marks
   DeviceMemory attention_ws_;
+  DeviceMemory value_work_;    // value pruning: probabilities and kept weights per (head, row), kept flags
   // Retention: budgets (n_kv_heads, 3), scores scratch, drop lists.
   DeviceMemory retention_budgets_;
   PinnedMemory host_retention_budgets_;
