@@ -34,8 +34,9 @@ std::vector<Setting> settings() {
           {"quest", "quest budget 1024", p({{"token_budget", int64_t{1024}}})},
           {"streamingllm", "streamingllm 4+508", p({{"sink_tokens", int64_t{4}}, {"window", int64_t{508}}})},
           {"h2o", "h2o 256+256", p({{"heavy", int64_t{256}}, {"recent", int64_t{256}}})},
-          {"spatten", "spatten tokens (keep_min 0.3)", p({{"prune_heads", false}})},
-          {"spatten", "spatten tokens + heads (0.3, 0.75)", p({})}};
+          {"spatten", "spatten tokens (keep_min 0.3)", p({{"prune_heads", false}, {"prune_values", false}})},
+          {"spatten", "spatten tokens + heads (0.3, 0.75)", p({{"prune_values", false}})},
+          {"spatten", "spatten tokens + heads + values (0.3, 0.75, 0.3)", p({})}};
 }
 }  // namespace
 
