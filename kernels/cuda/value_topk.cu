@@ -17,39 +17,21 @@ constexpr int kMaxHeadDim = 128;
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
 
-// Block-wide sum (every thread gets it); `red` holds kThreads / 32 floats.
-__device__ float block_total(float v, float* red) {
+// A block-wide reduction every thread gets; `red` holds kThreads / 32 values.
+template <typename V, typename Op>
+__device__ V block_reduce(V v, V* red, Op op) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  v = warp_sum(v);
-  __syncthreads();
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(kFullMask, v, o));
+  __syncthreads();  // `red` may still be read by a previous call
   if (lane == 0) red[warp] = v;
   __syncthreads();
-  float t = 0.0f;
-  for (int w = 0; w < kThreads / 32; ++w) t += red[w];
+  V t = red[0];
+  for (int w = 1; w < kThreads / 32; ++w) t = op(t, red[w]);
   return t;
 }
-
-__device__ float block_max(float v, float* red) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  v = warp_max(v);
-  __syncthreads();
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  float t = -INFINITY;
-  for (int w = 0; w < kThreads / 32; ++w) t = fmaxf(t, red[w]);
-  return t;
-}
-
-__device__ int32_t block_count(int32_t v, int32_t* red) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  v = warp_sum(v);
-  __syncthreads();
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  int32_t t = 0;
-  for (int w = 0; w < kThreads / 32; ++w) t += red[w];
-  return t;
-}
+__device__ __forceinline__ float add_f(float a, float b) { return a + b; }
+__device__ __forceinline__ float max_f(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ int32_t add_i(int32_t a, int32_t b) { return a + b; }
 
 // Block per (row, query head). Scratch per block: max_keys floats of p (-1 for
 // a key the row does not read), then max_keys floats of kept weights.
@@ -86,7 +68,7 @@ __global__ void value_topk_kernel(const AttentionCall c, int32_t max_keys, float
     p[k] = s;
     local_max = fmaxf(local_max, s);
   }
-  const float m = block_max(local_max, red);
+  const float m = block_reduce(local_max, red, max_f);
   float local_sum = 0.0f;
   int32_t local_read = 0;
   for (int32_t k = threadIdx.x; k < n; k += blockDim.x) {
@@ -96,8 +78,8 @@ __global__ void value_topk_kernel(const AttentionCall c, int32_t max_keys, float
     local_sum += e;
     local_read += reads ? 1 : 0;
   }
-  const float sum = block_total(local_sum, red);
-  const int32_t n_read = block_count(local_read, ired);
+  const float sum = block_reduce(local_sum, red, add_f);
+  const int32_t n_read = block_reduce(local_read, ired, add_i);
   for (int32_t k = threadIdx.x; k < n; k += blockDim.x) {
     const bool reads = (list.key_heads(k) & bit) != 0;
     p[k] = reads ? p[k] / sum : -1.0f;  // -1: not read (below every probability)
@@ -153,7 +135,7 @@ __global__ void value_topk_kernel(const AttentionCall c, int32_t max_keys, float
       if (kept_out != nullptr && r == c.n_rows - 1) kept_out[int64_t(h) * max_keys + k] = keep_it ? 1 : 0;
     }
   }
-  const float kept_sum = block_total(local_kept, red);
+  const float kept_sum = block_reduce(local_kept, red, add_f);
   const float norm = renormalize && kept_sum > 0.0f ? 1.0f / kept_sum : 1.0f;
   __syncthreads();
   // P·V over the kept keys, in key order, a thread per dimension.

@@ -199,16 +199,7 @@ TEST(CudaSchedule, SequenceRetentionReadsWhatTheCascadeLeft) {
   test::CascadeTrace trace;
   std::vector<float> got;
   std::vector<int64_t> rows;
-  for (int32_t p0 = 0; p0 < int32_t(tokens.size()); p0 += p0 == 0 ? prefill : 1) {
-    const int32_t n = p0 == 0 ? prefill : 1;
-    trace.begin_call(*seq);
-    auto sink = [&](int64_t row, std::span<const float> l) {
-      rows.push_back(p0 + row);
-      got.insert(got.end(), l.begin(), l.end());
-    };
-    ASSERT_TRUE(engine->forward(*seq, std::span<const int32_t>(&tokens[size_t(p0)], size_t(n)), n - 1, sink).ok());
-    trace.end_call(*seq);
-  }
+  ASSERT_TRUE(trace.run(*engine, *seq, tokens, prefill, rows, got).ok());
   EXPECT_GT(engine->counters().rows_pruned, 0);
   const auto want = test::naive_forward(*model, tokens, trace.policy());
   const size_t v = size_t(model->config().n_vocab);

@@ -14,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "engine/engine.h"
 #include "engine/kv_cache.h"
 #include "inferlab/plugin.h"
 #include "naive_reference.h"
@@ -128,6 +129,24 @@ struct CascadeTrace {
     const size_t k = size_t(std::upper_bound(starts.begin(), starts.end(), int32_t(t)) - starts.begin()) - 1;
     const bool stored_or_new = j >= starts[k] || holds(before[k][size_t(layer)], j);
     return stored_or_new && (layer == 0 || holds(after[k][size_t(layer - 1)], j));
+  }
+  // `tokens` fed to `engine` as a prompt of `prefill` tokens (its last row's
+  // logits) then one token per call, recording the tables around each call;
+  // `positions` and `logits` get each returned row.
+  Status run(Engine& engine, KvSequence& seq, const std::vector<int32_t>& tokens, int32_t prefill,
+             std::vector<int64_t>& positions, std::vector<float>& logits) {
+    for (int32_t p0 = 0; p0 < int32_t(tokens.size()); p0 += p0 == 0 ? prefill : 1) {
+      const int32_t n = p0 == 0 ? prefill : 1;
+      begin_call(seq);
+      auto sink = [&](int64_t row, std::span<const float> l) {
+        positions.push_back(p0 + row);
+        logits.insert(logits.end(), l.begin(), l.end());
+      };
+      if (auto s = engine.forward(seq, std::span<const int32_t>(&tokens[size_t(p0)], size_t(n)), n - 1, sink); !s)
+        return s;
+      end_call(seq);
+    }
+    return ok_status();
   }
   NaivePolicy policy() const {
     NaivePolicy p;

@@ -139,21 +139,12 @@ TEST_P(SequenceRetentionOnCpu, QueriesReadWhatTheCascadeLeftThem) {
   std::vector<float> got;
   std::vector<double> want_rows;
   std::vector<int64_t> rows;  // positions whose logits came back
-  for (int32_t p0 = 0; p0 < int32_t(tokens.size()); p0 += p0 == 0 ? prefill : 1) {
-    const int32_t n = p0 == 0 ? prefill : 1;
-    trace.begin_call(*seq);
-    auto sink = [&](int64_t row, std::span<const float> l) {
-      rows.push_back(p0 + row);
-      got.insert(got.end(), l.begin(), l.end());
-    };
-    ASSERT_TRUE((*engine)->forward(*seq, std::span<const int32_t>(&tokens[size_t(p0)], size_t(n)), n - 1, sink).ok());
-    trace.end_call(*seq);
-    for (int32_t l = 0; l < c.n_layers; ++l)  // every kv head holds the same tokens; deeper layers a subset
-      for (int32_t g = 1; g < c.n_kv_heads; ++g) EXPECT_EQ(seq->table(l, g).positions, seq->table(l, 0).positions);
+  ASSERT_TRUE(trace.run(**engine, *seq, tokens, prefill, rows, got).ok());
+  for (int32_t l = 0; l < c.n_layers; ++l)  // every kv head holds the same tokens
+    for (int32_t g = 1; g < c.n_kv_heads; ++g) EXPECT_EQ(seq->table(l, g).positions, seq->table(l, 0).positions);
+  for (const auto& after : trace.after)  // after every call, a deeper layer holds a subset
     for (int32_t l = 1; l < c.n_layers; ++l)
-      for (int32_t p : trace.after.back()[size_t(l)])
-        EXPECT_TRUE(test::CascadeTrace::holds(trace.after.back()[size_t(l - 1)], p)) << l << " " << p;
-  }
+      for (int32_t p : after[size_t(l)]) EXPECT_TRUE(test::CascadeTrace::holds(after[size_t(l - 1)], p)) << l << " " << p;
   const EngineCounters& counters = (*engine)->counters();
   EXPECT_GT(counters.tokens_evicted, 0);
   if (budgets[0].heavy >= 0) {
