@@ -58,9 +58,9 @@ class TileWalker {
         ++page_;
         continue;
       }
-      float* stage_k = stage_ + 2 * tile.count * hd_;
+      float* stage_k = stage_ != nullptr ? stage_ + 2 * tile.count * hd_ : nullptr;  // f32 pages: not used
       tile.k[tile.count] = kv_row_f32(p, false, in_page, hd_, stage_k);
-      tile.v[tile.count] = kv_row_f32(p, true, in_page, hd_, stage_k + hd_);
+      tile.v[tile.count] = kv_row_f32(p, true, in_page, hd_, stage_k != nullptr ? stage_k + hd_ : nullptr);
       ++tile.count;
       ++key_;
     }
