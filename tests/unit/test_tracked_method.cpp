@@ -1,0 +1,43 @@
+// The runner wraps every plugin's method in a TrackedMethod (it names the hook
+// under way for runs that die): it must forward every call and declaration
+// the engine reads, or the engine silently runs a method without what it
+// declared. When Method gains a virtual, add it to TrackedMethod and here.
+#include <gtest/gtest.h>
+
+#include "experiment/tracked_method.h"
+#include "experiment/worker.h"
+
+namespace inferlab {
+namespace {
+
+class Declares final : public Method {
+ public:
+  ValuePruning value_pruning() const override { return {0.25, true}; }
+  RetentionPolicy retention_policy() const override {
+    return {RetentionScore::LastMass, RetentionScope::PerSequence};
+  }
+  BoundScope bound_scope() const override { return BoundScope::QueryHead; }
+  KvPageFormat kv_page_format() const override { return KvPageFormat::BF16; }
+  KvPositions kv_positions() const override { return KvPositions::Cache; }
+  bool dense_prefill() const override { return true; }
+  std::map<std::string, double> counters() const override { return {{"declared", 1.0}}; }
+};
+
+TEST(TrackedMethod, ForwardsEveryDeclarationTheEngineReads) {
+  Declares inner;
+  TrackedMethod tracked(inner, worker_state());
+  EXPECT_DOUBLE_EQ(tracked.value_pruning().keep, 0.25);
+  EXPECT_TRUE(tracked.value_pruning().renormalize);
+  EXPECT_EQ(tracked.retention_policy().score, RetentionScore::LastMass);
+  EXPECT_EQ(tracked.retention_policy().scope, RetentionScope::PerSequence);
+  EXPECT_EQ(tracked.bound_scope(), BoundScope::QueryHead);
+  EXPECT_EQ(tracked.kv_page_format(), KvPageFormat::BF16);
+  EXPECT_EQ(tracked.kv_positions(), KvPositions::Cache);
+  EXPECT_TRUE(tracked.dense_prefill());
+  EXPECT_EQ(tracked.counters(), (std::map<std::string, double>{{"declared", 1.0}}));
+  EXPECT_STREQ(hook_call_name(int32_t(HookCall::value_pruning)), "value_pruning");
+  EXPECT_EQ(worker_state().hook.load(), -1);  // no call under way after them
+}
+
+}  // namespace
+}  // namespace inferlab
