@@ -433,29 +433,14 @@ Status CpuBackend::keep_rows(std::span<const int32_t> rows) {
 // (cpu::kv_rope_from_originals is its kernel's twin).
 Status CpuBackend::rerotate_from_originals(KvSequence& seq, int32_t l, int32_t g) {
   const ModelConfig& c = config_;
-  HeadPageTable& t = seq.table(l, g);
-  const int32_t ps = pool_->shape().page_size, n_tokens = t.n_tokens();
-  std::vector<int32_t> moved;
-  for (int32_t i = 0; i < n_tokens; ++i)
-    if (t.rotary[size_t(i)] != i) moved.push_back(i);
+  const std::vector<int32_t> moved = seq.rerotation_moves(l, g);  // (5, n)
   if (moved.empty()) return ok_status();
-  for (int32_t i : moved) seq.origin_page(l, g, i / ps);  // before any bookkeeping changes (may throw bad_alloc)
-  const size_t n = moved.size();
-  std::vector<int32_t> page(n), slot(n), origin_page(n), delta(n), save(n);
-  for (size_t j = 0; j < n; ++j) {
-    const int32_t i = moved[j];
-    int32_t& origin = t.origin[size_t(i)];
-    save[j] = origin < 0;
-    if (origin < 0) origin = t.rotary[size_t(i)];
-    page[j] = t.pages[size_t(i / ps)];
-    slot[j] = i % ps;
-    origin_page[j] = t.origin_pages[size_t(i / ps)];
-    delta[j] = i - origin;
-    t.rotary[size_t(i)] = i;
-  }
-  const kernels::KvPages kv{pool_->chunks().data(), pool_->pages_per_chunk(), ps, int32_t(c.head_dim), pool_->dtype()};
-  cpu::kv_rope_from_originals(kv, page.data(), slot.data(), origin_page.data(), delta.data(), save.data(), int32_t(n),
-                              int32_t(c.rope_dim), c.rope_theta, c.rope_neox);
+  const int32_t n = int32_t(moved.size() / 5);
+  const int32_t* d = moved.data();
+  const kernels::KvPages kv{pool_->chunks().data(), pool_->pages_per_chunk(), pool_->shape().page_size,
+                            int32_t(c.head_dim), pool_->dtype()};
+  cpu::kv_rope_from_originals(kv, d, d + n, d + 2 * n, d + 3 * n, d + 4 * n, n, int32_t(c.rope_dim), c.rope_theta,
+                              c.rope_neox);
   return ok_status();
 }
 

@@ -241,6 +241,29 @@ int32_t KvSequence::origin_page(int32_t layer, int32_t kv_head, int32_t p) {
   return page;
 }
 
+std::vector<int32_t> KvSequence::rerotation_moves(int32_t layer, int32_t kv_head) {
+  HeadPageTable& t = table(layer, kv_head);
+  const int32_t ps = pool_->shape().page_size;
+  std::vector<int32_t> moved;
+  for (int32_t i = 0; i < t.n_tokens(); ++i)
+    if (t.rotary[size_t(i)] != i) moved.push_back(i);
+  const auto n = int32_t(moved.size());
+  for (int32_t i : moved) origin_page(layer, kv_head, i / ps);  // before any bookkeeping changes
+  moved.resize(size_t(5 * n));
+  for (int32_t j = 0; j < n; ++j) {
+    const int32_t i = moved[size_t(j)];
+    int32_t& origin = t.origin[size_t(i)];
+    moved[size_t(4 * n + j)] = origin < 0;
+    if (origin < 0) origin = t.rotary[size_t(i)];
+    moved[size_t(j)] = t.pages[size_t(i / ps)];
+    moved[size_t(n + j)] = i % ps;
+    moved[size_t(2 * n + j)] = t.origin_pages[size_t(i / ps)];
+    moved[size_t(3 * n + j)] = i - origin;
+    t.rotary[size_t(i)] = i;
+  }
+  return moved;
+}
+
 std::unique_ptr<KvSequence> KvSequence::clone(std::shared_ptr<KvPagePool> pool) const {
   if (!pool) pool = pool_;
   const KvCacheShape &a = pool_->shape(), &b = pool->shape();

@@ -229,6 +229,15 @@ class KvSequence {
   // are copied by clone and freed with the tokens; pages_held counts them.
   int32_t origin_page(int32_t layer, int32_t kv_head, int32_t p);
 
+  // Re-rotation from originals (f16/bf16 keys at cache positions): the keys
+  // of (layer, kv_head) whose rotary position is not their index, as (5, n)
+  // int32: page, slot, origin page, turn (index - original rotary position),
+  // save (1: the key is its own original, to be copied to its origin page
+  // first). Origin pages are allocated before anything changes
+  // (std::bad_alloc); then rotary and origin are updated as if the keys were
+  // turned, which the caller does (kv_rope_from_originals or its CPU twin).
+  std::vector<int32_t> rerotation_moves(int32_t layer, int32_t kv_head);
+
   // The state method `instance` (Method::engine_instance) keeps with this
   // sequence; `make` creates it the first time (it may return nullptr: none).
   SequenceState* method_state(uint64_t instance, const std::function<std::unique_ptr<SequenceState>()>& make);

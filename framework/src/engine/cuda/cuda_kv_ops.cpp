@@ -46,28 +46,12 @@ Status CudaBackend::rerotate(KvSequence& seq, int32_t l, int32_t g) {
   // by i - origin: one rounding to f16/bf16 however often it moves. Turning
   // the stored key by each eviction's delta rounded every time and drifted.
   const ModelConfig& c = config_;
-  HeadPageTable& t = seq.table(l, g);
-  const int32_t ps = options_.page_size, n_tokens = t.n_tokens();
-  std::vector<int32_t> moved;  // then (5, n): page, slot, origin page, delta, save
-  for (int32_t i = 0; i < n_tokens; ++i)
-    if (t.rotary[size_t(i)] != i) moved.push_back(i);
+  // Room for every stored key first: nothing changes when the device has none.
+  if (!scratch_.reserve(size_t(5 * seq.table(l, g).n_tokens()) * 4))
+    return Error{"cuda engine: out of GPU memory for re-rotation"};
+  const std::vector<int32_t> moved = seq.rerotation_moves(l, g);  // (5, n)
   if (moved.empty()) return ok_status();
-  const int32_t n = int32_t(moved.size());
-  if (!scratch_.reserve(size_t(5 * n) * 4)) return Error{"cuda engine: out of GPU memory for re-rotation"};
-  // Origin pages before any bookkeeping changes (allocation may throw std::bad_alloc).
-  for (int32_t i : moved) seq.origin_page(l, g, i / ps);
-  moved.resize(size_t(5 * n));
-  for (int32_t j = 0; j < n; ++j) {
-    const int32_t i = moved[size_t(j)];
-    int32_t& origin = t.origin[size_t(i)];
-    moved[size_t(4 * n + j)] = origin < 0;
-    if (origin < 0) origin = t.rotary[size_t(i)];
-    moved[size_t(j)] = t.pages[size_t(i / ps)];
-    moved[size_t(n + j)] = i % ps;
-    moved[size_t(2 * n + j)] = t.origin_pages[size_t(i / ps)];
-    moved[size_t(3 * n + j)] = i - origin;
-    t.rotary[size_t(i)] = i;
-  }
+  const int32_t n = int32_t(moved.size() / 5);
   const int32_t* d = scratch_.as<int32_t>();
   CUDA_TRY(cudaMemcpyAsync(scratch_.as(), moved.data(), moved.size() * 4, cudaMemcpyHostToDevice, stream_),
            "re-rotate");
