@@ -33,11 +33,12 @@ namespace {
 
 using namespace inferlab;
 
-// A schedule's value at `layer`, or the default shape: 1 for the first third
-// of the layers, falling linearly to `floor` over the middle third, `floor` in
-// the last third (SpAtten's GPT-2 traces prune little early and most late).
-double schedule_at(const LayerSchedule& schedule, bool given, int32_t layer, int32_t n_layers, double floor) {
-  if (given) return schedule.at(layer, 1.0);
+// A given schedule's value at `layer` (1 where it names none), or for an empty
+// one the default shape: 1 for the first third of the layers, falling linearly
+// to `floor` over the middle third, `floor` in the last third (SpAtten's GPT-2
+// traces prune little early and most late).
+double schedule_at(const LayerSchedule& schedule, int32_t layer, int32_t n_layers, double floor) {
+  if (!schedule.ranges.empty()) return schedule.at(layer, 1.0);
   const int32_t a = n_layers / 3, b = 2 * n_layers / 3;
   if (layer < a) return 1.0;
   if (layer >= b || b == a) return floor;
@@ -57,8 +58,7 @@ class SpAtten final : public Method {
     bool prune_tokens = true, prune_heads = true, prune_values = true;
     double value_keep = 0.3;
     bool renormalize = false;
-    LayerSchedule keep, head_keep;
-    bool keep_given = false, head_keep_given = false;
+    LayerSchedule keep, head_keep;  // empty: the default shape
     double keep_min = 0.3, head_keep_min = 0.75;
     int32_t recent = 1, dense_layers = 0;
   };
@@ -110,7 +110,7 @@ class SpAtten final : public Method {
 
  private:
   double token_keep(int32_t layer) const {
-    return schedule_at(o_.keep, o_.keep_given, layer, shape_.n_layers, o_.keep_min);
+    return schedule_at(o_.keep, layer, shape_.n_layers, o_.keep_min);
   }
   // Layer l's pruned heads: layer l - 1's, then the least important others
   // (ties to the lower head) until ceil(H * head_keep[l]) are left.
@@ -118,7 +118,7 @@ class SpAtten final : public Method {
     const int32_t H = shape_.n_heads;
     std::vector<uint8_t> pruned = layer > 0 ? s.pruned[size_t(layer - 1)] : std::vector<uint8_t>(size_t(H), 0);
     if (layer >= o_.dense_layers) {
-      const double keep = schedule_at(o_.head_keep, o_.head_keep_given, layer, shape_.n_layers, o_.head_keep_min);
+      const double keep = schedule_at(o_.head_keep, layer, shape_.n_layers, o_.head_keep_min);
       const auto target = int32_t(std::ceil(std::clamp(keep, 0.0, 1.0) * H));
       int32_t left = H - int32_t(std::count(pruned.begin(), pruned.end(), uint8_t{1}));
       std::vector<int32_t> order(static_cast<size_t>(H));
@@ -174,9 +174,7 @@ class SpAttenPlugin final : public Plugin {
     o.prune_values = p.get_bool("prune_values");
     o.value_keep = p.get_float("value_keep");
     o.renormalize = p.get_bool("renormalize");
-    o.keep_given = !p.get_schedule("keep").ranges.empty();
     o.keep = p.get_schedule("keep");
-    o.head_keep_given = !p.get_schedule("head_keep").ranges.empty();
     o.head_keep = p.get_schedule("head_keep");
     o.keep_min = p.get_float("keep_min");
     o.head_keep_min = p.get_float("head_keep_min");
