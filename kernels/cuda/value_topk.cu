@@ -4,6 +4,7 @@
 
 #include "cuda/attention_common.cuh"
 #include "cuda/launch_checks.cuh"
+#include "cuda/select_common.cuh"
 
 namespace inferlab::kernels::cuda {
 
@@ -11,7 +12,7 @@ namespace {
 
 using namespace attn;
 
-constexpr int kThreads = 256;
+constexpr int kThreads = kSelectThreads;  // the radix select and its scans take the whole block
 constexpr int kMaxHeadDim = 128;
 
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
@@ -47,7 +48,7 @@ __global__ void value_topk_kernel(const AttentionCall c, int32_t max_keys, float
   __shared__ float q[kMaxHeadDim];
   __shared__ float red[kThreads / 32];
   __shared__ int32_t ired[kThreads / 32];
-  __shared__ uint32_t hist[256];
+  __shared__ SelectShared select;
   float* p = scratch + (int64_t(h) * c.n_rows + r) * 2 * int64_t(max_keys);
   float* w = p + max_keys;
   for (int d = threadIdx.x; d < D; d += blockDim.x) q[d] = c.q[(int64_t(r) * c.n_heads + h) * D + d] * c.scale;
@@ -87,53 +88,28 @@ __global__ void value_topk_kernel(const AttentionCall c, int32_t max_keys, float
       atomicAdd(&c.key_mass[int64_t(g) * c.mass_stride + list.token(k)], p[k]);
   }
   __syncthreads();
-  // The kk-th largest probability, by a radix select on the (non-negative) float bits, 8 bits a pass.
+  // The kk-th largest probability (select_common.cuh's radix select), then the
+  // keys above it and the first `need` equal to it in key order.
   const int32_t kk = max(1, min(n_read, int32_t(ceilf(keep * float(n_read)))));
-  uint32_t prefix = 0, prefix_mask = 0;
-  int32_t want = kk;  // rank still to find among the keys matching the prefix
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    for (int b = threadIdx.x; b < 256; b += blockDim.x) hist[b] = 0;
-    __syncthreads();
-    for (int32_t k = threadIdx.x; k < n; k += blockDim.x) {
-      if (p[k] < 0.0f) continue;
-      const uint32_t bits = __float_as_uint(p[k]);
-      if ((bits & prefix_mask) == prefix) atomicAdd(&hist[(bits >> shift) & 255u], 1u);
-    }
-    __syncthreads();
-    int32_t above = 0, digit = 255;  // the digit holding the want-th largest (every thread the same)
-    for (; digit > 0; --digit) {
-      if (above + int32_t(hist[digit]) >= want) break;
-      above += int32_t(hist[digit]);
-    }
-    want -= above;
-    prefix |= uint32_t(digit) << shift;
-    prefix_mask |= 255u << shift;
-    __syncthreads();
-  }
-  const float threshold = __uint_as_float(prefix);
-  // Kept: p above the threshold, and the first `want` keys equal to it (in key order).
+  uint32_t threshold = 0;
+  int32_t need = 0;
+  radix_select(p, n, kk, select, &threshold, &need);
   float local_kept = 0.0f;
-  int32_t taken = 0;  // equal keys kept in earlier chunks
+  int32_t equal_seen = 0;  // equal keys in earlier chunks
   for (int32_t base = 0; base < n; base += blockDim.x) {
     const int32_t k = base + threadIdx.x;
-    const bool equal = k < n && p[k] == threshold;
-    const unsigned ballot = __ballot_sync(kFullMask, equal);
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    if (lane == 0) ired[warp] = __popc(ballot);
-    __syncthreads();
-    int32_t before = taken;
-    for (int wv = 0; wv < warp; ++wv) before += ired[wv];
-    before += __popc(ballot & ((1u << lane) - 1u));
-    int32_t chunk = 0;
-    for (int wv = 0; wv < kThreads / 32; ++wv) chunk += ired[wv];
-    __syncthreads();
-    taken += chunk;
+    const uint32_t key = k < n ? order_key(p[k]) : 0u;
+    const bool equal = k < n && key == threshold;
+    int32_t before, chunk;
+    cub::BlockScan<int32_t, kSelectThreads>(select.scan).ExclusiveSum(int32_t(equal), before, chunk);
     if (k < n) {
-      const bool keep_it = p[k] > threshold || (equal && before < want);
+      const bool keep_it = key > threshold || (equal && equal_seen + before < need);
       w[k] = keep_it ? p[k] : 0.0f;
       local_kept += keep_it ? p[k] : 0.0f;
       if (kept_out != nullptr && r == c.n_rows - 1) kept_out[int64_t(h) * max_keys + k] = keep_it ? 1 : 0;
     }
+    equal_seen += chunk;
+    __syncthreads();  // select.scan is reused by the next chunk
   }
   const float kept_sum = block_reduce(local_kept, red, add_f);
   const float norm = renormalize && kept_sum > 0.0f ? 1.0f / kept_sum : 1.0f;
