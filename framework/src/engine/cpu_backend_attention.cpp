@@ -130,18 +130,17 @@ Status CpuBackend::attention(const KvSequence& seq, const LayerAttention& work) 
     ranges_to_refs(seq, work.layer, g, ranges, call.refs[size_t(u)], call.ref_start[size_t(u)]);
   }
   const int64_t n = n_;
-  if (work.values != nullptr && work.values->active()) {
-    if (call.sparse != nullptr) return Error{"cpu backend: local value pruning with a sparse prefill plan"};
-    attend_values_pruned(call, *work.values, work.statistics, work.values_skipped);
-    if (time_attention_)
-      attention_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    return ok_status();
-  }
+  const bool values = work.values != nullptr && work.values->active();
+  if (values && call.sparse != nullptr) return Error{"cpu backend: local value pruning with a sparse prefill plan"};
   if (work.statistics) {
     head_mass_.resize(size_t(c.n_heads));
     for (int32_t h = 0; h < c.n_heads; ++h)
       head_mass_[size_t(h)].assign(size_t(call.cached_before[size_t(h / c.group_size())] + n), 0.0f);
     stats_layer_ = work.layer;
+  }
+  if (values) {
+    attend_values_pruned(call, *work.values, work.statistics, work.values_skipped);
+  } else if (work.statistics) {
     if (call.sparse != nullptr || !cpu::attention_tiled_supports(c.head_dim)) {
       // One work item per head, so each head's statistics have a single writer.
 #pragma omp parallel for schedule(dynamic)
@@ -243,7 +242,7 @@ void CpuBackend::attend_head(const AttentionRefs& call, int32_t h, int64_t r0, i
 
 // Local value pruning: each head's rows one by one (every key scored, P·V over
 // the most probable only; cpu::attention_row_value_topk). With statistics,
-// each key's full probability goes into the head's mass. `skipped` (when not
+// each key's full probability goes into the head's mass (reset by attention()). `skipped` (when not
 // null) gets, per kv head, the cached keys its rows read whose V row no query
 // head of the group accumulated.
 void CpuBackend::attend_values_pruned(const AttentionRefs& call, const ValuePruning& values, bool keep_stats,
@@ -252,12 +251,6 @@ void CpuBackend::attend_values_pruned(const AttentionRefs& call, const ValuePrun
   const int64_t n = n_, hd = c.head_dim, qd = c.q_dim();
   const int32_t gs = c.group_size();
   const float scale = 1.0f / std::sqrt(float(hd));
-  if (keep_stats) {
-    head_mass_.resize(size_t(c.n_heads));
-    for (int32_t h = 0; h < c.n_heads; ++h)
-      head_mass_[size_t(h)].assign(size_t(call.cached_before[size_t(h / gs)] + n), 0.0f);
-    stats_layer_ = call.layer;
-  }
   // Per query head, which stored tokens' values it accumulated (any row).
   std::vector<std::vector<uint8_t>> used(size_t(c.n_heads));
 #pragma omp parallel for schedule(dynamic)
