@@ -30,7 +30,7 @@ struct KeyTile {
 };
 
 // Walks the page concatenation from key `begin` in tiles. Rows of f16/bf16
-// pages are widened into the walker's staging rows (one tile's worth, in L1),
+// and bit-plane pages are widened into the walker's staging rows (one tile's worth, in L1),
 // so the tile's consumers read float rows either way; a tile stays valid until
 // the next call.
 class TileWalker {
@@ -39,7 +39,7 @@ class TileWalker {
       : pages_(pages), n_pages_(n_pages), hd_(head_dim), key_(begin) {
     while (page_ < n_pages_ && offset_ + pages_[page_].n_tokens <= begin) offset_ += pages_[page_++].n_tokens;
     for (int64_t p = 0; p < n_pages_; ++p)
-      if (pages_[p].dtype != DType::F32) {
+      if (pages_[p].widened()) {
         thread_local std::vector<float> stage;
         stage.resize(size_t(2 * kTileKeys * hd_));
         stage_ = stage.data();

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -37,8 +38,53 @@ void widen_to_float(const void* x, DType dtype, int64_t n, float* out) {
   for (; i < n; ++i) out[i] = dtype == DType::F16 ? f16_to_float(h[i]) : bf16_to_float(h[i]);
 }
 
+void bit_plane_encode(const float* x, int64_t head_dim, BitPlanes p, void* record) {
+  auto* row = static_cast<uint8_t*>(record);
+  std::fill_n(row, bit_plane_row_bytes(head_dim, p), uint8_t{0});
+  float amax = 0.0f;
+  for (int64_t i = 0; i < head_dim; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const int32_t qmax = (1 << (p.bits() - 1)) - 1;
+  const float scale = amax / float(qmax);
+  std::memcpy(row, &scale, 4);
+  const float inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+  uint8_t* msb = row + 4;
+  uint8_t* lsb = msb + bit_plane_bytes(head_dim, p.msb);
+  const auto put = [](uint8_t* plane, int64_t i, int32_t bits, uint32_t value) {
+    const int64_t bit = i * bits;
+    const int32_t shift = int32_t(bit & 7);
+    plane[bit >> 3] = uint8_t(plane[bit >> 3] | (value << shift));
+    if (shift + bits > 8) plane[(bit >> 3) + 1] = uint8_t(plane[(bit >> 3) + 1] | (value >> (8 - shift)));
+  };
+  for (int64_t i = 0; i < head_dim; ++i) {
+    const int32_t q = std::clamp(int32_t(std::lrint(x[i] * inv)), -qmax, qmax);
+    const auto u = uint32_t(q + qmax + 1);
+    put(msb, i, p.msb, u >> p.lsb);
+    if (p.lsb > 0) put(lsb, i, p.lsb, u & ((1u << p.lsb) - 1u));
+  }
+}
+
+void bit_plane_decode(const void* record, int64_t head_dim, BitPlanes p, bool full, float* out) {
+  const auto* row = static_cast<const uint8_t*>(record);
+  const float scale = bit_plane_scale(row);
+  const uint8_t* msb = row + 4;
+  const uint8_t* lsb = msb + bit_plane_bytes(head_dim, p.msb);
+  const float offset = float(1u << (p.bits() - 1));
+  if (full && p.lsb > 0) {
+    for (int64_t i = 0; i < head_dim; ++i)
+      out[i] = (float((bit_plane_get(msb, i, p.msb) << p.lsb) | bit_plane_get(lsb, i, p.lsb)) - offset) * scale;
+    return;
+  }
+  const float middle = 0.5f * float((1u << p.lsb) - 1u) - offset;  // the middle of each MSB bucket
+  for (int64_t i = 0; i < head_dim; ++i) out[i] = (float(bit_plane_get(msb, i, p.msb) << p.lsb) + middle) * scale;
+}
+
 const float* kv_row_f32(const KvPageRef& page, bool value, int64_t t, int64_t head_dim, float* scratch) {
   const void* base = value ? page.v : page.k;
+  if (page.planes.active()) {
+    bit_plane_decode(static_cast<const uint8_t*>(base) + t * bit_plane_row_bytes(head_dim, page.planes), head_dim,
+                     page.planes, page.lsb, scratch);
+    return scratch;
+  }
   if (page.dtype == DType::F32) return static_cast<const float*>(base) + t * head_dim;
   widen_to_float(static_cast<const uint16_t*>(base) + t * head_dim, page.dtype, head_dim, scratch);
   return scratch;
@@ -46,6 +92,13 @@ const float* kv_row_f32(const KvPageRef& page, bool value, int64_t t, int64_t he
 
 void load_kv_rows(const KvPageRef& page, bool value, int64_t t0, int64_t n, int64_t head_dim, float* out) {
   const void* base = value ? page.v : page.k;
+  if (page.planes.active()) {
+    const int64_t rb = bit_plane_row_bytes(head_dim, page.planes);
+    for (int64_t t = 0; t < n; ++t)
+      bit_plane_decode(static_cast<const uint8_t*>(base) + (t0 + t) * rb, head_dim, page.planes, page.lsb,
+                       out + t * head_dim);
+    return;
+  }
   const int64_t eb = dtype_bytes(page.dtype);
   widen_to_float(static_cast<const char*>(base) + t0 * head_dim * eb, page.dtype, n * head_dim, out);
 }

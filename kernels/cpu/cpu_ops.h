@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "kernel_types.h"
+#include "bit_planes.h"
 
 namespace inferlab::kernels::cpu {
 
@@ -61,11 +62,17 @@ void matmul_x_rows(float* y, const float* x, const float* w, const int32_t* rows
 // head_dim), stored as `dtype` (f16/bf16 as their uint16 bits). Kernels widen
 // rows to float as they read them (kv_row_f32), so a half-width cache halves
 // the bytes attention streams.
+//
+// Bit-plane pages (planes.active(), dtype unused) hold each row as a record
+// of bit_plane_row_bytes (bit_planes.h); `lsb` false reads the MSB planes only.
 struct KvPageRef {
   const void* k;
   const void* v;
   int32_t n_tokens;
   DType dtype = DType::F32;
+  BitPlanes planes{};
+  bool lsb = true;
+  bool widened() const { return dtype != DType::F32 || planes.active(); }
 };
 
 // Row t of the page's K (value = false) or V as float: the stored row itself
@@ -75,6 +82,12 @@ const float* kv_row_f32(const KvPageRef& page, bool value, int64_t t, int64_t he
 void load_kv_rows(const KvPageRef& page, bool value, int64_t t0, int64_t n, int64_t head_dim, float* out);
 // n values of `dtype` widened to float (vectorized; cpu_twins' convert_to_float is the scalar reference).
 void widen_to_float(const void* x, DType dtype, int64_t n, float* out);
+
+// A row to the symmetric grid of p.bits() bits (scale from its largest
+// magnitude) as a bit-plane record; and back, from the MSB plane alone (full
+// false) or both planes.
+void bit_plane_encode(const float* x, int64_t head_dim, BitPlanes p, void* record);
+void bit_plane_decode(const void* record, int64_t head_dim, BitPlanes p, bool full, float* out);
 
 // Attention of `n_q` query rows of one head against the concatenation of `pages`
 // (one KV head): scores for one query row at a time (never an (n_q, n_keys)

@@ -20,8 +20,12 @@
 //   values  each query row accumulates P·V over only its value_keep most
 //           probable keys (local value pruning); the engine scores every key
 //           and reads the V rows of the kept ones.
-// The plugin only picks the schedules and fractions. Progressive
-// quantization, SpAtten's fourth part, is not in this version.
+//   quantization  (quantize = true) the sequence's K and V rows are stored
+//           as bit planes, msb_bits + lsb_bits on a per-row grid; attention
+//           reads the MSB planes, and a query row whose largest probability
+//           is below requant_threshold refetches the LSB planes and is
+//           recomputed (progressive quantization; the engine's bit-plane pages).
+// The plugin only picks the schedules, fractions and widths.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -61,6 +65,9 @@ class SpAtten final : public Method {
     LayerSchedule keep, head_keep;  // empty: the default shape
     double keep_min = 0.3, head_keep_min = 0.75;
     int32_t recent = 1, dense_layers = 0;
+    bool quantize = false;
+    int32_t msb_bits = 6, lsb_bits = 4;
+    double requant_threshold = 0.05;
   };
   explicit SpAtten(Options o) : o_(std::move(o)) {}
   void begin_sequence(const ModelShape& shape) override { shape_ = shape; }
@@ -69,6 +76,12 @@ class SpAtten final : public Method {
   ValuePruning value_pruning() const override {
     if (!o_.prune_values) return {};
     return {o_.value_keep, o_.renormalize};
+  }
+
+  // --- quantization: the engine's bit-plane pages ---
+  KvQuantization kv_quantization() const override {
+    if (!o_.quantize) return {};
+    return {o_.msb_bits, o_.lsb_bits, o_.requant_threshold};
   }
 
   // --- tokens: the engine's retention per sequence ---
@@ -145,8 +158,9 @@ class SpAttenPlugin final : public Plugin {
  public:
   PluginInfo info() const override {
     return {"spatten",
-            "1.0.0",
-            "cascade token and head pruning (Wang, Zhang, Han, HPCA 2021)",
+            "1.1.0",
+            "cascade token and head pruning, local value pruning, progressive quantization (Wang, Zhang, Han, "
+            "HPCA 2021)",
             hooks_of<SpAtten>(),
             {ParamSpec::boolean("prune_tokens", true, "cascade token pruning"),
              ParamSpec::schedule("keep", "", 0.001, 1.0,
@@ -165,6 +179,13 @@ class SpAttenPlugin final : public Plugin {
              ParamSpec::real("value_keep", 0.3, 0.001, 1.0,
                              "fraction of the keys a query row reads whose values it accumulates (the most probable)"),
              ParamSpec::boolean("renormalize", false, "scale the kept probabilities to sum to 1"),
+             ParamSpec::boolean("quantize", false,
+                                "progressive quantization: KV rows as MSB and LSB bit planes, LSBs refetched for flat "
+                                "rows (CPU backend)"),
+             ParamSpec::integer("msb_bits", 6, 2, 8, "bits of the MSB plane, read by every row"),
+             ParamSpec::integer("lsb_bits", 4, 0, 8, "bits of the LSB plane, read by rows below requant_threshold"),
+             ParamSpec::real("requant_threshold", 0.05, 0.0, 1.0,
+                             "a query row whose largest probability is below this refetches the LSB planes"),
              ParamSpec::dense_layers(0)}};
   }
   Result<std::unique_ptr<Method>> create(const ParamValues& p) const override {
@@ -180,6 +201,10 @@ class SpAttenPlugin final : public Plugin {
     o.head_keep_min = p.get_float("head_keep_min");
     o.recent = int32_t(std::min<int64_t>(p.get_int("recent"), std::numeric_limits<int32_t>::max()));
     o.dense_layers = int32_t(std::min<int64_t>(p.get_int("dense_layers"), std::numeric_limits<int32_t>::max()));
+    o.quantize = p.get_bool("quantize");
+    o.msb_bits = int32_t(p.get_int("msb_bits"));
+    o.lsb_bits = int32_t(p.get_int("lsb_bits"));
+    o.requant_threshold = p.get_float("requant_threshold");
     return std::unique_ptr<Method>(std::make_unique<SpAtten>(std::move(o)));
   }
 };

@@ -13,6 +13,7 @@ namespace {
 class Declares final : public Method {
  public:
   ValuePruning value_pruning() const override { return {0.25, true}; }
+  KvQuantization kv_quantization() const override { return {6, 4, 0.125}; }
   RetentionPolicy retention_policy() const override {
     return {RetentionScore::LastMass, RetentionScope::PerSequence};
   }
@@ -28,6 +29,9 @@ TEST(TrackedMethod, ForwardsEveryDeclarationTheEngineReads) {
   TrackedMethod tracked(inner, worker_state());
   EXPECT_DOUBLE_EQ(tracked.value_pruning().keep, 0.25);
   EXPECT_TRUE(tracked.value_pruning().renormalize);
+  EXPECT_EQ(tracked.kv_quantization().msb_bits, 6);
+  EXPECT_EQ(tracked.kv_quantization().lsb_bits, 4);
+  EXPECT_DOUBLE_EQ(tracked.kv_quantization().requant_threshold, 0.125);
   EXPECT_EQ(tracked.retention_policy().score, RetentionScore::LastMass);
   EXPECT_EQ(tracked.retention_policy().scope, RetentionScope::PerSequence);
   EXPECT_EQ(tracked.bound_scope(), BoundScope::QueryHead);
@@ -36,6 +40,7 @@ TEST(TrackedMethod, ForwardsEveryDeclarationTheEngineReads) {
   EXPECT_TRUE(tracked.dense_prefill());
   EXPECT_EQ(tracked.counters(), (std::map<std::string, double>{{"declared", 1.0}}));
   EXPECT_STREQ(hook_call_name(int32_t(HookCall::value_pruning)), "value_pruning");
+  EXPECT_STREQ(hook_call_name(int32_t(HookCall::kv_quantization)), "kv_quantization");
   EXPECT_EQ(worker_state().hook.load(), -1);  // no call under way after them
 }
 

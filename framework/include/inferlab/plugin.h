@@ -29,7 +29,7 @@
 
 namespace inferlab {
 
-inline constexpr int32_t kPluginAbiVersion = 8;
+inline constexpr int32_t kPluginAbiVersion = 9;
 
 // Hooks, as bits of PluginInfo::hooks (docs/architecture.md has the table).
 enum PluginHook : uint32_t {
@@ -320,8 +320,25 @@ enum class BoundScope : int32_t {
   QueryHead = 1,
 };
 
-// Storage of the KV cache's pages.
-enum class KvPageFormat : int32_t { Any = 0, F32 = 1, F16 = 2, BF16 = 3 };
+// Storage of the KV cache's pages. BitPlanes: a method's own quantized pages
+// (KvQuantization), never a model-wide setting.
+enum class KvPageFormat : int32_t { Any = 0, F32 = 1, F16 = 2, BF16 = 3, BitPlanes = 4 };
+
+// Progressive quantization (SpAtten): the method's sequences store each K and
+// V row on its own symmetric integer grid of msb_bits + lsb_bits bits (scale:
+// the row's largest magnitude), split into an MSB plane and an LSB plane.
+// Attention reads the MSB planes first (each value at the middle of its MSB
+// bucket); a query row whose largest softmax probability is below
+// `requant_threshold` also reads the LSB planes of its keys and values and is
+// recomputed at full precision. The engine counts the rows checked and
+// refetched per layer and the LSB bytes read. Planes of 1..8 (MSB) and 0..8
+// (LSB) bits; msb_bits 0: off (pages as the model's KV format).
+struct KvQuantization {
+  int32_t msb_bits = 0;
+  int32_t lsb_bits = 0;
+  double requant_threshold = 0.05;
+  bool active() const { return msb_bits > 0; }
+};
 
 // Calibration (kHookCalibrate): before a method's runs the host runs dense
 // passes over `samples` windows of `tokens` tokens of a corpus ("kjv", or a
@@ -480,6 +497,9 @@ class Method {
   // Every plugin: the KV page format its decisions need (Any: whatever the
   // backend stores). A backend without it refuses the method before any token.
   virtual KvPageFormat kv_page_format() const { return KvPageFormat::Any; }
+  // Every plugin: progressive quantization of its KV pages (read when the
+  // method is set; its sequences are made in a pool of that format).
+  virtual KvQuantization kv_quantization() const { return {}; }
   // Every plugin: how RoPE positions keys and queries (read once per sequence).
   virtual KvPositions kv_positions() const { return KvPositions::Original; }
   // Every plugin: true when prefill under this method is exactly dense (no hook

@@ -51,6 +51,7 @@ enum class Feature : int32_t {
   KvPagesF32,           // KV pages stored as float32
   KvPagesF16,
   KvPagesBF16,
+  KvBitPlanes,          // a method's pages as bit planes, MSB pass and LSB refetch (Method::kv_quantization)
   Graphs,               // decode steps captured once and replayed
 };
 const char* feature_name(Feature feature);
@@ -113,6 +114,10 @@ class Backend {
   virtual std::string device_description() const = 0;
   virtual int64_t weight_bytes() const = 0;
   virtual std::shared_ptr<KvPagePool> pool() const = 0;
+  // A pool of bit-plane pages of the pool()'s shape (Feature::KvBitPlanes),
+  // the same one for the same planes; its sequences are attended MSB planes
+  // first (LayerAttention::requant).
+  virtual Result<std::shared_ptr<KvPagePool>> bit_plane_pool(kernels::BitPlanes planes);
   virtual std::unique_ptr<BackendKvView> kv_view(const KvSequence& seq) const = 0;
 
   // --- one forward call -----------------------------------------------------

@@ -24,11 +24,12 @@ constexpr int64_t kDecodeSizedRows = 16;  // calls this small run as many thread
 constexpr int64_t kLoadEveryCalls = 8;    // the machine's other load is read every 8 of them
 
 // A method's view of the cache: float32 rows as stored, or f16/bf16 rows
-// widened into a per-head copy made when the head is first read (forget()
+// (bit-plane rows, at full precision) widened into a per-head copy made when the head is first read (forget()
 // drops it after the head changed).
 class SequenceKvView final : public BackendKvView {
  public:
-  explicit SequenceKvView(const KvSequence& seq) : seq_(seq), half_(seq.pool().dtype() != kernels::DType::F32) {}
+  explicit SequenceKvView(const KvSequence& seq)
+      : seq_(seq), half_(seq.pool().dtype() != kernels::DType::F32 || seq.pool().bit_planes().active()) {}
   int32_t page_size() const override { return seq_.pool().shape().page_size; }
   int32_t n_tokens(int32_t layer, int32_t kv_head) const override { return seq_.table(layer, kv_head).n_tokens(); }
   std::span<const int32_t> positions(int32_t layer, int32_t kv_head) const override {
@@ -52,10 +53,17 @@ class SequenceKvView final : public BackendKvView {
       const int32_t n = seq_.table(layer, kv_head).n_tokens();
       const int64_t hd = seq_.pool().shape().head_dim;
       const kernels::DType dtype = seq_.pool().dtype();
+      const kernels::BitPlanes planes = seq_.pool().bit_planes();
       it->second.resize(size_t(2 * n * hd));
       for (int32_t i = 0; i < n; ++i) {
-        cpu::widen_to_float(seq_.k_bytes(layer, kv_head, i), dtype, hd, it->second.data() + 2 * i * hd);
-        cpu::widen_to_float(seq_.v_bytes(layer, kv_head, i), dtype, hd, it->second.data() + (2 * i + 1) * hd);
+        float* k = it->second.data() + 2 * i * hd;
+        if (planes.active()) {  // at full precision
+          cpu::bit_plane_decode(seq_.k_bytes(layer, kv_head, i), hd, planes, true, k);
+          cpu::bit_plane_decode(seq_.v_bytes(layer, kv_head, i), hd, planes, true, k + hd);
+          continue;
+        }
+        cpu::widen_to_float(seq_.k_bytes(layer, kv_head, i), dtype, hd, k);
+        cpu::widen_to_float(seq_.v_bytes(layer, kv_head, i), dtype, hd, k + hd);
       }
     }
     return it->second;
@@ -138,11 +146,23 @@ const cpu::QuantMatrixRef* CpuBackend::file_weight(Proj p, int32_t l) const {
   return &q;
 }
 
+Result<std::shared_ptr<KvPagePool>> CpuBackend::bit_plane_pool(kernels::BitPlanes planes) {
+  for (const auto& p : bit_plane_pools_)
+    if (p->bit_planes().msb == planes.msb && p->bit_planes().lsb == planes.lsb) return p;
+  if (!kernels::bit_planes_supported(planes))
+    return Error{fmt::format("bit-plane KV pages of {}+{} bits: {}", planes.msb,
+                             planes.lsb, kernels::kBitPlaneWidths)};
+  bit_plane_pools_.push_back(std::make_shared<KvPagePool>(pool_->shape(), pool_->pages_per_chunk(),
+                                                          make_host_bit_plane_storage(planes)));
+  return bit_plane_pools_.back();
+}
+
 bool CpuBackend::supports(Feature feature) const {
   switch (feature) {
     case Feature::KvPagesF32: return pool_->format() == KvPageFormat::F32;
     case Feature::KvPagesF16: return pool_->format() == KvPageFormat::F16;
     case Feature::KvPagesBF16: return pool_->format() == KvPageFormat::BF16;
+    case Feature::KvBitPlanes: return true;
     case Feature::Graphs:
       return false;
     default:
@@ -349,14 +369,14 @@ int32_t CpuBackend::rotary_position(int32_t g, int64_t i) const {
 Status CpuBackend::append_kv(KvSequence& seq, int32_t l) {
   const ModelConfig& c = config_;
   const int64_t hd = c.head_dim;
-  const int32_t ps = pool_->shape().page_size;
+  const int32_t ps = seq.pool().shape().page_size;
   for (int32_t g = 0; g < c.n_kv_heads; ++g)
     for (int64_t i = 0; i < n_; ++i) {
       seq.append(l, g, &k_[size_t(i * c.kv_dim() + g * hd)], &v_[size_t(i * c.kv_dim() + g * hd)],
                  positions_[size_t(i)], rotary_position(g, i));
       // A new token has no retention score yet (read after the append: the pool may have grown).
       const HeadPageTable& t = seq.table(l, g);
-      pool_->plane(SlotPlane::Score)[int64_t(t.pages.back()) * ps + (t.n_tokens() - 1) % ps] = 0.0f;
+      seq.pool().plane(SlotPlane::Score)[int64_t(t.pages.back()) * ps + (t.n_tokens() - 1) % ps] = 0.0f;
     }
   return ok_status();
 }

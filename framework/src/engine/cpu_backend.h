@@ -26,6 +26,7 @@ class CpuBackend final : public Backend {
   // The float32 weights, plus the file's quantized blocks when they are computed with.
   int64_t weight_bytes() const override;
   std::shared_ptr<KvPagePool> pool() const override { return pool_; }
+  Result<std::shared_ptr<KvPagePool>> bit_plane_pool(kernels::BitPlanes planes) override;
   std::unique_ptr<BackendKvView> kv_view(const KvSequence& seq) const override;
 
   Status begin_call(const CallSetup& call) override;
@@ -77,8 +78,12 @@ class CpuBackend final : public Backend {
   void attend_head(const AttentionRefs& refs, int32_t head, int64_t r0, int64_t r1, float* key_mass);
   void attend_sparse_block(const AttentionRefs& refs, int32_t head, int32_t query_block, float* key_mass);
   void attend_groups(const AttentionRefs& refs, bool keep_stats);
-  void attend_values_pruned(const AttentionRefs& refs, const ValuePruning& values, bool keep_stats, int64_t* skipped);
-  void add_key_mass(const AttentionRefs& refs, int32_t head);
+  void attend_values_pruned(const AttentionRefs& refs, const ValuePruning& values, bool keep_stats, int64_t* skipped,
+                            const KvQuantization* requant, RequantTally* tally);
+  void attend_progressive(const AttentionRefs& refs, bool keep_stats, const KvQuantization& requant,
+                          RequantTally& tally);
+  // refetched (n rows, or null): which of the head's rows were computed with the LSB planes.
+  void add_key_mass(const AttentionRefs& refs, int32_t head, const uint8_t* refetched = nullptr);
   void attend_split_keys(const AttentionRefs& refs);
   void group_mass(int32_t kv_head, std::vector<float>& mass) const;
   Status rerotate_from_originals(KvSequence& seq, int32_t layer, int32_t kv_head);
@@ -88,6 +93,7 @@ class CpuBackend final : public Backend {
   std::shared_ptr<const Model> model_;
   const ModelConfig& config_;
   std::shared_ptr<KvPagePool> pool_;
+  std::vector<std::shared_ptr<KvPagePool>> bit_plane_pools_;  // made on demand, kept for reuse
   bool time_attention_ = false;
   double attention_seconds_ = 0;
   int32_t max_context_ = 0;

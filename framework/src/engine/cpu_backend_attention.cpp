@@ -41,7 +41,7 @@ void ranges_to_refs(const KvSequence& seq, int32_t layer, int32_t kv_head, const
     for (int32_t i = r.start; i < r.start + r.len;) {
       const int32_t page = t.pages[size_t(i / ps)], off = i % ps;
       const int32_t count = std::min(ps - off, r.start + r.len - i);
-      refs.push_back({pool.k_bytes(page, off), pool.v_bytes(page, off), count, pool.dtype()});
+      refs.push_back({pool.k_bytes(page, off), pool.v_bytes(page, off), count, pool.dtype(), pool.bit_planes()});
       ref_start.push_back(i);
       i += count;
     }
@@ -92,6 +92,9 @@ struct CpuBackend::AttentionRefs {
   int32_t unit_heads = 1;  // query heads per unit: the group size, or 1
   // Per unit: the keys this call reads (cached selection, then the new tokens).
   std::vector<std::vector<cpu::KvPageRef>> refs;
+  // Progressive quantization: refs read the MSB planes, full_refs (the same
+  // keys) both planes.
+  std::vector<std::vector<cpu::KvPageRef>> full_refs;
   std::vector<std::vector<int32_t>> ref_start;  // stored index of each ref's first key
   std::vector<int32_t> old_visible;             // cached keys in refs, before the new tokens
   std::vector<int32_t> cached_before;           // per kv head: stored tokens before this call's append
@@ -109,7 +112,7 @@ struct CpuBackend::AttentionRefs {
 Status CpuBackend::attention(const KvSequence& seq, const LayerAttention& work) {
   const ModelConfig& c = config_;
   const auto t0 = time_attention_ ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
-  const int32_t ps = pool_->shape().page_size, gs = c.group_size();
+  const int32_t ps = seq.pool().shape().page_size, gs = c.group_size();
   AttentionRefs call;
   call.layer = work.layer;
   call.seq = &seq;
@@ -132,6 +135,17 @@ Status CpuBackend::attention(const KvSequence& seq, const LayerAttention& work) 
   const int64_t n = n_;
   const bool values = work.values != nullptr && work.values->active();
   if (values && call.sparse != nullptr) return Error{"cpu backend: local value pruning with a sparse prefill plan"};
+  const bool progressive = work.requant != nullptr && seq.pool().bit_planes().active();
+  if (progressive) {
+    if (call.sparse != nullptr) return Error{"cpu backend: bit-plane KV pages with a sparse prefill plan"};
+    if (!cpu::attention_tiled_supports(c.head_dim))
+      return Error{fmt::format("cpu backend: bit-plane KV pages need a head size that is a multiple of 8 up to 256, "
+                               "not {}",
+                               c.head_dim)};
+    call.full_refs = call.refs;
+    for (auto& unit : call.refs)
+      for (cpu::KvPageRef& r : unit) r.lsb = false;
+  }
   if (work.statistics) {
     head_mass_.resize(size_t(c.n_heads));
     for (int32_t h = 0; h < c.n_heads; ++h)
@@ -139,7 +153,10 @@ Status CpuBackend::attention(const KvSequence& seq, const LayerAttention& work) 
     stats_layer_ = work.layer;
   }
   if (values) {
-    attend_values_pruned(call, *work.values, work.statistics, work.values_skipped);
+    attend_values_pruned(call, *work.values, work.statistics, work.values_skipped, progressive ? work.requant : nullptr,
+                         work.requant_tally);
+  } else if (progressive) {
+    attend_progressive(call, work.statistics, *work.requant, *work.requant_tally);
   } else if (work.statistics) {
     if (call.sparse != nullptr || !cpu::attention_tiled_supports(c.head_dim)) {
       // One work item per head, so each head's statistics have a single writer.
@@ -246,13 +263,22 @@ void CpuBackend::attend_head(const AttentionRefs& call, int32_t h, int64_t r0, i
 // null) gets, per kv head, the cached keys its rows read whose V row no query
 // head of the group accumulated.
 void CpuBackend::attend_values_pruned(const AttentionRefs& call, const ValuePruning& values, bool keep_stats,
-                                      int64_t* skipped) {
+                                      int64_t* skipped, const KvQuantization* requant, RequantTally* tally) {
   const ModelConfig& c = config_;
   const int64_t n = n_, hd = c.head_dim, qd = c.q_dim();
   const int32_t gs = c.group_size();
   const float scale = 1.0f / std::sqrt(float(hd));
   // Per query head, which stored tokens' values it accumulated (any row).
   std::vector<std::vector<uint8_t>> used(size_t(c.n_heads));
+  // Progressive quantization, per (head, row): whether it was refetched, and
+  // the cached keys and kept cached values whose LSB planes it read.
+  std::vector<uint8_t> refetched;
+  std::vector<int64_t> lsb_keys, lsb_values;
+  if (requant != nullptr) {
+    refetched.assign(size_t(c.n_heads * n), 0);
+    lsb_keys.assign(size_t(c.n_heads * n), 0);
+    lsb_values.assign(size_t(c.n_heads * n), 0);
+  }
 #pragma omp parallel for schedule(dynamic)
   for (int32_t h = 0; h < c.n_heads; ++h) {
     const int32_t g = h / gs, u = call.unit_of(h);
@@ -272,6 +298,18 @@ void CpuBackend::attend_values_pruned(const AttentionRefs& call, const ValuePrun
       cpu::attention_row_value_topk(&q_[size_t(i * qd + h * hd)], refs.data(), int64_t(refs.size()), visible, hd,
                                     scale, values.keep, values.renormalize, &attn_[size_t(i * qd + h * hd)],
                                     probs.data(), kept.data());
+      if (requant != nullptr &&
+          *std::max_element(probs.begin(), probs.begin() + visible) < float(requant->requant_threshold)) {
+        // Flat row: again with the LSB planes, its probabilities and kept values replacing the MSB pass's.
+        const auto& full = call.full_refs[size_t(u)];
+        cpu::attention_row_value_topk(&q_[size_t(i * qd + h * hd)], full.data(), int64_t(full.size()), visible, hd,
+                                      scale, values.keep, values.renormalize, &attn_[size_t(i * qd + h * hd)],
+                                      probs.data(), kept.data());
+        const int64_t cached = call.old_visible[size_t(u)];
+        refetched[size_t(h * n + i)] = 1;
+        lsb_keys[size_t(h * n + i)] = cached;
+        lsb_values[size_t(h * n + i)] = std::count(kept.begin(), kept.begin() + cached, uint8_t{1});
+      }
       // Concatenation index -> stored token.
       for (size_t r = 0, at = 0; r < refs.size() && int64_t(at) < visible; at += size_t(refs[r].n_tokens), ++r)
         for (int32_t t = 0; t < refs[r].n_tokens && int64_t(at) + t < visible; ++t) {
@@ -280,6 +318,24 @@ void CpuBackend::attend_values_pruned(const AttentionRefs& call, const ValuePrun
           if (keep_stats) head_mass_[size_t(h)][token] += probs[j];
         }
     }
+  }
+  if (requant != nullptr) {
+    for (int32_t h = 0; h < c.n_heads; ++h) {
+      if (used[size_t(h)].empty()) continue;  // masked
+      tally->rows += n;
+      for (int64_t i = 0; i < n; ++i) tally->refetched += refetched[size_t(h * n + i)];
+    }
+    // Per kv head and row, the LSB planes the most reading of its refetching query heads read.
+    for (int32_t g = 0; g < c.n_kv_heads; ++g)
+      for (int64_t i = 0; i < n; ++i) {
+        int64_t keys = 0, vals = 0;
+        for (int32_t h = g * gs; h < (g + 1) * gs; ++h) {
+          keys = std::max(keys, lsb_keys[size_t(h * n + i)]);
+          vals = std::max(vals, lsb_values[size_t(h * n + i)]);
+        }
+        tally->lsb_key_rows += keys;
+        tally->lsb_value_rows += vals;
+      }
   }
   if (skipped == nullptr) return;
   *skipped = 0;
@@ -407,21 +463,90 @@ void CpuBackend::attend_groups(const AttentionRefs& call, bool keep_stats) {
 }
 
 // Head h's statistics of the call attend_groups computed: the probability each
-// key received from each row, summed per stored token.
-void CpuBackend::add_key_mass(const AttentionRefs& call, int32_t h) {
+// key received from each row, summed per stored token. With `refetched`, a
+// row marked there gets its probabilities from both bit planes (as it was
+// recomputed), the others from the MSB planes.
+void CpuBackend::add_key_mass(const AttentionRefs& call, int32_t h, const uint8_t* refetched) {
   const ModelConfig& c = config_;
   const int64_t n = n_, hd = c.head_dim;
   const int32_t g = call.unit_of(h);
   if (call.mask != nullptr && call.mask->heads[size_t(h)] == 0) return;
   std::vector<int32_t> visible(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) visible[size_t(i)] = call.old_visible[size_t(g)] + int32_t(i) + 1;
-  const cpu::QueryTile tile{&q_[size_t(h * hd)], n, 1, c.q_dim(), 0, visible.data(), nullptr, 0, 0};
   std::vector<float> concat_mass(size_t(call.old_visible[size_t(g)] + n), 0.0f);
   const float* ml = &stats_ml_[size_t(h * 2 * n)];
   const auto& refs = call.refs[size_t(g)];
-  cpu::attention_key_mass(tile, refs.data(), int64_t(refs.size()), hd, 1.0f / std::sqrt(float(hd)), ml, ml + n,
-                          concat_mass.data());
+  // Runs of rows read with one set of planes.
+  for (int64_t i0 = 0, i1 = 0; i0 < n; i0 = i1) {
+    const bool full = refetched != nullptr && refetched[i0] != 0;
+    for (i1 = i0 + 1; i1 < n && refetched != nullptr && (refetched[i1] != 0) == full;) ++i1;
+    if (refetched == nullptr) i1 = n;
+    const auto& run_refs = full ? call.full_refs[size_t(g)] : refs;
+    const cpu::QueryTile tile{&q_[size_t(i0 * c.q_dim() + h * hd)], i1 - i0, 1, c.q_dim(), 0, visible.data() + i0,
+                              nullptr, 0, 0};
+    cpu::attention_key_mass(tile, run_refs.data(), int64_t(run_refs.size()), hd, 1.0f / std::sqrt(float(hd)), ml + i0,
+                            ml + n + i0, concat_mass.data());
+  }
   scatter_mass(refs, call.ref_start[size_t(g)], concat_mass, head_mass_[size_t(h)].data());
+}
+
+// Progressive quantization (bit-plane pages): every query vector from the MSB
+// planes (attend_groups, keeping its softmax max and sum); a vector whose
+// largest probability, 1 / sum in the max-relative sum, is below the
+// threshold is recomputed from both planes, its max and sum replacing the
+// MSB pass's; then the statistics, each row's from the planes it ended with.
+void CpuBackend::attend_progressive(const AttentionRefs& call, bool keep_stats, const KvQuantization& requant,
+                                    RequantTally& tally) {
+  const ModelConfig& c = config_;
+  const int64_t n = n_, hd = c.head_dim, qd = c.q_dim();
+  const int32_t gs = c.group_size();
+  const float scale = 1.0f / std::sqrt(float(hd)), threshold = float(requant.requant_threshold);
+  attend_groups(call, true);
+  std::vector<uint8_t> refetched(size_t(c.n_heads * n), 0);
+  std::vector<std::pair<int32_t, int64_t>> flagged;  // (head, row)
+  for (int32_t h = 0; h < c.n_heads; ++h) {
+    if (call.mask != nullptr && call.mask->heads[size_t(h)] == 0) continue;
+    tally.rows += n;
+    for (int64_t i = 0; i < n; ++i) {
+      const float l = stats_ml_[size_t(h * 2 * n + n + i)];
+      if (l > 0.0f && 1.0f / l < threshold) {
+        refetched[size_t(h * n + i)] = 1;
+        flagged.emplace_back(h, i);
+      }
+    }
+  }
+  tally.refetched += int64_t(flagged.size());
+#pragma omp parallel for schedule(dynamic) if (flagged.size() > 1)
+  for (size_t k = 0; k < flagged.size(); ++k) {
+    const auto [h, i] = flagged[k];
+    const int32_t u = call.unit_of(h);
+    const int32_t visible = call.old_visible[size_t(u)] + int32_t(i) + 1;
+    const cpu::QueryTile tile{&q_[size_t(i * qd + h * hd)], 1, 1, qd, hd, &visible, &attn_[size_t(i * qd + h * hd)],
+                              qd, hd};
+    thread_local std::vector<float> o;
+    o.resize(size_t(hd));
+    float m = 0.0f, l = 0.0f;
+    const cpu::SoftmaxPartial part{o.data(), &m, &l};
+    const auto& full = call.full_refs[size_t(u)];
+    cpu::attention_tiled_partial(tile, full.data(), int64_t(full.size()), hd, scale, 0, INT32_MAX, part);
+    cpu::attention_merge(tile, &part, 1, hd);
+    stats_ml_[size_t(h * 2 * n + i)] = m;
+    stats_ml_[size_t(h * 2 * n + n + i)] = l;
+  }
+  if (keep_stats) {
+#pragma omp parallel for schedule(dynamic)
+    for (int32_t h = 0; h < c.n_heads; ++h) add_key_mass(call, h, &refetched[size_t(h * n)]);
+  }
+  // Per kv head and row, the LSB planes of the cached keys the most reading of
+  // its refetching query heads read (K and V alike: every value is accumulated).
+  for (int32_t g = 0; g < c.n_kv_heads; ++g)
+    for (int64_t i = 0; i < n; ++i) {
+      int64_t keys = 0;
+      for (int32_t h = g * gs; h < (g + 1) * gs; ++h)
+        if (refetched[size_t(h * n + i)] != 0) keys = std::max<int64_t>(keys, call.old_visible[size_t(call.unit_of(h))]);
+      tally.lsb_key_rows += keys;
+      tally.lsb_value_rows += keys;
+    }
 }
 
 // Decode (a few rows): each unit's (kv group's) keys are cut into slices, one
@@ -496,8 +621,8 @@ Status CpuBackend::retain(KvSequence& seq, int32_t l, const RetentionPolicy& pol
   const ModelConfig& c = config_;
   if (stats_layer_ != l) return Error{fmt::format("cpu backend: no attention statistics for layer {}", l)};
   if (policy.scope == RetentionScope::PerSequence) return retain_sequence(seq, l, policy, budgets[0], drops);
-  const int32_t ps = pool_->shape().page_size;
-  float* plane = pool_->plane(SlotPlane::Score);
+  const int32_t ps = seq.pool().shape().page_size;
+  float* plane = seq.pool().plane(SlotPlane::Score);
   drops.assign(size_t(c.n_kv_heads), {});
   std::vector<float> mass, score;
   for (int32_t g = 0; g < c.n_kv_heads; ++g) {

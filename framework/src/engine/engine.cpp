@@ -79,6 +79,7 @@ const char* feature_name(Feature f) {
     case Feature::KvPagesF32: return "KV pages in f32";
     case Feature::KvPagesF16: return "KV pages in f16";
     case Feature::KvPagesBF16: return "KV pages in bf16";
+    case Feature::KvBitPlanes: return "bit-plane KV pages (progressive quantization)";
     case Feature::Graphs: return "graph capture";
   }
   return "?";
@@ -256,11 +257,13 @@ Result<std::unique_ptr<Engine>> Engine::create_random(const ModelConfig& config,
 Engine::Engine(std::shared_ptr<const Model> model, EngineOptions options, std::unique_ptr<Backend> backend)
     : model_(std::move(model)), options_(options), backend_(std::move(backend)) {
   max_context_ = options_.max_context > 0 ? options_.max_context : model_->config().context_length;
-  pool_ = backend_->pool();
+  pool_ = default_pool_ = backend_->pool();
 }
 
 Engine::~Engine() {
   pool_.reset();
+  default_pool_.reset();
+  method_pools_.clear();
   backend_.reset();
 }
 
@@ -312,7 +315,10 @@ std::vector<Feature> method_features(const Method& method, uint32_t hooks) {
     case KvPageFormat::F32: out.push_back(Feature::KvPagesF32); break;
     case KvPageFormat::F16: out.push_back(Feature::KvPagesF16); break;
     case KvPageFormat::BF16: out.push_back(Feature::KvPagesBF16); break;
+    case KvPageFormat::BitPlanes: out.push_back(Feature::KvBitPlanes); break;
   }
+  if (method.kv_quantization().active() && method.kv_page_format() != KvPageFormat::BitPlanes)
+    out.push_back(Feature::KvBitPlanes);
   return out;
 }
 
@@ -331,6 +337,30 @@ Status Engine::set_method(Method* method, uint32_t hooks, const WeightOverrides*
     return Error{fmt::format("method {} needs key selection per query head, which takes groups of at most {} "
                              "query heads; this model has {}",
                              name, kMaxSelectionGroup, config().group_size())};
+  // Bit-plane pages: the method's sequences come from a pool of its planes.
+  std::shared_ptr<KvPagePool> pool = default_pool_;
+  if (method != nullptr) {
+    const KvQuantization quant = method->kv_quantization();
+    if (!quant.active() && method->kv_page_format() == KvPageFormat::BitPlanes)
+      return Error{fmt::format("method {} asks for bit-plane KV pages without saying their planes "
+                               "(Method::kv_quantization)", name)};
+    if (quant.active()) {
+      const kernels::BitPlanes planes{quant.msb_bits, quant.lsb_bits};
+      if (!kernels::bit_planes_supported(planes))
+        return Error{fmt::format("method {}: bit-plane KV pages of {} MSB + {} LSB bits; the engine stores {}", name,
+                                 quant.msb_bits, quant.lsb_bits, kernels::kBitPlaneWidths)};
+      if (!(quant.requant_threshold >= 0.0 && quant.requant_threshold <= 1.0))
+        return Error{fmt::format("method {}: requant_threshold {} is outside [0, 1]", name, quant.requant_threshold)};
+      for (Feature f : {Feature::BoundSelection, Feature::SparsePrefill, Feature::CachePositions})
+        if (std::find(needed.begin(), needed.end(), f) != needed.end())
+          return Error{fmt::format("method {}: bit-plane KV pages do not support {} yet", name, feature_name(f))};
+      auto made = backend_->bit_plane_pool(planes);
+      if (!made) return Error{fmt::format("method {}: {}", name, made.message())};
+      pool = *made;
+      if (std::find(method_pools_.begin(), method_pools_.end(), pool) == method_pools_.end())
+        method_pools_.push_back(pool);
+    }
+  }
   // Weights of the previous method come back before this one's go in.
   const WeightOverrides* next = method != nullptr && overrides != nullptr && !overrides->empty() ? overrides : nullptr;
   const uint64_t serial = next != nullptr ? next->serial : 0;
@@ -371,6 +401,7 @@ Status Engine::set_method(Method* method, uint32_t hooks, const WeightOverrides*
   if (method != nullptr && method->engine_instance == 0) method->engine_instance = next_instance++;
   method_ = method;
   hooks_ = method != nullptr ? hooks : 0;
+  pool_ = std::move(pool);
   return ok_status();
 }
 
@@ -401,15 +432,47 @@ std::map<std::string, double> EngineCounters::as_map() const {
                                        {"sparse_prefill_keys_causal", double(sparse_prefill_keys_causal)},
                                        {"graph_replays", double(graph_replays)},
                                        {"logits_rows", double(logits_rows)}};
+  if (!requant_rows.empty()) {  // only with bit-plane pages
+    int64_t rows = 0, refetched = 0;
+    for (size_t l = 0; l < requant_rows.size(); ++l) {
+      rows += requant_rows[l];
+      refetched += requant_refetched[l];
+      if (requant_rows[l] > 0)
+        out[fmt::format("requant_refetch_rate.layer{:02d}", l)] = double(requant_refetched[l]) / double(requant_rows[l]);
+    }
+    out["requant_rows"] = double(rows);
+    out["requant_refetched"] = double(refetched);
+    if (rows > 0) out["requant_refetch_rate"] = double(refetched) / double(rows);
+    out["decode_lsb_keys_read"] = double(decode_lsb_keys_read);
+  }
   if (attention_seconds > 0) out["attention_ms"] = attention_seconds * 1e3;  // only when timed
   if (sparse_plan_seconds > 0) out["sparse_plan_ms"] = sparse_plan_seconds * 1e3;
   return out;
 }
 
+Result<std::shared_ptr<KvPagePool>> Backend::bit_plane_pool(kernels::BitPlanes) {
+  return Error{fmt::format("the {} backend has no bit-plane KV pages", name())};
+}
+
+Status Engine::check_pool(const KvSequence& seq) const {
+  if (&seq.pool() == pool_.get()) return ok_status();
+  const bool ours = &seq.pool() == default_pool_.get() ||
+                    std::any_of(method_pools_.begin(), method_pools_.end(),
+                                [&](const auto& p) { return p.get() == &seq.pool(); });
+  if (!ours) return Error{"engine: the sequence was not created by this engine"};
+  const auto format = [](const KvPagePool& p) {
+    const kernels::BitPlanes b = p.bit_planes();
+    return b.active() ? fmt::format("bit planes {}+{}", b.msb, b.lsb) : std::string(kernels::dtype_name(p.dtype()));
+  };
+  return Error{fmt::format("engine: the sequence's KV pages are {}, the current method's are {}: make sequences "
+                           "after set_method",
+                           format(seq.pool()), format(*pool_))};
+}
+
 Status Engine::check_call(const KvSequence& seq, std::span<const int32_t> tokens, bool cache_positions) const {
   const ModelConfig& c = config();
   const int64_t n = int64_t(tokens.size());
-  if (&seq.pool() != pool_.get()) return Error{"engine: the sequence was not created by this engine"};
+  if (auto s = check_pool(seq); !s) return s;
   if (cache_positions) {
     // Positions are cache indices: only what is stored counts against the context.
     int64_t stored = 0;
@@ -439,6 +502,7 @@ Status Engine::forward(KvSequence& seq, std::span<const int32_t> tokens, int64_t
   if (call.has(kHookRetention)) call.retention = method_->retention_policy();
   call.bound_per_head = call.has(kHookPageBudget) && method_->bound_scope() == BoundScope::QueryHead;
   if (method_ != nullptr) call.values = method_->value_pruning();
+  if (method_ != nullptr) call.quant = method_->kv_quantization();
   if (auto s = check_call(seq, tokens, call.cache_positions); !s) return s;
   try {
     if (method_ != nullptr)
@@ -453,7 +517,7 @@ Status Engine::forward(KvSequence& seq, std::span<const int32_t> tokens, int64_t
 }
 
 Status Engine::truncate(KvSequence& seq, int32_t n) {
-  if (&seq.pool() != pool_.get()) return Error{"engine: the sequence was not created by this engine"};
+  if (auto s = check_pool(seq); !s) return s;
   if (n < 0 || n > seq.n_past())
     return Error{fmt::format("truncate: {} tokens asked, the sequence has {}", n, seq.n_past())};
   return backend_->truncate(seq, n);

@@ -75,6 +75,12 @@ struct EngineCounters {
   int64_t kv_heads_skipped = 0;      // (decode step, layer, kv head) whose query heads were all masked: no K/V read
   int64_t rows_pruned = 0;           // (row, layer) not computed: the row's token left inside its call
   int64_t decode_values_skipped = 0; // V rows of keys read in decode steps that no query head accumulated (value pruning)
+  // Progressive quantization (bit-plane pages), per layer: query vectors
+  // (row, head) attended from the MSB planes, and those recomputed with the
+  // LSB planes (largest probability below the threshold); every call.
+  std::vector<int64_t> requant_rows;
+  std::vector<int64_t> requant_refetched;
+  int64_t decode_lsb_keys_read = 0;  // cached keys whose LSB planes decode steps read, per (layer, kv head)
   int64_t neurons_skipped = 0;       // (call, layer, FFN neuron) not computed
   int64_t sparse_prefill_heads = 0;  // (call, layer, head) computed with a prefill pattern
   int64_t sparse_prefill_keys_read = 0;    // keys those heads' rows read, summed over rows
@@ -162,7 +168,8 @@ class Engine {
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
 
-  // A new empty sequence whose pages come from this engine's pool.
+  // A new empty sequence whose pages come from this engine's pool: the
+  // current method's (bit planes, Method::kv_quantization) or the default.
   std::unique_ptr<KvSequence> new_sequence() const { return std::make_unique<KvSequence>(pool_); }
 
   // Runs `tokens` through the model at positions seq.n_past() .. + n - 1, appending
@@ -210,12 +217,16 @@ class Engine {
   // Checks tokens against the vocabulary and the context (stored tokens in
   // cache-position mode, else n_past).
   Status check_call(const KvSequence& seq, std::span<const int32_t> tokens, bool cache_positions) const;
+  // The sequence's pages are the current pool's (a clear error when they are another of this engine's).
+  Status check_pool(const KvSequence& seq) const;
 
   std::shared_ptr<const Model> model_;
   EngineOptions options_;
   int32_t max_context_ = 0;
   std::unique_ptr<Backend> backend_;
-  std::shared_ptr<KvPagePool> pool_;
+  std::shared_ptr<KvPagePool> pool_;          // where new sequences' pages come from
+  std::shared_ptr<KvPagePool> default_pool_;  // the backend's (options.kv_dtype)
+  std::vector<std::shared_ptr<KvPagePool>> method_pools_;  // bit-plane pools methods asked for
   Method* method_ = nullptr;
   uint32_t hooks_ = 0;
   uint64_t overrides_applied_ = 0;                     // serial of the overrides the backend holds (0: none)

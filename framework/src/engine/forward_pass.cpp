@@ -244,10 +244,29 @@ Status ForwardPass::run_layer(int32_t l) {
     work.values = &method_.values;
     work.values_skipped = &values_skipped;
   }
+  const kernels::BitPlanes planes = seq_.pool().bit_planes();
+  RequantTally requant;
+  if (planes.active() && method_.quant.active()) {
+    work.requant = &method_.quant;
+    work.requant_tally = &requant;
+  }
   if (auto s = backend_.attention(seq_, work); !s) return s;
+  const int64_t hd = config_.head_dim;
   if (step_.decode() && !capturing_ && values_skipped > 0) {  // their V bytes were not read
     counters_.decode_values_skipped += values_skipped;
-    counters_.decode_kv_bytes_read -= values_skipped * (seq_.pool().token_bytes() / 2);
+    counters_.decode_kv_bytes_read -= values_skipped * (planes.active() ? kernels::bit_plane_msb_read_bytes(hd, planes)
+                                                                        : seq_.pool().row_bytes());
+  }
+  if (work.requant != nullptr && !capturing_) {
+    counters_.requant_rows.resize(size_t(config_.n_layers), 0);
+    counters_.requant_refetched.resize(size_t(config_.n_layers), 0);
+    counters_.requant_rows[size_t(l)] += requant.rows;
+    counters_.requant_refetched[size_t(l)] += requant.refetched;
+    if (step_.decode()) {  // the LSB planes the refetched rows read, beside the MSB planes count_keys counted
+      counters_.decode_lsb_keys_read += requant.lsb_key_rows;
+      counters_.decode_kv_bytes_read +=
+          (requant.lsb_key_rows + requant.lsb_value_rows) * kernels::bit_plane_bytes(hd, planes.lsb);
+    }
   }
   if (active != nullptr && !capturing_)
     counters_.heads_skipped += std::count(active->heads.begin(), active->heads.end(), uint8_t{0});
@@ -353,7 +372,12 @@ Status ForwardPass::decide_keys(int32_t l, KeyPlan& plan) {
 void ForwardPass::count_keys(const KeyPlan& plan, const ComponentMask* mask) {
   if (!step_.decode()) return;
   const int32_t ps = seq_.pool().shape().page_size, gs = config_.group_size();
-  const int64_t row_bytes = seq_.pool().token_bytes();  // K and V, in the pages' format
+  // K and V, in the pages' format (bit planes: the scale and MSB plane every
+  // read touches; the LSB planes of refetched rows are added after attention).
+  const kernels::BitPlanes planes = seq_.pool().bit_planes();
+  const int64_t row_bytes = planes.active() && method_.quant.active()
+                                ? 2 * kernels::bit_plane_msb_read_bytes(config_.head_dim, planes)
+                                : seq_.pool().token_bytes();
   for (int32_t g = 0; g < config_.n_kv_heads; ++g) {
     if (mask != nullptr && std::all_of(mask->heads.begin() + int64_t(g) * gs, mask->heads.begin() + int64_t(g + 1) * gs,
                                        [](uint8_t on) { return on == 0; })) {

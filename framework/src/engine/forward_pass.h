@@ -34,6 +34,7 @@ struct MethodCall {
   RetentionPolicy retention;     // with kHookRetention
   bool bound_per_head = false;   // kHookPageBudget with BoundScope::QueryHead
   ValuePruning values;           // Method::value_pruning
+  KvQuantization quant;          // Method::kv_quantization
   SequenceState* state = nullptr;  // the method's state for this sequence
   bool has(uint32_t hook) const { return method != nullptr && (hooks & hook) != 0; }
 };

@@ -8,6 +8,7 @@
 
 #include <fmt/format.h>
 
+#include "cpu/cpu_ops.h"
 #include "cpu/cpu_twins.h"
 #include "model/host_memory.h"
 
@@ -40,7 +41,7 @@ class HostPageStorage final : public KvPageStorage {
     // Compaction moves rows to lower stored indices in order, so copying in
     // order never overwrites a row before it is read.
     const int64_t ps = pool.shape().page_size;
-    const size_t row_bytes = size_t(pool.token_bytes() / 2);
+    const size_t row_bytes = size_t(pool.row_bytes());
     for (const KvRowMove& m : moves) {
       std::memcpy(pool.k_bytes(m.dst_page, m.dst_slot), pool.k_bytes(m.src_page, m.src_slot), row_bytes);
       std::memcpy(pool.v_bytes(m.dst_page, m.dst_slot), pool.v_bytes(m.src_page, m.src_slot), row_bytes);
@@ -68,12 +69,48 @@ class HostPageStorage final : public KvPageStorage {
   size_t chunk_bytes_ = 0;
 };
 
+// Bit-plane records: element storage's chunks, slot planes and copies, with
+// rows of bit_plane_row_bytes.
+class HostBitPlaneStorage final : public KvPageStorage {
+ public:
+  explicit HostBitPlaneStorage(kernels::BitPlanes planes) : planes_(planes), bytes_(kernels::DType::F32) {}
+  int32_t element_bytes() const override { return 1; }
+  int64_t row_bytes(int64_t head_dim) const override { return kernels::bit_plane_row_bytes(head_dim, planes_); }
+  kernels::BitPlanes bit_planes() const override { return planes_; }
+  KvPageFormat format() const override { return KvPageFormat::BitPlanes; }
+  bool host_accessible() const override { return true; }
+  void* allocate_chunk(int64_t bytes) override { return bytes_.allocate_chunk(bytes); }
+  void free_chunk(void* chunk) override { bytes_.free_chunk(chunk); }
+  void chunks_changed(const KvPagePool& pool) override { bytes_.chunks_changed(pool); }
+  void* plane(SlotPlane p) const override { return bytes_.plane(p); }
+  void move_rows(KvPagePool& pool, const std::vector<KvRowMove>& moves) override { bytes_.move_rows(pool, moves); }
+  void copy_pages(const KvPagePool& src, const std::vector<int32_t>& src_pages, KvPagePool& dst,
+                  const std::vector<int32_t>& dst_pages) override {
+    bytes_.copy_pages(src, src_pages, dst, dst_pages);
+  }
+  void* allocate_values(int64_t count) override { return bytes_.allocate_values(count); }
+  void free_values(void* values) override { bytes_.free_values(values); }
+  void copy_values(void* dst, const void* src, int64_t count) override { bytes_.copy_values(dst, src, count); }
+  std::unique_ptr<KvPageStorage> sibling() const override { return std::make_unique<HostBitPlaneStorage>(planes_); }
+
+ private:
+  kernels::BitPlanes planes_;
+  HostPageStorage bytes_;  // the byte-level work (it copies pool.row_bytes() per row)
+};
+
 std::atomic<uint64_t> next_sequence_id{1};
 
 }  // namespace
 
 std::unique_ptr<KvPageStorage> make_host_page_storage(kernels::DType dtype) {
   return std::make_unique<HostPageStorage>(dtype);
+}
+
+std::unique_ptr<KvPageStorage> make_host_bit_plane_storage(kernels::BitPlanes planes) {
+  if (!kernels::bit_planes_supported(planes))
+    throw std::invalid_argument(fmt::format("bit-plane KV pages of {}+{} bits: {}",
+                                            planes.msb, planes.lsb, kernels::kBitPlaneWidths));
+  return std::make_unique<HostBitPlaneStorage>(planes);
 }
 
 KvPageFormat kv_page_format(kernels::DType dtype) {
@@ -95,8 +132,9 @@ kernels::DType kv_page_dtype(KvPageFormat format) {
 KvPagePool::KvPagePool(const KvCacheShape& shape, int32_t pages_per_chunk, std::unique_ptr<KvPageStorage> storage)
     : shape_(shape),
       pages_per_chunk_(pages_per_chunk),
-      page_elems_(2 * int64_t(shape.page_size) * shape.head_dim),
-      storage_(storage ? std::move(storage) : make_host_page_storage()) {}
+      storage_(storage ? std::move(storage) : make_host_page_storage()) {
+  row_bytes_ = storage_->row_bytes(shape.head_dim);
+}
 
 KvPagePool::~KvPagePool() {
   for (void* chunk : chunks_) storage_->free_chunk(chunk);
@@ -199,7 +237,10 @@ void KvSequence::append(int32_t layer, int32_t kv_head, const float* k, const fl
   const int32_t page = t.pages.back();
   const int64_t hd = pool_->shape().head_dim;
   const kernels::DType dtype = pool_->dtype();
-  if (dtype == kernels::DType::F32) {
+  if (const kernels::BitPlanes planes = pool_->bit_planes(); planes.active()) {
+    kernels::cpu::bit_plane_encode(k, hd, planes, pool_->k_bytes(page, slot));
+    kernels::cpu::bit_plane_encode(v, hd, planes, pool_->v_bytes(page, slot));
+  } else if (dtype == kernels::DType::F32) {
     std::memcpy(pool_->k_bytes(page, slot), k, size_t(hd) * sizeof(float));
     std::memcpy(pool_->v_bytes(page, slot), v, size_t(hd) * sizeof(float));
   } else {

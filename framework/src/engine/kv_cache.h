@@ -14,6 +14,7 @@
 
 #include "inferlab/plugin.h"
 #include "inferlab/result.h"
+#include "bit_planes.h"
 #include "kernel_types.h"
 
 namespace inferlab {
@@ -63,6 +64,11 @@ class KvPageStorage {
  public:
   virtual ~KvPageStorage() = default;
   virtual int32_t element_bytes() const = 0;
+  // Bytes of one stored K (or V) row of head_dim values: head_dim elements,
+  // or a bit-plane record.
+  virtual int64_t row_bytes(int64_t head_dim) const { return head_dim * element_bytes(); }
+  // The planes of bit-plane storage (inactive for element storage).
+  virtual kernels::BitPlanes bit_planes() const { return {}; }
   // The pages' format (the attention kernels dispatch on it; a backend says
   // which it supports). Bytes of one stored token's K and V rows follow from it.
   virtual KvPageFormat format() const = 0;
@@ -96,6 +102,9 @@ class KvPageStorage {
 // Pages in host memory: float32 (the reference) or f16/bf16 (half the bytes
 // attention streams; rows rounded to nearest even as they are appended).
 std::unique_ptr<KvPageStorage> make_host_page_storage(kernels::DType dtype = kernels::DType::F32);
+// Pages in host memory as bit-plane records (kernels/bit_planes.h), rows
+// quantized as they are appended (KvPageFormat::BitPlanes).
+std::unique_ptr<KvPageStorage> make_host_bit_plane_storage(kernels::BitPlanes planes);
 
 // The page format of an element type, and back (Any and F32 -> F32).
 KvPageFormat kv_page_format(kernels::DType dtype);
@@ -119,16 +128,16 @@ class KvPagePool {
 
   // Host float32 storage only: (page_size, head_dim) floats of K / V.
   float* k(int32_t page) { return static_cast<float*>(page_data(page)); }
-  float* v(int32_t page) { return k(page) + page_elems_ / 2; }
+  float* v(int32_t page) { return k(page) + int64_t(shape_.page_size) * shape_.head_dim; }
   const float* k(int32_t page) const { return const_cast<KvPagePool*>(this)->k(page); }
   const float* v(int32_t page) const { return const_cast<KvPagePool*>(this)->v(page); }
   // The K / V row of (page, slot) in the pages' element type (any storage,
   // dereferenced on the host only for host storage).
   void* k_bytes(int32_t page, int32_t slot) const {
-    return static_cast<char*>(page_data(page)) + int64_t(slot) * shape_.head_dim * storage_->element_bytes();
+    return static_cast<char*>(page_data(page)) + int64_t(slot) * row_bytes_;
   }
   void* v_bytes(int32_t page, int32_t slot) const {
-    return static_cast<char*>(page_data(page)) + (page_elems_ / 2 + int64_t(slot) * shape_.head_dim) * storage_->element_bytes();
+    return static_cast<char*>(page_data(page)) + (int64_t(shape_.page_size) + slot) * row_bytes_;
   }
   // A slot plane's values (host storage only when dereferenced on the host).
   template <typename T = float>
@@ -143,11 +152,16 @@ class KvPagePool {
   KvPageStorage& storage() const { return *storage_; }
   const std::vector<void*>& chunks() const { return chunks_; }
   int32_t pages_per_chunk() const { return pages_per_chunk_; }
-  int64_t page_bytes() const { return page_elems_ * storage_->element_bytes(); }
+  int64_t page_bytes() const { return 2 * int64_t(shape_.page_size) * row_bytes_; }
   KvPageFormat format() const { return storage_->format(); }
+  // The element type of element storage (F32 for bit planes, whose rows are
+  // records: see bit_planes()).
   kernels::DType dtype() const { return kv_page_dtype(storage_->format()); }
+  kernels::BitPlanes bit_planes() const { return storage_->bit_planes(); }
   // K and V bytes of one stored token of one (layer, kv head).
-  int64_t token_bytes() const { return 2 * int64_t(shape_.head_dim) * storage_->element_bytes(); }
+  int64_t token_bytes() const { return 2 * row_bytes_; }
+  // Bytes of one K (or V) row.
+  int64_t row_bytes() const { return row_bytes_; }
   int64_t pages_in_use() const { return pages_in_use_; }
   int64_t pages_reserved() const { return int64_t(chunks_.size()) * pages_per_chunk_; }
   int64_t bytes_in_use() const { return pages_in_use_ * page_bytes(); }
@@ -158,7 +172,7 @@ class KvPagePool {
  private:
   KvCacheShape shape_;
   int32_t pages_per_chunk_;
-  int64_t page_elems_;  // K and V of one page
+  int64_t row_bytes_;  // one K or V row
   std::unique_ptr<KvPageStorage> storage_;
   std::vector<void*> chunks_;
   std::vector<int32_t> free_pages_;  // LIFO

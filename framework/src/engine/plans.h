@@ -107,6 +107,16 @@ void pattern_block_ranges(const PrefillPattern& pattern, int32_t qb, std::vector
 void slash_ranges(std::span<const int32_t> diagonals, int32_t q0, int32_t q1,
                   std::vector<std::pair<int32_t, int32_t>>& ranges);
 
+// What progressive quantization did in one layer's attention call.
+struct RequantTally {
+  int64_t rows = 0;       // query vectors (row, head) attended from the MSB planes
+  int64_t refetched = 0;  // those recomputed with the LSB planes
+  // Cached keys (stored before the call) whose K / V LSB planes were read,
+  // per kv head (once however many of its query heads refetched), summed.
+  int64_t lsb_key_rows = 0;
+  int64_t lsb_value_rows = 0;
+};
+
 // Everything one layer's attention op needs.
 struct LayerAttention {
   int32_t layer = 0;
@@ -119,6 +129,12 @@ struct LayerAttention {
   // its rows read whose V row no query head of the group accumulated (so
   // never read), summed over the kv heads.
   int64_t* values_skipped = nullptr;
+  // Bit-plane pages (the sequence's pool): every row attended from the MSB
+  // planes, and a query vector (row, head) whose largest probability is below
+  // requant->requant_threshold recomputed with the LSB planes too. Null: every
+  // row at full precision.
+  const KvQuantization* requant = nullptr;
+  RequantTally* requant_tally = nullptr;  // out, with requant
 };
 
 // A step decided before its first op: which layers run, the page budgets of

@@ -24,6 +24,8 @@ TEST(SpAtten, KeepingEverythingIsDense) {
                                         {"value_keep", 1.0}}));
   EXPECT_DENSE_EQUIVALENT(model(), "spatten",
                           test::params({{"prune_tokens", false}, {"prune_heads", false}, {"prune_values", false}}));
+  // Quantization is off by default (its pages are the engine's bit planes).
+  EXPECT_FALSE(test::make_method("spatten", test::params({}))->kv_quantization().active());
 }
 
 ModelShape deep_shape() {
@@ -70,6 +72,18 @@ TEST(SpAtten, FractionsOutsideTheRangeAreRefusedNamingTheKey) {
     EXPECT_NE(made.message().find(std::string("plugin spatten: ") + key + ": schedule"), std::string::npos)
         << made.message();
   }
+}
+
+TEST(SpAtten, BitWidthsOutsideTheSupportedRangeAreRefusedNamingTheKey) {
+  for (const auto& [key, value] : {std::pair{"msb_bits", int64_t{9}}, std::pair{"msb_bits", int64_t{1}},
+                                   std::pair{"lsb_bits", int64_t{9}}, std::pair{"lsb_bits", int64_t{-1}}}) {
+    auto made = test::plugin_registry().create("spatten", test::params({{"quantize", true}, {key, value}}));
+    ASSERT_FALSE(made.ok()) << key << " = " << value;
+    EXPECT_NE(made.message().find(std::string("plugin spatten: ") + key), std::string::npos) << made.message();
+  }
+  auto threshold = test::plugin_registry().create("spatten", test::params({{"requant_threshold", 1.5}}));
+  ASSERT_FALSE(threshold.ok());
+  EXPECT_NE(threshold.message().find("requant_threshold"), std::string::npos) << threshold.message();
 }
 
 struct Traced {
@@ -132,6 +146,29 @@ TEST(SpAtten, ValuePruningLeavesTheSkippedValuesUnread) {
   EXPECT_EQ(values.counters.decode_keys_read, dense.counters.decode_keys_read);  // every key scored
   EXPECT_GT(values.counters.decode_values_skipped, 0);
   EXPECT_LT(values.counters.decode_kv_bytes_read, dense.counters.decode_kv_bytes_read);
+}
+
+// Progressive quantization: the pages are bit planes (a third of f32's bytes
+// at 6+4 bits and head_dim 16), every row is checked, and the LSB planes are
+// read only by rows whose largest probability is below the threshold.
+TEST(SpAtten, QuantizationReadsTheMsbPlanesAndRefetchesFlatRows) {
+  const ParamValues plain = test::params({{"prune_tokens", false}, {"prune_heads", false}, {"prune_values", false}});
+  const Traced dense = run(plain);
+  const auto quantized = [](double threshold) {
+    return test::params({{"prune_tokens", false}, {"prune_heads", false}, {"prune_values", false},
+                         {"quantize", true}, {"requant_threshold", threshold}});
+  };
+  const Traced msb = run(quantized(0.0));
+  const Traced flat = run(quantized(0.5));
+  EXPECT_EQ(msb.counters.decode_keys_read, dense.counters.decode_keys_read);
+  const auto rate = [](const Traced& t) { return t.counters.as_map().at("requant_refetch_rate"); };
+  EXPECT_EQ(rate(msb), 0.0);
+  EXPECT_GT(rate(flat), 0.0);
+  EXPECT_EQ(msb.counters.decode_lsb_keys_read, 0);
+  EXPECT_GT(flat.counters.decode_lsb_keys_read, 0);
+  // head_dim 16: a row is 4 + 12 + 8 bytes (64 in f32); the MSB pass reads 16 of them.
+  EXPECT_EQ(msb.counters.decode_kv_bytes_read * 4, dense.counters.decode_kv_bytes_read);
+  EXPECT_GT(flat.counters.decode_kv_bytes_read, msb.counters.decode_kv_bytes_read);
 }
 
 }  // namespace

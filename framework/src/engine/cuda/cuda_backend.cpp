@@ -124,6 +124,7 @@ bool CudaBackend::supports(Feature feature) const {
     case Feature::KvPagesF32: return false;  // the attention kernels read f16/bf16 pages
     case Feature::KvPagesF16: return dtype_ == DType::F16;
     case Feature::KvPagesBF16: return dtype_ == DType::BF16;
+    case Feature::KvBitPlanes: return false;  // no bit-plane attention kernels yet
     default: return true;
   }
 }
