@@ -36,7 +36,10 @@ std::vector<Setting> settings() {
           {"h2o", "h2o 256+256", p({{"heavy", int64_t{256}}, {"recent", int64_t{256}}})},
           {"spatten", "spatten tokens (keep_min 0.3)", p({{"prune_heads", false}, {"prune_values", false}})},
           {"spatten", "spatten tokens + heads (0.3, 0.75)", p({{"prune_values", false}})},
-          {"spatten", "spatten tokens + heads + values (0.3, 0.75, 0.3)", p({})}};
+          {"spatten", "spatten tokens + heads + values (0.3, 0.75, 0.3)", p({})},
+          {"spatten", "spatten quantization 6+4 (threshold 0.05)",
+           p({{"prune_tokens", false}, {"prune_heads", false}, {"prune_values", false}, {"quantize", true}})},
+          {"spatten", "spatten tokens + heads + values + quantization", p({{"quantize", true}})}};
 }
 }  // namespace
 

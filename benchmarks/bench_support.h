@@ -52,12 +52,13 @@ inline Result<ActiveSetting> start_setting(PluginRegistry& registry, Engine& eng
   const PluginEntry* entry = registry.find(setting.plugin);
   auto overrides = std::make_unique<WeightOverrides>();
   if (auto s = load_method(*handle->get(), *entry, engine, {}, overrides.get()); !s) return s.error();
-  ActiveSetting active{std::move(*handle), base.clone(), std::move(overrides)};
+  ActiveSetting active{std::move(*handle), nullptr, std::move(overrides)};
   active.handle->begin_sequence(engine.shape());
   if (auto s = engine.set_method(setting.plugin == "dense" ? nullptr : active.handle.get(), entry->hooks,
                                  active.overrides.get(), setting.plugin);
       !s)
     return s.error();
+  active.seq = base.clone(engine.shared_pool());  // in the method's page format (bit planes: rows converted)
   if (auto r = engine.decode(*active.seq, 1); !r) return r.error();
   return active;
 }

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <map>
 #include <tuple>
 #include <vector>
@@ -177,6 +178,37 @@ TEST(BitPlanes, AMethodsSequencesLiveInAPoolOfItsPlanes) {
   ASSERT_TRUE(e.set_method(nullptr, 0).ok());
   EXPECT_EQ(e.new_sequence()->pool().format(), KvPageFormat::F32);
   EXPECT_TRUE(e.forward(*dense_seq, prompt, int64_t(prompt.size()), nullptr).ok());
+}
+
+// A saved dense prefill can start a quantizing method: clone into a host pool
+// of another format converts each row (and back, at full precision).
+TEST(BitPlanes, CloneIntoABitPlanePoolQuantizesEachRow) {
+  const KvCacheShape shape{2, 2, 16, 4};
+  auto dense = std::make_shared<KvPagePool>(shape);
+  auto planes = std::make_shared<KvPagePool>(shape, 256, make_host_bit_plane_storage(BitPlanes{6, 4}));
+  KvSequence seq(dense);
+  for (int32_t l = 0; l < 2; ++l)
+    for (int32_t g = 0; g < 2; ++g)
+      for (int32_t i = 0; i < 11; ++i)
+        seq.append(l, g, random_row(16, uint64_t(l * 100 + g * 20 + i)).data(),
+                   random_row(16, uint64_t(5000 + l * 100 + g * 20 + i)).data(), 3 * i);
+  seq.set_n_past(33);
+  const auto quantized = seq.clone(planes);
+  const auto back = quantized->clone(dense);
+  EXPECT_EQ(quantized->n_past(), 33);
+  EXPECT_EQ(quantized->pages_held(), seq.pages_held());
+  std::vector<uint8_t> record(size_t(kernels::bit_plane_row_bytes(16, BitPlanes{6, 4})));
+  std::vector<float> want(16);
+  for (int32_t l = 0; l < 2; ++l)
+    for (int32_t g = 0; g < 2; ++g) {
+      EXPECT_EQ(quantized->table(l, g).positions, seq.table(l, g).positions);
+      for (int32_t i = 0; i < 11; ++i) {
+        cpu::bit_plane_encode(seq.k_row(l, g, i), 16, BitPlanes{6, 4}, record.data());
+        EXPECT_EQ(std::memcmp(record.data(), quantized->k_bytes(l, g, i), record.size()), 0);
+        cpu::bit_plane_decode(record.data(), 16, BitPlanes{6, 4}, true, want.data());
+        EXPECT_EQ(std::vector<float>(back->k_row(l, g, i), back->k_row(l, g, i) + 16), want);
+      }
+    }
 }
 
 TEST(BitPlanes, BadWidthsAndThresholdsAreRefused) {

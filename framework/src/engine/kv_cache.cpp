@@ -308,12 +308,20 @@ std::vector<int32_t> KvSequence::rerotation_moves(int32_t layer, int32_t kv_head
 std::unique_ptr<KvSequence> KvSequence::clone(std::shared_ptr<KvPagePool> pool) const {
   if (!pool) pool = pool_;
   const KvCacheShape &a = pool_->shape(), &b = pool->shape();
-  // The source storage copies the pages: both pools must lay them out alike.
   if (a.n_layers != b.n_layers || a.n_kv_heads != b.n_kv_heads || a.head_dim != b.head_dim ||
-      a.page_size != b.page_size || pool->page_bytes() != pool_->page_bytes() ||
-      pool->storage().host_accessible() != pool_->storage().host_accessible())
-    throw std::invalid_argument("KvSequence::clone: the target pool has another shape or storage kind");
+      a.page_size != b.page_size)
+    throw std::invalid_argument("KvSequence::clone: the target pool has another shape");
+  const bool host = pool->storage().host_accessible() && pool_->storage().host_accessible();
+  const bool same_format = pool->format() == pool_->format() && pool->page_bytes() == pool_->page_bytes();
+  // The source storage copies the pages: both pools must lay them out alike,
+  // or (host pools) each row is converted.
+  if (!same_format && !host)
+    throw std::invalid_argument("KvSequence::clone: the target pool has another storage kind");
   auto copy = std::make_unique<KvSequence>(pool);
+  if (!same_format) {
+    copy_converted(*copy);
+    return copy;
+  }
   std::vector<int32_t> src_pages, dst_pages;
   for (size_t i = 0; i < tables_.size(); ++i) {
     HeadPageTable& dst = copy->tables_[i];
@@ -343,6 +351,36 @@ std::unique_ptr<KvSequence> KvSequence::clone(std::shared_ptr<KvPagePool> pool) 
   copy->n_past_ = n_past_;
   copy->forward_calls_ = forward_calls_;
   return copy;
+}
+
+void KvSequence::copy_converted(KvSequence& copy) const {
+  const int64_t hd = pool_->shape().head_dim;
+  const int32_t ps = pool_->shape().page_size;
+  std::vector<float> k(static_cast<size_t>(hd)), v(static_cast<size_t>(hd));
+  for (size_t i = 0; i < tables_.size(); ++i) {
+    const HeadPageTable& t = tables_[i];
+    const auto layer = int32_t(i / size_t(pool_->shape().n_kv_heads));
+    const auto kv_head = int32_t(i % size_t(pool_->shape().n_kv_heads));
+    for (int32_t j = 0; j < t.n_tokens(); ++j) {
+      const int32_t page = t.pages[size_t(j / ps)], slot = j % ps;
+      // The row as stored (a bit-plane row at full precision), as one-row page references read it.
+      const kernels::cpu::KvPageRef ref{pool_->k_bytes(page, slot), pool_->v_bytes(page, slot), 1, pool_->dtype(),
+                                        pool_->bit_planes()};
+      const float* kr = kernels::cpu::kv_row_f32(ref, false, 0, hd, k.data());
+      const float* vr = kernels::cpu::kv_row_f32(ref, true, 0, hd, v.data());
+      copy.append(layer, kv_head, kr, vr, t.positions[size_t(j)], t.rotary[size_t(j)]);
+      const int32_t at = copy.table(layer, kv_head).pages.back();
+      copy.pool_->plane(SlotPlane::Score)[int64_t(at) * ps + slot] = pool_->plane(SlotPlane::Score)[int64_t(page) * ps + slot];
+    }
+  }
+  if (plane_capacity_ > 0)
+    for (int32_t p = 0; p < kSequencePlanes; ++p)
+      copy.pool_->storage().copy_values(copy.sequence_plane(SequencePlane(p), plane_capacity_), planes_[size_t(p)],
+                                        plane_capacity_);
+  for (const auto& [owner, state] : method_states_)
+    copy.method_states_.emplace_back(owner, state ? state->clone() : nullptr);
+  copy.n_past_ = n_past_;
+  copy.forward_calls_ = forward_calls_;
 }
 
 const float* KvSequence::k_row(int32_t layer, int32_t kv_head, int32_t i) const {

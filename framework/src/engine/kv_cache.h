@@ -218,9 +218,12 @@ class KvSequence {
   // without writing their rows: a device kernel writes them. Returns the stored
   // index of the first.
   int32_t reserve(int32_t layer, int32_t kv_head, int32_t n, const int32_t* positions, const int32_t* rotary);
-  // A deep copy with its own pages from `pool` (default: this sequence's pool,
-  // which must have the same shape and storage kind, else std::invalid_argument):
-  // a saved prefill to start from.
+  // A deep copy with its own pages from `pool` (default: this sequence's pool):
+  // a saved prefill to start from. The pool must have the same shape (else
+  // std::invalid_argument); a host pool of another format gets each row
+  // converted (widened, then rounded or quantized to its format; saved
+  // originals of moved keys are not carried), a device pool must have the
+  // same format.
   std::unique_ptr<KvSequence> clone(std::shared_ptr<KvPagePool> pool = nullptr) const;
   float* k_row_mutable(int32_t layer, int32_t kv_head, int32_t i) {
     return const_cast<float*>(k_row(layer, kv_head, i));
@@ -280,6 +283,8 @@ class KvSequence {
   const KvPagePool& pool() const { return *pool_; }
 
  private:
+  // clone into a host pool of another format: row by row.
+  void copy_converted(KvSequence& copy) const;
   // Frees the pages (and origin pages) of `t` from logical page `pages` on;
   // its origins follow its positions, which the caller has cut already.
   void release_tail(HeadPageTable& t, size_t pages);
