@@ -111,6 +111,7 @@ Status ForwardPass::plan_step() {
   plan_.host_changes = method_.has(kHookEviction) || method_.has(kHookRetention);
   if (observer_ != nullptr) plan_.host_reads = true;
   if (method_.values.active()) plan_.host_reads = true;  // the kept values come back for the traffic counters
+  if (method_.quant.active()) plan_.host_reads = true;   // so do the refetched rows (RequantTally)
   return ok_status();
 }
 
