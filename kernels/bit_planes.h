@@ -19,13 +19,8 @@
 
 namespace inferlab::kernels {
 
-// Plane widths of one bit-plane format; msb == 0: not bit planes.
-struct BitPlanes {
-  int32_t msb = 0;
-  int32_t lsb = 0;
-  INFERLAB_HOST_DEVICE bool active() const { return msb > 0; }
-  INFERLAB_HOST_DEVICE int32_t bits() const { return msb + lsb; }
-};
+// BitPlanes (the widths), bit_plane_bytes and bit_plane_row_bytes are in
+// kernel_types.h, beside the KvPages descriptor that carries them.
 
 // Widths the codec supports: planes of 1..8 bits (MSB) and 0..8 bits (LSB),
 // at least 2 in all (a symmetric grid needs a sign and a magnitude).
@@ -34,11 +29,7 @@ inline bool bit_planes_supported(BitPlanes p) {
 }
 inline constexpr const char* kBitPlaneWidths = "planes of 1..8 (MSB) and 0..8 (LSB) bits, at least 2 in all";
 
-INFERLAB_HOST_DEVICE inline int64_t bit_plane_bytes(int64_t head_dim, int32_t bits) { return (head_dim * bits + 7) / 8; }
-// Bytes of one row's record, and of the part an MSB-only read touches.
-INFERLAB_HOST_DEVICE inline int64_t bit_plane_row_bytes(int64_t head_dim, BitPlanes p) {
-  return 4 + bit_plane_bytes(head_dim, p.msb) + bit_plane_bytes(head_dim, p.lsb);
-}
+// Bytes of the part of a record an MSB-only read touches.
 INFERLAB_HOST_DEVICE inline int64_t bit_plane_msb_read_bytes(int64_t head_dim, BitPlanes p) {
   return 4 + bit_plane_bytes(head_dim, p.msb);
 }
@@ -51,6 +42,25 @@ INFERLAB_HOST_DEVICE inline uint32_t bit_plane_get(const uint8_t* plane, int64_t
   uint32_t word = plane[byte];
   if (shift + bits > 8) word |= uint32_t(plane[byte + 1]) << 8;
   return (word >> shift) & ((1u << bits) - 1u);
+}
+
+// Byte b of a record's planes (b from 0: the MSB plane's first byte, then the
+// LSB plane's) from the row's grid values u (`levels`, head_dim of them):
+// the byte the host encoder's per-value OR leaves, computed from the values
+// whose bits it holds, so that device threads can write one byte each.
+INFERLAB_HOST_DEVICE inline uint8_t bit_plane_pack_byte(const uint16_t* levels, int64_t head_dim, BitPlanes p,
+                                                        int64_t b) {
+  const int64_t msb_bytes = bit_plane_bytes(head_dim, p.msb);
+  const bool high = b < msb_bytes;
+  const int32_t w = high ? p.msb : p.lsb;
+  const int64_t first_bit = 8 * (high ? b : b - msb_bytes);
+  uint32_t byte = 0;
+  for (int64_t i = first_bit / w; i < head_dim && i * w < first_bit + 8; ++i) {
+    const uint32_t value = high ? uint32_t(levels[i]) >> p.lsb : uint32_t(levels[i]) & ((1u << p.lsb) - 1u);
+    const int64_t shift = i * w - first_bit;  // negative: the value began in the byte before
+    byte |= shift >= 0 ? value << shift : value >> -shift;
+  }
+  return uint8_t(byte);
 }
 
 // A row's scale (its first four bytes, little-endian float32; any alignment).

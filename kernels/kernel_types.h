@@ -22,17 +22,41 @@ enum class DType : int32_t { F32 = 0, F16 = 1, BF16 = 2 };
 INFERLAB_HOST_DEVICE inline int32_t dtype_bytes(DType t) { return t == DType::F32 ? 4 : 2; }
 inline const char* dtype_name(DType t) { return t == DType::F32 ? "f32" : t == DType::F16 ? "f16" : "bf16"; }
 
+// Plane widths of a bit-plane KV format (SpAtten's progressive quantization;
+// bit_planes.h has the row record and its codec); msb == 0: not bit planes.
+struct BitPlanes {
+  int32_t msb = 0;
+  int32_t lsb = 0;
+  INFERLAB_HOST_DEVICE bool active() const { return msb > 0; }
+  INFERLAB_HOST_DEVICE int32_t bits() const { return msb + lsb; }
+};
+
+INFERLAB_HOST_DEVICE inline int64_t bit_plane_bytes(int64_t head_dim, int32_t bits) { return (head_dim * bits + 7) / 8; }
+// Bytes of one row's record: the float32 scale, then the MSB and LSB planes.
+INFERLAB_HOST_DEVICE inline int64_t bit_plane_row_bytes(int64_t head_dim, BitPlanes p) {
+  return 4 + bit_plane_bytes(head_dim, p.msb) + bit_plane_bytes(head_dim, p.lsb);
+}
+
 // A pool of KV pages. Page p lives at
-//   chunk_base[p / pages_per_chunk] + (p % pages_per_chunk) * page_elems()
-// and holds K rows (page_size, head_dim) followed by V rows (page_size, head_dim),
-// elements of `dtype`. The engine owns the pages; kernels only read the tables.
+//   chunk_base[p / pages_per_chunk] + (p % pages_per_chunk) * page_bytes()
+// and holds K rows (page_size rows of row_bytes()) followed by V rows: head_dim
+// elements of `dtype` each, or with `planes` active a bit-plane record each
+// (dtype unused). The engine owns the pages; kernels only read the tables.
+// Moves and copies are byte copies of rows and pages, valid for either form;
+// the kernels that read values dispatch on the form (or refuse bit planes).
 struct KvPages {
   void* const* chunk_base = nullptr;  // (n_chunks) base pointers
   int32_t pages_per_chunk = 0;
   int32_t page_size = 0;              // tokens per page
   int32_t head_dim = 0;
   DType dtype = DType::F16;
+  BitPlanes planes{};
+  // Elements of one page (element pages only).
   INFERLAB_HOST_DEVICE int64_t page_elems() const { return 2 * int64_t(page_size) * head_dim; }
+  INFERLAB_HOST_DEVICE int64_t row_bytes() const {
+    return planes.active() ? bit_plane_row_bytes(head_dim, planes) : int64_t(head_dim) * dtype_bytes(dtype);
+  }
+  INFERLAB_HOST_DEVICE int64_t page_bytes() const { return 2 * int64_t(page_size) * row_bytes(); }
 };
 
 // The page table of one layer: row g (kv head) lists the physical page of each

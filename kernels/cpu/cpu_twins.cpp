@@ -30,15 +30,15 @@ void store(void* base, DType dtype, int64_t i, float x) {
   }
 }
 
-// Start of the K row of (page, slot), as bytes; the V row is page_size rows further.
+// Start of the K row of (page, slot), as bytes; the V row is page_size rows
+// further. Rows are elements or bit-plane records (KvPages::row_bytes).
 char* key_row(const KvPages& kv, int32_t page, int32_t slot) {
-  const int64_t row_bytes = int64_t(kv.head_dim) * dtype_bytes(kv.dtype);
   return static_cast<char*>(kv.chunk_base[page / kv.pages_per_chunk]) +
-         (int64_t(page % kv.pages_per_chunk) * 2 * kv.page_size + slot) * row_bytes;
+         (int64_t(page % kv.pages_per_chunk) * 2 * kv.page_size + slot) * kv.row_bytes();
 }
 
 char* value_row(const KvPages& kv, int32_t page, int32_t slot) {
-  return key_row(kv, page, slot) + int64_t(kv.page_size) * kv.head_dim * dtype_bytes(kv.dtype);
+  return key_row(kv, page, slot) + int64_t(kv.page_size) * kv.row_bytes();
 }
 
 }  // namespace
@@ -90,6 +90,11 @@ void kv_append(const KvPages& kv, LayerPageTable table, const int32_t* first_tok
       const int32_t t = first_token[g] + i;
       const int32_t page = table.pages[int64_t(g) * table.stride + t / kv.page_size], slot = t % kv.page_size;
       const int64_t src = (int64_t(i) * n_kv_heads + g) * kv.head_dim;
+      if (kv.planes.active()) {
+        bit_plane_encode(k + src, kv.head_dim, kv.planes, key_row(kv, page, slot));
+        bit_plane_encode(v + src, kv.head_dim, kv.planes, value_row(kv, page, slot));
+        continue;
+      }
       convert_from_float(k + src, kv.head_dim, key_row(kv, page, slot), kv.dtype);
       convert_from_float(v + src, kv.head_dim, value_row(kv, page, slot), kv.dtype);
     }
@@ -99,7 +104,7 @@ void kv_append(const KvPages& kv, LayerPageTable table, const int32_t* first_tok
 void kv_move_rows(const KvPages& kv, const int32_t* src_page, const int32_t* src_slot, const int32_t* dst_page,
                   const int32_t* dst_slot, int32_t n_moves) {
   // Gather every source first (moves may chain), then scatter: scratch (n_moves, 2, row_bytes).
-  const size_t row_bytes = size_t(kv.head_dim) * size_t(dtype_bytes(kv.dtype));
+  const size_t row_bytes = size_t(kv.row_bytes());
   std::vector<char> scratch(size_t(n_moves) * 2 * row_bytes);
   for (int32_t j = 0; j < n_moves; ++j) {
     std::memcpy(&scratch[2 * j * row_bytes], key_row(kv, src_page[j], src_slot[j]), row_bytes);
@@ -138,7 +143,7 @@ void kv_rope_from_originals(const KvPages& kv, const int32_t* page, const int32_
 }
 
 void kv_copy_pages(const KvPages& kv, const int32_t* src, const int32_t* dst, int32_t n) {
-  const size_t page_bytes = size_t(kv.page_elems()) * size_t(dtype_bytes(kv.dtype));
+  const size_t page_bytes = size_t(kv.page_bytes());
   for (int32_t j = 0; j < n; ++j) std::memcpy(key_row(kv, dst[j], 0), key_row(kv, src[j], 0), page_bytes);
 }
 
@@ -242,7 +247,10 @@ void page_select(const PageSelectCall& call) {
 }
 
 float kv_load(const KvPages& kv, int32_t page, int32_t slot, bool value, int32_t index) {
-  return load(value ? value_row(kv, page, slot) : key_row(kv, page, slot), kv.dtype, index);
+  const char* row = value ? value_row(kv, page, slot) : key_row(kv, page, slot);
+  if (kv.planes.active())
+    return bit_plane_value(reinterpret_cast<const uint8_t*>(row), kv.head_dim, kv.planes, index, true);
+  return load(row, kv.dtype, index);
 }
 
 int32_t sample_top_p(const float* raw, int64_t n, float temperature, float top_p, float uniform) {

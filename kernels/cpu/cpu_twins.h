@@ -74,7 +74,8 @@ void retention_select(const RetentionCall& call);
 void sequence_retention_update(const SequenceRetentionCall& call);
 void sequence_retention_select(const SequenceRetentionCall& call);
 
-// Element `index` of a K (value = false) or V row at (page, slot), widened to float.
+// Element `index` of a K (value = false) or V row at (page, slot), widened to
+// float (bit-plane pages: decoded from both planes).
 float kv_load(const KvPages& kv, int32_t page, int32_t slot, bool value, int32_t index);
 
 // A token drawn from softmax(logits(n) / temperature) restricted to the

@@ -10,7 +10,7 @@ bool valid_call(const AttentionCall& c) {
   const bool shapes = c.n_rows >= 0 && c.n_heads > 0 && c.n_kv_heads > 0 && c.n_heads % c.n_kv_heads == 0 &&
                       (c.head_dim == 64 || c.head_dim == 128) && c.kv.head_dim == c.head_dim &&
                       c.kv.page_size > 0 && c.kv.pages_per_chunk > 0;
-  const bool dtype = c.kv.dtype == DType::F16 || c.kv.dtype == DType::BF16;
+  const bool dtype = (c.kv.dtype == DType::F16 || c.kv.dtype == DType::BF16) && !c.kv.planes.active();
   const bool pointers = c.q != nullptr && c.out != nullptr && c.n_cached != nullptr && c.kv.chunk_base != nullptr &&
                         c.table.pages != nullptr;
   // select_index and the sparse ranges / columns may be null when every list is empty.

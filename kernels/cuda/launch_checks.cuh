@@ -4,17 +4,22 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "bit_planes.h"
 #include "kernel_types.h"
 
 namespace inferlab::kernels::cuda {
 
 inline bool valid_dtype(DType t) { return t == DType::F32 || t == DType::F16 || t == DType::BF16; }
 
-// A page pool a KV kernel may follow.
+// A page pool a KV kernel may follow: element pages, or bit-plane records of
+// widths the codec supports.
 inline bool valid_pages(const KvPages& kv) {
   return kv.chunk_base != nullptr && kv.pages_per_chunk > 0 && kv.page_size > 0 && kv.head_dim > 0 &&
-         valid_dtype(kv.dtype);
+         valid_dtype(kv.dtype) && (!kv.planes.active() || bit_planes_supported(kv.planes));
 }
+// One whose rows are elements of kv.dtype (the kernels that compute on stored
+// values without decoding bit planes).
+inline bool valid_element_pages(const KvPages& kv) { return valid_pages(kv) && !kv.planes.active(); }
 
 // Threads of a block per KV row: a thread per channel, whole warps, at most 256.
 inline int row_threads(int32_t head_dim) { return int(std::min<int64_t>(256, (head_dim + 31) / 32 * 32)); }
@@ -45,6 +50,13 @@ inline int copy_unit_bytes(int64_t bytes, const void* a, const void* b) {
   return aligned(16) ? 16 : aligned(4) ? 4 : 2;
 }
 
+// Widest copy unit (16, 4, 2 or 1 bytes) dividing `bytes`: KV rows and pages
+// start at multiples of their size from 16-byte aligned chunks, so it aligns
+// them too (bit-plane records may be any number of bytes).
+inline int copy_unit_dividing(int64_t bytes) {
+  return bytes % 16 == 0 ? 16 : bytes % 4 == 0 ? 4 : bytes % 2 == 0 ? 2 : 1;
+}
+
 // Runs `body` with U = the unsigned type of a copy unit.
 #define INFERLAB_DISPATCH_COPY_UNIT(unit_bytes, U, ...) \
   switch (unit_bytes) {                                 \
@@ -54,6 +66,10 @@ inline int copy_unit_bytes(int64_t bytes, const void* a, const void* b) {
     } break;                                            \
     case 4: {                                           \
       using U = uint32_t;                               \
+      __VA_ARGS__;                                      \
+    } break;                                            \
+    case 1: {                                           \
+      using U = uint8_t;                                \
       __VA_ARGS__;                                      \
     } break;                                            \
     default: {                                          \

@@ -197,7 +197,7 @@ __global__ void page_union_kernel(const PageSelectCall c, int32_t max_pages) {
 
 cudaError_t page_bounds_update(const KvPages& kv, void* bounds, const int32_t* pages, const int32_t* counts,
                                int32_t n, cudaStream_t stream) {
-  if (!valid_pages(kv) || n < 0) return cudaErrorInvalidValue;
+  if (!valid_element_pages(kv) || n < 0) return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
   if (bounds == nullptr || pages == nullptr || counts == nullptr) return cudaErrorInvalidValue;
   INFERLAB_DISPATCH_DTYPE(kv.dtype, T,

@@ -242,6 +242,7 @@ cudaError_t launch_scores(const VerticalSlashCall& c, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t vertical_slash_scores(const VerticalSlashCall& c, cudaStream_t stream) {
+  if (c.kv.planes.active()) return cudaErrorInvalidValue;  // reads elements
   if (c.n_list <= 0 || c.max_last_q <= 0) return cudaSuccess;
   const size_t bytes = size_t(c.n_list) * size_t(c.stride) * sizeof(float);
   if (auto e = cudaMemsetAsync(c.vertical, 0, bytes, stream); e != cudaSuccess) return e;
@@ -255,6 +256,7 @@ cudaError_t vertical_slash_scores(const VerticalSlashCall& c, cudaStream_t strea
 }
 
 cudaError_t block_scores(const BlockScoresCall& c, cudaStream_t stream) {
+  if (c.kv.planes.active()) return cudaErrorInvalidValue;  // reads elements
   if (c.n_list <= 0 || c.max_qb <= 0) return cudaSuccess;
   cudaError_t e = cudaErrorInvalidValue;
   switch (c.kv.dtype) {

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/cpu_ops.h"
 #include "cpu/cpu_twins.h"
 #include "gpu_test_support.h"
 #include "kernel_types.h"
@@ -47,22 +48,27 @@ template <typename Param>
 std::string param_name(const testing::TestParamInfo<Param>& info) { return info.param.name(); }
 
 // The same page pool on the host and the device, filled with random values of
-// the dtype; chunks of 5 pages.
+// the dtype (or with bit planes, random rows' records); chunks of 5 pages.
 class MirrorPool {
  public:
   MirrorPool(DType dtype, int32_t n_pages, int32_t page_size, int32_t head_dim, uint64_t seed) {
     host_kv_ = {nullptr, kPagesPerChunk, page_size, head_dim, dtype};
     const int64_t chunk_elems = kPagesPerChunk * host_kv_.page_elems();
+    for (int32_t c = 0; c * kPagesPerChunk < n_pages; ++c)
+      add_chunk(to_bytes(random_floats(size_t(chunk_elems), seed + uint64_t(c)), dtype));
+    finish();
+  }
+  MirrorPool(kernels::BitPlanes planes, int32_t n_pages, int32_t page_size, int32_t head_dim, uint64_t seed) {
+    host_kv_ = {nullptr, kPagesPerChunk, page_size, head_dim, DType::F16, planes};
+    const int64_t rows = 2 * int64_t(kPagesPerChunk) * page_size, row_bytes = host_kv_.row_bytes();
     for (int32_t c = 0; c * kPagesPerChunk < n_pages; ++c) {
-      host_.push_back(to_bytes(random_floats(size_t(chunk_elems), seed + uint64_t(c)), dtype));
-      device_.emplace_back(host_.back());
-      host_bases_.push_back(host_.back().data());
-      device_bases_.push_back(device_.back().get());
+      const auto x = random_floats(size_t(rows * head_dim), seed + uint64_t(c));
+      std::vector<uint8_t> chunk(size_t(rows * row_bytes));
+      for (int64_t r = 0; r < rows; ++r)
+        cpu::bit_plane_encode(&x[size_t(r * head_dim)], head_dim, planes, &chunk[size_t(r * row_bytes)]);
+      add_chunk(std::move(chunk));
     }
-    d_bases_ = std::make_unique<DeviceBuffer<void*>>(device_bases_);
-    host_kv_.chunk_base = host_bases_.data();
-    device_kv_ = host_kv_;
-    device_kv_.chunk_base = d_bases_->get();
+    finish();
   }
   const KvPages& host() const { return host_kv_; }
   const KvPages& device() const { return device_kv_; }
@@ -86,6 +92,21 @@ class MirrorPool {
   }
 
  private:
+  void add_chunk(std::vector<uint8_t> bytes) {
+    host_.push_back(std::move(bytes));
+    device_.emplace_back(host_.back());
+  }
+  void finish() {
+    for (size_t c = 0; c < host_.size(); ++c) {
+      host_bases_.push_back(host_[c].data());
+      device_bases_.push_back(device_[c].get());
+    }
+    d_bases_ = std::make_unique<DeviceBuffer<void*>>(device_bases_);
+    host_kv_.chunk_base = host_bases_.data();
+    device_kv_ = host_kv_;
+    device_kv_.chunk_base = d_bases_->get();
+  }
+
   static constexpr int32_t kPagesPerChunk = 5;
   KvPages host_kv_, device_kv_;
   std::vector<std::vector<uint8_t>> host_;

@@ -412,6 +412,141 @@ TEST_P(KvCache, CopyPagesMatchesTwin) {
 
 INSTANTIATE_TEST_SUITE_P(CudaOps, KvCache, testing::ValuesIn(kv_cases()), param_name<KvCase>);
 
+// ---- KV cache of bit-plane records ----------------------------------------------
+
+struct PlaneKvCase {
+  BitPlanes planes;
+  int32_t page_size, head_dim, n_rows;
+  std::string name() const {
+    return "planes" + std::to_string(planes.msb) + "_" + std::to_string(planes.lsb) + "_page" +
+           std::to_string(page_size) + "_hd" + std::to_string(head_dim) + "_rows" + std::to_string(n_rows);
+  }
+};
+
+std::vector<PlaneKvCase> plane_kv_cases() {
+  std::vector<PlaneKvCase> cases;
+  // Records of 4 + 8 * bits (hd 64) or 4 + 16 * bits bytes, and a plane whose values straddle bytes (3, 5, 7 bits).
+  for (BitPlanes planes : {BitPlanes{4, 4}, BitPlanes{6, 4}, BitPlanes{3, 5}, BitPlanes{8, 0}, BitPlanes{1, 1},
+                           BitPlanes{8, 8}, BitPlanes{7, 2}})
+    for (int32_t page_size : {16, 7})
+      for (int32_t head_dim : {64, 128}) cases.push_back({planes, page_size, head_dim, 37});
+  cases.push_back({BitPlanes{6, 4}, 16, 128, 513});
+  cases.push_back({BitPlanes{5, 3}, 7, 64, 1});
+  return cases;
+}
+
+class KvCacheBitPlanes : public testing::TestWithParam<PlaneKvCase> {};
+
+// Rows the encoder must round exactly as the host does: random ones, and
+// a zero row, a row of denormals (its scale's reciprocal overflows), rows
+// with a NaN and with an infinity, a row whose values sit on the grid's
+// half steps (ties to even), and a row whose largest magnitude is negative.
+std::vector<float> encoder_rows(int32_t rows, int32_t head_dim, BitPlanes planes, uint64_t seed) {
+  std::vector<float> x = random_floats(size_t(rows) * size_t(head_dim), seed, 2.0f);
+  const int32_t qmax = (1 << (planes.bits() - 1)) - 1;
+  for (int32_t r = 0; r < rows; ++r) {
+    float* row = x.data() + int64_t(r) * head_dim;
+    switch (r % 8) {
+      case 1: std::fill(row, row + head_dim, 0.0f); break;
+      case 2:
+        for (int32_t d = 0; d < head_dim; ++d) row[d] = float(d % 5 - 2) * 1e-41f;
+        break;
+      case 3: row[r % head_dim] = std::numeric_limits<float>::quiet_NaN(); break;
+      case 4: row[(r + 3) % head_dim] = -std::numeric_limits<float>::infinity(); break;
+      case 5:  // scale 1 (the largest magnitude is qmax): each k + 0.5 rounds to the even neighbour
+        for (int32_t d = 0; d < head_dim; ++d) row[d] = float(d % (2 * qmax) - qmax) + 0.5f;
+        row[0] = float(qmax);
+        break;
+      case 6: row[head_dim / 2] = -40.0f; break;
+      default: break;
+    }
+  }
+  return x;
+}
+
+TEST_P(KvCacheBitPlanes, AppendEncodesLikeTheHostByteForByte) {
+  INFERLAB_REQUIRE_GPU();
+  const auto& c = GetParam();
+  const int32_t n_kv_heads = 4, stride = (600 + c.n_rows) / c.page_size + 1;
+  const int32_t n_pages = n_kv_heads * stride;
+  MirrorPool pool(c.planes, n_pages, c.page_size, c.head_dim, 15);
+  const auto pages = shuffled_ids(n_pages, 16);  // (n_kv_heads, stride)
+  const std::vector<int32_t> first_token = {0, 5, 600, c.page_size - 1};
+  const auto k = encoder_rows(c.n_rows * n_kv_heads, c.head_dim, c.planes, 17);
+  const auto v = encoder_rows(c.n_rows * n_kv_heads, c.head_dim, c.planes, 18);
+  DeviceBuffer<int32_t> d_pages(pages), d_first(first_token);
+  DeviceBuffer<float> d_k(k), d_v(v);
+  INFERLAB_CUDA_OK(cuda::kv_append(pool.device(), {d_pages.get(), stride}, d_first.get(), d_k.get(), d_v.get(),
+                                   c.n_rows, n_kv_heads, nullptr));
+  INFERLAB_CUDA_OK(cudaDeviceSynchronize());
+  // The twin writes cpu::bit_plane_encode's records.
+  cpu::kv_append(pool.host(), {pages.data(), stride}, first_token.data(), k.data(), v.data(), c.n_rows, n_kv_heads);
+  pool.expect_bit_equal();
+}
+
+TEST_P(KvCacheBitPlanes, MoveRowsCompactionMatchesTwin) {
+  INFERLAB_REQUIRE_GPU();
+  const auto& c = GetParam();
+  const int32_t n_pages = 40, n_tokens = n_pages * c.page_size;
+  MirrorPool pool(c.planes, n_pages, c.page_size, c.head_dim, 19);
+  std::vector<int32_t> src_page, src_slot, dst_page, dst_slot;
+  std::mt19937 rng(uint32_t(c.n_rows));
+  int32_t kept = 0;
+  for (int32_t t = 0; t < n_tokens; ++t) {
+    if (rng() % 3 == 0) continue;
+    if (kept != t) {
+      src_page.push_back(t / c.page_size), src_slot.push_back(t % c.page_size);
+      dst_page.push_back(kept / c.page_size), dst_slot.push_back(kept % c.page_size);
+    }
+    ++kept;
+  }
+  const auto n_moves = int32_t(src_page.size());
+  DeviceBuffer<int32_t> d_sp(src_page), d_ss(src_slot), d_dp(dst_page), d_ds(dst_slot);
+  EXPECT_EQ(cuda::kv_move_scratch_bytes(pool.device(), n_moves), size_t(n_moves) * 2 * size_t(pool.host().row_bytes()));
+  DeviceBuffer<uint8_t> scratch(cuda::kv_move_scratch_bytes(pool.device(), n_moves));
+  INFERLAB_CUDA_OK(cuda::kv_move_rows(pool.device(), d_sp.get(), d_ss.get(), d_dp.get(), d_ds.get(), n_moves,
+                                      scratch.get(), nullptr));
+  INFERLAB_CUDA_OK(cudaDeviceSynchronize());
+  cpu::kv_move_rows(pool.host(), src_page.data(), src_slot.data(), dst_page.data(), dst_slot.data(), n_moves);
+  pool.expect_bit_equal();
+}
+
+TEST_P(KvCacheBitPlanes, CopyPagesMatchesTwin) {
+  INFERLAB_REQUIRE_GPU();
+  const auto& c = GetParam();
+  const int32_t n_pages = 2 * c.n_rows + 3;
+  MirrorPool pool(c.planes, n_pages, c.page_size, c.head_dim, 23);
+  const auto all = shuffled_ids(n_pages, 24);
+  const std::vector<int32_t> src(all.begin(), all.begin() + c.n_rows), dst(all.begin() + c.n_rows, all.begin() + 2 * c.n_rows);
+  DeviceBuffer<int32_t> d_src(src), d_dst(dst);
+  INFERLAB_CUDA_OK(cuda::kv_copy_pages(pool.device(), d_src.get(), d_dst.get(), c.n_rows, nullptr));
+  INFERLAB_CUDA_OK(cudaDeviceSynchronize());
+  cpu::kv_copy_pages(pool.host(), src.data(), dst.data(), c.n_rows);
+  pool.expect_bit_equal();
+}
+
+INSTANTIATE_TEST_SUITE_P(CudaOps, KvCacheBitPlanes, testing::ValuesIn(plane_kv_cases()), param_name<PlaneKvCase>);
+
+// Bit-plane pages take no RoPE turn and no element-wise kernel, and pages of
+// one layout do not copy into another.
+TEST(CudaOpsArguments, BitPlanePagesAreRefusedWhereElementsAreRead) {
+  INFERLAB_REQUIRE_GPU();
+  MirrorPool planes(BitPlanes{4, 4}, 4, 16, 64, 3);
+  MirrorPool halves(DType::F16, 4, 16, 64, 3);
+  DeviceBuffer<int32_t> ids(std::vector<int32_t>{0, 1, 2, 3});
+  EXPECT_EQ(cuda::kv_rope_shift(planes.device(), ids.get(), ids.get(), ids.get(), 1, 64, 1e4f, false, nullptr),
+            cudaErrorInvalidValue);
+  EXPECT_EQ(cuda::kv_rope_from_originals(planes.device(), ids.get(), ids.get(), ids.get(), ids.get(), ids.get(), 1, 64,
+                                         1e4f, false, nullptr),
+            cudaErrorInvalidValue);
+  EXPECT_EQ(cuda::kv_copy_pages(planes.device(), halves.device(), ids.get(), ids.get() + 1, 1, nullptr),
+            cudaErrorInvalidValue);
+  KvPages bad = planes.device();
+  bad.planes = BitPlanes{9, 0};  // wider than the codec's planes
+  EXPECT_EQ(cuda::kv_copy_pages(bad, ids.get(), ids.get() + 1, 1, nullptr), cudaErrorInvalidValue);
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+}
+
 // ---- sampling ---------------------------------------------------------------
 
 struct VocabCase {
