@@ -253,6 +253,19 @@ float kv_load(const KvPages& kv, int32_t page, int32_t slot, bool value, int32_t
   return load(row, kv.dtype, index);
 }
 
+bool attention_row_progressive(const float* q, const KvPageRef* pages, int64_t n_pages, int64_t n_visible,
+                               int64_t head_dim, float scale, double keep, bool renormalize, float threshold,
+                               float* out, float* probs, uint8_t* kept) {
+  std::vector<KvPageRef> planes(pages, pages + n_pages);
+  for (KvPageRef& p : planes) p.lsb = false;
+  attention_row_value_topk(q, planes.data(), n_pages, n_visible, head_dim, scale, keep, renormalize, out, probs, kept);
+  // The largest probability is 1 / sum in the max-relative sum.
+  if (n_visible <= 0 || !(*std::max_element(probs, probs + n_visible) < threshold)) return false;
+  for (KvPageRef& p : planes) p.lsb = true;
+  attention_row_value_topk(q, planes.data(), n_pages, n_visible, head_dim, scale, keep, renormalize, out, probs, kept);
+  return true;
+}
+
 int32_t sample_top_p(const float* raw, int64_t n, float temperature, float top_p, float uniform) {
   // Descending logits, lower id first on ties (stable sort of ascending ids); a NaN counts as -infinity.
   std::vector<float> logits(raw, raw + n);

@@ -12,6 +12,8 @@
 
 namespace inferlab::kernels::cpu {
 
+struct KvPageRef;  // cpu_ops.h
+
 // out(n) of dtype = x(n), round to nearest even; and back.
 void convert_from_float(const float* x, int64_t n, void* out, DType dtype);
 void convert_to_float(const void* x, DType dtype, int64_t n, float* out);
@@ -77,6 +79,16 @@ void sequence_retention_select(const SequenceRetentionCall& call);
 // Element `index` of a K (value = false) or V row at (page, slot), widened to
 // float (bit-plane pages: decoded from both planes).
 float kv_load(const KvPages& kv, int32_t page, int32_t slot, bool value, int32_t index);
+
+// Progressive quantization of one query row (cuda::attention_progressive's
+// twin, row by row): attention_row_value_topk over bit-plane `pages` read from
+// their MSB planes; when the row's largest probability is below `threshold`,
+// again from both planes, its output, probabilities and kept keys replacing
+// the first pass's (the CPU backend's decision). Returns whether it was
+// recomputed. keep 1.0: every key kept (no value pruning).
+bool attention_row_progressive(const float* q, const KvPageRef* pages, int64_t n_pages, int64_t n_visible,
+                               int64_t head_dim, float scale, double keep, bool renormalize, float threshold,
+                               float* out, float* probs, uint8_t* kept);
 
 // A token drawn from softmax(logits(n) / temperature) restricted to the
 // smallest most-probable set of mass >= top_p (cuda::sample_top_p's contract),

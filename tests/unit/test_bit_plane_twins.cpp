@@ -1,8 +1,9 @@
 // The CPU twins of the CUDA kernels on bit-plane pages (kernels/cpu/cpu_twins.h):
-// the device encoder's byte packing is the host encoder's, kv_append writes
-// cpu::bit_plane_encode's record at each token's slot, moves and copies carry
-// whole records, and kv_load decodes both planes. The GPU tests hold the
-// device kernels to these.
+// kv_append writes cpu::bit_plane_encode's record at each token's slot, moves
+// and copies carry whole records, kv_load decodes both planes, and
+// attention_row_progressive recomputes a row from both planes exactly when
+// its largest MSB-plane probability is below the threshold. The GPU tests
+// hold the device kernels to these.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -129,6 +130,47 @@ TEST(BitPlaneTwins, MovesAndCopiesCarryWholeRecords) {
                           size_t(pool.kv.page_bytes())),
               0)
         << "page " << src[size_t(j)];
+}
+
+// Random keys over two pages: the row's largest MSB-plane probability p; a
+// threshold just above p recomputes it from both planes (the result of
+// attention_row_value_topk over the full rows), one just below keeps the MSB
+// pass's (that over the MSB planes).
+TEST(BitPlaneTwins, ProgressiveRowRefetchesExactlyBelowTheThreshold) {
+  const BitPlanes planes{3, 5};
+  const int64_t hd = 32, n = 70;
+  const int64_t rb = bit_plane_row_bytes(hd, planes);
+  std::vector<uint8_t> k(size_t(n * rb)), v(size_t(n * rb));
+  const auto kx = normal_rows(size_t(n * hd), 4), vx = normal_rows(size_t(n * hd), 5), q = normal_rows(size_t(hd), 6);
+  for (int64_t t = 0; t < n; ++t) {
+    bit_plane_encode(&kx[size_t(t * hd)], hd, planes, &k[size_t(t * rb)]);
+    bit_plane_encode(&vx[size_t(t * hd)], hd, planes, &v[size_t(t * rb)]);
+  }
+  const KvPageRef pages[2] = {{k.data(), v.data(), 30, DType::F32, planes, true},
+                              {&k[size_t(30 * rb)], &v[size_t(30 * rb)], int32_t(n - 30), DType::F32, planes, true}};
+  KvPageRef msb[2] = {pages[0], pages[1]};
+  msb[0].lsb = msb[1].lsb = false;
+  const float scale = 0.4f;
+  for (double keep : {1.0, 0.3}) {
+    std::vector<float> out_msb(hd), out_full(hd), out(hd), probs_msb(n), probs_full(n), probs(n);
+    std::vector<uint8_t> kept_msb(n), kept_full(n), kept(n);
+    attention_row_value_topk(q.data(), msb, 2, n, hd, scale, keep, true, out_msb.data(), probs_msb.data(),
+                             kept_msb.data());
+    attention_row_value_topk(q.data(), pages, 2, n, hd, scale, keep, true, out_full.data(), probs_full.data(),
+                             kept_full.data());
+    ASSERT_NE(out_msb, out_full) << "the LSB planes change nothing here";
+    const float largest = *std::max_element(probs_msb.begin(), probs_msb.end());
+    EXPECT_TRUE(attention_row_progressive(q.data(), pages, 2, n, hd, scale, keep, true, std::nextafter(largest, 1.0f),
+                                          out.data(), probs.data(), kept.data()));
+    EXPECT_EQ(out, out_full);
+    EXPECT_EQ(probs, probs_full);
+    EXPECT_EQ(kept, kept_full);
+    EXPECT_FALSE(attention_row_progressive(q.data(), pages, 2, n, hd, scale, keep, true, largest, out.data(),
+                                           probs.data(), kept.data()));
+    EXPECT_EQ(out, out_msb);
+    EXPECT_EQ(probs, probs_msb);
+    EXPECT_EQ(kept, kept_msb);
+  }
 }
 
 }  // namespace
