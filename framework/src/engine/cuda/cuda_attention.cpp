@@ -20,6 +20,19 @@ namespace inferlab {
 
 namespace kc = kernels::cuda;
 
+namespace {
+
+// Scratch of the kernels that keep every row's probabilities (value pruning,
+// bit planes): all rows at once up to 512 MiB, else passes of fewer rows (a
+// long prefill's rows would take gigabytes).
+size_t row_scratch_bytes(const kernels::AttentionCall& call, int32_t max_keys) {
+  constexpr size_t kMaxBytes = size_t(512) << 20;
+  return std::max(kc::value_topk_row_scratch_bytes(call, max_keys),
+                  std::min(kc::value_topk_scratch_bytes(call, max_keys), kMaxBytes));
+}
+
+}  // namespace
+
 // Stored counts of `layer` before this call: the first new token's index per kv head.
 Status CudaBackend::stage_counts(const KvSequence& seq, int32_t l) {
   const int32_t nkv = config_.n_kv_heads;
@@ -44,17 +57,19 @@ Status CudaBackend::stage_append(KvSequence& seq, int32_t l, int32_t n) {
   return ok_status();
 }
 
+// Into the sequence's own pool: the default one, or a method's bit planes
+// (rows quantized by the kernel as it writes them).
 Status CudaBackend::append_kv(KvSequence& seq, int32_t l) {
   const ModelConfig& c = config_;
   if (!capturing_)
     if (auto s = stage_append(seq, l, int32_t(n_)); !s) return s;
   const kernels::LayerPageTable table{tables_.as<int32_t>() + int64_t(l) * c.n_kv_heads * max_pages_, max_pages_};
-  CUDA_TRY(kc::kv_append(cuda_kv_pages(*pool_), table, n_cached_.as<int32_t>() + int64_t(l) * c.n_kv_heads,
+  CUDA_TRY(kc::kv_append(cuda_kv_pages(seq.pool()), table, n_cached_.as<int32_t>() + int64_t(l) * c.n_kv_heads,
                          k_.as<float>(), v_.as<float>(), int32_t(n_), c.n_kv_heads, stream_),
            "KV append");
   // A new token has no retention score yet.
   CUDA_TRY(kc::slot_plane_fill(table, n_cached_.as<int32_t>() + int64_t(l) * c.n_kv_heads, int32_t(n_), c.n_kv_heads,
-                               options_.page_size, pool_->plane<uint32_t>(SlotPlane::Score), 0u, stream_),
+                               options_.page_size, seq.pool().plane<uint32_t>(SlotPlane::Score), 0u, stream_),
            "KV append");
   return ok_status();
 }
@@ -113,7 +128,7 @@ Status CudaBackend::read_bound_selection(int32_t l, KeyPlan& plan) {
   return download(r.heads, plan.heads.size() * 4, plan.heads.data());
 }
 
-kernels::AttentionCall CudaBackend::base_call(int32_t l, int64_t n) const {
+kernels::AttentionCall CudaBackend::base_call(const KvPagePool& pool, int32_t l, int64_t n) const {
   const ModelConfig& c = config_;
   kernels::AttentionCall call;
   call.n_rows = int32_t(n);
@@ -124,7 +139,7 @@ kernels::AttentionCall CudaBackend::base_call(int32_t l, int64_t n) const {
   call.q = q_.as<float>();
   call.out = attn_.as<float>();
   call.n_cached = n_cached_.as<int32_t>() + int64_t(l) * c.n_kv_heads;
-  call.kv = cuda_kv_pages(*pool_);
+  call.kv = cuda_kv_pages(pool);
   call.table = {tables_.as<int32_t>() + int64_t(l) * c.n_kv_heads * max_pages_, max_pages_};
   return call;
 }
@@ -185,6 +200,10 @@ kernels::PageSelectCall CudaBackend::select_call(int32_t l, const PlanRegion& re
 Status CudaBackend::select_by_bound(const KvSequence& seq, int32_t l, KeyPlan& plan) {
   const ModelConfig& c = config_;
   const int32_t nkv = c.n_kv_heads, ps = options_.page_size;
+  // Page bounds are kept per physical page of the default pool, in its element type.
+  if (&seq.pool() != pool_.get())
+    return Error{"cuda engine: selection by key bound over bit-plane KV pages is not supported (page bounds are "
+                 "kept for the f16/bf16 pages)"};
   int32_t max_pages = 0;
   for (int32_t g = 0; g < nkv; ++g)
     if (plan.budget[size_t(g)] > 0) max_pages = std::max(max_pages, (plan.cached[size_t(g)] + ps - 1) / ps);
@@ -229,10 +248,10 @@ Status CudaBackend::select_by_bound(const KvSequence& seq, int32_t l, KeyPlan& p
   return ok_status();
 }
 
-Status CudaBackend::attention(const KvSequence&, const LayerAttention& work) {
+Status CudaBackend::attention(const KvSequence& seq, const LayerAttention& work) {
   const ModelConfig& c = config_;
   const int32_t l = work.layer;
-  kernels::AttentionCall call = base_call(l, n_);
+  kernels::AttentionCall call = base_call(seq.pool(), l, n_);
   int32_t max_keys = 0;
   for (int32_t cached : work.keys->cached) max_keys = std::max(max_keys, cached);
   max_keys += int32_t(n_);
@@ -263,6 +282,7 @@ Status CudaBackend::attention(const KvSequence&, const LayerAttention& work) {
     call.key_mass = key_mass_.as<float>();
     call.mass_stride = max_context_;
   }
+  if (call.kv.planes.active()) return attention_bit_planes(work, call, max_keys);
   if (work.values != nullptr && work.values->active()) return attention_values_pruned(work, call, max_keys);
   const size_t ws = kc::attention_workspace_bytes(call, max_keys);
   if (ws > attention_ws_.bytes()) {
@@ -286,7 +306,7 @@ Status CudaBackend::attention_values_pruned(const LayerAttention& work, const ke
                                             int32_t max_keys) {
   const ModelConfig& c = config_;
   if (call.sparse.heads != nullptr) return Error{"cuda engine: local value pruning with a sparse prefill plan"};
-  const size_t scratch = kc::value_topk_scratch_bytes(call, max_keys), kept_bytes = size_t(c.n_heads) * size_t(max_keys);
+  const size_t scratch = row_scratch_bytes(call, max_keys), kept_bytes = size_t(c.n_heads) * size_t(max_keys);
   if (!value_work_.reserve(scratch + kept_bytes)) return Error{"cuda engine: out of GPU memory for value pruning"};
   uint8_t* kept = work.values_skipped != nullptr ? value_work_.as<uint8_t>() + scratch : nullptr;
   cudaEvent_t* events = nullptr;
@@ -299,17 +319,81 @@ Status CudaBackend::attention_values_pruned(const LayerAttention& work, const ke
   if (kept == nullptr) return ok_status();
   std::vector<uint8_t> host(kept_bytes);
   if (auto s = download(kept, kept_bytes, host.data()); !s) return s;
+  *work.values_skipped = values_skipped(work, host, max_keys);
+  return ok_status();
+}
+
+int64_t CudaBackend::values_skipped(const LayerAttention& work, const std::vector<uint8_t>& kept,
+                                    int32_t max_keys) const {
+  const ModelConfig& c = config_;
   const int32_t gs = c.group_size(), ps = options_.page_size;
   int64_t skipped = 0;
   for (int32_t g = 0; g < c.n_kv_heads; ++g) {
     const int64_t cached = head_traffic(*work.keys, g, ps).keys;  // the kv head's key list starts with them
     for (int64_t k = 0; k < cached && k < max_keys; ++k) {
       bool any = false;
-      for (int32_t j = 0; j < gs && !any; ++j) any = host[size_t(int64_t(g * gs + j) * max_keys + k)] != 0;
+      for (int32_t j = 0; j < gs && !any; ++j) any = kept[size_t(int64_t(g * gs + j) * max_keys + k)] != 0;
       skipped += any ? 0 : 1;
     }
   }
-  *work.values_skipped = skipped;
+  return skipped;
+}
+
+// Bit-plane pages (a method's progressive quantization): every row through
+// kc::attention_progressive, from the MSB planes first when the step asks for
+// it (work.requant) and with the method's value pruning, if any. The per-row
+// refetch counts come back to fill the tally as the CPU backend does: per kv
+// head and row, the LSB planes of the cached keys (and kept values) the most
+// reading of its refetching query heads read.
+Status CudaBackend::attention_bit_planes(const LayerAttention& work, const kernels::AttentionCall& call,
+                                         int32_t max_keys) {
+  const ModelConfig& c = config_;
+  if (call.sparse.heads != nullptr) return Error{"cuda engine: bit-plane KV pages with a sparse prefill plan"};
+  if (capturing_) return Error{"cuda engine: attention over bit-plane KV pages reads its refetches back; not captured"};
+  const bool values = work.values != nullptr && work.values->active();
+  const bool msb_first = work.requant != nullptr;
+  const size_t scratch = row_scratch_bytes(call, max_keys);
+  const size_t counts_bytes = work.requant_tally != nullptr ? size_t(c.n_heads) * size_t(n_) * 3 * 4 : 0;
+  const size_t kept_bytes = values && work.values_skipped != nullptr ? size_t(c.n_heads) * size_t(max_keys) : 0;
+  if (!value_work_.reserve(scratch + counts_bytes + kept_bytes))
+    return Error{"cuda engine: out of GPU memory for attention over bit-plane pages"};
+  int32_t* counts = counts_bytes > 0 ? reinterpret_cast<int32_t*>(value_work_.as<uint8_t>() + scratch) : nullptr;
+  uint8_t* kept = kept_bytes > 0 ? value_work_.as<uint8_t>() + scratch + counts_bytes : nullptr;
+  cudaEvent_t* events = nullptr;
+  if (auto s = next_event_pair(events); !s) return s;
+  if (events != nullptr) CUDA_TRY(cudaEventRecord(events[0], stream_), "attention timing");
+  CUDA_TRY(kc::attention_progressive(call, max_keys, msb_first,
+                                     msb_first ? float(work.requant->requant_threshold) : 0.0f,
+                                     values ? work.values->keep : 1.0, values && work.values->renormalize, kept,
+                                     counts, value_work_.as(), scratch, stream_),
+           "attention (bit-plane pages)");
+  if (events != nullptr) CUDA_TRY(cudaEventRecord(events[1], stream_), "attention timing");
+  if (counts != nullptr) {
+    const int64_t n = n_;
+    std::vector<int32_t> host(counts_bytes / 4);  // (n_heads, n, 3): refetched, cached keys, kept cached values
+    if (auto s = download(counts, counts_bytes, host.data()); !s) return s;
+    RequantTally& tally = *work.requant_tally;
+    const int32_t gs = c.group_size();
+    for (int32_t h = 0; h < c.n_heads; ++h) {
+      if (work.mask != nullptr && work.mask->heads[size_t(h)] == 0) continue;
+      tally.rows += n;
+      for (int64_t i = 0; i < n; ++i) tally.refetched += host[size_t((h * n + i) * 3)];
+    }
+    for (int32_t g = 0; g < c.n_kv_heads; ++g)
+      for (int64_t i = 0; i < n; ++i) {
+        int64_t keys = 0, vals = 0;
+        for (int32_t h = g * gs; h < (g + 1) * gs; ++h) {
+          keys = std::max<int64_t>(keys, host[size_t((h * n + i) * 3 + 1)]);
+          vals = std::max<int64_t>(vals, host[size_t((h * n + i) * 3 + 2)]);
+        }
+        tally.lsb_key_rows += keys;
+        tally.lsb_value_rows += vals;
+      }
+  }
+  if (kept == nullptr) return ok_status();
+  std::vector<uint8_t> host(kept_bytes);
+  if (auto s = download(kept, kept_bytes, host.data()); !s) return s;
+  *work.values_skipped = values_skipped(work, host, max_keys);
   return ok_status();
 }
 

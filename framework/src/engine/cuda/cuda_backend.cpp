@@ -8,6 +8,8 @@
 #include <stdexcept>
 #include <tuple>
 
+#include "bit_planes.h"
+#include "cpu/cpu_ops.h"
 #include "cpu/half_convert.h"
 #include "cuda/device_info.cuh"
 #include "engine/backend_factory.h"
@@ -60,20 +62,26 @@ class DeviceKvView final : public BackendKvView {
     if (fresh) load(seq_.table(layer, kv_head).pages[size_t(token / ps)], it->second);
     return it->second.data() + (int64_t(value) * ps + token % ps) * hd;
   }
-  // (2, page_size, head_dim) floats: K rows then V rows of one page.
+  // (2, page_size, head_dim) floats: K rows then V rows of one page (bit-plane
+  // rows decoded from both planes).
   void load(int32_t page, std::vector<float>& out) const {
     const KvPagePool& pool = seq_.pool();
-    const DType dtype = cuda_kv_pages(pool).dtype;
-    const size_t elems = size_t(pool.page_bytes()) / 2;
-    std::vector<uint16_t> raw(elems);
+    const kernels::KvPages kv = cuda_kv_pages(pool);
+    std::vector<uint8_t> raw(static_cast<size_t>(pool.page_bytes()));
     // The page may still be being written: the copy queues behind that work.
-    cudaError_t err =
-        cudaMemcpyAsync(raw.data(), pool.page_data(page), size_t(pool.page_bytes()), cudaMemcpyDeviceToHost, stream_);
+    cudaError_t err = cudaMemcpyAsync(raw.data(), pool.page_data(page), raw.size(), cudaMemcpyDeviceToHost, stream_);
     if (err == cudaSuccess) err = cudaStreamSynchronize(stream_);
     if (err != cudaSuccess) throw std::runtime_error(std::string("KV view: ") + cudaGetErrorString(err));
-    out.resize(elems);
-    for (size_t i = 0; i < elems; ++i)
-      out[i] = dtype == DType::BF16 ? kernels::cpu::bf16_to_float(raw[i]) : kernels::cpu::f16_to_float(raw[i]);
+    const int64_t rows = 2 * int64_t(kv.page_size), hd = kv.head_dim;
+    out.resize(size_t(rows * hd));
+    if (kv.planes.active()) {
+      for (int64_t r = 0; r < rows; ++r)
+        kernels::cpu::bit_plane_decode(raw.data() + r * kv.row_bytes(), hd, kv.planes, true, out.data() + r * hd);
+      return;
+    }
+    const auto* half = reinterpret_cast<const uint16_t*>(raw.data());
+    for (size_t i = 0; i < out.size(); ++i)
+      out[i] = kv.dtype == DType::BF16 ? kernels::cpu::bf16_to_float(half[i]) : kernels::cpu::f16_to_float(half[i]);
   }
   const KvSequence& seq_;
   cudaStream_t stream_;
@@ -110,7 +118,9 @@ CudaBackend::CudaBackend(std::shared_ptr<const Model> model, const EngineOptions
 
 CudaBackend::~CudaBackend() {
   if (stream_ != nullptr) cudaStreamSynchronize(stream_);
-  pool_.reset();  // its pages before the stream they are copied on (the engine let go of its share first)
+  // The pools' pages before the stream they are copied on (the engine let go of its shares first).
+  pool_.reset();
+  bit_plane_pools_.clear();
   drop_graphs();
   for (cudaEvent_t e : events_) cudaEventDestroy(e);
   for (cudaEvent_t e : sparse_events_)
@@ -124,7 +134,7 @@ bool CudaBackend::supports(Feature feature) const {
     case Feature::KvPagesF32: return false;  // the attention kernels read f16/bf16 pages
     case Feature::KvPagesF16: return dtype_ == DType::F16;
     case Feature::KvPagesBF16: return dtype_ == DType::BF16;
-    case Feature::KvBitPlanes: return false;  // no bit-plane attention kernels yet
+    case Feature::KvBitPlanes: return true;  // kv_append quantizes, attention_progressive reads them
     default: return true;
   }
 }
@@ -202,6 +212,23 @@ void CudaBackend::drop_graphs() {
   for (auto& [key, graph] : graphs_)
     if (graph.exec != nullptr) cudaGraphExecDestroy(graph.exec);
   graphs_.clear();
+}
+
+Result<std::shared_ptr<KvPagePool>> CudaBackend::bit_plane_pool(kernels::BitPlanes planes) {
+  for (const auto& p : bit_plane_pools_)
+    if (p->bit_planes().msb == planes.msb && p->bit_planes().lsb == planes.lsb) return p;
+  if (!kernels::bit_planes_supported(planes))
+    return Error{fmt::format("cuda engine: bit-plane KV pages of {}+{} bits: {}", planes.msb, planes.lsb,
+                             kernels::kBitPlaneWidths)};
+  try {  // chunks of about 32 MiB, as the default pool's
+    const int64_t page_bytes = 2 * int64_t(options_.page_size) * kernels::bit_plane_row_bytes(config_.head_dim, planes);
+    const int32_t pages_per_chunk = int32_t(std::max<int64_t>(256, (int64_t(32) << 20) / page_bytes));
+    bit_plane_pools_.push_back(std::make_shared<KvPagePool>(
+        pool_->shape(), pages_per_chunk, make_cuda_bit_plane_storage(planes, dtype_, stream_owner_)));
+  } catch (const std::bad_alloc&) {
+    return Error{"cuda engine: out of GPU memory for a bit-plane KV pool"};
+  }
+  return bit_plane_pools_.back();
 }
 
 std::string CudaBackend::device_description() const {

@@ -42,6 +42,8 @@ class CudaBackend final : public Backend {
   std::string device_description() const override;
   int64_t weight_bytes() const override { return weight_bytes_; }
   std::shared_ptr<KvPagePool> pool() const override { return pool_; }
+  // One device pool per width pair, made on first use and kept.
+  Result<std::shared_ptr<KvPagePool>> bit_plane_pool(kernels::BitPlanes planes) override;
   std::unique_ptr<BackendKvView> kv_view(const KvSequence& seq) const override;
 
   Status begin_call(const CallSetup& call) override;
@@ -126,8 +128,12 @@ class CudaBackend final : public Backend {
   PlanRegion plan_region(int32_t layer, bool host) const;
   Status stage_key_plan(int32_t layer, const KeyPlan& plan);
   Status ensure_page_bounds();
-  kernels::AttentionCall base_call(int32_t layer, int64_t n) const;
+  kernels::AttentionCall base_call(const KvPagePool& pool, int32_t layer, int64_t n) const;
   Status attention_values_pruned(const LayerAttention& work, const kernels::AttentionCall& call, int32_t max_keys);
+  Status attention_bit_planes(const LayerAttention& work, const kernels::AttentionCall& call, int32_t max_keys);
+  // Per kv head, the cached keys its rows read whose V row none of its query
+  // heads kept (`kept`: the last row's flags, (n_heads, max_keys)).
+  int64_t values_skipped(const LayerAttention& work, const std::vector<uint8_t>& kept, int32_t max_keys) const;
   kernels::PageSelectCall select_call(int32_t layer, const PlanRegion& region, int32_t max_pages,
                                       bool per_head) const;
   // Scratch of a selection by bound over at most max_pages pages per head.
@@ -152,6 +158,7 @@ class CudaBackend final : public Backend {
   std::string device_name_;
   DeviceMemory cublas_workspace_;
   std::shared_ptr<KvPagePool> pool_;
+  std::vector<std::shared_ptr<KvPagePool>> bit_plane_pools_;  // a method's bit planes, one per width pair
 
   // Weights: per projection and layer (Output: layer 0), the model's or this
   // run's replacement; token_embd and the norms.
@@ -238,7 +245,8 @@ class CudaBackend final : public Backend {
   DeviceMemory bound_work_;    // stale pages and their filled slots (eager steps)
   DeviceMemory bound_scores_;  // (n_kv_heads, pages) float scores; per query head (n_heads, pages), then marks
   DeviceMemory attention_ws_;
-  DeviceMemory value_work_;    // value pruning: probabilities and kept weights per (head, row), kept flags
+  DeviceMemory value_work_;    // value pruning, bit planes: probabilities and kept weights per (head, row),
+                               // refetch counts per (head, row), kept flags
   // Retention: budgets (n_kv_heads, 3), scores scratch, drop lists.
   DeviceMemory retention_budgets_;
   PinnedMemory host_retention_budgets_;

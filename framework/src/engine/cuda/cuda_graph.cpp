@@ -41,6 +41,8 @@ Result<bool> CudaBackend::prepare_replay(KvSequence& seq, const StepPlan& plan, 
   const ModelConfig& c = config_;
   const int32_t L = c.n_layers, nkv = c.n_kv_heads, ps = options_.page_size;
   if (failed_keys_.count(graph_key(plan)) != 0) return false;  // its capture failed once: eager
+  // Graphs write the default pool's pages and slot plane (bit-plane steps read their refetches back anyway).
+  if (&seq.pool() != pool_.get()) return false;
   // First what decides whether this step can be replayed; nothing changes yet.
   // The key bounds take one stale page per head (the page of last step's token).
   std::vector<int32_t> stale_pages(size_t(L) * size_t(nkv), 0), stale_counts(size_t(L) * size_t(nkv), 0);
@@ -74,7 +76,7 @@ Result<bool> CudaBackend::prepare_replay(KvSequence& seq, const StepPlan& plan, 
       if (!bound_scores_.reserve(score_bytes)) return Error{"cuda engine: out of GPU memory for page selection"};
     }
   }
-  const size_t ws = kc::attention_workspace_bytes(base_call(0, 1), bound);
+  const size_t ws = kc::attention_workspace_bytes(base_call(seq.pool(), 0, 1), bound);
   if (ws > attention_ws_.bytes()) {
     drop_graphs();
     if (!attention_ws_.reserve(ws)) return Error{"cuda engine: out of GPU memory for the attention workspace"};

@@ -46,6 +46,9 @@ Status CudaBackend::rerotate(KvSequence& seq, int32_t l, int32_t g) {
   // by i - origin: one rounding to f16/bf16 however often it moves. Turning
   // the stored key by each eviction's delta rounded every time and drifted.
   const ModelConfig& c = config_;
+  if (seq.pool().bit_planes().active())
+    return Error{"cuda engine: re-rotation of bit-plane KV pages is not supported (cache positions turn f16/bf16 "
+                 "keys)"};
   // Room for every stored key first: nothing changes when the device has none.
   if (!scratch_.reserve(size_t(5 * seq.table(l, g).n_tokens()) * 4))
     return Error{"cuda engine: out of GPU memory for re-rotation"};
@@ -55,8 +58,8 @@ Status CudaBackend::rerotate(KvSequence& seq, int32_t l, int32_t g) {
   const int32_t* d = scratch_.as<int32_t>();
   CUDA_TRY(cudaMemcpyAsync(scratch_.as(), moved.data(), moved.size() * 4, cudaMemcpyHostToDevice, stream_),
            "re-rotate");
-  CUDA_TRY(kc::kv_rope_from_originals(cuda_kv_pages(*pool_), d, d + n, d + 2 * n, d + 3 * n, d + 4 * n, n, c.rope_dim,
-                                      c.rope_theta, c.rope_neox, stream_),
+  CUDA_TRY(kc::kv_rope_from_originals(cuda_kv_pages(seq.pool()), d, d + n, d + 2 * n, d + 3 * n, d + 4 * n, n,
+                                      c.rope_dim, c.rope_theta, c.rope_neox, stream_),
            "re-rotate");
   CUDA_TRY(cudaStreamSynchronize(stream_), "re-rotate");  // `moved` is pageable and ours
   return ok_status();
@@ -91,7 +94,7 @@ Status CudaBackend::retain(KvSequence& seq, int32_t l, const RetentionPolicy& po
   call.n_kv_heads = nkv;
   call.page_size = options_.page_size;
   call.table = {tables_.as<int32_t>() + int64_t(l) * nkv * max_pages_, max_pages_};
-  call.plane = pool_->plane<float>(SlotPlane::Score);
+  call.plane = seq.pool().plane<float>(SlotPlane::Score);
   call.n_cached = n_cached_.as<int32_t>() + int64_t(l) * nkv;
   call.n_rows = int32_t(n_);
   call.mass = key_mass_.as<float>();

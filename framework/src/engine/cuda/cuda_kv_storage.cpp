@@ -1,10 +1,13 @@
 #include "engine/cuda/cuda_kv_storage.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <stdexcept>
 #include <utility>
 #include <vector>
 
+#include "bit_planes.h"
 #include "cuda/kv_cache_ops.cuh"
 #include "engine/cuda/device_memory.h"
 
@@ -20,15 +23,23 @@ void check(cudaError_t err, const char* what) {
 
 }  // namespace
 
+// Rows of f16/bf16 elements, or (planes active) bit-plane records that the
+// kernels quantize as they append and read through bit_plane_value; moves
+// and copies are byte copies either way.
 class CudaPageStorage final : public KvPageStorage {
  public:
-  CudaPageStorage(kernels::DType dtype, std::shared_ptr<CUstream_st> stream)
-      : dtype_(dtype), stream_owner_(std::move(stream)), stream_(stream_owner_.get()) {
+  CudaPageStorage(kernels::DType dtype, kernels::BitPlanes planes, std::shared_ptr<CUstream_st> stream)
+      : dtype_(dtype), planes_(planes), stream_owner_(std::move(stream)), stream_(stream_owner_.get()) {
     if (!chunk_table_.reserve(kMaxChunks * sizeof(void*)) || !host_table_.reserve(kMaxChunks * sizeof(void*)))
       throw std::bad_alloc();
   }
-  int32_t element_bytes() const override { return kernels::dtype_bytes(dtype_); }
+  int32_t element_bytes() const override { return planes_.active() ? 1 : kernels::dtype_bytes(dtype_); }
+  int64_t row_bytes(int64_t head_dim) const override {
+    return planes_.active() ? kernels::bit_plane_row_bytes(head_dim, planes_) : head_dim * element_bytes();
+  }
+  kernels::BitPlanes bit_planes() const override { return planes_; }
   KvPageFormat format() const override {
+    if (planes_.active()) return KvPageFormat::BitPlanes;
     return dtype_ == kernels::DType::BF16 ? KvPageFormat::BF16 : KvPageFormat::F16;
   }
   bool host_accessible() const override { return false; }
@@ -57,7 +68,7 @@ class CudaPageStorage final : public KvPageStorage {
             "KV chunk table");
     // Slot planes grow with the pool, keeping their values (they never shrink).
     const size_t bytes = size_t(pool.pages_reserved()) * size_t(pool.shape().page_size) * 4;
-    for (DeviceMemory& plane : planes_) {
+    for (DeviceMemory& plane : slot_planes_) {
       if (bytes <= plane.bytes()) continue;
       DeviceMemory bigger;
       if (!bigger.reserve(bytes)) throw std::bad_alloc();
@@ -71,7 +82,7 @@ class CudaPageStorage final : public KvPageStorage {
     }
   }
   uint64_t planes_generation() const override { return planes_generation_; }
-  void* plane(SlotPlane p) const override { return planes_[size_t(p)].as(); }
+  void* plane(SlotPlane p) const override { return slot_planes_[size_t(p)].as(); }
   void move_rows(KvPagePool& pool, const std::vector<KvRowMove>& moves) override {
     if (moves.empty()) return;
     const int32_t n = int32_t(moves.size());
@@ -132,7 +143,7 @@ class CudaPageStorage final : public KvPageStorage {
     check(cudaStreamSynchronize(stream_), "sequence plane");
   }
   std::unique_ptr<KvPageStorage> sibling() const override {
-    return std::make_unique<CudaPageStorage>(dtype_, stream_owner_);
+    return std::make_unique<CudaPageStorage>(dtype_, planes_, stream_owner_);
   }
 
   kernels::DType dtype() const { return dtype_; }
@@ -149,18 +160,27 @@ class CudaPageStorage final : public KvPageStorage {
   }
 
   kernels::DType dtype_;
+  kernels::BitPlanes planes_;
   std::shared_ptr<CUstream_st> stream_owner_;
   cudaStream_t stream_;
   DeviceMemory chunk_table_;  // (kMaxChunks) device copy of the pool's chunk bases
   PinnedMemory host_table_;
   DeviceMemory indices_, scratch_;
-  DeviceMemory planes_[kSlotPlanes];  // (pages_reserved * page_size) 4-byte values each
+  DeviceMemory slot_planes_[kSlotPlanes];  // (pages_reserved * page_size) 4-byte values each
   uint64_t planes_generation_ = 0;
   std::vector<int32_t> staged_;
 };
 
 std::unique_ptr<KvPageStorage> make_cuda_page_storage(kernels::DType dtype, std::shared_ptr<CUstream_st> stream) {
-  return std::make_unique<CudaPageStorage>(dtype, std::move(stream));
+  return std::make_unique<CudaPageStorage>(dtype, kernels::BitPlanes{}, std::move(stream));
+}
+
+std::unique_ptr<KvPageStorage> make_cuda_bit_plane_storage(kernels::BitPlanes planes, kernels::DType dtype,
+                                                           std::shared_ptr<CUstream_st> stream) {
+  if (!kernels::bit_planes_supported(planes))
+    throw std::invalid_argument(fmt::format("bit-plane KV pages of {}+{} bits: {}", planes.msb, planes.lsb,
+                                            kernels::kBitPlaneWidths));
+  return std::make_unique<CudaPageStorage>(dtype, planes, std::move(stream));
 }
 
 kernels::KvPages cuda_kv_pages(const KvPagePool& pool) {
@@ -172,6 +192,7 @@ kernels::KvPages cuda_kv_pages(const KvPagePool& pool) {
   kv.page_size = pool.shape().page_size;
   kv.head_dim = pool.shape().head_dim;
   kv.dtype = storage->dtype();
+  kv.planes = storage->bit_planes();
   return kv;
 }
 

@@ -43,6 +43,9 @@ Status CudaBackend::plan_sparse_prefill(const KvSequence& seq, int32_t l,
   using Kind = PrefillPattern::Kind;
   const ModelConfig& c = config_;
   const int32_t nh = c.n_heads, gs = c.group_size(), n = int32_t(n_), hd = c.head_dim;
+  if (seq.pool().bit_planes().active())
+    return Error{"cuda engine: sparse prefill over bit-plane KV pages is not supported (the estimates read f16/bf16 "
+                 "keys)"};
   plan = SparsePlan{};
   plan.heads.resize(size_t(nh));
   plan.device = true;
@@ -252,7 +255,7 @@ Status CudaBackend::plan_sparse_prefill(const KvSequence& seq, int32_t l,
                              stream_),
              "sparse prefill plan");
 
-  const kernels::KvPages kv = cuda_kv_pages(*pool_);
+  const kernels::KvPages kv = cuda_kv_pages(seq.pool());
   const kernels::LayerPageTable table{tables_.as<int32_t>() + int64_t(l) * c.n_kv_heads * max_pages_, max_pages_};
   const int32_t* n_cached = n_cached_.as<int32_t>() + int64_t(l) * c.n_kv_heads;
   auto describe = [&](auto& call) {  // the fields both estimation calls share
