@@ -30,9 +30,12 @@ std::vector<Setting> settings() {
     out.push_back({"quest", fmt::format("quest budget {}", budget), p({{"token_budget", budget}})});
   out.push_back({"streamingllm", "streamingllm 4+2044", p({{"sink_tokens", int64_t{4}}, {"window", int64_t{2044}}})});
   out.push_back({"h2o", "h2o 1024+1024", p({{"heavy", int64_t{1024}}, {"recent", int64_t{1024}}})});
-  // SpAtten's cascade (keep 0.3 in the last third), tokens, then + heads (0.75); value pruning has no device kernel yet.
+  // SpAtten's cascade (keep 0.3 in the last third), tokens, then + heads (0.75), then + values (0.3). Its
+  // progressive quantization is not here: its bit-plane pages cannot start from the dense device prefill
+  // (clone converts formats between host pools only).
   out.push_back({"spatten", "spatten tokens", p({{"prune_heads", false}, {"prune_values", false}})});
   out.push_back({"spatten", "spatten tokens + heads", p({{"prune_values", false}})});
+  out.push_back({"spatten", "spatten tokens + heads + values", p({})});
   return out;
 }
 

@@ -181,7 +181,7 @@ class SpAttenPlugin final : public Plugin {
              ParamSpec::boolean("renormalize", false, "scale the kept probabilities to sum to 1"),
              ParamSpec::boolean("quantize", false,
                                 "progressive quantization: KV rows as MSB and LSB bit planes, LSBs refetched for flat "
-                                "rows (CPU backend)"),
+                                "rows"),
              ParamSpec::integer("msb_bits", 6, 2, 8, "bits of the MSB plane, read by every row"),
              ParamSpec::integer("lsb_bits", 4, 0, 8, "bits of the LSB plane, read by rows below requant_threshold"),
              ParamSpec::real("requant_threshold", 0.05, 0.0, 1.0,

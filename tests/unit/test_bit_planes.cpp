@@ -195,6 +195,17 @@ TEST(BitPlanes, CloneIntoABitPlanePoolQuantizesEachRow) {
   seq.set_n_past(33);
   const auto quantized = seq.clone(planes);
   const auto back = quantized->clone(dense);
+  // Planes of other widths but the same row size (3+5 and 4+4 bits) are converted, not copied.
+  auto other = std::make_shared<KvPagePool>(shape, 256, make_host_bit_plane_storage(BitPlanes{4, 4}));
+  auto wider = std::make_shared<KvPagePool>(shape, 256, make_host_bit_plane_storage(BitPlanes{3, 5}));
+  ASSERT_EQ(other->page_bytes(), wider->page_bytes());
+  const auto as_4_4 = seq.clone(other);
+  const auto as_3_5 = as_4_4->clone(wider);
+  std::vector<uint8_t> rec35(size_t(kernels::bit_plane_row_bytes(16, BitPlanes{3, 5})));
+  std::vector<float> row44(16);
+  cpu::bit_plane_decode(as_4_4->k_bytes(1, 1, 5), 16, BitPlanes{4, 4}, true, row44.data());
+  cpu::bit_plane_encode(row44.data(), 16, BitPlanes{3, 5}, rec35.data());
+  EXPECT_EQ(std::memcmp(rec35.data(), as_3_5->k_bytes(1, 1, 5), rec35.size()), 0);
   EXPECT_EQ(quantized->n_past(), 33);
   EXPECT_EQ(quantized->pages_held(), seq.pages_held());
   std::vector<uint8_t> record(size_t(kernels::bit_plane_row_bytes(16, BitPlanes{6, 4})));

@@ -312,7 +312,9 @@ std::unique_ptr<KvSequence> KvSequence::clone(std::shared_ptr<KvPagePool> pool) 
       a.page_size != b.page_size)
     throw std::invalid_argument("KvSequence::clone: the target pool has another shape");
   const bool host = pool->storage().host_accessible() && pool_->storage().host_accessible();
-  const bool same_format = pool->format() == pool_->format() && pool->page_bytes() == pool_->page_bytes();
+  const bool same_format = pool->format() == pool_->format() && pool->page_bytes() == pool_->page_bytes() &&
+                           pool->bit_planes().msb == pool_->bit_planes().msb &&
+                           pool->bit_planes().lsb == pool_->bit_planes().lsb;  // 3+5 and 4+4 rows have one size
   // The source storage copies the pages: both pools must lay them out alike,
   // or (host pools) each row is converted.
   if (!same_format && !host)
