@@ -63,18 +63,53 @@ void bit_plane_encode(const float* x, int64_t head_dim, BitPlanes p, void* recor
   }
 }
 
+namespace {
+
+// The values of a plane of `bits` bits (1..8), 8 at a time: 8 values take
+// exactly `bits` bytes, read as one little-endian word (head_dim % 8 == 0).
+inline void unpack_plane(const uint8_t* plane, int64_t n, int32_t bits, uint32_t* out) {
+  const uint64_t mask = (uint64_t{1} << bits) - 1;
+  const int64_t groups = n / 8;
+  // Whole 8-byte loads while they stay inside the plane; the last groups byte by byte.
+  const int64_t bytes = n * bits / 8;
+  const int64_t wide = bytes < 8 ? 0 : std::min(groups, (bytes - 8) / bits + 1);
+  for (int64_t g = 0; g < groups; ++g) {
+    uint64_t word = 0;
+    if (g < wide) {
+      std::memcpy(&word, plane + g * bits, 8);
+    } else {
+      for (int32_t b = 0; b < bits; ++b) word |= uint64_t(plane[g * bits + b]) << (8 * b);
+    }
+    for (int j = 0; j < 8; ++j) out[g * 8 + j] = uint32_t((word >> (j * bits)) & mask);
+  }
+}
+
+}  // namespace
+
 void bit_plane_decode(const void* record, int64_t head_dim, BitPlanes p, bool full, float* out) {
   const auto* row = static_cast<const uint8_t*>(record);
   const float scale = bit_plane_scale(row);
   const uint8_t* msb = row + 4;
   const uint8_t* lsb = msb + bit_plane_bytes(head_dim, p.msb);
   const float offset = float(1u << (p.bits() - 1));
-  if (full && p.lsb > 0) {
+  const bool with_lsb = full && p.lsb > 0;
+  const float middle = 0.5f * float((1u << p.lsb) - 1u) - offset;  // the middle of each MSB bucket
+  if (head_dim % 8 == 0 && head_dim <= 512) {  // word-wise unpacking (the same values as bit_plane_get)
+    uint32_t hi[512], lo[512];
+    unpack_plane(msb, head_dim, p.msb, hi);
+    if (with_lsb) {
+      unpack_plane(lsb, head_dim, p.lsb, lo);
+      for (int64_t i = 0; i < head_dim; ++i) out[i] = (float((hi[i] << p.lsb) | lo[i]) - offset) * scale;
+    } else {
+      for (int64_t i = 0; i < head_dim; ++i) out[i] = (float(hi[i] << p.lsb) + middle) * scale;
+    }
+    return;
+  }
+  if (with_lsb) {
     for (int64_t i = 0; i < head_dim; ++i)
       out[i] = (float((bit_plane_get(msb, i, p.msb) << p.lsb) | bit_plane_get(lsb, i, p.lsb)) - offset) * scale;
     return;
   }
-  const float middle = 0.5f * float((1u << p.lsb) - 1u) - offset;  // the middle of each MSB bucket
   for (int64_t i = 0; i < head_dim; ++i) out[i] = (float(bit_plane_get(msb, i, p.msb) << p.lsb) + middle) * scale;
 }
 

@@ -37,7 +37,7 @@ std::vector<float> random_row(int64_t n, uint64_t seed, float range = 3.0f) {
 }
 
 TEST(BitPlanes, RoundTripIsTheRowsGridAndTheMsbPlaneItsBucketsMiddle) {
-  for (int64_t hd : {16, 24, 64, 128})
+  for (int64_t hd : {16, 20, 24, 64, 128})  // 20: not whole words of 8 values
     for (int32_t msb = 1; msb <= 8; ++msb)
       for (int32_t lsb = msb == 1 ? 1 : 0; lsb <= 8; ++lsb) {  // 2 bits at least
         const BitPlanes p{msb, lsb};

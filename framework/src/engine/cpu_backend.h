@@ -84,7 +84,8 @@ class CpuBackend final : public Backend {
                           RequantTally& tally);
   // refetched (n rows, or null): which of the head's rows were computed with the LSB planes.
   void add_key_mass(const AttentionRefs& refs, int32_t head, const uint8_t* refetched = nullptr);
-  void attend_split_keys(const AttentionRefs& refs);
+  // keep_stats: each query vector's merged softmax max and sum in stats_ml_ (as attend_groups).
+  void attend_split_keys(const AttentionRefs& refs, bool keep_stats = false);
   void group_mass(int32_t kv_head, std::vector<float>& mass) const;
   Status rerotate_from_originals(KvSequence& seq, int32_t layer, int32_t kv_head);
   Status retain_sequence(KvSequence& seq, int32_t layer, const RetentionPolicy& policy,

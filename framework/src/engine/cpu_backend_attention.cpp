@@ -491,7 +491,8 @@ void CpuBackend::add_key_mass(const AttentionRefs& call, int32_t h, const uint8_
 }
 
 // Progressive quantization (bit-plane pages): every query vector from the MSB
-// planes (attend_groups, keeping its softmax max and sum); a vector whose
+// planes (attend_groups, or attend_split_keys for a few rows, keeping its
+// softmax max and sum); a vector whose
 // largest probability, 1 / sum in the max-relative sum, is below the
 // threshold is recomputed from both planes, its max and sum replacing the
 // MSB pass's; then the statistics, each row's from the planes it ended with.
@@ -501,7 +502,10 @@ void CpuBackend::attend_progressive(const AttentionRefs& call, bool keep_stats, 
   const int64_t n = n_, hd = c.head_dim, qd = c.q_dim();
   const int32_t gs = c.group_size();
   const float scale = 1.0f / std::sqrt(float(hd)), threshold = float(requant.requant_threshold);
-  attend_groups(call, true);
+  if (n <= kSplitKeyRows)  // decode: keys split across threads, as without bit planes
+    attend_split_keys(call, true);
+  else
+    attend_groups(call, true);
   std::vector<uint8_t> refetched(size_t(c.n_heads * n), 0);
   std::vector<std::pair<int32_t, int64_t>> flagged;  // (head, row)
   for (int32_t h = 0; h < c.n_heads; ++h) {
@@ -552,7 +556,7 @@ void CpuBackend::attend_progressive(const AttentionRefs& call, bool keep_stats, 
 // Decode (a few rows): each unit's (kv group's) keys are cut into slices, one
 // work item per (unit, slice) writing softmax partials, then each unit merges
 // its slices (flash-decoding, as the CUDA backend's split-K kernel).
-void CpuBackend::attend_split_keys(const AttentionRefs& call) {
+void CpuBackend::attend_split_keys(const AttentionRefs& call, bool keep_stats) {
   const ModelConfig& c = config_;
   const int64_t n = n_, gs = call.unit_heads, hd = c.head_dim, qd = c.q_dim(), nkv = call.n_units(), nv = n * gs;
   const float scale = 1.0f / std::sqrt(float(hd));
@@ -585,12 +589,24 @@ void CpuBackend::attend_split_keys(const AttentionRefs& call) {
     cpu::attention_tiled_partial(tile_of(g, visible), refs.data(), int64_t(refs.size()), hd, scale,
                                  s * slice[size_t(g)], (s + 1) * slice[size_t(g)], part(item));
   }
+  if (keep_stats) stats_ml_.resize(size_t(c.n_heads * 2 * n));
   for (int64_t g = 0; g < nkv; ++g) {
     if (call.unit_masked(int32_t(g))) continue;
     int32_t visible[kSplitKeyRows];
     std::vector<cpu::SoftmaxPartial> parts;
     for (int64_t item = first[size_t(g)]; item < first[size_t(g + 1)]; ++item) parts.push_back(part(item));
     cpu::attention_merge(tile_of(g, visible), parts.data(), int64_t(parts.size()), hd);
+    if (!keep_stats) continue;
+    // Each vector's max and sum over every slice (log2 domain), as attend_groups keeps them.
+    for (int64_t v = 0; v < nv; ++v) {
+      float m = -std::numeric_limits<float>::infinity(), l = 0.0f;
+      for (const auto& pt : parts) m = std::max(m, pt.m[v]);
+      for (const auto& pt : parts)
+        if (pt.l[v] > 0.0f) l += pt.l[v] * std::exp2(pt.m[v] - m);
+      const int64_t i = v / gs, h = g * gs + v % gs;
+      stats_ml_[size_t(h * 2 * n + i)] = m;
+      stats_ml_[size_t(h * 2 * n + n + i)] = l;
+    }
   }
 }
 
