@@ -230,6 +230,16 @@ cudaError_t launch_rows(const AttentionCall& call, RowPass pass, size_t scratch_
   return cudaSuccess;
 }
 
+RowPass row_pass(int32_t max_keys, double keep, bool renormalize, uint8_t* kept, void* scratch) {
+  RowPass pass;
+  pass.max_keys = max_keys;
+  pass.keep = float(keep);
+  pass.renormalize = renormalize;
+  pass.kept = kept;
+  pass.scratch = static_cast<float*>(scratch);
+  return pass;
+}
+
 }  // namespace
 
 cudaError_t attention_value_topk(const AttentionCall& call, int32_t max_keys, double keep, bool renormalize,
@@ -239,12 +249,7 @@ cudaError_t attention_value_topk(const AttentionCall& call, int32_t max_keys, do
     return cudaErrorInvalidValue;
   if (call.n_rows == 0) return cudaSuccess;
   if (scratch == nullptr) return cudaErrorInvalidValue;
-  RowPass pass;
-  pass.max_keys = max_keys;
-  pass.keep = float(keep);
-  pass.renormalize = renormalize;
-  pass.kept = kept;
-  pass.scratch = static_cast<float*>(scratch);
+  const RowPass pass = row_pass(max_keys, keep, renormalize, kept, scratch);
   if (call.kv.dtype == DType::F16) return launch_rows<__half>(call, pass, scratch_bytes, stream);
   return launch_rows<__nv_bfloat16>(call, pass, scratch_bytes, stream);
 }
@@ -256,15 +261,10 @@ cudaError_t attention_progressive(const AttentionCall& call, int32_t max_keys, b
     return cudaErrorInvalidValue;
   if (call.n_rows == 0) return cudaSuccess;
   if (scratch == nullptr) return cudaErrorInvalidValue;
-  RowPass pass;
-  pass.max_keys = max_keys;
-  pass.keep = float(keep);
-  pass.renormalize = renormalize;
+  RowPass pass = row_pass(max_keys, keep, renormalize, kept, scratch);
   pass.msb_first = msb_first;
   pass.threshold = threshold;
-  pass.kept = kept;
   pass.requant = requant;
-  pass.scratch = static_cast<float*>(scratch);
   return launch_rows<PlaneRecord>(call, pass, scratch_bytes, stream);
 }
 

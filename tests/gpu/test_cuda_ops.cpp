@@ -346,30 +346,36 @@ TEST_P(KvCache, AppendMatchesTwin) {
 }
 
 // Compaction of one head's 40 * page_size tokens after evicting a random third:
-// kept token t moves down to its new index, a chain of overlapping moves.
-TEST_P(KvCache, MoveRowsCompactionMatchesTwin) {
-  INFERLAB_REQUIRE_GPU();
-  const auto& c = GetParam();
-  const int32_t n_pages = 40, n_tokens = n_pages * c.page_size;
-  MirrorPool pool(c.dtype, n_pages, c.page_size, c.head_dim, 19);
+// kept token t moves down to its new index, a chain of overlapping moves; the
+// device's rows (any format) must equal the twin's byte for byte.
+void expect_compaction_matches_twin(MirrorPool& pool, int32_t n_tokens, int32_t page_size, uint32_t seed) {
   std::vector<int32_t> src_page, src_slot, dst_page, dst_slot;
-  std::mt19937 rng(uint32_t(c.n_rows));
+  std::mt19937 rng(seed);
   int32_t kept = 0;
   for (int32_t t = 0; t < n_tokens; ++t) {
     if (rng() % 3 == 0) continue;
     if (kept != t) {
-      src_page.push_back(t / c.page_size), src_slot.push_back(t % c.page_size);
-      dst_page.push_back(kept / c.page_size), dst_slot.push_back(kept % c.page_size);
+      src_page.push_back(t / page_size), src_slot.push_back(t % page_size);
+      dst_page.push_back(kept / page_size), dst_slot.push_back(kept % page_size);
     }
     ++kept;
   }
   const auto n_moves = int32_t(src_page.size());
   DeviceBuffer<int32_t> d_sp(src_page), d_ss(src_slot), d_dp(dst_page), d_ds(dst_slot);
+  EXPECT_EQ(cuda::kv_move_scratch_bytes(pool.device(), n_moves), size_t(n_moves) * 2 * size_t(pool.host().row_bytes()));
   DeviceBuffer<uint8_t> scratch(cuda::kv_move_scratch_bytes(pool.device(), n_moves));
   INFERLAB_CUDA_OK(cuda::kv_move_rows(pool.device(), d_sp.get(), d_ss.get(), d_dp.get(), d_ds.get(), n_moves,
                                       scratch.get(), nullptr));
+  INFERLAB_CUDA_OK(cudaDeviceSynchronize());
   cpu::kv_move_rows(pool.host(), src_page.data(), src_slot.data(), dst_page.data(), dst_slot.data(), n_moves);
   pool.expect_bit_equal();
+}
+
+TEST_P(KvCache, MoveRowsCompactionMatchesTwin) {
+  INFERLAB_REQUIRE_GPU();
+  const auto& c = GetParam();
+  MirrorPool pool(c.dtype, 40, c.page_size, c.head_dim, 19);
+  expect_compaction_matches_twin(pool, 40 * c.page_size, c.page_size, uint32_t(c.n_rows));
 }
 
 // n_rows keys at random (page, slot), shifted by deltas up to +-131071.
@@ -487,28 +493,8 @@ TEST_P(KvCacheBitPlanes, AppendEncodesLikeTheHostByteForByte) {
 TEST_P(KvCacheBitPlanes, MoveRowsCompactionMatchesTwin) {
   INFERLAB_REQUIRE_GPU();
   const auto& c = GetParam();
-  const int32_t n_pages = 40, n_tokens = n_pages * c.page_size;
-  MirrorPool pool(c.planes, n_pages, c.page_size, c.head_dim, 19);
-  std::vector<int32_t> src_page, src_slot, dst_page, dst_slot;
-  std::mt19937 rng(uint32_t(c.n_rows));
-  int32_t kept = 0;
-  for (int32_t t = 0; t < n_tokens; ++t) {
-    if (rng() % 3 == 0) continue;
-    if (kept != t) {
-      src_page.push_back(t / c.page_size), src_slot.push_back(t % c.page_size);
-      dst_page.push_back(kept / c.page_size), dst_slot.push_back(kept % c.page_size);
-    }
-    ++kept;
-  }
-  const auto n_moves = int32_t(src_page.size());
-  DeviceBuffer<int32_t> d_sp(src_page), d_ss(src_slot), d_dp(dst_page), d_ds(dst_slot);
-  EXPECT_EQ(cuda::kv_move_scratch_bytes(pool.device(), n_moves), size_t(n_moves) * 2 * size_t(pool.host().row_bytes()));
-  DeviceBuffer<uint8_t> scratch(cuda::kv_move_scratch_bytes(pool.device(), n_moves));
-  INFERLAB_CUDA_OK(cuda::kv_move_rows(pool.device(), d_sp.get(), d_ss.get(), d_dp.get(), d_ds.get(), n_moves,
-                                      scratch.get(), nullptr));
-  INFERLAB_CUDA_OK(cudaDeviceSynchronize());
-  cpu::kv_move_rows(pool.host(), src_page.data(), src_slot.data(), dst_page.data(), dst_slot.data(), n_moves);
-  pool.expect_bit_equal();
+  MirrorPool pool(c.planes, 40, c.page_size, c.head_dim, 19);
+  expect_compaction_matches_twin(pool, 40 * c.page_size, c.page_size, uint32_t(c.n_rows));
 }
 
 TEST_P(KvCacheBitPlanes, CopyPagesMatchesTwin) {
