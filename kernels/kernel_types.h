@@ -29,6 +29,8 @@ struct BitPlanes {
   int32_t lsb = 0;
   INFERLAB_HOST_DEVICE bool active() const { return msb > 0; }
   INFERLAB_HOST_DEVICE int32_t bits() const { return msb + lsb; }
+  INFERLAB_HOST_DEVICE bool operator==(const BitPlanes& o) const { return msb == o.msb && lsb == o.lsb; }
+  INFERLAB_HOST_DEVICE bool operator!=(const BitPlanes& o) const { return !(*this == o); }
 };
 
 INFERLAB_HOST_DEVICE inline int64_t bit_plane_bytes(int64_t head_dim, int32_t bits) { return (head_dim * bits + 7) / 8; }

@@ -115,9 +115,9 @@ class Backend {
   virtual int64_t weight_bytes() const = 0;
   virtual std::shared_ptr<KvPagePool> pool() const = 0;
   // A pool of bit-plane pages of the pool()'s shape (Feature::KvBitPlanes),
-  // the same one for the same planes; its sequences are attended MSB planes
-  // first (LayerAttention::requant).
-  virtual Result<std::shared_ptr<KvPagePool>> bit_plane_pool(kernels::BitPlanes planes);
+  // the same one for the same planes (made by make_bit_plane_pool, then kept);
+  // its sequences are attended MSB planes first (LayerAttention::requant).
+  Result<std::shared_ptr<KvPagePool>> bit_plane_pool(kernels::BitPlanes planes);
   virtual std::unique_ptr<BackendKvView> kv_view(const KvSequence& seq) const = 0;
 
   // --- one forward call -----------------------------------------------------
@@ -240,6 +240,11 @@ class Backend {
     (void)plan; (void)sink;
     return Error{"graphs are not supported by this backend"};
   }
+
+ protected:
+  // A new pool of bit-plane pages (supported widths); the default has none.
+  virtual Result<std::shared_ptr<KvPagePool>> make_bit_plane_pool(kernels::BitPlanes planes);
+  std::vector<std::shared_ptr<KvPagePool>> bit_plane_pools_;  // made on demand, kept for reuse
 };
 
 }  // namespace inferlab

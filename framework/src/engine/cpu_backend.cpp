@@ -146,15 +146,8 @@ const cpu::QuantMatrixRef* CpuBackend::file_weight(Proj p, int32_t l) const {
   return &q;
 }
 
-Result<std::shared_ptr<KvPagePool>> CpuBackend::bit_plane_pool(kernels::BitPlanes planes) {
-  for (const auto& p : bit_plane_pools_)
-    if (p->bit_planes().msb == planes.msb && p->bit_planes().lsb == planes.lsb) return p;
-  if (!kernels::bit_planes_supported(planes))
-    return Error{fmt::format("bit-plane KV pages of {}+{} bits: {}", planes.msb,
-                             planes.lsb, kernels::kBitPlaneWidths)};
-  bit_plane_pools_.push_back(std::make_shared<KvPagePool>(pool_->shape(), pool_->pages_per_chunk(),
-                                                          make_host_bit_plane_storage(planes)));
-  return bit_plane_pools_.back();
+Result<std::shared_ptr<KvPagePool>> CpuBackend::make_bit_plane_pool(kernels::BitPlanes planes) {
+  return std::make_shared<KvPagePool>(pool_->shape(), pool_->pages_per_chunk(), make_host_bit_plane_storage(planes));
 }
 
 bool CpuBackend::supports(Feature feature) const {

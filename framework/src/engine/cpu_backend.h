@@ -26,7 +26,6 @@ class CpuBackend final : public Backend {
   // The float32 weights, plus the file's quantized blocks when they are computed with.
   int64_t weight_bytes() const override;
   std::shared_ptr<KvPagePool> pool() const override { return pool_; }
-  Result<std::shared_ptr<KvPagePool>> bit_plane_pool(kernels::BitPlanes planes) override;
   std::unique_ptr<BackendKvView> kv_view(const KvSequence& seq) const override;
 
   Status begin_call(const CallSetup& call) override;
@@ -94,7 +93,7 @@ class CpuBackend final : public Backend {
   std::shared_ptr<const Model> model_;
   const ModelConfig& config_;
   std::shared_ptr<KvPagePool> pool_;
-  std::vector<std::shared_ptr<KvPagePool>> bit_plane_pools_;  // made on demand, kept for reuse
+  Result<std::shared_ptr<KvPagePool>> make_bit_plane_pool(kernels::BitPlanes planes) override;
   bool time_attention_ = false;
   double attention_seconds_ = 0;
   int32_t max_context_ = 0;

@@ -450,7 +450,19 @@ std::map<std::string, double> EngineCounters::as_map() const {
   return out;
 }
 
-Result<std::shared_ptr<KvPagePool>> Backend::bit_plane_pool(kernels::BitPlanes) {
+Result<std::shared_ptr<KvPagePool>> Backend::bit_plane_pool(kernels::BitPlanes planes) {
+  for (const auto& p : bit_plane_pools_)
+    if (p->bit_planes() == planes) return p;
+  if (!kernels::bit_planes_supported(planes))
+    return Error{fmt::format("{} backend: bit-plane KV pages of {}+{} bits: {}", name(), planes.msb, planes.lsb,
+                             kernels::kBitPlaneWidths)};
+  auto made = make_bit_plane_pool(planes);
+  if (!made) return made.error();
+  bit_plane_pools_.push_back(*made);
+  return *made;
+}
+
+Result<std::shared_ptr<KvPagePool>> Backend::make_bit_plane_pool(kernels::BitPlanes) {
   return Error{fmt::format("the {} backend has no bit-plane KV pages", name())};
 }
 

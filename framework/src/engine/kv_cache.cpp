@@ -16,18 +16,25 @@ namespace inferlab {
 
 namespace {
 
+// Rows of float32/f16/bf16 elements, or (planes active) bit-plane records,
+// quantized as they are appended; chunks, slot planes, moves and copies are
+// the same bytes either way.
 class HostPageStorage final : public KvPageStorage {
  public:
-  explicit HostPageStorage(kernels::DType dtype) : dtype_(dtype) {}
-  int32_t element_bytes() const override { return kernels::dtype_bytes(dtype_); }
-  KvPageFormat format() const override { return kv_page_format(dtype_); }
+  HostPageStorage(kernels::DType dtype, kernels::BitPlanes planes) : dtype_(dtype), bit_planes_(planes) {}
+  int32_t element_bytes() const override { return bit_planes_.active() ? 1 : kernels::dtype_bytes(dtype_); }
+  int64_t row_bytes(int64_t head_dim) const override {
+    return bit_planes_.active() ? kernels::bit_plane_row_bytes(head_dim, bit_planes_) : head_dim * element_bytes();
+  }
+  kernels::BitPlanes bit_planes() const override { return bit_planes_; }
+  KvPageFormat format() const override { return bit_planes_.active() ? KvPageFormat::BitPlanes : kv_page_format(dtype_); }
   bool host_accessible() const override { return true; }
   // A pool's chunks all have one size; from 2 MiB up they are huge-page mappings
   // (decode attention streams them), smaller ones come from the heap.
   void* allocate_chunk(int64_t bytes) override {
     chunk_bytes_ = size_t(bytes);
     if (chunk_bytes_ >= kHugePageBytes) return map_huge(chunk_bytes_);
-    return new (std::nothrow) float[chunk_bytes_ / sizeof(float)]();
+    return new (std::nothrow) float[(chunk_bytes_ + sizeof(float) - 1) / sizeof(float)]();  // records: any size
   }
   void free_chunk(void* chunk) override {
     if (chunk_bytes_ >= kHugePageBytes) unmap_huge(chunk, chunk_bytes_);
@@ -61,41 +68,13 @@ class HostPageStorage final : public KvPageStorage {
   void* allocate_values(int64_t count) override { return new (std::nothrow) uint32_t[size_t(count)](); }
   void free_values(void* values) override { delete[] static_cast<uint32_t*>(values); }
   void copy_values(void* dst, const void* src, int64_t count) override { std::memcpy(dst, src, size_t(count) * 4); }
-  std::unique_ptr<KvPageStorage> sibling() const override { return std::make_unique<HostPageStorage>(dtype_); }
+  std::unique_ptr<KvPageStorage> sibling() const override { return std::make_unique<HostPageStorage>(dtype_, bit_planes_); }
 
  private:
   kernels::DType dtype_;
+  kernels::BitPlanes bit_planes_;
   std::vector<uint32_t> planes_[kSlotPlanes];  // (pages_reserved * page_size) each
   size_t chunk_bytes_ = 0;
-};
-
-// Bit-plane records: element storage's chunks, slot planes and copies, with
-// rows of bit_plane_row_bytes.
-class HostBitPlaneStorage final : public KvPageStorage {
- public:
-  explicit HostBitPlaneStorage(kernels::BitPlanes planes) : planes_(planes), bytes_(kernels::DType::F32) {}
-  int32_t element_bytes() const override { return 1; }
-  int64_t row_bytes(int64_t head_dim) const override { return kernels::bit_plane_row_bytes(head_dim, planes_); }
-  kernels::BitPlanes bit_planes() const override { return planes_; }
-  KvPageFormat format() const override { return KvPageFormat::BitPlanes; }
-  bool host_accessible() const override { return true; }
-  void* allocate_chunk(int64_t bytes) override { return bytes_.allocate_chunk(bytes); }
-  void free_chunk(void* chunk) override { bytes_.free_chunk(chunk); }
-  void chunks_changed(const KvPagePool& pool) override { bytes_.chunks_changed(pool); }
-  void* plane(SlotPlane p) const override { return bytes_.plane(p); }
-  void move_rows(KvPagePool& pool, const std::vector<KvRowMove>& moves) override { bytes_.move_rows(pool, moves); }
-  void copy_pages(const KvPagePool& src, const std::vector<int32_t>& src_pages, KvPagePool& dst,
-                  const std::vector<int32_t>& dst_pages) override {
-    bytes_.copy_pages(src, src_pages, dst, dst_pages);
-  }
-  void* allocate_values(int64_t count) override { return bytes_.allocate_values(count); }
-  void free_values(void* values) override { bytes_.free_values(values); }
-  void copy_values(void* dst, const void* src, int64_t count) override { bytes_.copy_values(dst, src, count); }
-  std::unique_ptr<KvPageStorage> sibling() const override { return std::make_unique<HostBitPlaneStorage>(planes_); }
-
- private:
-  kernels::BitPlanes planes_;
-  HostPageStorage bytes_;  // the byte-level work (it copies pool.row_bytes() per row)
 };
 
 std::atomic<uint64_t> next_sequence_id{1};
@@ -103,14 +82,14 @@ std::atomic<uint64_t> next_sequence_id{1};
 }  // namespace
 
 std::unique_ptr<KvPageStorage> make_host_page_storage(kernels::DType dtype) {
-  return std::make_unique<HostPageStorage>(dtype);
+  return std::make_unique<HostPageStorage>(dtype, kernels::BitPlanes{});
 }
 
 std::unique_ptr<KvPageStorage> make_host_bit_plane_storage(kernels::BitPlanes planes) {
   if (!kernels::bit_planes_supported(planes))
     throw std::invalid_argument(fmt::format("bit-plane KV pages of {}+{} bits: {}",
                                             planes.msb, planes.lsb, kernels::kBitPlaneWidths));
-  return std::make_unique<HostBitPlaneStorage>(planes);
+  return std::make_unique<HostPageStorage>(kernels::DType::F32, planes);
 }
 
 KvPageFormat kv_page_format(kernels::DType dtype) {
@@ -313,8 +292,7 @@ std::unique_ptr<KvSequence> KvSequence::clone(std::shared_ptr<KvPagePool> pool) 
     throw std::invalid_argument("KvSequence::clone: the target pool has another shape");
   const bool host = pool->storage().host_accessible() && pool_->storage().host_accessible();
   const bool same_format = pool->format() == pool_->format() && pool->page_bytes() == pool_->page_bytes() &&
-                           pool->bit_planes().msb == pool_->bit_planes().msb &&
-                           pool->bit_planes().lsb == pool_->bit_planes().lsb;  // 3+5 and 4+4 rows have one size
+                           pool->bit_planes() == pool_->bit_planes();  // 3+5 and 4+4 rows have one size
   // The source storage copies the pages: both pools must lay them out alike,
   // or (host pools) each row is converted.
   if (!same_format && !host)

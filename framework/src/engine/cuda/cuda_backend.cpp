@@ -214,21 +214,15 @@ void CudaBackend::drop_graphs() {
   graphs_.clear();
 }
 
-Result<std::shared_ptr<KvPagePool>> CudaBackend::bit_plane_pool(kernels::BitPlanes planes) {
-  for (const auto& p : bit_plane_pools_)
-    if (p->bit_planes().msb == planes.msb && p->bit_planes().lsb == planes.lsb) return p;
-  if (!kernels::bit_planes_supported(planes))
-    return Error{fmt::format("cuda engine: bit-plane KV pages of {}+{} bits: {}", planes.msb, planes.lsb,
-                             kernels::kBitPlaneWidths)};
+Result<std::shared_ptr<KvPagePool>> CudaBackend::make_bit_plane_pool(kernels::BitPlanes planes) {
   try {  // chunks of about 32 MiB, as the default pool's
     const int64_t page_bytes = 2 * int64_t(options_.page_size) * kernels::bit_plane_row_bytes(config_.head_dim, planes);
     const int32_t pages_per_chunk = int32_t(std::max<int64_t>(256, (int64_t(32) << 20) / page_bytes));
-    bit_plane_pools_.push_back(std::make_shared<KvPagePool>(
-        pool_->shape(), pages_per_chunk, make_cuda_bit_plane_storage(planes, dtype_, stream_owner_)));
+    return std::make_shared<KvPagePool>(pool_->shape(), pages_per_chunk,
+                                        make_cuda_bit_plane_storage(planes, dtype_, stream_owner_));
   } catch (const std::bad_alloc&) {
     return Error{"cuda engine: out of GPU memory for a bit-plane KV pool"};
   }
-  return bit_plane_pools_.back();
 }
 
 std::string CudaBackend::device_description() const {

@@ -43,7 +43,6 @@ class CudaBackend final : public Backend {
   int64_t weight_bytes() const override { return weight_bytes_; }
   std::shared_ptr<KvPagePool> pool() const override { return pool_; }
   // One device pool per width pair, made on first use and kept.
-  Result<std::shared_ptr<KvPagePool>> bit_plane_pool(kernels::BitPlanes planes) override;
   std::unique_ptr<BackendKvView> kv_view(const KvSequence& seq) const override;
 
   Status begin_call(const CallSetup& call) override;
@@ -158,7 +157,7 @@ class CudaBackend final : public Backend {
   std::string device_name_;
   DeviceMemory cublas_workspace_;
   std::shared_ptr<KvPagePool> pool_;
-  std::vector<std::shared_ptr<KvPagePool>> bit_plane_pools_;  // a method's bit planes, one per width pair
+  Result<std::shared_ptr<KvPagePool>> make_bit_plane_pool(kernels::BitPlanes planes) override;
 
   // Weights: per projection and layer (Output: layer 0), the model's or this
   // run's replacement; token_embd and the norms.
