@@ -105,12 +105,7 @@ void bit_plane_decode(const void* record, int64_t head_dim, BitPlanes p, bool fu
     }
     return;
   }
-  if (with_lsb) {
-    for (int64_t i = 0; i < head_dim; ++i)
-      out[i] = (float((bit_plane_get(msb, i, p.msb) << p.lsb) | bit_plane_get(lsb, i, p.lsb)) - offset) * scale;
-    return;
-  }
-  for (int64_t i = 0; i < head_dim; ++i) out[i] = (float(bit_plane_get(msb, i, p.msb) << p.lsb) + middle) * scale;
+  for (int64_t i = 0; i < head_dim; ++i) out[i] = bit_plane_value(row, head_dim, p, i, full);  // other head sizes
 }
 
 const float* kv_row_f32(const KvPageRef& page, bool value, int64_t t, int64_t head_dim, float* scratch) {

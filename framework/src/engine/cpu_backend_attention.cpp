@@ -272,13 +272,8 @@ void CpuBackend::attend_values_pruned(const AttentionRefs& call, const ValuePrun
   std::vector<std::vector<uint8_t>> used(size_t(c.n_heads));
   // Progressive quantization, per (head, row): whether it was refetched, and
   // the cached keys and kept cached values whose LSB planes it read.
-  std::vector<uint8_t> refetched;
-  std::vector<int64_t> lsb_keys, lsb_values;
-  if (requant != nullptr) {
-    refetched.assign(size_t(c.n_heads * n), 0);
-    lsb_keys.assign(size_t(c.n_heads * n), 0);
-    lsb_values.assign(size_t(c.n_heads * n), 0);
-  }
+  std::vector<uint8_t> refetched(requant != nullptr ? size_t(c.n_heads * n) : 0, 0);
+  std::vector<int64_t> lsb_keys(refetched.size(), 0), lsb_values(refetched.size(), 0);
 #pragma omp parallel for schedule(dynamic)
   for (int32_t h = 0; h < c.n_heads; ++h) {
     const int32_t g = h / gs, u = call.unit_of(h);
@@ -295,16 +290,18 @@ void CpuBackend::attend_values_pruned(const AttentionRefs& call, const ValuePrun
     std::vector<uint8_t> kept(static_cast<size_t>(total));
     for (int64_t i = 0; i < n; ++i) {
       const int64_t visible = call.old_visible[size_t(u)] + i + 1;
-      cpu::attention_row_value_topk(&q_[size_t(i * qd + h * hd)], refs.data(), int64_t(refs.size()), visible, hd,
-                                    scale, values.keep, values.renormalize, &attn_[size_t(i * qd + h * hd)],
-                                    probs.data(), kept.data());
-      if (requant != nullptr &&
-          *std::max_element(probs.begin(), probs.begin() + visible) < float(requant->requant_threshold)) {
-        // Flat row: again with the LSB planes, its probabilities and kept values replacing the MSB pass's.
-        const auto& full = call.full_refs[size_t(u)];
-        cpu::attention_row_value_topk(&q_[size_t(i * qd + h * hd)], full.data(), int64_t(full.size()), visible, hd,
-                                      scale, values.keep, values.renormalize, &attn_[size_t(i * qd + h * hd)],
-                                      probs.data(), kept.data());
+      const float* q = &q_[size_t(i * qd + h * hd)];
+      float* out = &attn_[size_t(i * qd + h * hd)];
+      // With bit planes a flat row is recomputed from both (its probabilities and kept values replacing the MSB pass's).
+      bool again = false;
+      if (requant != nullptr)
+        again = cpu::attention_row_progressive(q, refs.data(), int64_t(refs.size()), visible, hd, scale, values.keep,
+                                               values.renormalize, float(requant->requant_threshold), out,
+                                               probs.data(), kept.data());
+      else
+        cpu::attention_row_value_topk(q, refs.data(), int64_t(refs.size()), visible, hd, scale, values.keep,
+                                      values.renormalize, out, probs.data(), kept.data());
+      if (again) {
         const int64_t cached = call.old_visible[size_t(u)];
         refetched[size_t(h * n + i)] = 1;
         lsb_keys[size_t(h * n + i)] = cached;
@@ -320,22 +317,9 @@ void CpuBackend::attend_values_pruned(const AttentionRefs& call, const ValuePrun
     }
   }
   if (requant != nullptr) {
-    for (int32_t h = 0; h < c.n_heads; ++h) {
-      if (used[size_t(h)].empty()) continue;  // masked
-      tally->rows += n;
-      for (int64_t i = 0; i < n; ++i) tally->refetched += refetched[size_t(h * n + i)];
-    }
-    // Per kv head and row, the LSB planes the most reading of its refetching query heads read.
-    for (int32_t g = 0; g < c.n_kv_heads; ++g)
-      for (int64_t i = 0; i < n; ++i) {
-        int64_t keys = 0, vals = 0;
-        for (int32_t h = g * gs; h < (g + 1) * gs; ++h) {
-          keys = std::max(keys, lsb_keys[size_t(h * n + i)]);
-          vals = std::max(vals, lsb_values[size_t(h * n + i)]);
-        }
-        tally->lsb_key_rows += keys;
-        tally->lsb_value_rows += vals;
-      }
+    std::vector<uint8_t> computed(static_cast<size_t>(c.n_heads));
+    for (int32_t h = 0; h < c.n_heads; ++h) computed[size_t(h)] = !used[size_t(h)].empty();  // empty: masked
+    tally->add(gs, n, computed, refetched, lsb_keys, lsb_values);
   }
   if (skipped == nullptr) return;
   *skipped = 0;
@@ -506,20 +490,21 @@ void CpuBackend::attend_progressive(const AttentionRefs& call, bool keep_stats, 
     attend_split_keys(call, true);
   else
     attend_groups(call, true);
-  std::vector<uint8_t> refetched(size_t(c.n_heads * n), 0);
+  std::vector<uint8_t> refetched(size_t(c.n_heads * n), 0), computed(static_cast<size_t>(c.n_heads), 0);
+  std::vector<int64_t> lsb_keys(refetched.size(), 0);  // the cached keys a refetched vector read (K and V alike)
   std::vector<std::pair<int32_t, int64_t>> flagged;  // (head, row)
   for (int32_t h = 0; h < c.n_heads; ++h) {
     if (call.mask != nullptr && call.mask->heads[size_t(h)] == 0) continue;
-    tally.rows += n;
+    computed[size_t(h)] = 1;
     for (int64_t i = 0; i < n; ++i) {
       const float l = stats_ml_[size_t(h * 2 * n + n + i)];
       if (l > 0.0f && 1.0f / l < threshold) {
         refetched[size_t(h * n + i)] = 1;
+        lsb_keys[size_t(h * n + i)] = call.old_visible[size_t(call.unit_of(h))];
         flagged.emplace_back(h, i);
       }
     }
   }
-  tally.refetched += int64_t(flagged.size());
 #pragma omp parallel for schedule(dynamic) if (flagged.size() > 1)
   for (size_t k = 0; k < flagged.size(); ++k) {
     const auto [h, i] = flagged[k];
@@ -541,16 +526,7 @@ void CpuBackend::attend_progressive(const AttentionRefs& call, bool keep_stats, 
 #pragma omp parallel for schedule(dynamic)
     for (int32_t h = 0; h < c.n_heads; ++h) add_key_mass(call, h, &refetched[size_t(h * n)]);
   }
-  // Per kv head and row, the LSB planes of the cached keys the most reading of
-  // its refetching query heads read (K and V alike: every value is accumulated).
-  for (int32_t g = 0; g < c.n_kv_heads; ++g)
-    for (int64_t i = 0; i < n; ++i) {
-      int64_t keys = 0;
-      for (int32_t h = g * gs; h < (g + 1) * gs; ++h)
-        if (refetched[size_t(h * n + i)] != 0) keys = std::max<int64_t>(keys, call.old_visible[size_t(call.unit_of(h))]);
-      tally.lsb_key_rows += keys;
-      tally.lsb_value_rows += keys;
-    }
+  tally.add(gs, n, computed, refetched, lsb_keys, lsb_keys);  // every value is accumulated: V as K
 }
 
 // Decode (a few rows): each unit's (kv group's) keys are cut into slices, one

@@ -6,6 +6,27 @@
 
 namespace inferlab {
 
+void RequantTally::add(int32_t group_size, int64_t n_rows, std::span<const uint8_t> computed,
+                       std::span<const uint8_t> refetched_rows, std::span<const int64_t> keys,
+                       std::span<const int64_t> values) {
+  const auto n_heads = int32_t(computed.size());
+  for (int32_t h = 0; h < n_heads; ++h) {
+    if (computed[size_t(h)] == 0) continue;
+    rows += n_rows;
+    for (int64_t i = 0; i < n_rows; ++i) refetched += refetched_rows[size_t(h * n_rows + i)];
+  }
+  for (int32_t g = 0; g < n_heads / group_size; ++g)
+    for (int64_t i = 0; i < n_rows; ++i) {
+      int64_t k = 0, v = 0;
+      for (int32_t h = g * group_size; h < (g + 1) * group_size; ++h) {
+        k = std::max(k, keys[size_t(h * n_rows + i)]);
+        v = std::max(v, values[size_t(h * n_rows + i)]);
+      }
+      lsb_key_rows += k;
+      lsb_value_rows += v;
+    }
+}
+
 bool KeyPlan::any_selected() const {
   return std::any_of(mode.begin(), mode.end(), [](kernels::KeySelect m) { return m != kernels::KeySelect::All; });
 }

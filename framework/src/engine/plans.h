@@ -115,6 +115,13 @@ struct RequantTally {
   // per kv head (once however many of its query heads refetched), summed.
   int64_t lsb_key_rows = 0;
   int64_t lsb_value_rows = 0;
+  // Adds one call of n_rows rows: per (head, row), h * n_rows + i, whether
+  // the vector was refetched and the cached keys and kept cached values its
+  // refetch read (0 when not refetched); heads with computed[h] == 0 (masked)
+  // attended nothing. Per kv head and row, the LSB planes counted are those
+  // the most reading of its query heads read.
+  void add(int32_t group_size, int64_t n_rows, std::span<const uint8_t> computed,
+           std::span<const uint8_t> refetched_rows, std::span<const int64_t> keys, std::span<const int64_t> values);
 };
 
 // Everything one layer's attention op needs.

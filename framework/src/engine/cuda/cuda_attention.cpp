@@ -372,23 +372,16 @@ Status CudaBackend::attention_bit_planes(const LayerAttention& work, const kerne
     const int64_t n = n_;
     std::vector<int32_t> host(counts_bytes / 4);  // (n_heads, n, 3): refetched, cached keys, kept cached values
     if (auto s = download(counts, counts_bytes, host.data()); !s) return s;
-    RequantTally& tally = *work.requant_tally;
-    const int32_t gs = c.group_size();
-    for (int32_t h = 0; h < c.n_heads; ++h) {
-      if (work.mask != nullptr && work.mask->heads[size_t(h)] == 0) continue;
-      tally.rows += n;
-      for (int64_t i = 0; i < n; ++i) tally.refetched += host[size_t((h * n + i) * 3)];
+    const size_t vectors = size_t(c.n_heads) * size_t(n);
+    std::vector<uint8_t> computed(static_cast<size_t>(c.n_heads)), refetched(vectors);
+    std::vector<int64_t> keys(vectors), values(vectors);
+    for (int32_t h = 0; h < c.n_heads; ++h) computed[size_t(h)] = work.mask == nullptr || work.mask->heads[size_t(h)] != 0;
+    for (size_t v = 0; v < vectors; ++v) {
+      refetched[v] = uint8_t(host[3 * v]);
+      keys[v] = host[3 * v + 1];
+      values[v] = host[3 * v + 2];
     }
-    for (int32_t g = 0; g < c.n_kv_heads; ++g)
-      for (int64_t i = 0; i < n; ++i) {
-        int64_t keys = 0, vals = 0;
-        for (int32_t h = g * gs; h < (g + 1) * gs; ++h) {
-          keys = std::max<int64_t>(keys, host[size_t((h * n + i) * 3 + 1)]);
-          vals = std::max<int64_t>(vals, host[size_t((h * n + i) * 3 + 2)]);
-        }
-        tally.lsb_key_rows += keys;
-        tally.lsb_value_rows += vals;
-      }
+    work.requant_tally->add(c.group_size(), n, computed, refetched, keys, values);
   }
   if (kept == nullptr) return ok_status();
   std::vector<uint8_t> host(kept_bytes);
