@@ -97,8 +97,9 @@ Result<std::vector<Segment>> corpus_segments(const Tokenizer& tok, const std::st
   const int64_t body = length - (bos ? 1 : 0), need = count * body;
   auto tokens = tokenize_prefix(tok, *text, size_t(4 * need));
   if (int64_t(tokens.size()) < need)
-    return Error{fmt::format("corpus {} has {} tokens for this model; {} samples of {} tokens need {}",
-                             path->string(), tokens.size(), count, body, need)};
+    return Error{fmt::format("corpus {} has {} tokens for this model: {} windows of {} tokens fit, {} were asked "
+                             "(they need {} corpus tokens)",
+                             path->string(), tokens.size(), int64_t(tokens.size()) / body, length, count, need)};
   tokens.resize(std::min(tokens.size(), size_t(4 * need)));
   std::vector<int64_t> gaps(static_cast<size_t>(count));
   for (auto& g : gaps) g = int64_t(rng.below(uint64_t(int64_t(tokens.size()) - need + 1)));

@@ -10,6 +10,7 @@
 
 #include "engine/engine.h"
 #include "engine/generation.h"
+#include "experiment/activation_store.h"
 #include "gguf/gguf.h"
 #include "model/model.h"
 #include "model/synthetic_model.h"
@@ -250,6 +251,53 @@ int run_logits(const LogitsArgs& args) {
   return 0;
 }
 
+struct CaptureArgs {
+  EngineArgs engine;
+  std::string corpus = "kjv";
+  int32_t samples = 16;
+  int32_t tokens = 256;
+  std::string taps;
+  std::string out;
+};
+
+Result<uint32_t> parse_taps(const std::string& list) {
+  uint32_t taps = 0;
+  std::stringstream ss(list);
+  for (std::string name; std::getline(ss, name, ',');) {
+    const uint32_t bit = tap_from_name(name);
+    if (bit == kTapLogits) return Error{"--taps: logits are not stored in an activation store"};
+    if ((bit & kStorableTaps) == 0) {
+      std::vector<std::string> known;
+      for (uint32_t b : tap_bits(kStorableTaps)) known.emplace_back(tap_name(b));
+      return Error{fmt::format("--taps: unknown tap '{}' (known: {})", name, fmt::join(known, ", "))};
+    }
+    taps |= bit;
+  }
+  if (taps == 0) return Error{"--taps: no tap named"};
+  return taps;
+}
+
+int run_capture(const CaptureArgs& args) {
+  auto taps = parse_taps(args.taps);
+  if (!taps) return fail(taps.message());
+  auto engine = open_engine(args.engine);
+  if (!engine) return fail(engine.message());
+  CalibrationRequest request{args.corpus, args.samples, args.tokens, *taps};
+  request.stored = true;
+  const auto root = args.out.empty() ? default_activation_root() : std::filesystem::path(args.out);
+  auto dir = capture_activations(**engine, request, root);
+  if (!dir) return fail(dir.message());
+  auto store = ActivationStore::open(*dir);
+  if (!store) return fail(store.message());
+  std::vector<std::string> widths;
+  for (uint32_t b : tap_bits(store->taps())) widths.push_back(fmt::format("{} {}", tap_name(b), store->width(b)));
+  fmt::print("store   {}\n", dir->string());
+  fmt::print("rows    {} ({} samples of {} tokens)\n", store->rows(), store->samples(), store->tokens_per_sample());
+  fmt::print("taps    {} (values per row, each of {} layers)\n", fmt::join(widths, ", "), store->n_layers());
+  fmt::print("bytes   {} ({:.1f} MiB)\n", store->bytes(), double(store->bytes()) / double(1 << 20));
+  return 0;
+}
+
 int run_tokenize(const std::string& model_name, const std::string& prompt, bool no_special) {
   auto path = resolve_model(model_name);
   if (!path) return fail(path.message());
@@ -344,6 +392,19 @@ void register_commands(CLI::App& app) {
     }
     g_exit_code = run_logits(lg);
   });
+
+  static CaptureArgs cap;
+  auto* c = app.add_subcommand("capture", "write a model's intermediates over a calibration corpus to an activation store");
+  add_engine_options(c, cap.engine);
+  c->add_option("--corpus", cap.corpus, "kjv, kv_retrieval or a text file")->capture_default_str();
+  c->add_option("--samples", cap.samples, "corpus windows")->check(CLI::Range(1, 1 << 24))->capture_default_str();
+  c->add_option("--tokens", cap.tokens, "tokens per window, BOS included")->check(CLI::Range(2, 1 << 24))->capture_default_str();
+  c->add_option("--taps", cap.taps,
+                "comma list: hidden_in, attention_in, queries, keys, values, attention_out, ffn_in, ffn_gate, "
+                "ffn_activation")
+      ->required();
+  c->add_option("--out", cap.out, "store root (default: <artifact folder>/activations)");
+  c->callback([] { g_exit_code = run_capture(cap); });
 
   static std::string tok_model = "smollm2-135m", tok_prompt;
   static bool tok_no_special = false;

@@ -6,6 +6,7 @@
 #include <fstream>
 
 #include "datasets/tasks.h"
+#include "experiment/activation_store.h"
 #include "experiment/config.h"
 #include "model/model.h"
 #include "plugins/method_context.h"
@@ -51,12 +52,29 @@ Status calibrate(Method& method, const CalibrationRequest& request, Engine& engi
                             [&](int64_t, std::span<const float> row) { logits.insert(logits.end(), row.begin(), row.end()); },
                             &tapper);
     if (!s) return Error{"calibration: " + s.message()};
-    if (want_logits)
-      method.on_calibration(CalibrationTaps{int32_t(i), -1, int32_t(tokens.size()), tokens, {}, {}, {}, {}, {},
-                                            std::span<const float>(logits.data(), tokens.size() * size_t(vocab)), {}});
+    if (want_logits) {
+      CalibrationTaps t;
+      t.sample = int32_t(i), t.layer = -1, t.n_tokens = int32_t(tokens.size()), t.tokens = tokens;
+      t.logits = std::span<const float>(logits.data(), tokens.size() * size_t(vocab));
+      method.on_calibration(t);
+    }
   }
   if (auto s = method.finish_calibration(dir.string()); !s) return Error{"calibration: " + s.message()};
   // Written last: a folder without it is an unfinished calibration, done again.
+  std::ofstream(dir / kDoneMarker) << record.dump(1) << "\n";
+  return ok_status();
+}
+
+// CalibrationRequest::stored: the taps go to the activation store (captured,
+// continued or reused), which the method then reads.
+Status calibrate_stored(Method& method, const CalibrationRequest& request, Engine& engine,
+                        const std::filesystem::path& dir, const std::filesystem::path& store_root,
+                        nlohmann::json record) {
+  auto store = capture_activations(engine, request, store_root);
+  if (!store) return store.error();
+  if (auto s = method.finish_stored_calibration(store->string(), dir.string()); !s)
+    return Error{"calibration: " + s.message()};
+  record["activation_store"] = store->string();
   std::ofstream(dir / kDoneMarker) << record.dump(1) << "\n";
   return ok_status();
 }
@@ -81,6 +99,11 @@ Result<std::filesystem::path> calibration_dir(const PluginEntry& plugin, const P
     auto digest = sha256_file(corpus->string());
     if (!digest) return Error{fmt::format("plugin {}: calibration corpus: {}", plugin.name, digest.message())};
     key["corpus"] = "sha256:" + *digest;
+  }
+  if (request.stored) {  // a new store means new artifacts
+    auto store = activation_store_key(request, arithmetic);
+    if (!store) return Error{fmt::format("plugin {}: {}", plugin.name, store.message())};
+    key["activation_store"] = *store;
   }
   for (const ParamSpec& spec : plugin.params) {
     if (!params.has(spec.name)) continue;
@@ -113,6 +136,12 @@ Result<PreparedMethod> ensure_calibrated(Method& method, const PluginEntry& plug
   auto dir = calibration_dir(plugin, params, request, engine.model().checksum(), arithmetic(engine), artifact_root);
   if (!dir) return dir.error();
   out.artifact_dir = *dir;
+  const auto store_root = default_activation_root(artifact_root);
+  if (request.stored) {
+    auto store = activation_store_dir(engine, request, store_root);
+    if (!store) return Error{fmt::format("plugin {}: {}", plugin.name, store.message())};
+    out.activation_dir = *store;
+  }
   std::error_code ec;
   if (std::filesystem::exists(*dir / kDoneMarker, ec)) {
     out.reused = true;
@@ -123,10 +152,12 @@ Result<PreparedMethod> ensure_calibrated(Method& method, const PluginEntry& plug
   const nlohmann::json record = {{"plugin", plugin.name}, {"version", plugin.version},
                                  {"model_checksum", engine.model().checksum()}, {"arithmetic", arithmetic(engine)},
                                  {"corpus", request.corpus},
-                                 {"samples", request.samples}, {"tokens", request.tokens}, {"taps", request.taps}};
+                                 {"samples", request.samples}, {"tokens", request.tokens}, {"taps", request.taps},
+                                 {"stored", request.stored}};
   try {
-    if (auto s = calibrate(method, request, engine, *dir, record); !s)
-      return Error{fmt::format("plugin {}: {}", plugin.name, s.message())};
+    auto s = request.stored ? calibrate_stored(method, request, engine, *dir, store_root, record)
+                            : calibrate(method, request, engine, *dir, record);
+    if (!s) return Error{fmt::format("plugin {}: {}", plugin.name, s.message())};
   } catch (const std::exception& e) {
     return Error{fmt::format("plugin {}: calibration threw: {}", plugin.name, e.what())};
   }

@@ -30,11 +30,16 @@ struct PreparedMethod {
   bool calibrated = false;        // calibration ran now
   bool reused = false;            // its artifacts were there already
   std::filesystem::path artifact_dir;  // empty: the method does not calibrate
+  std::filesystem::path activation_dir;  // CalibrationRequest::stored: the activation store it reads
   CalibrationRequest request;
 };
 
 // Calibrates `method` when it asks for it and its artifacts are not there yet
 // (the engine runs dense passes; its method is left unset); loads nothing.
+// A request with `stored` captures (or continues, or reuses) its activation
+// store under <artifact root>/activations (experiment/activation_store.h),
+// then calls finish_stored_calibration instead of on_calibration; the
+// artifact folder's hash takes the store's key in.
 Result<PreparedMethod> ensure_calibrated(Method& method, const PluginEntry& plugin, const ParamValues& params,
                                          Engine& engine, const std::filesystem::path& artifact_root = {});
 

@@ -9,7 +9,8 @@ namespace inferlab {
 
 const char* hook_call_name(int32_t call) {
   static const char* const names[] = {
-      "on_load",          "calibration",      "on_calibration", "finish_calibration", "begin_sequence",
+      "on_load",          "calibration",      "on_calibration", "finish_calibration",
+      "finish_stored_calibration",              "begin_sequence",
       "new_sequence_state", "prefill_pattern", "select_kv",     "page_budget",        "on_attention",
       "evict",            "plan_layers",      "exit_after_layer", "mask_components",  "retention_budget",
       "retention_policy", "bound_scope",      "kv_page_format", "kv_positions",       "dense_prefill",
@@ -59,6 +60,11 @@ void TrackedMethod::on_calibration(const CalibrationTaps& taps) {
 Status TrackedMethod::finish_calibration(const std::string& artifact_dir) {
   const Scope scope(*this, HookCall::finish_calibration);
   return inner_.finish_calibration(artifact_dir);
+}
+
+Status TrackedMethod::finish_stored_calibration(const std::string& activation_dir, const std::string& artifact_dir) {
+  const Scope scope(*this, HookCall::finish_stored_calibration);
+  return inner_.finish_stored_calibration(activation_dir, artifact_dir);
 }
 
 void TrackedMethod::begin_sequence(const ModelShape& shape) {

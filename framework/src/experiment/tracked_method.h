@@ -13,7 +13,7 @@ struct WorkerState;
 
 // Every call a host makes into a Method; the index is what WorkerState holds.
 enum class HookCall : int32_t {
-  on_load, calibration, on_calibration, finish_calibration, begin_sequence, new_sequence_state,
+  on_load, calibration, on_calibration, finish_calibration, finish_stored_calibration, begin_sequence, new_sequence_state,
   prefill_pattern, select_kv, page_budget, on_attention, evict, plan_layers, exit_after_layer,
   mask_components, retention_budget, retention_policy, bound_scope, kv_page_format, kv_positions,
   dense_prefill, value_pruning, kv_quantization, counters,
@@ -32,6 +32,7 @@ class TrackedMethod final : public Method {
   CalibrationRequest calibration(const ModelShape& shape) override;
   void on_calibration(const CalibrationTaps& taps) override;
   Status finish_calibration(const std::string& artifact_dir) override;
+  Status finish_stored_calibration(const std::string& activation_dir, const std::string& artifact_dir) override;
   void begin_sequence(const ModelShape& shape) override;
   std::unique_ptr<SequenceState> new_sequence_state(const ModelShape& shape) override;
   bool prefill_pattern(const StepInfo& step, int32_t layer, int32_t head, PrefillPattern& pattern) override;
