@@ -14,6 +14,12 @@ class Declares final : public Method {
  public:
   ValuePruning value_pruning() const override { return {0.25, true}; }
   KvQuantization kv_quantization() const override { return {6, 4, 0.125}; }
+  ActivationSparsity activation_sparsity() const override {
+    ActivationSparsity a;
+    a.input_threshold = {{0.5f, -1, -1, -1, -1, -1, 0.25f}};
+    a.gate_threshold = {0.125f};
+    return a;
+  }
   RetentionPolicy retention_policy() const override {
     return {RetentionScore::LastMass, RetentionScope::PerSequence};
   }
@@ -32,6 +38,11 @@ TEST(TrackedMethod, ForwardsEveryDeclarationTheEngineReads) {
   EXPECT_EQ(tracked.kv_quantization().msb_bits, 6);
   EXPECT_EQ(tracked.kv_quantization().lsb_bits, 4);
   EXPECT_DOUBLE_EQ(tracked.kv_quantization().requant_threshold, 0.125);
+  const ActivationSparsity sparsity = tracked.activation_sparsity();
+  ASSERT_EQ(sparsity.input_threshold.size(), 1u);
+  EXPECT_EQ(sparsity.input_threshold[0][0], 0.5f);
+  EXPECT_EQ(sparsity.input_threshold[0][6], 0.25f);
+  EXPECT_EQ(sparsity.gate_threshold, std::vector<float>{0.125f});
   EXPECT_EQ(tracked.retention_policy().score, RetentionScore::LastMass);
   EXPECT_EQ(tracked.retention_policy().scope, RetentionScope::PerSequence);
   EXPECT_EQ(tracked.bound_scope(), BoundScope::QueryHead);
@@ -41,6 +52,7 @@ TEST(TrackedMethod, ForwardsEveryDeclarationTheEngineReads) {
   EXPECT_EQ(tracked.counters(), (std::map<std::string, double>{{"declared", 1.0}}));
   EXPECT_STREQ(hook_call_name(int32_t(HookCall::value_pruning)), "value_pruning");
   EXPECT_STREQ(hook_call_name(int32_t(HookCall::kv_quantization)), "kv_quantization");
+  EXPECT_STREQ(hook_call_name(int32_t(HookCall::activation_sparsity)), "activation_sparsity");
   EXPECT_EQ(worker_state().hook.load(), -1);  // no call under way after them
 }
 

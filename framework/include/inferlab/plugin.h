@@ -15,6 +15,7 @@
 // virtual tables requires bumping kPluginAbiVersion.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -29,7 +30,7 @@
 
 namespace inferlab {
 
-inline constexpr int32_t kPluginAbiVersion = 9;
+inline constexpr int32_t kPluginAbiVersion = 10;
 
 // Hooks, as bits of PluginInfo::hooks (docs/architecture.md has the table).
 enum PluginHook : uint32_t {
@@ -320,6 +321,33 @@ enum class BoundScope : int32_t {
   QueryHead = 1,
 };
 
+// Activation sparsity (TEAL, CATS), declared once by a method and carried out
+// by the engine in every call, on every row. Projections, in this order: Q, K,
+// V, O, Gate, Up, Down (kSparseProjections).
+//  - input_threshold[layer][p]: entries of projection p's input with
+//    |x| <= threshold are zero for it, and the weight columns they would
+//    multiply are not read (a one-row call reads a transposed copy of the
+//    weight whose rows are those columns; a threshold of 0 skips only exact
+//    zeros: the dense result). Q, K and V read the same normed input, each
+//    through its own threshold. < 0: the projection is dense.
+//  - gate_threshold[layer] (CATS): the gate projection runs dense; the neurons
+//    with |silu(gate)| <= threshold are zero, and up and down skip them (the
+//    up rows and down columns of those neurons are not read). < 0: off.
+// Empty vectors: none.
+inline constexpr int32_t kSparseProjections = 7;
+struct ActivationSparsity {
+  std::vector<std::array<float, kSparseProjections>> input_threshold;  // per layer
+  std::vector<float> gate_threshold;                                   // per layer
+  bool active() const {
+    for (const auto& t : input_threshold)
+      for (const float v : t)
+        if (v >= 0) return true;
+    for (const float v : gate_threshold)
+      if (v >= 0) return true;
+    return false;
+  }
+};
+
 // Storage of the KV cache's pages. BitPlanes: a method's own quantized pages
 // (KvQuantization), never a model-wide setting.
 enum class KvPageFormat : int32_t { Any = 0, F32 = 1, F16 = 2, BF16 = 3, BitPlanes = 4 };
@@ -356,12 +384,21 @@ enum CalibrationTap : uint32_t {
   kTapFfnActivation = 1u << 4,   // silu(gate) * up (n_tokens, n_ff)
   kTapLogits = 1u << 5,          // every row's logits (n_tokens, n_vocab), after the last layer
   kTapValues = 1u << 6,          // values, as cached (n_tokens, n_kv_heads * head_dim)
+  kTapAttentionIn = 1u << 7,     // the attention's normed input, read by Q, K, V (n_tokens, n_embd)
+  kTapFfnIn = 1u << 8,           // the FFN's normed input, read by gate and up (n_tokens, n_embd)
+  kTapFfnGate = 1u << 9,         // the gate projection, before SiLU (n_tokens, n_ff)
 };
 struct CalibrationRequest {
   std::string corpus = "kjv";  // "kv_retrieval" (built in: random UUID key-value JSON), or a text file path
   int32_t samples = 0;         // 0: no calibration
   int32_t tokens = 256;        // per sample
   uint32_t taps = 0;           // CalibrationTap bits
+  // The taps go to an activation store on disk (inferlab/activations.h)
+  // instead of to on_calibration: streamed sample by sample, resumable, kept
+  // by model checksum, corpus, samples, tokens, taps and arithmetic (shared by
+  // every method and parameter set asking for the same); the host then calls
+  // finish_stored_calibration. kTapLogits is not stored.
+  bool stored = false;
 };
 // What one layer of one calibration sample showed (empty spans: not asked for).
 // layer = -1 carries the logits.
@@ -372,6 +409,7 @@ struct CalibrationTaps {
   std::span<const int32_t> tokens;
   std::span<const float> hidden_in, queries, keys, attention_out, ffn_activation, logits;
   std::span<const float> values;
+  std::span<const float> attention_in, ffn_in, ffn_gate;
 };
 
 // Which positions RoPE gives the keys and queries of a sequence.
@@ -403,6 +441,14 @@ class Method {
   // kHookCalibrate: writes the artifacts into `artifact_dir` (which exists).
   virtual Status finish_calibration(const std::string& artifact_dir) {
     (void)artifact_dir;
+    return ok_status();
+  }
+  // kHookCalibrate with CalibrationRequest::stored: the activation store
+  // (`activation_dir`, complete) is there; writes the artifacts into
+  // `artifact_dir` (which exists). Called instead of on_calibration and
+  // finish_calibration.
+  virtual Status finish_stored_calibration(const std::string& activation_dir, const std::string& artifact_dir) {
+    (void)activation_dir; (void)artifact_dir;
     return ok_status();
   }
   // Every plugin: a new sample starts (the runner calls it before each).
@@ -500,6 +546,9 @@ class Method {
   // Every plugin: progressive quantization of its KV pages (read when the
   // method is set; its sequences are made in a pool of that format).
   virtual KvQuantization kv_quantization() const { return {}; }
+  // Every plugin: activation sparsity of its projections (read when the method
+  // is set; see ActivationSparsity).
+  virtual ActivationSparsity activation_sparsity() const { return {}; }
   // Every plugin: how RoPE positions keys and queries (read once per sequence).
   virtual KvPositions kv_positions() const { return KvPositions::Original; }
   // Every plugin: true when prefill under this method is exactly dense (no hook
@@ -532,7 +581,7 @@ constexpr uint32_t hooks_of() {
   if (INFERLAB_OVERRIDES(mask_components)) hooks |= kHookComponentMask;
   if (INFERLAB_OVERRIDES(page_budget)) hooks |= kHookPageBudget;
   if (INFERLAB_OVERRIDES(retention_budget)) hooks |= kHookRetention;
-  if (INFERLAB_OVERRIDES(on_calibration)) hooks |= kHookCalibrate;
+  if (INFERLAB_OVERRIDES(on_calibration) || INFERLAB_OVERRIDES(finish_stored_calibration)) hooks |= kHookCalibrate;
 #undef INFERLAB_OVERRIDES
   return hooks;
 }

@@ -11,6 +11,7 @@
 
 #include <fmt/format.h>
 
+#include <array>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -52,6 +53,7 @@ enum class Feature : int32_t {
   KvPagesF16,
   KvPagesBF16,
   KvBitPlanes,          // a method's pages as bit planes, MSB pass and LSB refetch (Method::kv_quantization)
+  ActivationSparsity,   // projections that skip the weights of small inputs; CATS's gated FFN (Method::activation_sparsity)
   Graphs,               // decode steps captured once and replayed
 };
 const char* feature_name(Feature feature);
@@ -73,6 +75,9 @@ enum class Tap : int32_t {
   AttentionOut,   // per head, before the output projection (n, q_dim)
   FfnActivation,  // silu(gate) * up (n, n_ff)
   Values,         // the call's V rows before they are appended (n, kv_dim)
+  AttentionIn,    // the normed input of Q, K, V (n, n_embd)
+  FfnIn,          // the normed input of gate and up (n, n_embd)
+  FfnGate,        // the gate projection before SiLU (n, n_ff)
 };
 
 // Which normalization feeds the next projections (the output norm is part of
@@ -138,6 +143,35 @@ class Backend {
     return ok_status();
   }
   virtual Status swiglu(int64_t cols) = 0;                     // act = silu(gate) * up over `cols` columns
+  // Feature::ActivationSparsity: linear(proj, layer) with the input entries
+  // |x| <= threshold taken as zero and the weight columns they multiply not
+  // read (one-row calls; more rows compute the sparsified input densely).
+  virtual Status linear_sparse(Proj proj, int32_t layer, float threshold) {
+    (void)proj; (void)layer; (void)threshold;
+    return Error{fmt::format("the {} backend has no activation sparsity", name())};
+  }
+  // Feature::ActivationSparsity (CATS), after linear(Gate): act = silu(gate) *
+  // up over the neurons with |silu(gate)| > threshold and 0 elsewhere; up's
+  // rows of the others are not read (one-row calls).
+  virtual Status gated_swiglu(int32_t layer, float threshold) {
+    (void)layer; (void)threshold;
+    return Error{fmt::format("the {} backend has no activation sparsity", name())};
+  }
+  // Makes what linear_sparse and gated_swiglu read for the method being set
+  // (transposed copies of its sparse projections' weights, workspace), and
+  // drops what an earlier method's needed; an inactive one drops everything.
+  // Called when the method is set, after its weights are in place.
+  virtual Status prepare_sparsity(const ActivationSparsity& sparsity) {
+    if (!sparsity.active()) return ok_status();
+    return Error{fmt::format("the {} backend has no activation sparsity", name())};
+  }
+  // The input entries linear_sparse and gated_swiglu took as zero since the
+  // last read, per ActivationSparsity projection (Q, K, V, O, Gate, Up, Down;
+  // gated_swiglu's count under Up); read after each call that used them.
+  virtual Status read_sparsity(std::array<int64_t, kSparseProjections>& zeros) {
+    zeros.fill(0);
+    return ok_status();
+  }
   virtual Status add_residual() = 0;                           // x += proj
   // RoPE of q (queries) and k for layer `layer`: at the call's positions, or
   // at each kv head's stored count when positions are cache indices.

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <map>
 
+#include "cpu/activation_sparse.h"
 #include "cpu/cpu_twins.h"
 #include "engine/backend_factory.h"
 #include "engine/device.h"
@@ -115,6 +116,7 @@ CpuBackend::CpuBackend(std::shared_ptr<const Model> model, const EngineOptions& 
   overrides_.assign(size_t(kProjCount), std::vector<std::vector<float>>(size_t(std::max(1, c.n_layers))));
   adapters_.assign(size_t(kProjCount), std::vector<Adapter>(size_t(std::max(1, c.n_layers))));
   stored_.resize(size_t(kProjCount));
+  transposed_.assign(size_t(kProjCount), std::vector<std::vector<float>>(size_t(std::max(1, c.n_layers))));
   for (auto& per_layer : stored_) per_layer.resize(size_t(std::max(1, c.n_layers)));
   if (options.n_threads > 0) omp_set_num_threads(options.n_threads);
   max_threads_ = omp_get_max_threads();
@@ -136,6 +138,8 @@ int64_t CpuBackend::weight_bytes() const {
   int64_t bytes = model_->parameter_count() * int64_t(sizeof(float));
   for (const auto& per_layer : file_weights_)
     for (const auto& q : per_layer) bytes += q.rows * q.row_bytes();
+  for (const auto& per_layer : transposed_)
+    for (const auto& t : per_layer) bytes += int64_t(t.size() * sizeof(float));
   return bytes;
 }
 
@@ -290,15 +294,77 @@ Status CpuBackend::linear(Proj p, int32_t l, const std::vector<int32_t>* rows) {
     if (adapters_[size_t(p)][size_t(l)].rank > 0)
       return Error{fmt::format("cpu backend: an unmerged adapter on {} with a neuron subset (merge it)", proj_name(p))};
     if (p == Proj::Down)  // the selected rows of the transposed down weight: its selected columns
-      cpu::matmul_x_rows(y, x, w_down_transposed(l).data(), rows->data(), n_, int64_t(rows->size()), out);
+      cpu::matmul_x_rows(y, x, transposed(Proj::Down, l).data(), rows->data(), n_, int64_t(rows->size()), out);
     else
       cpu::matmul_xwt_rows(y, x, w, rows->data(), n_, int64_t(rows->size()), in);
     return ok_status();
   }
-  if (stored != nullptr) cpu::nf4_matmul_xwt(y, x, *stored, n_, dequant_scratch_);
+  return linear_from(p, l, x);
+}
+
+Status CpuBackend::linear_from(Proj p, int32_t l, const float* x) {
+  const auto [own_x, y, in, out] = linear_io(p);
+  (void)own_x;
+  if (const kernels::cpu::Nf4Tensor* stored = stored_[size_t(p)][size_t(l)].get())
+    cpu::nf4_matmul_xwt(y, x, *stored, n_, dequant_scratch_);
   else if (const cpu::QuantMatrixRef* q = file_weight(p, l)) cpu::quant_matmul_xwt(y, x, *q, n_, quant_scratch_);
-  else cpu::matmul_xwt(y, x, w, n_, out, in);
+  else cpu::matmul_xwt(y, x, weight(p, l), n_, out, in);
   return apply_adapter(p, l, x, y, in, out);
+}
+
+// One row against float32 weights: the kept inputs' rows of the transposed
+// weight only. Otherwise (more rows, NF4 or the file's blocks) the sparsified
+// input through the projection's own path: the same result, no saving.
+Status CpuBackend::linear_sparse(Proj p, int32_t l, float threshold) {
+  if (p == Proj::Output) return Error{"cpu backend: the output projection has no activation sparsity"};
+  const auto [x, y, in, out] = linear_io(p);
+  const bool adapter = adapters_[size_t(p)][size_t(l)].rank > 0;
+  if (n_ == 1 && stored_[size_t(p)][size_t(l)] == nullptr && file_weight(p, l) == nullptr) {
+    sparsity_zeros_[size_t(p)] += cpu::sparse_input_gemv(y, x, transposed(p, l).data(), in, out, threshold);
+    if (!adapter) return ok_status();
+    sparse_x_.resize(size_t(in));
+    cpu::sparsify(sparse_x_.data(), x, in, threshold);
+    return apply_adapter(p, l, sparse_x_.data(), y, in, out);
+  }
+  sparse_x_.resize(size_t(n_ * in));
+  sparsity_zeros_[size_t(p)] += cpu::sparsify(sparse_x_.data(), x, n_ * in, threshold);
+  return linear_from(p, l, sparse_x_.data());
+}
+
+// CATS: one row computes up only for the neurons the gate keeps (rows of the
+// up weight, as stored); more rows (or another storage of up) compute up
+// densely and zero the others.
+Status CpuBackend::gated_swiglu(int32_t l, float threshold) {
+  const ModelConfig& c = config_;
+  const size_t up = size_t(Proj::Up);
+  if (n_ == 1 && stored_[up][size_t(l)] == nullptr && file_weight(Proj::Up, l) == nullptr &&
+      adapters_[up][size_t(l)].rank == 0) {
+    sparsity_zeros_[up] += cpu::gated_silu_up(gate_.data(), gate_.data(), xn_.data(), weight(Proj::Up, l), c.n_ff,
+                                              c.n_embd, threshold);
+    return ok_status();
+  }
+  if (auto s = linear(Proj::Up, l, nullptr); !s) return s;
+  sparsity_zeros_[up] += cpu::gated_silu_mul(gate_.data(), gate_.data(), up_.data(), n_ * c.n_ff, threshold);
+  return ok_status();
+}
+
+Status CpuBackend::prepare_sparsity(const ActivationSparsity& sparsity) {
+  for (int32_t p = 0; p < kSparseProjections; ++p)
+    for (int32_t l = 0; l < config_.n_layers; ++l) {
+      const bool gated = !sparsity.gate_threshold.empty() && sparsity.gate_threshold[size_t(l)] >= 0;
+      const bool sparse = (!sparsity.input_threshold.empty() && sparsity.input_threshold[size_t(l)][size_t(p)] >= 0) ||
+                          (gated && Proj(p) == Proj::Down);
+      if (sparse) transposed(Proj(p), l);
+      else if (Proj(p) != Proj::Down) transposed_[size_t(p)][size_t(l)] = {};  // a neuron mask may still want down's
+    }
+  sparsity_zeros_.fill(0);
+  return ok_status();
+}
+
+Status CpuBackend::read_sparsity(std::array<int64_t, kSparseProjections>& zeros) {
+  zeros = sparsity_zeros_;
+  sparsity_zeros_.fill(0);
+  return ok_status();
 }
 
 // y += (x A^T) B^T: the unmerged adapters of (p, l), scales folded into B.
@@ -311,15 +377,15 @@ Status CpuBackend::apply_adapter(Proj p, int32_t l, const float* x, float* y, in
   return ok_status();
 }
 
-const std::vector<float>& CpuBackend::w_down_transposed(int32_t l) {
-  const ModelConfig& c = config_;
-  if (w_down_t_.empty()) w_down_t_.resize(size_t(c.n_layers));
-  std::vector<float>& t = w_down_t_[size_t(l)];
+const std::vector<float>& CpuBackend::transposed(Proj p, int32_t l) {
+  std::vector<float>& t = transposed_[size_t(p)][size_t(l)];
   if (t.empty()) {
-    const float* w = weight(Proj::Down, l);  // (n_embd, n_ff)
-    t.resize(size_t(c.n_embd) * size_t(c.n_ff));
-    for (int64_t e = 0; e < c.n_embd; ++e)
-      for (int64_t j = 0; j < c.n_ff; ++j) t[size_t(j * c.n_embd + e)] = w[size_t(e * c.n_ff + j)];
+    const auto [out, in] = proj_shape(config_, p);
+    const float* w = weight(p, l);  // (out, in)
+    t.resize(size_t(out * in));
+#pragma omp parallel for if (out * in >= (1 << 18))
+    for (int64_t i = 0; i < in; ++i)
+      for (int64_t o = 0; o < out; ++o) t[size_t(i * out + o)] = w[size_t(o * in + i)];
   }
   return t;
 }
@@ -394,6 +460,9 @@ Status CpuBackend::read_tap(Tap tap, std::vector<float>& out) {
     case Tap::AttentionOut: take(attn_, c.q_dim()); break;
     case Tap::FfnActivation: take(gate_, c.n_ff); break;  // swiglu wrote it over gate
     case Tap::Values: take(v_, c.kv_dim()); break;
+    case Tap::AttentionIn:
+    case Tap::FfnIn: take(xn_, c.n_embd); break;
+    case Tap::FfnGate: take(gate_, c.n_ff); break;  // before swiglu writes the activation over it
   }
   return ok_status();
 }
@@ -513,7 +582,7 @@ Status CpuBackend::set_weight_storage(Proj p, int32_t l, const WeightStorage& st
 
 Status CpuBackend::set_weight_override(Proj p, int32_t l, std::span<const float> data) {
   overrides_[size_t(p)][size_t(std::max(l, 0))].assign(data.begin(), data.end());
-  if (p == Proj::Down && !w_down_t_.empty()) w_down_t_[size_t(l)].clear();  // transposed again when needed
+  if (p != Proj::Output) transposed_[size_t(p)][size_t(l)] = {};  // transposed again when needed
   return ok_status();
 }
 

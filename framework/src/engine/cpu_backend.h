@@ -34,6 +34,10 @@ class CpuBackend final : public Backend {
   Status linear(Proj proj, int32_t layer, const std::vector<int32_t>* rows) override;
   Status linear_group(std::span<const Proj> projs, int32_t layer) override;
   Status swiglu(int64_t cols) override;
+  Status linear_sparse(Proj proj, int32_t layer, float threshold) override;
+  Status gated_swiglu(int32_t layer, float threshold) override;
+  Status prepare_sparsity(const ActivationSparsity& sparsity) override;
+  Status read_sparsity(std::array<int64_t, kSparseProjections>& zeros) override;
   Status add_residual() override;
   Status rope(const KvSequence& seq, int32_t layer, bool queries) override;
   Status append_kv(KvSequence& seq, int32_t layer) override;
@@ -72,7 +76,6 @@ class CpuBackend final : public Backend {
   // The file's quantized weight of (proj, layer) when this run computes with it:
   // weights = file, a type the kernels know, no replacement or NF4 storage.
   const kernels::cpu::QuantMatrixRef* file_weight(Proj proj, int32_t layer) const;
-  const std::vector<float>& w_down_transposed(int32_t layer);
   int32_t rotary_position(int32_t kv_head, int64_t row) const;
   void attend_head(const AttentionRefs& refs, int32_t head, int64_t r0, int64_t r1, float* key_mass);
   void attend_sparse_block(const AttentionRefs& refs, int32_t head, int32_t query_block, float* key_mass);
@@ -148,7 +151,15 @@ class CpuBackend final : public Backend {
   std::vector<std::vector<kernels::cpu::QuantMatrixRef>> file_weights_;
   kernels::cpu::QuantScratch quant_scratch_;
   Status apply_adapter(Proj p, int32_t layer, const float* x, float* y, int64_t in, int64_t out);
-  std::vector<std::vector<float>> w_down_t_;  // per layer (n_ff, n_embd), built when a neuron mask first needs it
+  // Transposed float32 weights [proj][layer] (in, out): a neuron mask's down
+  // columns, activation sparsity's skipped inputs as skipped rows. Built when
+  // first needed (prepare_sparsity builds a sparse method's up front).
+  std::vector<std::vector<std::vector<float>>> transposed_;
+  const std::vector<float>& transposed(Proj proj, int32_t layer);
+  // x W^T for the call's rows from input `x` (the projection's own, or a sparsified copy), adapters included.
+  Status linear_from(Proj p, int32_t layer, const float* x);
+  std::vector<float> sparse_x_;  // a sparsified input
+  std::array<int64_t, kSparseProjections> sparsity_zeros_{};
   // Key bounds of the pool's pages (kHookPageBudget): (pages_reserved, 2, head_dim)
   // indexed by physical page, what each (layer, kv head) has folded in, and scratch.
   std::vector<float> page_bounds_;

@@ -80,6 +80,7 @@ const char* feature_name(Feature f) {
     case Feature::KvPagesF16: return "KV pages in f16";
     case Feature::KvPagesBF16: return "KV pages in bf16";
     case Feature::KvBitPlanes: return "bit-plane KV pages (progressive quantization)";
+    case Feature::ActivationSparsity: return "activation sparsity";
     case Feature::Graphs: return "graph capture";
   }
   return "?";
@@ -310,6 +311,7 @@ std::vector<Feature> method_features(const Method& method, uint32_t hooks) {
     out.push_back(Feature::QueryHeadSelection);
   if (method.kv_positions() == KvPositions::Cache) out.push_back(Feature::CachePositions);
   if (method.value_pruning().active()) out.push_back(Feature::ValuePruning);
+  if (method.activation_sparsity().active()) out.push_back(Feature::ActivationSparsity);
   switch (method.kv_page_format()) {
     case KvPageFormat::Any: break;
     case KvPageFormat::F32: out.push_back(Feature::KvPagesF32); break;
@@ -321,6 +323,31 @@ std::vector<Feature> method_features(const Method& method, uint32_t hooks) {
     out.push_back(Feature::KvBitPlanes);
   return out;
 }
+
+namespace {
+
+// A method's activation sparsity fits the model: one entry per layer, no NaN.
+Status check_activation_sparsity(const ActivationSparsity& a, const ModelConfig& c, uint32_t hooks,
+                                 const std::string& name) {
+  if (!a.active()) return ok_status();
+  if (!a.input_threshold.empty() && int64_t(a.input_threshold.size()) != c.n_layers)
+    return Error{fmt::format("method {}: activation sparsity has input thresholds for {} layers; the model has {}",
+                             name, a.input_threshold.size(), c.n_layers)};
+  if (!a.gate_threshold.empty() && int64_t(a.gate_threshold.size()) != c.n_layers)
+    return Error{fmt::format("method {}: activation sparsity has gate thresholds for {} layers; the model has {}", name,
+                             a.gate_threshold.size(), c.n_layers)};
+  for (size_t l = 0; l < a.input_threshold.size(); ++l)
+    for (const float t : a.input_threshold[l])
+      if (std::isnan(t)) return Error{fmt::format("method {}: an input threshold of layer {} is NaN", name, l)};
+  for (size_t l = 0; l < a.gate_threshold.size(); ++l)
+    if (std::isnan(a.gate_threshold[l])) return Error{fmt::format("method {}: the gate threshold of layer {} is NaN", name, l)};
+  if ((hooks & kHookComponentMask) != 0)
+    return Error{fmt::format("method {}: activation sparsity with component masks (mask_components) is not supported",
+                             name)};
+  return ok_status();
+}
+
+}  // namespace
 
 Status Engine::set_method(Method* method, uint32_t hooks, const WeightOverrides* overrides, const std::string& name) {
   std::vector<Feature> needed;
@@ -337,6 +364,11 @@ Status Engine::set_method(Method* method, uint32_t hooks, const WeightOverrides*
     return Error{fmt::format("method {} needs key selection per query head, which takes groups of at most {} "
                              "query heads; this model has {}",
                              name, kMaxSelectionGroup, config().group_size())};
+  ActivationSparsity sparsity;
+  if (method != nullptr) {
+    sparsity = method->activation_sparsity();
+    if (auto s = check_activation_sparsity(sparsity, config(), hooks, name); !s) return s;
+  }
   // Bit-plane pages: the method's sequences come from a pool of its planes.
   std::shared_ptr<KvPagePool> pool = default_pool_;
   if (method != nullptr) {
@@ -397,10 +429,12 @@ Status Engine::set_method(Method* method, uint32_t hooks, const WeightOverrides*
     }
     overrides_applied_ = serial;
   }
+  if (auto s = backend_->prepare_sparsity(sparsity); !s) return Error{fmt::format("method {}: {}", name, s.message())};
   static std::atomic<uint64_t> next_instance{1};
   if (method != nullptr && method->engine_instance == 0) method->engine_instance = next_instance++;
   method_ = method;
   hooks_ = method != nullptr ? hooks : 0;
+  sparsity_ = std::move(sparsity);
   pool_ = std::move(pool);
   return ok_status();
 }
@@ -444,6 +478,19 @@ std::map<std::string, double> EngineCounters::as_map() const {
     out["requant_refetched"] = double(refetched);
     if (rows > 0) out["requant_refetch_rate"] = double(refetched) / double(rows);
     out["decode_lsb_keys_read"] = double(decode_lsb_keys_read);
+  }
+  if (!sparse_inputs.empty()) {  // only with activation sparsity
+    static const char* const kNames[] = {"q", "k", "v", "o", "gate", "up", "down"};
+    int64_t inputs = 0, zeros = 0;
+    for (size_t p = 0; p < sparse_inputs.size(); ++p) {
+      inputs += sparse_inputs[p];
+      zeros += sparse_zeros[p];
+      if (sparse_inputs[p] > 0)
+        out[fmt::format("activation_sparsity.{}", kNames[p])] = double(sparse_zeros[p]) / double(sparse_inputs[p]);
+    }
+    out["sparse_inputs"] = double(inputs);
+    out["sparse_inputs_zero"] = double(zeros);
+    if (inputs > 0) out["activation_sparsity"] = double(zeros) / double(inputs);
   }
   if (attention_seconds > 0) out["attention_ms"] = attention_seconds * 1e3;  // only when timed
   if (sparse_plan_seconds > 0) out["sparse_plan_ms"] = sparse_plan_seconds * 1e3;
@@ -515,6 +562,7 @@ Status Engine::forward(KvSequence& seq, std::span<const int32_t> tokens, int64_t
   call.bound_per_head = call.has(kHookPageBudget) && method_->bound_scope() == BoundScope::QueryHead;
   if (method_ != nullptr) call.values = method_->value_pruning();
   if (method_ != nullptr) call.quant = method_->kv_quantization();
+  if (sparsity_.active()) call.sparsity = &sparsity_;
   if (auto s = check_call(seq, tokens, call.cache_positions); !s) return s;
   try {
     if (method_ != nullptr)

@@ -82,6 +82,11 @@ struct EngineCounters {
   std::vector<int64_t> requant_refetched;
   int64_t decode_lsb_keys_read = 0;  // cached keys whose LSB planes decode steps read, per (layer, kv head)
   int64_t neurons_skipped = 0;       // (call, layer, FFN neuron) not computed
+  // Activation sparsity, per projection (Q, K, V, O, Gate, Up, Down): input
+  // entries the projections read in every call, and those taken as zero (for
+  // CATS's gated FFN: its neurons, counted under Up); empty: never active.
+  std::vector<int64_t> sparse_inputs;
+  std::vector<int64_t> sparse_zeros;
   int64_t sparse_prefill_heads = 0;  // (call, layer, head) computed with a prefill pattern
   int64_t sparse_prefill_keys_read = 0;    // keys those heads' rows read, summed over rows
   int64_t sparse_prefill_keys_causal = 0;  // keys the same rows read densely (causal)
@@ -229,6 +234,7 @@ class Engine {
   std::vector<std::shared_ptr<KvPagePool>> method_pools_;  // bit-plane pools methods asked for
   Method* method_ = nullptr;
   uint32_t hooks_ = 0;
+  ActivationSparsity sparsity_;  // the method's (Method::activation_sparsity), checked
   uint64_t overrides_applied_ = 0;                     // serial of the overrides the backend holds (0: none)
   std::vector<std::pair<Proj, int32_t>> overridden_;  // what they replaced
   std::vector<std::pair<Proj, int32_t>> adapted_;     // where they put unmerged adapters

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <array>
 
 namespace inferlab {
 
@@ -35,12 +36,14 @@ Status ForwardPass::run(int64_t logits_from, const LogitsSink& sink) {
     if (!replayed) return replayed.error();
     if (*replayed) {
       if (logits_from == 0 && wanted) ++counters_.logits_rows;
+      if (auto s = collect_sparsity(); !s) return s;
       double attention_seconds = 0;
       return backend_.end_call(attention_seconds);
     }
   }
   if (auto s = run_layers(); !s) return s;
   finish_call();
+  if (auto s = collect_sparsity(); !s) return s;
   if (wanted) {
     // Rows pruned inside the call have no logits: the rows asked for must all be left.
     const auto first = std::lower_bound(row_ids_.begin(), row_ids_.end(), int32_t(logits_from));
@@ -165,6 +168,7 @@ Result<bool> ForwardPass::try_replay(const LogitsSink& sink) {
     if (keys.by_bound_per_head && keys.any_by_bound())  // the union's size: known once selected
       if (auto s = backend_.read_bound_selection(l, keys); !s) return s.error();
     count_keys(keys);
+    count_sparse_inputs(l);
   }
   ++counters_.graph_replays;
   finish_call();
@@ -212,12 +216,15 @@ Status ForwardPass::tap(Tap which, uint32_t bit, std::vector<float>& out) {
 Status ForwardPass::run_layer(int32_t l) {
   ComponentMask mask;
   const ComponentMask* active = nullptr;
-  std::vector<float> hidden_in, queries, key_rows, value_rows, attention_out, ffn_activation;  // taps, when observed
+  // taps, when observed
+  std::vector<float> hidden_in, queries, key_rows, value_rows, attention_out, ffn_activation, attention_in, ffn_in,
+      ffn_gate;
   if (auto s = tap(Tap::HiddenIn, kTapHiddenIn, hidden_in); !s) return s;
   if (auto s = decide_mask(l, mask, active); !s) return s;
   if (auto s = backend_.rmsnorm(Norm::Attention, l); !s) return s;
+  if (auto s = tap(Tap::AttentionIn, kTapAttentionIn, attention_in); !s) return s;
   static constexpr Proj kQkv[] = {Proj::Q, Proj::K, Proj::V};
-  if (auto s = backend_.linear_group(kQkv, l); !s) return s;
+  if (auto s = project(kQkv, l); !s) return s;
   if (auto s = backend_.rope(seq_, l, true); !s) return s;
   if (auto s = tap(Tap::Queries, kTapQueries, queries); !s) return s;
   if (auto s = tap(Tap::Keys, kTapKeys, key_rows); !s) return s;
@@ -276,15 +283,17 @@ Status ForwardPass::run_layer(int32_t l) {
   if (auto s = evict(l); !s) return s;
   if (auto s = tap(Tap::AttentionOut, kTapAttentionOut, attention_out); !s) return s;
 
-  if (auto s = backend_.linear(Proj::O, l); !s) return s;
+  if (auto s = project(std::array{Proj::O}, l); !s) return s;
   if (auto s = backend_.add_residual(); !s) return s;
   if (auto s = backend_.rmsnorm(Norm::Ffn, l); !s) return s;
-  if (auto s = ffn(l, active, ffn_activation); !s) return s;
+  if (auto s = tap(Tap::FfnIn, kTapFfnIn, ffn_in); !s) return s;
+  if (auto s = ffn(l, active, ffn_gate, ffn_activation); !s) return s;
   if (auto s = backend_.add_residual(); !s) return s;
   if (auto s = prune_rows(l); !s) return s;
+  if (!capturing_) count_sparse_inputs(l);
   if (observer_ != nullptr)
     observer_->on_layer(CalibrationTaps{0, l, step_.n_tokens, tokens_, hidden_in, queries, key_rows, attention_out,
-                                        ffn_activation, {}, value_rows});
+                                        ffn_activation, {}, value_rows, attention_in, ffn_in, ffn_gate});
   return ok_status();
 }
 
@@ -517,13 +526,21 @@ Status ForwardPass::drop_tokens(int32_t l, int32_t g, std::vector<int32_t> drop)
   return ok_status();
 }
 
-Status ForwardPass::ffn(int32_t l, const ComponentMask* mask, std::vector<float>& activation) {
+Status ForwardPass::ffn(int32_t l, const ComponentMask* mask, std::vector<float>& gate, std::vector<float>& activation) {
+  if (const float t = gate_threshold(l); t >= 0) {  // CATS: the gate decides which neurons up and down compute
+    if (auto s = project(std::array{Proj::Gate}, l); !s) return s;
+    if (auto s = tap(Tap::FfnGate, kTapFfnGate, gate); !s) return s;
+    if (auto s = backend_.gated_swiglu(l, t); !s) return s;
+    if (auto s = tap(Tap::FfnActivation, kTapFfnActivation, activation); !s) return s;
+    return backend_.linear_sparse(Proj::Down, l, std::max(0.0f, input_threshold(l, Proj::Down)));
+  }
   if (mask == nullptr || mask->all_neurons) {
     static constexpr Proj kGateUp[] = {Proj::Gate, Proj::Up};
-    if (auto s = backend_.linear_group(kGateUp, l); !s) return s;
+    if (auto s = project(kGateUp, l); !s) return s;
+    if (auto s = tap(Tap::FfnGate, kTapFfnGate, gate); !s) return s;
     if (auto s = backend_.swiglu(config_.n_ff); !s) return s;
     if (auto s = tap(Tap::FfnActivation, kTapFfnActivation, activation); !s) return s;
-    return backend_.linear(Proj::Down, l);
+    return project(std::array{Proj::Down}, l);
   }
   // Only the selected neurons' rows of gate/up and columns of down are read.
   const auto* rows = &mask->neurons;
@@ -532,6 +549,57 @@ Status ForwardPass::ffn(int32_t l, const ComponentMask* mask, std::vector<float>
   if (auto s = backend_.swiglu(int64_t(rows->size())); !s) return s;
   if (!capturing_) counters_.neurons_skipped += config_.n_ff - int64_t(rows->size());
   return backend_.linear(Proj::Down, l, rows);
+}
+
+// Activation sparsity: projection p's input threshold at layer l (< 0: dense).
+float ForwardPass::input_threshold(int32_t l, Proj p) const {
+  const ActivationSparsity* a = method_.sparsity;
+  if (a == nullptr || a->input_threshold.empty()) return -1.0f;
+  return a->input_threshold[size_t(l)][size_t(p)];
+}
+
+float ForwardPass::gate_threshold(int32_t l) const {
+  const ActivationSparsity* a = method_.sparsity;
+  return a == nullptr || a->gate_threshold.empty() ? -1.0f : a->gate_threshold[size_t(l)];
+}
+
+// Projections that read the same input, each through its own input threshold
+// when the method has activation sparsity.
+Status ForwardPass::project(std::span<const Proj> projs, int32_t l) {
+  bool sparse = false;
+  for (const Proj p : projs) sparse = sparse || input_threshold(l, p) >= 0;
+  if (!sparse) return projs.size() == 1 ? backend_.linear(projs[0], l) : backend_.linear_group(projs, l);
+  for (const Proj p : projs) {
+    const float t = input_threshold(l, p);
+    if (auto s = t >= 0 ? backend_.linear_sparse(p, l, t) : backend_.linear(p, l); !s) return s;
+  }
+  return ok_status();
+}
+
+// The input entries layer l's sparse projections read in this call (the
+// zeros among them come from the backend after the call).
+void ForwardPass::count_sparse_inputs(int32_t l) {
+  if (method_.sparsity == nullptr) return;
+  counters_.sparse_inputs.resize(size_t(kSparseProjections), 0);
+  counters_.sparse_zeros.resize(size_t(kSparseProjections), 0);
+  const bool gated = gate_threshold(l) >= 0;
+  for (int32_t p = 0; p < kSparseProjections; ++p) {
+    const Proj proj = Proj(p);
+    const bool counted = input_threshold(l, proj) >= 0 || (gated && (proj == Proj::Up || proj == Proj::Down));
+    if (!counted) continue;
+    // CATS counts its neurons under Up (the gate's outputs), every other the projection's input
+    const int64_t width = proj == Proj::Up && gated ? config_.n_ff : proj_shape(config_, proj).second;
+    counters_.sparse_inputs[size_t(p)] += int64_t(rows()) * width;
+  }
+}
+
+Status ForwardPass::collect_sparsity() {
+  if (method_.sparsity == nullptr) return ok_status();
+  std::array<int64_t, kSparseProjections> zeros{};
+  if (auto s = backend_.read_sparsity(zeros); !s) return s;
+  counters_.sparse_zeros.resize(size_t(kSparseProjections), 0);
+  for (size_t p = 0; p < zeros.size(); ++p) counters_.sparse_zeros[p] += zeros[p];
+  return ok_status();
 }
 
 }  // namespace inferlab

@@ -35,6 +35,7 @@ struct MethodCall {
   bool bound_per_head = false;   // kHookPageBudget with BoundScope::QueryHead
   ValuePruning values;           // Method::value_pruning
   KvQuantization quant;          // Method::kv_quantization
+  const ActivationSparsity* sparsity = nullptr;  // Method::activation_sparsity, when active
   SequenceState* state = nullptr;  // the method's state for this sequence
   bool has(uint32_t hook) const { return method != nullptr && (hooks & hook) != 0; }
 };
@@ -65,8 +66,13 @@ class ForwardPass {
   Status prune_rows(int32_t layer);
   Status evict(int32_t layer);
   Status drop_tokens(int32_t layer, int32_t kv_head, std::vector<int32_t> drop);
-  Status ffn(int32_t layer, const ComponentMask* mask, std::vector<float>& activation);
+  Status ffn(int32_t layer, const ComponentMask* mask, std::vector<float>& gate, std::vector<float>& activation);
   void count_keys(const KeyPlan& plan, const ComponentMask* mask = nullptr);
+  float input_threshold(int32_t layer, Proj proj) const;
+  float gate_threshold(int32_t layer) const;
+  Status project(std::span<const Proj> projs, int32_t layer);
+  void count_sparse_inputs(int32_t layer);
+  Status collect_sparsity();
   void finish_call();
   Status tap(Tap tap, uint32_t bit, std::vector<float>& out);
 

@@ -14,7 +14,7 @@ const char* hook_call_name(int32_t call) {
       "new_sequence_state", "prefill_pattern", "select_kv",     "page_budget",        "on_attention",
       "evict",            "plan_layers",      "exit_after_layer", "mask_components",  "retention_budget",
       "retention_policy", "bound_scope",      "kv_page_format", "kv_positions",       "dense_prefill",
-      "value_pruning",    "kv_quantization",  "counters"};
+      "value_pruning",    "kv_quantization",  "activation_sparsity", "counters"};
   static_assert(std::size(names) == size_t(HookCall::counters) + 1, "a name for every HookCall");
   return call >= 0 && size_t(call) < std::size(names) ? names[call] : nullptr;
 }
@@ -158,6 +158,11 @@ ValuePruning TrackedMethod::value_pruning() const {
 KvQuantization TrackedMethod::kv_quantization() const {
   const Scope scope(*this, HookCall::kv_quantization);
   return inner_.kv_quantization();
+}
+
+ActivationSparsity TrackedMethod::activation_sparsity() const {
+  const Scope scope(*this, HookCall::activation_sparsity);
+  return inner_.activation_sparsity();
 }
 
 std::map<std::string, double> TrackedMethod::counters() const {

@@ -40,7 +40,7 @@ class CudaBackend final : public Backend {
   const char* name() const override { return "cuda"; }
   bool supports(Feature feature) const override;
   std::string device_description() const override;
-  int64_t weight_bytes() const override { return weight_bytes_; }
+  int64_t weight_bytes() const override;
   std::shared_ptr<KvPagePool> pool() const override { return pool_; }
   // One device pool per width pair, made on first use and kept.
   std::unique_ptr<BackendKvView> kv_view(const KvSequence& seq) const override;
@@ -50,6 +50,10 @@ class CudaBackend final : public Backend {
   Status rmsnorm(Norm norm, int32_t layer) override;
   Status linear(Proj proj, int32_t layer, const std::vector<int32_t>* rows) override;
   Status swiglu(int64_t cols) override;
+  Status linear_sparse(Proj proj, int32_t layer, float threshold) override;
+  Status gated_swiglu(int32_t layer, float threshold) override;
+  Status prepare_sparsity(const ActivationSparsity& sparsity) override;
+  Status read_sparsity(std::array<int64_t, kSparseProjections>& zeros) override;
   Status add_residual() override;
   Status rope(const KvSequence& seq, int32_t layer, bool queries) override;
   Status append_kv(KvSequence& seq, int32_t layer) override;
@@ -113,7 +117,17 @@ class CudaBackend final : public Backend {
   // cuda_weights.cpp
   void* weight_alloc(int64_t elems, kernels::DType dtype);
   const void* weight(Proj proj, int32_t layer) const;
-  const void* w_down_transposed(int32_t layer);
+  // (in, out) of dtype_: a neuron mask's down columns, activation sparsity's
+  // skipped inputs as skipped rows (made when first needed, or by
+  // prepare_sparsity); null: out of GPU memory.
+  const void* transposed(Proj proj, int32_t layer);
+  struct LinearIo {
+    const void* x;  // (n, in) of dtype_
+    float* y;       // (n, out)
+    int64_t in, out;
+  };
+  Result<LinearIo> linear_io(Proj proj);
+  Status linear_from(Proj proj, int32_t layer, const void* x, float* y, int64_t in, int64_t out);
   Status gemm(const void* x, const void* w, float* y, int64_t m, int64_t n, int64_t k);
   // cuda_adapters.cpp
   Status apply_adapter(Proj proj, int32_t layer, const void* x, float* y, int64_t in, int64_t out);
@@ -172,7 +186,11 @@ class CudaBackend final : public Backend {
   std::vector<std::vector<const void*>> weights_;         // [proj][layer] (out, in) of dtype_
   std::vector<DeviceLayerNorms> norms_;
   std::map<std::pair<int32_t, int32_t>, DeviceMemory> overrides_;  // (proj, layer) -> this run's weight
-  std::vector<DeviceMemory> w_down_t_;  // per layer (n_ff, n_embd), built when a neuron mask first needs it
+  std::map<std::pair<int32_t, int32_t>, DeviceMemory> transposed_;  // (proj, layer) -> (in, out)
+  // Activation sparsity: the sparse GEMV's split partials, a sparsified
+  // many-row input, and the zero counts per projection (7, unsigned 64-bit).
+  DeviceMemory sparse_partial_, sparse_x_, sparse_zeros_;
+  bool sparsity_prepared_ = false;
   struct DeviceAdapter {
     int32_t rank = 0;
     DeviceMemory a, b;  // (rank, in), (out, rank) of dtype_, scales folded into b

@@ -29,32 +29,42 @@ Status CudaBackend::rmsnorm(Norm norm, int32_t l) {
   return ok_status();
 }
 
-Status CudaBackend::linear(Proj p, int32_t l, const std::vector<int32_t>* rows) {
+// A projection's input (in the GEMM's type) and output in the workspace; O's
+// input is converted from the attention output first.
+Result<CudaBackend::LinearIo> CudaBackend::linear_io(Proj p) {
   const ModelConfig& c = config_;
-  const void* w = weight(p, l);
-  const void* x = xn_.as();
-  float* y = nullptr;
-  int64_t in = c.n_embd, out = 0;
   switch (p) {
-    case Proj::Q: y = q_.as<float>(), out = c.q_dim(); break;
-    case Proj::K: y = k_.as<float>(), out = c.kv_dim(); break;
-    case Proj::V: y = v_.as<float>(), out = c.kv_dim(); break;
+    case Proj::Q: return LinearIo{xn_.as(), q_.as<float>(), c.n_embd, c.q_dim()};
+    case Proj::K: return LinearIo{xn_.as(), k_.as<float>(), c.n_embd, c.kv_dim()};
+    case Proj::V: return LinearIo{xn_.as(), v_.as<float>(), c.n_embd, c.kv_dim()};
     case Proj::O:
       CUDA_TRY(kc::convert_from_float(attn_.as<float>(), n_ * c.q_dim(), attn_t_.as(), dtype_, stream_), "convert");
-      x = attn_t_.as(), y = proj_.as<float>(), in = c.q_dim(), out = c.n_embd;
-      break;
-    case Proj::Gate:
-    case Proj::Up: y = p == Proj::Gate ? gate_.as<float>() : up_.as<float>(), out = c.n_ff; break;
-    case Proj::Down: x = act_.as(), y = proj_.as<float>(), in = c.n_ff, out = c.n_embd; break;
-    case Proj::Output: return Error{"cuda backend: the output projection runs inside the logits op"};
+      return LinearIo{attn_t_.as(), proj_.as<float>(), c.q_dim(), c.n_embd};
+    case Proj::Gate: return LinearIo{xn_.as(), gate_.as<float>(), c.n_embd, c.n_ff};
+    case Proj::Up: return LinearIo{xn_.as(), up_.as<float>(), c.n_embd, c.n_ff};
+    case Proj::Down: return LinearIo{act_.as(), proj_.as<float>(), c.n_ff, c.n_embd};
+    case Proj::Output: break;
   }
-  if (rows == nullptr) {
-    Status dequantized = ok_status();
-    if (const void* stored = stored_weight(p, l, dequantized); stored != nullptr) w = stored;
-    if (!dequantized) return dequantized;
-    if (auto s = gemm(x, w, y, n_, out, in); !s) return s;
-    return apply_adapter(p, l, x, y, in, out);
-  }
+  return Error{"cuda backend: the output projection runs inside the logits op"};
+}
+
+// y = x W^T (+ adapters) for the call's rows, x in the GEMM's type.
+Status CudaBackend::linear_from(Proj p, int32_t l, const void* x, float* y, int64_t in, int64_t out) {
+  const void* w = weight(p, l);
+  Status dequantized = ok_status();
+  if (const void* stored = stored_weight(p, l, dequantized); stored != nullptr) w = stored;
+  if (!dequantized) return dequantized;
+  if (auto s = gemm(x, w, y, n_, out, in); !s) return s;
+  return apply_adapter(p, l, x, y, in, out);
+}
+
+Status CudaBackend::linear(Proj p, int32_t l, const std::vector<int32_t>* rows) {
+  const ModelConfig& c = config_;
+  auto io = linear_io(p);
+  if (!io) return io.error();
+  const void* w = weight(p, l);
+  if (rows == nullptr) return linear_from(p, l, io->x, io->y, io->in, io->out);
+  float* y = io->y;
   if (stored_.count({int32_t(p), l}) != 0)
     return Error{fmt::format("cuda backend: a neuron subset of {}, stored in NF4 for this run", proj_name(p))};
   if (adapters_.count({int32_t(p), l}) != 0)
@@ -70,7 +80,7 @@ Status CudaBackend::linear(Proj p, int32_t l, const std::vector<int32_t>* rows) 
     return Error{"cuda engine: out of GPU memory for a neuron subset"};
   CUDA_TRY(cudaMemcpyAsync(rows_.as(), rows->data(), size_t(k) * 4, cudaMemcpyHostToDevice, stream_), "neuron subset");
   if (p == Proj::Down) {
-    const void* down_t = w_down_transposed(l);
+    const void* down_t = transposed(Proj::Down, l);
     if (down_t == nullptr) return Error{"cuda engine: out of GPU memory for a transposed down projection"};
     CUDA_TRY(kc::gather_rows(down_t, dtype_, c.n_embd, rows_.as<int32_t>(), k, w_sel_.as(), stream_), "gather");
     if (kc::gemm_xw(cublas_, act_.as(), w_sel_.as(), dtype_, proj_.as<float>(), n_, c.n_embd, k) !=
@@ -182,20 +192,24 @@ Status CudaBackend::read_tap(Tap tap, std::vector<float>& out) {
     out.resize(size_t(n_ * cols));
     return download(from.as(), out.size() * 4, out.data());
   };
+  auto take_typed = [&](const DeviceMemory& from, int64_t cols) {  // a GEMM input, kept in the GEMM's type
+    std::vector<uint16_t> raw(size_t(n_ * cols));
+    if (auto s = download(from.as(), raw.size() * 2, raw.data()); !s) return s;
+    out.resize(raw.size());
+    for (size_t i = 0; i < raw.size(); ++i)
+      out[i] = dtype_ == kernels::DType::BF16 ? kernels::cpu::bf16_to_float(raw[i]) : kernels::cpu::f16_to_float(raw[i]);
+    return ok_status();
+  };
   switch (tap) {
     case Tap::HiddenIn: return take(x_, c.n_embd);
+    case Tap::AttentionIn:
+    case Tap::FfnIn: return take_typed(xn_, c.n_embd);
+    case Tap::FfnGate: return take(gate_, c.n_ff);
     case Tap::Queries: return take(q_, c.q_dim());
     case Tap::Keys: return take(k_, c.kv_dim());
     case Tap::AttentionOut: return take(attn_, c.q_dim());
     case Tap::Values: return take(v_, c.kv_dim());
-    case Tap::FfnActivation: {  // the activation is kept in the GEMM's type
-      std::vector<uint16_t> raw(size_t(n_ * c.n_ff));
-      if (auto s = download(act_.as(), raw.size() * 2, raw.data()); !s) return s;
-      out.resize(raw.size());
-      for (size_t i = 0; i < raw.size(); ++i)
-        out[i] = dtype_ == kernels::DType::BF16 ? kernels::cpu::bf16_to_float(raw[i]) : kernels::cpu::f16_to_float(raw[i]);
-      return ok_status();
-    }
+    case Tap::FfnActivation: return take_typed(act_, c.n_ff);
   }
   return ok_status();
 }

@@ -122,7 +122,7 @@ Status CudaBackend::set_weight_override(Proj p, int32_t l, std::span<const float
   const int32_t at = std::max(l, 0);
   // A captured graph holds the weight's address; a transposed copy was made from it.
   drop_graphs();
-  if (p == Proj::Down && size_t(at) < w_down_t_.size()) w_down_t_[size_t(at)] = DeviceMemory{};
+  transposed_.erase({int32_t(p), at});  // transposed again when needed
   if (data.empty()) {
     overrides_.erase({int32_t(p), at});
     return ok_status();
@@ -138,18 +138,23 @@ Status CudaBackend::set_weight_override(Proj p, int32_t l, std::span<const float
   return ok_status();
 }
 
-const void* CudaBackend::w_down_transposed(int32_t l) {
-  const ModelConfig& c = config_;
-  if (w_down_t_.empty()) w_down_t_.resize(size_t(c.n_layers));
-  DeviceMemory& t = w_down_t_[size_t(l)];
+const void* CudaBackend::transposed(Proj p, int32_t l) {
+  DeviceMemory& t = transposed_[{int32_t(p), l}];
   if (t.bytes() == 0) {
-    if (!t.reserve(size_t(c.n_ff) * size_t(c.n_embd) * size_t(kernels::dtype_bytes(dtype_)))) return nullptr;
-    if (kc::transpose(weight(Proj::Down, l), dtype_, c.n_embd, c.n_ff, t.as(), stream_) != cudaSuccess) {
-      t = DeviceMemory{};  // not transposed: the next call must not take it for done
+    const auto [out, in] = proj_shape(config_, p);
+    if (!t.reserve(size_t(out) * size_t(in) * size_t(kernels::dtype_bytes(dtype_))) ||
+        kc::transpose(weight(p, l), dtype_, out, in, t.as(), stream_) != cudaSuccess) {
+      transposed_.erase({int32_t(p), l});  // not transposed: the next call must not take it for done
       return nullptr;
     }
   }
   return t.as();
+}
+
+int64_t CudaBackend::weight_bytes() const {
+  int64_t bytes = weight_bytes_;
+  for (const auto& [key, t] : transposed_) bytes += int64_t(t.bytes());
+  return bytes;
 }
 
 Status CudaBackend::gemm(const void* x, const void* w, float* y, int64_t m, int64_t n, int64_t k) {

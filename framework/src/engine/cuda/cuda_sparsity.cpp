@@ -1,0 +1,111 @@
+// Activation sparsity on the CUDA backend (TEAL's sparse projections, CATS's
+// gated FFN): one-row calls read only the weight rows of kept inputs from a
+// transposed copy; the decisions stay on the device, so such steps replay.
+#include <fmt/format.h>
+
+#include <algorithm>
+
+#include "cuda/activation_sparse.cuh"
+#include "engine/cuda/cuda_backend.h"
+#include "engine/cuda/cuda_check.h"
+
+namespace inferlab {
+
+namespace kc = kernels::cuda;
+
+namespace {
+unsigned long long* zeros_of(const DeviceMemory& zeros, Proj p) {
+  return zeros.as<unsigned long long>() + static_cast<int>(p);
+}
+}  // namespace
+
+Status CudaBackend::linear_sparse(Proj p, int32_t l, float threshold) {
+  auto io = linear_io(p);
+  if (!io) return io.error();
+  const bool adapter = adapters_.count({int32_t(p), l}) != 0;
+  if (n_ == 1 && stored_.count({int32_t(p), l}) == 0) {
+    const void* wt = transposed(p, l);
+    if (wt == nullptr) return Error{fmt::format("cuda engine: out of GPU memory for a transposed {}", proj_name(p))};
+    CUDA_TRY(kc::sparse_input_gemv(io->x, wt, dtype_, io->in, io->out, threshold, sparse_partial_.as<float>(), io->y,
+                                   zeros_of(sparse_zeros_, p), stream_),
+             "sparse projection");
+    if (!adapter) return ok_status();
+    CUDA_TRY(kc::sparsify(io->x, dtype_, io->in, threshold, sparse_x_.as(), nullptr, stream_), "sparsify");
+    return apply_adapter(p, l, sparse_x_.as(), io->y, io->in, io->out);
+  }
+  // More rows (or NF4 storage): the sparsified input through the dense GEMM.
+  const size_t bytes = size_t(n_ * io->in) * size_t(kernels::dtype_bytes(dtype_));
+  if (bytes > sparse_x_.bytes()) {
+    drop_graphs();  // they hold the old address
+    if (!sparse_x_.reserve(bytes))
+      return Error{fmt::format("cuda engine: out of GPU memory for a sparsified input of {} rows", n_)};
+  }
+  CUDA_TRY(kc::sparsify(io->x, dtype_, n_ * io->in, threshold, sparse_x_.as(), zeros_of(sparse_zeros_, p), stream_),
+           "sparsify");
+  return linear_from(p, l, sparse_x_.as(), io->y, io->in, io->out);
+}
+
+Status CudaBackend::gated_swiglu(int32_t l, float threshold) {
+  const ModelConfig& c = config_;
+  const std::pair<int32_t, int32_t> up{int32_t(Proj::Up), l};
+  if (n_ == 1 && stored_.count(up) == 0 && adapters_.count(up) == 0) {
+    CUDA_TRY(kc::gated_silu_up(gate_.as<float>(), xn_.as(), weight(Proj::Up, l), dtype_, c.n_ff, c.n_embd, threshold,
+                               act_.as(), zeros_of(sparse_zeros_, Proj::Up), stream_),
+             "gated up");
+    return ok_status();
+  }
+  if (auto s = linear(Proj::Up, l, nullptr); !s) return s;
+  CUDA_TRY(kc::gated_silu_mul(gate_.as<float>(), up_.as<float>(), n_ * c.n_ff, threshold, act_.as(), dtype_,
+                              zeros_of(sparse_zeros_, Proj::Up), stream_),
+           "gated swiglu");
+  return ok_status();
+}
+
+// Every transposed weight the method reads, and the workspace, made now (not
+// inside a captured step); what an earlier method's needed is freed.
+Status CudaBackend::prepare_sparsity(const ActivationSparsity& sparsity) {
+  if (!sparsity.active() && !sparsity_prepared_) return ok_status();
+  drop_graphs();  // a captured step holds the previous method's projections
+  const ModelConfig& c = config_;
+  int64_t partial = 0, widest = 0;
+  for (int32_t l = 0; l < c.n_layers; ++l)
+    for (int32_t p = 0; p < kSparseProjections; ++p) {
+      const bool gated = !sparsity.gate_threshold.empty() && sparsity.gate_threshold[size_t(l)] >= 0;
+      const bool sparse = (!sparsity.input_threshold.empty() && sparsity.input_threshold[size_t(l)][size_t(p)] >= 0) ||
+                          (gated && Proj(p) == Proj::Down);
+      if (!sparse) {
+        transposed_.erase({p, l});
+        continue;
+      }
+      if (transposed(Proj(p), l) == nullptr)
+        return Error{fmt::format("cuda engine: out of GPU memory for a transposed {} of layer {}", proj_name(Proj(p)), l)};
+      const auto [out, in] = proj_shape(c, Proj(p));
+      partial = std::max(partial, kc::sparse_input_splits(in) * out);
+      widest = std::max(widest, in);
+    }
+  sparsity_prepared_ = sparsity.active();
+  if (!sparsity_prepared_) {
+    sparse_partial_ = DeviceMemory{};
+    sparse_x_ = DeviceMemory{};
+    return ok_status();
+  }
+  if (!sparse_partial_.reserve(size_t(partial) * 4) || !sparse_zeros_.reserve(size_t(kSparseProjections) * 8) ||
+      (sparse_x_.bytes() < size_t(widest) * size_t(kernels::dtype_bytes(dtype_)) &&
+       !sparse_x_.reserve(size_t(widest) * size_t(kernels::dtype_bytes(dtype_)))))
+    return Error{"cuda engine: out of GPU memory for activation sparsity's workspace"};
+  CUDA_TRY(cudaMemsetAsync(sparse_zeros_.as(), 0, size_t(kSparseProjections) * 8, stream_), "sparsity counters");
+  CUDA_TRY(cudaStreamSynchronize(stream_), "transposed weights");
+  return ok_status();
+}
+
+Status CudaBackend::read_sparsity(std::array<int64_t, kSparseProjections>& zeros) {
+  zeros.fill(0);
+  if (!sparsity_prepared_) return ok_status();
+  std::array<unsigned long long, kSparseProjections> counts{};
+  if (auto s = download(sparse_zeros_.as(), sizeof(counts), counts.data()); !s) return s;
+  CUDA_TRY(cudaMemsetAsync(sparse_zeros_.as(), 0, sizeof(counts), stream_), "sparsity counters");
+  for (size_t p = 0; p < counts.size(); ++p) zeros[p] = int64_t(counts[p]);
+  return ok_status();
+}
+
+}  // namespace inferlab
