@@ -11,19 +11,33 @@ namespace inferlab::kernels::cpu {
 
 namespace {
 
-// y[c0, c1) += xi * w[c0, c1)
-inline void axpy(float* y, const float* w, float xi, int64_t c0, int64_t c1) {
-  const __m256 s = _mm256_set1_ps(xi);
-  int64_t j = c0;
-  for (; j + 32 <= c1; j += 32) {
-    _mm256_storeu_ps(y + j, _mm256_fmadd_ps(s, _mm256_loadu_ps(w + j), _mm256_loadu_ps(y + j)));
-    _mm256_storeu_ps(y + j + 8, _mm256_fmadd_ps(s, _mm256_loadu_ps(w + j + 8), _mm256_loadu_ps(y + j + 8)));
-    _mm256_storeu_ps(y + j + 16, _mm256_fmadd_ps(s, _mm256_loadu_ps(w + j + 16), _mm256_loadu_ps(y + j + 16)));
-    _mm256_storeu_ps(y + j + 24, _mm256_fmadd_ps(s, _mm256_loadu_ps(w + j + 24), _mm256_loadu_ps(y + j + 24)));
+// Kept input rows per chunk: each chunk's rows are summed into its own partial
+// row, the chunks then in order, so the result is the same whatever the thread count.
+constexpr int64_t kChunkRows = 32;
+
+// y[0, out) += the sum over `count` (1..4) rows of x_r * w_r[0, out), four
+// rows streamed at once (one load and store of y per four products).
+inline void axpy_rows(float* y, const float* const* w, const float* xs, int count, int64_t out) {
+  const __m256 s0 = _mm256_set1_ps(xs[0]), s1 = _mm256_set1_ps(count > 1 ? xs[1] : 0.0f),
+               s2 = _mm256_set1_ps(count > 2 ? xs[2] : 0.0f), s3 = _mm256_set1_ps(count > 3 ? xs[3] : 0.0f);
+  const float* w0 = w[0];
+  const float* w1 = count > 1 ? w[1] : w0;
+  const float* w2 = count > 2 ? w[2] : w0;
+  const float* w3 = count > 3 ? w[3] : w0;
+  int64_t j = 0;
+  for (; j + 8 <= out; j += 8) {
+    __m256 acc = _mm256_loadu_ps(y + j);
+    acc = _mm256_fmadd_ps(s0, _mm256_loadu_ps(w0 + j), acc);
+    acc = _mm256_fmadd_ps(s1, _mm256_loadu_ps(w1 + j), acc);
+    acc = _mm256_fmadd_ps(s2, _mm256_loadu_ps(w2 + j), acc);
+    acc = _mm256_fmadd_ps(s3, _mm256_loadu_ps(w3 + j), acc);
+    _mm256_storeu_ps(y + j, acc);
   }
-  for (; j + 8 <= c1; j += 8)
-    _mm256_storeu_ps(y + j, _mm256_fmadd_ps(s, _mm256_loadu_ps(w + j), _mm256_loadu_ps(y + j)));
-  for (; j < c1; ++j) y[j] = std::fma(xi, w[j], y[j]);
+  for (; j < out; ++j) {
+    float acc = y[j];
+    for (int r = 0; r < count; ++r) acc = std::fma(xs[r], w[r][j], acc);
+    y[j] = acc;
+  }
 }
 
 inline float dot(const float* a, const float* b, int64_t n) {
@@ -43,22 +57,74 @@ inline float dot(const float* a, const float* b, int64_t n) {
 
 }  // namespace
 
-int64_t sparse_input_gemv(float* y, const float* x, const float* wt, int64_t in, int64_t out, float threshold) {
-  std::vector<int32_t> kept;
-  kept.reserve(size_t(in));
-  for (int64_t i = 0; i < in; ++i)
-    if (std::fabs(x[i]) > threshold) kept.push_back(int32_t(i));
-  const int64_t n_kept = int64_t(kept.size());
-  // Each thread a contiguous range of columns (multiples of 8), every kept
-  // input row streamed over it in order.
-#pragma omp parallel if (n_kept * out >= (1 << 15))
-  {
-    const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num(), blocks = (out + 7) / 8;
-    const int64_t c0 = std::min(out, blocks * t / nt * 8), c1 = std::min(out, blocks * (t + 1) / nt * 8);
-    for (int64_t j = c0; j < c1; ++j) y[j] = 0.0f;
-    for (const int32_t i : kept) axpy(y, wt + int64_t(i) * out, x[i], c0, c1);
+// Every target's kept rows in chunks of kChunkRows, all chunks of all targets
+// in one parallel loop (one fork and join for Q, K and V); chunk c of a target
+// sums into its partial row c (chunk 0 straight into y), then the partials in order.
+void sparse_input_gemv_group(SparseInputTarget* targets, int count, const float* x, int64_t in) {
+  thread_local std::vector<int32_t> kept;
+  thread_local std::vector<float> partial;
+  struct Chunk {
+    int target;
+    int64_t first, last;  // into kept
+    float* acc;
+  };
+  thread_local std::vector<Chunk> chunks;
+  thread_local std::vector<int64_t> kept_from;
+  kept.clear();
+  chunks.clear();
+  kept_from.assign(size_t(count) + 1, 0);
+  int64_t partial_rows = 0, work = 0;
+  for (int t = 0; t < count; ++t) {
+    for (int64_t i = 0; i < in; ++i)
+      if (std::fabs(x[i]) > targets[t].threshold) kept.push_back(int32_t(i));
+    kept_from[size_t(t) + 1] = int64_t(kept.size());
+    const int64_t n_kept = kept_from[size_t(t) + 1] - kept_from[size_t(t)];
+    targets[t].zeros = in - n_kept;
+    work += n_kept * targets[t].out;
+    std::fill(targets[t].y, targets[t].y + targets[t].out, 0.0f);
+    partial_rows += std::max<int64_t>((n_kept + kChunkRows - 1) / kChunkRows - 1, 0) * targets[t].out;
   }
-  return in - n_kept;
+  partial.resize(size_t(partial_rows));
+  float* next_partial = partial.data();  // the calling thread's: the workers' thread_locals are others
+  for (int t = 0; t < count; ++t)
+    for (int64_t r = kept_from[size_t(t)], c = 0; r < kept_from[size_t(t) + 1]; r += kChunkRows, ++c) {
+      float* acc = targets[t].y;
+      if (c > 0) {
+        acc = next_partial;
+        next_partial += targets[t].out;
+        std::fill(acc, acc + targets[t].out, 0.0f);
+      }
+      chunks.push_back({t, r, std::min(r + kChunkRows, kept_from[size_t(t) + 1]), acc});
+    }
+  const int32_t* rows = kept.data();
+  const Chunk* list = chunks.data();
+  const int64_t n_chunks = int64_t(chunks.size());
+#pragma omp parallel for schedule(static) if (work >= (1 << 15))
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    const Chunk& ch = list[c];
+    const SparseInputTarget& t = targets[ch.target];
+    for (int64_t r = ch.first; r < ch.last; r += 4) {
+      const int n = int(std::min<int64_t>(4, ch.last - r));
+      const float* w[4];
+      float xs[4];
+      for (int k = 0; k < n; ++k) {
+        w[k] = t.wt + int64_t(rows[r + k]) * t.out;
+        xs[k] = x[rows[r + k]];
+      }
+      axpy_rows(ch.acc, w, xs, n, t.out);
+    }
+  }
+  for (const Chunk& ch : chunks) {
+    float* y = targets[ch.target].y;
+    if (ch.acc == y) continue;
+    for (int64_t j = 0; j < targets[ch.target].out; ++j) y[j] += ch.acc[j];
+  }
+}
+
+int64_t sparse_input_gemv(float* y, const float* x, const float* wt, int64_t in, int64_t out, float threshold) {
+  SparseInputTarget t{y, wt, out, threshold};
+  sparse_input_gemv_group(&t, 1, x, in);
+  return t.zeros;
 }
 
 int64_t sparsify(float* dst, const float* x, int64_t count, float threshold) {

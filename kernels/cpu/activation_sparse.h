@@ -16,6 +16,17 @@ namespace inferlab::kernels::cpu {
 // i whatever the thread count.
 int64_t sparse_input_gemv(float* y, const float* x, const float* wt, int64_t in, int64_t out, float threshold);
 
+// Several projections of the same input x(in) (Q, K, V), each through its own
+// threshold, in one parallel region; `zeros` is set to each one's count.
+struct SparseInputTarget {
+  float* y;
+  const float* wt;  // (in, out)
+  int64_t out;
+  float threshold;
+  int64_t zeros = 0;
+};
+void sparse_input_gemv_group(SparseInputTarget* targets, int count, const float* x, int64_t in);
+
 // dst(count) = x with the entries |x| <= threshold set to 0 (dst may be x).
 int64_t sparsify(float* dst, const float* x, int64_t count, float threshold);
 

@@ -4,7 +4,9 @@
 // many-row path (a sparsified input through the dense GEMM), zero counts equal
 // to what the taps show, bad declarations refused.
 #include <gtest/gtest.h>
+#include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 #include <vector>
@@ -47,6 +49,19 @@ TEST(ActivationSparsity, SparseInputGemvSumsTheKeptRowsOfTheTransposedWeight) {
         ASSERT_NEAR(y[size_t(o)], ref[size_t(o)], 1e-4 * (1 + std::fabs(ref[size_t(o)]))) << o;
     }
   }
+}
+
+TEST(ActivationSparsity, SparseInputGemvDoesNotDependOnTheThreadCount) {
+  const int64_t in = 1536, out = 576;  // 48 chunks of kept rows
+  const auto x = random_values(size_t(in), 7, 0.1f), wt = random_values(size_t(in * out), 8);
+  std::vector<float> one(static_cast<size_t>(out)), two(static_cast<size_t>(out));
+  const int threads = omp_get_max_threads();
+  omp_set_num_threads(1);
+  cpu::sparse_input_gemv(one.data(), x.data(), wt.data(), in, out, 0.3f);
+  omp_set_num_threads(std::max(2, threads));
+  cpu::sparse_input_gemv(two.data(), x.data(), wt.data(), in, out, 0.3f);
+  omp_set_num_threads(threads);
+  EXPECT_EQ(one, two);
 }
 
 TEST(ActivationSparsity, SparsifyZeroesSmallEntriesAndCountsThem) {

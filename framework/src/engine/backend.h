@@ -143,11 +143,12 @@ class Backend {
     return ok_status();
   }
   virtual Status swiglu(int64_t cols) = 0;                     // act = silu(gate) * up over `cols` columns
-  // Feature::ActivationSparsity: linear(proj, layer) with the input entries
-  // |x| <= threshold taken as zero and the weight columns they multiply not
-  // read (one-row calls; more rows compute the sparsified input densely).
-  virtual Status linear_sparse(Proj proj, int32_t layer, float threshold) {
-    (void)proj; (void)layer; (void)threshold;
+  // Feature::ActivationSparsity: linear(proj, layer) for projections that
+  // read the same input, each with its input entries |x| <= its threshold
+  // taken as zero and the weight columns they multiply not read (one-row
+  // calls; more rows compute the sparsified input densely).
+  virtual Status linear_sparse(std::span<const Proj> projs, int32_t layer, std::span<const float> thresholds) {
+    (void)projs; (void)layer; (void)thresholds;
     return Error{fmt::format("the {} backend has no activation sparsity", name())};
   }
   // Feature::ActivationSparsity (CATS), after linear(Gate): act = silu(gate) *

@@ -313,22 +313,37 @@ Status CpuBackend::linear_from(Proj p, int32_t l, const float* x) {
 }
 
 // One row against float32 weights: the kept inputs' rows of the transposed
-// weight only. Otherwise (more rows, NF4 or the file's blocks) the sparsified
-// input through the projection's own path: the same result, no saving.
-Status CpuBackend::linear_sparse(Proj p, int32_t l, float threshold) {
-  if (p == Proj::Output) return Error{"cpu backend: the output projection has no activation sparsity"};
-  const auto [x, y, in, out] = linear_io(p);
-  const bool adapter = adapters_[size_t(p)][size_t(l)].rank > 0;
-  if (n_ == 1 && stored_[size_t(p)][size_t(l)] == nullptr && file_weight(p, l) == nullptr) {
-    sparsity_zeros_[size_t(p)] += cpu::sparse_input_gemv(y, x, transposed(p, l).data(), in, out, threshold);
-    if (!adapter) return ok_status();
-    sparse_x_.resize(size_t(in));
-    cpu::sparsify(sparse_x_.data(), x, in, threshold);
-    return apply_adapter(p, l, sparse_x_.data(), y, in, out);
+// weights only, every projection in one parallel region. Otherwise (more rows,
+// NF4 or the file's blocks) the sparsified input through the projection's own
+// path: the same result, no saving.
+Status CpuBackend::linear_sparse(std::span<const Proj> projs, int32_t l, std::span<const float> thresholds) {
+  std::vector<cpu::SparseInputTarget> targets;
+  for (size_t i = 0; i < projs.size(); ++i) {
+    const Proj p = projs[i];
+    if (p == Proj::Output) return Error{"cpu backend: the output projection has no activation sparsity"};
+    const auto [x, y, in, out] = linear_io(p);
+    if (n_ == 1 && stored_[size_t(p)][size_t(l)] == nullptr && file_weight(p, l) == nullptr) {
+      targets.push_back({y, transposed(p, l).data(), out, thresholds[i]});
+      continue;
+    }
+    sparse_x_.resize(size_t(n_ * in));
+    sparsity_zeros_[size_t(p)] += cpu::sparsify(sparse_x_.data(), x, n_ * in, thresholds[i]);
+    if (auto s = linear_from(p, l, sparse_x_.data()); !s) return s;
   }
-  sparse_x_.resize(size_t(n_ * in));
-  sparsity_zeros_[size_t(p)] += cpu::sparsify(sparse_x_.data(), x, n_ * in, threshold);
-  return linear_from(p, l, sparse_x_.data());
+  if (targets.empty()) return ok_status();
+  const float* x = linear_io(projs[0]).x;  // the projections share their input
+  const int64_t in = linear_io(projs[0]).in;
+  cpu::sparse_input_gemv_group(targets.data(), int(targets.size()), x, in);
+  for (size_t i = 0, t = 0; i < projs.size(); ++i) {
+    const Proj p = projs[i];
+    if (t >= targets.size() || targets[t].y != linear_io(p).y) continue;  // computed above through its own path
+    sparsity_zeros_[size_t(p)] += targets[t++].zeros;
+    if (adapters_[size_t(p)][size_t(l)].rank == 0) continue;
+    sparse_x_.resize(size_t(in));
+    cpu::sparsify(sparse_x_.data(), x, in, thresholds[i]);
+    if (auto s = apply_adapter(p, l, sparse_x_.data(), linear_io(p).y, in, linear_io(p).out); !s) return s;
+  }
+  return ok_status();
 }
 
 // CATS: one row computes up only for the neurons the gate keeps (rows of the

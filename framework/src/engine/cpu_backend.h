@@ -34,7 +34,7 @@ class CpuBackend final : public Backend {
   Status linear(Proj proj, int32_t layer, const std::vector<int32_t>* rows) override;
   Status linear_group(std::span<const Proj> projs, int32_t layer) override;
   Status swiglu(int64_t cols) override;
-  Status linear_sparse(Proj proj, int32_t layer, float threshold) override;
+  Status linear_sparse(std::span<const Proj> projs, int32_t layer, std::span<const float> thresholds) override;
   Status gated_swiglu(int32_t layer, float threshold) override;
   Status prepare_sparsity(const ActivationSparsity& sparsity) override;
   Status read_sparsity(std::array<int64_t, kSparseProjections>& zeros) override;

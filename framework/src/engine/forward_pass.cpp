@@ -532,7 +532,8 @@ Status ForwardPass::ffn(int32_t l, const ComponentMask* mask, std::vector<float>
     if (auto s = tap(Tap::FfnGate, kTapFfnGate, gate); !s) return s;
     if (auto s = backend_.gated_swiglu(l, t); !s) return s;
     if (auto s = tap(Tap::FfnActivation, kTapFfnActivation, activation); !s) return s;
-    return backend_.linear_sparse(Proj::Down, l, std::max(0.0f, input_threshold(l, Proj::Down)));
+    const float down = std::max(0.0f, input_threshold(l, Proj::Down));
+    return backend_.linear_sparse(std::array{Proj::Down}, l, std::array{down});
   }
   if (mask == nullptr || mask->all_neurons) {
     static constexpr Proj kGateUp[] = {Proj::Gate, Proj::Up};
@@ -569,11 +570,18 @@ Status ForwardPass::project(std::span<const Proj> projs, int32_t l) {
   bool sparse = false;
   for (const Proj p : projs) sparse = sparse || input_threshold(l, p) >= 0;
   if (!sparse) return projs.size() == 1 ? backend_.linear(projs[0], l) : backend_.linear_group(projs, l);
+  std::vector<Proj> sparse_projs;
+  std::vector<float> thresholds;
   for (const Proj p : projs) {
     const float t = input_threshold(l, p);
-    if (auto s = t >= 0 ? backend_.linear_sparse(p, l, t) : backend_.linear(p, l); !s) return s;
+    if (t < 0) {
+      if (auto s = backend_.linear(p, l); !s) return s;
+      continue;
+    }
+    sparse_projs.push_back(p);
+    thresholds.push_back(t);
   }
-  return ok_status();
+  return backend_.linear_sparse(sparse_projs, l, thresholds);
 }
 
 // The input entries layer l's sparse projections read in this call (the

@@ -50,7 +50,8 @@ class CudaBackend final : public Backend {
   Status rmsnorm(Norm norm, int32_t layer) override;
   Status linear(Proj proj, int32_t layer, const std::vector<int32_t>* rows) override;
   Status swiglu(int64_t cols) override;
-  Status linear_sparse(Proj proj, int32_t layer, float threshold) override;
+  Status linear_sparse(std::span<const Proj> projs, int32_t layer, std::span<const float> thresholds) override;
+  Status linear_sparse_one(Proj proj, int32_t layer, float threshold);
   Status gated_swiglu(int32_t layer, float threshold) override;
   Status prepare_sparsity(const ActivationSparsity& sparsity) override;
   Status read_sparsity(std::array<int64_t, kSparseProjections>& zeros) override;

@@ -19,7 +19,13 @@ unsigned long long* zeros_of(const DeviceMemory& zeros, Proj p) {
 }
 }  // namespace
 
-Status CudaBackend::linear_sparse(Proj p, int32_t l, float threshold) {
+Status CudaBackend::linear_sparse(std::span<const Proj> projs, int32_t l, std::span<const float> thresholds) {
+  for (size_t i = 0; i < projs.size(); ++i)
+    if (auto s = linear_sparse_one(projs[i], l, thresholds[i]); !s) return s;
+  return ok_status();
+}
+
+Status CudaBackend::linear_sparse_one(Proj p, int32_t l, float threshold) {
   auto io = linear_io(p);
   if (!io) return io.error();
   const bool adapter = adapters_.count({int32_t(p), l}) != 0;
