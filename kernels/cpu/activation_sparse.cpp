@@ -165,4 +165,53 @@ int64_t gated_silu_mul(float* act, const float* gate, const float* up, int64_t c
   return zeros;
 }
 
+namespace {
+
+// The indices of the k largest values of `score` (ties to the lower index), flagged in `keep`.
+void flag_top_k(const float* score, int64_t n, int32_t k, std::vector<int32_t>& order, std::vector<uint8_t>& keep) {
+  order.resize(size_t(n));
+  for (int64_t i = 0; i < n; ++i) order[size_t(i)] = int32_t(i);
+  const int64_t kk = std::min<int64_t>(k, n);
+  std::nth_element(order.begin(), order.begin() + kk, order.end(), [&](int32_t a, int32_t b) {
+    return score[a] > score[b] || (score[a] == score[b] && a < b);
+  });
+  keep.assign(size_t(n), 0);
+  for (int64_t i = 0; i < kk; ++i) keep[size_t(order[size_t(i)])] = 1;
+}
+
+}  // namespace
+
+void keep_top_k_magnitudes(float* x, int64_t rows, int64_t cols, int32_t k) {
+  if (k >= cols) return;
+#pragma omp parallel for if (rows > 1)
+  for (int64_t r = 0; r < rows; ++r) {
+    std::vector<int32_t> order;
+    std::vector<uint8_t> keep;
+    std::vector<float> mag(static_cast<size_t>(cols));
+    float* row = x + r * cols;
+    for (int64_t j = 0; j < cols; ++j) mag[size_t(j)] = std::fabs(row[j]);
+    flag_top_k(mag.data(), cols, k, order, keep);
+    for (int64_t j = 0; j < cols; ++j)
+      if (keep[size_t(j)] == 0) row[j] = 0.0f;
+  }
+}
+
+void keep_top_heads(float* attn, int64_t rows, int32_t n_heads, int32_t head_dim, int32_t k, const uint8_t* computed) {
+  std::vector<int32_t> order;
+  std::vector<uint8_t> keep;
+  std::vector<float> norm(static_cast<size_t>(n_heads));
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = attn + r * n_heads * head_dim;
+    for (int32_t h = 0; h < n_heads; ++h) {
+      double sum = 0;
+      for (int32_t d = 0; d < head_dim; ++d) sum += double(row[h * head_dim + d]) * row[h * head_dim + d];
+      norm[size_t(h)] = computed[h] != 0 ? float(std::sqrt(sum)) : -1.0f;  // never before a computed head
+    }
+    flag_top_k(norm.data(), n_heads, k, order, keep);
+    for (int32_t h = 0; h < n_heads; ++h)
+      if (keep[size_t(h)] == 0 || computed[h] == 0) std::fill(row + h * head_dim, row + (h + 1) * head_dim, 0.0f);
+  }
+}
+
 }  // namespace inferlab::kernels::cpu
+

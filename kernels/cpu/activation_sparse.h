@@ -43,3 +43,17 @@ int64_t gated_silu_mul(float* act, const float* gate, const float* up, int64_t c
 inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
 
 }  // namespace inferlab::kernels::cpu
+
+namespace inferlab::kernels::cpu {
+
+// Oracle selection (ComponentMask::oracle_neurons): in each of `rows` rows of
+// x (rows, cols) the k entries of largest magnitude stay and the others become
+// 0; ties to the lower index (all of them stay when k >= cols).
+void keep_top_k_magnitudes(float* x, int64_t rows, int64_t cols, int32_t k);
+
+// Oracle selection of heads: in each row of attn (rows, n_heads * head_dim),
+// the k heads among those with computed[h] != 0 whose output has the largest
+// L2 norm keep it and every other head's output becomes 0; ties to the lower head.
+void keep_top_heads(float* attn, int64_t rows, int32_t n_heads, int32_t head_dim, int32_t k, const uint8_t* computed);
+
+}  // namespace inferlab::kernels::cpu

@@ -121,6 +121,78 @@ __global__ void gated_silu_mul_kernel(const float* gate, const float* up, int64_
   }
 }
 
+constexpr int kSelectThreads = 256;
+
+// Block per row. The k-th largest magnitude's bits by radix select (31 passes
+// of a count), then the entries above it and the first equal ones up to k.
+template <typename T>
+__global__ void keep_top_k_kernel(T* x, int64_t cols, int32_t k) {
+  __shared__ int count;
+  __shared__ int equal_before[kSelectThreads + 1];
+  T* row = x + int64_t(blockIdx.x) * cols;
+  const int64_t seg = (cols + blockDim.x - 1) / blockDim.x, first = threadIdx.x * seg,
+                last = min(cols, first + seg);
+  auto bits = [&](int64_t j) { return __float_as_uint(fabsf(to_float(row[j]))); };
+  unsigned prefix = 0;
+  for (int bit = 30; bit >= 0; --bit) {
+    const unsigned trial = prefix | (1u << bit);
+    if (threadIdx.x == 0) count = 0;
+    __syncthreads();
+    int mine = 0;
+    for (int64_t j = first; j < last; ++j) mine += bits(j) >= trial;
+    if (mine > 0) atomicAdd(&count, mine);
+    __syncthreads();
+    if (count >= k) prefix = trial;
+    __syncthreads();
+  }
+  // prefix: the k-th largest magnitude's bits. Above it: kept; equal: the first (k - above) in index order.
+  if (threadIdx.x == 0) count = 0;
+  __syncthreads();
+  int above = 0, equal = 0;
+  for (int64_t j = first; j < last; ++j) {
+    const unsigned b = bits(j);
+    above += b > prefix;
+    equal += b == prefix;
+  }
+  if (above > 0) atomicAdd(&count, above);
+  equal_before[threadIdx.x + 1] = equal;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    equal_before[0] = 0;
+    for (int t = 1; t <= int(blockDim.x); ++t) equal_before[t] += equal_before[t - 1];
+  }
+  __syncthreads();
+  int allowed = k - count - equal_before[threadIdx.x];  // equal entries this thread may still keep
+  for (int64_t j = first; j < last; ++j) {
+    const unsigned b = bits(j);
+    if (b > prefix) continue;
+    if (b == prefix && allowed > 0) {
+      --allowed;
+      continue;
+    }
+    row[j] = from_float<T>(0.0f);
+  }
+}
+
+// Block per row, a thread per head: its norm, its rank among the computed heads.
+__global__ void keep_top_heads_kernel(float* attn, int32_t n_heads, int32_t head_dim, int32_t k,
+                                      const uint8_t* computed) {
+  extern __shared__ float norms[];
+  float* row = attn + int64_t(blockIdx.x) * n_heads * head_dim;
+  for (int h = threadIdx.x; h < n_heads; h += blockDim.x) {
+    float sum = 0.0f;
+    for (int d = 0; d < head_dim; ++d) sum += row[h * head_dim + d] * row[h * head_dim + d];
+    norms[h] = computed[h] != 0 ? sqrtf(sum) : -1.0f;
+  }
+  __syncthreads();
+  for (int h = threadIdx.x; h < n_heads; h += blockDim.x) {
+    int rank = 0;
+    for (int o = 0; o < n_heads; ++o) rank += norms[o] > norms[h] || (norms[o] == norms[h] && o < h);
+    if (computed[h] != 0 && rank < k) continue;
+    for (int d = 0; d < head_dim; ++d) row[h * head_dim + d] = 0.0f;
+  }
+}
+
 }  // namespace
 
 cudaError_t sparse_input_gemv(const void* x, const void* wt, DType dtype, int64_t in, int64_t out, float threshold,
@@ -167,4 +239,22 @@ cudaError_t gated_silu_mul(const float* gate, const float* up, int64_t count, fl
   return cudaGetLastError();
 }
 
+cudaError_t keep_top_k_magnitudes(void* x, DType dtype, int64_t rows, int64_t cols, int32_t k, cudaStream_t stream) {
+  if (rows < 0 || cols <= 0 || k < 0 || !valid_dtype(dtype) || rows > kMaxGridX) return cudaErrorInvalidValue;
+  if (rows == 0 || k >= cols) return cudaSuccess;
+  INFERLAB_DISPATCH_DTYPE(dtype, T,
+    keep_top_k_kernel<T><<<unsigned(rows), kSelectThreads, 0, stream>>>(static_cast<T*>(x), cols, k));
+  return cudaGetLastError();
+}
+
+cudaError_t keep_top_heads(float* attn, int64_t rows, int32_t n_heads, int32_t head_dim, int32_t k,
+                           const uint8_t* computed, cudaStream_t stream) {
+  if (rows < 0 || n_heads <= 0 || head_dim <= 0 || k < 0 || rows > kMaxGridX) return cudaErrorInvalidValue;
+  if (rows == 0) return cudaSuccess;
+  keep_top_heads_kernel<<<unsigned(rows), 64, size_t(n_heads) * sizeof(float), stream>>>(attn, n_heads, head_dim, k,
+                                                                                         computed);
+  return cudaGetLastError();
+}
+
 }  // namespace inferlab::kernels::cuda
+

@@ -40,4 +40,16 @@ cudaError_t gated_silu_up(const float* gate, const void* x, const void* w_up, DT
 cudaError_t gated_silu_mul(const float* gate, const float* up, int64_t count, float threshold, void* act, DType dtype,
                            unsigned long long* zeros, cudaStream_t stream);
 
+// Oracle selection (twins: cpu::keep_top_k_magnitudes, cpu::keep_top_heads).
+// In each row of x (rows, cols) of dtype the k entries of largest magnitude
+// stay and the others become 0, ties to the lower index (a block per row: a
+// radix select of the k-th magnitude, then the equal ones in index order).
+cudaError_t keep_top_k_magnitudes(void* x, DType dtype, int64_t rows, int64_t cols, int32_t k, cudaStream_t stream);
+// In each row of attn (rows, n_heads * head_dim) float, the k heads among those
+// with computed[h] != 0 (device array) of largest output L2 norm keep it; every
+// other head's output becomes 0; ties to the lower head.
+cudaError_t keep_top_heads(float* attn, int64_t rows, int32_t n_heads, int32_t head_dim, int32_t k,
+                           const uint8_t* computed, cudaStream_t stream);
+
 }  // namespace inferlab::kernels::cuda
+

@@ -94,6 +94,36 @@ TEST(CudaActivationSparsity, SparsifyAndGatedSiluMatchTheirTwins) {
   }
 }
 
+TEST(CudaActivationSparsity, OracleSelectionsMatchTheirTwins) {
+  INFERLAB_REQUIRE_GPU();
+  for (const DType dtype : {DType::F16, DType::BF16}) {
+    const int64_t rows = 3, cols = 1536;
+    auto x = rounded(size_t(rows * cols), 9, dtype, 0.05f);
+    x[5] = x[6] = x[7];  // ties
+    for (const int32_t k : {0, 1, 384, 1535, 1536}) {
+      DeviceBuffer<uint8_t> dx(gpu_test::to_bytes(x, dtype));
+      std::vector<float> want = x;
+      cpu::keep_top_k_magnitudes(want.data(), rows, cols, k);
+      INFERLAB_CUDA_OK(kc::keep_top_k_magnitudes(dx.get(), dtype, rows, cols, k, nullptr));
+      INFERLAB_CUDA_OK(cudaDeviceSynchronize());
+      EXPECT_EQ(gpu_test::to_floats(dx.download(), dtype), want) << "k " << k;
+    }
+  }
+  const int32_t n_heads = 32, head_dim = 128, rows = 4;
+  const auto attn = gpu_test::random_floats(size_t(rows * n_heads * head_dim), 10);
+  std::vector<uint8_t> computed(size_t(n_heads), 1);
+  computed[3] = computed[17] = 0;
+  DeviceBuffer<float> dattn(attn);
+  DeviceBuffer<uint8_t> dcomputed(computed);
+  std::vector<float> want = attn;
+  cpu::keep_top_heads(want.data(), rows, n_heads, head_dim, 8, computed.data());
+  INFERLAB_CUDA_OK(kc::keep_top_heads(dattn.get(), rows, n_heads, head_dim, 8, dcomputed.get(), nullptr));
+  INFERLAB_CUDA_OK(cudaDeviceSynchronize());
+  const auto got = dattn.download();
+  for (size_t i = 0; i < got.size(); ++i) ASSERT_EQ(got[i] == 0.0f, want[i] == 0.0f) << i;  // the same heads kept
+  EXPECT_LT(gpu_test::normalized_error(got, want), 1e-6);
+}
+
 class SparseMethod final : public Method {
  public:
   explicit SparseMethod(ActivationSparsity a) : a_(std::move(a)) {}
@@ -108,9 +138,10 @@ struct Traced {
   std::map<std::string, double> counters;
 };
 
-Traced traced(Engine& engine, Method* method, const std::vector<int32_t>& prompt, const std::vector<int32_t>& forced) {
+Traced traced(Engine& engine, Method* method, const std::vector<int32_t>& prompt, const std::vector<int32_t>& forced,
+              uint32_t hooks = 0) {
   Traced r;
-  EXPECT_TRUE(engine.set_method(method, 0).ok());
+  EXPECT_TRUE(engine.set_method(method, hooks).ok());
   engine.reset_counters();
   const test::ForwardTrace t = test::run_trace(engine, method, prompt, int(forced.size()), forced);
   r.logits = t.logits;
@@ -152,5 +183,39 @@ TEST(CudaActivationSparsity, TheEngineMatchesTheCpuBackendAndReplaysItsSteps) {
   EXPECT_EQ(after.logits, dense.logits);
 }
 
+// Heads masked by mask_components (Q and O of the computed heads only) and
+// the oracle's choices, on the GPU as on the CPU.
+class MaskMethod final : public Method {
+ public:
+  explicit MaskMethod(int kind) : kind_(kind) {}
+  bool mask_components(const StepInfo&, int32_t, std::span<const float>, ComponentMask& m) override {
+    if (kind_ == 0) m.heads[1] = m.heads[2] = 0;
+    if (kind_ == 1) m.oracle_neurons = 128;
+    if (kind_ == 2) m.oracle_heads = 2;
+    return true;
+  }
+
+ private:
+  int kind_;
+};
+
+TEST(CudaComponentSelection, MaskedHeadsAndTheOracleMatchTheCpuBackend) {
+  INFERLAB_REQUIRE_GPU();
+  auto cpu_engine = gpu_test::make_engine(gpu_test::small_model(), BackendKind::Cpu);
+  auto gpu = gpu_test::make_engine(gpu_test::small_model(), BackendKind::Cuda);
+  ASSERT_TRUE(cpu_engine && gpu);
+  const auto prompt = test::random_tokens(cpu_engine->config().n_vocab, 32, 12);
+  const test::ForwardTrace dense = test::run_trace(*gpu, nullptr, prompt, 6);
+  for (int kind : {0, 1, 2}) {
+    SCOPED_TRACE(kind == 0 ? "masked heads" : kind == 1 ? "oracle neurons" : "oracle heads");
+    MaskMethod m(kind);
+    const Traced on_cpu = traced(*cpu_engine, &m, prompt, dense.tokens, kHookComponentMask);
+    const Traced on_gpu = traced(*gpu, &m, prompt, dense.tokens, kHookComponentMask);
+    EXPECT_LT(test::normalized_max_error(on_gpu.logits, on_cpu.logits), 3e-2);
+    EXPECT_GT(test::normalized_max_error(on_gpu.logits, dense.logits), 1e-3);
+  }
+}
+
 }  // namespace
 }  // namespace inferlab
+

@@ -265,6 +265,17 @@ struct ComponentMask {
   std::vector<uint8_t> heads;    // per query head, 1 = compute; preset to all 1
   bool all_neurons = true;
   std::vector<int32_t> neurons;  // when !all_neurons: FFN neurons to compute, ascending
+  // Oracle selection from the call's own dense values (an upper bound for a
+  // predictor; nothing is saved before the choice): > 0 keeps, per row, the
+  // `oracle_neurons` neurons with the largest |silu(gate) * up| (gate and up
+  // run dense; down reads only the kept neurons' columns in one-row calls) and
+  // the `oracle_heads` query heads with the largest attention-output L2 norm
+  // among those `heads` computes (O reads only their columns in one-row
+  // calls); ties to the lower index. 0: off. Combine with `neurons` and
+  // `heads` only as said: the oracle chooses among the computed heads, and
+  // oracle_neurons needs all_neurons.
+  int32_t oracle_neurons = 0;
+  int32_t oracle_heads = 0;
 };
 
 // Engine-side retention (kHookRetention): after each layer's attention the

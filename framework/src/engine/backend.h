@@ -158,6 +158,18 @@ class Backend {
     (void)layer; (void)threshold;
     return Error{fmt::format("the {} backend has no activation sparsity", name())};
   }
+  // Q or O for the query heads `heads` only (ascending; a component mask's
+  // computed heads): Q writes their queries (the others' are not computed),
+  // O reads only their attention outputs' columns of the weight.
+  virtual Status linear_heads(Proj proj, int32_t layer, std::span<const int32_t> heads) = 0;
+  // Oracle selection (ComponentMask::oracle_neurons), after swiglu: in each
+  // row the k neurons of largest |activation| stay, the others become 0 (ties
+  // to the lower index).
+  virtual Status keep_top_neurons(int32_t k) = 0;
+  // Oracle selection (ComponentMask::oracle_heads), after attention: in each
+  // row the k heads among `computed` (per head, 1 = computed) of largest
+  // output L2 norm keep it, the others' becomes 0.
+  virtual Status keep_top_heads(int32_t k, std::span<const uint8_t> computed) = 0;
   // Makes what linear_sparse and gated_swiglu read for the method being set
   // (transposed copies of its sparse projections' weights, workspace), and
   // drops what an earlier method's needed; an inactive one drops everything.

@@ -363,6 +363,45 @@ Status CpuBackend::gated_swiglu(int32_t l, float threshold) {
   return ok_status();
 }
 
+// Q: each kept head's rows of W_q into its own columns of q; O: the kept
+// heads' attention columns against their rows of the transposed W_o.
+Status CpuBackend::linear_heads(Proj p, int32_t l, std::span<const int32_t> heads) {
+  const ModelConfig& c = config_;
+  const int64_t hd = c.head_dim, qd = c.q_dim(), e = c.n_embd;
+  if ((p != Proj::Q && p != Proj::O) || stored_[size_t(p)][size_t(l)] != nullptr || file_weight(p, l) != nullptr ||
+      adapters_[size_t(p)][size_t(l)].rank > 0)
+    return Error{fmt::format("cpu backend: {} of selected heads needs a float32 Q or O without adapters", proj_name(p))};
+  head_rows_.clear();
+  for (const int32_t h : heads)
+    for (int64_t d = 0; d < hd; ++d) head_rows_.push_back(int32_t(h * hd + d));
+  const int64_t k = int64_t(head_rows_.size());
+  head_scratch_.resize(size_t(n_ * k));
+  if (p == Proj::Q) {
+    cpu::matmul_xwt_rows(head_scratch_.data(), xn_.data(), weight(p, l), head_rows_.data(), n_, k, e);
+    for (int64_t r = 0; r < n_; ++r)
+      for (int64_t i = 0; i < k; ++i) q_[size_t(r * qd + head_rows_[size_t(i)])] = head_scratch_[size_t(r * k + i)];
+    return ok_status();
+  }
+  for (int64_t r = 0; r < n_; ++r)
+    for (int64_t i = 0; i < k; ++i) head_scratch_[size_t(r * k + i)] = attn_[size_t(r * qd + head_rows_[size_t(i)])];
+  if (k == 0) {
+    std::fill(proj_.begin(), proj_.begin() + n_ * e, 0.0f);
+    return ok_status();
+  }
+  cpu::matmul_x_rows(proj_.data(), head_scratch_.data(), transposed(Proj::O, l).data(), head_rows_.data(), n_, k, e);
+  return ok_status();
+}
+
+Status CpuBackend::keep_top_neurons(int32_t k) {
+  cpu::keep_top_k_magnitudes(gate_.data(), n_, config_.n_ff, k);  // swiglu wrote the activation over gate
+  return ok_status();
+}
+
+Status CpuBackend::keep_top_heads(int32_t k, std::span<const uint8_t> computed) {
+  cpu::keep_top_heads(attn_.data(), n_, config_.n_heads, config_.head_dim, k, computed.data());
+  return ok_status();
+}
+
 Status CpuBackend::prepare_sparsity(const ActivationSparsity& sparsity) {
   for (int32_t p = 0; p < kSparseProjections; ++p)
     for (int32_t l = 0; l < config_.n_layers; ++l) {
@@ -370,7 +409,7 @@ Status CpuBackend::prepare_sparsity(const ActivationSparsity& sparsity) {
       const bool sparse = (!sparsity.input_threshold.empty() && sparsity.input_threshold[size_t(l)][size_t(p)] >= 0) ||
                           (gated && Proj(p) == Proj::Down);
       if (sparse) transposed(Proj(p), l);
-      else if (Proj(p) != Proj::Down) transposed_[size_t(p)][size_t(l)] = {};  // a neuron mask may still want down's
+      else if (Proj(p) != Proj::Down && Proj(p) != Proj::O) transposed_[size_t(p)][size_t(l)] = {};  // masks read these
     }
   sparsity_zeros_.fill(0);
   return ok_status();

@@ -36,6 +36,9 @@ class CpuBackend final : public Backend {
   Status swiglu(int64_t cols) override;
   Status linear_sparse(std::span<const Proj> projs, int32_t layer, std::span<const float> thresholds) override;
   Status gated_swiglu(int32_t layer, float threshold) override;
+  Status linear_heads(Proj proj, int32_t layer, std::span<const int32_t> heads) override;
+  Status keep_top_neurons(int32_t k) override;
+  Status keep_top_heads(int32_t k, std::span<const uint8_t> computed) override;
   Status prepare_sparsity(const ActivationSparsity& sparsity) override;
   Status read_sparsity(std::array<int64_t, kSparseProjections>& zeros) override;
   Status add_residual() override;
@@ -159,6 +162,8 @@ class CpuBackend final : public Backend {
   // x W^T for the call's rows from input `x` (the projection's own, or a sparsified copy), adapters included.
   Status linear_from(Proj p, int32_t layer, const float* x);
   std::vector<float> sparse_x_;  // a sparsified input
+  std::vector<int32_t> head_rows_;  // linear_heads: the kept heads' rows of W_q (columns of W_o)
+  std::vector<float> head_scratch_;
   std::array<int64_t, kSparseProjections> sparsity_zeros_{};
   // Key bounds of the pool's pages (kHookPageBudget): (pages_reserved, 2, head_dim)
   // indexed by physical page, what each (layer, kv head) has folded in, and scratch.

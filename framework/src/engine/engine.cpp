@@ -587,6 +587,14 @@ Status check_component_mask(const ComponentMask& mask, const ModelConfig& c, int
   if (mask.heads.size() != size_t(c.n_heads))
     return Error{fmt::format("method: component mask of layer {} has {} head entries, the model has {} heads",
                              layer, mask.heads.size(), c.n_heads)};
+  if (mask.oracle_neurons < 0 || mask.oracle_neurons > c.n_ff || mask.oracle_heads < 0 || mask.oracle_heads > c.n_heads)
+    return Error{fmt::format("method: component mask of layer {}: oracle_neurons {} must be within 0..{} and "
+                             "oracle_heads {} within 0..{}",
+                             layer, mask.oracle_neurons, c.n_ff, mask.oracle_heads, c.n_heads)};
+  if (mask.oracle_neurons > 0 && !mask.all_neurons)
+    return Error{fmt::format("method: component mask of layer {}: oracle_neurons needs all_neurons (the oracle "
+                             "chooses from the dense activation)",
+                             layer)};
   if (mask.all_neurons) return ok_status();
   for (size_t i = 0; i < mask.neurons.size(); ++i) {
     const int32_t j = mask.neurons[i];

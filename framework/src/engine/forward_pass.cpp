@@ -224,7 +224,16 @@ Status ForwardPass::run_layer(int32_t l) {
   if (auto s = backend_.rmsnorm(Norm::Attention, l); !s) return s;
   if (auto s = tap(Tap::AttentionIn, kTapAttentionIn, attention_in); !s) return s;
   static constexpr Proj kQkv[] = {Proj::Q, Proj::K, Proj::V};
-  if (auto s = project(kQkv, l); !s) return s;
+  std::vector<int32_t> kept_heads;  // a mask's computed heads, when it masks some
+  if (active != nullptr)
+    for (int32_t h = 0; h < config_.n_heads; ++h)
+      if (active->heads[size_t(h)] != 0) kept_heads.push_back(h);
+  if (active != nullptr && int32_t(kept_heads.size()) < config_.n_heads) {  // Q of the computed heads only
+    if (auto s = backend_.linear_heads(Proj::Q, l, kept_heads); !s) return s;
+    if (auto s = project(std::span(kQkv).subspan(1), l); !s) return s;
+  } else if (auto s = project(kQkv, l); !s) {
+    return s;
+  }
   if (auto s = backend_.rope(seq_, l, true); !s) return s;
   if (auto s = tap(Tap::Queries, kTapQueries, queries); !s) return s;
   if (auto s = tap(Tap::Keys, kTapKeys, key_rows); !s) return s;
@@ -281,9 +290,15 @@ Status ForwardPass::run_layer(int32_t l) {
   if (auto s = statistics(l); !s) return s;
   if (auto s = retain(l); !s) return s;
   if (auto s = evict(l); !s) return s;
+  if (active != nullptr && active->oracle_heads > 0)
+    if (auto s = backend_.keep_top_heads(active->oracle_heads, active->heads); !s) return s;
   if (auto s = tap(Tap::AttentionOut, kTapAttentionOut, attention_out); !s) return s;
 
-  if (auto s = project(std::array{Proj::O}, l); !s) return s;
+  if (active != nullptr && int32_t(kept_heads.size()) < config_.n_heads && active->oracle_heads == 0) {
+    if (auto s = backend_.linear_heads(Proj::O, l, kept_heads); !s) return s;  // O of the computed heads only
+  } else if (auto s = project(std::array{Proj::O}, l); !s) {
+    return s;
+  }
   if (auto s = backend_.add_residual(); !s) return s;
   if (auto s = backend_.rmsnorm(Norm::Ffn, l); !s) return s;
   if (auto s = tap(Tap::FfnIn, kTapFfnIn, ffn_in); !s) return s;
@@ -540,6 +555,8 @@ Status ForwardPass::ffn(int32_t l, const ComponentMask* mask, std::vector<float>
     if (auto s = project(kGateUp, l); !s) return s;
     if (auto s = tap(Tap::FfnGate, kTapFfnGate, gate); !s) return s;
     if (auto s = backend_.swiglu(config_.n_ff); !s) return s;
+    if (mask != nullptr && mask->oracle_neurons > 0)  // the oracle: each row's largest activations, chosen now
+      if (auto s = backend_.keep_top_neurons(mask->oracle_neurons); !s) return s;
     if (auto s = tap(Tap::FfnActivation, kTapFfnActivation, activation); !s) return s;
     return project(std::array{Proj::Down}, l);
   }

@@ -53,6 +53,9 @@ class CudaBackend final : public Backend {
   Status linear_sparse(std::span<const Proj> projs, int32_t layer, std::span<const float> thresholds) override;
   Status linear_sparse_one(Proj proj, int32_t layer, float threshold);
   Status gated_swiglu(int32_t layer, float threshold) override;
+  Status linear_heads(Proj proj, int32_t layer, std::span<const int32_t> heads) override;
+  Status keep_top_neurons(int32_t k) override;
+  Status keep_top_heads(int32_t k, std::span<const uint8_t> computed) override;
   Status prepare_sparsity(const ActivationSparsity& sparsity) override;
   Status read_sparsity(std::array<int64_t, kSparseProjections>& zeros) override;
   Status add_residual() override;
@@ -227,6 +230,8 @@ class CudaBackend final : public Backend {
   DeviceMemory act_;     // (n, n_ff) dtype
   DeviceMemory w_sel_;   // (n_ff, n_embd) dtype: selected weight rows (neuron masks)
   DeviceMemory rows_;    // (n_ff) int32 selected neurons
+  DeviceMemory head_tmp_;    // (n, kept heads x head_dim): Q of the kept heads, or their attention outputs (dtype)
+  DeviceMemory head_flags_;  // (n_heads) uint8: the heads an oracle chooses among
   DeviceMemory logits_;  // (logits_chunk, n_vocab) float
   DeviceMemory ids_;     // (n) int32
   DeviceMemory positions_;  // (n_kv_heads, n) int32

@@ -5,7 +5,9 @@
 
 #include <algorithm>
 
+#include "cuda/activation.cuh"
 #include "cuda/activation_sparse.cuh"
+#include "cuda/gemm.cuh"
 #include "engine/cuda/cuda_backend.h"
 #include "engine/cuda/cuda_check.h"
 
@@ -114,4 +116,64 @@ Status CudaBackend::read_sparsity(std::array<int64_t, kSparseProjections>& zeros
   return ok_status();
 }
 
+// Heads of a component mask: Q from the kept heads' rows of W_q (gathered,
+// one GEMM, each head's columns copied into place); O from their attention
+// columns against their rows of the transposed W_o.
+Status CudaBackend::linear_heads(Proj p, int32_t l, std::span<const int32_t> heads) {
+  const ModelConfig& c = config_;
+  if ((p != Proj::Q && p != Proj::O) || stored_.count({int32_t(p), l}) != 0 || adapters_.count({int32_t(p), l}) != 0)
+    return Error{fmt::format("cuda backend: {} of selected heads needs a Q or O without NF4 storage or adapters",
+                             proj_name(p))};
+  const int64_t hd = c.head_dim, qd = c.q_dim(), e = c.n_embd, k = int64_t(heads.size()) * hd;
+  const size_t el = size_t(kernels::dtype_bytes(dtype_));
+  if (k == 0) {
+    if (p == Proj::O) CUDA_TRY(cudaMemsetAsync(proj_.as(), 0, size_t(n_ * e) * 4, stream_), "heads");
+    return ok_status();
+  }
+  std::vector<int32_t> rows;
+  for (const int32_t h : heads)
+    for (int64_t d = 0; d < hd; ++d) rows.push_back(int32_t(h * hd + d));
+  if (!w_sel_.reserve(size_t(k * e) * el) || !rows_.reserve(size_t(k) * 4) || !head_tmp_.reserve(size_t(n_ * k) * 4))
+    return Error{"cuda engine: out of GPU memory for the selected heads"};
+  CUDA_TRY(cudaMemcpyAsync(rows_.as(), rows.data(), size_t(k) * 4, cudaMemcpyHostToDevice, stream_), "heads");
+  if (p == Proj::Q) {
+    CUDA_TRY(kc::gather_rows(weight(Proj::Q, l), dtype_, e, rows_.as<int32_t>(), k, w_sel_.as(), stream_), "gather");
+    if (auto s = gemm(xn_.as(), w_sel_.as(), head_tmp_.as<float>(), n_, k, e); !s) return s;
+    for (size_t i = 0; i < heads.size(); ++i)
+      CUDA_TRY(cudaMemcpy2DAsync(q_.as<float>() + heads[i] * hd, size_t(qd) * 4, head_tmp_.as<float>() + int64_t(i) * hd,
+                                 size_t(k) * 4, size_t(hd) * 4, size_t(n_), cudaMemcpyDeviceToDevice, stream_),
+               "heads");
+  } else {
+    CUDA_TRY(kc::convert_from_float(attn_.as<float>(), n_ * qd, attn_t_.as(), dtype_, stream_), "convert");
+    auto* compact = head_tmp_.as<uint8_t>();
+    for (size_t i = 0; i < heads.size(); ++i)
+      CUDA_TRY(cudaMemcpy2DAsync(compact + i * size_t(hd) * el, size_t(k) * el, attn_t_.as<uint8_t>() + heads[i] * hd * el,
+                                 size_t(qd) * el, size_t(hd) * el, size_t(n_), cudaMemcpyDeviceToDevice, stream_),
+               "heads");
+    const void* o_t = transposed(Proj::O, l);
+    if (o_t == nullptr) return Error{"cuda engine: out of GPU memory for a transposed output projection"};
+    CUDA_TRY(kc::gather_rows(o_t, dtype_, e, rows_.as<int32_t>(), k, w_sel_.as(), stream_), "gather");
+    if (kc::gemm_xw(cublas_, compact, w_sel_.as(), dtype_, proj_.as<float>(), n_, e, k) != CUBLAS_STATUS_SUCCESS)
+      return Error{"cuda: cuBLAS GEMM of the selected heads' output rows failed"};
+  }
+  CUDA_TRY(cudaStreamSynchronize(stream_), "heads");  // `rows` is ours, on the host
+  return ok_status();
+}
+
+Status CudaBackend::keep_top_neurons(int32_t k) {
+  CUDA_TRY(kc::keep_top_k_magnitudes(act_.as(), dtype_, n_, config_.n_ff, k, stream_), "oracle neurons");
+  return ok_status();
+}
+
+Status CudaBackend::keep_top_heads(int32_t k, std::span<const uint8_t> computed) {
+  if (!head_flags_.reserve(computed.size())) return Error{"cuda engine: out of GPU memory for head flags"};
+  CUDA_TRY(cudaMemcpyAsync(head_flags_.as(), computed.data(), computed.size(), cudaMemcpyHostToDevice, stream_), "heads");
+  CUDA_TRY(kc::keep_top_heads(attn_.as<float>(), n_, config_.n_heads, config_.head_dim, k, head_flags_.as<uint8_t>(),
+                              stream_),
+           "oracle heads");
+  CUDA_TRY(cudaStreamSynchronize(stream_), "oracle heads");  // `computed` is the caller's
+  return ok_status();
+}
+
 }  // namespace inferlab
+
