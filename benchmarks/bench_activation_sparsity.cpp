@@ -1,14 +1,17 @@
-// Decode speed of activation sparsity (TEAL, CATS; issue 19) against dense on
-// one backend, as ratios measured in one run: each method and sparsity is
+// Decode speed of activation and contextual sparsity (TEAL, CATS, Deja Vu;
+// issue 19) against dense on one backend, as ratios measured in one run: each
+// method and sparsity (Deja Vu: neuron_keep = 1 - sparsity) is
 // calibrated by its plugin, then dense and the method decode the same steps
 // from copies of one prefill, alternating round by round, and the medians are
 // compared. Also the sparsity the engine measured, and the weights plus the
 // transposed copies the sparse projections read. Prints a markdown table.
 //   bench_activation_sparsity --model smollm2-135m [--context 512] [--steps 32] [--rounds 5]
-//                             [--sparsities 0.25,0.5,0.75,0.9] [--methods teal,cats] [--corpus kjv]
+//                             [--sparsities 0.25,0.5,0.75,0.9] [--methods teal,cats,dejavu] [--corpus kjv]
+//                             [--set calibration_samples=32 --set epochs=8 ...]  (numbers, for the plugins that have them)
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
+#include <cstdlib>
 #include <random>
 
 #include "bench_support.h"
@@ -50,7 +53,9 @@ int main(int argc, char** argv) {
   app.add_option("--rounds", rounds, "dense/method alternations; the medians are compared")
       ->check(CLI::PositiveNumber)->capture_default_str();
   app.add_option("--sparsities", sparsities)->delimiter(',')->check(CLI::Range(0.0, 0.99));
-  app.add_option("--methods", methods)->delimiter(',')->check(CLI::IsMember({"teal", "cats"}));
+  app.add_option("--methods", methods)->delimiter(',')->check(CLI::IsMember({"teal", "cats", "dejavu"}));
+  std::vector<std::string> sets;
+  app.add_option("--set", sets, "NAME=NUMBER for every method that has the parameter");
   app.add_option("--corpus", corpus, "calibration corpus (kjv, kv_retrieval or a text file)")->capture_default_str();
   app.add_option("-t,--threads", threads, "CPU threads (0: all)");
   CLI11_PARSE(app, argc, argv);
@@ -89,8 +94,22 @@ int main(int argc, char** argv) {
       if (entry == nullptr) return fmt::print(stderr, "bench: plugin {} not found\n", name), 1;
       ParamValues params;
       for (const ParamSpec& spec : entry->params) params.set(spec.name, spec.default_value);
-      params.set("sparsity", sparsity);
+      params.set(name == "dejavu" ? "neuron_keep" : "sparsity", name == "dejavu" ? 1.0 - sparsity : sparsity);
       params.set("corpus", corpus);
+      for (const std::string& kv : sets) {
+        const size_t eq = kv.find('=');
+        if (eq == std::string::npos) return fmt::print(stderr, "bench: --set {}: expected NAME=NUMBER\n", kv), 1;
+        const std::string key = kv.substr(0, eq);
+        for (const ParamSpec& spec : entry->params) {
+          if (spec.name != key) continue;
+          char* end = nullptr;
+          const std::string text = kv.substr(eq + 1);
+          const double v = std::strtod(text.c_str(), &end);
+          if (text.empty() || *end != '\0') return fmt::print(stderr, "bench: --set {}: not a number\n", kv), 1;
+          if (spec.type == ParamType::Int) params.set(key, int64_t(v));
+          else params.set(key, v);
+        }
+      }
       auto handle = registry.create(name, params);
       if (!handle) return fmt::print(stderr, "bench: {}\n", handle.message()), 1;
       WeightOverrides overrides;
