@@ -129,6 +129,9 @@ int main(int argc, char** argv) {
         method_ms.push_back(*m);
         const auto counters = e.counters().as_map();
         if (auto it = counters.find("activation_sparsity"); it != counters.end()) measured = it->second;
+        const ModelConfig& c = e.config();
+        if (const double steps_run = counters.at("decode_steps"); name == "dejavu" && steps_run > 0)
+          measured = counters.at("neurons_skipped") / (steps_run * c.n_layers * c.n_ff);  // neurons not computed
       }
       const double gib = double(e.weight_bytes()) / double(1ull << 30);
       (void)e.set_method(nullptr, 0);

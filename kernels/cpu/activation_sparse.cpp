@@ -57,68 +57,95 @@ inline float dot(const float* a, const float* b, int64_t n) {
 
 }  // namespace
 
-// Every target's kept rows in chunks of kChunkRows, all chunks of all targets
-// in one parallel loop (one fork and join for Q, K and V); chunk c of a target
-// sums into its partial row c (chunk 0 straight into y), then the partials in order.
-void sparse_input_gemv_group(SparseInputTarget* targets, int count, const float* x, int64_t in) {
-  thread_local std::vector<int32_t> kept;
-  thread_local std::vector<float> partial;
+namespace {
+
+// y(out) = the sum over j of xs[j] * wt[rows[j], :], for several jobs at once.
+struct RowsJob {
+  float* y;
+  const float* wt;
+  int64_t out;
+  const int32_t* rows;
+  const float* xs;  // per listed row
+  int64_t n;
+};
+
+// Every job's rows in chunks of kChunkRows, all chunks of all jobs in one
+// parallel loop (one fork and join for Q, K and V); chunk c of a job sums into
+// its partial row c (chunk 0 straight into y), then the partials in order.
+void run_rows_jobs(const RowsJob* jobs, int count) {
   struct Chunk {
-    int target;
-    int64_t first, last;  // into kept
+    int job;
+    int64_t first, last;  // into the job's rows
     float* acc;
   };
+  thread_local std::vector<float> partial;
   thread_local std::vector<Chunk> chunks;
-  thread_local std::vector<int64_t> kept_from;
-  kept.clear();
   chunks.clear();
-  kept_from.assign(size_t(count) + 1, 0);
   int64_t partial_rows = 0, work = 0;
-  for (int t = 0; t < count; ++t) {
-    for (int64_t i = 0; i < in; ++i)
-      if (std::fabs(x[i]) > targets[t].threshold) kept.push_back(int32_t(i));
-    kept_from[size_t(t) + 1] = int64_t(kept.size());
-    const int64_t n_kept = kept_from[size_t(t) + 1] - kept_from[size_t(t)];
-    targets[t].zeros = in - n_kept;
-    work += n_kept * targets[t].out;
-    std::fill(targets[t].y, targets[t].y + targets[t].out, 0.0f);
-    partial_rows += std::max<int64_t>((n_kept + kChunkRows - 1) / kChunkRows - 1, 0) * targets[t].out;
+  for (int j = 0; j < count; ++j) {
+    std::fill(jobs[j].y, jobs[j].y + jobs[j].out, 0.0f);
+    work += jobs[j].n * jobs[j].out;
+    partial_rows += std::max<int64_t>((jobs[j].n + kChunkRows - 1) / kChunkRows - 1, 0) * jobs[j].out;
   }
   partial.resize(size_t(partial_rows));
   float* next_partial = partial.data();  // the calling thread's: the workers' thread_locals are others
-  for (int t = 0; t < count; ++t)
-    for (int64_t r = kept_from[size_t(t)], c = 0; r < kept_from[size_t(t) + 1]; r += kChunkRows, ++c) {
-      float* acc = targets[t].y;
+  for (int j = 0; j < count; ++j)
+    for (int64_t r = 0, c = 0; r < jobs[j].n; r += kChunkRows, ++c) {
+      float* acc = jobs[j].y;
       if (c > 0) {
         acc = next_partial;
-        next_partial += targets[t].out;
-        std::fill(acc, acc + targets[t].out, 0.0f);
+        next_partial += jobs[j].out;
+        std::fill(acc, acc + jobs[j].out, 0.0f);
       }
-      chunks.push_back({t, r, std::min(r + kChunkRows, kept_from[size_t(t) + 1]), acc});
+      chunks.push_back({j, r, std::min(r + kChunkRows, jobs[j].n), acc});
     }
-  const int32_t* rows = kept.data();
   const Chunk* list = chunks.data();
   const int64_t n_chunks = int64_t(chunks.size());
 #pragma omp parallel for schedule(static) if (work >= (1 << 15))
   for (int64_t c = 0; c < n_chunks; ++c) {
     const Chunk& ch = list[c];
-    const SparseInputTarget& t = targets[ch.target];
+    const RowsJob& job = jobs[ch.job];
     for (int64_t r = ch.first; r < ch.last; r += 4) {
       const int n = int(std::min<int64_t>(4, ch.last - r));
       const float* w[4];
-      float xs[4];
-      for (int k = 0; k < n; ++k) {
-        w[k] = t.wt + int64_t(rows[r + k]) * t.out;
-        xs[k] = x[rows[r + k]];
-      }
-      axpy_rows(ch.acc, w, xs, n, t.out);
+      for (int k = 0; k < n; ++k) w[k] = job.wt + int64_t(job.rows[r + k]) * job.out;
+      axpy_rows(ch.acc, w, job.xs + r, n, job.out);
     }
   }
   for (const Chunk& ch : chunks) {
-    float* y = targets[ch.target].y;
+    float* y = jobs[ch.job].y;
     if (ch.acc == y) continue;
-    for (int64_t j = 0; j < targets[ch.target].out; ++j) y[j] += ch.acc[j];
+    for (int64_t j = 0; j < jobs[ch.job].out; ++j) y[j] += ch.acc[j];
   }
+}
+
+}  // namespace
+
+void sparse_input_gemv_group(SparseInputTarget* targets, int count, const float* x, int64_t in) {
+  thread_local std::vector<int32_t> kept;
+  thread_local std::vector<float> kept_x;
+  thread_local std::vector<RowsJob> jobs;
+  kept.resize(size_t(count) * size_t(in));
+  kept_x.resize(kept.size());
+  jobs.clear();
+  for (int t = 0; t < count; ++t) {
+    int32_t* rows = kept.data() + size_t(t) * size_t(in);
+    float* xs = kept_x.data() + size_t(t) * size_t(in);
+    int64_t n = 0;
+    for (int64_t i = 0; i < in; ++i)
+      if (std::fabs(x[i]) > targets[t].threshold) {
+        rows[n] = int32_t(i);
+        xs[n++] = x[i];
+      }
+    targets[t].zeros = in - n;
+    jobs.push_back({targets[t].y, targets[t].wt, targets[t].out, rows, xs, n});
+  }
+  run_rows_jobs(jobs.data(), count);
+}
+
+void gather_rows_gemv(float* y, const float* x, const float* wt, const int32_t* rows, int64_t n_rows, int64_t out) {
+  const RowsJob job{y, wt, out, rows, x, n_rows};
+  run_rows_jobs(&job, 1);
 }
 
 int64_t sparse_input_gemv(float* y, const float* x, const float* wt, int64_t in, int64_t out, float threshold) {

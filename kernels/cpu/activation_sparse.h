@@ -27,6 +27,11 @@ struct SparseInputTarget {
 };
 void sparse_input_gemv_group(SparseInputTarget* targets, int count, const float* x, int64_t in);
 
+// y(out) = the sum over j < n_rows of x[j] * wt[rows[j], :]: the listed rows
+// of wt (·, out) only (a neuron subset's down columns, a head subset's O
+// columns, from the transposed weight), in fixed chunks whatever the thread count.
+void gather_rows_gemv(float* y, const float* x, const float* wt, const int32_t* rows, int64_t n_rows, int64_t out);
+
 // dst(count) = x with the entries |x| <= threshold set to 0 (dst may be x).
 int64_t sparsify(float* dst, const float* x, int64_t count, float threshold);
 

@@ -323,27 +323,30 @@ void gemv_group(const GemvTarget* targets, int count, const float* x, int64_t k)
 
 void matmul_xwt_rows(float* y, const float* x, const float* w, const int32_t* rows, int64_t m, int64_t n_sel,
                      int64_t k) {
-#pragma omp parallel for schedule(static) if (n_sel * k > (1 << 16))
-  for (int64_t j = 0; j < n_sel; ++j) {
-    const float* wr = w + int64_t(rows[j]) * k;
-    for (int64_t r = 0; r < m; ++r) y[r * n_sel + j] = cblas_sdot(int(k), x + r * k, 1, wr, 1);
+  if (m > 1) {  // many rows: the selected rows gathered once, then one GEMM
+    thread_local std::vector<float> picked;
+    picked.resize(size_t(n_sel * k));
+    for (int64_t j = 0; j < n_sel; ++j)
+      std::copy(w + int64_t(rows[j]) * k, w + int64_t(rows[j] + 1) * k, picked.begin() + j * k);
+    matmul_xwt(y, x, picked.data(), m, n_sel, k);
+    return;
   }
+#pragma omp parallel for schedule(static) if (n_sel * k > (1 << 16))
+  for (int64_t j = 0; j < n_sel; ++j) y[j] = cblas_sdot(int(k), x, 1, w + int64_t(rows[j]) * k, 1);
 }
-
 void matmul_x_rows(float* y, const float* x, const float* w, const int32_t* rows, int64_t m, int64_t n_sel,
                    int64_t n) {
-  // Parallel over output columns in blocks, so each thread owns its slice of y.
-  constexpr int64_t kBlock = 256;
-  const int64_t n_blocks = (n + kBlock - 1) / kBlock;
-#pragma omp parallel for schedule(static) if (n_sel * n > (1 << 16))
-  for (int64_t b = 0; b < n_blocks; ++b) {
-    const int64_t c0 = b * kBlock, cols = std::min(kBlock, n - c0);
-    for (int64_t r = 0; r < m; ++r) {
-      float* yr = y + r * n + c0;
-      std::fill(yr, yr + cols, 0.0f);
-      for (int64_t j = 0; j < n_sel; ++j) cblas_saxpy(int(cols), x[r * n_sel + j], w + int64_t(rows[j]) * n + c0, 1, yr, 1);
-    }
+  // The selected rows gathered once, then one GEMM (one row: gather_rows_gemv reads them in place).
+  thread_local std::vector<float> picked;
+  picked.resize(size_t(n_sel * n));
+  for (int64_t j = 0; j < n_sel; ++j)
+    std::copy(w + int64_t(rows[j]) * n, w + int64_t(rows[j] + 1) * n, picked.begin() + j * n);
+  if (n_sel == 0) {
+    std::fill(y, y + m * n, 0.0f);
+    return;
   }
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(m), int(n), int(n_sel), 1.0f, x, int(n_sel),
+              picked.data(), int(n), 0.0f, y, int(n));
 }
 
 namespace {

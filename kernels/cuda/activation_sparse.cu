@@ -16,12 +16,15 @@ __device__ __forceinline__ float silu(float g) { return g / (1.0f + __expf(-g));
 // Block (column tile, split): the split's inputs in shared memory, each thread
 // kCols columns over the split's kept rows; a zero input is skipped by the
 // whole block (the branch is uniform), so its row is never read.
+// With `row_of` the inputs are a compact list: input i multiplies row row_of[i] of wt.
 template <typename T>
 __global__ void sparse_input_partial_kernel(const T* x, const T* wt, int64_t in, int64_t out, float threshold,
-                                            float* partial, unsigned long long* zeros) {
+                                            float* partial, unsigned long long* zeros, const int32_t* row_of) {
   __shared__ float xs[kSparseInputSplit];
+  __shared__ int64_t row_at[kSparseInputSplit];
   const int64_t i0 = int64_t(blockIdx.y) * kSparseInputSplit;
   const int rows = int(min(kSparseInputSplit, in - i0));
+  if (threadIdx.x < rows) row_at[threadIdx.x] = row_of != nullptr ? row_of[i0 + threadIdx.x] : i0 + threadIdx.x;
   if (threadIdx.x < rows) xs[threadIdx.x] = to_float(x[i0 + threadIdx.x]);
   __syncthreads();
   if (zeros != nullptr && blockIdx.x == 0) {
@@ -35,7 +38,7 @@ __global__ void sparse_input_partial_kernel(const T* x, const T* wt, int64_t in,
   for (int r = 0; r < rows; ++r) {
     const float xi = xs[r];
     if (fabsf(xi) <= threshold) continue;
-    const T* w = wt + (i0 + r) * out + c;
+    const T* w = wt + row_at[r] * out + c;
     if constexpr (sizeof(T) == 2) {
       if (whole) {
         const uint4 raw = *reinterpret_cast<const uint4*>(w);
@@ -193,6 +196,19 @@ __global__ void keep_top_heads_kernel(float* attn, int32_t n_heads, int32_t head
   }
 }
 
+// Warp per listed row: y[j] = w[rows[j], :] . x.
+template <typename T>
+__global__ void gathered_rows_kernel(const T* x, const T* w, const int32_t* rows, int64_t k, int64_t in, float* y) {
+  const int lane = threadIdx.x % 32;
+  const int64_t j = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (j >= k) return;
+  const T* wr = w + int64_t(rows[j]) * in;
+  float sum = 0.0f;
+  for (int64_t d = lane; d < in; d += 32) sum += to_float(wr[d]) * to_float(x[d]);
+  sum = warp_sum(sum);
+  if (lane == 0) y[j] = sum;
+}
+
 }  // namespace
 
 cudaError_t sparse_input_gemv(const void* x, const void* wt, DType dtype, int64_t in, int64_t out, float threshold,
@@ -203,7 +219,7 @@ cudaError_t sparse_input_gemv(const void* x, const void* wt, DType dtype, int64_
   const dim3 grid(unsigned(ceil_div(out, int64_t(kThreads) * kCols)), unsigned(splits));
   INFERLAB_DISPATCH_DTYPE(dtype, T,
     sparse_input_partial_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(x), static_cast<const T*>(wt),
-                                                                  in, out, threshold, partial, zeros));
+                                                                  in, out, threshold, partial, zeros, nullptr));
   sum_splits_kernel<<<grid_stride_blocks(out, 256), 256, 0, stream>>>(partial, splits, out, y);
   return cudaGetLastError();
 }
@@ -253,6 +269,31 @@ cudaError_t keep_top_heads(float* attn, int64_t rows, int32_t n_heads, int32_t h
   if (rows == 0) return cudaSuccess;
   keep_top_heads_kernel<<<unsigned(rows), 64, size_t(n_heads) * sizeof(float), stream>>>(attn, n_heads, head_dim, k,
                                                                                          computed);
+  return cudaGetLastError();
+}
+
+cudaError_t rows_gemv(const void* x, const void* wt, DType dtype, const int32_t* rows, int64_t k, int64_t out,
+                      float* partial, float* y, cudaStream_t stream) {
+  if (k < 0 || out <= 0 || !valid_dtype(dtype)) return cudaErrorInvalidValue;
+  if (k == 0) return cudaMemsetAsync(y, 0, size_t(out) * sizeof(float), stream);
+  const int64_t splits = sparse_input_splits(k);
+  if (splits > 65535) return cudaErrorInvalidValue;
+  const dim3 grid(unsigned(ceil_div(out, int64_t(kThreads) * kCols)), unsigned(splits));
+  INFERLAB_DISPATCH_DTYPE(dtype, T,
+    sparse_input_partial_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(x), static_cast<const T*>(wt),
+                                                                  k, out, -1.0f, partial, nullptr, rows));
+  sum_splits_kernel<<<grid_stride_blocks(out, 256), 256, 0, stream>>>(partial, splits, out, y);
+  return cudaGetLastError();
+}
+
+cudaError_t gathered_rows_gemv(const void* x, const void* w, DType dtype, const int32_t* rows, int64_t k, int64_t in,
+                               float* y, cudaStream_t stream) {
+  if (k < 0 || in <= 0 || !valid_dtype(dtype)) return cudaErrorInvalidValue;
+  if (k == 0) return cudaSuccess;
+  constexpr int kWarps = 8;
+  INFERLAB_DISPATCH_DTYPE(dtype, T,
+    gathered_rows_kernel<T><<<ceil_div(k, kWarps), kWarps * 32, 0, stream>>>(
+        static_cast<const T*>(x), static_cast<const T*>(w), rows, k, in, y));
   return cudaGetLastError();
 }
 

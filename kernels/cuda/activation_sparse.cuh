@@ -51,5 +51,16 @@ cudaError_t keep_top_k_magnitudes(void* x, DType dtype, int64_t rows, int64_t co
 cudaError_t keep_top_heads(float* attn, int64_t rows, int32_t n_heads, int32_t head_dim, int32_t k,
                            const uint8_t* computed, cudaStream_t stream);
 
+// One row against listed rows of a weight (a neuron or head subset, read in
+// place, nothing copied). rows_gemv: y(out) = sum over j < k of x[j] *
+// wt[rows[j], :], x (k) of dtype (the subset's compact input), wt (·, out)
+// (a transposed weight); partial: sparse_input_splits(k) * out floats.
+// gathered_rows_gemv: y(k) = w[rows[j], :] . x, x (in) of dtype, w (·, in).
+// Twins: cpu::gather_rows_gemv, and a dot product per listed row.
+cudaError_t rows_gemv(const void* x, const void* wt, DType dtype, const int32_t* rows, int64_t k, int64_t out,
+                      float* partial, float* y, cudaStream_t stream);
+cudaError_t gathered_rows_gemv(const void* x, const void* w, DType dtype, const int32_t* rows, int64_t k, int64_t in,
+                               float* y, cudaStream_t stream);
+
 }  // namespace inferlab::kernels::cuda
 

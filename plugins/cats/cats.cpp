@@ -24,8 +24,7 @@ struct Options {
   double sparsity = 0.5;
   LayerSchedule layer_sparsity;
   int32_t dense_layers = 0;
-  std::string corpus = "kjv";
-  int32_t samples = 16, tokens = 256;
+  CalibrationRequest calibration;  // corpus, windows, tokens (taps set here)
 };
 
 class Cats final : public Method {
@@ -35,7 +34,7 @@ class Cats final : public Method {
   CalibrationRequest calibration(const ModelShape& shape) override {
     histograms_.assign(size_t(shape.n_layers), {});
     if (all_dense(shape)) return {};
-    return {o_.corpus, o_.samples, o_.tokens, kTapFfnGate};
+    return o_.calibration;
   }
   void on_calibration(const CalibrationTaps& t) override {
     if (t.layer < 0 || size_t(t.layer) >= histograms_.size()) return;
@@ -81,26 +80,21 @@ class Cats final : public Method {
 class CatsPlugin final : public Plugin {
  public:
   PluginInfo info() const override {
-    return {"cats",
-            "1.0.0",
-            "SwiGLU neurons with small |SiLU(gate)| skipped in up and down (Lee et al. 2024)",
-            hooks_of<Cats>(),
-            {ParamSpec::real("sparsity", 0.5, 0.0, 0.99, "fraction of each layer's FFN neurons taken as zero"),
-             ParamSpec::schedule("layer_sparsity", "", 0.0, 0.99,
-                                 "per-layer sparsity (e.g. \"0-3=0.3; 4-29=0.5\"); layers it names override `sparsity`"),
-             ParamSpec::dense_layers(0),
-             ParamSpec::string("corpus", "kjv", {}, "calibration corpus: kjv, kv_retrieval, or a text file"),
-             ParamSpec::integer("calibration_samples", 16, 1, 4096, "calibration windows"),
-             ParamSpec::integer("calibration_tokens", 256, 8, 1 << 16, "tokens per calibration window")}};
+    std::vector<ParamSpec> params = {
+        ParamSpec::real("sparsity", 0.5, 0.0, 0.99, "fraction of each layer's FFN neurons taken as zero"),
+        ParamSpec::schedule("layer_sparsity", "", 0.0, 0.99,
+                            "per-layer sparsity (e.g. \"0-3=0.3; 4-29=0.5\"); layers it names override `sparsity`"),
+        ParamSpec::dense_layers(0)};
+    for (ParamSpec& spec : ParamSpec::calibration(16, 256)) params.push_back(std::move(spec));
+    return {"cats", "1.0.0", "SwiGLU neurons with small |SiLU(gate)| skipped in up and down (Lee et al. 2024)",
+            hooks_of<Cats>(), std::move(params)};
   }
   Result<std::unique_ptr<Method>> create(const ParamValues& p) const override {
     Options o;
     o.sparsity = p.get_float("sparsity");
     o.layer_sparsity = p.get_schedule("layer_sparsity");
     o.dense_layers = int32_t(std::min<int64_t>(p.get_int("dense_layers"), std::numeric_limits<int32_t>::max()));
-    o.corpus = p.get_string("corpus");
-    o.samples = int32_t(p.get_int("calibration_samples"));
-    o.tokens = int32_t(p.get_int("calibration_tokens"));
+    o.calibration = calibration_request(p, kTapFfnGate);
     return std::unique_ptr<Method>(std::make_unique<Cats>(std::move(o)));
   }
 };

@@ -85,8 +85,8 @@ struct Options {
   LayerSchedule layer_neuron_keep, layer_head_keep;
   int32_t dense_layers = 0, rank = 128;
   double label_fraction = 0.25, head_label_fraction = 0.5;
-  std::string corpus = "kjv";
-  int32_t samples = 64, tokens = 256, epochs = 20;
+  CalibrationRequest calibration;  // corpus, windows, tokens, the taps (stored)
+  int32_t epochs = 20;
   uint64_t seed = 0;
 };
 
@@ -107,7 +107,7 @@ class DejaVu final : public Method {
     shape_ = shape;
     if (o_.oracle || !any_sparse(shape)) return {};
     // Every tap whatever is trained: one store serves every parameter set.
-    return {o_.corpus, o_.samples, o_.tokens, kTapHiddenIn | kTapFfnActivation | kTapAttentionOut, true};
+    return o_.calibration;
   }
 
   Status finish_stored_calibration(const std::string& store_dir, const std::string& dir) override {
@@ -331,11 +331,7 @@ class DejaVu final : public Method {
 class DejaVuPlugin final : public Plugin {
  public:
   PluginInfo info() const override {
-    return {"dejavu",
-            "1.0.0",
-            "contextual sparsity: predicted FFN neurons and attention heads per token (Liu et al. 2023)",
-            hooks_of<DejaVu>(),
-            {ParamSpec::string("mode", "predictor", {"predictor", "oracle"},
+    std::vector<ParamSpec> params = {ParamSpec::string("mode", "predictor", {"predictor", "oracle"},
                                "predictor: trained predictors choose; oracle: the layer's own dense values choose"),
              ParamSpec::real("neuron_keep", 0.25, 0.001, 1.0, "fraction of FFN neurons computed per layer"),
              ParamSpec::schedule("layer_neuron_keep", "", 0.001, 1.0,
@@ -350,11 +346,12 @@ class DejaVuPlugin final : public Plugin {
                              "neurons labelled positive per token: the top fraction by |silu(gate) * up|"),
              ParamSpec::real("head_label_fraction", 0.5, 0.001, 1.0,
                              "heads labelled positive per token: the top fraction by output L2 norm"),
-             ParamSpec::string("corpus", "kjv", {}, "calibration corpus: kjv, kv_retrieval, or a text file"),
-             ParamSpec::integer("calibration_samples", 64, 1, 4096, "calibration windows"),
-             ParamSpec::integer("calibration_tokens", 256, 8, 1 << 16, "tokens per calibration window"),
              ParamSpec::integer("epochs", 20, 1, 1000, "most training epochs per predictor (early stopping: 3)"),
-             ParamSpec::integer("seed", 0, 0, std::nullopt, "initialisation, split and shuffle seed")}};
+             ParamSpec::integer("seed", 0, 0, std::nullopt, "initialisation, split and shuffle seed")};
+    for (ParamSpec& spec : ParamSpec::calibration(64, 256)) params.push_back(std::move(spec));
+    return {"dejavu", "1.0.0",
+            "contextual sparsity: predicted FFN neurons and attention heads per token (Liu et al. 2023)",
+            hooks_of<DejaVu>(), std::move(params)};
   }
   Result<std::unique_ptr<Method>> create(const ParamValues& p) const override {
     Options o;
@@ -367,9 +364,8 @@ class DejaVuPlugin final : public Plugin {
     o.rank = int32_t(p.get_int("rank"));
     o.label_fraction = p.get_float("label_fraction");
     o.head_label_fraction = p.get_float("head_label_fraction");
-    o.corpus = p.get_string("corpus");
-    o.samples = int32_t(p.get_int("calibration_samples"));
-    o.tokens = int32_t(p.get_int("calibration_tokens"));
+    o.calibration = calibration_request(p, kTapHiddenIn | kTapFfnActivation | kTapAttentionOut);
+    o.calibration.stored = true;
     o.epochs = int32_t(p.get_int("epochs"));
     o.seed = uint64_t(p.get_int("seed"));
     return std::unique_ptr<Method>(std::make_unique<DejaVu>(std::move(o)));

@@ -25,8 +25,7 @@ struct Options {
   LayerSchedule layer_sparsity;  // overrides `sparsity` on the layers it names
   std::string projections = "all";
   int32_t dense_layers = 0;
-  std::string corpus = "kjv";
-  int32_t samples = 16, tokens = 256;
+  CalibrationRequest calibration;  // corpus, windows, tokens (taps set here)
 };
 
 class Teal final : public Method {
@@ -36,7 +35,7 @@ class Teal final : public Method {
   CalibrationRequest calibration(const ModelShape& shape) override {
     histograms_.assign(size_t(shape.n_layers), {});
     if (all_dense(shape)) return {};  // nothing to calibrate: every threshold is "dense"
-    return {o_.corpus, o_.samples, o_.tokens, kTapAttentionIn | kTapAttentionOut | kTapFfnIn | kTapFfnActivation};
+    return o_.calibration;
   }
   void on_calibration(const CalibrationTaps& t) override {
     if (t.layer < 0 || size_t(t.layer) >= histograms_.size()) return;
@@ -98,19 +97,16 @@ class Teal final : public Method {
 class TealPlugin final : public Plugin {
  public:
   PluginInfo info() const override {
-    return {"teal",
-            "1.0.0",
-            "training-free activation sparsity: small projection inputs skipped (Liu et al. 2025)",
-            hooks_of<Teal>(),
-            {ParamSpec::real("sparsity", 0.5, 0.0, 0.99, "fraction of each projection's input entries taken as zero"),
-             ParamSpec::schedule("layer_sparsity", "", 0.0, 0.99,
-                                 "per-layer sparsity (e.g. \"0-3=0.3; 4-29=0.5\"); layers it names override `sparsity`"),
-             ParamSpec::string("projections", "all", {"all", "mlp", "attention"},
-                               "which projections are sparse: all seven, gate/up/down, or q/k/v/o"),
-             ParamSpec::dense_layers(0),
-             ParamSpec::string("corpus", "kjv", {}, "calibration corpus: kjv, kv_retrieval, or a text file"),
-             ParamSpec::integer("calibration_samples", 16, 1, 4096, "calibration windows"),
-             ParamSpec::integer("calibration_tokens", 256, 8, 1 << 16, "tokens per calibration window")}};
+    std::vector<ParamSpec> params = {
+        ParamSpec::real("sparsity", 0.5, 0.0, 0.99, "fraction of each projection's input entries taken as zero"),
+        ParamSpec::schedule("layer_sparsity", "", 0.0, 0.99,
+                            "per-layer sparsity (e.g. \"0-3=0.3; 4-29=0.5\"); layers it names override `sparsity`"),
+        ParamSpec::string("projections", "all", {"all", "mlp", "attention"},
+                          "which projections are sparse: all seven, gate/up/down, or q/k/v/o"),
+        ParamSpec::dense_layers(0)};
+    for (ParamSpec& spec : ParamSpec::calibration(16, 256)) params.push_back(std::move(spec));
+    return {"teal", "1.0.0", "training-free activation sparsity: small projection inputs skipped (Liu et al. 2025)",
+            hooks_of<Teal>(), std::move(params)};
   }
   Result<std::unique_ptr<Method>> create(const ParamValues& p) const override {
     Options o;
@@ -118,9 +114,7 @@ class TealPlugin final : public Plugin {
     o.layer_sparsity = p.get_schedule("layer_sparsity");
     o.projections = p.get_string("projections");
     o.dense_layers = int32_t(std::min<int64_t>(p.get_int("dense_layers"), std::numeric_limits<int32_t>::max()));
-    o.corpus = p.get_string("corpus");
-    o.samples = int32_t(p.get_int("calibration_samples"));
-    o.tokens = int32_t(p.get_int("calibration_tokens"));
+    o.calibration = calibration_request(p, kTapAttentionIn | kTapAttentionOut | kTapFfnIn | kTapFfnActivation);
     return std::unique_ptr<Method>(std::make_unique<Teal>(std::move(o)));
   }
 };

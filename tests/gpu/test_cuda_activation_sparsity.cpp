@@ -5,12 +5,15 @@
 // decisions stay on the device), the next method dense again.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+
 #include "cpu/activation_sparse.h"
 #include "cuda/activation_sparse.cuh"
 #include "gpu_engine_support.h"
 #include "gpu_kernel_support.h"
 #include "gpu_test_support.h"
 #include "inferlab/testing.h"
+#include "sparse_method.h"
 
 namespace inferlab {
 namespace {
@@ -94,6 +97,35 @@ TEST(CudaActivationSparsity, SparsifyAndGatedSiluMatchTheirTwins) {
   }
 }
 
+TEST(CudaActivationSparsity, ListedRowsAreReadInPlaceAsTheirTwinsSay) {
+  INFERLAB_REQUIRE_GPU();
+  const DType dtype = DType::BF16;
+  const int64_t in = 4096, out = 4096, k = 700;
+  const auto w = rounded(size_t(in * out), 13, dtype), x = rounded(size_t(in), 14, dtype);
+  std::vector<int32_t> rows = gpu_test::shuffled_ids(int32_t(in), 15);
+  rows.resize(size_t(k));
+  std::sort(rows.begin(), rows.end());
+  DeviceBuffer<uint8_t> dw(gpu_test::to_bytes(w, dtype)), dx(gpu_test::to_bytes(x, dtype));
+  DeviceBuffer<int32_t> drows(rows);
+  DeviceBuffer<float> partial(static_cast<size_t>(kc::sparse_input_splits(k) * out)), y(static_cast<size_t>(out)),
+      dots(static_cast<size_t>(k));
+  // rows_gemv: the first k entries of x against the listed rows of w read as (in, out)
+  std::vector<float> want(static_cast<size_t>(out));
+  cpu::gather_rows_gemv(want.data(), x.data(), w.data(), rows.data(), k, out);
+  INFERLAB_CUDA_OK(kc::rows_gemv(dx.get(), dw.get(), dtype, drows.get(), k, out, partial.get(), y.get(), nullptr));
+  // gathered_rows_gemv: the listed rows of w read as (out, in) against x
+  std::vector<float> want_dots(static_cast<size_t>(k));
+  for (int64_t j = 0; j < k; ++j) {
+    double sum = 0;
+    for (int64_t d = 0; d < in; ++d) sum += double(w[size_t(rows[size_t(j)] * in + d)]) * x[size_t(d)];
+    want_dots[size_t(j)] = float(sum);
+  }
+  INFERLAB_CUDA_OK(kc::gathered_rows_gemv(dx.get(), dw.get(), dtype, drows.get(), k, in, dots.get(), nullptr));
+  INFERLAB_CUDA_OK(cudaDeviceSynchronize());
+  EXPECT_LT(gpu_test::normalized_error(y.download(), want), 1e-5);
+  EXPECT_LT(gpu_test::normalized_error(dots.download(), want_dots), 1e-5);
+}
+
 TEST(CudaActivationSparsity, OracleSelectionsMatchTheirTwins) {
   INFERLAB_REQUIRE_GPU();
   for (const DType dtype : {DType::F16, DType::BF16}) {
@@ -124,14 +156,7 @@ TEST(CudaActivationSparsity, OracleSelectionsMatchTheirTwins) {
   EXPECT_LT(gpu_test::normalized_error(got, want), 1e-6);
 }
 
-class SparseMethod final : public Method {
- public:
-  explicit SparseMethod(ActivationSparsity a) : a_(std::move(a)) {}
-  ActivationSparsity activation_sparsity() const override { return a_; }
-
- private:
-  ActivationSparsity a_;
-};
+using test::SparseMethod;
 
 struct Traced {
   std::vector<float> logits;

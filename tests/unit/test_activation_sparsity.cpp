@@ -14,6 +14,7 @@
 #include "cpu/activation_sparse.h"
 #include "engine/engine.h"
 #include "inferlab/testing.h"
+#include "sparse_method.h"
 
 namespace inferlab {
 namespace {
@@ -102,15 +103,7 @@ TEST(ActivationSparsity, GatedSiluComputesUpOnlyForKeptNeurons) {
   for (int64_t j = 0; j < n_ff; ++j) EXPECT_NEAR(act_mul[size_t(j)], act[size_t(j)], 1e-4 * (1 + std::fabs(act[size_t(j)])));
 }
 
-// A method that declares activation sparsity and nothing else.
-class SparseMethod final : public Method {
- public:
-  explicit SparseMethod(ActivationSparsity a) : a_(std::move(a)) {}
-  ActivationSparsity activation_sparsity() const override { return a_; }
-
- private:
-  ActivationSparsity a_;
-};
+using test::SparseMethod;
 
 ActivationSparsity uniform(int32_t n_layers, std::array<float, kSparseProjections> t, float gate = -1.0f) {
   ActivationSparsity a;

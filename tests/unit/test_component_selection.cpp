@@ -33,6 +33,22 @@ TEST(ComponentSelection, TopKMagnitudesKeepTheLargestTiesToTheLowerIndex) {
   EXPECT_EQ(y, (std::vector<float>{0, 0, 0}));
 }
 
+TEST(ComponentSelection, GatheredRowsGemvSumsTheListedRows) {
+  const int64_t n = 1536, out = 576;
+  std::vector<float> wt(static_cast<size_t>(n * out)), x(static_cast<size_t>(n));
+  for (size_t i = 0; i < wt.size(); ++i) wt[i] = float(int64_t(i * 7919 % 2001) - 1000) / 1000.0f;
+  std::vector<int32_t> rows;
+  for (int32_t r = 3; r < n; r += 5) rows.push_back(r);
+  for (size_t j = 0; j < rows.size(); ++j) x[j] = float(int64_t(j % 13) - 6) / 4.0f;
+  std::vector<float> y(static_cast<size_t>(out), 99.0f);
+  cpu::gather_rows_gemv(y.data(), x.data(), wt.data(), rows.data(), int64_t(rows.size()), out);
+  for (int64_t o = 0; o < out; ++o) {
+    double want = 0;
+    for (size_t j = 0; j < rows.size(); ++j) want += double(x[j]) * wt[size_t(rows[j] * out + o)];
+    ASSERT_NEAR(y[size_t(o)], want, 1e-4 * (1 + std::fabs(want))) << o;
+  }
+}
+
 TEST(ComponentSelection, TopHeadsAmongTheComputedByOutputNorm) {
   // 4 heads of 2: norms 1, 5, 5, 9; head 3 not computed.
   std::vector<float> attn = {1, 0, 3, 4, 0, 5, 9, 0};

@@ -67,6 +67,14 @@ struct ParamSpec {
   static ParamSpec dense_layers(int64_t def) {
     return integer("dense_layers", def, 0, std::nullopt, "count of first layers left dense");
   }
+  // The shared names of a calibrating method's data: `corpus` ("kjv",
+  // "kv_retrieval" or a text file), `calibration_samples` windows of
+  // `calibration_tokens` tokens (read back with calibration_request in plugin.h).
+  static std::vector<ParamSpec> calibration(int64_t samples, int64_t tokens) {
+    return {string("corpus", "kjv", {}, "calibration corpus: kjv, kv_retrieval, or a text file"),
+            integer("calibration_samples", samples, 1, 4096, "calibration windows"),
+            integer("calibration_tokens", tokens, 8, 1 << 16, "tokens per calibration window")};
+  }
   static ParamSpec real(std::string name, double def, std::optional<double> lo, std::optional<double> hi,
                         std::string help) {
     return {std::move(name), ParamType::Float, def, lo, hi, {}, std::move(help)};

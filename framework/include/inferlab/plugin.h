@@ -423,6 +423,12 @@ struct CalibrationTaps {
   std::span<const float> attention_in, ffn_in, ffn_gate;
 };
 
+// The request a method's ParamSpec::calibration parameters name, for `taps`.
+inline CalibrationRequest calibration_request(const ParamValues& p, uint32_t taps) {
+  return {p.get_string("corpus"), int32_t(p.get_int("calibration_samples")), int32_t(p.get_int("calibration_tokens")),
+          taps};
+}
+
 // Which positions RoPE gives the keys and queries of a sequence.
 enum class KvPositions {
   Original,  // a token keeps its position in the sequence

@@ -293,8 +293,11 @@ Status CpuBackend::linear(Proj p, int32_t l, const std::vector<int32_t>* rows) {
       return Error{fmt::format("cpu backend: a neuron subset of {}, stored in NF4 for this run", proj_name(p))};
     if (adapters_[size_t(p)][size_t(l)].rank > 0)
       return Error{fmt::format("cpu backend: an unmerged adapter on {} with a neuron subset (merge it)", proj_name(p))};
-    if (p == Proj::Down)  // the selected rows of the transposed down weight: its selected columns
-      cpu::matmul_x_rows(y, x, transposed(Proj::Down, l).data(), rows->data(), n_, int64_t(rows->size()), out);
+    const int64_t k = int64_t(rows->size());
+    if (p == Proj::Down && n_ == 1)  // the selected rows of the transposed down weight: its selected columns
+      cpu::gather_rows_gemv(y, x, transposed(Proj::Down, l).data(), rows->data(), k, out);
+    else if (p == Proj::Down)
+      cpu::matmul_x_rows(y, x, transposed(Proj::Down, l).data(), rows->data(), n_, k, out);
     else
       cpu::matmul_xwt_rows(y, x, w, rows->data(), n_, int64_t(rows->size()), in);
     return ok_status();
@@ -388,7 +391,8 @@ Status CpuBackend::linear_heads(Proj p, int32_t l, std::span<const int32_t> head
     std::fill(proj_.begin(), proj_.begin() + n_ * e, 0.0f);
     return ok_status();
   }
-  cpu::matmul_x_rows(proj_.data(), head_scratch_.data(), transposed(Proj::O, l).data(), head_rows_.data(), n_, k, e);
+  if (n_ == 1) cpu::gather_rows_gemv(proj_.data(), head_scratch_.data(), transposed(Proj::O, l).data(), head_rows_.data(), k, e);
+  else cpu::matmul_x_rows(proj_.data(), head_scratch_.data(), transposed(Proj::O, l).data(), head_rows_.data(), n_, k, e);
   return ok_status();
 }
 

@@ -30,6 +30,11 @@ void fill_uniform(std::vector<float>& v, int64_t fan_in, std::mt19937_64& rng) {
 
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
           const float* b, int64_t ldb, float* c, int64_t ldc) {
+  if (m == 1 && !trans_a) {  // one row (a predictor at decode): a GEMV, without GEMM's packing of b
+    cblas_sgemv(CblasRowMajor, trans_b ? CblasNoTrans : CblasTrans, static_cast<int>(trans_b ? n : k),
+                static_cast<int>(trans_b ? k : n), 1.0f, b, static_cast<int>(ldb), a, 1, 0.0f, c, 1);
+    return;
+  }
   cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans,
               static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), 1.0f, a, static_cast<int>(lda), b,
               static_cast<int>(ldb), 0.0f, c, static_cast<int>(ldc));

@@ -42,11 +42,9 @@ Prepared prepare(Engine& engine, const ParamValues& given, const std::filesystem
   EXPECT_NE(entry, nullptr);
   Prepared p;
   if (entry == nullptr) return p;
-  ParamValues resolved;
-  for (const ParamSpec& spec : entry->params) resolved.set(spec.name, spec.default_value);
-  for (const auto& [name, value] : given.all()) resolved.set(name, value);
   p.handle = test::make_method("dejavu", given);
-  if (p.handle.get() != nullptr) p.prepared = prepare_method(*p.handle.get(), *entry, resolved, engine, root);
+  if (p.handle.get() != nullptr)
+    p.prepared = prepare_method(*p.handle.get(), *entry, test::resolved_params(*entry, given), engine, root);
   return p;
 }
 

@@ -88,10 +88,7 @@ TEST(Teal, ADamagedThresholdFileIsRefusedNamingIt) {
   ASSERT_TRUE(engine.ok());
   const PluginEntry* entry = test::plugin_registry().find("teal");
   ASSERT_NE(entry, nullptr);
-  ParamValues resolved;
-  for (const ParamSpec& spec : entry->params) resolved.set(spec.name, spec.default_value);
-  const ParamValues given = calibrated(0.5);
-  for (const auto& [name, value] : given.all()) resolved.set(name, value);
+  const ParamValues resolved = test::resolved_params(*entry, calibrated(0.5));
   const auto root = test::temp_path("teal-artifacts");
   auto first = test::make_method("teal", calibrated(0.5));
   auto prepared = prepare_method(*first.get(), *entry, resolved, **engine, root);

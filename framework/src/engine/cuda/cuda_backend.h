@@ -230,6 +230,7 @@ class CudaBackend final : public Backend {
   DeviceMemory act_;     // (n, n_ff) dtype
   DeviceMemory w_sel_;   // (n_ff, n_embd) dtype: selected weight rows (neuron masks)
   DeviceMemory rows_;    // (n_ff) int32 selected neurons
+  DeviceMemory rows_partial_;  // a one-row subset GEMV's split partials
   DeviceMemory head_tmp_;    // (n, kept heads x head_dim): Q of the kept heads, or their attention outputs (dtype)
   DeviceMemory head_flags_;  // (n_heads) uint8: the heads an oracle chooses among
   DeviceMemory logits_;  // (logits_chunk, n_vocab) float

@@ -4,6 +4,7 @@
 
 #include "cpu/half_convert.h"
 #include "cuda/activation.cuh"
+#include "cuda/activation_sparse.cuh"
 #include "cuda/embedding.cuh"
 #include "cuda/gemm.cuh"
 #include "cuda/rmsnorm.cuh"
@@ -76,10 +77,21 @@ Status CudaBackend::linear(Proj p, int32_t l, const std::vector<int32_t>* rows) 
     return ok_status();
   }
   const size_t el = size_t(kernels::dtype_bytes(dtype_));
-  if (!w_sel_.reserve(size_t(k) * size_t(c.n_embd) * el) || !rows_.reserve(size_t(k) * 4))
+  if (!w_sel_.reserve(size_t(k) * size_t(c.n_embd) * el) || !rows_.reserve(size_t(k) * 4) ||
+      !rows_partial_.reserve(size_t(kc::sparse_input_splits(k) * c.n_embd) * 4))
     return Error{"cuda engine: out of GPU memory for a neuron subset"};
   CUDA_TRY(cudaMemcpyAsync(rows_.as(), rows->data(), size_t(k) * 4, cudaMemcpyHostToDevice, stream_), "neuron subset");
-  if (p == Proj::Down) {
+  if (n_ == 1) {  // one row: the selected rows read in place (nothing gathered first)
+    if (p == Proj::Down) {
+      const void* down_t = transposed(Proj::Down, l);
+      if (down_t == nullptr) return Error{"cuda engine: out of GPU memory for a transposed down projection"};
+      CUDA_TRY(kc::rows_gemv(act_.as(), down_t, dtype_, rows_.as<int32_t>(), k, c.n_embd, rows_partial_.as<float>(),
+                             proj_.as<float>(), stream_),
+               "neuron subset");
+    } else {
+      CUDA_TRY(kc::gathered_rows_gemv(xn_.as(), w, dtype_, rows_.as<int32_t>(), k, c.n_embd, y, stream_), "neuron subset");
+    }
+  } else if (p == Proj::Down) {
     const void* down_t = transposed(Proj::Down, l);
     if (down_t == nullptr) return Error{"cuda engine: out of GPU memory for a transposed down projection"};
     CUDA_TRY(kc::gather_rows(down_t, dtype_, c.n_embd, rows_.as<int32_t>(), k, w_sel_.as(), stream_), "gather");

@@ -133,10 +133,19 @@ Status CudaBackend::linear_heads(Proj p, int32_t l, std::span<const int32_t> hea
   std::vector<int32_t> rows;
   for (const int32_t h : heads)
     for (int64_t d = 0; d < hd; ++d) rows.push_back(int32_t(h * hd + d));
-  if (!w_sel_.reserve(size_t(k * e) * el) || !rows_.reserve(size_t(k) * 4) || !head_tmp_.reserve(size_t(n_ * k) * 4))
+  if (!w_sel_.reserve(size_t(k * e) * el) || !rows_.reserve(size_t(k) * 4) || !head_tmp_.reserve(size_t(n_ * k) * 4) ||
+      !rows_partial_.reserve(size_t(kc::sparse_input_splits(k) * e) * 4))
     return Error{"cuda engine: out of GPU memory for the selected heads"};
   CUDA_TRY(cudaMemcpyAsync(rows_.as(), rows.data(), size_t(k) * 4, cudaMemcpyHostToDevice, stream_), "heads");
-  if (p == Proj::Q) {
+  if (p == Proj::Q && n_ == 1) {  // one row: the heads' rows of W_q read in place
+    CUDA_TRY(kc::gathered_rows_gemv(xn_.as(), weight(Proj::Q, l), dtype_, rows_.as<int32_t>(), k, e,
+                                    head_tmp_.as<float>(), stream_),
+             "heads");
+    for (size_t i = 0; i < heads.size(); ++i)
+      CUDA_TRY(cudaMemcpyAsync(q_.as<float>() + heads[i] * hd, head_tmp_.as<float>() + int64_t(i) * hd,
+                               size_t(hd) * 4, cudaMemcpyDeviceToDevice, stream_),
+               "heads");
+  } else if (p == Proj::Q) {
     CUDA_TRY(kc::gather_rows(weight(Proj::Q, l), dtype_, e, rows_.as<int32_t>(), k, w_sel_.as(), stream_), "gather");
     if (auto s = gemm(xn_.as(), w_sel_.as(), head_tmp_.as<float>(), n_, k, e); !s) return s;
     for (size_t i = 0; i < heads.size(); ++i)
@@ -152,9 +161,15 @@ Status CudaBackend::linear_heads(Proj p, int32_t l, std::span<const int32_t> hea
                "heads");
     const void* o_t = transposed(Proj::O, l);
     if (o_t == nullptr) return Error{"cuda engine: out of GPU memory for a transposed output projection"};
-    CUDA_TRY(kc::gather_rows(o_t, dtype_, e, rows_.as<int32_t>(), k, w_sel_.as(), stream_), "gather");
-    if (kc::gemm_xw(cublas_, compact, w_sel_.as(), dtype_, proj_.as<float>(), n_, e, k) != CUBLAS_STATUS_SUCCESS)
-      return Error{"cuda: cuBLAS GEMM of the selected heads' output rows failed"};
+    if (n_ == 1) {  // one row: the heads' rows of the transposed W_o read in place
+      CUDA_TRY(kc::rows_gemv(compact, o_t, dtype_, rows_.as<int32_t>(), k, e, rows_partial_.as<float>(),
+                             proj_.as<float>(), stream_),
+               "heads");
+    } else {
+      CUDA_TRY(kc::gather_rows(o_t, dtype_, e, rows_.as<int32_t>(), k, w_sel_.as(), stream_), "gather");
+      if (kc::gemm_xw(cublas_, compact, w_sel_.as(), dtype_, proj_.as<float>(), n_, e, k) != CUBLAS_STATUS_SUCCESS)
+        return Error{"cuda: cuBLAS GEMM of the selected heads' output rows failed"};
+    }
   }
   CUDA_TRY(cudaStreamSynchronize(stream_), "heads");  // `rows` is ours, on the host
   return ok_status();

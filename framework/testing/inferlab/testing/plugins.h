@@ -44,6 +44,14 @@ struct ActiveMethod {
   std::unique_ptr<WeightOverrides> overrides = std::make_unique<WeightOverrides>();
 };
 
+// Every parameter of `entry`: its defaults, then `given` (calibration keys on all of them).
+inline ParamValues resolved_params(const PluginEntry& entry, const ParamValues& given) {
+  ParamValues resolved;
+  for (const ParamSpec& spec : entry.params) resolved.set(spec.name, spec.default_value);
+  for (const auto& [name, value] : given.all()) resolved.set(name, value);
+  return resolved;
+}
+
 inline ActiveMethod activate_method(Engine& engine, const std::string& plugin, const ParamValues& params) {
   ActiveMethod active;
   active.entry = plugin_registry().find(plugin);
@@ -53,11 +61,8 @@ inline ActiveMethod activate_method(Engine& engine, const std::string& plugin, c
   EXPECT_TRUE(handle.ok()) << (handle.ok() ? "" : handle.message());
   if (!handle.ok()) return active;
   active.handle = std::move(*handle);
-  ParamValues resolved;  // every parameter, defaults filled in (calibration keys on them)
-  for (const ParamSpec& spec : active.entry->params) resolved.set(spec.name, spec.default_value);
-  for (const auto& [name, value] : params.all()) resolved.set(name, value);
-  auto loaded = prepare_method(*active.handle.get(), *active.entry, resolved, engine, temp_path("artifacts"),
-                               active.overrides.get());
+  auto loaded = prepare_method(*active.handle.get(), *active.entry, resolved_params(*active.entry, params), engine,
+                               temp_path("artifacts"), active.overrides.get());
   EXPECT_TRUE(loaded.ok()) << (loaded.ok() ? "" : loaded.message());
   auto set = engine.set_method(active.handle.get(), active.entry->hooks, active.overrides.get(), plugin);
   EXPECT_TRUE(set.ok()) << (set.ok() ? "" : set.message());
