@@ -199,6 +199,28 @@ class DejaVu final : public Method {
         attn_[size_t(l)] = std::move(*h);
       }
     }
+    // The predictors' validation metrics go with every run's counters (so into the results database).
+    training_.clear();
+    if (!any_sparse(shape_)) return ok_status();
+    auto metrics = read_layer_table((fs::path(ctx.artifact_dir) / kMetricsFile).string(), kColumns, shape_.n_layers);
+    if (!metrics) return metrics.error();
+    double neuron_recall = 0, head_recall = 0;
+    int32_t neuron_layers = 0, head_layers = 0;
+    for (int32_t l = 0; l < shape_.n_layers; ++l) {
+      const auto& row = (*metrics)[size_t(l)];  // neuron_k, neuron_recall, ..., head_k, head_recall, ...
+      if (row[1] >= 0) {
+        training_[fmt_layer("train_neuron_recall", l)] = row[1];
+        neuron_recall += row[1];
+        ++neuron_layers;
+      }
+      if (row[6] >= 0) {
+        training_[fmt_layer("train_head_recall", l)] = row[6];
+        head_recall += row[6];
+        ++head_layers;
+      }
+    }
+    if (neuron_layers > 0) training_["train_neuron_recall_mean"] = neuron_recall / neuron_layers;
+    if (head_layers > 0) training_["train_head_recall_mean"] = head_recall / head_layers;
     return ok_status();
   }
 
@@ -264,12 +286,18 @@ class DejaVu final : public Method {
     c["decode_heads_kept_mean"] = mean(decode_heads_, decode_head_calls_);
     c["prefill_head_masks"] = double(prefill_head_calls_);
     c["prefill_heads_kept_mean"] = mean(prefill_heads_, prefill_head_calls_);
+    c.insert(training_.begin(), training_.end());
     return c;
   }
 
  private:
   double neuron_keep(int32_t l) const { return o_.layer_neuron_keep.at(l, o_.neuron_keep); }
   double head_keep(int32_t l) const { return o_.layer_head_keep.at(l, o_.head_keep); }
+  static std::string fmt_layer(const char* name, int32_t l) {
+    char buf[64];
+    std::snprintf(buf, sizeof(buf), "%s.layer%02d", name, l);
+    return buf;
+  }
   bool sparse_neurons(int32_t l) const { return l >= o_.dense_layers && neuron_keep(l) < 1.0; }
   bool sparse_heads(int32_t l) const { return l >= o_.dense_layers && head_keep(l) < 1.0; }
   bool any_sparse(const ModelShape& shape) const {
@@ -317,6 +345,7 @@ class DejaVu final : public Method {
     }
   }
 
+  std::map<std::string, double> training_;  // validation metrics of the loaded predictors
   Options o_;
   ModelShape shape_;
   std::vector<std::optional<train::LowRankHead>> mlp_, attn_;  // per layer, when it is sparse

@@ -118,6 +118,11 @@ TEST(DejaVu, PredictorsBeatChanceAndTheEngineComputesTheirBudget) {
   EXPECT_EQ(c.heads_skipped, int64_t(kSteps) * 2);
   EXPECT_EQ(p.handle->counters().at("decode_neurons_kept_mean"), 40);
   EXPECT_EQ(p.handle->counters().at("decode_heads_kept_mean"), 2);
+  // The validation metrics ride with the run's counters into the results database.
+  EXPECT_DOUBLE_EQ(p.handle->counters().at("train_neuron_recall.layer01"), m[1]);
+  EXPECT_DOUBLE_EQ(p.handle->counters().at("train_neuron_recall_mean"), m[1]);  // the only trained layer
+  EXPECT_DOUBLE_EQ(p.handle->counters().at("train_head_recall_mean"), m[6]);
+  EXPECT_EQ(p.handle->counters().count("train_neuron_recall.layer00"), 0u);  // dense layer: nothing trained
   (void)(*engine)->set_method(nullptr, 0);
 }
 
