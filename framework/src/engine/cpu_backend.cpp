@@ -367,13 +367,15 @@ Status CpuBackend::gated_swiglu(int32_t l, float threshold) {
 }
 
 // Q: each kept head's rows of W_q into its own columns of q; O: the kept
-// heads' attention columns against their rows of the transposed W_o.
+// heads' attention columns against their rows of the transposed W_o. Another
+// storage of the weight (NF4, the file's blocks) or an adapter: the whole
+// projection (a masked head's query is not read, its output is zero), no saving.
 Status CpuBackend::linear_heads(Proj p, int32_t l, std::span<const int32_t> heads) {
   const ModelConfig& c = config_;
   const int64_t hd = c.head_dim, qd = c.q_dim(), e = c.n_embd;
-  if ((p != Proj::Q && p != Proj::O) || stored_[size_t(p)][size_t(l)] != nullptr || file_weight(p, l) != nullptr ||
-      adapters_[size_t(p)][size_t(l)].rank > 0)
-    return Error{fmt::format("cpu backend: {} of selected heads needs a float32 Q or O without adapters", proj_name(p))};
+  if (p != Proj::Q && p != Proj::O) return Error{fmt::format("cpu backend: {} has no heads", proj_name(p))};
+  if (stored_[size_t(p)][size_t(l)] != nullptr || file_weight(p, l) != nullptr || adapters_[size_t(p)][size_t(l)].rank > 0)
+    return linear(p, l, nullptr);
   head_rows_.clear();
   for (const int32_t h : heads)
     for (int64_t d = 0; d < hd; ++d) head_rows_.push_back(int32_t(h * hd + d));
@@ -391,8 +393,9 @@ Status CpuBackend::linear_heads(Proj p, int32_t l, std::span<const int32_t> head
     std::fill(proj_.begin(), proj_.begin() + n_ * e, 0.0f);
     return ok_status();
   }
-  if (n_ == 1) cpu::gather_rows_gemv(proj_.data(), head_scratch_.data(), transposed(Proj::O, l).data(), head_rows_.data(), k, e);
-  else cpu::matmul_x_rows(proj_.data(), head_scratch_.data(), transposed(Proj::O, l).data(), head_rows_.data(), n_, k, e);
+  const float* o_t = transposed(Proj::O, l).data();
+  if (n_ == 1) cpu::gather_rows_gemv(proj_.data(), head_scratch_.data(), o_t, head_rows_.data(), k, e);
+  else cpu::matmul_x_rows(proj_.data(), head_scratch_.data(), o_t, head_rows_.data(), n_, k, e);
   return ok_status();
 }
 
@@ -438,8 +441,9 @@ Status CpuBackend::apply_adapter(Proj p, int32_t l, const float* x, float* y, in
 const std::vector<float>& CpuBackend::transposed(Proj p, int32_t l) {
   std::vector<float>& t = transposed_[size_t(p)][size_t(l)];
   if (t.empty()) {
-    const auto [out, in] = proj_shape(config_, p);
-    const float* w = weight(p, l);  // (out, in)
+    const auto shape = proj_shape(config_, p);  // (out, in); not a structured binding: OpenMP captures it
+    const int64_t out = shape.first, in = shape.second;
+    const float* w = weight(p, l);
     t.resize(size_t(out * in));
 #pragma omp parallel for if (out * in >= (1 << 18))
     for (int64_t i = 0; i < in; ++i)

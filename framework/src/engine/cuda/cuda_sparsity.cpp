@@ -121,9 +121,9 @@ Status CudaBackend::read_sparsity(std::array<int64_t, kSparseProjections>& zeros
 // columns against their rows of the transposed W_o.
 Status CudaBackend::linear_heads(Proj p, int32_t l, std::span<const int32_t> heads) {
   const ModelConfig& c = config_;
-  if ((p != Proj::Q && p != Proj::O) || stored_.count({int32_t(p), l}) != 0 || adapters_.count({int32_t(p), l}) != 0)
-    return Error{fmt::format("cuda backend: {} of selected heads needs a Q or O without NF4 storage or adapters",
-                             proj_name(p))};
+  if (p != Proj::Q && p != Proj::O) return Error{fmt::format("cuda backend: {} has no heads", proj_name(p))};
+  if (stored_.count({int32_t(p), l}) != 0 || adapters_.count({int32_t(p), l}) != 0)
+    return linear(p, l, nullptr);  // NF4 or adapters: the whole projection (masked heads' outputs are zero), no saving
   const int64_t hd = c.head_dim, qd = c.q_dim(), e = c.n_embd, k = int64_t(heads.size()) * hd;
   const size_t el = size_t(kernels::dtype_bytes(dtype_));
   if (k == 0) {
