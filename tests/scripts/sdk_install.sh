@@ -21,3 +21,32 @@ cmake -S "$repo/examples/plugin-template" -B "$work/build" -DCMAKE_PREFIX_PATH="
   { cat "$work/configure.log"; exit 1; }
 cmake --build "$work/build" >"$work/build.log" || { cat "$work/build.log"; exit 1; }
 ctest --test-dir "$work/build" --output-on-failure
+# The trainer (inferlab/train.h) links from the installed prefix: a head's
+# forward pass, built and run outside this tree.
+mkdir -p "$work/train"
+cat >"$work/train/CMakeLists.txt" <<'CMAKE'
+cmake_minimum_required(VERSION 3.20)
+project(train_user CXX)
+set(CMAKE_CXX_STANDARD 20)
+find_package(inferlab REQUIRED)
+add_executable(train_user main.cpp)
+target_link_libraries(train_user PRIVATE inferlab::train)
+CMAKE
+cat >"$work/train/main.cpp" <<'CPP'
+#include <cstdio>
+#include <vector>
+#include "inferlab/train.h"
+int main() {
+  using namespace inferlab::train;
+  auto head = LowRankHead::create(HeadOptions{4, 2, 3}, 1);
+  if (!head) return std::printf("%s\n", head.message().c_str()), 1;
+  std::vector<float> x(4 * 8, 0.5f), logits(8 * 3, -1e9f);
+  if (auto s = head->forward(x, logits, nullptr); !s) return std::printf("%s\n", s.message().c_str()), 1;
+  for (const float v : logits)
+    if (!(v > -1e9f)) return std::printf("logits not written\n"), 1;
+  return 0;
+}
+CPP
+cmake -S "$work/train" -B "$work/train/build" -DCMAKE_PREFIX_PATH="$work/prefix" >"$work/train.log" 2>&1 &&
+  cmake --build "$work/train/build" >>"$work/train.log" 2>&1 && "$work/train/build/train_user" ||
+  { echo "sdk_install: a program linking inferlab::train from the prefix failed"; cat "$work/train.log"; exit 1; }
