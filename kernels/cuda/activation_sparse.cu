@@ -13,6 +13,14 @@ constexpr int kCols = 8;  // columns per thread: one 16-byte load of a 16-bit ro
 
 __device__ __forceinline__ float silu(float g) { return g / (1.0f + __expf(-g)); }
 
+// Adds to *zeros (when not null) the block's threads whose `zero` is true;
+// every thread of the block must call it (a block-wide count).
+__device__ __forceinline__ void count_zeros(bool zero, unsigned long long* zeros) {
+  if (zeros == nullptr) return;
+  const int n = __syncthreads_count(zero);
+  if (threadIdx.x == 0 && n > 0) atomicAdd(zeros, static_cast<unsigned long long>(n));
+}
+
 // Block (column tile, split): the split's inputs in shared memory, each thread
 // kCols columns over the split's kept rows; a zero input is skipped by the
 // whole block (the branch is uniform), so its row is never read.
@@ -27,10 +35,7 @@ __global__ void sparse_input_partial_kernel(const T* x, const T* wt, int64_t in,
   if (threadIdx.x < rows) row_at[threadIdx.x] = row_of != nullptr ? row_of[i0 + threadIdx.x] : i0 + threadIdx.x;
   if (threadIdx.x < rows) xs[threadIdx.x] = to_float(x[i0 + threadIdx.x]);
   __syncthreads();
-  if (zeros != nullptr && blockIdx.x == 0) {
-    const int zero = __syncthreads_count(threadIdx.x < rows && fabsf(xs[threadIdx.x]) <= threshold);
-    if (threadIdx.x == 0 && zero > 0) atomicAdd(zeros, static_cast<unsigned long long>(zero));
-  }
+  if (blockIdx.x == 0) count_zeros(threadIdx.x < rows && fabsf(xs[threadIdx.x]) <= threshold, zeros);
   const int64_t c = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * kCols;
   if (c >= out) return;
   float acc[kCols] = {};
@@ -62,7 +67,7 @@ __global__ void sum_splits_kernel(const float* partial, int64_t splits, int64_t 
   }
 }
 
-// Grid-stride over whole blocks, so every thread reaches each __syncthreads_count.
+// Grid-stride over whole blocks, so every thread reaches each count_zeros.
 template <typename T>
 __global__ void sparsify_kernel(const T* x, int64_t count, float threshold, T* out, unsigned long long* zeros) {
   for (int64_t base = int64_t(blockIdx.x) * blockDim.x; base < count; base += int64_t(gridDim.x) * blockDim.x) {
@@ -73,10 +78,7 @@ __global__ void sparsify_kernel(const T* x, int64_t count, float threshold, T* o
       zero = fabsf(v) <= threshold;
       out[i] = zero ? from_float<T>(0.0f) : x[i];
     }
-    if (zeros != nullptr) {
-      const int n = __syncthreads_count(zero);
-      if (threadIdx.x == 0 && n > 0) atomicAdd(zeros, static_cast<unsigned long long>(n));
-    }
+    count_zeros(zero, zeros);
   }
 }
 
@@ -100,10 +102,7 @@ __global__ void gated_silu_up_kernel(const float* gate, const T* x, const T* w_u
       act[j] = from_float<T>(0.0f);
     }
   }
-  if (zeros != nullptr) {
-    const int n = __syncthreads_count(lane == 0 && zero);
-    if (threadIdx.x == 0 && n > 0) atomicAdd(zeros, static_cast<unsigned long long>(n));
-  }
+  count_zeros(lane == 0 && zero, zeros);
 }
 
 template <typename T>
@@ -117,10 +116,7 @@ __global__ void gated_silu_mul_kernel(const float* gate, const float* up, int64_
       zero = fabsf(s) <= threshold;
       act[i] = from_float<T>(zero ? 0.0f : s * up[i]);
     }
-    if (zeros != nullptr) {
-      const int n = __syncthreads_count(zero);
-      if (threadIdx.x == 0 && n > 0) atomicAdd(zeros, static_cast<unsigned long long>(n));
-    }
+    count_zeros(zero, zeros);
   }
 }
 

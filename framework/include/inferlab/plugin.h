@@ -349,6 +349,12 @@ inline constexpr int32_t kSparseProjections = 7;
 struct ActivationSparsity {
   std::vector<std::array<float, kSparseProjections>> input_threshold;  // per layer
   std::vector<float> gate_threshold;                                   // per layer
+  // Projection p's (0..6, the order above) input threshold at `layer`, and
+  // the layer's gate threshold; -1 (dense) where none is given.
+  float input(int32_t layer, int32_t p) const {
+    return input_threshold.empty() ? -1.0f : input_threshold[size_t(layer)][size_t(p)];
+  }
+  float gate(int32_t layer) const { return gate_threshold.empty() ? -1.0f : gate_threshold[size_t(layer)]; }
   bool active() const {
     for (const auto& t : input_threshold)
       for (const float v : t)

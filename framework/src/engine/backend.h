@@ -170,6 +170,11 @@ class Backend {
   // row the k heads among `computed` (per head, 1 = computed) of largest
   // output L2 norm keep it, the others' becomes 0.
   virtual Status keep_top_heads(int32_t k, std::span<const uint8_t> computed) = 0;
+  // Whether linear_sparse reads a transposed copy of (proj, layer) under
+  // `sparsity`: a projection with an input threshold, and down under CATS.
+  static bool reads_transposed(const ActivationSparsity& sparsity, int32_t layer, Proj proj) {
+    return sparsity.input(layer, int32_t(proj)) >= 0 || (proj == Proj::Down && sparsity.gate(layer) >= 0);
+  }
   // Makes what linear_sparse and gated_swiglu read for the method being set
   // (transposed copies of its sparse projections' weights, workspace), and
   // drops what an earlier method's needed; an inactive one drops everything.

@@ -321,12 +321,14 @@ Status CpuBackend::linear_from(Proj p, int32_t l, const float* x) {
 // path: the same result, no saving.
 Status CpuBackend::linear_sparse(std::span<const Proj> projs, int32_t l, std::span<const float> thresholds) {
   std::vector<cpu::SparseInputTarget> targets;
+  std::vector<size_t> target_of;  // the index into projs of each target
   for (size_t i = 0; i < projs.size(); ++i) {
     const Proj p = projs[i];
     if (p == Proj::Output) return Error{"cpu backend: the output projection has no activation sparsity"};
     const auto [x, y, in, out] = linear_io(p);
     if (n_ == 1 && stored_[size_t(p)][size_t(l)] == nullptr && file_weight(p, l) == nullptr) {
       targets.push_back({y, transposed(p, l).data(), out, thresholds[i]});
+      target_of.push_back(i);
       continue;
     }
     sparse_x_.resize(size_t(n_ * in));
@@ -337,14 +339,14 @@ Status CpuBackend::linear_sparse(std::span<const Proj> projs, int32_t l, std::sp
   const float* x = linear_io(projs[0]).x;  // the projections share their input
   const int64_t in = linear_io(projs[0]).in;
   cpu::sparse_input_gemv_group(targets.data(), int(targets.size()), x, in);
-  for (size_t i = 0, t = 0; i < projs.size(); ++i) {
+  for (size_t t = 0; t < targets.size(); ++t) {
+    const size_t i = target_of[t];
     const Proj p = projs[i];
-    if (t >= targets.size() || targets[t].y != linear_io(p).y) continue;  // computed above through its own path
-    sparsity_zeros_[size_t(p)] += targets[t++].zeros;
+    sparsity_zeros_[size_t(p)] += targets[t].zeros;
     if (adapters_[size_t(p)][size_t(l)].rank == 0) continue;
     sparse_x_.resize(size_t(in));
     cpu::sparsify(sparse_x_.data(), x, in, thresholds[i]);
-    if (auto s = apply_adapter(p, l, sparse_x_.data(), linear_io(p).y, in, linear_io(p).out); !s) return s;
+    if (auto s = apply_adapter(p, l, sparse_x_.data(), targets[t].y, in, targets[t].out); !s) return s;
   }
   return ok_status();
 }
@@ -412,10 +414,7 @@ Status CpuBackend::keep_top_heads(int32_t k, std::span<const uint8_t> computed) 
 Status CpuBackend::prepare_sparsity(const ActivationSparsity& sparsity) {
   for (int32_t p = 0; p < kSparseProjections; ++p)
     for (int32_t l = 0; l < config_.n_layers; ++l) {
-      const bool gated = !sparsity.gate_threshold.empty() && sparsity.gate_threshold[size_t(l)] >= 0;
-      const bool sparse = (!sparsity.input_threshold.empty() && sparsity.input_threshold[size_t(l)][size_t(p)] >= 0) ||
-                          (gated && Proj(p) == Proj::Down);
-      if (sparse) transposed(Proj(p), l);
+      if (reads_transposed(sparsity, l, Proj(p))) transposed(Proj(p), l);
       else if (Proj(p) != Proj::Down && Proj(p) != Proj::O) transposed_[size_t(p)][size_t(l)] = {};  // masks read these
     }
   sparsity_zeros_.fill(0);

@@ -571,14 +571,11 @@ Status ForwardPass::ffn(int32_t l, const ComponentMask* mask, std::vector<float>
 
 // Activation sparsity: projection p's input threshold at layer l (< 0: dense).
 float ForwardPass::input_threshold(int32_t l, Proj p) const {
-  const ActivationSparsity* a = method_.sparsity;
-  if (a == nullptr || a->input_threshold.empty()) return -1.0f;
-  return a->input_threshold[size_t(l)][size_t(p)];
+  return method_.sparsity == nullptr ? -1.0f : method_.sparsity->input(l, int32_t(p));
 }
 
 float ForwardPass::gate_threshold(int32_t l) const {
-  const ActivationSparsity* a = method_.sparsity;
-  return a == nullptr || a->gate_threshold.empty() ? -1.0f : a->gate_threshold[size_t(l)];
+  return method_.sparsity == nullptr ? -1.0f : method_.sparsity->gate(l);
 }
 
 // Projections that read the same input, each through its own input threshold

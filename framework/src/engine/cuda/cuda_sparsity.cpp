@@ -78,10 +78,7 @@ Status CudaBackend::prepare_sparsity(const ActivationSparsity& sparsity) {
   int64_t partial = 0, widest = 0;
   for (int32_t l = 0; l < c.n_layers; ++l)
     for (int32_t p = 0; p < kSparseProjections; ++p) {
-      const bool gated = !sparsity.gate_threshold.empty() && sparsity.gate_threshold[size_t(l)] >= 0;
-      const bool sparse = (!sparsity.input_threshold.empty() && sparsity.input_threshold[size_t(l)][size_t(p)] >= 0) ||
-                          (gated && Proj(p) == Proj::Down);
-      if (!sparse) {
+      if (!reads_transposed(sparsity, l, Proj(p))) {
         transposed_.erase({p, l});
         continue;
       }
@@ -137,18 +134,16 @@ Status CudaBackend::linear_heads(Proj p, int32_t l, std::span<const int32_t> hea
       !rows_partial_.reserve(size_t(kc::sparse_input_splits(k) * e) * 4))
     return Error{"cuda engine: out of GPU memory for the selected heads"};
   CUDA_TRY(cudaMemcpyAsync(rows_.as(), rows.data(), size_t(k) * 4, cudaMemcpyHostToDevice, stream_), "heads");
-  if (p == Proj::Q && n_ == 1) {  // one row: the heads' rows of W_q read in place
-    CUDA_TRY(kc::gathered_rows_gemv(xn_.as(), weight(Proj::Q, l), dtype_, rows_.as<int32_t>(), k, e,
-                                    head_tmp_.as<float>(), stream_),
-             "heads");
-    for (size_t i = 0; i < heads.size(); ++i)
-      CUDA_TRY(cudaMemcpyAsync(q_.as<float>() + heads[i] * hd, head_tmp_.as<float>() + int64_t(i) * hd,
-                               size_t(hd) * 4, cudaMemcpyDeviceToDevice, stream_),
+  if (p == Proj::Q) {
+    if (n_ == 1) {  // one row: the heads' rows of W_q read in place
+      CUDA_TRY(kc::gathered_rows_gemv(xn_.as(), weight(Proj::Q, l), dtype_, rows_.as<int32_t>(), k, e,
+                                      head_tmp_.as<float>(), stream_),
                "heads");
-  } else if (p == Proj::Q) {
-    CUDA_TRY(kc::gather_rows(weight(Proj::Q, l), dtype_, e, rows_.as<int32_t>(), k, w_sel_.as(), stream_), "gather");
-    if (auto s = gemm(xn_.as(), w_sel_.as(), head_tmp_.as<float>(), n_, k, e); !s) return s;
-    for (size_t i = 0; i < heads.size(); ++i)
+    } else {
+      CUDA_TRY(kc::gather_rows(weight(Proj::Q, l), dtype_, e, rows_.as<int32_t>(), k, w_sel_.as(), stream_), "gather");
+      if (auto s = gemm(xn_.as(), w_sel_.as(), head_tmp_.as<float>(), n_, k, e); !s) return s;
+    }
+    for (size_t i = 0; i < heads.size(); ++i)  // each head's columns into place
       CUDA_TRY(cudaMemcpy2DAsync(q_.as<float>() + heads[i] * hd, size_t(qd) * 4, head_tmp_.as<float>() + int64_t(i) * hd,
                                  size_t(k) * 4, size_t(hd) * 4, size_t(n_), cudaMemcpyDeviceToDevice, stream_),
                "heads");
