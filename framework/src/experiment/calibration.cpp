@@ -34,8 +34,7 @@ class Tapper final : public ForwardObserver {
   uint32_t taps_;
 };
 
-Status calibrate(Method& method, const CalibrationRequest& request, Engine& engine, const std::filesystem::path& dir,
-                 const nlohmann::json& record) {
+Status calibrate(Method& method, const CalibrationRequest& request, Engine& engine, const std::filesystem::path& dir) {
   auto windows = corpus_windows(engine.model().tokenizer(), request.corpus, request.samples, request.tokens, 0);
   if (!windows) return Error{"calibration: " + windows.message()};
   if (auto s = engine.set_method(nullptr, 0); !s) return s;
@@ -60,22 +59,17 @@ Status calibrate(Method& method, const CalibrationRequest& request, Engine& engi
     }
   }
   if (auto s = method.finish_calibration(dir.string()); !s) return Error{"calibration: " + s.message()};
-  // Written last: a folder without it is an unfinished calibration, done again.
-  std::ofstream(dir / kDoneMarker) << record.dump(1) << "\n";
   return ok_status();
 }
 
 // CalibrationRequest::stored: the taps go to the activation store (captured,
 // continued or reused), which the method then reads.
 Status calibrate_stored(Method& method, const CalibrationRequest& request, Engine& engine,
-                        const std::filesystem::path& dir, const std::filesystem::path& store_root,
-                        nlohmann::json record) {
+                        const std::filesystem::path& dir, const std::filesystem::path& store_root) {
   auto store = capture_activations(engine, request, store_root);
   if (!store) return store.error();
   if (auto s = method.finish_stored_calibration(store->string(), dir.string()); !s)
     return Error{"calibration: " + s.message()};
-  record["activation_store"] = store->string();
-  std::ofstream(dir / kDoneMarker) << record.dump(1) << "\n";
   return ok_status();
 }
 
@@ -149,15 +143,18 @@ Result<PreparedMethod> ensure_calibrated(Method& method, const PluginEntry& plug
   }
   std::filesystem::create_directories(*dir, ec);
   if (ec) return Error{fmt::format("plugin {}: cannot create {}: {}", plugin.name, dir->string(), ec.message())};
-  const nlohmann::json record = {{"plugin", plugin.name}, {"version", plugin.version},
+  nlohmann::json record = {{"plugin", plugin.name}, {"version", plugin.version},
                                  {"model_checksum", engine.model().checksum()}, {"arithmetic", arithmetic(engine)},
                                  {"corpus", request.corpus},
                                  {"samples", request.samples}, {"tokens", request.tokens}, {"taps", request.taps},
                                  {"stored", request.stored}};
+  if (request.stored) record["activation_store"] = out.activation_dir.string();
   try {
-    auto s = request.stored ? calibrate_stored(method, request, engine, *dir, store_root, record)
-                            : calibrate(method, request, engine, *dir, record);
+    auto s = request.stored ? calibrate_stored(method, request, engine, *dir, store_root)
+                            : calibrate(method, request, engine, *dir);
     if (!s) return Error{fmt::format("plugin {}: {}", plugin.name, s.message())};
+    // Written last: a folder without it is an unfinished calibration, done again.
+    std::ofstream(*dir / kDoneMarker) << record.dump(1) << "\n";
   } catch (const std::exception& e) {
     return Error{fmt::format("plugin {}: calibration threw: {}", plugin.name, e.what())};
   }
