@@ -162,15 +162,9 @@ fs::path default_activation_root(const fs::path& artifact_root) {
 
 Result<std::string> activation_store_key(const CalibrationRequest& request, const std::string& arithmetic) {
   if (auto s = check_request(request); !s) return s.error();
-  std::string corpus = request.corpus;
-  if (corpus != "kv_retrieval") {  // a file ("kjv" too): keyed by its content
-    auto path = resolve_corpus(corpus);
-    if (!path) return Error{"activation capture: " + path.message()};
-    auto digest = sha256_file(*path);
-    if (!digest) return Error{"activation capture: " + digest.message()};
-    corpus = "sha256:" + *digest;
-  }
-  const nlohmann::json key = {{"format", kActivationStoreVersion}, {"corpus", corpus},
+  auto corpus = corpus_key(request.corpus);
+  if (!corpus) return Error{"activation capture: " + corpus.message()};
+  const nlohmann::json key = {{"format", kActivationStoreVersion}, {"corpus", *corpus},
                               {"samples", request.samples},        {"tokens", request.tokens},
                               {"taps", request.taps & kStorableTaps}, {"arithmetic", arithmetic}};
   return sha256_hex(key.dump()).substr(0, 16);

@@ -80,6 +80,15 @@ std::string arithmetic(const Engine& engine) {
   return engine.options().gpu_dtype == GpuDType::BF16 ? "cuda-bf16" : "cuda-f16";
 }
 
+Result<std::string> corpus_key(const std::string& corpus) {
+  if (corpus == "kv_retrieval") return corpus;
+  auto path = resolve_corpus(corpus);
+  if (!path) return path.error();
+  auto digest = sha256_file(path->string());
+  if (!digest) return digest.error();
+  return "sha256:" + *digest;
+}
+
 Result<std::filesystem::path> calibration_dir(const PluginEntry& plugin, const ParamValues& params,
                                               const CalibrationRequest& request,
                                               const std::string& model_checksum, const std::string& arithmetic,
@@ -87,12 +96,10 @@ Result<std::filesystem::path> calibration_dir(const PluginEntry& plugin, const P
   nlohmann::json key = {{"plugin", plugin.name}, {"version", plugin.version}, {"arithmetic", arithmetic},
                         {"samples", request.samples},
                         {"tokens", request.tokens}, {"taps", request.taps}, {"corpus", request.corpus}};
-  if (request.corpus != "kjv" && request.corpus != "kv_retrieval") {  // a file: keyed by its content
-    auto corpus = resolve_corpus(request.corpus);
+  if (request.corpus != "kjv") {  // a file: keyed by its content ("kjv" by its name, as it always was)
+    auto corpus = corpus_key(request.corpus);
     if (!corpus) return Error{fmt::format("plugin {}: calibration corpus: {}", plugin.name, corpus.message())};
-    auto digest = sha256_file(corpus->string());
-    if (!digest) return Error{fmt::format("plugin {}: calibration corpus: {}", plugin.name, digest.message())};
-    key["corpus"] = "sha256:" + *digest;
+    key["corpus"] = *corpus;
   }
   if (request.stored) {  // a new store means new artifacts
     auto store = activation_store_key(request, arithmetic);

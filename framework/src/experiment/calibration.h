@@ -23,6 +23,10 @@ Result<std::filesystem::path> calibration_dir(const PluginEntry& plugin, const P
                                               const std::string& model_checksum, const std::string& arithmetic,
                                               const std::filesystem::path& artifact_root = {});
 
+// A corpus as a key: the built-in "kv_retrieval" by its name, a file ("kjv"
+// too) by its content ("sha256:<hex>").
+Result<std::string> corpus_key(const std::string& corpus);
+
 // The arithmetic an engine's dense passes use: "cpu-f32", "cuda-f16", "cuda-bf16".
 std::string arithmetic(const Engine& engine);
 
