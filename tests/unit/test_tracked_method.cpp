@@ -20,6 +20,13 @@ class Declares final : public Method {
     a.gate_threshold = {0.125f};
     return a;
   }
+  ComponentPredictors component_predictors() const override {
+    ComponentPredictors p;
+    p.neurons.resize(1);
+    p.neurons[0].keep = 3;
+    return p;
+  }
+  uint32_t unused_hooks() const override { return kHookComponentMask; }
   RetentionPolicy retention_policy() const override {
     return {RetentionScore::LastMass, RetentionScope::PerSequence};
   }
@@ -53,6 +60,10 @@ TEST(TrackedMethod, ForwardsEveryDeclarationTheEngineReads) {
   EXPECT_STREQ(hook_call_name(int32_t(HookCall::value_pruning)), "value_pruning");
   EXPECT_STREQ(hook_call_name(int32_t(HookCall::kv_quantization)), "kv_quantization");
   EXPECT_STREQ(hook_call_name(int32_t(HookCall::activation_sparsity)), "activation_sparsity");
+  EXPECT_EQ(tracked.component_predictors().neurons.at(0).keep, 3);
+  EXPECT_EQ(tracked.unused_hooks(), kHookComponentMask);
+  EXPECT_STREQ(hook_call_name(int32_t(HookCall::component_predictors)), "component_predictors");
+  EXPECT_STREQ(hook_call_name(int32_t(HookCall::unused_hooks)), "unused_hooks");
   EXPECT_EQ(worker_state().hook.load(), -1);  // no call under way after them
 }
 

@@ -30,7 +30,7 @@
 
 namespace inferlab {
 
-inline constexpr int32_t kPluginAbiVersion = 10;
+inline constexpr int32_t kPluginAbiVersion = 11;
 
 // Hooks, as bits of PluginInfo::hooks (docs/architecture.md has the table).
 enum PluginHook : uint32_t {
@@ -365,6 +365,43 @@ struct ActivationSparsity {
   }
 };
 
+// Predicted components (Deja Vu): the engine runs a method's small predictors
+// itself, before a layer computes, and computes only what they choose (as a
+// ComponentMask with those neurons and heads would). A predictor reads a
+// residual-stream row divided by its RMS, sqrt(mean(x^2) + norm_eps), with no
+// gain, and scores its outputs: logits = W2 · act(W1 · x) + b2 (act: ReLU or
+// the identity; rank 0: W2 · x + b2). Each row keeps its `keep` largest logits
+// (NaN the smallest, ties to the lower index); a call of several rows
+// computes the union of its rows' choices.
+//   neurons[l]  scores layer l's FFN neurons (out = n_ff) from layer l's input;
+//   heads[l]    scores layer l's query heads (out = n_heads) from layer l-1's
+//               input: one layer of lookahead, as in the reference (layer 0,
+//               and a layer whose previous layer did not run, read their own).
+// On the CUDA backend the predictors, the top-k and the lists stay on the GPU
+// (the predictors on a side stream, overlapping the main stream's work), so
+// steps replay in graphs; nothing comes to the host per layer.
+struct LowRankPredictor {
+  int32_t keep = 0;  // outputs computed per row; 0: no predictor (dense)
+  int32_t rank = 0;
+  bool relu = false;
+  std::vector<float> w1;  // (rank, n_embd); empty for rank 0
+  std::vector<float> w2;  // (out, rank), or (out, n_embd) for rank 0
+  std::vector<float> b2;  // (out), or empty: no bias
+  bool present() const { return keep > 0; }
+};
+struct ComponentPredictors {
+  std::vector<LowRankPredictor> neurons;  // per layer, or empty: none
+  std::vector<LowRankPredictor> heads;    // per layer, or empty: none
+  float norm_eps = 1e-5f;
+  bool active() const {
+    for (const auto& p : neurons)
+      if (p.present()) return true;
+    for (const auto& p : heads)
+      if (p.present()) return true;
+    return false;
+  }
+};
+
 // Storage of the KV cache's pages. BitPlanes: a method's own quantized pages
 // (KvQuantization), never a model-wide setting.
 enum class KvPageFormat : int32_t { Any = 0, F32 = 1, F16 = 2, BF16 = 3, BitPlanes = 4 };
@@ -572,6 +609,14 @@ class Method {
   // Every plugin: activation sparsity of its projections (read when the method
   // is set; see ActivationSparsity).
   virtual ActivationSparsity activation_sparsity() const { return {}; }
+  // Every plugin: predictors the engine runs to choose each layer's neurons
+  // and heads (read when the method is set; see ComponentPredictors).
+  virtual ComponentPredictors component_predictors() const { return {}; }
+  // Every plugin: hooks of PluginInfo::hooks this instance does not use (its
+  // parameters turn them off), read when the method is set; the engine then
+  // runs nothing for them (e.g. no host copy of the hidden state for a
+  // mask_components that would return false).
+  virtual uint32_t unused_hooks() const { return 0; }
   // Every plugin: how RoPE positions keys and queries (read once per sequence).
   virtual KvPositions kv_positions() const { return KvPositions::Original; }
   // Every plugin: true when prefill under this method is exactly dense (no hook

@@ -54,6 +54,7 @@ enum class Feature : int32_t {
   KvPagesBF16,
   KvBitPlanes,          // a method's pages as bit planes, MSB pass and LSB refetch (Method::kv_quantization)
   ActivationSparsity,   // projections that skip the weights of small inputs; CATS's gated FFN (Method::activation_sparsity)
+  PredictedComponents,  // the engine runs a method's predictors of neurons and heads (Method::component_predictors)
   Graphs,               // decode steps captured once and replayed
 };
 const char* feature_name(Feature feature);
@@ -189,6 +190,42 @@ class Backend {
   virtual Status read_sparsity(std::array<int64_t, kSparseProjections>& zeros) {
     zeros.fill(0);
     return ok_status();
+  }
+  // Feature::PredictedComponents. set_predictors holds the method's
+  // predictors (checked: shapes fit the model) for its runs; an inactive set
+  // drops them. Called when the method is set.
+  virtual Status set_predictors(const ComponentPredictors& predictors) {
+    if (!predictors.active()) return ok_status();
+    return Error{fmt::format("the {} backend has no predicted components", name())};
+  }
+  // Before layer `layer` computes (the residual stream is its input): scores
+  // its neurons (when it has a neuron predictor), its heads from this input
+  // when `own_heads`, and layer + 1's heads (when that layer has a head
+  // predictor: the lookahead); each row's top keep, their union over the
+  // call's rows. The choices stay in the backend, per layer.
+  virtual Status predict(int32_t layer, bool own_heads) {
+    (void)layer; (void)own_heads;
+    return Error{fmt::format("the {} backend has no predicted components", name())};
+  }
+  // How many neurons and heads layer `layer`'s predicted choice holds (in a
+  // one-row call the predictors' keep, without asking the device).
+  virtual Status predicted_counts(int32_t layer, int32_t& neurons, int32_t& heads) {
+    (void)layer; (void)neurons; (void)heads;
+    return Error{fmt::format("the {} backend has no predicted components", name())};
+  }
+  // linear over layer `layer`'s predicted choice: Q and O over its heads (as
+  // linear_heads), Gate, Up and Down over its neurons (as linear with rows);
+  // LayerAttention::predicted_heads masks attention the same way.
+  virtual Status linear_predicted(Proj proj, int32_t layer) {
+    (void)proj; (void)layer;
+    return Error{fmt::format("the {} backend has no predicted components", name())};
+  }
+  // The heads each layer's predicted choice computed in the last call, (n_layers,
+  // n_heads), 1 = computed (layers without a head choice: all 1); one read per
+  // call, for the counters.
+  virtual Status read_predicted_heads(std::vector<uint8_t>& flags) {
+    (void)flags;
+    return Error{fmt::format("the {} backend has no predicted components", name())};
   }
   virtual Status add_residual() = 0;                           // x += proj
   // RoPE of q (queries) and k for layer `layer`: at the call's positions, or

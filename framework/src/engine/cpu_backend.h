@@ -41,6 +41,11 @@ class CpuBackend final : public Backend {
   Status keep_top_heads(int32_t k, std::span<const uint8_t> computed) override;
   Status prepare_sparsity(const ActivationSparsity& sparsity) override;
   Status read_sparsity(std::array<int64_t, kSparseProjections>& zeros) override;
+  Status set_predictors(const ComponentPredictors& predictors) override;
+  Status predict(int32_t layer, bool own_heads) override;
+  Status predicted_counts(int32_t layer, int32_t& neurons, int32_t& heads) override;
+  Status linear_predicted(Proj proj, int32_t layer) override;
+  Status read_predicted_heads(std::vector<uint8_t>& flags) override;
   Status add_residual() override;
   Status rope(const KvSequence& seq, int32_t layer, bool queries) override;
   Status append_kv(KvSequence& seq, int32_t layer) override;
@@ -165,6 +170,15 @@ class CpuBackend final : public Backend {
   std::vector<int32_t> head_rows_;  // linear_heads: the kept heads' rows of W_q (columns of W_o)
   std::vector<float> head_scratch_;
   std::array<int64_t, kSparseProjections> sparsity_zeros_{};
+  // Predicted components (cpu_predictors.cpp): the method's predictors, and
+  // per layer the neurons and heads they chose in this call.
+  ComponentPredictors predictors_;
+  // Scores rows x_ with `p` (out outputs) and marks each row's top keep in flags.
+  void run_predictor(const LowRankPredictor& p, int64_t out, std::vector<uint8_t>& flags);
+  std::vector<float> pred_x_, pred_hidden_, pred_logits_;
+  std::vector<std::vector<int32_t>> predicted_neurons_;  // [layer] ascending
+  std::vector<std::vector<int32_t>> predicted_heads_;    // [layer] ascending
+  std::vector<ComponentMask> predicted_masks_;           // [layer] heads as attention reads them
   // Key bounds of the pool's pages (kHookPageBudget): (pages_reserved, 2, head_dim)
   // indexed by physical page, what each (layer, kv head) has folded in, and scratch.
   std::vector<float> page_bounds_;

@@ -116,7 +116,7 @@ Status CpuBackend::attention(const KvSequence& seq, const LayerAttention& work) 
   AttentionRefs call;
   call.layer = work.layer;
   call.seq = &seq;
-  call.mask = work.mask;
+  call.mask = work.predicted_heads ? &predicted_masks_[size_t(work.layer)] : work.mask;
   call.sparse = work.sparse != nullptr && work.sparse->active() ? work.sparse : nullptr;
   const bool per_head = !work.keys->heads.empty();
   call.unit_heads = per_head ? 1 : gs;

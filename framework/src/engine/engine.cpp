@@ -81,6 +81,7 @@ const char* feature_name(Feature f) {
     case Feature::KvPagesBF16: return "KV pages in bf16";
     case Feature::KvBitPlanes: return "bit-plane KV pages (progressive quantization)";
     case Feature::ActivationSparsity: return "activation sparsity";
+    case Feature::PredictedComponents: return "predicted components";
     case Feature::Graphs: return "graph capture";
   }
   return "?";
@@ -312,6 +313,7 @@ std::vector<Feature> method_features(const Method& method, uint32_t hooks) {
   if (method.kv_positions() == KvPositions::Cache) out.push_back(Feature::CachePositions);
   if (method.value_pruning().active()) out.push_back(Feature::ValuePruning);
   if (method.activation_sparsity().active()) out.push_back(Feature::ActivationSparsity);
+  if (method.component_predictors().active()) out.push_back(Feature::PredictedComponents);
   switch (method.kv_page_format()) {
     case KvPageFormat::Any: break;
     case KvPageFormat::F32: out.push_back(Feature::KvPagesF32); break;
@@ -347,9 +349,52 @@ Status check_activation_sparsity(const ActivationSparsity& a, const ModelConfig&
   return ok_status();
 }
 
+// A method's predictors fit the model: one entry per layer, keep within the
+// outputs, weights of the stated shapes and finite; not beside other ways of
+// choosing components.
+Status check_predictors(const ComponentPredictors& p, const ModelConfig& c, uint32_t hooks, bool sparsity,
+                        const std::string& name) {
+  if (!p.active()) return ok_status();
+  if (!(p.norm_eps > 0.0f) || !std::isfinite(p.norm_eps))
+    return Error{fmt::format("method {}: component predictors' norm_eps {} must be positive", name, p.norm_eps)};
+  if ((hooks & kHookComponentMask) != 0)
+    return Error{fmt::format("method {}: component predictors with component masks (mask_components) are not "
+                             "supported", name)};
+  if (sparsity)
+    return Error{fmt::format("method {}: component predictors with activation sparsity are not supported", name)};
+  for (const bool neurons : {true, false}) {
+    const auto& list = neurons ? p.neurons : p.heads;
+    const char* what = neurons ? "neuron" : "head";
+    const int64_t out = neurons ? c.n_ff : c.n_heads;
+    if (!list.empty() && int64_t(list.size()) != c.n_layers)
+      return Error{fmt::format("method {}: {} predictors for {} layers; the model has {}", name, what, list.size(),
+                               c.n_layers)};
+    for (size_t l = 0; l < list.size(); ++l) {
+      const LowRankPredictor& q = list[l];
+      if (q.keep < 0 || q.keep > out)
+        return Error{fmt::format("method {}: the {} predictor of layer {} keeps {} of {}", name, what, l, q.keep, out)};
+      if (!q.present()) continue;
+      const int64_t hidden = q.rank > 0 ? q.rank : c.n_embd;
+      if (q.rank < 0 || (q.relu && q.rank == 0) || int64_t(q.w1.size()) != int64_t(q.rank) * c.n_embd ||
+          int64_t(q.w2.size()) != out * hidden || (!q.b2.empty() && int64_t(q.b2.size()) != out))
+        return Error{fmt::format("method {}: the {} predictor of layer {} has rank {} and {}/{}/{} weights; this "
+                                 "model needs w1 (rank, {}), w2 ({}, rank or {}), b2 ({}) or none{}",
+                                 name, what, l, q.rank, q.w1.size(), q.w2.size(), q.b2.size(), c.n_embd, out, c.n_embd,
+                                 out, q.relu && q.rank == 0 ? ", and ReLU needs rank > 0" : "")};
+      for (const auto* w : {&q.w1, &q.w2, &q.b2})
+        for (const float v : *w)
+          if (!std::isfinite(v))
+            return Error{fmt::format("method {}: the {} predictor of layer {} has a weight that is not finite", name,
+                                     what, l)};
+    }
+  }
+  return ok_status();
+}
+
 }  // namespace
 
 Status Engine::set_method(Method* method, uint32_t hooks, const WeightOverrides* overrides, const std::string& name) {
+  if (method != nullptr) hooks &= ~method->unused_hooks();
   std::vector<Feature> needed;
   if (method != nullptr) needed = method_features(*method, hooks);
   if (overrides != nullptr && !overrides->items.empty()) needed.push_back(Feature::WeightReplace);
@@ -365,9 +410,12 @@ Status Engine::set_method(Method* method, uint32_t hooks, const WeightOverrides*
                              "query heads; this model has {}",
                              name, kMaxSelectionGroup, config().group_size())};
   ActivationSparsity sparsity;
+  ComponentPredictors predictors;
   if (method != nullptr) {
     sparsity = method->activation_sparsity();
     if (auto s = check_activation_sparsity(sparsity, config(), hooks, name); !s) return s;
+    predictors = method->component_predictors();
+    if (auto s = check_predictors(predictors, config(), hooks, sparsity.active(), name); !s) return s;
   }
   // Bit-plane pages: the method's sequences come from a pool of its planes.
   std::shared_ptr<KvPagePool> pool = default_pool_;
@@ -430,11 +478,24 @@ Status Engine::set_method(Method* method, uint32_t hooks, const WeightOverrides*
     overrides_applied_ = serial;
   }
   if (auto s = backend_->prepare_sparsity(sparsity); !s) return Error{fmt::format("method {}: {}", name, s.message())};
+  PredictedLayers predicted;
+  if (predictors.active()) {
+    auto flags = [](const std::vector<LowRankPredictor>& list) {
+      std::vector<uint8_t> out(list.size());
+      for (size_t l = 0; l < list.size(); ++l) out[l] = list[l].present() ? 1 : 0;
+      if (std::find(out.begin(), out.end(), uint8_t{1}) == out.end()) out.clear();
+      return out;
+    };
+    predicted.neurons = flags(predictors.neurons);
+    predicted.heads = flags(predictors.heads);
+  }
+  if (auto s = backend_->set_predictors(predictors); !s) return Error{fmt::format("method {}: {}", name, s.message())};
   static std::atomic<uint64_t> next_instance{1};
   if (method != nullptr && method->engine_instance == 0) method->engine_instance = next_instance++;
   method_ = method;
   hooks_ = method != nullptr ? hooks : 0;
   sparsity_ = std::move(sparsity);
+  predicted_ = std::move(predicted);
   pool_ = std::move(pool);
   return ok_status();
 }
@@ -563,6 +624,7 @@ Status Engine::forward(KvSequence& seq, std::span<const int32_t> tokens, int64_t
   if (method_ != nullptr) call.values = method_->value_pruning();
   if (method_ != nullptr) call.quant = method_->kv_quantization();
   if (sparsity_.active()) call.sparsity = &sparsity_;
+  if (predicted_.active()) call.predicted = &predicted_;
   if (auto s = check_call(seq, tokens, call.cache_positions); !s) return s;
   try {
     if (method_ != nullptr)

@@ -97,6 +97,15 @@ struct EngineCounters {
   std::map<std::string, double> as_map() const;
 };
 
+// Which layers a method's predictors choose for (ComponentPredictors; the
+// weights live in the backend): per layer, 1 = a neuron / head predictor.
+struct PredictedLayers {
+  std::vector<uint8_t> neurons, heads;
+  bool neurons_at(int32_t layer) const { return !neurons.empty() && neurons[size_t(layer)] != 0; }
+  bool heads_at(int32_t layer) const { return !heads.empty() && size_t(layer) < heads.size() && heads[size_t(layer)] != 0; }
+  bool active() const { return !neurons.empty() || !heads.empty(); }
+};
+
 // A method as the engine runs it: its hooks, and the weights it replaced for
 // its runs (LoadContext::overrides), applied while it is the engine's method.
 struct WeightOverride {
@@ -235,6 +244,7 @@ class Engine {
   Method* method_ = nullptr;
   uint32_t hooks_ = 0;
   ActivationSparsity sparsity_;  // the method's (Method::activation_sparsity), checked
+  PredictedLayers predicted_;    // where the method's predictors choose (Method::component_predictors)
   uint64_t overrides_applied_ = 0;                     // serial of the overrides the backend holds (0: none)
   std::vector<std::pair<Proj, int32_t>> overridden_;  // what they replaced
   std::vector<std::pair<Proj, int32_t>> adapted_;     // where they put unmerged adapters

@@ -37,6 +37,7 @@ Status ForwardPass::run(int64_t logits_from, const LogitsSink& sink) {
     if (*replayed) {
       if (logits_from == 0 && wanted) ++counters_.logits_rows;
       if (auto s = collect_sparsity(); !s) return s;
+      if (auto s = collect_predicted(); !s) return s;
       double attention_seconds = 0;
       return backend_.end_call(attention_seconds);
     }
@@ -44,6 +45,7 @@ Status ForwardPass::run(int64_t logits_from, const LogitsSink& sink) {
   if (auto s = run_layers(); !s) return s;
   finish_call();
   if (auto s = collect_sparsity(); !s) return s;
+  if (auto s = collect_predicted(); !s) return s;
   if (wanted) {
     // Rows pruned inside the call have no logits: the rows asked for must all be left.
     const auto first = std::lower_bound(row_ids_.begin(), row_ids_.end(), int32_t(logits_from));
@@ -167,9 +169,10 @@ Result<bool> ForwardPass::try_replay(const LogitsSink& sink) {
     KeyPlan& keys = staged_[size_t(l)];
     if (keys.by_bound_per_head && keys.any_by_bound())  // the union's size: known once selected
       if (auto s = backend_.read_bound_selection(l, keys); !s) return s.error();
-    count_keys(keys);
+    count_keys(keys, l);
     count_sparse_inputs(l);
   }
+  computed_ = plan_.run;
   ++counters_.graph_replays;
   finish_call();
   return true;
@@ -178,6 +181,8 @@ Result<bool> ForwardPass::try_replay(const LogitsSink& sink) {
 Status ForwardPass::run_layers() {
   const int32_t L = config_.n_layers;
   if (auto s = backend_.embed(); !s) return s;
+  computed_.assign(size_t(L), 0);
+  predicted_layer_ = -1;
   bool exited = false;
   std::vector<float> hidden;
   for (int32_t l = 0; l < L; ++l) {
@@ -186,6 +191,7 @@ Status ForwardPass::run_layers() {
       continue;
     }
     if (auto s = run_layer(l); !s) return s;
+    computed_[size_t(l)] = 1;
     if (method_.has(kHookLayerPlan) && l + 1 < L) {
       if (auto s = backend_.read_hidden(rows() - 1, hidden); !s) return s;
       exited = method_.method->exit_after_layer(step_, l, hidden);
@@ -221,6 +227,8 @@ Status ForwardPass::run_layer(int32_t l) {
       ffn_gate;
   if (auto s = tap(Tap::HiddenIn, kTapHiddenIn, hidden_in); !s) return s;
   if (auto s = decide_mask(l, mask, active); !s) return s;
+  if (auto s = predict(l); !s) return s;
+  const bool heads_predicted = predicted_heads(l);
   if (auto s = backend_.rmsnorm(Norm::Attention, l); !s) return s;
   if (auto s = tap(Tap::AttentionIn, kTapAttentionIn, attention_in); !s) return s;
   static constexpr Proj kQkv[] = {Proj::Q, Proj::K, Proj::V};
@@ -228,7 +236,10 @@ Status ForwardPass::run_layer(int32_t l) {
   if (active != nullptr)
     for (int32_t h = 0; h < config_.n_heads; ++h)
       if (active->heads[size_t(h)] != 0) kept_heads.push_back(h);
-  if (active != nullptr && int32_t(kept_heads.size()) < config_.n_heads) {  // Q of the computed heads only
+  if (heads_predicted) {  // Q of the predicted heads only
+    if (auto s = backend_.linear_predicted(Proj::Q, l); !s) return s;
+    if (auto s = project(std::span(kQkv).subspan(1), l); !s) return s;
+  } else if (active != nullptr && int32_t(kept_heads.size()) < config_.n_heads) {  // Q of the computed heads only
     if (auto s = backend_.linear_heads(Proj::Q, l, kept_heads); !s) return s;
     if (auto s = project(std::span(kQkv).subspan(1), l); !s) return s;
   } else if (auto s = project(kQkv, l); !s) {
@@ -249,14 +260,14 @@ Status ForwardPass::run_layer(int32_t l) {
   if (staged_.empty()) {  // a replayed step counts after the replay
     if (keys.by_bound_per_head && keys.any_by_bound() && step_.decode())
       if (auto s = backend_.read_bound_selection(l, keys); !s) return s;
-    count_keys(keys, active);
+    count_keys(keys, l, active);
   }
   if (auto s = backend_.append_kv(seq_, l); !s) return s;
   SparsePlan sparse;
   if (auto s = decide_sparse(l, keys, sparse); !s) return s;
   const bool statistics_wanted = method_.has(kHookAttentionFeedback) || method_.has(kHookRetention);
   int64_t values_skipped = 0;
-  LayerAttention work{l, &keys, &sparse, active, statistics_wanted};
+  LayerAttention work{l, &keys, &sparse, active, heads_predicted, statistics_wanted};
   if (method_.values.active()) {
     work.values = &method_.values;
     work.values_skipped = &values_skipped;
@@ -294,7 +305,9 @@ Status ForwardPass::run_layer(int32_t l) {
     if (auto s = backend_.keep_top_heads(active->oracle_heads, active->heads); !s) return s;
   if (auto s = tap(Tap::AttentionOut, kTapAttentionOut, attention_out); !s) return s;
 
-  if (active != nullptr && int32_t(kept_heads.size()) < config_.n_heads && active->oracle_heads == 0) {
+  if (heads_predicted) {
+    if (auto s = backend_.linear_predicted(Proj::O, l); !s) return s;  // O of the predicted heads only
+  } else if (active != nullptr && int32_t(kept_heads.size()) < config_.n_heads && active->oracle_heads == 0) {
     if (auto s = backend_.linear_heads(Proj::O, l, kept_heads); !s) return s;  // O of the computed heads only
   } else if (auto s = project(std::array{Proj::O}, l); !s) {
     return s;
@@ -394,8 +407,10 @@ Status ForwardPass::decide_keys(int32_t l, KeyPlan& plan) {
   return ok_status();
 }
 
-void ForwardPass::count_keys(const KeyPlan& plan, const ComponentMask* mask) {
+void ForwardPass::count_keys(const KeyPlan& plan, int32_t layer, const ComponentMask* mask) {
   if (!step_.decode()) return;
+  const bool predicted = predicted_heads(layer);
+  if (predicted) predicted_traffic_.resize(size_t(config_.n_layers) * size_t(config_.n_kv_heads));
   const int32_t ps = seq_.pool().shape().page_size, gs = config_.group_size();
   // K and V, in the pages' format (bit planes: the scale and MSB plane every
   // read touches; the LSB planes of refetched rows are added after attention).
@@ -411,6 +426,8 @@ void ForwardPass::count_keys(const KeyPlan& plan, const ComponentMask* mask) {
       continue;
     }
     const HeadTraffic t = head_traffic(plan, g, ps);
+    if (predicted)  // counted as read; taken back after the call if the predictors masked the whole group
+      predicted_traffic_[size_t(layer) * size_t(config_.n_kv_heads) + size_t(g)] = {t.keys, t.pages, t.keys * row_bytes};
     counters_.decode_keys_read += t.keys;
     counters_.decode_keys_cached += plan.cached[size_t(g)];
     counters_.decode_pages_read += t.pages;
@@ -550,6 +567,14 @@ Status ForwardPass::ffn(int32_t l, const ComponentMask* mask, std::vector<float>
     const float down = std::max(0.0f, input_threshold(l, Proj::Down));
     return backend_.linear_sparse(std::array{Proj::Down}, l, std::array{down});
   }
+  if (predicted_neurons(l)) {  // only the predicted neurons' rows of gate/up and columns of down
+    int32_t neurons = 0, heads = 0;
+    if (auto s = backend_.predicted_counts(l, neurons, heads); !s) return s;
+    for (Proj p : {Proj::Gate, Proj::Up})
+      if (auto s = backend_.linear_predicted(p, l); !s) return s;
+    if (auto s = backend_.swiglu(neurons); !s) return s;
+    return backend_.linear_predicted(Proj::Down, l);
+  }
   if (mask == nullptr || mask->all_neurons) {
     static constexpr Proj kGateUp[] = {Proj::Gate, Proj::Up};
     if (auto s = project(kGateUp, l); !s) return s;
@@ -621,6 +646,50 @@ Status ForwardPass::collect_sparsity() {
   if (auto s = backend_.read_sparsity(zeros); !s) return s;
   counters_.sparse_zeros.resize(size_t(kSparseProjections), 0);
   for (size_t p = 0; p < zeros.size(); ++p) counters_.sparse_zeros[p] += zeros[p];
+  return ok_status();
+}
+
+// Before layer l: its neuron predictor, its head predictor when the previous
+// layer did not run one for it (layer 0, or after a skipped layer), and the
+// next layer's head predictor (the lookahead) from this layer's input.
+Status ForwardPass::predict(int32_t l) {
+  if (method_.predicted == nullptr) return ok_status();
+  const bool own = predicted_heads(l) && (l == 0 || predicted_layer_ != l - 1);
+  const bool next = l + 1 < config_.n_layers && predicted_heads(l + 1);
+  if (!predicted_neurons(l) && !own && !next) return ok_status();
+  if (auto s = backend_.predict(l, own); !s) return s;
+  predicted_layer_ = l;
+  return ok_status();
+}
+
+// After the call: the neurons and heads the predictors skipped, and the keys
+// of kv heads whose query heads they all masked (not read: taken back).
+Status ForwardPass::collect_predicted() {
+  if (method_.predicted == nullptr) return ok_status();
+  const int32_t L = config_.n_layers, H = config_.n_heads, gs = config_.group_size();
+  std::vector<uint8_t> flags;
+  if (!method_.predicted->heads.empty())
+    if (auto s = backend_.read_predicted_heads(flags); !s) return s;
+  for (int32_t l = 0; l < L; ++l) {
+    if (l >= int32_t(computed_.size()) || computed_[size_t(l)] == 0) continue;
+    if (predicted_neurons(l) || predicted_heads(l)) {
+      int32_t neurons = 0, heads = 0;
+      if (auto s = backend_.predicted_counts(l, neurons, heads); !s) return s;
+      if (predicted_neurons(l)) counters_.neurons_skipped += config_.n_ff - neurons;
+    }
+    if (!predicted_heads(l) || flags.size() != size_t(L) * size_t(H)) continue;
+    const uint8_t* f = flags.data() + size_t(l) * size_t(H);
+    counters_.heads_skipped += std::count(f, f + H, uint8_t{0});
+    if (!step_.decode() || predicted_traffic_.empty()) continue;
+    for (int32_t g = 0; g < config_.n_kv_heads; ++g) {
+      if (std::any_of(f + g * gs, f + (g + 1) * gs, [](uint8_t on) { return on != 0; })) continue;
+      const auto& [keys, pages, bytes] = predicted_traffic_[size_t(l) * size_t(config_.n_kv_heads) + size_t(g)];
+      ++counters_.kv_heads_skipped;
+      counters_.decode_keys_read -= keys;
+      counters_.decode_pages_read -= pages;
+      counters_.decode_kv_bytes_read -= bytes;
+    }
+  }
   return ok_status();
 }
 

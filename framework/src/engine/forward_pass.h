@@ -36,6 +36,7 @@ struct MethodCall {
   ValuePruning values;           // Method::value_pruning
   KvQuantization quant;          // Method::kv_quantization
   const ActivationSparsity* sparsity = nullptr;  // Method::activation_sparsity, when active
+  const PredictedLayers* predicted = nullptr;     // Method::component_predictors, when active
   SequenceState* state = nullptr;  // the method's state for this sequence
   bool has(uint32_t hook) const { return method != nullptr && (hooks & hook) != 0; }
 };
@@ -67,7 +68,13 @@ class ForwardPass {
   Status evict(int32_t layer);
   Status drop_tokens(int32_t layer, int32_t kv_head, std::vector<int32_t> drop);
   Status ffn(int32_t layer, const ComponentMask* mask, std::vector<float>& gate, std::vector<float>& activation);
-  void count_keys(const KeyPlan& plan, const ComponentMask* mask = nullptr);
+  void count_keys(const KeyPlan& plan, int32_t layer, const ComponentMask* mask = nullptr);
+  // Predicted components: the layer's predictors run (Backend::predict), and
+  // after the call the heads they chose come back once for the counters.
+  Status predict(int32_t layer);
+  bool predicted_neurons(int32_t layer) const { return method_.predicted != nullptr && method_.predicted->neurons_at(layer); }
+  bool predicted_heads(int32_t layer) const { return method_.predicted != nullptr && method_.predicted->heads_at(layer); }
+  Status collect_predicted();
   float input_threshold(int32_t layer, Proj proj) const;
   float gate_threshold(int32_t layer) const;
   Status project(std::span<const Proj> projs, int32_t layer);
@@ -93,6 +100,11 @@ class ForwardPass {
   std::vector<int32_t> row_ids_;
   std::vector<int32_t> cascade_positions_;  // ascending: positions a layer of this call dropped
   std::vector<int32_t> pruned_rows_;        // current rows the layer in progress dropped
+  int32_t predicted_layer_ = -1;            // the last layer whose predictors ran (its lookahead is ready)
+  std::vector<uint8_t> computed_;           // (n_layers) 1 = the layer ran in this call
+  // Decode traffic counted for each (layer, kv head) of a layer with predicted
+  // heads, taken back after the call where the predictors masked every query head.
+  std::vector<std::array<int64_t, 3>> predicted_traffic_;  // keys, pages, bytes
   int32_t rows() const { return int32_t(row_ids_.size()); }
 };
 

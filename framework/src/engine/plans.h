@@ -130,6 +130,7 @@ struct LayerAttention {
   const KeyPlan* keys = nullptr;
   const SparsePlan* sparse = nullptr;   // null or inactive: dense prefill (Feature::SparsePrefill)
   const ComponentMask* mask = nullptr;  // null: every head computed
+  bool predicted_heads = false;         // the heads of the layer's predicted choice only (Backend::predict)
   bool statistics = false;              // keep key mass and head norms for read_statistics
   const ValuePruning* values = nullptr; // null or inactive: every value accumulated (Feature::ValuePruning)
   // Out, with values: per kv head, the cached keys (stored before this call)

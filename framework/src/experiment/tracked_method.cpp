@@ -14,7 +14,7 @@ const char* hook_call_name(int32_t call) {
       "new_sequence_state", "prefill_pattern", "select_kv",     "page_budget",        "on_attention",
       "evict",            "plan_layers",      "exit_after_layer", "mask_components",  "retention_budget",
       "retention_policy", "bound_scope",      "kv_page_format", "kv_positions",       "dense_prefill",
-      "value_pruning",    "kv_quantization",  "activation_sparsity", "counters"};
+      "value_pruning",    "kv_quantization",  "activation_sparsity", "component_predictors", "unused_hooks", "counters"};
   static_assert(std::size(names) == size_t(HookCall::counters) + 1, "a name for every HookCall");
   return call >= 0 && size_t(call) < std::size(names) ? names[call] : nullptr;
 }
@@ -163,6 +163,16 @@ KvQuantization TrackedMethod::kv_quantization() const {
 ActivationSparsity TrackedMethod::activation_sparsity() const {
   const Scope scope(*this, HookCall::activation_sparsity);
   return inner_.activation_sparsity();
+}
+
+ComponentPredictors TrackedMethod::component_predictors() const {
+  const Scope scope(*this, HookCall::component_predictors);
+  return inner_.component_predictors();
+}
+
+uint32_t TrackedMethod::unused_hooks() const {
+  const Scope scope(*this, HookCall::unused_hooks);
+  return inner_.unused_hooks();
 }
 
 std::map<std::string, double> TrackedMethod::counters() const {

@@ -16,7 +16,7 @@ enum class HookCall : int32_t {
   on_load, calibration, on_calibration, finish_calibration, finish_stored_calibration, begin_sequence, new_sequence_state,
   prefill_pattern, select_kv, page_budget, on_attention, evict, plan_layers, exit_after_layer,
   mask_components, retention_budget, retention_policy, bound_scope, kv_page_format, kv_positions,
-  dense_prefill, value_pruning, kv_quantization, activation_sparsity, counters,
+  dense_prefill, value_pruning, kv_quantization, activation_sparsity, component_predictors, unused_hooks, counters,
 };
 // Its name ("evict"); nullptr for an index that names no call (-1: none under way).
 const char* hook_call_name(int32_t call);
@@ -55,6 +55,8 @@ class TrackedMethod final : public Method {
   ValuePruning value_pruning() const override;
   KvQuantization kv_quantization() const override;
   ActivationSparsity activation_sparsity() const override;
+  ComponentPredictors component_predictors() const override;
+  uint32_t unused_hooks() const override;
   std::map<std::string, double> counters() const override;
 
  private:

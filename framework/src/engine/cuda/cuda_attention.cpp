@@ -256,7 +256,14 @@ Status CudaBackend::attention(const KvSequence& seq, const LayerAttention& work)
   for (int32_t cached : work.keys->cached) max_keys = std::max(max_keys, cached);
   max_keys += int32_t(n_);
   if (capturing_) max_keys = graph_bound_;
-  if (work.mask != nullptr) {
+  if (work.predicted_heads) {  // the predictors' head flags, on the device
+    if (pred_last_layer_ == l) {
+      if (auto s = wait_predicted(pred_heads_ready_, pred_heads_pending_); !s) return s;
+    } else if (auto s = join_predictions(); !s) {
+      return s;
+    }
+    call.head_active = pred_head_flags_.as<uint8_t>() + int64_t(l) * c.n_heads;
+  } else if (work.mask != nullptr) {
     CUDA_TRY(cudaMemcpyAsync(head_active_.as(), work.mask->heads.data(), size_t(c.n_heads), cudaMemcpyHostToDevice,
                              stream_),
              "upload head mask");

@@ -126,6 +126,10 @@ CudaBackend::~CudaBackend() {
   for (cudaEvent_t e : sparse_events_)
     if (e != nullptr) cudaEventDestroy(e);
   if (cublas_ != nullptr) cublasDestroy(cublas_);
+  if (pred_stream_ != nullptr) cudaStreamSynchronize(pred_stream_);
+  for (cudaEvent_t e : {pred_fork_, pred_heads_ready_, pred_neurons_ready_, pred_done_})
+    if (e != nullptr) cudaEventDestroy(e);
+  if (pred_stream_ != nullptr) cudaStreamDestroy(pred_stream_);
   // stream_owner_ destroys the stream once no pool's storage holds it either.
 }
 
@@ -264,6 +268,7 @@ Status CudaBackend::begin_call(const CallSetup& call) {
 }
 
 Status CudaBackend::end_call(double& attention_seconds) {
+  if (auto s = join_predictions(); !s) return s;
   CUDA_TRY(cudaStreamSynchronize(stream_), "forward");
   attention_seconds = 0;
   // Every recorded pair has completed.

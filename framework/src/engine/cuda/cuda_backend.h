@@ -58,6 +58,11 @@ class CudaBackend final : public Backend {
   Status keep_top_heads(int32_t k, std::span<const uint8_t> computed) override;
   Status prepare_sparsity(const ActivationSparsity& sparsity) override;
   Status read_sparsity(std::array<int64_t, kSparseProjections>& zeros) override;
+  Status set_predictors(const ComponentPredictors& predictors) override;
+  Status predict(int32_t layer, bool own_heads) override;
+  Status predicted_counts(int32_t layer, int32_t& neurons, int32_t& heads) override;
+  Status linear_predicted(Proj proj, int32_t layer) override;
+  Status read_predicted_heads(std::vector<uint8_t>& flags) override;
   Status add_residual() override;
   Status rope(const KvSequence& seq, int32_t layer, bool queries) override;
   Status append_kv(KvSequence& seq, int32_t layer) override;
@@ -138,6 +143,23 @@ class CudaBackend final : public Backend {
   Status reserve_adapter_workspace(int64_t rows);
   // cuda_weight_storage.cpp
   const void* stored_weight(Proj proj, int32_t layer, Status& status);  // dequantized now; null: not stored
+  // cuda_predictors.cpp
+  struct DevicePredictor {
+    int32_t keep = 0, rank = 0;
+    bool relu = false;
+    const float* w1 = nullptr;  // into pred_weights_
+    const float* w2 = nullptr;
+    const float* b2 = nullptr;
+  };
+  // Scores the rows of pred_x_ with `p` on `stream` and lists each row's top
+  // keep (their union) into list, count (device) and flags (device, zeroed here).
+  Status run_predictor(const DevicePredictor& p, int64_t out, uint8_t* flags, int32_t* list, int32_t* count,
+                       cudaStream_t stream);
+  // Grows a buffer outside a capture (graphs that hold it are dropped).
+  Status grow(DeviceMemory& buffer, size_t bytes, const char* what);
+  // The main stream waits for the predictions it is about to read.
+  Status wait_predicted(cudaEvent_t ready, bool& pending);
+  Status join_predictions();
   // cuda_attention.cpp
   Status stage_counts(const KvSequence& seq, int32_t layer);
   Status stage_append(KvSequence& seq, int32_t layer, int32_t n);
@@ -287,6 +309,28 @@ class CudaBackend final : public Backend {
   uint64_t planes_at_capture_ = 0;   // the slot planes the graphs write (their storage's generation)
   std::set<std::string> failed_keys_;  // plan shapes whose capture failed: they run eagerly
   std::vector<std::pair<size_t, PageBoundSync>> pending_bounds_;  // coverage a replay makes true
+
+  // Predicted components (cuda_predictors.cpp): the predictors' weights (one
+  // allocation), and per layer the choices of the call, written on the device:
+  // one-row calls score on a side stream that overlaps the main one (joined
+  // by events before each choice is read), more rows on the main stream.
+  std::vector<DevicePredictor> pred_neurons_, pred_heads_;  // per layer (keep 0: none)
+  DeviceMemory pred_weights_;
+  float pred_eps_ = 1e-5f;
+  int32_t pred_rank_max_ = 0;
+  DeviceMemory pred_x_, pred_hidden_, pred_logits_;  // (rows, n_embd), (rows, rank max), (rows, n_ff or n_heads)
+  DeviceMemory pred_flags_;        // (n_ff) uint8 scratch
+  DeviceMemory pred_neuron_list_;  // (n_layers, n_ff) int32
+  DeviceMemory pred_head_flags_;   // (n_layers, n_heads) uint8: what attention reads
+  DeviceMemory pred_head_list_;    // (n_layers, n_heads) int32
+  DeviceMemory pred_head_rows_;    // (n_layers, q_dim) int32: the listed heads' rows of W_q
+  DeviceMemory pred_counts_;       // (n_layers, 2) int32: neurons, heads
+  std::vector<int32_t> pred_host_counts_;  // (n_layers, 2) as read back after many-row calls
+  std::vector<int64_t> pred_rows_;         // (n_layers) rows of the call that chose
+  cudaStream_t pred_stream_ = nullptr;
+  cudaEvent_t pred_fork_ = nullptr, pred_heads_ready_ = nullptr, pred_neurons_ready_ = nullptr, pred_done_ = nullptr;
+  int32_t pred_last_layer_ = -1;  // the layer of the latest predict (own heads: pred_heads_ready_)
+  bool pred_heads_pending_ = false, pred_neurons_pending_ = false, pred_pending_ = false;
 
   std::vector<cudaEvent_t> events_;  // pairs around attention kernels (time_attention)
   size_t events_used_ = 0;

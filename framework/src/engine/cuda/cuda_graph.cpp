@@ -125,6 +125,7 @@ Status CudaBackend::capture_begin() {
 
 Status CudaBackend::capture_end(const StepPlan& plan, bool ok) {
   capturing_ = false;
+  (void)join_predictions();  // the side stream's captured work joins the main stream before the capture ends
   cudaGraph_t graph = nullptr;
   const cudaError_t end = cudaStreamEndCapture(stream_, &graph);
   if (!ok || end != cudaSuccess) {

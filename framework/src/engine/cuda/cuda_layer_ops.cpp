@@ -140,6 +140,7 @@ Status CudaBackend::rope(const KvSequence& seq, int32_t l, bool queries) {
 }
 
 Status CudaBackend::logits(int64_t from, int64_t rows, const LogitsSink& sink) {
+  if (auto s = join_predictions(); !s) return s;  // every side-stream prediction joins before the step ends
   const ModelConfig& c = config_;
   if (rows <= 0 || (!sink && !capturing_)) return ok_status();
   const int64_t el = kernels::dtype_bytes(dtype_);
