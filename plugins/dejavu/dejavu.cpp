@@ -2,16 +2,19 @@
 // Inference Time", ICML 2023): per token and layer a small, input-dependent
 // set of FFN neurons and attention heads gives nearly the dense output; small
 // predictors, trained on dense activations, choose that set before the layer
-// runs, and the engine computes only it (mask_components: gathered gate/up
-// rows and down columns, masked query heads).
+// runs, and only it is computed.
 //
-//   predictor  layer l's neuron predictor reads layer l's input residual
-//              (RMS-normalized here, without the norm's gain, which the first
-//              linear absorbs) and scores every neuron; the top
-//              ceil(neuron_keep * n_ff) are computed. Its head predictor reads
-//              layer l-1's input (one layer of lookahead; layer 0 its own) and
-//              keeps the top ceil(head_keep * n_heads) query heads. A call of
-//              several rows (prefill) computes the union of its rows' choices.
+//   predictor  the engine runs the trained predictors itself
+//              (Method::component_predictors; on CUDA on the device, on a side
+//              stream): layer l's neuron predictor reads layer l's input
+//              residual (RMS-normalized, without the norm's gain, which the
+//              first linear absorbs) and keeps the top ceil(neuron_keep *
+//              n_ff) neurons; its head predictor reads layer l-1's input (one
+//              layer of lookahead; layer 0 its own) and keeps the top
+//              ceil(head_keep * n_heads) query heads. Gate/up read only the
+//              kept neurons' rows and down their columns; Q and O only the
+//              kept heads'. A call of several rows (prefill) computes the
+//              union of its rows' choices.
 //   oracle     the engine chooses per row from the layer's own dense values
 //              (ComponentMask::oracle_neurons / oracle_heads): the bound a
 //              perfect predictor would reach, with no saving.
@@ -27,7 +30,6 @@
 #include <filesystem>
 #include <limits>
 #include <numeric>
-#include <optional>
 
 #include "inferlab/activations.h"
 #include "inferlab/plugin_export.h"
@@ -56,13 +58,14 @@ std::string checkpoint(const std::string& dir, const char* kind, int32_t layer) 
   return (fs::path(dir) / name).string();
 }
 
-// Each row divided by its RMS: the model's RMSNorm without its per-channel
-// gain (the predictor's first linear absorbs that).
+// The predictors' input: each row divided by its RMS, the model's RMSNorm
+// without its per-channel gain (the predictor's first linear absorbs that).
+constexpr float kNormEps = 1e-5f;
 void rms_normalize(std::vector<float>& rows, int64_t width) {
   for (size_t r = 0; r + size_t(width) <= rows.size(); r += size_t(width)) {
     double ss = 0;
     for (int64_t i = 0; i < width; ++i) ss += double(rows[r + size_t(i)]) * rows[r + size_t(i)];
-    const float s = float(1.0 / std::sqrt(ss / double(width) + 1e-5));
+    const float s = float(1.0 / std::sqrt(ss / double(width) + double(kNormEps)));
     for (int64_t i = 0; i < width; ++i) rows[r + size_t(i)] *= s;
   }
 }
@@ -88,15 +91,6 @@ struct Options {
   CalibrationRequest calibration;  // corpus, windows, tokens, the taps (stored)
   int32_t epochs = 20;
   uint64_t seed = 0;
-};
-
-// Per sequence: the previous layer's input rows of the current call (the head
-// predictor's lookahead input).
-struct LookBehind final : SequenceState {
-  std::vector<float> hidden;
-  int64_t step = -1;
-  int32_t layer = -1;
-  std::unique_ptr<SequenceState> clone() const override { return std::make_unique<LookBehind>(*this); }
 };
 
 class DejaVu final : public Method {
@@ -182,23 +176,34 @@ class DejaVu final : public Method {
 
   Status on_load(const LoadContext& ctx) override {
     shape_ = ctx.shape;
-    mlp_.clear();
-    attn_.clear();
-    mlp_.resize(size_t(shape_.n_layers));
-    attn_.resize(size_t(shape_.n_layers));
+    predictors_ = {};
     if (o_.oracle) return ok_status();
+    // The trained heads, as the engine runs them.
+    auto as_predictor = [&](train::LowRankHead& h, int32_t keep) {
+      LowRankPredictor p;
+      p.keep = keep;
+      p.rank = int32_t(h.options().rank);
+      p.relu = h.options().relu;
+      p.w1 = std::move(h.w1());
+      p.w2 = std::move(h.w2());
+      p.b2 = std::move(h.b2());
+      return p;
+    };
     for (int32_t l = 0; l < shape_.n_layers; ++l) {
       if (sparse_neurons(l)) {
         auto h = train::load(checkpoint(ctx.artifact_dir, "mlp", l), head_options(shape_.n_ff));
         if (!h) return h.error();
-        mlp_[size_t(l)] = std::move(*h);
+        predictors_.neurons.resize(size_t(shape_.n_layers));
+        predictors_.neurons[size_t(l)] = as_predictor(*h, count_of(neuron_keep(l), shape_.n_ff));
       }
       if (sparse_heads(l)) {
         auto h = train::load(checkpoint(ctx.artifact_dir, "attn", l), head_options(shape_.n_heads));
         if (!h) return h.error();
-        attn_[size_t(l)] = std::move(*h);
+        predictors_.heads.resize(size_t(shape_.n_layers));
+        predictors_.heads[size_t(l)] = as_predictor(*h, count_of(head_keep(l), shape_.n_heads));
       }
     }
+    predictors_.norm_eps = kNormEps;
     // The predictors' validation metrics go with every run's counters (so into the results database).
     training_.clear();
     if (!any_sparse(shape_)) return ok_status();
@@ -224,70 +229,27 @@ class DejaVu final : public Method {
     return ok_status();
   }
 
-  std::unique_ptr<SequenceState> new_sequence_state(const ModelShape& shape) override {
-    if (o_.oracle) return nullptr;
-    for (int32_t l = 1; l < shape.n_layers; ++l)
-      if (sparse_heads(l)) return std::make_unique<LookBehind>();
-    return nullptr;
-  }
+  ComponentPredictors component_predictors() const override { return predictors_; }
+  // The predictors choose through the engine; only the oracle masks.
+  uint32_t unused_hooks() const override { return o_.oracle ? 0u : uint32_t(kHookComponentMask); }
 
   bool mask_components(const StepInfo& step, int32_t layer, std::span<const float> hidden,
                        ComponentMask& mask) override {
-    const int64_t d = shape_.n_embd;
-    if (d <= 0 || hidden.size() < size_t(d) || layer < 0 || layer >= shape_.n_layers) return false;
-    const int64_t rows = int64_t(hidden.size()) / d;
-    const bool neurons = sparse_neurons(layer), heads = sparse_heads(layer);
-    if (o_.oracle) {
-      const int32_t k = count_of(neuron_keep(layer), shape_.n_ff), kh = count_of(head_keep(layer), shape_.n_heads);
-      if (neurons && k < shape_.n_ff) mask.oracle_neurons = k;
-      if (heads && kh < shape_.n_heads) mask.oracle_heads = kh;
-      oracle_calls_ += (mask.oracle_neurons > 0 || mask.oracle_heads > 0) ? 1 : 0;
-      return mask.oracle_neurons > 0 || mask.oracle_heads > 0;
-    }
-    auto* state = static_cast<LookBehind*>(step.state);
-    if (neurons && mlp_[size_t(layer)]) {
-      const int32_t k = count_of(neuron_keep(layer), shape_.n_ff);
-      choose(*mlp_[size_t(layer)], hidden, rows, k, shape_.n_ff);
-      mask.all_neurons = false;
-      mask.neurons.clear();
-      for (int32_t j = 0; j < shape_.n_ff; ++j)
-        if (chosen_[size_t(j)]) mask.neurons.push_back(j);
-      const double kept = double(mask.neurons.size());
-      (rows == 1 ? decode_neurons_ : prefill_neurons_) += rows == 1 ? kept : kept / shape_.n_ff;
-      ++(rows == 1 ? decode_neuron_calls_ : prefill_neuron_calls_);
-    }
-    if (heads && attn_[size_t(layer)]) {
-      const bool behind = state != nullptr && layer > 0 && state->step == step.step && state->layer == layer - 1 &&
-                          state->hidden.size() == hidden.size();
-      choose(*attn_[size_t(layer)], behind ? std::span<const float>(state->hidden) : hidden, rows,
-             count_of(head_keep(layer), shape_.n_heads), shape_.n_heads);
-      mask.heads.assign(chosen_.begin(), chosen_.end());
-      const double kept = double(std::count(chosen_.begin(), chosen_.end(), uint8_t{1}));
-      (rows == 1 ? decode_heads_ : prefill_heads_) += kept;
-      ++(rows == 1 ? decode_head_calls_ : prefill_head_calls_);
-    }
-    if (state != nullptr && layer + 1 < shape_.n_layers && sparse_heads(layer + 1)) {
-      state->hidden.assign(hidden.begin(), hidden.end());
-      state->step = step.step;
-      state->layer = layer;
-    }
-    return (neurons && mlp_[size_t(layer)]) || (heads && attn_[size_t(layer)]);
+    (void)step;
+    (void)hidden;
+    if (!o_.oracle || layer < 0 || layer >= shape_.n_layers) return false;
+    const int32_t k = count_of(neuron_keep(layer), shape_.n_ff), kh = count_of(head_keep(layer), shape_.n_heads);
+    if (sparse_neurons(layer) && k < shape_.n_ff) mask.oracle_neurons = k;
+    if (sparse_heads(layer) && kh < shape_.n_heads) mask.oracle_heads = kh;
+    oracle_calls_ += (mask.oracle_neurons > 0 || mask.oracle_heads > 0) ? 1 : 0;
+    return mask.oracle_neurons > 0 || mask.oracle_heads > 0;
   }
 
+  // What was skipped is the engine's to count (neurons_skipped, heads_skipped,
+  // kv_heads_skipped); these are the predictors' validation metrics.
   std::map<std::string, double> counters() const override {
-    std::map<std::string, double> c;
-    auto mean = [](double sum, int64_t n) { return n > 0 ? sum / double(n) : 0.0; };
     if (o_.oracle) return {{"oracle_layer_calls", double(oracle_calls_)}};
-    c["decode_neuron_masks"] = double(decode_neuron_calls_);
-    c["decode_neurons_kept_mean"] = mean(decode_neurons_, decode_neuron_calls_);
-    c["prefill_neuron_masks"] = double(prefill_neuron_calls_);
-    c["prefill_neurons_kept_fraction"] = mean(prefill_neurons_, prefill_neuron_calls_);
-    c["decode_head_masks"] = double(decode_head_calls_);
-    c["decode_heads_kept_mean"] = mean(decode_heads_, decode_head_calls_);
-    c["prefill_head_masks"] = double(prefill_head_calls_);
-    c["prefill_heads_kept_mean"] = mean(prefill_heads_, prefill_head_calls_);
-    c.insert(training_.begin(), training_.end());
-    return c;
+    return training_;
   }
 
  private:
@@ -329,32 +291,11 @@ class DejaVu final : public Method {
     return Fit{best.recall, best.precision, best.loss, report->best_epoch};
   }
 
-  // chosen_[j] = 1 for the union over the rows of each row's top k logits.
-  void choose(const train::LowRankHead& head, std::span<const float> hidden, int64_t rows, int32_t k, int32_t out) {
-    x_.assign(hidden.begin(), hidden.begin() + rows * shape_.n_embd);
-    rms_normalize(x_, shape_.n_embd);
-    logits_.resize(size_t(rows * out));
-    chosen_.assign(size_t(out), 0);
-    if (!head.forward(x_, logits_)) {  // cannot happen with a head of the checked shape: keep everything
-      chosen_.assign(size_t(out), 1);
-      return;
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      top_k(logits_.data() + r * out, out, k, order_);
-      for (int32_t i = 0; i < k; ++i) chosen_[size_t(order_[size_t(i)])] = 1;
-    }
-  }
-
   std::map<std::string, double> training_;  // validation metrics of the loaded predictors
   Options o_;
   ModelShape shape_;
-  std::vector<std::optional<train::LowRankHead>> mlp_, attn_;  // per layer, when it is sparse
-  std::vector<float> x_, logits_;
-  std::vector<int32_t> order_;
-  std::vector<uint8_t> chosen_;
-  int64_t decode_neuron_calls_ = 0, prefill_neuron_calls_ = 0, decode_head_calls_ = 0, prefill_head_calls_ = 0;
+  ComponentPredictors predictors_;  // the loaded heads, by layer (predictor mode)
   int64_t oracle_calls_ = 0;
-  double decode_neurons_ = 0, prefill_neurons_ = 0, decode_heads_ = 0, prefill_heads_ = 0;
 };
 
 class DejaVuPlugin final : public Plugin {
