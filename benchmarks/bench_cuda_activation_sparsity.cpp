@@ -1,4 +1,4 @@
-// Activation sparsity on the CUDA backend (issue 19: TEAL, CATS), at a real
+// Activation sparsity on the CUDA backend (issue 19: TEAL, CATS, Deja Vu), at a real
 // shape with random weights made on the GPU:
 //  1. kernels: one row against one projection — cuBLAS's dense GEMV against
 //     the input-sparse GEMV on the transposed weight at input sparsities 0 to
@@ -7,7 +7,11 @@
 //  2. a whole decode step with graphs: dense, TEAL (every projection) and
 //     CATS (gate threshold) at sparsities 0.25-0.75, thresholds from the
 //     model's own activations over a 256-token prompt (observed taps), the
-//     activation sparsity the counters measured beside each row.
+//     activation sparsity the counters measured beside each row; and Deja
+//     Vu's predicted components (random rank-128 predictors run by the engine
+//     on the device, on a side stream: its speed does not depend on what
+//     they choose) keeping 50% and 25% of the neurons, and 25% of the neurons
+//     with 50% of the heads.
 // Prints markdown tables.
 //   bench_cuda_activation_sparsity [--preset llama2-7b] [--context 1024] [--steps 32] [--repeats 200]
 #include <CLI/CLI.hpp>
@@ -167,11 +171,38 @@ class Calibrate final : public ForwardObserver {
 class Declared final : public Method {
  public:
   explicit Declared(ActivationSparsity a) : a_(std::move(a)) {}
+  explicit Declared(ComponentPredictors p) : p_(std::move(p)) {}
   ActivationSparsity activation_sparsity() const override { return a_; }
+  ComponentPredictors component_predictors() const override { return p_; }
 
  private:
   ActivationSparsity a_;
+  ComponentPredictors p_;
 };
+
+// Random rank-128 predictors keeping these fractions of the neurons and heads (1: none).
+ComponentPredictors random_predictors(const ModelConfig& c, double neurons, double heads) {
+  std::mt19937_64 rng(11);
+  std::uniform_real_distribution<float> u(-0.05f, 0.05f);
+  constexpr int32_t kRank = 128;
+  auto make = [&](int64_t out, double keep) {
+    LowRankPredictor p;
+    p.keep = std::max<int32_t>(1, int32_t(std::ceil(keep * double(out))));
+    p.rank = kRank;
+    p.w1.resize(size_t(kRank * c.n_embd));
+    p.w2.resize(size_t(out * kRank));
+    p.b2.resize(size_t(out));
+    for (auto* w : {&p.w1, &p.w2, &p.b2})
+      for (float& v : *w) v = u(rng);
+    return p;
+  };
+  ComponentPredictors out;
+  for (int32_t l = 0; l < c.n_layers; ++l) {
+    if (neurons < 1) out.neurons.push_back(make(c.n_ff, neurons));
+    if (heads < 1) out.heads.push_back(make(c.n_heads, heads));
+  }
+  return out;
+}
 
 }  // namespace
 
@@ -212,7 +243,7 @@ int main(int argc, char** argv) {
       return fmt::print(stderr, "bench: calibration: {}\n", s.message()), 1;
   }
   fmt::print("## Decode step at context {}, graphs on, {} steps per row\n\n", context, steps);
-  fmt::print("| setting | ms/step | × dense | measured sparsity (all projections) | weights + copies GiB |\n");
+  fmt::print("| setting | ms/step | × dense | measured sparsity (all projections; Deja Vu: skipped) | weights + copies GiB |\n");
   fmt::print("|---|---:|---:|---:|---:|\n");
   double dense_ms = 0;
   struct Row {
@@ -223,6 +254,9 @@ int main(int argc, char** argv) {
   rows.push_back({"dense", nullptr});
   for (const double s : {0.25, 0.5, 0.75}) rows.push_back({fmt::format("teal {:.2f}", s), std::make_unique<Declared>(calibrate.teal(s))});
   for (const double s : {0.25, 0.5, 0.75}) rows.push_back({fmt::format("cats {:.2f}", s), std::make_unique<Declared>(calibrate.cats(s))});
+  for (const auto& [n, h] : {std::pair{0.5, 1.0}, {0.25, 1.0}, {0.25, 0.5}})
+    rows.push_back({fmt::format("dejavu neurons {:.2f} heads {:.2f}", n, h),
+                    std::make_unique<Declared>(random_predictors(c, n, h))});
   for (Row& r : rows) {
     if (auto s = e.set_method(r.method.get(), 0, nullptr, r.label); !s)
       return fmt::print(stderr, "bench: {}: {}\n", r.label, s.message()), 1;
@@ -240,8 +274,13 @@ int main(int argc, char** argv) {
     if (r.label == "dense") dense_ms = ms;
     const auto counters = e.counters().as_map();
     const auto it = counters.find("activation_sparsity");
-    fmt::print("| {} | {:.2f} | {:.2f}× | {} | {:.1f} |\n", r.label, ms, dense_ms / ms,
-               it == counters.end() ? std::string("-") : fmt::format("{:.3f}", it->second),
+    std::string measured = it == counters.end() ? std::string("-") : fmt::format("{:.3f}", it->second);
+    if (r.label.starts_with("dejavu"))  // what the predictors skipped, per decode step and layer
+      measured = fmt::format("neurons {:.3f}, heads {:.3f}, graphs {}",
+                             counters.at("neurons_skipped") / double(steps) / c.n_layers / double(c.n_ff),
+                             counters.at("heads_skipped") / double(steps) / c.n_layers / double(c.n_heads),
+                             counters.at("graph_replays"));
+    fmt::print("| {} | {:.2f} | {:.2f}× | {} | {:.1f} |\n", r.label, ms, dense_ms / ms, measured,
                double(e.weight_bytes()) / double(1ull << 30));
     (void)e.set_method(nullptr, 0);
   }
