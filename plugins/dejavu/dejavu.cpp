@@ -104,7 +104,7 @@ class DejaVu final : public Method {
     return o_.calibration;
   }
 
-  Status finish_stored_calibration(const std::string& store_dir, const std::string& dir) override {
+  Status finish_stored_calibration(const std::string& store_dir, const std::string& dir, LayerProbe&) override {
     auto store = ActivationStore::open(store_dir);
     if (!store) return store.error();
     const ModelShape& s = shape_;

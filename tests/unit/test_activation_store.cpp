@@ -348,7 +348,8 @@ class StoreReader final : public Method {
   }
   void on_calibration(const CalibrationTaps&) override { ++taps_seen; }
   Status finish_calibration(const std::string&) override { return Error{"finish_calibration must not be called"}; }
-  Status finish_stored_calibration(const std::string& activations, const std::string& artifacts) override {
+  Status finish_stored_calibration(const std::string& activations, const std::string& artifacts,
+                                   LayerProbe&) override {
     auto store = ActivationStore::open(activations);
     if (!store) return store.error();
     store_dir = activations;

@@ -422,6 +422,21 @@ struct KvQuantization {
   bool active() const { return msb_bits > 0; }
 };
 
+// One layer of the model being calibrated, run on inputs a method chooses
+// (finish_stored_calibration): what a greedy allocation measures each
+// candidate with (TEAL's block-wise search).
+class LayerProbe {
+ public:
+  virtual ~LayerProbe() = default;
+  // Layer `layer` alone on input residual rows (rows, n_embd) taken as
+  // windows of `window` consecutive tokens, each its own sequence from
+  // position 0 (an activation store's rows: samples x tokens), with
+  // `sparsity`'s thresholds of that layer (its other layers' are ignored;
+  // none: dense); `output` gets the layer's output residual rows.
+  virtual Status layer_output(int32_t layer, std::span<const float> input, int32_t window,
+                              const ActivationSparsity& sparsity, std::vector<float>& output) = 0;
+};
+
 // Calibration (kHookCalibrate): before a method's runs the host runs dense
 // passes over `samples` windows of `tokens` tokens of a corpus ("kjv", or a
 // text file's path) and hands the method, per sample and layer, the
@@ -506,9 +521,11 @@ class Method {
   // kHookCalibrate with CalibrationRequest::stored: the activation store
   // (`activation_dir`, complete) is there; writes the artifacts into
   // `artifact_dir` (which exists). Called instead of on_calibration and
-  // finish_calibration.
-  virtual Status finish_stored_calibration(const std::string& activation_dir, const std::string& artifact_dir) {
-    (void)activation_dir; (void)artifact_dir;
+  // finish_calibration. `probe` runs single layers of the model on inputs
+  // the method chooses (e.g. a greedy allocation measuring each candidate).
+  virtual Status finish_stored_calibration(const std::string& activation_dir, const std::string& artifact_dir,
+                                           LayerProbe& probe) {
+    (void)activation_dir; (void)artifact_dir; (void)probe;
     return ok_status();
   }
   // Every plugin: a new sample starts (the runner calls it before each).

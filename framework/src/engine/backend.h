@@ -262,6 +262,9 @@ class Backend {
   // queries' last row (group heads of every kv head), for host-side hooks.
   virtual Status read_hidden(int64_t row_from, std::vector<float>& out) = 0;
   virtual Status read_last_queries(std::vector<float>& out) = 0;
+  // The call's residual stream set from the host (rows, n_embd) instead of
+  // embed(): a single layer run on given inputs (Engine::layer_output).
+  virtual Status write_hidden(std::span<const float> rows) = 0;
   // An intermediate of the call, as float32, for an observer (calibration).
   virtual Status read_tap(Tap tap, std::vector<float>& out) = 0;
   // Engine-side retention (Feature::Retention) of `layer`, after its attention

@@ -506,6 +506,13 @@ Status CpuBackend::read_hidden(int64_t row_from, std::vector<float>& out) {
   return ok_status();
 }
 
+Status CpuBackend::write_hidden(std::span<const float> rows) {
+  if (int64_t(rows.size()) != n_ * config_.n_embd)
+    return Error{fmt::format("cpu backend: {} hidden values for a call of {} rows", rows.size(), n_)};
+  std::copy(rows.begin(), rows.end(), x_.begin());
+  return ok_status();
+}
+
 Status CpuBackend::read_last_queries(std::vector<float>& out) {
   out.assign(q_.begin() + (n_ - 1) * config_.q_dim(), q_.begin() + n_ * config_.q_dim());
   return ok_status();

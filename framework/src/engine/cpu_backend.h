@@ -58,6 +58,7 @@ class CpuBackend final : public Backend {
                 std::span<const RetentionBudget> budgets, std::vector<std::vector<int32_t>>& drops) override;
   Status read_hidden(int64_t row_from, std::vector<float>& out) override;
   Status read_last_queries(std::vector<float>& out) override;
+  Status write_hidden(std::span<const float> rows) override;
   Status read_tap(Tap tap, std::vector<float>& out) override;
   Status set_weight_adapter(Proj proj, int32_t layer, int32_t rank, std::span<const float> a,
                             std::span<const float> b) override;

@@ -478,6 +478,7 @@ Status Engine::set_method(Method* method, uint32_t hooks, const WeightOverrides*
     overrides_applied_ = serial;
   }
   if (auto s = backend_->prepare_sparsity(sparsity); !s) return Error{fmt::format("method {}: {}", name, s.message())};
+  probe_pattern_.clear();  // what layer_output prepared is gone
   PredictedLayers predicted;
   if (predictors.active()) {
     auto flags = [](const std::vector<LowRankPredictor>& list) {
@@ -497,6 +498,65 @@ Status Engine::set_method(Method* method, uint32_t hooks, const WeightOverrides*
   sparsity_ = std::move(sparsity);
   predicted_ = std::move(predicted);
   pool_ = std::move(pool);
+  return ok_status();
+}
+
+Status Engine::layer_output(int32_t layer, std::span<const float> input, int32_t window,
+                            const ActivationSparsity& sparsity, std::vector<float>& output) {
+  const ModelConfig& c = config();
+  if (method_ != nullptr) return Error{"engine: a single layer runs only while no method is set (calibration)"};
+  if (layer < 0 || layer >= c.n_layers)
+    return Error{fmt::format("engine: layer {} of a model of {} layers", layer, c.n_layers)};
+  const int64_t row = c.n_embd;
+  if (window <= 0 || window > max_context_ || input.empty() || int64_t(input.size()) % (int64_t(window) * row) != 0)
+    return Error{fmt::format("engine: {} input values are not whole windows of {} tokens of {} values (the context "
+                             "holds {})",
+                             input.size(), window, row, max_context_)};
+  // Only this layer's thresholds, checked as a method's would be.
+  ActivationSparsity own;
+  if (sparsity.active()) {
+    if (!sparsity.input_threshold.empty()) {
+      if (sparsity.input_threshold.size() != size_t(c.n_layers))
+        return Error{fmt::format("engine: input thresholds for {} layers; the model has {}",
+                                 sparsity.input_threshold.size(), c.n_layers)};
+      own.input_threshold.assign(size_t(c.n_layers), {-1, -1, -1, -1, -1, -1, -1});
+      own.input_threshold[size_t(layer)] = sparsity.input_threshold[size_t(layer)];
+    }
+    if (!sparsity.gate_threshold.empty()) {
+      if (sparsity.gate_threshold.size() != size_t(c.n_layers))
+        return Error{fmt::format("engine: gate thresholds for {} layers; the model has {}",
+                                 sparsity.gate_threshold.size(), c.n_layers)};
+      own.gate_threshold.assign(size_t(c.n_layers), -1.0f);
+      own.gate_threshold[size_t(layer)] = sparsity.gate_threshold[size_t(layer)];
+    }
+    if (auto s = check_activation_sparsity(own, c, 0, "layer probe"); !s) return s;
+  }
+  // What the backend reads for these thresholds (transposed copies, workspace), made once per pattern.
+  std::vector<uint8_t> pattern(size_t(kSparseProjections) + 1, 0);
+  for (int32_t p = 0; p < kSparseProjections; ++p) pattern[size_t(p)] = own.input(layer, p) >= 0;
+  pattern.back() = own.gate(layer) >= 0;
+  pattern.push_back(uint8_t(layer));
+  if (pattern != probe_pattern_) {
+    if (auto s = backend_->prepare_sparsity(own); !s) return s;
+    probe_pattern_ = pattern;
+  }
+  MethodCall call;
+  if (own.active()) call.sparsity = &own;
+  const std::vector<int32_t> tokens(size_t(window), 0);  // ids are not read: the input replaces the embedding
+  output.clear();
+  output.reserve(input.size());
+  std::vector<float> out;
+  const size_t stride = size_t(window) * size_t(row);
+  try {
+    for (size_t at = 0; at < input.size(); at += stride) {
+      auto seq = new_sequence();
+      ForwardPass pass(*backend_, c, options_, call, counters_, *seq, tokens);
+      if (auto s = pass.run_single_layer(layer, input.subspan(at, stride), out); !s) return s;
+      output.insert(output.end(), out.begin(), out.end());
+    }
+  } catch (const std::bad_alloc&) {
+    return Error{fmt::format("{}: out of memory for KV cache pages", backend_->name())};
+  }
   return ok_status();
 }
 

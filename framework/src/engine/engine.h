@@ -192,6 +192,13 @@ class Engine {
   Status forward(KvSequence& seq, std::span<const int32_t> tokens, int64_t logits_from, const LogitsSink& sink,
                  ForwardObserver* observer = nullptr);
 
+  // Layer `layer` alone on input residual rows (rows, n_embd) in windows of
+  // `window` tokens, each a new sequence from position 0, with `sparsity`'s
+  // thresholds for that layer (LayerProbe); output: its output residual rows.
+  // Only while no method is set (calibration).
+  Status layer_output(int32_t layer, std::span<const float> input, int32_t window, const ActivationSparsity& sparsity,
+                      std::vector<float>& output);
+
   // Convenience: logits of the last token only.
   Result<std::vector<float>> prefill(KvSequence& seq, std::span<const int32_t> tokens);
   Result<std::vector<float>> decode(KvSequence& seq, int32_t token);
@@ -245,6 +252,7 @@ class Engine {
   uint32_t hooks_ = 0;
   ActivationSparsity sparsity_;  // the method's (Method::activation_sparsity), checked
   PredictedLayers predicted_;    // where the method's predictors choose (Method::component_predictors)
+  std::vector<uint8_t> probe_pattern_;  // the sparse projections layer_output last prepared the backend for
   uint64_t overrides_applied_ = 0;                     // serial of the overrides the backend holds (0: none)
   std::vector<std::pair<Proj, int32_t>> overridden_;  // what they replaced
   std::vector<std::pair<Proj, int32_t>> adapted_;     // where they put unmerged adapters

@@ -67,6 +67,17 @@ Status ForwardPass::run(int64_t logits_from, const LogitsSink& sink) {
   return s;
 }
 
+Status ForwardPass::run_single_layer(int32_t layer, std::span<const float> input, std::vector<float>& output) {
+  if (auto s = plan_step(); !s) return s;
+  if (auto s = backend_.begin_call({tokens_, step_.first_position, false}); !s) return s;
+  if (auto s = backend_.write_hidden(input); !s) return s;
+  if (auto s = run_layer(layer); !s) return s;
+  if (auto s = backend_.read_hidden(0, output); !s) return s;
+  if (auto s = collect_sparsity(); !s) return s;
+  double attention_seconds = 0;
+  return backend_.end_call(attention_seconds);
+}
+
 void ForwardPass::finish_call() {
   seq_.set_n_past(step_.first_position + step_.n_tokens);
   seq_.count_forward_call();

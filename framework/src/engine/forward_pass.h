@@ -47,6 +47,9 @@ class ForwardPass {
               EngineCounters& counters, KvSequence& seq, std::span<const int32_t> tokens,
               ForwardObserver* observer = nullptr);
   Status run(int64_t logits_from, const LogitsSink& sink);
+  // Layer `layer` alone on the call's rows given as its input residual
+  // stream; `output` gets its output (Engine::layer_output).
+  Status run_single_layer(int32_t layer, std::span<const float> input, std::vector<float>& output);
 
  private:
   Status plan_step();

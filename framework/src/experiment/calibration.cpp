@@ -62,13 +62,27 @@ Status calibrate(Method& method, const CalibrationRequest& request, Engine& engi
   return ok_status();
 }
 
+// The engine's single layers, for a method's calibration (no method is set meanwhile).
+class EngineProbe final : public LayerProbe {
+ public:
+  explicit EngineProbe(Engine& engine) : engine_(engine) {}
+  Status layer_output(int32_t layer, std::span<const float> input, int32_t window, const ActivationSparsity& sparsity,
+                      std::vector<float>& output) override {
+    return engine_.layer_output(layer, input, window, sparsity, output);
+  }
+
+ private:
+  Engine& engine_;
+};
+
 // CalibrationRequest::stored: the taps go to the activation store (captured,
 // continued or reused), which the method then reads.
 Status calibrate_stored(Method& method, const CalibrationRequest& request, Engine& engine,
                         const std::filesystem::path& dir, const std::filesystem::path& store_root) {
   auto store = capture_activations(engine, request, store_root);
   if (!store) return store.error();
-  if (auto s = method.finish_stored_calibration(store->string(), dir.string()); !s)
+  EngineProbe probe(engine);
+  if (auto s = method.finish_stored_calibration(store->string(), dir.string(), probe); !s)
     return Error{"calibration: " + s.message()};
   return ok_status();
 }

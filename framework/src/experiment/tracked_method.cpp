@@ -62,9 +62,10 @@ Status TrackedMethod::finish_calibration(const std::string& artifact_dir) {
   return inner_.finish_calibration(artifact_dir);
 }
 
-Status TrackedMethod::finish_stored_calibration(const std::string& activation_dir, const std::string& artifact_dir) {
+Status TrackedMethod::finish_stored_calibration(const std::string& activation_dir, const std::string& artifact_dir,
+                                                LayerProbe& probe) {
   const Scope scope(*this, HookCall::finish_stored_calibration);
-  return inner_.finish_stored_calibration(activation_dir, artifact_dir);
+  return inner_.finish_stored_calibration(activation_dir, artifact_dir, probe);
 }
 
 void TrackedMethod::begin_sequence(const ModelShape& shape) {

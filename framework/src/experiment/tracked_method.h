@@ -32,7 +32,8 @@ class TrackedMethod final : public Method {
   CalibrationRequest calibration(const ModelShape& shape) override;
   void on_calibration(const CalibrationTaps& taps) override;
   Status finish_calibration(const std::string& artifact_dir) override;
-  Status finish_stored_calibration(const std::string& activation_dir, const std::string& artifact_dir) override;
+  Status finish_stored_calibration(const std::string& activation_dir, const std::string& artifact_dir,
+                                   LayerProbe& probe) override;
   void begin_sequence(const ModelShape& shape) override;
   std::unique_ptr<SequenceState> new_sequence_state(const ModelShape& shape) override;
   bool prefill_pattern(const StepInfo& step, int32_t layer, int32_t head, PrefillPattern& pattern) override;

@@ -193,6 +193,14 @@ Status CudaBackend::read_hidden(int64_t row_from, std::vector<float>& out) {
   return download(x_.as<float>() + row_from * e, out.size() * 4, out.data());
 }
 
+Status CudaBackend::write_hidden(std::span<const float> rows) {
+  if (int64_t(rows.size()) != n_ * config_.n_embd)
+    return Error{fmt::format("cuda engine: {} hidden values for a call of {} rows", rows.size(), n_)};
+  CUDA_TRY(cudaMemcpyAsync(x_.as(), rows.data(), rows.size() * 4, cudaMemcpyHostToDevice, stream_), "hidden rows");
+  CUDA_TRY(cudaStreamSynchronize(stream_), "hidden rows");  // `rows` is the caller's
+  return ok_status();
+}
+
 Status CudaBackend::read_last_queries(std::vector<float>& out) {
   const int64_t q = config_.q_dim();
   out.resize(size_t(q));
