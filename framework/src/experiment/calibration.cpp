@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include <chrono>
 #include <fstream>
 
 #include "datasets/tasks.h"
@@ -62,17 +63,29 @@ Status calibrate(Method& method, const CalibrationRequest& request, Engine& engi
   return ok_status();
 }
 
-// The engine's single layers, for a method's calibration (no method is set meanwhile).
+// The engine's single layers, for a method's calibration (no method is set
+// meanwhile). A search over many layer runs can take minutes: each new layer
+// it reaches is said on stderr, with the runs so far.
 class EngineProbe final : public LayerProbe {
  public:
-  explicit EngineProbe(Engine& engine) : engine_(engine) {}
+  explicit EngineProbe(Engine& engine) : engine_(engine), start_(std::chrono::steady_clock::now()) {}
   Status layer_output(int32_t layer, std::span<const float> input, int32_t window, const ActivationSparsity& sparsity,
                       std::vector<float>& output) override {
+    if (layer != layer_) {
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+      fmt::print(stderr, "calibration: layer probe at layer {} of {} ({} layer runs, {:.0f} s)\n", layer,
+                 engine_.config().n_layers, runs_, s);
+      layer_ = layer;
+    }
+    ++runs_;
     return engine_.layer_output(layer, input, window, sparsity, output);
   }
 
  private:
   Engine& engine_;
+  std::chrono::steady_clock::time_point start_;
+  int32_t layer_ = -1;
+  int64_t runs_ = 0;
 };
 
 // CalibrationRequest::stored: the taps go to the activation store (captured,

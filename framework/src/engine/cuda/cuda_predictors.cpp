@@ -154,12 +154,13 @@ Status CudaBackend::predict(int32_t l, bool own_heads) {
   const ModelConfig& c = config_;
   if (pred_neurons_.empty() && pred_heads_.empty()) return Error{"cuda engine: predict without component predictors"};
   const int64_t n = n_, e = c.n_embd, H = c.n_heads, F = c.n_ff, hd = c.head_dim, qd = c.q_dim();
+  // The previous layer's side work is done before its input (or a buffer) changes.
+  if (auto s = join_predictions(); !s) return s;
+  if (n > 1 || pred_x_.bytes() < size_t(n * e) * 4) CUDA_TRY(cudaStreamSynchronize(stream_), "predicted components");
   if (auto s = grow(pred_x_, size_t(n * e) * 4, "the predictors' input"); !s) return s;
   if (auto s = grow(pred_hidden_, size_t(n * std::max(pred_rank_max_, 1)) * 4, "the predictors' hidden rows"); !s)
     return s;
   if (auto s = grow(pred_logits_, size_t(n * std::max(F, H)) * 4, "the predictors' logits"); !s) return s;
-  // The previous layer's side work is done before its input is overwritten.
-  if (auto s = join_predictions(); !s) return s;
   CUDA_TRY(kc::rms_scale_rows(x_.as<float>(), n, e, pred_eps_, pred_x_.as<float>(), stream_), "predictor input");
   const bool side = n == 1;
   cudaStream_t s = stream_;
