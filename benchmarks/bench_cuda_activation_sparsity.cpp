@@ -30,6 +30,7 @@
 #include "cuda/init.cuh"
 #include "engine/engine.h"
 #include "inferlab/quantiles.h"
+#include "inferlab/testing/predictors.h"
 #include "model/synthetic_model.h"
 
 using namespace inferlab;
@@ -180,30 +181,6 @@ class Declared final : public Method {
   ComponentPredictors p_;
 };
 
-// Random rank-128 predictors keeping these fractions of the neurons and heads (1: none).
-ComponentPredictors random_predictors(const ModelConfig& c, double neurons, double heads) {
-  std::mt19937_64 rng(11);
-  std::uniform_real_distribution<float> u(-0.05f, 0.05f);
-  constexpr int32_t kRank = 128;
-  auto make = [&](int64_t out, double keep) {
-    LowRankPredictor p;
-    p.keep = std::max<int32_t>(1, int32_t(std::ceil(keep * double(out))));
-    p.rank = kRank;
-    p.w1.resize(size_t(kRank * c.n_embd));
-    p.w2.resize(size_t(out * kRank));
-    p.b2.resize(size_t(out));
-    for (auto* w : {&p.w1, &p.w2, &p.b2})
-      for (float& v : *w) v = u(rng);
-    return p;
-  };
-  ComponentPredictors out;
-  for (int32_t l = 0; l < c.n_layers; ++l) {
-    if (neurons < 1) out.neurons.push_back(make(c.n_ff, neurons));
-    if (heads < 1) out.heads.push_back(make(c.n_heads, heads));
-  }
-  return out;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -256,7 +233,9 @@ int main(int argc, char** argv) {
   for (const double s : {0.25, 0.5, 0.75}) rows.push_back({fmt::format("cats {:.2f}", s), std::make_unique<Declared>(calibrate.cats(s))});
   for (const auto& [n, h] : {std::pair{0.5, 1.0}, {0.25, 1.0}, {0.25, 0.5}})
     rows.push_back({fmt::format("dejavu neurons {:.2f} heads {:.2f}", n, h),
-                    std::make_unique<Declared>(random_predictors(c, n, h))});
+                    std::make_unique<Declared>(test::random_predictors(  // rank 128, weights in +-0.05
+                        c, 128, n < 1 ? int32_t(std::ceil(n * double(c.n_ff))) : 0,
+                        h < 1 ? int32_t(std::ceil(h * double(c.n_heads))) : 0, 11, 0, 0.05f))});
   for (Row& r : rows) {
     if (auto s = e.set_method(r.method.get(), 0, nullptr, r.label); !s)
       return fmt::print(stderr, "bench: {}: {}\n", r.label, s.message()), 1;

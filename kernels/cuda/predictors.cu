@@ -3,6 +3,7 @@
 #include "cuda/block_reduce.cuh"
 #include "cuda/cuda_common.cuh"
 #include "cuda/launch_checks.cuh"
+#include "cuda/select_common.cuh"
 
 namespace inferlab::kernels::cuda {
 
@@ -43,92 +44,46 @@ __global__ void bias_relu_kernel(float* y, int64_t rows, int64_t out, const floa
   }
 }
 
-// Order-preserving key of a float (larger float, larger key); NaN is keyed as
-// -inf (the CPU twin compares NaN as -inf).
-__device__ __forceinline__ unsigned order_key(float f) {
-  if (isnan(f)) f = -INFINITY;
-  const unsigned b = __float_as_uint(f);
-  return (b & 0x80000000u) != 0 ? ~b : b | 0x80000000u;
-}
-
-// Block per row: the k-th largest key by radix select, then the keys above it
-// and the first equal ones (index order) up to k.
-__global__ void top_k_flags_kernel(const float* logits, int64_t n, int32_t k, uint8_t* flags) {
-  __shared__ int count;
-  __shared__ int equal_before[kRowThreads + 1];
-  const float* row = logits + int64_t(blockIdx.x) * n;
-  const int64_t seg = (n + blockDim.x - 1) / blockDim.x, first = threadIdx.x * seg, last = min(n, first + seg);
-  unsigned prefix = 0;
-  for (int bit = 31; bit >= 0; --bit) {
-    const unsigned trial = prefix | (1u << bit);
-    if (threadIdx.x == 0) count = 0;
-    __syncthreads();
-    int mine = 0;
-    for (int64_t j = first; j < last; ++j) mine += order_key(row[j]) >= trial;
-    if (mine > 0) atomicAdd(&count, mine);
-    __syncthreads();
-    if (count >= k) prefix = trial;
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) count = 0;
+// Block per row: NaN becomes -inf (the twin's order), then the k-th largest
+// key by the shared radix select, the keys above it, and the first `need`
+// equal ones in index order (a block scan per chunk).
+__global__ void top_k_flags_kernel(float* logits, int64_t n, int32_t k, uint8_t* flags) {
+  __shared__ SelectShared sm;
+  float* row = logits + int64_t(blockIdx.x) * n;
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x)
+    if (isnan(row[j])) row[j] = -INFINITY;
   __syncthreads();
-  int above = 0, equal = 0;
-  for (int64_t j = first; j < last; ++j) {
-    const unsigned key = order_key(row[j]);
-    above += key > prefix;
-    equal += key == prefix;
-  }
-  if (above > 0) atomicAdd(&count, above);
-  equal_before[threadIdx.x + 1] = equal;
+  uint32_t threshold = 0;
+  int32_t need = 0;
+  radix_select(row, int32_t(n), k, sm, &threshold, &need);
   __syncthreads();
-  if (threadIdx.x == 0) {
-    equal_before[0] = 0;
-    for (int t = 1; t <= int(blockDim.x); ++t) equal_before[t] += equal_before[t - 1];
-  }
-  __syncthreads();
-  int allowed = k - count - equal_before[threadIdx.x];
-  for (int64_t j = first; j < last; ++j) {
-    const unsigned key = order_key(row[j]);
-    if (key > prefix) {
-      flags[j] = 1;
-    } else if (key == prefix && allowed > 0) {
-      --allowed;
-      flags[j] = 1;
-    }
+  int32_t equal_seen = 0;
+  for (int64_t first = 0; first < n; first += blockDim.x) {
+    const int64_t j = first + threadIdx.x;
+    const uint32_t key = j < n ? order_key(row[j]) : 0u;
+    const bool equal = j < n && key == threshold;
+    int32_t before, chunk;
+    cub::BlockScan<int32_t, kSelectThreads>(sm.scan).ExclusiveSum(int32_t(equal), before, chunk);
+    if (j < n && (key > threshold || (equal && equal_seen + before < need))) flags[j] = 1;
+    equal_seen += chunk;
+    __syncthreads();  // sm.scan is reused by the next chunk
   }
 }
 
-constexpr int kListThreads = 1024;
-
-// One block: each thread a contiguous segment; the segments' counts scanned
-// (warp shuffles, then the warps' totals), then each writes its indices.
+// One block: the flagged indices in order, a block scan per chunk.
 __global__ void flags_to_list_kernel(const uint8_t* flags, int64_t n, int32_t* list, int32_t* count) {
-  __shared__ int warp_total[kListThreads / 32];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int64_t seg = (n + blockDim.x - 1) / blockDim.x, first = threadIdx.x * seg, last = min(n, first + seg);
-  int mine = 0;
-  for (int64_t j = first; j < last; ++j) mine += flags[j] != 0;
-  int inclusive = mine;  // within the warp
-  for (int o = 1; o < 32; o <<= 1) {
-    const int v = __shfl_up_sync(0xffffffffu, inclusive, o);
-    if (lane >= o) inclusive += v;
+  __shared__ cub::BlockScan<int32_t, kSelectThreads>::TempStorage scan;
+  int32_t listed = 0;
+  for (int64_t first = 0; first < n; first += blockDim.x) {
+    const int64_t j = first + threadIdx.x;
+    const bool on = j < n && flags[j] != 0;
+    int32_t before, chunk;
+    cub::BlockScan<int32_t, kSelectThreads>(scan).ExclusiveSum(int32_t(on), before, chunk);
+    if (on) list[listed + before] = int32_t(j);
+    listed += chunk;
+    __syncthreads();
   }
-  if (lane == 31) warp_total[warp] = inclusive;
-  __syncthreads();
-  if (warp == 0) {
-    const int n_warps = int(blockDim.x) / 32;
-    int t = lane < n_warps ? warp_total[lane] : 0;
-    for (int o = 1; o < 32; o <<= 1) {
-      const int v = __shfl_up_sync(0xffffffffu, t, o);
-      if (lane >= o) t += v;
-    }
-    if (lane < n_warps) warp_total[lane] = t;  // inclusive over warps
-  }
-  __syncthreads();
-  int at = (warp > 0 ? warp_total[warp - 1] : 0) + inclusive - mine;
-  for (int64_t j = first; j < last; ++j)
-    if (flags[j] != 0) list[at++] = int32_t(j);
-  if (threadIdx.x == blockDim.x - 1) *count = at;
+  if (threadIdx.x == 0) *count = listed;
 }
 
 __global__ void head_rows_kernel(const int32_t* heads, int32_t k, int32_t head_dim, int32_t* rows) {
@@ -180,17 +135,17 @@ cudaError_t bias_relu_rows(float* y, int64_t rows, int64_t out, const float* b, 
   return cudaGetLastError();
 }
 
-cudaError_t top_k_flags(const float* logits, int64_t rows, int64_t n, int32_t k, uint8_t* flags, cudaStream_t stream) {
-  if (rows < 0 || n <= 0 || k < 0 || rows > kMaxGridX) return cudaErrorInvalidValue;
+cudaError_t top_k_flags(float* logits, int64_t rows, int64_t n, int32_t k, uint8_t* flags, cudaStream_t stream) {
+  if (rows < 0 || n <= 0 || n > INT32_MAX || k < 0 || rows > kMaxGridX) return cudaErrorInvalidValue;
   if (rows == 0 || k == 0) return cudaSuccess;
   if (k >= n) return cudaMemsetAsync(flags, 1, size_t(n), stream);
-  top_k_flags_kernel<<<unsigned(rows), kRowThreads, 0, stream>>>(logits, n, k, flags);
+  top_k_flags_kernel<<<unsigned(rows), kSelectThreads, 0, stream>>>(logits, n, k, flags);
   return cudaGetLastError();
 }
 
 cudaError_t flags_to_list(const uint8_t* flags, int64_t n, int32_t* list, int32_t* count, cudaStream_t stream) {
-  if (n <= 0 || n > kMaxGridX) return cudaErrorInvalidValue;
-  flags_to_list_kernel<<<1, kListThreads, 0, stream>>>(flags, n, list, count);
+  if (n <= 0 || n > INT32_MAX) return cudaErrorInvalidValue;
+  flags_to_list_kernel<<<1, kSelectThreads, 0, stream>>>(flags, n, list, count);
   return cudaGetLastError();
 }
 

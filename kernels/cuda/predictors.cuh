@@ -27,9 +27,10 @@ cudaError_t predictor_layer(const float* x, const float* w, const float* b, int6
 cudaError_t bias_relu_rows(float* y, int64_t rows, int64_t out, const float* b, bool relu, cudaStream_t stream);
 
 // flags[j] = 1 for every j among some row's k largest logits (rows, n); NaN
-// the smallest, ties to the lower index; the others untouched (zero flags
-// first for the union over rows). A block per row, a radix select.
-cudaError_t top_k_flags(const float* logits, int64_t rows, int64_t n, int32_t k, uint8_t* flags, cudaStream_t stream);
+// the smallest (the logits' NaN become -inf in place), ties to the lower
+// index; the others untouched (zero flags first for the union over rows). A
+// block per row, the radix select of select_common.cuh.
+cudaError_t top_k_flags(float* logits, int64_t rows, int64_t n, int32_t k, uint8_t* flags, cudaStream_t stream);
 
 // list = the indices with flags != 0, ascending; *count (device) their number.
 // One block (n up to 2^31).

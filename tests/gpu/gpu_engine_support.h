@@ -2,11 +2,16 @@
 // accept, engines of either backend, and top-1 agreement of two logit traces.
 #pragma once
 
+#include <gtest/gtest.h>
+
 #include <algorithm>
+#include <map>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "engine/engine.h"
+#include "inferlab/testing.h"
 #include "model/synthetic_model.h"
 #include "test_support.h"
 
@@ -49,6 +54,24 @@ inline std::unique_ptr<Engine> make_engine(std::shared_ptr<const Model> model, B
   auto engine = Engine::create(std::move(model), options);
   EXPECT_TRUE(engine.ok()) << (engine.ok() ? "" : engine.message());
   return engine.ok() ? std::move(*engine) : nullptr;
+}
+
+// A method's prefill and teacher-forced decode (`forced`) on `engine`: the
+// logits and the engine's counters; the engine is left without a method.
+struct Traced {
+  std::vector<float> logits;
+  std::map<std::string, double> counters;
+};
+inline Traced traced(Engine& engine, Method* method, const std::vector<int32_t>& prompt,
+                     const std::vector<int32_t>& forced, uint32_t hooks = 0) {
+  Traced r;
+  auto s = engine.set_method(method, hooks);
+  EXPECT_TRUE(s.ok()) << (s.ok() ? "" : s.message());
+  engine.reset_counters();
+  r.logits = test::run_trace(engine, method, prompt, int(forced.size()), forced).logits;
+  r.counters = engine.counters().as_map();
+  EXPECT_TRUE(engine.set_method(nullptr, 0).ok());
+  return r;
 }
 
 }  // namespace inferlab::gpu_test

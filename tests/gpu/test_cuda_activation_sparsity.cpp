@@ -158,22 +158,8 @@ TEST(CudaActivationSparsity, OracleSelectionsMatchTheirTwins) {
 
 using test::SparseMethod;
 
-struct Traced {
-  std::vector<float> logits;
-  std::map<std::string, double> counters;
-};
-
-Traced traced(Engine& engine, Method* method, const std::vector<int32_t>& prompt, const std::vector<int32_t>& forced,
-              uint32_t hooks = 0) {
-  Traced r;
-  EXPECT_TRUE(engine.set_method(method, hooks).ok());
-  engine.reset_counters();
-  const test::ForwardTrace t = test::run_trace(engine, method, prompt, int(forced.size()), forced);
-  r.logits = t.logits;
-  r.counters = engine.counters().as_map();
-  EXPECT_TRUE(engine.set_method(nullptr, 0).ok());
-  return r;
-}
+using gpu_test::Traced;
+using gpu_test::traced;
 
 TEST(CudaActivationSparsity, TheEngineMatchesTheCpuBackendAndReplaysItsSteps) {
   INFERLAB_REQUIRE_GPU();

@@ -113,23 +113,8 @@ TEST(CudaPredictors, HeadSubsetsGoToAndFromTheirColumns) {
     }
 }
 
-struct Traced {
-  std::vector<float> logits;
-  std::map<std::string, double> counters;
-};
-
-Traced traced(Engine& engine, Method* method, const std::vector<int32_t>& prompt, const std::vector<int32_t>& forced,
-              uint32_t hooks = 0) {
-  Traced r;
-  auto s = engine.set_method(method, hooks);
-  EXPECT_TRUE(s.ok()) << (s.ok() ? "" : s.message());
-  engine.reset_counters();
-  const test::ForwardTrace t = test::run_trace(engine, method, prompt, int(forced.size()), forced);
-  r.logits = t.logits;
-  r.counters = engine.counters().as_map();
-  EXPECT_TRUE(engine.set_method(nullptr, 0).ok());
-  return r;
-}
+using gpu_test::Traced;
+using gpu_test::traced;
 
 TEST(CudaPredictors, TheEngineChoosesOnTheDeviceAndReplaysItsSteps) {
   INFERLAB_REQUIRE_GPU();

@@ -1,45 +1,18 @@
-// Component predictors for tests (ComponentPredictors): random low-rank
-// predictors of a model's shape, a method that hands them to the engine, and
-// the reference that chooses with the same arithmetic on the host through
+// Component predictors for tests (ComponentPredictors): a method that hands
+// predictors (inferlab/testing/predictors.h makes random ones) to the engine,
+// and the reference that chooses with the same arithmetic on the host through
 // mask_components (same input, top-k, union over rows and lookahead).
 #pragma once
 
-#include <memory>
-#include <random>
+#include <algorithm>
 #include <span>
 #include <vector>
 
 #include "cpu/predictors.h"
 #include "inferlab/plugin.h"
-#include "model/model_config.h"
+#include "inferlab/testing/predictors.h"
 
 namespace inferlab::test {
-
-// keep 0 for a kind: none of that kind; layers below first_layer: none.
-inline ComponentPredictors random_predictors(const ModelConfig& c, int32_t rank, int32_t neuron_keep, int32_t head_keep,
-                                             uint64_t seed, int32_t first_layer = 0) {
-  std::mt19937_64 rng(seed);
-  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
-  auto make = [&](int32_t out, int32_t keep) {
-    LowRankPredictor p;
-    p.keep = keep;
-    p.rank = rank;
-    p.relu = rank > 0;
-    const int64_t hidden = rank > 0 ? rank : c.n_embd;
-    p.w1.resize(size_t(int64_t(rank) * c.n_embd));
-    p.w2.resize(size_t(out * hidden));
-    p.b2.resize(size_t(out));
-    for (auto* w : {&p.w1, &p.w2, &p.b2})
-      for (float& v : *w) v = u(rng);
-    return p;
-  };
-  ComponentPredictors out;
-  for (int32_t l = 0; l < c.n_layers; ++l) {
-    if (neuron_keep > 0) out.neurons.push_back(l >= first_layer ? make(int32_t(c.n_ff), neuron_keep) : LowRankPredictor{});
-    if (head_keep > 0) out.heads.push_back(l >= first_layer ? make(c.n_heads, head_keep) : LowRankPredictor{});
-  }
-  return out;
-}
 
 class PredictedMethod final : public Method {
  public:
