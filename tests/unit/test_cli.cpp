@@ -123,6 +123,58 @@ TEST(Cli, ModelInfoAndLogits) {
   EXPECT_EQ(std::filesystem::file_size(out), uint64_t(3 * n_vocab * 4));
 }
 
+// --method NAME --set key=value: any plugin for one command, no config file.
+TEST(Cli, AMethodRunsWithoutAConfigFile) {
+  const auto text = test::temp_path("cli-method.txt");
+  {
+    std::ofstream out(text);
+    for (int i = 0; i < 40; ++i) out << "The tide came in and went out again, " << i << " times.\n";
+  }
+  const std::string base = "perplexity --model " + tiny_model().string() + " --text " + text.string() +
+                           " --ctx 96 --max-tokens 200 --json";
+  auto dense = run_cli(base);
+  ASSERT_EQ(dense.exit_code, 0) << dense.output;
+  auto same = run_cli(base + " --method dense");
+  ASSERT_EQ(same.exit_code, 0) << same.output;
+  // A method that calibrates first (its artifacts in a folder of the test's own).
+  const std::string artifacts = "INFERLAB_ARTIFACT_DIR=" + test::temp_path("cli-method-artifacts").string() + " ";
+  auto windowed = run_cli_env(artifacts, base + " --method teal --set sparsity=0.5 --set corpus=kv_retrieval"
+                                                " --set calibration_samples=2 --set calibration_tokens=32");
+  ASSERT_EQ(windowed.exit_code, 0) << windowed.output;
+  const auto d = nlohmann::json::parse(dense.output), s = nlohmann::json::parse(same.output),
+             w = nlohmann::json::parse(windowed.output);
+  EXPECT_EQ(d.at("method"), "dense");
+  EXPECT_EQ(w.at("method"), "teal");
+  EXPECT_DOUBLE_EQ(s.at("ppl").get<double>(), d.at("ppl").get<double>());
+  EXPECT_NE(w.at("ppl").get<double>(), d.at("ppl").get<double>()) << "half the projections' inputs changed nothing";
+  // logits and generate take the same options
+  auto logits = run_cli("logits --model " + tiny_model().string() +
+                        " --tokens 1,2,3,4,5,6,7,8,9,10,11,12 --method streamingllm --set window=4 --set sink_tokens=1");
+  EXPECT_EQ(logits.exit_code, 0) << logits.output;
+  auto gen = run_cli("generate --model " + tiny_model().string() + " -p hello -n 4 --method streamingllm --set window=4");
+  EXPECT_EQ(gen.exit_code, 0) << gen.output;
+}
+
+TEST(Cli, BadMethodOptionsAreOneClearLine) {
+  const std::string base = "logits --model " + tiny_model().string() + " --tokens 1,2,3";
+  const std::pair<std::string, std::string> cases[] = {
+      {" --method nosuch", "--method nosuch: no such plugin (found: "},
+      {" --set window=4", "--set needs --method"},
+      {" --method streamingllm --set window", "--set window: expected key=value"},
+      {" --method streamingllm --set bogus=1", "plugin streamingllm has no parameter bogus (its parameters: sink_tokens"},
+      {" --method streamingllm --set window=four", "--set window=four: expected an integer"},
+      {" --method streamingllm --set window=0", "--set window=0: window: value 0 is below the minimum 1"},
+      {" --method streamingllm --set window=4 --set window=5", "--set window=5: window is given twice"},
+      {" --method streamingllm --set positions=sideways", "--set positions=sideways: positions:"},
+  };
+  for (const auto& [args, want] : cases) {
+    auto r = run_cli(base + args);
+    EXPECT_NE(r.exit_code, 0) << args;
+    EXPECT_NE(r.output.find(want), std::string::npos) << args << "\n" << r.output;
+    EXPECT_EQ(count_lines(r.output), 1) << args << "\n" << r.output;
+  }
+}
+
 // ---- experiment commands: run, plugins, query, report, merge ----
 
 std::filesystem::path cli_experiment(const std::string& name, const std::string& method_block) {

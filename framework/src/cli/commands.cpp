@@ -3,17 +3,24 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <algorithm>
+#include <charconv>
+#include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
+#include <optional>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "engine/engine.h"
 #include "engine/generation.h"
 #include "experiment/activation_store.h"
+#include "experiment/calibration.h"
 #include "gguf/gguf.h"
 #include "model/model.h"
 #include "model/synthetic_model.h"
+#include "plugins/plugin_host.h"
 
 namespace inferlab::cli {
 
@@ -79,6 +86,141 @@ Result<std::unique_ptr<Engine>> open_engine(const EngineArgs& args) {
   if (!kv_dtype) return Error{"--kv-dtype: " + kv_dtype.message()};
   options.kv_dtype = *kv_dtype;
   return Engine::create(*model, options);
+}
+
+// --method NAME --set key=value ...: any plugin's method on the engine for
+// one command, without a config file.
+struct MethodArgs {
+  std::string name;
+  std::vector<std::string> sets;
+};
+
+void add_method_options(CLI::App* cmd, MethodArgs& args) {
+  cmd->add_option("--method", args.name, "run under this plugin's method (inferlab plugins lists them)");
+  cmd->add_option("--set", args.sets, "a parameter of --method, key=value (repeat for more)")
+      ->allow_extra_args(false);
+}
+
+// The plugin's method, loaded (calibrated first when it asks) and set on the
+// engine; it stays set while this lives.
+struct CliMethod {
+  PluginRegistry registry;
+  MethodHandle handle;
+  WeightOverrides overrides;
+  Engine* engine = nullptr;
+  ~CliMethod() {
+    if (engine != nullptr) (void)engine->set_method(nullptr, 0);
+  }
+  Method* method() const { return handle.get(); }
+};
+
+// `text` as a value of `spec` (the spelling a config file would give it).
+Result<ParamValue> parse_param_text(const ParamSpec& spec, const std::string& text) {
+  auto bad = [&](const char* what) { return Error{fmt::format("--set {}={}: expected {}", spec.name, text, what)}; };
+  auto integer = [](std::string_view t) -> std::optional<int64_t> {
+    int64_t v = 0;
+    const auto [end, ec] = std::from_chars(t.data(), t.data() + t.size(), v);
+    if (ec != std::errc() || end != t.data() + t.size()) return std::nullopt;
+    return v;
+  };
+  auto real = [](const std::string& t) -> std::optional<double> {
+    char* end = nullptr;
+    const double v = std::strtod(t.c_str(), &end);
+    if (t.empty() || end != t.c_str() + t.size() || !std::isfinite(v)) return std::nullopt;
+    return v;
+  };
+  auto items = [](const std::string& t) {
+    std::vector<std::string> out;
+    std::stringstream ss(t);
+    for (std::string item; std::getline(ss, item, ',');) out.push_back(item);
+    return out;
+  };
+  switch (spec.type) {
+    case ParamType::Int:
+      if (auto v = integer(text)) return ParamValue{*v};
+      return bad("an integer");
+    case ParamType::Float:
+      if (auto v = real(text)) return ParamValue{*v};
+      return bad("a number");
+    case ParamType::Bool:
+      if (text == "true" || text == "1") return ParamValue{true};
+      if (text == "false" || text == "0") return ParamValue{false};
+      return bad("true or false");
+    case ParamType::String:
+    case ParamType::Schedule: return ParamValue{text};
+    case ParamType::Path: {
+      std::error_code ec;
+      const auto path = std::filesystem::absolute(text, ec);
+      if (ec || !std::filesystem::exists(path, ec))
+        return Error{fmt::format("--set {}={}: no such file or folder", spec.name, text)};
+      return ParamValue{path.string()};
+    }
+    case ParamType::IntList: {
+      std::vector<int64_t> out;
+      for (const std::string& item : items(text)) {
+        auto v = integer(item);
+        if (!v) return bad("comma-separated integers");
+        out.push_back(*v);
+      }
+      return ParamValue{out};
+    }
+    case ParamType::FloatList: {
+      std::vector<double> out;
+      for (const std::string& item : items(text)) {
+        auto v = real(item);
+        if (!v) return bad("comma-separated numbers");
+        out.push_back(*v);
+      }
+      return ParamValue{out};
+    }
+  }
+  return bad("a value");
+}
+
+// Nothing when no --method is given (dense); otherwise the method, set.
+Result<std::unique_ptr<CliMethod>> open_method(Engine& engine, const MethodArgs& args) {
+  if (args.name.empty()) {
+    if (!args.sets.empty()) return Error{"--set needs --method"};
+    return std::unique_ptr<CliMethod>();
+  }
+  auto m = std::make_unique<CliMethod>();
+  if (auto s = m->registry.scan(PluginRegistry::default_search_path()); !s) return s.error();
+  const PluginEntry* entry = m->registry.find(args.name);
+  if (entry == nullptr) {
+    std::vector<std::string> known;
+    for (const PluginEntry& e : m->registry.entries()) known.push_back(e.name);
+    return Error{fmt::format("--method {}: no such plugin (found: {})", args.name,
+                             known.empty() ? std::string("none") : fmt::format("{}", fmt::join(known, ", ")))};
+  }
+  ParamValues params;
+  for (const std::string& kv : args.sets) {
+    const size_t eq = kv.find('=');
+    if (eq == std::string::npos || eq == 0) return Error{fmt::format("--set {}: expected key=value", kv)};
+    const std::string key = kv.substr(0, eq);
+    const auto spec = std::find_if(entry->params.begin(), entry->params.end(),
+                                   [&](const ParamSpec& p) { return p.name == key; });
+    if (spec == entry->params.end()) {
+      std::vector<std::string> names;
+      for (const ParamSpec& p : entry->params) names.push_back(p.name);
+      return Error{fmt::format("--set {}: plugin {} has no parameter {} (its parameters: {})", kv, entry->name, key,
+                               names.empty() ? std::string("none") : fmt::format("{}", fmt::join(names, ", ")))};
+    }
+    if (params.has(key)) return Error{fmt::format("--set {}: {} is given twice", kv, key)};
+    auto value = parse_param_text(*spec, kv.substr(eq + 1));
+    if (!value) return value.error();
+    if (auto s = check_param_value(*spec, *value); !s) return Error{fmt::format("--set {}: {}", kv, s.message())};
+    params.set(key, *value);
+  }
+  for (const ParamSpec& spec : entry->params)
+    if (!params.has(spec.name)) params.set(spec.name, spec.default_value);
+  auto handle = m->registry.create(args.name, params);
+  if (!handle) return Error{fmt::format("--method {}: {}", args.name, handle.message())};
+  m->handle = std::move(*handle);
+  auto prepared = prepare_method(*m->method(), *entry, params, engine, {}, &m->overrides);
+  if (!prepared) return Error{fmt::format("--method {}: {}", args.name, prepared.message())};
+  if (auto s = engine.set_method(m->method(), entry->hooks, &m->overrides, args.name); !s) return s.error();
+  m->engine = &engine;
+  return m;
 }
 
 Result<std::string> read_text_file(const std::string& path) {
@@ -148,6 +290,7 @@ int run_model_info(const std::string& name) {
 
 struct GenerateArgs {
   EngineArgs engine;
+  MethodArgs method;
   std::string prompt;
   int32_t max_tokens = 64;
   float temperature = 0.0f;
@@ -160,9 +303,12 @@ struct GenerateArgs {
 int run_generate(const GenerateArgs& args) {
   auto engine = open_engine(args.engine);
   if (!engine) return fail(engine.message());
+  auto method = open_method(**engine, args.method);
+  if (!method) return fail(method.message());
   const Tokenizer& tok = (*engine)->model().tokenizer();
   auto prompt = tok.encode(args.prompt, tok.add_bos_default(), /*parse_special=*/true);
   if (prompt.empty()) return fail("the prompt encodes to no tokens");
+  if (*method) (*method)->method()->begin_sequence((*engine)->shape());
   std::fputs(args.raw ? "" : args.prompt.c_str(), stdout);
   auto result = generate(**engine, prompt, args.max_tokens, SamplerOptions{args.temperature, args.top_p, args.seed},
                          [](const std::string& text) {
@@ -183,6 +329,7 @@ int run_generate(const GenerateArgs& args) {
 
 struct PerplexityArgs {
   EngineArgs engine;
+  MethodArgs method;
   std::string text_file;
   int32_t ctx = 512;
   int32_t stride = 0;
@@ -195,14 +342,21 @@ int run_perplexity(const PerplexityArgs& args) {
   if (!text) return fail(text.message());
   auto engine = open_engine(args.engine);
   if (!engine) return fail(engine.message());
+  auto method = open_method(**engine, args.method);
+  if (!method) return fail(method.message());
   const Tokenizer& tok = (*engine)->model().tokenizer();
   auto tokens = tok.encode(*text, tok.add_bos_default(), /*parse_special=*/false);
   if (args.max_tokens > 0 && int64_t(tokens.size()) > args.max_tokens) tokens.resize(size_t(args.max_tokens));
   const int32_t stride = args.stride > 0 ? args.stride : args.ctx;
-  auto result = perplexity(**engine, tokens, args.ctx, stride);
+  Method* m = *method ? (*method)->method() : nullptr;
+  Engine& e = **engine;
+  auto result = perplexity(e, tokens, args.ctx, stride, [m, &e] {
+    if (m != nullptr) m->begin_sequence(e.shape());
+  });
   if (!result) return fail(result.message());
   if (args.json) {
     nlohmann::json j = {{"ppl", result->ppl},          {"tokens", result->tokens_scored},
+                        {"method", args.method.name.empty() ? std::string("dense") : args.method.name},
                         {"seconds", result->seconds},  {"mean_nll", result->mean_nll},
                         {"windows", result->windows},  {"ctx", args.ctx},
                         {"stride", stride},            {"model", (*engine)->model().path().string()}};
@@ -216,6 +370,7 @@ int run_perplexity(const PerplexityArgs& args) {
 
 struct LogitsArgs {
   EngineArgs engine;
+  MethodArgs method;
   std::string prompt;
   std::string tokens;
   std::string out;
@@ -224,6 +379,8 @@ struct LogitsArgs {
 int run_logits(const LogitsArgs& args) {
   auto engine = open_engine(args.engine);
   if (!engine) return fail(engine.message());
+  auto method = open_method(**engine, args.method);
+  if (!method) return fail(method.message());
   const Tokenizer& tok = (*engine)->model().tokenizer();
   std::vector<int32_t> tokens;
   if (!args.tokens.empty()) {
@@ -238,6 +395,7 @@ int run_logits(const LogitsArgs& args) {
     out.open(args.out, std::ios::binary | std::ios::trunc);
     if (!out) return fail(fmt::format("{}: cannot open for writing", args.out));
   }
+  if (*method) (*method)->method()->begin_sequence((*engine)->shape());
   auto seq = (*engine)->new_sequence();
   std::vector<int32_t> top1;
   auto status = (*engine)->forward(*seq, tokens, 0, [&](int64_t, std::span<const float> logits) {
@@ -359,6 +517,7 @@ void register_commands(CLI::App& app) {
   static GenerateArgs gen;
   auto* g = app.add_subcommand("generate", "generate text from a prompt (streams to stdout)");
   add_engine_options(g, gen.engine);
+  add_method_options(g, gen.method);
   g->add_option("-p,--prompt", gen.prompt, "prompt text")->required();
   g->add_option("-n,--max-tokens", gen.max_tokens, "tokens to generate")->check(CLI::Range(0, 1 << 30))->capture_default_str();
   g->add_option("--temperature", gen.temperature, "0 = greedy")->check(CLI::Range(0.0f, 100.0f))->capture_default_str();
@@ -371,6 +530,7 @@ void register_commands(CLI::App& app) {
   static PerplexityArgs ppl;
   auto* p = app.add_subcommand("perplexity", "perplexity of a text file in windows of --ctx tokens");
   add_engine_options(p, ppl.engine);
+  add_method_options(p, ppl.method);
   p->add_option("--text", ppl.text_file, "UTF-8 text file")->required();
   p->add_option("--ctx", ppl.ctx, "window length in tokens")->check(CLI::Range(2, 1 << 20))->capture_default_str();
   p->add_option("--stride", ppl.stride, "window advance (default: --ctx)")->check(CLI::Range(1, 1 << 30));
@@ -381,6 +541,7 @@ void register_commands(CLI::App& app) {
   static LogitsArgs lg;
   auto* l = app.add_subcommand("logits", "logits of every position of a prompt (for comparisons)");
   add_engine_options(l, lg.engine);
+  add_method_options(l, lg.method);
   auto* lp = l->add_option("-p,--prompt", lg.prompt, "prompt text");
   auto* lt = l->add_option("--tokens", lg.tokens, "comma-separated token ids");
   lp->excludes(lt);

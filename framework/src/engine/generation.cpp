@@ -107,8 +107,8 @@ Result<NllSum> score_window(std::span<const int32_t> tokens, const PerplexityWin
   return sum;
 }
 
-Result<PerplexityResult> perplexity(Engine& engine, const std::vector<int32_t>& tokens, int32_t ctx,
-                                    int32_t stride) {
+Result<PerplexityResult> perplexity(Engine& engine, const std::vector<int32_t>& tokens, int32_t ctx, int32_t stride,
+                                    const std::function<void()>& before_window) {
   if (ctx < 2) return Error{fmt::format("perplexity: ctx {} must be at least 2", ctx)};
   if (ctx > engine.max_context())
     return Error{fmt::format("perplexity: ctx {} exceeds the model's context {}", ctx, engine.max_context())};
@@ -118,6 +118,7 @@ Result<PerplexityResult> perplexity(Engine& engine, const std::vector<int32_t>& 
   const auto t0 = Clock::now();
   double nll_sum = 0.0;
   const WindowFeed feed = [&](std::span<const int32_t> window, int64_t logits_from, const LogitsSink& sink) {
+    if (before_window) before_window();
     auto seq = engine.new_sequence();
     return engine.forward(*seq, window, logits_from, sink);
   };

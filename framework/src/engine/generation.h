@@ -75,7 +75,10 @@ Result<NllSum> score_window(std::span<const int32_t> tokens, const PerplexityWin
 // Perplexity of `tokens` in windows of `ctx` tokens advanced by `stride`: each
 // window scores only the tokens not scored by an earlier window, conditioned on
 // up to ctx - 1 tokens before them (the sliding-window evaluation of HF docs).
-Result<PerplexityResult> perplexity(Engine& engine, const std::vector<int32_t>& tokens, int32_t ctx, int32_t stride);
+// `before_window`, when given, runs before each window's fresh sequence (a
+// method's begin_sequence).
+Result<PerplexityResult> perplexity(Engine& engine, const std::vector<int32_t>& tokens, int32_t ctx, int32_t stride,
+                                    const std::function<void()>& before_window = {});
 
 // Splits UTF-8 bytes into what can be printed now and what must wait for more bytes.
 class Utf8Stream {
