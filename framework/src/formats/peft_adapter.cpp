@@ -1,0 +1,247 @@
+#include "formats/peft_adapter.h"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <fstream>
+#include <map>
+#include <optional>
+#include <regex>
+#include <sstream>
+
+#include "formats/safetensors.h"
+
+namespace inferlab::peft {
+
+namespace {
+
+// PEFT's pattern keys match a module name by suffix: (.*\.)?KEY$.
+bool pattern_matches(const std::string& key, const std::string& module) {
+  try {
+    return std::regex_match(module, std::regex("(.*\\.)?" + key));
+  } catch (const std::regex_error&) {
+    return false;
+  }
+}
+
+struct Target {
+  std::string tensor;  // GGUF name
+  int32_t layer = -1;
+  int64_t out = 0, in = 0;
+  int32_t permute_heads = 0;  // q_proj / k_proj: heads whose rows GGUF conversion permuted
+};
+
+// A Hugging Face Llama module name as this engine's projection.
+std::optional<Target> target_of(const std::string& module, const ModelShape& s) {
+  static const std::regex layer_re(R"(model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+))");
+  const int64_t hd = s.head_dim, qd = int64_t(s.n_heads) * hd, kvd = int64_t(s.n_kv_heads) * hd;
+  if (module == "lm_head") return Target{"output", -1, s.n_vocab, s.n_embd, 0};
+  std::smatch m;
+  if (!std::regex_match(module, m, layer_re)) return std::nullopt;
+  const int64_t layer = std::stoll(m[1].str().substr(0, 9));
+  if (layer >= s.n_layers) return std::nullopt;
+  const std::string part = m[2].str(), proj = m[3].str();
+  const auto l = int32_t(layer);
+  if (part == "self_attn") {
+    if (proj == "q_proj") return Target{"attn_q", l, qd, s.n_embd, s.n_heads};
+    if (proj == "k_proj") return Target{"attn_k", l, kvd, s.n_embd, s.n_kv_heads};
+    if (proj == "v_proj") return Target{"attn_v", l, kvd, s.n_embd, 0};
+    if (proj == "o_proj") return Target{"attn_output", l, s.n_embd, qd, 0};
+  } else {
+    if (proj == "gate_proj") return Target{"ffn_gate", l, s.n_ff, s.n_embd, 0};
+    if (proj == "up_proj") return Target{"ffn_up", l, s.n_ff, s.n_embd, 0};
+    if (proj == "down_proj") return Target{"ffn_down", l, s.n_embd, s.n_ff, 0};
+  }
+  return std::nullopt;
+}
+
+}  // namespace
+
+Result<AdapterConfig> parse_config(const std::string& text, const std::string& origin) {
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(text);
+  } catch (const nlohmann::json::exception& e) {
+    return Error{fmt::format("{}: not JSON ({})", origin, e.what())};
+  }
+  if (!j.is_object()) return Error{fmt::format("{}: not a JSON object", origin)};
+  auto bad = [&](const char* key, const std::string& why) { return Error{fmt::format("{}: {}: {}", origin, key, why)}; };
+  AdapterConfig c;
+  if (j.contains("peft_type") && j["peft_type"] != "LORA")
+    return bad("peft_type", fmt::format("{} (a LoRA adapter is LORA)", j["peft_type"].dump()));
+  if (!j.contains("r") || !j["r"].is_number_integer() || j["r"].get<int64_t>() < 1 || j["r"].get<int64_t>() > 65536)
+    return bad("r", "expected a rank from 1 to 65536");
+  c.r = int32_t(j["r"].get<int64_t>());
+  if (j.contains("lora_alpha")) {
+    if (!j["lora_alpha"].is_number() || !std::isfinite(j["lora_alpha"].get<double>()))
+      return bad("lora_alpha", "expected a number");
+    c.lora_alpha = j["lora_alpha"].get<double>();
+  } else {
+    c.lora_alpha = c.r;
+  }
+  if (j.contains("use_rslora") && !j["use_rslora"].is_null()) {
+    if (!j["use_rslora"].is_boolean()) return bad("use_rslora", "expected true or false");
+    c.use_rslora = j["use_rslora"].get<bool>();
+  }
+  if (!j.contains("target_modules") || j["target_modules"].is_null())
+    return bad("target_modules", "missing (a list, a regex or \"all-linear\")");
+  const auto& t = j["target_modules"];
+  if (t.is_string()) {
+    const std::string s = t.get<std::string>();
+    if (s == "all-linear") {
+      c.all_linear = true;
+    } else {
+      try {
+        (void)std::regex(s);
+      } catch (const std::regex_error&) {
+        return bad("target_modules", fmt::format("'{}' is not a regular expression", s));
+      }
+      c.target_regex = s;
+    }
+  } else if (t.is_array()) {
+    for (const auto& v : t) {
+      if (!v.is_string()) return bad("target_modules", "expected module names");
+      c.target_list.push_back(v.get<std::string>());
+    }
+    if (c.target_list.empty()) return bad("target_modules", "empty");
+  } else {
+    return bad("target_modules", "expected a list, a regex or \"all-linear\"");
+  }
+  for (const char* key : {"rank_pattern", "alpha_pattern"}) {
+    if (!j.contains(key) || j[key].is_null()) continue;
+    if (!j[key].is_object()) return bad(key, "expected an object");
+    for (const auto& item : j[key].items()) {
+      if (std::string(key) == "rank_pattern") {
+        if (!item.value().is_number_integer() || item.value().get<int64_t>() < 1)
+          return bad(key, fmt::format("{}: expected a rank", item.key()));
+        c.rank_pattern.emplace_back(item.key(), int32_t(item.value().get<int64_t>()));
+      } else {
+        if (!item.value().is_number()) return bad(key, fmt::format("{}: expected a number", item.key()));
+        c.alpha_pattern.emplace_back(item.key(), item.value().get<double>());
+      }
+    }
+  }
+  if (j.contains("layers_to_transform") && !j["layers_to_transform"].is_null()) {
+    const auto& l = j["layers_to_transform"];
+    if (l.is_number_integer()) {
+      c.layers_to_transform.push_back(int32_t(l.get<int64_t>()));
+    } else if (l.is_array()) {
+      for (const auto& v : l) {
+        if (!v.is_number_integer()) return bad("layers_to_transform", "expected layer numbers");
+        c.layers_to_transform.push_back(int32_t(v.get<int64_t>()));
+      }
+    } else {
+      return bad("layers_to_transform", "expected a layer number or a list of them");
+    }
+  }
+  return c;
+}
+
+std::vector<float> permute_rows_for_gguf(const std::vector<float>& rows, int32_t heads, int32_t head_dim,
+                                         int64_t cols) {
+  std::vector<float> out(rows.size());
+  const int32_t half = head_dim / 2;
+  for (int32_t h = 0; h < heads; ++h)
+    for (int32_t i = 0; i < half; ++i)
+      for (int32_t j = 0; j < 2; ++j) {
+        const int64_t to = int64_t(h) * head_dim + 2 * i + j, from = int64_t(h) * head_dim + int64_t(j) * half + i;
+        std::copy_n(rows.begin() + from * cols, cols, out.begin() + to * cols);
+      }
+  return out;
+}
+
+Result<std::vector<ProjectionAdapter>> read_adapter(const std::filesystem::path& dir, const ModelShape& shape,
+                                                    bool tied) {
+  const auto config_path = dir / "adapter_config.json", weights_path = dir / "adapter_model.safetensors";
+  std::ifstream in(config_path);
+  if (!in) return Error{fmt::format("{}: cannot open for reading (a PEFT adapter folder has it)", config_path.string())};
+  std::stringstream text;
+  text << in.rdbuf();
+  auto config = parse_config(text.str(), config_path.string());
+  if (!config) return config.error();
+  auto file = safetensors::File::open(weights_path);
+  if (!file) return file.error();
+  const std::string origin = weights_path.string();
+  // module name -> its A and B tensors
+  std::map<std::string, std::pair<const safetensors::TensorInfo*, const safetensors::TensorInfo*>> modules;
+  static const std::regex key_re(R"((?:base_model\.model\.)?(.+)\.(lora_A|lora_B)\.weight)");
+  for (const auto& t : file->tensors()) {
+    std::smatch m;
+    if (t.name.find("lora_embedding_") != std::string::npos)
+      return Error{fmt::format("{}: tensor {}: LoRA on the embedding is not supported", origin, t.name)};
+    if (!std::regex_match(t.name, m, key_re))
+      return Error{fmt::format("{}: tensor {}: not a LoRA weight (expected <module>.lora_A.weight or .lora_B.weight)",
+                               origin, t.name)};
+    auto& entry = modules[m[1].str()];
+    (m[2].str() == "lora_A" ? entry.first : entry.second) = &t;
+  }
+  if (modules.empty()) return Error{fmt::format("{}: no LoRA weights", origin)};
+  std::vector<ProjectionAdapter> out;
+  for (const auto& entry : modules) {  // not a structured binding: a lambda below captures the name
+    const std::string& module = entry.first;
+    const safetensors::TensorInfo* a = entry.second.first;
+    const safetensors::TensorInfo* b = entry.second.second;
+    if (a == nullptr || b == nullptr)
+      return Error{fmt::format("{}: module {} has lora_{} without lora_{}", origin, module, a ? "A" : "B",
+                               a ? "B" : "A")};
+    const auto target = target_of(module, shape);
+    if (!target)
+      return Error{fmt::format("{}: module {} is not a projection of this model ({} layers; q/k/v/o_proj, "
+                               "gate/up/down_proj, lm_head)",
+                               origin, module, shape.n_layers)};
+    const bool listed =
+        config->all_linear ? target->tensor != "output"
+        : !config->target_regex.empty()
+            ? std::regex_match(module, std::regex(config->target_regex))
+            : std::any_of(config->target_list.begin(), config->target_list.end(), [&](const std::string& name) {
+                return module == name || (module.size() > name.size() &&
+                                          module.compare(module.size() - name.size() - 1, std::string::npos,
+                                                         "." + name) == 0);
+              });
+    if (!listed)
+      return Error{fmt::format("{}: module {} has weights but {}'s target_modules do not name it", origin, module,
+                               config_path.string())};
+    if (!config->layers_to_transform.empty() && target->layer >= 0 &&
+        std::find(config->layers_to_transform.begin(), config->layers_to_transform.end(), target->layer) ==
+            config->layers_to_transform.end())
+      return Error{fmt::format("{}: module {} is outside layers_to_transform", origin, module)};
+    if (target->tensor == "output" && tied)
+      return Error{fmt::format("{}: module lm_head: this model ties its output head to the embedding; an lm_head "
+                               "adapter would change both, and is refused",
+                               origin)};
+    int32_t r = config->r;
+    double alpha = config->lora_alpha;
+    for (const auto& [key, rank] : config->rank_pattern)
+      if (pattern_matches(key, module)) {
+        r = rank;
+        break;
+      }
+    for (const auto& [key, value] : config->alpha_pattern)
+      if (pattern_matches(key, module)) {
+        alpha = value;
+        break;
+      }
+    if (a->shape != std::vector<int64_t>{r, target->in} || b->shape != std::vector<int64_t>{target->out, r})
+      return Error{fmt::format("{}: module {}: lora_A {} and lora_B {}; this model's {} needs ({}, {}) and ({}, {}) "
+                               "at rank {}",
+                               origin, module, fmt::format("({})", fmt::join(a->shape, ", ")),
+                               fmt::format("({})", fmt::join(b->shape, ", ")), target->tensor, r, target->in,
+                               target->out, r, r)};
+    ProjectionAdapter p;
+    p.tensor = target->tensor;
+    p.layer = target->layer;
+    p.adapter.rank = r;
+    p.adapter.a = file->read_f32(*a);
+    p.adapter.b = file->read_f32(*b);
+    if (target->permute_heads > 0)
+      p.adapter.b = permute_rows_for_gguf(p.adapter.b, target->permute_heads, shape.head_dim, r);
+    p.adapter.scale = float(config->use_rslora ? alpha / std::sqrt(double(r)) : alpha / double(r));
+    out.push_back(std::move(p));
+  }
+  return out;
+}
+
+}  // namespace inferlab::peft

@@ -1,0 +1,190 @@
+// PEFT LoRA adapters (formats/peft_adapter.h): adapter_config.json's keys
+// (list, regex or all-linear targets, rank and alpha patterns, rsLoRA); the
+// Q/K row permutation GGUF conversion applies, on crafted rows; a folder
+// written here read into this model's projections with their scales, lora_B
+// of q_proj and k_proj permuted; every inconsistency refused naming the file
+// and the module.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "formats/peft_adapter.h"
+#include "test_support.h"
+
+namespace inferlab {
+namespace {
+
+// A well-formed safetensors file of float32 tensors (name -> (shape, values)).
+void write_safetensors(const std::filesystem::path& path,
+                       const std::map<std::string, std::pair<std::vector<int64_t>, std::vector<float>>>& tensors) {
+  std::ostringstream header;
+  std::string data;
+  header << '{';
+  bool first = true;
+  for (const auto& [name, t] : tensors) {
+    const size_t begin = data.size();
+    data.append(reinterpret_cast<const char*>(t.second.data()), t.second.size() * 4);
+    header << (first ? "" : ",") << '"' << name << "\":{\"dtype\":\"F32\",\"shape\":[";
+    for (size_t i = 0; i < t.first.size(); ++i) header << (i ? "," : "") << t.first[i];
+    header << "],\"data_offsets\":[" << begin << ',' << data.size() << "]}";
+    first = false;
+  }
+  header << '}';
+  const std::string text = header.str();
+  std::ofstream out(path, std::ios::binary);
+  const uint64_t n = text.size();
+  for (int i = 0; i < 8; ++i) out.put(char(uint8_t(n >> (8 * i))));
+  out << text << data;
+}
+
+std::vector<float> iota(size_t n, float from) {
+  std::vector<float> v(n);
+  for (size_t i = 0; i < n; ++i) v[i] = from + float(i);
+  return v;
+}
+
+// 2 layers, 4 query heads of 16 over 2 kv heads, width 64, FFN 160, vocabulary 300.
+ModelShape shape() {
+  ModelShape s;
+  s.n_layers = 2, s.n_heads = 4, s.n_kv_heads = 2, s.head_dim = 16, s.n_embd = 64, s.n_ff = 160, s.n_vocab = 300;
+  return s;
+}
+
+std::filesystem::path adapter_dir(const std::string& name, const std::string& config,
+                                  const std::map<std::string, std::pair<std::vector<int64_t>, std::vector<float>>>& t) {
+  const auto dir = test::temp_path(name);
+  std::filesystem::create_directories(dir);
+  std::ofstream(dir / "adapter_config.json") << config;
+  write_safetensors(dir / "adapter_model.safetensors", t);
+  return dir;
+}
+
+const std::string kPrefix = "base_model.model.model.layers.";
+
+TEST(PeftAdapter, GgufConversionPairsEachHeadsHalvesRowByRow) {
+  // One head of 4 rows (2 values each): HF rows r0..r3 become r0, r2, r1, r3.
+  const std::vector<float> hf = {0, 0, 1, 1, 2, 2, 3, 3};
+  EXPECT_EQ(peft::permute_rows_for_gguf(hf, 1, 4, 2), (std::vector<float>{0, 0, 2, 2, 1, 1, 3, 3}));
+  // Two heads of 4 rows, one value: each head on its own.
+  EXPECT_EQ(peft::permute_rows_for_gguf({0, 1, 2, 3, 4, 5, 6, 7}, 2, 4, 1),
+            (std::vector<float>{0, 2, 1, 3, 4, 6, 5, 7}));
+}
+
+TEST(PeftAdapter, ConfigKeysAreRead) {
+  auto c = peft::parse_config(
+      R"({"peft_type":"LORA","r":8,"lora_alpha":16,"use_rslora":true,"target_modules":["q_proj","v_proj"],)"
+      R"("rank_pattern":{"layers.1.self_attn.q_proj":4},"alpha_pattern":{"v_proj":2},"layers_to_transform":[0,1],)"
+      R"("task_type":"CAUSAL_LM","unknown_key":{"x":1}})",
+      "cfg.json");
+  ASSERT_TRUE(c.ok()) << c.message();
+  EXPECT_EQ(c->r, 8);
+  EXPECT_EQ(c->lora_alpha, 16);
+  EXPECT_TRUE(c->use_rslora);
+  EXPECT_EQ(c->target_list, (std::vector<std::string>{"q_proj", "v_proj"}));
+  EXPECT_EQ(c->rank_pattern.size(), 1u);
+  EXPECT_EQ(c->layers_to_transform, (std::vector<int32_t>{0, 1}));
+  auto regex = peft::parse_config(R"({"r":4,"target_modules":".*\\.(q|k)_proj"})", "cfg.json");
+  ASSERT_TRUE(regex.ok()) << regex.message();
+  EXPECT_EQ(regex->target_regex, ".*\\.(q|k)_proj");
+  EXPECT_EQ(regex->lora_alpha, 4);  // alpha defaults to r
+  auto all = peft::parse_config(R"({"r":4,"target_modules":"all-linear"})", "cfg.json");
+  ASSERT_TRUE(all.ok());
+  EXPECT_TRUE(all->all_linear);
+  const std::pair<std::string, std::string> bad[] = {
+      {"{", "cfg.json: not JSON"},
+      {R"({"target_modules":["q_proj"]})", "cfg.json: r: expected a rank"},
+      {R"({"r":4})", "cfg.json: target_modules: missing"},
+      {R"({"r":4,"target_modules":"(("})", "target_modules: '((' is not a regular expression"},
+      {R"({"r":4,"target_modules":[]})", "target_modules: empty"},
+      {R"({"peft_type":"IA3","r":4,"target_modules":["q_proj"]})", "peft_type: \"IA3\""},
+      {R"({"r":4,"target_modules":["q_proj"],"lora_alpha":"big"})", "lora_alpha: expected a number"},
+  };
+  for (const auto& [text, want] : bad) {
+    auto r = peft::parse_config(text, "cfg.json");
+    ASSERT_FALSE(r.ok()) << text;
+    EXPECT_NE(r.message().find(want), std::string::npos) << r.message();
+  }
+}
+
+TEST(PeftAdapter, AFolderBecomesThisModelsProjectionsWithTheirScales) {
+  const ModelShape s = shape();
+  const int r = 2;
+  const auto dir = adapter_dir(
+      "peft-ok",
+      R"({"r":2,"lora_alpha":8,"target_modules":["q_proj","k_proj","down_proj"],"alpha_pattern":{"down_proj":2}})",
+      {{kPrefix + "0.self_attn.q_proj.lora_A.weight", {{r, 64}, iota(size_t(r * 64), 0)}},
+       {kPrefix + "0.self_attn.q_proj.lora_B.weight", {{64, r}, iota(size_t(64 * r), 1000)}},
+       {kPrefix + "1.self_attn.k_proj.lora_A.weight", {{r, 64}, iota(size_t(r * 64), 0)}},
+       {kPrefix + "1.self_attn.k_proj.lora_B.weight", {{32, r}, iota(size_t(32 * r), 2000)}},
+       {kPrefix + "1.mlp.down_proj.lora_A.weight", {{r, 160}, iota(size_t(r * 160), 0)}},
+       {kPrefix + "1.mlp.down_proj.lora_B.weight", {{64, r}, iota(size_t(64 * r), 3000)}}});
+  auto adapters = peft::read_adapter(dir, s, true);
+  ASSERT_TRUE(adapters.ok()) << adapters.message();
+  ASSERT_EQ(adapters->size(), 3u);
+  std::map<std::string, const peft::ProjectionAdapter*> by;
+  for (const auto& a : *adapters) by[a.tensor + "." + std::to_string(a.layer)] = &a;
+  const auto& q = *by.at("attn_q.0");
+  EXPECT_EQ(q.adapter.rank, 2);
+  EXPECT_FLOAT_EQ(q.adapter.scale, 4.0f);  // 8 / 2
+  EXPECT_EQ(q.adapter.a, iota(size_t(r * 64), 0));
+  EXPECT_EQ(q.adapter.b, peft::permute_rows_for_gguf(iota(size_t(64 * r), 1000), 4, 16, r));
+  EXPECT_NE(q.adapter.b, iota(size_t(64 * r), 1000));
+  const auto& k = *by.at("attn_k.1");  // permuted over the 2 kv heads
+  EXPECT_EQ(k.adapter.b, peft::permute_rows_for_gguf(iota(size_t(32 * r), 2000), 2, 16, r));
+  const auto& down = *by.at("ffn_down.1");  // not permuted; alpha from the pattern
+  EXPECT_EQ(down.adapter.b, iota(size_t(64 * r), 3000));
+  EXPECT_FLOAT_EQ(down.adapter.scale, 1.0f);  // 2 / 2
+  // rsLoRA: alpha / sqrt(r)
+  const auto rs = adapter_dir("peft-rs", R"({"r":2,"lora_alpha":8,"use_rslora":true,"target_modules":"all-linear"})",
+                              {{kPrefix + "0.mlp.up_proj.lora_A.weight", {{r, 64}, iota(size_t(r * 64), 0)}},
+                               {kPrefix + "0.mlp.up_proj.lora_B.weight", {{160, r}, iota(size_t(160 * r), 0)}}});
+  auto rs_adapters = peft::read_adapter(rs, s, true);
+  ASSERT_TRUE(rs_adapters.ok()) << rs_adapters.message();
+  EXPECT_FLOAT_EQ(rs_adapters->at(0).adapter.scale, float(8 / std::sqrt(2.0)));
+}
+
+TEST(PeftAdapter, InconsistentFoldersAreRefusedNamingFileAndModule) {
+  const ModelShape s = shape();
+  const std::string cfg = R"({"r":2,"lora_alpha":4,"target_modules":["q_proj","lm_head"]})";
+  auto a = [](int64_t rows, int64_t cols) { return std::make_pair(std::vector<int64_t>{rows, cols}, iota(size_t(rows * cols), 0)); };
+  struct Case {
+    std::string name, config;
+    std::map<std::string, std::pair<std::vector<int64_t>, std::vector<float>>> tensors;
+    std::string want;
+  };
+  const std::vector<Case> cases = {
+      {"far-layer", cfg, {{kPrefix + "7.self_attn.q_proj.lora_A.weight", a(2, 64)}, {kPrefix + "7.self_attn.q_proj.lora_B.weight", a(64, 2)}},
+       "module model.layers.7.self_attn.q_proj is not a projection of this model (2 layers"},
+      {"bad-shape", cfg, {{kPrefix + "0.self_attn.q_proj.lora_A.weight", a(2, 63)}, {kPrefix + "0.self_attn.q_proj.lora_B.weight", a(64, 2)}},
+       "module model.layers.0.self_attn.q_proj: lora_A (2, 63) and lora_B (64, 2); this model's attn_q needs (2, 64)"},
+      {"half", cfg, {{kPrefix + "0.self_attn.q_proj.lora_A.weight", a(2, 64)}},
+       "module model.layers.0.self_attn.q_proj has lora_A without lora_B"},
+      {"untargeted", cfg, {{kPrefix + "0.self_attn.v_proj.lora_A.weight", a(2, 64)}, {kPrefix + "0.self_attn.v_proj.lora_B.weight", a(32, 2)}},
+       "module model.layers.0.self_attn.v_proj has weights but"},
+      {"tied-head", cfg, {{"base_model.model.lm_head.lora_A.weight", a(2, 64)}, {"base_model.model.lm_head.lora_B.weight", a(300, 2)}},
+       "module lm_head: this model ties its output head to the embedding"},
+      {"embedding", cfg, {{"base_model.model.model.embed_tokens.lora_embedding_A", a(2, 300)}},
+       "LoRA on the embedding is not supported"},
+      {"stray", cfg, {{"something.else", a(1, 1)}}, "tensor something.else: not a LoRA weight"},
+      {"empty", cfg, {}, "no LoRA weights"},
+  };
+  for (const Case& c : cases) {
+    const auto dir = adapter_dir("peft-" + c.name, c.config, c.tensors);
+    auto r = peft::read_adapter(dir, s, true);
+    ASSERT_FALSE(r.ok()) << c.name;
+    EXPECT_NE(r.message().find((dir / "adapter_model.safetensors").string()), std::string::npos) << r.message();
+    EXPECT_NE(r.message().find(c.want), std::string::npos) << c.name << ": " << r.message();
+  }
+  auto none = peft::read_adapter(test::temp_path("peft-missing"), s, true);
+  ASSERT_FALSE(none.ok());
+  EXPECT_NE(none.message().find("adapter_config.json: cannot open"), std::string::npos) << none.message();
+}
+
+}  // namespace
+}  // namespace inferlab
