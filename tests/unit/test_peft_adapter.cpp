@@ -3,7 +3,9 @@
 // Q/K row permutation GGUF conversion applies, on crafted rows; a folder
 // written here read into this model's projections with their scales, lora_B
 // of q_proj and k_proj permuted; every inconsistency refused naming the file
-// and the module.
+// and the module; through the engine (WeightEditor::load_adapter) the same
+// logits as the adapters added one by one, merged equal to unmerged, a zero
+// lora_B dense, a refused folder adding nothing.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -14,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "adapter_method.h"
 #include "formats/peft_adapter.h"
 #include "test_support.h"
 
@@ -184,6 +187,72 @@ TEST(PeftAdapter, InconsistentFoldersAreRefusedNamingFileAndModule) {
   auto none = peft::read_adapter(test::temp_path("peft-missing"), s, true);
   ASSERT_FALSE(none.ok());
   EXPECT_NE(none.message().find("adapter_config.json: cannot open"), std::string::npos) << none.message();
+}
+
+// Loads a PEFT folder at on_load (WeightEditor::load_adapter).
+class FolderMethod final : public Method {
+ public:
+  FolderMethod(std::filesystem::path dir, float scale, bool merge) : dir_(std::move(dir)), scale_(scale), merge_(merge) {}
+  Status on_load(const LoadContext& ctx) override { return ctx.overrides->load_adapter(dir_.string(), scale_, merge_); }
+
+ private:
+  std::filesystem::path dir_;
+  float scale_;
+  bool merge_;
+};
+
+TEST(PeftAdapter, TheEngineAppliesAFolderAsTheAdaptersItHolds) {
+  SyntheticModelSpec spec;
+  spec.name = "peft-engine";
+  spec.seed = 13;  // 2 layers, 4 heads over 2 kv heads, width 64, FFN 160, tied output
+  auto model = test::load_synthetic(spec);
+  auto engine = Engine::create(model, EngineOptions{8, 0, 0});
+  ASSERT_TRUE(engine.ok());
+  const ModelConfig& c = (*engine)->config();
+  const int r = 4;
+  const auto qa = test::random_adapter(c.q_dim(), c.n_embd, r, 1, 1.0f, false, 0.2f);
+  const auto da = test::random_adapter(c.n_embd, c.n_ff, r, 2, 1.0f, false, 0.2f);
+  auto write = [&](const std::string& name, bool zero_b) {
+    std::vector<float> qb = qa.b, db = da.b;
+    if (zero_b) std::fill(qb.begin(), qb.end(), 0.0f), std::fill(db.begin(), db.end(), 0.0f);
+    return adapter_dir(name, R"({"r":4,"lora_alpha":8,"target_modules":["q_proj","down_proj"]})",
+                       {{kPrefix + "0.self_attn.q_proj.lora_A.weight", {{r, c.n_embd}, qa.a}},
+                        {kPrefix + "0.self_attn.q_proj.lora_B.weight", {{c.q_dim(), r}, qb}},
+                        {kPrefix + "1.mlp.down_proj.lora_A.weight", {{r, c.n_ff}, da.a}},
+                        {kPrefix + "1.mlp.down_proj.lora_B.weight", {{c.n_embd, r}, db}}});
+  };
+  const auto dir = write("peft-engine", false), zero = write("peft-engine-zero", true);
+  const auto tokens = test::random_tokens(c.n_vocab, 14, 3);
+  auto dense = test::run_with_method(**engine, nullptr, 0, tokens, 4);
+  ASSERT_TRUE(dense.ok()) << dense.message();
+  // The same adapters added one by one: q's lora_B in GGUF's row order, scale 8 / 4, times 0.5.
+  auto q = qa, d = da;
+  q.b = peft::permute_rows_for_gguf(qa.b, c.n_heads, c.head_dim, r);
+  q.scale = d.scale = 2.0f * 0.5f;
+  test::AdapterMethod by_hand({{"attn_q", 0, q}, {"ffn_down", 1, d}});
+  auto want = test::run_with_adapters(**engine, &by_hand, tokens, 4);
+  ASSERT_TRUE(want.ok()) << want.message();
+  FolderMethod unmerged(dir, 0.5f, false), merged(dir, 0.5f, true), zeroed(zero, 1.0f, false);
+  auto got = test::run_with_method(**engine, &unmerged, kHookLoad, tokens, 4);
+  ASSERT_TRUE(got.ok()) << got.message();
+  EXPECT_EQ(*got, *want);
+  EXPECT_GT(test::normalized_max_error(*got, *dense), 1e-3) << "the adapter changed nothing";
+  auto folded = test::run_with_method(**engine, &merged, kHookLoad, tokens, 4);
+  ASSERT_TRUE(folded.ok()) << folded.message();
+  EXPECT_LT(test::normalized_max_error(*folded, *got), 1e-5);
+  auto nothing = test::run_with_method(**engine, &zeroed, kHookLoad, tokens, 4);
+  ASSERT_TRUE(nothing.ok()) << nothing.message();
+  EXPECT_EQ(*nothing, *dense);
+  // A refused folder: the method does not load, the error names the file.
+  const auto bad = adapter_dir("peft-engine-bad", R"({"r":4,"target_modules":["q_proj"]})",
+                               {{kPrefix + "0.self_attn.q_proj.lora_A.weight", {{r, c.n_embd}, qa.a}},
+                                {kPrefix + "0.self_attn.q_proj.lora_B.weight",
+                                 {{c.q_dim() - 1, r}, std::vector<float>(qa.b.begin(), qa.b.end() - r)}}});
+  FolderMethod refused(bad, 1.0f, false);
+  auto no = test::run_with_method(**engine, &refused, kHookLoad, tokens, 4);
+  ASSERT_FALSE(no.ok());
+  EXPECT_NE(no.message().find("adapter_model.safetensors: module model.layers.0.self_attn.q_proj"), std::string::npos)
+      << no.message();
 }
 
 }  // namespace

@@ -159,6 +159,13 @@ class WeightEditor {
   // applies to the weight as replaced so far; an unmerged one to the weight
   // the run ends up with. The output projection takes merged adapters only.
   virtual Status add_adapter(const std::string& tensor, int32_t layer, const LowRankAdapter& adapter) = 0;
+  // Adds every low-rank adapter of a PEFT LoRA folder (adapter_config.json +
+  // adapter_model.safetensors) to the projections it targets, each with its
+  // own scale (lora_alpha / r, or / sqrt(r) with use_rslora) times `scale`:
+  // Hugging Face module names mapped to this model's tensors, lora_B of q_proj
+  // and k_proj permuted as GGUF conversion permutes their rows, shapes
+  // checked; refused naming the file and module, nothing added then.
+  virtual Status load_adapter(const std::string& path, float scale, bool merge) = 0;
   // Stores projection `tensor` of `layer` in another format for this run
   // (WeightFormat::Model: as the model has it). The output projection, the
   // embedding and the norms keep theirs, as QLoRA keeps them.

@@ -5,10 +5,12 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <filesystem>
 
 #include "engine/backend_factory.h"
 #include "engine/device.h"
 #include "engine/forward_pass.h"
+#include "formats/peft_adapter.h"
 
 namespace inferlab {
 
@@ -148,6 +150,34 @@ Status WeightOverrides::replace(const std::string& tensor, int32_t layer, std::s
   std::erase_if(items, [&](const WeightOverride& o) { return o.proj == *proj && o.layer == layer; });
   items.push_back({*proj, layer, std::vector<float>(data.begin(), data.end())});
   serial = next_overrides_serial++;
+  return ok_status();
+}
+
+Status WeightOverrides::load_adapter(const std::string& path, float scale, bool merge) {
+  if (config == nullptr) return Error{fmt::format("{}: no model to apply the adapter to", path)};
+  const ModelConfig& c = *config;
+  if (!std::filesystem::is_directory(path))
+    return Error{fmt::format("{}: expected a PEFT adapter folder (adapter_config.json, adapter_model.safetensors)",
+                             path)};
+  ModelShape shape;
+  shape.n_layers = c.n_layers, shape.n_heads = c.n_heads, shape.n_kv_heads = c.n_kv_heads;
+  shape.head_dim = c.head_dim, shape.n_embd = int32_t(c.n_embd), shape.n_ff = int32_t(c.n_ff);
+  shape.n_vocab = int32_t(c.n_vocab);
+  auto found = peft::read_adapter(path, shape, c.tied_embeddings);
+  if (!found) return found.error();
+  if (!std::isfinite(scale)) return Error{fmt::format("{}: the scale {} is not finite", path, scale)};
+  // All or nothing: the edits so far come back if one adapter is refused.
+  const auto saved_items = items;
+  const auto saved_adapters = adapters;
+  for (auto& p : *found) {
+    p.adapter.scale *= scale;
+    p.adapter.merge = merge;
+    if (auto s = add_adapter(p.tensor, p.layer, p.adapter); !s) {
+      items = saved_items;
+      adapters = saved_adapters;
+      return Error{fmt::format("{}: {}", path, s.message())};
+    }
+  }
   return ok_status();
 }
 

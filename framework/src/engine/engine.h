@@ -130,6 +130,7 @@ struct WeightOverrides final : public WeightEditor {
   WeightOverrides();
   Status replace(const std::string& tensor, int32_t layer, std::span<const float> data) override;
   Status add_adapter(const std::string& tensor, int32_t layer, const LowRankAdapter& adapter) override;
+  Status load_adapter(const std::string& path, float scale, bool merge) override;
   Status set_storage(const std::string& tensor, int32_t layer, const WeightStorage& storage) override;
   const ModelConfig* config = nullptr;  // shapes to check against
   const WeightView* base = nullptr;     // the model's weights (merging; set during on_load)
