@@ -194,7 +194,7 @@ class Backend {
   // Feature::PredictedComponents. set_predictors holds the method's
   // predictors (checked: shapes fit the model) for its runs; an inactive set
   // drops them. Called when the method is set.
-  virtual Status set_predictors(const ComponentPredictors& predictors) {
+  virtual Status set_predictors(ComponentPredictors predictors) {
     if (!predictors.active()) return ok_status();
     return Error{fmt::format("the {} backend has no predicted components", name())};
   }

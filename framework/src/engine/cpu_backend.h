@@ -41,7 +41,7 @@ class CpuBackend final : public Backend {
   Status keep_top_heads(int32_t k, std::span<const uint8_t> computed) override;
   Status prepare_sparsity(const ActivationSparsity& sparsity) override;
   Status read_sparsity(std::array<int64_t, kSparseProjections>& zeros) override;
-  Status set_predictors(const ComponentPredictors& predictors) override;
+  Status set_predictors(ComponentPredictors predictors) override;
   Status predict(int32_t layer, bool own_heads) override;
   Status predicted_counts(int32_t layer, int32_t& neurons, int32_t& heads) override;
   Status linear_predicted(Proj proj, int32_t layer) override;

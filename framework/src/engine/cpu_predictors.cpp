@@ -10,8 +10,8 @@ namespace inferlab {
 
 namespace cpu = kernels::cpu;
 
-Status CpuBackend::set_predictors(const ComponentPredictors& predictors) {
-  predictors_ = predictors.active() ? predictors : ComponentPredictors{};
+Status CpuBackend::set_predictors(ComponentPredictors predictors) {
+  predictors_ = predictors.active() ? std::move(predictors) : ComponentPredictors{};
   const auto L = size_t(config_.n_layers);
   predicted_neurons_.assign(L, {});
   predicted_heads_.assign(L, {});

@@ -153,17 +153,18 @@ Status WeightOverrides::replace(const std::string& tensor, int32_t layer, std::s
   return ok_status();
 }
 
+// The shape a plugin sees of a model (context and page size: the engine's).
+ModelShape model_shape(const ModelConfig& c, int32_t context, int32_t page_size) {
+  return ModelShape{c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.n_embd, c.n_ff, c.n_vocab, context, page_size};
+}
+
 Status WeightOverrides::load_adapter(const std::string& path, float scale, bool merge) {
   if (config == nullptr) return Error{fmt::format("{}: no model to apply the adapter to", path)};
   const ModelConfig& c = *config;
   if (!std::filesystem::is_directory(path))
     return Error{fmt::format("{}: expected a PEFT adapter folder (adapter_config.json, adapter_model.safetensors)",
                              path)};
-  ModelShape shape;
-  shape.n_layers = c.n_layers, shape.n_heads = c.n_heads, shape.n_kv_heads = c.n_kv_heads;
-  shape.head_dim = c.head_dim, shape.n_embd = int32_t(c.n_embd), shape.n_ff = int32_t(c.n_ff);
-  shape.n_vocab = int32_t(c.n_vocab);
-  auto found = peft::read_adapter(path, shape, c.tied_embeddings);
+  auto found = peft::read_adapter(path, model_shape(c), c.tied_embeddings);
   if (!found) return found.error();
   if (!std::isfinite(scale)) return Error{fmt::format("{}: the scale {} is not finite", path, scale)};
   // All or nothing: the edits so far come back if one adapter is refused.
@@ -323,7 +324,7 @@ static std::span<const float> model_weight(const Model& model, Proj p, int32_t l
   return {};
 }
 
-std::vector<Feature> method_features(const Method& method, uint32_t hooks) {
+std::vector<Feature> method_features(const Method& method, uint32_t hooks, const ComponentPredictors& predictors) {
   std::vector<Feature> out;
   auto need = [&](uint32_t hook, std::initializer_list<Feature> features) {
     if ((hooks & hook) != 0) out.insert(out.end(), features);
@@ -343,7 +344,7 @@ std::vector<Feature> method_features(const Method& method, uint32_t hooks) {
   if (method.kv_positions() == KvPositions::Cache) out.push_back(Feature::CachePositions);
   if (method.value_pruning().active()) out.push_back(Feature::ValuePruning);
   if (method.activation_sparsity().active()) out.push_back(Feature::ActivationSparsity);
-  if (method.component_predictors().active()) out.push_back(Feature::PredictedComponents);
+  if (predictors.active()) out.push_back(Feature::PredictedComponents);
   switch (method.kv_page_format()) {
     case KvPageFormat::Any: break;
     case KvPageFormat::F32: out.push_back(Feature::KvPagesF32); break;
@@ -425,8 +426,10 @@ Status check_predictors(const ComponentPredictors& p, const ModelConfig& c, uint
 
 Status Engine::set_method(Method* method, uint32_t hooks, const WeightOverrides* overrides, const std::string& name) {
   if (method != nullptr) hooks &= ~method->unused_hooks();
+  ComponentPredictors predictors;
+  if (method != nullptr) predictors = method->component_predictors();
   std::vector<Feature> needed;
-  if (method != nullptr) needed = method_features(*method, hooks);
+  if (method != nullptr) needed = method_features(*method, hooks, predictors);
   if (overrides != nullptr && !overrides->items.empty()) needed.push_back(Feature::WeightReplace);
   if (overrides != nullptr && !overrides->adapters.empty()) needed.push_back(Feature::WeightAdapters);
   if (overrides != nullptr && !overrides->storages.empty()) needed.push_back(Feature::WeightStorageNF4);
@@ -440,11 +443,9 @@ Status Engine::set_method(Method* method, uint32_t hooks, const WeightOverrides*
                              "query heads; this model has {}",
                              name, kMaxSelectionGroup, config().group_size())};
   ActivationSparsity sparsity;
-  ComponentPredictors predictors;
   if (method != nullptr) {
     sparsity = method->activation_sparsity();
     if (auto s = check_activation_sparsity(sparsity, config(), hooks, name); !s) return s;
-    predictors = method->component_predictors();
     if (auto s = check_predictors(predictors, config(), hooks, sparsity.active(), name); !s) return s;
   }
   // Bit-plane pages: the method's sequences come from a pool of its planes.
@@ -520,7 +521,7 @@ Status Engine::set_method(Method* method, uint32_t hooks, const WeightOverrides*
     predicted.neurons = flags(predictors.neurons);
     predicted.heads = flags(predictors.heads);
   }
-  if (auto s = backend_->set_predictors(predictors); !s) return Error{fmt::format("method {}: {}", name, s.message())};
+  if (auto s = backend_->set_predictors(std::move(predictors)); !s) return Error{fmt::format("method {}: {}", name, s.message())};
   static std::atomic<uint64_t> next_instance{1};
   if (method != nullptr && method->engine_instance == 0) method->engine_instance = next_instance++;
   method_ = method;
@@ -592,11 +593,7 @@ Status Engine::layer_output(int32_t layer, std::span<const float> input, int32_t
 
 MethodScope::~MethodScope() { (void)engine_->set_method(nullptr, 0); }
 
-ModelShape Engine::shape() const {
-  const ModelConfig& c = config();
-  return ModelShape{c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim,   c.n_embd,
-                    c.n_ff,     c.n_vocab, max_context_, options_.page_size};
-}
+ModelShape Engine::shape() const { return model_shape(config(), max_context_, options_.page_size); }
 
 std::map<std::string, double> EngineCounters::as_map() const {
   std::map<std::string, double> out = {{"forward_calls", double(forward_calls)},

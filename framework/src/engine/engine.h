@@ -102,7 +102,7 @@ struct EngineCounters {
 struct PredictedLayers {
   std::vector<uint8_t> neurons, heads;
   bool neurons_at(int32_t layer) const { return !neurons.empty() && neurons[size_t(layer)] != 0; }
-  bool heads_at(int32_t layer) const { return !heads.empty() && size_t(layer) < heads.size() && heads[size_t(layer)] != 0; }
+  bool heads_at(int32_t layer) const { return !heads.empty() && heads[size_t(layer)] != 0; }
   bool active() const { return !neurons.empty() || !heads.empty(); }
 };
 
@@ -261,8 +261,13 @@ class Engine {
   EngineCounters counters_;
 };
 
-// The features a method with these hooks and declarations needs from a backend.
-std::vector<Feature> method_features(const Method& method, uint32_t hooks);
+// The features a method with these hooks and declarations needs from a backend
+// (`predictors`: its component_predictors(), fetched once by the caller, as
+// they carry their weights).
+std::vector<Feature> method_features(const Method& method, uint32_t hooks, const ComponentPredictors& predictors);
+
+// The shape a plugin sees of a model (ModelShape), for an engine's context and page size.
+ModelShape model_shape(const ModelConfig& config, int32_t context = 0, int32_t page_size = 0);
 
 // Checks the shape of a component mask a method returned for `layer`.
 Status check_component_mask(const ComponentMask& mask, const ModelConfig& config, int32_t layer);

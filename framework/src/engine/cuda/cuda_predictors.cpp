@@ -45,7 +45,7 @@ Status CudaBackend::join_predictions() {
   return wait_predicted(pred_done_, pred_pending_);
 }
 
-Status CudaBackend::set_predictors(const ComponentPredictors& predictors) {
+Status CudaBackend::set_predictors(ComponentPredictors predictors) {
   if (predictors.active() || !pred_neurons_.empty() || !pred_heads_.empty()) drop_graphs();
   if (pred_stream_ != nullptr) CUDA_TRY(cudaStreamSynchronize(pred_stream_), "predicted components");
   pred_pending_ = pred_heads_pending_ = pred_neurons_pending_ = false;
