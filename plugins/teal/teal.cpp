@@ -116,19 +116,22 @@ class Teal final : public Method {
           return output_error(target, out, window);
         };
         // A step raises projection p by step * size(q) / size(p): the same weight for every projection.
+        auto raised = [&](int p) {
+          auto next = s;
+          next[size_t(p)] = std::min(kMaxSparsity, s[size_t(p)] + o_.step * size[0] / size[size_t(p)]);
+          return next;
+        };
         while (effective(s) < goal - 1e-9) {
           int best = -1;
           double best_error = std::numeric_limits<double>::infinity();
           for (int p = 0; p < kSparseProjections; ++p) {
             if (!allowed[size_t(p)] || s[size_t(p)] >= kMaxSparsity) continue;
-            auto trial = s;
-            trial[size_t(p)] = std::min(kMaxSparsity, s[size_t(p)] + o_.step * size[0] / size[size_t(p)]);
-            auto e = error_of(trial);
+            auto e = error_of(raised(p));
             if (!e) return e.error();
             if (*e < best_error) best_error = *e, best = p;
           }
           if (best < 0) break;  // every projection at the cap
-          s[size_t(best)] = std::min(kMaxSparsity, s[size_t(best)] + o_.step * size[0] / size[size_t(best)]);
+          s = raised(best);
           error = best_error;
         }
         // The uniform allocation at the same weighted sparsity, for the record.

@@ -129,11 +129,16 @@ Result<ParamValue> parse_param_text(const ParamSpec& spec, const std::string& te
     if (t.empty() || end != t.c_str() + t.size() || !std::isfinite(v)) return std::nullopt;
     return v;
   };
-  auto items = [](const std::string& t) {
-    std::vector<std::string> out;
-    std::stringstream ss(t);
-    for (std::string item; std::getline(ss, item, ',');) out.push_back(item);
-    return out;
+  // Comma-separated values, each through `parse`.
+  auto list = [&](auto parse, const char* what) -> Result<ParamValue> {
+    std::vector<typename decltype(parse(std::string()))::value_type> out;
+    std::stringstream ss(text);
+    for (std::string item; std::getline(ss, item, ',');) {
+      auto v = parse(item);
+      if (!v) return bad(what);
+      out.push_back(*v);
+    }
+    return ParamValue{std::move(out)};
   };
   switch (spec.type) {
     case ParamType::Int:
@@ -148,31 +153,15 @@ Result<ParamValue> parse_param_text(const ParamSpec& spec, const std::string& te
       return bad("true or false");
     case ParamType::String:
     case ParamType::Schedule: return ParamValue{text};
-    case ParamType::Path: {
+    case ParamType::Path: {  // as in a config: a file that is there (its content keys the run)
       std::error_code ec;
       const auto path = std::filesystem::absolute(text, ec);
-      if (ec || !std::filesystem::exists(path, ec))
-        return Error{fmt::format("--set {}={}: no such file or folder", spec.name, text)};
+      if (ec || !std::filesystem::is_regular_file(path, ec))
+        return Error{fmt::format("--set {}={}: file not found", spec.name, text)};
       return ParamValue{path.string()};
     }
-    case ParamType::IntList: {
-      std::vector<int64_t> out;
-      for (const std::string& item : items(text)) {
-        auto v = integer(item);
-        if (!v) return bad("comma-separated integers");
-        out.push_back(*v);
-      }
-      return ParamValue{out};
-    }
-    case ParamType::FloatList: {
-      std::vector<double> out;
-      for (const std::string& item : items(text)) {
-        auto v = real(item);
-        if (!v) return bad("comma-separated numbers");
-        out.push_back(*v);
-      }
-      return ParamValue{out};
-    }
+    case ParamType::IntList: return list(integer, "comma-separated integers");
+    case ParamType::FloatList: return list(real, "comma-separated numbers");
   }
   return bad("a value");
 }
