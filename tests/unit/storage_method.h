@@ -1,4 +1,4 @@
-// Methods that store projections in NF4 for their runs (QLoRA's base weights),
+// Methods that store projections in 4 bits for their runs (QLoRA's base weights),
 // and the reference that replaces the same projections by their dequantized
 // values: the engine's per-run weight storage, driven as the QLoRA plugin will.
 #pragma once
@@ -7,7 +7,8 @@
 #include <vector>
 
 #include "adapter_method.h"
-#include "cpu/nf4.h"
+#include "cpu/quant4.h"
+#include "engine/backend.h"
 
 namespace inferlab::test {
 
@@ -17,7 +18,7 @@ inline const std::vector<std::string>& layer_projections() {
   return names;
 }
 
-// Every layer projection in NF4 (or, as `reference`, replaced by its NF4
+// Every layer projection in 4 bits (or, as `reference`, replaced by its 4-bit
 // values dequantized); W_q of layer 0 first scaled by `q_scale` (a replacement
 // the storage then quantizes); optional adapters on top.
 class StorageMethod final : public Method {
@@ -37,9 +38,10 @@ class StorageMethod final : public Method {
           const int64_t cols = name == "attn_output" ? ctx.shape.n_heads * ctx.shape.head_dim
                                : name == "ffn_down"  ? ctx.shape.n_ff
                                                      : ctx.shape.n_embd;
-          const auto q = kernels::cpu::nf4_quantize(data.data(), int64_t(data.size()) / cols, cols, storage_.block_size,
-                                                    storage_.double_quant);
-          kernels::cpu::nf4_dequantize(q, data.data());
+          const auto q = kernels::cpu::quant4_quantize(data.data(), int64_t(data.size()) / cols, cols,
+                                                       quant4_format(storage_.format), storage_.block_size,
+                                                       storage_.double_quant);
+          kernels::cpu::quant4_dequantize(q, data.data());
           if (auto s = ctx.overrides->replace(name, l, data); !s) return s;
         } else {
           if (scaled)

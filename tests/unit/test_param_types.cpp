@@ -61,9 +61,39 @@ TEST(ParamTypes, AFileEntersTheRunHashByItsContent) {
   // A missing file is refused where it is written.
   auto missing = parse_experiment(config("adapter = \"nope.bin\"\n"), exp.string(), catalog());
   ASSERT_FALSE(missing.ok());
-  EXPECT_NE(missing.message().find("exp.toml:9:11: method[1].adapter: file not found: " + (dir / "nope.bin").string()),
+  EXPECT_NE(missing.message().find("exp.toml:9:11: method[1].adapter: file or folder not found: " +
+                                   (dir / "nope.bin").string()),
             std::string::npos)
       << missing.message();
+}
+
+TEST(ParamTypes, AFolderEntersTheRunHashByItsFilesNamesAndContents) {
+  // A PEFT adapter is a folder: its files' names and contents key the run,
+  // wherever it lies.
+  const auto dir = test::temp_path("folders");
+  const auto exp = dir / "exp.toml";
+  auto make = [&](const std::string& name) {
+    std::filesystem::create_directories(dir / name / "sub");
+    std::ofstream(dir / name / "adapter_config.json") << "{\"r\": 4}";
+    std::ofstream(dir / name / "sub" / "weights.bin") << "w";
+  };
+  make("a");
+  make("b");
+  auto hash_of = [&](const std::string& name) {
+    auto runs = grid(config("adapter = \"" + name + "\"\n"), exp);
+    EXPECT_TRUE(runs.ok()) << runs.message();
+    return runs.ok() ? (*runs)[1].hash : std::string();
+  };
+  const std::string a = hash_of("a");
+  EXPECT_FALSE(a.empty());
+  EXPECT_EQ(hash_of("b"), a);  // the same files elsewhere
+  std::ofstream(dir / "b" / "sub" / "weights.bin") << "w2";
+  const std::string edited = hash_of("b");
+  EXPECT_NE(edited, a);
+  std::filesystem::rename(dir / "b" / "sub" / "weights.bin", dir / "b" / "sub" / "renamed.bin");
+  EXPECT_NE(hash_of("b"), edited);
+  std::ofstream(dir / "a" / "extra") << "";
+  EXPECT_NE(hash_of("a"), a);
 }
 
 TEST(ParamTypes, ScheduleGrammar) {

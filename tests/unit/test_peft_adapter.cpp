@@ -18,6 +18,7 @@
 
 #include "adapter_method.h"
 #include "formats/peft_adapter.h"
+#include "formats/safetensors.h"
 #include "test_support.h"
 
 namespace inferlab {
@@ -26,24 +27,9 @@ namespace {
 // A well-formed safetensors file of float32 tensors (name -> (shape, values)).
 void write_safetensors(const std::filesystem::path& path,
                        const std::map<std::string, std::pair<std::vector<int64_t>, std::vector<float>>>& tensors) {
-  std::ostringstream header;
-  std::string data;
-  header << '{';
-  bool first = true;
-  for (const auto& [name, t] : tensors) {
-    const size_t begin = data.size();
-    data.append(reinterpret_cast<const char*>(t.second.data()), t.second.size() * 4);
-    header << (first ? "" : ",") << '"' << name << "\":{\"dtype\":\"F32\",\"shape\":[";
-    for (size_t i = 0; i < t.first.size(); ++i) header << (i ? "," : "") << t.first[i];
-    header << "],\"data_offsets\":[" << begin << ',' << data.size() << "]}";
-    first = false;
-  }
-  header << '}';
-  const std::string text = header.str();
-  std::ofstream out(path, std::ios::binary);
-  const uint64_t n = text.size();
-  for (int i = 0; i < 8; ++i) out.put(char(uint8_t(n >> (8 * i))));
-  out << text << data;
+  std::vector<safetensors::F32Tensor> list;
+  for (const auto& [name, t] : tensors) list.push_back({name, t.first, t.second});
+  ASSERT_TRUE(safetensors::write_f32(path, list).ok());
 }
 
 std::vector<float> iota(size_t n, float from) {

@@ -17,18 +17,20 @@
 namespace inferlab {
 
 // Parameter types. Beyond scalars:
-//   Path      a file the method reads (an adapter, a pattern file, a text). A
-//             relative path means next to the config; the file must exist, and
-//             the SHA-256 of its content (not its name) enters the run hash, so
-//             an edited file makes its runs pending again. The method receives
-//             the absolute path as a string.
+//   Path      a file or folder the method reads (an adapter, a pattern file, a
+//             text). A relative path means next to the config; it must exist,
+//             and the SHA-256 of its content (not its name; a folder's: its
+//             files' names and contents) enters the run hash, so an edited
+//             file makes its runs pending again. The method receives the
+//             absolute path as a string.
+//   PathList  several such paths, one value (several adapters in one run).
 //   Schedule  one value per layer, written "0-1=1.0; 2-9=0.6; 10-29=0.3"
 //             (parse_layer_schedule); a string.
 //   IntList, FloatList  a list that is the value (per-layer budgets, say).
 // A list in a config is a grid axis for a scalar parameter (one run per
 // element); for a list-typed parameter the list is the value, and a list of
 // lists is its grid axis.
-enum class ParamType { Int, Float, Bool, String, Path, Schedule, IntList, FloatList };
+enum class ParamType { Int, Float, Bool, String, Path, Schedule, IntList, FloatList, PathList };
 
 inline const char* param_type_name(ParamType t) {
   switch (t) {
@@ -40,13 +42,17 @@ inline const char* param_type_name(ParamType t) {
     case ParamType::Schedule: return "schedule";
     case ParamType::IntList: return "int list";
     case ParamType::FloatList: return "float list";
+    case ParamType::PathList: return "path list";
   }
   return "?";
 }
 
-inline bool param_type_is_list(ParamType t) { return t == ParamType::IntList || t == ParamType::FloatList; }
+inline bool param_type_is_list(ParamType t) {
+  return t == ParamType::IntList || t == ParamType::FloatList || t == ParamType::PathList;
+}
 
-using ParamValue = std::variant<bool, int64_t, double, std::string, std::vector<int64_t>, std::vector<double>>;
+using ParamValue = std::variant<bool, int64_t, double, std::string, std::vector<int64_t>, std::vector<double>,
+                                std::vector<std::string>>;
 
 struct ParamSpec {
   std::string name;
@@ -89,6 +95,11 @@ struct ParamSpec {
   // A file; the default "" means none (the method then uses none).
   static ParamSpec path(std::string name, std::string help) {
     return {std::move(name), ParamType::Path, std::string(), std::nullopt, std::nullopt, {}, std::move(help)};
+  }
+  // Files or folders; the default [] means none.
+  static ParamSpec path_list(std::string name, std::string help) {
+    return {std::move(name), ParamType::PathList, std::vector<std::string>{}, std::nullopt, std::nullopt, {},
+            std::move(help)};
   }
   static ParamSpec schedule(std::string name, std::string def, std::optional<double> lo, std::optional<double> hi,
                             std::string help) {
@@ -196,6 +207,10 @@ class ParamValues {
   const std::vector<double>& get_float_list(const std::string& name) const {
     return std::get<std::vector<double>>(values_.at(name));
   }
+  // A PathList parameter: absolute paths.
+  const std::vector<std::string>& get_path_list(const std::string& name) const {
+    return std::get<std::vector<std::string>>(values_.at(name));
+  }
   // A Schedule parameter, parsed (the host checked its grammar).
   LayerSchedule get_schedule(const std::string& name) const {
     return parse_layer_schedule(get_string(name)).value_or(LayerSchedule{});
@@ -228,6 +243,8 @@ inline std::string param_value_to_string(const ParamValue& value) {
   if (const auto* v = std::get_if<std::vector<int64_t>>(&value))
     return list(*v, [](int64_t x) { return std::to_string(x); });
   if (const auto* v = std::get_if<std::vector<double>>(&value)) return list(*v, number);
+  if (const auto* v = std::get_if<std::vector<std::string>>(&value))
+    return list(*v, [](const std::string& x) { return x; });
   return std::get<std::string>(value);
 }
 

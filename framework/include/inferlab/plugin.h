@@ -30,7 +30,7 @@
 
 namespace inferlab {
 
-inline constexpr int32_t kPluginAbiVersion = 11;
+inline constexpr int32_t kPluginAbiVersion = 12;
 
 // Hooks, as bits of PluginInfo::hooks (docs/architecture.md has the table).
 enum PluginHook : uint32_t {
@@ -136,11 +136,15 @@ struct LowRankAdapter {
 // Another storage of a projection's weight for one run (QLoRA's base weights):
 // the engine quantizes the weight the run would use (the model's, or its
 // replacement with merged adapters) when the method is installed, keeps it in
-// that format only, and computes through it; unmerged adapters stay on top.
-//   NF4: 4-bit NormalFloat, blocks of `block_size` values with a float32
-//   absmax (4.5 bits per parameter at 64); double_quant: the absmaxes in 8
-//   bits as well (blocks of 256 around their mean; 4.127 bits at 64).
-enum class WeightFormat : int32_t { Model = 0, NF4 = 1 };
+// that format only, and computes through it (a fused dequantizing GEMV for one
+// row, dequantize-then-GEMM for more); unmerged adapters stay on top. Blocks of
+// `block_size` values with a float32 absmax (4.5 bits per parameter at 64);
+// double_quant: the absmaxes in 8 bits as well (blocks of 256 around their
+// mean; 4.127 bits at 64). The 4-bit codes, as bitsandbytes stores them:
+//   NF4   4-bit NormalFloat: the nearest of 16 normal quantiles in [-1, 1]
+//   FP4   bitsandbytes' 4-bit float (sign, 2 exponent bits, 1 mantissa bit)
+//   Int4  symmetric integers -7..7 over 7
+enum class WeightFormat : int32_t { Model = 0, NF4 = 1, FP4 = 2, Int4 = 3 };
 struct WeightStorage {
   WeightFormat format = WeightFormat::Model;
   int32_t block_size = 64;  // even, 2..4096
@@ -164,7 +168,10 @@ class WeightEditor {
   // own scale (lora_alpha / r, or / sqrt(r) with use_rslora) times `scale`:
   // Hugging Face module names mapped to this model's tensors, lora_B of q_proj
   // and k_proj permuted as GGUF conversion permutes their rows, shapes
-  // checked; refused naming the file and module, nothing added then.
+  // checked; refused naming the file and module, nothing added then. A GGUF
+  // file instead (llama.cpp's adapter format: general.type "adapter",
+  // adapter.lora.alpha, "<tensor>.weight.lora_a/lora_b") is read the same way,
+  // its scale alpha / r, its rows already in GGUF's order.
   virtual Status load_adapter(const std::string& path, float scale, bool merge) = 0;
   // Stores projection `tensor` of `layer` in another format for this run
   // (WeightFormat::Model: as the model has it). The output projection, the
@@ -181,6 +188,7 @@ struct LoadContext {
   std::string artifact_dir;    // a folder for this plugin's cached artifacts (exists)
   const WeightView* weights = nullptr;
   WeightEditor* overrides = nullptr;  // this method's weight changes (never the shared model)
+  std::string compute_dtype;          // the engine's arithmetic: "float32" (CPU), "float16" or "bfloat16" (CUDA)
 };
 
 // Decode selection: which cached tokens a step attends to, for one (layer, kv_head).

@@ -114,6 +114,15 @@ struct CliMethod {
   Method* method() const { return handle.get(); }
 };
 
+// `text` as an absolute path to a file or folder that is there.
+std::optional<std::string> existing_path(const std::string& text) {
+  std::error_code ec;
+  const auto path = std::filesystem::absolute(text, ec);
+  if (ec || text.empty() || (!std::filesystem::is_regular_file(path, ec) && !std::filesystem::is_directory(path, ec)))
+    return std::nullopt;
+  return path.string();
+}
+
 // `text` as a value of `spec` (the spelling a config file would give it).
 Result<ParamValue> parse_param_text(const ParamSpec& spec, const std::string& text) {
   auto bad = [&](const char* what) { return Error{fmt::format("--set {}={}: expected {}", spec.name, text, what)}; };
@@ -153,12 +162,20 @@ Result<ParamValue> parse_param_text(const ParamSpec& spec, const std::string& te
       return bad("true or false");
     case ParamType::String:
     case ParamType::Schedule: return ParamValue{text};
-    case ParamType::Path: {  // as in a config: a file that is there (its content keys the run)
-      std::error_code ec;
-      const auto path = std::filesystem::absolute(text, ec);
-      if (ec || !std::filesystem::is_regular_file(path, ec))
-        return Error{fmt::format("--set {}={}: file not found", spec.name, text)};
-      return ParamValue{path.string()};
+    case ParamType::Path: {  // as in a config: a file or folder that is there (its content keys the run)
+      auto path = existing_path(text);
+      if (!path) return Error{fmt::format("--set {}={}: file or folder not found", spec.name, text)};
+      return ParamValue{*path};
+    }
+    case ParamType::PathList: {  // comma-separated
+      std::vector<std::string> paths;
+      std::stringstream ss(text);
+      for (std::string item; std::getline(ss, item, ',');) {
+        auto path = existing_path(item);
+        if (!path) return Error{fmt::format("--set {}={}: {}: file or folder not found", spec.name, text, item)};
+        paths.push_back(*path);
+      }
+      return ParamValue{std::move(paths)};
     }
     case ParamType::IntList: return list(integer, "comma-separated integers");
     case ParamType::FloatList: return list(real, "comma-separated numbers");

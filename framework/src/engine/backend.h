@@ -21,6 +21,7 @@
 #include <utility>
 #include <vector>
 
+#include "cpu/quant4.h"
 #include "engine/kv_cache.h"
 #include "engine/plans.h"
 #include "model/model_config.h"
@@ -48,7 +49,7 @@ enum class Feature : int32_t {
   ValuePruning,         // P·V over each row's most probable keys only (Method::value_pruning)
   WeightReplace,        // a projection replaced for one run (LoadContext::overrides)
   WeightAdapters,       // unmerged low-rank adapters on projections, for one run
-  WeightStorageNF4,     // projections stored in 4-bit NormalFloat, for one run
+  WeightStorage4Bit,    // projections stored in 4 bits (NF4, FP4, Int4), for one run
   KvPagesF32,           // KV pages stored as float32
   KvPagesF16,
   KvPagesBF16,
@@ -64,6 +65,15 @@ const char* feature_name(Feature feature);
 // rows have one place to live.
 enum class Proj : int32_t { Q, K, V, O, Gate, Up, Down, Output };
 inline constexpr int32_t kProjCount = 8;
+
+// The 4-bit kernels' format of a stored weight (format != Model).
+inline kernels::cpu::Quant4Format quant4_format(WeightFormat format) {
+  switch (format) {
+    case WeightFormat::FP4: return kernels::cpu::Quant4Format::FP4;
+    case WeightFormat::Int4: return kernels::cpu::Quant4Format::Int4;
+    default: return kernels::cpu::Quant4Format::NF4;
+  }
+}
 const char* proj_name(Proj p);            // GGUF tensor name: "attn_q", ... "output"
 Result<Proj> parse_proj(const std::string& gguf_name);
 std::pair<int64_t, int64_t> proj_shape(const ModelConfig& config, Proj p);  // (out, in)
@@ -119,6 +129,12 @@ class Backend {
   virtual bool supports(Feature feature) const = 0;
   virtual std::string device_description() const = 0;
   virtual int64_t weight_bytes() const = 0;
+  // This run's 4-bit weights (WeightEditor::set_storage): bytes allocated for
+  // them (codes and absmaxes) and the values they hold.
+  struct StoredWeights {
+    int64_t bytes = 0, values = 0;
+  };
+  virtual StoredWeights stored_weights() const = 0;
   virtual std::shared_ptr<KvPagePool> pool() const = 0;
   // A pool of bit-plane pages of the pool()'s shape (Feature::KvBitPlanes),
   // the same one for the same planes (made by make_bit_plane_pool, then kept);

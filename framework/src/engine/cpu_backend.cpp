@@ -143,6 +143,14 @@ int64_t CpuBackend::weight_bytes() const {
   return bytes;
 }
 
+Backend::StoredWeights CpuBackend::stored_weights() const {
+  StoredWeights s;
+  for (const auto& per_layer : stored_)
+    for (const auto& t : per_layer)
+      if (t != nullptr) s.bytes += t->bytes(), s.values += t->rows * t->cols;
+  return s;
+}
+
 const cpu::QuantMatrixRef* CpuBackend::file_weight(Proj p, int32_t l) const {
   const size_t at = size_t(std::max(l, 0));
   const cpu::QuantMatrixRef& q = file_weights_[size_t(p)][at];
@@ -287,10 +295,10 @@ Status CpuBackend::linear(Proj p, int32_t l, const std::vector<int32_t>* rows) {
   if (p == Proj::Output) return Error{"cpu backend: the output projection runs inside the logits op"};
   const float* w = weight(p, l);
   const auto [x, y, in, out] = linear_io(p);
-  const kernels::cpu::Nf4Tensor* stored = stored_[size_t(p)][size_t(l)].get();
+  const kernels::cpu::Quant4Tensor* stored = stored_[size_t(p)][size_t(l)].get();
   if (rows != nullptr) {  // a neuron subset of the FFN
     if (stored != nullptr)
-      return Error{fmt::format("cpu backend: a neuron subset of {}, stored in NF4 for this run", proj_name(p))};
+      return Error{fmt::format("cpu backend: a neuron subset of {}, stored in 4 bits for this run", proj_name(p))};
     if (adapters_[size_t(p)][size_t(l)].rank > 0)
       return Error{fmt::format("cpu backend: an unmerged adapter on {} with a neuron subset (merge it)", proj_name(p))};
     const int64_t k = int64_t(rows->size());
@@ -308,8 +316,8 @@ Status CpuBackend::linear(Proj p, int32_t l, const std::vector<int32_t>* rows) {
 Status CpuBackend::linear_from(Proj p, int32_t l, const float* x) {
   const auto [own_x, y, in, out] = linear_io(p);
   (void)own_x;
-  if (const kernels::cpu::Nf4Tensor* stored = stored_[size_t(p)][size_t(l)].get())
-    cpu::nf4_matmul_xwt(y, x, *stored, n_, dequant_scratch_);
+  if (const kernels::cpu::Quant4Tensor* stored = stored_[size_t(p)][size_t(l)].get())
+    cpu::quant4_matmul_xwt(y, x, *stored, n_, dequant_scratch_);
   else if (const cpu::QuantMatrixRef* q = file_weight(p, l)) cpu::quant_matmul_xwt(y, x, *q, n_, quant_scratch_);
   else cpu::matmul_xwt(y, x, weight(p, l), n_, out, in);
   return apply_adapter(p, l, x, y, in, out);
@@ -317,7 +325,7 @@ Status CpuBackend::linear_from(Proj p, int32_t l, const float* x) {
 
 // One row against float32 weights: the kept inputs' rows of the transposed
 // weights only, every projection in one parallel region. Otherwise (more rows,
-// NF4 or the file's blocks) the sparsified input through the projection's own
+// 4-bit or the file's blocks) the sparsified input through the projection's own
 // path: the same result, no saving.
 Status CpuBackend::linear_sparse(std::span<const Proj> projs, int32_t l, std::span<const float> thresholds) {
   std::vector<cpu::SparseInputTarget> targets;
@@ -370,7 +378,7 @@ Status CpuBackend::gated_swiglu(int32_t l, float threshold) {
 
 // Q: each kept head's rows of W_q into its own columns of q; O: the kept
 // heads' attention columns against their rows of the transposed W_o. Another
-// storage of the weight (NF4, the file's blocks) or an adapter: the whole
+// storage of the weight (4-bit, the file's blocks) or an adapter: the whole
 // projection (a masked head's query is not read, its output is zero), no saving.
 Status CpuBackend::linear_heads(Proj p, int32_t l, std::span<const int32_t> heads) {
   const ModelConfig& c = config_;
@@ -643,8 +651,8 @@ Status CpuBackend::set_weight_storage(Proj p, int32_t l, const WeightStorage& st
   const auto [out, in] = proj_shape(config_, p);
   if (int64_t(weight.size()) != out * in)
     return Error{fmt::format("cpu backend: {} has {} values to quantize, not {} x {}", proj_name(p), weight.size(), out, in)};
-  slot = std::make_unique<cpu::Nf4Tensor>(
-      cpu::nf4_quantize(weight.data(), out, in, storage.block_size, storage.double_quant));
+  slot = std::make_unique<cpu::Quant4Tensor>(cpu::quant4_quantize(weight.data(), out, in, quant4_format(storage.format),
+                                                                  storage.block_size, storage.double_quant));
   return ok_status();
 }
 

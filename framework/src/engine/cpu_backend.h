@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "cpu/cpu_ops.h"
-#include "cpu/nf4.h"
+#include "cpu/quant4.h"
 #include "cpu/quant_matmul.h"
 #include "engine/backend.h"
 #include "engine/engine.h"
@@ -25,6 +25,7 @@ class CpuBackend final : public Backend {
   std::string device_description() const override;
   // The float32 weights, plus the file's quantized blocks when they are computed with.
   int64_t weight_bytes() const override;
+  StoredWeights stored_weights() const override;
   std::shared_ptr<KvPagePool> pool() const override { return pool_; }
   std::unique_ptr<BackendKvView> kv_view(const KvSequence& seq) const override;
 
@@ -83,7 +84,7 @@ class CpuBackend final : public Backend {
   };
   LinearIo linear_io(Proj proj);
   // The file's quantized weight of (proj, layer) when this run computes with it:
-  // weights = file, a type the kernels know, no replacement or NF4 storage.
+  // weights = file, a type the kernels know, no replacement or 4-bit storage.
   const kernels::cpu::QuantMatrixRef* file_weight(Proj proj, int32_t layer) const;
   int32_t rotary_position(int32_t kv_head, int64_t row) const;
   void attend_head(const AttentionRefs& refs, int32_t head, int64_t r0, int64_t r1, float* key_mass);
@@ -153,7 +154,7 @@ class CpuBackend final : public Backend {
   };
   std::vector<std::vector<Adapter>> adapters_;  // [proj][layer]
   std::vector<float> adapter_tmp_;              // (n, rank)
-  std::vector<std::vector<std::unique_ptr<kernels::cpu::Nf4Tensor>>> stored_;  // [proj][layer]: NF4 for this run
+  std::vector<std::vector<std::unique_ptr<kernels::cpu::Quant4Tensor>>> stored_;  // [proj][layer]: 4-bit for this run
   std::vector<float> dequant_scratch_;          // a stored projection dequantized for a many-row call
   // weights = file: the model's quantized projections [proj][layer or 0 for output]
   // (rows == 0: none, computed in float32), and the kernels' scratch.

@@ -10,6 +10,7 @@
 #include "engine/backend_factory.h"
 #include "engine/device.h"
 #include "engine/forward_pass.h"
+#include "formats/gguf_adapter.h"
 #include "formats/peft_adapter.h"
 
 namespace inferlab {
@@ -77,7 +78,7 @@ const char* feature_name(Feature f) {
     case Feature::ValuePruning: return "local value pruning";
     case Feature::WeightReplace: return "per-run weight replacement";
     case Feature::WeightAdapters: return "unmerged low-rank adapters";
-    case Feature::WeightStorageNF4: return "weights stored in NF4";
+    case Feature::WeightStorage4Bit: return "weights stored in 4 bits (NF4, FP4, Int4)";
     case Feature::KvPagesF32: return "KV pages in f32";
     case Feature::KvPagesF16: return "KV pages in f16";
     case Feature::KvPagesBF16: return "KV pages in bf16";
@@ -161,10 +162,14 @@ ModelShape model_shape(const ModelConfig& c, int32_t context, int32_t page_size)
 Status WeightOverrides::load_adapter(const std::string& path, float scale, bool merge) {
   if (config == nullptr) return Error{fmt::format("{}: no model to apply the adapter to", path)};
   const ModelConfig& c = *config;
-  if (!std::filesystem::is_directory(path))
-    return Error{fmt::format("{}: expected a PEFT adapter folder (adapter_config.json, adapter_model.safetensors)",
+  std::error_code ec;
+  const bool folder = std::filesystem::is_directory(path, ec);
+  if (!folder && !gguf_adapter::looks_like_gguf(path))
+    return Error{fmt::format("{}: expected a PEFT adapter folder (adapter_config.json, adapter_model.safetensors) "
+                             "or a llama.cpp GGUF adapter",
                              path)};
-  auto found = peft::read_adapter(path, model_shape(c), c.tied_embeddings);
+  auto found = folder ? peft::read_adapter(path, model_shape(c), c.tied_embeddings)
+                      : gguf_adapter::read_adapter(path, model_shape(c), c.architecture, c.tied_embeddings);
   if (!found) return found.error();
   if (!std::isfinite(scale)) return Error{fmt::format("{}: the scale {} is not finite", path, scale)};
   // All or nothing: the edits so far come back if one adapter is refused.
@@ -246,9 +251,9 @@ Status WeightOverrides::set_storage(const std::string& tensor, int32_t layer, co
     return Error{fmt::format("weight storage of {}: the output projection keeps the model's (as QLoRA keeps it)", tensor)};
   auto proj = target("weight storage of", tensor, layer);
   if (!proj) return proj.error();
-  if (storage.format != WeightFormat::Model && storage.format != WeightFormat::NF4)
+  if (int32_t(storage.format) < int32_t(WeightFormat::Model) || int32_t(storage.format) > int32_t(WeightFormat::Int4))
     return Error{fmt::format("weight storage of {} (layer {}): unknown format {}", tensor, layer, int32_t(storage.format))};
-  if (storage.format == WeightFormat::NF4 &&
+  if (storage.format != WeightFormat::Model &&
       (storage.block_size < 2 || storage.block_size > 4096 || storage.block_size % 2 != 0))
     return Error{fmt::format("weight storage of {} (layer {}): block size {} is not an even number in 2..4096", tensor,
                              layer, storage.block_size)};
@@ -432,7 +437,7 @@ Status Engine::set_method(Method* method, uint32_t hooks, const WeightOverrides*
   if (method != nullptr) needed = method_features(*method, hooks, predictors);
   if (overrides != nullptr && !overrides->items.empty()) needed.push_back(Feature::WeightReplace);
   if (overrides != nullptr && !overrides->adapters.empty()) needed.push_back(Feature::WeightAdapters);
-  if (overrides != nullptr && !overrides->storages.empty()) needed.push_back(Feature::WeightStorageNF4);
+  if (overrides != nullptr && !overrides->storages.empty()) needed.push_back(Feature::WeightStorage4Bit);
   for (Feature f : needed)
     if (!backend_->supports(f))
       return Error{fmt::format("method {} needs {}, which the {} backend does not support", name, feature_name(f),

@@ -224,6 +224,7 @@ class Engine {
   std::string device_description() const { return backend_->device_description(); }
   // Bytes of weights resident on the backend's device.
   int64_t weight_bytes() const { return backend_->weight_bytes(); }
+  Backend::StoredWeights stored_weights() const { return backend_->stored_weights(); }
 
   const Model& model() const { return *model_; }
   const ModelConfig& config() const { return model_->config(); }

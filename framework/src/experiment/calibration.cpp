@@ -136,13 +136,9 @@ Result<std::filesystem::path> calibration_dir(const PluginEntry& plugin, const P
   for (const ParamSpec& spec : plugin.params) {
     if (!params.has(spec.name)) continue;
     const ParamValue& value = params.all().at(spec.name);
-    if (spec.type == ParamType::Path && !std::get<std::string>(value).empty()) {
-      auto digest = sha256_file(std::get<std::string>(value));
-      if (!digest) return Error{fmt::format("parameter {} of plugin {}: {}", spec.name, plugin.name, digest.message())};
-      key["params"][spec.name] = "sha256:" + *digest;
-    } else {
-      key["params"][spec.name] = param_value_to_string(value);
-    }
+    auto digest = path_digest(spec, value);
+    if (!digest) return Error{fmt::format("parameter {} of plugin {}: {}", spec.name, plugin.name, digest.message())};
+    key["params"][spec.name] = digest->empty() ? param_value_to_string(value) : *digest;
   }
   return artifact_dir(plugin.name, model_checksum, artifact_root) / sha256_hex(key.dump()).substr(0, 16);
 }

@@ -65,10 +65,11 @@ const char* type_phrase(ParamType type) {
     case ParamType::Float: return "a number";
     case ParamType::Bool: return "true or false";
     case ParamType::String: return "a string";
-    case ParamType::Path: return "a file path (a string)";
+    case ParamType::Path: return "a file or folder path (a string)";
     case ParamType::Schedule: return "a per-layer schedule (a string like \"0-1=1.0; 2-9=0.5\")";
     case ParamType::IntList: return "a list of integers";
     case ParamType::FloatList: return "a list of numbers";
+    case ParamType::PathList: return "a list of file or folder paths (strings)";
   }
   return "?";
 }
@@ -118,6 +119,18 @@ std::optional<ParamValue> as_param_type(const toml::node& node, ParamType type) 
       }
       if (type == ParamType::IntList) return ParamValue{std::move(ints)};
       return ParamValue{std::move(reals)};
+    }
+    case ParamType::PathList: {
+      if (const auto* v = node.as_string()) return ParamValue{std::vector<std::string>{v->get()}};  // one path
+      const auto* array = node.as_array();
+      if (array == nullptr) break;
+      std::vector<std::string> paths;
+      for (const toml::node& element : *array) {
+        const auto* text = element.as_string();
+        if (text == nullptr) return std::nullopt;
+        paths.push_back(text->get());
+      }
+      return ParamValue{std::move(paths)};
     }
   }
   return std::nullopt;
@@ -234,15 +247,27 @@ class ConfigParser {
       diag_.add(node.source(), key, why);
       return std::nullopt;
     }
-    if (spec.type == ParamType::Path && !std::get<std::string>(*value).empty()) {
-      // Next to the config when relative; it must be there now (its content enters the run hash).
-      const std::string path = resolve_path(std::get<std::string>(*value));
+    // Paths: next to the config when relative; there now (their content enters the run hash).
+    auto existing = [&](const std::string& given) -> std::optional<std::string> {
+      const std::string path = resolve_path(given);
       std::error_code ec;
-      if (!fs::is_regular_file(path, ec)) {
-        diag_.add(node.source(), key, fmt::format("file not found: {}", path));
-        return std::nullopt;
+      if (fs::is_regular_file(path, ec) || fs::is_directory(path, ec)) return path;
+      diag_.add(node.source(), key, fmt::format("file or folder not found: {}", path));
+      return std::nullopt;
+    };
+    if (spec.type == ParamType::Path && !std::get<std::string>(*value).empty()) {
+      auto path = existing(std::get<std::string>(*value));
+      if (!path) return std::nullopt;
+      value = ParamValue{*path};
+    }
+    if (spec.type == ParamType::PathList) {
+      std::vector<std::string> paths;
+      for (const std::string& given : std::get<std::vector<std::string>>(*value)) {
+        auto path = existing(given);
+        if (!path) return std::nullopt;
+        paths.push_back(*path);
       }
-      value = ParamValue{path};
+      value = ParamValue{std::move(paths)};
     }
     return value;
   }
@@ -606,11 +631,10 @@ Result<RunSpec> make_run(const ExperimentConfig& config, const std::string& chec
   run.label = std::move(label);
   run.params = std::move(params);
   for (const ParamSpec& spec : plugin.params) {
-    if (spec.type != ParamType::Path || !run.params.has(spec.name) || run.params.get_string(spec.name).empty()) continue;
-    auto digest = sha256_file(run.params.get_string(spec.name));
-    if (!digest)
-      return Error{fmt::format("parameter {} of plugin {}: {}", spec.name, plugin.name, digest.message())};
-    run.file_digests[spec.name] = "sha256:" + *digest;
+    if (!run.params.has(spec.name)) continue;
+    auto digest = path_digest(spec, run.params.all().at(spec.name));
+    if (!digest) return Error{fmt::format("parameter {} of plugin {}: {}", spec.name, plugin.name, digest.message())};
+    if (!digest->empty()) run.file_digests[spec.name] = *digest;
   }
   run.config_json = canonical_config_json(run);
   run.hash = sha256_hex(run.config_json);
@@ -693,13 +717,19 @@ std::vector<RunSpec> select_shard(const std::vector<RunSpec>& runs, Shard shard)
   return selected;
 }
 
-std::string sha256_hex(std::string_view text) {
-  std::array<unsigned char, EVP_MAX_MD_SIZE> digest{};
-  unsigned int length = 0;
-  EVP_Digest(text.data(), text.size(), digest.data(), &length, EVP_sha256(), nullptr);
-  std::string hex;
-  for (unsigned int i = 0; i < length; ++i) hex += fmt::format("{:02x}", digest[i]);
-  return hex;
+Result<std::string> path_digest(const ParamSpec& spec, const ParamValue& value) {
+  std::vector<std::string> paths;
+  if (spec.type == ParamType::Path && !std::get<std::string>(value).empty()) paths = {std::get<std::string>(value)};
+  else if (spec.type == ParamType::PathList) paths = std::get<std::vector<std::string>>(value);
+  else return std::string();
+  std::vector<std::string> digests;
+  for (const auto& path : paths) {
+    auto digest = sha256_path(path);
+    if (!digest) return digest.error();
+    digests.push_back("sha256:" + *digest);
+  }
+  if (spec.type == ParamType::Path) return digests[0];
+  return fmt::format("[{}]", fmt::join(digests, ", "));
 }
 
 }  // namespace inferlab

@@ -14,6 +14,7 @@
 #include "experiment/catalog.h"
 #include "inferlab/params.h"
 #include "inferlab/result.h"
+#include "model/model.h"
 
 namespace inferlab {
 
@@ -113,7 +114,9 @@ Result<Shard> parse_shard(const std::string& text);
 // The runs whose grid index falls in `shard` (index % count), in grid order.
 std::vector<RunSpec> select_shard(const std::vector<RunSpec>& runs, Shard shard);
 
-// sha256 of `text` as lowercase hex.
-std::string sha256_hex(std::string_view text);
+// What a Path or PathList value enters run hashes and artifact keys as:
+// "sha256:<hex>" of its content ("[sha256:<hex>, ...]" for a list); "" for
+// other types and an empty Path.
+Result<std::string> path_digest(const ParamSpec& spec, const ParamValue& value);
 
 }  // namespace inferlab

@@ -432,6 +432,10 @@ std::vector<MetricValue> tally_metrics(const MeasureContext& ctx, const Tally& t
   m.push_back({"kv_bytes_peak", double(t.kv_peak), "bytes"});
   m.push_back({"kv_bytes_final", t.kv_final_sum / double(std::max<int64_t>(1, t.samples)), "bytes"});
   m.push_back({"peak_rss_bytes", double(peak_rss_bytes()), "bytes"});
+  if (const auto stored = ctx.engine->stored_weights(); stored.values > 0) {  // 4-bit weights (QLoRA)
+    m.push_back({"weights_stored_bytes", double(stored.bytes), "bytes"});
+    m.push_back({"weights_stored_bits_per_param", 8.0 * double(stored.bytes) / double(stored.values), "bits"});
+  }
   const EngineCounters& counters = ctx.engine->counters();
   const int64_t heads = int64_t(ctx.engine->config().n_layers) * ctx.engine->config().n_kv_heads;
   if (counters.decode_steps > 0 && heads > 0)  // the budget a method actually ran at, beside its nominal one

@@ -152,4 +152,30 @@ std::vector<float> File::read_f32(const TensorInfo& t) const {
   return out;
 }
 
+Status write_f32(const std::filesystem::path& path, const std::vector<F32Tensor>& tensors,
+                 const std::map<std::string, std::string>& metadata) {
+  nlohmann::ordered_json header = nlohmann::ordered_json::object();
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+  uint64_t offset = 0;
+  for (const auto& t : tensors) {
+    int64_t n = 1;
+    for (const int64_t d : t.shape) n *= d;
+    if (n != int64_t(t.values.size()))
+      return Error{fmt::format("{}: tensor {}: {} values for a shape of {}", path.string(), t.name, t.values.size(), n)};
+    header[t.name] = {{"dtype", "F32"}, {"shape", t.shape}, {"data_offsets", {offset, offset + 4 * uint64_t(n)}}};
+    offset += 4 * uint64_t(n);
+  }
+  std::string text = header.dump();
+  text.append((8 - text.size() % 8) % 8, ' ');
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  if (!out) return Error{fmt::format("{}: cannot open for writing", path.string())};
+  const uint64_t n = text.size();
+  for (int i = 0; i < 8; ++i) out.put(char(uint8_t(n >> (8 * i))));
+  out << text;
+  for (const auto& t : tensors)
+    out.write(reinterpret_cast<const char*>(t.values.data()), std::streamsize(t.values.size() * sizeof(float)));
+  if (!out.flush()) return Error{fmt::format("{}: write failed", path.string())};
+  return ok_status();
+}
+
 }  // namespace inferlab::safetensors

@@ -55,4 +55,17 @@ class File {
   std::map<std::string, std::string> metadata_;
 };
 
+// One float32 tensor to write: row-major values of `shape`.
+struct F32Tensor {
+  std::string name;
+  std::vector<int64_t> shape;
+  std::vector<float> values;
+};
+
+// Writes `tensors` as F32 (in the order given, the header padded with spaces
+// to 8 bytes as the reference writer does) with `metadata` as "__metadata__".
+// A shape whose size differs from the values' is refused naming the tensor.
+Status write_f32(const std::filesystem::path& path, const std::vector<F32Tensor>& tensors,
+                 const std::map<std::string, std::string>& metadata = {});
+
 }  // namespace inferlab::safetensors

@@ -4,6 +4,7 @@
 #include <fmt/ranges.h>
 #include <openssl/evp.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdlib>
 #include <fstream>
@@ -161,6 +162,33 @@ Result<std::string> sha256_file(const std::filesystem::path& path) {
   std::string hex;
   for (unsigned int i = 0; i < len; ++i) hex += fmt::format("{:02x}", digest[i]);
   return hex;
+}
+
+std::string sha256_hex(std::string_view bytes) {
+  std::array<unsigned char, EVP_MAX_MD_SIZE> digest{};
+  unsigned int length = 0;
+  EVP_Digest(bytes.data(), bytes.size(), digest.data(), &length, EVP_sha256(), nullptr);
+  std::string hex;
+  for (unsigned int i = 0; i < length; ++i) hex += fmt::format("{:02x}", digest[i]);
+  return hex;
+}
+
+Result<std::string> sha256_path(const std::filesystem::path& path) {
+  std::error_code ec;
+  if (!std::filesystem::is_directory(path, ec)) return sha256_file(path);
+  std::vector<std::string> names;
+  for (auto it = std::filesystem::recursive_directory_iterator(path, ec); !ec && it != std::filesystem::end(it);
+       it.increment(ec))
+    if (it->is_regular_file(ec)) names.push_back(std::filesystem::relative(it->path(), path, ec).generic_string());
+  if (ec) return Error{fmt::format("{}: cannot list the folder: {}", path.string(), ec.message())};
+  std::sort(names.begin(), names.end());
+  std::string listing;
+  for (const auto& name : names) {
+    auto digest = sha256_file(path / name);
+    if (!digest) return digest.error();
+    listing += *digest + "  " + name + "\n";
+  }
+  return sha256_hex(listing);
 }
 
 std::filesystem::path model_cache_dir() {

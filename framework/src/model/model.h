@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "inferlab/result.h"
@@ -82,8 +83,14 @@ class Model {
   mutable std::string checksum_;
 };
 
-// SHA-256 of a file as lowercase hex.
+// SHA-256 of bytes, of a file, as lowercase hex.
+std::string sha256_hex(std::string_view bytes);
 Result<std::string> sha256_file(const std::filesystem::path& path);
+// A file's SHA-256, or a folder's: of the list of its regular files (recursively,
+// by relative path in byte order), each line "<sha256>  <relative path>".
+// Renaming, adding, removing or editing a file changes it; where the folder
+// lies does not.
+Result<std::string> sha256_path(const std::filesystem::path& path);
 
 // Short names for known models ("smollm2-135m") or a path to any .gguf file.
 // Short names resolve inside $INFERLAB_MODEL_DIR (default ~/.cache/inferlab/models).

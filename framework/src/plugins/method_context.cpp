@@ -57,8 +57,12 @@ Status load_method(Method& method, const PluginEntry& plugin, const Engine& engi
   edits.config = &engine.config();
   edits.items.clear();
   edits.adapters.clear();
+  edits.storages.clear();
   edits.base = &weights;  // for merged adapters, while on_load runs
-  const LoadContext context{engine.shape(), checksum, dir.string(), &weights, &edits};
+  const std::string dtype = engine.backend() == BackendKind::Cpu                   ? "float32"
+                            : engine.options().gpu_dtype == GpuDType::BF16 ? "bfloat16"
+                                                                               : "float16";
+  const LoadContext context{engine.shape(), checksum, dir.string(), &weights, &edits, dtype};
   Status loaded = ok_status();
   try {
     loaded = method.on_load(context);

@@ -18,6 +18,7 @@ bool value_has_type(const ParamValue& v, ParamType t) {
     case ParamType::Schedule: return std::holds_alternative<std::string>(v);
     case ParamType::IntList: return std::holds_alternative<std::vector<int64_t>>(v);
     case ParamType::FloatList: return std::holds_alternative<std::vector<double>>(v);
+    case ParamType::PathList: return std::holds_alternative<std::vector<std::string>>(v);
   }
   return false;
 }
@@ -76,7 +77,8 @@ std::string param_problem(const ParamSpec& spec, const ParamValue& value) {
         if (auto p = range_problem(spec, x, param_value_to_string(x)); !p.empty()) return p;
       return "";
     case ParamType::Bool:
-    case ParamType::Path: return "";
+    case ParamType::Path:
+    case ParamType::PathList: return "";
   }
   return "";
 }

@@ -23,6 +23,7 @@
 #include "engine/backend.h"
 #include "engine/cuda/device_memory.h"
 #include "engine/engine.h"
+#include "cuda/quant4.cuh"
 #include "kernel_types.h"
 
 namespace inferlab {
@@ -41,6 +42,7 @@ class CudaBackend final : public Backend {
   bool supports(Feature feature) const override;
   std::string device_description() const override;
   int64_t weight_bytes() const override;
+  StoredWeights stored_weights() const override;
   std::shared_ptr<KvPagePool> pool() const override { return pool_; }
   // One device pool per width pair, made on first use and kept.
   std::unique_ptr<BackendKvView> kv_view(const KvSequence& seq) const override;
@@ -144,6 +146,11 @@ class CudaBackend final : public Backend {
   Status reserve_adapter_workspace(int64_t rows);
   // cuda_weight_storage.cpp
   const void* stored_weight(Proj proj, int32_t layer, Status& status);  // dequantized now; null: not stored
+  // y = x · W^T through the 4-bit weight itself (a fused dequantizing GEMV)
+  // when W is stored in 4 bits and the call has at most 4 rows; false otherwise.
+  Result<bool> stored_gemv(Proj proj, int32_t layer, const void* x, float* y, int64_t in, int64_t out);
+  struct DeviceQuant4;
+  kernels::cuda::Quant4View quant4_view(const DeviceQuant4& d) const;
   // cuda_predictors.cpp
   struct DevicePredictor {
     int32_t keep = 0, rank = 0;
@@ -225,13 +232,14 @@ class CudaBackend final : public Backend {
   std::map<std::pair<int32_t, int32_t>, DeviceAdapter> adapters_;  // (proj, layer) -> this run's unmerged adapters
   int32_t adapter_rank_max_ = 0;
   DeviceMemory adapter_tmp_, adapter_tmp_t_;  // (rows, rank_max): float, then dtype_
-  struct DeviceNf4 {
+  struct DeviceQuant4 {
     DeviceMemory codes, absmax, absmax_codes, absmax_scale;
+    kernels::cpu::Quant4Format format = kernels::cpu::Quant4Format::NF4;
     float absmax_offset = 0;
     int32_t block = 64;
     int64_t n = 0;
   };
-  std::map<std::pair<int32_t, int32_t>, DeviceNf4> stored_;  // (proj, layer) -> this run's NF4 weight
+  std::map<std::pair<int32_t, int32_t>, DeviceQuant4> stored_;  // (proj, layer) -> this run's 4-bit weight
   DeviceMemory dynamic_map_;     // double quantization's 256-entry map
   DeviceMemory dequant_scratch_; // the largest stored projection, dequantized into dtype_
 

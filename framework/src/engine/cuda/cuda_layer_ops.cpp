@@ -51,11 +51,15 @@ Result<CudaBackend::LinearIo> CudaBackend::linear_io(Proj p) {
 
 // y = x W^T (+ adapters) for the call's rows, x in the GEMM's type.
 Status CudaBackend::linear_from(Proj p, int32_t l, const void* x, float* y, int64_t in, int64_t out) {
-  const void* w = weight(p, l);
-  Status dequantized = ok_status();
-  if (const void* stored = stored_weight(p, l, dequantized); stored != nullptr) w = stored;
-  if (!dequantized) return dequantized;
-  if (auto s = gemm(x, w, y, n_, out, in); !s) return s;
+  auto fused = stored_gemv(p, l, x, y, in, out);
+  if (!fused) return fused.error();
+  if (!*fused) {
+    const void* w = weight(p, l);
+    Status dequantized = ok_status();
+    if (const void* stored = stored_weight(p, l, dequantized); stored != nullptr) w = stored;
+    if (!dequantized) return dequantized;
+    if (auto s = gemm(x, w, y, n_, out, in); !s) return s;
+  }
   return apply_adapter(p, l, x, y, in, out);
 }
 

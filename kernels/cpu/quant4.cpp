@@ -1,4 +1,4 @@
-#include "cpu/nf4.h"
+#include "cpu/quant4.h"
 
 #include <cblas.h>
 
@@ -43,11 +43,33 @@ std::array<float, 256> make_dynamic_map() {
   return out;
 }
 
-// The index of the nearest level (midpoints decide, as bitsandbytes' decision tree does).
-uint8_t nearest_nf4(float x) {
+constexpr std::array<float, 16> kFp4 = {0.0f,  0.0052083333f,  0.6666667f,  1.0f,  0.3333333f,  0.5f,
+                                         0.1666667f,  0.25f, -0.0f, -0.0052083333f, -0.6666667f, -1.0f,
+                                         -0.3333333f, -0.5f, -0.1666667f, -0.25f};
+
+constexpr std::array<float, 16> make_int4() {
+  std::array<float, 16> l{};
+  for (int c = 0; c < 16; ++c) l[size_t(c)] = float(c - 7) / 7.0f;
+  return l;
+}
+constexpr std::array<float, 16> kInt4 = make_int4();
+
+// The index of the nearest of ascending levels (midpoints decide, ties to the lower).
+uint8_t nearest_ascending(const std::array<float, 16>& levels, int n, float x) {
   uint8_t i = 0;
-  while (i < 15 && x > (kNf4[i] + kNf4[i + 1]) / 2.0f) ++i;
+  while (i + 1 < n && x > (levels[i] + levels[i + 1]) / 2.0f) ++i;
   return i;
+}
+
+// FP4's magnitude code: bitsandbytes' decision tree over the midpoints of
+// 0, 1/192, 1/6, 1/4, 1/3, 1/2, 2/3, 1.
+uint8_t fp4_magnitude(float t) {
+  if (t > 0.29166667f) {
+    if (t > 0.583333f) return t > 0.8333333f ? 3 : 2;
+    return t > 0.4166667f ? 5 : 4;
+  }
+  if (t > 0.0859375f) return t > 0.20833333f ? 7 : 6;
+  return t > 0.00260417f ? 1 : 0;
 }
 
 uint8_t nearest_in(std::span<const float> map, float x) {
@@ -58,32 +80,54 @@ uint8_t nearest_in(std::span<const float> map, float x) {
   return uint8_t(x - map[hi - 1] <= map[hi] - x ? hi - 1 : hi);
 }
 
-uint8_t code_at(const Nf4Tensor& w, int64_t i) {
-  const uint8_t byte = w.codes[size_t(i / 2)];
-  return i % 2 == 0 ? uint8_t(byte >> 4) : uint8_t(byte & 0x0F);
-}
-
 }  // namespace
 
-std::span<const float> nf4_levels() { return kNf4; }
+const char* quant4_name(Quant4Format format) {
+  switch (format) {
+    case Quant4Format::NF4: return "nf4";
+    case Quant4Format::FP4: return "fp4";
+    case Quant4Format::Int4: return "int4";
+  }
+  return "?";
+}
+
+std::span<const float> quant4_levels(Quant4Format format) {
+  switch (format) {
+    case Quant4Format::FP4: return kFp4;
+    case Quant4Format::Int4: return kInt4;
+    case Quant4Format::NF4: break;
+  }
+  return kNf4;
+}
+
+uint8_t quant4_encode(Quant4Format format, float x) {
+  switch (format) {
+    case Quant4Format::FP4: return uint8_t((x < 0 ? 8 : 0) | fp4_magnitude(std::fabs(x)));
+    case Quant4Format::Int4: return nearest_ascending(kInt4, 15, x);
+    case Quant4Format::NF4: break;
+  }
+  return nearest_ascending(kNf4, 16, x);
+}
 
 std::span<const float> dynamic_map_signed() {
   static const std::array<float, 256> map = make_dynamic_map();
   return map;
 }
 
-float Nf4Tensor::block_absmax(int64_t b) const {
+float Quant4Tensor::block_absmax(int64_t b) const {
   if (!double_quant) return absmax[size_t(b)];
-  return dynamic_map_signed()[absmax_codes[size_t(b)]] * absmax_scale[size_t(b / kNf4AbsmaxBlock)] + absmax_offset;
+  return dynamic_map_signed()[absmax_codes[size_t(b)]] * absmax_scale[size_t(b / kQuant4AbsmaxBlock)] + absmax_offset;
 }
 
-int64_t Nf4Tensor::bytes() const {
+int64_t Quant4Tensor::bytes() const {
   return int64_t(codes.size() + absmax.size() * 4 + absmax_codes.size() + absmax_scale.size() * 4) +
          (double_quant ? 4 : 0);
 }
 
-Nf4Tensor nf4_quantize(const float* w, int64_t rows, int64_t cols, int32_t block, bool double_quant) {
-  Nf4Tensor t;
+Quant4Tensor quant4_quantize(const float* w, int64_t rows, int64_t cols, Quant4Format format, int32_t block,
+                             bool double_quant) {
+  Quant4Tensor t;
+  t.format = format;
   t.rows = rows;
   t.cols = cols;
   t.block = block;
@@ -98,7 +142,7 @@ Nf4Tensor nf4_quantize(const float* w, int64_t rows, int64_t cols, int32_t block
     absmax[size_t(b)] = m;
     const float inv = m > 0 ? 1.0f / m : 0.0f;
     for (int64_t i = from; i < to; ++i) {
-      const uint8_t q = nearest_nf4(w[i] * inv);
+      const uint8_t q = quant4_encode(format, w[i] * inv);
       t.codes[size_t(i / 2)] |= i % 2 == 0 ? uint8_t(q << 4) : q;
     }
   }
@@ -111,8 +155,8 @@ Nf4Tensor nf4_quantize(const float* w, int64_t rows, int64_t cols, int32_t block
   t.absmax_offset = float(sum / double(blocks));
   const auto map = dynamic_map_signed();
   t.absmax_codes.resize(size_t(blocks));
-  for (int64_t g = 0; g * kNf4AbsmaxBlock < blocks; ++g) {
-    const int64_t from = g * kNf4AbsmaxBlock, to = std::min(blocks, from + kNf4AbsmaxBlock);
+  for (int64_t g = 0; g * kQuant4AbsmaxBlock < blocks; ++g) {
+    const int64_t from = g * kQuant4AbsmaxBlock, to = std::min(blocks, from + kQuant4AbsmaxBlock);
     float m = 0;
     for (int64_t b = from; b < to; ++b) m = std::max(m, std::fabs(absmax[size_t(b)] - t.absmax_offset));
     t.absmax_scale.push_back(m);
@@ -122,37 +166,45 @@ Nf4Tensor nf4_quantize(const float* w, int64_t rows, int64_t cols, int32_t block
   return t;
 }
 
-void nf4_dequantize_row(const Nf4Tensor& w, int64_t row, float* out) {
-  const int64_t from = row * w.cols;
-  int64_t b = -1;
-  float scale = 0;
-  for (int64_t j = 0; j < w.cols; ++j) {
-    const int64_t i = from + j;
-    if (i / w.block != b) b = i / w.block, scale = w.block_absmax(b);
-    out[j] = kNf4[code_at(w, i)] * scale;
+void quant4_dequantize_row(const Quant4Tensor& w, int64_t row, float* out) {
+  const auto levels = quant4_levels(w.format);
+  const int64_t from = row * w.cols, to = from + w.cols;
+  for (int64_t i = from; i < to;) {  // one block's stretch of the row at a time
+    const int64_t b = i / w.block, end = std::min(to, (b + 1) * w.block);
+    const float scale = w.block_absmax(b);
+    float* o = out + (i - from);
+    int64_t k = i;
+    if (k % 2 == 1) *o++ = levels[w.codes[size_t(k / 2)] & 0x0F] * scale, ++k;
+    for (; k + 1 < end; k += 2, o += 2) {
+      const uint8_t byte = w.codes[size_t(k / 2)];
+      o[0] = levels[byte >> 4] * scale;
+      o[1] = levels[byte & 0x0F] * scale;
+    }
+    if (k < end) *o = levels[w.codes[size_t(k / 2)] >> 4] * scale;
+    i = end;
   }
 }
 
-void nf4_dequantize(const Nf4Tensor& w, float* out) {
+void quant4_dequantize(const Quant4Tensor& w, float* out) {
 #pragma omp parallel for schedule(static) if (w.rows * w.cols > (1 << 16))
-  for (int64_t r = 0; r < w.rows; ++r) nf4_dequantize_row(w, r, out + r * w.cols);
+  for (int64_t r = 0; r < w.rows; ++r) quant4_dequantize_row(w, r, out + r * w.cols);
 }
 
-void nf4_matmul_xwt(float* y, const float* x, const Nf4Tensor& w, int64_t m, std::vector<float>& scratch) {
+void quant4_matmul_xwt(float* y, const float* x, const Quant4Tensor& w, int64_t m, std::vector<float>& scratch) {
   if (m <= 4) {  // decode: each weight row read once, in 4 bits
 #pragma omp parallel
     {
       std::vector<float> row(size_t(w.cols));
 #pragma omp for schedule(static)
       for (int64_t r = 0; r < w.rows; ++r) {
-        nf4_dequantize_row(w, r, row.data());
+        quant4_dequantize_row(w, r, row.data());
         for (int64_t i = 0; i < m; ++i) y[i * w.rows + r] = cblas_sdot(int(w.cols), x + i * w.cols, 1, row.data(), 1);
       }
     }
     return;
   }
   scratch.resize(size_t(w.rows * w.cols));
-  nf4_dequantize(w, scratch.data());
+  quant4_dequantize(w, scratch.data());
   matmul_xwt(y, x, scratch.data(), m, w.rows, w.cols);
 }
 

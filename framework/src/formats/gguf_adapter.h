@@ -1,0 +1,29 @@
+// llama.cpp LoRA adapters: a GGUF file with general.type = "adapter",
+// adapter.type = "lora", adapter.lora.alpha and, per adapted projection, two
+// tensors "<tensor>.weight.lora_a" (ggml dims [in, r]: r rows of `in` values)
+// and "<tensor>.weight.lora_b" (dims [r, out]), named like the model's own
+// ("blk.N.attn_q", ..., "blk.N.ffn_down", "output"). llama.cpp's converter
+// writes lora_b of attn_q and attn_k in GGUF's row order already, so nothing is
+// permuted here. The scale is alpha / r (1 when alpha is 0 or absent, as in
+// llama.cpp). Errors name the file and the tensor or key.
+#pragma once
+
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "formats/peft_adapter.h"
+#include "inferlab/plugin.h"
+#include "inferlab/result.h"
+
+namespace inferlab::gguf_adapter {
+
+// True when `path` starts with the GGUF magic.
+bool looks_like_gguf(const std::filesystem::path& path);
+
+// The adapters of `path` for a model of `shape` and `architecture` (`tied`:
+// the output head shares the embedding, so an output adapter is refused).
+Result<std::vector<peft::ProjectionAdapter>> read_adapter(const std::filesystem::path& path, const ModelShape& shape,
+                                                          const std::string& architecture, bool tied);
+
+}  // namespace inferlab::gguf_adapter
