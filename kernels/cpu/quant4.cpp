@@ -26,9 +26,12 @@ std::array<float, 256> make_dynamic_map() {
     const int items = (1 << i) + 1;
     const float scale = float(std::pow(10.0, -6 + i));
     // torch.linspace(0.1, 1, items) in float32 (the first half counted from
-    // the start, the rest back from the end), then the means of neighbours.
+    // the start, the rest back from the end, each a fused multiply-add as
+    // torch computes it), then the means of neighbours.
     const float step = (1.0f - 0.1f) / float(items - 1);
-    auto at = [&](int k) { return k < items / 2 ? 0.1f + step * float(k) : 1.0f - step * float(items - 1 - k); };
+    auto at = [&](int k) {
+      return k < items / 2 ? std::fma(step, float(k), 0.1f) : std::fma(-step, float(items - 1 - k), 1.0f);
+    };
     for (int k = 0; k + 1 < items; ++k) {
       const float mean = (at(k) + at(k + 1)) / 2.0f;
       data.push_back(scale * mean);
@@ -43,41 +46,67 @@ std::array<float, 256> make_dynamic_map() {
   return out;
 }
 
-constexpr std::array<float, 16> kFp4 = {0.0f,  0.0052083333f,  0.6666667f,  1.0f,  0.3333333f,  0.5f,
-                                         0.1666667f,  0.25f, -0.0f, -0.0052083333f, -0.6666667f, -1.0f,
-                                         -0.3333333f, -0.5f, -0.1666667f, -0.25f};
-
-constexpr std::array<float, 16> make_int4() {
-  std::array<float, 16> l{};
-  for (int c = 0; c < 16; ++c) l[size_t(c)] = float(c - 7) / 7.0f;
-  return l;
+// bitsandbytes' 4-bit code tables: integers divided by their largest magnitude
+// in float32 (FP4: 0, 1/16, 8, 12, 4, 6, 2, 3 over 12, then negated; Int4:
+// 7 down to 0, then 0 down to -7, over 7). Code 8 is +0 in both (bitsandbytes
+// writes it -0, a Python integer, which is 0).
+std::array<float, 16> scaled(const std::array<float, 16>& values, float by) {
+  std::array<float, 16> out{};
+  for (size_t c = 0; c < 16; ++c) out[c] = values[c] / by;
+  return out;
 }
-constexpr std::array<float, 16> kInt4 = make_int4();
+const std::array<float, 16> kFp4 = scaled(
+    {0.0f, 0.0625f, 8.0f, 12.0f, 4.0f, 6.0f, 2.0f, 3.0f, 0.0f, -0.0625f, -8.0f, -12.0f, -4.0f, -6.0f, -2.0f, -3.0f},
+    12.0f);
+const std::array<float, 16> kInt4 = scaled(
+    {7.0f, 6.0f, 5.0f, 4.0f, 3.0f, 2.0f, 1.0f, 0.0f, 0.0f, -1.0f, -2.0f, -3.0f, -4.0f, -5.0f, -6.0f, -7.0f}, 7.0f);
 
-// The index of the nearest of ascending levels (midpoints decide, ties to the lower).
-uint8_t nearest_ascending(const std::array<float, 16>& levels, int n, float x) {
-  uint8_t i = 0;
-  while (i + 1 < n && x > (levels[i] + levels[i + 1]) / 2.0f) ++i;
-  return i;
-}
-
-// FP4's magnitude code: bitsandbytes' decision tree over the midpoints of
-// 0, 1/192, 1/6, 1/4, 1/3, 1/2, 2/3, 1.
-uint8_t fp4_magnitude(float t) {
-  if (t > 0.29166667f) {
-    if (t > 0.583333f) return t > 0.8333333f ? 3 : 2;
-    return t > 0.4166667f ? 5 : 4;
+// A format's encoder: its codes sorted by level (stable: code 0 before 8) and the
+// float32 midpoints between neighbours; a value takes the sorted position
+// past every midpoint below it (a value on a midpoint takes the lower level).
+struct Encoder {
+  std::array<uint8_t, 16> code_at{};
+  std::array<float, 15> midpoint{};
+  explicit Encoder(std::span<const float> levels) {
+    for (uint8_t c = 0; c < 16; ++c) code_at[c] = c;
+    std::stable_sort(code_at.begin(), code_at.end(), [&](uint8_t x, uint8_t y) { return levels[x] < levels[y]; });
+    for (size_t i = 0; i < 15; ++i) midpoint[i] = (levels[code_at[i]] + levels[code_at[i + 1]]) / 2.0f;
   }
-  if (t > 0.0859375f) return t > 0.20833333f ? 7 : 6;
-  return t > 0.00260417f ? 1 : 0;
+  uint8_t encode(float x) const {
+    x = std::clamp(x, -1.0f, 1.0f);
+    size_t i = 0;
+    while (i < 15 && midpoint[i] < x) ++i;
+    return code_at[i];
+  }
+};
+
+const Encoder& encoder(Quant4Format format) {
+  static const Encoder nf4(kNf4), fp4(kFp4), int4(kInt4);
+  return format == Quant4Format::FP4 ? fp4 : format == Quant4Format::Int4 ? int4 : nf4;
 }
 
-uint8_t nearest_in(std::span<const float> map, float x) {
-  const auto it = std::lower_bound(map.begin(), map.end(), x);
-  if (it == map.begin()) return 0;
-  if (it == map.end()) return uint8_t(map.size() - 1);
-  const size_t hi = size_t(it - map.begin());
-  return uint8_t(x - map[hi - 1] <= map[hi] - x ? hi - 1 : hi);
+// The 8-bit code of v in the dynamic map the way bitsandbytes' CPU library
+// finds it (0.50): a 65,536-bin table over [-1, 1], each bin holding the
+// entry the bin's left edge is nearest to, so a value within one bin of a
+// midpoint can take the other neighbour.
+constexpr int kLutSize = 65536;
+uint8_t dynamic_code(float v) {
+  static const std::array<uint8_t, kLutSize> lut = [] {
+    const auto map = dynamic_map_signed();
+    std::array<float, 255> mid{};
+    for (size_t i = 0; i < mid.size(); ++i) mid[i] = 0.5f * (map[i] + map[i + 1]);
+    std::array<uint8_t, kLutSize> t{};
+    size_t code = 0;
+    for (int i = 0; i < kLutSize; ++i) {
+      const float edge = -1.0f + (2.0f * float(i)) / float(kLutSize - 1);
+      while (code < mid.size() && mid[code] < edge) ++code;
+      t[size_t(i)] = uint8_t(code);
+    }
+    return t;
+  }();
+  v = std::clamp(v, -1.0f, 1.0f);
+  const float position = (v + 1.0f) * 0.5f * float(kLutSize - 1) + 0.5f;
+  return lut[size_t(static_cast<uint16_t>(position))];
 }
 
 }  // namespace
@@ -100,14 +129,7 @@ std::span<const float> quant4_levels(Quant4Format format) {
   return kNf4;
 }
 
-uint8_t quant4_encode(Quant4Format format, float x) {
-  switch (format) {
-    case Quant4Format::FP4: return uint8_t((x < 0 ? 8 : 0) | fp4_magnitude(std::fabs(x)));
-    case Quant4Format::Int4: return nearest_ascending(kInt4, 15, x);
-    case Quant4Format::NF4: break;
-  }
-  return nearest_ascending(kNf4, 16, x);
-}
+uint8_t quant4_encode(Quant4Format format, float x) { return encoder(format).encode(x); }
 
 std::span<const float> dynamic_map_signed() {
   static const std::array<float, 256> map = make_dynamic_map();
@@ -133,37 +155,53 @@ Quant4Tensor quant4_quantize(const float* w, int64_t rows, int64_t cols, Quant4F
   t.block = block;
   t.double_quant = double_quant;
   const int64_t n = rows * cols, blocks = t.blocks();
-  t.codes.assign(size_t((n + 1) / 2), 0);
+  const Encoder& enc = encoder(format);
+  // An odd count pads the last byte's low nibble with the code of 0.
+  t.codes.assign(size_t((n + 1) / 2), n % 2 == 1 ? enc.encode(0.0f) : uint8_t(0));
   std::vector<float> absmax(static_cast<size_t>(blocks));
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t from = b * block, to = std::min(n, from + block);
     float m = 0;
     for (int64_t i = from; i < to; ++i) m = std::max(m, std::fabs(w[i]));
     absmax[size_t(b)] = m;
-    const float inv = m > 0 ? 1.0f / m : 0.0f;
+    // As bitsandbytes scales: full blocks times the reciprocal, the last
+    // partial block divided (its absmax at least 1e-38 either way).
+    const float divisor = std::max(m, 1e-38f), inv = 1.0f / divisor;
+    const bool partial = to - from < block;
     for (int64_t i = from; i < to; ++i) {
-      const uint8_t q = quant4_encode(format, w[i] * inv);
-      t.codes[size_t(i / 2)] |= i % 2 == 0 ? uint8_t(q << 4) : q;
+      const uint8_t q = enc.encode(partial ? w[i] / divisor : w[i] * inv);
+      uint8_t& byte = t.codes[size_t(i / 2)];
+      byte = i % 2 == 0 ? uint8_t((byte & 0x0F) | (q << 4)) : uint8_t((byte & 0xF0) | q);
     }
   }
-  if (!double_quant) {
+  if (double_quant) {
+    double sum = 0;
+    for (float a : absmax) sum += a;
+    quant4_double_quantize(t, absmax, float(sum / double(blocks)));
+  } else {
     t.absmax = std::move(absmax);
-    return t;
   }
-  double sum = 0;
-  for (float a : absmax) sum += a;
-  t.absmax_offset = float(sum / double(blocks));
-  const auto map = dynamic_map_signed();
-  t.absmax_codes.resize(size_t(blocks));
+  return t;
+}
+
+void quant4_double_quantize(Quant4Tensor& t, const std::vector<float>& absmax, float offset) {
+  const int64_t blocks = int64_t(absmax.size());
+  t.double_quant = true;
+  t.absmax.clear();
+  t.absmax_offset = offset;
+  t.absmax_scale.clear();
+  t.absmax_codes.assign(size_t(blocks), 0);
+  std::vector<float> centred(absmax.size());
+  for (size_t b = 0; b < absmax.size(); ++b) centred[b] = absmax[b] - offset;
   for (int64_t g = 0; g * kQuant4AbsmaxBlock < blocks; ++g) {
     const int64_t from = g * kQuant4AbsmaxBlock, to = std::min(blocks, from + kQuant4AbsmaxBlock);
     float m = 0;
-    for (int64_t b = from; b < to; ++b) m = std::max(m, std::fabs(absmax[size_t(b)] - t.absmax_offset));
+    for (int64_t b = from; b < to; ++b) m = std::max(m, std::fabs(centred[size_t(b)]));
     t.absmax_scale.push_back(m);
-    const float inv = m > 0 ? 1.0f / m : 0.0f;
-    for (int64_t b = from; b < to; ++b) t.absmax_codes[size_t(b)] = nearest_in(map, (absmax[size_t(b)] - t.absmax_offset) * inv);
+    if (m == 0) continue;  // codes 0, as bitsandbytes leaves them
+    const float inv = 1.0f / m;
+    for (int64_t b = from; b < to; ++b) t.absmax_codes[size_t(b)] = dynamic_code(centred[size_t(b)] * inv);
   }
-  return t;
 }
 
 void quant4_dequantize_row(const Quant4Tensor& w, int64_t row, float* out) {

@@ -1,20 +1,25 @@
 // 4-bit block-quantized weights, the three formats QLoRA compares (Dettmers et
-// al. 2023, Table 2), laid out as bitsandbytes stores them: the tensor, taken
-// flat, in blocks of `block` values; each value divided by its block's
-// absolute maximum and stored as a 4-bit code, two per byte, the first value
-// in the high nibble. A code means one of 16 levels in [-1, 1]:
+// al. 2023, Table 2), bit for bit as bitsandbytes' CPU path (0.50) makes them:
+// the tensor, taken flat, in blocks of `block` values; each value scaled by
+// its block's absolute maximum (times its reciprocal; the last, partial block
+// divided by it) and stored as a 4-bit code, two per byte, the first value in
+// the high nibble (an odd count pads with the code of 0). A code means one of
+// 16 levels in [-1, 1], bitsandbytes' tables:
 //   NF4   4-bit NormalFloat: quantiles of a normal distribution, ascending,
-//         code 7 is 0; a value takes the nearest level.
-//   FP4   bitsandbytes' 4-bit float (1 sign, 2 exponent, 1 mantissa bit, no
-//         infinities): code bit 3 is the sign, codes 0-7 the magnitudes 0,
-//         1/192, 2/3, 1, 1/3, 1/2, 1/6, 1/4; a value takes the nearest
-//         magnitude and its own sign (a negative one below 1/384 is -0).
-//   Int4  symmetric integers: code c means (c - 7) / 7, so -1..1 in steps of
-//         1/7 (code 15 is never written); a value takes the nearest.
-// Ties of the nearest rule go to the lower level (the midpoints decide, as in
-// bitsandbytes' decision trees). Double quantization stores the absmaxes in 8
-// bits too: their mean subtracted, blocks of 256, each value the nearest entry
-// of the signed dynamic 8-bit map times the block's own absmax.
+//         code 7 is 0.
+//   FP4   a 4-bit float (sign, 2 exponent bits, 1 mantissa bit): codes 0-7
+//         are 0, 1/192, 2/3, 1, 1/3, 1/2, 1/6, 1/4, codes 8-15 their negatives
+//         (code 8 is 0 again).
+//   Int4  symmetric integers over 7: codes 0-7 are 7/7 down to 0, codes 8-15
+//         0 down to -7/7.
+// A value takes the nearest level: the levels sorted (of two equal ones, the
+// lower code first), a value past every float32 midpoint below it (on a
+// midpoint: the lower level; so FP4 and Int4 code a tiny positive value 8, as
+// bitsandbytes does). Double
+// quantization stores the absmaxes in 8 bits too: their mean subtracted,
+// blocks of 256, each value an entry of the signed dynamic 8-bit map times the
+// group's own absmax, found through bitsandbytes' 65,536-bin table (nearly
+// always the nearest entry).
 #pragma once
 
 #include <cstdint>
@@ -51,9 +56,14 @@ struct Quant4Tensor {
   int64_t bytes() const;  // storage: codes and absmaxes
 };
 
-// Quantizes a (rows, cols) float tensor. block: 2..4096, even.
+// Quantizes a (rows, cols) float tensor. block: 2..4096, even. The double
+// quantization's offset is the absmaxes' mean, summed in double.
 Quant4Tensor quant4_quantize(const float* w, int64_t rows, int64_t cols, Quant4Format format, int32_t block,
                              bool double_quant);
+// Double quantization of a tensor's block absmaxes around `offset` (the step
+// quant4_quantize ends with; bitsandbytes takes torch's float32 mean, which
+// can differ from ours in the last bit).
+void quant4_double_quantize(Quant4Tensor& t, const std::vector<float>& absmax, float offset);
 // One row, dequantized into `out` (cols floats).
 void quant4_dequantize_row(const Quant4Tensor& w, int64_t row, float* out);
 // The whole tensor, dequantized (rows * cols floats).

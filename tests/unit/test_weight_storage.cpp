@@ -44,15 +44,20 @@ TEST(Quant4, TheLevelsOfEachFormat) {
     EXPECT_NEAR(fp4[size_t(c)], magnitudes[c], 1e-7) << c;
     EXPECT_EQ(fp4[size_t(c + 8)], -fp4[size_t(c)]) << c;  // bit 3: the sign
   }
-  EXPECT_TRUE(std::signbit(fp4[8]));
-  EXPECT_EQ(kc::quant4_encode(kc::Quant4Format::FP4, -1e-6f), 8);  // -0
-  EXPECT_EQ(kc::quant4_encode(kc::Quant4Format::FP4, 1e-6f), 0);
+  // Codes 0 and 8 are both 0: up to 0 is code 0, just above it code 8 (as in bitsandbytes' CPU path).
+  EXPECT_EQ(kc::quant4_encode(kc::Quant4Format::FP4, -1e-6f), 0);
+  EXPECT_EQ(kc::quant4_encode(kc::Quant4Format::FP4, 0.0f), 0);
+  EXPECT_EQ(kc::quant4_encode(kc::Quant4Format::FP4, 1e-6f), 8);
   EXPECT_EQ(kc::quant4_encode(kc::Quant4Format::FP4, -1.0f), 11);
+  EXPECT_EQ(kc::quant4_encode(kc::Quant4Format::FP4, 0.3f), 4);  // nearest 1/3
   const auto int4 = kc::quant4_levels(kc::Quant4Format::Int4);
-  for (int c = 0; c < 15; ++c) EXPECT_FLOAT_EQ(int4[size_t(c)] * 7.0f, float(c - 7)) << c;
-  EXPECT_EQ(kc::quant4_encode(kc::Quant4Format::Int4, 1.0f), 14);  // code 15 is never written
-  EXPECT_EQ(kc::quant4_encode(kc::Quant4Format::Int4, -1.0f), 0);
-  EXPECT_EQ(kc::quant4_encode(kc::Quant4Format::Int4, 0.5f / 7.0f - 1e-6f), 7);
+  for (int c = 0; c < 8; ++c) {
+    EXPECT_FLOAT_EQ(int4[size_t(c)] * 7.0f, float(7 - c)) << c;
+    EXPECT_FLOAT_EQ(int4[size_t(c + 8)] * 7.0f, -float(c)) << c;
+  }
+  EXPECT_EQ(kc::quant4_encode(kc::Quant4Format::Int4, 1.0f), 0);
+  EXPECT_EQ(kc::quant4_encode(kc::Quant4Format::Int4, -1.0f), 15);
+  EXPECT_EQ(kc::quant4_encode(kc::Quant4Format::Int4, 2.6f / 7.0f), 4);  // nearest 3/7
 }
 
 TEST(Quant4, ValuesAreTheNearestLevelTimesTheBlockAbsmax) {

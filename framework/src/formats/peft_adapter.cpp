@@ -72,6 +72,13 @@ Result<AdapterConfig> parse_config(const std::string& text, const std::string& o
   AdapterConfig c;
   if (j.contains("peft_type") && j["peft_type"] != "LORA")
     return bad("peft_type", fmt::format("{} (a LoRA adapter is LORA)", j["peft_type"].dump()));
+  // Variants whose weights would be read as plain LoRA, wrongly: refused.
+  auto is_true = [&](const char* key) { return j.contains(key) && j[key].is_boolean() && j[key].get<bool>(); };
+  if (is_true("use_dora")) return bad("use_dora", "true: DoRA's magnitude vectors are not supported (plain LoRA only)");
+  if (is_true("lora_bias")) return bad("lora_bias", "true: lora_B biases are not supported");
+  if (is_true("fan_in_fan_out")) return bad("fan_in_fan_out", "true: transposed (Conv1D) weights are not supported");
+  if (j.contains("bias") && j["bias"].is_string() && j["bias"] != "none")
+    return bad("bias", fmt::format("{}: trained biases are not supported (\"none\" only)", j["bias"].dump()));
   if (!j.contains("r") || !j["r"].is_number_integer() || j["r"].get<int64_t>() < 1 || j["r"].get<int64_t>() > 65536)
     return bad("r", "expected a rank from 1 to 65536");
   c.r = int32_t(j["r"].get<int64_t>());
