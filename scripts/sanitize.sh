@@ -5,13 +5,13 @@
 # does too. A crash leaves its input under <build>/fuzz-artifacts/; copy it into
 # fuzz/regressions/<target>/ (every build replays those) and fix the parser.
 #   INFERLAB_SANITIZE_BUILD_DIR (default build-asan), INFERLAB_FUZZ_SECONDS per
-#   target (default 60; 0 skips fuzzing), INFERLAB_BUILD_JOBS.
+#   target (default 45; 0 skips fuzzing), INFERLAB_BUILD_JOBS.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
 build_dir="${INFERLAB_SANITIZE_BUILD_DIR:-build-asan}"
-fuzz_seconds="${INFERLAB_FUZZ_SECONDS:-60}"
+fuzz_seconds="${INFERLAB_FUZZ_SECONDS:-45}"
 jobs="${INFERLAB_BUILD_JOBS:-$(nproc)}"
 
 if ! command -v clang++ >/dev/null 2>&1; then
@@ -33,7 +33,7 @@ if [[ "$fuzz_seconds" == "0" ]]; then
 fi
 artifacts="$build_dir/fuzz-artifacts"
 mkdir -p "$artifacts"
-for target in gguf experiment_config tokenizer minference_patterns; do
+for target in gguf experiment_config tokenizer minference_patterns safetensors lora_adapter; do
     work="$build_dir/fuzz-corpus/$target"  # new inputs go here, never into the repository
     mkdir -p "$work"
     seeds=("fuzz/corpus/$target")

@@ -50,8 +50,12 @@ Result<std::vector<peft::ProjectionAdapter>> read_adapter(const std::filesystem:
                                                           const std::string& architecture, bool tied) {
   auto file = gguf::File::open(path);
   if (!file) return file.error();
-  const gguf::File& f = **file;
-  const std::string origin = path.string();
+  return read_adapter(**file, path.string(), shape, architecture, tied);
+}
+
+Result<std::vector<peft::ProjectionAdapter>> read_adapter(const gguf::File& f, const std::string& origin,
+                                                          const ModelShape& shape, const std::string& architecture,
+                                                          bool tied) {
   const auto type = f.get_string("general.type");
   if (type != "adapter")
     return Error{fmt::format("{}: general.type is {}; a LoRA adapter has \"adapter\" (is this a model?)", origin,

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "formats/peft_adapter.h"
+#include "gguf/gguf.h"
 #include "inferlab/plugin.h"
 #include "inferlab/result.h"
 
@@ -25,5 +26,9 @@ bool looks_like_gguf(const std::filesystem::path& path);
 // the output head shares the embedding, so an output adapter is refused).
 Result<std::vector<peft::ProjectionAdapter>> read_adapter(const std::filesystem::path& path, const ModelShape& shape,
                                                           const std::string& architecture, bool tied);
+// The same from an opened file (`origin` names it in errors).
+Result<std::vector<peft::ProjectionAdapter>> read_adapter(const gguf::File& file, const std::string& origin,
+                                                          const ModelShape& shape, const std::string& architecture,
+                                                          bool tied);
 
 }  // namespace inferlab::gguf_adapter
