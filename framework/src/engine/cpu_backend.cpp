@@ -113,7 +113,7 @@ CpuBackend::CpuBackend(std::shared_ptr<const Model> model, const EngineOptions& 
   pool_ = std::make_shared<KvPagePool>(KvCacheShape{c.n_layers, c.n_kv_heads, c.head_dim, options.page_size},
                                        pages_per_chunk, make_host_page_storage(kv_dtype));
   bound_sync_.assign(size_t(c.n_layers) * size_t(c.n_kv_heads), PageBoundSync{});
-  overrides_.assign(size_t(kProjCount), std::vector<std::vector<float>>(size_t(std::max(1, c.n_layers))));
+  overrides_.assign(size_t(kProjCount), std::vector<WeightVector>(size_t(std::max(1, c.n_layers))));
   adapters_.assign(size_t(kProjCount), std::vector<Adapter>(size_t(std::max(1, c.n_layers))));
   stored_.resize(size_t(kProjCount));
   transposed_.assign(size_t(kProjCount), std::vector<std::vector<float>>(size_t(std::max(1, c.n_layers))));
@@ -657,7 +657,15 @@ Status CpuBackend::set_weight_storage(Proj p, int32_t l, const WeightStorage& st
 }
 
 Status CpuBackend::set_weight_override(Proj p, int32_t l, std::span<const float> data) {
-  overrides_[size_t(p)][size_t(std::max(l, 0))].assign(data.begin(), data.end());
+  WeightVector& slot = overrides_[size_t(p)][size_t(std::max(l, 0))];
+  overrides_held_ -= slot.empty() ? 0 : 1;
+  slot = WeightVector();
+  if (overrides_held_ == 0) override_arena_.reset();  // every replaced weight gone: its memory too
+  if (!data.empty()) {
+    if (!override_arena_) override_arena_ = std::make_shared<WeightArena>();
+    slot = WeightVector(data.begin(), data.end(), WeightAllocator<float>(override_arena_));
+    ++overrides_held_;
+  }
   if (p != Proj::Output) transposed_[size_t(p)][size_t(l)] = {};  // transposed again when needed
   return ok_status();
 }

@@ -147,7 +147,12 @@ class CpuBackend final : public Backend {
   int32_t stats_layer_ = -1;
 
   // Weights replaced for the current method's runs: (projection, layer) -> (out, in).
-  std::vector<std::vector<std::vector<float>>> overrides_;   // [proj][layer or 0 for output]
+  // [proj][layer or 0 for output]: this run's replaced weights, in huge pages
+  // as the model's are (a decode streams them too); the arena goes when the
+  // last of them does.
+  std::vector<std::vector<WeightVector>> overrides_;
+  std::shared_ptr<WeightArena> override_arena_;
+  int64_t overrides_held_ = 0;
   struct Adapter {
     int32_t rank = 0;
     std::vector<float> a, b;  // (rank, in), (out, rank), scales folded in
