@@ -115,14 +115,14 @@ int main(int argc, char** argv) {
   app.add_option("-t,--threads", threads, "CPU threads (0: all)");
   CLI11_PARSE(app, argc, argv);
 
+  auto kind = parse_backend(backend);  // before the model loads: no GPU is said at once
+  if (!kind) return fmt::print(stderr, "bench: --backend: {}\n", kind.message()), 1;
   auto path = resolve_model(model_name);
   if (!path) return fmt::print(stderr, "bench: {}\n", path.message()), 1;
   auto model = Model::load(*path);
   if (!model) return fmt::print(stderr, "bench: {}\n", model.message()), 1;
   EngineOptions options;
   options.n_threads = threads;
-  auto kind = parse_backend(backend);
-  if (!kind) return fmt::print(stderr, "bench: --backend: {}\n", kind.message()), 1;
   options.backend = *kind;
   auto made = Engine::create(*model, options);
   if (!made) return fmt::print(stderr, "bench: {}\n", made.message()), 1;
