@@ -166,6 +166,10 @@ TEST(Cli, BadMethodOptionsAreOneClearLine) {
       {" --method streamingllm --set window=0", "--set window=0: window: value 0 is below the minimum 1"},
       {" --method streamingllm --set window=4 --set window=5", "--set window=5: window is given twice"},
       {" --method streamingllm --set positions=sideways", "--set positions=sideways: positions:"},
+      {" --method lora --set adapter=" + tiny_model().string() + ",/nonexistent/adapter",
+       "--set adapter=" + tiny_model().string() + ",/nonexistent/adapter: /nonexistent/adapter: file or folder not found"},
+      {" --method lora --set adapter=" + tiny_model().string(),  // a model, not an adapter
+       tiny_model().string() + ": general.type is"},
   };
   for (const auto& [args, want] : cases) {
     auto r = run_cli(base + args);
