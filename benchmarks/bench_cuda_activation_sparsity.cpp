@@ -25,6 +25,7 @@
 #include <cstring>
 #include <random>
 
+#include "bench_cuda_support.h"
 #include "cuda/activation_sparse.cuh"
 #include "cuda/gemm.cuh"
 #include "cuda/init.cuh"
@@ -41,29 +42,7 @@ namespace {
 using Clock = std::chrono::steady_clock;
 double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
-#define BENCH_CUDA(expr)                                                                              \
-  do {                                                                                                \
-    if (cudaError_t e_ = (expr); e_ != cudaSuccess)                                                   \
-      return fmt::print(stderr, "bench: {}: {}\n", #expr, cudaGetErrorString(e_)), 1;                \
-  } while (0)
-
-// Mean microseconds of `body` over `repeats` launches (after a warm-up).
-template <typename F>
-double time_us(int repeats, F&& body) {
-  cudaEvent_t a, b;
-  cudaEventCreate(&a);
-  cudaEventCreate(&b);
-  for (int i = 0; i < 5; ++i) body();
-  cudaEventRecord(a);
-  for (int i = 0; i < repeats; ++i) body();
-  cudaEventRecord(b);
-  cudaEventSynchronize(b);
-  float ms = 0;
-  cudaEventElapsedTime(&ms, a, b);
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  return double(ms) * 1e3 / repeats;
-}
+using bench::time_us;
 
 // A half-precision row of n normal values whose `sparsity` smallest magnitudes are zero.
 std::vector<uint16_t> sparse_row(int64_t n, double sparsity, uint64_t seed) {

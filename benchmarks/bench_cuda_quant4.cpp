@@ -16,6 +16,7 @@
 
 #include <random>
 
+#include "bench_cuda_support.h"
 #include "cpu/quant4.h"
 #include "cuda/device_info.cuh"
 #include "cuda/gemm.cuh"
@@ -28,29 +29,7 @@ namespace cpu = kernels::cpu;
 
 namespace {
 
-#define BENCH_CUDA(expr)                                                                              \
-  do {                                                                                                \
-    if (cudaError_t e_ = (expr); e_ != cudaSuccess)                                                   \
-      return fmt::print(stderr, "bench: {}: {}\n", #expr, cudaGetErrorString(e_)), 1;                \
-  } while (0)
-
-// Mean microseconds of `body` over `repeats` launches (after a warm-up).
-template <typename F>
-double time_us(int repeats, F&& body) {
-  cudaEvent_t a, b;
-  cudaEventCreate(&a);
-  cudaEventCreate(&b);
-  for (int i = 0; i < 5; ++i) body();
-  cudaEventRecord(a);
-  for (int i = 0; i < repeats; ++i) body();
-  cudaEventRecord(b);
-  cudaEventSynchronize(b);
-  float ms = 0;
-  cudaEventElapsedTime(&ms, a, b);
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  return double(ms) * 1e3 / repeats;
-}
+using bench::time_us;
 
 // A 4-bit tensor on the device.
 struct Device4 {
