@@ -21,7 +21,8 @@ Catalog catalog() {
                        {ParamSpec::path("adapter", "a file the method reads"),
                         ParamSpec::schedule("keep", "", 0.0, 1.0, "kept fraction per layer"),
                         ParamSpec::float_list("ratios", {0.5}, 0.0, 1.0, "ratios"),
-                        ParamSpec::int_list("budgets", {64}, 1, std::nullopt, "budgets")},
+                        ParamSpec::int_list("budgets", {64}, 1, std::nullopt, "budgets"),
+                        ParamSpec::path_list("adapters", "files or folders the method reads, all at once")},
                        "/plugins/libtyped.so"});
   return c;
 }
@@ -151,6 +152,42 @@ TEST(ParamTypes, AListIsTheValueOfAListParameterAndAListOfListsItsAxis) {
   auto bad = parse_experiment(config("budgets = [8, 0]\n"), "exp.toml", catalog());
   ASSERT_FALSE(bad.ok());
   EXPECT_NE(bad.message().find("method[1].budgets: value 0 is below the minimum 1"), std::string::npos) << bad.message();
+}
+
+TEST(ParamTypes, APathListIsOneValueOfPathsEachHashedByContent) {
+  const auto dir = test::temp_path("pathlists");
+  std::filesystem::create_directories(dir / "folder");
+  const auto exp = dir / "exp.toml";
+  std::ofstream(dir / "a.bin") << "a";
+  std::ofstream(dir / "folder" / "b.bin") << "b";
+  // One string is a one-path list; a list is the value; a list of lists the axis.
+  auto one = grid(config("adapters = \"a.bin\"\n"), exp);
+  ASSERT_TRUE(one.ok()) << one.message();
+  EXPECT_EQ((*one)[1].params.get_path_list("adapters"), (std::vector<std::string>{(dir / "a.bin").string()}));
+  auto both = grid(config("adapters = [\"a.bin\", \"folder\"]\n"), exp);
+  ASSERT_TRUE(both.ok()) << both.message();
+  ASSERT_EQ(both->size(), 2u);
+  EXPECT_EQ((*both)[1].params.get_path_list("adapters").size(), 2u);
+  EXPECT_NE((*both)[1].config_json.find("\"adapters\":\"[sha256:"), std::string::npos) << (*both)[1].config_json;
+  auto axis = grid(config("adapters = [[\"a.bin\"], [\"a.bin\", \"folder\"]]\n"), exp);
+  ASSERT_TRUE(axis.ok()) << axis.message();
+  ASSERT_EQ(axis->size(), 3u);
+  EXPECT_EQ((*axis)[2].hash, (*both)[1].hash);
+  // Editing a file inside the folder makes a new run.
+  std::ofstream(dir / "folder" / "b.bin") << "b2";
+  auto edited = grid(config("adapters = [\"a.bin\", \"folder\"]\n"), exp);
+  ASSERT_TRUE(edited.ok());
+  EXPECT_NE((*edited)[1].hash, (*both)[1].hash);
+  // A missing entry is refused by name; a non-string element by type.
+  auto missing = parse_experiment(config("adapters = [\"a.bin\", \"gone\"]\n"), exp.string(), catalog());
+  ASSERT_FALSE(missing.ok());
+  EXPECT_NE(missing.message().find("method[1].adapters: file or folder not found: " + (dir / "gone").string()),
+            std::string::npos)
+      << missing.message();
+  auto number = parse_experiment(config("adapters = [\"a.bin\", 3]\n"), exp.string(), catalog());
+  ASSERT_FALSE(number.ok());
+  EXPECT_NE(number.message().find("method[1].adapters: expected a list of file or folder paths"), std::string::npos)
+      << number.message();
 }
 
 }  // namespace
