@@ -71,7 +71,7 @@ Status CudaBackend::linear(Proj p, int32_t l, const std::vector<int32_t>* rows) 
   if (rows == nullptr) return linear_from(p, l, io->x, io->y, io->in, io->out);
   float* y = io->y;
   if (stored_.count({int32_t(p), l}) != 0)
-    return Error{fmt::format("cuda backend: a neuron subset of {}, stored in NF4 for this run", proj_name(p))};
+    return Error{fmt::format("cuda backend: a neuron subset of {}, stored in 4 bits for this run", proj_name(p))};
   if (adapters_.count({int32_t(p), l}) != 0)
     return Error{fmt::format("cuda backend: an unmerged adapter on {} with a neuron subset (merge it)", proj_name(p))};
   // Only the selected neurons: rows of gate/up, rows of the transposed down weight.

@@ -289,7 +289,7 @@ Status CudaBackend::linear_predicted(Proj p, int32_t l) {
     return Error{fmt::format("cuda engine: {} has no predicted components", proj_name(p))};
   if (auto s = wait_predicted(pred_neurons_ready_, pred_neurons_pending_); !s) return s;
   if (stored_.count({int32_t(p), l}) != 0)
-    return Error{fmt::format("cuda backend: predicted neurons of {}, stored in NF4 for this run", proj_name(p))};
+    return Error{fmt::format("cuda backend: predicted neurons of {}, stored in 4 bits for this run", proj_name(p))};
   if (adapters_.count({int32_t(p), l}) != 0)
     return Error{fmt::format("cuda backend: an unmerged adapter on {} with predicted neurons (merge it)", proj_name(p))};
   const int32_t* list = pred_neuron_list_.as<int32_t>() + int64_t(l) * F;
