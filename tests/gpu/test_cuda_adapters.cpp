@@ -1,9 +1,12 @@
-// Unmerged low-rank adapters on the CUDA backend: the logits of the CPU
-// backend within f16 rounding, those of the merged weights alike, decode steps
-// replayed from graphs equal to eager ones, and the next run dense again.
+// Unmerged low-rank adapters on the CUDA backend: the fused one-launch kernel
+// of decode-sized calls against plain loops (f32, 1-4 rows, ranks 1-300); the
+// logits of the CPU backend within f16 rounding, those of the merged weights
+// alike, decode steps replayed from graphs equal to eager ones, and the next
+// run dense again.
 #include <gtest/gtest.h>
 
 #include "adapter_method.h"
+#include "cuda/lora.cuh"
 #include "gpu_engine_support.h"
 #include "gpu_test_support.h"
 #include "plugin_test_support.h"
@@ -13,6 +16,32 @@ namespace {
 
 using gpu_test::make_engine;
 using gpu_test::small_model;
+
+TEST(CudaAdapters, TheFusedKernelMatchesPlainLoops) {
+  INFERLAB_REQUIRE_GPU();
+  using gpu_test::DeviceBuffer;
+  for (const int64_t rank : {1, 8, 64, 300})
+    for (const int64_t m : {1, 2, 4})
+      for (const auto& [in, out] : {std::pair<int64_t, int64_t>{576, 192}, {576, 1536}, {1536, 576}}) {
+        SCOPED_TRACE("rank " + std::to_string(rank) + " rows " + std::to_string(m) + " " + std::to_string(in) + "x" +
+                     std::to_string(out));
+        const auto x = gpu_test::random_floats(size_t(m * in), 1);
+        const auto a = gpu_test::random_floats(size_t(rank * in), 2, 0.05f);
+        const auto b = gpu_test::random_floats(size_t(out * rank), 3, 0.05f);
+        const auto y0 = gpu_test::random_floats(size_t(m * out), 4);
+        std::vector<float> want = y0;
+        for (int64_t row = 0; row < m; ++row)
+          for (int64_t k = 0; k < rank; ++k) {
+            double t = 0;
+            for (int64_t j = 0; j < in; ++j) t += double(a[size_t(k * in + j)]) * x[size_t(row * in + j)];
+            for (int64_t o = 0; o < out; ++o) want[size_t(row * out + o)] += float(double(b[size_t(o * rank + k)]) * t);
+          }
+        DeviceBuffer<float> dx(x), da(a), db(b), dy(y0);
+        INFERLAB_CUDA_OK(kernels::cuda::lora_apply_fused(dx.get(), da.get(), db.get(), kernels::DType::F32, dy.get(), m,
+                                                         in, out, rank, nullptr));
+        EXPECT_LT(gpu_test::normalized_error(dy.download(), want), 1e-5);
+      }
+}
 
 TEST(CudaAdapters, UnmergedMatchTheCpuAndTheMergedWeights) {
   INFERLAB_REQUIRE_GPU();

@@ -1,10 +1,13 @@
 // The CUDA backend's unmerged low-rank adapters: per projection, A and B in
-// the GPU type (scales folded into B), applied after the projection's own GEMM
-// as two skinny GEMMs, y += (x A^T) B^T, in eager steps and captured graphs alike.
+// the GPU type (scales folded into B), applied after the projection's own GEMM:
+// for calls of up to 4 rows in one fused launch (x -> A x -> y += B (A x), the
+// intermediate in float32 in shared memory), for more as two skinny GEMMs,
+// y += (x A^T) B^T; in eager steps and captured graphs alike.
 #include <fmt/format.h>
 
 #include "cuda/activation.cuh"
 #include "cuda/gemm.cuh"
+#include "cuda/lora.cuh"
 #include "engine/cuda/cuda_backend.h"
 #include "engine/cuda/cuda_check.h"
 
@@ -51,6 +54,10 @@ Status CudaBackend::apply_adapter(Proj p, int32_t l, const void* x, float* y, in
   auto it = adapters_.find({int32_t(p), l});
   if (it == adapters_.end()) return ok_status();
   const DeviceAdapter& ad = it->second;
+  if (n_ <= kc::kLoraFusedMaxRows && ad.rank <= kc::kLoraFusedMaxRank) {
+    CUDA_TRY(kc::lora_apply_fused(x, ad.a.as(), ad.b.as(), dtype_, y, n_, in, out, ad.rank, stream_), "adapter");
+    return ok_status();
+  }
   if (auto s = gemm(x, ad.a.as(), adapter_tmp_.as<float>(), n_, ad.rank, in); !s) return s;
   CUDA_TRY(kc::convert_from_float(adapter_tmp_.as<float>(), n_ * ad.rank, adapter_tmp_t_.as(), dtype_, stream_),
            "adapter");
