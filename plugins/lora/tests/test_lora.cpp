@@ -2,9 +2,10 @@
 // unmerged and both move the logits; two active adapters equal one adapter of
 // their stacked ranks (the deltas add); rsLoRA's alpha / sqrt(r) equals the
 // plain scale it amounts to; a llama.cpp GGUF adapter equals the PEFT folder
-// it holds the same weights as (q's rows in GGUF's order); bad input is
-// refused naming the file. Against transformers + peft and llama.cpp on the
-// real model: tests/unit/test_lora_reference.cpp.
+// it holds the same weights as (q's rows in GGUF's order); bad input (another
+// shape, a model instead of an adapter, an output adapter on a tied model, a
+// file that is neither) is refused naming the file. Against transformers +
+// peft and llama.cpp on the real model: test_lora_reference.cpp.
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -176,7 +177,8 @@ std::filesystem::path gguf_adapter(const std::string& name, const std::vector<Pa
   w.set_f32("adapter.lora.alpha", alpha);
   const std::map<std::string, std::string> names = {{"0.self_attn.q_proj", "blk.0.attn_q"},
                                                     {"1.self_attn.v_proj", "blk.1.attn_v"},
-                                                    {"1.mlp.down_proj", "blk.1.ffn_down"}};
+                                                    {"1.mlp.down_proj", "blk.1.ffn_down"},
+                                                    {"lm_head", "output"}};
   for (const Pair& p : pairs) {
     const auto b = p.module == "0.self_attn.q_proj"
                        ? peft::permute_rows_for_gguf(p.b, int32_t(s.heads), int32_t(s.head_dim), p.r)
@@ -231,6 +233,12 @@ TEST(Lora, BadAdaptersAreRefusedNamingTheFile) {
   const auto wrong = gguf_adapter("wrong", {pair("1.mlp.down_proj", 4, s.embd, s.ff + 1, 2)}, 8.0f);
   why = load_error(test::params({{"adapter", paths({wrong})}}));
   EXPECT_NE(why.find(wrong.string() + ": blk.1.ffn_down.weight: lora_a ["), std::string::npos) << why;
+  // An output adapter on this model, whose output head is its embedding.
+  const auto output = gguf_adapter("output", {pair("lm_head", 2, model()->config().n_vocab, s.embd, 3)}, 4.0f);
+  why = load_error(test::params({{"adapter", paths({output})}}));
+  EXPECT_NE(why.find(output.string() + ": output.weight: this model ties its output head to the embedding"),
+            std::string::npos)
+      << why;
   // A file that is neither.
   const auto junk = test::temp_path("junk.bin");
   std::ofstream(junk) << "not an adapter";
