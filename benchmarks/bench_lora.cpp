@@ -187,7 +187,8 @@ int main(int argc, char** argv) {
   const ModelConfig& c = e.config();
   const std::vector<std::pair<int64_t, int64_t>> shapes = {
       {c.n_embd, c.n_embd}, {c.n_ff, c.n_embd}, {c.n_embd, c.n_ff}, {4096, 4096}, {11008, 4096}};
-  for (const auto& [out, in] : shapes) {
+  for (const auto& shape : shapes) {  // not a structured binding: lambdas below use them
+    const int64_t out = shape.first, in = shape.second;
     std::normal_distribution<float> dist(0.0f, 0.02f);
     std::vector<float> w(static_cast<size_t>(out * in)), x(static_cast<size_t>(in)), y(static_cast<size_t>(out)),
         scratch;
