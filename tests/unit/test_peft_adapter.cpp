@@ -93,6 +93,7 @@ TEST(PeftAdapter, ConfigKeysAreRead) {
       {R"({"r":4,"target_modules":[]})", "target_modules: empty"},
       {R"({"peft_type":"IA3","r":4,"target_modules":["q_proj"]})", "peft_type: \"IA3\""},
       {R"({"r":4,"target_modules":["q_proj"],"lora_alpha":"big"})", "lora_alpha: expected a number"},
+      {R"({"r":4,"target_modules":["q_proj"],"rank_pattern":{"((":2}})", "rank_pattern: '((' is not a regular expression"},
       {R"({"r":4,"target_modules":["q_proj"],"use_dora":true})", "use_dora: true: DoRA"},
       {R"({"r":4,"target_modules":["q_proj"],"bias":"lora_only"})", "bias: \"lora_only\": trained biases"},
       {R"({"r":4,"target_modules":["q_proj"],"fan_in_fan_out":true})", "fan_in_fan_out: true"},

@@ -4,10 +4,15 @@
 #include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
+#define PCRE2_CODE_UNIT_WIDTH 8
+#include <pcre2.h>
+
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <optional>
 #include <regex>
 #include <sstream>
@@ -18,14 +23,50 @@ namespace inferlab::peft {
 
 namespace {
 
-// PEFT's pattern keys match a module name by suffix: (.*\.)?KEY$.
-bool pattern_matches(const std::string& key, const std::string& module) {
-  try {
-    return std::regex_match(module, std::regex("(.*\\.)?" + key));
-  } catch (const std::regex_error&) {
-    return false;
+// A pattern from an adapter's config matched against whole module names, as
+// Python's re.fullmatch matches them for PEFT. PCRE2 (Perl/Python syntax)
+// rather than std::regex: a hostile pattern there can overflow its compiler
+// (a huge back-reference number) or backtrack without end; PCRE2 refuses the
+// one and stops the other at a match limit, which is reported, not hidden.
+class ModuleRegex {
+ public:
+  static Result<ModuleRegex> compile(const std::string& pattern) {
+    int error = 0;
+    PCRE2_SIZE offset = 0;
+    pcre2_code* code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(),
+                                     PCRE2_ANCHORED | PCRE2_ENDANCHORED | PCRE2_UTF, &error, &offset, nullptr);
+    if (code == nullptr) {
+      std::array<PCRE2_UCHAR, 256> text{};
+      pcre2_get_error_message(error, text.data(), text.size());
+      return Error{fmt::format("{} at offset {}", reinterpret_cast<const char*>(text.data()), offset)};
+    }
+    ModuleRegex r;
+    r.code_.reset(code, pcre2_code_free);
+    r.context_.reset(pcre2_match_context_create(nullptr), pcre2_match_context_free);
+    pcre2_set_match_limit(r.context_.get(), 1000000);
+    pcre2_set_depth_limit(r.context_.get(), 10000);
+    return r;
   }
-}
+  // Whether the whole of `name` matches; an error when the match limit stopped it.
+  Result<bool> full_match(const std::string& name) const {
+    std::unique_ptr<pcre2_match_data, decltype(&pcre2_match_data_free)> data(
+        pcre2_match_data_create_from_pattern(code_.get(), nullptr), pcre2_match_data_free);
+    const int rc = pcre2_match(code_.get(), reinterpret_cast<PCRE2_SPTR>(name.data()), name.size(), 0, 0, data.get(),
+                               context_.get());
+    if (rc >= 0) return true;
+    if (rc == PCRE2_ERROR_NOMATCH) return false;
+    std::array<PCRE2_UCHAR, 256> text{};
+    pcre2_get_error_message(rc, text.data(), text.size());
+    return Error{fmt::format("matching {}: {}", name, reinterpret_cast<const char*>(text.data()))};
+  }
+
+ private:
+  std::shared_ptr<pcre2_code> code_;
+  std::shared_ptr<pcre2_match_context> context_;
+};
+
+// PEFT's rank_pattern / alpha_pattern keys match a module name by suffix.
+std::string pattern_key_regex(const std::string& key) { return "(?:.*\\.)?(?:" + key + ")"; }
 
 struct Target {
   std::string tensor;  // GGUF name
@@ -101,11 +142,8 @@ Result<AdapterConfig> parse_config(const std::string& text, const std::string& o
     if (s == "all-linear") {
       c.all_linear = true;
     } else {
-      try {
-        (void)std::regex(s);
-      } catch (const std::regex_error&) {
-        return bad("target_modules", fmt::format("'{}' is not a regular expression", s));
-      }
+      if (auto r = ModuleRegex::compile(s); !r)
+        return bad("target_modules", fmt::format("'{}' is not a regular expression ({})", s, r.message()));
       c.target_regex = s;
     }
   } else if (t.is_array()) {
@@ -121,6 +159,8 @@ Result<AdapterConfig> parse_config(const std::string& text, const std::string& o
     if (!j.contains(key) || j[key].is_null()) continue;
     if (!j[key].is_object()) return bad(key, "expected an object");
     for (const auto& item : j[key].items()) {
+      if (auto r = ModuleRegex::compile(pattern_key_regex(item.key())); !r)
+        return bad(key, fmt::format("'{}' is not a regular expression ({})", item.key(), r.message()));
       if (std::string(key) == "rank_pattern") {
         if (!item.value().is_number_integer() || item.value().get<int64_t>() < 1)
           return bad(key, fmt::format("{}: expected a rank", item.key()));
@@ -186,6 +226,27 @@ Result<std::vector<ProjectionAdapter>> read_adapter(const std::filesystem::path&
     (m[2].str() == "lora_A" ? entry.first : entry.second) = &t;
   }
   if (modules.empty()) return Error{fmt::format("{}: no LoRA weights", origin)};
+  // The config's patterns, compiled once (parse_config checked that they compile).
+  std::optional<ModuleRegex> target_regex;
+  if (!config->target_regex.empty()) {
+    auto r = ModuleRegex::compile(config->target_regex);
+    if (!r) return Error{fmt::format("{}: target_modules: {}", config_path.string(), r.message())};
+    target_regex = std::move(*r);
+  }
+  auto compile_keys = [&](const auto& pattern, const char* key)
+      -> Result<std::vector<std::pair<ModuleRegex, typename std::decay_t<decltype(pattern)>::value_type::second_type>>> {
+    std::vector<std::pair<ModuleRegex, typename std::decay_t<decltype(pattern)>::value_type::second_type>> out;
+    for (const auto& item : pattern) {
+      auto r = ModuleRegex::compile(pattern_key_regex(item.first));
+      if (!r) return Error{fmt::format("{}: {}: '{}': {}", config_path.string(), key, item.first, r.message())};
+      out.emplace_back(std::move(*r), item.second);
+    }
+    return out;
+  };
+  auto rank_keys = compile_keys(config->rank_pattern, "rank_pattern");
+  if (!rank_keys) return rank_keys.error();
+  auto alpha_keys = compile_keys(config->alpha_pattern, "alpha_pattern");
+  if (!alpha_keys) return alpha_keys.error();
   std::vector<ProjectionAdapter> out;
   for (const auto& entry : modules) {  // not a structured binding: a lambda below captures the name
     const std::string& module = entry.first;
@@ -199,15 +260,20 @@ Result<std::vector<ProjectionAdapter>> read_adapter(const std::filesystem::path&
       return Error{fmt::format("{}: module {} is not a projection of this model ({} layers; q/k/v/o_proj, "
                                "gate/up/down_proj, lm_head)",
                                origin, module, shape.n_layers)};
-    const bool listed =
-        config->all_linear ? target->tensor != "output"
-        : !config->target_regex.empty()
-            ? std::regex_match(module, std::regex(config->target_regex))
-            : std::any_of(config->target_list.begin(), config->target_list.end(), [&](const std::string& name) {
-                return module == name || (module.size() > name.size() &&
-                                          module.compare(module.size() - name.size() - 1, std::string::npos,
-                                                         "." + name) == 0);
-              });
+    bool listed = false;
+    if (config->all_linear) {
+      listed = target->tensor != "output";
+    } else if (target_regex) {
+      auto m = target_regex->full_match(module);
+      if (!m) return Error{fmt::format("{}: target_modules: {}", config_path.string(), m.message())};
+      listed = *m;
+    } else {
+      listed = std::any_of(config->target_list.begin(), config->target_list.end(), [&](const std::string& name) {
+        return module == name ||
+               (module.size() > name.size() &&
+                module.compare(module.size() - name.size() - 1, std::string::npos, "." + name) == 0);
+      });
+    }
     if (!listed)
       return Error{fmt::format("{}: module {} has weights but {}'s target_modules do not name it", origin, module,
                                config_path.string())};
@@ -221,16 +287,20 @@ Result<std::vector<ProjectionAdapter>> read_adapter(const std::filesystem::path&
                                origin)};
     int32_t r = config->r;
     double alpha = config->lora_alpha;
-    for (const auto& [key, rank] : config->rank_pattern)
-      if (pattern_matches(key, module)) {
-        r = rank;
-        break;
+    // The first key that matches, in the config's order.
+    auto first_match = [&](const auto& keys, auto& into, const char* name) -> Status {
+      for (const auto& item : keys) {
+        auto m = item.first.full_match(module);
+        if (!m) return Error{fmt::format("{}: {}: {}", config_path.string(), name, m.message())};
+        if (*m) {
+          into = item.second;
+          break;
+        }
       }
-    for (const auto& [key, value] : config->alpha_pattern)
-      if (pattern_matches(key, module)) {
-        alpha = value;
-        break;
-      }
+      return ok_status();
+    };
+    if (auto st = first_match(*rank_keys, r, "rank_pattern"); !st) return st.error();
+    if (auto st = first_match(*alpha_keys, alpha, "alpha_pattern"); !st) return st.error();
     if (a->shape != std::vector<int64_t>{r, target->in} || b->shape != std::vector<int64_t>{target->out, r})
       return Error{fmt::format("{}: module {}: lora_A {} and lora_B {}; this model's {} needs ({}, {}) and ({}, {}) "
                                "at rank {}",
