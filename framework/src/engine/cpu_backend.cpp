@@ -658,13 +658,14 @@ Status CpuBackend::set_weight_storage(Proj p, int32_t l, const WeightStorage& st
 
 Status CpuBackend::set_weight_override(Proj p, int32_t l, std::span<const float> data) {
   WeightVector& slot = overrides_[size_t(p)][size_t(std::max(l, 0))];
-  overrides_held_ -= slot.empty() ? 0 : 1;
   slot = WeightVector();
-  if (overrides_held_ == 0) override_arena_.reset();  // every replaced weight gone: its memory too
+  const bool none_left = std::all_of(overrides_.begin(), overrides_.end(), [](const auto& per_layer) {
+    return std::all_of(per_layer.begin(), per_layer.end(), [](const WeightVector& w) { return w.empty(); });
+  });
+  if (none_left) override_arena_.reset();  // every replaced weight gone: its memory too
   if (!data.empty()) {
     if (!override_arena_) override_arena_ = std::make_shared<WeightArena>();
     slot = WeightVector(data.begin(), data.end(), WeightAllocator<float>(override_arena_));
-    ++overrides_held_;
   }
   if (p != Proj::Output) transposed_[size_t(p)][size_t(l)] = {};  // transposed again when needed
   return ok_status();

@@ -152,7 +152,6 @@ class CpuBackend final : public Backend {
   // last of them does.
   std::vector<std::vector<WeightVector>> overrides_;
   std::shared_ptr<WeightArena> override_arena_;
-  int64_t overrides_held_ = 0;
   struct Adapter {
     int32_t rank = 0;
     std::vector<float> a, b;  // (rank, in), (out, rank), scales folded in
