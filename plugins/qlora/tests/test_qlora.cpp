@@ -14,45 +14,16 @@
 #include <string>
 #include <vector>
 
-#include "cpu/quant4.h"
 #include "experiment/calibration.h"
+#include "formats/peft_adapter.h"
 #include "formats/safetensors.h"
 #include "inferlab/testing.h"
+#include "tests/unit/storage_method.h"
 
 namespace inferlab {
 namespace {
 
 std::shared_ptr<Model> model() { return test::gqa_test_model("qlora", 9); }
-
-constexpr const char* kProjections[] = {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"};
-
-// Replaces every layer projection by its 4-bit values, dequantized (the
-// reference a 4-bit run must equal); optionally runs a PEFT folder on top.
-class Dequantized final : public Method {
- public:
-  Dequantized(kernels::cpu::Quant4Format format, bool dq, std::string adapter)
-      : format_(format), dq_(dq), adapter_(std::move(adapter)) {}
-  Status on_load(const LoadContext& ctx) override {
-    for (int32_t l = 0; l < ctx.shape.n_layers; ++l)
-      for (const char* name : kProjections) {
-        const auto w = ctx.weights->tensor(name, l);
-        const int64_t cols = std::string(name) == "attn_output" ? int64_t(ctx.shape.n_heads) * ctx.shape.head_dim
-                             : std::string(name) == "ffn_down"  ? ctx.shape.n_ff
-                                                                : ctx.shape.n_embd;
-        const auto q = kernels::cpu::quant4_quantize(w.data(), int64_t(w.size()) / cols, cols, format_, 64, dq_);
-        std::vector<float> back(w.size());
-        kernels::cpu::quant4_dequantize(q, back.data());
-        if (auto s = ctx.overrides->replace(name, l, back); !s) return s;
-      }
-    if (!adapter_.empty()) return ctx.overrides->load_adapter(adapter_, 1.0f, false);
-    return ok_status();
-  }
-
- private:
-  kernels::cpu::Quant4Format format_;
-  bool dq_;
-  std::string adapter_;
-};
 
 std::vector<int32_t> prompt() { return test::random_tokens(model()->config().n_vocab, 21, 6); }
 const std::vector<int32_t> kForced = {4, 8, 15, 16, 23};
@@ -63,8 +34,18 @@ std::unique_ptr<Engine> engine() {
   return e.ok() ? std::move(*e) : nullptr;
 }
 
-test::ForwardTrace reference_trace(Engine& e, kernels::cpu::Quant4Format format, bool dq, const std::string& adapter) {
-  Dequantized method(format, dq, adapter);
+// The reference a 4-bit run must equal: every layer projection replaced by its
+// 4-bit values dequantized (tests/unit/storage_method.h), the folder's
+// adapters unmerged on top.
+test::ForwardTrace reference_trace(Engine& e, WeightFormat format, bool dq, const std::filesystem::path& adapter) {
+  std::vector<test::AdapterSpec> adapters;
+  if (!adapter.empty()) {
+    auto read = peft::read_adapter(adapter, e.shape(), e.config().tied_embeddings);
+    EXPECT_TRUE(read.ok()) << (read.ok() ? "" : read.message());
+    if (read.ok())
+      for (auto& p : *read) adapters.push_back({p.tensor, p.layer, std::move(p.adapter)});
+  }
+  test::StorageMethod method(WeightStorage{format, 64, dq}, /*reference=*/true, 1.0f, std::move(adapters));
   WeightOverrides overrides;
   PluginEntry entry;
   entry.name = "dequantized";
@@ -102,8 +83,8 @@ TEST(Qlora, EachFormatRunsThroughItsDequantizedWeightsAndAdaptersStayOnTop) {
   ASSERT_NE(e, nullptr);
   const auto dense = test::run_trace(*e, nullptr, prompt(), int(kForced.size()), kForced);
   const auto adapter = adapter_folder();
-  using F = kernels::cpu::Quant4Format;
-  const std::pair<const char*, F> formats[] = {{"nf4", F::NF4}, {"fp4", F::FP4}, {"int4", F::Int4}};
+  const std::pair<const char*, WeightFormat> formats[] = {
+      {"nf4", WeightFormat::NF4}, {"fp4", WeightFormat::FP4}, {"int4", WeightFormat::Int4}};
   std::vector<std::vector<float>> seen;
   for (const auto& [name, format] : formats)
     for (const bool dq : {true, false})
@@ -116,7 +97,7 @@ TEST(Qlora, EachFormatRunsThroughItsDequantizedWeightsAndAdaptersStayOnTop) {
         const auto got = test::run_trace(*e, active.handle.get(), prompt(), int(kForced.size()), kForced);
         const auto stored = e->stored_weights();
         (void)e->set_method(nullptr, 0);
-        const auto want = reference_trace(*e, format, dq, with_adapter ? adapter.string() : "");
+        const auto want = reference_trace(*e, format, dq, with_adapter ? adapter : std::filesystem::path());
         EXPECT_LT(test::normalized_max_error(got.logits, want.logits), 1e-5);
         EXPECT_GT(test::normalized_max_error(got.logits, dense.logits), 1e-4) << "4 bits changed nothing";
         // Every layer projection, and only those, in 4 bits: 4 bits a value plus the absmaxes.
