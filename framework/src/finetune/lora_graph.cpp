@@ -120,6 +120,45 @@ Result<AdapterSet> init_adapters(const ModelConfig& c, const AdapterInit& init) 
   return set;
 }
 
+std::vector<peft::ProjectionAdapter> to_projection_adapters(const AdapterSet& set) {
+  std::vector<peft::ProjectionAdapter> out;
+  for (const auto& t : set.adapters) {
+    peft::ProjectionAdapter p;
+    p.tensor = kSlotTensors[size_t(t.slot)];
+    p.layer = t.layer;
+    p.adapter.rank = t.rank;
+    p.adapter.a = t.a;
+    p.adapter.b = t.b;
+    p.adapter.scale = t.scale;
+    out.push_back(std::move(p));
+  }
+  return out;
+}
+
+Result<AdapterSet> from_projection_adapters(const ModelConfig& c, const std::vector<peft::ProjectionAdapter>& list) {
+  AdapterSet set;
+  for (const auto& p : list) {
+    const int s = slot_of(p.tensor);
+    if (s < 0) return Error{fmt::format("adapters: {} is not a layer projection fine-tuning trains", p.tensor)};
+    if (p.layer < 0 || p.layer >= c.n_layers)
+      return Error{fmt::format("adapters: {} of layer {} is outside the model's {} layers", p.tensor, p.layer,
+                               c.n_layers)};
+    const auto [out, in] = slot_shape(c, s);
+    const int32_t r = p.adapter.rank;
+    if (r <= 0 || p.adapter.a.size() != size_t(int64_t(r) * in) || p.adapter.b.size() != size_t(out * int64_t(r)))
+      return Error{fmt::format("adapters: {} of layer {}: rank {} with {} A and {} B values does not fit ({}, {})",
+                               p.tensor, p.layer, r, p.adapter.a.size(), p.adapter.b.size(), out, in)};
+    AdapterTensor t;
+    t.layer = p.layer, t.slot = s, t.rank = r, t.scale = p.adapter.scale, t.in = in, t.out = out;
+    t.a = p.adapter.a;
+    t.b = p.adapter.b;
+    set.adapters.push_back(std::move(t));
+  }
+  std::sort(set.adapters.begin(), set.adapters.end(),
+            [](const AdapterTensor& x, const AdapterTensor& y) { return std::pair(x.layer, x.slot) < std::pair(y.layer, y.slot); });
+  return set;
+}
+
 AdapterGrads AdapterGrads::like(const AdapterSet& set) {
   AdapterGrads g;
   for (const auto& t : set.adapters) {

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "formats/peft_adapter.h"
 #include "inferlab/plugin.h"
 #include "inferlab/result.h"
 #include "model/model.h"
@@ -57,6 +58,13 @@ struct AdapterInit {
   uint64_t seed = 0;
 };
 Result<AdapterSet> init_adapters(const ModelConfig& config, const AdapterInit& init);
+
+// The same adapters as the engine and the PEFT reader and writer hold them
+// (tensor names, LowRankAdapter), and back (the output head's adapter, which
+// training does not make, is refused; so are shapes the model does not have).
+std::vector<peft::ProjectionAdapter> to_projection_adapters(const AdapterSet& set);
+Result<AdapterSet> from_projection_adapters(const ModelConfig& config,
+                                            const std::vector<peft::ProjectionAdapter>& adapters);
 
 // Gradients shaped like an AdapterSet's A and B, in its order.
 struct AdapterGrads {

@@ -15,7 +15,10 @@
 #include <memory>
 #include <optional>
 #include <regex>
+#include <set>
 #include <sstream>
+
+#include <unistd.h>
 
 #include "formats/safetensors.h"
 
@@ -200,6 +203,19 @@ std::vector<float> permute_rows_for_gguf(const std::vector<float>& rows, int32_t
   return out;
 }
 
+std::vector<float> permute_rows_from_gguf(const std::vector<float>& rows, int32_t heads, int32_t head_dim,
+                                          int64_t cols) {
+  std::vector<float> out(rows.size());
+  const int32_t half = head_dim / 2;
+  for (int32_t h = 0; h < heads; ++h)
+    for (int32_t i = 0; i < half; ++i)
+      for (int32_t j = 0; j < 2; ++j) {
+        const int64_t gguf = int64_t(h) * head_dim + 2 * i + j, hf = int64_t(h) * head_dim + int64_t(j) * half + i;
+        std::copy_n(rows.begin() + gguf * cols, cols, out.begin() + hf * cols);
+      }
+  return out;
+}
+
 Result<std::vector<ProjectionAdapter>> read_adapter(const std::filesystem::path& dir, const ModelShape& shape,
                                                     bool tied) {
   const auto config_path = dir / "adapter_config.json", weights_path = dir / "adapter_model.safetensors";
@@ -319,6 +335,174 @@ Result<std::vector<ProjectionAdapter>> read_adapter(const std::filesystem::path&
     out.push_back(std::move(p));
   }
   return out;
+}
+
+namespace {
+
+// The Hugging Face module of one of this engine's projections.
+std::optional<std::string> hf_module(const std::string& tensor, int32_t layer) {
+  static const std::map<std::string, std::string> modules = {
+      {"attn_q", "self_attn.q_proj"}, {"attn_k", "self_attn.k_proj"}, {"attn_v", "self_attn.v_proj"},
+      {"attn_output", "self_attn.o_proj"}, {"ffn_gate", "mlp.gate_proj"}, {"ffn_up", "mlp.up_proj"},
+      {"ffn_down", "mlp.down_proj"}};
+  if (tensor == "output" && layer == -1) return "lm_head";
+  const auto it = modules.find(tensor);
+  if (it == modules.end() || layer < 0) return std::nullopt;
+  return fmt::format("model.layers.{}.{}", layer, it->second);
+}
+
+std::string escape_dots(const std::string& name) {
+  std::string out;
+  for (char c : name) {
+    if (c == '.') out += '\\';
+    out += c;
+  }
+  return out;
+}
+
+// The most frequent value (the smallest of equally frequent ones).
+template <typename T>
+T most_common(const std::vector<T>& values) {
+  std::map<T, int> count;
+  for (const T& v : values) ++count[v];
+  return std::max_element(count.begin(), count.end(), [](const auto& a, const auto& b) { return a.second < b.second; })
+      ->first;
+}
+
+}  // namespace
+
+Status write_adapter(const std::filesystem::path& dir, const std::vector<ProjectionAdapter>& adapters,
+                     const ModelShape& shape, const WriteOptions& options) {
+  namespace fs = std::filesystem;
+  const std::string where = dir.string();
+  if (adapters.empty()) return Error{fmt::format("{}: no adapters to write", where)};
+  std::error_code ec;
+  if (fs::exists(dir, ec)) {
+    if (!fs::is_directory(dir, ec)) return Error{fmt::format("{}: exists and is not a folder", where)};
+    if (!options.overwrite && !fs::is_empty(dir, ec))
+      return Error{fmt::format("{}: the folder already holds files (another adapter?); choose another folder or "
+                               "allow overwriting",
+                               where)};
+  }
+  struct Item {
+    std::string module, proj;
+    int32_t layer, r;
+    double alpha;
+    const ProjectionAdapter* p;
+    Target target;
+  };
+  std::vector<Item> items;
+  std::vector<int32_t> ranks;
+  std::vector<double> alphas;
+  std::set<std::string> seen;
+  for (const auto& p : adapters) {
+    const auto module = hf_module(p.tensor, p.layer);
+    if (!module) return Error{fmt::format("{}: {} of layer {} has no Hugging Face module", where, p.tensor, p.layer)};
+    const auto target = target_of(*module, shape);
+    if (!target) return Error{fmt::format("{}: {} is not in a model of {} layers", where, *module, shape.n_layers)};
+    const int32_t r = p.adapter.rank;
+    if (r <= 0 || p.adapter.a.size() != size_t(int64_t(r) * target->in) ||
+        p.adapter.b.size() != size_t(target->out * int64_t(r)))
+      return Error{fmt::format("{}: {}: rank {} with {} A and {} B values; ({}, {}) needs {} and {}", where, *module, r,
+                               p.adapter.a.size(), p.adapter.b.size(), target->out, target->in, r * target->in,
+                               target->out * r)};
+    if (!seen.insert(*module).second) return Error{fmt::format("{}: two adapters on {}", where, *module)};
+    const double alpha = double(p.adapter.scale) * (options.use_rslora ? std::sqrt(double(r)) : double(r));
+    const std::string proj = module->substr(module->rfind('.') + 1);
+    items.push_back({*module, proj, p.layer, r, alpha, &p, *target});
+    ranks.push_back(r);
+    alphas.push_back(alpha);
+  }
+  const int32_t r = most_common(ranks);
+  const double alpha = most_common(alphas);
+  nlohmann::json rank_pattern = nlohmann::json::object(), alpha_pattern = nlohmann::json::object();
+  std::set<std::string> projs;
+  std::set<int32_t> layers;
+  bool head = false;
+  for (const Item& it : items) {
+    if (it.r != r) rank_pattern[escape_dots(it.module)] = it.r;
+    if (it.alpha != alpha) alpha_pattern[escape_dots(it.module)] = it.alpha;
+    if (it.layer < 0) head = true;
+    projs.insert(it.proj);
+    if (it.layer >= 0) layers.insert(it.layer);
+  }
+  // A module list with layers_to_transform says "these modules in these
+  // layers": exact only when every such pair holds an adapter.
+  const bool product = !head && items.size() == projs.size() * layers.size();
+  nlohmann::json config = {{"peft_type", "LORA"},
+                           {"task_type", "CAUSAL_LM"},
+                           {"base_model_name_or_path", options.base_model},
+                           {"r", r},
+                           {"lora_alpha", alpha},
+                           {"use_rslora", options.use_rslora},
+                           {"lora_dropout", options.lora_dropout},
+                           {"bias", "none"},
+                           {"fan_in_fan_out", false},
+                           {"use_dora", false},
+                           {"init_lora_weights", true},
+                           {"inference_mode", true},
+                           {"rank_pattern", rank_pattern},
+                           {"alpha_pattern", alpha_pattern},
+                           {"modules_to_save", nullptr}};
+  if (product) {
+    config["target_modules"] = std::vector<std::string>(projs.begin(), projs.end());
+    config["layers_to_transform"] =
+        layers.size() == size_t(shape.n_layers) ? nlohmann::json(nullptr)
+                                                : nlohmann::json(std::vector<int32_t>(layers.begin(), layers.end()));
+  } else {
+    std::vector<std::string> names;
+    for (const Item& it : items) names.push_back(escape_dots(it.module));
+    config["target_modules"] = fmt::format("(?:{})", fmt::join(names, "|"));
+    config["layers_to_transform"] = nullptr;
+  }
+  std::vector<safetensors::F32Tensor> tensors;
+  for (const Item& it : items) {
+    const std::string key = "base_model.model." + it.module;
+    const LowRankAdapter& a = it.p->adapter;
+    tensors.push_back({key + ".lora_A.weight", {it.r, it.target.in}, a.a});
+    tensors.push_back({key + ".lora_B.weight",
+                       {it.target.out, it.r},
+                       it.target.permute_heads > 0
+                           ? permute_rows_from_gguf(a.b, it.target.permute_heads, shape.head_dim, it.r)
+                           : a.b});
+  }
+
+  const fs::path tmp = dir.parent_path() / fmt::format(".{}.tmp-{}", dir.filename().string(), ::getpid());
+  fs::remove_all(tmp, ec);
+  fs::create_directories(tmp, ec);
+  if (ec) return Error{fmt::format("{}: cannot create {}: {}", where, tmp.string(), ec.message())};
+  auto cleanup = [&] { fs::remove_all(tmp, ec); };
+  {
+    std::ofstream out(tmp / "adapter_config.json");
+    out << config.dump(2) << "\n";
+    out.close();
+    if (!out) {
+      cleanup();
+      return Error{fmt::format("{}: cannot write adapter_config.json", where)};
+    }
+  }
+  if (auto st = safetensors::write_f32(tmp / "adapter_model.safetensors", tensors, {{"format", "pt"}}); !st) {
+    cleanup();
+    return st.error();
+  }
+  const fs::path old = dir.parent_path() / fmt::format(".{}.old-{}", dir.filename().string(), ::getpid());
+  const bool replacing = fs::exists(dir);
+  if (replacing) {
+    fs::rename(dir, old, ec);
+    if (ec) {
+      cleanup();
+      return Error{fmt::format("{}: cannot move the old folder aside: {}", where, ec.message())};
+    }
+  }
+  fs::rename(tmp, dir, ec);
+  if (ec) {
+    const std::string why = ec.message();
+    if (replacing) fs::rename(old, dir, ec);
+    cleanup();
+    return Error{fmt::format("{}: cannot rename {} into place: {}", where, tmp.string(), why)};
+  }
+  if (replacing) fs::remove_all(old, ec);
+  return ok_status();
 }
 
 }  // namespace inferlab::peft

@@ -50,9 +50,33 @@ struct ProjectionAdapter {
 std::vector<float> permute_rows_for_gguf(const std::vector<float>& rows, int32_t heads, int32_t head_dim,
                                          int64_t cols);
 
+// The inverse: Hugging Face's row order from GGUF's.
+std::vector<float> permute_rows_from_gguf(const std::vector<float>& rows, int32_t heads, int32_t head_dim,
+                                          int64_t cols);
+
 // The adapter in `dir` for a model of `shape` (`tied`: the output head shares
 // the embedding, so an lm_head adapter is refused).
 Result<std::vector<ProjectionAdapter>> read_adapter(const std::filesystem::path& dir, const ModelShape& shape,
                                                     bool tied);
+
+struct WriteOptions {
+  bool use_rslora = false;       // the adapters' scales are alpha / sqrt(r) (else alpha / r)
+  double lora_dropout = 0;       // recorded in the config (training-time only)
+  std::string base_model;        // base_model_name_or_path
+  bool overwrite = false;        // replace a folder that already holds an adapter
+};
+
+// Writes adapters (in this engine's row order, as read_adapter returns them)
+// as a PEFT adapter folder that read_adapter and PEFT load: float32
+// adapter_model.safetensors with Hugging Face module names (lora_B of q_proj
+// and k_proj back in Hugging Face's row order), and an adapter_config.json
+// with r and lora_alpha (the most common; others as rank_pattern /
+// alpha_pattern), target_modules (module names, with layers_to_transform when
+// every layer holds the same modules, else a regex naming each module). The
+// folder is written under a temporary name beside `dir` and renamed into
+// place, so a failure leaves no half-written adapter; an existing `dir` is
+// refused unless options.overwrite.
+Status write_adapter(const std::filesystem::path& dir, const std::vector<ProjectionAdapter>& adapters,
+                     const ModelShape& shape, const WriteOptions& options);
 
 }  // namespace inferlab::peft
