@@ -31,9 +31,9 @@ std::string mib(double v) { return fixed(v / (1024.0 * 1024.0), 1); }
 std::string delta_points(double v, double base) { return fixed(100 * (v - base), 1, true); }
 std::string ratio(double v, double base) { return base != 0 ? fixed(v / base, 2) + "×" : ""; }
 
-// One metric's column, and optionally a second one comparing it with dense.
-struct Table;
+using Table = ReportTable;
 
+// One metric's column, and optionally a second one comparing it with dense.
 struct MetricColumn {
   const char* metric;
   const char* header;
@@ -65,13 +65,6 @@ const MetricColumn kColumns[] = {
     {"peak_rss_bytes", "RSS MiB", mib},
 };
 
-// The metric's value, or nullopt when the run lacks it (or stored NaN).
-std::optional<double> metric(const StoredRun& run, const std::string& name) {
-  const auto it = run.metrics.find(name);
-  if (it == run.metrics.end() || std::isnan(it->second.value)) return std::nullopt;
-  return it->second.value;
-}
-
 std::string one_line(std::string s) {
   for (char& ch : s)
     if (ch == '\n' || ch == '\r') ch = ' ';
@@ -85,23 +78,17 @@ std::string cell_text(const std::string& s) {
   return out;
 }
 
-struct Table {
-  std::vector<std::string> header;
-  std::vector<bool> right;  // numbers are right-aligned
-  std::vector<std::vector<std::string>> rows;
-};
-
 // Markdown, padded so it also reads well in a terminal.
-std::string render_markdown(const Table& t) {
+std::string markdown_table(const Table& t) {
   std::vector<size_t> width(t.header.size());
   for (size_t i = 0; i < width.size(); ++i) {
-    width[i] = std::max<size_t>(3, display_width(t.header[i]));
-    for (const auto& row : t.rows) width[i] = std::max(width[i], display_width(row[i]));
+    width[i] = std::max<size_t>(3, display_width(cell_text(t.header[i])));
+    for (const auto& row : t.rows) width[i] = std::max(width[i], display_width(cell_text(row[i])));
   }
   const auto line = [&](auto&& text_of) {
     std::string s = "|";
     for (size_t i = 0; i < width.size(); ++i) {
-      const std::string text = text_of(i);
+      const std::string text = cell_text(text_of(i));
       const std::string fill(width[i] - display_width(text), ' ');
       s += " " + (t.right[i] ? fill + text : text + fill) + " |";
     }
@@ -142,6 +129,28 @@ std::string range(Interval i, double scale, int digits) {
   return fixed(scale * i.lo, digits) + "–" + fixed(scale * i.hi, digits);
 }
 
+// The intervals of the tables, also given to figures (accuracy_interval and the others below).
+std::optional<Interval> wilson_of(const std::map<int64_t, bool>& outcomes) {
+  int64_t solved = 0;
+  for (const auto& [idx, ok] : outcomes) solved += ok;
+  const int64_t n = int64_t(outcomes.size());
+  if (n == 0) return std::nullopt;
+  return wilson_interval(solved, n);
+}
+
+std::optional<Interval> perplexity_ci(const StoredRun& run) {
+  std::vector<double> nll;
+  std::vector<int64_t> count;
+  sample_nll(run, nll, count);
+  if (nll.size() < 2) return std::nullopt;
+  return bootstrap_perplexity(nll, count);
+}
+
+std::optional<Interval> mean_ci(const std::vector<double>& values) {
+  if (values.size() < 2) return std::nullopt;
+  return bootstrap_mean(values);
+}
+
 // Accuracy's interval and sample count; against dense on the same samples, the
 // ones the method lost and gained and McNemar's exact p.
 void accuracy_statistics(Table& t, const std::vector<const StoredRun*>& runs, const StoredRun* baseline) {
@@ -162,11 +171,9 @@ void accuracy_statistics(Table& t, const std::vector<const StoredRun*>& runs, co
   }
   for (size_t r = 0; r < runs.size(); ++r) {
     const auto& o = out[r];
-    int64_t solved = 0;
-    for (const auto& [idx, ok] : o) solved += ok;
-    const int64_t n = int64_t(o.size());
-    t.rows[r].push_back(n > 0 ? range(wilson_interval(solved, n), 100, 1) : "");
-    t.rows[r].push_back(n > 0 ? std::to_string(n) : "");
+    const std::optional<Interval> ci = wilson_of(o);
+    t.rows[r].push_back(ci ? range(*ci, 100, 1) : "");
+    t.rows[r].push_back(ci ? std::to_string(o.size()) : "");
     if (!paired) continue;
     if (runs[r] == baseline || o.empty()) {
       t.rows[r].insert(t.rows[r].end(), {"", ""});
@@ -189,11 +196,9 @@ void perplexity_statistics(Table& t, const std::vector<const StoredRun*>& runs, 
   std::vector<std::string> cells;
   bool any = false;
   for (const StoredRun* run : runs) {
-    std::vector<double> nll;
-    std::vector<int64_t> count;
-    sample_nll(*run, nll, count);
-    any = any || nll.size() > 1;
-    cells.push_back(nll.size() > 1 ? range(bootstrap_perplexity(nll, count), 1, 2) : "");
+    const std::optional<Interval> ci = perplexity_ci(*run);
+    any = any || ci.has_value();
+    cells.push_back(ci ? range(*ci, 1, 2) : "");
   }
   if (!any) return;
   t.header.push_back("95% CI");
@@ -230,9 +235,10 @@ void answer_statistics(Table& t, const std::vector<const StoredRun*>& runs, cons
       v.push_back(lp);
       if (const auto b = base.find(idx); b != base.end()) diff.push_back(lp - b->second);
     }
-    t.rows[r].push_back(v.size() > 1 ? range(bootstrap_mean(v), 1, 3) : "");
+    const std::optional<Interval> ci = mean_ci(v), diff_ci = mean_ci(diff);
+    t.rows[r].push_back(ci ? range(*ci, 1, 3) : "");
     t.rows[r].push_back(v.empty() ? "" : std::to_string(v.size()));
-    if (paired) t.rows[r].push_back(runs[r] != baseline && diff.size() > 1 ? range(bootstrap_mean(diff), 1, 3) : "");
+    if (paired) t.rows[r].push_back(runs[r] != baseline && diff_ci ? range(*diff_ci, 1, 3) : "");
   }
 }
 
@@ -273,9 +279,43 @@ std::map<GridCell, CellTally> grid_tallies(const StoredRun& run) {
   return out;
 }
 
+
+ReportBlock heading(int level, std::string text, int group) {
+  ReportBlock b;
+  b.kind = ReportBlock::Kind::Heading;
+  b.level = level;
+  b.text = std::move(text);
+  b.group = group;
+  return b;
+}
+
+ReportBlock paragraph(std::string text, int group) {
+  ReportBlock b;
+  b.text = std::move(text);
+  b.group = group;
+  return b;
+}
+
+ReportBlock table_block(Table t, int group) {
+  ReportBlock b;
+  b.kind = ReportBlock::Kind::Table;
+  b.table = std::move(t);
+  b.group = group;
+  return b;
+}
+
+ReportBlock list_block(std::string intro, std::vector<std::string> items, int group) {
+  ReportBlock b;
+  b.kind = ReportBlock::Kind::List;
+  b.text = std::move(intro);
+  b.items = std::move(items);
+  b.group = group;
+  return b;
+}
+
 // One table per length: methods by depth, each cell "solved/n" and, where
-// recorded, the mean answer log-probability. Empty when the task has one depth.
-std::string depth_tables(const std::vector<const StoredRun*>& runs) {
+// recorded, the mean answer log-probability. None when the task has one depth.
+void depth_tables(const std::vector<const StoredRun*>& runs, int group, std::vector<ReportBlock>& out) {
   std::vector<std::map<GridCell, CellTally>> tallies;
   std::map<int64_t, std::vector<double>> depths;  // by length, sorted
   for (const StoredRun* run : runs) {
@@ -285,7 +325,6 @@ std::string depth_tables(const std::vector<const StoredRun*>& runs) {
       if (std::find(d.begin(), d.end(), cell.depth) == d.end()) d.insert(std::upper_bound(d.begin(), d.end(), cell.depth), cell.depth);
     }
   }
-  std::string out;
   for (const auto& [length, ds] : depths) {
     if (ds.size() < 2) continue;
     Table t{{"method"}, {false}, std::vector<std::vector<std::string>>(runs.size())};
@@ -294,7 +333,7 @@ std::string depth_tables(const std::vector<const StoredRun*>& runs) {
       t.right.push_back(true);
     }
     for (size_t r = 0; r < runs.size(); ++r) {
-      t.rows[r].push_back(cell_text(runs[r]->label));
+      t.rows[r].push_back(one_line(runs[r]->label));
       for (double depth : ds) {
         const auto it = tallies[r].find(GridCell{length, depth});
         if (it == tallies[r].end()) {
@@ -310,22 +349,22 @@ std::string depth_tables(const std::vector<const StoredRun*>& runs) {
     const bool logprob = std::any_of(tallies.begin(), tallies.end(), [](const auto& m) {
       return std::any_of(m.begin(), m.end(), [](const auto& e) { return e.second.logprob_n > 0; });
     });
-    out += fmt::format("By depth{}: solved/n{}\n\n", length > 0 ? fmt::format(", {} tokens", length) : "",
-                       logprob ? ", mean answer logprob (nats)" : "");
-    out += render_markdown(t) + "\n";
+    out.push_back(paragraph(fmt::format("By depth{}: solved/n{}", length > 0 ? fmt::format(", {} tokens", length) : "",
+                                        logprob ? ", mean answer logprob (nats)" : ""),
+                            group));
+    out.push_back(table_block(std::move(t), group));
   }
-  return out;
 }
 
 // runs: the task's finished runs, baseline first; baseline may be null.
 Table task_table(const std::vector<const StoredRun*>& runs, const StoredRun* baseline) {
   Table t{{"method"}, {false}, std::vector<std::vector<std::string>>(runs.size())};
-  for (size_t r = 0; r < runs.size(); ++r) t.rows[r].push_back(cell_text(runs[r]->label));
+  for (size_t r = 0; r < runs.size(); ++r) t.rows[r].push_back(one_line(runs[r]->label));
   for (const MetricColumn& col : kColumns) {
     bool present = false;
-    for (const StoredRun* run : runs) present = present || metric(*run, col.metric).has_value();
+    for (const StoredRun* run : runs) present = present || run_metric(*run, col.metric).has_value();
     if (!present) continue;
-    const std::optional<double> base = baseline ? metric(*baseline, col.metric) : std::nullopt;
+    const std::optional<double> base = baseline ? run_metric(*baseline, col.metric) : std::nullopt;
     const bool compare = col.compare != nullptr && base.has_value();
     t.header.push_back(col.header);
     t.right.push_back(true);
@@ -334,7 +373,7 @@ Table task_table(const std::vector<const StoredRun*>& runs, const StoredRun* bas
       t.right.push_back(true);
     }
     for (size_t r = 0; r < runs.size(); ++r) {
-      const std::optional<double> v = metric(*runs[r], col.metric);
+      const std::optional<double> v = run_metric(*runs[r], col.metric);
       t.rows[r].push_back(v ? col.format(*v) : "");
       if (compare) t.rows[r].push_back(v ? col.compare(*v, *base) : "");
     }
@@ -353,15 +392,16 @@ std::string counters_of(const StoredRun& run) {
 }
 
 // One line per run, so a method that silently did nothing is visible.
-std::string counter_lines(const std::vector<const StoredRun*>& runs) {
-  std::string out;
+ReportBlock counter_lines(const std::vector<const StoredRun*>& runs, int group) {
+  std::vector<std::string> items;
   bool any = false;
   for (const StoredRun* run : runs) {
     const std::string counters = counters_of(*run);
     any = any || !counters.empty();
-    out += fmt::format("- {}:{}\n", one_line(run->label), counters.empty() ? " none reported" : counters);
+    items.push_back(fmt::format("{}:{}", one_line(run->label), counters.empty() ? " none reported" : counters));
   }
-  return any ? "Plugin counters:\n" + out : "Plugin counters: none reported by any run.\n";
+  if (!any) return paragraph("Plugin counters: none reported by any run.", group);
+  return list_block("Plugin counters:", std::move(items), group);
 }
 
 // A run's task parameters as recorded in its configuration (null when none).
@@ -379,23 +419,18 @@ std::string param_text(const nlohmann::json& v) {
   return v.is_string() ? v.get<std::string>() : v.dump();
 }
 
-std::string task_section(const std::string& task, const std::vector<const StoredRun*>& task_runs, int superseded) {
-  const StoredRun* baseline = nullptr;
-  for (const StoredRun* run : task_runs)
-    if (run->baseline && baseline == nullptr) baseline = run;
-  std::vector<const StoredRun*> ordered;  // dense first, then grid order
-  if (baseline != nullptr) ordered.push_back(baseline);
-  for (const StoredRun* run : task_runs)
-    if (run != baseline) ordered.push_back(run);
-  std::string out = fmt::format("## {}\n\n", task);
-  if (baseline == nullptr) out += "No dense baseline finished for this task: no comparisons.\n\n";
-  out += render_markdown(task_table(ordered, baseline)) + "\n";
-  if (superseded > 0)
-    out += fmt::format("{} earlier run{} of the same method and task (another configuration hash) {} the latest "
-                       "run's row.\n\n",
-                       superseded, superseded == 1 ? "" : "s", superseded == 1 ? "gives way to" : "give way to");
-  out += depth_tables(ordered);
-  return out + counter_lines(ordered) + "\n";
+void task_section(const ReportGroup& g, int group, std::vector<ReportBlock>& out) {
+  out.push_back(heading(2, g.title, group));
+  if (g.baseline == nullptr) out.push_back(paragraph("No dense baseline finished for this task: no comparisons.", group));
+  out.push_back(table_block(task_table(g.runs, g.baseline), group));
+  if (g.superseded > 0)
+    out.push_back(paragraph(fmt::format("{} earlier run{} of the same method and task (another configuration hash) {} "
+                                        "the latest run's row.",
+                                        g.superseded, g.superseded == 1 ? "" : "s",
+                                        g.superseded == 1 ? "gives way to" : "give way to"),
+                            group));
+  depth_tables(g.runs, group, out);
+  out.push_back(counter_lines(g.runs, group));
 }
 
 // "model: a · backend: cpu · ...", each field listing its distinct values.
@@ -434,48 +469,68 @@ Result<const ExperimentInfo*> find_experiment(const ResultsDb& db, const std::ve
                            known_experiments(all))};
 }
 
-std::string failed_section(const std::vector<StoredRun>& runs) {
-  std::string out;
+void failed_section(const std::vector<StoredRun>& runs, std::vector<ReportBlock>& out) {
+  std::vector<std::string> items;
   for (const StoredRun& run : runs)
     if (run.status != RunStatus::Finished)
-      out += fmt::format("- {} ({}): {}\n", one_line(run.label), run.task, one_line(run.error));
-  return out.empty() ? "" : "## Failed runs\n\n" + out + "\n";
+      items.push_back(fmt::format("{} ({}): {}", one_line(run.label), run.task, one_line(run.error)));
+  if (items.empty()) return;
+  out.push_back(heading(2, "Failed runs", -1));
+  out.push_back(list_block("", std::move(items), -1));
 }
 
 }  // namespace
 
-Result<std::string> render_report(ResultsDb& db, const std::string& experiment) {
+std::optional<double> run_metric(const StoredRun& run, const std::string& name) {
+  const auto it = run.metrics.find(name);
+  if (it == run.metrics.end() || std::isnan(it->second.value)) return std::nullopt;
+  return it->second.value;
+}
+
+std::optional<Interval> accuracy_interval(const StoredRun& run) { return wilson_of(outcomes(run)); }
+
+std::optional<Interval> perplexity_interval(const StoredRun& run) { return perplexity_ci(run); }
+
+std::optional<Interval> answer_logprob_interval(const StoredRun& run) {
+  std::vector<double> v;
+  for (const auto& [idx, lp] : sample_values(run, "answer_logprob")) v.push_back(lp);
+  return mean_ci(v);
+}
+
+Result<ReportData> load_report(ResultsDb& db, const std::string& experiment) {
   auto all = db.experiments();
   if (!all) return all.error();
   auto found = find_experiment(db, *all, experiment);
   if (!found) return found.error();
-  const ExperimentInfo& info = **found;
-  auto runs = db.experiment_runs(info.name);
+  ReportData data;
+  data.experiment = **found;
+  data.db_path = db.path().string();
+  auto runs = db.experiment_runs(data.experiment.name);
   if (!runs) return runs.error();
+  data.runs = std::move(*runs);
 
-  std::vector<const StoredRun*> finished;
   std::vector<std::string> backends;
-  for (const StoredRun& run : *runs)
+  for (const StoredRun& run : data.runs)
     if (run.status == RunStatus::Finished && std::find(backends.begin(), backends.end(), run.backend) == backends.end())
       backends.push_back(run.backend);
   // A section per task configuration: runs of one task type with different
   // task parameters (two question protocols, say) are compared only with the
   // baseline of theirs, and runs on two backends with their own backend's.
-  struct Group {
-    std::string task, backend;
-    nlohmann::json params;
-    std::vector<const StoredRun*> runs;
-    int superseded = 0;
-  };
-  std::vector<Group> groups;  // in order of first appearance
-  for (const StoredRun& run : *runs) {
+  std::vector<ReportGroup>& groups = data.groups;  // in order of first appearance
+  bool any_finished = false;
+  for (const StoredRun& run : data.runs) {
     if (run.status != RunStatus::Finished) continue;
-    finished.push_back(&run);
+    any_finished = true;
     const nlohmann::json params = task_params(run);
-    auto it = std::find_if(groups.begin(), groups.end(), [&](const Group& g) {
+    auto it = std::find_if(groups.begin(), groups.end(), [&](const ReportGroup& g) {
       return g.task == run.task && g.params == params && (backends.size() < 2 || g.backend == run.backend);
     });
-    if (it == groups.end()) it = groups.insert(groups.end(), Group{run.task, run.backend, params, {}, 0});
+    if (it == groups.end()) {
+      it = groups.insert(groups.end(), ReportGroup{});
+      it->task = run.task;
+      it->backend = run.backend;
+      it->params = params;
+    }
     // A method run again under another configuration hash (a parameter added
     // with its default, say) keeps one row: the latest.
     auto same = std::find_if(it->runs.begin(), it->runs.end(),
@@ -487,28 +542,71 @@ Result<std::string> render_report(ResultsDb& db, const std::string& experiment) 
       ++it->superseded;
     }
   }
-  if (finished.empty())
+  if (!any_finished)
     return Error{fmt::format("{}: experiment '{}' has no finished runs ({} failed; see `inferlab query`); known "
-                             "experiments: {}", db.path().string(), info.name, runs->size(), known_experiments(*all))};
-
-  std::string out = fmt::format("# {}\n\n", info.name);
-  if (!info.description.empty()) out += one_line(info.description) + "\n\n";
-  out += provenance(finished) + "\n\n";
-  for (const Group& g : groups) {
+                             "experiments: {}", db.path().string(), data.experiment.name, data.runs.size(),
+                             known_experiments(*all))};
+  for (ReportGroup& g : groups) {
+    // Dense first, then grid order.
+    for (const StoredRun* run : g.runs)
+      if (run->baseline && g.baseline == nullptr) g.baseline = run;
+    if (g.baseline != nullptr) {
+      std::stable_partition(g.runs.begin(), g.runs.end(), [&](const StoredRun* r) { return r == g.baseline; });
+    }
     // The title names what tells the sections of one task type apart.
     std::vector<std::string> differing;
     for (const auto& [key, value] : g.params.items())
-      for (const Group& other : groups)
+      for (const ReportGroup& other : groups)
         if (&other != &g && other.task == g.task && other.params.value(key, nlohmann::json()) != value) {
           differing.push_back(fmt::format("{} = {}", key, param_text(value)));
           break;
         }
     if (backends.size() > 1) differing.push_back(g.backend);
-    const std::string title =
-        differing.empty() ? g.task : fmt::format("{} ({})", g.task, fmt::join(differing, ", "));
-    out += task_section(title, g.runs, g.superseded);
+    g.title = differing.empty() ? g.task : fmt::format("{} ({})", g.task, fmt::join(differing, ", "));
   }
-  return out + failed_section(*runs);
+  return data;
+}
+
+std::vector<ReportBlock> report_blocks(const ReportData& data) {
+  std::vector<ReportBlock> out;
+  out.push_back(heading(1, data.experiment.name, -1));
+  if (!data.experiment.description.empty()) out.push_back(paragraph(one_line(data.experiment.description), -1));
+  std::vector<const StoredRun*> finished;
+  for (const StoredRun& run : data.runs)
+    if (run.status == RunStatus::Finished) finished.push_back(&run);
+  out.push_back(paragraph(provenance(finished), -1));
+  for (size_t g = 0; g < data.groups.size(); ++g) task_section(data.groups[g], int(g), out);
+  failed_section(data.runs, out);
+  return out;
+}
+
+std::string render_markdown(const std::vector<ReportBlock>& blocks) {
+  std::string out;
+  for (const ReportBlock& b : blocks) {
+    switch (b.kind) {
+      case ReportBlock::Kind::Heading:
+        out += std::string(size_t(std::max(1, b.level)), '#') + " " + b.text + "\n\n";
+        break;
+      case ReportBlock::Kind::Paragraph:
+        out += b.text + "\n\n";
+        break;
+      case ReportBlock::Kind::Table:
+        out += markdown_table(b.table) + "\n";
+        break;
+      case ReportBlock::Kind::List:
+        if (!b.text.empty()) out += b.text + "\n";
+        for (const std::string& item : b.items) out += "- " + item + "\n";
+        out += "\n";
+        break;
+    }
+  }
+  return out;
+}
+
+Result<std::string> render_report(ResultsDb& db, const std::string& experiment) {
+  auto data = load_report(db, experiment);
+  if (!data) return data.error();
+  return render_markdown(report_blocks(*data));
 }
 
 }  // namespace inferlab
