@@ -1,7 +1,7 @@
-// The figures' data (results/figures.h): which runs make a line and along
-// which parameter, the report's intervals as error bars, dense as the
-// reference, bars for methods without a numeric axis, figures across context
-// lengths.
+// The figures' data (results/figures.h) and the HTML report (results/html_report.h):
+// which runs make a line and along which parameter, the report's intervals as
+// error bars, dense as the reference, bars for methods without a numeric axis,
+// figures across context lengths; the page carries the text report's tables.
 #include <gtest/gtest.h>
 
 #include <nlohmann/json.hpp>
@@ -12,6 +12,7 @@
 
 #include "results/database.h"
 #include "results/figures.h"
+#include "results/html_report.h"
 #include "results/report.h"
 #include "test_support.h"
 
@@ -245,6 +246,38 @@ TEST(Figures, SectionsThatDifferInContextLengthGiveFiguresAcrossThem) {
 TEST(Figures, NothingToPlotWithOnlyDense) {
   const ReportData data = load("figures-dense", {{"dense", "dense", "perplexity", {}, {{"perplexity", 8, ""}}}});
   EXPECT_TRUE(figure_specs(data)["figures"].empty());
+}
+
+TEST(HtmlReport, TheTextReportsTablesEscapedWithEachSectionsFigures) {
+  std::vector<RunSpec> runs = kv_sweep();
+  runs[1].label = "quest <b>&\"budget\" token_budget=64";
+  const ReportData data = load("figures-html", runs);
+  const std::vector<ReportBlock> blocks = report_blocks(data);
+  const std::string markdown = render_markdown(blocks);
+  const std::vector<HtmlFigure> figures = {{0, "accuracy <vs> budget", "<svg xmlns=\"http://www.w3.org/2000/svg\"/>"},
+                                           {-1, "across", "<svg xmlns=\"http://www.w3.org/2000/svg\"/>"}};
+  const std::string html = render_html(data, blocks, figures, "a note & more");
+  size_t tables = 0;
+  for (const ReportBlock& b : blocks) tables += b.kind == ReportBlock::Kind::Table;
+  size_t rules = 0;
+  for (const auto& row : test::table_rows(markdown)) rules += !row.empty() && row[0].starts_with(":--");
+  EXPECT_EQ(tables, rules);
+  size_t html_tables = 0;
+  for (size_t at = html.find("<table>"); at != std::string::npos; at = html.find("<table>", at + 1)) ++html_tables;
+  EXPECT_EQ(html_tables, tables);
+  EXPECT_NE(html.find("quest &lt;b&gt;&amp;&quot;budget&quot; token_budget=64"), std::string::npos);
+  EXPECT_EQ(html.find("<b>&"), std::string::npos);
+  EXPECT_NE(html.find("<p class=\"note\">a note &amp; more</p>"), std::string::npos);
+  // Figures as data URIs: the section's after its table, the others after the sections.
+  const size_t first_img = html.find("<img alt=\"accuracy &lt;vs&gt; budget\" src=\"data:image/svg+xml;base64,");
+  ASSERT_NE(first_img, std::string::npos);
+  EXPECT_LT(html.find("<table>"), first_img);
+  EXPECT_LT(html.find("Across context lengths"), html.find("alt=\"across\""));
+  // base64 of the SVG text.
+  EXPECT_NE(html.find("PHN2ZyB4bWxucz0iaHR0cDovL3d3dy53My5vcmcvMjAwMC9zdmciLz4="), std::string::npos);
+  EXPECT_EQ(html.find("<script"), std::string::npos);
+  EXPECT_EQ(html.find("<link"), std::string::npos);
+  EXPECT_EQ(html.rfind("</html>\n"), html.size() - 8);
 }
 
 }  // namespace

@@ -1,7 +1,12 @@
-// Experiment subcommands: run, calibrate, plugins, query, report, merge.
+// Experiment subcommands: run, calibrate, plugins, query, report, plot, merge.
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
+#include <algorithm>
+#include <cctype>
 #include <cstdio>
+#include <fstream>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -10,6 +15,9 @@
 #include "experiment/worker.h"
 #include "plugins/plugin_host.h"
 #include "results/database.h"
+#include "results/figures.h"
+#include "results/html_report.h"
+#include "results/plot_tool.h"
 #include "results/report.h"
 
 namespace inferlab::cli {
@@ -116,12 +124,115 @@ int run_query(const std::string& db_path, const std::string& sql, bool csv, bool
   return 0;
 }
 
-int run_report(const std::string& db_path, const std::string& experiment) {
-  auto db = open_existing(db_path);
+struct ReportArgs {
+  std::string db = kDefaultDb, experiment, html;
+  bool no_figures = false;
+};
+
+struct PlotArgs {
+  std::string db = kDefaultDb, experiment, out, spec;
+  std::vector<std::string> formats = {"svg", "png"}, only;
+  bool list = false;
+};
+
+// A file name for an experiment's figure: "<experiment>_<figure id>" without odd characters.
+std::string figure_file(const std::string& experiment, const std::string& id) {
+  std::string name;
+  for (const char c : experiment) name += std::isalnum(static_cast<unsigned char>(c)) || c == '-' ? c : '-';
+  return name + "_" + id;
+}
+
+Status write_file(const std::filesystem::path& path, const std::string& text) {
+  std::ofstream out(path, std::ios::binary);
+  out << text;
+  out.close();
+  if (!out) return Error{fmt::format("{}: cannot write it", path.string())};
+  return ok_status();
+}
+
+// The HTML page: the report's tables and, unless --no-figures, its figures as SVG.
+int run_report_html(const ReportArgs& args, const ReportData& data) {
+  const nlohmann::json spec = figure_specs(data);
+  const size_t count = spec["figures"].size();
+  std::vector<HtmlFigure> figures;
+  std::string note;
+  if (args.no_figures) {
+    note = fmt::format("Figures left out (--no-figures): {} figure{} of this experiment not drawn.", count,
+                       count == 1 ? "" : "s");
+  } else if (count == 0) {
+    note = "No figures: no method has runs beside dense with a value to plot.";
+  } else {
+    auto tool = find_plot_tool();
+    if (!tool)
+      return fail(fmt::format("{}; nothing written to {} (--no-figures writes the tables alone)", tool.message(),
+                              args.html));
+    auto svgs = draw_svg_documents(*tool, spec);
+    if (!svgs) return fail(fmt::format("{}; nothing written to {}", svgs.message(), args.html));
+    for (size_t i = 0; i < count; ++i) {
+      const auto& fig = spec["figures"][i];
+      figures.push_back(HtmlFigure{fig["group"].get<int>(), fig["title"].get<std::string>(), std::move((*svgs)[i])});
+    }
+  }
+  const std::string page = render_html(data, report_blocks(data), figures, note);
+  if (auto s = write_file(args.html, page); !s) return fail(s.message());
+  fmt::print("{}: report of {}, {} figure{}\n", args.html, data.experiment.name, figures.size(),
+             figures.size() == 1 ? "" : "s");
+  return 0;
+}
+
+int run_report(const ReportArgs& args) {
+  auto db = open_existing(args.db);
   if (!db) return fail(db.message());
-  auto text = render_report(*db, experiment);
-  if (!text) return fail(text.message());
-  std::fwrite(text->data(), 1, text->size(), stdout);
+  auto data = load_report(*db, args.experiment);
+  if (!data) return fail(data.message());
+  if (!args.html.empty()) return run_report_html(args, *data);
+  const std::string text = render_markdown(report_blocks(*data));
+  std::fwrite(text.data(), 1, text.size(), stdout);
+  return 0;
+}
+
+int run_plot(const PlotArgs& args) {
+  auto db = open_existing(args.db);
+  if (!db) return fail(db.message());
+  auto data = load_report(*db, args.experiment);
+  if (!data) return fail(data.message());
+  nlohmann::json spec = figure_specs(*data);
+  nlohmann::json& figures = spec["figures"];
+  if (figures.empty())
+    return fail(fmt::format("{}: experiment '{}': nothing to plot (figures need a method's finished runs beside "
+                            "dense with a value to show)",
+                            args.db, data->experiment.name));
+  if (!args.only.empty()) {
+    std::set<std::string> known;
+    for (const auto& f : figures) known.insert(f["id"].get<std::string>());
+    for (const std::string& id : args.only)
+      if (known.count(id) == 0)
+        return fail(fmt::format("experiment '{}' has no figure '{}'; its figures: {}", data->experiment.name, id,
+                                fmt::join(known, ", ")));
+    nlohmann::json kept = nlohmann::json::array();
+    for (auto& f : figures)
+      if (std::find(args.only.begin(), args.only.end(), f["id"].get<std::string>()) != args.only.end())
+        kept.push_back(std::move(f));
+    figures = std::move(kept);
+  }
+  for (auto& f : figures) f["file"] = figure_file(data->experiment.name, f["id"].get<std::string>());
+  if (args.list) {
+    for (const auto& f : figures) fmt::print("{}\t{}\n", f["id"].get<std::string>(), f["title"].get<std::string>());
+    return 0;
+  }
+  if (!args.spec.empty()) {
+    if (auto s = write_file(args.spec, spec.dump(1) + "\n"); !s) return fail(s.message());
+    return 0;
+  }
+  if (args.out.empty()) return fail("plot: --out FOLDER is required (or --list, or --spec FILE)");
+  auto tool = find_plot_tool();
+  if (!tool) return fail(tool.message());
+  std::error_code ec;
+  std::filesystem::create_directories(args.out, ec);
+  if (ec) return fail(fmt::format("{}: cannot make the folder: {}", args.out, ec.message()));
+  auto files = draw_figures(*tool, spec, args.out, args.formats);
+  if (!files) return fail(files.message());
+  for (const auto& f : *files) fmt::print("{}\n", f.string());
   return 0;
 }
 
@@ -176,11 +287,27 @@ void register_experiment_commands(CLI::App& app) {
   q->add_flag("--json", q_json, "JSON output")->excludes(csv);
   q->callback([] { set_exit_code(run_query(q_db, q_sql, q_csv, q_json)); });
 
-  static std::string rep_db = kDefaultDb, rep_experiment;
+  static ReportArgs report;
   auto* rep = app.add_subcommand("report", "tables of each method beside the dense baseline");
-  rep->add_option("experiment", rep_experiment, "experiment name (default: the latest)");
-  rep->add_option("--db", rep_db, "results database")->capture_default_str();
-  rep->callback([] { set_exit_code(run_report(rep_db, rep_experiment)); });
+  rep->add_option("experiment", report.experiment, "experiment name (default: the latest)");
+  rep->add_option("--db", report.db, "results database")->capture_default_str();
+  rep->add_option("--html", report.html, "write one self-contained HTML page (tables and figures) to FILE");
+  rep->add_flag("--no-figures", report.no_figures, "with --html: the tables alone (no Python or matplotlib needed)");
+  rep->callback([] { set_exit_code(run_report(report)); });
+
+  static PlotArgs plot;
+  auto* pl = app.add_subcommand("plot", "figures of an experiment (SVG and PNG through matplotlib)");
+  pl->add_option("experiment", plot.experiment, "experiment name (default: the latest)");
+  pl->add_option("--db", plot.db, "results database")->capture_default_str();
+  pl->add_option("-o,--out", plot.out, "folder for the figures (<experiment>_<figure>.svg/.png)");
+  pl->add_option("--format", plot.formats, "svg, png or both")
+      ->delimiter(',')
+      ->check(CLI::IsMember({"svg", "png"}))
+      ->capture_default_str();
+  pl->add_option("--only", plot.only, "draw only these figures (ids as --list prints them)")->delimiter(',');
+  pl->add_flag("--list", plot.list, "list the figures (id and title) without drawing them");
+  pl->add_option("--spec", plot.spec, "write the figures' data (JSON) to FILE without drawing them");
+  pl->callback([] { set_exit_code(run_plot(plot)); });
 
   static std::string m_out;
   static std::vector<std::string> m_in;
