@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Nothing includes upward. The layers, lowest first: the SDK
 # (framework/include), model, engine, then plugins, datasets and results (side
-# by side), experiment, cli. A file may include its own layer and those below.
+# by side), experiment, finetune (training, which reads experiment configs),
+# cli. A file may include its own layer and those below.
 set -euo pipefail
 root="${1:?usage: layering.sh REPO_ROOT}"
 status=0
@@ -18,12 +19,13 @@ check() {  # check DIR FORBIDDEN-PREFIX...
     fi
   done
 }
-check framework/include model engine plugins datasets results experiment cli
-check framework/src/model engine plugins datasets results experiment cli
-check framework/src/engine plugins datasets results experiment cli
-check framework/src/plugins datasets results experiment cli
-check datasets results experiment cli
-check framework/src/results experiment cli
-check framework/src/experiment cli
+check framework/include model engine plugins datasets results experiment finetune cli
+check framework/src/model engine plugins datasets results experiment finetune cli
+check framework/src/engine plugins datasets results experiment finetune cli
+check framework/src/plugins datasets results experiment finetune cli
+check datasets results experiment finetune cli
+check framework/src/results experiment finetune cli
+check framework/src/experiment finetune cli
+check framework/src/finetune cli
 [[ "$status" -eq 0 ]] && echo "no file includes a layer above its own"
 exit "$status"

@@ -122,7 +122,7 @@ TEST(ResultsDb, CreatesFolderAndFileThenReopens) {
   {
     ResultsDb db = open_db(path);
     EXPECT_TRUE(fs::exists(path));
-    EXPECT_EQ(scalar(db, "PRAGMA user_version"), "1");
+    EXPECT_EQ(scalar(db, "PRAGMA user_version"), "2");
     EXPECT_EQ(scalar(db, "PRAGMA journal_mode"), "wal");
     EXPECT_EQ(scalar(db, "PRAGMA foreign_keys"), "1");
     EXPECT_EQ(scalar(db, "PRAGMA busy_timeout"), "60000");
@@ -134,14 +134,37 @@ TEST(ResultsDb, CreatesFolderAndFileThenReopens) {
   EXPECT_EQ(scalar(moved, "SELECT count(*) FROM experiments"), "1");
 }
 
+TEST(ResultsDb, UpgradesAVersion1DatabaseKeepingItsRuns) {
+  const fs::path path = test::temp_path("v1.db");
+  {
+    ResultsDb db = open_db(path);
+    record(db, make_run("e", "h1", "dense"));
+  }
+  // What version 1 held: no fine-tuning tables.
+  raw_sql(path, "DROP TABLE finetune_steps; DROP TABLE finetunes; PRAGMA user_version = 1");
+  ResultsDb db = open_db(path);
+  EXPECT_EQ(scalar(db, "PRAGMA user_version"), "2");
+  EXPECT_EQ(scalar(db, "SELECT count(*) FROM runs"), "1");
+  EXPECT_EQ(scalar(db, "SELECT count(*) FROM finetunes"), "0");
+  auto id = db.begin_finetune({"hash", "ft", "{}", "m", "c", "out", "rev"});
+  ASSERT_TRUE(id.ok()) << id.message();
+  const std::vector<FinetuneStep> steps = {{1, 2.5, 1e-3, 0.7, 100, 0.1, {}}, {2, 2.0, 1e-3, 0.6, 100, 0.1, 1.9}};
+  ASSERT_TRUE(db.record_finetune_steps(*id, steps).ok());
+  ASSERT_TRUE(db.record_finetune_steps(*id, steps).ok());  // replayed after a resume: replaced, not duplicated
+  EXPECT_EQ(scalar(db, "SELECT count(*) || ' ' || count(eval_loss) FROM finetune_steps"), "2 1");
+  EXPECT_EQ(*db.begin_finetune({"hash", "ft", "{}", "m", "c", "out", "rev"}), *id);  // the same run, resumed
+  ASSERT_TRUE(db.finish_finetune(*id, true, "", "{}").ok());
+  EXPECT_EQ(scalar(db, "SELECT status FROM finetunes"), "finished");
+}
+
 TEST(ResultsDb, RefusesNewerSchemaVersion) {
   const fs::path path = test::temp_path("newer.db");
   { ResultsDb db = open_db(path); }
-  raw_sql(path, "PRAGMA user_version = 2");
+  raw_sql(path, "PRAGMA user_version = 3");
   auto db = ResultsDb::open(path);
   ASSERT_FALSE(db.ok());
-  EXPECT_EQ(db.message(), path.string() + ": results database schema version 2 is newer than this inferlab "
-                                          "supports (1); use a newer inferlab");
+  EXPECT_EQ(db.message(), path.string() + ": results database schema version 3 is newer than this inferlab "
+                                          "supports (2); use a newer inferlab");
 }
 
 TEST(ResultsDb, RefusesForeignSqliteFileWithoutChangingIt) {
@@ -410,10 +433,10 @@ TEST(ResultsDbMerge, RefusesMissingForeignNewerAndSelf) {
 
   const fs::path newer = test::temp_path("newer-shard.db");
   { ResultsDb n = open_db(newer); }
-  raw_sql(newer, "PRAGMA user_version = 3");
+  raw_sql(newer, "PRAGMA user_version = 4");
   r = db.merge_from(newer);
   ASSERT_FALSE(r.ok());
-  EXPECT_NE(r.message().find(newer.string() + ": results database schema version 3 is newer"), std::string::npos)
+  EXPECT_NE(r.message().find(newer.string() + ": results database schema version 4 is newer"), std::string::npos)
       << r.message();
 
   r = db.merge_from(db.path());

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <random>
 #include <span>
 #include <string>
 #include <vector>
@@ -123,8 +124,12 @@ class AdamW {
   const AdamWOptions& options() const { return options_; }
   void set_lr(double lr) { options_.lr = lr; }
   int64_t steps() const { return steps_; }
+  size_t tensors() const { return m_.size(); }
   const std::vector<float>& m(size_t tensor) const { return m_[tensor]; }
   const std::vector<float>& v(size_t tensor) const { return v_[tensor]; }
+  // The state a checkpoint saved (steps taken, both moments per tensor), so
+  // that the next step is the one an uninterrupted run would take.
+  Status restore(int64_t steps, std::vector<std::vector<float>> m, std::vector<std::vector<float>> v);
 
  private:
   explicit AdamW(const AdamWOptions& options) : options_(options) {}
@@ -132,6 +137,27 @@ class AdamW {
   int64_t steps_ = 0;
   std::vector<std::vector<float>> m_, v_;
 };
+
+// Learning-rate schedules with linear warm-up from 0 over `warmup` steps, then
+// constant, or decaying to 0 at `total` steps along a half cosine or a line
+// (as transformers' get_{constant,cosine,linear}_schedule_with_warmup).
+enum class ScheduleKind { kConstant, kCosine, kLinear };
+struct Schedule {
+  ScheduleKind kind = ScheduleKind::kConstant;
+  int64_t warmup = 0;
+  int64_t total = 1;
+};
+// The learning rate of step `step` (from 0).
+double scheduled_lr(double base_lr, const Schedule& schedule, int64_t step);
+
+// torch.nn.utils.clip_grad_norm_: the L2 norm of all gradients together
+// (summed in double); when it exceeds max_norm (> 0), every gradient is scaled
+// by max_norm / (norm + 1e-6). Returns the norm before clipping.
+double clip_grad_norm(std::span<const std::span<float>> grads, double max_norm);
+
+// Fisher-Yates with an unbiased, platform-independent draw: the same order
+// for the same generator state everywhere (std::shuffle's is not specified).
+void shuffle(std::vector<int64_t>& v, std::mt19937_64& rng);
 
 // The head's parameters and gradients paired in the order W1, W2, b2 (those present).
 std::vector<Parameter> parameters(LowRankHead& head, const HeadGradients& grads);
@@ -202,5 +228,34 @@ Status save(const LowRankHead& head, const std::string& path);
 Result<LowRankHead> load(const std::string& path);
 // Also refuses a head whose options differ from expected.
 Result<LowRankHead> load(const std::string& path, const HeadOptions& expected);
+
+// A training state checkpoint (a fine-tuning run's parameters, optimizer
+// moments, generator state and position), in the same file discipline as the
+// head's: magic, version, named records, an FNV-1a 64 checksum over every
+// byte, written to a temporary file and renamed. Records are float32 arrays,
+// int64 values or text, each under a unique name.
+class StateFile {
+ public:
+  void put_floats(const std::string& name, std::span<const float> values);
+  void put_int(const std::string& name, int64_t value);
+  void put_text(const std::string& name, const std::string& text);
+  bool has(const std::string& name) const;
+  // Errors name the record and what it holds instead.
+  Result<std::vector<float>> floats(const std::string& name) const;
+  Result<int64_t> integer(const std::string& name) const;
+  Result<std::string> text(const std::string& name) const;
+
+  Status save(const std::string& path) const;
+  static Result<StateFile> load(const std::string& path);
+
+ private:
+  struct Record {
+    uint8_t kind = 0;  // 1 floats, 2 int64, 3 text
+    std::string bytes;
+  };
+  std::vector<std::pair<std::string, Record>> records_;
+  const Record* find(const std::string& name) const;
+  void set_record(const std::string& name, uint8_t kind, std::string bytes);
+};
 
 }  // namespace inferlab::train

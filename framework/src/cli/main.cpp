@@ -15,6 +15,7 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", INFERLAB_VERSION_STRING);
   inferlab::cli::register_commands(app);
   inferlab::cli::register_experiment_commands(app);
+  inferlab::cli::register_finetune_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -196,6 +196,157 @@ class ConfigParser {
     return (path.is_absolute() ? path : base_dir_ / path).lexically_normal().string();
   }
 
+public:
+  Result<FinetuneConfig> parse_finetune(const toml::table& root) {
+    FinetuneConfig config;
+    config.path = source_;
+    for (auto&& [name, node] : root)
+      if (name != "model" && name != "finetune")
+        diag_.add(name.source(), std::string(name.str()),
+                  fmt::format("unknown {} (a fine-tuning config has [model] and [finetune])",
+                              node.is_table() ? "table" : "key"));
+    parse_model_section(root, config.model);
+    if (const toml::table* table = section(root, "finetune", true)) parse_finetune_section(*table, config.finetune);
+    if (!diag_.empty()) return diag_.error();
+    return config;
+  }
+
+  void parse_finetune_section(const toml::table& table, FinetuneSection& f) {
+    static const std::vector<ParamSpec> specs = {
+        ParamSpec::string("name", "", {}, ""),
+        ParamSpec::path_list("data", ""),
+        ParamSpec::string("data_format", "auto", {"auto", "text", "jsonl"}, ""),
+        ParamSpec::int_list("layers", {}, 0, std::nullopt, ""),
+        ParamSpec::integer("r", 8, 1, 4096, ""),
+        ParamSpec::real("alpha", 16, 1e-6, 1e6, ""),
+        ParamSpec::boolean("rslora", false, ""),
+        ParamSpec::real("dropout", 0, 0, 0.95, ""),
+        ParamSpec::string("quant", "none", {"none", "nf4", "fp4", "int4"}, ""),
+        ParamSpec::boolean("double_quant", true, ""),
+        ParamSpec::integer("block_size", 64, 2, 4096, ""),
+        ParamSpec::real("lr", 2e-4, 0, 10, ""),
+        ParamSpec::real("weight_decay", 0, 0, 10, ""),
+        ParamSpec::real("beta1", 0.9, 0, 0.999999, ""),
+        ParamSpec::real("beta2", 0.999, 0, 0.999999, ""),
+        ParamSpec::real("eps", 1e-8, 0, 1, ""),
+        ParamSpec::real("max_grad_norm", 1.0, 0, 1e6, ""),
+        ParamSpec::string("schedule", "constant", {"constant", "cosine", "linear"}, ""),
+        ParamSpec::integer("warmup_steps", 0, 0, std::nullopt, ""),
+        ParamSpec::integer("steps", 0, 1, std::nullopt, ""),
+        ParamSpec::integer("batch", 4, 1, 4096, ""),
+        ParamSpec::integer("grad_accum", 1, 1, 65536, ""),
+        ParamSpec::integer("seq_len", 256, 2, 1 << 20, ""),
+        ParamSpec::integer("seed", 0, 0, std::nullopt, ""),
+        ParamSpec::boolean("checkpoint_layers", false, ""),
+        ParamSpec::integer("checkpoint_every", 50, 1, std::nullopt, ""),
+        ParamSpec::integer("log_every", 10, 1, std::nullopt, ""),
+        ParamSpec::real("eval_fraction", 0, 0, 0.5, ""),
+        ParamSpec::integer("eval_every", 0, 0, std::nullopt, ""),
+        ParamSpec::integer("threads", 0, 0, std::nullopt, ""),
+        ParamSpec::string("output", "", {}, ""),
+        ParamSpec::boolean("overwrite", false, "")};
+    ParamValues values;
+    for (const auto& spec : specs) values.set(spec.name, spec.default_value);
+    for (auto&& [name, node] : table) {
+      if (name == "targets" || name == "task") continue;
+      const std::string full = "finetune." + std::string(name.str());
+      const auto spec = std::find_if(specs.begin(), specs.end(),
+                                     [wanted = std::string(name.str())](const ParamSpec& s) { return s.name == wanted; });
+      if (spec == specs.end()) {
+        diag_.add(name.source(), full, fmt::format("unknown key (known keys: {}, targets, task)", names_of(specs)));
+        continue;
+      }
+      if (auto value = convert(node, *spec, full)) values.set(spec->name, std::move(*value));
+    }
+    f.name = values.get_string("name");
+    f.data = values.get_path_list("data");
+    f.data_format = values.get_string("data_format");
+    f.layers = values.get_int_list("layers");
+    f.r = values.get_int("r");
+    f.alpha = values.get_float("alpha");
+    f.rslora = values.get_bool("rslora");
+    f.dropout = values.get_float("dropout");
+    f.quant = values.get_string("quant");
+    f.double_quant = values.get_bool("double_quant");
+    f.block_size = values.get_int("block_size");
+    f.lr = values.get_float("lr");
+    f.weight_decay = values.get_float("weight_decay");
+    f.beta1 = values.get_float("beta1");
+    f.beta2 = values.get_float("beta2");
+    f.eps = values.get_float("eps");
+    f.max_grad_norm = values.get_float("max_grad_norm");
+    f.schedule = values.get_string("schedule");
+    f.warmup_steps = values.get_int("warmup_steps");
+    f.steps = values.get_int("steps");
+    f.batch = values.get_int("batch");
+    f.grad_accum = values.get_int("grad_accum");
+    f.seq_len = values.get_int("seq_len");
+    f.seed = values.get_int("seed");
+    f.checkpoint_layers = values.get_bool("checkpoint_layers");
+    f.checkpoint_every = values.get_int("checkpoint_every");
+    f.log_every = values.get_int("log_every");
+    f.eval_fraction = values.get_float("eval_fraction");
+    f.eval_every = values.get_int("eval_every");
+    f.threads = values.get_int("threads");
+    f.overwrite = values.get_bool("overwrite");
+
+    if (f.name.empty()) f.name = fs::path(source_).stem().string();
+    if (!is_valid_name(f.name))
+      diag_.add(table.get("name") ? table.get("name")->source() : table.source(), "finetune.name",
+                fmt::format("\"{}\" is not a valid name: use letters, digits, '_', '.' and '-'", f.name));
+    if (table.get("steps") == nullptr) diag_.add(table.source(), "finetune.steps", "missing: how many optimizer steps");
+    if (f.block_size % 2 != 0)
+      diag_.add(table.get("block_size")->source(), "finetune.block_size", "must be even");
+    if (f.warmup_steps > f.steps && table.get("warmup_steps") != nullptr)
+      diag_.add(table.get("warmup_steps")->source(), "finetune.warmup_steps",
+                fmt::format("{} warm-up steps exceed the {} steps", f.warmup_steps, f.steps));
+    const toml::node* output = table.get("output");
+    if (output == nullptr || !output->is_string() || output->as_string()->get().empty())
+      diag_.add(output ? output->source() : table.source(), "finetune.output",
+                "missing: the folder to write the adapter to");
+    else
+      f.output = resolve_path(output->as_string()->get());
+
+    // targets: a list of Hugging Face projection names, or "all-linear".
+    static const std::vector<std::string> kProjections = {"q_proj",    "k_proj", "v_proj",   "o_proj",
+                                                          "gate_proj", "up_proj", "down_proj"};
+    const std::string known = fmt::format("{}", fmt::join(kProjections, ", "));
+    if (const toml::node* t = table.get("targets")) {
+      std::vector<std::string> names;
+      if (const auto* text = t->as_string()) {
+        if (text->get() == "all-linear") names = kProjections;
+        else names.push_back(text->get());
+      } else if (const auto* list = t->as_array()) {
+        for (const auto& e : *list) {
+          if (const auto* x = e.as_string()) names.push_back(x->get());
+          else diag_.add(e.source(), "finetune.targets", "expected projection names, got " + describe(e));
+        }
+        if (list->empty()) diag_.add(t->source(), "finetune.targets", "empty list: name at least one projection");
+      } else {
+        diag_.add(t->source(), "finetune.targets", "expected a list of projection names or \"all-linear\", got " +
+                                                       describe(*t));
+      }
+      for (const auto& n : names) {
+        if (std::find(kProjections.begin(), kProjections.end(), n) == kProjections.end())
+          diag_.add(t->source(), "finetune.targets",
+                    fmt::format("\"{}\" is not a projection of this architecture (known: {}, or \"all-linear\")", n,
+                                known));
+      }
+      for (const auto& p : kProjections)
+        if (std::find(names.begin(), names.end(), p) != names.end()) f.targets.push_back(p);
+    } else {
+      f.targets = {"q_proj", "v_proj"};
+    }
+
+    if (const toml::node* task = table.get("task")) {
+      if (const auto* task_table = task->as_table()) f.task = parse_task(*task_table, "finetune.task");
+      else diag_.add(task->source(), "finetune.task", "expected a [finetune.task] table, got " + describe(*task));
+    }
+    if (f.data.empty() && table.get("task") == nullptr)
+      diag_.add(table.source(), "finetune.data", "missing: training data files (text or JSONL), or a [finetune.task]");
+  }
+
+private:
   void check_top_level(const toml::table& root) {
     static const std::set<std::string, std::less<>> known = {"experiment", "model", "task", "method"};
     for (auto&& [name, node] : root) {
@@ -513,6 +664,27 @@ Result<ExperimentConfig> parse_experiment(std::string_view toml_text, const std:
   auto root = parse_toml(toml_text, source_name);
   if (!root) return root.error();
   return ConfigParser(source_name, catalog).parse(*root);
+}
+
+Result<FinetuneConfig> parse_finetune_config(std::string_view toml_text, const std::string& source_name,
+                                             const Catalog& catalog) {
+  auto root = parse_toml(toml_text, source_name);
+  if (!root) return root.error();
+  return ConfigParser(source_name, catalog).parse_finetune(*root);
+}
+
+Result<FinetuneConfig> load_finetune_config(const std::filesystem::path& file, const Catalog& catalog) {
+  const std::string name = file.string();
+  std::error_code ec;
+  if (!std::filesystem::is_regular_file(file, ec))
+    return Error{fmt::format("{}: fine-tuning config file not found", name)};
+  std::ifstream in(file, std::ios::binary);
+  if (!in) return Error{fmt::format("{}: cannot open the fine-tuning config for reading", name)};
+  std::ostringstream text;
+  text << in.rdbuf();
+  auto config = parse_finetune_config(text.str(), name, catalog);
+  if (config) config->path = std::filesystem::absolute(file, ec).lexically_normal().string();
+  return config;
 }
 
 Result<ExperimentConfig> load_experiment(const std::filesystem::path& file, const Catalog& catalog) {

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <map>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -54,6 +55,54 @@ struct ExperimentConfig {
   std::vector<TaskSection> tasks;
   std::vector<MethodSection> methods;
 };
+
+// `inferlab finetune`'s config: the experiment format's [model] table and a
+// [finetune] table (optionally [finetune.task], a task of datasets/ whose
+// samples become training examples: the prompt, then the answer with the
+// loss). Validated like experiment configs; relative paths resolve next to
+// the config. Names of projections are Hugging Face's (q_proj ... down_proj).
+struct FinetuneSection {
+  std::string name;                   // default: the config file's stem
+  std::vector<std::string> data;      // text or JSONL files, absolute
+  std::string data_format = "auto";   // auto (by extension), text, jsonl
+  std::optional<TaskSection> task;
+  std::vector<std::string> targets;   // q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj
+  std::vector<int64_t> layers;        // empty: every layer
+  int64_t r = 8;
+  double alpha = 16;
+  bool rslora = false;
+  double dropout = 0;
+  std::string quant = "none";         // none (float32 base: LoRA), nf4, fp4, int4 (QLoRA)
+  bool double_quant = true;
+  int64_t block_size = 64;
+  double lr = 2e-4, weight_decay = 0, beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
+  double max_grad_norm = 1.0;         // 0: no clipping
+  std::string schedule = "constant";  // constant, cosine, linear (after warm-up)
+  int64_t warmup_steps = 0;
+  int64_t steps = 0;                  // optimizer steps
+  int64_t batch = 4;                  // sequences per forward
+  int64_t grad_accum = 1;             // forwards per optimizer step
+  int64_t seq_len = 256;              // tokens per training sequence at most
+  int64_t seed = 0;
+  bool checkpoint_layers = false;     // recompute each layer in backward
+  int64_t checkpoint_every = 50;      // steps between resumable checkpoints
+  int64_t log_every = 10;
+  double eval_fraction = 0;           // held-out examples for the evaluation loss
+  int64_t eval_every = 0;             // steps between evaluations (0: at the end only, when held out)
+  int64_t threads = 0;
+  std::string output;                 // the adapter folder to write
+  bool overwrite = false;
+};
+
+struct FinetuneConfig {
+  std::string path;
+  ModelSection model;
+  FinetuneSection finetune;
+};
+
+Result<FinetuneConfig> load_finetune_config(const std::filesystem::path& file, const Catalog& catalog);
+Result<FinetuneConfig> parse_finetune_config(std::string_view toml_text, const std::string& source_name,
+                                             const Catalog& catalog);
 
 // Reads and validates an experiment file; on failure the message holds one
 // line per problem found.

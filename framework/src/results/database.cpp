@@ -76,11 +76,45 @@ CREATE VIEW run_metrics AS
 
 bool create_schema_v1(sqlite3* db) { return sqlite::exec(db, kSchemaV1); }
 
+// Version 2: fine-tuning runs (`inferlab finetune`) and their training curves.
+// A run is keyed by its config hash, so a resumed run continues its own row
+// and its steps (INSERT OR REPLACE by step) are never duplicated.
+constexpr const char* kSchemaV2 = R"sql(
+CREATE TABLE finetunes (
+  id             INTEGER PRIMARY KEY,
+  hash           TEXT NOT NULL UNIQUE,
+  name           TEXT NOT NULL,
+  config_json    TEXT NOT NULL DEFAULT '',
+  model          TEXT NOT NULL DEFAULT '',
+  model_checksum TEXT NOT NULL DEFAULT '',
+  output         TEXT NOT NULL DEFAULT '',
+  git_revision   TEXT NOT NULL DEFAULT '',
+  status         TEXT NOT NULL CHECK (status IN ('running', 'finished', 'failed')),
+  error          TEXT NOT NULL DEFAULT '',
+  summary_json   TEXT NOT NULL DEFAULT '',
+  started_at     REAL,
+  finished_at    REAL
+);
+CREATE TABLE finetune_steps (
+  finetune_id INTEGER NOT NULL REFERENCES finetunes(id) ON DELETE CASCADE,
+  step        INTEGER NOT NULL,
+  loss        REAL,
+  lr          REAL,
+  grad_norm   REAL,
+  tokens      INTEGER NOT NULL DEFAULT 0,
+  seconds     REAL,
+  eval_loss   REAL,
+  PRIMARY KEY (finetune_id, step)
+) WITHOUT ROWID;
+)sql";
+
+bool create_schema_v2(sqlite3* db) { return sqlite::exec(db, kSchemaV2); }
+
 // kMigrations[v] brings a database at version v to version v + 1. They run in
 // one transaction together with the user_version update, so a crash leaves the
 // old version intact. Version 2 is one more function appended here.
 using Migration = bool (*)(sqlite3*);
-constexpr Migration kMigrations[] = {create_schema_v1};
+constexpr Migration kMigrations[] = {create_schema_v1, create_schema_v2};
 static_assert(std::size(kMigrations) == ResultsDb::kSchemaVersion);
 
 // A connection and the file it is about, for error messages.
@@ -517,6 +551,68 @@ Result<int64_t> ResultsDb::merge_from(const std::filesystem::path& other) {
   if (auto s = c.exec("DROP TABLE temp.merge_runs", "merging " + other.string()); !s) return s.error();
   if (!tx.commit()) return c.fail("cannot commit the merge of " + other.string());
   return *added;
+}
+
+Result<int64_t> ResultsDb::begin_finetune(const FinetuneRecord& run) {
+  const Conn c{db_.get(), path_};
+  auto st = c.prepare(
+      "INSERT INTO finetunes (hash, name, config_json, model, model_checksum, output, git_revision, status, "
+      "started_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'running', ?8) "
+      "ON CONFLICT(hash) DO UPDATE SET status = 'running', error = '', finished_at = NULL");
+  if (!st) return st.error();
+  st->bind(1, run.hash);
+  st->bind(2, run.name);
+  st->bind(3, run.config_json);
+  st->bind(4, run.model);
+  st->bind(5, run.model_checksum);
+  st->bind(6, run.output);
+  st->bind(7, run.git_revision);
+  st->bind(8, unix_now());
+  if (st->step() != SQLITE_DONE) return c.fail("recording fine-tuning run " + run.name);
+  auto id = c.prepare("SELECT id FROM finetunes WHERE hash = ?1");
+  if (!id) return id.error();
+  id->bind(1, run.hash);
+  if (id->step() != SQLITE_ROW) return c.fail("reading back fine-tuning run " + run.name);
+  return id->int64(0);
+}
+
+Status ResultsDb::record_finetune_steps(int64_t id, std::span<const FinetuneStep> steps) {
+  const Conn c{db_.get(), path_};
+  Transaction tx(c.db);
+  if (!tx.started()) return c.fail("cannot lock the database to record training steps");
+  auto st = c.prepare(
+      "INSERT OR REPLACE INTO finetune_steps (finetune_id, step, loss, lr, grad_norm, tokens, seconds, eval_loss) "
+      "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)");
+  if (!st) return st.error();
+  for (const FinetuneStep& s : steps) {
+    st->reset();
+    st->bind(1, id);
+    st->bind(2, s.step);
+    st->bind(3, s.loss);
+    st->bind(4, s.lr);
+    st->bind(5, s.grad_norm);
+    st->bind(6, s.tokens);
+    st->bind(7, s.seconds);
+    if (s.eval_loss) st->bind(8, *s.eval_loss);
+    else st->bind_null(8);
+    if (st->step() != SQLITE_DONE) return c.fail("recording training step " + std::to_string(s.step));
+  }
+  if (!tx.commit()) return c.fail("cannot commit training steps");
+  return ok_status();
+}
+
+Status ResultsDb::finish_finetune(int64_t id, bool finished, const std::string& error,
+                                  const std::string& summary_json) {
+  const Conn c{db_.get(), path_};
+  auto st = c.prepare("UPDATE finetunes SET status = ?2, error = ?3, summary_json = ?4, finished_at = ?5 WHERE id = ?1");
+  if (!st) return st.error();
+  st->bind(1, id);
+  st->bind(2, std::string(finished ? "finished" : "failed"));
+  st->bind(3, error);
+  st->bind(4, summary_json);
+  st->bind(5, unix_now());
+  if (st->step() != SQLITE_DONE) return c.fail("finishing fine-tuning run");
+  return ok_status();
 }
 
 Result<std::vector<ExperimentInfo>> ResultsDb::experiments() {

@@ -10,6 +10,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -85,10 +86,25 @@ struct StoredRun {
   std::vector<StoredSample> samples;           // by index (experiment_runs only)
 };
 
+// A fine-tuning run (`inferlab finetune`), keyed by its config hash.
+struct FinetuneRecord {
+  std::string hash, name, config_json, model, model_checksum, output, git_revision;
+};
+// One optimizer step of a training curve.
+struct FinetuneStep {
+  int64_t step = 0;        // from 1
+  double loss = 0;         // mean token cross-entropy of the step's batches
+  double lr = 0;
+  double grad_norm = 0;    // before clipping
+  int64_t tokens = 0;      // tokens with a target in the step
+  double seconds = 0;      // wall time of the step
+  std::optional<double> eval_loss;  // held-out mean loss, when evaluated after this step
+};
+
 class ResultsDb {
  public:
   // The schema version this build writes and reads (PRAGMA user_version).
-  static constexpr int kSchemaVersion = 1;
+  static constexpr int kSchemaVersion = 2;
 
   // Opens the database, creating it (and its folder) when missing; refuses files
   // that are not inferlab results databases or come from a newer inferlab.
@@ -123,6 +139,12 @@ class ResultsDb {
   // (by hash), with their experiments, metrics and samples, in one transaction.
   // Returns the number of runs added.
   Result<int64_t> merge_from(const std::filesystem::path& other);
+
+  // Fine-tuning: begin (or, for a hash already there, resume) a run and get
+  // its id; record steps (a step already recorded is replaced); finish it.
+  Result<int64_t> begin_finetune(const FinetuneRecord& run);
+  Status record_finetune_steps(int64_t id, std::span<const FinetuneStep> steps);
+  Status finish_finetune(int64_t id, bool finished, const std::string& error, const std::string& summary_json);
 
   // Most recently created first.
   Result<std::vector<ExperimentInfo>> experiments();

@@ -40,6 +40,7 @@ class Statement {
   }
   Statement& bind(int i, const std::string& v) { return bind(i, std::string_view(v)); }
   Statement& bind(int i, const char* v) { return bind(i, std::string_view(v)); }
+  Statement& bind_null(int i) { return check(sqlite3_bind_null(get(), i)); }
   Statement& bind(int i, std::optional<bool> v) {
     return v ? bind(i, *v) : check(sqlite3_bind_null(get(), i));
   }

@@ -1,4 +1,5 @@
 // AdamW with torch.optim.AdamW's update (the formula is in inferlab/train.h).
+#include <algorithm>
 #include <cmath>
 #include <string>
 
@@ -56,6 +57,40 @@ Status AdamW::step(std::span<const Parameter> params) {
     }
   }
   return ok_status();
+}
+
+Status AdamW::restore(int64_t steps, std::vector<std::vector<float>> m, std::vector<std::vector<float>> v) {
+  if (steps < 0) return Error{"AdamW: restore got " + std::to_string(steps) + " steps"};
+  if (m.size() != v.size()) return Error{"AdamW: restore got moments of different tensor counts"};
+  for (size_t t = 0; t < m.size(); ++t)
+    if (m[t].size() != v[t].size())
+      return Error{"AdamW: restore got moments of different sizes for tensor " + std::to_string(t)};
+  steps_ = steps;
+  m_ = std::move(m);
+  v_ = std::move(v);
+  return ok_status();
+}
+
+double scheduled_lr(double base_lr, const Schedule& s, int64_t step) {
+  if (step < s.warmup) return base_lr * double(step) / double(std::max<int64_t>(1, s.warmup));
+  if (s.kind == ScheduleKind::kConstant) return base_lr;
+  const double progress =
+      double(step - s.warmup) / double(std::max<int64_t>(1, s.total - s.warmup));
+  if (s.kind == ScheduleKind::kLinear) return base_lr * std::max(0.0, 1.0 - progress);
+  return base_lr * std::max(0.0, 0.5 * (1.0 + std::cos(M_PI * progress)));
+}
+
+double clip_grad_norm(std::span<const std::span<float>> grads, double max_norm) {
+  double sum = 0;
+  for (const auto& g : grads)
+    for (float x : g) sum += double(x) * double(x);
+  const double norm = std::sqrt(sum);
+  if (max_norm > 0 && norm > max_norm) {
+    const float coef = float(max_norm / (norm + 1e-6));
+    for (const auto& g : grads)
+      for (float& x : g) x *= coef;
+  }
+  return norm;
 }
 
 }  // namespace inferlab::train

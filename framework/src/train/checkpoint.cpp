@@ -41,6 +41,30 @@ T get(const std::string& in, size_t offset) {
   return v;
 }
 
+// Writes bytes to a temporary file beside path and renames it over path, so a
+// reader (or a process killed mid-write) never sees a partial file.
+Status write_atomically(const std::string& path, const std::string& bytes, const std::string& what) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
+    f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    f.close();
+    if (!f) return Error{what + " " + path + ": cannot write " + tmp};
+  }
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+  if (ec) return Error{what + " " + path + ": cannot rename " + tmp + ": " + ec.message()};
+  return ok_status();
+}
+
+Result<std::string> read_all(const std::string& path, const std::string& what) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) return Error{what + " " + path + ": cannot open the file"};
+  std::string bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  if (f.bad()) return Error{what + " " + path + ": cannot read the file"};
+  return bytes;
+}
+
 std::vector<float> floats(const std::string& in, size_t offset, int64_t count) {
   std::vector<float> v(static_cast<size_t>(count));
   if (!v.empty()) std::memcpy(v.data(), in.data() + offset, v.size() * sizeof(float));
@@ -60,26 +84,14 @@ Status save(const LowRankHead& head, const std::string& path) {
   for (const auto* t : {&head.w1(), &head.w2(), &head.b2()})
     bytes.append(reinterpret_cast<const char*>(t->data()), t->size() * sizeof(float));
   put(bytes, fnv1a(bytes.data(), bytes.size()));
-
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-    f.close();
-    if (!f) return Error{"train checkpoint " + path + ": cannot write " + tmp};
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) return Error{"train checkpoint " + path + ": cannot rename " + tmp + ": " + ec.message()};
-  return ok_status();
+  return write_atomically(path, bytes, "train checkpoint");
 }
 
 Result<LowRankHead> load(const std::string& path) {
   auto fail = [&](const std::string& what) -> Error { return Error{"train checkpoint " + path + ": " + what}; };
-  std::ifstream f(path, std::ios::binary);
-  if (!f) return fail("cannot open the file");
-  const std::string bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  if (f.bad()) return fail("cannot read the file");
+  auto read = read_all(path, "train checkpoint");
+  if (!read) return read.error();
+  const std::string& bytes = *read;
   if (bytes.size() < kHeaderBytes + 8)
     return fail("truncated: " + std::to_string(bytes.size()) + " bytes, less than a header and checksum");
   if (std::memcmp(bytes.data(), kMagic, sizeof(kMagic)) != 0) return fail("wrong magic: not a head checkpoint");
@@ -125,6 +137,114 @@ Result<LowRankHead> load(const std::string& path, const HeadOptions& expected) {
                  std::to_string(expected.out) + ", relu " + std::to_string(expected.relu) + ", bias " +
                  std::to_string(expected.bias)};
   return head;
+}
+
+// State files. Little-endian:
+//   "ILTRSTAT" 8-byte magic, u32 format version (1), u32 record count
+//   per record: u32 name length, name, u8 kind, u64 byte length, bytes
+//   u64 FNV-1a 64 of every byte before it
+namespace {
+constexpr char kStateMagic[8] = {'I', 'L', 'T', 'R', 'S', 'T', 'A', 'T'};
+constexpr uint32_t kStateVersion = 1;
+const char* kind_name(uint8_t kind) { return kind == 1 ? "floats" : kind == 2 ? "an integer" : "text"; }
+}  // namespace
+
+void StateFile::set_record(const std::string& name, uint8_t kind, std::string bytes) {
+  for (auto& [n, r] : records_)
+    if (n == name) {
+      r = Record{kind, std::move(bytes)};
+      return;
+    }
+  records_.emplace_back(name, Record{kind, std::move(bytes)});
+}
+
+void StateFile::put_floats(const std::string& name, std::span<const float> values) {
+  set_record(name, 1, std::string(reinterpret_cast<const char*>(values.data()), values.size() * sizeof(float)));
+}
+void StateFile::put_int(const std::string& name, int64_t value) {
+  set_record(name, 2, std::string(reinterpret_cast<const char*>(&value), sizeof(value)));
+}
+void StateFile::put_text(const std::string& name, const std::string& text) { set_record(name, 3, text); }
+
+const StateFile::Record* StateFile::find(const std::string& name) const {
+  for (const auto& [n, r] : records_)
+    if (n == name) return &r;
+  return nullptr;
+}
+bool StateFile::has(const std::string& name) const { return find(name) != nullptr; }
+
+Result<std::vector<float>> StateFile::floats(const std::string& name) const {
+  const Record* r = find(name);
+  if (r == nullptr) return Error{"state file: no record " + name};
+  if (r->kind != 1) return Error{"state file: record " + name + " holds " + kind_name(r->kind) + ", not floats"};
+  std::vector<float> v(r->bytes.size() / sizeof(float));
+  if (!v.empty()) std::memcpy(v.data(), r->bytes.data(), v.size() * sizeof(float));
+  return v;
+}
+
+Result<int64_t> StateFile::integer(const std::string& name) const {
+  const Record* r = find(name);
+  if (r == nullptr) return Error{"state file: no record " + name};
+  if (r->kind != 2) return Error{"state file: record " + name + " holds " + kind_name(r->kind) + ", not an integer"};
+  return get<int64_t>(r->bytes, 0);
+}
+
+Result<std::string> StateFile::text(const std::string& name) const {
+  const Record* r = find(name);
+  if (r == nullptr) return Error{"state file: no record " + name};
+  if (r->kind != 3) return Error{"state file: record " + name + " holds " + kind_name(r->kind) + ", not text"};
+  return r->bytes;
+}
+
+Status StateFile::save(const std::string& path) const {
+  std::string bytes(kStateMagic, sizeof(kStateMagic));
+  put(bytes, kStateVersion);
+  put(bytes, static_cast<uint32_t>(records_.size()));
+  for (const auto& [name, r] : records_) {
+    put(bytes, static_cast<uint32_t>(name.size()));
+    bytes += name;
+    put(bytes, r.kind);
+    put(bytes, static_cast<uint64_t>(r.bytes.size()));
+    bytes += r.bytes;
+  }
+  put(bytes, fnv1a(bytes.data(), bytes.size()));
+  return write_atomically(path, bytes, "state file");
+}
+
+Result<StateFile> StateFile::load(const std::string& path) {
+  auto fail = [&](const std::string& what) -> Error { return Error{"state file " + path + ": " + what}; };
+  auto read = read_all(path, "state file");
+  if (!read) return read.error();
+  const std::string& bytes = *read;
+  if (bytes.size() < 8 + 4 + 4 + 8) return fail("truncated: " + std::to_string(bytes.size()) + " bytes");
+  if (std::memcmp(bytes.data(), kStateMagic, sizeof(kStateMagic)) != 0) return fail("wrong magic: not a state file");
+  if (const auto version = get<uint32_t>(bytes, 8); version != kStateVersion)
+    return fail("format version " + std::to_string(version) + ", this build reads " + std::to_string(kStateVersion));
+  const size_t body = bytes.size() - 8;
+  if (fnv1a(bytes.data(), body) != get<uint64_t>(bytes, body)) return fail("checksum mismatch: the file is corrupt");
+  StateFile file;
+  const uint32_t count = get<uint32_t>(bytes, 12);
+  size_t at = 16;
+  for (uint32_t i = 0; i < count; ++i) {
+    if (at + 4 > body) return fail("truncated in record " + std::to_string(i));
+    const uint32_t name_len = get<uint32_t>(bytes, at);
+    at += 4;
+    if (name_len > body - at || body - at - name_len < 9) return fail("truncated in record " + std::to_string(i));
+    std::string name = bytes.substr(at, name_len);
+    at += name_len;
+    const auto kind = static_cast<uint8_t>(bytes[at]);
+    const uint64_t len = get<uint64_t>(bytes, at + 1);
+    at += 9;
+    if (kind < 1 || kind > 3) return fail("record " + name + " has unknown kind " + std::to_string(kind));
+    if (len > body - at) return fail("record " + name + " runs past the end of the file");
+    if ((kind == 1 && len % 4 != 0) || (kind == 2 && len != 8))
+      return fail("record " + name + " has " + std::to_string(len) + " bytes, not whole " + kind_name(kind));
+    if (file.has(name)) return fail("record " + name + " appears twice");
+    file.set_record(name, kind, bytes.substr(at, len));
+    at += len;
+  }
+  if (at != body) return fail(std::to_string(body - at) + " bytes after the last record");
+  return file;
 }
 
 }  // namespace inferlab::train

@@ -45,18 +45,6 @@ Status check_setup(const LowRankHead& head, const Dataset& data, const TrainOpti
   return ok_status();
 }
 
-// A uniform integer in [0, bound) by rejection, so that it is unbiased and the
-// same on every platform (std::uniform_int_distribution's output is not).
-uint64_t below(std::mt19937_64& rng, uint64_t bound) {
-  const uint64_t threshold = (0 - bound) % bound;  // 2^64 mod bound
-  for (;;)
-    if (const uint64_t r = rng(); r >= threshold) return r % bound;
-}
-
-void fisher_yates(std::vector<int64_t>& v, std::mt19937_64& rng) {
-  for (size_t i = v.size(); i > 1; --i) std::swap(v[i - 1], v[below(rng, i)]);
-}
-
 // Rows [begin, end) of `rows`, gathered contiguously.
 struct Batch {
   std::vector<float> x;
@@ -84,7 +72,19 @@ Result<LossOutput> batch_loss(const Batch& b, const TrainOptions& o, std::span<c
   return softmax_cross_entropy(logits, b.classes, out);
 }
 
+// A uniform integer in [0, bound) by rejection, so that it is unbiased and the
+// same on every platform (std::uniform_int_distribution's output is not).
+uint64_t below(std::mt19937_64& rng, uint64_t bound) {
+  const uint64_t threshold = (0 - bound) % bound;  // 2^64 mod bound
+  for (;;)
+    if (const uint64_t r = rng(); r >= threshold) return r % bound;
+}
+
 }  // namespace
+
+void shuffle(std::vector<int64_t>& v, std::mt19937_64& rng) {
+  for (size_t i = v.size(); i > 1; --i) std::swap(v[i - 1], v[below(rng, i)]);
+}
 
 Result<Metrics> evaluate(const LowRankHead& head, const Dataset& data, const TrainOptions& o,
                          std::span<const float> pos_weight, std::span<const int64_t> rows) {
@@ -152,7 +152,7 @@ Result<TrainReport> train(LowRankHead& head, const Dataset& data, const TrainOpt
   std::mt19937_64 rng(o.seed);
   std::vector<int64_t> order(static_cast<size_t>(n));
   std::iota(order.begin(), order.end(), int64_t{0});
-  fisher_yates(order, rng);
+  shuffle(order, rng);
   int64_t n_val = std::llround(o.validation_fraction * static_cast<double>(n));
   if (o.validation_fraction > 0 && n_val == 0) n_val = 1;
   if (n_val >= n)
@@ -174,7 +174,7 @@ Result<TrainReport> train(LowRankHead& head, const Dataset& data, const TrainOpt
   HeadGradients grads;
   std::vector<float> logits;
   for (int32_t epoch = 0; epoch < o.max_epochs; ++epoch) {
-    fisher_yates(epoch_order, rng);
+    shuffle(epoch_order, rng);
     double loss = 0;
     for (size_t begin = 0; begin < epoch_order.size(); begin += static_cast<size_t>(o.batch_size)) {
       const auto batch = std::span<const int64_t>(epoch_order).subspan(

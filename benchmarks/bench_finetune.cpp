@@ -1,0 +1,138 @@
+// Fine-tuning cost (issue 21): one forward + backward of a batch through the
+// training graph (finetune/lora_graph.h), per setting: LoRA on the float32
+// base or QLoRA on a 4-bit base, adapters on q,v or on every projection, with
+// and without layer checkpointing. Reports the median step time, training
+// tokens/s, the graph's peak kept activations and its base weight bytes;
+// settings alternate round by round. CPU.
+//   bench_finetune --model smollm2-135m [--batch 4] [--seq-len 256] [--ranks 8,64] [--rounds 3]
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <map>
+#include <random>
+
+#include "bench_support.h"
+#include "finetune/lora_graph.h"
+#include "model/model.h"
+
+using namespace inferlab;
+
+namespace {
+
+struct Setting {
+  std::string name;
+  finetune::GraphOptions options;
+  int32_t rank = 8;
+  std::vector<int> slots;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"fine-tuning step cost: forward + backward through the training graph"};
+  std::string model_name = "smollm2-135m";
+  int64_t batch = 4, seq_len = 256, rounds = 3, threads = 0;
+  std::vector<int32_t> ranks = {8, 64};
+  app.add_option("--model", model_name, "model short name or .gguf path")->capture_default_str();
+  app.add_option("--batch", batch, "sequences per step")->capture_default_str();
+  app.add_option("--seq-len", seq_len, "tokens per sequence")->capture_default_str();
+  app.add_option("--ranks", ranks, "adapter ranks")->delimiter(',')->capture_default_str();
+  app.add_option("--rounds", rounds, "rounds (the median is reported)")->capture_default_str();
+  app.add_option("-t,--threads", threads, "threads (0: all cores)")->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+  if (threads > 0) omp_set_num_threads(int(threads));
+
+  auto path = resolve_model(model_name);
+  if (!path) {
+    fmt::print(stderr, "bench_finetune: {}\n", path.message());
+    return 1;
+  }
+  auto model = Model::load(*path);
+  if (!model) {
+    fmt::print(stderr, "bench_finetune: {}\n", model.message());
+    return 1;
+  }
+  const ModelConfig& c = (*model)->config();
+
+  std::vector<Setting> settings;
+  for (int32_t r : ranks) {
+    for (const auto& [targets, slots] :
+         std::vector<std::pair<std::string, std::vector<int>>>{{"q,v", {0, 2}}, {"all", {0, 1, 2, 3, 4, 5, 6}}}) {
+      for (const std::string base : {"f32", "nf4+dq"}) {
+        for (bool ckpt : {false, true}) {
+          Setting s;
+          s.name = fmt::format("r={} {} {}{}", r, targets, base, ckpt ? " ckpt" : "");
+          s.rank = r;
+          s.slots = slots;
+          if (base != "f32") {
+            s.options.base.format = WeightFormat::NF4;
+            s.options.base.double_quant = true;
+          }
+          s.options.checkpoint_layers = ckpt;
+          settings.push_back(s);
+        }
+      }
+    }
+  }
+
+  finetune::Batch b;
+  b.sequences = batch;
+  b.seq_len = seq_len;
+  std::mt19937_64 rng(5);
+  std::uniform_int_distribution<int32_t> tok(0, c.n_vocab - 1);
+  for (int64_t i = 0; i < batch * seq_len; ++i) b.tokens.push_back(tok(rng));
+  b.targets.assign(b.tokens.size(), -1);
+  for (size_t i = 0; i + 1 < b.tokens.size(); ++i)
+    if ((int64_t(i) + 1) % seq_len != 0) b.targets[i] = b.tokens[i + 1];
+
+  struct State {
+    std::unique_ptr<finetune::LoraGraph> graph;
+    finetune::AdapterSet set;
+    finetune::AdapterGrads grads;
+    std::vector<double> ms;
+  };
+  std::vector<State> states;
+  for (const Setting& s : settings) {
+    auto g = finetune::LoraGraph::create(*model, s.options);
+    if (!g) {
+      fmt::print(stderr, "bench_finetune: {}\n", g.message());
+      return 1;
+    }
+    finetune::AdapterInit init;
+    init.rank = s.rank;
+    init.alpha = 16;
+    init.slots = s.slots;
+    auto set = finetune::init_adapters(c, init);
+    if (!set) {
+      fmt::print(stderr, "bench_finetune: {}\n", set.message());
+      return 1;
+    }
+    for (auto& t : set->adapters) std::fill(t.b.begin(), t.b.end(), 0.01f);
+    auto grads = finetune::AdapterGrads::like(*set);
+    states.push_back({std::move(*g), std::move(*set), std::move(grads), {}});
+  }
+  fmt::print("{}: {} x {} tokens per step, {} threads\n", model_name, batch, seq_len, omp_get_max_threads());
+  for (int64_t round = 0; round < rounds; ++round)
+    for (State& s : states) {
+      const auto t0 = bench::Clock::now();
+      auto r = s.graph->forward_backward(b, s.set, s.grads, 1e-3f);
+      if (!r) {
+        fmt::print(stderr, "bench_finetune: {}\n", r.message());
+        return 1;
+      }
+      s.ms.push_back(bench::since(t0) * 1e3);
+    }
+  fmt::print("{:<24} {:>10} {:>10} {:>14} {:>12}\n", "setting", "ms/step", "tokens/s", "activations", "base");
+  for (size_t i = 0; i < states.size(); ++i) {
+    auto& s = states[i];
+    std::sort(s.ms.begin(), s.ms.end());
+    const double median = s.ms[s.ms.size() / 2];
+    const auto mem = s.graph->memory();
+    fmt::print("{:<24} {:>10.0f} {:>10.0f} {:>10.0f} MiB {:>8.0f} MiB\n", settings[i].name, median,
+               double(batch * seq_len) / (median / 1e3), double(mem.peak_activation_bytes) / 1048576.0,
+               double(mem.base_weight_bytes) / 1048576.0);
+  }
+  return 0;
+}
