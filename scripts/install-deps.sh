@@ -13,6 +13,7 @@ packages=(
     nlohmann-json3-dev libpcre2-dev libssl-dev
     unzip ca-certificates
     clang libclang-rt-14-dev  # scripts/sanitize.sh: ASan/UBSan tests and libFuzzer targets
+    python3-matplotlib chromium  # `inferlab plot`, `report --html`, and the ctest label "report" (headless Chromium)
 )
 
 is_installed() {

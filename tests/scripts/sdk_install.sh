@@ -10,7 +10,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cmake --install "$build" --prefix "$work/prefix" >"$work/install.log" || { cat "$work/install.log"; exit 1; }
 for f in bin/inferlab include/inferlab/plugin_export.h lib/cmake/inferlab/inferlabConfig.cmake \
-  lib/inferlab/plugins/inferlab-plugin-quest.so; do
+  lib/inferlab/plugins/inferlab-plugin-quest.so share/inferlab/plot_figures.py; do
   [[ -e $work/prefix/$f ]] || { echo "sdk_install: $f not installed"; exit 1; }
 done
 # The installed host finds its own plugins without INFERLAB_PLUGIN_PATH.
