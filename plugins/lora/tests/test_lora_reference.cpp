@@ -99,6 +99,36 @@ TEST(LoraReference, PeftAdaptersGiveTransformersAndPeftLogits) {
   std::printf("[ measured ] largest |logit - transformers+peft| with adapters: %.2e\n", worst);
 }
 
+// An adapter `inferlab finetune` trained and wrote (tests/reference/
+// make_finetune_peft_fixture.py), loaded by PEFT onto the transformers model:
+// the same logits as the lora plugin gives with that folder. q_proj and k_proj
+// agreeing shows the writer put lora_B's rows back in Hugging Face's order.
+TEST(LoraReference, AnAdapterInferlabTrainedGivesPeftsLogits) {
+  auto model = real_model();
+  if (!model) GTEST_SKIP() << "default model not installed (scripts/fetch-model.sh)";
+  const auto fixture = read_json("finetuned_smollm2_logits.json");
+  auto engine = Engine::create(model, EngineOptions{16, 0, 0});
+  ASSERT_TRUE(engine.ok());
+  const auto adapter = (kReference / fixture.at("adapter").get<std::string>()).lexically_normal().string();
+  double worst = 0;
+  for (size_t p = 0; p < fixture.at("prompts").size(); ++p) {
+    const auto prompt = fixture.at("prompts")[p].get<std::vector<int32_t>>();
+    SCOPED_TRACE("prompt " + std::to_string(p));
+    for (const bool merge : {false, true}) {
+      test::ActiveMethod active = test::activate_method(
+          **engine, "lora", test::params({{"adapter", std::vector<std::string>{adapter}}, {"merge", merge}}));
+      ASSERT_NE(active.handle.get(), nullptr);
+      const double diff = max_difference(**engine, active.handle.get(), prompt, fixture.at("runs").at("finetuned")[p]);
+      (void)(*engine)->set_method(nullptr, 0);
+      EXPECT_LT(diff, kTolerance) << (merge ? "merged" : "unmerged");
+      worst = std::max(worst, diff);
+    }
+    EXPECT_GT(max_difference(**engine, nullptr, prompt, fixture.at("runs").at("finetuned")[p]), 0.1)
+        << "the trained adapter changes nothing";
+  }
+  std::printf("[ measured ] largest |logit - transformers+peft| with the adapter inferlab trained: %.2e\n", worst);
+}
+
 TEST(LoraReference, TheGgufAdapterGivesLlamaCppLogits) {
   auto model = real_model();
   if (!model) GTEST_SKIP() << "default model not installed (scripts/fetch-model.sh)";
