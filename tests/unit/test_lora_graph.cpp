@@ -299,6 +299,63 @@ TEST(LoraGraph, DropoutMasksRepeatWithTheirSeed) {
   EXPECT_EQ(g->forward_backward(b, *fresh, f, 1.0f, 3)->loss_sum, plain->loss(b, *fresh)->loss_sum);
 }
 
+// The mechanisms early-exit training plugs in: a weighted loss per exit
+// (CALM) and positions that skip layers (SkipDecode's schedule).
+TEST(LoraGraph, ExitLossesAndSkippedLayersAreWhatTheirDefinitionsSay) {
+  const AdapterSet set = random_adapters(tiny_model()->config(), 18);
+  const Batch b = make_batch(tiny_model()->config(), 12, 19);
+  GraphOptions last_only, first_only;
+  last_only.exit_weights = {0.0f, 1.0f};
+  first_only.exit_weights = {1.0f, 0.0f};
+  auto plain = graph(), g_last = graph(last_only), g_first = graph(first_only);
+  // Only the last exit weighted: the plain loss, bit for bit.
+  EXPECT_EQ(g_last->loss(b, set)->loss_sum, plain->loss(b, set)->loss_sum);
+  // Every position skipping the last layer: the loss of the first layer's exit.
+  Batch skip_last = b;
+  skip_last.skip.assign(b.tokens.size() * 2, 0);
+  for (size_t r = 0; r < b.tokens.size(); ++r) skip_last.skip[r * 2 + 1] = 1;
+  EXPECT_EQ(plain->loss(skip_last, set)->loss_sum, g_first->loss(b, set)->loss_sum);
+  EXPECT_NE(plain->loss(skip_last, set)->loss_sum, plain->loss(b, set)->loss_sum);
+  // Both exits: the weighted sum, each exit's loss reported.
+  GraphOptions both;
+  both.exit_weights = {0.25f, 1.0f};
+  auto g_both = graph(both);
+  auto r = g_both->loss(b, set);
+  ASSERT_EQ(r->exit_loss_sums.size(), 2u);
+  EXPECT_DOUBLE_EQ(r->exit_loss_sums[0], g_first->loss(b, set)->loss_sum);
+  EXPECT_DOUBLE_EQ(r->exit_loss_sums[1], plain->loss(b, set)->loss_sum);
+  EXPECT_NEAR(r->loss_sum, 0.25 * r->exit_loss_sums[0] + r->exit_loss_sums[1], 1e-9 * r->loss_sum);
+
+  // Gradients of both against finite differences: two exits, and a schedule in
+  // which later positions of each sequence skip the first layer (as SkipDecode
+  // runs the top layers only), a few the last one too.
+  Batch scheduled = b;
+  scheduled.skip.assign(b.tokens.size() * 2, 0);
+  for (int64_t s = 0; s < b.sequences; ++s)
+    for (int64_t t = 6; t < b.seq_len; ++t) {
+      scheduled.skip[size_t((s * b.seq_len + t) * 2)] = 1;
+      if (t >= 10) scheduled.skip[size_t((s * b.seq_len + t) * 2 + 1)] = 1;
+    }
+  expect_gradients_match_finite_differences(*g_both, scheduled, set, 2e-3);
+
+  // Checkpointing with both: the same gradients, bit for bit.
+  both.checkpoint_layers = true;
+  auto g_ckpt = graph(both);
+  AdapterGrads x = AdapterGrads::like(set), y = x;
+  ASSERT_TRUE(g_both->forward_backward(scheduled, set, x, 0.01f).ok());
+  ASSERT_TRUE(g_ckpt->forward_backward(scheduled, set, y, 0.01f).ok());
+  expect_same_grads(x, y);
+
+  GraphOptions bad;
+  bad.exit_weights = {1.0f};
+  EXPECT_NE(LoraGraph::create(tiny_model(), bad).message().find("1 exit weights for 2 layers"), std::string::npos);
+  bad.exit_weights = {0.0f, 0.0f};
+  EXPECT_FALSE(LoraGraph::create(tiny_model(), bad).ok());
+  Batch wrong = b;
+  wrong.skip.assign(5, 0);
+  EXPECT_FALSE(plain->loss(wrong, set).ok());
+}
+
 TEST(LoraGraph, InitializationFollowsPeft) {
   const ModelConfig& c = tiny_model()->config();
   finetune::AdapterInit init;

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <random>
 
@@ -191,6 +192,7 @@ struct LoraGraph::Impl {
   bool dropout = false;
   uint64_t dropout_seed = 0;
   std::vector<float> dropped;  // an adapter's input after dropout
+  const std::vector<uint8_t>* skip = nullptr;  // the batch's
 
   const float* weight(int32_t l, int s) {
     if (quant.empty()) return slot_weight(model->weights().layers[size_t(l)], s).data();
@@ -292,13 +294,34 @@ struct LoraGraph::Impl {
     cpu::silu_mul(a.act.data(), a.u.data(), n, f);
     linear(l, 6, a.act.data(), out, a.xa[6]);
     cpu::add_inplace(out.data(), a.x2.data(), n, d);
+    if (skips_layer(l))
+      for (int64_t r = 0; r < n; ++r)
+        if (skips(r, l)) std::memcpy(out.data() + r * d, a.x.data() + r * d, size_t(d) * sizeof(float));
+  }
+
+  // Batch::skip: whether row r skips layer l; whether any row skips layer l.
+  bool skips(int64_t r, int32_t l) const { return !skip->empty() && (*skip)[size_t(r * c.n_layers + l)] != 0; }
+  bool skips_layer(int32_t l) const {
+    if (skip->empty()) return false;
+    for (int64_t r = 0; r < n; ++r)
+      if (skips(r, l)) return true;
+    return false;
+  }
+  // g with the rows that skip layer l zeroed: what the layer's branches see.
+  const float* masked(int32_t l, const std::vector<float>& g, std::vector<float>& buffer) const {
+    if (!skips_layer(l)) return g.data();
+    buffer = g;
+    const int64_t d = c.n_embd;
+    for (int64_t r = 0; r < n; ++r)
+      if (skips(r, l)) std::fill_n(buffer.data() + r * d, d, 0.0f);
+    return buffer.data();
   }
 
   struct BackwardBuffers {
-    std::vector<float> dx2, dact, dg, du, dh, dout, dq, dk, dv, tmp;
+    std::vector<float> dx2, dact, dg, du, dh, dout, dq, dk, dv, tmp, upstream;
     int64_t bytes() const {
       int64_t b = 0;
-      for (const auto* t : {&dx2, &dact, &dg, &du, &dh, &dout, &dq, &dk, &dv, &tmp}) b += floats_bytes(*t);
+      for (const auto* t : {&dx2, &dact, &dg, &du, &dh, &dout, &dq, &dk, &dv, &tmp, &upstream}) b += floats_bytes(*t);
       return b;
     }
   };
@@ -307,9 +330,9 @@ struct LoraGraph::Impl {
   void backward_layer(int32_t l, const LayerActs& a, std::vector<float>& dx, BackwardBuffers& bb) {
     const LayerWeights& w = model->weights().layers[size_t(l)];
     const int64_t d = c.n_embd, f = c.n_ff, qd = c.q_dim(), kvd = c.kv_dim();
-    bb.dx2 = dx;  // the residual around the FFN
+    bb.dx2 = dx;  // the residual around the FFN (rows that skip the layer: their whole gradient)
     bb.dact.resize(size_t(n * f));
-    linear_backward(l, 6, dx.data(), a.act.data(), a.xa[6], bb.dact.data(), false, bb.tmp);
+    linear_backward(l, 6, masked(l, dx, bb.upstream), a.act.data(), a.xa[6], bb.dact.data(), false, bb.tmp);
     bb.dg.resize(size_t(n * f));
     bb.du.resize(size_t(n * f));
     cpu::silu_mul_backward(bb.dg.data(), bb.du.data(), bb.dact.data(), a.g.data(), a.u.data(), n * f);
@@ -318,7 +341,9 @@ struct LoraGraph::Impl {
     linear_backward(l, 5, bb.du.data(), a.h2.data(), a.xa[5], bb.dh.data(), true, bb.tmp);
     cpu::rmsnorm_backward(bb.dx2.data(), bb.dh.data(), a.x2.data(), a.inv2.data(), w.ffn_norm.data(), n, d, true);
     bb.dout.resize(size_t(n * qd));
-    linear_backward(l, 3, bb.dx2.data(), a.o.data(), a.xa[3], bb.dout.data(), false, bb.tmp);
+    // Rows that skip the layer: nothing reaches the attention branch from their output.
+    const float* attn_upstream = masked(l, bb.dx2, bb.upstream);
+    linear_backward(l, 3, attn_upstream, a.o.data(), a.xa[3], bb.dout.data(), false, bb.tmp);
     bb.dq.resize(size_t(n * qd));
     bb.dk.resize(size_t(n * kvd));
     bb.dv.resize(size_t(n * kvd));
@@ -373,6 +398,9 @@ struct LoraGraph::Impl {
                 g->b[i].size() != t.b.size()))
         return fail("the gradients are not shaped like the adapters (make them with AdapterGrads::like)");
     }
+    if (!b.skip.empty() && b.skip.size() != rows * size_t(c.n_layers))
+      return fail(fmt::format("{} skip flags for {} positions x {} layers", b.skip.size(), rows, c.n_layers));
+    skip = &b.skip;
     set = &adapters;
     grads = g;
     batch = b.sequences, seq_len = b.seq_len, n = int64_t(rows);
@@ -386,7 +414,8 @@ struct LoraGraph::Impl {
   // Runs every layer; returns the last layer's output. Keeps each layer's
   // activations in acts (or only its input in inputs, with checkpointing).
   std::vector<float> forward_layers(const Batch& b, std::vector<LayerActs>& acts,
-                                    std::vector<std::vector<float>>& inputs) {
+                                    std::vector<std::vector<float>>& inputs,
+                                    const std::function<void(int32_t, const std::vector<float>&)>& after_layer = {}) {
     const int64_t d = c.n_embd;
     const float* embd = model->weights().token_embd.data();
     std::vector<float> x(size_t(n * d));
@@ -402,6 +431,7 @@ struct LoraGraph::Impl {
       forward_layer(l, a, next);
       x = std::move(next);
       next.clear();
+      if (after_layer) after_layer(l, x);
     }
     return x;
   }
@@ -474,21 +504,46 @@ struct LoraGraph::Impl {
     if (auto st = begin(b, adapters, g, g != nullptr, seed); !st) return st.error();
     std::vector<LayerActs> acts;
     std::vector<std::vector<float>> inputs;
-    std::vector<float> x = forward_layers(b, acts, inputs), h, inv, dh;
-    final_norm(x, h, inv);
+    const int32_t last = c.n_layers - 1;
+    auto weight = [&](int32_t l) { return opt.exit_weights.empty() ? (l == last ? 1.0f : 0.0f) : opt.exit_weights[size_t(l)]; };
+    StepResult r;
     int64_t chunk_bytes = 0;
-    const StepResult r = cross_entropy(b, h, g ? &dh : nullptr, grad_scale, chunk_bytes);
-    const int64_t kept = kept_bytes(acts, inputs) + 3 * floats_bytes(x) + floats_bytes(inv);
+    // An exit's loss through the final norm and LM head, weighted; its
+    // gradient with respect to the layer's output into exit_grads[l].
+    std::vector<std::vector<float>> exit_grads(size_t(c.n_layers));
+    auto exit_loss = [&](int32_t l, const std::vector<float>& out) {
+      const float w = weight(l);
+      if (w == 0) return;
+      std::vector<float> h, inv, dh;
+      final_norm(out, h, inv);
+      const StepResult e = cross_entropy(b, h, g ? &dh : nullptr, grad_scale * w, chunk_bytes);
+      r.loss_sum += double(w) * e.loss_sum;
+      r.tokens = e.tokens;
+      if (!opt.exit_weights.empty()) r.exit_loss_sums.push_back(e.loss_sum);
+      if (!g) return;
+      exit_grads[size_t(l)].resize(size_t(n * c.n_embd));
+      cpu::rmsnorm_backward(exit_grads[size_t(l)].data(), dh.data(), out.data(), inv.data(),
+                            model->weights().output_norm.data(), n, c.n_embd, false);
+    };
+    std::vector<float> x = forward_layers(b, acts, inputs, [&](int32_t l, const std::vector<float>& out) {
+      if (l < last) exit_loss(l, out);
+    });
+    exit_loss(last, x);
+    int64_t exits = 0;
+    for (const auto& e : exit_grads) exits += floats_bytes(e);
+    const int64_t kept = kept_bytes(acts, inputs) + 3 * floats_bytes(x) + n * int64_t(sizeof(float)) + exits;
     mem.peak_activation_bytes = std::max(mem.peak_activation_bytes, kept + chunk_bytes);
     if (!g) return r;
 
-    std::vector<float> dx(size_t(n * c.n_embd));
-    cpu::rmsnorm_backward(dx.data(), dh.data(), x.data(), inv.data(), model->weights().output_norm.data(), n,
-                          c.n_embd, false);
-    x = {}, h = {}, dh = {};
+    std::vector<float> dx(size_t(n * c.n_embd), 0.0f);
+    x = {};
     BackwardBuffers bb;
     std::vector<float> recomputed;
     for (int32_t l = c.n_layers - 1; l >= 0; --l) {
+      if (!exit_grads[size_t(l)].empty()) {
+        cpu::add_inplace(dx.data(), exit_grads[size_t(l)].data(), n, c.n_embd);
+        exit_grads[size_t(l)] = {};
+      }
       LayerActs& a = acts[opt.checkpoint_layers ? 0 : size_t(l)];
       if (opt.checkpoint_layers) {
         a.x = inputs[size_t(l)];
@@ -496,7 +551,7 @@ struct LoraGraph::Impl {
       }
       backward_layer(l, a, dx, bb);
       mem.peak_activation_bytes =
-          std::max(mem.peak_activation_bytes, kept_bytes(acts, inputs) + bb.bytes() + 2 * floats_bytes(dx));
+          std::max(mem.peak_activation_bytes, kept_bytes(acts, inputs) + bb.bytes() + 2 * floats_bytes(dx) + exits);
       if (!opt.checkpoint_layers) a = LayerActs{};  // freed as soon as its backward is done
     }
     return r;
@@ -512,6 +567,18 @@ Result<std::unique_ptr<LoraGraph>> LoraGraph::create(std::shared_ptr<const Model
     return Error{fmt::format("fine-tuning: dropout must be in [0, 1), got {}", options.dropout)};
   if (options.loss_chunk_rows <= 0)
     return Error{fmt::format("fine-tuning: loss_chunk_rows must be positive, got {}", options.loss_chunk_rows)};
+  if (!options.exit_weights.empty()) {
+    if (int64_t(options.exit_weights.size()) != model->config().n_layers)
+      return Error{fmt::format("fine-tuning: {} exit weights for {} layers", options.exit_weights.size(),
+                               model->config().n_layers)};
+    bool any = false;
+    for (float w : options.exit_weights) {
+      if (!(w >= 0) || !std::isfinite(w))
+        return Error{fmt::format("fine-tuning: exit weights must be finite and >= 0, got {}", w)};
+      any = any || w > 0;
+    }
+    if (!any) return Error{"fine-tuning: every exit weight is 0: no loss to train on"};
+  }
   auto impl = std::make_unique<Impl>();
   impl->c = model->config();
   impl->opt = options;

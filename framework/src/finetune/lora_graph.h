@@ -81,6 +81,13 @@ struct Batch {
   int64_t seq_len = 0;
   std::vector<int32_t> tokens;   // (sequences, seq_len)
   std::vector<int32_t> targets;  // likewise
+  // Optional, (sequences * seq_len, n_layers): 1 where a position skips a
+  // layer (its hidden state passes through unchanged), as a layer-skipping
+  // schedule (SkipDecode) runs the forward. Its K and V at that layer are
+  // still computed from its hidden state for any later position that reads
+  // them; with a schedule whose later positions skip at least the layers
+  // earlier ones skip, none does. Empty: every position runs every layer.
+  std::vector<uint8_t> skip;
 };
 
 struct GraphOptions {
@@ -91,11 +98,17 @@ struct GraphOptions {
   bool checkpoint_layers = false;  // keep only each layer's input; recompute the layer in backward
   float dropout = 0;               // on each adapter's input, PEFT's lora_dropout
   int64_t loss_chunk_rows = 64;    // rows of logits alive at once in the cross-entropy
+  // Early-exit training (CALM's weighted per-layer loss): exit_weights[l] is
+  // the weight of the cross-entropy of the output of layer l through the final
+  // norm and LM head; the last entry weighs the model's own output. Empty: the
+  // final output alone, weight 1.
+  std::vector<float> exit_weights;
 };
 
 struct StepResult {
-  double loss_sum = 0;  // summed token cross-entropy (nats)
+  double loss_sum = 0;  // summed token cross-entropy (nats), weighted over exits when there are several
   int64_t tokens = 0;   // positions with a target
+  std::vector<double> exit_loss_sums;  // per layer with a nonzero exit weight (unweighted); else empty
 };
 
 struct MemoryStats {
