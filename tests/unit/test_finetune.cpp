@@ -198,6 +198,24 @@ TEST(Finetune, JsonlPutsTheLossOnTheResponseAndTasksOnTheirAnswers) {
   EXPECT_NE(refused.message().find((dir / "bad.jsonl").string() + ":2: expected string fields"), std::string::npos)
       << refused.message();
 
+  // A corpus slice: whole lines around the byte range, nothing outside it.
+  {
+    std::ofstream corpus(dir / "corpus.txt");
+    for (int i = 0; i < 10; ++i) corpus << "line " << i << " of the corpus\n";  // 21 bytes a line
+  }
+  auto slice = parse(dir, "corpus = \"corpus.txt\"\ncorpus_bytes = [45, 70]\nsteps = 1\noutput = \"o\"\n");
+  ASSERT_TRUE(slice.ok()) << slice.message();
+  auto sliced = finetune::load_examples(slice->finetune, tok, 1024);
+  ASSERT_TRUE(sliced.ok()) << sliced.message();
+  ASSERT_EQ(sliced->size(), 1u);
+  const std::string text = tok.decode((*sliced)[0].tokens);
+  EXPECT_NE(text.find("line 2 of the corpus\nline 3 of the corpus\n"), std::string::npos) << text;
+  EXPECT_EQ(text.find("line 1 "), std::string::npos) << text;
+  EXPECT_EQ(text.find("line 4 "), std::string::npos) << text;
+  auto far = parse(dir, "corpus = \"corpus.txt\"\ncorpus_bytes = [500, 600]\nsteps = 1\noutput = \"o\"\n");
+  ASSERT_TRUE(far.ok());
+  EXPECT_NE(finetune::load_examples(far->finetune, tok, 1024).message().find("begins at 500 but"), std::string::npos);
+
   // A datasets/ task: passkey prompts, the answer digits predicted.
   auto task = parse(dir, "steps = 1\nseq_len = 300\noutput = \"o\"\n[finetune.task]\ntype = \"passkey\"\nlengths = [256]\n"
                          "depths = [0.5]\nsamples = 3\n");

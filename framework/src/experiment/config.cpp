@@ -216,6 +216,8 @@ public:
         ParamSpec::string("name", "", {}, ""),
         ParamSpec::path_list("data", ""),
         ParamSpec::string("data_format", "auto", {"auto", "text", "jsonl"}, ""),
+        ParamSpec::string("corpus", "", {}, ""),
+        ParamSpec::int_list("corpus_bytes", {}, 0, std::nullopt, ""),
         ParamSpec::int_list("layers", {}, 0, std::nullopt, ""),
         ParamSpec::integer("r", 8, 1, 4096, ""),
         ParamSpec::real("alpha", 16, 1e-6, 1e6, ""),
@@ -261,6 +263,15 @@ public:
     f.name = values.get_string("name");
     f.data = values.get_path_list("data");
     f.data_format = values.get_string("data_format");
+    f.corpus = values.get_string("corpus");
+    // Like a task's path: a bare name is a corpus, anything like a file next to the config.
+    if (f.corpus.find('/') != std::string::npos || ends_with(f.corpus, ".txt")) f.corpus = resolve_path(f.corpus);
+    f.corpus_bytes = values.get_int_list("corpus_bytes");
+    if (const toml::node* range = table.get("corpus_bytes")) {
+      if (f.corpus_bytes.size() != 2 || f.corpus_bytes[0] >= f.corpus_bytes[1])
+        diag_.add(range->source(), "finetune.corpus_bytes", "expected [begin, end) with begin < end");
+      if (f.corpus.empty()) diag_.add(range->source(), "finetune.corpus_bytes", "needs finetune.corpus");
+    }
     f.layers = values.get_int_list("layers");
     f.r = values.get_int("r");
     f.alpha = values.get_float("alpha");
@@ -342,8 +353,9 @@ public:
       if (const auto* task_table = task->as_table()) f.task = parse_task(*task_table, "finetune.task");
       else diag_.add(task->source(), "finetune.task", "expected a [finetune.task] table, got " + describe(*task));
     }
-    if (f.data.empty() && table.get("task") == nullptr)
-      diag_.add(table.source(), "finetune.data", "missing: training data files (text or JSONL), or a [finetune.task]");
+    if (f.data.empty() && f.corpus.empty() && table.get("task") == nullptr)
+      diag_.add(table.source(), "finetune.data",
+                "missing: training data files (text or JSONL), a corpus, or a [finetune.task]");
   }
 
 private:

@@ -65,6 +65,8 @@ struct FinetuneSection {
   std::string name;                   // default: the config file's stem
   std::vector<std::string> data;      // text or JSONL files, absolute
   std::string data_format = "auto";   // auto (by extension), text, jsonl
+  std::string corpus;                 // a corpus as tasks name it ("kjv", or a text file): its text
+  std::vector<int64_t> corpus_bytes;  // [begin, end) bytes of it, widened to whole lines; empty: all
   std::optional<TaskSection> task;
   std::vector<std::string> targets;   // q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj
   std::vector<int64_t> layers;        // empty: every layer

@@ -141,6 +141,28 @@ Result<std::vector<Example>> load_examples(const FinetuneSection& config, const 
                                "examples longer than finetune.seq_len + 1 = {} tokens)",
                                path, b.summary.dropped, config.seq_len + 1)};
   }
+  if (!config.corpus.empty()) {
+    auto path = resolve_corpus(config.corpus);
+    if (!path) return Error{"finetune.corpus: " + path.message()};
+    auto text = read_text(path->string());
+    if (!text) return text.error();
+    std::string_view part(*text);
+    if (!config.corpus_bytes.empty()) {
+      // Widened to whole lines: from the line holding `begin` to the end of the line holding `end - 1`.
+      const size_t size = part.size();
+      if (size_t(config.corpus_bytes[0]) >= size)
+        return Error{fmt::format("finetune.corpus_bytes: begins at {} but {} has {} bytes", config.corpus_bytes[0],
+                                 path->string(), size)};
+      size_t begin = part.rfind('\n', size_t(config.corpus_bytes[0]));
+      begin = begin == std::string_view::npos ? 0 : begin + 1;
+      size_t end = part.find('\n', std::min(size, size_t(config.corpus_bytes[1])) - 1);
+      end = end == std::string_view::npos ? size : end + 1;
+      part = part.substr(begin, end - begin);
+    }
+    const size_t before = b.out.size();
+    add_text(b, tok, std::string(part));
+    if (b.out.size() == before) return Error{fmt::format("finetune.corpus: no training examples in {}", path->string())};
+  }
   if (config.task) {
     auto task = make_task(config.task->type, config.task->params);
     if (!task) return Error{"finetune.task: " + task.message()};

@@ -14,6 +14,7 @@
 
 #include "experiment/runner.h"
 #include "finetune/data.h"
+#include "datasets/tasks.h"
 #include "inferlab/train.h"
 #include "model/model.h"
 #include "results/database.h"
@@ -55,6 +56,14 @@ Result<std::string> canonical_json(const FinetuneConfig& c, const std::string& m
     if (!digest) return digest.error();
     data.push_back("sha256:" + *digest);
   }
+  nlohmann::json corpus = nullptr;
+  if (!f.corpus.empty()) {
+    auto path = resolve_corpus(f.corpus);
+    if (!path) return Error{"finetune.corpus: " + path.message()};
+    auto digest = sha256_file(*path);
+    if (!digest) return digest.error();
+    corpus = {{"sha256", *digest}, {"bytes", f.corpus_bytes}};
+  }
   nlohmann::json task = nullptr;
   if (f.task) {
     task = nlohmann::json::object();
@@ -69,6 +78,7 @@ Result<std::string> canonical_json(const FinetuneConfig& c, const std::string& m
       {"model", model_checksum},
       {"data", data},
       {"data_format", f.data_format},
+      {"corpus", corpus},
       {"task", task},
       {"targets", f.targets},
       {"layers", f.layers},
