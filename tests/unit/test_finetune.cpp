@@ -16,6 +16,7 @@
 #include "experiment/config.h"
 #include "finetune/data.h"
 #include "finetune/finetune.h"
+#include "formats/gguf_adapter.h"
 #include "formats/peft_adapter.h"
 #include "results/database.h"
 #include "test_support.h"
@@ -70,7 +71,7 @@ const std::string kBase =
 
 TEST(Finetune, TheLossFallsAndTheOutputIsAPeftFolderTheEngineLoads) {
   const fs::path dir = make_dir("learns");
-  auto config = parse(dir, kBase + "steps = 30\ncheckpoint_every = 10\n");
+  auto config = parse(dir, kBase + "steps = 30\ncheckpoint_every = 10\ngguf = true\n");
   ASSERT_TRUE(config.ok()) << config.message();
   EXPECT_EQ(config->finetune.name, "ft");
   EXPECT_EQ(config->finetune.targets.size(), 7u);
@@ -97,6 +98,19 @@ TEST(Finetune, TheLossFallsAndTheOutputIsAPeftFolderTheEngineLoads) {
   ASSERT_TRUE(adapter.ok()) << adapter.message();
   EXPECT_EQ(adapter->size(), 14u);
   EXPECT_FLOAT_EQ((*adapter)[0].adapter.scale, 2.0f);
+  // gguf = true: the same adapters for llama.cpp beside the PEFT files.
+  auto gguf = gguf_adapter::read_adapter(dir / "out" / "adapter_model.gguf", shape, c.architecture,
+                                         c.tied_embeddings);
+  ASSERT_TRUE(gguf.ok()) << gguf.message();
+  ASSERT_EQ(gguf->size(), adapter->size());
+  for (size_t i = 0; i < gguf->size(); ++i) {
+    const auto& g = (*gguf)[i];
+    const auto same = std::find_if(adapter->begin(), adapter->end(),
+                                   [&](const auto& p) { return p.tensor == g.tensor && p.layer == g.layer; });
+    ASSERT_NE(same, adapter->end());
+    EXPECT_EQ(g.adapter.a, same->adapter.a);
+    EXPECT_EQ(g.adapter.b, same->adapter.b);
+  }
 
   // The curve: one row per step, the run finished with its summary.
   auto db = ResultsDb::open(dir / "results.db");

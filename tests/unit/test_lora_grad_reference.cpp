@@ -6,9 +6,10 @@
 // summed cross-entropy over 68 targets, and d(loss)/d(lora_A), d(loss)/d(lora_B)
 // of all 21 modules. Our lora_B gradients of q_proj and k_proj are in GGUF's
 // row order, so the reference's are permuted the same way before comparing.
-// Also the PEFT writer's round trip: what write_adapter writes, read_adapter
-// reads back bit for bit (rows of q/k restored, scales, a regex target for
-// a ragged set of modules, rank and alpha patterns).
+// Also the writers' round trips: what peft::write_adapter writes,
+// read_adapter reads back bit for bit (rows of q/k restored, scales, a regex
+// target for a ragged set of modules, rank and alpha patterns); likewise a
+// llama.cpp GGUF adapter.
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
@@ -17,6 +18,7 @@
 #include <fstream>
 
 #include "finetune/lora_graph.h"
+#include "formats/gguf_adapter.h"
 #include "formats/peft_adapter.h"
 #include "formats/safetensors.h"
 #include "test_support.h"
@@ -26,15 +28,7 @@ namespace {
 
 const std::filesystem::path kReference = std::filesystem::path(__FILE__).parent_path() / "../reference";
 
-std::shared_ptr<Model> real_model() {
-  static std::shared_ptr<Model> model = [] {
-    const auto path = test::default_model_path();
-    if (path.empty()) return std::shared_ptr<Model>();
-    auto m = Model::load(path);
-    return m.ok() ? *m : std::shared_ptr<Model>();
-  }();
-  return model;
-}
+std::shared_ptr<Model> real_model() { return test::default_model(); }
 
 ModelShape shape_of(const ModelConfig& c) {
   ModelShape s;
@@ -174,6 +168,26 @@ TEST(LoraGradReference, WrittenAdaptersReadBackBitForBit) {
     ASSERT_NE(qb, nullptr);
     EXPECT_NE(file->read_f32(*qb), written.adapters[0].b);
   }
+
+  // The same adapters as a llama.cpp GGUF adapter: read back bit for bit.
+  const auto gguf_path = test::temp_path("adapter.gguf");
+  ASSERT_TRUE(gguf_adapter::write_adapter(gguf_path, finetune::to_projection_adapters(*set), c.architecture).ok());
+  auto from_gguf = gguf_adapter::read_adapter(gguf_path, shape_of(c), c.architecture, c.tied_embeddings);
+  ASSERT_TRUE(from_gguf.ok()) << from_gguf.message();
+  auto gguf_set = finetune::from_projection_adapters(c, *from_gguf);
+  ASSERT_TRUE(gguf_set.ok()) << gguf_set.message();
+  ASSERT_EQ(gguf_set->adapters.size(), set->adapters.size());
+  for (size_t i = 0; i < set->adapters.size(); ++i) {
+    EXPECT_EQ(gguf_set->adapters[i].a, set->adapters[i].a);
+    EXPECT_EQ(gguf_set->adapters[i].b, set->adapters[i].b);
+    EXPECT_FLOAT_EQ(gguf_set->adapters[i].scale, set->adapters[i].scale);
+  }
+  // One alpha for all in GGUF: adapters whose scale x rank differ are refused.
+  auto mixed = finetune::to_projection_adapters(*set);
+  mixed[1].adapter.scale *= 2;
+  auto refused = gguf_adapter::write_adapter(test::temp_path("mixed.gguf"), mixed, c.architecture);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.message().find("one alpha for all"), std::string::npos) << refused.message();
 
   // An existing folder with files is refused, nothing touched; with overwrite it is replaced whole.
   const auto dir = test::temp_path("taken");

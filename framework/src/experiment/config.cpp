@@ -246,7 +246,8 @@ public:
         ParamSpec::integer("eval_every", 0, 0, std::nullopt, ""),
         ParamSpec::integer("threads", 0, 0, std::nullopt, ""),
         ParamSpec::string("output", "", {}, ""),
-        ParamSpec::boolean("overwrite", false, "")};
+        ParamSpec::boolean("overwrite", false, ""),
+        ParamSpec::boolean("gguf", false, "")};
     ParamValues values;
     for (const auto& spec : specs) values.set(spec.name, spec.default_value);
     for (auto&& [name, node] : table) {
@@ -300,6 +301,10 @@ public:
     f.eval_every = values.get_int("eval_every");
     f.threads = values.get_int("threads");
     f.overwrite = values.get_bool("overwrite");
+    f.gguf = values.get_bool("gguf");
+    if (f.gguf && f.rslora && table.get("gguf") != nullptr)
+      diag_.add(table.get("gguf")->source(), "finetune.gguf",
+                "llama.cpp's adapters scale by alpha / r: an rsLoRA adapter cannot be written as GGUF");
 
     if (f.name.empty()) f.name = fs::path(source_).stem().string();
     if (!is_valid_name(f.name))

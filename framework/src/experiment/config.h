@@ -94,6 +94,7 @@ struct FinetuneSection {
   int64_t threads = 0;
   std::string output;                 // the adapter folder to write
   bool overwrite = false;
+  bool gguf = false;                  // also <output>/adapter_model.gguf, for llama.cpp
 };
 
 struct FinetuneConfig {

@@ -14,6 +14,7 @@
 
 #include "experiment/runner.h"
 #include "finetune/data.h"
+#include "formats/gguf_adapter.h"
 #include "datasets/tasks.h"
 #include "inferlab/train.h"
 #include "model/model.h"
@@ -500,6 +501,11 @@ Result<FinetuneReport> run_finetune(const FinetuneConfig& config, const Finetune
   wo.overwrite = true;  // refused above unless allowed or ours
   if (auto st = peft::write_adapter(f.output, to_projection_adapters(set), shape, wo); !st)
     return fail_run(st.error());
+  if (f.gguf)
+    if (auto st = gguf_adapter::write_adapter(fs::path(f.output) / "adapter_model.gguf", to_projection_adapters(set),
+                                              mc.architecture);
+        !st)
+      return fail_run(st.error());
   fs::remove(ckpt, ec);
 
   report.tokens_per_second = double(session_tokens) / std::max(1e-9, session_seconds);

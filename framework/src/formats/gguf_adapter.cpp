@@ -123,4 +123,39 @@ Result<std::vector<peft::ProjectionAdapter>> read_adapter(const gguf::File& f, c
   return out;
 }
 
+Status write_adapter(const std::filesystem::path& path, const std::vector<peft::ProjectionAdapter>& adapters,
+                     const std::string& architecture) {
+  const std::string where = path.string();
+  if (adapters.empty()) return Error{fmt::format("{}: no adapters to write", where)};
+  const double alpha = double(adapters[0].adapter.scale) * adapters[0].adapter.rank;
+  gguf::Writer w;
+  w.set_string("general.architecture", architecture);
+  w.set_string("general.type", "adapter");
+  w.set_string("adapter.type", "lora");
+  w.set_f32("adapter.lora.alpha", float(alpha));
+  for (const auto& p : adapters) {
+    const LowRankAdapter& a = p.adapter;
+    const double this_alpha = double(a.scale) * a.rank;
+    if (std::fabs(this_alpha - alpha) > 1e-6 * std::fabs(alpha))
+      return Error{fmt::format("{}: {} of layer {} has scale x rank {} but the first adapter {}: a GGUF adapter has one "
+                               "alpha for all (write a PEFT folder instead)",
+                               where, p.tensor, p.layer, this_alpha, alpha)};
+    if (a.rank <= 0 || a.a.size() % size_t(a.rank) != 0 || a.b.size() % size_t(a.rank) != 0)
+      return Error{fmt::format("{}: {} of layer {}: rank {} with {} A and {} B values", where, p.tensor, p.layer, a.rank,
+                               a.a.size(), a.b.size())};
+    const std::string base = p.layer < 0 ? p.tensor : fmt::format("blk.{}.{}", p.layer, p.tensor);
+    const int64_t in = int64_t(a.a.size()) / a.rank, out = int64_t(a.b.size()) / a.rank;
+    if (auto st = w.add_tensor_f32(base + ".weight.lora_a", gguf::TensorType::F32, {in, a.rank}, a.a); !st)
+      return Error{fmt::format("{}: {}", where, st.message())};
+    if (auto st = w.add_tensor_f32(base + ".weight.lora_b", gguf::TensorType::F32, {a.rank, out}, a.b); !st)
+      return Error{fmt::format("{}: {}", where, st.message())};
+  }
+  const std::filesystem::path tmp = path.string() + ".tmp";
+  if (auto st = w.write(tmp); !st) return st;
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+  if (ec) return Error{fmt::format("{}: cannot rename {} into place: {}", where, tmp.string(), ec.message())};
+  return ok_status();
+}
+
 }  // namespace inferlab::gguf_adapter

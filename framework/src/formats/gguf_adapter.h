@@ -31,4 +31,13 @@ Result<std::vector<peft::ProjectionAdapter>> read_adapter(const gguf::File& file
                                                           const ModelShape& shape, const std::string& architecture,
                                                           bool tied);
 
+// Writes adapters (this engine's row order, which is llama.cpp's) as a GGUF
+// adapter llama.cpp loads: general.type "adapter", adapter.type "lora",
+// general.architecture, one adapter.lora.alpha for all (so every adapter's
+// scale * r must be the same: llama.cpp scales by alpha / r and knows no
+// rsLoRA), float32 lora_a [in, r] and lora_b [r, out]. Written beside `path`
+// and renamed into place.
+Status write_adapter(const std::filesystem::path& path, const std::vector<peft::ProjectionAdapter>& adapters,
+                     const std::string& architecture);
+
 }  // namespace inferlab::gguf_adapter
