@@ -1,5 +1,7 @@
 #include "backward.h"
 
+#include "cpu_ops.h"
+
 #include <cblas.h>
 
 #include <algorithm>
@@ -39,25 +41,11 @@ void rmsnorm_backward(float* dx, const float* dy, const float* x, const float* i
 
 void rope_backward(float* dx, int64_t rows, int64_t row_stride, int64_t n_heads, int64_t head_dim, int64_t rope_dim,
                    const int32_t* positions, float theta, bool neox) {
-  const int64_t half = rope_dim / 2;
-  std::vector<float> inv_freq(static_cast<size_t>(half));
-  for (int64_t i = 0; i < half; ++i) inv_freq[size_t(i)] = std::pow(theta, -float(2 * i) / float(rope_dim));
-#pragma omp parallel for if (rows > 4)
-  for (int64_t r = 0; r < rows; ++r) {
-    const float pos = float(positions[r]);
-    for (int64_t i = 0; i < half; ++i) {
-      const float angle = pos * inv_freq[size_t(i)];
-      const float c = std::cos(angle), s = std::sin(angle);
-      for (int64_t h = 0; h < n_heads; ++h) {
-        float* head = dx + r * row_stride + h * head_dim;
-        const int64_t a = neox ? i : 2 * i;
-        const int64_t b = neox ? i + half : 2 * i + 1;
-        const float g0 = head[a], g1 = head[b];
-        head[a] = g0 * c + g1 * s;
-        head[b] = -g0 * s + g1 * c;
-      }
-    }
-  }
+  // Rotating by -p * f: (-p) * f is exactly -(p * f), cos is even and sin odd,
+  // so this is the forward rotation's transpose to the bit.
+  std::vector<int32_t> negated(static_cast<size_t>(rows));
+  for (int64_t r = 0; r < rows; ++r) negated[size_t(r)] = -positions[r];
+  rope_strided(dx, rows, row_stride, n_heads, head_dim, rope_dim, negated.data(), theta, neox);
 }
 
 void silu_mul_backward(float* dgate, float* dup, const float* dact, const float* gate, const float* up, int64_t count) {

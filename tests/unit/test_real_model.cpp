@@ -14,16 +14,7 @@
 namespace inferlab {
 namespace {
 
-std::shared_ptr<Model> real_model() {
-  static std::shared_ptr<Model> model = [] {
-    const auto path = test::default_model_path();
-    if (path.empty()) return std::shared_ptr<Model>();
-    auto loaded = Model::load(path);
-    EXPECT_TRUE(loaded.ok()) << (loaded.ok() ? "" : loaded.message());
-    return loaded.ok() ? *loaded : nullptr;
-  }();
-  return model;
-}
+std::shared_ptr<Model> real_model() { return test::default_model(); }
 
 nlohmann::json fixture() {
   std::ifstream in(std::filesystem::path(__FILE__).parent_path() / "../reference/smollm2_llamacpp_top1.json");

@@ -43,8 +43,9 @@ struct Builder {
       e.predict.resize(size_t(limit));
       ++summary.truncated;
     }
+    if (e.tokens.size() < 2) return;  // nothing to learn from
     const int64_t targets = std::count(e.predict.begin() + 1, e.predict.end(), uint8_t{1});
-    if (e.tokens.size() < 2 || targets == 0) return;  // nothing to learn from
+    if (targets == 0) return;
     summary.tokens += int64_t(e.tokens.size());
     summary.targets += targets;
     out.push_back(std::move(e));

@@ -206,12 +206,22 @@ struct LoraGraph::Impl {
   // scaled by 1 / (1 - p)), its mask a function of the seed, adapter and element.
   const float* adapter_input(int ai, const float* x, int64_t in) {
     if (!dropout) return x;
-    const float p = opt.dropout, keep_scale = 1.0f / (1.0f - p);
-    const uint64_t key = mix64(dropout_seed ^ mix64(uint64_t(ai) + 1));
     dropped.resize(size_t(n * in));
-    for (int64_t e = 0; e < n * in; ++e)
-      dropped[size_t(e)] = unit_float(mix64(key + uint64_t(e))) >= p ? x[e] * keep_scale : 0.0f;
+    const DropoutMask mask = dropout_mask(ai);
+#pragma omp parallel for if (n * in > 65536)
+    for (int64_t e = 0; e < n * in; ++e) dropped[size_t(e)] = x[e] * mask.factor(e);
     return dropped.data();
+  }
+
+  // Adapter ai's mask: element e is kept (and scaled by 1 / (1 - p)) when a
+  // uniform draw from (seed, adapter, e) is at least p.
+  struct DropoutMask {
+    uint64_t key;
+    float p, keep_scale;
+    float factor(int64_t e) const { return unit_float(mix64(key + uint64_t(e))) >= p ? keep_scale : 0.0f; }
+  };
+  DropoutMask dropout_mask(int ai) const {
+    return {mix64(dropout_seed ^ mix64(uint64_t(ai) + 1)), opt.dropout, 1.0f / (1.0f - opt.dropout)};
   }
 
   // y(n, out) = x W^T, plus the adapter's scale * (x A^T) B^T with x A^T kept in xa.
@@ -258,21 +268,17 @@ struct LoraGraph::Impl {
     tmp.resize(size_t(n * in));
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(n), int(in), t.rank, 1.0f, dyb.data(), t.rank,
                 t.a.data(), int(in), 0.0f, tmp.data(), int(in));
-    // The mask again: dropped[e] is x[e] / (1 - p) where kept, 0 where dropped.
-    const float keep_scale = 1.0f / (1.0f - opt.dropout);
-    const uint64_t key = mix64(dropout_seed ^ mix64(uint64_t(ai) + 1));
-    for (int64_t e = 0; e < n * in; ++e)
-      if (unit_float(mix64(key + uint64_t(e))) >= opt.dropout) dx[e] += tmp[size_t(e)] * keep_scale;
+    // Through the mask again: the adapter saw x[e] * factor(e).
+    const DropoutMask mask = dropout_mask(ai);
+#pragma omp parallel for if (n * in > 65536)
+    for (int64_t e = 0; e < n * in; ++e) dx[e] += tmp[size_t(e)] * mask.factor(e);
   }
 
   // One layer from a.x; its output (the next layer's input) into out.
   void forward_layer(int32_t l, LayerActs& a, std::vector<float>& out) {
     const LayerWeights& w = model->weights().layers[size_t(l)];
     const int64_t d = c.n_embd, f = c.n_ff;
-    a.inv1.resize(size_t(n));
-    a.h1.resize(size_t(n * d));
-    cpu::rmsnorm_inverse(a.inv1.data(), a.x.data(), n, d, c.rms_eps);
-    cpu::rmsnorm(a.h1.data(), a.x.data(), w.attn_norm.data(), n, d, c.rms_eps);
+    norm(a.x, w.attn_norm.data(), a.h1, a.inv1);
     linear(l, 0, a.h1.data(), a.q, a.xa[0]);
     linear(l, 1, a.h1.data(), a.k, a.xa[1]);
     linear(l, 2, a.h1.data(), a.v, a.xa[2]);
@@ -284,10 +290,7 @@ struct LoraGraph::Impl {
                                   c.n_heads, c.n_kv_heads, c.head_dim, 1.0f / std::sqrt(float(c.head_dim)));
     linear(l, 3, a.o.data(), a.x2, a.xa[3]);
     cpu::add_inplace(a.x2.data(), a.x.data(), n, d);
-    a.inv2.resize(size_t(n));
-    a.h2.resize(size_t(n * d));
-    cpu::rmsnorm_inverse(a.inv2.data(), a.x2.data(), n, d, c.rms_eps);
-    cpu::rmsnorm(a.h2.data(), a.x2.data(), w.ffn_norm.data(), n, d, c.rms_eps);
+    norm(a.x2, w.ffn_norm.data(), a.h2, a.inv2);
     linear(l, 4, a.h2.data(), a.g, a.xa[4]);
     linear(l, 5, a.h2.data(), a.u, a.xa[5]);
     a.act = a.g;
@@ -490,13 +493,16 @@ struct LoraGraph::Impl {
     return r;
   }
 
-  // The final norm of x into h (and its per-row inverse).
-  void final_norm(const std::vector<float>& x, std::vector<float>& h, std::vector<float>& inv) {
+  // RMSNorm of x's rows into h, with each row's inverse RMS kept for backward.
+  void norm(const std::vector<float>& x, const float* weight, std::vector<float>& h, std::vector<float>& inv) {
     const int64_t d = c.n_embd;
     h.resize(size_t(n * d));
     inv.resize(size_t(n));
     cpu::rmsnorm_inverse(inv.data(), x.data(), n, d, c.rms_eps);
-    cpu::rmsnorm(h.data(), x.data(), model->weights().output_norm.data(), n, d, c.rms_eps);
+    cpu::rmsnorm(h.data(), x.data(), weight, n, d, c.rms_eps);
+  }
+  void final_norm(const std::vector<float>& x, std::vector<float>& h, std::vector<float>& inv) {
+    norm(x, model->weights().output_norm.data(), h, inv);
   }
 
   Result<StepResult> run(const Batch& b, const AdapterSet& adapters, AdapterGrads* g, float grad_scale,

@@ -190,30 +190,33 @@ Result<AdapterConfig> parse_config(const std::string& text, const std::string& o
   return c;
 }
 
-std::vector<float> permute_rows_for_gguf(const std::vector<float>& rows, int32_t heads, int32_t head_dim,
-                                         int64_t cols) {
-  std::vector<float> out(rows.size());
-  const int32_t half = head_dim / 2;
-  for (int32_t h = 0; h < heads; ++h)
-    for (int32_t i = 0; i < half; ++i)
-      for (int32_t j = 0; j < 2; ++j) {
-        const int64_t to = int64_t(h) * head_dim + 2 * i + j, from = int64_t(h) * head_dim + int64_t(j) * half + i;
-        std::copy_n(rows.begin() + from * cols, cols, out.begin() + to * cols);
-      }
-  return out;
-}
+namespace {
 
-std::vector<float> permute_rows_from_gguf(const std::vector<float>& rows, int32_t heads, int32_t head_dim,
-                                          int64_t cols) {
+// Row h*D + 2i + j of GGUF's order is row h*D + j*D/2 + i of Hugging Face's.
+std::vector<float> permute_rows(const std::vector<float>& rows, int32_t heads, int32_t head_dim, int64_t cols,
+                                bool to_gguf) {
   std::vector<float> out(rows.size());
   const int32_t half = head_dim / 2;
   for (int32_t h = 0; h < heads; ++h)
     for (int32_t i = 0; i < half; ++i)
       for (int32_t j = 0; j < 2; ++j) {
         const int64_t gguf = int64_t(h) * head_dim + 2 * i + j, hf = int64_t(h) * head_dim + int64_t(j) * half + i;
-        std::copy_n(rows.begin() + gguf * cols, cols, out.begin() + hf * cols);
+        const int64_t from = to_gguf ? hf : gguf, to = to_gguf ? gguf : hf;
+        std::copy_n(rows.begin() + from * cols, cols, out.begin() + to * cols);
       }
   return out;
+}
+
+}  // namespace
+
+std::vector<float> permute_rows_for_gguf(const std::vector<float>& rows, int32_t heads, int32_t head_dim,
+                                         int64_t cols) {
+  return permute_rows(rows, heads, head_dim, cols, true);
+}
+
+std::vector<float> permute_rows_from_gguf(const std::vector<float>& rows, int32_t heads, int32_t head_dim,
+                                          int64_t cols) {
+  return permute_rows(rows, heads, head_dim, cols, false);
 }
 
 Result<std::vector<ProjectionAdapter>> read_adapter(const std::filesystem::path& dir, const ModelShape& shape,

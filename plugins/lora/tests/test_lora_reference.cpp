@@ -37,15 +37,7 @@ nlohmann::json read_json(const std::string& name) {
   return in ? nlohmann::json::parse(in) : nlohmann::json();
 }
 
-std::shared_ptr<Model> real_model() {
-  static std::shared_ptr<Model> model = [] {
-    const auto path = test::default_model_path();
-    if (path.empty()) return std::shared_ptr<Model>();
-    auto m = Model::load(path);
-    return m.ok() ? *m : std::shared_ptr<Model>();
-  }();
-  return model;
-}
+std::shared_ptr<Model> real_model() { return test::default_model(); }
 
 // The largest difference between our logits of `prompt` (all positions) and
 // a reference run (per position: top-8 [id, logit] and lse).

@@ -72,6 +72,20 @@ inline std::filesystem::path default_model_path() {
   return resolved.ok() ? *resolved : std::filesystem::path();
 }
 
+// The real default model, loaded once per process; nullptr when it is not
+// installed (tests then skip). A file that is there but does not load fails
+// the calling test.
+inline std::shared_ptr<Model> default_model() {
+  static std::shared_ptr<Model> model = [] {
+    const auto path = default_model_path();
+    if (path.empty()) return std::shared_ptr<Model>();
+    auto loaded = Model::load(path);
+    EXPECT_TRUE(loaded.ok()) << (loaded.ok() ? "" : loaded.message());
+    return loaded.ok() ? *loaded : std::shared_ptr<Model>();
+  }();
+  return model;
+}
+
 inline std::vector<int32_t> random_tokens(int32_t n_vocab, int n, uint64_t seed) {
   std::mt19937_64 rng(seed);
   std::uniform_int_distribution<int32_t> dist(0, n_vocab - 1);
