@@ -9,6 +9,7 @@ namespace inferlab::cli {
 void register_commands(CLI::App& app);
 void register_experiment_commands(CLI::App& app);  // experiment_commands.cpp
 void register_finetune_command(CLI::App& app);     // finetune_command.cpp
+void register_slurm_command(CLI::App& app);        // slurm_command.cpp
 int exit_code();
 void set_exit_code(int code);
 

@@ -16,6 +16,7 @@ int main(int argc, char** argv) {
   inferlab::cli::register_commands(app);
   inferlab::cli::register_experiment_commands(app);
   inferlab::cli::register_finetune_command(app);
+  inferlab::cli::register_slurm_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
