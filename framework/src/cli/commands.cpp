@@ -21,6 +21,7 @@
 #include "model/model.h"
 #include "model/synthetic_model.h"
 #include "plugins/plugin_host.h"
+#include "tokenizer/chat_template.h"
 
 namespace inferlab::cli {
 
@@ -304,6 +305,8 @@ struct GenerateArgs {
   uint64_t seed = 0;
   bool raw = false;
   bool stats = false;
+  bool chat = false;       // the prompt as a user message in the model's chat template
+  std::string system;      // with chat: a system message (else the template's own default, if any)
 };
 
 int run_generate(const GenerateArgs& args) {
@@ -312,15 +315,36 @@ int run_generate(const GenerateArgs& args) {
   auto method = open_method(**engine, args.method);
   if (!method) return fail(method.message());
   const Tokenizer& tok = (*engine)->model().tokenizer();
-  auto prompt = tok.encode(args.prompt, tok.add_bos_default(), /*parse_special=*/true);
+  std::string text = args.prompt;
+  std::vector<int32_t> stops;
+  bool bos = tok.add_bos_default();
+  if (args.chat) {
+    auto chat = parse_chat_template((*engine)->model().chat_template(), (*engine)->model().path().string());
+    if (!chat) return fail(chat.message());
+    std::vector<ChatMessage> messages;
+    if (!args.system.empty()) messages.push_back({"system", args.system});
+    messages.push_back({"user", args.prompt});
+    text = render_chat(*chat, messages, /*add_generation_prompt=*/true);
+    bos = false;  // the template writes its own (Llama-3's <|begin_of_text|>), or none
+    const auto turn_end = tok.encode(end_of_turn(chat->format), false, /*parse_special=*/true);
+    if (turn_end.size() != 1)
+      return fail(fmt::format("{}: the vocabulary has no single token for {}", (*engine)->model().path().string(),
+                              end_of_turn(chat->format)));
+    stops.push_back(turn_end[0]);
+  } else if (!args.system.empty()) {
+    return fail("--system needs --chat");
+  }
+  auto prompt = tok.encode(text, bos, /*parse_special=*/true);
   if (prompt.empty()) return fail("the prompt encodes to no tokens");
   if (*method) (*method)->method()->begin_sequence((*engine)->shape());
-  std::fputs(args.raw ? "" : args.prompt.c_str(), stdout);
-  auto result = generate(**engine, prompt, args.max_tokens, SamplerOptions{args.temperature, args.top_p, args.seed},
-                         [](const std::string& text) {
-                           std::fputs(text.c_str(), stdout);
-                           std::fflush(stdout);
-                         });
+  std::fputs(args.raw || args.chat ? "" : args.prompt.c_str(), stdout);
+  auto result = generate(
+      **engine, prompt, args.max_tokens, SamplerOptions{args.temperature, args.top_p, args.seed},
+      [](const std::string& piece) {
+        std::fputs(piece.c_str(), stdout);
+        std::fflush(stdout);
+      },
+      stops);
   std::fputs("\n", stdout);
   if (!result) return fail(result.message());
   if (args.stats) {
@@ -531,6 +555,10 @@ void register_commands(CLI::App& app) {
   g->add_option("--seed", gen.seed, "sampling seed")->capture_default_str();
   g->add_flag("--raw", gen.raw, "do not echo the prompt");
   g->add_flag("--stats", gen.stats, "print TTFT and decode speed to stderr");
+  g->add_flag("--chat", gen.chat,
+              "the prompt as a user message in the model's chat template (ChatML, Llama-3); stops at the end of "
+              "the turn");
+  g->add_option("--system", gen.system, "with --chat: a system message (default: the template's own, if any)");
   g->callback([] { g_exit_code = run_generate(gen); });
 
   static PerplexityArgs ppl;

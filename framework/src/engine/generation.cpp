@@ -23,10 +23,15 @@ double log_prob(std::span<const float> logits, int32_t target) {
 
 Result<TokenLoopResult> run_token_loop(std::vector<float> logits, int32_t max_tokens, int32_t eos,
                                        const TokenLoop& loop) {
+  return run_token_loop(std::move(logits), max_tokens, std::span<const int32_t>(&eos, 1), loop);
+}
+
+Result<TokenLoopResult> run_token_loop(std::vector<float> logits, int32_t max_tokens, std::span<const int32_t> stops,
+                                       const TokenLoop& loop) {
   TokenLoopResult out;
   for (int32_t i = 0; i < max_tokens; ++i) {
     const int32_t next = loop.choose(logits);
-    if (next == eos) {
+    if (std::find(stops.begin(), stops.end(), next) != stops.end()) {
       out.stopped_at_eos = true;
       break;
     }
@@ -40,7 +45,8 @@ Result<TokenLoopResult> run_token_loop(std::vector<float> logits, int32_t max_to
 
 Result<GenerationResult> generate(Engine& engine, const std::vector<int32_t>& prompt, int32_t max_tokens,
                                   const SamplerOptions& sampling,
-                                  const std::function<void(const std::string&)>& on_text) {
+                                  const std::function<void(const std::string&)>& on_text,
+                                  std::span<const int32_t> extra_stops) {
   if (prompt.empty()) return Error{"generate: the prompt has no tokens"};
   if (max_tokens < 0) return Error{fmt::format("generate: max tokens {} is negative", max_tokens)};
   auto sampler = Sampler::create(sampling);
@@ -73,7 +79,9 @@ Result<GenerationResult> generate(Engine& engine, const std::vector<int32_t>& pr
   loop.on_token = [&](int32_t token, std::span<const float>) {
     if (on_text) on_text(stream.push(tok.token_to_piece(token)));
   };
-  auto tokens = run_token_loop(std::move(*logits), max_tokens, tok.eos(), loop);
+  std::vector<int32_t> stops(extra_stops.begin(), extra_stops.end());
+  stops.push_back(tok.eos());
+  auto tokens = run_token_loop(std::move(*logits), max_tokens, stops, loop);
   if (!tokens) return tokens.error();
   result.tokens = std::move(tokens->tokens);
   result.stopped_at_eos = tokens->stopped_at_eos;

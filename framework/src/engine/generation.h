@@ -35,11 +35,16 @@ struct TokenLoopResult {
   bool stopped_at_eos = false;
 };
 Result<TokenLoopResult> run_token_loop(std::vector<float> logits, int32_t max_tokens, int32_t eos, const TokenLoop& loop);
+// The same, stopping at any of `stops` (EOS and a chat format's end of turn).
+Result<TokenLoopResult> run_token_loop(std::vector<float> logits, int32_t max_tokens, std::span<const int32_t> stops,
+                                       const TokenLoop& loop);
 
-// Streams text pieces through `on_text` (whole UTF-8 characters only).
+// Streams text pieces through `on_text` (whole UTF-8 characters only). Stops
+// at EOS, and at any of extra_stops.
 Result<GenerationResult> generate(Engine& engine, const std::vector<int32_t>& prompt, int32_t max_tokens,
                                   const SamplerOptions& sampling,
-                                  const std::function<void(const std::string&)>& on_text);
+                                  const std::function<void(const std::string&)>& on_text,
+                                  std::span<const int32_t> extra_stops = {});
 
 // log softmax(logits)[target], computed in double for stability.
 double log_prob(std::span<const float> logits, int32_t target);

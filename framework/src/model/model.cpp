@@ -71,6 +71,7 @@ Result<std::shared_ptr<Model>> Model::load(const std::filesystem::path& path) {
   model->file_size_ = file.file_size();
   model->config_ = *config;
   model->tokenizer_ = std::move(tokenizer).value();
+  if (const auto chat = file.get_string("tokenizer.chat_template")) model->chat_template_ = *chat;
   const ModelConfig& c = model->config_;
   if (model->tokenizer_->vocab_size() != c.n_vocab)
     return Error{fmt::format("{}: tokenizer has {} tokens but {} has {} rows", path.string(),

@@ -67,6 +67,8 @@ class Model {
   const ModelConfig& config() const { return config_; }
   const ModelWeights& weights() const { return weights_; }
   const Tokenizer& tokenizer() const { return *tokenizer_; }
+  // tokenizer.chat_template (a Jinja program), empty when the file has none.
+  const std::string& chat_template() const { return chat_template_; }
   const std::filesystem::path& path() const { return path_; }
   uint64_t file_size() const { return file_size_; }
   int64_t parameter_count() const { return parameter_count_; }
@@ -80,6 +82,7 @@ class Model {
   ModelConfig config_;
   ModelWeights weights_;
   std::unique_ptr<Tokenizer> tokenizer_;
+  std::string chat_template_;
   mutable std::string checksum_;
 };
 
