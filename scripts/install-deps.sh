@@ -14,6 +14,7 @@ packages=(
     unzip ca-certificates
     clang libclang-rt-14-dev  # scripts/sanitize.sh: ASan/UBSan tests and libFuzzer targets
     python3-matplotlib chromium  # `inferlab plot`, `report --html`, and the ctest label "report" (headless Chromium)
+    slurm-wlm munge  # the ctest label "slurm": `inferlab slurm --submit` on a one-node cluster the test starts
 )
 
 is_installed() {
