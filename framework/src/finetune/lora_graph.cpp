@@ -105,7 +105,8 @@ Result<AdapterSet> init_adapters(const ModelConfig& c, const AdapterInit& init) 
     if (!layer_on[size_t(l)]) continue;
     for (int s = 0; s < kSlots; ++s) {
       if (!slot_on[size_t(s)]) continue;
-      const auto [out, in] = slot_shape(c, s);
+      const auto shape = slot_shape(c, s);
+    const int64_t out = shape.first, in = shape.second;
       if (init.rank > std::min(out, in))
         return Error{fmt::format("adapters: rank {} exceeds {}'s smaller side {}", init.rank, kSlotTensors[size_t(s)],
                                  std::min(out, in))};
@@ -144,7 +145,8 @@ Result<AdapterSet> from_projection_adapters(const ModelConfig& c, const std::vec
     if (p.layer < 0 || p.layer >= c.n_layers)
       return Error{fmt::format("adapters: {} of layer {} is outside the model's {} layers", p.tensor, p.layer,
                                c.n_layers)};
-    const auto [out, in] = slot_shape(c, s);
+    const auto shape = slot_shape(c, s);
+    const int64_t out = shape.first, in = shape.second;
     const int32_t r = p.adapter.rank;
     if (r <= 0 || p.adapter.a.size() != size_t(int64_t(r) * in) || p.adapter.b.size() != size_t(out * int64_t(r)))
       return Error{fmt::format("adapters: {} of layer {}: rank {} with {} A and {} B values does not fit ({}, {})",
@@ -226,7 +228,8 @@ struct LoraGraph::Impl {
 
   // y(n, out) = x W^T, plus the adapter's scale * (x A^T) B^T with x A^T kept in xa.
   void linear(int32_t l, int s, const float* x, std::vector<float>& y, std::vector<float>& xa) {
-    const auto [out, in] = slot_shape(c, s);
+    const auto shape = slot_shape(c, s);
+    const int64_t out = shape.first, in = shape.second;
     y.resize(size_t(n * out));
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(n), int(out), int(in), 1.0f, x, int(in), weight(l, s),
                 int(in), 0.0f, y.data(), int(out));
@@ -248,7 +251,8 @@ struct LoraGraph::Impl {
   // gradients added to grads.
   void linear_backward(int32_t l, int s, const float* dy, const float* x, const std::vector<float>& xa, float* dx,
                        bool accumulate, std::vector<float>& tmp) {
-    const auto [out, in] = slot_shape(c, s);
+    const auto shape = slot_shape(c, s);
+    const int64_t out = shape.first, in = shape.second;
     cpu::matmul_dy_w(dx, dy, weight(l, s), n, out, in, accumulate);
     const int ai = index[size_t(l)][size_t(s)];
     if (ai < 0) return;
@@ -387,7 +391,8 @@ struct LoraGraph::Impl {
       const AdapterTensor& t = adapters.adapters[i];
       if (t.layer < 0 || t.layer >= c.n_layers || t.slot < 0 || t.slot >= kSlots)
         return fail(fmt::format("adapter {} names layer {} slot {}, not in the model", i, t.layer, t.slot));
-      const auto [out, in] = slot_shape(c, t.slot);
+      const auto shape = slot_shape(c, t.slot);
+    const int64_t out = shape.first, in = shape.second;
       if (t.in != in || t.out != out || t.rank <= 0 || t.a.size() != size_t(t.rank * in) ||
           t.b.size() != size_t(out * t.rank))
         return fail(fmt::format("adapter {} ({} of layer {}) has shape ({}, {}) rank {} with {} A and {} B values; "
@@ -601,7 +606,8 @@ Result<std::unique_ptr<LoraGraph>> LoraGraph::create(std::shared_ptr<const Model
     impl->quant.resize(size_t(c.n_layers));
     for (int32_t l = 0; l < c.n_layers; ++l)
       for (int s2 = 0; s2 < kSlots; ++s2) {
-        const auto [out, in] = slot_shape(c, s2);
+        const auto shape = slot_shape(c, s2);
+    const int64_t out = shape.first, in = shape.second;
         impl->quant[size_t(l)][size_t(s2)] =
             cpu::quant4_quantize(slot_weight(model->weights().layers[size_t(l)], s2).data(), out, in, format,
                                  s.block_size, s.double_quant);
@@ -610,7 +616,8 @@ Result<std::unique_ptr<LoraGraph>> LoraGraph::create(std::shared_ptr<const Model
   } else {
     for (int32_t l = 0; l < c.n_layers; ++l)
       for (int s2 = 0; s2 < kSlots; ++s2) {
-        const auto [out, in] = slot_shape(c, s2);
+        const auto shape = slot_shape(c, s2);
+    const int64_t out = shape.first, in = shape.second;
         impl->mem.base_weight_bytes += out * in * int64_t(sizeof(float));
       }
   }
