@@ -20,7 +20,8 @@ if ! command -v clang++ >/dev/null 2>&1; then
 fi
 
 CC=clang CXX=clang++ cmake -S . -B "$build_dir" -DCMAKE_BUILD_TYPE=Release -DINFERLAB_CUDA=OFF \
-    -DINFERLAB_SANITIZE=ON -DINFERLAB_FUZZ=ON -DINFERLAB_CPU_ARCH=x86-64-v3 -DINFERLAB_WERROR="${INFERLAB_WERROR:-OFF}"
+    -DINFERLAB_SANITIZE=ON -DINFERLAB_FUZZ=ON -DINFERLAB_BENCHMARKS=OFF -DINFERLAB_CPU_ARCH=x86-64-v3 \
+    -DINFERLAB_WERROR="${INFERLAB_WERROR:-OFF}"
 cmake --build "$build_dir" -j"$jobs"
 
 export ASAN_OPTIONS="detect_leaks=1:abort_on_error=1:strict_string_checks=1"
