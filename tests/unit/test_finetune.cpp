@@ -13,6 +13,7 @@
 #include <sstream>
 
 #include "datasets/tasks.h"
+#include "engine/engine.h"
 #include "experiment/config.h"
 #include "finetune/data.h"
 #include "finetune/finetune.h"
@@ -90,10 +91,8 @@ TEST(Finetune, TheLossFallsAndTheOutputIsAPeftFolderTheEngineLoads) {
   EXPECT_FALSE(fs::exists(finetune::checkpoint_path(*config))) << "the checkpoint outlived a finished run";
 
   auto model = Model::load(model_path());
-  ModelShape shape;
   const ModelConfig& c = (*model)->config();
-  shape.n_layers = c.n_layers, shape.n_heads = c.n_heads, shape.n_kv_heads = c.n_kv_heads, shape.head_dim = c.head_dim;
-  shape.n_embd = c.n_embd, shape.n_ff = c.n_ff, shape.n_vocab = c.n_vocab;
+  const ModelShape shape = model_shape(c);
   auto adapter = peft::read_adapter(dir / "out", shape, c.tied_embeddings);
   ASSERT_TRUE(adapter.ok()) << adapter.message();
   EXPECT_EQ(adapter->size(), 14u);

@@ -17,6 +17,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "engine/engine.h"
 #include "finetune/lora_graph.h"
 #include "formats/gguf_adapter.h"
 #include "formats/peft_adapter.h"
@@ -29,13 +30,6 @@ namespace {
 const std::filesystem::path kReference = std::filesystem::path(__FILE__).parent_path() / "../reference";
 
 std::shared_ptr<Model> real_model() { return test::default_model(); }
-
-ModelShape shape_of(const ModelConfig& c) {
-  ModelShape s;
-  s.n_layers = c.n_layers, s.n_heads = c.n_heads, s.n_kv_heads = c.n_kv_heads, s.head_dim = c.head_dim;
-  s.n_embd = c.n_embd, s.n_ff = c.n_ff, s.n_vocab = c.n_vocab, s.context_length = c.context_length;
-  return s;
-}
 
 std::string hf_module(const finetune::AdapterTensor& t) {
   static const char* names[] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -51,7 +45,7 @@ TEST(LoraGradReference, GradientsMatchPyTorchAutogradOnTheRealModel) {
   const auto fixture = nlohmann::json::parse(in);
   const ModelConfig& c = model->config();
 
-  auto read = peft::read_adapter(kReference / "peft_smollm2_a", shape_of(c), c.tied_embeddings);
+  auto read = peft::read_adapter(kReference / "peft_smollm2_a", model_shape(c), c.tied_embeddings);
   ASSERT_TRUE(read.ok()) << read.message();
   auto set = finetune::from_projection_adapters(c, *read);
   ASSERT_TRUE(set.ok()) << set.message();
@@ -132,7 +126,7 @@ TEST(LoraGradReference, WrittenAdaptersReadBackBitForBit) {
     const auto dir = test::temp_path(ragged ? "ragged" : "product");
     peft::WriteOptions options;
     options.base_model = "synthetic";
-    ASSERT_TRUE(peft::write_adapter(dir, finetune::to_projection_adapters(written), shape_of(c), options).ok());
+    ASSERT_TRUE(peft::write_adapter(dir, finetune::to_projection_adapters(written), model_shape(c), options).ok());
     std::ifstream config_file(dir / "adapter_config.json");
     const auto config = nlohmann::json::parse(config_file);
     EXPECT_EQ(config["r"], 4);
@@ -145,7 +139,7 @@ TEST(LoraGradReference, WrittenAdaptersReadBackBitForBit) {
       EXPECT_EQ(config["target_modules"].size(), 7u);
       EXPECT_EQ(config["layers_to_transform"], nlohmann::json::array({0, 2}));
     }
-    auto back = peft::read_adapter(dir, shape_of(c), c.tied_embeddings);
+    auto back = peft::read_adapter(dir, model_shape(c), c.tied_embeddings);
     ASSERT_TRUE(back.ok()) << back.message();
     auto read_set = finetune::from_projection_adapters(c, *back);
     ASSERT_TRUE(read_set.ok()) << read_set.message();
@@ -172,7 +166,7 @@ TEST(LoraGradReference, WrittenAdaptersReadBackBitForBit) {
   // The same adapters as a llama.cpp GGUF adapter: read back bit for bit.
   const auto gguf_path = test::temp_path("adapter.gguf");
   ASSERT_TRUE(gguf_adapter::write_adapter(gguf_path, finetune::to_projection_adapters(*set), c.architecture).ok());
-  auto from_gguf = gguf_adapter::read_adapter(gguf_path, shape_of(c), c.architecture, c.tied_embeddings);
+  auto from_gguf = gguf_adapter::read_adapter(gguf_path, model_shape(c), c.architecture, c.tied_embeddings);
   ASSERT_TRUE(from_gguf.ok()) << from_gguf.message();
   auto gguf_set = finetune::from_projection_adapters(c, *from_gguf);
   ASSERT_TRUE(gguf_set.ok()) << gguf_set.message();
@@ -194,14 +188,14 @@ TEST(LoraGradReference, WrittenAdaptersReadBackBitForBit) {
   std::filesystem::create_directories(dir);
   std::ofstream(dir / "adapter_config.json") << "{}";
   peft::WriteOptions options;
-  auto st = peft::write_adapter(dir, finetune::to_projection_adapters(*set), shape_of(c), options);
+  auto st = peft::write_adapter(dir, finetune::to_projection_adapters(*set), model_shape(c), options);
   ASSERT_FALSE(st.ok());
   EXPECT_NE(st.message().find("already holds files"), std::string::npos) << st.message();
   std::ifstream still(dir / "adapter_config.json");
   EXPECT_EQ(std::string(std::istreambuf_iterator<char>(still), {}), "{}");
   options.overwrite = true;
-  ASSERT_TRUE(peft::write_adapter(dir, finetune::to_projection_adapters(*set), shape_of(c), options).ok());
-  EXPECT_TRUE(peft::read_adapter(dir, shape_of(c), c.tied_embeddings).ok());
+  ASSERT_TRUE(peft::write_adapter(dir, finetune::to_projection_adapters(*set), model_shape(c), options).ok());
+  EXPECT_TRUE(peft::read_adapter(dir, model_shape(c), c.tied_embeddings).ok());
   for (const auto& entry : std::filesystem::directory_iterator(dir.parent_path()))
     EXPECT_EQ(entry.path().filename().string().find(".tmp-"), std::string::npos) << entry.path();
 }

@@ -12,6 +12,7 @@
 #include <random>
 #include <sstream>
 
+#include "engine/engine.h"
 #include "experiment/runner.h"
 #include "finetune/data.h"
 #include "formats/gguf_adapter.h"
@@ -307,14 +308,13 @@ Result<FinetuneReport> run_finetune(const FinetuneConfig& config, const Finetune
   std::sort(eval_rows.begin(), eval_rows.end());
   std::sort(train_rows.begin(), train_rows.end());
 
-  static const std::vector<std::string> kProjections = {"q_proj",    "k_proj", "v_proj",   "o_proj",
-                                                        "gate_proj", "up_proj", "down_proj"};
   AdapterInit init;
   init.rank = int32_t(f.r);
   init.alpha = f.alpha;
   init.rslora = f.rslora;
   for (const auto& t : f.targets)
-    init.slots.push_back(int(std::find(kProjections.begin(), kProjections.end(), t) - kProjections.begin()));
+    init.slots.push_back(int(std::find(peft::kProjectionModules.begin(), peft::kProjectionModules.end(), t) -
+                             peft::kProjectionModules.begin()));
   for (int64_t l : f.layers) init.layers.push_back(int32_t(l));
   init.seed = uint64_t(f.seed);
   auto adapters = init_adapters(mc, init);
@@ -490,10 +490,7 @@ Result<FinetuneReport> run_finetune(const FinetuneConfig& config, const Finetune
     }
   }
 
-  ModelShape shape;
-  shape.n_layers = mc.n_layers, shape.n_heads = mc.n_heads, shape.n_kv_heads = mc.n_kv_heads;
-  shape.head_dim = mc.head_dim, shape.n_embd = mc.n_embd, shape.n_ff = mc.n_ff, shape.n_vocab = mc.n_vocab;
-  shape.context_length = mc.context_length;
+  const ModelShape shape = model_shape(mc, mc.context_length);
   peft::WriteOptions wo;
   wo.use_rslora = f.rslora;
   wo.lora_dropout = f.dropout;
