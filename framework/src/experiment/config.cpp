@@ -1,5 +1,6 @@
 #include "experiment/config.h"
 
+#include "formats/peft_adapter.h"
 #include "model/model.h"
 #include "plugins/param_check.h"
 
@@ -324,13 +325,12 @@ public:
       f.output = resolve_path(output->as_string()->get());
 
     // targets: a list of Hugging Face projection names, or "all-linear".
-    static const std::vector<std::string> kProjections = {"q_proj",    "k_proj", "v_proj",   "o_proj",
-                                                          "gate_proj", "up_proj", "down_proj"};
+    const auto& kProjections = peft::kProjectionModules;
     const std::string known = fmt::format("{}", fmt::join(kProjections, ", "));
     if (const toml::node* t = table.get("targets")) {
       std::vector<std::string> names;
       if (const auto* text = t->as_string()) {
-        if (text->get() == "all-linear") names = kProjections;
+        if (text->get() == "all-linear") names.assign(kProjections.begin(), kProjections.end());
         else names.push_back(text->get());
       } else if (const auto* list = t->as_array()) {
         for (const auto& e : *list) {

@@ -24,8 +24,7 @@ namespace inferlab::finetune {
 
 // The linear projections of a layer an adapter can sit on, by slot.
 inline constexpr int kSlots = 7;
-inline constexpr std::array<const char*, kSlots> kSlotTensors = {"attn_q", "attn_k", "attn_v", "attn_output",
-                                                                 "ffn_gate", "ffn_up", "ffn_down"};
+inline constexpr std::array<const char*, kSlots> kSlotTensors = peft::kProjectionTensors;
 // The slot of a tensor name ("attn_q" ... "ffn_down"), or -1.
 int slot_of(const std::string& tensor);
 

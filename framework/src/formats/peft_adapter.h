@@ -12,6 +12,7 @@
 // model's shape; errors name the file, the key or the tensor.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <filesystem>
 #include <string>
@@ -21,6 +22,13 @@
 #include "inferlab/result.h"
 
 namespace inferlab::peft {
+
+// The layer projections an adapter can sit on, in one order: Hugging Face's
+// module names and this engine's (GGUF's) tensor names.
+inline constexpr std::array<const char*, 7> kProjectionModules = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
+                                                                  "gate_proj", "up_proj", "down_proj"};
+inline constexpr std::array<const char*, 7> kProjectionTensors = {"attn_q",   "attn_k", "attn_v",  "attn_output",
+                                                                  "ffn_gate", "ffn_up", "ffn_down"};
 
 struct AdapterConfig {
   int32_t r = 8;
