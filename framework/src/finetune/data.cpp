@@ -52,6 +52,15 @@ struct Builder {
   }
 };
 
+// Every token after the first predicted.
+Example whole_text(std::vector<int32_t> tokens) {
+  Example e;
+  e.tokens = std::move(tokens);
+  e.predict.assign(e.tokens.size(), 1);
+  if (!e.predict.empty()) e.predict[0] = 0;
+  return e;
+}
+
 // Plain text: the whole file's tokens in windows of `limit` tokens that
 // overlap by one (each window's last token is the next one's first), every
 // token predicted.
@@ -60,11 +69,7 @@ void add_text(Builder& b, const Tokenizer& tok, const std::string& text) {
   const int64_t step = b.limit - 1;
   for (int64_t begin = 0; begin + 1 < int64_t(ids.size()); begin += step) {
     const int64_t end = std::min<int64_t>(begin + b.limit, int64_t(ids.size()));
-    Example e;
-    e.tokens.assign(ids.begin() + begin, ids.begin() + end);
-    e.predict.assign(e.tokens.size(), 1);
-    e.predict[0] = 0;
-    b.add(std::move(e));
+    b.add(whole_text(std::vector<int32_t>(ids.begin() + begin, ids.begin() + end)));
   }
 }
 
@@ -107,11 +112,7 @@ Status add_jsonl(Builder& b, const Tokenizer& tok, const std::string& path, cons
     if (prompt && response) {
       b.add(prompt_response(tok, tok.encode(*prompt, tok.add_bos_default(), false), *response), true);
     } else if (plain) {
-      Example e;
-      e.tokens = tok.encode(*plain, tok.add_bos_default(), false);
-      e.predict.assign(e.tokens.size(), 1);
-      if (!e.predict.empty()) e.predict[0] = 0;
-      b.add(std::move(e));
+      b.add(whole_text(tok.encode(*plain, tok.add_bos_default(), false)));
     } else {
       return Error{fmt::format("{}: expected string fields \"prompt\" and \"response\" (loss on the response), or "
                                "\"text\"",
@@ -174,11 +175,7 @@ Result<std::vector<Example>> load_examples(const FinetuneSection& config, const 
     const size_t before = b.out.size();
     for (const TaskSample& s : *samples) {
       if ((*task)->kind() == TaskKind::Perplexity || (s.answer.empty() && s.expected.empty())) {
-        Example e;
-        e.tokens = s.prompt_tokens;
-        e.predict.assign(e.tokens.size(), 1);
-        if (!e.predict.empty()) e.predict[0] = 0;
-        b.add(std::move(e));
+        b.add(whole_text(s.prompt_tokens));
       } else {
         b.add(prompt_response(tok, s.prompt_tokens, s.answer.empty() ? " " + s.expected[0] : s.answer), true);
       }
