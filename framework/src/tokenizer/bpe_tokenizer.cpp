@@ -159,10 +159,30 @@ struct MergeResult {
   TokenId merged;
 };
 
+// "<0xHH>" as Hugging Face's byte_fallback spells it (upper-case hex digits).
+std::string byte_fallback_token(uint8_t byte) {
+  static const char* const kHex = "0123456789ABCDEF";
+  return std::string("<0x") + kHex[byte >> 4] + kHex[byte & 15] + ">";
+}
+
+void replace_all(std::string& text, std::string_view from, std::string_view to) {
+  if (from.empty()) return;
+  std::string out;
+  size_t start = 0;
+  for (size_t at = text.find(from); at != std::string::npos; at = text.find(from, start)) {
+    out.append(text, start, at - start);
+    out.append(to);
+    start = at + from.size();
+  }
+  if (start == 0) return;  // nothing replaced
+  out.append(text, start, std::string::npos);
+  text = std::move(out);
+}
+
 class BpeTokenizer final : public Tokenizer {
  public:
-  explicit BpeTokenizer(TokenizerVocab vocab, PreTokenizer pre)
-      : vocab_(std::move(vocab)), pre_(std::move(pre)) {}
+  BpeTokenizer(TokenizerVocab vocab, BpeOptions options, PreTokenizer pre)
+      : vocab_(std::move(vocab)), options_(std::move(options)), pre_(std::move(pre)) {}
 
   Status build();
 
@@ -173,7 +193,13 @@ class BpeTokenizer final : public Tokenizer {
     for (TokenId t : tokens) {
       if (t >= 0 && t < vocab_size()) out += pieces_[t];
     }
-    return out;
+    // The space that a Prepend normalizer or Metaspace added before the text.
+    size_t strip = 0;
+    while (strip < out.size() && static_cast<int>(strip) < options_.strip_leading_spaces &&
+           out[strip] == ' ') {
+      ++strip;
+    }
+    return out.erase(0, strip);
   }
   std::string token_to_piece(TokenId token) const override {
     return token >= 0 && token < vocab_size() ? pieces_[token] : std::string();
@@ -204,7 +230,9 @@ class BpeTokenizer final : public Tokenizer {
     }
   };
   struct Scratch {
+    std::string text;  // a segment after the normalizer; `pieces` may view it
     std::vector<std::string_view> pieces;
+    std::vector<TokenId> initial;  // a piece's symbols before merging
     std::vector<Symbol> symbols;
     std::vector<Candidate> heap;
   };
@@ -214,18 +242,24 @@ class BpeTokenizer final : public Tokenizer {
   }
   Status validate() const;
   Status build_merges();
-  void encode_ordinary(std::string_view text, Scratch& scratch, std::vector<TokenId>& out) const;
+  void encode_ordinary(std::string_view text, bool at_start, Scratch& scratch,
+                       std::vector<TokenId>& out) const;
+  std::string_view normalize(std::string_view text, bool at_start, Scratch& scratch) const;
+  void initial_symbols(std::string_view piece, std::vector<TokenId>& ids) const;
   void encode_piece(std::string_view piece, Scratch& scratch, std::vector<TokenId>& out) const;
   void queue_pair(Scratch& scratch, int32_t left) const;
 
   TokenizerVocab vocab_;
+  BpeOptions options_;
   PreTokenizer pre_;
   std::unordered_map<std::string_view, TokenId> token_ids_;  // views into vocab_.tokens
   std::unordered_map<uint64_t, MergeResult> merges_;          // pair_key -> merge
-  std::array<TokenId, 256> byte_tokens_{};                   // -1 when missing
-  // Stands for a byte with no token: the unknown token if it really is one
-  // (type Unknown), else -1 and the byte is dropped, as HF's BPE does without an
-  // unk_token. (SmolLM2 lacks 21 byte symbols and names <|endoftext|> unknown.)
+  // Byte-level: each byte's symbol; else the "<0xHH>" tokens (byte_fallback). -1: missing.
+  std::array<TokenId, 256> byte_tokens_{};
+  // Stands for a byte (or, not byte-level, a character) with no token: the
+  // unknown token if it really is one (type Unknown), else -1 and the byte is
+  // dropped, as HF's BPE does without an unk_token. (SmolLM2 lacks 21 byte
+  // symbols and names <|endoftext|> unknown.)
   TokenId missing_byte_token_ = -1;
   std::vector<std::string> pieces_;                          // bytes of each token
   SpecialMatcher user_defined_;  // matched always
@@ -275,8 +309,11 @@ Status BpeTokenizer::build() {
       pieces_.emplace_back(1, static_cast<char>(byte));
     } else if (type == TokenType::Control || type == TokenType::UserDefined) {
       pieces_.push_back(text);  // stored raw, not byte-level mapped
-    } else {
+    } else if (options_.byte_level) {
       pieces_.push_back(byte_level_decode(text));
+    } else {
+      pieces_.push_back(text);
+      replace_all(pieces_.back(), options_.space_symbol, " ");
     }
     if (type == TokenType::UserDefined) user_defined_.add(id, text);
     if (type == TokenType::UserDefined || type == TokenType::Control ||
@@ -288,8 +325,11 @@ Status BpeTokenizer::build() {
   special_.finish();
 
   for (int b = 0; b < 256; ++b) {
-    auto it = token_ids_.find(byte_level_symbol(static_cast<uint8_t>(b)));
-    byte_tokens_[b] = it == token_ids_.end() ? -1 : it->second;
+    byte_tokens_[b] = -1;
+    if (!options_.byte_level && !options_.byte_fallback) continue;
+    auto it = token_ids_.find(options_.byte_level ? byte_level_symbol(static_cast<uint8_t>(b))
+                                                  : byte_fallback_token(static_cast<uint8_t>(b)));
+    if (it != token_ids_.end()) byte_tokens_[b] = it->second;
   }
   if (vocab_.unknown >= 0 && type_of(vocab_.unknown) == TokenType::Unknown) {
     missing_byte_token_ = vocab_.unknown;
@@ -302,7 +342,7 @@ Status BpeTokenizer::build_merges() {
   for (size_t rank = 0; rank < vocab_.merges.size(); ++rank) {
     std::string_view merge = vocab_.merges[rank];
     auto fail = [&](const std::string& why) {
-      return Error{vocab_.source + ": tokenizer.ggml.merges[" + std::to_string(rank) + "] '" +
+      return Error{vocab_.source + ": " + options_.merges_key + "[" + std::to_string(rank) + "] '" +
                    std::string(merge) + "' " + why};
     };
     size_t space = merge.find(' ');
@@ -341,20 +381,98 @@ std::vector<TokenId> BpeTokenizer::encode(std::string_view text, bool add_bos,
       ++pos;
       continue;
     }
-    encode_ordinary(text.substr(segment, pos - segment), scratch, out);
+    encode_ordinary(text.substr(segment, pos - segment), segment == 0, scratch, out);
     out.push_back(id);
     pos += length;
     segment = pos;
   }
-  encode_ordinary(text.substr(segment), scratch, out);
+  encode_ordinary(text.substr(segment), segment == 0, scratch, out);
   return out;
 }
 
-void BpeTokenizer::encode_ordinary(std::string_view text, Scratch& scratch,
+// The segment after the normalizer and the text-changing part of the
+// pre-tokenizer (Metaspace, ByteLevel's prefix space); a view of `text` itself
+// when there are none.
+std::string_view BpeTokenizer::normalize(std::string_view text, bool at_start,
+                                         Scratch& scratch) const {
+  const bool rewrites = !options_.normalize.empty() || !options_.metaspace.empty() ||
+                        options_.add_prefix_space;
+  if (!rewrites) return text;
+  std::string& s = scratch.text;
+  s.assign(text);
+  for (const TextRewrite& step : options_.normalize) {
+    if (step.kind == TextRewrite::Kind::Prepend) {
+      if (!s.empty()) s.insert(0, step.text);
+    } else {
+      replace_all(s, step.text, step.replacement);
+    }
+  }
+  const std::string& meta = options_.metaspace;
+  if (!meta.empty()) {
+    replace_all(s, " ", meta);
+    const bool prepend = options_.metaspace_prepend == PrependScheme::Always ||
+                         (options_.metaspace_prepend == PrependScheme::First && at_start);
+    if (prepend && s.compare(0, meta.size(), meta) != 0) s.insert(0, meta);
+  }
+  if (options_.add_prefix_space && (s.empty() || s[0] != ' ')) s.insert(0, " ");
+  return s;
+}
+
+void BpeTokenizer::encode_ordinary(std::string_view text, bool at_start, Scratch& scratch,
                                    std::vector<TokenId>& out) const {
+  if (text.empty()) return;
+  std::string_view normalized = normalize(text, at_start, scratch);
   scratch.pieces.clear();
-  pre_.split(text, scratch.pieces);
+  if (options_.metaspace_split) {
+    // Metaspace(split=true): each metaspace starts a new piece (merged with the next).
+    const std::string& meta = options_.metaspace;
+    size_t start = 0;
+    // From byte 1: a metaspace at 0 starts the first piece, and none can start
+    // inside a character (UTF-8 lead bytes never look like continuation bytes).
+    for (size_t at = normalized.find(meta, 1); at != std::string_view::npos;
+         at = normalized.find(meta, at + meta.size())) {
+      if (at > start) pre_.split(normalized.substr(start, at - start), scratch.pieces);
+      start = at;
+    }
+    pre_.split(normalized.substr(start), scratch.pieces);
+  } else {
+    pre_.split(normalized, scratch.pieces);
+  }
   for (std::string_view piece : scratch.pieces) encode_piece(piece, scratch, out);
+}
+
+// A piece's symbols before merging. Byte-level: one per byte (-1 for a byte the
+// vocabulary lacks). Otherwise one per UTF-8 character in the vocabulary; a
+// character that is not becomes its "<0xHH>" tokens with byte_fallback, else the
+// unknown token (consecutive ones fused with fuse_unk) if there is one of type
+// Unknown, else nothing, as
+// Hugging Face's BPE does. Invalid UTF-8 goes byte by byte.
+void BpeTokenizer::initial_symbols(std::string_view piece, std::vector<TokenId>& ids) const {
+  ids.clear();
+  if (options_.byte_level) {
+    for (char c : piece) ids.push_back(byte_tokens_[static_cast<uint8_t>(c)]);
+    return;
+  }
+  bool last_unknown = false;
+  for (size_t pos = 0; pos < piece.size();) {
+    const size_t start = pos;
+    (void)next_code_point(piece, pos);
+    const std::string_view character = piece.substr(start, pos - start);
+    if (auto it = token_ids_.find(character); it != token_ids_.end()) {
+      ids.push_back(it->second);
+      last_unknown = false;
+      continue;
+    }
+    bool have_bytes = options_.byte_fallback;
+    for (char c : character) have_bytes = have_bytes && byte_tokens_[static_cast<uint8_t>(c)] >= 0;
+    if (have_bytes) {
+      for (char c : character) ids.push_back(byte_tokens_[static_cast<uint8_t>(c)]);
+      continue;
+    }
+    if (missing_byte_token_ < 0) continue;
+    if (!(options_.fuse_unknown && last_unknown)) ids.push_back(missing_byte_token_);
+    last_unknown = true;
+  }
 }
 
 void BpeTokenizer::queue_pair(Scratch& scratch, int32_t left) const {
@@ -381,17 +499,20 @@ void BpeTokenizer::encode_piece(std::string_view piece, Scratch& scratch,
     }
   };
   if (pre_.ignore_merges()) {
-    auto it = token_ids_.find(byte_level_encode(piece));
+    auto it = options_.byte_level ? token_ids_.find(byte_level_encode(piece)) : token_ids_.find(piece);
     if (it != token_ids_.end()) return emit(it->second);
   }
-  if (piece.size() == 1) return emit(byte_tokens_[static_cast<uint8_t>(piece[0])]);
+  if (options_.byte_level && piece.size() == 1) {
+    return emit(byte_tokens_[static_cast<uint8_t>(piece[0])]);
+  }
 
+  initial_symbols(piece, scratch.initial);
   auto& symbols = scratch.symbols;
   symbols.clear();
-  const auto n = static_cast<int32_t>(piece.size());
+  const auto n = static_cast<int32_t>(scratch.initial.size());
+  if (n == 0) return;
   for (int32_t i = 0; i < n; ++i) {
-    symbols.push_back(Symbol{byte_tokens_[static_cast<uint8_t>(piece[i])], i - 1,
-                             i + 1 < n ? i + 1 : -1});
+    symbols.push_back(Symbol{scratch.initial[i], i - 1, i + 1 < n ? i + 1 : -1});
   }
   scratch.heap.clear();
   for (int32_t i = 0; i + 1 < n; ++i) queue_pair(scratch, i);
@@ -419,7 +540,13 @@ void BpeTokenizer::encode_piece(std::string_view piece, Scratch& scratch,
 Result<std::unique_ptr<Tokenizer>> make_bpe_tokenizer(TokenizerVocab vocab) {
   auto pre = PreTokenizer::for_name(vocab.pre, vocab.source);
   if (!pre) return pre.error();
-  auto tokenizer = std::make_unique<BpeTokenizer>(std::move(vocab), std::move(pre.value()));
+  return make_bpe_tokenizer(std::move(vocab), BpeOptions{}, std::move(pre.value()));
+}
+
+Result<std::unique_ptr<Tokenizer>> make_bpe_tokenizer(TokenizerVocab vocab, BpeOptions options,
+                                                      PreTokenizer pre) {
+  auto tokenizer =
+      std::make_unique<BpeTokenizer>(std::move(vocab), std::move(options), std::move(pre));
   if (Status built = tokenizer->build(); !built) return built.error();
   return std::unique_ptr<Tokenizer>(std::move(tokenizer));
 }

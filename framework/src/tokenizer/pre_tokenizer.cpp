@@ -4,6 +4,7 @@
 #include <pcre2.h>
 
 #include <array>
+#include <cctype>
 #include <utility>
 
 namespace inferlab::tokenizer_detail {
@@ -30,6 +31,10 @@ constexpr const char* kLlama3Pattern =
     R"(|[)" WS R"(]+(?![^)" WS R"(])|[)" WS R"(]+)";
 // HF Digits(individual_digits=true): every numeric character alone.
 constexpr const char* kEachDigitPattern = R"(\p{N})";
+// Oniguruma's \s and \S (see WS), inside and outside a character class.
+constexpr const char* kSpaceClassBody = WS;
+constexpr const char* kSpaceClass = "[" WS "]";
+constexpr const char* kNonSpaceClass = "[^" WS "]";
 #undef WS
 
 bool name_in(std::string_view name, std::initializer_list<std::string_view> names) {
@@ -104,8 +109,9 @@ class SplitRegex {
 };
 
 Result<PreTokenizer> PreTokenizer::from_patterns(const std::vector<std::string>& patterns,
-                                                 std::string_view source) {
+                                                 std::string_view source, bool ignore_merges) {
   PreTokenizer pre;
+  pre.ignore_merges_ = ignore_merges;
   for (const std::string& pattern : patterns) {
     auto regex = SplitRegex::compile(pattern, source);
     if (!regex) return regex.error();
@@ -120,11 +126,80 @@ Result<PreTokenizer> PreTokenizer::for_name(std::string_view pre, std::string_vi
     return from_patterns({kEachDigitPattern, kGpt2Pattern}, source);
   }
   if (name_in(pre, {"llama3", "llama-v3", "llama-bpe"})) {
-    auto result = from_patterns({kLlama3Pattern}, source);
-    if (result) result->ignore_merges_ = true;
-    return result;
+    return from_patterns({kLlama3Pattern}, source, /*ignore_merges=*/true);
   }
   return from_patterns({kGpt2Pattern}, source);  // "default", "gpt2", ... and unknown
+}
+
+std::string PreTokenizer::gpt2_pattern() { return kGpt2Pattern; }
+
+std::string PreTokenizer::digits_pattern(bool individual) {
+  // Digits(individual_digits=false) keeps a run of digits together.
+  return individual ? std::string(kEachDigitPattern) : std::string(kEachDigitPattern) + "+";
+}
+
+Result<std::string> PreTokenizer::from_oniguruma(std::string_view pattern) {
+  std::string out;
+  out.reserve(pattern.size() + 64);
+  bool in_class = false;
+  for (size_t i = 0; i < pattern.size(); ++i) {
+    const char c = pattern[i];
+    if (c == '\\') {
+      if (i + 1 == pattern.size()) return Error{"ends in a lone backslash"};
+      const char escaped = pattern[++i];
+      if (escaped == 's') {
+        out += in_class ? kSpaceClassBody : kSpaceClass;
+      } else if (escaped == 'S') {
+        // [^\S...] would need class subtraction, which PCRE2 lacks.
+        if (in_class) return Error{"uses \\S inside a character class, which is not supported"};
+        out += kNonSpaceClass;
+      } else if (escaped == 'h' || escaped == 'H') {
+        // Oniguruma: hexadecimal digit; PCRE2: horizontal space.
+        return Error{std::string("uses \\") + escaped +
+                     ", which means something else to PCRE2; write [0-9a-fA-F] instead"};
+      } else {
+        out += c;
+        out += escaped;
+      }
+      continue;
+    }
+    if (c == '[' && !in_class) {
+      in_class = true;
+      out += c;
+      // A ']' right after '[' or '[^' is a literal in both engines.
+      if (i + 1 < pattern.size() && pattern[i + 1] == '^') out += pattern[++i];
+      if (i + 1 < pattern.size() && pattern[i + 1] == ']') out += pattern[++i];
+      continue;
+    }
+    if (c == '[' && in_class) {
+      // POSIX classes such as [:alpha:] read the same; nested classes do not exist in PCRE2.
+      if (i + 1 < pattern.size() && pattern[i + 1] == ':') {
+        size_t end = pattern.find(":]", i + 2);
+        if (end == std::string_view::npos) return Error{"has an unterminated [: class"};
+        out.append(pattern.substr(i, end + 2 - i));
+        i = end + 1;
+        continue;
+      }
+      return Error{"nests a character class, which is not supported"};
+    }
+    if (c == ']' && in_class) in_class = false;
+    out += c;
+  }
+  if (in_class) return Error{"has an unterminated character class"};
+  return out;
+}
+
+std::string PreTokenizer::literal(std::string_view text) {
+  std::string out;
+  for (char c : text) {
+    // Every ASCII punctuation character escaped is a literal in PCRE2.
+    const auto u = static_cast<unsigned char>(c);
+    if (u < 0x80 && !std::isalnum(u) && c != ' ' && c != '\n' && c != '\t' && c != '\r') {
+      out += '\\';
+    }
+    out += c;
+  }
+  return out;
 }
 
 void PreTokenizer::split(std::string_view text, std::vector<std::string_view>& pieces) const {

@@ -22,13 +22,24 @@ class PreTokenizer {
   // the text between matches both become pieces ("isolated" splitting), so the
   // pieces always cover the input exactly.
   static Result<PreTokenizer> from_patterns(const std::vector<std::string>& patterns,
-                                            std::string_view source);
+                                            std::string_view source, bool ignore_merges = false);
 
   // Appends the pieces of `text` (views into it) to `pieces`.
   void split(std::string_view text, std::vector<std::string_view>& pieces) const;
 
   // Llama-3 style: a piece that is itself a vocabulary token skips the merges.
   bool ignore_merges() const { return ignore_merges_; }
+
+  // The patterns Hugging Face's pre-tokenizers use, in this file's PCRE2 spelling.
+  static std::string gpt2_pattern();                  // ByteLevel(use_regex=true)
+  static std::string digits_pattern(bool individual);  // Digits(individual_digits)
+  // A tokenizer.json regex (Oniguruma syntax) as PCRE2 matches it the same way:
+  // \s and \S become Unicode White_Space, as Oniguruma reads them. Constructs
+  // that differ between the two engines are an error whose text the caller
+  // prefixes with the file and key.
+  static Result<std::string> from_oniguruma(std::string_view pattern);
+  // `text` matched literally.
+  static std::string literal(std::string_view text);
 
  private:
   std::vector<std::shared_ptr<const SplitRegex>> regexes_;
