@@ -19,7 +19,13 @@ Each folder has tokenizer.json and tokenizer_config.json (bos/eos tokens, add_bo
 a short chat_template). Every tokenizer has the special added tokens <|im_start|> and
 <|im_end|> (and its own BOS/EOS) and one non-special added token, <tool>.
 
-hf_tokenizer_cases.json then holds, per tokenizer, ~35 texts with
+Four variants reuse a folder with other top-level tokenizer.json entries ("overrides"; the
+C++ test writes the same file): spm-metaspace (pre_tokenizer Metaspace, prepend_scheme
+"first", no normalizer, as newer Llama/Mistral conversions write it), spm-metaspace-split
+(Metaspace "always", split), bytelevel-smollm (Digits(individual_digits) + ByteLevel with
+the GPT-2 regex, as SmolLM has it) and bytelevel-gpt2 (ByteLevel alone, add_prefix_space).
+
+hf_tokenizer_cases.json then holds, per tokenizer, 36 texts with
   ids:       encode(text, add_special_tokens=True)   (BOS where the tokenizer adds one)
   ids_plain: encode(text, add_special_tokens=False)
   decoded / decoded_plain: decode(those ids, skip_special_tokens=False)
@@ -244,6 +250,20 @@ def make_spm_llama2() -> tuple[dict, dict]:
     return tokenizer_json, config
 
 
+METASPACE_FIRST = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": False}
+VARIANTS = {
+    "spm-metaspace": ("spm-llama2", {"normalizer": None, "pre_tokenizer": METASPACE_FIRST}),
+    "spm-metaspace-split": ("spm-llama2", {"normalizer": None, "pre_tokenizer": {
+        **METASPACE_FIRST, "prepend_scheme": "always", "split": True}}),
+    "bytelevel-smollm": ("bytelevel-qwen2", {"normalizer": None, "pre_tokenizer": {
+        "type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": True},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}}),
+    "bytelevel-gpt2": ("bytelevel-qwen2", {"normalizer": None, "pre_tokenizer": {
+        "type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}}),
+}
+
+
 def write_folder(name: str, tokenizer_json: dict, config: dict) -> Path:
     folder = OUT_DIR / name
     if folder.exists():
@@ -263,8 +283,7 @@ def token_text(config: dict, key: str) -> str | None:
     return value["content"] if isinstance(value, dict) else value
 
 
-def cases_for(folder: Path, config: dict) -> list[dict]:
-    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))  # exactly what the C++ side reads
+def cases_for(tok: Tokenizer, config: dict) -> list[dict]:
     bos = token_text(config, "bos_token") or ""
     eos = token_text(config, "eos_token") or ""
     out = []
@@ -297,19 +316,46 @@ def main() -> None:
         "bytelevel-qwen2": (json.loads(qwen2.to_str()), qwen2_config),
         "spm-llama2": (spm_json, spm_config),
     }
-    result = {"generator": f"tests/reference/make_hf_tokenizer_fixture.py, tokenizers {tokenizers.__version__}",
-              "tokenizers": {}}
+    entries = {}
+
+    def add_entry(name: str, folder: Path, tok: Tokenizer, config: dict, overrides: dict | None) -> None:
+        cases = cases_for(tok, config)
+        if overrides is None:
+            check_with_transformers(folder, cases)
+        size = tok.get_vocab_size(with_added_tokens=True)
+        entry = {"folder": f"hf_tokenizers/{folder.name}", "vocab_size": size,
+                 "add_bos": bool(config.get("add_bos_token"))}
+        if overrides is not None:
+            entry["overrides"] = overrides
+        entries[name] = (entry, cases)
+        print(f"{name}: vocab {size}, {len(cases)} cases")
+
     for name, (tokenizer_json, config) in folders.items():
         folder = write_folder(name, tokenizer_json, config)
-        cases = cases_for(folder, config)
-        check_with_transformers(folder, cases)
-        size = Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
-        result["tokenizers"][name] = {"folder": f"hf_tokenizers/{name}", "vocab_size": size,
-                                      "add_bos": bool(config.get("add_bos_token")), "cases": cases}
-        print(f"{name}: vocab {size}, {len(cases)} cases")
-    with open(CASES_FILE, "w", encoding="utf-8") as f:
-        json.dump(result, f, ensure_ascii=False, indent=1)
-        f.write("\n")
+        # Read back from the file: exactly what the C++ side reads.
+        add_entry(name, folder, Tokenizer.from_file(str(folder / "tokenizer.json")), config, None)
+    for name, (base, overrides) in VARIANTS.items():
+        tokenizer_json, config = folders[base]
+        tok = Tokenizer.from_str(json.dumps({**tokenizer_json, **overrides}))
+        add_entry(name, OUT_DIR / base, tok, config, overrides)
+    write_cases(entries)
+
+
+def write_cases(entries: dict) -> None:
+    """One case per line, so that the file stays small and diffs stay readable."""
+    def dump(value) -> str:
+        return json.dumps(value, ensure_ascii=False, separators=(", ", ": "))
+
+    lines = ["{", f' "generator": {dump(f"tests/reference/make_hf_tokenizer_fixture.py, tokenizers {tokenizers.__version__}")},',
+             ' "tokenizers": {']
+    for i, (name, (entry, cases)) in enumerate(entries.items()):
+        lines.append(f"  {dump(name)}: {dump(entry)[:-1]}, \"cases\": [")
+        lines += [f"   {dump(case)}{',' if j + 1 < len(cases) else ''}" for j, case in enumerate(cases)]
+        lines.append("  ]}" + ("," if i + 1 < len(entries) else ""))
+    lines += [" }", "}"]
+    text = "\n".join(lines) + "\n"
+    json.loads(text)  # well-formed
+    CASES_FILE.write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":

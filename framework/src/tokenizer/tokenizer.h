@@ -1,5 +1,6 @@
-// Tokenizer built from the vocabulary stored in a GGUF file.
-// Supported: byte-level BPE with merges (tokenizer.ggml.model = "gpt2"), with the
+// Tokenizer built from the vocabulary stored in a GGUF file, or from a Hugging
+// Face tokenizer.json (from_hf; what it supports is listed there).
+// GGUF: byte-level BPE with merges (tokenizer.ggml.model = "gpt2"), with the
 // pre-tokenizer chosen by tokenizer.ggml.pre, and special/control tokens.
 //
 // Pre-tokenizers by tokenizer.ggml.pre (the regexes llama.cpp and HF use):
@@ -13,6 +14,7 @@
 #pragma once
 
 #include <cstdint>
+#include <filesystem>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -58,6 +60,36 @@ class Tokenizer {
   static Result<std::unique_ptr<Tokenizer>> from_gguf(const gguf::File& file);
   // Validates the vocabulary (ids in range, merges resolvable) first.
   static Result<std::unique_ptr<Tokenizer>> from_vocab(TokenizerVocab vocab);
+  // A Hugging Face tokenizer folder's tokenizer.json (and tokenizer_config.json when present).
+  //
+  // Supported (anything else is an error naming the file and the JSON key):
+  //  - model BPE (merges as "a b" strings or [a, b] pairs; ignore_merges, byte_fallback,
+  //    fuse_unk, unk_token), either
+  //    byte-level: pre_tokenizer ByteLevel, alone (use_regex: the GPT-2 pattern) or last in
+  //      a Sequence after Split (Regex or String pattern, behavior Isolated) and Digits
+  //      steps (Llama-3, Qwen2, SmolLM); decoder ByteLevel;
+  //    or over Unicode characters (Llama-2, Mistral): normalizer Prepend / Replace, or
+  //      pre_tokenizer Metaspace; decoder Replace("▁" -> " "), ByteFallback, Fuse, Strip
+  //      (leading spaces), or Metaspace.
+  //  - normalizer NFC is accepted but NOT applied (no Unicode normalization tables
+  //    here): text that is not already NFC, e.g. decomposed accents, may encode
+  //    differently from Hugging Face. Qwen2 declares it.
+  //  - added_tokens: special ones are Control tokens (matched with parse_special),
+  //    the others UserDefined (always matched). Their lstrip, rstrip, single_word
+  //    and normalized flags are ignored: every added token is matched in the raw
+  //    text, which is what they mean for the tokenizers above (all false, or
+  //    `normalized` on a tokenizer without a normalizer).
+  //  - post_processor: ByteLevel, TemplateProcessing whose `single` is "$A" or
+  //    "<bos> $A", or a Sequence of those.
+  //  - BOS/EOS/unk/pad from tokenizer_config.json's bos_token, eos_token, unk_token,
+  //    pad_token (a string or {"content": ...}); add_bos_token from there too, else
+  //    true when the template starts with a special token (which is then BOS).
+  //    Without tokenizer_config.json there is no EOS. add_eos_token true is an error.
+  //  - truncation and padding are ignored (they shape batches, not one text's ids).
+  // Ids must be dense: the vocabulary size is the largest id + 1 over model.vocab and
+  // added_tokens. decode() returns bytes; where Hugging Face would replace an
+  // invalid UTF-8 byte run with U+FFFD, this keeps the bytes.
+  static Result<std::unique_ptr<Tokenizer>> from_hf(const std::filesystem::path& tokenizer_json);
   virtual ~Tokenizer() = default;
 
   // `parse_special`: text like "<|im_start|>" maps to its special token instead of
