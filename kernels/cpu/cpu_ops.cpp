@@ -211,6 +211,12 @@ void add_inplace(float* y, const float* x, int64_t rows, int64_t n) {
   for (int64_t i = 0; i < total; ++i) y[i] += x[i];
 }
 
+void add_row_bias(float* y, const float* bias, int64_t rows, int64_t n) {
+#pragma omp parallel for if (rows * n > 65536)
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < n; ++j) y[i * n + j] += bias[j];
+}
+
 namespace {
 // Y = X * W^T + beta * Y (GEMV for one row).
 #if INFERLAB_OPS_AVX2

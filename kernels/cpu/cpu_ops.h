@@ -32,6 +32,8 @@ void silu_mul(float* gate, const float* up, int64_t rows, int64_t n);
 
 // y(rows, n) += x(rows, n)
 void add_inplace(float* y, const float* x, int64_t rows, int64_t n);
+// y[i, j] += bias[j] over `rows` rows of n.
+void add_row_bias(float* y, const float* bias, int64_t rows, int64_t n);
 
 // Y(m, n) = X(m, k) * W(n, k)^T — W is the GGUF/row-major (out, in) layout.
 // Uses GEMV when m == 1.

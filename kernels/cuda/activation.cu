@@ -22,6 +22,10 @@ __global__ void add_inplace_kernel(float* y, const float* x, int64_t n) {
   INFERLAB_GRID_STRIDE(i, n) y[i] += x[i];
 }
 
+__global__ void add_row_bias_kernel(float* y, const float* bias, int64_t n, int64_t cols) {
+  INFERLAB_GRID_STRIDE(i, n) y[i] += bias[i % cols];
+}
+
 template <typename From, typename To>
 __global__ void convert_kernel(const From* x, int64_t n, To* out) {
   INFERLAB_GRID_STRIDE(i, n) out[i] = from_float<To>(to_float(x[i]));
@@ -71,6 +75,14 @@ cudaError_t add_inplace(float* y, const float* x, int64_t n, cudaStream_t stream
   if (n < 0) return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
   add_inplace_kernel<<<grid_stride_blocks(n, kThreads), kThreads, 0, stream>>>(y, x, n);
+  return cudaGetLastError();
+}
+
+cudaError_t add_row_bias(float* y, const float* bias, int64_t rows, int64_t cols, cudaStream_t stream) {
+  if (rows < 0 || cols <= 0) return cudaErrorInvalidValue;
+  const int64_t n = rows * cols;
+  if (n == 0) return cudaSuccess;
+  add_row_bias_kernel<<<grid_stride_blocks(n, kThreads), kThreads, 0, stream>>>(y, bias, n, cols);
   return cudaGetLastError();
 }
 

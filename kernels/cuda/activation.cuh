@@ -16,6 +16,9 @@ cudaError_t silu_mul(const float* gate, const float* up, int64_t n, void* out, D
 // y(n) += x(n)
 cudaError_t add_inplace(float* y, const float* x, int64_t n, cudaStream_t stream);
 
+// y(rows, cols)[i, j] += bias(cols)[j]
+cudaError_t add_row_bias(float* y, const float* bias, int64_t rows, int64_t cols, cudaStream_t stream);
+
 // out(n) of dtype = x(n), round to nearest even.
 cudaError_t convert_from_float(const float* x, int64_t n, void* out, DType dtype, cudaStream_t stream);
 

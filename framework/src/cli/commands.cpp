@@ -18,6 +18,7 @@
 #include "experiment/activation_store.h"
 #include "experiment/calibration.h"
 #include "gguf/gguf.h"
+#include "model/hf_checkpoint.h"
 #include "model/model.h"
 #include "model/synthetic_model.h"
 #include "plugins/plugin_host.h"
@@ -46,7 +47,7 @@ struct EngineArgs {
 };
 
 void add_engine_options(CLI::App* cmd, EngineArgs& args) {
-  cmd->add_option("-m,--model", args.model, "model short name or .gguf path")->capture_default_str();
+  cmd->add_option("-m,--model", args.model, "model short name, .gguf path or checkpoint folder")->capture_default_str();
   cmd->add_option("-t,--threads", args.threads, "CPU threads (0: all cores)")->check(CLI::Range(0, 1 << 30));
   cmd->add_option("--page-size", args.page_size, "KV cache page size in tokens")
       ->check(CLI::Range(1, 65536))
@@ -256,9 +257,42 @@ Result<std::vector<int32_t>> parse_token_list(const std::string& text) {
   return tokens;
 }
 
+// The hyper-parameters every model has, GGUF or checkpoint folder.
+void print_model_config(const ModelConfig& c, int64_t params) {
+  fmt::print("name            {}\n", c.name);
+  fmt::print("architecture    {}\n", c.architecture);
+  fmt::print("parameters      {} ({:.1f}M)\n", params, double(params) / 1e6);
+  fmt::print("layers          {}\n", c.n_layers);
+  fmt::print("embedding       {}\n", c.n_embd);
+  fmt::print("feed-forward    {}\n", c.n_ff);
+  fmt::print("heads           {} query, {} kv (group {}), head dim {}\n", c.n_heads, c.n_kv_heads, c.group_size(),
+             c.head_dim);
+  fmt::print("rope            theta {}, {} dims, {}\n", c.rope_theta, c.rope_dim, c.rope_neox ? "neox" : "normal");
+  fmt::print("rms norm eps    {}\n", c.rms_eps);
+  fmt::print("context length  {}\n", c.context_length);
+  if (c.qkv_bias || c.o_bias) fmt::print("biases          {}{}\n", c.qkv_bias ? "q k v" : "", c.o_bias ? " o" : "");
+  if (c.has_window()) {
+    std::vector<std::string> windows;
+    for (int32_t l = 0; l < c.n_layers; ++l) windows.push_back(c.window(l) > 0 ? std::to_string(c.window(l)) : "full");
+    fmt::print("sliding window  {}\n", fmt::join(windows, " "));
+  }
+  fmt::print("embeddings      {}\n", c.tied_embeddings ? "tied" : "untied");
+}
+
 int run_model_info(const std::string& name) {
   auto path = resolve_model(name);
   if (!path) return fail(path.message());
+  if (hf::is_checkpoint(*path)) {
+    auto model = Model::load(*path);
+    if (!model) return fail(model.message());
+    fmt::print("folder          {}\n", path->string());
+    fmt::print("sha256          {}\n", (*model)->checksum());
+    fmt::print("size            {:.1f} MiB of safetensors weights\n", double((*model)->file_size()) / (1 << 20));
+    print_model_config((*model)->config(), (*model)->parameter_count());
+    fmt::print("vocabulary      {} rows, {} tokens in tokenizer.json\n", (*model)->config().n_vocab,
+               (*model)->tokenizer().vocab_size());
+    return 0;
+  }
   auto file = gguf::File::open(*path);
   if (!file) return fail(file.message());
   auto config = read_model_config(**file);
@@ -278,19 +312,8 @@ int run_model_info(const std::string& name) {
   fmt::print("sha256          {}\n", *checksum);
   fmt::print("size            {:.1f} MiB (GGUF v{}, {} tensors)\n", double((*file)->file_size()) / (1 << 20),
              (*file)->version(), (*file)->tensors().size());
-  fmt::print("name            {}\n", c.name);
-  fmt::print("architecture    {}\n", c.architecture);
-  fmt::print("parameters      {} ({:.1f}M)\n", params, double(params) / 1e6);
-  fmt::print("layers          {}\n", c.n_layers);
-  fmt::print("embedding       {}\n", c.n_embd);
-  fmt::print("feed-forward    {}\n", c.n_ff);
-  fmt::print("heads           {} query, {} kv (group {}), head dim {}\n", c.n_heads, c.n_kv_heads, c.group_size(),
-             c.head_dim);
-  fmt::print("rope            theta {}, {} dims, {}\n", c.rope_theta, c.rope_dim, c.rope_neox ? "neox" : "normal");
-  fmt::print("rms norm eps    {}\n", c.rms_eps);
-  fmt::print("context length  {}\n", c.context_length);
+  print_model_config(c, params);
   fmt::print("vocabulary      {} ({})\n", c.n_vocab, (*file)->get_string("tokenizer.ggml.model").value_or("?"));
-  fmt::print("embeddings      {}\n", c.tied_embeddings ? "tied" : "untied");
   fmt::print("tensor types    {}\n", fmt::join(types, ", "));
   return 0;
 }
@@ -541,7 +564,7 @@ void register_commands(CLI::App& app) {
   sy->callback([] { set_exit_code(run_synth(synth)); });
   auto* info = model->add_subcommand("info", "architecture, shapes, tensor types, parameters, checksum");
   static std::string info_model;
-  info->add_option("model", info_model, "model short name or .gguf path")->required();
+  info->add_option("model", info_model, "model short name, .gguf path or checkpoint folder")->required();
   info->callback([] { g_exit_code = run_model_info(info_model); });
 
   static GenerateArgs gen;
@@ -604,7 +627,7 @@ void register_commands(CLI::App& app) {
   static std::string tok_model = "smollm2-135m", tok_prompt;
   static bool tok_no_special = false;
   auto* t = app.add_subcommand("tokenize", "token ids and pieces of a text (JSON)");
-  t->add_option("-m,--model", tok_model, "model short name or .gguf path")->capture_default_str();
+  t->add_option("-m,--model", tok_model, "model short name, .gguf path or checkpoint folder")->capture_default_str();
   t->add_option("-p,--prompt", tok_prompt, "text")->required();
   t->add_flag("--no-special", tok_no_special, "treat special-token text as plain text");
   t->callback([] { g_exit_code = run_tokenize(tok_model, tok_prompt, tok_no_special); });

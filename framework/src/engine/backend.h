@@ -244,6 +244,9 @@ class Backend {
     return Error{fmt::format("the {} backend has no predicted components", name())};
   }
   virtual Status add_residual() = 0;                           // x += proj
+  // The projection's output rows += its bias (Q, K, V or O), when the model
+  // has one (ModelConfig::qkv_bias, o_bias); otherwise nothing.
+  virtual Status add_bias(Proj proj, int32_t layer) = 0;
   // RoPE of q (queries) and k for layer `layer`: at the call's positions, or
   // at each kv head's stored count when positions are cache indices.
   virtual Status rope(const KvSequence& seq, int32_t layer, bool queries) = 0;

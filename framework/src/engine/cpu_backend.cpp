@@ -469,6 +469,19 @@ Status CpuBackend::add_residual() {
   return ok_status();
 }
 
+Status CpuBackend::add_bias(Proj p, int32_t l) {
+  const LayerWeights& lw = model_->weights().layers[size_t(l)];
+  const ModelConfig& c = config_;
+  switch (p) {
+    case Proj::Q: if (!lw.bq.empty()) cpu::add_row_bias(q_.data(), lw.bq.data(), n_, c.q_dim()); break;
+    case Proj::K: if (!lw.bk.empty()) cpu::add_row_bias(k_.data(), lw.bk.data(), n_, c.kv_dim()); break;
+    case Proj::V: if (!lw.bv.empty()) cpu::add_row_bias(v_.data(), lw.bv.data(), n_, c.kv_dim()); break;
+    case Proj::O: if (!lw.bo.empty()) cpu::add_row_bias(proj_.data(), lw.bo.data(), n_, c.n_embd); break;
+    default: return Error{fmt::format("cpu backend: {} has no bias", proj_name(p))};
+  }
+  return ok_status();
+}
+
 Status CpuBackend::rope(const KvSequence& seq, int32_t l, bool queries) {
   const ModelConfig& c = config_;
   if (!cache_positions_) {

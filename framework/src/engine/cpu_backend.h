@@ -48,6 +48,7 @@ class CpuBackend final : public Backend {
   Status linear_predicted(Proj proj, int32_t layer) override;
   Status read_predicted_heads(std::vector<uint8_t>& flags) override;
   Status add_residual() override;
+  Status add_bias(Proj proj, int32_t layer) override;
   Status rope(const KvSequence& seq, int32_t layer, bool queries) override;
   Status append_kv(KvSequence& seq, int32_t layer) override;
   Status select_by_bound(const KvSequence& seq, int32_t layer, KeyPlan& plan) override;

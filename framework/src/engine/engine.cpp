@@ -168,7 +168,7 @@ Status WeightOverrides::load_adapter(const std::string& path, float scale, bool 
     return Error{fmt::format("{}: expected a PEFT adapter folder (adapter_config.json, adapter_model.safetensors) "
                              "or a llama.cpp GGUF adapter",
                              path)};
-  auto found = folder ? peft::read_adapter(path, model_shape(c), c.tied_embeddings)
+  auto found = folder ? peft::read_adapter(path, model_shape(c), c.tied_embeddings, !c.rope_neox)
                       : gguf_adapter::read_adapter(path, model_shape(c), c.architecture, c.tied_embeddings);
   if (!found) return found.error();
   if (!std::isfinite(scale)) return Error{fmt::format("{}: the scale {} is not finite", path, scale)};
@@ -704,8 +704,31 @@ Status Engine::check_call(const KvSequence& seq, std::span<const int32_t> tokens
   return ok_status();
 }
 
+// With sliding-window layers, the rows past the smallest window run a token at
+// a time: each row's window is then its call's key plan (ForwardPass::
+// apply_window). The rows before it see every key and run as one call.
 Status Engine::forward(KvSequence& seq, std::span<const int32_t> tokens, int64_t logits_from, const LogitsSink& sink,
                        ForwardObserver* observer) {
+  int32_t window = 0;
+  for (int32_t l = 0; l < config().n_layers; ++l)
+    if (config().window(l) > 0) window = window == 0 ? config().window(l) : std::min(window, config().window(l));
+  const int64_t n = int64_t(tokens.size()), past = seq.n_past();
+  if (window == 0 || n <= 1 || past + n <= window) return forward_call(seq, tokens, logits_from, sink, observer);
+  for (int64_t at = 0; at < n;) {
+    const int64_t rows = at == 0 && past < window ? window - past : 1;
+    LogitsSink part;
+    if (sink) part = [&sink, at](int64_t row, std::span<const float> logits) { sink(row + at, logits); };
+    if (auto s = forward_call(seq, tokens.subspan(size_t(at), size_t(rows)), std::clamp<int64_t>(logits_from - at, 0, rows),
+                              part, observer);
+        !s)
+      return s;
+    at += rows;
+  }
+  return ok_status();
+}
+
+Status Engine::forward_call(KvSequence& seq, std::span<const int32_t> tokens, int64_t logits_from,
+                            const LogitsSink& sink, ForwardObserver* observer) {
   if (tokens.empty()) return ok_status();
   MethodCall call;
   call.method = method_;

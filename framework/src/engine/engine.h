@@ -236,6 +236,8 @@ class Engine {
   std::shared_ptr<KvPagePool> shared_pool() const { return pool_; }
 
  private:
+  Status forward_call(KvSequence& seq, std::span<const int32_t> tokens, int64_t logits_from, const LogitsSink& sink,
+                      ForwardObserver* observer);
   Engine(std::shared_ptr<const Model> model, EngineOptions options, std::unique_ptr<Backend> backend);
   // Checks tokens against the vocabulary and the context (stored tokens in
   // cache-position mode, else n_past).

@@ -128,6 +128,8 @@ Status ForwardPass::plan_step() {
   if (observer_ != nullptr) plan_.host_reads = true;
   if (method_.values.active()) plan_.host_reads = true;  // the kept values come back for the traffic counters
   if (method_.quant.active()) plan_.host_reads = true;   // so do the refetched rows (RequantTally)
+  for (int32_t l = 0; l < L; ++l)
+    if (window_binds(l)) plan_.host_reads = true;  // a window's key list is made on the host each step
   return ok_status();
 }
 
@@ -220,6 +222,9 @@ Status ForwardPass::skip_layer(int32_t l) {
   if (auto s = backend_.rmsnorm(Norm::Attention, l); !s) return s;
   if (auto s = backend_.linear(Proj::K, l); !s) return s;
   if (auto s = backend_.linear(Proj::V, l); !s) return s;
+  if (config_.qkv_bias)
+    for (Proj p : {Proj::K, Proj::V})
+      if (auto s = backend_.add_bias(p, l); !s) return s;
   if (auto s = backend_.rope(seq_, l, false); !s) return s;
   return backend_.append_kv(seq_, l);
 }
@@ -256,6 +261,9 @@ Status ForwardPass::run_layer(int32_t l) {
   } else if (auto s = project(kQkv, l); !s) {
     return s;
   }
+  if (config_.qkv_bias)  // on every head's rows; those a mask skipped are not read
+    for (Proj p : kQkv)
+      if (auto s = backend_.add_bias(p, l); !s) return s;
   if (auto s = backend_.rope(seq_, l, true); !s) return s;
   if (auto s = tap(Tap::Queries, kTapQueries, queries); !s) return s;
   if (auto s = tap(Tap::Keys, kTapKeys, key_rows); !s) return s;
@@ -323,6 +331,8 @@ Status ForwardPass::run_layer(int32_t l) {
   } else if (auto s = project(std::array{Proj::O}, l); !s) {
     return s;
   }
+  if (config_.o_bias)
+    if (auto s = backend_.add_bias(Proj::O, l); !s) return s;
   if (auto s = backend_.add_residual(); !s) return s;
   if (auto s = backend_.rmsnorm(Norm::Ffn, l); !s) return s;
   if (auto s = tap(Tap::FfnIn, kTapFfnIn, ffn_in); !s) return s;
@@ -373,10 +383,73 @@ void ForwardPass::plan_from_budgets(int32_t l, KeyPlan& plan) const {
   if (plan.by_bound_per_head) plan.heads.assign(plan.indices.size(), 0);
 }
 
-// Page budgets, then select_kv for the heads without one: which cached keys
-// each kv head reads, as one CSR key plan.
+// Which cached keys each kv head reads, as one CSR key plan: page budgets,
+// select_kv for the heads without one, then the layer's sliding window.
 Status ForwardPass::decide_keys(int32_t l, KeyPlan& plan) {
   plan_from_budgets(l, plan);
+  if (auto s = select_keys(l, plan); !s) return s;
+  return window_binds(l) ? apply_window(l, plan) : ok_status();
+}
+
+bool ForwardPass::window_binds(int32_t l) const {
+  const int32_t w = config_.window(l);
+  return w > 0 && step_.first_position + step_.n_tokens - 1 >= w;
+}
+
+// Sliding-window attention: the query at position p reads the keys at
+// positions p - window + 1 .. p. Engine::forward runs a call past the window a
+// token at a time, so the one row's window is the call's: the cached keys
+// before it leave the plan, which then lists the rest as stored tokens
+// (positions are the tokens' original ones, whatever a method evicted).
+Status ForwardPass::apply_window(int32_t l, KeyPlan& plan) const {
+  if (step_.n_tokens != 1)
+    return Error{fmt::format("engine: a {}-token call crosses layer {}'s sliding window of {} (Engine::forward runs "
+                             "such calls a token at a time)",
+                             step_.n_tokens, l, config_.window(l))};
+  const int32_t nkv = config_.n_kv_heads, ps = seq_.pool().shape().page_size, gs = config_.group_size();
+  const int32_t oldest = step_.first_position - config_.window(l) + 1;
+  const bool masked = !plan.heads.empty();
+  std::vector<int32_t> indices, indptr{0};
+  std::vector<uint32_t> heads;
+  for (int32_t g = 0; g < nkv; ++g) {
+    if (plan.budget[size_t(g)] > 0)
+      return Error{fmt::format("engine: layer {} has a sliding window of {}; a page budget selected by key bound "
+                               "(Quest-style) is not supported with it",
+                               l, config_.window(l))};
+    const std::vector<int32_t>& position = seq_.table(l, g).positions;
+    const int32_t cached = plan.cached[size_t(g)], at = plan.indptr[size_t(g)];
+    const auto own = plan.head(g);
+    auto keep = [&](int32_t t, uint32_t mask) {
+      if (position[size_t(t)] < oldest) return;
+      indices.push_back(t);
+      heads.push_back(mask);
+    };
+    auto mask_of = [&](size_t j) { return masked ? plan.heads[size_t(at) + j] : group_mask(gs); };
+    switch (plan.mode[size_t(g)]) {
+      case kernels::KeySelect::All:
+        for (int32_t t = 0; t < cached; ++t) keep(t, group_mask(gs));
+        break;
+      case kernels::KeySelect::Pages:
+        for (size_t j = 0; j < own.size(); ++j)
+          if (own[j] >= 0)
+            for (int32_t t = own[j] * ps; t < std::min(cached, (own[j] + 1) * ps); ++t) keep(t, mask_of(j));
+        break;
+      default:
+        for (size_t j = 0; j < own.size(); ++j)
+          if (own[j] >= 0) keep(own[j], mask_of(j));
+        break;
+    }
+    plan.mode[size_t(g)] = kernels::KeySelect::Tokens;
+    indptr.push_back(int32_t(indices.size()));
+  }
+  plan.indices = std::move(indices);
+  plan.indptr = std::move(indptr);
+  if (masked) plan.heads = std::move(heads);
+  return ok_status();
+}
+
+// The method's decode selection (select_kv) for the heads without a page budget.
+Status ForwardPass::select_keys(int32_t l, KeyPlan& plan) {
   const auto& budgets = plan_.budgets[size_t(l)];
   if (!method_.has(kHookDecodeSelection) || std::none_of(budgets.begin(), budgets.end(), [](int32_t b) { return b < 0; }))
     return ok_status();

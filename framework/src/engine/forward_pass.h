@@ -59,6 +59,9 @@ class ForwardPass {
   Status skip_layer(int32_t layer);
   Status decide_mask(int32_t layer, ComponentMask& mask, const ComponentMask*& active);
   Status decide_keys(int32_t layer, KeyPlan& plan);
+  Status select_keys(int32_t layer, KeyPlan& plan);
+  bool window_binds(int32_t layer) const;
+  Status apply_window(int32_t layer, KeyPlan& plan) const;
   void plan_from_budgets(int32_t layer, KeyPlan& plan) const;
   // The layer's sparse prefill plan, built by the backend from the heads' patterns.
   Status decide_sparse(int32_t layer, const KeyPlan& keys, SparsePlan& sparse);

@@ -541,7 +541,7 @@ private:
     const toml::node* name = table->get("name");
     if (name == nullptr || (name->is_string() && model.name.empty()))
       diag_.add(name ? name->source() : table->source(), "model.name",
-                "missing: give a model short name (e.g. smollm2-135m) or a .gguf path");
+                "missing: give a model short name (e.g. smollm2-135m), a .gguf path or a Hugging Face checkpoint folder");
     // A short name stays as written; anything that looks like a file is made absolute.
     if (model.name.find('/') != std::string::npos || ends_with(model.name, ".gguf"))
       model.name = resolve_path(model.name);

@@ -493,6 +493,7 @@ Result<FinetuneReport> run_finetune(const FinetuneConfig& config, const Finetune
   const ModelShape shape = model_shape(mc, mc.context_length);
   peft::WriteOptions wo;
   wo.use_rslora = f.rslora;
+  wo.gguf_rows = !mc.rope_neox;
   wo.lora_dropout = f.dropout;
   wo.base_model = config.model.name;
   wo.overwrite = true;  // refused above unless allowed or ours

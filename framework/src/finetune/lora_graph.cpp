@@ -286,6 +286,11 @@ struct LoraGraph::Impl {
     linear(l, 0, a.h1.data(), a.q, a.xa[0]);
     linear(l, 1, a.h1.data(), a.k, a.xa[1]);
     linear(l, 2, a.h1.data(), a.v, a.xa[2]);
+    if (c.qkv_bias) {  // frozen: no gradient, and none changes on the way back
+      cpu::add_row_bias(a.q.data(), w.bq.data(), n, c.q_dim());
+      cpu::add_row_bias(a.k.data(), w.bk.data(), n, c.kv_dim());
+      cpu::add_row_bias(a.v.data(), w.bv.data(), n, c.kv_dim());
+    }
     cpu::rope(a.q.data(), n, c.n_heads, c.head_dim, c.rope_dim, positions.data(), c.rope_theta, c.rope_neox);
     cpu::rope(a.k.data(), n, c.n_kv_heads, c.head_dim, c.rope_dim, positions.data(), c.rope_theta, c.rope_neox);
     a.o.resize(size_t(n * c.q_dim()));
@@ -293,6 +298,7 @@ struct LoraGraph::Impl {
     cpu::causal_attention_forward(a.q.data(), a.k.data(), a.v.data(), a.o.data(), a.lse.data(), batch, seq_len,
                                   c.n_heads, c.n_kv_heads, c.head_dim, 1.0f / std::sqrt(float(c.head_dim)));
     linear(l, 3, a.o.data(), a.x2, a.xa[3]);
+    if (c.o_bias) cpu::add_row_bias(a.x2.data(), w.bo.data(), n, d);
     cpu::add_inplace(a.x2.data(), a.x.data(), n, d);
     norm(a.x2, w.ffn_norm.data(), a.h2, a.inv2);
     linear(l, 4, a.h2.data(), a.g, a.xa[4]);
@@ -374,6 +380,10 @@ struct LoraGraph::Impl {
       return fail(fmt::format("{} sequences of {} tokens: both must be positive", b.sequences, b.seq_len));
     if (b.seq_len > c.context_length)
       return fail(fmt::format("sequence length {} exceeds the model's context of {}", b.seq_len, c.context_length));
+    for (int32_t l = 0; l < c.n_layers; ++l)  // the training attention is plain causal
+      if (c.window(l) > 0 && b.seq_len > c.window(l))
+        return fail(fmt::format("sequence length {} exceeds layer {}'s sliding window of {} (training attention has "
+                                "no window yet)", b.seq_len, l, c.window(l)));
     const size_t rows = size_t(b.sequences * b.seq_len);
     if (b.tokens.size() != rows || b.targets.size() != rows)
       return fail(fmt::format("{} tokens and {} targets for {} x {} positions", b.tokens.size(), b.targets.size(),

@@ -220,7 +220,7 @@ std::vector<float> permute_rows_from_gguf(const std::vector<float>& rows, int32_
 }
 
 Result<std::vector<ProjectionAdapter>> read_adapter(const std::filesystem::path& dir, const ModelShape& shape,
-                                                    bool tied) {
+                                                    bool tied, bool gguf_rows) {
   const auto config_path = dir / "adapter_config.json", weights_path = dir / "adapter_model.safetensors";
   std::ifstream in(config_path);
   if (!in) return Error{fmt::format("{}: cannot open for reading (a PEFT adapter folder has it)", config_path.string())};
@@ -332,7 +332,7 @@ Result<std::vector<ProjectionAdapter>> read_adapter(const std::filesystem::path&
     p.adapter.rank = r;
     p.adapter.a = file->read_f32(*a);
     p.adapter.b = file->read_f32(*b);
-    if (target->permute_heads > 0)
+    if (target->permute_heads > 0 && gguf_rows)
       p.adapter.b = permute_rows_for_gguf(p.adapter.b, target->permute_heads, shape.head_dim, r);
     p.adapter.scale = float(config->use_rslora ? alpha / std::sqrt(double(r)) : alpha / double(r));
     out.push_back(std::move(p));
@@ -465,7 +465,7 @@ Status write_adapter(const std::filesystem::path& dir, const std::vector<Project
     tensors.push_back({key + ".lora_A.weight", {it.r, it.target.in}, a.a});
     tensors.push_back({key + ".lora_B.weight",
                        {it.target.out, it.r},
-                       it.target.permute_heads > 0
+                       it.target.permute_heads > 0 && options.gguf_rows
                            ? permute_rows_from_gguf(a.b, it.target.permute_heads, shape.head_dim, it.r)
                            : a.b});
   }

@@ -8,7 +8,9 @@
 // ..., down_proj -> ffn_down, lm_head -> output). GGUF conversion permutes the
 // rows of q_proj and k_proj per head (RoPE's rotate-half pairs become
 // adjacent pairs), so the rows of their lora_B are permuted the same way, or
-// the adapter would meet the wrong rows. Everything is checked against the
+// the adapter would meet the wrong rows (unless the model keeps Hugging
+// Face's order: a checkpoint folder, or a NeoX-RoPE GGUF such as Qwen2's,
+// whose conversion permutes nothing). Everything is checked against the
 // model's shape; errors name the file, the key or the tensor.
 #pragma once
 
@@ -64,11 +66,13 @@ std::vector<float> permute_rows_from_gguf(const std::vector<float>& rows, int32_
 
 // The adapter in `dir` for a model of `shape` (`tied`: the output head shares
 // the embedding, so an lm_head adapter is refused).
+// `gguf_rows`: the model's Q/K rows are in GGUF's permuted order (see above).
 Result<std::vector<ProjectionAdapter>> read_adapter(const std::filesystem::path& dir, const ModelShape& shape,
-                                                    bool tied);
+                                                    bool tied, bool gguf_rows = true);
 
 struct WriteOptions {
   bool use_rslora = false;       // the adapters' scales are alpha / sqrt(r) (else alpha / r)
+  bool gguf_rows = true;         // the adapters' q/k rows are in GGUF's permuted order (read_adapter)
   double lora_dropout = 0;       // recorded in the config (training-time only)
   std::string base_model;        // base_model_name_or_path
   bool overwrite = false;        // replace a folder that already holds an adapter

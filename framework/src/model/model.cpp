@@ -10,6 +10,7 @@
 #include <fstream>
 
 #include "gguf/gguf.h"
+#include "model/hf_checkpoint.h"
 
 namespace inferlab {
 
@@ -58,6 +59,7 @@ Status load_tensor(const gguf::File& file, const std::string& name, const std::v
 }  // namespace
 
 Result<std::shared_ptr<Model>> Model::load(const std::filesystem::path& path) {
+  if (hf::is_checkpoint(path)) return load_hf(path);
   auto file_result = gguf::File::open(path);
   if (!file_result) return file_result.error();
   const gguf::File& file = **file_result;
@@ -110,6 +112,12 @@ Result<std::shared_ptr<Model>> Model::load(const std::filesystem::path& path) {
       take(*dst, layer_tensor_name(l, id), layer_tensor_dims(c, id));
       lw.file[size_t(id)] = file_tensor(file, layer_tensor_name(l, id), arena_bytes);
     }
+    if (c.qkv_bias) {
+      take(lw.bq, layer_bias_name(l, LayerTensor::attn_q), {c.q_dim()});
+      take(lw.bk, layer_bias_name(l, LayerTensor::attn_k), {c.kv_dim()});
+      take(lw.bv, layer_bias_name(l, LayerTensor::attn_v), {c.kv_dim()});
+    }
+    if (c.o_bias) take(lw.bo, layer_bias_name(l, LayerTensor::attn_output), {c.n_embd});
   }
   if (!problems.empty()) {
     // Each problem already names the file; report the first few.
@@ -139,7 +147,7 @@ std::shared_ptr<Model> Model::shape_only(const ModelConfig& config, const std::s
 
 const std::string& Model::checksum() const {
   if (checksum_.empty()) {
-    auto sum = sha256_file(path_);
+    auto sum = sha256_path(path_);
     checksum_ = sum ? *sum : std::string("unavailable");
   }
   return checksum_;
@@ -210,8 +218,9 @@ Result<std::filesystem::path> resolve_model(const std::string& name_or_path) {
     return Error{fmt::format("model '{}': no such file (known short names: {})", name_or_path,
                              fmt::join(names, ", "))};
   }
-  if (std::filesystem::is_directory(path))
-    return Error{fmt::format("model '{}' is a directory, not a .gguf file", name_or_path)};
+  if (std::filesystem::is_directory(path) && !hf::is_checkpoint(path))
+    return Error{fmt::format("model '{}' is a folder without config.json: neither a .gguf file nor a Hugging Face "
+                             "checkpoint", name_or_path)};
   return path;
 }
 

@@ -36,6 +36,7 @@ struct LayerWeights {
   WeightVector w_gate;           // (n_ff, n_embd)
   WeightVector w_up;             // (n_ff, n_embd)
   WeightVector w_down;           // (n_embd, n_ff)
+  WeightVector bq, bk, bv, bo;   // projection biases (q_dim, kv_dim, kv_dim, n_embd); empty without
   std::array<FileTensor, kLayerTensorCount> file;  // by LayerTensor: the file's quantized projections
 };
 
@@ -57,6 +58,7 @@ class Model {
  public:
   // Opens, validates (every tensor present with the expected shape and a
   // supported type) and dequantizes. Errors name the file and the fault.
+  // `path` is a .gguf file or a Hugging Face checkpoint folder (hf_checkpoint.h).
   static Result<std::shared_ptr<Model>> load(const std::filesystem::path& path);
 
   // A model of this shape without weights or tokenizer: a backend fills its own
@@ -70,12 +72,14 @@ class Model {
   // tokenizer.chat_template (a Jinja program), empty when the file has none.
   const std::string& chat_template() const { return chat_template_; }
   const std::filesystem::path& path() const { return path_; }
-  uint64_t file_size() const { return file_size_; }
+  uint64_t file_size() const { return file_size_; }  // of the weight files, for a checkpoint folder
   int64_t parameter_count() const { return parameter_count_; }
-  // SHA-256 of the file, hex; computed on first use.
+  // SHA-256 of the file (of a checkpoint folder: sha256_path), hex; computed on first use.
   const std::string& checksum() const;
 
  private:
+  static Result<std::shared_ptr<Model>> load_hf(const std::filesystem::path& folder);  // hf_checkpoint.cpp
+
   std::filesystem::path path_;
   uint64_t file_size_ = 0;
   int64_t parameter_count_ = 0;
@@ -95,7 +99,8 @@ Result<std::string> sha256_file(const std::filesystem::path& path);
 // lies does not.
 Result<std::string> sha256_path(const std::filesystem::path& path);
 
-// Short names for known models ("smollm2-135m") or a path to any .gguf file.
+// Short names for known models ("smollm2-135m"), a path to any .gguf file, or a
+// Hugging Face checkpoint folder (one holding config.json).
 // Short names resolve inside $INFERLAB_MODEL_DIR (default ~/.cache/inferlab/models).
 Result<std::filesystem::path> resolve_model(const std::string& name_or_path);
 std::filesystem::path model_cache_dir();

@@ -27,12 +27,19 @@ constexpr std::array<LayerTensorEntry, kLayerTensorCount> kLayerTensors{{
 }};
 
 // Architectures whose graph is the Llama decoder we implement.
-constexpr std::array<std::string_view, 1> kSupportedArchitectures{"llama"};
+// Qwen2 is Llama with Q/K/V biases and NeoX RoPE pairs (its Q/K rows are not
+// permuted by conversion).
+constexpr std::array<std::string_view, 2> kSupportedArchitectures{"llama", "qwen2"};
 
 }  // namespace
 
 std::string layer_tensor_name(int32_t layer, LayerTensor tensor) {
   return fmt::format("blk.{}.{}", layer, kLayerTensors[size_t(tensor)].suffix);
+}
+
+std::string layer_bias_name(int32_t layer, LayerTensor tensor) {
+  std::string name = layer_tensor_name(layer, tensor);
+  return name.replace(name.size() - std::string_view("weight").size(), std::string_view::npos, "bias");
 }
 
 std::vector<int64_t> layer_tensor_dims(const ModelConfig& c, LayerTensor tensor) {
@@ -58,7 +65,7 @@ Result<ModelConfig> read_model_config(const gguf::File& file) {
   bool supported = false;
   for (auto a : kSupportedArchitectures) supported |= (*arch == a);
   if (!supported)
-    return Error{fmt::format("{}: unsupported architecture '{}' (supported: llama)", where, *arch)};
+    return Error{fmt::format("{}: unsupported architecture '{}' (supported: llama, qwen2)", where, *arch)};
   c.architecture = *arch;
   c.name = file.get_string("general.name").value_or("");
 
@@ -108,6 +115,9 @@ Result<ModelConfig> read_model_config(const gguf::File& file) {
     c.n_vocab = int32_t(embd->dims[1]);
   }
   c.tied_embeddings = file.find_tensor(kOutputName) == nullptr;
+  c.rope_neox = c.architecture == "qwen2";
+  c.qkv_bias = file.find_tensor(layer_bias_name(0, LayerTensor::attn_q)) != nullptr;
+  c.o_bias = file.find_tensor(layer_bias_name(0, LayerTensor::attn_output)) != nullptr;
 
   if (!problems.empty())
     return Error{fmt::format("{}: {}", where, fmt::join(problems, "; "))};

@@ -27,6 +27,20 @@ struct ModelConfig {
   bool rope_neox = false;  // pair layout; GGUF "llama" uses adjacent pairs
   float rms_eps = 1e-5f;
   bool tied_embeddings = false;  // no output.weight: the embedding is the LM head
+  // Q, K and V projections add a bias (Qwen2; Llama's attention_bias also
+  // gives O one): y = x W^T + b.
+  bool qkv_bias = false;
+  bool o_bias = false;
+  // Sliding-window attention (Mistral, Qwen2's sliding layers): per layer, the
+  // number of keys a query at position p sees, itself included (positions
+  // p - window + 1 .. p); 0 = all. Empty: no layer has a window.
+  std::vector<int32_t> layer_window;
+  int32_t window(int32_t layer) const { return layer_window.empty() ? 0 : layer_window[size_t(layer)]; }
+  bool has_window() const {
+    for (int32_t w : layer_window)
+      if (w > 0) return true;
+    return false;
+  }
 
   int64_t q_dim() const { return int64_t(n_heads) * head_dim; }
   int64_t kv_dim() const { return int64_t(n_kv_heads) * head_dim; }
@@ -41,6 +55,7 @@ enum class LayerTensor { attn_norm, attn_q, attn_k, attn_v, attn_output, ffn_nor
 inline constexpr int kLayerTensorCount = 9;
 
 std::string layer_tensor_name(int32_t layer, LayerTensor tensor);
+std::string layer_bias_name(int32_t layer, LayerTensor tensor);  // "blk.3.attn_q.bias"
 inline constexpr const char* kTokenEmbeddingName = "token_embd.weight";
 inline constexpr const char* kOutputNormName = "output_norm.weight";
 inline constexpr const char* kOutputName = "output.weight";

@@ -14,6 +14,7 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <array>
 #include <map>
 #include <set>
 #include <memory>
@@ -66,6 +67,7 @@ class CudaBackend final : public Backend {
   Status linear_predicted(Proj proj, int32_t layer) override;
   Status read_predicted_heads(std::vector<uint8_t>& flags) override;
   Status add_residual() override;
+  Status add_bias(Proj proj, int32_t layer) override;
   Status rope(const KvSequence& seq, int32_t layer, bool queries) override;
   Status append_kv(KvSequence& seq, int32_t layer) override;
   Status select_by_bound(const KvSequence& seq, int32_t layer, KeyPlan& plan) override;
@@ -219,6 +221,7 @@ class CudaBackend final : public Backend {
   const float* output_norm_ = nullptr;  // (n_embd)
   std::vector<std::vector<const void*>> weights_;         // [proj][layer] (out, in) of dtype_
   std::vector<DeviceLayerNorms> norms_;
+  std::vector<std::array<const float*, 4>> biases_;  // [layer][Q, K, V, O] float, null without
   std::map<std::pair<int32_t, int32_t>, DeviceMemory> overrides_;  // (proj, layer) -> this run's weight
   std::map<std::pair<int32_t, int32_t>, DeviceMemory> transposed_;  // (proj, layer) -> (in, out)
   // Activation sparsity: the sparse GEMV's split partials, a sparsified

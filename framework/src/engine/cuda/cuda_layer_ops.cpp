@@ -121,6 +121,18 @@ Status CudaBackend::add_residual() {
   return ok_status();
 }
 
+Status CudaBackend::add_bias(Proj p, int32_t l) {
+  if (p != Proj::Q && p != Proj::K && p != Proj::V && p != Proj::O)
+    return Error{fmt::format("cuda backend: {} has no bias", proj_name(p))};
+  const float* bias = size_t(l) < biases_.size() ? biases_[size_t(l)][size_t(p)] : nullptr;
+  if (bias == nullptr) return ok_status();
+  const ModelConfig& c = config_;
+  float* y = p == Proj::Q ? q_.as<float>() : p == Proj::K ? k_.as<float>() : p == Proj::V ? v_.as<float>() : proj_.as<float>();
+  const int64_t cols = p == Proj::Q ? c.q_dim() : p == Proj::O ? c.n_embd : c.kv_dim();
+  CUDA_TRY(kc::add_row_bias(y, bias, n_, cols, stream_), "bias");
+  return ok_status();
+}
+
 Status CudaBackend::rope(const KvSequence& seq, int32_t l, bool queries) {
   const ModelConfig& c = config_;
   if (!capturing_)  // a replayed step staged every layer's counts beforehand

@@ -62,6 +62,10 @@ Status CudaBackend::upload_weights() {
     for (auto [p, host] : {std::pair{Proj::Q, &lw.wq}, {Proj::K, &lw.wk}, {Proj::V, &lw.wv}, {Proj::O, &lw.wo},
                            {Proj::Gate, &lw.w_gate}, {Proj::Up, &lw.w_up}, {Proj::Down, &lw.w_down}})
       if (auto s = matrix(*host, weights_[size_t(p)][size_t(l)]); !s) return s;
+    biases_.resize(size_t(c.n_layers));
+    for (auto [p, host] : {std::pair{Proj::Q, &lw.bq}, {Proj::K, &lw.bk}, {Proj::V, &lw.bv}, {Proj::O, &lw.bo}})
+      if (!host->empty())
+        if (auto s = vector(*host, biases_[size_t(l)][size_t(p)]); !s) return s;
     if (auto s = vector(lw.attn_norm, norms_[size_t(l)].attn); !s) return s;
     if (auto s = vector(lw.ffn_norm, norms_[size_t(l)].ffn); !s) return s;
   }
