@@ -5,13 +5,13 @@
 # does too. A crash leaves its input under <build>/fuzz-artifacts/; copy it into
 # fuzz/regressions/<target>/ (every build replays those) and fix the parser.
 #   INFERLAB_SANITIZE_BUILD_DIR (default build-asan), INFERLAB_FUZZ_SECONDS per
-#   target (default 45; 0 skips fuzzing), INFERLAB_BUILD_JOBS.
+#   target (default 30; 0 skips fuzzing), INFERLAB_BUILD_JOBS.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
 build_dir="${INFERLAB_SANITIZE_BUILD_DIR:-build-asan}"
-fuzz_seconds="${INFERLAB_FUZZ_SECONDS:-45}"
+fuzz_seconds="${INFERLAB_FUZZ_SECONDS:-30}"
 jobs="${INFERLAB_BUILD_JOBS:-$(nproc)}"
 
 if ! command -v clang++ >/dev/null 2>&1; then
