@@ -5,6 +5,7 @@
 // a CPU twin.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 // Small accessors usable in host and device code.
@@ -15,6 +16,35 @@
 #endif
 
 namespace inferlab::kernels {
+
+// RoPE frequency scaling of long-context checkpoints (config.json's
+// rope_type): Linear divides every inverse frequency by `factor`; Llama3
+// (Llama 3.1 and later) divides the low frequencies (wavelength above
+// original_context / low_freq_factor) by it, keeps the high ones (below
+// original_context / high_freq_factor) and blends in between.
+struct RopeScaling {
+  enum class Kind : int32_t { None = 0, Linear = 1, Llama3 = 2 };
+  Kind kind = Kind::None;
+  float factor = 1.0f, low_freq_factor = 1.0f, high_freq_factor = 4.0f, original_context = 8192.0f;
+  // GGUF's rope_freqs.weight (how llama.cpp stores Llama 3.1's scaling): pair
+  // i's inverse frequency divided by freq_factors[i]; host memory, rope_dim/2
+  // values, or null.
+  const float* freq_factors = nullptr;
+};
+
+// The inverse frequency of pair i: theta^(-2i/rope_dim), scaled. The one
+// definition every RoPE kernel (CPU, CUDA, the training graph) computes with.
+inline float rope_inv_freq(int64_t i, int64_t rope_dim, float theta, const RopeScaling& s = {}) {
+  float f = std::pow(theta, -float(2 * i) / float(rope_dim));
+  if (s.freq_factors != nullptr) f /= s.freq_factors[i];
+  if (s.kind == RopeScaling::Kind::Linear) return f / s.factor;
+  if (s.kind != RopeScaling::Kind::Llama3) return f;
+  const float wavelen = 2.0f * 3.14159265358979f / f;
+  if (wavelen < s.original_context / s.high_freq_factor) return f;
+  if (wavelen > s.original_context / s.low_freq_factor) return f / s.factor;
+  const float smooth = (s.original_context / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+  return (1.0f - smooth) * f / s.factor + smooth * f;
+}
 
 // Element type of weights, activations fed to GEMMs, and the KV cache.
 enum class DType : int32_t { F32 = 0, F16 = 1, BF16 = 2 };

@@ -40,12 +40,12 @@ void rmsnorm_backward(float* dx, const float* dy, const float* x, const float* i
 }
 
 void rope_backward(float* dx, int64_t rows, int64_t row_stride, int64_t n_heads, int64_t head_dim, int64_t rope_dim,
-                   const int32_t* positions, float theta, bool neox) {
+                   const int32_t* positions, float theta, bool neox, const RopeScaling& scaling) {
   // Rotating by -p * f: (-p) * f is exactly -(p * f), cos is even and sin odd,
   // so this is the forward rotation's transpose to the bit.
   std::vector<int32_t> negated(static_cast<size_t>(rows));
   for (int64_t r = 0; r < rows; ++r) negated[size_t(r)] = -positions[r];
-  rope_strided(dx, rows, row_stride, n_heads, head_dim, rope_dim, negated.data(), theta, neox);
+  rope_strided(dx, rows, row_stride, n_heads, head_dim, rope_dim, negated.data(), theta, neox, scaling);
 }
 
 void silu_mul_backward(float* dgate, float* dup, const float* dact, const float* gate, const float* up, int64_t count) {

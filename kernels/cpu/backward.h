@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "kernel_types.h"
+
 namespace inferlab::kernels::cpu {
 
 // Per row, 1/sqrt(mean(x^2) + eps), exactly as rmsnorm computes it.
@@ -21,7 +23,7 @@ void rmsnorm_backward(float* dx, const float* dy, const float* x, const float* i
 // The transpose of rope_strided: rotates each pair by minus its angle (dq, dk
 // in place). cos(-a) and -sin(a) are exact, so this is rope's exact transpose.
 void rope_backward(float* dx, int64_t rows, int64_t row_stride, int64_t n_heads, int64_t head_dim, int64_t rope_dim,
-                   const int32_t* positions, float theta, bool neox);
+                   const int32_t* positions, float theta, bool neox, const RopeScaling& scaling = {});
 
 // act = silu(gate) * up; given dact: dgate = dact * up * silu'(gate),
 // dup = dact * silu(gate), with silu'(g) = s(g) (1 + g (1 - s(g))).

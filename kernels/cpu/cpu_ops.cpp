@@ -146,17 +146,16 @@ void rmsnorm(float* out, const float* x, const float* weight, int64_t rows, int6
 }
 
 void rope(float* x, int64_t rows, int64_t n_heads, int64_t head_dim, int64_t rope_dim,
-          const int32_t* positions, float theta, bool neox) {
-  rope_strided(x, rows, n_heads * head_dim, n_heads, head_dim, rope_dim, positions, theta, neox);
+          const int32_t* positions, float theta, bool neox, const RopeScaling& scaling) {
+  rope_strided(x, rows, n_heads * head_dim, n_heads, head_dim, rope_dim, positions, theta, neox, scaling);
 }
 
 void rope_strided(float* x, int64_t rows, int64_t row_stride, int64_t n_heads, int64_t head_dim, int64_t rope_dim,
-                  const int32_t* positions, float theta, bool neox) {
+                  const int32_t* positions, float theta, bool neox, const RopeScaling& scaling) {
   const int64_t half = rope_dim / 2;
-  // Inverse frequencies: theta^(-2i/rope_dim), computed once per call.
+  // Inverse frequencies: theta^(-2i/rope_dim) (scaled), computed once per call.
   std::vector<float> inv_freq(static_cast<size_t>(half));
-  for (int64_t i = 0; i < half; ++i)
-    inv_freq[size_t(i)] = std::pow(theta, -float(2 * i) / float(rope_dim));
+  for (int64_t i = 0; i < half; ++i) inv_freq[size_t(i)] = rope_inv_freq(i, rope_dim, theta, scaling);
 #pragma omp parallel for if (rows > 4)
   for (int64_t r = 0; r < rows; ++r) {
     const float pos = float(positions[r]);
@@ -176,12 +175,12 @@ void rope_strided(float* x, int64_t rows, int64_t row_stride, int64_t n_heads, i
 }
 
 void rope_shift(float* x, int64_t rows, int64_t row_stride, int64_t head_dim, int64_t rope_dim, int32_t delta,
-                float theta, bool neox) {
+                float theta, bool neox, const RopeScaling& scaling) {
   (void)head_dim;
   const int64_t half = rope_dim / 2;
   std::vector<float> cs(static_cast<size_t>(2 * half));
   for (int64_t i = 0; i < half; ++i) {
-    const float angle = float(delta) * std::pow(theta, -float(2 * i) / float(rope_dim));
+    const float angle = float(delta) * rope_inv_freq(i, rope_dim, theta, scaling);
     cs[size_t(2 * i)] = std::cos(angle);
     cs[size_t(2 * i + 1)] = std::sin(angle);
   }

@@ -16,16 +16,16 @@ void rmsnorm(float* out, const float* x, const float* weight, int64_t rows, int6
 // position positions[r]. Only the first rope_dim dims of a head rotate.
 // neox = false: pairs (2i, 2i+1) (GGUF "llama"); neox = true: pairs (i, i + rope_dim/2).
 void rope(float* x, int64_t rows, int64_t n_heads, int64_t head_dim, int64_t rope_dim,
-          const int32_t* positions, float theta, bool neox);
+          const int32_t* positions, float theta, bool neox, const RopeScaling& scaling = {});
 
 // The same on rows `row_stride` floats apart, each holding n_heads heads.
 void rope_strided(float* x, int64_t rows, int64_t row_stride, int64_t n_heads, int64_t head_dim, int64_t rope_dim,
-                  const int32_t* positions, float theta, bool neox);
+                  const int32_t* positions, float theta, bool neox, const RopeScaling& scaling = {});
 
 // Rotates `rows` single-head rows (row_stride floats apart) by the same RoPE
 // position offset `delta` (rotations compose): the angles are computed once.
 void rope_shift(float* x, int64_t rows, int64_t row_stride, int64_t head_dim, int64_t rope_dim, int32_t delta,
-                float theta, bool neox);
+                float theta, bool neox, const RopeScaling& scaling = {});
 
 // gate(rows, n) = silu(gate) * up, in place.
 void silu_mul(float* gate, const float* up, int64_t rows, int64_t n);

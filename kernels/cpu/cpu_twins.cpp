@@ -117,19 +117,19 @@ void kv_move_rows(const KvPages& kv, const int32_t* src_page, const int32_t* src
 }
 
 void kv_rope_shift(const KvPages& kv, const int32_t* page, const int32_t* slot, const int32_t* delta, int32_t n,
-                   int32_t rope_dim, float theta, bool neox) {
+                   int32_t rope_dim, float theta, bool neox, const RopeScaling& scaling) {
   std::vector<float> row(size_t(kv.head_dim));
   for (int32_t j = 0; j < n; ++j) {
     char* stored = key_row(kv, page[j], slot[j]);
     convert_to_float(stored, kv.dtype, kv.head_dim, row.data());
-    rope_shift(row.data(), 1, kv.head_dim, kv.head_dim, rope_dim, delta[j], theta, neox);
+    rope_shift(row.data(), 1, kv.head_dim, kv.head_dim, rope_dim, delta[j], theta, neox, scaling);
     convert_from_float(row.data(), kv.head_dim, stored, kv.dtype);
   }
 }
 
 void kv_rope_from_originals(const KvPages& kv, const int32_t* page, const int32_t* slot, const int32_t* origin_page,
                             const int32_t* delta, const int32_t* save, int32_t n, int32_t rope_dim, float theta,
-                            bool neox) {
+                            bool neox, const RopeScaling& scaling) {
   std::vector<float> row(size_t(kv.head_dim));
   const size_t rotary_bytes = size_t(rope_dim) * size_t(dtype_bytes(kv.dtype));
   for (int32_t j = 0; j < n; ++j) {
@@ -137,7 +137,7 @@ void kv_rope_from_originals(const KvPages& kv, const int32_t* page, const int32_
     char* original = key_row(kv, origin_page[j], slot[j]);
     if (save[j] != 0) std::memcpy(original, stored, rotary_bytes);
     convert_to_float(original, kv.dtype, rope_dim, row.data());
-    rope_shift(row.data(), 1, rope_dim, rope_dim, rope_dim, delta[j], theta, neox);
+    rope_shift(row.data(), 1, rope_dim, rope_dim, rope_dim, delta[j], theta, neox, scaling);
     convert_from_float(row.data(), rope_dim, stored, kv.dtype);
   }
 }

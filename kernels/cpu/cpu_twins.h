@@ -37,10 +37,10 @@ void kv_append(const KvPages& kv, LayerPageTable table, const int32_t* first_tok
 void kv_move_rows(const KvPages& kv, const int32_t* src_page, const int32_t* src_slot, const int32_t* dst_page,
                   const int32_t* dst_slot, int32_t n_moves);
 void kv_rope_shift(const KvPages& kv, const int32_t* page, const int32_t* slot, const int32_t* delta, int32_t n,
-                   int32_t rope_dim, float theta, bool neox);
+                   int32_t rope_dim, float theta, bool neox, const RopeScaling& scaling = {});
 void kv_rope_from_originals(const KvPages& kv, const int32_t* page, const int32_t* slot, const int32_t* origin_page,
                             const int32_t* delta, const int32_t* save, int32_t n, int32_t rope_dim, float theta,
-                            bool neox);
+                            bool neox, const RopeScaling& scaling = {});
 void kv_copy_pages(const KvPages& kv, const int32_t* src, const int32_t* dst, int32_t n);
 
 // Key bounds of pages (layout: PageSelectCall in kernel_types.h): for j < n,

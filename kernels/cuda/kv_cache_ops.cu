@@ -269,9 +269,10 @@ cudaError_t kv_move_rows(const KvPages& kv, const int32_t* src_page, const int32
 }
 
 cudaError_t kv_rope_shift(const KvPages& kv, const int32_t* page, const int32_t* slot, const int32_t* delta,
-                          int32_t n, int32_t rope_dim, float theta, bool neox, cudaStream_t stream) {
+                          int32_t n, int32_t rope_dim, float theta, bool neox, cudaStream_t stream,
+                          const RopeScaling& scaling) {
   RopeFreqs freqs;
-  if (!valid_element_pages(kv) || n < 0 || rope_dim > kv.head_dim || !make_rope_freqs(rope_dim, theta, neox, &freqs))
+  if (!valid_element_pages(kv) || n < 0 || rope_dim > kv.head_dim || !make_rope_freqs(rope_dim, theta, neox, &freqs, scaling))
     return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
   const int threads = int(std::min<int64_t>(128, (freqs.half + 31) / 32 * 32));
@@ -282,9 +283,10 @@ cudaError_t kv_rope_shift(const KvPages& kv, const int32_t* page, const int32_t*
 
 cudaError_t kv_rope_from_originals(const KvPages& kv, const int32_t* page, const int32_t* slot,
                                    const int32_t* origin_page, const int32_t* delta, const int32_t* save, int32_t n,
-                                   int32_t rope_dim, float theta, bool neox, cudaStream_t stream) {
+                                   int32_t rope_dim, float theta, bool neox, cudaStream_t stream,
+                                   const RopeScaling& scaling) {
   RopeFreqs freqs;
-  if (!valid_element_pages(kv) || n < 0 || rope_dim > kv.head_dim || !make_rope_freqs(rope_dim, theta, neox, &freqs))
+  if (!valid_element_pages(kv) || n < 0 || rope_dim > kv.head_dim || !make_rope_freqs(rope_dim, theta, neox, &freqs, scaling))
     return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
   const int threads = int(std::min<int64_t>(128, (freqs.half + 31) / 32 * 32));

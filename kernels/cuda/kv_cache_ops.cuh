@@ -38,7 +38,8 @@ cudaError_t kv_move_rows(const KvPages& kv, const int32_t* src_page, const int32
 // Rotates the K row at (page[j], slot[j]) by delta[j] RoPE positions
 // (cpu::rope_shift's math), in the storage dtype, for j < n. Element pages only.
 cudaError_t kv_rope_shift(const KvPages& kv, const int32_t* page, const int32_t* slot, const int32_t* delta,
-                          int32_t n, int32_t rope_dim, float theta, bool neox, cudaStream_t stream);
+                          int32_t n, int32_t rope_dim, float theta, bool neox, cudaStream_t stream,
+                          const RopeScaling& scaling = {});
 
 // Turns the K row at (page[j], slot[j]) to delta[j] RoPE positions from its
 // original, the K row at (origin_page[j], slot[j]) (cpu::rope_shift's math on
@@ -47,7 +48,8 @@ cudaError_t kv_rope_shift(const KvPages& kv, const int32_t* page, const int32_t*
 // pairs must be distinct, and no origin page a page of the call. Element pages only.
 cudaError_t kv_rope_from_originals(const KvPages& kv, const int32_t* page, const int32_t* slot,
                                    const int32_t* origin_page, const int32_t* delta, const int32_t* save, int32_t n,
-                                   int32_t rope_dim, float theta, bool neox, cudaStream_t stream);
+                                   int32_t rope_dim, float theta, bool neox, cudaStream_t stream,
+                                   const RopeScaling& scaling = {});
 
 // Copies whole pages src[j] -> dst[j], j < n. No page may be both a source and
 // a destination of one call. Chunk bases must be 16-byte aligned (cudaMalloc's are).

@@ -30,11 +30,12 @@ __global__ void rope_kernel(float* x, int64_t rows, int64_t row_stride, int64_t 
 }  // namespace
 
 cudaError_t rope(float* x, int64_t rows, int64_t row_stride, int64_t n_heads, int64_t head_dim, int64_t rope_dim,
-                 const int32_t* positions, int32_t position_groups, float theta, bool neox, cudaStream_t stream) {
+                 const int32_t* positions, int32_t position_groups, float theta, bool neox, cudaStream_t stream,
+                 const RopeScaling& scaling) {
   RopeFreqs freqs;
   if (rows < 0 || rows > kMaxGridX || n_heads <= 0 || head_dim <= 0 || rope_dim > head_dim ||
       n_heads * head_dim > row_stride || position_groups < 1 || position_groups > n_heads ||
-      position_groups > 65535 || !make_rope_freqs(rope_dim, theta, neox, &freqs))
+      position_groups > 65535 || !make_rope_freqs(rope_dim, theta, neox, &freqs, scaling))
     return cudaErrorInvalidValue;
   if (rows == 0) return cudaSuccess;
   const int threads = int(std::min<int64_t>(128, (freqs.half + 31) / 32 * 32));

@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "kernel_types.h"
+
 namespace inferlab::kernels::cuda {
 
 // In place on x(rows, row_stride), which holds n_heads heads of head_dim from
@@ -13,7 +15,8 @@ namespace inferlab::kernels::cuda {
 // position_groups = 1 shares positions(rows) across heads; = n_kv_heads gives
 // each kv head's query group its own positions(n_kv_heads, rows).
 cudaError_t rope(float* x, int64_t rows, int64_t row_stride, int64_t n_heads, int64_t head_dim, int64_t rope_dim,
-                 const int32_t* positions, int32_t position_groups, float theta, bool neox, cudaStream_t stream);
+                 const int32_t* positions, int32_t position_groups, float theta, bool neox, cudaStream_t stream,
+                 const RopeScaling& scaling = {});
 
 // Positions of a call's new rows when positions are cache indices, for rope's
 // per-kv-head groups: out[g * n_rows + i] = n_cached[g] + i.

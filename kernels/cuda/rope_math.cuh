@@ -12,11 +12,13 @@
 #include <cmath>
 #include <cstdint>
 
+#include "kernel_types.h"
+
 namespace inferlab::kernels::cuda {
 
 constexpr int64_t kMaxRopeHalf = 256;  // rope_dim <= 512
 
-// Kernel argument (by value, 1 KiB): theta^(-2i/rope_dim) for i < half.
+// Kernel argument (by value, 1 KiB): theta^(-2i/rope_dim) for i < half, scaled (rope_inv_freq).
 struct RopeFreqs {
   float inv_freq[kMaxRopeHalf];
   int32_t half = 0;
@@ -24,11 +26,12 @@ struct RopeFreqs {
 };
 
 // False when rope_dim is odd, zero or too large.
-inline bool make_rope_freqs(int64_t rope_dim, float theta, bool neox, RopeFreqs* freqs) {
+inline bool make_rope_freqs(int64_t rope_dim, float theta, bool neox, RopeFreqs* freqs,
+                            const RopeScaling& scaling = {}) {
   if (rope_dim <= 0 || rope_dim % 2 != 0 || rope_dim / 2 > kMaxRopeHalf) return false;
   freqs->half = int32_t(rope_dim / 2);
   freqs->neox = neox;
-  for (int64_t i = 0; i < freqs->half; ++i) freqs->inv_freq[i] = std::pow(theta, -float(2 * i) / float(rope_dim));
+  for (int64_t i = 0; i < freqs->half; ++i) freqs->inv_freq[i] = rope_inv_freq(i, rope_dim, theta, scaling);
   return true;
 }
 

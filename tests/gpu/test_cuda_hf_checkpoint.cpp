@@ -1,7 +1,7 @@
 // Hugging Face checkpoints on the CUDA backend: Qwen2's Q/K/V biases and the
 // sharded Llama's O bias (Backend::add_bias, kernels::cuda::add_row_bias), and
 // Mistral's sliding window past its 64 keys (key plans in Tokens mode, a token
-// per call), against the CPU backend on the same tiny checkpoints
+// per call) and Llama 3.1's RoPE scaling (make_rope_freqs), against the CPU backend on the same tiny checkpoints
 // (tests/reference/hf_models, the CPU side checked against transformers in
 // test_hf_checkpoint.cpp), within f16 rounding; decode steps with graphs
 // equal to eager ones.
@@ -77,7 +77,7 @@ TEST(CudaHfCheckpoint, TheRowBiasKernelAddsTheBiasToEveryRow) {
 TEST(CudaHfCheckpoint, BiasesAndSlidingWindowsMatchTheCpuBackend) {
   INFERLAB_REQUIRE_GPU();
   if (reference_dir().empty()) GTEST_SKIP() << "tests/reference/hf_models not found from here";
-  for (const auto& [name, index] : {std::pair{"qwen2", 0}, {"llama-sharded", 0}, {"mistral", 2}}) {
+  for (const auto& [name, index] : {std::pair{"qwen2", 0}, {"llama-sharded", 0}, {"mistral", 2}, {"llama31", 1}}) {
     SCOPED_TRACE(name);
     auto model = Model::load(reference_dir() / "hf_models" / name);
     ASSERT_TRUE(model.ok()) << model.message();

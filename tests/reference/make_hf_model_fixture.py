@@ -13,10 +13,13 @@ shape (2 layers, 4 query heads over 2 KV heads of 8 dims, hidden 32, FFN 64):
                  vocab_size padded past the tokenizer as Qwen does
   mistral        MistralForCausalLM, sliding_window 64, F16, SentencePiece-style
                  byte-fallback tokenizer
+  llama31        LlamaForCausalLM with Llama 3.1's RoPE scaling (rope_type llama3,
+                 factor 8, original context 16 so that every band of the rule is hit), F32
 
-and two GGUF conversions of the same weights (llama.gguf with Q/K rows permuted
-as llama.cpp's converter permutes them; qwen2.gguf unpermuted, NeoX RoPE),
-F16/F32, with the tokenizer as GGUF metadata.
+and three GGUF conversions of the same weights (llama.gguf and llama31.gguf with
+Q/K rows permuted as llama.cpp's converter permutes them, llama31's scaling as
+the rope_freqs.weight divisors llama.cpp writes; qwen2.gguf unpermuted, NeoX
+RoPE), F16/F32, with the tokenizer as GGUF metadata.
 
 hf_models_logits.json holds, per model and prompt, the token ids (the HF
 tokenizer's, special tokens added), transformers' float32 logits of some rows
@@ -155,6 +158,12 @@ def write_gguf(path: Path, arch: str, model, config, tokenizer_dir: Path, dtype)
         value = value.astype(dtype) if value.ndim == 2 else value.astype(np.float32)
         w.add_tensor(name, value)
 
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type") == "llama3":  # llama.cpp's form: default inverse frequencies / scaled ones
+        dim = config.head_dim
+        base = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        scaled = model.model.rotary_emb.inv_freq.float()
+        w.add_tensor("rope_freqs.weight", (base / scaled).numpy().astype(np.float32))
     tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     tensor("output_norm.weight", sd["model.norm.weight"])
     if not config.tie_word_embeddings:
@@ -218,7 +227,12 @@ def main() -> None:
         {"tie_word_embeddings": True, "vocab_size": 392})
     _, _, _, fixtures["mistral"] = build(
         "mistral", MistralForCausalLM, MistralConfig, "spm-llama2", torch.float16, 14, {"sliding_window": 64})
+    llama31, llama31_cfg, _, fixtures["llama31"] = build(
+        "llama31", LlamaForCausalLM, LlamaConfig, "bytelevel-llama3", torch.float32, 15,
+        {"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 16}})
     write_gguf(OUT / "llama.gguf", "llama", llama, llama_cfg, llama_tok, np.float16)
+    write_gguf(OUT / "llama31.gguf", "llama", llama31, llama31_cfg, llama_tok, np.float32)
     write_gguf(OUT / "qwen2.gguf", "qwen2", qwen, qwen_cfg, qwen_tok, np.float32)
     (HERE / "hf_models_logits.json").write_text(json.dumps(fixtures, separators=(",", ":")) + "\n")
     for path in sorted(OUT.rglob("*")):

@@ -1,6 +1,7 @@
 // Hugging Face checkpoint folders against transformers: tiny random Llama,
 // Llama with attention biases in shards, Qwen2 (Q/K/V biases, tied, BF16,
-// padded vocabulary) and Mistral (sliding window), written by
+// padded vocabulary), Mistral (sliding window) and Llama 3.1 (llama3 RoPE
+// scaling; its GGUF form, rope_freqs.weight, too), written by
 // tests/reference/make_hf_model_fixture.py with transformers' float32 logits
 // and greedy continuations. The same weights converted to GGUF (Q/K rows
 // permuted for Llama, NeoX pairs for Qwen2) give the same logits.
@@ -96,7 +97,7 @@ TEST_P(HfCheckpoint, LogitsAndGreedyTokensMatchTransformers) {
   EXPECT_GE(checked, 2);
 }
 
-INSTANTIATE_TEST_SUITE_P(Models, HfCheckpoint, ::testing::Values("llama", "llama-sharded", "qwen2", "mistral"),
+INSTANTIATE_TEST_SUITE_P(Models, HfCheckpoint, ::testing::Values("llama", "llama-sharded", "qwen2", "mistral", "llama31"),
                          [](const auto& info) {
                            std::string s = info.param;
                            std::replace(s.begin(), s.end(), '-', '_');
@@ -125,6 +126,20 @@ TEST(HfCheckpointConfig, ReadsEachVariantsShape) {
   EXPECT_EQ(mistral->config().window(0), 64);
   EXPECT_EQ(mistral->config().window(1), 64);
   EXPECT_FALSE(llama->config().has_window());
+  auto llama31 = load(kModels / "llama31");
+  ASSERT_TRUE(llama31);
+  const kernels::RopeScaling s = llama31->config().rope();
+  EXPECT_EQ(s.kind, kernels::RopeScaling::Kind::Llama3);
+  EXPECT_EQ(s.factor, 8.0f);
+  EXPECT_EQ(s.original_context, 16.0f);
+  // The rule's three bands at head dim 8 (inverse frequencies 1, 0.1, 0.01,
+  // 0.001; wavelengths 6.3, 63, 628, 6283 against 16 / 4 and 16 / 1):
+  EXPECT_NEAR(kernels::rope_inv_freq(1, 8, 10000.0f, s), 0.1f / 8, 1e-7);    // low frequency: divided
+  const float smooth = (16.0f / (2 * 3.14159265f) - 1.0f) / 3.0f;          // pair 0: blended
+  EXPECT_NEAR(kernels::rope_inv_freq(0, 8, 10000.0f, s), (1 - smooth) / 8 + smooth, 1e-6);
+  auto converted = load(kModels / "llama31.gguf");
+  ASSERT_TRUE(converted);
+  EXPECT_EQ(converted->config().rope_freq_factors.size(), 4u);  // llama.cpp's rope_freqs.weight
   // The chat template comes from tokenizer_config.json.
   EXPECT_NE(qwen->chat_template().find("<|im_start|>"), std::string::npos);
   // A checkpoint's checksum covers the folder; the weights' bytes are the file size.
@@ -135,7 +150,8 @@ TEST(HfCheckpointConfig, ReadsEachVariantsShape) {
 // The GGUF conversion of the same weights: what llama.cpp's converter writes
 // (Q/K rows permuted into adjacent pairs for Llama; Qwen2 keeps NeoX pairs).
 TEST(HfCheckpointConfig, TheGgufConversionGivesTheSameLogits) {
-  for (const auto& [folder, gguf] : {std::pair{"llama", "llama.gguf"}, {"qwen2", "qwen2.gguf"}}) {
+  for (const auto& [folder, gguf] :
+       {std::pair{"llama", "llama.gguf"}, {"qwen2", "qwen2.gguf"}, {"llama31", "llama31.gguf"}}) {
     auto hf = load(kModels / folder);
     auto converted = load(kModels / gguf);
     ASSERT_TRUE(hf && converted);
@@ -224,7 +240,7 @@ TEST_F(HfBadInput, ConfigProblemsNameTheFileAndTheKey) {
   edit_config([](auto& j) {
     j["model_type"] = "llama";
     j.erase("hidden_size");
-    j["rope_parameters"]["rope_type"] = "llama3";
+    j["rope_parameters"]["rope_type"] = "yarn";
   });
   e = error();
   EXPECT_NE(e.find("missing key \"hidden_size\""), std::string::npos) << e;

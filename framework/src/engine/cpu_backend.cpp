@@ -486,8 +486,8 @@ Status CpuBackend::rope(const KvSequence& seq, int32_t l, bool queries) {
   const ModelConfig& c = config_;
   if (!cache_positions_) {
     if (queries)
-      cpu::rope(q_.data(), n_, c.n_heads, c.head_dim, c.rope_dim, positions_.data(), c.rope_theta, c.rope_neox);
-    cpu::rope(k_.data(), n_, c.n_kv_heads, c.head_dim, c.rope_dim, positions_.data(), c.rope_theta, c.rope_neox);
+      cpu::rope(q_.data(), n_, c.n_heads, c.head_dim, c.rope_dim, positions_.data(), c.rope_theta, c.rope_neox, c.rope());
+    cpu::rope(k_.data(), n_, c.n_kv_heads, c.head_dim, c.rope_dim, positions_.data(), c.rope_theta, c.rope_neox, c.rope());
     return ok_status();
   }
   // Each kv head's new tokens continue its own stored count.
@@ -496,9 +496,9 @@ Status CpuBackend::rope(const KvSequence& seq, int32_t l, bool queries) {
   for (int32_t g = 0; g < c.n_kv_heads; ++g) {
     int32_t* pos = &group_positions_[size_t(g * n)];
     for (int64_t i = 0; i < n; ++i) pos[i] = seq.table(l, g).n_tokens() + int32_t(i);
-    cpu::rope_strided(&k_[size_t(g * hd)], n, c.kv_dim(), 1, hd, c.rope_dim, pos, c.rope_theta, c.rope_neox);
+    cpu::rope_strided(&k_[size_t(g * hd)], n, c.kv_dim(), 1, hd, c.rope_dim, pos, c.rope_theta, c.rope_neox, c.rope());
     if (queries)
-      cpu::rope_strided(&q_[size_t(g * gs * hd)], n, c.q_dim(), gs, hd, c.rope_dim, pos, c.rope_theta, c.rope_neox);
+      cpu::rope_strided(&q_[size_t(g * gs * hd)], n, c.q_dim(), gs, hd, c.rope_dim, pos, c.rope_theta, c.rope_neox, c.rope());
   }
   return ok_status();
 }
@@ -575,7 +575,7 @@ Status CpuBackend::rerotate(KvSequence& seq, int32_t l, int32_t g) {
     while (end < t.n_tokens() && end % ps != 0 && end - t.rotary[size_t(end)] == delta) ++end;
     if (delta != 0) {
       cpu::rope_shift(seq.k_row_mutable(l, g, i), end - i, c.head_dim, c.head_dim, c.rope_dim, delta, c.rope_theta,
-                      c.rope_neox);
+                      c.rope_neox, c.rope());
       for (int32_t j = i; j < end; ++j) t.rotary[size_t(j)] = j;
     }
     i = end;
@@ -611,7 +611,7 @@ Status CpuBackend::rerotate_from_originals(KvSequence& seq, int32_t l, int32_t g
   const kernels::KvPages kv{pool_->chunks().data(), pool_->pages_per_chunk(), pool_->shape().page_size,
                             int32_t(c.head_dim), pool_->dtype()};
   cpu::kv_rope_from_originals(kv, d, d + n, d + 2 * n, d + 3 * n, d + 4 * n, n, int32_t(c.rope_dim), c.rope_theta,
-                              c.rope_neox);
+                              c.rope_neox, c.rope());
   return ok_status();
 }
 

@@ -291,8 +291,8 @@ struct LoraGraph::Impl {
       cpu::add_row_bias(a.k.data(), w.bk.data(), n, c.kv_dim());
       cpu::add_row_bias(a.v.data(), w.bv.data(), n, c.kv_dim());
     }
-    cpu::rope(a.q.data(), n, c.n_heads, c.head_dim, c.rope_dim, positions.data(), c.rope_theta, c.rope_neox);
-    cpu::rope(a.k.data(), n, c.n_kv_heads, c.head_dim, c.rope_dim, positions.data(), c.rope_theta, c.rope_neox);
+    cpu::rope(a.q.data(), n, c.n_heads, c.head_dim, c.rope_dim, positions.data(), c.rope_theta, c.rope_neox, c.rope());
+    cpu::rope(a.k.data(), n, c.n_kv_heads, c.head_dim, c.rope_dim, positions.data(), c.rope_theta, c.rope_neox, c.rope());
     a.o.resize(size_t(n * c.q_dim()));
     a.lse.resize(size_t(batch * c.n_heads * seq_len));
     cpu::causal_attention_forward(a.q.data(), a.k.data(), a.v.data(), a.o.data(), a.lse.data(), batch, seq_len,
@@ -364,9 +364,9 @@ struct LoraGraph::Impl {
                                    a.v.data(), a.o.data(), a.lse.data(), batch, seq_len, c.n_heads, c.n_kv_heads,
                                    c.head_dim, 1.0f / std::sqrt(float(c.head_dim)));
     cpu::rope_backward(bb.dq.data(), n, qd, c.n_heads, c.head_dim, c.rope_dim, positions.data(), c.rope_theta,
-                       c.rope_neox);
+                       c.rope_neox, c.rope());
     cpu::rope_backward(bb.dk.data(), n, kvd, c.n_kv_heads, c.head_dim, c.rope_dim, positions.data(), c.rope_theta,
-                       c.rope_neox);
+                       c.rope_neox, c.rope());
     linear_backward(l, 0, bb.dq.data(), a.h1.data(), a.xa[0], bb.dh.data(), false, bb.tmp);
     linear_backward(l, 1, bb.dk.data(), a.h1.data(), a.xa[1], bb.dh.data(), true, bb.tmp);
     linear_backward(l, 2, bb.dv.data(), a.h1.data(), a.xa[2], bb.dh.data(), true, bb.tmp);

@@ -150,10 +150,28 @@ Result<ModelConfig> read_config(const fs::path& config_json) {
       r.problems.push_back(fmt::format("\"{}\" is not an object", shown));
       return;
     }
-    const std::string type = obj.value("rope_type", obj.value("type", std::string("default")));
-    if (type != "default")
-      r.problems.push_back(fmt::format("\"{}.rope_type\" '{}' is not supported (only plain RoPE: \"default\")",
+    const json& named = obj.contains("rope_type") ? obj.at("rope_type") : obj.contains("type") ? obj.at("type") : json();
+    const std::string type = named.is_string() ? named.get<std::string>() : "default";
+    using Kind = kernels::RopeScaling::Kind;
+    kernels::RopeScaling& s = c.rope_scaling;
+    if (type == "linear" || type == "llama3") {
+      s.kind = type == "linear" ? Kind::Linear : Kind::Llama3;
+      s.factor = float(r.number(obj, "factor", 0.0, shown + ".factor"));
+      if (!(s.factor > 0)) r.problems.push_back(fmt::format("\"{}.factor\" is missing", shown));
+      if (s.kind == Kind::Llama3) {
+        s.low_freq_factor = float(r.number(obj, "low_freq_factor", 0.0, shown + ".low_freq_factor"));
+        s.high_freq_factor = float(r.number(obj, "high_freq_factor", 0.0, shown + ".high_freq_factor"));
+        s.original_context = float(r.number(obj, "original_max_position_embeddings", 0.0,
+                                            shown + ".original_max_position_embeddings"));
+        if (!(s.low_freq_factor > 0) || !(s.high_freq_factor > s.low_freq_factor) || !(s.original_context > 0))
+          r.problems.push_back(fmt::format("\"{}\" llama3 needs low_freq_factor < high_freq_factor and "
+                                           "original_max_position_embeddings, all positive",
+                                           shown));
+      }
+    } else if (type != "default") {
+      r.problems.push_back(fmt::format("\"{}.rope_type\" '{}' is not supported (supported: default, linear, llama3)",
                                        shown, type));
+    }
     if (obj.contains("partial_rotary_factor") && obj.at("partial_rotary_factor") != 1.0 &&
         obj.at("partial_rotary_factor") != 1)
       r.problems.push_back(fmt::format("\"{}.partial_rotary_factor\" {} is not supported (only 1)", shown,

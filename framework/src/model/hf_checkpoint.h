@@ -23,7 +23,8 @@ bool is_checkpoint(const std::filesystem::path& path);
 
 // config.json's hyper-parameters, validated; errors name the file and the key.
 // Refused: another model_type, an activation other than SiLU, MLP biases,
-// RoPE scaling or partial rotary dims. n_vocab comes from vocab_size.
+// RoPE scaling other than linear and llama3, or partial rotary dims. n_vocab
+// comes from vocab_size.
 Result<ModelConfig> read_config(const std::filesystem::path& config_json);
 
 // The safetensors file holding each tensor: the one model.safetensors, or the

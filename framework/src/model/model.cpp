@@ -5,6 +5,7 @@
 #include <openssl/evp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <array>
 #include <cstdlib>
 #include <fstream>
@@ -118,6 +119,16 @@ Result<std::shared_ptr<Model>> Model::load(const std::filesystem::path& path) {
       take(lw.bv, layer_bias_name(l, LayerTensor::attn_v), {c.kv_dim()});
     }
     if (c.o_bias) take(lw.bo, layer_bias_name(l, LayerTensor::attn_output), {c.n_embd});
+  }
+  if (const gguf::TensorInfo* t = file.find_tensor("rope_freqs.weight"); t != nullptr) {
+    // Llama 3.1's scaling as llama.cpp converts it: one divisor per rotary pair.
+    WeightVector factors(arena);
+    take(factors, "rope_freqs.weight", {c.rope_dim / 2});
+    model->config_.rope_freq_factors.assign(factors.begin(), factors.end());
+    for (size_t i = 0; i < factors.size(); ++i)
+      if (!(factors[i] > 0.0f) || !std::isfinite(factors[i]))
+        problems.push_back(fmt::format("{}: rope_freqs.weight[{}] = {} is not a positive factor", path.string(), i,
+                                       factors[i]));
   }
   if (!problems.empty()) {
     // Each problem already names the file; report the first few.

@@ -95,8 +95,16 @@ Result<ModelConfig> read_model_config(const gguf::File& file) {
 
   if (file.find(c.architecture + ".rope.scaling.type") != nullptr) {
     auto type = file.get_string(c.architecture + ".rope.scaling.type").value_or("");
-    if (!type.empty() && type != "none")
-      problems.push_back(fmt::format("RoPE scaling '{}' is not supported", type));
+    if (type == "linear") {
+      const double factor = file.get_float(c.architecture + ".rope.scaling.factor").value_or(1.0);
+      if (!(factor > 0)) problems.push_back(fmt::format("rope.scaling.factor {} must be positive", factor));
+      c.rope_scaling.kind = kernels::RopeScaling::Kind::Linear;
+      c.rope_scaling.factor = float(factor);
+    } else if (!type.empty() && type != "none") {
+      problems.push_back(fmt::format("RoPE scaling '{}' is not supported (supported: linear, and Llama 3.1's "
+                                     "rope_freqs.weight)",
+                                     type));
+    }
   }
   if (c.n_heads % c.n_kv_heads != 0)
     problems.push_back(fmt::format("head_count {} is not a multiple of head_count_kv {}", c.n_heads, c.n_kv_heads));

@@ -8,6 +8,7 @@
 
 #include "gguf/gguf.h"
 #include "inferlab/result.h"
+#include "kernel_types.h"
 
 namespace inferlab {
 
@@ -25,6 +26,16 @@ struct ModelConfig {
   int32_t context_length = 0;
   float rope_theta = 10000.0f;
   bool rope_neox = false;  // pair layout; GGUF "llama" uses adjacent pairs
+  // Long-context frequency scaling (config.json's rope_type linear / llama3,
+  // GGUF's rope.scaling.type linear), and GGUF's per-pair rope_freqs.weight.
+  kernels::RopeScaling rope_scaling;
+  std::vector<float> rope_freq_factors;
+  // What the RoPE kernels take (freq_factors pointing into this config).
+  kernels::RopeScaling rope() const {
+    kernels::RopeScaling s = rope_scaling;
+    s.freq_factors = rope_freq_factors.empty() ? nullptr : rope_freq_factors.data();
+    return s;
+  }
   float rms_eps = 1e-5f;
   bool tied_embeddings = false;  // no output.weight: the embedding is the LM head
   // Q, K and V projections add a bias (Qwen2; Llama's attention_bias also

@@ -59,7 +59,7 @@ Status CudaBackend::rerotate(KvSequence& seq, int32_t l, int32_t g) {
   CUDA_TRY(cudaMemcpyAsync(scratch_.as(), moved.data(), moved.size() * 4, cudaMemcpyHostToDevice, stream_),
            "re-rotate");
   CUDA_TRY(kc::kv_rope_from_originals(cuda_kv_pages(seq.pool()), d, d + n, d + 2 * n, d + 3 * n, d + 4 * n, n,
-                                      c.rope_dim, c.rope_theta, c.rope_neox, stream_),
+                                      c.rope_dim, c.rope_theta, c.rope_neox, stream_, c.rope()),
            "re-rotate");
   CUDA_TRY(cudaStreamSynchronize(stream_), "re-rotate");  // `moved` is pageable and ours
   return ok_status();

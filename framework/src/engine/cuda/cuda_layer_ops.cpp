@@ -147,10 +147,10 @@ Status CudaBackend::rope(const KvSequence& seq, int32_t l, bool queries) {
   const int32_t* pos = positions_.as<int32_t>();
   if (queries)
     CUDA_TRY(kc::rope(q_.as<float>(), n_, c.q_dim(), c.n_heads, c.head_dim, c.rope_dim, pos, groups, c.rope_theta,
-                      c.rope_neox, stream_),
+                      c.rope_neox, stream_, c.rope()),
              "rope");
   CUDA_TRY(kc::rope(k_.as<float>(), n_, c.kv_dim(), c.n_kv_heads, c.head_dim, c.rope_dim, pos, groups, c.rope_theta,
-                    c.rope_neox, stream_),
+                    c.rope_neox, stream_, c.rope()),
            "rope");
   return ok_status();
 }
