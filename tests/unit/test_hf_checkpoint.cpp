@@ -12,7 +12,10 @@
 #include <filesystem>
 #include <fstream>
 
+#include "adapter_method.h"
 #include "engine/engine.h"
+#include "formats/gguf_adapter.h"
+#include "formats/peft_adapter.h"
 #include "formats/safetensors.h"
 #include "model/hf_checkpoint.h"
 #include "model/model.h"
@@ -294,6 +297,58 @@ TEST_F(HfBadInput, WeightProblemsNameTheFileAndTheTensor) {
   fs::remove(dir_ / "tokenizer.json");
   e = error();
   EXPECT_NE(e.find("tokenizer.json"), std::string::npos) << e;
+}
+
+// Loads an adapter file or folder at on_load (WeightEditor::load_adapter).
+class AdapterFileMethod final : public Method {
+ public:
+  explicit AdapterFileMethod(fs::path path) : path_(std::move(path)) {}
+  Status on_load(const LoadContext& ctx) override { return ctx.overrides->load_adapter(path_.string(), 1.0f, false); }
+
+ private:
+  fs::path path_;
+};
+
+// The same adapters as a PEFT folder and as a llama.cpp GGUF adapter meet the
+// same rows whether the model is the checkpoint folder (Hugging Face's Q/K row
+// order) or its GGUF conversion (rows permuted): four runs, one set of logits.
+TEST(HfCheckpointConfig, AdaptersMeetTheSameRowsOnTheFolderAndOnItsGgufConversion) {
+  auto hf = load(kModels / "llama");
+  auto converted = load(kModels / "llama.gguf");
+  ASSERT_TRUE(hf && converted);
+  const ModelConfig& c = converted->config();
+  // In the GGUF model's row order (this engine's for it).
+  std::vector<peft::ProjectionAdapter> adapters;
+  uint64_t seed = 5;
+  for (int32_t l = 0; l < c.n_layers; ++l) {
+    adapters.push_back({"attn_q", l, test::random_adapter(c.q_dim(), c.n_embd, 2, seed++, 2.0f, false, 0.3f)});
+    adapters.push_back({"attn_k", l, test::random_adapter(c.kv_dim(), c.n_embd, 2, seed++, 2.0f, false, 0.3f)});
+  }
+  const fs::path dir = fs::temp_directory_path() / ("inferlab_hf_adapters_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  peft::WriteOptions options;
+  options.overwrite = true;
+  ASSERT_TRUE(peft::write_adapter(dir / "peft", adapters, model_shape(c), options).ok());
+  ASSERT_TRUE(gguf_adapter::write_adapter(dir / "adapter.gguf", adapters, "llama").ok());
+  const auto tokens = ids_of(fixture()["llama"][0]);
+  std::vector<std::vector<float>> runs;
+  for (const auto& model : {converted, hf})
+    for (const fs::path& file : {dir / "peft", dir / "adapter.gguf"}) {
+      auto engine = Engine::create(model, EngineOptions{.page_size = 8});
+      ASSERT_TRUE(engine.ok());
+      AdapterFileMethod method(file);
+      auto logits = test::run_with_method(**engine, &method, kHookLoad, tokens, 4);
+      ASSERT_TRUE(logits.ok()) << file << ": " << logits.message();
+      runs.push_back(*logits);
+    }
+  auto dense = Engine::create(converted, EngineOptions{.page_size = 8});
+  ASSERT_TRUE(dense.ok());
+  auto plain = test::run_with_method(**dense, nullptr, 0, tokens, 4);
+  ASSERT_TRUE(plain.ok());
+  EXPECT_GT(test::normalized_max_error(runs[0], *plain), 1e-3) << "the adapters changed nothing";
+  for (size_t i = 1; i < runs.size(); ++i) EXPECT_LT(test::normalized_max_error(runs[i], runs[0]), 1e-5) << "run " << i;
+  fs::remove_all(dir);
 }
 
 TEST(HfCheckpointConfig, AFolderWithoutConfigIsNotAModel) {

@@ -171,6 +171,13 @@ Status WeightOverrides::load_adapter(const std::string& path, float scale, bool 
   auto found = folder ? peft::read_adapter(path, model_shape(c), c.tied_embeddings, !c.rope_neox)
                       : gguf_adapter::read_adapter(path, model_shape(c), c.architecture, c.tied_embeddings);
   if (!found) return found.error();
+  // A llama.cpp adapter for a "llama" model has its q/k rows in the GGUF
+  // conversion's permuted order; a checkpoint folder's model keeps Hugging Face's.
+  if (!folder && c.rope_neox && c.architecture == "llama")
+    for (auto& p : *found)
+      if (p.tensor == "attn_q" || p.tensor == "attn_k")
+        p.adapter.b = peft::permute_rows_from_gguf(p.adapter.b, p.tensor == "attn_q" ? c.n_heads : c.n_kv_heads,
+                                                   c.head_dim, p.adapter.rank);
   if (!std::isfinite(scale)) return Error{fmt::format("{}: the scale {} is not finite", path, scale)};
   // All or nothing: the edits so far come back if one adapter is refused.
   const auto saved_items = items;

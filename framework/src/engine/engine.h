@@ -190,6 +190,7 @@ class Engine {
   // Runs `tokens` through the model at positions seq.n_past() .. + n - 1, appending
   // their K/V to the cache. Logits are computed for rows [logits_from, n) and handed
   // to `sink` in order (pass logits_from = n for none). `seq` must come from this engine.
+  // With sliding-window layers, the rows past the smallest window run one call each.
   Status forward(KvSequence& seq, std::span<const int32_t> tokens, int64_t logits_from, const LogitsSink& sink,
                  ForwardObserver* observer = nullptr);
 
