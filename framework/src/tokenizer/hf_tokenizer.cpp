@@ -21,6 +21,7 @@
 #include "tokenizer/bpe_tokenizer.h"
 #include "tokenizer/pre_tokenizer.h"
 #include "tokenizer/tokenizer.h"
+#include "tokenizer/try_result.h"
 
 namespace inferlab {
 namespace {
@@ -34,19 +35,6 @@ using tokenizer_detail::TextRewrite;
 // Sequences nest; a file nesting them deeper than this is refused rather than
 // followed down the stack.
 constexpr int kMaxNesting = 16;
-
-// Moves the value of the Result `expr` into `out`, or returns its error.
-#define INFERLAB_TRY_ASSIGN(out, expr)            \
-  do {                                            \
-    auto try_result_ = (expr);                    \
-    if (!try_result_) return try_result_.error(); \
-    out = std::move(try_result_.value());         \
-  } while (0)
-#define INFERLAB_TRY(expr)                        \
-  do {                                            \
-    auto try_result_ = (expr);                    \
-    if (!try_result_) return try_result_.error(); \
-  } while (0)
 
 const json& null_json() {
   static const json null_value;

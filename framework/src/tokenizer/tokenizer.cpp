@@ -4,6 +4,7 @@
 #include <utility>
 
 #include "tokenizer/bpe_tokenizer.h"
+#include "tokenizer/try_result.h"
 
 namespace inferlab {
 namespace {
@@ -75,14 +76,6 @@ class VocabReader {
   const gguf::File& file_;
   std::string path_;
 };
-
-// Moves the value of the Result `expr` into `out`, or returns its error.
-#define INFERLAB_TRY_ASSIGN(out, expr)            \
-  do {                                            \
-    auto try_result_ = (expr);                    \
-    if (!try_result_) return try_result_.error(); \
-    out = std::move(try_result_.value());         \
-  } while (0)
 
 Result<TokenizerVocab> read_vocab(const gguf::File& file) {
   VocabReader reader(file);
