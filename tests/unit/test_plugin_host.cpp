@@ -34,7 +34,7 @@ TEST(PluginHost, ProbeDeclaresEveryHookAndItsParameters) {
   const PluginEntry* probe = test::plugin_registry().find("probe");
   ASSERT_NE(probe, nullptr);
   EXPECT_EQ(probe->hooks, kAllHooks);
-  EXPECT_EQ(hook_names(probe->hooks).size(), 10u);
+  EXPECT_EQ(hook_names(probe->hooks).size(), 11u);
   EXPECT_GE(probe->params.size(), 10u);
 }
 
@@ -144,7 +144,7 @@ TEST(PluginHost, SharedParameterNamesMeanTheSameInEveryPlugin) {
 TEST(PluginSdk, HooksAreReadOffTheOverrides) {
   static_assert(hooks_of<Method>() == 0);
   static_assert(hooks_of<OnlyEvicts>() == kHookEviction);
-  static_assert(hooks_of<ExitsAndLoads>() == (kHookLoad | kHookLayerPlan));
+  static_assert(hooks_of<ExitsAndLoads>() == (kHookLoad | kHookLayerPlan | kHookLayerExit));
   static_assert(hooks_of<Derived>() == (kHookEviction | kHookRetention));
   EXPECT_EQ(test::plugin_registry().find("probe")->hooks, kAllHooks);
   EXPECT_EQ(test::plugin_registry().find("dense")->hooks, 0u);

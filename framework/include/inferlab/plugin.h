@@ -30,7 +30,7 @@
 
 namespace inferlab {
 
-inline constexpr int32_t kPluginAbiVersion = 12;
+inline constexpr int32_t kPluginAbiVersion = 13;
 
 // Hooks, as bits of PluginInfo::hooks (docs/architecture.md has the table).
 enum PluginHook : uint32_t {
@@ -44,15 +44,19 @@ enum PluginHook : uint32_t {
   kHookPageBudget = 1u << 7,         // page_budget: read the pages with the largest key bounds
   kHookRetention = 1u << 8,          // retention_budget: the engine keeps the best-scoring tokens
   kHookCalibrate = 1u << 9,          // calibration / on_calibration / finish_calibration: dense passes before the runs
+  // exit_after_layer (with kHookLayerPlan): the hidden state comes back after
+  // each layer. A plan-only method (plan_layers) pays nothing per layer.
+  kHookLayerExit = 1u << 10,
 };
-inline constexpr uint32_t kAllHooks = (1u << 10) - 1;
+inline constexpr uint32_t kAllHooks = (1u << 11) - 1;
 
 inline std::vector<std::string> hook_names(uint32_t hooks) {
   static const char* const names[] = {"load",       "prefill_pattern", "decode_selection",
                                       "attention_feedback", "eviction", "layer_plan",
-                                      "component_mask",     "page_budget", "retention", "calibrate"};
+                                      "component_mask",     "page_budget", "retention", "calibrate",
+                                      "layer_exit"};
   std::vector<std::string> out;
-  for (uint32_t i = 0; i < 10; ++i)
+  for (uint32_t i = 0; i < 11; ++i)
     if (hooks & (1u << i)) out.emplace_back(names[i]);
   return out;
 }
@@ -677,7 +681,8 @@ constexpr uint32_t hooks_of() {
   if (INFERLAB_OVERRIDES(select_kv)) hooks |= kHookDecodeSelection;
   if (INFERLAB_OVERRIDES(on_attention)) hooks |= kHookAttentionFeedback;
   if (INFERLAB_OVERRIDES(evict)) hooks |= kHookEviction;
-  if (INFERLAB_OVERRIDES(plan_layers) || INFERLAB_OVERRIDES(exit_after_layer)) hooks |= kHookLayerPlan;
+  if (INFERLAB_OVERRIDES(plan_layers)) hooks |= kHookLayerPlan;
+  if (INFERLAB_OVERRIDES(exit_after_layer)) hooks |= kHookLayerPlan | kHookLayerExit;
   if (INFERLAB_OVERRIDES(mask_components)) hooks |= kHookComponentMask;
   if (INFERLAB_OVERRIDES(page_budget)) hooks |= kHookPageBudget;
   if (INFERLAB_OVERRIDES(retention_budget)) hooks |= kHookRetention;

@@ -626,6 +626,16 @@ std::map<std::string, double> EngineCounters::as_map() const {
                                        {"sparse_prefill_keys_causal", double(sparse_prefill_keys_causal)},
                                        {"graph_replays", double(graph_replays)},
                                        {"logits_rows", double(logits_rows)}};
+  if (decode_steps > 0) out["layers_per_decode_token"] = double(decode_layers_run) / double(decode_steps);
+  out["kv_fills_propagated"] = double(kv_fills_propagated);
+  if (!exits_after_layer.empty()) {  // only with a method that exits
+    int64_t exits = 0;
+    for (size_t l = 0; l < exits_after_layer.size(); ++l) {
+      exits += exits_after_layer[l];
+      if (exits_after_layer[l] > 0) out[fmt::format("exits_after_layer.layer{:02d}", l)] = double(exits_after_layer[l]);
+    }
+    out["early_exits"] = double(exits);
+  }
   if (!requant_rows.empty()) {  // only with bit-plane pages
     int64_t rows = 0, refetched = 0;
     for (size_t l = 0; l < requant_rows.size(); ++l) {

@@ -71,6 +71,13 @@ struct EngineCounters {
   int64_t decode_pages_read = 0;     // pages those keys were read from
   int64_t decode_kv_bytes_read = 0;  // K and V bytes of those keys, in the KV pages' format
   int64_t layers_skipped = 0;        // (call, layer) pairs not computed
+  // Layer plans and early exits (kHookLayerPlan): (decode step, layer) pairs
+  // computed (per decode step: the layers a generated token ran), (row, layer)
+  // K/V filled from the hidden state that skipped the layer (FromHidden), and
+  // per layer the calls a method ended after it (exit_after_layer).
+  int64_t decode_layers_run = 0;
+  int64_t kv_fills_propagated = 0;
+  std::vector<int64_t> exits_after_layer;
   int64_t heads_skipped = 0;         // (call, layer, head) not computed
   int64_t kv_heads_skipped = 0;      // (decode step, layer, kv head) whose query heads were all masked: no K/V read
   int64_t rows_pruned = 0;           // (row, layer) not computed: the row's token left inside its call

@@ -123,7 +123,7 @@ Status ForwardPass::plan_step() {
   for (int32_t l = 0; l < L; ++l)
     for (int32_t b : plan_.budgets[size_t(l)]) ask_selection = ask_selection || b < 0;
   plan_.host_reads = (ask_selection && method_.has(kHookDecodeSelection)) || method_.has(kHookComponentMask) ||
-                     method_.has(kHookAttentionFeedback) || (method_.has(kHookLayerPlan) && L > 1);
+                     method_.has(kHookAttentionFeedback) || (method_.has(kHookLayerExit) && L > 1);
   plan_.host_changes = method_.has(kHookEviction) || method_.has(kHookRetention);
   if (observer_ != nullptr) plan_.host_reads = true;
   if (method_.values.active()) plan_.host_reads = true;  // the kept values come back for the traffic counters
@@ -177,8 +177,10 @@ Result<bool> ForwardPass::try_replay(const LogitsSink& sink) {
   for (int32_t l = 0; l < config_.n_layers; ++l) {
     if (plan_.run[size_t(l)] == 0) {
       ++counters_.layers_skipped;
+      if (plan_.kv_fill == SkippedLayerKv::FromHidden) counters_.kv_fills_propagated += rows();
       continue;
     }
+    ++counters_.decode_layers_run;  // a replay is a decode step
     KeyPlan& keys = staged_[size_t(l)];
     if (keys.by_bound_per_head && keys.any_by_bound())  // the union's size: known once selected
       if (auto s = backend_.read_bound_selection(l, keys); !s) return s.error();
@@ -205,9 +207,14 @@ Status ForwardPass::run_layers() {
     }
     if (auto s = run_layer(l); !s) return s;
     computed_[size_t(l)] = 1;
-    if (method_.has(kHookLayerPlan) && l + 1 < L) {
+    if (step_.decode() && !capturing_) ++counters_.decode_layers_run;
+    if (method_.has(kHookLayerExit) && l + 1 < L) {  // only a method that exits reads the hidden state
       if (auto s = backend_.read_hidden(rows() - 1, hidden); !s) return s;
       exited = method_.method->exit_after_layer(step_, l, hidden);
+      if (exited && !capturing_) {
+        counters_.exits_after_layer.resize(size_t(L), 0);
+        ++counters_.exits_after_layer[size_t(l)];
+      }
     }
   }
   return ok_status();
@@ -219,6 +226,7 @@ Status ForwardPass::run_layers() {
 Status ForwardPass::skip_layer(int32_t l) {
   if (!capturing_) ++counters_.layers_skipped;
   if (plan_.kv_fill == SkippedLayerKv::None) return ok_status();
+  if (!capturing_) counters_.kv_fills_propagated += rows();
   if (auto s = backend_.rmsnorm(Norm::Attention, l); !s) return s;
   if (auto s = backend_.linear(Proj::K, l); !s) return s;
   if (auto s = backend_.linear(Proj::V, l); !s) return s;
