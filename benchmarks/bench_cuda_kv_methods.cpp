@@ -36,6 +36,11 @@ std::vector<Setting> settings() {
   out.push_back({"spatten", "spatten tokens", p({{"prune_heads", false}, {"prune_values", false}})});
   out.push_back({"spatten", "spatten tokens + heads", p({{"prune_values", false}})});
   out.push_back({"spatten", "spatten tokens + heads + values", p({})});
+  // SkipDecode at a fixed budget (max = min exit: the decay is over by then), warm-up 1 + top layers:
+  // a plan-only method, so decode steps keep graph replays; 2x and 4x of the 7B shape's 32 layers.
+  for (int64_t layers : {16, 8})
+    out.push_back({"skipdecode", fmt::format("skipdecode {} layers", layers),
+                   p({{"max_exit", layers}, {"min_exit", layers}, {"warmup_layers", int64_t{1}}})});
   return out;
 }
 
@@ -100,7 +105,8 @@ int main(int argc, char** argv) {
   StepTimes dense;
   for (const Setting& s : settings()) {
     // Without --only: the rows the GPU validation's bench-kv step times under its cap.
-    if (s.plugin != "dense" && (only.empty() ? s.plugin == "spatten" : s.label.find(only) == std::string::npos))
+    if (s.plugin != "dense" && (only.empty() ? s.plugin == "spatten" || s.plugin == "skipdecode"
+                                             : s.label.find(only) == std::string::npos))
       continue;
     auto active = bench::start_setting(registry, e, s, *base);
     if (!active) return fmt::print(stderr, "bench: {}\n", active.message()), 1;
