@@ -10,6 +10,7 @@
 #include <set>
 #include <sstream>
 
+#include "formats/json_file.h"
 #include "formats/safetensors.h"
 #include "model/model.h"
 
@@ -23,18 +24,6 @@ using nlohmann::json;
 
 constexpr const char* kIndexName = "model.safetensors.index.json";
 constexpr const char* kSingleName = "model.safetensors";
-
-Result<json> read_json(const fs::path& path) {
-  std::ifstream in(path);
-  if (!in) return Error{fmt::format("{}: cannot open for reading", path.string())};
-  std::stringstream text;
-  text << in.rdbuf();
-  try {
-    return json::parse(text.str());
-  } catch (const json::exception& e) {
-    return Error{fmt::format("{}: not valid JSON ({})", path.string(), e.what())};
-  }
-}
 
 // config.json's keys, each read with its type checked; problems collect so one
 // error lists them all.
@@ -117,11 +106,10 @@ std::string layer_tensor_name(int32_t layer, LayerTensor tensor) {
 }
 
 Result<ModelConfig> read_config(const fs::path& config_json) {
-  auto parsed = read_json(config_json);
+  auto parsed = read_json_object(config_json);
   if (!parsed) return parsed.error();
   const json& j = *parsed;
   const std::string where = config_json.string();
-  if (!j.is_object()) return Error{fmt::format("{}: not a JSON object", where)};
   ConfigReader r(j, where);
   ModelConfig c;
   c.architecture = r.text("model_type", "");
@@ -245,10 +233,10 @@ Result<WeightFiles> weight_files(const fs::path& folder) {
     out.files.push_back(folder / kSingleName);
     return out;
   }
-  auto parsed = read_json(index);
+  auto parsed = read_json_object(index);
   if (!parsed) return parsed.error();
   const json& j = *parsed;
-  if (!j.is_object() || !j.contains("weight_map") || !j.at("weight_map").is_object())
+  if (!j.contains("weight_map") || !j.at("weight_map").is_object())
     return Error{fmt::format("{}: no \"weight_map\" object", index.string())};
   std::map<std::string, size_t> file_of;
   for (const auto& item : j.at("weight_map").items()) {
@@ -300,9 +288,9 @@ Result<std::shared_ptr<Model>> Model::load_hf(const std::filesystem::path& folde
       text << in.rdbuf();
       model->chat_template_ = text.str();
     } else if (fs::exists(folder / "tokenizer_config.json", ec)) {
-      auto tc = hf::read_json(folder / "tokenizer_config.json");
+      auto tc = read_json_object(folder / "tokenizer_config.json");
       if (!tc) return tc.error();
-      if (tc->is_object() && tc->contains("chat_template") && tc->at("chat_template").is_string())
+      if (tc->contains("chat_template") && tc->at("chat_template").is_string())
         model->chat_template_ = tc->at("chat_template").get<std::string>();
     }
   }

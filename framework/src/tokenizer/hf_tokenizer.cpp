@@ -5,19 +5,16 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
-#include <cerrno>
 #include <cstdint>
-#include <cstring>
-#include <fstream>
 #include <initializer_list>
 #include <optional>
-#include <sstream>
 #include <string>
 #include <string_view>
 #include <unordered_map>
 #include <utility>
 #include <vector>
 
+#include "formats/json_file.h"
 #include "tokenizer/bpe_tokenizer.h"
 #include "tokenizer/pre_tokenizer.h"
 #include "tokenizer/tokenizer.h"
@@ -122,27 +119,6 @@ class Field {
   std::string key_;
   const std::string* file_;
 };
-
-Result<json> read_json(const std::filesystem::path& path) {
-  const std::string name = path.string();
-  std::error_code ec;
-  if (!std::filesystem::exists(path, ec)) return Error{name + ": no such file"};
-  if (!std::filesystem::is_regular_file(path, ec)) return Error{name + ": not a regular file"};
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return Error{name + ": cannot be read (" + std::strerror(errno) + ")"};
-  std::ostringstream text;
-  text << in.rdbuf();
-  json parsed;
-  try {
-    parsed = json::parse(text.str());
-  } catch (const json::parse_error& e) {
-    return Error{name + ": malformed JSON at byte " + std::to_string(e.byte) + " (" + e.what() + ")"};
-  } catch (const json::exception& e) {
-    return Error{name + ": malformed JSON (" + e.what() + ")"};
-  }
-  if (!parsed.is_object()) return Error{name + ": is not a JSON object"};
-  return parsed;
-}
 
 // "<0xHH>" (either case of hex digit), the form byte_fallback tokens take.
 bool is_byte_token(std::string_view text) {
@@ -561,7 +537,7 @@ Status read_special_ids(const std::filesystem::path& tokenizer_json, const Field
   std::error_code ec;
   if (!std::filesystem::exists(config_path, ec)) return ok_status();
   json config_json;
-  INFERLAB_TRY_ASSIGN(config_json, read_json(config_path));
+  INFERLAB_TRY_ASSIGN(config_json, read_json_object(config_path));
   const std::string config_file = config_path.string();
   Field config(config_json, "", config_file);
   const std::string& json_file = root.file();
@@ -594,7 +570,7 @@ Status read_special_ids(const std::filesystem::path& tokenizer_json, const Field
 
 Result<std::unique_ptr<Tokenizer>> load(const std::filesystem::path& tokenizer_json) {
   json root_json;
-  INFERLAB_TRY_ASSIGN(root_json, read_json(tokenizer_json));
+  INFERLAB_TRY_ASSIGN(root_json, read_json_object(tokenizer_json));
   const std::string file = tokenizer_json.string();
   Field root(root_json, "", file);
 
