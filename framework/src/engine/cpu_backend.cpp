@@ -471,14 +471,12 @@ Status CpuBackend::add_residual() {
 
 Status CpuBackend::add_bias(Proj p, int32_t l) {
   const LayerWeights& lw = model_->weights().layers[size_t(l)];
-  const ModelConfig& c = config_;
-  switch (p) {
-    case Proj::Q: if (!lw.bq.empty()) cpu::add_row_bias(q_.data(), lw.bq.data(), n_, c.q_dim()); break;
-    case Proj::K: if (!lw.bk.empty()) cpu::add_row_bias(k_.data(), lw.bk.data(), n_, c.kv_dim()); break;
-    case Proj::V: if (!lw.bv.empty()) cpu::add_row_bias(v_.data(), lw.bv.data(), n_, c.kv_dim()); break;
-    case Proj::O: if (!lw.bo.empty()) cpu::add_row_bias(proj_.data(), lw.bo.data(), n_, c.n_embd); break;
-    default: return Error{fmt::format("cpu backend: {} has no bias", proj_name(p))};
-  }
+  const WeightVector* bias = p == Proj::Q ? &lw.bq : p == Proj::K ? &lw.bk : p == Proj::V ? &lw.bv
+                             : p == Proj::O ? &lw.bo : nullptr;
+  if (bias == nullptr) return Error{fmt::format("cpu backend: {} has no bias", proj_name(p))};
+  if (bias->empty()) return ok_status();
+  float* y = p == Proj::Q ? q_.data() : p == Proj::K ? k_.data() : p == Proj::V ? v_.data() : proj_.data();
+  cpu::add_row_bias(y, bias->data(), n_, proj_shape(config_, p).first);
   return ok_status();
 }
 

@@ -126,10 +126,8 @@ Status CudaBackend::add_bias(Proj p, int32_t l) {
     return Error{fmt::format("cuda backend: {} has no bias", proj_name(p))};
   const float* bias = size_t(l) < biases_.size() ? biases_[size_t(l)][size_t(p)] : nullptr;
   if (bias == nullptr) return ok_status();
-  const ModelConfig& c = config_;
   float* y = p == Proj::Q ? q_.as<float>() : p == Proj::K ? k_.as<float>() : p == Proj::V ? v_.as<float>() : proj_.as<float>();
-  const int64_t cols = p == Proj::Q ? c.q_dim() : p == Proj::O ? c.n_embd : c.kv_dim();
-  CUDA_TRY(kc::add_row_bias(y, bias, n_, cols, stream_), "bias");
+  CUDA_TRY(kc::add_row_bias(y, bias, n_, proj_shape(config_, p).first, stream_), "bias");
   return ok_status();
 }
 
