@@ -230,6 +230,12 @@ class ProbeMethod final : public Method {
     return true;
   }
 
+  // Declared so the probe has every hook; its exit policy is inactive (no exits by confidence).
+  double exit_threshold(const StepInfo&) override {
+    count("exit_threshold_calls");
+    return 2.0;
+  }
+
   bool mask_components(const StepInfo& step, int32_t, std::span<const float> hidden, ComponentMask& mask) override {
     if (mask_heads_.empty() && neuron_stride_ <= 1) return false;
     count("mask_calls");

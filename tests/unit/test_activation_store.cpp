@@ -61,6 +61,7 @@ class Observer final : public ForwardObserver {
                                  : bit == kTapValues        ? t.values
                                  : bit == kTapAttentionIn   ? t.attention_in
                                  : bit == kTapFfnIn         ? t.ffn_in
+                                 : bit == kTapHiddenOut     ? t.hidden_out
                                                             : t.ffn_gate;
       seen[{bit, t.layer}].assign(v.begin(), v.end());
     }

@@ -34,7 +34,7 @@ TEST(PluginHost, ProbeDeclaresEveryHookAndItsParameters) {
   const PluginEntry* probe = test::plugin_registry().find("probe");
   ASSERT_NE(probe, nullptr);
   EXPECT_EQ(probe->hooks, kAllHooks);
-  EXPECT_EQ(hook_names(probe->hooks).size(), 11u);
+  EXPECT_EQ(hook_names(probe->hooks).size(), 12u);
   EXPECT_GE(probe->params.size(), 10u);
 }
 

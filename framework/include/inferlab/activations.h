@@ -37,10 +37,12 @@ inline constexpr int32_t kActivationStoreVersion = 1;
 inline constexpr const char* kActivationManifest = "manifest.txt";
 // The taps a store can hold: every one but kTapLogits.
 inline constexpr uint32_t kStorableTaps = kTapHiddenIn | kTapQueries | kTapKeys | kTapAttentionOut |
-                                          kTapFfnActivation | kTapValues | kTapAttentionIn | kTapFfnIn | kTapFfnGate;
+                                          kTapFfnActivation | kTapValues | kTapAttentionIn | kTapFfnIn | kTapFfnGate |
+                                          kTapHiddenOut;
 
 // A tap's name ("hidden_in", "attention_in", "queries", "keys", "values",
-// "attention_out", "ffn_in", "ffn_gate", "ffn_activation", "logits"); nullptr
+// "attention_out", "ffn_in", "ffn_gate", "ffn_activation", "hidden_out",
+// "logits"); nullptr
 // for a bit that names none.
 inline const char* tap_name(uint32_t tap) {
   switch (tap) {
@@ -54,12 +56,13 @@ inline const char* tap_name(uint32_t tap) {
     case kTapAttentionIn: return "attention_in";
     case kTapFfnIn: return "ffn_in";
     case kTapFfnGate: return "ffn_gate";
+    case kTapHiddenOut: return "hidden_out";
     default: return nullptr;
   }
 }
 // The bit a name stands for (0: none).
 inline uint32_t tap_from_name(std::string_view name) {
-  for (uint32_t bit = 1; bit != 0 && bit <= kTapFfnGate; bit <<= 1)
+  for (uint32_t bit = 1; bit != 0 && bit <= kTapHiddenOut; bit <<= 1)
     if (const char* n = tap_name(bit); n != nullptr && name == n) return bit;
   return 0;
 }

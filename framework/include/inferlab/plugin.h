@@ -30,7 +30,7 @@
 
 namespace inferlab {
 
-inline constexpr int32_t kPluginAbiVersion = 13;
+inline constexpr int32_t kPluginAbiVersion = 14;
 
 // Hooks, as bits of PluginInfo::hooks (docs/architecture.md has the table).
 enum PluginHook : uint32_t {
@@ -47,16 +47,17 @@ enum PluginHook : uint32_t {
   // exit_after_layer (with kHookLayerPlan): the hidden state comes back after
   // each layer. A plan-only method (plan_layers) pays nothing per layer.
   kHookLayerExit = 1u << 10,
+  kHookExitConfidence = 1u << 11,  // exit_threshold: the engine exits where its confidence passes it (ExitPolicy)
 };
-inline constexpr uint32_t kAllHooks = (1u << 11) - 1;
+inline constexpr uint32_t kAllHooks = (1u << 12) - 1;
 
 inline std::vector<std::string> hook_names(uint32_t hooks) {
   static const char* const names[] = {"load",       "prefill_pattern", "decode_selection",
                                       "attention_feedback", "eviction", "layer_plan",
                                       "component_mask",     "page_budget", "retention", "calibrate",
-                                      "layer_exit"};
+                                      "layer_exit", "exit_confidence"};
   std::vector<std::string> out;
-  for (uint32_t i = 0; i < 11; ++i)
+  for (uint32_t i = 0; i < 12; ++i)
     if (hooks & (1u << i)) out.emplace_back(names[i]);
   return out;
 }
@@ -278,6 +279,43 @@ struct LayerPlan {
   SkippedLayerKv kv_fill = SkippedLayerKv::FromHidden;
 };
 
+// Early exit by confidence (CALM), carried out by the engine. In a decode step
+// (one new token) the engine computes, after each checked layer, the policy's
+// confidence in the token where the activations live (on the GPU for the CUDA
+// backend: one float comes to the host); when it exceeds the call's threshold
+// (Method::exit_threshold) the layers above are skipped with `kv_fill` and the
+// call's logits come from the exit state, through the layer's exit head when
+// it has one. Measures:
+//   Softmax     top-1 minus top-2 probability of the intermediate logits: the
+//               output norm and head over the hidden state (mapped by the
+//               layer's exit head, when it has one). Costs an LM head per check.
+//   State       cos(h_in, h_out) of the layer's input and output residual rows
+//               (hidden-state saturation).
+//   Classifier  softmax(W x + b)[1] of the layer's 2-way classifier.
+// Exit heads and classifiers read x = h / sqrt(mean(h^2) + norm_eps), the
+// residual row over its RMS without gain (as predictors do). An exit head maps
+// x to W x + b, (n_embd, n_embd), before the output norm and head (a "tuned
+// lens" from that layer to the last one). Multi-row calls never exit.
+enum class ExitMeasure : int32_t { Softmax = 0, State = 1, Classifier = 2 };
+struct ExitMap {
+  std::vector<float> weight;  // (out, n_embd) row-major
+  std::vector<float> bias;    // (out), or empty: none
+  bool present() const { return !weight.empty(); }
+};
+struct ExitPolicy {
+  ExitMeasure measure = ExitMeasure::Softmax;
+  std::vector<uint8_t> check;        // per layer, 1 = a confidence after it (never after the last)
+  std::vector<ExitMap> heads;        // per layer (out n_embd), or empty: no exit heads
+  std::vector<ExitMap> classifiers;  // per checked layer (out 2) for Classifier, else empty
+  float norm_eps = 1e-5f;
+  SkippedLayerKv kv_fill = SkippedLayerKv::FromHidden;
+  bool active() const {
+    for (const uint8_t c : check)
+      if (c != 0) return true;
+    return false;
+  }
+};
+
 // Which parts of one layer to compute for a call. Skipped heads contribute zero
 // to the attention output; skipped FFN neurons contribute zero to the FFN output.
 struct ComponentMask {
@@ -454,6 +492,13 @@ class LayerProbe {
   // none: dense); `output` gets the layer's output residual rows.
   virtual Status layer_output(int32_t layer, std::span<const float> input, int32_t window,
                               const ActivationSparsity& sparsity, std::vector<float>& output) = 0;
+  // The model's prediction from residual rows (rows, n_embd) taken as final
+  // hidden states: the output norm and head over each row, after `head`
+  // (an ExitMap of out n_embd, reading the row over its RMS with `norm_eps`)
+  // when given. Per row: the argmax token (ties to the lower id) and the
+  // softmax probability of the top-1 minus the top-2 (CALM's softmax measure).
+  virtual Status predict(std::span<const float> hidden, const ExitMap* head, float norm_eps,
+                         std::vector<int32_t>& top1, std::vector<float>& margin) = 0;
 };
 
 // Calibration (kHookCalibrate): before a method's runs the host runs dense
@@ -475,6 +520,7 @@ enum CalibrationTap : uint32_t {
   kTapAttentionIn = 1u << 7,     // the attention's normed input, read by Q, K, V (n_tokens, n_embd)
   kTapFfnIn = 1u << 8,           // the FFN's normed input, read by gate and up (n_tokens, n_embd)
   kTapFfnGate = 1u << 9,         // the gate projection, before SiLU (n_tokens, n_ff)
+  kTapHiddenOut = 1u << 10,      // the layer's output residual stream (n_tokens, n_embd)
 };
 struct CalibrationRequest {
   std::string corpus = "kjv";  // "kv_retrieval" (built in: random UUID key-value JSON), or a text file path
@@ -498,6 +544,7 @@ struct CalibrationTaps {
   std::span<const float> hidden_in, queries, keys, attention_out, ffn_activation, logits;
   std::span<const float> values;
   std::span<const float> attention_in, ffn_in, ffn_gate;
+  std::span<const float> hidden_out;
 };
 
 // The request a method's ParamSpec::calibration parameters name, for `taps`.
@@ -612,6 +659,11 @@ class Method {
     return false;
   }
 
+  // kHookExitConfidence: this call's exit threshold, asked before every call
+  // while exit_policy() is active: a checked layer exits when its confidence
+  // exceeds it (> 1: no exit in this call; confidences never exceed 1).
+  virtual double exit_threshold(const StepInfo& step) { (void)step; return 2.0; }
+
   // kHookComponentMask: which heads and FFN neurons of `layer` to compute;
   // `hidden` is the layer's input residual stream (n_tokens, n_embd).
   virtual bool mask_components(const StepInfo& step, int32_t layer, std::span<const float> hidden,
@@ -648,6 +700,9 @@ class Method {
   // Every plugin: predictors the engine runs to choose each layer's neurons
   // and heads (read when the method is set; see ComponentPredictors).
   virtual ComponentPredictors component_predictors() const { return {}; }
+  // Every plugin: early exit by a confidence the engine computes (read when
+  // the method is set; see ExitPolicy). Needs exit_threshold.
+  virtual ExitPolicy exit_policy() const { return {}; }
   // Every plugin: hooks of PluginInfo::hooks this instance does not use (its
   // parameters turn them off), read when the method is set; the engine then
   // runs nothing for them (e.g. no host copy of the hidden state for a
@@ -683,6 +738,7 @@ constexpr uint32_t hooks_of() {
   if (INFERLAB_OVERRIDES(evict)) hooks |= kHookEviction;
   if (INFERLAB_OVERRIDES(plan_layers)) hooks |= kHookLayerPlan;
   if (INFERLAB_OVERRIDES(exit_after_layer)) hooks |= kHookLayerPlan | kHookLayerExit;
+  if (INFERLAB_OVERRIDES(exit_threshold)) hooks |= kHookExitConfidence;
   if (INFERLAB_OVERRIDES(mask_components)) hooks |= kHookComponentMask;
   if (INFERLAB_OVERRIDES(page_budget)) hooks |= kHookPageBudget;
   if (INFERLAB_OVERRIDES(retention_budget)) hooks |= kHookRetention;

@@ -56,6 +56,7 @@ enum class Feature : int32_t {
   KvBitPlanes,          // a method's pages as bit planes, MSB pass and LSB refetch (Method::kv_quantization)
   ActivationSparsity,   // projections that skip the weights of small inputs; CATS's gated FFN (Method::activation_sparsity)
   PredictedComponents,  // the engine runs a method's predictors of neurons and heads (Method::component_predictors)
+  ExitConfidence,       // confidences computed after layers, exit heads (Method::exit_policy)
   Graphs,               // decode steps captured once and replayed
 };
 const char* feature_name(Feature feature);
@@ -81,6 +82,7 @@ std::pair<int64_t, int64_t> proj_shape(const ModelConfig& config, Proj p);  // (
 // Intermediates a forward call can hand to an observer (calibration).
 enum class Tap : int32_t {
   HiddenIn,       // the layer's input residual stream (n, n_embd)
+  HiddenOut,      // the layer's output residual stream (n, n_embd)
   Queries,        // after RoPE (n, q_dim)
   Keys,           // after RoPE (n, kv_dim)
   AttentionOut,   // per head, before the output projection (n, q_dim)
@@ -242,6 +244,29 @@ class Backend {
   virtual Status read_predicted_heads(std::vector<uint8_t>& flags) {
     (void)flags;
     return Error{fmt::format("the {} backend has no predicted components", name())};
+  }
+  // Feature::ExitConfidence. set_exit_policy holds the method's exit heads
+  // and classifiers (checked by the engine) for its runs; an inactive policy
+  // drops them. Called when the method is set.
+  virtual Status set_exit_policy(ExitPolicy policy) {
+    if (!policy.active()) return ok_status();
+    return Error{fmt::format("the {} backend has no early exit by confidence", name())};
+  }
+  // Before a checked layer runs under ExitMeasure::State: keeps the call's
+  // last residual row (the layer's input) for exit_confidence.
+  virtual Status keep_exit_state() { return Error{fmt::format("the {} backend has no early exit by confidence", name())}; }
+  // After checked layer `layer`: the policy's confidence in the call's last
+  // row (ExitPolicy's measures), computed where the activations live; one
+  // float comes back.
+  virtual Result<float> exit_confidence(int32_t layer) {
+    (void)layer;
+    return Error{fmt::format("the {} backend has no early exit by confidence", name())};
+  }
+  // The call exited after `layer`: its exit head maps the residual stream's
+  // last row (read over its RMS) before logits(). Layers without a head: nothing.
+  virtual Status apply_exit_head(int32_t layer) {
+    (void)layer;
+    return Error{fmt::format("the {} backend has no early exit by confidence", name())};
   }
   virtual Status add_residual() = 0;                           // x += proj
   // The projection's output rows += its bias (Q, K, V or O), when the model

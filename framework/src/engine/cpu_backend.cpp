@@ -541,7 +541,8 @@ Status CpuBackend::read_tap(Tap tap, std::vector<float>& out) {
   const ModelConfig& c = config_;
   auto take = [&](const std::vector<float>& from, int64_t cols) { out.assign(from.begin(), from.begin() + n_ * cols); };
   switch (tap) {
-    case Tap::HiddenIn: take(x_, c.n_embd); break;
+    case Tap::HiddenIn:
+    case Tap::HiddenOut: take(x_, c.n_embd); break;
     case Tap::Queries: take(q_, c.q_dim()); break;
     case Tap::Keys: take(k_, c.kv_dim()); break;
     case Tap::AttentionOut: take(attn_, c.q_dim()); break;
@@ -620,17 +621,21 @@ Status CpuBackend::logits(int64_t from, int64_t n_rows, const LogitsSink& sink) 
   cpu::rmsnorm(xn_.data(), x_.data() + from * c.n_embd, w.output_norm.data(), n_rows, c.n_embd, c.rms_eps);
   const int64_t chunk = std::min(n_rows, kLogitsChunkRows);
   logits_.resize(size_t(chunk * c.n_vocab));
-  const float* head = weight(Proj::Output, -1);
   for (int64_t r0 = 0; r0 < n_rows; r0 += chunk) {
     const int64_t rows = std::min(chunk, n_rows - r0);
-    if (const cpu::QuantMatrixRef* q = file_weight(Proj::Output, -1))
-      cpu::quant_matmul_xwt(logits_.data(), xn_.data() + r0 * c.n_embd, *q, rows, quant_scratch_);
-    else
-      cpu::matmul_xwt(logits_.data(), xn_.data() + r0 * c.n_embd, head, rows, c.n_vocab, c.n_embd);
+    output_head(xn_.data() + r0 * c.n_embd, rows, logits_.data());
     for (int64_t r = 0; r < rows; ++r)
       sink(from + r0 + r, std::span<const float>(logits_.data() + r * c.n_vocab, size_t(c.n_vocab)));
   }
   return ok_status();
+}
+
+void CpuBackend::output_head(const float* xn, int64_t rows, float* out) {
+  const ModelConfig& c = config_;
+  if (const cpu::QuantMatrixRef* q = file_weight(Proj::Output, -1))
+    cpu::quant_matmul_xwt(out, xn, *q, rows, quant_scratch_);
+  else
+    cpu::matmul_xwt(out, xn, weight(Proj::Output, -1), rows, c.n_vocab, c.n_embd);
 }
 
 Status CpuBackend::end_call(double& attention_seconds) {

@@ -47,6 +47,10 @@ class CpuBackend final : public Backend {
   Status predicted_counts(int32_t layer, int32_t& neurons, int32_t& heads) override;
   Status linear_predicted(Proj proj, int32_t layer) override;
   Status read_predicted_heads(std::vector<uint8_t>& flags) override;
+  Status set_exit_policy(ExitPolicy policy) override;
+  Status keep_exit_state() override;
+  Result<float> exit_confidence(int32_t layer) override;
+  Status apply_exit_head(int32_t layer) override;
   Status add_residual() override;
   Status add_bias(Proj proj, int32_t layer) override;
   Status rope(const KvSequence& seq, int32_t layer, bool queries) override;
@@ -186,6 +190,12 @@ class CpuBackend final : public Backend {
   std::vector<std::vector<int32_t>> predicted_neurons_;  // [layer] ascending
   std::vector<std::vector<int32_t>> predicted_heads_;    // [layer] ascending
   std::vector<ComponentMask> predicted_masks_;           // [layer] heads as attention reads them
+  // Early exit by confidence (cpu_exits.cpp): the method's policy, the layer
+  // input kept for the state measure, and scratch.
+  ExitPolicy exits_;
+  std::vector<float> exit_state_, exit_x_, exit_y_;
+  // The output head over `rows` normed rows xn (rows, n_embd) into out (rows, n_vocab).
+  void output_head(const float* xn, int64_t rows, float* out);
   // Key bounds of the pool's pages (kHookPageBudget): (pages_reserved, 2, head_dim)
   // indexed by physical page, what each (layer, kv head) has folded in, and scratch.
   std::vector<float> page_bounds_;

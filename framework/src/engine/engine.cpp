@@ -7,6 +7,9 @@
 #include <cmath>
 #include <filesystem>
 
+#include "cpu/cpu_ops.h"
+#include "cpu/early_exit.h"
+#include "cpu/predictors.h"
 #include "engine/backend_factory.h"
 #include "engine/device.h"
 #include "engine/forward_pass.h"
@@ -71,6 +74,7 @@ const char* feature_name(Feature f) {
     case Feature::Eviction: return "KV eviction";
     case Feature::CachePositions: return "RoPE at cache positions";
     case Feature::LayerSkip: return "layer skipping";
+    case Feature::ExitConfidence: return "early exit by confidence";
     case Feature::HeadMask: return "head masks";
     case Feature::NeuronSubset: return "FFN neuron subsets";
     case Feature::Retention: return "engine-side retention";
@@ -336,7 +340,8 @@ static std::span<const float> model_weight(const Model& model, Proj p, int32_t l
   return {};
 }
 
-std::vector<Feature> method_features(const Method& method, uint32_t hooks, const ComponentPredictors& predictors) {
+std::vector<Feature> method_features(const Method& method, uint32_t hooks, const ComponentPredictors& predictors,
+                                     const ExitPolicy& exits) {
   std::vector<Feature> out;
   auto need = [&](uint32_t hook, std::initializer_list<Feature> features) {
     if ((hooks & hook) != 0) out.insert(out.end(), features);
@@ -357,6 +362,7 @@ std::vector<Feature> method_features(const Method& method, uint32_t hooks, const
   if (method.value_pruning().active()) out.push_back(Feature::ValuePruning);
   if (method.activation_sparsity().active()) out.push_back(Feature::ActivationSparsity);
   if (predictors.active()) out.push_back(Feature::PredictedComponents);
+  if (exits.active()) out.push_back(Feature::ExitConfidence);
   switch (method.kv_page_format()) {
     case KvPageFormat::Any: break;
     case KvPageFormat::F32: out.push_back(Feature::KvPagesF32); break;
@@ -434,14 +440,55 @@ Status check_predictors(const ComponentPredictors& p, const ModelConfig& c, uint
   return ok_status();
 }
 
+// A method's exit policy fits the model: a flag per layer (none on the last),
+// exit heads (n_embd, n_embd) and, for the classifier measure, a classifier
+// (2, n_embd) at every checked layer; finite weights; the threshold hook.
+Status check_exit_policy(const ExitPolicy& p, const ModelConfig& c, uint32_t hooks, const std::string& name) {
+  if (!p.active()) return ok_status();
+  const int64_t L = c.n_layers, d = c.n_embd;
+  if ((hooks & kHookExitConfidence) == 0)
+    return Error{fmt::format("method {}: an exit policy needs the exit_threshold hook", name)};
+  if (int64_t(p.check.size()) != L)
+    return Error{fmt::format("method {}: the exit policy checks {} layers; the model has {}", name, p.check.size(), L)};
+  if (p.check.back() != 0)
+    return Error{fmt::format("method {}: the exit policy checks after the last layer ({}), where nothing is left to "
+                             "skip", name, L - 1)};
+  if (!(p.norm_eps > 0.0f) || !std::isfinite(p.norm_eps))
+    return Error{fmt::format("method {}: the exit policy's norm_eps {} must be positive", name, p.norm_eps)};
+  if (int32_t(p.measure) < 0 || int32_t(p.measure) > int32_t(ExitMeasure::Classifier))
+    return Error{fmt::format("method {}: unknown exit measure {}", name, int32_t(p.measure))};
+  auto check_maps = [&](const std::vector<ExitMap>& maps, int64_t out, const char* what, bool every_check) -> Status {
+    if (!maps.empty() && int64_t(maps.size()) != L)
+      return Error{fmt::format("method {}: {} for {} layers; the model has {}", name, what, maps.size(), L)};
+    for (int64_t l = 0; l < L; ++l) {
+      const ExitMap* m = maps.empty() ? nullptr : &maps[size_t(l)];
+      if (every_check && p.check[size_t(l)] != 0 && (m == nullptr || !m->present()))
+        return Error{fmt::format("method {}: the classifier measure needs a classifier at checked layer {}", name, l)};
+      if (m == nullptr || !m->present()) continue;
+      if (int64_t(m->weight.size()) != out * d || (!m->bias.empty() && int64_t(m->bias.size()) != out))
+        return Error{fmt::format("method {}: the {} of layer {} has {} weights and {} biases; this model needs ({}, "
+                                 "{}) and {} or none", name, what, l, m->weight.size(), m->bias.size(), out, d, out)};
+      for (const auto* w : {&m->weight, &m->bias})
+        for (const float v : *w)
+          if (!std::isfinite(v))
+            return Error{fmt::format("method {}: the {} of layer {} has a weight that is not finite", name, what, l)};
+    }
+    return ok_status();
+  };
+  if (auto s = check_maps(p.heads, d, "exit heads", false); !s) return s;
+  return check_maps(p.classifiers, 2, "exit classifiers", p.measure == ExitMeasure::Classifier);
+}
+
 }  // namespace
 
 Status Engine::set_method(Method* method, uint32_t hooks, const WeightOverrides* overrides, const std::string& name) {
   if (method != nullptr) hooks &= ~method->unused_hooks();
   ComponentPredictors predictors;
+  ExitPolicy exits;
   if (method != nullptr) predictors = method->component_predictors();
+  if (method != nullptr && (hooks & kHookExitConfidence) != 0) exits = method->exit_policy();
   std::vector<Feature> needed;
-  if (method != nullptr) needed = method_features(*method, hooks, predictors);
+  if (method != nullptr) needed = method_features(*method, hooks, predictors, exits);
   if (overrides != nullptr && !overrides->items.empty()) needed.push_back(Feature::WeightReplace);
   if (overrides != nullptr && !overrides->adapters.empty()) needed.push_back(Feature::WeightAdapters);
   if (overrides != nullptr && !overrides->storages.empty()) needed.push_back(Feature::WeightStorage4Bit);
@@ -459,6 +506,7 @@ Status Engine::set_method(Method* method, uint32_t hooks, const WeightOverrides*
     sparsity = method->activation_sparsity();
     if (auto s = check_activation_sparsity(sparsity, config(), hooks, name); !s) return s;
     if (auto s = check_predictors(predictors, config(), hooks, sparsity.active(), name); !s) return s;
+    if (auto s = check_exit_policy(exits, config(), hooks, name); !s) return s;
   }
   // Bit-plane pages: the method's sequences come from a pool of its planes.
   std::shared_ptr<KvPagePool> pool = default_pool_;
@@ -534,13 +582,68 @@ Status Engine::set_method(Method* method, uint32_t hooks, const WeightOverrides*
     predicted.heads = flags(predictors.heads);
   }
   if (auto s = backend_->set_predictors(std::move(predictors)); !s) return Error{fmt::format("method {}: {}", name, s.message())};
+  ExitLayout exit;
+  if (exits.active()) {
+    exit.measure = exits.measure;
+    exit.check = exits.check;
+    exit.kv_fill = exits.kv_fill;
+    for (size_t l = 0; l < exits.heads.size(); ++l) {
+      if (!exits.heads[l].present()) continue;
+      exit.head.resize(exits.check.size(), 0);
+      exit.head[l] = 1;
+    }
+  }
+  if (auto s = backend_->set_exit_policy(std::move(exits)); !s) return Error{fmt::format("method {}: {}", name, s.message())};
   static std::atomic<uint64_t> next_instance{1};
   if (method != nullptr && method->engine_instance == 0) method->engine_instance = next_instance++;
   method_ = method;
   hooks_ = method != nullptr ? hooks : 0;
   sparsity_ = std::move(sparsity);
   predicted_ = std::move(predicted);
+  exit_ = std::move(exit);
   pool_ = std::move(pool);
+  return ok_status();
+}
+
+Status Engine::predict_rows(std::span<const float> hidden, const ExitMap* head, float norm_eps,
+                            std::vector<int32_t>& top1, std::vector<float>& margin) {
+  const ModelConfig& c = config();
+  const int64_t d = c.n_embd;
+  if (method_ != nullptr) return Error{"engine: predictions from given rows only while no method is set (calibration)"};
+  if (hidden.empty() || int64_t(hidden.size()) % d != 0)
+    return Error{fmt::format("engine: {} hidden values are not rows of {}", hidden.size(), d)};
+  if (head != nullptr && head->present() &&
+      (int64_t(head->weight.size()) != d * d || (!head->bias.empty() && int64_t(head->bias.size()) != d)))
+    return Error{fmt::format("engine: an exit head of {} weights and {} biases; this model needs ({}, {}) and {} or none",
+                             head->weight.size(), head->bias.size(), d, d, d)};
+  if (!(norm_eps > 0.0f)) return Error{fmt::format("engine: norm_eps {} must be positive", norm_eps)};
+  const int64_t rows = int64_t(hidden.size()) / d;
+  top1.assign(size_t(rows), 0);
+  margin.assign(size_t(rows), 0.0f);
+  const int64_t chunk = std::min<int64_t>(std::max(max_context_, 1), 256);
+  const std::vector<int32_t> tokens(size_t(chunk), 0);  // ids are not read: the rows replace the layers' output
+  std::vector<float> mapped, scaled;
+  for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+    const int64_t n = std::min(chunk, rows - r0);
+    std::span<const float> in = hidden.subspan(size_t(r0 * d), size_t(n * d));
+    if (head != nullptr && head->present()) {
+      scaled.resize(size_t(n * d));
+      mapped.resize(size_t(n * d));
+      kernels::cpu::rms_scale_rows(scaled.data(), in.data(), n, d, norm_eps);
+      kernels::cpu::predictor_layer(mapped.data(), scaled.data(), head->weight.data(),
+                                    head->bias.empty() ? nullptr : head->bias.data(), n, d, d, false);
+      in = mapped;
+    }
+    if (auto s = backend_->begin_call({std::span<const int32_t>(tokens.data(), size_t(n)), 0, false}); !s) return s;
+    if (auto s = backend_->write_hidden(in); !s) return s;
+    auto s = backend_->logits(0, n, [&](int64_t row, std::span<const float> logits) {
+      top1[size_t(r0 + row)] = int32_t(kernels::cpu::argmax(logits.data(), int64_t(logits.size())));
+      margin[size_t(r0 + row)] = kernels::cpu::softmax_margin(logits.data(), int64_t(logits.size()));
+    });
+    double seconds = 0;
+    if (auto e = backend_->end_call(seconds); s && !e) s = e;
+    if (!s) return s;
+  }
   return ok_status();
 }
 
@@ -628,6 +731,10 @@ std::map<std::string, double> EngineCounters::as_map() const {
                                        {"logits_rows", double(logits_rows)}};
   if (decode_steps > 0) out["layers_per_decode_token"] = double(decode_layers_run) / double(decode_steps);
   out["kv_fills_propagated"] = double(kv_fills_propagated);
+  if (exit_checks > 0) {
+    out["exit_checks"] = double(exit_checks);
+    if (decode_steps > 0) out["exit_checks_per_decode_token"] = double(exit_checks) / double(decode_steps);
+  }
   if (!exits_after_layer.empty()) {  // only with a method that exits
     int64_t exits = 0;
     for (size_t l = 0; l < exits_after_layer.size(); ++l) {
@@ -757,6 +864,7 @@ Status Engine::forward_call(KvSequence& seq, std::span<const int32_t> tokens, in
   if (method_ != nullptr) call.quant = method_->kv_quantization();
   if (sparsity_.active()) call.sparsity = &sparsity_;
   if (predicted_.active()) call.predicted = &predicted_;
+  if (exit_.active()) call.exit = &exit_;
   if (auto s = check_call(seq, tokens, call.cache_positions); !s) return s;
   try {
     if (method_ != nullptr)

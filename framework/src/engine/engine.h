@@ -78,6 +78,7 @@ struct EngineCounters {
   int64_t decode_layers_run = 0;
   int64_t kv_fills_propagated = 0;
   std::vector<int64_t> exits_after_layer;
+  int64_t exit_checks = 0;  // confidences the engine computed for an exit policy (ExitPolicy)
   int64_t heads_skipped = 0;         // (call, layer, head) not computed
   int64_t kv_heads_skipped = 0;      // (decode step, layer, kv head) whose query heads were all masked: no K/V read
   int64_t rows_pruned = 0;           // (row, layer) not computed: the row's token left inside its call
@@ -208,6 +209,12 @@ class Engine {
   Status layer_output(int32_t layer, std::span<const float> input, int32_t window, const ActivationSparsity& sparsity,
                       std::vector<float>& output);
 
+  // The model's prediction from residual rows (rows, n_embd) taken as final
+  // hidden states, after `head` when given (LayerProbe::predict): per row the
+  // argmax token and the softmax top-1 minus top-2. Only while no method is set.
+  Status predict_rows(std::span<const float> hidden, const ExitMap* head, float norm_eps, std::vector<int32_t>& top1,
+                      std::vector<float>& margin);
+
   // Convenience: logits of the last token only.
   Result<std::vector<float>> prefill(KvSequence& seq, std::span<const int32_t> tokens);
   Result<std::vector<float>> decode(KvSequence& seq, int32_t token);
@@ -264,6 +271,7 @@ class Engine {
   uint32_t hooks_ = 0;
   ActivationSparsity sparsity_;  // the method's (Method::activation_sparsity), checked
   PredictedLayers predicted_;    // where the method's predictors choose (Method::component_predictors)
+  ExitLayout exit_;              // where the method's exit policy checks (Method::exit_policy)
   std::vector<uint8_t> probe_pattern_;  // the sparse projections layer_output last prepared the backend for
   uint64_t overrides_applied_ = 0;                     // serial of the overrides the backend holds (0: none)
   std::vector<std::pair<Proj, int32_t>> overridden_;  // what they replaced
@@ -275,7 +283,8 @@ class Engine {
 // The features a method with these hooks and declarations needs from a backend
 // (`predictors`: its component_predictors(), fetched once by the caller, as
 // they carry their weights).
-std::vector<Feature> method_features(const Method& method, uint32_t hooks, const ComponentPredictors& predictors);
+std::vector<Feature> method_features(const Method& method, uint32_t hooks, const ComponentPredictors& predictors,
+                                     const ExitPolicy& exits);
 
 // The shape a plugin sees of a model (ModelShape), for an engine's context and page size.
 ModelShape model_shape(const ModelConfig& config, int32_t context = 0, int32_t page_size = 0);

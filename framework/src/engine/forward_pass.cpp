@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cmath>
 #include <array>
 
 namespace inferlab {
@@ -100,6 +101,16 @@ Status ForwardPass::plan_step() {
       plan_.kv_fill = layers.kv_fill;
     }
   }
+  // Exit by confidence: one-row decode steps only, and not when the method's
+  // threshold rules every exit out (such a step may still be replayed).
+  plan_.exit_checks = false;
+  plan_.exit_threshold = 2;
+  if (method_.exit != nullptr && method_.has(kHookExitConfidence)) {
+    plan_.exit_threshold = method_.method->exit_threshold(step_);
+    if (std::isnan(plan_.exit_threshold))
+      return Error{fmt::format("method: exit threshold NaN at position {}", step_.first_position)};
+    plan_.exit_checks = step_.decode() && plan_.exit_threshold <= 1.0;
+  }
   plan_.budgets.assign(size_t(L), std::vector<int32_t>(size_t(nkv), -1));
   plan_.max_keys = 0;
   std::unique_ptr<BackendKvView> view;
@@ -123,7 +134,8 @@ Status ForwardPass::plan_step() {
   for (int32_t l = 0; l < L; ++l)
     for (int32_t b : plan_.budgets[size_t(l)]) ask_selection = ask_selection || b < 0;
   plan_.host_reads = (ask_selection && method_.has(kHookDecodeSelection)) || method_.has(kHookComponentMask) ||
-                     method_.has(kHookAttentionFeedback) || (method_.has(kHookLayerExit) && L > 1);
+                     method_.has(kHookAttentionFeedback) || (method_.has(kHookLayerExit) && L > 1) ||
+                     plan_.exit_checks;  // a confidence comes back after each checked layer
   plan_.host_changes = method_.has(kHookEviction) || method_.has(kHookRetention);
   if (observer_ != nullptr) plan_.host_reads = true;
   if (method_.values.active()) plan_.host_reads = true;  // the kept values come back for the traffic counters
@@ -199,15 +211,32 @@ Status ForwardPass::run_layers() {
   computed_.assign(size_t(L), 0);
   predicted_layer_ = -1;
   bool exited = false;
+  int32_t exit_layer = -1;  // where the exit policy's confidence passed the threshold
+  const ExitLayout* policy = plan_.exit_checks && rows() == 1 ? method_.exit : nullptr;
   std::vector<float> hidden;
   for (int32_t l = 0; l < L; ++l) {
     if (exited || plan_.run[size_t(l)] == 0) {
-      if (auto s = skip_layer(l); !s) return s;
+      if (auto s = skip_layer(l, exit_layer >= 0 ? policy->kv_fill : plan_.kv_fill); !s) return s;
       continue;
     }
+    const bool check = policy != nullptr && policy->checks(l);
+    if (check && policy->measure == ExitMeasure::State)
+      if (auto s = backend_.keep_exit_state(); !s) return s;
     if (auto s = run_layer(l); !s) return s;
     computed_[size_t(l)] = 1;
     if (step_.decode() && !capturing_) ++counters_.decode_layers_run;
+    if (check) {
+      auto confidence = backend_.exit_confidence(l);
+      if (!confidence) return confidence.error();
+      ++counters_.exit_checks;
+      if (double(*confidence) > plan_.exit_threshold) {
+        exited = true;
+        exit_layer = l;
+        counters_.exits_after_layer.resize(size_t(L), 0);
+        ++counters_.exits_after_layer[size_t(l)];
+        continue;
+      }
+    }
     if (method_.has(kHookLayerExit) && l + 1 < L) {  // only a method that exits reads the hidden state
       if (auto s = backend_.read_hidden(rows() - 1, hidden); !s) return s;
       exited = method_.method->exit_after_layer(step_, l, hidden);
@@ -217,15 +246,18 @@ Status ForwardPass::run_layers() {
       }
     }
   }
+  // The skipped layers' K/V came from the exit state itself; the logits come
+  // from it through the layer's exit head.
+  if (exit_layer >= 0 && policy->maps(exit_layer)) return backend_.apply_exit_head(exit_layer);
   return ok_status();
 }
 
 // The layer is an identity on the residual stream; unless the plan says
 // otherwise its cache still gets the K/V of the hidden state that passes it,
 // so later tokens can attend to it.
-Status ForwardPass::skip_layer(int32_t l) {
+Status ForwardPass::skip_layer(int32_t l, SkippedLayerKv fill) {
   if (!capturing_) ++counters_.layers_skipped;
-  if (plan_.kv_fill == SkippedLayerKv::None) return ok_status();
+  if (fill == SkippedLayerKv::None) return ok_status();
   if (!capturing_) counters_.kv_fills_propagated += rows();
   if (auto s = backend_.rmsnorm(Norm::Attention, l); !s) return s;
   if (auto s = backend_.linear(Proj::K, l); !s) return s;
@@ -348,9 +380,11 @@ Status ForwardPass::run_layer(int32_t l) {
   if (auto s = backend_.add_residual(); !s) return s;
   if (auto s = prune_rows(l); !s) return s;
   if (!capturing_) count_sparse_inputs(l);
+  std::vector<float> hidden_out;
+  if (auto s = tap(Tap::HiddenOut, kTapHiddenOut, hidden_out); !s) return s;
   if (observer_ != nullptr)
     observer_->on_layer(CalibrationTaps{0, l, step_.n_tokens, tokens_, hidden_in, queries, key_rows, attention_out,
-                                        ffn_activation, {}, value_rows, attention_in, ffn_in, ffn_gate});
+                                        ffn_activation, {}, value_rows, attention_in, ffn_in, ffn_gate, hidden_out});
   return ok_status();
 }
 

@@ -37,6 +37,7 @@ struct MethodCall {
   KvQuantization quant;          // Method::kv_quantization
   const ActivationSparsity* sparsity = nullptr;  // Method::activation_sparsity, when active
   const PredictedLayers* predicted = nullptr;     // Method::component_predictors, when active
+  const ExitLayout* exit = nullptr;               // Method::exit_policy, when active
   SequenceState* state = nullptr;  // the method's state for this sequence
   bool has(uint32_t hook) const { return method != nullptr && (hooks & hook) != 0; }
 };
@@ -56,7 +57,7 @@ class ForwardPass {
   Result<bool> try_replay(const LogitsSink& sink);
   Status run_layers();
   Status run_layer(int32_t layer);
-  Status skip_layer(int32_t layer);
+  Status skip_layer(int32_t layer, SkippedLayerKv fill);
   Status decide_mask(int32_t layer, ComponentMask& mask, const ComponentMask*& active);
   Status decide_keys(int32_t layer, KeyPlan& plan);
   Status select_keys(int32_t layer, KeyPlan& plan);

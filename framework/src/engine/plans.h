@@ -149,6 +149,18 @@ struct LayerAttention {
 // every (layer, kv head), and whether anything in the step needs the host
 // between ops (a hook that reads device data or changes the cache mid-step).
 // A step that needs nothing from the host can be captured and replayed.
+// Where a method's exit policy checks and maps (ExitPolicy without its
+// weights, which the backend holds): what the schedule needs per call.
+struct ExitLayout {
+  ExitMeasure measure = ExitMeasure::Softmax;
+  std::vector<uint8_t> check;  // (n_layers) 1 = a confidence after the layer
+  std::vector<uint8_t> head;   // (n_layers) 1 = the layer has an exit head; empty: none
+  SkippedLayerKv kv_fill = SkippedLayerKv::FromHidden;
+  bool active() const { return !check.empty(); }
+  bool checks(int32_t layer) const { return active() && check[size_t(layer)] != 0; }
+  bool maps(int32_t layer) const { return !head.empty() && head[size_t(layer)] != 0; }
+};
+
 struct StepPlan {
   StepInfo step;
   std::vector<uint8_t> run;                   // (n_layers) 1 = computed
@@ -159,6 +171,8 @@ struct StepPlan {
   bool host_reads = false;    // a hook reads device data mid-step (hidden, queries, statistics)
   bool host_changes = false;  // a hook changes the cache mid-step (evict)
   int32_t max_keys = 0;       // most keys a head reads: stored + new
+  bool exit_checks = false;   // confidences computed after the exit policy's layers (a one-row decode step)
+  double exit_threshold = 2;  // ... exiting where one exceeds this
 
   bool replayable() const { return step.decode() && !host_reads && !host_changes; }
   bool any_bound(int32_t layer) const;

@@ -22,7 +22,7 @@ namespace {
 
 int32_t tap_width(const ModelConfig& c, uint32_t tap) {
   switch (tap) {
-    case kTapHiddenIn: case kTapAttentionIn: case kTapFfnIn: return int32_t(c.n_embd);
+    case kTapHiddenIn: case kTapAttentionIn: case kTapFfnIn: case kTapHiddenOut: return int32_t(c.n_embd);
     case kTapQueries: case kTapAttentionOut: return int32_t(c.q_dim());
     case kTapKeys: case kTapValues: return int32_t(c.kv_dim());
     case kTapFfnActivation: case kTapFfnGate: return int32_t(c.n_ff);
@@ -41,6 +41,7 @@ std::span<const float> tap_values(const CalibrationTaps& t, uint32_t tap) {
     case kTapAttentionIn: return t.attention_in;
     case kTapFfnIn: return t.ffn_in;
     case kTapFfnGate: return t.ffn_gate;
+    case kTapHiddenOut: return t.hidden_out;
     default: return {};
   }
 }

@@ -80,6 +80,10 @@ class EngineProbe final : public LayerProbe {
     ++runs_;
     return engine_.layer_output(layer, input, window, sparsity, output);
   }
+  Status predict(std::span<const float> hidden, const ExitMap* head, float norm_eps, std::vector<int32_t>& top1,
+                 std::vector<float>& margin) override {
+    return engine_.predict_rows(hidden, head, norm_eps, top1, margin);
+  }
 
  private:
   Engine& engine_;

@@ -14,8 +14,9 @@ const char* hook_call_name(int32_t call) {
       "new_sequence_state", "prefill_pattern", "select_kv",     "page_budget",        "on_attention",
       "evict",            "plan_layers",      "exit_after_layer", "mask_components",  "retention_budget",
       "retention_policy", "bound_scope",      "kv_page_format", "kv_positions",       "dense_prefill",
-      "value_pruning",    "kv_quantization",  "activation_sparsity", "component_predictors", "unused_hooks", "counters"};
-  static_assert(std::size(names) == size_t(HookCall::counters) + 1, "a name for every HookCall");
+      "value_pruning",    "kv_quantization",  "activation_sparsity", "component_predictors", "unused_hooks", "counters",
+      "exit_threshold",   "exit_policy"};
+  static_assert(std::size(names) == size_t(HookCall::exit_policy) + 1, "a name for every HookCall");
   return call >= 0 && size_t(call) < std::size(names) ? names[call] : nullptr;
 }
 
@@ -115,6 +116,11 @@ bool TrackedMethod::exit_after_layer(const StepInfo& step, int32_t layer, std::s
   return inner_.exit_after_layer(step, layer, hidden);
 }
 
+double TrackedMethod::exit_threshold(const StepInfo& step) {
+  const Scope scope(*this, HookCall::exit_threshold);
+  return inner_.exit_threshold(step);
+}
+
 bool TrackedMethod::mask_components(const StepInfo& step, int32_t layer, std::span<const float> hidden,
                                     ComponentMask& mask) {
   const Scope scope(*this, HookCall::mask_components);
@@ -169,6 +175,11 @@ ActivationSparsity TrackedMethod::activation_sparsity() const {
 ComponentPredictors TrackedMethod::component_predictors() const {
   const Scope scope(*this, HookCall::component_predictors);
   return inner_.component_predictors();
+}
+
+ExitPolicy TrackedMethod::exit_policy() const {
+  const Scope scope(*this, HookCall::exit_policy);
+  return inner_.exit_policy();
 }
 
 uint32_t TrackedMethod::unused_hooks() const {

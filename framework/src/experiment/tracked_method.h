@@ -17,6 +17,7 @@ enum class HookCall : int32_t {
   prefill_pattern, select_kv, page_budget, on_attention, evict, plan_layers, exit_after_layer,
   mask_components, retention_budget, retention_policy, bound_scope, kv_page_format, kv_positions,
   dense_prefill, value_pruning, kv_quantization, activation_sparsity, component_predictors, unused_hooks, counters,
+  exit_threshold, exit_policy,
 };
 // Its name ("evict"); nullptr for an index that names no call (-1: none under way).
 const char* hook_call_name(int32_t call);
@@ -45,6 +46,7 @@ class TrackedMethod final : public Method {
              std::vector<int32_t>& drop) override;
   bool plan_layers(const StepInfo& step, LayerPlan& plan) override;
   bool exit_after_layer(const StepInfo& step, int32_t layer, std::span<const float> hidden) override;
+  double exit_threshold(const StepInfo& step) override;
   bool mask_components(const StepInfo& step, int32_t layer, std::span<const float> hidden,
                        ComponentMask& mask) override;
   RetentionBudget retention_budget(const StepInfo& step, int32_t layer, int32_t kv_head) override;
@@ -57,6 +59,7 @@ class TrackedMethod final : public Method {
   KvQuantization kv_quantization() const override;
   ActivationSparsity activation_sparsity() const override;
   ComponentPredictors component_predictors() const override;
+  ExitPolicy exit_policy() const override;
   uint32_t unused_hooks() const override;
   std::map<std::string, double> counters() const override;
 

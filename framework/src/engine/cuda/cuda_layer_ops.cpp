@@ -236,7 +236,8 @@ Status CudaBackend::read_tap(Tap tap, std::vector<float>& out) {
     return ok_status();
   };
   switch (tap) {
-    case Tap::HiddenIn: return take(x_, c.n_embd);
+    case Tap::HiddenIn:
+    case Tap::HiddenOut: return take(x_, c.n_embd);
     case Tap::AttentionIn:
     case Tap::FfnIn: return take_typed(xn_, c.n_embd);
     case Tap::FfnGate: return take(gate_, c.n_ff);

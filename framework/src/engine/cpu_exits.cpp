@@ -1,0 +1,74 @@
+// Early exit by confidence on the CPU backend (ExitPolicy): the measures of
+// the call's last row after a checked layer, and the exit head that maps it
+// before the logits.
+#include <algorithm>
+
+#include "cpu/early_exit.h"
+#include "cpu/predictors.h"
+#include "cpu/cpu_ops.h"
+#include "engine/cpu_backend.h"
+
+namespace inferlab {
+
+namespace cpu = kernels::cpu;
+
+Status CpuBackend::set_exit_policy(ExitPolicy policy) {
+  exits_ = policy.active() ? std::move(policy) : ExitPolicy{};
+  return ok_status();
+}
+
+Status CpuBackend::keep_exit_state() {
+  const int64_t d = config_.n_embd;
+  exit_state_.assign(x_.begin() + (n_ - 1) * d, x_.begin() + n_ * d);
+  return ok_status();
+}
+
+Result<float> CpuBackend::exit_confidence(int32_t l) {
+  const ModelConfig& c = config_;
+  const int64_t d = c.n_embd;
+  if (!exits_.active() || l < 0 || l >= c.n_layers) return Error{"cpu backend: exit confidence without an exit policy"};
+  const float* h = x_.data() + (n_ - 1) * d;
+  exit_x_.resize(size_t(d));
+  switch (exits_.measure) {
+    case ExitMeasure::State:
+      if (int64_t(exit_state_.size()) != d) return Error{"cpu backend: the state measure without the layer's input"};
+      return cpu::cosine_similarity(exit_state_.data(), h, d);
+    case ExitMeasure::Classifier: {
+      const ExitMap& m = exits_.classifiers[size_t(l)];
+      float z[2];
+      cpu::rms_scale_rows(exit_x_.data(), h, 1, d, exits_.norm_eps);
+      cpu::predictor_layer(z, exit_x_.data(), m.weight.data(), m.bias.empty() ? nullptr : m.bias.data(), 1, d, 2,
+                           false);
+      return cpu::two_way_confidence(z);
+    }
+    case ExitMeasure::Softmax: {
+      const float* row = h;
+      if (!exits_.heads.empty() && exits_.heads[size_t(l)].present()) {
+        const ExitMap& m = exits_.heads[size_t(l)];
+        exit_y_.resize(size_t(d));
+        cpu::rms_scale_rows(exit_x_.data(), h, 1, d, exits_.norm_eps);
+        cpu::predictor_layer(exit_y_.data(), exit_x_.data(), m.weight.data(), m.bias.empty() ? nullptr : m.bias.data(),
+                             1, d, d, false);
+        row = exit_y_.data();
+      }
+      cpu::rmsnorm(exit_x_.data(), row, model_->weights().output_norm.data(), 1, d, c.rms_eps);
+      logits_.resize(std::max(logits_.size(), size_t(c.n_vocab)));
+      output_head(exit_x_.data(), 1, logits_.data());
+      return cpu::softmax_margin(logits_.data(), c.n_vocab);
+    }
+  }
+  return Error{"cpu backend: unknown exit measure"};
+}
+
+Status CpuBackend::apply_exit_head(int32_t l) {
+  const int64_t d = config_.n_embd;
+  if (exits_.heads.empty() || l < 0 || !exits_.heads[size_t(l)].present()) return ok_status();
+  const ExitMap& m = exits_.heads[size_t(l)];
+  float* h = x_.data() + (n_ - 1) * d;
+  exit_x_.resize(size_t(d));
+  cpu::rms_scale_rows(exit_x_.data(), h, 1, d, exits_.norm_eps);
+  cpu::predictor_layer(h, exit_x_.data(), m.weight.data(), m.bias.empty() ? nullptr : m.bias.data(), 1, d, d, false);
+  return ok_status();
+}
+
+}  // namespace inferlab
