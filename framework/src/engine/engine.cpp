@@ -486,7 +486,7 @@ Status Engine::set_method(Method* method, uint32_t hooks, const WeightOverrides*
   ComponentPredictors predictors;
   ExitPolicy exits;
   if (method != nullptr) predictors = method->component_predictors();
-  if (method != nullptr && (hooks & kHookExitConfidence) != 0) exits = method->exit_policy();
+  if (method != nullptr) exits = method->exit_policy();
   std::vector<Feature> needed;
   if (method != nullptr) needed = method_features(*method, hooks, predictors, exits);
   if (overrides != nullptr && !overrides->items.empty()) needed.push_back(Feature::WeightReplace);
