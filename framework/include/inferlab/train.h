@@ -221,6 +221,16 @@ Result<TrainReport> train(LowRankHead& head, const Dataset& data, const TrainOpt
 Result<Metrics> evaluate(const LowRankHead& head, const Dataset& data, const TrainOptions& options,
                          std::span<const float> pos_weight = {}, std::span<const int64_t> rows = {});
 
+// Closed-form ridge regression with a bias, for linear maps fitted to
+// captured activations (e.g. exit heads): W (out, in) and b (out) minimizing
+// ||x W^T + 1 b^T - y||^2 + ridge * rows * ||W||^2 over rows of x (rows, in)
+// and y (rows, out); b is not penalized. The normal equations are formed and
+// solved (Cholesky, LAPACK's dposv from OpenBLAS) in double precision;
+// ridge >= 0 (0 needs x of full column rank). Errors: shapes, no rows, a
+// system that is not positive definite.
+Status ridge_regression(std::span<const float> x, std::span<const float> y, int64_t in, int64_t out, double ridge,
+                        std::vector<float>& w, std::vector<float>& b);
+
 // Checkpoints: a little-endian binary file holding a magic, a format version,
 // the head's options, its parameters, and an FNV-1a 64-bit checksum of every
 // byte before it. save writes a temporary file beside path and renames it.
