@@ -139,7 +139,7 @@ bool CudaBackend::supports(Feature feature) const {
     case Feature::KvPagesF16: return dtype_ == DType::F16;
     case Feature::KvPagesBF16: return dtype_ == DType::BF16;
     case Feature::KvBitPlanes: return true;  // kv_append quantizes, attention_progressive reads them
-    case Feature::ExitConfidence: return false;
+    case Feature::ExitConfidence: return true;  // cuda_exits.cpp: the confidences on the device
     default: return true;
   }
 }

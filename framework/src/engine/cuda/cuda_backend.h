@@ -9,6 +9,7 @@
 //   cuda_sparse_prefill.cpp  sparse prefill plans: estimation and build on the device
 //   cuda_kv_ops.cpp       eviction, re-rotation, truncation, retention, page tables
 //   cuda_graph.cpp        staging, capture and replay of decode steps
+//   cuda_exits.cpp        early exit by confidence: the measures and exit heads on the device
 #pragma once
 
 #include <cublas_v2.h>
@@ -66,6 +67,10 @@ class CudaBackend final : public Backend {
   Status predicted_counts(int32_t layer, int32_t& neurons, int32_t& heads) override;
   Status linear_predicted(Proj proj, int32_t layer) override;
   Status read_predicted_heads(std::vector<uint8_t>& flags) override;
+  Status set_exit_policy(ExitPolicy policy) override;
+  Status keep_exit_state() override;
+  Result<float> exit_confidence(int32_t layer) override;
+  Status apply_exit_head(int32_t layer) override;
   Status add_residual() override;
   Status add_bias(Proj proj, int32_t layer) override;
   Status rope(const KvSequence& seq, int32_t layer, bool queries) override;
@@ -170,6 +175,16 @@ class CudaBackend final : public Backend {
   // The main stream waits for the predictions it is about to read.
   Status wait_predicted(cudaEvent_t ready, bool& pending);
   Status join_predictions();
+  // cuda_exits.cpp
+  struct DeviceExitMap {
+    const void* weight = nullptr;  // heads (n_embd, n_embd) of dtype_, classifiers (2, n_embd) float; null: none
+    const float* bias = nullptr;   // null: none
+  };
+  Status upload_exit_heads(const ExitPolicy& policy, std::vector<DeviceExitMap>& heads);
+  Status upload_exit_params(const ExitPolicy& policy, std::vector<DeviceExitMap>& heads,
+                            std::vector<DeviceExitMap>& classifiers);
+  // out (n_embd) = W (row / RMS) + b of layer l's exit head (out may be row).
+  Status map_exit_row(int32_t layer, const float* row, float* out);
   // cuda_attention.cpp
   Status stage_counts(const KvSequence& seq, int32_t layer);
   Status stage_append(KvSequence& seq, int32_t layer, int32_t n);
@@ -343,6 +358,21 @@ class CudaBackend final : public Backend {
   cudaEvent_t pred_fork_ = nullptr, pred_heads_ready_ = nullptr, pred_neurons_ready_ = nullptr, pred_done_ = nullptr;
   int32_t pred_last_layer_ = -1;  // the layer of the latest predict (own heads: pred_heads_ready_)
   bool pred_heads_pending_ = false, pred_neurons_pending_ = false, pred_pending_ = false;
+
+  // Early exit by confidence (cuda_exits.cpp): the policy's measure, its maps
+  // per layer (exit heads in one allocation of dtype_; the classifiers and
+  // every bias in one float allocation), the layer input kept for the state
+  // measure, one-row scratch, and the confidence the host reads.
+  bool exit_active_ = false;
+  ExitMeasure exit_measure_ = ExitMeasure::Softmax;
+  float exit_eps_ = 1e-5f;
+  std::vector<DeviceExitMap> exit_heads_, exit_classifiers_;  // per layer, or empty: none
+  DeviceMemory exit_head_weights_, exit_params_;
+  DeviceMemory exit_state_;      // (n_embd) float: the checked layer's input row
+  bool exit_state_kept_ = false;  // ... kept for the next confidence
+  DeviceMemory exit_x_, exit_y_;  // (n_embd) float: a row over its RMS, a row an exit head mapped
+  DeviceMemory exit_xt_;          // (n_embd) dtype_: the row over its RMS as a GEMM input
+  DeviceMemory exit_out_;         // (3) float: a classifier's logits, then the confidence
 
   std::vector<cudaEvent_t> events_;  // pairs around attention kernels (time_attention)
   size_t events_used_ = 0;
