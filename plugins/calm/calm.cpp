@@ -305,13 +305,16 @@ class CalmPlugin final : public Plugin {
     std::vector<ParamSpec> params = {
         ParamSpec::string("measure", "softmax", {"softmax", "state", "classifier"},
                           "confidence: softmax top-1 minus top-2, hidden-state cosine, or a trained classifier"),
-        ParamSpec::real("lambda", 0.9, 0.0, 1.0, "confidence threshold in (0, 1]; 1 never exits"),
-        ParamSpec::real("tau", 4.0, 0.0, 1e6, "decay of the threshold with the generated position"),
-        ParamSpec::integer("decay_tokens", 64, 1, 1 << 24, "N of the decay: the generation length it spans"),
+        ParamSpec::real("lambda", 0.9, 0.0, 1.0, "confidence threshold in (0, 1]; 1 with tau 0 never exits")
+            .run_time(),
+        ParamSpec::real("tau", 4.0, 0.0, 1e6, "decay of the threshold with the generated position").run_time(),
+        ParamSpec::integer("decay_tokens", 64, 1, 1 << 24, "N of the decay: the generation length it spans")
+            .run_time(),
         ParamSpec::integer("first_exit", 1, 1, 1 << 16, "layers every token runs before the first check"),
         ParamSpec::integer("interval", 1, 1, 1 << 16, "layers between two checks"),
         ParamSpec::boolean("exit_heads", false, "fit an affine exit head (tuned lens) per checked layer"),
-        ParamSpec::path("lambda_file", "a certified threshold (`inferlab calibrate` LTT); replaces lambda"),
+        ParamSpec::path("lambda_file", "a certified threshold (`inferlab calibrate` LTT); replaces lambda")
+            .run_time(),
         ParamSpec::integer("epochs", 20, 1, 1000, "most classifier training epochs (early stopping: 3)"),
         ParamSpec::integer("seed", 0, 0, std::nullopt, "classifier initialisation, split and shuffle seed")};
     for (ParamSpec& spec : ParamSpec::calibration(32, 128)) params.push_back(std::move(spec));

@@ -62,6 +62,16 @@ struct ParamSpec {
   std::optional<double> max;          // inclusive, likewise
   std::vector<std::string> choices;   // String only; empty: any string
   std::string help;
+  // False for a parameter that only steers the runs (a threshold applied at
+  // run time): its value does not key the calibration artifacts (calibration.h),
+  // so a grid over it calibrates once. It still enters every run's hash.
+  bool keys_calibration = true;
+
+  // This spec, its value left out of the calibration key.
+  ParamSpec run_time() && {
+    keys_calibration = false;
+    return std::move(*this);
+  }
 
   static ParamSpec integer(std::string name, int64_t def, std::optional<double> lo, std::optional<double> hi,
                            std::string help) {

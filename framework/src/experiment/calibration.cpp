@@ -138,7 +138,7 @@ Result<std::filesystem::path> calibration_dir(const PluginEntry& plugin, const P
     key["activation_store"] = *store;
   }
   for (const ParamSpec& spec : plugin.params) {
-    if (!params.has(spec.name)) continue;
+    if (!params.has(spec.name) || !spec.keys_calibration) continue;
     const ParamValue& value = params.all().at(spec.name);
     auto digest = path_digest(spec, value);
     if (!digest) return Error{fmt::format("parameter {} of plugin {}: {}", spec.name, plugin.name, digest.message())};

@@ -11,6 +11,7 @@
 #include <fstream>
 #include <string>
 
+#include "experiment/calibration.h"
 #include "inferlab/testing.h"
 
 namespace inferlab {
@@ -119,6 +120,22 @@ TEST(Calm, ExitHeadsAgreeWithTheLastLayerMoreOftenThanTheRawStates) {
   (*engine)->reset_counters();
   test::run_trace(**engine, active.handle.get(), test::random_tokens(model()->config().n_vocab, 12, 5), 4);
   EXPECT_GT((*engine)->counters().exit_checks, 0);
+}
+
+// The threshold only steers the runs: a grid over it shares one calibration.
+TEST(Calm, ThresholdsShareOneCalibrationAndTheMeasureDoesNot) {
+  const PluginEntry* entry = test::plugin_registry().find("calm");
+  ASSERT_NE(entry, nullptr);
+  auto dir = [&](const ParamValues& p) {
+    const ParamValues resolved = test::resolved_params(*entry, p);
+    auto d = calibration_dir(*entry, resolved, calibration_request(resolved, kTapHiddenOut), "checksum", "cpu-f32",
+                             test::temp_path("calm-key"));
+    EXPECT_TRUE(d.ok());
+    return d.ok() ? d->filename().string() : std::string();
+  };
+  EXPECT_EQ(dir(settings("softmax", 0.9, true)), dir(settings("softmax", 0.5, true, 1, 1, "", 2.0)));
+  EXPECT_NE(dir(settings("softmax", 0.9, true)), dir(settings("classifier", 0.9, true)));
+  EXPECT_NE(dir(settings("softmax", 0.9, true)), dir(settings("softmax", 0.9, true, 2)));
 }
 
 TEST(Calm, ACertifiedLambdaFileReplacesLambda) {
