@@ -74,6 +74,8 @@ int run_run(const RunArgs& args) {
 int run_calibrate(const RunArgs& args) {
   RunnerOptions options;
   options.backend = args.backend;
+  options.db_path = args.db;
+  options.worker_executable = "/proc/self/exe";  // an [ltt] table runs the grid, as `inferlab run` does
   auto summary = calibrate_experiment(args.config, options);
   return summary ? 0 : fail(summary.message());
 }
@@ -273,6 +275,7 @@ void register_experiment_commands(CLI::App& app) {
   cal->add_option("config", calibrate.config, "experiment .toml file")->required();
   cal->add_option("--backend", calibrate.backend, "override experiment.backend: cpu, cuda or auto")
       ->check(CLI::IsMember({"cpu", "cuda", "auto"}));
+  cal->add_option("--db", calibrate.db, "results database the grid of an [ltt] table runs into")->capture_default_str();
   cal->callback([] { set_exit_code(run_calibrate(calibrate)); });
 
   auto* p = app.add_subcommand("plugins", "list plugins: version, hooks and parameters");

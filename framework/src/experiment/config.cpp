@@ -2,6 +2,7 @@
 
 #include "formats/peft_adapter.h"
 #include "model/model.h"
+#include "experiment/risk_control.h"
 #include "plugins/param_check.h"
 
 #include <fmt/format.h>
@@ -177,6 +178,7 @@ class ConfigParser {
     parse_model_section(root, config.model);
     parse_tasks(root, config.tasks);
     parse_methods(root, config.methods);
+    parse_ltt(root, config);
     if (!diag_.empty()) return diag_.error();
     return config;
   }
@@ -365,11 +367,12 @@ public:
 
 private:
   void check_top_level(const toml::table& root) {
-    static const std::set<std::string, std::less<>> known = {"experiment", "model", "task", "method"};
+    static const std::set<std::string, std::less<>> known = {"experiment", "model", "task", "method", "ltt"};
     for (auto&& [name, node] : root) {
       if (known.count(name.str()) != 0) continue;
       diag_.add(name.source(), std::string(name.str()),
-                fmt::format("unknown {} (a config has [experiment], [model], [task] or [[task]], and [[method]])",
+                fmt::format("unknown {} (a config has [experiment], [model], [task] or [[task]], [[method]], and "
+                            "optionally [ltt])",
                             node.is_table() ? "table" : "key"));
     }
   }
@@ -607,6 +610,71 @@ private:
       if (text.find('/') != std::string::npos || ends_with(text, ".txt")) text = resolve_path(text);
     }
     return values;
+  }
+
+  void parse_ltt(const toml::table& root, ExperimentConfig& config) {
+    static const std::vector<ParamSpec> specs = {
+        ParamSpec::string("method", "", {}, ""), ParamSpec::string("parameter", "lambda", {}, ""),
+        ParamSpec::string("order", "descending", {"descending", "ascending"}, ""),
+        ParamSpec::string("metric", "top1_agreement", {}, ""),
+        ParamSpec::real("delta", 0.1, 1e-6, 1.0 - 1e-6, ""), ParamSpec::real("epsilon", 0.1, 1e-6, 1.0 - 1e-6, ""),
+        ParamSpec::integer("calibration_samples", 0, 1, 1 << 24, ""),
+        ParamSpec::integer("splits", 20, 1, 100000, ""), ParamSpec::integer("seed", 0, 0, std::nullopt, ""),
+        ParamSpec::string("output", "", {}, "")};
+    const toml::table* table = section(root, "ltt", false);
+    if (table == nullptr) return;
+    const ParamValues values = read_scalars(*table, "ltt", specs);
+    LttSection l;
+    l.method = values.get_string("method");
+    l.parameter = values.get_string("parameter");
+    l.order = values.get_string("order");
+    l.metric = values.get_string("metric");
+    l.delta = values.get_float("delta");
+    l.epsilon = values.get_float("epsilon");
+    l.calibration_samples = values.get_int("calibration_samples");
+    l.splits = values.get_int("splits");
+    l.seed = values.get_int("seed");
+    auto where = [&](const char* key) { return table->get(key) ? table->get(key)->source() : table->source(); };
+    for (const char* key : {"method", "calibration_samples", "output"})
+      if (table->get(key) == nullptr) diag_.add(table->source(), fmt::format("ltt.{}", key), "missing");
+    if (table->get("output") != nullptr && values.get_string("output").empty())
+      diag_.add(where("output"), "ltt.output", "empty: the file the certified value is written to");
+    else if (!values.get_string("output").empty())
+      l.output = resolve_path(values.get_string("output"));
+    const int64_t least = ltt::min_calibration_size(l.delta, l.epsilon);
+    if (table->get("calibration_samples") != nullptr && l.calibration_samples < least)
+      diag_.add(where("calibration_samples"), "ltt.calibration_samples",
+                fmt::format("{} calibration samples cannot certify a risk of {} at epsilon {}: even a risk of 0 "
+                            "needs at least {} ((1 - delta)^n <= epsilon)",
+                            l.calibration_samples, l.delta, l.epsilon, least));
+    if (config.tasks.size() > 1)
+      diag_.add(table->source(), "ltt", fmt::format("certifies over one task's samples; the config has {} tasks",
+                                                    config.tasks.size()));
+    if (table->get("method") != nullptr) {
+      const auto m = std::find_if(config.methods.begin(), config.methods.end(),
+                                  [&](const MethodSection& s) { return s.label == l.method; });
+      if (m == config.methods.end()) {
+        std::vector<std::string> names;
+        for (const MethodSection& s : config.methods) names.push_back(s.label);
+        diag_.add(where("method"), "ltt.method",
+                  fmt::format("no [[method]] named \"{}\" (the config's: {})", l.method, fmt::join(names, ", ")));
+      } else {
+        const auto axis = m->axes.find(l.parameter);
+        if (axis == m->axes.end())
+          diag_.add(where("parameter"), "ltt.parameter",
+                    fmt::format("method \"{}\" has no parameter \"{}\"", l.method, l.parameter));
+        else if (!std::holds_alternative<double>(axis->second.front()) &&
+                 !std::holds_alternative<int64_t>(axis->second.front()))
+          diag_.add(where("parameter"), "ltt.parameter",
+                    fmt::format("\"{}\" is not a number: its values cannot be ordered from the safest", l.parameter));
+        for (const auto& [name, values_of] : m->axes)
+          if (name != l.parameter && values_of.size() > 1)
+            diag_.add(where("method"), "ltt.method",
+                      fmt::format("method \"{}\" varies \"{}\" too: only the calibrated parameter may be a list",
+                                  l.method, name));
+      }
+    }
+    config.ltt = std::move(l);
   }
 
   void parse_methods(const toml::table& root, std::vector<MethodSection>& methods) {

@@ -43,6 +43,27 @@ struct MethodSection {
   std::map<std::string, std::vector<ParamValue>> axes;
 };
 
+// [ltt]: `inferlab calibrate` certifies a threshold by Learn then Test
+// (experiment/risk_control.h) over one method's grid of one parameter: it runs
+// the grid (as `inferlab run`, resuming), takes each sample's loss
+// 1 - <metric> from the runs' samples, splits the samples at random (seed)
+// into `calibration_samples` and the rest, certifies the most aggressive value
+// whose risk is at most delta with probability 1 - epsilon, writes it to
+// `output` ("<parameter> <value>" lines, which the method reads back), checks
+// it on the held-out samples, and repeats the split `splits` times to show how
+// often the held-out risk exceeds delta (at most about epsilon).
+struct LttSection {
+  std::string method;                     // the [[method]]'s name
+  std::string parameter = "lambda";       // one of its axes, a number; the others single-valued
+  std::string order = "descending";       // which end of the axis is safest: descending = the largest
+  std::string metric = "top1_agreement";  // a per-sample value in [0, 1] of the task's rows
+  double delta = 0.1, epsilon = 0.1;
+  int64_t calibration_samples = 0;
+  int64_t splits = 20;
+  int64_t seed = 0;
+  std::string output;                     // absolute
+};
+
 struct ExperimentConfig {
   std::string path;  // the config file (absolute when loaded from disk)
   std::string name, description, backend;
@@ -54,6 +75,7 @@ struct ExperimentConfig {
   ModelSection model;
   std::vector<TaskSection> tasks;
   std::vector<MethodSection> methods;
+  std::optional<LttSection> ltt;
 };
 
 // `inferlab finetune`'s config: the experiment format's [model] table and a

@@ -678,6 +678,17 @@ Result<CalibrationSummary> calibrate_experiment(const std::filesystem::path& con
   }
   fmt::print(options.out, "experiment {}: {} calibrations run, {} found\n", config.name, summary.calibrated,
              summary.found);
+  if (!config.ltt) return summary;
+  // Learn then Test: the grid's runs (as `inferlab run`: finished ones are kept), then the certificate.
+  auto ran = run_experiment(config_file, options);
+  if (!ran) return ran.error();
+  if (ran->failed > 0)
+    return Error{fmt::format("ltt: {} runs of the grid failed; nothing is certified (see the errors above)", ran->failed)};
+  auto db = ResultsDb::open(options.db_path);
+  if (!db) return db.error();
+  auto certified = certify_by_ltt(config, grid, *db, options.out);
+  if (!certified) return certified.error();
+  summary.ltt = *certified;
   return summary;
 }
 

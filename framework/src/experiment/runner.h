@@ -7,9 +7,11 @@
 
 #include <cstdio>
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "experiment/certify.h"
 #include "inferlab/result.h"
 
 namespace inferlab {
@@ -52,10 +54,13 @@ Status serve_runs(const std::filesystem::path& config_file, const RunnerOptions&
 // `inferlab calibrate`: runs, for every point of the grid whose method
 // calibrates (kHookCalibrate), the calibration its artifacts need when they
 // are not there yet (experiment/calibration.h). `inferlab run` does the same
-// before each such run; this does it ahead, on its own.
+// before each such run; this does it ahead, on its own. With an [ltt] table
+// it then runs the grid into options.db_path and certifies a threshold
+// (experiment/certify.h).
 struct CalibrationSummary {
   int64_t calibrated = 0;  // run now
   int64_t found = 0;       // already there
+  std::optional<LttOutcome> ltt;  // with an [ltt] table: the grid was run and a value certified
 };
 Result<CalibrationSummary> calibrate_experiment(const std::filesystem::path& config_file, const RunnerOptions& options);
 
