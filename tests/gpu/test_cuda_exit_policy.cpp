@@ -147,20 +147,9 @@ TEST(CudaExitPolicy, TwoWayClassifierMatchesItsTwin) {
 // The engine tests' model has an output head of its own (not the embeddings):
 // the hidden state after a middle layer then does not predict its own input
 // token with near certainty, so the softmax margins spread out.
-std::shared_ptr<Model> exit_model() {
-  static std::shared_ptr<Model> model = [] {
-    SyntheticModelSpec spec;
-    spec.name = "gpu-exits";
-    spec.n_layers = 3;
-    spec.n_embd = 256;  // head_dim 64, the attention kernels' smallest
-    spec.n_heads = 4;
-    spec.n_kv_heads = 2;
-    spec.n_ff = 512;
-    spec.tied_embeddings = false;
-    spec.seed = 5;
-    return test::load_synthetic(spec);
-  }();
-  return model;
+std::shared_ptr<Model> exit_model() {  // n_embd 256: head_dim 64, the attention kernels' smallest
+  return test::shared_synthetic({.name = "gpu-exits", .n_layers = 3, .n_embd = 256, .n_ff = 512, .n_heads = 4,
+                                 .n_kv_heads = 2, .tied_embeddings = false, .seed = 5});
 }
 
 constexpr int kPrompt = 40, kSteps = 24;

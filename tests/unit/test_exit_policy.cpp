@@ -19,16 +19,7 @@ namespace inferlab {
 namespace {
 
 std::shared_ptr<Model> exit_model() {
-  static std::shared_ptr<Model> model = [] {
-    SyntheticModelSpec spec;
-    spec.name = "exit-policy";
-    spec.n_layers = 4;
-    spec.n_heads = 4;
-    spec.n_kv_heads = 2;
-    spec.seed = 31;
-    return test::load_synthetic(spec);
-  }();
-  return model;
+  return test::shared_synthetic({.name = "exit-policy", .n_layers = 4, .n_heads = 4, .n_kv_heads = 2, .seed = 31});
 }
 
 // A method that only declares an exit policy and a fixed threshold.

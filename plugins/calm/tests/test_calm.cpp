@@ -19,16 +19,7 @@ namespace {
 
 constexpr int32_t kLayers = 4;
 
-std::shared_ptr<Model> model() {
-  static std::shared_ptr<Model> m = [] {
-    SyntheticModelSpec spec;
-    spec.name = "calm-4";
-    spec.n_layers = kLayers;
-    spec.seed = 11;
-    return test::load_synthetic(spec);
-  }();
-  return m;
-}
+std::shared_ptr<Model> model() { return test::shared_synthetic({.name = "calm-4", .n_layers = kLayers, .seed = 11}); }
 
 ParamValues settings(const std::string& measure, double lambda, bool heads = false, int64_t first_exit = 1,
                      int64_t interval = 1, const std::string& lambda_file = "", double tau = 4.0) {

@@ -49,6 +49,16 @@ inline std::shared_ptr<Model> load_synthetic(const SyntheticModelSpec& spec) {
   return model.ok() ? *model : nullptr;
 }
 
+// A synthetic model loaded once per process for its spec's (name, seed): a
+// test file's model in one line, e.g.
+//   shared_synthetic({.name = "calm-4", .n_layers = 4, .seed = 11})
+inline std::shared_ptr<Model> shared_synthetic(const SyntheticModelSpec& spec) {
+  static std::map<std::pair<std::string, uint64_t>, std::shared_ptr<Model>> models;
+  auto& model = models[{spec.name, spec.seed}];
+  if (!model) model = load_synthetic(spec);
+  return model;
+}
+
 // A small model with grouped-query attention (4 query heads, 2 kv heads), the
 // shape the engine mechanism tests share; one per (name, seed) for the process.
 inline std::shared_ptr<Model> gqa_test_model(const std::string& name, uint64_t seed) {
