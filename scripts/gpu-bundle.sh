@@ -19,7 +19,7 @@ build=${1:-$root/build}
 cmake -S "$root" -B "$build" -DINFERLAB_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build "$build" -j"$(nproc)" --target inferlab inferlab_gpu_tests bench_cuda_attention bench_cuda_decode bench_cuda_kv_methods \
   bench_cuda_activation_sparsity bench_cuda_quant4 bench_sparse_prefill probe dense quest h2o streamingllm minference \
-  spatten teal cats dejavu lora qlora skipdecode
+  spatten teal cats dejavu lora qlora skipdecode calm
 dev=$root/.device
 rm -rf "$dev/bin" "$dev/lib" "$dev/bundle.tar.xz"
 mkdir -p "$dev/bin/plugins" "$dev/bin/test-plugins"
