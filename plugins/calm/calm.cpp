@@ -36,6 +36,7 @@
 
 #include "inferlab/activations.h"
 #include "inferlab/plugin_export.h"
+#include "inferlab/prompt_end.h"
 #include "inferlab/train.h"
 
 namespace {
@@ -46,12 +47,6 @@ namespace fs = std::filesystem;
 constexpr float kNormEps = 1e-5f;  // exit heads and classifiers read h / sqrt(mean(h^2) + eps)
 constexpr double kRidge = 1e-3;    // per row: the heads' ridge (the features have unit RMS)
 constexpr const char* kLayerTable = "exit_layers.tsv";
-
-// Where the sequence's latest prompt (non-decode call) ended.
-struct PromptEnd final : SequenceState {
-  int32_t end = 0;
-  std::unique_ptr<SequenceState> clone() const override { return std::make_unique<PromptEnd>(*this); }
-};
 
 struct Options {
   ExitMeasure measure = ExitMeasure::Softmax;
@@ -66,17 +61,6 @@ struct Options {
   int32_t epochs = 20;
   uint64_t seed = 0;
 };
-
-// Rows divided by their RMS (no gain), as the engine's exit maps read them.
-void rms_scale(std::vector<float>& rows, int64_t d) {
-  for (size_t r = 0; r < rows.size() / size_t(d); ++r) {
-    float* x = rows.data() + r * size_t(d);
-    double ss = 0;
-    for (int64_t i = 0; i < d; ++i) ss += double(x[i]) * double(x[i]);
-    const auto inv = float(1.0 / std::sqrt(ss / double(d) + double(kNormEps)));
-    for (int64_t i = 0; i < d; ++i) x[i] *= inv;
-  }
-}
 
 std::string layer_file(const std::string& dir, const char* what, int32_t layer) {
   char name[64];
@@ -142,7 +126,7 @@ class Calm final : public Method {
     std::vector<int32_t> final_top1, top1;
     std::vector<float> margin;
     if (auto st = probe.predict(last, nullptr, kNormEps, final_top1, margin); !st) return st;
-    rms_scale(last, d);
+    train::rms_scale_rows(last, d, kNormEps);
     std::ofstream table(fs::path(dir) / kLayerTable);
     table << "layer\tagreement\tagreement_head\tclassifier_accuracy\n";
     const std::vector<uint8_t> check = checked(s.n_layers);
@@ -155,10 +139,10 @@ class Calm final : public Method {
         for (int64_t r = 0; r < rows; ++r) same += predicted[size_t(r)] == final_top1[size_t(r)];
         return double(same) / double(rows);
       };
-      auto plain = agreement(nullptr, top1);
+      auto plain = agreement(nullptr, top1);  // top1: the raw state's predictions
       if (!plain) return plain.error();
       std::vector<float> x = h;
-      rms_scale(x, d);
+      train::rms_scale_rows(x, d, kNormEps);
       ExitMap head;
       double mapped = -1;
       if (o_.exit_heads) {
@@ -167,11 +151,9 @@ class Calm final : public Method {
         auto fitted = train::LowRankHead::from_parameters({d, 0, d, false, true}, {}, head.weight, head.bias);
         if (!fitted) return fitted.error();
         if (auto st = train::save(*fitted, layer_file(dir, "head", l)); !st) return st;
-        auto a = agreement(&head, top1);
+        auto a = agreement(&head, top1);  // top1: the mapped state's predictions from here on
         if (!a) return a.error();
         mapped = *a;
-      } else if (auto st = probe.predict(h, nullptr, kNormEps, top1, margin); !st) {
-        return st;
       }
       double accuracy = -1;
       if (o_.measure == ExitMeasure::Classifier) {
@@ -253,12 +235,9 @@ class Calm final : public Method {
 
   // lambda(t) for decode steps; prompts (multi-token calls) never exit.
   double exit_threshold(const StepInfo& step) override {
-    auto* state = static_cast<PromptEnd*>(step.state);
-    if (!step.decode()) {
-      if (state != nullptr) state->end = step.first_position + step.n_tokens;
-      return 2.0;
-    }
-    const double t = double(std::max(0, step.first_position - (state != nullptr ? state->end : 0)));
+    const std::optional<int64_t> g = PromptEnd::generated(step);
+    if (!g) return 2.0;
+    const double t = double(std::max<int64_t>(0, *g));
     last_threshold_ = 0.9 * lambda_ + 0.1 * lambda_ * std::exp(-o_.tau * t / double(o_.decay_tokens));
     ++decode_tokens_;
     return last_threshold_;

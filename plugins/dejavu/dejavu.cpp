@@ -59,16 +59,9 @@ std::string checkpoint(const std::string& dir, const char* kind, int32_t layer) 
 }
 
 // The predictors' input: each row divided by its RMS, the model's RMSNorm
-// without its per-channel gain (the predictor's first linear absorbs that).
+// without its per-channel gain (the predictor's first linear absorbs that;
+// train::rms_scale_rows, as the engine's predictors read it).
 constexpr float kNormEps = 1e-5f;
-void rms_normalize(std::vector<float>& rows, int64_t width) {
-  for (size_t r = 0; r + size_t(width) <= rows.size(); r += size_t(width)) {
-    double ss = 0;
-    for (int64_t i = 0; i < width; ++i) ss += double(rows[r + size_t(i)]) * rows[r + size_t(i)];
-    const float s = float(1.0 / std::sqrt(ss / double(width) + double(kNormEps)));
-    for (int64_t i = 0; i < width; ++i) rows[r + size_t(i)] *= s;
-  }
-}
 
 // The k largest of z (NaN smallest, ties to the lower index) into `order`'s
 // first k entries, ascending by index.
@@ -116,7 +109,7 @@ class DejaVu final : public Method {
     const int64_t rows = store->rows();
     auto features = [&](int32_t layer, std::vector<float>& x) -> Status {
       if (auto st = store->read(kTapHiddenIn, layer, 0, rows, x); !st) return st;
-      rms_normalize(x, s.n_embd);
+      train::rms_scale_rows(x, s.n_embd, kNormEps);
       return ok_status();
     };
     std::vector<std::vector<double>> table(size_t(s.n_layers), std::vector<double>(kColumns.size(), -1.0));

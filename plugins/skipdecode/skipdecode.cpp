@@ -18,16 +18,11 @@
 #include <string>
 
 #include "inferlab/plugin_export.h"
+#include "inferlab/prompt_end.h"
 
 namespace {
 
 using namespace inferlab;
-
-// Where the sequence's latest prompt (non-decode call) ended.
-struct PromptEnd final : SequenceState {
-  int32_t end = 0;
-  std::unique_ptr<SequenceState> clone() const override { return std::make_unique<PromptEnd>(*this); }
-};
 
 class SkipDecode final : public Method {
  public:
@@ -76,13 +71,9 @@ class SkipDecode final : public Method {
   }
 
   bool plan_layers(const StepInfo& step, LayerPlan& plan) override {
-    auto* state = static_cast<PromptEnd*>(step.state);
-    if (!step.decode()) {  // the prompt (or any multi-token call) runs every layer
-      if (state != nullptr) state->end = step.first_position + step.n_tokens;
-      return false;
-    }
-    const int32_t prompt_end = state != nullptr ? state->end : 0;
-    const int32_t b = budget(int64_t(step.first_position) - prompt_end);
+    const std::optional<int64_t> g = PromptEnd::generated(step);
+    if (!g) return false;  // the prompt (or any multi-token call) runs every layer
+    const int32_t b = budget(*g);
     ++decode_tokens_;
     layers_run_ += b;
     last_budget_ = b;

@@ -221,6 +221,11 @@ Result<TrainReport> train(LowRankHead& head, const Dataset& data, const TrainOpt
 Result<Metrics> evaluate(const LowRankHead& head, const Dataset& data, const TrainOptions& options,
                          std::span<const float> pos_weight = {}, std::span<const int64_t> rows = {});
 
+// Each row of `rows` (rows, width) divided by its RMS, sqrt(mean(x^2) + eps)
+// summed in double, with no gain: the features the engine's predictors and
+// exit maps read (ComponentPredictors, ExitMap), for training them.
+void rms_scale_rows(std::span<float> rows, int64_t width, float eps);
+
 // Closed-form ridge regression with a bias, for linear maps fitted to
 // captured activations (e.g. exit heads): W (out, in) and b (out) minimizing
 // ||x W^T + 1 b^T - y||^2 + ridge * rows * ||W||^2 over rows of x (rows, in)

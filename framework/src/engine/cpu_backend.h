@@ -194,6 +194,7 @@ class CpuBackend final : public Backend {
   // input kept for the state measure, and scratch.
   ExitPolicy exits_;
   std::vector<float> exit_state_, exit_x_, exit_y_;
+  void exit_map(const ExitMap& m, int64_t out, const float* h, float* y);
   // The output head over `rows` normed rows xn (rows, n_embd) into out (rows, n_vocab).
   void output_head(const float* xn, int64_t rows, float* out);
   // Key bounds of the pool's pages (kHookPageBudget): (pages_reserved, 2, head_dim)

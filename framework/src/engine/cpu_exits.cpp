@@ -17,6 +17,15 @@ Status CpuBackend::set_exit_policy(ExitPolicy policy) {
   return ok_status();
 }
 
+// y (out) = m.weight · (h / RMS(h)) + m.bias: what an exit head or a
+// classifier reads (y may be h).
+void CpuBackend::exit_map(const ExitMap& m, int64_t out, const float* h, float* y) {
+  const int64_t d = config_.n_embd;
+  exit_x_.resize(size_t(d));
+  cpu::rms_scale_rows(exit_x_.data(), h, 1, d, exits_.norm_eps);
+  cpu::predictor_layer(y, exit_x_.data(), m.weight.data(), m.bias.empty() ? nullptr : m.bias.data(), 1, d, out, false);
+}
+
 Status CpuBackend::keep_exit_state() {
   const int64_t d = config_.n_embd;
   exit_state_.assign(x_.begin() + (n_ - 1) * d, x_.begin() + n_ * d);
@@ -34,21 +43,15 @@ Result<float> CpuBackend::exit_confidence(int32_t l) {
       if (int64_t(exit_state_.size()) != d) return Error{"cpu backend: the state measure without the layer's input"};
       return cpu::cosine_similarity(exit_state_.data(), h, d);
     case ExitMeasure::Classifier: {
-      const ExitMap& m = exits_.classifiers[size_t(l)];
       float z[2];
-      cpu::rms_scale_rows(exit_x_.data(), h, 1, d, exits_.norm_eps);
-      cpu::predictor_layer(z, exit_x_.data(), m.weight.data(), m.bias.empty() ? nullptr : m.bias.data(), 1, d, 2,
-                           false);
+      exit_map(exits_.classifiers[size_t(l)], 2, h, z);
       return cpu::two_way_confidence(z);
     }
     case ExitMeasure::Softmax: {
       const float* row = h;
       if (!exits_.heads.empty() && exits_.heads[size_t(l)].present()) {
-        const ExitMap& m = exits_.heads[size_t(l)];
         exit_y_.resize(size_t(d));
-        cpu::rms_scale_rows(exit_x_.data(), h, 1, d, exits_.norm_eps);
-        cpu::predictor_layer(exit_y_.data(), exit_x_.data(), m.weight.data(), m.bias.empty() ? nullptr : m.bias.data(),
-                             1, d, d, false);
+        exit_map(exits_.heads[size_t(l)], d, h, exit_y_.data());
         row = exit_y_.data();
       }
       cpu::rmsnorm(exit_x_.data(), row, model_->weights().output_norm.data(), 1, d, c.rms_eps);
@@ -63,11 +66,8 @@ Result<float> CpuBackend::exit_confidence(int32_t l) {
 Status CpuBackend::apply_exit_head(int32_t l) {
   const int64_t d = config_.n_embd;
   if (exits_.heads.empty() || l < 0 || !exits_.heads[size_t(l)].present()) return ok_status();
-  const ExitMap& m = exits_.heads[size_t(l)];
   float* h = x_.data() + (n_ - 1) * d;
-  exit_x_.resize(size_t(d));
-  cpu::rms_scale_rows(exit_x_.data(), h, 1, d, exits_.norm_eps);
-  cpu::predictor_layer(h, exit_x_.data(), m.weight.data(), m.bias.empty() ? nullptr : m.bias.data(), 1, d, d, false);
+  exit_map(exits_.heads[size_t(l)], d, h, h);
   return ok_status();
 }
 

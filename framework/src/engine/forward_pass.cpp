@@ -214,6 +214,10 @@ Status ForwardPass::run_layers() {
   int32_t exit_layer = -1;  // where the exit policy's confidence passed the threshold
   const ExitLayout* policy = plan_.exit_checks && rows() == 1 ? method_.exit : nullptr;
   std::vector<float> hidden;
+  auto count_exit = [&](int32_t l) {
+    counters_.exits_after_layer.resize(size_t(L), 0);
+    ++counters_.exits_after_layer[size_t(l)];
+  };
   for (int32_t l = 0; l < L; ++l) {
     if (exited || plan_.run[size_t(l)] == 0) {
       if (auto s = skip_layer(l, exit_layer >= 0 ? policy->kv_fill : plan_.kv_fill); !s) return s;
@@ -232,18 +236,14 @@ Status ForwardPass::run_layers() {
       if (double(*confidence) > plan_.exit_threshold) {
         exited = true;
         exit_layer = l;
-        counters_.exits_after_layer.resize(size_t(L), 0);
-        ++counters_.exits_after_layer[size_t(l)];
+        count_exit(l);
         continue;
       }
     }
     if (method_.has(kHookLayerExit) && l + 1 < L) {  // only a method that exits reads the hidden state
       if (auto s = backend_.read_hidden(rows() - 1, hidden); !s) return s;
       exited = method_.method->exit_after_layer(step_, l, hidden);
-      if (exited && !capturing_) {
-        counters_.exits_after_layer.resize(size_t(L), 0);
-        ++counters_.exits_after_layer[size_t(l)];
-      }
+      if (exited && !capturing_) count_exit(l);
     }
   }
   // The skipped layers' K/V came from the exit state itself; the logits come

@@ -1,7 +1,9 @@
-// Ridge regression through its normal equations: [x 1]^T [x 1] + ridge terms,
-// solved by Cholesky (LAPACK dposv, which OpenBLAS provides).
+// Linear maps fitted to captured activations: ridge regression through its
+// normal equations, [x 1]^T [x 1] + ridge terms, solved by Cholesky (LAPACK
+// dposv, which OpenBLAS provides); and the RMS-scaled rows such maps read.
 #include <cblas.h>
 
+#include <cmath>
 #include <string>
 
 #include "inferlab/train.h"
@@ -58,6 +60,15 @@ Status ridge_regression(std::span<const float> x, std::span<const float> y, int6
     b[size_t(k)] = float(rhs[size_t(k * n + in)]);
   }
   return ok_status();
+}
+
+void rms_scale_rows(std::span<float> rows, int64_t width, float eps) {
+  for (size_t r = 0; r + size_t(width) <= rows.size(); r += size_t(width)) {
+    double ss = 0;
+    for (int64_t i = 0; i < width; ++i) ss += double(rows[r + size_t(i)]) * double(rows[r + size_t(i)]);
+    const auto s = float(1.0 / std::sqrt(ss / double(width) + double(eps)));
+    for (int64_t i = 0; i < width; ++i) rows[r + size_t(i)] *= s;
+  }
 }
 
 }  // namespace inferlab::train
