@@ -57,6 +57,7 @@ enum class Feature : int32_t {
   ActivationSparsity,   // projections that skip the weights of small inputs; CATS's gated FFN (Method::activation_sparsity)
   PredictedComponents,  // the engine runs a method's predictors of neurons and heads (Method::component_predictors)
   ExitConfidence,       // confidences computed after layers, exit heads (Method::exit_policy)
+  BatchedCalls,         // one call over several sequences' rows (Engine::forward_batch: focus_segment)
   Graphs,               // decode steps captured once and replayed
 };
 const char* feature_name(Feature feature);
@@ -116,11 +117,23 @@ class BackendKvView : public KvView {
   virtual void forget(int32_t layer, int32_t kv_head) const { (void)layer; (void)kv_head; }
 };
 
+// One sequence's rows in a batched call: rows [row_from, row_from + rows) of
+// the call, at positions first_position ... (Engine::forward_batch).
+struct CallSegment {
+  int32_t row_from = 0;
+  int32_t rows = 0;
+  int32_t first_position = 0;
+};
+
 // Per-call inputs the schedule hands to begin_call.
 struct CallSetup {
   std::span<const int32_t> tokens;
   int32_t first_position = 0;
   bool cache_positions = false;  // RoPE at cache indices (KvPositions::Cache)
+  // A batched call (Feature::BatchedCalls): the sequences' rows one after
+  // another, in order and covering every token; empty: one sequence from
+  // first_position.
+  std::span<const CallSegment> segments;
 };
 
 class Backend {
@@ -268,6 +281,19 @@ class Backend {
     (void)layer;
     return Error{fmt::format("the {} backend has no early exit by confidence", name())};
   }
+  // Feature::BatchedCalls. Between focus_segment(i) and unfocus_segment()
+  // the per-sequence ops (rope, append_kv, select_by_bound,
+  // plan_sparse_prefill, attention, read_statistics, retain, evict, rerotate,
+  // read_last_queries, keep_exit_state) act on segment i's rows alone, as if
+  // they were the whole call of its sequence; unfocus_segment puts the
+  // segment's attention output back among the call's rows. Row-wise ops
+  // (embed, rmsnorm, linear, swiglu, add_residual, add_bias, logits) run on
+  // the whole call outside a focus.
+  virtual Status focus_segment(int32_t segment) {
+    (void)segment;
+    return Error{fmt::format("the {} backend has no batched calls", name())};
+  }
+  virtual Status unfocus_segment() { return Error{fmt::format("the {} backend has no batched calls", name())}; }
   virtual Status add_residual() = 0;                           // x += proj
   // The projection's output rows += its bias (Q, K, V or O), when the model
   // has one (ModelConfig::qkv_bias, o_bias); otherwise nothing.

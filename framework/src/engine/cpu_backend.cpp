@@ -204,7 +204,21 @@ Status CpuBackend::begin_call(const CallSetup& call) {
     positions_.resize(size_t(n));
     workspace_tokens_ = n;
   }
-  for (int64_t i = 0; i < n; ++i) positions_[size_t(i)] = call.first_position + int32_t(i);
+  segments_.assign(call.segments.begin(), call.segments.end());
+  focused_ = -1;
+  if (segments_.empty()) {
+    for (int64_t i = 0; i < n; ++i) positions_[size_t(i)] = call.first_position + int32_t(i);
+  } else {
+    int64_t covered = 0;
+    for (const CallSegment& seg : segments_) {
+      if (seg.row_from != covered || seg.rows <= 0)
+        return Error{fmt::format("cpu backend: batched call segments must cover the call's {} rows in order", n)};
+      for (int32_t i = 0; i < seg.rows; ++i) positions_[size_t(seg.row_from + i)] = seg.first_position + i;
+      covered += seg.rows;
+    }
+    if (covered != n)
+      return Error{fmt::format("cpu backend: batched call segments cover {} of the call's {} rows", covered, n)};
+  }
   governed_call_ = n <= kDecodeSizedRows && max_threads_ > 1;
   if (governed_call_ && governed_calls_++ % kLoadEveryCalls == 0) governor_.observe_load(other_load_.sample());
   omp_set_num_threads(governed_call_ ? governor_.next_call() : max_threads_);
@@ -579,6 +593,60 @@ Status CpuBackend::rerotate(KvSequence& seq, int32_t l, int32_t g) {
     }
     i = end;
   }
+  return ok_status();
+}
+
+// A segment's rows become the call as the per-sequence ops see it: the
+// whole call's buffers step aside (swapped, not copied) and the segment's
+// rows are copied into the workspace members; unfocus puts them back.
+Status CpuBackend::focus_segment(int32_t segment) {
+  if (focused_ >= 0 || segment < 0 || segment >= int32_t(segments_.size()))
+    return Error{fmt::format("cpu backend: segment {} of a call with {} cannot be focused{}", segment, segments_.size(),
+                             focused_ >= 0 ? " (another is)" : "")};
+  const CallSegment& seg = segments_[size_t(segment)];
+  const ModelConfig& c = config_;
+  const int64_t r0 = seg.row_from, rows = seg.rows, qd = c.q_dim(), kd = c.kv_dim();
+  std::swap(q_, call_.q);
+  std::swap(k_, call_.k);
+  std::swap(v_, call_.v);
+  std::swap(attn_, call_.attn);
+  std::swap(positions_, call_.positions);
+  std::swap(tokens_, call_.tokens);
+  call_.n = n_;
+  q_.assign(call_.q.begin() + r0 * qd, call_.q.begin() + (r0 + rows) * qd);
+  k_.assign(call_.k.begin() + r0 * kd, call_.k.begin() + (r0 + rows) * kd);
+  v_.assign(call_.v.begin() + r0 * kd, call_.v.begin() + (r0 + rows) * kd);
+  attn_.assign(size_t(rows * qd), 0.0f);
+  positions_.assign(call_.positions.begin() + r0, call_.positions.begin() + r0 + rows);
+  tokens_.assign(call_.tokens.begin() + r0, call_.tokens.begin() + r0 + rows);
+  n_ = rows;
+  call_rows_ = rows;
+  call_first_position_ = seg.first_position;
+  sequence_retention_started_ = false;
+  stats_layer_ = -1;
+  focused_ = segment;
+  return ok_status();
+}
+
+Status CpuBackend::unfocus_segment() {
+  if (focused_ < 0) return Error{"cpu backend: no segment is focused"};
+  const CallSegment& seg = segments_[size_t(focused_)];
+  const ModelConfig& c = config_;
+  const int64_t r0 = seg.row_from, qd = c.q_dim(), kd = c.kv_dim();
+  // The rotated queries and keys and the attention output go back to the call's rows.
+  std::copy(q_.begin(), q_.begin() + seg.rows * qd, call_.q.begin() + r0 * qd);
+  std::copy(k_.begin(), k_.begin() + seg.rows * kd, call_.k.begin() + r0 * kd);
+  std::copy(attn_.begin(), attn_.begin() + seg.rows * qd, call_.attn.begin() + r0 * qd);
+  std::swap(q_, call_.q);
+  std::swap(k_, call_.k);
+  std::swap(v_, call_.v);
+  std::swap(attn_, call_.attn);
+  std::swap(positions_, call_.positions);
+  std::swap(tokens_, call_.tokens);
+  n_ = call_.n;
+  call_rows_ = n_;
+  call_first_position_ = segments_.front().first_position;
+  focused_ = -1;
   return ok_status();
 }
 

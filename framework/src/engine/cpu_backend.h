@@ -51,6 +51,8 @@ class CpuBackend final : public Backend {
   Status keep_exit_state() override;
   Result<float> exit_confidence(int32_t layer) override;
   Status apply_exit_head(int32_t layer) override;
+  Status focus_segment(int32_t segment) override;
+  Status unfocus_segment() override;
   Status add_residual() override;
   Status add_bias(Proj proj, int32_t layer) override;
   Status rope(const KvSequence& seq, int32_t layer, bool queries) override;
@@ -145,6 +147,16 @@ class CpuBackend final : public Backend {
   std::vector<float> stats_ml_;  // attention statistics: per query head, each row's softmax max then sum
   std::vector<float> split_o_, split_ml_;  // split-key decode partials: (items, rows x group, head_dim), (items, 2, ...)
   std::vector<int32_t> positions_;  // (n)
+  // A batched call: its sequences' rows, and while one is focused the whole
+  // call's q, k, v, attention output, positions and tokens (the workspace
+  // members then hold the segment's rows alone).
+  std::vector<CallSegment> segments_;
+  int32_t focused_ = -1;
+  struct CallRows {
+    std::vector<float> q, k, v, attn;
+    std::vector<int32_t> positions, tokens;
+    int64_t n = 0;
+  } call_;
   int64_t workspace_tokens_ = 0;
   std::vector<int32_t> group_positions_;  // (n_kv_heads, n) RoPE positions in cache mode
   // Statistics of the layer last computed: per query head, mass per stored token.

@@ -89,6 +89,7 @@ const char* feature_name(Feature f) {
     case Feature::KvBitPlanes: return "bit-plane KV pages (progressive quantization)";
     case Feature::ActivationSparsity: return "activation sparsity";
     case Feature::PredictedComponents: return "predicted components";
+    case Feature::BatchedCalls: return "batched calls";
     case Feature::Graphs: return "graph capture";
   }
   return "?";
@@ -634,7 +635,7 @@ Status Engine::predict_rows(std::span<const float> hidden, const ExitMap* head, 
                                     head->bias.empty() ? nullptr : head->bias.data(), n, d, d, false);
       in = mapped;
     }
-    if (auto s = backend_->begin_call({std::span<const int32_t>(tokens.data(), size_t(n)), 0, false}); !s) return s;
+    if (auto s = backend_->begin_call({std::span<const int32_t>(tokens.data(), size_t(n)), 0, false, {}}); !s) return s;
     if (auto s = backend_->write_hidden(in); !s) return s;
     auto s = backend_->logits(0, n, [&](int64_t row, std::span<const float> logits) {
       top1[size_t(r0 + row)] = int32_t(kernels::cpu::argmax(logits.data(), int64_t(logits.size())));
@@ -731,6 +732,11 @@ std::map<std::string, double> EngineCounters::as_map() const {
                                        {"logits_rows", double(logits_rows)}};
   if (decode_steps > 0) out["layers_per_decode_token"] = double(decode_layers_run) / double(decode_steps);
   out["kv_fills_propagated"] = double(kv_fills_propagated);
+  if (batched_calls > 0 || batch_fallbacks > 0) {  // only where Engine::forward_batch ran
+    out["batched_calls"] = double(batched_calls);
+    out["batched_sequences"] = double(batched_sequences);
+    out["batch_fallbacks"] = double(batch_fallbacks);
+  }
   if (exit_checks > 0) {
     out["exit_checks"] = double(exit_checks);
     if (decode_steps > 0) out["exit_checks_per_decode_token"] = double(exit_checks) / double(decode_steps);
@@ -851,9 +857,7 @@ Status Engine::forward(KvSequence& seq, std::span<const int32_t> tokens, int64_t
   return ok_status();
 }
 
-Status Engine::forward_call(KvSequence& seq, std::span<const int32_t> tokens, int64_t logits_from,
-                            const LogitsSink& sink, ForwardObserver* observer) {
-  if (tokens.empty()) return ok_status();
+MethodCall Engine::method_call() const {
   MethodCall call;
   call.method = method_;
   call.hooks = hooks_;
@@ -865,12 +869,55 @@ Status Engine::forward_call(KvSequence& seq, std::span<const int32_t> tokens, in
   if (sparsity_.active()) call.sparsity = &sparsity_;
   if (predicted_.active()) call.predicted = &predicted_;
   if (exit_.active()) call.exit = &exit_;
+  return call;
+}
+
+Status Engine::forward_call(KvSequence& seq, std::span<const int32_t> tokens, int64_t logits_from,
+                            const LogitsSink& sink, ForwardObserver* observer) {
+  if (tokens.empty()) return ok_status();
+  MethodCall call = method_call();
   if (auto s = check_call(seq, tokens, call.cache_positions); !s) return s;
   try {
     if (method_ != nullptr)
       call.state = seq.method_state(method_->engine_instance, [&] { return method_->new_sequence_state(shape()); });
     ForwardPass pass(*backend_, config(), options_, call, counters_, seq, tokens, observer);
     return pass.run(logits_from, sink);
+  } catch (const std::bad_alloc&) {
+    return Error{fmt::format("{}: out of memory for KV cache pages", backend_->name())};
+  } catch (const std::exception& e) {
+    return Error{fmt::format("{}: {}", backend_->name(), e.what())};
+  }
+}
+
+Status Engine::forward_batch(std::span<const BatchItem> items) {
+  bool windows = false;
+  for (int32_t l = 0; l < config().n_layers; ++l) windows = windows || config().window(l) > 0;
+  const MethodCall shared = method_call();
+  std::vector<BatchMember> members;
+  for (size_t i = 0; i < items.size(); ++i) {
+    const BatchItem& item = items[i];
+    if (item.seq == nullptr) return Error{fmt::format("forward_batch: item {} has no sequence", i)};
+    for (size_t j = 0; j < i; ++j)
+      if (items[j].seq == item.seq)
+        return Error{fmt::format("forward_batch: items {} and {} are the same sequence", j, i)};
+    if (item.tokens.empty()) continue;
+    if (auto s = check_pool(*item.seq); !s) return s;
+    if (auto s = check_call(*item.seq, item.tokens, shared.cache_positions); !s)
+      return Error{fmt::format("forward_batch: item {}: {}", i, s.message())};
+    members.push_back({item.seq, item.tokens, item.logits_from, &item.sink, shared});
+  }
+  if (members.empty()) return ok_status();
+  if (windows || members.size() == 1) {  // one call per item (sliding windows split calls by row)
+    if (members.size() > 1) ++counters_.batch_fallbacks;
+    for (const BatchMember& m : members)
+      if (auto s = forward(*m.seq, m.tokens, m.logits_from, *m.sink); !s) return s;
+    return ok_status();
+  }
+  try {
+    if (method_ != nullptr)
+      for (BatchMember& m : members)
+        m.call.state = m.seq->method_state(method_->engine_instance, [&] { return method_->new_sequence_state(shape()); });
+    return run_batch(*backend_, config(), options_, counters_, members);
   } catch (const std::bad_alloc&) {
     return Error{fmt::format("{}: out of memory for KV cache pages", backend_->name())};
   } catch (const std::exception& e) {

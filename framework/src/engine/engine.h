@@ -100,6 +100,12 @@ struct EngineCounters {
   int64_t sparse_prefill_keys_causal = 0;  // keys the same rows read densely (causal)
   double sparse_plan_seconds = 0;          // estimating and building sparse prefill plans
   int64_t graph_replays = 0;         // decode steps served by a captured graph
+  // Engine::forward_batch: calls that ran several sequences' rows together,
+  // the sequences in them, and batches whose sequences ran one by one (their
+  // plans or the backend did not allow a batched call).
+  int64_t batched_calls = 0;
+  int64_t batched_sequences = 0;
+  int64_t batch_fallbacks = 0;
   int64_t logits_rows = 0;           // rows whose logits were computed (the output projection's work)
   double attention_seconds = 0;      // attention kernels' time, with EngineOptions::time_attention
   std::map<std::string, double> as_map() const;
@@ -164,6 +170,7 @@ class ForwardObserver {
 };
 
 class Engine;
+struct MethodCall;
 
 // A method installed on an engine for a scope: on every way out (an error, an
 // exception) the engine is left dense and keeps no pointer to the method.
@@ -201,6 +208,22 @@ class Engine {
   // With sliding-window layers, the rows past the smallest window run one call each.
   Status forward(KvSequence& seq, std::span<const int32_t> tokens, int64_t logits_from, const LogitsSink& sink,
                  ForwardObserver* observer = nullptr);
+
+  // One step of several sequences (continuous batching): each item's tokens
+  // run as by forward(), but in one call whose GEMMs cover every item's rows
+  // and whose attention reads each sequence's own pages, each hook deciding
+  // for its item's sequence with that sequence's method state. When the
+  // items' plans differ (layer plans, early exit, component masks or
+  // predictors, retention per sequence, sliding windows) or the backend has
+  // no batched calls, the items run one after another (counter
+  // batch_fallbacks). Every item's sequence must be distinct.
+  struct BatchItem {
+    KvSequence* seq = nullptr;
+    std::span<const int32_t> tokens;
+    int64_t logits_from = 0;
+    LogitsSink sink;
+  };
+  Status forward_batch(std::span<const BatchItem> items);
 
   // Layer `layer` alone on input residual rows (rows, n_embd) in windows of
   // `window` tokens, each a new sequence from position 0, with `sparsity`'s
@@ -251,6 +274,7 @@ class Engine {
   std::shared_ptr<KvPagePool> shared_pool() const { return pool_; }
 
  private:
+  MethodCall method_call() const;
   Status forward_call(KvSequence& seq, std::span<const int32_t> tokens, int64_t logits_from, const LogitsSink& sink,
                       ForwardObserver* observer);
   Engine(std::shared_ptr<const Model> model, EngineOptions options, std::unique_ptr<Backend> backend);

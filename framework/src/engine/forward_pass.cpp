@@ -25,11 +25,15 @@ ForwardPass::ForwardPass(Backend& backend, const ModelConfig& config, const Engi
 }
 
 Status ForwardPass::run(int64_t logits_from, const LogitsSink& sink) {
-  const int64_t n = int64_t(tokens_.size());
   if (auto s = plan_step(); !s) return s;
+  return run_planned(logits_from, sink);
+}
+
+Status ForwardPass::run_planned(int64_t logits_from, const LogitsSink& sink) {
+  const int64_t n = int64_t(tokens_.size());
   ++counters_.forward_calls;
   if (step_.decode()) ++counters_.decode_steps;
-  if (auto s = backend_.begin_call({tokens_, step_.first_position, method_.cache_positions}); !s) return s;
+  if (auto s = backend_.begin_call({tokens_, step_.first_position, method_.cache_positions, {}}); !s) return s;
   logits_from = std::max<int64_t>(logits_from, 0);
   const LogitsSink wanted = logits_from < n && sink ? sink : LogitsSink{};
   if (options_.cuda_graphs && !options_.time_attention && plan_.replayable() && backend_.supports(Feature::Graphs)) {
@@ -70,7 +74,7 @@ Status ForwardPass::run(int64_t logits_from, const LogitsSink& sink) {
 
 Status ForwardPass::run_single_layer(int32_t layer, std::span<const float> input, std::vector<float>& output) {
   if (auto s = plan_step(); !s) return s;
-  if (auto s = backend_.begin_call({tokens_, step_.first_position, false}); !s) return s;
+  if (auto s = backend_.begin_call({tokens_, step_.first_position, false, {}}); !s) return s;
   if (auto s = backend_.write_hidden(input); !s) return s;
   if (auto s = run_layer(layer); !s) return s;
   if (auto s = backend_.read_hidden(0, output); !s) return s;
@@ -276,27 +280,30 @@ Status ForwardPass::tap(Tap which, uint32_t bit, std::vector<float>& out) {
 }
 
 Status ForwardPass::run_layer(int32_t l) {
-  ComponentMask mask;
-  const ComponentMask* active = nullptr;
-  // taps, when observed
-  std::vector<float> hidden_in, queries, key_rows, value_rows, attention_out, ffn_activation, attention_in, ffn_in,
-      ffn_gate;
-  if (auto s = tap(Tap::HiddenIn, kTapHiddenIn, hidden_in); !s) return s;
-  if (auto s = decide_mask(l, mask, active); !s) return s;
+  LayerWork w;
+  if (auto s = layer_input(l, w); !s) return s;
+  if (auto s = layer_attention(l, w); !s) return s;
+  return layer_output(l, w);
+}
+
+// The layer up to its attention, over every row of the call: the mask and
+// predictors, the attention norm, Q, K, V and their biases.
+Status ForwardPass::layer_input(int32_t l, LayerWork& w) {
+  if (auto s = tap(Tap::HiddenIn, kTapHiddenIn, w.hidden_in); !s) return s;
+  if (auto s = decide_mask(l, w.mask, w.active); !s) return s;
   if (auto s = predict(l); !s) return s;
-  const bool heads_predicted = predicted_heads(l);
+  w.heads_predicted = predicted_heads(l);
   if (auto s = backend_.rmsnorm(Norm::Attention, l); !s) return s;
-  if (auto s = tap(Tap::AttentionIn, kTapAttentionIn, attention_in); !s) return s;
+  if (auto s = tap(Tap::AttentionIn, kTapAttentionIn, w.attention_in); !s) return s;
   static constexpr Proj kQkv[] = {Proj::Q, Proj::K, Proj::V};
-  std::vector<int32_t> kept_heads;  // a mask's computed heads, when it masks some
-  if (active != nullptr)
+  if (w.active != nullptr)  // a mask's computed heads, when it masks some
     for (int32_t h = 0; h < config_.n_heads; ++h)
-      if (active->heads[size_t(h)] != 0) kept_heads.push_back(h);
-  if (heads_predicted) {  // Q of the predicted heads only
+      if (w.active->heads[size_t(h)] != 0) w.kept_heads.push_back(h);
+  if (w.heads_predicted) {  // Q of the predicted heads only
     if (auto s = backend_.linear_predicted(Proj::Q, l); !s) return s;
     if (auto s = project(std::span(kQkv).subspan(1), l); !s) return s;
-  } else if (active != nullptr && int32_t(kept_heads.size()) < config_.n_heads) {  // Q of the computed heads only
-    if (auto s = backend_.linear_heads(Proj::Q, l, kept_heads); !s) return s;
+  } else if (w.active != nullptr && int32_t(w.kept_heads.size()) < config_.n_heads) {  // Q of the computed heads only
+    if (auto s = backend_.linear_heads(Proj::Q, l, w.kept_heads); !s) return s;
     if (auto s = project(std::span(kQkv).subspan(1), l); !s) return s;
   } else if (auto s = project(kQkv, l); !s) {
     return s;
@@ -304,10 +311,18 @@ Status ForwardPass::run_layer(int32_t l) {
   if (config_.qkv_bias)  // on every head's rows; those a mask skipped are not read
     for (Proj p : kQkv)
       if (auto s = backend_.add_bias(p, l); !s) return s;
+  return ok_status();
+}
+
+// The layer's attention for this pass's sequence (in a batched call, its
+// segment is focused): RoPE, the key plan, the append, attention, and the
+// hooks that read or change the sequence's cache after it.
+Status ForwardPass::layer_attention(int32_t l, LayerWork& w) {
+  const ComponentMask* active = w.active;
   if (auto s = backend_.rope(seq_, l, true); !s) return s;
-  if (auto s = tap(Tap::Queries, kTapQueries, queries); !s) return s;
-  if (auto s = tap(Tap::Keys, kTapKeys, key_rows); !s) return s;
-  if (auto s = tap(Tap::Values, kTapValues, value_rows); !s) return s;
+  if (auto s = tap(Tap::Queries, kTapQueries, w.queries); !s) return s;
+  if (auto s = tap(Tap::Keys, kTapKeys, w.key_rows); !s) return s;
+  if (auto s = tap(Tap::Values, kTapValues, w.value_rows); !s) return s;
 
   if (auto s = cascade(l); !s) return s;
   KeyPlan decided;
@@ -326,7 +341,7 @@ Status ForwardPass::run_layer(int32_t l) {
   if (auto s = decide_sparse(l, keys, sparse); !s) return s;
   const bool statistics_wanted = method_.has(kHookAttentionFeedback) || method_.has(kHookRetention);
   int64_t values_skipped = 0;
-  LayerAttention work{l, &keys, &sparse, active, heads_predicted, statistics_wanted};
+  LayerAttention work{l, &keys, &sparse, active, w.heads_predicted, statistics_wanted};
   if (method_.values.active()) {
     work.values = &method_.values;
     work.values_skipped = &values_skipped;
@@ -362,12 +377,17 @@ Status ForwardPass::run_layer(int32_t l) {
   if (auto s = evict(l); !s) return s;
   if (active != nullptr && active->oracle_heads > 0)
     if (auto s = backend_.keep_top_heads(active->oracle_heads, active->heads); !s) return s;
-  if (auto s = tap(Tap::AttentionOut, kTapAttentionOut, attention_out); !s) return s;
+  return tap(Tap::AttentionOut, kTapAttentionOut, w.attention_out);
+}
 
-  if (heads_predicted) {
+// The layer after its attention, over every row of the call: O, the
+// residual, the FFN, rows pruned inside the call, the observer.
+Status ForwardPass::layer_output(int32_t l, LayerWork& w) {
+  const ComponentMask* active = w.active;
+  if (w.heads_predicted) {
     if (auto s = backend_.linear_predicted(Proj::O, l); !s) return s;  // O of the predicted heads only
-  } else if (active != nullptr && int32_t(kept_heads.size()) < config_.n_heads && active->oracle_heads == 0) {
-    if (auto s = backend_.linear_heads(Proj::O, l, kept_heads); !s) return s;  // O of the computed heads only
+  } else if (active != nullptr && int32_t(w.kept_heads.size()) < config_.n_heads && active->oracle_heads == 0) {
+    if (auto s = backend_.linear_heads(Proj::O, l, w.kept_heads); !s) return s;  // O of the computed heads only
   } else if (auto s = project(std::array{Proj::O}, l); !s) {
     return s;
   }
@@ -375,16 +395,16 @@ Status ForwardPass::run_layer(int32_t l) {
     if (auto s = backend_.add_bias(Proj::O, l); !s) return s;
   if (auto s = backend_.add_residual(); !s) return s;
   if (auto s = backend_.rmsnorm(Norm::Ffn, l); !s) return s;
-  if (auto s = tap(Tap::FfnIn, kTapFfnIn, ffn_in); !s) return s;
-  if (auto s = ffn(l, active, ffn_gate, ffn_activation); !s) return s;
+  if (auto s = tap(Tap::FfnIn, kTapFfnIn, w.ffn_in); !s) return s;
+  if (auto s = ffn(l, active, w.ffn_gate, w.ffn_activation); !s) return s;
   if (auto s = backend_.add_residual(); !s) return s;
   if (auto s = prune_rows(l); !s) return s;
   if (!capturing_) count_sparse_inputs(l);
-  std::vector<float> hidden_out;
-  if (auto s = tap(Tap::HiddenOut, kTapHiddenOut, hidden_out); !s) return s;
+  if (auto s = tap(Tap::HiddenOut, kTapHiddenOut, w.hidden_out); !s) return s;
   if (observer_ != nullptr)
-    observer_->on_layer(CalibrationTaps{0, l, step_.n_tokens, tokens_, hidden_in, queries, key_rows, attention_out,
-                                        ffn_activation, {}, value_rows, attention_in, ffn_in, ffn_gate, hidden_out});
+    observer_->on_layer(CalibrationTaps{0, l, step_.n_tokens, tokens_, w.hidden_in, w.queries, w.key_rows,
+                                        w.attention_out, w.ffn_activation, {}, w.value_rows, w.attention_in, w.ffn_in,
+                                        w.ffn_gate, w.hidden_out});
   return ok_status();
 }
 
@@ -817,6 +837,144 @@ Status ForwardPass::collect_predicted() {
     }
   }
   return ok_status();
+}
+
+// A batched call over several sequences (run_batch): one ForwardPass per
+// member keeps that member's plan, method state and counters' view; the
+// row-wise parts of each layer run once, through the first member's pass.
+class BatchedCall {
+ public:
+  BatchedCall(Backend& backend, const ModelConfig& config, const EngineOptions& options, EngineCounters& counters,
+              std::span<BatchMember> members)
+      : backend_(backend), config_(config), counters_(counters), members_(members) {
+    for (BatchMember& m : members)
+      passes_.push_back(std::make_unique<ForwardPass>(backend, config, options, m.call, counters, *m.seq, m.tokens));
+  }
+
+  Status run() {
+    for (auto& p : passes_)
+      if (auto s = p->plan_step(); !s) return s;
+    if (!fusable()) {
+      ++counters_.batch_fallbacks;
+      for (size_t i = 0; i < passes_.size(); ++i)
+        if (auto s = passes_[i]->run_planned(members_[i].logits_from, *members_[i].sink); !s) return s;
+      return ok_status();
+    }
+    return run_fused();
+  }
+
+ private:
+  // What a batched call cannot give a member: its own layer plan, early exit
+  // (a row leaving the call mid-way), component masks and predictors (a
+  // choice per call, which a batch would share), rows pruned inside a call.
+  bool fusable() const {
+    if (passes_.size() < 2 || !backend_.supports(Feature::BatchedCalls)) return false;
+    const ForwardPass& first = *passes_.front();
+    const MethodCall& m = first.method_;
+    if (m.has(kHookComponentMask) || m.has(kHookLayerExit) || m.predicted != nullptr) return false;
+    if (m.has(kHookRetention) && m.retention.scope == RetentionScope::PerSequence) return false;
+    for (const auto& p : passes_) {
+      if (p->plan_.exit_checks || p->plan_.run != first.plan_.run || p->plan_.kv_fill != first.plan_.kv_fill)
+        return false;
+      if (p->method_.cache_positions != m.cache_positions) return false;
+      for (int32_t l = 0; l < config_.n_layers; ++l)
+        if (p->window_binds(l)) return false;
+    }
+    return true;
+  }
+
+  Status run_fused() {
+    const int32_t L = config_.n_layers;
+    std::vector<int32_t> tokens;
+    std::vector<CallSegment> segments;
+    for (auto& p : passes_) {
+      segments.push_back({int32_t(tokens.size()), int32_t(p->tokens_.size()), p->step_.first_position});
+      tokens.insert(tokens.end(), p->tokens_.begin(), p->tokens_.end());
+      ++counters_.forward_calls;
+      if (p->step_.decode()) ++counters_.decode_steps;
+    }
+    ++counters_.batched_calls;
+    counters_.batched_sequences += int64_t(passes_.size());
+    ForwardPass& lead = *passes_.front();
+    if (auto s = backend_.begin_call({tokens, segments.front().first_position, lead.method_.cache_positions, segments});
+        !s)
+      return s;
+    if (auto s = backend_.embed(); !s) return s;
+    for (auto& p : passes_) p->computed_.assign(size_t(L), 0);
+    for (int32_t l = 0; l < L; ++l) {
+      if (lead.plan_.run[size_t(l)] == 0) {
+        if (auto s = skip_layer(l); !s) return s;
+        continue;
+      }
+      ForwardPass::LayerWork work;
+      if (auto s = lead.layer_input(l, work); !s) return s;
+      for (size_t i = 0; i < passes_.size(); ++i) {
+        if (auto s = backend_.focus_segment(int32_t(i)); !s) return s;
+        ForwardPass::LayerWork own;
+        if (auto s = passes_[i]->layer_attention(l, own); !s) return s;
+        if (auto s = backend_.unfocus_segment(); !s) return s;
+      }
+      if (auto s = lead.layer_output(l, work); !s) return s;  // counts the lead's sparse inputs
+      for (size_t i = 0; i < passes_.size(); ++i) {
+        ForwardPass& p = *passes_[i];
+        if (i > 0) p.count_sparse_inputs(l);
+        p.computed_[size_t(l)] = 1;
+        if (p.step_.decode()) ++counters_.decode_layers_run;
+      }
+    }
+    for (auto& p : passes_) p->finish_call();
+    if (auto s = lead.collect_sparsity(); !s) return s;
+    for (size_t i = 0; i < passes_.size(); ++i) {
+      const BatchMember& m = members_[i];
+      const int64_t n = int64_t(m.tokens.size()), from = std::max<int64_t>(m.logits_from, 0);
+      if (from >= n || m.sink == nullptr || !*m.sink) continue;
+      const int64_t r0 = segments[i].row_from;
+      const LogitsSink& sink = *m.sink;
+      const LogitsSink local = [&](int64_t row, std::span<const float> logits) { sink(row - r0, logits); };
+      if (auto s = backend_.logits(r0 + from, n - from, local); !s) return s;
+      counters_.logits_rows += n - from;
+    }
+    double attention_seconds = 0;
+    auto s = backend_.end_call(attention_seconds);
+    counters_.attention_seconds += attention_seconds;
+    return s;
+  }
+
+  // A layer every member's plan skips: K/V of the passing hidden state (when
+  // the plan fills them) projected for every row, rotated and appended per member.
+  Status skip_layer(int32_t l) {
+    const SkippedLayerKv fill = passes_.front()->plan_.kv_fill;
+    for (auto& p : passes_) {
+      ++counters_.layers_skipped;
+      if (fill != SkippedLayerKv::None) counters_.kv_fills_propagated += p->rows();
+    }
+    if (fill == SkippedLayerKv::None) return ok_status();
+    if (auto s = backend_.rmsnorm(Norm::Attention, l); !s) return s;
+    if (auto s = backend_.linear(Proj::K, l); !s) return s;
+    if (auto s = backend_.linear(Proj::V, l); !s) return s;
+    if (config_.qkv_bias)
+      for (Proj p : {Proj::K, Proj::V})
+        if (auto s = backend_.add_bias(p, l); !s) return s;
+    for (size_t i = 0; i < passes_.size(); ++i) {
+      if (auto s = backend_.focus_segment(int32_t(i)); !s) return s;
+      if (auto s = backend_.rope(passes_[i]->seq_, l, false); !s) return s;
+      if (auto s = backend_.append_kv(passes_[i]->seq_, l); !s) return s;
+      if (auto s = backend_.unfocus_segment(); !s) return s;
+    }
+    return ok_status();
+  }
+
+  Backend& backend_;
+  const ModelConfig& config_;
+  EngineCounters& counters_;
+  std::span<BatchMember> members_;
+  std::vector<std::unique_ptr<ForwardPass>> passes_;
+};
+
+Status run_batch(Backend& backend, const ModelConfig& config, const EngineOptions& options, EngineCounters& counters,
+                 std::span<BatchMember> members) {
+  BatchedCall call(backend, config, options, counters, members);
+  return call.run();
 }
 
 }  // namespace inferlab

@@ -42,21 +42,57 @@ struct MethodCall {
   bool has(uint32_t hook) const { return method != nullptr && (hooks & hook) != 0; }
 };
 
+// One sequence of a batched call (Engine::forward_batch).
+struct BatchMember {
+  KvSequence* seq = nullptr;
+  std::span<const int32_t> tokens;
+  int64_t logits_from = 0;
+  const LogitsSink* sink = nullptr;
+  MethodCall call;  // the engine's method, with this sequence's state
+};
+
+// The members' calls as one batched call: their plans are made first (every
+// hook that plans a step is asked once per member); when they agree on what
+// the step runs and need nothing a batched call cannot give (below), the
+// call embeds, projects and runs the FFN over every member's rows at once,
+// and each layer's attention part (RoPE, key plan, append, attention and the
+// hooks around it) runs per member on its focused segment. Otherwise the
+// members run one after another from their plans (counter batch_fallbacks).
+Status run_batch(Backend& backend, const ModelConfig& config, const EngineOptions& options, EngineCounters& counters,
+                 std::span<BatchMember> members);
+
 class ForwardPass {
  public:
   ForwardPass(Backend& backend, const ModelConfig& config, const EngineOptions& options, const MethodCall& method,
               EngineCounters& counters, KvSequence& seq, std::span<const int32_t> tokens,
               ForwardObserver* observer = nullptr);
   Status run(int64_t logits_from, const LogitsSink& sink);
+  // run() after plan_step (a batch that fell back planned it already).
+  Status run_planned(int64_t logits_from, const LogitsSink& sink);
   // Layer `layer` alone on the call's rows given as its input residual
   // stream; `output` gets its output (Engine::layer_output).
   Status run_single_layer(int32_t layer, std::span<const float> input, std::vector<float>& output);
 
  private:
+  friend class BatchedCall;
   Status plan_step();
   Result<bool> try_replay(const LogitsSink& sink);
   Status run_layers();
   Status run_layer(int32_t layer);
+  // run_layer in three parts, so a batched call runs the middle one per
+  // sequence between the first and last over every row.
+  struct LayerWork {
+    ComponentMask mask;
+    const ComponentMask* active = nullptr;
+    std::vector<int32_t> kept_heads;  // a mask's computed heads, when it masks some
+    bool heads_predicted = false;
+    // taps, when observed
+    std::vector<float> hidden_in, queries, key_rows, value_rows, attention_out, ffn_activation, attention_in, ffn_in,
+        ffn_gate, hidden_out;
+  };
+  Status layer_input(int32_t layer, LayerWork& work);
+  Status layer_attention(int32_t layer, LayerWork& work);
+  Status layer_output(int32_t layer, LayerWork& work);
   Status skip_layer(int32_t layer, SkippedLayerKv fill);
   Status decide_mask(int32_t layer, ComponentMask& mask, const ComponentMask*& active);
   Status decide_keys(int32_t layer, KeyPlan& plan);

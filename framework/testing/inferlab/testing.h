@@ -8,7 +8,9 @@
 //   - activate_method / run_trace: a plugin made, loaded and installed on an
 //     engine, then a prompt and decode steps through it;
 //   - EXPECT_DENSE_EQUIVALENT(model, "plugin", params): configured to keep
-//     everything, a method must give dense logits.
+//     everything, a method must give dense logits;
+//   - EXPECT_BATCH_INVARIANT(model, "plugin", params): a sequence inside a
+//     continuous batch (Engine::forward_batch) gives its logits alone.
 // Everything is in namespace inferlab::test.
 #pragma once
 

@@ -162,5 +162,12 @@ TEST(Calm, BadParametersAreRefusedNamingTheKey) {
   EXPECT_NE(load_error(settings("softmax", 0.5, false, 1, 1, bad)).find(":1: lambda must be"), std::string::npos);
 }
 
+// Inside a batch a sequence gives the logits it gives alone (CALM's exit
+// checks make a batch run its sequences one by one: counter batch_fallbacks).
+TEST(Calm, BatchInvariance) {
+  EXPECT_BATCH_INVARIANT(model(), "calm", settings("state", 0.9));
+  EXPECT_BATCH_INVARIANT(model(), "calm", settings("softmax", 0.3, true));
+}
+
 }  // namespace
 }  // namespace inferlab

@@ -76,5 +76,7 @@ TEST(Cats, ADamagedThresholdFileIsRefusedNamingIt) {
       << reloaded.message();
 }
 
+TEST(Cats, BatchInvariance) { EXPECT_BATCH_INVARIANT(model(), "cats", calibrated(0.5)); }
+
 }  // namespace
 }  // namespace inferlab

@@ -193,5 +193,9 @@ TEST(DejaVu, OracleModeAsksForTheTopKOfTheLayersOwnValues) {
   }
 }
 
+// Predicted components are a choice per call, so a batch with Deja Vu runs
+// its sequences one by one (batch_fallbacks), each with its own choice.
+TEST(DejaVu, BatchInvariance) { EXPECT_BATCH_INVARIANT(model(), "dejavu", settings(0.5, 0.5)); }
+
 }  // namespace
 }  // namespace inferlab

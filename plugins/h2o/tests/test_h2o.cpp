@@ -95,5 +95,9 @@ TEST(H2o, H2oDenseLayersKeepEveryToken) {
   }
 }
 
+TEST(H2o, BatchInvariance) {
+  EXPECT_BATCH_INVARIANT(model(), "h2o", test::params({{"heavy", int64_t{3}}, {"recent", int64_t{4}}}));
+}
+
 }  // namespace
 }  // namespace inferlab

@@ -246,5 +246,11 @@ TEST(Lora, BadAdaptersAreRefusedNamingTheFile) {
   EXPECT_NE(why.find(junk.string() + ": expected a PEFT adapter folder"), std::string::npos) << why;
 }
 
+TEST(Lora, BatchInvariance) {
+  const auto dir = folder("batched", config(4, 8), three_pairs(4, 2));
+  for (const bool merge : {false, true})
+    EXPECT_BATCH_INVARIANT(model(), "lora", test::params({{"adapter", paths({dir})}, {"merge", merge}}));
+}
+
 }  // namespace
 }  // namespace inferlab

@@ -546,5 +546,14 @@ TEST(MInferenceSearch, TheOutputSearchRunsEndToEndApartFromTheRecallSearch) {
             2 * 4);
 }
 
+TEST(MInference, BatchInvariance) {
+  for (const char* pattern : {"vertical_and_slash", "stream_llm", "block_sparse"})
+    EXPECT_BATCH_INVARIANT(model(), "minference",
+                           test::params({{"default_pattern", std::string(pattern)}, {"search", std::string("off")},
+                                         {"vertical", int64_t{8}}, {"slash", int64_t{8}}, {"n_init", int64_t{4}},
+                                         {"n_local", int64_t{8}}, {"block_top_k", int64_t{1}},
+                                         {"kernel_block", int64_t{8}}, {"last_q", int64_t{8}}}));
+}
+
 }  // namespace
 }  // namespace inferlab

@@ -142,5 +142,9 @@ TEST(Qlora, AComputeDtypeTheEngineDoesNotRunIsRefused) {
   }
 }
 
+TEST(Qlora, BatchInvariance) {
+  EXPECT_BATCH_INVARIANT(model(), "qlora", test::params({{"quant", std::string("nf4")}, {"double_quant", true}}));
+}
+
 }  // namespace
 }  // namespace inferlab

@@ -284,5 +284,9 @@ TEST(Quest, QuestKeepsItsBoundsPerSequence) {
   EXPECT_EQ(from_copy, std::vector<float>(want_a.end() - long(9 * v), want_a.end()));
 }
 
+TEST(Quest, BatchInvariance) {
+  EXPECT_BATCH_INVARIANT(model(), "quest", test::params({{"token_budget", int64_t{8}}, {"page_size", int64_t{4}}}));
+}
+
 }  // namespace
 }  // namespace inferlab

@@ -258,5 +258,9 @@ TEST(SkipDecode, DefaultModelKeepsTheInvariant) {
     EXPECT_EQ(records[s].ran, warmup_and_top(L, expected_budget(L, L / 3, 6, int64_t(s)), 1)) << "step " << s;
 }
 
+// Sequences at different generated indices have different layer plans, so
+// such a batch runs them one by one; at the same index they share one call.
+TEST(SkipDecode, BatchInvariance) { EXPECT_BATCH_INVARIANT(model(), "skipdecode", schedule(6, 2, 1, 4)); }
+
 }  // namespace
 }  // namespace inferlab

@@ -171,5 +171,7 @@ TEST(SpAtten, QuantizationReadsTheMsbPlanesAndRefetchesFlatRows) {
   EXPECT_GT(flat.counters.decode_kv_bytes_read, msb.counters.decode_kv_bytes_read);
 }
 
+TEST(SpAtten, BatchInvariance) { EXPECT_BATCH_INVARIANT(model(), "spatten", test::params({})); }
+
 }  // namespace
 }  // namespace inferlab

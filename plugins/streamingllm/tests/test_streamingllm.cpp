@@ -103,5 +103,9 @@ TEST(StreamingLlm, StreamingLlmMemoryStaysBoundedPastTheContextLength) {
   }
 }
 
+TEST(StreamingLlm, BatchInvariance) {
+  EXPECT_BATCH_INVARIANT(model(), "streamingllm", test::params({{"sink_tokens", int64_t{2}}, {"window", int64_t{6}}}));
+}
+
 }  // namespace
 }  // namespace inferlab

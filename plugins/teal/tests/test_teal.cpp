@@ -154,5 +154,7 @@ TEST(Teal, TheGreedyAllocationBeatsUniformOnItsLayersOutputs) {
   EXPECT_NEAR(zeroed / total, 0.5, 0.06);
 }
 
+TEST(Teal, BatchInvariance) { EXPECT_BATCH_INVARIANT(model(), "teal", calibrated(0.5)); }
+
 }  // namespace
 }  // namespace inferlab
