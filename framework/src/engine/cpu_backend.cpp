@@ -183,6 +183,8 @@ std::unique_ptr<BackendKvView> CpuBackend::kv_view(const KvSequence& seq) const 
 
 Status CpuBackend::begin_call(const CallSetup& call) {
   const ModelConfig& c = config_;
+  if (focused_ >= 0)  // a call that failed inside a focus: the whole call's buffers come back first
+    if (auto s = unfocus_segment(); !s) return s;
   const int64_t n = int64_t(call.tokens.size());
   tokens_.assign(call.tokens.begin(), call.tokens.end());
   n_ = n;
@@ -211,7 +213,7 @@ Status CpuBackend::begin_call(const CallSetup& call) {
   } else {
     int64_t covered = 0;
     for (const CallSegment& seg : segments_) {
-      if (seg.row_from != covered || seg.rows <= 0)
+      if (seg.row_from != covered || seg.rows <= 0 || int64_t(seg.row_from) + seg.rows > n)
         return Error{fmt::format("cpu backend: batched call segments must cover the call's {} rows in order", n)};
       for (int32_t i = 0; i < seg.rows; ++i) positions_[size_t(seg.row_from + i)] = seg.first_position + i;
       covered += seg.rows;

@@ -33,9 +33,21 @@ size_t row_scratch_bytes(const kernels::AttentionCall& call, int32_t max_keys) {
 
 }  // namespace
 
+// A batched call's segments stage the same layer one after another through
+// the same pinned rows (stored counts, page tables, key plan): before a
+// second segment rewrites a layer's, the uploads queued from them must have run.
+Status CudaBackend::claim_staging(int32_t l) {
+  if (focused_ < 0) return ok_status();
+  int32_t& owner = layer_staged_by_[size_t(l)];
+  if (owner >= 0 && owner != focused_) CUDA_TRY(cudaStreamSynchronize(stream_), "batched call");
+  owner = focused_;
+  return ok_status();
+}
+
 // Stored counts of `layer` before this call: the first new token's index per kv head.
 Status CudaBackend::stage_counts(const KvSequence& seq, int32_t l) {
   const int32_t nkv = config_.n_kv_heads;
+  if (auto s = claim_staging(l); !s) return s;
   int32_t* counts = host_n_cached_.as<int32_t>() + int64_t(l) * nkv;
   for (int32_t g = 0; g < nkv; ++g) counts[g] = seq.table(l, g).n_tokens();
   CUDA_TRY(cudaMemcpyAsync(n_cached_.as<int32_t>() + int64_t(l) * nkv, counts, size_t(nkv) * 4, cudaMemcpyHostToDevice,
@@ -47,11 +59,13 @@ Status CudaBackend::stage_counts(const KvSequence& seq, int32_t l) {
 // Pages and bookkeeping for the call's `n` new tokens of `layer`; the device
 // copy of its page tables follows.
 Status CudaBackend::stage_append(KvSequence& seq, int32_t l, int32_t n) {
+  if (auto s = claim_staging(l); !s) return s;
+  const int32_t* positions = host_positions_.data() + focus_row_;
   std::vector<int32_t> rotary(static_cast<size_t>(n));
   for (int32_t g = 0; g < config_.n_kv_heads; ++g) {
     const int32_t stored = seq.table(l, g).n_tokens();
-    for (int32_t i = 0; i < n; ++i) rotary[size_t(i)] = cache_positions_ ? stored + i : host_positions_[size_t(i)];
-    seq.reserve(l, g, n, host_positions_.data(), rotary.data());
+    for (int32_t i = 0; i < n; ++i) rotary[size_t(i)] = cache_positions_ ? stored + i : positions[i];
+    seq.reserve(l, g, n, positions, rotary.data());
     if (auto s = sync_table(seq, l, g); !s) return s;
   }
   return ok_status();
@@ -65,7 +79,8 @@ Status CudaBackend::append_kv(KvSequence& seq, int32_t l) {
     if (auto s = stage_append(seq, l, int32_t(n_)); !s) return s;
   const kernels::LayerPageTable table{tables_.as<int32_t>() + int64_t(l) * c.n_kv_heads * max_pages_, max_pages_};
   CUDA_TRY(kc::kv_append(cuda_kv_pages(seq.pool()), table, n_cached_.as<int32_t>() + int64_t(l) * c.n_kv_heads,
-                         k_.as<float>(), v_.as<float>(), int32_t(n_), c.n_kv_heads, stream_),
+                         sequence_rows(k_, c.kv_dim()), sequence_rows(v_, c.kv_dim()), int32_t(n_), c.n_kv_heads,
+                         stream_),
            "KV append");
   // A new token has no retention score yet.
   CUDA_TRY(kc::slot_plane_fill(table, n_cached_.as<int32_t>() + int64_t(l) * c.n_kv_heads, int32_t(n_), c.n_kv_heads,
@@ -107,6 +122,7 @@ CudaBackend::PlanRegion CudaBackend::plan_region(int32_t l, bool host) const {
 // The layer's key plan into its region, and up to the device.
 Status CudaBackend::stage_key_plan(int32_t l, const KeyPlan& plan) {
   const int32_t nkv = config_.n_kv_heads;
+  if (auto s = claim_staging(l); !s) return s;
   if (auto s = ensure_plan_capacity(int64_t(plan.indices.size())); !s) return s;
   const PlanRegion r = plan_region(l, true);
   std::copy(plan.indptr.begin(), plan.indptr.end(), r.indptr);
@@ -136,8 +152,8 @@ kernels::AttentionCall CudaBackend::base_call(const KvPagePool& pool, int32_t l,
   call.n_kv_heads = c.n_kv_heads;
   call.head_dim = c.head_dim;
   call.scale = 1.0f / std::sqrt(float(c.head_dim));
-  call.q = q_.as<float>();
-  call.out = attn_.as<float>();
+  call.q = sequence_rows(q_, c.q_dim());
+  call.out = sequence_rows(attn_, c.q_dim());
   call.n_cached = n_cached_.as<int32_t>() + int64_t(l) * c.n_kv_heads;
   call.kv = cuda_kv_pages(pool);
   call.table = {tables_.as<int32_t>() + int64_t(l) * c.n_kv_heads * max_pages_, max_pages_};
@@ -179,7 +195,7 @@ kernels::PageSelectCall CudaBackend::select_call(int32_t l, const PlanRegion& re
   call.dtype = dtype_;
   call.bounds = page_bounds_.as();
   call.table = {tables_.as<int32_t>() + int64_t(l) * c.n_kv_heads * max_pages_, max_pages_};
-  call.q = q_.as<float>() + (n_ - 1) * c.q_dim();
+  call.q = sequence_rows(q_, c.q_dim()) + (n_ - 1) * c.q_dim();
   call.n_cached = n_cached_.as<int32_t>() + int64_t(l) * c.n_kv_heads;
   call.keep = region.keep;
   call.out_offset = region.indptr;
@@ -400,8 +416,8 @@ Status CudaBackend::attention_bit_planes(const LayerAttention& work, const kerne
 Status CudaBackend::read_statistics(const KvSequence& seq, int32_t l, LayerStatistics& out) {
   const ModelConfig& c = config_;
   float* norms = head_norms_.as<float>();  // (2, n_heads): L2 then L1
-  CUDA_TRY(kc::head_output_norms(attn_.as<float>(), int32_t(n_), c.n_heads, c.head_dim, norms, norms + c.n_heads,
-                                 stream_),
+  CUDA_TRY(kc::head_output_norms(sequence_rows(attn_, c.q_dim()), int32_t(n_), c.n_heads, c.head_dim, norms,
+                                 norms + c.n_heads, stream_),
            "head norms");
   out.head_norms.resize(size_t(c.n_heads));
   out.head_l1.resize(size_t(c.n_heads));

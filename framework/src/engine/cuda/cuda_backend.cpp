@@ -28,6 +28,28 @@ constexpr size_t kCublasWorkspaceBytes = 32u << 20;
 
 DType kernel_dtype(GpuDType t) { return t == GpuDType::BF16 ? DType::BF16 : DType::F16; }
 
+// The position of each row of a call: one sequence's from first_position, or
+// in a batched call each segment's from its own (the segments must cover the
+// rows in order).
+Status call_positions(const CallSetup& call, std::vector<int32_t>& positions) {
+  const int64_t n = int64_t(call.tokens.size());
+  positions.resize(size_t(n));
+  if (call.segments.empty()) {
+    for (int64_t i = 0; i < n; ++i) positions[size_t(i)] = call.first_position + int32_t(i);
+    return ok_status();
+  }
+  int64_t covered = 0;
+  for (const CallSegment& seg : call.segments) {
+    if (seg.row_from != covered || seg.rows <= 0 || covered + seg.rows > n)
+      return Error{fmt::format("cuda backend: batched call segments must cover the call's {} rows in order", n)};
+    for (int32_t i = 0; i < seg.rows; ++i) positions[size_t(seg.row_from + i)] = seg.first_position + i;
+    covered += seg.rows;
+  }
+  if (covered != n)
+    return Error{fmt::format("cuda backend: batched call segments cover {} of the call's {} rows", covered, n)};
+  return ok_status();
+}
+
 // The plugin SDK's read-only view of a sequence whose rows live on the GPU:
 // positions come from the host page tables; a page's rows are downloaded (as
 // float) the first time a method reads one of its tokens, so a method that
@@ -140,6 +162,7 @@ bool CudaBackend::supports(Feature feature) const {
     case Feature::KvPagesBF16: return dtype_ == DType::BF16;
     case Feature::KvBitPlanes: return true;  // kv_append quantizes, attention_progressive reads them
     case Feature::ExitConfidence: return true;  // cuda_exits.cpp: the confidences on the device
+    case Feature::BatchedCalls: return true;    // focus_segment: the per-sequence ops on a segment's rows in place
     default: return true;
   }
 }
@@ -251,20 +274,58 @@ Status CudaBackend::begin_call(const CallSetup& call) {
   CUDA_TRY(cudaStreamSynchronize(stream_), "forward");
   events_used_ = 0;  // pairs a failed call left unfinished are not counted
   if (auto s = ensure_workspace(n); !s) return s;
+  if (auto s = call_positions(call, host_positions_); !s) return s;
   n_ = n;
   call_rows_ = n;
   cache_positions_ = call.cache_positions;
   first_position_ = call.first_position;
   sequence_retention_started_ = false;
+  // A segment a failed call left focused is not this call's.
+  segments_.assign(call.segments.begin(), call.segments.end());
+  segment_retention_started_.assign(segments_.size(), 0);
+  layer_staged_by_.assign(size_t(config_.n_layers), -1);
+  focused_ = -1;
+  focus_row_ = 0;
   int32_t* staged = host_small_.as<int32_t>();  // (2, n): ids, positions
-  host_positions_.resize(size_t(n));
   for (int64_t i = 0; i < n; ++i) {
     staged[i] = call.tokens[size_t(i)];
-    staged[n + i] = host_positions_[size_t(i)] = call.first_position + int32_t(i);
+    staged[n + i] = host_positions_[size_t(i)];
   }
   CUDA_TRY(cudaMemcpyAsync(ids_.as(), staged, size_t(n) * 4, cudaMemcpyHostToDevice, stream_), "upload ids");
   CUDA_TRY(cudaMemcpyAsync(positions_.as(), staged + n, size_t(n) * 4, cudaMemcpyHostToDevice, stream_),
            "upload positions");
+  return ok_status();
+}
+
+// A segment's rows become the call as the per-sequence ops see it: they read
+// and write the workspace from its first row, so its rotated queries and keys
+// and its attention output are already among the call's rows at unfocus, and
+// nothing is copied either way.
+Status CudaBackend::focus_segment(int32_t segment) {
+  if (focused_ >= 0 || segment < 0 || segment >= int32_t(segments_.size()))
+    return Error{fmt::format("cuda backend: segment {} of a call with {} cannot be focused{}", segment,
+                             segments_.size(), focused_ >= 0 ? " (another is)" : "")};
+  const CallSegment& seg = segments_[size_t(segment)];
+  whole_ = {n_, call_rows_, first_position_, sequence_retention_started_};
+  focus_row_ = seg.row_from;
+  n_ = seg.rows;
+  call_rows_ = seg.rows;
+  first_position_ = seg.first_position;
+  // Its new positions are reset once per call, at its first layer, as alone.
+  sequence_retention_started_ = segment_retention_started_[size_t(segment)] != 0;
+  focused_ = segment;
+  return ok_status();
+}
+
+Status CudaBackend::unfocus_segment() {
+  if (focused_ < 0) return Error{"cuda backend: no segment is focused"};
+  segment_retention_started_[size_t(focused_)] = uint8_t(sequence_retention_started_);
+  n_ = whole_.n;
+  call_rows_ = whole_.call_rows;
+  first_position_ = whole_.first_position;
+  sequence_retention_started_ = whole_.retention_started;
+  focus_row_ = 0;
+  focused_ = -1;
   return ok_status();
 }
 

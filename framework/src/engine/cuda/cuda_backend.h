@@ -2,7 +2,7 @@
 // KV cache in device pages, attention by the kernels in kernels/cuda, and
 // decode steps captured once and replayed as CUDA graphs when their plan
 // needs nothing from the host mid-step. Its ops are split by job:
-//   cuda_backend.cpp      setup, workspace, call begin/end, timing, views
+//   cuda_backend.cpp      setup, workspace, call begin/end, batched calls' segments, timing, views
 //   cuda_weights.cpp      weights: upload, random init, per-run replacement
 //   cuda_layer_ops.cpp    embed, norms, linear, activations, rope, logits
 //   cuda_attention.cpp    KV append, key plans, selection by bound, attention, statistics
@@ -71,6 +71,8 @@ class CudaBackend final : public Backend {
   Status keep_exit_state() override;
   Result<float> exit_confidence(int32_t layer) override;
   Status apply_exit_head(int32_t layer) override;
+  Status focus_segment(int32_t segment) override;
+  Status unfocus_segment() override;
   Status add_residual() override;
   Status add_bias(Proj proj, int32_t layer) override;
   Status rope(const KvSequence& seq, int32_t layer, bool queries) override;
@@ -185,7 +187,13 @@ class CudaBackend final : public Backend {
                             std::vector<DeviceExitMap>& classifiers);
   // out (n_embd) = W (row / RMS) + b of layer l's exit head (out may be row).
   Status map_exit_row(int32_t layer, const float* row, float* out);
+  // The per-sequence ops' rows of a (rows, cols) float buffer of the
+  // workspace: a focused segment's in a batched call, else the call's.
+  float* sequence_rows(const DeviceMemory& buffer, int64_t cols) const {
+    return buffer.as<float>() + focus_row_ * cols;
+  }
   // cuda_attention.cpp
+  Status claim_staging(int32_t layer);
   Status stage_counts(const KvSequence& seq, int32_t layer);
   Status stage_append(KvSequence& seq, int32_t layer, int32_t n);
   Status ensure_plan_capacity(int64_t indices);
@@ -267,6 +275,20 @@ class CudaBackend final : public Backend {
   bool cache_positions_ = false;
   int32_t first_position_ = 0;
   bool capturing_ = false;
+  // A batched call (Feature::BatchedCalls): its sequences' rows. While one is
+  // focused, the per-sequence ops read and write the workspace from its first
+  // row (focus_row_), n_, call_rows_, first_position_ and
+  // sequence_retention_started_ describe it, and whole_ keeps the call's.
+  std::vector<CallSegment> segments_;
+  int32_t focused_ = -1;
+  int64_t focus_row_ = 0;
+  struct {
+    int64_t n = 0, call_rows = 0;
+    int32_t first_position = 0;
+    bool retention_started = false;
+  } whole_;
+  std::vector<uint8_t> segment_retention_started_;  // per segment, kept across its focuses
+  std::vector<int32_t> layer_staged_by_;            // (n_layers) the segment whose uploads last used a layer's staging
   // Workspace for n rows (n = workspace_rows_):
   DeviceMemory x_;       // (n, n_embd) float residual stream
   DeviceMemory xn_;      // (n, n_embd) dtype, normed input of a GEMM

@@ -134,8 +134,8 @@ Status CudaBackend::upload_exit_params(const ExitPolicy& policy, std::vector<Dev
 Status CudaBackend::keep_exit_state() {
   if (!exit_active_) return Error{"cuda backend: exit state kept without an exit policy"};
   const int64_t d = config_.n_embd;
-  CUDA_TRY(cudaMemcpyAsync(exit_state_.as(), x_.as<float>() + (n_ - 1) * d, size_t(d) * 4, cudaMemcpyDeviceToDevice,
-                           stream_),
+  CUDA_TRY(cudaMemcpyAsync(exit_state_.as(), sequence_rows(x_, d) + (n_ - 1) * d, size_t(d) * 4,
+                           cudaMemcpyDeviceToDevice, stream_),
            "exit state");
   exit_state_kept_ = true;
   return ok_status();

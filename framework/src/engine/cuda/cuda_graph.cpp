@@ -41,6 +41,7 @@ Result<bool> CudaBackend::prepare_replay(KvSequence& seq, const StepPlan& plan, 
   const ModelConfig& c = config_;
   const int32_t L = c.n_layers, nkv = c.n_kv_heads, ps = options_.page_size;
   if (failed_keys_.count(graph_key(plan)) != 0) return false;  // its capture failed once: eager
+  if (!segments_.empty()) return false;  // a batched call: one sequence's staging would not serve the others
   // Graphs write the default pool's pages and slot plane (bit-plane steps read their refetches back anyway).
   if (&seq.pool() != pool_.get()) return false;
   // First what decides whether this step can be replayed; nothing changes yet.

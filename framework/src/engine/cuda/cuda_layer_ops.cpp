@@ -137,18 +137,18 @@ Status CudaBackend::rope(const KvSequence& seq, int32_t l, bool queries) {
     if (auto s = stage_counts(seq, l); !s) return s;
   const int32_t* device_counts = n_cached_.as<int32_t>() + int64_t(l) * c.n_kv_heads;
   int32_t groups = 1;
-  if (cache_positions_) {
-    CUDA_TRY(kc::cache_positions(device_counts, c.n_kv_heads, int32_t(n_), positions_.as<int32_t>(), stream_),
-             "cache positions");
+  int32_t* pos = positions_.as<int32_t>() + focus_row_;  // a batched call's segment: its rows' own
+  if (cache_positions_) {  // written for these rows at each layer, over the call's unused original positions
+    pos = positions_.as<int32_t>();
+    CUDA_TRY(kc::cache_positions(device_counts, c.n_kv_heads, int32_t(n_), pos, stream_), "cache positions");
     groups = c.n_kv_heads;
   }
-  const int32_t* pos = positions_.as<int32_t>();
   if (queries)
-    CUDA_TRY(kc::rope(q_.as<float>(), n_, c.q_dim(), c.n_heads, c.head_dim, c.rope_dim, pos, groups, c.rope_theta,
-                      c.rope_neox, stream_, c.rope()),
+    CUDA_TRY(kc::rope(sequence_rows(q_, c.q_dim()), n_, c.q_dim(), c.n_heads, c.head_dim, c.rope_dim, pos, groups,
+                      c.rope_theta, c.rope_neox, stream_, c.rope()),
              "rope");
-  CUDA_TRY(kc::rope(k_.as<float>(), n_, c.kv_dim(), c.n_kv_heads, c.head_dim, c.rope_dim, pos, groups, c.rope_theta,
-                    c.rope_neox, stream_, c.rope()),
+  CUDA_TRY(kc::rope(sequence_rows(k_, c.kv_dim()), n_, c.kv_dim(), c.n_kv_heads, c.head_dim, c.rope_dim, pos, groups,
+                    c.rope_theta, c.rope_neox, stream_, c.rope()),
            "rope");
   return ok_status();
 }
@@ -184,6 +184,7 @@ Status CudaBackend::logits(int64_t from, int64_t rows, const LogitsSink& sink) {
 Status CudaBackend::keep_rows(std::span<const int32_t> rows) {
   const int64_t e = config_.n_embd, m = int64_t(rows.size());
   if (cache_positions_) return Error{"cuda backend: rows leave a call only with original positions"};
+  if (!segments_.empty()) return Error{"cuda backend: rows cannot leave a batched call (its segments would move)"};
   if (m == n_) return ok_status();
   int32_t* staged = host_small_.as<int32_t>();  // room for the call's ids and positions
   CUDA_TRY(cudaStreamSynchronize(stream_), "keep rows");  // the staging buffer may still feed an upload
@@ -218,14 +219,14 @@ Status CudaBackend::write_hidden(std::span<const float> rows) {
 Status CudaBackend::read_last_queries(std::vector<float>& out) {
   const int64_t q = config_.q_dim();
   out.resize(size_t(q));
-  return download(q_.as<float>() + (n_ - 1) * q, out.size() * 4, out.data());
+  return download(sequence_rows(q_, q) + (n_ - 1) * q, out.size() * 4, out.data());
 }
 
 Status CudaBackend::read_tap(Tap tap, std::vector<float>& out) {
   const ModelConfig& c = config_;
-  auto take = [&](const DeviceMemory& from, int64_t cols) {
+  auto take = [&](const float* from, int64_t cols) {
     out.resize(size_t(n_ * cols));
-    return download(from.as(), out.size() * 4, out.data());
+    return download(from, out.size() * 4, out.data());
   };
   auto take_typed = [&](const DeviceMemory& from, int64_t cols) {  // a GEMM input, kept in the GEMM's type
     std::vector<uint16_t> raw(size_t(n_ * cols));
@@ -237,14 +238,15 @@ Status CudaBackend::read_tap(Tap tap, std::vector<float>& out) {
   };
   switch (tap) {
     case Tap::HiddenIn:
-    case Tap::HiddenOut: return take(x_, c.n_embd);
+    case Tap::HiddenOut: return take(x_.as<float>(), c.n_embd);
     case Tap::AttentionIn:
     case Tap::FfnIn: return take_typed(xn_, c.n_embd);
-    case Tap::FfnGate: return take(gate_, c.n_ff);
-    case Tap::Queries: return take(q_, c.q_dim());
-    case Tap::Keys: return take(k_, c.kv_dim());
-    case Tap::AttentionOut: return take(attn_, c.q_dim());
-    case Tap::Values: return take(v_, c.kv_dim());
+    case Tap::FfnGate: return take(gate_.as<float>(), c.n_ff);
+    // Taps of the attention part: a focused segment's rows (a batched call).
+    case Tap::Queries: return take(sequence_rows(q_, c.q_dim()), c.q_dim());
+    case Tap::Keys: return take(sequence_rows(k_, c.kv_dim()), c.kv_dim());
+    case Tap::AttentionOut: return take(sequence_rows(attn_, c.q_dim()), c.q_dim());
+    case Tap::Values: return take(sequence_rows(v_, c.kv_dim()), c.kv_dim());
     case Tap::FfnActivation: return take_typed(act_, c.n_ff);
   }
   return ok_status();

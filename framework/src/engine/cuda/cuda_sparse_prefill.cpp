@@ -264,7 +264,7 @@ Status CudaBackend::plan_sparse_prefill(const KvSequence& seq, int32_t l,
     call.n_heads = nh;
     call.n_kv_heads = c.n_kv_heads;
     call.head_dim = hd;
-    call.q = q_.as<float>();
+    call.q = sequence_rows(q_, c.q_dim());
     call.call_rows = n;
     call.n_cached = n_cached;
   };

@@ -1,0 +1,195 @@
+// Batched calls on the CUDA backend (Engine::forward_batch, focus_segment):
+// three sequences of different prompt lengths, prefilled in one call and then
+// decoded in one call a step, give the logits each gives alone (within f16
+// rounding: a GEMM over more rows may sum in another order), also with a
+// layer every plan skips (the skipped layer's K/V appended per segment), and
+// leave each sequence's cache as alone (its next step alone, a replayed
+// graph, matches); bad segments and focus misuse are errors.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine/backend_factory.h"
+#include "engine/engine.h"
+#include "gpu_engine_support.h"
+#include "gpu_test_support.h"
+#include "plugin_test_support.h"
+
+namespace inferlab {
+namespace {
+
+using gpu_test::make_engine;
+using gpu_test::small_model;
+
+constexpr int kSteps = 4;
+constexpr double kLogitTolerance = 2e-2;  // absolute: the synthetic model's logits are of order 1
+
+using Rows = std::vector<std::vector<float>>;  // per sequence: its logits rows, concatenated
+using Sequences = std::vector<std::unique_ptr<KvSequence>>;
+
+// Across page boundaries (16 tokens), and one shorter than a page.
+std::vector<std::vector<int32_t>> prompts(int32_t vocab) {
+  return {test::random_tokens(vocab, 37, 1), test::random_tokens(vocab, 5, 2), test::random_tokens(vocab, 70, 3)};
+}
+
+LogitsSink append_to(std::vector<float>& rows) {
+  return [&rows](int64_t, std::span<const float> l) { rows.insert(rows.end(), l.begin(), l.end()); };
+}
+
+// Each sequence alone: its prompt, then kSteps decode tokens (`next`).
+Rows run_alone(Engine& engine, const std::vector<std::vector<int32_t>>& p, const std::vector<int32_t>& next,
+               Sequences& seqs) {
+  Rows out(p.size());
+  for (size_t i = 0; i < p.size(); ++i) {
+    seqs.push_back(engine.new_sequence());
+    EXPECT_TRUE(engine.forward(*seqs[i], p[i], 0, append_to(out[i])).ok());
+    for (int s = 0; s < kSteps; ++s)
+      EXPECT_TRUE(engine.forward(*seqs[i], std::vector<int32_t>{next[size_t(s)]}, 0, append_to(out[i])).ok());
+  }
+  return out;
+}
+
+// The same as batches: every prompt in the first call, then one call a step.
+Rows run_batched(Engine& engine, const std::vector<std::vector<int32_t>>& p, const std::vector<int32_t>& next,
+                 Sequences& seqs) {
+  Rows out(p.size());
+  for (size_t i = 0; i < p.size(); ++i) seqs.push_back(engine.new_sequence());
+  std::vector<std::vector<int32_t>> tokens(p.size());
+  for (int s = -1; s < kSteps; ++s) {
+    std::vector<Engine::BatchItem> items;
+    for (size_t i = 0; i < p.size(); ++i) {
+      tokens[i] = s < 0 ? p[i] : std::vector<int32_t>{next[size_t(s)]};
+      items.push_back({seqs[i].get(), tokens[i], 0, append_to(out[i])});
+    }
+    auto st = engine.forward_batch(items);
+    EXPECT_TRUE(st.ok()) << (st.ok() ? "" : st.message());
+  }
+  return out;
+}
+
+double max_abs_difference(const std::vector<float>& a, const std::vector<float>& b) {
+  double worst = 0;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) worst = std::max(worst, std::abs(double(a[i]) - double(b[i])));
+  return worst;
+}
+
+void expect_same_logits(const Rows& batched, const Rows& alone) {
+  ASSERT_EQ(batched.size(), alone.size());
+  for (size_t i = 0; i < alone.size(); ++i) {
+    ASSERT_EQ(batched[i].size(), alone[i].size()) << "sequence " << i;
+    EXPECT_LT(max_abs_difference(batched[i], alone[i]), kLogitTolerance) << "sequence " << i;
+  }
+}
+
+TEST(CudaBatchedCalls, LogitsInsideABatchEqualThoseAlone) {
+  INFERLAB_REQUIRE_GPU();
+  for (const bool graphs : {false, true}) {  // with graphs the sequences alone replay their decode steps
+    SCOPED_TRACE(graphs ? "graphs" : "no graphs");
+    auto engine = make_engine(small_model(), BackendKind::Cuda, 16, GpuDType::F16, graphs);
+    ASSERT_NE(engine, nullptr);
+    const auto p = prompts(engine->config().n_vocab);
+    const auto next = test::random_tokens(engine->config().n_vocab, kSteps + 1, 4);
+    Sequences alone_seqs, batched_seqs;
+    const Rows alone = run_alone(*engine, p, next, alone_seqs);
+    if (graphs) {
+      EXPECT_GT(engine->counters().graph_replays, 0);
+    }
+    engine->reset_counters();
+    const Rows batched = run_batched(*engine, p, next, batched_seqs);
+    expect_same_logits(batched, alone);
+    const EngineCounters& c = engine->counters();
+    EXPECT_EQ(c.batched_calls, 1 + kSteps);
+    EXPECT_EQ(c.batched_sequences, 3 * (1 + kSteps));
+    EXPECT_EQ(c.batch_fallbacks, 0);
+    EXPECT_EQ(c.graph_replays, 0);
+    EXPECT_EQ(c.forward_calls, 3 * (1 + kSteps));
+
+    // One more step of each alone, from either history: the batched calls
+    // left each sequence's pages and the device page tables as alone did.
+    for (size_t i = 0; i < p.size(); ++i) {
+      std::vector<float> a, b;
+      const std::vector<int32_t> token = {next[kSteps]};
+      ASSERT_TRUE(engine->forward(*alone_seqs[i], token, 0, append_to(a)).ok());
+      ASSERT_TRUE(engine->forward(*batched_seqs[i], token, 0, append_to(b)).ok());
+      ASSERT_EQ(a.size(), b.size());
+      EXPECT_LT(max_abs_difference(b, a), kLogitTolerance) << "sequence " << i << " after the batches";
+      EXPECT_EQ(batched_seqs[i]->n_past(), alone_seqs[i]->n_past());
+    }
+  }
+}
+
+// Every plan skips layer 1, filling its K/V from the hidden state: the
+// batched call projects them for every row and appends them per segment.
+TEST(CudaBatchedCalls, ASharedSkippedLayerRunsBatched) {
+  INFERLAB_REQUIRE_GPU();
+  class SkipLayerOne final : public Method {
+   public:
+    bool plan_layers(const StepInfo&, LayerPlan& plan) override {
+      plan.run[1] = 0;
+      return true;
+    }
+  } method;
+  auto engine = make_engine(small_model(), BackendKind::Cuda, 16, GpuDType::F16, false);
+  ASSERT_NE(engine, nullptr);
+  ASSERT_TRUE(engine->set_method(&method, hooks_of<SkipLayerOne>()).ok());
+  const auto p = prompts(engine->config().n_vocab);
+  const auto next = test::random_tokens(engine->config().n_vocab, kSteps, 5);
+  Sequences alone_seqs, batched_seqs;
+  const Rows alone = run_alone(*engine, p, next, alone_seqs);
+  const EngineCounters a = engine->counters();
+  engine->reset_counters();
+  const Rows batched = run_batched(*engine, p, next, batched_seqs);
+  const EngineCounters& b = engine->counters();
+  EXPECT_EQ(b.batched_calls, 1 + kSteps);
+  EXPECT_EQ(b.batch_fallbacks, 0);
+  EXPECT_EQ(b.layers_skipped, a.layers_skipped);
+  EXPECT_EQ(b.kv_fills_propagated, a.kv_fills_propagated);
+  expect_same_logits(batched, alone);
+  EXPECT_TRUE(engine->set_method(nullptr, 0).ok());
+}
+
+TEST(CudaBatchedCalls, SegmentsAreCheckedAndFocusedOneAtATime) {
+  INFERLAB_REQUIRE_GPU();
+  EngineOptions options;
+  options.backend = BackendKind::Cuda;
+  auto made = make_cuda_backend(small_model(), options, 256);
+  ASSERT_TRUE(made.ok()) << made.message();
+  Backend& backend = **made;
+  EXPECT_TRUE(backend.supports(Feature::BatchedCalls));
+  const std::vector<int32_t> tokens = {1, 2, 3, 4, 5};
+  const std::vector<std::vector<CallSegment>> bad = {
+      {{0, 2, 0}, {3, 2, 0}},  // a gap
+      {{0, 2, 0}, {2, 2, 9}},  // a row left over
+      {{0, 0, 0}, {0, 5, 0}},  // an empty segment
+      {{0, 3, 0}, {3, 4, 0}},  // past the call's rows
+  };
+  for (const auto& segments : bad) {
+    auto s = backend.begin_call({tokens, 0, false, segments});
+    ASSERT_FALSE(s.ok());
+    EXPECT_NE(s.message().find("cuda backend"), std::string::npos) << s.message();
+  }
+  const std::vector<CallSegment> good = {{0, 3, 10}, {3, 2, 0}};
+  ASSERT_TRUE(backend.begin_call({tokens, 10, false, good}).ok());
+  EXPECT_FALSE(backend.unfocus_segment().ok()) << "none is focused";
+  EXPECT_FALSE(backend.focus_segment(2).ok());
+  EXPECT_FALSE(backend.focus_segment(-1).ok());
+  ASSERT_TRUE(backend.focus_segment(1).ok());
+  auto twice = backend.focus_segment(0);
+  ASSERT_FALSE(twice.ok());
+  EXPECT_NE(twice.message().find("another is"), std::string::npos) << twice.message();
+  EXPECT_TRUE(backend.unfocus_segment().ok());
+  EXPECT_FALSE(backend.unfocus_segment().ok());
+  double seconds = 0;
+  EXPECT_TRUE(backend.end_call(seconds).ok());
+  // A call of one sequence has no segment to focus.
+  ASSERT_TRUE(backend.begin_call({tokens, 0, false, {}}).ok());
+  EXPECT_FALSE(backend.focus_segment(0).ok());
+  EXPECT_TRUE(backend.end_call(seconds).ok());
+}
+
+}  // namespace
+}  // namespace inferlab
