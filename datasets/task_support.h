@@ -125,11 +125,13 @@ std::vector<TaskParamSpec> variable_tracking_params();
 std::vector<TaskParamSpec> common_words_params();
 std::vector<TaskParamSpec> perplexity_params();
 std::vector<TaskParamSpec> fidelity_params();
+std::vector<TaskParamSpec> throughput_params();
 Result<std::unique_ptr<Task>> make_passkey(const TaskParams& params);
 Result<std::unique_ptr<Task>> make_ruler_niah(const TaskParams& params);
 Result<std::unique_ptr<Task>> make_variable_tracking(const TaskParams& params);
 Result<std::unique_ptr<Task>> make_common_words(const TaskParams& params);
 Result<std::unique_ptr<Task>> make_perplexity(const TaskParams& params);
 Result<std::unique_ptr<Task>> make_fidelity(const TaskParams& params);
+Result<std::unique_ptr<Task>> make_throughput(const TaskParams& params);
 
 }  // namespace inferlab::tasks

@@ -21,9 +21,10 @@ enum class TaskKind {
   Generation,  // generate max_new_tokens, then score() the decoded text
   Perplexity,  // score every position 1..n-1 of prompt_tokens (mean NLL)
   Fidelity,    // generate max_new_tokens with dense and with the method, compare token by token
+  Throughput,  // serve every sample as a request of a continuous batch (experiment/throughput.h)
 };
 
-const char* task_kind_name(TaskKind kind);  // "generation", "perplexity", "fidelity"
+const char* task_kind_name(TaskKind kind);  // "generation", "perplexity", "fidelity", "throughput"
 
 struct TaskSample {
   std::string id;                      // stable within a task, e.g. "len512-depth0.25-s3"

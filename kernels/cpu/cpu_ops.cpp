@@ -228,21 +228,29 @@ inline float hsum(__m256 v) {
 // Rows [r0, r1) of y = W x + beta y, one row at a time with four accumulators:
 // W is read as one sequential stream, which the hardware prefetcher follows at
 // close to the memory bandwidth (four rows interleaved, 2-6 KiB apart, ran
-// about 20% slower in decode on the 2-core EPYC VM).
-void gemv_slice(float* y, const float* x, const float* w, int64_t r0, int64_t r1, int64_t k, float beta) {
+// about 20% slower in decode on the 2-core EPYC VM). With m rows of x (a
+// decode step of several sequences), each row of W is read from memory once
+// and dotted with every x row from L1: every row's sums are those of the
+// one-row product, bit for bit, while W's traffic is paid once.
+void gemv_slice(float* y, const float* x, const float* w, int64_t r0, int64_t r1, int64_t k, float beta, int64_t m,
+                int64_t n) {
   for (int64_t r = r0; r < r1; ++r) {
     const float* wr = w + r * k;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t d = 0;
-    for (; d + 32 <= k; d += 32) {
-      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + d), _mm256_loadu_ps(x + d), a0);
-      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + d + 8), _mm256_loadu_ps(x + d + 8), a1);
-      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + d + 16), _mm256_loadu_ps(x + d + 16), a2);
-      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + d + 24), _mm256_loadu_ps(x + d + 24), a3);
+    for (int64_t i = 0; i < m; ++i) {
+      const float* xi = x + i * k;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      int64_t d = 0;
+      for (; d + 32 <= k; d += 32) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + d), _mm256_loadu_ps(xi + d), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + d + 8), _mm256_loadu_ps(xi + d + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + d + 16), _mm256_loadu_ps(xi + d + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + d + 24), _mm256_loadu_ps(xi + d + 24), a3);
+      }
+      for (; d < k; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + d), _mm256_loadu_ps(xi + d), a0);
+      const float v = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+      float& out = y[i * n + r];
+      out = beta == 0.0f ? v : v + beta * out;
     }
-    for (; d < k; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + d), _mm256_loadu_ps(x + d), a0);
-    const float v = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    y[r] = beta == 0.0f ? v : v + beta * y[r];
   }
 }
 
@@ -253,20 +261,24 @@ __attribute__((target("avx512f,avx512dq"))) inline float hsum512(__m512 v) {
 // The same with 512-bit vectors, k % 16 == 0, for CPUs that have them (chosen
 // at run time; the build targets AVX2): decode streams W ~7% faster on Zen 4.
 __attribute__((target("avx512f,avx512dq"))) void gemv_slice_512(float* y, const float* x, const float* w, int64_t r0,
-                                                       int64_t r1, int64_t k, float beta) {
+                                                       int64_t r1, int64_t k, float beta, int64_t m, int64_t n) {
   for (int64_t r = r0; r < r1; ++r) {
     const float* wr = w + r * k;
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t d = 0;
-    for (; d + 64 <= k; d += 64) {
-      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + d), _mm512_loadu_ps(x + d), a0);
-      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + d + 16), _mm512_loadu_ps(x + d + 16), a1);
-      a2 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + d + 32), _mm512_loadu_ps(x + d + 32), a2);
-      a3 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + d + 48), _mm512_loadu_ps(x + d + 48), a3);
+    for (int64_t i = 0; i < m; ++i) {
+      const float* xi = x + i * k;
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      int64_t d = 0;
+      for (; d + 64 <= k; d += 64) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + d), _mm512_loadu_ps(xi + d), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + d + 16), _mm512_loadu_ps(xi + d + 16), a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + d + 32), _mm512_loadu_ps(xi + d + 32), a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + d + 48), _mm512_loadu_ps(xi + d + 48), a3);
+      }
+      for (; d < k; d += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + d), _mm512_loadu_ps(xi + d), a0);
+      const float v = hsum512(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+      float& out = y[i * n + r];
+      out = beta == 0.0f ? v : v + beta * out;
     }
-    for (; d < k; d += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + d), _mm512_loadu_ps(x + d), a0);
-    const float v = hsum512(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-    y[r] = beta == 0.0f ? v : v + beta * y[r];
   }
 }
 
@@ -276,11 +288,11 @@ const bool kHaveAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supp
 // rows as one list, each thread a contiguous slice of it (groups of four rows),
 // one fork and join. Decode is bound by reading W; this streams it a few GB/s
 // faster than OpenBLAS's sgemv on the small matrices of a layer.
-void gemv_targets(const GemvTarget* targets, int count, const float* x, int64_t k, float beta) {
+void gemv_targets(const GemvTarget* targets, int count, const float* x, int64_t m, int64_t k, float beta) {
   std::vector<int64_t> first(size_t(count) + 1, 0);
   for (int i = 0; i < count; ++i) first[size_t(i) + 1] = first[size_t(i)] + (targets[i].n + 3) / 4;
   const int64_t groups = first[size_t(count)];
-#pragma omp parallel if (groups * 4 * k >= (1 << 16))
+#pragma omp parallel if (groups * 4 * k * m >= (1 << 16))
   {
     const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
     const int64_t g0 = groups * t / nt, g1 = groups * (t + 1) / nt;
@@ -288,8 +300,8 @@ void gemv_targets(const GemvTarget* targets, int count, const float* x, int64_t 
       const int64_t lo = std::max(g0, first[size_t(i)]), hi = std::min(g1, first[size_t(i) + 1]);
       if (lo >= hi) continue;
       const int64_t r0 = (lo - first[size_t(i)]) * 4, r1 = std::min(targets[i].n, (hi - first[size_t(i)]) * 4);
-      if (kHaveAvx512 && k % 16 == 0) gemv_slice_512(targets[i].y, x, targets[i].w, r0, r1, k, beta);
-      else gemv_slice(targets[i].y, x, targets[i].w, r0, r1, k, beta);
+      if (kHaveAvx512 && k % 16 == 0) gemv_slice_512(targets[i].y, x, targets[i].w, r0, r1, k, beta, m, targets[i].n);
+      else gemv_slice(targets[i].y, x, targets[i].w, r0, r1, k, beta, m, targets[i].n);
     }
   }
 }
@@ -297,9 +309,9 @@ void gemv_targets(const GemvTarget* targets, int count, const float* x, int64_t 
 
 void matmul_xwt_beta(float* y, const float* x, const float* w, int64_t m, int64_t n, int64_t k, float beta) {
 #if INFERLAB_OPS_AVX2
-  if (m == 1 && k % 8 == 0) {
+  if (m >= 1 && m <= kGemvMaxRows && k % 8 == 0) {
     const GemvTarget one{y, w, n};
-    return gemv_targets(&one, 1, x, k, beta);
+    return gemv_targets(&one, 1, x, m, k, beta);
   }
 #endif
   if (m == 1) {
@@ -319,11 +331,11 @@ void matmul_xwt_add(float* y, const float* x, const float* w, int64_t m, int64_t
   matmul_xwt_beta(y, x, w, m, n, k, 1.0f);
 }
 
-void gemv_group(const GemvTarget* targets, int count, const float* x, int64_t k) {
+void gemv_group(const GemvTarget* targets, int count, const float* x, int64_t m, int64_t k) {
 #if INFERLAB_OPS_AVX2
-  if (k % 8 == 0) return gemv_targets(targets, count, x, k, 0.0f);
+  if (k % 8 == 0 && m <= kGemvMaxRows) return gemv_targets(targets, count, x, m, k, 0.0f);
 #endif
-  for (int i = 0; i < count; ++i) matmul_xwt(targets[i].y, x, targets[i].w, 1, targets[i].n, k);
+  for (int i = 0; i < count; ++i) matmul_xwt(targets[i].y, x, targets[i].w, m, targets[i].n, k);
 }
 
 void matmul_xwt_rows(float* y, const float* x, const float* w, const int32_t* rows, int64_t m, int64_t n_sel,

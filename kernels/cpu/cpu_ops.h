@@ -36,19 +36,22 @@ void add_inplace(float* y, const float* x, int64_t rows, int64_t n);
 void add_row_bias(float* y, const float* bias, int64_t rows, int64_t n);
 
 // Y(m, n) = X(m, k) * W(n, k)^T — W is the GGUF/row-major (out, in) layout.
-// Uses GEMV when m == 1.
+// Up to kGemvMaxRows rows: the GEMV, W read once for all rows and each row's
+// sums those of a one-row product (a decode step's result does not depend on
+// how many sequences share it); more: OpenBLAS sgemm.
+inline constexpr int64_t kGemvMaxRows = 16;
 void matmul_xwt(float* y, const float* x, const float* w, int64_t m, int64_t n, int64_t k);
 // Y(m, n) += X(m, k) * W(n, k)^T (adapters on top of a projection).
 void matmul_xwt_add(float* y, const float* x, const float* w, int64_t m, int64_t n, int64_t k);
 
-// One row x(k) against several matrices: targets[i].y(n) = W_i(n, k) x, in
-// one parallel region (Q, K and V; gate and up).
+// Rows x(m, k), m <= kGemvMaxRows, against several matrices: targets[i].y(m, n)
+// = x W_i(n, k)^T, in one parallel region (Q, K and V; gate and up).
 struct GemvTarget {
   float* y = nullptr;
   const float* w = nullptr;
   int64_t n = 0;
 };
-void gemv_group(const GemvTarget* targets, int count, const float* x, int64_t k);
+void gemv_group(const GemvTarget* targets, int count, const float* x, int64_t m, int64_t k);
 
 // Y(m, n_sel) = X(m, k) * W[rows]^T: only the selected rows of W(·, k) are read
 // (sparse FFN up/gate projections). rows: n_sel ascending row indices.

@@ -1,6 +1,6 @@
-// Products that share one input row in one parallel region: the float32
-// GEMV group (cpu_ops) and the quantized group (quant_matmul) against the
-// products taken one at a time.
+// Products that share one input in one parallel region: the float32 GEMV
+// group (cpu_ops) and the quantized group (quant_matmul) against the products
+// taken one at a time; a few rows through the GEMV equal each row alone.
 #include <gtest/gtest.h>
 
 #include <cblas.h>
@@ -40,10 +40,32 @@ TEST(LinearGroup, FloatGroupEqualsEachGemv) {
                   want[i].data(), 1);
     }
     for (size_t i = 0; i < rows.size(); ++i) targets.push_back({y[i].data(), w[i].data(), rows[i]});
-    kc::gemv_group(targets.data(), int(targets.size()), x.data(), k);
+    kc::gemv_group(targets.data(), int(targets.size()), x.data(), 1, k);
     for (size_t i = 0; i < rows.size(); ++i)
       for (int64_t r = 0; r < rows[i]; ++r)
         ASSERT_NEAR(y[i][size_t(r)], want[i][size_t(r)], 1e-4f * std::sqrt(float(k))) << "k " << k << " matrix " << i;
+  }
+}
+
+// Several rows of x (a decode step of several sequences): each row's products
+// are those of that row alone, bit for bit, so a sequence's logits do not
+// depend on the batch it decodes in; beyond kGemvMaxRows rows, sgemm.
+TEST(LinearGroup, SeveralRowsEqualEachRowAloneBitForBit) {
+  for (const int64_t k : {576, 136}) {
+    for (const int64_t m : {int64_t(2), int64_t(5), kc::kGemvMaxRows}) {
+      const int64_t n = 190;
+      const auto x = normal(m * k, 3), w = normal(n * k, 4);
+      std::vector<float> y(static_cast<size_t>(m * n), -1.0f), one(static_cast<size_t>(n));
+      kc::matmul_xwt(y.data(), x.data(), w.data(), m, n, k);
+      for (int64_t i = 0; i < m; ++i) {
+        kc::matmul_xwt(one.data(), x.data() + i * k, w.data(), 1, n, k);
+        EXPECT_EQ(std::vector<float>(y.begin() + i * n, y.begin() + (i + 1) * n), one) << "k " << k << " m " << m;
+      }
+      std::vector<float> g(size_t(m * n), -1.0f);
+      const kc::GemvTarget target{g.data(), w.data(), n};
+      kc::gemv_group(&target, 1, x.data(), m, k);
+      EXPECT_EQ(g, y) << "k " << k << " m " << m;
+    }
   }
 }
 

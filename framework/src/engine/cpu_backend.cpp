@@ -282,7 +282,7 @@ CpuBackend::LinearIo CpuBackend::linear_io(Proj p) {
 // the same way (all file blocks, or all float32 for one row); adapters after.
 Status CpuBackend::linear_group(std::span<const Proj> projs, int32_t l) {
   const int64_t in = linear_io(projs[0]).in;
-  bool all_file = true, all_f32 = n_ == 1;
+  bool all_file = true, all_f32 = n_ <= cpu::kGemvMaxRows;
   for (const Proj p : projs) {
     if (p == Proj::Output || linear_io(p).x != linear_io(projs[0]).x) return Backend::linear_group(projs, l);
     const bool stored = stored_[size_t(p)][size_t(l)] != nullptr, file = file_weight(p, l) != nullptr;
@@ -296,7 +296,7 @@ Status CpuBackend::linear_group(std::span<const Proj> projs, int32_t l) {
   } else if (all_f32) {
     std::vector<cpu::GemvTarget> targets;
     for (const Proj p : projs) targets.push_back({linear_io(p).y, weight(p, l), linear_io(p).out});
-    cpu::gemv_group(targets.data(), int(targets.size()), xn_.data(), in);
+    cpu::gemv_group(targets.data(), int(targets.size()), xn_.data(), n_, in);
   } else {
     return Backend::linear_group(projs, l);
   }

@@ -177,6 +177,7 @@ class ConfigParser {
     parse_experiment_section(root, config);
     parse_model_section(root, config.model);
     parse_tasks(root, config.tasks);
+    check_batch(config);
     parse_methods(root, config.methods);
     parse_ltt(root, config);
     if (!diag_.empty()) return diag_.error();
@@ -467,10 +468,13 @@ private:
   }
 
   // A table of scalar keys declared in `specs`, defaults filled in.
-  ParamValues read_scalars(const toml::table& table, const std::string& key, const std::vector<ParamSpec>& specs) {
+  // `handled`: keys the caller reads itself.
+  ParamValues read_scalars(const toml::table& table, const std::string& key, const std::vector<ParamSpec>& specs,
+                           const std::vector<std::string>& handled = {}) {
     ParamValues values;
     for (const auto& spec : specs) values.set(spec.name, spec.default_value);
     for (auto&& [name, node] : table) {
+      if (std::find(handled.begin(), handled.end(), name.str()) != handled.end()) continue;
       const std::string full = key + "." + std::string(name.str());
       const auto spec =
           std::find_if(specs.begin(), specs.end(), [wanted = std::string(name.str())](const ParamSpec& s) { return s.name == wanted; });
@@ -506,7 +510,8 @@ private:
         ParamSpec::real("timeout", 0, 1, 1e7, ""), ParamSpec::integer("memory_limit_mb", 0, 64, 1 << 30, "")};
     const toml::table* table = section(root, "experiment", true);
     if (table == nullptr) return;
-    const ParamValues values = read_scalars(*table, "experiment", specs);
+    const ParamValues values = read_scalars(*table, "experiment", specs, {"batch"});
+    parse_batch(*table, config);
     config.name = values.get_string("name");
     config.seed = values.get_int("seed");
     config.backend = values.get_string("backend");
@@ -519,6 +524,51 @@ private:
     else if (name->is_string() && !is_valid_name(config.name))
       diag_.add(name->source(), "experiment.name",
                 fmt::format("\"{}\" is not a valid name: use letters, digits, '_', '.' and '-'", config.name));
+  }
+
+  // experiment.batch: sequences a step may run (continuous batching), one
+  // value or a list (a grid axis); > 1 only for throughput tasks (checked
+  // once the tasks are read).
+  void parse_batch(const toml::table& table, ExperimentConfig& config) {
+    const toml::node* node = table.get("batch");
+    if (node == nullptr) return;
+    batch_source_ = node->source();
+    std::vector<const toml::node*> items;
+    if (const auto* list = node->as_array()) {
+      for (const auto& item : *list) items.push_back(&item);
+      if (items.empty()) diag_.add(node->source(), "experiment.batch", "the list is empty");
+    } else {
+      items.push_back(node);
+    }
+    config.batch.clear();
+    for (const toml::node* item : items) {
+      const auto* value = item->as_integer();
+      if (value == nullptr) {
+        diag_.add(item->source(), "experiment.batch", "expected a whole number of sequences, got " + describe(*item));
+        continue;
+      }
+      if (value->get() < 1 || value->get() > 4096) {
+        diag_.add(item->source(), "experiment.batch",
+                  fmt::format("{} sequences per step: a batch holds 1 to 4096", value->get()));
+        continue;
+      }
+      if (std::find(config.batch.begin(), config.batch.end(), value->get()) != config.batch.end()) {
+        diag_.add(item->source(), "experiment.batch", fmt::format("{} is listed twice", value->get()));
+        continue;
+      }
+      config.batch.push_back(value->get());
+    }
+    if (config.batch.empty()) config.batch = {1};
+  }
+
+  void check_batch(const ExperimentConfig& config) {
+    if (std::all_of(config.batch.begin(), config.batch.end(), [](int64_t b) { return b == 1; })) return;
+    for (size_t t = 0; t < config.tasks.size(); ++t)
+      if (config.tasks[t].type != "throughput")
+        diag_.add(batch_source_, "experiment.batch",
+                  fmt::format("a batch above 1 serves throughput tasks only; [[task]] {} is '{}' (put it in an "
+                              "experiment of its own)",
+                              t + 1, config.tasks[t].type));
   }
 
   void parse_model_section(const toml::table& root, ModelSection& model) {
@@ -721,6 +771,7 @@ private:
   std::string source_;
   Diagnostics diag_;
   const Catalog& catalog_;
+  toml::source_region batch_source_;  // where experiment.batch was written
   fs::path base_dir_;
 };
 
@@ -826,7 +877,7 @@ std::string canonical_config_json(const RunSpec& run) {
   // ... and CPU runs on float32 KV pages (auto or f32) those they had before half-width pages existed.
   if (run.backend != "cuda" && run.model.kv_dtype != "auto" && run.model.kv_dtype != "f32")
     model["kv_dtype"] = run.model.kv_dtype;
-  const nlohmann::json json = {
+  nlohmann::json json = {
       {"experiment", run.experiment},
       {"measurement", kMeasurementVersion},
       {"seed", run.seed},
@@ -837,6 +888,8 @@ std::string canonical_config_json(const RunSpec& run) {
       {"task", {{"type", run.task.type}, {"params", std::move(task_params)}}},
       {"plugin", {{"name", run.plugin}, {"version", run.plugin_version}}},
       {"params", std::move(params)}};
+  // Runs of one sequence at a time keep the hashes they had before batches existed.
+  if (run.batch != 1) json["batch"] = run.batch;
   return json.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 
@@ -873,9 +926,11 @@ std::string point_label(const std::string& base, const PluginEntry& plugin, cons
 }
 
 Result<RunSpec> make_run(const ExperimentConfig& config, const std::string& checksum, size_t task_index,
-                         const PluginEntry& plugin, ParamValues params, std::string label) {
+                         const PluginEntry& plugin, ParamValues params, std::string label, int64_t batch) {
   const TaskSection& task = config.tasks[task_index];
   RunSpec run;
+  run.batch = batch;
+  if (config.batch.size() > 1) label += fmt::format(" batch={}", batch);
   run.experiment = config.name;
   run.seed = config.seed;
   run.backend = config.backend;
@@ -919,8 +974,10 @@ Result<std::vector<RunSpec>> expand_grid(const ExperimentConfig& config, const C
     run.index = int64_t(runs.size());
     runs.push_back(std::move(run));
   };
-  for (size_t task = 0; task < config.tasks.size(); ++task) {
-    auto baseline = make_run(config, model_checksum, task, *dense, grid_points(*dense, {}).front(), "dense");
+  const std::vector<int64_t> batches = config.batch.empty() ? std::vector<int64_t>{1} : config.batch;
+  for (size_t task = 0; task < config.tasks.size(); ++task)
+    for (const int64_t batch : batches) {
+    auto baseline = make_run(config, model_checksum, task, *dense, grid_points(*dense, {}).front(), "dense", batch);
     if (!baseline) return baseline.error();
     baseline->baseline = true;
     add(std::move(*baseline));
@@ -932,12 +989,12 @@ Result<std::vector<RunSpec>> expand_grid(const ExperimentConfig& config, const C
                                  plugin_names(catalog))};
       for (ParamValues& point : grid_points(*plugin, method.axes)) {
         std::string label = point_label(method.label, *plugin, method.axes, point);
-        auto run = make_run(config, model_checksum, task, *plugin, std::move(point), std::move(label));
+        auto run = make_run(config, model_checksum, task, *plugin, std::move(point), std::move(label), batch);
         if (!run) return run.error();
         add(std::move(*run));
       }
     }
-  }
+    }
   return runs;
 }
 

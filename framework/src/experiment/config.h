@@ -76,6 +76,9 @@ struct ExperimentConfig {
   std::vector<TaskSection> tasks;
   std::vector<MethodSection> methods;
   std::optional<LttSection> ltt;
+  // experiment.batch: sequences one step may run (continuous batching, throughput
+  // tasks); a list is a grid axis, part of each run's hash (1 stays out of it).
+  std::vector<int64_t> batch = {1};
 };
 
 // `inferlab finetune`'s config: the experiment format's [model] table and a
@@ -164,14 +167,15 @@ struct RunSpec {
   std::string label;   // e.g. "dense" or "h2o-small heavy=32": the method label plus the axes that vary
   ParamValues params;  // every declared parameter present
   std::map<std::string, std::string> file_digests;  // Path parameters: "sha256:<hex>" of the file's content
-  bool baseline = false;  // the dense baseline run of its task
+  bool baseline = false;  // the dense baseline run of its task (and batch)
+  int64_t batch = 1;      // experiment.batch: sequences a step may run
   // Canonical JSON (sorted keys) of everything that changes the run's results;
   // index, label and threads are left out.
   std::string config_json;
   std::string hash;  // sha256 hex of config_json
 };
 
-// Per task, in config order: the dense baseline, then each method's cartesian
+// Per task, in config order, and per batch size: the dense baseline, then each method's cartesian
 // product of its axes (declaration order, last axis fastest). A point whose
 // hash equals an earlier run's is dropped. Errors when "dense" is not in the catalog.
 Result<std::vector<RunSpec>> expand_grid(const ExperimentConfig& config, const Catalog& catalog,

@@ -1,4 +1,5 @@
 #include "experiment/measure.h"
+#include "experiment/throughput.h"
 
 #include "engine/generation.h"
 
@@ -392,13 +393,6 @@ Status score_answers(MeasureContext& ctx, RunMeasurements& out, AnswerTally& ans
   return ok_status();
 }
 
-double percentile(std::vector<double> v, double p) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  const double rank = p * double(v.size() - 1);
-  const size_t lo = size_t(std::floor(rank)), hi = size_t(std::ceil(rank));
-  return v[lo] + (v[hi] - v[lo]) * (rank - double(lo));
-}
 
 double mean(const std::vector<double>& v) {
   return v.empty() ? 0.0 : std::accumulate(v.begin(), v.end(), 0.0) / double(v.size());
@@ -462,12 +456,23 @@ std::vector<double> log_softmax(std::span<const float> logits) {
   return out;
 }
 
+double percentile(std::vector<double> v, double p) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const double rank = p * double(v.size() - 1);
+  const size_t lo = size_t(std::floor(rank)), hi = size_t(std::ceil(rank));
+  return v[lo] + (v[hi] - v[lo]) * (rank - double(lo));
+}
+
 Result<RunMeasurements> measure_run(MeasureContext& ctx) {
   // A backend without what the method needs refuses it here, before any token.
   if (auto s = install_method(ctx); !s) return s.error();
   const MethodScope installed(*ctx.engine);  // dense again on every way out
   // Dense references first, so the run's counters and timings are its own.
   const TaskKind kind = ctx.task->kind();
+  if (kind == TaskKind::Throughput) return measure_throughput(ctx);
+  if (ctx.batch != 1)
+    return Error{fmt::format("a batch of {} serves throughput tasks only, not '{}'", ctx.batch, ctx.task->name())};
   if (kind == TaskKind::Fidelity || (kind == TaskKind::Generation && ctx.method != nullptr))
     for (size_t i = 0; i < ctx.samples->size(); ++i)
       if (auto ref = dense_reference(ctx, i, kind == TaskKind::Fidelity); !ref)
@@ -483,6 +488,7 @@ Result<RunMeasurements> measure_run(MeasureContext& ctx) {
       case TaskKind::Generation: row = generation_sample(ctx, tally, i); break;
       case TaskKind::Perplexity: row = perplexity_sample(ctx, tally, i); break;
       case TaskKind::Fidelity: row = fidelity_sample(ctx, tally, i); break;
+      case TaskKind::Throughput: break;  // measure_throughput, above
     }
     if (!row) return Error{fmt::format("sample {} ({}): {}", i, (*ctx.samples)[i].id, row.message())};
     out.samples.push_back(std::move(*row));

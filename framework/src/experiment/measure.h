@@ -51,6 +51,7 @@ struct MeasureContext {
   DenseCache* dense = nullptr;
   PrefillCache* prefills = nullptr;  // nullptr: never reuse a prefill
   std::function<void(int64_t samples_done)> on_sample;
+  int64_t batch = 1;  // experiment.batch: sequences one step may run (throughput tasks)
 };
 
 struct RunMeasurements {
@@ -59,6 +60,9 @@ struct RunMeasurements {
 };
 
 Result<RunMeasurements> measure_run(MeasureContext& context);
+
+// The p-quantile (0..1) of v, interpolated between order statistics; 0 when empty.
+double percentile(std::vector<double> v, double p);
 
 // Log-softmax of a logits row, in double.
 std::vector<double> log_softmax(std::span<const float> logits);

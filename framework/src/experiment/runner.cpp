@@ -228,6 +228,7 @@ RunRecord execute_run(const ExperimentConfig& config, const RunSpec& run, Workbe
   ctx.dense = &bench.dense;
   ctx.prefills = bench.reuse_prefill ? &bench.prefills : nullptr;
   ctx.on_sample = on_sample;
+  ctx.batch = run.batch;
   Result<RunMeasurements> measured = Error{"not measured"};
   try {
     measured = measure_run(ctx);
@@ -249,7 +250,7 @@ RunRecord execute_run(const ExperimentConfig& config, const RunSpec& run, Workbe
 std::string outcome_line(const RunRecord& r) {
   if (r.status != RunStatus::Finished) return "FAILED: " + r.error;
   std::string line = "done";
-  for (const char* key : {"accuracy", "perplexity", "fidelity_top1", "decode_tokens_per_s"})
+  for (const char* key : {"accuracy", "perplexity", "fidelity_top1", "decode_tokens_per_s", "output_tokens_per_s"})
     for (const auto& m : r.metrics)
       if (m.name == key) line += fmt::format(", {} {:.4g}", key, m.value);
   return line;
