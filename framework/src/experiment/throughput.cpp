@@ -1,6 +1,7 @@
 #include "experiment/throughput.h"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <algorithm>
 #include <chrono>
@@ -69,8 +70,13 @@ Result<RunMeasurements> measure_throughput(MeasureContext& ctx) {
   const int64_t longest = prompt + samples.front().max_new_tokens - 1;
   const int64_t budget = budget_mb > 0 ? int64_t(std::floor(budget_mb * 1048576.0 / double(page_bytes)))
                                        : ctx.batch * pages_for(longest);
+  const auto budget_error = [&](const std::string& why) {
+    return Error{fmt::format("task 'throughput' parameter 'kv_budget_mb' ({} MiB = {} pages of {} bytes; a request "
+                             "holds {} at its longest): {}",
+                             budget_mb, budget, page_bytes, pages_for(longest), why)};
+  };
   auto scheduler = BatchScheduler::create(budget, int32_t(ctx.batch), pages_for);
-  if (!scheduler) return scheduler.error();
+  if (!scheduler) return budget_error(scheduler.message());
 
   std::vector<Request> requests(samples.size());
   for (size_t i = 0; i < samples.size(); ++i) {
@@ -89,8 +95,7 @@ Result<RunMeasurements> measure_throughput(MeasureContext& ctx) {
     for (; arrived < requests.size() && requests[arrived].arrival <= now; ++arrived) {
       const TaskSample& s = *requests[arrived].sample;
       if (auto st = scheduler->add({int64_t(arrived), int64_t(s.prompt_tokens.size()), s.max_new_tokens}); !st)
-        return Error{fmt::format("task 'throughput' parameter 'kv_budget_mb' ({} MiB = {} pages of {} bytes): {}",
-                                 budget_mb, budget, page_bytes, st.message())};
+        return budget_error(st.message());
     }
     if (scheduler->idle()) {
       if (arrived == requests.size()) break;
@@ -165,6 +170,7 @@ Result<RunMeasurements> measure_throughput(MeasureContext& ctx) {
     row.index = int64_t(i);
     row.input_tokens = int64_t(r.sample->prompt_tokens.size());
     row.latency_seconds = r.finish - r.arrival;
+    row.produced = fmt::format("{}", fmt::join(r.generated, " "));  // token ids: the greedy output
     row.detail_json = nlohmann::json{{"arrival_s", r.arrival},
                                      {"ttft_s", r.first_token - r.arrival},
                                      {"tpot_s", n > 1 ? (r.finish - r.first_token) / double(n - 1) : 0.0},

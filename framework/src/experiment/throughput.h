@@ -10,7 +10,8 @@
 // the scheduler admits and preempts by that curve, and the pages the running
 // sequences really hold after each step are checked against the budget
 // (`kv_budget_overruns`). Each request generates exactly its new tokens
-// (end of sequence ignored), greedily.
+// (end of sequence ignored), greedily; a sample row's `produced` holds the
+// generated token ids, space-separated.
 //
 // Metrics: output_tokens_per_s, requests_per_s, ttft / tpot / latency
 // percentiles (p50, p90, p99) under load, kv_pages_peak / kv_pages_mean (of
