@@ -1,6 +1,8 @@
 // CPU backend speed on a model: prefill tokens/s at given prompt lengths and
 // decode tokens/s at given context lengths, printed as a markdown table.
-//   bench_cpu_model --model smollm2-135m [--prefill 512,2048] [--decode 512,4096]
+//   bench_cpu_model --model smollm2-135m [--prefill 512,2048] [--decode 512,4096] [--batch 1,8]
+// With --batch, each decode row runs B sequences a step through
+// Engine::forward_batch (tokens/s counts every sequence's tokens).
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
@@ -38,6 +40,10 @@ int main(int argc, char** argv) {
   app.add_option("--decode-steps", decode_steps)->check(CLI::PositiveNumber);
   app.add_option("--repeats", repeats)->check(CLI::PositiveNumber);
   app.add_option("-t,--threads", threads);
+  std::vector<int32_t> batches{1};
+  app.add_option("--batch", batches, "sequences per decode step (a list: one row each)")
+      ->delimiter(',')
+      ->check(CLI::Range(1, 4096));
   int32_t page_size = 16;
   app.add_option("--page-size", page_size, "KV page size in tokens")->check(CLI::Range(1, 65536));
   std::string weights_name = "f32";
@@ -79,18 +85,26 @@ int main(int argc, char** argv) {
     }
     fmt::print("| prefill {} | {} | {:.3f} | {:.1f} |\n", n, n, best, n / best);
   }
-  for (int32_t ctx : decode_contexts) {
-    const auto tokens = random_tokens(n_vocab, ctx + decode_steps);
-    auto seq = e.new_sequence();
-    auto logits = e.prefill(*seq, std::span<const int32_t>(tokens.data(), static_cast<size_t>(ctx)));
-    if (!logits) return fmt::print(stderr, "bench: {}\n", logits.message()), 1;
-    auto t0 = Clock::now();
-    for (int32_t i = 0; i < decode_steps; ++i) {
-      logits = e.decode(*seq, tokens[static_cast<size_t>(ctx + i)]);
-      if (!logits) return fmt::print(stderr, "bench: {}\n", logits.message()), 1;
+  for (int32_t ctx : decode_contexts)
+    for (int32_t batch : batches) {
+      const auto tokens = random_tokens(n_vocab, ctx + decode_steps);
+      std::vector<std::unique_ptr<KvSequence>> seqs;
+      for (int32_t b = 0; b < batch; ++b) {
+        seqs.push_back(e.new_sequence());
+        auto logits = e.prefill(*seqs.back(), std::span<const int32_t>(tokens.data(), static_cast<size_t>(ctx)));
+        if (!logits) return fmt::print(stderr, "bench: {}\n", logits.message()), 1;
+      }
+      std::vector<Engine::BatchItem> items(static_cast<size_t>(batch));
+      const LogitsSink sink = [](int64_t, std::span<const float>) {};
+      auto t0 = Clock::now();
+      for (int32_t i = 0; i < decode_steps; ++i) {
+        for (int32_t b = 0; b < batch; ++b)
+          items[size_t(b)] = {seqs[size_t(b)].get(), std::span<const int32_t>(&tokens[size_t(ctx + i)], 1), 0, sink};
+        if (auto st = e.forward_batch(items); !st) return fmt::print(stderr, "bench: {}\n", st.message()), 1;
+      }
+      const double s = since(t0);
+      fmt::print("| decode at context {}, batch {} | {} | {:.3f} | {:.1f} |\n", ctx, batch, decode_steps * batch, s,
+                 decode_steps * batch / s);
     }
-    const double s = since(t0);
-    fmt::print("| decode at context {} | {} | {:.3f} | {:.1f} |\n", ctx, decode_steps, s, decode_steps / s);
-  }
   return 0;
 }
