@@ -250,6 +250,78 @@ TEST(ExitPolicy, CallsOfSeveralRowsNeverExit) {
   EXPECT_EQ(method_logits, dense_logits);
 }
 
+// A threshold per sequence: even sequence ids exit at the first check,
+// odd ones never check.
+struct ExitByParity final : Method {
+  ExitPolicy policy;
+  double exit_threshold(const StepInfo& step) override { return step.sequence % 2 == 0 ? -2.0 : 2.0; }
+  ExitPolicy exit_policy() const override { return policy; }
+};
+
+// Inside a batched call an exited sequence stays as a frozen row: its logits,
+// K/V fill and counters are those it has alone, while the call runs every
+// layer for the sequence that does not exit (the batch waits for its slowest).
+TEST(ExitPolicy, ExitsInsideABatchEqualThoseAlone) {
+  const ModelConfig& c = exit_model()->config();
+  for (const ExitMeasure measure : {ExitMeasure::State, ExitMeasure::Softmax}) {
+    ExitByParity method;
+    method.policy = policy_checking(c, measure, {1, 2});
+    method.policy.heads = near_identity_heads(c);
+    auto engine = Engine::create(exit_model(), EngineOptions{4, 0, 0});
+    ASSERT_TRUE(engine.ok());
+    Engine& e = **engine;
+    ASSERT_TRUE(e.set_method(&method, hooks_of<ExitByParity>()).ok());
+    const std::vector<int32_t> p = prompt(), next = {3, 9, 4};
+    // Four sequences: two alone, then two in batches; ids 0..3 give each batched one an alone twin of its parity.
+    std::vector<std::unique_ptr<KvSequence>> seqs;
+    for (int i = 0; i < 4; ++i) seqs.push_back(e.new_sequence());
+    ASSERT_EQ(seqs[0]->id() % 2, seqs[2]->id() % 2);
+    std::vector<std::vector<float>> out(4);
+    auto sink_of = [&](size_t i) {
+      return [&out, i](int64_t, std::span<const float> l) { out[i].insert(out[i].end(), l.begin(), l.end()); };
+    };
+    for (size_t i : {size_t(0), size_t(1)}) {
+      ASSERT_TRUE(e.forward(*seqs[i], p, int64_t(p.size()) - 1, sink_of(i)).ok());
+      for (const int32_t t : next) ASSERT_TRUE(e.forward(*seqs[i], std::vector<int32_t>{t}, 0, sink_of(i)).ok());
+    }
+    const EngineCounters alone = e.counters();
+    e.reset_counters();
+    ASSERT_TRUE(e.forward_batch(std::vector<Engine::BatchItem>{{seqs[2].get(), p, int64_t(p.size()) - 1, sink_of(2)},
+                                                               {seqs[3].get(), p, int64_t(p.size()) - 1, sink_of(3)}})
+                    .ok());
+    for (const int32_t t : next) {
+      const std::vector<int32_t> one = {t};
+      ASSERT_TRUE(e.forward_batch(std::vector<Engine::BatchItem>{{seqs[2].get(), one, 0, sink_of(2)},
+                                                                 {seqs[3].get(), one, 0, sink_of(3)}})
+                      .ok());
+    }
+    const EngineCounters& batched = e.counters();
+    EXPECT_EQ(batched.batch_fallbacks, 0);
+    EXPECT_EQ(batched.batched_calls, 4);
+    EXPECT_EQ(batched.batched_layers, 4 * c.n_layers);  // the sequence that never exits sets the pace
+    EXPECT_EQ(batched.exit_checks, alone.exit_checks);
+    EXPECT_EQ(batched.exits_after_layer, alone.exits_after_layer);
+    EXPECT_EQ(batched.decode_layers_run, alone.decode_layers_run);
+    EXPECT_EQ(batched.layers_skipped, alone.layers_skipped);
+    EXPECT_EQ(batched.kv_fills_propagated, alone.kv_fills_propagated);
+    EXPECT_GT(alone.exits_after_layer.at(1), 0);
+    for (size_t i : {size_t(0), size_t(1)}) {
+      ASSERT_EQ(out[i + 2].size(), out[i].size());
+      EXPECT_LT(test::normalized_max_error(out[i + 2], out[i]), 1e-5) << "sequence " << i;
+      for (int32_t l = 0; l < c.n_layers; ++l)
+        for (int32_t g = 0; g < c.n_kv_heads; ++g) {
+          const HeadPageTable& a = seqs[i]->table(l, g);
+          ASSERT_EQ(seqs[i + 2]->table(l, g).n_tokens(), a.n_tokens());
+          for (int32_t t = 0; t < a.n_tokens(); ++t)
+            for (int64_t d = 0; d < c.head_dim; ++d)
+              ASSERT_NEAR(seqs[i + 2]->k_row(l, g, t)[d], seqs[i]->k_row(l, g, t)[d], 1e-4)
+                  << "sequence " << i << " layer " << l << " head " << g << " token " << t;
+        }
+    }
+    (void)e.set_method(nullptr, 0);
+  }
+}
+
 TEST(ExitPolicy, APolicyThatDoesNotFitTheModelIsRefusedNamingWhy) {
   const ModelConfig& c = exit_model()->config();
   auto engine = Engine::create(exit_model(), EngineOptions{4, 0, 0});

@@ -119,8 +119,9 @@ TEST(TaskCatalog, EveryTaskBuildsFromDefaults) {
     EXPECT_EQ(task->name(), info.name);
   }
   EXPECT_EQ(names, (std::set<std::string>{"passkey", "ruler_niah", "variable_tracking", "common_words",
-                                          "perplexity", "fidelity"}));
+                                          "perplexity", "fidelity", "throughput"}));
   EXPECT_EQ(make("perplexity")->kind(), TaskKind::Perplexity);
+  EXPECT_EQ(make("throughput")->kind(), TaskKind::Throughput);
   EXPECT_EQ(make("fidelity")->kind(), TaskKind::Fidelity);
   EXPECT_EQ(make("passkey")->kind(), TaskKind::Generation);
 }

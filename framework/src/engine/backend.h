@@ -294,6 +294,16 @@ class Backend {
     return Error{fmt::format("the {} backend has no batched calls", name())};
   }
   virtual Status unfocus_segment() { return Error{fmt::format("the {} backend has no batched calls", name())}; }
+  // Inside a focus: the segment's residual rows kept aside (restore false)
+  // or written back (restore true). A sequence that exited early stays in
+  // its batched call as a frozen row: the others' layers compute over it (its
+  // K/V are the exit state's, the KV fill), and its state is written back
+  // after each of them. The exit ops (keep_exit_state, exit_confidence,
+  // apply_exit_head) read the focused segment's last row.
+  virtual Status stash_segment(bool restore) {
+    (void)restore;
+    return Error{fmt::format("the {} backend has no batched calls", name())};
+  }
   virtual Status add_residual() = 0;                           // x += proj
   // The projection's output rows += its bias (Q, K, V or O), when the model
   // has one (ModelConfig::qkv_bias, o_bias); otherwise nothing.

@@ -208,6 +208,8 @@ Status CpuBackend::begin_call(const CallSetup& call) {
   }
   segments_.assign(call.segments.begin(), call.segments.end());
   focused_ = -1;
+  x_row0_ = 0;
+  stashed_.assign(segments_.size(), {});
   if (segments_.empty()) {
     for (int64_t i = 0; i < n; ++i) positions_[size_t(i)] = call.first_position + int32_t(i);
   } else {
@@ -627,6 +629,7 @@ Status CpuBackend::focus_segment(int32_t segment) {
   sequence_retention_started_ = false;
   stats_layer_ = -1;
   focused_ = segment;
+  x_row0_ = r0;
   return ok_status();
 }
 
@@ -649,6 +652,21 @@ Status CpuBackend::unfocus_segment() {
   call_rows_ = n_;
   call_first_position_ = segments_.front().first_position;
   focused_ = -1;
+  x_row0_ = 0;
+  return ok_status();
+}
+
+Status CpuBackend::stash_segment(bool restore) {
+  if (focused_ < 0) return Error{"cpu backend: no segment is focused to stash"};
+  const int64_t d = config_.n_embd;
+  float* rows = x_.data() + x_row0_ * d;
+  std::vector<float>& kept = stashed_[size_t(focused_)];
+  if (!restore) {
+    kept.assign(rows, rows + n_ * d);
+    return ok_status();
+  }
+  if (int64_t(kept.size()) != n_ * d) return Error{fmt::format("cpu backend: segment {} has nothing stashed", focused_)};
+  std::copy(kept.begin(), kept.end(), rows);
   return ok_status();
 }
 

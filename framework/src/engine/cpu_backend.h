@@ -53,6 +53,7 @@ class CpuBackend final : public Backend {
   Status apply_exit_head(int32_t layer) override;
   Status focus_segment(int32_t segment) override;
   Status unfocus_segment() override;
+  Status stash_segment(bool restore) override;
   Status add_residual() override;
   Status add_bias(Proj proj, int32_t layer) override;
   Status rope(const KvSequence& seq, int32_t layer, bool queries) override;
@@ -152,6 +153,10 @@ class CpuBackend final : public Backend {
   // members then hold the segment's rows alone).
   std::vector<CallSegment> segments_;
   int32_t focused_ = -1;
+  int64_t x_row0_ = 0;  // the focused segment's first row in x_ (the residual stream is not swapped)
+  std::vector<std::vector<float>> stashed_;  // per segment: its residual rows kept aside (stash_segment)
+  // The call's last row of the residual stream, or the focused segment's.
+  float* last_row() { return x_.data() + (x_row0_ + n_ - 1) * config_.n_embd; }
   struct CallRows {
     std::vector<float> q, k, v, attn;
     std::vector<int32_t> positions, tokens;
@@ -205,7 +210,14 @@ class CpuBackend final : public Backend {
   // Early exit by confidence (cpu_exits.cpp): the method's policy, the layer
   // input kept for the state measure, and scratch.
   ExitPolicy exits_;
-  std::vector<float> exit_state_, exit_x_, exit_y_;
+  std::vector<float> exit_x_, exit_y_;
+  // The layer input keep_exit_state kept: the call's, or per segment of a batched call.
+  std::vector<std::vector<float>> exit_states_{1};
+  std::vector<float>& exit_state() {
+    const size_t at = focused_ >= 0 ? size_t(focused_) : 0;
+    if (exit_states_.size() <= at) exit_states_.resize(at + 1);
+    return exit_states_[at];
+  }
   void exit_map(const ExitMap& m, int64_t out, const float* h, float* y);
   // The output head over `rows` normed rows xn (rows, n_embd) into out (rows, n_vocab).
   void output_head(const float* xn, int64_t rows, float* out);

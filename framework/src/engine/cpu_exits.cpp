@@ -28,7 +28,8 @@ void CpuBackend::exit_map(const ExitMap& m, int64_t out, const float* h, float* 
 
 Status CpuBackend::keep_exit_state() {
   const int64_t d = config_.n_embd;
-  exit_state_.assign(x_.begin() + (n_ - 1) * d, x_.begin() + n_ * d);
+  const float* h = last_row();
+  exit_state().assign(h, h + d);
   return ok_status();
 }
 
@@ -36,12 +37,12 @@ Result<float> CpuBackend::exit_confidence(int32_t l) {
   const ModelConfig& c = config_;
   const int64_t d = c.n_embd;
   if (!exits_.active() || l < 0 || l >= c.n_layers) return Error{"cpu backend: exit confidence without an exit policy"};
-  const float* h = x_.data() + (n_ - 1) * d;
+  const float* h = last_row();
   exit_x_.resize(size_t(d));
   switch (exits_.measure) {
     case ExitMeasure::State:
-      if (int64_t(exit_state_.size()) != d) return Error{"cpu backend: the state measure without the layer's input"};
-      return cpu::cosine_similarity(exit_state_.data(), h, d);
+      if (int64_t(exit_state().size()) != d) return Error{"cpu backend: the state measure without the layer's input"};
+      return cpu::cosine_similarity(exit_state().data(), h, d);
     case ExitMeasure::Classifier: {
       float z[2];
       exit_map(exits_.classifiers[size_t(l)], 2, h, z);
@@ -66,7 +67,7 @@ Result<float> CpuBackend::exit_confidence(int32_t l) {
 Status CpuBackend::apply_exit_head(int32_t l) {
   const int64_t d = config_.n_embd;
   if (exits_.heads.empty() || l < 0 || !exits_.heads[size_t(l)].present()) return ok_status();
-  float* h = x_.data() + (n_ - 1) * d;
+  float* h = last_row();
   exit_map(exits_.heads[size_t(l)], d, h, h);
   return ok_status();
 }

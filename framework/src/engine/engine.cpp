@@ -735,6 +735,7 @@ std::map<std::string, double> EngineCounters::as_map() const {
   if (batched_calls > 0 || batch_fallbacks > 0) {  // only where Engine::forward_batch ran
     out["batched_calls"] = double(batched_calls);
     out["batched_sequences"] = double(batched_sequences);
+    if (batched_calls > 0) out["batched_layers_per_call"] = double(batched_layers) / double(batched_calls);
     out["batch_fallbacks"] = double(batch_fallbacks);
   }
   if (exit_checks > 0) {

@@ -105,6 +105,7 @@ struct EngineCounters {
   // plans or the backend did not allow a batched call).
   int64_t batched_calls = 0;
   int64_t batched_sequences = 0;
+  int64_t batched_layers = 0;  // layers batched calls computed over their rows (with exits: up to the slowest one's)
   int64_t batch_fallbacks = 0;
   int64_t logits_rows = 0;           // rows whose logits were computed (the output projection's work)
   double attention_seconds = 0;      // attention kernels' time, with EngineOptions::time_attention

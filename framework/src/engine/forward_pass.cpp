@@ -864,9 +864,11 @@ class BatchedCall {
   }
 
  private:
-  // What a batched call cannot give a member: its own layer plan, early exit
-  // (a row leaving the call mid-way), component masks and predictors (a
-  // choice per call, which a batch would share), rows pruned inside a call.
+  // What a batched call cannot give a member: its own layer plan, a
+  // host-side exit (exit_after_layer reads each row back), component masks
+  // and predictors (a choice per call, which a batch would share), rows
+  // pruned inside a call. Exits by confidence are given: an exited
+  // sequence stays in the call as a frozen row (run_fused).
   bool fusable() const {
     if (passes_.size() < 2 || !backend_.supports(Feature::BatchedCalls)) return false;
     const ForwardPass& first = *passes_.front();
@@ -874,8 +876,8 @@ class BatchedCall {
     if (m.has(kHookComponentMask) || m.has(kHookLayerExit) || m.predicted != nullptr) return false;
     if (m.has(kHookRetention) && m.retention.scope == RetentionScope::PerSequence) return false;
     for (const auto& p : passes_) {
-      if (p->plan_.exit_checks || p->plan_.run != first.plan_.run || p->plan_.kv_fill != first.plan_.kv_fill)
-        return false;
+      if (p->plan_.run != first.plan_.run || p->plan_.kv_fill != first.plan_.kv_fill) return false;
+      if (p->plan_.exit_checks && p->rows() != 1) return false;
       if (p->method_.cache_positions != m.cache_positions) return false;
       for (int32_t l = 0; l < config_.n_layers; ++l)
         if (p->window_binds(l)) return false;
@@ -901,27 +903,65 @@ class BatchedCall {
       return s;
     if (auto s = backend_.embed(); !s) return s;
     for (auto& p : passes_) p->computed_.assign(size_t(L), 0);
+    exited_.assign(passes_.size(), -1);
     for (int32_t l = 0; l < L; ++l) {
-      if (lead.plan_.run[size_t(l)] == 0) {
-        if (auto s = skip_layer(l); !s) return s;
+      const bool all_exited = std::all_of(exited_.begin(), exited_.end(), [](int32_t e) { return e >= 0; });
+      if (lead.plan_.run[size_t(l)] == 0 || all_exited) {
+        if (auto s = skip_layer(l, all_exited ? lead.method_.exit->kv_fill : lead.plan_.kv_fill); !s) return s;
         continue;
       }
+      ++counters_.batched_layers;
+      for (size_t i = 0; i < passes_.size(); ++i)  // the state measure compares a layer's output with its input
+        if (const ExitLayout* policy = checking(i); policy != nullptr && policy->checks(l) &&
+                                                    policy->measure == ExitMeasure::State)
+          if (auto s = focused(i, [&] { return backend_.keep_exit_state(); }); !s) return s;
       ForwardPass::LayerWork work;
       if (auto s = lead.layer_input(l, work); !s) return s;
       for (size_t i = 0; i < passes_.size(); ++i) {
-        if (auto s = backend_.focus_segment(int32_t(i)); !s) return s;
-        ForwardPass::LayerWork own;
-        if (auto s = passes_[i]->layer_attention(l, own); !s) return s;
-        if (auto s = backend_.unfocus_segment(); !s) return s;
+        ForwardPass& p = *passes_[i];
+        auto attend = [&]() -> Status {
+          if (exited_[i] < 0) {
+            ForwardPass::LayerWork own;
+            return p.layer_attention(l, own);
+          }
+          if (p.method_.exit->kv_fill == SkippedLayerKv::None) return ok_status();
+          if (auto s = backend_.rope(p.seq_, l, false); !s) return s;  // a frozen row's K/V: the exit state's
+          return backend_.append_kv(p.seq_, l);
+        };
+        if (auto s = focused(i, attend); !s) return s;
       }
       if (auto s = lead.layer_output(l, work); !s) return s;  // counts the lead's sparse inputs
       for (size_t i = 0; i < passes_.size(); ++i) {
         ForwardPass& p = *passes_[i];
         if (i > 0) p.count_sparse_inputs(l);
+        if (exited_[i] >= 0) {  // frozen: the layer ran over its row, which gets its state back
+          ++counters_.layers_skipped;
+          if (p.method_.exit->kv_fill != SkippedLayerKv::None) ++counters_.kv_fills_propagated;
+          if (auto s = focused(i, [&] { return backend_.stash_segment(true); }); !s) return s;
+          continue;
+        }
         p.computed_[size_t(l)] = 1;
         if (p.step_.decode()) ++counters_.decode_layers_run;
+        const ExitLayout* policy = checking(i);
+        if (policy == nullptr || !policy->checks(l)) continue;
+        Result<float> confidence = 0.0f;
+        if (auto s = focused(i, [&] {
+              confidence = backend_.exit_confidence(l);
+              return confidence ? ok_status() : Status(confidence.error());
+            });
+            !s)
+          return s;
+        ++counters_.exit_checks;
+        if (double(*confidence) <= p.plan_.exit_threshold || l + 1 >= L) continue;
+        exited_[i] = l;
+        counters_.exits_after_layer.resize(size_t(L), 0);
+        ++counters_.exits_after_layer[size_t(l)];
+        if (auto s = focused(i, [&] { return backend_.stash_segment(false); }); !s) return s;
       }
     }
+    for (size_t i = 0; i < passes_.size(); ++i)  // an exit's logits come from its state, through its exit head
+      if (exited_[i] >= 0 && passes_[i]->method_.exit->maps(exited_[i]))
+        if (auto s = focused(i, [&] { return backend_.apply_exit_head(exited_[i]); }); !s) return s;
     for (auto& p : passes_) p->finish_call();
     if (auto s = lead.collect_sparsity(); !s) return s;
     for (size_t i = 0; i < passes_.size(); ++i) {
@@ -940,10 +980,25 @@ class BatchedCall {
     return s;
   }
 
-  // A layer every member's plan skips: K/V of the passing hidden state (when
-  // the plan fills them) projected for every row, rotated and appended per member.
-  Status skip_layer(int32_t l) {
-    const SkippedLayerKv fill = passes_.front()->plan_.kv_fill;
+  // The member's exit policy when this step checks its confidence.
+  const ExitLayout* checking(size_t i) const {
+    const ForwardPass& p = *passes_[i];
+    return p.plan_.exit_checks && p.rows() == 1 ? p.method_.exit : nullptr;
+  }
+
+  // `op` on member i's segment alone.
+  template <typename Op>
+  Status focused(size_t i, Op op) {
+    if (auto s = backend_.focus_segment(int32_t(i)); !s) return s;
+    Status done = op();
+    Status back = backend_.unfocus_segment();
+    return done ? back : done;
+  }
+
+  // A layer every member's plan skips, or after every member exited: K/V of
+  // the passing hidden state (when `fill` says so) projected for every row,
+  // rotated and appended per member.
+  Status skip_layer(int32_t l, SkippedLayerKv fill) {
     for (auto& p : passes_) {
       ++counters_.layers_skipped;
       if (fill != SkippedLayerKv::None) counters_.kv_fills_propagated += p->rows();
@@ -955,12 +1010,13 @@ class BatchedCall {
     if (config_.qkv_bias)
       for (Proj p : {Proj::K, Proj::V})
         if (auto s = backend_.add_bias(p, l); !s) return s;
-    for (size_t i = 0; i < passes_.size(); ++i) {
-      if (auto s = backend_.focus_segment(int32_t(i)); !s) return s;
-      if (auto s = backend_.rope(passes_[i]->seq_, l, false); !s) return s;
-      if (auto s = backend_.append_kv(passes_[i]->seq_, l); !s) return s;
-      if (auto s = backend_.unfocus_segment(); !s) return s;
-    }
+    for (size_t i = 0; i < passes_.size(); ++i)
+      if (auto s = focused(i, [&]() -> Status {
+            if (auto st = backend_.rope(passes_[i]->seq_, l, false); !st) return st;
+            return backend_.append_kv(passes_[i]->seq_, l);
+          });
+          !s)
+        return s;
     return ok_status();
   }
 
@@ -969,6 +1025,7 @@ class BatchedCall {
   EngineCounters& counters_;
   std::span<BatchMember> members_;
   std::vector<std::unique_ptr<ForwardPass>> passes_;
+  std::vector<int32_t> exited_;  // per member: the layer it exited after (-1: running)
 };
 
 Status run_batch(Backend& backend, const ModelConfig& config, const EngineOptions& options, EngineCounters& counters,
