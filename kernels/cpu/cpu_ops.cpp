@@ -258,23 +258,6 @@ inline void dot_rows(float* y, int64_t ldy, const float* x, int64_t k, const flo
 
 void gemv_slice(float* y, const float* x, const float* w, int64_t r0, int64_t r1, int64_t k, float beta, int64_t m,
                 int64_t n) {
-  if (m == 1) {  // the one-row stream, as before
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* wr = w + r * k;
-      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      int64_t d = 0;
-      for (; d + 32 <= k; d += 32) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + d), _mm256_loadu_ps(x + d), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + d + 8), _mm256_loadu_ps(x + d + 8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + d + 16), _mm256_loadu_ps(x + d + 16), a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + d + 24), _mm256_loadu_ps(x + d + 24), a3);
-      }
-      for (; d < k; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + d), _mm256_loadu_ps(x + d), a0);
-      const float v = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-      y[r] = beta == 0.0f ? v : v + beta * y[r];
-    }
-    return;
-  }
   for (int64_t r = r0; r < r1; ++r) {
     const float* wr = w + r * k;
     int64_t i = 0;

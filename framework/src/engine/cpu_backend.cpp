@@ -600,6 +600,15 @@ Status CpuBackend::rerotate(KvSequence& seq, int32_t l, int32_t g) {
   return ok_status();
 }
 
+void CpuBackend::swap_call_rows() {
+  std::swap(q_, call_.q);
+  std::swap(k_, call_.k);
+  std::swap(v_, call_.v);
+  std::swap(attn_, call_.attn);
+  std::swap(positions_, call_.positions);
+  std::swap(tokens_, call_.tokens);
+}
+
 // A segment's rows become the call as the per-sequence ops see it: the
 // whole call's buffers step aside (swapped, not copied) and the segment's
 // rows are copied into the workspace members; unfocus puts them back.
@@ -610,12 +619,7 @@ Status CpuBackend::focus_segment(int32_t segment) {
   const CallSegment& seg = segments_[size_t(segment)];
   const ModelConfig& c = config_;
   const int64_t r0 = seg.row_from, rows = seg.rows, qd = c.q_dim(), kd = c.kv_dim();
-  std::swap(q_, call_.q);
-  std::swap(k_, call_.k);
-  std::swap(v_, call_.v);
-  std::swap(attn_, call_.attn);
-  std::swap(positions_, call_.positions);
-  std::swap(tokens_, call_.tokens);
+  swap_call_rows();
   call_.n = n_;
   q_.assign(call_.q.begin() + r0 * qd, call_.q.begin() + (r0 + rows) * qd);
   k_.assign(call_.k.begin() + r0 * kd, call_.k.begin() + (r0 + rows) * kd);
@@ -642,12 +646,7 @@ Status CpuBackend::unfocus_segment() {
   std::copy(q_.begin(), q_.begin() + seg.rows * qd, call_.q.begin() + r0 * qd);
   std::copy(k_.begin(), k_.begin() + seg.rows * kd, call_.k.begin() + r0 * kd);
   std::copy(attn_.begin(), attn_.begin() + seg.rows * qd, call_.attn.begin() + r0 * qd);
-  std::swap(q_, call_.q);
-  std::swap(k_, call_.k);
-  std::swap(v_, call_.v);
-  std::swap(attn_, call_.attn);
-  std::swap(positions_, call_.positions);
-  std::swap(tokens_, call_.tokens);
+  swap_call_rows();
   n_ = call_.n;
   call_rows_ = n_;
   call_first_position_ = segments_.front().first_position;

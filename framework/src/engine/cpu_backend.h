@@ -162,6 +162,7 @@ class CpuBackend final : public Backend {
     std::vector<int32_t> positions, tokens;
     int64_t n = 0;
   } call_;
+  void swap_call_rows();  // the workspace's per-sequence members <-> call_
   int64_t workspace_tokens_ = 0;
   std::vector<int32_t> group_positions_;  // (n_kv_heads, n) RoPE positions in cache mode
   // Statistics of the layer last computed: per query head, mass per stored token.

@@ -263,14 +263,20 @@ Status ForwardPass::skip_layer(int32_t l, SkippedLayerKv fill) {
   if (!capturing_) ++counters_.layers_skipped;
   if (fill == SkippedLayerKv::None) return ok_status();
   if (!capturing_) counters_.kv_fills_propagated += rows();
+  if (auto s = skipped_kv(l); !s) return s;
+  if (auto s = backend_.rope(seq_, l, false); !s) return s;
+  return backend_.append_kv(seq_, l);
+}
+
+// K and V of the call's rows as they pass a skipped layer (every row of a batched call).
+Status ForwardPass::skipped_kv(int32_t l) {
   if (auto s = backend_.rmsnorm(Norm::Attention, l); !s) return s;
   if (auto s = backend_.linear(Proj::K, l); !s) return s;
   if (auto s = backend_.linear(Proj::V, l); !s) return s;
   if (config_.qkv_bias)
     for (Proj p : {Proj::K, Proj::V})
       if (auto s = backend_.add_bias(p, l); !s) return s;
-  if (auto s = backend_.rope(seq_, l, false); !s) return s;
-  return backend_.append_kv(seq_, l);
+  return ok_status();
 }
 
 // An intermediate for the observer, when it asked for it.
@@ -1004,12 +1010,7 @@ class BatchedCall {
       if (fill != SkippedLayerKv::None) counters_.kv_fills_propagated += p->rows();
     }
     if (fill == SkippedLayerKv::None) return ok_status();
-    if (auto s = backend_.rmsnorm(Norm::Attention, l); !s) return s;
-    if (auto s = backend_.linear(Proj::K, l); !s) return s;
-    if (auto s = backend_.linear(Proj::V, l); !s) return s;
-    if (config_.qkv_bias)
-      for (Proj p : {Proj::K, Proj::V})
-        if (auto s = backend_.add_bias(p, l); !s) return s;
+    if (auto s = passes_.front()->skipped_kv(l); !s) return s;
     for (size_t i = 0; i < passes_.size(); ++i)
       if (auto s = focused(i, [&]() -> Status {
             if (auto st = backend_.rope(passes_[i]->seq_, l, false); !st) return st;
