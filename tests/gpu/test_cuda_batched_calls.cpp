@@ -4,17 +4,21 @@
 // rounding: a GEMM over more rows may sum in another order), also with a
 // layer every plan skips (the skipped layer's K/V appended per segment), and
 // leave each sequence's cache as alone (its next step alone, a replayed
-// graph, matches); bad segments and focus misuse are errors.
+// graph, matches); bad segments and focus misuse are errors. A sequence that
+// exits early by confidence stays in its batched call as a frozen row: its
+// logits, K/V fill and counters are those it has alone.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <memory>
+#include <random>
 #include <string>
 #include <vector>
 
 #include "engine/backend_factory.h"
 #include "engine/engine.h"
+#include "exit_test_methods.h"
 #include "gpu_engine_support.h"
 #include "gpu_test_support.h"
 #include "plugin_test_support.h"
@@ -150,6 +154,121 @@ TEST(CudaBatchedCalls, ASharedSkippedLayerRunsBatched) {
   EXPECT_EQ(b.kv_fills_propagated, a.kv_fills_propagated);
   expect_same_logits(batched, alone);
   EXPECT_TRUE(engine->set_method(nullptr, 0).ok());
+}
+
+using test::ExitByParity;
+using test::near_identity_heads;
+using test::policy_checking;
+
+// Inside a batched call an exited sequence stays as a frozen row (the CUDA
+// backend's stash_segment, and its exit ops on the focused segment's last row
+// with an exit state per segment): its logits, K/V fill and counters are those
+// it has alone, while the call runs every layer for the sequence that does
+// not exit.
+TEST(CudaBatchedCalls, ExitsInsideABatchEqualThoseAlone) {
+  INFERLAB_REQUIRE_GPU();
+  const ModelConfig& c = small_model()->config();
+  for (const ExitMeasure measure : {ExitMeasure::State, ExitMeasure::Softmax, ExitMeasure::Classifier}) {
+    SCOPED_TRACE(int(measure));
+    ExitByParity method;
+    method.policy = policy_checking(c, measure, {1, 2});
+    method.policy.heads = near_identity_heads(c);
+    auto engine = make_engine(small_model(), BackendKind::Cuda, 16, GpuDType::F16, false);
+    ASSERT_NE(engine, nullptr);
+    Engine& e = *engine;
+    {
+      const Status s = e.set_method(&method, hooks_of<ExitByParity>());
+      ASSERT_TRUE(s.ok()) << s.message();
+    }
+    const std::vector<int32_t> p = test::random_tokens(c.n_vocab, 21, 6);
+    const std::vector<int32_t> next = {3, 9, 4, 7};  // the last: one more step of each alone, after the batches
+    // Four sequences of consecutive ids: two alone, then two in batches, each an alone twin of its parity.
+    Sequences seqs;
+    for (int i = 0; i < 4; ++i) seqs.push_back(e.new_sequence());
+    ASSERT_EQ(seqs[0]->id() % 2, seqs[2]->id() % 2);
+    ASSERT_EQ(seqs[1]->id() % 2, seqs[3]->id() % 2);
+    ASSERT_NE(seqs[0]->id() % 2, seqs[1]->id() % 2);
+    Rows out(4);
+    for (size_t i : {size_t(0), size_t(1)}) {
+      ASSERT_TRUE(e.forward(*seqs[i], p, int64_t(p.size()) - 1, append_to(out[i])).ok());
+      for (size_t s = 0; s + 1 < next.size(); ++s)
+        ASSERT_TRUE(e.forward(*seqs[i], std::vector<int32_t>{next[s]}, 0, append_to(out[i])).ok());
+    }
+    const EngineCounters alone = e.counters();
+    e.reset_counters();
+    const int64_t last = int64_t(p.size()) - 1;  // the prompt's logits: its last row
+    {
+      auto st = e.forward_batch(std::vector<Engine::BatchItem>{{seqs[2].get(), p, last, append_to(out[2])},
+                                                               {seqs[3].get(), p, last, append_to(out[3])}});
+      ASSERT_TRUE(st.ok()) << st.message();
+    }
+    for (size_t s = 0; s + 1 < next.size(); ++s) {
+      const std::vector<int32_t> one = {next[s]};
+      auto st = e.forward_batch(std::vector<Engine::BatchItem>{{seqs[2].get(), one, 0, append_to(out[2])},
+                                                               {seqs[3].get(), one, 0, append_to(out[3])}});
+      ASSERT_TRUE(st.ok()) << st.message();
+    }
+    const EngineCounters& batched = e.counters();
+    EXPECT_EQ(batched.batch_fallbacks, 0);
+    EXPECT_EQ(batched.batched_calls, 4);
+    EXPECT_EQ(batched.batched_layers, 4 * c.n_layers);  // the sequence that never exits sets the pace
+    EXPECT_EQ(batched.exit_checks, alone.exit_checks);
+    EXPECT_EQ(batched.exits_after_layer, alone.exits_after_layer);
+    EXPECT_EQ(batched.decode_layers_run, alone.decode_layers_run);
+    EXPECT_EQ(batched.layers_skipped, alone.layers_skipped);
+    EXPECT_EQ(batched.kv_fills_propagated, alone.kv_fills_propagated);
+    ASSERT_GT(alone.exits_after_layer.size(), 1u);
+    EXPECT_EQ(alone.exits_after_layer[1], int64_t(next.size()) - 1) << "the even sequence exits at every decode step";
+    for (size_t i : {size_t(0), size_t(1)}) {
+      ASSERT_EQ(out[i + 2].size(), out[i].size()) << "sequence " << i;
+      EXPECT_LT(max_abs_difference(out[i + 2], out[i]), kLogitTolerance) << "sequence " << i;
+      // One more step of each alone, from either history: the frozen row's
+      // K/V fill left its cache as alone did.
+      std::vector<float> a, b;
+      const std::vector<int32_t> token = {next.back()};
+      ASSERT_TRUE(e.forward(*seqs[i], token, 0, append_to(a)).ok());
+      ASSERT_TRUE(e.forward(*seqs[i + 2], token, 0, append_to(b)).ok());
+      ASSERT_EQ(a.size(), b.size());
+      EXPECT_LT(max_abs_difference(b, a), kLogitTolerance) << "sequence " << i << " after the batches";
+      EXPECT_EQ(seqs[i + 2]->n_past(), seqs[i]->n_past());
+    }
+    EXPECT_TRUE(e.set_method(nullptr, 0).ok());
+  }
+}
+
+// stash_segment needs a focused segment, and a restore something stashed.
+TEST(CudaBatchedCalls, StashingASegmentNeedsAFocusAndRestoringAStash) {
+  INFERLAB_REQUIRE_GPU();
+  EngineOptions options;
+  options.backend = BackendKind::Cuda;
+  auto made = make_cuda_backend(small_model(), options, 256);
+  ASSERT_TRUE(made.ok()) << made.message();
+  Backend& backend = **made;
+  const std::vector<int32_t> tokens = {1, 2, 3, 4, 5};
+  const std::vector<CallSegment> segments = {{0, 3, 0}, {3, 2, 0}};
+  ASSERT_TRUE(backend.begin_call({tokens, 0, false, segments}).ok());
+  ASSERT_TRUE(backend.embed().ok());
+  auto unfocused = backend.stash_segment(false);
+  ASSERT_FALSE(unfocused.ok());
+  EXPECT_EQ(unfocused.message().rfind("cuda backend: ", 0), 0u) << unfocused.message();
+  ASSERT_TRUE(backend.focus_segment(1).ok());
+  auto nothing = backend.stash_segment(true);
+  ASSERT_FALSE(nothing.ok());
+  EXPECT_EQ(nothing.message().rfind("cuda backend: ", 0), 0u) << nothing.message();
+  EXPECT_TRUE(backend.stash_segment(false).ok());
+  EXPECT_TRUE(backend.stash_segment(true).ok());
+  EXPECT_TRUE(backend.unfocus_segment().ok());
+  ASSERT_TRUE(backend.focus_segment(0).ok());
+  EXPECT_FALSE(backend.stash_segment(true).ok()) << "segment 1's stash is not segment 0's";
+  EXPECT_TRUE(backend.unfocus_segment().ok());
+  double seconds = 0;
+  EXPECT_TRUE(backend.end_call(seconds).ok());
+  // A new call forgets the last one's stashes.
+  ASSERT_TRUE(backend.begin_call({tokens, 0, false, segments}).ok());
+  ASSERT_TRUE(backend.focus_segment(1).ok());
+  EXPECT_FALSE(backend.stash_segment(true).ok());
+  EXPECT_TRUE(backend.unfocus_segment().ok());
+  EXPECT_TRUE(backend.end_call(seconds).ok());
 }
 
 TEST(CudaBatchedCalls, SegmentsAreCheckedAndFocusedOneAtATime) {

@@ -13,6 +13,7 @@
 #include "cpu/early_exit.h"
 #include "cpu/predictors.h"
 #include "engine/engine.h"
+#include "exit_test_methods.h"
 #include "test_support.h"
 
 namespace inferlab {
@@ -22,45 +23,11 @@ std::shared_ptr<Model> exit_model() {
   return test::shared_synthetic({.name = "exit-policy", .n_layers = 4, .n_heads = 4, .n_kv_heads = 2, .seed = 31});
 }
 
-// A method that only declares an exit policy and a fixed threshold.
-struct ConfidenceExit final : Method {
-  ExitPolicy policy;
-  double threshold = 2.0;
-  double exit_threshold(const StepInfo&) override { return threshold; }
-  ExitPolicy exit_policy() const override { return policy; }
-};
-
-ExitMap random_map(int64_t out, int64_t in, uint64_t seed, float scale) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> dist(0.0f, scale);
-  ExitMap m;
-  m.weight.resize(size_t(out * in));
-  m.bias.resize(size_t(out));
-  for (float& w : m.weight) w = dist(rng);
-  for (float& b : m.bias) b = dist(rng);
-  return m;
-}
-
-// Exit heads near the identity (so the mapped state still predicts), one per layer.
-std::vector<ExitMap> near_identity_heads(const ModelConfig& c) {
-  std::vector<ExitMap> heads;
-  for (int32_t l = 0; l < c.n_layers; ++l) {
-    ExitMap m = random_map(c.n_embd, c.n_embd, 100 + uint64_t(l), 0.05f);
-    for (int64_t i = 0; i < c.n_embd; ++i) m.weight[size_t(i * c.n_embd + i)] += 1.0f;
-    heads.push_back(std::move(m));
-  }
-  return heads;
-}
-
-ExitPolicy policy_checking(const ModelConfig& c, ExitMeasure measure, std::initializer_list<int32_t> layers) {
-  ExitPolicy p;
-  p.measure = measure;
-  p.check.assign(size_t(c.n_layers), 0);
-  for (int32_t l : layers) p.check[size_t(l)] = 1;
-  if (measure == ExitMeasure::Classifier)
-    for (int32_t l = 0; l < c.n_layers; ++l) p.classifiers.push_back(random_map(2, c.n_embd, 7 + uint64_t(l), 0.2f));
-  return p;
-}
+using test::ConfidenceExit;
+using test::ExitByParity;
+using test::near_identity_heads;
+using test::policy_checking;
+using test::random_map;
 
 // The residual rows of every layer (input and output) of a dense forward.
 struct HiddenTaps final : ForwardObserver {
@@ -249,14 +216,6 @@ TEST(ExitPolicy, CallsOfSeveralRowsNeverExit) {
   }
   EXPECT_EQ(method_logits, dense_logits);
 }
-
-// A threshold per sequence: even sequence ids exit at the first check,
-// odd ones never check.
-struct ExitByParity final : Method {
-  ExitPolicy policy;
-  double exit_threshold(const StepInfo& step) override { return step.sequence % 2 == 0 ? -2.0 : 2.0; }
-  ExitPolicy exit_policy() const override { return policy; }
-};
 
 // Inside a batched call an exited sequence stays as a frozen row: its logits,
 // K/V fill and counters are those it has alone, while the call runs every

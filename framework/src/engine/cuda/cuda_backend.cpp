@@ -286,6 +286,13 @@ Status CudaBackend::begin_call(const CallSetup& call) {
   layer_staged_by_.assign(size_t(config_.n_layers), -1);
   focused_ = -1;
   focus_row_ = 0;
+  stashed_rows_.assign(segments_.size(), 0);  // a segment's stash is this call's alone
+  if (exit_active_) {  // an exit state slot per segment (set_exit_policy made the first)
+    const size_t slots = std::max<size_t>(segments_.size(), 1);
+    if (auto s = grow(exit_state_, slots * size_t(config_.n_embd) * 4, "the exit states of a batched call"); !s)
+      return s;
+    exit_state_kept_.assign(slots, 0);
+  }
   int32_t* staged = host_small_.as<int32_t>();  // (2, n): ids, positions
   for (int64_t i = 0; i < n; ++i) {
     staged[i] = call.tokens[size_t(i)];
@@ -326,6 +333,31 @@ Status CudaBackend::unfocus_segment() {
   sequence_retention_started_ = whole_.retention_started;
   focus_row_ = 0;
   focused_ = -1;
+  return ok_status();
+}
+
+// The focused segment's residual rows into its own buffer or back, on the
+// stream (ordered after the ops that wrote them and before those that read
+// them); no graph captures it, so a buffer may grow here.
+Status CudaBackend::stash_segment(bool restore) {
+  if (focused_ < 0) return Error{"cuda backend: no segment is focused to stash"};
+  if (capturing_) return Error{"cuda backend: a segment stashed inside a graph capture"};
+  const size_t seg = size_t(focused_), bytes = size_t(n_) * size_t(config_.n_embd) * 4;
+  float* rows = sequence_rows(x_, config_.n_embd);
+  if (restore) {
+    if (seg >= stashed_rows_.size() || stashed_rows_[seg] != n_ || stashed_[seg].bytes() < bytes)
+      return Error{fmt::format("cuda backend: segment {} has nothing stashed", seg)};
+    CUDA_TRY(cudaMemcpyAsync(rows, stashed_[seg].as(), bytes, cudaMemcpyDeviceToDevice, stream_), "restore a segment");
+    return ok_status();
+  }
+  if (stashed_.size() <= seg) stashed_.resize(seg + 1);
+  if (stashed_rows_.size() <= seg) stashed_rows_.resize(seg + 1, 0);
+  stashed_rows_[seg] = 0;
+  // Growing frees the old buffer (cudaFree waits for the device), contents lost.
+  if (!stashed_[seg].reserve(bytes))
+    return Error{fmt::format("cuda engine: out of GPU memory to stash a segment of {} rows", n_)};
+  CUDA_TRY(cudaMemcpyAsync(stashed_[seg].as(), rows, bytes, cudaMemcpyDeviceToDevice, stream_), "stash a segment");
+  stashed_rows_[seg] = n_;
   return ok_status();
 }
 

@@ -73,6 +73,7 @@ class CudaBackend final : public Backend {
   Status apply_exit_head(int32_t layer) override;
   Status focus_segment(int32_t segment) override;
   Status unfocus_segment() override;
+  Status stash_segment(bool restore) override;
   Status add_residual() override;
   Status add_bias(Proj proj, int32_t layer) override;
   Status rope(const KvSequence& seq, int32_t layer, bool queries) override;
@@ -192,6 +193,13 @@ class CudaBackend final : public Backend {
   float* sequence_rows(const DeviceMemory& buffer, int64_t cols) const {
     return buffer.as<float>() + focus_row_ * cols;
   }
+  // The residual stream's last row of the call, or of the focused segment:
+  // the row the exit ops measure and map.
+  float* sequence_last_row() const {
+    return sequence_rows(x_, config_.n_embd) + (n_ - 1) * config_.n_embd;
+  }
+  // The exit state's slot: the focused segment's, 0 outside a focus.
+  size_t exit_slot() const { return focused_ >= 0 ? size_t(focused_) : 0; }
   // cuda_attention.cpp
   Status claim_staging(int32_t layer);
   Status stage_counts(const KvSequence& seq, int32_t layer);
@@ -289,6 +297,11 @@ class CudaBackend final : public Backend {
   } whole_;
   std::vector<uint8_t> segment_retention_started_;  // per segment, kept across its focuses
   std::vector<int32_t> layer_staged_by_;            // (n_layers) the segment whose uploads last used a layer's staging
+  // stash_segment: per segment, its residual rows kept aside (a buffer per
+  // segment, grown on demand and kept across calls) and how many rows this
+  // call stashed there (0: none).
+  std::vector<DeviceMemory> stashed_;
+  std::vector<int64_t> stashed_rows_;
   // Workspace for n rows (n = workspace_rows_):
   DeviceMemory x_;       // (n, n_embd) float residual stream
   DeviceMemory xn_;      // (n, n_embd) dtype, normed input of a GEMM
@@ -384,14 +397,16 @@ class CudaBackend final : public Backend {
   // Early exit by confidence (cuda_exits.cpp): the policy's measure, its maps
   // per layer (exit heads in one allocation of dtype_; the classifiers and
   // every bias in one float allocation), the layer input kept for the state
-  // measure, one-row scratch, and the confidence the host reads.
+  // measure (one slot per segment of a batched call: several sequences
+  // check the same layer in one call), one-row scratch, and the confidence
+  // the host reads.
   bool exit_active_ = false;
   ExitMeasure exit_measure_ = ExitMeasure::Softmax;
   float exit_eps_ = 1e-5f;
   std::vector<DeviceExitMap> exit_heads_, exit_classifiers_;  // per layer, or empty: none
   DeviceMemory exit_head_weights_, exit_params_;
-  DeviceMemory exit_state_;      // (n_embd) float: the checked layer's input row
-  bool exit_state_kept_ = false;  // ... kept for the next confidence
+  DeviceMemory exit_state_;      // (slots, n_embd) float: the checked layer's input row, per exit_slot()
+  std::vector<uint8_t> exit_state_kept_;  // (slots) ... kept for the slot's next confidence
   DeviceMemory exit_x_, exit_y_;  // (n_embd) float: a row over its RMS, a row an exit head mapped
   DeviceMemory exit_xt_;          // (n_embd) dtype_: the row over its RMS as a GEMM input
   DeviceMemory exit_out_;         // (3) float: a classifier's logits, then the confidence

@@ -1,10 +1,11 @@
 // Early exit by confidence on the CUDA backend (ExitPolicy): the measure of
-// the call's last row after a checked layer is computed where the row lives
-// and reduced on the device to one float, the only value that comes back to
-// the host; after an exit, the layer's exit head maps the row in place before
-// the logits. Exit heads (n_embd, n_embd) are kept in the GPU type and run
-// through cuBLAS, as the model's projections; the classifiers (2, n_embd) and
-// the biases stay float (the predictors' one-row layer). Twin: cpu_exits.cpp.
+// the call's last row (in a batched call, the focused segment's) after a
+// checked layer is computed where the row lives and reduced on the device to
+// one float, the only value that comes back to the host; after an exit, the
+// layer's exit head maps the row in place before the logits. Exit heads
+// (n_embd, n_embd) are kept in the GPU type and run through cuBLAS, as the
+// model's projections; the classifiers (2, n_embd) and the biases stay float
+// (the predictors' one-row layer). Twin: cpu_exits.cpp.
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -26,7 +27,7 @@ Status CudaBackend::set_exit_policy(ExitPolicy policy) {
   drop_graphs();  // as set_predictors: no graph outlives the policy it was captured under
   CUDA_TRY(cudaStreamSynchronize(stream_), "exit policy");  // nothing queued still reads the maps replaced here
   exit_active_ = false;
-  exit_state_kept_ = false;
+  exit_state_kept_.clear();
   exit_heads_.clear();
   exit_classifiers_.clear();
   if (!policy.active()) {  // its weights go with it
@@ -131,13 +132,20 @@ Status CudaBackend::upload_exit_params(const ExitPolicy& policy, std::vector<Dev
   return ok_status();
 }
 
+// The focused segment's last row (the call's outside a focus) into its own
+// slot: in a batched call every checking segment keeps its input before the
+// layer runs over all rows, and each confidence then reads its own.
 Status CudaBackend::keep_exit_state() {
   if (!exit_active_) return Error{"cuda backend: exit state kept without an exit policy"};
   const int64_t d = config_.n_embd;
-  CUDA_TRY(cudaMemcpyAsync(exit_state_.as(), sequence_rows(x_, d) + (n_ - 1) * d, size_t(d) * 4,
+  const size_t slot = exit_slot();
+  if ((slot + 1) * size_t(d) * 4 > exit_state_.bytes())  // begin_call makes a slot per segment
+    return Error{fmt::format("cuda backend: no exit state slot for segment {}", slot)};
+  if (exit_state_kept_.size() <= slot) exit_state_kept_.resize(slot + 1, 0);
+  CUDA_TRY(cudaMemcpyAsync(exit_state_.as<float>() + slot * size_t(d), sequence_last_row(), size_t(d) * 4,
                            cudaMemcpyDeviceToDevice, stream_),
            "exit state");
-  exit_state_kept_ = true;
+  exit_state_kept_[slot] = 1;
   return ok_status();
 }
 
@@ -157,14 +165,18 @@ Result<float> CudaBackend::exit_confidence(int32_t l) {
   const int64_t d = c.n_embd;
   if (!exit_active_ || l < 0 || l >= c.n_layers) return Error{"cuda backend: exit confidence without an exit policy"};
   if (capturing_) return Error{"cuda backend: an exit confidence inside a graph capture (the host reads it)"};
-  const float* h = x_.as<float>() + (n_ - 1) * d;
+  const float* h = sequence_last_row();  // the focused segment's in a batched call
   float* confidence = exit_out_.as<float>() + 2;
   switch (exit_measure_) {
-    case ExitMeasure::State:
-      if (!exit_state_kept_) return Error{"cuda backend: the state measure without the layer's input"};
-      exit_state_kept_ = false;  // each check keeps its own layer's input
-      CUDA_TRY(kc::cosine_similarity(exit_state_.as<float>(), h, d, confidence, stream_), "exit state cosine");
+    case ExitMeasure::State: {
+      const size_t slot = exit_slot();
+      if (slot >= exit_state_kept_.size() || exit_state_kept_[slot] == 0)
+        return Error{"cuda backend: the state measure without the layer's input"};
+      exit_state_kept_[slot] = 0;  // each check keeps its own layer's input
+      CUDA_TRY(kc::cosine_similarity(exit_state_.as<float>() + slot * size_t(d), h, d, confidence, stream_),
+               "exit state cosine");
       break;
+    }
     case ExitMeasure::Classifier: {
       const DeviceExitMap* m = size_t(l) < exit_classifiers_.size() ? &exit_classifiers_[size_t(l)] : nullptr;
       if (m == nullptr || m->weight == nullptr)
@@ -205,7 +217,7 @@ Result<float> CudaBackend::exit_confidence(int32_t l) {
 
 Status CudaBackend::apply_exit_head(int32_t l) {
   if (l < 0 || size_t(l) >= exit_heads_.size() || exit_heads_[size_t(l)].weight == nullptr) return ok_status();
-  float* h = x_.as<float>() + (n_ - 1) * config_.n_embd;
+  float* h = sequence_last_row();  // the focused segment's in a batched call
   return map_exit_row(l, h, h);
 }
 
