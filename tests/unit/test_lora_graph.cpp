@@ -244,6 +244,41 @@ void expect_same_grads(const AdapterGrads& x, const AdapterGrads& y) {
   }
 }
 
+// QLoRA's memory: once the 4-bit base is made, the model's float32 projections
+// can leave the process (inferlab finetune releases them) and nothing changes:
+// the graph computes through its own 4-bit copy. A graph on a released model
+// needs them and is refused.
+TEST(LoraGraph, AFourBitBaseNeedsNoFloatProjections) {
+  SyntheticModelSpec spec;
+  spec.name = "lora-graph-release";
+  spec.n_layers = 2;
+  spec.n_embd = 64;
+  spec.n_ff = 96;
+  spec.n_heads = 4;
+  spec.n_kv_heads = 2;
+  std::shared_ptr<Model> own = test::load_synthetic(spec);  // released below: not the shared tiny model
+  ASSERT_NE(own, nullptr);
+  GraphOptions options;
+  options.base.format = WeightFormat::NF4;
+  options.base.block_size = 64;
+  auto g = LoraGraph::create(own, options);
+  ASSERT_TRUE(g.ok()) << g.message();
+  const Batch b = make_batch((*g)->config(), 10, 9);
+  const AdapterSet set = random_adapters((*g)->config(), 12);
+  AdapterGrads before = AdapterGrads::like(set), after = before;
+  auto l0 = (*g)->forward_backward(b, set, before, 0.01f);
+  own->release_layer_projections();
+  EXPECT_TRUE(own->projections_released());
+  EXPECT_TRUE(own->weights().layers[1].w_down.empty());
+  auto l1 = (*g)->forward_backward(b, set, after, 0.01f);
+  ASSERT_TRUE(l0.ok() && l1.ok());
+  EXPECT_EQ(l0->loss_sum, l1->loss_sum);
+  expect_same_grads(before, after);
+  auto refused = LoraGraph::create(own, options);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.message().find("float32 projections were released"), std::string::npos) << refused.message();
+}
+
 TEST(LoraGraph, CheckpointingChangesNoBitAndLossChunksOnlyRounding) {
   GraphOptions plain, checkpointed, one_row;
   checkpointed.checkpoint_layers = true;

@@ -331,6 +331,9 @@ Result<FinetuneReport> run_finetune(const FinetuneConfig& config, const Finetune
   go.dropout = float(f.dropout);
   auto graph = LoraGraph::create(*model, go);
   if (!graph) return graph.error();
+  // QLoRA: the graph computes through its 4-bit copy of the projections, so
+  // their float32 weights leave the process (the memory the recipe saves).
+  if (f.quant != "none") (*model)->release_layer_projections();
 
   train::AdamWOptions ao;
   ao.lr = f.lr, ao.beta1 = f.beta1, ao.beta2 = f.beta2, ao.eps = f.eps, ao.weight_decay = f.weight_decay;

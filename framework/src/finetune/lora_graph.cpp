@@ -605,6 +605,8 @@ Result<std::unique_ptr<LoraGraph>> LoraGraph::create(std::shared_ptr<const Model
   impl->opt = options;
   const ModelConfig& c = impl->c;
   if (c.n_heads % c.n_kv_heads != 0) return Error{"fine-tuning: n_heads must be a multiple of n_kv_heads"};
+  if (model->projections_released())
+    return Error{"fine-tuning: the model's float32 projections were released (a 4-bit base was made from them)"};
   if (options.base.format != WeightFormat::Model) {
     const WeightStorage& s = options.base;
     if (s.block_size < 2 || s.block_size > 4096 || s.block_size % 2 != 0)

@@ -33,6 +33,13 @@ void unmap_huge(void* p, std::size_t bytes) {
   if (p != nullptr) munmap(p, round_up(bytes, kHugePageBytes));
 }
 
+void release_pages(void* p, std::size_t bytes) {
+  constexpr std::uintptr_t kPage = 4096;
+  const auto begin = reinterpret_cast<std::uintptr_t>(p), end = begin + bytes;
+  const std::uintptr_t first = (begin + kPage - 1) / kPage * kPage, last = end / kPage * kPage;
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
+}
+
 WeightArena::WeightArena(std::size_t chunk_bytes) : chunk_bytes_(round_up(chunk_bytes, kHugePageBytes)) {}
 
 WeightArena::~WeightArena() {

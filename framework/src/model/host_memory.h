@@ -20,6 +20,10 @@ inline constexpr std::size_t kHugePageBytes = std::size_t(2) << 20;
 // nullptr when the system has none left. Free with unmap_huge(p, bytes).
 void* map_huge(std::size_t bytes);
 void unmap_huge(void* p, std::size_t bytes);
+// The whole 4 KiB pages inside [p, p + bytes) go back to the system (their
+// contents are lost; the range stays mapped and reads as zero): a tensor of an
+// arena that nothing will read again.
+void release_pages(void* p, std::size_t bytes);
 
 // A bump allocator over huge-page mappings for a model's weights, which live
 // as long as the model: nothing is returned before the arena goes away.

@@ -235,4 +235,14 @@ Result<std::filesystem::path> resolve_model(const std::string& name_or_path) {
   return path;
 }
 
+void Model::release_layer_projections() {
+  for (LayerWeights& w : weights_.layers)
+    for (WeightVector* t : {&w.wq, &w.wk, &w.wv, &w.wo, &w.w_gate, &w.w_up, &w.w_down}) {
+      release_pages(t->data(), t->size() * sizeof(float));
+      t->clear();
+      t->shrink_to_fit();  // an arena's memory is never handed back but through release_pages
+    }
+  projections_released_ = true;
+}
+
 }  // namespace inferlab

@@ -74,6 +74,12 @@ class Model {
   const std::filesystem::path& path() const { return path_; }
   uint64_t file_size() const { return file_size_; }  // of the weight files, for a checkpoint folder
   int64_t parameter_count() const { return parameter_count_; }
+  // The float32 weights of every layer's projections (Q, K, V, O, gate, up,
+  // down) go: their memory returns to the system and the tensors are empty.
+  // For a process that computes through its own copies of them (fine-tuning
+  // through a 4-bit base); nothing may read them afterwards.
+  void release_layer_projections();
+  bool projections_released() const { return projections_released_; }
   // SHA-256 of the file (of a checkpoint folder: sha256_path), hex; computed on first use.
   const std::string& checksum() const;
 
@@ -88,6 +94,7 @@ class Model {
   std::unique_ptr<Tokenizer> tokenizer_;
   std::string chat_template_;
   mutable std::string checksum_;
+  bool projections_released_ = false;
 };
 
 // SHA-256 of bytes, of a file, as lowercase hex.
