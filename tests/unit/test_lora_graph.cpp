@@ -24,18 +24,20 @@ using finetune::Batch;
 using finetune::GraphOptions;
 using finetune::LoraGraph;
 
+SyntheticModelSpec tiny_spec(const std::string& name) {
+  SyntheticModelSpec spec;
+  spec.name = name;
+  spec.n_layers = 2;
+  spec.n_embd = 64;
+  spec.n_ff = 96;
+  spec.n_heads = 4;
+  spec.n_kv_heads = 2;
+  spec.seed = 21;
+  return spec;
+}
+
 std::shared_ptr<Model> tiny_model() {
-  static std::shared_ptr<Model> m = [] {
-    SyntheticModelSpec spec;
-    spec.name = "lora-graph";
-    spec.n_layers = 2;
-    spec.n_embd = 64;
-    spec.n_ff = 96;
-    spec.n_heads = 4;
-    spec.n_kv_heads = 2;
-    spec.seed = 21;
-    return test::load_synthetic(spec);
-  }();
+  static std::shared_ptr<Model> m = test::load_synthetic(tiny_spec("lora-graph"));
   return m;
 }
 
@@ -249,14 +251,7 @@ void expect_same_grads(const AdapterGrads& x, const AdapterGrads& y) {
 // the graph computes through its own 4-bit copy. A graph on a released model
 // needs them and is refused.
 TEST(LoraGraph, AFourBitBaseNeedsNoFloatProjections) {
-  SyntheticModelSpec spec;
-  spec.name = "lora-graph-release";
-  spec.n_layers = 2;
-  spec.n_embd = 64;
-  spec.n_ff = 96;
-  spec.n_heads = 4;
-  spec.n_kv_heads = 2;
-  std::shared_ptr<Model> own = test::load_synthetic(spec);  // released below: not the shared tiny model
+  std::shared_ptr<Model> own = test::load_synthetic(tiny_spec("lora-graph-release"));  // released below: its own
   ASSERT_NE(own, nullptr);
   GraphOptions options;
   options.base.format = WeightFormat::NF4;
