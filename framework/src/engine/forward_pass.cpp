@@ -218,10 +218,6 @@ Status ForwardPass::run_layers() {
   int32_t exit_layer = -1;  // where the exit policy's confidence passed the threshold
   const ExitLayout* policy = plan_.exit_checks && rows() == 1 ? method_.exit : nullptr;
   std::vector<float> hidden;
-  auto count_exit = [&](int32_t l) {
-    counters_.exits_after_layer.resize(size_t(L), 0);
-    ++counters_.exits_after_layer[size_t(l)];
-  };
   for (int32_t l = 0; l < L; ++l) {
     if (exited || plan_.run[size_t(l)] == 0) {
       if (auto s = skip_layer(l, exit_layer >= 0 ? policy->kv_fill : plan_.kv_fill); !s) return s;
@@ -256,6 +252,12 @@ Status ForwardPass::run_layers() {
   return ok_status();
 }
 
+// A call (or a batched call's sequence) that ended after layer l.
+void ForwardPass::count_exit(int32_t l) {
+  counters_.exits_after_layer.resize(size_t(config_.n_layers), 0);
+  ++counters_.exits_after_layer[size_t(l)];
+}
+
 // The layer is an identity on the residual stream; unless the plan says
 // otherwise its cache still gets the K/V of the hidden state that passes it,
 // so later tokens can attend to it.
@@ -264,6 +266,12 @@ Status ForwardPass::skip_layer(int32_t l, SkippedLayerKv fill) {
   if (fill == SkippedLayerKv::None) return ok_status();
   if (!capturing_) counters_.kv_fills_propagated += rows();
   if (auto s = skipped_kv(l); !s) return s;
+  return append_skipped_kv(l);
+}
+
+// The passing rows' K (rotated) and V into this sequence's cache at layer l
+// (in a batched call, with its segment focused).
+Status ForwardPass::append_skipped_kv(int32_t l) {
   if (auto s = backend_.rope(seq_, l, false); !s) return s;
   return backend_.append_kv(seq_, l);
 }
@@ -931,8 +939,7 @@ class BatchedCall {
             return p.layer_attention(l, own);
           }
           if (p.method_.exit->kv_fill == SkippedLayerKv::None) return ok_status();
-          if (auto s = backend_.rope(p.seq_, l, false); !s) return s;  // a frozen row's K/V: the exit state's
-          return backend_.append_kv(p.seq_, l);
+          return p.append_skipped_kv(l);  // a frozen row's K/V: the exit state's
         };
         if (auto s = focused(i, attend); !s) return s;
       }
@@ -958,10 +965,9 @@ class BatchedCall {
             !s)
           return s;
         ++counters_.exit_checks;
-        if (double(*confidence) <= p.plan_.exit_threshold || l + 1 >= L) continue;
+        if (double(*confidence) <= p.plan_.exit_threshold) continue;
         exited_[i] = l;
-        counters_.exits_after_layer.resize(size_t(L), 0);
-        ++counters_.exits_after_layer[size_t(l)];
+        p.count_exit(l);
         if (auto s = focused(i, [&] { return backend_.stash_segment(false); }); !s) return s;
       }
     }
@@ -1012,12 +1018,7 @@ class BatchedCall {
     if (fill == SkippedLayerKv::None) return ok_status();
     if (auto s = passes_.front()->skipped_kv(l); !s) return s;
     for (size_t i = 0; i < passes_.size(); ++i)
-      if (auto s = focused(i, [&]() -> Status {
-            if (auto st = backend_.rope(passes_[i]->seq_, l, false); !st) return st;
-            return backend_.append_kv(passes_[i]->seq_, l);
-          });
-          !s)
-        return s;
+      if (auto s = focused(i, [&] { return passes_[i]->append_skipped_kv(l); }); !s) return s;
     return ok_status();
   }
 

@@ -95,6 +95,8 @@ class ForwardPass {
   Status layer_output(int32_t layer, LayerWork& work);
   Status skip_layer(int32_t layer, SkippedLayerKv fill);
   Status skipped_kv(int32_t layer);
+  Status append_skipped_kv(int32_t layer);
+  void count_exit(int32_t layer);
   Status decide_mask(int32_t layer, ComponentMask& mask, const ComponentMask*& active);
   Status decide_keys(int32_t layer, KeyPlan& plan);
   Status select_keys(int32_t layer, KeyPlan& plan);
