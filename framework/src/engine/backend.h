@@ -136,6 +136,11 @@ struct CallSetup {
   std::span<const CallSegment> segments;
 };
 
+// Each row's position in a call: one sequence's from first_position, or in
+// a batched call each segment's from its own; segments that do not cover the
+// rows in order are an error naming `backend`.
+Status call_positions(const CallSetup& call, std::vector<int32_t>& positions, const char* backend);
+
 class Backend {
  public:
   virtual ~Backend() = default;

@@ -203,26 +203,13 @@ Status CpuBackend::begin_call(const CallSetup& call) {
     proj_.resize(size_t(n * c.n_embd));
     gate_.resize(size_t(n * c.n_ff));
     up_.resize(size_t(n * c.n_ff));
-    positions_.resize(size_t(n));
     workspace_tokens_ = n;
   }
   segments_.assign(call.segments.begin(), call.segments.end());
   focused_ = -1;
   x_row0_ = 0;
   stashed_.assign(segments_.size(), {});
-  if (segments_.empty()) {
-    for (int64_t i = 0; i < n; ++i) positions_[size_t(i)] = call.first_position + int32_t(i);
-  } else {
-    int64_t covered = 0;
-    for (const CallSegment& seg : segments_) {
-      if (seg.row_from != covered || seg.rows <= 0 || int64_t(seg.row_from) + seg.rows > n)
-        return Error{fmt::format("cpu backend: batched call segments must cover the call's {} rows in order", n)};
-      for (int32_t i = 0; i < seg.rows; ++i) positions_[size_t(seg.row_from + i)] = seg.first_position + i;
-      covered += seg.rows;
-    }
-    if (covered != n)
-      return Error{fmt::format("cpu backend: batched call segments cover {} of the call's {} rows", covered, n)};
-  }
+  if (auto s = call_positions(call, positions_, "cpu"); !s) return s;
   governed_call_ = n <= kDecodeSizedRows && max_threads_ > 1;
   if (governed_call_ && governed_calls_++ % kLoadEveryCalls == 0) governor_.observe_load(other_load_.sample());
   omp_set_num_threads(governed_call_ ? governor_.next_call() : max_threads_);

@@ -63,6 +63,25 @@ Result<WeightSource> parse_weight_source(const std::string& name) {
   return Error{fmt::format("weights \"{}\" is not one of f32, file", name)};
 }
 
+Status call_positions(const CallSetup& call, std::vector<int32_t>& positions, const char* backend) {
+  const int64_t n = int64_t(call.tokens.size());
+  positions.resize(size_t(n));
+  if (call.segments.empty()) {
+    for (int64_t i = 0; i < n; ++i) positions[size_t(i)] = call.first_position + int32_t(i);
+    return ok_status();
+  }
+  int64_t covered = 0;
+  for (const CallSegment& seg : call.segments) {
+    if (seg.row_from != covered || seg.rows <= 0 || covered + seg.rows > n)
+      return Error{fmt::format("{} backend: batched call segments must cover the call's {} rows in order", backend, n)};
+    for (int32_t i = 0; i < seg.rows; ++i) positions[size_t(seg.row_from + i)] = seg.first_position + i;
+    covered += seg.rows;
+  }
+  if (covered != n)
+    return Error{fmt::format("{} backend: batched call segments cover {} of the call's {} rows", backend, covered, n)};
+  return ok_status();
+}
+
 const char* feature_name(Feature f) {
   switch (f) {
     case Feature::TokenSelection: return "decode selection of tokens";
@@ -878,11 +897,21 @@ Status Engine::forward_call(KvSequence& seq, std::span<const int32_t> tokens, in
   if (tokens.empty()) return ok_status();
   MethodCall call = method_call();
   if (auto s = check_call(seq, tokens, call.cache_positions); !s) return s;
-  try {
-    if (method_ != nullptr)
-      call.state = seq.method_state(method_->engine_instance, [&] { return method_->new_sequence_state(shape()); });
+  return guarded([&] {
+    call.state = sequence_state(seq);
     ForwardPass pass(*backend_, config(), options_, call, counters_, seq, tokens, observer);
     return pass.run(logits_from, sink);
+  });
+}
+
+SequenceState* Engine::sequence_state(KvSequence& seq) const {
+  if (method_ == nullptr) return nullptr;
+  return seq.method_state(method_->engine_instance, [&] { return method_->new_sequence_state(shape()); });
+}
+
+Status Engine::guarded(const std::function<Status()>& body) const {
+  try {
+    return body();
   } catch (const std::bad_alloc&) {
     return Error{fmt::format("{}: out of memory for KV cache pages", backend_->name())};
   } catch (const std::exception& e) {
@@ -914,16 +943,10 @@ Status Engine::forward_batch(std::span<const BatchItem> items) {
       if (auto s = forward(*m.seq, m.tokens, m.logits_from, *m.sink); !s) return s;
     return ok_status();
   }
-  try {
-    if (method_ != nullptr)
-      for (BatchMember& m : members)
-        m.call.state = m.seq->method_state(method_->engine_instance, [&] { return method_->new_sequence_state(shape()); });
+  return guarded([&] {
+    for (BatchMember& m : members) m.call.state = sequence_state(*m.seq);
     return run_batch(*backend_, config(), options_, counters_, members);
-  } catch (const std::bad_alloc&) {
-    return Error{fmt::format("{}: out of memory for KV cache pages", backend_->name())};
-  } catch (const std::exception& e) {
-    return Error{fmt::format("{}: {}", backend_->name(), e.what())};
-  }
+  });
 }
 
 Status Engine::truncate(KvSequence& seq, int32_t n) {

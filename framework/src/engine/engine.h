@@ -276,6 +276,10 @@ class Engine {
 
  private:
   MethodCall method_call() const;
+  // The method's state for `seq` (made on first use); nullptr without a method.
+  SequenceState* sequence_state(KvSequence& seq) const;
+  // `body`, with an allocation failure or an exception out of it as an error naming the backend.
+  Status guarded(const std::function<Status()>& body) const;
   Status forward_call(KvSequence& seq, std::span<const int32_t> tokens, int64_t logits_from, const LogitsSink& sink,
                       ForwardObserver* observer);
   Engine(std::shared_ptr<const Model> model, EngineOptions options, std::unique_ptr<Backend> backend);

@@ -28,28 +28,6 @@ constexpr size_t kCublasWorkspaceBytes = 32u << 20;
 
 DType kernel_dtype(GpuDType t) { return t == GpuDType::BF16 ? DType::BF16 : DType::F16; }
 
-// The position of each row of a call: one sequence's from first_position, or
-// in a batched call each segment's from its own (the segments must cover the
-// rows in order).
-Status call_positions(const CallSetup& call, std::vector<int32_t>& positions) {
-  const int64_t n = int64_t(call.tokens.size());
-  positions.resize(size_t(n));
-  if (call.segments.empty()) {
-    for (int64_t i = 0; i < n; ++i) positions[size_t(i)] = call.first_position + int32_t(i);
-    return ok_status();
-  }
-  int64_t covered = 0;
-  for (const CallSegment& seg : call.segments) {
-    if (seg.row_from != covered || seg.rows <= 0 || covered + seg.rows > n)
-      return Error{fmt::format("cuda backend: batched call segments must cover the call's {} rows in order", n)};
-    for (int32_t i = 0; i < seg.rows; ++i) positions[size_t(seg.row_from + i)] = seg.first_position + i;
-    covered += seg.rows;
-  }
-  if (covered != n)
-    return Error{fmt::format("cuda backend: batched call segments cover {} of the call's {} rows", covered, n)};
-  return ok_status();
-}
-
 // The plugin SDK's read-only view of a sequence whose rows live on the GPU:
 // positions come from the host page tables; a page's rows are downloaded (as
 // float) the first time a method reads one of its tokens, so a method that
@@ -274,7 +252,7 @@ Status CudaBackend::begin_call(const CallSetup& call) {
   CUDA_TRY(cudaStreamSynchronize(stream_), "forward");
   events_used_ = 0;  // pairs a failed call left unfinished are not counted
   if (auto s = ensure_workspace(n); !s) return s;
-  if (auto s = call_positions(call, host_positions_); !s) return s;
+  if (auto s = call_positions(call, host_positions_, "cuda"); !s) return s;
   n_ = n;
   call_rows_ = n;
   cache_positions_ = call.cache_positions;
