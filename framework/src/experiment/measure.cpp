@@ -19,10 +19,6 @@ namespace {
 using Clock = std::chrono::steady_clock;
 double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
-int32_t argmax(std::span<const float> logits) {
-  return int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
-}
-
 // Everything measured over a run's samples, before it becomes metrics.
 struct Tally {
   int64_t samples = 0;
@@ -454,6 +450,10 @@ std::vector<double> log_softmax(std::span<const float> logits) {
   std::vector<double> out(logits.size());
   for (size_t i = 0; i < logits.size(); ++i) out[i] = double(logits[i]) - log_sum;
   return out;
+}
+
+int32_t argmax(std::span<const float> logits) {
+  return int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
 }
 
 double percentile(std::vector<double> v, double p) {

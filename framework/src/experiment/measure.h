@@ -61,6 +61,9 @@ struct RunMeasurements {
 
 Result<RunMeasurements> measure_run(MeasureContext& context);
 
+// The index of the largest logit (the first of equal ones): greedy decoding.
+int32_t argmax(std::span<const float> logits);
+
 // The p-quantile (0..1) of v, interpolated between order statistics; 0 when empty.
 double percentile(std::vector<double> v, double p);
 

@@ -16,10 +16,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-int32_t argmax(std::span<const float> logits) {
-  return int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
-}
-
 // The pages one request holds after each length, from the first request run
 // alone: index t - prompt for t = prompt .. prompt + new - 1.
 Result<std::vector<int64_t>> footprint(Engine& engine, const TaskSample& sample) {
