@@ -16,7 +16,7 @@
 #include "sparse_method.h"
 
 namespace inferlab {
-namespace {
+namespace test_cuda_activation_sparsity {
 
 namespace kc = kernels::cuda;
 namespace cpu = kernels::cpu;
@@ -227,6 +227,6 @@ TEST(CudaComponentSelection, MaskedHeadsAndTheOracleMatchTheCpuBackend) {
   }
 }
 
-}  // namespace
+}  // namespace test_cuda_activation_sparsity
 }  // namespace inferlab
 

@@ -12,7 +12,7 @@
 #include "plugin_test_support.h"
 
 namespace inferlab {
-namespace {
+namespace test_cuda_adapters {
 
 using gpu_test::make_engine;
 using gpu_test::small_model;
@@ -73,5 +73,5 @@ TEST(CudaAdapters, UnmergedMatchTheCpuAndTheMergedWeights) {
   EXPECT_EQ(*after, *dense);
 }
 
-}  // namespace
+}  // namespace test_cuda_adapters
 }  // namespace inferlab

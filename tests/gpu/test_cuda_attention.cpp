@@ -14,7 +14,7 @@
 #include "gpu_test_support.h"
 
 namespace inferlab::test {
-namespace {
+namespace test_cuda_attention {
 
 using gpu_test::DeviceBuffer;
 using gpu_test::normalized_error;
@@ -369,5 +369,5 @@ TEST(CudaValueTopk, MatchesTheTwinRowByRow) {
       }
 }
 
-}  // namespace
+}  // namespace test_cuda_attention
 }  // namespace inferlab::test

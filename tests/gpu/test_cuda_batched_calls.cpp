@@ -24,7 +24,7 @@
 #include "plugin_test_support.h"
 
 namespace inferlab {
-namespace {
+namespace test_cuda_batched_calls {
 
 using gpu_test::make_engine;
 using gpu_test::small_model;
@@ -310,5 +310,5 @@ TEST(CudaBatchedCalls, SegmentsAreCheckedAndFocusedOneAtATime) {
   EXPECT_TRUE(backend.end_call(seconds).ok());
 }
 
-}  // namespace
+}  // namespace test_cuda_batched_calls
 }  // namespace inferlab

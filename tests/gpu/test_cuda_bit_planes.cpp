@@ -25,7 +25,7 @@
 #include "gpu_test_support.h"
 
 namespace inferlab::test {
-namespace {
+namespace test_cuda_bit_planes {
 
 using gpu_test::DeviceBuffer;
 using gpu_test::normalized_error;
@@ -404,5 +404,5 @@ TEST(CudaAttentionBitPlanesArgs, EachKernelRefusesTheOtherPageForm) {
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);
 }
 
-}  // namespace
+}  // namespace test_cuda_bit_planes
 }  // namespace inferlab::test

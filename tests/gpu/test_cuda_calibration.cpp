@@ -10,7 +10,7 @@
 #include "plugin_test_support.h"
 
 namespace inferlab {
-namespace {
+namespace test_cuda_calibration {
 
 using gpu_test::make_engine;
 using gpu_test::small_model;
@@ -67,5 +67,5 @@ TEST(CudaCalibration, TapsMatchTheCpuBackend) {
   EXPECT_EQ(gpu->counters().graph_replays, replays);
 }
 
-}  // namespace
+}  // namespace test_cuda_calibration
 }  // namespace inferlab

@@ -16,7 +16,7 @@
 #include "plugin_test_support.h"
 
 namespace inferlab {
-namespace {
+namespace test_cuda_engine {
 
 using gpu_test::make_engine;
 using gpu_test::small_model;
@@ -314,5 +314,5 @@ TEST(CudaEngine, RandomSevenBillionShapeRunsADecodeStep) {
   for (float x : *next) ASSERT_TRUE(std::isfinite(x));
 }
 
-}  // namespace
+}  // namespace test_cuda_engine
 }  // namespace inferlab

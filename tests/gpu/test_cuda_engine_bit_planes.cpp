@@ -19,7 +19,7 @@
 #include "plugin_test_support.h"
 
 namespace inferlab::test {
-namespace {
+namespace test_cuda_engine_bit_planes {
 
 using gpu_test::normalized_error;
 
@@ -193,5 +193,5 @@ TEST(CudaEngineBitPlanesSpatten, AllMechanismsMatchTheCpuBackend) {
   EXPECT_GT(total(gpu_run.counters.requant_refetched), 0);
 }
 
-}  // namespace
+}  // namespace test_cuda_engine_bit_planes
 }  // namespace inferlab::test

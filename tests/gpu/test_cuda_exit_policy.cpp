@@ -29,7 +29,7 @@
 #include "model/synthetic_model.h"
 
 namespace inferlab {
-namespace {
+namespace test_cuda_exit_policy {
 
 namespace kc = kernels::cuda;
 namespace cpu = kernels::cpu;
@@ -405,5 +405,5 @@ INSTANTIATE_TEST_SUITE_P(Measures, CudaExitEngine,
                                             ::testing::Bool()),
                          case_name);
 
-}  // namespace
+}  // namespace test_cuda_exit_policy
 }  // namespace inferlab

@@ -16,7 +16,7 @@
 #include "gpu_test_support.h"
 
 namespace inferlab {
-namespace {
+namespace test_cuda_hf_checkpoint {
 
 namespace fs = std::filesystem;
 // The fixtures: from the repository root (the GPU host runs the bundle there),
@@ -98,5 +98,5 @@ TEST(CudaHfCheckpoint, BiasesAndSlidingWindowsMatchTheCpuBackend) {
   }
 }
 
-}  // namespace
+}  // namespace test_cuda_hf_checkpoint
 }  // namespace inferlab

@@ -25,7 +25,7 @@
 #include "gpu_test_support.h"
 
 namespace inferlab::kernels {
-namespace {
+namespace test_cuda_ops {
 
 using gpu_test::DeviceBuffer;
 using gpu_test::MirrorPool;
@@ -636,5 +636,5 @@ TEST(CudaOpsArguments, LaunchersRejectBadSizes) {
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);
 }
 
-}  // namespace
+}  // namespace test_cuda_ops
 }  // namespace inferlab::kernels

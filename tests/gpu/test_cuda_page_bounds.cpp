@@ -16,7 +16,7 @@
 #include "gpu_test_support.h"
 
 namespace inferlab::kernels {
-namespace {
+namespace test_cuda_page_bounds {
 
 using gpu_test::DeviceBuffer;
 using gpu_test::MirrorPool;
@@ -504,5 +504,5 @@ TEST(PageBoundsArguments, LaunchersRejectBadSizes) {
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);
 }
 
-}  // namespace
+}  // namespace test_cuda_page_bounds
 }  // namespace inferlab::kernels

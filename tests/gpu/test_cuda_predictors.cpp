@@ -18,7 +18,7 @@
 #include "predictor_method.h"
 
 namespace inferlab {
-namespace {
+namespace test_cuda_predictors {
 
 namespace kc = kernels::cuda;
 namespace cpu = kernels::cpu;
@@ -155,5 +155,5 @@ TEST(CudaPredictors, TheEngineChoosesOnTheDeviceAndReplaysItsSteps) {
   EXPECT_EQ(after.logits, dense.logits);
 }
 
-}  // namespace
+}  // namespace test_cuda_predictors
 }  // namespace inferlab

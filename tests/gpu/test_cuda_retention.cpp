@@ -16,7 +16,7 @@
 #include "gpu_test_support.h"
 
 namespace inferlab::kernels {
-namespace {
+namespace test_cuda_retention {
 
 using gpu_test::DeviceBuffer;
 
@@ -233,5 +233,5 @@ TEST(CudaSlotPlanes, FillMoveAndCopyMatchTheTwins) {
   EXPECT_EQ(d_other.download(), other);
 }
 
-}  // namespace
+}  // namespace test_cuda_retention
 }  // namespace inferlab::kernels

@@ -15,7 +15,7 @@
 #include "retention_reference_method.h"
 
 namespace inferlab {
-namespace {
+namespace test_cuda_schedule {
 
 using gpu_test::make_engine;
 using gpu_test::small_model;
@@ -276,5 +276,5 @@ TEST(CudaSchedule, RefusesF32PagesBeforeAnyToken) {
   EXPECT_EQ(engine->counters().forward_calls, 0);
 }
 
-}  // namespace
+}  // namespace test_cuda_schedule
 }  // namespace inferlab

@@ -20,7 +20,7 @@
 #include "gpu_test_support.h"
 
 namespace inferlab::kernels {
-namespace {
+namespace test_cuda_sparse_prefill {
 
 using gpu_test::DeviceBuffer;
 using gpu_test::MirrorPool;
@@ -362,5 +362,5 @@ TEST(CudaSparsePlanBuild, SameRangesColumnsAndKeysReadAsTheBuilder) {
     }
 }
 
-}  // namespace
+}  // namespace test_cuda_sparse_prefill
 }  // namespace inferlab::kernels

@@ -14,7 +14,7 @@
 #include "storage_method.h"
 
 namespace inferlab {
-namespace {
+namespace test_cuda_weight_storage {
 
 using gpu_test::make_engine;
 using gpu_test::small_model;
@@ -107,5 +107,5 @@ TEST(CudaWeightStorage, FourBitWeightsMatchTheCpuBackend) {
   EXPECT_EQ(*after, *dense);
 }
 
-}  // namespace
+}  // namespace test_cuda_weight_storage
 }  // namespace inferlab

@@ -27,7 +27,7 @@
 #include "plugin_test_support.h"
 
 namespace inferlab {
-namespace {
+namespace test_rerotation {
 
 using gpu_test::DeviceBuffer;
 using gpu_test::MirrorPool;
@@ -283,5 +283,5 @@ TEST_P(CudaRerotationStream, MovedKeysStayOneRoundingFromTheirFirstWrite) {
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, CudaRerotationStream, testing::Values(GpuDType::F16, GpuDType::BF16), gpu_dtype_name);
 
-}  // namespace
+}  // namespace test_rerotation
 }  // namespace inferlab

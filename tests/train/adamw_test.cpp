@@ -6,7 +6,7 @@
 #include "inferlab/train.h"
 
 namespace inferlab::train {
-namespace {
+namespace adamw_test {
 
 TEST(TrainAdamW, DefaultsAreTorchs) {
   const AdamWOptions o;
@@ -73,5 +73,5 @@ TEST(TrainAdamW, RefusesTensorsThatDoNotMatchItsState) {
   EXPECT_NE(st.message().find("2 tensors"), std::string::npos) << st.message();
 }
 
-}  // namespace
+}  // namespace adamw_test
 }  // namespace inferlab::train

@@ -10,7 +10,7 @@
 #include "inferlab/train.h"
 
 namespace inferlab::train {
-namespace {
+namespace checkpoint_test {
 
 namespace fs = std::filesystem;
 
@@ -111,5 +111,5 @@ TEST_F(TrainCheckpoint, RefusesAMissingFile) {
   EXPECT_NE(loaded.message().find("cannot open"), std::string::npos) << loaded.message();
 }
 
-}  // namespace
+}  // namespace checkpoint_test
 }  // namespace inferlab::train

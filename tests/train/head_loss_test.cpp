@@ -9,7 +9,7 @@
 #include "inferlab/train.h"
 
 namespace inferlab::train {
-namespace {
+namespace head_loss_test {
 
 double uniform(std::mt19937_64& rng) { return static_cast<double>(rng() >> 11) * 0x1.0p-53 * 2.0 - 1.0; }
 
@@ -190,5 +190,5 @@ TEST(TrainHead, InitialisationIsDeterministicAndBounded) {
   EXPECT_LE(max2, 1.0f / std::sqrt(8.0f));     // 1/sqrt(rank = 8)
 }
 
-}  // namespace
+}  // namespace head_loss_test
 }  // namespace inferlab::train

@@ -7,7 +7,7 @@
 #include "inferlab/train.h"
 
 namespace inferlab::train {
-namespace {
+namespace options_test {
 
 template <typename R>
 void expect_refused(const R& r, const std::string& words) {
@@ -66,5 +66,5 @@ TEST(TrainOptions, BadDataIsRefused) {
   expect_refused(train(head, Dataset{x, 2, {}, bad}, ce), "class 3 of row 1 is outside [0, 3)");
 }
 
-}  // namespace
+}  // namespace options_test
 }  // namespace inferlab::train

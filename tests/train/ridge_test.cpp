@@ -8,7 +8,7 @@
 #include "inferlab/train.h"
 
 namespace inferlab::train {
-namespace {
+namespace ridge_test {
 
 struct Problem {
   std::vector<float> x, y, w, b;
@@ -71,5 +71,5 @@ TEST(RidgeRegression, RefusesBadShapesAndASingularSystemWithoutRidge) {
   EXPECT_TRUE(ridge_regression(x, y, 3, 1, 0.1, w, b).ok());
 }
 
-}  // namespace
+}  // namespace ridge_test
 }  // namespace inferlab::train

@@ -11,7 +11,7 @@
 #include "inferlab/train.h"
 
 namespace inferlab::train {
-namespace {
+namespace trainer_test {
 
 double uniform(std::mt19937_64& rng) { return static_cast<double>(rng() >> 11) * 0x1.0p-53 * 2.0 - 1.0; }
 
@@ -273,5 +273,5 @@ TEST(TrainFit, RecallAtAFixedKCountsTheTopKOfEachRow) {
   EXPECT_DOUBLE_EQ(m->precision, (0.5 + 0.5) / 2);
 }
 
-}  // namespace
+}  // namespace trainer_test
 }  // namespace inferlab::train

@@ -17,7 +17,7 @@
 #include "sparse_method.h"
 
 namespace inferlab {
-namespace {
+namespace test_activation_sparsity {
 
 namespace cpu = kernels::cpu;
 
@@ -242,5 +242,5 @@ TEST(ActivationSparsity, BadDeclarationsAreRefusedNamingTheProblem) {
   EXPECT_TRUE((*engine)->set_method(&off, 0).ok());
 }
 
-}  // namespace
+}  // namespace test_activation_sparsity
 }  // namespace inferlab

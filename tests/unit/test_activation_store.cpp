@@ -23,7 +23,7 @@
 #include "test_support.h"
 
 namespace inferlab {
-namespace {
+namespace test_activation_store {
 
 namespace fs = std::filesystem;
 
@@ -476,5 +476,5 @@ TEST(ActivationStoreCli, CaptureWritesAStoreAndNamesABadTap) {
   EXPECT_NE(why.find("logits are not stored"), std::string::npos) << why;
 }
 
-}  // namespace
+}  // namespace test_activation_store
 }  // namespace inferlab

@@ -8,7 +8,7 @@
 #include "plugin_test_support.h"
 
 namespace inferlab {
-namespace {
+namespace test_adapters {
 
 using test::AdapterMethod;
 using test::AdapterSpec;
@@ -147,5 +147,5 @@ TEST(Adapters, BadAdaptersAreRefusedAtLoadNamingTheTensor) {
   EXPECT_TRUE(run(*engine, &gathered_merged, tokens).ok());
 }
 
-}  // namespace
+}  // namespace test_adapters
 }  // namespace inferlab

@@ -12,7 +12,7 @@
 #include "naive_reference.h"
 
 namespace inferlab {
-namespace {
+namespace test_attention_mass {
 
 class MassRecorder final : public Method {
  public:
@@ -73,5 +73,5 @@ TEST(AttentionMass, EveryKeyGetsTheProbabilityTheReferenceGivesIt) {
   }
 }
 
-}  // namespace
+}  // namespace test_attention_mass
 }  // namespace inferlab

@@ -11,7 +11,7 @@
 #include "cpu/cpu_ops.h"
 
 namespace inferlab {
-namespace {
+namespace test_attention_tiled {
 
 namespace cpu = kernels::cpu;
 
@@ -184,5 +184,5 @@ TEST(AttentionTiled, HeadSizesItDoesNotHandleAreRefused) {
   EXPECT_TRUE(cpu::attention_tiled_supports(256));
 }
 
-}  // namespace
+}  // namespace test_attention_tiled
 }  // namespace inferlab

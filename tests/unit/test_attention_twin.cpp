@@ -10,7 +10,7 @@
 #include "cpu/attention_twin.h"
 
 namespace inferlab::test {
-namespace {
+namespace test_attention_twin {
 
 using kernels::DType;
 using kernels::KeySelect;
@@ -270,5 +270,5 @@ TEST(AttentionTwinCases, PagesSelectionSkipsSlotsOfNewTokens) {
   check_twin(s);
 }
 
-}  // namespace
+}  // namespace test_attention_twin
 }  // namespace inferlab::test

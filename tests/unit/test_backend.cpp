@@ -10,7 +10,7 @@
 #include "test_support.h"
 
 namespace inferlab {
-namespace {
+namespace test_backend {
 
 TEST(Backend, NamesParseAndAutoFollowsTheMachine) {
   EXPECT_EQ(*parse_backend("cpu"), BackendKind::Cpu);
@@ -105,5 +105,5 @@ TEST(SyntheticPresets, PaddedVocabularyIsWrittenAndConfigMatchesTheFile) {
   for (int32_t id : ids) EXPECT_LT(id, 256 + spec.n_merges + 3);
 }
 
-}  // namespace
+}  // namespace test_backend
 }  // namespace inferlab

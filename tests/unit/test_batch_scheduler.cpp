@@ -12,7 +12,7 @@
 #include "engine/batch_scheduler.h"
 
 namespace inferlab {
-namespace {
+namespace test_batch_scheduler {
 
 // Pages of 16 tokens, one table per sequence.
 int64_t pages16(int64_t tokens) { return (tokens + 15) / 16; }
@@ -146,5 +146,5 @@ TEST(BatchScheduler, RandomArrivalsNeverExceedTheBudgetAndAllFinish) {
   EXPECT_GT(preemptions, 0);  // the budgets were tight enough to preempt
 }
 
-}  // namespace
+}  // namespace test_batch_scheduler
 }  // namespace inferlab

@@ -16,7 +16,7 @@
 #include "cpu/cpu_twins.h"
 
 namespace inferlab::kernels::cpu {
-namespace {
+namespace test_bit_plane_twins {
 
 // A host pool of bit-plane pages, every byte 0xab until written.
 struct PlanePool {
@@ -173,5 +173,5 @@ TEST(BitPlaneTwins, ProgressiveRowRefetchesExactlyBelowTheThreshold) {
   }
 }
 
-}  // namespace
+}  // namespace test_bit_plane_twins
 }  // namespace inferlab::kernels::cpu

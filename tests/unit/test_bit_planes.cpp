@@ -21,7 +21,7 @@
 #include "inferlab/testing.h"
 
 namespace inferlab {
-namespace {
+namespace test_bit_planes {
 
 namespace cpu = kernels::cpu;
 using kernels::BitPlanes;
@@ -331,5 +331,5 @@ TEST(BitPlanes, RefetchingEveryRowIsCloserToDenseAndCountsTheLsbBytes) {
   EXPECT_LT(error[1], 0.5 * error[0]) << "the LSB planes did not bring the rows closer to dense";
 }
 
-}  // namespace
+}  // namespace test_bit_planes
 }  // namespace inferlab

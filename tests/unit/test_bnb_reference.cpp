@@ -21,7 +21,7 @@
 #include "cpu/quant4.h"
 
 namespace inferlab {
-namespace {
+namespace test_bnb_reference {
 
 namespace kc = kernels::cpu;
 
@@ -102,5 +102,5 @@ TEST(BnbReference, FourBitQuantizationIsBitExact) {
   EXPECT_GE(cases, 12);
 }
 
-}  // namespace
+}  // namespace test_bnb_reference
 }  // namespace inferlab

@@ -11,7 +11,7 @@
 #include "plugin_test_support.h"
 
 namespace inferlab {
-namespace {
+namespace test_calibration {
 
 std::filesystem::path write_corpus() {
   const auto path = test::temp_path("calibration-corpus.txt");
@@ -255,5 +255,5 @@ TEST(Calibration, BadRequestsAndFailingMethodsNameThePlugin) {
   EXPECT_TRUE(failing.loaded_from.empty()) << "a failed calibration must not load the method";
 }
 
-}  // namespace
+}  // namespace test_calibration
 }  // namespace inferlab

@@ -14,7 +14,7 @@
 #include "tokenizer/chat_template.h"
 
 namespace inferlab {
-namespace {
+namespace test_chat_template {
 
 nlohmann::json fixture() {
   std::ifstream in(std::filesystem::path(__FILE__).parent_path() / "../reference/chat_template_cases.json");
@@ -78,5 +78,5 @@ TEST(ChatTemplate, OtherFormatsAreRefusedNamingTheSource) {
   EXPECT_EQ(render_chat(*plain, {{"user", "hi"}}, true), "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
 }
 
-}  // namespace
+}  // namespace test_chat_template
 }  // namespace inferlab

@@ -11,7 +11,7 @@
 #include "test_support.h"
 
 namespace inferlab {
-namespace {
+namespace test_cli {
 
 struct CommandResult {
   int exit_code = -1;
@@ -302,5 +302,5 @@ TEST(CliBackend, CudaWithoutAGpuIsOneClearLine) {
   EXPECT_NE(bad.exit_code, 0);
 }
 
-}  // namespace
+}  // namespace test_cli
 }  // namespace inferlab

@@ -17,7 +17,7 @@
 #include "predictor_method.h"
 
 namespace inferlab {
-namespace {
+namespace test_component_predictors {
 
 namespace cpu = kernels::cpu;
 
@@ -188,5 +188,5 @@ TEST(ComponentPredictors, UnusedHooksAreNotRun) {
   EXPECT_GT(r.counters.neurons_skipped, 0);
 }
 
-}  // namespace
+}  // namespace test_component_predictors
 }  // namespace inferlab

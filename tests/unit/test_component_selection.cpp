@@ -16,7 +16,7 @@
 #include "plugins/method_context.h"
 
 namespace inferlab {
-namespace {
+namespace test_component_selection {
 
 namespace cpu = kernels::cpu;
 
@@ -200,5 +200,5 @@ TEST(ComponentSelection, BadOracleFieldsAreRefused) {
   }
 }
 
-}  // namespace
+}  // namespace test_component_selection
 }  // namespace inferlab

@@ -11,7 +11,7 @@
 #include "test_support.h"
 
 namespace inferlab {
-namespace {
+namespace test_config {
 
 Catalog test_catalog() {
   Catalog catalog;
@@ -679,5 +679,5 @@ TEST(ConfigShard, ShardsAreDisjointAndCoverTheGrid) {
   }
 }
 
-}  // namespace
+}  // namespace test_config
 }  // namespace inferlab

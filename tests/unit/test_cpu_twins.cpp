@@ -12,7 +12,7 @@
 #include "cpu/half_convert.h"
 
 namespace inferlab::kernels::cpu {
-namespace {
+namespace test_cpu_twins {
 
 // A host page pool: chunks of pages_per_chunk pages, every element a distinct
 // sentinel so untouched slots can be told apart.
@@ -275,5 +275,5 @@ TEST(CpuTwins, RandomNormalIsDeterministicAndStandard) {
   }
 }
 
-}  // namespace
+}  // namespace test_cpu_twins
 }  // namespace inferlab::kernels::cpu

@@ -20,7 +20,7 @@
 #include "test_support.h"
 
 namespace inferlab {
-namespace {
+namespace test_database {
 
 namespace fs = std::filesystem;
 
@@ -496,5 +496,5 @@ TEST(ResultsDbConcurrency, KilledWriterLeavesNoPartialRun) {
   record(db, make_run("shared", "after", "dense"));  // and it still takes writes
 }
 
-}  // namespace
+}  // namespace test_database
 }  // namespace inferlab

@@ -8,7 +8,7 @@
 #include "test_support.h"
 
 namespace inferlab {
-namespace {
+namespace test_database_paths {
 
 TEST(ResultsDbPaths, ABareFileNameOpensInTheCurrentFolder) {
   const auto dir = test::temp_path("bare-name");
@@ -21,5 +21,5 @@ TEST(ResultsDbPaths, ABareFileNameOpensInTheCurrentFolder) {
   EXPECT_TRUE(std::filesystem::exists(dir / "bare.db"));
 }
 
-}  // namespace
+}  // namespace test_database_paths
 }  // namespace inferlab

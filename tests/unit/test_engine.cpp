@@ -12,7 +12,7 @@
 #include "test_support.h"
 
 namespace inferlab {
-namespace {
+namespace test_engine {
 
 using test::load_synthetic;
 using test::naive_forward;
@@ -269,5 +269,5 @@ TEST(Sampler, GreedyTopPAndValidation) {
   EXPECT_FALSE(Sampler::create({.top_p = 0.0f}).ok());
 }
 
-}  // namespace
+}  // namespace test_engine
 }  // namespace inferlab

@@ -36,7 +36,7 @@
 extern "C" char* openblas_get_corename(void);
 
 namespace inferlab {
-namespace {
+namespace test_engine_golden {
 
 constexpr int32_t kPrompt = 640;
 constexpr int32_t kDecode = 24;
@@ -196,5 +196,5 @@ TEST(EngineGolden, KvMethodsMatchTheCommittedLogits) {
   }
 }
 
-}  // namespace
+}  // namespace test_engine_golden
 }  // namespace inferlab

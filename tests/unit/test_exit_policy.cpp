@@ -17,7 +17,7 @@
 #include "test_support.h"
 
 namespace inferlab {
-namespace {
+namespace test_exit_policy {
 
 std::shared_ptr<Model> exit_model() {
   return test::shared_synthetic({.name = "exit-policy", .n_layers = 4, .n_heads = 4, .n_kv_heads = 2, .seed = 31});
@@ -357,5 +357,5 @@ TEST(ExitKernels, TheSoftmaxMarginIgnoresNanAndHandlesTies) {
   EXPECT_NEAR(kernels::cpu::two_way_confidence(z), 0.75f, 1e-6);
 }
 
-}  // namespace
+}  // namespace test_exit_policy
 }  // namespace inferlab

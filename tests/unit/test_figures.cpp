@@ -17,7 +17,7 @@
 #include "test_support.h"
 
 namespace inferlab {
-namespace {
+namespace test_figures {
 
 using json = nlohmann::json;
 
@@ -280,5 +280,5 @@ TEST(HtmlReport, TheTextReportsTablesEscapedWithEachSectionsFigures) {
   EXPECT_EQ(html.rfind("</html>\n"), html.size() - 8);
 }
 
-}  // namespace
+}  // namespace test_figures
 }  // namespace inferlab

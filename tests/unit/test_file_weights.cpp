@@ -8,7 +8,7 @@
 #include "inferlab/testing/support.h"
 
 namespace inferlab {
-namespace {
+namespace test_file_weights {
 
 // Logits of a prompt of `prefill` tokens (one call), then one decode call per token.
 std::vector<std::vector<float>> run(Engine& engine, const std::vector<int32_t>& tokens, size_t prefill) {
@@ -82,5 +82,5 @@ TEST(FileWeights, OnlyTheCpuBackendTakesThemAndNamesAreChecked) {
   EXPECT_NE(bad.message().find("\"q4\" is not one of f32, file"), std::string::npos) << bad.message();
 }
 
-}  // namespace
+}  // namespace test_file_weights
 }  // namespace inferlab

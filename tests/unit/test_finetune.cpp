@@ -23,7 +23,7 @@
 #include "test_support.h"
 
 namespace inferlab {
-namespace {
+namespace test_finetune {
 
 namespace fs = std::filesystem;
 
@@ -299,5 +299,5 @@ TEST(Finetune, BadConfigsAndDataAreRefusedNamingTheKey) {
   EXPECT_EQ(read_file(dir / "taken" / "adapter_config.json"), "{}");
 }
 
-}  // namespace
+}  // namespace test_finetune
 }  // namespace inferlab

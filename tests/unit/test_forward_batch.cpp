@@ -11,7 +11,7 @@
 #include "plugin_test_support.h"
 
 namespace inferlab {
-namespace {
+namespace test_forward_batch {
 
 std::shared_ptr<Model> model() { return test::gqa_test_model("batch", 5); }
 
@@ -207,5 +207,5 @@ TEST(ForwardBatch, BadBatchesAreRefusedNamingTheItem) {
   EXPECT_TRUE(engine->forward_batch({}).ok());
 }
 
-}  // namespace
+}  // namespace test_forward_batch
 }  // namespace inferlab

@@ -16,7 +16,7 @@
 #include "plugin_test_support.h"
 
 namespace inferlab {
-namespace {
+namespace test_forward_schedule {
 
 ParamValues params(std::initializer_list<std::pair<const std::string, ParamValue>> values) {
   return ParamValues(std::map<std::string, ParamValue>(values));
@@ -250,5 +250,5 @@ TEST(Sequences, EveryHookSeesTheSequenceItDecidesFor) {
   EXPECT_EQ(method.seen.size(), 18u);
 }
 
-}  // namespace
+}  // namespace test_forward_schedule
 }  // namespace inferlab

@@ -19,7 +19,7 @@
 #include "gguf/half.h"
 
 namespace inferlab::gguf {
-namespace {
+namespace test_gguf {
 
 namespace fs = std::filesystem;
 
@@ -1092,5 +1092,5 @@ TEST(GgufReaderErrors, HostileNamesStayOnOneLine) {
   expect_open_error(raw.b, {"'evil\\x0aname'", "unknown type id 77"});
 }
 
-}  // namespace
+}  // namespace test_gguf
 }  // namespace inferlab::gguf

@@ -13,7 +13,7 @@
 #include "naive_reference.h"
 
 namespace inferlab {
-namespace {
+namespace test_h2o_end_to_end {
 
 TEST(H2oEndToEnd, DecodeLogitsEqualAReferenceThatSeesTheKeptTokens) {
   auto model = test::gqa_test_model("h2o-end-to-end", 6);
@@ -65,5 +65,5 @@ TEST(H2oEndToEnd, DecodeLogitsEqualAReferenceThatSeesTheKeptTokens) {
   EXPECT_GT(test::normalized_max_error(got, std::vector<double>(dense.begin() + long(prefill * v), dense.end())), 1e-3);
 }
 
-}  // namespace
+}  // namespace test_h2o_end_to_end
 }  // namespace inferlab

@@ -21,7 +21,7 @@
 #include "model/model.h"
 
 namespace inferlab {
-namespace {
+namespace test_hf_checkpoint {
 
 namespace fs = std::filesystem;
 const fs::path kReference = fs::path(__FILE__).parent_path() / "../reference";
@@ -362,5 +362,5 @@ TEST(HfCheckpointConfig, AFolderWithoutConfigIsNotAModel) {
   fs::remove_all(dir);
 }
 
-}  // namespace
+}  // namespace test_hf_checkpoint
 }  // namespace inferlab

@@ -16,7 +16,7 @@
 #include "tokenizer/tokenizer.h"
 
 namespace inferlab {
-namespace {
+namespace test_hf_tokenizer {
 
 using nlohmann::json;
 
@@ -271,5 +271,5 @@ TEST(HfTokenizerErrors, WrongJsonTypesAreErrorsNotCrashes) {
   expect_error(write_folder(vocab), {"tokenizer.json", "model.vocab is not an object"});
 }
 
-}  // namespace
+}  // namespace test_hf_tokenizer
 }  // namespace inferlab

@@ -8,7 +8,7 @@
 #include "model/host_memory.h"
 
 namespace inferlab {
-namespace {
+namespace test_host_memory {
 
 bool aligned_to(const void* p, std::uintptr_t to) { return reinterpret_cast<std::uintptr_t>(p) % to == 0; }
 
@@ -80,5 +80,5 @@ TEST(HostMemory, KvChunksOfTwoMegabytesAreHugePageAligned) {
   EXPECT_EQ(small.page_bytes(), 512);
 }
 
-}  // namespace
+}  // namespace test_host_memory
 }  // namespace inferlab

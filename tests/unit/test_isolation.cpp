@@ -33,7 +33,7 @@
 #endif
 
 namespace inferlab {
-namespace {
+namespace test_isolation {
 
 using namespace std::chrono_literals;
 
@@ -453,5 +453,5 @@ TEST(RunIsolation, WorkerModeNeedsAParent) {
   EXPECT_NE(r.output.find("--worker: this process has no parent `inferlab run`"), std::string::npos) << r.output;
 }
 
-}  // namespace
+}  // namespace test_isolation
 }  // namespace inferlab

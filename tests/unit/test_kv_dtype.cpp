@@ -15,7 +15,7 @@
 #include "inferlab/testing.h"
 
 namespace inferlab {
-namespace {
+namespace test_kv_dtype {
 
 namespace cpu = kernels::cpu;
 using kernels::DType;
@@ -238,5 +238,5 @@ TEST(KvDType, TheCudaBackendKeepsItsComputeType) {
   EXPECT_EQ(parse_kv_dtype("f8").message(), "KV dtype \"f8\" is not one of auto, f32, f16, bf16");
 }
 
-}  // namespace
+}  // namespace test_kv_dtype
 }  // namespace inferlab

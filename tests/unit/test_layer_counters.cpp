@@ -8,7 +8,7 @@
 #include "test_support.h"
 
 namespace inferlab {
-namespace {
+namespace test_layer_counters {
 
 // Decode steps skip layer 1, its K/V filled from the hidden state.
 struct SkipsLayerOne final : Method {
@@ -71,5 +71,5 @@ TEST(LayerCounters, AnExitCountsWhereItHappenedAndThePropagatedFills) {
   EXPECT_DOUBLE_EQ(map.at("layers_per_decode_token"), 1.0);
 }
 
-}  // namespace
+}  // namespace test_layer_counters
 }  // namespace inferlab

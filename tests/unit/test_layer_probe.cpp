@@ -14,7 +14,7 @@
 #include "sparse_method.h"
 
 namespace inferlab {
-namespace {
+namespace test_layer_probe {
 
 std::shared_ptr<Model> model() {
   static std::shared_ptr<Model> m = [] {
@@ -103,5 +103,5 @@ TEST(LayerProbe, InputsThatAreNotWholeWindowsAreRefused) {
   EXPECT_NE(s.message().find("input thresholds for 2 layers; the model has 3"), std::string::npos) << s.message();
 }
 
-}  // namespace
+}  // namespace test_layer_probe
 }  // namespace inferlab

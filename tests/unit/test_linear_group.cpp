@@ -12,7 +12,7 @@
 #include "gguf/gguf.h"
 
 namespace inferlab {
-namespace {
+namespace test_linear_group {
 
 namespace kc = kernels::cpu;
 
@@ -98,5 +98,5 @@ TEST(LinearGroup, QuantizedGroupEqualsEachProductBitForBit) {
   }
 }
 
-}  // namespace
+}  // namespace test_linear_group
 }  // namespace inferlab

@@ -25,7 +25,7 @@
 #include "test_support.h"
 
 namespace inferlab {
-namespace {
+namespace test_lora_grad_reference {
 
 const std::filesystem::path kReference = std::filesystem::path(__FILE__).parent_path() / "../reference";
 
@@ -200,5 +200,5 @@ TEST(LoraGradReference, WrittenAdaptersReadBackBitForBit) {
     EXPECT_EQ(entry.path().filename().string().find(".tmp-"), std::string::npos) << entry.path();
 }
 
-}  // namespace
+}  // namespace test_lora_grad_reference
 }  // namespace inferlab

@@ -16,7 +16,7 @@
 #include "test_support.h"
 
 namespace inferlab {
-namespace {
+namespace test_lora_graph {
 
 using finetune::AdapterGrads;
 using finetune::AdapterSet;
@@ -457,5 +457,5 @@ TEST(LoraGraph, BadBatchesAndAdaptersAreRefusedWithTheirNumbers) {
   EXPECT_FALSE(LoraGraph::create(tiny_model(), options).ok());
 }
 
-}  // namespace
+}  // namespace test_lora_graph
 }  // namespace inferlab

@@ -10,7 +10,7 @@
 #include "plugin_test_support.h"
 
 namespace inferlab {
-namespace {
+namespace test_measure {
 
 class HandMadeTask final : public Task {
  public:
@@ -190,5 +190,5 @@ TEST(MeasureRun, DecodedQuestionFeedsItsTokensOneStepEach) {
   EXPECT_EQ(find_metric(*b, "sparse_prefill_keys_share"), nullptr);  // a dense prefill records none
 }
 
-}  // namespace
+}  // namespace test_measure
 }  // namespace inferlab

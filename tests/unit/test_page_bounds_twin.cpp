@@ -12,7 +12,7 @@
 #include "cpu/half_convert.h"
 
 namespace inferlab::kernels::cpu {
-namespace {
+namespace test_page_bounds_twin {
 
 constexpr float kSentinel = 9.0f;
 
@@ -159,5 +159,5 @@ TEST(CpuTwinsPageBounds, InfiniteBoundsTimesAZeroQueryChannel) {
   EXPECT_EQ(out, (std::vector<int32_t>{1, 2, 3}));
 }
 
-}  // namespace
+}  // namespace test_page_bounds_twin
 }  // namespace inferlab::kernels::cpu

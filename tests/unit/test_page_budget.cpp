@@ -9,7 +9,7 @@
 #include "plugin_test_support.h"
 
 namespace inferlab {
-namespace {
+namespace test_page_budget {
 
 using test::BoundMethod;
 
@@ -124,5 +124,5 @@ TEST(PageBudget, TakesPrecedenceOverSelectKvUnlessNegative) {
   }
 }
 
-}  // namespace
+}  // namespace test_page_budget
 }  // namespace inferlab

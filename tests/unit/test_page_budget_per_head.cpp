@@ -19,7 +19,7 @@
 #include "plugin_test_support.h"
 
 namespace inferlab {
-namespace {
+namespace test_page_budget_per_head {
 
 using test::BoundMethod;
 
@@ -252,5 +252,5 @@ TEST(BoundPerQueryHead, GroupsOfMoreThan32HeadsAreRefused) {
   EXPECT_TRUE((*engine)->set_method(&summed, summed.hooks()).ok());
 }
 
-}  // namespace
+}  // namespace test_page_budget_per_head
 }  // namespace inferlab

@@ -10,7 +10,7 @@
 #include "test_support.h"
 
 namespace inferlab {
-namespace {
+namespace test_param_types {
 
 Catalog catalog() {
   Catalog c;
@@ -190,5 +190,5 @@ TEST(ParamTypes, APathListIsOneValueOfPathsEachHashedByContent) {
       << number.message();
 }
 
-}  // namespace
+}  // namespace test_param_types
 }  // namespace inferlab

@@ -22,7 +22,7 @@
 #include "test_support.h"
 
 namespace inferlab {
-namespace {
+namespace test_peft_adapter {
 
 // A well-formed safetensors file of float32 tensors (name -> (shape, values)).
 void write_safetensors(const std::filesystem::path& path,
@@ -245,5 +245,5 @@ TEST(PeftAdapter, TheEngineAppliesAFolderAsTheAdaptersItHolds) {
       << no.message();
 }
 
-}  // namespace
+}  // namespace test_peft_adapter
 }  // namespace inferlab

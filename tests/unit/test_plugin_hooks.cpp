@@ -11,7 +11,7 @@
 #include "plugin_test_support.h"
 
 namespace inferlab {
-namespace {
+namespace test_plugin_hooks {
 
 using test::NaivePolicy;
 
@@ -314,5 +314,5 @@ TEST(PluginHooks, InvalidDecisionsAreReportedAsErrors) {
   }
 }
 
-}  // namespace
+}  // namespace test_plugin_hooks
 }  // namespace inferlab

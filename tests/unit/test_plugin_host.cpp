@@ -8,7 +8,7 @@
 #include "plugin_test_support.h"
 
 namespace inferlab {
-namespace {
+namespace test_plugin_host {
 
 const std::string kTestPlugins = INFERLAB_TEST_PLUGIN_DIR;
 
@@ -103,11 +103,11 @@ TEST(PluginHost, CreateFillsDefaultsAndRejectsBadParameters) {
   EXPECT_FALSE(registry.create("nonexistent", ParamValues{}).ok());
 }
 
-}  // namespace
+}  // namespace test_plugin_host
 }  // namespace inferlab
 
 namespace inferlab {
-namespace {
+namespace test_plugin_host {
 
 // A method's hooks are read off its overrides (hooks_of), so they are declared once.
 struct OnlyEvicts : Method {
@@ -150,5 +150,5 @@ TEST(PluginSdk, HooksAreReadOffTheOverrides) {
   EXPECT_EQ(test::plugin_registry().find("dense")->hooks, 0u);
 }
 
-}  // namespace
+}  // namespace test_plugin_host
 }  // namespace inferlab

@@ -14,7 +14,7 @@
 #include "cpu/quant_matmul.h"
 
 namespace inferlab::kernels::cpu {
-namespace {
+namespace test_quant_matmul {
 
 constexpr QuantType kTypes[] = {QuantType::Q4_0, QuantType::Q4_1, QuantType::Q8_0};
 
@@ -312,5 +312,5 @@ TEST(QuantMatmul, ResultDoesNotDependOnThreadCount) {
   omp_set_num_threads(saved);
 }
 
-}  // namespace
+}  // namespace test_quant_matmul
 }  // namespace inferlab::kernels::cpu

@@ -12,7 +12,7 @@
 #include "test_support.h"
 
 namespace inferlab {
-namespace {
+namespace test_real_model {
 
 std::shared_ptr<Model> real_model() { return test::default_model(); }
 
@@ -120,5 +120,5 @@ TEST(EngineRealModel, GreedyAnswersTheCapitalOfFrance) {
       << model->tokenizer().decode(result->tokens);
 }
 
-}  // namespace
+}  // namespace test_real_model
 }  // namespace inferlab

@@ -10,7 +10,7 @@
 #include "test_support.h"
 
 namespace inferlab {
-namespace {
+namespace test_report {
 
 RunRecord run(const std::string& hash, const std::string& label, const std::string& task,
               std::vector<MetricValue> metrics, bool baseline = false) {
@@ -239,5 +239,5 @@ TEST(Report, TaskConfigurationsGetTheirOwnSectionsAndRerunsKeepOneRow) {
   EXPECT_EQ(decode.find("earlier run"), std::string::npos);
 }
 
-}  // namespace
+}  // namespace test_report
 }  // namespace inferlab

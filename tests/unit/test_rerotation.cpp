@@ -21,7 +21,7 @@
 #include "engine/kv_cache.h"
 
 namespace inferlab {
-namespace {
+namespace test_rerotation {
 
 namespace cpu = kernels::cpu;
 using kernels::DType;
@@ -160,5 +160,5 @@ TEST(Rerotation, FromTheOriginalRoundsOnceWhereTurningInPlaceDrifts) {
   }
 }
 
-}  // namespace
+}  // namespace test_rerotation
 }  // namespace inferlab

@@ -16,7 +16,7 @@
 #include "retention_reference_method.h"
 
 namespace inferlab {
-namespace {
+namespace test_retention {
 
 std::vector<int32_t> drops_of(const std::vector<float>& score, RetentionBudget b) {
   std::vector<int32_t> drop;
@@ -187,5 +187,5 @@ INSTANTIATE_TEST_SUITE_P(
                          std::get<2>(info.param));
     });
 
-}  // namespace
+}  // namespace test_retention
 }  // namespace inferlab

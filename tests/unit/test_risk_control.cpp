@@ -16,7 +16,7 @@
 #include "test_support.h"
 
 namespace inferlab {
-namespace {
+namespace test_risk_control {
 
 // Reference values: p = min(1, exp(-n h(min(r, d), d)), e * sum_{i <= ceil(n r)} C(n, i) d^i (1 - d)^(n - i)),
 // evaluated with Python's math.comb (exact integers).
@@ -163,5 +163,5 @@ TEST(RiskControl, AnLttTableThatCannotCertifyIsRefusedNamingTheKey) {
             std::string::npos);
 }
 
-}  // namespace
+}  // namespace test_risk_control
 }  // namespace inferlab

@@ -14,7 +14,7 @@
 #include "results/database.h"
 
 namespace inferlab {
-namespace {
+namespace test_runner {
 
 struct RunnerFixture {
   std::filesystem::path dir, model, corpus, config;
@@ -273,5 +273,5 @@ TEST(ExperimentRunner, InvalidConfigRunsNothing) {
   EXPECT_FALSE(std::filesystem::exists(db_path));
 }
 
-}  // namespace
+}  // namespace test_runner
 }  // namespace inferlab

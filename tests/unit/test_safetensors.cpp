@@ -13,7 +13,7 @@
 #include "test_support.h"
 
 namespace inferlab {
-namespace {
+namespace test_safetensors {
 
 // A file from a header text and data bytes.
 std::vector<uint8_t> file_bytes(const std::string& header, const std::vector<uint8_t>& data) {
@@ -104,5 +104,5 @@ TEST(Safetensors, MalformedHeadersAreRefusedNamingFileAndTensor) {
   EXPECT_NE(missing.message().find("no-such.safetensors: cannot open"), std::string::npos);
 }
 
-}  // namespace
+}  // namespace test_safetensors
 }  // namespace inferlab

@@ -15,7 +15,7 @@
 #include "test_support.h"
 
 namespace inferlab {
-namespace {
+namespace test_slurm {
 
 namespace fs = std::filesystem;
 
@@ -469,5 +469,5 @@ TEST(SlurmCommand, ValidatesTheConfigWritesTheScriptsAndSubmits) {
   EXPECT_NE(read_text(bin / "calls.log").find("--dependency=afterany:300\n"), std::string::npos);
 }
 
-}  // namespace
+}  // namespace test_slurm
 }  // namespace inferlab

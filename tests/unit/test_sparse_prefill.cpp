@@ -20,7 +20,7 @@
 #include "naive_reference.h"
 
 namespace inferlab {
-namespace {
+namespace test_sparse_prefill {
 
 using Kind = PrefillPattern::Kind;
 using Ranges = std::vector<std::pair<int32_t, int32_t>>;
@@ -450,5 +450,5 @@ TEST(SparsePrefill, BadPatternsAreRefusedWithTheirLayerAndHead) {
   }
 }
 
-}  // namespace
+}  // namespace test_sparse_prefill
 }  // namespace inferlab

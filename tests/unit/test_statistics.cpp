@@ -12,7 +12,7 @@
 #include "test_support.h"
 
 namespace inferlab {
-namespace {
+namespace test_statistics {
 
 TEST(Statistics, WilsonIntervalsOfKnownProportions) {
   const Interval a = wilson_interval(10, 40);  // the passkey study's "dense 25%"
@@ -164,5 +164,5 @@ TEST(Statistics, ReportShowsAnswerLogprobIntervalsAndPerDepthTables) {
   EXPECT_EQ(rows[3][7], "-1.500");
 }
 
-}  // namespace
+}  // namespace test_statistics
 }  // namespace inferlab

@@ -16,7 +16,7 @@
 #include "test_support.h"
 
 namespace inferlab {
-namespace {
+namespace test_tasks {
 
 // ---- helpers -------------------------------------------------------------------
 
@@ -543,5 +543,5 @@ TEST(TaskCorpus, RealCorpusWithTheRealTokenizer) {
   EXPECT_NE(tok->decode(samples[0].prompt_tokens).find(" the "), std::string::npos);
 }
 
-}  // namespace
+}  // namespace test_tasks
 }  // namespace inferlab

@@ -13,7 +13,7 @@
 #include "inferlab/testing/support.h"
 
 namespace inferlab {
-namespace {
+namespace test_thread_governor {
 
 // Runs `calls` calls whose time depends on the thread count, the machine's
 // other load observed every 8 calls (as the CPU backend does); returns the
@@ -98,5 +98,5 @@ TEST(ThreadGovernor, LogitsDoNotDependOnTheThreadCount) {
   }
 }
 
-}  // namespace
+}  // namespace test_thread_governor
 }  // namespace inferlab

@@ -12,7 +12,7 @@
 #include "plugin_test_support.h"
 
 namespace inferlab {
-namespace {
+namespace test_throughput {
 
 struct Stream {
   std::unique_ptr<Task> task;
@@ -205,5 +205,5 @@ TEST(ThroughputConfig, BadBatchesAreErrorsNamingTheKeyAndLine) {
       << other.message();
 }
 
-}  // namespace
+}  // namespace test_throughput
 }  // namespace inferlab

@@ -16,7 +16,7 @@
 #include "tokenizer/tokenizer.h"
 
 namespace inferlab {
-namespace {
+namespace test_tokenizer {
 
 // 256 byte symbols, one token per merge result, then the given special tokens.
 TokenizerVocab tiny_vocab(const std::vector<std::string>& merges, const std::string& pre = "gpt2") {
@@ -381,5 +381,5 @@ TEST(TokenizerSmolLM2, BytesWithoutASymbolAreDroppedLikeHuggingFace) {
   for (TokenId id : ids) EXPECT_FALSE(tok->is_special(id));
 }
 
-}  // namespace
+}  // namespace test_tokenizer
 }  // namespace inferlab

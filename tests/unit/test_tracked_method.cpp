@@ -8,7 +8,7 @@
 #include "experiment/worker.h"
 
 namespace inferlab {
-namespace {
+namespace test_tracked_method {
 
 class Declares final : public Method {
  public:
@@ -67,5 +67,5 @@ TEST(TrackedMethod, ForwardsEveryDeclarationTheEngineReads) {
   EXPECT_EQ(worker_state().hook.load(), -1);  // no call under way after them
 }
 
-}  // namespace
+}  // namespace test_tracked_method
 }  // namespace inferlab

@@ -13,7 +13,7 @@
 #include "inferlab/testing.h"
 
 namespace inferlab {
-namespace {
+namespace test_value_pruning {
 
 namespace cpu = kernels::cpu;
 
@@ -113,5 +113,5 @@ TEST(ValuePruning, TheEngineReadsOnlyTheKeptValues) {
   }
 }
 
-}  // namespace
+}  // namespace test_value_pruning
 }  // namespace inferlab

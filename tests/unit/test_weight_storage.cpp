@@ -17,7 +17,7 @@
 #include "storage_method.h"
 
 namespace inferlab {
-namespace {
+namespace test_weight_storage {
 
 namespace kc = kernels::cpu;
 
@@ -211,5 +211,5 @@ TEST(WeightStorage, BadRequestsAreRefusedAtLoadNamingTheTensor) {
   EXPECT_EQ(*test::run_with_storage(*engine, &back, tokens, 2), *test::run_with_storage(*engine, nullptr, tokens, 2));
 }
 
-}  // namespace
+}  // namespace test_weight_storage
 }  // namespace inferlab

@@ -15,7 +15,7 @@
 #include "inferlab/testing.h"
 
 namespace inferlab {
-namespace {
+namespace test_calm {
 
 constexpr int32_t kLayers = 4;
 
@@ -169,5 +169,5 @@ TEST(Calm, BatchInvariance) {
   EXPECT_BATCH_INVARIANT(model(), "calm", settings("softmax", 0.3, true));
 }
 
-}  // namespace
+}  // namespace test_calm
 }  // namespace inferlab

@@ -13,7 +13,7 @@
 #include "inferlab/testing.h"
 
 namespace inferlab {
-namespace {
+namespace test_cats {
 
 std::shared_ptr<Model> model() { return test::gqa_test_model("cats", 6); }
 
@@ -78,5 +78,5 @@ TEST(Cats, ADamagedThresholdFileIsRefusedNamingIt) {
 
 TEST(Cats, BatchInvariance) { EXPECT_BATCH_INVARIANT(model(), "cats", calibrated(0.5)); }
 
-}  // namespace
+}  // namespace test_cats
 }  // namespace inferlab

@@ -15,7 +15,7 @@
 #include "inferlab/testing.h"
 
 namespace inferlab {
-namespace {
+namespace test_dejavu {
 
 // 2 layers, n_embd 64, n_ff 160, 4 query heads over 2 kv heads.
 std::shared_ptr<Model> model() { return test::gqa_test_model("dejavu", 7); }
@@ -197,5 +197,5 @@ TEST(DejaVu, OracleModeAsksForTheTopKOfTheLayersOwnValues) {
 // its sequences one by one (batch_fallbacks), each with its own choice.
 TEST(DejaVu, BatchInvariance) { EXPECT_BATCH_INVARIANT(model(), "dejavu", settings(0.5, 0.5)); }
 
-}  // namespace
+}  // namespace test_dejavu
 }  // namespace inferlab

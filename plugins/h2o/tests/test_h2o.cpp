@@ -9,7 +9,7 @@
 #include "inferlab/testing.h"
 
 namespace inferlab {
-namespace {
+namespace test_h2o {
 
 // The project's small GQA test model (2 layers, 4 query heads, 2 kv heads).
 std::shared_ptr<Model> model() { return test::gqa_test_model("kv-plugins", 1); }
@@ -99,5 +99,5 @@ TEST(H2o, BatchInvariance) {
   EXPECT_BATCH_INVARIANT(model(), "h2o", test::params({{"heavy", int64_t{3}}, {"recent", int64_t{4}}}));
 }
 
-}  // namespace
+}  // namespace test_h2o
 }  // namespace inferlab

@@ -21,7 +21,7 @@
 #include "inferlab/testing.h"
 
 namespace inferlab {
-namespace {
+namespace test_lora {
 
 std::shared_ptr<Model> model() { return test::gqa_test_model("lora", 7); }
 
@@ -252,5 +252,5 @@ TEST(Lora, BatchInvariance) {
     EXPECT_BATCH_INVARIANT(model(), "lora", test::params({{"adapter", paths({dir})}, {"merge", merge}}));
 }
 
-}  // namespace
+}  // namespace test_lora
 }  // namespace inferlab

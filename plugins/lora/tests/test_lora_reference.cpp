@@ -27,7 +27,7 @@
 #include "inferlab/testing.h"
 
 namespace inferlab {
-namespace {
+namespace test_lora_reference {
 
 const std::filesystem::path kReference = std::filesystem::path(__FILE__).parent_path() / "../../../tests/reference";
 
@@ -142,5 +142,5 @@ TEST(LoraReference, TheGgufAdapterGivesLlamaCppLogits) {
   }
 }
 
-}  // namespace
+}  // namespace test_lora_reference
 }  // namespace inferlab

@@ -22,7 +22,7 @@
 #include <set>
 
 namespace inferlab {
-namespace {
+namespace test_minference {
 
 namespace mi = minference;
 
@@ -555,5 +555,5 @@ TEST(MInference, BatchInvariance) {
                                          {"kernel_block", int64_t{8}}, {"last_q", int64_t{8}}}));
 }
 
-}  // namespace
+}  // namespace test_minference
 }  // namespace inferlab

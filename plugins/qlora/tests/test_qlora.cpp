@@ -21,7 +21,7 @@
 #include "tests/unit/storage_method.h"
 
 namespace inferlab {
-namespace {
+namespace test_qlora {
 
 std::shared_ptr<Model> model() { return test::gqa_test_model("qlora", 9); }
 
@@ -146,5 +146,5 @@ TEST(Qlora, BatchInvariance) {
   EXPECT_BATCH_INVARIANT(model(), "qlora", test::params({{"quant", std::string("nf4")}, {"double_quant", true}}));
 }
 
-}  // namespace
+}  // namespace test_qlora
 }  // namespace inferlab

@@ -9,7 +9,7 @@
 #include "inferlab/testing.h"
 
 namespace inferlab {
-namespace {
+namespace test_quest {
 
 // The project's small GQA test model (2 layers, 4 query heads, 2 kv heads).
 std::shared_ptr<Model> model() { return test::gqa_test_model("kv-plugins", 1); }
@@ -288,5 +288,5 @@ TEST(Quest, BatchInvariance) {
   EXPECT_BATCH_INVARIANT(model(), "quest", test::params({{"token_budget", int64_t{8}}, {"page_size", int64_t{4}}}));
 }
 
-}  // namespace
+}  // namespace test_quest
 }  // namespace inferlab

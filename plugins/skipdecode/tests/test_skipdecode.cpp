@@ -12,7 +12,7 @@
 #include "inferlab/testing.h"
 
 namespace inferlab {
-namespace {
+namespace test_skipdecode {
 
 constexpr int32_t kLayers = 8;
 
@@ -262,5 +262,5 @@ TEST(SkipDecode, DefaultModelKeepsTheInvariant) {
 // such a batch runs them one by one; at the same index they share one call.
 TEST(SkipDecode, BatchInvariance) { EXPECT_BATCH_INVARIANT(model(), "skipdecode", schedule(6, 2, 1, 4)); }
 
-}  // namespace
+}  // namespace test_skipdecode
 }  // namespace inferlab

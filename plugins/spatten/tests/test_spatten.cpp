@@ -13,7 +13,7 @@
 #include "inferlab/testing.h"
 
 namespace inferlab {
-namespace {
+namespace test_spatten {
 
 // The project's small GQA test model (2 layers, 4 query heads, 2 kv heads).
 std::shared_ptr<Model> model() { return test::gqa_test_model("spatten", 3); }
@@ -173,5 +173,5 @@ TEST(SpAtten, QuantizationReadsTheMsbPlanesAndRefetchesFlatRows) {
 
 TEST(SpAtten, BatchInvariance) { EXPECT_BATCH_INVARIANT(model(), "spatten", test::params({})); }
 
-}  // namespace
+}  // namespace test_spatten
 }  // namespace inferlab

@@ -10,7 +10,7 @@
 #include "inferlab/testing.h"
 
 namespace inferlab {
-namespace {
+namespace test_streamingllm {
 
 // The project's small GQA test model (2 layers, 4 query heads, 2 kv heads).
 std::shared_ptr<Model> model() { return test::gqa_test_model("kv-plugins", 1); }
@@ -107,5 +107,5 @@ TEST(StreamingLlm, BatchInvariance) {
   EXPECT_BATCH_INVARIANT(model(), "streamingllm", test::params({{"sink_tokens", int64_t{2}}, {"window", int64_t{6}}}));
 }
 
-}  // namespace
+}  // namespace test_streamingllm
 }  // namespace inferlab

@@ -18,7 +18,7 @@
 #include "inferlab/testing.h"
 
 namespace inferlab {
-namespace {
+namespace test_teal {
 
 std::shared_ptr<Model> model() { return test::gqa_test_model("teal", 5); }
 
@@ -156,5 +156,5 @@ TEST(Teal, TheGreedyAllocationBeatsUniformOnItsLayersOutputs) {
 
 TEST(Teal, BatchInvariance) { EXPECT_BATCH_INVARIANT(model(), "teal", calibrated(0.5)); }
 
-}  // namespace
+}  // namespace test_teal
 }  // namespace inferlab
