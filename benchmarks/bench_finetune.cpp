@@ -3,19 +3,25 @@
 // base or QLoRA on a 4-bit base, adapters on q,v or on every projection, with
 // and without layer checkpointing. Reports the median step time, training
 // tokens/s, the graph's peak kept activations and its base weight bytes;
-// settings alternate round by round. CPU.
-//   bench_finetune --model smollm2-135m [--batch 4] [--seq-len 256] [--ranks 8,64] [--rounds 3]
+// settings alternate round by round. CPU, or the CUDA graph (--backend cuda),
+// on the model or on a synthetic model at a real shape (--synthetic PRESET
+// --layers N: written to a temporary file first).
+//   bench_finetune --model smollm2-135m [--batch 4] [--seq-len 256] [--ranks 8,64] [--targets q,v|all|both]
+//                  [--rounds 3] [--backend cpu|cuda] [--synthetic llama2-7b --layers 4]
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 #include <omp.h>
 
 #include <algorithm>
+#include <filesystem>
 #include <map>
 #include <random>
 
 #include "bench_support.h"
+#include "engine/device.h"
 #include "finetune/lora_graph.h"
 #include "model/model.h"
+#include "model/synthetic_model.h"
 
 using namespace inferlab;
 
@@ -35,7 +41,18 @@ int main(int argc, char** argv) {
   std::string model_name = "smollm2-135m";
   int64_t batch = 4, seq_len = 256, rounds = 3, threads = 0;
   std::vector<int32_t> ranks = {8, 64};
+  std::string backend = "cpu", synthetic, targets_choice = "both";
+  int32_t layers = 0;
   app.add_option("--model", model_name, "model short name or .gguf path")->capture_default_str();
+  app.add_option("--backend", backend, "where the graph runs")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
+      ->capture_default_str();
+  app.add_option("--synthetic", synthetic, "a synthetic model at this preset's shape instead of --model")
+      ->check(CLI::IsMember(synthetic_preset_names()));
+  app.add_option("--layers", layers, "the synthetic model's first layers only (0: all)")->check(CLI::NonNegativeNumber);
+  app.add_option("--targets", targets_choice, "adapters on q,v, on every projection, or both settings")
+      ->check(CLI::IsMember({"q,v", "all", "both"}))
+      ->capture_default_str();
   app.add_option("--batch", batch, "sequences per step")->capture_default_str();
   app.add_option("--seq-len", seq_len, "tokens per sequence")->capture_default_str();
   app.add_option("--ranks", ranks, "adapter ranks")->delimiter(',')->capture_default_str();
@@ -44,12 +61,28 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   if (threads > 0) omp_set_num_threads(int(threads));
 
-  auto path = resolve_model(model_name);
-  if (!path) {
-    fmt::print(stderr, "bench_finetune: {}\n", path.message());
+  if (backend == "cuda" && cuda_device_count() == 0) {
+    fmt::print(stderr, "bench_finetune: no CUDA GPU{}\n", cuda_compiled() ? "" : " (a build without CUDA)");
     return 1;
   }
-  auto model = Model::load(*path);
+  std::filesystem::path model_path;
+  if (!synthetic.empty()) {
+    auto spec = synthetic_preset(synthetic, layers);
+    if (!spec) return fmt::print(stderr, "bench_finetune: {}\n", spec.message()), 1;
+    model_path = std::filesystem::temp_directory_path() / fmt::format("bench_finetune_{}_{}.gguf", synthetic, layers);
+    if (auto st = write_synthetic_model(*spec, model_path); !st)
+      return fmt::print(stderr, "bench_finetune: {}\n", st.message()), 1;
+    model_name = fmt::format("synthetic {} ({} layers)", synthetic, layers > 0 ? layers : spec->n_layers);
+  } else {
+    auto path = resolve_model(model_name);
+    if (!path) {
+      fmt::print(stderr, "bench_finetune: {}\n", path.message());
+      return 1;
+    }
+    model_path = *path;
+  }
+  auto model = Model::load(model_path);
+  if (!synthetic.empty()) std::filesystem::remove(model_path);
   if (!model) {
     fmt::print(stderr, "bench_finetune: {}\n", model.message());
     return 1;
@@ -60,6 +93,7 @@ int main(int argc, char** argv) {
   for (int32_t r : ranks) {
     for (const auto& [targets, slots] :
          std::vector<std::pair<std::string, std::vector<int>>>{{"q,v", {0, 2}}, {"all", {0, 1, 2, 3, 4, 5, 6}}}) {
+      if (targets_choice != "both" && targets != targets_choice) continue;
       for (const std::string base : {"f32", "nf4+dq"}) {
         for (bool ckpt : {false, true}) {
           Setting s;
@@ -71,6 +105,7 @@ int main(int argc, char** argv) {
             s.options.base.double_quant = true;
           }
           s.options.checkpoint_layers = ckpt;
+          s.options.cuda = backend == "cuda";
           settings.push_back(s);
         }
       }
@@ -113,7 +148,8 @@ int main(int argc, char** argv) {
     auto grads = finetune::AdapterGrads::like(*set);
     states.push_back({std::move(*g), std::move(*set), std::move(grads), {}});
   }
-  fmt::print("{}: {} x {} tokens per step, {} threads\n", model_name, batch, seq_len, omp_get_max_threads());
+  fmt::print("{}: {} x {} tokens per step, backend {}, {} threads\n", model_name, batch, seq_len, backend,
+             omp_get_max_threads());
   for (int64_t round = 0; round < rounds; ++round)
     for (State& s : states) {
       const auto t0 = bench::Clock::now();

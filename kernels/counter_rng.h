@@ -140,6 +140,20 @@ INFERLAB_HOST_DEVICE inline float cos_turn24(uint32_t q) {
 
 }  // namespace counter_rng_detail
 
+// splitmix64's output function applied to z + the golden gamma: a 64-bit
+// hash of one counter (the fine-tuning graph's adapter init and dropout masks).
+INFERLAB_HOST_DEVICE inline uint64_t splitmix64(uint64_t z) { return counter_rng_detail::hash(z, 0); }
+
+// A uniform float in [0, 1) from the top 24 bits of r (exact on host and device).
+INFERLAB_HOST_DEVICE inline float unit_float24(uint64_t r) { return float(uint32_t(r >> 40)) * 5.9604644775390625e-08f; }
+
+// PEFT dropout's factor for element e of a mask keyed by `key`: keep_scale
+// (1 / (1 - p)) when the element's uniform draw is at least p, else 0. The CPU
+// and CUDA fine-tuning graphs drop the same elements.
+INFERLAB_HOST_DEVICE inline float dropout_factor(uint64_t key, int64_t e, float p, float keep_scale) {
+  return unit_float24(splitmix64(key + uint64_t(e))) >= p ? keep_scale : 0.0f;
+}
+
 // A standard normal number, a pure function of (seed, i): Box-Muller on two
 // 24-bit uniforms taken from one 64-bit hash, u1 in (0, 1] and a turn in [0, 1).
 INFERLAB_HOST_DEVICE inline float random_normal_value(uint64_t seed, int64_t i) {

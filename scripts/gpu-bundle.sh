@@ -18,7 +18,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 build=${1:-$root/build}
 cmake -S "$root" -B "$build" -DINFERLAB_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build "$build" -j"$(nproc)" --target inferlab inferlab_gpu_tests bench_cuda_attention bench_cuda_decode bench_cuda_kv_methods \
-  bench_cuda_batch bench_cuda_activation_sparsity bench_cuda_quant4 bench_sparse_prefill probe dense quest h2o \
+  bench_cuda_batch bench_cuda_activation_sparsity bench_cuda_quant4 bench_sparse_prefill bench_finetune probe dense quest h2o \
   streamingllm minference spatten teal cats dejavu lora qlora skipdecode calm
 dev=$root/.device
 rm -rf "$dev/bin" "$dev/lib" "$dev/bundle.tar.xz"
@@ -26,7 +26,7 @@ mkdir -p "$dev/bin/plugins" "$dev/bin/test-plugins"
 cp "$build"/bin/inferlab "$build"/bin/inferlab_gpu_tests "$build"/bin/bench_cuda_attention \
   "$build"/bin/bench_cuda_decode "$build"/bin/bench_cuda_kv_methods "$build"/bin/bench_cuda_batch \
   "$build"/bin/bench_cuda_activation_sparsity \
-  "$build"/bin/bench_cuda_quant4 "$build"/bin/bench_sparse_prefill "$dev/bin/"
+  "$build"/bin/bench_cuda_quant4 "$build"/bin/bench_sparse_prefill "$build"/bin/bench_finetune "$dev/bin/"
 cp "$build"/bin/plugins/*.so "$dev/bin/plugins/"
 cp "$build"/tests/plugins/inferlab-plugin-probe.so "$dev/bin/test-plugins/"
 bash "$root/scripts/bundle-libs.sh" "$dev/lib" "$dev/bin" >/dev/null

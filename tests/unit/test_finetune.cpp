@@ -269,6 +269,8 @@ TEST(Finetune, BadConfigsAndDataAreRefusedNamingTheKey) {
   EXPECT_NE(targets.find("q_proj, k_proj"), std::string::npos);
   EXPECT_NE(message("data = \"train.txt\"\nsteps = 2\noutput = \"o\"\nquant = \"nf3\"\n").find("finetune.quant"),
             std::string::npos);
+  EXPECT_NE(message("data = \"train.txt\"\nsteps = 2\noutput = \"o\"\nbackend = \"tpu\"\n").find("finetune.backend"),
+            std::string::npos);
   EXPECT_NE(message("data = \"train.txt\"\nsteps = 2\noutput = \"o\"\nbogus = 1\n").find("finetune.bogus: unknown key"),
             std::string::npos);
   EXPECT_NE(message("steps = 2\noutput = \"o\"\n").find("finetune.data: missing"), std::string::npos);
@@ -292,6 +294,11 @@ TEST(Finetune, BadConfigsAndDataAreRefusedNamingTheKey) {
   std::ofstream(dir / "empty.txt") << "";
   EXPECT_NE(run_message("data = \"empty.txt\"\nsteps = 2\noutput = \"o\"\n").find("empty.txt: no training examples"),
             std::string::npos);
+  // The CUDA graph without a GPU (or without the CUDA backend): refused before any training.
+  if (!fs::exists("/dev/nvidia0")) {
+    EXPECT_NE(run_message("data = \"train.txt\"\nsteps = 2\noutput = \"cuda\"\nbackend = \"cuda\"\n").find("CUDA"),
+              std::string::npos);
+  }
   fs::create_directories(dir / "taken");
   std::ofstream(dir / "taken" / "adapter_config.json") << "{}";
   EXPECT_NE(run_message("data = \"train.txt\"\nsteps = 2\noutput = \"taken\"\n").find("already holds files"),

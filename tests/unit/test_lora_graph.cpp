@@ -12,6 +12,7 @@
 #include <random>
 
 #include "adapter_method.h"
+#include "engine/device.h"
 #include "finetune/lora_graph.h"
 #include "test_support.h"
 
@@ -384,6 +385,19 @@ TEST(LoraGraph, ExitLossesAndSkippedLayersAreWhatTheirDefinitionsSay) {
   Batch wrong = b;
   wrong.skip.assign(5, 0);
   EXPECT_FALSE(plain->loss(wrong, set).ok());
+}
+
+// GraphOptions::cuda without a GPU, or in a build without the CUDA backend:
+// refused by name, never a crash (tests/gpu/test_cuda_lora_graph.cpp covers
+// the CUDA graph itself).
+TEST(LoraGraph, ACudaGraphWithoutAGpuIsRefusedByName) {
+  if (cuda_device_count() > 0) GTEST_SKIP() << "a GPU is present";
+  GraphOptions options;
+  options.cuda = true;
+  const auto g = LoraGraph::create(tiny_model(), options);
+  ASSERT_FALSE(g.ok());
+  const std::string expected = cuda_compiled() ? "fine-tuning on CUDA: no CUDA GPU" : "needs a build with the CUDA backend";
+  EXPECT_NE(g.message().find(expected), std::string::npos) << g.message();
 }
 
 TEST(LoraGraph, InitializationFollowsPeft) {

@@ -244,6 +244,7 @@ public:
         ParamSpec::integer("seq_len", 256, 2, 1 << 20, ""),
         ParamSpec::integer("seed", 0, 0, std::nullopt, ""),
         ParamSpec::boolean("checkpoint_layers", false, ""),
+        ParamSpec::string("backend", "cpu", {"cpu", "cuda"}, ""),
         ParamSpec::integer("checkpoint_every", 50, 1, std::nullopt, ""),
         ParamSpec::integer("log_every", 10, 1, std::nullopt, ""),
         ParamSpec::real("eval_fraction", 0, 0, 0.5, ""),
@@ -299,6 +300,7 @@ public:
     f.seq_len = values.get_int("seq_len");
     f.seed = values.get_int("seed");
     f.checkpoint_layers = values.get_bool("checkpoint_layers");
+    f.backend = values.get_string("backend");
     f.checkpoint_every = values.get_int("checkpoint_every");
     f.log_every = values.get_int("log_every");
     f.eval_fraction = values.get_float("eval_fraction");

@@ -112,6 +112,7 @@ struct FinetuneSection {
   int64_t seq_len = 256;              // tokens per training sequence at most
   int64_t seed = 0;
   bool checkpoint_layers = false;     // recompute each layer in backward
+  std::string backend = "cpu";        // where the training graph runs: cpu, or cuda (a CUDA build and a GPU)
   int64_t checkpoint_every = 50;      // steps between resumable checkpoints
   int64_t log_every = 10;
   double eval_fraction = 0;           // held-out examples for the evaluation loss

@@ -76,7 +76,7 @@ Result<std::string> canonical_json(const FinetuneConfig& c, const std::string& m
       task[name] = list;
     }
   }
-  const nlohmann::json j = {
+  nlohmann::json j = {
       {"model", model_checksum},
       {"data", data},
       {"data_format", f.data_format},
@@ -106,6 +106,7 @@ Result<std::string> canonical_json(const FinetuneConfig& c, const std::string& m
       {"seed", f.seed},
       {"checkpoint_layers", f.checkpoint_layers},
       {"eval_fraction", real(f.eval_fraction)}};
+  if (f.backend != "cpu") j["backend"] = f.backend;  // absent for the CPU, so earlier checkpoints still resume
   return j.dump();
 }
 
@@ -329,6 +330,7 @@ Result<FinetuneReport> run_finetune(const FinetuneConfig& config, const Finetune
   }
   go.checkpoint_layers = f.checkpoint_layers;
   go.dropout = float(f.dropout);
+  go.cuda = f.backend == "cuda";
   auto graph = LoraGraph::create(*model, go);
   if (!graph) return graph.error();
   // QLoRA: the graph computes through its 4-bit copy of the projections, so

@@ -1,5 +1,7 @@
 #include "finetune/lora_graph.h"
 
+#include "finetune/lora_graph_device.h"
+
 #include <cblas.h>
 #include <fmt/format.h>
 
@@ -12,6 +14,7 @@
 
 #include "cpu/backward.h"
 #include "cpu/cpu_ops.h"
+#include "counter_rng.h"
 #include "cpu/quant4.h"
 
 namespace inferlab::finetune {
@@ -24,9 +27,8 @@ int slot_of(const std::string& tensor) {
   return -1;
 }
 
-namespace {
+namespace detail {
 
-// (out, in) of a slot's projection.
 std::pair<int64_t, int64_t> slot_shape(const ModelConfig& c, int slot) {
   const int64_t d = c.n_embd, q = c.q_dim(), kv = c.kv_dim(), f = c.n_ff;
   switch (slot) {
@@ -52,15 +54,66 @@ const WeightVector& slot_weight(const LayerWeights& w, int slot) {
   }
 }
 
-uint64_t mix64(uint64_t z) {
-  z += 0x9e3779b97f4a7c15ull;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
+uint64_t dropout_key(uint64_t seed, int ai) { return kernels::splitmix64(seed ^ kernels::splitmix64(uint64_t(ai) + 1)); }
+
+Result<CallShape> check_call(const ModelConfig& c, const Batch& b, const AdapterSet& adapters, const AdapterGrads* g) {
+  const auto fail = [](const std::string& what) -> Error { return Error{"fine-tuning batch: " + what}; };
+  if (b.sequences <= 0 || b.seq_len <= 0)
+    return fail(fmt::format("{} sequences of {} tokens: both must be positive", b.sequences, b.seq_len));
+  if (b.seq_len > c.context_length)
+    return fail(fmt::format("sequence length {} exceeds the model's context of {}", b.seq_len, c.context_length));
+  for (int32_t l = 0; l < c.n_layers; ++l)  // the training attention is plain causal
+    if (c.window(l) > 0 && b.seq_len > c.window(l))
+      return fail(fmt::format("sequence length {} exceeds layer {}'s sliding window of {} (training attention has "
+                              "no window yet)", b.seq_len, l, c.window(l)));
+  const size_t rows = size_t(b.sequences * b.seq_len);
+  if (b.tokens.size() != rows || b.targets.size() != rows)
+    return fail(fmt::format("{} tokens and {} targets for {} x {} positions", b.tokens.size(), b.targets.size(),
+                            b.sequences, b.seq_len));
+  for (size_t i = 0; i < rows; ++i) {
+    if (b.tokens[i] < 0 || b.tokens[i] >= c.n_vocab)
+      return fail(fmt::format("token {} at position {} is outside the vocabulary of {}", b.tokens[i], i, c.n_vocab));
+    if (b.targets[i] < -1 || b.targets[i] >= c.n_vocab)
+      return fail(fmt::format("target {} at position {} is outside the vocabulary of {}", b.targets[i], i,
+                              c.n_vocab));
+  }
+  CallShape shape;
+  auto& index = shape.index;
+  index.assign(size_t(c.n_layers), {});
+  for (auto& row : index) row.fill(-1);
+  for (size_t i = 0; i < adapters.adapters.size(); ++i) {
+    const AdapterTensor& t = adapters.adapters[i];
+    if (t.layer < 0 || t.layer >= c.n_layers || t.slot < 0 || t.slot >= kSlots)
+      return fail(fmt::format("adapter {} names layer {} slot {}, not in the model", i, t.layer, t.slot));
+    const auto dims = slot_shape(c, t.slot);
+    const int64_t out = dims.first, in = dims.second;
+    if (t.in != in || t.out != out || t.rank <= 0 || t.a.size() != size_t(t.rank * in) ||
+        t.b.size() != size_t(out * t.rank))
+      return fail(fmt::format("adapter {} ({} of layer {}) has shape ({}, {}) rank {} with {} A and {} B values; "
+                              "the projection is ({}, {})",
+                              i, kSlotTensors[size_t(t.slot)], t.layer, t.out, t.in, t.rank, t.a.size(), t.b.size(),
+                              out, in));
+    if (index[size_t(t.layer)][size_t(t.slot)] >= 0)
+      return fail(fmt::format("two adapters on {} of layer {}", kSlotTensors[size_t(t.slot)], t.layer));
+    index[size_t(t.layer)][size_t(t.slot)] = int(i);
+    if (g && (g->a.size() != adapters.adapters.size() || g->a[i].size() != t.a.size() ||
+              g->b[i].size() != t.b.size()))
+      return fail("the gradients are not shaped like the adapters (make them with AdapterGrads::like)");
+  }
+  if (!b.skip.empty() && b.skip.size() != rows * size_t(c.n_layers))
+    return fail(fmt::format("{} skip flags for {} positions x {} layers", b.skip.size(), rows, c.n_layers));
+  shape.batch = b.sequences, shape.seq_len = b.seq_len, shape.rows = int64_t(rows);
+  shape.positions.resize(rows);
+  for (size_t i = 0; i < rows; ++i) shape.positions[i] = int32_t(int64_t(i) % b.seq_len);
+  return shape;
 }
 
-// A uniform float in [0, 1) from the top 24 bits: the same on every platform.
-float unit_float(uint64_t r) { return float(r >> 40) * 0x1p-24f; }
+}  // namespace detail
+
+namespace {
+
+using detail::slot_shape;
+using detail::slot_weight;
 
 int64_t floats_bytes(const std::vector<float>& v) { return int64_t(v.size() * sizeof(float)); }
 
@@ -106,7 +159,7 @@ Result<AdapterSet> init_adapters(const ModelConfig& c, const AdapterInit& init) 
     for (int s = 0; s < kSlots; ++s) {
       if (!slot_on[size_t(s)]) continue;
       const auto shape = slot_shape(c, s);
-    const int64_t out = shape.first, in = shape.second;
+      const int64_t out = shape.first, in = shape.second;
       if (init.rank > std::min(out, in))
         return Error{fmt::format("adapters: rank {} exceeds {}'s smaller side {}", init.rank, kSlotTensors[size_t(s)],
                                  std::min(out, in))};
@@ -115,7 +168,7 @@ Result<AdapterSet> init_adapters(const ModelConfig& c, const AdapterInit& init) 
       t.a.resize(size_t(int64_t(init.rank) * in));
       t.b.assign(size_t(out * int64_t(init.rank)), 0.0f);
       const float bound = 1.0f / std::sqrt(float(in));
-      for (float& v : t.a) v = (2.0f * unit_float(rng()) - 1.0f) * bound;
+      for (float& v : t.a) v = (2.0f * kernels::unit_float24(rng()) - 1.0f) * bound;
       set.adapters.push_back(std::move(t));
     }
   }
@@ -220,10 +273,10 @@ struct LoraGraph::Impl {
   struct DropoutMask {
     uint64_t key;
     float p, keep_scale;
-    float factor(int64_t e) const { return unit_float(mix64(key + uint64_t(e))) >= p ? keep_scale : 0.0f; }
+    float factor(int64_t e) const { return kernels::dropout_factor(key, e, p, keep_scale); }
   };
   DropoutMask dropout_mask(int ai) const {
-    return {mix64(dropout_seed ^ mix64(uint64_t(ai) + 1)), opt.dropout, 1.0f / (1.0f - opt.dropout)};
+    return {detail::dropout_key(dropout_seed, ai), opt.dropout, 1.0f / (1.0f - opt.dropout)};
   }
 
   // y(n, out) = x W^T, plus the adapter's scale * (x A^T) B^T with x A^T kept in xa.
@@ -375,55 +428,14 @@ struct LoraGraph::Impl {
   }
 
   Status begin(const Batch& b, const AdapterSet& adapters, AdapterGrads* g, bool use_dropout, uint64_t seed) {
-    const auto fail = [](const std::string& what) -> Status { return Error{"fine-tuning batch: " + what}; };
-    if (b.sequences <= 0 || b.seq_len <= 0)
-      return fail(fmt::format("{} sequences of {} tokens: both must be positive", b.sequences, b.seq_len));
-    if (b.seq_len > c.context_length)
-      return fail(fmt::format("sequence length {} exceeds the model's context of {}", b.seq_len, c.context_length));
-    for (int32_t l = 0; l < c.n_layers; ++l)  // the training attention is plain causal
-      if (c.window(l) > 0 && b.seq_len > c.window(l))
-        return fail(fmt::format("sequence length {} exceeds layer {}'s sliding window of {} (training attention has "
-                                "no window yet)", b.seq_len, l, c.window(l)));
-    const size_t rows = size_t(b.sequences * b.seq_len);
-    if (b.tokens.size() != rows || b.targets.size() != rows)
-      return fail(fmt::format("{} tokens and {} targets for {} x {} positions", b.tokens.size(), b.targets.size(),
-                              b.sequences, b.seq_len));
-    for (size_t i = 0; i < rows; ++i) {
-      if (b.tokens[i] < 0 || b.tokens[i] >= c.n_vocab)
-        return fail(fmt::format("token {} at position {} is outside the vocabulary of {}", b.tokens[i], i, c.n_vocab));
-      if (b.targets[i] < -1 || b.targets[i] >= c.n_vocab)
-        return fail(fmt::format("target {} at position {} is outside the vocabulary of {}", b.targets[i], i,
-                                c.n_vocab));
-    }
-    index.assign(size_t(c.n_layers), {});
-    for (auto& row : index) row.fill(-1);
-    for (size_t i = 0; i < adapters.adapters.size(); ++i) {
-      const AdapterTensor& t = adapters.adapters[i];
-      if (t.layer < 0 || t.layer >= c.n_layers || t.slot < 0 || t.slot >= kSlots)
-        return fail(fmt::format("adapter {} names layer {} slot {}, not in the model", i, t.layer, t.slot));
-      const auto shape = slot_shape(c, t.slot);
-    const int64_t out = shape.first, in = shape.second;
-      if (t.in != in || t.out != out || t.rank <= 0 || t.a.size() != size_t(t.rank * in) ||
-          t.b.size() != size_t(out * t.rank))
-        return fail(fmt::format("adapter {} ({} of layer {}) has shape ({}, {}) rank {} with {} A and {} B values; "
-                                "the projection is ({}, {})",
-                                i, kSlotTensors[size_t(t.slot)], t.layer, t.out, t.in, t.rank, t.a.size(), t.b.size(),
-                                out, in));
-      if (index[size_t(t.layer)][size_t(t.slot)] >= 0)
-        return fail(fmt::format("two adapters on {} of layer {}", kSlotTensors[size_t(t.slot)], t.layer));
-      index[size_t(t.layer)][size_t(t.slot)] = int(i);
-      if (g && (g->a.size() != adapters.adapters.size() || g->a[i].size() != t.a.size() ||
-                g->b[i].size() != t.b.size()))
-        return fail("the gradients are not shaped like the adapters (make them with AdapterGrads::like)");
-    }
-    if (!b.skip.empty() && b.skip.size() != rows * size_t(c.n_layers))
-      return fail(fmt::format("{} skip flags for {} positions x {} layers", b.skip.size(), rows, c.n_layers));
+    auto shape = detail::check_call(c, b, adapters, g);
+    if (!shape) return shape.error();
+    index = std::move(shape->index);
+    positions = std::move(shape->positions);
     skip = &b.skip;
     set = &adapters;
     grads = g;
-    batch = b.sequences, seq_len = b.seq_len, n = int64_t(rows);
-    positions.resize(rows);
-    for (size_t i = 0; i < rows; ++i) positions[i] = int32_t(int64_t(i) % b.seq_len);
+    batch = shape->batch, seq_len = shape->seq_len, n = shape->rows;
     dropout = use_dropout && opt.dropout > 0;
     dropout_seed = seed;
     return ok_status();
@@ -579,7 +591,8 @@ struct LoraGraph::Impl {
   }
 };
 
-LoraGraph::LoraGraph(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+LoraGraph::LoraGraph(std::unique_ptr<Impl> impl, std::unique_ptr<detail::DeviceGraph> device)
+    : impl_(std::move(impl)), device_(std::move(device)) {}
 LoraGraph::~LoraGraph() = default;
 
 Result<std::unique_ptr<LoraGraph>> LoraGraph::create(std::shared_ptr<const Model> model, const GraphOptions& options) {
@@ -612,6 +625,21 @@ Result<std::unique_ptr<LoraGraph>> LoraGraph::create(std::shared_ptr<const Model
     if (s.block_size < 2 || s.block_size > 4096 || s.block_size % 2 != 0)
       return Error{fmt::format("fine-tuning: the 4-bit block size must be even and in [2, 4096], got {}",
                                s.block_size)};
+  }
+  if (options.cuda) {  // the device graph holds its own copies of the weights
+#ifdef INFERLAB_HAVE_CUDA
+    auto device = detail::make_cuda_graph(model, options);
+    if (!device) return device.error();
+    impl->model = std::move(model);
+    impl->mem = (*device)->memory();
+    return std::unique_ptr<LoraGraph>(new LoraGraph(std::move(impl), std::move(*device)));
+#else
+    return Error{"fine-tuning: backend \"cuda\" needs a build with the CUDA backend (configure with "
+                 "-DINFERLAB_CUDA=ON)"};
+#endif
+  }
+  if (options.base.format != WeightFormat::Model) {
+    const WeightStorage& s = options.base;
     const auto format = s.format == WeightFormat::NF4   ? cpu::Quant4Format::NF4
                         : s.format == WeightFormat::FP4 ? cpu::Quant4Format::FP4
                                                         : cpu::Quant4Format::Int4;
@@ -619,7 +647,7 @@ Result<std::unique_ptr<LoraGraph>> LoraGraph::create(std::shared_ptr<const Model
     for (int32_t l = 0; l < c.n_layers; ++l)
       for (int s2 = 0; s2 < kSlots; ++s2) {
         const auto shape = slot_shape(c, s2);
-    const int64_t out = shape.first, in = shape.second;
+        const int64_t out = shape.first, in = shape.second;
         impl->quant[size_t(l)][size_t(s2)] =
             cpu::quant4_quantize(slot_weight(model->weights().layers[size_t(l)], s2).data(), out, in, format,
                                  s.block_size, s.double_quant);
@@ -629,24 +657,27 @@ Result<std::unique_ptr<LoraGraph>> LoraGraph::create(std::shared_ptr<const Model
     for (int32_t l = 0; l < c.n_layers; ++l)
       for (int s2 = 0; s2 < kSlots; ++s2) {
         const auto shape = slot_shape(c, s2);
-    const int64_t out = shape.first, in = shape.second;
+        const int64_t out = shape.first, in = shape.second;
         impl->mem.base_weight_bytes += out * in * int64_t(sizeof(float));
       }
   }
   impl->model = std::move(model);
-  return std::unique_ptr<LoraGraph>(new LoraGraph(std::move(impl)));
+  return std::unique_ptr<LoraGraph>(new LoraGraph(std::move(impl), nullptr));
 }
 
 Result<StepResult> LoraGraph::forward_backward(const Batch& batch, const AdapterSet& adapters, AdapterGrads& grads,
                                                float grad_scale, uint64_t dropout_seed) {
+  if (device_) return device_->run(batch, adapters, &grads, grad_scale, dropout_seed);
   return impl_->run(batch, adapters, &grads, grad_scale, dropout_seed);
 }
 
 Result<StepResult> LoraGraph::loss(const Batch& batch, const AdapterSet& adapters) {
+  if (device_) return device_->run(batch, adapters, nullptr, 0.0f, 0);
   return impl_->run(batch, adapters, nullptr, 0.0f, 0);
 }
 
 Result<std::vector<float>> LoraGraph::logits(const Batch& batch, const AdapterSet& adapters) {
+  if (device_) return device_->logits(batch, adapters);
   Impl& m = *impl_;
   if (auto st = m.begin(batch, adapters, nullptr, false, 0); !st) return st.error();
   std::vector<LayerActs> acts;
@@ -661,6 +692,6 @@ Result<std::vector<float>> LoraGraph::logits(const Batch& batch, const AdapterSe
 }
 
 const ModelConfig& LoraGraph::config() const { return impl_->c; }
-MemoryStats LoraGraph::memory() const { return impl_->mem; }
+MemoryStats LoraGraph::memory() const { return device_ ? device_->memory() : impl_->mem; }
 
 }  // namespace inferlab::finetune

@@ -90,6 +90,10 @@ struct Batch {
 };
 
 struct GraphOptions {
+  // Where the graph runs: the CPU (BLAS), or the GPU (CUDA builds: the same
+  // forward, loss and backward in device memory, cuBLAS SGEMMs and
+  // kernels/cuda/backward.cuh; sequences up to 8192 tokens).
+  bool cuda = false;
   // The frozen base's storage: Model (the model's float32 weights), or a 4-bit
   // copy of every layer projection made at create (QLoRA). The embedding,
   // norms and LM head stay float32, as in QLoRA.
@@ -112,8 +116,14 @@ struct StepResult {
 
 struct MemoryStats {
   int64_t base_weight_bytes = 0;       // the frozen layer projections as stored for training
-  int64_t peak_activation_bytes = 0;   // the largest total of kept activations and backward buffers seen
+  // The largest total of kept activations and backward buffers seen (on CUDA:
+  // the device memory those buffers hold; they stay allocated between calls).
+  int64_t peak_activation_bytes = 0;
 };
+
+namespace detail {
+class DeviceGraph;
+}
 
 class LoraGraph {
  public:
@@ -139,8 +149,9 @@ class LoraGraph {
 
  private:
   struct Impl;
-  explicit LoraGraph(std::unique_ptr<Impl> impl);
+  LoraGraph(std::unique_ptr<Impl> impl, std::unique_ptr<detail::DeviceGraph> device);
   std::unique_ptr<Impl> impl_;
+  std::unique_ptr<detail::DeviceGraph> device_;  // set when the graph runs on a GPU
 };
 
 }  // namespace inferlab::finetune
