@@ -421,6 +421,45 @@ TEST(ResultsSafety, AGridAboveTheMemoryLimitIsRefusedWithTheEstimate) {
   EXPECT_EQ(ran.exit_code, 0) << ran.output;
 }
 
+// A throughput task's batch holds several sequences' KV at once: the
+// estimate counts a batch of its longest requests (or its kv_budget_mb), so a
+// batch that cannot fit is refused before any run, though one sequence fits.
+// A model of 2 layers 512 wide: 8 KiB of f32 KV per token, 4.1 MiB per
+// 520-token request, 260 MiB for 64 of them against a 128 MiB limit.
+TEST(ResultsSafety, AThroughputBatchAboveTheMemoryLimitIsRefusedWithTheEstimate) {
+  const auto dir = test::temp_path("memory-estimate-batch");
+  std::filesystem::create_directories(dir);
+  SyntheticModelSpec spec;
+  spec.name = "kv-wide";
+  spec.n_layers = 2;
+  spec.n_embd = 512;
+  spec.n_ff = 512;
+  spec.n_heads = 8;
+  spec.n_kv_heads = 8;
+  spec.context_length = 1024;
+  const auto model = dir / "kv-wide.gguf";
+  ASSERT_TRUE(write_synthetic_model(spec, model).ok());
+  const auto corpus = dir / "corpus.txt";
+  write_corpus(corpus, "Snow on the roofs, line ", 2000);
+  auto refusal = [&](const std::string& batch, const std::string& budget) {
+    const auto config = dir / "batch.toml";
+    std::ofstream(config) << "[experiment]\nname = \"batch\"\nmemory_limit_mb = 128\n" << batch << "\n"
+                          << "[model]\nname = \"" << model.string() << "\"\nthreads = 1\n"
+                          << "[task]\ntype = \"throughput\"\npath = \"" << corpus.string()
+                          << "\"\nrequests = 64\nprompt_tokens = 512\nnew_tokens = 8\n" << budget;
+    return run_cli("", "run " + config.string() + " --db " + (dir / "batch.db").string());
+  };
+  auto batched = refusal("batch = 64", "");
+  EXPECT_EQ(batched.exit_code, 1) << batched.output;
+  EXPECT_NE(batched.output.find("experiment batch: a run needs at least "), std::string::npos) << batched.output;
+  EXPECT_NE(batched.output.find("(64 sequences of a batch)"), std::string::npos) << batched.output;
+  EXPECT_EQ(batched.output.find("[run 1/"), std::string::npos) << batched.output;
+  auto budgeted = refusal("batch = 64", "kv_budget_mb = 200\n");
+  EXPECT_EQ(budgeted.exit_code, 1) << budgeted.output;
+  EXPECT_NE(budgeted.output.find("KV cache 200 MiB (a throughput task's kv_budget_mb)"), std::string::npos)
+      << budgeted.output;
+}
+
 // A per-layer schedule naming a layer the model does not have is refused
 // before any run, naming the run and the key (SpAtten's keep, on a 2-layer model).
 TEST(ResultsSafety, ASchedulePastTheLastLayerIsRefusedBeforeAnyRun) {

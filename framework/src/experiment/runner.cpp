@@ -131,6 +131,12 @@ struct GridFacts {
   ModelConfig model;
   int64_t weight_elements = 0;    // every tensor's element count
   int64_t longest_sample = 0;     // prompt + generated tokens, over every task
+  // The KV cache a run may hold at once, over every task: the longest sample
+  // (one sequence), or for a throughput task with a batch above 1 its
+  // kv_budget_mb, else as many of its longest requests as a step may run.
+  int64_t kv_tokens = 0;           // tokens of KV in model.kv_dtype
+  double kv_budget_bytes = 0;      // a throughput task's explicit budget, when larger
+  int64_t kv_sequences = 1;        // the sequences kv_tokens belongs to
 };
 
 Result<GridFacts> grid_facts(const ExperimentConfig& config, const std::filesystem::path& model_path) {
@@ -149,9 +155,24 @@ Result<GridFacts> grid_facts(const ExperimentConfig& config, const std::filesyst
     auto made = make_task_samples(config, t, **tokenizer, max_context);
     if (!made) return made.error();
     facts.samples.push_back(int64_t(made->samples.size()));
+    int64_t longest = 0;
     for (const TaskSample& sample : made->samples)
-      facts.longest_sample = std::max(facts.longest_sample, int64_t(sample.prompt_tokens.size()) +
-                                                                 std::max<int64_t>(sample.max_new_tokens, 1));
+      longest = std::max(longest, int64_t(sample.prompt_tokens.size()) + std::max<int64_t>(sample.max_new_tokens, 1));
+    facts.longest_sample = std::max(facts.longest_sample, longest);
+    const int64_t batch = *std::max_element(config.batch.begin(), config.batch.end());
+    int64_t sequences = 1;
+    if (config.tasks[t].type == "throughput" && batch > 1) {
+      const double budget_mb = config.tasks[t].params.get_float("kv_budget_mb");
+      if (budget_mb > 0) {
+        facts.kv_budget_bytes = std::max(facts.kv_budget_bytes, budget_mb * 1024.0 * 1024.0);
+        continue;
+      }
+      sequences = std::min<int64_t>(batch, int64_t(made->samples.size()));
+    }
+    if (sequences * longest > facts.kv_tokens) {
+      facts.kv_tokens = sequences * longest;
+      facts.kv_sequences = sequences;
+    }
   }
   return facts;
 }
@@ -513,9 +534,11 @@ Status check_schedules(const std::vector<RunSpec>& runs, const Catalog& catalog,
 }
 
 // A lower bound of what one worker needs on the CPU backend: the weights as f32
-// copies, the KV cache of the longest sample (one sequence, in model.kv_dtype), and the
-// activations of its prefill. A grid above the worker's memory limit (or the
-// machine's memory) is refused before any run, with the estimate.
+// copies, the KV cache a run holds at once (the longest sample, in
+// model.kv_dtype; a throughput task's batch of its longest requests, or its
+// kv_budget_mb), and the activations of the longest prefill. A grid above the
+// worker's memory limit (or the machine's memory) is refused before any run,
+// with the estimate.
 Status check_memory(const ExperimentConfig& config, const GridFacts& facts, int64_t memory_limit_mb) {
   if (config.backend != "cpu") return ok_status();  // CUDA: weights and KV live in device memory, not estimated here
   const ModelConfig& m = facts.model;
@@ -523,7 +546,8 @@ Status check_memory(const ExperimentConfig& config, const GridFacts& facts, int6
   const double tokens = double(facts.longest_sample);
   const double weights = double(facts.weight_elements) * 4.0;
   const double kv_bytes = config.model.kv_dtype == "f16" || config.model.kv_dtype == "bf16" ? 2.0 : 4.0;
-  const double kv = tokens * double(m.n_layers) * double(m.kv_dim()) * 2.0 * kv_bytes;
+  const double kv = std::max(double(facts.kv_tokens) * double(m.n_layers) * double(m.kv_dim()) * 2.0 * kv_bytes,
+                             facts.kv_budget_bytes);
   const double activations =
       tokens * double(2 * int64_t(m.n_embd) + m.q_dim() + 2 * m.kv_dim() + 3 * int64_t(m.n_ff)) * 4.0 +
       double(m.n_vocab) * 4.0;
@@ -532,10 +556,14 @@ Status check_memory(const ExperimentConfig& config, const GridFacts& facts, int6
   const double limit = std::min(double(memory_limit_mb) * mib, machine > 0 ? machine : 1e300);
   if (need <= limit) return ok_status();
   return Error{fmt::format(
-      "experiment {}: a run needs at least {:.0f} MiB (weights {:.0f} MiB as f32, KV cache {:.0f} MiB and prefill "
+      "experiment {}: a run needs at least {:.0f} MiB (weights {:.0f} MiB as f32, KV cache {:.0f} MiB{} and prefill "
       "activations {:.0f} MiB for the longest sample, {} tokens), more than {} ({:.0f} MiB); shorten the tasks, lower "
-      "[model] max_context, or raise [experiment] memory_limit_mb",
-      config.name, need / mib, weights / mib, kv / mib, activations / mib, facts.longest_sample,
+      "[model] max_context or the batch, or raise [experiment] memory_limit_mb",
+      config.name, need / mib, weights / mib, kv / mib,
+      kv == facts.kv_budget_bytes && kv > 0 ? std::string(" (a throughput task's kv_budget_mb)")
+      : facts.kv_sequences > 1              ? fmt::format(" ({} sequences of a batch)", facts.kv_sequences)
+                                            : std::string(),
+      activations / mib, facts.longest_sample,
       double(memory_limit_mb) * mib <= machine || machine <= 0 ? "the worker's memory limit (memory_limit_mb)"
                                                                 : "this machine's memory",
       limit / mib)};
