@@ -1,7 +1,6 @@
 #include "cuda/backward.cuh"
 
 #include <algorithm>
-#include <cfloat>
 
 #include "counter_rng.h"
 #include "cuda/block_reduce.cuh"
@@ -22,32 +21,6 @@ cublasStatus_t sgemm_rm(cublasHandle_t handle, bool trans_a, bool trans_b, int64
 namespace {
 
 constexpr int kThreads = 256;
-
-// Sum of doubles over the block (blockDim.x a multiple of 32, at most 1024),
-// in a fixed order; the result reaches every thread.
-__device__ double block_sum_double(double v) {
-  __shared__ double partial[32];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  __syncthreads();
-  if (lane == 0) partial[warp] = v;
-  __syncthreads();
-  v = lane < n_warps ? partial[lane] : 0.0;
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
-
-__device__ float block_max(float v) {
-  __shared__ float partial[32];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
-  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
-  __syncthreads();
-  if (lane == 0) partial[warp] = v;
-  __syncthreads();
-  v = lane < n_warps ? partial[lane] : -FLT_MAX;
-  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
-  return v;
-}
 
 // Block per row.
 __global__ void rmsnorm_inverse_kernel(float* inv, const float* x, int64_t n, float eps) {
@@ -115,7 +88,7 @@ __global__ void causal_attention_forward_kernel(const float* q, const float* k, 
   const float* qi = q + (b * seq_len + t) * qs + h * head_dim;
   const float* kb = k + b * seq_len * ks + g * head_dim;
   const float* vb = v + b * seq_len * ks + g * head_dim;
-  float m = -FLT_MAX;
+  float m = -INFINITY;
   for (int64_t j = threadIdx.x; j <= t; j += blockDim.x) {
     scores[j] = scale * dot(qi, kb + j * ks, head_dim);
     m = fmaxf(m, scores[j]);
@@ -214,7 +187,7 @@ __global__ void softmax_cross_entropy_kernel(float* z, const int32_t* targets, i
                                              bool write_grad, double* loss) {
   float* zr = z + int64_t(blockIdx.x) * vocab;
   const int32_t target = targets[blockIdx.x];
-  float m = -FLT_MAX;
+  float m = -INFINITY;
   for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) m = fmaxf(m, zr[j]);
   m = block_max(m);
   double sum = 0.0;
@@ -340,21 +313,12 @@ cudaError_t softmax_cross_entropy(float* z, const int32_t* targets, int64_t m, i
   return cudaGetLastError();
 }
 
-cudaError_t dropout_apply(float* out, const float* x, int64_t count, uint64_t key, float p, float keep_scale,
-                          cudaStream_t stream) {
+cudaError_t dropout(float* out, const float* x, int64_t count, uint64_t key, float p, float keep_scale,
+                    bool accumulate, cudaStream_t stream) {
   if (count < 0) return cudaErrorInvalidValue;
   if (count == 0) return cudaSuccess;
   dropout_kernel<<<grid_stride_blocks(count, kThreads), kThreads, 0, stream>>>(out, x, count, key, p, keep_scale,
-                                                                               false);
-  return cudaGetLastError();
-}
-
-cudaError_t dropout_accumulate(float* out, const float* x, int64_t count, uint64_t key, float p, float keep_scale,
-                               cudaStream_t stream) {
-  if (count < 0) return cudaErrorInvalidValue;
-  if (count == 0) return cudaSuccess;
-  dropout_kernel<<<grid_stride_blocks(count, kThreads), kThreads, 0, stream>>>(out, x, count, key, p, keep_scale,
-                                                                               true);
+                                                                               accumulate);
   return cudaGetLastError();
 }
 

@@ -67,13 +67,10 @@ cudaError_t softmax_cross_entropy(float* z, const int32_t* targets, int64_t m, i
                                   bool write_grad, double* loss, cudaStream_t stream);
 
 // PEFT dropout with the CPU graph's masks: element e keeps x[e] / (1 - p)
-// when the uniform draw from mix64(key + e) is at least p, else 0.
-//   dropout_apply:      out[e] = x[e] * factor(e)
-//   dropout_accumulate: out[e] += x[e] * factor(e)
-cudaError_t dropout_apply(float* out, const float* x, int64_t count, uint64_t key, float p, float keep_scale,
-                          cudaStream_t stream);
-cudaError_t dropout_accumulate(float* out, const float* x, int64_t count, uint64_t key, float p, float keep_scale,
-                               cudaStream_t stream);
+// when the uniform draw from splitmix64(key + e) is at least p, else 0:
+// out[e] = x[e] * factor(e), or out[e] += that with accumulate.
+cudaError_t dropout(float* out, const float* x, int64_t count, uint64_t key, float p, float keep_scale,
+                    bool accumulate, cudaStream_t stream);
 
 // Rows r with flags[r] != 0: out's row becomes x's (copy_flagged_rows) or zero
 // (zero_flagged_rows); rows of n floats.

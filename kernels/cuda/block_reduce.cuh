@@ -26,6 +26,32 @@ __device__ __forceinline__ float block_sum(float v) {
   return warp_sum(v);
 }
 
+// block_sum in double (fixed order: deterministic).
+__device__ __forceinline__ double block_sum_double(double v) {
+  __shared__ double partial_d[32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  __syncthreads();
+  if (lane == 0) partial_d[warp] = v;
+  __syncthreads();
+  v = lane < n_warps ? partial_d[lane] : 0.0;
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Maximum over the block.
+__device__ __forceinline__ float block_max(float v) {
+  __shared__ float partial_m[32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
+  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  __syncthreads();
+  if (lane == 0) partial_m[warp] = v;
+  __syncthreads();
+  v = lane < n_warps ? partial_m[lane] : -INFINITY;
+  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
 // (value, index) with the larger value, the smaller index on ties.
 struct ArgMax {
   float value;

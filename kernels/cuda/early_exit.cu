@@ -4,6 +4,8 @@
 // small probabilities (margins).
 #include "cuda/early_exit.cuh"
 
+#include "cuda/block_reduce.cuh"
+
 namespace inferlab::kernels::cuda {
 
 namespace {
@@ -40,19 +42,6 @@ __device__ Top2 block_top2(Top2 t) {
   __syncthreads();
   t = lane < n_warps ? Top2{firsts[lane], seconds[lane]} : Top2{-INFINITY, -INFINITY};
   return warp_top2(t);
-}
-
-// block_sum of block_reduce.cuh in double.
-__device__ double block_sum_double(double v) {
-  __shared__ double partial[32];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  __syncthreads();
-  if (lane == 0) partial[warp] = v;
-  __syncthreads();
-  v = lane < n_warps ? partial[lane] : 0.0;
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
 }
 
 // Two passes over the logits: the top two (NaN skipped: as -infinity it

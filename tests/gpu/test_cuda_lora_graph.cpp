@@ -15,6 +15,7 @@
 #include "cuda/backward.cuh"
 #include "finetune/lora_graph.h"
 #include "gpu_test_support.h"
+#include "lora_graph_fixtures.h"
 #include "test_support.h"
 
 namespace inferlab {
@@ -32,45 +33,13 @@ namespace kc = kernels::cuda;
 namespace cpu = kernels::cpu;
 
 std::shared_ptr<Model> tiny_model() {
-  static std::shared_ptr<Model> m = [] {
-    SyntheticModelSpec spec;
-    spec.name = "cuda-lora-graph";
-    spec.n_layers = 2;
-    spec.n_embd = 64;
-    spec.n_ff = 96;
-    spec.n_heads = 4;
-    spec.n_kv_heads = 2;
-    spec.seed = 21;
-    return test::load_synthetic(spec);
-  }();
+  static std::shared_ptr<Model> m = test::load_synthetic(test::lora_graph_spec("cuda-lora-graph"));
   return m;
 }
 
-AdapterSet random_adapters(const ModelConfig& c, uint64_t seed) {
-  finetune::AdapterInit init;
-  init.rank = 3;
-  init.alpha = 6;
-  init.slots = {0, 1, 2, 3, 4, 5, 6};
-  init.seed = seed;
-  auto set = finetune::init_adapters(c, init);
-  EXPECT_TRUE(set.ok()) << set.message();
-  std::mt19937_64 rng(seed + 1);
-  std::uniform_real_distribution<float> u(-0.2f, 0.2f);
-  for (auto& t : set->adapters)
-    for (float& v : t.b) v = u(rng);
-  return *set;
-}
+AdapterSet random_adapters(const ModelConfig& c, uint64_t seed) { return test::random_lora_adapters(c, seed); }
 
-Batch make_batch(const ModelConfig& c, int64_t len, uint64_t seed) {
-  Batch b;
-  b.sequences = 2;
-  b.seq_len = len;
-  b.tokens = test::random_tokens(c.n_vocab, int(2 * len), seed);
-  b.targets.assign(b.tokens.size(), -1);
-  for (int64_t s = 0; s < 2; ++s)
-    for (int64_t t = 2; t + 1 < len; ++t) b.targets[static_cast<size_t>(s * len + t)] = b.tokens[static_cast<size_t>(s * len + t + 1)];
-  return b;
-}
+Batch make_batch(const ModelConfig& c, int64_t len, uint64_t seed) { return test::next_token_batch(c, len, seed); }
 
 std::unique_ptr<LoraGraph> make_graph(GraphOptions options, bool cuda) {
   options.cuda = cuda;
@@ -87,13 +56,7 @@ void expect_close_grads(const AdapterGrads& gpu, const AdapterGrads& cpu_grads, 
   }
 }
 
-void expect_same_grads(const AdapterGrads& x, const AdapterGrads& y) {
-  ASSERT_EQ(x.a.size(), y.a.size());
-  for (size_t i = 0; i < x.a.size(); ++i) {
-    EXPECT_EQ(x.a[i], y.a[i]) << "A of adapter " << i;
-    EXPECT_EQ(x.b[i], y.b[i]) << "B of adapter " << i;
-  }
-}
+using test::expect_same_grads;
 
 TEST(CudaBackwardKernels, NormRopeAndSiluMatchTheirCpuTwins) {
   INFERLAB_REQUIRE_GPU();
@@ -225,7 +188,7 @@ TEST(CudaBackwardKernels, GemmsCrossEntropyAndDropoutMatchTheHost) {
   const auto x = random_floats(static_cast<size_t>(count), 25);
   DeviceBuffer<float> x_d(x), out_d(static_cast<size_t>(count));
   const uint64_t key = kernels::splitmix64(77);
-  INFERLAB_CUDA_OK(kc::dropout_apply(out_d.get(), x_d.get(), count, key, 0.3f, 1.0f / 0.7f, nullptr));
+  INFERLAB_CUDA_OK(kc::dropout(out_d.get(), x_d.get(), count, key, 0.3f, 1.0f / 0.7f, false, nullptr));
   const auto dropped = out_d.download();
   int64_t kept = 0;
   for (int64_t e = 0; e < count; ++e) {

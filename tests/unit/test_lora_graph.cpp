@@ -14,6 +14,7 @@
 #include "adapter_method.h"
 #include "engine/device.h"
 #include "finetune/lora_graph.h"
+#include "lora_graph_fixtures.h"
 #include "test_support.h"
 
 namespace inferlab {
@@ -25,53 +26,16 @@ using finetune::Batch;
 using finetune::GraphOptions;
 using finetune::LoraGraph;
 
-SyntheticModelSpec tiny_spec(const std::string& name) {
-  SyntheticModelSpec spec;
-  spec.name = name;
-  spec.n_layers = 2;
-  spec.n_embd = 64;
-  spec.n_ff = 96;
-  spec.n_heads = 4;
-  spec.n_kv_heads = 2;
-  spec.seed = 21;
-  return spec;
-}
-
 std::shared_ptr<Model> tiny_model() {
-  static std::shared_ptr<Model> m = test::load_synthetic(tiny_spec("lora-graph"));
+  static std::shared_ptr<Model> m = test::load_synthetic(test::lora_graph_spec("lora-graph"));
   return m;
 }
 
-// Adapters of rank 3 on every projection of every layer, A and B random (B
-// nonzero, so gradients reach A), scale 2.
 AdapterSet random_adapters(const ModelConfig& c, uint64_t seed, float amplitude = 0.2f) {
-  finetune::AdapterInit init;
-  init.rank = 3;
-  init.alpha = 6;
-  init.slots = {0, 1, 2, 3, 4, 5, 6};
-  init.seed = seed;
-  auto set = finetune::init_adapters(c, init);
-  EXPECT_TRUE(set.ok()) << set.message();
-  std::mt19937_64 rng(seed + 1);
-  std::uniform_real_distribution<float> u(-amplitude, amplitude);
-  for (auto& t : set->adapters)
-    for (float& v : t.b) v = u(rng);
-  return *set;
+  return test::random_lora_adapters(c, seed, amplitude);
 }
 
-// Two sequences of `len` tokens; targets are the next token, with a few
-// positions left without a target (as a prompt's would be).
-Batch make_batch(const ModelConfig& c, int64_t len, uint64_t seed) {
-  Batch b;
-  b.sequences = 2;
-  b.seq_len = len;
-  b.tokens = test::random_tokens(c.n_vocab, int(2 * len), seed);
-  b.targets.assign(b.tokens.size(), -1);
-  for (int64_t s = 0; s < 2; ++s)
-    for (int64_t t = 0; t + 1 < len; ++t)
-      if (t >= 2) b.targets[size_t(s * len + t)] = b.tokens[size_t(s * len + t + 1)];
-  return b;
-}
+Batch make_batch(const ModelConfig& c, int64_t len, uint64_t seed) { return test::next_token_batch(c, len, seed); }
 
 std::vector<test::AdapterSpec> as_engine_adapters(const AdapterSet& set) {
   std::vector<test::AdapterSpec> specs;
@@ -239,20 +203,14 @@ TEST(LoraGraph, GradientsThroughAFourBitBaseMatchFiniteDifferences) {
   EXPECT_LT(g->memory().base_weight_bytes * 7, full->memory().base_weight_bytes);
 }
 
-void expect_same_grads(const AdapterGrads& x, const AdapterGrads& y) {
-  ASSERT_EQ(x.a.size(), y.a.size());
-  for (size_t i = 0; i < x.a.size(); ++i) {
-    EXPECT_EQ(x.a[i], y.a[i]) << "A of adapter " << i;
-    EXPECT_EQ(x.b[i], y.b[i]) << "B of adapter " << i;
-  }
-}
+using test::expect_same_grads;
 
 // QLoRA's memory: once the 4-bit base is made, the model's float32 projections
 // can leave the process (inferlab finetune releases them) and nothing changes:
 // the graph computes through its own 4-bit copy. A graph on a released model
 // needs them and is refused.
 TEST(LoraGraph, AFourBitBaseNeedsNoFloatProjections) {
-  std::shared_ptr<Model> own = test::load_synthetic(tiny_spec("lora-graph-release"));  // released below: its own
+  std::shared_ptr<Model> own = test::load_synthetic(test::lora_graph_spec("lora-graph-release"));  // released below: its own
   ASSERT_NE(own, nullptr);
   GraphOptions options;
   options.base.format = WeightFormat::NF4;

@@ -193,8 +193,8 @@ class CudaGraph final : public DeviceGraph {
   const float* adapter_input(int ai, const float* x, int64_t in) {
     if (!dropout_) return x;
     float* out = dropped_.resize(n_ * in);
-    check(kc::dropout_apply(out, x, n_ * in, dropout_key(seed_, ai), opt_.dropout, 1.0f / (1.0f - opt_.dropout),
-                            stream_),
+    check(kc::dropout(out, x, n_ * in, dropout_key(seed_, ai), opt_.dropout, 1.0f / (1.0f - opt_.dropout), false,
+                      stream_),
           "dropout");
     return out;
   }
@@ -244,8 +244,8 @@ class CudaGraph final : public DeviceGraph {
     }
     float* tmp = bb_.tmp.resize(n_ * in);
     gemm(false, false, n_, in, r, 1.0f, dyb, r, a, in, 0.0f, tmp, in, "adapter dX");
-    check(kc::dropout_accumulate(dx, tmp, n_ * in, dropout_key(seed_, ai), opt_.dropout, 1.0f / (1.0f - opt_.dropout),
-                                 stream_),
+    check(kc::dropout(dx, tmp, n_ * in, dropout_key(seed_, ai), opt_.dropout, 1.0f / (1.0f - opt_.dropout), true,
+                      stream_),
           "dropout backward");
   }
 
