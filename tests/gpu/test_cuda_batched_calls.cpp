@@ -4,7 +4,8 @@
 // rounding: a GEMM over more rows may sum in another order), also with a
 // layer every plan skips (the skipped layer's K/V appended per segment), and
 // leave each sequence's cache as alone (its next step alone, a replayed
-// graph, matches); bad segments and focus misuse are errors. A sequence that
+// graph, matches), also when a larger batch grows the staging slots; bad
+// segments and focus misuse are errors. A sequence that
 // exits early by confidence stays in its batched call as a frozen row: its
 // logits, K/V fill and counters are those it has alone.
 #include <gtest/gtest.h>
@@ -124,6 +125,33 @@ TEST(CudaBatchedCalls, LogitsInsideABatchEqualThoseAlone) {
       EXPECT_EQ(batched_seqs[i]->n_past(), alone_seqs[i]->n_past());
     }
   }
+}
+
+// Staging slots grow with the batch: a batch of two, then one of four (the
+// slots' regions move and every page table uploads again), then the first
+// two once more; each gives its sequences' logits alone.
+TEST(CudaBatchedCalls, StagingSlotsGrowWithTheBatch) {
+  INFERLAB_REQUIRE_GPU();
+  auto engine = make_engine(small_model(), BackendKind::Cuda, 16, GpuDType::F16, false);
+  ASSERT_NE(engine, nullptr);
+  const int32_t vocab = engine->config().n_vocab;
+  auto p = prompts(vocab);
+  p.push_back(test::random_tokens(vocab, 21, 5));
+  const auto next = test::random_tokens(vocab, kSteps + 1, 6);
+  const std::vector<std::vector<int32_t>> two(p.begin(), p.begin() + 2);
+  Sequences alone2, alone4, batched2, batched4;
+  const Rows a2 = run_alone(*engine, two, next, alone2), a4 = run_alone(*engine, p, next, alone4);
+  expect_same_logits(run_batched(*engine, two, next, batched2), a2);
+  expect_same_logits(run_batched(*engine, p, next, batched4), a4);
+  Rows again(2), alone_again(2);
+  const std::vector<int32_t> token = {next[kSteps]};
+  std::vector<Engine::BatchItem> items;
+  for (size_t i = 0; i < 2; ++i) {
+    items.push_back({batched2[i].get(), token, 0, append_to(again[i])});
+    ASSERT_TRUE(engine->forward(*alone2[i], token, 0, append_to(alone_again[i])).ok());
+  }
+  ASSERT_TRUE(engine->forward_batch(items).ok());
+  expect_same_logits(again, alone_again);
 }
 
 // Every plan skips layer 1, filling its K/V from the hidden state: the

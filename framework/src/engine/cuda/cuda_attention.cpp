@@ -33,25 +33,13 @@ size_t row_scratch_bytes(const kernels::AttentionCall& call, int32_t max_keys) {
 
 }  // namespace
 
-// A batched call's segments stage the same layer one after another through
-// the same pinned rows (stored counts, page tables, key plan): before a
-// second segment rewrites a layer's, the uploads queued from them must have run.
-Status CudaBackend::claim_staging(int32_t l) {
-  if (focused_ < 0) return ok_status();
-  int32_t& owner = layer_staged_by_[size_t(l)];
-  if (owner >= 0 && owner != focused_) CUDA_TRY(cudaStreamSynchronize(stream_), "batched call");
-  owner = focused_;
-  return ok_status();
-}
-
-// Stored counts of `layer` before this call: the first new token's index per kv head.
+// Stored counts of `layer` before this call: the first new token's index per
+// kv head (in the staging slot: a batched call's segments each have their own).
 Status CudaBackend::stage_counts(const KvSequence& seq, int32_t l) {
   const int32_t nkv = config_.n_kv_heads;
-  if (auto s = claim_staging(l); !s) return s;
-  int32_t* counts = host_n_cached_.as<int32_t>() + int64_t(l) * nkv;
+  int32_t* counts = counts_at(l, true);
   for (int32_t g = 0; g < nkv; ++g) counts[g] = seq.table(l, g).n_tokens();
-  CUDA_TRY(cudaMemcpyAsync(n_cached_.as<int32_t>() + int64_t(l) * nkv, counts, size_t(nkv) * 4, cudaMemcpyHostToDevice,
-                           stream_),
+  CUDA_TRY(cudaMemcpyAsync(counts_at(l), counts, size_t(nkv) * 4, cudaMemcpyHostToDevice, stream_),
            "upload stored counts");
   return ok_status();
 }
@@ -59,7 +47,6 @@ Status CudaBackend::stage_counts(const KvSequence& seq, int32_t l) {
 // Pages and bookkeeping for the call's `n` new tokens of `layer`; the device
 // copy of its page tables follows.
 Status CudaBackend::stage_append(KvSequence& seq, int32_t l, int32_t n) {
-  if (auto s = claim_staging(l); !s) return s;
   const int32_t* positions = host_positions_.data() + focus_row_;
   std::vector<int32_t> rotary(static_cast<size_t>(n));
   for (int32_t g = 0; g < config_.n_kv_heads; ++g) {
@@ -77,13 +64,13 @@ Status CudaBackend::append_kv(KvSequence& seq, int32_t l) {
   const ModelConfig& c = config_;
   if (!capturing_)
     if (auto s = stage_append(seq, l, int32_t(n_)); !s) return s;
-  const kernels::LayerPageTable table{tables_.as<int32_t>() + int64_t(l) * c.n_kv_heads * max_pages_, max_pages_};
-  CUDA_TRY(kc::kv_append(cuda_kv_pages(seq.pool()), table, n_cached_.as<int32_t>() + int64_t(l) * c.n_kv_heads,
+  const kernels::LayerPageTable table = layer_table(l);
+  CUDA_TRY(kc::kv_append(cuda_kv_pages(seq.pool()), table, counts_at(l),
                          sequence_rows(k_, c.kv_dim()), sequence_rows(v_, c.kv_dim()), int32_t(n_), c.n_kv_heads,
                          stream_),
            "KV append");
   // A new token has no retention score yet.
-  CUDA_TRY(kc::slot_plane_fill(table, n_cached_.as<int32_t>() + int64_t(l) * c.n_kv_heads, int32_t(n_), c.n_kv_heads,
+  CUDA_TRY(kc::slot_plane_fill(table, counts_at(l), int32_t(n_), c.n_kv_heads,
                                options_.page_size, seq.pool().plane<uint32_t>(SlotPlane::Score), 0u, stream_),
            "KV append");
   return ok_status();
@@ -100,7 +87,7 @@ Status CudaBackend::ensure_plan_capacity(int64_t indices) {
   drop_graphs();
   plan_capacity_ = 0;
   region_ints_ = 0;
-  const size_t bytes = size_t(config_.n_layers) * size_t(ints) * 4;
+  const size_t bytes = size_t(std::max(staging_slots_, 1)) * size_t(config_.n_layers) * size_t(ints) * 4;
   if (!plans_.reserve(bytes) || !host_plans_.reserve(bytes)) return Error{"cuda engine: out of GPU memory for key plans"};
   plan_capacity_ = capacity;
   region_ints_ = ints;
@@ -109,7 +96,8 @@ Status CudaBackend::ensure_plan_capacity(int64_t indices) {
 
 CudaBackend::PlanRegion CudaBackend::plan_region(int32_t l, bool host) const {
   const int64_t nkv = config_.n_kv_heads;
-  int32_t* base = (host ? host_plans_.as<int32_t>() : plans_.as<int32_t>()) + int64_t(l) * region_ints_;
+  int32_t* base = (host ? host_plans_.as<int32_t>() : plans_.as<int32_t>()) +
+                  (int64_t(staging_slot()) * config_.n_layers + l) * region_ints_;
   return PlanRegion{base,
                     base + nkv + 1,
                     base + 2 * nkv + 1,
@@ -122,7 +110,6 @@ CudaBackend::PlanRegion CudaBackend::plan_region(int32_t l, bool host) const {
 // The layer's key plan into its region, and up to the device.
 Status CudaBackend::stage_key_plan(int32_t l, const KeyPlan& plan) {
   const int32_t nkv = config_.n_kv_heads;
-  if (auto s = claim_staging(l); !s) return s;
   if (auto s = ensure_plan_capacity(int64_t(plan.indices.size())); !s) return s;
   const PlanRegion r = plan_region(l, true);
   std::copy(plan.indptr.begin(), plan.indptr.end(), r.indptr);
@@ -154,9 +141,9 @@ kernels::AttentionCall CudaBackend::base_call(const KvPagePool& pool, int32_t l,
   call.scale = 1.0f / std::sqrt(float(c.head_dim));
   call.q = sequence_rows(q_, c.q_dim());
   call.out = sequence_rows(attn_, c.q_dim());
-  call.n_cached = n_cached_.as<int32_t>() + int64_t(l) * c.n_kv_heads;
+  call.n_cached = counts_at(l);
   call.kv = cuda_kv_pages(pool);
-  call.table = {tables_.as<int32_t>() + int64_t(l) * c.n_kv_heads * max_pages_, max_pages_};
+  call.table = layer_table(l);
   return call;
 }
 
@@ -194,9 +181,9 @@ kernels::PageSelectCall CudaBackend::select_call(int32_t l, const PlanRegion& re
   call.page_size = options_.page_size;
   call.dtype = dtype_;
   call.bounds = page_bounds_.as();
-  call.table = {tables_.as<int32_t>() + int64_t(l) * c.n_kv_heads * max_pages_, max_pages_};
+  call.table = layer_table(l);
   call.q = sequence_rows(q_, c.q_dim()) + (n_ - 1) * c.q_dim();
-  call.n_cached = n_cached_.as<int32_t>() + int64_t(l) * c.n_kv_heads;
+  call.n_cached = counts_at(l);
   call.keep = region.keep;
   call.out_offset = region.indptr;
   call.out = region.indices;

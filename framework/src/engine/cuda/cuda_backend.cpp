@@ -177,16 +177,31 @@ Status CudaBackend::init_device() {
   }
   max_pages_ = (max_context_ + options_.page_size - 1) / options_.page_size;
   const size_t tables = size_t(c.n_layers) * size_t(c.n_kv_heads), nkv = size_t(c.n_kv_heads);
-  table_sync_.assign(tables, TableSync{});
   bound_sync_.assign(tables, PageBoundSync{});
-  if (!tables_.reserve(tables * size_t(max_pages_) * 4) || !host_tables_.reserve(tables * size_t(max_pages_) * 4) ||
-      !n_cached_.reserve(tables * 4) || !host_n_cached_.reserve(tables * 4) || !head_active_.reserve(size_t(c.n_heads)) ||
+  if (auto s = ensure_staging_slots(1); !s) return s;
+  if (!head_active_.reserve(size_t(c.n_heads)) ||
       !key_mass_.reserve(nkv * size_t(max_context_) * 4) || !head_norms_.reserve(size_t(2 * c.n_heads) * 4) ||
       !retention_budgets_.reserve(nkv * 3 * 4) || !host_retention_budgets_.reserve(nkv * 3 * 4) ||
       !retention_counts_.reserve(nkv * 4))
     return Error{"cuda engine: out of GPU memory for the page tables"};
-  if (auto s = ensure_plan_capacity(0); !s) return s;
   return ensure_workspace(kMinWorkspaceRows);
+}
+
+Status CudaBackend::ensure_staging_slots(int32_t slots) {
+  if (slots <= staging_slots_) return ok_status();
+  // Queued uploads may still read the pinned regions, and kernels the device ones.
+  CUDA_TRY(cudaStreamSynchronize(stream_), "staging slots");
+  drop_graphs();
+  const size_t tables = size_t(slots) * size_t(config_.n_layers) * size_t(config_.n_kv_heads);
+  staging_slots_ = 0;
+  table_sync_.assign(tables, TableSync{});  // the new regions hold no table yet
+  if (!tables_.reserve(tables * size_t(max_pages_) * 4) || !host_tables_.reserve(tables * size_t(max_pages_) * 4) ||
+      !n_cached_.reserve(tables * 4) || !host_n_cached_.reserve(tables * 4))
+    return Error{fmt::format("cuda engine: out of GPU memory for the page tables of {} sequences", slots)};
+  staging_slots_ = slots;
+  const int64_t capacity = plan_capacity_;
+  plan_capacity_ = 0;  // the key-plan regions, again for every slot
+  return ensure_plan_capacity(capacity);
 }
 
 Status CudaBackend::ensure_workspace(int64_t n) {
@@ -261,7 +276,7 @@ Status CudaBackend::begin_call(const CallSetup& call) {
   // A segment a failed call left focused is not this call's.
   segments_.assign(call.segments.begin(), call.segments.end());
   segment_retention_started_.assign(segments_.size(), 0);
-  layer_staged_by_.assign(size_t(config_.n_layers), -1);
+  if (auto s = ensure_staging_slots(std::max<int32_t>(1, int32_t(segments_.size()))); !s) return s;
   focused_ = -1;
   focus_row_ = 0;
   stashed_rows_.assign(segments_.size(), 0);  // a segment's stash is this call's alone

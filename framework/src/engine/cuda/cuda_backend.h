@@ -200,8 +200,26 @@ class CudaBackend final : public Backend {
   }
   // The exit state's slot: the focused segment's, 0 outside a focus.
   size_t exit_slot() const { return focused_ >= 0 ? size_t(focused_) : 0; }
+  // The staging slot of the per-layer regions (stored counts, page tables, key
+  // plans): the focused segment's own, 0 outside a focus. A batched call's
+  // segments stage into their own slots, so none waits for another's uploads.
+  int32_t staging_slot() const { return focused_ >= 0 ? focused_ : 0; }
+  int64_t table_index(int32_t layer, int32_t g) const {
+    return (int64_t(staging_slot()) * config_.n_layers + layer) * config_.n_kv_heads + g;
+  }
+  // The slot's stored counts of `layer` (n_kv_heads), on the device or pinned host.
+  int32_t* counts_at(int32_t layer, bool host = false) const {
+    return (host ? host_n_cached_.as<int32_t>() : n_cached_.as<int32_t>()) + table_index(layer, 0);
+  }
+  // The slot's page table of (layer, g) (max_pages_), on the device or pinned host.
+  int32_t* table_at(int32_t layer, int32_t g = 0, bool host = false) const {
+    return (host ? host_tables_.as<int32_t>() : tables_.as<int32_t>()) + table_index(layer, g) * max_pages_;
+  }
+  kernels::LayerPageTable layer_table(int32_t layer) const { return {table_at(layer), max_pages_}; }
+  // Room for `slots` staging slots (a batched call's segments); moving the
+  // regions drops the graphs that hold them.
+  Status ensure_staging_slots(int32_t slots);
   // cuda_attention.cpp
-  Status claim_staging(int32_t layer);
   Status stage_counts(const KvSequence& seq, int32_t layer);
   Status stage_append(KvSequence& seq, int32_t layer, int32_t n);
   Status ensure_plan_capacity(int64_t indices);
@@ -296,7 +314,6 @@ class CudaBackend final : public Backend {
     bool retention_started = false;
   } whole_;
   std::vector<uint8_t> segment_retention_started_;  // per segment, kept across its focuses
-  std::vector<int32_t> layer_staged_by_;            // (n_layers) the segment whose uploads last used a layer's staging
   // stash_segment: per segment, its residual rows kept aside (a buffer per
   // segment, grown on demand and kept across calls) and how many rows this
   // call stashed there (0: none).
@@ -327,12 +344,14 @@ class CudaBackend final : public Backend {
 
   // Device state shared by all calls:
   int32_t max_pages_ = 0;     // page-table row length
-  DeviceMemory tables_;       // (n_layers, n_kv_heads, max_pages) int32 physical pages
+  // Per staging slot (staging_slot(); staging_slots_ of them):
+  int32_t staging_slots_ = 0;
+  DeviceMemory tables_;       // (slots, n_layers, n_kv_heads, max_pages) int32 physical pages
   PinnedMemory host_tables_;  // host copy of tables_
-  std::vector<TableSync> table_sync_;  // (n_layers, n_kv_heads)
-  DeviceMemory n_cached_;     // (n_layers, n_kv_heads) int32: stored tokens before this call
+  std::vector<TableSync> table_sync_;  // (slots, n_layers, n_kv_heads)
+  DeviceMemory n_cached_;     // (slots, n_layers, n_kv_heads) int32: stored tokens before this call
   PinnedMemory host_n_cached_;
-  DeviceMemory plans_;        // (n_layers) key-plan regions
+  DeviceMemory plans_;        // (slots, n_layers) key-plan regions
   PinnedMemory host_plans_;
   int64_t plan_capacity_ = 0;  // indices per region
   int64_t region_ints_ = 0;

@@ -84,10 +84,10 @@ Result<bool> CudaBackend::prepare_replay(KvSequence& seq, const StepPlan& plan, 
   }
 
   // Staging: counts, the new token's slots and page tables, the key plans.
-  int32_t* counts = host_n_cached_.as<int32_t>();
+  int32_t* counts = counts_at(0, true);  // every layer's, slot 0 (a replayed step is one sequence's)
   for (int32_t l = 0; l < L; ++l)
     for (int32_t g = 0; g < nkv; ++g) counts[l * nkv + g] = seq.table(l, g).n_tokens();
-  CUDA_TRY(cudaMemcpyAsync(n_cached_.as(), counts, size_t(L) * size_t(nkv) * 4, cudaMemcpyHostToDevice, stream_),
+  CUDA_TRY(cudaMemcpyAsync(counts_at(0), counts, size_t(L) * size_t(nkv) * 4, cudaMemcpyHostToDevice, stream_),
            "upload stored counts");
   for (int32_t l = 0; l < L; ++l)
     if (plan.run[size_t(l)] != 0 || plan.kv_fill == SkippedLayerKv::FromHidden)
@@ -106,8 +106,8 @@ Result<bool> CudaBackend::prepare_replay(KvSequence& seq, const StepPlan& plan, 
     std::copy(stale_counts.begin() + l * nkv, stale_counts.begin() + (l + 1) * nkv, r.stale_counts);
     for (int32_t g = 0; g < nkv; ++g) r.modes[g] = uint8_t(k.mode[size_t(g)]);
   }
-  CUDA_TRY(cudaMemcpyAsync(plans_.as(), host_plans_.as(), size_t(L) * size_t(region_ints_) * 4,
-                           cudaMemcpyHostToDevice, stream_),
+  CUDA_TRY(cudaMemcpyAsync(plan_region(0, false).indptr, plan_region(0, true).indptr,
+                           size_t(L) * size_t(region_ints_) * 4, cudaMemcpyHostToDevice, stream_),
            "upload key plans");
   pending_bounds_.clear();
   for (int32_t l = 0; l < L; ++l)

@@ -17,16 +17,15 @@ namespace inferlab {
 namespace kc = kernels::cuda;
 
 Status CudaBackend::sync_table(const KvSequence& seq, int32_t l, int32_t g) {
-  const size_t index = size_t(l) * size_t(config_.n_kv_heads) + size_t(g);
   const HeadPageTable& t = seq.table(l, g);
-  TableSync& s = table_sync_[index];
+  TableSync& s = table_sync_[size_t(table_index(l, g))];
   const int32_t pages = int32_t(t.pages.size());
   if (pages > max_pages_) return Error{fmt::format("cuda engine: page table of {} pages exceeds {}", pages, max_pages_)};
   const int32_t from = s.seq_id == seq.id() && s.rewrites == t.rewrites ? std::min(s.pages, pages) : 0;
   if (from < pages) {
-    int32_t* host = host_tables_.as<int32_t>() + index * size_t(max_pages_);
+    int32_t* host = table_at(l, g, true);
     std::copy(t.pages.begin() + from, t.pages.end(), host + from);
-    int32_t* device = tables_.as<int32_t>() + index * size_t(max_pages_);
+    int32_t* device = table_at(l, g);
     CUDA_TRY(cudaMemcpyAsync(device + from, host + from, size_t(pages - from) * 4, cudaMemcpyHostToDevice, stream_),
              "upload page table");
   }
@@ -93,9 +92,9 @@ Status CudaBackend::retain(KvSequence& seq, int32_t l, const RetentionPolicy& po
   kernels::RetentionCall call;
   call.n_kv_heads = nkv;
   call.page_size = options_.page_size;
-  call.table = {tables_.as<int32_t>() + int64_t(l) * nkv * max_pages_, max_pages_};
+  call.table = layer_table(l);
   call.plane = seq.pool().plane<float>(SlotPlane::Score);
-  call.n_cached = n_cached_.as<int32_t>() + int64_t(l) * nkv;
+  call.n_cached = counts_at(l);
   call.n_rows = int32_t(n_);
   call.mass = key_mass_.as<float>();
   call.mass_stride = max_context_;

@@ -135,7 +135,7 @@ Status CudaBackend::rope(const KvSequence& seq, int32_t l, bool queries) {
   const ModelConfig& c = config_;
   if (!capturing_)  // a replayed step staged every layer's counts beforehand
     if (auto s = stage_counts(seq, l); !s) return s;
-  const int32_t* device_counts = n_cached_.as<int32_t>() + int64_t(l) * c.n_kv_heads;
+  const int32_t* device_counts = counts_at(l);
   int32_t groups = 1;
   int32_t* pos = positions_.as<int32_t>() + focus_row_;  // a batched call's segment: its rows' own
   if (cache_positions_) {  // written for these rows at each layer, over the call's unused original positions

@@ -256,8 +256,8 @@ Status CudaBackend::plan_sparse_prefill(const KvSequence& seq, int32_t l,
              "sparse prefill plan");
 
   const kernels::KvPages kv = cuda_kv_pages(seq.pool());
-  const kernels::LayerPageTable table{tables_.as<int32_t>() + int64_t(l) * c.n_kv_heads * max_pages_, max_pages_};
-  const int32_t* n_cached = n_cached_.as<int32_t>() + int64_t(l) * c.n_kv_heads;
+  const kernels::LayerPageTable table = layer_table(l);
+  const int32_t* n_cached = counts_at(l);
   auto describe = [&](auto& call) {  // the fields both estimation calls share
     call.kv = kv;
     call.table = table;
