@@ -4,7 +4,8 @@
 // rounding: a GEMM over more rows may sum in another order), also with a
 // layer every plan skips (the skipped layer's K/V appended per segment), and
 // leave each sequence's cache as alone (its next step alone, a replayed
-// graph, matches), also when a larger batch grows the staging slots; bad
+// graph, matches), also when a larger batch grows the staging slots; with
+// graphs on, the batched decode steps are captured and replayed; bad
 // segments and focus misuse are errors. A sequence that
 // exits early by confidence stays in its batched call as a frozen row: its
 // logits, K/V fill and counters are those it has alone.
@@ -110,7 +111,8 @@ TEST(CudaBatchedCalls, LogitsInsideABatchEqualThoseAlone) {
     EXPECT_EQ(c.batched_calls, 1 + kSteps);
     EXPECT_EQ(c.batched_sequences, 3 * (1 + kSteps));
     EXPECT_EQ(c.batch_fallbacks, 0);
-    EXPECT_EQ(c.graph_replays, 0);
+    // With graphs every batched decode step is one graph (captured at the first).
+    EXPECT_EQ(c.graph_replays, graphs ? 3 * kSteps : 0);
     EXPECT_EQ(c.forward_calls, 3 * (1 + kSteps));
 
     // One more step of each alone, from either history: the batched calls
@@ -132,26 +134,30 @@ TEST(CudaBatchedCalls, LogitsInsideABatchEqualThoseAlone) {
 // two once more; each gives its sequences' logits alone.
 TEST(CudaBatchedCalls, StagingSlotsGrowWithTheBatch) {
   INFERLAB_REQUIRE_GPU();
-  auto engine = make_engine(small_model(), BackendKind::Cuda, 16, GpuDType::F16, false);
-  ASSERT_NE(engine, nullptr);
-  const int32_t vocab = engine->config().n_vocab;
-  auto p = prompts(vocab);
-  p.push_back(test::random_tokens(vocab, 21, 5));
-  const auto next = test::random_tokens(vocab, kSteps + 1, 6);
-  const std::vector<std::vector<int32_t>> two(p.begin(), p.begin() + 2);
-  Sequences alone2, alone4, batched2, batched4;
-  const Rows a2 = run_alone(*engine, two, next, alone2), a4 = run_alone(*engine, p, next, alone4);
-  expect_same_logits(run_batched(*engine, two, next, batched2), a2);
-  expect_same_logits(run_batched(*engine, p, next, batched4), a4);
-  Rows again(2), alone_again(2);
-  const std::vector<int32_t> token = {next[kSteps]};
-  std::vector<Engine::BatchItem> items;
-  for (size_t i = 0; i < 2; ++i) {
-    items.push_back({batched2[i].get(), token, 0, append_to(again[i])});
-    ASSERT_TRUE(engine->forward(*alone2[i], token, 0, append_to(alone_again[i])).ok());
+  for (const bool graphs : {false, true}) {  // with graphs: each batch size its own graph, dropped as slots move
+    SCOPED_TRACE(graphs ? "graphs" : "no graphs");
+    auto engine = make_engine(small_model(), BackendKind::Cuda, 16, GpuDType::F16, graphs);
+    ASSERT_NE(engine, nullptr);
+    const int32_t vocab = engine->config().n_vocab;
+    auto p = prompts(vocab);
+    p.push_back(test::random_tokens(vocab, 21, 5));
+    const auto next = test::random_tokens(vocab, kSteps + 1, 6);
+    const std::vector<std::vector<int32_t>> two(p.begin(), p.begin() + 2);
+    Sequences alone2, alone4, batched2, batched4;
+    const Rows a2 = run_alone(*engine, two, next, alone2), a4 = run_alone(*engine, p, next, alone4);
+    engine->reset_counters();
+    expect_same_logits(run_batched(*engine, two, next, batched2), a2);
+    expect_same_logits(run_batched(*engine, p, next, batched4), a4);
+    Rows again(2), alone_again(2);
+    const std::vector<int32_t> token = {next[kSteps]};
+    std::vector<Engine::BatchItem> items;
+    for (size_t i = 0; i < 2; ++i) items.push_back({batched2[i].get(), token, 0, append_to(again[i])});
+    ASSERT_TRUE(engine->forward_batch(items).ok());
+    EXPECT_EQ(engine->counters().graph_replays, graphs ? (2 + 4) * kSteps + 2 : 0);
+    for (size_t i = 0; i < 2; ++i)
+      ASSERT_TRUE(engine->forward(*alone2[i], token, 0, append_to(alone_again[i])).ok());
+    expect_same_logits(again, alone_again);
   }
-  ASSERT_TRUE(engine->forward_batch(items).ok());
-  expect_same_logits(again, alone_again);
 }
 
 // Every plan skips layer 1, filling its K/V from the hidden state: the

@@ -402,12 +402,18 @@ class Backend {
   // prepare_replay stages what the captured step reads (for every layer);
   // false when this step cannot be replayed (the schedule then runs it eagerly).
   // `keys` holds every running layer's key plan (decided from the step plan).
+  // A batched call of one-token decode steps is staged segment by segment,
+  // each focused (focus_segment); its graph is the whole batched step, and
+  // replay hands each segment's logits row (row i: segment i) to the sink.
   virtual Result<bool> prepare_replay(KvSequence& seq, const StepPlan& plan, std::vector<KeyPlan>& keys) {
     (void)seq; (void)plan; (void)keys;
     return false;
   }
   virtual bool has_graph(const StepPlan& plan) const { (void)plan; return false; }
-  virtual Status capture_begin() { return Error{"graphs are not supported by this backend"}; }
+  virtual Status capture_begin(const StepPlan& plan) {
+    (void)plan;
+    return Error{"graphs are not supported by this backend"};
+  }
   // Ends the capture started by capture_begin (also after a failed body: `ok` false drops it).
   virtual Status capture_end(const StepPlan& plan, bool ok) {
     (void)plan; (void)ok;

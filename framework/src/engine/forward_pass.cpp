@@ -169,7 +169,7 @@ Result<bool> ForwardPass::try_replay(const LogitsSink& sink) {
     return false;
   }
   if (!backend_.has_graph(plan_)) {
-    Status body = backend_.capture_begin();
+    Status body = backend_.capture_begin(plan_);
     if (body) {
       capturing_ = true;
       try {
@@ -858,6 +858,9 @@ Status ForwardPass::collect_predicted() {
 // row-wise parts of each layer run once, through the first member's pass.
 class BatchedCall {
  public:
+  // Sequences a replayed batched step may hold (their logits: one chunk of rows).
+  static constexpr int64_t kMaxReplayedBatch = 64;
+
   BatchedCall(Backend& backend, const ModelConfig& config, const EngineOptions& options, EngineCounters& counters,
               std::span<BatchMember> members)
       : backend_(backend), config_(config), counters_(counters), members_(members) {
@@ -915,6 +918,15 @@ class BatchedCall {
     if (auto s = backend_.begin_call({tokens, segments.front().first_position, lead.method_.cache_positions, segments});
         !s)
       return s;
+    if (replayable()) {
+      auto replayed = try_replay();
+      if (!replayed) return replayed.error();
+      if (*replayed) {
+        if (auto s = lead.collect_sparsity(); !s) return s;
+        double attention_seconds = 0;
+        return backend_.end_call(attention_seconds);
+      }
+    }
     if (auto s = backend_.embed(); !s) return s;
     for (auto& p : passes_) p->computed_.assign(size_t(L), 0);
     exited_.assign(passes_.size(), -1);
@@ -990,6 +1002,128 @@ class BatchedCall {
     auto s = backend_.end_call(attention_seconds);
     counters_.attention_seconds += attention_seconds;
     return s;
+  }
+
+  // A batched step a graph may serve: every member a one-token decode step
+  // whose plan needs nothing from the host mid-step (so no exit checks), the
+  // logits of all in one chunk.
+  bool replayable() const {
+    const ForwardPass& lead = *passes_.front();
+    if (!lead.options_.cuda_graphs || lead.options_.time_attention || !backend_.supports(Feature::Graphs)) return false;
+    if (int64_t(passes_.size()) > kMaxReplayedBatch) return false;
+    for (const auto& p : passes_)
+      if (!p->plan_.replayable() || !p->step_.decode() || p->rows() != 1) return false;
+    return true;
+  }
+
+  // Staged for every member (each into its own staging slot, focused),
+  // captured the first time the batch's shape is seen (the fused schedule in
+  // capture mode), then replayed. False: the step runs eagerly, from the
+  // caches as they were.
+  Result<bool> try_replay() {
+    const int32_t L = config_.n_layers;
+    ForwardPass& lead = *passes_.front();
+    for (auto& p : passes_) {
+      p->staged_.assign(size_t(L), KeyPlan{});
+      for (int32_t l = 0; l < L; ++l)
+        if (p->plan_.run[size_t(l)] != 0) p->plan_from_budgets(l, p->staged_[size_t(l)]);
+    }
+    size_t reserved = 0;  // members whose new token may hold reserved slots
+    auto undo = [&](const Status& why) -> Status {
+      for (auto& p : passes_) p->staged_.clear();
+      for (size_t i = 0; i < reserved; ++i)
+        if (auto s = backend_.truncate(passes_[i]->seq_, passes_[i]->step_.first_position); !s) return s;
+      return why;
+    };
+    for (size_t i = 0; i < passes_.size(); ++i) {
+      ForwardPass& p = *passes_[i];
+      bool ready = false;
+      const Status staged = focused(i, [&]() -> Status {
+        auto r = backend_.prepare_replay(p.seq_, p.plan_, p.staged_);
+        if (!r) return r.error();
+        ready = *r;
+        return ok_status();
+      });
+      reserved = i + 1;
+      if (!staged) return undo(staged).error();
+      if (!ready) {
+        if (auto s = undo(ok_status()); !s) return s.error();
+        return false;
+      }
+    }
+    if (!backend_.has_graph(lead.plan_)) {
+      Status body = backend_.capture_begin(lead.plan_);
+      if (body) {
+        for (auto& p : passes_) p->capturing_ = true;
+        try {
+          body = captured_layers();
+          if (body) body = backend_.logits(0, int64_t(passes_.size()), {});
+        } catch (...) {  // the capture must end whatever happens, or the stream stays in it
+          for (auto& p : passes_) p->capturing_ = false;
+          (void)backend_.capture_end(lead.plan_, false);
+          throw;
+        }
+        for (auto& p : passes_) p->capturing_ = false;
+        auto end = backend_.capture_end(lead.plan_, body.ok());
+        if (body) body = end;
+      }
+      if (!body) {  // no graph: the step runs eagerly instead
+        if (auto s = undo(ok_status()); !s) return s.error();
+        return false;
+      }
+    }
+    bool wanted = false;
+    for (const BatchMember& m : members_) wanted = wanted || (m.logits_from <= 0 && m.sink != nullptr && *m.sink);
+    const LogitsSink sink = [&](int64_t row, std::span<const float> logits) {
+      const BatchMember& m = members_[size_t(row)];
+      if (m.logits_from > 0 || m.sink == nullptr || !*m.sink) return;
+      (*m.sink)(0, logits);
+      ++counters_.logits_rows;
+    };
+    if (auto s = backend_.replay(lead.plan_, wanted ? sink : LogitsSink{}); !s) return undo(s).error();
+    for (auto& pass : passes_) {  // what the eager schedule counts, counted after the replay
+      ForwardPass& p = *pass;
+      for (int32_t l = 0; l < L; ++l) {
+        if (p.plan_.run[size_t(l)] == 0) {
+          ++counters_.layers_skipped;
+          if (p.plan_.kv_fill != SkippedLayerKv::None) counters_.kv_fills_propagated += p.rows();
+          continue;
+        }
+        ++counters_.decode_layers_run;
+        p.count_keys(p.staged_[size_t(l)], l);
+        p.count_sparse_inputs(l);
+      }
+      p.computed_ = p.plan_.run;
+      ++counters_.graph_replays;
+      p.finish_call();
+    }
+    for (int32_t l = 0; l < L; ++l)
+      if (lead.plan_.run[size_t(l)] != 0) ++counters_.batched_layers;
+    return true;
+  }
+
+  // The fused schedule's layers in capture mode (counted after the replay):
+  // no member exits or reads anything back mid-step.
+  Status captured_layers() {
+    ForwardPass& lead = *passes_.front();
+    if (auto s = backend_.embed(); !s) return s;
+    for (int32_t l = 0; l < config_.n_layers; ++l) {
+      if (lead.plan_.run[size_t(l)] == 0) {
+        if (lead.plan_.kv_fill == SkippedLayerKv::None) continue;
+        if (auto s = lead.skipped_kv(l); !s) return s;
+        for (size_t i = 0; i < passes_.size(); ++i)
+          if (auto s = focused(i, [&] { return passes_[i]->append_skipped_kv(l); }); !s) return s;
+        continue;
+      }
+      ForwardPass::LayerWork work;
+      if (auto s = lead.layer_input(l, work); !s) return s;
+      for (size_t i = 0; i < passes_.size(); ++i) {
+        ForwardPass::LayerWork own;
+        if (auto s = focused(i, [&] { return passes_[i]->layer_attention(l, own); }); !s) return s;
+      }
+      if (auto s = lead.layer_output(l, work); !s) return s;
+    }
+    return ok_status();
   }
 
   // The member's exit policy when this step checks its confidence.

@@ -105,7 +105,7 @@ class CudaBackend final : public Backend {
 
   Result<bool> prepare_replay(KvSequence& seq, const StepPlan& plan, std::vector<KeyPlan>& keys) override;
   bool has_graph(const StepPlan& plan) const override;
-  Status capture_begin() override;
+  Status capture_begin(const StepPlan& plan) override;
   Status capture_end(const StepPlan& plan, bool ok) override;
   Status replay(const StepPlan& plan, const LogitsSink& sink) override;
 

@@ -5,7 +5,11 @@
 // stale page per head for the key bounds). A graph belongs to a plan's shape:
 // the key bound (a power of two: the split-K grid and the selection grid
 // depend on it), which layers run, and which select pages by bound (per kv
-// head or per query head: different kernels).
+// head or per query head: different kernels). A batched step of one-token
+// decode segments is staged segment by segment, each into its own staging
+// slot (focused), and its graph belongs to the number of segments and the
+// largest bound among them too; its segments select no pages by bound (the
+// bounds' bookkeeping is one sequence's per layer and head).
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -29,7 +33,9 @@ int32_t CudaBackend::key_bound(int32_t max_keys) const {
 }
 
 std::string CudaBackend::graph_key(const StepPlan& plan) const {
-  std::string key = fmt::format("{}|{}|", key_bound(plan.max_keys), int(plan.kv_fill));
+  // A batched step's bound is its segments' largest, gathered by prepare_replay.
+  std::string key = segments_.empty() ? fmt::format("{}|{}|", key_bound(plan.max_keys), int(plan.kv_fill))
+                                      : fmt::format("B{}|{}|{}|", segments_.size(), graph_bound_, int(plan.kv_fill));
   for (int32_t l = 0; l < config_.n_layers; ++l)
     key += plan.run[size_t(l)] == 0 ? '-' : !plan.any_bound(l) ? 'd' : plan.bound_per_head ? 'h' : 'b';
   return key + (cache_positions_ ? "|cache" : "");
@@ -40,8 +46,11 @@ bool CudaBackend::has_graph(const StepPlan& plan) const { return graphs_.count(g
 Result<bool> CudaBackend::prepare_replay(KvSequence& seq, const StepPlan& plan, std::vector<KeyPlan>& keys) {
   const ModelConfig& c = config_;
   const int32_t L = c.n_layers, nkv = c.n_kv_heads, ps = options_.page_size;
-  if (failed_keys_.count(graph_key(plan)) != 0) return false;  // its capture failed once: eager
-  if (!segments_.empty()) return false;  // a batched call: one sequence's staging would not serve the others
+  const bool batched = !segments_.empty();
+  // A batched call: its segments one at a time, each a one-token decode step
+  // staged into its own slot, the logits of all in one chunk.
+  if (batched && (focused_ < 0 || n_ != 1 || int64_t(segments_.size()) > kLogitsChunkRows)) return false;
+  if (!batched && failed_keys_.count(graph_key(plan)) != 0) return false;  // its capture failed once: eager
   // Graphs write the default pool's pages and slot plane (bit-plane steps read their refetches back anyway).
   if (&seq.pool() != pool_.get()) return false;
   // First what decides whether this step can be replayed; nothing changes yet.
@@ -55,6 +64,7 @@ Result<bool> CudaBackend::prepare_replay(KvSequence& seq, const StepPlan& plan, 
     indices = std::max<int64_t>(indices, int64_t(keys[size_t(l)].indices.size()));
     for (int32_t g = 0; g < nkv; ++g) {
       if (keys[size_t(l)].budget[size_t(g)] <= 0) continue;
+      if (batched) return false;  // bounds are kept per (layer, head) for one sequence
       any_bound = true;
       const size_t at = size_t(l) * size_t(nkv) + size_t(g);
       std::vector<int32_t> pages, counts;
@@ -67,7 +77,12 @@ Result<bool> CudaBackend::prepare_replay(KvSequence& seq, const StepPlan& plan, 
     }
   }
   // Buffers at the size the graph needs; a buffer that moves drops the graphs holding it.
-  const int32_t bound = key_bound(plan.max_keys);
+  if (batched && focused_ == 0) graph_bound_ = 0;  // the first segment of the step: the bound is gathered anew
+  const int32_t bound = std::max(key_bound(plan.max_keys), batched ? graph_bound_ : 0);
+  // Growing the key-plan regions moves every slot's: a later segment of a
+  // batched step must not undo the earlier ones' staging (this step runs
+  // eagerly and grows them; the next is replayed).
+  if (batched && focused_ > 0 && indices > plan_capacity_) return false;
   if (auto s = ensure_plan_capacity(indices); !s) return s.error();
   if (any_bound) {
     if (auto s = ensure_page_bounds(); !s) return s.error();
@@ -118,7 +133,9 @@ Result<bool> CudaBackend::prepare_replay(KvSequence& seq, const StepPlan& plan, 
   return true;
 }
 
-Status CudaBackend::capture_begin() {
+Status CudaBackend::capture_begin(const StepPlan& plan) {
+  // A batched step's key is known once every segment is staged.
+  if (failed_keys_.count(graph_key(plan)) != 0) return Error{"cuda engine: this step's capture failed before"};
   CUDA_TRY(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "graph capture");
   capturing_ = true;
   return ok_status();
@@ -152,11 +169,11 @@ Status CudaBackend::replay(const StepPlan& plan, const LogitsSink& sink) {
   for (const auto& [at, coverage] : pending_bounds_) bound_sync_[at] = coverage;  // the bounds kernels ran
   pending_bounds_.clear();
   if (!sink) return ok_status();
-  const int64_t vocab = config_.n_vocab;
+  const int64_t vocab = config_.n_vocab, rows = segments_.empty() ? 1 : int64_t(segments_.size());
   float* host = host_logits_.as<float>();
-  CUDA_TRY(cudaMemcpyAsync(host, logits_.as(), size_t(vocab) * 4, cudaMemcpyDeviceToHost, stream_), "logits");
+  CUDA_TRY(cudaMemcpyAsync(host, logits_.as(), size_t(rows * vocab) * 4, cudaMemcpyDeviceToHost, stream_), "logits");
   CUDA_TRY(cudaStreamSynchronize(stream_), "decode step");
-  sink(0, std::span<const float>(host, size_t(vocab)));
+  for (int64_t r = 0; r < rows; ++r) sink(r, std::span<const float>(host + r * vocab, size_t(vocab)));
   return ok_status();
 }
 

@@ -162,8 +162,10 @@ Status CudaBackend::logits(int64_t from, int64_t rows, const LogitsSink& sink) {
                        stream_),
            "rmsnorm");
   const void* head = weight(Proj::Output, -1);
-  if (capturing_)  // one row, handed over after the replay
-    return gemm(xn_.as(), head, logits_.as<float>(), 1, c.n_vocab, c.n_embd);
+  if (capturing_) {  // a step's rows (one per sequence, one chunk at most), handed over after the replay
+    if (rows > kLogitsChunkRows) return Error{"cuda engine: a captured step's logits exceed one chunk"};
+    return gemm(xn_.as(), head, logits_.as<float>(), rows, c.n_vocab, c.n_embd);
+  }
   float* host = host_logits_.as<float>();
   for (int64_t r0 = 0; r0 < rows; r0 += kLogitsChunkRows) {
     const int64_t chunk = std::min(kLogitsChunkRows, rows - r0);
