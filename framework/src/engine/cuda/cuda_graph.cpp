@@ -99,7 +99,7 @@ Result<bool> CudaBackend::prepare_replay(KvSequence& seq, const StepPlan& plan, 
   }
 
   // Staging: counts, the new token's slots and page tables, the key plans.
-  int32_t* counts = counts_at(0, true);  // every layer's, slot 0 (a replayed step is one sequence's)
+  int32_t* counts = counts_at(0, true);  // every layer's, in the staging slot (a batched step's segment: its own)
   for (int32_t l = 0; l < L; ++l)
     for (int32_t g = 0; g < nkv; ++g) counts[l * nkv + g] = seq.table(l, g).n_tokens();
   CUDA_TRY(cudaMemcpyAsync(counts_at(0), counts, size_t(L) * size_t(nkv) * 4, cudaMemcpyHostToDevice, stream_),
