@@ -171,6 +171,9 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
   app.add_option("--chunk", chunk, "tokens per prefill call")->check(CLI::PositiveNumber)->capture_default_str();
+  bool no_graphs = false;
+  app.add_flag("--no-graphs", no_graphs,
+               "run every decode step eagerly (by default a batch of replayable one-token steps is a CUDA graph)");
   app.add_option("--only", only,
                  "run the rows whose label (\"<setting>, batch <B>\") contains this text, and dense at its largest "
                  "batch (the reference); the streamingllm row at original positions runs only so");
@@ -187,6 +190,7 @@ int main(int argc, char** argv) {
   if (!spec) return fmt::print(stderr, "bench: {}\n", spec.message()), 1;
   EngineOptions options;
   options.backend = BackendKind::Cuda;
+  options.cuda_graphs = !no_graphs;
   options.max_context = context + steps + 8;  // prefill, the template's step, the untimed and timed steps
   auto made = Engine::create_random(synthetic_config(*spec), 1, options);
   if (!made) return fmt::print(stderr, "bench: {}\n", made.message()), 1;

@@ -25,15 +25,16 @@
 # ~1.0-1.1x (0.64 GB read per sequence, but in a batch the engine rebuilds each
 # sequence's page bounds from all its keys every step, +1 GB each, not in "KV GB
 # read/step": the CUDA bound coverage is per (layer, kv head) for one sequence).
-# What may limit instead (the "achieved GB/s" column tells): batched calls replay
-# no CUDA graph, re-upload each sequence's page tables (a copy per layer and kv
-# head) and wait for the stream once per extra sequence and layer; H2O and
-# StreamingLLM evict per (layer, kv head) with 2-3 stream waits each (~2000-3000
-# per sequence and step). If ms/step grows by a fixed amount per sequence well
-# above its KV bytes (~0.5 ms for a dense sequence, ~0.1 ms for H2O), that host
-# work, not bandwidth, is the limit, and the eviction methods' ~4x/~2x of
-# sequences buy no tokens/s. "batched calls" should be 8 of 8 for B > 1 (no
-# sequences run one by one); dense batch 1 replays its graph (8 replays).
+# What may limit instead (the "achieved GB/s" column tells): dense batches up to
+# 64 replay one CUDA graph a step (replays = 8 x B); Quest's steps (key
+# bounds) and H2O's and StreamingLLM's (eviction per (layer, kv head) with 2-3
+# stream waits each, ~2000-3000 per sequence and step) run eagerly, each
+# sequence staging its page tables into its own slot (a copy per layer and kv
+# head). If ms/step grows by a fixed amount per sequence well above its KV
+# bytes (~0.5 ms for a dense sequence, ~0.1 ms for H2O), that host work, not
+# bandwidth, is the limit, and the eviction methods' ~4x/~2x of sequences buy
+# no tokens/s. "batched calls" should be 8 of 8 for B > 1 (no sequences run
+# one by one). `--no-graphs --only dense` (not queued) gives dense eagerly.
 # Correctness: tests CudaBatchedCalls.* (batched logits equal to those alone).
 set -u
 bin=$1
