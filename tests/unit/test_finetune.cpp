@@ -252,6 +252,31 @@ TEST(Finetune, JsonlPutsTheLossOnTheResponseAndTasksOnTheirAnswers) {
       << none.message();
 }
 
+// The early-exit objective (CALM): every layer's exit in the loss, weighted by
+// layer index; with a learning rate of 0 the first step's loss is that
+// weighted sum of each exit's loss, which an explicit exit_weights list gives
+// too, and which differs from the last layer's alone.
+TEST(Finetune, TheExitObjectiveWeighsEveryLayersExit) {
+  const fs::path dir = make_dir("exits");
+  std::string base = kBase;
+  base.replace(base.find("lr = 0.01"), 9, "lr = 0");
+  auto first_loss = [&](const std::string& keys, const std::string& out) -> double {
+    auto config = parse(dir, base + "steps = 1\n" + keys);
+    EXPECT_TRUE(config.ok()) << keys << ": " << config.message();
+    if (!config.ok()) return 0.0;
+    config->finetune.output = (dir / out).string();
+    auto report = finetune::run_finetune(*config, {});
+    EXPECT_TRUE(report.ok()) << keys << ": " << report.message();
+    return report.ok() ? report->final_loss : 0.0;
+  };
+  const double plain = first_loss("", "plain"), calm = first_loss("exit_loss = \"calm\"\n", "calm");
+  const double listed = first_loss("exit_weights = [0.3333333333, 0.6666666667]\n", "listed");
+  const double last_only = first_loss("exit_weights = [0, 1]\n", "last");
+  EXPECT_EQ(last_only, plain);
+  EXPECT_NEAR(listed, calm, 1e-6 * calm);
+  EXPECT_GT(std::abs(calm - plain), 1e-3 * plain) << "the first layer's exit is not in the loss";
+}
+
 TEST(Finetune, BadConfigsAndDataAreRefusedNamingTheKey) {
   const fs::path dir = make_dir("bad");
   auto message = [&](const std::string& keys) {
@@ -270,6 +295,11 @@ TEST(Finetune, BadConfigsAndDataAreRefusedNamingTheKey) {
   EXPECT_NE(message("data = \"train.txt\"\nsteps = 2\noutput = \"o\"\nquant = \"nf3\"\n").find("finetune.quant"),
             std::string::npos);
   EXPECT_NE(message("data = \"train.txt\"\nsteps = 2\noutput = \"o\"\nbackend = \"tpu\"\n").find("finetune.backend"),
+            std::string::npos);
+  EXPECT_NE(message("data = \"train.txt\"\nsteps = 2\noutput = \"o\"\nexit_loss = \"calm\"\nexit_weights = [1, 1]\n")
+                .find("finetune.exit_weights: set either exit_weights or exit_loss, not both"),
+            std::string::npos);
+  EXPECT_NE(message("data = \"train.txt\"\nsteps = 2\noutput = \"o\"\nexit_weights = [-1, 1]\n").find("finetune.exit_weights"),
             std::string::npos);
   EXPECT_NE(message("data = \"train.txt\"\nsteps = 2\noutput = \"o\"\nbogus = 1\n").find("finetune.bogus: unknown key"),
             std::string::npos);
@@ -293,6 +323,12 @@ TEST(Finetune, BadConfigsAndDataAreRefusedNamingTheKey) {
             std::string::npos);
   std::ofstream(dir / "empty.txt") << "";
   EXPECT_NE(run_message("data = \"empty.txt\"\nsteps = 2\noutput = \"o\"\n").find("empty.txt: no training examples"),
+            std::string::npos);
+  EXPECT_NE(run_message("data = \"train.txt\"\nsteps = 2\noutput = \"o\"\nexit_weights = [1]\n")
+                .find("finetune.exit_weights: 1 weights for the model's 2 layers"),
+            std::string::npos);
+  EXPECT_NE(run_message("data = \"train.txt\"\nsteps = 2\noutput = \"o\"\nexit_weights = [0, 0]\n")
+                .find("finetune.exit_weights: every weight is 0"),
             std::string::npos);
   // The CUDA graph without a GPU (or without the CUDA backend): refused before any training.
   if (!fs::exists("/dev/nvidia0")) {

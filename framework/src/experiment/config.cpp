@@ -245,6 +245,8 @@ public:
         ParamSpec::integer("seed", 0, 0, std::nullopt, ""),
         ParamSpec::boolean("checkpoint_layers", false, ""),
         ParamSpec::string("backend", "cpu", {"cpu", "cuda"}, ""),
+        ParamSpec::string("exit_loss", "none", {"none", "calm"}, ""),
+        ParamSpec::float_list("exit_weights", {}, 0, std::nullopt, ""),
         ParamSpec::integer("checkpoint_every", 50, 1, std::nullopt, ""),
         ParamSpec::integer("log_every", 10, 1, std::nullopt, ""),
         ParamSpec::real("eval_fraction", 0, 0, 0.5, ""),
@@ -301,6 +303,10 @@ public:
     f.seed = values.get_int("seed");
     f.checkpoint_layers = values.get_bool("checkpoint_layers");
     f.backend = values.get_string("backend");
+    f.exit_loss = values.get_string("exit_loss");
+    f.exit_weights = values.get_float_list("exit_weights");
+    if (const toml::node* w = table.get("exit_weights"); w != nullptr && f.exit_loss != "none")
+      diag_.add(w->source(), "finetune.exit_weights", "set either exit_weights or exit_loss, not both");
     f.checkpoint_every = values.get_int("checkpoint_every");
     f.log_every = values.get_int("log_every");
     f.eval_fraction = values.get_float("eval_fraction");

@@ -113,6 +113,12 @@ struct FinetuneSection {
   int64_t seed = 0;
   bool checkpoint_layers = false;     // recompute each layer in backward
   std::string backend = "cpu";        // where the training graph runs: cpu, or cuda (a CUDA build and a GPU)
+  // The early-exit objective: "calm" puts every layer's exit (its output through
+  // the final norm and LM head) in the loss, weighted by layer index (CALM);
+  // exit_weights gives each layer's weight instead. Losses are then the
+  // weighted sums per target token.
+  std::string exit_loss = "none";
+  std::vector<double> exit_weights;
   int64_t checkpoint_every = 50;      // steps between resumable checkpoints
   int64_t log_every = 10;
   double eval_fraction = 0;           // held-out examples for the evaluation loss

@@ -107,6 +107,8 @@ Result<std::string> canonical_json(const FinetuneConfig& c, const std::string& m
       {"checkpoint_layers", f.checkpoint_layers},
       {"eval_fraction", real(f.eval_fraction)}};
   if (f.backend != "cpu") j["backend"] = f.backend;  // absent for the CPU, so earlier checkpoints still resume
+  if (f.exit_loss != "none") j["exit_loss"] = f.exit_loss;  // likewise absent without an exit objective
+  if (!f.exit_weights.empty()) j["exit_weights"] = f.exit_weights;
   return j.dump();
 }
 
@@ -331,6 +333,17 @@ Result<FinetuneReport> run_finetune(const FinetuneConfig& config, const Finetune
   go.checkpoint_layers = f.checkpoint_layers;
   go.dropout = float(f.dropout);
   go.cuda = f.backend == "cuda";
+  if (!f.exit_weights.empty()) {
+    if (int64_t(f.exit_weights.size()) != mc.n_layers)
+      return Error{fmt::format("finetune.exit_weights: {} weights for the model's {} layers", f.exit_weights.size(),
+                               mc.n_layers)};
+    if (std::all_of(f.exit_weights.begin(), f.exit_weights.end(), [](double w) { return w == 0; }))
+      return Error{"finetune.exit_weights: every weight is 0: no loss to train on"};
+    go.exit_weights.assign(f.exit_weights.begin(), f.exit_weights.end());
+  } else if (f.exit_loss == "calm") {  // CALM: w_l proportional to l (1-based), summing to 1
+    const double total = double(mc.n_layers) * double(mc.n_layers + 1) / 2.0;
+    for (int32_t l = 0; l < mc.n_layers; ++l) go.exit_weights.push_back(float(double(l + 1) / total));
+  }
   auto graph = LoraGraph::create(*model, go);
   if (!graph) return graph.error();
   // QLoRA: the graph computes through its 4-bit copy of the projections, so
