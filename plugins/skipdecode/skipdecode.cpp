@@ -9,16 +9,15 @@
 // missing and nothing is recomputed: skipped layers store no KV
 // (SkippedLayerKv::None). The prompt runs every layer.
 //
-// Budget at generated index g (g = 0: the first decode step after the prompt),
-// with S = schedule_length:
-//   budget(g) = max_exit - floor((max_exit - min_exit) * min(g, S - 1) / (S - 1))
-// (S = 1: min_exit from the first step), i.e. the paper's linear exit point
-// rounded up, in integers.
+// The budget at each generated index and the layers it runs:
+// inferlab/skipdecode_schedule.h (fine-tuning applies the same schedule);
+// the paper's linear exit point rounded up, in integers.
 #include <algorithm>
 #include <string>
 
 #include "inferlab/plugin_export.h"
 #include "inferlab/prompt_end.h"
+#include "inferlab/skipdecode_schedule.h"
 
 namespace {
 
@@ -27,7 +26,7 @@ using namespace inferlab;
 class SkipDecode final : public Method {
  public:
   SkipDecode(int32_t max_exit, int32_t min_exit, int32_t warmup, int32_t schedule_length)
-      : max_param_(max_exit), min_param_(min_exit), warmup_(warmup), schedule_(schedule_length) {}
+      : max_param_(max_exit), min_param_(min_exit), warmup_(warmup), schedule_length_(schedule_length) {}
 
   Status on_load(const LoadContext& ctx) override {
     const int32_t n = ctx.shape.n_layers;
@@ -53,6 +52,7 @@ class SkipDecode final : public Method {
     n_layers_ = n;
     max_exit_ = all(max_param_);
     min_exit_ = all(min_param_);
+    schedule_ = SkipDecodeSchedule{n, max_exit_, min_exit_, warmup_, schedule_length_};
     decode_tokens_ = 0;
     layers_run_ = 0;
     last_budget_ = max_exit_;
@@ -63,23 +63,15 @@ class SkipDecode final : public Method {
     return std::make_unique<PromptEnd>();
   }
 
-  // The exit point (layers run) at generated index g.
-  int32_t budget(int64_t g) const {
-    if (schedule_ <= 1) return min_exit_;
-    const int64_t t = std::min<int64_t>(std::max<int64_t>(g, 0), schedule_ - 1);
-    return max_exit_ - int32_t(int64_t(max_exit_ - min_exit_) * t / (schedule_ - 1));
-  }
-
   bool plan_layers(const StepInfo& step, LayerPlan& plan) override {
     const std::optional<int64_t> g = PromptEnd::generated(step);
     if (!g) return false;  // the prompt (or any multi-token call) runs every layer
-    const int32_t b = budget(*g);
+    const int32_t b = schedule_.budget(*g);
     ++decode_tokens_;
     layers_run_ += b;
     last_budget_ = b;
     if (b >= n_layers_) return false;
-    const int32_t top_from = n_layers_ - (b - warmup_);
-    for (int32_t l = 0; l < n_layers_; ++l) plan.run[size_t(l)] = (l < warmup_ || l >= top_from) ? 1 : 0;
+    for (int32_t l = 0; l < n_layers_; ++l) plan.run[size_t(l)] = schedule_.runs(l, b) ? 1 : 0;
     plan.kv_fill = SkippedLayerKv::None;
     return true;
   }
@@ -95,8 +87,9 @@ class SkipDecode final : public Method {
   }
 
  private:
-  int32_t max_param_, min_param_, warmup_, schedule_;
+  int32_t max_param_, min_param_, warmup_, schedule_length_;
   int32_t n_layers_ = 0, max_exit_ = 0, min_exit_ = 0;
+  SkipDecodeSchedule schedule_;
   int64_t decode_tokens_ = 0, layers_run_ = 0;
   int32_t last_budget_ = 0;
 };

@@ -277,6 +277,36 @@ TEST(Finetune, TheExitObjectiveWeighsEveryLayersExit) {
   EXPECT_GT(std::abs(calm - plain), 1e-3 * plain) << "the first layer's exit is not in the loss";
 }
 
+// SkipDecode's schedule in the forward: a budget of every layer changes
+// nothing; a budget of one layer (the warm-up layer) after the first target
+// changes the loss; bad schedules are refused naming the key.
+TEST(Finetune, SkipDecodesScheduleRunsInTheForward) {
+  const fs::path dir = make_dir("skips");
+  std::string base = kBase;
+  base.replace(base.find("lr = 0.01"), 9, "lr = 0");
+  auto first = [&](const std::string& keys, const std::string& out) -> Result<finetune::FinetuneReport> {
+    auto config = parse(dir, base + "steps = 1\n" + keys);
+    if (!config.ok()) return config.error();
+    config->finetune.output = (dir / out).string();
+    return finetune::run_finetune(*config, {});
+  };
+  auto plain = first("", "plain"), all = first("skip_max_exit = 2\nskip_min_exit = 2\n", "all");
+  auto one = first("skip_max_exit = 2\nskip_min_exit = 1\nskip_schedule_length = 4\n", "one");
+  ASSERT_TRUE(plain.ok() && all.ok() && one.ok()) << plain.message() << all.message() << one.message();
+  EXPECT_EQ(all->final_loss, plain->final_loss);
+  EXPECT_GT(std::abs(one->final_loss - plain->final_loss), 1e-3 * plain->final_loss);
+  for (const auto& [keys, expected] :
+       {std::pair{std::string("skip_min_exit = 3\n"), std::string("finetune.skip_min_exit: 3 is past the model's 2 layers")},
+        std::pair{std::string("skip_max_exit = 1\nskip_min_exit = 2\n"),
+                  std::string("finetune.skip_min_exit: 2 layers exceed skip_max_exit's 1")},
+        std::pair{std::string("skip_min_exit = 1\nskip_warmup_layers = 2\n"),
+                  std::string("finetune.skip_warmup_layers: 2 exceeds skip_min_exit's 1 layers")}}) {
+    auto bad = first(keys, "bad");
+    ASSERT_FALSE(bad.ok()) << keys;
+    EXPECT_NE(bad.message().find(expected), std::string::npos) << bad.message();
+  }
+}
+
 TEST(Finetune, BadConfigsAndDataAreRefusedNamingTheKey) {
   const fs::path dir = make_dir("bad");
   auto message = [&](const std::string& keys) {

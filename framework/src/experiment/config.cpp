@@ -247,6 +247,10 @@ public:
         ParamSpec::string("backend", "cpu", {"cpu", "cuda"}, ""),
         ParamSpec::string("exit_loss", "none", {"none", "calm"}, ""),
         ParamSpec::float_list("exit_weights", {}, 0, std::nullopt, ""),
+        ParamSpec::integer("skip_max_exit", 0, 0, 1 << 16, ""),
+        ParamSpec::integer("skip_min_exit", 0, 0, 1 << 16, ""),
+        ParamSpec::integer("skip_warmup_layers", 1, 0, 1 << 16, ""),
+        ParamSpec::integer("skip_schedule_length", 256, 1, 1 << 24, ""),
         ParamSpec::integer("checkpoint_every", 50, 1, std::nullopt, ""),
         ParamSpec::integer("log_every", 10, 1, std::nullopt, ""),
         ParamSpec::real("eval_fraction", 0, 0, 0.5, ""),
@@ -305,6 +309,10 @@ public:
     f.backend = values.get_string("backend");
     f.exit_loss = values.get_string("exit_loss");
     f.exit_weights = values.get_float_list("exit_weights");
+    f.skip_max_exit = values.get_int("skip_max_exit");
+    f.skip_min_exit = values.get_int("skip_min_exit");
+    f.skip_warmup_layers = values.get_int("skip_warmup_layers");
+    f.skip_schedule_length = values.get_int("skip_schedule_length");
     if (const toml::node* w = table.get("exit_weights"); w != nullptr && f.exit_loss != "none")
       diag_.add(w->source(), "finetune.exit_weights", "set either exit_weights or exit_loss, not both");
     f.checkpoint_every = values.get_int("checkpoint_every");

@@ -119,6 +119,10 @@ struct FinetuneSection {
   // weighted sums per target token.
   std::string exit_loss = "none";
   std::vector<double> exit_weights;
+  // SkipDecode's schedule in the forward (inferlab/skipdecode_schedule.h), as
+  // the skipdecode plugin's parameters: a target position g tokens after a
+  // sequence's first target runs budget(g) layers (0: every layer; both 0: off).
+  int64_t skip_max_exit = 0, skip_min_exit = 0, skip_warmup_layers = 1, skip_schedule_length = 256;
   int64_t checkpoint_every = 50;      // steps between resumable checkpoints
   int64_t log_every = 10;
   double eval_fraction = 0;           // held-out examples for the evaluation loss

@@ -17,6 +17,7 @@
 #include "finetune/data.h"
 #include "formats/gguf_adapter.h"
 #include "datasets/tasks.h"
+#include "inferlab/skipdecode_schedule.h"
 #include "inferlab/train.h"
 #include "model/model.h"
 #include "results/database.h"
@@ -109,7 +110,50 @@ Result<std::string> canonical_json(const FinetuneConfig& c, const std::string& m
   if (f.backend != "cpu") j["backend"] = f.backend;  // absent for the CPU, so earlier checkpoints still resume
   if (f.exit_loss != "none") j["exit_loss"] = f.exit_loss;  // likewise absent without an exit objective
   if (!f.exit_weights.empty()) j["exit_weights"] = f.exit_weights;
+  if (f.skip_max_exit > 0 || f.skip_min_exit > 0)
+    j["skip"] = {f.skip_max_exit, f.skip_min_exit, f.skip_warmup_layers, f.skip_schedule_length};
   return j.dump();
+}
+
+// The [finetune] skip_* keys as a SkipDecode schedule over the model's layers
+// (n_layers 0: none), checked as the skipdecode plugin checks its parameters.
+Result<SkipDecodeSchedule> skip_schedule(const FinetuneSection& f, const ModelConfig& mc) {
+  if (f.skip_max_exit == 0 && f.skip_min_exit == 0) return SkipDecodeSchedule{};
+  const int64_t n = mc.n_layers;
+  for (const auto& [key, v] : {std::pair{"skip_max_exit", f.skip_max_exit}, std::pair{"skip_min_exit", f.skip_min_exit},
+                               std::pair{"skip_warmup_layers", f.skip_warmup_layers}})
+    if (v > n) return Error{fmt::format("finetune.{}: {} is past the model's {} layers", key, v, n)};
+  const int64_t max_exit = f.skip_max_exit == 0 ? n : f.skip_max_exit, min_exit = f.skip_min_exit == 0 ? n : f.skip_min_exit;
+  if (min_exit > max_exit)
+    return Error{fmt::format("finetune.skip_min_exit: {} layers exceed skip_max_exit's {}", min_exit, max_exit)};
+  if (f.skip_warmup_layers > min_exit)
+    return Error{fmt::format("finetune.skip_warmup_layers: {} exceeds skip_min_exit's {} layers (every token runs its "
+                             "warm-up layers)",
+                             f.skip_warmup_layers, min_exit)};
+  return SkipDecodeSchedule{int32_t(n), int32_t(max_exit), int32_t(min_exit), int32_t(f.skip_warmup_layers),
+                            int32_t(f.skip_schedule_length)};
+}
+
+// A batch with the schedule's skip flags: in each sequence, positions up to
+// its first target run every layer (the prompt, as generation runs it), and
+// the position g + 1 after it runs budget(g) layers, as the plugin's decode
+// step g does.
+Batch scheduled(Batch b, const SkipDecodeSchedule& schedule) {
+  if (schedule.n_layers == 0) return b;
+  const int64_t L = schedule.n_layers;
+  b.skip.assign(size_t(b.sequences * b.seq_len * L), 0);
+  for (int64_t s = 0; s < b.sequences; ++s) {
+    int64_t first = -1;
+    for (int64_t t = 0; t < b.seq_len && first < 0; ++t)
+      if (b.targets[size_t(s * b.seq_len + t)] >= 0) first = t;
+    if (first < 0) continue;
+    for (int64_t t = first + 1; t < b.seq_len; ++t) {
+      const int32_t budget = schedule.budget(t - first - 1);
+      for (int32_t l = 0; l < L; ++l)
+        b.skip[size_t((s * b.seq_len + t) * L + l)] = schedule.runs(l, budget) ? 0 : 1;
+    }
+  }
+  return b;
 }
 
 // The order examples are drawn in: a seeded shuffle per epoch.
@@ -333,6 +377,8 @@ Result<FinetuneReport> run_finetune(const FinetuneConfig& config, const Finetune
   go.checkpoint_layers = f.checkpoint_layers;
   go.dropout = float(f.dropout);
   go.cuda = f.backend == "cuda";
+  auto skip = skip_schedule(f, mc);
+  if (!skip) return skip.error();
   if (!f.exit_weights.empty()) {
     if (int64_t(f.exit_weights.size()) != mc.n_layers)
       return Error{fmt::format("finetune.exit_weights: {} weights for the model's {} layers", f.exit_weights.size(),
@@ -403,7 +449,7 @@ Result<FinetuneReport> run_finetune(const FinetuneConfig& config, const Finetune
     for (size_t begin = 0; begin < eval_rows.size(); begin += size_t(f.batch)) {
       const std::vector<int64_t> which(eval_rows.begin() + begin,
                                        eval_rows.begin() + std::min(eval_rows.size(), begin + size_t(f.batch)));
-      auto r = (*graph)->loss(make_batch(*examples, which), set);
+      auto r = (*graph)->loss(scheduled(make_batch(*examples, which), *skip), set);
       if (!r) return r.error();
       sum += r->loss_sum;
       count += r->tokens;
@@ -440,7 +486,7 @@ Result<FinetuneReport> run_finetune(const FinetuneConfig& config, const Finetune
     int64_t targets = 0, inputs = 0;
     for (int64_t k = 0; k < f.grad_accum; ++k) {
       const auto which = order.next(f.batch);
-      micro.push_back(make_batch(*examples, which));
+      micro.push_back(scheduled(make_batch(*examples, which), *skip));
       for (int32_t t : micro.back().targets) targets += t >= 0;
       for (int64_t i : which) inputs += int64_t((*examples)[size_t(i)].tokens.size()) - 1;
     }
