@@ -252,20 +252,25 @@ TEST(Finetune, JsonlPutsTheLossOnTheResponseAndTasksOnTheirAnswers) {
       << none.message();
 }
 
+// One step of kBase at learning rate 0 (the adapters stay as initialized)
+// with `keys` added, into its own output folder: its report.
+Result<finetune::FinetuneReport> first_step(const fs::path& dir, const std::string& keys, const std::string& out) {
+  std::string base = kBase;
+  base.replace(base.find("lr = 0.01"), 9, "lr = 0");
+  auto config = parse(dir, base + "steps = 1\n" + keys);
+  if (!config.ok()) return config.error();
+  config->finetune.output = (dir / out).string();
+  return finetune::run_finetune(*config, {});
+}
+
 // The early-exit objective (CALM): every layer's exit in the loss, weighted by
 // layer index; with a learning rate of 0 the first step's loss is that
 // weighted sum of each exit's loss, which an explicit exit_weights list gives
 // too, and which differs from the last layer's alone.
 TEST(Finetune, TheExitObjectiveWeighsEveryLayersExit) {
   const fs::path dir = make_dir("exits");
-  std::string base = kBase;
-  base.replace(base.find("lr = 0.01"), 9, "lr = 0");
   auto first_loss = [&](const std::string& keys, const std::string& out) -> double {
-    auto config = parse(dir, base + "steps = 1\n" + keys);
-    EXPECT_TRUE(config.ok()) << keys << ": " << config.message();
-    if (!config.ok()) return 0.0;
-    config->finetune.output = (dir / out).string();
-    auto report = finetune::run_finetune(*config, {});
+    auto report = first_step(dir, keys, out);
     EXPECT_TRUE(report.ok()) << keys << ": " << report.message();
     return report.ok() ? report->final_loss : 0.0;
   };
@@ -282,14 +287,7 @@ TEST(Finetune, TheExitObjectiveWeighsEveryLayersExit) {
 // changes the loss; bad schedules are refused naming the key.
 TEST(Finetune, SkipDecodesScheduleRunsInTheForward) {
   const fs::path dir = make_dir("skips");
-  std::string base = kBase;
-  base.replace(base.find("lr = 0.01"), 9, "lr = 0");
-  auto first = [&](const std::string& keys, const std::string& out) -> Result<finetune::FinetuneReport> {
-    auto config = parse(dir, base + "steps = 1\n" + keys);
-    if (!config.ok()) return config.error();
-    config->finetune.output = (dir / out).string();
-    return finetune::run_finetune(*config, {});
-  };
+  auto first = [&](const std::string& keys, const std::string& out) { return first_step(dir, keys, out); };
   auto plain = first("", "plain"), all = first("skip_max_exit = 2\nskip_min_exit = 2\n", "all");
   auto one = first("skip_max_exit = 2\nskip_min_exit = 1\nskip_schedule_length = 4\n", "one");
   ASSERT_TRUE(plain.ok() && all.ok() && one.ok()) << plain.message() << all.message() << one.message();
