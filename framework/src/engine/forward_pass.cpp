@@ -190,6 +190,12 @@ Result<bool> ForwardPass::try_replay(const LogitsSink& sink) {
     }
   }
   if (auto s = backend_.replay(plan_, sink); !s) return undo(s).error();
+  if (auto s = count_replayed(); !s) return s.error();
+  return true;
+}
+
+// What the eager schedule counts for a step, counted after its replay.
+Status ForwardPass::count_replayed() {
   for (int32_t l = 0; l < config_.n_layers; ++l) {
     if (plan_.run[size_t(l)] == 0) {
       ++counters_.layers_skipped;
@@ -199,14 +205,14 @@ Result<bool> ForwardPass::try_replay(const LogitsSink& sink) {
     ++counters_.decode_layers_run;  // a replay is a decode step
     KeyPlan& keys = staged_[size_t(l)];
     if (keys.by_bound_per_head && keys.any_by_bound())  // the union's size: known once selected
-      if (auto s = backend_.read_bound_selection(l, keys); !s) return s.error();
+      if (auto s = backend_.read_bound_selection(l, keys); !s) return s;
     count_keys(keys, l);
     count_sparse_inputs(l);
   }
   computed_ = plan_.run;
   ++counters_.graph_replays;
   finish_call();
-  return true;
+  return ok_status();
 }
 
 Status ForwardPass::run_layers() {
@@ -1081,22 +1087,8 @@ class BatchedCall {
       ++counters_.logits_rows;
     };
     if (auto s = backend_.replay(lead.plan_, wanted ? sink : LogitsSink{}); !s) return undo(s).error();
-    for (auto& pass : passes_) {  // what the eager schedule counts, counted after the replay
-      ForwardPass& p = *pass;
-      for (int32_t l = 0; l < L; ++l) {
-        if (p.plan_.run[size_t(l)] == 0) {
-          ++counters_.layers_skipped;
-          if (p.plan_.kv_fill != SkippedLayerKv::None) counters_.kv_fills_propagated += p.rows();
-          continue;
-        }
-        ++counters_.decode_layers_run;
-        p.count_keys(p.staged_[size_t(l)], l);
-        p.count_sparse_inputs(l);
-      }
-      p.computed_ = p.plan_.run;
-      ++counters_.graph_replays;
-      p.finish_call();
-    }
+    for (auto& p : passes_)
+      if (auto s = p->count_replayed(); !s) return s.error();
     for (int32_t l = 0; l < L; ++l)
       if (lead.plan_.run[size_t(l)] != 0) ++counters_.batched_layers;
     return true;

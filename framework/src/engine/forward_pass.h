@@ -127,6 +127,8 @@ class ForwardPass {
   void count_sparse_inputs(int32_t layer);
   Status collect_sparsity();
   void finish_call();
+  // After a replayed step: what its eager run counts, and finish_call.
+  Status count_replayed();
   Status tap(Tap tap, uint32_t bit, std::vector<float>& out);
 
   Backend& backend_;
