@@ -77,8 +77,7 @@ int main(int argc, char** argv) {
     return fmt::print(stderr, "bench: {}\n", s.message()), 1;
 
   std::mt19937 rng(11);
-  std::vector<int32_t> prompt(static_cast<size_t>(context));
-  for (auto& t : prompt) t = int32_t(rng() % uint32_t(e.config().n_vocab));
+  const std::vector<int32_t> prompt = bench::random_tokens(rng, e, context);
   auto base = e.new_sequence();
   if (auto s = e.forward(*base, prompt, int64_t(prompt.size()), {}); !s)
     return fmt::print(stderr, "bench: prefill: {}\n", s.message()), 1;

@@ -189,14 +189,6 @@ void bench_sparse(const std::vector<int32_t>& page_counts, int reps, double peak
   }
 }
 
-// Theoretical DRAM bandwidth from the memory clock and bus width (DDR: x2).
-double device_peak_gbs() {
-  int device = 0, clock_khz = 0, bus_bits = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&clock_khz, cudaDevAttrMemoryClockRate, device);
-  cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, device);
-  return 2.0 * clock_khz * 1e3 * bus_bits / 8 / 1e9;
-}
 
 }  // namespace
 
@@ -217,7 +209,7 @@ int main(int argc, char** argv) {
   if (kernels::cuda::device_count() == 0) return fmt::print(stderr, "bench_cuda_attention: no GPU\n"), 1;
 
   fmt::print("device: {}, theoretical DRAM {:.0f} GB/s (% peak uses {:.0f}), revision {}\n\n",
-             kernels::cuda::device_description(0), device_peak_gbs(), peak_gbs, source_revision());
+             kernels::cuda::device_description(0), kernels::cuda::device_peak_gbs(0), peak_gbs, source_revision());
   print_header();
   if (mode == "all" || mode == "decode") bench_decode(contexts, reps, peak_gbs);
   if (mode == "all" || mode == "prefill") bench_prefill(lengths, reps);

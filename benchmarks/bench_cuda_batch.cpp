@@ -35,6 +35,7 @@
 #include <new>
 #include <random>
 
+#include "cuda/device_info.cuh"
 #include "engine/engine.h"
 #include "model/synthetic_model.h"
 #include "bench_support.h"
@@ -49,16 +50,6 @@ using bench::since;
 
 constexpr double kGB = 1e9;
 
-// Peak DRAM bandwidth from the device properties (2 transfers per clock), as bench_cuda_decode; 0 when unknown.
-double device_peak_gbs() {
-  int clock_khz = 0, bus_bits = 0;
-  if (cudaDeviceGetAttribute(&clock_khz, cudaDevAttrMemoryClockRate, 0) != cudaSuccess ||
-      cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, 0) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  return 2.0 * clock_khz * 1e3 * (bus_bits / 8.0) / 1e9;
-}
 
 struct MethodRow {
   Setting setting;
@@ -195,21 +186,17 @@ int main(int argc, char** argv) {
   auto made = Engine::create_random(synthetic_config(*spec), 1, options);
   if (!made) return fmt::print(stderr, "bench: {}\n", made.message()), 1;
   Engine& e = **made;
-  if (peak_gbs <= 0) peak_gbs = device_peak_gbs();
+  if (peak_gbs <= 0) peak_gbs = kernels::cuda::device_peak_gbs(0);
   PluginRegistry registry;
   if (auto s = registry.scan(PluginRegistry::default_search_path()); !s)
     return fmt::print(stderr, "bench: {}\n", s.message()), 1;
 
   std::mt19937 rng(7);
-  std::vector<int32_t> prompt(static_cast<size_t>(context));
-  for (auto& t : prompt) t = int32_t(rng() % uint32_t(e.config().n_vocab));
+  const std::vector<int32_t> prompt = bench::random_tokens(rng, e, context);
   auto base = e.new_sequence();
   const auto prefill_t0 = Clock::now();
-  for (size_t at = 0; at < prompt.size(); at += size_t(chunk)) {
-    const size_t len = std::min(prompt.size() - at, size_t(chunk));
-    if (auto s = e.forward(*base, std::span<const int32_t>(prompt.data() + at, len), int64_t(len), {}); !s)
-      return fmt::print(stderr, "bench: prefill: {}\n", s.message()), 1;
-  }
+  if (auto s = bench::prefill_chunked(e, *base, prompt, chunk); !s)
+    return fmt::print(stderr, "bench: prefill: {}\n", s.message()), 1;
   const double prefill_s = since(prefill_t0);
 
   // Each method's template and its bytes per sequence.

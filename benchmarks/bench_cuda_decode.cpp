@@ -12,6 +12,8 @@
 #include <chrono>
 #include <random>
 
+#include "bench_support.h"
+#include "cuda/device_info.cuh"
 #include "engine/engine.h"
 #include "model/synthetic_model.h"
 
@@ -22,13 +24,6 @@ namespace {
 using Clock = std::chrono::steady_clock;
 double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
-// Peak DRAM bandwidth from the device properties (2 transfers per clock).
-double device_peak_gbs() {
-  int clock_khz = 0, bus_bits = 0;
-  cudaDeviceGetAttribute(&clock_khz, cudaDevAttrMemoryClockRate, 0);
-  cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, 0);
-  return 2.0 * clock_khz * 1e3 * (bus_bits / 8.0) / 1e9;
-}
 
 std::vector<int32_t> random_tokens(int32_t vocab, int64_t n, uint64_t seed) {
   std::mt19937_64 rng(seed);
@@ -36,16 +31,6 @@ std::vector<int32_t> random_tokens(int32_t vocab, int64_t n, uint64_t seed) {
   std::vector<int32_t> out(static_cast<size_t>(n));
   for (auto& t : out) t = dist(rng);
   return out;
-}
-
-// Prefills `n` tokens in chunks (bounded workspace), without logits.
-Status prefill(Engine& engine, KvSequence& seq, const std::vector<int32_t>& tokens, int64_t chunk) {
-  for (size_t at = 0; at < tokens.size(); at += size_t(chunk)) {
-    const size_t len = std::min(tokens.size() - at, size_t(chunk));
-    const std::span<const int32_t> part(tokens.data() + at, len);
-    if (auto s = engine.forward(seq, part, int64_t(len), {}); !s) return s;
-  }
-  return ok_status();
 }
 
 }  // namespace
@@ -82,7 +67,7 @@ int main(int argc, char** argv) {
   auto made = Engine::create_random(config, 1, options);
   if (!made) return std::fprintf(stderr, "%s\n", made.message().c_str()), 1;
   Engine& engine = **made;
-  if (peak_gbs <= 0) peak_gbs = device_peak_gbs();
+  if (peak_gbs <= 0) peak_gbs = kernels::cuda::device_peak_gbs(0);
 
   const int64_t kv_bytes_per_token =
       int64_t(config.n_layers) * 2 * config.kv_dim() * 2;  // K and V, 16-bit
@@ -95,7 +80,7 @@ int main(int argc, char** argv) {
   for (int64_t context : contexts) {
     if (context + steps > options.max_context) continue;
     auto seq = engine.new_sequence();
-    if (auto s = prefill(engine, *seq, random_tokens(config.n_vocab, context, 2), chunk); !s)
+    if (auto s = bench::prefill_chunked(engine, *seq, random_tokens(config.n_vocab, context, 2), chunk); !s)
       return std::fprintf(stderr, "prefill %lld: %s\n", (long long)context, s.message().c_str()), 1;
     for (int w = 0; w < 3; ++w)  // capture and warm the graph
       if (auto s = engine.forward(*seq, std::vector<int32_t>{w + 1}, 0, [](int64_t, std::span<const float>) {}); !s)
@@ -115,11 +100,11 @@ int main(int argc, char** argv) {
   if (prefill_tokens > 0 && prefill_tokens <= options.max_context) {
     auto seq = engine.new_sequence();
     const auto tokens = random_tokens(config.n_vocab, prefill_tokens, 3);
-    if (auto s = prefill(engine, *seq, tokens, prefill_tokens); !s)  // warm-up (workspace, cuBLAS heuristics)
+    if (auto s = bench::prefill_chunked(engine, *seq, tokens, prefill_tokens); !s)  // warm-up (workspace, cuBLAS heuristics)
       return std::fprintf(stderr, "prefill: %s\n", s.message().c_str()), 1;
     seq = engine.new_sequence();
     const auto t0 = Clock::now();
-    if (auto s = prefill(engine, *seq, tokens, prefill_tokens); !s)
+    if (auto s = bench::prefill_chunked(engine, *seq, tokens, prefill_tokens); !s)
       return std::fprintf(stderr, "prefill: %s\n", s.message().c_str()), 1;
     const double seconds = since(t0);
     const double n = double(prefill_tokens);

@@ -112,14 +112,10 @@ int main(int argc, char** argv) {
     return fmt::print(stderr, "bench: {}\n", s.message()), 1;
 
   std::mt19937 rng(7);
-  std::vector<int32_t> prompt(static_cast<size_t>(context));
-  for (auto& t : prompt) t = int32_t(rng() % uint32_t(e.config().n_vocab));
+  const std::vector<int32_t> prompt = bench::random_tokens(rng, e, context);
   auto base = e.new_sequence();
-  for (size_t at = 0; at < prompt.size(); at += size_t(chunk)) {
-    const size_t len = std::min(prompt.size() - at, size_t(chunk));
-    if (auto s = e.forward(*base, std::span<const int32_t>(prompt.data() + at, len), int64_t(len), {}); !s)
-      return fmt::print(stderr, "bench: prefill: {}\n", s.message()), 1;
-  }
+  if (auto s = bench::prefill_chunked(e, *base, prompt, chunk); !s)
+    return fmt::print(stderr, "bench: prefill: {}\n", s.message()), 1;
   fmt::print("# {} at context {}, {}; {} decode steps per setting\n\n", spec->name, context, e.device_description(),
              steps);
   fmt::print("| method | ms/step | × dense | attention ms/step | attention × dense | keys read/step/head | KV MiB resident |\n");

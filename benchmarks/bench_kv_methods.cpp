@@ -77,8 +77,7 @@ int main(int argc, char** argv) {
   fmt::print("|---:|---|---:|---:|---:|---:|---:|\n");
   std::mt19937 rng(7);
   for (int32_t ctx : contexts) {
-    std::vector<int32_t> prompt(static_cast<size_t>(ctx));
-    for (auto& t : prompt) t = int32_t(rng() % uint32_t(e.config().n_vocab));
+    const std::vector<int32_t> prompt = bench::random_tokens(rng, e, ctx);
     (void)e.set_method(nullptr, 0);
     auto base = e.new_sequence();
     if (auto r = e.prefill(*base, prompt); !r) return fmt::print(stderr, "bench: {}\n", r.message()), 1;
@@ -115,8 +114,7 @@ int main(int argc, char** argv) {
   fmt::print("\n| cache L | sliding window + re-computation ms/token | StreamingLLM ms/token | speedup |\n");
   fmt::print("|---:|---:|---:|---:|\n");
   for (int32_t cache : streaming) {
-    std::vector<int32_t> stream(size_t(cache) + size_t(steps) + 1);
-    for (auto& t : stream) t = int32_t(rng() % uint32_t(e.config().n_vocab));
+    const std::vector<int32_t> stream = bench::random_tokens(rng, e, int64_t(cache) + steps + 1);
     // Re-computation: token i is produced from the L tokens before it, prefilled afresh.
     (void)e.set_method(nullptr, 0);
     const auto t0 = Clock::now();

@@ -143,8 +143,7 @@ int main(int argc, char** argv) {
   fmt::print("|---:|---|---:|---:|---:|---:|---:|\n");
   std::mt19937 rng(11);
   for (const int32_t ctx : contexts) {
-    std::vector<int32_t> prompt(static_cast<size_t>(ctx));
-    for (auto& t : prompt) t = int32_t(rng() % uint32_t(e.config().n_vocab));
+    const std::vector<int32_t> prompt = bench::random_tokens(rng, e, ctx);
     std::vector<Measure> m(settings.size());
     for (int32_t r = 0; r < repeats; ++r)
       for (size_t i = 0; i < settings.size(); ++i) {

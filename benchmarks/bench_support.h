@@ -7,6 +7,8 @@
 #include <initializer_list>
 #include <map>
 #include <memory>
+#include <random>
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
@@ -19,6 +21,22 @@ namespace inferlab::bench {
 
 using Clock = std::chrono::steady_clock;
 inline double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// `n` tokens drawn uniformly from the engine's vocabulary by rng.
+inline std::vector<int32_t> random_tokens(std::mt19937& rng, const Engine& e, int64_t n) {
+  std::vector<int32_t> tokens(static_cast<size_t>(n));
+  for (auto& t : tokens) t = int32_t(rng() % uint32_t(e.config().n_vocab));
+  return tokens;
+}
+
+// The prompt into `seq`, `chunk` tokens a call, no logits.
+inline Status prefill_chunked(Engine& e, KvSequence& seq, std::span<const int32_t> prompt, int64_t chunk) {
+  for (size_t at = 0; at < prompt.size(); at += size_t(chunk)) {
+    const size_t len = std::min(prompt.size() - at, size_t(chunk));
+    if (auto s = e.forward(seq, prompt.subspan(at, len), int64_t(len), {}); !s) return s;
+  }
+  return ok_status();
+}
 
 // The median (upper middle for an even count); 0 for none.
 inline double median(std::vector<double> v) {

@@ -45,4 +45,14 @@ std::string kernel_image_problem(int device) {
          "); rebuild with CMAKE_CUDA_ARCHITECTURES set to its architecture";
 }
 
+double device_peak_gbs(int device) {
+  int clock_khz = 0, bus_bits = 0;
+  if (cudaDeviceGetAttribute(&clock_khz, cudaDevAttrMemoryClockRate, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, device) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return 2.0 * clock_khz * 1e3 * (bus_bits / 8.0) / 1e9;
+}
+
 }  // namespace inferlab::kernels::cuda

@@ -13,5 +13,8 @@ std::string device_description(int device);
 // than the architectures the kernels were built for, e.g. sm_80 under an
 // sm_90 build).
 std::string kernel_image_problem(int device);
+// Theoretical DRAM bandwidth in GB/s from the memory clock and bus width (two
+// transfers per clock); 0 when the runtime cannot tell.
+double device_peak_gbs(int device);
 
 }  // namespace inferlab::kernels::cuda
