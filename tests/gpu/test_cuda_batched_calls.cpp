@@ -243,14 +243,7 @@ TEST(CudaBatchedCalls, ExitsInsideABatchEqualThoseAlone) {
       ASSERT_TRUE(st.ok()) << st.message();
     }
     const EngineCounters& batched = e.counters();
-    EXPECT_EQ(batched.batch_fallbacks, 0);
-    EXPECT_EQ(batched.batched_calls, 4);
-    EXPECT_EQ(batched.batched_layers, 4 * c.n_layers);  // the sequence that never exits sets the pace
-    EXPECT_EQ(batched.exit_checks, alone.exit_checks);
-    EXPECT_EQ(batched.exits_after_layer, alone.exits_after_layer);
-    EXPECT_EQ(batched.decode_layers_run, alone.decode_layers_run);
-    EXPECT_EQ(batched.layers_skipped, alone.layers_skipped);
-    EXPECT_EQ(batched.kv_fills_propagated, alone.kv_fills_propagated);
+    test::expect_exit_counters_as_alone(batched, alone, 4, c.n_layers);
     ASSERT_GT(alone.exits_after_layer.size(), 1u);
     EXPECT_EQ(alone.exits_after_layer[1], int64_t(next.size()) - 1) << "the even sequence exits at every decode step";
     for (size_t i : {size_t(0), size_t(1)}) {

@@ -1,13 +1,17 @@
 // Test methods and policies for early exit by confidence (ExitPolicy), shared
 // by the CPU tests (test_exit_policy.cpp) and the GPU tests
 // (tests/gpu/test_cuda_batched_calls.cpp): random affine maps, exit heads
-// near the identity, a policy checking given layers, and methods that only
-// declare a policy and a threshold.
+// near the identity, a policy checking given layers, methods that only
+// declare a policy and a threshold, and the counters a batch with exits must
+// share with its sequences alone.
 #pragma once
+
+#include <gtest/gtest.h>
 
 #include <random>
 #include <vector>
 
+#include "engine/engine.h"
 #include "inferlab/plugin.h"
 #include "model/model_config.h"
 
@@ -60,6 +64,21 @@ inline ExitPolicy policy_checking(const ModelConfig& c, ExitMeasure measure, std
   if (measure == ExitMeasure::Classifier)
     for (int32_t l = 0; l < c.n_layers; ++l) p.classifiers.push_back(random_map(2, c.n_embd, 7 + uint64_t(l), 0.2f));
   return p;
+}
+
+// Batched calls with exits by confidence count what the sequences alone count
+// (checks, exits, layers run and skipped, K/V fills), in `calls` batched calls
+// that run every layer (a sequence that never exits sets the pace).
+inline void expect_exit_counters_as_alone(const EngineCounters& batched, const EngineCounters& alone, int64_t calls,
+                                          int32_t n_layers) {
+  EXPECT_EQ(batched.batch_fallbacks, 0);
+  EXPECT_EQ(batched.batched_calls, calls);
+  EXPECT_EQ(batched.batched_layers, calls * n_layers);
+  EXPECT_EQ(batched.exit_checks, alone.exit_checks);
+  EXPECT_EQ(batched.exits_after_layer, alone.exits_after_layer);
+  EXPECT_EQ(batched.decode_layers_run, alone.decode_layers_run);
+  EXPECT_EQ(batched.layers_skipped, alone.layers_skipped);
+  EXPECT_EQ(batched.kv_fills_propagated, alone.kv_fills_propagated);
 }
 
 }  // namespace inferlab::test

@@ -255,14 +255,7 @@ TEST(ExitPolicy, ExitsInsideABatchEqualThoseAlone) {
                       .ok());
     }
     const EngineCounters& batched = e.counters();
-    EXPECT_EQ(batched.batch_fallbacks, 0);
-    EXPECT_EQ(batched.batched_calls, 4);
-    EXPECT_EQ(batched.batched_layers, 4 * c.n_layers);  // the sequence that never exits sets the pace
-    EXPECT_EQ(batched.exit_checks, alone.exit_checks);
-    EXPECT_EQ(batched.exits_after_layer, alone.exits_after_layer);
-    EXPECT_EQ(batched.decode_layers_run, alone.decode_layers_run);
-    EXPECT_EQ(batched.layers_skipped, alone.layers_skipped);
-    EXPECT_EQ(batched.kv_fills_propagated, alone.kv_fills_propagated);
+    test::expect_exit_counters_as_alone(batched, alone, 4, c.n_layers);
     EXPECT_GT(alone.exits_after_layer.at(1), 0);
     for (size_t i : {size_t(0), size_t(1)}) {
       ASSERT_EQ(out[i + 2].size(), out[i].size());
