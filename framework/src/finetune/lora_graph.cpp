@@ -631,7 +631,6 @@ Result<std::unique_ptr<LoraGraph>> LoraGraph::create(std::shared_ptr<const Model
     auto device = detail::make_cuda_graph(model, options);
     if (!device) return device.error();
     impl->model = std::move(model);
-    impl->mem = (*device)->memory();
     return std::unique_ptr<LoraGraph>(new LoraGraph(std::move(impl), std::move(*device)));
 #else
     return Error{"fine-tuning: backend \"cuda\" needs a build with the CUDA backend (configure with "
