@@ -418,7 +418,6 @@ class CudaGraph final : public DeviceGraph {
       DLayerActs& a = acts_[opt_.checkpoint_layers ? 0 : size_t(l)];
       if (opt_.checkpoint_layers) copy(inputs_[size_t(l)].resize(n_ * d), x_.p(), n_ * d);
       std::swap(a.x, x_);
-      a.x.count = n_ * d;
       forward_layer(l, a, next_);
       std::swap(x_, next_);
       if (after_layer) after_layer(l, x_.p());
