@@ -30,7 +30,7 @@
 
 namespace inferlab {
 
-inline constexpr int32_t kPluginAbiVersion = 14;
+inline constexpr int32_t kPluginAbiVersion = 15;
 
 // Hooks, as bits of PluginInfo::hooks (docs/architecture.md has the table).
 enum PluginHook : uint32_t {
@@ -314,6 +314,24 @@ struct ExitPolicy {
       if (c != 0) return true;
     return false;
   }
+};
+
+// Self-speculative decoding (LayerSkip, Elhoushi et al. 2024), carried out by
+// the engine's token loop. From each token the model chose, the engine drafts
+// up to `draft_length` tokens greedily with the model's first `exit_layer`
+// layers (their logits through the final norm and LM head; the layers above
+// store no KV), takes the drafts' KV back out (Engine::truncate), runs the
+// token and its drafts through every layer in one call, and keeps the drafts
+// the model's own choices agree with, plus the model's next token; the other
+// drafts leave the cache. The output is the model's own (its choice at every
+// position comes from a full-depth row); only the work changes. Generation
+// only: scoring a given text (perplexity, teacher-forced fidelity) runs every
+// layer. Not with eviction or retention: a truncate cannot bring back what a
+// draft step dropped.
+struct Speculation {
+  int32_t exit_layer = 0;    // layers a draft runs, 1..n_layers - 1; 0: no speculation
+  int32_t draft_length = 0;  // drafts per verification, 1..64
+  bool active() const { return exit_layer > 0; }
 };
 
 // Which parts of one layer to compute for a call. Skipped heads contribute zero
@@ -703,6 +721,9 @@ class Method {
   // Every plugin: early exit by a confidence the engine computes (read when
   // the method is set; see ExitPolicy). Needs exit_threshold.
   virtual ExitPolicy exit_policy() const { return {}; }
+  // Every plugin: self-speculative decoding (read when the method is set; see
+  // Speculation).
+  virtual Speculation speculation() const { return {}; }
   // Every plugin: hooks of PluginInfo::hooks this instance does not use (its
   // parameters turn them off), read when the method is set; the engine then
   // runs nothing for them (e.g. no host copy of the hidden state for a

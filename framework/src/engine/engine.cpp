@@ -383,6 +383,7 @@ std::vector<Feature> method_features(const Method& method, uint32_t hooks, const
   if (method.activation_sparsity().active()) out.push_back(Feature::ActivationSparsity);
   if (predictors.active()) out.push_back(Feature::PredictedComponents);
   if (exits.active()) out.push_back(Feature::ExitConfidence);
+  if (method.speculation().active()) out.push_back(Feature::LayerSkip);  // draft steps skip the layers above
   switch (method.kv_page_format()) {
     case KvPageFormat::Any: break;
     case KvPageFormat::F32: out.push_back(Feature::KvPagesF32); break;
@@ -499,6 +500,21 @@ Status check_exit_policy(const ExitPolicy& p, const ModelConfig& c, uint32_t hoo
   return check_maps(p.classifiers, 2, "exit classifiers", p.measure == ExitMeasure::Classifier);
 }
 
+// A method's speculation fits the model, and nothing it does is lost to a truncate.
+Status check_speculation(const Speculation& sp, const ModelConfig& c, uint32_t hooks, const std::string& name) {
+  if (sp.exit_layer == 0 && sp.draft_length == 0) return ok_status();
+  if (sp.exit_layer < 1 || sp.exit_layer >= c.n_layers)
+    return Error{fmt::format("method {}: speculation drafts with {} layers; this model's drafts run 1..{} of its {} "
+                             "layers", name, sp.exit_layer, c.n_layers - 1, c.n_layers)};
+  if (sp.draft_length < 1 || sp.draft_length > kMaxDraftLength)
+    return Error{fmt::format("method {}: speculation drafts {} tokens per verification; 1..{}", name, sp.draft_length,
+                             kMaxDraftLength)};
+  if ((hooks & (kHookEviction | kHookRetention)) != 0)
+    return Error{fmt::format("method {}: speculation with eviction or retention: a truncate cannot bring back the "
+                             "tokens a draft step dropped", name)};
+  return ok_status();
+}
+
 }  // namespace
 
 Status Engine::set_method(Method* method, uint32_t hooks, const WeightOverrides* overrides, const std::string& name) {
@@ -527,6 +543,7 @@ Status Engine::set_method(Method* method, uint32_t hooks, const WeightOverrides*
     if (auto s = check_activation_sparsity(sparsity, config(), hooks, name); !s) return s;
     if (auto s = check_predictors(predictors, config(), hooks, sparsity.active(), name); !s) return s;
     if (auto s = check_exit_policy(exits, config(), hooks, name); !s) return s;
+    if (auto s = check_speculation(method->speculation(), config(), hooks, name); !s) return s;
   }
   // Bit-plane pages: the method's sequences come from a pool of its planes.
   std::shared_ptr<KvPagePool> pool = default_pool_;
@@ -621,6 +638,7 @@ Status Engine::set_method(Method* method, uint32_t hooks, const WeightOverrides*
   sparsity_ = std::move(sparsity);
   predicted_ = std::move(predicted);
   exit_ = std::move(exit);
+  speculation_ = method != nullptr ? method->speculation() : Speculation{};
   pool_ = std::move(pool);
   return ok_status();
 }
@@ -761,6 +779,18 @@ std::map<std::string, double> EngineCounters::as_map() const {
     out["exit_checks"] = double(exit_checks);
     if (decode_steps > 0) out["exit_checks_per_decode_token"] = double(exit_checks) / double(decode_steps);
   }
+  if (verify_calls > 0) {  // only with a method that speculates
+    const int64_t accepted = drafted_tokens - drafts_rejected - drafts_unused;
+    out["draft_steps"] = double(draft_steps);
+    out["drafted_tokens"] = double(drafted_tokens);
+    out["drafts_accepted"] = double(accepted);
+    out["drafts_rejected"] = double(drafts_rejected);
+    out["verify_calls"] = double(verify_calls);
+    if (accepted + drafts_rejected > 0)
+      out["draft_acceptance"] = double(accepted) / double(accepted + drafts_rejected);
+    // Tokens each verifying call gave: its accepted drafts plus the model's own next token.
+    out["tokens_per_verify_call"] = double(accepted + verify_calls) / double(verify_calls);
+  }
   if (!exits_after_layer.empty()) {  // only with a method that exits
     int64_t exits = 0;
     for (size_t l = 0; l < exits_after_layer.size(); ++l) {
@@ -889,6 +919,7 @@ MethodCall Engine::method_call() const {
   if (sparsity_.active()) call.sparsity = &sparsity_;
   if (predicted_.active()) call.predicted = &predicted_;
   if (exit_.active()) call.exit = &exit_;
+  call.draft_layers = draft_layers_;
   return call;
 }
 
@@ -954,6 +985,56 @@ Status Engine::truncate(KvSequence& seq, int32_t n) {
   if (n < 0 || n > seq.n_past())
     return Error{fmt::format("truncate: {} tokens asked, the sequence has {}", n, seq.n_past())};
   return backend_->truncate(seq, n);
+}
+
+Status Engine::speculate(KvSequence& seq, int32_t token, int32_t max_drafts, Speculated& out) {
+  if (!speculation_.active()) return Error{"speculate: the engine's method does not speculate"};
+  if (auto s = check_pool(seq); !s) return s;
+  const int32_t start = seq.n_past();
+  const int32_t count = std::clamp(std::min(speculation_.draft_length, max_drafts), 0, max_context_ - start - 1);
+  out.drafts.clear();
+  if (count > 0) {
+    struct Drafting {  // the engine's calls are draft steps while this lives
+      int32_t& layers;
+      Drafting(int32_t& l, int32_t n) : layers(l) { layers = n; }
+      ~Drafting() { layers = 0; }
+    };
+    {
+      const Drafting drafting(draft_layers_, speculation_.exit_layer);
+      int32_t from = token;
+      for (int32_t i = 0; i < count; ++i) {
+        int32_t next = 0;
+        auto s = forward(seq, std::span<const int32_t>(&from, 1), 0, [&](int64_t, std::span<const float> logits) {
+          next = int32_t(kernels::cpu::argmax(logits.data(), int64_t(logits.size())));
+        });
+        if (!s) return s;
+        ++counters_.draft_steps;
+        out.drafts.push_back(next);
+        from = next;
+      }
+    }
+    if (auto s = truncate(seq, start); !s) return s;
+    counters_.drafted_tokens += count;
+  }
+  std::vector<int32_t> tokens = {token};
+  tokens.insert(tokens.end(), out.drafts.begin(), out.drafts.end());
+  const size_t vocab = size_t(config().n_vocab);
+  out.rows.assign(tokens.size() * vocab, 0.0f);
+  auto s = forward(seq, tokens, 0, [&](int64_t row, std::span<const float> logits) {
+    std::copy(logits.begin(), logits.end(), out.rows.begin() + ptrdiff_t(size_t(row) * vocab));
+  });
+  if (!s) return s;
+  ++counters_.verify_calls;
+  return ok_status();
+}
+
+Status Engine::drop_drafts(KvSequence& seq, int32_t count, bool rejected) {
+  if (count <= 0) return ok_status();
+  if (count > seq.n_past())
+    return Error{fmt::format("drop_drafts: {} drafts, the sequence has {} tokens", count, seq.n_past())};
+  if (auto s = truncate(seq, seq.n_past() - count); !s) return s;
+  (rejected ? counters_.drafts_rejected : counters_.drafts_unused) += count;
+  return ok_status();
 }
 
 Status check_component_mask(const ComponentMask& mask, const ModelConfig& c, int32_t layer) {

@@ -79,6 +79,15 @@ struct EngineCounters {
   int64_t kv_fills_propagated = 0;
   std::vector<int64_t> exits_after_layer;
   int64_t exit_checks = 0;  // confidences the engine computed for an exit policy (ExitPolicy)
+  // Self-speculative decoding (Method::speculation): draft steps (one-token
+  // calls through the first exit_layer layers, also counted as decode steps),
+  // tokens drafted, verifying calls, and drafts the token loop rejected or
+  // left unused (generation ended first); accepted = drafted - both.
+  int64_t draft_steps = 0;
+  int64_t drafted_tokens = 0;
+  int64_t verify_calls = 0;
+  int64_t drafts_rejected = 0;
+  int64_t drafts_unused = 0;
   int64_t heads_skipped = 0;         // (call, layer, head) not computed
   int64_t kv_heads_skipped = 0;      // (decode step, layer, kv head) whose query heads were all masked: no K/V read
   int64_t rows_pruned = 0;           // (row, layer) not computed: the row's token left inside its call
@@ -247,6 +256,25 @@ class Engine {
   // every stored token at a position >= n leaves the cache and n_past becomes n.
   Status truncate(KvSequence& seq, int32_t n);
 
+  // Self-speculative decoding under the method's Speculation (the token loop's
+  // mechanism, generation.h): `token` is the model's choice, not in the cache
+  // yet. Drafts up to min(draft_length, max_drafts) tokens (fewer near the end
+  // of the context) by one-token calls through the first exit_layer layers,
+  // greedily; truncates their KV away; then runs `token` and the drafts through
+  // every layer in one call. `rows` gets (drafts + 1) x n_vocab logits: after
+  // `token`, then after each draft. The token and every draft are then in the
+  // cache: drop_drafts takes back those the caller does not keep.
+  struct Speculated {
+    std::vector<int32_t> drafts;
+    std::vector<float> rows;
+  };
+  Status speculate(KvSequence& seq, int32_t token, int32_t max_drafts, Speculated& out);
+  // The sequence's last `count` tokens were drafts the caller did not keep:
+  // they leave the cache, counted as rejected or (generation ended) unused.
+  Status drop_drafts(KvSequence& seq, int32_t count, bool rejected);
+  // The current method's speculation (inactive without one).
+  const Speculation& speculation() const { return speculation_; }
+
   // The method whose hooks run inside forward() (nullptr: dense). `hooks` is the
   // PluginHook set the method declared; only those hooks are called. Refused,
   // before any token, when the backend lacks a feature the method needs.
@@ -301,6 +329,8 @@ class Engine {
   ActivationSparsity sparsity_;  // the method's (Method::activation_sparsity), checked
   PredictedLayers predicted_;    // where the method's predictors choose (Method::component_predictors)
   ExitLayout exit_;              // where the method's exit policy checks (Method::exit_policy)
+  Speculation speculation_;      // the method's (Method::speculation), checked
+  int32_t draft_layers_ = 0;     // > 0 while Engine::speculate drafts: the calls run that many layers
   std::vector<uint8_t> probe_pattern_;  // the sparse projections layer_output last prepared the backend for
   uint64_t overrides_applied_ = 0;                     // serial of the overrides the backend holds (0: none)
   std::vector<std::pair<Proj, int32_t>> overridden_;  // what they replaced
@@ -330,6 +360,9 @@ Status normalize_prefill_pattern(PrefillPattern& pattern, int32_t layer, int32_t
 // (when given) one per index, each naming some of the group's query heads.
 Status check_kv_selection(const KvSelection& selection, int32_t cached, int32_t page_size, int32_t layer,
                           int32_t kv_head, int32_t group_size = 1);
+
+// Self-speculation drafts at most this many tokens per verifying call.
+inline constexpr int32_t kMaxDraftLength = 64;
 
 // Key selection per query head keeps a 32-bit mask of the group's heads per index.
 inline constexpr int32_t kMaxSelectionGroup = 32;

@@ -95,7 +95,10 @@ Status ForwardPass::plan_step() {
   plan_.step = step_;
   plan_.bound_per_head = method_.bound_per_head;
   plan_.run.assign(size_t(L), 1);
-  if (method_.has(kHookLayerPlan)) {
+  if (method_.draft_layers > 0) {  // a draft step: the method's own layer plan does not apply
+    for (int32_t l = method_.draft_layers; l < L; ++l) plan_.run[size_t(l)] = 0;
+    plan_.kv_fill = SkippedLayerKv::None;
+  } else if (method_.has(kHookLayerPlan)) {
     LayerPlan layers;
     layers.run.assign(size_t(L), 1);
     if (method_.method->plan_layers(step_, layers)) {
@@ -113,7 +116,7 @@ Status ForwardPass::plan_step() {
     plan_.exit_threshold = method_.method->exit_threshold(step_);
     if (std::isnan(plan_.exit_threshold))
       return Error{fmt::format("method: exit threshold NaN at position {}", step_.first_position)};
-    plan_.exit_checks = step_.decode() && plan_.exit_threshold <= 1.0;
+    plan_.exit_checks = step_.decode() && plan_.exit_threshold <= 1.0 && method_.draft_layers == 0;
   }
   plan_.budgets.assign(size_t(L), std::vector<int32_t>(size_t(nkv), -1));
   plan_.max_keys = 0;

@@ -38,6 +38,7 @@ struct MethodCall {
   const ActivationSparsity* sparsity = nullptr;  // Method::activation_sparsity, when active
   const PredictedLayers* predicted = nullptr;     // Method::component_predictors, when active
   const ExitLayout* exit = nullptr;               // Method::exit_policy, when active
+  int32_t draft_layers = 0;  // > 0: a draft step of self-speculation (the first layers only, no KV above)
   SequenceState* state = nullptr;  // the method's state for this sequence
   bool has(uint32_t hook) const { return method != nullptr && (hooks & hook) != 0; }
 };

@@ -29,18 +29,72 @@ Result<TokenLoopResult> run_token_loop(std::vector<float> logits, int32_t max_to
 Result<TokenLoopResult> run_token_loop(std::vector<float> logits, int32_t max_tokens, std::span<const int32_t> stops,
                                        const TokenLoop& loop) {
   TokenLoopResult out;
+  // Speculation in progress: its drafts (in the cache), the logits after each
+  // (rows[0] came after the speculated token), how many were kept, rows chosen from.
+  std::vector<int32_t> drafts;
+  std::vector<float> rows;
+  size_t kept = 0;
+  int32_t used = 0;
+  bool speculating = false;
+  const size_t vocab = logits.size();
+  // The drafts not kept leave the cache.
+  auto settle = [&](bool rejected) -> Status {
+    if (!speculating) return ok_status();
+    speculating = false;
+    if (kept < drafts.size())
+      if (auto s = loop.drop(int32_t(drafts.size() - kept), rejected); !s) return s;
+    if (loop.on_speculated) loop.on_speculated(used);
+    return ok_status();
+  };
   for (int32_t i = 0; i < max_tokens; ++i) {
     const int32_t next = loop.choose(logits);
+    if (speculating) ++used;
     if (std::find(stops.begin(), stops.end(), next) != stops.end()) {
       out.stopped_at_eos = true;
+      if (auto s = settle(false); !s) return s.error();
       break;
     }
     out.tokens.push_back(next);
     if (loop.on_token) loop.on_token(next, logits);
-    if (i + 1 == max_tokens || loop.context_full()) break;
-    if (auto s = loop.decode(next, logits); !s) return s.error();
+    const bool pending = speculating && kept < drafts.size();
+    // Drafts still pending sit in the cache beyond what is kept: the context has room.
+    if (i + 1 == max_tokens || (!pending && loop.context_full())) {
+      if (auto s = settle(false); !s) return s.error();
+      break;
+    }
+    if (pending && drafts[kept] == next) {  // the draft was right: its row is the next logits
+      ++kept;
+      logits.assign(rows.begin() + ptrdiff_t(kept * vocab), rows.begin() + ptrdiff_t((kept + 1) * vocab));
+      continue;
+    }
+    if (auto s = settle(true); !s) return s.error();
+    if (!loop.speculate) {
+      if (auto s = loop.decode(next, logits); !s) return s.error();
+      continue;
+    }
+    if (auto s = loop.speculate(next, max_tokens - i - 2, drafts, rows); !s) return s.error();
+    if (rows.size() != (drafts.size() + 1) * vocab)
+      return Error{fmt::format("speculation: {} logits for {} drafts of a {}-token vocabulary", rows.size(),
+                               drafts.size(), vocab)};
+    speculating = true;
+    kept = 0;
+    used = 0;
+    logits.assign(rows.begin(), rows.begin() + ptrdiff_t(vocab));
   }
   return out;
+}
+
+void speculate_with(TokenLoop& loop, Engine& engine, KvSequence& seq) {
+  if (!engine.speculation().active()) return;
+  loop.speculate = [&engine, &seq](int32_t token, int32_t max_drafts, std::vector<int32_t>& drafts,
+                                   std::vector<float>& rows) -> Status {
+    Engine::Speculated made;
+    if (auto s = engine.speculate(seq, token, max_drafts, made); !s) return s;
+    drafts = std::move(made.drafts);
+    rows = std::move(made.rows);
+    return ok_status();
+  };
+  loop.drop = [&engine, &seq](int32_t count, bool rejected) { return engine.drop_drafts(seq, count, rejected); };
 }
 
 Result<GenerationResult> generate(Engine& engine, const std::vector<int32_t>& prompt, int32_t max_tokens,
@@ -62,20 +116,23 @@ Result<GenerationResult> generate(Engine& engine, const std::vector<int32_t>& pr
   if (!logits) return logits.error();
   bool first = true;
   TokenLoop loop;
-  loop.choose = [&](std::span<const float> l) {  // TTFT and each step's time end with the token chosen
+  // TTFT and each step's time end with the token chosen, and the next step's
+  // time starts there (a token a speculation drafted right costs what choosing it does).
+  loop.choose = [&](std::span<const float> l) {
     const int32_t next = sampler->sample(l);
     (first ? result.prefill_seconds : result.decode_seconds.emplace_back()) = seconds_since(t0);
     first = false;
+    t0 = Clock::now();
     return next;
   };
   loop.decode = [&](int32_t token, std::vector<float>& out) -> Status {
-    t0 = Clock::now();
     auto next = engine.decode(*seq, token);
     if (!next) return next.error();
     out = std::move(*next);
     return ok_status();
   };
   loop.context_full = [&] { return seq->n_past() >= engine.max_context(); };
+  speculate_with(loop, engine, *seq);
   loop.on_token = [&](int32_t token, std::span<const float>) {
     if (on_text) on_text(stream.push(tok.token_to_piece(token)));
   };

@@ -24,12 +24,29 @@ struct GenerationResult {
 // The token loop: choose a token from the current logits; stop at EOS; keep
 // it; stop when max_tokens are kept or the context is full; else decode it
 // for the next logits.
+//
+// With `speculate` (self-speculative decoding, Engine::speculate) a kept token
+// goes there instead of to `decode`: it returns drafts already in the cache
+// and the logits after the token and after each draft. The loop chooses from
+// those rows in turn; while its choice is the next draft, that draft is kept
+// at no cost; at the first difference the drafts left go (`drop`) and the
+// choice is speculated from. `choose` sees exactly the rows it would see
+// without speculation, once each, so greedy output and a sampler's random
+// stream are unchanged.
 struct TokenLoop {
   std::function<int32_t(std::span<const float>)> choose;                  // argmax, or a sampler
   std::function<Status(int32_t token, std::vector<float>& logits)> decode;  // the token's step: its logits
   std::function<bool()> context_full;
   std::function<void(int32_t token, std::span<const float> from)> on_token;  // optional: each kept token
+  // Optional: speculation. `max_drafts`: more than that could not be kept.
+  std::function<Status(int32_t token, int32_t max_drafts, std::vector<int32_t>& drafts, std::vector<float>& rows)>
+      speculate;
+  std::function<Status(int32_t count, bool rejected)> drop;  // the cache's last `count` drafts go
+  std::function<void(int32_t rows_used)> on_speculated;      // optional: a speculation's rows the loop chose from
 };
+// `loop.speculate` and `loop.drop` on `engine` and `seq` when the engine's
+// method speculates (else unchanged).
+void speculate_with(TokenLoop& loop, Engine& engine, KvSequence& seq);
 struct TokenLoopResult {
   std::vector<int32_t> tokens;  // kept (EOS is not)
   bool stopped_at_eos = false;

@@ -84,6 +84,34 @@ class SampleRunner {
     return s;
   }
 
+  // Self-speculation, when the method speculates: each speculation's time
+  // (and the time its rejected drafts take to leave) goes to decoding, spread
+  // evenly over the tokens chosen from its rows.
+  void speculate_into(TokenLoop& loop) {
+    speculate_with(loop, engine_, *seq_);
+    if (!loop.speculate) return;
+    auto speculate = loop.speculate;
+    auto drop = loop.drop;
+    loop.speculate = [this, speculate](int32_t token, int32_t max_drafts, std::vector<int32_t>& drafts,
+                                       std::vector<float>& rows) {
+      const auto t0 = Clock::now();
+      auto s = speculate(token, max_drafts, drafts, rows);
+      speculation_seconds_ = since(t0);
+      return s;
+    };
+    loop.drop = [this, drop](int32_t count, bool rejected) {
+      const auto t0 = Clock::now();
+      auto s = drop(count, rejected);
+      speculation_seconds_ += since(t0);
+      return s;
+    };
+    loop.on_speculated = [this](int32_t used) {
+      for (int32_t i = 0; i < used; ++i) tally_.tpot.push_back(speculation_seconds_ / used);
+      tally_.decode_seconds += speculation_seconds_;
+      tally_.decode_tokens += used;
+    };
+  }
+
   // Starts from a saved dense prefill instead of computing it.
   void start_from(const PrefillSnapshot& snapshot, int64_t prompt_tokens) {
     if (ctx_.method != nullptr) ctx_.method->begin_sequence(engine_.shape());
@@ -114,6 +142,7 @@ class SampleRunner {
   Tally& tally_;
   Engine& engine_;
   std::unique_ptr<KvSequence> seq_;
+  double speculation_seconds_ = 0;  // the current speculation's
 };
 
 // The context's method on its engine (dense when there is none).
@@ -198,6 +227,7 @@ Result<Generated> generate_greedy(MeasureContext& ctx, Tally& tally, size_t inde
     return runner.decode(token, [&](std::span<const float> l) { logits.assign(l.begin(), l.end()); });
   };
   loop.context_full = [&] { return runner.context_full(); };
+  runner.speculate_into(loop);
   if (logits_out != nullptr)
     loop.on_token = [&](int32_t, std::span<const float> l) { logits_out->insert(logits_out->end(), l.begin(), l.end()); };
   auto tokens = run_token_loop(std::move(first->logits), sample.max_new_tokens,

@@ -50,6 +50,10 @@ Result<RunMeasurements> measure_throughput(MeasureContext& ctx) {
   const auto& samples = *ctx.samples;
   if (samples.empty()) return Error{"throughput: no requests"};
   if (ctx.batch < 1) return Error{fmt::format("experiment.batch: {} sequences per step (at least 1)", ctx.batch)};
+  if (ctx.method != nullptr && ctx.method->speculation().active())
+    return Error{fmt::format("throughput: plugin {} speculates, and the batch scheduler decodes one token per "
+                             "sequence and step (measure it with a generation task)",
+                             ctx.method_name)};
   if (ctx.method != nullptr) ctx.method->begin_sequence(engine.shape());
 
   auto curve = footprint(engine, samples.front());
