@@ -74,6 +74,55 @@ std::vector<std::string> hashes_of(const std::vector<RunSpec>& runs) {
   return hashes;
 }
 
+// ---- [model] adapter ----
+
+TEST(ConfigModelAdapter, AnAdapterEntersEveryRunsHashByItsContent) {
+  const auto dir = test::temp_path("config-adapter");
+  std::filesystem::create_directories(dir);
+  std::ofstream(dir / "adapter_config.json") << "{}";
+  const std::string with = [&] {
+    std::string t = kBase;
+    t.replace(t.find("[model]\n"), 8, "[model]\nadapter = \"" + dir.string() + "\"\n");
+    return t;
+  }();
+  const auto plain = grid_of(kBase), tuned = grid_of(with);
+  ASSERT_EQ(plain.size(), tuned.size());
+  for (size_t i = 0; i < plain.size(); ++i) {
+    EXPECT_NE(plain[i].hash, tuned[i].hash);  // the dense baseline too
+    EXPECT_EQ(tuned[i].model_checksum, plain[i].model_checksum);
+    EXPECT_EQ(tuned[i].adapter_digest.rfind("sha256:", 0), 0u);
+    EXPECT_EQ(nlohmann::json::parse(tuned[i].config_json)["model"]["adapter"], tuned[i].adapter_digest);
+    EXPECT_FALSE(nlohmann::json::parse(plain[i].config_json)["model"].contains("adapter"));
+  }
+  // Its content, not its path: an edited adapter makes every run pending again.
+  std::ofstream(dir / "adapter_config.json") << "{\"r\": 8}";
+  const auto edited = grid_of(with);
+  ASSERT_EQ(edited.size(), tuned.size());
+  EXPECT_NE(edited[0].hash, tuned[0].hash);
+  // A scale is part of the run.
+  std::string scaled = with;
+  scaled.replace(scaled.find("adapter = "), 0, "adapter_scale = 0.5\n");
+  EXPECT_NE(grid_of(scaled)[0].hash, edited[0].hash);
+}
+
+TEST(ConfigModelAdapter, AMissingOrUnusableAdapterIsRefusedNamingTheKey) {
+  auto with = [](const std::string& lines) {
+    std::string t = kBase;
+    t.replace(t.find("[model]\n"), 8, "[model]\n" + lines + "\n");
+    return t;
+  };
+  const std::string missing = errors_of(with("adapter = \"/no/such/adapter\""));
+  EXPECT_NE(missing.find("model.adapter"), std::string::npos) << missing;
+  EXPECT_NE(missing.find("/no/such/adapter: no such file or folder"), std::string::npos) << missing;
+  EXPECT_NE(errors_of(with("adapter = \"\"")).find("model.adapter: empty"), std::string::npos);
+  const auto dir = test::temp_path("config-adapter-file");
+  std::filesystem::create_directories(dir);
+  const std::string file = errors_of(with("weights = \"file\"\nadapter = \"" + dir.string() + "\""));
+  EXPECT_NE(file.find("model.adapter"), std::string::npos) << file;
+  EXPECT_NE(file.find("weights = \"f32\""), std::string::npos) << file;
+  EXPECT_NE(errors_of(with("adapter_scale = \"big\"")).find("model.adapter_scale"), std::string::npos);
+}
+
 // ---- parsing and resolved values ----
 
 TEST(ConfigParse, ValidConfigResolvesGivenValuesAndDefaults) {

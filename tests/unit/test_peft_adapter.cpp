@@ -245,5 +245,71 @@ TEST(PeftAdapter, TheEngineAppliesAFolderAsTheAdaptersItHolds) {
       << no.message();
 }
 
+// [model] adapter: a model that merges a folder at load computes what the
+// base model computes under the same folder merged for a method's runs; its
+// checksum names the weights; what it cannot take is refused, naming the file.
+TEST(PeftAdapter, AModelMergesAFolderAtLoadAsAMethodMergesIt) {
+  SyntheticModelSpec spec;
+  spec.name = "peft-model-merge";
+  spec.seed = 17;
+  auto base = test::load_synthetic(spec);
+  ASSERT_TRUE(base);
+  const ModelConfig& c = base->config();
+  const int r = 4;
+  const auto qa = test::random_adapter(c.q_dim(), c.n_embd, r, 5, 1.0f, false, 0.2f);
+  const auto ua = test::random_adapter(c.n_ff, c.n_embd, r, 6, 1.0f, false, 0.2f);
+  const auto dir = adapter_dir("peft-model-merge", R"({"r":4,"lora_alpha":8,"target_modules":["q_proj","up_proj"]})",
+                               {{kPrefix + "1.self_attn.q_proj.lora_A.weight", {{r, c.n_embd}, qa.a}},
+                                {kPrefix + "1.self_attn.q_proj.lora_B.weight", {{c.q_dim(), r}, qa.b}},
+                                {kPrefix + "0.mlp.up_proj.lora_A.weight", {{r, c.n_embd}, ua.a}},
+                                {kPrefix + "0.mlp.up_proj.lora_B.weight", {{c.n_ff, r}, ua.b}}});
+  const auto tokens = test::random_tokens(c.n_vocab, 12, 8);
+  auto base_engine = Engine::create(base, EngineOptions{8, 0, 0});
+  ASSERT_TRUE(base_engine.ok());
+  FolderMethod merged(dir, 0.5f, true);
+  auto want = test::run_with_method(**base_engine, &merged, kHookLoad, tokens, 3);
+  ASSERT_TRUE(want.ok()) << want.message();
+
+  auto tuned = test::load_synthetic(spec);
+  ASSERT_TRUE(tuned);
+  const std::string file_sum = tuned->checksum();
+  ASSERT_TRUE(tuned->merge_adapter(dir, 0.5f).ok());
+  EXPECT_EQ(tuned->file_checksum(), file_sum);
+  EXPECT_NE(tuned->checksum(), file_sum);  // cached artifacts of the base model do not apply
+  EXPECT_EQ(tuned->adapter_digest().rfind("sha256:", 0), 0u);
+  auto tuned_engine = Engine::create(tuned, EngineOptions{8, 0, 0});
+  ASSERT_TRUE(tuned_engine.ok());
+  auto got = test::run_with_method(**tuned_engine, nullptr, 0, tokens, 3);
+  ASSERT_TRUE(got.ok()) << got.message();
+  auto dense = test::run_with_method(**base_engine, nullptr, 0, tokens, 3);
+  ASSERT_TRUE(dense.ok());
+  EXPECT_LT(test::normalized_max_error(*got, *want), 1e-5);  // one SGEMM vs the method's loop
+  EXPECT_GT(test::normalized_max_error(*got, *dense), 1e-3) << "the adapter changed nothing";
+
+  // Once per model; the file's quantized blocks do not hold it.
+  auto again = tuned->merge_adapter(dir, 0.5f);
+  ASSERT_FALSE(again.ok());
+  EXPECT_NE(again.message().find("already has an adapter merged"), std::string::npos) << again.message();
+  EngineOptions file_weights{8, 0, 0};
+  file_weights.weights = WeightSource::File;
+  auto refused = Engine::create(tuned, file_weights);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.message().find("model.adapter"), std::string::npos) << refused.message();
+
+  // A folder that does not fit: refused naming the file and module, the model unchanged.
+  const auto bad = adapter_dir("peft-model-merge-bad", R"({"r":4,"target_modules":["q_proj"]})",
+                               {{kPrefix + "0.self_attn.q_proj.lora_A.weight", {{r, c.n_embd + 1}, std::vector<float>(size_t(r * (c.n_embd + 1)))}},
+                                {kPrefix + "0.self_attn.q_proj.lora_B.weight", {{c.q_dim(), r}, qa.b}}});
+  auto untouched = test::load_synthetic(spec);
+  auto no = untouched->merge_adapter(bad);
+  ASSERT_FALSE(no.ok());
+  EXPECT_NE(no.message().find("model.layers.0.self_attn.q_proj"), std::string::npos) << no.message();
+  EXPECT_TRUE(untouched->adapter_digest().empty());
+  EXPECT_EQ(untouched->checksum(), file_sum);
+  auto missing = untouched->merge_adapter(test::temp_path("no-such-adapter"));
+  ASSERT_FALSE(missing.ok());
+  EXPECT_NE(missing.message().find("no-such-adapter"), std::string::npos) << missing.message();
+}
+
 }  // namespace test_peft_adapter
 }  // namespace inferlab

@@ -44,10 +44,13 @@ struct EngineArgs {
   std::string dtype = "f16";
   std::string weights = "f32";
   std::string kv_dtype = "auto";
+  std::string adapter;
 };
 
 void add_engine_options(CLI::App* cmd, EngineArgs& args) {
   cmd->add_option("-m,--model", args.model, "model short name, .gguf path or checkpoint folder")->capture_default_str();
+  cmd->add_option("--adapter", args.adapter,
+                  "a LoRA adapter (PEFT folder or llama.cpp GGUF adapter) merged into the model's weights at load");
   cmd->add_option("-t,--threads", args.threads, "CPU threads (0: all cores)")->check(CLI::Range(0, 1 << 30));
   cmd->add_option("--page-size", args.page_size, "KV cache page size in tokens")
       ->check(CLI::Range(1, 65536))
@@ -74,6 +77,8 @@ Result<std::unique_ptr<Engine>> open_engine(const EngineArgs& args) {
   if (!path) return path.error();
   auto model = Model::load(*path);
   if (!model) return model.error();
+  if (!args.adapter.empty())
+    if (auto s = (*model)->merge_adapter(args.adapter); !s) return Error{"--adapter: " + s.message()};
   EngineOptions options{args.page_size, args.max_context, args.threads};
   auto backend = parse_backend(args.backend);
   if (!backend) return Error{"--backend: " + backend.message()};

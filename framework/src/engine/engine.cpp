@@ -13,8 +13,7 @@
 #include "engine/backend_factory.h"
 #include "engine/device.h"
 #include "engine/forward_pass.h"
-#include "formats/gguf_adapter.h"
-#include "formats/peft_adapter.h"
+#include "formats/lora_file.h"
 
 namespace inferlab {
 
@@ -185,23 +184,8 @@ ModelShape model_shape(const ModelConfig& c, int32_t context, int32_t page_size)
 
 Status WeightOverrides::load_adapter(const std::string& path, float scale, bool merge) {
   if (config == nullptr) return Error{fmt::format("{}: no model to apply the adapter to", path)};
-  const ModelConfig& c = *config;
-  std::error_code ec;
-  const bool folder = std::filesystem::is_directory(path, ec);
-  if (!folder && !gguf_adapter::looks_like_gguf(path))
-    return Error{fmt::format("{}: expected a PEFT adapter folder (adapter_config.json, adapter_model.safetensors) "
-                             "or a llama.cpp GGUF adapter",
-                             path)};
-  auto found = folder ? peft::read_adapter(path, model_shape(c), c.tied_embeddings, !c.rope_neox)
-                      : gguf_adapter::read_adapter(path, model_shape(c), c.architecture, c.tied_embeddings);
+  auto found = read_lora_adapter(path, *config);
   if (!found) return found.error();
-  // A llama.cpp adapter for a "llama" model has its q/k rows in the GGUF
-  // conversion's permuted order; a checkpoint folder's model keeps Hugging Face's.
-  if (!folder && c.rope_neox && c.architecture == "llama")
-    for (auto& p : *found)
-      if (p.tensor == "attn_q" || p.tensor == "attn_k")
-        p.adapter.b = peft::permute_rows_from_gguf(p.adapter.b, p.tensor == "attn_q" ? c.n_heads : c.n_kv_heads,
-                                                   c.head_dim, p.adapter.rank);
   if (!std::isfinite(scale)) return Error{fmt::format("{}: the scale {} is not finite", path, scale)};
   // All or nothing: the edits so far come back if one adapter is refused.
   const auto saved_items = items;
@@ -303,6 +287,9 @@ Result<std::unique_ptr<Engine>> Engine::create(std::shared_ptr<const Model> mode
   if (options.weights == WeightSource::File && options.backend != BackendKind::Cpu)
     return Error{"engine: weights = file (the model's quantized blocks) runs on the CPU backend only; "
                  "the CUDA backend computes in f16 or bf16 (model.dtype)"};
+  if (options.weights == WeightSource::File && !model->adapter_digest().empty())
+    return Error{"engine: weights = file computes from the file's quantized blocks, which do not hold the adapter "
+                 "merged into this model (model.adapter); use weights = f32"};
   if (options.backend == BackendKind::Cuda && options.kv_dtype != KvDType::Auto &&
       options.kv_dtype != (options.gpu_dtype == GpuDType::BF16 ? KvDType::BF16 : KvDType::F16))
     return Error{fmt::format("engine: the CUDA backend stores the KV cache in its compute type ({}), not {}",

@@ -595,7 +595,8 @@ private:
         ParamSpec::integer("prefill_chunk", 0, 0, std::nullopt, ""),
         ParamSpec::string("dtype", "f16", {"f16", "bf16"}, ""),
         ParamSpec::string("weights", "f32", {"f32", "file"}, ""),
-        ParamSpec::string("kv_dtype", "auto", {"auto", "f32", "f16", "bf16"}, "")};
+        ParamSpec::string("kv_dtype", "auto", {"auto", "f32", "f16", "bf16"}, ""),
+        ParamSpec::string("adapter", "", {}, ""), ParamSpec::real("adapter_scale", 1.0, -1000.0, 1000.0, "")};
     const toml::table* table = section(root, "model", true);
     if (table == nullptr) return;
     const ParamValues values = read_scalars(*table, "model", specs);
@@ -607,6 +608,20 @@ private:
     model.dtype = values.get_string("dtype");
     model.weights = values.get_string("weights");
     model.kv_dtype = values.get_string("kv_dtype");
+    model.adapter_scale = values.get_float("adapter_scale");
+    if (const toml::node* adapter = table->get("adapter"); adapter != nullptr && adapter->is_string()) {
+      const std::string given = values.get_string("adapter");
+      std::error_code ec;
+      model.adapter = given.empty() ? std::string() : resolve_path(given);
+      if (given.empty())
+        diag_.add(adapter->source(), "model.adapter", "empty: name a PEFT adapter folder or a GGUF adapter file");
+      else if (!std::filesystem::exists(model.adapter, ec))
+        diag_.add(adapter->source(), "model.adapter", fmt::format("{}: no such file or folder", model.adapter));
+      else if (model.weights == "file")
+        diag_.add(adapter->source(), "model.adapter",
+                  "an adapter is merged into the float32 weights; weights = \"file\" computes from the file's "
+                  "quantized blocks without it (use weights = \"f32\")");
+    }
     const toml::node* name = table->get("name");
     if (name == nullptr || (name->is_string() && model.name.empty()))
       diag_.add(name ? name->source() : table->source(), "model.name",
@@ -886,6 +901,11 @@ std::string canonical_config_json(const RunSpec& run) {
                           {"page_size", run.model.page_size},
                           {"max_context", run.model.max_context},
                           {"prefill_chunk", run.model.prefill_chunk}};
+  // Runs without an adapter keep the hashes they had before adapters could be merged.
+  if (!run.adapter_digest.empty()) {
+    model["adapter"] = run.adapter_digest;
+    model["adapter_scale"] = run.model.adapter_scale;
+  }
   // The element type only exists on the GPU; CPU runs keep their hashes.
   if (run.backend == "cuda") model["dtype"] = run.model.dtype;
   // Runs on the float32 weights keep the hashes they had before the choice existed.
@@ -941,7 +961,8 @@ std::string point_label(const std::string& base, const PluginEntry& plugin, cons
   return label;
 }
 
-Result<RunSpec> make_run(const ExperimentConfig& config, const std::string& checksum, size_t task_index,
+Result<RunSpec> make_run(const ExperimentConfig& config, const std::string& checksum,
+                         const std::string& adapter_digest, size_t task_index,
                          const PluginEntry& plugin, ParamValues params, std::string label, int64_t batch) {
   const TaskSection& task = config.tasks[task_index];
   RunSpec run;
@@ -952,6 +973,7 @@ Result<RunSpec> make_run(const ExperimentConfig& config, const std::string& chec
   run.backend = config.backend;
   run.model = config.model;
   run.model_checksum = checksum;
+  run.adapter_digest = adapter_digest;
   run.task = task;
   run.task_index = task_index;
   run.plugin = plugin.name;
@@ -983,6 +1005,12 @@ Result<std::vector<RunSpec>> expand_grid(const ExperimentConfig& config, const C
   if (dense == nullptr)
     return Error{fmt::format("the \"dense\" plugin, every experiment's baseline, was not found (plugins found: {})",
                              plugin_names(catalog))};
+  std::string adapter_digest;  // the adapter enters every run by its content
+  if (!config.model.adapter.empty()) {
+    auto digest = sha256_path(config.model.adapter);
+    if (!digest) return Error{fmt::format("model.adapter: {}", digest.message())};
+    adapter_digest = "sha256:" + *digest;
+  }
   std::vector<RunSpec> runs;
   std::set<std::string> seen;
   const auto add = [&](RunSpec run) {
@@ -993,7 +1021,8 @@ Result<std::vector<RunSpec>> expand_grid(const ExperimentConfig& config, const C
   const std::vector<int64_t> batches = config.batch.empty() ? std::vector<int64_t>{1} : config.batch;
   for (size_t task = 0; task < config.tasks.size(); ++task)
     for (const int64_t batch : batches) {
-    auto baseline = make_run(config, model_checksum, task, *dense, grid_points(*dense, {}).front(), "dense", batch);
+    auto baseline = make_run(config, model_checksum, adapter_digest, task, *dense, grid_points(*dense, {}).front(),
+                             "dense", batch);
     if (!baseline) return baseline.error();
     baseline->baseline = true;
     add(std::move(*baseline));
@@ -1005,7 +1034,8 @@ Result<std::vector<RunSpec>> expand_grid(const ExperimentConfig& config, const C
                                  plugin_names(catalog))};
       for (ParamValues& point : grid_points(*plugin, method.axes)) {
         std::string label = point_label(method.label, *plugin, method.axes, point);
-        auto run = make_run(config, model_checksum, task, *plugin, std::move(point), std::move(label), batch);
+        auto run = make_run(config, model_checksum, adapter_digest, task, *plugin, std::move(point), std::move(label),
+                            batch);
         if (!run) return run.error();
         add(std::move(*run));
       }

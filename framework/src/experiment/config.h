@@ -28,6 +28,10 @@ struct ModelSection {
   std::string dtype = "f16";  // CUDA backend: weights and KV cache in f16 or bf16
   std::string weights = "f32";  // CPU backend: "f32" copies or the file's quantized blocks ("file")
   std::string kv_dtype = "auto";  // KV pages: "auto" (CPU f32, CUDA its dtype), "f32", "f16", "bf16" (CPU)
+  // A LoRA adapter (PEFT folder or llama.cpp GGUF adapter) merged into the
+  // weights at load, for every run, the dense baseline too; absolute. Empty: none.
+  std::string adapter;
+  double adapter_scale = 1.0;
 };
 
 struct TaskSection {
@@ -171,7 +175,8 @@ struct RunSpec {
   int64_t seed = 0;
   std::string backend;
   ModelSection model;
-  std::string model_checksum;
+  std::string model_checksum;   // of the model file
+  std::string adapter_digest;   // "sha256:<hex>" of model.adapter, or empty
   TaskSection task;
   size_t task_index = 0;  // its task's position in the config's [[task]] list (not part of the hash)
   std::string plugin, plugin_version;

@@ -71,6 +71,9 @@ Result<Workbench> open_workbench(const ExperimentConfig& config, const std::file
   Workbench bench;
   auto model = Model::load(model_path);
   if (!model) return model.error();
+  if (!config.model.adapter.empty())
+    if (auto s = (*model)->merge_adapter(config.model.adapter, float(config.model.adapter_scale)); !s)
+      return Error{fmt::format("model.adapter: {}", s.message())};
   bench.model = *model;
   EngineOptions options{int32_t(config.model.page_size), int32_t(config.model.max_context),
                         int32_t(config.model.threads)};
@@ -440,7 +443,7 @@ Result<OpenedExperiment> open_experiment(const std::filesystem::path& config_fil
   e.bench = std::move(*bench);
   e.bench.reuse_prefill = options.reuse_prefill;
   e.bench.artifact_root = options.artifact_root;
-  auto grid = expand_grid(e.plan.config, e.plan.catalog, e.bench.model->checksum());
+  auto grid = expand_grid(e.plan.config, e.plan.catalog, e.bench.model->file_checksum());
   if (!grid) return grid.error();
   e.grid = std::move(*grid);
   return e;

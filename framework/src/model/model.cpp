@@ -157,6 +157,10 @@ std::shared_ptr<Model> Model::shape_only(const ModelConfig& config, const std::s
 }
 
 const std::string& Model::checksum() const {
+  return adapter_digest_.empty() ? file_checksum() : weights_checksum_;
+}
+
+const std::string& Model::file_checksum() const {
   if (checksum_.empty()) {
     auto sum = sha256_path(path_);
     checksum_ = sum ? *sum : std::string("unavailable");

@@ -80,7 +80,21 @@ class Model {
   // through a 4-bit base); nothing may read them afterwards.
   void release_layer_projections();
   bool projections_released() const { return projections_released_; }
+  // Merges a LoRA adapter (a PEFT folder or a llama.cpp GGUF adapter,
+  // formats/lora_file.h) into the float32 weights, W += scale * s * B A on
+  // every projection it targets (s: the adapter's own alpha / r): the model
+  // is then the fine-tuned one for every engine and run made from it. The
+  // file's quantized blocks are not changed, so an engine computing from them
+  // (weights = file) refuses such a model. Once per model; nothing changes
+  // when it is refused (the error names the file and the projection).
+  Status merge_adapter(const std::filesystem::path& path, float scale = 1.0f);
+  // "sha256:<hex>" of the adapter merged (sha256_path), or empty.
+  const std::string& adapter_digest() const { return adapter_digest_; }
+  float adapter_scale() const { return adapter_scale_; }
   // SHA-256 of the file (of a checkpoint folder: sha256_path), hex; computed on first use.
+  const std::string& file_checksum() const;
+  // What names these weights (cached artifacts, calibrations): the file's
+  // checksum, or with an adapter merged a SHA-256 of it, the adapter's digest and scale.
   const std::string& checksum() const;
 
  private:
@@ -95,6 +109,9 @@ class Model {
   std::string chat_template_;
   mutable std::string checksum_;
   bool projections_released_ = false;
+  std::string adapter_digest_;
+  float adapter_scale_ = 1.0f;
+  std::string weights_checksum_;  // with an adapter merged
 };
 
 // SHA-256 of bytes, of a file, as lowercase hex.
