@@ -34,6 +34,7 @@ class Declares final : public Method {
   KvPageFormat kv_page_format() const override { return KvPageFormat::BF16; }
   KvPositions kv_positions() const override { return KvPositions::Cache; }
   bool dense_prefill() const override { return true; }
+  Speculation speculation() const override { return {3, 5}; }
   std::map<std::string, double> counters() const override { return {{"declared", 1.0}}; }
 };
 
@@ -64,6 +65,9 @@ TEST(TrackedMethod, ForwardsEveryDeclarationTheEngineReads) {
   EXPECT_EQ(tracked.unused_hooks(), kHookComponentMask);
   EXPECT_STREQ(hook_call_name(int32_t(HookCall::component_predictors)), "component_predictors");
   EXPECT_STREQ(hook_call_name(int32_t(HookCall::unused_hooks)), "unused_hooks");
+  EXPECT_EQ(tracked.speculation().exit_layer, 3);
+  EXPECT_EQ(tracked.speculation().draft_length, 5);
+  EXPECT_STREQ(hook_call_name(int32_t(HookCall::speculation)), "speculation");
   EXPECT_EQ(worker_state().hook.load(), -1);  // no call under way after them
 }
 

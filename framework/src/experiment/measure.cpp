@@ -325,12 +325,52 @@ Result<SampleRow> perplexity_sample(MeasureContext& ctx, Tally& tally, size_t in
   return SampleRow{int64_t(index), int64_t(tokens.size()), "", "", std::nullopt, seconds, detail.dump()};
 }
 
+// A speculating method's fidelity: teacher forcing would only run its verifying
+// model one token at a time, so it generates freely (speculating) and its
+// tokens are compared with dense's position by position; the KL is taken over
+// the rows both chose from the same text (up to the first difference).
+Result<SampleRow> speculative_fidelity_sample(MeasureContext& ctx, Tally& tally, size_t index,
+                                              const DenseReference& d) {
+  const TaskSample& sample = (*ctx.samples)[index];
+  const size_t v = size_t(ctx.engine->config().n_vocab);
+  std::vector<float> rows;
+  auto gen = generate_greedy(ctx, tally, index, &rows);
+  if (!gen) return gen.error();
+  tally.ttft.push_back(gen->ttft);
+  const size_t common = std::min(d.tokens.size(), gen->tokens.size());
+  int64_t agree = 0, compared = 0;
+  double kl = 0;
+  bool same_text = true;
+  for (size_t k = 0; k < common; ++k) {
+    agree += d.tokens[k] == gen->tokens[k];
+    if (!same_text) continue;
+    const auto lp = log_softmax(std::span<const float>(d.logits.data() + k * v, v));
+    const auto lq = log_softmax(std::span<const float>(rows.data() + k * v, v));
+    for (size_t i = 0; i < v; ++i) kl += std::exp(lp[i]) * (lp[i] - lq[i]);
+    ++compared;
+    same_text = d.tokens[k] == gen->tokens[k];
+  }
+  const int64_t positions = int64_t(std::max(d.tokens.size(), gen->tokens.size()));
+  tally.fidelity_agree += agree;
+  tally.fidelity_positions += positions;
+  tally.kl_sum += kl;
+  tally.kl_count += compared;
+  nlohmann::json detail = {{"id", sample.id},
+                           {"top1_agreement", positions > 0 ? double(agree) / double(positions) : 1.0},
+                           {"kl_mean", compared > 0 ? kl / double(compared) : 0.0},
+                           {"generated_tokens", gen->tokens.size()}};
+  return SampleRow{int64_t(index), int64_t(sample.prompt_tokens.size()), "", "", std::nullopt, gen->seconds,
+                   detail.dump()};
+}
+
 // Teacher-forced comparison with dense over dense's generated tokens.
 Result<SampleRow> fidelity_sample(MeasureContext& ctx, Tally& tally, size_t index) {
   const TaskSample& sample = (*ctx.samples)[index];
   auto ref = dense_reference(ctx, index, true);
   if (!ref) return ref.error();
   const DenseReference& d = **ref;
+  if (ctx.method != nullptr && ctx.engine->speculation().active())
+    return speculative_fidelity_sample(ctx, tally, index, d);
   const size_t v = size_t(ctx.engine->config().n_vocab);
   SampleRunner runner(ctx, tally);
   const auto t0 = Clock::now();

@@ -15,8 +15,8 @@ const char* hook_call_name(int32_t call) {
       "evict",            "plan_layers",      "exit_after_layer", "mask_components",  "retention_budget",
       "retention_policy", "bound_scope",      "kv_page_format", "kv_positions",       "dense_prefill",
       "value_pruning",    "kv_quantization",  "activation_sparsity", "component_predictors", "unused_hooks", "counters",
-      "exit_threshold",   "exit_policy"};
-  static_assert(std::size(names) == size_t(HookCall::exit_policy) + 1, "a name for every HookCall");
+      "exit_threshold",   "exit_policy",        "speculation"};
+  static_assert(std::size(names) == size_t(HookCall::speculation) + 1, "a name for every HookCall");
   return call >= 0 && size_t(call) < std::size(names) ? names[call] : nullptr;
 }
 
@@ -180,6 +180,11 @@ ComponentPredictors TrackedMethod::component_predictors() const {
 ExitPolicy TrackedMethod::exit_policy() const {
   const Scope scope(*this, HookCall::exit_policy);
   return inner_.exit_policy();
+}
+
+Speculation TrackedMethod::speculation() const {
+  const Scope scope(*this, HookCall::speculation);
+  return inner_.speculation();
 }
 
 uint32_t TrackedMethod::unused_hooks() const {

@@ -17,7 +17,7 @@ enum class HookCall : int32_t {
   prefill_pattern, select_kv, page_budget, on_attention, evict, plan_layers, exit_after_layer,
   mask_components, retention_budget, retention_policy, bound_scope, kv_page_format, kv_positions,
   dense_prefill, value_pruning, kv_quantization, activation_sparsity, component_predictors, unused_hooks, counters,
-  exit_threshold, exit_policy,
+  exit_threshold, exit_policy, speculation,
 };
 // Its name ("evict"); nullptr for an index that names no call (-1: none under way).
 const char* hook_call_name(int32_t call);
@@ -60,6 +60,7 @@ class TrackedMethod final : public Method {
   ActivationSparsity activation_sparsity() const override;
   ComponentPredictors component_predictors() const override;
   ExitPolicy exit_policy() const override;
+  Speculation speculation() const override;
   uint32_t unused_hooks() const override;
   std::map<std::string, double> counters() const override;
 
