@@ -12,6 +12,7 @@
 #include "engine/engine.h"
 #include "engine/generation.h"
 #include "engine/sampler.h"
+#include "speculation_methods.h"
 #include "test_support.h"
 
 namespace inferlab {
@@ -32,7 +33,7 @@ std::vector<float> toy_logits(const std::vector<int32_t>& prefix) {
   return out;
 }
 
-int32_t argmax_of(std::span<const float> l) { return int32_t(std::max_element(l.begin(), l.end()) - l.begin()); }
+using test::argmax_of;
 
 struct ToyRun {
   std::vector<int32_t> tokens;
@@ -179,21 +180,8 @@ const std::vector<int32_t>& prompt() {
   return p;
 }
 
-struct Speculating final : Method {
-  Speculation spec;
-  Speculation speculation() const override { return spec; }
-};
-
-// Decode steps run the first `layers` layers, storing no KV above (the prompt runs all).
-struct FirstLayers final : Method {
-  int32_t layers = 1;
-  bool plan_layers(const StepInfo& step, LayerPlan& plan) override {
-    if (!step.decode()) return false;
-    for (size_t l = size_t(layers); l < plan.run.size(); ++l) plan.run[l] = 0;
-    plan.kv_fill = SkippedLayerKv::None;
-    return true;
-  }
-};
+using test::FirstLayers;
+using test::Speculating;
 
 std::unique_ptr<Engine> new_engine() {
   auto engine = Engine::create(spec_model(), EngineOptions{4, 0, 0});
