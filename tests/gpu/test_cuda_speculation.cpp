@@ -19,7 +19,6 @@ namespace inferlab {
 namespace test_cuda_speculation {
 
 using test::argmax_of;
-using test::FirstLayers;
 using test::Speculating;
 
 const std::vector<int32_t>& prompt() {
@@ -35,20 +34,10 @@ TEST(CudaSpeculation, DraftsAreTheFirstLayersTokensAndLeaveNoKvBehind) {
     SCOPED_TRACE(testing::Message() << "exit layer " << exit);
     auto reference = gpu_test::make_engine(model, BackendKind::Cuda);
     ASSERT_NE(reference, nullptr);
-    FirstLayers first;
-    first.layers = exit;
-    ASSERT_TRUE(reference->set_method(&first, hooks_of<FirstLayers>()).ok());
-    auto ref_seq = reference->new_sequence();
-    auto prefilled = reference->prefill(*ref_seq, prompt());
-    ASSERT_TRUE(prefilled.ok());
-    const int32_t token = argmax_of(*prefilled);
-    std::vector<int32_t> expected;
-    for (int32_t from = token, i = 0; i < 6; ++i) {
-      auto l = reference->decode(*ref_seq, from);
-      ASSERT_TRUE(l.ok()) << l.message();
-      from = argmax_of(*l);
-      expected.push_back(from);
-    }
+    const test::DraftChain chain = test::first_layers_chain(*reference, prompt(), exit, 6);
+    const int32_t token = chain.token;
+    const std::vector<int32_t>& expected = chain.drafts;
+    ASSERT_EQ(expected.size(), 6u);
 
     auto engine = gpu_test::make_engine(model, BackendKind::Cuda);
     Speculating method;

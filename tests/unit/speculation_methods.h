@@ -5,9 +5,13 @@
 // step does (the reference for what drafts must be).
 #pragma once
 
+#include <gtest/gtest.h>
+
 #include <algorithm>
 #include <span>
+#include <vector>
 
+#include "engine/engine.h"
 #include "inferlab/plugin.h"
 
 namespace inferlab::test {
@@ -30,6 +34,34 @@ struct FirstLayers final : Method {
 
 inline int32_t argmax_of(std::span<const float> l) {
   return int32_t(std::max_element(l.begin(), l.end()) - l.begin());
+}
+
+// What a speculation from a prompt must draft, computed without one: on
+// `engine` (no method set), the token the model chooses after `prompt`, then
+// the `count` tokens its first `layers` layers choose greedily from there,
+// one decode step each (FirstLayers).
+struct DraftChain {
+  int32_t token = 0;
+  std::vector<int32_t> drafts;
+};
+inline DraftChain first_layers_chain(Engine& engine, const std::vector<int32_t>& prompt, int32_t layers, int count) {
+  DraftChain chain;
+  FirstLayers first;
+  first.layers = layers;
+  EXPECT_TRUE(engine.set_method(&first, hooks_of<FirstLayers>()).ok());
+  auto seq = engine.new_sequence();
+  auto logits = engine.prefill(*seq, prompt);
+  EXPECT_TRUE(logits.ok()) << (logits.ok() ? "" : logits.message());
+  if (logits.ok()) chain.token = argmax_of(*logits);
+  for (int32_t from = chain.token; logits.ok() && int(chain.drafts.size()) < count;) {
+    logits = engine.decode(*seq, from);
+    EXPECT_TRUE(logits.ok()) << (logits.ok() ? "" : logits.message());
+    if (!logits.ok()) break;
+    from = argmax_of(*logits);
+    chain.drafts.push_back(from);
+  }
+  EXPECT_TRUE(engine.set_method(nullptr, 0).ok());
+  return chain;
 }
 
 }  // namespace inferlab::test

@@ -180,7 +180,6 @@ const std::vector<int32_t>& prompt() {
   return p;
 }
 
-using test::FirstLayers;
 using test::Speculating;
 
 std::unique_ptr<Engine> new_engine() {
@@ -204,21 +203,9 @@ TEST(Speculation, DraftsAreTheFirstLayersGreedyTokensAndLeaveNoKvBehind) {
     const int32_t n = int32_t(prompt().size());
     // What the first `exit` layers choose from the token on, one decode step each.
     auto reference = new_engine();
-    FirstLayers first;
-    first.layers = exit;
-    ASSERT_TRUE(reference->set_method(&first, hooks_of<FirstLayers>()).ok());
-    auto ref_seq = reference->new_sequence();
-    auto prefilled = reference->prefill(*ref_seq, prompt());
-    ASSERT_TRUE(prefilled.ok());
-    const int32_t token = argmax_of(*prefilled);
-    std::vector<int32_t> expected;
-    int32_t from = token;
-    for (int i = 0; i < 5; ++i) {
-      auto l = reference->decode(*ref_seq, from);
-      ASSERT_TRUE(l.ok());
-      from = argmax_of(*l);
-      expected.push_back(from);
-    }
+    const test::DraftChain chain = test::first_layers_chain(*reference, prompt(), exit, 5);
+    const int32_t token = chain.token;
+    const std::vector<int32_t>& expected = chain.drafts;
 
     auto engine = new_engine();
     Speculating method;

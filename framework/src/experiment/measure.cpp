@@ -325,6 +325,19 @@ Result<SampleRow> perplexity_sample(MeasureContext& ctx, Tally& tally, size_t in
   return SampleRow{int64_t(index), int64_t(tokens.size()), "", "", std::nullopt, seconds, detail.dump()};
 }
 
+// A fidelity sample's comparison with dense, added to the tally: `agree` of
+// `positions` tokens the same, `kl` summed over `kl_rows` rows. Its detail row.
+nlohmann::json tally_fidelity(Tally& tally, const TaskSample& sample, int64_t agree, int64_t positions, double kl,
+                              int64_t kl_rows) {
+  tally.fidelity_agree += agree;
+  tally.fidelity_positions += positions;
+  tally.kl_sum += kl;
+  tally.kl_count += kl_rows;
+  return {{"id", sample.id},
+          {"top1_agreement", positions > 0 ? double(agree) / double(positions) : 1.0},
+          {"kl_mean", kl_rows > 0 ? kl / double(kl_rows) : 0.0}};
+}
+
 // A speculating method's fidelity: teacher forcing would only run its verifying
 // model one token at a time, so it generates freely (speculating) and its
 // tokens are compared with dense's position by position; the KL is taken over
@@ -351,14 +364,8 @@ Result<SampleRow> speculative_fidelity_sample(MeasureContext& ctx, Tally& tally,
     same_text = d.tokens[k] == gen->tokens[k];
   }
   const int64_t positions = int64_t(std::max(d.tokens.size(), gen->tokens.size()));
-  tally.fidelity_agree += agree;
-  tally.fidelity_positions += positions;
-  tally.kl_sum += kl;
-  tally.kl_count += compared;
-  nlohmann::json detail = {{"id", sample.id},
-                           {"top1_agreement", positions > 0 ? double(agree) / double(positions) : 1.0},
-                           {"kl_mean", compared > 0 ? kl / double(compared) : 0.0},
-                           {"generated_tokens", gen->tokens.size()}};
+  nlohmann::json detail = tally_fidelity(tally, sample, agree, positions, kl, compared);
+  detail["generated_tokens"] = gen->tokens.size();
   return SampleRow{int64_t(index), int64_t(sample.prompt_tokens.size()), "", "", std::nullopt, gen->seconds,
                    detail.dump()};
 }
@@ -393,13 +400,7 @@ Result<SampleRow> fidelity_sample(MeasureContext& ctx, Tally& tally, size_t inde
   }
   runner.finish();
   const int64_t positions = int64_t(d.tokens.size());
-  tally.fidelity_agree += agree;
-  tally.fidelity_positions += positions;
-  tally.kl_sum += kl;
-  tally.kl_count += positions;
-  nlohmann::json detail = {{"id", sample.id},
-                           {"top1_agreement", positions > 0 ? double(agree) / double(positions) : 1.0},
-                           {"kl_mean", positions > 0 ? kl / double(positions) : 0.0}};
+  const nlohmann::json detail = tally_fidelity(tally, sample, agree, positions, kl, positions);
   return SampleRow{int64_t(index), n, "", "", std::nullopt, since(t0), detail.dump()};
 }
 
