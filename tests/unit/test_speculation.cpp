@@ -269,9 +269,9 @@ TEST(Speculation, LogitsAfterDroppedDraftsEqualAFreshRun) {
   ASSERT_TRUE(fresh->forward(*fresh_seq, std::vector<int32_t>{token, made.drafts[0], made.drafts[1]}, 3, {}).ok());
   auto expected = fresh->decode(*fresh_seq, next);
   ASSERT_TRUE(expected.ok());
-  // The kept rows went through a call of 7 rows instead of 3 (GEMM blocking may differ in the last bits).
-  EXPECT_LE(test::normalized_max_error(*after, *expected), 1e-6);
-  EXPECT_EQ(argmax_of(*after), argmax_of(*expected));
+  // The kept rows went through a call of 7 rows instead of 3; the CPU backend
+  // computes a row the same whatever the call's other rows: bit for bit.
+  EXPECT_EQ(*after, *expected);
 }
 
 TEST(Speculation, GreedyGenerationEqualsDense) {
