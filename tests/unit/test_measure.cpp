@@ -8,6 +8,7 @@
 #include "adapter_method.h"
 #include "experiment/measure.h"
 #include "plugin_test_support.h"
+#include "speculation_methods.h"
 
 namespace inferlab {
 namespace test_measure {
@@ -188,6 +189,55 @@ TEST(MeasureRun, DecodedQuestionFeedsItsTokensOneStepEach) {
               1e-6);
   EXPECT_GT(keys->value, 15.0);  // the first question step already sees the 15 context tokens
   EXPECT_EQ(find_metric(*b, "sparse_prefill_keys_share"), nullptr);  // a dense prefill records none
+}
+
+// A fidelity task under a speculating method: teacher forcing would never
+// speculate, so the method generates freely and its tokens are compared with
+// dense's; self-speculation reproduces dense, so they all agree.
+class FidelityTask final : public Task {
+ public:
+  const std::string& name() const override { return name_; }
+  TaskKind kind() const override { return TaskKind::Fidelity; }
+  Result<std::vector<TaskSample>> samples(const Tokenizer&, int32_t, uint64_t) const override {
+    return std::vector<TaskSample>{};
+  }
+
+ private:
+  std::string name_ = "fidelity";
+};
+
+TEST(MeasureRun, ASpeculatingMethodsFidelityGeneratesFreelyAndAgreesWithDense) {
+  auto engine_or = Engine::create(test::gqa_test_model("measure-speculation", 5), EngineOptions{8, 0, 0});
+  ASSERT_TRUE(engine_or.ok());
+  Engine& engine = **engine_or;
+  FidelityTask task;
+  TaskParams params;
+  std::vector<TaskSample> samples(3);
+  for (size_t i = 0; i < samples.size(); ++i) {
+    samples[i].id = "s" + std::to_string(i);
+    samples[i].prompt_tokens = test::random_tokens(engine.config().n_vocab, 12, 60 + i);
+    samples[i].max_new_tokens = 16;
+  }
+  DenseCache dense;
+  test::Speculating method;
+  method.spec = {1, 3};
+  MeasureContext ctx;
+  ctx.engine = &engine;
+  ctx.method = &method;
+  ctx.method_name = "speculating";
+  ctx.task = &task;
+  ctx.task_params = &params;
+  ctx.samples = &samples;
+  ctx.task_key = "fidelity";
+  ctx.dense = &dense;
+  auto m = measure_run(ctx);
+  ASSERT_TRUE(m.ok()) << m.message();
+  EXPECT_EQ(find_metric(*m, "fidelity_top1")->value, 1.0);
+  EXPECT_LT(find_metric(*m, "fidelity_kl")->value, 1e-6);
+  EXPECT_GT(find_metric(*m, "engine.verify_calls")->value, 0.0);
+  EXPECT_GT(find_metric(*m, "engine.draft_steps")->value, 0.0);
+  ASSERT_NE(find_metric(*m, "decode_tokens_per_s"), nullptr);
+  EXPECT_FALSE(engine.has_method());
 }
 
 }  // namespace test_measure

@@ -10,6 +10,7 @@
 #include "experiment/config.h"
 #include "experiment/throughput.h"
 #include "plugin_test_support.h"
+#include "speculation_methods.h"
 
 namespace inferlab {
 namespace test_throughput {
@@ -131,6 +132,26 @@ TEST(Throughput, ABudgetThatCannotHoldOneRequestIsRefusedWithTheNumbers) {
   ASSERT_FALSE(m.ok());
   EXPECT_NE(m.message().find(" MiB = 10 pages of "), std::string::npos) << m.message();
   EXPECT_NE(m.message().find("cannot hold even this one sequence"), std::string::npos) << m.message();
+  EXPECT_FALSE(e->has_method());
+}
+
+TEST(Throughput, ASpeculatingMethodIsRefusedNamingThePlugin) {
+  auto e = engine();
+  Stream s = stream(e->config().n_vocab, 2, 0.0);
+  test::Speculating method;
+  method.spec = {1, 2};
+  MeasureContext ctx;
+  ctx.engine = e.get();
+  ctx.method = &method;
+  ctx.method_name = "selfspec";
+  ctx.task = s.task.get();
+  ctx.task_params = &s.params;
+  ctx.samples = &s.samples;
+  ctx.task_key = "throughput";
+  ctx.batch = 2;
+  auto m = measure_run(ctx);
+  ASSERT_FALSE(m.ok());
+  EXPECT_NE(m.message().find("throughput: plugin selfspec speculates"), std::string::npos) << m.message();
   EXPECT_FALSE(e->has_method());
 }
 

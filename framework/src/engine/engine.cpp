@@ -994,7 +994,10 @@ Status Engine::speculate(KvSequence& seq, int32_t token, int32_t max_drafts, Spe
         auto s = forward(seq, std::span<const int32_t>(&from, 1), 0, [&](int64_t, std::span<const float> logits) {
           next = int32_t(kernels::cpu::argmax(logits.data(), int64_t(logits.size())));
         });
-        if (!s) return s;
+        if (!s) {  // the drafts made so far leave the cache with the error
+          (void)truncate(seq, start);
+          return s;
+        }
         ++counters_.draft_steps;
         out.drafts.push_back(next);
         from = next;
