@@ -978,7 +978,9 @@ Status Engine::speculate(KvSequence& seq, int32_t token, int32_t max_drafts, Spe
   if (!speculation_.active()) return Error{"speculate: the engine's method does not speculate"};
   if (auto s = check_pool(seq); !s) return s;
   const int32_t start = seq.n_past();
-  const int32_t count = std::clamp(std::min(speculation_.draft_length, max_drafts), 0, max_context_ - start - 1);
+  // The token and its drafts must fit in the context (a full one is refused by the verifying call).
+  const int32_t room = std::max(0, max_context_ - start - 1);
+  const int32_t count = std::clamp(std::min(speculation_.draft_length, max_drafts), 0, room);
   out.drafts.clear();
   if (count > 0) {
     struct Drafting {  // the engine's calls are draft steps while this lives
