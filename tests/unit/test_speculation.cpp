@@ -343,6 +343,12 @@ TEST(Speculation, NearTheContextsEndFewerDraftsAreMade) {
   EXPECT_EQ(made.drafts.size(), 3u);  // the token and 3 drafts fill the 4 places left
   EXPECT_EQ(seq->n_past(), engine.max_context());
   EXPECT_EQ(made.rows.size(), 4u * size_t(engine.config().n_vocab));
+  // A full context: nothing is drafted, and the verifying call is refused.
+  const Status full = engine.speculate(*seq, 5, 100, made);
+  ASSERT_FALSE(full.ok());
+  EXPECT_NE(full.message().find("context length exceeded"), std::string::npos) << full.message();
+  EXPECT_TRUE(made.drafts.empty());
+  EXPECT_EQ(seq->n_past(), engine.max_context());
 }
 
 }  // namespace test_speculation
