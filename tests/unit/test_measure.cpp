@@ -13,15 +13,18 @@
 namespace inferlab {
 namespace test_measure {
 
+// A task whose samples the test writes itself.
 class HandMadeTask final : public Task {
  public:
+  explicit HandMadeTask(TaskKind kind = TaskKind::Generation) : kind_(kind) {}
   const std::string& name() const override { return name_; }
-  TaskKind kind() const override { return TaskKind::Generation; }
+  TaskKind kind() const override { return kind_; }
   Result<std::vector<TaskSample>> samples(const Tokenizer&, int32_t, uint64_t) const override {
     return std::vector<TaskSample>{};
   }
 
  private:
+  TaskKind kind_;
   std::string name_ = "hand-made";
 };
 
@@ -194,23 +197,11 @@ TEST(MeasureRun, DecodedQuestionFeedsItsTokensOneStepEach) {
 // A fidelity task under a speculating method: teacher forcing would never
 // speculate, so the method generates freely and its tokens are compared with
 // dense's; self-speculation reproduces dense, so they all agree.
-class FidelityTask final : public Task {
- public:
-  const std::string& name() const override { return name_; }
-  TaskKind kind() const override { return TaskKind::Fidelity; }
-  Result<std::vector<TaskSample>> samples(const Tokenizer&, int32_t, uint64_t) const override {
-    return std::vector<TaskSample>{};
-  }
-
- private:
-  std::string name_ = "fidelity";
-};
-
 TEST(MeasureRun, ASpeculatingMethodsFidelityGeneratesFreelyAndAgreesWithDense) {
   auto engine_or = Engine::create(test::gqa_test_model("measure-speculation", 5), EngineOptions{8, 0, 0});
   ASSERT_TRUE(engine_or.ok());
   Engine& engine = **engine_or;
-  FidelityTask task;
+  HandMadeTask task(TaskKind::Fidelity);
   TaskParams params;
   std::vector<TaskSample> samples(3);
   for (size_t i = 0; i < samples.size(); ++i) {
