@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <array>
 
 namespace inferlab {
@@ -152,6 +153,32 @@ Status ForwardPass::plan_step() {
   return ok_status();
 }
 
+namespace {
+
+// Captures a step as the graph of `plan`: `layers` (the schedule's layers,
+// run in capture mode while `capturing` is on) and the logits of `rows`
+// rows. The capture ends whatever happens (an error drops it, an exception
+// passes through after it), or the stream would stay in it.
+Status capture_step(Backend& backend, const StepPlan& plan, int64_t rows, const std::function<void(bool)>& capturing,
+                    const std::function<Status()>& layers) {
+  Status body = backend.capture_begin(plan);
+  if (!body) return body;
+  capturing(true);
+  try {
+    body = layers();
+    if (body) body = backend.logits(0, rows, {});
+  } catch (...) {
+    capturing(false);
+    (void)backend.capture_end(plan, false);
+    throw;
+  }
+  capturing(false);
+  auto end = backend.capture_end(plan, body.ok());
+  return body ? end : body;
+}
+
+}  // namespace
+
 // A decode step that needs nothing from the host between ops: staged for every
 // layer at once, captured the first time its plan's shape is seen (the same
 // schedule, run in capture mode), then replayed. False: run it eagerly.
@@ -172,21 +199,8 @@ Result<bool> ForwardPass::try_replay(const LogitsSink& sink) {
     return false;
   }
   if (!backend_.has_graph(plan_)) {
-    Status body = backend_.capture_begin(plan_);
-    if (body) {
-      capturing_ = true;
-      try {
-        body = run_layers();
-        if (body) body = backend_.logits(0, 1, {});
-      } catch (...) {  // the capture must end whatever happens, or the stream stays in it
-        capturing_ = false;
-        (void)backend_.capture_end(plan_, false);
-        throw;
-      }
-      capturing_ = false;
-      auto end = backend_.capture_end(plan_, body.ok());
-      if (body) body = end;
-    }
+    const Status body = capture_step(
+        backend_, plan_, 1, [&](bool on) { capturing_ = on; }, [&] { return run_layers(); });
     if (!body) {  // no graph: the step runs eagerly instead, from the cache as it was
       if (auto s = undo(ok_status()); !s) return s.error();
       return false;
@@ -1061,21 +1075,12 @@ class BatchedCall {
       }
     }
     if (!backend_.has_graph(lead.plan_)) {
-      Status body = backend_.capture_begin(lead.plan_);
-      if (body) {
-        for (auto& p : passes_) p->capturing_ = true;
-        try {
-          body = captured_layers();
-          if (body) body = backend_.logits(0, int64_t(passes_.size()), {});
-        } catch (...) {  // the capture must end whatever happens, or the stream stays in it
-          for (auto& p : passes_) p->capturing_ = false;
-          (void)backend_.capture_end(lead.plan_, false);
-          throw;
-        }
-        for (auto& p : passes_) p->capturing_ = false;
-        auto end = backend_.capture_end(lead.plan_, body.ok());
-        if (body) body = end;
-      }
+      const Status body = capture_step(
+          backend_, lead.plan_, int64_t(passes_.size()),
+          [&](bool on) {
+            for (auto& p : passes_) p->capturing_ = on;
+          },
+          [&] { return captured_layers(); });
       if (!body) {  // no graph: the step runs eagerly instead
         if (auto s = undo(ok_status()); !s) return s.error();
         return false;
