@@ -35,7 +35,7 @@ TEST(CudaSpeculation, DraftsAreTheFirstLayersTokensAndLeaveNoKvBehind) {
     auto reference = gpu_test::make_engine(model, BackendKind::Cuda);
     ASSERT_NE(reference, nullptr);
     const test::DraftChain chain = test::first_layers_chain(*reference, prompt(), exit, 6);
-    const int32_t token = chain.token;
+    int32_t token = chain.token;
     const std::vector<int32_t>& expected = chain.drafts;
     ASSERT_EQ(expected.size(), 6u);
 
@@ -43,12 +43,8 @@ TEST(CudaSpeculation, DraftsAreTheFirstLayersTokensAndLeaveNoKvBehind) {
     Speculating method;
     method.spec = {exit, 6};
     ASSERT_TRUE(engine->set_method(&method, 0).ok());
-    auto seq = engine->new_sequence();
-    ASSERT_TRUE(engine->prefill(*seq, prompt()).ok());
-    engine->reset_counters();
     Engine::Speculated made;
-    auto s = engine->speculate(*seq, token, 6, made);
-    ASSERT_TRUE(s.ok()) << s.message();
+    auto seq = test::speculate_after_prompt(*engine, prompt(), token, 6, made);
     EXPECT_EQ(made.drafts, expected);
     EXPECT_EQ(seq->n_past(), n + 7);
     for (int32_t l = 0; l < L; ++l)
@@ -59,12 +55,10 @@ TEST(CudaSpeculation, DraftsAreTheFirstLayersTokensAndLeaveNoKvBehind) {
     auto after = engine->decode(*seq, expected[2]);
     ASSERT_TRUE(after.ok());
     auto fresh = gpu_test::make_engine(model, BackendKind::Cuda);
-    auto fresh_seq = fresh->new_sequence();
-    ASSERT_TRUE(fresh->prefill(*fresh_seq, prompt()).ok());
-    ASSERT_TRUE(fresh->forward(*fresh_seq, std::vector<int32_t>{token, made.drafts[0], made.drafts[1]}, 3, {}).ok());
-    auto want = fresh->decode(*fresh_seq, expected[2]);
-    ASSERT_TRUE(want.ok());
-    EXPECT_LT(test::normalized_max_error(*after, *want), 2e-2);  // f16: calls of 7 rows and of 3 round differently
+    const std::vector<float> want =
+        test::fresh_decode(*fresh, prompt(), {token, made.drafts[0], made.drafts[1]}, expected[2]);
+    ASSERT_FALSE(want.empty());
+    EXPECT_LT(test::normalized_max_error(*after, want), 2e-2);  // f16: calls of 7 rows and of 3 round differently
   }
 }
 

@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <memory>
 #include <span>
 #include <vector>
 
@@ -62,6 +63,33 @@ inline DraftChain first_layers_chain(Engine& engine, const std::vector<int32_t>&
   }
   EXPECT_TRUE(engine.set_method(nullptr, 0).ok());
   return chain;
+}
+
+// A sequence of `prompt` on `engine` (the caller set a speculating method),
+// then one speculation from `token` into `made`, the counters reset between.
+// A negative `token` becomes the model's choice after the prompt.
+inline std::unique_ptr<KvSequence> speculate_after_prompt(Engine& engine, const std::vector<int32_t>& prompt,
+                                                          int32_t& token, int32_t max_drafts, Engine::Speculated& made) {
+  auto seq = engine.new_sequence();
+  auto prefilled = engine.prefill(*seq, prompt);
+  EXPECT_TRUE(prefilled.ok()) << (prefilled.ok() ? "" : prefilled.message());
+  if (token < 0 && prefilled.ok()) token = argmax_of(*prefilled);
+  engine.reset_counters();
+  const Status s = engine.speculate(*seq, token, max_drafts, made);
+  EXPECT_TRUE(s.ok()) << (s.ok() ? "" : s.message());
+  return seq;
+}
+
+// What a fresh sequence on `engine` gives after `prompt`, then `kept` in one
+// call: the logits of decoding `next` (empty on an error, which fails the test).
+inline std::vector<float> fresh_decode(Engine& engine, const std::vector<int32_t>& prompt,
+                                       const std::vector<int32_t>& kept, int32_t next) {
+  auto seq = engine.new_sequence();
+  const bool fed = engine.prefill(*seq, prompt).ok() && engine.forward(*seq, kept, int64_t(kept.size()), {}).ok();
+  EXPECT_TRUE(fed);
+  auto logits = fed ? engine.decode(*seq, next) : Result<std::vector<float>>(Error{"not fed"});
+  EXPECT_TRUE(logits.ok());
+  return logits.ok() ? *logits : std::vector<float>{};
 }
 
 }  // namespace inferlab::test

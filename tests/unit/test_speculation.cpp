@@ -204,18 +204,15 @@ TEST(Speculation, DraftsAreTheFirstLayersGreedyTokensAndLeaveNoKvBehind) {
     // What the first `exit` layers choose from the token on, one decode step each.
     auto reference = new_engine();
     const test::DraftChain chain = test::first_layers_chain(*reference, prompt(), exit, 5);
-    const int32_t token = chain.token;
+    int32_t token = chain.token;
     const std::vector<int32_t>& expected = chain.drafts;
 
     auto engine = new_engine();
     Speculating method;
     method.spec = {exit, 5};
     ASSERT_TRUE(engine->set_method(&method, 0).ok());
-    auto seq = engine->new_sequence();
-    ASSERT_TRUE(engine->prefill(*seq, prompt()).ok());
-    engine->reset_counters();
     Engine::Speculated made;
-    ASSERT_TRUE(engine->speculate(*seq, token, 100, made).ok());
+    auto seq = test::speculate_after_prompt(*engine, prompt(), token, 100, made);
     EXPECT_EQ(made.drafts, expected);
     // Every layer holds the prompt, the token and its drafts, from the verifying call.
     expect_tables_hold(*engine, *seq, n + 6);
@@ -247,12 +244,9 @@ TEST(Speculation, LogitsAfterDroppedDraftsEqualAFreshRun) {
   Speculating method;
   method.spec = {2, 6};
   ASSERT_TRUE(engine->set_method(&method, 0).ok());
-  auto seq = engine->new_sequence();
-  auto first = engine->prefill(*seq, prompt());
-  ASSERT_TRUE(first.ok());
-  const int32_t token = argmax_of(*first);
+  int32_t token = -1;  // the model's choice after the prompt
   Engine::Speculated made;
-  ASSERT_TRUE(engine->speculate(*seq, token, 6, made).ok());
+  auto seq = test::speculate_after_prompt(*engine, prompt(), token, 6, made);
   ASSERT_EQ(made.drafts.size(), 6u);
   engine->reset_counters();
   ASSERT_TRUE(engine->drop_drafts(*seq, 4, true).ok());  // keep the token and two drafts
@@ -263,15 +257,12 @@ TEST(Speculation, LogitsAfterDroppedDraftsEqualAFreshRun) {
   ASSERT_TRUE(after.ok());
 
   // Fresh: the prompt, then the kept tokens in one call, then the same token.
-  auto fresh = new_engine();
-  auto fresh_seq = fresh->new_sequence();
-  ASSERT_TRUE(fresh->prefill(*fresh_seq, prompt()).ok());
-  ASSERT_TRUE(fresh->forward(*fresh_seq, std::vector<int32_t>{token, made.drafts[0], made.drafts[1]}, 3, {}).ok());
-  auto expected = fresh->decode(*fresh_seq, next);
-  ASSERT_TRUE(expected.ok());
   // The kept rows went through a call of 7 rows instead of 3; the CPU backend
   // computes a row the same whatever the call's other rows: bit for bit.
-  EXPECT_EQ(*after, *expected);
+  auto fresh = new_engine();
+  const std::vector<float> expected = test::fresh_decode(*fresh, prompt(), {token, made.drafts[0], made.drafts[1]}, next);
+  ASSERT_FALSE(expected.empty());
+  EXPECT_EQ(*after, expected);
 }
 
 TEST(Speculation, GreedyGenerationEqualsDense) {
