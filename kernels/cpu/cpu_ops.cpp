@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cpu/half_convert.h"
+#include "cpu/sgemm_tiles.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -340,12 +341,7 @@ void matmul_xwt_beta(float* y, const float* x, const float* w, int64_t m, int64_
     return gemv_targets(&one, 1, x, m, k, beta);
   }
 #endif
-  if (m == 1) {
-    cblas_sgemv(CblasRowMajor, CblasNoTrans, int(n), int(k), 1.0f, w, int(k), x, 1, beta, y, 1);
-    return;
-  }
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(m), int(n), int(k), 1.0f, x, int(k), w,
-              int(k), beta, y, int(n));
+  sgemm_tiles(true, m, n, k, 1.0f, x, k, w, k, beta, y, n);
 }
 }  // namespace
 
@@ -388,8 +384,7 @@ void matmul_x_rows(float* y, const float* x, const float* w, const int32_t* rows
     std::fill(y, y + m * n, 0.0f);
     return;
   }
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(m), int(n), int(n_sel), 1.0f, x, int(n_sel),
-              picked.data(), int(n), 0.0f, y, int(n));
+  sgemm_tiles(false, m, n, n_sel, 1.0f, x, n_sel, picked.data(), n, 0.0f, y, n);
 }
 
 namespace {

@@ -4,7 +4,6 @@
 // llama.cpp's up to the order of float summation.
 #include "cpu/quant_matmul.h"
 
-#include <cblas.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -12,6 +11,7 @@
 #include <cstring>
 
 #include "cpu/half_convert.h"
+#include "cpu/sgemm_tiles.h"
 
 #if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
@@ -316,8 +316,7 @@ void quant_matmul_xwt(float* y, const float* x, const QuantMatrixRef& w, int64_t
   for (int64_t r0 = 0; r0 < n; r0 += chunk) {
     const int64_t rows = std::min(chunk, n - r0);
     dequant_rows(w, r0, rows, scratch.dequant.data());
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(m), int(rows), int(k), 1.0f, x, int(k),
-                scratch.dequant.data(), int(k), 0.0f, y + r0, int(n));
+    sgemm_tiles(true, m, rows, k, 1.0f, x, k, scratch.dequant.data(), k, 0.0f, y + r0, n);
   }
 }
 

@@ -1,11 +1,11 @@
 #include "cpu/sparse_prefill.h"
 
-#include <cblas.h>
-
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <numeric>
+
+#include "cpu/sgemm_tiles.h"
 
 namespace inferlab::kernels::cpu {
 
@@ -24,8 +24,7 @@ void vertical_slash_scores(const float* q, int64_t n_rows, int64_t q_stride, con
     load_kv_rows(pages[r], false, 0, take, hd, keys + k * hd);
     k += take;
   }
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(n_rows), int(k), int(hd), scale, q, int(q_stride), keys,
-              int(hd), 0.0f, scores, int(n_keys));
+  sgemm_tiles(true, n_rows, k, hd, scale, q, q_stride, keys, hd, 0.0f, scores, n_keys);
   for (int64_t i = 0; i < n_rows; ++i) {
     float* p = scores + i * n_keys;
     const int64_t visible = std::min<int64_t>(int64_t(self[i]) + 1, k);

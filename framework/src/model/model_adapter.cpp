@@ -1,9 +1,9 @@
 // Model::merge_adapter: a fine-tuned model from its base and a LoRA adapter.
-#include <cblas.h>
 #include <fmt/format.h>
 
 #include <cmath>
 
+#include "cpu/sgemm_tiles.h"
 #include "formats/lora_file.h"
 #include "model/model.h"
 
@@ -54,9 +54,8 @@ Status Model::merge_adapter(const std::filesystem::path& path, float scale) {
     WeightVector& w = *weight(p);
     const int64_t r = p.adapter.rank, in = int64_t(p.adapter.a.size()) / r, out = int64_t(p.adapter.b.size()) / r;
     // W (out, in) += (scale * s) B (out, r) A (r, in)
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, blasint(out), blasint(in), blasint(r),
-                scale * p.adapter.scale, p.adapter.b.data(), blasint(r), p.adapter.a.data(), blasint(in), 1.0f,
-                w.data(), blasint(in));
+    kernels::cpu::sgemm_tiles(false, out, in, r, scale * p.adapter.scale, p.adapter.b.data(), r,
+                              p.adapter.a.data(), in, 1.0f, w.data(), in);
   }
   adapter_digest_ = "sha256:" + *digest;
   adapter_scale_ = scale;
