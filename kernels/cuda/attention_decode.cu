@@ -75,8 +75,13 @@ __device__ DecodeCta make_decode_cta(const AttentionCall& c) {
   cta.group = c.n_heads / c.n_kv_heads;
   cta.n_q = c.n_rows * cta.group;
   cta.list = warp_key_list(c, cta.g);
+  // The cut depends on this head's own key count only, not on the grid the
+  // host sized from a bound (a graph's key bound or the largest head's count):
+  // splits beyond the first ceil(n_keys / kMinKeysPerSplit) stay empty, so a
+  // replayed step and an eager one sum the same keys in the same order.
   const int32_t n_keys = cta.list.n_keys();
-  const int32_t share = ceil_div_dev(ceil_div_dev(n_keys, int32_t(gridDim.x)), kTileKeys) * kTileKeys;
+  const int32_t used = min(int32_t(gridDim.x), max(1, ceil_div_dev(n_keys, kMinKeysPerSplit)));
+  const int32_t share = ceil_div_dev(ceil_div_dev(n_keys, used), kTileKeys) * kTileKeys;
   cta.k_begin = min(n_keys, int32_t(blockIdx.x) * share);
   cta.k_end = min(n_keys, cta.k_begin + share);
   // A kv head whose query heads are all masked reads no key (its outputs are zeros).
@@ -225,15 +230,19 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const AttentionC
     __syncthreads();
   }
 
-  // Sum the key slices, then write this split's partials.
-  constexpr int kDimChunks = D / 8;
-  const int dc = int(threadIdx.x) % kDimChunks;
+  // Sum the key slices in slice order (not by atomics, whose order the warps'
+  // timing decides), then write this split's partials.
+  constexpr int kDimChunks = D / 8, kSlices = kThreads / kDimChunks;
+  const int dc = int(threadIdx.x) % kDimChunks, slice = int(threadIdx.x) / kDimChunks;
+  for (int s = 0; s < kSlices; ++s) {
+    if (slice == s)
 #pragma unroll
-  for (int qi = 0; qi < NQ; ++qi)
-    if (qi < cta.n_q)
+      for (int qi = 0; qi < NQ; ++qi)
+        if (qi < cta.n_q)
 #pragma unroll
-      for (int e = 0; e < 8; ++e) atomicAdd(&sm.out[qi][dc * 8 + e], acc[qi][e]);
-  __syncthreads();
+          for (int e = 0; e < 8; ++e) sm.out[qi][dc * 8 + e] += acc[qi][e];
+    __syncthreads();
+  }
   const int64_t base = (int64_t(cta.g) * gridDim.x + blockIdx.x) * cta.n_q;
   for (int i = int(threadIdx.x); i < cta.n_q * D; i += kThreads) ws.o[(base + i / D) * D + i % D] = sm.out[i / D][i % D];
   if (int(threadIdx.x) < cta.n_q) {
