@@ -9,6 +9,7 @@ namespace inferlab::kernels::cuda {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kNormThreads = 512;  // head_output_norms: a block per head, its rows over 16 warps
 
 template <typename T>
 __global__ void silu_mul_kernel(const float* gate, const float* up, int64_t n, T* out) {
@@ -32,8 +33,9 @@ __global__ void convert_kernel(const From* x, int64_t n, To* out) {
 }
 
 // Block per head; warp w takes rows w, w + n_warps, ...
-__global__ void head_output_norms_kernel(const float* attn, int32_t n_rows, int32_t n_heads, int32_t head_dim,
-                                         float* norms, float* l1) {
+__global__ void __launch_bounds__(kNormThreads)
+    head_output_norms_kernel(const float* attn, int32_t n_rows, int32_t n_heads, int32_t head_dim, float* norms,
+                             float* l1) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
   float total = 0.0f, total_l1 = 0.0f;  // this warp's rows, valid in lane 0
   for (int32_t r = warp; r < n_rows; r += n_warps) {
@@ -106,7 +108,7 @@ cudaError_t head_output_norms(const float* attn, int32_t n_rows, int32_t n_heads
                               float* l1, cudaStream_t stream) {
   if (n_rows < 0 || n_heads < 0 || head_dim <= 0) return cudaErrorInvalidValue;
   if (n_heads == 0) return cudaSuccess;
-  head_output_norms_kernel<<<unsigned(n_heads), 512, 0, stream>>>(attn, n_rows, n_heads, head_dim, norms, l1);
+  head_output_norms_kernel<<<unsigned(n_heads), kNormThreads, 0, stream>>>(attn, n_rows, n_heads, head_dim, norms, l1);
   return cudaGetLastError();
 }
 

@@ -74,16 +74,18 @@ struct TilePlanner {
   int32_t rc[2] = {0, 0}, re[2] = {0, 0}, cc[2] = {0, 0}, ce[2] = {0, 0};
   int32_t seg_b[2] = {INT_MAX, INT_MAX}, seg_e[2] = {INT_MAX, INT_MAX};
 
+  // rc counts pairs and a plan may hold up to INT32_MAX of them, so their
+  // elements are addressed in 64 bits (2 * rc would overflow past 2^30).
   __device__ void advance(const SparseLayout& sp, int i) {
-    while (rc[i] < re[i] && sp.ranges[2 * rc[i] + 1] <= pos) ++rc[i];
+    while (rc[i] < re[i] && sp.ranges[2 * int64_t(rc[i]) + 1] <= pos) ++rc[i];
     while (cc[i] < ce[i] && sp.columns[cc[i]] < pos) ++cc[i];
-    const int32_t rb = rc[i] < re[i] ? max(pos, sp.ranges[2 * rc[i]]) : INT_MAX;
+    const int32_t rb = rc[i] < re[i] ? max(pos, sp.ranges[2 * int64_t(rc[i])]) : INT_MAX;
     const int32_t cb = cc[i] < ce[i] ? sp.columns[cc[i]] : INT_MAX;
     if (rb == INT_MAX && cb == INT_MAX) {
       seg_b[i] = seg_e[i] = INT_MAX;
     } else if (rb <= cb) {
       seg_b[i] = rb;
-      seg_e[i] = sp.ranges[2 * rc[i] + 1];
+      seg_e[i] = sp.ranges[2 * int64_t(rc[i]) + 1];
     } else {
       seg_b[i] = cb;
       seg_e[i] = cb + 1;
@@ -167,7 +169,10 @@ __device__ void plan_tile(const AttentionCall& c, const PrefillCta& cta, TilePla
   for (int k = lane; k < kTileKeys; k += 32) {
     const int32_t pos = start + k;
     // A key of another query head's own selection is no key for this head.
-    const bool valid = pos < cta.key_end && ((cta.list.key_heads(pos) >> bit) & 1u) != 0;
+    // Only per-query-head lists mark heads (their groups hold at most 32, a
+    // bit each); a wider group has none, and shifting by `bit` would overflow.
+    const bool valid =
+        pos < cta.key_end && (cta.list.heads == nullptr || ((cta.list.key_heads(pos) >> bit) & 1u) != 0);
     const int32_t t = valid ? cta.list.token(pos) : -1;
     sm.token[buf][k] = t;
     sm.row[buf][k] = valid ? key_row<T>(c, cta.g, t) : nullptr;

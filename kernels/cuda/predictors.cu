@@ -47,7 +47,8 @@ __global__ void bias_relu_kernel(float* y, int64_t rows, int64_t out, const floa
 // Block per row: NaN becomes -inf (the twin's order), then the k-th largest
 // key by the shared radix select, the keys above it, and the first `need`
 // equal ones in index order (a block scan per chunk).
-__global__ void top_k_flags_kernel(float* logits, int64_t n, int32_t k, uint8_t* flags) {
+__global__ void __launch_bounds__(kSelectThreads)
+    top_k_flags_kernel(float* logits, int64_t n, int32_t k, uint8_t* flags) {
   __shared__ SelectShared sm;
   float* row = logits + int64_t(blockIdx.x) * n;
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x)
@@ -71,7 +72,8 @@ __global__ void top_k_flags_kernel(float* logits, int64_t n, int32_t k, uint8_t*
 }
 
 // One block: the flagged indices in order, a block scan per chunk.
-__global__ void flags_to_list_kernel(const uint8_t* flags, int64_t n, int32_t* list, int32_t* count) {
+__global__ void __launch_bounds__(kSelectThreads)
+    flags_to_list_kernel(const uint8_t* flags, int64_t n, int32_t* list, int32_t* count) {
   __shared__ cub::BlockScan<int32_t, kSelectThreads>::TempStorage scan;
   int32_t listed = 0;
   for (int64_t first = 0; first < n; first += blockDim.x) {

@@ -96,7 +96,7 @@ __device__ float exp_scores(const AttentionCall& c, const KeyList& list, int32_t
 struct RowPass {
   int32_t row0 = 0;  // the pass's first row (blockIdx.x is relative to it)
   int32_t max_keys = 0;
-  float keep = 1.0f;
+  double keep = 1.0;  // double, so ceil(keep * n) rounds as the twin's does
   bool renormalize = false;
   bool msb_first = false;  // bit planes: the MSB planes first, both planes for a row below threshold
   float threshold = 0.0f;
@@ -108,7 +108,7 @@ struct RowPass {
 // Block per (row, query head). Scratch per block: max_keys floats of p (-1 for
 // a key the row does not read), then max_keys floats of kept weights.
 template <typename T>
-__global__ void value_topk_kernel(const AttentionCall c, const RowPass pass) {
+__global__ void __launch_bounds__(kThreads) value_topk_kernel(const AttentionCall c, const RowPass pass) {
   const int32_t r = pass.row0 + int32_t(blockIdx.x), h = blockIdx.y, gs = c.group_size(), g = h / gs, D = c.head_dim;
   const int32_t max_keys = pass.max_keys;
   float* out = c.out + (int64_t(r) * c.n_heads + h) * D;
@@ -127,7 +127,9 @@ __global__ void value_topk_kernel(const AttentionCall c, const RowPass pass) {
   for (int d = threadIdx.x; d < D; d += blockDim.x) q[d] = c.q[(int64_t(r) * c.n_heads + h) * D + d] * c.scale;
   const KeyList list = warp_key_list(c, g);
   const int32_t n = min(list.n_selected + r + 1, max_keys);  // the keys this row may read
-  const uint32_t bit = 1u << (h % gs);
+  // Without per-query-head lists every key is read by every head (key_heads
+  // is ~0), and the group may then be wider than the 32 bits of a mask.
+  const uint32_t bit = list.heads != nullptr ? 1u << (h % gs) : ~0u;
   __syncthreads();
   bool full = !pass.msb_first;
   float sum = exp_scores<T>(c, list, g, bit, q, n, full, p, red);
@@ -151,7 +153,7 @@ __global__ void value_topk_kernel(const AttentionCall c, const RowPass pass) {
   const int32_t n_cached_read = block_reduce(local_cached, ired, add_i);
   // The kk-th largest probability (select_common.cuh's radix select), then the
   // keys above it and the first `need` equal to it in key order.
-  const int32_t kk = max(1, min(n_read, int32_t(ceilf(pass.keep * float(n_read)))));
+  const int32_t kk = max(1, min(n_read, int32_t(ceil(pass.keep * double(n_read)))));
   uint32_t threshold = 0;
   int32_t need = 0;
   radix_select(p, n, kk, select, &threshold, &need);
@@ -206,12 +208,13 @@ size_t value_topk_row_scratch_bytes(const AttentionCall& call, int32_t max_keys)
 
 namespace {
 
-// Shapes both entry points take; no sparse plans.
+// Shapes both entry points take; no sparse plans. Per-query-head lists mark a
+// key's heads in 32 bits, so their groups hold at most 32 query heads.
 bool valid_rows_call(const AttentionCall& c, int32_t max_keys, double keep) {
   return c.n_rows >= 0 && c.n_heads > 0 && c.n_kv_heads > 0 && c.n_heads % c.n_kv_heads == 0 && c.head_dim > 0 &&
          c.head_dim <= kMaxHeadDim && c.kv.head_dim == c.head_dim && max_keys > 0 && keep > 0.0 && keep <= 1.0 &&
-         c.sparse.heads == nullptr && c.q != nullptr && c.out != nullptr && c.n_cached != nullptr &&
-         valid_pages(c.kv) && c.table.pages != nullptr;
+         (c.select_heads == nullptr || c.n_heads <= 32 * c.n_kv_heads) && c.sparse.heads == nullptr &&
+         c.q != nullptr && c.out != nullptr && c.n_cached != nullptr && valid_pages(c.kv) && c.table.pages != nullptr;
 }
 
 // The rows in passes of as many as the scratch holds (stream order: each pass
@@ -233,7 +236,7 @@ cudaError_t launch_rows(const AttentionCall& call, RowPass pass, size_t scratch_
 RowPass row_pass(int32_t max_keys, double keep, bool renormalize, uint8_t* kept, void* scratch) {
   RowPass pass;
   pass.max_keys = max_keys;
-  pass.keep = float(keep);
+  pass.keep = keep;
   pass.renormalize = renormalize;
   pass.kept = kept;
   pass.scratch = static_cast<float*>(scratch);

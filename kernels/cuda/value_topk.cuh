@@ -23,11 +23,14 @@ namespace inferlab::kernels::cuda {
 // the ceil(keep * n) most probable keys (ties to the earlier key; at least one)
 // of p * v, divided by their total when renormalize. With call.key_mass every
 // key's p is added to it (atomically). A masked head outputs zeros and reads
-// nothing. No sparse plans; f16/bf16 pages. `kept` (when not null, (n_heads,
-// max_keys) bytes) gets 1 for the keys row n_rows - 1 of each head accumulated
-// (the traffic counters' input). scratch: value_topk_scratch_bytes for every
-// row at once, or less but at least value_topk_row_scratch_bytes: the rows
-// then go in passes of as many as it holds.
+// nothing. No sparse plans; f16/bf16 pages; per-query-head selections
+// (call.select_heads) only in groups of at most 32 query heads. `kept` (when
+// not null, (n_heads, max_keys) bytes) gets 1 for the keys row n_rows - 1 of
+// each head accumulated, 0 for the other keys it may read (the traffic
+// counters' input); a masked head's row is left as it was. scratch:
+// value_topk_scratch_bytes for every row at once, or less but at least
+// value_topk_row_scratch_bytes: the rows then go in passes of as many as it
+// holds.
 size_t value_topk_scratch_bytes(const AttentionCall& call, int32_t max_keys);
 size_t value_topk_row_scratch_bytes(const AttentionCall& call, int32_t max_keys);
 cudaError_t attention_value_topk(const AttentionCall& call, int32_t max_keys, double keep, bool renormalize,

@@ -292,8 +292,21 @@ Status CudaBackend::attention(const KvSequence& seq, const LayerAttention& work)
     call.key_mass = key_mass_.as<float>();
     call.mass_stride = max_context_;
   }
-  if (call.kv.planes.active()) return attention_bit_planes(work, call, max_keys);
-  if (work.values != nullptr && work.values->active()) return attention_values_pruned(work, call, max_keys);
+  const bool values = work.values != nullptr && work.values->active();
+  if (call.kv.planes.active() || values) {
+    // Their counters come back to the host and, as the CPU backend's, leave
+    // out the heads attention did not compute; predicted heads are flagged
+    // on the device only, so their flags come back as the mask.
+    LayerAttention counted = work;
+    ComponentMask predicted;
+    if (work.predicted_heads && (work.values_skipped != nullptr || work.requant_tally != nullptr)) {
+      predicted.heads.resize(size_t(c.n_heads));
+      if (auto s = download(call.head_active, predicted.heads.size(), predicted.heads.data()); !s) return s;
+      counted.mask = &predicted;
+    }
+    if (call.kv.planes.active()) return attention_bit_planes(counted, call, max_keys);
+    return attention_values_pruned(counted, call, max_keys);
+  }
   const size_t ws = kc::attention_workspace_bytes(call, max_keys);
   if (ws > attention_ws_.bytes()) {
     if (capturing_) return Error{"cuda engine: the attention workspace was not staged for this graph"};
@@ -333,17 +346,39 @@ Status CudaBackend::attention_values_pruned(const LayerAttention& work, const ke
   return ok_status();
 }
 
+// As the CPU backend counts: per kv head, the cached keys that a computed
+// query head of the group read and none accumulated. A masked head reads
+// nothing (the kernel leaves its kept row unwritten), so a group masked whole
+// adds 0; under per-query-head selections a key counts only when a computed
+// head selected it.
 int64_t CudaBackend::values_skipped(const LayerAttention& work, const std::vector<uint8_t>& kept,
                                     int32_t max_keys) const {
   const ModelConfig& c = config_;
+  const KeyPlan& plan = *work.keys;
   const int32_t gs = c.group_size(), ps = options_.page_size;
   int64_t skipped = 0;
   for (int32_t g = 0; g < c.n_kv_heads; ++g) {
-    const int64_t cached = head_traffic(*work.keys, g, ps).keys;  // the kv head's key list starts with them
+    std::vector<int32_t> computed;  // the group's computed query heads, by index in the group
+    for (int32_t j = 0; j < gs; ++j)
+      if (work.mask == nullptr || work.mask->heads[size_t(g * gs + j)] != 0) computed.push_back(j);
+    if (computed.empty()) continue;
+    // Per-query-head selections: a mask of reading heads per listed page or
+    // token, the list (as the kernels walk it) starting after the unused slots.
+    const kernels::KeySelect mode = plan.mode[size_t(g)];
+    const bool per_head = !plan.heads.empty() && mode != kernels::KeySelect::All;
+    const std::span<const int32_t> listed = plan.head(g);
+    const size_t first = size_t(plan.indptr[size_t(g)]) +
+                         size_t(std::count_if(listed.begin(), listed.end(), [](int32_t x) { return x < 0; }));
+    const int64_t cached = head_traffic(plan, g, ps).keys;  // the kv head's key list starts with them
     for (int64_t k = 0; k < cached && k < max_keys; ++k) {
-      bool any = false;
-      for (int32_t j = 0; j < gs && !any; ++j) any = kept[size_t(int64_t(g * gs + j) * max_keys + k)] != 0;
-      skipped += any ? 0 : 1;
+      const uint32_t readers =
+          per_head ? plan.heads[first + size_t(mode == kernels::KeySelect::Tokens ? k : k / ps)] : ~0u;
+      bool read = false, accumulated = false;
+      for (int32_t j : computed) {
+        read = read || !per_head || ((readers >> j) & 1u) != 0;  // per-head groups hold at most 32 heads
+        accumulated = accumulated || kept[size_t(int64_t(g * gs + j) * max_keys + k)] != 0;
+      }
+      skipped += read && !accumulated ? 1 : 0;
     }
   }
   return skipped;
