@@ -136,6 +136,8 @@ Result<bool> CudaBackend::prepare_replay(KvSequence& seq, const StepPlan& plan, 
 Status CudaBackend::capture_begin(const StepPlan& plan) {
   // A batched step's key is known once every segment is staged.
   if (failed_keys_.count(graph_key(plan)) != 0) return Error{"cuda engine: this step's capture failed before"};
+  // A wait on an event recorded before the capture would tie the graph to it.
+  if (auto s = join_predictions(); !s) return s;
   CUDA_TRY(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "graph capture");
   capturing_ = true;
   return ok_status();
@@ -156,7 +158,10 @@ Status CudaBackend::capture_end(const StepPlan& plan, bool ok) {
   cudaGraphExec_t exec = nullptr;
   const cudaError_t inst = cudaGraphInstantiate(&exec, graph, 0);
   cudaGraphDestroy(graph);
-  CUDA_TRY(inst, "graph instantiate");
+  if (inst != cudaSuccess) {
+    failed_keys_.insert(graph_key(plan));  // not captured again at every step
+    return cuda_error(inst, "graph instantiate");
+  }
   if (graphs_.empty()) planes_at_capture_ = pool_->storage().planes_generation();
   graphs_[graph_key(plan)].exec = exec;
   return ok_status();

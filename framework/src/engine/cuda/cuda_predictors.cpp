@@ -79,7 +79,11 @@ Status CudaBackend::set_predictors(ComponentPredictors predictors) {
   for (const auto& p : predictors.heads) add(p);
   if (!pred_weights_.reserve(std::max<size_t>(host.size(), 1) * 4))
     return Error{"cuda engine: out of GPU memory for the component predictors"};
-  CUDA_TRY(cudaMemcpy(pred_weights_.as(), host.data(), host.size() * 4, cudaMemcpyHostToDevice), "predictors");
+  // On the engine's stream (non-blocking: a plain cudaMemcpy on the legacy
+  // stream would not order the kernels that read them), done before `host` goes.
+  CUDA_TRY(cudaMemcpyAsync(pred_weights_.as(), host.data(), host.size() * 4, cudaMemcpyHostToDevice, stream_),
+           "predictors");
+  CUDA_TRY(cudaStreamSynchronize(stream_), "predictors");
   const float* base = pred_weights_.as<float>();
   pred_rank_max_ = 0;
   size_t next = 0;
