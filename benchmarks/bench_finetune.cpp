@@ -13,6 +13,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <filesystem>
 #include <map>
 #include <random>
@@ -53,13 +54,23 @@ int main(int argc, char** argv) {
   app.add_option("--targets", targets_choice, "adapters on q,v, on every projection, or both settings")
       ->check(CLI::IsMember({"q,v", "all", "both"}))
       ->capture_default_str();
-  app.add_option("--batch", batch, "sequences per step")->capture_default_str();
-  app.add_option("--seq-len", seq_len, "tokens per sequence")->capture_default_str();
+  app.add_option("--batch", batch, "sequences per step")->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--seq-len", seq_len, "tokens per sequence")->check(CLI::PositiveNumber)->capture_default_str();
   app.add_option("--ranks", ranks, "adapter ranks")->delimiter(',')->capture_default_str();
-  app.add_option("--rounds", rounds, "rounds (the median is reported)")->capture_default_str();
+  app.add_option("--rounds", rounds, "rounds (the median is reported)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   app.add_option("-t,--threads", threads, "threads (0: all cores)")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   if (threads > 0) omp_set_num_threads(int(threads));
+  // Setup (writing and loading a model, quantizing and uploading each graph's
+  // base) can take much of a capped run: each stage's elapsed time is printed
+  // and flushed as it ends, so a run cut short still shows where time went.
+  const auto start = bench::Clock::now();
+  auto progress = [&](const std::string& what) {
+    fmt::print("[{:.1f} s] {}\n", bench::since(start), what);
+    std::fflush(stdout);
+  };
 
   if (backend == "cuda" && cuda_device_count() == 0) {
     fmt::print(stderr, "bench_finetune: no CUDA GPU{}\n", cuda_compiled() ? "" : " (a build without CUDA)");
@@ -72,6 +83,7 @@ int main(int argc, char** argv) {
     model_path = std::filesystem::temp_directory_path() / fmt::format("bench_finetune_{}_{}.gguf", synthetic, layers);
     if (auto st = write_synthetic_model(*spec, model_path); !st)
       return fmt::print(stderr, "bench_finetune: {}\n", st.message()), 1;
+    progress(fmt::format("synthetic model written to {}", model_path.string()));
     model_name = fmt::format("synthetic {} ({} layers)", synthetic, layers > 0 ? layers : spec->n_layers);
   } else {
     auto path = resolve_model(model_name);
@@ -87,6 +99,7 @@ int main(int argc, char** argv) {
     fmt::print(stderr, "bench_finetune: {}\n", model.message());
     return 1;
   }
+  progress("model loaded");
   const ModelConfig& c = (*model)->config();
 
   std::vector<Setting> settings;
@@ -147,10 +160,11 @@ int main(int argc, char** argv) {
     for (auto& t : set->adapters) std::fill(t.b.begin(), t.b.end(), 0.01f);
     auto grads = finetune::AdapterGrads::like(*set);
     states.push_back({std::move(*g), std::move(*set), std::move(grads), {}});
+    progress(fmt::format("graph {} created", s.name));
   }
   fmt::print("{}: {} x {} tokens per step, backend {}, {} threads\n", model_name, batch, seq_len, backend,
              omp_get_max_threads());
-  for (int64_t round = 0; round < rounds; ++round)
+  for (int64_t round = 0; round < rounds; ++round) {
     for (State& s : states) {
       const auto t0 = bench::Clock::now();
       auto r = s.graph->forward_backward(b, s.set, s.grads, 1e-3f);
@@ -160,6 +174,8 @@ int main(int argc, char** argv) {
       }
       s.ms.push_back(bench::since(t0) * 1e3);
     }
+    progress(fmt::format("round {} of {} done", round + 1, rounds));
+  }
   fmt::print("{:<24} {:>10} {:>10} {:>14} {:>12}\n", "setting", "ms/step", "tokens/s", "activations", "base");
   for (size_t i = 0; i < states.size(); ++i) {
     auto& s = states[i];

@@ -163,6 +163,12 @@ Quant4Tensor quant4_quantize(const float* w, int64_t rows, int64_t cols, Quant4F
   // An odd count pads the last byte's low nibble with the code of 0.
   t.codes.assign(size_t((n + 1) / 2), n % 2 == 1 ? enc.encode(0.0f) : uint8_t(0));
   std::vector<float> absmax(static_cast<size_t>(blocks));
+  // Blocks in parallel: each reads only its values and writes only its absmax
+  // and, its size being even, whole bytes of codes no other block touches, so
+  // the result is the serial loop's bit for bit (an odd size would share a
+  // byte between neighbours, hence serial). The absmaxes' sum and their double
+  // quantization below stay serial.
+#pragma omp parallel for schedule(static) if (block % 2 == 0 && n > (1 << 16))
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t from = b * block, to = std::min(n, from + block);
     float m = 0;

@@ -28,7 +28,9 @@ __global__ void rmsnorm_inverse_kernel(float* inv, const float* x, int64_t n, fl
   double sum_sq = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) sum_sq += double(xr[i]) * double(xr[i]);
   sum_sq = block_sum_double(sum_sq);
-  if (threadIdx.x == 0) inv[blockIdx.x] = 1.0f / sqrtf(float(sum_sq / double(n)) + eps);
+  // Correctly rounded sqrt and division, as the CPU twin computes them: the
+  // library is built with fast math, which would make both approximate.
+  if (threadIdx.x == 0) inv[blockIdx.x] = __fdiv_rn(1.0f, __fsqrt_rn(float(sum_sq / double(n)) + eps));
 }
 
 __global__ void rmsnorm_backward_kernel(float* dx, const float* dy, const float* x, const float* inv,

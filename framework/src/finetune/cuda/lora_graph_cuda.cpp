@@ -229,7 +229,7 @@ class CudaGraph final : public DeviceGraph {
     const int64_t out = shape.first, in = shape.second;
     gemm(false, false, n_, in, out, 1.0f, dy, out, weight(l, s), in, accumulate ? 1.0f : 0.0f, dx, in, "dX");
     const int ai = shape_.index[size_t(l)][size_t(s)];
-    if (ai < 0 || ga_.empty()) return;
+    if (ai < 0) return;
     const AdapterTensor& t = set_->adapters[size_t(ai)];
     const int64_t r = t.rank;
     const float* a = a_[size_t(ai)].as<float>();
@@ -391,8 +391,9 @@ class CudaGraph final : public DeviceGraph {
       upload(a_[i], adapters.adapters[i].a.data(), adapters.adapters[i].a.size(), stream_);
       upload(b_[i], adapters.adapters[i].b.data(), adapters.adapters[i].b.size(), stream_);
     }
-    ga_.clear();
-    gb_.clear();
+    // The gradient buffers stay allocated between calls like the activations
+    // (freeing one would also synchronize the device); a call with gradients
+    // zeroes what it uses, and one without leaves them, as it runs no backward.
     if (g != nullptr) {
       ga_.resize(adapters.adapters.size());
       gb_.resize(adapters.adapters.size());
