@@ -1,4 +1,4 @@
-# cap: 130
+# cap: 140
 # Issue 17 (MInference): sparse prefill on the GPU against dense flash prefill
 # (its kernels and engine tests run in the test steps: CudaBlockScores,
 # CudaSparsePlanBuild, CudaAttention sparse cases, CudaMInference). One

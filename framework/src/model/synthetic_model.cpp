@@ -171,7 +171,7 @@ Status write_synthetic_model(const SyntheticModelSpec& spec, const std::filesyst
 }
 
 std::vector<std::string> synthetic_preset_names() {
-  return {"llama2-7b", "llama3-8b", "llama2-7b-128k", "llama3-8b-1m", "tiny"};
+  return {"llama2-7b", "llama3-8b", "llama2-7b-128k", "llama3-8b-1m", "small", "tiny"};
 }
 
 Result<SyntheticModelSpec> synthetic_preset(const std::string& name, int32_t n_layers) {
@@ -201,6 +201,11 @@ Result<SyntheticModelSpec> synthetic_preset(const std::string& name, int32_t n_l
     spec.context_length = name == "llama3-8b" ? 8192 : 1048576;
     spec.rope_theta = name == "llama3-8b" ? 500000.0f : 3.58e9f;
   } else if (name == "tiny") {
+    spec.tied_embeddings = true;
+    spec.weight_type = gguf::TensorType::F32;
+  } else if (name == "small") {  // tiny's kind with 64-dim heads, which the CUDA kernels take
+    spec.n_embd = 256;
+    spec.n_ff = 512;
     spec.tied_embeddings = true;
     spec.weight_type = gguf::TensorType::F32;
   } else {

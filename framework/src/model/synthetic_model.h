@@ -43,7 +43,8 @@ Status write_synthetic_model(const SyntheticModelSpec& spec, const std::filesyst
 // 128256, 8K context, theta 500000), "llama2-7b-128k" (the 7B shape with a
 // 128K context and theta 1e6, as long-context 7B fine-tunes use), "llama3-8b-1m"
 // (the llama3-8b shape with a 1M context and theta 3.58e9, as the 1M-token
-// Llama-3-8B fine-tunes MInference measured), and "tiny".
+// Llama-3-8B fine-tunes MInference measured), "tiny", and "small" (tiny's kind
+// with 64-dim heads: a quick model the CUDA kernels take).
 // `n_layers` > 0 keeps only the first layers (a 7B-wide model that fits a test).
 Result<SyntheticModelSpec> synthetic_preset(const std::string& name, int32_t n_layers = 0);
 std::vector<std::string> synthetic_preset_names();
