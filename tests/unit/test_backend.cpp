@@ -79,6 +79,9 @@ TEST(SyntheticPresets, RealShapes) {
   EXPECT_EQ(long7b->n_layers, 2);
   EXPECT_EQ(long7b->context_length, 131072);
   EXPECT_EQ(long7b->n_kv_heads, 32);
+  auto small = synthetic_preset("small");  // quick, and 64-dim heads for the CUDA kernels
+  ASSERT_TRUE(small.ok());
+  EXPECT_EQ(synthetic_config(*small).head_dim, 64);
   auto unknown = synthetic_preset("llama9");
   ASSERT_FALSE(unknown.ok());
   EXPECT_NE(unknown.message().find("llama2-7b, llama3-8b"), std::string::npos) << unknown.message();
