@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <random>
 
@@ -174,6 +175,7 @@ int main(int argc, char** argv) {
   app.add_option("--repeats", repeats, "kernel launches per timing")->check(CLI::PositiveNumber)->capture_default_str();
   app.add_option("--peak-gbs", peak_gbs, "DRAM bandwidth for the % column")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // each row reaches a log as it is measured (a capped run keeps them)
 
   auto spec = synthetic_preset(preset);
   if (!spec) return fmt::print(stderr, "bench: {}\n", spec.message()), 1;

@@ -12,6 +12,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -66,11 +67,14 @@ struct Problem {
     std::shuffle(p.begin(), p.end(), std::mt19937(7));
     return p;
   }
+  // A million normal draws repeated (timing only: prefill at 64K would
+  // otherwise spend seconds of its capped run drawing 268M of them).
   static std::vector<float> random_queries(size_t n) {
-    std::vector<float> q(n);
+    std::vector<float> draws(std::min<size_t>(n, size_t(1) << 20)), q(n);
     std::mt19937 rng(3);
     std::normal_distribution<float> d(0.0f, 1.0f);
-    for (float& x : q) x = d(rng);
+    for (float& x : draws) x = d(rng);
+    for (size_t i = 0; i < n; ++i) q[i] = draws[i % draws.size()];
     return q;
   }
   static std::vector<int32_t> indptr(const Shape& s) {
@@ -152,6 +156,15 @@ Shape shape(int32_t n_rows, int32_t n_kv_heads, int32_t n_cached) {
 // K and V bytes of `keys` keys per kv head, f16.
 double kv_bytes(const Shape& s, int64_t keys) { return 2.0 * 2.0 * double(keys) * s.head_dim * s.n_kv_heads; }
 
+// Calls repeat on the same keys: when they fit the GPU's L2 cache the figure
+// is L2 bandwidth and launch latency, not DRAM's; the row says so.
+const char* l2_note(double bytes) {
+  int device = 0, l2 = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device);
+  return bytes < double(l2) ? " (fits L2)" : "";
+}
+
 void print_header() {
   fmt::print("| mode | shape | µs/call | GB/s (K+V) | % peak BW | TFLOP/s |\n");
   fmt::print("|---|---|---:|---:|---:|---:|\n");
@@ -161,9 +174,9 @@ void bench_decode(const std::vector<int32_t>& contexts, int reps, double peak_gb
   for (int32_t kv_heads : {8, 32})
     for (int32_t ctx : contexts) {
       Problem p(shape(1, kv_heads, ctx - 1));
-      const double us = p.time_us(reps), gbs = kv_bytes(p.shape, ctx) / us * 1e-3;
-      fmt::print("| decode | ctx {} q32 kv{} d128 | {:.1f} | {:.0f} | {:.1f}% | |\n", ctx, kv_heads, us, gbs,
-                 100.0 * gbs / peak_gbs);
+      const double bytes = kv_bytes(p.shape, ctx), us = p.time_us(reps), gbs = bytes / us * 1e-3;
+      fmt::print("| decode | ctx {} q32 kv{} d128{} | {:.1f} | {:.0f} | {:.1f}% | |\n", ctx, kv_heads, l2_note(bytes), us,
+                 gbs, 100.0 * gbs / peak_gbs);
     }
 }
 
@@ -183,9 +196,9 @@ void bench_sparse(const std::vector<int32_t>& page_counts, int reps, double peak
     Shape s = shape(1, 8, ctx - 1);
     for (int32_t i = 0; i < n_pages; ++i) s.pages.push_back(int32_t(int64_t(i) * total_pages / n_pages));
     Problem p(s);
-    const double us = p.time_us(reps), gbs = kv_bytes(s, int64_t(n_pages) * 16) / us * 1e-3;
-    fmt::print("| sparse | ctx {} pages {} q32 kv8 d128 | {:.1f} | {:.0f} | {:.1f}% | |\n", ctx, n_pages, us, gbs,
-               100.0 * gbs / peak_gbs);
+    const double bytes = kv_bytes(s, int64_t(n_pages) * 16), us = p.time_us(reps), gbs = bytes / us * 1e-3;
+    fmt::print("| sparse | ctx {} pages {} q32 kv8 d128{} | {:.1f} | {:.0f} | {:.1f}% | |\n", ctx, n_pages,
+               l2_note(bytes), us, gbs, 100.0 * gbs / peak_gbs);
   }
 }
 
@@ -201,12 +214,14 @@ int main(int argc, char** argv) {
   std::vector<int32_t> pages{16, 64, 256, 1024, 2048};
   app.add_option("--mode", mode)->check(CLI::IsMember({"all", "decode", "prefill", "sparse"}));
   app.add_option("--reps", reps)->check(CLI::PositiveNumber);
-  app.add_option("--peak-gbs", peak_gbs, "peak memory bandwidth for % of peak (H100 SXM: 3350)");
+  app.add_option("--peak-gbs", peak_gbs, "peak memory bandwidth for % of peak (H100 SXM: 3350; 0: the device's)");
   app.add_option("--contexts", contexts, "decode contexts")->delimiter(',');
   app.add_option("--lengths", lengths, "prefill lengths")->delimiter(',');
   app.add_option("--pages", pages, "sparse: selected pages")->delimiter(',');
   CLI11_PARSE(app, argc, argv);
   if (kernels::cuda::device_count() == 0) return fmt::print(stderr, "bench_cuda_attention: no GPU\n"), 1;
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // each row reaches a log as it is measured (a capped run keeps them)
+  if (peak_gbs <= 0) peak_gbs = kernels::cuda::device_peak_gbs(0);  // 0: the device's theoretical figure
 
   fmt::print("device: {}, theoretical DRAM {:.0f} GB/s (% peak uses {:.0f}), revision {}\n\n",
              kernels::cuda::device_description(0), kernels::cuda::device_peak_gbs(0), peak_gbs, source_revision());

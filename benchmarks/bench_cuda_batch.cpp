@@ -176,6 +176,7 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // each row reaches a log as it is measured (a capped run keeps them)
 
   auto spec = synthetic_preset(preset);
   if (!spec) return fmt::print(stderr, "bench: {}\n", spec.message()), 1;
@@ -275,7 +276,7 @@ int main(int argc, char** argv) {
     for (size_t i = 0; i < prepared.size(); ++i)
       if (b < prepared[i].max_batch) rows.push_back({i, b});
 
-  const double weights_gb = double(e.weight_bytes()) / kGB;  // read once per step, as bench_cuda_decode counts them
+  const double weights_gb = bench::decode_weight_bytes(e) / kGB;  // read once per step, as bench_cuda_decode counts them
   double dense_tokens_s = 0;
   bool failed = false;
   std::vector<std::string> skipped;

@@ -10,6 +10,7 @@
 #include <fmt/format.h>
 
 #include <chrono>
+#include <cstdio>
 #include <random>
 
 #include "bench_support.h"
@@ -51,6 +52,7 @@ int main(int argc, char** argv) {
   app.add_option("--dtype", dtype_name, "f16 or bf16")->capture_default_str();
   app.add_flag("--no-graphs", no_graphs, "decode without CUDA graphs");
   CLI11_PARSE(app, argc, argv);
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // each row reaches a log as it is measured (a capped run keeps them)
 
   auto spec = synthetic_preset(preset);
   if (!spec) return std::fprintf(stderr, "%s\n", spec.message().c_str()), 1;
@@ -61,8 +63,9 @@ int main(int argc, char** argv) {
   options.backend = BackendKind::Cuda;
   options.gpu_dtype = *dtype;
   options.cuda_graphs = !no_graphs;
+  constexpr int64_t kWarmup = 3;  // untimed steps that capture and warm the graph
   int64_t longest = prefill_tokens;
-  for (int64_t c : contexts) longest = std::max(longest, c + steps);
+  for (int64_t c : contexts) longest = std::max(longest, c + kWarmup + steps);
   options.max_context = int32_t(std::min<int64_t>(longest, config.context_length));
   auto made = Engine::create_random(config, 1, options);
   if (!made) return std::fprintf(stderr, "%s\n", made.message().c_str()), 1;
@@ -73,16 +76,17 @@ int main(int argc, char** argv) {
       int64_t(config.n_layers) * 2 * config.kv_dim() * 2;  // K and V, 16-bit
   fmt::print("# {} ({} layers, {} params), {}\n\n", spec->name, config.n_layers, engine.model().parameter_count(),
              engine.device_description());
-  fmt::print("Roofline: (weights {:.2f} GB + cached KV bytes) / {:.0f} GB/s; CUDA graphs {}.\n\n",
-             double(engine.weight_bytes()) / 1e9, peak_gbs, no_graphs ? "off" : "on");
+  const double weight_bytes = bench::decode_weight_bytes(engine);
+  fmt::print("Roofline: (weights read per step {:.2f} GB + cached KV bytes) / {:.0f} GB/s; CUDA graphs {}.\n\n",
+             weight_bytes / 1e9, peak_gbs, no_graphs ? "off" : "on");
   fmt::print("| context | ms / token | tokens/s | roofline ms | % of roofline | achieved GB/s |\n");
   fmt::print("|---:|---:|---:|---:|---:|---:|\n");
   for (int64_t context : contexts) {
-    if (context + steps > options.max_context) continue;
+    if (context + kWarmup + steps > options.max_context) continue;
     auto seq = engine.new_sequence();
     if (auto s = bench::prefill_chunked(engine, *seq, random_tokens(config.n_vocab, context, 2), chunk); !s)
       return std::fprintf(stderr, "prefill %lld: %s\n", (long long)context, s.message().c_str()), 1;
-    for (int w = 0; w < 3; ++w)  // capture and warm the graph
+    for (int w = 0; w < kWarmup; ++w)
       if (auto s = engine.forward(*seq, std::vector<int32_t>{w + 1}, 0, [](int64_t, std::span<const float>) {}); !s)
         return std::fprintf(stderr, "decode: %s\n", s.message().c_str()), 1;
     const auto t0 = Clock::now();
@@ -92,7 +96,7 @@ int main(int argc, char** argv) {
           !s)
         return std::fprintf(stderr, "decode: %s\n", s.message().c_str()), 1;
     const double per_token = since(t0) / double(steps);
-    const double bytes = double(engine.weight_bytes()) + double(context + steps / 2) * double(kv_bytes_per_token);
+    const double bytes = weight_bytes + double(context + kWarmup + steps / 2) * double(kv_bytes_per_token);
     const double roofline = bytes / (peak_gbs * 1e9);
     fmt::print("| {} | {:.3f} | {:.1f} | {:.3f} | {:.1f}% | {:.0f} |\n", context, per_token * 1e3, 1.0 / per_token,
                roofline * 1e3, 100.0 * roofline / per_token, bytes / per_token / 1e9);

@@ -11,6 +11,7 @@
 #include <fmt/format.h>
 
 #include <chrono>
+#include <cstdio>
 #include <random>
 
 #include "engine/engine.h"
@@ -98,6 +99,7 @@ int main(int argc, char** argv) {
                  "run dense and the settings whose label contains this text (the spatten, skipdecode and calm rows "
                  "run only so)");
   CLI11_PARSE(app, argc, argv);
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // each row reaches a log as it is measured (a capped run keeps them)
 
   auto spec = synthetic_preset(preset);
   if (!spec) return fmt::print(stderr, "bench: {}\n", spec.message()), 1;
@@ -118,7 +120,8 @@ int main(int argc, char** argv) {
     return fmt::print(stderr, "bench: prefill: {}\n", s.message()), 1;
   fmt::print("# {} at context {}, {}; {} decode steps per setting\n\n", spec->name, context, e.device_description(),
              steps);
-  fmt::print("| method | ms/step | × dense | attention ms/step | attention × dense | keys read/step/head | KV MiB resident |\n");
+  fmt::print("| method | ms/step | speed-up vs dense | attention ms/step | attention speed-up vs dense | keys read/step/head "
+             "| KV MiB resident |\n");
   fmt::print("|---|---:|---:|---:|---:|---:|---:|\n");
   StepTimes dense;
   std::vector<std::string> exit_notes;  // under the table

@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 #include <fmt/format.h>
 
+#include <cstdio>
 #include <random>
 
 #include "bench_cuda_support.h"
@@ -78,6 +79,7 @@ int main(int argc, char** argv) {
   app.add_option("--rows", rows, "prefill rows")->check(CLI::PositiveNumber)->capture_default_str();
   app.add_option("--peak-gbs", peak_gbs, "DRAM bandwidth for the % column")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // each row reaches a log as it is measured (a capped run keeps them)
   if (kc::device_count() == 0) return fmt::print(stderr, "bench: no CUDA GPU\n"), 1;
   if (const auto why = kc::kernel_image_problem(0); !why.empty()) return fmt::print(stderr, "bench: {}\n", why), 1;
   cublasHandle_t cublas;

@@ -62,6 +62,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("-t,--threads", threads, "threads (0: all cores)")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // each row reaches a log as it is measured (a capped run keeps them)
   if (threads > 0) omp_set_num_threads(int(threads));
   // Setup (writing and loading a model, quantizing and uploading each graph's
   // base) can take much of a capped run: each stage's elapsed time is printed

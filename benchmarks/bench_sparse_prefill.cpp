@@ -19,6 +19,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <filesystem>
 #include <random>
 
@@ -72,6 +73,7 @@ int main(int argc, char** argv) {
   app.add_option("--n-local", n_local);
   app.add_option("--block-top-k", top_k);
   CLI11_PARSE(app, argc, argv);
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // each row reaches a log as it is measured (a capped run keeps them)
 
   const int32_t max_context = *std::max_element(contexts.begin(), contexts.end());
   EngineOptions options{.max_context = max_context, .n_threads = threads, .time_attention = true};

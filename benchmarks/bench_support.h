@@ -38,6 +38,14 @@ inline Status prefill_chunked(Engine& e, KvSequence& seq, std::span<const int32_
   return ok_status();
 }
 
+// The weight bytes a decode step reads on the CUDA backend (16-bit
+// matrices): all but the embedding table, of which it reads one row, unless
+// the table is also the LM head.
+inline double decode_weight_bytes(const Engine& e) {
+  const ModelConfig& c = e.config();
+  return double(e.weight_bytes()) - (c.tied_embeddings ? 0.0 : 2.0 * double(c.n_vocab) * double(c.n_embd));
+}
+
 // The median (upper middle for an even count); 0 for none.
 inline double median(std::vector<double> v) {
   if (v.empty()) return 0;

@@ -195,7 +195,9 @@ run_step() {
     tests-engine) step_tests tests-engine "${2:-$filter_engine}" 75 ;;
     bench-attention)
       step_bench bench-attention 45 bench_attention.md "$bin/bench_cuda_attention" --mode all --reps 20 --peak-gbs "$peak_gbs" ;;
-    bench-sdpa) step_bench bench-sdpa 30 bench_attention.md python3 "$root/scripts/bench_torch_sdpa.py" --mode all --reps 20 ;;
+    bench-sdpa)
+      step_bench bench-sdpa 30 bench_attention.md python3 "$root/scripts/bench_torch_sdpa.py" --mode all --reps 20 \
+        --peak-gbs "$peak_gbs" ;;
     bench-decode)
       step_bench bench-decode 35 bench_decode.md "$bin/bench_cuda_decode" --preset llama2-7b-128k \
         --contexts 1024,4096,16384,32768 --steps 16 --peak-gbs "$peak_gbs" ;;
