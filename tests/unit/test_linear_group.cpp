@@ -5,35 +5,26 @@
 
 #include <cblas.h>
 
-#include <random>
-
 #include "cpu/cpu_ops.h"
 #include "cpu/quant_matmul.h"
 #include "gguf/gguf.h"
+#include "inferlab/testing/support.h"
 
 namespace inferlab {
 namespace test_linear_group {
 
 namespace kc = kernels::cpu;
 
-std::vector<float> normal(int64_t n, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> d(0.0f, 1.0f);
-  std::vector<float> v(static_cast<size_t>(n));
-  for (float& x : v) x = d(rng);
-  return v;
-}
-
 // Row counts of Q, K, V of a small GQA layer, one of them not a multiple of the
 // four-row tiles, and input widths on and off the 16-float vectors.
 TEST(LinearGroup, FloatGroupEqualsEachGemv) {
   for (const int64_t k : {576, 136, 64}) {
     const std::vector<int64_t> rows{576, 190, 3};
-    const auto x = normal(k, 1);
+    const auto x = test::normal_floats(k, 1);
     std::vector<std::vector<float>> w, y, want;
     std::vector<kc::GemvTarget> targets;
     for (size_t i = 0; i < rows.size(); ++i) {
-      w.push_back(normal(rows[i] * k, 10 + i));
+      w.push_back(test::normal_floats(rows[i] * k, 10 + i));
       y.emplace_back(size_t(rows[i]), -1.0f);
       want.emplace_back(size_t(rows[i]));
       cblas_sgemv(CblasRowMajor, CblasNoTrans, int(rows[i]), int(k), 1.0f, w[i].data(), int(k), x.data(), 1, 0.0f,
@@ -54,7 +45,7 @@ TEST(LinearGroup, SeveralRowsEqualEachRowAloneBitForBit) {
   for (const int64_t k : {576, 136}) {
     for (const int64_t m : {int64_t(2), int64_t(5), kc::kGemvMaxRows}) {
       const int64_t n = 190;
-      const auto x = normal(m * k, 3), w = normal(n * k, 4);
+      const auto x = test::normal_floats(m * k, 3), w = test::normal_floats(n * k, 4);
       std::vector<float> y(static_cast<size_t>(m * n), -1.0f), one(static_cast<size_t>(n));
       kc::matmul_xwt(y.data(), x.data(), w.data(), m, n, k);
       for (int64_t i = 0; i < m; ++i) {
@@ -76,13 +67,13 @@ TEST(LinearGroup, QuantizedGroupEqualsEachProductBitForBit) {
       {gguf::TensorType::Q4_0, kc::QuantType::Q4_0}};
   const std::vector<int64_t> rows{130, 64, 7};
   for (const int64_t m : {int64_t(1), int64_t(3)}) {
-    const auto x = normal(m * k, 2);
+    const auto x = test::normal_floats(m * k, 2);
     std::vector<std::vector<uint8_t>> blocks;
     std::vector<std::vector<float>> y, want;
     std::vector<kc::QuantTarget> targets;
     kc::QuantScratch scratch;
     for (size_t i = 0; i < rows.size(); ++i) {  // a different type per matrix: one activation format serves all
-      auto q = gguf::quantize(types[i].first, normal(rows[i] * k, 20 + i).data(), rows[i] * k);
+      auto q = gguf::quantize(types[i].first, test::normal_floats(rows[i] * k, 20 + i).data(), rows[i] * k);
       ASSERT_TRUE(q.ok());
       blocks.push_back(std::move(*q));
       y.emplace_back(size_t(m * rows[i]), -1.0f);

@@ -5,23 +5,15 @@
 #include <omp.h>
 
 #include <cmath>
-#include <random>
 #include <vector>
 
 #include "cpu/sgemm_tiles.h"
+#include "inferlab/testing/support.h"
 
 namespace inferlab {
 namespace {
 
 namespace kc = kernels::cpu;
-
-std::vector<float> normal(int64_t n, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> d(0.0f, 1.0f);
-  std::vector<float> v(static_cast<size_t>(n));
-  for (float& x : v) x = d(rng);
-  return v;
-}
 
 struct Shape {
   int64_t m, n, k;
@@ -30,9 +22,9 @@ struct Shape {
 // C = alpha A op(B) + beta C with the given thread count; lda = k, ldb = k
 // (trans_b) or n, ldc = n + 3 (a C wider than the product).
 std::vector<float> product(const Shape& s, bool trans_b, int threads) {
-  const auto a = normal(s.m * s.k, 1), b = normal(s.n * s.k, 2);
+  const auto a = test::normal_floats(s.m * s.k, 1), b = test::normal_floats(s.n * s.k, 2);
   const int64_t ldc = s.n + 3;
-  auto c = normal(s.m * ldc, 3);
+  auto c = test::normal_floats(s.m * ldc, 3);
   const int saved = omp_get_max_threads();
   omp_set_num_threads(threads);
   kc::sgemm_tiles(trans_b, s.m, s.n, s.k, 0.5f, a.data(), s.k, b.data(), trans_b ? s.k : s.n, 2.0f, c.data(), ldc);
@@ -57,7 +49,8 @@ TEST(SgemmTiles, TheProductDoesNotDependOnTheThreadCount) {
 TEST(SgemmTiles, ComputesAlphaTimesTheProductPlusBetaTimesC) {
   for (const Shape& s : kShapes)
     for (const bool trans_b : {true, false}) {
-      const auto a = normal(s.m * s.k, 1), b = normal(s.n * s.k, 2), c0 = normal(s.m * (s.n + 3), 3);
+      const auto a = test::normal_floats(s.m * s.k, 1), b = test::normal_floats(s.n * s.k, 2);
+      const auto c0 = test::normal_floats(s.m * (s.n + 3), 3);
       const auto got = product(s, trans_b, 2);
       const int64_t ldc = s.n + 3;
       for (int64_t i = 0; i < s.m; ++i) {

@@ -104,6 +104,15 @@ inline std::vector<int32_t> random_tokens(int32_t n_vocab, int n, uint64_t seed)
   return t;
 }
 
+// n standard normal floats from `seed` (mt19937_64).
+inline std::vector<float> normal_floats(int64_t n, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  std::vector<float> v(static_cast<size_t>(n));
+  for (float& x : v) x = d(rng);
+  return v;
+}
+
 // Max |a-b| relative to the largest |b|.
 template <typename A, typename B>
 double normalized_max_error(const A& a, const B& b) {
