@@ -561,7 +561,7 @@ void register_commands(CLI::App& app) {
   model->require_subcommand(1);
   static SynthArgs synth;
   auto* sy = model->add_subcommand("synth", "write a model of a real shape with random weights (GGUF), for timing");
-  sy->add_option("--preset", synth.preset, "llama2-7b, llama3-8b, llama2-7b-128k, llama3-8b-1m, small or tiny")
+  sy->add_option("--preset", synth.preset, fmt::format("one of {}", fmt::join(synthetic_preset_names(), ", ")))
       ->required();
   sy->add_option("-o,--out", synth.out, "output .gguf path")->required();
   sy->add_option("--layers", synth.layers, "keep only the first N layers (0: all)")->check(CLI::Range(0, 1024));
